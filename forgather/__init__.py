@@ -1,0 +1,3 @@
+"""Forgather: templates -> YAML -> node graph -> OmegaConf -> Python objects."""
+
+__version__ = "0.1.0"
