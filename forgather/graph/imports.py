@@ -1,0 +1,126 @@
+"""Import specs: the strings after a YAML tag's colon, and `_target_` values.
+
+Forms (ARCHITECTURE.md, stage 2):
+    builtin                     a name in `builtins` (`dict`, `list`, `print`)
+    module:Name                 `from module import Name`
+    module.sub:Name.attr        attribute path after the colon
+    /path/file.py:Name          a Python file loaded by path
+    .relative:Name              `relative.py` in the project's model source directory (`base_dir`)
+    a.b.Name                    Hydra's dotted form: longest importable module prefix, then attributes
+
+`import_spec` is the one place a spec becomes an object; every stage that resolves targets calls it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+
+class ImportSpecError(ImportError):
+    """A spec that names nothing importable; the message says which part failed and what to check."""
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """Split a spec into (module-or-path, qualname); module is '' for builtins and dotted Hydra specs."""
+    if ":" in spec:
+        module, _, qualname = spec.rpartition(":")
+        if not module or not qualname:
+            raise ImportSpecError(f"import spec {spec!r} must look like 'module:Name' (both parts non-empty)")
+        return module, qualname
+    return "", spec
+
+
+def module_file(module: str, base_dir: str | None = None) -> str | None:
+    """The file path a file-like module part names (`/x.py`, `./x.py`, `.rel`), or None for a dotted module."""
+    if module.endswith(".py") or module.startswith("/"):
+        return os.path.abspath(os.path.join(base_dir or os.getcwd(), module))
+    if module.startswith("."):
+        if base_dir is None:
+            raise ImportSpecError(
+                f"relative import spec {module!r} needs a model source directory; "
+                "set it in the project (meta.yaml: model_src) or use an absolute module path"
+            )
+        return os.path.join(os.path.abspath(base_dir), *module.lstrip(".").split(".")) + ".py"
+    return None
+
+
+def load_file_module(path: str) -> ModuleType:
+    """Import a Python file by path once; the module gets a stable, path-derived name in sys.modules."""
+    path = os.path.abspath(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = f"forgather_local.{stem}_{hashlib.sha1(path.encode()).hexdigest()[:10]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not os.path.isfile(path):
+        raise ImportSpecError(f"no Python file at {path}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    # Let the file import its siblings (a project's model source directory is a flat set of modules).
+    directory = os.path.dirname(path)
+    if directory not in sys.path:
+        sys.path.append(directory)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _import_module(module: str, spec: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        hint = f" (is the package that provides {error.name!r} installed?)" if error.name else ""
+        raise ImportSpecError(f"cannot import module {module!r} for {spec!r}: {error}{hint}") from error
+
+
+def _getattr_path(obj: Any, qualname: str, spec: str) -> Any:
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            where = getattr(obj, "__name__", type(obj).__name__)
+            raise ImportSpecError(f"{spec!r}: {where!r} has no attribute {part!r}{hint}") from None
+    return obj
+
+
+def _import_dotted(spec: str) -> Any:
+    if "." not in spec:
+        if hasattr(builtins, spec):
+            return getattr(builtins, spec)
+        raise ImportSpecError(f"{spec!r} is not a builtin; write 'module:{spec}' to import it from a module")
+    parts = spec.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        try:
+            found = importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name and module.startswith(error.name):
+                continue
+            raise
+        return _getattr_path(found, ".".join(parts[cut:]), spec)
+    raise ImportSpecError(f"cannot import any module prefix of {spec!r}")
+
+
+def import_spec(spec: str, base_dir: str | None = None) -> Any:
+    """Resolve a spec to the object it names. `base_dir` anchors `.relative` and relative file paths."""
+    module, qualname = split_spec(spec)
+    if not module:
+        return _import_dotted(qualname)
+    path = module_file(module, base_dir)
+    found = load_file_module(path) if path is not None else _import_module(module, spec)
+    return _getattr_path(found, qualname, spec)
