@@ -1,0 +1,321 @@
+"""`JobControl`: a running job answers `forgather control` (status, save, stop, abort).
+
+Rank 0 registers the job (`forgather.callbacks.job_registry`) and serves a Unix socket (directory 0700,
+socket 0600, peers of another uid refused) from a background thread. `status` is answered at once from the
+last step's numbers; `save`/`stop`/`abort` are queued, and at the end of an optimizer step rank 0 broadcasts
+the pending one (an int) so every rank acts at the same step:
+- save: `trainer.save_checkpoint(<run_dir>/checkpoints/control-step<N>.ckpt)` (Lightning writes it atomically
+  through an fsspec transaction) and training goes on;
+- stop: the same checkpoint, then `trainer.should_stop = True` (a clean end of `fit`);
+- abort: raises `JobAborted` from the hook: nothing is saved and `trainer.fit` re-raises it, so the caller
+  decides the exit code.
+Hooks: setup, on_train_start, on_train_batch_end, teardown, on_exception.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import queue
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+
+from forgather.callbacks import job_registry
+from forgather.callbacks.job_registry import JobRecord
+
+# The wire code of each action in the per-step broadcast; 0 means "nothing to do".
+_ACTION_CODES = {name: code for code, name in enumerate(job_registry.ACTIONS, start=1)}
+_ACTION_NAMES = {code: name for name, code in _ACTION_CODES.items()}
+# How long rank 0 lingers after acting so the reply leaves before the process may exit.
+_REPLY_GRACE_S = 2.0
+
+
+class JobAborted(Exception):
+    """Raised on every rank when `forgather control abort` reaches the job; nothing was saved."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"job aborted by `forgather control abort` at step {step}")
+        self.step = step
+
+
+class PendingCommand:
+    """A queued action and the reply its client waits for."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.reply: dict[str, Any] = {}
+        self.done = threading.Event()
+        self.replied = threading.Event()
+
+    def finish(self, reply: dict[str, Any]) -> None:
+        self.reply = reply
+        self.done.set()
+
+
+class ControlServer:
+    """Accepts connections on a Unix socket in daemon threads; queues actions, answers status directly."""
+
+    def __init__(self, path: Path, status: Callable[[], dict[str, Any]], owner_uid: int | None = None) -> None:
+        self.path = path
+        self._status = status
+        self._owner_uid = os.getuid() if owner_uid is None else owner_uid
+        self._pending: queue.Queue[PendingCommand] = queue.Queue()
+        self._closed = threading.Event()
+        # Makes "closed?" + "enqueue" atomic against close()'s drain, so no client waits forever.
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        sock.listen()
+        # accept() is not reliably woken by close() from another thread, so poll the closed flag.
+        sock.settimeout(0.2)
+        self._sock = sock
+        threading.Thread(target=self._accept_loop, name="forgather-job-control", daemon=True).start()
+
+    def take(self) -> PendingCommand | None:
+        """The oldest queued action, or None; never blocks (called every training step)."""
+        try:
+            return self._pending.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Stop serving; clients still waiting are told the job ended before their command ran."""
+        with self._lock:
+            self._closed.set()
+            while (pending := self.take()) is not None:
+                pending.finish({"ok": False, "error": f"training ended before '{pending.name}' ran"})
+        if self._sock is not None:
+            self._sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        pending = None
+        with conn:
+            conn.settimeout(None)
+            try:
+                if not job_registry.peer_allowed(conn, self._owner_uid):
+                    job_registry.send_message(conn, {"ok": False, "error": "refused: not the job's owner"})
+                    return
+                request = job_registry.receive_message(conn)
+                reply, pending = self._answer(request.get("command"))
+                job_registry.send_message(conn, reply)
+            except (OSError, ValueError):
+                pass  # the client went away or spoke garbage; the job carries on
+            except Exception as error:  # a failing status must not kill the server thread
+                job_registry.send_message(conn, {"ok": False, "error": f"{type(error).__name__}: {error}"})
+            finally:
+                if pending is not None:
+                    pending.replied.set()
+
+    def _answer(self, command: Any) -> tuple[dict[str, Any], PendingCommand | None]:
+        """The reply to `command`; for an action, after the training loop has carried it out."""
+        if command == "status":
+            return self._status(), None
+        if command not in job_registry.ACTIONS:
+            return {"ok": False, "error": f"unknown command {command!r}"}, None
+        pending = PendingCommand(command)
+        with self._lock:
+            if self._closed.is_set():
+                return {"ok": False, "error": "training has ended"}, None
+            self._pending.put(pending)
+        pending.done.wait()
+        return pending.reply, pending
+
+
+class _StepClock:
+    """Optimizer-step rate over a sliding window, for status and ETA."""
+
+    def __init__(self, window: int = 50) -> None:
+        self._points: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+
+    def tick(self, step: int) -> None:
+        self._points.append((step, time.monotonic()))
+
+    def seconds_per_step(self) -> float | None:
+        if len(self._points) < 2:
+            return None
+        (s0, t0), (s1, t1) = self._points[0], self._points[-1]
+        return (t1 - t0) / (s1 - s0) if s1 > s0 else None
+
+
+class JobControl(pl.Callback):
+    """Registers the run and obeys `forgather control` commands.
+
+    Args:
+        run_dir: where control checkpoints go (`<run_dir>/checkpoints/`); default `trainer.default_root_dir`.
+        job_id: registry id; default 8 random hex digits.
+        check_every_n_steps: act on commands only at steps divisible by this (each check is one broadcast).
+        loss_key / throughput_key: the `trainer.callback_metrics` entries reported by `status`.
+        registry_interval_s: how often the step shown by `forgather control list` is refreshed.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike | None = None,
+        job_id: str | None = None,
+        check_every_n_steps: int = 1,
+        loss_key: str = "train/loss",
+        throughput_key: str = "train/tokens_per_s",
+        registry_interval_s: float = 10.0,
+    ) -> None:
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.job_id = job_id or secrets.token_hex(4)
+        self.check_every_n_steps = check_every_n_steps
+        self.loss_key = loss_key
+        self.throughput_key = throughput_key
+        self.registry_interval_s = registry_interval_s
+        self._server: ControlServer | None = None
+        self._socket_dir: Path | None = None
+        self._record: JobRecord | None = None
+        self._clock = _StepClock()
+        self._last_step = -1
+        self._last_registry_write = 0.0
+        self._metrics: dict[str, Any] = {}
+        self._total_steps: float | None = None
+        self._epoch = 0
+        self._start = time.time()
+
+    # Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.run_dir is None:
+            self.run_dir = Path(trainer.default_root_dir)
+        self.run_dir = self.run_dir.resolve()
+        if trainer.is_global_zero:
+            self._open()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        self._total_steps = float(total) if total != float("inf") else None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # mid gradient accumulation: commands wait for the optimizer step
+        self._last_step = step
+        if self._server is not None:
+            self._observe(trainer, step)
+        if step % self.check_every_n_steps:
+            return
+        pending = self._server.take() if self._server is not None else None
+        code = trainer.strategy.broadcast(_ACTION_CODES[pending.name] if pending else 0, src=0)
+        if code:
+            self._act(trainer, _ACTION_NAMES[code], step, pending)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    # Rank 0: registry and server
+
+    def _open(self) -> None:
+        # A short private directory: socket paths are limited to ~108 bytes, cache paths can be longer.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="forgather-"))
+        socket_path = self._socket_dir / "control.sock"
+        self._server = ControlServer(socket_path, self._status)
+        self._server.start()
+        self._record = JobRecord(
+            job_id=self.job_id,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            run_dir=str(self.run_dir),
+            start_time=self._start,
+            step=0,
+            socket=str(socket_path),
+        )
+        job_registry.write_record(self._record)
+        atexit.register(self._close)
+
+    def _close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        job_registry.remove_record(self.job_id)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        atexit.unregister(self._close)
+
+    def _observe(self, trainer: pl.Trainer, step: int) -> None:
+        """Keep what `status` reports: step timing and references to the reported metrics (no GPU sync)."""
+        self._clock.tick(step)
+        self._epoch = trainer.current_epoch
+        metrics = trainer.callback_metrics
+        self._metrics = {key: metrics[key] for key in (self.loss_key, self.throughput_key) if key in metrics}
+        now = time.monotonic()
+        if now - self._last_registry_write >= self.registry_interval_s:
+            self._last_registry_write = now
+            self._record.step = step
+            job_registry.write_record(self._record)
+
+    def _status(self) -> dict[str, Any]:
+        """Called from the server thread; reads only values the training thread replaced whole."""
+        step = self._last_step if self._last_step >= 0 else 0
+        seconds_per_step = self._clock.seconds_per_step()
+        eta = None
+        if seconds_per_step is not None and self._total_steps is not None:
+            eta = max(self._total_steps - step, 0) * seconds_per_step
+        metrics = self._metrics
+        return {
+            "ok": True,
+            "job_id": self.job_id,
+            "step": step,
+            "max_steps": self._total_steps,
+            "epoch": self._epoch,
+            "loss": _scalar(metrics.get(self.loss_key)),
+            "tokens_per_s": _scalar(metrics.get(self.throughput_key)),
+            "seconds_per_step": seconds_per_step,
+            "eta_s": eta,
+            "elapsed_s": time.time() - self._start,
+            "run_dir": str(self.run_dir),
+        }
+
+    # Every rank: the action itself
+
+    def _act(self, trainer: pl.Trainer, action: str, step: int, pending: PendingCommand | None) -> None:
+        reply: dict[str, Any] = {"ok": True, "command": action, "step": step}
+        if action in ("save", "stop"):
+            path = self.run_dir / "checkpoints" / f"control-step{step}.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)
+            reply["checkpoint"] = str(path)
+        if action == "stop":
+            trainer.should_stop = True
+        if pending is not None:
+            pending.finish(reply)
+            pending.replied.wait(_REPLY_GRACE_S)
+        if action == "abort":
+            raise JobAborted(step)
+
+
+def _scalar(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,179 @@
+"""Job registry and control protocol shared by the `JobControl` callback and `forgather control`.
+
+Torch-free on purpose: the CLI imports it. A running job is one JSON file `<cache>/jobs/<job_id>.json`
+(cache: `$FORGATHER_CACHE_DIR`, else `platformdirs.user_cache_dir("forgather")`), written atomically, and a
+Unix socket only its owner can open. A message on that socket is one line of JSON: the client sends
+`{"command": ..., "timeout": ...}` and reads one reply `{"ok": bool, ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "FORGATHER_CACHE_DIR"
+COMMANDS = ("status", "save", "stop", "abort")
+# Commands the training loop acts on (every rank, same step); `status` is answered by the server thread.
+ACTIONS = ("save", "stop", "abort")
+_MAX_MESSAGE = 1 << 20
+
+
+class JobNotFound(LookupError):
+    """No registered job matches the given id or prefix, or the prefix matches several."""
+
+
+@dataclass
+class JobRecord:
+    """What a running job publishes about itself in the registry."""
+
+    job_id: str
+    pid: int
+    host: str
+    run_dir: str
+    start_time: float
+    step: int
+    socket: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobRecord":
+        return cls(**json.loads(text))
+
+
+def cache_dir() -> Path:
+    """Forgather's per-user cache directory (`$FORGATHER_CACHE_DIR` overrides it)."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("forgather"))
+
+
+def jobs_dir() -> Path:
+    """The registry directory, created private (0700) on first use."""
+    path = cache_dir() / "jobs"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def write_record(record: JobRecord) -> Path:
+    """Publish (or refresh) a record; readers never see a half-written file."""
+    directory = jobs_dir()
+    target = directory / f"{record.job_id}.json"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{record.job_id}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(record.to_json())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def remove_record(job_id: str) -> None:
+    (jobs_dir() / f"{job_id}.json").unlink(missing_ok=True)
+
+
+def read_records() -> list[JobRecord]:
+    """Every readable record, oldest first; unreadable files are skipped (a writer may be mid-rename)."""
+    records = []
+    for path in jobs_dir().glob("*.json"):
+        try:
+            records.append(JobRecord.from_json(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+    return sorted(records, key=lambda r: r.start_time)
+
+
+def is_alive(record: JobRecord) -> bool:
+    """Whether the job's process still runs; a job on another host is assumed alive (we cannot tell)."""
+    if record.host != socket.gethostname():
+        return True
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def list_jobs() -> list[JobRecord]:
+    """Live jobs; records of dead processes (killed before they could deregister) are removed."""
+    live = []
+    for record in read_records():
+        if is_alive(record):
+            live.append(record)
+        else:
+            remove_record(record.job_id)
+            Path(record.socket).unlink(missing_ok=True)
+    return live
+
+
+def resolve_job(ref: str) -> JobRecord:
+    """The live job whose id is `ref` or starts with it; raises JobNotFound when none or several match."""
+    jobs = list_jobs()
+    for record in jobs:
+        if record.job_id == ref:
+            return record
+    matches = [r for r in jobs if r.job_id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise JobNotFound(f"no running job matches '{ref}' (see `forgather control list`)")
+    ids = ", ".join(r.job_id for r in matches)
+    raise JobNotFound(f"'{ref}' is ambiguous: it matches {ids}; give more characters")
+
+
+def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+def receive_message(sock: socket.socket) -> dict[str, Any]:
+    """Read one newline-terminated JSON message; raises ConnectionError if the peer closes first."""
+    buffer = bytearray()
+    while not buffer.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("connection closed before a complete message arrived")
+        buffer += chunk
+        if len(buffer) > _MAX_MESSAGE:
+            raise ConnectionError("message too long")
+    return json.loads(buffer)
+
+
+def send_command(record: JobRecord, command: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Send one command to a job and wait (at most `timeout` seconds) for its reply."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command '{command}'; expected one of {', '.join(COMMANDS)}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(record.socket)
+        send_message(sock, {"command": command, "timeout": timeout})
+        return receive_message(sock)
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (Linux SO_PEERCRED); None if unknown."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def peer_allowed(sock: socket.socket, owner_uid: int) -> bool:
+    """Only the job's owner may command it. Where the kernel cannot name the peer (non-Linux), the private
+    (0700) socket directory is what keeps other users out."""
+    uid = peer_uid(sock)
+    return uid is None or uid == owner_uid

@@ -1,0 +1,105 @@
+"""`forgather control`: list running training jobs and send them status/save/stop/abort.
+
+Subcommand contract of `forgather.cli.main`: `add_arguments(parser)` and `run(args) -> int` (0 on success).
+Torch-free: it reads the job registry and speaks the socket protocol of `forgather.callbacks.job_registry`.
+Also runnable as `python -m forgather.cli.control`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from forgather.callbacks import job_registry
+
+_HELP = {
+    "list": "list running jobs (removes entries of dead processes)",
+    "status": "show step, loss, tokens/s and ETA",
+    "save": "checkpoint now and keep training",
+    "stop": "checkpoint, then end training cleanly",
+    "abort": "end training now without saving",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="control_command", metavar="COMMAND", required=True)
+    commands.add_parser("list", help=_HELP["list"], description=_HELP["list"])
+    for name in job_registry.COMMANDS:
+        sub = commands.add_parser(name, help=_HELP[name], description=_HELP[name])
+        sub.add_argument("job", metavar="JOB", help="job id or a unique prefix of it")
+        sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
+        sub.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    if args.control_command == "list":
+        console.print(_jobs_table(job_registry.list_jobs()))
+        return 0
+    try:
+        record = job_registry.resolve_job(args.job)
+        reply = job_registry.send_command(record, args.control_command, timeout=args.timeout)
+    except job_registry.JobNotFound as error:
+        console.print(f"[red]{error}[/red]")
+        return 2
+    except OSError as error:
+        console.print(f"[red]could not reach job {args.job}: {error}[/red]")
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=1))
+    elif not reply.get("ok"):
+        console.print(f"[red]job {record.job_id}: {reply.get('error')}[/red]")
+    else:
+        console.print(_describe(record.job_id, args.control_command, reply), soft_wrap=True)
+    return 0 if reply.get("ok") else 1
+
+
+def _jobs_table(jobs: list[job_registry.JobRecord]) -> Table:
+    table = Table(title="forgather jobs")
+    table.add_column("job", no_wrap=True)
+    for column in ("pid", "host", "started", "step", "run dir"):
+        table.add_column(column)
+    for job in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time))
+        table.add_row(job.job_id, str(job.pid), job.host, started, str(job.step), job.run_dir)
+    return table
+
+
+def _describe(job_id: str, command: str, reply: dict[str, Any]) -> str:
+    if command == "status":
+        total = reply.get("max_steps")
+        step = f"{reply['step']}" + (f"/{int(total)}" if total else "")
+        return (
+            f"job {job_id}  step {step}  epoch {reply.get('epoch')}  loss {_number(reply.get('loss'))}  "
+            f"tokens/s {_number(reply.get('tokens_per_s'), '.0f')}  ETA {_duration(reply.get('eta_s'))}"
+        )
+    saved = f", checkpoint {reply['checkpoint']}" if "checkpoint" in reply else ""
+    return f"job {job_id}: {command} done at step {reply.get('step')}{saved}"
+
+
+def _number(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forgather control", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

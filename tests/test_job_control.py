@@ -1,0 +1,225 @@
+"""JobControl + `forgather control`: a real training subprocess driven through every command."""
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from forgather.callbacks import job_registry
+from forgather.cli import control
+
+HELPER = Path(__file__).parent / "helpers" / "control_train.py"
+STARTUP_TIMEOUT_S = 60.0
+
+
+class Job:
+    """A training subprocess registered under `job_id`."""
+
+    def __init__(self, run_dir: Path, job_id: str, devices: int = 1) -> None:
+        self.run_dir = run_dir
+        self.job_id = job_id
+        command = [sys.executable, str(HELPER), "--run-dir", str(run_dir), "--job-id", job_id]
+        self.process = subprocess.Popen(command + ["--devices", str(devices)], stderr=subprocess.PIPE, text=True)
+        self._wait_until_training()
+
+    def _wait_until_training(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"training subprocess died:\n{self.process.stderr.read()}")
+            record = next((r for r in job_registry.read_records() if r.job_id == self.job_id), None)
+            if record is not None and job_registry.send_command(record, "status", timeout=10)["step"] > 0:
+                return
+            time.sleep(0.2)
+        raise TimeoutError("training subprocess did not start stepping in time")
+
+    def wait(self) -> int:
+        return self.process.wait(timeout=60)
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.run_dir.rglob("*.ckpt"))
+
+    def result(self, rank: int = 0) -> dict:
+        return json.loads((self.run_dir / f"result-rank{rank}.json").read_text())
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    """Run `forgather control ARGV` in-process; (exit code, stdout)."""
+    capsys.readouterr()
+    code = control.main(list(argv))
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A private registry for this module's jobs; subprocesses inherit it through the environment."""
+    path = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get(job_registry.CACHE_ENV)
+    os.environ[job_registry.CACHE_ENV] = str(path)
+    yield path
+    if previous is None:
+        del os.environ[job_registry.CACHE_ENV]
+    else:
+        os.environ[job_registry.CACHE_ENV] = previous
+
+
+@pytest.fixture(scope="module")
+def running_job(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One long-running job shared by the tests that leave it running."""
+    job = Job(tmp_path_factory.mktemp("run"), "shared0job")
+    yield job
+    job.kill()
+
+
+@pytest.fixture
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+
+
+def test_list_shows_running_job(running_job: Job, capsys, wide_console) -> None:
+    code, out = cli(capsys, "list")
+    assert code == 0
+    assert running_job.job_id in out
+    assert str(running_job.process.pid) in out
+
+
+def test_status_reports_step_loss_and_eta(running_job: Job, capsys) -> None:
+    code, out = cli(capsys, "status", "shared0", "--json")
+    reply = json.loads(out)
+    assert code == 0
+    assert reply["step"] > 0
+    assert isinstance(reply["loss"], float)
+    assert 0 < reply["eta_s"] < float("inf")
+    assert reply["max_steps"] == 100_000
+
+
+def test_control_socket_is_private(running_job: Job) -> None:
+    record = job_registry.resolve_job(running_job.job_id)
+    socket_path = Path(record.socket)
+    assert stat.S_ISSOCK(socket_path.stat().st_mode)
+    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
+
+
+def test_save_writes_checkpoint_and_training_continues(running_job: Job, capsys) -> None:
+    code, out = cli(capsys, "save", running_job.job_id, "--json")
+    reply = json.loads(out)
+    assert code == 0
+    assert Path(reply["checkpoint"]).is_file()
+    assert Path(reply["checkpoint"]).name == f"control-step{reply['step']}.ckpt"
+    time.sleep(0.5)
+    _, out = cli(capsys, "status", running_job.job_id, "--json")
+    assert json.loads(out)["step"] > reply["step"]
+    assert running_job.process.poll() is None
+
+
+def test_stop_saves_checkpoint_and_exits_zero(cache_dir: Path, tmp_path: Path, capsys) -> None:
+    job = Job(tmp_path, "stop0job")
+    try:
+        code, out = cli(capsys, "stop", "stop0", "--json")
+        reply = json.loads(out)
+        assert code == 0
+        assert job.wait() == 0
+        assert Path(reply["checkpoint"]).is_file()
+        assert job.result() == {"step": reply["step"], "outcome": "finished"}
+    finally:
+        job.kill()
+
+
+def test_abort_exits_without_checkpoint(cache_dir: Path, tmp_path: Path, capsys) -> None:
+    job = Job(tmp_path, "abort0job")
+    try:
+        code, _ = cli(capsys, "abort", "abort0")
+        assert code == 0
+        assert job.wait() == 3
+        assert job.result()["outcome"] == "aborted"
+        assert job.checkpoints() == []
+    finally:
+        job.kill()
+
+
+def test_finished_job_leaves_the_registry(cache_dir: Path, tmp_path: Path, capsys) -> None:
+    job = Job(tmp_path, "gone0job")
+    try:
+        cli(capsys, "stop", "gone0")
+        job.wait()
+        assert "gone0job" not in {r.job_id for r in job_registry.read_records()}
+    finally:
+        job.kill()
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _record(job_id: str, pid: int) -> job_registry.JobRecord:
+    return job_registry.JobRecord(job_id, pid, socket.gethostname(), "/nowhere", time.time(), 0, "/nowhere.sock")
+
+
+def test_list_removes_entries_of_dead_processes(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(job_registry.CACHE_ENV, str(tmp_path))
+    job_registry.write_record(_record("dead", _dead_pid()))
+    job_registry.write_record(_record("alive", os.getpid()))
+    assert [r.job_id for r in job_registry.list_jobs()] == ["alive"]
+    assert [r.job_id for r in job_registry.read_records()] == ["alive"]
+
+
+def test_prefix_must_match_one_job(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(job_registry.CACHE_ENV, str(tmp_path))
+    job_registry.write_record(_record("abc1", os.getpid()))
+    job_registry.write_record(_record("abc2", os.getpid()))
+    assert job_registry.resolve_job("abc2").job_id == "abc2"
+    with pytest.raises(job_registry.JobNotFound, match="ambiguous"):
+        job_registry.resolve_job("abc")
+    with pytest.raises(job_registry.JobNotFound, match="no running job"):
+        job_registry.resolve_job("zzz")
+
+
+def test_peer_check_refuses_another_uid() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right:
+        assert job_registry.peer_uid(left) == os.getuid()
+        assert job_registry.peer_allowed(left, owner_uid=os.getuid())
+        assert not job_registry.peer_allowed(left, owner_uid=os.getuid() + 1)
+
+
+def test_server_refuses_a_foreign_uid(tmp_path: Path) -> None:
+    from forgather.callbacks.job_control import ControlServer
+
+    record = _record("foreign", os.getpid())
+    record.socket = str(tmp_path / "c.sock")
+    server = ControlServer(Path(record.socket), status=lambda: {"ok": True}, owner_uid=os.getuid() + 1)
+    server.start()
+    try:
+        reply = job_registry.send_command(record, "status", timeout=5)
+    finally:
+        server.close()
+    assert reply["ok"] is False
+    assert "refused" in reply["error"]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_at_the_same_step(cache_dir: Path, tmp_path: Path, capsys) -> None:
+    job = Job(tmp_path, "ddp0job", devices=2)
+    try:
+        code, out = cli(capsys, "stop", "ddp0", "--json")
+        reply = json.loads(out)
+        assert code == 0
+        assert job.wait() == 0
+        assert job.result(0)["step"] == job.result(1)["step"] == reply["step"]
+        assert Path(reply["checkpoint"]).is_file()
+    finally:
+        job.kill()
