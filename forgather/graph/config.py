@@ -1,0 +1,163 @@
+"""Node graph -> OmegaConf config, in Hydra's vocabulary plus two keys of ours.
+
+    CallNode     {_target_: SPEC, _args_: [...], **kwargs}, with `_partial_: true` for partials,
+                 `_factory_: true` for factories, and `_id_` when the node is named or shared
+    VarNode      "${name}", with a top-level `name: default` (or `???` when it has none)
+    str          escaped, so that a literal "${" stays literal
+
+A node reached more than once is written in full once, at its shallowest occurrence (the canonical
+path), and as an interpolation "${canonical.path}" everywhere else; its `_id_` makes construction share
+one object. So an override at the canonical path reaches every use, and dumping the config to YAML and
+loading it again constructs the same object graph with the same sharing. Shared plain dicts and lists
+become `dict`/`list` calls with an `_id_` so that they stay one object too. Top-level keys starting
+with '.' hold definitions, not targets: they live on where they are used and are not written.
+
+`to_config` also returns, for every path where a call node occurs, the rendered-YAML line it came from,
+so that construction errors can be traced to a template line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from forgather.graph.nodes import MISSING, CallNode, Graph, VarNode, children
+
+RESERVED_KEYS = ("_target_", "_args_", "_partial_", "_factory_", "_id_")
+_SIMPLE_KEY = re.compile(r"^[A-Za-z_][\w-]*$|^\d+$")
+
+
+@dataclass
+class ConfigResult:
+    config: DictConfig
+    lines: dict[str, int]  # config path of a call node -> line in the rendered YAML
+
+
+def escape(text: str) -> str:
+    """Keep a literal string literal for OmegaConf: `${` starts an interpolation, `\\${` does not."""
+    return text.replace("${", "\\${")
+
+
+def _shared(graph: Graph) -> Counter:
+    """How many times each node object (call node or container) is referenced from the targets."""
+    counts: Counter = Counter()
+    stack = [graph.nodes[key] for key in graph.targets]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (CallNode, dict, list)):
+            counts[id(value)] += 1
+            if counts[id(value)] > 1:
+                continue
+        stack.extend(child for _, child in children(value))
+    return counts
+
+
+def _canonical_paths(graph: Graph) -> dict[int, str]:
+    """Shallowest occurrence of each node object; breadth-first, so ties go to document order."""
+    paths: dict[int, str] = {}
+    queue = [(str(key), graph.nodes[key]) for key in graph.targets]
+    while queue:
+        following = []
+        for path, value in queue:
+            if isinstance(value, (CallNode, dict, list)):
+                if id(value) in paths:
+                    continue
+                paths[id(value)] = path
+            following += [(f"{path}.{key}", child) for key, child in children(value)]
+        queue = following
+    return paths
+
+
+def _referable(path: str) -> bool:
+    return all(_SIMPLE_KEY.match(part) for part in path.split("."))
+
+
+class _Converter:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        counts = _shared(graph)
+        self.shared = {key for key, count in counts.items() if count > 1}
+        self.canonical = _canonical_paths(graph)
+        self.ids: dict[int, str] = {}
+        self.used_ids: set[str] = {node.name for node in self._named_nodes()}
+        self.vars: dict[str, Any] = {}
+        self.lines: dict[str, int] = {}
+
+    def _named_nodes(self) -> list[CallNode]:
+        found, stack, seen = [], list(self.graph.nodes.values()), set()
+        while stack:
+            value = stack.pop()
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if isinstance(value, CallNode) and value.name:
+                found.append(value)
+            stack.extend(child for _, child in children(value))
+        return found
+
+    def _id_for(self, value: Any) -> str:
+        if id(value) not in self.ids:
+            if isinstance(value, CallNode) and value.name:
+                self.ids[id(value)] = value.name
+            else:
+                stem = value.target.split(":")[-1].split(".")[-1] if isinstance(value, CallNode) else type(value).__name__
+                number = 1
+                while f"{stem}_{number}" in self.used_ids:
+                    number += 1
+                self.ids[id(value)] = f"{stem}_{number}"
+                self.used_ids.add(self.ids[id(value)])
+        return self.ids[id(value)]
+
+    def convert(self, value: Any, path: str) -> Any:
+        key = id(value)
+        if key in self.shared and self.canonical.get(key) != path and _referable(self.canonical[key]):
+            if isinstance(value, CallNode) and value.line is not None:
+                self.lines[path] = value.line
+            return "${" + self.canonical[key] + "}"
+        if isinstance(value, CallNode):
+            return self._call(value, path)
+        if isinstance(value, VarNode):
+            self.vars.setdefault(value.name, value.default)
+            return "${" + value.name + "}"
+        if isinstance(value, dict):
+            items = {str(k): self.convert(v, f"{path}.{k}") for k, v in value.items()}
+            if key in self.shared:
+                return {"_target_": "dict", "_id_": self._id_for(value), "_args_": [items]}
+            return items
+        if isinstance(value, (list, tuple)):
+            items = [self.convert(v, f"{path}.{i}") for i, v in enumerate(value)]
+            if key in self.shared:
+                return {"_target_": "list", "_id_": self._id_for(value), "_args_": [items]}
+            return items
+        if isinstance(value, str):
+            return escape(value)
+        return value
+
+    def _call(self, node: CallNode, path: str) -> dict[str, Any]:
+        if node.line is not None:
+            self.lines[path] = node.line
+        out: dict[str, Any] = {"_target_": node.target}
+        if node.args:
+            out["_args_"] = [self.convert(arg, f"{path}._args_.{i}") for i, arg in enumerate(node.args)]
+        for name, arg in node.kwargs.items():
+            out[name] = self.convert(arg, f"{path}.{name}")
+        if node.kind == "partial":
+            out["_partial_"] = True
+        elif node.kind == "factory":
+            out["_factory_"] = True
+        if node.name or (id(node) in self.shared and node.kind != "factory"):
+            out["_id_"] = self._id_for(node)
+        return out
+
+
+def to_config(graph: Graph) -> ConfigResult:
+    """Convert a graph to an OmegaConf DictConfig (see the module docstring for the vocabulary)."""
+    converter = _Converter(graph)
+    data = {str(key): converter.convert(graph.nodes[key], str(key)) for key in graph.targets}
+    for name, default in converter.vars.items():
+        data.setdefault(name, "???" if default is MISSING else converter.convert(default, name))
+    return ConfigResult(OmegaConf.create(data), converter.lines)

@@ -1,0 +1,111 @@
+"""Construct: OmegaConf config -> Python objects. The one instantiate of the project.
+
+Semantics of a `_target_` node (see config.py for the vocabulary):
+    plain              target(*_args_, **kwargs), one object per node; nodes with the same `_id_` are one
+                       object (the first construction is memoized under the id)
+    _partial_: true    functools.partial(target, *_args_, **kwargs), memoized by `_id_` likewise
+    _factory_: true    a new object at every occurrence, `_id_` notwithstanding
+Arguments are constructed first, depth first. Interpolations are resolved by OmegaConf before anything
+is built; a value still missing (`???`) is an error naming its key. A failure names the config path of
+the node that failed and its target; `ConstructError.path` lets a caller map it back to a template line.
+Plain Hydra configs (`_target_` in Hydra's dotted form, `_args_`, `_partial_`) construct the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+from forgather.graph.config import RESERVED_KEYS
+from forgather.graph.imports import import_spec
+
+# Hydra keys we accept and ignore: our construction always recurses and returns Python objects.
+_IGNORED_HYDRA_KEYS = ("_recursive_", "_convert_")
+
+
+class ConstructError(Exception):
+    """Constructing the node at `path` failed; the message says where, what, and the cause."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+def _resolved(config: DictConfig, key: str | None) -> Any:
+    """Plain Python data of `config[key]` (or the whole config), every interpolation resolved."""
+    try:
+        value = config if key is None else config[key]
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    except MissingMandatoryValue as error:
+        missing = error.full_key or key
+        raise ConstructError(missing, f"no value given for {missing!r}: set it on the command line ({missing}=...)") from error
+    except InterpolationResolutionError as error:
+        raise ConstructError(error.full_key or key or "", f"cannot resolve an interpolation: {error.msg}") from error
+
+
+class _Builder:
+    def __init__(self, base_dir: str | None):
+        self.base_dir = base_dir
+        self.memo: dict[str, Any] = {}
+
+    def build(self, value: Any, path: str) -> Any:
+        if isinstance(value, Mapping):
+            if "_target_" in value:
+                return self.call(value, path)
+            return {key: self.build(item, _join(path, key)) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.build(item, _join(path, str(i))) for i, item in enumerate(value)]
+        return value
+
+    def call(self, node: Mapping[str, Any], path: str) -> Any:
+        node_id = node.get("_id_")
+        factory = bool(node.get("_factory_"))
+        if node_id is not None and not factory and node_id in self.memo:
+            return self.memo[node_id]
+        target = node["_target_"]
+        try:
+            function = import_spec(target, self.base_dir) if isinstance(target, str) else target
+        except ImportError as error:
+            raise ConstructError(path, f"cannot import target: {error}") from error
+        args = [self.build(arg, _join(path, f"_args_.{i}")) for i, arg in enumerate(node.get("_args_", ()))]
+        kwargs = {
+            key: self.build(item, _join(path, key))
+            for key, item in node.items()
+            if key not in RESERVED_KEYS and key not in _IGNORED_HYDRA_KEYS
+        }
+        if node.get("_partial_"):
+            result = functools.partial(function, *args, **kwargs)
+        else:
+            try:
+                result = function(*args, **kwargs)
+            except ConstructError:
+                raise
+            except Exception as error:
+                raise ConstructError(path, f"{target}(...) raised {type(error).__name__}: {error}") from error
+        if node_id is not None and not factory:
+            self.memo[node_id] = result
+        return result
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def construct(config: DictConfig | Mapping[str, Any], target: str | None = None, base_dir: str | None = None) -> Any:
+    """Build one target of a config, or (target=None) a dict of every top-level target.
+
+    `base_dir` anchors `.relative:Name` specs (the project's model source directory).
+    """
+    if not OmegaConf.is_config(config):
+        config = OmegaConf.create(dict(config))
+    builder = _Builder(base_dir)
+    if target is None:
+        data = _resolved(config, None)
+        return {key: builder.build(value, key) for key, value in data.items() if not str(key).startswith("_")}
+    if target not in config:
+        raise ConstructError(target, f"no such target; targets are: {', '.join(map(str, config.keys()))}")
+    return builder.build(_resolved(config, target), target)

@@ -1,0 +1,66 @@
+"""The node graph: what the YAML stage produces and the config stage consumes.
+
+A graph is the top-level mapping of a config; keys not starting with '.' are targets. Values are plain
+YAML data (dict, list, str, int, float, bool, None) and two node types:
+
+    CallNode  a call of an importable target; `kind` fixes what an alias means:
+              "singleton": one object, shared by every alias (`!call:` / `!singleton:`)
+              "factory":   a new object at every reference (`!factory:`)
+              "partial":   functools.partial(target, *args, **kwargs), one partial object (`!partial:`)
+    VarNode   a value supplied from outside (`!var`), with an optional default
+
+Identity is meaning: a node object reached twice is the same node (a YAML alias), so its sharing
+semantics apply. `!list`, `!dict`, `!tuple` and `!dlist` are singleton calls of list/dict/tuple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CallKind = Literal["singleton", "factory", "partial"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+@dataclass(eq=False)
+class CallNode:
+    kind: CallKind
+    target: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    line: int | None = None  # line of the rendered YAML where the node starts (1-based)
+
+
+@dataclass(eq=False)
+class VarNode:
+    name: str
+    default: Any = MISSING
+    line: int | None = None
+
+
+@dataclass
+class Graph:
+    nodes: dict[str, Any]
+
+    @property
+    def targets(self) -> list[str]:
+        return [key for key in self.nodes if not str(key).startswith(".")]
+
+
+def children(value: Any) -> list[tuple[str, Any]]:
+    """(key, child) pairs of a graph value, in order; CallNode args are keyed `_args_.i`."""
+    if isinstance(value, CallNode):
+        return [(f"_args_.{i}", arg) for i, arg in enumerate(value.args)] + list(value.kwargs.items())
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, tuple)):
+        return [(str(i), item) for i, item in enumerate(value)]
+    return []
