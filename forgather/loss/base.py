@@ -1,0 +1,72 @@
+"""The causal-LM loss interface: label shifting, ignore-index and option checks, done once for every loss.
+
+`CausalLMLoss.forward(hidden [B, T, H], weight [V, H], labels [B, T])` shifts the labels by one (the target
+of position t is labels[t + 1]; the last position of each row gets `ignore_index`), flattens the tokens and
+calls `token_loss(hidden [N, H], weight, targets [N])` of the implementation, which returns the mean over
+the non-ignored tokens of cross-entropy (+ `z_loss` * logsumexp^2 when set; logits soft-capped as
+`softcap * tanh(logits / softcap)` when set). Hidden states are never copied: shifting moves labels only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class MissingExtraError(ImportError):
+    """An implementation whose optional package is not installed; the message names the extra."""
+
+
+def require_extra(loss_name: str, package: str, module: str) -> None:
+    """Import `module` or raise MissingExtraError naming the pip package and forgather's extra."""
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise MissingExtraError(f"loss {loss_name!r} needs {package}: pip install 'forgather[gpu]'") from exc
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token targets [B, T] -> flat [B * T]: targets[b, t] = labels[b, t + 1], the last one ignored."""
+    pad = labels.new_full((labels.shape[0], 1), ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1).reshape(-1)
+
+
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy from hidden states and the output projection (see module docstring)."""
+
+    name: ClassVar[str] = "base"
+    supports_z_loss: ClassVar[bool] = False
+    supports_softcap: ClassVar[bool] = False
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, z_loss: float = 0.0, softcap: float | None = None):
+        super().__init__()
+        if z_loss and not self.supports_z_loss:
+            raise ValueError(f"loss {self.name!r} does not support z_loss; use 'naive', 'chunked' or 'liger'")
+        if softcap is not None and not self.supports_softcap:
+            raise ValueError(f"loss {self.name!r} does not support softcap; use 'naive', 'chunked', 'liger' or 'cce'")
+        if softcap is not None and softcap <= 0:
+            raise ValueError(f"softcap must be positive, got {softcap}")
+        self.ignore_index = ignore_index
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"expected hidden [B, T, H] and labels [B, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+            )
+        if weight.shape[1] != hidden.shape[2]:
+            raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[2]}")
+        targets = shift_labels(labels, self.ignore_index)
+        return self.token_loss(hidden.reshape(-1, hidden.shape[-1]), weight, targets)
+
+    def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the tokens of hidden [N, H] whose targets [N] are not ignore_index."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, z_loss={self.z_loss}, softcap={self.softcap}"

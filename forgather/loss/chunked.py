@@ -1,0 +1,124 @@
+"""ChunkedLoss: fused linear cross-entropy in pure PyTorch, so it runs anywhere (CPU included).
+
+The tokens are processed `chunk_size` at a time: logits of one chunk [C, V] exist at once, and their
+gradient is computed right away in the forward pass (softmax minus one-hot, scaled by 1 / valid tokens), then
+turned into the gradients of hidden (written per chunk) and weight (accumulated per chunk, in weight's
+dtype, as Liger does). Backward only rescales them by the incoming gradient. With `compile=True` the
+per-chunk elementwise work (upcast, soft-cap, logsumexp, gradient) is one `torch.compile`d function, so it
+reads the chunk's logits twice and writes its gradient once, with no fp32 copy of the chunk in memory.
+
+Peak memory above the inputs: grad hidden + grad weight + about 2 x C x V x 2 bytes (bf16 logits and their
+gradient). Larger chunks amortise the read-modify-write of grad weight (2 x V x H x 2 bytes per chunk).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from forgather.loss.base import IGNORE_INDEX, CausalLMLoss
+
+ChunkFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def chunk_loss_and_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled loss sum of one chunk and d(loss)/d(logits) in logits' dtype; `scale` is 1 / valid tokens."""
+    x = logits.float()
+    if softcap is not None:
+        tanh = torch.tanh(x / softcap)
+        x = softcap * tanh
+    lse = torch.logsumexp(x, dim=-1)
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    target_logit = x.gather(1, safe_targets[:, None]).squeeze(1)
+    token_loss = lse - target_logit
+    if z_loss:
+        token_loss = token_loss + z_loss * lse.square()
+    weight = valid.float() * scale
+    loss = (token_loss * weight).sum()
+    # d/dx [lse - x_t + z lse^2] = softmax * (1 + 2 z lse) - onehot(t)
+    softmax = torch.exp(x - lse[:, None])
+    if z_loss:
+        softmax = softmax * (1 + 2 * z_loss * lse)[:, None]
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == safe_targets[:, None]
+    grad = (softmax - onehot.float()) * weight[:, None]
+    if softcap is not None:
+        grad = grad * (1 - tanh.square())
+    return loss, grad.to(logits.dtype)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss in forward, with both gradients computed there too; backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, z_loss, softcap, chunk_fn, needs_grad):
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        scale = 1.0 / n_valid.float()
+        grad_hidden = torch.empty_like(hidden) if needs_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if needs_grad[1] else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            logits = h @ weight.t()
+            chunk_loss, grad_logits = chunk_fn(
+                logits, targets[start : start + chunk_size], scale, ignore_index, z_loss, softcap
+            )
+            del logits
+            loss += chunk_loss
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # The usual caller passes exactly 1: skip two passes over the gradients then.
+        if not torch.equal(grad_output, torch.ones_like(grad_output)):
+            grad_hidden = None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype)
+            grad_weight = None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+class ChunkedLoss(CausalLMLoss):
+    """Chunked fused linear cross-entropy, pure PyTorch; `compile=True` fuses each chunk's elementwise work."""
+
+    name = "chunked"
+    supports_z_loss = True
+    supports_softcap = True
+
+    def __init__(
+        self,
+        chunk_size: int = 2048,
+        compile: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ):
+        super().__init__(ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.compile = compile
+        self._chunk_fn: ChunkFn = torch.compile(chunk_loss_and_grad, dynamic=False) if compile else chunk_loss_and_grad
+
+    def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        grad_on = torch.is_grad_enabled()
+        needs_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+        return _ChunkedLinearCrossEntropy.apply(
+            hidden, weight, targets, self.chunk_size, self.ignore_index, self.z_loss, self.softcap,
+            self._chunk_fn, needs_grad,
+        )
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, compile={self.compile}, {super().extra_repr()}"

@@ -1,0 +1,26 @@
+"""FusedLoss: the default fused linear cross-entropy on GPU, the best measured choice with our tuning.
+
+Chosen from scripts/bench_loss.py on an H100 (docs/benchmarks.md, "Fused linear cross-entropy"): Liger's
+kernel with larger chunks (`chunk_mem_const`) for speed. Without liger-kernel the error names the extra;
+ChunkedLoss is the choice that needs no extra.
+"""
+
+from __future__ import annotations
+
+from forgather.loss.base import IGNORE_INDEX
+from forgather.loss.liger import LigerLoss
+
+DEFAULT_CHUNK_MEM_CONST = 4
+
+
+class FusedLoss(LigerLoss):
+    name = "fused"
+
+    def __init__(
+        self,
+        chunk_mem_const: int = DEFAULT_CHUNK_MEM_CONST,
+        ignore_index: int = IGNORE_INDEX,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ):
+        super().__init__(chunk_mem_const=chunk_mem_const, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
