@@ -1,0 +1,231 @@
+"""Code generation: a config -> a Python module whose `construct()` builds the same objects.
+
+The module uses plain imports (`from torch.optim import AdamW`), needs nothing from Forgather, and keeps
+construction semantics: a node with an `_id_` becomes a local variable (built once, shared by every
+use), a factory with an `_id_` becomes a local function called at every use, a partial is
+`functools.partial(...)`. A top-level scalar that other values interpolate (`${lr}`, a `!var`) becomes a
+parameter of `construct()` with its value as the default. Files named by path (`/x/y.py:Name`,
+`.relative:Name`) are loaded with importlib, since they are no importable module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import keyword
+import math
+import os
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from forgather.graph.config import RESERVED_KEYS
+from forgather.graph.imports import module_file, split_spec
+
+_REFERENCE = re.compile(r"^\$\{([\w.\-]+)\}$")
+_LINE_WIDTH = 100
+
+_FILE_LOADER = '''
+def _load_file(path):
+    """Import a Python file by its path (it is not an importable module)."""
+    import importlib.util
+    import sys
+
+    name = "generated_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.append(os.path.dirname(path))
+    spec.loader.exec_module(module)
+    return module
+'''
+
+
+def _module_and_attrs(spec: str) -> tuple[str, list[str]]:
+    """('module', ['Name', 'attr']) for any importable spec; module '' for builtins."""
+    module, qualname = split_spec(spec)
+    if module:
+        return module, qualname.split(".")
+    parts = qualname.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:cut])
+        try:
+            if importlib.util.find_spec(candidate) is not None:
+                return candidate, parts[cut:]
+        except (ImportError, ValueError):
+            continue
+    return "", parts
+
+
+class _Generator:
+    def __init__(self, config: DictConfig, base_dir: str | None):
+        self.config = config
+        self.raw = OmegaConf.to_container(config, resolve=False)
+        self.base_dir = base_dir
+        self.imports: dict[tuple[str, str], str] = {}  # (module, name) -> local symbol
+        self.symbols: set[str] = set()
+        self.body: list[str] = []
+        self.defined: dict[str, str] = {}  # _id_ -> expression that uses it
+        self.params: dict[str, Any] = {}
+        self.uses_partial = False
+        self.uses_files = False
+
+    # -- names ------------------------------------------------------------------------------------------
+
+    def _fresh(self, stem: str) -> str:
+        stem = re.sub(r"\W", "_", stem) or "value"
+        if stem[0].isdigit() or keyword.iskeyword(stem):
+            stem = f"_{stem}"
+        name, number = stem, 1
+        while name in self.symbols:
+            number += 1
+            name = f"{stem}_{number}"
+        self.symbols.add(name)
+        return name
+
+    def _symbol(self, spec: str) -> str:
+        module, attrs = _module_and_attrs(spec)
+        if not module:
+            return ".".join(attrs)
+        key = (module, attrs[0])
+        if key not in self.imports:
+            self.imports[key] = self._fresh(attrs[0])
+        return ".".join([self.imports[key], *attrs[1:]])
+
+    # -- values -----------------------------------------------------------------------------------------
+
+    def _lookup(self, path: str) -> Any:
+        value: Any = self.raw
+        for part in path.split("."):
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        return value
+
+    def expr(self, value: Any, path: str, indent: int) -> str:
+        if isinstance(value, str) and "${" in value:
+            return self._interpolation(value, path, indent)
+        if isinstance(value, dict):
+            if "_target_" in value:
+                return self._node(value, path, indent)
+            items = [f"{key!r}: {self.expr(item, f'{path}.{key}', indent + 1)}" for key, item in value.items()]
+            return self._wrap("{", items, "}", indent)
+        if isinstance(value, list):
+            items = [self.expr(item, f"{path}.{i}", indent + 1) for i, item in enumerate(value)]
+            return self._wrap("[", items, "]", indent)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"float({str(value)!r})"
+        return repr(value)
+
+    def _interpolation(self, value: str, path: str, indent: int) -> str:
+        match = _REFERENCE.match(value)
+        if match:
+            referenced = match.group(1)
+            target = self._lookup(referenced)
+            if "." not in referenced and not isinstance(target, (dict, list)):
+                self.params.setdefault(referenced, target)
+                return referenced
+            return self.expr(target, referenced, indent)
+        return repr(OmegaConf.select(self.config, path))
+
+    def _node(self, node: dict, path: str, indent: int) -> str:
+        node_id = node.get("_id_")
+        factory = bool(node.get("_factory_"))
+        if node_id is None:
+            return self._call(node, path, indent)
+        if node_id not in self.defined:
+            name = self._fresh(str(node_id))
+            call = self._call(node, path, 1 if not factory else 2)
+            if factory:
+                self.body.append(f"def {name}():\n        return {call}")
+                self.defined[node_id] = f"{name}()"
+            else:
+                self.body.append(f"{name} = {call}")
+                self.defined[node_id] = name
+        return self.defined[node_id]
+
+    def _call(self, node: dict, path: str, indent: int) -> str:
+        args = [self.expr(arg, f"{path}._args_.{i}", indent + 1) for i, arg in enumerate(node.get("_args_", ()))]
+        kwargs = [
+            f"{key}={self.expr(item, f'{path}.{key}', indent + 1)}"
+            for key, item in node.items()
+            if key not in RESERVED_KEYS and not (key.startswith("_") and key.endswith("_"))
+        ]
+        target = node["_target_"]
+        literal = self._literal(target, node, args, kwargs)
+        if literal is not None:
+            return literal
+        function = self._function(target)
+        if node.get("_partial_"):
+            self.uses_partial = True
+            return self._wrap("partial(", [function, *args, *kwargs], ")", indent)
+        return self._wrap(f"{function}(", args + kwargs, ")", indent)
+
+    def _literal(self, target: str, node: dict, args: list[str], kwargs: list[str]) -> str | None:
+        """list/tuple/dict calls on one literal argument print as that literal."""
+        if node.get("_partial_") or kwargs or len(args) != 1 or target not in ("list", "tuple", "dict"):
+            return None
+        raw = node["_args_"][0]
+        if target == "dict" and isinstance(raw, dict) and "_target_" not in raw:
+            return args[0]
+        if target in ("list", "tuple") and isinstance(raw, list):
+            return args[0] if target == "list" else f"tuple({args[0]})"
+        return None
+
+    def _function(self, target: str) -> str:
+        module, qualname = split_spec(target)
+        path = module_file(module, self.base_dir) if module else None
+        if path is None:
+            return self._symbol(target)
+        self.uses_files = True
+        key = (path, qualname.split(".")[0])
+        if key not in self.imports:
+            self.imports[key] = self._fresh(qualname.split(".")[0])
+        return self.imports[key] + "".join(f".{a}" for a in qualname.split(".")[1:])
+
+    @staticmethod
+    def _wrap(opening: str, items: list[str], closing: str, indent: int) -> str:
+        one_line = opening + ", ".join(items) + closing
+        if len(one_line) + 4 * indent <= _LINE_WIDTH and "\n" not in one_line:
+            return one_line
+        pad = "    " * (indent + 1)
+        inner = "".join(f"\n{pad}{item}," for item in items)
+        return f"{opening}{inner}\n{'    ' * indent}{closing}"
+
+    # -- module -----------------------------------------------------------------------------------------
+
+    def module(self, target: str | None, title: str) -> str:
+        if target is None:
+            keys = [key for key in self.raw if not str(key).startswith("_")]
+            values = {key: self.expr(self.raw[key], key, 2) for key in keys}
+            # A top-level value that became a parameter is returned as that parameter.
+            items = [f"{key!r}: {key if key in self.params else value}" for key, value in values.items()]
+            result = self._wrap("{", items, "}", 1)
+        else:
+            result = self.expr(self.raw[target], target, 1)
+        head = [f'"""{title}"""', ""]
+        if self.uses_files:
+            head.append("import os")
+        if self.uses_partial:
+            head.append("from functools import partial")
+        for (module, name), symbol in sorted(self.imports.items()):
+            if os.path.isabs(module):
+                continue
+            head.append(f"from {module} import {name}" + ("" if symbol == name else f" as {symbol}"))
+        if self.uses_files:
+            head.append(_FILE_LOADER)
+            for (module, name), symbol in sorted(self.imports.items()):
+                if os.path.isabs(module):
+                    head.append(f"{symbol} = _load_file({module!r}).{name.split('.')[0]}")
+        required = [name for name, value in self.params.items() if value == "???"]
+        optional = [f"{name}={value!r}" for name, value in self.params.items() if value != "???"]
+        signature = ", ".join(required + optional)
+        body = "".join(f"    {line}\n" for line in self.body)
+        text = "\n".join(head)
+        return f"{text.rstrip()}\n\n\ndef construct({signature}):\n{body}    return {result}\n"
+
+
+def generate_code(config: DictConfig, target: str | None = None, base_dir: str | None = None, title: str = "") -> str:
+    """Python source of a module with `construct()` building `target` (or a dict of all targets)."""
+    if target is not None and target not in config:
+        raise KeyError(f"no such target {target!r}; targets are: {', '.join(map(str, config.keys()))}")
+    title = title or f"Generated by Forgather: construct() builds {target or 'every target'} with plain imports."
+    return _Generator(config, base_dir).module(target, title)
