@@ -1,0 +1,157 @@
+"""`CausalLMModule`: a LightningModule that trains any causal LM with Forgather's model interface.
+
+The model gives `hidden_states(input_ids, position_ids=None) -> [B, T, H]` and `lm_head_weight -> [V, H]`;
+the loss takes `(hidden, weight, labels)` and shifts the labels itself, so a fused linear cross-entropy never
+materializes the logits. Batches are dicts of LongTensor[B, T]: `input_ids`, optional `position_ids`, and
+`labels` (default: the input ids; `ignore_index` -100 marks padding). Logged through `self.log` (so any
+Lightning logger records them): `train/loss`, `train/lr`, `train/tokens_per_s` (label tokens that are not
+padding, summed over ranks, per second between the ends of consecutive training batches), `train/grad_norm`
+(total 2-norm before the optimizer step) and `val/loss` (epoch mean weighted by target tokens, synced).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from time import perf_counter
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from forgather.loss.base import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CausalLMModule(pl.LightningModule):
+    """Causal-LM training and validation around a model, a loss and optimizer/scheduler factories.
+
+    Args:
+        model: an `nn.Module`, or a zero-argument factory called in `configure_model` (so sharding
+            strategies can build it late, on the right device).
+        loss: `loss(hidden [B, T, H], weight [V, H], labels [B, T]) -> scalar`; default
+            `forgather.loss.NaiveLoss()` (logits, then cross-entropy).
+        optimizer: `optimizer(params) -> torch.optim.Optimizer`, e.g. `partial(torch.optim.AdamW, lr=3e-4)`;
+            default AdamW at lr 1e-3.
+        lr_scheduler: `lr_scheduler(optimizer) -> scheduler`, or None for a constant learning rate.
+        lr_scheduler_interval: "step" or "epoch", when Lightning steps the scheduler.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[], nn.Module],
+        loss: LossFn | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        lr_scheduler_interval: str = "step",
+    ) -> None:
+        super().__init__()
+        if lr_scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
+        if isinstance(model, nn.Module):
+            self.model, self.model_factory = model, None
+        elif callable(model):
+            self.model, self.model_factory = None, model
+        else:
+            raise TypeError(f"model must be an nn.Module or a factory returning one, got {type(model).__name__}")
+        if loss is None:
+            from forgather.loss.naive import NaiveLoss
+
+            loss = NaiveLoss()
+        self.loss = loss
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3)
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self._batch_tokens: torch.Tensor | None = None
+        self._last_batch_end: float | None = None
+
+    def configure_model(self) -> None:
+        # Lightning calls this for every stage; build once.
+        if self.model is None:
+            self.model = self.model_factory()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, position_ids=position_ids)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+
+    # Training and validation
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        labels = _labels(batch)
+        self._batch_tokens = (labels != self._ignore_index).sum()
+        rows = labels.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=rows)
+        self.log("train/lr", self._learning_rate(), on_step=True, on_epoch=False, batch_size=rows)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        targets = int((_labels(batch)[:, 1:] != self._ignore_index).sum())
+        # Lightning's epoch mean weights each batch by batch_size: weighting by targets gives the token mean.
+        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=targets)
+        return loss
+
+    # Throughput and gradient norm
+
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_end = None  # the gap since the previous epoch is not training time
+
+    def on_validation_start(self) -> None:
+        self._last_batch_end = None  # nor is validation
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        now = perf_counter()
+        if self._last_batch_end is not None:
+            rate = self._batch_tokens / (now - self._last_batch_end)
+            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum",
+                     batch_size=1)
+        self._last_batch_end = now
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norm = total_grad_norm(self.parameters(), self.trainer.strategy)
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+
+    # Helpers
+
+    @property
+    def _ignore_index(self) -> int:
+        return getattr(self.loss, "ignore_index", IGNORE_INDEX)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        hidden = self.model.hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"))
+        return self.loss(hidden, self.model.lm_head_weight, _labels(batch))
+
+    def _learning_rate(self) -> float:
+        return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _labels(batch: Batch) -> torch.Tensor:
+    return batch["labels"] if "labels" in batch else batch["input_ids"]
+
+
+def total_grad_norm(parameters: Any, strategy: pl.strategies.Strategy) -> torch.Tensor | None:
+    """Total 2-norm of all gradients as every rank sees it; None when no parameter holds a gradient.
+
+    Replicated gradients (single device, DDP) need nothing more; DTensor gradients (FSDP2, tensor
+    parallel) are reduced by `full_tensor`; FSDP1 keeps flat local shards, so its root computes the norm
+    (an infinite clip threshold leaves the gradients unchanged).
+    """
+    if isinstance(strategy, pl.strategies.FSDPStrategy):
+        return strategy.model.clip_grad_norm_(math.inf)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -1,0 +1,197 @@
+"""CausalLMModule on CPU: training, logging to TensorBoard, late model construction, optimizer factories."""
+
+import functools
+import math
+
+import pytest
+import torch
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from forgather.lightning.module import CausalLMModule
+
+VOCAB, HIDDEN, BATCH, SEQ = 16, 32, 4, 8
+
+
+class TinyLM(nn.Module):
+    """Stand-in with Forgather's model interface: token + position embedding, one MLP, tied head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.position = nn.Embedding(SEQ, HIDDEN)
+        self.mlp = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN))
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        x = self.embed(input_ids) + self.position(position_ids)
+        return x + self.mlp(x)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.hidden_states(input_ids, position_ids) @ self.lm_head_weight.T
+
+
+def toy_loader(batches: int = 1) -> DataLoader:
+    """The same learnable batch (each row counts up from a different start), padding in the last column."""
+    input_ids = (torch.arange(SEQ) + torch.arange(BATCH)[:, None]) % VOCAB
+    labels = input_ids.clone()
+    labels[:, -1] = -100
+    sample = {"input_ids": input_ids, "position_ids": torch.arange(SEQ).expand(BATCH, SEQ), "labels": labels}
+    return DataLoader([sample] * batches, batch_size=None)
+
+
+def make_trainer(tmp_path, max_steps: int, **kwargs) -> pl.Trainer:
+    torch.set_num_threads(1)
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+def scalars(trainer: pl.Trainer) -> dict[str, list[float]]:
+    """Every scalar the TensorBoard logger wrote, read back from its event file."""
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+class LossRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_loss_decreases_on_a_learnable_batch(tmp_path) -> None:
+    torch.manual_seed(0)
+    recorder = LossRecorder()
+    module = CausalLMModule(TinyLM(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    make_trainer(tmp_path, max_steps=30, callbacks=[recorder]).fit(module, toy_loader(30))
+    assert recorder.losses[-1] < 0.5 * recorder.losses[0]
+
+
+def test_default_loss_is_next_token_cross_entropy(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TinyLM()
+    batch = next(iter(toy_loader()))
+    logits = model(batch["input_ids"])
+    expected = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1))
+    assert torch.allclose(CausalLMModule(model)._loss(batch), expected, atol=1e-6)
+
+
+def test_metrics_reach_the_tensorboard_logger(tmp_path) -> None:
+    torch.manual_seed(0)
+    trainer = make_trainer(tmp_path, max_steps=4, limit_val_batches=1, val_check_interval=2)
+    trainer.fit(CausalLMModule(TinyLM()), toy_loader(4), toy_loader(1))
+    logged = scalars(trainer)
+    assert len(logged["train/loss"]) == 4
+    assert logged["train/lr"] == pytest.approx([1e-3] * 4)
+    # The first batch has no previous batch end to measure from.
+    assert len(logged["train/tokens_per_s"]) == 3 and min(logged["train/tokens_per_s"]) > 0
+    assert len(logged["train/grad_norm"]) == 4
+    assert len(logged["val/loss"]) == 2
+
+
+def test_tokens_per_s_counts_non_padding_labels(tmp_path, monkeypatch) -> None:
+    clock = iter(range(100))
+    monkeypatch.setattr("forgather.lightning.module.perf_counter", lambda: float(next(clock)))
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(CausalLMModule(TinyLM()), toy_loader(3))
+    # One second between batch ends; every row has one padded label.
+    assert scalars(trainer)["train/tokens_per_s"] == [BATCH * (SEQ - 1)] * 2
+
+
+def test_val_loss_is_the_token_weighted_epoch_mean(tmp_path) -> None:
+    torch.manual_seed(0)
+    module = CausalLMModule(TinyLM())
+    full = next(iter(toy_loader()))
+    short = {key: value.clone() for key, value in full.items()}
+    short["labels"][:, SEQ // 2 :] = -100
+    with torch.no_grad():
+        losses = [float(module._loss(batch)) for batch in (full, short)]
+    targets = [BATCH * (SEQ - 2), BATCH * (SEQ // 2 - 1)]  # shifted labels that are not padding
+    expected = sum(loss * n for loss, n in zip(losses, targets)) / sum(targets)
+    (result,) = make_trainer(tmp_path, max_steps=1).validate(module, DataLoader([full, short], batch_size=None))
+    assert result["val/loss"] == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(sum(losses) / 2, rel=1e-3)
+
+
+def test_factory_model_is_built_in_configure_model(tmp_path) -> None:
+    built = []
+
+    def factory() -> TinyLM:
+        built.append(TinyLM())
+        return built[-1]
+
+    module = CausalLMModule(factory)
+    assert module.model is None and not built
+    make_trainer(tmp_path, max_steps=1).fit(module, toy_loader(1))
+    assert len(built) == 1
+    assert module.model is built[0]
+
+
+def test_optimizer_and_scheduler_factories_are_applied(tmp_path) -> None:
+    module = CausalLMModule(
+        TinyLM(),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+    )
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, toy_loader(3))
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD)
+    assert scalars(trainer)["train/lr"] == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_epoch_interval_scheduler_waits_for_the_epoch(tmp_path) -> None:
+    module = CausalLMModule(
+        TinyLM(),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+        lr_scheduler_interval="epoch",
+    )
+    trainer = make_trainer(tmp_path, max_steps=4)
+    trainer.fit(module, toy_loader(2))
+    assert scalars(trainer)["train/lr"] == pytest.approx([0.1, 0.1, 0.05, 0.05])
+
+
+class GradNormCheck(pl.Callback):
+    """Computes the norm by hand before the module's hook logs it, and compares after the step."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[float, float]] = []
+        self._manual = math.nan
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._manual = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in pl_module.parameters()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.pairs.append((self._manual, float(trainer.callback_metrics["train/grad_norm"])))
+
+
+def test_grad_norm_equals_manual_computation(tmp_path) -> None:
+    check = GradNormCheck()
+    make_trainer(tmp_path, max_steps=3, callbacks=[check]).fit(CausalLMModule(TinyLM()), toy_loader(3))
+    assert len(check.pairs) == 3
+    for manual, logged in check.pairs:
+        assert logged == pytest.approx(manual, rel=1e-5)
+
+
+def test_rejects_an_unknown_scheduler_interval() -> None:
+    with pytest.raises(ValueError, match="lr_scheduler_interval"):
+        CausalLMModule(TinyLM(), lr_scheduler_interval="batch")
