@@ -1,0 +1,209 @@
+"""Multi-head / grouped-query self-attention with a pluggable attention function.
+
+`Attention(x [B, T, H], rope, mask, kv_cache) -> [B, T, H]` projects queries, keys and values, rotates
+them with RoPE, appends keys/values to the layer's cache, and calls the attention function:
+`fn(q [B, heads, Tq, D], k, v [B, kv_heads, Tk, D], mask, dropout_p) -> [B, heads, Tq, D]`.
+The functions -- "sdpa" (PyTorch fused), "flex" (flex attention with a block mask), "eager" (the explicit
+reference) -- all honour one `AttentionMask`: causal, and within a document when document ids are given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import cached_property
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import flex_attention as flex
+
+from .kv_cache import LayerKVCache
+from .rope import apply_rotary
+
+
+def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Packed rows: a position of 0 starts a new document. [B, T] -> document index per token [B, T]."""
+    return (position_ids == 0).cumsum(dim=-1)
+
+
+class AttentionMask:
+    """Which keys each query may see, shared by every layer of one forward pass.
+
+    Queries are the last `num_queries` of `num_keys` tokens (earlier keys come from the KV cache). Key j is
+    visible to query i when j <= i (causal) and, if `document_ids` [B, num_keys] is given, both tokens lie in
+    the same document. The dense and block-mask forms are built on first use and reused by later layers.
+    """
+
+    def __init__(
+        self, num_queries: int, num_keys: int, document_ids: torch.Tensor | None, device: torch.device
+    ) -> None:
+        self.num_queries = num_queries
+        self.num_keys = num_keys
+        self.query_offset = num_keys - num_queries
+        self.document_ids = document_ids
+        self.device = device
+
+    @property
+    def is_plain_causal(self) -> bool:
+        """True when a square causal mask says it all (SDPA's `is_causal=True` fast path)."""
+        return self.document_ids is None and self.query_offset == 0
+
+    @cached_property
+    def dense(self) -> torch.Tensor:
+        """Boolean [B or 1, 1, Tq, Tk]; True where attention is allowed."""
+        query_index = torch.arange(self.num_queries, device=self.device)[:, None] + self.query_offset
+        key_index = torch.arange(self.num_keys, device=self.device)[None, :]
+        allowed = (key_index <= query_index)[None, None]
+        if self.document_ids is not None:
+            query_docs = self.document_ids[:, self.query_offset :]
+            allowed = allowed & (query_docs[:, None, :, None] == self.document_ids[:, None, None, :])
+        return allowed
+
+    @cached_property
+    def block_mask(self) -> flex.BlockMask:
+        """The same mask as a flex-attention BlockMask."""
+        offset, docs = self.query_offset, self.document_ids
+
+        def causal_in_document(b, h, q_idx, kv_idx):
+            visible = kv_idx <= q_idx + offset
+            if docs is None:
+                return visible
+            return visible & (docs[b, q_idx + offset] == docs[b, kv_idx])
+
+        batch = None if docs is None else docs.shape[0]
+        return flex.create_block_mask(
+            causal_in_document, batch, None, self.num_queries, self.num_keys, device=str(self.device)
+        )
+
+
+def _is_gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.shape[1] != k.shape[1]
+
+
+def sdpa_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torch.Tensor:
+    """PyTorch scaled_dot_product_attention; a plain causal mask uses its `is_causal` fast path."""
+    attn_mask = None if mask.is_plain_causal else mask.dense
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=mask.is_plain_causal, enable_gqa=_is_gqa(q, k)
+    )
+
+
+_compiled_flex_attention: Callable | None = None
+
+
+def _flex_kernel(device: torch.device) -> Callable:
+    """Compiled flex attention on GPUs (compiled once per process); the eager path on CPU.
+
+    On CPU, torch 2.13 runs flex attention eagerly (it materializes the scores) and compiling costs ~12 s,
+    which is not worth it for the small models a CPU serves.
+    """
+    global _compiled_flex_attention
+    if device.type == "cpu":
+        return flex.flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex.flex_attention)
+    return _compiled_flex_attention
+
+
+def flex_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torch.Tensor:
+    """Flex attention with the mask as a BlockMask: packed documents cost no more than one long row.
+
+    torch 2.13 has no flex-attention backward on CPU, so CPU training falls back to SDPA with the same
+    dense mask (same result, no block sparsity); CPU inference runs flex attention itself.
+    """
+    if dropout_p:
+        raise ValueError(f"flex attention has no attention dropout (dropout_p={dropout_p}); use sdpa or eager")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=_is_gqa(q, k))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return _flex_kernel(q.device)(q, k, v, block_mask=mask.block_mask, enable_gqa=_is_gqa(q, k))
+
+
+def eager_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torch.Tensor:
+    """The textbook computation, softmax(q k^T / sqrt(d) + mask) v, as the reference for the fused ones."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask.dense, float("-inf"))
+    weights = F.dropout(scores.float().softmax(dim=-1).to(q.dtype), p=dropout_p)
+    return weights @ v
+
+
+ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "sdpa": sdpa_attention,
+    "flex": flex_attention,
+    "eager": eager_attention,
+}
+
+
+def _check_divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:
+    if divisor <= 0 or dividend % divisor:
+        raise ValueError(f"{divisor_name}={divisor} does not divide {dividend_name}={dividend}")
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention; grouped-query when `num_kv_heads` < `num_heads` (Ainslie et al., 2023).
+
+    Args:
+        hidden_size: model width (passed by the layer: `attention_factory(hidden_size)`).
+        num_heads: query heads; must divide hidden_size unless head_dim is given.
+        num_kv_heads: key/value heads (default num_heads); must divide num_heads.
+        head_dim: per-head size (default hidden_size // num_heads).
+        attention_fn: "sdpa", "flex", "eager", or a callable with the same signature.
+        dropout: attention-probability dropout while training (not available with flex).
+        bias: biases on the q/k/v/o projections.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        attention_fn: str | Callable = "sdpa",
+        dropout: float = 0.0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if head_dim is None:
+            _check_divides("num_heads", num_heads, "hidden_size", hidden_size)
+            head_dim = hidden_size // num_heads
+        _check_divides("num_kv_heads", num_kv_heads, "num_heads", num_heads)
+        if isinstance(attention_fn, str):
+            if attention_fn not in ATTENTION_FUNCTIONS:
+                raise ValueError(f"attention_fn={attention_fn!r}; choose one of {sorted(ATTENTION_FUNCTIONS)}")
+            if attention_fn == "flex" and dropout:
+                raise ValueError(f"attention_fn='flex' has no attention dropout, but dropout={dropout}")
+            attention_fn = ATTENTION_FUNCTIONS[attention_fn]
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.attention_fn = attention_fn
+        self.dropout = dropout
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+
+    def _heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, num_heads, self.head_dim).transpose(1, 2)  # [B, heads, T, D]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: AttentionMask,
+        kv_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        q = self._heads(self.q_proj(x), self.num_heads)
+        k = self._heads(self.k_proj(x), self.num_kv_heads)
+        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        y = self.attention_fn(q, k, v, mask, self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).flatten(2))

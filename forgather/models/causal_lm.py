@@ -1,0 +1,194 @@
+"""Causal language model: embedding -> layer stack -> final norm -> LM head, plus KV-cached generate().
+
+Interface the rest of Forgather relies on:
+    model(input_ids [B, T], position_ids=None) -> logits [B, T, V]
+    model.hidden_states(input_ids, position_ids=None) -> [B, T, H]   (after the final norm, before the head)
+    model.lm_head_weight -> [V, H]                                    (the embedding weight when tied)
+    model.embed, model.layers (ModuleList), model.norm, model.lm_head (None when tied)
+    model.generate(input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
+                   generator=None)
+`position_ids` that restart at 0 inside a row mark packed documents; attention then stays inside each one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionMask, document_ids_from_positions
+from .embedding import TokenEmbedding
+from .kv_cache import KVCache
+from .rope import RotaryEmbedding
+
+
+def _positions_and_documents(
+    batch: int, seq: int, position_ids: torch.Tensor | None, kv_cache: KVCache | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions of the new tokens and document ids of all keys (None: one document per row).
+
+    Without `position_ids`, positions continue from the cache (or start at 0). With them, each 0 starts a new
+    document, numbered on from the cache's last document.
+    """
+    past = kv_cache.length if kv_cache is not None else 0
+    past_docs = kv_cache.document_ids if kv_cache is not None else None
+    if position_ids is None:
+        start = kv_cache.position_ids[:, -1:] + 1 if past else 0
+        position_ids = (start + torch.arange(seq, device=device)).expand(batch, seq)
+        new_docs = None if past_docs is None else past_docs[:, -1:].expand(batch, seq)
+    else:
+        last_doc = past_docs[:, -1:] if past_docs is not None else 0
+        new_docs = last_doc + document_ids_from_positions(position_ids)
+    documents = new_docs
+    if new_docs is not None and past:
+        documents = torch.cat((past_docs if past_docs is not None else new_docs.new_zeros(batch, past), new_docs), 1)
+    if kv_cache is not None:
+        kv_cache.record(position_ids, documents)
+    return position_ids, documents
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model assembled from factories.
+
+    Args:
+        vocab_size: number of tokens.
+        hidden_size: model width, passed to every factory.
+        num_layers: how many times `layer_factory(hidden_size)` is called.
+        layer_factory: builds one layer (e.g. a partial of `layers.PreLNLayer`).
+        norm_factory: builds the final norm, `norm_factory(hidden_size)`.
+        rope: a `RotaryEmbedding` shared by all layers, or None for no position information.
+        tie_embeddings: use the embedding matrix as the output projection (no separate `lm_head`).
+        embedding_factory: `embedding_factory(vocab_size, hidden_size)`; default `TokenEmbedding`.
+        embedding_dropout: dropout on the embedded tokens.
+        activation_checkpointing: recompute each layer in backward (torch.utils.checkpoint) to save memory.
+        init_std: std of the normal init of every nn.Linear (biases start at zero).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        num_layers: int,
+        layer_factory: Callable[[int], nn.Module],
+        norm_factory: Callable[[int], nn.Module],
+        rope: RotaryEmbedding | None = None,
+        tie_embeddings: bool = True,
+        embedding_factory: Callable[[int, int], nn.Module] = TokenEmbedding,
+        embedding_dropout: float = 0.0,
+        activation_checkpointing: bool = False,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.activation_checkpointing = activation_checkpointing
+        self.embed = embedding_factory(vocab_size, hidden_size)
+        self.embedding_dropout = nn.Dropout(embedding_dropout) if embedding_dropout else nn.Identity()
+        self.rope = rope
+        self.layers = nn.ModuleList(layer_factory(hidden_size) for _ in range(num_layers))
+        self.norm = norm_factory(hidden_size)
+        self.lm_head = None if tie_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
+        self._check_rope_head_dim()
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def _check_rope_head_dim(self) -> None:
+        for layer in self.layers:
+            head_dim = getattr(getattr(layer, "attention", None), "head_dim", None)
+            if self.rope is not None and head_dim is not None and head_dim != self.rope.head_dim:
+                raise ValueError(f"rope head_dim={self.rope.head_dim} does not match attention head_dim={head_dim}")
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection [V, H]: the embedding weight when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def layer_inputs(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, AttentionMask]:
+        """What every layer takes besides x: RoPE (cos, sin) and the attention mask (public for pipeline stages)."""
+        batch, seq = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        position_ids, documents = _positions_and_documents(batch, seq, position_ids, kv_cache, input_ids.device)
+        rope = self.rope(position_ids) if self.rope is not None else None
+        return rope, AttentionMask(seq, past + seq, documents, input_ids.device)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, H] final-normed hidden states."""
+        rope, mask = self.layer_inputs(input_ids, position_ids, kv_cache)
+        x = self.embedding_dropout(self.embed(input_ids))
+        for index, layer in enumerate(self.layers):
+            layer_cache = kv_cache.layers[index] if kv_cache is not None else None
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, rope, mask, layer_cache, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, layer_cache)
+        return self.norm(x)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, V] logits."""
+        return F.linear(self.hidden_states(input_ids, position_ids, kv_cache), self.lm_head_weight)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend each row of [B, T] by up to `max_new_tokens`; temperature 0 is greedy.
+
+        Rows that produced `eos_token_id` keep emitting it; generation stops once every row has. Returns
+        [B, T + generated]. Runs in the module's current mode: call `eval()` first to disable dropout.
+        """
+        kv_cache = KVCache(len(self.layers))
+        logits = self(input_ids, kv_cache=kv_cache)[:, -1]
+        tokens = input_ids
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(finished, eos_token_id)
+                finished |= next_token == eos_token_id
+            tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            logits = self(next_token[:, None], kv_cache=kv_cache)[:, -1]
+        return tokens
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids: argmax at temperature 0, else sampling after top-k / top-p filtering."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Nucleus sampling (Holtzman et al., 2020): drop a token once the more likely ones already reach top_p.
+        outside = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

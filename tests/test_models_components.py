@@ -1,0 +1,313 @@
+"""Model components: shapes, causality, attention-function agreement, packed documents, KV cache, tying,
+validation and activation checkpointing -- on tiny CPU models."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from forgather.models.attention import Attention
+from forgather.models.causal_lm import CausalLM, sample_next_token
+from forgather.models.feedforward import GELUMLP, SwiGLU
+from forgather.models.kv_cache import KVCache
+from forgather.models.layers import PostLNLayer, PreLNLayer
+from forgather.models.norm import LayerNorm, RMSNorm
+from forgather.models.rope import RotaryEmbedding, llama3_scale_frequencies, rope_frequencies
+
+VOCAB, HIDDEN, HEADS, KV_HEADS = 97, 32, 4, 2
+ATTENTION_FUNCTIONS = ["sdpa", "flex", "eager"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(
+    attention_fn: str = "sdpa",
+    layer=PreLNLayer,
+    tie_embeddings: bool = True,
+    activation_checkpointing: bool = False,
+    seed: int = 0,
+) -> CausalLM:
+    torch.manual_seed(seed)
+    layer_factory = functools.partial(
+        layer,
+        attention_factory=functools.partial(
+            Attention, num_heads=HEADS, num_kv_heads=KV_HEADS, attention_fn=attention_fn
+        ),
+        feedforward_factory=functools.partial(SwiGLU, intermediate_size=64),
+        norm_factory=RMSNorm,
+    )
+    return CausalLM(
+        VOCAB,
+        HIDDEN,
+        2,
+        layer_factory,
+        RMSNorm,
+        rope=RotaryEmbedding(HIDDEN // HEADS, theta=10000.0),
+        tie_embeddings=tie_embeddings,
+        activation_checkpointing=activation_checkpointing,
+    ).eval()
+
+
+def random_ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# Three documents in each row, of lengths 4, 3 and 5 / 2, 6 and 4.
+PACKED_POSITIONS = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
+
+
+def test_forward_and_hidden_states_have_documented_shapes():
+    model, ids = tiny_model(), random_ids()
+    with torch.no_grad():
+        assert model(ids).shape == (2, 12, VOCAB)
+        assert model.hidden_states(ids).shape == (2, 12, HIDDEN)
+    assert model.lm_head_weight.shape == (VOCAB, HIDDEN)
+
+
+def test_logits_are_the_hidden_states_times_the_head_weight():
+    model, ids = tiny_model(tie_embeddings=False), random_ids()
+    with torch.no_grad():
+        expected = model.hidden_states(ids) @ model.lm_head_weight.T
+        torch.testing.assert_close(model(ids), expected)
+
+
+@pytest.mark.parametrize("attention_fn", ATTENTION_FUNCTIONS)
+def test_changing_a_future_token_never_changes_an_earlier_logit(attention_fn):
+    model, ids = tiny_model(attention_fn), random_ids()
+    changed = ids.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % VOCAB
+    with torch.no_grad():
+        before, after = model(ids), model(changed)
+    torch.testing.assert_close(before[:, :7], after[:, :7], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 7:], after[:, 7:])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
+@pytest.mark.parametrize("attention_fn", ["sdpa", "flex"])
+def test_attention_functions_agree_with_eager_reference(attention_fn, packed):
+    ids = random_ids()
+    position_ids = PACKED_POSITIONS if packed else None
+    with torch.no_grad():
+        reference = tiny_model("eager")(ids, position_ids)
+        logits = tiny_model(attention_fn)(ids, position_ids)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention_fn", ATTENTION_FUNCTIONS)
+def test_packed_documents_equal_each_document_run_separately(attention_fn):
+    model, ids = tiny_model(attention_fn), random_ids()
+    with torch.no_grad():
+        packed = model(ids, PACKED_POSITIONS)
+        for row in range(ids.shape[0]):
+            starts = (PACKED_POSITIONS[row] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+            for start, end in zip(starts, starts[1:]):
+                alone = model(ids[row : row + 1, start:end])
+                torch.testing.assert_close(packed[row : row + 1, start:end], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention_fn", ATTENTION_FUNCTIONS)
+def test_kv_cache_decoding_equals_full_sequence_logits(attention_fn):
+    model, ids = tiny_model(attention_fn), random_ids()
+    cache = KVCache(len(model.layers))
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :5], kv_cache=cache)]
+        steps += [model(ids[:, t : t + 1], kv_cache=cache) for t in range(5, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_kv_cache_continues_the_last_packed_document():
+    model, ids = tiny_model(), random_ids()
+    cache = KVCache(len(model.layers))
+    with torch.no_grad():
+        full = model(ids, PACKED_POSITIONS)
+        prefix = model(ids[:, :9], PACKED_POSITIONS[:, :9], kv_cache=cache)
+        rest = model(ids[:, 9:], PACKED_POSITIONS[:, 9:], kv_cache=cache)
+    torch.testing.assert_close(torch.cat((prefix, rest), dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_head_shares_storage_with_the_embedding():
+    model = tiny_model(tie_embeddings=True)
+    assert model.lm_head is None
+    assert model.lm_head_weight.data_ptr() == model.embed.weight.data_ptr()
+    assert sum(p.numel() for p in model.parameters() if p.shape == (VOCAB, HIDDEN)) == VOCAB * HIDDEN
+
+
+def test_untied_head_has_its_own_weight():
+    model = tiny_model(tie_embeddings=False)
+    assert model.lm_head is not None
+    assert model.lm_head_weight.data_ptr() != model.embed.weight.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "kwargs, names",
+    [
+        ({"num_heads": 6}, ("num_heads=6", "hidden_size=64")),
+        ({"num_heads": 4, "num_kv_heads": 3}, ("num_kv_heads=3", "num_heads=4")),
+    ],
+    ids=["heads-vs-hidden", "kv-heads-vs-heads"],
+)
+def test_inconsistent_attention_config_fails_naming_both_values(kwargs, names):
+    with pytest.raises(ValueError) as error:
+        Attention(64, **kwargs)
+    assert all(name in str(error.value) for name in names)
+
+
+def test_inconsistent_model_config_fails_at_construction():
+    layer_factory = functools.partial(
+        PreLNLayer,
+        attention_factory=functools.partial(Attention, num_heads=6),
+        feedforward_factory=functools.partial(SwiGLU, intermediate_size=64),
+        norm_factory=RMSNorm,
+    )
+    with pytest.raises(ValueError, match=r"num_heads=6 does not divide hidden_size=64"):
+        CausalLM(VOCAB, 64, 2, layer_factory, RMSNorm)
+
+
+def test_rope_head_dim_must_match_attention_head_dim():
+    layer_factory = functools.partial(
+        PreLNLayer,
+        attention_factory=functools.partial(Attention, num_heads=4),
+        feedforward_factory=functools.partial(SwiGLU, intermediate_size=64),
+        norm_factory=RMSNorm,
+    )
+    with pytest.raises(ValueError, match=r"rope head_dim=16 does not match attention head_dim=8"):
+        CausalLM(VOCAB, 32, 2, layer_factory, RMSNorm, rope=RotaryEmbedding(16))
+
+
+def test_unknown_attention_function_names_the_choices():
+    with pytest.raises(ValueError, match=r"attention_fn='flash'.*eager.*flex.*sdpa"):
+        Attention(32, 4, attention_fn="flash")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = random_ids()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(activation_checkpointing=checkpointing).train()
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_flex_model_trains_on_cpu_through_the_dense_fallback():
+    model = tiny_model("flex").train()
+    model(random_ids(), PACKED_POSITIONS).mean().backward()
+    assert model.embed.weight.grad is not None
+
+
+def test_post_ln_layer_swaps_in_through_the_layer_factory():
+    model = tiny_model(layer=PostLNLayer)
+    assert all(isinstance(layer, PostLNLayer) for layer in model.layers)
+    ids = random_ids()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids), tiny_model(layer=PreLNLayer)(ids))
+
+
+def test_gelu_mlp_and_layer_norm_build_a_causal_model():
+    torch.manual_seed(0)
+    layer_factory = functools.partial(
+        PreLNLayer,
+        attention_factory=functools.partial(Attention, num_heads=4, bias=True),
+        feedforward_factory=functools.partial(GELUMLP, intermediate_size=128, approximate="tanh"),
+        norm_factory=LayerNorm,
+    )
+    model = CausalLM(VOCAB, HIDDEN, 2, layer_factory, LayerNorm, tie_embeddings=False).eval()
+    ids = random_ids()
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % VOCAB
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, :-1], model(changed)[:, :-1], rtol=0, atol=0)
+
+
+def test_rms_norm_output_has_unit_rms():
+    x = torch.randn(3, 5, 16) * 7
+    rms = RMSNorm(16, eps=0.0)(x).pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms))
+
+
+def test_layer_norm_matches_torch():
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(LayerNorm(16)(x), torch.nn.LayerNorm(16)(x))
+
+
+def test_rope_preserves_relative_position_dot_products():
+    rope = RotaryEmbedding(8)
+    from forgather.models.rope import apply_rotary
+
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(query_pos: int, key_pos: int) -> torch.Tensor:
+        cos_q, sin_q = rope(torch.tensor([[query_pos]]))
+        cos_k, sin_k = rope(torch.tensor([[key_pos]]))
+        return (apply_rotary(q, cos_q, sin_q) * apply_rotary(k, cos_k, sin_k)).sum()
+
+    torch.testing.assert_close(score(7, 3), score(14, 10))
+
+
+def test_llama3_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import _compute_llama3_parameters
+
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=128, num_attention_heads=4, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **scaling}
+    )
+    expected, _ = _compute_llama3_parameters(config)
+    ours = llama3_scale_frequencies(rope_frequencies(32, 500000.0), **scaling)
+    torch.testing.assert_close(ours, expected)
+    assert not torch.allclose(ours, rope_frequencies(32, 500000.0))
+
+
+def test_greedy_generate_equals_repeated_full_forward_argmax():
+    model, ids = tiny_model(), random_ids(seq=5)
+    generated = model.generate(ids, max_new_tokens=6)
+    reference = ids
+    with torch.no_grad():
+        for _ in range(6):
+            reference = torch.cat((reference, model(reference)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(generated, reference)
+
+
+def test_generate_stops_rows_at_eos_and_pads_with_it():
+    model, ids = tiny_model(), random_ids(seq=5)
+    greedy = model.generate(ids, max_new_tokens=6)
+    eos = int(greedy[0, 6])
+    stopped = model.generate(ids, max_new_tokens=6, eos_token_id=eos)
+    first_eos = (stopped[0, 5:] == eos).nonzero()[0].item() + 5
+    assert (stopped[0, first_eos:] == eos).all()
+    assert torch.equal(stopped[0, :first_eos], greedy[0, :first_eos])
+
+
+def test_sampling_with_a_seeded_generator_is_reproducible():
+    model, ids = tiny_model(), random_ids(seq=5)
+    runs = [
+        model.generate(ids, 8, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_top_k_one_sampling_is_greedy():
+    logits = torch.randn(4, VOCAB)
+    sampled = sample_next_token(logits, temperature=2.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, logits.argmax(-1))
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]]).repeat(200, 1)
+    probs = logits[0].softmax(-1)
+    assert probs[0] < 0.8 < probs[0] + probs[1]  # the nucleus for top_p=0.8 is tokens {0, 1}
+    sampled = sample_next_token(logits, temperature=1.0, top_p=0.8, generator=torch.Generator().manual_seed(0))
+    assert set(sampled.tolist()) == {0, 1}
