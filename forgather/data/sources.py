@@ -1,0 +1,100 @@
+"""Document sources for the user's own data: text files, jsonl, and Hugging Face datasets saved on disk.
+
+Every loader returns a list of non-empty document strings in a deterministic order, ready to be the
+`documents` of a `TextDataModule` or the training iterator of a tokenizer. Torch-free.
+
+Text files: a path is a file or a directory (searched recursively for `pattern`, sorted by relative path).
+With `split="file"` each file is one document; with `split="paragraph"` every block of lines separated by
+one or more blank lines is a document (suits corpora that store one article or paragraph per block).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal
+
+# A documents source: the texts themselves, or a zero-argument callable returning them (read lazily).
+Documents = Iterable[str] | Callable[[], Iterable[str]]
+
+_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")
+
+
+def resolve_documents(documents: Documents) -> Iterable[str]:
+    """The texts of a documents source (calling it when it is a callable)."""
+    return documents() if callable(documents) else documents
+
+
+def text_documents(
+    paths: str | Path | Iterable[str | Path],
+    split: Literal["file", "paragraph"] = "file",
+    pattern: str = "*.txt",
+    encoding: str = "utf-8",
+) -> list[str]:
+    """Documents from text files or directories: one per file, or one per blank-line separated block."""
+    if split not in ("file", "paragraph"):
+        raise ValueError(f"text_documents: split must be 'file' or 'paragraph', got {split!r}")
+    documents = []
+    for path in _text_files(paths, pattern):
+        text = path.read_text(encoding=encoding).replace("\r\n", "\n")
+        documents.extend(_paragraphs(text) if split == "paragraph" else [text])
+    return _non_empty(documents)
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [block.strip("\n") for block in _BLANK_LINES.split(text)]
+
+
+def _text_files(paths: str | Path | Iterable[str | Path], pattern: str) -> list[Path]:
+    files = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(path)
+        if path.is_dir():
+            files.extend(sorted(path.rglob(pattern), key=lambda file: file.relative_to(path).as_posix()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"text_documents: {path} is neither a file nor a directory")
+    return files
+
+
+def jsonl_documents(path: str | Path, field: str = "text", encoding: str = "utf-8") -> list[str]:
+    """Documents from the `field` of each line of a jsonl file (blank lines are skipped)."""
+    documents = []
+    with Path(path).open(encoding=encoding) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or field not in record:
+                raise KeyError(f"{path}:{number}: no field {field!r} in this record; set field= to the text key")
+            documents.append(record[field])
+    return _non_empty(documents)
+
+
+def hf_documents(path: str | Path, column: str = "text", split: str | None = None) -> list[str]:
+    """Documents from the `column` of a Hugging Face dataset saved with `save_to_disk`.
+
+    A saved DatasetDict needs `split` (default "train" when it has one).
+    """
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            "hf_documents needs the Hugging Face datasets library: pip install datasets"
+        ) from error
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        split = split or ("train" if "train" in dataset else None)
+        if split not in dataset:
+            raise KeyError(f"{path}: choose split= from {sorted(dataset)} (got {split!r})")
+        dataset = dataset[split]
+    if column not in dataset.column_names:
+        raise KeyError(f"{path}: no column {column!r}; columns are {dataset.column_names}")
+    return _non_empty(dataset[column])
+
+
+def _non_empty(documents: Iterable[str]) -> list[str]:
+    return [document for document in documents if document and document.strip()]

@@ -1,0 +1,88 @@
+"""Loaders for the user's own documents: text files, jsonl, Hugging Face datasets saved on disk."""
+
+import json
+import sys
+
+import pytest
+
+from forgather.data import sources
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.txt").write_text("First file.\n\nSecond paragraph\nspans two lines.\n")
+    (tmp_path / "b" / "c.txt").write_text("Nested file.\r\n\r\n  \r\n\r\nAfter blank lines.\r\n")
+    (tmp_path / "b" / "empty.txt").write_text("\n\n")
+    (tmp_path / "notes.md").write_text("Not a text file by pattern.")
+    return tmp_path
+
+
+def test_text_directory_gives_one_document_per_file_in_path_order(text_dir):
+    assert sources.text_documents(text_dir) == [
+        "First file.\n\nSecond paragraph\nspans two lines.\n",
+        "Nested file.\n\n  \n\nAfter blank lines.\n",
+    ]
+
+
+def test_text_paragraph_split_cuts_on_blank_lines(text_dir):
+    assert sources.text_documents(text_dir, split="paragraph") == [
+        "First file.",
+        "Second paragraph\nspans two lines.",
+        "Nested file.",
+        "After blank lines.",
+    ]
+
+
+def test_text_files_and_pattern_can_be_given(text_dir):
+    assert sources.text_documents([text_dir / "notes.md"]) == ["Not a text file by pattern."]
+    assert sources.text_documents(text_dir, pattern="*.md") == ["Not a text file by pattern."]
+
+
+def test_missing_text_path_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        sources.text_documents(tmp_path / "nowhere")
+
+
+def test_jsonl_reads_the_text_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    lines = [{"text": "one", "id": 1}, {"text": "", "id": 2}, {"body": "x", "text": "three"}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    assert sources.jsonl_documents(path) == ["one", "three"]
+
+
+def test_jsonl_field_is_configurable_and_missing_field_names_the_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"body": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    with pytest.raises(KeyError, match=r"docs.jsonl:2: no field 'body'"):
+        sources.jsonl_documents(path, field="body")
+
+
+def test_hf_dataset_from_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["alpha", "", "beta"], "n": [1, 2, 3]}).save_to_disk(tmp_path / "flat")
+    assert sources.hf_documents(tmp_path / "flat") == ["alpha", "beta"]
+
+
+def test_hf_dataset_dict_picks_split_and_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    splits = {
+        "train": datasets.Dataset.from_dict({"body": ["t1", "t2"]}),
+        "validation": datasets.Dataset.from_dict({"body": ["v1"]}),
+    }
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "dict")
+    assert sources.hf_documents(tmp_path / "dict", column="body") == ["t1", "t2"]
+    assert sources.hf_documents(tmp_path / "dict", column="body", split="validation") == ["v1"]
+    with pytest.raises(KeyError, match="no column 'text'"):
+        sources.hf_documents(tmp_path / "dict")
+
+
+def test_hf_without_datasets_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="pip install datasets"):
+        sources.hf_documents(tmp_path)
+
+
+def test_documents_source_may_be_a_callable():
+    assert list(sources.resolve_documents(lambda: iter(["x", "y"]))) == ["x", "y"]
+    assert sources.resolve_documents(["z"]) == ["z"]
