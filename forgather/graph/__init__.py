@@ -1,0 +1,25 @@
+"""Graph stage: YAML with Forgather's tags -> node graph -> OmegaConf config -> objects or Python code.
+
+Torch-free: importing this package imports only PyYAML and OmegaConf.
+"""
+
+from forgather.graph.codegen import generate_code
+from forgather.graph.config import ConfigResult, to_config
+from forgather.graph.construct import ConstructError, construct
+from forgather.graph.dump import dump_graph
+from forgather.graph.nodes import CallNode, Graph, VarNode
+from forgather.graph.yaml_loader import GraphError, load_graph
+
+__all__ = [
+    "CallNode",
+    "ConfigResult",
+    "ConstructError",
+    "Graph",
+    "GraphError",
+    "VarNode",
+    "construct",
+    "dump_graph",
+    "generate_code",
+    "load_graph",
+    "to_config",
+]

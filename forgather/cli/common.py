@@ -1,0 +1,25 @@
+"""What the subcommands share: loading the chosen config, and reporting errors readably."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from forgather.project import LoadedConfig, Project
+
+# Errors a user causes and can fix: printed as one located message, no traceback.
+_USER_ERRORS = ("TemplateError", "ConstructError", "GraphError", "ImportSpecError", "ConfigKeyError")
+
+
+def load(args: argparse.Namespace) -> LoadedConfig:
+    project = Project.load(args.project)
+    return project.load_config(args.config, tuple(args.template_path))
+
+
+def report_error(error: BaseException) -> int:
+    """Print an error for the user; FORGATHER_TRACEBACK=1 shows the traceback as well."""
+    if os.environ.get("FORGATHER_TRACEBACK") or type(error).__name__ not in (*_USER_ERRORS, "FileNotFoundError", "ValueError", "KeyError"):
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    return 2

@@ -1,0 +1,22 @@
+"""`forgather construct`: build a target (or every target) and print what was built."""
+
+from __future__ import annotations
+
+import argparse
+
+from forgather.cli.common import load
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help="target to build (default: every target)")
+    parser.add_argument("--call", action="store_true", help="call the constructed object (e.g. a partial) and print the result")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.pretty import pprint
+
+    result = load(args).construct(args.target)
+    if args.call:
+        result = result()
+    pprint(result, expand_all=False)
+    return 0

@@ -1,0 +1,22 @@
+"""`forgather graph`: the node graph, as YAML in Forgather's tag syntax or as Python code."""
+
+from __future__ import annotations
+
+import argparse
+
+from forgather.cli.common import load
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("yaml", "python"), default="yaml", help="output format (default yaml)")
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load(args)
+    if args.format == "python":
+        print(loaded.code(), end="")
+    else:
+        from forgather.graph import dump_graph
+
+        print(dump_graph(loaded.graph), end="")
+    return 0

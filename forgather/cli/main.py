@@ -1,0 +1,68 @@
+"""The `forgather` command: global options, then one subcommand, each in a module of its own.
+
+Subcommand modules are imported only when chosen, so `forgather --help` and `forgather pp` stay free of
+torch and Lightning. A subcommand module provides `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order of `forgather --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ls": ("forgather.cli.ls", "list projects and their configs"),
+    "index": ("forgather.cli.index", "summarize a project (meta.yaml, configs, search path)"),
+    "pp": ("forgather.cli.pp", "print a config's rendered YAML (template stage)"),
+    "graph": ("forgather.cli.graph", "print the node graph (YAML tag syntax or Python)"),
+    "config": ("forgather.cli.config", "print the OmegaConf config (Hydra vocabulary)"),
+    "targets": ("forgather.cli.targets", "list a config's targets"),
+    "code": ("forgather.cli.code", "print Python code that constructs a target"),
+    "construct": ("forgather.cli.construct", "construct a target and print it"),
+    "control": ("forgather.cli.control", "list running training jobs; status/save/stop/abort them"),
+}
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="forgather",
+        description="Forgather: templates -> YAML -> node graph -> OmegaConf config -> Python objects.",
+    )
+    parser.add_argument("-p", "--project", default=".", help="project directory (default: current directory)")
+    parser.add_argument("-t", "--config", help="config of the project (name in templates/configs, e.g. base.yaml)")
+    parser.add_argument(
+        "--template-path", action="append", default=[], metavar="DIR", help="extra template directory (repeatable)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = {
+        name: commands.add_parser(name, help=help_text, description=help_text, add_help=False)
+        for name, (_, help_text) in COMMANDS.items()
+    }
+    return parser, subparsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, subparsers = _parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[known.command][0])
+    subparser = subparsers[known.command]
+    subparser.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    module.add_arguments(subparser)
+    args = parser.parse_args(argv)
+    try:
+        return module.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # one readable line for the user's mistakes; tracebacks only on request
+        from forgather.cli.common import report_error
+
+        return report_error(error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

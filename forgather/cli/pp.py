@@ -1,0 +1,23 @@
+"""`forgather pp`: the template stage's output, the rendered YAML (or, with --jinja, the Jinja source)."""
+
+from __future__ import annotations
+
+import argparse
+
+from forgather.cli.common import load
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jinja", action="store_true", help="print the config's template as plain Jinja2 (line syntax expanded)")
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load(args)
+    if args.jinja:
+        from forgather.template.preprocess import preprocess
+
+        with open(loaded.source_location().path, encoding="utf-8") as file:
+            print(preprocess(file.read()), end="")
+    else:
+        print(loaded.text, end="")
+    return 0

@@ -1,0 +1,40 @@
+"""Node graph -> YAML in Forgather's own tag syntax (what `forgather graph --format yaml` prints).
+
+The output loads back into an equal graph: call nodes keep their kind, target and name; a node reached
+twice is written once with an anchor and aliased after, so sharing survives.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from forgather.graph.nodes import MISSING, CallNode, Graph, VarNode
+
+_TAGS = {"singleton": "!singleton:", "factory": "!factory:", "partial": "!partial:"}
+
+
+class _GraphDumper(yaml.SafeDumper):
+    pass
+
+
+def _represent_call(dumper: yaml.SafeDumper, node: CallNode) -> yaml.Node:
+    tag = _TAGS[node.kind] + node.target + (f"@{node.name}" if node.name else "")
+    if node.args and node.kwargs:
+        return dumper.represent_mapping(tag, {"args": node.args, "kwargs": node.kwargs})
+    if node.kwargs:
+        return dumper.represent_mapping(tag, node.kwargs)
+    return dumper.represent_sequence(tag, node.args)
+
+
+def _represent_var(dumper: yaml.SafeDumper, node: VarNode) -> yaml.Node:
+    if node.default is MISSING:
+        return dumper.represent_scalar("!var", node.name)
+    return dumper.represent_mapping("!var", {"name": node.name, "default": node.default})
+
+
+_GraphDumper.add_representer(CallNode, _represent_call)
+_GraphDumper.add_representer(VarNode, _represent_var)
+
+
+def dump_graph(graph: Graph) -> str:
+    return yaml.dump(graph.nodes, Dumper=_GraphDumper, sort_keys=False, default_flow_style=False, width=100)
