@@ -115,9 +115,18 @@ def list_jobs() -> list[JobRecord]:
         if is_alive(record):
             live.append(record)
         else:
+            _remove_socket(Path(record.socket))
             remove_record(record.job_id)
-            Path(record.socket).unlink(missing_ok=True)
     return live
+
+
+def _remove_socket(path: Path) -> None:
+    """Remove a dead job's socket and its private directory (only if nothing else is in it)."""
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
 
 
 def resolve_job(ref: str) -> JobRecord:

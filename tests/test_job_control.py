@@ -211,7 +211,6 @@ def test_server_refuses_a_foreign_uid(tmp_path: Path) -> None:
     assert "refused" in reply["error"]
 
 
-@pytest.mark.slow
 def test_ddp_ranks_stop_at_the_same_step(cache_dir: Path, tmp_path: Path, capsys) -> None:
     job = Job(tmp_path, "ddp0job", devices=2)
     try:
