@@ -32,9 +32,7 @@ def test_corpus_is_megabytes_of_documents(records):
 
 
 def test_common_english_words_dominate(records):
-    words = collections.Counter(
-        word for record in records for word in re.findall(r"[a-z]+", record["text"].lower())
-    )
+    words = collections.Counter(word for record in records for word in re.findall(r"[a-z]+", record["text"].lower()))
     top = [word for word, _ in words.most_common(10)]
     assert top[0] == "the"
     assert {"a", "of", "to", "is", "and"} <= set(top)

@@ -1,0 +1,12 @@
+"""Data for causal-LM training: corpora, document sources, tokenizers, packing, splits.
+
+Modules (import the one you need; this package imports nothing, so `import forgather` stays light):
+    corpus      the embedded stdlib corpus (pydoc topics + docstrings), cached jsonl
+    sources     documents from text files, jsonl, Hugging Face datasets saved on disk
+    tokenizer   cached byte-level BPE training -> transformers.PreTrainedTokenizerFast
+    packing     tokenize + pack documents into fixed blocks with per-document position ids (torch)
+    split       deterministic train/validation split by document
+    sampler     per-epoch seeded shuffling sampler (torch)
+    cache       cache directory ($FORGATHER_CACHE_DIR), atomic writes, fingerprints
+The Lightning side is `forgather.lightning.datamodule.TextDataModule`.
+"""

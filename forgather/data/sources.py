@@ -82,9 +82,7 @@ def hf_documents(path: str | Path, column: str = "text", split: str | None = Non
     try:
         import datasets
     except ImportError as error:
-        raise ImportError(
-            "hf_documents needs the Hugging Face datasets library: pip install datasets"
-        ) from error
+        raise ImportError("hf_documents needs the Hugging Face datasets library: pip install datasets") from error
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         split = split or ("train" if "train" in dataset else None)

@@ -1,0 +1,154 @@
+"""TextDataModule: documents -> tokenizer -> packed blocks -> train/validation DataLoaders, for Lightning.
+
+The pipeline (each stage in `forgather.data`): read the documents (the first `max_documents`), tokenize them
+with eos appended (stopping at `max_tokens` tokens), split by document into train/validation with `seed`,
+and pack each side into blocks of `block_size` tokens. Batches are
+`{"input_ids", "position_ids", "labels"}`, LongTensor[B, block_size] each (see `forgather.data.packing`).
+
+The packed tensors are cached in one safetensors file under `<cache>/packed/`, keyed by a hash of the documents'
+text, the tokenizer's serialized form and every setting above, and written atomically: `prepare_data`
+(one process per node) builds them, `setup` (every process) loads them. With `cache=False`, `setup` builds
+them in memory. Training order comes from `EpochShuffleSampler` (seed + epoch); nothing touches global RNGs,
+so a rerun or a run resumed at an epoch boundary sees the same batches. Works in plain Lightning code.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from forgather.data.cache import atomic_write, cache_dir, documents_fingerprint, fingerprint
+from forgather.data.packing import PackedDataset, load_datasets, pack_documents, save_datasets, tokenize_documents
+from forgather.data.sampler import EpochShuffleSampler
+from forgather.data.sources import Documents, resolve_documents
+from forgather.data.split import split_documents
+from forgather.data.tokenizer import tokenizer_fingerprint
+
+# Bump when packing or splitting changes, so stale cached blocks are not reused.
+PACKED_FORMAT = 1
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Packed causal-LM batches from a documents source.
+
+    Args:
+        tokenizer: a tokenizer (anything with `eos_token_id`, `pad_token_id` and HF-style `__call__`) or a
+            zero-argument factory returning one (called once, on first use).
+        documents: an iterable of texts or a zero-argument callable returning one; default: the embedded
+            stdlib corpus (`forgather.data.corpus.stdlib_documents`).
+        block_size: tokens per packed row.
+        batch_size: rows per batch.
+        val_fraction: share of documents held out for validation.
+        num_workers: DataLoader worker processes.
+        seed: seeds the split and the per-epoch shuffling.
+        max_documents / max_tokens: keep only the first documents / tokens (small CPU runs).
+        cache: keep packed tensors on disk between runs.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any | Callable[[], Any],
+        documents: Documents | None = None,
+        block_size: int = 256,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_documents: int | None = None,
+        max_tokens: int | None = None,
+        cache: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer", "documents"])
+        self._tokenizer = tokenizer
+        self.documents = documents
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.seed = seed
+        self.max_documents = max_documents
+        self.max_tokens = max_tokens
+        self.cache = cache
+        self.train_dataset: PackedDataset | None = None
+        self.val_dataset: PackedDataset | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer, built from its factory on first access."""
+        if not hasattr(self._tokenizer, "eos_token_id"):
+            self._tokenizer = self._tokenizer()
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def prepare_data(self) -> None:
+        if self.cache:
+            self._cached_path(self._documents())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        documents = self._documents()
+        if self.cache:
+            datasets = load_datasets(self._cached_path(documents))
+            self.train_dataset, self.val_dataset = datasets["train"], datasets["val"]
+        else:
+            self.train_dataset, self.val_dataset = self._build(documents)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def _loader(self, dataset: PackedDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("TextDataModule: call setup() (or let the Trainer do it) before asking for loaders")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _documents(self) -> list[str]:
+        if self.documents is None:
+            from forgather.data.corpus import stdlib_documents
+
+            return stdlib_documents(self.max_documents)
+        return list(itertools.islice(resolve_documents(self.documents), self.max_documents))
+
+    def _cached_path(self, documents: list[str]) -> Path:
+        """The cache file holding train and val blocks for these documents and settings, built if missing."""
+        key = fingerprint(
+            PACKED_FORMAT,
+            documents_fingerprint(documents),
+            tokenizer_fingerprint(self.tokenizer),
+            self.block_size,
+            self.val_fraction,
+            self.seed,
+            self.max_tokens,
+        )
+        path = cache_dir("packed") / f"{key}.safetensors"
+        if not path.is_file():
+            train, val = self._build(documents)
+            atomic_write(path, lambda tmp: save_datasets(tmp, {"train": train, "val": val}))
+        return path
+
+    def _build(self, documents: list[str]) -> tuple[PackedDataset, PackedDataset]:
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError("TextDataModule needs a tokenizer with a pad token (pad_token_id is None)")
+        tokenized = tokenize_documents(documents, self.tokenizer, self.max_tokens)
+        train, val = split_documents(tokenized, self.val_fraction, self.seed)
+        train_blocks, val_blocks = (pack_documents(part, self.block_size, pad_id) for part in (train, val))
+        return PackedDataset(train_blocks), PackedDataset(val_blocks)

@@ -1,0 +1,162 @@
+"""TextDataModule: packed batches, seeded and cached, usable from plain Lightning code."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from forgather.data import cache
+from forgather.data.corpus import pydoc_topics
+from forgather.data.tokenizer import train_bpe_tokenizer
+from forgather.lightning.datamodule import TextDataModule
+
+BLOCK, BATCH = 32, 4
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def documents():
+    return [text for _, text in pydoc_topics()][:30]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(documents):
+    return train_bpe_tokenizer(documents, vocab_size=400, cache=False)
+
+
+def make_module(tokenizer, documents, **overrides):
+    settings = dict(block_size=BLOCK, batch_size=BATCH, val_fraction=0.2, seed=0, max_tokens=6000)
+    module = TextDataModule(tokenizer, documents, **{**settings, **overrides})
+    module.prepare_data()
+    module.setup("fit")
+    return module
+
+
+def test_batches_are_long_tensors_of_batch_by_block(tokenizer, documents):
+    module = make_module(tokenizer, documents)
+    for loader in (module.train_dataloader(), module.val_dataloader()):
+        batch = next(iter(loader))
+        assert set(batch) == {"input_ids", "position_ids", "labels"}
+        for tensor in batch.values():
+            assert tensor.dtype == torch.long
+            assert tensor.shape == (BATCH, BLOCK)
+
+
+def test_max_tokens_bounds_the_packed_tokens(tokenizer, documents):
+    module = make_module(tokenizer, documents, max_tokens=3000)
+    real = sum(int((dataset.blocks["labels"] != -100).sum()) for dataset in (module.train_dataset, module.val_dataset))
+    assert real == 3000
+
+
+def test_same_seed_gives_the_same_batches(tokenizer, documents):
+    first = next(iter(make_module(tokenizer, documents, cache=False).train_dataloader()))
+    again = next(iter(make_module(tokenizer, documents, cache=False).train_dataloader()))
+    other = next(iter(make_module(tokenizer, documents, cache=False, seed=1).train_dataloader()))
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not torch.equal(first["input_ids"], other["input_ids"])
+
+
+def test_train_order_changes_with_the_epoch(tokenizer, documents):
+    loader = make_module(tokenizer, documents).train_dataloader()
+    epoch0 = next(iter(loader))["input_ids"]
+    loader.sampler.set_epoch(1)
+    assert not torch.equal(next(iter(loader))["input_ids"], epoch0)
+
+
+def test_validation_is_held_out_documents(tokenizer, documents):
+    module = make_module(tokenizer, documents, max_tokens=None)
+    train_text = tokenizer.decode(module.train_dataset.blocks["input_ids"].flatten())
+    val_blocks = module.val_dataset.blocks
+    val_documents = tokenizer.decode(val_blocks["input_ids"][val_blocks["labels"] != -100]).split("<|eos|>")
+    held_out = [text for text in val_documents if len(text) > 200]
+    assert held_out
+    assert not any(text in train_text for text in held_out)
+    assert len(module.train_dataset) > len(module.val_dataset)
+
+
+def test_second_module_reads_packed_blocks_from_the_cache(tokenizer, documents, monkeypatch):
+    first = make_module(tokenizer, documents)
+
+    def no_build(self, documents):
+        raise AssertionError("the cached blocks should have been loaded")
+
+    monkeypatch.setattr(TextDataModule, "_build", no_build)
+    second = make_module(tokenizer, documents)
+    assert torch.equal(second.train_dataset.blocks["input_ids"], first.train_dataset.blocks["input_ids"])
+
+
+def test_cache_key_follows_settings(tokenizer, documents, private_cache):
+    make_module(tokenizer, documents)
+    make_module(tokenizer, documents, block_size=BLOCK * 2)
+    make_module(tokenizer, documents[:10])
+    assert len(list((private_cache / "packed").glob("*.safetensors"))) == 3
+
+
+def test_tokenizer_factory_is_called_once_on_first_use(tokenizer, documents):
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return tokenizer
+
+    module = TextDataModule(factory, documents, block_size=BLOCK, max_tokens=2000)
+    assert calls == []
+    module.prepare_data()
+    module.setup("fit")
+    assert module.vocab_size == 400
+    assert calls == [1]
+
+
+def test_default_documents_are_the_stdlib_corpus(tokenizer, monkeypatch):
+    monkeypatch.setattr("forgather.data.corpus.stdlib_documents", lambda max_documents: ["from the corpus"] * 4)
+    module = make_module(tokenizer, None, max_tokens=None, val_fraction=0.25)
+    text = tokenizer.decode(module.train_dataset.blocks["input_ids"][0])
+    assert text.startswith("from the corpus<|eos|>")
+
+
+def test_loaders_before_setup_say_what_to_do(tokenizer, documents):
+    with pytest.raises(RuntimeError, match="setup"):
+        TextDataModule(tokenizer, documents).train_dataloader()
+
+
+class TinyLM(pl.LightningModule):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, 16)
+        self.head = nn.Linear(16, vocab_size)
+        self.seen_epochs = []
+
+    def training_step(self, batch, batch_index):
+        logits = self.head(self.embed(batch["input_ids"]))
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+
+    def on_train_epoch_start(self):
+        self.seen_epochs.append(self.trainer.train_dataloader.sampler.epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_plain_lightning_trainer_fits_on_it(tokenizer, documents, tmp_path):
+    torch.set_num_threads(1)
+    module = TextDataModule(tokenizer, documents, block_size=BLOCK, batch_size=BATCH, max_tokens=2000)
+    model = TinyLM(vocab_size=len(tokenizer))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=module)
+    assert trainer.global_step == 6
+    assert model.seen_epochs == [0, 1]
