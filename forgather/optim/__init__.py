@@ -1,0 +1,33 @@
+"""Optimizers: Adafactor (PyTorch reference and Triton kernels), optimizer-in-backward, GaLore and APOLLO.
+
+Configs name an optimizer as a partial called with the parameters (`!partial:forgather.optim:Adafactor`).
+Names resolve lazily, so importing this package imports neither torch nor triton:
+
+    Adafactor             adafactor.py            reference, any device
+    TritonAdafactor       triton_adafactor.py     same math, fused Triton kernels (CUDA + triton)
+    optimizer_in_backward in_backward.py          per-parameter optimizers stepped inside backward
+    GaLoreAdamW           galore.py               AdamW on a low-rank SVD projection of 2-D gradients
+    ApolloAdamW           apollo.py               APOLLO: AdamW states on a random projection, channel-wise scaling
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Adafactor": "adafactor",
+    "TritonAdafactor": "triton_adafactor",
+    "optimizer_in_backward": "in_backward",
+    "OptimizerInBackward": "in_backward",
+    "GaLoreAdamW": "galore",
+    "ApolloAdamW": "apollo",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'forgather.optim' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"forgather.optim.{_EXPORTS[name]}"), name)

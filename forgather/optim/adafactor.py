@@ -1,0 +1,143 @@
+"""Adafactor (Shazeer & Stern, 2018): factored second moments, relative step size, update clipping.
+
+The PyTorch reference; `TritonAdafactor` runs the same math in fused kernels. Per parameter X with gradient
+G at step t (the conventions of `torch.optim.Adafactor`, so the two agree when beta1 is None):
+
+    beta2_t = 1 - t^beta2_decay                            (decay schedule; beta2_decay = -0.8)
+    rho_t   = min(lr, 1/sqrt(t)) if relative_step else lr    (relative step size)
+    alpha_t = max(eps2, RMS(X)) * rho_t if scale_parameter else rho_t
+    factored (ndim >= 2, last two dims n x m):
+        R <- lerp(R, mean_j G^2, 1 - beta2_t)    C <- lerp(C, mean_i G^2, 1 - beta2_t)
+        V = R_i C_j / max(mean_i R, eps1)
+    not factored: V <- lerp(V, G^2, 1 - beta2_t)
+    U = G / sqrt(max(V, eps1^2));  U <- U / max(1, RMS(U) / d)      (update clipping)
+    optional first moment (beta1): M <- lerp(M, U, 1 - beta1);  U <- M
+    X <- X * (1 - lr * weight_decay) - alpha_t * U
+
+State: step, and R [.., n] and C [.., m] (fp32) for factored parameters or V for the others, plus M when beta1
+is set. Math runs in fp32 whatever the parameter dtype (bf16 parameters are rounded once, on write).
+eps1=None means float32's machine epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    return x.norm(2) / math.sqrt(x.numel())
+
+
+class Adafactor(Optimizer):
+    """Adafactor with optional first moment, relative step and update clipping (see the module docstring)."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-2,
+        beta1: float | None = None,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        relative_step: bool = True,
+        scale_parameter: bool = True,
+        maximize: bool = False,
+    ):
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"beta1 must be in [0, 1) or None, got {beta1}")
+        if beta2_decay > 0:
+            raise ValueError(f"beta2_decay must be <= 0, got {beta2_decay}")
+        if d <= 0:
+            raise ValueError(f"clipping threshold d must be positive, got {d}")
+        defaults = dict(
+            lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
+            relative_step=relative_step, scale_parameter=scale_parameter, maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    self.init_state(param, state, group)
+                state["step"] += 1
+                grad = -param.grad if group["maximize"] else param.grad
+                self.update(param, grad, state, group, step_scalars(group, int(state["step"].item())))
+        return loss
+
+    @staticmethod
+    def init_state(param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0)
+        if param.dim() >= 2:
+            state["row_var"] = param.new_zeros(param.shape[:-1], dtype=torch.float32)
+            state["col_var"] = param.new_zeros(param.shape[:-2] + param.shape[-1:], dtype=torch.float32)
+        else:
+            state["variance"] = torch.zeros_like(param, dtype=torch.float32)
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def update(
+        self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+        scalars: dict[str, float],
+    ) -> None:
+        """One parameter's step; subclasses replace it with a faster path for the tensors they handle."""
+        reference_update(param, grad, state, group, scalars)
+
+
+def step_scalars(group: dict[str, Any], step: int) -> dict[str, float]:
+    """The host-side numbers of one step: 1 - beta2_t, rho_t, eps1 (resolved) and eps2."""
+    eps1, eps2 = group["eps"]
+    rho = min(group["lr"], step**-0.5) if group["relative_step"] else group["lr"]
+    return {
+        "one_minus_beta2": step ** group["beta2_decay"],
+        "rho": rho,
+        "eps1": torch.finfo(torch.float32).eps if eps1 is None else eps1,
+        "eps2": eps2,
+    }
+
+
+def reference_update(
+    param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], scalars: dict[str, float]
+) -> None:
+    """The Adafactor update of one parameter in plain PyTorch, fp32 math (the spec the kernels follow)."""
+    x = param.float()
+    g = grad.float()
+    eps1 = scalars["eps1"]
+    alpha = scalars["rho"] * (max(scalars["eps2"], rms(x).item()) if group["scale_parameter"] else 1.0)
+    if param.dim() >= 2:
+        row_var, col_var = state["row_var"], state["col_var"]
+        row_var.lerp_(g.square().mean(dim=-1), scalars["one_minus_beta2"])
+        col_var.lerp_(g.square().mean(dim=-2), scalars["one_minus_beta2"])
+        row_mean = row_var.mean(dim=-1, keepdim=True).clamp(min=eps1)
+        var = (row_var / row_mean).unsqueeze(-1) * col_var.unsqueeze(-2)
+    else:
+        state["variance"].lerp_(g.square(), scalars["one_minus_beta2"])
+        var = state["variance"]
+    update = g * var.clamp(min=eps1 * eps1).rsqrt()
+    update.div_(max(1.0, rms(update).item() / group["d"]))
+    if group["beta1"] is not None:
+        exp_avg = state["exp_avg"]
+        exp_avg.copy_(exp_avg.float().lerp_(update, 1 - group["beta1"]))
+        update = exp_avg.float()
+    if group["weight_decay"]:
+        x.mul_(1 - group["lr"] * group["weight_decay"])
+    param.copy_(x.sub_(update, alpha=alpha))

@@ -1,0 +1,102 @@
+"""TritonAdafactor: Adafactor (adafactor.py's math and state) with each 2-D parameter's step in fused kernels.
+
+Contiguous 2-D parameters on CUDA go through adafactor_kernels.py (5 passes over memory per step, see there);
+the rest (vectors, >2-D tensors, non-contiguous views) take the reference path, they are small. Construction
+raises a clear error without triton or CUDA (TRITON_INTERPRET=1 runs the kernels on CPU tensors, for tests).
+
+RMS(X) for the relative step is summed by the previous step's write pass into state["param_sq"] (two slots,
+alternating by step parity). A parameter changed outside the optimizer (its version counter moved, or after
+load_state_dict) gets the sum recomputed from the tensor itself before its step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from forgather.optim.adafactor import Adafactor, Params, reference_update
+
+
+def _load_kernels():
+    try:
+        from forgather.optim import adafactor_kernels
+    except ImportError as exc:
+        raise ImportError("TritonAdafactor needs triton: pip install 'forgather[gpu]'") from exc
+    return adafactor_kernels
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonAdafactor(Adafactor):
+    """Adafactor whose per-parameter update of contiguous 2-D tensors runs as Triton kernels."""
+
+    def __init__(self, params: Params, **kwargs: Any):
+        if not (torch.cuda.is_available() or _interpreting()):
+            raise RuntimeError("TritonAdafactor needs a CUDA device; use forgather.optim.Adafactor on CPU")
+        self._kernels = _load_kernels()
+        self._seen_versions: dict[torch.Tensor, int] = {}
+        super().__init__(params, **kwargs)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._seen_versions.clear()
+
+    def update(
+        self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+        scalars: dict[str, float],
+    ) -> None:
+        fused = param.dim() == 2 and param.is_contiguous() and grad.is_contiguous()
+        if not fused or not (param.is_cuda or _interpreting()):
+            reference_update(param, grad, state, group, scalars)
+            return
+        self._fused_update(param, grad, state, group, scalars)
+
+    def _param_sq(self, param: torch.Tensor, state: dict[str, Any], prev_slot: int) -> torch.Tensor:
+        """state["param_sq"], with the previous slot recomputed when the optimizer did not write X last."""
+        if "param_sq" not in state:
+            state["param_sq"] = torch.zeros(2, dtype=torch.float32, device=param.device)
+        if self._seen_versions.get(param) != param._version:
+            state["param_sq"][prev_slot] = torch.linalg.vector_norm(param, dtype=torch.float32).square()
+            self._seen_versions[param] = param._version
+        return state["param_sq"]
+
+    def _fused_update(
+        self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+        scalars: dict[str, float],
+    ) -> None:
+        k = self._kernels
+        n, m = param.shape
+        step = int(state["step"].item())
+        cur_slot, prev_slot = step % 2, (step - 1) % 2
+        param_sq = self._param_sq(param, state, prev_slot)
+        # Workspace: row sums [n], column sums [m], sum of U^2, 1 / mean(R).
+        work = torch.zeros(n + m + 2, dtype=torch.float32, device=param.device)
+        row_sum, col_sum, update_sq, inv_row_mean = work[:n], work[n : n + m], work[n + m :], work[n + m + 1 :]
+        grid = (triton_cdiv(m, k.BLOCK_M), triton_cdiv(n, k.ROWS_PER_PROGRAM))
+        tiles = dict(BLOCK_N=k.BLOCK_N, BLOCK_M=k.BLOCK_M, ROWS_PER_PROGRAM=k.ROWS_PER_PROGRAM)
+        eps1 = scalars["eps1"]
+        k.grad_sq_sums[grid](grad, row_sum, col_sum, n, m, **tiles, num_warps=8)
+        k.finalize[(1,)](
+            state["row_var"], state["col_var"], row_sum, col_sum, inv_row_mean, param_sq, n, m,
+            scalars["one_minus_beta2"], eps1, cur_slot, BLOCK=k.FINALIZE_BLOCK, num_warps=4,
+        )
+        k.update_sq_sum[grid](
+            grad, state["row_var"], state["col_var"], inv_row_mean, update_sq, n, m, eps1, **tiles, num_warps=8,
+        )
+        beta1 = group["beta1"]
+        k.apply_update[grid](
+            param, grad, state.get("exp_avg", param), state["row_var"], state["col_var"], inv_row_mean,
+            update_sq, param_sq, n, m, 1.0 / (n * m), eps1, scalars["eps2"], scalars["rho"], group["d"],
+            1.0 - group["lr"] * group["weight_decay"],
+            0.0 if beta1 is None else 1.0 - beta1, prev_slot, cur_slot,
+            SCALE_PARAMETER=group["scale_parameter"], HAS_MOMENT=beta1 is not None, **tiles, num_warps=8,
+        )
+        self._seen_versions[param] = param._version
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,137 @@
+"""forgather.optim.Adafactor (the reference) on CPU, against torch.optim.Adafactor and the paper's rules."""
+
+import copy
+
+import pytest
+import torch
+
+from forgather.optim import Adafactor, TritonAdafactor
+from forgather.optim.adafactor import step_scalars
+
+torch.set_num_threads(1)
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def make_params(shapes=((8, 12), (12,), (3, 5, 7)), dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+
+
+def clones(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def run_steps(params, optimizer, steps=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * (step + 1)).to(p.dtype)
+        optimizer.step()
+    return params
+
+
+def rms(x):
+    return x.float().square().mean().sqrt().item()
+
+
+def test_matches_torch_adafactor_without_first_moment():
+    params = make_params()
+    a, b = clones(params), clones(params)
+    run_steps(a, Adafactor(a, lr=0.05, weight_decay=0.1))
+    run_steps(b, torch.optim.Adafactor(b, lr=0.05, weight_decay=0.1, eps=(FP32_EPS, 1e-3)))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_factored_state_is_one_row_and_one_column_vector():
+    (w,) = make_params(shapes=((16, 24),))
+    opt = Adafactor([w])
+    run_steps([w], opt, steps=1)
+    state = opt.state[w]
+    assert state["row_var"].shape == (16,) and state["col_var"].shape == (24,)
+    assert "exp_avg" not in state
+
+
+def test_update_clipping_caps_the_update_rms_at_d():
+    (w,) = make_params(shapes=((16, 24),))
+    before = w.detach().clone()
+    d, lr = 0.25, 0.1
+    run_steps([w], Adafactor([w], lr=lr, d=d, relative_step=False, scale_parameter=False), steps=1)
+    # Step 1: beta2_t = 0, so V = G^2 factored and RMS(U) is about 1 > d: the step is lr * d in RMS.
+    assert rms(w.detach() - before) == pytest.approx(lr * d, rel=1e-4)
+
+
+def test_relative_step_is_min_of_lr_and_inverse_sqrt_step_and_beta2_follows_the_decay():
+    group = Adafactor(make_params(), lr=0.3).param_groups[0]
+    assert [step_scalars(group, t)["rho"] for t in (1, 4, 100)] == pytest.approx([0.3, 0.3, 0.1])
+    assert step_scalars(group, 32)["one_minus_beta2"] == pytest.approx(32**-0.8)
+    group["relative_step"] = False
+    assert step_scalars(group, 100)["rho"] == pytest.approx(0.3)
+
+
+def test_beta1_zero_equals_no_first_moment():
+    params = make_params()
+    a, b = clones(params), clones(params)
+    run_steps(a, Adafactor(a, beta1=0.0))
+    run_steps(b, Adafactor(b, beta1=None))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_first_moment_changes_the_trajectory_and_is_kept_in_state():
+    params = make_params()
+    a, b = clones(params), clones(params)
+    opt = Adafactor(a, beta1=0.9)
+    run_steps(a, opt)
+    run_steps(b, Adafactor(b))
+    assert all("exp_avg" in opt.state[p] for p in a)
+    assert not torch.allclose(a[0], b[0])
+
+
+def test_bf16_parameters_stay_bf16_with_fp32_state_and_track_fp32_run():
+    params = make_params(shapes=((16, 24), (24,)))
+    a = clones([p.bfloat16() for p in params])
+    b = clones(params)
+    opt = Adafactor(a, lr=0.05)
+    run_steps(a, opt)
+    run_steps(b, Adafactor(b, lr=0.05))
+    assert all(p.dtype == torch.bfloat16 for p in a)
+    assert opt.state[a[0]]["row_var"].dtype == torch.float32
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.float(), y, rtol=2e-2, atol=2e-2)
+
+
+def test_maximize_steps_against_the_gradient_direction_of_minimize():
+    (w,) = make_params(shapes=((5, 7),))
+    up, down = clones([w])[0], clones([w])[0]
+    run_steps([up], Adafactor([up], maximize=True), steps=1)
+    run_steps([down], Adafactor([down]), steps=1)
+    torch.testing.assert_close(up - w, -(down - w))
+
+
+def test_state_dict_round_trip_continues_identically():
+    params = make_params()
+    a, b = clones(params), clones(params)
+    opt_a = Adafactor(a, beta1=0.9)
+    run_steps(a, opt_a, steps=2)
+    opt_b = Adafactor(b, beta1=0.9)
+    with torch.no_grad():
+        for x, y in zip(a, b):
+            y.copy_(x)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    run_steps(a, opt_a, steps=2, seed=5)
+    run_steps(b, opt_b, steps=2, seed=5)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_invalid_hyperparameters_are_rejected():
+    with pytest.raises(ValueError, match="beta1"):
+        Adafactor(make_params(), beta1=1.5)
+
+
+def test_triton_adafactor_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        TritonAdafactor(make_params())
