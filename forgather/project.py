@@ -148,7 +148,8 @@ class LoadedConfig:
             where = f" (line {rendered_line} of the rendered YAML; see `forgather pp`)" if rendered_line else ""
             return TemplateError(message + where, [top])
         location, exact = found
-        return TemplateError(message if exact else f"{message} (near this line)", [top, location])
+        chain = [location] if location == top else [top, location]
+        return TemplateError(message if exact else f"{message} (near this line)", chain)
 
     @cached_property
     def graph(self):

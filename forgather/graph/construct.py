@@ -14,10 +14,11 @@ Plain Hydra configs (`_target_` in Hydra's dotted form, `_args_`, `_partial_`) c
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError, MissingMandatoryValue
 
 from forgather.graph.config import RESERVED_KEYS
 from forgather.graph.imports import import_spec
@@ -40,9 +41,11 @@ def _resolved(config: DictConfig, key: str | None) -> Any:
     try:
         value = config if key is None else config[key]
         return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    except MissingMandatoryValue as error:
-        missing = error.full_key or key
-        raise ConstructError(missing, f"no value given for {missing!r}: set it on the command line ({missing}=...)") from error
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as error:
+        named = re.search(r"Missing mandatory value: ([\w.]+)", str(error.msg))
+        missing = named.group(1) if named else error.full_key or key
+        where = error.full_key or missing
+        raise ConstructError(where, f"no value given for {missing!r}: set it on the command line ({missing}=...)") from error
     except InterpolationResolutionError as error:
         raise ConstructError(error.full_key or key or "", f"cannot resolve an interpolation: {error.msg}") from error
 

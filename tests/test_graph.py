@@ -1,0 +1,240 @@
+"""The graph stage: tags and their sharing semantics, OmegaConf round trip, construction, codegen."""
+
+from __future__ import annotations
+
+import functools
+import keyword
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from forgather.graph import CallNode, Graph, VarNode, construct, dump_graph, generate_code, load_graph, to_config
+from forgather.graph.yaml_loader import GraphError
+from graph_helpers import BOX_SPEC, Box, reference_construct, shape
+
+
+def build(text: str, target: str | None = None):
+    return construct(to_config(load_graph(text)).config, target)
+
+
+def run_code(code: str, **kwargs):
+    namespace: dict = {}
+    exec(compile(code, "<generated>", "exec"), namespace)
+    return namespace["construct"](**kwargs)
+
+
+def test_singleton_aliased_three_times_is_one_object():
+    out = build(f"a: &x !singleton:{BOX_SPEC} [1]\nb: [*x, *x, *x]\n")
+    assert out["b"][0] is out["b"][1] is out["b"][2] is out["a"]
+
+
+def test_call_is_an_alias_of_singleton():
+    out = build(f"a: &x !call:{BOX_SPEC} [1]\nb: *x\n")
+    assert out["a"] is out["b"]
+
+
+def test_factory_aliased_three_times_is_three_objects():
+    out = build(f"a: &x !factory:{BOX_SPEC} [1]\nb: [*x, *x, *x]\n")
+    objects = [out["a"], *out["b"]]
+    assert len({id(o) for o in objects}) == 4 and all(o.args == (1,) for o in objects)
+
+
+def test_partial_appends_positional_args_and_merges_kwargs():
+    out = build(f"p: !partial:{BOX_SPEC}\n  args: [1, 2]\n  kwargs: {{a: 1, b: 2}}\n")
+    made = out["p"](3, b=20, c=30)
+    assert made.args == (1, 2, 3) and made.kwargs == {"a": 1, "b": 20, "c": 30}
+    assert isinstance(out["p"], functools.partial)
+
+
+def test_partial_aliased_is_one_partial():
+    out = build(f"p: &p !partial:{BOX_SPEC} []\nq: *p\n")
+    assert out["p"] is out["q"]
+
+
+def test_argument_forms_sequence_mapping_argn_and_args_kwargs():
+    out = build(
+        f"seq: !call:{BOX_SPEC} [1, 2]\n"
+        f"map: !call:{BOX_SPEC} {{x: 1}}\n"
+        f"argn: !call:{BOX_SPEC} {{arg1: b, arg0: a, k: 3}}\n"
+        f"both: !call:{BOX_SPEC} {{args: [1], kwargs: {{y: 2}}}}\n"
+        f"none: !call:{BOX_SPEC}\n"
+        f"scalar: !call:{BOX_SPEC} 1e-3\n"
+    )
+    assert out["seq"].args == (1, 2) and out["map"].kwargs == {"x": 1}
+    assert out["argn"].args == ("a", "b") and out["argn"].kwargs == {"k": 3}
+    assert out["both"].args == (1,) and out["both"].kwargs == {"y": 2}
+    assert out["none"].args == () and out["none"].kwargs == {}
+    assert out["scalar"].args == (0.001,)
+
+
+def test_collection_tags():
+    out = build("l: !list [1, 2]\nt: !tuple [1, 2]\nd: !dict {a: 1}\n")
+    assert out == {"l": [1, 2], "t": (1, 2), "d": {"a": 1}}
+
+
+def test_dlist_overrides_in_place_and_erases_with_null():
+    out = build("d: !dlist\n  foo: 1\n  bar: 2\n  baz: 3\n  bax: 4\n  bar: ~\n  foo: 3\n")
+    assert out["d"] == [3, 3, 4]
+
+
+def test_named_collection_is_shared():
+    out = build("a: &l !list@items [1]\nb: *l\n")
+    assert out["a"] is out["b"]
+
+
+def test_name_suffix_forms():
+    graph = load_graph("a: !partial:torch.nn:Linear@lin [1, 2]\nb: !list:@things [1]\nc: !call:torch.nn:ReLU:@relu []\n")
+    assert [graph.nodes[k].name for k in "abc"] == ["lin", "things", "relu"]
+    assert graph.nodes["c"].target == "torch.nn:ReLU"
+
+
+def test_dot_keys_are_not_targets_but_their_nodes_live_on():
+    text = f".define: &x !singleton:{BOX_SPEC} [1]\nmain: [*x, *x]\n"
+    assert load_graph(text).targets == ["main"]
+    out = build(text)
+    assert list(out) == ["main"] and out["main"][0] is out["main"][1]
+
+
+def test_var_takes_the_default_or_an_override():
+    config = to_config(load_graph("opt: !partial:torch.optim:SGD {lr: !var {name: lr, default: 0.5}}\n")).config
+    assert construct(config, "opt").keywords["lr"] == 0.5
+    config.lr = 0.1
+    assert construct(config, "opt").keywords["lr"] == 0.1
+
+
+def test_import_spec_forms(tmp_path):
+    (tmp_path / "local_mod.py").write_text("class Thing:\n    class Inner:\n        value = 7\n")
+    graph = load_graph(
+        "builtin: !call:dict {a: 1}\n"
+        "module: !call:collections:OrderedDict []\n"
+        "attr: !call:os.path:join [a, b]\n"
+        f"file: !partial:{tmp_path}/local_mod.py:Thing.Inner []\n"
+        "relative: !partial:.local_mod:Thing []\n"
+        "hydra: !call:collections.Counter [ab]\n"
+    )
+    out = construct(to_config(graph).config, base_dir=str(tmp_path))
+    assert out["builtin"] == {"a": 1} and out["attr"] == "a/b" and out["hydra"]["a"] == 1
+    assert out["file"]().value == 7 and out["relative"]().__class__.__name__ == "Thing"
+
+
+def test_plain_hydra_config_constructs():
+    config = OmegaConf.create(
+        {
+            "lr": 0.1,
+            "model": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3},
+            "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": "${lr}"},
+            "pair": {"_target_": "builtins.tuple", "_args_": [[1, 2]]},
+        }
+    )
+    out = construct(config)
+    assert out["model"].out_features == 3 and out["pair"] == (1, 2)
+    assert out["optimizer"](out["model"].parameters()).defaults["lr"] == 0.1
+
+
+def test_override_at_the_canonical_path_reaches_every_alias():
+    config = to_config(load_graph(f"a: &x !singleton:{BOX_SPEC} {{v: 1}}\nb: {{inner: *x}}\n")).config
+    assert config.b.inner == config.a  # an interpolation, not a copy
+    config.a.v = 5
+    out = construct(config)
+    assert out["b"]["inner"] is out["a"] and out["a"].kwargs == {"v": 5}
+
+
+def test_literal_dollar_brace_strings_stay_literal():
+    out = build("s: 'price: ${x}'\n")
+    assert out["s"] == "price: ${x}"
+
+
+def test_graph_yaml_dump_loads_back_to_the_same_meaning():
+    text = f"a: &x !singleton:{BOX_SPEC}@box [1]\nb: [*x, &f !factory:{BOX_SPEC} [], *f]\nc: !var {{name: v, default: 2}}\n"
+    graph = load_graph(text)
+    again = load_graph(dump_graph(graph))
+    assert shape(reference_construct(again)) == shape(reference_construct(graph))
+    assert again.nodes["a"].name == "box"
+
+
+def test_codegen_names_shared_nodes_and_makes_vars_parameters():
+    config = to_config(load_graph(f"a: &x !singleton:{BOX_SPEC}@box [1]\nb: [*x, !var {{name: lr, default: 0.5}}]\n")).config
+    code = generate_code(config)
+    assert "box = Box(1)" in code and "def construct(lr=0.5):" in code and "forgather" not in code.split('"""')[2]
+    out = run_code(code, lr=0.25)
+    assert out["b"][0] is out["a"] and out["b"][1] == 0.25
+
+
+def test_codegen_of_one_target_equals_construct():
+    config = to_config(load_graph("opt: !partial:torch.optim:SGD {lr: 0.5, momentum: 0.9}\nm: !call:torch.nn:Linear [2, 3]\n")).config
+    made = run_code(generate_code(config, "opt"))
+    assert made.func.__name__ == "SGD" and made.keywords == construct(config, "opt").keywords
+
+
+def test_malformed_positional_keys_are_errors():
+    with pytest.raises(GraphError, match="arg0, arg1"):
+        load_graph(f"a: !call:{BOX_SPEC} {{arg1: 2}}\n")
+
+
+# -- property: graph -> config -> YAML -> config -> construct == the graph's own meaning ---------------
+
+_names = st.from_regex(r"[a-z][a-z0-9]{0,4}", fullmatch=True).filter(lambda n: not keyword.iskeyword(n))
+_leaves = st.one_of(
+    st.integers(-1000, 1000),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.booleans(),
+    st.none(),
+    st.text(alphabet="ab ${}:.\\'\"", max_size=8),
+)
+
+
+@st.composite
+def graphs(draw) -> Graph:
+    pool: list = []
+    for _ in range(draw(st.integers(1, 7))):
+        child = st.one_of(_leaves, st.sampled_from(pool)) if pool else _leaves
+        kind = draw(st.sampled_from(["list", "dict", "singleton", "factory", "partial", "var"]))
+        if kind == "list":
+            node = draw(st.lists(child, max_size=3))
+        elif kind == "dict":
+            node = draw(st.dictionaries(_names, child, max_size=3))
+        elif kind == "var":
+            node = VarNode(draw(st.sampled_from(["va", "vb"])), draw(st.integers(0, 9)))
+        else:
+            node = CallNode(kind, BOX_SPEC, draw(st.lists(child, max_size=2)), draw(st.dictionaries(_names, child, max_size=2)))
+        pool.append(node)
+    targets = {f"t{i}": draw(st.sampled_from(pool)) for i in range(draw(st.integers(1, 4)))}
+    if draw(st.booleans()):
+        targets[".hidden"] = draw(st.sampled_from(pool))
+    return Graph(targets)
+
+
+def _var_defaults(graph: Graph) -> dict:
+    found: dict = {}
+    stack, seen = list(graph.nodes.values()), set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, VarNode):
+            found.setdefault(value.name, value.default)
+        elif isinstance(value, CallNode):
+            stack += [*value.args, *value.kwargs.values()]
+        elif isinstance(value, dict):
+            stack += list(value.values())
+        elif isinstance(value, list):
+            stack += value
+    return found
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graphs())
+def test_config_round_trip_constructs_the_same_object_graph(graph):
+    # Each var takes the first default met in a depth-first walk; the oracle uses the config's choice.
+    config = to_config(graph).config
+    variables = {name: config[name] for name in _var_defaults(graph) if name in config}
+    expected = shape(reference_construct(graph, variables))
+    reloaded = OmegaConf.create(yaml.safe_load(OmegaConf.to_yaml(config)))
+    built = construct(reloaded)
+    assert shape({key: built[key] for key in graph.targets}) == expected
+    generated = run_code(generate_code(reloaded))
+    assert shape({key: generated[key] for key in graph.targets}) == expected
