@@ -16,8 +16,7 @@ def run(args: argparse.Namespace) -> int:
     if args.jinja:
         from forgather.template.preprocess import preprocess
 
-        with open(loaded.source_location().path, encoding="utf-8") as file:
-            print(preprocess(file.read()), end="")
+        print(preprocess(loaded.templates.source(loaded.template)), end="")
     else:
         print(loaded.text, end="")
     return 0

@@ -37,9 +37,13 @@ class ConfigResult:
     lines: dict[str, int]  # config path of a call node -> line in the rendered YAML
 
 
+_DOLLAR_BRACE = re.compile(r"(\\*)\$\{")
+
+
 def escape(text: str) -> str:
-    """Keep a literal string literal for OmegaConf: `${` starts an interpolation, `\\${` does not."""
-    return text.replace("${", "\\${")
+    """Keep a literal string literal for OmegaConf, where `${` starts an interpolation: write `\\${`, and
+    double the backslashes before it (OmegaConf reads `\\\\` before `${` as one backslash)."""
+    return _DOLLAR_BRACE.sub(lambda m: m.group(1) * 2 + "\\${", text)
 
 
 def _shared(graph: Graph) -> Counter:
@@ -159,5 +163,7 @@ def to_config(graph: Graph) -> ConfigResult:
     converter = _Converter(graph)
     data = {str(key): converter.convert(graph.nodes[key], str(key)) for key in graph.targets}
     for name, default in converter.vars.items():
-        data.setdefault(name, "???" if default is MISSING else converter.convert(default, name))
+        # A target that is itself `!var name` holds the value rather than interpolating itself.
+        if data.get(name, "${" + name + "}") == "${" + name + "}":
+            data[name] = "???" if default is MISSING else converter.convert(default, name)
     return ConfigResult(OmegaConf.create(data), converter.lines)

@@ -99,6 +99,10 @@ class TemplateEnvironment:
     def list_templates(self) -> list[str]:
         return self.env.loader.list_templates()
 
+    def source(self, name: str) -> str:
+        """The text of one template (one section of a split file), before preprocessing."""
+        return self.env.loader.get_source(self.env, name)[0]
+
     def origin_of(self, name: str) -> SourceLocation:
         origin = self.env.loader.origin(name)
         return SourceLocation(origin.path if origin else name, 1 + (origin.line_offset if origin else 0))

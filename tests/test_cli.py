@@ -1,0 +1,105 @@
+"""The `forgather` command on the composition example: every stage printable, imports kept light."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from forgather.cli.main import main
+from forgather.graph import load_graph
+from forgather.project import Project
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(REPO, "examples", "project_composition")
+
+
+def cli(capsys, *argv: str) -> str:
+    assert main(["-p", EXAMPLE, *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_pp_prints_the_rendered_yaml_of_each_experiment(capsys):
+    base = load_graph(cli(capsys, "-t", "base.yaml", "pp"))
+    assert set(base.nodes) == {".define", "model", "optimizer"}
+    assert "torch.optim:SGD" in cli(capsys, "-t", "sgd", "pp")
+    assert "Linear [128, 128]" in cli(capsys, "-t", "wide.yaml", "pp")
+
+
+def test_pp_jinja_shows_the_expanded_line_syntax(capsys):
+    out = cli(capsys, "-t", "sgd.yaml", "pp", "--jinja")
+    assert "{% extends 'configs/base.yaml' %}" in out and "{% block optimizer %}" in out
+
+
+def test_targets_lists_non_dot_keys(capsys):
+    assert cli(capsys, "-t", "base.yaml", "targets").split() == ["model", "optimizer"]
+
+
+def test_graph_yaml_and_python_formats(capsys):
+    assert "!partial:torch.optim:AdamW@optimizer_factory" in cli(capsys, "-t", "base.yaml", "graph")
+    assert "def construct(lr=0.001):" in cli(capsys, "-t", "base.yaml", "graph", "--format", "python")
+
+
+def test_config_prints_hydra_vocabulary(capsys):
+    config = yaml.safe_load(cli(capsys, "-t", "base.yaml", "config"))
+    assert config["optimizer"]["optimizer_factory"]["_partial_"] is True
+    assert config["optimizer"]["model"] == "${model}" and config["lr"] == 0.001
+
+
+def test_construct_builds_an_optimizer_over_the_models_parameters():
+    loaded = Project.load(EXAMPLE).load_config("sgd.yaml")
+    built = loaded.construct()
+    optimizer, model = built["optimizer"], built["model"]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("config", ["base.yaml", "wide.yaml", "sgd.yaml"])
+def test_generated_code_runs_and_builds_the_same_objects(config):
+    loaded = Project.load(EXAMPLE).load_config(config)
+    namespace: dict = {}
+    exec(compile(loaded.code("optimizer"), "<generated>", "exec"), namespace)
+    generated = namespace["construct"]()
+    constructed = loaded.construct("optimizer")
+    assert type(generated) is type(constructed) and generated.defaults == constructed.defaults
+    assert [p.shape for p in generated.param_groups[0]["params"]] == [p.shape for p in constructed.param_groups[0]["params"]]
+
+
+def test_construct_command_with_call(capsys, tmp_path):
+    out = cli(capsys, "-t", "base.yaml", "construct", "--target", "model")
+    assert "Sequential" in out and "Linear(in_features=8, out_features=32" in out
+
+
+def test_ls_and_index(capsys):
+    out = subprocess.run(
+        [sys.executable, "-m", "forgather", "ls", "-r", os.path.join(REPO, "examples")], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Project composition" in out and "sgd.yaml" in out and "SGD with momentum" in out
+    out = cli(capsys, "index")
+    assert "(default)" in out and os.path.join(REPO, "conf") in out
+
+
+def test_user_error_is_one_located_line_on_stderr(tmp_path):
+    (tmp_path / "templates" / "configs").mkdir(parents=True)
+    (tmp_path / "meta.yaml").write_text("name: broken\n")
+    (tmp_path / "templates" / "configs" / "c.yaml").write_text("a: 1\nb: {{ nope }}\n")
+    result = subprocess.run([sys.executable, "-m", "forgather", "-p", str(tmp_path), "-t", "c", "pp"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{tmp_path}/templates/configs/c.yaml:2: undefined variable" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-p", EXAMPLE, "-t", "sgd.yaml", "pp"]])
+def test_help_and_pp_do_not_import_torch_or_lightning(argv):
+    probe = (
+        "import sys, contextlib, io\n"
+        "from forgather.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main({argv!r})\n"
+        "print(sorted(m for m in ('torch', 'pytorch_lightning', 'lightning') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
