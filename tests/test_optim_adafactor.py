@@ -135,3 +135,12 @@ def test_triton_adafactor_without_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         TritonAdafactor(make_params())
+
+
+def test_importing_forgather_optim_imports_neither_torch_nor_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, forgather.optim; print(','.join(m for m in ('torch', 'triton') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
