@@ -3,6 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from forgather.data import cache
@@ -130,8 +131,10 @@ class TinyLM(pl.LightningModule):
         self.embed = nn.Embedding(vocab_size, 16)
         self.head = nn.Linear(16, vocab_size)
         self.seen_epochs = []
+        self.seen_batches = []
 
     def training_step(self, batch, batch_index):
+        self.seen_batches.append(batch["input_ids"].clone())
         logits = self.head(self.embed(batch["input_ids"]))
         return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
 
@@ -142,21 +145,41 @@ class TinyLM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_plain_lightning_trainer_fits_on_it(tokenizer, documents, tmp_path):
+def fit(tokenizer, documents, tmp_path, ckpt_path=None, callbacks=(), **trainer_settings):
+    """Train TinyLM on a small TextDataModule; returns the model (with the batches it saw) and the trainer."""
     torch.set_num_threads(1)
-    module = TextDataModule(tokenizer, documents, block_size=BLOCK, batch_size=BATCH, max_tokens=2000)
+    module = TextDataModule(tokenizer, documents, block_size=BLOCK, batch_size=BATCH, max_tokens=1000)
     model = TinyLM(vocab_size=len(tokenizer))
+    settings = dict(max_epochs=2, limit_val_batches=0, enable_checkpointing=bool(callbacks))
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_epochs=2,
-        limit_train_batches=3,
-        limit_val_batches=0,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        **{**settings, **trainer_settings},
     )
-    trainer.fit(model, datamodule=module)
+    trainer.fit(model, datamodule=module, ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def test_plain_lightning_trainer_fits_on_it(tokenizer, documents, tmp_path):
+    model, trainer = fit(tokenizer, documents, tmp_path, limit_train_batches=3)
     assert trainer.global_step == 6
     assert model.seen_epochs == [0, 1]
+
+
+@pytest.mark.parametrize("resume_step", [3, 5, 7])  # 5 batches an epoch: mid epoch 0, its end, mid epoch 1
+def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(tokenizer, documents, tmp_path, resume_step):
+    uninterrupted, _ = fit(tokenizer, documents, tmp_path / "full")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=resume_step)
+    interrupted, _ = fit(tokenizer, documents, tmp_path / "first", callbacks=[checkpoint], max_steps=resume_step)
+    resumed, _ = fit(tokenizer, documents, tmp_path / "resumed", ckpt_path=checkpoint.best_model_path)
+
+    assert len(uninterrupted.seen_batches) == 10
+    assert len(interrupted.seen_batches) == resume_step
+
+    expected = uninterrupted.seen_batches[resume_step:]
+    assert len(resumed.seen_batches) == len(expected)
+    assert all(torch.equal(seen, want) for seen, want in zip(resumed.seen_batches, expected, strict=True))

@@ -1,4 +1,4 @@
-"""Packing keeps document boundaries; the split is disjoint; the sampler is a pure function of (seed, epoch)."""
+"""Packing keeps document boundaries; the split is disjoint; loading order is a function of (seed, epoch)."""
 
 import itertools
 
@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from forgather.data.loader import EpochShuffleSampler, LoaderPosition, ResumableDataLoader
 from forgather.data.packing import (
     IGNORE_INDEX,
     PackedDataset,
@@ -15,7 +16,6 @@ from forgather.data.packing import (
     save_datasets,
     tokenize_documents,
 )
-from forgather.data.sampler import EpochShuffleSampler
 from forgather.data.split import split_documents
 from forgather.data.tokenizer import build_bpe_tokenizer
 
@@ -126,6 +126,29 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     assert list(sampler) != first
     sampler.set_epoch(0)
     assert list(sampler) == first
+
+
+def test_resumable_loader_skips_consumed_batches_of_the_saved_epoch_only():
+    dataset = list(range(10))
+    position = LoaderPosition()
+    loader = ResumableDataLoader(dataset, batch_size=2, sampler=EpochShuffleSampler(10, seed=1), position=position)
+    loader.sampler.set_epoch(3)
+    full = [batch.tolist() for batch in loader]
+    for _ in range(2):
+        position.advance(epoch=3)
+    state = loader.state_dict()
+    assert state == {"epoch": 3, "batches": 2}
+
+    restored = ResumableDataLoader(dataset, batch_size=2, sampler=EpochShuffleSampler(10, seed=1))
+    restored.load_state_dict(state)
+    restored.sampler.set_epoch(3)
+    assert [batch.tolist() for batch in restored] == full[2:]
+    assert [batch.tolist() for batch in restored] == full
+
+    other_epoch = ResumableDataLoader(dataset, batch_size=2, sampler=EpochShuffleSampler(10, seed=1))
+    other_epoch.load_state_dict(state)
+    other_epoch.sampler.set_epoch(4)
+    assert len(list(other_epoch)) == 5
 
 
 def test_datasets_round_trip_through_one_file(tmp_path):

@@ -6,7 +6,7 @@ Modules (import the one you need; this package imports nothing, so `import forga
     tokenizer   cached byte-level BPE training -> transformers.PreTrainedTokenizerFast
     packing     tokenize + pack documents into fixed blocks with per-document position ids (torch)
     split       deterministic train/validation split by document
-    sampler     per-epoch seeded shuffling sampler (torch)
+    loader      per-epoch seeded shuffling sampler; DataLoader that resumes mid-epoch (torch)
     cache       cache directory ($FORGATHER_CACHE_DIR), atomic writes, fingerprints
 The Lightning side is `forgather.lightning.datamodule.TextDataModule`.
 """

@@ -8,8 +8,13 @@ and pack each side into blocks of `block_size` tokens. Batches are
 The packed tensors are cached in one safetensors file under `<cache>/packed/`, keyed by a hash of the documents'
 text, the tokenizer's serialized form and every setting above, and written atomically: `prepare_data`
 (one process per node) builds them, `setup` (every process) loads them. With `cache=False`, `setup` builds
-them in memory. Training order comes from `EpochShuffleSampler` (seed + epoch); nothing touches global RNGs,
-so a rerun or a run resumed at an epoch boundary sees the same batches. Works in plain Lightning code.
+them in memory. Works in plain Lightning code.
+
+Resumable: training order comes from `EpochShuffleSampler` (seed + epoch) and nothing touches global RNGs.
+The module counts the training batches consumed in the current epoch (`on_before_batch_transfer`) into the
+train loader's `LoaderPosition`; Lightning stores the loader's state in checkpoints and restores it, and the
+loader then skips those batches, so a run resumed mid-epoch sees exactly the batches an uninterrupted run
+would (see `forgather.data.loader`).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from forgather.data.cache import atomic_write, cache_dir, documents_fingerprint, fingerprint
+from forgather.data.loader import EpochShuffleSampler, LoaderPosition, ResumableDataLoader
 from forgather.data.packing import PackedDataset, load_datasets, pack_documents, save_datasets, tokenize_documents
-from forgather.data.sampler import EpochShuffleSampler
 from forgather.data.sources import Documents, resolve_documents
 from forgather.data.split import split_documents
 from forgather.data.tokenizer import tokenizer_fingerprint
@@ -77,6 +82,8 @@ class TextDataModule(pl.LightningDataModule):
         self.cache = cache
         self.train_dataset: PackedDataset | None = None
         self.val_dataset: PackedDataset | None = None
+        # Shared with every train loader this module makes (Lightning may rebuild a loader from its arguments).
+        self.position = LoaderPosition()
 
     @property
     def tokenizer(self) -> Any:
@@ -104,21 +111,30 @@ class TextDataModule(pl.LightningDataModule):
             self.train_dataset, self.val_dataset = self._build(documents)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        dataset = self._require(self.train_dataset)
+        sampler = EpochShuffleSampler(len(dataset), self.seed)
+        return ResumableDataLoader(dataset, position=self.position, sampler=sampler, **self._loader_settings())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+        return DataLoader(self._require(self.val_dataset), **self._loader_settings())
 
-    def _loader(self, dataset: PackedDataset | None, shuffle: bool) -> DataLoader:
+    def _loader_settings(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    @staticmethod
+    def _require(dataset: PackedDataset | None) -> PackedDataset:
         if dataset is None:
             raise RuntimeError("TextDataModule: call setup() (or let the Trainer do it) before asking for loaders")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return dataset
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self.position.advance(self.trainer.current_epoch)
+        return batch
 
     def _documents(self) -> list[str]:
         if self.documents is None:

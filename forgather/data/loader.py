@@ -1,0 +1,86 @@
+"""Loading order: a shuffling sampler that is a pure function of (seed, epoch), and a DataLoader that can
+start a pass part-way through (to resume a run mid-epoch).
+
+`EpochShuffleSampler(num_samples, seed)` yields `torch.randperm(num_samples)` drawn from a generator seeded
+with `seed + epoch`. Lightning calls `set_epoch` at every epoch start (and forwards it through the
+DistributedSamplerWrapper it puts around custom samplers under DDP), so every rank sees the same
+permutation, reruns repeat it, and a resumed run replays the same epoch's order. No global RNG is used.
+
+`ResumableDataLoader(..., position=LoaderPosition())` is a DataLoader with Lightning's stateful-loader
+interface: `state_dict()` is the shared `position` (epoch, batches consumed in it), which the owner advances
+as batches reach the training step (TextDataModule does it in `on_before_batch_transfer`; counting inside
+the loader would also count batches Lightning has only prefetched). Lightning stores it in checkpoints and
+calls `load_state_dict()` on resume; the next pass, if it is that epoch (the sampler's `epoch` when the
+first batch is drawn, after `set_epoch`), then skips the consumed batches. Skipping happens after sampling
+and sharding, so it means "k batches of this rank" under any sampler or DDP wrapper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Indices 0..num_samples-1 in a fresh, reproducible order every epoch."""
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+
+@dataclass
+class LoaderPosition:
+    """How far training got: the epoch and the number of its batches consumed so far."""
+
+    epoch: int = 0
+    batches: int = 0
+
+    def advance(self, epoch: int) -> None:
+        """One more batch of `epoch` was consumed."""
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, 0
+        self.batches += 1
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position survives checkpoints (see the module docstring)."""
+
+    def __init__(self, *args: Any, position: LoaderPosition | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.position = position if position is not None else LoaderPosition()
+        self._resume_at: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.position.epoch, "batches": self.position.batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.position.epoch, self.position.batches = state_dict["epoch"], state_dict["batches"]
+        self._resume_at = (state_dict["epoch"], state_dict["batches"])
+
+    def __iter__(self) -> Iterator[Any]:
+        resume_at, self._resume_at = self._resume_at, None
+        return self._skipping(super().__iter__(), resume_at)
+
+    def _skipping(self, iterator: Iterator[Any], resume_at: tuple[int, int] | None) -> Iterator[Any]:
+        # A generator: the epoch is read when the first batch is requested, after Lightning's set_epoch.
+        if resume_at is not None and resume_at[0] == getattr(self.sampler, "epoch", 0):
+            # Drawing the skipped batches (not slicing the sampler) keeps every sampler and DDP shard exact.
+            for _ in range(resume_at[1]):
+                next(iterator, None)
+        yield from iterator
