@@ -45,12 +45,12 @@ def test_naive_loss_skips_ignore_index_positions():
     torch.testing.assert_close(NaiveLoss()(h, w, labels), expected)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 18, 64])
-def test_chunked_matches_naive_loss_and_gradients(chunk_size):
+@pytest.mark.parametrize("chunk_size, inplace", [(1, True), (5, True), (18, False), (64, True), (64, False)])
+def test_chunked_matches_naive_loss_and_gradients(chunk_size, inplace):
     h, w, labels = make_inputs()
     labels[1, :4] = -100
     ref = loss_and_grads(NaiveLoss(), h, w, labels)
-    got = loss_and_grads(ChunkedLoss(chunk_size=chunk_size, compile=False), h, w, labels)
+    got = loss_and_grads(ChunkedLoss(chunk_size=chunk_size, compile=False, inplace=inplace), h, w, labels)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -100,10 +100,12 @@ def test_chunked_runs_without_gradients_under_no_grad():
     torch.testing.assert_close(got, ref)
 
 
-def test_chunked_compiled_matches_naive():
+@pytest.mark.parametrize("inplace", [True, False])
+def test_chunked_compiled_matches_naive(inplace):
     h, w, labels = make_inputs(seed=4)
     ref = loss_and_grads(NaiveLoss(softcap=5.0), h, w, labels)
-    got = loss_and_grads(ChunkedLoss(chunk_size=8, compile=True, softcap=5.0), h, w, labels)
+    got = loss_and_grads(ChunkedLoss(chunk_size=8, compile=True, inplace=inplace, softcap=5.0), h, w, labels)
+    assert got[1].abs().max() > 0
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

@@ -5,10 +5,12 @@ gradient is computed right away in the forward pass (softmax minus one-hot, scal
 turned into the gradients of hidden (written per chunk) and weight (accumulated per chunk, in weight's
 dtype, as Liger does). Backward only rescales them by the incoming gradient. With `compile=True` the
 per-chunk elementwise work (upcast, soft-cap, logsumexp, gradient) is one `torch.compile`d function, so it
-reads the chunk's logits twice and writes its gradient once, with no fp32 copy of the chunk in memory.
+reads the chunk's logits twice and writes its gradient once, with no fp32 copy of the chunk in memory;
+`inplace=True` writes that gradient over the logits.
 
-Peak memory above the inputs: grad hidden + grad weight + about 2 x C x V x 2 bytes (bf16 logits and their
-gradient). Larger chunks amortise the read-modify-write of grad weight (2 x V x H x 2 bytes per chunk).
+Peak memory above the inputs: grad hidden + grad weight + C x V x 2 bytes (bf16 logits, gradient in place;
+twice that with inplace=False). Larger chunks amortise the read-modify-write of grad weight
+(2 x V x H x 2 bytes per chunk).
 """
 
 from __future__ import annotations
@@ -55,6 +57,32 @@ def chunk_loss_and_grad(
     return loss, grad.to(logits.dtype)
 
 
+def chunk_loss_and_grad_inplace(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """`chunk_loss_and_grad` writing the gradient over `logits` (compiled, no second C x V buffer)."""
+    loss, grad = chunk_loss_and_grad(logits, targets, scale, ignore_index, z_loss, softcap)
+    logits.copy_(grad)
+    return loss
+
+
+def make_chunk_fn(compile: bool, inplace: bool) -> ChunkFn:
+    """The per-chunk function `(logits, targets, scale, ...) -> (loss, grad_logits)` for these options."""
+    if not inplace:
+        return torch.compile(chunk_loss_and_grad, dynamic=False) if compile else chunk_loss_and_grad
+    fn = torch.compile(chunk_loss_and_grad_inplace, dynamic=False) if compile else chunk_loss_and_grad_inplace
+
+    def chunk_fn(logits: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return fn(logits, *args), logits
+
+    return chunk_fn
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss in forward, with both gradients computed there too; backward scales them by grad_output."""
 
@@ -77,6 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), h)
+            del grad_logits  # before the next chunk's logits are allocated
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -99,8 +128,9 @@ class ChunkedLoss(CausalLMLoss):
 
     def __init__(
         self,
-        chunk_size: int = 2048,
+        chunk_size: int = 1024,
         compile: bool = True,
+        inplace: bool = True,
         ignore_index: int = IGNORE_INDEX,
         z_loss: float = 0.0,
         softcap: float | None = None,
@@ -110,7 +140,8 @@ class ChunkedLoss(CausalLMLoss):
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
         self.compile = compile
-        self._chunk_fn: ChunkFn = torch.compile(chunk_loss_and_grad, dynamic=False) if compile else chunk_loss_and_grad
+        self.inplace = inplace
+        self._chunk_fn = make_chunk_fn(compile, inplace)
 
     def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         grad_on = torch.is_grad_enabled()
@@ -121,4 +152,4 @@ class ChunkedLoss(CausalLMLoss):
         )
 
     def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}, compile={self.compile}, {super().extra_repr()}"
+        return f"chunk_size={self.chunk_size}, compile={self.compile}, inplace={self.inplace}, {super().extra_repr()}"

@@ -34,10 +34,17 @@ def _interpreting() -> bool:
 class TritonAdafactor(Adafactor):
     """Adafactor whose per-parameter update of contiguous 2-D tensors runs as Triton kernels."""
 
-    def __init__(self, params: Params, **kwargs: Any):
+    def __init__(self, params: Params, tile: tuple[int, int, int] | None = None, num_warps: int = 8, **kwargs: Any):
+        """`tile` = (BLOCK_N, BLOCK_M, ROWS_PER_PROGRAM) and `num_warps` tune the kernels (defaults: kernels')."""
         if not (torch.cuda.is_available() or _interpreting()):
             raise RuntimeError("TritonAdafactor needs a CUDA device; use forgather.optim.Adafactor on CPU")
         self._kernels = _load_kernels()
+        k = self._kernels
+        block_n, block_m, rows = tile or (k.BLOCK_N, k.BLOCK_M, k.ROWS_PER_PROGRAM)
+        if rows % block_n:
+            raise ValueError(f"ROWS_PER_PROGRAM ({rows}) must be a multiple of BLOCK_N ({block_n})")
+        self._tiles = dict(BLOCK_N=block_n, BLOCK_M=block_m, ROWS_PER_PROGRAM=rows)
+        self._num_warps = num_warps
         self._seen_versions: dict[torch.Tensor, int] = {}
         super().__init__(params, **kwargs)
 
@@ -76,16 +83,16 @@ class TritonAdafactor(Adafactor):
         # Workspace: row sums [n], column sums [m], sum of U^2, 1 / mean(R).
         work = torch.zeros(n + m + 2, dtype=torch.float32, device=param.device)
         row_sum, col_sum, update_sq, inv_row_mean = work[:n], work[n : n + m], work[n + m :], work[n + m + 1 :]
-        grid = (triton_cdiv(m, k.BLOCK_M), triton_cdiv(n, k.ROWS_PER_PROGRAM))
-        tiles = dict(BLOCK_N=k.BLOCK_N, BLOCK_M=k.BLOCK_M, ROWS_PER_PROGRAM=k.ROWS_PER_PROGRAM)
+        tiles, warps = self._tiles, self._num_warps
+        grid = (triton_cdiv(m, tiles["BLOCK_M"]), triton_cdiv(n, tiles["ROWS_PER_PROGRAM"]))
         eps1 = scalars["eps1"]
-        k.grad_sq_sums[grid](grad, row_sum, col_sum, n, m, **tiles, num_warps=8)
+        k.grad_sq_sums[grid](grad, row_sum, col_sum, n, m, **tiles, num_warps=warps)
         k.finalize[(1,)](
             state["row_var"], state["col_var"], row_sum, col_sum, inv_row_mean, param_sq, n, m,
             scalars["one_minus_beta2"], eps1, cur_slot, BLOCK=k.FINALIZE_BLOCK, num_warps=4,
         )
         k.update_sq_sum[grid](
-            grad, state["row_var"], state["col_var"], inv_row_mean, update_sq, n, m, eps1, **tiles, num_warps=8,
+            grad, state["row_var"], state["col_var"], inv_row_mean, update_sq, n, m, eps1, **tiles, num_warps=warps,
         )
         beta1 = group["beta1"]
         k.apply_update[grid](
@@ -93,7 +100,7 @@ class TritonAdafactor(Adafactor):
             update_sq, param_sq, n, m, 1.0 / (n * m), eps1, scalars["eps2"], scalars["rho"], group["d"],
             1.0 - group["lr"] * group["weight_decay"],
             0.0 if beta1 is None else 1.0 - beta1, prev_slot, cur_slot,
-            SCALE_PARAMETER=group["scale_parameter"], HAS_MOMENT=beta1 is not None, **tiles, num_warps=8,
+            SCALE_PARAMETER=group["scale_parameter"], HAS_MOMENT=beta1 is not None, **tiles, num_warps=warps,
         )
         self._seen_versions[param] = param._version
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# GPU check for forgather.loss and forgather.optim, run on the device machine (one call does it all):
+# installs the carried wheels (.whl/: liger-kernel, cut-cross-entropy) and forgather (--no-deps, keeping the
+# image's torch), runs tests/gpu for loss and optim, then scripts/bench_adafactor.py and scripts/bench_loss.py.
+# Logs go to $OUT (the device tool brings them back); the summary tables are printed again at the end.
+#     bash scripts/gpu_check_lossopt.sh [extra bench_loss.py args]
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check_lossopt}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=python3
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+    echo "editable install failed (see install.log); using PYTHONPATH"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+$PY -c "import liger_kernel, cut_cross_entropy; print('liger-kernel and cut-cross-entropy import')"
+date -u
+
+$PY -m pytest tests/gpu/test_loss_gpu.py tests/gpu/test_optim_gpu.py -q -p no:cacheprovider -rs 2>&1 \
+    | tee "$OUT/pytest.txt"
+$PY scripts/bench_adafactor.py 2>&1 | tee "$OUT/bench_adafactor.txt"
+$PY scripts/bench_loss.py "$@" 2>&1 | tee "$OUT/bench_loss.txt"
+
+echo "==================== summary ===================="
+tail -n 1 "$OUT/pytest.txt"
+grep -E '^\||^read|^three|^device' "$OUT/bench_adafactor.txt" "$OUT/bench_loss.txt"
