@@ -1,7 +1,11 @@
 """CausalLMModule on CPU: training, logging to TensorBoard, late model construction, optimizer factories."""
 
 import functools
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,6 +194,18 @@ def test_grad_norm_equals_manual_computation(tmp_path) -> None:
     assert len(check.pairs) == 3
     for manual, logged in check.pairs:
         assert logged == pytest.approx(manual, rel=1e-5)
+
+
+def test_grad_norm_of_fsdp2_sharded_gradients_matches_unsharded(tmp_path) -> None:
+    helper = Path(__file__).parent / "helpers" / "fsdp2_grad_norm.py"
+    done = subprocess.run([sys.executable, str(helper), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
+    assert len(results) == 2
+    for result in results:
+        assert result["dtensor_grads"]
+        assert result["sharded"] == pytest.approx(result["reference"], rel=1e-5)
 
 
 def test_rejects_an_unknown_scheduler_interval() -> None:

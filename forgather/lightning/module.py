@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from time import perf_counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pytorch_lightning as pl
 import torch
@@ -119,7 +119,12 @@ class CausalLMModule(pl.LightningModule):
         self._last_batch_end = now
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norm = total_grad_norm(self.parameters(), self.trainer.strategy)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, pl.strategies.FSDPStrategy):
+            # FSDP1 holds flat local shards; its root reduces them (an infinite threshold clips nothing).
+            norm = strategy.model.clip_grad_norm_(math.inf)
+        else:
+            norm = total_grad_norm(self.parameters())
         if norm is not None:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
@@ -141,15 +146,12 @@ def _labels(batch: Batch) -> torch.Tensor:
     return batch["labels"] if "labels" in batch else batch["input_ids"]
 
 
-def total_grad_norm(parameters: Any, strategy: pl.strategies.Strategy) -> torch.Tensor | None:
-    """Total 2-norm of all gradients as every rank sees it; None when no parameter holds a gradient.
+def total_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor | None:
+    """Total 2-norm of all gradients; None when no parameter holds one.
 
-    Replicated gradients (single device, DDP) need nothing more; DTensor gradients (FSDP2, tensor
-    parallel) are reduced by `full_tensor`; FSDP1 keeps flat local shards, so its root computes the norm
-    (an infinite clip threshold leaves the gradients unchanged).
+    Replicated gradients (single device, DDP) are complete on every rank; DTensor gradients (FSDP2,
+    tensor parallel) are reduced across their mesh by `full_tensor`.
     """
-    if isinstance(strategy, pl.strategies.FSDPStrategy):
-        return strategy.model.clip_grad_norm_(math.inf)
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return None
