@@ -1,5 +1,10 @@
 """TextDataModule: packed batches, seeded and cached, usable from plain Lightning code."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -183,3 +188,65 @@ def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(tokenizer, documen
     expected = uninterrupted.seen_batches[resume_step:]
     assert len(resumed.seen_batches) == len(expected)
     assert all(torch.equal(seen, want) for seen, want in zip(resumed.seen_batches, expected, strict=True))
+
+
+DDP_SCRIPT = """
+import json, sys
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from forgather.data.corpus import pydoc_topics
+from forgather.data.tokenizer import train_bpe_tokenizer
+from forgather.lightning.datamodule import TextDataModule
+
+mode, out = sys.argv[1], sys.argv[2]
+
+
+class Recorder(pl.LightningModule):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.head = torch.nn.Embedding(vocab_size, 1)
+        self.seen = []
+
+    def training_step(self, batch, batch_index):
+        self.seen.append(batch["input_ids"][:, 0].tolist())
+        return self.head(batch["input_ids"]).mean()
+
+    def on_train_end(self):
+        with open(f"{out}/{mode}-{self.global_rank}.json", "w") as file:
+            json.dump(self.seen, file)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+documents = [text for _, text in pydoc_topics()][:30]
+tokenizer = train_bpe_tokenizer(documents, vocab_size=400)
+module = TextDataModule(tokenizer, documents, block_size=32, batch_size=2, max_tokens=1000)
+checkpoints = [ModelCheckpoint(dirpath=f"{out}/ckpt", every_n_train_steps=3)] if mode == "first" else []
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, max_steps=3 if mode == "first" else -1,
+    limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    enable_checkpointing=bool(checkpoints), callbacks=checkpoints, default_root_dir=out,
+)
+trainer.fit(Recorder(len(tokenizer)), datamodule=module,
+            ckpt_path=f"{out}/ckpt/epoch=0-step=3.ckpt" if mode == "resumed" else None)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_get_different_shards_and_each_resumes_exactly(tmp_path, private_cache):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, cache.CACHE_ENV: str(private_cache), "OMP_NUM_THREADS": "1"}
+    for mode in ("full", "first", "resumed"):
+        subprocess.run([sys.executable, str(script), mode, str(tmp_path)], env=env, check=True, timeout=300)
+
+    seen = {
+        (mode, rank): json.loads((tmp_path / f"{mode}-{rank}.json").read_text())
+        for mode in ("full", "resumed")
+        for rank in (0, 1)
+    }
+    assert seen["full", 0] != seen["full", 1]
+    for rank in (0, 1):
+        assert seen["resumed", rank] == seen["full", rank][3:]
