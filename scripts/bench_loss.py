@@ -24,7 +24,7 @@ from forgather.loss import get_loss
 GIB = 2**30
 DEFAULT_IMPLS = (
     "naive,liger,liger:chunk_mem_const=2,liger:chunk_mem_const=4,liger:chunk_mem_const=8,cce,cce:filter_eps=None,"
-    "chunked,chunked:chunk_size=512,chunked:chunk_size=2048,chunked:inplace=False,fused"
+    "chunked,chunked:chunk_size=512,chunked:chunk_size=2048,fused"
 )
 
 

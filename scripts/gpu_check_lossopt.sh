@@ -25,10 +25,11 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 $PY -c "import liger_kernel, cut_cross_entropy; print('liger-kernel and cut-cross-entropy import')"
 date -u
 
-$PY -m pytest tests/gpu/test_loss_gpu.py tests/gpu/test_optim_gpu.py -q -p no:cacheprovider -rs 2>&1 \
+# Time limits keep one slow part from eating the others' share of a 10-minute device call.
+timeout 200 $PY -m pytest tests/gpu/test_loss_gpu.py tests/gpu/test_optim_gpu.py -q -p no:cacheprovider -rs 2>&1 \
     | tee "$OUT/pytest.txt"
-$PY scripts/bench_adafactor.py 2>&1 | tee "$OUT/bench_adafactor.txt"
-$PY scripts/bench_loss.py "$@" 2>&1 | tee "$OUT/bench_loss.txt"
+timeout 120 $PY scripts/bench_adafactor.py 2>&1 | tee "$OUT/bench_adafactor.txt"
+timeout 250 $PY scripts/bench_loss.py "$@" 2>&1 | tee "$OUT/bench_loss.txt"
 
 echo "==================== summary ===================="
 tail -n 1 "$OUT/pytest.txt"
