@@ -34,7 +34,8 @@ class Job:
             if self.process.poll() is not None:
                 raise RuntimeError(f"training subprocess died:\n{self.process.stderr.read()}")
             record = next((r for r in job_registry.read_records() if r.job_id == self.job_id), None)
-            if record is not None and job_registry.send_command(record, "status", timeout=10)["step"] > 0:
+            # A few steps in, so the step time (and with it the ETA) is measured.
+            if record is not None and job_registry.send_command(record, "status", timeout=10)["step"] >= 3:
                 return
             time.sleep(0.2)
         raise TimeoutError("training subprocess did not start stepping in time")
