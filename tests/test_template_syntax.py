@@ -157,3 +157,17 @@ def test_toyaml_renders_inline_yaml_and_takes_a_default(tmp_path):
 def test_toyaml_without_default_on_undefined_is_an_error(tmp_path):
     with pytest.raises(TemplateError, match="absent"):
         render(tmp_path, {"t.yaml": "a: {{ absent | toyaml }}\n"}, "t.yaml")
+
+
+def test_explicit_close_ends_a_block_before_sibling_lines(tmp_path):
+    files = {
+        "base.yaml": "trainer:\n    [strategy]\n    [/strategy]\n    max_steps: 5\n",
+        "child.yaml": "-- extends 'base.yaml'\n[strategy]\n    strategy: ddp\n",
+    }
+    assert render(tmp_path, files, "base.yaml") == "trainer:\n    max_steps: 5\n"
+    assert render(tmp_path, files, "child.yaml") == "trainer:\n    strategy: ddp\n    max_steps: 5\n"
+
+
+def test_closing_a_block_that_is_not_open_is_a_located_error(tmp_path):
+    with pytest.raises(TemplateError, match=r"t.yaml:2: template syntax error: \[/nope\] closes no open block"):
+        render(tmp_path, {"t.yaml": "a: 1\n[/nope]\n"}, "t.yaml")

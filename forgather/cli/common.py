@@ -9,7 +9,7 @@ import sys
 from forgather.project import LoadedConfig, Project
 
 # Errors a user causes and can fix: printed as one located message, no traceback.
-_USER_ERRORS = ("TemplateError", "ConstructError", "GraphError", "ImportSpecError", "ConfigKeyError")
+_USER_ERRORS = ("TemplateError", "ConstructError", "GraphError", "ImportSpecError", "OverrideError")
 
 
 def load(args: argparse.Namespace) -> LoadedConfig:

@@ -52,7 +52,7 @@ class _MarkedLineSyntax(LineSyntax):
         origin = env.loader.origin(name) if name else None
         path_index = env.marker_paths.setdefault(origin.path if origin else str(name), len(env.marker_paths))
         offset = origin.line_offset if origin else 0
-        lines = preprocess(source).split("\n")
+        lines = preprocess(source, name, filename).split("\n")
         inside = None
         for i, line in enumerate(lines):
             ok, inside = _markable(line, inside)
@@ -106,6 +106,10 @@ class TemplateEnvironment:
     def origin_of(self, name: str) -> SourceLocation:
         origin = self.env.loader.origin(name)
         return SourceLocation(origin.path if origin else name, 1 + (origin.line_offset if origin else 0))
+
+    def loaded_templates(self) -> set[str]:
+        """Names of every template (and sub-template) loaded so far."""
+        return set(self.env.loader.origins)
 
     def source_files(self) -> list[str]:
         """Every file this environment has loaded so far (the template sources a run depends on)."""

@@ -8,6 +8,7 @@
     => expr             -> {{ expr -}}           (trims whitespace after, joining the next line)
     [name]              -> {% block name %}      closed automatically, see below
     [name!]             -> the same, with blank lines at the start and end of its content dropped
+    [/name]             -> closes block `name` (and any block nested in it) before its indentation would
 
 A block opened by a header at indentation i closes before the next header at indentation <= i, before the
 next line (text or statement) indented less than i, or at the end of the template. So blocks nest by
@@ -24,12 +25,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from jinja2 import TemplateSyntaxError
 from jinja2.ext import Extension
 
 _COMMENT_LINE = re.compile(r"^\s*##(.*)$")
 _TRAILING_COMMENT = re.compile(r"^(.*?\S)\s+##.*$")
 _STATEMENT = re.compile(r"^(\s*)(--|<<|>>|==|=>)(?:\s(.*))?$")
 _HEADER = re.compile(r"^(\s*)\[(\w+)(!?)\]\s*$")
+_CLOSER = re.compile(r"^\s*\[/(\w+)\]\s*$")
 _EMPTY_COMMENT = "{# #}"
 
 _REWRITES = {
@@ -69,7 +72,7 @@ def _close(lines: list[str], block: _OpenBlock, at: int) -> str:
     return "{% endblock %}"
 
 
-def preprocess(source: str) -> str:
+def preprocess(source: str, name: str | None = None, filename: str | None = None) -> str:
     """Rewrite the line syntax of one template into Jinja2, keeping the line count (see module docstring)."""
     ends_with_newline = source.endswith("\n")
     lines = source.split("\n")
@@ -96,6 +99,14 @@ def preprocess(source: str) -> str:
         if trailing:
             line = trailing.group(1)
         indent = _indent(line)
+        closer = _CLOSER.match(line)
+        if closer:
+            if closer.group(1) not in [block.name for block in stack]:
+                raise TemplateSyntaxError(f"[/{closer.group(1)}] closes no open block", len(out) + 1, name, filename)
+            closing = close_while(lambda block: block.name != closer.group(1))
+            closing += _close(out, stack.pop(), len(out))
+            out.append(closing)
+            continue
         header = _HEADER.match(line)
         if header:
             closing = close_while(lambda block: block.indent >= indent)
@@ -119,4 +130,4 @@ class LineSyntax(Extension):
     """Jinja2 extension that applies `preprocess` to every template source."""
 
     def preprocess(self, source: str, name: str | None, filename: str | None = None) -> str:
-        return preprocess(source)
+        return preprocess(source, name, filename)

@@ -1,0 +1,147 @@
+"""`Snapshot`: a Lightning callback that records what a run needs to be reproduced, before its first step.
+
+Writes `<run_dir>/snapshot/` once, on global rank 0, in `setup("fit")`:
+
+    config.yaml            the config as run (overrides applied; interpolations kept, so it still constructs
+                           with the same sharing and still takes overrides)
+    config_resolved.yaml   the same with every interpolation resolved, for reading
+    overrides.yaml         the command-line overrides
+    command.txt            the command line
+    meta.yaml              experiment, project and model-source paths, host, versions, time
+    git.yaml, git.diff     commit, branch and uncommitted changes, when the project is in a git repository
+    pip_freeze.txt         installed distributions and versions
+    sources/...            copies of the given files: template sources, project-local Python modules
+    model_code.py          standalone Python building the model (`forgather code --target model`), if given
+
+The directory is assembled beside its final place and renamed into it (atomic); an existing snapshot (a
+resumed run) is left as it is. Usable from plain Lightning code: every argument is optional.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import yaml
+
+SNAPSHOT_DIR = "snapshot"
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def _pip_freeze() -> str:
+    packages = {(dist.metadata["Name"] or "?"): dist.version for dist in metadata.distributions()}
+    return "".join(f"{name}=={version}\n" for name, version in sorted(packages.items(), key=lambda kv: kv[0].lower()))
+
+
+class Snapshot(pl.Callback):
+    """Record a run for reproduction (see the module docstring).
+
+    Args:
+        run_dir: the run's directory; the snapshot goes to `<run_dir>/snapshot/`.
+        config: the run's OmegaConf config (or any mapping).
+        overrides: the command-line overrides, as typed.
+        sources: files to copy, as {name inside sources/: path}; directories are copied whole.
+        meta: extra facts for meta.yaml (experiment name, project dir, model source dir ...).
+        model_code: Python source that builds the model without Forgather.
+        repo_dir: where to look for a git repository (default: the current directory).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: Any = None,
+        overrides: list[str] | tuple[str, ...] = (),
+        sources: dict[str, str | os.PathLike] | None = None,
+        meta: dict[str, Any] | None = None,
+        model_code: str | None = None,
+        repo_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.overrides = list(overrides)
+        self.sources = dict(sources or {})
+        self.meta = dict(meta or {})
+        self.model_code = model_code
+        self.repo_dir = Path(repo_dir or os.getcwd())
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / SNAPSHOT_DIR
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero and not self.path.exists():
+            self.write()
+
+    def write(self) -> Path:
+        """Write the snapshot now (atomically) and return its directory."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.run_dir / f".{SNAPSHOT_DIR}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            self._write_into(staging)
+            os.replace(staging, self.path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.path
+
+    def _write_into(self, directory: Path) -> None:
+        if self.config is not None:
+            from omegaconf import OmegaConf
+
+            config = self.config if OmegaConf.is_config(self.config) else OmegaConf.create(self.config)
+            (directory / "config.yaml").write_text(OmegaConf.to_yaml(config))
+            try:
+                (directory / "config_resolved.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
+            except Exception as error:  # a config that does not resolve is still worth keeping as is
+                (directory / "config_resolved.yaml").write_text(f"# does not resolve: {error}\n")
+        (directory / "overrides.yaml").write_text(yaml.safe_dump(self.overrides))
+        (directory / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
+        (directory / "pip_freeze.txt").write_text(_pip_freeze())
+        meta = {
+            **self.meta,
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "python": sys.version.split()[0],
+            "cwd": os.getcwd(),
+        }
+        (directory / "meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+        self._write_git(directory)
+        for name, source in self.sources.items():
+            target = directory / "sources" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if Path(source).is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            elif Path(source).is_file():
+                shutil.copy2(source, target)
+        if self.model_code is not None:
+            (directory / "model_code.py").write_text(self.model_code)
+
+    def _write_git(self, directory: Path) -> None:
+        commit = _git(["rev-parse", "HEAD"], self.repo_dir)
+        if commit is None:
+            return
+        status = _git(["status", "--porcelain"], self.repo_dir) or ""
+        info = {
+            "commit": commit.strip(),
+            "branch": (_git(["rev-parse", "--abbrev-ref", "HEAD"], self.repo_dir) or "").strip(),
+            "dirty": bool(status.strip()),
+        }
+        (directory / "git.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+        (directory / "git.diff").write_text(_git(["diff", "HEAD"], self.repo_dir) or "")
