@@ -106,15 +106,27 @@ def _flex_kernel(device: torch.device) -> Callable:
     return _compiled_flex_attention
 
 
+FLEX_MIN_QUERIES = 128  # one flex-attention tile
+
+
+def _flex_unavailable(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:
+    """Where flex attention is not used: backward on CPU (torch 2.13 has none), and, compiled on a GPU,
+    fewer queries than one tile (KV-cache decoding), where inductor found no kernel for the model's strided
+    queries (torch 2.11, H100: NoValidChoicesError) and a dense mask of a few rows costs little anyway."""
+    if q.device.type == "cpu":
+        return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    return mask.num_queries < FLEX_MIN_QUERIES
+
+
 def flex_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torch.Tensor:
     """Flex attention with the mask as a BlockMask: packed documents cost no more than one long row.
 
-    torch 2.13 has no flex-attention backward on CPU, so CPU training falls back to SDPA with the same
-    dense mask (same result, no block sparsity); CPU inference runs flex attention itself.
+    Where flex attention cannot run (see `_flex_unavailable`) SDPA computes the same thing with the dense
+    mask: same result, no block sparsity -- cheap for the few query rows of a decoding step.
     """
     if dropout_p:
         raise ValueError(f"flex attention has no attention dropout (dropout_p={dropout_p}); use sdpa or eager")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+    if _flex_unavailable(q, k, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=_is_gqa(q, k))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
