@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from forgather.callbacks import job_registry
-from forgather.cli import control
+from forgather.cli.main import main as forgather_main
 
 HELPER = Path(__file__).parent / "helpers" / "control_train.py"
 STARTUP_TIMEOUT_S = 60.0
@@ -56,9 +56,9 @@ class Job:
 
 
 def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
-    """Run `forgather control ARGV` in-process; (exit code, stdout)."""
+    """Run `forgather control ARGV` in-process through the `forgather` entry point; (exit code, stdout)."""
     capsys.readouterr()
-    code = control.main(list(argv))
+    code = forgather_main(["control", *argv])
     return code, capsys.readouterr().out
 
 

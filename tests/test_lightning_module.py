@@ -16,31 +16,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from forgather.lightning.module import CausalLMModule
+from forgather.models.attention import Attention
+from forgather.models.causal_lm import CausalLM
+from forgather.models.feedforward import SwiGLU
+from forgather.models.layers import PreLNLayer
+from forgather.models.norm import RMSNorm
+from forgather.models.rope import RotaryEmbedding
 
 VOCAB, HIDDEN, BATCH, SEQ = 16, 32, 4, 8
 
 
-class TinyLM(nn.Module):
-    """Stand-in with Forgather's model interface: token + position embedding, one MLP, tied head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.position = nn.Embedding(SEQ, HIDDEN)
-        self.mlp = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN))
-
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        x = self.embed(input_ids) + self.position(position_ids)
-        return x + self.mlp(x)
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.embed.weight
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.hidden_states(input_ids, position_ids) @ self.lm_head_weight.T
+def tiny_model() -> CausalLM:
+    """A two-layer Llama-style model from forgather.models (tied head, RoPE, SwiGLU, RMSNorm)."""
+    layer = functools.partial(
+        PreLNLayer,
+        attention_factory=functools.partial(Attention, num_heads=4, num_kv_heads=2),
+        feedforward_factory=functools.partial(SwiGLU, intermediate_size=64),
+        norm_factory=RMSNorm,
+    )
+    return CausalLM(VOCAB, HIDDEN, 2, layer, RMSNorm, rope=RotaryEmbedding(HIDDEN // 4, theta=10000.0))
 
 
 def toy_loader(batches: int = 1) -> DataLoader:
@@ -85,14 +79,14 @@ class LossRecorder(pl.Callback):
 def test_loss_decreases_on_a_learnable_batch(tmp_path) -> None:
     torch.manual_seed(0)
     recorder = LossRecorder()
-    module = CausalLMModule(TinyLM(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    module = CausalLMModule(tiny_model(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
     make_trainer(tmp_path, max_steps=30, callbacks=[recorder]).fit(module, toy_loader(30))
     assert recorder.losses[-1] < 0.5 * recorder.losses[0]
 
 
 def test_default_loss_is_next_token_cross_entropy(tmp_path) -> None:
     torch.manual_seed(0)
-    model = TinyLM()
+    model = tiny_model()
     batch = next(iter(toy_loader()))
     logits = model(batch["input_ids"])
     expected = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1))
@@ -102,7 +96,7 @@ def test_default_loss_is_next_token_cross_entropy(tmp_path) -> None:
 def test_metrics_reach_the_tensorboard_logger(tmp_path) -> None:
     torch.manual_seed(0)
     trainer = make_trainer(tmp_path, max_steps=4, limit_val_batches=1, val_check_interval=2)
-    trainer.fit(CausalLMModule(TinyLM()), toy_loader(4), toy_loader(1))
+    trainer.fit(CausalLMModule(tiny_model()), toy_loader(4), toy_loader(1))
     logged = scalars(trainer)
     assert len(logged["train/loss"]) == 4
     assert logged["train/lr"] == pytest.approx([1e-3] * 4)
@@ -116,14 +110,14 @@ def test_tokens_per_s_counts_non_padding_labels(tmp_path, monkeypatch) -> None:
     clock = iter(range(100))
     monkeypatch.setattr("forgather.lightning.module.perf_counter", lambda: float(next(clock)))
     trainer = make_trainer(tmp_path, max_steps=3)
-    trainer.fit(CausalLMModule(TinyLM()), toy_loader(3))
+    trainer.fit(CausalLMModule(tiny_model()), toy_loader(3))
     # One second between batch ends; every row has one padded label.
     assert scalars(trainer)["train/tokens_per_s"] == [BATCH * (SEQ - 1)] * 2
 
 
 def test_val_loss_is_the_token_weighted_epoch_mean(tmp_path) -> None:
     torch.manual_seed(0)
-    module = CausalLMModule(TinyLM())
+    module = CausalLMModule(tiny_model())
     full = next(iter(toy_loader()))
     short = {key: value.clone() for key, value in full.items()}
     short["labels"][:, SEQ // 2 :] = -100
@@ -139,8 +133,8 @@ def test_val_loss_is_the_token_weighted_epoch_mean(tmp_path) -> None:
 def test_factory_model_is_built_in_configure_model(tmp_path) -> None:
     built = []
 
-    def factory() -> TinyLM:
-        built.append(TinyLM())
+    def factory() -> CausalLM:
+        built.append(tiny_model())
         return built[-1]
 
     module = CausalLMModule(factory)
@@ -152,7 +146,7 @@ def test_factory_model_is_built_in_configure_model(tmp_path) -> None:
 
 def test_optimizer_and_scheduler_factories_are_applied(tmp_path) -> None:
     module = CausalLMModule(
-        TinyLM(),
+        tiny_model(),
         optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
     )
@@ -164,7 +158,7 @@ def test_optimizer_and_scheduler_factories_are_applied(tmp_path) -> None:
 
 def test_epoch_interval_scheduler_waits_for_the_epoch(tmp_path) -> None:
     module = CausalLMModule(
-        TinyLM(),
+        tiny_model(),
         optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
         lr_scheduler_interval="epoch",
@@ -190,7 +184,7 @@ class GradNormCheck(pl.Callback):
 
 def test_grad_norm_equals_manual_computation(tmp_path) -> None:
     check = GradNormCheck()
-    make_trainer(tmp_path, max_steps=3, callbacks=[check]).fit(CausalLMModule(TinyLM()), toy_loader(3))
+    make_trainer(tmp_path, max_steps=3, callbacks=[check]).fit(CausalLMModule(tiny_model()), toy_loader(3))
     assert len(check.pairs) == 3
     for manual, logged in check.pairs:
         assert logged == pytest.approx(manual, rel=1e-5)
@@ -210,4 +204,4 @@ def test_grad_norm_of_fsdp2_sharded_gradients_matches_unsharded(tmp_path) -> Non
 
 def test_rejects_an_unknown_scheduler_interval() -> None:
     with pytest.raises(ValueError, match="lr_scheduler_interval"):
-        CausalLMModule(TinyLM(), lr_scheduler_interval="batch")
+        CausalLMModule(tiny_model(), lr_scheduler_interval="batch")

@@ -48,4 +48,5 @@ def worker(rank: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(sys.argv[1],), nprocs=WORLD_SIZE)
+    # fork: the children share the already-imported torch instead of importing it again (CPU only).
+    mp.start_processes(worker, args=(sys.argv[1],), nprocs=WORLD_SIZE, start_method="fork")
