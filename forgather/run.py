@@ -21,6 +21,7 @@ directory is fixed before Lightning starts other ranks (FORGATHER_RUN_DIR), so e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import shlex
@@ -56,6 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--from-snapshot", metavar="RUN_DIR", help="rerun the config recorded in RUN_DIR's snapshot")
     source.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     return parser
+
+
+@contextlib.contextmanager
+def _run_dir_env(run_dir: Path):
+    """Publish the run directory to the ranks Lightning launches from this process, for this run only."""
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
 
 
 def _timestamp() -> str:
@@ -146,21 +161,21 @@ class Runner:
             print(OmegaConf.to_yaml(config), end="")
             return None
         run_dir = run_dir or self.run_dir(experiment)
-        os.environ[RUN_DIR_ENV] = str(run_dir)
         config.output_dir = str(run_dir)
         meta = {"experiment": experiment, "template": loaded.template, "project_dir": self.project.root, "model_src": self.project.model_src}
         model_code = loaded.code("model") if "model" in config else None
-        return train(
-            config,
-            run_dir,
-            construct=lambda: loaded.construct(config=config),
-            snapshot={
-                "overrides": [o.text for o in point],
-                "sources": self.sources(loaded),
-                "meta": meta,
-                "model_code": model_code,
-            },
-        )
+        with _run_dir_env(run_dir):
+            return train(
+                config,
+                run_dir,
+                construct=lambda: loaded.construct(config=config),
+                snapshot={
+                    "overrides": [o.text for o in point],
+                    "sources": self.sources(loaded),
+                    "meta": meta,
+                    "model_code": model_code,
+                },
+            )
 
     def sweep(self, points: list[list[ovr.Override]]) -> int:
         root = _fresh_dir(Path(self.args.outputs) / "multirun" / _timestamp())
@@ -240,21 +255,20 @@ def _from_run_dir(args: argparse.Namespace, run_dir: Path, resume: bool) -> int:
         target = run_dir
     else:
         target = Path(os.environ.get(RUN_DIR_ENV) or _fresh_dir(Path(args.outputs) / "outputs" / meta.get("experiment", "run") / _timestamp()))
-    os.environ[RUN_DIR_ENV] = str(target)
     config.output_dir = str(target)
     if args.cfg:
         print(OmegaConf.to_yaml(config), end="")
         return 0
     from forgather.graph import construct
 
-    overrides = list(args.overrides)
-    train(
-        config,
-        target,
-        construct=lambda: construct(config, base_dir=base_dir),
-        snapshot={"overrides": overrides, "meta": {**meta, "from_run": str(run_dir)}},
-        ckpt_path=str(ckpt_path) if ckpt_path else None,
-    )
+    with _run_dir_env(target):
+        train(
+            config,
+            target,
+            construct=lambda: construct(config, base_dir=base_dir),
+            snapshot={"overrides": list(args.overrides), "meta": {**meta, "from_run": str(run_dir)}},
+            ckpt_path=str(ckpt_path) if ckpt_path else None,
+        )
     return 0
 
 
@@ -269,7 +283,7 @@ def _print_info(runner: Runner) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     try:
         if args.devices:
             os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
@@ -286,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         points = ovr.parse(args.overrides, runner.groups, args.multirun)
         if args.multirun and not args.cfg:
             return runner.sweep(points)
-        for point in points:
+        for number, point in enumerate(points):
+            if len(points) > 1:
+                print(f"# run {number}: {' '.join(f'{o.key}={o.value}' for o in point)}")
             runner.run_point(point)
         return 0
     except Exception as error:

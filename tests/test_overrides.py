@@ -1,0 +1,132 @@
+"""Overrides on the runner's config (--cfg: nothing is built): every form of the grammar, and each error."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from forgather.run import main
+
+PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
+
+
+def config_of(capsys, *overrides: str) -> dict:
+    assert main(["-p", PROJECT, "+experiment=micro", "--cfg", *overrides]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def error_of(capsys, *arguments: str) -> str:
+    assert main(["-p", PROJECT, "--cfg", *arguments]) == 2
+    return capsys.readouterr().err
+
+
+def test_change_a_top_level_value_reaches_every_use(capsys):
+    config = config_of(capsys, "lr=1e-4", "hidden_size=48")
+    assert config["lr"] == 1e-4 and config["optimizer"]["lr"] == "${lr}"
+    assert config["hidden_size"] == 48 and config["model"]["hidden_size"] == "${hidden_size}"
+
+
+def test_change_a_nested_value(capsys):
+    assert config_of(capsys, "trainer.gradient_clip_val=0.5")["trainer"]["gradient_clip_val"] == 0.5
+
+
+def test_add_force_add_and_delete(capsys):
+    config = config_of(capsys, "+trainer.benchmark=false", "++seed=7", "++extra.note=hi", "~trainer.deterministic")
+    assert config["trainer"]["benchmark"] is False and config["seed"] == 7 and config["extra"] == {"note": "hi"}
+    assert "deterministic" not in config["trainer"]
+
+
+def test_group_swap_changes_the_component(capsys):
+    config = config_of(capsys, "optimizer=adafactor", "scheduler=wsd", "loss=chunked")
+    assert config["optimizer"]["_target_"] == "forgather.optim:Adafactor"
+    assert config["lr_scheduler"]["lr_lambda"]["_target_"] == "forgather.optim.schedules:warmup_stable_decay"
+    assert config["loss"]["_target_"] == "forgather.loss.chunked:ChunkedLoss"
+
+
+def test_library_experiment_is_found_without_a_project(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["+experiment=tiny_llama", "--cfg", "max_steps=5"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["max_steps"] == 5
+
+
+def test_sweep_expands_comma_range_and_choice(capsys):
+    assert main(["-p", PROJECT, "+experiment=micro", "--cfg", "-m", "lr=1e-3,2e-3", "num_layers=range(1,4)", "seed=choice(1,2)"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# run ") == 2 * 3 * 2 and "# run 11: experiment=micro lr=0.002 num_layers=3 seed=2" in out
+
+
+def test_glob_sweeps_over_group_options(capsys):
+    assert main(["-p", PROJECT, "+experiment=micro", "--cfg", "-m", "optimizer=glob(ada*,exclude=*triton)"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# run ") == 2 and "forgather.optim:Adafactor" in out and "torch.optim:AdamW" in out
+    assert "TritonAdafactor" not in out
+
+
+def test_unknown_key_suggests_the_close_one(capsys):
+    assert "did you mean 'trainer.max_steps'" in error_of(capsys, "+experiment=micro", "trainer.max_step=3")
+
+
+def test_unknown_top_level_key_suggests_the_variable(capsys):
+    assert "did you mean 'hidden_size'" in error_of(capsys, "+experiment=micro", "hiden_size=3")
+
+
+def test_unknown_group_option_lists_the_options(capsys):
+    err = error_of(capsys, "+experiment=micro", "optimizer=adamx")
+    assert "no option 'adamx' in group 'optimizer'; did you mean 'adamw'" in err and "adafactor" in err
+
+
+def test_unknown_experiment_suggests(capsys):
+    assert "did you mean 'micro'" in error_of(capsys, "+experiment=mikro")
+
+
+def test_wrong_type_is_an_error(capsys):
+    assert "max_steps is int (12); got str 'many'" in error_of(capsys, "+experiment=micro", "max_steps=many")
+
+
+def test_replacing_a_component_with_a_scalar_is_an_error(capsys):
+    assert "module is a component" in error_of(capsys, "+experiment=micro", "module=5")
+
+
+def test_adding_an_existing_key_is_an_error(capsys):
+    assert "'lr' is already set" in error_of(capsys, "+experiment=micro", "+lr=1")
+
+
+def test_deleting_a_missing_key_is_an_error(capsys):
+    assert "no key 'trainer.nope'" in error_of(capsys, "+experiment=micro", "~trainer.nope")
+
+
+def test_sweep_without_multirun_is_an_error(capsys):
+    assert "add -m" in error_of(capsys, "+experiment=micro", "lr=1e-3,2e-3")
+
+
+def test_override_through_a_reference_points_to_the_referenced_key(capsys):
+    assert "override through the referenced key instead (optimizer.lr=...)" in error_of(capsys, "+experiment=micro", "module.optimizer.lr=1")
+
+
+def test_parse_error_is_reported(capsys):
+    assert "cannot parse overrides" in error_of(capsys, "+experiment=micro", "lr=[1,")
+
+
+def test_group_the_experiment_does_not_use_is_an_error(capsys, tmp_path):
+    project = tmp_path / "p"
+    (project / "templates" / "configs").mkdir(parents=True)
+    (project / "templates" / "widget").mkdir()
+    (project / "meta.yaml").write_text("name: p\n")
+    (project / "templates" / "configs" / "plain.yaml").write_text("x: 1\n")
+    (project / "templates" / "widget" / "big.yaml").write_text("w: 1\n")
+    assert main(["-p", str(project), "+experiment=plain", "--cfg", "widget=big"]) == 2
+    assert "does not use group 'widget'" in capsys.readouterr().err
+
+
+def test_info_lists_groups_and_options(capsys):
+    assert main(["-p", PROJECT, "--info"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer: adafactor, adafactor_triton, adamw" in out and "micro" in out
+
+
+def test_dry_run_prints_the_launch_command(capsys):
+    assert main(["-p", PROJECT, "+experiment=micro", "-d", "0,1", "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("CUDA_VISIBLE_DEVICES=0,1 ") and out.endswith("-m forgather.run -p " + PROJECT + " +experiment=micro -d 0,1")
