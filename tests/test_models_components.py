@@ -311,3 +311,15 @@ def test_top_p_never_samples_outside_the_nucleus():
     assert probs[0] < 0.8 < probs[0] + probs[1]  # the nucleus for top_p=0.8 is tokens {0, 1}
     sampled = sample_next_token(logits, temperature=1.0, top_p=0.8, generator=torch.Generator().manual_seed(0))
     assert set(sampled.tolist()) == {0, 1}
+
+
+def test_reordered_kv_cache_continues_the_selected_rows():
+    model, ids = tiny_model(), random_ids(batch=3, seq=8)
+    order = torch.tensor([2, 0, 0])
+    cache = KVCache(len(model.layers))
+    with torch.no_grad():
+        model(ids[:, :6], PACKED_POSITIONS[:1, :6].expand(3, 6), kv_cache=cache)
+        cache.reorder_cache(order)
+        continued = model(ids[order, 6:], PACKED_POSITIONS[:1, 6:8].expand(3, 2), kv_cache=cache)
+        expected = model(ids[order], PACKED_POSITIONS[:1, :8].expand(3, 8))[:, 6:]
+    torch.testing.assert_close(continued, expected, rtol=1e-5, atol=1e-5)

@@ -27,12 +27,15 @@ def _partial(target: str, **kwargs) -> dict:
 
 
 def model_tree(tie_embeddings: bool = True, layer: str = "forgather.models.layers:PreLNLayer") -> dict:
-    """A tiny Llama-style model in Forgather's config vocabulary."""
+    """A tiny Llama-style model in Forgather's config vocabulary, initialized large enough that greedy and
+    beam search take varied paths instead of repeating one token."""
     return {
         "_target_": "forgather.models.causal_lm:CausalLM",
         "vocab_size": VOCAB,
         "hidden_size": HIDDEN,
         "num_layers": 2,
+        "init_std": 0.3,
+        "embedding_factory": _partial("forgather.models.embedding:TokenEmbedding", init_std=1.0),
         "layer_factory": _partial(
             layer,
             attention_factory=_partial("forgather.models.attention:Attention", num_heads=4, num_kv_heads=2),
@@ -125,6 +128,20 @@ def test_transformers_generate_equals_in_framework_greedy_generate(exported):
     ours = model.generate(prompt, max_new_tokens=8)
     theirs = load_hf(out).generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(theirs, ours)
+
+
+def test_transformers_beam_search_with_cache_equals_beam_search_without(exported):
+    _, out = exported
+    hf, prompt = load_hf(out), ids(seq=4)
+    settings = dict(max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(hf.generate(prompt, **settings), hf.generate(prompt, use_cache=False, **settings))
+
+
+def test_transformers_save_pretrained_keeps_the_standalone_code(exported, tmp_path):
+    model, out = exported
+    load_hf(out).save_pretrained(tmp_path / "resaved")
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path / "resaved")(ids()).logits, model(ids()), rtol=1e-5, atol=1e-5)
 
 
 def test_transformers_generate_handles_left_padded_batches(exported):

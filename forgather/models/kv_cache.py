@@ -45,6 +45,15 @@ class KVCache:
         """The number of cached tokens (the name transformers' generate() calls)."""
         return self.length
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Keep the rows `beam_idx` selects, in that order (transformers' beam search calls this)."""
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[beam_idx], layer.values[beam_idx]
+        self.position_ids = self.position_ids[beam_idx]
+        if self.document_ids is not None:
+            self.document_ids = self.document_ids[beam_idx]
+
     def record(self, position_ids: torch.Tensor, document_ids: torch.Tensor | None) -> None:
         """Remember the new tokens' positions and the document ids of all tokens so far."""
         self.position_ids = position_ids if self.position_ids is None else torch.cat((self.position_ids, position_ids), 1)
