@@ -1,6 +1,7 @@
 """JobControl + `forgather control`: a real training subprocess driven through every command."""
 
 import json
+import math
 import os
 import socket
 import stat
@@ -10,9 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 
 from forgather.callbacks import job_registry
+from forgather.callbacks.job_control import ControlServer, JobControl
 from forgather.cli.main import main as forgather_main
+from forgather.lightning.module import CausalLMModule
+from helpers.tiny_lm import tiny_model, toy_loader
 
 HELPER = Path(__file__).parent / "helpers" / "control_train.py"
 STARTUP_TIMEOUT_S = 60.0
@@ -150,16 +156,6 @@ def test_abort_exits_without_checkpoint(cache_dir: Path, tmp_path: Path, capsys)
         job.kill()
 
 
-def test_finished_job_leaves_the_registry(cache_dir: Path, tmp_path: Path, capsys) -> None:
-    job = Job(tmp_path, "gone0job")
-    try:
-        cli(capsys, "stop", "gone0")
-        job.wait()
-        assert "gone0job" not in {r.job_id for r in job_registry.read_records()}
-    finally:
-        job.kill()
-
-
 def _dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
@@ -198,8 +194,6 @@ def test_peer_check_refuses_another_uid() -> None:
 
 
 def test_server_refuses_a_foreign_uid(tmp_path: Path) -> None:
-    from forgather.callbacks.job_control import ControlServer
-
     record = _record("foreign", os.getpid())
     record.socket = str(tmp_path / "c.sock")
     server = ControlServer(Path(record.socket), status=lambda: {"ok": True}, owner_uid=os.getuid() + 1)
@@ -210,6 +204,52 @@ def test_server_refuses_a_foreign_uid(tmp_path: Path) -> None:
         server.close()
     assert reply["ok"] is False
     assert "refused" in reply["error"]
+
+
+class StatusProbe(pl.Callback):
+    """A callback (placed after JobControl) that asks for status from inside training at one step."""
+
+    def __init__(self, job_id: str, at_step: int) -> None:
+        super().__init__()
+        self.job_id, self.at_step = job_id, at_step
+        self.reply: dict = {}
+        self.socket = ""
+        self.loss = math.nan
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            record = job_registry.resolve_job(self.job_id)
+            self.socket = record.socket
+            self.reply = job_registry.send_command(record, "status", timeout=10)
+            self.loss = float(trainer.callback_metrics["train/loss"])
+
+
+def test_status_reports_causal_lm_module_metrics(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(job_registry.CACHE_ENV, str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    probe = StatusProbe("inproc", at_step=3)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=4, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[JobControl(job_id="inproc"), probe],
+    )
+    trainer.fit(CausalLMModule(tiny_model()), toy_loader(4))
+    assert probe.reply["step"] == 3
+    assert probe.reply["loss"] == pytest.approx(probe.loss)
+    assert probe.reply["tokens_per_s"] > 0
+    assert probe.reply["max_steps"] == 4
+
+
+def test_finished_job_leaves_the_registry(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(job_registry.CACHE_ENV, str(tmp_path / "cache"))
+    probe = StatusProbe("done", at_step=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[JobControl(job_id="done"), probe],
+    )
+    trainer.fit(CausalLMModule(tiny_model()), toy_loader(2))
+    assert probe.reply["job_id"] == "done"
+    assert job_registry.read_records() == []
+    assert not Path(probe.socket).exists()
 
 
 def test_ddp_ranks_stop_at_the_same_step(cache_dir: Path, tmp_path: Path, capsys) -> None:

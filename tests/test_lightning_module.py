@@ -16,35 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from forgather.lightning.module import CausalLMModule
-from forgather.models.attention import Attention
 from forgather.models.causal_lm import CausalLM
-from forgather.models.feedforward import SwiGLU
-from forgather.models.layers import PreLNLayer
-from forgather.models.norm import RMSNorm
-from forgather.models.rope import RotaryEmbedding
-
-VOCAB, HIDDEN, BATCH, SEQ = 16, 32, 4, 8
-
-
-def tiny_model() -> CausalLM:
-    """A two-layer Llama-style model from forgather.models (tied head, RoPE, SwiGLU, RMSNorm)."""
-    layer = functools.partial(
-        PreLNLayer,
-        attention_factory=functools.partial(Attention, num_heads=4, num_kv_heads=2),
-        feedforward_factory=functools.partial(SwiGLU, intermediate_size=64),
-        norm_factory=RMSNorm,
-    )
-    return CausalLM(VOCAB, HIDDEN, 2, layer, RMSNorm, rope=RotaryEmbedding(HIDDEN // 4, theta=10000.0))
-
-
-def toy_loader(batches: int = 1) -> DataLoader:
-    """The same learnable batch (each row counts up from a different start), padding in the last column."""
-    input_ids = (torch.arange(SEQ) + torch.arange(BATCH)[:, None]) % VOCAB
-    labels = input_ids.clone()
-    labels[:, -1] = -100
-    sample = {"input_ids": input_ids, "position_ids": torch.arange(SEQ).expand(BATCH, SEQ), "labels": labels}
-    return DataLoader([sample] * batches, batch_size=None)
-
+from helpers.tiny_lm import BATCH, SEQ, VOCAB, tiny_model, toy_loader
 
 def make_trainer(tmp_path, max_steps: int, **kwargs) -> pl.Trainer:
     torch.set_num_threads(1)
@@ -200,6 +173,24 @@ def test_grad_norm_of_fsdp2_sharded_gradients_matches_unsharded(tmp_path) -> Non
     for result in results:
         assert result["dtensor_grads"]
         assert result["sharded"] == pytest.approx(result["reference"], rel=1e-5)
+
+
+class WeightsAtStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = {name: value.clone() for name, value in pl_module.state_dict().items()}
+
+
+def test_factory_model_resumes_from_a_checkpoint(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(CausalLMModule(tiny_model()), toy_loader(2))
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    saved = torch.load(tmp_path / "two.ckpt", weights_only=False)["state_dict"]
+    start = WeightsAtStart()
+    resumed = make_trainer(tmp_path, max_steps=4, callbacks=[start])
+    resumed.fit(CausalLMModule(tiny_model), toy_loader(4), ckpt_path=tmp_path / "two.ckpt")
+    assert resumed.global_step == 4
+    assert start.state.keys() == saved.keys()
+    assert all(torch.equal(start.state[name], saved[name]) for name in saved)
 
 
 def test_rejects_an_unknown_scheduler_interval() -> None:

@@ -1,0 +1,35 @@
+"""A tiny forgather.models CausalLM and one learnable toy batch, shared by the Lightning tests."""
+
+import functools
+
+import torch
+from torch.utils.data import DataLoader
+
+from forgather.models.attention import Attention
+from forgather.models.causal_lm import CausalLM
+from forgather.models.feedforward import SwiGLU
+from forgather.models.layers import PreLNLayer
+from forgather.models.norm import RMSNorm
+from forgather.models.rope import RotaryEmbedding
+
+VOCAB, HIDDEN, BATCH, SEQ = 16, 32, 4, 8
+
+
+def tiny_model() -> CausalLM:
+    """A two-layer Llama-style model (tied head, RoPE, GQA, SwiGLU, RMSNorm)."""
+    layer = functools.partial(
+        PreLNLayer,
+        attention_factory=functools.partial(Attention, num_heads=4, num_kv_heads=2),
+        feedforward_factory=functools.partial(SwiGLU, intermediate_size=64),
+        norm_factory=RMSNorm,
+    )
+    return CausalLM(VOCAB, HIDDEN, 2, layer, RMSNorm, rope=RotaryEmbedding(HIDDEN // 4, theta=10000.0))
+
+
+def toy_loader(batches: int = 1) -> DataLoader:
+    """The same learnable batch (each row counts up from a different start), padding in the last column."""
+    input_ids = (torch.arange(SEQ) + torch.arange(BATCH)[:, None]) % VOCAB
+    labels = input_ids.clone()
+    labels[:, -1] = -100
+    sample = {"input_ids": input_ids, "position_ids": torch.arange(SEQ).expand(BATCH, SEQ), "labels": labels}
+    return DataLoader([sample] * batches, batch_size=None)
