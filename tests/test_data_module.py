@@ -231,6 +231,8 @@ trainer = pl.Trainer(
 )
 trainer.fit(Recorder(len(tokenizer)), datamodule=module,
             ckpt_path=f"{out}/ckpt/epoch=0-step=3.ckpt" if mode == "resumed" else None)
+# Tear gloo down before interpreter exit; its threads otherwise abort the process now and then.
+torch.distributed.destroy_process_group()
 """
 
 
