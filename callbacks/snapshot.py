@@ -59,6 +59,7 @@ class Snapshot(pl.Callback):
         sources: files to copy, as {name inside sources/: path}; directories are copied whole.
         meta: extra facts for meta.yaml (experiment name, project dir, model source dir ...).
         model_code: Python source that builds the model without Forgather.
+        command: the command line that started the run (default: this process's).
         repo_dir: where to look for a git repository (default: the current directory).
     """
 
@@ -70,6 +71,7 @@ class Snapshot(pl.Callback):
         sources: dict[str, str | os.PathLike] | None = None,
         meta: dict[str, Any] | None = None,
         model_code: str | None = None,
+        command: list[str] | None = None,
         repo_dir: str | os.PathLike | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
@@ -78,6 +80,7 @@ class Snapshot(pl.Callback):
         self.sources = dict(sources or {})
         self.meta = dict(meta or {})
         self.model_code = model_code
+        self.command = list(command) if command is not None else [sys.executable, *sys.argv]
         self.repo_dir = Path(repo_dir or os.getcwd())
 
     @property
@@ -112,7 +115,7 @@ class Snapshot(pl.Callback):
             except Exception as error:  # a config that does not resolve is still worth keeping as is
                 (directory / "config_resolved.yaml").write_text(f"# does not resolve: {error}\n")
         (directory / "overrides.yaml").write_text(yaml.safe_dump(self.overrides))
-        (directory / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
+        (directory / "command.txt").write_text(shlex.join(self.command) + "\n")
         (directory / "pip_freeze.txt").write_text(_pip_freeze())
         meta = {
             **self.meta,

@@ -39,7 +39,7 @@ from forgather.template import TemplateEnvironment
 
 RUN_DIR_ENV = "FORGATHER_RUN_DIR"
 METRICS_FILE = "metrics.yaml"
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +73,13 @@ def _run_dir_env(run_dir: Path):
             os.environ[RUN_DIR_ENV] = previous
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run. Checkpoints are written atomically, so every one found is whole;
+    a run killed between writing a step checkpoint and updating last.ckpt resumes from the step checkpoint."""
+    found = [p for p in (run_dir / CHECKPOINTS_DIR).glob("*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def _timestamp() -> str:
     return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
@@ -92,12 +99,13 @@ def _fresh_dir(base: Path) -> Path:
 @dataclass
 class Runner:
     args: argparse.Namespace
+    command: list[str]
     project: Project
     search_path: list[str]
     groups: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, args: argparse.Namespace) -> "Runner":
+    def create(cls, args: argparse.Namespace, command: list[str]) -> "Runner":
         root = Path(args.project or ".").resolve()
         if args.project and not (root / META_FILE).is_file():
             raise FileNotFoundError(f"{root} is not a Forgather project: it has no {META_FILE}")
@@ -106,7 +114,7 @@ class Runner:
         groups = ovr.find_groups(search_path)
         groups.setdefault("experiment", [])
         groups["experiment"] = sorted(set(groups["experiment"]) | {Path(c).with_suffix("").as_posix() for c in project.configs()})
-        return cls(args, project, search_path, groups)
+        return cls(args, command, project, search_path, groups)
 
     # -- one config ---------------------------------------------------------------------------------------
 
@@ -174,6 +182,7 @@ class Runner:
                     "sources": self.sources(loaded),
                     "meta": meta,
                     "model_code": model_code,
+                    "command": self.command,
                 },
             )
 
@@ -232,10 +241,10 @@ def _print_sweep(root: Path, results: list[tuple[str, dict[str, float] | str]]) 
             table.add_row(str(number), label, f"[red]failed: {outcome}[/red]", *[""] * (len(keys) - 1))
         else:
             table.add_row(str(number), label, *[f"{outcome[k]:.4g}" if k in outcome else "" for k in keys])
-    Console(soft_wrap=True).print(table)
+    Console(width=max(160, Console().width)).print(table)
 
 
-def _from_run_dir(args: argparse.Namespace, run_dir: Path, resume: bool) -> int:
+def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, resume: bool) -> int:
     """--from-snapshot / --resume: the recorded config, model source from the snapshot copy."""
     import yaml
 
@@ -249,9 +258,10 @@ def _from_run_dir(args: argparse.Namespace, run_dir: Path, resume: bool) -> int:
     ovr.apply(config, points[0])
     ckpt_path = None
     if resume:
-        ckpt_path = run_dir / LAST_CHECKPOINT
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"{ckpt_path} does not exist: nothing to resume (use --from-snapshot to start over)")
+        ckpt_path = latest_checkpoint(run_dir)
+        if ckpt_path is None:
+            raise FileNotFoundError(f"{run_dir / CHECKPOINTS_DIR} holds no checkpoint: nothing to resume (use --from-snapshot to start over)")
+        print(f"resuming {run_dir} from {ckpt_path.name}", flush=True)
         target = run_dir
     else:
         target = Path(os.environ.get(RUN_DIR_ENV) or _fresh_dir(Path(args.outputs) / "outputs" / meta.get("experiment", "run") / _timestamp()))
@@ -266,7 +276,7 @@ def _from_run_dir(args: argparse.Namespace, run_dir: Path, resume: bool) -> int:
             config,
             target,
             construct=lambda: construct(config, base_dir=base_dir),
-            snapshot={"overrides": list(args.overrides), "meta": {**meta, "from_run": str(run_dir)}},
+            snapshot={"overrides": list(args.overrides), "meta": {**meta, "from_run": str(run_dir)}, "command": command},
             ckpt_path=str(ckpt_path) if ckpt_path else None,
         )
     return 0
@@ -283,17 +293,19 @@ def _print_info(runner: Runner) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_intermixed_args(argv)
+    command = [sys.executable, "-m", "forgather.run", *argv]
     try:
         if args.devices:
             os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
         if args.dry_run:
-            command = shlex.join([sys.executable, "-m", "forgather.run", *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--dry-run"]])
-            print(f"CUDA_VISIBLE_DEVICES={args.devices} {command}" if args.devices else command)
+            launch = shlex.join([a for a in command if a != "--dry-run"])
+            print(f"CUDA_VISIBLE_DEVICES={args.devices} {launch}" if args.devices else launch)
             return 0
         if args.resume or args.from_snapshot:
-            return _from_run_dir(args, Path(args.resume or args.from_snapshot).resolve(), resume=bool(args.resume))
-        runner = Runner.create(args)
+            return _from_run_dir(args, command, Path(args.resume or args.from_snapshot).resolve(), resume=bool(args.resume))
+        runner = Runner.create(args, command)
         if args.info:
             _print_info(runner)
             return 0

@@ -1,0 +1,108 @@
+"""The main job end to end on the micro experiment: train, snapshot, reproduce, kill and resume, sweep."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from forgather.run import latest_checkpoint, main
+
+PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
+
+
+def run(tmp_path: Path, *arguments: str) -> int:
+    return main(["-p", PROJECT, "--outputs", str(tmp_path), *arguments])
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("snapshot") if p.is_dir())
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("first")
+    assert run(root, "+experiment=micro", "scheduler=constant", "max_steps=16") == 0
+    (run_dir,) = run_dirs(root)
+    return run_dir
+
+
+def test_a_run_trains_and_records_its_metrics(finished_run):
+    losses = train_losses(finished_run)
+    assert sorted(losses) == list(range(16))
+    assert losses[15] < losses[0] - 0.3
+    metrics = yaml.safe_load((finished_run / "metrics.yaml").read_text())
+    assert metrics["step"] == 16 and "val/loss" in metrics
+    assert (finished_run / "checkpoints" / "last.ckpt").is_file() and (finished_run / "tb").is_dir()
+    assert not list(finished_run.rglob("*.tmp-*")), "no temporary files left behind"
+
+
+def test_the_snapshot_holds_what_reproduction_needs(finished_run):
+    snapshot = finished_run / "snapshot"
+    config = yaml.safe_load((snapshot / "config.yaml").read_text())
+    assert config["output_dir"] == str(finished_run) and config["max_steps"] == 16
+    assert yaml.safe_load((snapshot / "overrides.yaml").read_text()) == ["+experiment=micro", "scheduler=constant", "max_steps=16"]
+    assert "forgather.run" in (snapshot / "command.txt").read_text()
+    assert "torch==" in (snapshot / "pip_freeze.txt").read_text()
+    assert (snapshot / "sources" / "templates" / "project" / "configs" / "micro.yaml").is_file()
+    assert (snapshot / "sources" / "templates" / "conf" / "base" / "causal_lm.yaml").is_file()
+    assert "def construct(" in (snapshot / "model_code.py").read_text()
+    meta = yaml.safe_load((snapshot / "meta.yaml").read_text())
+    assert meta["experiment"] == "micro" and meta["template"] == "configs/micro.yaml"
+
+
+def test_from_snapshot_reproduces_the_loss_curve(finished_run, tmp_path):
+    assert main(["--outputs", str(tmp_path), "--from-snapshot", str(finished_run)]) == 0
+    (again,) = run_dirs(tmp_path)
+    assert again != finished_run
+    assert train_losses(again) == train_losses(finished_run)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(finished_run, tmp_path):
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path)]
+    child = subprocess.Popen([*command, "+experiment=micro", "scheduler=constant", "max_steps=5000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("outputs/micro/*/checkpoints/epoch=0-step=8.ckpt")):
+            assert child.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    (killed,) = run_dirs(tmp_path)
+    resumed_from = torch.load(latest_checkpoint(killed), map_location="cpu", weights_only=False)["global_step"]
+    assert resumed_from >= 8, "the newest checkpoint is not the one the run wrote last"
+    assert main(["--resume", str(killed), "max_steps=16"]) == 0
+    losses, reference = train_losses(killed), train_losses(finished_run)
+    assert all(losses[step] == pytest.approx(reference[step], abs=1e-5) for step in range(resumed_from, 16))
+    assert yaml.safe_load((killed / "metrics.yaml").read_text())["step"] == 16
+
+
+def test_a_two_point_sweep_runs_both_and_prints_a_table(tmp_path, capsys):
+    assert run(tmp_path, "-m", "+experiment=micro", "max_steps=6", "lr=1e-3,3e-3") == 0
+    out = capsys.readouterr().out
+    points = run_dirs(tmp_path / "multirun")
+    assert [p.name for p in points] == ["0", "1"]
+    assert [yaml.safe_load((p / "snapshot" / "config.yaml").read_text())["lr"] for p in points] == [1e-3, 3e-3]
+    assert "lr=0.001" in out and "lr=0.003" in out and "val/loss" in out
+
+
+def test_a_failing_sweep_point_does_not_stop_the_others(tmp_path, capsys):
+    assert run(tmp_path, "-m", "+experiment=micro", "max_steps=2", "weight_decay=-1.0,0.0") == 1
+    out = capsys.readouterr().out
+    assert "failed: ValueError: Invalid weight_decay value: -1.0" in out
+    assert [p.parent.name for p in (tmp_path / "multirun").rglob("metrics.yaml")] == ["1"]
