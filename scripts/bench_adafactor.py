@@ -27,9 +27,10 @@ OPTIMIZERS: dict[str, Callable] = {
     "fused AdamW": lambda p: torch.optim.AdamW(p, fused=True),
     "forgather Adafactor (reference)": lambda p: Adafactor(p),
     "TritonAdafactor": lambda p: TritonAdafactor(p),
-    "TritonAdafactor tile 8x1024x64": lambda p: TritonAdafactor(p, tile=(8, 1024, 64)),
-    "TritonAdafactor tile 32x256x256": lambda p: TritonAdafactor(p, tile=(32, 256, 256)),
-    "TritonAdafactor tile 16x512x64 4 warps": lambda p: TritonAdafactor(p, tile=(16, 512, 64), num_warps=4),
+    "TritonAdafactor serpentine=False": lambda p: TritonAdafactor(p, serpentine=False),
+    "TritonAdafactor tile 8x512x64 4 warps": lambda p: TritonAdafactor(p, tile=(8, 512, 64), num_warps=4),
+    "TritonAdafactor tile 16x512x32 4 warps": lambda p: TritonAdafactor(p, tile=(16, 512, 32), num_warps=4),
+    "TritonAdafactor tile 8x1024x64 4 warps": lambda p: TritonAdafactor(p, tile=(8, 1024, 64), num_warps=4),
     "TritonAdafactor beta1=0.9": lambda p: TritonAdafactor(p, beta1=0.9),
 }
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     grads = [p.grad for p in params]
     floor = step_ms(lambda: torch._foreach_add_([p.data for p in params], grads), args.warmup, args.iters)
     moved = 3 * 4 * n_params
-    print(f"read grads + read params + write params once: {floor:.2f} ms ({moved / floor / 1e9:.0f} GB/s)")
+    print(f"read grads + read params + write params once: {floor:.2f} ms ({moved / floor / 1e9:.2f} TB/s)")
 
     wanted = set(filter(None, args.only.split(",")))
     rows = []

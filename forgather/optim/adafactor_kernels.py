@@ -7,7 +7,8 @@ Passes over memory per step (fp32, N elements: 4N bytes per pass), the fewest th
   4. `apply_update`   read G, X (M)     X <- X (1 - lr wd) - alpha U / max(1, RMS(U)/d); write X (M);
                       write X (M)       also sums the new X^2, so the next step's RMS(X) costs no pass
 Clipping needs RMS(U) before any X is written, and U needs R and C, which need all of G: so G is read three
-times, X once, and X written once; 5 passes in all (7 with the first moment M). Passes 1, 3 and 4 tile the
+times, X once, and X written once; 5 passes in all (7 with the first moment M). Pass 3 runs backwards
+(`serpentine`), so each re-read of G starts on the tiles the previous pass left in L2. Passes 1, 3 and 4 tile the
 tensor in BLOCK_N x BLOCK_M tiles, and each program walks down ROWS_PER_PROGRAM rows of one column stripe, so
 column partial sums stay in registers and only a few atomics per program reach memory.
 """
@@ -17,9 +18,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Measured best of five tilings on an H100 (docs/benchmarks.md, "Adafactor"); TritonAdafactor(tile=...) overrides.
 BLOCK_N = 16
 BLOCK_M = 512
-ROWS_PER_PROGRAM = 128
+ROWS_PER_PROGRAM = 64
+NUM_WARPS = 4
 FINALIZE_BLOCK = 1024
 
 
@@ -85,10 +88,16 @@ def _factored_update(G, row_var, col_var, inv_row_mean, rows, cols, mask, offset
 @triton.jit
 def update_sq_sum(
     G, row_var, col_var, inv_row_mean, update_sq, n, m, eps1,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, REVERSE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    row0 = tl.program_id(1) * ROWS_PER_PROGRAM
+    pid_n = tl.program_id(1)
+    if REVERSE:
+        # Walk the tensor backwards: start on the tiles pass 1 read last, still in L2, and end on the
+        # tiles pass 4 reads first.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_n = tl.num_programs(1) - 1 - pid_n
+    row0 = pid_n * ROWS_PER_PROGRAM
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for row_step in range(0, ROWS_PER_PROGRAM, BLOCK_N):
         rows, cols, mask, offsets = _tile(row0, row_step, pid_m, n, m, BLOCK_N, BLOCK_M)

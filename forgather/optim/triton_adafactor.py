@@ -34,8 +34,16 @@ def _interpreting() -> bool:
 class TritonAdafactor(Adafactor):
     """Adafactor whose per-parameter update of contiguous 2-D tensors runs as Triton kernels."""
 
-    def __init__(self, params: Params, tile: tuple[int, int, int] | None = None, num_warps: int = 8, **kwargs: Any):
-        """`tile` = (BLOCK_N, BLOCK_M, ROWS_PER_PROGRAM) and `num_warps` tune the kernels (defaults: kernels')."""
+    def __init__(
+        self,
+        params: Params,
+        tile: tuple[int, int, int] | None = None,
+        num_warps: int | None = None,
+        serpentine: bool = True,
+        **kwargs: Any,
+    ):
+        """`tile` = (BLOCK_N, BLOCK_M, ROWS_PER_PROGRAM), `num_warps` and `serpentine` (pass 3 walks backwards
+        to reuse L2) tune the kernels; the defaults are adafactor_kernels.py's measured best."""
         if not (torch.cuda.is_available() or _interpreting()):
             raise RuntimeError("TritonAdafactor needs a CUDA device; use forgather.optim.Adafactor on CPU")
         self._kernels = _load_kernels()
@@ -44,7 +52,8 @@ class TritonAdafactor(Adafactor):
         if rows % block_n:
             raise ValueError(f"ROWS_PER_PROGRAM ({rows}) must be a multiple of BLOCK_N ({block_n})")
         self._tiles = dict(BLOCK_N=block_n, BLOCK_M=block_m, ROWS_PER_PROGRAM=rows)
-        self._num_warps = num_warps
+        self._num_warps = num_warps or k.NUM_WARPS
+        self._serpentine = serpentine
         self._seen_versions: dict[torch.Tensor, int] = {}
         super().__init__(params, **kwargs)
 
@@ -92,7 +101,8 @@ class TritonAdafactor(Adafactor):
             scalars["one_minus_beta2"], eps1, cur_slot, BLOCK=k.FINALIZE_BLOCK, num_warps=4,
         )
         k.update_sq_sum[grid](
-            grad, state["row_var"], state["col_var"], inv_row_mean, update_sq, n, m, eps1, **tiles, num_warps=warps,
+            grad, state["row_var"], state["col_var"], inv_row_mean, update_sq, n, m, eps1, **tiles,
+            REVERSE=self._serpentine, num_warps=warps,
         )
         beta1 = group["beta1"]
         k.apply_update[grid](

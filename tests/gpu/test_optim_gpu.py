@@ -48,9 +48,9 @@ def test_triton_adafactor_matches_reference_fp32(options):
     for a, b in zip(ref_params, tri_params):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     for a, b in zip(ref_params, tri_params):
-        for key in ("row_var", "col_var", "exp_avg"):
+        for key, atol in (("row_var", 1e-12), ("col_var", 1e-12), ("exp_avg", 1e-6)):
             if key in ref.state[a]:
-                torch.testing.assert_close(tri.state[b][key], ref.state[a][key], rtol=1e-5, atol=1e-12)
+                torch.testing.assert_close(tri.state[b][key], ref.state[a][key], rtol=1e-5, atol=atol)
 
 
 def test_triton_adafactor_bf16_params_within_bf16_rounding():
