@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 from forgather.data import cache
 from forgather.data.corpus import pydoc_topics
@@ -123,6 +124,15 @@ def test_default_documents_are_the_stdlib_corpus(tokenizer, monkeypatch):
     module = make_module(tokenizer, None, max_tokens=None, val_fraction=0.25)
     text = tokenizer.decode(module.train_dataset.blocks["input_ids"][0])
     assert text.startswith("from the corpus<|eos|>")
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tokenizer, documents):
+    no_pad = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|eos|>")
+    assert no_pad.pad_token_id is None
+    blocks = make_module(no_pad, documents, cache=False).train_dataset.blocks
+    padding = blocks["labels"] == -100
+    assert padding.any()
+    assert bool((blocks["input_ids"][padding] == no_pad.eos_token_id).all())
 
 
 def test_loaders_before_setup_say_what_to_do(tokenizer, documents):

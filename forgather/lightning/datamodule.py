@@ -42,7 +42,8 @@ class TextDataModule(pl.LightningDataModule):
     """Packed causal-LM batches from a documents source.
 
     Args:
-        tokenizer: a tokenizer (anything with `eos_token_id`, `pad_token_id` and HF-style `__call__`) or a
+        tokenizer: a tokenizer (anything with `eos_token_id`, HF-style `__call__`, and `pad_token_id`, which
+            may be None: padding then reuses the eos id, harmless since padding is never a label) or a
             zero-argument factory returning one (called once, on first use).
         documents: an iterable of texts or a zero-argument callable returning one; default: the embedded
             stdlib corpus (`forgather.data.corpus.stdlib_documents`).
@@ -163,7 +164,7 @@ class TextDataModule(pl.LightningDataModule):
     def _build(self, documents: list[str]) -> tuple[PackedDataset, PackedDataset]:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
-            raise ValueError("TextDataModule needs a tokenizer with a pad token (pad_token_id is None)")
+            pad_id = self.tokenizer.eos_token_id
         tokenized = tokenize_documents(documents, self.tokenizer, self.max_tokens)
         train, val = split_documents(tokenized, self.val_fraction, self.seed)
         train_blocks, val_blocks = (pack_documents(part, self.block_size, pad_id) for part in (train, val))
