@@ -103,3 +103,21 @@ def test_help_and_pp_do_not_import_torch_or_lightning(argv):
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+RUNNER_PROJECT = os.path.join(REPO, "tests", "fixtures", "runner_project")
+
+
+def test_train_is_the_runner_for_a_project_config(capsys):
+    assert main(["-p", RUNNER_PROJECT, "-t", "micro.yaml", "train", "--dry-run", "-d", "0,1", "lr=1e-3"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("CUDA_VISIBLE_DEVICES=0,1 ") and out.endswith(f"-m forgather.run -p {RUNNER_PROJECT} +experiment=micro -d 0,1 lr=1e-3")
+    assert main(["-p", RUNNER_PROJECT, "-t", "micro.yaml", "train", "--cfg", "max_steps=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["max_steps"] == 3
+
+
+def test_tb_serves_the_projects_runs_on_loopback(capsys, tmp_path):
+    (tmp_path / "outputs").mkdir()
+    assert main(["-p", str(tmp_path), "tb", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "-m tensorboard.main" in out and str(tmp_path / "outputs") in out and "--host 127.0.0.1" in out

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "targets": ("forgather.cli.targets", "list a config's targets"),
     "code": ("forgather.cli.code", "print Python code that constructs a target"),
     "construct": ("forgather.cli.construct", "construct a target and print it"),
+    "train": ("forgather.cli.train", "train a config of the project (python -m forgather.run)"),
+    "tb": ("forgather.cli.tb", "start TensorBoard on the project's runs"),
     "control": ("forgather.cli.control", "list running training jobs; status/save/stop/abort them"),
 }
 
