@@ -37,6 +37,7 @@ _ACTION_CODES = {name: code for code, name in enumerate(job_registry.ACTIONS, st
 _ACTION_NAMES = {code: name for name, code in _ACTION_CODES.items()}
 # How long rank 0 lingers after acting so the reply leaves before the process may exit.
 _REPLY_GRACE_S = 2.0
+_IO_TIMEOUT_S = 30.0
 
 
 class JobAborted(Exception):
@@ -113,13 +114,15 @@ class ControlServer:
     def _handle(self, conn: socket.socket) -> None:
         pending = None
         with conn:
-            conn.settimeout(None)
+            # Bounds reading the request and sending the reply, not the wait for an action.
+            conn.settimeout(_IO_TIMEOUT_S)
             try:
-                if not job_registry.peer_allowed(conn, self._owner_uid):
-                    job_registry.send_message(conn, {"ok": False, "error": "refused: not the job's owner"})
-                    return
+                # Read before refusing: closing on unread data would reset the connection under the reply.
                 request = job_registry.receive_message(conn)
-                reply, pending = self._answer(request.get("command"))
+                if not job_registry.peer_allowed(conn, self._owner_uid):
+                    reply = {"ok": False, "error": "refused: not the job's owner"}
+                else:
+                    reply, pending = self._answer(request.get("command"))
                 job_registry.send_message(conn, reply)
             except (OSError, ValueError):
                 pass  # the client went away or spoke garbage; the job carries on
@@ -197,7 +200,7 @@ class JobControl(pl.Callback):
         self._metrics: dict[str, Any] = {}
         self._total_steps: float | None = None
         self._epoch = 0
-        self._start = time.time()
+        self._start = 0.0
 
     # Lightning hooks
 
@@ -240,6 +243,7 @@ class JobControl(pl.Callback):
     # Rank 0: registry and server
 
     def _open(self) -> None:
+        self._start = time.time()
         # A short private directory: socket paths are limited to ~108 bytes, cache paths can be longer.
         self._socket_dir = Path(tempfile.mkdtemp(prefix="forgather-"))
         socket_path = self._socket_dir / "control.sock"
