@@ -104,6 +104,13 @@ def test_cache_key_follows_settings(tokenizer, documents, private_cache):
     assert len(list((private_cache / "packed").glob("*.safetensors"))) == 3
 
 
+def test_each_train_loader_starts_counting_consumed_batches_afresh(tokenizer, documents):
+    module = make_module(tokenizer, documents)
+    for _ in range(3):
+        module.position.advance(epoch=0)
+    assert module.train_dataloader().state_dict() == {"epoch": 0, "batches": 0}
+
+
 def test_tokenizer_factory_is_called_once_on_first_use(tokenizer, documents):
     calls = []
 

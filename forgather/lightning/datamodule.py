@@ -14,7 +14,8 @@ Resumable: training order comes from `EpochShuffleSampler` (seed + epoch) and no
 The module counts the training batches consumed in the current epoch (`on_before_batch_transfer`) into the
 train loader's `LoaderPosition`; Lightning stores the loader's state in checkpoints and restores it, and the
 loader then skips those batches, so a run resumed mid-epoch sees exactly the batches an uninterrupted run
-would (see `forgather.data.loader`).
+would (see `forgather.data.loader`). If the LightningModule overrides `on_before_batch_transfer` too,
+Lightning calls only this module's hook (and warns).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class TextDataModule(pl.LightningDataModule):
         self.cache = cache
         self.train_dataset: PackedDataset | None = None
         self.val_dataset: PackedDataset | None = None
-        # Shared with every train loader this module makes (Lightning may rebuild a loader from its arguments).
+        # Shared with the current train loader (and any copy Lightning rebuilds from its arguments under DDP).
         self.position = LoaderPosition()
 
     @property
@@ -114,6 +115,8 @@ class TextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_dataset)
         sampler = EpochShuffleSampler(len(dataset), self.seed)
+        # A fresh count per loader: a restored checkpoint fills it in through the loader's load_state_dict.
+        self.position = LoaderPosition()
         return ResumableDataLoader(dataset, position=self.position, sampler=sampler, **self._loader_settings())
 
     def val_dataloader(self) -> DataLoader:
