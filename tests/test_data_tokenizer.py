@@ -1,6 +1,10 @@
 """Byte-level BPE training, caching and loading."""
 
+import subprocess
+import sys
+
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer
 
 from forgather.data import cache, tokenizer
@@ -85,6 +89,25 @@ def test_load_tokenizer_from_directory_or_json_file(trained, tmp_path):
         loaded = tokenizer.load_tokenizer(path)
         assert loaded(text)["input_ids"] == expected
         assert loaded.pad_token_id == 0
+
+
+def test_loading_a_foreign_tokenizer_json_adds_no_tokens(tmp_path):
+    foreign = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    foreign.pre_tokenizer = pre_tokenizers.Whitespace()
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    loaded = tokenizer.load_tokenizer(tmp_path / "tokenizer.json")
+    assert len(loaded) == 3
+    assert loaded.eos_token_id is None
+
+
+def test_training_is_deterministic_across_processes(documents):
+    script = (
+        "from forgather.data.corpus import pydoc_topics; from forgather.data import tokenizer as t; "
+        f"print(t.tokenizer_fingerprint(t.build_bpe_tokenizer([x for _, x in pydoc_topics()], {VOCAB})))"
+    )
+    other_process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    here = tokenizer.tokenizer_fingerprint(tokenizer.build_bpe_tokenizer(documents, VOCAB))
+    assert other_process.stdout.strip() == here
 
 
 def test_fingerprint_tells_tokenizers_apart(documents, trained):

@@ -21,6 +21,7 @@ from forgather.data.cache import atomic_directory, cache_dir, documents_fingerpr
 from forgather.data.sources import Documents, resolve_documents
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>"
+SPECIAL_TOKENS = {"pad_token": PAD_TOKEN, "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}
 # Bump when the training recipe changes, so stale cached tokenizers are not reused.
 TOKENIZER_FORMAT = 1
 
@@ -33,7 +34,7 @@ def build_bpe_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        special_tokens=list(SPECIAL_TOKENS.values()),
         # All 256 byte symbols up front: text never seen in training still encodes, and decodes back exactly.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -43,13 +44,10 @@ def build_bpe_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency
 
 
 def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=PAD_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        clean_up_tokenization_spaces=False,
-    )
+    # Name only the special tokens the vocabulary has: naming a missing one would add it as a new token.
+    vocab = tokenizer.get_vocab()
+    specials = {role: token for role, token in SPECIAL_TOKENS.items() if token in vocab}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **specials)
 
 
 def train_bpe_tokenizer(
