@@ -4,8 +4,8 @@ Rank 0 registers the job (`forgather.callbacks.job_registry`) and serves a Unix 
 socket 0600, peers of another uid refused) from a background thread. `status` is answered at once from the
 last step's numbers; `save`/`stop`/`abort` are queued, and at the end of an optimizer step rank 0 broadcasts
 the pending one (an int) so every rank acts at the same step:
-- save: `trainer.save_checkpoint(<run_dir>/checkpoints/control-step<N>.ckpt)` (Lightning writes it atomically
-  through an fsspec transaction) and training goes on;
+- save: `trainer.save_checkpoint` to a hidden name, renamed by rank 0 to
+  `<run_dir>/checkpoints/control-step<N>.ckpt`, and training goes on;
 - stop: the same checkpoint, then `trainer.should_stop = True` (a clean end of `fit`);
 - abort: raises `JobAborted` from the hook: nothing is saved and `trainer.fit` re-raises it, so the caller
   decides the exit code.
@@ -309,9 +309,7 @@ class JobControl(pl.Callback):
     def _act(self, trainer: pl.Trainer, action: str, step: int, pending: PendingCommand | None) -> None:
         reply: dict[str, Any] = {"ok": True, "command": action, "step": step}
         if action in ("save", "stop"):
-            path = self.run_dir / "checkpoints" / f"control-step{step}.ckpt"
-            trainer.save_checkpoint(path, weights_only=False)
-            reply["checkpoint"] = str(path)
+            reply["checkpoint"] = str(self._save(trainer, step))
         if action == "stop":
             trainer.should_stop = True
         if pending is not None:
@@ -320,6 +318,17 @@ class JobControl(pl.Callback):
         if action == "abort":
             raise JobAborted(step)
 
+
+    def _save(self, trainer: pl.Trainer, step: int) -> Path:
+        """Checkpoint under a temporary name, then rename: a reader never sees a partial checkpoint.
+        (Lightning's own atomic write stages the file in the system temp dir, which is only atomic when
+        that is on the run directory's filesystem.)"""
+        path = self.run_dir / "checkpoints" / f"control-step{step}.ckpt"
+        staging = path.with_name(f".{path.name}.partial")
+        trainer.save_checkpoint(staging, weights_only=False)  # every rank: sharded strategies write parts
+        if trainer.is_global_zero:
+            os.replace(staging, path)
+        return path
 
 def _scalar(value: Any) -> float | None:
     return None if value is None else float(value)

@@ -125,6 +125,7 @@ def test_save_writes_checkpoint_and_training_continues(running_job: Job, capsys)
     assert code == 0
     assert Path(reply["checkpoint"]).is_file()
     assert Path(reply["checkpoint"]).name == f"control-step{reply['step']}.ckpt"
+    assert [p.name for p in Path(reply["checkpoint"]).parent.iterdir()] == [f"control-step{reply['step']}.ckpt"]
     time.sleep(0.5)
     _, out = cli(capsys, "status", running_job.job_id, "--json")
     assert json.loads(out)["step"] > reply["step"]
