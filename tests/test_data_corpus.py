@@ -102,6 +102,15 @@ def test_module_walk_skips_tests_and_unparsable_files(tmp_path):
     assert texts == ["Package docs.", "Module docs.", "Class docs."]
 
 
+def test_atomic_writes_give_ordinary_permissions(tmp_path):
+    cache.atomic_write(tmp_path / "file.txt", lambda tmp: tmp.write_text("x"))
+    with cache.atomic_directory(tmp_path / "folder") as folder:
+        (folder / "inside.txt").write_text("y")
+    assert (tmp_path / "file.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "folder" / "inside.txt").read_text() == "y"
+
+
 def test_atomic_write_failure_leaves_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "data.jsonl"
     target.write_text("old\n")

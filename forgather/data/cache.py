@@ -3,7 +3,8 @@
 The cache root is `$FORGATHER_CACHE_DIR` when set, else `platformdirs.user_cache_dir("forgather")`.
 Every artifact is written to a temporary sibling and moved into place with `os.replace`, so a reader
 sees either nothing or a complete file (or directory), never a half-written one, even when several
-processes (DDP ranks) build the same artifact at once. Torch-free.
+processes (DDP ranks) build the same artifact at once. The results get the usual modes (files 0644,
+directories 0755) rather than the private ones of `tempfile`. Torch-free.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,6 +55,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)
         try:
             os.replace(tmp, path)
         except OSError:
