@@ -82,7 +82,8 @@ class CausalLMModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+        schedule = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # Training and validation
 
