@@ -11,6 +11,7 @@ from forgather.data.loader import EpochShuffleSampler, LoaderPosition, Resumable
 from forgather.data.packing import (
     IGNORE_INDEX,
     PackedDataset,
+    TokenizedDocuments,
     load_datasets,
     pack_documents,
     save_datasets,
@@ -27,7 +28,7 @@ document_lists = st.lists(st.integers(min_value=1, max_value=40), min_size=1, ma
 def make_documents(lengths):
     """Documents of the given lengths whose tokens are all distinct (so order is checkable)."""
     tokens = itertools.count(1)
-    return [[next(tokens) for _ in range(length)] for length in lengths]
+    return TokenizedDocuments.from_lists([[next(tokens) for _ in range(length)] for length in lengths])
 
 
 def expected_starts(lengths, num_tokens, padded, block_size):
@@ -55,7 +56,7 @@ def test_every_token_appears_once_in_order(lengths, block_size):
     blocks = pack_documents(documents, block_size, PAD)
     labels = blocks["labels"].flatten()
     real = blocks["input_ids"].flatten()[labels != IGNORE_INDEX]
-    assert real.tolist() == list(itertools.chain.from_iterable(documents))
+    assert real.tolist() == documents.tokens.tolist()
     assert torch.equal(labels[labels != IGNORE_INDEX], real)
 
 
@@ -74,7 +75,7 @@ def test_blocks_are_long_tensors_of_block_size():
 
 
 def test_no_documents_give_no_blocks():
-    assert pack_documents([], block_size=8, pad_id=PAD)["input_ids"].shape == (0, 8)
+    assert pack_documents(make_documents([]), block_size=8, pad_id=PAD)["input_ids"].shape == (0, 8)
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +87,28 @@ def tiny_tokenizer():
 def test_tokenize_appends_eos_and_keeps_special_token_text_as_text(tiny_tokenizer):
     tokenized = tokenize_documents(["the cat", "say <|eos|> twice"], tiny_tokenizer)
     eos = tiny_tokenizer.eos_token_id
-    assert [document[-1] for document in tokenized] == [eos, eos]
-    assert all(eos not in document[:-1] for document in tokenized)
-    assert tiny_tokenizer.decode(tokenized[1][:-1]) == "say <|eos|> twice"
+    documents = [tokenized.document(index) for index in range(len(tokenized))]
+    assert [document[-1] for document in documents] == [eos, eos]
+    assert all(eos not in document[:-1] for document in documents)
+    assert tiny_tokenizer.decode(documents[1][:-1]) == "say <|eos|> twice"
 
 
 def test_tokenize_stops_at_exactly_max_tokens(tiny_tokenizer):
     documents = ["the cat sat on the mat"] * 10
-    full = tokenize_documents(documents, tiny_tokenizer)
-    budget = len(full[0]) * 2 + 3
-    limited = tokenize_documents(documents, tiny_tokenizer, max_tokens=budget)
-    assert sum(map(len, limited)) == budget
-    assert limited[:2] == full[:2]
-    assert limited[2][-1] == tiny_tokenizer.eos_token_id
+    full = tokenize_documents(documents, tiny_tokenizer, chunk_size=4)
+    budget = int(full.lengths[0]) * 5 + 3
+    limited = tokenize_documents(documents, tiny_tokenizer, max_tokens=budget, chunk_size=4)
+    assert limited.tokens.numel() == int(limited.lengths.sum()) == budget
+    assert len(limited) == 6
+    assert torch.equal(limited.tokens[:-1], full.tokens[: budget - 1])
+    assert limited.document(5)[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_selecting_documents_keeps_their_tokens_and_order():
+    documents = make_documents([2, 3, 1, 4])
+    chosen = documents.select([3, 1])
+    assert chosen.lengths.tolist() == [3, 4]
+    assert [chosen.document(0), chosen.document(1)] == [documents.document(1), documents.document(3)]
 
 
 def test_split_is_disjoint_complete_and_seeded():
@@ -153,7 +163,7 @@ def test_resumable_loader_skips_consumed_batches_of_the_saved_epoch_only():
 
 def test_datasets_round_trip_through_one_file(tmp_path):
     train = PackedDataset(pack_documents(make_documents([5, 9]), 4, PAD))
-    empty = PackedDataset(pack_documents([], 4, PAD))
+    empty = PackedDataset(pack_documents(make_documents([]), 4, PAD))
     save_datasets(tmp_path / "blocks.safetensors", {"train": train, "val": empty})
     loaded = load_datasets(tmp_path / "blocks.safetensors")
     assert len(loaded["val"]) == 0

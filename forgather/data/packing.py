@@ -1,8 +1,9 @@
 """Sequence packing: documents -> token ids -> fixed-length blocks that keep document boundaries.
 
 `tokenize_documents` encodes each document (text only: special-token strings inside a document are encoded
-as plain text) and appends `<|eos|>`. `pack_documents` concatenates the documents and cuts the stream into
-blocks of `block_size` tokens. Per block:
+as plain text) and appends `<|eos|>`, giving `TokenizedDocuments` (one flat token tensor + document
+lengths). `pack_documents` concatenates the documents and cuts the stream into blocks of `block_size`
+tokens. Per block:
 - `input_ids`: the tokens; the final block is filled up with the pad id;
 - `position_ids`: 0 at every document start, counting up within the document. A document that runs over
   a block boundary restarts at 0 at the block start: the model treats position 0 as "no earlier context in
@@ -17,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,22 +28,56 @@ IGNORE_INDEX = -100
 BLOCK_FIELDS = ("input_ids", "position_ids", "labels")
 
 
+class TokenizedDocuments(NamedTuple):
+    """Documents as one flat token stream plus per-document lengths (compact: no Python int per token)."""
+
+    tokens: torch.Tensor  # LongTensor [total tokens]
+    lengths: torch.Tensor  # LongTensor [documents]
+
+    @classmethod
+    def from_lists(cls, documents: Sequence[Sequence[int]]) -> TokenizedDocuments:
+        flat = list(itertools.chain.from_iterable(documents))
+        return cls(torch.tensor(flat, dtype=torch.long), torch.tensor([len(d) for d in documents], dtype=torch.long))
+
+    def __len__(self) -> int:
+        return self.lengths.numel()
+
+    def document(self, index: int) -> list[int]:
+        start = int(self.lengths[:index].sum())
+        return self.tokens[start : start + int(self.lengths[index])].tolist()
+
+    def select(self, indices: Iterable[int]) -> TokenizedDocuments:
+        """The documents at `indices`, kept in their original order."""
+        keep = torch.zeros(len(self), dtype=torch.bool)
+        keep[list(indices)] = True
+        return TokenizedDocuments(self.tokens[keep.repeat_interleave(self.lengths)], self.lengths[keep])
+
+
 def tokenize_documents(
     documents: Iterable[str], tokenizer, max_tokens: int | None = None, chunk_size: int = 256
-) -> list[list[int]]:
+) -> TokenizedDocuments:
     """Token ids of each document with `eos` appended; stops once `max_tokens` tokens are collected
     (the document that crosses the budget is cut short, keeping its eos, so the total is exactly the budget)."""
     eos = _require_id(tokenizer, "eos_token_id")
-    tokenized, total = [], 0
-    for chunk in _chunks(documents, chunk_size):
-        encoded = tokenizer(chunk, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    chunks, total = [], 0
+    for texts in _chunks(documents, chunk_size):
+        encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        chunk = []
         for ids in encoded:
             if max_tokens is not None and total + len(ids) + 1 >= max_tokens:
-                tokenized.append([*ids[: max_tokens - total - 1], eos])
-                return tokenized
-            tokenized.append([*ids, eos])
+                chunk.append([*ids[: max_tokens - total - 1], eos])
+                chunks.append(TokenizedDocuments.from_lists(chunk))
+                return _concatenate(chunks)
+            chunk.append([*ids, eos])
             total += len(ids) + 1
-    return tokenized
+        chunks.append(TokenizedDocuments.from_lists(chunk))
+    return _concatenate(chunks)
+
+
+def _concatenate(parts: list[TokenizedDocuments]) -> TokenizedDocuments:
+    if not parts:
+        return TokenizedDocuments.from_lists([])
+    return TokenizedDocuments(torch.cat([part.tokens for part in parts]), torch.cat([part.lengths for part in parts]))
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -57,12 +93,11 @@ def _require_id(tokenizer, attribute: str) -> int:
     return token_id
 
 
-def pack_documents(token_documents: Sequence[Sequence[int]], block_size: int, pad_id: int) -> dict[str, torch.Tensor]:
+def pack_documents(documents: TokenizedDocuments, block_size: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Concatenate tokenized documents and cut them into blocks: LongTensors [num_blocks, block_size]."""
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    lengths = torch.tensor([len(document) for document in token_documents], dtype=torch.long)
-    tokens = torch.tensor(list(itertools.chain.from_iterable(token_documents)), dtype=torch.long)
+    tokens, lengths = documents
     num_tokens = tokens.numel()
     padded = -(-num_tokens // block_size) * block_size
     num_pad = padded - num_tokens

@@ -169,6 +169,8 @@ class TextDataModule(pl.LightningDataModule):
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id
         tokenized = tokenize_documents(documents, self.tokenizer, self.max_tokens)
-        train, val = split_documents(tokenized, self.val_fraction, self.seed)
-        train_blocks, val_blocks = (pack_documents(part, self.block_size, pad_id) for part in (train, val))
+        train, val = split_documents(range(len(tokenized)), self.val_fraction, self.seed)
+        train_blocks, val_blocks = (
+            pack_documents(tokenized.select(part), self.block_size, pad_id) for part in (train, val)
+        )
         return PackedDataset(train_blocks), PackedDataset(val_blocks)
