@@ -1,5 +1,6 @@
 """TextDataModule: packed batches, seeded and cached, usable from plain Lightning code."""
 
+import functools
 import json
 import os
 import subprocess
@@ -16,6 +17,12 @@ from forgather.data import cache
 from forgather.data.corpus import pydoc_topics
 from forgather.data.tokenizer import train_bpe_tokenizer
 from forgather.lightning.datamodule import TextDataModule
+from forgather.models.attention import Attention
+from forgather.models.causal_lm import CausalLM
+from forgather.models.feedforward import SwiGLU
+from forgather.models.layers import PreLNLayer
+from forgather.models.norm import RMSNorm
+from forgather.models.rope import RotaryEmbedding
 
 BLOCK, BATCH = 32, 4
 
@@ -215,6 +222,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from forgather.data.corpus import pydoc_topics
 from forgather.data.tokenizer import train_bpe_tokenizer
 from forgather.lightning.datamodule import TextDataModule
+from forgather.models.attention import Attention
+from forgather.models.causal_lm import CausalLM
+from forgather.models.feedforward import SwiGLU
+from forgather.models.layers import PreLNLayer
+from forgather.models.norm import RMSNorm
+from forgather.models.rope import RotaryEmbedding
 
 mode, out = sys.argv[1], sys.argv[2]
 
@@ -269,3 +282,31 @@ def test_ddp_ranks_get_different_shards_and_each_resumes_exactly(tmp_path, priva
     assert seen["full", 0] != seen["full", 1]
     for rank in (0, 1):
         assert seen["resumed", rank] == seen["full", rank][3:]
+
+
+@pytest.mark.parametrize("attention_fn", ["sdpa", "eager"])
+def test_packed_rows_give_each_document_the_logits_it_gets_alone(tokenizer, documents, attention_fn):
+    """The contract with forgather.models: position ids from packing make the model mask across documents."""
+    torch.manual_seed(0)
+    layer = functools.partial(
+        PreLNLayer,
+        attention_factory=functools.partial(Attention, num_heads=2, attention_fn=attention_fn),
+        feedforward_factory=functools.partial(SwiGLU, intermediate_size=32),
+        norm_factory=RMSNorm,
+    )
+    model = CausalLM(len(tokenizer), 16, 2, layer, RMSNorm, rope=RotaryEmbedding(8, theta=10000.0)).eval()
+    short_documents = [text[:60] for text in documents]
+    blocks = make_module(tokenizer, short_documents, max_tokens=None, cache=False).train_dataset.blocks
+    input_ids, position_ids = blocks["input_ids"][:4], blocks["position_ids"][:4]
+
+    with torch.no_grad():
+        packed = model(input_ids, position_ids=position_ids)
+        starts = [tuple(start) for start in torch.nonzero(position_ids == 0).tolist()]
+        ends = [*starts[1:], (len(input_ids), 0)]
+        checked = 0
+        for (row, start), (end_row, end) in zip(starts, ends, strict=True):
+            stop = end if end_row == row else BLOCK
+            alone = model(input_ids[row : row + 1, start:stop])
+            torch.testing.assert_close(packed[row, start:stop], alone[0], atol=1e-5, rtol=1e-5)
+            checked += 1
+    assert checked > len(input_ids)
