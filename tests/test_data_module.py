@@ -284,7 +284,7 @@ def test_ddp_ranks_get_different_shards_and_each_resumes_exactly(tmp_path, priva
         assert seen["resumed", rank] == seen["full", rank][3:]
 
 
-@pytest.mark.parametrize("attention_fn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention_fn", ["sdpa", "eager", "flex"])
 def test_packed_rows_give_each_document_the_logits_it_gets_alone(tokenizer, documents, attention_fn):
     """The contract with forgather.models: position ids from packing make the model mask across documents."""
     torch.manual_seed(0)
