@@ -125,6 +125,15 @@ def test_state_dict_round_trip_continues_identically():
         torch.testing.assert_close(x, y)
 
 
+def test_loaded_state_of_bf16_parameters_stays_fp32():
+    (w,) = make_params(shapes=((6, 8),), dtype=torch.bfloat16)
+    opt = Adafactor([w])
+    run_steps([w], opt, steps=1)
+    other = Adafactor([w])
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert other.state[w]["row_var"].dtype == torch.float32 and other.state[w]["col_var"].dtype == torch.float32
+
+
 def test_invalid_hyperparameters_are_rejected():
     with pytest.raises(ValueError, match="beta1"):
         Adafactor(make_params(), beta1=1.5)

@@ -28,6 +28,7 @@ import torch
 from torch.optim import Optimizer
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+FP32_STATE = {"row_var", "col_var", "variance", "param_sq"}
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +84,13 @@ class Adafactor(Optimizer):
                 grad = -param.grad if group["maximize"] else param.grad
                 self.update(param, grad, state, group, step_scalars(group, int(state["step"].item())))
         return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts loaded state to each parameter's dtype; the factored moments stay fp32 whatever it is.
+        for state in self.state.values():
+            for key in FP32_STATE & state.keys():
+                state[key] = state[key].float()
 
     @staticmethod
     def init_state(param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
