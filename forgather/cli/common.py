@@ -18,7 +18,12 @@ def load(args: argparse.Namespace) -> LoadedConfig:
 
 
 def report_error(error: BaseException) -> int:
-    """Print an error for the user; FORGATHER_TRACEBACK=1 shows the traceback as well."""
+    """Print an error for the user; FORGATHER_TRACEBACK=1 shows the traceback as well.
+
+    Exit codes: 2 for a mistake in the input, 3 for a run aborted through `forgather control abort`."""
+    if type(error).__name__ == "JobAborted":
+        print(f"aborted: {error}", file=sys.stderr)
+        return 3
     if os.environ.get("FORGATHER_TRACEBACK") or type(error).__name__ not in (*_USER_ERRORS, "FileNotFoundError", "ValueError", "KeyError"):
         raise error
     print(f"error: {error}", file=sys.stderr)
