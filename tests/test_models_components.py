@@ -323,3 +323,12 @@ def test_reordered_kv_cache_continues_the_selected_rows():
         continued = model(ids[order, 6:], PACKED_POSITIONS[:1, 6:8].expand(3, 2), kv_cache=cache)
         expected = model(ids[order], PACKED_POSITIONS[:1, :8].expand(3, 8))[:, 6:]
     torch.testing.assert_close(continued, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_whole_model_compiles_without_graph_breaks():
+    model, ids = tiny_model().train(), random_ids()
+    compiled = torch.compile(model, fullgraph=True)
+    logits = compiled(ids, PACKED_POSITIONS)
+    logits.mean().backward()
+    torch.testing.assert_close(logits, model(ids, PACKED_POSITIONS), rtol=1e-5, atol=1e-5)

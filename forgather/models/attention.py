@@ -10,7 +10,6 @@ reference) -- all honour one `AttentionMask`: causal, and within a document when
 from __future__ import annotations
 
 import warnings
-from functools import cached_property
 from typing import Callable
 
 import torch
@@ -43,15 +42,30 @@ class AttentionMask:
         self.query_offset = num_keys - num_queries
         self.document_ids = document_ids
         self.device = device
+        # Built on first use. Not functools.cached_property: its lock (Python 3.11) breaks torch.compile graphs.
+        self._dense: torch.Tensor | None = None
+        self._block_mask: flex.BlockMask | None = None
 
     @property
     def is_plain_causal(self) -> bool:
         """True when a square causal mask says it all (SDPA's `is_causal=True` fast path)."""
         return self.document_ids is None and self.query_offset == 0
 
-    @cached_property
+    @property
     def dense(self) -> torch.Tensor:
         """Boolean [B or 1, 1, Tq, Tk]; True where attention is allowed."""
+        if self._dense is None:
+            self._dense = self._build_dense()
+        return self._dense
+
+    @property
+    def block_mask(self) -> flex.BlockMask:
+        """The same mask as a flex-attention BlockMask."""
+        if self._block_mask is None:
+            self._block_mask = self._build_block_mask()
+        return self._block_mask
+
+    def _build_dense(self) -> torch.Tensor:
         query_index = torch.arange(self.num_queries, device=self.device)[:, None] + self.query_offset
         key_index = torch.arange(self.num_keys, device=self.device)[None, :]
         allowed = (key_index <= query_index)[None, None]
@@ -60,9 +74,7 @@ class AttentionMask:
             allowed = allowed & (query_docs[:, None, :, None] == self.document_ids[:, None, None, :])
         return allowed
 
-    @cached_property
-    def block_mask(self) -> flex.BlockMask:
-        """The same mask as a flex-attention BlockMask."""
+    def _build_block_mask(self) -> flex.BlockMask:
         offset, docs = self.query_offset, self.document_ids
 
         def causal_in_document(b, h, q_idx, kv_idx):
@@ -92,15 +104,25 @@ def sdpa_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torc
 _compiled_flex_attention: Callable | None = None
 
 
+def _uncompiled_flex_attention(*args, **kwargs) -> torch.Tensor:
+    """Flex attention run eagerly; torch warns that this path is unfused, which on CPU is the point."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex.flex_attention(*args, **kwargs)
+
+
 def _flex_kernel(device: torch.device) -> Callable:
     """Compiled flex attention on GPUs (compiled once per process); the eager path on CPU.
 
     On CPU, torch 2.13 runs flex attention eagerly (it materializes the scores) and compiling costs ~12 s,
-    which is not worth it for the small models a CPU serves.
+    which is not worth it for the small models a CPU serves. Inside an outer torch.compile, dynamo
+    compiles flex attention in place.
     """
     global _compiled_flex_attention
-    if device.type == "cpu":
+    if torch.compiler.is_compiling():
         return flex.flex_attention
+    if device.type == "cpu":
+        return _uncompiled_flex_attention
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex.flex_attention)
     return _compiled_flex_attention
@@ -110,9 +132,9 @@ FLEX_MIN_QUERIES = 128  # one flex-attention tile
 
 
 def _flex_unavailable(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:
-    """Where flex attention is not used: backward on CPU (torch 2.13 has none), and, compiled on a GPU,
-    fewer queries than one tile (KV-cache decoding), where inductor found no kernel for the model's strided
-    queries (torch 2.11, H100: NoValidChoicesError) and a dense mask of a few rows costs little anyway."""
+    """Where flex attention is not used: backward on CPU (torch 2.13 has none), and, on a GPU, fewer queries
+    than one tile (KV-cache decoding): compiled flex attention failed there in one decoding test (torch 2.11,
+    H100, inductor NoValidChoicesError after several recompiles), and a dense mask of a few rows costs little."""
     if q.device.type == "cpu":
         return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     return mask.num_queries < FLEX_MIN_QUERIES
@@ -121,16 +143,14 @@ def _flex_unavailable(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> 
 def flex_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torch.Tensor:
     """Flex attention with the mask as a BlockMask: packed documents cost no more than one long row.
 
-    Where flex attention cannot run (see `_flex_unavailable`) SDPA computes the same thing with the dense
+    Where flex attention is not used (see `_flex_unavailable`) SDPA computes the same thing with the dense
     mask: same result, no block sparsity -- cheap for the few query rows of a decoding step.
     """
     if dropout_p:
         raise ValueError(f"flex attention has no attention dropout (dropout_p={dropout_p}); use sdpa or eager")
     if _flex_unavailable(q, k, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=_is_gqa(q, k))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return _flex_kernel(q.device)(q, k, v, block_mask=mask.block_mask, enable_gqa=_is_gqa(q, k))
+    return _flex_kernel(q.device)(q, k, v, block_mask=mask.block_mask, enable_gqa=_is_gqa(q, k))
 
 
 def eager_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torch.Tensor:

@@ -79,3 +79,17 @@ def test_flex_kv_cache_decoding_matches_full_sequence_on_gpu():
 def test_flex_model_generates_on_gpu_like_sdpa():
     prompt = token_ids(1)[:, :200]
     assert torch.equal(model("flex").generate(prompt, 8), model("sdpa").generate(prompt, 8))
+
+
+def test_compiled_model_with_flex_trains_like_eager_sdpa():
+    """Whole-model torch.compile with flex attention, as in training (forward + backward, no graph breaks).
+
+    Inference under whole-model compile (no_grad) fails in inductor on torch 2.11 ("convert FlexibleLayout
+    to FixedLayout first"); eager models use separately compiled flex attention and are not affected.
+    """
+    compiled = torch.compile(model("flex", torch.bfloat16), fullgraph=True)
+    logits = compiled(token_ids(), packed_positions())
+    logits.float().logsumexp(-1).mean().backward()
+    with torch.no_grad():
+        reference = model("sdpa", torch.bfloat16)(token_ids(), packed_positions())
+    torch.testing.assert_close(logits.detach().float(), reference.float(), **TOLERANCE[torch.bfloat16])
