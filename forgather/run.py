@@ -161,6 +161,7 @@ class Runner:
         return _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
 
     def run_point(self, point: list[ovr.Override], run_dir: Path | None = None) -> dict[str, float] | None:
+        sweeping = run_dir is not None
         choices, values = ovr.split_choices(point, self.groups)
         experiment, loaded = self.load(choices)
         config = loaded.config.copy()
@@ -184,7 +185,14 @@ class Runner:
                     "model_code": model_code,
                     "command": self.command,
                 },
+                export=self.export(experiment, run_dir, sweeping),
             )
+
+    def export(self, experiment: str, run_dir: Path, sweeping: bool) -> dict[str, Any]:
+        """Where the trained model goes: `<outputs>/output_models/<experiment>` (a sweep point: its run dir)."""
+        name = experiment.replace("/", "_")
+        out_dir = run_dir / "model" if sweeping else Path(self.args.outputs).resolve() / "output_models" / name
+        return {"out_dir": out_dir, "name": name, "base_dir": self.project.model_src}
 
     def sweep(self, points: list[list[ovr.Override]]) -> int:
         root = _fresh_dir(Path(self.args.outputs) / "multirun" / _timestamp())
@@ -203,10 +211,19 @@ class Runner:
         return 1 if any(isinstance(outcome, str) for _, outcome in results) else 0
 
 
-def train(config: DictConfig, run_dir: Path, construct, snapshot: dict[str, Any], ckpt_path: str | None = None) -> dict[str, float]:
-    """Seed, construct trainer/module/datamodule, attach the snapshot, fit; returns the final metrics."""
+def train(
+    config: DictConfig,
+    run_dir: Path,
+    construct,
+    snapshot: dict[str, Any],
+    export: dict[str, Any] | None = None,
+    ckpt_path: str | None = None,
+) -> dict[str, float]:
+    """Seed, construct trainer/module/datamodule, attach the snapshot (and model export), fit; returns the
+    final metrics."""
     import pytorch_lightning as pl
 
+    from forgather.callbacks.model_export import ExportModel
     from forgather.callbacks.snapshot import Snapshot
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +235,8 @@ def train(config: DictConfig, run_dir: Path, construct, snapshot: dict[str, Any]
         raise ValueError(f"the config has no target {', '.join(missing)}: a training experiment defines trainer, module and datamodule")
     trainer = built["trainer"]
     trainer.callbacks.append(Snapshot(run_dir, config=config, **snapshot))
+    if export is not None and "model" in config:
+        trainer.callbacks.append(ExportModel(model_config=config.model, **export))
     trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
@@ -277,6 +296,11 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
             target,
             construct=lambda: construct(config, base_dir=base_dir),
             snapshot={"overrides": list(args.overrides), "meta": {**meta, "from_run": str(run_dir)}, "command": command},
+            export={
+                "out_dir": Path(args.outputs).resolve() / "output_models" / str(meta.get("experiment", "run")).replace("/", "_"),
+                "name": str(meta.get("experiment", "run")).replace("/", "_"),
+                "base_dir": base_dir,
+            },
             ckpt_path=str(ckpt_path) if ckpt_path else None,
         )
     return 0

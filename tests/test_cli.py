@@ -111,7 +111,7 @@ RUNNER_PROJECT = os.path.join(REPO, "tests", "fixtures", "runner_project")
 def test_train_is_the_runner_for_a_project_config(capsys):
     assert main(["-p", RUNNER_PROJECT, "-t", "micro.yaml", "train", "--dry-run", "-d", "0,1", "lr=1e-3"]) == 0
     out = capsys.readouterr().out.strip()
-    assert out.startswith("CUDA_VISIBLE_DEVICES=0,1 ") and out.endswith(f"-m forgather.run -p {RUNNER_PROJECT} +experiment=micro -d 0,1 lr=1e-3")
+    assert out.startswith("CUDA_VISIBLE_DEVICES=0,1 ") and out.endswith(f"-m forgather.run -p {RUNNER_PROJECT} --outputs {RUNNER_PROJECT} +experiment=micro -d 0,1 lr=1e-3")
     assert main(["-p", RUNNER_PROJECT, "-t", "micro.yaml", "train", "--cfg", "max_steps=3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["max_steps"] == 3
 

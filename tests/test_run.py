@@ -36,7 +36,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 def finished_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("first")
     assert run(root, "+experiment=micro", "scheduler=constant", "max_steps=16") == 0
-    (run_dir,) = run_dirs(root)
+    (run_dir,) = run_dirs(root / "outputs")
     return run_dir
 
 
@@ -64,9 +64,25 @@ def test_the_snapshot_holds_what_reproduction_needs(finished_run):
     assert meta["experiment"] == "micro" and meta["template"] == "configs/micro.yaml"
 
 
+def test_the_trained_model_is_exported_for_transformers(finished_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = finished_run.parents[2] / "output_models" / "micro"
+    hf_model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ids = torch.tensor([tokenizer("The object is returned.")["input_ids"]])
+    namespace: dict = {}
+    exec((finished_run / "snapshot" / "model_code.py").read_text(), namespace)
+    model = namespace["construct"]()()
+    state = torch.load(finished_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
+    with torch.no_grad():
+        assert torch.allclose(hf_model(ids).logits, model.eval()(ids), atol=1e-5)
+
+
 def test_from_snapshot_reproduces_the_loss_curve(finished_run, tmp_path):
     assert main(["--outputs", str(tmp_path), "--from-snapshot", str(finished_run)]) == 0
-    (again,) = run_dirs(tmp_path)
+    (again,) = run_dirs(tmp_path / "outputs")
     assert again != finished_run
     assert train_losses(again) == train_losses(finished_run)
 
@@ -83,7 +99,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(finished_run, tmp_path):
     finally:
         child.kill()
         child.wait()
-    (killed,) = run_dirs(tmp_path)
+    (killed,) = run_dirs(tmp_path / "outputs")
     resumed_from = torch.load(latest_checkpoint(killed), map_location="cpu", weights_only=False)["global_step"]
     assert resumed_from >= 8, "the newest checkpoint is not the one the run wrote last"
     assert main(["--resume", str(killed), "max_steps=16"]) == 0

@@ -1,6 +1,7 @@
 """`forgather train`: the runner (`python -m forgather.run`) for a config of the current project.
 
-    forgather -t tiny.yaml train lr=1e-3            ==  python -m forgather.run -p . +experiment=tiny lr=1e-3
+    forgather -t tiny.yaml train lr=1e-3   ==  python -m forgather.run -p . --outputs . +experiment=tiny lr=1e-3
+Runs and exported models go into the project (outputs/, multirun/, output_models/).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_arguments(args: argparse.Namespace) -> list[str]:
     """The `python -m forgather.run` arguments this command stands for."""
-    argv = ["-p", args.project]
+    argv = ["-p", args.project, "--outputs", args.project]
     for path in args.template_path:
         argv += ["--template-path", path]
     if args.config:

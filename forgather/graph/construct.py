@@ -112,3 +112,26 @@ def construct(config: DictConfig | Mapping[str, Any], target: str | None = None,
     if target not in config:
         raise ConstructError(target, f"no such target; targets are: {', '.join(map(str, config.keys()))}")
     return builder.build(_resolved(config, target), target)
+
+
+def fold_scalar_calls(tree: Any, base_dir: str | None = None) -> Any:
+    """A copy of a config tree where every call of a plain function that yields a scalar (`len(tokenizer)`,
+    `floordiv(hidden, heads)`) is replaced by its value; classes and partials are kept as nodes.
+
+    Used where a config subtree must stand alone: a model's tree exported without its tokenizer.
+    """
+    import inspect
+
+    if OmegaConf.is_config(tree):
+        tree = OmegaConf.to_container(tree, resolve=True)
+    if isinstance(tree, list):
+        return [fold_scalar_calls(item, base_dir) for item in tree]
+    if not isinstance(tree, Mapping):
+        return tree
+    if "_target_" in tree and not tree.get("_partial_") and not tree.get("_factory_"):
+        function = import_spec(tree["_target_"], base_dir)
+        if not inspect.isclass(function):
+            value = _Builder(base_dir).build(dict(tree), "")
+            if isinstance(value, (bool, int, float, str)):
+                return value
+    return {key: fold_scalar_calls(value, base_dir) for key, value in tree.items()}
