@@ -307,3 +307,51 @@ def test_builder_builds_a_fresh_factory_object_at_every_reference():
     node = {"_target_": "builtins:list", "_factory_": True}
     built = instantiate([node, copy.deepcopy(node)], lambda spec: list)
     assert built[0] is not built[1]
+
+
+YAML_MODEL = """
+.define: &hidden_size !var { name: hidden_size, default: 32 }
+.define: &norm_factory !partial:forgather.models.norm:RMSNorm@norm_factory {}
+.define: &rope !singleton:forgather.models.rope:RotaryEmbedding@rope
+    head_dim: !call:operator:floordiv [ *hidden_size, 4 ]
+model: !partial:forgather.models.causal_lm:CausalLM@model
+    vocab_size: 97
+    hidden_size: *hidden_size
+    num_layers: 2
+    layer_factory: !partial:.post_ln_layer:PostLNLayer@layer_factory
+        attention_factory: !partial:forgather.models.attention:Attention { num_heads: 4, num_kv_heads: 2 }
+        feedforward_factory: !partial:forgather.models.feedforward:SwiGLU { intermediate_size: 64 }
+        norm_factory: *norm_factory
+        alpha: 1.5
+    norm_factory: *norm_factory
+    rope: *rope
+"""
+
+
+def test_yaml_model_factory_with_a_project_local_layer_constructs_and_exports(tmp_path):
+    from forgather.graph import construct, load_graph, to_config
+
+    model_src = tmp_path / "model_src"
+    model_src.mkdir()
+    (model_src / "post_ln_layer.py").write_text(PROJECT_LAYER)
+    config = to_config(load_graph(YAML_MODEL)).config
+    torch.manual_seed(0)
+    model = construct(config, "model", base_dir=str(model_src))().eval()
+    assert type(model.layers[0]).__name__ == "PostLNLayer" and model.layers[0].alpha == 1.5
+    out = save_model(model, config.model, tmp_path / "yaml_model", "yaml_model", base_dir=str(model_src))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(ids()), model(ids()), rtol=0, atol=0)
+
+
+def test_project_code_importing_forgather_inside_a_function_is_refused(tmp_path):
+    model_src = tmp_path / "model_src"
+    model_src.mkdir()
+    (model_src / "lazy_layer.py").write_text(
+        "def LazyLayer(hidden_size, **kwargs):\n"
+        "    from forgather.models.layers import PreLNLayer\n"
+        "    return PreLNLayer(hidden_size, **kwargs)\n"
+    )
+    tree = model_tree(layer=".lazy_layer:LazyLayer")
+    model = build_model(tree, str(model_src))
+    with pytest.raises(ExportError, match=r"lazy_layer.py:2: move the forgather import to the top level"):
+        save_model(model, tree, tmp_path / "out", "lazy", base_dir=str(model_src))

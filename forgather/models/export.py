@@ -121,7 +121,7 @@ def _inlined_import_file(path: Path, node: ast.ImportFrom, local: bool) -> Path 
         return path.parent / (module.replace(".", "/") + ".py")
     if module.startswith("forgather.models."):
         return MODELS_DIR / (module.removeprefix("forgather.models.").replace(".", "/") + ".py")
-    if module == "forgather" or module.startswith("forgather."):
+    if _is_forgather(module):
         raise ExportError(f"{path}:{node.lineno}: standalone code cannot import {module!r}; "
                           "import components from their forgather.models.<module> file")
     sibling = path.parent / (module.replace(".", "/") + ".py")
@@ -133,17 +133,29 @@ def _read_module(path: Path, local: bool) -> _Module:
     syntax = ast.parse(source, str(path))
     found = _Module(path, source, syntax)
     body = syntax.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-        found.docstring = body[0].value.value
+    docstring = ast.get_docstring(syntax, clean=False)
+    if docstring is not None:
+        found.docstring = docstring
         found.strip.update(range(body[0].lineno, body[0].end_lineno + 1))
     for node in body:
         _read_statement(found, node, local)
-    for node in ast.walk(syntax):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        names += [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-        if any(n == "forgather" or n.startswith("forgather.") for n in names) and node not in body:
+    for node in _forgather_imports(syntax):
+        if node not in body:
             raise ExportError(f"{path}:{node.lineno}: move the forgather import to the top level of the module")
     return found
+
+
+def _is_forgather(module: str) -> bool:
+    return module == "forgather" or module.startswith("forgather.")
+
+
+def _forgather_imports(syntax: ast.Module) -> Iterator[ast.stmt]:
+    """Every import statement, at any depth, that names a forgather module."""
+    for node in ast.walk(syntax):
+        modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        modules += [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        if any(_is_forgather(module) for module in modules):
+            yield node
 
 
 def _read_statement(found: _Module, node: ast.stmt, local: bool) -> None:
@@ -166,7 +178,7 @@ def _read_statement(found: _Module, node: ast.stmt, local: bool) -> None:
             found.imported[alias.asname or alias.name] = (source_file.resolve(), alias.name)
     elif isinstance(node, ast.Import):
         for alias in node.names:
-            if alias.name == "forgather" or alias.name.startswith("forgather."):
+            if _is_forgather(alias.name):
                 raise ExportError(f"{path}:{node.lineno}: write 'from forgather.models.<module> import Name'")
             bound = alias.asname or alias.name.split(".")[0]
             found.bindings[bound] = ("import", alias.name if alias.asname else bound)
@@ -180,7 +192,7 @@ def _read_statement(found: _Module, node: ast.stmt, local: bool) -> None:
                     found.bindings[name.id] = ("def", path, name.id)
 
 
-def _closure(roots: list[Path], base_dir: str | None) -> list[_Module]:
+def _closure(roots: list[Path]) -> list[_Module]:
     """The modules to inline, each after the modules it imports from."""
     ordered: dict[Path, _Module] = {}
     visiting: set[Path] = set()
@@ -208,10 +220,10 @@ ENTRY_POINT_NAMES = ("INLINED", "build_model", "load_pretrained", "_resolve", "i
 
 
 class _Namespace:
-    """Assigns each top-level binding a unique name in the generated module."""
+    """Assigns each top-level binding of the inlined modules a unique name in the generated module."""
 
-    def __init__(self) -> None:
-        self.owner: dict[str, tuple] = {name: ("entry point",) for name in ENTRY_POINT_NAMES}
+    def __init__(self, reserved: tuple[str, ...]) -> None:
+        self.owner: dict[str, tuple] = {name: ("reserved",) for name in reserved}
         self.renames: dict[Path, dict[str, str]] = {}
 
     def add(self, module: _Module) -> None:
@@ -229,6 +241,20 @@ class _Namespace:
         if name not in self.renames.get(path, {}):
             raise ExportError(f"{path} has no top-level name {name!r} to import")
         return self.renames[path][name]
+
+    def local_name(self, obj: Any) -> str:
+        """What an inlined class or function is called in the generated module."""
+        top, _, rest = obj.__qualname__.partition(".")
+        return self.global_name(_source_path(obj), top) + (f".{rest}" if rest else "")
+
+    def public_names(self, modules: list[_Module]) -> list[str]:
+        """The inlined modules' public definitions: the targets an edited config.json may name."""
+        return sorted(
+            self.renames[m.path][name]
+            for m in modules
+            for name, binding in m.bindings.items()
+            if binding[0] == "def" and not name.startswith("_")
+        )
 
 
 def _rename_tokens(source: str, renames: dict[str, str]) -> str:
@@ -346,10 +372,14 @@ if PreTrainedModel is not None:
             loss = None
             if labels is not None:
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+            cache = past_key_values if use_cache else None
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 ''')
 
-CONFIGURATION_FILE = string.Template('''"""Configuration of the standalone $name model, generated by Forgather: `model_tree` describes the model."""
+CONFIGURATION_FILE = string.Template('''"""Configuration of the standalone $name model (generated by Forgather).
+
+`model_tree` describes the model: the config tree that modeling's build_model() instantiates.
+"""
 
 from transformers import PretrainedConfig
 
@@ -384,39 +414,33 @@ def _names(name: str) -> tuple[str, str]:
 
 
 def generate_package(model: nn.Module, model_config: Any, name: str, base_dir: str | None = None) -> GeneratedPackage:
-    """Write the standalone source for `model`, built from `model_config` (see the module docstring)."""
-    tree = plain_tree(model_config)
-    resolved = {node["_target_"]: import_spec(node["_target_"], base_dir) for node in _targets(tree)}
-    inlined = {spec: obj for spec, obj in resolved.items() if _is_inlined(obj, base_dir)}
-    roots = [_source_path(obj) for obj in inlined.values()] + [path.resolve() for path in ALWAYS_INLINED]
-    modules = _closure(roots, base_dir)
-    namespace = _Namespace()
-    for module in modules:
-        namespace.add(module)
-
-    def local_name(obj: Any) -> str:
-        top, _, rest = obj.__qualname__.partition(".")
-        return namespace.global_name(_source_path(obj), top) + (f".{rest}" if rest else "")
-
-    for node in _targets(tree):
-        obj = resolved[node["_target_"]]
-        node["_target_"] = local_name(obj) if node["_target_"] in inlined else f"{obj.__module__}:{obj.__qualname__}"
+    """The standalone source for `model`, built from `model_config` (see the module docstring)."""
     module_name, camel = _names(name)
     config_class, model_class = f"{camel}Config", f"{camel}ForCausalLM"
-    public = sorted(
-        namespace.renames[m.path][n]
-        for m in modules
-        for n, binding in m.bindings.items()
-        if binding[0] == "def" and not n.startswith("_")
+    tree = plain_tree(model_config)
+    tree.pop("_partial_", None)  # a model factory's config describes the model it builds
+    resolved = {node["_target_"]: import_spec(node["_target_"], base_dir) for node in _targets(tree)}
+    inlined = {spec for spec, obj in resolved.items() if _is_inlined(obj, base_dir)}
+    modules = _closure([_source_path(resolved[spec]) for spec in inlined] + [p.resolve() for p in ALWAYS_INLINED])
+    namespace = _Namespace(ENTRY_POINT_NAMES + (config_class, model_class))
+    for module in modules:
+        namespace.add(module)
+    for node in _targets(tree):
+        obj = resolved[node["_target_"]]
+        external = f"{obj.__module__}:{obj.__qualname__}"
+        node["_target_"] = namespace.local_name(obj) if node["_target_"] in inlined else external
+    entry_points = MODELING_ENTRY_POINTS.substitute(
+        inlined="".join(f"    {n!r}: {n},\n" for n in namespace.public_names(modules)).rstrip("\n"),
+        module=module_name,
+        config_class=config_class,
+        model_class=model_class,
+        no_split=repr(sorted({namespace.local_name(type(layer)) for layer in getattr(model, "layers", [])})),
     )
-    layer_classes = sorted({local_name(type(layer)) for layer in getattr(model, "layers", [])})
     modeling = "\n\n".join(
         [f'"""Standalone {name} model generated by Forgather: torch only (transformers for the wrapper)."""\n\n'
          "from __future__ import annotations\n"]
         + [_render(m, namespace.renames[m.path]) for m in modules]
-        + [MODELING_ENTRY_POINTS.substitute(
-            inlined="".join(f"    {n!r}: {n},\n" for n in public).rstrip("\n"), module=module_name, config_class=config_class,
-            model_class=model_class, no_split=repr(layer_classes))]
+        + [entry_points]
     )
     _check_standalone(modeling)
     configuration = CONFIGURATION_FILE.substitute(
@@ -425,11 +449,8 @@ def generate_package(model: nn.Module, model_config: Any, name: str, base_dir: s
 
 
 def _check_standalone(modeling: str) -> None:
-    for node in ast.walk(ast.parse(modeling)):
-        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        modules += [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-        if any(m == "forgather" or m.startswith("forgather.") for m in modules):
-            raise ExportError(f"generated code still imports forgather at line {node.lineno}")
+    for node in _forgather_imports(ast.parse(modeling)):
+        raise ExportError(f"generated code still imports forgather at line {node.lineno}")
 
 
 def save_model(
@@ -473,7 +494,9 @@ def load_standalone_module(directory: str | Path) -> types.ModuleType:
     directory = Path(directory).resolve()
     config = json.loads((directory / "config.json").read_text())
     module_file = config["auto_map"]["AutoModelForCausalLM"].split(".")[0]
-    package_name = "forgather_export_" + hashlib.sha1(str(directory).encode()).hexdigest()[:12]
+    # Keyed by the code too, so a package re-exported into the same directory is imported afresh.
+    code = (directory / f"{module_file}.py").read_bytes()
+    package_name = "forgather_export_" + hashlib.sha1(str(directory).encode() + code).hexdigest()[:12]
     if package_name not in sys.modules:
         package = types.ModuleType(package_name)
         package.__path__ = [str(directory)]

@@ -56,5 +56,7 @@ class KVCache:
 
     def record(self, position_ids: torch.Tensor, document_ids: torch.Tensor | None) -> None:
         """Remember the new tokens' positions and the document ids of all tokens so far."""
-        self.position_ids = position_ids if self.position_ids is None else torch.cat((self.position_ids, position_ids), 1)
+        if self.position_ids is not None:
+            position_ids = torch.cat((self.position_ids, position_ids), dim=1)
+        self.position_ids = position_ids
         self.document_ids = document_ids
