@@ -332,3 +332,12 @@ def test_whole_model_compiles_without_graph_breaks():
     logits = compiled(ids, PACKED_POSITIONS)
     logits.mean().backward()
     torch.testing.assert_close(logits, model(ids, PACKED_POSITIONS), rtol=1e-5, atol=1e-5)
+
+
+def test_importing_the_models_package_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, forgather.models; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
