@@ -341,3 +341,47 @@ def test_importing_the_models_package_does_not_import_torch():
     code = "import sys, forgather.models; assert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _llama_state_for_ours(hf_state: dict) -> dict:
+    """Hugging Face Llama parameter names -> this library's."""
+    renames = {
+        "model.embed_tokens.": "embed.",
+        "model.norm.": "norm.",
+        "model.layers.": "layers.",
+        ".self_attn.": ".attention.",
+        ".mlp.": ".feedforward.",
+        ".input_layernorm.": ".attention_norm.",
+        ".post_attention_layernorm.": ".feedforward_norm.",
+    }
+    ours = {}
+    for name, value in hf_state.items():
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        ours[name] = value
+    return ours
+
+
+def test_llama_shaped_model_matches_transformers_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **scaling},
+    )
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).eval()
+    layer_factory = functools.partial(
+        PreLNLayer,
+        attention_factory=functools.partial(Attention, num_heads=HEADS, num_kv_heads=KV_HEADS),
+        feedforward_factory=functools.partial(SwiGLU, intermediate_size=64),
+        norm_factory=RMSNorm,
+    )
+    rope = RotaryEmbedding(HIDDEN // HEADS, theta=500000.0, llama3_scaling=scaling)
+    model = CausalLM(VOCAB, HIDDEN, 2, layer_factory, RMSNorm, rope=rope, tie_embeddings=False).eval()
+    model.load_state_dict(_llama_state_for_ours(reference.state_dict()))
+    ids = random_ids(seq=24)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)
