@@ -226,7 +226,7 @@ def _var_defaults(graph: Graph) -> dict:
     return found
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(graphs())
 def test_config_round_trip_constructs_the_same_object_graph(graph):
     # Each var takes the first default met in a depth-first walk; the oracle uses the config's choice.
@@ -238,3 +238,9 @@ def test_config_round_trip_constructs_the_same_object_graph(graph):
     assert shape({key: built[key] for key in graph.targets}) == expected
     generated = run_code(generate_code(reloaded))
     assert shape({key: generated[key] for key in graph.targets}) == expected
+
+
+def test_a_singleton_inside_an_aliased_factory_is_one_object():
+    out = build(f"a: &f !factory:{BOX_SPEC} {{norm: !singleton:{BOX_SPEC} [], items: []}}\nb: *f\n")
+    assert out["a"] is not out["b"]
+    assert out["a"].kwargs["norm"] is out["b"].kwargs["norm"] and out["a"].kwargs["items"] is out["b"].kwargs["items"]

@@ -5,7 +5,7 @@
     VarNode      "${name}", with a top-level `name: default` (or `???` when it has none)
     str          escaped, so that a literal "${" stays literal
 
-A node reached more than once is written in full once, at its shallowest occurrence (the canonical
+A node reached over more than one path is written in full once, at its shallowest occurrence (the canonical
 path), and as an interpolation "${canonical.path}" everywhere else; its `_id_` makes construction share
 one object. So an override at the canonical path reaches every use, and dumping the config to YAML and
 loading it again constructs the same object graph with the same sharing. Shared plain dicts and lists
@@ -46,17 +46,37 @@ def escape(text: str) -> str:
     return _DOLLAR_BRACE.sub(lambda m: m.group(1) * 2 + "\\${", text)
 
 
-def _shared(graph: Graph) -> Counter:
-    """How many times each node object (call node or container) is referenced from the targets."""
-    counts: Counter = Counter()
-    stack = [graph.nodes[key] for key in graph.targets]
+def _path_counts(graph: Graph) -> Counter:
+    """For each node object (call node or container), over how many paths the targets reach it.
+
+    A node reached over two paths (aliased itself, or inside an aliased factory) is shared: apart from
+    factories, every node is one object however it is reached. Counted over the DAG in topological order,
+    so deep chains of aliases cost linear time.
+    """
+    def is_node(value: Any) -> bool:
+        return isinstance(value, (CallNode, dict, list))
+
+    edges: dict[int, list[int]] = {}
+    objects: dict[int, Any] = {}
+    stack = [graph.nodes[key] for key in graph.targets if is_node(graph.nodes[key])]
     while stack:
         value = stack.pop()
-        if isinstance(value, (CallNode, dict, list)):
-            counts[id(value)] += 1
-            if counts[id(value)] > 1:
-                continue
-        stack.extend(child for _, child in children(value))
+        if id(value) in objects:
+            continue
+        objects[id(value)] = value
+        found = [child for _, child in children(value) if is_node(child)]
+        edges[id(value)] = [id(child) for child in found]
+        stack.extend(found)
+    indegree: Counter = Counter(child for targets in edges.values() for child in targets)
+    counts: Counter = Counter(id(graph.nodes[key]) for key in graph.targets if is_node(graph.nodes[key]))
+    ready = [key for key in objects if indegree[key] == 0]
+    while ready:
+        key = ready.pop()
+        for child in edges[key]:
+            counts[child] += counts[key]
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
     return counts
 
 
@@ -83,8 +103,7 @@ def _referable(path: str) -> bool:
 class _Converter:
     def __init__(self, graph: Graph):
         self.graph = graph
-        counts = _shared(graph)
-        self.shared = {key for key, count in counts.items() if count > 1}
+        self.shared = {key for key, count in _path_counts(graph).items() if count > 1}
         self.canonical = _canonical_paths(graph)
         self.ids: dict[int, str] = {}
         self.used_ids: set[str] = {node.name for node in self._named_nodes()}
