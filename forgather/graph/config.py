@@ -80,7 +80,14 @@ def _path_counts(graph: Graph) -> Counter:
     return counts
 
 
-def _canonical_paths(graph: Graph) -> dict[int, str]:
+def _content_path(value: Any, path: str, shared: set[int]) -> str:
+    """Where a value's children live in the config: a shared container becomes a call on its content."""
+    if isinstance(value, (dict, list, tuple)) and id(value) in shared:
+        return f"{path}._args_.0"
+    return path
+
+
+def _canonical_paths(graph: Graph, shared: set[int]) -> dict[int, str]:
     """Shallowest occurrence of each node object; breadth-first, so ties go to document order."""
     paths: dict[int, str] = {}
     queue = [(str(key), graph.nodes[key]) for key in graph.targets]
@@ -91,7 +98,8 @@ def _canonical_paths(graph: Graph) -> dict[int, str]:
                 if id(value) in paths:
                     continue
                 paths[id(value)] = path
-            following += [(f"{path}.{key}", child) for key, child in children(value)]
+            inner = _content_path(value, path, shared)
+            following += [(f"{inner}.{key}", child) for key, child in children(value)]
         queue = following
     return paths
 
@@ -104,7 +112,7 @@ class _Converter:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.shared = {key for key, count in _path_counts(graph).items() if count > 1}
-        self.canonical = _canonical_paths(graph)
+        self.canonical = _canonical_paths(graph, self.shared)
         self.ids: dict[int, str] = {}
         self.used_ids: set[str] = {node.name for node in self._named_nodes()}
         self.vars: dict[str, Any] = {}
@@ -146,13 +154,14 @@ class _Converter:
         if isinstance(value, VarNode):
             self.vars.setdefault(value.name, value.default)
             return "${" + value.name + "}"
+        inner = _content_path(value, path, self.shared)
         if isinstance(value, dict):
-            items = {str(k): self.convert(v, f"{path}.{k}") for k, v in value.items()}
+            items = {str(k): self.convert(v, f"{inner}.{k}") for k, v in value.items()}
             if key in self.shared:
                 return {"_target_": "dict", "_id_": self._id_for(value), "_args_": [items]}
             return items
         if isinstance(value, (list, tuple)):
-            items = [self.convert(v, f"{path}.{i}") for i, v in enumerate(value)]
+            items = [self.convert(v, f"{inner}.{i}") for i, v in enumerate(value)]
             if key in self.shared:
                 return {"_target_": "list", "_id_": self._id_for(value), "_args_": [items]}
             return items
