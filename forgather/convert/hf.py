@@ -1,0 +1,147 @@
+"""Converting whole model directories: Hugging Face Llama/Mistral/Qwen3 <-> Forgather model directory.
+
+`hf_to_forgather(src, dst)` reads a transformers checkpoint (config.json + safetensors), builds the matching
+Forgather model and writes it with `forgather.models.export.save_model`, plus the tokenizer.
+`forgather_to_hf(src, dst, family=None)` loads a Forgather model directory, checks that a Llama-family
+model can express it, and writes config.json + model.safetensors (+ tokenizer, generation_config.json)
+that transformers and vLLM load without remote code. The family defaults to the one a model was converted
+from (recorded in its config.json as `forgather_convert.family`), else qwen3 for q/k-norm models, else llama.
+Both take `add_tokens` (grow the tokenizer and the embedding rows) and `dtype` ("float32", "bfloat16" ...).
+
+Mistral's sliding-window attention is not reproduced: the Forgather model attends to the whole context,
+which equals Mistral for sequences up to `sliding_window` tokens (and Mistral models that have none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .spec import COMPONENTS_FILE, DecoderSpec, forgather_tree, hf_config, spec_from_hf_config, spec_from_model
+from .vocab import add_tokens as add_to_tokenizer
+from .vocab import copy_tokenizer, grow_vocabulary, has_tokenizer, load_tokenizer
+from .weights import read_safetensors, to_forgather_names, to_hf_names, write_safetensors
+
+DEFAULT_CONTEXT = 2048  # max_position_embeddings for a model that never recorded one
+
+
+@dataclasses.dataclass
+class VocabOptions:
+    """Tokens to add during conversion; the vocabulary is then padded up to a multiple of `pad_to_multiple_of`."""
+
+    tokens: Sequence[str] = ()
+    special: bool = False
+    pad_to_multiple_of: int = 1
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {name!r}; use float32, bfloat16 or float16")
+    return dtype
+
+
+def _tokenizer(src: Path, vocab: VocabOptions) -> Any | None:
+    """The source tokenizer with the new tokens added, or None when there is none (and nothing to add)."""
+    if not has_tokenizer(src):
+        if vocab.tokens:
+            raise ValueError(f"cannot add tokens: {src} has no tokenizer")
+        return None
+    tokenizer = load_tokenizer(src)
+    add_to_tokenizer(tokenizer, list(vocab.tokens), vocab.special)
+    return tokenizer
+
+
+def _write_tokenizer(tokenizer: Any | None, src: Path, dst: Path, vocab: VocabOptions) -> None:
+    if tokenizer is not None and vocab.tokens:
+        tokenizer.save_pretrained(str(dst))
+    elif tokenizer is not None:
+        copy_tokenizer(src, dst)
+
+
+def _convert_state(
+    state: dict[str, torch.Tensor], spec: DecoderSpec, tokenizer: Any | None, vocab: VocabOptions, dtype: str | None
+) -> tuple[dict[str, torch.Tensor], DecoderSpec]:
+    state, vocab_size = grow_vocabulary(state, spec.vocab_size, tokenizer, vocab.pad_to_multiple_of)
+    target = _torch_dtype(dtype)
+    if target is not None:
+        state = {name: tensor.to(target) for name, tensor in state.items()}
+    return state, dataclasses.replace(spec, vocab_size=vocab_size)
+
+
+def _dtype_name(state: dict[str, torch.Tensor]) -> str:
+    return str(next(iter(state.values())).dtype).removeprefix("torch.")
+
+
+def hf_to_forgather(
+    src: str | Path, dst: str | Path, name: str | None = None, dtype: str | None = None, vocab: VocabOptions = VocabOptions()
+) -> Path:
+    """Write the Hugging Face model in `src` as a Forgather model directory `dst`; returns `dst`."""
+    from transformers import AutoConfig
+
+    from forgather.models.export import build_model, save_model
+
+    src, dst = Path(src), Path(dst)
+    config = AutoConfig.from_pretrained(str(src))
+    spec = spec_from_hf_config(config)
+    sliding_window = getattr(config, "sliding_window", None)
+    if sliding_window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
+        warnings.warn(f"sliding-window attention becomes full attention: outputs equal the original's for "
+                      f"sequences up to {sliding_window} tokens", stacklevel=2)
+    tokenizer = _tokenizer(src, vocab)
+    state = to_forgather_names(read_safetensors(src), spec.tie_embeddings)
+    state, spec = _convert_state(state, spec, tokenizer, vocab, dtype)
+    tree = forgather_tree(spec)
+    with torch.device("meta"):  # no time spent initializing weights that are replaced at once
+        model = build_model(tree)
+    model.load_state_dict(state, strict=True, assign=True)
+    save_model(model.eval(), tree, dst, name or config.model_type, base_dir=str(COMPONENTS_FILE.parent))
+    _record(dst / "config.json", max_position_embeddings=spec.max_position_embeddings,
+            forgather_convert={"family": config.model_type, "source": str(src.resolve())})
+    _write_tokenizer(tokenizer, src, dst, vocab)
+    return dst
+
+
+def _record(config_file: Path, **values: Any) -> None:
+    """Add keys to an exported config.json (its configuration class keeps unknown keys as attributes)."""
+    config = json.loads(config_file.read_text())
+    config.update(values)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def forgather_to_hf(
+    src: str | Path,
+    dst: str | Path,
+    family: str | None = None,
+    dtype: str | None = None,
+    vocab: VocabOptions = VocabOptions(),
+    max_position_embeddings: int | None = None,
+) -> Path:
+    """Write the Forgather model directory `src` as a Hugging Face `family` checkpoint in `dst`; returns `dst`."""
+    from transformers import GenerationConfig
+
+    from forgather.models.export import load_model
+
+    src, dst = Path(src), Path(dst)
+    recorded = json.loads((src / "config.json").read_text())
+    model = load_model(src)
+    context = max_position_embeddings or recorded.get("max_position_embeddings") or DEFAULT_CONTEXT
+    spec = spec_from_model(model, context)
+    family = family or recorded.get("forgather_convert", {}).get("family") or ("qwen3" if spec.qk_norm else "llama")
+    tokenizer = _tokenizer(src, vocab)
+    state, spec = _convert_state(model.state_dict(), spec, tokenizer, vocab, dtype)
+    token_ids = {role: getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "pad")}
+    config = hf_config(spec, family, _dtype_name(state), token_ids)
+    dst.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(dst))
+    GenerationConfig.from_model_config(config).save_pretrained(str(dst))
+    write_safetensors(to_hf_names(state), dst / "model.safetensors")
+    _write_tokenizer(tokenizer, src, dst, vocab)
+    return dst

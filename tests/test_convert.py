@@ -1,0 +1,217 @@
+"""Conversion between Hugging Face Llama/Mistral/Qwen3 directories and Forgather model directories: tiny random
+models built from transformers' own config classes, converted both ways, give equal logits (fp32, 1e-5) and
+equal greedy generations; the vocabulary grows on request; models a family cannot express are refused."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from forgather.cli import convert as convert_cli
+from forgather.convert.hf import VocabOptions, forgather_to_hf, hf_to_forgather
+from forgather.convert.spec import ConversionError
+from forgather.data.tokenizer import build_bpe_tokenizer
+from forgather.models.export import build_model, load_model, save_model
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, {"rope_scaling": LLAMA3_SCALING, "tie_word_embeddings": True}),
+    "mistral": (transformers.MistralConfig, {"sliding_window": 64}),
+    "qwen3": (transformers.Qwen3Config, {"attention_bias": True, "tie_word_embeddings": True}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_bpe_tokenizer(["once upon a time there was a tiny model"] * 4, vocab_size=300)
+
+
+def random_hf_model(family: str, vocab_size: int, **overrides) -> transformers.PreTrainedModel:
+    """A tiny randomly initialized model, weights large enough that greedy decoding takes varied paths."""
+    config_class, extra = FAMILIES[family]
+    config = config_class(vocab_size=vocab_size, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                          **{**extra, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def hf_dir(request, tmp_path_factory, tokenizer) -> Path:
+    directory = tmp_path_factory.mktemp(request.param)
+    random_hf_model(request.param, len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def forgather_dir(hf_dir, tmp_path_factory) -> Path:
+    with warnings.catch_warnings():  # Mistral's sliding window: its own test below
+        warnings.simplefilter("ignore")
+        return hf_to_forgather(hf_dir, tmp_path_factory.mktemp("forgather"))
+
+
+def token_ids(vocab_size: int, batch: int = 2, seq: int = 24) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def hf_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_hf_to_forgather_gives_equal_logits(hf_dir, forgather_dir):
+    ids = token_ids(load_model(forgather_dir).vocab_size)
+    with torch.no_grad():
+        ours = load_model(forgather_dir)(ids)
+    torch.testing.assert_close(ours, hf_logits(hf_dir, ids), rtol=0, atol=1e-5)
+
+
+def test_hf_to_forgather_gives_equal_greedy_generations(hf_dir, forgather_dir):
+    ids = token_ids(load_model(forgather_dir).vocab_size, batch=1, seq=6)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    expected = theirs.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    generated = load_model(forgather_dir).generate(ids, max_new_tokens=12)
+    assert len(set(generated[0, 6:].tolist())) > 2, "the model repeats one token; the comparison would be weak"
+    assert torch.equal(generated, expected)
+
+
+def test_converted_directory_loads_through_transformers_remote_code(hf_dir, forgather_dir):
+    ids = token_ids(load_model(forgather_dir).vocab_size)
+    model = transformers.AutoModelForCausalLM.from_pretrained(forgather_dir, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf_logits(hf_dir, ids), rtol=0, atol=1e-5)
+
+
+def test_converted_directory_code_does_not_import_forgather(forgather_dir):
+    modeling = next(forgather_dir.glob("modeling_*.py")).read_text()
+    assert "import forgather" not in modeling and "from forgather" not in modeling
+
+
+def test_forgather_to_hf_round_trip_loads_without_remote_code(hf_dir, forgather_dir, tmp_path):
+    back = forgather_to_hf(forgather_dir, tmp_path / "hf")
+    original = json.loads((hf_dir / "config.json").read_text())
+    assert json.loads((back / "config.json").read_text())["model_type"] == original["model_type"]
+    assert not list(back.glob("*.py"))
+    ids = token_ids(original["vocab_size"])
+    torch.testing.assert_close(hf_logits(back, ids), hf_logits(hf_dir, ids), rtol=0, atol=1e-5)
+
+
+def native_tree(vocab_size: int, feedforward: str = "forgather.models.feedforward:SwiGLU") -> dict:
+    """A model written in Forgather's vocabulary (untied head), as training configs build them."""
+    def partial(target: str, **kwargs) -> dict:
+        return {"_target_": target, "_partial_": True, **kwargs}
+
+    return {
+        "_target_": "forgather.models.causal_lm:CausalLM",
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "num_layers": 2,
+        "init_std": 0.3,
+        "layer_factory": partial(
+            "forgather.models.layers:PreLNLayer",
+            attention_factory=partial("forgather.models.attention:Attention", num_heads=4, num_kv_heads=2),
+            feedforward_factory=partial(feedforward, intermediate_size=64),
+            norm_factory=partial("forgather.models.norm:RMSNorm", eps=1e-5),
+        ),
+        "norm_factory": partial("forgather.models.norm:RMSNorm", eps=1e-5),
+        "rope": {"_target_": "forgather.models.rope:RotaryEmbedding", "head_dim": 8, "theta": 500000.0},
+        "tie_embeddings": False,
+    }
+
+
+def save_native(tree: dict, directory: Path, tokenizer=None) -> Path:
+    torch.manual_seed(0)
+    save_model(build_model(tree).eval(), tree, directory, "native")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_native_forgather_model_converts_to_llama_with_equal_logits_and_generations(tmp_path, tokenizer):
+    source = save_native(native_tree(len(tokenizer)), tmp_path / "native", tokenizer)
+    back = forgather_to_hf(source, tmp_path / "hf")
+    assert json.loads((back / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    ids = token_ids(len(tokenizer))
+    ours = load_model(source)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(back, ids), ours(ids), rtol=0, atol=1e-5)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    prompt = ids[:1, :6]
+    expected = theirs.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=12), expected)
+
+
+def test_mistral_sliding_window_is_reported_as_full_attention(tmp_path):
+    random_hf_model("mistral", 64).save_pretrained(tmp_path / "mistral")
+    with pytest.warns(UserWarning, match="up to 64 tokens"):
+        hf_to_forgather(tmp_path / "mistral", tmp_path / "out")
+
+
+def test_adding_tokens_grows_the_vocabulary_and_keeps_old_logits(hf_dir, tmp_path):
+    vocab = VocabOptions(tokens=["<|tool|>", "<|user|>"], special=True, pad_to_multiple_of=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grown = hf_to_forgather(hf_dir, tmp_path / "grown", vocab=vocab)
+    old_size = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    model = load_model(grown)
+    assert model.vocab_size % 64 == 0 and model.vocab_size >= old_size + 2
+    new_tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(grown)
+    assert len(new_tokenizer("<|tool|>")["input_ids"]) == 1
+    ids = token_ids(old_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[..., :old_size], hf_logits(hf_dir, ids), rtol=0, atol=1e-5)
+
+
+def test_adding_tokens_to_hf_output_keeps_config_and_tokenizer_consistent(forgather_dir, tmp_path):
+    back = forgather_to_hf(forgather_dir, tmp_path / "hf", vocab=VocabOptions(tokens=["<|extra|>"]))
+    config = json.loads((back / "config.json").read_text())
+    assert config["vocab_size"] == len(transformers.AutoTokenizer.from_pretrained(back))
+
+
+def test_feedforward_other_than_swiglu_is_refused(tmp_path):
+    source = save_native(native_tree(64, "forgather.models.feedforward:GELUMLP"), tmp_path / "gelu")
+    with pytest.raises(ConversionError, match="SwiGLU"):
+        forgather_to_hf(source, tmp_path / "hf")
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path):
+    linear = {"rope_type": "linear", "factor": 2.0}
+    random_hf_model("llama", 64, rope_scaling=linear).save_pretrained(tmp_path / "linear")
+    with pytest.raises(ConversionError, match="linear"):
+        hf_to_forgather(tmp_path / "linear", tmp_path / "out")
+
+
+def test_model_without_qk_norm_is_refused_as_qwen3(tmp_path):
+    source = save_native(native_tree(64), tmp_path / "native")
+    with pytest.raises(ConversionError, match="qwen3"):
+        forgather_to_hf(source, tmp_path / "hf", family="qwen3")
+
+
+def test_cli_converts_in_the_direction_of_the_source(tmp_path, capsys):
+    source = save_native(native_tree(64), tmp_path / "native")
+    assert convert_cli.main([str(source), str(tmp_path / "hf"), "--family", "mistral", "--dtype", "bfloat16"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["dtype"] == "bfloat16"
+    assert convert_cli.main([str(tmp_path / "hf"), str(tmp_path / "again")]) == 0
+    assert "model_tree" in json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "Forgather model" in capsys.readouterr().out
