@@ -114,3 +114,12 @@ def test_low_rank_optimizers_reduce_a_least_squares_loss(cls):
 def test_invalid_rank_is_rejected():
     with pytest.raises(ValueError, match="rank"):
         GaLoreAdamW([param((4, 4))], rank=0)
+
+
+def test_loaded_state_of_bf16_parameters_stays_fp32():
+    w = param((16, 8)).detach().bfloat16().requires_grad_()
+    opt = GaLoreAdamW([w], rank=2)
+    step_with(opt, [w], [torch.randn(16, 8).bfloat16()])
+    other = GaLoreAdamW([w], rank=2)
+    other.load_state_dict(opt.state_dict())
+    assert {other.state[w][k].dtype for k in ("exp_avg", "exp_avg_sq", "projection")} == {torch.float32}

@@ -74,8 +74,8 @@ def chunk_loss_and_grad_inplace(
 def make_chunk_fn(compile: bool, inplace: bool) -> ChunkFn:
     """The per-chunk function `(logits, targets, scale, ...) -> (loss, grad_logits)` for these options."""
     if not inplace:
-        return torch.compile(chunk_loss_and_grad, dynamic=False) if compile else chunk_loss_and_grad
-    fn = torch.compile(chunk_loss_and_grad_inplace, dynamic=False) if compile else chunk_loss_and_grad_inplace
+        return torch.compile(chunk_loss_and_grad) if compile else chunk_loss_and_grad
+    fn = torch.compile(chunk_loss_and_grad_inplace) if compile else chunk_loss_and_grad_inplace
 
     def chunk_fn(logits: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
         return fn(logits, *args), logits

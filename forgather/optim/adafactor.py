@@ -22,12 +22,13 @@ eps1=None means float32's machine epsilon.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch.optim import Optimizer
 
-Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+from forgather.optim.state import Params, restore_fp32_state
+
 FP32_STATE = {"row_var", "col_var", "variance", "param_sq"}
 
 
@@ -87,10 +88,7 @@ class Adafactor(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        # torch casts loaded state to each parameter's dtype; the factored moments stay fp32 whatever it is.
-        for state in self.state.values():
-            for key in FP32_STATE & state.keys():
-                state[key] = state[key].float()
+        restore_fp32_state(self, FP32_STATE)
 
     @staticmethod
     def init_state(param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from forgather.optim.adafactor import Params
+from forgather.optim.state import Params
 from forgather.optim.lowrank import LowRankAdamW, channel_norm
 
 NORM_GROWTH_LIMIT = 1.01

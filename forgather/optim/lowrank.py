@@ -17,10 +17,14 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from forgather.optim.adafactor import Params
+from forgather.optim.state import Params, restore_fp32_state
+
+FP32_STATE = {"exp_avg", "exp_avg_sq", "projection", "update_norm"}
 
 
 class LowRankAdamW(Optimizer):
+    """AdamW with low-rank moments for 2-D parameters; subclasses choose the projection and the update."""
+
     def __init__(
         self,
         params: Params,
@@ -41,6 +45,10 @@ class LowRankAdamW(Optimizer):
             scale=scale,
         )
         super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_fp32_state(self, FP32_STATE)
 
     def new_projection(self, grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
         """A projection P [rank, n] (right) or [rank, m] (left) for this gradient."""

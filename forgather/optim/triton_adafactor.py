@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from forgather.optim.adafactor import Adafactor, Params, reference_update
+from forgather.optim.adafactor import Adafactor, reference_update
+from forgather.optim.state import Params
 
 
 def _load_kernels():
