@@ -196,3 +196,13 @@ def test_factory_model_resumes_from_a_checkpoint(tmp_path) -> None:
 def test_rejects_an_unknown_scheduler_interval() -> None:
     with pytest.raises(ValueError, match="lr_scheduler_interval"):
         CausalLMModule(tiny_model(), lr_scheduler_interval="batch")
+
+
+def test_compile_compiles_every_layer_in_place():
+    from forgather.lightning.module import CausalLMModule
+    from helpers.tiny_lm import tiny_model
+
+    module = CausalLMModule(tiny_model(), compile=True)
+    module.configure_model()
+    module.configure_model()  # Lightning calls it per stage: compiling happens once
+    assert all(layer._compiled_call_impl is not None for layer in module.model.layers)

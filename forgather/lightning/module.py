@@ -39,6 +39,8 @@ class CausalLMModule(pl.LightningModule):
             default AdamW at lr 1e-3.
         lr_scheduler: `lr_scheduler(optimizer) -> scheduler`, or None for a constant learning rate.
         lr_scheduler_interval: "step" or "epoch", when Lightning steps the scheduler.
+        compile: `torch.compile` each layer of `model.layers` (in place, torchtitan style: one compiled
+            graph reused by every layer, and the loss outside stays free to be a fused kernel).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class CausalLMModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         lr_scheduler_interval: str = "step",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if lr_scheduler_interval not in ("step", "epoch"):
@@ -66,6 +69,8 @@ class CausalLMModule(pl.LightningModule):
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3)
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
+        self.compile = compile
+        self._compiled = False
         self._batch_tokens: torch.Tensor | None = None
         self._last_batch_end: float | None = None
 
@@ -73,6 +78,10 @@ class CausalLMModule(pl.LightningModule):
         # Lightning calls this for every stage; build once.
         if self.model is None:
             self.model = self.model_factory()
+        if self.compile and not self._compiled:
+            for layer in self.model.layers:
+                layer.compile()
+            self._compiled = True
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids=position_ids)
