@@ -29,7 +29,7 @@ OPTIMIZERS: dict[str, Callable] = {
     "TritonAdafactor": lambda p: TritonAdafactor(p),
     "TritonAdafactor serpentine=False": lambda p: TritonAdafactor(p, serpentine=False),
     "TritonAdafactor tile 8x512x64 4 warps": lambda p: TritonAdafactor(p, tile=(8, 512, 64), num_warps=4),
-    "TritonAdafactor tile 16x512x32 4 warps": lambda p: TritonAdafactor(p, tile=(16, 512, 32), num_warps=4),
+    "TritonAdafactor tile 16x512x64 4 warps": lambda p: TritonAdafactor(p, tile=(16, 512, 64), num_warps=4),
     "TritonAdafactor tile 8x1024x64 4 warps": lambda p: TritonAdafactor(p, tile=(8, 1024, 64), num_warps=4),
     "TritonAdafactor beta1=0.9": lambda p: TritonAdafactor(p, beta1=0.9),
 }

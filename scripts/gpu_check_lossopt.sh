@@ -3,13 +3,14 @@
 # installs the carried wheels (.whl/: liger-kernel, cut-cross-entropy) and forgather (--no-deps, keeping the
 # image's torch), runs tests/gpu for loss and optim, then scripts/bench_adafactor.py and scripts/bench_loss.py.
 # Logs go to $OUT (the device tool brings them back); the summary tables are printed again at the end.
-#     bash scripts/gpu_check_lossopt.sh [extra bench_loss.py args]
+#     [PARTS="tests adafactor loss"] bash scripts/gpu_check_lossopt.sh [extra bench_loss.py args]
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_lossopt}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=python3
+PARTS=${PARTS:-"tests adafactor loss"}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -26,10 +27,17 @@ $PY -c "import liger_kernel, cut_cross_entropy; print('liger-kernel and cut-cros
 date -u
 
 # Time limits keep one slow part from eating the others' share of a 10-minute device call.
-timeout 200 $PY -m pytest tests/gpu/test_loss_gpu.py tests/gpu/test_optim_gpu.py -q -p no:cacheprovider -rs 2>&1 \
-    | tee "$OUT/pytest.txt"
-timeout 120 $PY scripts/bench_adafactor.py 2>&1 | tee "$OUT/bench_adafactor.txt"
-timeout 250 $PY scripts/bench_loss.py "$@" 2>&1 | tee "$OUT/bench_loss.txt"
+touch "$OUT/pytest.txt" "$OUT/bench_adafactor.txt" "$OUT/bench_loss.txt"
+if [[ " $PARTS " == *" tests "* ]]; then
+    timeout 200 $PY -m pytest tests/gpu/test_loss_gpu.py tests/gpu/test_optim_gpu.py -q -p no:cacheprovider -rs \
+        2>&1 | tee "$OUT/pytest.txt"
+fi
+if [[ " $PARTS " == *" adafactor "* ]]; then
+    timeout 120 $PY scripts/bench_adafactor.py 2>&1 | tee "$OUT/bench_adafactor.txt"
+fi
+if [[ " $PARTS " == *" loss "* ]]; then
+    timeout 250 $PY scripts/bench_loss.py "$@" 2>&1 | tee "$OUT/bench_loss.txt"
+fi
 
 echo "==================== summary ===================="
 tail -n 1 "$OUT/pytest.txt"
