@@ -160,8 +160,23 @@ def _locate(config: DictConfig, key: str) -> tuple[Any, str | int] | None:
     return None
 
 
+def _builds_an_object(node: DictConfig) -> bool:
+    """Whether a `_target_` node makes an object (a class, or a partial), rather than computing a value
+    (`len(tokenizer)`), which an override may replace by a literal."""
+    import inspect
+
+    from forgather.graph.imports import import_spec
+
+    if node.get("_partial_") or node.get("_factory_"):
+        return True
+    try:
+        return inspect.isclass(import_spec(str(node._target_)))
+    except ImportError:
+        return True
+
+
 def _check_type(key: str, old: Any, new: Any) -> None:
-    if isinstance(old, (DictConfig, ListConfig)) and OmegaConf.is_dict(old) and "_target_" in old and not isinstance(new, dict):
+    if OmegaConf.is_dict(old) and "_target_" in old and not isinstance(new, dict) and _builds_an_object(old):
         raise OverrideError(f"{key} is a component ({old._target_}); override its arguments ({key}.NAME=...) or choose a group option")
     if old is None or isinstance(old, str) or new is None:
         return

@@ -130,3 +130,7 @@ def test_dry_run_prints_the_launch_command(capsys):
     assert main(["-p", PROJECT, "+experiment=micro", "-d", "0,1", "--dry-run"]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("CUDA_VISIBLE_DEVICES=0,1 ") and out.endswith("-m forgather.run -p " + PROJECT + " +experiment=micro -d 0,1")
+
+
+def test_a_computed_value_can_be_replaced_by_a_literal(capsys):
+    assert config_of(capsys, "model.vocab_size=512")["model"]["vocab_size"] == 512  # was len(tokenizer)
