@@ -1,0 +1,27 @@
+"""Distributed training strategies for Lightning: `PipelineParallelStrategy` (pipeline.py).
+
+Modules: pipeline_split.py (where stages are cut, which rank runs which), pipeline_stages.py (stage modules
+cut from a CausalLM or an nn.Sequential), pipeline_runtime.py (one rank's stages + the torch schedule, no
+Lightning), pipeline.py (the Lightning strategy), checkpoint.py (sharded checkpoints into one model).
+Names resolve lazily, so importing this package does not import torch or Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PipelineParallelStrategy": "pipeline",
+    "PipelineRuntime": "pipeline_runtime",
+    "pipeline_mesh": "pipeline_runtime",
+    "load_sharded_checkpoint": "checkpoint",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'forgather.strategies' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"forgather.strategies.{_EXPORTS[name]}"), name)

@@ -1,0 +1,193 @@
+"""`PipelineRuntime`: one rank's share of a pipelined model and the torch.distributed.pipelining schedule.
+
+Plain torch, no Lightning: the Lightning strategy (pipeline.py) and the benchmark both drive it.
+Built on every rank of a 2-D device mesh ("pp", "dp"): pipeline stages along "pp", replicas along "dp".
+Construction cuts the model (pipeline_stages.py), prunes it in place to this rank's stages, and builds the
+schedule; move the model to its device afterwards.
+
+`step(batch)` runs forward and backward of every microbatch and returns the batch loss on every rank of the
+pipeline (computed on the last stage, broadcast). The loss of microbatch m enters as
+`mean_m * count_m / count_batch` (count: the terms a loss averages, e.g. target tokens) with the schedule's
+own 1/n_microbatches scaling off, so loss and gradients equal those of the whole batch run at once, even when
+padding leaves microbatches with different token counts. Afterwards the gradients of a tied head are summed
+between the first and last stages, and all gradients are averaged over the replicas.
+`evaluate(batch)` runs forward only and returns the batch loss. `grad_norm()` and `clip_grad_norm_()` see
+the whole model's gradients, not just this rank's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+from .pipeline_split import stage_indices, stage_layer_ranges, stage_rank
+from .pipeline_stages import prune_to, stages_for
+
+SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+V_SHAPED_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+
+
+def pipeline_mesh(device_type: str, pp_size: int, dp_size: int = 1) -> DeviceMesh:
+    """The ("pp", "dp") mesh over all ranks of the initialized default process group."""
+    return init_device_mesh(device_type, (pp_size, dp_size), mesh_dim_names=("pp", "dp"))
+
+
+class PipelineRuntime:
+    """This rank's pipeline stages, its schedule, and the gradient bookkeeping around it.
+
+    Args:
+        model: a CausalLM or an nn.Sequential (pruned in place to this rank's stages).
+        loss: the model's loss (`loss(hidden, weight, labels)` for a CausalLM, `loss(output, target)` else).
+        mesh: a 2-D DeviceMesh with dims ("pp", "dp"), e.g. from `pipeline_mesh`.
+        device: where this rank computes.
+        schedule: a torch.distributed.pipelining schedule name (see SCHEDULES).
+        n_microbatches: microbatches a batch is cut into (the batch size must divide by it).
+        stages_per_rank: virtual stages a rank holds; default 1 for single-stage schedules, else 2.
+        split_points: first layer of every stage after the first; default: balanced (pipeline_split.py).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Callable[..., torch.Tensor],
+        mesh: DeviceMesh,
+        device: torch.device,
+        schedule: str = "1F1B",
+        n_microbatches: int = 4,
+        stages_per_rank: int | None = None,
+        split_points: list[int] | None = None,
+    ) -> None:
+        schedule_class = get_schedule_class(schedule)
+        single = issubclass(schedule_class, PipelineScheduleSingle)
+        self.stages_per_rank = stages_per_rank or (1 if single else 2)
+        if single and self.stages_per_rank != 1:
+            raise ValueError(f"schedule {schedule!r} runs one stage a rank; got stages_per_rank={stages_per_rank}")
+        self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+        self.pp_size, self.dp_size = mesh["pp"].size(), mesh["dp"].size()
+        self.pp_rank = mesh["pp"].get_local_rank()
+        self.style = "v" if schedule_class.__name__.removeprefix("Schedule") in V_SHAPED_SCHEDULES else "loop"
+        self.num_stages = self.pp_size * self.stages_per_rank
+        self.device = torch.device(device)
+        self.parts = stages_for(model, loss)
+        ranges = stage_layer_ranges(self.parts.num_layers, self.num_stages, split_points, self.parts.head_cost)
+        self.layer_ranges = ranges
+        self.stage_ids = stage_indices(self.pp_rank, self.pp_size, self.stages_per_rank, self.style)
+        last = self.num_stages - 1
+        self.modules = [self.parts.stage(ranges[index], index == 0, index == last) for index in self.stage_ids]
+        prune_to(model, self.modules)
+        self.last_rank = stage_rank(last, self.pp_size, self.stages_per_rank, self.style)
+        self.tied_weight, self.tied_group = self._tied_head(mesh)
+        stages = [
+            PipelineStage(module, index, self.num_stages, self.device, group=self.pp_group)
+            for module, index in zip(self.modules, self.stage_ids)
+        ]
+        self.schedule = schedule_class(
+            stages[0] if single else stages, n_microbatches, loss_fn=self._microbatch_loss, scale_grads=False
+        )
+        self.n_microbatches = n_microbatches
+
+    # Parameters and the tied head
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, each once."""
+        unique = {id(p): p for module in self.modules for p in module.parameters()}
+        return list(unique.values())
+
+    def _tied_head(self, mesh: DeviceMesh) -> tuple[nn.Parameter | None, dist.ProcessGroup | None]:
+        """The embedding weight shared by the first and last stages when those live on different ranks.
+
+        Every rank creates every pair's group (new_group is collective), and keeps the one it belongs to.
+        """
+        model = self.parts.model
+        if getattr(model, "lm_head", True) is not None or self.last_rank == 0:
+            return None, None
+        mine = None
+        for replica in range(self.dp_size):
+            ranks = [int(mesh.mesh[0, replica]), int(mesh.mesh[self.last_rank, replica])]
+            group = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                mine = group
+        return (model.embed.weight, mine) if mine is not None else (None, None)
+
+    # Steps
+
+    def step(self, batch: Any, accumulation: int = 1) -> torch.Tensor:
+        """Forward and backward of one batch; returns its (unscaled) loss on every rank of the pipeline.
+
+        `accumulation` > 1 divides the gradients, as when a batch is one of several accumulated ones.
+        """
+        loss = self._run(self.schedule.step, batch, accumulation)
+        self._sync_grads()
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, batch: Any) -> torch.Tensor:
+        """Forward only; returns the batch loss on every rank of the pipeline."""
+        return self._run(self.schedule.eval, batch, 1)
+
+    def _run(self, run: Callable[..., Any], batch: Any, accumulation: int) -> torch.Tensor:
+        args, kwargs, target = self.parts.inputs(batch)
+        denominator = self.parts.count(target).clamp(min=1) * accumulation
+        losses: list[torch.Tensor] = []
+        run(*args, target=target, losses=losses, return_outputs=False, loss_kwargs={"denominator": denominator},
+            **kwargs)
+        loss = torch.stack(losses).sum().float() * accumulation if losses else torch.zeros((), device=self.device)
+        if self.pp_size > 1:
+            dist.broadcast(loss, group_src=self.last_rank, group=self.pp_group)
+        return loss
+
+    def _microbatch_loss(self, output: torch.Tensor, target: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+        last_stage = self.modules[-1]
+        return self.parts.stage_loss(last_stage, output, target) * (self.parts.count(target) / denominator)
+
+    def _sync_grads(self) -> None:
+        if self.tied_weight is not None and self.tied_weight.grad is not None:
+            dist.all_reduce(self.tied_weight.grad, group=self.tied_group)
+        if self.dp_size > 1:
+            _average(
+                [p.grad for p in self.parameters() if p.grad is not None], self.dp_group, self.dp_size
+            )
+
+    # Gradient norm
+
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the whole model's gradients (the tied head counted once)."""
+        counted = [p.grad for p in self.parameters() if p.grad is not None and p is not self._last_tied_copy]
+        squares = torch.zeros((), device=self.device)
+        if counted:
+            squares = torch.nn.utils.get_total_norm(counted, 2.0).float().square()
+        if self.pp_size > 1:
+            dist.all_reduce(squares, group=self.pp_group)
+        return squares.sqrt()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale all gradients so that the whole model's norm is at most `max_norm`; returns the norm before."""
+        norm = self.grad_norm()
+        torch.nn.utils.clip_grads_with_norm_(self.parameters(), max_norm, norm)
+        return norm
+
+    @property
+    def _last_tied_copy(self) -> nn.Parameter | None:
+        """The tied weight as the last stage holds it (its gradient equals the first stage's after syncing)."""
+        return self.tied_weight if self.pp_rank == self.last_rank else None
+
+
+def _average(tensors: list[torch.Tensor], group: dist.ProcessGroup, size: int) -> None:
+    """Average tensors in place across `group`, one all-reduce per dtype (gloo has no AVG op)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for same in by_dtype.values():
+        flat = torch.cat([tensor.reshape(-1) for tensor in same])
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        offset = 0
+        for tensor in same:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()

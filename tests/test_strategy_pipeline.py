@@ -1,0 +1,118 @@
+"""Pipeline parallelism on the CPU: stage cuts, placements, and a pipelined model's loss and gradients
+against one process running the whole model (two gloo processes, every schedule)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgather.loss.naive import NaiveLoss
+from forgather.strategies.pipeline_split import balanced_split_points, stage_indices, stage_layer_ranges, stage_rank
+from forgather.strategies.pipeline_stages import CausalLMStage, prune_to, stages_for
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from pipeline_models import causal_lm, packed_batch  # noqa: E402
+
+HELPERS = Path(__file__).parent / "helpers"
+SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
+
+
+# Stage cuts and placements
+
+
+def test_explicit_split_points_start_each_later_stage():
+    assert stage_layer_ranges(6, 3, [2, 5]) == [range(0, 2), range(2, 5), range(5, 6)]
+
+
+def test_split_points_of_the_wrong_count_are_refused_with_the_count_needed():
+    with pytest.raises(ValueError, match="give 1 layer indices"):
+        stage_layer_ranges(4, 2, [1, 2])
+
+
+def test_an_empty_stage_is_refused():
+    with pytest.raises(ValueError, match="increase strictly"):
+        stage_layer_ranges(4, 3, [2, 2])
+
+
+def test_balanced_split_by_layer_count_is_even():
+    assert balanced_split_points(8, 4) == [2, 4, 6]
+
+
+def test_balanced_split_gives_the_last_stage_fewer_layers_for_a_costly_head():
+    assert balanced_split_points(16, 2, head_cost=4.0) == [10]
+
+
+def test_loop_placement_deals_stages_round_robin():
+    assert [stage_indices(rank, 2, 2, "loop") for rank in (0, 1)] == [[0, 2], [1, 3]]
+
+
+def test_v_placement_folds_the_stages_back():
+    assert [stage_indices(rank, 2, 2, "v") for rank in (0, 1)] == [[0, 3], [1, 2]]
+    assert stage_rank(3, 2, 2, "v") == 0
+
+
+# Stage modules
+
+
+def test_stages_chained_equal_the_whole_model():
+    model, batch = causal_lm(), packed_batch()
+    expected = model.hidden_states(batch["input_ids"], batch["position_ids"])
+    ranges = stage_layer_ranges(len(model.layers), 2, [1])
+    first, last = CausalLMStage(model, ranges[0], True, False), CausalLMStage(model, ranges[1], False, True)
+    hidden = last(first(batch["input_ids"], batch["position_ids"]), batch["position_ids"])
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+
+
+def test_pruning_keeps_the_state_dict_keys_of_the_kept_stage():
+    model = causal_lm(tie_embeddings=False)
+    whole = set(model.state_dict())
+    stage = stages_for(model, NaiveLoss()).stage(range(2, 4), is_first=False, is_last=True)
+    prune_to(model, [stage])
+    kept = set(model.state_dict())
+    assert kept < whole
+    assert {key.split(".")[0] for key in kept} == {"layers", "norm", "lm_head"}
+    assert {key.split(".")[1] for key in kept if key.startswith("layers")} == {"2", "3"}
+
+
+def test_a_module_that_is_neither_causal_lm_nor_sequential_is_refused():
+    with pytest.raises(TypeError, match="cannot cut a Linear"):
+        stages_for(torch.nn.Linear(2, 2), NaiveLoss())
+
+
+# Two processes, every schedule
+
+
+@pytest.fixture(scope="module")
+def pipelined(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipeline")
+    subprocess.run([sys.executable, str(HELPERS / "pipeline_equivalence.py"), str(out), *SCHEDULES],
+                   check=True, timeout=300)
+    return out
+
+
+def _results(out: Path, schedule: str) -> list[dict]:
+    return [json.loads(Path(out, f"{schedule}-rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipelined_loss_equals_the_single_process_loss(pipelined, schedule):
+    for result in _results(pipelined, schedule):
+        assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipelined_gradients_equal_the_single_process_gradients(pipelined, schedule):
+    results = _results(pipelined, schedule)
+    for result in results:
+        assert result["max_grad_error"] < 1e-6
+    covered = set(results[0]["parameters"]) | set(results[1]["parameters"])
+    assert covered == {name for name, _ in causal_lm().named_parameters()}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipelined_grad_norm_is_the_whole_models(pipelined, schedule):
+    for result in _results(pipelined, schedule):
+        assert result["grad_norm"] == pytest.approx(result["reference_grad_norm"], rel=1e-5)
