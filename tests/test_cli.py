@@ -121,3 +121,10 @@ def test_tb_serves_the_projects_runs_on_loopback(capsys, tmp_path):
     assert main(["-p", str(tmp_path), "tb", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "-m tensorboard.main" in out and str(tmp_path / "outputs") in out and "--host 127.0.0.1" in out
+
+
+def test_dash_i_starts_the_shell_over_the_project():
+    result = subprocess.run(
+        [sys.executable, "-m", "forgather", "-p", EXAMPLE, "-i"], input="targets sgd.yaml\nquit\n", capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "model\noptimizer" in result.stdout

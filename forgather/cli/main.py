@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("forgather.cli.train", "train a config of the project (python -m forgather.run)"),
     "tb": ("forgather.cli.tb", "start TensorBoard on the project's runs"),
     "control": ("forgather.cli.control", "list running training jobs; status/save/stop/abort them"),
+    "new": ("forgather.cli.new", "create a project from examples/template_project (or another example)"),
+    "convert": ("forgather.cli.convert", "convert models between Hugging Face and Forgather formats"),
+    "shell": ("forgather.cli.shell", "an interactive shell over these commands (also: forgather -i)"),
 }
 
 
@@ -36,6 +39,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     parser.add_argument(
         "--template-path", action="append", default=[], metavar="DIR", help="extra template directory (repeatable)"
     )
+    parser.add_argument("-i", "--interactive", action="store_true", help="start the interactive shell")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {
         name: commands.add_parser(name, help=help_text, description=help_text, add_help=False)
@@ -48,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser, subparsers = _parser()
     known, _ = parser.parse_known_args(argv)
+    if known.interactive and known.command is None:
+        argv = [*argv, "shell"]
+        known.command = "shell"
     if known.command is None:
         parser.print_help()
         return 0
