@@ -122,3 +122,11 @@ def test_a_failing_sweep_point_does_not_stop_the_others(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "failed: ValueError: Invalid weight_decay value: -1.0" in out
     assert [p.parent.name for p in (tmp_path / "multirun").rglob("metrics.yaml")] == ["1"]
+
+
+def test_two_ranks_launched_by_lightning_share_one_run_directory(tmp_path):
+    # A subprocess: Lightning starts the other rank by re-running this process's command line.
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path)]
+    subprocess.run([*command, "+experiment=micro", "trainer.devices=2", "max_steps=4"], check=True, capture_output=True, timeout=300)
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert yaml.safe_load((run_dir / "metrics.yaml").read_text())["step"] == 4
