@@ -2,6 +2,7 @@
 
 Both take `hidden_size` first, so a layer calls `norm_factory(hidden_size)`. Statistics are computed in
 float32 and the result is cast back, so bf16/fp16 activations normalize as accurately as fp32 ones.
+RMSNorm's output takes the promoted dtype of weight and input, as in Hugging Face Llama (fp32 under autocast).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        # Scale after casting back, as Llama does: backward then keeps the normed copy in x's dtype, not fp32.
+        return self.weight * normed.to(x.dtype)
 
 
 class LayerNorm(nn.Module):
