@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .directory import is_forgather_directory
+
 # Files that make up a saved tokenizer, copied as they are when the vocabulary does not change.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -22,13 +24,13 @@ TOKENIZER_FILES = (
 
 
 def load_tokenizer(directory: str | Path) -> Any:
-    """The tokenizer saved in `directory`: AutoTokenizer, or a fast tokenizer from tokenizer.json."""
+    """The tokenizer saved in `directory`: a fast tokenizer from tokenizer.json in a Forgather directory (whose
+    model_type AutoTokenizer does not know, and would ask on stdin about its remote code), else AutoTokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    try:
-        return AutoTokenizer.from_pretrained(str(directory))
-    except (ValueError, OSError, KeyError):  # a Forgather directory's model_type is unknown to AutoTokenizer
+    if is_forgather_directory(directory):
         return PreTrainedTokenizerFast.from_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(directory))
 
 
 def has_tokenizer(directory: Path) -> bool:

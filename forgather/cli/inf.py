@@ -1,0 +1,86 @@
+"""`forgather inf server|client`: serve a model directory over an OpenAI-compatible API, and talk to it.
+
+`server -m MODEL_DIR` loads a Forgather or Hugging Face Llama-family directory and serves it (FastAPI +
+uvicorn, the `serve` extra) on 127.0.0.1:8000 unless told otherwise. `client --completion TEXT` streams a
+completion; `client --chat` is an interactive, streaming chat. Nothing heavy is imported until `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, help="tokens to generate at most")
+    parser.add_argument("--temperature", type=float, help="0 = greedy")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    roles = parser.add_subparsers(dest="role", metavar="server|client", required=True)
+    server = roles.add_parser("server", help="serve a model directory (OpenAI-compatible API)")
+    server.add_argument("-m", "--model", required=True, help="model directory (Forgather or Hugging Face)")
+    server.add_argument("-c", "--compile", action="store_true", help="torch.compile the model")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--device-map", help="'auto' shards the model over the visible GPUs (or the CPU)")
+    server.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    server.add_argument("--api-key", default=os.environ.get("FORGATHER_API_KEY"),
+                        help="require this bearer key (default: $FORGATHER_API_KEY; none: no key)")
+    server.add_argument("--served-model-name", help="model id in the API (default: the directory's name)")
+    server.add_argument("--max-model-len", type=int, help="context length (default: the model config's)")
+    server.add_argument("--log-level", default="info")
+    client = roles.add_parser("client", help="talk to a running server")
+    client.add_argument("--url", default="http://127.0.0.1:8000", help="server address")
+    client.add_argument("--api-key", default=os.environ.get("FORGATHER_API_KEY"))
+    client.add_argument("--model", help="model id (default: the server's first)")
+    mode = client.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--completion", metavar="PROMPT", help="stream a completion of PROMPT")
+    mode.add_argument("--chat", action="store_true", help="interactive chat (/reset, /exit)")
+    client.add_argument("--system", help="system message for --chat")
+    _sampling_arguments(client)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    values = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "seed": args.seed, "stop": args.stop}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from forgather.serve.client import Client, ClientError, chat_loop, print_stream
+
+    client = Client(args.url, args.api_key, args.model)
+    try:
+        if args.chat:
+            chat_loop(client, sys.stdin, sys.stdout, args.system, **_sampling(args))
+        else:
+            print_stream(client.stream_completion(args.completion, **_sampling(args)), sys.stdout)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.role == "client":
+        return _run_client(args)
+    from forgather.serve.server import serve
+
+    serve(args.model, args.host, args.port, args.device_map, args.dtype, args.compile, args.api_key,
+          args.served_model_name, args.max_model_len, args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forgather inf", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The model behind the server: load a model directory, turn prompts into token ids, stream completions.
+
+`Backend.load(directory)` reads a Forgather model directory (its generated code, through transformers'
+remote-code loading, which also gives `device_map="auto"` sharding) or a Hugging Face Llama-family
+directory, plus the tokenizer saved beside it. Both kinds answer the same call, `model(input_ids,
+past_key_values, use_cache=True)`, so one decoding loop serves both: prefill the prompt once, then one
+token per step on the KV cache. `Backend.stream(prompt_ids, params)` yields `Delta`s of text as tokens
+arrive, holding back text that might still turn into a stop string; the last one carries `finish_reason`.
+A Backend is not thread-safe: the app runs every generation on one worker thread (requests queue).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+# The documented default chat template (ChatML) for tokenizers that bring none.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DEFAULT_CHAT_STOP = "<|im_end|>"
+DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer names a context length
+REPLACEMENT_CHARACTER = "\ufffd"  # what a partial UTF-8 sequence decodes to
+
+
+class RequestError(ValueError):
+    """A request the model cannot serve (too long, bad parameters); becomes a 400 with an OpenAI error body."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclasses.dataclass
+class Delta:
+    """New text; the last Delta of a completion has `finish_reason` ("stop" or "length") and the token count."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+def _torch_dtype(name: str) -> Any:
+    if name == "auto":
+        return "auto"
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+def _context_length(config: Any, tokenizer: Any, override: int | None) -> int:
+    if override:
+        return override
+    length = getattr(config, "max_position_embeddings", None)
+    tokenizer_length = getattr(tokenizer, "model_max_length", None)
+    if not length and tokenizer_length and tokenizer_length < 10**7:  # transformers' "no limit" is ~1e30
+        length = tokenizer_length
+    return int(length or DEFAULT_CONTEXT)
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos else [])
+    return ids
+
+
+class Backend:
+    """A loaded model and tokenizer. Args: `context_length` bounds prompt + completion tokens."""
+
+    def __init__(self, model: Any, tokenizer: Any, context_length: int, stop_token_ids: set[int]):
+        self.model, self.tokenizer = model, tokenizer
+        self.context_length = context_length
+        self.stop_token_ids = stop_token_ids
+        self.chat_stop: tuple[str, ...] = ()
+        if getattr(tokenizer, "chat_template", None) is None:
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+            self.chat_stop = (DEFAULT_CHAT_STOP,)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        device_map: str | None = None,
+        dtype: str = "auto",
+        compile: bool = False,
+        context_length: int | None = None,
+    ) -> "Backend":
+        """Load a model directory. Without `device_map` the model goes to the first GPU, or the CPU;
+        `device_map="auto"` spreads it over the visible GPUs (accelerate), or keeps it on the CPU."""
+        from transformers import AutoModelForCausalLM
+
+        from forgather.convert.directory import is_forgather_directory
+        from forgather.convert.vocab import load_tokenizer
+
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
+        # Forgather directories carry their own generated code; Hugging Face ones need none.
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), trust_remote_code=is_forgather_directory(directory), dtype=_torch_dtype(dtype),
+            device_map=device_map,
+        )
+        if device_map is None:
+            model.to("cuda" if torch.cuda.is_available() else "cpu")
+        model.eval()
+        if compile:
+            model.forward = torch.compile(model.forward, dynamic=True)
+        tokenizer = load_tokenizer(directory)
+        return cls(model, tokenizer, _context_length(model.config, tokenizer, context_length),
+                   _stop_token_ids(model, tokenizer))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    # --- prompts -----------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the conversation rendered by the chat template, ending with the assistant's turn."""
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as error:  # templates raise on conversations they do not accept
+            raise RequestError(f"the chat template refused the messages: {error}", param="messages") from None
+        # The template writes any BOS itself; the tokenizer must not add a second one.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def check_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The max_tokens to generate (default: the rest of the context); RequestError when it cannot fit."""
+        if prompt_tokens == 0:
+            raise RequestError("the prompt is empty", param="prompt")
+        room = self.context_length - prompt_tokens
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            asked = "" if max_tokens is None else f" and {max_tokens} completion tokens"
+            raise RequestError(
+                f"This model's maximum context length is {self.context_length} tokens; the request has "
+                f"{prompt_tokens} prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
+                param="max_tokens" if room > 0 else "messages", code="context_length_exceeded")
+        return room if max_tokens is None else max_tokens
+
+    # --- generation --------------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+        from forgather.models.causal_lm import sample_next_token
+
+        top_p = params.top_p if params.top_p < 1.0 else None
+        return int(sample_next_token(logits.float(), params.temperature, None, top_p, generator)[0])
+
+    @torch.inference_mode()
+    def tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """Token ids as they are sampled: up to max_tokens, stopping after a stop token (not yielded)."""
+        device = self.model.get_input_embeddings().weight.device
+        input_ids = torch.tensor([prompt_ids], device=device)
+        cache, generator = None, None
+        for _ in range(params.max_tokens):
+            output = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache, logits = output.past_key_values, output.logits[:, -1]
+            if generator is None and params.temperature > 0:
+                seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+                generator = torch.Generator(device=logits.device).manual_seed(seed)
+            token = self._sample(logits, params, generator)
+            if token in self.stop_token_ids:
+                return
+            yield token
+            input_ids = torch.tensor([[token]], device=device)
+
+    def stream(
+        self, prompt_ids: list[int], params: SamplingParams, cancelled: threading.Event | None = None
+    ) -> Iterator[Delta]:
+        """Text deltas of the completion; stop strings end it and are not part of the text."""
+        generated: list[int] = []
+        emitted = 0
+        for token in self.tokens(prompt_ids, params):
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=False)
+            stop_at = _first_stop(text, params.stop, emitted)
+            if stop_at is not None:
+                yield Delta(text[emitted:stop_at], "stop", len(generated))
+                return
+            safe = len(text) - _held_back(text, params.stop)
+            if safe > emitted:
+                yield Delta(text[emitted:safe])
+                emitted = safe
+            if cancelled is not None and cancelled.is_set():
+                return
+        text = self.tokenizer.decode(generated, skip_special_tokens=False)
+        finish = "length" if len(generated) == params.max_tokens else "stop"
+        yield Delta(text[emitted:].rstrip(REPLACEMENT_CHARACTER), finish, len(generated))
+
+
+def _first_stop(text: str, stop: tuple[str, ...], emitted: int) -> int | None:
+    """Where the earliest stop string starts. Emitted text never holds the start of one (`_held_back`), so the
+    search begins near `emitted` instead of rescanning the whole completion."""
+    found = [index for s in stop if (index := text.find(s, max(0, emitted - len(s) + 1))) >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stop: tuple[str, ...]) -> int:
+    """How many trailing characters to keep back: a possible start of a stop string, or a partial UTF-8 character."""
+    held = len(text) - len(text.rstrip(REPLACEMENT_CHARACTER))
+    for s in stop:
+        for length in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:length]):
+                held = max(held, length)
+                break
+    return held

@@ -1,0 +1,110 @@
+"""The client side of `forgather inf client`: streaming completions and an interactive chat over httpx.
+
+`Client(url, api_key)` talks to any OpenAI-compatible server; `stream_completion(prompt)` and
+`stream_chat(messages)` yield text pieces as server-sent events arrive; `chat_loop()` reads user turns from
+a stream of lines (the terminal), prints each reply as it streams, and keeps the conversation.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterator, TextIO
+
+import httpx
+
+
+class ClientError(RuntimeError):
+    """The server answered with an error body; the message is the server's."""
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    response.read()
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text
+    raise ClientError(f"{response.status_code}: {message}")
+
+
+def _events(response: httpx.Response) -> Iterator[dict]:
+    for line in response.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line.removeprefix("data: ")
+        if data == "[DONE]":
+            return
+        body = json.loads(data)
+        if "error" in body:
+            raise ClientError(body["error"]["message"])
+        yield body
+
+
+class Client:
+    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, model: str | None = None,
+                 timeout: float = 600.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
+        self._model = model
+
+    @property
+    def model(self) -> str:
+        """The model named at construction, else the first one the server lists."""
+        if self._model is None:
+            response = self.http.get("/models")
+            _raise_for_error(response)
+            self._model = response.json()["data"][0]["id"]
+        return self._model
+
+    def _stream(self, path: str, body: dict, piece: Callable[[dict], str]) -> Iterator[str]:
+        with self.http.stream("POST", path, json={"model": self.model, "stream": True, **body}) as response:
+            _raise_for_error(response)
+            for event in _events(response):
+                if event.get("choices"):
+                    yield piece(event["choices"][0])
+
+    def stream_completion(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        return self._stream("/completions", {"prompt": prompt, **sampling}, lambda choice: choice.get("text", ""))
+
+    def stream_chat(self, messages: list[dict], **sampling: Any) -> Iterator[str]:
+        return self._stream("/chat/completions", {"messages": messages, **sampling},
+                            lambda choice: choice.get("delta", {}).get("content") or "")
+
+
+def print_stream(pieces: Iterator[str], out: TextIO) -> str:
+    """Write the pieces as they arrive; return the whole text."""
+    text = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        text.append(piece)
+    out.write("\n")
+    return "".join(text)
+
+
+def chat_loop(client: Client, lines: TextIO, out: TextIO, system: str | None = None, prompt: str = "> ",
+              **sampling: Any) -> None:
+    """Chat until end of input or `/exit`; `/reset` forgets the conversation. A turn the server refuses
+    (the conversation outgrew the context, say) is reported and dropped, and the chat goes on."""
+    messages = [{"role": "system", "content": system}] if system else []
+    history_start = len(messages)
+    while True:
+        out.write(prompt)
+        out.flush()
+        line = lines.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            del messages[history_start:]
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        try:
+            reply = print_stream(client.stream_chat(messages, **sampling), out)
+        except ClientError as error:
+            out.write(f"error: {error}\n")
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})

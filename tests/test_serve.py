@@ -1,0 +1,345 @@
+"""The inference server over real HTTP: a `forgather inf server` process on a free loopback port (a Forgather
+model directory, API key set), and an in-process uvicorn server over a Hugging Face Llama directory
+(`device_map="auto"` on the CPU). Completions match the models' own greedy generation; streaming, the
+official `openai` client, seeds, stop strings, concurrency and the error cases are checked against them."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import transformers
+import uvicorn
+
+from forgather.cli import inf
+from forgather.data.tokenizer import build_bpe_tokenizer
+from forgather.models.export import build_model, load_model, save_model
+from forgather.serve.app import create_app
+from forgather.serve.backend import DEFAULT_CHAT_STOP, Backend
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+CONTEXT = 256
+PROMPTS = ["once upon a time", "there was", "a tiny model", "upon a"]
+
+
+def partial(target: str, **kwargs) -> dict:
+    return {"_target_": target, "_partial_": True, **kwargs}
+
+
+def tiny_tree(vocab_size: int) -> dict:
+    return {
+        "_target_": "forgather.models.causal_lm:CausalLM",
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "num_layers": 2,
+        "init_std": 0.3,
+        "layer_factory": partial(
+            "forgather.models.layers:PreLNLayer",
+            attention_factory=partial("forgather.models.attention:Attention", num_heads=4, num_kv_heads=2),
+            feedforward_factory=partial("forgather.models.feedforward:SwiGLU", intermediate_size=64),
+            norm_factory=partial("forgather.models.norm:RMSNorm"),
+        ),
+        "norm_factory": partial("forgather.models.norm:RMSNorm"),
+        "rope": {"_target_": "forgather.models.rope:RotaryEmbedding", "head_dim": 8, "theta": 10000.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_bpe_tokenizer(["once upon a time there was a tiny model"] * 4, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    directory = tmp_path_factory.mktemp("models") / "tiny"
+    torch.manual_seed(0)
+    tree = tiny_tree(len(tokenizer))
+    save_model(build_model(tree).eval(), tree, directory, "tiny")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stdout.read()}")
+        try:
+            httpx.get(f"{url}/v1/models", timeout=1.0)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise TimeoutError(f"no server at {url}")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir) -> str:
+    """`forgather inf server` in its own process; its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "forgather.cli.inf", "server", "-m", str(model_dir), "--port", str(port),
+               "--api-key", API_KEY, "--max-model-len", str(CONTEXT), "--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def post(url: str, path: str, body: dict | str, key: str | None = API_KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, str) else json.dumps(body)
+    headers["Content-Type"] = "application/json"
+    return httpx.post(f"{url}/v1{path}", content=content, headers=headers, timeout=60)
+
+
+def complete(url: str, prompt: str, **fields) -> dict:
+    response = post(url, "/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                          **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def text_until_eos(tokenizer, generated: list[int]) -> str:
+    if tokenizer.eos_token_id in generated:
+        generated = generated[: generated.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(generated, skip_special_tokens=False)
+
+
+def greedy_text(model_dir: Path, tokenizer, prompt: str, max_tokens: int = 12) -> str:
+    """What the model's own generate() continues the prompt with, up to the end-of-sequence token."""
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    generated = load_model(model_dir).generate(ids, max_new_tokens=max_tokens)[0, ids.shape[1]:].tolist()
+    return text_until_eos(tokenizer, generated)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# --- the Forgather model directory, through the CLI server process ------------------------------------------
+
+
+def test_models_lists_the_served_model(server):
+    response = httpx.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert [card["id"] for card in response.json()["data"]] == ["tiny"]
+
+
+def test_greedy_completion_equals_the_models_own_generation(server, model_dir, tokenizer):
+    body = complete(server, PROMPTS[0])
+    assert body["choices"][0]["text"] == greedy_text(model_dir, tokenizer, PROMPTS[0])
+    assert body["usage"]["prompt_tokens"] == len(tokenizer(PROMPTS[0])["input_ids"])
+
+
+def test_streamed_completion_joins_to_the_whole_completion(server):
+    whole = complete(server, PROMPTS[1])["choices"][0]["text"]
+    body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert len(chunks) > 2
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_openai_client_chat_streamed_and_whole_agree(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    messages = [{"role": "user", "content": "once upon a time"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream]
+    assert whole.choices[0].message.role == "assistant"
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert whole.usage.completion_tokens >= 1
+
+
+def test_openai_client_completion_with_seed_is_reproducible(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    texts = [client.completions.create(model="tiny", prompt="there was", max_tokens=16, temperature=1.0, seed=seed)
+             .choices[0].text for seed in (5, 5, 6)]
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]
+
+
+def test_top_p_near_zero_samples_the_greedy_token(server):
+    greedy = complete(server, PROMPTS[2])["choices"][0]["text"]
+    nucleus = complete(server, PROMPTS[2], temperature=1.0, top_p=1e-6, seed=1)["choices"][0]["text"]
+    assert nucleus == greedy
+
+
+def test_stop_string_ends_the_completion_before_it(server):
+    whole = complete(server, PROMPTS[0], max_tokens=16)["choices"][0]
+    stop = whole["text"][3:5]
+    stopped = complete(server, PROMPTS[0], max_tokens=16, stop=[stop])["choices"][0]
+    assert stopped["text"] == whole["text"][: whole["text"].index(stop)]
+    assert stopped["finish_reason"] == "stop"
+
+
+def test_max_tokens_bounds_the_completion(server):
+    body = complete(server, PROMPTS[3], max_tokens=3)
+    assert body["usage"]["completion_tokens"] <= 3
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    return error
+
+
+def test_malformed_json_is_a_400_with_an_openai_error(server):
+    error = error_of(post(server, "/completions", '{"model": "tiny", "prompt": '), 400)
+    assert "JSON" in error["message"]
+
+
+def test_unknown_model_is_a_404(server):
+    error = error_of(post(server, "/completions", {"model": "gpt-9", "prompt": "a"}), 404)
+    assert error["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("max_tokens", [-5, 0])
+def test_non_positive_max_tokens_is_a_400(server, max_tokens):
+    error = error_of(post(server, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": max_tokens}), 400)
+    assert error["param"] == "max_tokens"
+
+
+def test_max_tokens_beyond_the_context_is_a_400(server):
+    error = error_of(post(server, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 10**9}), 400)
+    assert error["code"] == "context_length_exceeded"
+
+
+def test_prompt_longer_than_the_context_is_a_400(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "once upon a time " * CONTEXT}]}
+    assert error_of(post(server, "/chat/completions", body), 400)["code"] == "context_length_exceeded"
+
+
+def test_missing_or_wrong_api_key_is_a_401(server):
+    for key in (None, "wrong"):
+        assert error_of(post(server, "/completions", {"model": "tiny", "prompt": "a"}, key=key), 401)["type"] == (
+            "authentication_error")
+
+
+def test_server_keeps_serving_after_bad_requests(server):
+    for bad in ("{", {"model": "tiny"}, {"model": "tiny", "prompt": [10**6]}):
+        assert 400 <= post(server, "/completions", bad).status_code < 500
+    assert complete(server, PROMPTS[0])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_concurrent_requests_get_their_own_completions(server):
+    alone = {prompt: complete(server, prompt)["choices"][0]["text"] for prompt in PROMPTS}
+    with ThreadPoolExecutor(len(PROMPTS) * 2) as pool:
+        together = list(pool.map(lambda p: complete(server, p)["choices"][0]["text"], PROMPTS * 2))
+    assert together == [alone[prompt] for prompt in PROMPTS * 2]
+
+
+def test_cli_client_streams_a_completion(server, model_dir, tokenizer, capsys):
+    argv = ["client", "--url", server, "--api-key", API_KEY, "--completion", PROMPTS[0], "--max-tokens", "12",
+            "--temperature", "0"]
+    assert inf.main(argv) == 0
+    assert capsys.readouterr().out == greedy_text(model_dir, tokenizer, PROMPTS[0]) + "\n"
+
+
+def test_cli_client_chat_keeps_the_conversation(server, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("once upon a time\nthere was\n/exit\n"))
+    assert inf.main(["client", "--url", server, "--api-key", API_KEY, "--chat", "--max-tokens", "4",
+                     "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("> ") == 3 and "error" not in out  # two turns answered, then the prompt that read /exit
+
+
+def test_cli_chat_reports_a_refused_turn_and_goes_on(server, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("once upon a time " * CONTEXT + "\nthere was\n"))
+    assert inf.main(["client", "--url", server, "--api-key", API_KEY, "--chat", "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("context length") == 1 and out.count("> ") == 3
+
+
+def test_cli_client_reports_server_errors(server, capsys):
+    assert inf.main(["client", "--url", server, "--api-key", "wrong", "--completion", "a"]) == 1
+    assert "API key" in capsys.readouterr().err
+
+
+# --- a Hugging Face Llama directory, in-process uvicorn, device_map="auto" ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tokenizer) -> Path:
+    directory = tmp_path_factory.mktemp("llama")
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=CONTEXT, eos_token_id=tokenizer.eos_token_id,
+                                      bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.3)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama_server(llama_dir) -> str:
+    port = free_port()
+    app = create_app(Backend.load(llama_dir, device_map="auto"), "llama")
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url)
+    yield url
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_hf_llama_directory_completion_equals_transformers_generate(llama_server, llama_dir, tokenizer):
+    response = httpx.post(f"{llama_server}/v1/completions", timeout=60,
+                          json={"model": "llama", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0})
+    ids = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    generated = model.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert response.json()["choices"][0]["text"] == text_until_eos(tokenizer, generated)
+
+
+def test_no_api_key_configured_means_none_is_needed(llama_server):
+    assert httpx.get(f"{llama_server}/v1/models").status_code == 200
+
+
+def test_default_chat_template_is_chatml_with_its_end_marker_as_stop(llama_dir):
+    backend = Backend.load(llama_dir)
+    text = backend.tokenizer.decode(backend.chat_prompt([{"role": "user", "content": "hi"}]))
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert backend.chat_stop == (DEFAULT_CHAT_STOP,)
+
+
+def test_inf_arguments_import_neither_torch_nor_the_web_stack():
+    code = ("import argparse, sys; from forgather.cli import inf; inf.add_arguments(argparse.ArgumentParser()); "
+            "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
