@@ -1,0 +1,40 @@
+"""Sharded checkpoints of a pipelined model: read back by each rank, or into one whole model.
+
+`PipelineParallelStrategy` saves a directory through torch.distributed.checkpoint: each rank writes the
+state of its stages under the whole model's key names (`state_dict` holds the LightningModule's weights,
+`optimizer_<i>` the optimizer states keyed by parameter name, `meta.pt` the rest of Lightning's checkpoint;
+a tied head that two ranks hold is written once). `load_sharded(DIR, module, optimizers)` reads into a
+module whatever keys it holds: a rank its share when resuming (`trainer.fit(ckpt_path=DIR)`), or a whole,
+unpipelined module in a single process, no process group needed, through `load_sharded_checkpoint(DIR,
+module)` (the LightningModule, e.g. `CausalLMModule`, or anything with the same state_dict keys).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from torch import nn
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.optim import Optimizer
+
+
+def load_sharded(path: str | os.PathLike, module: nn.Module, optimizers: Sequence[Optimizer] = (),
+                 strict: bool = True) -> None:
+    """Fill `module` (and the states of `optimizers` over its parameters) from a sharded checkpoint."""
+    checkpoint_id = os.fspath(path)
+    state = {"state_dict": module.state_dict()}
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    module.load_state_dict(state["state_dict"], strict=strict)
+    for index, optimizer in enumerate(optimizers):
+        key = f"optimizer_{index}"
+        optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+        dcp.load(optimizer_state, checkpoint_id=checkpoint_id)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key])
+
+
+def load_sharded_checkpoint(path: str | os.PathLike, module: nn.Module, strict: bool = True) -> nn.Module:
+    """Load the weights of a sharded checkpoint directory into a whole `module` (in place); returns it."""
+    load_sharded(path, module, strict=strict)
+    return module

@@ -1,0 +1,241 @@
+"""`PipelineParallelStrategy`: pipeline parallelism (torch.distributed.pipelining) as a Lightning strategy.
+
+Contract with the LightningModule: it has a `model` (a forgather CausalLM, or an nn.Sequential) and a `loss`
+(`loss(hidden, weight, labels)`, resp. `loss(output, target)`, a mean over tokens / rows), and its
+`training_step` / `validation_step` compute `loss` from `model` and log it -- `CausalLMModule` as it is.
+Hooks implemented:
+- `setup_environment`: process group and the ("pp", "dp") device mesh (pipeline stages x replicas).
+- `setup`: cuts `module.model` into stages (pipeline_runtime.py), prunes it in place to this rank's stages,
+  so `configure_optimizers` sees only this rank's parameters (one optimizer per stage), and moves it.
+- `training_step`: runs the schedule (forward and backward of every microbatch, loss on the last stage,
+  broadcast), then calls the module's own `training_step` with `model` and `loss` stood in for by stand-ins
+  that return the pipeline's loss, so its logging runs unchanged; `backward` then only fires the backward
+  hooks (the schedule did the backward). `validation_step` likewise, forward only.
+- gradient clipping by norm uses the norm over all stages; `grad_norm()` gives it for logging.
+- checkpoints are sharded (torch.distributed.checkpoint, a directory: each rank writes its stages, the tied
+  head once); `forgather.strategies.load_sharded_checkpoint` loads one into a single-device model.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning_fabric.utilities.load import _METADATA_FILENAME as METADATA_FILENAME
+from lightning_fabric.utilities.optimizer import _optimizers_to_device
+from pytorch_lightning.strategies import ModelParallelStrategy
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import nn
+from torch.optim import Optimizer
+
+from .checkpoint import load_sharded
+from .pipeline_runtime import SCHEDULES, PipelineRuntime, pipeline_mesh
+
+
+class PipelineParallelStrategy(ModelParallelStrategy):
+    """Pipeline-parallel training across the devices of a Trainer, optionally with data-parallel replicas.
+
+    Args:
+        schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble or DualPipeV.
+        n_microbatches: microbatches per batch (the per-replica batch size must divide by it).
+        pipeline_parallel_size: ranks per pipeline; "auto" is every rank (no data parallelism). The world
+            size must divide by it; the quotient is the number of data-parallel replicas.
+        stages_per_rank: virtual stages per rank; default 1 for GPipe/1F1B, 2 for the multi-stage schedules.
+        split_points: first layer of every stage after the first; default: balanced by layer cost.
+        process_group_backend, timeout: as for Lightning's other distributed strategies.
+    """
+
+    def __init__(
+        self,
+        schedule: str = "1F1B",
+        n_microbatches: int = 4,
+        pipeline_parallel_size: int | Literal["auto"] = "auto",
+        stages_per_rank: int | None = None,
+        split_points: list[int] | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend,
+                         timeout=timeout)
+        if schedule.lower() not in {name.lower() for name in SCHEDULES}:
+            raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if n_microbatches < 1:
+            raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
+        self.schedule = schedule
+        self.n_microbatches = n_microbatches
+        self.pipeline_parallel_size = pipeline_parallel_size
+        self.stages_per_rank = stages_per_rank
+        self.split_points = list(split_points) if split_points is not None else None
+        self.runtime: PipelineRuntime | None = None
+        self._batch_grads: list[torch.Tensor | None] = []
+
+    # Processes and the device mesh
+
+    def setup_environment(self) -> None:
+        self._setup_distributed()
+        pp_size = self.world_size if self.pipeline_parallel_size == "auto" else int(self.pipeline_parallel_size)
+        if pp_size < 1 or self.world_size % pp_size:
+            raise ValueError(
+                f"pipeline_parallel_size={self.pipeline_parallel_size} must divide the world size {self.world_size}"
+            )
+        self._device_mesh = pipeline_mesh(self.root_device.type, pp_size, self.world_size // pp_size)
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Every stage of a pipeline reads the same batches; replicas read different ones.
+        replicas = self.device_mesh["dp"]
+        return {"num_replicas": replicas.size(), "rank": replicas.get_local_rank()}
+
+    # Model and optimizers
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        self.accelerator.setup(trainer)
+        self._check_precision()
+        if self.runtime is None:
+            module = self.lightning_module
+            for name in ("model", "loss"):
+                if not isinstance(getattr(module, name, None), nn.Module):
+                    raise TypeError(
+                        f"{type(self).__name__} needs the LightningModule's `{name}` (an nn.Module) to cut into "
+                        f"stages; {type(module).__name__} has none (CausalLMModule has both)"
+                    )
+            self.runtime = PipelineRuntime(
+                module.model, module.loss, self.device_mesh, self.root_device, self.schedule,
+                self.n_microbatches, self.stages_per_rank, self.split_points,
+            )
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._clip_across_stages()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _check_precision(self) -> None:
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support fp16 loss scaling ('16-mixed'): the schedule runs "
+                "backward itself; use '32-true', 'bf16-mixed' or 'bf16-true'"
+            )
+
+    def _clip_across_stages(self) -> None:
+        # Lightning clips by norm through the precision plugin with the norm of the optimizer's parameters;
+        # a stage holds only its own gradients, so the plugin instance is given the norm over all stages.
+        plugin = self.precision_plugin
+        self.precision_plugin = plugin  # pinned: while none is set, the getter makes a new one every time
+        plugin.clip_grad_by_norm = self._clip_grad_by_norm
+
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
+        self.runtime.clip_grad_norm_(clip_val)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the whole pipelined model's gradients (a collective: call it on every rank)."""
+        return self.runtime.grad_norm()
+
+    # Checkpoints
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(os.fspath(checkpoint_path)))
+        if not (path / METADATA_FILENAME).is_file():
+            raise ValueError(f"{path} is not a sharded checkpoint directory written by {type(self).__name__}")
+        load_sharded(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading)
+        return torch.load(path / METADATA_FILENAME, weights_only=weights_only)
+
+    # Steps
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        # Lightning zeroes gradients between training_step and backward: this batch's gradients wait aside
+        # until `backward`, and the ones accumulated before it stay where zero_grad expects them.
+        parameters = self.runtime.parameters()
+        earlier = [p.grad for p in parameters]
+        for p in parameters:
+            p.grad = None
+        with self.precision_plugin.train_step_context():
+            loss = self.runtime.step(batch, self.lightning_module.trainer.accumulate_grad_batches)
+        self._batch_grads = [p.grad for p in parameters]
+        for p, grad in zip(parameters, earlier):
+            p.grad = grad
+        with _stand_ins(self.lightning_module, loss):
+            return self.lightning_module.training_step(batch, batch_idx)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Any:
+        # The schedule ran backward in training_step; here its gradients are added, between the usual hooks.
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        for p, grad in zip(self.runtime.parameters(), self._batch_grads):
+            if grad is not None:
+                p.grad = grad if p.grad is None else p.grad + grad
+        self._batch_grads = []
+        return self.precision_plugin.post_backward(closure_loss, module)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        # Lightning validates under inference mode; the schedule's receive buffers must outlive it.
+        with torch.inference_mode(False), self.precision_plugin.val_step_context():
+            loss = self.runtime.evaluate(_clone(batch))
+        with _stand_ins(self.lightning_module, loss):
+            return self.lightning_module.validation_step(batch, batch_idx)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} trains and validates; test on a single-device model")
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} trains and validates; load the checkpoint into a single-device model "
+            "(forgather.strategies.load_sharded_checkpoint) to predict"
+        )
+
+
+class _ModelStandIn(nn.Module):
+    """Stands in for the pipelined model inside the module's step: the pipeline already produced the loss."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.empty(0)
+
+    def hidden_states(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.empty(0)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return torch.empty(0)
+
+
+class _LossStandIn(nn.Module):
+    """Stands in for the module's loss: returns the pipeline's loss, keeping the real loss's ignore_index."""
+
+    def __init__(self, value: torch.Tensor, loss: nn.Module) -> None:
+        super().__init__()
+        self.value = value
+        if hasattr(loss, "ignore_index"):
+            self.ignore_index = loss.ignore_index
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.value
+
+
+@contextmanager
+def _stand_ins(module: pl.LightningModule, loss: torch.Tensor) -> Iterator[None]:
+    model, real_loss = module.model, module.loss
+    module.model, module.loss = _ModelStandIn(), _LossStandIn(loss, real_loss)
+    try:
+        yield
+    finally:
+        module.model, module.loss = model, real_loss
+
+
+def _clone(batch: Any) -> Any:
+    """The batch with every tensor copied out of inference mode."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, dict):
+        return {key: _clone(value) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_clone(value) for value in batch)
+    return batch

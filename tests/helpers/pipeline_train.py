@@ -1,0 +1,66 @@
+"""`trainer.fit` of an unchanged CausalLMModule on a tiny CausalLM, on one CPU process or pipelined over two.
+
+Run by tests/test_strategy_pipeline_fit.py. Every rank writes `<out>/losses-rank<R>.json` (the training
+loss the module saw at each step) and `<out>/state-rank<R>.pt` (its share of the weights when fit ends);
+`--save-at N` also saves a (sharded) checkpoint `<out>/step<N>` after step N; `--resume DIR` resumes from one.
+"""
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from forgather.lightning.module import CausalLMModule
+from forgather.loss.naive import NaiveLoss
+from forgather.strategies import PipelineParallelStrategy
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline_models import causal_lm, packed_batch  # noqa: E402
+
+
+class Record(pl.Callback):
+    """Collects the loss of every step; saves a checkpoint after step `save_at`; writes both at the end."""
+
+    def __init__(self, out: Path, save_at: int | None) -> None:
+        self.out, self.save_at, self.losses = out, save_at, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        if trainer.global_step == self.save_at:
+            trainer.save_checkpoint(self.out / f"step{self.save_at}")
+
+    def on_train_end(self, trainer, module) -> None:
+        rank = trainer.global_rank
+        Path(self.out, f"losses-rank{rank}.json").write_text(json.dumps(self.losses))
+        torch.save(module.state_dict(), self.out / f"state-rank{rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--schedule", default="1F1B")
+    parser.add_argument("--save-at", type=int)
+    parser.add_argument("--resume")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    module = CausalLMModule(causal_lm(), NaiveLoss(), functools.partial(torch.optim.AdamW, lr=1e-2))
+    strategy = PipelineParallelStrategy(args.schedule, n_microbatches=4) if args.devices > 1 else "auto"
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
+        gradient_clip_val=0.5, use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Record(args.out, args.save_at)],
+    )
+    loader = DataLoader([packed_batch()] * args.steps, batch_size=None)
+    trainer.fit(module, loader, ckpt_path=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""`trainer.fit` of an unchanged CausalLMModule under PipelineParallelStrategy (two gloo processes): the same
+losses as one process (gradient clipping included), a sharded checkpoint that resumes exactly, and that
+loads into a single-device module."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgather.lightning.module import CausalLMModule
+from forgather.loss.naive import NaiveLoss
+from forgather.strategies import load_sharded_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from pipeline_models import causal_lm, packed_batch  # noqa: E402
+
+TRAIN = Path(__file__).parent / "helpers" / "pipeline_train.py"
+
+
+def _fit(out: Path, *args: str) -> Path:
+    out.mkdir()
+    subprocess.run([sys.executable, str(TRAIN), str(out), *args], check=True, timeout=300, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fit")
+    single = _fit(root / "single", "--devices", "1")
+    pipelined = _fit(root / "pipelined", "--save-at", "2")
+    resumed = _fit(root / "resumed", "--resume", str(pipelined / "step2"))
+    return {"single": single, "pipelined": pipelined, "resumed": resumed}
+
+
+def _losses(out: Path, rank: int = 0) -> list[float]:
+    return json.loads(Path(out, f"losses-rank{rank}.json").read_text())
+
+
+def test_pipelined_fit_logs_the_single_process_losses(runs):
+    assert _losses(runs["pipelined"]) == pytest.approx(_losses(runs["single"]), rel=1e-5)
+
+
+def test_every_stage_sees_the_last_stages_loss(runs):
+    assert _losses(runs["pipelined"], 0) == _losses(runs["pipelined"], 1)
+
+
+def test_a_resumed_fit_ends_with_the_uninterrupted_weights(runs):
+    for rank in (0, 1):
+        uninterrupted = torch.load(runs["pipelined"] / f"state-rank{rank}.pt")
+        resumed = torch.load(runs["resumed"] / f"state-rank{rank}.pt")
+        assert uninterrupted.keys() == resumed.keys()
+        for key, value in uninterrupted.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
+
+
+def test_a_sharded_checkpoint_loads_into_a_single_device_module(runs):
+    module = load_sharded_checkpoint(runs["pipelined"] / "step2", CausalLMModule(causal_lm(seed=1), NaiveLoss()))
+    batch = packed_batch()
+    with torch.no_grad():
+        hidden = module.model.hidden_states(batch["input_ids"], batch["position_ids"])
+        loss = module.loss(hidden, module.model.lm_head_weight, batch["labels"])
+    # The pipeline's third step ran on the same batch with the weights saved after the second.
+    assert float(loss) == pytest.approx(_losses(runs["pipelined"])[2], rel=1e-5)
