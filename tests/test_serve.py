@@ -343,3 +343,24 @@ def test_inf_arguments_import_neither_torch_nor_the_web_stack():
             "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_cancelled_stream_stops_generating(llama_dir):
+    from forgather.serve.backend import SamplingParams
+
+    backend = Backend.load(llama_dir)
+    backend.stop_token_ids = set()  # only the cancellation may end it early
+    cancelled = threading.Event()
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    generated = 0
+    for delta in backend.stream(backend.encode(PROMPTS[0]), params, cancelled):
+        generated += 1
+        cancelled.set()
+    assert generated == 1 and delta.finish_reason is None
+
+
+def test_loopback_hosts_are_told_from_others_for_the_key_warning():
+    from forgather.serve.server import is_loopback
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "example.org")] == [
+        True, True, True, False, False]

@@ -101,9 +101,11 @@ class Backend:
         dtype: str = "auto",
         compile: bool = False,
         context_length: int | None = None,
+        max_memory: dict | None = None,
     ) -> "Backend":
         """Load a model directory. Without `device_map` the model goes to the first GPU, or the CPU;
-        `device_map="auto"` spreads it over the visible GPUs (accelerate), or keeps it on the CPU."""
+        `device_map="auto"` spreads it over the visible GPUs (accelerate; `max_memory` caps each device,
+        {0: "20GiB", 1: ...}), or keeps it on the CPU."""
         from transformers import AutoModelForCausalLM
 
         from forgather.convert.directory import is_forgather_directory
@@ -115,7 +117,7 @@ class Backend:
         # Forgather directories carry their own generated code; Hugging Face ones need none.
         model = AutoModelForCausalLM.from_pretrained(
             str(directory), trust_remote_code=is_forgather_directory(directory), dtype=_torch_dtype(dtype),
-            device_map=device_map,
+            device_map=device_map, max_memory=max_memory,
         )
         if device_map is None:
             model.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,75 @@
+"""The inference backend on CUDA: `device_map="auto"` and `-c` (torch.compile) decode the same greedy tokens
+as the plain single-device model, for a Forgather model directory and a Hugging Face Llama directory; with two
+or more GPUs, `device_map="auto"` under a memory cap spreads the layers over them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+PROMPT = "once upon a time"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from forgather.data.tokenizer import build_bpe_tokenizer
+
+    return build_bpe_tokenizer(["once upon a time there was a tiny model"] * 4, vocab_size=300)
+
+
+@pytest.fixture(scope="module", params=["forgather", "llama"])
+def model_dir(request, tmp_path_factory, tokenizer):
+    import transformers
+
+    directory = tmp_path_factory.mktemp(request.param)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                                      max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.2)
+    model.save_pretrained(directory / "hf")
+    tokenizer.save_pretrained(directory / "hf")
+    if request.param == "llama":
+        return directory / "hf"
+    from forgather.convert.hf import hf_to_forgather
+
+    return hf_to_forgather(directory / "hf", directory / "forgather")
+
+
+def greedy_ids(backend, max_tokens: int = 24) -> list[int]:
+    from forgather.serve.backend import SamplingParams
+
+    return list(backend.tokens(backend.encode(PROMPT), SamplingParams(max_tokens=max_tokens, temperature=0.0)))
+
+
+def test_device_map_auto_decodes_like_one_device(model_dir):
+    from forgather.serve.backend import Backend
+
+    plain = Backend.load(model_dir, dtype="float32")
+    assert next(plain.model.parameters()).device.type == "cuda"
+    auto = Backend.load(model_dir, device_map="auto", dtype="float32")
+    assert {p.device.type for p in auto.model.parameters()} == {"cuda"}
+    assert greedy_ids(auto) == greedy_ids(plain)
+
+
+def test_compiled_backend_decodes_like_the_eager_one(model_dir):
+    from forgather.serve.backend import Backend
+
+    eager = greedy_ids(Backend.load(model_dir, dtype="float32"))
+    assert greedy_ids(Backend.load(model_dir, dtype="float32", compile=True)) == eager
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_device_map_auto_spreads_layers_over_gpus(model_dir):
+    from forgather.serve.backend import Backend
+
+    parameters = sum(p.numel() * 4 for p in Backend.load(model_dir, dtype="float32").model.parameters())
+    cap = {i: parameters // 2 + 2**20 for i in range(torch.cuda.device_count())}
+    sharded = Backend.load(model_dir, device_map="auto", dtype="float32", max_memory=cap)
+    assert len({p.device for p in sharded.model.parameters()}) >= 2
+    assert greedy_ids(sharded) == greedy_ids(Backend.load(model_dir, dtype="float32"))
