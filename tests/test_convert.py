@@ -215,3 +215,20 @@ def test_cli_converts_in_the_direction_of_the_source(tmp_path, capsys):
     assert convert_cli.main([str(tmp_path / "hf"), str(tmp_path / "again")]) == 0
     assert "model_tree" in json.loads((tmp_path / "again" / "config.json").read_text())
     assert "Forgather model" in capsys.readouterr().out
+
+
+def test_llama_projection_biases_convert_with_equal_logits(tmp_path):
+    random_hf_model("llama", 64, attention_bias=True, mlp_bias=True).save_pretrained(tmp_path / "biased")
+    converted = hf_to_forgather(tmp_path / "biased", tmp_path / "out")
+    ids = token_ids(64)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(converted)(ids), hf_logits(tmp_path / "biased", ids), rtol=0, atol=1e-5)
+
+
+def test_sharded_checkpoint_converts_with_equal_logits(tmp_path):
+    random_hf_model("llama", 64).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    converted = hf_to_forgather(tmp_path / "sharded", tmp_path / "out")
+    ids = token_ids(64)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(converted)(ids), hf_logits(tmp_path / "sharded", ids), rtol=0, atol=1e-5)
