@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tb": ("forgather.cli.tb", "start TensorBoard on the project's runs"),
     "control": ("forgather.cli.control", "list running training jobs; status/save/stop/abort them"),
     "new": ("forgather.cli.new", "create a project from examples/template_project (or another example)"),
+    "inf": ("forgather.cli.inf", "serve a model with an OpenAI-compatible API, or talk to one (server|client)"),
     "convert": ("forgather.cli.convert", "convert models between Hugging Face and Forgather formats"),
     "shell": ("forgather.cli.shell", "an interactive shell over these commands (also: forgather -i)"),
 }
