@@ -355,3 +355,14 @@ def test_project_code_importing_forgather_inside_a_function_is_refused(tmp_path)
     model = build_model(tree, str(model_src))
     with pytest.raises(ExportError, match=r"lazy_layer.py:2: move the forgather import to the top level"):
         save_model(model, tree, tmp_path / "out", "lazy", base_dir=str(model_src))
+
+
+def test_transformers_generate_stops_at_the_eos_token_from_extra_config(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(model_tree()).eval()
+    prompt = ids(1, 4)
+    eos = int(model.generate(prompt, max_new_tokens=8)[0, 6])  # the third greedy token
+    out = save_model(model, model_tree(), tmp_path / "eos", "eos", extra_config={"eos_token_id": eos, "pad_token_id": 0})
+    generated = load_hf(out).generate(prompt, max_new_tokens=8, do_sample=False)
+    assert int(generated[0, -1]) == eos and not (generated[0, 4:-1] == eos).any()  # stopped at the first eos
+    assert torch.equal(generated, model.generate(prompt, max_new_tokens=8, eos_token_id=eos))

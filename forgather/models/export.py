@@ -454,9 +454,18 @@ def _check_standalone(modeling: str) -> None:
 
 
 def save_model(
-    model: nn.Module, model_config: Any, out_dir: str | Path, name: str, base_dir: str | None = None
+    model: nn.Module,
+    model_config: Any,
+    out_dir: str | Path,
+    name: str,
+    base_dir: str | None = None,
+    extra_config: dict | None = None,
 ) -> Path:
-    """Write the standalone package for `model` (built from `model_config`) into `out_dir`; return it."""
+    """Write the standalone package for `model` (built from `model_config`) into `out_dir`; return it.
+
+    `extra_config` adds keys to config.json, such as the tokenizer's `bos_token_id` / `eos_token_id` /
+    `pad_token_id`, which transformers' generate() reads.
+    """
     package = generate_package(model, model_config, name, base_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -476,6 +485,7 @@ def save_model(
     for key in ("vocab_size", "hidden_size"):
         if isinstance(getattr(model, key, None), int):
             config[key] = getattr(model, key)
+    config.update(extra_config or {})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _save_weights(model, out / "model.safetensors")
     return out
