@@ -385,3 +385,14 @@ def test_llama_shaped_model_matches_transformers_llama():
     ids = random_ids(seq=24)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_run_from_outside_with_layer_inputs_equal_hidden_states():
+    """The contract a pipeline stage relies on: embed, any slice of layers, norm."""
+    model, ids = tiny_model(), random_ids()
+    with torch.no_grad():
+        rope, mask = model.layer_inputs(PACKED_POSITIONS, PACKED_POSITIONS)
+        x = model.embed(ids)
+        for layer in model.layers:
+            x = layer(x, rope, mask)
+        torch.testing.assert_close(model.norm(x), model.hidden_states(ids, PACKED_POSITIONS), rtol=0, atol=0)

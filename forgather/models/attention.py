@@ -93,7 +93,9 @@ def _is_gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.shape[1] != k.shape[1]
 
 
-def sdpa_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout_p: float = 0.0
+) -> torch.Tensor:
     """PyTorch scaled_dot_product_attention; a plain causal mask uses its `is_causal` fast path."""
     attn_mask = None if mask.is_plain_causal else mask.dense
     return F.scaled_dot_product_attention(
@@ -140,7 +142,9 @@ def _flex_unavailable(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> 
     return mask.num_queries < FLEX_MIN_QUERIES
 
 
-def flex_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torch.Tensor:
+def flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout_p: float = 0.0
+) -> torch.Tensor:
     """Flex attention with the mask as a BlockMask: packed documents cost no more than one long row.
 
     Where flex attention is not used (see `_flex_unavailable`) SDPA computes the same thing with the dense
@@ -153,7 +157,9 @@ def flex_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torc
     return _flex_kernel(q.device)(q, k, v, block_mask=mask.block_mask, enable_gqa=_is_gqa(q, k))
 
 
-def eager_attention(q, k, v, mask: AttentionMask, dropout_p: float = 0.0) -> torch.Tensor:
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout_p: float = 0.0
+) -> torch.Tensor:
     """The textbook computation, softmax(q k^T / sqrt(d) + mask) v, as the reference for the fused ones."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)

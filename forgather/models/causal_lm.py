@@ -111,7 +111,11 @@ class CausalLM(nn.Module):
     def layer_inputs(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
     ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, AttentionMask]:
-        """What every layer takes besides x: RoPE (cos, sin) and the attention mask (public for pipeline stages)."""
+        """What every layer takes besides x: RoPE (cos, sin) and the attention mask.
+
+        Public for pipeline stages, which run a slice of `layers` from outside: only the shape [B, T] and the
+        device of `input_ids` are read, so a stage may pass any such tensor (its position_ids, say).
+        """
         batch, seq = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         position_ids, documents = _positions_and_documents(batch, seq, position_ids, kv_cache, input_ids.device)
