@@ -366,3 +366,21 @@ def test_transformers_generate_stops_at_the_eos_token_from_extra_config(tmp_path
     generated = load_hf(out).generate(prompt, max_new_tokens=8, do_sample=False)
     assert int(generated[0, -1]) == eos and not (generated[0, 4:-1] == eos).any()  # stopped at the first eos
     assert torch.equal(generated, model.generate(prompt, max_new_tokens=8, eos_token_id=eos))
+
+
+def test_project_local_sibling_modules_are_inlined_too(tmp_path):
+    model_src = tmp_path / "model_src"
+    model_src.mkdir()
+    (model_src / "residual.py").write_text("def scaled(x, alpha):\n    return alpha * x\n")
+    (model_src / "sibling_layer.py").write_text(
+        "from forgather.models.layers import TransformerLayer\n"
+        "from residual import scaled\n\n\n"
+        "class SiblingLayer(TransformerLayer):\n"
+        "    def forward(self, x, rope, mask, kv_cache=None):\n"
+        "        x = scaled(x, 0.5) + self.attention(self.attention_norm(x), rope, mask, kv_cache)\n"
+        "        return x + self.feedforward(self.feedforward_norm(x))\n"
+    )
+    model, out = export(tmp_path, model_tree(layer=".sibling_layer:SiblingLayer"), "sib", str(model_src))
+    assert "# ---- residual.py ----" in (out / "modeling_sib.py").read_text()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(ids()), model(ids()), rtol=0, atol=0)
