@@ -12,6 +12,7 @@ Hooks implemented:
   that return the pipeline's loss, so its logging runs unchanged; `backward` then only fires the backward
   hooks (the schedule did the backward). `validation_step` likewise, forward only.
 - gradient clipping by norm uses the norm over all stages; `grad_norm()` gives it for logging.
+- at the end of fit, global rank 0's LightningModule holds the whole model again (`gather_at_end`).
 - checkpoints are sharded (torch.distributed.checkpoint, a directory: each rank writes its stages, the tied
   head once); `forgather.strategies.load_sharded_checkpoint` loads one into a single-device model.
 """
@@ -48,6 +49,8 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             size must divide by it; the quotient is the number of data-parallel replicas.
         stages_per_rank: virtual stages per rank; default 1 for GPipe/1F1B, 2 for the multi-stage schedules.
         split_points: first layer of every stage after the first; default: balanced by layer cost.
+        gather_at_end: when fit ends, before any other callback's `on_train_end`, gather the whole model
+            into the LightningModule of global rank 0 (on the CPU), so that exporting it works as on one device.
         process_group_backend, timeout: as for Lightning's other distributed strategies.
     """
 
@@ -58,6 +61,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         pipeline_parallel_size: int | Literal["auto"] = "auto",
         stages_per_rank: int | None = None,
         split_points: list[int] | None = None,
+        gather_at_end: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -72,6 +76,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         self.pipeline_parallel_size = pipeline_parallel_size
         self.stages_per_rank = stages_per_rank
         self.split_points = list(split_points) if split_points is not None else None
+        self.gather_at_end = gather_at_end
         self.runtime: PipelineRuntime | None = None
         self._batch_grads: list[torch.Tensor | None] = []
 
@@ -110,6 +115,8 @@ class PipelineParallelStrategy(ModelParallelStrategy):
                 module.model, module.loss, self.device_mesh, self.root_device, self.schedule,
                 self.n_microbatches, self.stages_per_rank, self.split_points,
             )
+            if self.gather_at_end:
+                trainer.callbacks.insert(0, _GatherAtTrainEnd())
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._clip_across_stages()
@@ -191,6 +198,15 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             f"{type(self).__name__} trains and validates; load the checkpoint into a single-device model "
             "(forgather.strategies.load_sharded_checkpoint) to predict"
         )
+
+
+class _GatherAtTrainEnd(pl.Callback):
+    """Runs first at the end of fit: the LightningModule of global rank 0 gets the whole model back."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if strategy.device_mesh["dp"].get_local_rank() == 0:
+            strategy.runtime.unpipeline()
 
 
 class _ModelStandIn(nn.Module):

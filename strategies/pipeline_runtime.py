@@ -12,7 +12,8 @@ own 1/n_microbatches scaling off, so loss and gradients equal those of the whole
 padding leaves microbatches with different token counts. Afterwards the gradients of a tied head are summed
 between the first and last stages, and all gradients are averaged over the replicas.
 `evaluate(batch)` runs forward only and returns the batch loss. `grad_norm()` and `clip_grad_norm_()` see
-the whole model's gradients, not just this rank's.
+the whole model's gradients, not just this rank's. `unpipeline()` gathers the whole model on the first
+stage's rank (after training, e.g. to export it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from .pipeline_split import stage_indices, stage_layer_ranges, stage_rank
-from .pipeline_stages import prune_to, stages_for
+from .pipeline_stages import prune_to, restore, stages_for
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 V_SHAPED_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
@@ -80,7 +81,8 @@ class PipelineRuntime:
         self.stage_ids = stage_indices(self.pp_rank, self.pp_size, self.stages_per_rank, self.style)
         last = self.num_stages - 1
         self.modules = [self.parts.stage(ranges[index], index == 0, index == last) for index in self.stage_ids]
-        prune_to(model, self.modules)
+        self.removed = prune_to(model, self.modules)
+        _release(self.removed, self.parameters())
         self.last_rank = stage_rank(last, self.pp_size, self.stages_per_rank, self.style)
         self.tied_weight, self.tied_group = self._tied_head(mesh)
         stages = [
@@ -172,10 +174,42 @@ class PipelineRuntime:
         torch.nn.utils.clip_grads_with_norm_(self.parameters(), max_norm, norm)
         return norm
 
+    # The whole model again
+
+    def unpipeline(self) -> nn.Module | None:
+        """Collective over the pipeline group: the whole model, on the CPU, on the first stage's rank.
+
+        Every rank sends its share of the weights to the first stage's rank, which puts the other stages'
+        modules back into the model and loads them; that model is returned there (None elsewhere), and this
+        runtime cannot step any more on that rank. The other ranks keep their stages.
+        """
+        model = self.parts.model
+        share = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+        shares = [None] * self.pp_size if self.pp_rank == 0 else None
+        dist.gather_object(share, shares, group_dst=0, group=self.pp_group)
+        if self.pp_rank != 0:
+            return None
+        for module in self.removed.values():
+            module.to_empty(device="cpu", recurse=True)
+        restore(model, self.removed)
+        whole: dict[str, torch.Tensor] = {}
+        for part in shares:
+            whole.update(part)
+        model.to("cpu").load_state_dict(whole)
+        return model
+
     @property
     def _last_tied_copy(self) -> nn.Parameter | None:
         """The tied weight as the last stage holds it (its gradient equals the first stage's after syncing)."""
         return self.tied_weight if self.pp_rank == self.last_rank else None
+
+
+def _release(removed: dict[str, nn.Module], kept: list[nn.Parameter]) -> None:
+    """Free the weights of other ranks' stages, keeping their structure (on the meta device) for `unpipeline`."""
+    kept_ids = {id(p) for p in kept}
+    for module in removed.values():
+        if all(id(p) not in kept_ids for p in module.parameters()):
+            module.to("meta")
 
 
 def _average(tensors: list[torch.Tensor], group: dist.ProcessGroup, size: int) -> None:

@@ -14,6 +14,7 @@ last stage; the pipeline keeps the two copies equal by summing their gradients (
 
 `prune_to(model, modules)` drops every parameter-holding submodule that no kept module needs, in place; the
 others keep their names, so a rank's `state_dict()` is its share of the whole model's, key for key.
+`restore(model, removed)` puts the dropped ones back.
 """
 
 from __future__ import annotations
@@ -149,18 +150,30 @@ def stages_for(model: nn.Module, loss: Callable[..., torch.Tensor]) -> CausalLMS
     )
 
 
-def prune_to(model: nn.Module, modules: list[nn.Module]) -> None:
-    """Set to None every submodule of `model` holding parameters that none of `modules` contains."""
+def prune_to(model: nn.Module, modules: list[nn.Module]) -> dict[str, nn.Module]:
+    """Set to None every submodule of `model` holding parameters that none of `modules` contains.
+
+    Returns the removed submodules by qualified name, so that `restore` can put them back.
+    """
     kept: set[int] = {id(sub) for module in modules for sub in module.modules()}
-    _prune(model, kept)
+    removed: dict[str, nn.Module] = {}
+    _prune(model, kept, "", removed)
+    return removed
 
 
-def _prune(module: nn.Module, kept: set[int]) -> None:
+def _prune(module: nn.Module, kept: set[int], prefix: str, removed: dict[str, nn.Module]) -> None:
     for name, child in list(module.named_children()):
         if id(child) in kept:
             continue
         if any(id(sub) in kept for sub in child.modules()):
-            _prune(child, kept)
+            _prune(child, kept, f"{prefix}{name}.", removed)
         elif any(True for _ in child.parameters()):
+            removed[prefix + name] = child
             setattr(module, name, None)
 
+
+def restore(model: nn.Module, removed: dict[str, nn.Module]) -> None:
+    """Put submodules removed by `prune_to` back in place."""
+    for name, child in removed.items():
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, child)
