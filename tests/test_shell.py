@@ -112,7 +112,7 @@ def test_commands_complete_by_prefix():
 
 def test_cd_completes_directories_at_any_depth():
     shell = ForgatherShell(EXAMPLES)
-    assert shell.complete_cd("pro", "cd pro", 3, 6) == ["project_composition/"]
+    assert shell.complete_cd("pro", "cd pro", 3, 6) == ["project_composition/", "projects_overview/"]
     assert shell.complete_cd("tutorials/t", "cd tutorials/t", 3, 14) == ["tutorials/tiny_llama/"]
 
 
