@@ -99,7 +99,6 @@ class ForgatherShell(cmd.Cmd):
         module = importlib.import_module(COMMANDS[command][0])
         parser = argparse.ArgumentParser(prog=command, description=COMMANDS[command][1])
         module.add_arguments(parser)
-        status = 2
         with contextlib.redirect_stdout(self.stdout), contextlib.chdir(self.directory):
             try:
                 args = parser.parse_args(argv)
