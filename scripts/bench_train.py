@@ -63,7 +63,7 @@ def bench_hf(steps: int) -> float:
     return BATCH * SEQ / statistics.median(times[steps // 3:])
 
 
-def bench_forgather(steps: int, loss: str, compile_layers: bool) -> float:
+def bench_forgather(steps: int, loss: str, compile_layers: bool, attention_fn: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "bench"
         (project / "templates" / "configs").mkdir(parents=True)
@@ -79,7 +79,7 @@ def bench_forgather(steps: int, loss: str, compile_layers: bool) -> float:
             sys.executable, "-m", "forgather.run", "-p", str(project), "--outputs", tmp, "+experiment=llama_1b",
             f"max_steps={steps}", "log_every_n_steps=1", "val_check_interval=100000", "limit_val_batches=0",
             "checkpoint_every=100000", f"model.vocab_size={SHAPE['vocab']}", "++optimizer.fused=true",
-            f"compile={'true' if compile_layers else 'false'}",
+            f"compile={'true' if compile_layers else 'false'}", f"attention_fn={attention_fn}",
         ]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -94,13 +94,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--loss", default="fused", help="loss group option for the forgather run")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--attention", default="flex", help="attention_fn of our model (packed rows: flex masks documents cheaply)")
     parser.add_argument("--only", choices=("hf", "forgather"))
     args = parser.parse_args()
     results = {}
     if args.only != "forgather":
         results["hf LlamaForCausalLM loop"] = bench_hf(args.steps)
     if args.only != "hf":
-        results[f"forgather.run (loss={args.loss}, compile={not args.no_compile})"] = bench_forgather(args.steps, args.loss, not args.no_compile)
+        name = f"forgather.run ({args.loss}, {args.attention}, compile={not args.no_compile})"
+        results[name] = bench_forgather(args.steps, args.loss, not args.no_compile, args.attention)
     per_token = flops_per_token()
     print(f"\n{'path':<48} {'tokens/s':>10} {'MFU':>7}")
     for name, rate in results.items():
