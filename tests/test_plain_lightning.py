@@ -15,13 +15,21 @@ import yaml
 SCRIPT = Path(__file__).resolve().parent / "helpers" / "plain_lightning_train.py"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("plain_lightning")
+def train(out: Path, *options: str) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(out), "--steps", "30"], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run([sys.executable, str(SCRIPT), str(out), "--steps", "30", *options], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("plain_lightning"))
+
+
+@pytest.fixture(scope="module")
+def pipelined_dir(tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("plain_lightning_pipelined"), "--pipeline")
 
 
 def test_the_script_uses_no_templates_or_configs():
@@ -32,7 +40,7 @@ def test_the_script_uses_no_templates_or_configs():
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
     forgather = {name for name in imported if name.startswith("forgather")}
-    assert {"forgather.models.causal_lm", "forgather.loss", "forgather.optim", "forgather.callbacks.snapshot", "forgather.callbacks.job_control"} <= forgather
+    assert {"forgather.models.causal_lm", "forgather.loss", "forgather.optim", "forgather.callbacks.snapshot", "forgather.callbacks.job_control", "forgather.strategies"} <= forgather
     assert not any(name.startswith(("forgather.template", "forgather.graph", "forgather.project", "forgather.run", "forgather.lightning")) for name in forgather)
 
 
@@ -47,3 +55,10 @@ def test_the_snapshot_records_the_hyperparameters_and_the_script(run_dir):
     assert yaml.safe_load((snapshot / "config.yaml").read_text())["hidden_size"] == 64
     assert (snapshot / "sources" / "train.py").read_text() == SCRIPT.read_text()
     assert str(SCRIPT) in (snapshot / "command.txt").read_text()
+
+
+def test_two_pipeline_stages_on_two_processes_give_the_losses_of_one(run_dir, pipelined_dir):
+    single = json.loads((run_dir / "losses.json").read_text())
+    pipelined = json.loads((pipelined_dir / "losses.json").read_text())
+    assert pipelined == pytest.approx(single, rel=1e-5)
+    assert yaml.safe_load((pipelined_dir / "snapshot" / "config.yaml").read_text())["pipeline"] is True
