@@ -162,3 +162,20 @@ def test_ctrl_c_at_the_prompt_keeps_the_shell(monkeypatch):
     monkeypatch.setattr(stdin, "readline", readline)
     ForgatherShell(COMPOSITION, stdin=stdin, stdout=out).cmdloop()
     assert "^C\n" in out.getvalue() and "model\noptimizer\n" in out.getvalue()
+
+
+def test_history_is_kept_between_sessions(tmp_path, monkeypatch):
+    import readline
+
+    monkeypatch.setenv("FORGATHER_CACHE_DIR", str(tmp_path))
+    shell = ForgatherShell(COMPOSITION)
+    readline.clear_history()
+    readline.add_history("pp sgd.yaml")
+    shell.postloop()
+    readline.clear_history()
+    shell.preloop()
+    try:
+        assert readline.get_current_history_length() == 1 and readline.get_history_item(1) == "pp sgd.yaml"
+        assert (tmp_path / "shell_history").is_file()
+    finally:
+        readline.clear_history()

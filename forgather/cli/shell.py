@@ -12,7 +12,8 @@ reads, inside the shell's current directory, so the shell and the CLI cannot dri
     train [CONFIG] [OVERRIDES] ...               the runner, as `forgather -t CONFIG train`
 
 The shell imports no torch; a command that builds objects imports what it needs when it runs. A failing
-command prints its error and the shell goes on.
+command prints its error and the shell goes on. The command history is kept between sessions, in
+Forgather's cache directory (`shell_history`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ from typing import IO
 from forgather.cli.main import COMMANDS
 from forgather.project import META_FILE, Project
 
-# Shell commands that take a config, and whether a second word names a target.
+# Config commands whose second word names a target.
 _TARGET_COMMANDS = ("code", "construct")
+HISTORY_LENGTH = 1000
+
+
+def history_file() -> str:
+    """Where the shell keeps its command history between sessions (in Forgather's cache directory)."""
+    from forgather.data.cache import cache_dir
+
+    return str(cache_dir() / "shell_history")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -230,6 +239,16 @@ class ForgatherShell(cmd.Cmd):
 
                 # Words, not path segments or `key=value` halves, are what the completers complete.
                 readline.set_completer_delims(" \t\n")
+                with contextlib.suppress(OSError):
+                    readline.read_history_file(history_file())
+
+    def postloop(self) -> None:
+        if self.use_rawinput:
+            with contextlib.suppress(ImportError, OSError):
+                import readline
+
+                readline.set_history_length(HISTORY_LENGTH)
+                readline.write_history_file(history_file())
 
     def complete_cd(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
         return self.directories_matching(text)
