@@ -40,9 +40,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     config = project.meta.get("default_config", "CONFIG")
-    print(f"created project {project.name!r} in {project.root}\nnext:\n  cd {args.directory}")
-    print(f"  forgather ls                       # its configs\n  forgather -t {config} pp       # the rendered config")
-    print(f"  forgather -t {config} train    # train it")
+    steps = {
+        f"cd {args.directory}": "",
+        "forgather ls": "its configs",
+        f"forgather -t {config} pp": "the rendered config",
+        f"forgather -t {config} train": "train it",
+    }
+    width = max(map(len, steps))
+    print(f"created project {project.name!r} in {project.root}\nnext:")
+    for command, why in steps.items():
+        print(f"  {command:<{width}}  # {why}" if why else f"  {command}")
     return 0
 
 
