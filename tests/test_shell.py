@@ -133,6 +133,8 @@ def test_train_completes_group_options_and_config_keys():
     options = shell.complete_train("optimizer=adaf", "train micro optimizer=adaf", 12, 26)
     assert "optimizer=adafactor" in options and all(o.startswith("optimizer=adaf") for o in options)
     assert "trainer.max_steps=" in shell.complete_train("tr", "train micro tr", 12, 14)
+    assert shell.complete_train("~trainer.gradient", "train micro ~trainer.gradient", 12, 29) == ["~trainer.gradient_clip_val"]
+    assert "++lr=" in shell.complete_train("++l", "train micro ++l", 12, 15)
 
 
 def test_browsing_does_not_import_torch():

@@ -230,7 +230,7 @@ class ForgatherShell(cmd.Cmd):
             return False
         return True
 
-    # -- completion -------------------------------------------------------------------------------------
+    # -- readline: history and completion ---------------------------------------------------------------
 
     def preloop(self) -> None:
         if self.use_rawinput:
@@ -287,27 +287,32 @@ class ForgatherShell(cmd.Cmd):
         return [name for name in project.configs() if name.startswith(text)] if project else []
 
     def targets_matching(self, config: str | None, text: str) -> list[str]:
+        project = self.project
         try:
-            targets = Project.load(self.directory).load_config(config, tuple(self.template_paths)).graph.targets
+            targets = project.load_config(config, tuple(self.template_paths)).graph.targets if project else []
         except Exception:  # a config that does not render has nothing to complete
             return []
         return [target for target in targets if target.startswith(text)]
 
     def overrides_matching(self, config: str | None, text: str) -> list[str]:
-        """`group=option` for the groups on the search path; `key=` for the config's value keys."""
+        """`group=option` for the groups on the search path; `key=` for the config's value keys (after any
+        `+`, `++` or `~`)."""
         from forgather import overrides as ovr
 
         project = self.project
         if project is None:
             return []
+        prefix = text[: len(text) - len(text.lstrip("+~"))]
+        key, equals, value = text[len(prefix) :].partition("=")
         groups = ovr.find_groups(project.search_path(self.template_paths))
-        key, equals, value = text.partition("=")
         if equals:
-            return [f"{key}={option}" for option in groups.get(key, []) if option.startswith(value)]
-        keys = {f"{group}=" for group in groups if "/" not in group}
-        with contextlib.suppress(Exception):
-            keys |= {f"{path}=" for path in ovr.config_paths(project.load_config(config, tuple(self.template_paths)).config)}
-        return sorted(k for k in keys if k.startswith(text))
+            return [f"{prefix}{key}={option}" for option in groups.get(key, []) if option.startswith(value)]
+        # The config itself is the experiment; base/ and configs/ hold templates, not options.
+        keys = {group for group in groups if "/" not in group and group not in ("base", "configs", "experiment")}
+        with contextlib.suppress(Exception):  # a config that does not render offers the groups alone
+            keys |= set(ovr.config_paths(project.load_config(config, tuple(self.template_paths)).config))
+        suffix = "" if prefix == "~" else "="
+        return sorted(f"{prefix}{k}{suffix}" for k in keys if k.startswith(key))
 
 
 def _report(error: Exception) -> int:
