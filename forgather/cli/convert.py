@@ -7,7 +7,6 @@ Hugging Face format, anything else from it. Torch is imported only when the comm
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,17 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context length written to the Hugging Face config (default: recorded, else 2048)")
 
 
-def is_forgather_directory(directory: Path) -> bool:
-    config = directory / "config.json"
-    return config.is_file() and "model_tree" in json.loads(config.read_text())
-
-
 def run(args: argparse.Namespace) -> int:
-    from forgather.convert.hf import VocabOptions, forgather_to_hf, hf_to_forgather
-
     src, dst = Path(args.src), Path(args.dst)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} has no config.json; give a model directory")
+    from forgather.convert.directory import is_forgather_directory
+    from forgather.convert.hf import VocabOptions, forgather_to_hf, hf_to_forgather
     vocab = VocabOptions(args.add_tokens, args.special, args.pad_vocab_to_multiple_of)
     if is_forgather_directory(src):
         forgather_to_hf(src, dst, args.family, args.dtype, vocab, args.max_position_embeddings)
