@@ -364,3 +364,12 @@ def test_loopback_hosts_are_told_from_others_for_the_key_warning():
 
     assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "example.org")] == [
         True, True, True, False, False]
+
+
+def test_streamed_usage_is_sent_last_when_asked_for(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    whole = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(chunk.usage is None for chunk in chunks[:-1])

@@ -149,6 +149,21 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
             yield _sse(protocol.error_body(f"{type(error).__name__}: {error}", "server_error"))
         yield _sse("[DONE]")
 
+    def streamed(request: protocol.SamplingFields, ids: list[int], params: SamplingParams,
+                 chunk: Callable[[Delta], dict], first: dict | None = None) -> StreamingResponse:
+        """The SSE response: `first` (if any), a chunk per Delta, and with `stream_options.include_usage` a
+        last chunk with no choices and the usage, as OpenAI sends it."""
+        async def chunks() -> AsyncIterator[dict]:
+            if first is not None:
+                yield first
+            last = None
+            async for last in generator.stream(ids, params):
+                yield chunk(last)
+            if request.include_usage() and last is not None:
+                yield {**chunk(last), "choices": [], "usage": protocol.usage(len(ids), last.completion_tokens)}
+
+        return StreamingResponse(events(chunks()), media_type="text/event-stream")
+
     @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "forgather",
@@ -162,9 +177,8 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
         params = _params(request, backend.check_budget(len(ids), request.max_tokens))
         id_ = protocol.new_id("cmpl")
         if request.stream:
-            chunks = (protocol.completion_body(id_, model_name, d.text, d.finish_reason)
-                      async for d in generator.stream(ids, params))
-            return StreamingResponse(events(chunks), media_type="text/event-stream")
+            return streamed(request, ids, params,
+                            lambda d: protocol.completion_body(id_, model_name, d.text, d.finish_reason))
         done = await generator.complete(ids, params)
         body = protocol.completion_body(id_, model_name, done.text, done.finish_reason)
         return {**body, "usage": protocol.usage(len(ids), done.completion_tokens)}
@@ -181,12 +195,9 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
         params = _params(request, backend.check_budget(len(ids), max_tokens), backend.chat_stop)
         id_ = protocol.new_id("chatcmpl")
         if request.stream:
-            async def chunks() -> AsyncIterator[dict]:
-                yield protocol.chat_chunk(id_, model_name, {"role": "assistant", "content": ""}, None)
-                async for d in generator.stream(ids, params):
-                    yield protocol.chat_chunk(id_, model_name, {"content": d.text} if d.text else {}, d.finish_reason)
-
-            return StreamingResponse(events(chunks()), media_type="text/event-stream")
+            first = protocol.chat_chunk(id_, model_name, {"role": "assistant", "content": ""}, None)
+            return streamed(request, ids, params, lambda d: protocol.chat_chunk(
+                id_, model_name, {"content": d.text} if d.text else {}, d.finish_reason), first)
         done = await generator.complete(ids, params)
         body = protocol.chat_body(id_, model_name, done.text, done.finish_reason)
         return {**body, "usage": protocol.usage(len(ids), done.completion_tokens)}

@@ -1,8 +1,8 @@
 """The OpenAI API's wire format: request bodies (validated by pydantic), response, chunk and error bodies.
 
 Requests accept the fields this server honours -- model, prompt / messages, max_tokens (chat also
-max_completion_tokens), temperature, top_p, stop, seed, stream -- and ignore other OpenAI fields. One
-completion per request (`n` = 1). Errors are `{"error": {"message", "type", "param", "code"}}`.
+max_completion_tokens), temperature, top_p, stop, seed, stream, stream_options.include_usage -- and
+ignore other OpenAI fields. One completion per request (`n` = 1). Errors are `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1, description="one completion per request")
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
