@@ -84,6 +84,18 @@ def test_blocks_left_unrun_say_why():
             assert block.note in ("", "slow") or block.note.startswith(("file:", "excerpt:")), f"{block.id}: unknown note {block.note!r}"
 
 
+UNRUN = [_param(b) for b in blocks() if b.lang in RUNNABLE and b.note.startswith("not run:")]
+
+
+@pytest.mark.parametrize("block", UNRUN)
+def test_blocks_left_unrun_still_parse(block: Block):
+    if block.lang == "python":
+        compile(block.body, block.id, "exec")
+    else:
+        result = subprocess.run(["bash", "-n", "-c", block.body], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "outputs", "multirun", "output_models")
