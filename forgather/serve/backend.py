@@ -75,10 +75,10 @@ def _context_length(config: Any, tokenizer: Any, override: int | None) -> int:
 
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    """The tokenizer's end-of-sequence id and the generation config's (which may list several)."""
     generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos else [])
-    return ids
+    listed = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    return {token for token in (tokenizer.eos_token_id, *listed) if token is not None}
 
 
 class Backend:
