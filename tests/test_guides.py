@@ -1,8 +1,8 @@
 """The guides (docs/guides/) and the example READMEs do what they show: every code block runs or matches.
 
-A ```bash block runs under `bash -eo pipefail` and a ```python block as a script, each in a fresh workspace
-(copies of examples/ and tests/helpers/, standing for the repository root) with the venv first on PATH. An ```output block
-right after one lists lines that must occur in what it printed. A comment line before a block changes this:
+A ```bash block runs under `bash -eo pipefail` and a ```python block as a script, each in a fresh
+workspace (copies of examples/ and tests/helpers/, standing for the repository root) with the venv first
+on PATH. An ```output block right after one lists lines that must occur in what it printed. A comment line before a block changes this:
     <!-- slow -->              run it only with -m slow
     <!-- not run: REASON -->   shown, not run (needs a GPU, takes minutes ...)
     <!-- file: PATH -->        the block is the repository file PATH, verbatim
@@ -67,8 +67,9 @@ def _param(block: Block):
     return pytest.param(block, id=block.id, marks=marks)
 
 
-RUN = [_param(b) for b in blocks() if b.lang in RUNNABLE and not b.note.startswith(("not run:", "file:", "excerpt:"))]
-TIED = [_param(b) for b in blocks() if b.note.startswith(("file:", "excerpt:"))]
+BLOCKS = blocks()
+RUN = [_param(b) for b in BLOCKS if b.lang in RUNNABLE and not b.note.startswith(("not run:", "file:", "excerpt:"))]
+TIED = [_param(b) for b in BLOCKS if b.note.startswith(("file:", "excerpt:"))]
 
 
 def test_every_document_has_blocks_that_run():
@@ -77,14 +78,15 @@ def test_every_document_has_blocks_that_run():
 
 
 def test_blocks_left_unrun_say_why():
-    for block in blocks():
+    for block in BLOCKS:
         if block.note.startswith("not run"):
             assert len(block.note.removeprefix("not run:").strip()) > 10, f"{block.id}: say why it is not run"
         else:
             assert block.note in ("", "slow") or block.note.startswith(("file:", "excerpt:")), f"{block.id}: unknown note {block.note!r}"
 
 
-UNRUN = [_param(b) for b in blocks() if b.lang in RUNNABLE and b.note.startswith("not run:")]
+UNBLOCKS = blocks()
+RUN = [_param(b) for b in BLOCKS if b.lang in RUNNABLE and b.note.startswith("not run:")]
 
 
 @pytest.mark.parametrize("block", UNRUN)
