@@ -85,8 +85,7 @@ def test_blocks_left_unrun_say_why():
             assert block.note in ("", "slow") or block.note.startswith(("file:", "excerpt:")), f"{block.id}: unknown note {block.note!r}"
 
 
-UNBLOCKS = blocks()
-RUN = [_param(b) for b in BLOCKS if b.lang in RUNNABLE and b.note.startswith("not run:")]
+UNRUN = [_param(b) for b in BLOCKS if b.lang in RUNNABLE and b.note.startswith("not run:")]
 
 
 @pytest.mark.parametrize("block", UNRUN)
