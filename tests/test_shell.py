@@ -81,7 +81,13 @@ def test_bad_options_print_usage_and_the_shell_goes_on(capsys):
 
 def test_config_commands_outside_a_project_say_so():
     _, out = session("configs\n")
-    assert "is not a project" in out
+    assert "is not a Forgather project" in out
+
+
+def test_a_broken_meta_yaml_is_reported_not_fatal(tmp_path):
+    (tmp_path / "meta.yaml").write_text("name: [unclosed\n")
+    shell, out = session("index\nls\n", str(tmp_path))
+    assert shell.project is None and "error: while parsing" in out
 
 
 def test_unknown_commands_are_named():

@@ -28,6 +28,8 @@ import sys
 import traceback
 from typing import IO
 
+import yaml
+
 from forgather.cli.main import COMMANDS
 from forgather.project import META_FILE, Project
 
@@ -88,12 +90,12 @@ class ForgatherShell(cmd.Cmd):
 
     @property
     def project(self) -> Project | None:
-        """The project in the current directory, if it is one."""
+        """The project in the current directory, if it is one (and its meta.yaml reads)."""
         if not os.path.isfile(os.path.join(self.directory, META_FILE)):
             return None
         try:
             return Project.load(self.directory)
-        except ValueError:
+        except (ValueError, yaml.YAMLError):
             return None
 
     def _set_prompt(self) -> None:
@@ -225,8 +227,10 @@ class ForgatherShell(cmd.Cmd):
         return False
 
     def _require_project(self) -> bool:
-        if self.project is None:
-            print(f"{self.directory} is not a project: `ls` finds them, `cd` enters one", file=self.stdout)
+        try:
+            Project.load(self.directory)
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            print(f"error: {error} (`ls` finds projects, `cd` enters one)", file=self.stdout)
             return False
         return True
 
