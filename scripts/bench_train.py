@@ -63,7 +63,7 @@ def bench_hf(steps: int) -> float:
     return BATCH * SEQ / statistics.median(times[steps // 3:])
 
 
-def bench_forgather(steps: int, loss: str, compile_layers: bool, attention_fn: str) -> float:
+def bench_forgather(steps: int, loss: str, compile_layers: bool, attention_fn: str, log_every: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "bench"
         (project / "templates" / "configs").mkdir(parents=True)
@@ -77,7 +77,7 @@ def bench_forgather(steps: int, loss: str, compile_layers: bool, attention_fn: s
         )
         command = [
             sys.executable, "-m", "forgather.run", "-p", str(project), "--outputs", tmp, "+experiment=llama_1b",
-            f"max_steps={steps}", "log_every_n_steps=1", "val_check_interval=100000", "limit_val_batches=0",
+            f"max_steps={steps}", f"log_every_n_steps={log_every}", "val_check_interval=100000", "limit_val_batches=0",
             "checkpoint_every=100000", f"model.vocab_size={SHAPE['vocab']}", "++optimizer.fused=true",
             f"compile={'true' if compile_layers else 'false'}", f"attention_fn={attention_fn}",
         ]
@@ -96,13 +96,14 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--attention", default="flex", help="attention_fn of our model (packed rows: flex masks documents cheaply)")
     parser.add_argument("--only", choices=("hf", "forgather"))
+    parser.add_argument("--log-every", type=int, default=1, help="log_every_n_steps of the forgather run (each log is a host sync)")
     args = parser.parse_args()
     results = {}
     if args.only != "forgather":
         results["hf LlamaForCausalLM loop"] = bench_hf(args.steps)
     if args.only != "hf":
         name = f"forgather.run ({args.loss}, {args.attention}, compile={not args.no_compile})"
-        results[name] = bench_forgather(args.steps, args.loss, not args.no_compile, args.attention)
+        results[name] = bench_forgather(args.steps, args.loss, not args.no_compile, args.attention, args.log_every)
     per_token = flops_per_token()
     print(f"\n{'path':<48} {'tokens/s':>10} {'MFU':>7}")
     for name, rate in results.items():
