@@ -130,3 +130,10 @@ def test_two_ranks_launched_by_lightning_share_one_run_directory(tmp_path):
     subprocess.run([*command, "+experiment=micro", "trainer.devices=2", "max_steps=4"], check=True, capture_output=True, timeout=300)
     (run_dir,) = run_dirs(tmp_path / "outputs")
     assert yaml.safe_load((run_dir / "metrics.yaml").read_text())["step"] == 4
+
+
+def test_optimizer_in_backward_trains_through_the_runner(tmp_path):
+    assert run(tmp_path, "+experiment=micro", "optimizer=adafactor_in_backward", "gradient_clip_val=null", "max_steps=8") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    losses = train_losses(run_dir)
+    assert losses[7] < losses[0] - 0.2
