@@ -76,6 +76,7 @@ class PipelineRuntime:
         self.num_stages = self.pp_size * self.stages_per_rank
         self.device = torch.device(device)
         self.parts = stages_for(model, loss)
+        tied = self.parts.tied_head  # asked before pruning, which may drop an untied head from this rank
         ranges = stage_layer_ranges(self.parts.num_layers, self.num_stages, split_points, self.parts.head_cost)
         self.layer_ranges = ranges
         self.stage_ids = stage_indices(self.pp_rank, self.pp_size, self.stages_per_rank, self.style)
@@ -84,7 +85,7 @@ class PipelineRuntime:
         self.removed = prune_to(model, self.modules)
         _release(self.removed, self.parameters())
         self.last_rank = stage_rank(last, self.pp_size, self.stages_per_rank, self.style)
-        self.tied_weight, self.tied_group = self._tied_head(mesh)
+        self.tied_weight, self.tied_group = self._tied_head(mesh) if tied else (None, None)
         stages = [
             PipelineStage(module, index, self.num_stages, self.device, group=self.pp_group)
             for module, index in zip(self.modules, self.stage_ids)
@@ -106,8 +107,7 @@ class PipelineRuntime:
 
         Every rank creates every pair's group (new_group is collective), and keeps the one it belongs to.
         """
-        model = self.parts.model
-        if getattr(model, "lm_head", True) is not None or self.last_rank == 0:
+        if self.last_rank == 0:
             return None, None
         mine = None
         for replica in range(self.dp_size):
@@ -115,7 +115,7 @@ class PipelineRuntime:
             group = dist.new_group(ranks)
             if dist.get_rank() in ranks:
                 mine = group
-        return (model.embed.weight, mine) if mine is not None else (None, None)
+        return (self.parts.model.embed.weight, mine) if mine is not None else (None, None)
 
     # Steps
 

@@ -91,6 +91,11 @@ class CausalLMStages:
         return len(self.model.layers)
 
     @property
+    def tied_head(self) -> bool:
+        """Whether the output head is the embedding matrix (so first and last stage share it)."""
+        return self.model.lm_head is None
+
+    @property
     def head_cost(self) -> float:
         """The output head's weight count in layers: its matmul costs about that many layers' worth."""
         head = self.model.lm_head_weight.numel()
@@ -119,6 +124,7 @@ class SequentialStages:
     def __init__(self, model: nn.Sequential, loss: Callable[..., torch.Tensor]) -> None:
         self.model, self.loss = model, loss
         self.head_cost = 0.0
+        self.tied_head = False
 
     @property
     def num_layers(self) -> int:

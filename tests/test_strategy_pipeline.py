@@ -1,5 +1,6 @@
 """Pipeline parallelism on the CPU: stage cuts, placements, and a pipelined model's loss and gradients
-against one process running the whole model (two gloo processes, every schedule)."""
+against one process running the whole model (gloo processes: every schedule, tied and untied heads, an
+nn.Sequential, and pipeline x data parallelism)."""
 
 import json
 import subprocess
@@ -18,6 +19,7 @@ from pipeline_models import causal_lm, packed_batch  # noqa: E402
 
 HELPERS = Path(__file__).parent / "helpers"
 SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
+CASES = ["untied", "sequential"]
 
 
 # Stage cuts and placements
@@ -82,37 +84,57 @@ def test_a_module_that_is_neither_causal_lm_nor_sequential_is_refused():
         stages_for(torch.nn.Linear(2, 2), NaiveLoss())
 
 
-# Two processes, every schedule
+# Two processes: every schedule, an untied head, an nn.Sequential; four processes: 2 stages x 2 replicas
 
 
 @pytest.fixture(scope="module")
 def pipelined(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pipeline")
-    subprocess.run([sys.executable, str(HELPERS / "pipeline_equivalence.py"), str(out), *SCHEDULES],
+    subprocess.run([sys.executable, str(HELPERS / "pipeline_equivalence.py"), str(out), "2", *SCHEDULES, *CASES],
                    check=True, timeout=300)
     return out
 
 
-def _results(out: Path, schedule: str) -> list[dict]:
-    return [json.loads(Path(out, f"{schedule}-rank{rank}.json").read_text()) for rank in (0, 1)]
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("replicas")
+    subprocess.run([sys.executable, str(HELPERS / "pipeline_equivalence.py"), str(out), "4", "replicas"],
+                   check=True, timeout=300)
+    return out
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_pipelined_loss_equals_the_single_process_loss(pipelined, schedule):
-    for result in _results(pipelined, schedule):
+def _results(out: Path, case: str, world_size: int = 2) -> list[dict]:
+    return [json.loads(Path(out, f"{case}-rank{rank}.json").read_text()) for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("case", SCHEDULES + CASES)
+def test_pipelined_loss_equals_the_single_process_loss(pipelined, case):
+    for result in _results(pipelined, case):
         assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_pipelined_gradients_equal_the_single_process_gradients(pipelined, schedule):
-    results = _results(pipelined, schedule)
-    for result in results:
+@pytest.mark.parametrize("case", SCHEDULES + CASES)
+def test_pipelined_gradients_equal_the_single_process_gradients(pipelined, case):
+    for result in _results(pipelined, case):
         assert result["max_grad_error"] < 1e-6
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_ranks_of_a_pipeline_hold_the_whole_model(pipelined, schedule):
+    results = _results(pipelined, schedule)
     covered = set(results[0]["parameters"]) | set(results[1]["parameters"])
     assert covered == {name for name, _ in causal_lm().named_parameters()}
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_pipelined_grad_norm_is_the_whole_models(pipelined, schedule):
-    for result in _results(pipelined, schedule):
+@pytest.mark.parametrize("case", SCHEDULES + CASES)
+def test_pipelined_grad_norm_is_the_whole_models(pipelined, case):
+    for result in _results(pipelined, case):
+        assert result["grad_norm"] == pytest.approx(result["reference_grad_norm"], rel=1e-5)
+
+
+def test_pipeline_replicas_average_their_gradients(replicated):
+    # Each replica's loss is its half-batch's; the gradients are the mean over the halves on every rank.
+    for result in _results(replicated, "replicas", world_size=4):
+        assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
+        assert result["max_grad_error"] < 1e-6
         assert result["grad_norm"] == pytest.approx(result["reference_grad_norm"], rel=1e-5)

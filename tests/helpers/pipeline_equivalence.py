@@ -1,8 +1,11 @@
-"""Two gloo processes pipeline a tiny CausalLM with each schedule; each writes `<out>/<schedule>-rank<R>.json`.
+"""gloo processes pipeline tiny models; each rank writes `<out>/<case>-rank<R>.json`.
 
-For every schedule the pipelined loss and this rank's gradients are compared with one process running the
-whole model on the same batch (packed rows, uneven padding). Run by tests/test_strategy_pipeline.py;
-arguments: the output directory (it holds the rendezvous file too) and the schedule names.
+A case is a schedule name (a tied-embedding CausalLM, 2 stages a rank for multi-stage schedules), "untied"
+(1F1B, separate head), "sequential" (1F1B, an nn.Sequential cut by split points) or "replicas" (1F1B on a
+2 x 2 mesh: 2 stages x 2 data-parallel replicas, each replica half of the batch). Each compares the
+pipelined loss and this rank's gradients with one process running the whole model (packed rows, uneven
+padding). Run by tests/test_strategy_pipeline.py; arguments: the output directory (it holds the rendezvous
+file too), the world size, and the cases.
 """
 
 import json
@@ -12,46 +15,84 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from forgather.loss.naive import NaiveLoss
 from forgather.strategies.pipeline_runtime import PipelineRuntime, pipeline_mesh
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_models import causal_lm, packed_batch  # noqa: E402
-
-WORLD_SIZE = 2
+from pipeline_models import causal_lm, packed_batch, sequential_model  # noqa: E402
 
 
-def reference_grads(batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    model, loss = causal_lm(), NaiveLoss()
-    value = loss(model.hidden_states(batch["input_ids"], batch["position_ids"]), model.lm_head_weight, batch["labels"])
-    value.backward()
-    return value.item(), {name: p.grad for name, p in model.named_parameters()}
+def causal_lm_reference(model: nn.Module, batch: dict) -> torch.Tensor:
+    hidden = model.hidden_states(batch["input_ids"], batch["position_ids"])
+    return NaiveLoss()(hidden, model.lm_head_weight, batch["labels"])
 
 
-def compare(schedule: str, batch: dict, reference: tuple[float, dict[str, torch.Tensor]]) -> dict:
-    model = causal_lm()
-    runtime = PipelineRuntime(model, NaiveLoss(), pipeline_mesh("cpu", WORLD_SIZE), torch.device("cpu"),
-                              schedule=schedule, n_microbatches=4)
+def half(batch: dict, replica: int) -> dict:
+    rows = batch["input_ids"].shape[0] // 2
+    return {key: value[replica * rows : (replica + 1) * rows] for key, value in batch.items()}
+
+
+def compare(runtime: PipelineRuntime, model: nn.Module, batch, reference_model: nn.Module, reference_loss) -> dict:
     loss = float(runtime.step(batch))
-    ref_loss, ref_grads = reference
+    ref_grads = {name: p.grad for name, p in reference_model.named_parameters()}
     errors = {name: float((p.grad - ref_grads[name]).abs().max()) for name, p in model.named_parameters()}
-    return {"loss": loss, "reference_loss": ref_loss, "max_grad_error": max(errors.values()),
+    return {"loss": loss, "reference_loss": reference_loss.item(), "max_grad_error": max(errors.values()),
             "parameters": sorted(errors), "grad_norm": float(runtime.grad_norm()),
             "reference_grad_norm": float(torch.nn.utils.get_total_norm(list(ref_grads.values())))}
 
 
-def worker(rank: int, out_dir: str, schedules: list[str]) -> None:
-    init_file = Path(out_dir, "rendezvous").resolve()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-    torch.set_num_threads(1)
+def causal_lm_case(schedule: str, tie_embeddings: bool = True) -> dict:
+    batch, reference = packed_batch(), causal_lm(tie_embeddings)
+    reference_loss = causal_lm_reference(reference, batch)
+    reference_loss.backward()
+    model = causal_lm(tie_embeddings)
+    mesh = pipeline_mesh("cpu", dist.get_world_size())
+    runtime = PipelineRuntime(model, NaiveLoss(), mesh, torch.device("cpu"), schedule=schedule, n_microbatches=4)
+    return compare(runtime, model, batch, reference, reference_loss)
+
+
+def sequential_case() -> dict:
+    generator = torch.Generator().manual_seed(2)
+    inputs, target = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+    reference = sequential_model()
+    reference_loss = nn.functional.mse_loss(reference(inputs), target)
+    reference_loss.backward()
+    model = sequential_model()
+    runtime = PipelineRuntime(model, nn.MSELoss(), pipeline_mesh("cpu", dist.get_world_size()), torch.device("cpu"),
+                              schedule="1F1B", n_microbatches=4, split_points=[3])
+    return compare(runtime, model, (inputs, target), reference, reference_loss)
+
+
+def replicas_case() -> dict:
+    """2 stages x 2 replicas: gradients are the mean over replicas of each half-batch's gradients."""
     batch = packed_batch()
-    reference = reference_grads(batch)
-    for schedule in schedules:
-        result = compare(schedule, batch, reference)
-        Path(out_dir, f"{schedule}-rank{rank}.json").write_text(json.dumps(result))
+    reference = causal_lm()
+    halves = [causal_lm_reference(reference, half(batch, replica)) for replica in (0, 1)]
+    reference_loss = (halves[0] + halves[1]) / 2
+    reference_loss.backward()
+    model = causal_lm()
+    mesh = pipeline_mesh("cpu", 2, 2)
+    runtime = PipelineRuntime(model, NaiveLoss(), mesh, torch.device("cpu"), schedule="1F1B", n_microbatches=2)
+    replica = mesh["dp"].get_local_rank()
+    return compare(runtime, model, half(batch, replica), reference, halves[replica])
+
+
+CASES = {"untied": lambda: causal_lm_case("1F1B", tie_embeddings=False), "sequential": sequential_case,
+         "replicas": replicas_case}
+
+
+def worker(rank: int, out_dir: str, world_size: int, cases: list[str]) -> None:
+    init_file = Path(out_dir, "rendezvous").resolve()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    for case in cases:
+        result = CASES[case]() if case in CASES else causal_lm_case(case)
+        Path(out_dir, f"{case}-rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(sys.argv[1], sys.argv[2:]), nprocs=WORLD_SIZE)
+    world_size = int(sys.argv[2])
+    mp.spawn(worker, args=(sys.argv[1], world_size, sys.argv[3:]), nprocs=world_size)

@@ -37,3 +37,10 @@ def packed_batch(seed: int = 1) -> dict[str, torch.Tensor]:
     for row in range(ROWS):
         labels[row, SEQ - row % 5 :] = -100
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def sequential_model(seed: int = 0) -> torch.nn.Sequential:
+    """A plain six-part MLP (6 -> 3 features) for the nn.Sequential path."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16), nn.Linear(16, 3))
