@@ -184,9 +184,8 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         return self.precision_plugin.post_backward(closure_loss, module)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Any:
-        # Lightning validates under inference mode; the schedule's receive buffers must outlive it.
-        with torch.inference_mode(False), self.precision_plugin.val_step_context():
-            loss = self.runtime.evaluate(_clone(batch))
+        with self.precision_plugin.val_step_context():
+            loss = self.runtime.evaluate(batch)
         with _stand_ins(self.lightning_module, loss):
             return self.lightning_module.validation_step(batch, batch_idx)
 
@@ -245,13 +244,3 @@ def _stand_ins(module: pl.LightningModule, loss: torch.Tensor) -> Iterator[None]
     finally:
         module.model, module.loss = model, real_loss
 
-
-def _clone(batch: Any) -> Any:
-    """The batch with every tensor copied out of inference mode."""
-    if isinstance(batch, torch.Tensor):
-        return batch.clone()
-    if isinstance(batch, dict):
-        return {key: _clone(value) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_clone(value) for value in batch)
-    return batch

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from .pipeline_split import stage_indices, stage_layer_ranges, stage_rank
@@ -128,11 +129,6 @@ class PipelineRuntime:
         self._sync_grads()
         return loss
 
-    @torch.no_grad()
-    def evaluate(self, batch: Any) -> torch.Tensor:
-        """Forward only; returns the batch loss on every rank of the pipeline."""
-        return self._run(self.schedule.eval, batch, 1)
-
     def _run(self, run: Callable[..., Any], batch: Any, accumulation: int) -> torch.Tensor:
         args, kwargs, target = self.parts.inputs(batch)
         denominator = self.parts.count(target).clamp(min=1) * accumulation
@@ -140,9 +136,40 @@ class PipelineRuntime:
         run(*args, target=target, losses=losses, return_outputs=False, loss_kwargs={"denominator": denominator},
             **kwargs)
         loss = torch.stack(losses).sum().float() * accumulation if losses else torch.zeros((), device=self.device)
+        return self._from_last_stage(loss)
+
+    def _from_last_stage(self, loss: torch.Tensor) -> torch.Tensor:
         if self.pp_size > 1:
             dist.broadcast(loss, group_src=self.last_rank, group=self.pp_group)
         return loss
+
+    @torch.no_grad()
+    def evaluate(self, batch: Any) -> torch.Tensor:
+        """Forward only; returns the batch loss on every rank of the pipeline.
+
+        Runs the stages itself, one microbatch after another through every stage, instead of the schedule's
+        `eval`: that re-initializes the schedule's buffers on every switch between training and evaluation,
+        and fails for the V-shaped schedules in torch 2.13.
+        """
+        args, kwargs, target = self.parts.inputs(batch)
+        denominator = self.parts.count(target).clamp(min=1)
+        args_chunks, kwargs_chunks = split_args_kwargs_into_chunks(args, kwargs, self.n_microbatches)
+        target_chunks = target.tensor_split(self.n_microbatches)
+        loss = torch.zeros((), device=self.device)
+        for chunk in range(self.n_microbatches):
+            x = args_chunks[chunk][0]
+            for index, module in zip(self.stage_ids, self.modules):
+                if index > 0 and self._holder(index - 1) != self.pp_rank:
+                    x = _receive(self._holder(index - 1), self.pp_group, self.device)
+                x = module(x, **kwargs_chunks[chunk])
+                if index == self.num_stages - 1:
+                    loss += self._microbatch_loss(x, target_chunks[chunk], denominator).float()
+                elif self._holder(index + 1) != self.pp_rank:
+                    _send(x, self._holder(index + 1), self.pp_group)
+        return self._from_last_stage(loss)
+
+    def _holder(self, stage: int) -> int:
+        return stage_rank(stage, self.pp_size, self.stages_per_rank, self.style)
 
     def _microbatch_loss(self, output: torch.Tensor, target: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
         last_stage = self.modules[-1]
@@ -210,6 +237,28 @@ def _release(removed: dict[str, nn.Module], kept: list[nn.Parameter]) -> None:
     for module in removed.values():
         if all(id(p) not in kept_ids for p in module.parameters()):
             module.to("meta")
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_HEADER = 8  # dtype index, number of dimensions, up to 6 sizes
+
+
+def _send(tensor: torch.Tensor, peer: int, group: dist.ProcessGroup) -> None:
+    """Send a tensor of any (float) dtype and shape: a fixed-size header first, then the data."""
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=tensor.device)
+    header[:2] = torch.tensor([_DTYPES.index(tensor.dtype), tensor.dim()])
+    header[2 : 2 + tensor.dim()] = torch.tensor(tensor.shape)
+    dist.send(header, group_dst=peer, group=group)
+    dist.send(tensor.contiguous(), group_dst=peer, group=group)
+
+
+def _receive(peer: int, group: dist.ProcessGroup, device: torch.device) -> torch.Tensor:
+    header = torch.empty(_HEADER, dtype=torch.int64, device=device)
+    dist.recv(header, group_src=peer, group=group)
+    dtype, dims, *sizes = header.tolist()
+    tensor = torch.empty(sizes[:dims], dtype=_DTYPES[dtype], device=device)
+    dist.recv(tensor, group_src=peer, group=group)
+    return tensor
 
 
 def _average(tensors: list[torch.Tensor], group: dist.ProcessGroup, size: int) -> None:

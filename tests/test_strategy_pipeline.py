@@ -114,6 +114,12 @@ def test_pipelined_loss_equals_the_single_process_loss(pipelined, case):
 
 
 @pytest.mark.parametrize("case", SCHEDULES + CASES)
+def test_forward_only_evaluation_gives_the_single_process_loss(pipelined, case):
+    for result in _results(pipelined, case):
+        assert result["evaluated_loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("case", SCHEDULES + CASES)
 def test_pipelined_gradients_equal_the_single_process_gradients(pipelined, case):
     for result in _results(pipelined, case):
         assert result["max_grad_error"] < 1e-6
