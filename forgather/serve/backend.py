@@ -114,13 +114,22 @@ class Backend:
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
+        forgather = is_forgather_directory(directory)
+        if forgather and device_map == "auto":
+            from .placement import forgather_device_map
+
+            device_map = forgather_device_map(str(directory), max_memory, _torch_dtype(dtype))
         # Forgather directories carry their own generated code; Hugging Face ones need none.
         model = AutoModelForCausalLM.from_pretrained(
-            str(directory), trust_remote_code=is_forgather_directory(directory), dtype=_torch_dtype(dtype),
-            device_map=device_map, max_memory=max_memory,
+            str(directory), trust_remote_code=forgather, dtype=_torch_dtype(dtype), device_map=device_map,
+            max_memory=max_memory,
         )
         if device_map is None:
             model.to("cuda" if torch.cuda.is_available() else "cpu")
+        elif forgather:
+            from .placement import align_forgather_devices
+
+            align_forgather_devices(model)
         model.eval()
         if compile:
             model.forward = torch.compile(model.forward, dynamic=True)
