@@ -140,3 +140,11 @@ def test_optimizer_in_backward_trains_like_the_plain_optimizer(tmp_path):
     (in_backward,) = run_dirs(tmp_path / "in_backward" / "outputs")
     expected, losses = train_losses(plain), train_losses(in_backward)
     assert losses == pytest.approx(expected, abs=1e-4) and losses[7] < losses[0]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "galore", "apollo"])
+def test_every_cpu_optimizer_template_trains(tmp_path, optimizer):
+    assert run(tmp_path, "+experiment=micro", f"optimizer={optimizer}", "max_steps=4", "val_check_interval=4") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    metrics = yaml.safe_load((run_dir / "metrics.yaml").read_text())
+    assert metrics["step"] == 4 and metrics["val/loss"] < 6.0  # ln(320) = 5.77 at the start
