@@ -1,6 +1,6 @@
 """The inference backend on CUDA: `device_map="auto"` and `-c` (torch.compile) decode the same greedy tokens
-as the plain single-device model, for a Forgather model directory and a Hugging Face Llama directory; with two
-or more GPUs, `device_map="auto"` under a memory cap spreads the layers over them."""
+as the plain single-device model, for a Forgather model directory and a Hugging Face Llama directory; under a
+memory cap `device_map="auto"` offloads layers to the CPU, or spreads them over two GPUs where there are."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def test_compiled_backend_decodes_like_the_eager_one(model_dir):
 
     eager = greedy_ids(Backend.load(model_dir, dtype="float32"))
     assert greedy_ids(Backend.load(model_dir, dtype="float32", compile=True)) == eager
+
+
+def test_device_map_auto_with_cpu_offload_decodes_like_one_device(model_dir):
+    from forgather.serve.backend import Backend
+
+    spread = Backend.load(model_dir, device_map="auto", dtype="float32", max_memory={0: "5MiB", "cpu": "4GiB"})
+    assert "cpu" in set(spread.model.hf_device_map.values())  # offloaded layers run on the GPU, weights streamed
+    assert greedy_ids(spread) == greedy_ids(Backend.load(model_dir, dtype="float32"))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
