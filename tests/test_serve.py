@@ -373,3 +373,21 @@ def test_streamed_usage_is_sent_last_when_asked_for(server):
                                             stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_attention_mask_is_rebuilt_once_on_each_other_device():
+    from types import SimpleNamespace
+
+    from forgather.models.attention import AttentionMask
+    from forgather.serve.placement import _mask_mover
+
+    move = _mask_mover()
+    mask = AttentionMask(1, 5, torch.zeros(1, 5, dtype=torch.long), torch.device("cpu"))
+    elsewhere = [torch.nn.Linear(2, 2) for _ in range(2)]
+    for layer in elsewhere:
+        layer._hf_hook = SimpleNamespace(execution_device="meta")
+    first, second = (move(layer, ("x", "rope", mask, None))[2] for layer in elsewhere)
+    assert first is second and first.device == torch.device("meta")
+    assert first.document_ids.device.type == "meta" and first.dense.shape == mask.dense.shape
+    same_device = torch.nn.Linear(2, 2)
+    assert move(same_device, ("x", "rope", mask, None))[2] is mask
