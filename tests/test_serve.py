@@ -238,6 +238,12 @@ def test_prompt_longer_than_the_context_is_a_400(server):
     assert error_of(post(server, "/chat/completions", body), 400)["code"] == "context_length_exceeded"
 
 
+def test_unknown_route_and_wrong_method_get_openai_errors(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    error_of(httpx.get(f"{server}/v1/engines", headers=headers), 404)
+    error_of(httpx.get(f"{server}/v1/completions", headers=headers), 405)
+
+
 def test_missing_or_wrong_api_key_is_a_401(server):
     for key in (None, "wrong"):
         assert error_of(post(server, "/completions", {"model": "tiny", "prompt": "a"}, key=key), 401)["type"] == (

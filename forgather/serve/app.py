@@ -20,6 +20,7 @@ from typing import AsyncIterator, Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from . import protocol
 from .backend import Backend, Delta, RequestError, SamplingParams
@@ -54,9 +55,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(error)
         return JSONResponse(protocol.error_body(message, param=param), status_code=400)
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse(protocol.error_body(f"no route {request.url.path}", code="not_found"), status_code=404)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:  # unknown route, wrong method
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return JSONResponse(protocol.error_body(message), status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception) -> JSONResponse:
