@@ -6,7 +6,9 @@ directory, plus the tokenizer saved beside it. Both kinds answer the same call, 
 past_key_values, use_cache=True)`, so one decoding loop serves both: prefill the prompt once, then one
 token per step on the KV cache. `Backend.stream(prompt_ids, params)` yields `Delta`s of text as tokens
 arrive, holding back text that might still turn into a stop string; the last one carries `finish_reason`.
-A Backend is not thread-safe: the app runs every generation on one worker thread (requests queue).
+Generation is not thread-safe: the app runs every generation on one worker thread (requests queue). The
+tokenizer is shared with the request handlers, which encode prompts meanwhile, so every use of it holds a
+lock (a Rust fast tokenizer raises "Already borrowed" when one thread reconfigures it while another decodes).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class Backend:
 
     def __init__(self, model: Any, tokenizer: Any, context_length: int, stop_token_ids: set[int]):
         self.model, self.tokenizer = model, tokenizer
+        self.tokenizer_lock = threading.Lock()
         self.context_length = context_length
         self.stop_token_ids = stop_token_ids
         self.chat_stop: tuple[str, ...] = ()
@@ -143,19 +146,25 @@ class Backend:
 
     # --- prompts -----------------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the conversation rendered by the chat template, ending with the assistant's turn."""
         from jinja2 import TemplateError
 
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            with self.tokenizer_lock:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except TemplateError as error:  # templates raise on conversations they do not accept
             raise RequestError(f"the chat template refused the messages: {error}", param="messages") from None
         # The template writes any BOS itself; the tokenizer must not add a second one.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.encode(text, add_special_tokens=False)
 
     def check_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """The max_tokens to generate (default: the rest of the context); RequestError when it cannot fit."""
@@ -204,7 +213,7 @@ class Backend:
         emitted = 0
         for token in self.tokens(prompt_ids, params):
             generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=False)
+            text = self.decode(generated)
             stop_at = _first_stop(text, params.stop, emitted)
             if stop_at is not None:
                 yield Delta(text[emitted:stop_at], "stop", len(generated))
@@ -215,7 +224,7 @@ class Backend:
                 emitted = safe
             if cancelled is not None and cancelled.is_set():
                 return
-        text = self.tokenizer.decode(generated, skip_special_tokens=False)
+        text = self.decode(generated)
         finish = "length" if len(generated) == params.max_tokens else "stop"
         yield Delta(text[emitted:].rstrip(REPLACEMENT_CHARACTER), finish, len(generated))
 
