@@ -397,3 +397,14 @@ def test_attention_mask_is_rebuilt_once_on_each_other_device():
     assert first.document_ids.device.type == "meta" and first.dense.shape == mask.dense.shape
     same_device = torch.nn.Linear(2, 2)
     assert move(same_device, ("x", "rope", mask, None))[2] is mask
+
+
+@pytest.mark.slow
+def test_compiled_backend_decodes_like_the_eager_one_on_cpu(model_dir):
+    from forgather.serve.backend import SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    eager = Backend.load(model_dir)
+    compiled = Backend.load(model_dir, compile=True)
+    prompt = eager.encode(PROMPTS[0])
+    assert list(compiled.tokens(prompt, params)) == list(eager.tokens(prompt, params))
