@@ -78,11 +78,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_up(url: str, process: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+def wait_until_up(url: str, process: subprocess.Popen | None = None, log: Path | None = None,
+                  timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stdout.read()}")
+            raise RuntimeError(f"server exited: {log.read_text() if log else ''}")
         try:
             httpx.get(f"{url}/v1/models", timeout=1.0)
             return
@@ -93,15 +94,18 @@ def wait_until_up(url: str, process: subprocess.Popen | None = None, timeout: fl
 
 @pytest.fixture(scope="module")
 def server(model_dir) -> str:
-    """`forgather inf server` in its own process; its URL."""
+    """`forgather inf server` in its own process; its URL. Its output goes to a file (a pipe nobody reads
+    could fill and stall it)."""
     port = free_port()
     command = [sys.executable, "-m", "forgather.cli.inf", "server", "-m", str(model_dir), "--port", str(port),
                "--api-key", API_KEY, "--max-model-len", str(CONTEXT), "--log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = model_dir.parent / "server.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(url, process)
+        wait_until_up(url, process, log)
         yield url
     finally:
         process.terminate()
