@@ -1,6 +1,8 @@
 """Sharded checkpoints of a pipelined model: read back by each rank, or into one whole model.
 
-`PipelineParallelStrategy` saves a directory through torch.distributed.checkpoint: each rank writes the
+`PipelineParallelStrategy` saves a directory through torch.distributed.checkpoint, written under a hidden name
+beside the target and renamed over it (`swap_into_place`), so a crash never leaves a half-written checkpoint
+where a whole one was. Each rank writes the
 state of its stages under the whole model's key names (`state_dict` holds the LightningModule's weights,
 `optimizer_<i>` the optimizer states keyed by parameter name, `meta.pt` the rest of Lightning's checkpoint;
 a tied head that two ranks hold is written once). `load_sharded(DIR, module, optimizers)` reads into a
@@ -12,8 +14,11 @@ module)` (the LightningModule, e.g. `CausalLMModule`, or anything with the same 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Sequence
 
+import torch.distributed as dist
 from torch import nn
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -24,13 +29,14 @@ def load_sharded(path: str | os.PathLike, module: nn.Module, optimizers: Sequenc
                  strict: bool = True) -> None:
     """Fill `module` (and the states of `optimizers` over its parameters) from a sharded checkpoint."""
     checkpoint_id = os.fspath(path)
+    single_process = not dist.is_initialized()
     state = {"state_dict": module.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint_id)
+    dcp.load(state, checkpoint_id=checkpoint_id, no_dist=single_process)
     module.load_state_dict(state["state_dict"], strict=strict)
     for index, optimizer in enumerate(optimizers):
         key = f"optimizer_{index}"
         optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
-        dcp.load(optimizer_state, checkpoint_id=checkpoint_id)
+        dcp.load(optimizer_state, checkpoint_id=checkpoint_id, no_dist=single_process)
         set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key])
 
 
@@ -38,3 +44,15 @@ def load_sharded_checkpoint(path: str | os.PathLike, module: nn.Module, strict: 
     """Load the weights of a sharded checkpoint directory into a whole `module` (in place); returns it."""
     load_sharded(path, module, strict=strict)
     return module
+
+
+def swap_into_place(staging: Path, path: Path) -> None:
+    """Rename the finished `staging` directory to `path`, replacing what was there (file or directory)."""
+    previous = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, previous)
+    os.replace(staging, path)
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    else:
+        previous.unlink(missing_ok=True)

@@ -14,12 +14,14 @@ Hooks implemented:
 - gradient clipping by norm uses the norm over all stages; `grad_norm()` gives it for logging.
 - at the end of fit, global rank 0's LightningModule holds the whole model again (`gather_at_end`).
 - checkpoints are sharded (torch.distributed.checkpoint, a directory: each rank writes its stages, the tied
-  head once); `forgather.strategies.load_sharded_checkpoint` loads one into a single-device model.
+  head once), written beside the target and renamed into place; `forgather.strategies.load_sharded_checkpoint`
+  loads one into a single-device model.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -33,9 +35,10 @@ from lightning_fabric.utilities.optimizer import _optimizers_to_device
 from pytorch_lightning.strategies import ModelParallelStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
+from torch.distributed import checkpoint as dcp
 from torch.optim import Optimizer
 
-from .checkpoint import load_sharded
+from .checkpoint import load_sharded, swap_into_place
 from .pipeline_runtime import SCHEDULES, PipelineRuntime, pipeline_mesh
 
 
@@ -148,6 +151,24 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         return self.runtime.grad_norm()
 
     # Checkpoints
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike,
+                        storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} writes sharded checkpoints itself; storage_options is unsupported")
+        path = Path(self.broadcast(os.fspath(filepath)))
+        staging = path.with_name(f".{path.name}.tmp")
+        if self.is_global_zero:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.barrier()
+        optimizers = checkpoint.pop("optimizer_states", [])
+        state = {"state_dict": checkpoint.pop("state_dict"), **{f"optimizer_{i}": s for i, s in enumerate(optimizers)}}
+        dcp.save(state, checkpoint_id=staging)
+        if self.is_global_zero:
+            torch.save(checkpoint, staging / METADATA_FILENAME)
+            swap_into_place(staging, path)
+        self.barrier()
 
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(os.fspath(checkpoint_path)))

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_pipeline.py"
 
 
+@pytest.mark.slow  # three trainings of two processes each
 def test_bench_pipeline_dry_run_measures_all_three_runs(tmp_path):
     out = tmp_path / "results.json"
     run = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(out)], capture_output=True, text=True,

@@ -138,6 +138,7 @@ def test_pipelined_grad_norm_is_the_whole_models(pipelined, case):
         assert result["grad_norm"] == pytest.approx(result["reference_grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow  # four processes on the CPU
 def test_pipeline_replicas_average_their_gradients(replicated):
     # Each replica's loss is its half-batch's; the gradients are the mean over the halves on every rank.
     for result in _results(replicated, "replicas", world_size=4):

@@ -1,6 +1,6 @@
 """`trainer.fit` of an unchanged CausalLMModule under PipelineParallelStrategy (two gloo processes): the same
-losses as one process (gradient clipping included), a sharded checkpoint that resumes exactly, and that
-loads into a single-device module."""
+losses as one process (gradient clipping and accumulation included), a sharded checkpoint that resumes exactly,
+is written atomically, and loads into a single-device module."""
 
 import json
 import subprocess
@@ -13,6 +13,7 @@ import torch
 from forgather.lightning.module import CausalLMModule
 from forgather.loss.naive import NaiveLoss
 from forgather.strategies import load_sharded_checkpoint
+from forgather.strategies.checkpoint import swap_into_place
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from pipeline_models import causal_lm, packed_batch  # noqa: E402
@@ -64,3 +65,22 @@ def test_a_sharded_checkpoint_loads_into_a_single_device_module(runs):
         loss = module.loss(hidden, module.model.lm_head_weight, batch["labels"])
     # The pipeline's third step ran on the same batch with the weights saved after the second.
     assert float(loss) == pytest.approx(_losses(runs["pipelined"])[2], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_pipelined_fit_accumulates_gradients_like_one_process(tmp_path):
+    single = _fit(tmp_path / "single", "--devices", "1", "--accumulate", "2")
+    pipelined = _fit(tmp_path / "pipelined", "--accumulate", "2")
+    assert len(_losses(pipelined)) == 6
+    assert _losses(pipelined) == pytest.approx(_losses(single), rel=1e-5)
+
+
+def test_a_checkpoint_directory_is_swapped_into_place_whole(tmp_path):
+    target, staging = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.tmp"
+    target.mkdir()
+    (target / "old").write_text("old")
+    staging.mkdir()
+    (staging / "new").write_text("new")
+    swap_into_place(staging, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert [p.name for p in target.iterdir()] == ["new"]
