@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +32,10 @@ def load_sharded(path: str | os.PathLike, module: nn.Module, optimizers: Sequenc
     checkpoint_id = os.fspath(path)
     single_process = not dist.is_initialized()
     state = {"state_dict": module.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint_id, no_dist=single_process)
+    with warnings.catch_warnings():
+        # torch warns that it assumes a single process without a process group: that is the intent here.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=checkpoint_id, no_dist=single_process)
     module.load_state_dict(state["state_dict"], strict=strict)
     for index, optimizer in enumerate(optimizers):
         key = f"optimizer_{index}"

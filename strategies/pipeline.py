@@ -107,17 +107,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         self.accelerator.setup(trainer)
         self._check_precision()
         if self.runtime is None:
-            module = self.lightning_module
-            for name in ("model", "loss"):
-                if not isinstance(getattr(module, name, None), nn.Module):
-                    raise TypeError(
-                        f"{type(self).__name__} needs the LightningModule's `{name}` (an nn.Module) to cut into "
-                        f"stages; {type(module).__name__} has none (CausalLMModule has both)"
-                    )
-            self.runtime = PipelineRuntime(
-                module.model, module.loss, self.device_mesh, self.root_device, self.schedule,
-                self.n_microbatches, self.stages_per_rank, self.split_points,
-            )
+            self.runtime = self._build_runtime()
             if self.gather_at_end:
                 trainer.callbacks.insert(0, _GatherAtTrainEnd())
         self.model = self.precision_plugin.convert_module(self.model)
@@ -128,6 +118,20 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _build_runtime(self) -> PipelineRuntime:
+        """Cut the module's model into this rank's stages (pruning the rest) and set up the schedule."""
+        module = self.lightning_module
+        for name in ("model", "loss"):
+            if not isinstance(getattr(module, name, None), nn.Module):
+                raise TypeError(
+                    f"{type(self).__name__} needs the LightningModule's `{name}` (an nn.Module) to cut into "
+                    f"stages; {type(module).__name__} has none (CausalLMModule has both)"
+                )
+        return PipelineRuntime(
+            module.model, module.loss, self.device_mesh, self.root_device, self.schedule,
+            self.n_microbatches, self.stages_per_rank, self.split_points,
+        )
 
     def _check_precision(self) -> None:
         if getattr(self.precision_plugin, "scaler", None) is not None:
@@ -183,14 +187,10 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         # Lightning zeroes gradients between training_step and backward: this batch's gradients wait aside
         # until `backward`, and the ones accumulated before it stay where zero_grad expects them.
         parameters = self.runtime.parameters()
-        earlier = [p.grad for p in parameters]
-        for p in parameters:
-            p.grad = None
+        earlier = _exchange_grads(parameters, [None] * len(parameters))
         with self.precision_plugin.train_step_context():
             loss = self.runtime.step(batch, self.lightning_module.trainer.accumulate_grad_batches)
-        self._batch_grads = [p.grad for p in parameters]
-        for p, grad in zip(parameters, earlier):
-            p.grad = grad
+        self._batch_grads = _exchange_grads(parameters, earlier)
         with _stand_ins(self.lightning_module, loss):
             return self.lightning_module.training_step(batch, batch_idx)
 
@@ -218,6 +218,14 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             f"{type(self).__name__} trains and validates; load the checkpoint into a single-device model "
             "(forgather.strategies.load_sharded_checkpoint) to predict"
         )
+
+
+def _exchange_grads(parameters: list[nn.Parameter], grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Put `grads` in place of the parameters' gradients; returns the ones taken out."""
+    taken = [p.grad for p in parameters]
+    for p, grad in zip(parameters, grads):
+        p.grad = grad
+    return taken
 
 
 class _GatherAtTrainEnd(pl.Callback):

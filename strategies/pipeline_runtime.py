@@ -66,35 +66,52 @@ class PipelineRuntime:
         split_points: list[int] | None = None,
     ) -> None:
         schedule_class = get_schedule_class(schedule)
+        self._place(schedule_class, mesh, stages_per_rank)
+        self.device = torch.device(device)
+        self.n_microbatches = n_microbatches
+        self.parts = stages_for(model, loss)
+        tied = self.parts.tied_head  # asked before pruning, which may drop an untied head from this rank
+        self._cut(model, split_points)
+        self.tied_weight, self.tied_group = self._tied_head(mesh) if tied else (None, None)
+        self.schedule = self._build_schedule(schedule_class)
+
+    def _place(self, schedule_class: type, mesh: DeviceMesh, stages_per_rank: int | None) -> None:
+        """How many stages there are, and which of them this rank holds."""
         single = issubclass(schedule_class, PipelineScheduleSingle)
         self.stages_per_rank = stages_per_rank or (1 if single else 2)
         if single and self.stages_per_rank != 1:
-            raise ValueError(f"schedule {schedule!r} runs one stage a rank; got stages_per_rank={stages_per_rank}")
+            raise ValueError(
+                f"schedule {schedule_class.__name__} runs one stage a rank; got stages_per_rank={stages_per_rank}"
+            )
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
         self.pp_size, self.dp_size = mesh["pp"].size(), mesh["dp"].size()
         self.pp_rank = mesh["pp"].get_local_rank()
         self.style = "v" if schedule_class.__name__.removeprefix("Schedule") in V_SHAPED_SCHEDULES else "loop"
         self.num_stages = self.pp_size * self.stages_per_rank
-        self.device = torch.device(device)
-        self.parts = stages_for(model, loss)
-        tied = self.parts.tied_head  # asked before pruning, which may drop an untied head from this rank
-        ranges = stage_layer_ranges(self.parts.num_layers, self.num_stages, split_points, self.parts.head_cost)
-        self.layer_ranges = ranges
         self.stage_ids = stage_indices(self.pp_rank, self.pp_size, self.stages_per_rank, self.style)
+        self.last_rank = self._holder(self.num_stages - 1)
+
+    def _cut(self, model: nn.Module, split_points: list[int] | None) -> None:
+        """This rank's stage modules; the model pruned to them, other stages' weights freed."""
+        self.layer_ranges = stage_layer_ranges(
+            self.parts.num_layers, self.num_stages, split_points, self.parts.head_cost
+        )
         last = self.num_stages - 1
-        self.modules = [self.parts.stage(ranges[index], index == 0, index == last) for index in self.stage_ids]
+        self.modules = [
+            self.parts.stage(self.layer_ranges[index], index == 0, index == last) for index in self.stage_ids
+        ]
         self.removed = prune_to(model, self.modules)
         _release(self.removed, self.parameters())
-        self.last_rank = stage_rank(last, self.pp_size, self.stages_per_rank, self.style)
-        self.tied_weight, self.tied_group = self._tied_head(mesh) if tied else (None, None)
+
+    def _build_schedule(self, schedule_class: type) -> Any:
         stages = [
             PipelineStage(module, index, self.num_stages, self.device, group=self.pp_group)
             for module, index in zip(self.modules, self.stage_ids)
         ]
-        self.schedule = schedule_class(
-            stages[0] if single else stages, n_microbatches, loss_fn=self._microbatch_loss, scale_grads=False
+        single = issubclass(schedule_class, PipelineScheduleSingle)
+        return schedule_class(
+            stages[0] if single else stages, self.n_microbatches, loss_fn=self._microbatch_loss, scale_grads=False
         )
-        self.n_microbatches = n_microbatches
 
     # Parameters and the tied head
 

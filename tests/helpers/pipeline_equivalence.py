@@ -3,9 +3,9 @@
 A case is a schedule name (a tied-embedding CausalLM, 2 stages a rank for multi-stage schedules), "untied"
 (1F1B, separate head), "sequential" (1F1B, an nn.Sequential cut by split points) or "replicas" (1F1B on a
 2 x 2 mesh: 2 stages x 2 data-parallel replicas, each replica half of the batch). Each compares the
-pipelined loss (forward only, then forward and backward) and this rank's gradients with one process running the whole model (packed rows, uneven
-padding). Run by tests/test_strategy_pipeline.py; arguments: the output directory (it holds the rendezvous
-file too), the world size, and the cases.
+pipelined loss (forward only, then forward and backward) and this rank's gradients with one process running
+the whole model (packed rows, uneven padding). Run by tests/test_strategy_pipeline.py; arguments: the output
+directory (it holds the rendezvous file too), the world size, and the cases.
 """
 
 import json
@@ -39,8 +39,9 @@ def compare(runtime: PipelineRuntime, model: nn.Module, batch, reference_model: 
     loss = float(runtime.step(batch))
     ref_grads = {name: p.grad for name, p in reference_model.named_parameters()}
     errors = {name: float((p.grad - ref_grads[name]).abs().max()) for name, p in model.named_parameters()}
-    return {"loss": loss, "evaluated_loss": evaluated, "reference_loss": reference_loss.item(), "max_grad_error": max(errors.values()),
-            "parameters": sorted(errors), "grad_norm": float(runtime.grad_norm()),
+    return {"loss": loss, "evaluated_loss": evaluated, "reference_loss": reference_loss.item(),
+            "max_grad_error": max(errors.values()), "parameters": sorted(errors),
+            "grad_norm": float(runtime.grad_norm()),
             "reference_grad_norm": float(torch.nn.utils.get_total_norm(list(ref_grads.values())))}
 
 

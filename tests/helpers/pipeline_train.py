@@ -1,8 +1,9 @@
 """`trainer.fit` of an unchanged CausalLMModule on a tiny CausalLM, on one CPU process or pipelined over two.
 
 Run by tests/test_strategy_pipeline_fit.py; `--accumulate` batches (default 1) make one optimizer step. Every
-rank writes `<out>/losses-rank<R>.json` (the training loss the module saw at each batch) and `<out>/state-rank<R>.pt` (its share of the weights when fit ends);
-`--save-at N` also saves a (sharded) checkpoint `<out>/step<N>` after optimizer step N; `--resume DIR` resumes from one.
+rank writes `<out>/losses-rank<R>.json` (the training loss the module saw at each batch) and
+`<out>/state-rank<R>.pt` (its share of the weights when fit ends); `--save-at N` also saves a (sharded)
+checkpoint `<out>/step<N>` after optimizer step N; `--resume DIR` resumes from one.
 """
 
 import argparse
@@ -56,8 +57,9 @@ def main() -> None:
     strategy = PipelineParallelStrategy(args.schedule, n_microbatches=4) if args.devices > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
-        gradient_clip_val=0.5, use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accumulate_grad_batches=args.accumulate, callbacks=[Record(args.out, args.save_at)],
+        gradient_clip_val=0.5, accumulate_grad_batches=args.accumulate, use_distributed_sampler=False, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Record(args.out, args.save_at)],
     )
     loader = DataLoader([packed_batch()] * (args.steps * args.accumulate), batch_size=None)
     trainer.fit(module, loader, ckpt_path=args.resume)
