@@ -18,8 +18,13 @@ sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from pipeline_models import causal_lm, packed_batch  # noqa: E402
 
 HELPERS = Path(__file__).parent / "helpers"
-SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
+SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
 CASES = ["untied", "sequential"]
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = "import sys, forgather.strategies; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 # Stage cuts and placements
