@@ -73,6 +73,23 @@ def test_stages_chained_equal_the_whole_model():
     torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
 
 
+def test_stages_recompute_layers_when_the_model_checkpoints_activations():
+    batch = packed_batch()
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = causal_lm()
+        model.activation_checkpointing = checkpointing
+        forwards = []
+        model.layers[3].register_forward_hook(lambda *_: forwards.append(1))
+        first, last = CausalLMStage(model, range(0, 2), True, False), CausalLMStage(model, range(2, 4), False, True)
+        last(first(batch["input_ids"], batch["position_ids"]), batch["position_ids"]).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+        calls.append(len(forwards))
+    assert calls == [1, 2]  # recomputed in backward
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain)
+
+
 def test_pruning_keeps_the_state_dict_keys_of_the_kept_stage():
     model = causal_lm(tie_embeddings=False)
     whole = set(model.state_dict())
