@@ -75,6 +75,14 @@ def test_pipelined_fit_accumulates_gradients_like_one_process(tmp_path):
     assert _losses(pipelined) == pytest.approx(_losses(single), rel=1e-5)
 
 
+@pytest.mark.slow  # four processes
+def test_two_pipeline_replicas_fit_like_one_process(runs, tmp_path):
+    # Both replicas read the same batches here, so their averaged gradients are the batch's own.
+    replicated = _fit(tmp_path / "replicated", "--devices", "4", "--pp-size", "2")
+    for rank in range(4):
+        assert _losses(replicated, rank) == pytest.approx(_losses(runs["single"]), rel=1e-5)
+
+
 def test_a_checkpoint_directory_is_swapped_into_place_whole(tmp_path):
     target, staging = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.tmp"
     target.mkdir()

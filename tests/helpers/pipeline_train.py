@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--schedule", default="1F1B")
+    parser.add_argument("--pp-size", default="auto", help="ranks a pipeline (fewer than --devices: replicas)")
     parser.add_argument("--save-at", type=int)
     parser.add_argument("--resume")
     parser.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
@@ -54,7 +55,8 @@ def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
     module = CausalLMModule(causal_lm(), NaiveLoss(), functools.partial(torch.optim.AdamW, lr=1e-2))
-    strategy = PipelineParallelStrategy(args.schedule, n_microbatches=4) if args.devices > 1 else "auto"
+    pp_size = args.pp_size if args.pp_size == "auto" else int(args.pp_size)
+    strategy = PipelineParallelStrategy(args.schedule, 4, pp_size) if args.devices > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
         gradient_clip_val=0.5, accumulate_grad_batches=args.accumulate, use_distributed_sampler=False, logger=False,
