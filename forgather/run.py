@@ -76,7 +76,8 @@ def _run_dir_env(run_dir: Path):
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of a run. Checkpoints are written atomically, so every one found is whole;
     a run killed between writing a step checkpoint and updating last.ckpt resumes from the step checkpoint."""
-    found = [p for p in (run_dir / CHECKPOINTS_DIR).glob("*.ckpt") if p.is_file()]
+    # A file, or a directory of shards (the pipeline strategy's checkpoints hold a meta.pt).
+    found = [p for p in (run_dir / CHECKPOINTS_DIR).glob("*.ckpt") if p.is_file() or (p / "meta.pt").is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 

@@ -148,3 +148,14 @@ def test_every_cpu_optimizer_template_trains(tmp_path, optimizer):
     (run_dir,) = run_dirs(tmp_path / "outputs")
     metrics = yaml.safe_load((run_dir / "metrics.yaml").read_text())
     assert metrics["step"] == 4 and metrics["val/loss"] < 6.0  # ln(320) = 5.77 at the start
+
+
+def test_latest_checkpoint_takes_sharded_directories_too(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step=4.ckpt").mkdir(parents=True)
+    (checkpoints / "step=4.ckpt" / "meta.pt").write_bytes(b"")
+    (checkpoints / "partial.ckpt").mkdir()  # a directory without meta.pt is not a checkpoint
+    assert latest_checkpoint(tmp_path) == checkpoints / "step=4.ckpt"
+    os.utime(checkpoints / "step=4.ckpt", (1, 1))
+    (checkpoints / "step=2.ckpt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == checkpoints / "step=2.ckpt"

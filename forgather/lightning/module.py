@@ -123,14 +123,18 @@ class CausalLMModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         now = perf_counter()
         if self._last_batch_end is not None:
-            rate = self._batch_tokens / (now - self._last_batch_end)
+            # Summed over ranks below; ranks that hold other pipeline stages of the same batch count it once.
+            rate = self._batch_tokens / (now - self._last_batch_end) / self._ranks_per_batch()
             self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum",
                      batch_size=1)
         self._last_batch_end = now
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         strategy = self.trainer.strategy
-        if isinstance(strategy, pl.strategies.FSDPStrategy):
+        if callable(getattr(strategy, "grad_norm", None)):
+            # A strategy that splits the model (pipeline stages) knows the norm over all of it.
+            norm = strategy.grad_norm()
+        elif isinstance(strategy, pl.strategies.FSDPStrategy):
             # FSDP1 holds flat local shards; its root reduces them (an infinite threshold clips nothing).
             norm = strategy.model.clip_grad_norm_(math.inf)
         else:
@@ -139,6 +143,12 @@ class CausalLMModule(pl.LightningModule):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
     # Helpers
+
+    def _ranks_per_batch(self) -> int:
+        """How many ranks work on each batch: 1, except under model-splitting strategies such as pipelining."""
+        strategy = self.trainer.strategy
+        replicas = (getattr(strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas")
+        return max(1, self.trainer.world_size // replicas) if replicas else 1
 
     @property
     def _ignore_index(self) -> int:
