@@ -206,3 +206,16 @@ def test_compile_compiles_every_layer_in_place():
     module.configure_model()
     module.configure_model()  # Lightning calls it per stage: compiling happens once
     assert all(layer._compiled_call_impl is not None for layer in module.model.layers)
+
+
+def test_tokens_are_counted_once_per_batch_when_stages_split_the_model():
+    from types import SimpleNamespace
+
+    from forgather.lightning.module import CausalLMModule
+    from helpers.tiny_lm import tiny_model
+
+    module = CausalLMModule(tiny_model())
+    for world_size, replicas, expected in ((4, 2, 2), (4, 4, 1), (1, None, 1)):
+        kwargs = {"num_replicas": replicas} if replicas else None
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs=kwargs), world_size=world_size)
+        assert module._ranks_per_batch() == expected
