@@ -79,6 +79,7 @@ def bench_forgather(steps: int, loss: str, compile_layers: bool, attention_fn: s
             sys.executable, "-m", "forgather.run", "-p", str(project), "--outputs", tmp, "+experiment=llama_1b",
             f"max_steps={steps}", f"log_every_n_steps={log_every}", "val_check_interval=100000", "limit_val_batches=0",
             "checkpoint_every=100000", f"model.vocab_size={SHAPE['vocab']}", "++optimizer.fused=true",
+            "gradient_clip_val=null",  # the HF loop does not clip either
             f"compile={'true' if compile_layers else 'false'}", f"attention_fn={attention_fn}",
         ]
         print("$", " ".join(command), flush=True)
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--attention", default="flex", help="attention_fn of our model (packed rows: flex masks documents cheaply)")
     parser.add_argument("--only", choices=("hf", "forgather"))
-    parser.add_argument("--log-every", type=int, default=1, help="log_every_n_steps of the forgather run (each log is a host sync)")
+    parser.add_argument("--log-every", type=int, default=10, help="log_every_n_steps of the forgather run (each log is a host sync)")
     args = parser.parse_args()
     results = {}
     if args.only != "forgather":

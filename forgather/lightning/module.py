@@ -6,7 +6,8 @@ materializes the logits. Batches are dicts of LongTensor[B, T]: `input_ids`, opt
 `labels` (default: the input ids; `ignore_index` -100 marks padding). Logged through `self.log` (so any
 Lightning logger records them): `train/loss`, `train/lr`, `train/tokens_per_s` (label tokens that are not
 padding, summed over ranks, per second between the ends of consecutive training batches), `train/grad_norm`
-(total 2-norm before the optimizer step) and `val/loss` (epoch mean weighted by target tokens, synced).
+(total 2-norm before the optimizer step, computed only on the steps the logger writes) and `val/loss`
+(epoch mean weighted by target tokens, synced).
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ class CausalLMModule(pl.LightningModule):
         self._last_batch_end = now
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The norm is a pass over every gradient (a collective under model-splitting strategies): only on the
+        # steps whose metrics the logger writes.
+        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) and not self.trainer.should_stop:
+            return
         strategy = self.trainer.strategy
         if callable(getattr(strategy, "grad_norm", None)):
             # A strategy that splits the model (pipeline stages) knows the norm over all of it.
