@@ -173,7 +173,7 @@ class Runner:
         run_dir = run_dir or self.run_dir(experiment)
         config.output_dir = str(run_dir)
         meta = {"experiment": experiment, "template": loaded.template, "project_dir": self.project.root, "model_src": self.project.model_src}
-        model_code = loaded.code("model") if "model" in config else None
+        model_code = loaded.code("model", config) if "model" in config else None
         with _run_dir_env(run_dir):
             return train(
                 config,
@@ -186,14 +186,8 @@ class Runner:
                     "model_code": model_code,
                     "command": self.command,
                 },
-                export=self.export(experiment, run_dir, sweeping),
+                export=export_settings(self.args.outputs, experiment, self.project.model_src, run_dir if sweeping else None),
             )
-
-    def export(self, experiment: str, run_dir: Path, sweeping: bool) -> dict[str, Any]:
-        """Where the trained model goes: `<outputs>/output_models/<experiment>` (a sweep point: its run dir)."""
-        name = experiment.replace("/", "_")
-        out_dir = run_dir / "model" if sweeping else Path(self.args.outputs).resolve() / "output_models" / name
-        return {"out_dir": out_dir, "name": name, "base_dir": self.project.model_src}
 
     def sweep(self, points: list[list[ovr.Override]]) -> int:
         root = _fresh_dir(Path(self.args.outputs) / "multirun" / _timestamp())
@@ -210,6 +204,14 @@ class Runner:
                 results.append((label, f"{type(error).__name__}: {error}"))
         _print_sweep(root, results)
         return 1 if any(isinstance(outcome, str) for _, outcome in results) else 0
+
+
+def export_settings(outputs: str, experiment: str, base_dir: str | None, sweep_point: Path | None = None) -> dict[str, Any]:
+    """Where a run's trained model goes: `<outputs>/output_models/<experiment>`; a sweep point's stays in its
+    own run directory (`<point>/model`), so the points do not overwrite each other."""
+    name = experiment.replace("/", "_")
+    out_dir = sweep_point / "model" if sweep_point else Path(outputs).resolve() / "output_models" / name
+    return {"out_dir": out_dir, "name": name, "base_dir": base_dir}
 
 
 def train(
@@ -297,11 +299,7 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
             target,
             construct=lambda: construct(config, base_dir=base_dir),
             snapshot={"overrides": list(args.overrides), "meta": {**meta, "from_run": str(run_dir)}, "command": command},
-            export={
-                "out_dir": Path(args.outputs).resolve() / "output_models" / str(meta.get("experiment", "run")).replace("/", "_"),
-                "name": str(meta.get("experiment", "run")).replace("/", "_"),
-                "base_dir": base_dir,
-            },
+            export=export_settings(args.outputs, str(meta.get("experiment", "run")), base_dir),
             ckpt_path=str(ckpt_path) if ckpt_path else None,
         )
     return 0

@@ -159,3 +159,9 @@ def test_latest_checkpoint_takes_sharded_directories_too(tmp_path):
     os.utime(checkpoints / "step=4.ckpt", (1, 1))
     (checkpoints / "step=2.ckpt").write_bytes(b"")
     assert latest_checkpoint(tmp_path) == checkpoints / "step=2.ckpt"
+
+
+def test_the_snapshot_model_code_follows_the_overrides(tmp_path):
+    assert run(tmp_path, "+experiment=micro", "max_steps=1", "hidden_size=48", "num_heads=3", "num_kv_heads=1") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert "def construct(hidden_size=48," in (run_dir / "snapshot" / "model_code.py").read_text()
