@@ -8,8 +8,7 @@ Names resolve lazily, so importing this package does not import torch or Lightni
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from forgather.lazy import lazy_exports
 
 _EXPORTS = {
     "PipelineParallelStrategy": "pipeline",
@@ -21,7 +20,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'forgather.strategies' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"forgather.strategies.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,15 +5,11 @@ Names resolve lazily, so importing this package does not import torch or Lightni
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from forgather.lazy import lazy_exports
 
 _EXPORTS = {"CausalLMModule": "module", "TextDataModule": "datamodule"}
 
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'forgather.lightning' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"forgather.lightning.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

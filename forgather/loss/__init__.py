@@ -15,8 +15,9 @@ Names resolve lazily: importing this package imports neither torch nor any optio
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from forgather.lazy import lazy_exports
 
 _EXPORTS = {
     "CausalLMLoss": "base",
@@ -40,10 +41,7 @@ LOSSES = {
 __all__ = [*_EXPORTS, "LOSSES", "get_loss"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'forgather.loss' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"forgather.loss.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def get_loss(name: str, **kwargs: Any) -> Any:

@@ -12,8 +12,7 @@ Names resolve lazily, so importing this package imports neither torch nor triton
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from forgather.lazy import lazy_exports
 
 _EXPORTS = {
     "Adafactor": "adafactor",
@@ -27,7 +26,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'forgather.optim' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"forgather.optim.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
