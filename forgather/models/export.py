@@ -363,6 +363,9 @@ if PreTrainedModel is not None:
                 # Left padding as documents: every pad token (position 0) is a document of its own.
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 position_ids = positions[:, -input_ids.shape[1]:]
+            if past_key_values is None:
+                # transformers >= 5.24 passes the cache as `cache` (past_key_values is its deprecated name).
+                past_key_values = kwargs.pop("cache", None)
             if use_cache and past_key_values is None:
                 past_key_values = KVCache(len(self.model.layers))
             hidden = self.model.hidden_states(input_ids, position_ids, past_key_values)
