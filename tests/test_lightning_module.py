@@ -19,13 +19,13 @@ from forgather.lightning.module import CausalLMModule
 from forgather.models.causal_lm import CausalLM
 from helpers.tiny_lm import BATCH, SEQ, VOCAB, tiny_model, toy_loader
 
-def make_trainer(tmp_path, max_steps: int, **kwargs) -> pl.Trainer:
+def make_trainer(tmp_path, max_steps: int, log_every_n_steps: int = 1, **kwargs) -> pl.Trainer:
     torch.set_num_threads(1)
     return pl.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
         logger=TensorBoardLogger(tmp_path, name="tb"),
-        log_every_n_steps=1,
+        log_every_n_steps=log_every_n_steps,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -219,3 +219,16 @@ def test_tokens_are_counted_once_per_batch_when_stages_split_the_model():
         kwargs = {"num_replicas": replicas} if replicas else None
         module._trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs=kwargs), world_size=world_size)
         assert module._ranks_per_batch() == expected
+
+
+def test_grad_norm_is_computed_on_logged_steps_and_the_last_one(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=7, log_every_n_steps=3)
+    trainer.fit(CausalLMModule(tiny_model()), train_dataloaders=toy_loader())
+    assert [event.step for event in _grad_norm_events(trainer)] == [2, 5]  # what the logger writes
+    assert "train/grad_norm" in trainer.callback_metrics  # the last step's, for the run's final metrics
+
+
+def _grad_norm_events(trainer: pl.Trainer):
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    return events.Scalars("train/grad_norm")

@@ -132,8 +132,10 @@ class CausalLMModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The norm is a pass over every gradient (a collective under model-splitting strategies): only on the
-        # steps whose metrics the logger writes.
-        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) and not self.trainer.should_stop:
+        # steps whose metrics the logger writes, and on the last one (the run's final metrics).
+        step, trainer = self.trainer.global_step + 1, self.trainer
+        last = 0 < trainer.max_steps <= step or trainer.should_stop
+        if step % max(1, trainer.log_every_n_steps) and not last:
             return
         strategy = self.trainer.strategy
         if callable(getattr(strategy, "grad_norm", None)):
