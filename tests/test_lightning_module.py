@@ -221,9 +221,15 @@ def test_tokens_are_counted_once_per_batch_when_stages_split_the_model():
         assert module._ranks_per_batch() == expected
 
 
-def test_grad_norm_is_computed_on_logged_steps_and_the_last_one(tmp_path):
+def test_grad_norm_is_computed_on_logged_steps_and_the_last_one(tmp_path, monkeypatch):
+    import forgather.lightning.module as module_file
+
+    computed = []
+    norm = module_file.total_grad_norm
+    monkeypatch.setattr(module_file, "total_grad_norm", lambda params: computed.append(1) or norm(params))
     trainer = make_trainer(tmp_path, max_steps=7, log_every_n_steps=3)
     trainer.fit(CausalLMModule(tiny_model()), train_dataloaders=toy_loader())
+    assert len(computed) == 3  # steps 2, 5 and the last, 6
     assert [event.step for event in _grad_norm_events(trainer)] == [2, 5]  # what the logger writes
     assert "train/grad_norm" in trainer.callback_metrics  # the last step's, for the run's final metrics
 
