@@ -17,6 +17,7 @@ from forgather.convert.hf import VocabOptions, forgather_to_hf, hf_to_forgather
 from forgather.convert.spec import ConversionError
 from forgather.data.tokenizer import build_bpe_tokenizer
 from forgather.models.export import build_model, load_model, save_model
+from helpers.tiny_lm import tiny_tree
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
@@ -27,12 +28,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -118,25 +114,7 @@ def test_forgather_to_hf_round_trip_loads_without_remote_code(hf_dir, forgather_
 
 def native_tree(vocab_size: int, feedforward: str = "forgather.models.feedforward:SwiGLU") -> dict:
     """A model written in Forgather's vocabulary (untied head), as training configs build them."""
-    def partial(target: str, **kwargs) -> dict:
-        return {"_target_": target, "_partial_": True, **kwargs}
-
-    return {
-        "_target_": "forgather.models.causal_lm:CausalLM",
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "num_layers": 2,
-        "init_std": 0.3,
-        "layer_factory": partial(
-            "forgather.models.layers:PreLNLayer",
-            attention_factory=partial("forgather.models.attention:Attention", num_heads=4, num_kv_heads=2),
-            feedforward_factory=partial(feedforward, intermediate_size=64),
-            norm_factory=partial("forgather.models.norm:RMSNorm", eps=1e-5),
-        ),
-        "norm_factory": partial("forgather.models.norm:RMSNorm", eps=1e-5),
-        "rope": {"_target_": "forgather.models.rope:RotaryEmbedding", "head_dim": 8, "theta": 500000.0},
-        "tie_embeddings": False,
-    }
+    return tiny_tree(vocab_size, feedforward, tie_embeddings=False, rope_theta=500000.0, norm_eps=1e-5)
 
 
 def save_native(tree: dict, directory: Path, tokenizer=None) -> Path:

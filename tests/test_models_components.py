@@ -20,12 +20,7 @@ VOCAB, HIDDEN, HEADS, KV_HEADS = 97, 32, 4, 2
 ATTENTION_FUNCTIONS = ["sdpa", "flex", "eager"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(

@@ -49,12 +49,7 @@ def model_tree(tie_embeddings: bool = True, layer: str = "forgather.models.layer
     }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(batch: int = 2, seq: int = 10, seed: int = 1) -> torch.Tensor:

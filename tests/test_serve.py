@@ -28,33 +28,12 @@ from forgather.data.tokenizer import build_bpe_tokenizer
 from forgather.models.export import build_model, load_model, save_model
 from forgather.serve.app import create_app
 from forgather.serve.backend import DEFAULT_CHAT_STOP, Backend
+from helpers.tiny_lm import tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 CONTEXT = 256
 PROMPTS = ["once upon a time", "there was", "a tiny model", "upon a"]
-
-
-def partial(target: str, **kwargs) -> dict:
-    return {"_target_": target, "_partial_": True, **kwargs}
-
-
-def tiny_tree(vocab_size: int) -> dict:
-    return {
-        "_target_": "forgather.models.causal_lm:CausalLM",
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "num_layers": 2,
-        "init_std": 0.3,
-        "layer_factory": partial(
-            "forgather.models.layers:PreLNLayer",
-            attention_factory=partial("forgather.models.attention:Attention", num_heads=4, num_kv_heads=2),
-            feedforward_factory=partial("forgather.models.feedforward:SwiGLU", intermediate_size=64),
-            norm_factory=partial("forgather.models.norm:RMSNorm"),
-        ),
-        "norm_factory": partial("forgather.models.norm:RMSNorm"),
-        "rope": {"_target_": "forgather.models.rope:RotaryEmbedding", "head_dim": 8, "theta": 10000.0},
-    }
 
 
 @pytest.fixture(scope="module")

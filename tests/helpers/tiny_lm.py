@@ -33,3 +33,33 @@ def toy_loader(batches: int = 1) -> DataLoader:
     labels[:, -1] = -100
     sample = {"input_ids": input_ids, "position_ids": torch.arange(SEQ).expand(BATCH, SEQ), "labels": labels}
     return DataLoader([sample] * batches, batch_size=None)
+
+
+def tiny_tree(
+    vocab_size: int,
+    feedforward: str = "forgather.models.feedforward:SwiGLU",
+    tie_embeddings: bool = True,
+    rope_theta: float = 10000.0,
+    norm_eps: float = 1e-6,
+) -> dict:
+    """The same shape of model written in Forgather's config vocabulary, as training configs build it."""
+
+    def partial(target: str, **kwargs) -> dict:
+        return {"_target_": target, "_partial_": True, **kwargs}
+
+    return {
+        "_target_": "forgather.models.causal_lm:CausalLM",
+        "vocab_size": vocab_size,
+        "hidden_size": HIDDEN,
+        "num_layers": 2,
+        "init_std": 0.3,
+        "layer_factory": partial(
+            "forgather.models.layers:PreLNLayer",
+            attention_factory=partial("forgather.models.attention:Attention", num_heads=4, num_kv_heads=2),
+            feedforward_factory=partial(feedforward, intermediate_size=64),
+            norm_factory=partial("forgather.models.norm:RMSNorm", eps=norm_eps),
+        ),
+        "norm_factory": partial("forgather.models.norm:RMSNorm", eps=norm_eps),
+        "rope": {"_target_": "forgather.models.rope:RotaryEmbedding", "head_dim": HIDDEN // 4, "theta": rope_theta},
+        "tie_embeddings": tie_embeddings,
+    }
