@@ -244,3 +244,17 @@ def test_a_singleton_inside_an_aliased_factory_is_one_object():
     out = build(f"a: &f !factory:{BOX_SPEC} {{norm: !singleton:{BOX_SPEC} [], items: []}}\nb: *f\n")
     assert out["a"] is not out["b"]
     assert out["a"].kwargs["norm"] is out["b"].kwargs["norm"] and out["a"].kwargs["items"] is out["b"].kwargs["items"]
+
+
+def test_fold_scalar_calls_replaces_computed_values_and_keeps_components():
+    from forgather.graph.construct import fold_scalar_calls
+
+    tree = {
+        "_target_": "torch.nn:Linear",
+        "in_features": {"_target_": "builtins:len", "_args_": [{"_target_": "builtins:list", "_args_": ["abc"], "_id_": "l"}]},
+        "out_features": {"_target_": "operator:floordiv", "_args_": [{"_target_": "builtins:len", "_args_": [{"_target_": "builtins:list", "_args_": ["abc"], "_id_": "l"}]}, 1]},
+        "device": {"_target_": "builtins:str", "_args_": ["cpu"]},
+    }
+    folded = fold_scalar_calls(tree)
+    assert (folded["in_features"], folded["out_features"]) == (3, 3)
+    assert folded["device"] == tree["device"] and folded["_target_"] == "torch.nn:Linear"  # classes stay nodes

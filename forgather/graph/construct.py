@@ -14,6 +14,7 @@ Plain Hydra configs (`_target_` in Hydra's dotted form, `_args_`, `_partial_`) c
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from typing import Any, Mapping
 
@@ -118,20 +119,21 @@ def fold_scalar_calls(tree: Any, base_dir: str | None = None) -> Any:
     """A copy of a config tree where every call of a plain function that yields a scalar (`len(tokenizer)`,
     `floordiv(hidden, heads)`) is replaced by its value; classes and partials are kept as nodes.
 
-    Used where a config subtree must stand alone: a model's tree exported without its tokenizer.
+    Used where a config subtree must stand alone: a model's tree exported without its tokenizer. One builder
+    serves the whole tree, so a singleton two folded calls share (by `_id_`) is built once.
     """
-    import inspect
+    builder = _Builder(base_dir)
 
-    if OmegaConf.is_config(tree):
-        tree = OmegaConf.to_container(tree, resolve=True)
-    if isinstance(tree, list):
-        return [fold_scalar_calls(item, base_dir) for item in tree]
-    if not isinstance(tree, Mapping):
-        return tree
-    if "_target_" in tree and not tree.get("_partial_") and not tree.get("_factory_"):
-        function = import_spec(tree["_target_"], base_dir)
-        if not inspect.isclass(function):
-            value = _Builder(base_dir).build(dict(tree), "")
-            if isinstance(value, (bool, int, float, str)):
-                return value
-    return {key: fold_scalar_calls(value, base_dir) for key, value in tree.items()}
+    def fold(node: Any) -> Any:
+        if isinstance(node, list):
+            return [fold(item) for item in node]
+        if not isinstance(node, Mapping):
+            return node
+        if "_target_" in node and not node.get("_partial_") and not node.get("_factory_"):
+            if not inspect.isclass(import_spec(node["_target_"], base_dir)):
+                value = builder.build(dict(node), "")
+                if isinstance(value, (bool, int, float, str)):
+                    return value
+        return {key: fold(value) for key, value in node.items()}
+
+    return fold(OmegaConf.to_container(tree, resolve=True) if OmegaConf.is_config(tree) else tree)
