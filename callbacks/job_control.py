@@ -31,6 +31,7 @@ import pytorch_lightning as pl
 
 from forgather.callbacks import job_registry
 from forgather.callbacks.job_registry import JobRecord
+from forgather.lightning.steps import writes_metrics
 
 # The wire code of each action in the per-step broadcast; 0 means "nothing to do".
 _ACTION_CODES = {name: code for code, name in enumerate(job_registry.ACTIONS, start=1)}
@@ -38,6 +39,8 @@ _ACTION_NAMES = {code: name for name, code in _ACTION_CODES.items()}
 # How long rank 0 lingers after acting so the reply leaves before the process may exit.
 _REPLY_GRACE_S = 2.0
 _IO_TIMEOUT_S = 30.0
+# How long `status` waits for the training thread to read the current metrics.
+_STATUS_WAIT_S = 2.0
 
 
 class JobAborted(Exception):
@@ -198,6 +201,9 @@ class JobControl(pl.Callback):
         self._last_step = -1
         self._last_registry_write = 0.0
         self._metrics: dict[str, Any] = {}
+        self._metrics_wanted = threading.Event()  # set by a status request, served at the next step's end
+        self._metrics_fresh = threading.Event()
+        self._metrics_step = -1
         self._total_steps: float | None = None
         self._epoch = 0
         self._start = 0.0
@@ -271,11 +277,18 @@ class JobControl(pl.Callback):
         atexit.unregister(self._close)
 
     def _observe(self, trainer: pl.Trainer, step: int) -> None:
-        """Keep what `status` reports: step timing and references to the reported metrics (no GPU sync)."""
+        """Keep what `status` reports: step timing and references to the reported metrics.
+
+        Reading `trainer.callback_metrics` converts the progress-bar metrics to numbers, a host-device sync,
+        so it happens on the steps the loggers write (which sync anyway) and when a `status` request asks."""
         self._clock.tick(step)
         self._epoch = trainer.current_epoch
-        metrics = trainer.callback_metrics
-        self._metrics = {key: metrics[key] for key in (self.loss_key, self.throughput_key) if key in metrics}
+        if writes_metrics(trainer, step) or self._metrics_wanted.is_set():
+            self._metrics_wanted.clear()
+            metrics = trainer.callback_metrics
+            self._metrics = {key: metrics[key] for key in (self.loss_key, self.throughput_key) if key in metrics}
+            self._metrics_step = step
+            self._metrics_fresh.set()
         now = time.monotonic()
         if now - self._last_registry_write >= self.registry_interval_s:
             self._last_registry_write = now
@@ -283,7 +296,14 @@ class JobControl(pl.Callback):
             job_registry.write_record(self._record)
 
     def _status(self) -> dict[str, Any]:
-        """Called from the server thread; reads only values the training thread replaced whole."""
+        """Called from the server thread; reads only values the training thread replaced whole.
+
+        While training runs, asks the training thread for this step's metrics and waits for them up to
+        `_STATUS_WAIT_S` (a longer step answers with the last ones read), unless they were read at this step."""
+        if 0 <= self._last_step != self._metrics_step and self._server is not None:
+            self._metrics_fresh.clear()
+            self._metrics_wanted.set()
+            self._metrics_fresh.wait(_STATUS_WAIT_S)
         step = self._last_step if self._last_step >= 0 else 0
         seconds_per_step = self._clock.seconds_per_step()
         eta = None

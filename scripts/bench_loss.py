@@ -6,7 +6,8 @@ one forward+backward, the gradients it returns included (grad hidden + grad weig
 for any loss). Time is the median of `--iters` runs timed with CUDA events after `--warmup` runs. Also prints
 the time of the three matmuls alone (logits, grad hidden, grad weight), the floor for every implementation.
 
-    python scripts/bench_loss.py [--impls naive,chunked,liger,cce,fused,liger:chunk_mem_const=4 ...]
+    python scripts/bench_loss.py [--tokens 16384 --hidden 4096 --vocab 128256]
+        [--impls naive,chunked,liger,cce,fused,liger:chunk_mem_const=4 ...]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from forgather.loss import get_loss
 GIB = 2**30
 DEFAULT_IMPLS = (
     "naive,liger,liger:chunk_mem_const=2,liger:chunk_mem_const=4,liger:chunk_mem_const=8,cce,cce:filter_eps=None,"
-    "chunked,chunked:chunk_size=512,chunked:chunk_size=2048,fused"
+    "chunked,chunked:chunk_size=512,chunked:chunk_size=2048,fused,fused:chunk_size=512,fused:chunk_size=2048"
 )
 
 

@@ -4,10 +4,13 @@ Both train the same 1.24B Llama shape (hidden 2048, 16 layers, 32 heads / 8 KV h
 embeddings, SwiGLU 8192) on batches of 4 x 2048 tokens in pure bf16 with fused AdamW:
   hf         transformers.LlamaForCausalLM, SDPA attention, logits then cross-entropy, a hand-written loop
   forgather  python -m forgather.run: our model, the configured loss, per-layer torch.compile (compile=true),
-             Lightning Trainer(precision=bf16-true); tokens/s from the run's own train/tokens_per_s log
-Reports tokens/s, MFU against the H100's 989 TFLOP/s bf16 datasheet peak, and the ratio.
+             Lightning Trainer(precision=bf16-true); tokens/s from the run's own train/tokens_per_s log (tokens
+             over the wall time between logged steps, every `--log-every` steps)
+Reports tokens/s (median of the last two thirds of the steps, or of the logged windows), MFU against the H100's
+989 TFLOP/s bf16 datasheet peak, and the ratio.
 
-    python scripts/bench_train.py [--steps 30] [--loss fused] [--no-compile] [--only hf|forgather]
+    python scripts/bench_train.py [--steps 60] [--loss fused] [--no-compile] [--only hf|forgather]
+        [--set OVERRIDE ...]   (more overrides for the forgather run, e.g. ++loss.chunk_size=2048)
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def bench_hf(steps: int) -> float:
     return BATCH * SEQ / statistics.median(times[steps // 3:])
 
 
-def bench_forgather(steps: int, loss: str, compile_layers: bool, attention_fn: str, log_every: int) -> float:
+def bench_forgather(
+    steps: int, loss: str, compile_layers: bool, attention_fn: str, log_every: int, extra: list[str]
+) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "bench"
         (project / "templates" / "configs").mkdir(parents=True)
@@ -80,7 +85,7 @@ def bench_forgather(steps: int, loss: str, compile_layers: bool, attention_fn: s
             f"max_steps={steps}", f"log_every_n_steps={log_every}", "val_check_interval=100000", "limit_val_batches=0",
             "checkpoint_every=100000", f"model.vocab_size={SHAPE['vocab']}", "++optimizer.fused=true",
             "gradient_clip_val=null",  # the HF loop does not clip either
-            f"compile={'true' if compile_layers else 'false'}", f"attention_fn={attention_fn}",
+            f"compile={'true' if compile_layers else 'false'}", f"attention_fn={attention_fn}", *extra,
         ]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -92,23 +97,25 @@ def bench_forgather(steps: int, loss: str, compile_layers: bool, attention_fn: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--loss", default="fused", help="loss group option for the forgather run")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--attention", default="flex", help="attention_fn of our model (packed rows: flex masks documents cheaply)")
     parser.add_argument("--only", choices=("hf", "forgather"))
     parser.add_argument("--log-every", type=int, default=10, help="log_every_n_steps of the forgather run (each log is a host sync)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE", help="more overrides for the forgather run")
     args = parser.parse_args()
     results = {}
     if args.only != "forgather":
         results["hf LlamaForCausalLM loop"] = bench_hf(args.steps)
     if args.only != "hf":
-        name = f"forgather.run ({args.loss}, {args.attention}, compile={not args.no_compile})"
-        results[name] = bench_forgather(args.steps, args.loss, not args.no_compile, args.attention, args.log_every)
+        name = f"forgather.run ({args.loss}, {args.attention}, compile={not args.no_compile}{''.join(' ' + o for o in args.set)})"
+        results[name] = bench_forgather(args.steps, args.loss, not args.no_compile, args.attention, args.log_every, args.set)
     per_token = flops_per_token()
-    print(f"\n{'path':<48} {'tokens/s':>10} {'MFU':>7}")
+    width = max(48, *(len(name) for name in results))
+    print(f"\n{'path':<{width}} {'tokens/s':>10} {'MFU':>7}")
     for name, rate in results.items():
-        print(f"{name:<48} {rate:>10.0f} {100 * rate * per_token / PEAK_FLOPS:>6.1f}%")
+        print(f"{name:<{width}} {rate:>10.0f} {100 * rate * per_token / PEAK_FLOPS:>6.1f}%")
     if len(results) == 2:
         hf, ours = results.values()
         print(f"ratio forgather / hf: {ours / hf:.3f}x   (bar: >= 1.3x)")

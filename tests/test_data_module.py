@@ -310,3 +310,14 @@ def test_packed_rows_give_each_document_the_logits_it_gets_alone(tokenizer, docu
             torch.testing.assert_close(packed[row, start:stop], alone[0], atol=1e-5, rtol=1e-5)
             checked += 1
     assert checked > len(input_ids)
+
+
+def test_loaders_pin_batches_when_the_trainer_runs_on_cuda(tokenizer, documents):
+    # A batch copied from pinned memory does not make the host wait for the GPU (Lightning copies non-blocking).
+    from types import SimpleNamespace
+
+    module = make_module(tokenizer, documents)
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        assert module.train_dataloader().pin_memory is pinned
+        assert module.val_dataloader().pin_memory is pinned

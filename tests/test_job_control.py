@@ -237,8 +237,11 @@ def test_status_reports_causal_lm_module_metrics(tmp_path: Path, monkeypatch) ->
     monkeypatch.setenv(job_registry.CACHE_ENV, str(tmp_path / "cache"))
     torch.set_num_threads(1)
     probe = StatusProbe("inproc", at_step=3)
+    # Metrics are read on logged steps (or when a status request asks, served at the next step's end: this
+    # probe blocks the training thread, so it relies on step 3 being logged).
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=4, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+        accelerator="cpu", max_steps=4, log_every_n_steps=1, default_root_dir=tmp_path, logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[JobControl(job_id="inproc"), probe],
     )
     trainer.fit(CausalLMModule(tiny_model()), toy_loader(4))

@@ -238,3 +238,36 @@ def _grad_norm_events(trainer: pl.Trainer):
     events = EventAccumulator(trainer.logger.log_dir)
     events.Reload()
     return events.Scalars("train/grad_norm")
+
+
+def test_tokens_per_s_covers_every_step_since_the_previous_write(tmp_path, monkeypatch) -> None:
+    # Batch ends at t = 0, 1, 2, 3, 4 (step 1 opens the window); measured at steps 2, 4 and the last, 5.
+    clock = iter(range(100))
+    monkeypatch.setattr("forgather.lightning.module.perf_counter", lambda: float(next(clock)))
+    trainer = make_trainer(tmp_path, max_steps=5, log_every_n_steps=2)
+    trainer.fit(CausalLMModule(tiny_model()), toy_loader(5))
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    written = [(event.step, event.value) for event in events.Scalars("train/tokens_per_s")]
+    # 1 batch in 1 s, 2 batches in 2 s (the logger's step index is 0-based) ...
+    assert written == [(1, BATCH * (SEQ - 1)), (3, BATCH * (SEQ - 1))]
+    # ... and 1 batch in 1 s at the last step, in the run's final metrics (Lightning writes logged steps only).
+    assert float(trainer.callback_metrics["train/tokens_per_s"]) == BATCH * (SEQ - 1)
+
+
+def test_progress_bar_reads_metrics_only_on_logged_steps(tmp_path, monkeypatch) -> None:
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    from forgather.lightning.progress import ProgressBar
+
+    reads = []
+    original = RichProgressBar.get_metrics
+    monkeypatch.setattr(RichProgressBar, "get_metrics",
+                        lambda self, trainer, module: reads.append(trainer.global_step) or original(self, trainer, module))
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=7, log_every_n_steps=3, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[ProgressBar()],
+    )
+    trainer.fit(CausalLMModule(tiny_model()), toy_loader(7))
+    training_reads = sorted({step for step in reads if step > 0})
+    assert training_reads == [1, 3, 6, 7]  # the first step shown, the logged steps and the last

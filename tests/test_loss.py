@@ -141,3 +141,13 @@ def test_importing_forgather_loss_imports_no_gpu_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def test_chunked_refuses_a_second_backward_through_the_same_forward():
+    # Its gradients are scaled in place by the first backward; a second one would scale them twice.
+    h, w, labels = make_inputs(seed=4)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    loss = ChunkedLoss(chunk_size=5, compile=False)(h, w, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()

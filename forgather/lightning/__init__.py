@@ -1,4 +1,5 @@
-"""Lightning parts for causal LMs: `CausalLMModule` (module.py) and `TextDataModule` (datamodule.py).
+"""Lightning parts for causal LMs: `CausalLMModule` (module.py), `TextDataModule` (datamodule.py) and a
+`ProgressBar` that does not make the host wait for the GPU every step (progress.py).
 
 Names resolve lazily, so importing this package does not import torch or Lightning.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from forgather.lazy import lazy_exports
 
-_EXPORTS = {"CausalLMModule": "module", "TextDataModule": "datamodule"}
+_EXPORTS = {"CausalLMModule": "module", "TextDataModule": "datamodule", "ProgressBar": "progress"}
 
 __all__ = list(_EXPORTS)
 

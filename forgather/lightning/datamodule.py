@@ -14,7 +14,9 @@ Resumable: training order comes from `EpochShuffleSampler` (seed + epoch) and no
 The module counts the training batches consumed in the current epoch (`on_before_batch_transfer`) into the
 train loader's `LoaderPosition`; Lightning stores the loader's state in checkpoints and restores it, and the
 loader then skips those batches, so a run resumed mid-epoch sees exactly the batches an uninterrupted run
-would (see `forgather.data.loader`). If the LightningModule overrides `on_before_batch_transfer` too,
+would (see `forgather.data.loader`). When the Trainer runs on a CUDA device the loaders pin their batches, so
+Lightning's copy to the device is asynchronous (a copy from pageable memory first waits for the GPU to finish
+the work queued before it: a host sync every step). If the LightningModule overrides `on_before_batch_transfer` too,
 Lightning calls only this module's hook (and warns).
 """
 
@@ -127,7 +129,12 @@ class TextDataModule(pl.LightningDataModule):
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
+            "pin_memory": self._on_cuda(),
         }
+
+    def _on_cuda(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     @staticmethod
     def _require(dataset: PackedDataset | None) -> PackedDataset:

@@ -5,9 +5,12 @@ the loss takes `(hidden, weight, labels)` and shifts the labels itself, so a fus
 materializes the logits. Batches are dicts of LongTensor[B, T]: `input_ids`, optional `position_ids`, and
 `labels` (default: the input ids; `ignore_index` -100 marks padding). Logged through `self.log` (so any
 Lightning logger records them): `train/loss`, `train/lr`, `train/tokens_per_s` (label tokens that are not
-padding, summed over ranks, per second between the ends of consecutive training batches), `train/grad_norm`
-(total 2-norm before the optimizer step, computed only on the steps the logger writes) and `val/loss`
-(epoch mean weighted by target tokens, synced).
+padding, summed over ranks, per second over the steps since the previous write), `train/grad_norm` (total
+2-norm before the optimizer step) and `val/loss` (epoch mean weighted by target tokens, synced).
+
+No step forces the host to wait for the GPU except the steps the loggers write (every `log_every_n_steps`,
+and the last): throughput and the gradient norm are computed there only, so between writes the host queues
+work ahead of the device.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from forgather.lightning.steps import writes_metrics
 from forgather.loss.base import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
@@ -73,7 +77,9 @@ class CausalLMModule(pl.LightningModule):
         self.compile = compile
         self._compiled = False
         self._batch_tokens: torch.Tensor | None = None
-        self._last_batch_end: float | None = None
+        self._window_tokens: torch.Tensor | int = 0  # label tokens since the window's start, on the device
+        self._window_start: float | None = None
+        self._window_step = -1  # the optimizer step at the window's start
 
     def configure_model(self) -> None:
         # Lightning calls this for every stage; build once.
@@ -116,26 +122,32 @@ class CausalLMModule(pl.LightningModule):
     # Throughput and gradient norm
 
     def on_train_epoch_start(self) -> None:
-        self._last_batch_end = None  # the gap since the previous epoch is not training time
+        self._restart_window()  # the gap since the previous epoch is not training time
 
     def on_validation_start(self) -> None:
-        self._last_batch_end = None  # nor is validation
+        self._restart_window()  # nor is validation
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         now = perf_counter()
-        if self._last_batch_end is not None:
-            # Summed over ranks below; ranks that hold other pipeline stages of the same batch count it once.
-            rate = self._batch_tokens / (now - self._last_batch_end) / self._ranks_per_batch()
-            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum",
-                     batch_size=1)
-        self._last_batch_end = now
+        if self._window_start is None:
+            # The window opens at the end of the first batch: what came before it (compilation, data loader
+            # start, validation) is not training time.
+            self._restart_window(now)
+            return
+        self._window_tokens = self._window_tokens + self._batch_tokens
+        step = self.trainer.global_step  # optimizer steps done (unchanged between accumulated batches)
+        if step == self._window_step or not writes_metrics(self.trainer, step):
+            return
+        # Summed over ranks below; ranks that hold other pipeline stages of the same batch count it once.
+        rate = self._window_tokens / (now - self._window_start) / self._ranks_per_batch()
+        self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum",
+                 batch_size=1)
+        self._restart_window(now)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The norm is a pass over every gradient (a collective under model-splitting strategies): only on the
-        # steps whose metrics the logger writes, and on the last one (the run's final metrics).
-        step, trainer = self.trainer.global_step + 1, self.trainer
-        last = 0 < trainer.max_steps <= step or trainer.should_stop
-        if step % max(1, trainer.log_every_n_steps) and not last:
+        # steps whose metrics the logger writes.
+        if not writes_metrics(self.trainer, self.trainer.global_step + 1):
             return
         strategy = self.trainer.strategy
         if callable(getattr(strategy, "grad_norm", None)):
@@ -150,6 +162,10 @@ class CausalLMModule(pl.LightningModule):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
     # Helpers
+
+    def _restart_window(self, now: float | None = None) -> None:
+        self._window_tokens, self._window_start = 0, now
+        self._window_step = self.trainer.global_step if now is not None else -1
 
     def _ranks_per_batch(self) -> int:
         """How many ranks work on each batch: 1, except under model-splitting strategies such as pipelining."""

@@ -1,12 +1,17 @@
 """ChunkedLoss: fused linear cross-entropy in pure PyTorch, so it runs anywhere (CPU included).
 
 The tokens are processed `chunk_size` at a time: logits of one chunk [C, V] exist at once, and their
-gradient is computed right away in the forward pass (softmax minus one-hot, scaled by 1 / valid tokens), then
-turned into the gradients of hidden (written per chunk) and weight (accumulated per chunk, in weight's
-dtype, as Liger does). Backward only rescales them by the incoming gradient. With `compile=True` the
+gradient is computed right away in the forward pass (softmax minus one-hot), then turned into the gradients
+of hidden (written per chunk) and weight (accumulated per chunk, in weight's dtype, as Liger does). Backward
+scales both, in place, by the incoming gradient over the number of valid tokens. With `compile=True` the
 per-chunk elementwise work (upcast, soft-cap, logsumexp, gradient) is one `torch.compile`d function, so it
 reads the chunk's logits twice and writes its gradient once, with no fp32 copy of the chunk in memory;
-`inplace=True` writes that gradient over the logits.
+`inplace=True` writes that gradient over the logits. `FusedLoss` runs the same loop with a Triton kernel per
+chunk.
+
+Nothing here makes the host wait for the GPU: the token count stays a device tensor (the chunk work sums,
+the backward divides by it), and backward always scales rather than asking whether the incoming gradient is
+1 (Liger's loop does both on the host: two syncs a step). The scaling is one pass over the gradients.
 
 Peak memory above the inputs: grad hidden + grad weight + C x V x 2 bytes (bf16 logits, gradient in place;
 twice that with inplace=False). Larger chunks amortise the read-modify-write of grad weight
@@ -27,12 +32,11 @@ ChunkFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 def chunk_loss_and_grad(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    scale: torch.Tensor,
     ignore_index: int,
     z_loss: float,
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled loss sum of one chunk and d(loss)/d(logits) in logits' dtype; `scale` is 1 / valid tokens."""
+    """Loss summed over one chunk's valid tokens, and its gradient w.r.t. the logits in logits' dtype."""
     x = logits.float()
     if softcap is not None:
         tanh = torch.tanh(x / softcap)
@@ -44,7 +48,7 @@ def chunk_loss_and_grad(
     token_loss = lse - target_logit
     if z_loss:
         token_loss = token_loss + z_loss * lse.square()
-    weight = valid.float() * scale
+    weight = valid.float()
     loss = (token_loss * weight).sum()
     # d/dx [lse - x_t + z lse^2] = softmax * (1 + 2 z lse) - onehot(t)
     softmax = torch.exp(x - lse[:, None])
@@ -60,19 +64,18 @@ def chunk_loss_and_grad(
 def chunk_loss_and_grad_inplace(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    scale: torch.Tensor,
     ignore_index: int,
     z_loss: float,
     softcap: float | None,
 ) -> torch.Tensor:
     """`chunk_loss_and_grad` writing the gradient over `logits` (compiled, no second C x V buffer)."""
-    loss, grad = chunk_loss_and_grad(logits, targets, scale, ignore_index, z_loss, softcap)
+    loss, grad = chunk_loss_and_grad(logits, targets, ignore_index, z_loss, softcap)
     logits.copy_(grad)
     return loss
 
 
 def make_chunk_fn(compile: bool, inplace: bool) -> ChunkFn:
-    """The per-chunk function `(logits, targets, scale, ...) -> (loss, grad_logits)` for these options."""
+    """The per-chunk function `(logits, targets, ignore_index, z_loss, softcap) -> (loss sum, grad_logits)`."""
     if not inplace:
         return torch.compile(chunk_loss_and_grad) if compile else chunk_loss_and_grad
     fn = torch.compile(chunk_loss_and_grad_inplace) if compile else chunk_loss_and_grad_inplace
@@ -83,22 +86,23 @@ def make_chunk_fn(compile: bool, inplace: bool) -> ChunkFn:
     return chunk_fn
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Loss in forward, with both gradients computed there too; backward scales them by grad_output."""
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss in forward, with both gradients computed there too; backward scales them by grad_output / tokens.
+
+    `chunk_fn(logits [C, V], targets [C], ignore_index, z_loss, softcap) -> (loss sum, grad_logits)` does
+    the work of one chunk (it may write the gradient over the logits).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, z_loss, softcap, chunk_fn, needs_grad):
-        n_valid = (targets != ignore_index).sum().clamp(min=1)
-        scale = 1.0 / n_valid.float()
+        n_valid = (targets != ignore_index).sum().clamp(min=1).float()
         grad_hidden = torch.empty_like(hidden) if needs_grad[0] else None
         grad_weight = torch.zeros_like(weight) if needs_grad[1] else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             logits = h @ weight.t()
-            chunk_loss, grad_logits = chunk_fn(
-                logits, targets[start : start + chunk_size], scale, ignore_index, z_loss, softcap
-            )
+            chunk_loss, grad_logits = chunk_fn(logits, targets[start : start + chunk_size], ignore_index, z_loss, softcap)
             del logits
             loss += chunk_loss
             if grad_hidden is not None:
@@ -106,16 +110,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), h)
             del grad_logits  # before the next chunk's logits are allocated
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
+        ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
+        ctx.backward_done = False
+        return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        # The usual caller passes exactly 1: skip two passes over the gradients then.
-        if not torch.equal(grad_output, torch.ones_like(grad_output)):
-            grad_hidden = None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype)
-            grad_weight = None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype)
+        if ctx.backward_done:
+            # The gradients are scaled in place (a copy would add a weight-sized buffer to the peak).
+            raise RuntimeError("a chunked/fused linear cross-entropy supports one backward pass per forward")
+        ctx.backward_done = True
+        grad_hidden, grad_weight, n_valid = ctx.saved_tensors
+        factor = grad_output.float() / n_valid
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                grad.mul_(factor)  # the fp32 factor multiplies in fp32, then rounds once
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
@@ -146,7 +155,7 @@ class ChunkedLoss(CausalLMLoss):
     def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         grad_on = torch.is_grad_enabled()
         needs_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
-        return _ChunkedLinearCrossEntropy.apply(
+        return ChunkedLinearCrossEntropy.apply(
             hidden, weight, targets, self.chunk_size, self.ignore_index, self.z_loss, self.softcap,
             self._chunk_fn, needs_grad,
         )

@@ -1,28 +1,85 @@
-"""FusedLoss: the default fused linear cross-entropy on GPU, the best measured choice with our tuning.
+"""FusedLoss: the default fused linear cross-entropy on GPU.
 
-Chosen from scripts/bench_loss.py on an H100 (docs/benchmarks.md, "Fused linear cross-entropy"): Liger's
-kernel with chunks twice Liger's default (`chunk_mem_const=2`: 1024-token chunks at hidden 4096 / vocab 128k),
-0.88x Liger's time for +0.12 GiB; 4 gives 0.84x for +0.36 GiB. Cut-Cross-Entropy keeps the least memory
-(the gradients alone) but ran 3.4x slower than Liger there. Without liger-kernel the error names the extra;
-ChunkedLoss is the choice that needs no extra.
+ChunkedLoss's loop (forgather.loss.chunked: logits of `chunk_size` tokens at a time, both gradients computed
+in forward, nothing that makes the host wait for the GPU) with Liger-Kernel's Triton cross-entropy kernel
+doing each chunk's work: one pass over the logits for the log-sum-exp (online softmax), one that writes the
+gradient over them. We call Liger's kernel rather than Liger's loss function because that function reads the
+valid-token count and the incoming gradient on the host (two syncs a step, which stall a training loop that
+queues work ahead); the kernel's `reduction="sum"` path needs neither, and the loop divides by the count on
+the device.
+
+The chunk is a number of tokens, not Liger's multiple of the hidden size: every chunk re-reads the weight
+twice and read-modify-writes grad weight (4 x V x H x 2 bytes), so the cost of chunking depends on the
+tokens per chunk alone; 1024 tokens keep it small at any hidden size (Liger's rule gives 256-token chunks at
+hidden 2048 / vocab 128k). The chunk's bf16 logits (C x V x 2 bytes: 250 MiB at vocab 128k) are the peak
+above the gradients. Timings: docs/benchmarks.md, "Fused linear cross-entropy".
 """
 
 from __future__ import annotations
 
-from forgather.loss.base import IGNORE_INDEX
-from forgather.loss.liger import LigerLoss
+import torch
 
-DEFAULT_CHUNK_MEM_CONST = 2
+from forgather.loss.base import IGNORE_INDEX, CausalLMLoss, require_extra
+from forgather.loss.chunked import ChunkedLinearCrossEntropy
+
+DEFAULT_CHUNK_SIZE = 1024
+# Liger's cross-entropy launch settings (its own loss function uses the same).
+_MAX_BLOCK = 32768
+_NUM_WARPS = 32
 
 
-class FusedLoss(LigerLoss):
+def liger_chunk_loss_and_grad(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss summed over one chunk's valid tokens; the gradient is written over `logits` (and returned)."""
+    import triton
+    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+
+    rows, vocab = logits.shape
+    token_loss = torch.zeros(rows, dtype=torch.float32, device=logits.device)  # ignored rows stay 0
+    liger_cross_entropy_kernel[(rows,)](
+        X_ptr=logits, X_stride=logits.stride(0), Y_ptr=targets, Y_stride=targets.stride(0), weight_ptr=None,
+        loss_ptr=token_loss, z_loss_ptr=None, loss_stride=token_loss.stride(0),
+        token_accuracy_ptr=None, token_accuracy_stride=0, predicted_tokens_ptr=None, predicted_tokens_stride=0,
+        n_cols=vocab, n_non_ignore=1, sum_non_ignore_weight=1, weight_sum=0.0, ignore_index=ignore_index,
+        lse_square_scale=z_loss, label_smoothing=0.0, reduction="sum", softcap=softcap,
+        RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False,
+        BLOCK_SIZE=min(_MAX_BLOCK, triton.next_power_of_2(vocab)), HAS_WEIGHT=False,
+        HAS_SOFTCAPPING=softcap is not None, HAS_GRADIENTS=True, num_warps=_NUM_WARPS,
+    )
+    return token_loss.sum(), logits
+
+
+class FusedLoss(CausalLMLoss):
+    """Chunked fused linear cross-entropy with Liger's Triton kernel per chunk; CUDA only (forgather[gpu])."""
+
     name = "fused"
+    supports_z_loss = True
+    supports_softcap = True
 
     def __init__(
         self,
-        chunk_mem_const: int = DEFAULT_CHUNK_MEM_CONST,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         ignore_index: int = IGNORE_INDEX,
         z_loss: float = 0.0,
         softcap: float | None = None,
     ):
-        super().__init__(chunk_mem_const=chunk_mem_const, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
+        super().__init__(ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
+        require_extra(self.name, "liger-kernel", "liger_kernel.ops.cross_entropy")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if hidden.device.type != "cuda":
+            raise RuntimeError(f"loss 'fused' runs on CUDA devices (a Triton kernel); got {hidden.device}. "
+                               "On the CPU use loss=chunked")
+        grad_on = torch.is_grad_enabled()
+        needs_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+        return ChunkedLinearCrossEntropy.apply(
+            hidden, weight, targets.contiguous(), self.chunk_size, self.ignore_index, self.z_loss, self.softcap,
+            liger_chunk_loss_and_grad, needs_grad,
+        )
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, {super().extra_repr()}"

@@ -52,7 +52,8 @@ def build(name, **options):
     [
         ("chunked", {}), ("liger", {}), ("cce", {}), ("fused", {}),
         ("chunked", {"z_loss": 1e-3, "softcap": 20.0}), ("liger", {"z_loss": 1e-3, "softcap": 20.0}),
-        ("cce", {"softcap": 20.0}),
+        ("cce", {"softcap": 20.0}), ("fused", {"z_loss": 1e-3, "softcap": 20.0}),
+        ("fused", {"chunk_size": 100}),  # a last chunk shorter than the others
     ],
 )
 def test_gpu_loss_matches_fp32_reference(name, options):
@@ -71,3 +72,37 @@ def test_chunked_compiled_fp32_matches_reference_tightly():
     got = loss_and_grads(ChunkedLoss(chunk_size=200, compile=True), h, w, labels)
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 1e-4
+
+
+def test_fused_fp32_matches_reference_tightly():
+    pytest.importorskip("liger_kernel")
+    h, w, labels = make_inputs(seed=8, seq=256, vocab=3000)
+    ref = loss_and_grads(NaiveLoss(), h, w, labels)
+    got = loss_and_grads(FusedLoss(chunk_size=200), h, w, labels)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["fused", "chunked"])
+def test_loss_forward_and_backward_never_wait_for_the_gpu(name):
+    # The host can queue the whole training step ahead of the device only if no op in the loss synchronizes.
+    loss_fn = build(name)
+    h, w, labels = make_inputs(seed=9)
+    h, w = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    loss_and_grads(loss_fn, h, w, labels)  # compile / autotune outside the check
+    h.grad = w.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = loss_fn(h, w, labels)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert h.grad is not None and w.grad is not None
+
+
+def test_gradient_scaling_keeps_the_fp32_factor():
+    # backward multiplies bf16 gradients by an fp32 device scalar (grad_output / tokens) in place: the factor
+    # must not be rounded to bf16 first (that would scale every gradient by up to 2^-9 too much or too little).
+    x = torch.randn(100_000, device="cuda").bfloat16()
+    factor = torch.tensor(1 / 3000, device="cuda")
+    assert torch.equal(x.clone().mul_(factor), (x.float() * factor).bfloat16())
