@@ -151,3 +151,14 @@ def test_chunked_refuses_a_second_backward_through_the_same_forward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         loss.backward()
+
+
+def test_gradient_scaling_multiplies_bf16_in_fp32():
+    from forgather.loss.chunked import scale_in_place
+
+    x = torch.randn(1000, 100).bfloat16()
+    factor = torch.tensor(1 / 3000)
+    scaled = x.clone()
+    scale_in_place(scaled, factor)
+    assert torch.equal(scaled, (x.float() * factor).bfloat16())
+    assert not torch.equal(scaled, x * factor.bfloat16())  # what rounding the factor first would give

@@ -86,6 +86,29 @@ def make_chunk_fn(compile: bool, inplace: bool) -> ChunkFn:
     return chunk_fn
 
 
+def _scale_fp32(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    grad.copy_((grad.float() * factor).to(grad.dtype))
+
+
+_compiled_scale: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+
+
+def scale_in_place(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad *= factor (an fp32 device scalar), multiplied in fp32 and rounded once to grad's dtype.
+
+    `grad.mul_(factor)` on CUDA first rounds the factor to a bf16 gradient's dtype (up to 2^-9 off); the
+    compiled form reads grad once and writes it once, with no fp32 copy in memory. CPU kernels multiply in
+    fp32 already.
+    """
+    global _compiled_scale
+    if grad.device.type == "cpu" or grad.dtype == torch.float32:
+        grad.mul_(factor)
+        return
+    if _compiled_scale is None:
+        _compiled_scale = torch.compile(_scale_fp32)
+    _compiled_scale(grad, factor)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss in forward, with both gradients computed there too; backward scales them by grad_output / tokens.
 
@@ -124,7 +147,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         factor = grad_output.float() / n_valid
         for grad in (grad_hidden, grad_weight):
             if grad is not None:
-                grad.mul_(factor)  # the fp32 factor multiplies in fp32, then rounds once
+                scale_in_place(grad, factor)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

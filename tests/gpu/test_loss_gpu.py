@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from forgather.loss import CCELoss, ChunkedLoss, FusedLoss, LigerLoss, NaiveLoss
+from forgather.loss.chunked import scale_in_place
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -58,7 +59,8 @@ def build(name, **options):
 )
 def test_gpu_loss_matches_fp32_reference(name, options):
     h, w, labels = make_inputs(seed=len(name) + len(options))
-    ref = loss_and_grads(NaiveLoss(**options), h, w, labels)
+    semantics = {key: value for key, value in options.items() if key in ("z_loss", "softcap")}
+    ref = loss_and_grads(NaiveLoss(**semantics), h, w, labels)
     got = loss_and_grads(build(name, **options), h.bfloat16(), w.bfloat16(), labels)
     assert torch.isfinite(got[0]).item()
     assert abs(got[0].item() - ref[0].item()) <= LOSS_RTOL * abs(ref[0].item())
@@ -103,6 +105,8 @@ def test_loss_forward_and_backward_never_wait_for_the_gpu(name):
 def test_gradient_scaling_keeps_the_fp32_factor():
     # backward multiplies bf16 gradients by an fp32 device scalar (grad_output / tokens) in place: the factor
     # must not be rounded to bf16 first (that would scale every gradient by up to 2^-9 too much or too little).
-    x = torch.randn(100_000, device="cuda").bfloat16()
+    x = torch.randn(1000, 100, device="cuda").bfloat16()
     factor = torch.tensor(1 / 3000, device="cuda")
-    assert torch.equal(x.clone().mul_(factor), (x.float() * factor).bfloat16())
+    scaled = x.clone()
+    scale_in_place(scaled, factor)
+    assert torch.equal(scaled, (x.float() * factor).bfloat16())
