@@ -6,8 +6,9 @@ embeddings, SwiGLU 8192) on batches of 4 x 2048 tokens in pure bf16 with fused A
   forgather  python -m forgather.run: our model, the configured loss, per-layer torch.compile (compile=true),
              Lightning Trainer(precision=bf16-true); tokens/s from the run's own train/tokens_per_s log (tokens
              over the wall time between logged steps, every `--log-every` steps)
-Reports tokens/s (median of the last two thirds of the steps, or of the logged windows), MFU against the H100's
-989 TFLOP/s bf16 datasheet peak, and the ratio.
+Both are timed the same way: tokens over the wall time of windows of `--log-every` steps (the host waits for
+the GPU only at window ends), median of the last two thirds of the windows. Reports tokens/s, MFU against the
+H100's 989 TFLOP/s bf16 datasheet peak, and the ratio.
 
     python scripts/bench_train.py [--steps 60] [--loss fused] [--no-compile] [--only hf|forgather]
         [--set OVERRIDE ...]   (more overrides for the forgather run, e.g. ++loss.chunk_size=2048)
@@ -39,7 +40,7 @@ def flops_per_token() -> float:
     return 6 * matmul_params + 6 * layers * d * SEQ
 
 
-def bench_hf(steps: int) -> float:
+def bench_hf(steps: int, window: int) -> float:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,19 +52,24 @@ def bench_hf(steps: int) -> float:
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, SHAPE["vocab"], (BATCH, SEQ), device="cuda")
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+    # Timed like the forgather run's log: wall time over windows of `window` steps, synchronized only at the
+    # window ends, so the host queues each step while the previous one runs, as in any plain loop.
+    rates = []
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        if step % window == 0:
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            rates.append(window * BATCH * SEQ / (now - start))
+            start = now
     del model, optimizer
     torch.cuda.empty_cache()
-    return BATCH * SEQ / statistics.median(times[steps // 3:])
+    return statistics.median(rates[len(rates) // 3:])
 
 
 def bench_forgather(
@@ -107,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     if args.only != "forgather":
-        results["hf LlamaForCausalLM loop"] = bench_hf(args.steps)
+        results["hf LlamaForCausalLM loop"] = bench_hf(args.steps, args.log_every)
     if args.only != "hf":
         name = f"forgather.run ({args.loss}, {args.attention}, compile={not args.no_compile}{''.join(' ' + o for o in args.set)})"
         results[name] = bench_forgather(args.steps, args.loss, not args.no_compile, args.attention, args.log_every, args.set)
