@@ -153,3 +153,61 @@ def test_importing_forgather_optim_imports_neither_torch_nor_triton():
     code = "import sys, forgather.optim; print(','.join(m for m in ('torch', 'triton') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just below and above x in magnitude (truncation, and truncation plus one step)."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    down = (bits & 0xFFFF0000).to(torch.int32).view(torch.float32)
+    up = ((bits & 0xFFFF0000) + 0x10000).to(torch.int32).view(torch.float32)
+    return down, up
+
+
+def test_stochastic_rounding_lands_on_a_neighbour_and_is_unbiased():
+    from forgather.optim.rounding import stochastic_round_to_bf16
+
+    x = torch.randn(20_000, generator=torch.Generator().manual_seed(0)) * 0.02
+    down, up = _bf16_neighbours(x)
+    rounded = torch.stack([stochastic_round_to_bf16(x, seed).float() for seed in range(200)])
+    assert ((rounded == down) | (rounded == up)).all()
+    # P(up) = the discarded fraction of the step: the mean over seeds approaches x, not the nearest value.
+    fraction_up = (rounded == up).float().mean(0)
+    expected = (x - down) / (up - down)
+    assert (fraction_up - expected).abs().mean() < 0.03
+    assert (rounded.mean(0) - x).abs().mean() < 0.1 * (x.bfloat16().float() - x).abs().mean()
+    exact = x.bfloat16().float()  # values bf16 holds already are left as they are
+    assert torch.equal(stochastic_round_to_bf16(exact, 7).float(), exact)
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (500,)])
+def test_bf16_adafactor_keeps_updates_smaller_than_half_a_bf16_step(shape):
+    # A fine-tuning rate: every update is ~1e-4 of the weight, far below bf16's resolution (2^-8).
+    gen = torch.Generator().manual_seed(1)
+    init = torch.randn(shape, generator=gen) * 0.02
+    grad = torch.randn(shape, generator=gen)
+    runs = {}
+    for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
+                                  ("nearest", torch.bfloat16, False)):
+        param = init.clone().to(dtype).requires_grad_()
+        optimizer = Adafactor([param], lr=1e-4, stochastic_rounding=rounding)
+        for _ in range(30):
+            param.grad = grad.to(dtype)
+            optimizer.step()
+        runs[name] = param.detach().float() - init.to(dtype).float()
+
+    def kept(name):  # the share of the fp32 run's total movement that a bf16 run reproduced
+        return float((runs[name] * runs["fp32"].sign()).sum() / runs["fp32"].abs().sum())
+
+    assert kept("nearest") < 0.3  # rounded to nearest, most updates vanish (all but those of tiny weights)
+    assert 0.9 < kept("sr") < 1.1  # stochastic rounding keeps them in expectation
+    assert torch.corrcoef(torch.stack([runs["sr"].flatten(), runs["fp32"].flatten()]))[0, 1] > 0.5
+
+
+def test_stochastic_rounding_is_reproducible_and_follows_the_seed():
+    def run(seed):
+        params = make_params(dtype=torch.bfloat16)
+        return run_steps(params, Adafactor(params, lr=1e-3, seed=seed))
+
+    first, again, other = run(0), run(0), run(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))

@@ -15,7 +15,9 @@ G at step t (the conventions of `torch.optim.Adafactor`, so the two agree when b
     X <- X * (1 - lr * weight_decay) - alpha_t * U
 
 State: step, and R [.., n] and C [.., m] (fp32) for factored parameters or V for the others, plus M when beta1
-is set. Math runs in fp32 whatever the parameter dtype (bf16 parameters are rounded once, on write).
+is set. Math runs in fp32 whatever the parameter dtype; bf16 parameters are rounded once, on write, and
+stochastically by default (`stochastic_rounding`, forgather/optim/rounding.py): rounded to nearest, updates
+below half a bf16 step (~0.2% of the weight: most of Adafactor's, at fine-tuning rates) would be lost.
 eps1=None means float32's machine epsilon.
 """
 
@@ -27,6 +29,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
+from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
 from forgather.optim.state import Params, restore_fp32_state
 
 FP32_STATE = {"row_var", "col_var", "variance", "param_sq"}
@@ -51,6 +54,8 @@ class Adafactor(Optimizer):
         relative_step: bool = True,
         scale_parameter: bool = True,
         maximize: bool = False,
+        stochastic_rounding: bool = True,
+        seed: int = 0,
     ):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
@@ -63,6 +68,7 @@ class Adafactor(Optimizer):
         defaults = dict(
             lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
             relative_step=relative_step, scale_parameter=scale_parameter, maximize=maximize,
+            stochastic_rounding=stochastic_rounding, seed=seed,
         )
         super().__init__(params, defaults)
 
@@ -110,7 +116,7 @@ class Adafactor(Optimizer):
 
 
 def step_scalars(group: dict[str, Any], step: int) -> dict[str, float]:
-    """The host-side numbers of one step: 1 - beta2_t, rho_t, eps1 (resolved) and eps2."""
+    """The host-side numbers of one step: 1 - beta2_t, rho_t, eps1 (resolved), eps2 and the rounding seed."""
     eps1, eps2 = group["eps"]
     rho = min(group["lr"], step**-0.5) if group["relative_step"] else group["lr"]
     return {
@@ -118,7 +124,13 @@ def step_scalars(group: dict[str, Any], step: int) -> dict[str, float]:
         "rho": rho,
         "eps1": torch.finfo(torch.float32).eps if eps1 is None else eps1,
         "eps2": eps2,
+        "seed": step_seed(group.get("seed", 0), step),
     }
+
+
+def rounds_stochastically(param: torch.Tensor, group: dict[str, Any]) -> bool:
+    # .get: param groups saved before the option existed load without it.
+    return param.dtype == torch.bfloat16 and group.get("stochastic_rounding", True)
 
 
 def reference_update(
@@ -146,4 +158,5 @@ def reference_update(
         update = exp_avg.float()
     if group["weight_decay"]:
         x.mul_(1 - group["lr"] * group["weight_decay"])
-    param.copy_(x.sub_(update, alpha=alpha))
+    x.sub_(update, alpha=alpha)
+    param.copy_(stochastic_round_to_bf16(x, scalars["seed"]) if rounds_stochastically(param, group) else x)

@@ -5,7 +5,8 @@ Passes over memory per step (fp32, N elements: 4N bytes per pass), the fewest th
   2. `finalize`       n + m values      R, C <- lerp(...); 1 / max(mean R, eps1); zero this step's |X|^2 slot
   3. `update_sq_sum`  read G            sum of U^2 over the tensor, for the clipping RMS(U)
   4. `apply_update`   read G, X (M)     X <- X (1 - lr wd) - alpha U / max(1, RMS(U)/d); write X (M);
-                      write X (M)       also sums the new X^2, so the next step's RMS(X) costs no pass
+                      write X (M)       also sums the new X^2, so the next step's RMS(X) costs no pass;
+                                        bf16 X is rounded stochastically (rounding.py, same bits)
 Clipping needs RMS(U) before any X is written, and U needs R and C, which need all of G: so G is read three
 times, X once, and X written once; 5 passes in all (7 with the first moment M). Pass 3 runs backwards
 (`serpentine`), so each re-read of G starts on the tiles the previous pass left in L2. Passes 1, 3 and 4 tile the
@@ -108,10 +109,29 @@ def update_sq_sum(
 
 
 @triton.jit
+def _hash32(h):
+    # lowbias32 on uint32 (products wrap); forgather/optim/rounding.py's hash32, bit for bit.
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _stochastic_round_bits(x, offsets, seed):
+    # rounding.py's stochastic_round_to_bf16: the fp32 value whose top 16 bits the bf16 result keeps.
+    bits = x.to(tl.uint32, bitcast=True)
+    key = _hash32(offsets.to(tl.uint32) ^ seed.to(tl.uint32))
+    noise = _hash32(key ^ bits) & 0xFFFF
+    return ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["seed"])  # a new seed each step must not mean a new compilation
 def apply_update(
     X, G, M, row_var, col_var, inv_row_mean, update_sq, param_sq, n, m, inv_numel, eps1, eps2, rho, d, decay,
-    one_minus_beta1, prev_slot, cur_slot,
-    SCALE_PARAMETER: tl.constexpr, HAS_MOMENT: tl.constexpr,
+    one_minus_beta1, prev_slot, cur_slot, seed,
+    SCALE_PARAMETER: tl.constexpr, HAS_MOMENT: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -131,6 +151,8 @@ def apply_update(
             tl.store(M + offsets, u, mask=mask)
             u = u.to(tl.float32)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) * decay - alpha * u
+        if STOCHASTIC_ROUNDING:
+            x = _stochastic_round_bits(x, offsets, seed)
         x = x.to(X.dtype.element_ty)
         tl.store(X + offsets, x, mask=mask)
         xf = x.to(tl.float32)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from forgather.optim.adafactor import Adafactor, reference_update
+from forgather.optim.adafactor import Adafactor, reference_update, rounds_stochastically
 from forgather.optim.state import Params
 
 
@@ -110,8 +110,9 @@ class TritonAdafactor(Adafactor):
             param, grad, state.get("exp_avg", param), state["row_var"], state["col_var"], inv_row_mean,
             update_sq, param_sq, n, m, 1.0 / (n * m), eps1, scalars["eps2"], scalars["rho"], group["d"],
             1.0 - group["lr"] * group["weight_decay"],
-            0.0 if beta1 is None else 1.0 - beta1, prev_slot, cur_slot,
-            SCALE_PARAMETER=group["scale_parameter"], HAS_MOMENT=beta1 is not None, **tiles, num_warps=warps,
+            0.0 if beta1 is None else 1.0 - beta1, prev_slot, cur_slot, scalars["seed"],
+            SCALE_PARAMETER=group["scale_parameter"], HAS_MOMENT=beta1 is not None,
+            STOCHASTIC_ROUNDING=rounds_stochastically(param, group), **tiles, num_warps=warps,
         )
         self._seen_versions[param] = param._version
 

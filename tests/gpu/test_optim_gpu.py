@@ -101,3 +101,44 @@ def test_optimizer_in_backward_with_triton_adafactor_matches_a_plain_step():
         hooked(x).square().mean().backward()
     for a, b in zip(plain.parameters(), hooked.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_stochastic_rounding_is_the_reference_bit_for_bit():
+    import triton
+    import triton.language as tl
+
+    from forgather.optim.adafactor_kernels import _stochastic_round_bits
+    from forgather.optim.rounding import stochastic_round_to_bf16
+
+    @triton.jit
+    def round_kernel(X, Y, numel, seed, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        x = tl.load(X + offsets, mask=mask, other=0.0)
+        tl.store(Y + offsets, _stochastic_round_bits(x, offsets, seed).to(tl.bfloat16), mask=mask)
+
+    x = torch.randn(100_003, device="cuda") * 0.02
+    x[:4] = torch.tensor([float("inf"), -float("inf"), 0.0, -1.00390625])
+    for seed in (0, 12345, 2**31 - 1):
+        got = torch.empty_like(x, dtype=torch.bfloat16)
+        round_kernel[(triton.cdiv(x.numel(), 1024),)](x, got, x.numel(), seed, BLOCK=1024)
+        assert torch.equal(got.view(torch.int16), stochastic_round_to_bf16(x, seed).view(torch.int16))
+
+
+def test_triton_adafactor_bf16_keeps_updates_smaller_than_half_a_bf16_step():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    init = torch.randn(512, 768, device="cuda", generator=gen) * 0.02
+    grad = torch.randn(512, 768, device="cuda", generator=gen)
+    runs = {}
+    for name, dtype, optimizer, rounding in (("fp32", torch.float32, Adafactor, True),
+                                             ("triton", torch.bfloat16, TritonAdafactor, True),
+                                             ("nearest", torch.bfloat16, TritonAdafactor, False)):
+        param = init.clone().to(dtype).requires_grad_()
+        opt = optimizer([param], lr=1e-4, stochastic_rounding=rounding)
+        for _ in range(30):
+            param.grad = grad.to(dtype)
+            opt.step()
+        runs[name] = param.detach().float() - init.to(dtype).float()
+    kept = {name: float((runs[name] * runs["fp32"].sign()).sum() / runs["fp32"].abs().sum()) for name in runs}
+    assert kept["nearest"] < 0.3
+    assert 0.9 < kept["triton"] < 1.1
