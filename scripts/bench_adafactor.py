@@ -5,7 +5,10 @@ Step time is the median of `--iters` steps timed with CUDA events after `--warmu
 every tensor in the optimizer's state. Also prints the time of `_foreach_add_(params, grads)`, which reads
 the gradients and parameters and writes the parameters once: the floor for any optimizer step.
 
-    python scripts/bench_adafactor.py [--tensors 24 --rows 4096 --cols 10240 --iters 20]
+With `--dtype bf16` the parameters and gradients are bf16 (TritonAdafactor then rounds stochastically; the
+`stochastic_rounding=False` row is its cost).
+
+    python scripts/bench_adafactor.py [--tensors 24 --rows 4096 --cols 10240 --iters 20] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ OPTIMIZERS: dict[str, Callable] = {
     "TritonAdafactor tile 16x512x64 4 warps": lambda p: TritonAdafactor(p, tile=(16, 512, 64), num_warps=4),
     "TritonAdafactor tile 8x1024x64 4 warps": lambda p: TritonAdafactor(p, tile=(8, 1024, 64), num_warps=4),
     "TritonAdafactor beta1=0.9": lambda p: TritonAdafactor(p, beta1=0.9),
+    "TritonAdafactor stochastic_rounding=False": lambda p: TritonAdafactor(p, stochastic_rounding=False),
 }
 
 
@@ -63,21 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--only", default="", help="comma-separated names from the table to run (default all)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if not torch.cuda.is_available():
         print("bench_adafactor needs CUDA", file=sys.stderr)
         return 2
 
     torch.manual_seed(0)
-    params = [torch.randn(args.rows, args.cols, device="cuda", requires_grad=True) for _ in range(args.tensors)]
+    params = [torch.randn(args.rows, args.cols, device="cuda", dtype=dtype, requires_grad=True) for _ in range(args.tensors)]
     for p in params:
         p.grad = torch.randn_like(p)
     n_params = sum(p.numel() for p in params)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"{args.tensors} fp32 tensors of {args.rows} x {args.cols}: {n_params / 1e9:.2f}B parameters")
+    print(f"{args.tensors} {args.dtype} tensors of {args.rows} x {args.cols}: {n_params / 1e9:.2f}B parameters")
     grads = [p.grad for p in params]
     floor = step_ms(lambda: torch._foreach_add_([p.data for p in params], grads), args.warmup, args.iters)
-    moved = 3 * 4 * n_params
+    moved = 3 * params[0].element_size() * n_params
     print(f"read grads + read params + write params once: {floor:.2f} ms ({moved / floor / 1e9:.2f} TB/s)")
 
     wanted = set(filter(None, args.only.split(",")))
