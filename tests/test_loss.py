@@ -162,3 +162,15 @@ def test_gradient_scaling_multiplies_bf16_in_fp32():
     scale_in_place(scaled, factor)
     assert torch.equal(scaled, (x.float() * factor).bfloat16())
     assert not torch.equal(scaled, x * factor.bfloat16())  # what rounding the factor first would give
+
+
+def test_chunked_under_bf16_autocast_returns_fp32_gradients_close_to_the_reference():
+    # bf16-mixed training: fp32 weights, the loss runs inside autocast (bf16 matmuls).
+    h, w, labels = make_inputs(batch=2, seq=33, hidden=64, vocab=301, seed=5)
+    ref_loss, ref_h, ref_w = loss_and_grads(NaiveLoss(), h, w, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, gh, gw = loss_and_grads(ChunkedLoss(chunk_size=16, compile=False), h, w, labels)
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    for got, ref in ((gh, ref_h), (gw, ref_w)):
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-2

@@ -109,6 +109,24 @@ def scale_in_place(grad: torch.Tensor, factor: torch.Tensor) -> None:
     _compiled_scale(grad, factor)
 
 
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, written in place; out may have a wider dtype than a and b (autocast)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in acc's dtype; for an fp32 acc of bf16 products, without a bf16 [V, H] temporary on GPUs."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss in forward, with both gradients computed there too; backward scales them by grad_output / tokens.
 
@@ -119,20 +137,26 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, z_loss, softcap, chunk_fn, needs_grad):
         n_valid = (targets != ignore_index).sum().clamp(min=1).float()
+        # Gradients come back in the inputs' dtypes; the matmuls run in the autocast dtype when autocast is on
+        # (bf16-mixed: fp32 weights, bf16 logits), else in the inputs' dtype.
         grad_hidden = torch.empty_like(hidden) if needs_grad[0] else None
         grad_weight = torch.zeros_like(weight) if needs_grad[1] else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start : start + chunk_size]
-            logits = h @ weight.t()
-            chunk_loss, grad_logits = chunk_fn(logits, targets[start : start + chunk_size], ignore_index, z_loss, softcap)
-            del logits
-            loss += chunk_loss
-            if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), h)
-            del grad_logits  # before the next chunk's logits are allocated
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start : start + chunk_size].to(dtype)
+                logits = h @ w.t()
+                chunk_loss, grad_logits = chunk_fn(logits, targets[start : start + chunk_size], ignore_index, z_loss, softcap)
+                del logits
+                loss += chunk_loss
+                if grad_hidden is not None:
+                    _matmul_into(grad_hidden[start : start + chunk_size], grad_logits, w)
+                if grad_weight is not None:
+                    _accumulate_matmul(grad_weight, grad_logits.t(), h)
+                del grad_logits  # before the next chunk's logits are allocated
         ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
         ctx.backward_done = False
         return loss / n_valid

@@ -110,3 +110,19 @@ def test_gradient_scaling_keeps_the_fp32_factor():
     scaled = x.clone()
     scale_in_place(scaled, factor)
     assert torch.equal(scaled, (x.float() * factor).bfloat16())
+
+
+@pytest.mark.parametrize("name", ["fused", "chunked"])
+def test_loss_under_bf16_autocast_with_fp32_weights(name):
+    # bf16-mixed training: the loss sees fp32 hidden states and weight inside autocast.
+    loss_fn = build(name)
+    h, w, labels = make_inputs(seed=10)
+    ref = loss_and_grads(NaiveLoss(), h, w, labels)
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_fn(h, w, labels)
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert abs(loss.item() - ref[0].item()) <= LOSS_RTOL * abs(ref[0].item())
+    assert rel_err(h.grad, ref[1]) < GRAD_RTOL
+    assert rel_err(w.grad, ref[2]) < GRAD_RTOL
