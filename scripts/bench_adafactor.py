@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from forgather.optim import Adafactor, TritonAdafactor
+from forgather.optim import Adafactor, AdamW, TritonAdafactor
 
 GIB = 2**30
 
@@ -36,6 +36,8 @@ OPTIMIZERS: dict[str, Callable] = {
     "TritonAdafactor tile 8x1024x64 4 warps": lambda p: TritonAdafactor(p, tile=(8, 1024, 64), num_warps=4),
     "TritonAdafactor beta1=0.9": lambda p: TritonAdafactor(p, beta1=0.9),
     "TritonAdafactor stochastic_rounding=False": lambda p: TritonAdafactor(p, stochastic_rounding=False),
+    "forgather AdamW (stochastic rounding)": lambda p: AdamW(p),
+    "forgather AdamW stochastic_rounding=False": lambda p: AdamW(p, stochastic_rounding=False),
 }
 
 

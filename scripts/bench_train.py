@@ -73,7 +73,7 @@ def bench_hf(steps: int, window: int) -> float:
 
 
 def bench_forgather(
-    steps: int, loss: str, compile_layers: bool, attention_fn: str, log_every: int, extra: list[str]
+    steps: int, loss: str, optimizer: str, compile_layers: bool, attention_fn: str, log_every: int, extra: list[str]
 ) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "bench"
@@ -89,7 +89,8 @@ def bench_forgather(
         command = [
             sys.executable, "-m", "forgather.run", "-p", str(project), "--outputs", tmp, "+experiment=llama_1b",
             f"max_steps={steps}", f"log_every_n_steps={log_every}", "val_check_interval=100000", "limit_val_batches=0",
-            "checkpoint_every=100000", f"model.vocab_size={SHAPE['vocab']}", "++optimizer.fused=true",
+            "checkpoint_every=100000", f"model.vocab_size={SHAPE['vocab']}", f"optimizer={optimizer}",
+            *(["++optimizer.fused=true"] if optimizer == "adamw" else []),  # torch's fused AdamW, as the HF loop
             "gradient_clip_val=null",  # the HF loop does not clip either
             f"compile={'true' if compile_layers else 'false'}", f"attention_fn={attention_fn}", *extra,
         ]
@@ -105,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--loss", default="fused", help="loss group option for the forgather run")
+    parser.add_argument("--optimizer", default="adamw", help="optimizer group option for the forgather run")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--attention", default="flex", help="attention_fn of our model (packed rows: flex masks documents cheaply)")
     parser.add_argument("--only", choices=("hf", "forgather"))
@@ -115,8 +117,10 @@ def main() -> None:
     if args.only != "forgather":
         results["hf LlamaForCausalLM loop"] = bench_hf(args.steps, args.log_every)
     if args.only != "hf":
-        name = f"forgather.run ({args.loss}, {args.attention}, compile={not args.no_compile}{''.join(' ' + o for o in args.set)})"
-        results[name] = bench_forgather(args.steps, args.loss, not args.no_compile, args.attention, args.log_every, args.set)
+        name = (f"forgather.run ({args.loss}, {args.optimizer}, {args.attention}, compile={not args.no_compile}"
+                f"{''.join(' ' + o for o in args.set)})")
+        results[name] = bench_forgather(args.steps, args.loss, args.optimizer, not args.no_compile, args.attention,
+                                        args.log_every, args.set)
     per_token = flops_per_token()
     width = max(48, *(len(name) for name in results))
     print(f"\n{'path':<{width}} {'tokens/s':>10} {'MFU':>7}")

@@ -131,7 +131,9 @@ def test_loaded_state_of_bf16_parameters_stays_fp32():
     run_steps([w], opt, steps=1)
     other = Adafactor([w])
     other.load_state_dict(copy.deepcopy(opt.state_dict()))
-    assert other.state[w]["row_var"].dtype == torch.float32 and other.state[w]["col_var"].dtype == torch.float32
+    for key in ("row_var", "col_var"):
+        assert other.state[w][key].dtype == torch.float32
+        assert torch.equal(other.state[w][key], opt.state[w][key])  # not rounded through bf16 on the way
 
 
 def test_invalid_hyperparameters_are_rejected():

@@ -5,6 +5,7 @@ Names resolve lazily, so importing this package imports neither torch nor triton
 
     Adafactor             adafactor.py            reference, any device
     TritonAdafactor       triton_adafactor.py     same math, fused Triton kernels (CUDA + triton)
+    AdamW                 adamw.py                AdamW in fp32 math writing bf16 weights with stochastic rounding
     optimizer_in_backward in_backward.py          per-parameter optimizers stepped inside backward
     GaLoreAdamW           galore.py               AdamW on a low-rank SVD projection of 2-D gradients
     ApolloAdamW           apollo.py               APOLLO: AdamW states on a random projection, channel-wise scaling
@@ -17,6 +18,7 @@ from forgather.lazy import lazy_exports
 _EXPORTS = {
     "Adafactor": "adafactor",
     "TritonAdafactor": "triton_adafactor",
+    "AdamW": "adamw",
     "optimizer_in_backward": "in_backward",
     "OptimizerInBackward": "in_backward",
     "GaLoreAdamW": "galore",

@@ -30,7 +30,7 @@ import torch
 from torch.optim import Optimizer
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
-from forgather.optim.state import Params, restore_fp32_state
+from forgather.optim.state import Params, load_state_keeping_fp32
 
 FP32_STATE = {"row_var", "col_var", "variance", "param_sq"}
 
@@ -93,8 +93,7 @@ class Adafactor(Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_fp32_state(self, FP32_STATE)
+        load_state_keeping_fp32(self, state_dict, FP32_STATE, super().load_state_dict)
 
     @staticmethod
     def init_state(param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

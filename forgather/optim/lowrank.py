@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from forgather.optim.state import Params, restore_fp32_state
+from forgather.optim.state import Params, load_state_keeping_fp32
 
 FP32_STATE = {"exp_avg", "exp_avg_sq", "projection", "update_norm"}
 
@@ -47,8 +47,7 @@ class LowRankAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_fp32_state(self, FP32_STATE)
+        load_state_keeping_fp32(self, state_dict, FP32_STATE, super().load_state_dict)
 
     def new_projection(self, grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
         """A projection P [rank, n] (right) or [rank, m] (left) for this gradient."""

@@ -39,8 +39,9 @@ def hash32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def stochastic_round_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """x (fp32, contiguous) rounded to bf16 stochastically, as described in the module docstring."""
+def stochastic_round_to_bf16(x: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
+    """x (fp32) rounded to bf16 stochastically, as described in the module docstring. `seed` may be a 0-dim
+    int64 tensor (inside torch.compile: a new seed each step must not mean a new graph)."""
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic rounding takes fp32 values, got {x.dtype}")
     bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32

@@ -142,3 +142,47 @@ def test_triton_adafactor_bf16_keeps_updates_smaller_than_half_a_bf16_step():
     kept = {name: float((runs[name] * runs["fp32"].sign()).sum() / runs["fp32"].abs().sum()) for name in runs}
     assert kept["nearest"] < 0.3
     assert 0.9 < kept["triton"] < 1.1
+
+
+def test_forgather_adamw_compiled_fp32_matches_torch_adamw():
+    from forgather.optim import AdamW
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    init = [torch.randn(s, device="cuda", generator=gen) * 0.02 for s in ((300, 517), (777,))]
+    ours = [p.clone().requires_grad_() for p in init]
+    theirs = [p.clone().requires_grad_() for p in init]
+    opt_a, opt_b = AdamW(ours, lr=1e-2, weight_decay=0.1), torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, device="cuda", generator=gen)
+            b.grad = a.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_forgather_adamw_bf16_keeps_small_updates_without_waiting_for_the_gpu():
+    from forgather.optim import AdamW
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    init = torch.randn(512, 768, device="cuda", generator=gen) * 0.05
+    grads = [torch.randn(512, 768, device="cuda", generator=gen) for _ in range(30)]
+    runs = {}
+    for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
+                                  ("nearest", torch.bfloat16, False)):
+        param = init.clone().to(dtype).requires_grad_()
+        opt = AdamW([param], lr=1e-5, weight_decay=0.0, stochastic_rounding=rounding)
+        param.grad = grads[0].to(dtype)
+        opt.step()  # compiles
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for grad in grads[1:]:
+                param.grad = grad.to(dtype)
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        runs[name] = param.detach().float() - init.to(dtype).float()
+    kept = {name: float((runs[name] * runs["fp32"].sign()).sum() / runs["fp32"].abs().sum()) for name in runs}
+    assert kept["nearest"] < 0.3
+    assert 0.9 < kept["sr"] < 1.1

@@ -1,0 +1,85 @@
+"""forgather.optim.AdamW on CPU: torch's AdamW math, and bf16 weights that keep small updates."""
+
+import copy
+
+import pytest
+import torch
+
+from forgather.optim import AdamW
+
+torch.set_num_threads(1)
+
+
+def make_params(dtype=torch.float32, seed=0, shapes=((16, 24), (24,))):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=gen) * 0.02).to(dtype).requires_grad_() for shape in shapes]
+
+
+def run_steps(params, optimizer, steps=5, seed=1, scheduler=None):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return params
+
+
+@pytest.mark.parametrize("options", [{}, {"lr": 3e-2, "weight_decay": 0.1, "betas": (0.8, 0.95), "eps": 1e-6}])
+def test_fp32_steps_equal_torch_adamw(options):
+    ours, theirs = make_params(), make_params()
+    run_steps(ours, AdamW(ours, **options))
+    run_steps(theirs, torch.optim.AdamW(theirs, **options))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_scheduler_changes_the_rate_every_step():
+    ours, theirs = make_params(), make_params()
+    opt_a, opt_b = AdamW(ours, lr=1e-2), torch.optim.AdamW(theirs, lr=1e-2)
+    run_steps(ours, opt_a, scheduler=torch.optim.lr_scheduler.StepLR(opt_a, step_size=1, gamma=0.5))
+    run_steps(theirs, opt_b, scheduler=torch.optim.lr_scheduler.StepLR(opt_b, step_size=1, gamma=0.5))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_weights_keep_updates_smaller_than_half_a_bf16_step():
+    gen = torch.Generator().manual_seed(2)
+    init = torch.randn(64, 96, generator=gen) * 0.05
+    grads = [torch.randn(64, 96, generator=gen) for _ in range(30)]
+    runs = {}
+    for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
+                                  ("nearest", torch.bfloat16, False)):
+        param = init.clone().to(dtype).requires_grad_()
+        optimizer = AdamW([param], lr=1e-5, weight_decay=0.0, stochastic_rounding=rounding)
+        for grad in grads:
+            param.grad = grad.to(dtype)
+            optimizer.step()
+        runs[name] = param.detach().float() - init.to(dtype).float()
+
+    def kept(name):  # the share of the fp32 run's total movement that a bf16 run reproduced
+        return float((runs[name] * runs["fp32"].sign()).sum() / runs["fp32"].abs().sum())
+
+    assert kept("nearest") < 0.3
+    assert 0.9 < kept("sr") < 1.1
+
+
+def test_state_dict_round_trip_continues_identically():
+    params = make_params(torch.bfloat16)
+    optimizer = AdamW(params, lr=1e-3, state_dtype=torch.float32)
+    run_steps(params, optimizer, steps=3)
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    resumed = AdamW(copies, lr=1e-3, state_dtype=torch.float32)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as through a checkpoint file
+    assert all(s["exp_avg"].dtype == torch.float32 for s in resumed.state.values())
+    run_steps(params, optimizer, steps=3, seed=5)
+    run_steps(copies, resumed, steps=3, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(params, copies))
+
+
+def test_invalid_hyperparameters_are_rejected():
+    with pytest.raises(ValueError, match="betas"):
+        AdamW(make_params(), betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="lr"):
+        AdamW(make_params(), lr=-1.0)
