@@ -21,7 +21,8 @@ EXTRA = {"liger": "liger_kernel", "fused": "liger_kernel", "cce": "cut_cross_ent
 @pytest.mark.parametrize(
     "loss, optimizer",
     [(loss, "adamw") for loss in ("naive", "chunked", "liger", "cce", "fused")]
-    + [("fused", optimizer) for optimizer in ("adafactor", "adafactor_triton", "adafactor_in_backward", "galore", "apollo")],
+    + [("fused", optimizer) for optimizer in ("adamw_sr", "adafactor", "adafactor_triton", "adafactor_in_backward", "galore",
+                                          "apollo")],
 )
 def test_micro_run_trains_on_gpu(tmp_path, loss, optimizer):
     if loss in EXTRA and importlib.util.find_spec(EXTRA[loss]) is None:
