@@ -54,7 +54,10 @@ def test_triton_adafactor_matches_reference_fp32(options):
 
 
 def test_triton_adafactor_bf16_params_within_bf16_rounding():
-    ref_params, tri_params, _, _ = run_pair({"beta1": 0.9}, dtype=torch.bfloat16)
+    # Rounded to nearest: stochastic rounding of two slightly different fp32 results (atomics change the
+    # summation order) draws different noise, and those 1-ulp differences random-walk over the steps. Its
+    # kernel is checked bit for bit against the reference below.
+    ref_params, tri_params, _, _ = run_pair({"beta1": 0.9, "stochastic_rounding": False}, dtype=torch.bfloat16)
     for a, b in zip(ref_params, tri_params):
         assert b.dtype == torch.bfloat16
         torch.testing.assert_close(b.float(), a.float(), rtol=1.6e-2, atol=1e-2)
