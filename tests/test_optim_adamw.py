@@ -83,3 +83,19 @@ def test_invalid_hyperparameters_are_rejected():
         AdamW(make_params(), betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="lr"):
         AdamW(make_params(), lr=-1.0)
+
+
+def test_fsdp2_sharded_parameters_step_like_unsharded_ones(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    helper = Path(__file__).parent / "helpers" / "fsdp2_adamw.py"
+    done = subprocess.run([sys.executable, str(helper), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
+    assert len(results) == 2
+    for result in results:
+        assert result["difference"] < 1e-6
+        assert result["bf16_moved"]

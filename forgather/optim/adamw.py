@@ -12,6 +12,9 @@ updates and the rounding hash into one kernel per shape; CPU runs it eagerly). N
 (lr from a scheduler, bias corrections, the rounding seed) reach it as one small device tensor, copied from
 pinned memory so the host never waits, and a new lr never means a recompilation.
 
+Sharded parameters (DTensor, FSDP2 / ModelParallelStrategy) are updated shard by shard: the update is
+elementwise, so each rank steps its local shard (the rounding index is the element's position in the shard).
+
 Math (Loshchilov & Hutter, torch.optim.AdamW's): m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
 x <- x (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
 """
@@ -22,6 +25,7 @@ import math
 from typing import Any, Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
@@ -104,13 +108,18 @@ class AdamW(Optimizer):
                 scalars = _to_device(torch.tensor(numbers, dtype=torch.float32), param.device)
                 seed = _to_device(torch.tensor(step_seed(group["seed"], step), dtype=torch.int64), param.device)
                 stochastic = group["stochastic_rounding"] and param.dtype == torch.bfloat16
-                _update_fn(param.device)(param, param.grad, state["exp_avg"], state["exp_avg_sq"], scalars, seed,
-                                         stochastic)
+                tensors = [_local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+                _update_fn(param.device)(*tensors, scalars, seed, stochastic)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         keys = {"exp_avg", "exp_avg_sq"} if self.state_dtype == torch.float32 else set()
         load_state_keeping_fp32(self, state_dict, keys, super().load_state_dict)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (updated in place, it is the DTensor's data); other tensors as they are."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
