@@ -6,7 +6,7 @@ moments, no first moment) stepped inside backward, so each gradient is freed as 
 a fused linear cross-entropy (`FusedLoss`: no logits tensor). Reports the peak allocated memory of a step
 at each context length, and the largest length that stays within the budget (default 24 GiB).
 
-    python scripts/bench_memory.py [--lengths 16384 24576 32768] [--budget-gib 24]
+    python scripts/bench_memory.py [--lengths 16384 24576 32768] [--budget-gib 24] [--mlp-chunk 4096]
     python scripts/bench_memory.py --tiny --device cpu        (a smoke test of the script itself)
 """
 
@@ -29,7 +29,7 @@ LLAMA_7B = dict(vocab=32000, hidden=4096, layers=32, heads=32, intermediate=1100
 TINY = dict(vocab=512, hidden=64, layers=2, heads=4, intermediate=128)
 
 
-def build_model(shape: dict) -> CausalLM:
+def build_model(shape: dict, mlp_chunk: int | None = None) -> CausalLM:
     return CausalLM(
         vocab_size=shape["vocab"],
         hidden_size=shape["hidden"],
@@ -37,7 +37,7 @@ def build_model(shape: dict) -> CausalLM:
         layer_factory=functools.partial(
             PreLNLayer,
             attention_factory=functools.partial(Attention, num_heads=shape["heads"]),
-            feedforward_factory=functools.partial(SwiGLU, intermediate_size=shape["intermediate"]),
+            feedforward_factory=functools.partial(SwiGLU, intermediate_size=shape["intermediate"], chunk_tokens=mlp_chunk),
             norm_factory=RMSNorm,
         ),
         norm_factory=RMSNorm,
@@ -68,11 +68,13 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=24.0)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny shape, to check the script on a CPU")
+    parser.add_argument("--mlp-chunk", type=int, default=None,
+                        help="SwiGLU chunk_tokens: the MLP's activations recomputed per chunk of this many tokens")
     args = parser.parse_args()
     shape = TINY if args.tiny else LLAMA_7B
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = build_model(shape).to(torch.bfloat16)
+        model = build_model(shape, args.mlp_chunk).to(torch.bfloat16)
     if args.device == "cuda":
         from forgather.loss.fused import FusedLoss
         from forgather.optim import TritonAdafactor as Adafactor
@@ -85,7 +87,8 @@ def main() -> None:
     loss_fn = FusedLoss()
     parameters = sum(p.numel() for p in model.parameters())
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    print(f"model: {parameters / 1e9:.2f}B parameters, {weights_gib:.2f} GiB of bf16 weights; device {args.device}")
+    print(f"model: {parameters / 1e9:.2f}B parameters, {weights_gib:.2f} GiB of bf16 weights; device {args.device}; "
+          f"MLP chunk {args.mlp_chunk or 'none'}")
     print(f"{'context':>8} {'peak GiB':>9} {'step s':>7}  within {args.budget_gib:g} GiB")
     fits = []
     for length in args.lengths:

@@ -391,3 +391,37 @@ def test_layers_run_from_outside_with_layer_inputs_equal_hidden_states():
         for layer in model.layers:
             x = layer(x, rope, mask)
         torch.testing.assert_close(model.norm(x), model.hidden_states(ids, PACKED_POSITIONS), rtol=0, atol=0)
+
+
+def test_swiglu_in_token_chunks_equals_the_whole_and_saves_less_for_backward():
+    from forgather.models.feedforward import SwiGLU
+
+    torch.manual_seed(0)
+    whole = SwiGLU(16, 64)
+    chunked = SwiGLU(16, 64, chunk_tokens=7)
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 20, 16)
+
+    def run(module):
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        inputs = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = module(inputs)
+        out.square().sum().backward()
+        grads = [inputs.grad] + [p.grad for p in module.parameters()]
+        return out, grads, sum(saved)
+
+    out_whole, grads_whole, saved_whole = run(whole)
+    out_chunked, grads_chunked, saved_chunked = run(chunked)
+    torch.testing.assert_close(out_chunked, out_whole)
+    for a, b in zip(grads_chunked, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Kept for backward: the chunks' inputs only, not the [tokens, 64] activations.
+    assert saved_chunked < saved_whole / 3
+    with torch.no_grad():  # inference never chunks
+        torch.testing.assert_close(chunked(x), whole(x))

@@ -1,26 +1,52 @@
 """Position-wise feed-forward blocks: [B, T, H] -> [B, T, H].
 
 Each takes `hidden_size` first, so a layer calls `feedforward_factory(hidden_size)`; set the rest
-(`intermediate_size`, `bias`) in the partial.
+(`intermediate_size`, `bias`, `chunk_tokens`) in the partial.
+
+`chunk_tokens` (long contexts): while gradients are recorded, the tokens go through the block `chunk_tokens` at a
+time, each chunk recomputed in backward (torch.utils.checkpoint), so the [tokens, intermediate] activations
+(gate, up, their product: ~4 tensors of 2.7x the hidden size each) exist for one chunk only. The price is one more
+forward of the block. Inside a layer that is itself checkpointed this bounds the peak of its backward, which
+is what limits the context of a long-sequence step (scripts/bench_memory.py).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:
+    """fn(x) for a position-wise fn, computed `chunk_tokens` tokens at a time with each chunk checkpointed
+    (only while gradients are recorded and x holds more tokens than one chunk)."""
+    tokens = x.numel() // x.shape[-1]
+    if chunk_tokens is None or tokens <= chunk_tokens or not torch.is_grad_enabled():
+        return fn(x)
+    flat = x.reshape(tokens, x.shape[-1])
+    parts = [checkpoint(fn, part, use_reentrant=False) for part in flat.split(chunk_tokens)]
+    return torch.cat(parts).reshape(*x.shape[:-1], -1)
 
 
 class SwiGLU(nn.Module):
     """Gated feed-forward with a SiLU gate (Shazeer, 2020, "GLU Variants"): down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None):
         super().__init__()
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be positive or None, got {chunk_tokens}")
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.chunk_tokens = chunk_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return chunked_over_tokens(self._block, x, self.chunk_tokens)
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
