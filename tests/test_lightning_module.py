@@ -271,3 +271,15 @@ def test_progress_bar_reads_metrics_only_on_logged_steps(tmp_path, monkeypatch) 
     trainer.fit(CausalLMModule(tiny_model()), toy_loader(7))
     training_reads = sorted({step for step in reads if step > 0})
     assert training_reads == [1, 3, 6, 7]  # the first step shown, the logged steps and the last
+
+
+def test_progress_bar_names_the_epoch_without_a_negative_total():
+    from types import SimpleNamespace
+
+    from forgather.lightning.progress import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)
+    assert bar._get_train_description(2).strip() == "Epoch 2"
+    bar._trainer = SimpleNamespace(max_epochs=5)
+    assert bar._get_train_description(2).strip() == "Epoch 2/4"

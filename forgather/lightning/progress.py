@@ -4,7 +4,8 @@ Reading the progress-bar metrics turns each logged tensor into a Python number, 
 the GPU. Lightning's bar does that after every batch (its `refresh_rate` throttles drawing, not reading), so on a
 GPU every step ended in a host sync and the host could never queue the next step's work early. This bar keeps
 the numbers it last read and reads new ones when the loggers write (every `log_every_n_steps`), at the last step
-and outside training (validation shows its own metrics as usual).
+and outside training (validation shows its own metrics as usual). It also shows "Epoch 2" rather than
+Lightning's "Epoch 2/-2" when the epochs are unbounded (max_steps runs set max_epochs=-1).
 """
 
 from __future__ import annotations
@@ -28,3 +29,10 @@ class ProgressBar(RichProgressBar):
             self._shown = super().get_metrics(trainer, pl_module)
         return self._shown
 
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning's own (a private hook) prints max_epochs - 1 even when max_epochs is -1 (unbounded).
+        description = super()._get_train_description(current_epoch)
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            description = description.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
+        return description
