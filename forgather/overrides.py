@@ -191,6 +191,36 @@ def _check_type(key: str, old: Any, new: Any) -> None:
         raise OverrideError(f"{key} is {type(old).__name__} ({old!r}); got {type(new).__name__} {new!r}")
 
 
+def _named_node_paths(config: Any, prefix: str = "") -> dict[str, str]:
+    """`_id_` -> dotted path of every named node written in place (interpolations not followed)."""
+    found: dict[str, str] = {}
+    if isinstance(config, DictConfig):
+        if "_id_" in config and prefix:
+            found[str(config._get_node("_id_")._value())] = prefix[:-1]
+        items = [(key, config._get_node(key)) for key in config.keys()]
+    elif isinstance(config, ListConfig):
+        items = [(index, config._get_node(index)) for index in range(len(config))]
+    else:
+        return found
+    for key, child in items:
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_interpolation():
+            found.update(_named_node_paths(child, f"{prefix}{key}."))
+    return found
+
+
+def _refuse_adding_beside_a_named_node(config: DictConfig, override: Override) -> None:
+    """`++feedforward_factory.x=v` would add a new top-level key that nothing reads when the node named
+    feedforward_factory is written where it is used (model.layer_factory.feedforward_factory): say where it is."""
+    head, _, rest = override.key.partition(".")
+    if not rest or head in config:
+        return
+    path = _named_node_paths(config).get(head)
+    if path is not None:
+        raise OverrideError(
+            f"{override.text}: the node {head!r} is at {path}; write {override.text.split(head, 1)[0]}{path}.{rest}=..."
+        )
+
+
 def apply(config: DictConfig, overrides: list[Override]) -> None:
     """Apply value overrides in order, in place. Errors name the override and suggest close keys."""
     for override in overrides:
@@ -200,6 +230,8 @@ def apply(config: DictConfig, overrides: list[Override]) -> None:
             raise OverrideError(f"{override.text}: no key {key!r} in the config{_suggest(key, config_paths(config))}")
         if override.kind == "add" and found is not None:
             raise OverrideError(f"{override.text}: {key!r} is already set; write {key}=... to change it (or ++{key}=...)")
+        if override.kind in ("add", "force_add") and found is None:
+            _refuse_adding_beside_a_named_node(config, override)
         if override.kind == "delete":
             parent, last = found
             del parent[last]

@@ -136,3 +136,14 @@ def test_dry_run_prints_the_launch_command(capsys):
 
 def test_a_computed_value_can_be_replaced_by_a_literal(capsys):
     assert config_of(capsys, "model.vocab_size=512")["model"]["vocab_size"] == 512  # was len(tokenizer)
+
+
+def test_adding_under_a_node_name_points_to_where_the_node_is(capsys):
+    # The node named feedforward_factory is written where the model uses it; `++feedforward_factory.x` would add
+    # an unread top-level key.
+    error = error_of(capsys, "+experiment=micro", "++feedforward_factory.chunk_tokens=8")
+    assert "model.layer_factory.feedforward_factory" in error
+    assert "++model.layer_factory.feedforward_factory.chunk_tokens=..." in error
+    config = config_of(capsys, "++model.layer_factory.feedforward_factory.chunk_tokens=8")
+    assert config["model"]["layer_factory"]["feedforward_factory"]["chunk_tokens"] == 8
+    assert "new_variable" in config_of(capsys, "+new_variable=3")  # plain new keys still add
