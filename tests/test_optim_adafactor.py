@@ -1,12 +1,14 @@
 """forgather.optim.Adafactor (the reference) on CPU, against torch.optim.Adafactor and the paper's rules."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
 from forgather.optim import Adafactor, TritonAdafactor
 from forgather.optim.adafactor import step_scalars
+from helpers.weight_movement import movement, share_kept
 
 torch.set_num_threads(1)
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -186,19 +188,15 @@ def test_bf16_adafactor_keeps_updates_smaller_than_half_a_bf16_step(shape):
     # A fine-tuning rate: every update is ~1e-4 of the weight, far below bf16's resolution (2^-8).
     gen = torch.Generator().manual_seed(1)
     init = torch.randn(shape, generator=gen) * 0.02
-    grad = torch.randn(shape, generator=gen)
-    runs = {}
-    for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
-                                  ("nearest", torch.bfloat16, False)):
-        param = init.clone().to(dtype).requires_grad_()
-        optimizer = Adafactor([param], lr=1e-4, stochastic_rounding=rounding)
-        for _ in range(30):
-            param.grad = grad.to(dtype)
-            optimizer.step()
-        runs[name] = param.detach().float() - init.to(dtype).float()
+    grads = [torch.randn(shape, generator=gen)] * 30
+    runs = {
+        name: movement(init, grads, dtype, functools.partial(Adafactor, lr=1e-4, stochastic_rounding=rounding))
+        for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
+                                      ("nearest", torch.bfloat16, False))
+    }
 
-    def kept(name):  # the share of the fp32 run's total movement that a bf16 run reproduced
-        return float((runs[name] * runs["fp32"].sign()).sum() / runs["fp32"].abs().sum())
+    def kept(name):
+        return share_kept(runs[name], runs["fp32"])
 
     assert kept("nearest") < 0.3  # rounded to nearest, most updates vanish (all but those of tiny weights)
     assert 0.9 < kept("sr") < 1.1  # stochastic rounding keeps them in expectation

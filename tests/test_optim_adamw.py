@@ -1,11 +1,13 @@
 """forgather.optim.AdamW on CPU: torch's AdamW math, and bf16 weights that keep small updates."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
 from forgather.optim import AdamW
+from helpers.weight_movement import movement, share_kept
 
 torch.set_num_threads(1)
 
@@ -48,18 +50,15 @@ def test_bf16_weights_keep_updates_smaller_than_half_a_bf16_step():
     gen = torch.Generator().manual_seed(2)
     init = torch.randn(64, 96, generator=gen) * 0.05
     grads = [torch.randn(64, 96, generator=gen) for _ in range(30)]
-    runs = {}
-    for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
-                                  ("nearest", torch.bfloat16, False)):
-        param = init.clone().to(dtype).requires_grad_()
-        optimizer = AdamW([param], lr=1e-5, weight_decay=0.0, stochastic_rounding=rounding)
-        for grad in grads:
-            param.grad = grad.to(dtype)
-            optimizer.step()
-        runs[name] = param.detach().float() - init.to(dtype).float()
+    runs = {
+        name: movement(init, grads, dtype, functools.partial(AdamW, lr=1e-5, weight_decay=0.0,
+                                                              stochastic_rounding=rounding))
+        for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
+                                      ("nearest", torch.bfloat16, False))
+    }
 
-    def kept(name):  # the share of the fp32 run's total movement that a bf16 run reproduced
-        return float((runs[name] * runs["fp32"].sign()).sum() / runs["fp32"].abs().sum())
+    def kept(name):
+        return share_kept(runs[name], runs["fp32"])
 
     assert kept("nearest") < 0.3
     assert 0.9 < kept("sr") < 1.1

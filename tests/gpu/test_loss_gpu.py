@@ -8,6 +8,7 @@ import torch
 
 from forgather.loss import CCELoss, ChunkedLoss, FusedLoss, LigerLoss, NaiveLoss
 from forgather.loss.chunked import scale_in_place
+from helpers.cuda_sync import sync_is_an_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -93,12 +94,9 @@ def test_loss_forward_and_backward_never_wait_for_the_gpu(name):
     h, w = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
     loss_and_grads(loss_fn, h, w, labels)  # compile / autotune outside the check
     h.grad = w.grad = None
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with sync_is_an_error():
         loss = loss_fn(h, w, labels)
         loss.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert h.grad is not None and w.grad is not None
 
 

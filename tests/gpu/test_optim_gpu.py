@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from forgather.optim import Adafactor, TritonAdafactor, optimizer_in_backward
+from helpers.cuda_sync import sync_is_an_error
+from helpers.weight_movement import movement, share_kept
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -131,18 +133,14 @@ def test_kernel_stochastic_rounding_is_the_reference_bit_for_bit():
 def test_triton_adafactor_bf16_keeps_updates_smaller_than_half_a_bf16_step():
     gen = torch.Generator(device="cuda").manual_seed(1)
     init = torch.randn(512, 768, device="cuda", generator=gen) * 0.02
-    grad = torch.randn(512, 768, device="cuda", generator=gen)
-    runs = {}
-    for name, dtype, optimizer, rounding in (("fp32", torch.float32, Adafactor, True),
-                                             ("triton", torch.bfloat16, TritonAdafactor, True),
-                                             ("nearest", torch.bfloat16, TritonAdafactor, False)):
-        param = init.clone().to(dtype).requires_grad_()
-        opt = optimizer([param], lr=1e-4, stochastic_rounding=rounding)
-        for _ in range(30):
-            param.grad = grad.to(dtype)
-            opt.step()
-        runs[name] = param.detach().float() - init.to(dtype).float()
-    kept = {name: float((runs[name] * runs["fp32"].sign()).sum() / runs["fp32"].abs().sum()) for name in runs}
+    grads = [torch.randn(512, 768, device="cuda", generator=gen)] * 30
+    runs = {
+        name: movement(init, grads, dtype, partial(optimizer, lr=1e-4, stochastic_rounding=rounding))
+        for name, dtype, optimizer, rounding in (("fp32", torch.float32, Adafactor, True),
+                                                 ("triton", torch.bfloat16, TritonAdafactor, True),
+                                                 ("nearest", torch.bfloat16, TritonAdafactor, False))
+    }
+    kept = {name: share_kept(runs[name], runs["fp32"]) for name in runs}
     assert kept["nearest"] < 0.3
     assert 0.9 < kept["triton"] < 1.1
 
@@ -171,21 +169,12 @@ def test_forgather_adamw_bf16_keeps_small_updates_without_waiting_for_the_gpu():
     gen = torch.Generator(device="cuda").manual_seed(4)
     init = torch.randn(512, 768, device="cuda", generator=gen) * 0.05
     grads = [torch.randn(512, 768, device="cuda", generator=gen) for _ in range(30)]
-    runs = {}
-    for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
-                                  ("nearest", torch.bfloat16, False)):
-        param = init.clone().to(dtype).requires_grad_()
-        opt = AdamW([param], lr=1e-5, weight_decay=0.0, stochastic_rounding=rounding)
-        param.grad = grads[0].to(dtype)
-        opt.step()  # compiles
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for grad in grads[1:]:
-                param.grad = grad.to(dtype)
-                opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        runs[name] = param.detach().float() - init.to(dtype).float()
-    kept = {name: float((runs[name] * runs["fp32"].sign()).sum() / runs["fp32"].abs().sum()) for name in runs}
+    runs = {
+        name: movement(init, grads, dtype, partial(AdamW, lr=1e-5, weight_decay=0.0, stochastic_rounding=rounding),
+                       later_steps=sync_is_an_error)  # the first step compiles
+        for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
+                                      ("nearest", torch.bfloat16, False))
+    }
+    kept = {name: share_kept(runs[name], runs["fp32"]) for name in runs}
     assert kept["nearest"] < 0.3
     assert 0.9 < kept["sr"] < 1.1
