@@ -30,7 +30,7 @@ import torch
 from torch.optim import Optimizer
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
-from forgather.optim.state import Params, load_state_keeping_fp32
+from forgather.optim.state import Params, load_state_keeping_fp32, parameters_with_grads, run_closure
 
 FP32_STATE = {"row_var", "col_var", "variance", "param_sq"}
 
@@ -74,22 +74,14 @@ class Adafactor(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("Adafactor does not support sparse gradients")
-                state = self.state[param]
-                if not state:
-                    self.init_state(param, state, group)
-                state["step"] += 1
-                grad = -param.grad if group["maximize"] else param.grad
-                self.update(param, grad, state, group, step_scalars(group, int(state["step"].item())))
+        loss = run_closure(closure)
+        for group, param in parameters_with_grads(self, dense_only="Adafactor"):
+            state = self.state[param]
+            if not state:
+                self.init_state(param, state, group)
+            state["step"] += 1
+            grad = -param.grad if group["maximize"] else param.grad
+            self.update(param, grad, state, group, step_scalars(group, int(state["step"].item())))
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
-from forgather.optim.state import Params, load_state_keeping_fp32
+from forgather.optim.state import Params, load_state_keeping_fp32, parameters_with_grads, run_closure
 
 
 def adamw_update(
@@ -84,32 +84,24 @@ class AdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = run_closure(closure)
+        for group, param in parameters_with_grads(self, dense_only="AdamW"):
             beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[param]
-                if not state:
-                    dtype = self.state_dtype or param.dtype
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = state["step"]
-                numbers = [1 - beta1, beta2, 1 - beta2, group["eps"], 1 - group["lr"] * group["weight_decay"],
-                           group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step)]
-                scalars = _to_device(torch.tensor(numbers, dtype=torch.float32), param.device)
-                seed = _to_device(torch.tensor(step_seed(group["seed"], step), dtype=torch.int64), param.device)
-                stochastic = group["stochastic_rounding"] and param.dtype == torch.bfloat16
-                tensors = [_local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
-                _update_fn(param.device)(*tensors, scalars, seed, stochastic)
+            state = self.state[param]
+            if not state:
+                dtype = self.state_dtype or param.dtype
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step = state["step"]
+            numbers = [1 - beta1, beta2, 1 - beta2, group["eps"], 1 - group["lr"] * group["weight_decay"],
+                       group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step)]
+            scalars = _to_device(torch.tensor(numbers, dtype=torch.float32), param.device)
+            seed = _to_device(torch.tensor(step_seed(group["seed"], step), dtype=torch.int64), param.device)
+            stochastic = group["stochastic_rounding"] and param.dtype == torch.bfloat16
+            tensors = [_local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+            _update_fn(param.device)(*tensors, scalars, seed, stochastic)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from forgather.optim.state import Params, load_state_keeping_fp32
+from forgather.optim.state import Params, load_state_keeping_fp32, parameters_with_grads, run_closure
 
 FP32_STATE = {"exp_avg", "exp_avg_sq", "projection", "update_norm"}
 
@@ -62,14 +62,9 @@ class LowRankAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, param.grad.float(), self.state[param], group)
+        loss = run_closure(closure)
+        for group, param in parameters_with_grads(self):
+            self._update(param, param.grad.float(), self.state[param], group)
         return loss
 
     def _low_rank(self, param: torch.Tensor, group: dict[str, Any]) -> bool:

@@ -1,4 +1,4 @@
-"""What our optimizers share about parameters and state: the `Params` type and fp32 state across loading.
+"""What our optimizers share: the `Params` type, the walk of a step, and fp32 state across loading.
 
 `torch.optim.Optimizer.load_state_dict` casts every floating state tensor to its parameter's dtype. Our
 optimizers keep some state in fp32 whatever the parameter dtype; for bf16 parameters that cast would round it
@@ -9,12 +9,34 @@ rest through torch and puts the saved fp32 tensors back as they were.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.optim import Optimizer
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+def run_closure(closure: Callable[[], float] | None) -> float | None:
+    """The loss of `closure` (forward + backward) run with gradients on, as `step(closure)` promises; else None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def parameters_with_grads(
+    optimizer: Optimizer, dense_only: str | None = None
+) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """(group, parameter) for every parameter holding a gradient; with `dense_only` (the optimizer's name) a
+    sparse gradient raises."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if dense_only and param.grad.is_sparse:
+                raise RuntimeError(f"{dense_only} does not support sparse gradients")
+            yield group, param
 
 
 def load_state_keeping_fp32(
