@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from forgather.optim.state import run_closure
+
 OptimizerFactory = Callable[[list[nn.Parameter]], Optimizer]
 
 
@@ -41,10 +43,7 @@ class OptimizerInBackward(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The steps already happened in backward; a closure (Lightning passes one) runs forward + backward."""
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
+        return run_closure(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients are freed right after each parameter's step: nothing is left to zero."""
