@@ -191,20 +191,14 @@ def _check_type(key: str, old: Any, new: Any) -> None:
         raise OverrideError(f"{key} is {type(old).__name__} ({old!r}); got {type(new).__name__} {new!r}")
 
 
-def _named_node_paths(config: Any, prefix: str = "") -> dict[str, str]:
+def _named_node_paths(config: DictConfig) -> dict[str, str]:
     """`_id_` -> dotted path of every named node written in place (interpolations not followed)."""
     found: dict[str, str] = {}
-    if isinstance(config, DictConfig):
-        if "_id_" in config and prefix:
-            found[str(config._get_node("_id_")._value())] = prefix[:-1]
-        items = [(key, config._get_node(key)) for key in config.keys()]
-    elif isinstance(config, ListConfig):
-        items = [(index, config._get_node(index)) for index in range(len(config))]
-    else:
-        return found
-    for key, child in items:
-        if isinstance(child, (DictConfig, ListConfig)) and not child._is_interpolation():
-            found.update(_named_node_paths(child, f"{prefix}{key}."))
+    for path in config_paths(config):
+        parent, last = _locate(config, path)
+        node = parent._get_node(last)
+        if isinstance(node, DictConfig) and not node._is_interpolation() and "_id_" in node:
+            found[str(node._get_node("_id_")._value())] = path
     return found
 
 
@@ -217,7 +211,7 @@ def _refuse_adding_beside_a_named_node(config: DictConfig, override: Override) -
     path = _named_node_paths(config).get(head)
     if path is not None:
         raise OverrideError(
-            f"{override.text}: the node {head!r} is at {path}; write {override.text.split(head, 1)[0]}{path}.{rest}=..."
+            f"{override.text}: the node {head!r} is at {path}; write {'+' if override.kind == 'add' else '++'}{path}.{rest}=..."
         )
 
 

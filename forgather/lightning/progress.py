@@ -29,7 +29,6 @@ class ProgressBar(RichProgressBar):
             self._shown = super().get_metrics(trainer, pl_module)
         return self._shown
 
-
     def _get_train_description(self, current_epoch: int) -> str:
         # Lightning's own (a private hook) prints max_epochs - 1 even when max_epochs is -1 (unbounded).
         description = super()._get_train_description(current_epoch)
