@@ -20,6 +20,7 @@ twice that with inplace=False). Larger chunks amortise the read-modify-write of 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -90,7 +91,9 @@ def _scale_fp32(grad: torch.Tensor, factor: torch.Tensor) -> None:
     grad.copy_((grad.float() * factor).to(grad.dtype))
 
 
-_compiled_scale: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+@functools.cache
+def _compiled_scale() -> Callable[[torch.Tensor, torch.Tensor], None]:
+    return torch.compile(_scale_fp32)  # compiled on first use only: CPU runs never pay for it
 
 
 def scale_in_place(grad: torch.Tensor, factor: torch.Tensor) -> None:
@@ -100,13 +103,10 @@ def scale_in_place(grad: torch.Tensor, factor: torch.Tensor) -> None:
     compiled form reads grad once and writes it once, with no fp32 copy in memory. CPU kernels multiply in
     fp32 already.
     """
-    global _compiled_scale
     if grad.device.type == "cpu" or grad.dtype == torch.float32:
         grad.mul_(factor)
         return
-    if _compiled_scale is None:
-        _compiled_scale = torch.compile(_scale_fp32)
-    _compiled_scale(grad, factor)
+    _compiled_scale()(grad, factor)
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -175,6 +175,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
+def chunked_token_loss(
+    loss: CausalLMLoss, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_fn: ChunkFn
+) -> torch.Tensor:
+    """`loss.token_loss` through ChunkedLinearCrossEntropy, with `loss`'s chunk size and options; gradients
+    only for the inputs that need them."""
+    grad_on = torch.is_grad_enabled()
+    needs_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    return ChunkedLinearCrossEntropy.apply(
+        hidden, weight, targets, loss.chunk_size, loss.ignore_index, loss.z_loss, loss.softcap, chunk_fn, needs_grad
+    )
+
+
 class ChunkedLoss(CausalLMLoss):
     """Chunked fused linear cross-entropy, pure PyTorch; `compile=True` fuses each chunk's elementwise work."""
 
@@ -200,12 +212,7 @@ class ChunkedLoss(CausalLMLoss):
         self._chunk_fn = make_chunk_fn(compile, inplace)
 
     def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        grad_on = torch.is_grad_enabled()
-        needs_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
-        return ChunkedLinearCrossEntropy.apply(
-            hidden, weight, targets, self.chunk_size, self.ignore_index, self.z_loss, self.softcap,
-            self._chunk_fn, needs_grad,
-        )
+        return chunked_token_loss(self, hidden, weight, targets, self._chunk_fn)
 
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, compile={self.compile}, inplace={self.inplace}, {super().extra_repr()}"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from forgather.loss.base import IGNORE_INDEX, CausalLMLoss, require_extra
-from forgather.loss.chunked import ChunkedLinearCrossEntropy
+from forgather.loss.chunked import chunked_token_loss
 
 DEFAULT_CHUNK_SIZE = 1024
 # Liger's cross-entropy launch settings (its own loss function uses the same).
@@ -74,12 +74,7 @@ class FusedLoss(CausalLMLoss):
         if hidden.device.type != "cuda":
             raise RuntimeError(f"loss 'fused' runs on CUDA devices (a Triton kernel); got {hidden.device}. "
                                "On the CPU use loss=chunked")
-        grad_on = torch.is_grad_enabled()
-        needs_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
-        return ChunkedLinearCrossEntropy.apply(
-            hidden, weight, targets.contiguous(), self.chunk_size, self.ignore_index, self.z_loss, self.softcap,
-            liger_chunk_loss_and_grad, needs_grad,
-        )
+        return chunked_token_loss(self, hidden, weight, targets.contiguous(), liger_chunk_loss_and_grad)
 
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, {super().extra_repr()}"

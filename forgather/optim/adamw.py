@@ -21,6 +21,7 @@ x <- x (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -47,16 +48,13 @@ def adamw_update(
     param.copy_(stochastic_round_to_bf16(x, seed) if stochastic else x)
 
 
-_compiled_update: Callable[..., None] | None = None
+@functools.cache
+def _compiled_update() -> Callable[..., None]:
+    return torch.compile(adamw_update, dynamic=None)
 
 
 def _update_fn(device: torch.device) -> Callable[..., None]:
-    global _compiled_update
-    if device.type != "cuda":
-        return adamw_update
-    if _compiled_update is None:
-        _compiled_update = torch.compile(adamw_update, dynamic=None)
-    return _compiled_update
+    return _compiled_update() if device.type == "cuda" else adamw_update
 
 
 class AdamW(Optimizer):
