@@ -30,6 +30,7 @@ def test_example_output_is_exact(tmp_path, kind, source, expected):
     (tmp_path / "example.yaml").write_text(source)
     rendered = TemplateEnvironment([str(tmp_path)]).render("example.yaml")
     if kind == "forgather":
-        assert rendered == expected
+        # A code block ends in a newline even where the rendered text does not (Jinja drops the final one).
+        assert rendered == expected or rendered + "\n" == expected
     else:
         assert repr(construct(to_config(load_graph(rendered)).config)) == expected.strip()

@@ -1,9 +1,16 @@
 """The Jinja2 environment of the template stage, and rendering with errors that name the author's lines.
 
-`TemplateEnvironment(search_path)` renders a template by name to YAML text. Every failure (syntax,
-undefined variable, missing template, an exception inside an expression) becomes a `TemplateError`
-naming the original file and line (not the preprocessed text, and inside split files the line of the
-file) plus the chain of extends/includes that led there.
+`TemplateEnvironment(search_path)` renders a template by name to YAML text, with the reference Forgather's
+settings: Jinja's sandbox (a template can read values and call the globals, never reach Python's internals,
+so `pp`/`graph`/`targets`/`code` run no code a template names), trim_blocks, StrictUndefined. Every failure
+(syntax, undefined variable, missing template, an exception inside an expression, a NUL byte, an include
+or extends cycle, the sandbox refusing) becomes a `TemplateError` naming the original file and line (not the
+preprocessed text, and inside split files the line of the file) plus the chain of extends/includes that led
+there.
+
+A block that a child defines but no template it extends does (a misspelled `[optimzer_args]`) is never
+rendered: it is reported as a `TemplateWarning` at its header, naming the closest block that is, or as an
+error in strict mode (`strict=True`, or FORGATHER_STRICT=1 in the environment).
 
 `locate(name, line)` maps a line of the rendered output back to the template line that produced it. It
 renders once more with a marker comment after every plain text line (the markers never reach the real
@@ -13,18 +20,24 @@ output, so they cannot change its meaning); only error paths pay for it.
 from __future__ import annotations
 
 import difflib
+import os
 import re
-import sys
 import traceback
+import warnings
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
 import jinja2
+import jinja2.nodes
+import jinja2.runtime
+import jinja2.sandbox
 
 from forgather.template import globals as template_globals
-from forgather.template.errors import SourceLocation, TemplateError
+from forgather.template.errors import SourceLocation, TemplateError, TemplateWarning
 from forgather.template.loader import SplitFileLoader
-from forgather.template.preprocess import LineSyntax, preprocess
+from forgather.template.preprocess import LineSyntax, expand_blocks, expand_lines, is_block_header
+
+STRICT_ENV = "FORGATHER_STRICT"
 
 _MARKER = re.compile(r" #@@(\d+):(\d+)$")
 _TAG = re.compile(r"\{\{|\}\}|\{%|%\}|\{#|#\}")
@@ -32,7 +45,10 @@ _CLOSERS = {"{{": "}}", "{%": "%}", "{#": "#}"}
 
 
 def _markable(line: str, inside: str | None) -> tuple[bool, str | None]:
-    """Whether a marker may follow this preprocessed line, and the open-tag state after it."""
+    """Whether a marker may follow this line (after pass 1), and the open-tag state after it.
+
+    Not inside a tag spanning lines, not blank, and not after a tag that eats the line's newline (trim_blocks
+    after `%}` and `#}`, `-}}`): a marker there would add an output line."""
     start_inside = inside
     for token in _TAG.findall(line):
         if inside is None and token in _CLOSERS:
@@ -52,45 +68,79 @@ class _MarkedLineSyntax(LineSyntax):
         origin = env.loader.origin(name) if name else None
         path_index = env.marker_paths.setdefault(origin.path if origin else str(name), len(env.marker_paths))
         offset = origin.line_offset if origin else 0
-        lines = preprocess(source, name, filename).split("\n")
+        lines = expand_lines(source)
         inside = None
         for i, line in enumerate(lines):
+            if is_block_header(line):
+                continue
             ok, inside = _markable(line, inside)
             if ok:
                 lines[i] = f"{line} #@@{path_index}:{i + 1 + offset}"
-        return "\n".join(lines)
+        return expand_blocks(lines)
 
 
 def _toyaml(value: Any, *default: Any) -> str:
-    """Render a value as inline YAML; an undefined value takes the default, or is an error without one."""
+    """Inline YAML of a value, as the reference writes it: ints and bools by `str` (`True`), None as
+    `null`, anything else by PyYAML's flow style (keys sorted). An undefined value takes the default, or is
+    an error without one."""
     import yaml
 
     if isinstance(value, jinja2.Undefined):
         if not default:
             value._fail_with_undefined_error()
         value = default[0]
-    text = yaml.safe_dump(value, default_flow_style=True, width=sys.maxsize, sort_keys=False)
-    return text.removesuffix("\n").removesuffix("\n...").strip()
+    if isinstance(value, int):
+        return str(value)
+    if value is None:
+        return "null"
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=float("inf")).strip()
+    # A scalar is dumped as a document with an end marker ("0.001\n..."); the marker is not the value.
+    if text.endswith("\n..."):
+        return text[:-4]
+    return text[:-3] if text.endswith("...") else text
+
+
+class _Blocks(dict):
+    """A context's blocks (name -> implementations, child first) that records every block looked up: a
+    lookup is a render, a `super()` or a `self.name()`, so a block never looked up is never rendered."""
+
+    def __init__(self, blocks: dict[str, list[Callable]], reached: set[Callable]):
+        super().__init__(blocks)
+        self.reached = reached
+
+    def __getitem__(self, name: str) -> list[Callable]:
+        found = super().__getitem__(name)
+        self.reached.update(found)
+        return found
+
+
+class _Context(jinja2.runtime.Context):
+    """A Jinja context that, while its environment is recording, registers itself and its block lookups."""
+
+    def __init__(self, environment: jinja2.Environment, *args: Any, **kwargs: Any):
+        super().__init__(environment, *args, **kwargs)
+        recording = getattr(environment, "recording", None)
+        if recording is not None:
+            contexts, reached = recording
+            self.blocks = _Blocks(self.blocks, reached)
+            contexts.append(self)
+
+
+class _Environment(jinja2.sandbox.SandboxedEnvironment):
+    context_class = _Context
 
 
 class TemplateEnvironment:
     """Renders templates from a search path (project templates, the conf/ library, user paths)."""
 
-    def __init__(self, search_path: list[str]):
+    def __init__(self, search_path: list[str], strict: bool | None = None):
         self.search_path = list(search_path)
+        self.strict = os.environ.get(STRICT_ENV, "") not in ("", "0") if strict is None else strict
         self.env = self._make_env(LineSyntax)
         self._marked: jinja2.Environment | None = None
 
     def _make_env(self, syntax: type[LineSyntax]) -> jinja2.Environment:
-        env = jinja2.Environment(
-            loader=SplitFileLoader(self.search_path),
-            extensions=[syntax],
-            undefined=jinja2.StrictUndefined,
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-            autoescape=False,
-        )
+        env = _Environment(loader=SplitFileLoader(self.search_path), extensions=[syntax], undefined=jinja2.StrictUndefined, trim_blocks=True)
         env.globals.update(template_globals.GLOBALS)
         env.filters["toyaml"] = _toyaml
         env.marker_paths = {}
@@ -116,12 +166,21 @@ class TemplateEnvironment:
         return sorted({origin.path for origin in self.env.loader.origins.values()})
 
     def render(self, name: str, **context: Any) -> str:
+        contexts: list[jinja2.runtime.Context] = []
+        reached: set[Callable] = set()
+        self.env.recording = (contexts, reached)
         try:
-            return self.env.get_template(name).render(**context)
+            text = self.env.get_template(name).render(**context)
         except TemplateError:
             raise
+        except RecursionError as error:
+            raise self._recursion_error(error, name) from None
         except Exception as error:  # every Jinja failure, and exceptions raised inside expressions
             raise self._translate(error, name) from error
+        finally:
+            self.env.recording = None
+        self._check_unreached_blocks(contexts, reached)
+        return text
 
     def locate(self, name: str, output_line: int, **context: Any) -> tuple[SourceLocation, bool] | None:
         """The template line behind line `output_line` (1-based) of `render(name)`; the flag says if exact."""
@@ -139,7 +198,57 @@ class TemplateEnvironment:
                 return location, number == output_line - 1
         return None
 
+    # -- blocks no ancestor defines ------------------------------------------------------------------------
+
+    def _check_unreached_blocks(self, contexts: list[jinja2.runtime.Context], reached: set[Callable]) -> None:
+        """Warn (strict: fail) at each block a child defines that no template it extends defines.
+
+        Such a block is never looked up. Its most ancestral implementation (the last of its list) comes
+        from a template that itself extends another, else that template renders it, or skips it on purpose
+        (a block under a false `-- if`), which is no mistake."""
+        seen: set[Callable] = set()
+        for context in contexts:
+            for name, implementations in context.blocks.items():
+                block = implementations[-1]
+                if block in reached or block in seen:
+                    continue
+                seen.add(block)
+                origin = self.env.loader.origins_by_filename.get(block.__code__.co_filename)
+                if origin is None or not self._extends(origin.name):
+                    continue
+                known = [other for other, impls in context.blocks.items() if other != name and impls[-1] in reached]
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hint = f"; did you mean [{close[0]}]?" if close else f" (blocks it can override: {', '.join(sorted(known)) or 'none'})"
+                message = f"block [{name}] is defined by no template that {origin.name!r} extends, so it is never rendered{hint}"
+                location = SourceLocation(origin.path, self._header_line(origin.name, name) + origin.line_offset)
+                if self.strict:
+                    raise TemplateError(message, [location])
+                warnings.warn_explicit(message, TemplateWarning, location.path, location.line)
+
+    def _extends(self, name: str) -> bool:
+        ast = self.env.parse(self.source(name))
+        return ast.find(jinja2.nodes.Extends) is not None
+
+    def _header_line(self, template: str, block: str) -> int:
+        """The line of `template` that opens `block` (0 when it cannot be found)."""
+        opens = re.compile(rf"\s*\[{block}!*\]\s*|.*\{{%-?\s*block\s+{block}\b.*")
+        for number, line in enumerate(self.source(template).splitlines(), 1):
+            if opens.fullmatch(line):
+                return number
+        return 0
+
     # -- errors -------------------------------------------------------------------------------------------
+
+    def _recursion_error(self, error: RecursionError, name: str) -> TemplateError:
+        """A template that includes or extends itself, through any number of others: the cycle, once."""
+        chain = self._template_frames(error.__traceback__)
+        for end, location in enumerate(chain):
+            if location in chain[:end]:
+                cycle = chain[: end + 1]
+                names = " -> ".join(os.path.basename(link.path) for link in cycle)
+                message = f"include/extends cycle ({names}): a template includes or extends itself; break the cycle"
+                return TemplateError(message, cycle)
+        return self._translate(error, name)
 
     def _location(self, template_name: str | None, lineno: int | None) -> SourceLocation:
         origin = self.env.loader.origin(template_name) if template_name else None
@@ -168,6 +277,8 @@ class TemplateEnvironment:
             message = f"template syntax error: {error.message}"
         elif isinstance(error, jinja2.TemplateNotFound):
             message = self._not_found_message(error)
+        elif isinstance(error, jinja2.sandbox.SecurityError):
+            message = f"refused by the template sandbox: {error} (templates read values and call globals; they do not run Python)"
         elif isinstance(error, jinja2.UndefinedError):
             message = f"undefined variable: {error.message}; define it (-- set ...) or pass it in"
         else:

@@ -29,3 +29,7 @@ class TemplateError(Exception):
         lines = [f"{self.location}: {self.message}"]
         lines += [f"  from {link}" for link in reversed(self.chain[:-1])]
         return "\n".join(lines)
+
+
+class TemplateWarning(UserWarning):
+    """Something in a template that is probably a mistake but renders (e.g. a block no ancestor defines)."""

@@ -1,133 +1,111 @@
 """The line syntax: a preprocessor that rewrites Forgather's compact lines into plain Jinja2.
 
-    ## comment          -> {# comment #}         (also trailing: `text ## comment` keeps `text`)
-    -- stmt             -> {% stmt %}
-    << stmt             -> {%- stmt %}           (trims whitespace before)
-    >> stmt             -> {% stmt -%}           (trims whitespace after)
-    == expr             -> {{ expr }}
-    => expr             -> {{ expr -}}           (trims whitespace after, joining the next line)
-    [name]              -> {% block name %}      closed automatically, see below
-    [name!]             -> the same, with blank lines at the start and end of its content dropped
-    [/name]             -> closes block `name` (and any block nested in it) before its indentation would
+The rules are the reference Forgather's (jdinalt/forgather, `preprocess.py`), so that its templates render
+here to the same text. Two passes, each one line in, one line out:
 
-A block opened by a header at indentation i closes before the next header at indentation <= i, before the
-next line (text or statement) indented less than i, or at the end of the template. So blocks nest by
-indentation, and a nested block can override a sub-mapping of the YAML around it.
+1. Lines (split on `\\n`, `\\r\\n` or `\\r`):
 
-Contract: the output has exactly as many lines as the input, and line n of the output comes from line n of
-the input (closing tags are prefixed to the line that closes them), so Jinja's line numbers are the
-template author's line numbers. The environment renders with trim_blocks and lstrip_blocks, so a line that
-holds only a statement or a comment leaves nothing, not even its newline.
+       ## comment   -> {# comment #}        a line of only a comment (leading whitespace allowed)
+       text ## c    -> text                 from the last whitespace + `##` (or more `#`) to the end
+       -- stmt      -> {% stmt %}           the whole line is replaced, leading whitespace included,
+       << stmt      -> {%- stmt %}          so `    == super()` prints the parent's lines at their own
+       >> stmt      -> {% stmt -%}          indentation; the operator must be followed by whitespace
+       == expr      -> {{ expr }}
+       => expr      -> {{ expr|trim('\\n') }} newlines trimmed from the value only
+
+2. Blocks: a line `[name]` (any indentation, nothing else on it) opens `{% block name %}`; `[name!]` opens
+   `{% filter trim %}{% block name %}`. A block stays open until the next header at the same or a lower
+   indentation, or the end of the template (never at a dedented text line), so blocks nest by indentation.
+   Its closing tag `{% endblock name +%}` (plus `{% endfilter %}`) is appended to the last line before that
+   header, after `{{ '\\n' }}` when that line has content. The `+` keeps the newline after the tag, which is
+   why a template renders a blank line between consecutive blocks.
+
+The environment renders with trim_blocks (a line that is only a statement or a comment leaves nothing) and,
+as the reference does, without lstrip_blocks or a kept trailing newline.
+
+Contract: the output has exactly as many lines as the input and line n comes from line n, so Jinja's line
+numbers are the author's. `expand_lines` and `expand_blocks` are the two passes, apart so that the
+environment can annotate text lines between them (see `environment.locate`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-from jinja2 import TemplateSyntaxError
 from jinja2.ext import Extension
 
-_COMMENT_LINE = re.compile(r"^\s*##(.*)$")
-_TRAILING_COMMENT = re.compile(r"^(.*?\S)\s+##.*$")
-_STATEMENT = re.compile(r"^(\s*)(--|<<|>>|==|=>)(?:\s(.*))?$")
-_HEADER = re.compile(r"^(\s*)\[(\w+)(!?)\]\s*$")
-_CLOSER = re.compile(r"^\s*\[/(\w+)\]\s*$")
-_EMPTY_COMMENT = "{# #}"
+_NEWLINE = re.compile(r"\n|\r\n|\r")
+_COMMENT_LINE = re.compile(r"\s*##(.*)")
+_TRAILING_COMMENT = re.compile(r"(.*)\s+#{2,}.*")
+_STATEMENT = re.compile(r"\s*(--|<<|>>|==|=>)\s(.*)")
+_HEADER = re.compile(r"(\s*)\[(\w+)(!*)\]\s*")
 
 _REWRITES = {
     "--": "{{% {} %}}",
     "<<": "{{%- {} %}}",
     ">>": "{{% {} -%}}",
     "==": "{{{{ {} }}}}",
-    "=>": "{{{{ {} -}}}}",
+    "=>": "{{{{ {}|trim('\\n') }}}}",
 }
 
 
-@dataclass
-class _OpenBlock:
-    name: str
-    indent: int
-    trimmed: bool
-    first_line: int  # index of the first content line in the output
+def _expand_line(line: str) -> str:
+    comment = _COMMENT_LINE.fullmatch(line)
+    if comment:
+        # A comment stays a (Jinja) comment line, keeping line numbers; `#}` inside must not end it early.
+        return "{# " + comment.group(1).replace("#}", "# }") + " #}"
+    trailing = _TRAILING_COMMENT.fullmatch(line)
+    if trailing:
+        line = trailing.group(1)
+    statement = _STATEMENT.fullmatch(line)
+    if statement:
+        return _REWRITES[statement.group(1)].format(statement.group(2))
+    return line
 
 
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" \t"))
+def expand_lines(source: str) -> list[str]:
+    """Pass 1: comments removed and line statements rewritten, one output line per input line."""
+    return [_expand_line(line) for line in _NEWLINE.split(source)]
 
 
-def _drop_blank_lines(lines: list[str], indices: range) -> None:
-    """Replace blank lines with empty comments (which render as nothing) until the first non-blank one."""
-    for i in indices:
-        if lines[i].strip():
-            return
-        lines[i] = _EMPTY_COMMENT
+def is_block_header(line: str) -> bool:
+    return _HEADER.fullmatch(line) is not None
 
 
-def _close(lines: list[str], block: _OpenBlock, at: int) -> str:
-    """Finish `block` before output line `at`; returns the closing tag to prefix to that line."""
-    if block.trimmed:
-        _drop_blank_lines(lines, range(block.first_line, at))
-        _drop_blank_lines(lines, range(at - 1, block.first_line - 1, -1))
-    return "{% endblock %}"
-
-
-def preprocess(source: str, name: str | None = None, filename: str | None = None) -> str:
-    """Rewrite the line syntax of one template into Jinja2, keeping the line count (see module docstring)."""
-    ends_with_newline = source.endswith("\n")
-    lines = source.split("\n")
-    if ends_with_newline:
-        lines.pop()
+def expand_blocks(lines: list[str]) -> str:
+    """Pass 2: `[name]` headers become blocks closed by indentation (see the module docstring)."""
     out: list[str] = []
-    stack: list[_OpenBlock] = []
+    stack: list[tuple[str, int, bool]] = []  # (name, indentation, trimmed)
 
-    def close_while(predicate) -> str:
-        closing = ""
-        while stack and predicate(stack[-1]):
-            closing += _close(out, stack.pop(), len(out))
-        return closing
+    def close(name: str, trimmed: bool) -> None:
+        if out[-1]:
+            out[-1] += "{{ '\\n' }}"
+        out[-1] += f"{{% endblock {name} +%}}" + ("{% endfilter %}" if trimmed else "")
 
     for line in lines:
-        if not line.strip():
+        header = _HEADER.fullmatch(line)
+        if header is None:
             out.append(line)
             continue
-        comment = _COMMENT_LINE.match(line)
-        if comment:
-            out.append("{#" + comment.group(1).replace("#}", "# }") + " #}")
-            continue
-        trailing = _TRAILING_COMMENT.match(line)
-        if trailing:
-            line = trailing.group(1)
-        indent = _indent(line)
-        closer = _CLOSER.match(line)
-        if closer:
-            if closer.group(1) not in [block.name for block in stack]:
-                raise TemplateSyntaxError(f"[/{closer.group(1)}] closes no open block", len(out) + 1, name, filename)
-            closing = close_while(lambda block: block.name != closer.group(1))
-            closing += _close(out, stack.pop(), len(out))
-            out.append(closing)
-            continue
-        header = _HEADER.match(line)
-        if header:
-            closing = close_while(lambda block: block.indent >= indent)
-            name, trimmed = header.group(2), bool(header.group(3))
-            out.append(f"{closing}{{% block {name} %}}")
-            stack.append(_OpenBlock(name, indent, trimmed, len(out)))
-            continue
-        closing = close_while(lambda block: block.indent > indent)
-        statement = _STATEMENT.match(line)
-        if statement:
-            prefix, op, body = statement.groups()
-            line = prefix + _REWRITES[op].format((body or "").strip())
-        out.append(closing + line)
-    # Blocks still open close after the last line, on a line of their own that adds no newline.
-    tail = close_while(lambda block: True)
-    text = "\n".join(out)
-    return text + ("\n" if ends_with_newline else "") + tail
+        indent, name, trimmed = len(header.group(1)), header.group(2), bool(header.group(3))
+        while stack and stack[-1][1] >= indent:
+            closed, _, closed_trimmed = stack.pop()
+            close(closed, closed_trimmed)
+        out.append(("{% filter trim %}" if trimmed else "") + f"{{% block {name} %}}")
+        stack.append((name, indent, trimmed))
+    while stack:
+        closed, _, closed_trimmed = stack.pop()
+        close(closed, closed_trimmed)
+    return "\n".join(out)
+
+
+def preprocess(source: str) -> str:
+    """Rewrite the line syntax of one template into Jinja2, line for line (see the module docstring)."""
+    return expand_blocks(expand_lines(source))
 
 
 class LineSyntax(Extension):
     """Jinja2 extension that applies `preprocess` to every template source."""
 
     def preprocess(self, source: str, name: str | None, filename: str | None = None) -> str:
-        return preprocess(source, name, filename)
+        return preprocess(source)
