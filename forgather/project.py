@@ -141,13 +141,25 @@ class LoadedConfig:
         return {**base, **self.context}
 
     def located(self, message: str, rendered_line: int | None) -> TemplateError:
-        """An error at a line of the rendered YAML, re-addressed to the template line behind it."""
+        """An error at a line of the rendered YAML, re-addressed to the template line behind it.
+
+        YAML notices a mistake at the token after it (an unclosed `[` or quote at the next line). When that
+        line starts another template's text, the mistake is in the text above it, from another file: the
+        error names the line above and says where YAML noticed it."""
+        from forgather.template.environment import nearest_location
+
         top = self.templates.origin_of(self.template)
-        found = self.templates.locate(self.template, rendered_line, **self._template_context()) if rendered_line else None
+        lines = self.templates.locate_lines(self.template, **self._template_context()) if rendered_line else None
+        found = nearest_location(lines, rendered_line) if lines and rendered_line else None
         if found is None:
             where = f" (line {rendered_line} of the rendered YAML; see `forgather pp`)" if rendered_line else ""
             return TemplateError(message + where, [top])
         location, exact = found
+        if exact and message.startswith("YAML syntax error"):
+            above = nearest_location(lines, rendered_line - 1)
+            if above is not None and above[0].path != location.path:
+                message = f"{message} (YAML noticed it at {location}, where the next template's text starts)"
+                location = above[0]
         chain = [location] if location == top else [top, location]
         return TemplateError(message if exact else f"{message} (near this line)", chain)
 

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from forgather.project import Project
-from forgather.template import TemplateEnvironment, TemplateError
+from forgather.template import TemplateEnvironment, TemplateError, TemplateWarning
 
 
 def write(root, files: dict[str, str]) -> None:
@@ -118,3 +118,104 @@ def test_top_level_must_be_a_mapping(tmp_path):
     project = make_project(tmp_path, "- 1\n- 2\n")
     with pytest.raises(TemplateError, match="mapping of targets"):
         project.load_config("c.yaml").graph
+
+
+def test_yaml_mistake_noticed_in_the_next_template_is_reported_where_it_is(tmp_path):
+    project = make_project(
+        tmp_path,
+        "-- extends 'base.yaml'\n[loss]\nloss: [1, 2\n",
+        {
+            "templates/base.yaml": "[loss]\n-- include 'loss.yaml'\n[optimizer]\n-- include 'optimizer.yaml'\n",
+            "templates/loss.yaml": "loss: 1\n",
+            "templates/optimizer.yaml": "## an optimizer\noptimizer: sgd\n",
+        },
+    )
+    with pytest.raises(TemplateError) as caught:
+        project.load_config("c.yaml").graph
+    assert caught.value.location == (str(tmp_path / "templates/configs/c.yaml"), 3)
+    assert f"noticed it at {tmp_path / 'templates/optimizer.yaml'}:2" in str(caught.value)
+
+
+def test_a_yaml_error_inside_one_template_stays_at_its_line(tmp_path):
+    project = make_project(tmp_path, "-- include 'part.yaml'\nb: [1\nc: 2\n", {"templates/part.yaml": "a: 1\n"})
+    with pytest.raises(TemplateError) as caught:
+        project.load_config("c.yaml").graph
+    assert caught.value.location.path.endswith("c.yaml") and caught.value.location.line in (2, 3)
+
+
+def test_templates_cannot_reach_python_internals(tmp_path):
+    source = "a: {{ cycler.__init__.__globals__.os.popen('echo hi').read() }}\n"
+    error = render_error(tmp_path, {"t.yaml": source}, "t.yaml")
+    assert error.location == (str(tmp_path / "t.yaml"), 1)
+    assert "refused by the template sandbox" in str(error) and len(str(error).splitlines()) == 1
+
+
+def test_a_nul_byte_is_a_one_line_error_at_its_line(tmp_path):
+    (tmp_path / "t.yaml").write_bytes(b"a: 1\nb: \x00\n")
+    (tmp_path / "u.yaml").write_text("-- include 't.yaml'\n")
+    with pytest.raises(TemplateError) as caught:
+        TemplateEnvironment([str(tmp_path)]).render("u.yaml")
+    assert caught.value.location == (str(tmp_path / "t.yaml"), 2)
+    assert "NUL byte" in caught.value.message and "\x00" not in str(caught.value)
+
+
+@pytest.mark.parametrize("statement", ["include", "extends"])
+def test_an_include_or_extends_cycle_is_a_short_error_at_the_closing_line(tmp_path, statement):
+    files = {"a.yaml": f"x: 1\n-- {statement} 'b.yaml'\n", "b.yaml": f"y: 1\n\n-- {statement} 'a.yaml'\n"}
+    error = render_error(tmp_path, files, "a.yaml")
+    assert "cycle (a.yaml -> b.yaml -> a.yaml)" in error.message
+    assert error.chain == [(str(tmp_path / "a.yaml"), 2), (str(tmp_path / "b.yaml"), 3), (str(tmp_path / "a.yaml"), 2)]
+    assert len(str(error).splitlines()) == 3
+
+
+UNKNOWN_BLOCK = {
+    "base.yaml": "[optimizer]\noptimizer:\n    [optimizer_args]\n    lr: 1\n[model]\nmodel: m\n",
+    "child.yaml": "-- extends 'base.yaml'\n[optimzer_args]\n    lr: 2\n",
+}
+
+
+def test_a_block_no_ancestor_defines_is_a_warning_naming_the_close_match(tmp_path, monkeypatch):
+    monkeypatch.delenv("FORGATHER_STRICT", raising=False)
+    write(tmp_path, UNKNOWN_BLOCK)
+    with pytest.warns(TemplateWarning, match=r"block \[optimzer_args\].*did you mean \[optimizer_args\]") as caught:
+        out = TemplateEnvironment([str(tmp_path)]).render("child.yaml")
+    assert out == "optimizer:\n    lr: 1\n\n\nmodel: m\n"
+    assert (caught[0].filename, caught[0].lineno) == (str(tmp_path / "child.yaml"), 2)
+
+
+def test_strict_mode_makes_an_unknown_block_an_error(tmp_path, monkeypatch):
+    write(tmp_path, UNKNOWN_BLOCK)
+    with pytest.raises(TemplateError, match=r"child.yaml:2: block \[optimzer_args\]"):
+        TemplateEnvironment([str(tmp_path)], strict=True).render("child.yaml")
+    monkeypatch.setenv("FORGATHER_STRICT", "1")
+    with pytest.raises(TemplateError, match="did you mean"):
+        TemplateEnvironment([str(tmp_path)]).render("child.yaml")
+
+
+def test_new_blocks_inside_an_override_and_skipped_blocks_of_the_base_are_no_mistake(tmp_path):
+    files = {
+        "base.yaml": "[model]\nmodel: m\n-- if false\n-- block extra\nextra: 1\n-- endblock extra\n-- endif\n",
+        "child.yaml": "-- extends 'base.yaml'\n[model]\nmodel:\n    [model_args]\n    size: 1\n[extra]\nextra: 2\n",
+        "grandchild.yaml": "-- extends 'child.yaml'\n[model_args]\n    size: 2\n",
+    }
+    write(tmp_path, files)
+    env = TemplateEnvironment([str(tmp_path)], strict=True)
+    assert env.render("grandchild.yaml") == "model:\n    size: 2\n\n"
+
+
+def test_every_rendered_line_maps_back_to_the_line_that_wrote_it(tmp_path):
+    files = {
+        "base.yaml": "## base\nhead: 1\n[body]\n    a: 1\n    [inner!]\n\n    b: 2\n\n[tail]\ntail: {{ 3 }}\n",
+        "child.yaml": "-- extends 'base.yaml'\n[body]\n    == super()\n    c: 3\n    => 'x: 4'\n",
+    }
+    write(tmp_path, files)
+    env = TemplateEnvironment([str(tmp_path)])
+    rendered = env.render("child.yaml").split("\n")
+    located = env.locate_lines("child.yaml")
+    base, child = str(tmp_path / "base.yaml"), str(tmp_path / "child.yaml")
+    assert len(located) == len(rendered)
+    by_text = {text: location for text, location in zip(rendered, located) if text}
+    assert by_text == {
+        "head: 1": (base, 2), "    a: 1": (base, 4), "b: 2": (base, 7),
+        "    c: 3": (child, 4), "x: 4": (child, 5), "tail: 3": (base, 10),
+    }

@@ -130,6 +130,15 @@ class _Environment(jinja2.sandbox.SandboxedEnvironment):
     context_class = _Context
 
 
+def nearest_location(lines: list[SourceLocation | None], output_line: int) -> tuple[SourceLocation, bool] | None:
+    """From `locate_lines`: the location of line `output_line` (1-based), else of the nearest line above it."""
+    for number in range(min(output_line, len(lines)), 0, -1):
+        location = lines[number - 1]
+        if location is not None:
+            return location, number == output_line
+    return None
+
+
 class TemplateEnvironment:
     """Renders templates from a search path (project templates, the conf/ library, user paths)."""
 
@@ -182,8 +191,9 @@ class TemplateEnvironment:
         self._check_unreached_blocks(contexts, reached)
         return text
 
-    def locate(self, name: str, output_line: int, **context: Any) -> tuple[SourceLocation, bool] | None:
-        """The template line behind line `output_line` (1-based) of `render(name)`; the flag says if exact."""
+    def locate_lines(self, name: str, **context: Any) -> list[SourceLocation | None] | None:
+        """For each line of `render(name)`, the template line that wrote it: None for a line no template text
+        line wrote (a blank line, the value of an expression); None for all when rendering fails."""
         if self._marked is None:
             self._marked = self._make_env(_MarkedLineSyntax)
         try:
@@ -191,12 +201,16 @@ class TemplateEnvironment:
         except Exception:
             return None
         paths = {index: path for path, index in self._marked.marker_paths.items()}
-        for number in range(min(output_line, len(lines)) - 1, -1, -1):
-            match = _MARKER.search(lines[number])
-            if match:
-                location = SourceLocation(paths[int(match.group(1))], int(match.group(2)))
-                return location, number == output_line - 1
-        return None
+        found: list[SourceLocation | None] = []
+        for line in lines:
+            match = _MARKER.search(line)
+            found.append(SourceLocation(paths[int(match.group(1))], int(match.group(2))) if match else None)
+        return found
+
+    def locate(self, name: str, output_line: int, **context: Any) -> tuple[SourceLocation, bool] | None:
+        """The template line behind line `output_line` (1-based) of `render(name)`, or the nearest line above
+        it that has one; the flag says if exact."""
+        return nearest_location(self.locate_lines(name, **context) or [], output_line)
 
     # -- blocks no ancestor defines ------------------------------------------------------------------------
 
