@@ -220,21 +220,25 @@ class TemplateEnvironment:
         Such a block is never looked up. Its most ancestral implementation (the last of its list) comes
         from a template that itself extends another, else that template renders it, or skips it on purpose
         (a block under a false `-- if`), which is no mistake."""
-        seen: set[Callable] = set()
+        checked: set[Callable] = set()
+        warned: set[SourceLocation] = set()
         for context in contexts:
             for name, implementations in context.blocks.items():
                 block = implementations[-1]
-                if block in reached or block in seen:
+                if block in reached or block in checked:
                     continue
-                seen.add(block)
+                checked.add(block)
                 origin = self.env.loader.origins_by_filename.get(block.__code__.co_filename)
                 if origin is None or not self._extends(origin.name):
                     continue
+                location = SourceLocation(origin.path, self._header_line(origin.name, name) + origin.line_offset)
+                if location in warned:
+                    continue
+                warned.add(location)
                 known = [other for other, impls in context.blocks.items() if other != name and impls[-1] in reached]
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-                hint = f"; did you mean [{close[0]}]?" if close else f" (blocks it can override: {', '.join(sorted(known)) or 'none'})"
+                hint = f"; did you mean [{close[0]}]?" if close else ""
                 message = f"block [{name}] is defined by no template that {origin.name!r} extends, so it is never rendered{hint}"
-                location = SourceLocation(origin.path, self._header_line(origin.name, name) + origin.line_offset)
                 if self.strict:
                     raise TemplateError(message, [location])
                 warnings.warn_explicit(message, TemplateWarning, location.path, location.line)
