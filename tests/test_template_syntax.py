@@ -77,6 +77,10 @@ def test_an_operator_must_be_followed_by_whitespace(tmp_path):
     assert render(tmp_path, {"t.yaml": source}, "t.yaml") == source[:-1]
 
 
+def test_a_slash_name_line_is_text_not_a_block_closer(tmp_path):
+    assert render(tmp_path, {"t.yaml": "[a]\nx: 1\n[/a]\ny: 2\n"}, "t.yaml") == "x: 1\n[/a]\ny: 2\n"
+
+
 def test_windows_line_ends_are_line_ends(tmp_path):
     (tmp_path / "t.yaml").write_bytes(b"a: 1\r\n-- set b = 2\r\nb: {{ b }}\r\n")
     assert TemplateEnvironment([str(tmp_path)]).render("t.yaml") == "a: 1\nb: 2"

@@ -119,15 +119,21 @@ class _Context(jinja2.runtime.Context):
 
     def __init__(self, environment: jinja2.Environment, *args: Any, **kwargs: Any):
         super().__init__(environment, *args, **kwargs)
-        recording = getattr(environment, "recording", None)
-        if recording is not None:
-            contexts, reached = recording
+        if environment.recording is not None:
+            contexts, reached = environment.recording
             self.blocks = _Blocks(self.blocks, reached)
             contexts.append(self)
 
 
 class _Environment(jinja2.sandbox.SandboxedEnvironment):
+    """The sandbox, with contexts that can record block lookups and a registry of the marked files."""
+
     context_class = _Context
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.recording: tuple[list[jinja2.runtime.Context], set[Callable]] | None = None  # set by render()
+        self.marker_paths: dict[str, int] = {}  # file -> its index in `#@@<index>:<line>` markers
 
 
 def nearest_location(lines: list[SourceLocation | None], output_line: int) -> tuple[SourceLocation, bool] | None:
@@ -146,13 +152,12 @@ class TemplateEnvironment:
         self.search_path = list(search_path)
         self.strict = os.environ.get(STRICT_ENV, "") not in ("", "0") if strict is None else strict
         self.env = self._make_env(LineSyntax)
-        self._marked: jinja2.Environment | None = None
+        self._marked: _Environment | None = None
 
-    def _make_env(self, syntax: type[LineSyntax]) -> jinja2.Environment:
+    def _make_env(self, syntax: type[LineSyntax]) -> _Environment:
         env = _Environment(loader=SplitFileLoader(self.search_path), extensions=[syntax], undefined=jinja2.StrictUndefined, trim_blocks=True)
         env.globals.update(template_globals.GLOBALS)
         env.filters["toyaml"] = _toyaml
-        env.marker_paths = {}
         return env
 
     def list_templates(self) -> list[str]:

@@ -9,7 +9,8 @@ template above ends there), a separator on the first line of a file is not one, 
 below another (that newline belongs to the first).
 
 The loader remembers where every template it served comes from (file and line offset), so that errors
-can name the author's file and line, also inside a sub-template.
+can name the author's file and line, also inside a sub-template. A file holding a NUL byte is a syntax
+error at that byte's line: templates are text, and YAML would refuse the byte later, far from its file.
 """
 
 from __future__ import annotations
