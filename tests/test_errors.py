@@ -183,6 +183,14 @@ def test_a_block_no_ancestor_defines_is_a_warning_naming_the_close_match(tmp_pat
     assert (caught[0].filename, caught[0].lineno) == (str(tmp_path / "child.yaml"), 2)
 
 
+def test_an_unknown_block_opened_by_a_block_statement_is_located_too(tmp_path):
+    files = {**UNKNOWN_BLOCK, "child.yaml": "-- extends 'base.yaml'\n\n-- block optimzer_args\n    lr: 2\n-- endblock\n"}
+    write(tmp_path, files)
+    with pytest.raises(TemplateError) as caught:
+        TemplateEnvironment([str(tmp_path)], strict=True).render("child.yaml")
+    assert caught.value.location == (str(tmp_path / "child.yaml"), 3)
+
+
 def test_strict_mode_makes_an_unknown_block_an_error(tmp_path, monkeypatch):
     write(tmp_path, UNKNOWN_BLOCK)
     with pytest.raises(TemplateError, match=r"child.yaml:2: block \[optimzer_args\]"):

@@ -254,7 +254,7 @@ class TemplateEnvironment:
 
     def _header_line(self, template: str, block: str) -> int:
         """The line of `template` that opens `block` (0 when it cannot be found)."""
-        opens = re.compile(rf"\s*\[{block}!*\]\s*|.*\{{%-?\s*block\s+{block}\b.*")
+        opens = re.compile(rf"\s*\[{block}!*\]\s*|\s*(--|<<|>>)\s+block\s+{block}\b.*|.*\{{%-?\s*block\s+{block}\b.*")
         for number, line in enumerate(self.source(template).splitlines(), 1):
             if opens.fullmatch(line):
                 return number
