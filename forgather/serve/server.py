@@ -1,9 +1,12 @@
-"""Run the inference server: load a Backend, build the app, serve it with uvicorn (loopback by default)."""
+"""Run the inference server: load a Backend, build the app, serve it with uvicorn (loopback by default).
+
+A host other than loopback (`0.0.0.0`, a LAN address, a host name) is refused without an API key, since anyone
+who reaches the port could use the model; `insecure=True` says the network is trusted and lifts the rule.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-import sys
 from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost",)
@@ -18,6 +21,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """ValueError for an empty key, and for a non-loopback `host` without a key unless `insecure`."""
+    if api_key == "":
+        raise ValueError("the API key is empty (--api-key or FORGATHER_API_KEY); give a key, or none on loopback")
+    if api_key is None and not insecure and not is_loopback(host):
+        raise ValueError(
+            f"--host {host} would let anyone who reaches it use the model; add --api-key KEY (or set "
+            f"FORGATHER_API_KEY), or pass --insecure on a trusted network")
+
+
 def serve(
     model_dir: str,
     host: str = "127.0.0.1",
@@ -29,15 +42,14 @@ def serve(
     model_name: str | None = None,
     context_length: int | None = None,
     log_level: str = "info",
+    insecure: bool = False,
 ) -> None:
     import uvicorn
 
     from .app import create_app
     from .backend import Backend
 
-    if api_key is None and not is_loopback(host):
-        print(f"warning: serving on {host} without --api-key: anyone who reaches it can use the model",
-              file=sys.stderr)
+    check_exposure(host, api_key, insecure)
     backend = Backend.load(model_dir, device_map, dtype, compile, context_length)
     name = model_name or Path(model_dir).resolve().name
     uvicorn.run(create_app(backend, name, api_key), host=host, port=port, log_level=log_level)
