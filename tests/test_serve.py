@@ -435,12 +435,12 @@ def test_a_non_loopback_host_without_a_key_is_refused_before_loading(no_model_lo
 
 @pytest.mark.parametrize("flags", [["--insecure"], ["--api-key", "k"]])
 def test_insecure_or_a_key_lets_a_non_loopback_host_through(no_model_loading, model_dir, capsys, flags):
-    assert inf.main(["server", "-m", str(model_dir), "--host", "0.0.0.0", *flags]) == 2
+    assert inf.main(["server", "-m", str(model_dir), "--host", "0.0.0.0", "--port", "0", *flags]) == 2
     assert "Backend.load was reached" in capsys.readouterr().err
 
 
 def test_an_empty_key_is_refused(no_model_loading, model_dir, capsys):
-    assert inf.main(["server", "-m", str(model_dir), "--api-key", ""]) == 2
+    assert inf.main(["server", "-m", str(model_dir), "--port", "0", "--api-key", ""]) == 2
     assert "API key is empty" in capsys.readouterr().err
 
 
@@ -538,3 +538,13 @@ def test_client_without_a_server_says_so_in_one_line(monkeypatch, capsys, mode):
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and f"no server answers at {url}" in captured.err
     assert "forgather inf server -m" in captured.err and "> " not in captured.out
+
+
+def test_a_port_in_use_is_refused_before_loading(no_model_loading, model_dir, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert inf.main(["server", "-m", str(model_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err

@@ -2,8 +2,9 @@
 
 `server -m MODEL_DIR` loads a Forgather or Hugging Face Llama-family directory and serves it (FastAPI +
 uvicorn, the `serve` extra) on 127.0.0.1:8000 unless told otherwise; another host needs --api-key (or
---insecure). A Forgather directory's model code runs in the server, as transformers' trust_remote_code does. `client --completion TEXT` streams a
-completion; `client --chat` is an interactive, streaming chat. Nothing heavy is imported until `run`.
+--insecure). A Forgather directory's model code runs in the server, as transformers' trust_remote_code does.
+`client --completion TEXT` streams a completion; `client --chat` is an interactive, streaming chat; without a
+server either says so in one line. Nothing heavy is imported until `run`.
 """
 
 from __future__ import annotations

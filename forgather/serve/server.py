@@ -2,11 +2,14 @@
 
 A host other than loopback (`0.0.0.0`, a LAN address, a host name) is refused without an API key, since anyone
 who reaches the port could use the model; `insecure=True` says the network is trusted and lifts the rule.
+Both checks, and binding the port, come before the model loads, so a mistake costs no loading time.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
+import sys
 from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost",)
@@ -31,6 +34,19 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
             f"FORGATHER_API_KEY), or pass --insecure on a trusted network")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (what uvicorn would bind); ValueError when that is impossible."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port or "
+                         f"--host, or stop what listens there") from None
+    return sock
+
+
 def serve(
     model_dir: str,
     host: str = "127.0.0.1",
@@ -50,6 +66,11 @@ def serve(
     from .backend import Backend
 
     check_exposure(host, api_key, insecure)
-    backend = Backend.load(model_dir, device_map, dtype, compile, context_length)
-    name = model_name or Path(model_dir).resolve().name
-    uvicorn.run(create_app(backend, name, api_key), host=host, port=port, log_level=log_level)
+    with listen(host, port) as sock:
+        backend = Backend.load(model_dir, device_map, dtype, compile, context_length)
+        name = model_name or Path(model_dir).resolve().name
+        app = create_app(backend, name, api_key)
+        where = f"[{host}]" if ":" in host else host
+        # uvicorn announces its address only for sockets it binds itself
+        print(f"serving {name!r} at http://{where}:{sock.getsockname()[1]}/v1 (CTRL+C to stop)", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])
