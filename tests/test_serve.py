@@ -491,16 +491,16 @@ def test_an_integer_temperature_is_a_number(server):
 @pytest.fixture
 def slow_server(llama_dir):
     """An in-process server whose backend samples one token per 20 ms and never stops early; (url, samples),
-    where samples counts the tokens sampled so far."""
+    where samples lists the max_tokens of each token sampled so far (which request sampled it)."""
     backend = Backend.load(llama_dir)
     backend.stop_token_ids = set()
     samples = []
     sample = backend._sample
 
-    def slow_sample(*args):
+    def slow_sample(logits, params, generator):
         time.sleep(0.02)
-        samples.append(1)
-        return sample(*args)
+        samples.append(params.max_tokens)
+        return sample(logits, params, generator)
 
     backend._sample = slow_sample
     port = free_port()
@@ -525,6 +525,23 @@ def test_a_non_streaming_request_whose_client_left_stops_generating(slow_server)
     assert len(samples) == stopped_at < CONTEXT // 4
     quick = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 2}, timeout=10)  # the worker is free
     assert quick.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_queued_request_whose_client_left_never_starts(slow_server):
+    url, samples = slow_server
+    body = {"model": "llama", "prompt": PROMPTS[0], "temperature": 0}
+
+    def give_up(max_tokens: int, after: float) -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": max_tokens}, timeout=after)
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(give_up, CONTEXT - 16, 1.5)
+        time.sleep(0.3)
+        queued = pool.submit(give_up, CONTEXT - 17, 0.3)  # leaves while the first one still generates
+        running.result(), queued.result()
+    time.sleep(0.5)
+    assert CONTEXT - 16 in samples and CONTEXT - 17 not in samples
 
 
 # --- the client without a server ----------------------------------------------------------------------------
