@@ -573,3 +573,14 @@ def test_a_port_in_use_is_refused_before_loading(no_model_loading, model_dir, ca
         assert inf.main(["server", "-m", str(model_dir), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+@pytest.mark.parametrize("field, value, shapes", [("prompt", [[1, 2]], "a list of token ids"),
+                                                  ("stop", 7, "a string or a list of strings")])
+def test_a_value_of_no_accepted_shape_names_the_shapes(server, field, value, shapes):
+    error = error_of(post(server, "/completions", {"model": "tiny", "prompt": "a", field: value}), 400)
+    assert error["param"] == field and shapes in error["message"]
+
+
+def test_a_body_that_is_not_an_object_is_a_400(server):
+    assert "JSON object" in error_of(post(server, "/completions", "[]"), 400)["message"]

@@ -45,19 +45,25 @@ _FIELD_NAMES = frozenset(name for model in (protocol.CompletionRequest, protocol
 
 
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
-    """The message and param of the error to report: among a union's alternatives (a prompt is a string or a
-    list), an error about the value itself says more than "should be a list"."""
+    """The message and param of the error to report. A union (a prompt is a string or a list) gives one error
+    per alternative: an error about the value itself says more than any "should be a list", and when every
+    alternative refused the value's type, the field's accepted shapes are the message."""
     errors = error.errors()
     first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg')}", None
     # Union members add their type to the location (prompt.function-after[...]): keep field names and indices.
-    where = ".".join(str(part) for part in first.get("loc", ()) if isinstance(part, int) or part in _FIELD_NAMES)
+    names = [part for part in first.get("loc", ()) if isinstance(part, int) or part in _FIELD_NAMES]
+    if not names:
+        return "the request body must be a JSON object with the request's fields", None
+    where, field = ".".join(map(str, names)), next(str(p) for p in reversed(names) if isinstance(p, str))
     message = first.get("msg", "invalid request")
+    if len(errors) > 1 and first.get("type", "").endswith("_type") and field in protocol.SHAPES:
+        message = f"should be {protocol.SHAPES[field]}"
     given = json.dumps(first.get("input")) if isinstance(first.get("input"), (str, int, float, bool)) else ""
     if first.get("type") != "lone_surrogate" and 0 < len(given) <= 40:
         message += f", not {given}"
-    return (f"{where}: {message}" if where else message), where or None
+    return f"{where}: {message}", where
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -20,6 +20,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 STRICT = ConfigDict(extra="ignore", strict=True)
+# What the fields that accept several shapes accept, for the error when a value has none of them.
+SHAPES = {"prompt": "a string, a list of one string, or a list of token ids", "stop": "a string or a list of strings",
+          "content": "a string, a list of text parts, or null"}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
