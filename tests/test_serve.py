@@ -584,3 +584,10 @@ def test_a_value_of_no_accepted_shape_names_the_shapes(server, field, value, sha
 
 def test_a_body_that_is_not_an_object_is_a_400(server):
     assert "JSON object" in error_of(post(server, "/completions", "[]"), 400)["message"]
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "http://[::1", "ftp://example.org"])
+def test_client_with_a_url_that_is_no_server_address_says_so(capsys, url):
+    assert inf.main(["client", "--url", url, "--completion", "a"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a server address" in err and "http://127.0.0.1:8000" in err

@@ -58,8 +58,8 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _run_client(args: argparse.Namespace) -> int:
     from forgather.serve.client import Client, ClientError, chat_loop, print_stream
 
-    client = Client(args.url, args.api_key, args.model)
     try:
+        client = Client(args.url, args.api_key, args.model)
         if args.chat:
             client.models()  # no server: say so once, before the first prompt, not after every turn
             chat_loop(client, sys.stdin, sys.stdout, args.system, **_sampling(args))

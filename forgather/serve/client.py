@@ -57,9 +57,19 @@ def _events(response: httpx.Response) -> Iterator[dict]:
         yield body
 
 
+def _check_url(url: str) -> None:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ClientError(f"{url!r} is not a server address; give one like http://127.0.0.1:8000")
+
+
 class Client:
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
+        _check_url(url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url
         self.http = httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
