@@ -303,3 +303,24 @@ def test_written_weights_respect_the_umask(native_dir, tmp_path):
         os.umask(previous)
     assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_malformed_config_json_is_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{\n  "model_type": "llama",\n  oops\n}\n')
+    assert convert_cli.main([str(tmp_path / "bad"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'bad' / 'config.json'}:3: not valid JSON" in err
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(native_dir, tmp_path, monkeypatch, capsys):
+    import forgather.convert.hf as hf
+
+    def disk_full(state, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "write_safetensors", disk_full)
+    assert convert_cli.main([str(native_dir), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []

@@ -591,3 +591,10 @@ def test_client_with_a_url_that_is_no_server_address_says_so(capsys, url):
     assert inf.main(["client", "--url", url, "--completion", "a"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a server address" in err and "http://127.0.0.1:8000" in err
+
+
+def test_a_malformed_model_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert inf.main(["server", "-m", str(tmp_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'config.json'}: holds a JSON list" in err

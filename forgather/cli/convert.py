@@ -3,7 +3,7 @@
 The direction follows SRC: a Forgather model directory (its config.json has `model_tree`) converts to
 Hugging Face format, anything else from it. DST must not exist (or be an empty directory) unless --overwrite;
 it is written whole through a staging directory. Torch is imported only when the command runs. Errors the
-user can fix (a model the family cannot express, an existing DST) are one line and exit status 2.
+user can fix (a model the family cannot express, an existing DST, a full disk) are one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             hf_to_forgather(src, dst, args.name, args.dtype, vocab, args.overwrite)
             print(f"wrote Forgather model to {dst}")
-    except (ConversionError, DestinationExists) as error:
+    except (ConversionError, DestinationExists, OSError) as error:  # OSError: disk full, no permission ...
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
