@@ -5,7 +5,7 @@ max_completion_tokens), temperature, top_p, stop, seed, stream, stream_options.i
 ignore other OpenAI fields. One completion per request (`n` = 1). Errors are `{"error": {"message", "type", "param", "code"}}`.
 
 Validation is strict, as the OpenAI API's: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not a silent
-coercion (an int is still a valid float). Every text field must be Unicode text: JSON's `\ud800` escape
+coercion (an int is still a valid float). Every text field must be Unicode text: JSON's `\\ud800` escape
 decodes to a lone surrogate, which no tokenizer can encode, so it is refused here with the field's name.
 `seed` must fit torch's generator seed (a 64-bit integer).
 """
