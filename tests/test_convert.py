@@ -324,3 +324,11 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(native_dir, tmp_path, monkey
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err
     assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
+
+
+def test_a_file_in_the_way_is_refused_then_replaced_with_overwrite(native_dir, tmp_path):
+    (tmp_path / "hf").write_text("a file")
+    with pytest.raises(FileExistsError, match="already exists"):
+        forgather_to_hf(native_dir, tmp_path / "hf")
+    forgather_to_hf(native_dir, tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "config.json").is_file() and leftovers(tmp_path) == []

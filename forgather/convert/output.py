@@ -72,7 +72,7 @@ def staged(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     aside = None
-    if _occupied(dst) or dst.is_file():
+    if _occupied(dst):
         aside = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
         os.rename(dst, aside)
     os.replace(staging, dst)  # over an empty directory, or into a free name
