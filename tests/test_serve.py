@@ -535,6 +535,14 @@ def test_a_non_streaming_request_whose_client_left_stops_generating(slow_server)
     assert quick.json()["usage"]["completion_tokens"] == 2
 
 
+def test_a_stream_whose_client_left_stops_generating(slow_server):
+    url, samples = slow_server
+    body = {"model": "llama", "prompt": PROMPTS[0], "max_tokens": CONTEXT - 16, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as response:
+        next(response.iter_lines())  # the first chunk arrived; then the client hangs up
+    assert settled(samples) < CONTEXT // 4
+
+
 def test_a_queued_request_whose_client_left_never_starts(slow_server):
     url, samples = slow_server
     body = {"model": "llama", "prompt": PROMPTS[0], "temperature": 0}
