@@ -210,3 +210,125 @@ def test_sharded_checkpoint_converts_with_equal_logits(tmp_path):
     ids = token_ids(64)
     with torch.no_grad():
         torch.testing.assert_close(load_model(converted)(ids), hf_logits(tmp_path / "sharded", ids), rtol=0, atol=1e-5)
+
+
+# --- errors and the destination ------------------------------------------------------------------------------
+
+
+def test_qwen3_for_a_model_without_qk_norm_is_one_line_naming_what_fits(tmp_path, capsys):
+    source = save_native(native_tree(64), tmp_path / "native")
+    assert convert_cli.main([str(source), str(tmp_path / "hf"), "--family", "qwen3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such norm" in err and "--family llama" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_qk_norm_model_is_pointed_to_qwen3(tmp_path):
+    random_hf_model("qwen3", 64).save_pretrained(tmp_path / "qwen3")
+    converted = hf_to_forgather(tmp_path / "qwen3", tmp_path / "forgather")
+    with pytest.raises(ConversionError, match=r"llama cannot express; convert it to qwen3"):
+        forgather_to_hf(converted, tmp_path / "hf", family="llama")
+
+
+@pytest.fixture
+def native_dir(tmp_path, tokenizer) -> Path:
+    return save_native(native_tree(len(tokenizer)), tmp_path / "native", tokenizer)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir() if path.name.startswith("."))
+
+
+def test_an_existing_destination_is_refused_in_one_line(native_dir, tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    assert convert_cli.main([str(native_dir), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
+    assert [path.name for path in (tmp_path / "hf").iterdir()] == ["notes.txt"]
+
+
+def test_overwrite_replaces_the_destination_whole(native_dir, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    assert convert_cli.main([str(native_dir), str(tmp_path / "hf"), "--overwrite"]) == 0
+    assert not (tmp_path / "hf" / "notes.txt").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_an_empty_destination_directory_is_used(native_dir, tmp_path):
+    (tmp_path / "hf").mkdir()
+    assert forgather_to_hf(native_dir, tmp_path / "hf") == tmp_path / "hf"
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_a_failed_conversion_leaves_no_destination_and_no_staging(native_dir, tmp_path, monkeypatch):
+    import forgather.convert.hf as hf
+
+    def disk_full(state, path):
+        path.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "write_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        forgather_to_hf(native_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "config.json").write_text("{}")
+    with pytest.raises(OSError, match="No space"):
+        forgather_to_hf(native_dir, tmp_path / "kept", overwrite=True)
+    assert [path.name for path in (tmp_path / "kept").iterdir()] == ["config.json"]
+
+
+def test_staging_left_by_a_killed_conversion_is_removed(native_dir, tmp_path):
+    import subprocess
+    import sys
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    abandoned = tmp_path / f".hf.converting-{finished.pid}"
+    abandoned.mkdir()
+    (abandoned / "model.safetensors").write_bytes(b"partial")
+    forgather_to_hf(native_dir, tmp_path / "hf")
+    assert leftovers(tmp_path) == []
+
+
+def test_written_weights_respect_the_umask(native_dir, tmp_path):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        forgather_to_hf(native_dir, tmp_path / "hf")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_malformed_config_json_is_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{\n  "model_type": "llama",\n  oops\n}\n')
+    assert convert_cli.main([str(tmp_path / "bad"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'bad' / 'config.json'}:3: not valid JSON" in err
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(native_dir, tmp_path, monkeypatch, capsys):
+    import forgather.convert.hf as hf
+
+    def disk_full(state, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "write_safetensors", disk_full)
+    assert convert_cli.main([str(native_dir), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
+
+
+def test_a_file_in_the_way_is_refused_then_replaced_with_overwrite(native_dir, tmp_path):
+    (tmp_path / "hf").write_text("a file")
+    with pytest.raises(FileExistsError, match="already exists"):
+        forgather_to_hf(native_dir, tmp_path / "hf")
+    forgather_to_hf(native_dir, tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "config.json").is_file() and leftovers(tmp_path) == []

@@ -391,3 +391,218 @@ def test_compiled_backend_decodes_like_the_eager_one_on_cpu(model_dir):
     compiled = Backend.load(model_dir, compile=True)
     prompt = eager.encode(PROMPTS[0])
     assert list(compiled.tokens(prompt, params)) == list(eager.tokens(prompt, params))
+
+
+# --- locking the server down: the key guards every path, exposure needs a key -------------------------------
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/v1/models", "/nowhere"])
+def test_every_path_needs_the_key(server, path):
+    assert error_of(httpx.get(f"{server}{path}"), 401)["code"] == "invalid_api_key"
+    assert httpx.get(f"{server}{path}", headers={"Authorization": f"Bearer {API_KEY}"}).status_code in (200, 404)
+
+
+@pytest.mark.parametrize("header", [API_KEY, f"Basic {API_KEY}", f"Bearer {API_KEY}x", f"Bearer{API_KEY}", "Bearer"])
+def test_a_key_without_the_bearer_scheme_is_refused(server, header):
+    assert httpx.get(f"{server}/v1/models", headers={"Authorization": header}).status_code == 401
+
+
+def test_the_bearer_scheme_is_case_insensitive(server):
+    assert httpx.get(f"{server}/v1/models", headers={"Authorization": f"bearer {API_KEY}"}).status_code == 200
+
+
+def test_openapi_schema_is_served_with_the_key(server):
+    response = httpx.get(f"{server}/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert "/v1/completions" in response.json()["paths"]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Backend.load replaced by a failure that names itself: a refused command never reaches it."""
+    def load(*args, **kwargs):
+        raise FileNotFoundError("Backend.load was reached")
+
+    monkeypatch.setattr(Backend, "load", load)
+    monkeypatch.delenv("FORGATHER_API_KEY", raising=False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.org"])
+def test_a_non_loopback_host_without_a_key_is_refused_before_loading(no_model_loading, model_dir, capsys, host):
+    assert inf.main(["server", "-m", str(model_dir), "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--host {host}" in err and "--api-key" in err and "--insecure" in err
+
+
+@pytest.mark.parametrize("flags", [["--insecure"], ["--api-key", "k"]])
+def test_insecure_or_a_key_lets_a_non_loopback_host_through(no_model_loading, model_dir, capsys, flags):
+    assert inf.main(["server", "-m", str(model_dir), "--host", "0.0.0.0", "--port", "0", *flags]) == 2
+    assert "Backend.load was reached" in capsys.readouterr().err
+
+
+def test_an_empty_key_is_refused(no_model_loading, model_dir, capsys):
+    assert inf.main(["server", "-m", str(model_dir), "--port", "0", "--api-key", ""]) == 2
+    assert "API key is empty" in capsys.readouterr().err
+
+
+# --- requests that used to crash the server or were coerced -------------------------------------------------
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"model": "tiny", "prompt": "once \\ud800 upon"}', "prompt"),
+    ('{"model": "tiny", "prompt": ["\\udfff"]}', "prompt.0"),
+    ('{"model": "tiny", "prompt": "a", "stop": ["\\ud800"]}', "stop.0"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(server, body, param):
+    error = error_of(post(server, "/completions", body), 400)
+    assert error["param"] == param and "lone surrogate" in error["message"]
+
+
+def test_a_lone_surrogate_in_a_chat_message_is_a_400(server):
+    body = '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}'
+    error = error_of(post(server, "/chat/completions", body), 400)
+    assert error["param"] == "messages.0.content.0.text" and "U+D83D" in error["message"]
+
+
+@pytest.mark.parametrize("seed", [2**70, -(2**63) - 1])
+def test_a_seed_beyond_64_bits_is_a_400(server, seed):
+    error = error_of(post(server, "/completions", {"model": "tiny", "prompt": "a", "seed": seed}), 400)
+    assert error["param"] == "seed"
+
+
+def test_the_widest_seeds_still_generate(server):
+    for seed in (2**64 - 1, -(2**63)):
+        assert complete(server, PROMPTS[0], temperature=1.0, seed=seed)["choices"][0]["text"] is not None
+
+
+@pytest.mark.parametrize("field, value", [("stream", "yes"), ("stream", 1), ("max_tokens", "5"), ("temperature", "0"),
+                                          ("stream_options", {"include_usage": "yes"})])
+def test_values_of_the_wrong_type_are_refused_not_coerced(server, field, value):
+    error = error_of(post(server, "/completions", {"model": "tiny", "prompt": "a", field: value}), 400)
+    assert error["param"].startswith(field) and "valid" in error["message"]
+
+
+def test_an_integer_temperature_is_a_number(server):
+    assert complete(server, PROMPTS[0], temperature=0)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# --- a client that goes away stops its generation, streaming or not -----------------------------------------
+
+
+@pytest.fixture
+def slow_server(llama_dir):
+    """An in-process server whose backend samples one token per 20 ms and never stops early; (url, samples),
+    where samples lists the max_tokens of each token sampled so far (which request sampled it)."""
+    backend = Backend.load(llama_dir)
+    backend.stop_token_ids = set()
+    samples = []
+    sample = backend._sample
+
+    def slow_sample(logits, params, generator):
+        time.sleep(0.02)
+        samples.append(params.max_tokens)
+        return sample(logits, params, generator)
+
+    backend._sample = slow_sample
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(backend, "llama"), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url)
+    yield url, samples
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+def settled(samples: list, quiet: float = 0.4, deadline: float = 15.0) -> int:
+    """How many tokens were sampled once sampling has paused for `quiet` seconds."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        seen = len(samples)
+        time.sleep(quiet)
+        if len(samples) == seen:
+            return seen
+    raise TimeoutError("the server kept sampling")
+
+
+def test_a_non_streaming_request_whose_client_left_stops_generating(slow_server):
+    url, samples = slow_server
+    body = {"model": "llama", "prompt": PROMPTS[0], "max_tokens": CONTEXT - 16, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s of a >5 s generation
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+    assert settled(samples) < CONTEXT // 4
+    quick = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 2}, timeout=10)  # the worker is free
+    assert quick.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_stream_whose_client_left_stops_generating(slow_server):
+    url, samples = slow_server
+    body = {"model": "llama", "prompt": PROMPTS[0], "max_tokens": CONTEXT - 16, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as response:
+        next(response.iter_lines())  # the first chunk arrived; then the client hangs up
+    assert settled(samples) < CONTEXT // 4
+
+
+def test_a_queued_request_whose_client_left_never_starts(slow_server):
+    url, samples = slow_server
+    body = {"model": "llama", "prompt": PROMPTS[0], "temperature": 0}
+
+    def give_up(max_tokens: int, after: float) -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": max_tokens}, timeout=after)
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(give_up, CONTEXT - 16, 1.5)
+        time.sleep(0.3)
+        queued = pool.submit(give_up, CONTEXT - 17, 0.3)  # leaves while the first one still generates
+        running.result(), queued.result()
+    settled(samples)
+    assert CONTEXT - 16 in samples and CONTEXT - 17 not in samples
+
+
+# --- the client without a server ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [["--completion", "a"], ["--chat"]])
+def test_client_without_a_server_says_so_in_one_line(monkeypatch, capsys, mode):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n"))
+    url = f"http://127.0.0.1:{free_port()}"
+    assert inf.main(["client", "--url", url, *mode]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and f"no server answers at {url}" in captured.err
+    assert "forgather inf server -m" in captured.err and "> " not in captured.out
+
+
+def test_a_port_in_use_is_refused_before_loading(no_model_loading, model_dir, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert inf.main(["server", "-m", str(model_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+@pytest.mark.parametrize("field, value, shapes", [("prompt", [[1, 2]], "a list of token ids"),
+                                                  ("stop", 7, "a string or a list of strings")])
+def test_a_value_of_no_accepted_shape_names_the_shapes(server, field, value, shapes):
+    error = error_of(post(server, "/completions", {"model": "tiny", "prompt": "a", field: value}), 400)
+    assert error["param"] == field and shapes in error["message"]
+
+
+def test_a_body_that_is_not_an_object_is_a_400(server):
+    assert "JSON object" in error_of(post(server, "/completions", "[]"), 400)["message"]
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "http://[::1", "ftp://example.org"])
+def test_client_with_a_url_that_is_no_server_address_says_so(capsys, url):
+    assert inf.main(["client", "--url", url, "--completion", "a"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a server address" in err and "http://127.0.0.1:8000" in err
+
+
+def test_a_malformed_model_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert inf.main(["server", "-m", str(tmp_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'config.json'}: holds a JSON list" in err

@@ -1,8 +1,10 @@
 """`forgather inf server|client`: serve a model directory over an OpenAI-compatible API, and talk to it.
 
 `server -m MODEL_DIR` loads a Forgather or Hugging Face Llama-family directory and serves it (FastAPI +
-uvicorn, the `serve` extra) on 127.0.0.1:8000 unless told otherwise. `client --completion TEXT` streams a
-completion; `client --chat` is an interactive, streaming chat. Nothing heavy is imported until `run`.
+uvicorn, the `serve` extra) on 127.0.0.1:8000 unless told otherwise; another host needs --api-key (or
+--insecure). A Forgather directory's model code runs in the server, as transformers' trust_remote_code does.
+`client --completion TEXT` streams a completion; `client --chat` is an interactive, streaming chat; without a
+server either says so in one line. Nothing heavy is imported until `run`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     server.add_argument("--api-key", default=os.environ.get("FORGATHER_API_KEY"),
                         help="require this bearer key (default: $FORGATHER_API_KEY; none: no key)")
+    server.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without --api-key (a trusted network only)")
     server.add_argument("--served-model-name", help="model id in the API (default: the directory's name)")
     server.add_argument("--max-model-len", type=int, help="context length (default: the model config's)")
     server.add_argument("--log-level", default="info")
@@ -54,9 +58,10 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _run_client(args: argparse.Namespace) -> int:
     from forgather.serve.client import Client, ClientError, chat_loop, print_stream
 
-    client = Client(args.url, args.api_key, args.model)
     try:
+        client = Client(args.url, args.api_key, args.model)
         if args.chat:
+            client.models()  # no server: say so once, before the first prompt, not after every turn
             chat_loop(client, sys.stdin, sys.stdout, args.system, **_sampling(args))
         else:
             print_stream(client.stream_completion(args.completion, **_sampling(args)), sys.stdout)
@@ -72,14 +77,15 @@ def run(args: argparse.Namespace) -> int:
     from forgather.serve.server import serve
 
     serve(args.model, args.host, args.port, args.device_map, args.dtype, args.compile, args.api_key,
-          args.served_model_name, args.max_model_len, args.log_level)
+          args.served_model_name, args.max_model_len, args.log_level, args.insecure)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forgather inf", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`forgather inf ...`, errors reported as the `forgather` command reports them."""
+    from forgather.cli.main import main as forgather_main
+
+    return forgather_main(["inf", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ model can express it, and writes config.json + model.safetensors (+ tokenizer, g
 that transformers and vLLM load without remote code. The family defaults to the one a model was converted
 from (recorded in its config.json as `forgather_convert.family`), else qwen3 for q/k-norm models, else llama.
 Both take `add_tokens` (grow the tokenizer and the embedding rows) and `dtype` ("float32", "bfloat16" ...).
+Both refuse a destination that exists unless `overwrite`, and write it through a staging directory renamed
+into place at the end (`output.staged`), so a failed or killed conversion leaves no half-written model.
 
 Mistral's sliding-window attention is not reproduced: the Forgather model attends to the whole context,
 which equals Mistral for sequences up to `sliding_window` tokens (and Mistral models that have none).
@@ -22,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .output import staged
 from .spec import COMPONENTS_FILE, DecoderSpec, forgather_tree, hf_config, spec_from_hf_config, spec_from_model
 from .vocab import add_tokens as add_to_tokenizer
 from .vocab import copy_tokenizer, grow_vocabulary, has_tokenizer, load_tokenizer
@@ -81,14 +84,25 @@ def _dtype_name(state: dict[str, torch.Tensor]) -> str:
 
 
 def hf_to_forgather(
-    src: str | Path, dst: str | Path, name: str | None = None, dtype: str | None = None, vocab: VocabOptions = VocabOptions()
+    src: str | Path,
+    dst: str | Path,
+    name: str | None = None,
+    dtype: str | None = None,
+    vocab: VocabOptions = VocabOptions(),
+    overwrite: bool = False,
 ) -> Path:
     """Write the Hugging Face model in `src` as a Forgather model directory `dst`; returns `dst`."""
+    src, dst = Path(src), Path(dst)
+    with staged(dst, overwrite) as out:
+        _hf_to_forgather(src, out, name, dtype, vocab)
+    return dst
+
+
+def _hf_to_forgather(src: Path, dst: Path, name: str | None, dtype: str | None, vocab: VocabOptions) -> None:
     from transformers import AutoConfig
 
     from forgather.models.export import build_model, save_model
 
-    src, dst = Path(src), Path(dst)
     config = AutoConfig.from_pretrained(str(src))
     spec = spec_from_hf_config(config)
     sliding_window = getattr(config, "sliding_window", None)
@@ -106,7 +120,6 @@ def hf_to_forgather(
     _record(dst / "config.json", max_position_embeddings=spec.max_position_embeddings,
             forgather_convert={"family": config.model_type, "source": str(src.resolve())})
     _write_tokenizer(tokenizer, src, dst, vocab)
-    return dst
 
 
 def _record(config_file: Path, **values: Any) -> None:
@@ -123,13 +136,21 @@ def forgather_to_hf(
     dtype: str | None = None,
     vocab: VocabOptions = VocabOptions(),
     max_position_embeddings: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the Forgather model directory `src` as a Hugging Face `family` checkpoint in `dst`; returns `dst`."""
+    src, dst = Path(src), Path(dst)
+    with staged(dst, overwrite) as out:
+        _forgather_to_hf(src, out, family, dtype, vocab, max_position_embeddings)
+    return dst
+
+
+def _forgather_to_hf(src: Path, dst: Path, family: str | None, dtype: str | None, vocab: VocabOptions,
+                     max_position_embeddings: int | None) -> None:
     from transformers import GenerationConfig
 
     from forgather.models.export import load_model
 
-    src, dst = Path(src), Path(dst)
     recorded = json.loads((src / "config.json").read_text())
     model = load_model(src)
     context = max_position_embeddings or recorded.get("max_position_embeddings") or DEFAULT_CONTEXT
@@ -139,9 +160,7 @@ def forgather_to_hf(
     state, spec = _convert_state(model.state_dict(), spec, tokenizer, vocab, dtype)
     token_ids = {role: getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "pad")}
     config = hf_config(spec, family, _dtype_name(state), token_ids)
-    dst.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(dst))
     GenerationConfig.from_model_config(config).save_pretrained(str(dst))
     write_safetensors(to_hf_names(state), dst / "model.safetensors")
     _write_tokenizer(tokenizer, src, dst, vocab)
-    return dst

@@ -87,9 +87,12 @@ def spec_from_hf_config(config: Any) -> DecoderSpec:
 def _check_expressible(spec: DecoderSpec, family: str) -> None:
     if family not in FAMILIES:
         raise ConversionError(f"family {family!r}; choose one of {', '.join(FAMILIES)}")
-    if spec.qk_norm != (family == "qwen3"):
-        has = "has" if spec.qk_norm else "has no"
-        raise ConversionError(f"the model {has} q/k norm, so it converts to qwen3 only if it has one; not to {family}")
+    if spec.qk_norm and family != "qwen3":
+        raise ConversionError(f"the model norms each query and key head (q/k norm), which {family} cannot express; "
+                              f"convert it to qwen3 (--family qwen3)")
+    if family == "qwen3" and not spec.qk_norm:
+        raise ConversionError("qwen3 norms each query and key head (q/k norm) and this model has no such norm; "
+                              "convert it to llama or mistral (--family llama)")
     if family == "mistral" and (spec.attention_bias or spec.mlp_bias):
         raise ConversionError("Mistral has no projection biases; convert this model to llama")
     if family == "qwen3" and spec.mlp_bias:

@@ -8,6 +8,7 @@ read from `model.safetensors` or a sharded `model.safetensors.index.json`; PyTor
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write `state` to `path` with the mode any new file of the user gets (safetensors itself writes 0600)."""
     from safetensors.torch import save_file
 
     save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

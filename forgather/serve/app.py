@@ -3,24 +3,31 @@
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true` answers with
 server-sent events: `data: {chunk}` lines, then `data: [DONE]`). Generation runs on one worker thread, so
 requests are served one at a time in arrival order (each with its own KV cache and random generator, so
-outputs never mix) while the event loop keeps accepting connections. A streaming client that disconnects
-stops its generation. Every error is an OpenAI error body with a 4xx (5xx only for server faults); an
-`api_key` requires `Authorization: Bearer <key>` on every route.
+outputs never mix) while the event loop keeps accepting connections. A client that disconnects, streaming
+or not, stops its generation (and a queued request whose client left never starts). Every error is an
+OpenAI error body with a 4xx (5xx only for server faults).
+
+With an `api_key`, every HTTP request -- the API, /docs, /redoc, /openapi.json and unknown paths alike --
+needs `Authorization: Bearer <key>`; the check is ASGI middleware in front of all routing, so no route can
+be added without it, and it compares digests in constant time (hmac.compare_digest).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import protocol
 from .backend import Backend, Delta, RequestError, SamplingParams
@@ -32,13 +39,31 @@ class APIError(Exception):
         self.status, self.body = status, protocol.error_body(message, type_, param, code)
 
 
+_FIELD_NAMES = frozenset(name for model in (protocol.CompletionRequest, protocol.ChatRequest, protocol.ChatMessage,
+                                            protocol.ContentPart, protocol.StreamOptions)
+                         for name in model.model_fields)
+
+
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
-    first = error.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    """The message and param of the error to report. A union (a prompt is a string or a list) gives one error
+    per alternative: an error about the value itself says more than any "should be a list", and when every
+    alternative refused the value's type, the field's accepted shapes are the message."""
+    errors = error.errors()
+    first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg')}", None
-    where = ".".join(location)
-    return (f"{where}: {first.get('msg')}" if where else first.get("msg", "invalid request")), where or None
+    # Union members add their type to the location (prompt.function-after[...]): keep field names and indices.
+    names = [part for part in first.get("loc", ()) if isinstance(part, int) or part in _FIELD_NAMES]
+    if not names:
+        return "the request body must be a JSON object with the request's fields", None
+    where, field = ".".join(map(str, names)), next(str(p) for p in reversed(names) if isinstance(p, str))
+    message = first.get("msg", "invalid request")
+    if len(errors) > 1 and first.get("type", "").endswith("_type") and field in protocol.SHAPES:
+        message = f"should be {protocol.SHAPES[field]}"
+    given = json.dumps(first.get("input")) if isinstance(first.get("input"), (str, int, float, bool)) else ""
+    if first.get("type") != "lone_surrogate" and 0 < len(given) <= 40:
+        message += f", not {given}"
+    return f"{where}: {message}", where
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -65,16 +90,35 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(protocol.error_body(f"{type(error).__name__}: {error}", "server_error"), status_code=500)
 
 
-def _key_check(api_key: str | None) -> Callable:
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                           "authentication_error", code="invalid_api_key")
+def bearer_matches(authorization: str | None, api_key: str) -> bool:
+    """Whether an Authorization header is `Bearer <api_key>` (the scheme is case-insensitive, RFC 7235).
+    Digests are compared, so the time taken tells neither the key's length nor how much of it matched."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    same = hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(),
+                               hashlib.sha256(api_key.encode()).digest())
+    return same and scheme.lower() == "bearer"
 
-    return check
+
+class RequireKey:
+    """ASGI middleware: answer 401 to any HTTP request without `Authorization: Bearer <key>`."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not bearer_matches(Headers(scope=scope).get("authorization"), self.api_key):
+            body = protocol.error_body("missing or wrong API key (send Authorization: Bearer <key>)",
+                                       "authentication_error", code="invalid_api_key")
+            await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away. The body is read by then, so the server's next message is
+    `http.disconnect` (sent when the connection closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(body: dict | str) -> str:
@@ -88,16 +132,31 @@ class Generator:
         self.backend = backend
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgather-generate")
 
-    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Delta:
-        """The whole completion as one Delta (text joined; finish_reason and token count of the last)."""
-        deltas = await asyncio.get_running_loop().run_in_executor(
-            self.worker, lambda: list(self.backend.stream(prompt_ids, params)))
+    async def complete(self, prompt_ids: list[int], params: SamplingParams, request: Request) -> Delta:
+        """The whole completion as one Delta (text joined; finish_reason and token count of the last).
+        If the client of `request` goes away first, generation stops, as a stream's does, and this raises."""
+        collecting = asyncio.ensure_future(self._collect(prompt_ids, params))
+        watching = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((collecting, watching), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            collecting.cancel()  # no-op when done; else the stream's `finally` stops the worker
+        if not collecting.done() or collecting.cancelled():
+            raise APIError(499, "the client closed the connection", "client_closed")
+        deltas = collecting.result()
         return Delta("".join(d.text for d in deltas), deltas[-1].finish_reason, deltas[-1].completion_tokens)
+
+    async def _collect(self, prompt_ids: list[int], params: SamplingParams) -> list[Delta]:
+        return [delta async for delta in self.stream(prompt_ids, params)]
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def work() -> None:
+            if cancelled.is_set():  # the client left while the request was queued
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+                return
             try:
                 for delta in self.backend.stream(prompt_ids, params, cancelled):
                     loop.call_soon_threadsafe(queue.put_nowait, delta)
@@ -123,7 +182,9 @@ def _params(request: protocol.SamplingFields, max_tokens: int, extra_stop: tuple
 
 def create_app(backend: Backend, model_name: str, api_key: str | None = None) -> FastAPI:
     """The app serving `backend` under the model id `model_name`."""
-    app = FastAPI(title="Forgather inference server", dependencies=[Depends(_key_check(api_key))])
+    app = FastAPI(title="Forgather inference server")
+    if api_key is not None:
+        app.add_middleware(RequireKey, api_key=api_key)
     _install_error_handlers(app)
     generator = Generator(backend)
 
@@ -173,7 +234,7 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
-    async def completions(request: protocol.CompletionRequest):
+    async def completions(request: protocol.CompletionRequest, http: Request):
         check_model(request.model)
         ids = prompt_ids(request.prompt)
         params = _params(request, backend.check_budget(len(ids), request.max_tokens))
@@ -181,12 +242,12 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
         if request.stream:
             return streamed(request, ids, params,
                             lambda d: protocol.completion_body(id_, model_name, d.text, d.finish_reason))
-        done = await generator.complete(ids, params)
+        done = await generator.complete(ids, params, http)
         body = protocol.completion_body(id_, model_name, done.text, done.finish_reason)
         return {**body, "usage": protocol.usage(len(ids), done.completion_tokens)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: protocol.ChatRequest):
+    async def chat_completions(request: protocol.ChatRequest, http: Request):
         check_model(request.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
@@ -200,7 +261,7 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
             first = protocol.chat_chunk(id_, model_name, {"role": "assistant", "content": ""}, None)
             return streamed(request, ids, params, lambda d: protocol.chat_chunk(
                 id_, model_name, {"content": d.text} if d.text else {}, d.finish_reason), first)
-        done = await generator.complete(ids, params)
+        done = await generator.complete(ids, params, http)
         body = protocol.chat_body(id_, model_name, done.text, done.finish_reason)
         return {**body, "usage": protocol.usage(len(ids), done.completion_tokens)}
 

@@ -2,11 +2,13 @@
 
 `Client(url, api_key)` talks to any OpenAI-compatible server; `stream_completion(prompt)` and
 `stream_chat(messages)` yield text pieces as server-sent events arrive; `chat_loop()` reads user turns from
-a stream of lines (the terminal), prints each reply as it streams, and keeps the conversation.
+a stream of lines (the terminal), prints each reply as it streams, and keeps the conversation. Every failure
+is a ClientError with a one-line message: the server's error, or that no server answers at the URL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Callable, Iterator, TextIO
 
@@ -14,7 +16,21 @@ import httpx
 
 
 class ClientError(RuntimeError):
-    """The server answered with an error body; the message is the server's."""
+    """The server answered with an error body (the message is the server's), or no server answered."""
+
+
+@contextlib.contextmanager
+def _reaching(url: str) -> Iterator[None]:
+    """Turn httpx's transport errors (connection refused, unknown host, timeout) into one-line ClientErrors."""
+    try:
+        yield
+    except httpx.ConnectError as error:
+        raise ClientError(f"no server answers at {url} ({error}); start one with `forgather inf server -m "
+                          f"MODEL_DIR`, or give its address with --url") from None
+    except httpx.TimeoutException:
+        raise ClientError(f"the server at {url} did not answer in time") from None
+    except httpx.TransportError as error:
+        raise ClientError(f"the connection to {url} failed: {type(error).__name__}: {error}") from None
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -41,24 +57,41 @@ def _events(response: httpx.Response) -> Iterator[dict]:
         yield body
 
 
+def _check_url(url: str) -> None:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ClientError(f"{url!r} is not a server address; give one like http://127.0.0.1:8000")
+
+
 class Client:
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, model: str | None = None,
                  timeout: float = 600.0):
+        _check_url(url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url
         self.http = httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
         self._model = model
+
+    def models(self) -> list[str]:
+        """The ids of the models the server serves."""
+        with _reaching(self.url):
+            response = self.http.get("/models")
+        _raise_for_error(response)
+        return [card["id"] for card in response.json()["data"]]
 
     @property
     def model(self) -> str:
         """The model named at construction, else the first one the server lists."""
         if self._model is None:
-            response = self.http.get("/models")
-            _raise_for_error(response)
-            self._model = response.json()["data"][0]["id"]
+            self._model = self.models()[0]
         return self._model
 
     def _stream(self, path: str, body: dict, piece: Callable[[dict], str]) -> Iterator[str]:
-        with self.http.stream("POST", path, json={"model": self.model, "stream": True, **body}) as response:
+        body = {"model": self.model, "stream": True, **body}
+        with _reaching(self.url), self.http.stream("POST", path, json=body) as response:
             _raise_for_error(response)
             for event in _events(response):
                 if event.get("choices"):

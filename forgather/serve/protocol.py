@@ -3,32 +3,63 @@
 Requests accept the fields this server honours -- model, prompt / messages, max_tokens (chat also
 max_completion_tokens), temperature, top_p, stop, seed, stream, stream_options.include_usage -- and
 ignore other OpenAI fields. One completion per request (`n` = 1). Errors are `{"error": {"message", "type", "param", "code"}}`.
+
+Validation is strict, as the OpenAI API's: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not a silent
+coercion (an int is still a valid float). Every text field must be Unicode text: JSON's `\\ud800` escape
+decodes to a lone surrogate, which no tokenizer can encode, so it is refused here with the field's name.
+`seed` must fit torch's generator seed (a 64-bit integer).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+STRICT = ConfigDict(extra="ignore", strict=True)
+# What the fields that accept several shapes accept, for the error when a value has none of them.
+SHAPES = {"prompt": "a string, a list of one string, or a list of token ids", "stop": "a string or a list of strings",
+          "content": "a string, a list of text parts, or null"}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PydanticCustomError(
+            "lone_surrogate", "contains a lone surrogate ({code} at character {index}), which is not Unicode text; "
+            "send valid UTF-8", {"code": f"U+{ord(text[error.start]):04X}", "index": error.start}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+
+    include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one completion per request")
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -36,24 +67,31 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: Text | list[Text] | list[int]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
+class ContentPart(BaseModel):
+    model_config = STRICT
+
+    type: str
+    text: Text = ""
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        kinds = {part.get("type") for part in self.content}
-        if kinds - {"text"}:
-            raise ValueError(f"only text content parts are supported, not {sorted(k for k in kinds if k != 'text')}")
-        return "".join(part.get("text", "") for part in self.content)
+        kinds = {part.type for part in self.content} - {"text"}
+        if kinds:
+            raise ValueError(f"only text content parts are supported, not {sorted(kinds)}")
+        return "".join(part.text for part in self.content)
 
 
 class ChatRequest(SamplingFields):

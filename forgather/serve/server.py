@@ -1,8 +1,14 @@
-"""Run the inference server: load a Backend, build the app, serve it with uvicorn (loopback by default)."""
+"""Run the inference server: load a Backend, build the app, serve it with uvicorn (loopback by default).
+
+A host other than loopback (`0.0.0.0`, a LAN address, a host name) is refused without an API key, since anyone
+who reaches the port could use the model; `insecure=True` says the network is trusted and lifts the rule.
+Both checks, and binding the port, come before the model loads, so a mistake costs no loading time.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -18,6 +24,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """ValueError for an empty key, and for a non-loopback `host` without a key unless `insecure`."""
+    if api_key == "":
+        raise ValueError("the API key is empty (--api-key or FORGATHER_API_KEY); give a key, or none on loopback")
+    if api_key is None and not insecure and not is_loopback(host):
+        raise ValueError(
+            f"--host {host} would let anyone who reaches it use the model; add --api-key KEY (or set "
+            f"FORGATHER_API_KEY), or pass --insecure on a trusted network")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (what uvicorn would bind); ValueError when that is impossible."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port or "
+                         f"--host, or stop what listens there") from None
+    return sock
+
+
 def serve(
     model_dir: str,
     host: str = "127.0.0.1",
@@ -29,15 +58,19 @@ def serve(
     model_name: str | None = None,
     context_length: int | None = None,
     log_level: str = "info",
+    insecure: bool = False,
 ) -> None:
     import uvicorn
 
     from .app import create_app
     from .backend import Backend
 
-    if api_key is None and not is_loopback(host):
-        print(f"warning: serving on {host} without --api-key: anyone who reaches it can use the model",
-              file=sys.stderr)
-    backend = Backend.load(model_dir, device_map, dtype, compile, context_length)
-    name = model_name or Path(model_dir).resolve().name
-    uvicorn.run(create_app(backend, name, api_key), host=host, port=port, log_level=log_level)
+    check_exposure(host, api_key, insecure)
+    with listen(host, port) as sock:
+        backend = Backend.load(model_dir, device_map, dtype, compile, context_length)
+        name = model_name or Path(model_dir).resolve().name
+        app = create_app(backend, name, api_key)
+        where = f"[{host}]" if ":" in host else host
+        # uvicorn announces its address only for sockets it binds itself
+        print(f"serving {name!r} at http://{where}:{sock.getsockname()[1]}/v1 (CTRL+C to stop)", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])
