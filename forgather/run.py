@@ -26,7 +26,6 @@ import datetime
 import os
 import shlex
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
+from forgather.errors import causes, report
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
 from forgather.template import TemplateEnvironment
 
@@ -174,7 +174,7 @@ class Runner:
         config.output_dir = str(run_dir)
         meta = {"experiment": experiment, "template": loaded.template, "project_dir": self.project.root, "model_src": self.project.model_src}
         model_code = loaded.code("model", config) if "model" in config else None
-        with _run_dir_env(run_dir):
+        with _run_dir_env(run_dir), ovr.naming_overrides(config, values):
             return train(
                 config,
                 run_dir,
@@ -200,8 +200,9 @@ class Runner:
                 metrics = self.run_point(point, root / str(number))
                 results.append((label, metrics or {}))
             except Exception as error:  # one failing point must not stop the others
-                traceback.print_exc()
-                results.append((label, f"{type(error).__name__}: {error}"))
+                report(error)  # what the same failure prints in a single run
+                root_cause = list(causes(error))[-1]
+                results.append((label, f"{type(root_cause).__name__}: {root_cause}".splitlines()[0]))
         _print_sweep(root, results)
         return 1 if any(isinstance(outcome, str) for _, outcome in results) else 0
 
@@ -252,17 +253,18 @@ def train(
 
 def _print_sweep(root: Path, results: list[tuple[str, dict[str, float] | str]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     keys = sorted({key for _, outcome in results if isinstance(outcome, dict) for key in outcome if "/" in key})
     table = Table(title=f"sweep: {root}")
-    for column in ("#", "overrides", *keys):
+    for column in ("#", "overrides", "status", *keys):
         table.add_column(column)
     for number, (label, outcome) in enumerate(results):
         if isinstance(outcome, str):
-            table.add_row(str(number), label, f"[red]failed: {outcome}[/red]", *[""] * (len(keys) - 1))
+            table.add_row(str(number), label, f"[red]failed: {escape(outcome)}[/red]", *[""] * len(keys))
         else:
-            table.add_row(str(number), label, *[f"{outcome[k]:.4g}" if k in outcome else "" for k in keys])
+            table.add_row(str(number), label, "ok", *[f"{outcome[k]:.4g}" if k in outcome else "" for k in keys])
     Console(width=max(160, Console().width)).print(table)
 
 
@@ -341,9 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.run_point(point)
         return 0
     except Exception as error:
-        from forgather.cli.common import report_error
-
-        return report_error(error)
+        return report(error)
 
 
 if __name__ == "__main__":
