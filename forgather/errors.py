@@ -43,6 +43,10 @@ class UserError(Exception):
     """A mistake the user can fix (bad input, an unsuitable machine); its message says where and what to do."""
 
 
+class MachineError(UserError, RuntimeError):
+    """The machine lacks what the config asks for (a CUDA GPU, enough memory); the message says what to change."""
+
+
 def causes(error: BaseException) -> Iterator[BaseException]:
     """`error`, then what it was raised from (or during), down to the first cause."""
     seen: set[int] = set()
@@ -60,7 +64,7 @@ def describe(error: BaseException) -> str | None:
     """The one-line report of a user's mistake (without the `error: ` prefix), or None for a bug."""
     found = _environment_error(error)
     if found is not None:
-        where = found.filename or ""
+        where = found.filename2 or found.filename or ""  # a failed copy or move names its destination second
         return f"{where}: {found.strerror} ; {_ENVIRONMENT[found.errno]}" if where else f"{found.strerror} ; {_ENVIRONMENT[found.errno]}"
     if not isinstance(error, (UserError, *_PLAIN_MISTAKES)):
         return None

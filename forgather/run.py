@@ -167,6 +167,7 @@ class Runner:
         experiment, loaded = self.load(choices)
         config = loaded.config.copy()
         ovr.apply(config, values)
+        warn_about_warmup(config)
         if self.args.cfg:
             print(OmegaConf.to_yaml(config), end="")
             return None
@@ -205,6 +206,37 @@ class Runner:
                 results.append((label, f"{type(root_cause).__name__}: {root_cause}".splitlines()[0]))
         _print_sweep(root, results)
         return 1 if any(isinstance(outcome, str) for _, outcome in results) else 0
+
+
+def warn_about_warmup(config: DictConfig) -> None:
+    """Warn when a warmup setting (a key named `*warmup*` holding a step count) exceeds the run's max_steps:
+    the learning rate would never reach its peak. Easy to miss in a sweep over max_steps."""
+    try:
+        data = OmegaConf.to_container(config, resolve=True)
+    except Exception:  # a value still missing (???): construction will say so
+        return
+    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else {}
+    max_steps = next((v for v in (trainer.get("max_steps"), data.get("max_steps")) if type(v) is int and v > 0), None)
+    if max_steps is None:
+        return
+    found, stack = [], [("", data)]
+    while stack:
+        prefix, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            path = f"{prefix}{key}"
+            if "warmup" in str(key) and type(value) is int and value > max_steps:
+                found.append(path)
+            stack.append((path + ".", value))
+    if found:
+        path = min(found, key=lambda p: (p.count("."), p))
+        value = OmegaConf.select(config, path)
+        print(
+            f"warning: {path}={value} exceeds max_steps={max_steps}: the learning rate never reaches its peak ; "
+            f"lower {path} or raise max_steps",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def export_settings(outputs: str, experiment: str, base_dir: str | None, sweep_point: Path | None = None) -> dict[str, Any]:
