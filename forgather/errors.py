@@ -33,7 +33,7 @@ _PLAIN_MISTAKES = (ValueError, KeyError, FileNotFoundError)
 _ENVIRONMENT = {
     errno.ENOSPC: "free some space, or write elsewhere (--outputs DIR)",
     errno.EDQUOT: "free some space under your quota, or write elsewhere (--outputs DIR)",
-    errno.EROFS: "the file system is read-only: write elsewhere (--outputs DIR)",
+    errno.EROFS: "write elsewhere (--outputs DIR)",
     errno.EACCES: "you may not write there: fix its permissions, or write elsewhere (--outputs DIR)",
     errno.EPERM: "you may not write there: fix its permissions, or write elsewhere (--outputs DIR)",
 }

@@ -88,14 +88,16 @@ def parse(arguments: list[str], groups: dict[str, list[str]], multirun: bool) ->
         if item.is_sweep_override():
             if not multirun:
                 raise OverrideError(f"{item.input_line} sweeps over several values: add -m to run them all")
-            values = _sweep_values(item, groups.get(key))
+            # Each point's text is its own single-valued override (as Hydra's sweeper writes it), for the
+            # point's snapshot and for errors naming it.
+            axes.append([Override(kind, key, value, f"{item.get_key_element()}={text}") for value, text in _sweep_values(item, groups.get(key))])
         else:
-            values = [item.value()]
-        axes.append([Override(kind, key, value, item.input_line) for value in values])
+            axes.append([Override(kind, key, item.value(), item.input_line)])
     return [list(point) for point in itertools.product(*axes)]
 
 
-def _sweep_values(item, options: list[str] | None) -> list[Any]:
+def _sweep_values(item, options: list[str] | None) -> list[tuple[Any, str]]:
+    """(value, its text in the override grammar) of every point of a sweep."""
     from hydra.core.override_parser.types import Glob
 
     value = item.value()
@@ -105,8 +107,8 @@ def _sweep_values(item, options: list[str] | None) -> list[Any]:
         chosen = value.filter(options)
         if not chosen:
             raise OverrideError(f"{item.input_line} matches no option of group {item.key_or_group!r}: {', '.join(options)}")
-        return chosen
-    return list(item.sweep_iterator())
+        return [(option, option) for option in chosen]
+    return list(zip(item.sweep_iterator(), item.sweep_string_iterator(), strict=True))
 
 
 def split_choices(overrides: list[Override], groups: dict[str, list[str]]) -> tuple[dict[str, str], list[Override]]:
