@@ -197,7 +197,7 @@ def _parameter(parent: Any, name: str | int) -> inspect.Parameter | None:
     try:
         target = import_spec(str(parent._get_node("_target_")._value()))
         parameter = inspect.signature(target).parameters.get(name)
-    except (ImportError, ValueError, TypeError):
+    except Exception:  # not importable here (construction will say why) or no signature (builtins)
         return None
     if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
         return None
@@ -229,13 +229,18 @@ def _accepts(annotation: Any, value: Any) -> bool | None:
         return None
     if value is None:
         return False
-    if isinstance(value, bool):
-        return kind is bool or kind is object
     if isinstance(value, str):
         return True if issubclass(str, kind) else (False if kind in (bool, *_NUMBERS) else None)
+    if kind is str and not isinstance(value, (list, dict)):
+        return None  # `name=123` parses as an int; a string parameter may take it as text
+    if isinstance(value, bool):
+        return kind is bool or kind is object
     if isinstance(value, int) and kind in _NUMBERS:
         return True
-    return isinstance(value, kind)
+    try:
+        return isinstance(value, kind)
+    except TypeError:  # a Protocol that is not runtime-checkable
+        return None
 
 
 def _type_name(annotation: Any) -> str:
