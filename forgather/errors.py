@@ -8,7 +8,7 @@ A mistake the user can fix is printed as one line on stderr, no traceback:
 counts as such a mistake: a `UserError` (the base of every stage's error: template, graph, override,
 construct), a `ValueError`/`KeyError`/`FileNotFoundError` raised by our own checks, and an `OSError` of a
 full disk, a quota, a read-only file system or a denied permission, found anywhere in the error's chain
-(torch wraps a failed write into a RuntimeError). Notes added with `add_note` (the override that set a
+(a library may wrap it in an error of its own). Notes added with `add_note` (the override that set a
 failing key) are appended to the line. Anything else is a bug: its traceback is printed.
 FORGATHER_DEBUG=1 prints the traceback of every error.
 

@@ -10,8 +10,10 @@
 Any tag may end in `@name` (or `:@name`), naming the node. Arguments of a call are a sequence
 (positional), a mapping (keywords; keys `arg0`, `arg1` ... are positional), or `{args: [...], kwargs: {...}}`.
 
-Loading errors are `GraphError`s carrying the line of the rendered YAML, which the caller maps back to a
-template line.
+Refused, before anything is built: a key repeated in one mapping (except `.`-keys, which only carry
+anchors, and `!dlist` items), an anchor whose content aliases itself, nesting deeper than MAX_DEPTH, one
+`!var` name with two different defaults, and `{args, kwargs}` of the wrong types. Loading errors are
+`GraphError`s carrying the line of the rendered YAML, which the caller maps back to a template line.
 """
 
 from __future__ import annotations
