@@ -3,7 +3,9 @@
     group=option      pick GROUP/OPTION.yaml for a group the templates include (`optimizer=adafactor`);
                       `+experiment=NAME` picks the experiment. Group choices are template variables.
     a.b=v             change an existing value (an unknown key is an error with close-match suggestions;
-                      a value of the wrong type for the key is an error too)
+                      a value of the wrong type is an error too: checked against the annotation of the
+                      parameter in the target's signature where there is one, else against the current
+                      value, or the value an interpolation there resolves to)
     +a.b=v            add a key that does not exist yet
     ++a.b=v           set a key either way
     ~a.b              delete a key
@@ -11,21 +13,29 @@ Sweeps (`-m`): `a=1,2`, `a=range(1,4)`, `a=choice(x,y)`, `group=glob(ada*)` expa
 product of single runs, in command-line order.
 
 A group is a directory of YAML templates on the search path; its options are the file names.
-This module never imports torch.
+Construction errors name the override that set the failing key, or a key it reads (`naming_overrides`).
+This module never imports torch itself (checking a value against a signature imports that target).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import inspect
 import itertools
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from forgather.errors import UserError, causes
 
-class OverrideError(ValueError):
+
+class OverrideError(UserError, ValueError):
     """A bad override: the message names it and says what would be valid."""
 
 
@@ -78,14 +88,16 @@ def parse(arguments: list[str], groups: dict[str, list[str]], multirun: bool) ->
         if item.is_sweep_override():
             if not multirun:
                 raise OverrideError(f"{item.input_line} sweeps over several values: add -m to run them all")
-            values = _sweep_values(item, groups.get(key))
+            # Each point's text is its own single-valued override (as Hydra's sweeper writes it), for the
+            # point's snapshot and for errors naming it.
+            axes.append([Override(kind, key, value, f"{item.get_key_element()}={text}") for value, text in _sweep_values(item, groups.get(key))])
         else:
-            values = [item.value()]
-        axes.append([Override(kind, key, value, item.input_line) for value in values])
+            axes.append([Override(kind, key, item.value(), item.input_line)])
     return [list(point) for point in itertools.product(*axes)]
 
 
-def _sweep_values(item, options: list[str] | None) -> list[Any]:
+def _sweep_values(item, options: list[str] | None) -> list[tuple[Any, str]]:
+    """(value, its text in the override grammar) of every point of a sweep."""
     from hydra.core.override_parser.types import Glob
 
     value = item.value()
@@ -95,8 +107,8 @@ def _sweep_values(item, options: list[str] | None) -> list[Any]:
         chosen = value.filter(options)
         if not chosen:
             raise OverrideError(f"{item.input_line} matches no option of group {item.key_or_group!r}: {', '.join(options)}")
-        return chosen
-    return list(item.sweep_iterator())
+        return [(option, option) for option in chosen]
+    return list(zip(item.sweep_iterator(), item.sweep_string_iterator(), strict=True))
 
 
 def split_choices(overrides: list[Override], groups: dict[str, list[str]]) -> tuple[dict[str, str], list[Override]]:
@@ -175,10 +187,119 @@ def _builds_an_object(node: DictConfig) -> bool:
         return True
 
 
-def _check_type(key: str, old: Any, new: Any) -> None:
+def _parameter(parent: Any, name: str | int) -> inspect.Parameter | None:
+    """The parameter `name` of the target of the `_target_` node `parent`, annotations evaluated; None where
+    unknown (no target, not importable, no such named parameter, no signature)."""
+    from forgather.graph.imports import import_spec
+
+    if not isinstance(parent, DictConfig) or not isinstance(name, str) or "_target_" not in parent:
+        return None
+    try:
+        target = import_spec(str(parent._get_node("_target_")._value()))
+        parameter = inspect.signature(target).parameters.get(name)
+    except Exception:  # not importable here (construction will say why) or no signature (builtins)
+        return None
+    if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        return None
+    try:
+        function = target.__init__ if inspect.isclass(target) else target
+        return parameter.replace(annotation=typing.get_type_hints(function).get(name, parameter.annotation))
+    except Exception:  # an annotation that does not evaluate (names imported only for type checkers)
+        return parameter
+
+
+_NUMBERS = (int, float, complex)
+
+
+def _accepts(annotation: Any, value: Any) -> bool | None:
+    """Whether an override value (None, bool, int, float, str, list or dict) fits a type annotation:
+    True, False, or None where it cannot tell (a string may be converted by the target, a forward reference)."""
+    if annotation in (inspect.Parameter.empty, Any) or isinstance(annotation, (str, typing.ForwardRef, typing.TypeVar)):
+        return None
+    if annotation is None or annotation is type(None):
+        return value is None
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_accepts(member, value) for member in typing.get_args(annotation)]
+        return True if True in verdicts else (None if None in verdicts else False)
+    if origin is typing.Literal:
+        return any(type(value) is type(option) and value == option for option in typing.get_args(annotation))
+    kind = origin or annotation
+    if not isinstance(kind, type):
+        return None
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return True if issubclass(str, kind) else (False if kind in (bool, *_NUMBERS) else None)
+    if kind is str and not isinstance(value, (list, dict)):
+        return None  # `name=123` parses as an int; a string parameter may take it as text
+    if isinstance(value, bool):
+        return kind is bool or kind is object
+    if isinstance(value, int) and kind in _NUMBERS:
+        return True
+    try:
+        return isinstance(value, kind)
+    except TypeError:  # a Protocol that is not runtime-checkable
+        return None
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(member) for member in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return " | ".join(repr(option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _check_signature(override: Override, parent: Any, last: str | int) -> bool:
+    """Check the value against the target's annotation of the parameter; True when the annotation accepts it
+    (so the current value's type does not matter: `gradient_clip_val: int | float`)."""
+    parameter = _parameter(parent, last)
+    if parameter is None:
+        return False
+    value = override.value
+    verdict = True if value is None and parameter.default is None else _accepts(parameter.annotation, value)
+    if verdict is False:
+        target = str(parent._get_node("_target_")._value())
+        raise OverrideError(
+            f"{override.text}: {target} takes {last}: {_type_name(parameter.annotation)}; "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return bool(verdict)
+
+
+def _current_value(parent: Any, last: str | int) -> Any:
+    """The value an override replaces; for an interpolation, the value it resolves to (None if it does not)."""
+    node = parent._get_node(last)
+    if isinstance(node, (DictConfig, ListConfig)) and not node._is_interpolation():
+        return node
+    if not node._is_interpolation():
+        return node._value()
+    try:
+        resolved = node._dereference_node()
+    except Exception:  # a missing value, a custom resolver: nothing to compare with
+        return None
+    return resolved if isinstance(resolved, (DictConfig, ListConfig)) else resolved._value()
+
+
+def _check_args(override: Override) -> None:
+    if override.key.rpartition(".")[2] == "_args_" and not isinstance(override.value, list):
+        raise OverrideError(
+            f"{override.text}: _args_ holds the positional arguments of the node's target, a list; "
+            f"got {type(override.value).__name__} (write {override.key}=[{override.value!r}])"
+        )
+
+
+def _check_type(override: Override, old: Any) -> None:
+    key, new = override.key, override.value
     if OmegaConf.is_dict(old) and "_target_" in old and not isinstance(new, dict) and _builds_an_object(old):
-        raise OverrideError(f"{key} is a component ({old._target_}); override its arguments ({key}.NAME=...) or choose a group option")
-    if old is None or isinstance(old, str) or new is None:
+        raise OverrideError(f"{override.text}: {key} is a component ({old._target_}); override its arguments ({key}.NAME=...) or choose a group option")
+    if old is None or isinstance(old, str) or new is None or OmegaConf.is_config(old):
         return
     numeric = (int, float)
     if isinstance(old, bool) or isinstance(new, bool):
@@ -188,7 +309,7 @@ def _check_type(key: str, old: Any, new: Any) -> None:
     else:
         compatible = True
     if not compatible:
-        raise OverrideError(f"{key} is {type(old).__name__} ({old!r}); got {type(new).__name__} {new!r}")
+        raise OverrideError(f"{override.text}: {key} is {type(old).__name__} ({old!r}); got {type(new).__name__} {new!r}")
 
 
 def _named_node_paths(config: DictConfig) -> dict[str, str]:
@@ -230,9 +351,72 @@ def apply(config: DictConfig, overrides: list[Override]) -> None:
             parent, last = found
             del parent[last]
             continue
+        _check_args(override)
         if override.kind == "change":
             parent, last = found
-            old = parent._get_node(last)
-            old_value = old if isinstance(old, (DictConfig, ListConfig)) else (None if old._is_interpolation() else old._value())
-            _check_type(key, old_value, override.value)
+            if not _check_signature(override, parent, last):
+                _check_type(override, _current_value(parent, last))
         OmegaConf.update(config, key, override.value, merge=False, force_add=True)
+
+
+# -- naming the overrides behind a construction error ------------------------------------------------
+
+_REFERENCE = re.compile(r"\$\{([\w.]+)\}")
+
+
+def _keys_read_at(config: DictConfig, path: str) -> set[str]:
+    """`path` and every key its subtree refers to through interpolations, followed transitively."""
+    keys: set[str] = set()
+    todo = [path]
+    while todo:
+        key = todo.pop()
+        if key in keys:
+            continue
+        keys.add(key)
+        try:
+            found = _locate(config, key)
+        except OverrideError:
+            found = None
+        if found is None:
+            continue
+        node = found[0]._get_node(found[1])
+        data = OmegaConf.to_container(node, resolve=False) if isinstance(node, (DictConfig, ListConfig)) else node._value()
+        todo += _REFERENCE.findall(str(data))
+    return keys
+
+
+def _failing_path(error: BaseException) -> str | None:
+    from forgather.graph.construct import ConstructError
+
+    return next((e.path for e in causes(error) if isinstance(e, ConstructError)), None)
+
+
+def _blamed(error: BaseException, config: DictConfig, overrides: list[Override]) -> tuple[list[Override], bool]:
+    """(overrides behind `error`, whether the error names them). Those whose key the message names, among
+    those the failing node reads (or among all, when the error has no config path: an optimizer partial
+    called by Lightning); else every override the failing node reads."""
+    path = _failing_path(error)
+    candidates = overrides
+    if path is not None:
+        read = _keys_read_at(config, path)
+        candidates = [o for o in overrides if any(o.key == k or k.startswith(o.key + ".") or o.key.startswith(k + ".") for k in read)]
+    text = "\n".join(str(e) for e in causes(error))
+    named = [o for o in candidates if re.search(rf"\b{re.escape(o.key.rpartition('.')[2])}\b", text)]
+    if named:
+        return named, True
+    return (candidates, False) if path is not None else ([], False)
+
+
+@contextlib.contextmanager
+def naming_overrides(config: DictConfig, overrides: list[Override]) -> Iterator[None]:
+    """Around construction and training: a failure gets a note naming the overrides behind it (see
+    `_blamed`): `weight_decay=-1.0` behind a failing optimizer."""
+    try:
+        yield
+    except Exception as error:
+        blamed, named = _blamed(error, config, overrides)
+        if blamed:
+            texts = " ".join(o.text for o in blamed)
+            plural = "s" if len(blamed) > 1 else ""
+            error.add_note(f"set by the override{plural} {texts}" if named else f"it reads the override{plural} {texts}")
+        raise

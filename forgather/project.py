@@ -171,7 +171,8 @@ class LoadedConfig:
         try:
             return load_graph(self.text)
         except GraphError as error:
-            raise self.located(error.message, error.line) from error
+            message = error.describe(lambda line: str(self.located("", line).location))
+            raise self.located(message, error.line) from error
 
     @cached_property
     def _config_result(self):

@@ -26,7 +26,6 @@ import datetime
 import os
 import shlex
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
+from forgather.errors import causes, report
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
 from forgather.template import TemplateEnvironment
 
@@ -167,6 +167,7 @@ class Runner:
         experiment, loaded = self.load(choices)
         config = loaded.config.copy()
         ovr.apply(config, values)
+        warn_about_warmup(config)
         if self.args.cfg:
             print(OmegaConf.to_yaml(config), end="")
             return None
@@ -174,7 +175,7 @@ class Runner:
         config.output_dir = str(run_dir)
         meta = {"experiment": experiment, "template": loaded.template, "project_dir": self.project.root, "model_src": self.project.model_src}
         model_code = loaded.code("model", config) if "model" in config else None
-        with _run_dir_env(run_dir):
+        with _run_dir_env(run_dir), ovr.naming_overrides(config, values):
             return train(
                 config,
                 run_dir,
@@ -200,10 +201,42 @@ class Runner:
                 metrics = self.run_point(point, root / str(number))
                 results.append((label, metrics or {}))
             except Exception as error:  # one failing point must not stop the others
-                traceback.print_exc()
-                results.append((label, f"{type(error).__name__}: {error}"))
+                report(error)  # what the same failure prints in a single run
+                root_cause = list(causes(error))[-1]
+                results.append((label, f"{type(root_cause).__name__}: {root_cause}".splitlines()[0]))
         _print_sweep(root, results)
         return 1 if any(isinstance(outcome, str) for _, outcome in results) else 0
+
+
+def warn_about_warmup(config: DictConfig) -> None:
+    """Warn when a warmup setting (a key named `*warmup*` holding a step count) exceeds the run's max_steps:
+    the learning rate would never reach its peak. Easy to miss in a sweep over max_steps."""
+    try:
+        data = OmegaConf.to_container(config, resolve=True)
+    except Exception:  # a value still missing (???): construction will say so
+        return
+    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else {}
+    max_steps = next((v for v in (trainer.get("max_steps"), data.get("max_steps")) if type(v) is int and v > 0), None)
+    if max_steps is None:
+        return
+    found, stack = [], [("", data)]
+    while stack:
+        prefix, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            path = f"{prefix}{key}"
+            if "warmup" in str(key) and type(value) is int and value > max_steps:
+                found.append(path)
+            stack.append((path + ".", value))
+    if found:
+        path = min(found, key=lambda p: (p.count("."), p))
+        value = OmegaConf.select(config, path)
+        print(
+            f"warning: {path}={value} exceeds max_steps={max_steps}: the learning rate never reaches its peak ; "
+            f"lower {path} or raise max_steps",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def export_settings(outputs: str, experiment: str, base_dir: str | None, sweep_point: Path | None = None) -> dict[str, Any]:
@@ -252,17 +285,18 @@ def train(
 
 def _print_sweep(root: Path, results: list[tuple[str, dict[str, float] | str]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     keys = sorted({key for _, outcome in results if isinstance(outcome, dict) for key in outcome if "/" in key})
     table = Table(title=f"sweep: {root}")
-    for column in ("#", "overrides", *keys):
+    for column in ("#", "overrides", "status", *keys):
         table.add_column(column)
     for number, (label, outcome) in enumerate(results):
         if isinstance(outcome, str):
-            table.add_row(str(number), label, f"[red]failed: {outcome}[/red]", *[""] * (len(keys) - 1))
+            table.add_row(str(number), label, f"[red]failed: {escape(outcome)}[/red]", *[""] * len(keys))
         else:
-            table.add_row(str(number), label, *[f"{outcome[k]:.4g}" if k in outcome else "" for k in keys])
+            table.add_row(str(number), label, "ok", *[f"{outcome[k]:.4g}" if k in outcome else "" for k in keys])
     Console(width=max(160, Console().width)).print(table)
 
 
@@ -341,9 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.run_point(point)
         return 0
     except Exception as error:
-        from forgather.cli.common import report_error
-
-        return report_error(error)
+        return report(error)
 
 
 if __name__ == "__main__":

@@ -147,3 +147,38 @@ def test_adding_under_a_node_name_points_to_where_the_node_is(capsys):
     config = config_of(capsys, "++model.layer_factory.feedforward_factory.chunk_tokens=8")
     assert config["model"]["layer_factory"]["feedforward_factory"]["chunk_tokens"] == 8
     assert "new_variable" in config_of(capsys, "+new_variable=3")  # plain new keys still add
+
+
+def test_an_override_through_an_interpolation_is_checked_against_the_targets_signature(capsys):
+    # trainer.max_steps holds ${max_steps}: Trainer's annotation (int) decides, at override time.
+    error = error_of(capsys, "+experiment=micro", "trainer.max_steps=abc")
+    assert error.strip() == "error: trainer.max_steps=abc: pytorch_lightning:Trainer takes max_steps: int; got str 'abc'"
+
+
+def test_a_scalar_where_the_signature_wants_loggers_is_one_line(capsys):
+    error = error_of(capsys, "+experiment=micro", "trainer.logger=5")
+    assert error.count("\n") == 1 and "trainer.logger=5: pytorch_lightning:Trainer takes logger: Logger | Iterable[Logger] | bool | None; got int 5" in error
+
+
+def test_an_override_through_an_interpolation_without_a_signature_is_checked_against_the_interpolated_value(capsys, tmp_path):
+    (tmp_path / "templates" / "configs").mkdir(parents=True)
+    (tmp_path / "meta.yaml").write_text("name: p\n")
+    (tmp_path / "templates" / "configs" / "c.yaml").write_text("table: !call:builtins:dict\n  rows: !var {name: rows, default: 3}\n")
+    assert main(["-p", str(tmp_path), "+experiment=c", "--cfg", "table.rows=many"]) == 2
+    assert "table.rows=many: table.rows is int (3); got str 'many'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["trainer.logger=false", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1", "trainer.devices=auto", "trainer.max_steps=7"])
+def test_values_the_signature_accepts_pass(capsys, override):
+    key, value = override.split("=")
+    assert str(config_of(capsys, override)["trainer"][key.split(".")[1]]).lower() == value
+
+
+def test_values_outside_a_literal_annotation_are_refused(capsys):
+    assert "takes precision: 64 | 32 | 16 | 'transformer-engine'" in error_of(capsys, "+experiment=micro", "trainer.precision=17")
+
+
+@pytest.mark.parametrize("override", ["model.vocab_size._args_=5", "++model._args_=5"])
+def test_underscore_args_must_be_a_list(capsys, override):
+    error = error_of(capsys, "+experiment=micro", override)
+    assert "_args_ holds the positional arguments of the node's target, a list; got int" in error and "=[5]" in error

@@ -1,30 +1,12 @@
-"""What the subcommands share: loading the chosen config, and reporting errors readably."""
+"""What the subcommands share: loading the chosen config. (Errors are reported by forgather.errors.report.)"""
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from forgather.project import LoadedConfig, Project
-
-# Errors a user causes and can fix: printed as one located message, no traceback.
-_USER_ERRORS = ("TemplateError", "ConstructError", "GraphError", "ImportSpecError", "OverrideError")
 
 
 def load(args: argparse.Namespace) -> LoadedConfig:
     project = Project.load(args.project)
     return project.load_config(args.config, tuple(args.template_path))
-
-
-def report_error(error: BaseException) -> int:
-    """Print an error for the user; FORGATHER_TRACEBACK=1 shows the traceback as well.
-
-    Exit codes: 2 for a mistake in the input, 3 for a run aborted through `forgather control abort`."""
-    if type(error).__name__ == "JobAborted":
-        print(f"aborted: {error}", file=sys.stderr)
-        return 3
-    if os.environ.get("FORGATHER_TRACEBACK") or type(error).__name__ not in (*_USER_ERRORS, "FileNotFoundError", "ValueError", "KeyError"):
-        raise error
-    print(f"error: {error}", file=sys.stderr)
-    return 2

@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # one readable line for the user's mistakes; tracebacks only on request
-        from forgather.cli.common import report_error
+        from forgather.errors import report
 
-        return report_error(error)
+        return report(error)
 
 
 if __name__ == "__main__":

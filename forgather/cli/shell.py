@@ -25,7 +25,6 @@ import importlib
 import os
 import shlex
 import sys
-import traceback
 from typing import IO
 
 import yaml
@@ -320,11 +319,7 @@ class ForgatherShell(cmd.Cmd):
 
 
 def _report(error: Exception) -> int:
-    """The CLI's error report (one line for a user's mistake); a traceback for anything else."""
-    from forgather.cli.common import report_error
+    """The CLI's error report: one line for a user's mistake, a traceback for anything else."""
+    from forgather.errors import report
 
-    try:
-        return report_error(error)
-    except Exception:
-        traceback.print_exc(file=sys.stdout)
-        return 1
+    return report(error)

@@ -7,7 +7,8 @@ Semantics of a `_target_` node (see config.py for the vocabulary):
     _factory_: true    a new object at every occurrence, `_id_` notwithstanding
 Arguments are constructed first, depth first. Interpolations are resolved by OmegaConf before anything
 is built; a value still missing (`???`) is an error naming its key. A failure names the config path of
-the node that failed and its target; `ConstructError.path` lets a caller map it back to a template line.
+the node that failed and its target; `ConstructError.path` lets a caller map it back to a template line,
+and the runner name the overrides behind it (forgather.overrides.naming_overrides adds them as a note).
 Plain Hydra configs (`_target_` in Hydra's dotted form, `_args_`, `_partial_`) construct the same way.
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError, MissingMandatoryValue
 
+from forgather.errors import UserError
 from forgather.graph.config import RESERVED_KEYS
 from forgather.graph.imports import import_spec
 
@@ -28,7 +30,7 @@ from forgather.graph.imports import import_spec
 _IGNORED_HYDRA_KEYS = ("_recursive_", "_convert_")
 
 
-class ConstructError(Exception):
+class ConstructError(UserError):
     """Constructing the node at `path` failed; the message says where, what, and the cause."""
 
     def __init__(self, path: str, message: str):
@@ -75,7 +77,12 @@ class _Builder:
             function = import_spec(target, self.base_dir) if isinstance(target, str) else target
         except ImportError as error:
             raise ConstructError(path, f"cannot import target: {error}") from error
-        args = [self.build(arg, _join(path, f"_args_.{i}")) for i, arg in enumerate(node.get("_args_", ()))]
+        positional = node.get("_args_", ())
+        if not isinstance(positional, (list, tuple)):
+            raise ConstructError(
+                _join(path, "_args_"), f"_args_ must be a list of positional arguments, got {type(positional).__name__} {positional!r}"
+            )
+        args = [self.build(arg, _join(path, f"_args_.{i}")) for i, arg in enumerate(positional)]
         kwargs = {
             key: self.build(item, _join(path, key))
             for key, item in node.items()

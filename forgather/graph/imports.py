@@ -23,8 +23,10 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from forgather.errors import UserError
 
-class ImportSpecError(ImportError):
+
+class ImportSpecError(UserError, ImportError):
     """A spec that names nothing importable; the message says which part failed and what to check."""
 
 

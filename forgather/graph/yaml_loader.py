@@ -10,18 +10,21 @@
 Any tag may end in `@name` (or `:@name`), naming the node. Arguments of a call are a sequence
 (positional), a mapping (keywords; keys `arg0`, `arg1` ... are positional), or `{args: [...], kwargs: {...}}`.
 
-Loading errors are `GraphError`s carrying the line of the rendered YAML, which the caller maps back to a
-template line.
+Refused, before anything is built: a key repeated in one mapping (except `.`-keys, which only carry
+anchors, and `!dlist` items), an anchor whose content aliases itself, nesting deeper than MAX_DEPTH, one
+`!var` name with two different defaults, and `{args, kwargs}` of the wrong types. Loading errors are
+`GraphError`s carrying the line of the rendered YAML, which the caller maps back to a template line.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from forgather.graph.nodes import MISSING, CallKind, CallNode, Graph, VarNode
+from forgather.errors import UserError
+from forgather.graph.nodes import MISSING, CallKind, CallNode, Graph, VarNode, children
 
 _CALL_TAGS: dict[str, CallKind] = {
     "!call:": "singleton",
@@ -35,13 +38,30 @@ _POSITIONAL_KEY = re.compile(r"^arg(\d+)$")
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class GraphError(ValueError):
-    """A malformed node; `line` is the line of the rendered YAML (1-based) when known."""
+Where = Callable[[int], str]
 
-    def __init__(self, message: str, line: int | None = None):
-        self.message = message
+
+def _rendered_line(line: int) -> str:
+    return f"line {line}"
+
+
+class GraphError(UserError, ValueError):
+    """A malformed node; `line` is the line of the rendered YAML (1-based) when known.
+
+    A message that names a second place (a duplicate key's first occurrence) is a function of `where`,
+    which turns a rendered-YAML line into a place; `describe(where)` lets the caller name template lines."""
+
+    def __init__(self, message: str | Callable[[Where], str], line: int | None = None):
+        self._message = message
         self.line = line
-        super().__init__(message if line is None else f"line {line}: {message}")
+        super().__init__(self.message if line is None else f"line {line}: {self.message}")
+
+    def describe(self, where: Where) -> str:
+        return self._message(where) if callable(self._message) else self._message
+
+    @property
+    def message(self) -> str:
+        return self.describe(_rendered_line)
 
 
 def _split_name(suffix: str) -> tuple[str, str | None]:
@@ -62,7 +82,7 @@ def _arguments(loader: yaml.Loader, node: yaml.Node) -> tuple[list[Any], dict[st
     if isinstance(node, yaml.MappingNode):
         mapping = loader.construct_mapping(node, deep=True)
         if mapping and set(mapping) <= {"args", "kwargs"}:
-            return list(mapping.get("args") or []), dict(mapping.get("kwargs") or {})
+            return _args_kwargs(mapping, _line(node))
         positional = sorted((int(m.group(1)), k) for k in mapping if (m := _POSITIONAL_KEY.match(str(k))))
         args = [mapping.pop(key) for _, key in positional]
         if [index for index, _ in positional] != list(range(len(positional))):
@@ -77,6 +97,16 @@ def _arguments(loader: yaml.Loader, node: yaml.Node) -> tuple[list[Any], dict[st
     # The custom tag hid the scalar's implicit type (int, float ...): resolve it as if untagged.
     implicit = loader.resolve(yaml.ScalarNode, node.value, (plain, False))
     return [loader.construct_object(yaml.ScalarNode(implicit, node.value, style=node.style))], {}
+
+
+def _args_kwargs(mapping: dict[str, Any], line: int) -> tuple[list[Any], dict[str, Any]]:
+    """The `{args: [...], kwargs: {...}}` form (a keyword argument named `args` goes inside kwargs)."""
+    args, kwargs = mapping.get("args") or [], mapping.get("kwargs") or {}
+    if not isinstance(args, (list, tuple)):
+        raise GraphError(f"args must be a list of positional arguments, got {type(args).__name__} {args!r}; write args: [{args!r}]", line)
+    if not isinstance(kwargs, dict):
+        raise GraphError(f"kwargs must be a mapping of keyword arguments, got {type(kwargs).__name__} {kwargs!r}; write kwargs: {{name: value}}", line)
+    return list(args), dict(kwargs)
 
 
 def _construct_call(loader: yaml.Loader, suffix: str, node: yaml.Node, kind: CallKind) -> CallNode:
@@ -147,14 +177,110 @@ def _unknown_tag(loader: yaml.Loader, suffix: str, node: yaml.Node) -> Any:
 GraphLoader.add_multi_constructor("!", _unknown_tag)
 
 
+# Deeper than any real config; guards the recursive composer and constructor (a RecursionError, or a
+# crash in libyaml's composer, at a few thousand levels).
+MAX_DEPTH = 100
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH from the event stream, before anything recursive runs."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_BaseLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise GraphError(f"nesting deeper than {MAX_DEPTH} levels; flatten the structure", event.start_mark.line + 1)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _check_nodes(root: yaml.Node) -> None:
+    """Refuse a recursive alias (an anchor whose content refers to itself) and duplicate mapping keys.
+    Iterative depth-first walk; a node entered but not yet left is on the current path, so meeting it
+    again is a cycle. Aliases that merely share a node are fine and are walked once."""
+    state: dict[int, bool] = {}  # id -> left (False while on the current path)
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            state[id(node)] = True
+            continue
+        if id(node) in state:
+            if not state[id(node)]:
+                raise GraphError("this anchor's content refers to itself (a recursive alias); a node cannot contain itself", _line(node))
+            continue
+        state[id(node)] = False
+        stack.append((node, True))
+        if isinstance(node, yaml.MappingNode):
+            if not node.tag.startswith("!dlist"):  # in a !dlist, redeclaring a key overrides it
+                _check_duplicate_keys(node)
+            stack.extend((child, False) for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, False) for child in node.value)
+
+
+def _check_duplicate_keys(node: yaml.MappingNode) -> None:
+    first: dict[tuple[str, str], int] = {}
+    for key, _ in node.value:
+        # `.define: &name ...` may repeat: a dot key only carries anchors, its value is never read.
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge" or key.value.startswith("."):
+            continue
+        seen = first.setdefault((key.tag, key.value), _line(key))
+        if seen != _line(key):
+            raise GraphError(
+                lambda where, name=key.value, line=seen: f"duplicate key {name!r} (also at {where(line)}); keep one: YAML would silently use the last",
+                _line(key),
+            )
+
+
+def _check_vars(data: Any) -> None:
+    """The same `!var` with two different defaults is an error naming both places."""
+    defaults: dict[str, VarNode] = {}
+    seen: set[int] = set()
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, VarNode):
+            other = defaults.setdefault(value.name, value) if value.default is not MISSING else None
+            if other is not None and other is not value and _plain(other.default) and _plain(value.default) and other.default != value.default:
+                first, later = sorted((other, value), key=lambda var: var.line or 0)
+                raise GraphError(
+                    lambda where: f"!var {later.name!r} has default {later.default!r} here and {first.default!r} at {where(first.line)}; give every !var {later.name} the same default",
+                    later.line,
+                )
+            stack.append(value.default)
+        stack.extend(child for _, child in children(value))
+
+
+def _plain(value: Any) -> bool:
+    """Plain YAML data (no nodes inside), which compares by value."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(_plain(item) for item in value.values())
+    return not isinstance(value, (CallNode, VarNode))
+
+
 def load_graph(text: str) -> Graph:
     """Parse rendered YAML into a Graph; the top level must be a mapping of targets."""
     try:
-        data = yaml.load(text, Loader=GraphLoader)
+        _check_depth(text)
+        loader = GraphLoader(text)
+        try:
+            root = loader.get_single_node()
+            if root is not None:
+                _check_nodes(root)
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         problem = " ".join(p for p in (error.context, error.problem) if p)
         raise GraphError(f"YAML syntax error: {problem}", mark.line + 1 if mark else None) from error
+    _check_vars(data)
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from forgather.lightning.memory import check_batch_fits
 from forgather.lightning.steps import writes_metrics
 from forgather.loss.base import IGNORE_INDEX
 
@@ -80,6 +81,7 @@ class CausalLMModule(pl.LightningModule):
         self._window_tokens: torch.Tensor | int = 0  # label tokens since the window's start, on the device
         self._window_start: float | None = None
         self._window_step = -1  # the optimizer step at the window's start
+        self._fitting_batches: set[tuple[torch.Size, bool]] = set()
 
     def configure_model(self) -> None:
         # Lightning calls this for every stage; build once.
@@ -104,6 +106,7 @@ class CausalLMModule(pl.LightningModule):
     # Training and validation
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self._check_batch_fits(batch, training=True)
         loss = self._loss(batch)
         labels = _labels(batch)
         self._batch_tokens = (labels != self._ignore_index).sum()
@@ -113,6 +116,7 @@ class CausalLMModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self._check_batch_fits(batch, training=False)
         loss = self._loss(batch)
         targets = int((_labels(batch)[:, 1:] != self._ignore_index).sum())
         # Lightning's epoch mean weights each batch by batch_size: weighting by targets gives the token mean.
@@ -176,6 +180,15 @@ class CausalLMModule(pl.LightningModule):
     @property
     def _ignore_index(self) -> int:
         return getattr(self.loss, "ignore_index", IGNORE_INDEX)
+
+    def _check_batch_fits(self, batch: Batch, training: bool) -> None:
+        """Refuse (once per batch shape) a batch whose activations cannot fit (forgather.lightning.memory)."""
+        ids = batch["input_ids"]
+        if (ids.shape, training) in self._fitting_batches:
+            return
+        precision = str(self._trainer.precision) if self._trainer is not None else "32"
+        check_batch_fits(self.model, ids.shape, ids.device, 2 if "16" in precision else 4, training)
+        self._fitting_batches.add((ids.shape, training))
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         hidden = self.model.hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"))

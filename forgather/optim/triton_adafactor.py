@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from forgather.errors import MachineError
 from forgather.optim.adafactor import Adafactor, reference_update, rounds_stochastically
 from forgather.optim.state import Params
 
@@ -46,7 +47,10 @@ class TritonAdafactor(Adafactor):
         """`tile` = (BLOCK_N, BLOCK_M, ROWS_PER_PROGRAM), `num_warps` and `serpentine` (pass 3 walks backwards
         to reuse L2) tune the kernels; the defaults are adafactor_kernels.py's measured best."""
         if not (torch.cuda.is_available() or _interpreting()):
-            raise RuntimeError("TritonAdafactor needs a CUDA device; use forgather.optim.Adafactor on CPU")
+            raise MachineError(
+                "TritonAdafactor needs a CUDA device (a GPU), and torch sees none ; on CPU use forgather.optim.Adafactor "
+                "(optimizer=adafactor: the same math)"
+            )
         self._kernels = _load_kernels()
         k = self._kernels
         block_n, block_m, rows = tile or (k.BLOCK_N, k.BLOCK_M, k.ROWS_PER_PROGRAM)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from forgather.errors import UserError
+
 
 class SourceLocation(NamedTuple):
     path: str
@@ -13,7 +15,7 @@ class SourceLocation(NamedTuple):
         return f"{self.path}:{self.line}" if self.line else self.path
 
 
-class TemplateError(Exception):
+class TemplateError(UserError):
     """A failure located in a template: `chain` runs from the requested template to the failing line."""
 
     def __init__(self, message: str, chain: list[SourceLocation]):

@@ -1,0 +1,88 @@
+"""The one error reporter of the project, for `forgather` and `python -m forgather.run` (and each sweep point).
+
+A mistake the user can fix is printed as one line on stderr, no traceback:
+
+    error: <file:line or config key>: <what went wrong> ; <what to do>
+
+(a template error adds the extends/include chain that led there, one `  from FILE:LINE` line each). What
+counts as such a mistake: a `UserError` (the base of every stage's error: template, graph, override,
+construct), a `ValueError`/`KeyError`/`FileNotFoundError` raised by our own checks, and an `OSError` of a
+full disk, a quota, a read-only file system or a denied permission, found anywhere in the error's chain
+(a library may wrap it in an error of its own). Notes added with `add_note` (the override that set a
+failing key) are appended to the line. Anything else is a bug: its traceback is printed.
+FORGATHER_DEBUG=1 prints the traceback of every error.
+
+Exit codes: 2 for a mistake, 3 for a run aborted through `forgather control abort`, 1 for anything else.
+This module imports nothing heavy: the CLI reports errors before torch is ever loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+from typing import Iterator, TextIO
+
+DEBUG_ENV = "FORGATHER_DEBUG"
+
+# Errors raised by our own input checks, worded for the user.
+_PLAIN_MISTAKES = (ValueError, KeyError, FileNotFoundError)
+
+# errno -> what to do about it.
+_ENVIRONMENT = {
+    errno.ENOSPC: "free some space, or write elsewhere (--outputs DIR)",
+    errno.EDQUOT: "free some space under your quota, or write elsewhere (--outputs DIR)",
+    errno.EROFS: "write elsewhere (--outputs DIR)",
+    errno.EACCES: "you may not write there: fix its permissions, or write elsewhere (--outputs DIR)",
+    errno.EPERM: "you may not write there: fix its permissions, or write elsewhere (--outputs DIR)",
+}
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad input, an unsuitable machine); its message says where and what to do."""
+
+
+class MachineError(UserError, RuntimeError):
+    """The machine lacks what the config asks for (a CUDA GPU, enough memory); the message says what to change."""
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what it was raised from (or during), down to the first cause."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _environment_error(error: BaseException) -> OSError | None:
+    return next((e for e in causes(error) if isinstance(e, OSError) and e.errno in _ENVIRONMENT), None)
+
+
+def describe(error: BaseException) -> str | None:
+    """The one-line report of a user's mistake (without the `error: ` prefix), or None for a bug."""
+    found = _environment_error(error)
+    if found is not None:
+        where = found.filename2 or found.filename or ""  # a failed copy or move names its destination second
+        return f"{where}: {found.strerror} ; {_ENVIRONMENT[found.errno]}" if where else f"{found.strerror} ; {_ENVIRONMENT[found.errno]}"
+    if not isinstance(error, (UserError, *_PLAIN_MISTAKES)):
+        return None
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    first, *chain = text.split("\n")  # a template error's `  from FILE:LINE` lines stay below
+    return "\n".join([" ; ".join([first, *getattr(error, "__notes__", ())]), *chain])
+
+
+def report(error: BaseException, stream: TextIO | None = None) -> int:
+    """Print `error` for the user (see the module docstring) and return the process exit code."""
+    stream = stream or sys.stderr
+    if type(error).__name__ == "JobAborted":  # callbacks/job_control.py: a requested stop, not a failure
+        print(f"aborted: {error}", file=stream)
+        return 3
+    line = describe(error)
+    if line is None or os.environ.get(DEBUG_ENV):
+        traceback.print_exception(error, file=stream)
+    if line is None:
+        return 1
+    print(f"error: {line}", file=stream, flush=True)
+    return 2

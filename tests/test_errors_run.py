@@ -1,0 +1,176 @@
+"""One reporter for every failure of a run: `error: <where>: <what> ; <what to do>`, one line, no traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from forgather.errors import UserError, report
+from forgather.run import main
+
+PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
+
+
+def run(tmp_path, capsys, *arguments: str) -> tuple[int, str, str]:
+    code = main(["-p", PROJECT, "--outputs", str(tmp_path), "+experiment=micro", *arguments])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+# -- the reporter ---------------------------------------------------------------------------------------
+
+
+def test_a_user_error_is_one_line_with_its_notes(capsys):
+    error = UserError("conf/x.yaml:3: bad value")
+    error.add_note("set by the override x=1")
+    assert report(error) == 2
+    assert capsys.readouterr().err == "error: conf/x.yaml:3: bad value ; set by the override x=1\n"
+
+
+def test_a_full_disk_found_under_a_wrapping_error_is_one_line(capsys):
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/a.tmp", None, "/out/run/last.ckpt")
+        except OSError as cause:
+            raise RuntimeError("checkpoint write failed") from cause
+    except RuntimeError as error:
+        assert report(error) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: /out/run/last.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, or write elsewhere (--outputs DIR)\n"
+
+
+def test_a_bug_prints_its_traceback_and_exit_code_1(capsys):
+    try:
+        raise AttributeError("'int' object has no attribute 'finalize'")
+    except AttributeError as error:
+        assert report(error) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_forgather_debug_adds_the_traceback_to_a_user_error(capsys, monkeypatch):
+    monkeypatch.setenv("FORGATHER_DEBUG", "1")
+    try:
+        raise UserError("where: what ; do this")
+    except UserError as error:
+        assert report(error) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("error: where: what ; do this\n")
+
+
+def test_the_runner_reports_without_importing_the_cli():
+    probe = (
+        "import sys\nfrom forgather.run import main\n"
+        f"code = main(['-p', {PROJECT!r}, '--cfg', '+experiment=micro', 'max_steps=many'])\n"
+        "print(code, any(name.startswith('forgather.cli') for name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"] and "max_steps=many" in result.stderr
+
+
+# -- a run's environment ----------------------------------------------------------------------------------
+
+
+def test_a_read_only_output_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    read_only = tmp_path / "ro"
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # as root, permissions would not stop the write: refuse like EROFS does
+        if str(self).startswith(str(read_only)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    code, _, err = run(read_only, capsys, "max_steps=1")
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert line.startswith(f"error: {read_only}/outputs/micro/")
+    assert line.endswith(f": {os.strerror(errno.EROFS)} ; write elsewhere (--outputs DIR)")
+
+
+def test_a_disk_filling_up_during_training_is_one_line(tmp_path, capsys, monkeypatch):
+    from forgather.lightning.checkpoint_io import AtomicCheckpointIO
+
+    def full(self, checkpoint, path, storage_options=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/staging", None, str(path))
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", full)
+    code, _, err = run(tmp_path, capsys, "max_steps=4", "checkpoint_every=2")
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert line.endswith(f"step=2.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, or write elsewhere (--outputs DIR)")
+
+
+def test_triton_adafactor_on_cpu_says_it_needs_a_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(tmp_path, capsys, "optimizer=adafactor_triton", "max_steps=1")
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert "TritonAdafactor needs a CUDA device (a GPU)" in line and "optimizer=adafactor" in line
+
+
+def test_a_block_size_beyond_the_machines_memory_is_refused_before_the_forward(tmp_path, capsys, monkeypatch):
+    from forgather.lightning import memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: 64 * 2**20)
+    code, _, err = run(tmp_path, capsys, "block_size=4096", "max_steps=1")
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert "x 4096 tokens (batch_size x block_size) needs at least" in line and "the cpu device has 0.1 GiB" in line
+    assert line.endswith("lower block_size or batch_size ; set by the override block_size=4096")
+
+
+def test_the_estimate_refuses_ten_million_tokens_without_allocating_them():
+    from torch import nn
+
+    from forgather.lightning.memory import check_batch_fits
+    from forgather.models.causal_lm import CausalLM
+
+    model = CausalLM(vocab_size=320, hidden_size=32, num_layers=2, layer_factory=lambda h: nn.Identity(), norm_factory=nn.LayerNorm)
+    # 4 x 10M tokens x (2 layers x 16 x 32 + 320 logits) x 4 bytes
+    with pytest.raises(UserError, match=r"a batch of 4 x 10000000 tokens .* needs at least 200\.3 GiB of activations to train"):
+        check_batch_fits(model, torch.Size([4, 10_000_000]), torch.device("cpu"), 4, training=True)
+    check_batch_fits(model, torch.Size([4, 32]), torch.device("cpu"), 4, training=True)
+
+
+def test_a_construction_error_names_the_override_behind_it(tmp_path, capsys):
+    code, _, err = run(tmp_path, capsys, "val_check_interval=-5")
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "constructing trainer" in line and "invalid value -5 for val_check_interval" in line
+    assert line.endswith("; set by the override val_check_interval=-5")
+
+
+# -- sweeps -----------------------------------------------------------------------------------------------
+
+
+def test_a_failing_sweep_point_prints_the_short_error_and_a_status_column(tmp_path, capsys):
+    code, out, err = run(tmp_path, capsys, "-m", "max_steps=2", "weight_decay=-1.0,0.0")
+    assert code == 1 and "Traceback" not in err
+    assert error_lines(err) == ["error: Invalid weight_decay value: -1.0 ; set by the override weight_decay=-1.0"]
+    header = next(line for line in out.splitlines() if "overrides" in line)
+    columns = [cell.strip() for cell in header.split("┃")[1:-1]]
+    assert columns[:3] == ["#", "overrides", "status"] and "train/loss" in columns
+    failed = next(line for line in out.splitlines() if "weight_decay=-1.0" in line and "│" in line)
+    cells = [cell.strip() for cell in failed.split("│")[1:-1]]
+    assert cells[2] == "failed: ValueError: Invalid weight_decay value: -1.0" and cells[3:] == [""] * (len(columns) - 3)
+    ok = next(line for line in out.splitlines() if "weight_decay=0.0" in line and "│" in line)
+    assert [cell.strip() for cell in ok.split("│")[1:-1]][2] == "ok"
+
+
+def test_warmup_beyond_max_steps_warns_in_a_sweep_and_a_run(capsys):
+    assert main(["-p", PROJECT, "--cfg", "-m", "+experiment=micro", "max_steps=1,12"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: warmup_steps=2 exceeds max_steps=1: the learning rate never reaches its peak ; lower warmup_steps or raise max_steps"]
+    assert main(["-p", PROJECT, "--cfg", "+experiment=micro", "lr_scheduler.lr_lambda.warmup_steps=50"]) == 0
+    assert "warning: lr_scheduler.lr_lambda.warmup_steps=50 exceeds max_steps=12" in capsys.readouterr().err
