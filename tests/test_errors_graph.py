@@ -43,7 +43,7 @@ def test_a_duplicate_key_names_both_lines():
 def test_a_duplicate_key_in_an_included_template_names_both_template_lines(tmp_path):
     message = project_error(tmp_path, {
         "templates/configs/c.yaml": "-- include 'part.yaml'\nlr: 2\n",
-        "templates/part.yaml": "## a part\nlr: 1\n",
+        "templates/part.yaml": "## a part\nlr: 1\n\n",  # Jinja drops one final newline of an included file
     })
     assert message.startswith(f"{tmp_path}/templates/configs/c.yaml:2: duplicate key 'lr'")
     assert f"(also at {tmp_path}/templates/part.yaml:2)" in message
