@@ -315,7 +315,9 @@ def train(
 
     from forgather.callbacks.model_export import ExportModel
     from forgather.callbacks.snapshot import Snapshot
+    from forgather.lightning.quiet import quiet_lightning
 
+    quiet_lightning()
     run_dir.mkdir(parents=True, exist_ok=True)
     if "seed" in config:
         pl.seed_everything(int(config.seed), workers=True, verbose=False)
