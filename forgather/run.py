@@ -4,6 +4,7 @@
     python -m forgather.run -m +experiment=tiny_llama lr=1e-3,3e-4 optimizer=adamw,adafactor
     python -m forgather.run --from-snapshot outputs/tiny_llama/2026-11-24_10-00-00     (rerun exactly)
     python -m forgather.run --resume outputs/tiny_llama/2026-11-24_10-00-00            (continue)
+    python -m forgather.run +experiment=tiny_llama --cfg all --resolve    (print config and settings; --info: choices)
 
 Flow of one run: `+experiment=NAME` names `configs/NAME.yaml` of the project (-p, default the current
 directory when it holds a meta.yaml) or `experiment/NAME.yaml` on the search path. Group choices
@@ -38,9 +39,8 @@ from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
 from forgather.template import TemplateEnvironment
 
 RUN_DIR_ENV = "FORGATHER_RUN_DIR"
-# Directories on the search path that hold templates, not options to choose with group=option (base/,
-# configs/), and the experiment, which is the choice itself.
-_TEMPLATE_DIRS = ("base", "configs", "experiment")
+# Directories on the search path that hold templates, not options to choose with group=option.
+TEMPLATE_DIRS = ("base", "configs")
 METRICS_FILE = "metrics.yaml"
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -217,7 +217,7 @@ class Runner:
         used: dict[str, set[str]] = {}
         for name in loaded.templates.loaded_templates():
             group, _, option = name.rpartition("/")
-            if group in self.groups and group not in _TEMPLATE_DIRS and option.removesuffix(".yaml") in self.groups[group]:
+            if group in self.groups and group not in (*TEMPLATE_DIRS, "experiment") and option.removesuffix(".yaml") in self.groups[group]:
                 used.setdefault(group, set()).add(name)
         chosen = {}
         for group, names in sorted(used.items()):
@@ -420,7 +420,7 @@ def _print_info(runner: Runner, point: list[ovr.Override]) -> None:
         print(f"  {path}")
     print("groups (choose with group=option):")
     for group, options in runner.groups.items():
-        if group not in _TEMPLATE_DIRS[:2]:
+        if group not in TEMPLATE_DIRS:
             print(f"  {group}: {', '.join(options)}")
     choices, _ = ovr.split_choices(point, runner.groups)
     if "experiment" in choices or runner.project.meta.get("default_config"):
@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     command = [sys.executable, "-m", "forgather.run", *argv]
     try:
+        if args.resolve and not args.cfg:
+            raise ValueError("--resolve resolves what --cfg prints: add --cfg (or --cfg all)")
         if args.devices:
             os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
         if args.dry_run:
@@ -443,8 +445,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.resume or args.from_snapshot:
             return _from_run_dir(args, command, Path(args.resume or args.from_snapshot).resolve(), resume=bool(args.resume))
-        if args.resolve and not args.cfg:
-            raise ValueError("--resolve resolves what --cfg prints: add --cfg (or --cfg all)")
         runner = Runner.create(args, command)
         points = ovr.parse(args.overrides, runner.groups, args.multirun)
         if args.info:

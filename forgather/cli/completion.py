@@ -192,7 +192,7 @@ def _project_configs(state: _State) -> list[str]:
 def _override_words(state: _State, current: str) -> list[str]:
     """For the runner: `group=option` (and `+experiment=NAME`) once the `=` is typed; before it the groups
     and the config's keys, each ending in `=` (after `+`, `++`, `~` as typed)."""
-    from forgather.run import _TEMPLATE_DIRS, Runner, build_parser
+    from forgather.run import TEMPLATE_DIRS, Runner, build_parser
 
     options = build_parser().parse_args([])
     options.project, options.template_path = state.value("project"), state.values.get("template_path", [])
@@ -206,9 +206,9 @@ def _override_words(state: _State, current: str) -> list[str]:
     if equals:
         return [f"{prefix}{key}={option}" for option in groups.get(key, [])]
     suffix = "" if prefix == "~" else "="
-    keys = {group for group in groups if group not in _TEMPLATE_DIRS}
+    keys = {group for group in groups if group not in (*TEMPLATE_DIRS, "experiment")}
     if prefix.startswith("+"):
-        keys.add("experiment")
+        keys.add("experiment")  # +experiment=NAME
     with contextlib.suppress(Exception):  # a config that does not render offers the groups alone
         keys |= set(_config_keys(runner, state))
     return [f"{prefix}{k}{suffix}" for k in keys]
