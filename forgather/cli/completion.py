@@ -157,8 +157,8 @@ def _walk(words: list[str]) -> _State:
         flag = word.split("=", 1)[0] if word.startswith("--") else word
         action = state.parser._option_string_actions.get(flag)
         if action is not None:
-            if action.nargs != 0 and "=" not in word:
-                value = next(words, None)
+            if action.nargs != 0:
+                value = word.split("=", 1)[1] if flag != word else next(words, None)
                 if value is None:
                     state.pending = action
                     break
