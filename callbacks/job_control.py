@@ -9,6 +9,7 @@ the pending one (an int) so every rank acts at the same step:
 - stop: the same checkpoint, then `trainer.should_stop = True` (a clean end of `fit`);
 - abort: raises `JobAborted` from the hook: nothing is saved and `trainer.fit` re-raises it, so the caller
   decides the exit code.
+Rank 0 prints each action it carries out (and the checkpoint's path) to the run's stdout, its log.
 Hooks: setup, on_train_start, on_train_batch_end, teardown, on_exception.
 """
 
@@ -332,6 +333,11 @@ class JobControl(pl.Callback):
             reply["checkpoint"] = str(self._save(trainer, step))
         if action == "stop":
             trainer.should_stop = True
+        if trainer.is_global_zero:
+            # The run's own output says what ended or checkpointed it, not only the client's terminal.
+            done = {"save": "checkpoint saved, training goes on", "stop": "checkpoint saved, training ends", "abort": "training ends, nothing saved"}[action]
+            where = f": {reply['checkpoint']}" if "checkpoint" in reply else ""
+            print(f"forgather control {action} (job {self.job_id}) at step {step}: {done}{where}", flush=True)
         if pending is not None:
             pending.finish(reply)
             pending.replied.wait(_REPLY_GRACE_S)

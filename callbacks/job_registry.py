@@ -25,7 +25,11 @@ _MAX_MESSAGE = 1 << 20
 
 
 class JobNotFound(LookupError):
-    """No registered job matches the given id or prefix, or the prefix matches several."""
+    """No registered job matches the given id, PID or prefix, or the prefix matches several."""
+
+
+class RegistryUnavailable(RuntimeError):
+    """The registry directory cannot be created or read; the message names it and what to do."""
 
 
 @dataclass
@@ -61,8 +65,18 @@ def cache_dir() -> Path:
 def jobs_dir() -> Path:
     """The registry directory, created private (0700) on first use."""
     path = cache_dir() / "jobs"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as error:
+        raise _unavailable(path, error) from error
     return path
+
+
+def _unavailable(path: Path, error: OSError) -> RegistryUnavailable:
+    return RegistryUnavailable(
+        f"cannot use the job registry {path}: {error.strerror or error} "
+        f"(fix its permissions, or point ${CACHE_ENV} at a directory of your own)"
+    )
 
 
 def write_record(record: JobRecord) -> Path:
@@ -87,7 +101,13 @@ def remove_record(job_id: str) -> None:
 def read_records() -> list[JobRecord]:
     """Every readable record, oldest first; unreadable files are skipped (a writer may be mid-rename)."""
     records = []
-    for path in jobs_dir().glob("*.json"):
+    directory = jobs_dir()
+    try:
+        # Not Path.glob: it reads an unreadable directory as an empty one.
+        paths = [directory / name for name in os.listdir(directory) if name.endswith(".json")]
+    except OSError as error:
+        raise _unavailable(directory, error) from error
+    for path in paths:
         try:
             records.append(JobRecord.from_json(path.read_text()))
         except (OSError, ValueError, TypeError):
@@ -130,16 +150,21 @@ def _remove_socket(path: Path) -> None:
 
 
 def resolve_job(ref: str) -> JobRecord:
-    """The live job whose id is `ref` or starts with it; raises JobNotFound when none or several match."""
+    """The live job whose id is `ref`, whose PID on this host is `ref` (what `list` shows beside the id), or
+    whose id starts with `ref`, in that order; raises JobNotFound when none or several match."""
     jobs = list_jobs()
     for record in jobs:
         if record.job_id == ref:
+            return record
+    host = socket.gethostname()
+    for record in jobs:
+        if ref.isdigit() and record.pid == int(ref) and record.host == host:
             return record
     matches = [r for r in jobs if r.job_id.startswith(ref)]
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise JobNotFound(f"no running job matches '{ref}' (see `forgather control list`)")
+        raise JobNotFound(f"no running job has the id, PID or id prefix '{ref}' (see `forgather control list`)")
     ids = ", ".join(r.job_id for r in matches)
     raise JobNotFound(f"'{ref}' is ambiguous: it matches {ids}; give more characters")
 

@@ -4,6 +4,7 @@
     python -m forgather.run -m +experiment=tiny_llama lr=1e-3,3e-4 optimizer=adamw,adafactor
     python -m forgather.run --from-snapshot outputs/tiny_llama/2026-11-24_10-00-00     (rerun exactly)
     python -m forgather.run --resume outputs/tiny_llama/2026-11-24_10-00-00            (continue)
+    python -m forgather.run +experiment=tiny_llama --cfg all --resolve    (print config and settings; --info: choices)
 
 Flow of one run: `+experiment=NAME` names `configs/NAME.yaml` of the project (-p, default the current
 directory when it holds a meta.yaml) or `experiment/NAME.yaml` on the search path. Group choices
@@ -27,8 +28,8 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,24 +39,76 @@ from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
 from forgather.template import TemplateEnvironment
 
 RUN_DIR_ENV = "FORGATHER_RUN_DIR"
+# Directories on the search path that hold templates, not options to choose with group=option.
+TEMPLATE_DIRS = ("base", "configs")
 METRICS_FILE = "metrics.yaml"
 CHECKPOINTS_DIR = "checkpoints"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m forgather.run", description=__doc__.split("\n")[0])
-    parser.add_argument("overrides", nargs="*", help="+experiment=NAME, group=option, key=value, +key=value, ++key=value, ~key")
-    parser.add_argument("-m", "--multirun", action="store_true", help="sweep: run every combination of comma lists, range(), choice(), glob()")
-    parser.add_argument("-p", "--project", help="project directory (default: the current directory if it has a meta.yaml)")
-    parser.add_argument("--template-path", action="append", default=[], metavar="DIR", help="extra template directory")
-    parser.add_argument("--cfg", action="store_true", help="print the config as it would run, and exit")
-    parser.add_argument("--info", action="store_true", help="list groups and their options, and exit")
-    parser.add_argument("--dry-run", action="store_true", help="print the launch command, and exit")
-    parser.add_argument("-d", "--devices", help="GPU indices to train on, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--outputs", default=".", help="where outputs/ and multirun/ go (default: current directory)")
+# What `--cfg` prints, as Hydra names them: the job's config, the runner's own settings, or both.
+CFG_PARTS = ("job", "hydra", "all")
+
+
+class _CfgPart(argparse.Action):
+    """`--cfg [job|hydra|all]`, Hydra's flag. A bare `--cfg` means `job`; when argparse hands it the next
+    word and that is not a part (`--cfg lr=1e-3`, as earlier releases took it), the word is an override."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if value is None or value in CFG_PARTS:
+            namespace.cfg = value or "job"
+        else:
+            namespace.cfg = "job"
+            namespace.overrides = [*(getattr(namespace, "overrides", None) or []), value]
+
+
+# The runner's options as (flags, add_argument keywords): one table serves this parser, `forgather train`
+# (which takes -p and --template-path as options of `forgather` itself) and `run_argv`, which turns parsed
+# options back into this command line.
+PROJECT_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("-p", "--project"), dict(help="project directory (default: the current directory if it has a meta.yaml)")),
+    (("--template-path",), dict(action="append", default=[], metavar="DIR", help="extra template directory")),
+)
+OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("-m", "--multirun"), dict(action="store_true", help="sweep: run every combination of comma lists, range(), choice(), glob()")),
+    (("--cfg",), dict(action=_CfgPart, nargs="?", metavar="{job,hydra,all}", help="print the config as it would run (job), the runner's settings (hydra) or both (all), and exit")),
+    (("--resolve",), dict(action="store_true", help="with --cfg: resolve ${...} interpolations in what is printed")),
+    (("--info",), dict(action="store_true", help="show the option of each group the experiment uses, every group's options, and exit")),
+    (("--dry-run",), dict(action="store_true", help="print the launch command, and exit")),
+    (("-d", "--devices"), dict(help="GPU indices to train on, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")),
+    (("--outputs",), dict(default=".", help="where outputs/ and multirun/ go (default: the current directory; for forgather train, the project)")),
+)
+# Mutually exclusive: where the config comes from when not from the templates.
+SOURCE_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--from-snapshot",), dict(metavar="RUN_DIR", help="rerun the config recorded in RUN_DIR's snapshot")),
+    (("--resume",), dict(metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser, project_options: bool = True) -> None:
+    """The runner's arguments on `parser` (without -p/--template-path when `project_options` is false)."""
+    parser.add_argument("overrides", nargs="*", action="extend", default=[], help="+experiment=NAME, group=option, key=value, +key=value, ++key=value, ~key")
+    for flags, options in (*PROJECT_OPTIONS, *OPTIONS) if project_options else OPTIONS:
+        parser.add_argument(*flags, **options)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--from-snapshot", metavar="RUN_DIR", help="rerun the config recorded in RUN_DIR's snapshot")
-    source.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    for flags, options in SOURCE_OPTIONS:
+        source.add_argument(*flags, **options)
+
+
+def run_argv(args: argparse.Namespace) -> list[str]:
+    """The options of `args` that differ from their defaults, as a command line of this runner (overrides
+    and -p/--template-path not included)."""
+    argv: list[str] = []
+    for flags, options in (*OPTIONS, *SOURCE_OPTIONS):
+        value = getattr(args, flags[-1].lstrip("-").replace("-", "_"), None)
+        if value is None or value is False or value == options.get("default"):
+            continue
+        argv += [flags[0]] if value is True else [flags[0], str(value)]
+    return argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m forgather.run", description=__doc__.split("\n")[0])
+    add_arguments(parser)
     return parser
 
 
@@ -154,6 +207,40 @@ class Runner:
             found["model_src"] = self.project.model_src
         return found
 
+    def choices(self, loaded: LoadedConfig) -> dict[str, str]:
+        """The option of each group the rendered config used: `GROUP/OPTION.yaml` among the loaded templates,
+        less the options another option of the same group includes by name (model/tiny.yaml includes
+        model/llama.yaml: the choice is tiny). Several left (a template that names both) are comma-joined."""
+        import jinja2.meta
+
+        env = loaded.templates.env
+        used: dict[str, set[str]] = {}
+        for name in loaded.templates.loaded_templates():
+            group, _, option = name.rpartition("/")
+            if group in self.groups and group not in (*TEMPLATE_DIRS, "experiment") and option.removesuffix(".yaml") in self.groups[group]:
+                used.setdefault(group, set()).add(name)
+        chosen = {}
+        for group, names in sorted(used.items()):
+            included = set()
+            for name in names:
+                source = env.loader.get_source(env, name)[0]
+                included |= set(jinja2.meta.find_referenced_templates(env.parse(source))) - {name}
+            options = sorted((names - included) or names)
+            chosen[group] = ",".join(PurePosixPath(n).stem for n in options)
+        return chosen
+
+    def settings(self, experiment: str, loaded: LoadedConfig, point: list[ovr.Override]) -> dict[str, Any]:
+        """What `--cfg hydra` prints: the runner's side of a run, under the names Hydra gives them."""
+        outputs = Path(self.args.outputs).resolve()
+        return {
+            "mode": "MULTIRUN" if self.args.multirun else "RUN",
+            "searchpath": list(self.search_path),
+            "overrides": {"task": [o.text for o in point]},
+            "runtime": {"experiment": experiment, "template": loaded.template, "project": self.project.root, "choices": self.choices(loaded)},
+            "run": {"dir": str(outputs / "outputs" / experiment / "${now:%Y-%m-%d_%H-%M-%S}")},
+            "sweep": {"dir": str(outputs / "multirun" / "${now:%Y-%m-%d_%H-%M-%S}"), "subdir": "${job.num}"},
+        }
+
     # -- runs -----------------------------------------------------------------------------------------
 
     def run_dir(self, experiment: str) -> Path:
@@ -169,7 +256,7 @@ class Runner:
         ovr.apply(config, values)
         warn_about_warmup(config)
         if self.args.cfg:
-            print(OmegaConf.to_yaml(config), end="")
+            print_config(self.args, config, lambda: self.settings(experiment, loaded, point))
             return None
         run_dir = run_dir or self.run_dir(experiment)
         config.output_dir = str(run_dir)
@@ -261,7 +348,9 @@ def train(
 
     from forgather.callbacks.model_export import ExportModel
     from forgather.callbacks.snapshot import Snapshot
+    from forgather.lightning.quiet import quiet_lightning
 
+    quiet_lightning()
     run_dir.mkdir(parents=True, exist_ok=True)
     if "seed" in config:
         pl.seed_everything(int(config.seed), workers=True, verbose=False)
@@ -300,6 +389,23 @@ def _print_sweep(root: Path, results: list[tuple[str, dict[str, float] | str]]) 
     Console(width=max(160, Console().width)).print(table)
 
 
+def print_config(args: argparse.Namespace, config: DictConfig, settings: Callable[[], dict[str, Any]]) -> None:
+    """`--cfg job|hydra|all`: the config (interpolations resolved with `--resolve`), then under `hydra:` the
+    runner's settings (`settings()`; its ${now:...} patterns are filled in when a run starts)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    text = ""
+    if args.cfg in ("job", "all"):
+        try:
+            text += OmegaConf.to_yaml(config, resolve=args.resolve)
+        except OmegaConfBaseException as error:
+            message = str(error).splitlines()[0]
+            raise ValueError(f"--resolve: config key {error.full_key}: {message} (set it, or print without --resolve)") from error
+    if args.cfg in ("hydra", "all"):
+        text += OmegaConf.to_yaml({"hydra": settings()})
+    print(text, end="")
+
+
 def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, resume: bool) -> int:
     """--from-snapshot / --resume: the recorded config, model source from the snapshot copy."""
     import yaml
@@ -323,7 +429,8 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
         target = Path(os.environ.get(RUN_DIR_ENV) or _fresh_dir(Path(args.outputs) / "outputs" / meta.get("experiment", "run") / _timestamp()))
     config.output_dir = str(target)
     if args.cfg:
-        print(OmegaConf.to_yaml(config), end="")
+        settings = {"mode": "RUN", "overrides": {"task": list(args.overrides)}, "runtime": {**meta, "from_run": str(run_dir)}, "run": {"dir": str(target)}}
+        print_config(args, config, lambda: settings)
         return 0
     from forgather.graph import construct
 
@@ -339,21 +446,31 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
     return 0
 
 
-def _print_info(runner: Runner) -> None:
+def _print_info(runner: Runner, point: list[ovr.Override]) -> None:
+    """The search path, every group's options, then the option of each group the experiment (given by
+    `+experiment=`, or the project's default) uses with the group choices of `point` applied."""
     print("search path:")
     for path in runner.search_path:
         print(f"  {path}")
     print("groups (choose with group=option):")
     for group, options in runner.groups.items():
-        if group not in ("base", "configs"):
+        if group not in TEMPLATE_DIRS:
             print(f"  {group}: {', '.join(options)}")
+    choices, _ = ovr.split_choices(point, runner.groups)
+    if "experiment" in choices or runner.project.meta.get("default_config"):
+        experiment, loaded = runner.load(choices)
+        print(f"experiment {experiment} ({loaded.template}) uses:")
+        for group, option in runner.choices(loaded).items():
+            print(f"  {group}={option}")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_intermixed_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     command = [sys.executable, "-m", "forgather.run", *argv]
     try:
+        if args.resolve and not args.cfg:
+            raise ValueError("--resolve resolves what --cfg prints: add --cfg (or --cfg all)")
         if args.devices:
             os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
         if args.dry_run:
@@ -363,10 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume or args.from_snapshot:
             return _from_run_dir(args, command, Path(args.resume or args.from_snapshot).resolve(), resume=bool(args.resume))
         runner = Runner.create(args, command)
-        if args.info:
-            _print_info(runner)
-            return 0
         points = ovr.parse(args.overrides, runner.groups, args.multirun)
+        if args.info:
+            _print_info(runner, points[0])
+            return 0
         if args.multirun and not args.cfg:
             return runner.sweep(points)
         for number, point in enumerate(points):

@@ -92,8 +92,19 @@ def test_user_error_is_one_located_line_on_stderr(tmp_path):
     assert f"{tmp_path}/templates/configs/c.yaml:2: undefined variable" in result.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["-p", EXAMPLE, "-t", "sgd.yaml", "pp"]])
-def test_help_and_pp_do_not_import_torch_or_lightning(argv):
+RUNNER_PROJECT = os.path.join(REPO, "tests", "fixtures", "runner_project")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["-p", EXAMPLE, "-t", "sgd.yaml", "pp"],
+        ["train", "--help"],
+        ["completion", "--line", f"forgather -p {RUNNER_PROJECT} -t micro.yaml train optimizer.l"],
+    ],
+)
+def test_help_pp_and_completion_do_not_import_torch_or_lightning(argv):
     probe = (
         "import sys, contextlib, io\n"
         "from forgather.cli.main import main\n"
@@ -103,9 +114,6 @@ def test_help_and_pp_do_not_import_torch_or_lightning(argv):
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-RUNNER_PROJECT = os.path.join(REPO, "tests", "fixtures", "runner_project")
 
 
 def test_train_is_the_runner_for_a_project_config(capsys):

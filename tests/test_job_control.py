@@ -31,7 +31,7 @@ class Job:
         self.run_dir = run_dir
         self.job_id = job_id
         command = [sys.executable, str(HELPER), "--run-dir", str(run_dir), "--job-id", job_id]
-        self.process = subprocess.Popen(command + ["--devices", str(devices)], stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(command + ["--devices", str(devices)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._wait_until_training()
 
     def _wait_until_training(self) -> None:
@@ -58,6 +58,11 @@ class Job:
 
     def wait(self) -> int:
         return self.process.wait(timeout=60)
+
+    def output(self) -> str:
+        """What the job printed to stdout (its log), once it has ended."""
+        self.wait()
+        return self.process.stdout.read()
 
     def checkpoints(self) -> list[Path]:
         return sorted(self.run_dir.rglob("*.ckpt"))
@@ -153,6 +158,50 @@ def test_stop_saves_checkpoint_and_exits_zero(cache_dir: Path, tmp_path: Path, c
         job.kill()
 
 
+def test_save_and_stop_are_logged_in_the_runs_own_output(cache_dir: Path, tmp_path: Path, capsys) -> None:
+    job = Job(tmp_path, "log0job")
+    try:
+        _, out = cli(capsys, "save", "log0", "--json")
+        saved = json.loads(out)
+        _, out = cli(capsys, "stop", "log0", "--json")
+        stopped = json.loads(out)
+        log = job.output()
+        assert f"forgather control save (job log0job) at step {saved['step']}: checkpoint saved, training goes on: {saved['checkpoint']}\n" in log
+        assert f"forgather control stop (job log0job) at step {stopped['step']}: checkpoint saved, training ends: {stopped['checkpoint']}\n" in log
+    finally:
+        job.kill()
+
+
+def test_status_takes_the_pid_that_list_shows(running_job: Job, capsys) -> None:
+    code, out = cli(capsys, "status", str(running_job.process.pid), "--json")
+    assert code == 0 and json.loads(out)["job_id"] == running_job.job_id
+
+
+def test_list_with_an_unusable_cache_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    env = {**os.environ, job_registry.CACHE_ENV: str(tmp_path / "a_file" / "cache")}
+    result = subprocess.run([sys.executable, "-m", "forgather", "control", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == f"error: cannot use the job registry {tmp_path}/a_file/cache/jobs: Not a directory (fix its permissions, or point ${job_registry.CACHE_ENV} at a directory of your own)\n"
+
+
+def test_list_with_an_unreadable_registry_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
+    # Permission bits do not stop root (the test box's user): the refusal is the kernel's answer, simulated.
+    monkeypatch.setenv(job_registry.CACHE_ENV, str(tmp_path))
+    real_listdir = os.listdir
+
+    def refuse(path):
+        if Path(path) == tmp_path / "jobs":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refuse)
+    assert forgather_main(["control", "list"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"error: cannot use the job registry {tmp_path}/jobs: Permission denied (fix its permissions, or point ${job_registry.CACHE_ENV} at a directory of your own)\n"
+
+
 def test_abort_exits_without_checkpoint(cache_dir: Path, tmp_path: Path, capsys) -> None:
     job = Job(tmp_path, "abort0job")
     try:
@@ -160,6 +209,7 @@ def test_abort_exits_without_checkpoint(cache_dir: Path, tmp_path: Path, capsys)
         assert code == 0
         assert job.wait() == 3
         assert job.result()["outcome"] == "aborted"
+        assert "forgather control abort (job abort0job) at step" in job.output()
         assert job.checkpoints() == []
     finally:
         job.kill()

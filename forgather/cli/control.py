@@ -32,12 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands.add_parser("list", help=_HELP["list"], description=_HELP["list"])
     for name in job_registry.COMMANDS:
         sub = commands.add_parser(name, help=_HELP[name], description=_HELP[name])
-        sub.add_argument("job", metavar="JOB", help="job id or a unique prefix of it")
+        sub.add_argument("job", metavar="JOB", help="job id, a unique prefix of it, or the job's PID (as `list` shows them)")
         sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
         sub.add_argument("--json", action="store_true", help="print the raw JSON reply")
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except job_registry.RegistryUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     console = Console()
     if args.control_command == "list":
         console.print(_jobs_table(job_registry.list_jobs()))

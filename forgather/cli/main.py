@@ -27,10 +27,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inf": ("forgather.cli.inf", "serve a model with an OpenAI-compatible API, or talk to one (server|client)"),
     "convert": ("forgather.cli.convert", "convert models between Hugging Face and Forgather formats"),
     "shell": ("forgather.cli.shell", "an interactive shell over these commands (also: forgather -i)"),
+    "completion": ("forgather.cli.completion", "print a bash or zsh tab-completion script: eval \"$(forgather completion bash)\""),
 }
 
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `forgather` parser and one empty subparser a command: `add_command_arguments` fills the chosen one."""
     parser = argparse.ArgumentParser(
         prog="forgather",
         description="Forgather: templates -> YAML -> node graph -> OmegaConf config -> Python objects.",
@@ -49,9 +51,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     return parser, subparsers
 
 
+def add_command_arguments(subparser: argparse.ArgumentParser, command: str):
+    """Import the module of `command` and add its arguments to its subparser; returns the module."""
+    module = importlib.import_module(COMMANDS[command][0])
+    subparser.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    module.add_arguments(subparser)
+    return module
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser, subparsers = _parser()
+    parser, subparsers = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.interactive and known.command is None:
         argv = [*argv, "shell"]
@@ -59,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     if known.command is None:
         parser.print_help()
         return 0
-    module = importlib.import_module(COMMANDS[known.command][0])
-    subparser = subparsers[known.command]
-    subparser.add_argument("-h", "--help", action="help", help="show this help message and exit")
-    module.add_arguments(subparser)
-    args = parser.parse_args(argv)
+    module = add_command_arguments(subparsers[known.command], known.command)
+    args, extras = parser.parse_known_args(argv)
+    # Overrides may stand anywhere among the options, as `python -m forgather.run` (an intermixed parse) takes
+    # them; argparse takes one run of positionals per subcommand and hands back the later ones.
+    if extras and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extras):
+        args.overrides += extras
+    elif extras:
+        parser.parse_args(argv)  # exits naming the unrecognized arguments
     try:
         return module.run(args)
     except KeyboardInterrupt:

@@ -1,10 +1,16 @@
-"""`forgather tb`: TensorBoard over a project's runs (outputs/ and multirun/), on localhost."""
+"""`forgather tb`: TensorBoard over a project's runs (outputs/ and multirun/), on localhost.
+
+TensorBoard runs as a child process that never outlives the command: SIGINT, SIGTERM and SIGHUP sent to
+`forgather tb` are passed on to TensorBoard, and the command exits when TensorBoard has (with its status,
+128 + N for a signal N, as a shell reports it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -31,4 +37,30 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(argv))
         return 0
-    return subprocess.call(argv)
+    return run_forwarding_signals(argv)
+
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def run_forwarding_signals(argv: list[str]) -> int:
+    """Run `argv` as a child, pass it the signals that would end this process, and wait for it to end."""
+    child: subprocess.Popen | None = None
+    pending: list[int] = []  # a signal that came before the child existed
+
+    def forward(signum: int, frame) -> None:
+        if child is None:
+            pending.append(signum)
+        else:
+            child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED}
+    try:
+        child = subprocess.Popen(argv)
+        for signum in pending:
+            child.send_signal(signum)
+        status = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - status if status < 0 else status

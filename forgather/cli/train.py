@@ -1,7 +1,9 @@
 """`forgather train`: the runner (`python -m forgather.run`) for a config of the current project.
 
     forgather -t tiny.yaml train lr=1e-3   ==  python -m forgather.run -p . --outputs . +experiment=tiny lr=1e-3
-Runs and exported models go into the project (outputs/, multirun/, output_models/).
+It takes every option of the runner (one parser, `forgather.run.add_arguments`); -p and --template-path are
+options of `forgather` itself, and -t names the experiment. Runs and exported models go into the project
+(outputs/, multirun/, output_models/) unless --outputs says otherwise.
 """
 
 from __future__ import annotations
@@ -11,26 +13,24 @@ from pathlib import PurePosixPath
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", help="overrides, as for python -m forgather.run")
-    parser.add_argument("-m", "--multirun", action="store_true", help="sweep over comma lists, range(), choice(), glob()")
-    parser.add_argument("-d", "--devices", help="GPU indices, e.g. 0,1")
-    parser.add_argument("--dry-run", action="store_true", help="print the launch command, and exit")
-    parser.add_argument("--cfg", action="store_true", help="print the config as it would run, and exit")
+    from forgather.run import add_arguments as add_run_arguments
+
+    add_run_arguments(parser, project_options=False)
+    parser.set_defaults(outputs=None)  # None: the project directory
 
 
 def run_arguments(args: argparse.Namespace) -> list[str]:
     """The `python -m forgather.run` arguments this command stands for."""
-    argv = ["-p", args.project, "--outputs", args.project]
+    from forgather.run import run_argv
+
+    argv = ["-p", args.project, "--outputs", args.outputs or args.project]
     for path in args.template_path:
         argv += ["--template-path", path]
-    if args.config:
+    # A snapshot brings its own config: -t (a template) applies to runs from the templates only.
+    if args.config and not (args.resume or args.from_snapshot):
         argv.append(f"+experiment={PurePosixPath(args.config).with_suffix('').as_posix()}")
-    for flag in ("multirun", "dry_run", "cfg"):
-        if getattr(args, flag):
-            argv.append("--" + flag.replace("_", "-") if flag != "multirun" else "-m")
-    if args.devices:
-        argv += ["-d", args.devices]
-    return argv + list(args.overrides)
+    options = argparse.Namespace(**{**vars(args), "outputs": None})  # given above
+    return argv + run_argv(options) + list(args.overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """Lightning parts for causal LMs: `CausalLMModule` (module.py), `TextDataModule` (datamodule.py) and a
-`ProgressBar` that does not make the host wait for the GPU every step (progress.py).
+`ProgressBar` that does not make the host wait for the GPU every step (progress.py); `quiet_lightning()`
+(quiet.py) silences two notices Lightning prints on every run.
 
 Names resolve lazily, so importing this package does not import torch or Lightning.
 """

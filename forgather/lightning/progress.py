@@ -6,27 +6,81 @@ GPU every step ended in a host sync and the host could never queue the next step
 the numbers it last read and reads new ones when the loggers write (every `log_every_n_steps`), at the last step
 and outside training (validation shows its own metrics as usual). It also shows "Epoch 2" rather than
 Lightning's "Epoch 2/-2" when the epochs are unbounded (max_steps runs set max_epochs=-1).
+
+Three more departures from Lightning's bar:
+- the total of a max_steps run counts the batches already done in the epoch: after a mid-epoch resume the
+  bar (which counts the epoch's batches) showed `200/99`; gradient accumulation is counted too;
+- no `v_num` (the logger's version number, noise in the bar; the run directory names the run);
+- Lightning's own log lines ("`Trainer.fit` stopped: ...") are written through Rich while the bar is drawn, so
+  they land on a line of their own above it instead of glued to its end.
+Constructing the bar also applies `quiet_lightning()` (forgather.lightning.quiet).
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 
+from forgather.lightning.quiet import quiet_lightning
 from forgather.lightning.steps import writes_metrics
+
+# The loggers Lightning gives a stderr handler of its own when the application configured none.
+_LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time: Rich's proxy while the bar is live, which prints above
+    the bar. (Lightning's handler holds the stderr of import time, which writes into the bar's line.)"""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 class ProgressBar(RichProgressBar):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._shown: dict[str, Any] | None = None
+        self._redirected: list[tuple[logging.StreamHandler, Any]] = []
+        quiet_lightning()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._redirected:
+            return
+        for name in _LIGHTNING_LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__):
+                    self._redirected.append((handler, handler.setStream(_CurrentStderr())))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        for handler, stream in self._redirected:
+            handler.setStream(stream)
+        self._redirected = []
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if trainer.max_epochs != -1 or trainer.max_steps is None or trainer.max_steps <= 0:
+            return super().total_train_batches
+        # The bar counts batch_idx + 1, which goes on from where a mid-epoch resume restored it.
+        loop = trainer.fit_loop.epoch_loop
+        done = loop.batch_progress.current.ready if loop.restarting else 0
+        left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+        return min(trainer.num_training_batches, done + left)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        # The step counter is drawn by the bar itself; the metrics (and the logger's version) wait for a write.
+        # The step counter is drawn by the bar itself; the metrics wait for a write.
         if self._shown is None or not trainer.training or writes_metrics(trainer):
             self._shown = super().get_metrics(trainer, pl_module)
+            self._shown.pop("v_num", None)
         return self._shown
 
     def _get_train_description(self, current_epoch: int) -> str:
