@@ -18,6 +18,7 @@ import contextlib
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable
 
 # bash splits words at '=' and ':' (COMP_WORDBREAKS) where we complete whole `key=value` words: it passes the
 # word as it sees it (--word), and each candidate is cut down to what replaces that word.
@@ -189,10 +190,29 @@ def _project_configs(state: _State) -> list[str]:
     return []
 
 
+def override_words(text: str, groups: dict[str, list[str]], config_keys: Callable[[], Iterable[str]]) -> list[str]:
+    """Completions of one override word: `group=option` once the `=` is typed; before it the groups (not the
+    template directories) and the config's keys, each ending in `=` (after `+`, `++`, `~` as typed). Shared by
+    the shell completion here and `forgather -i`. `config_keys` may raise: a config that does not render offers
+    the groups alone."""
+    from forgather.run import TEMPLATE_DIRS
+
+    prefix = text[: len(text) - len(text.lstrip("+~"))]
+    key, equals, value = text[len(prefix) :].partition("=")
+    if equals:
+        return [f"{prefix}{key}={option}" for option in groups.get(key, []) if option.startswith(value)]
+    keys = {group for group in groups if "/" not in group and group not in (*TEMPLATE_DIRS, "experiment")}
+    if prefix.startswith("+"):
+        keys.add("experiment")  # +experiment=NAME
+    with contextlib.suppress(Exception):
+        keys |= set(config_keys())
+    suffix = "" if prefix == "~" else "="
+    return sorted(f"{prefix}{k}{suffix}" for k in keys if k.startswith(key))
+
+
 def _override_words(state: _State, current: str) -> list[str]:
-    """For the runner: `group=option` (and `+experiment=NAME`) once the `=` is typed; before it the groups
-    and the config's keys, each ending in `=` (after `+`, `++`, `~` as typed)."""
-    from forgather.run import TEMPLATE_DIRS, Runner, build_parser
+    """For the runner: override words over the runner's groups and the experiment the line names."""
+    from forgather.run import Runner, build_parser
 
     options = build_parser().parse_args([])
     options.project, options.template_path = state.value("project"), state.values.get("template_path", [])
@@ -200,18 +220,7 @@ def _override_words(state: _State, current: str) -> list[str]:
         runner = Runner.create(options, [])
     except Exception:  # not a project: nothing of its own to offer
         return []
-    groups = runner.groups
-    prefix = current[: len(current) - len(current.lstrip("+~"))]
-    key, equals, _ = current[len(prefix) :].partition("=")
-    if equals:
-        return [f"{prefix}{key}={option}" for option in groups.get(key, [])]
-    suffix = "" if prefix == "~" else "="
-    keys = {group for group in groups if group not in (*TEMPLATE_DIRS, "experiment")}
-    if prefix.startswith("+"):
-        keys.add("experiment")  # +experiment=NAME
-    with contextlib.suppress(Exception):  # a config that does not render offers the groups alone
-        keys |= set(_config_keys(runner, state))
-    return [f"{prefix}{k}{suffix}" for k in keys]
+    return override_words(current, runner.groups, lambda: _config_keys(runner, state))
 
 
 def _config_keys(runner, state: _State) -> list[str]:

@@ -298,24 +298,17 @@ class ForgatherShell(cmd.Cmd):
         return [target for target in targets if target.startswith(text)]
 
     def overrides_matching(self, config: str | None, text: str) -> list[str]:
-        """`group=option` for the groups on the search path; `key=` for the config's value keys (after any
-        `+`, `++` or `~`)."""
+        """`group=option` for the groups on the search path; `key=` for the config's value keys."""
         from forgather import overrides as ovr
+        from forgather.cli.completion import override_words
 
         project = self.project
         if project is None:
             return []
-        prefix = text[: len(text) - len(text.lstrip("+~"))]
-        key, equals, value = text[len(prefix) :].partition("=")
         groups = ovr.find_groups(project.search_path(self.template_paths))
-        if equals:
-            return [f"{prefix}{key}={option}" for option in groups.get(key, []) if option.startswith(value)]
-        # The config itself is the experiment; base/ and configs/ hold templates, not options.
-        keys = {group for group in groups if "/" not in group and group not in ("base", "configs", "experiment")}
-        with contextlib.suppress(Exception):  # a config that does not render offers the groups alone
-            keys |= set(ovr.config_paths(project.load_config(config, tuple(self.template_paths)).config))
-        suffix = "" if prefix == "~" else "="
-        return sorted(f"{prefix}{k}{suffix}" for k in keys if k.startswith(key))
+        return override_words(
+            text, groups, lambda: ovr.config_paths(project.load_config(config, tuple(self.template_paths)).config)
+        )
 
 
 def _report(error: Exception) -> int:
