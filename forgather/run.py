@@ -156,10 +156,10 @@ class Runner:
 
     # -- runs -----------------------------------------------------------------------------------------
 
-    def run_dir(self, experiment: str) -> Path:
+    def run_dir(self, experiment: str, values: list[ovr.Override]) -> Path:
         if os.environ.get(RUN_DIR_ENV):
             return Path(os.environ[RUN_DIR_ENV])
-        return _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
+        return requested_run_dir(values) or _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
 
     def run_point(self, point: list[ovr.Override], run_dir: Path | None = None) -> dict[str, float] | None:
         sweeping = run_dir is not None
@@ -170,9 +170,16 @@ class Runner:
         if self.args.cfg:
             print(OmegaConf.to_yaml(config), end="")
             return None
-        run_dir = run_dir or self.run_dir(experiment)
+        run_dir = run_dir or self.run_dir(experiment, values)
         config.output_dir = str(run_dir)
-        meta = {"experiment": experiment, "template": loaded.template, "project_dir": self.project.root, "model_src": self.project.model_src}
+        export = export_settings(self.args.outputs, experiment, self.project.model_src, run_dir if sweeping else None)
+        meta = {
+            "experiment": experiment,
+            "template": loaded.template,
+            "project_dir": self.project.root,
+            "model_src": self.project.model_src,
+            "export_dir": str(export["out_dir"]),
+        }
         model_code = loaded.code("model", config) if "model" in config else None
         with _run_dir_env(run_dir):
             return train(
@@ -186,7 +193,7 @@ class Runner:
                     "model_code": model_code,
                     "command": self.command,
                 },
-                export=export_settings(self.args.outputs, experiment, self.project.model_src, run_dir if sweeping else None),
+                export=export,
             )
 
     def sweep(self, points: list[list[ovr.Override]]) -> int:
@@ -206,6 +213,31 @@ class Runner:
         return 1 if any(isinstance(outcome, str) for _, outcome in results) else 0
 
 
+def requested_run_dir(values: list[ovr.Override]) -> Path | None:
+    """`output_dir=DIR` on the command line: the run goes to DIR (created), which must be new or empty."""
+    for override in values:
+        if override.key != "output_dir":
+            continue
+        if override.kind == "delete":
+            raise ovr.OverrideError("~output_dir: a run needs a directory; leave output_dir out to get outputs/<experiment>/<time>")
+        path = Path(str(override.value)).expanduser().resolve()
+        if path.is_dir() and any(path.iterdir()):
+            hint = f"`--resume {path}` continues that run" if (path / "snapshot").is_dir() else "give a new or empty directory"
+            raise ovr.OverrideError(f"{override.text}: {path} is not empty ({hint})")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint (a file, or a sharded directory's meta.pt) was saved at; tensors are
+    memory-mapped, not read."""
+    import torch
+
+    state = torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False, mmap=True)
+    return int(state["global_step"])
+
+
 def export_settings(outputs: str, experiment: str, base_dir: str | None, sweep_point: Path | None = None) -> dict[str, Any]:
     """Where a run's trained model goes: `<outputs>/output_models/<experiment>`; a sweep point's stays in its
     own run directory (`<point>/model`), so the points do not overwrite each other."""
@@ -223,11 +255,12 @@ def train(
     ckpt_path: str | None = None,
 ) -> dict[str, float]:
     """Seed, construct trainer/module/datamodule, attach the snapshot (and model export), fit; returns the
-    final metrics."""
+    final metrics. Prints where the run directory and the exported model are, before and after fitting."""
     import pytorch_lightning as pl
 
     from forgather.callbacks.model_export import ExportModel
     from forgather.callbacks.snapshot import Snapshot
+    from forgather.lightning.checkpoint_io import remove_staging
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if "seed" in config:
@@ -237,17 +270,32 @@ def train(
     if missing:
         raise ValueError(f"the config has no target {', '.join(missing)}: a training experiment defines trainer, module and datamodule")
     trainer = built["trainer"]
+    exporting = export is not None and "model" in config
+    if trainer.is_global_zero:
+        # Staging left by writers killed in an earlier process (checkpoints, logs, snapshot, metrics).
+        for directory in (run_dir, *(p for p in run_dir.iterdir() if p.is_dir())):
+            remove_staging(directory)
+        _print_where(run_dir, export["out_dir"] if exporting else None, "written when training ends")
     trainer.callbacks.append(Snapshot(run_dir, config=config, **snapshot))
-    if export is not None and "model" in config:
-        trainer.callbacks.append(ExportModel(model_config=config.model, **export))
+    if exporting:
+        trainer.callbacks.append(ExportModel(model_config=config.model, run_dir=run_dir, **export))
     trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         from forgather.data.cache import atomic_write
 
-        text = OmegaConf.to_yaml(OmegaConf.create({"step": trainer.global_step, **metrics}))
+        # Merged into the previous metrics.yaml: a resume that logs no validation keeps the last val/loss.
+        previous = OmegaConf.load(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else {}
+        text = OmegaConf.to_yaml(OmegaConf.create({**previous, "step": trainer.global_step, **metrics}))
         atomic_write(run_dir / METRICS_FILE, lambda path: path.write_text(text))
+        _print_where(run_dir, export["out_dir"] if exporting else None, "")
     return metrics
+
+
+def _print_where(run_dir: Path, model_dir: Path | None, when: str) -> None:
+    print(f"run directory: {run_dir}", flush=True)
+    if model_dir is not None:
+        print(f"exported model: {model_dir}{f' ({when})' if when else ''}", flush=True)
 
 
 def _print_sweep(root: Path, results: list[tuple[str, dict[str, float] | str]]) -> None:
@@ -267,7 +315,11 @@ def _print_sweep(root: Path, results: list[tuple[str, dict[str, float] | str]]) 
 
 
 def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, resume: bool) -> int:
-    """--from-snapshot / --resume: the recorded config, model source from the snapshot copy."""
+    """--from-snapshot / --resume: the recorded config, model source from the snapshot copy.
+
+    A resume continues from the newest checkpoint, in the run's own directory, and exports to where the run
+    exported (recorded in its snapshot). A run already at its max_steps is left as it is, unless its model
+    export is missing or not its own (killed, disk full): then only the export is done again."""
     import yaml
 
     snapshot = run_dir / "snapshot"
@@ -276,20 +328,34 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
     config = OmegaConf.load(snapshot / "config.yaml")
     meta = yaml.safe_load((snapshot / "meta.yaml").read_text()) or {}
     base_dir = str(snapshot / "sources" / "model_src") if (snapshot / "sources" / "model_src").is_dir() else meta.get("model_src")
-    points = ovr.parse(args.overrides, {}, multirun=False)
+    points = ovr.parse(args.overrides, {}, multirun=args.multirun)
+    if len(points) > 1:  # -m with sweep values: one recorded run cannot become a sweep
+        raise ovr.OverrideError(
+            "a sweep with --resume: a resume continues one run with one set of values (give single values)"
+            if resume
+            else f"a sweep with --from-snapshot: a snapshot reruns one run; to sweep, run the experiment: -m +experiment={meta.get('experiment', 'NAME')} ..."
+        )
+    if resume and any(o.key == "output_dir" for o in points[0]):
+        raise ovr.OverrideError(f"output_dir: a resumed run stays in {run_dir}; to run its config elsewhere use --from-snapshot {run_dir} output_dir=DIR")
     ovr.apply(config, points[0])
+    experiment = str(meta.get("experiment", "run"))
     ckpt_path = None
     if resume:
         ckpt_path = latest_checkpoint(run_dir)
         if ckpt_path is None:
             raise FileNotFoundError(f"{run_dir / CHECKPOINTS_DIR} holds no checkpoint: nothing to resume (use --from-snapshot to start over)")
-        print(f"resuming {run_dir} from {ckpt_path.name}", flush=True)
         target = run_dir
+        export = export_settings(args.outputs, experiment, base_dir)
+        if meta.get("export_dir"):
+            export["out_dir"] = Path(meta["export_dir"])
     else:
-        target = Path(os.environ.get(RUN_DIR_ENV) or _fresh_dir(Path(args.outputs) / "outputs" / meta.get("experiment", "run") / _timestamp()))
+        target = Path(os.environ.get(RUN_DIR_ENV) or requested_run_dir(points[0]) or _fresh_dir(Path(args.outputs) / "outputs" / experiment / _timestamp()))
+        export = export_settings(args.outputs, experiment, base_dir)
     config.output_dir = str(target)
     if args.cfg:
         print(OmegaConf.to_yaml(config), end="")
+        return 0
+    if ckpt_path is not None and not _announce_resume(config, run_dir, ckpt_path, export["out_dir"]):
         return 0
     from forgather.graph import construct
 
@@ -298,11 +364,32 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
             config,
             target,
             construct=lambda: construct(config, base_dir=base_dir),
-            snapshot={"overrides": list(args.overrides), "meta": {**meta, "from_run": str(run_dir)}, "command": command},
-            export=export_settings(args.outputs, str(meta.get("experiment", "run")), base_dir),
+            snapshot={
+                "overrides": list(args.overrides),
+                "meta": {**meta, "from_run": str(run_dir), "export_dir": str(export["out_dir"])},
+                "command": command,
+            },
+            export=export,
             ckpt_path=str(ckpt_path) if ckpt_path else None,
         )
     return 0
+
+
+def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, export_dir: Path) -> bool:
+    """Say what --resume will do; False when there is nothing to do (the run is finished and exported)."""
+    from forgather.callbacks.model_export import holds_export_of
+
+    step = checkpoint_step(ckpt_path)
+    max_steps = OmegaConf.select(config, "trainer.max_steps", default=None)
+    if not (isinstance(max_steps, int) and 0 < max_steps <= step):
+        print(f"resuming {run_dir} from {ckpt_path.name} (step {step})", flush=True)
+        return True
+    if "model" in config and not holds_export_of(export_dir, run_dir, step):
+        print(f"{run_dir} finished at step {step}, but {export_dir} does not hold its model: exporting it again", flush=True)
+        return True
+    print(f"{run_dir} already finished at step {step} (max_steps={max_steps}): nothing to do; "
+          f"to train on, raise max_steps: --resume {run_dir} max_steps=N", flush=True)
+    return False
 
 
 def _print_info(runner: Runner) -> None:
@@ -333,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_info(runner)
             return 0
         points = ovr.parse(args.overrides, runner.groups, args.multirun)
+        if args.multirun and any(o.key == "output_dir" for point in points for o in point):
+            raise ovr.OverrideError("output_dir with -m: each point of a sweep runs in multirun/<time>/<n>/; choose where multirun/ goes with --outputs DIR")
         if args.multirun and not args.cfg:
             return runner.sweep(points)
         for number, point in enumerate(points):
