@@ -10,11 +10,12 @@ Contract:
   crash or a failed write (disk full) never leaves a half-written model where a whole one was. Staging left
   by a killed export is removed at the next `setup`.
 - Recorded: `<out_dir>/export.yaml` names the run directory and the global step the weights come from, so
-  a model left by another run (or an earlier step) is never taken for this run's. A failed export raises
-  `ExportFailed`, which says what `out_dir` still holds.
+  a model left by another run (or an earlier step) is never taken for this run's; once the package is in
+  place, `<run_dir>/export.yaml` names the package and the step. A failed export raises `ExportFailed`,
+  which says what `out_dir` still holds.
 - Redone: when fit ends without training (a resumed run that had already finished, whose export was
-  killed or failed), `on_fit_end` exports the restored weights unless `out_dir` already holds this run's
-  model at this step. (Not under the pipeline strategy, which gathers the model only in `on_train_end`.)
+  killed or failed), `on_fit_end` exports the restored weights unless the run's record says that this step
+  was exported. (Not under the pipeline strategy, which gathers the model only in `on_train_end`.)
 Hooks: setup, on_train_end, on_fit_end.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 import pytorch_lightning as pl
 import yaml
 
+from forgather.data.cache import atomic_write
 from forgather.lightning.checkpoint_io import remove_staging
 
 RECORD_FILE = "export.yaml"
@@ -38,19 +40,19 @@ class ExportFailed(RuntimeError):
     """The export did not complete; `out_dir` holds what it held before (said in the message)."""
 
 
-def read_record(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The export record of the package in `out_dir`: {run_dir, step, name, exported}, or None."""
+def read_record(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The export record in a package (`{run_dir, step, name, exported}`) or a run directory
+    (`{model_dir, step}`), or None."""
     try:
-        record = yaml.safe_load((Path(out_dir) / RECORD_FILE).read_text())
+        record = yaml.safe_load((Path(directory) / RECORD_FILE).read_text())
     except (OSError, yaml.YAMLError):
         return None
     return record if isinstance(record, dict) else None
 
 
-def holds_export_of(out_dir: str | os.PathLike, run_dir: str | os.PathLike, step: int) -> bool:
-    """Whether `out_dir` holds the model that run `run_dir` exported at global step `step`."""
-    record = read_record(out_dir) or {}
-    return record.get("run_dir") == str(Path(run_dir).resolve()) and record.get("step") == step
+def exported_step(run_dir: str | os.PathLike) -> int | None:
+    """The global step whose model run `run_dir` last exported completely, or None."""
+    return (read_record(run_dir) or {}).get("step")
 
 
 class ExportModel(pl.Callback):
@@ -91,7 +93,7 @@ class ExportModel(pl.Callback):
         self._export_from(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._exported and not holds_export_of(self.out_dir, self.run_dir, trainer.global_step):
+        if not self._exported and exported_step(self.run_dir) != trainer.global_step:
             self._export_from(trainer, pl_module)
 
     def _export_from(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -107,6 +109,9 @@ class ExportModel(pl.Callback):
         try:
             self._write_package(staging, model, tokenizer, step)
             self._swap_in(staging)
+            if self.run_dir is not None:
+                record = {"model_dir": str(self.out_dir.resolve()), "step": step}
+                atomic_write(self.run_dir / RECORD_FILE, lambda path: path.write_text(yaml.safe_dump(record, sort_keys=False)))
         except Exception as error:
             shutil.rmtree(staging, ignore_errors=True)
             raise ExportFailed(

@@ -279,7 +279,12 @@ def train(
     trainer.callbacks.append(Snapshot(run_dir, config=config, **snapshot))
     if exporting:
         trainer.callbacks.append(ExportModel(model_config=config.model, run_dir=run_dir, **export))
-    trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
+    try:
+        trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
+    except BaseException:
+        if trainer.is_global_zero:
+            print(f"run directory: {run_dir} (--resume continues it)", flush=True)
+        raise
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         from forgather.data.cache import atomic_write
@@ -377,15 +382,15 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
 
 def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, export_dir: Path) -> bool:
     """Say what --resume will do; False when there is nothing to do (the run is finished and exported)."""
-    from forgather.callbacks.model_export import holds_export_of
+    from forgather.callbacks.model_export import exported_step
 
     step = checkpoint_step(ckpt_path)
     max_steps = OmegaConf.select(config, "trainer.max_steps", default=None)
     if not (isinstance(max_steps, int) and 0 < max_steps <= step):
         print(f"resuming {run_dir} from {ckpt_path.name} (step {step})", flush=True)
         return True
-    if "model" in config and not holds_export_of(export_dir, run_dir, step):
-        print(f"{run_dir} finished at step {step}, but {export_dir} does not hold its model: exporting it again", flush=True)
+    if "model" in config and exported_step(run_dir) != step:
+        print(f"{run_dir} finished at step {step}, but its model export did not complete: exporting it to {export_dir}", flush=True)
         return True
     print(f"{run_dir} already finished at step {step} (max_steps={max_steps}): nothing to do; "
           f"to train on, raise max_steps: --resume {run_dir} max_steps=N", flush=True)

@@ -128,7 +128,7 @@ def test_a_failed_export_is_not_taken_for_the_run_and_resume_redoes_it(tmp_path,
         assert main(["--resume", str(second)]) == 0
     finally:
         os.umask(previous)
-    assert "does not hold its model: exporting it again" in capsys.readouterr().out
+    assert f"its model export did not complete: exporting it to {exported}" in capsys.readouterr().out
     assert read_record(exported) | {"exported": None} == {"run_dir": str(second), "step": 4, "name": "micro", "exported": None}
     state = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     weights = load_file(exported / "model.safetensors")
@@ -136,6 +136,8 @@ def test_a_failed_export_is_not_taken_for_the_run_and_resume_redoes_it(tmp_path,
     assert {oct(p.stat().st_mode & 0o777) for p in exported.iterdir()} == {oct(0o664)}, "files follow the umask"
     assert main(["--resume", str(second)]) == 0
     assert "nothing to do" in capsys.readouterr().out
+    assert main(["--resume", str(first)]) == 0, "a finished run whose export completed is not exported again"
+    assert "nothing to do" in capsys.readouterr().out and read_record(exported)["run_dir"] == str(second)
 
 
 def test_a_failed_export_says_what_the_directory_still_holds(tmp_path, monkeypatch):
