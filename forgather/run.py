@@ -13,9 +13,16 @@ The rendered config goes through the graph to an OmegaConf config, value overrid
 `trainer`, `module` and `datamodule`, after seeding with `seed`. A `Snapshot` callback records the run,
 then `trainer.fit` runs. Final metrics land in `<run_dir>/metrics.yaml`.
 
-Run directories: `outputs/<experiment>/<timestamp>/`; sweeps `multirun/<timestamp>/<n>/`, ending with a
-table of every point's final metrics (a failing point is reported, the others still run). The run
-directory is fixed before Lightning starts other ranks (FORGATHER_RUN_DIR), so every rank agrees on it.
+Run directories: `outputs/<experiment>/<timestamp>/`, or `output_dir=DIR` (new or empty); sweeps
+`multirun/<timestamp>/<n>/`, ending with a table of every point's final metrics (a failing point is
+reported, the others still run). The run directory is fixed before Lightning starts other ranks
+(FORGATHER_RUN_DIR), so every rank agrees on it. A run prints its directory and its model's export
+directory when it starts and when it ends; staging left in its directory by killed writers is removed.
+
+`--resume` continues from the newest checkpoint (a `last.ckpt` of the step fit ended at, see
+forgather.lightning.model_checkpoint) in the run's own directory, appending to its metric history
+(forgather.lightning.csv_logger). A run already at its max_steps is left unchanged, unless its export did
+not complete: then only the export is redone.
 """
 
 from __future__ import annotations
