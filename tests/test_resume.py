@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from forgather.callbacks.job_control import ControlServer, PendingCommand
 from forgather.callbacks.model_export import ExportFailed, ExportModel, read_record
-from forgather.run import main
+from forgather.lightning.csv_logger import CSVLogger
+from forgather.run import checkpoint_step, main
 from test_run import run, run_dirs, train_losses
 
 MICRO = ("+experiment=micro", "scheduler=constant")
@@ -95,6 +96,25 @@ def test_a_run_extended_twice_has_the_history_and_losses_of_an_uninterrupted_one
     assert main(["--resume", str(run_dir), "max_steps=16"]) == 0
     assert history(run_dir) == history(reference)
     assert yaml.safe_load((run_dir / "metrics.yaml").read_text())["step"] == 16
+
+
+def test_the_csv_logger_keeps_the_rows_before_its_first_step_and_drops_a_row_cut_by_a_kill(tmp_path):
+    (tmp_path / "csv").mkdir()
+    cut = "0,1,"  # a validation row whose write a kill cut short
+    (tmp_path / "csv" / "metrics.csv").write_text(f"epoch,step,train/loss,val/loss\n0,0,5.0,\n0,1,4.0,\n0,2,3.0,\n{cut}")
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    logger.log_metrics({"epoch": 0, "train/loss": 3.5, "train/lr": 0.1}, step=2)
+    logger.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as file:
+        rows = [(r["step"], r["train/loss"], r["val/loss"], r["train/lr"]) for r in csv.DictReader(file)]
+    assert rows == [("0", "5.0", "", ""), ("1", "4.0", "", ""), ("2", "3.5", "", "0.1")]
+
+
+def test_checkpoint_step_reads_files_and_sharded_directories(tmp_path):
+    torch.save({"global_step": 7, "state_dict": {"w": torch.ones(3)}}, tmp_path / "a.ckpt")
+    (tmp_path / "b.ckpt").mkdir()
+    torch.save({"global_step": 9}, tmp_path / "b.ckpt" / "meta.pt")
+    assert (checkpoint_step(tmp_path / "a.ckpt"), checkpoint_step(tmp_path / "b.ckpt")) == (7, 9)
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
