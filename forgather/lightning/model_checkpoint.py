@@ -1,10 +1,10 @@
 """`ModelCheckpoint`: Lightning's, with a `last.ckpt` that resumes exactly where training stopped.
 
-Lightning writes `last.ckpt` with the step checkpoints; when fit ends on a step that is not a checkpoint
-step (max_steps reached, `forgather control stop`, early stopping) its `on_train_end` writes one more after
-the epoch-end hooks ran, and that checkpoint records the epoch as finished: resumed from it, training starts
-a new epoch instead of the next batch (and the steps since the last step checkpoint are re-run at best).
-Here `on_train_batch_end` of the batch after which fit ends writes `last.ckpt`, with the loops mid-epoch,
+Lightning writes `last.ckpt` with the step checkpoints. When fit ends on a step that is not a checkpoint
+step (max_steps reached, `forgather control stop`, early stopping), its `last.ckpt` is the last step
+checkpoint (the steps since are trained again after a resume) or, when this fit saved none, one written by
+`on_train_end` after the epoch-end hooks ran, which records the epoch as finished: resumed from it, training
+starts a new epoch instead of continuing with the next batch. Here `on_train_batch_end` of the batch after which fit ends writes `last.ckpt`, with the loops mid-epoch,
 as a step checkpoint is written: resuming from it continues with the next batch and gives the losses of an
 uninterrupted run. Lightning runs checkpoint callbacks after the others, so a stop requested by another
 callback at this batch is seen.
