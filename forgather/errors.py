@@ -62,7 +62,7 @@ def _environment_error(error: BaseException) -> OSError | None:
 
 def describe(error: BaseException) -> str | None:
     """The one-line report of a user's mistake (without the `error: ` prefix), or None for a bug."""
-    found = _environment_error(error)
+    found = None if isinstance(error, UserError) else _environment_error(error)  # our own wording comes first
     if found is not None:
         where = found.filename2 or found.filename or ""  # a failed copy or move names its destination second
         return f"{where}: {found.strerror} ; {_ENVIRONMENT[found.errno]}" if where else f"{found.strerror} ; {_ENVIRONMENT[found.errno]}"

@@ -14,9 +14,16 @@ The rendered config goes through the graph to an OmegaConf config, value overrid
 `trainer`, `module` and `datamodule`, after seeding with `seed`. A `Snapshot` callback records the run,
 then `trainer.fit` runs. Final metrics land in `<run_dir>/metrics.yaml`.
 
-Run directories: `outputs/<experiment>/<timestamp>/`; sweeps `multirun/<timestamp>/<n>/`, ending with a
-table of every point's final metrics (a failing point is reported, the others still run). The run
-directory is fixed before Lightning starts other ranks (FORGATHER_RUN_DIR), so every rank agrees on it.
+Run directories: `outputs/<experiment>/<timestamp>/`, or `output_dir=DIR` (new or empty); sweeps
+`multirun/<timestamp>/<n>/`, ending with a table of every point's final metrics (a failing point is
+reported, the others still run). The run directory is fixed before Lightning starts other ranks
+(FORGATHER_RUN_DIR), so every rank agrees on it. A run prints its directory and its model's export
+directory when it starts and when it ends; staging left in its directory by killed writers is removed.
+
+`--resume` continues from the newest checkpoint (a `last.ckpt` of the step fit ended at, see
+forgather.lightning.model_checkpoint) in the run's own directory, appending to its metric history
+(forgather.lightning.csv_logger). A run already at its max_steps is left unchanged, unless its export did
+not complete: then only the export is redone.
 """
 
 from __future__ import annotations
@@ -243,10 +250,10 @@ class Runner:
 
     # -- runs -----------------------------------------------------------------------------------------
 
-    def run_dir(self, experiment: str) -> Path:
+    def run_dir(self, experiment: str, values: list[ovr.Override]) -> Path:
         if os.environ.get(RUN_DIR_ENV):
             return Path(os.environ[RUN_DIR_ENV])
-        return _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
+        return requested_run_dir(values) or _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
 
     def run_point(self, point: list[ovr.Override], run_dir: Path | None = None) -> dict[str, float] | None:
         sweeping = run_dir is not None
@@ -258,9 +265,16 @@ class Runner:
         if self.args.cfg:
             print_config(self.args, config, lambda: self.settings(experiment, loaded, point))
             return None
-        run_dir = run_dir or self.run_dir(experiment)
+        run_dir = run_dir or self.run_dir(experiment, values)
         config.output_dir = str(run_dir)
-        meta = {"experiment": experiment, "template": loaded.template, "project_dir": self.project.root, "model_src": self.project.model_src}
+        export = export_settings(self.args.outputs, experiment, self.project.model_src, run_dir if sweeping else None)
+        meta = {
+            "experiment": experiment,
+            "template": loaded.template,
+            "project_dir": self.project.root,
+            "model_src": self.project.model_src,
+            "export_dir": str(export["out_dir"]),
+        }
         model_code = loaded.code("model", config) if "model" in config else None
         with _run_dir_env(run_dir), ovr.naming_overrides(config, values):
             return train(
@@ -274,7 +288,7 @@ class Runner:
                     "model_code": model_code,
                     "command": self.command,
                 },
-                export=export_settings(self.args.outputs, experiment, self.project.model_src, run_dir if sweeping else None),
+                export=export,
             )
 
     def sweep(self, points: list[list[ovr.Override]]) -> int:
@@ -326,6 +340,31 @@ def warn_about_warmup(config: DictConfig) -> None:
         )
 
 
+def requested_run_dir(values: list[ovr.Override]) -> Path | None:
+    """`output_dir=DIR` on the command line: the run goes to DIR (created), which must be new or empty."""
+    for override in values:
+        if override.key != "output_dir":
+            continue
+        if override.kind == "delete":
+            raise ovr.OverrideError("~output_dir: a run needs a directory; leave output_dir out to get outputs/<experiment>/<time>")
+        path = Path(str(override.value)).expanduser().resolve()
+        if path.is_dir() and any(path.iterdir()):
+            hint = f"`--resume {path}` continues that run" if (path / "snapshot").is_dir() else "give a new or empty directory"
+            raise ovr.OverrideError(f"{override.text}: {path} is not empty ({hint})")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint (a file, or a sharded directory's meta.pt) was saved at; tensors are
+    memory-mapped, not read."""
+    import torch
+
+    state = torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False, mmap=True)
+    return int(state["global_step"])
+
+
 def export_settings(outputs: str, experiment: str, base_dir: str | None, sweep_point: Path | None = None) -> dict[str, Any]:
     """Where a run's trained model goes: `<outputs>/output_models/<experiment>`; a sweep point's stays in its
     own run directory (`<point>/model`), so the points do not overwrite each other."""
@@ -343,12 +382,13 @@ def train(
     ckpt_path: str | None = None,
 ) -> dict[str, float]:
     """Seed, construct trainer/module/datamodule, attach the snapshot (and model export), fit; returns the
-    final metrics."""
+    final metrics. Prints where the run directory and the exported model are, before and after fitting."""
     import pytorch_lightning as pl
 
     from forgather.callbacks.model_export import ExportModel
     from forgather.callbacks.snapshot import Snapshot
     from forgather.lightning.quiet import quiet_lightning
+    from forgather.lightning.checkpoint_io import remove_staging
 
     quiet_lightning()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -359,17 +399,37 @@ def train(
     if missing:
         raise ValueError(f"the config has no target {', '.join(missing)}: a training experiment defines trainer, module and datamodule")
     trainer = built["trainer"]
+    exporting = export is not None and "model" in config
+    if trainer.is_global_zero:
+        # Staging left by writers killed in an earlier process (checkpoints, logs, snapshot, metrics).
+        for directory in (run_dir, *(p for p in run_dir.iterdir() if p.is_dir())):
+            remove_staging(directory)
+        _print_where(run_dir, export["out_dir"] if exporting else None, "written when training ends")
     trainer.callbacks.append(Snapshot(run_dir, config=config, **snapshot))
-    if export is not None and "model" in config:
-        trainer.callbacks.append(ExportModel(model_config=config.model, **export))
-    trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
+    if exporting:
+        trainer.callbacks.append(ExportModel(model_config=config.model, run_dir=run_dir, **export))
+    try:
+        trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
+    except BaseException:
+        if trainer.is_global_zero:
+            print(f"run directory: {run_dir} (--resume continues it)", flush=True)
+        raise
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         from forgather.data.cache import atomic_write
 
-        text = OmegaConf.to_yaml(OmegaConf.create({"step": trainer.global_step, **metrics}))
+        # Merged into the previous metrics.yaml: a resume that logs no validation keeps the last val/loss.
+        previous = OmegaConf.load(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else {}
+        text = OmegaConf.to_yaml(OmegaConf.create({**previous, "step": trainer.global_step, **metrics}))
         atomic_write(run_dir / METRICS_FILE, lambda path: path.write_text(text))
+        _print_where(run_dir, export["out_dir"] if exporting else None, "")
     return metrics
+
+
+def _print_where(run_dir: Path, model_dir: Path | None, when: str) -> None:
+    print(f"run directory: {run_dir}", flush=True)
+    if model_dir is not None:
+        print(f"exported model: {model_dir}{f' ({when})' if when else ''}", flush=True)
 
 
 def _print_sweep(root: Path, results: list[tuple[str, dict[str, float] | str]]) -> None:
@@ -407,7 +467,11 @@ def print_config(args: argparse.Namespace, config: DictConfig, settings: Callabl
 
 
 def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, resume: bool) -> int:
-    """--from-snapshot / --resume: the recorded config, model source from the snapshot copy."""
+    """--from-snapshot / --resume: the recorded config, model source from the snapshot copy.
+
+    A resume continues from the newest checkpoint, in the run's own directory, and exports to where the run
+    exported (recorded in its snapshot). A run already at its max_steps is left as it is, unless its model
+    export is missing or not its own (killed, disk full): then only the export is done again."""
     import yaml
 
     snapshot = run_dir / "snapshot"
@@ -416,21 +480,35 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
     config = OmegaConf.load(snapshot / "config.yaml")
     meta = yaml.safe_load((snapshot / "meta.yaml").read_text()) or {}
     base_dir = str(snapshot / "sources" / "model_src") if (snapshot / "sources" / "model_src").is_dir() else meta.get("model_src")
-    points = ovr.parse(args.overrides, {}, multirun=False)
+    points = ovr.parse(args.overrides, {}, multirun=args.multirun)
+    if len(points) > 1:  # -m with sweep values: one recorded run cannot become a sweep
+        raise ovr.OverrideError(
+            "a sweep with --resume: a resume continues one run with one set of values (give single values)"
+            if resume
+            else f"a sweep with --from-snapshot: a snapshot reruns one run; to sweep, run the experiment: -m +experiment={meta.get('experiment', 'NAME')} ..."
+        )
+    if resume and any(o.key == "output_dir" for o in points[0]):
+        raise ovr.OverrideError(f"output_dir: a resumed run stays in {run_dir}; to run its config elsewhere use --from-snapshot {run_dir} output_dir=DIR")
     ovr.apply(config, points[0])
+    experiment = str(meta.get("experiment", "run"))
     ckpt_path = None
     if resume:
         ckpt_path = latest_checkpoint(run_dir)
         if ckpt_path is None:
             raise FileNotFoundError(f"{run_dir / CHECKPOINTS_DIR} holds no checkpoint: nothing to resume (use --from-snapshot to start over)")
-        print(f"resuming {run_dir} from {ckpt_path.name}", flush=True)
         target = run_dir
+        export = export_settings(args.outputs, experiment, base_dir)
+        if meta.get("export_dir"):
+            export["out_dir"] = Path(meta["export_dir"])
     else:
-        target = Path(os.environ.get(RUN_DIR_ENV) or _fresh_dir(Path(args.outputs) / "outputs" / meta.get("experiment", "run") / _timestamp()))
+        target = Path(os.environ.get(RUN_DIR_ENV) or requested_run_dir(points[0]) or _fresh_dir(Path(args.outputs) / "outputs" / experiment / _timestamp()))
+        export = export_settings(args.outputs, experiment, base_dir)
     config.output_dir = str(target)
     if args.cfg:
         settings = {"mode": "RUN", "overrides": {"task": list(args.overrides)}, "runtime": {**meta, "from_run": str(run_dir)}, "run": {"dir": str(target)}}
         print_config(args, config, lambda: settings)
+        return 0
+    if ckpt_path is not None and not _announce_resume(config, run_dir, ckpt_path, export["out_dir"]):
         return 0
     from forgather.graph import construct
 
@@ -439,11 +517,32 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
             config,
             target,
             construct=lambda: construct(config, base_dir=base_dir),
-            snapshot={"overrides": list(args.overrides), "meta": {**meta, "from_run": str(run_dir)}, "command": command},
-            export=export_settings(args.outputs, str(meta.get("experiment", "run")), base_dir),
+            snapshot={
+                "overrides": list(args.overrides),
+                "meta": {**meta, "from_run": str(run_dir), "export_dir": str(export["out_dir"])},
+                "command": command,
+            },
+            export=export,
             ckpt_path=str(ckpt_path) if ckpt_path else None,
         )
     return 0
+
+
+def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, export_dir: Path) -> bool:
+    """Say what --resume will do; False when there is nothing to do (the run is finished and exported)."""
+    from forgather.callbacks.model_export import exported_step
+
+    step = checkpoint_step(ckpt_path)
+    max_steps = OmegaConf.select(config, "trainer.max_steps", default=None)
+    if not (isinstance(max_steps, int) and 0 < max_steps <= step):
+        print(f"resuming {run_dir} from {ckpt_path.name} (step {step})", flush=True)
+        return True
+    if "model" in config and exported_step(run_dir) != step:
+        print(f"{run_dir} finished at step {step}, but its model export did not complete: exporting it to {export_dir}", flush=True)
+        return True
+    print(f"{run_dir} already finished at step {step} (max_steps={max_steps}): nothing to do; "
+          f"to train on, raise max_steps: --resume {run_dir} max_steps=N", flush=True)
+    return False
 
 
 def _print_info(runner: Runner, point: list[ovr.Override]) -> None:
@@ -484,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.info:
             _print_info(runner, points[0])
             return 0
+        if args.multirun and any(o.key == "output_dir" for point in points for o in point):
+            raise ovr.OverrideError("output_dir with -m: each point of a sweep runs in multirun/<time>/<n>/; choose where multirun/ goes with --outputs DIR")
         if args.multirun and not args.cfg:
             return runner.sweep(points)
         for number, point in enumerate(points):

@@ -3,15 +3,25 @@
 `AtomicCheckpointIO` is a Lightning `CheckpointIO` plugin (`Trainer(plugins=[AtomicCheckpointIO()])`): it
 saves through Lightning's own `TorchCheckpointIO` to a temporary file beside the target, flushes it to disk,
 and renames it over the target (os.replace is atomic on POSIX). Readers see the old file or the new one.
+
+Every atomic writer of a run stages beside its target under a hidden name: `.<name>.tmp-<pid>` (this
+plugin, the model export, the snapshot), `.<name>.old-<pid>` (the export's previous package while it is
+swapped), `.<name>.partial` (job control's checkpoints), `.<name>.tmp` (the pipeline strategy's sharded
+checkpoints), `.<name>.<random>.tmp` (forgather.data.cache). A writer killed mid-write leaves its staging
+behind; `remove_staging` deletes it at the next start.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+_STAGING = re.compile(r"^\.(?P<target>.+)\.(?:tmp|old|partial)(?:-(?P<pid>\d+))?$")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -26,3 +36,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_staging(directory: str | os.PathLike, target: str | None = None) -> list[Path]:
+    """Delete the staging files and directories that killed writers left in `directory` (only those staged
+    for `target`, when given); return them. One whose name ends in the pid of a live process belongs to a
+    write in progress (another run exporting the same model, this process) and is kept."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        match = _STAGING.match(entry.name)
+        if match is None or (target is not None and match["target"] != target):
+            continue
+        if match["pid"] is not None and _alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import io
 import json
+import os
 import re
 import string
 import sys
@@ -499,6 +500,22 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 
     state = {f"model.{key}": value.detach().contiguous() for key, value in model.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt"})
+    # safetensors writes through a private (0600) temporary file; give the weights the mode of the other files.
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it back is racy)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_standalone_module(directory: str | Path) -> types.ModuleType:

@@ -1,0 +1,133 @@
+"""`CSVLogger`: Lightning's CSV logger, keeping a run's history across resumes.
+
+Lightning's `CSVLogger` deletes an existing `metrics.csv` when it starts, so a resumed run loses every row
+logged before the resume. This one keeps the file: at its first write, the rows of the steps this process
+logs again (steps at or after the first step it logs, which a resume from a checkpoint re-runs) are
+dropped, and the new rows are appended. Any number of resumes leaves one row per logged step and metric
+group, as an uninterrupted run would; a fresh run in an empty directory starts a fresh file as before; a
+process that logs nothing (resuming a finished run) leaves the file as it was.
+
+The steps Lightning logs are global steps, so after a resume from a checkpoint at step N the first rows
+carry step N: rows before it (including a validation that ran after that checkpoint was saved, logged at
+step N-1, which Lightning does not re-run) are kept. Every rewrite of the file is atomic.
+
+Lightning writes a training step's row after the `on_train_batch_end` hooks, where step checkpoints are
+saved, so a process killed while it writes a checkpoint would lose the row of the step the checkpoint
+holds. `forgather.lightning.model_checkpoint.ModelCheckpoint` calls `log_step_before_checkpoint` first;
+the row Lightning logs for that step right after replaces it (the module's `on_train_batch_end`, which
+runs between the two, may add metrics).
+Usable in plain Lightning code as a drop-in for `pytorch_lightning.loggers.CSVLogger`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.loggers.logger import rank_zero_experiment
+from lightning_fabric.utilities.apply_func import convert_tensors_to_scalars
+from lightning_fabric.utilities.logger import _add_prefix
+from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from forgather.data.cache import atomic_write
+
+
+_TAIL = 1 << 16  # more than one row of metrics.csv
+
+
+def _whole(row: dict[Any, Any]) -> bool:
+    """Whether a csv.DictReader row has exactly the header's fields and a step (a kill mid-write cuts one)."""
+    return None not in row and None not in row.values() and str(row.get("step", "")).isdigit()
+
+
+class _HistoryKeepingWriter(ExperimentWriter):
+    """Lightning's experiment writer, appending to an existing metrics.csv instead of deleting it."""
+
+    def __init__(self, log_dir: str) -> None:
+        self._history_trimmed = False
+        self._provisional_step: int | None = None
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        """Lightning deletes metrics.csv here; the history is kept (trimmed at the first save)."""
+
+    def write_provisional(self, metrics: dict[str, float], step: int) -> None:
+        """Write a row now that the next row logged for the same step replaces (the last line of the file)."""
+        self.save()
+        self.log_metrics(metrics, step)
+        self.save()
+        self._provisional_step = step
+
+    def save(self) -> None:
+        if self.metrics and not self._history_trimmed:
+            self._history_trimmed = True
+            self._keep_rows_before(min(int(row["step"]) for row in self.metrics))
+        if self.metrics and self._provisional_step is not None:
+            if int(self.metrics[0]["step"]) == self._provisional_step:
+                self._drop_last_line()
+            self._provisional_step = None
+        super().save()
+
+    def _drop_last_line(self) -> None:
+        with open(self.metrics_file_path, "rb+") as file:
+            size = file.seek(0, os.SEEK_END)
+            start = max(0, size - _TAIL)
+            file.seek(start)
+            tail = file.read()
+            file.truncate(start + tail.rfind(b"\n", 0, len(tail) - 1) + 1)
+
+    def _keep_rows_before(self, first_step: int) -> None:
+        """Drop the rows this process is about to log again; adopt the file's columns."""
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as file:
+            reader = csv.DictReader(file)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+        kept = [row for row in rows if _whole(row) and int(row["step"]) < first_step]
+        if not kept:
+            os.remove(self.metrics_file_path)
+            return
+        self.metrics_keys = sorted(columns)
+        self._write_rows(self.metrics_keys, kept)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        self._write_rows(fieldnames, rows)
+
+    def _write_rows(self, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics_file_path, lambda path: path.write_text(text.getvalue(), newline=""))
+
+
+class CSVLogger(LightningCSVLogger):
+    """`pytorch_lightning.loggers.CSVLogger` (same arguments) whose metrics.csv survives a resume."""
+
+    @rank_zero_only
+    def log_step_before_checkpoint(self, trainer: pl.Trainer) -> None:
+        """Write now the row Lightning logs for this training step after the `on_train_batch_end` hooks."""
+        connector = trainer._logger_connector
+        if trainer.fit_loop._should_accumulate() or not connector.should_update_logs:
+            return
+        metrics = convert_tensors_to_scalars(connector.metrics["log"])
+        if metrics:
+            metrics.setdefault("epoch", trainer.current_epoch)  # as Lightning's logger connector adds it
+            metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
+            self.experiment.write_provisional(metrics, trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _HistoryKeepingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -1,0 +1,58 @@
+"""`ModelCheckpoint`: Lightning's, with a `last.ckpt` that resumes exactly where training stopped.
+
+Lightning writes `last.ckpt` with the step checkpoints. When fit ends on a step that is not a checkpoint
+step (max_steps reached, `forgather control stop`, early stopping), its `last.ckpt` is the last step
+checkpoint (the steps since are trained again after a resume) or, when this fit saved none, one written by
+`on_train_end` after the epoch-end hooks ran, which records the epoch as finished: resumed from it, training
+starts a new epoch instead of continuing with the next batch. Here `on_train_batch_end` of the batch after which fit ends writes `last.ckpt`, with the loops mid-epoch,
+as a step checkpoint is written: resuming from it continues with the next batch and gives the losses of an
+uninterrupted run. Lightning runs checkpoint callbacks after the others, so a stop requested by another
+callback at this batch is seen.
+
+A checkpoint saved at the end of a training batch first has the step's metrics row written by the loggers
+that can (`forgather.lightning.csv_logger.CSVLogger`), which Lightning would write after it: a process killed
+while writing the checkpoint keeps that row, which the resumed run does not log again.
+
+Epoch-end and validation-end saving are Lightning's, unchanged. Everything else, arguments included, is
+`pytorch_lightning.callbacks.ModelCheckpoint`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+from forgather.lightning.csv_logger import CSVLogger
+
+
+def fit_ends_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether the fit loop stops after the current training batch (asked in `on_train_batch_end`)."""
+    if trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    max_epochs = trainer.fit_loop.max_epochs
+    last_epoch = max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1
+    return last_epoch and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    _in_train_batch_end = False
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._in_train_batch_end = True
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if self.save_last and fit_ends_after_this_batch(trainer) and not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self._in_train_batch_end = False
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if self._in_train_batch_end:
+            for logger in trainer.loggers:
+                if isinstance(logger, CSVLogger):
+                    logger.log_step_before_checkpoint(trainer)
+        super()._save_checkpoint(trainer, filepath)

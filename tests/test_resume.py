@@ -1,0 +1,231 @@
+"""--resume keeps a run whole: its metric history, an exact continuation wherever training stopped, a model
+export that is its own; a run goes where `output_dir=` says and tells where it is."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from forgather.callbacks.job_control import ControlServer, PendingCommand
+from forgather.callbacks.model_export import ExportFailed, ExportModel, read_record
+from forgather.lightning.csv_logger import CSVLogger
+from forgather.run import checkpoint_step, main
+from test_run import run, run_dirs, train_losses
+
+MICRO = ("+experiment=micro", "scheduler=constant")
+
+
+def history(run_dir: Path) -> list[dict[str, str]]:
+    """Every row of csv/metrics.csv in order, without the wall-clock throughput."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return [{k: v for k, v in row.items() if k != "train/tokens_per_s"} for row in csv.DictReader(file)]
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [int(row["step"]) for row in history(run_dir) if row["train/loss"]]
+
+
+def files_state(*roots: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under the roots with its modification time and content."""
+    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """`forgather control stop` arriving at `step`: the job's server hands the training loop a stop there
+    (JobControl asks its server once per optimizer step, from step 1)."""
+    calls = itertools.count(1)
+
+    def take(self):
+        if next(calls) != step:
+            return None
+        pending = PendingCommand("stop")
+        pending.replied.set()  # no client waits for the reply
+        return pending
+
+    monkeypatch.setattr(ControlServer, "take", take)
+
+
+def disk_full(model, path) -> None:
+    """Writing the weights fills the disk."""
+    Path(path).write_bytes(b"\0" * 100)
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 16-step run."""
+    root = tmp_path_factory.mktemp("reference")
+    assert run(root, *MICRO, "max_steps=16") == 0
+    (run_dir,) = run_dirs(root / "outputs")
+    return run_dir
+
+
+def test_control_stop_then_resume_continues_the_same_run(reference, tmp_path, monkeypatch):
+    # Step 3 is before the first checkpoint step (4): the checkpoint written as fit ends is the newest.
+    stop_at(monkeypatch, 3)
+    assert run(tmp_path, *MICRO, "max_steps=5000") == 0
+    monkeypatch.undo()
+    (stopped,) = run_dirs(tmp_path / "outputs")
+    assert main(["--resume", str(stopped), "max_steps=16"]) == 0
+    assert train_steps(stopped) == list(range(16)), "one row per step, the steps before the stop kept"
+    assert train_losses(stopped) == train_losses(reference)
+
+
+def test_a_run_extended_twice_has_the_history_and_losses_of_an_uninterrupted_one(reference, tmp_path):
+    # Neither 6 nor 11 is a checkpoint step (every 4): each resume starts where the previous fit ended.
+    assert run(tmp_path, *MICRO, "max_steps=6") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert main(["--resume", str(run_dir), "max_steps=11"]) == 0
+    assert main(["--resume", str(run_dir), "max_steps=16"]) == 0
+    assert history(run_dir) == history(reference)
+    assert yaml.safe_load((run_dir / "metrics.yaml").read_text())["step"] == 16
+
+
+def test_the_csv_logger_keeps_the_rows_before_its_first_step_and_drops_a_row_cut_by_a_kill(tmp_path):
+    (tmp_path / "csv").mkdir()
+    cut = "0,1,"  # a validation row whose write a kill cut short
+    (tmp_path / "csv" / "metrics.csv").write_text(f"epoch,step,train/loss,val/loss\n0,0,5.0,\n0,1,4.0,\n0,2,3.0,\n{cut}")
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    logger.log_metrics({"epoch": 0, "train/loss": 3.5, "train/lr": 0.1}, step=2)
+    logger.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as file:
+        rows = [(r["step"], r["train/loss"], r["val/loss"], r["train/lr"]) for r in csv.DictReader(file)]
+    assert rows == [("0", "5.0", "", ""), ("1", "4.0", "", ""), ("2", "3.5", "", "0.1")]
+
+
+def test_checkpoint_step_reads_files_and_sharded_directories(tmp_path):
+    torch.save({"global_step": 7, "state_dict": {"w": torch.ones(3)}}, tmp_path / "a.ckpt")
+    (tmp_path / "b.ckpt").mkdir()
+    torch.save({"global_step": 9}, tmp_path / "b.ckpt" / "meta.pt")
+    assert (checkpoint_step(tmp_path / "a.ckpt"), checkpoint_step(tmp_path / "b.ckpt")) == (7, 9)
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    assert run(tmp_path, *MICRO, "max_steps=4") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    before = files_state(run_dir, tmp_path / "output_models")
+    capsys.readouterr()
+    assert main(["--resume", str(run_dir)]) == 0
+    assert f"{run_dir} already finished at step 4 (max_steps=4): nothing to do" in capsys.readouterr().out
+    assert files_state(run_dir, tmp_path / "output_models") == before
+
+
+def test_a_failed_export_is_not_taken_for_the_run_and_resume_redoes_it(tmp_path, monkeypatch, capsys):
+    import forgather.models.export as export
+
+    exported = tmp_path / "output_models" / "micro"
+    assert run(tmp_path, *MICRO, "max_steps=2") == 0
+    (first,) = run_dirs(tmp_path / "outputs")
+
+    monkeypatch.setattr(export, "_save_weights", disk_full)
+    with contextlib.suppress(ExportFailed):
+        assert run(tmp_path, *MICRO, "max_steps=4") != 0
+    monkeypatch.undo()
+    (second,) = set(run_dirs(tmp_path / "outputs")) - {first}
+    assert read_record(exported)["run_dir"] == str(first), "the model left there is recorded as the first run's"
+    assert not list(tmp_path.glob("output_models/.*")), "no staging left behind"
+
+    previous = os.umask(0o002)
+    try:
+        capsys.readouterr()
+        assert main(["--resume", str(second)]) == 0
+    finally:
+        os.umask(previous)
+    assert f"its model export did not complete: exporting it to {exported}" in capsys.readouterr().out
+    assert read_record(exported) | {"exported": None} == {"run_dir": str(second), "step": 4, "name": "micro", "exported": None}
+    state = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    weights = load_file(exported / "model.safetensors")
+    assert all(torch.equal(weights[key], value) for key, value in state.items() if key in weights)
+    assert {oct(p.stat().st_mode & 0o777) for p in exported.iterdir()} == {oct(0o664)}, "files follow the umask"
+    assert main(["--resume", str(second)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["--resume", str(first)]) == 0, "a finished run whose export completed is not exported again"
+    assert "nothing to do" in capsys.readouterr().out and read_record(exported)["run_dir"] == str(second)
+
+
+def test_a_failed_export_says_what_the_directory_still_holds(tmp_path, monkeypatch):
+    import forgather.models.export as export
+
+    monkeypatch.setattr(export, "_save_weights", disk_full)
+    out_dir = tmp_path / "model"
+    out_dir.mkdir()
+    (out_dir / "export.yaml").write_text(yaml.safe_dump({"run_dir": "/runs/a", "step": 7}))
+    exporter = ExportModel(out_dir, "micro", model_config={}, run_dir=tmp_path / "b")
+    with pytest.raises(ExportFailed, match=r"No space left .* still holds the model of /runs/a at step 7, not this run's; .*--resume"):
+        exporter.export(torch.nn.Linear(2, 2), step=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_staging_of_killed_writers_is_removed_at_the_next_start(tmp_path):
+    assert run(tmp_path, *MICRO, "max_steps=2") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    dead, live = dead_pid(), os.getppid()
+    killed = [
+        run_dir / "checkpoints" / f".epoch=0-step=8.ckpt.tmp-{dead}",  # AtomicCheckpointIO
+        run_dir / "checkpoints" / ".control-step6.ckpt.partial",  # JobControl
+        run_dir / f".snapshot.tmp-{dead}",
+        tmp_path / "output_models" / f".micro.tmp-{dead}",
+        tmp_path / "output_models" / f".micro.old-{dead}",
+    ]
+    in_progress = tmp_path / "output_models" / f".micro.tmp-{live}"  # another live run exporting the same model
+    for path in [*killed, in_progress]:
+        path.mkdir() if "micro" in path.name or "snapshot" in path.name else path.write_bytes(b"partial")
+    assert main(["--resume", str(run_dir), "max_steps=3"]) == 0
+    assert [p for p in killed if p.exists()] == []
+    assert in_progress.is_dir()
+
+
+def test_output_dir_is_where_the_run_goes_and_every_run_says_where_it_is(tmp_path, capsys):
+    wanted = tmp_path / "my_run"
+    assert run(tmp_path, *MICRO, "max_steps=2", f"output_dir={wanted}") == 0
+    out = capsys.readouterr().out
+    assert (wanted / "snapshot").is_dir() and (wanted / "metrics.yaml").is_file()
+    assert not (tmp_path / "outputs").exists()
+    assert yaml.safe_load((wanted / "snapshot" / "config.yaml").read_text())["output_dir"] == str(wanted)
+    assert out.count(f"run directory: {wanted}\n") == 2
+    assert f"exported model: {tmp_path / 'output_models' / 'micro'} (written when training ends)\n" in out
+    assert out.rstrip().endswith(f"exported model: {tmp_path / 'output_models' / 'micro'}")
+
+
+def test_output_dir_refuses_a_directory_that_holds_a_run(tmp_path, capsys):
+    wanted = tmp_path / "taken"
+    (wanted / "snapshot").mkdir(parents=True)
+    (wanted / "snapshot" / "config.yaml").write_text("output_dir: x\n")
+    (wanted / "snapshot" / "meta.yaml").write_text("experiment: micro\n")
+    assert run(tmp_path, *MICRO, f"output_dir={wanted}") == 2
+    err = capsys.readouterr().err
+    assert err == f"error: output_dir={wanted}: {wanted} is not empty (`--resume {wanted}` continues that run)\n"
+    assert main(["--resume", str(wanted), "output_dir=/elsewhere"]) == 2
+    assert "a resumed run stays in" in capsys.readouterr().err
+    assert run(tmp_path, "-m", *MICRO, "lr=1e-3,3e-3", f"output_dir={wanted}") == 2
+    assert "choose where multirun/ goes with --outputs DIR" in capsys.readouterr().err
+
+
+def test_multirun_with_a_run_directory_reruns_one_point_or_says_what_to_do(tmp_path, capsys):
+    assert run(tmp_path, "-m", *MICRO, "max_steps=1") == 0
+    (point,) = run_dirs(tmp_path / "multirun")
+    assert main(["--outputs", str(tmp_path / "again"), "-m", "--from-snapshot", str(point)]) == 0
+    (again,) = run_dirs(tmp_path / "again")
+    assert train_losses(again) == train_losses(point)
+    capsys.readouterr()
+    assert main(["-m", "--resume", str(point), "max_steps=2,3"]) == 2
+    assert "a sweep with --resume" in capsys.readouterr().err
+    assert main(["-m", "--from-snapshot", str(point), "lr=1e-3,3e-3"]) == 2
+    assert "to sweep, run the experiment: -m +experiment=micro" in capsys.readouterr().err
