@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import shlex
 import sys
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the launch command, and exit")
     parser.add_argument("-d", "--devices", help="GPU indices to train on, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--outputs", default=".", help="where outputs/ and multirun/ go (default: current directory)")
+    parser.add_argument("--dynamic-args", type=json.loads, default={}, metavar="JSON", help="values of the config's declared arguments (dynamic_args), as `forgather train` passes them")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--from-snapshot", metavar="RUN_DIR", help="rerun the config recorded in RUN_DIR's snapshot")
     source.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
@@ -129,7 +131,7 @@ class Runner:
         if not experiment:
             options = ", ".join(self.groups["experiment"]) or "none found"
             raise ovr.OverrideError(f"choose an experiment: +experiment=NAME (options: {options})")
-        context: dict[str, Any] = dict(choices)
+        context: dict[str, Any] = {**self.args.dynamic_args, **choices}
         if self.args.devices:
             context.update(accelerator="gpu", devices=len(self.args.devices.split(",")))
         loaded = LoadedConfig(self.project, self.experiment_template(experiment), TemplateEnvironment(self.search_path), context)

@@ -1,4 +1,5 @@
-"""What the subcommands share: loading the chosen config, and reporting errors readably."""
+"""What the subcommands share: loading the chosen config (with the values of the arguments it declares in
+its `dynamic_args`), and reporting errors readably."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import os
 import sys
 
-from forgather.project import LoadedConfig, Project
+from forgather.project import LoadedConfig, Project, add_dynamic_arguments
 
 # Errors a user causes and can fix: printed as one located message, no traceback.
 _USER_ERRORS = ("TemplateError", "ConstructError", "GraphError", "ImportSpecError", "OverrideError")
@@ -14,7 +15,12 @@ _USER_ERRORS = ("TemplateError", "ConstructError", "GraphError", "ImportSpecErro
 
 def load(args: argparse.Namespace) -> LoadedConfig:
     project = Project.load(args.project)
-    return project.load_config(args.config, tuple(args.template_path))
+    return project.load_config(args.config, tuple(args.template_path), **getattr(args, "dynamic", {}))
+
+
+def declare_config_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Add the arguments the chosen config declares (its `dynamic_args`) to a subcommand's parser."""
+    return add_dynamic_arguments(parser, load(args))
 
 
 def report_error(error: BaseException) -> int:

@@ -2,6 +2,10 @@
 
 Subcommand modules are imported only when chosen, so `forgather --help` and `forgather pp` stay free of
 torch and Lightning. A subcommand module provides `add_arguments(parser)` and `run(args) -> int`.
+
+The commands that load a config also take the arguments the config declares (its `dynamic_args`): when
+the command line has arguments the command does not know (or asks for --help), the config is loaded once
+to add them; their values reach the template as `args.dynamic`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("forgather.cli.convert", "convert models between Hugging Face and Forgather formats"),
     "shell": ("forgather.cli.shell", "an interactive shell over these commands (also: forgather -i)"),
 }
+# Commands that load the chosen config, and so accept the arguments it declares.
+CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "code", "construct", "train"}
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -41,6 +47,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--template-path", action="append", default=[], metavar="DIR", help="extra template directory (repeatable)"
     )
     parser.add_argument("-i", "--interactive", action="store_true", help="start the interactive shell")
+    parser.add_argument("--no-dyn", action="store_true", help="do not read the config's own arguments (dynamic_args)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {
         name: commands.add_parser(name, help=help_text, description=help_text, add_help=False)
@@ -63,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     subparser = subparsers[known.command]
     subparser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     module.add_arguments(subparser)
-    args = parser.parse_args(argv)
     try:
+        dests = _declare_config_arguments(parser, subparser, known, argv)
+        args = parser.parse_args(argv)
+        args.dynamic = _dynamic_values(args, dests)
         return module.run(args)
     except KeyboardInterrupt:
         return 130
@@ -72,6 +81,31 @@ def main(argv: list[str] | None = None) -> int:
         from forgather.cli.common import report_error
 
         return report_error(error)
+
+
+def _declare_config_arguments(parser: argparse.ArgumentParser, subparser: argparse.ArgumentParser, known: argparse.Namespace, argv: list[str]) -> list[str]:
+    """Add the chosen config's declared arguments to `subparser` when the command line may use them."""
+    if known.command not in CONFIG_COMMANDS or known.no_dyn:
+        return []
+    wants_help = "-h" in argv or "--help" in argv
+    if not wants_help and not parser.parse_known_args(argv)[1]:
+        return []
+    from forgather.cli.common import declare_config_arguments
+
+    try:
+        return declare_config_arguments(subparser, known)
+    except Exception:
+        if wants_help:  # help still works for a config that does not load; the command itself reports why
+            return []
+        raise
+
+
+def _dynamic_values(args: argparse.Namespace, dests: list[str]) -> dict:
+    if not dests:
+        return {}
+    from forgather.project import dynamic_values
+
+    return dynamic_values(args, dests)
 
 
 if __name__ == "__main__":

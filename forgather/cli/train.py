@@ -7,6 +7,7 @@ Runs and exported models go into the project (outputs/, multirun/, output_models
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import PurePosixPath
 
 
@@ -30,6 +31,8 @@ def run_arguments(args: argparse.Namespace) -> list[str]:
             argv.append("--" + flag.replace("_", "-") if flag != "multirun" else "-m")
     if args.devices:
         argv += ["-d", args.devices]
+    if getattr(args, "dynamic", None):
+        argv += ["--dynamic-args", json.dumps(args.dynamic)]
     return argv + list(args.overrides)
 
 
