@@ -107,7 +107,7 @@ def located_error(templates: TemplateEnvironment, template: str, context: dict[s
         where = f" (line {rendered_line} of the rendered text)" if rendered_line else ""
         return TemplateError(message + where, [top])
     location, exact = found
-    chain = [location] if location == top else [top, location]
+    chain = [location] if location.path == top.path else [top, location]
     return TemplateError(message if exact else f"{message} (near this line)", chain)
 
 
@@ -126,7 +126,13 @@ def read_meta(root: str, workspace_root: str) -> dict[str, Any]:
     templates = TemplateEnvironment(search)
     context = {"project_dir": root, "workspace_root": workspace_root}
     templates.env.globals.update(context)
-    text = templates.render(META_FILE, **context)
+    try:
+        text = templates.render(META_FILE, **context)
+    except TemplateError as error:
+        if len(search) == 1:  # e.g. `-- extends "meta_defaults.yaml"` outside any workspace
+            error.message += (f"; no {WORKSPACE_DIR}/ directory was found at or above {root}: the workspace's "
+                              f"meta templates (meta_defaults.yaml) live in <workspace root>/{WORKSPACE_DIR}/")
+        raise
     try:
         document = yaml.compose(text, Loader=yaml.SafeLoader)
         meta = yaml.safe_load(text)

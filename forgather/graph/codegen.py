@@ -147,18 +147,21 @@ class _Generator:
     def _call(self, node: dict, path: str, indent: int) -> str:
         value = self._data if node.get("_meta_") else self.expr
         args = [value(arg, f"{path}._args_.{i}", indent + 1) for i, arg in enumerate(node.get("_args_", ()))]
-        kwargs = [
-            f"{key}={value(item, f'{path}.{key}', indent + 1)}"
+        named = {
+            key: value(item, f"{path}.{key}", indent + 1)
             for key, item in node.items()
             if key not in RESERVED_KEYS and not (key.startswith("_") and key.endswith("_"))
-        ]
+        }
+        kwargs = [f"{key}={item}" for key, item in named.items()]
         if node.get("_kwargs_") is not None:
-            kwargs.append(f"**{self.expr(node['_kwargs_'], f'{path}._kwargs_', indent + 1)}")
+            # Latent args win over keywords of the same name: one mapping, merged in order.
+            latent = self.expr(node["_kwargs_"], f"{path}._kwargs_", indent + 2)
+            kwargs = ["**" + self._wrap("{", [*(f"{key!r}: {item}" for key, item in named.items()), f"**{latent}"], "}", indent + 1)]
         target = node["_target_"]
         literal = self._literal(target, node, args, kwargs)
         if literal is not None:
             return literal
-        searchpath = OmegaConf.to_container(OmegaConf.select(self.config, f"{path}._searchpath_"), resolve=True) if "_searchpath_" in node else None
+        searchpath = self._value(f"{path}._searchpath_") if "_searchpath_" in node else None
         function = self._function(target, searchpath)
         if node.get("_partial_"):
             self.uses_partial = True
@@ -175,6 +178,14 @@ class _Generator:
         if target in ("list", "tuple") and isinstance(raw, list):
             return args[0] if target == "list" else f"tuple({args[0]})"
         return None
+
+    def _value(self, path: str) -> Any:
+        """The constructed value at `path` (e.g. a search path, shared as a `list` node)."""
+        from forgather.graph.construct import construct
+
+        selected = OmegaConf.select(self.config, path)
+        plain = OmegaConf.to_container(selected, resolve=True) if OmegaConf.is_config(selected) else selected
+        return construct({"value": plain}, "value", self.base_dir)
 
     def _data(self, value: Any, path: str, indent: int) -> str:
         """A meta call's argument: its config as literal data, interpolations resolved."""
