@@ -10,7 +10,8 @@ its `forgather pp`, run in a subprocess with `PYTHONPATH=<checkout>/src`), then 
     same YAML      our rendered YAML equals the reference's, comments, blank lines and time stamps aside
     graph loads    our graph stage reads our YAML
     same graph     our node graph equals the reference's (targets, call kinds, import specs, arguments,
-                   names, latent args, submodule search paths, and which nodes are shared)
+                   names, latent args, submodule search paths, and which nodes are shared; time stamps
+                   in strings masked)
     graph of ref   our graph stage, run on the reference's YAML, gives the reference's graph: this isolates
                    the graph stage from the template stage (a node named only by us is no difference:
                    the reference reads `!dict@name`, without the colon, as unnamed)
@@ -153,8 +154,18 @@ def _drop_names_the_reference_lacks(ours: Any, theirs: Any) -> Any:
     return ours
 
 
+def _mask_times(value: Any) -> Any:
+    """Time stamps masked in every string (the two sides render seconds apart: run directories, dates)."""
+    if isinstance(value, dict):
+        return {k: _mask_times(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_times(v) for v in value]
+    return _TIME.sub("<time>", value) if isinstance(value, str) else value
+
+
 def same_graph(graph: Any, reference: dict[str, Any]) -> bool:
-    return _drop_names_the_reference_lacks(normal_graph(graph), reference) == reference
+    reference = _mask_times(reference)
+    return _drop_names_the_reference_lacks(_mask_times(normal_graph(graph)), reference) == reference
 
 
 def run_reference(checkout: str, project_dirs: list[str]) -> dict[str, Any]:
