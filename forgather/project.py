@@ -172,6 +172,18 @@ class Project:
         workspace = find_workspace_root(root)
         return cls(root, read_meta(root, workspace or root), workspace)
 
+    @classmethod
+    def find(cls, directory: str = ".") -> "Project":
+        """The project `directory` is in: the nearest directory at or above it with a meta.yaml (so that
+        commands work from inside a project's templates, as in the reference Forgather)."""
+        start = current = os.path.abspath(directory)
+        while not os.path.isfile(os.path.join(current, META_FILE)):
+            parent = os.path.dirname(current)
+            if parent == current:
+                return cls.load(start)  # the error: no meta.yaml
+            current = parent
+        return cls.load(current)
+
     @property
     def name(self) -> str:
         return str(self.meta.get("name") or os.path.basename(self.root))

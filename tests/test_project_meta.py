@@ -187,3 +187,12 @@ def test_host_globals_and_versions_do_not_import_torch(tmp_path):
         f"host: {platform.node()}", f"system: {platform.system()}", f"python: '{platform.python_version()}'",
         f"cfg: {os.path.join(os.environ.get('XDG_CONFIG_HOME') or os.path.expanduser('~/.config'), 'forgather')}", "no torch",
     ]
+
+
+def test_commands_work_from_a_directory_inside_the_project(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace / "group" / "proj" / "templates" / "experiments")
+    assert main(["-t", "sub/second.yaml", "pp"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["x: 2"]
+    monkeypatch.chdir(workspace)
+    assert main(["pp"]) == 2
+    assert f"{workspace} is not a Forgather project: it has no meta.yaml" in capsys.readouterr().err

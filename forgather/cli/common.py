@@ -14,7 +14,7 @@ _USER_ERRORS = ("TemplateError", "ConstructError", "GraphError", "ImportSpecErro
 
 
 def load(args: argparse.Namespace) -> LoadedConfig:
-    project = Project.load(args.project)
+    project = Project.find(args.project)
     return project.load_config(args.config, tuple(args.template_path), **getattr(args, "dynamic", {}))
 
 

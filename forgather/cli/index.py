@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     console = Console(highlight=False, soft_wrap=True)
-    project = Project.load(args.project)
+    project = Project.find(args.project)
     console.print(f"[bold]{escape(project.name)}[/bold]  {project.root}")
     if project.description:
         console.print(escape(project.description))
