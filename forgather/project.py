@@ -43,7 +43,6 @@ from typing import Any
 import yaml
 
 from forgather.template import TemplateEnvironment, TemplateError
-from forgather.template.errors import SourceLocation
 from forgather.template.globals import forgather_config_dir
 
 META_FILE = "meta.yaml"
