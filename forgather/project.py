@@ -40,9 +40,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import jinja2
 import yaml
 
 from forgather.template import TemplateEnvironment, TemplateError
+from forgather.template.errors import SourceLocation
 from forgather.template.globals import forgather_config_dir
 
 META_FILE = "meta.yaml"
@@ -128,7 +130,9 @@ def read_meta(root: str, workspace_root: str) -> dict[str, Any]:
     try:
         text = templates.render(META_FILE, **context)
     except TemplateError as error:
-        if len(search) == 1:  # e.g. `-- extends "meta_defaults.yaml"` outside any workspace
+        if error.chain and not os.path.isabs(error.location.path):  # it failed before the file was read
+            error.chain[-1] = SourceLocation(os.path.join(root, META_FILE), error.location.line)
+        if isinstance(error.__cause__, jinja2.TemplateNotFound) and len(search) == 1:
             error.message += (f"; no {WORKSPACE_DIR}/ directory was found at or above {root}: the workspace's "
                               f"meta templates (meta_defaults.yaml) live in <workspace root>/{WORKSPACE_DIR}/")
         raise

@@ -132,6 +132,13 @@ def test_meta_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
     assert err.startswith(f"error: {tmp_path / 'meta.yaml'}:2: meta.yaml is not valid YAML") and "Traceback" not in err
 
 
+def test_an_undecodable_meta_yaml_is_an_error_naming_the_file(tmp_path, capsys):
+    (tmp_path / "meta.yaml").write_bytes(b"name: \xff\xfe\n")
+    assert main(["-p", str(tmp_path), "index"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'meta.yaml'}: UnicodeDecodeError") and "workspace" not in err
+
+
 def test_meta_key_of_the_wrong_type_names_its_line(tmp_path):
     write(tmp_path, {"meta.yaml": "name: x\n\nsearchdir: templates\n"})
     with pytest.raises(TemplateError, match="searchdir must be a list of directories") as caught:
