@@ -186,7 +186,7 @@ def first_difference(ours: list[str], theirs: list[str]) -> str:
     return f"ours has {len(ours)} meaningful lines, the reference {len(theirs)}"
 
 
-def compare(checkout: str, verbose: bool) -> dict[str, Any]:
+def compare(checkout: str) -> dict[str, Any]:
     from forgather.graph import generate_code, load_graph, to_config
     from forgather.project import Project, project_dirs
 
@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="print every config that differs, and why")
     parser.add_argument("--json", help="write the per-config results here")
     args = parser.parse_args()
-    result = compare(os.path.abspath(args.checkout), args.verbose)
+    result = compare(os.path.abspath(args.checkout))
     if args.verbose:
         for key, row in result["configs"].items():
             if not (row.get("same YAML") and row.get("same graph")):
