@@ -203,3 +203,25 @@ def test_commands_work_from_a_directory_inside_the_project(workspace, capsys, mo
     monkeypatch.chdir(workspace)
     assert main(["pp"]) == 2
     assert f"{workspace} is not a Forgather project: it has no meta.yaml" in capsys.readouterr().err
+
+
+def test_targets_graph_and_code_of_a_config_in_the_reference_style(workspace, capsys):
+    write(workspace, {"group/proj/templates/experiments/ref_style.yaml": """\
+        .define: &defaults !dict
+        model: &model !lambda:builtins:dict
+            width: 2
+            latent_args: !var { name: "model_constructor_args", default: { width: 3 } }
+        generator: !meta:builtins:dict@generator
+            obj: *model
+        env: !dict
+        """})
+    project = ["-p", str(workspace / "group" / "proj"), "-t", "ref_style.yaml"]
+    assert main([*project, "targets"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["model", "generator", "env"]
+    assert main([*project, "graph"]) == 0
+    out = capsys.readouterr().out
+    assert "!partial:builtins:dict" in out and "latent_args:" in out and "!meta:builtins:dict@generator" in out
+    assert main([*project, "code", "--target", "model"]) == 0
+    namespace: dict = {}
+    exec(capsys.readouterr().out, namespace)
+    assert namespace["construct"]()() == {"width": 3}
