@@ -336,10 +336,13 @@ class LoadedConfig:
     def _config_result(self):
         from omegaconf import OmegaConf
 
-        from forgather.graph import to_config
+        from forgather.graph import GraphError, to_config
         from forgather.graph.config import escape
 
-        result = to_config(self.graph)
+        try:
+            result = to_config(self.graph)
+        except GraphError as error:
+            raise self.located(error.message, error.line) from error
         # As in the reference Forgather, a `!var "pp_config"` without a value is the rendered YAML.
         if PP_CONFIG_VAR in result.config and OmegaConf.is_missing(result.config, PP_CONFIG_VAR):
             result.config[PP_CONFIG_VAR] = escape(self.text)

@@ -130,3 +130,10 @@ p: !partial:{BOX_SPEC}
     p = again.nodes["p"]
     assert (p.args, p.kwargs, p.latent_args, p.searchpath) == ([5], {"k": 1}, {"x": 1}, ["/nowhere"])
     assert OmegaConf.to_container(to_config(again).config) == OmegaConf.to_container(to_config(graph).config)
+
+
+def test_two_different_nodes_may_not_share_a_name():
+    graph = load_graph(f"a: !call:{BOX_SPEC}@n [1]\nb: !call:{BOX_SPEC}@n [2]\nc: &x !call:{BOX_SPEC}@m []\nd: *x\n")
+    with pytest.raises(GraphError, match="a second node is named 'n' .the first is at line 1") as caught:
+        to_config(graph)
+    assert caught.value.line == 2

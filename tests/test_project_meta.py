@@ -225,3 +225,14 @@ def test_targets_graph_and_code_of_a_config_in_the_reference_style(workspace, ca
     namespace: dict = {}
     exec(capsys.readouterr().out, namespace)
     assert namespace["construct"]()() == {"width": 3}
+
+
+def test_a_name_given_to_two_nodes_is_an_error_at_the_template_line(tmp_path):
+    write(tmp_path, {
+        "meta.yaml": "default_config: a.yaml\n",
+        "templates/configs/a.yaml": "a: !call:builtins:list@n [[1]]\n-- include 'b.yaml'\n",
+        "templates/b.yaml": "## the second\nb: !call:builtins:list@n [[2]]\n",
+    })
+    with pytest.raises(TemplateError, match="a second node is named 'n'") as caught:
+        Project.load(str(tmp_path)).load_config(None).config
+    assert caught.value.location == (str(tmp_path / "templates" / "b.yaml"), 2)

@@ -18,6 +18,9 @@ loading it again constructs the same object graph with the same sharing. Shared 
 become `dict`/`list` calls with an `_id_` so that they stay one object too. Top-level keys starting
 with '.' hold definitions, not targets: they live on where they are used and are not written.
 
+Two different nodes with the same `@name` are an error (a `GraphError` at the second one's line), as in the
+reference Forgather: sharing one `_id_`, they would silently become one object.
+
 `to_config` also returns, for every path where a call node occurs, the rendered-YAML line it came from,
 so that construction errors can be traced to a template line.
 """
@@ -32,6 +35,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from forgather.graph.nodes import MISSING, CallNode, Graph, VarNode, children
+from forgather.graph.yaml_loader import GraphError
 
 RESERVED_KEYS = ("_target_", "_args_", "_partial_", "_factory_", "_meta_", "_kwargs_", "_searchpath_", "_id_")
 _SIMPLE_KEY = re.compile(r"^[A-Za-z_][\w-]*$|^\d+$")
@@ -127,7 +131,7 @@ class _Converter:
         self.shared = {key for key, count in _path_counts(graph).items() if count > 1}
         self.canonical = _canonical_paths(graph, self.shared)
         self.ids: dict[int, str] = {}
-        self.used_ids: set[str] = {node.name for node in self._named_nodes()}
+        self.used_ids: set[str] = self._check_names(self._named_nodes())
         self.vars: dict[str, Any] = {}
         self.lines: dict[str, int] = {}
 
@@ -142,6 +146,19 @@ class _Converter:
                 found.append(value)
             stack.extend(child for _, child in children(value))
         return found
+
+    @staticmethod
+    def _check_names(named: list[CallNode]) -> set[str]:
+        """The names in use; two different nodes may not share one (its `_id_` would make them one object)."""
+        first: dict[str, CallNode] = {}
+        for node in sorted(named, key=lambda n: n.line or 0):
+            other = first.setdefault(node.name, node)
+            if other is not node:
+                raise GraphError(
+                    f"a second node is named {node.name!r} (the first is at line {other.line} of the rendered YAML); a name "
+                    "stands for one node: refer to the first through its anchor (*alias), or rename one", node.line
+                )
+        return set(first)
 
     def _id_for(self, value: Any) -> str:
         if id(value) not in self.ids:
