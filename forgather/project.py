@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -73,19 +74,26 @@ def conf_dir() -> str:
     return os.path.dirname(os.path.abspath(forgather.conf.__file__))
 
 
-def first_comment(path: str) -> str:
-    """A template's description: the text of its first `##` comment line."""
+# The reference Forgather's configs describe themselves in their metadata block.
+_REFERENCE_DESCRIPTION = re.compile(r"""^\s*--\s*set\s+ns\.config_description\s*=\s*(["'])(.*?)\1\s*$""", re.M)
+
+
+def config_description(path: str) -> str:
+    """A config's description: its first `##` comment line before any content (statements aside), or else
+    a `-- set ns.config_description = "..."` line (the reference Forgather's convention)."""
     try:
         with open(path, encoding="utf-8") as file:
-            for line in file:
-                stripped = line.strip()
-                if stripped.startswith("##"):
-                    return stripped.lstrip("#").strip()
-                if stripped and not stripped.startswith(("#", "--")):
-                    break
-    except OSError:
-        pass
-    return ""
+            text = file.read()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("##"):
+            return stripped.lstrip("#").strip()
+        if stripped and not stripped.startswith(("#", "--")):
+            break
+    found = _REFERENCE_DESCRIPTION.search(text)
+    return found.group(2) if found else ""
 
 
 def find_workspace_root(directory: str) -> str | None:

@@ -236,3 +236,16 @@ def test_a_name_given_to_two_nodes_is_an_error_at_the_template_line(tmp_path):
     with pytest.raises(TemplateError, match="a second node is named 'n'") as caught:
         Project.load(str(tmp_path)).load_config(None).config
     assert caught.value.location == (str(tmp_path / "templates" / "b.yaml"), 2)
+
+
+def test_ls_shows_a_reference_config_description_from_its_metadata_block(workspace, capsys):
+    write(workspace, {"group/proj/templates/experiments/described.yaml": """\
+        -- extends "base.yaml"
+        -- block body
+            -- set ns = namespace()
+            -- set ns.config_description = "Described the reference's way"
+        x: 1
+        -- endblock body
+        """})
+    assert main(["ls", str(workspace / "group" / "proj")]) == 0
+    assert "described.yaml Described the reference's way" in " ".join(capsys.readouterr().out.split())

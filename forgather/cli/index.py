@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from forgather.project import Project, first_comment
+from forgather.project import Project, config_description
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     default = project.default_config
     for config in project.configs():
         marker = " (default)" if config == default else ""
-        console.print(f"  {escape(config):<32} {escape(first_comment(project.config_file(config) or ''))}{marker}")
+        console.print(f"  {escape(config):<32} {escape(config_description(project.config_file(config) or ''))}{marker}")
     console.print("\n[bold]template search path[/bold]")
     for path in project.search_path(args.template_path):
         console.print(f"  {path}")

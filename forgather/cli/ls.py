@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from forgather.project import Project, first_comment, project_dirs
+from forgather.project import Project, config_description, project_dirs
 from forgather.template import TemplateError
 
 
@@ -38,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
         default = project.default_config
         for config in project.configs():
             marker = "*" if config == default else " "
-            console.print(f"  {marker} {escape(config):<32} {escape(first_comment(project.config_file(config) or ''))}")
+            console.print(f"  {marker} {escape(config):<32} {escape(config_description(project.config_file(config) or ''))}")
     return 2 if failed else 0
