@@ -1,28 +1,70 @@
-"""Projects, and one config taken through the pipeline stages.
+"""Projects and workspaces, and one config taken through the pipeline stages.
 
-A project is a directory with a `meta.yaml` (name, description, optional `template_paths`, `model_src`,
-`default_config`), a `templates/` directory (its `project.yaml` is the project's base template) and
-`templates/configs/*.yaml` (the configs a user runs). The template search path is: the project's
-`templates/`, the paths listed in meta.yaml, the `conf/` library, then user paths (`--template-path`).
+A project is a directory with a `meta.yaml`. A workspace is the nearest directory at or above the project
+holding a `forgather_workspace/` directory (its templates, e.g. `meta_defaults.yaml`, are shared by every
+project below it); without one, the project is its own workspace root.
+
+`meta.yaml` is a template, as in the reference Forgather: it is rendered with the globals `project_dir`
+and `workspace_root` (search path: the project directory, the workspace's `forgather_workspace/`, the
+user's `~/.config/forgather/templates`), so it may `-- extends "meta_defaults.yaml"`, and the result is
+read as YAML. Its keys (all optional):
+
+    name, description   shown by `forgather ls` / `index`
+    searchdir           template directories, replacing the default [<project>/templates]
+    template_paths      more template directories, searched after searchdir
+    config_prefix       the directory under the template directories holding the configs (default configs)
+    default_config      the config used when none is chosen (default: the first one, by name)
+    system_path         a directory put on sys.path before construction (relative to the project)
+    model_src           the directory `.relative:Name` import specs resolve in (default model_src)
+
+The template search path is searchdir, then template_paths, then the `conf/` library, then user paths
+(`--template-path`); relative directories are relative to the project. Every meta error (template or YAML
+syntax, a key of the wrong type, a missing `meta_defaults.yaml`) is a `TemplateError` naming meta.yaml's
+line.
 
 `LoadedConfig` runs template -> YAML -> graph -> config lazily, one stage at a time, and turns every
 failure into an error that names the author's file and line: YAML and construction errors are mapped
 from the rendered text back to the template line that produced it.
+
+A config may declare its own command-line arguments in a `dynamic_args` target (a list of argparse
+`add_argument` keyword sets, with `names`); `add_dynamic_arguments` adds them to a parser and
+`dynamic_values` picks the values given, which the CLI passes to the template.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import jinja2
 import yaml
 
 from forgather.template import TemplateEnvironment, TemplateError
+from forgather.template.errors import SourceLocation
+from forgather.template.globals import forgather_config_dir
 
 META_FILE = "meta.yaml"
+WORKSPACE_DIR = "forgather_workspace"
 CONFIGS_DIR = "configs"
+DYNAMIC_ARGS = "dynamic_args"
+PP_CONFIG_VAR = "pp_config"
+
+# meta.yaml key -> the type it must have; other keys are kept and not checked.
+_META_TYPES: dict[str, type] = {
+    "name": str,
+    "description": str,
+    "searchdir": list,
+    "template_paths": list,
+    "config_prefix": str,
+    "default_config": str,
+    "system_path": str,
+    "model_src": str,
+}
 
 
 def conf_dir() -> str:
@@ -32,93 +74,226 @@ def conf_dir() -> str:
     return os.path.dirname(os.path.abspath(forgather.conf.__file__))
 
 
-def first_comment(path: str) -> str:
-    """A template's description: the text of its first `##` comment line."""
+# The reference Forgather's configs describe themselves in their metadata block.
+_REFERENCE_DESCRIPTION = re.compile(r"""^\s*--\s*set\s+ns\.config_description\s*=\s*(["'])(.*?)\1\s*$""", re.M)
+
+
+def config_description(path: str) -> str:
+    """A config's description: its first `##` comment line before any content (statements aside), or else
+    a `-- set ns.config_description = "..."` line (the reference Forgather's convention)."""
     try:
         with open(path, encoding="utf-8") as file:
-            for line in file:
-                stripped = line.strip()
-                if stripped.startswith("##"):
-                    return stripped.lstrip("#").strip()
-                if stripped and not stripped.startswith("#"):
-                    break
-    except OSError:
-        pass
-    return ""
+            text = file.read()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("##"):
+            return stripped.lstrip("#").strip()
+        if stripped and not stripped.startswith(("#", "--")):
+            break
+    found = _REFERENCE_DESCRIPTION.search(text)
+    return found.group(2) if found else ""
+
+
+def find_workspace_root(directory: str) -> str | None:
+    """The nearest directory at or above `directory` that holds a `forgather_workspace/` directory."""
+    directory = os.path.abspath(directory)
+    while True:
+        if os.path.isdir(os.path.join(directory, WORKSPACE_DIR)):
+            return directory
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+
+
+def located_error(templates: TemplateEnvironment, template: str, context: dict[str, Any], message: str, rendered_line: int | None) -> TemplateError:
+    """An error at a line of `template`'s rendered text, re-addressed to the template line behind it."""
+    top = templates.origin_of(template)
+    found = templates.locate(template, rendered_line, **context) if rendered_line else None
+    if found is None:
+        where = f" (line {rendered_line} of the rendered text)" if rendered_line else ""
+        return TemplateError(message + where, [top])
+    location, exact = found
+    chain = [location] if location.path == top.path else [top, location]
+    return TemplateError(message if exact else f"{message} (near this line)", chain)
+
+
+def _yaml_problem(error: yaml.MarkedYAMLError) -> tuple[str, int | None]:
+    mark = error.problem_mark or error.context_mark
+    problem = " ".join(p for p in (error.context, error.problem) if p)
+    return problem, (mark.line + 1 if mark else None)
+
+
+def read_meta(root: str, workspace_root: str) -> dict[str, Any]:
+    """Render `<root>/meta.yaml` and read it (see the module docstring); errors name meta.yaml's line."""
+    search = [root]
+    for directory in (os.path.join(workspace_root, WORKSPACE_DIR), os.path.join(forgather_config_dir(), "templates")):
+        if os.path.isdir(directory) and directory not in search:
+            search.append(directory)
+    templates = TemplateEnvironment(search)
+    context = {"project_dir": root, "workspace_root": workspace_root}
+    templates.env.globals.update(context)
+    try:
+        text = templates.render(META_FILE, **context)
+    except TemplateError as error:
+        if error.chain and not os.path.isabs(error.location.path):  # it failed before the file was read
+            error.chain[-1] = SourceLocation(os.path.join(root, META_FILE), error.location.line)
+        if isinstance(error.__cause__, jinja2.TemplateNotFound) and len(search) == 1:
+            error.message += (f"; no {WORKSPACE_DIR}/ directory was found at or above {root}: the workspace's "
+                              f"meta templates (meta_defaults.yaml) live in <workspace root>/{WORKSPACE_DIR}/")
+        raise
+    try:
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+        meta = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        problem, line = _yaml_problem(error)
+        raise located_error(templates, META_FILE, context, f"meta.yaml is not valid YAML: {problem}", line) from error
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise TemplateError(f"meta.yaml must be a mapping (name: ..., description: ...), not a {type(meta).__name__}", [templates.origin_of(META_FILE)])
+    lines = {key.value: key.start_mark.line + 1 for key, _ in document.value if isinstance(key, yaml.ScalarNode)}
+    for key, expected in _META_TYPES.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        if expected is str and isinstance(value, (int, float)) and key in ("name", "description"):
+            meta[key] = str(value)
+            continue
+        if not isinstance(value, expected) or (expected is list and not all(isinstance(v, str) for v in value)):
+            wanted = "a list of directories" if expected is list else "a string"
+            message = f"meta.yaml: {key} must be {wanted}, not {value!r}"
+            raise located_error(templates, META_FILE, context, message, lines.get(key))
+    return meta
 
 
 @dataclass
 class Project:
     root: str
     meta: dict[str, Any] = field(default_factory=dict)
+    workspace_root: str | None = None  # None: no workspace above the project; it is its own root
 
     @classmethod
     def load(cls, root: str = ".") -> "Project":
         root = os.path.abspath(root)
-        meta_path = os.path.join(root, META_FILE)
-        if not os.path.isfile(meta_path):
+        if not os.path.isfile(os.path.join(root, META_FILE)):
             raise FileNotFoundError(f"{root} is not a Forgather project: it has no {META_FILE}")
-        with open(meta_path, encoding="utf-8") as file:
-            meta = yaml.safe_load(file) or {}
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path}: must be a mapping (name: ..., description: ...)")
-        return cls(root, meta)
+        workspace = find_workspace_root(root)
+        return cls(root, read_meta(root, workspace or root), workspace)
+
+    @classmethod
+    def find(cls, directory: str = ".") -> "Project":
+        """The project `directory` is in: the nearest directory at or above it with a meta.yaml (so that
+        commands work from inside a project's templates, as in the reference Forgather)."""
+        start = current = os.path.abspath(directory)
+        while not os.path.isfile(os.path.join(current, META_FILE)):
+            parent = os.path.dirname(current)
+            if parent == current:
+                return cls.load(start)  # the error: no meta.yaml
+            current = parent
+        return cls.load(current)
 
     @property
     def name(self) -> str:
-        return str(self.meta.get("name", os.path.basename(self.root)))
+        return str(self.meta.get("name") or os.path.basename(self.root))
 
     @property
     def description(self) -> str:
-        return str(self.meta.get("description", ""))
+        return str(self.meta.get("description") or "")
+
+    def _path(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.root, path))
+
+    def globals(self) -> dict[str, Any]:
+        """The template globals of this project."""
+        return {"project_dir": self.root, "workspace_root": self.workspace_root or self.root}
+
+    @property
+    def template_dirs(self) -> list[str]:
+        """The project's own template directories: searchdir (or templates/), then template_paths."""
+        searchdir = self.meta.get("searchdir") or ["templates"]
+        return [self._path(p) for p in [*searchdir, *self.meta.get("template_paths", [])]]
 
     @property
     def templates_dir(self) -> str:
-        return os.path.join(self.root, "templates")
+        return self.template_dirs[0]
+
+    @property
+    def config_prefix(self) -> str:
+        return str(self.meta.get("config_prefix") or CONFIGS_DIR).strip("/")
 
     @property
     def model_src(self) -> str:
-        return os.path.join(self.root, self.meta.get("model_src", "model_src"))
+        return self._path(self.meta.get("model_src", "model_src"))
+
+    @property
+    def system_path(self) -> str | None:
+        path = self.meta.get("system_path")
+        return self._path(path) if path else None
 
     def search_path(self, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-        listed = [os.path.join(self.root, p) for p in self.meta.get("template_paths", [])]
-        return [self.templates_dir, *listed, conf_dir(), *[os.path.abspath(p) for p in extra]]
+        return [*self.template_dirs, conf_dir(), *[os.path.abspath(p) for p in extra]]
 
     def configs(self) -> list[str]:
-        """Config names (relative to templates/configs), sorted."""
-        directory = os.path.join(self.templates_dir, CONFIGS_DIR)
-        found = []
-        for parent, _, files in os.walk(directory):
-            for name in files:
-                if name.endswith((".yaml", ".yml")):
-                    found.append(os.path.relpath(os.path.join(parent, name), directory))
+        """Config names (relative to `<template dir>/<config_prefix>`, in every template dir), sorted."""
+        found = set()
+        for templates in self.template_dirs:
+            directory = os.path.join(templates, self.config_prefix)
+            for parent, dirs, files in os.walk(directory, followlinks=True):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for name in files:
+                    if name.endswith((".yaml", ".yml")):
+                        found.add(os.path.relpath(os.path.join(parent, name), directory))
         return sorted(found)
 
+    def config_file(self, config: str) -> str | None:
+        """The file of a config (a name from `configs()`), from the first template dir that has it."""
+        for templates in self.template_dirs:
+            path = os.path.join(templates, self.config_prefix, config)
+            if os.path.isfile(path):
+                return path
+        return None
+
+    @property
+    def default_config(self) -> str | None:
+        configs = self.configs()
+        return self.meta.get("default_config") or (configs[0] if configs else None)
+
     def config_template(self, config: str | None) -> str:
-        """The template name of a config given as 'name', 'name.yaml' or 'configs/name.yaml'."""
-        config = config or self.meta.get("default_config")
+        """The template name of a config given as 'name', 'name.yaml' or '<config_prefix>/name.yaml'."""
+        config = config or self.default_config
         if not config:
-            raise ValueError(f"project {self.name!r}: choose a config with -t; it has: {', '.join(self.configs())}")
+            raise ValueError(f"project {self.name!r} has no configs under {self.config_prefix}/ in {', '.join(self.template_dirs)}")
         name = config if config.endswith((".yaml", ".yml")) else f"{config}.yaml"
-        return name if name.startswith(f"{CONFIGS_DIR}/") else f"{CONFIGS_DIR}/{name}"
+        return name if name.startswith(f"{self.config_prefix}/") else f"{self.config_prefix}/{name}"
 
     def load_config(self, config: str | None, template_paths: tuple[str, ...] = (), **context: Any) -> "LoadedConfig":
         templates = TemplateEnvironment(self.search_path(template_paths))
         return LoadedConfig(self, self.config_template(config), templates, context)
 
 
-def find_projects(root: str, recursive: bool) -> list[Project]:
-    """Projects at `root` (and below it, with `recursive`)."""
-    projects = []
+def project_dirs(root: str, recursive: bool) -> list[str]:
+    """Directories holding a meta.yaml at `root` (and below it, with `recursive`), in walk order."""
+    found = []
     for parent, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in ("templates", "output_models"))
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in ("templates", "output_models", WORKSPACE_DIR))
         if META_FILE in files:
-            try:
-                projects.append(Project.load(parent))
-            except (ValueError, yaml.YAMLError):
-                continue
+            found.append(os.path.abspath(parent))
         if not recursive:
             break
+    return found
+
+
+def find_projects(root: str, recursive: bool) -> list[Project]:
+    """The projects of `project_dirs` whose meta.yaml loads."""
+    projects = []
+    for directory in project_dirs(root, recursive):
+        try:
+            projects.append(Project.load(directory))
+        except TemplateError:
+            continue
     return projects
 
 
@@ -131,13 +306,17 @@ class LoadedConfig:
     templates: TemplateEnvironment
     context: dict[str, Any]
 
+    def __post_init__(self) -> None:
+        # Globals, not only render context: templates imported without context see them too.
+        self.templates.env.globals.update(self.project.globals())
+
     @cached_property
     def text(self) -> str:
         """Stage 1: the rendered YAML."""
         return self.templates.render(self.template, **self._template_context())
 
     def _template_context(self) -> dict[str, Any]:
-        base = {"project_dir": self.project.root, "model_src_dir": self.project.model_src}
+        base = {**self.project.globals(), "model_src_dir": self.project.model_src}
         return {**base, **self.context}
 
     def located(self, message: str, rendered_line: int | None) -> TemplateError:
@@ -176,9 +355,19 @@ class LoadedConfig:
 
     @cached_property
     def _config_result(self):
-        from forgather.graph import to_config
+        from omegaconf import OmegaConf
 
-        return to_config(self.graph)
+        from forgather.graph import GraphError, to_config
+        from forgather.graph.config import escape
+
+        try:
+            result = to_config(self.graph)
+        except GraphError as error:
+            raise self.located(error.message, error.line) from error
+        # As in the reference Forgather, a `!var "pp_config"` without a value is the rendered YAML.
+        if PP_CONFIG_VAR in result.config and OmegaConf.is_missing(result.config, PP_CONFIG_VAR):
+            result.config[PP_CONFIG_VAR] = escape(self.text)
+        return result
 
     @property
     def config(self):
@@ -189,6 +378,9 @@ class LoadedConfig:
         """Stage 4: objects. `config` may be an edited copy of `self.config` (overrides)."""
         from forgather.graph import ConstructError, construct
 
+        system_path = self.project.system_path
+        if system_path and system_path not in sys.path:
+            sys.path.insert(0, system_path)
         try:
             return construct(self.config if config is None else config, target, base_dir=self.project.model_src)
         except ConstructError as error:
@@ -210,3 +402,59 @@ class LoadedConfig:
 
         title = f"Generated by Forgather from {self.template} ({self.project.name}): construct() builds {target or 'every target'}."
         return generate_code(self.config if config is None else config, target, base_dir=self.project.model_src, title=title)
+
+
+# -- dynamic_args: command-line arguments a config declares ------------------------------------------------
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+
+
+# The `type:` names a declaration may use (YAML cannot name a Python callable).
+_ARGUMENT_TYPES = {"int": int, "str": str, "float": float, "bool": _boolean, "path": os.path.expanduser}
+
+
+def dynamic_arguments(loaded: LoadedConfig) -> list[dict[str, Any]]:
+    """The declarations of a config's `dynamic_args` target (none when it has no such target)."""
+    if DYNAMIC_ARGS not in loaded.graph.targets:
+        return []
+    declared = loaded.construct(DYNAMIC_ARGS)
+    if isinstance(declared, dict):
+        declared = list(declared.values())
+    line = loaded._line_of(DYNAMIC_ARGS)
+    if not isinstance(declared, (list, tuple)) or not all(isinstance(d, dict) and d.get("names") for d in declared):
+        raise loaded.located(f"{DYNAMIC_ARGS} must be a list (or !dlist) of argument declarations, each with names: '--flag'", line)
+    return [dict(d) for d in declared]
+
+
+def add_dynamic_arguments(parser: argparse.ArgumentParser, loaded: LoadedConfig) -> list[str]:
+    """Add a config's declared arguments to `parser`; returns their destinations.
+
+    As in the reference Forgather, a declared `default` is dropped: an argument not given is not passed, so
+    the template's own default applies (a `store_true` flag not given passes False)."""
+    group = parser.add_argument_group(f"arguments of {loaded.template} ({DYNAMIC_ARGS})")
+    dests = []
+    for declaration in dynamic_arguments(loaded):
+        names = declaration.pop("names")
+        names = [names] if isinstance(names, str) else list(names)
+        declaration.pop("default", None)
+        kind = declaration.get("type")
+        if isinstance(kind, str):
+            if kind not in _ARGUMENT_TYPES:
+                raise loaded.located(f"{DYNAMIC_ARGS} {names[0]}: unknown type {kind!r}; use one of {', '.join(_ARGUMENT_TYPES)}", loaded._line_of(DYNAMIC_ARGS))
+            declaration["type"] = _ARGUMENT_TYPES[kind]
+        try:
+            dests.append(group.add_argument(*names, **declaration).dest)
+        except (argparse.ArgumentError, TypeError, ValueError) as error:
+            raise loaded.located(f"{DYNAMIC_ARGS} {names[0]}: {error}", loaded._line_of(DYNAMIC_ARGS)) from error
+    return dests
+
+
+def dynamic_values(args: argparse.Namespace, dests: list[str]) -> dict[str, Any]:
+    """The declared arguments the command line gave (None means not given, and is left out)."""
+    return {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import shlex
 import sys
@@ -74,6 +75,7 @@ class _CfgPart(argparse.Action):
 PROJECT_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("-p", "--project"), dict(help="project directory (default: the current directory if it has a meta.yaml)")),
     (("--template-path",), dict(action="append", default=[], metavar="DIR", help="extra template directory")),
+    (("--dynamic-args",), dict(type=json.loads, default={}, metavar="JSON", help="values of the config's declared arguments (dynamic_args), as `forgather train` passes them")),
 )
 OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("-m", "--multirun"), dict(action="store_true", help="sweep: run every combination of comma lists, range(), choice(), glob()")),
@@ -189,7 +191,7 @@ class Runner:
         if not experiment:
             options = ", ".join(self.groups["experiment"]) or "none found"
             raise ovr.OverrideError(f"choose an experiment: +experiment=NAME (options: {options})")
-        context: dict[str, Any] = dict(choices)
+        context: dict[str, Any] = {**self.args.dynamic_args, **choices}
         if self.args.devices:
             context.update(accelerator="gpu", devices=len(self.args.devices.split(",")))
         loaded = LoadedConfig(self.project, self.experiment_template(experiment), TemplateEnvironment(self.search_path), context)

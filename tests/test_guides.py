@@ -25,6 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Each document, and the workspace directory its commands start in.
 DOCUMENTS = {
+    "docs/guides/coming_from_forgather.md": ".",
     "docs/guides/composition.md": ".",
     "docs/guides/overrides_and_sweeps.md": ".",
     "docs/guides/plain_lightning.md": ".",

@@ -304,6 +304,16 @@ def test_builder_builds_a_fresh_factory_object_at_every_reference():
     assert built[0] is not built[1]
 
 
+def test_builder_merges_latent_kwargs_over_the_keywords():
+    node = {"_target_": "f", "a": 1, "b": 2, "_kwargs_": {"b": 3}}
+    assert instantiate(node, lambda spec: lambda **kw: kw) == {"a": 1, "b": 3}
+
+
+def test_builder_refuses_a_meta_node():
+    with pytest.raises(ValueError, match="_meta_ is not supported"):
+        instantiate({"_target_": "f", "_meta_": True}, lambda spec: dict)
+
+
 YAML_MODEL = """
 .define: &hidden_size !var { name: hidden_size, default: 32 }
 .define: &norm_factory !partial:forgather.models.norm:RMSNorm@norm_factory {}

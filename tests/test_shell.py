@@ -87,7 +87,7 @@ def test_config_commands_outside_a_project_say_so():
 def test_a_broken_meta_yaml_is_reported_not_fatal(tmp_path):
     (tmp_path / "meta.yaml").write_text("name: [unclosed\n")
     shell, out = session("index\nls\n", str(tmp_path))
-    assert shell.project is None and "error: while parsing" in out
+    assert shell.project is None and f"error: {tmp_path / 'meta.yaml'}:1: meta.yaml is not valid YAML: while parsing" in out
 
 
 def test_unknown_commands_are_named():

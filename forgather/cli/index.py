@@ -1,11 +1,11 @@
-"""`forgather index`: a project's summary: meta.yaml, configs, template search path, model source."""
+"""`forgather index`: a project's summary: meta.yaml, workspace, configs, template search path, model source."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from forgather.project import CONFIGS_DIR, Project, first_comment
+from forgather.project import Project, config_description
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,19 +14,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(highlight=False, soft_wrap=True)
-    project = Project.load(args.project)
-    console.print(f"[bold]{project.name}[/bold]  {project.root}")
+    project = Project.find(args.project)
+    console.print(f"[bold]{escape(project.name)}[/bold]  {project.root}")
     if project.description:
-        console.print(project.description)
-    console.print("\n[bold]configs[/bold]")
+        console.print(escape(project.description))
+    if project.workspace_root:
+        console.print(f"workspace root: {project.workspace_root}")
+    console.print(f"\n[bold]configs[/bold] ({escape(project.config_prefix)}/)")
+    default = project.default_config
     for config in project.configs():
-        marker = " (default)" if config == project.meta.get("default_config") else ""
-        console.print(f"  {config:<32} {first_comment(os.path.join(project.templates_dir, CONFIGS_DIR, config))}{marker}")
+        marker = " (default)" if config == default else ""
+        console.print(f"  {escape(config):<32} {escape(config_description(project.config_file(config) or ''))}{marker}")
     console.print("\n[bold]template search path[/bold]")
     for path in project.search_path(args.template_path):
         console.print(f"  {path}")
     if os.path.isdir(project.model_src):
         console.print(f"\n[bold]model source[/bold]\n  {project.model_src}")
+    if project.system_path:
+        console.print(f"\n[bold]system path[/bold]\n  {project.system_path}")
     return 0

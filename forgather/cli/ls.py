@@ -1,11 +1,14 @@
-"""`forgather ls`: projects under a directory, with their configs and descriptions."""
+"""`forgather ls`: projects under a directory, with their configs and descriptions.
+
+A project whose meta.yaml fails to load is listed with its error (file:line), and the listing goes on."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from forgather.project import CONFIGS_DIR, find_projects, first_comment
+from forgather.project import Project, config_description, project_dirs
+from forgather.template import TemplateError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,16 +18,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(highlight=False, soft_wrap=True)
-    projects = find_projects(args.directory or args.project, args.recursive)
-    if not projects:
+    directories = project_dirs(args.directory or args.project, args.recursive)
+    if not directories:
         console.print("no projects found (a project is a directory with a meta.yaml)" + ("" if args.recursive else "; try -r"))
         return 1
-    for project in projects:
-        where = os.path.relpath(project.root)
-        console.print(f"[bold]{project.name}[/bold] ({where}): {project.description}")
+    failed = 0
+    for directory in directories:
+        where = os.path.relpath(directory)
+        try:
+            project = Project.load(directory)
+        except TemplateError as error:
+            failed += 1
+            console.print(f"[bold red]{escape(where)}[/bold red]: error: {escape(str(error))}")
+            continue
+        console.print(f"[bold]{escape(project.name)}[/bold] ({escape(where)}): {escape(project.description)}")
+        default = project.default_config
         for config in project.configs():
-            path = os.path.join(project.templates_dir, CONFIGS_DIR, config)
-            console.print(f"    {config:<32} {first_comment(path)}")
-    return 0
+            marker = "*" if config == default else " "
+            console.print(f"  {marker} {escape(config):<32} {escape(config_description(project.config_file(config) or ''))}")
+    return 2 if failed else 0

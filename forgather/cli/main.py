@@ -2,6 +2,10 @@
 
 Subcommand modules are imported only when chosen, so `forgather --help` and `forgather pp` stay free of
 torch and Lightning. A subcommand module provides `add_arguments(parser)` and `run(args) -> int`.
+
+The commands that load a config also take the arguments the config declares (its `dynamic_args`): when
+the command line has arguments the command does not know (or asks for --help), the config is loaded once
+to add them; their values reach the template as `args.dynamic`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shell": ("forgather.cli.shell", "an interactive shell over these commands (also: forgather -i)"),
     "completion": ("forgather.cli.completion", "print a bash or zsh tab-completion script: eval \"$(forgather completion bash)\""),
 }
+# Commands that load the chosen config, and so accept the arguments it declares.
+CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "code", "construct", "train"}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -43,6 +49,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "--template-path", action="append", default=[], metavar="DIR", help="extra template directory (repeatable)"
     )
     parser.add_argument("-i", "--interactive", action="store_true", help="start the interactive shell")
+    parser.add_argument("--no-dyn", action="store_true", help="do not read the config's own arguments (dynamic_args)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {
         name: commands.add_parser(name, help=help_text, description=help_text, add_help=False)
@@ -69,15 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     if known.command is None:
         parser.print_help()
         return 0
-    module = add_command_arguments(subparsers[known.command], known.command)
-    args, extras = parser.parse_known_args(argv)
-    # Overrides may stand anywhere among the options, as `python -m forgather.run` (an intermixed parse) takes
-    # them; argparse takes one run of positionals per subcommand and hands back the later ones.
-    if extras and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extras):
-        args.overrides += extras
-    elif extras:
-        parser.parse_args(argv)  # exits naming the unrecognized arguments
+    subparser = subparsers[known.command]
+    module = add_command_arguments(subparser, known.command)
     try:
+        dests = _declare_config_arguments(parser, subparser, known, argv)
+        args, extras = parser.parse_known_args(argv)
+        # Overrides may stand anywhere among the options, as `python -m forgather.run` (an intermixed parse)
+        # takes them; argparse takes one run of positionals per subcommand and hands back the later ones.
+        if extras and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extras):
+            args.overrides += extras
+        elif extras:
+            parser.parse_args(argv)  # exits naming the unrecognized arguments
+        args.dynamic = _dynamic_values(args, dests)
         return module.run(args)
     except KeyboardInterrupt:
         return 130
@@ -85,6 +95,31 @@ def main(argv: list[str] | None = None) -> int:
         from forgather.errors import report
 
         return report(error)
+
+
+def _declare_config_arguments(parser: argparse.ArgumentParser, subparser: argparse.ArgumentParser, known: argparse.Namespace, argv: list[str]) -> list[str]:
+    """Add the chosen config's declared arguments to `subparser` when the command line may use them."""
+    if known.command not in CONFIG_COMMANDS or known.no_dyn:
+        return []
+    wants_help = "-h" in argv or "--help" in argv
+    if not wants_help and not parser.parse_known_args(argv)[1]:
+        return []
+    from forgather.cli.common import declare_config_arguments
+
+    try:
+        return declare_config_arguments(subparser, known)
+    except Exception:
+        if wants_help:  # help still works for a config that does not load; the command itself reports why
+            return []
+        raise
+
+
+def _dynamic_values(args: argparse.Namespace, dests: list[str]) -> dict:
+    if not dests:
+        return {}
+    from forgather.project import dynamic_values
+
+    return dynamic_values(args, dests)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,9 @@ import shlex
 import sys
 from typing import IO
 
-import yaml
-
 from forgather.cli.main import COMMANDS
 from forgather.project import META_FILE, Project
+from forgather.template import TemplateError
 
 # Config commands whose second word names a target.
 _TARGET_COMMANDS = ("code", "construct")
@@ -94,7 +93,7 @@ class ForgatherShell(cmd.Cmd):
             return None
         try:
             return Project.load(self.directory)
-        except (ValueError, yaml.YAMLError):
+        except TemplateError:
             return None
 
     def _set_prompt(self) -> None:
@@ -228,7 +227,7 @@ class ForgatherShell(cmd.Cmd):
     def _require_project(self) -> bool:
         try:
             Project.load(self.directory)
-        except (OSError, ValueError, yaml.YAMLError) as error:
+        except (OSError, TemplateError) as error:
             print(f"error: {error} (`ls` finds projects, `cd` enters one)", file=self.stdout)
             return False
         return True

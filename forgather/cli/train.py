@@ -9,6 +9,7 @@ options of `forgather` itself, and -t names the experiment. Runs and exported mo
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import PurePosixPath
 
 
@@ -30,6 +31,8 @@ def run_arguments(args: argparse.Namespace) -> list[str]:
     if args.config and not (args.resume or args.from_snapshot):
         argv.append(f"+experiment={PurePosixPath(args.config).with_suffix('').as_posix()}")
     options = argparse.Namespace(**{**vars(args), "outputs": None})  # given above
+    if getattr(args, "dynamic", None):
+        argv += ["--dynamic-args", json.dumps(args.dynamic)]
     return argv + run_argv(options) + list(args.overrides)
 
 

@@ -3,7 +3,8 @@
 The module uses plain imports (`from torch.optim import AdamW`), needs nothing from Forgather, and keeps
 construction semantics: a node with an `_id_` becomes a local variable (built once, shared by every
 use), a factory with an `_id_` becomes a local function called at every use, a partial is
-`functools.partial(...)`. A top-level scalar that other values interpolate (`${lr}`, a `!var`) becomes a
+`functools.partial(...)`, latent args (`_kwargs_`) are `**{...}` after the keyword arguments, and a meta
+call gets its arguments' config as literal data. A top-level scalar that other values interpolate (`${lr}`, a `!var`) becomes a
 parameter of `construct()` with its value as the default. Files named by path (`/x/y.py:Name`,
 `.relative:Name`) are loaded with importlib, since they are no importable module.
 """
@@ -26,13 +27,14 @@ _REFERENCE = re.compile(r"^\$\{([\w.\-]+)\}$")
 _LINE_WIDTH = 100
 
 _FILE_LOADER = '''
-def _load_file(path):
-    """Import a Python file by its path (it is not an importable module)."""
+def _load_file(path, searchpath=None):
+    """Import a Python file by its path (it is not an importable module); its relative imports resolve
+    in `searchpath`."""
     import importlib.util
     import sys
 
     name = "generated_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=searchpath)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     sys.path.append(os.path.dirname(path))
@@ -62,7 +64,7 @@ class _Generator:
         self.config = config
         self.raw = OmegaConf.to_container(config, resolve=False)
         self.base_dir = base_dir
-        self.imports: dict[tuple[str, str], str] = {}  # (module, name) -> local symbol
+        self.imports: dict[tuple[str, str, tuple[str, ...]], str] = {}  # (module, name, searchpath) -> local symbol
         self.symbols: set[str] = set()
         self.body: list[str] = []
         self.defined: dict[str, str] = {}  # _id_ -> expression that uses it
@@ -87,7 +89,7 @@ class _Generator:
         module, attrs = _module_and_attrs(spec)
         if not module:
             return ".".join(attrs)
-        key = (module, attrs[0])
+        key = (module, attrs[0], ())
         if key not in self.imports:
             self.imports[key] = self._fresh(attrs[0])
         return ".".join([self.imports[key], *attrs[1:]])
@@ -143,17 +145,24 @@ class _Generator:
         return self.defined[node_id]
 
     def _call(self, node: dict, path: str, indent: int) -> str:
-        args = [self.expr(arg, f"{path}._args_.{i}", indent + 1) for i, arg in enumerate(node.get("_args_", ()))]
-        kwargs = [
-            f"{key}={self.expr(item, f'{path}.{key}', indent + 1)}"
+        value = self._data if node.get("_meta_") else self.expr
+        args = [value(arg, f"{path}._args_.{i}", indent + 1) for i, arg in enumerate(node.get("_args_", ()))]
+        named = {
+            key: value(item, f"{path}.{key}", indent + 1)
             for key, item in node.items()
             if key not in RESERVED_KEYS and not (key.startswith("_") and key.endswith("_"))
-        ]
+        }
+        kwargs = [f"{key}={item}" for key, item in named.items()]
+        if node.get("_kwargs_") is not None:
+            # Latent args win over keywords of the same name: one mapping, merged in order.
+            latent = self.expr(node["_kwargs_"], f"{path}._kwargs_", indent + 2)
+            kwargs = ["**" + self._wrap("{", [*(f"{key!r}: {item}" for key, item in named.items()), f"**{latent}"], "}", indent + 1)]
         target = node["_target_"]
         literal = self._literal(target, node, args, kwargs)
         if literal is not None:
             return literal
-        function = self._function(target)
+        searchpath = self._value(f"{path}._searchpath_") if "_searchpath_" in node else None
+        function = self._function(target, searchpath)
         if node.get("_partial_"):
             self.uses_partial = True
             return self._wrap("partial(", [function, *args, *kwargs], ")", indent)
@@ -170,13 +179,26 @@ class _Generator:
             return args[0] if target == "list" else f"tuple({args[0]})"
         return None
 
-    def _function(self, target: str) -> str:
+    def _value(self, path: str) -> Any:
+        """The constructed value at `path` (e.g. a search path, shared as a `list` node)."""
+        from forgather.graph.construct import construct
+
+        selected = OmegaConf.select(self.config, path)
+        plain = OmegaConf.to_container(selected, resolve=True) if OmegaConf.is_config(selected) else selected
+        return construct({"value": plain}, "value", self.base_dir)
+
+    def _data(self, value: Any, path: str, indent: int) -> str:
+        """A meta call's argument: its config as literal data, interpolations resolved."""
+        selected = OmegaConf.select(self.config, path)
+        return repr(OmegaConf.to_container(selected, resolve=True) if OmegaConf.is_config(selected) else selected)
+
+    def _function(self, target: str, searchpath: list[str] | None = None) -> str:
         module, qualname = split_spec(target)
         path = module_file(module, self.base_dir) if module else None
         if path is None:
             return self._symbol(target)
         self.uses_files = True
-        key = (path, qualname.split(".")[0])
+        key = (path, qualname.split(".")[0], tuple(searchpath or ()))
         if key not in self.imports:
             self.imports[key] = self._fresh(qualname.split(".")[0])
         return self.imports[key] + "".join(f".{a}" for a in qualname.split(".")[1:])
@@ -206,15 +228,16 @@ class _Generator:
             head.append("import os")
         if self.uses_partial:
             head.append("from functools import partial")
-        for (module, name), symbol in sorted(self.imports.items()):
+        for (module, name, _), symbol in sorted(self.imports.items()):
             if os.path.isabs(module):
                 continue
             head.append(f"from {module} import {name}" + ("" if symbol == name else f" as {symbol}"))
         if self.uses_files:
             head.append(_FILE_LOADER)
-            for (module, name), symbol in sorted(self.imports.items()):
+            for (module, name, searchpath), symbol in sorted(self.imports.items()):
                 if os.path.isabs(module):
-                    head.append(f"{symbol} = _load_file({module!r}).{name.split('.')[0]}")
+                    where = f", {list(searchpath)!r}" if searchpath else ""
+                    head.append(f"{symbol} = _load_file({module!r}{where}).{name.split('.')[0]}")
         required = [name for name, value in self.params.items() if value == "???"]
         optional = [f"{name}={value!r}" for name, value in self.params.items() if value != "???"]
         signature = ", ".join(required + optional)

@@ -1,9 +1,15 @@
-"""Node graph -> OmegaConf config, in Hydra's vocabulary plus two keys of ours.
+"""Node graph -> OmegaConf config, in Hydra's vocabulary plus keys of ours.
 
     CallNode     {_target_: SPEC, _args_: [...], **kwargs}, with `_partial_: true` for partials,
-                 `_factory_: true` for factories, and `_id_` when the node is named or shared
+                 `_factory_: true` for factories, `_meta_: true` for meta calls (arguments passed as
+                 config, not constructed), and `_id_` when the node is named or shared; its latent args
+                 become `_kwargs_` (a mapping merged over the keyword arguments when it is built) and its
+                 submodule search path `_searchpath_`
     VarNode      "${name}", with a top-level `name: default` (or `???` when it has none)
     str          escaped, so that a literal "${" stays literal
+
+A meta call's arguments are data for its target, not nodes to build: they are written out in full (no
+interpolation into or out of them), with a `!var` as the literal text "${name}".
 
 A node reached over more than one path is written in full once, at its shallowest occurrence (the canonical
 path), and as an interpolation "${canonical.path}" everywhere else; its `_id_` makes construction share
@@ -11,6 +17,9 @@ one object. So an override at the canonical path reaches every use, and dumping 
 loading it again constructs the same object graph with the same sharing. Shared plain dicts and lists
 become `dict`/`list` calls with an `_id_` so that they stay one object too. Top-level keys starting
 with '.' hold definitions, not targets: they live on where they are used and are not written.
+
+Two different nodes with the same `@name` are an error (a `GraphError` at the second one's line), as in the
+reference Forgather: sharing one `_id_`, they would silently become one object.
 
 `to_config` also returns, for every path where a call node occurs, the rendered-YAML line it came from,
 so that construction errors can be traced to a template line.
@@ -26,8 +35,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from forgather.graph.nodes import MISSING, CallNode, Graph, VarNode, children
+from forgather.graph.yaml_loader import GraphError
 
-RESERVED_KEYS = ("_target_", "_args_", "_partial_", "_factory_", "_id_")
+RESERVED_KEYS = ("_target_", "_args_", "_partial_", "_factory_", "_meta_", "_kwargs_", "_searchpath_", "_id_")
 _SIMPLE_KEY = re.compile(r"^[A-Za-z_][\w-]*$|^\d+$")
 
 
@@ -44,6 +54,13 @@ def escape(text: str) -> str:
     """Keep a literal string literal for OmegaConf, where `${` starts an interpolation: write `\\${`, and
     double the backslashes before it (OmegaConf reads `\\\\` before `${` as one backslash)."""
     return _DOLLAR_BRACE.sub(lambda m: m.group(1) * 2 + "\\${", text)
+
+
+def _graph_children(value: Any) -> list[tuple[str, Any]]:
+    """`children`, less a meta call's arguments (written as data, they share nothing with the graph)."""
+    if isinstance(value, CallNode) and value.kind == "meta":
+        return [(key, child) for key, child in children(value) if key in ("_kwargs_", "_searchpath_")]
+    return children(value)
 
 
 def _path_counts(graph: Graph) -> Counter:
@@ -64,7 +81,7 @@ def _path_counts(graph: Graph) -> Counter:
         if id(value) in objects:
             continue
         objects[id(value)] = value
-        found = [child for _, child in children(value) if is_node(child)]
+        found = [child for _, child in _graph_children(value) if is_node(child)]
         edges[id(value)] = [id(child) for child in found]
         stack.extend(found)
     indegree: Counter = Counter(child for targets in edges.values() for child in targets)
@@ -99,7 +116,7 @@ def _canonical_paths(graph: Graph, shared: set[int]) -> dict[int, str]:
                     continue
                 paths[id(value)] = path
             inner = _content_path(value, path, shared)
-            following += [(f"{inner}.{key}", child) for key, child in children(value)]
+            following += [(f"{inner}.{key}", child) for key, child in _graph_children(value)]
         queue = following
     return paths
 
@@ -114,7 +131,7 @@ class _Converter:
         self.shared = {key for key, count in _path_counts(graph).items() if count > 1}
         self.canonical = _canonical_paths(graph, self.shared)
         self.ids: dict[int, str] = {}
-        self.used_ids: set[str] = {node.name for node in self._named_nodes()}
+        self.used_ids: set[str] = self._check_names(self._named_nodes())
         self.vars: dict[str, Any] = {}
         self.lines: dict[str, int] = {}
 
@@ -129,6 +146,19 @@ class _Converter:
                 found.append(value)
             stack.extend(child for _, child in children(value))
         return found
+
+    @staticmethod
+    def _check_names(named: list[CallNode]) -> set[str]:
+        """The names in use; two different nodes may not share one (its `_id_` would make them one object)."""
+        first: dict[str, CallNode] = {}
+        for node in sorted(named, key=lambda n: n.line or 0):
+            other = first.setdefault(node.name, node)
+            if other is not node:
+                raise GraphError(
+                    f"a second node is named {node.name!r} (the first is at line {other.line} of the rendered YAML); a name "
+                    "stands for one node: refer to the first through its anchor (*alias), or rename one", node.line
+                )
+        return set(first)
 
     def _id_for(self, value: Any) -> str:
         if id(value) not in self.ids:
@@ -172,18 +202,40 @@ class _Converter:
     def _call(self, node: CallNode, path: str) -> dict[str, Any]:
         if node.line is not None:
             self.lines[path] = node.line
-        out: dict[str, Any] = {"_target_": node.target}
-        if node.args:
-            out["_args_"] = [self.convert(arg, f"{path}._args_.{i}") for i, arg in enumerate(node.args)]
-        for name, arg in node.kwargs.items():
-            out[name] = self.convert(arg, f"{path}.{name}")
-        if node.kind == "partial":
-            out["_partial_"] = True
-        elif node.kind == "factory":
-            out["_factory_"] = True
+        out = self._node(node, path, self.convert, self._data if node.kind == "meta" else self.convert)
         if node.name or (id(node) in self.shared and node.kind != "factory"):
             out["_id_"] = self._id_for(node)
         return out
+
+    @staticmethod
+    def _node(node: CallNode, path: str, convert, convert_arguments) -> dict[str, Any]:
+        out: dict[str, Any] = {"_target_": node.target}
+        if node.args:
+            out["_args_"] = [convert_arguments(arg, f"{path}._args_.{i}") for i, arg in enumerate(node.args)]
+        for name, arg in node.kwargs.items():
+            out[name] = convert_arguments(arg, f"{path}.{name}")
+        for key, value in (("_kwargs_", node.latent_args), ("_searchpath_", node.searchpath)):
+            if value is not None:
+                out[key] = convert(value, f"{path}.{key}")
+        if node.kind in ("partial", "factory", "meta"):
+            out[f"_{node.kind}_"] = True
+        return out
+
+    def _data(self, value: Any, path: str = "") -> Any:
+        """A meta call's argument, written out in full: nodes in place (named ones with their `_id_`),
+        `!var`s as literal "${name}"."""
+        if isinstance(value, CallNode):
+            out = self._node(value, path, self._data, self._data)
+            if value.name:
+                out["_id_"] = value.name
+            return out
+        if isinstance(value, VarNode):
+            return escape("${" + value.name + "}")
+        if isinstance(value, dict):
+            return {str(k): self._data(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._data(v) for v in value]
+        return escape(value) if isinstance(value, str) else value
 
 
 def to_config(graph: Graph) -> ConfigResult:

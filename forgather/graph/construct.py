@@ -5,6 +5,10 @@ Semantics of a `_target_` node (see config.py for the vocabulary):
                        object (the first construction is memoized under the id)
     _partial_: true    functools.partial(target, *_args_, **kwargs), memoized by `_id_` likewise
     _factory_: true    a new object at every occurrence, `_id_` notwithstanding
+    _meta_: true       target(*_args_, **kwargs) with the arguments as config (plain dicts and lists with
+                       `_target_` nodes, interpolations resolved), not constructed; memoized like plain
+    _kwargs_           a mapping, constructed and merged over the keyword arguments (later wins)
+    _searchpath_       directories where a file target (`/x/model.py:Name`) resolves its relative imports
 Arguments are constructed first, depth first. Interpolations are resolved by OmegaConf before anything
 is built; a value still missing (`???`) is an error naming its key. A failure names the config path of
 the node that failed and its target; `ConstructError.path` lets a caller map it back to a template line,
@@ -73,8 +77,9 @@ class _Builder:
         if node_id is not None and not factory and node_id in self.memo:
             return self.memo[node_id]
         target = node["_target_"]
+        searchpath = self.build(node["_searchpath_"], _join(path, "_searchpath_")) if "_searchpath_" in node else None
         try:
-            function = import_spec(target, self.base_dir) if isinstance(target, str) else target
+            function = import_spec(target, self.base_dir, searchpath) if isinstance(target, str) else target
         except ImportError as error:
             raise ConstructError(path, f"cannot import target: {error}") from error
         positional = node.get("_args_", ())
@@ -82,12 +87,19 @@ class _Builder:
             raise ConstructError(
                 _join(path, "_args_"), f"_args_ must be a list of positional arguments, got {type(positional).__name__} {positional!r}"
             )
-        args = [self.build(arg, _join(path, f"_args_.{i}")) for i, arg in enumerate(positional)]
+        # A meta call takes its arguments' config as they are.
+        build = (lambda item, _: item) if node.get("_meta_") else self.build
+        args = [build(arg, _join(path, f"_args_.{i}")) for i, arg in enumerate(positional)]
         kwargs = {
-            key: self.build(item, _join(path, key))
+            key: build(item, _join(path, key))
             for key, item in node.items()
             if key not in RESERVED_KEYS and key not in _IGNORED_HYDRA_KEYS
         }
+        if node.get("_kwargs_") is not None:
+            extra = self.build(node["_kwargs_"], _join(path, "_kwargs_"))
+            if not isinstance(extra, Mapping):
+                raise ConstructError(_join(path, "_kwargs_"), f"latent args must construct to a mapping of keyword arguments, not {type(extra).__name__}")
+            kwargs.update(extra)
         if node.get("_partial_"):
             result = functools.partial(function, *args, **kwargs)
         else:

@@ -1,16 +1,17 @@
 """Node graph -> YAML in Forgather's own tag syntax (what `forgather graph --format yaml` prints).
 
 The output loads back into an equal graph: call nodes keep their kind, target and name; a node reached
-twice is written once with an anchor and aliased after, so sharing survives.
+twice is written once with an anchor and aliased after, so sharing survives. Latent args and the
+submodule search path are written under their reserved keys, positional arguments then as `argN` keys.
 """
 
 from __future__ import annotations
 
 import yaml
 
-from forgather.graph.nodes import MISSING, CallNode, Graph, VarNode
+from forgather.graph.nodes import LATENT_ARGS, MISSING, SEARCHPATH, CallNode, Graph, VarNode
 
-_TAGS = {"singleton": "!singleton:", "factory": "!factory:", "partial": "!partial:"}
+_TAGS = {"singleton": "!singleton:", "factory": "!factory:", "partial": "!partial:", "meta": "!meta:"}
 
 
 class _GraphDumper(yaml.SafeDumper):
@@ -19,6 +20,10 @@ class _GraphDumper(yaml.SafeDumper):
 
 def _represent_call(dumper: yaml.SafeDumper, node: CallNode) -> yaml.Node:
     tag = _TAGS[node.kind] + node.target + (f"@{node.name}" if node.name else "")
+    reserved = {key: value for key, value in ((LATENT_ARGS, node.latent_args), (SEARCHPATH, node.searchpath)) if value is not None}
+    if reserved:
+        positional = {f"arg{i}": arg for i, arg in enumerate(node.args)}
+        return dumper.represent_mapping(tag, {**positional, **node.kwargs, **reserved})
     if node.args and node.kwargs:
         return dumper.represent_mapping(tag, {"args": node.args, "kwargs": node.kwargs})
     if node.kwargs:

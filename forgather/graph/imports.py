@@ -54,16 +54,22 @@ def module_file(module: str, base_dir: str | None = None) -> str | None:
     return None
 
 
-def load_file_module(path: str) -> ModuleType:
-    """Import a Python file by path once; the module gets a stable, path-derived name in sys.modules."""
+def load_file_module(path: str, searchpath: list[str] | None = None) -> ModuleType:
+    """Import a Python file by path once; the module gets a stable, path-derived name in sys.modules.
+
+    With `searchpath` (the reference Forgather's submodule_searchpath) the module is loaded as a package
+    whose submodules live in those directories, so that `from .layers import X` in it finds layers.py there.
+    """
     path = os.path.abspath(path)
     stem = os.path.splitext(os.path.basename(path))[0]
-    name = f"forgather_local.{stem}_{hashlib.sha1(path.encode()).hexdigest()[:10]}"
+    key = "\0".join([path, *(searchpath or [])])
+    name = f"forgather_local.{stem}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if name in sys.modules:
         return sys.modules[name]
     if not os.path.isfile(path):
         raise ImportSpecError(f"no Python file at {path}")
-    spec = importlib.util.spec_from_file_location(name, path)
+    locations = [os.path.abspath(p) for p in searchpath] if searchpath else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=locations)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -118,11 +124,12 @@ def _import_dotted(spec: str) -> Any:
     raise ImportSpecError(f"cannot import any module prefix of {spec!r}")
 
 
-def import_spec(spec: str, base_dir: str | None = None) -> Any:
-    """Resolve a spec to the object it names. `base_dir` anchors `.relative` and relative file paths."""
+def import_spec(spec: str, base_dir: str | None = None, searchpath: list[str] | None = None) -> Any:
+    """Resolve a spec to the object it names. `base_dir` anchors `.relative` and relative file paths;
+    `searchpath` lists where a file module finds its relative imports (see `load_file_module`)."""
     module, qualname = split_spec(spec)
     if not module:
         return _import_dotted(qualname)
     path = module_file(module, base_dir)
-    found = load_file_module(path) if path is not None else _import_module(module, spec)
+    found = load_file_module(path, searchpath) if path is not None else _import_module(module, spec)
     return _getattr_path(found, qualname, spec)

@@ -6,7 +6,15 @@ YAML data (dict, list, str, int, float, bool, None) and two node types:
     CallNode  a call of an importable target; `kind` fixes what an alias means:
               "singleton": one object, shared by every alias (`!call:` / `!singleton:`)
               "factory":   a new object at every reference (`!factory:`)
-              "partial":   functools.partial(target, *args, **kwargs), one partial object (`!partial:`)
+              "partial":   functools.partial(target, *args, **kwargs), one partial object (`!partial:`, and
+                           the reference Forgather's deprecated `!lambda:`)
+              "meta":      one object, target(*args, **kwargs) with the arguments NOT constructed: the
+                           target receives their config (`!meta:`), e.g. to generate code from it
+              Two reserved argument keys of the reference Forgather are not call arguments:
+              `latent_args`   a mapping (usually a `!var` or an alias) constructed at call time and merged
+                              over the keyword arguments
+              `submodule_searchpath`  directories where a file target (`/path/x.py:Name`) resolves its
+                              relative imports (`from .layers import ...`)
     VarNode   a value supplied from outside (`!var`), with an optional default
 
 Identity is meaning: a node object reached twice is the same node (a YAML alias), so its sharing
@@ -18,7 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-CallKind = Literal["singleton", "factory", "partial"]
+CallKind = Literal["singleton", "factory", "partial", "meta"]
+
+# Reserved argument keys (the reference's names) and the config keys they become.
+LATENT_ARGS = "latent_args"
+SEARCHPATH = "submodule_searchpath"
 
 
 class _Missing:
@@ -37,6 +49,8 @@ class CallNode:
     kwargs: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
     line: int | None = None  # line of the rendered YAML where the node starts (1-based)
+    latent_args: Any = None  # merged over kwargs when called (LATENT_ARGS); None: none
+    searchpath: Any = None  # SEARCHPATH: a list of directories (or a node giving one); None: none
 
 
 @dataclass(eq=False)
@@ -56,9 +70,11 @@ class Graph:
 
 
 def children(value: Any) -> list[tuple[str, Any]]:
-    """(key, child) pairs of a graph value, in order; CallNode args are keyed `_args_.i`."""
+    """(key, child) pairs of a graph value, in order; CallNode args are keyed `_args_.i`, its latent args
+    `_kwargs_` and its search path `_searchpath_` (their config keys)."""
     if isinstance(value, CallNode):
-        return [(f"_args_.{i}", arg) for i, arg in enumerate(value.args)] + list(value.kwargs.items())
+        extra = [(key, child) for key, child in (("_kwargs_", value.latent_args), ("_searchpath_", value.searchpath)) if child is not None]
+        return [(f"_args_.{i}", arg) for i, arg in enumerate(value.args)] + list(value.kwargs.items()) + extra
     if isinstance(value, dict):
         return list(value.items())
     if isinstance(value, (list, tuple)):

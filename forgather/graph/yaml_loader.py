@@ -2,13 +2,16 @@
 
     !call:SPEC / !singleton:SPEC   CallNode(kind="singleton")
     !factory:SPEC                  CallNode(kind="factory")
-    !partial:SPEC                  CallNode(kind="partial")
+    !partial:SPEC / !lambda:SPEC   CallNode(kind="partial") (`!lambda:` is the reference's old name)
+    !meta:SPEC                     CallNode(kind="meta"): called with its arguments' config, unconstructed
     !list / !tuple / !dict         singleton calls of list / tuple / dict on the value
     !dlist                         a mapping resolving to the list of its values; redeclaring a key
                                    overrides it in place, a null value erases it
     !var "name" | !var {name, default}
 Any tag may end in `@name` (or `:@name`), naming the node. Arguments of a call are a sequence
 (positional), a mapping (keywords; keys `arg0`, `arg1` ... are positional), or `{args: [...], kwargs: {...}}`.
+The keywords `latent_args` and `submodule_searchpath` are reserved (see nodes.py), not call arguments.
+A collection tag on an empty value (`!dict`, `!list`, `!tuple`, `!dlist` alone) is an empty collection.
 
 Refused, before anything is built: a key repeated in one mapping (except `.`-keys, which only carry
 anchors, and `!dlist` items), an anchor whose content aliases itself, nesting deeper than MAX_DEPTH, one
@@ -24,13 +27,15 @@ from typing import Any, Callable
 import yaml
 
 from forgather.errors import UserError
-from forgather.graph.nodes import MISSING, CallKind, CallNode, Graph, VarNode, children
+from forgather.graph.nodes import LATENT_ARGS, MISSING, SEARCHPATH, CallKind, CallNode, Graph, VarNode, children
 
 _CALL_TAGS: dict[str, CallKind] = {
     "!call:": "singleton",
     "!singleton:": "singleton",
     "!factory:": "factory",
     "!partial:": "partial",
+    "!lambda:": "partial",
+    "!meta:": "meta",
 }
 _COLLECTIONS = {"!list": "list", "!tuple": "tuple", "!dict": "dict", "!dlist": None}
 _POSITIONAL_KEY = re.compile(r"^arg(\d+)$")
@@ -114,13 +119,24 @@ def _construct_call(loader: yaml.Loader, suffix: str, node: yaml.Node, kind: Cal
     if not spec:
         raise GraphError("a call tag needs an import spec, e.g. !call:torch.nn:Linear", _line(node))
     args, kwargs = _arguments(loader, node)
-    return CallNode(kind, spec, args, kwargs, name=name, line=_line(node))
+    latent_args = kwargs.pop(LATENT_ARGS, None)
+    searchpath = kwargs.pop(SEARCHPATH, None)
+    if searchpath is not None and not isinstance(searchpath, (list, CallNode, VarNode)):
+        raise GraphError(f"{SEARCHPATH} takes a list of directories, not {searchpath!r}", _line(node))
+    return CallNode(kind, spec, args, kwargs, name=name, line=_line(node), latent_args=latent_args, searchpath=searchpath)
+
+
+def _is_empty(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.value == "" and not node.style
 
 
 def _construct_collection(loader: yaml.Loader, tag: str, node: yaml.Node) -> CallNode:
     base, _, suffix = tag.partition("@")
     base = base.rstrip(":")
     name = suffix or None
+    if _is_empty(node):
+        empty: Any = {} if base == "!dict" else []
+        return CallNode("singleton", _COLLECTIONS[base] or "list", [empty], name=name, line=_line(node))
     if base == "!dlist":
         if not isinstance(node, yaml.MappingNode):
             raise GraphError("!dlist takes a mapping (name: item), a null item erases it", _line(node))

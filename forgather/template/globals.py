@@ -1,13 +1,25 @@
-"""Globals every template can call: time stamps, path helpers, and the user's directories."""
+"""Globals every template can call: time stamps, path helpers, the user's directories, the host and the
+versions of the main libraries. These are the reference Forgather's template globals (its templates use
+them unchanged); the project adds `project_dir` and `workspace_root` (see `forgather.project`).
+
+The path helpers fail on an undefined argument with Jinja's "'x' is undefined" error, naming the variable,
+instead of a TypeError from os.path. `versions` is read from package metadata: no library is imported.
+"""
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
+import platform
+from importlib import metadata
+from typing import Any, Callable
 
+import jinja2
 import platformdirs
 
 _APP = "forgather"
+_VERSIONED = ("torch", "transformers", "accelerate")
 
 
 def isotime() -> str:
@@ -28,6 +40,40 @@ def utcfiletime() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
 
 
+def _defined(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function`, failing with Jinja's undefined-variable error when an argument is undefined."""
+
+    @functools.wraps(function)
+    def checked(*args: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, jinja2.Undefined):
+                arg._fail_with_undefined_error()
+        return function(*args)
+
+    return checked
+
+
+def modname_from_path(path: str) -> str:
+    """The module name of a Python file: `/a/b/model.py` -> `model`."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def forgather_config_dir() -> str:
+    """The user's Forgather configuration directory (~/.config/forgather on Linux)."""
+    return platformdirs.user_config_dir(_APP)
+
+
+def versions() -> dict[str, str]:
+    """Python's version and those of the installed libraries among torch, transformers, accelerate."""
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 GLOBALS = {
     "isotime": isotime,
     "utcisotime": utcisotime,
@@ -35,14 +81,24 @@ GLOBALS = {
     "utcfiletime": utcfiletime,
     "now": datetime.datetime.now,
     "utcnow": lambda: datetime.datetime.now(datetime.timezone.utc),
-    "joinpath": os.path.join,
-    "normpath": os.path.normpath,
-    "abspath": os.path.abspath,
-    "relpath": os.path.relpath,
+    "joinpath": _defined(os.path.join),
+    "normpath": _defined(os.path.normpath),
+    "abspath": _defined(os.path.abspath),
+    "relpath": _defined(os.path.relpath),
+    "dirname": _defined(os.path.dirname),
+    "basename": _defined(os.path.basename),
+    "splitext": _defined(os.path.splitext),
+    "modname_from_path": _defined(modname_from_path),
     "getcwd": os.getcwd,
     "repr": repr,
     "user_home_dir": lambda: os.path.expanduser("~"),
     "user_cache_dir": lambda: platformdirs.user_cache_dir(_APP),
     "user_config_dir": lambda: platformdirs.user_config_dir(_APP),
     "user_data_dir": lambda: platformdirs.user_data_dir(_APP),
+    "site_config_dir": lambda: platformdirs.site_config_dir(_APP),
+    "site_data_dir": lambda: platformdirs.site_data_dir(_APP),
+    "forgather_config_dir": forgather_config_dir,
+    "hostname": platform.node(),
+    "uname": platform.uname(),
+    "versions": versions(),
 }

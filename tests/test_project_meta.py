@@ -1,0 +1,251 @@
+"""Projects and workspaces as the reference Forgather has them: meta.yaml is a template (it may extend the
+workspace's meta_defaults.yaml), its keys, the project's template globals, and meta errors with file:line.
+
+The projects here are written for the tests. Their templates use only lines whose meaning is the same under
+our line syntax and the reference's (statements at column 0), and the assertions do not depend on whether a
+rendering keeps the file's final newline (the reference's rule drops it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from forgather.cli.main import main
+from forgather.project import Project
+from forgather.template import TemplateError
+
+META_DEFAULTS = """\
+## The workspace's defaults: every project below extends these.
+-- set ns = namespace(shared=joinpath(workspace_root, 'shared'))
+searchdir:
+-- block searchdir_project
+    - "{{ joinpath(project_dir, 'templates') }}"
+-- endblock searchdir_project
+    - "{{ ns.shared }}"
+-- block configs
+-- endblock configs
+"""
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A workspace root holding forgather_workspace/ and shared/, with a project two directories below."""
+    write(tmp_path, {
+        "forgather_workspace/meta_defaults.yaml": META_DEFAULTS,
+        "shared/base.yaml": "from_shared: {{ greeting | default('hello') }}\n-- block body\n-- endblock body\n",
+        "group/proj/meta.yaml": """\
+            -- extends "meta_defaults.yaml"
+            -- block configs
+            name: "Workspace project"
+            description: "Extends the workspace's defaults"
+            config_prefix: "experiments"
+            default_config: "first.yaml"
+            -- endblock configs
+            """,
+        "group/proj/templates/experiments/first.yaml": """\
+            ## The first experiment.
+            -- extends "base.yaml"
+            -- block body
+            project: "{{ project_dir }}"
+            workspace: "{{ workspace_root }}"
+            module: "{{ modname_from_path('/a/b/model.py') }}"
+            -- endblock body
+            """,
+        "group/proj/templates/experiments/sub/second.yaml": "x: 2\n",
+    })
+    return tmp_path
+
+
+def test_meta_extends_meta_defaults_from_the_workspace_two_directories_up(workspace):
+    project = Project.load(str(workspace / "group" / "proj"))
+    assert project.workspace_root == str(workspace)
+    assert (project.name, project.description) == ("Workspace project", "Extends the workspace's defaults")
+    assert project.template_dirs == [str(workspace / "group" / "proj" / "templates"), str(workspace / "shared")]
+
+
+def test_config_prefix_names_the_configs_directory(workspace):
+    project = Project.load(str(workspace / "group" / "proj"))
+    assert project.configs() == ["first.yaml", "sub/second.yaml"]
+    assert project.config_template("sub/second") == "experiments/sub/second.yaml"
+    lines = project.load_config(None).text.splitlines()  # the default config
+    assert lines == ["from_shared: hello", f'project: "{workspace / "group" / "proj"}"', f'workspace: "{workspace}"', 'module: "model"']
+
+
+def test_ls_lists_a_workspace_projects_configs_with_the_default_marked(workspace, capsys):
+    assert main(["ls", "-r", str(workspace)]) == 0
+    out = capsys.readouterr().out
+    assert "Workspace project" in out and "* first.yaml" in out and "The first experiment." in out and "sub/second.yaml" in out
+
+
+def test_searchdir_replaces_the_templates_directory(tmp_path):
+    write(tmp_path, {
+        "meta.yaml": "searchdir: [mine]\n",
+        "templates/configs/ignored.yaml": "a: 1\n",
+        "mine/configs/used.yaml": "b: 2\n",
+    })
+    project = Project.load(str(tmp_path))
+    assert project.configs() == ["used.yaml"] and project.template_dirs == [str(tmp_path / "mine")]
+    assert project.load_config(None).text.splitlines() == ["b: 2"]  # no default_config: the first config
+
+
+def test_our_plain_meta_keys_still_work(tmp_path):
+    write(tmp_path, {
+        "meta.yaml": "name: Plain\ndefault_config: a.yaml\ntemplate_paths: [lib]\nmodel_src: code\n",
+        "templates/configs/a.yaml": '-- include "part.yaml"\n',
+        "lib/part.yaml": "part: 1\n",
+    })
+    project = Project.load(str(tmp_path))
+    assert project.workspace_root is None and project.model_src == str(tmp_path / "code")
+    assert project.load_config(None).text.splitlines() == ["part: 1"]
+
+
+def test_system_path_is_importable_when_constructing(tmp_path):
+    write(tmp_path, {
+        "meta.yaml": "system_path: lib\ndefault_config: a.yaml\n",
+        "lib/only_here_for_the_test.py": "VALUE = 42\n",
+        "templates/configs/a.yaml": "v: !call:only_here_for_the_test:VALUE.__int__ []\n",
+    })
+    project = Project.load(str(tmp_path))
+    assert project.system_path == str(tmp_path / "lib")
+    assert project.load_config(None).construct("v") == 42
+
+
+def test_meta_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    write(tmp_path, {"meta.yaml": "name: x\ndescription: a: b\n"})
+    with pytest.raises(TemplateError) as caught:
+        Project.load(str(tmp_path))
+    assert caught.value.location == (str(tmp_path / "meta.yaml"), 2) and "not valid YAML" in caught.value.message
+    assert main(["-p", str(tmp_path), "index"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'meta.yaml'}:2: meta.yaml is not valid YAML") and "Traceback" not in err
+
+
+def test_an_undecodable_meta_yaml_is_an_error_naming_the_file(tmp_path, capsys):
+    (tmp_path / "meta.yaml").write_bytes(b"name: \xff\xfe\n")
+    assert main(["-p", str(tmp_path), "index"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'meta.yaml'}: UnicodeDecodeError") and "workspace" not in err
+
+
+def test_meta_key_of_the_wrong_type_names_its_line(tmp_path):
+    write(tmp_path, {"meta.yaml": "name: x\n\nsearchdir: templates\n"})
+    with pytest.raises(TemplateError, match="searchdir must be a list of directories") as caught:
+        Project.load(str(tmp_path))
+    assert caught.value.location == (str(tmp_path / "meta.yaml"), 3)
+
+
+def test_missing_meta_defaults_says_where_it_is_looked_for(tmp_path):
+    write(tmp_path, {"meta.yaml": '-- extends "meta_defaults.yaml"\n'})
+    with pytest.raises(TemplateError, match="'meta_defaults.yaml' not found.*no forgather_workspace/ directory") as caught:
+        Project.load(str(tmp_path))
+    assert caught.value.location == (str(tmp_path / "meta.yaml"), 1)
+
+
+def test_an_error_inside_meta_defaults_names_that_file(tmp_path):
+    write(tmp_path, {
+        "forgather_workspace/meta_defaults.yaml": "name: x\n-- block configs\n-- endblock configs\nsearchdir: : here\n",
+        "p/meta.yaml": '-- extends "meta_defaults.yaml"\n',
+    })
+    with pytest.raises(TemplateError) as caught:
+        Project.load(str(tmp_path / "p"))
+    assert caught.value.location == (str(tmp_path / "forgather_workspace" / "meta_defaults.yaml"), 4)
+
+
+def test_ls_shows_a_broken_project_and_lists_the_others(workspace, capsys):
+    write(workspace, {"group/broken/meta.yaml": "name: [\n"})
+    assert main(["ls", "-r", str(workspace)]) == 2
+    out = capsys.readouterr().out
+    assert f"{workspace / 'group' / 'broken' / 'meta.yaml'}:1" in out.replace("\n", "") and "Workspace project" in out
+
+
+def test_joinpath_of_an_undefined_value_names_it(tmp_path):
+    write(tmp_path, {"meta.yaml": "searchdir: [\"{{ joinpath(no_such_dir, 'x') }}\"]\n"})
+    with pytest.raises(TemplateError, match="'no_such_dir' is undefined") as caught:
+        Project.load(str(tmp_path))
+    assert caught.value.location == (str(tmp_path / "meta.yaml"), 1)
+
+
+def test_host_globals_and_versions_do_not_import_torch(tmp_path):
+    write(tmp_path, {
+        "meta.yaml": "default_config: a.yaml\n",
+        "templates/configs/a.yaml": "host: {{ hostname }}\nsystem: {{ uname.system }}\npython: '{{ versions.python }}'\ncfg: {{ forgather_config_dir() }}\n",
+    })
+    code = (
+        "import sys; from forgather.project import Project;"
+        f"print(Project.load({str(tmp_path)!r}).load_config(None).text.rstrip());"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    import platform
+
+    assert out.splitlines() == [
+        f"host: {platform.node()}", f"system: {platform.system()}", f"python: '{platform.python_version()}'",
+        f"cfg: {os.path.join(os.environ.get('XDG_CONFIG_HOME') or os.path.expanduser('~/.config'), 'forgather')}", "no torch",
+    ]
+
+
+def test_commands_work_from_a_directory_inside_the_project(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace / "group" / "proj" / "templates" / "experiments")
+    assert main(["-t", "sub/second.yaml", "pp"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["x: 2"]
+    monkeypatch.chdir(workspace)
+    assert main(["pp"]) == 2
+    assert f"{workspace} is not a Forgather project: it has no meta.yaml" in capsys.readouterr().err
+
+
+def test_targets_graph_and_code_of_a_config_in_the_reference_style(workspace, capsys):
+    write(workspace, {"group/proj/templates/experiments/ref_style.yaml": """\
+        .define: &defaults !dict
+        model: &model !lambda:builtins:dict
+            width: 2
+            latent_args: !var { name: "model_constructor_args", default: { width: 3 } }
+        generator: !meta:builtins:dict@generator
+            obj: *model
+        env: !dict
+        """})
+    project = ["-p", str(workspace / "group" / "proj"), "-t", "ref_style.yaml"]
+    assert main([*project, "targets"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["model", "generator", "env"]
+    assert main([*project, "graph"]) == 0
+    out = capsys.readouterr().out
+    assert "!partial:builtins:dict" in out and "latent_args:" in out and "!meta:builtins:dict@generator" in out
+    assert main([*project, "code", "--target", "model"]) == 0
+    namespace: dict = {}
+    exec(capsys.readouterr().out, namespace)
+    assert namespace["construct"]()() == {"width": 3}
+
+
+def test_a_name_given_to_two_nodes_is_an_error_at_the_template_line(tmp_path):
+    write(tmp_path, {
+        "meta.yaml": "default_config: a.yaml\n",
+        "templates/configs/a.yaml": "a: !call:builtins:list@n [[1]]\n-- include 'b.yaml'\n",
+        "templates/b.yaml": "## the second\nb: !call:builtins:list@n [[2]]\n",
+    })
+    with pytest.raises(TemplateError, match="a second node is named 'n'") as caught:
+        Project.load(str(tmp_path)).load_config(None).config
+    assert caught.value.location == (str(tmp_path / "templates" / "b.yaml"), 2)
+
+
+def test_ls_shows_a_reference_config_description_from_its_metadata_block(workspace, capsys):
+    write(workspace, {"group/proj/templates/experiments/described.yaml": """\
+        -- extends "base.yaml"
+        -- block body
+            -- set ns = namespace()
+            -- set ns.config_description = "Described the reference's way"
+        x: 1
+        -- endblock body
+        """})
+    assert main(["ls", str(workspace / "group" / "proj")]) == 0
+    assert "described.yaml Described the reference's way" in " ".join(capsys.readouterr().out.split())
