@@ -25,6 +25,13 @@ import traceback
 from typing import Iterator, TextIO
 
 DEBUG_ENV = "FORGATHER_DEBUG"
+# Strict mode turns the checks the reference Forgather's projects must pass (a block no ancestor defines, a
+# repeated YAML key) from warnings into errors: `--strict`, or FORGATHER_STRICT=1.
+STRICT_ENV = "FORGATHER_STRICT"
+
+
+def strict_mode() -> bool:
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
 
 # Errors raised by our own input checks, worded for the user.
 _PLAIN_MISTAKES = (ValueError, KeyError, FileNotFoundError)

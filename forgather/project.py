@@ -37,6 +37,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -44,7 +45,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from forgather.template import TemplateEnvironment, TemplateError
+from forgather.template import TemplateEnvironment, TemplateError, TemplateWarning
 from forgather.template.errors import SourceLocation
 from forgather.template.globals import forgather_config_dir
 
@@ -347,11 +348,17 @@ class LoadedConfig:
         """Stage 2: the node graph."""
         from forgather.graph import GraphError, load_graph
 
+        def place(line: int) -> str:
+            return str(self.located("", line).location)
+
+        def warn(error: GraphError) -> None:  # at the template line, as the template stage warns
+            location = self.located("", error.line).location
+            warnings.warn_explicit(error.describe(place), TemplateWarning, location.path, location.line)
+
         try:
-            return load_graph(self.text)
+            return load_graph(self.text, warn=warn)
         except GraphError as error:
-            message = error.describe(lambda line: str(self.located("", line).location))
-            raise self.located(message, error.line) from error
+            raise self.located(error.describe(place), error.line) from error
 
     @cached_property
     def _config_result(self):

@@ -42,7 +42,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
-from forgather.errors import causes, report
+from forgather.errors import STRICT_ENV, causes, report
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
 from forgather.template import TemplateEnvironment
 
@@ -83,6 +83,7 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--resolve",), dict(action="store_true", help="with --cfg: resolve ${...} interpolations in what is printed")),
     (("--info",), dict(action="store_true", help="show the option of each group the experiment uses, every group's options, and exit")),
     (("--dry-run",), dict(action="store_true", help="print the launch command, and exit")),
+    (("--strict",), dict(action="store_true", help="warnings about likely mistakes (a block no template extends, a repeated YAML key) are errors (FORGATHER_STRICT=1)")),
     (("-d", "--devices"), dict(help="GPU indices to train on, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")),
     (("--outputs",), dict(default=".", help="where outputs/ and multirun/ go (default: the current directory; for forgather train, the project)")),
 )
@@ -572,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resolve and not args.cfg:
             raise ValueError("--resolve resolves what --cfg prints: add --cfg (or --cfg all)")
+        if args.strict:
+            os.environ[STRICT_ENV] = "1"  # sweep points and launched ranks inherit it
         if args.devices:
             os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
         if args.dry_run:

@@ -8,45 +8,80 @@ import textwrap
 
 import pytest
 
-from forgather.graph import GraphError, construct, load_graph, to_config
+from forgather.graph import GraphError, GraphWarning, construct, load_graph, to_config
 from forgather.graph.yaml_loader import MAX_DEPTH
 from forgather.project import Project
-from forgather.template import TemplateError
+from forgather.template import TemplateError, TemplateWarning
 
 
-def graph_error(text: str) -> GraphError:
+def graph_error(text: str, strict: bool | None = None) -> GraphError:
     with pytest.raises(GraphError) as caught:
-        load_graph(textwrap.dedent(text))
+        load_graph(textwrap.dedent(text), strict=strict)
     return caught.value
 
 
-def project_error(tmp_path, files: dict[str, str]) -> str:
+def write_project(tmp_path, files: dict[str, str]) -> Project:
     for name, text in {"meta.yaml": "name: p\n", **files}.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
+    return Project.load(str(tmp_path))
+
+
+def project_error(tmp_path, files: dict[str, str]) -> str:
+    project = write_project(tmp_path, files)
     with pytest.raises(TemplateError) as caught:
-        Project.load(str(tmp_path)).load_config("c.yaml").graph
+        project.load_config("c.yaml").graph
     return str(caught.value)
 
 
-def test_a_duplicate_key_names_both_lines():
-    error = graph_error("""\
-        optimizer:
-          lr: 0.1
-          momentum: 0.9
-          lr: 0.2
-        """)
+DUPLICATE = """\
+    optimizer:
+      lr: 0.1
+      momentum: 0.9
+      lr: 0.2
+    """
+
+
+def test_a_duplicate_key_is_an_error_in_strict_mode_naming_both_lines():
+    error = graph_error(DUPLICATE, strict=True)
     assert error.line == 4 and "duplicate key 'lr' (also at line 2)" in error.message
 
 
-def test_a_duplicate_key_in_an_included_template_names_both_template_lines(tmp_path):
-    message = project_error(tmp_path, {
-        "templates/configs/c.yaml": "-- include 'part.yaml'\nlr: 2\n",
-        "templates/part.yaml": "## a part\nlr: 1\n\n",  # Jinja drops one final newline of an included file
-    })
+def test_a_duplicate_key_warns_by_default_and_the_last_one_wins(monkeypatch):
+    # The reference Forgather's templates override an inherited key by repeating it: it must still load.
+    monkeypatch.delenv("FORGATHER_STRICT", raising=False)
+    with pytest.warns(GraphWarning, match=r"line 4: duplicate key 'lr' \(also at line 2\)"):
+        graph = load_graph(textwrap.dedent(DUPLICATE))
+    assert construct(to_config(graph).config)["optimizer"] == {"lr": 0.2, "momentum": 0.9}
+
+
+def test_strict_mode_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FORGATHER_STRICT", "1")
+    assert "duplicate key 'lr'" in graph_error(DUPLICATE).message
+
+
+PARTS = {
+    "templates/configs/c.yaml": "-- include 'part.yaml'\nlr: 2\n",
+    "templates/part.yaml": "## a part\nlr: 1\n\n",  # Jinja drops one final newline of an included file
+}
+
+
+def test_a_duplicate_key_in_an_included_template_names_both_template_lines(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGATHER_STRICT", "1")
+    message = project_error(tmp_path, PARTS)
     assert message.startswith(f"{tmp_path}/templates/configs/c.yaml:2: duplicate key 'lr'")
     assert f"(also at {tmp_path}/templates/part.yaml:2)" in message
+
+
+def test_a_duplicate_key_warning_points_at_the_template_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("FORGATHER_STRICT", raising=False)
+    project = write_project(tmp_path, PARTS)
+    with pytest.warns(TemplateWarning) as caught:
+        project.load_config("c.yaml").graph
+    found = [w for w in caught if "duplicate key 'lr'" in str(w.message)]
+    assert found and found[0].filename == f"{tmp_path}/templates/configs/c.yaml" and found[0].lineno == 2
+    assert f"(also at {tmp_path}/templates/part.yaml:2)" in str(found[0].message)
 
 
 def test_repeated_dot_keys_and_dlist_redeclarations_are_not_duplicates():
@@ -122,3 +157,15 @@ def test_underscore_args_that_is_not_a_list_is_a_construct_error_naming_the_key(
     with pytest.raises(ConstructError) as caught:
         construct({"x": {"_target_": "builtins:dict", "_args_": 5}})
     assert caught.value.path == "x._args_" and "must be a list" in caught.value.message
+
+
+def test_the_strict_flag_makes_a_duplicate_key_an_error(tmp_path, monkeypatch, capsys):
+    from forgather.cli.main import main
+
+    monkeypatch.setenv("FORGATHER_STRICT", "0")  # restored after the test: --strict sets it for child processes
+    write_project(tmp_path, PARTS)
+    with pytest.warns(TemplateWarning, match="duplicate key 'lr'"):
+        assert main(["-p", str(tmp_path), "-t", "c.yaml", "graph"]) == 0
+    capsys.readouterr()
+    assert main(["--strict", "-p", str(tmp_path), "-t", "c.yaml", "graph"]) == 2
+    assert f"error: {tmp_path}/templates/configs/c.yaml:2: duplicate key 'lr'" in capsys.readouterr().err

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from forgather.errors import STRICT_ENV
 
 # name -> (module, one-line help). Order is the order of `forgather --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,6 +53,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     parser.add_argument("-i", "--interactive", action="store_true", help="start the interactive shell")
     parser.add_argument("--no-dyn", action="store_true", help="do not read the config's own arguments (dynamic_args)")
+    parser.add_argument("--strict", action="store_true", help="warnings about likely mistakes (a block no template extends, a repeated YAML key) are errors (FORGATHER_STRICT=1)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {
         name: commands.add_parser(name, help=help_text, description=help_text, add_help=False)
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if known.command is None:
         parser.print_help()
         return 0
+    if known.strict:
+        os.environ[STRICT_ENV] = "1"  # an environment variable, so that the runner's processes inherit it
     subparser = subparsers[known.command]
     module = add_command_arguments(subparser, known.command)
     try:

@@ -8,7 +8,7 @@ from forgather.graph.config import ConfigResult, to_config
 from forgather.graph.construct import ConstructError, construct
 from forgather.graph.dump import dump_graph
 from forgather.graph.nodes import CallNode, Graph, VarNode
-from forgather.graph.yaml_loader import GraphError, load_graph
+from forgather.graph.yaml_loader import GraphError, GraphWarning, load_graph
 
 __all__ = [
     "CallNode",
@@ -16,6 +16,7 @@ __all__ = [
     "ConstructError",
     "Graph",
     "GraphError",
+    "GraphWarning",
     "VarNode",
     "construct",
     "dump_graph",

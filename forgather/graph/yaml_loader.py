@@ -13,20 +13,21 @@ Any tag may end in `@name` (or `:@name`), naming the node. Arguments of a call a
 The keywords `latent_args` and `submodule_searchpath` are reserved (see nodes.py), not call arguments.
 A collection tag on an empty value (`!dict`, `!list`, `!tuple`, `!dlist` alone) is an empty collection.
 
-Refused, before anything is built: a key repeated in one mapping (except `.`-keys, which only carry
-anchors, and `!dlist` items), an anchor whose content aliases itself, nesting deeper than MAX_DEPTH, one
-`!var` name with two different defaults, and `{args, kwargs}` of the wrong types. Loading errors are
+A key repeated in one mapping (except `.`-keys, which only carry anchors, and `!dlist` items) is a warning,
+an error in strict mode (see load_graph). Refused, before anything is built: an anchor whose content
+aliases itself, nesting deeper than MAX_DEPTH, one `!var` name with two different defaults, and `{args, kwargs}` of the wrong types. Loading errors are
 `GraphError`s carrying the line of the rendered YAML, which the caller maps back to a template line.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Callable
 
 import yaml
 
-from forgather.errors import UserError
+from forgather.errors import UserError, strict_mode
 from forgather.graph.nodes import LATENT_ARGS, MISSING, SEARCHPATH, CallKind, CallNode, Graph, VarNode, children
 
 _CALL_TAGS: dict[str, CallKind] = {
@@ -48,6 +49,10 @@ Where = Callable[[int], str]
 
 def _rendered_line(line: int) -> str:
     return f"line {line}"
+
+
+class GraphWarning(UserWarning):
+    """A graph that loads but says something the author likely did not mean (a repeated key)."""
 
 
 class GraphError(UserError, ValueError):
@@ -210,8 +215,9 @@ def _check_depth(text: str) -> None:
             depth -= 1
 
 
-def _check_nodes(root: yaml.Node) -> None:
-    """Refuse a recursive alias (an anchor whose content refers to itself) and duplicate mapping keys.
+def _check_nodes(root: yaml.Node, duplicate: Callable[[GraphError], None]) -> None:
+    """Refuse a recursive alias (an anchor whose content refers to itself); hand each duplicate mapping key to
+    `duplicate`.
     Iterative depth-first walk; a node entered but not yet left is on the current path, so meeting it
     again is a cycle. Aliases that merely share a node are fine and are walked once."""
     state: dict[int, bool] = {}  # id -> left (False while on the current path)
@@ -229,13 +235,13 @@ def _check_nodes(root: yaml.Node) -> None:
         stack.append((node, True))
         if isinstance(node, yaml.MappingNode):
             if not node.tag.startswith("!dlist"):  # in a !dlist, redeclaring a key overrides it
-                _check_duplicate_keys(node)
+                _check_duplicate_keys(node, duplicate)
             stack.extend((child, False) for pair in node.value for child in pair)
         elif isinstance(node, yaml.SequenceNode):
             stack.extend((child, False) for child in node.value)
 
 
-def _check_duplicate_keys(node: yaml.MappingNode) -> None:
+def _check_duplicate_keys(node: yaml.MappingNode, duplicate: Callable[[GraphError], None]) -> None:
     first: dict[tuple[str, str], int] = {}
     for key, _ in node.value:
         # `.define: &name ...` may repeat: a dot key only carries anchors, its value is never read.
@@ -243,9 +249,11 @@ def _check_duplicate_keys(node: yaml.MappingNode) -> None:
             continue
         seen = first.setdefault((key.tag, key.value), _line(key))
         if seen != _line(key):
-            raise GraphError(
-                lambda where, name=key.value, line=seen: f"duplicate key {name!r} (also at {where(line)}); keep one: YAML would silently use the last",
-                _line(key),
+            duplicate(
+                GraphError(
+                    lambda where, name=key.value, line=seen: f"duplicate key {name!r} (also at {where(line)}): the last one wins; keep one",
+                    _line(key),
+                )
             )
 
 
@@ -280,15 +288,29 @@ def _plain(value: Any) -> bool:
     return not isinstance(value, (CallNode, VarNode))
 
 
-def load_graph(text: str) -> Graph:
-    """Parse rendered YAML into a Graph; the top level must be a mapping of targets."""
+def load_graph(text: str, strict: bool | None = None, warn: Callable[[GraphError], None] | None = None) -> Graph:
+    """Parse rendered YAML into a Graph; the top level must be a mapping of targets.
+
+    A key repeated in one mapping is legal YAML (the last one wins) and the reference Forgather's templates
+    use it to override a key they inherit, so by default it is handed to `warn` (default: a GraphWarning);
+    under strict mode (`strict`, default forgather.errors.strict_mode()) it is an error."""
+    strict = strict_mode() if strict is None else strict
+
+    def duplicate(error: GraphError) -> None:
+        if strict:
+            raise error
+        if warn is not None:
+            warn(error)
+        else:
+            warnings.warn(str(error), GraphWarning, stacklevel=3)
+
     try:
         _check_depth(text)
         loader = GraphLoader(text)
         try:
             root = loader.get_single_node()
             if root is not None:
-                _check_nodes(root)
+                _check_nodes(root, duplicate)
             data = loader.construct_document(root) if root is not None else None
         finally:
             loader.dispose()

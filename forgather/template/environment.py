@@ -32,12 +32,11 @@ import jinja2.nodes
 import jinja2.runtime
 import jinja2.sandbox
 
+from forgather.errors import strict_mode
 from forgather.template import globals as template_globals
 from forgather.template.errors import SourceLocation, TemplateError, TemplateWarning
 from forgather.template.loader import SplitFileLoader
 from forgather.template.preprocess import LineSyntax, expand_blocks, expand_lines, is_block_header
-
-STRICT_ENV = "FORGATHER_STRICT"
 
 _MARKER = re.compile(r" #@@(\d+):(\d+)$")
 _TAG = re.compile(r"\{\{|\}\}|\{%|%\}|\{#|#\}")
@@ -150,7 +149,7 @@ class TemplateEnvironment:
 
     def __init__(self, search_path: list[str], strict: bool | None = None):
         self.search_path = list(search_path)
-        self.strict = os.environ.get(STRICT_ENV, "") not in ("", "0") if strict is None else strict
+        self.strict = strict_mode() if strict is None else strict
         self.env = self._make_env(LineSyntax)
         self._marked: _Environment | None = None
 
