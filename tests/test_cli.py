@@ -30,6 +30,11 @@ def test_pp_prints_the_rendered_yaml_of_each_experiment(capsys):
     assert "Linear [128, 128]" in cli(capsys, "-t", "wide.yaml", "pp")
 
 
+def test_pp_output_ends_in_one_newline_though_rendering_drops_it(capsys):
+    out = cli(capsys, "-t", "sgd.yaml", "pp")
+    assert out.endswith("\n") and not out.endswith("\n\n")
+
+
 def test_pp_jinja_shows_the_expanded_line_syntax(capsys):
     out = cli(capsys, "-t", "sgd.yaml", "pp", "--jinja")
     assert "{% extends 'configs/base.yaml' %}" in out and "{% block optimizer %}" in out

@@ -16,7 +16,9 @@ def run(args: argparse.Namespace) -> int:
     if args.jinja:
         from forgather.template.preprocess import preprocess
 
-        print(preprocess(loaded.templates.source(loaded.template)), end="")
+        text = preprocess(loaded.templates.source(loaded.template))
     else:
-        print(loaded.text, end="")
+        text = loaded.text
+    # As in the reference, rendering drops the template's final newline; the terminal still gets one.
+    print(text, end="" if text.endswith("\n") else "\n")
     return 0
