@@ -30,9 +30,12 @@ def test_pp_prints_the_rendered_yaml_of_each_experiment(capsys):
     assert "Linear [128, 128]" in cli(capsys, "-t", "wide.yaml", "pp")
 
 
-def test_pp_output_ends_in_one_newline_though_rendering_drops_it(capsys):
-    out = cli(capsys, "-t", "sgd.yaml", "pp")
-    assert out.endswith("\n") and not out.endswith("\n\n")
+def test_pp_output_ends_in_one_newline_though_rendering_drops_it(tmp_path, capsys):
+    (tmp_path / "templates" / "configs").mkdir(parents=True)
+    (tmp_path / "meta.yaml").write_text("name: p\n")
+    (tmp_path / "templates" / "configs" / "c.yaml").write_text("a: 1\n")  # rendered as 'a: 1', no newline
+    assert main(["-p", str(tmp_path), "-t", "c.yaml", "pp"]) == 0
+    assert capsys.readouterr().out == "a: 1\n"
 
 
 def test_pp_jinja_shows_the_expanded_line_syntax(capsys):
