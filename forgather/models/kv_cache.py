@@ -2,7 +2,8 @@
 
 `KVCache(num_layers)` holds one `LayerKVCache` per layer plus the positions and document ids of every
 cached token, which the next step's attention mask needs. Tensors grow by concatenation along the sequence
-axis: simple and exact; generation here is for samples and tests, not a serving engine.
+axis: simple and exact; generation here is for samples and tests. `SlotKVCache` is the serving engine's
+preallocated cache (forgather/serve/engine.py): fixed slots, each holding one sequence.
 """
 
 from __future__ import annotations
@@ -60,3 +61,61 @@ class KVCache:
             position_ids = torch.cat((self.position_ids, position_ids), dim=1)
         self.position_ids = position_ids
         self.document_ids = document_ids
+
+
+class SlotKVCache:
+    """A preallocated cache for a serving engine: `slots` sequences of up to `length` tokens each.
+
+    Keys and values of layer i live in `keys[i]` / `values[i]`, [slots, kv_heads, length + 1, head_dim]; a
+    token at position p of the sequence in slot s sits at [s, :, p]. Nothing is ever reallocated, so a decode
+    step reads and writes the same memory every time (what a captured CUDA graph needs). The extra position
+    `length` is scratch: rows of a batch that hold no sequence write there, and no real token ever does.
+    `rows(count, positions)` is the view one forward pass uses.
+    """
+
+    def __init__(self, num_layers: int, slots: int, length: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (slots, kv_heads, length + 1, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots, self.length = slots, length
+
+    @property
+    def scratch(self) -> int:
+        return self.length
+
+    def rows(self, first: int, count: int, positions: torch.Tensor) -> "SlotRows":
+        """Slots first .. first + count - 1, whose new tokens sit at `positions` [count, T]."""
+        return SlotRows(self, first, count, positions)
+
+
+class SlotRows:
+    """A forward pass's window on a SlotKVCache: `layers[i].update(k, v)` (Forgather layers) and
+    `update(k, v, layer_idx, ...)` (transformers' attention) write the new keys/values at their positions and
+    return every cached position of those slots, [count, kv_heads, length + 1, head_dim]; the attention mask
+    hides the positions past each row's own."""
+
+    def __init__(self, cache: SlotKVCache, first: int, count: int, positions: torch.Tensor) -> None:
+        self.cache, self.positions = cache, positions
+        self.window = slice(first, first + count)
+        self.batch_index = torch.arange(count, device=positions.device)[:, None]
+        self.layers = [_LayerRows(self, index) for index in range(len(cache.keys))]
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cached_keys = self.cache.keys[layer][self.window]
+        cached_values = self.cache.values[layer][self.window]
+        # [count, kv_heads, T, D] -> [count, T, kv_heads, D]: the layout advanced indexing on dims 0 and 2 gives
+        cached_keys[self.batch_index, :, self.positions] = keys.transpose(1, 2).to(cached_keys.dtype)
+        cached_values[self.batch_index, :, self.positions] = values.transpose(1, 2).to(cached_values.dtype)
+        return cached_keys, cached_values
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.write(layer_idx, keys, values)
+
+
+class _LayerRows:
+    def __init__(self, rows: SlotRows, index: int) -> None:
+        self.rows, self.index = rows, index
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows.write(self.index, keys, values)
