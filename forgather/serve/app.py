@@ -172,15 +172,24 @@ class Generator:
         text = self.backend.text_stream(params)
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, str):  # the engine's finish reason
-                    yield text.finish(item)
-                    return
-                if (delta := text.push(item)) is not None:
-                    yield delta
-                    if delta.finish_reason is not None:  # a stop string
+                # Tokens that arrived while the client was being served go out as one chunk: under load, the
+                # per-chunk work (JSON, SSE, the socket) is paid once per batch of tokens, not per token.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                pieces = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    delta = text.finish(item) if isinstance(item, str) else text.push(item)
+                    if delta is not None:
+                        pieces.append(delta)
+                        if delta.finish_reason is not None:  # the engine's finish reason, or a stop string
+                            break
+                if pieces:
+                    yield Delta("".join(d.text for d in pieces), pieces[-1].finish_reason,
+                                pieces[-1].completion_tokens)
+                    if pieces[-1].finish_reason is not None:
                         return
         finally:
             self.backend.engine.cancel(request)  # the client left, or a stop string ended it: free the slot

@@ -271,6 +271,10 @@ class Engine:
             top_p = request.params.top_p if request.params.top_p < 1.0 else None
             tokens[index] = sample_next_token(logits[index:index + 1].float(), request.params.temperature, None,
                                               top_p, request.generator)[0]
+        if tokens.is_cuda:  # wait without the GIL (Event.synchronize releases it): the app's threads run meanwhile
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
         return tokens.tolist()  # the step's one host sync
 
     def _hand_out(self, requests: list[Request], tokens: list[int]) -> None:
