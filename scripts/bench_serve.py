@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import socket
@@ -139,7 +138,7 @@ def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, li
 
 
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
-                 compile: bool = False, slots: int = 32) -> None:
+                 compile: bool = False, slots: int = 32, profile: bool = False) -> None:
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
@@ -150,6 +149,8 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
         ttft, rate, gaps = engine_run(engine, prompt, tokens)
         row(name, tokens_per_s=rate, ttft_ms=ttft * 1e3, itl_p50_ms=percentile(gaps, 0.5) * 1e3,
             itl_p99_ms=percentile(gaps, 0.99) * 1e3, floor_share=rate / floor, setup_s=setup)
+        if profile:
+            profile_step(engine)
         if ttft_prompt:
             long = [(7 * i) % len(model.get_input_embeddings().weight) for i in range(ttft_prompt)]
             engine_run(engine, long, 2)
@@ -157,6 +158,26 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
             row(f"{name} ttft {ttft_prompt}", ttft_ms=statistics.median(samples) * 1e3)
     finally:
         engine.close()
+
+
+def profile_step(engine) -> None:
+    """GPU time of one graphed decode step at batch 1 and 32 (graph replays back to back), and the kernels of
+    the eager step at batch 1 by CUDA time."""
+    for size in (1, engine.slots):
+        graph = engine.graphs[size, engine.key_buckets[0]][0]
+        sync()
+        start = time.perf_counter()
+        for _ in range(100):
+            graph.replay()
+        sync()
+        row(f"graph step batch {size}", step_ms=(time.perf_counter() - start) * 10)
+    ids = torch.zeros((1, 1), dtype=torch.long, device=engine.device)
+    positions = torch.full((1, 1), 200, dtype=torch.long, device=engine.device)
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine._forward(ids, positions, 0, engine.key_buckets[0])
+        sync()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
 
 
 # --- the HTTP server ----------------------------------------------------------------------------------------
@@ -244,6 +265,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--hf-compile", action="store_true", help="also generate() with a static cache (compiles)")
     parser.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
+    parser.add_argument("--profile", action="store_true", help="time graph replays; list the step's kernels")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -258,9 +280,7 @@ def main() -> None:
         row("hbm floor", tokens_per_s=floor, weights_gib=weight_bytes(model) / 2**30)
         if not args.skip_hf:
             bench_hf(model, torch.tensor([prompt], device=device), args.tokens, static=False)
-        bench_engine("engine hf-llama", model, prompt, args.tokens, floor, min(2048, 4096 - 1))
-        if args.engine_compile:
-            bench_engine("engine hf-llama compiled", model, prompt, args.tokens, floor, None, compile=True)
+        bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
         hf_dir, forgather_dir = Path(tmp) / "hf", Path(tmp) / "forgather"
         model.save_pretrained(hf_dir)
         word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
@@ -269,23 +289,24 @@ def main() -> None:
 
         hf_to_forgather(hf_dir, forgather_dir)
         forgather = Backend.load(forgather_dir, dtype="bfloat16").model
-        bench_engine("engine forgather", forgather, prompt, args.tokens, floor, 2048)
-        del forgather
+        bench_engine("engine forgather", forgather, prompt, args.tokens, floor, 2048, profile=args.profile)
         if not args.skip_http:
             bench_http(hf_dir, prompt, args.tokens, args.concurrency)
+        if not args.skip_7b and args.shape == "1b":
+            big = random_llama("7b", device)
+            row("hbm floor 7b", tokens_per_s=args.bandwidth / weight_bytes(big))
+            bench_engine("engine hf-llama 7b", big, prompt, args.tokens, args.bandwidth / weight_bytes(big), None,
+                         slots=4)
+            del big
+        # Last, the runs that compile (minutes, and their failures vary by version): the rows above are out.
+        if args.engine_compile:
+            bench_engine("engine forgather compiled", forgather, prompt, args.tokens, floor, None, compile=True,
+                         slots=1)
         if args.hf_compile:
             try:
                 bench_hf(model, torch.tensor([prompt], device=device), args.tokens, static=True)
             except Exception as error:  # transformers' compile path varies by version: report, go on
                 row("hf static+compile", error=f"{type(error).__name__}: {str(error)[:200]}")
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-        if not args.skip_7b and args.shape == "1b":
-            big = random_llama("7b", device)
-            bench_engine("engine hf-llama 7b", big, prompt, args.tokens, args.bandwidth / weight_bytes(big), None,
-                         slots=4)
-            row("hbm floor 7b", tokens_per_s=args.bandwidth / weight_bytes(big))
     print("\n| run | tokens/s | TTFT ms | ITL p50 ms | ITL p99 ms | share of HBM floor |\n| --- | --- | --- | --- | --- | --- |")
     for r in ROWS:
         cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in

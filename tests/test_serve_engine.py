@@ -102,6 +102,19 @@ def test_greedy_tokens_equal_the_simple_loop_alone_and_batched(backend, engine):
     assert {c.finish for c in batched} == {"length"}
 
 
+def test_sequences_growing_past_a_key_window_decode_like_the_simple_loop(backend):
+    """Decode steps attend over the shortest window of 256, 512 ... cache positions holding every sequence."""
+    engine = Engine(backend.model, set(), slots=2, context_length=600)
+    try:
+        assert engine.key_buckets == [256, 512, 601]
+        prompts = [backend.encode(PROMPTS[3]), backend.encode(PROMPTS[1])]
+        params = [SamplingParams(max_tokens=270, temperature=0.0), SamplingParams(max_tokens=20, temperature=0.0)]
+        expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
+        assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
+    finally:
+        engine.close()
+
+
 def test_seeded_sampling_is_the_same_alone_and_batched(backend, engine):
     prompts = [backend.encode(p) for p in PROMPTS]
     params = [SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=seed) for seed in range(len(prompts))]

@@ -70,7 +70,7 @@ class SlotKVCache:
     token at position p of the sequence in slot s sits at [s, :, p]. Nothing is ever reallocated, so a decode
     step reads and writes the same memory every time (what a captured CUDA graph needs). The extra position
     `length` is scratch: rows of a batch that hold no sequence write there, and no real token ever does.
-    `rows(count, positions)` is the view one forward pass uses.
+    `rows(first, count, positions, keys)` is the view one forward pass uses.
     """
 
     def __init__(self, num_layers: int, slots: int, length: int, kv_heads: int, head_dim: int,
@@ -84,19 +84,20 @@ class SlotKVCache:
     def scratch(self) -> int:
         return self.length
 
-    def rows(self, first: int, count: int, positions: torch.Tensor) -> "SlotRows":
-        """Slots first .. first + count - 1, whose new tokens sit at `positions` [count, T]."""
-        return SlotRows(self, first, count, positions)
+    def rows(self, first: int, count: int, positions: torch.Tensor, keys: int | None = None) -> "SlotRows":
+        """Slots first .. first + count - 1, whose new tokens sit at `positions` [count, T]; attention reads
+        their first `keys` positions (default all: length + 1)."""
+        return SlotRows(self, first, count, positions, self.length + 1 if keys is None else keys)
 
 
 class SlotRows:
     """A forward pass's window on a SlotKVCache: `layers[i].update(k, v)` (Forgather layers) and
     `update(k, v, layer_idx, ...)` (transformers' attention) write the new keys/values at their positions and
-    return every cached position of those slots, [count, kv_heads, length + 1, head_dim]; the attention mask
-    hides the positions past each row's own."""
+    return the first `keys` cached positions of those slots, [count, kv_heads, keys, head_dim] (reading less
+    of the cache when every sequence is short); the attention mask hides the positions past each row's own."""
 
-    def __init__(self, cache: SlotKVCache, first: int, count: int, positions: torch.Tensor) -> None:
-        self.cache, self.positions = cache, positions
+    def __init__(self, cache: SlotKVCache, first: int, count: int, positions: torch.Tensor, keys: int) -> None:
+        self.cache, self.positions, self.keys = cache, positions, keys
         self.window = slice(first, first + count)
         self.batch_index = torch.arange(count, device=positions.device)[:, None]
         self.layers = [_LayerRows(self, index) for index in range(len(cache.keys))]
@@ -107,7 +108,7 @@ class SlotRows:
         # [count, kv_heads, T, D] -> [count, T, kv_heads, D]: the layout advanced indexing on dims 0 and 2 gives
         cached_keys[self.batch_index, :, self.positions] = keys.transpose(1, 2).to(cached_keys.dtype)
         cached_values[self.batch_index, :, self.positions] = values.transpose(1, 2).to(cached_values.dtype)
-        return cached_keys, cached_values
+        return cached_keys[:, :, :self.keys], cached_values[:, :, :self.keys]
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         return self.write(layer_idx, keys, values)

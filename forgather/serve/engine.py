@@ -19,8 +19,10 @@ The attention mask shows row b's query at position p the keys 0..p of its own sl
 between a row decoded alone and in a batch, so greedy tokens (and seeded samples) do not depend on who else
 is running, up to the floating-point differences a GPU's batched kernels may bring.
 
-On a GPU the decode step is captured as CUDA graphs, one per batch bucket (1, 2, 4, ... slots, a prefix of
-the slots), replayed with the step's token ids and positions copied into their static inputs: one graph
+A decode step attends over a window of the cache, the shortest bucket (256, 512, ... positions) that
+holds every running sequence, so short sequences do not pay for the whole context. On a GPU the decode
+step is captured as CUDA graphs, one per batch bucket (1, 2, 4, ... slots, a prefix of the slots) and
+window, replayed with the step's token ids and positions copied into their static inputs: one graph
 launch per token instead of hundreds of kernel launches. Sampling runs on the device (argmax for greedy
 rows, the shared `sample_next_token` for the others); the one host sync per step reads the sampled ids.
 Prefill runs eagerly (prompt lengths vary). `compile=True` also compiles the step with torch.compile
@@ -50,7 +52,7 @@ class UnsupportedModel(ValueError):
 
 class SlotMask:
     """The attention mask of a step over cache slots, in the shape Forgather's attention functions read:
-    `dense` [B, 1, T, length + 1] (True: visible), and a flex-attention `block_mask` built on demand."""
+    `dense` [B, 1, T, keys] (True: visible), and a flex-attention `block_mask` built on demand."""
 
     is_plain_causal = False
     document_ids = None
@@ -83,7 +85,7 @@ class ForgatherStep:
         inner = self.inner
         x = inner.embed(ids)
         rope = inner.rope(positions) if inner.rope is not None else None
-        mask = SlotMask(positions, rows.cache.length + 1)
+        mask = SlotMask(positions, rows.keys)
         for layer, cache in zip(inner.layers, rows.layers):
             x = layer(x, rope, mask, cache)
         return F.linear(inner.norm(x[:, -1]), inner.lm_head_weight)
@@ -110,7 +112,7 @@ class HuggingFaceStep:
         inner = self.inner
         x = inner.embed_tokens(ids)
         rotary = inner.rotary_emb(x, positions)
-        visible = SlotMask(positions, rows.cache.length + 1).dense
+        visible = SlotMask(positions, rows.keys).dense
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, torch.finfo(x.dtype).min)
         for layer in inner.layers:
             x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rotary,
@@ -131,9 +133,13 @@ def model_step(model: Any) -> ForgatherStep | HuggingFaceStep:
     raise UnsupportedModel(f"{type(model).__name__} is neither a Forgather model nor a Llama-family one")
 
 
-def _buckets(slots: int) -> list[int]:
-    sizes = [1 << i for i in range(slots.bit_length()) if 1 << i < slots]
-    return sizes + [slots]
+def _buckets(most: int, least: int = 1) -> list[int]:
+    """least, 2 least, 4 least ... below `most`, then `most`."""
+    sizes = [least << i for i in range(most.bit_length()) if least << i < most]
+    return sizes + [most]
+
+
+MIN_KEYS = 256  # the shortest window of cache positions a decode step attends over
 
 
 class Engine:
@@ -154,7 +160,8 @@ class Engine:
         self.scheduler = Scheduler(slots, max_waiting, prefill_chunk)
         self.forward: Callable = torch.compile(self._forward, dynamic=False) if compile else self._forward
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.key_buckets = _buckets(context_length + 1, MIN_KEYS)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if use_graphs:
             self._capture()
         self.thread = threading.Thread(target=self._loop, name="forgather-engine", daemon=True)
@@ -213,50 +220,54 @@ class Engine:
             except Exception as error:
                 self._fail(plan.decode, error)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> torch.Tensor:
-        """[B, T] ids at [B, T] positions of slots first_slot.. -> the last position's logits [B, V]."""
-        return self.step(ids, positions, self.cache.rows(first_slot, ids.shape[0], positions))
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int, keys: int) -> torch.Tensor:
+        """[B, T] ids at [B, T] positions of slots first_slot.., attending over their first `keys` cache
+        positions -> the last position's logits [B, V]."""
+        return self.step(ids, positions, self.cache.rows(first_slot, ids.shape[0], positions, keys))
 
     def _prefill(self, request: Request, start: int, stop: int) -> torch.Tensor | None:
         """Put prompt tokens start..stop in the cache; the logits of the prompt's last token once it is all in."""
         ids = torch.tensor([request.prompt_ids[start:stop]], device=self.device)
         positions = torch.arange(start, stop, device=self.device)[None]
-        logits = self._forward(ids, positions, request.slot)
+        logits = self._forward(ids, positions, request.slot, stop)
         return logits if stop == len(request.prompt_ids) else None
 
     def _decode(self, requests: list[Request]) -> torch.Tensor:
-        """Feed each request's last token at its position; rows of other slots in the bucket write scratch."""
+        """Feed each request's last token at its position; rows of other slots in the bucket write scratch.
+        Attention reads the shortest window of cache positions (a bucket) that holds every request's."""
         size = next(b for b in _buckets(self.slots) if b > max(r.slot for r in requests))
+        keys = next(k for k in self.key_buckets if k > max(r.position for r in requests))
         ids, positions = [0] * size, [self.cache.scratch] * size
         for request in requests:
             ids[request.slot], positions[request.slot] = request.last_token, request.position
         ids_tensor = torch.tensor(ids, device=self.device)[:, None]
         positions_tensor = torch.tensor(positions, device=self.device)[:, None]
-        if size not in self.graphs:
-            return self.forward(ids_tensor, positions_tensor, 0)
-        graph, static_ids, static_positions, logits = self.graphs[size]
+        if (size, keys) not in self.graphs:
+            return self.forward(ids_tensor, positions_tensor, 0, keys)
+        graph, static_ids, static_positions, logits = self.graphs[size, keys]
         static_ids.copy_(ids_tensor)
         static_positions.copy_(positions_tensor)
         graph.replay()
         return logits
 
     def _capture(self) -> None:
-        """A CUDA graph of the decode step for each batch bucket, largest first, sharing one memory pool."""
+        """A CUDA graph of the decode step for each batch and key-window bucket, largest first, sharing one
+        memory pool (one graph runs at a time)."""
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
-            for size in reversed(_buckets(self.slots)):
+            for size, keys in sorted(((s, k) for s in _buckets(self.slots) for k in self.key_buckets), reverse=True):
                 ids = torch.zeros((size, 1), dtype=torch.long, device=self.device)
                 positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long, device=self.device)
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):  # warm-up off the capture: lazy init, autotuning, compilation
                     for _ in range(3):
-                        self.forward(ids, positions, 0)
+                        self.forward(ids, positions, 0, keys)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self.forward(ids, positions, 0)
-                self.graphs[size] = (graph, ids, positions, logits)
+                    logits = self.forward(ids, positions, 0, keys)
+                self.graphs[size, keys] = (graph, ids, positions, logits)
 
     def _sample(self, logits: torch.Tensor, rows: list[Request | None]) -> list[int]:
         """One token per row: greedy rows by one argmax, the others each by their own parameters."""
