@@ -301,7 +301,7 @@ def main() -> None:
         # Last, the runs that compile (minutes, and their failures vary by version): the rows above are out.
         if args.engine_compile:
             bench_engine("engine forgather compiled", forgather, prompt, args.tokens, floor, None, compile=True,
-                         slots=1)
+                         slots=8)
         if args.hf_compile:
             try:
                 bench_hf(model, torch.tensor([prompt], device=device), args.tokens, static=True)

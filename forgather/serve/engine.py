@@ -158,7 +158,8 @@ class Engine:
         self.cache = SlotKVCache(self.step.num_layers, slots, context_length, self.step.kv_heads,
                                  self.step.head_dim, self.dtype, self.device)
         self.scheduler = Scheduler(slots, max_waiting, prefill_chunk)
-        self.forward: Callable = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        # Shapes vary by bucket: after the first recompile dynamo makes them dynamic, so a few compiles serve all.
+        self.forward: Callable = torch.compile(self._forward) if compile else self._forward
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.key_buckets = _buckets(context_length + 1, MIN_KEYS)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
