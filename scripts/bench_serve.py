@@ -149,7 +149,7 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
         ttft, rate, gaps = engine_run(engine, prompt, tokens)
         row(name, tokens_per_s=rate, ttft_ms=ttft * 1e3, itl_p50_ms=percentile(gaps, 0.5) * 1e3,
             itl_p99_ms=percentile(gaps, 0.99) * 1e3, floor_share=rate / floor, setup_s=setup)
-        if profile:
+        if profile and engine.graphs:
             profile_step(engine)
         if ttft_prompt:
             long = [(7 * i) % len(model.get_input_embeddings().weight) for i in range(ttft_prompt)]
@@ -175,7 +175,7 @@ def profile_step(engine) -> None:
     positions = torch.full((1, 1), 200, dtype=torch.long, device=engine.device)
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            engine._forward(ids, positions, 0, engine.key_buckets[0])
+            engine._forward(ids, positions, slice(0, 1), engine.key_buckets[0])
         sync()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
 

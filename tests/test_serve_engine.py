@@ -171,12 +171,20 @@ def test_prefill_is_chunked_while_others_decode():
     scheduler = Scheduler(slots=2, max_waiting=4, prefill_chunk=3)
     first, second = Request([1] * 5, None, print), Request([1] * 7, None, print)
     scheduler.submit(first)
-    assert scheduler.plan().prefill == (first, 0, 5)  # nothing decodes: the whole prompt at once
+    assert scheduler.plan().prefill == [(first, 0, 5)]  # nothing decodes: the whole prompt at once
     scheduler.prefilled(first, 5)
     scheduler.submit(second)
     plan = scheduler.plan()
-    assert plan.prefill == (second, 0, 3) and plan.decode == [first]
+    assert plan.prefill == [(second, 0, 3)] and plan.decode == [first]
     assert (second.slot, first.slot) == (1, 0)
+
+
+def test_one_step_prefills_several_prompts_within_the_budget():
+    scheduler = Scheduler(slots=4, max_waiting=4, prefill_chunk=8)
+    requests = [Request([1] * length, None, print) for length in (4, 3, 9)]
+    for request in requests:
+        scheduler.submit(request)
+    assert scheduler.plan().prefill == [(requests[0], 0, 4), (requests[1], 0, 3), (requests[2], 0, 1)]
 
 
 # --- text -------------------------------------------------------------------------------------------------

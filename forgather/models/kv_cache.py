@@ -70,7 +70,7 @@ class SlotKVCache:
     token at position p of the sequence in slot s sits at [s, :, p]. Nothing is ever reallocated, so a decode
     step reads and writes the same memory every time (what a captured CUDA graph needs). The extra position
     `length` is scratch: rows of a batch that hold no sequence write there, and no real token ever does.
-    `rows(first, count, positions, keys)` is the view one forward pass uses.
+    `rows(slots, positions, keys)` is the view one forward pass uses.
     """
 
     def __init__(self, num_layers: int, slots: int, length: int, kv_heads: int, head_dim: int,
@@ -84,31 +84,38 @@ class SlotKVCache:
     def scratch(self) -> int:
         return self.length
 
-    def rows(self, first: int, count: int, positions: torch.Tensor, keys: int | None = None) -> "SlotRows":
-        """Slots first .. first + count - 1, whose new tokens sit at `positions` [count, T]; attention reads
-        their first `keys` positions (default all: length + 1)."""
-        return SlotRows(self, first, count, positions, self.length + 1 if keys is None else keys)
+    def rows(self, slots: slice | torch.Tensor, positions: torch.Tensor, keys: int | None = None) -> "SlotRows":
+        """The slots a batch's rows use (a slice, or a tensor of slot indices), whose new tokens sit at
+        `positions` [rows, T]; attention reads their first `keys` positions (default all: length + 1)."""
+        return SlotRows(self, slots, positions, self.length + 1 if keys is None else keys)
 
 
 class SlotRows:
     """A forward pass's window on a SlotKVCache: `layers[i].update(k, v)` (Forgather layers) and
     `update(k, v, layer_idx, ...)` (transformers' attention) write the new keys/values at their positions and
     return the first `keys` cached positions of those slots, [count, kv_heads, keys, head_dim] (reading less
-    of the cache when every sequence is short); the attention mask hides the positions past each row's own."""
+    of the cache when every sequence is short); the attention mask hides the positions past each row's own.
+    A slice of slots is read in place (the decode step); a tensor of slot indices gathers their windows (a
+    prefill of several prompts)."""
 
-    def __init__(self, cache: SlotKVCache, first: int, count: int, positions: torch.Tensor, keys: int) -> None:
-        self.cache, self.positions, self.keys = cache, positions, keys
-        self.window = slice(first, first + count)
-        self.batch_index = torch.arange(count, device=positions.device)[:, None]
+    def __init__(self, cache: SlotKVCache, slots: slice | torch.Tensor, positions: torch.Tensor, keys: int) -> None:
+        self.cache, self.slots, self.positions, self.keys = cache, slots, positions, keys
+        if isinstance(slots, slice):
+            self.batch_index = torch.arange(positions.shape[0], device=positions.device)[:, None]
         self.layers = [_LayerRows(self, index) for index in range(len(cache.keys))]
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cached_keys = self.cache.keys[layer][self.window]
-        cached_values = self.cache.values[layer][self.window]
-        # [count, kv_heads, T, D] -> [count, T, kv_heads, D]: the layout advanced indexing on dims 0 and 2 gives
-        cached_keys[self.batch_index, :, self.positions] = keys.transpose(1, 2).to(cached_keys.dtype)
-        cached_values[self.batch_index, :, self.positions] = values.transpose(1, 2).to(cached_values.dtype)
-        return cached_keys[:, :, :self.keys], cached_values[:, :, :self.keys]
+        # [rows, kv_heads, T, D] -> [rows, T, kv_heads, D]: the layout advanced indexing on dims 0 and 2 gives
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+        if isinstance(self.slots, slice):
+            cached_keys, cached_values = self.cache.keys[layer][self.slots], self.cache.values[layer][self.slots]
+            cached_keys[self.batch_index, :, self.positions] = keys.to(cached_keys.dtype)
+            cached_values[self.batch_index, :, self.positions] = values.to(cached_values.dtype)
+            return cached_keys[:, :, :self.keys], cached_values[:, :, :self.keys]
+        all_keys, all_values = self.cache.keys[layer], self.cache.values[layer]
+        all_keys[self.slots[:, None], :, self.positions] = keys.to(all_keys.dtype)
+        all_values[self.slots[:, None], :, self.positions] = values.to(all_values.dtype)
+        return all_keys[self.slots, :, :self.keys], all_values[self.slots, :, :self.keys]
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         return self.write(layer_idx, keys, values)

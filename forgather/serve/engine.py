@@ -4,7 +4,7 @@
 of `slots` sequences of `context_length` tokens and a `Scheduler` (scheduler.py). `submit(prompt_ids,
 params, deliver)` queues a request and returns it (`QueueFull` past the queue's bound; `cancel(request)`
 frees its slot before the next step). The engine's thread loops: admit waiting requests into free slots,
-prefill one prompt chunk, decode one token for every running request, sample each row with its own
+prefill prompt chunks (several prompts in one forward pass), decode one token for every running request, sample each row with its own
 parameters and its own torch.Generator, and hand each request its token (`deliver`, on this thread).
 
 Both model kinds the server loads run the same step over the same cache, each by calling its own modules:
@@ -81,14 +81,15 @@ class ForgatherStep:
         attention = self.inner.layers[0].attention
         self.num_layers, self.kv_heads, self.head_dim = len(self.inner.layers), attention.num_kv_heads, attention.head_dim
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: SlotRows) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: SlotRows, last: torch.Tensor | None
+                 ) -> torch.Tensor:
         inner = self.inner
         x = inner.embed(ids)
         rope = inner.rope(positions) if inner.rope is not None else None
         mask = SlotMask(positions, rows.keys)
         for layer, cache in zip(inner.layers, rows.layers):
             x = layer(x, rope, mask, cache)
-        return F.linear(inner.norm(x[:, -1]), inner.lm_head_weight)
+        return F.linear(inner.norm(_last(x, last)), inner.lm_head_weight)
 
 
 class HuggingFaceStep:
@@ -108,7 +109,8 @@ class HuggingFaceStep:
         parameters = inspect.signature(self.inner.layers[0].forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: SlotRows) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: SlotRows, last: torch.Tensor | None
+                 ) -> torch.Tensor:
         inner = self.inner
         x = inner.embed_tokens(ids)
         rotary = inner.rotary_emb(x, positions)
@@ -118,7 +120,12 @@ class HuggingFaceStep:
             x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rotary,
                       use_cache=True, **{self.cache_argument: rows})
             x = x[0] if isinstance(x, tuple) else x
-        return self.model.lm_head(inner.norm(x[:, -1]))
+        return self.model.lm_head(inner.norm(_last(x, last)))
+
+
+def _last(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, H] -> [B, H] at each row's `last` index (default: the last position)."""
+    return x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
 
 
 def model_step(model: Any) -> ForgatherStep | HuggingFaceStep:
@@ -200,16 +207,19 @@ class Engine:
                 self.run_step(plan)
 
     def run_step(self, plan: Plan) -> None:
-        """One step: a prefill chunk (if any), then one decode token for every decoding request."""
-        if plan.prefill is not None:
-            request, start, stop = plan.prefill
+        """One step: prompt chunks (if any), then one decode token for every decoding request."""
+        if plan.prefill:
+            requests = [request for request, _, _ in plan.prefill]
             try:
-                logits = self._prefill(request, start, stop)
-                self.scheduler.prefilled(request, stop)
-                if logits is not None:
-                    self._hand_out([request], self._sample(logits, [request]))
-            except Exception as error:  # this request fails; the others go on
-                self._fail([request], error)
+                logits = self._prefill(plan.prefill)
+                for request, _, stop in plan.prefill:
+                    self.scheduler.prefilled(request, stop)
+                done = [i for i, (request, _, stop) in enumerate(plan.prefill) if stop == len(request.prompt_ids)]
+                if done:
+                    tokens = self._sample(logits[done], [requests[i] for i in done])
+                    self._hand_out([requests[i] for i in done], tokens)
+            except Exception as error:  # these requests fail; the others go on
+                self._fail(requests, error)
         if plan.decode:
             try:
                 logits = self._decode(plan.decode)
@@ -221,17 +231,24 @@ class Engine:
             except Exception as error:
                 self._fail(plan.decode, error)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int, keys: int) -> torch.Tensor:
-        """[B, T] ids at [B, T] positions of slots first_slot.., attending over their first `keys` cache
-        positions -> the last position's logits [B, V]."""
-        return self.step(ids, positions, self.cache.rows(first_slot, ids.shape[0], positions, keys))
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: slice | torch.Tensor, keys: int,
+                 last: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] ids at [B, T] positions of `slots`, attending over their first `keys` cache positions ->
+        the logits [B, V] at each row's `last` index (default the last)."""
+        return self.step(ids, positions, self.cache.rows(slots, positions, keys), last)
 
-    def _prefill(self, request: Request, start: int, stop: int) -> torch.Tensor | None:
-        """Put prompt tokens start..stop in the cache; the logits of the prompt's last token once it is all in."""
-        ids = torch.tensor([request.prompt_ids[start:stop]], device=self.device)
-        positions = torch.arange(start, stop, device=self.device)[None]
-        logits = self._forward(ids, positions, request.slot, stop)
-        return logits if stop == len(request.prompt_ids) else None
+    def _prefill(self, chunks: list[tuple[Request, int, int]]) -> torch.Tensor:
+        """Put the prompt chunks (request, start, stop) in the cache in one forward pass, shorter chunks padded
+        with tokens that write scratch; the logits [chunks, V] of each chunk's last token."""
+        width = max(stop - start for _, start, stop in chunks)
+        ids = [request.prompt_ids[start:stop] + [0] * (width - stop + start) for request, start, stop in chunks]
+        positions = [list(range(start, stop)) + [self.cache.scratch] * (width - stop + start)
+                     for _, start, stop in chunks]
+        slots = torch.tensor([request.slot for request, _, _ in chunks], device=self.device)
+        last = torch.tensor([stop - start - 1 for _, start, stop in chunks], device=self.device)
+        keys = max(stop for _, _, stop in chunks)
+        return self._forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                             slots, keys, last)
 
     def _decode(self, requests: list[Request]) -> torch.Tensor:
         """Feed each request's last token at its position; rows of other slots in the bucket write scratch.
@@ -244,7 +261,7 @@ class Engine:
         ids_tensor = torch.tensor(ids, device=self.device)[:, None]
         positions_tensor = torch.tensor(positions, device=self.device)[:, None]
         if (size, keys) not in self.graphs:
-            return self.forward(ids_tensor, positions_tensor, 0, keys)
+            return self.forward(ids_tensor, positions_tensor, slice(0, size), keys)
         graph, static_ids, static_positions, logits = self.graphs[size, keys]
         static_ids.copy_(ids_tensor)
         static_positions.copy_(positions_tensor)
@@ -263,11 +280,11 @@ class Engine:
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):  # warm-up off the capture: lazy init, autotuning, compilation
                     for _ in range(3):
-                        self.forward(ids, positions, 0, keys)
+                        self.forward(ids, positions, slice(0, size), keys)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self.forward(ids, positions, 0, keys)
+                    logits = self.forward(ids, positions, slice(0, size), keys)
                 self.graphs[size, keys] = (graph, ids, positions, logits)
 
     def _sample(self, logits: torch.Tensor, rows: list[Request | None]) -> list[int]:

@@ -2,16 +2,19 @@
 
 The engine's cache has a fixed number of slots, one sequence each. A request waits in a bounded queue
 (`QueueFull` when every slot is taken and `max_waiting` requests already wait: the app answers 429), is
-admitted into the lowest free slot between two
-engine steps, has its prompt prefilled in chunks of `prefill_chunk` tokens (one chunk per step while other
-requests decode, so their streams keep flowing; the whole rest of the prompt at once when nothing else
-runs), then decodes one token per step beside every other decoding request until it finishes. Lowest-slot
-allocation keeps the busy slots near the front, so a decode step covers only a short prefix of the slots.
+admitted into the lowest free slot between two engine steps, has its prompt prefilled, then decodes one
+token per step beside every other decoding request until it finishes. Lowest-slot allocation keeps the
+busy slots near the front, so a decode step covers only a short prefix of the slots.
+
+Prefill shares each step with decoding: while requests decode, a step prefills at most `prefill_chunk`
+prompt tokens (the waiting prompts' next chunks, several prompts in one forward pass), so running streams
+keep flowing; when nothing decodes, a step takes the first prompt whole, plus others up to that size.
 
 Threads: requests are submitted and cancelled from the app's threads; everything else happens on the
 engine's thread. The queue, the count of requests in the engine, the cancelled flags and the wake-up
-condition are shared, so they sit behind one lock; slots and the running set are the engine thread's alone. A cancelled request leaves at the
-start of the next step (`plan`), its slot free for the request admitted in that same step.
+condition are shared, so they sit behind one lock; slots and the running set are the engine thread's
+alone. A cancelled request leaves at the start of the next step (`plan`), its slot free for the request
+admitted in that same step.
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ class Request:
 
 @dataclasses.dataclass
 class Plan:
-    """One engine step: a prompt chunk to prefill (request, start, stop), and the requests to decode."""
+    """One engine step: prompt chunks to prefill, (request, start, stop) each, and the requests to decode."""
 
-    prefill: tuple[Request, int, int] | None
+    prefill: list[tuple[Request, int, int]]
     decode: list[Request]
 
 
@@ -106,19 +109,24 @@ class Scheduler:
             if self.closed or not (self.prefilling or self.decoding):
                 return None
         decode = sorted(self.decoding.values(), key=lambda r: r.slot)
-        prefill = None
-        if self.prefilling:
-            request = self.prefilling[0]
-            remaining = len(request.prompt_ids) - request.prefilled
-            chunk = min(remaining, self.prefill_chunk) if decode else remaining
-            prefill = (request, request.prefilled, request.prefilled + chunk)
+        prefill = []
+        budget = self.prefill_chunk
+        if self.prefilling and not decode:
+            first = self.prefilling[0]
+            budget = max(budget, len(first.prompt_ids) - first.prefilled)
+        for request in self.prefilling:
+            chunk = min(len(request.prompt_ids) - request.prefilled, budget)
+            if chunk <= 0:
+                break
+            prefill.append((request, request.prefilled, request.prefilled + chunk))
+            budget -= chunk
         return Plan(prefill, decode)
 
     def prefilled(self, request: Request, stop: int) -> None:
         """The prompt is in the cache up to `stop`; a whole prompt starts decoding."""
         request.prefilled = stop
         if stop == len(request.prompt_ids):
-            self.prefilling.popleft()
+            self.prefilling.remove(request)
             self.decoding[request.slot] = request
 
     def finish(self, request: Request) -> None:
