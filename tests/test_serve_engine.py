@@ -277,3 +277,27 @@ def test_app_over_the_engine_refuses_a_prompt_longer_than_the_cache(engine_serve
     response = httpx.post(f"{url}/v1/completions", timeout=30,
                           json={"model": "m", "prompt": "once upon a time " * CONTEXT, "max_tokens": 2})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+# --- `forgather inf server --engine` ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, engine", [([], torch.cuda.is_available()), (["--engine", "on"], True),
+                                           (["--engine", "off"], False), (["--device-map", "auto"], False)])
+def test_the_server_uses_the_engine_on_a_gpu_unless_told(monkeypatch, tmp_path, capsys, flags, engine):
+    from forgather.cli import inf
+
+    def load(*args, **kwargs):
+        raise FileNotFoundError(f"load engine={kwargs['engine']} slots={kwargs['max_num_seqs']}")
+
+    monkeypatch.setattr(Backend, "load", load)
+    assert inf.main(["server", "-m", str(tmp_path), "--port", "0", "--max-num-seqs", "3", *flags]) == 2
+    assert f"load engine={engine} slots=3" in capsys.readouterr().err
+
+
+def test_max_num_seqs_below_one_is_one_line(tmp_path, capsys):
+    from forgather.cli import inf
+
+    assert inf.main(["server", "-m", str(tmp_path), "--max-num-seqs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-num-seqs 0" in err
