@@ -301,3 +301,14 @@ def test_max_num_seqs_below_one_is_one_line(tmp_path, capsys):
     assert inf.main(["server", "-m", str(tmp_path), "--max-num-seqs", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--max-num-seqs 0" in err
+
+
+def test_a_model_the_engine_cannot_run_is_served_by_the_simple_loop(backend):
+    spread = Backend(backend.model, backend.tokenizer, CONTEXT, set())
+    backend.model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}  # as device_map="auto" leaves it
+    try:
+        with pytest.warns(UserWarning, match="spread over several devices"):
+            spread.start_engine(2)
+    finally:
+        del backend.model.hf_device_map
+    assert spread.engine is None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -146,10 +147,15 @@ class Backend:
         return backend
 
     def start_engine(self, slots: int, **options: Any) -> None:
-        """Serve through an Engine with `slots` cache slots of `context_length` tokens (options: Engine's)."""
-        from .engine import Engine
+        """Serve through an Engine with `slots` cache slots of `context_length` tokens (options: Engine's).
+        A model the engine cannot run is served by the simple loop, with a warning saying why."""
+        from .engine import Engine, UnsupportedModel
 
-        self.engine = Engine(self.model, self.stop_token_ids, slots, self.context_length, **options)
+        try:
+            self.engine = Engine(self.model, self.stop_token_ids, slots, self.context_length, **options)
+        except UnsupportedModel as error:
+            warnings.warn(f"serving one request at a time: the batching engine cannot run this model ({error})",
+                          stacklevel=2)
 
     @property
     def vocab_size(self) -> int:

@@ -4,8 +4,9 @@
 of `slots` sequences of `context_length` tokens and a `Scheduler` (scheduler.py). `submit(prompt_ids,
 params, deliver)` queues a request and returns it (`QueueFull` past the queue's bound; `cancel(request)`
 frees its slot before the next step). The engine's thread loops: admit waiting requests into free slots,
-prefill prompt chunks (several prompts in one forward pass), decode one token for every running request, sample each row with its own
-parameters and its own torch.Generator, and hand each request its token (`deliver`, on this thread).
+prefill prompt chunks (several prompts in one forward pass), decode one token for every running request,
+sample each row with its own parameters and its own torch.Generator, and hand each request its token
+(`deliver`, on this thread).
 
 Both model kinds the server loads run the same step over the same cache, each by calling its own modules:
 - a Forgather directory: `model.model` is the plain model (embed, rope, layers, norm, lm_head_weight); its
