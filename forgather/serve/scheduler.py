@@ -93,10 +93,6 @@ class Scheduler:
 
     # --- the engine's thread ---------------------------------------------------------------------------
 
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.decoding)
-
     def plan(self, block: bool = True) -> Plan | None:
         """The next step's work; waits for some when `block` (None once closed, or idle without `block`)."""
         with self.wake:
