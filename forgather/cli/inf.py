@@ -1,7 +1,8 @@
 """`forgather inf server|client`: serve a model directory over an OpenAI-compatible API, and talk to it.
 
 `server -m MODEL_DIR` loads a Forgather or Hugging Face Llama-family directory and serves it (FastAPI +
-uvicorn, the `serve` extra) on 127.0.0.1:8000 unless told otherwise; another host needs --api-key (or
+uvicorn, the `serve` extra) on 127.0.0.1:8000 unless told otherwise, through the batching engine on a GPU
+(`--engine`); another host needs --api-key (or
 --insecure). A Forgather directory's model code runs in the server, as transformers' trust_remote_code does.
 `client --completion TEXT` streams a completion; `client --chat` is an interactive, streaming chat; without a
 server either says so in one line. Nothing heavy is imported until `run`.
@@ -26,7 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     roles = parser.add_subparsers(dest="role", metavar="server|client", required=True)
     server = roles.add_parser("server", help="serve a model directory (OpenAI-compatible API)")
     server.add_argument("-m", "--model", required=True, help="model directory (Forgather or Hugging Face)")
-    server.add_argument("-c", "--compile", action="store_true", help="torch.compile the model")
+    server.add_argument("-c", "--compile", action="store_true",
+                        help="torch.compile the model (with the engine: its decode step)")
+    server.add_argument("--engine", choices=("auto", "on", "off"), default="auto",
+                        help="batch requests in the serving engine (auto: on a GPU without --device-map)")
+    server.add_argument("--max-num-seqs", type=int, default=16, help="requests the engine decodes at once")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--device-map", help="'auto' shards the model over the visible GPUs (or the CPU)")
@@ -76,9 +81,20 @@ def run(args: argparse.Namespace) -> int:
         return _run_client(args)
     from forgather.serve.server import serve
 
+    if args.max_num_seqs < 1:
+        raise ValueError(f"--max-num-seqs {args.max_num_seqs}; give 1 or more")
     serve(args.model, args.host, args.port, args.device_map, args.dtype, args.compile, args.api_key,
-          args.served_model_name, args.max_model_len, args.log_level, args.insecure)
+          args.served_model_name, args.max_model_len, args.log_level, args.insecure,
+          _use_engine(args.engine, args.device_map), args.max_num_seqs)
     return 0
+
+
+def _use_engine(choice: str, device_map: str | None) -> bool:
+    if choice != "auto":
+        return choice == "on"
+    import torch
+
+    return device_map is None and torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

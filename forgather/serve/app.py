@@ -1,11 +1,14 @@
 """The FastAPI app: OpenAI-compatible routes over one Backend.
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true` answers with
-server-sent events: `data: {chunk}` lines, then `data: [DONE]`). Generation runs on one worker thread, so
-requests are served one at a time in arrival order (each with its own KV cache and random generator, so
-outputs never mix) while the event loop keeps accepting connections. A client that disconnects, streaming
-or not, stops its generation (and a queued request whose client left never starts). Every error is an
-OpenAI error body with a 4xx (5xx only for server faults).
+server-sent events: `data: {chunk}` lines, then `data: [DONE]`). With the backend's engine, requests are
+batched: the engine's thread decodes every running request at once and hands each its tokens, which the
+event loop turns into text (`text.TextStream`); a request beyond the engine's slots and its queue's bound
+is a 429. Without it, generation runs on one worker thread, one request at a time in arrival order (each
+with its own KV cache and random generator, so outputs never mix), while the event loop keeps accepting
+connections. A client that disconnects, streaming or not, stops its generation and frees its slot (and a
+queued request whose client left never starts). Every error is an OpenAI error body with a 4xx (5xx only
+for server faults).
 
 With an `api_key`, every HTTP request -- the API, /docs, /redoc, /openapi.json and unknown paths alike --
 needs `Authorization: Bearer <key>`; the check is ASGI middleware in front of all routing, so no route can
@@ -31,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import protocol
 from .backend import Backend, Delta, RequestError, SamplingParams
+from .scheduler import QueueFull
 
 
 class APIError(Exception):
@@ -126,7 +130,8 @@ def _sse(body: dict | str) -> str:
 
 
 class Generator:
-    """Runs Backend.stream on the single worker thread and hands its Deltas to the event loop."""
+    """Runs completions on the backend's engine, or Backend.stream on the single worker thread, and hands
+    their Deltas to the event loop."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -150,7 +155,46 @@ class Generator:
     async def _collect(self, prompt_ids: list[int], params: SamplingParams) -> list[Delta]:
         return [delta async for delta in self.stream(prompt_ids, params)]
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """The completion's Deltas. With the engine the request is queued now: a full queue raises a 429
+        here, before any response starts."""
+        engine = self.backend.engine
+        if engine is None:
+            return self._worker_stream(prompt_ids, params)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            request = engine.submit(prompt_ids, params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        except QueueFull as error:
+            raise APIError(429, str(error), "requests", code="rate_limit_exceeded") from None
+        return self._engine_stream(request, queue, params)
+
+    async def _engine_stream(self, request, queue: asyncio.Queue, params: SamplingParams) -> AsyncIterator[Delta]:
+        text = self.backend.text_stream(params)
+        try:
+            while True:
+                # Tokens that arrived while the client was being served go out as one chunk: under load, the
+                # per-chunk work (JSON, SSE, the socket) is paid once per batch of tokens, not per token.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                pieces = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    delta = text.finish(item) if isinstance(item, str) else text.push(item)
+                    if delta is not None:
+                        pieces.append(delta)
+                        if delta.finish_reason is not None:  # the engine's finish reason, or a stop string
+                            break
+                if pieces:
+                    yield Delta("".join(d.text for d in pieces), pieces[-1].finish_reason,
+                                pieces[-1].completion_tokens)
+                    if pieces[-1].finish_reason is not None:
+                        return
+        finally:
+            self.backend.engine.cancel(request)  # the client left, or a stop string ended it: free the slot
+
+    async def _worker_stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def work() -> None:
@@ -216,11 +260,13 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
                  chunk: Callable[[Delta], dict], first: dict | None = None) -> StreamingResponse:
         """The SSE response: `first` (if any), a chunk per Delta, and with `stream_options.include_usage` a
         last chunk with no choices and the usage, as OpenAI sends it."""
+        deltas = generator.stream(ids, params)
+
         async def chunks() -> AsyncIterator[dict]:
             if first is not None:
                 yield first
             last = None
-            async for last in generator.stream(ids, params):
+            async for last in deltas:
                 yield chunk(last)
             if request.include_usage() and last is not None:
                 yield {**chunk(last), "choices": [], "usage": protocol.usage(len(ids), last.completion_tokens)}

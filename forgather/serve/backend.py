@@ -6,7 +6,10 @@ directory, plus the tokenizer saved beside it. Both kinds answer the same call, 
 past_key_values, use_cache=True)`, so one decoding loop serves both: prefill the prompt once, then one
 token per step on the KV cache. `Backend.stream(prompt_ids, params)` yields `Delta`s of text as tokens
 arrive, holding back text that might still turn into a stop string; the last one carries `finish_reason`.
-Generation is not thread-safe: the app runs every generation on one worker thread (requests queue). The
+This loop serves one request at a time (the app runs it on one worker thread; requests queue). With
+`engine=True` the backend also starts an `Engine` (engine.py): continuous batching over a static KV cache,
+CUDA graphs on a GPU; the app then sends every request there, and `text_stream` turns its tokens into text.
+The
 tokenizer is shared with the request handlers, which encode prompts meanwhile, so every use of it holds a
 lock (a Rust fast tokenizer raises "Already borrowed" when one thread reconfigures it while another decodes).
 """
@@ -16,10 +19,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from .text import Delta, TextStream
 
 # The documented default chat template (ChatML) for tokenizers that bring none.
 DEFAULT_CHAT_TEMPLATE = (
@@ -28,7 +34,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 DEFAULT_CHAT_STOP = "<|im_end|>"
 DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer names a context length
-REPLACEMENT_CHARACTER = "\ufffd"  # what a partial UTF-8 sequence decodes to
+ENGINE_CONTEXT = 8192  # the engine's cache slots hold this many tokens unless context_length says otherwise
 
 
 class RequestError(ValueError):
@@ -46,15 +52,6 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-
-
-@dataclasses.dataclass
-class Delta:
-    """New text; the last Delta of a completion has `finish_reason` ("stop" or "length") and the token count."""
-
-    text: str
-    finish_reason: str | None = None
-    completion_tokens: int = 0
 
 
 def _torch_dtype(name: str) -> Any:
@@ -91,6 +88,7 @@ class Backend:
         self.tokenizer_lock = threading.Lock()
         self.context_length = context_length
         self.stop_token_ids = stop_token_ids
+        self.engine: Any = None  # an Engine once start_engine() ran
         self.chat_stop: tuple[str, ...] = ()
         if getattr(tokenizer, "chat_template", None) is None:
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -105,10 +103,13 @@ class Backend:
         compile: bool = False,
         context_length: int | None = None,
         max_memory: dict | None = None,
+        engine: bool = False,
+        max_num_seqs: int = 8,
     ) -> "Backend":
         """Load a model directory. Without `device_map` the model goes to the first GPU, or the CPU;
         `device_map="auto"` spreads it over the visible GPUs (accelerate; `max_memory` caps each device,
-        {0: "20GiB", 1: ...}), or keeps it on the CPU."""
+        {0: "20GiB", 1: ...}), or keeps it on the CPU. `engine` starts the batching engine with
+        `max_num_seqs` slots (`compile` then compiles its decode step instead of the model's forward)."""
         from transformers import AutoModelForCausalLM
 
         from forgather.convert.directory import is_forgather_directory
@@ -134,11 +135,27 @@ class Backend:
 
             align_forgather_devices(model)
         model.eval()
-        if compile:
+        if compile and not engine:
             model.forward = torch.compile(model.forward, dynamic=True)
         tokenizer = load_tokenizer(directory)
-        return cls(model, tokenizer, _context_length(model.config, tokenizer, context_length),
-                   _stop_token_ids(model, tokenizer))
+        length = _context_length(model.config, tokenizer, context_length)
+        if engine and context_length is None:
+            length = min(length, ENGINE_CONTEXT)
+        backend = cls(model, tokenizer, length, _stop_token_ids(model, tokenizer))
+        if engine:
+            backend.start_engine(max_num_seqs, compile=compile)
+        return backend
+
+    def start_engine(self, slots: int, **options: Any) -> None:
+        """Serve through an Engine with `slots` cache slots of `context_length` tokens (options: Engine's).
+        A model the engine cannot run is served by the simple loop, with a warning saying why."""
+        from .engine import Engine, UnsupportedModel
+
+        try:
+            self.engine = Engine(self.model, self.stop_token_ids, slots, self.context_length, **options)
+        except UnsupportedModel as error:
+            warnings.warn(f"serving one request at a time: the batching engine cannot run this model ({error})",
+                          stacklevel=2)
 
     @property
     def vocab_size(self) -> int:
@@ -209,39 +226,17 @@ class Backend:
         self, prompt_ids: list[int], params: SamplingParams, cancelled: threading.Event | None = None
     ) -> Iterator[Delta]:
         """Text deltas of the completion; stop strings end it and are not part of the text."""
-        generated: list[int] = []
-        emitted = 0
+        text = self.text_stream(params)
         for token in self.tokens(prompt_ids, params):
-            generated.append(token)
-            text = self.decode(generated)
-            stop_at = _first_stop(text, params.stop, emitted)
-            if stop_at is not None:
-                yield Delta(text[emitted:stop_at], "stop", len(generated))
-                return
-            safe = len(text) - _held_back(text, params.stop)
-            if safe > emitted:
-                yield Delta(text[emitted:safe])
-                emitted = safe
+            delta = text.push(token)
+            if delta is not None:
+                yield delta
+                if delta.finish_reason is not None:
+                    return
             if cancelled is not None and cancelled.is_set():
                 return
-        text = self.decode(generated)
-        finish = "length" if len(generated) == params.max_tokens else "stop"
-        yield Delta(text[emitted:].rstrip(REPLACEMENT_CHARACTER), finish, len(generated))
+        yield text.finish("length" if text.tokens == params.max_tokens else "stop")
 
-
-def _first_stop(text: str, stop: tuple[str, ...], emitted: int) -> int | None:
-    """Where the earliest stop string starts. Emitted text never holds the start of one (`_held_back`), so the
-    search begins near `emitted` instead of rescanning the whole completion."""
-    found = [index for s in stop if (index := text.find(s, max(0, emitted - len(s) + 1))) >= 0]
-    return min(found) if found else None
-
-
-def _held_back(text: str, stop: tuple[str, ...]) -> int:
-    """How many trailing characters to keep back: a possible start of a stop string, or a partial UTF-8 character."""
-    held = len(text) - len(text.rstrip(REPLACEMENT_CHARACTER))
-    for s in stop:
-        for length in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:length]):
-                held = max(held, length)
-                break
-    return held
+    def text_stream(self, params: SamplingParams) -> TextStream:
+        """A completion's incremental detokenizer with its stop strings."""
+        return TextStream(self.decode, params.stop)

@@ -59,6 +59,8 @@ def serve(
     context_length: int | None = None,
     log_level: str = "info",
     insecure: bool = False,
+    engine: bool = False,
+    max_num_seqs: int = 16,
 ) -> None:
     import uvicorn
 
@@ -67,7 +69,8 @@ def serve(
 
     check_exposure(host, api_key, insecure)
     with listen(host, port) as sock:
-        backend = Backend.load(model_dir, device_map, dtype, compile, context_length)
+        backend = Backend.load(model_dir, device_map, dtype, compile, context_length, engine=engine,
+                               max_num_seqs=max_num_seqs)
         name = model_name or Path(model_dir).resolve().name
         app = create_app(backend, name, api_key)
         where = f"[{host}]" if ":" in host else host

@@ -81,3 +81,39 @@ def test_device_map_auto_spreads_layers_over_gpus(model_dir):
     sharded = Backend.load(model_dir, device_map="auto", dtype="float32", max_memory=cap)
     assert len({p.device for p in sharded.model.parameters()}) >= 2
     assert greedy_ids(sharded) == greedy_ids(Backend.load(model_dir, dtype="float32"))
+
+
+# --- the engine: CUDA graphs over the slot cache ------------------------------------------------------------
+
+
+def engine_tokens(engine, prompts: list[list[int]], params: list) -> list[list[int]]:
+    import threading
+
+    results = [([], threading.Event()) for _ in prompts]
+    for ids, p, (tokens, done) in zip(prompts, params, results):
+        engine.submit(ids, p, lambda item, tokens=tokens, done=done: tokens.append(item) if isinstance(item, int)
+                      else done.set())
+    for _, done in results:
+        assert done.wait(120)
+    return [tokens for tokens, _ in results]
+
+
+def test_graphed_engine_decodes_like_the_simple_loop_alone_and_batched(model_dir):
+    from forgather.serve.backend import Backend, SamplingParams
+    from forgather.serve.engine import Engine
+
+    backend = Backend.load(model_dir, dtype="float32")
+    prompts = [backend.encode(text) for text in (PROMPT, "there was", "a tiny model once upon")]
+    greedy = [SamplingParams(max_tokens=24, temperature=0.0)] * len(prompts)
+    seeded = [SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=i) for i in range(len(prompts))]
+    engine = Engine(backend.model, set(), slots=4, context_length=128)
+    try:
+        assert engine.graphs  # captured: the decode step replays CUDA graphs
+        backend.stop_token_ids = set()
+        simple = [list(backend.tokens(ids, p)) for ids, p in zip(prompts, greedy)]
+        assert engine_tokens(engine, prompts[:1], greedy[:1]) == simple[:1]
+        assert engine_tokens(engine, prompts, greedy) == simple
+        alone = engine_tokens(engine, prompts[1:2], seeded[1:2])
+        assert engine_tokens(engine, prompts, seeded)[1] == alone[0]
+    finally:
+        engine.close()

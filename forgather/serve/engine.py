@@ -1,0 +1,336 @@
+"""The serving engine: continuous batching over a preallocated KV cache, one thread, one step at a time.
+
+`Engine(model, stop_token_ids, slots, context_length)` owns a `SlotKVCache` (forgather/models/kv_cache.py)
+of `slots` sequences of `context_length` tokens and a `Scheduler` (scheduler.py). `submit(prompt_ids,
+params, deliver)` queues a request and returns it (`QueueFull` past the queue's bound; `cancel(request)`
+frees its slot before the next step). The engine's thread loops: admit waiting requests into free slots,
+prefill prompt chunks (several prompts in one forward pass), decode one token for every running request,
+sample each row with its own parameters and its own torch.Generator, and hand each request its token
+(`deliver`, on this thread).
+
+Both model kinds the server loads run the same step over the same cache, each by calling its own modules:
+- a Forgather directory: `model.model` is the plain model (embed, rope, layers, norm, lm_head_weight); its
+  layers take `(x, rope, mask, layer_cache)`, given a `SlotMask` and the cache's `SlotRows`;
+- a Hugging Face Llama-family directory (Llama, Mistral, Qwen3: `model.model.embed_tokens`, `layers`,
+  `norm`, `rotary_emb`): the decoder layers are called with per-row `position_ids`, a 4-D additive mask and
+  the `SlotRows` as their cache, whose `update(k, v, layer_idx)` is what transformers' attention calls.
+  transformers' StaticCache is not used: it writes one `cache_position` for every row, and continuous
+  batching needs each row at its own position.
+The attention mask shows row b's query at position p the keys 0..p of its own slot; nothing else differs
+between a row decoded alone and in a batch, so greedy tokens (and seeded samples) do not depend on who else
+is running, up to the floating-point differences a GPU's batched kernels may bring.
+
+A decode step attends over a window of the cache, the shortest bucket (256, 512, ... positions) that
+holds every running sequence, so short sequences do not pay for the whole context. On a GPU the decode
+step is captured as CUDA graphs, one per batch bucket (1, 2, 4, ... slots, a prefix of the slots) and
+window, replayed with the step's token ids and positions copied into their static inputs: one graph
+launch per token instead of hundreds of kernel launches. Sampling runs on the device (argmax for greedy
+rows, the shared `sample_next_token` for the others); the one host sync per step reads the sampled ids.
+Prefill runs eagerly (prompt lengths vary). `compile=True` also compiles the step with torch.compile
+before capture.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from forgather.models.causal_lm import sample_next_token
+from forgather.models.kv_cache import SlotKVCache, SlotRows
+
+from .scheduler import Plan, QueueFull, Request, Scheduler
+
+__all__ = ["Engine", "QueueFull", "UnsupportedModel"]
+
+
+class UnsupportedModel(ValueError):
+    """A model whose modules the engine cannot drive (the server then decodes one request at a time)."""
+
+
+class SlotMask:
+    """The attention mask of a step over cache slots, in the shape Forgather's attention functions read:
+    `dense` [B, 1, T, keys] (True: visible), and a flex-attention `block_mask` built on demand."""
+
+    is_plain_causal = False
+    document_ids = None
+
+    def __init__(self, positions: torch.Tensor, num_keys: int):
+        self.positions, self.num_keys = positions, num_keys
+        self.num_queries = positions.shape[1]
+        self.query_offset = 0
+        self.device = positions.device
+        self.dense = torch.arange(num_keys, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
+
+    @property
+    def block_mask(self) -> Any:
+        from torch.nn.attention import flex_attention as flex
+
+        positions = self.positions
+        return flex.create_block_mask(lambda b, h, q, kv: kv <= positions[b, q], positions.shape[0], None,
+                                      self.num_queries, self.num_keys, device=str(self.device))
+
+
+class ForgatherStep:
+    """The forward pass of a Forgather model (the exported wrapper's `model.model`) over cache slots."""
+
+    def __init__(self, model: Any):
+        self.inner = model.model
+        attention = self.inner.layers[0].attention
+        self.num_layers, self.kv_heads, self.head_dim = len(self.inner.layers), attention.num_kv_heads, attention.head_dim
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: SlotRows, last: torch.Tensor | None
+                 ) -> torch.Tensor:
+        inner = self.inner
+        x = inner.embed(ids)
+        rope = inner.rope(positions) if inner.rope is not None else None
+        mask = SlotMask(positions, rows.keys)
+        for layer, cache in zip(inner.layers, rows.layers):
+            x = layer(x, rope, mask, cache)
+        return F.linear(inner.norm(_last(x, last)), inner.lm_head_weight)
+
+
+class HuggingFaceStep:
+    """The forward pass of a transformers Llama-family model over cache slots."""
+
+    ATTENTION = ("sdpa", "eager")  # the implementations that honour an explicit 4-D mask
+
+    def __init__(self, model: Any):
+        import inspect
+
+        self.model, self.inner, config = model, model.model, model.config
+        if config._attn_implementation not in self.ATTENTION:
+            raise UnsupportedModel(f"attention {config._attn_implementation!r}; the engine runs {self.ATTENTION}")
+        self.num_layers, self.kv_heads = config.num_hidden_layers, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # transformers renamed the layers' cache argument (past_key_values -> cache)
+        parameters = inspect.signature(self.inner.layers[0].forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: SlotRows, last: torch.Tensor | None
+                 ) -> torch.Tensor:
+        inner = self.inner
+        x = inner.embed_tokens(ids)
+        rotary = inner.rotary_emb(x, positions)
+        visible = SlotMask(positions, rows.keys).dense
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, torch.finfo(x.dtype).min)
+        for layer in inner.layers:
+            x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rotary,
+                      use_cache=True, **{self.cache_argument: rows})
+            x = x[0] if isinstance(x, tuple) else x
+        return self.model.lm_head(inner.norm(_last(x, last)))
+
+
+def _last(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, H] -> [B, H] at each row's `last` index (default: the last position)."""
+    return x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+
+
+def model_step(model: Any) -> ForgatherStep | HuggingFaceStep:
+    """The step for a loaded model; UnsupportedModel when it is neither kind (or spread over devices)."""
+    if len({str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
+        raise UnsupportedModel("the model is spread over several devices (device_map)")
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "lm_head_weight") and hasattr(inner, "layers"):
+        return ForgatherStep(model)
+    if inner is not None and all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return HuggingFaceStep(model)
+    raise UnsupportedModel(f"{type(model).__name__} is neither a Forgather model nor a Llama-family one")
+
+
+def _buckets(most: int, least: int = 1) -> list[int]:
+    """least, 2 least, 4 least ... below `most`, then `most`."""
+    sizes = [least << i for i in range(most.bit_length()) if least << i < most]
+    return sizes + [most]
+
+
+MIN_KEYS = 256  # the shortest window of cache positions a decode step attends over
+
+
+class Engine:
+    """Args: `slots` concurrent sequences; `context_length` tokens each (prompt + completion);
+    `prefill_chunk` prompt tokens per step while others decode; `max_waiting` queued requests before
+    QueueFull; `cuda_graphs` (default: on a GPU) captures the decode step; `compile` compiles it first."""
+
+    def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
+                 prefill_chunk: int = 512, max_waiting: int = 64, cuda_graphs: bool | None = None,
+                 compile: bool = False):
+        self.step = model_step(model)
+        weight = model.get_input_embeddings().weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.context_length = context_length
+        self.cache = SlotKVCache(self.step.num_layers, slots, context_length, self.step.kv_heads,
+                                 self.step.head_dim, self.dtype, self.device)
+        self.scheduler = Scheduler(slots, max_waiting, prefill_chunk)
+        # Shapes vary by bucket: after the first recompile dynamo makes them dynamic, so a few compiles serve all.
+        self.forward: Callable = torch.compile(self._forward) if compile else self._forward
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.key_buckets = _buckets(context_length + 1, MIN_KEYS)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        if use_graphs:
+            self._capture()
+        self.thread = threading.Thread(target=self._loop, name="forgather-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def slots(self) -> int:
+        return self.scheduler.slots
+
+    # --- the app's side ---------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: Any, deliver: Callable[[int | str | BaseException], None]
+               ) -> Request:
+        """Queue a completion; QueueFull when the queue is at its bound. `params` is a SamplingParams."""
+        if not prompt_ids or len(prompt_ids) + params.max_tokens > self.context_length:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens + {params.max_tokens} completion tokens do not fit "
+                             f"the engine's {self.context_length}-token cache slots")
+        request = Request(list(prompt_ids), params, deliver)
+        self.scheduler.submit(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop generating for `request`; its slot is free before the next step."""
+        self.scheduler.cancel(request)
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.thread.join(timeout=60)
+
+    # --- the engine's thread ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while (plan := self.scheduler.plan()) is not None:
+                self.run_step(plan)
+
+    def run_step(self, plan: Plan) -> None:
+        """One step: prompt chunks (if any), then one decode token for every decoding request."""
+        if plan.prefill:
+            requests = [request for request, _, _ in plan.prefill]
+            try:
+                logits = self._prefill(plan.prefill)
+                for request, _, stop in plan.prefill:
+                    self.scheduler.prefilled(request, stop)
+                done = [i for i, (request, _, stop) in enumerate(plan.prefill) if stop == len(request.prompt_ids)]
+                if done:
+                    tokens = self._sample(logits[done], [requests[i] for i in done])
+                    self._hand_out([requests[i] for i in done], tokens)
+            except Exception as error:  # these requests fail; the others go on
+                self._fail(requests, error)
+        if plan.decode:
+            try:
+                logits = self._decode(plan.decode)
+                rows = [None] * logits.shape[0]
+                for request in plan.decode:
+                    rows[request.slot] = request
+                tokens = self._sample(logits, rows)
+                self._hand_out(plan.decode, [tokens[request.slot] for request in plan.decode])
+            except Exception as error:
+                self._fail(plan.decode, error)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: slice | torch.Tensor, keys: int,
+                 last: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] ids at [B, T] positions of `slots`, attending over their first `keys` cache positions ->
+        the logits [B, V] at each row's `last` index (default the last)."""
+        return self.step(ids, positions, self.cache.rows(slots, positions, keys), last)
+
+    def _prefill(self, chunks: list[tuple[Request, int, int]]) -> torch.Tensor:
+        """Put the prompt chunks (request, start, stop) in the cache in one forward pass, shorter chunks padded
+        with tokens that write scratch; the logits [chunks, V] of each chunk's last token."""
+        width = max(stop - start for _, start, stop in chunks)
+        ids = [request.prompt_ids[start:stop] + [0] * (width - stop + start) for request, start, stop in chunks]
+        positions = [list(range(start, stop)) + [self.cache.scratch] * (width - stop + start)
+                     for _, start, stop in chunks]
+        slots = torch.tensor([request.slot for request, _, _ in chunks], device=self.device)
+        last = torch.tensor([stop - start - 1 for _, start, stop in chunks], device=self.device)
+        keys = max(stop for _, _, stop in chunks)
+        return self._forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                             slots, keys, last)
+
+    def _decode(self, requests: list[Request]) -> torch.Tensor:
+        """Feed each request's last token at its position; rows of other slots in the bucket write scratch.
+        Attention reads the shortest window of cache positions (a bucket) that holds every request's."""
+        size = next(b for b in _buckets(self.slots) if b > max(r.slot for r in requests))
+        keys = next(k for k in self.key_buckets if k > max(r.position for r in requests))
+        ids, positions = [0] * size, [self.cache.scratch] * size
+        for request in requests:
+            ids[request.slot], positions[request.slot] = request.last_token, request.position
+        ids_tensor = torch.tensor(ids, device=self.device)[:, None]
+        positions_tensor = torch.tensor(positions, device=self.device)[:, None]
+        if (size, keys) not in self.graphs:
+            return self.forward(ids_tensor, positions_tensor, slice(0, size), keys)
+        graph, static_ids, static_positions, logits = self.graphs[size, keys]
+        static_ids.copy_(ids_tensor)
+        static_positions.copy_(positions_tensor)
+        graph.replay()
+        return logits
+
+    def _capture(self) -> None:
+        """A CUDA graph of the decode step for each batch and key-window bucket, largest first, sharing one
+        memory pool (one graph runs at a time)."""
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for size, keys in sorted(((s, k) for s in _buckets(self.slots) for k in self.key_buckets), reverse=True):
+                ids = torch.zeros((size, 1), dtype=torch.long, device=self.device)
+                positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long, device=self.device)
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # warm-up off the capture: lazy init, autotuning, compilation
+                    for _ in range(3):
+                        self.forward(ids, positions, slice(0, size), keys)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.forward(ids, positions, slice(0, size), keys)
+                self.graphs[size, keys] = (graph, ids, positions, logits)
+
+    def _sample(self, logits: torch.Tensor, rows: list[Request | None]) -> list[int]:
+        """One token per row: greedy rows by one argmax, the others each by their own parameters."""
+        tokens = logits.argmax(dim=-1)
+        for index, request in enumerate(rows):
+            if request is None or request.params.temperature == 0:
+                continue
+            if request.generator is None:
+                seed = request.params.seed
+                seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+                request.generator = torch.Generator(device=logits.device).manual_seed(seed)
+            top_p = request.params.top_p if request.params.top_p < 1.0 else None
+            tokens[index] = sample_next_token(logits[index:index + 1].float(), request.params.temperature, None,
+                                              top_p, request.generator)[0]
+        if tokens.is_cuda:  # wait without the GIL (Event.synchronize releases it): the app's threads run meanwhile
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+        return tokens.tolist()  # the step's one host sync
+
+    def _hand_out(self, requests: list[Request], tokens: list[int]) -> None:
+        for request, token in zip(requests, tokens):
+            if request.cancelled:
+                continue  # reaped before the next step
+            if token in self.stop_token_ids:
+                self._end(request, "stop")
+                continue
+            request.generated += 1
+            request.last_token = token
+            self._deliver(request, token)
+            if request.generated == request.params.max_tokens:
+                self._end(request, "length")
+
+    def _end(self, request: Request, outcome: str | BaseException) -> None:
+        self.scheduler.finish(request)
+        self._deliver(request, outcome)
+
+    def _fail(self, requests: list[Request], error: Exception) -> None:
+        for request in requests:
+            if request.slot is not None:
+                self._end(request, error)
+
+    def _deliver(self, request: Request, item: int | str | BaseException) -> None:
+        try:
+            request.deliver(item)
+        except Exception:  # the receiver is gone (its event loop closed): nobody waits for this request
+            self.scheduler.cancel(request)

@@ -1,0 +1,319 @@
+"""Serving speed on one GPU, one run, side by side: Hugging Face `generate`, our engine, and the HTTP server.
+
+Random weights in bf16, Llama shapes: `1b` is bench_train's 1.24B Llama-3.2-1B shape (hidden 2048, 16 layers,
+32 / 8 KV heads, SwiGLU 8192, vocab 128256, tied), `7b` is bench_memory's (hidden 4096, 32 layers, 32
+heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--tokens` greedy tokens (256):
+  hf eager         transformers generate(), dynamic cache, batch 1
+  hf static        generate(cache_implementation="static"), which transformers compiles (--hf-compile)
+  engine           forgather.serve.engine.Engine at batch 1 (CUDA graphs), the HF model and the same model
+                   converted to a Forgather directory; the 7B shape too
+  ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
+  http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
+                   `openai` client, N concurrent streams of one completion each (token-id prompts)
+Rows: tokens/s (batch 1: decode tokens/s after the first token; http: all streams' tokens over the wall
+time), time to first token, p50/p99 inter-token latency, and batch 1's share of the HBM floor (weights
+read once per token at --bandwidth bytes/s). The tokenizer is a word-level one with a word per id, so
+every token is a chunk of text. Prints a markdown table; `--json FILE` also writes the rows.
+
+    python scripts/bench_serve.py [--shape 1b] [--skip-7b] [--skip-http] [--hf-compile] [--json rows.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=True),
+    "7b": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, intermediate_size=11008, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True),
+}
+ROWS: list[dict] = []
+
+
+def row(name: str, **values) -> None:
+    ROWS.append({"name": name, **values})
+    print(json.dumps(ROWS[-1]), flush=True)
+
+
+def random_llama(shape: str, device: str):
+    import transformers
+
+    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, eos_token_id=None,
+                                      bos_token_id=None, attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):  # transformers' own random init (normal, std 0.02), run on the GPU
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def word_tokenizer(vocab: int):
+    """One word per id ("w17"), no special tokens: every token decodes to text, none ends a completion."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, clean_up_tokenization_spaces=False,
+                                   model_max_length=8192)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# --- Hugging Face generate --------------------------------------------------------------------------------
+
+
+def bench_hf(model, prompt: torch.Tensor, tokens: int, static: bool) -> None:
+    options = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    if static:
+        options["cache_implementation"] = "static"
+    for attempt in range(2 if static else 1):  # static: the first call compiles
+        sync()
+        start = time.perf_counter()
+        out = model.generate(prompt, **options)
+        sync()
+        elapsed = time.perf_counter() - start
+    assert out.shape[1] == prompt.shape[1] + tokens
+    row("hf static+compile" if static else "hf eager", tokens_per_s=tokens / elapsed)
+
+
+# --- the engine ---------------------------------------------------------------------------------------------
+
+
+class Timed:
+    def __init__(self):
+        self.times, self.finish, self.done = [], None, threading.Event()
+
+    def __call__(self, item):
+        if isinstance(item, int):
+            self.times.append(time.perf_counter())
+        else:
+            self.finish = item
+            self.done.set()
+
+
+def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, list[float]]:
+    """(seconds to the first token, decode tokens/s after it, inter-token gaps) of one request alone."""
+    from forgather.serve.backend import SamplingParams
+
+    timed = Timed()
+    start = time.perf_counter()
+    engine.submit(prompt, SamplingParams(max_tokens=tokens, temperature=0.0), timed)
+    timed.done.wait()
+    assert len(timed.times) == tokens, (len(timed.times), timed.finish)
+    gaps = [b - a for a, b in zip(timed.times, timed.times[1:])]
+    return timed.times[0] - start, (tokens - 1) / (timed.times[-1] - timed.times[0]) if gaps else 0.0, gaps
+
+
+def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
+                 compile: bool = False, slots: int = 32, profile: bool = False) -> None:
+    from forgather.serve.engine import Engine
+
+    started = time.perf_counter()
+    engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), compile=compile)
+    setup = time.perf_counter() - started
+    try:
+        engine_run(engine, prompt, tokens)  # warm-up
+        ttft, rate, gaps = engine_run(engine, prompt, tokens)
+        row(name, tokens_per_s=rate, ttft_ms=ttft * 1e3, itl_p50_ms=percentile(gaps, 0.5) * 1e3,
+            itl_p99_ms=percentile(gaps, 0.99) * 1e3, floor_share=rate / floor, setup_s=setup)
+        if profile and engine.graphs:
+            profile_step(engine)
+        if ttft_prompt:
+            long = [(7 * i) % len(model.get_input_embeddings().weight) for i in range(ttft_prompt)]
+            engine_run(engine, long, 2)
+            samples = [engine_run(engine, long, 2)[0] for _ in range(5)]
+            row(f"{name} ttft {ttft_prompt}", ttft_ms=statistics.median(samples) * 1e3)
+    finally:
+        engine.close()
+
+
+def profile_step(engine) -> None:
+    """GPU time of one graphed decode step at batch 1 and 32 (graph replays back to back), and the kernels of
+    the eager step at batch 1 by CUDA time."""
+    for size in (1, engine.slots):
+        graph = engine.graphs[size, engine.key_buckets[0]][0]
+        sync()
+        start = time.perf_counter()
+        for _ in range(100):
+            graph.replay()
+        sync()
+        row(f"graph step batch {size}", step_ms=(time.perf_counter() - start) * 10)
+    ids = torch.zeros((1, 1), dtype=torch.long, device=engine.device)
+    positions = torch.full((1, 1), 200, dtype=torch.long, device=engine.device)
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine._forward(ids, positions, slice(0, 1), engine.key_buckets[0])
+        sync()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
+
+
+# --- the HTTP server ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def stream_one(client, prompt: list[int], tokens: int) -> tuple[float, list[float], int]:
+    start = time.perf_counter()
+    times, count = [], 0
+    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:  # a word per token: the chunk's token count
+            times.append((time.perf_counter(), len(chunk.choices[0].text.split())))
+        if chunk.usage is not None:
+            count = chunk.usage.completion_tokens
+    return start, times, count
+
+
+async def drive(url: str, streams: int, prompt: list[int], tokens: int) -> dict:
+    import httpx
+    import openai
+
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
+                                http_client=httpx.AsyncClient(limits=limits, timeout=600))
+    await stream_one(client, prompt, 8)  # warm-up
+    begin = time.perf_counter()
+    results = await asyncio.gather(*(stream_one(client, prompt, tokens) for _ in range(streams)))
+    wall = time.perf_counter() - begin
+    await client.close()
+    total = sum(count for *_, count in results)
+    ttfts = [times[0][0] - start for start, times, _ in results if times]
+    # A chunk may carry several tokens (the server coalesces what a slow reader left): its gap is spread
+    # evenly over its tokens.
+    gaps = [(b - a) / n for _, times, _ in results for (a, _), (b, n) in zip(times, times[1:]) for _ in range(n)]
+    chunks = sum(len(times) for _, times, _ in results)
+    return dict(tokens_per_s=total / wall, ttft_ms=statistics.median(ttfts) * 1e3,
+                itl_p50_ms=percentile(gaps, 0.5) * 1e3, itl_p99_ms=percentile(gaps, 0.99) * 1e3,
+                tokens_per_chunk=total / max(1, chunks))
+
+
+def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: list[int]) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "forgather.cli.inf", "server", "-m", str(directory), "--port", str(port),
+               "--max-num-seqs", str(max(concurrency)), "--max-model-len", str(len(prompt) + tokens + 8),
+               "--served-model-name", "bench", "--log-level", "warning", "--engine", "on"]
+    log = directory.parent / "server.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
+            try:
+                httpx.get(f"{url}/v1/models", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        for streams in concurrency:
+            row(f"http {streams} streams", **asyncio.run(drive(url, streams, prompt, tokens)))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="1b", choices=("1b", "tiny"))
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s (H200: 4.8e12)")
+    parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-compile", action="store_true", help="also generate() with a static cache (compiles)")
+    parser.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
+    parser.add_argument("--profile", action="store_true", help="time graph replays; list the step's kernels")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a smoke run of the script (--shape tiny)
+    prompt = [(13 * i) % SHAPES[args.shape]["vocab_size"] for i in range(args.prompt)]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"# {name}, torch {torch.__version__}, shape {args.shape}, prompt {args.prompt}, "
+          f"{args.tokens} tokens", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = random_llama(args.shape, device)
+        floor = args.bandwidth / weight_bytes(model)
+        row("hbm floor", tokens_per_s=floor, weights_gib=weight_bytes(model) / 2**30)
+        if not args.skip_hf:
+            bench_hf(model, torch.tensor([prompt], device=device), args.tokens, static=False)
+        bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
+        hf_dir, forgather_dir = Path(tmp) / "hf", Path(tmp) / "forgather"
+        model.save_pretrained(hf_dir)
+        word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
+        from forgather.convert.hf import hf_to_forgather
+        from forgather.serve.backend import Backend
+
+        hf_to_forgather(hf_dir, forgather_dir)
+        forgather = Backend.load(forgather_dir, dtype="bfloat16").model
+        bench_engine("engine forgather", forgather, prompt, args.tokens, floor, 2048, profile=args.profile)
+        if not args.skip_http:
+            bench_http(hf_dir, prompt, args.tokens, args.concurrency)
+        if not args.skip_7b and args.shape == "1b":
+            big = random_llama("7b", device)
+            row("hbm floor 7b", tokens_per_s=args.bandwidth / weight_bytes(big))
+            bench_engine("engine hf-llama 7b", big, prompt, args.tokens, args.bandwidth / weight_bytes(big), None,
+                         slots=4)
+            del big
+        # Last, the runs that compile (minutes, and their failures vary by version): the rows above are out.
+        if args.engine_compile:
+            bench_engine("engine forgather compiled", forgather, prompt, args.tokens, floor, None, compile=True,
+                         slots=8)
+        if args.hf_compile:
+            try:
+                bench_hf(model, torch.tensor([prompt], device=device), args.tokens, static=True)
+            except Exception as error:  # transformers' compile path varies by version: report, go on
+                row("hf static+compile", error=f"{type(error).__name__}: {str(error)[:200]}")
+    print("\n| run | tokens/s | TTFT ms | ITL p50 ms | ITL p99 ms | share of HBM floor |\n| --- | --- | --- | --- | --- | --- |")
+    for r in ROWS:
+        cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in
+                 ("tokens_per_s", "ttft_ms", "itl_p50_ms", "itl_p99_ms", "floor_share")]
+        print(f"| {r['name']} | " + " | ".join(cells) + (f" {r['error']}" if "error" in r else "") + " |")
+    if args.json:
+        args.json.write_text(json.dumps(ROWS, indent=1))
+
+
+if __name__ == "__main__":
+    main()

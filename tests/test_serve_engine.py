@@ -1,0 +1,314 @@
+"""The serving engine on the CPU: continuous batching over slot caches gives the simple loop's tokens (greedy
+and seeded, alone or batched) for a Forgather and a Hugging Face Llama directory; cancellation frees the
+slot; the queue is bounded; incremental detokenization and stop strings across token boundaries; and the
+HTTP app over the engine (429, 400, disconnects)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import transformers
+import uvicorn
+
+from forgather.data.tokenizer import build_bpe_tokenizer
+from forgather.models.export import build_model, save_model
+from forgather.serve.app import create_app
+from forgather.serve.backend import Backend, SamplingParams
+from forgather.serve.engine import Engine
+from forgather.serve.scheduler import QueueFull, Request, Scheduler
+from forgather.serve.text import IncrementalDetokenizer, TextStream
+from helpers.tiny_lm import tiny_tree
+from test_serve import free_port, wait_until_up
+
+CONTEXT = 64
+PROMPTS = ["once upon a time", "there was", "a tiny model", "upon a time there was a tiny model once"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_bpe_tokenizer(["once upon a time there was a tiny model"] * 4, vocab_size=300)
+
+
+@pytest.fixture(scope="module", params=["forgather", "llama"])
+def backend(request, tmp_path_factory, tokenizer) -> Backend:
+    """A loaded tiny model directory of either kind, with no stop token (every completion runs to max_tokens)."""
+    directory = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    if request.param == "forgather":
+        tree = tiny_tree(len(tokenizer))
+        save_model(build_model(tree).eval(), tree, directory, "tiny")
+    else:
+        config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=CONTEXT)
+        model = transformers.LlamaForCausalLM(config)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.3)
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    loaded = Backend.load(directory, context_length=CONTEXT)
+    loaded.stop_token_ids = set()
+    return loaded
+
+
+class Collector:
+    """A request's deliveries: tokens, then the finish reason; `done` is set at the end."""
+
+    def __init__(self):
+        self.tokens, self.finish, self.done = [], None, threading.Event()
+
+    def __call__(self, item):
+        if isinstance(item, int):
+            self.tokens.append(item)
+        else:
+            self.finish = item
+            self.done.set()
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[Collector]:
+    collectors = [Collector() for _ in prompts]
+    for ids, p, collector in zip(prompts, params, collectors):
+        engine.submit(ids, p, collector)
+    for collector in collectors:
+        assert collector.done.wait(60), "the engine did not finish"
+    return collectors
+
+
+def simple_loop(backend: Backend, ids: list[int], params: SamplingParams) -> list[int]:
+    return list(backend.tokens(ids, params))
+
+
+@pytest.fixture
+def engine(backend):
+    engine = Engine(backend.model, backend.stop_token_ids, slots=4, context_length=CONTEXT, prefill_chunk=3)
+    yield engine
+    engine.close()
+
+
+def test_greedy_tokens_equal_the_simple_loop_alone_and_batched(backend, engine):
+    prompts = [backend.encode(p) for p in PROMPTS]
+    params = [SamplingParams(max_tokens=12 + i, temperature=0.0) for i in range(len(prompts))]
+    expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
+    alone = [run_engine(engine, [ids], [p])[0].tokens for ids, p in zip(prompts, params)]
+    batched = run_engine(engine, prompts * 2, params * 2)  # more requests than slots: some wait for a slot
+    assert alone == expected
+    assert [c.tokens for c in batched] == expected * 2
+    assert {c.finish for c in batched} == {"length"}
+
+
+def test_sequences_growing_past_a_key_window_decode_like_the_simple_loop(backend):
+    """Decode steps attend over the shortest window of 256, 512 ... cache positions holding every sequence."""
+    engine = Engine(backend.model, set(), slots=2, context_length=600)
+    try:
+        assert engine.key_buckets == [256, 512, 601]
+        prompts = [backend.encode(PROMPTS[3]), backend.encode(PROMPTS[1])]
+        params = [SamplingParams(max_tokens=270, temperature=0.0), SamplingParams(max_tokens=20, temperature=0.0)]
+        expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
+        assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
+    finally:
+        engine.close()
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(backend, engine):
+    prompts = [backend.encode(p) for p in PROMPTS]
+    params = [SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=seed) for seed in range(len(prompts))]
+    expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
+    alone = run_engine(engine, prompts[:1], params[:1])[0].tokens
+    batched = run_engine(engine, prompts, params)
+    assert alone == expected[0]
+    assert [c.tokens for c in batched] == expected
+    assert expected[0] != expected[1]
+
+
+def test_a_stop_token_finishes_the_request_with_stop(backend):
+    ids = backend.encode(PROMPTS[0])
+    greedy = simple_loop(backend, ids, SamplingParams(max_tokens=8, temperature=0.0))
+    engine = Engine(backend.model, {greedy[3]}, slots=2, context_length=CONTEXT)
+    try:
+        result = run_engine(engine, [ids], [SamplingParams(max_tokens=8, temperature=0.0)])[0]
+    finally:
+        engine.close()
+    assert result.tokens == greedy[:greedy.index(greedy[3])] and result.finish == "stop"
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_cancelling_frees_the_slot_for_the_next_request(backend, engine):
+    ids = backend.encode(PROMPTS[0])
+    long = Collector()
+    request = engine.submit(ids, SamplingParams(max_tokens=CONTEXT - len(ids), temperature=0.0), long)
+    wait_for(lambda: long.tokens)
+    engine.cancel(request)
+    wait_for(lambda: len(engine.scheduler.free) == engine.slots)
+    assert request.slot is None and long.finish is None and len(long.tokens) < CONTEXT - len(ids)
+    assert run_engine(engine, [ids], [SamplingParams(max_tokens=3, temperature=0.0)])[0].finish == "length"
+
+
+def test_the_queue_is_bounded_beyond_the_slots():
+    scheduler = Scheduler(slots=2, max_waiting=1, prefill_chunk=8)
+    requests = [Request([1], None, print) for _ in range(4)]
+    for request in requests[:3]:
+        scheduler.submit(request)
+    with pytest.raises(QueueFull, match="retry later"):
+        scheduler.submit(requests[3])
+    scheduler.cancel(requests[0])
+    scheduler.plan(block=False)  # the cancelled request leaves: room for one more
+    scheduler.submit(requests[3])
+
+
+def test_prefill_is_chunked_while_others_decode():
+    scheduler = Scheduler(slots=2, max_waiting=4, prefill_chunk=3)
+    first, second = Request([1] * 5, None, print), Request([1] * 7, None, print)
+    scheduler.submit(first)
+    assert scheduler.plan().prefill == [(first, 0, 5)]  # nothing decodes: the whole prompt at once
+    scheduler.prefilled(first, 5)
+    scheduler.submit(second)
+    plan = scheduler.plan()
+    assert plan.prefill == [(second, 0, 3)] and plan.decode == [first]
+    assert (second.slot, first.slot) == (1, 0)
+
+
+def test_one_step_prefills_several_prompts_within_the_budget():
+    scheduler = Scheduler(slots=4, max_waiting=4, prefill_chunk=8)
+    requests = [Request([1] * length, None, print) for length in (4, 3, 9)]
+    for request in requests:
+        scheduler.submit(request)
+    assert scheduler.plan().prefill == [(requests[0], 0, 4), (requests[1], 0, 3), (requests[2], 0, 1)]
+
+
+# --- text -------------------------------------------------------------------------------------------------
+
+
+def test_incremental_detokenization_equals_decoding_everything(tokenizer):
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    text = "once upon a time: é, 漢字 and 🙂 there was"
+    rng = random.Random(0)
+    for ids in [tokenizer.encode(text)] + [[rng.randrange(len(tokenizer)) for _ in range(40)] for _ in range(20)]:
+        detokenizer = IncrementalDetokenizer(decode)
+        pieces = "".join(detokenizer.add(token) for token in ids) + detokenizer.rest()
+        assert pieces == decode(ids).rstrip("\ufffd")
+
+
+def test_a_stop_string_across_token_boundaries_ends_the_text_before_it(tokenizer):
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    ids = tokenizer.encode("once upon a time there was")
+    stop = "n a ti"  # spans the tokens of "upon", " a" and " time"
+    assert not any(stop in decode([token]) for token in ids)
+    stream = TextStream(decode, (stop,))
+    deltas = []
+    for token in ids:
+        if (delta := stream.push(token)) is not None:
+            deltas.append(delta)
+            if delta.finish_reason:
+                break
+    assert "".join(d.text for d in deltas) == "once upo"
+    assert deltas[-1].finish_reason == "stop"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+# --- the HTTP app over the engine ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def engine_server(backend):
+    """The app over an engine of one slot and no waiting room, taking 20 ms a step; (url, engine, steps),
+    steps listing the decode batches run so far."""
+    backend.start_engine(1, max_waiting=0)
+    steps, run_step = [], backend.engine.run_step
+
+    def slow_step(plan):
+        time.sleep(0.02)
+        steps.append(len(plan.decode))
+        run_step(plan)
+
+    backend.engine.run_step = slow_step
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(backend, "m"), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url)
+    yield url, backend.engine, steps
+    uv.should_exit = True
+    thread.join(timeout=30)
+    backend.engine.close()
+    backend.engine = None
+
+
+def test_app_over_the_engine_gives_the_simple_loops_text(engine_server, backend):
+    url, *_ = engine_server
+    ids = backend.encode(PROMPTS[0])
+    response = httpx.post(f"{url}/v1/completions", timeout=60,
+                          json={"model": "m", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0})
+    tokens = simple_loop(backend, ids, SamplingParams(max_tokens=10, temperature=0.0))
+    expected = backend.decode(tokens).rstrip("\ufffd")  # a last partial character is not sent
+    assert response.json()["choices"][0]["text"] == expected
+
+
+def test_app_over_the_engine_answers_429_when_full_and_frees_a_left_stream(engine_server):
+    url, engine, steps = engine_server
+    body = {"model": "m", "prompt": PROMPTS[0], "max_tokens": CONTEXT - 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        next(lines)  # the one slot is taken (closing `lines` would hang up)
+        busy = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert busy.status_code == 429
+        assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+        del lines
+    wait_for(lambda: engine.scheduler.outstanding == 0)  # the client left: its slot is free
+    assert len(steps) < (CONTEXT - 8) // 2  # long before the completion would have ended
+    again = httpx.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=30)
+    assert again.json()["usage"]["completion_tokens"] == 2
+
+
+def test_app_over_the_engine_refuses_a_prompt_longer_than_the_cache(engine_server):
+    url, *_ = engine_server
+    response = httpx.post(f"{url}/v1/completions", timeout=30,
+                          json={"model": "m", "prompt": "once upon a time " * CONTEXT, "max_tokens": 2})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+# --- `forgather inf server --engine` ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, engine", [([], torch.cuda.is_available()), (["--engine", "on"], True),
+                                           (["--engine", "off"], False), (["--device-map", "auto"], False)])
+def test_the_server_uses_the_engine_on_a_gpu_unless_told(monkeypatch, tmp_path, capsys, flags, engine):
+    from forgather.cli import inf
+
+    def load(*args, **kwargs):
+        raise FileNotFoundError(f"load engine={kwargs['engine']} slots={kwargs['max_num_seqs']}")
+
+    monkeypatch.setattr(Backend, "load", load)
+    assert inf.main(["server", "-m", str(tmp_path), "--port", "0", "--max-num-seqs", "3", *flags]) == 2
+    assert f"load engine={engine} slots=3" in capsys.readouterr().err
+
+
+def test_max_num_seqs_below_one_is_one_line(tmp_path, capsys):
+    from forgather.cli import inf
+
+    assert inf.main(["server", "-m", str(tmp_path), "--max-num-seqs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-num-seqs 0" in err
+
+
+def test_a_model_the_engine_cannot_run_is_served_by_the_simple_loop(backend):
+    spread = Backend(backend.model, backend.tokenizer, CONTEXT, set())
+    backend.model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}  # as device_map="auto" leaves it
+    try:
+        with pytest.warns(UserWarning, match="spread over several devices"):
+            spread.start_engine(2)
+    finally:
+        del backend.model.hf_device_map
+    assert spread.engine is None
