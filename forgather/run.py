@@ -41,7 +41,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
-from forgather.errors import causes, report
+from forgather.errors import report
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
 from forgather.template import TemplateEnvironment
 
@@ -83,6 +83,8 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--dry-run",), dict(action="store_true", help="print the launch command, and exit")),
     (("-d", "--devices"), dict(help="GPU indices to train on, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")),
     (("--outputs",), dict(default=".", help="where outputs/ and multirun/ go (default: the current directory; for forgather train, the project)")),
+    # How a sweep's launcher runs one point (forgather.launch): in DIR, recording its outcome there.
+    (("--sweep-point",), dict(metavar="DIR", help=argparse.SUPPRESS)),
 )
 # Mutually exclusive: where the config comes from when not from the templates.
 SOURCE_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
@@ -255,11 +257,11 @@ class Runner:
             return Path(os.environ[RUN_DIR_ENV])
         return requested_run_dir(values) or _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
 
-    def run_point(self, point: list[ovr.Override], run_dir: Path | None = None) -> dict[str, float] | None:
+    def run_point(self, point: list[ovr.Override], run_dir: Path | None = None, callbacks: list | None = None) -> dict[str, float] | None:
         sweeping = run_dir is not None
         choices, values = ovr.split_choices(point, self.groups)
         experiment, loaded = self.load(choices)
-        config = loaded.config.copy()
+        config = self._job_config(loaded)
         ovr.apply(config, values)
         warn_about_warmup(config)
         if self.args.cfg:
@@ -289,24 +291,84 @@ class Runner:
                     "command": self.command,
                 },
                 export=export,
+                callbacks=callbacks,
             )
 
-    def sweep(self, points: list[list[ovr.Override]]) -> int:
-        root = _fresh_dir(Path(self.args.outputs) / "multirun" / _timestamp())
-        swept = [i for i in range(len(points[0])) if len({p[i].value for p in points}) > 1]
-        results: list[tuple[str, dict[str, float] | str]] = []
-        for number, point in enumerate(points):
-            label = " ".join(f"{point[i].key}={point[i].value}" for i in swept)
-            print(f"[sweep {number + 1}/{len(points)}] {label}", flush=True)
-            try:
-                metrics = self.run_point(point, root / str(number))
-                results.append((label, metrics or {}))
-            except Exception as error:  # one failing point must not stop the others
-                report(error)  # what the same failure prints in a single run
-                root_cause = list(causes(error))[-1]
-                results.append((label, f"{type(root_cause).__name__}: {root_cause}".splitlines()[0]))
-        _print_sweep(root, results)
-        return 1 if any(isinstance(outcome, str) for _, outcome in results) else 0
+    @staticmethod
+    def _job_config(loaded: LoadedConfig) -> DictConfig:
+        """The config a point runs: the rendered one less the runner's own `hydra:` settings (launcher, sweeper)."""
+        from forgather.launch.settings import TEMPLATE_KEY
+
+        config = loaded.config.copy()
+        config.pop(TEMPLATE_KEY, None)
+        return config
+
+    # -- sweeps (forgather.launch runs them; the runner renders and checks) ----------------------------------
+
+    def sweep(self, arguments: list[str], root: Path | None = None) -> int:
+        """Run a sweep (`-m`) of the overrides `arguments` in a new multirun directory, or resume the one at
+        `root`: the launcher and sweeper come from the runner overrides among `arguments` and the template."""
+        from forgather.launch import settings as launch_settings
+        from forgather.launch import sweep as launch_sweep
+
+        runner_arguments = [a for a in arguments if launch_settings.is_runner_override(a)]
+        job_arguments = [a for a in arguments if not launch_settings.is_runner_override(a)]
+        settings = launch_settings.resolve(self.search_path, runner_arguments, self._template_settings(job_arguments))
+        job_arguments = [*settings.params, *job_arguments]
+        if any(a.lstrip("+").startswith("output_dir=") for a in job_arguments):
+            raise ovr.OverrideError("output_dir with -m: each point of a sweep runs in multirun/<time>/<n>/; choose where multirun/ goes with --outputs DIR")
+        launcher, sweeper = settings.build("launcher"), settings.build("sweeper")
+        resume = root is not None
+        if root is None:
+            root = _fresh_dir(Path(self.args.outputs) / "multirun" / _timestamp())
+            launch_sweep.write_record(root, {**self.sweep_record(), "overrides": job_arguments[len(settings.params):], "runner": runner_arguments})
+        rendered: dict[tuple, LoadedConfig] = {}
+
+        def check(point: list[ovr.Override]) -> None:
+            choices, values = ovr.split_choices(point, self.groups)
+            key = tuple(sorted(choices.items()))
+            if key not in rendered:
+                rendered[key] = self.load(dict(choices))[1]
+            ovr.apply(self._job_config(rendered[key]), values)
+
+        try:
+            outcomes = launch_sweep.run(root, launcher, sweeper, job_arguments, self.groups, check, self.point_command(), resume)
+        except BaseException:
+            if not resume and not any(p.is_dir() for p in root.iterdir()):  # refused before any point started
+                import shutil
+
+                shutil.rmtree(root)
+            raise
+        _print_sweep(root, outcomes)
+        return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+    def _template_settings(self, arguments: list[str]) -> Any:
+        """The experiment's `hydra:` mapping, rendered with the overrides that are not swept."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from forgather.launch.settings import TEMPLATE_KEY
+
+        try:
+            fixed = [item.input_line for item in OverridesParser.create().parse_overrides(arguments) if not item.is_sweep_override()]
+        except Exception as error:
+            raise ovr.OverrideError(f"cannot parse overrides: {error}") from error
+        choices, _ = ovr.split_choices(ovr.parse(fixed, self.groups, multirun=False)[0], self.groups)
+        return self.load(choices)[1].config.get(TEMPLATE_KEY)
+
+    def sweep_record(self) -> dict[str, Any]:
+        """Where the sweep's points come from, in absolute paths, for `--resume MULTIRUN_DIR`."""
+        project = self.project.root if (Path(self.project.root) / META_FILE).is_file() else None
+        return {"project": project, "template_path": [str(Path(p).resolve()) for p in self.args.template_path], "outputs": str(Path(self.args.outputs).resolve())}
+
+    def point_command(self) -> list[str]:
+        """The command that runs one point (the launcher adds `--sweep-point DIR` and the point's overrides)."""
+        record = self.sweep_record()
+        command = [sys.executable, "-m", "forgather.run", "--outputs", record["outputs"]]
+        if record["project"]:
+            command += ["-p", record["project"]]
+        for path in record["template_path"]:
+            command += ["--template-path", path]
+        return command
 
 
 def warn_about_warmup(config: DictConfig) -> None:
@@ -380,9 +442,10 @@ def train(
     snapshot: dict[str, Any],
     export: dict[str, Any] | None = None,
     ckpt_path: str | None = None,
+    callbacks: list | None = None,
 ) -> dict[str, float]:
-    """Seed, construct trainer/module/datamodule, attach the snapshot (and model export), fit; returns the
-    final metrics. Prints where the run directory and the exported model are, before and after fitting."""
+    """Seed, construct trainer/module/datamodule, attach the snapshot (and model export) and `callbacks`,
+    fit; returns the final metrics. Prints where the run directory and the exported model are, before and after fitting."""
     import pytorch_lightning as pl
 
     from forgather.callbacks.model_export import ExportModel
@@ -408,6 +471,7 @@ def train(
     trainer.callbacks.append(Snapshot(run_dir, config=config, **snapshot))
     if exporting:
         trainer.callbacks.append(ExportModel(model_config=config.model, run_dir=run_dir, **export))
+    trainer.callbacks.extend(callbacks or [])
     try:
         trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
     except BaseException:
@@ -432,20 +496,21 @@ def _print_where(run_dir: Path, model_dir: Path | None, when: str) -> None:
         print(f"exported model: {model_dir}{f' ({when})' if when else ''}", flush=True)
 
 
-def _print_sweep(root: Path, results: list[tuple[str, dict[str, float] | str]]) -> None:
+def _print_sweep(root: Path, outcomes: list) -> None:
+    """The table of a sweep's points (forgather.launch.base.Outcome): status and final metrics."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    keys = sorted({key for _, outcome in results if isinstance(outcome, dict) for key in outcome if "/" in key})
+    keys = sorted({key for outcome in outcomes for key in outcome.metrics if "/" in key})
     table = Table(title=f"sweep: {root}")
     for column in ("#", "overrides", "status", *keys):
         table.add_column(column)
-    for number, (label, outcome) in enumerate(results):
-        if isinstance(outcome, str):
-            table.add_row(str(number), label, f"[red]failed: {escape(outcome)}[/red]", *[""] * len(keys))
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            table.add_row(str(outcome.number), escape(outcome.label), f"[red]failed: {escape(outcome.error)}[/red]", *[""] * len(keys))
         else:
-            table.add_row(str(number), label, "ok", *[f"{outcome[k]:.4g}" if k in outcome else "" for k in keys])
+            table.add_row(str(outcome.number), escape(outcome.label), outcome.status, *[f"{outcome.metrics[k]:.4g}" if k in outcome.metrics else "" for k in keys])
     Console(width=max(160, Console().width)).print(table)
 
 
@@ -563,6 +628,39 @@ def _print_info(runner: Runner, point: list[ovr.Override]) -> None:
             print(f"  {group}={option}")
 
 
+def _is_multirun(directory: Path) -> bool:
+    from forgather.launch.sweep import is_multirun
+
+    return is_multirun(directory)
+
+
+def _job_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides of the job itself; launcher and sweeper settings apply to sweeps only (`-m`)."""
+    from forgather.launch.settings import is_runner_override
+
+    runner = [a for a in args.overrides if is_runner_override(a)]
+    if runner and not args.multirun:
+        raise ovr.OverrideError(f"{runner[0]}: launchers and sweepers run sweeps: add -m")
+    return [a for a in args.overrides if not is_runner_override(a)]
+
+
+def _resume_multirun(args: argparse.Namespace, command: list[str], root: Path) -> int:
+    """`--resume MULTIRUN_DIR`: the recorded sweep again, running only the points that did not finish.
+    Launcher and sweeper settings may change (`launcher.jobs=2`); the points may not."""
+    from forgather.launch.settings import is_runner_override
+    from forgather.launch.sweep import read_record
+
+    changed = [a for a in args.overrides if not is_runner_override(a)]
+    if changed:
+        raise ovr.OverrideError(f"{changed[0]}: a resumed sweep runs the points it recorded; only launcher and sweeper settings may change (launcher.jobs=2)")
+    record = read_record(root)
+    argv = ["--outputs", record["outputs"], "-m", *(["-p", record["project"]] if record["project"] else [])]
+    for path in record["template_path"]:
+        argv += ["--template-path", path]
+    recorded = build_parser().parse_intermixed_args(argv)
+    return Runner.create(recorded, command).sweep([*record["overrides"], *record["runner"], *args.overrides], root=root)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_intermixed_args(argv)
@@ -576,17 +674,24 @@ def main(argv: list[str] | None = None) -> int:
             launch = shlex.join([a for a in command if a != "--dry-run"])
             print(f"CUDA_VISIBLE_DEVICES={args.devices} {launch}" if args.devices else launch)
             return 0
+        if args.resume and _is_multirun(Path(args.resume)):
+            return _resume_multirun(args, command, Path(args.resume).resolve())
         if args.resume or args.from_snapshot:
             return _from_run_dir(args, command, Path(args.resume or args.from_snapshot).resolve(), resume=bool(args.resume))
         runner = Runner.create(args, command)
-        points = ovr.parse(args.overrides, runner.groups, args.multirun)
+        if args.sweep_point:
+            from forgather.launch.point import run_recorded
+
+            point = ovr.parse(args.overrides, runner.groups, multirun=False)[0]
+            return run_recorded(Path(args.sweep_point), lambda callbacks: runner.run_point(point, Path(args.sweep_point), callbacks))
+        if args.multirun and not args.cfg and not args.info:
+            return runner.sweep(args.overrides)
+        points = ovr.parse(_job_overrides(args), runner.groups, args.multirun)
         if args.info:
             _print_info(runner, points[0])
             return 0
         if args.multirun and any(o.key == "output_dir" for point in points for o in point):
             raise ovr.OverrideError("output_dir with -m: each point of a sweep runs in multirun/<time>/<n>/; choose where multirun/ goes with --outputs DIR")
-        if args.multirun and not args.cfg:
-            return runner.sweep(points)
         for number, point in enumerate(points):
             if len(points) > 1:
                 print(f"# run {number}: {' '.join(f'{o.key}={o.value}' for o in point)}")

@@ -1,0 +1,49 @@
+"""The side of a sweep that runs inside a point's own process (`python -m forgather.run --sweep-point DIR`).
+
+`run_recorded` runs the point and records how it ended in `DIR/outcome.json`, whatever happens: ok with the
+final metrics, pruned (an Optuna trial stopped early), or failed with the error's root cause in one line and
+what the point printed for it. An Optuna trial's settings arrive in FORGATHER_TRIAL (JSON: storage, study,
+trial id, metric, pruner): the point then reports its validation metric to the trial as it trains.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from forgather.errors import causes, report
+from forgather.launch.base import write_outcome
+
+TRIAL_ENV = "FORGATHER_TRIAL"
+
+
+def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | None]) -> int:
+    """Call `run(callbacks)` (the callbacks to add to the trainer) and record its outcome in `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    callbacks = []
+    if os.environ.get(TRIAL_ENV):
+        from forgather.launch.trial import ReportToTrial
+
+        callbacks.append(ReportToTrial(**json.loads(os.environ[TRIAL_ENV])))
+    record: dict[str, Any] = {"started": started}
+    try:
+        metrics = run(callbacks) or {}
+    except Exception as error:
+        buffer = io.StringIO()
+        code = report(error, buffer)
+        sys.stderr.write(buffer.getvalue())
+        root = list(causes(error))[-1]
+        record.update(status="failed", error=f"{type(root).__name__}: {root}".splitlines()[0], report=buffer.getvalue())
+    else:
+        code = 0
+        pruned = any(getattr(c, "pruned", False) for c in callbacks)
+        record.update(status="pruned" if pruned else "ok", metrics=metrics)
+    record.update(ended=time.time(), intermediate={str(k): v for c in callbacks for k, v in getattr(c, "reported", {}).items()})
+    write_outcome(run_dir, record)
+    return code
