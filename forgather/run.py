@@ -338,6 +338,8 @@ class Runner:
                 import shutil
 
                 shutil.rmtree(root)
+                with contextlib.suppress(OSError):  # multirun/ itself, when this sweep was its first
+                    root.parent.rmdir()
             raise
         _print_sweep(root, outcomes)
         return 1 if any(o.status == "failed" for o in outcomes) else 0

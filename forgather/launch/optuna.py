@@ -145,6 +145,9 @@ class OptunaSweeper(Sweeper):
         # Trials an earlier session left failed or interrupted are tried again with their values, once each.
         retried = set(study.user_attrs.get("retried", []))
         for trial in study.get_trials(deepcopy=False):
+            if trial.state == TrialState.RUNNING and trial.number in context.kept:  # killed after the point, before the tell
+                self._tell(study, trial.number, context.kept[trial.number])
+                trial = study.get_trials(deepcopy=False)[trial.number]
             if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.number in context.kept:
                 outcomes[trial.number] = context.kept[trial.number]
             elif trial.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL) and trial.number not in retried:

@@ -42,12 +42,12 @@ class RayLauncher(Launcher):
             ) from error
 
     def check(self, jobs: int) -> None:
+        if self.address is not None:
+            self._reachable()
         try:
             import ray
         except ImportError as error:
             raise UserError("launcher=ray needs Ray: pip install 'forgather[ray]'") from error
-        if self.address is not None:
-            self._reachable()
         if not ray.is_initialized():
             local = {"num_cpus": self.num_cpus} if self.address is None else {}
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False, **local)
