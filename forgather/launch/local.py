@@ -3,7 +3,9 @@ time, each with its output in `<run_dir>/output.log`.
 
 GPUs: with `gpus_per_job: N`, every running point gets N GPUs of its own through CUDA_VISIBLE_DEVICES, taken
 from `gpus` (default: CUDA_VISIBLE_DEVICES of this process, else every GPU torch sees); `jobs` is then at
-most the GPUs divided by N. Stopping the sweep (Ctrl-C, SIGTERM) stops the running points.
+most the GPUs divided by N. CPU threads: with several jobs, each point gets OMP_NUM_THREADS = cores / jobs
+(unless set already), so that the points share the cores instead of fighting over them. Stopping the sweep
+(Ctrl-C, SIGTERM) stops the running points.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ class LocalLauncher(Launcher):
 
         return [str(i) for i in range(torch.cuda.device_count())]
 
+    def _threads(self) -> dict[str, str]:
+        """Points that share the CPU split its cores (torch's intra-op threads follow OMP_NUM_THREADS):
+        `jobs` points each using every core would oversubscribe it. A value the user set is kept."""
+        if self.jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+            return {}
+        return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.jobs))}
+
     def check(self, jobs: int) -> None:
         if self.gpus_per_job:
             pool = self._gpu_pool()
@@ -61,7 +70,7 @@ class LocalLauncher(Launcher):
                 while waiting and len(running) < self.jobs:
                     job = waiting.pop(0)
                     gpus = [free.pop(0) for _ in range(self.gpus_per_job)]
-                    env = {**os.environ, **job.env, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if self.gpus_per_job else {})}
+                    env = {**os.environ, **self._threads(), **job.env, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if self.gpus_per_job else {})}
                     job.run_dir.mkdir(parents=True, exist_ok=True)
                     log = open(job.run_dir / LOG_FILE, "ab")
                     status.start(job)
