@@ -308,13 +308,9 @@ class Runner:
     def sweep(self, arguments: list[str], root: Path | None = None) -> int:
         """Run a sweep (`-m`) of the overrides `arguments` in a new multirun directory, or resume the one at
         `root`: the launcher and sweeper come from the runner overrides among `arguments` and the template."""
-        from forgather.launch import settings as launch_settings
         from forgather.launch import sweep as launch_sweep
 
-        runner_arguments = [a for a in arguments if launch_settings.is_runner_override(a)]
-        job_arguments = [a for a in arguments if not launch_settings.is_runner_override(a)]
-        settings = launch_settings.resolve(self.search_path, runner_arguments, self._template_settings(job_arguments))
-        job_arguments = [*settings.params, *job_arguments]
+        settings, runner_arguments, job_arguments = self._sweep_settings(arguments)
         if any(a.lstrip("+").startswith("output_dir=") for a in job_arguments):
             raise ovr.OverrideError("output_dir with -m: each point of a sweep runs in multirun/<time>/<n>/; choose where multirun/ goes with --outputs DIR")
         launcher, sweeper = settings.build("launcher"), settings.build("sweeper")
@@ -343,6 +339,24 @@ class Runner:
             raise
         _print_sweep(root, outcomes)
         return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+    def _sweep_settings(self, arguments: list[str]) -> tuple[Any, list[str], list[str]]:
+        """(launcher and sweeper settings, the runner overrides, the job's overrides with the template's
+        sweep params first) of a sweep's command line."""
+        from forgather.launch import settings as launch_settings
+
+        runner_arguments = [a for a in arguments if launch_settings.is_runner_override(a)]
+        job_arguments = [a for a in arguments if not launch_settings.is_runner_override(a)]
+        settings = launch_settings.resolve(self.search_path, runner_arguments, self._template_settings(job_arguments))
+        return settings, runner_arguments, [*settings.params, *job_arguments]
+
+    def sweep_points(self, arguments: list[str]) -> list[list[ovr.Override]]:
+        """The points a sweep would run (for `--cfg -m`): the basic sweeper's plan, paired axes zipped."""
+        settings, _, job_arguments = self._sweep_settings(arguments)
+        sweeper = settings.build("sweeper")
+        if not hasattr(sweeper, "plan"):
+            raise ovr.OverrideError("--cfg with a searching sweeper: its points are chosen as the search runs; print one point with --cfg and single values")
+        return [plan.point for plan in sweeper.plan(job_arguments, self.groups)]
 
     def _template_settings(self, arguments: list[str]) -> Any:
         """The experiment's `hydra:` mapping, rendered with the overrides that are not swept."""
@@ -688,7 +702,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_recorded(Path(args.sweep_point), lambda callbacks: runner.run_point(point, Path(args.sweep_point), callbacks))
         if args.multirun and not args.cfg and not args.info:
             return runner.sweep(args.overrides)
-        points = ovr.parse(_job_overrides(args), runner.groups, args.multirun)
+        if args.multirun and args.cfg:
+            points = runner.sweep_points(args.overrides)
+        else:
+            points = ovr.parse(_job_overrides(args), runner.groups, args.multirun)
         if args.info:
             _print_info(runner, points[0])
             return 0

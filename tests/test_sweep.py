@@ -148,3 +148,11 @@ def test_bad_sweep_input_is_one_line_before_any_point_starts(tmp_path, capsys, a
 def test_launcher_settings_without_multirun_are_an_error(tmp_path, capsys):
     assert run(tmp_path, *MICRO, "launcher.jobs=2") == 2
     assert "launcher.jobs=2: launchers and sweepers run sweeps: add -m" in capsys.readouterr().err
+
+
+def test_cfg_prints_the_paired_points(capsys):
+    assert main(["-p", PROJECT, "--cfg", "-m", "+experiment=micro", "lr=1e-3,3e-3", "warmup_steps=1,2", "sweeper.paired=[lr,warmup_steps]"]) == 0
+    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# run")]
+    assert runs == ["# run 0: experiment=micro lr=0.001 warmup_steps=1", "# run 1: experiment=micro lr=0.003 warmup_steps=2"]
+    assert main(["-p", PROJECT, "--cfg", "-m", "+experiment=micro", "lr=interval(1e-4,1e-2)", "sweeper=optuna"]) == 2
+    assert "its points are chosen as the search runs" in capsys.readouterr().err
