@@ -4,6 +4,7 @@
     python -m forgather.run -m +experiment=tiny_llama lr=1e-3,3e-4 optimizer=adamw,adafactor
     python -m forgather.run --from-snapshot outputs/tiny_llama/2026-11-24_10-00-00     (rerun exactly)
     python -m forgather.run --resume outputs/tiny_llama/2026-11-24_10-00-00            (continue)
+    python -m forgather.run --resume multirun/2026-11-24_10-00-00      (a sweep: run the points not finished)
     python -m forgather.run +experiment=tiny_llama --cfg all --resolve    (print config and settings; --info: choices)
 
 Flow of one run: `+experiment=NAME` names `configs/NAME.yaml` of the project (-p, default the current
@@ -16,7 +17,10 @@ then `trainer.fit` runs. Final metrics land in `<run_dir>/metrics.yaml`.
 
 Run directories: `outputs/<experiment>/<timestamp>/`, or `output_dir=DIR` (new or empty); sweeps
 `multirun/<timestamp>/<n>/`, ending with a table of every point's final metrics (a failing point is
-reported, the others still run). The run directory is fixed before Lightning starts other ranks
+reported, the others still run). A sweep (`-m`) is run by forgather.launch: a launcher (`launcher=local`,
+`submitit`, `ray`) runs each point as `python -m forgather.run --sweep-point DIR OVERRIDES`, a sweeper
+(`sweeper=basic`, `optuna`) chooses the points; `--resume multirun/<timestamp>` runs the points that did not
+finish. The run directory is fixed before Lightning starts other ranks
 (FORGATHER_RUN_DIR), so every rank agrees on it. A run prints its directory and its model's export
 directory when it starts and when it ends; staging left in its directory by killed writers is removed.
 

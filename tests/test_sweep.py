@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from forgather import overrides as ovr
 from forgather.launch import settings
@@ -156,3 +157,25 @@ def test_cfg_prints_the_paired_points(capsys):
     assert runs == ["# run 0: experiment=micro lr=0.001 warmup_steps=1", "# run 1: experiment=micro lr=0.003 warmup_steps=2"]
     assert main(["-p", PROJECT, "--cfg", "-m", "+experiment=micro", "lr=interval(1e-4,1e-2)", "sweeper=optuna"]) == 2
     assert "its points are chosen as the search runs" in capsys.readouterr().err
+
+
+def test_a_template_chooses_the_launcher_and_the_swept_values(tmp_path):
+    project = tmp_path / "project"
+    (project / "templates" / "configs").mkdir(parents=True)
+    (project / "meta.yaml").write_text("name: templated\n")
+    (project / "templates" / "configs" / "swept.yaml").write_text(
+        "-- extends 'configs/micro.yaml'\n"
+        "[targets]\n"
+        "== super()\n"
+        "hydra:\n"
+        "    launcher: {name: local, jobs: 2}\n"
+        "    sweeper: {params: {lr: '1e-3,3e-3'}}\n"
+    )
+    arguments = ["-p", str(project), "--template-path", os.path.join(PROJECT, "templates"), "--outputs", str(tmp_path)]
+    assert main([*arguments, "-m", "+experiment=swept", "max_steps=2"]) == 0
+    (root,) = (tmp_path / "multirun").iterdir()
+    points = json.loads((root / "results.json").read_text())["points"]
+    assert [p["overrides"]["lr"] for p in points] == [0.001, 0.003]
+    first, second = (json.loads((root / n / "outcome.json").read_text()) for n in ("0", "1"))
+    assert first["started"] < second["ended"] and second["started"] < first["ended"], "the template's launcher.jobs=2 ran both at once"
+    assert "hydra" not in yaml.safe_load((root / "0" / "snapshot" / "config.yaml").read_text()), "the runner's settings are not the job's"
