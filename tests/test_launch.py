@@ -69,7 +69,12 @@ def test_tensorboard_hparams_view_covers_every_point(local_sweep):
         events.Reload()
         content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
         learning_rates.append(HParamsPluginData.FromString(content).session_start_info.hparams["lr"].number_value)
+        (scalar,) = events.Scalars("hparam/train/loss")
+        assert scalar.value == pytest.approx(outcomes(local_sweep)[int(number)]["metrics"]["train/loss"])
     assert learning_rates == [0.001, 0.003]
+    experiment = EventAccumulator(str(local_sweep / "tb_hparams"))
+    experiment.Reload()
+    assert "_hparams_/experiment" in experiment.PluginTagToContent("hparams")
 
 
 def train_losses(root: Path) -> list[float]:

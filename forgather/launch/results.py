@@ -3,8 +3,7 @@
 - `results.json`: every point (number, status, overrides as key: value, final metrics, error, start and end
   times) and what the sweeper adds (Optuna: the best trial).
 - `results.csv`: one row a point, a column per swept key and per metric.
-- `tb_hparams/`: TensorBoard's HParams view over every finished point (`tensorboard --logdir ROOT/tb_hparams`),
-  through torch.utils.tensorboard's `add_hparams`.
+- `tb_hparams/`: TensorBoard's HParams view over every finished point (`tensorboard --logdir ROOT/tb_hparams`).
 """
 
 from __future__ import annotations
@@ -58,14 +57,30 @@ def write_results(root: Path, outcomes: list[Outcome], summary: dict[str, Any]) 
 
 
 def _write_hparams(directory: Path, rows: list[dict[str, Any]], swept: list[str]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+    """TensorBoard's own HParams summaries (tensorboard.plugins.hparams.summary_v2, no TensorFlow or torch
+    needed): the experiment (swept keys, metrics) at the top, one run a finished point, its final metrics as
+    scalars named `hparam/<metric>`."""
+    import shutil
+    import time
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import summary_v2 as hp
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     if directory.exists():  # written whole each time: a resumed sweep's view holds every point once
-        import shutil
-
         shutil.rmtree(directory)
-    with SummaryWriter(str(directory)) as writer:
-        for row in rows:
-            if row["metrics"]:
-                hparams = {key: row["overrides"].get(key, "") for key in swept}
-                writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in row["metrics"].items()}, run_name=str(row["number"]))
+
+    def write(path: Path, *summaries: Summary) -> None:
+        writer = EventFileWriter(str(path))
+        for summary in summaries:
+            writer.add_event(Event(wall_time=time.time(), step=0, summary=summary))
+        writer.close()
+
+    finished = [row for row in rows if row["metrics"]]
+    metrics = sorted({key for row in finished for key in row["metrics"]})
+    write(directory, hp.hparams_config_pb(hparams=[hp.HParam(key) for key in swept], metrics=[hp.Metric(f"hparam/{key}") for key in metrics]))
+    for row in finished:
+        hparams = {key: row["overrides"].get(key, "") for key in swept}
+        scalars = Summary(value=[Summary.Value(tag=f"hparam/{key}", simple_value=value) for key, value in row["metrics"].items()])
+        write(directory / str(row["number"]), hp.hparams_pb(hparams, trial_id=str(row["number"])), scalars)
