@@ -18,7 +18,7 @@ then `trainer.fit` runs. Final metrics land in `<run_dir>/metrics.yaml`.
 Run directories: `outputs/<experiment>/<timestamp>/`, or `output_dir=DIR` (new or empty); sweeps
 `multirun/<timestamp>/<n>/`, ending with a table of every point's final metrics (a failing point is
 reported, the others still run). A sweep (`-m`) is run by forgather.launch: a launcher (`launcher=local`,
-`submitit`, `ray`) runs each point as `python -m forgather.run --sweep-point DIR OVERRIDES`, a sweeper
+`submitit`, `ray`) runs each point as `python -m forgather.run OVERRIDES` with FORGATHER_SWEEP_POINT=DIR, a sweeper
 (`sweeper=basic`, `optuna`) chooses the points; `--resume multirun/<timestamp>` runs the points that did not
 finish. The run directory is fixed before Lightning starts other ranks
 (FORGATHER_RUN_DIR), so every rank agrees on it. A run prints its directory and its model's export
@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
 from forgather.errors import report
+from forgather.launch.point import SWEEP_POINT_ENV
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
 from forgather.template import TemplateEnvironment
 
@@ -87,8 +88,6 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--dry-run",), dict(action="store_true", help="print the launch command, and exit")),
     (("-d", "--devices"), dict(help="GPU indices to train on, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")),
     (("--outputs",), dict(default=".", help="where outputs/ and multirun/ go (default: the current directory; for forgather train, the project)")),
-    # How a sweep's launcher runs one point (forgather.launch): in DIR, recording its outcome there.
-    (("--sweep-point",), dict(metavar="DIR", help=argparse.SUPPRESS)),
 )
 # Mutually exclusive: where the config comes from when not from the templates.
 SOURCE_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
@@ -381,7 +380,7 @@ class Runner:
         return {"project": project, "template_path": [str(Path(p).resolve()) for p in self.args.template_path], "outputs": str(Path(self.args.outputs).resolve())}
 
     def point_command(self) -> list[str]:
-        """The command that runs one point (the launcher adds `--sweep-point DIR` and the point's overrides)."""
+        """The command that runs one point, before its overrides (its directory goes in FORGATHER_SWEEP_POINT)."""
         record = self.sweep_record()
         command = [sys.executable, "-m", "forgather.run", "--outputs", record["outputs"]]
         if record["project"]:
@@ -699,11 +698,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume or args.from_snapshot:
             return _from_run_dir(args, command, Path(args.resume or args.from_snapshot).resolve(), resume=bool(args.resume))
         runner = Runner.create(args, command)
-        if args.sweep_point:
+        if os.environ.get(SWEEP_POINT_ENV):  # a point of a sweep, started by its launcher (forgather.launch)
             from forgather.launch.point import run_recorded
 
+            point_dir = Path(os.environ[SWEEP_POINT_ENV])
             point = ovr.parse(args.overrides, runner.groups, multirun=False)[0]
-            return run_recorded(Path(args.sweep_point), lambda callbacks: runner.run_point(point, Path(args.sweep_point), callbacks))
+            return run_recorded(point_dir, lambda callbacks: runner.run_point(point, point_dir, callbacks))
         if args.multirun and not args.cfg and not args.info:
             return runner.sweep(args.overrides)
         if args.multirun and args.cfg:

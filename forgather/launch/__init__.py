@@ -15,7 +15,7 @@ The design, in the order a sweep flows:
   product, with paired axes zipped), Optuna a batch of `n_jobs` trials at a time, told each trial's result
   before asking for the next batch.
 - **Launcher** (`local.py`, `submitit.py`, `ray.py`). `launch(jobs)` runs each `Job` (a command line of
-  this runner, `python -m forgather.run --sweep-point RUN_DIR OVERRIDES`, plus environment) on an existing
+  this runner, `python -m forgather.run OVERRIDES`, with FORGATHER_SWEEP_POINT=RUN_DIR in its environment) on an existing
   engine: local subprocesses, SLURM through submitit, Ray tasks; it returns when all have ended. The run
   directories must be on a filesystem the launcher's workers share with this process.
 - **A point** (`point.py`) runs as its own process: it writes `outcome.json` in its run directory (status

@@ -1,4 +1,5 @@
-"""The side of a sweep that runs inside a point's own process (`python -m forgather.run --sweep-point DIR`).
+"""The side of a sweep that runs inside a point's own process: `python -m forgather.run OVERRIDES` with
+FORGATHER_SWEEP_POINT=DIR (its run directory) in the environment, set by the launcher.
 
 `run_recorded` runs the point and records how it ended in `DIR/outcome.json`, whatever happens: ok with the
 final metrics, pruned (an Optuna trial stopped early), or failed with the error's root cause in one line and
@@ -20,6 +21,7 @@ from forgather.errors import causes, report
 from forgather.launch.base import write_outcome
 
 TRIAL_ENV = "FORGATHER_TRIAL"
+SWEEP_POINT_ENV = "FORGATHER_SWEEP_POINT"  # set by the launcher: the point's run directory
 
 
 def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | None]) -> int:
@@ -45,5 +47,6 @@ def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | No
         pruned = any(getattr(c, "pruned", False) for c in callbacks)
         record.update(status="pruned" if pruned else "ok", metrics=metrics)
     record.update(ended=time.time(), intermediate={str(k): v for c in callbacks for k, v in getattr(c, "reported", {}).items()})
-    write_outcome(run_dir, record)
+    if not any(int(os.environ.get(name, "0") or 0) for name in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        write_outcome(run_dir, record)  # the point's first rank speaks for it (Lightning reruns this command per rank)
     return code

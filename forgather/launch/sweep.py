@@ -20,6 +20,7 @@ import yaml
 
 from forgather import overrides as ovr
 from forgather.launch.base import FINISHED, OUTCOME_FILE, Job, Launcher, Outcome, Status, read_outcome
+from forgather.launch.point import SWEEP_POINT_ENV
 
 RECORD_FILE = "multirun.yaml"
 
@@ -43,7 +44,7 @@ class SweepContext:
     arguments: list[str]
     groups: dict[str, list[str]]
     check: Callable[[list[ovr.Override]], None]
-    command: list[str]  # the runner's command for a point, before `--sweep-point DIR OVERRIDES`
+    command: list[str]  # the runner's command for a point, before its overrides
     launcher: Launcher
     status: Status
     kept: dict[int, Outcome]  # points a resumed sweep keeps, by number
@@ -69,7 +70,7 @@ class SweepContext:
             if run_dir.exists():  # an unfinished point of an earlier session starts over
                 shutil.rmtree(run_dir)
             texts = [o.text for o in plan.point]
-            jobs.append(Job(plan.number, plan.label, texts, [*self.command, "--sweep-point", str(run_dir), *texts], run_dir, plan.env))
+            jobs.append(Job(plan.number, plan.label, texts, [*self.command, *texts], run_dir, {**plan.env, SWEEP_POINT_ENV: str(run_dir)}))
         launched = {o.number: o for o in self.launcher.launch(jobs, self.status)} if jobs else {}
         return [self.kept[plan.number] if plan.number in self.kept else launched[plan.number] for plan in plans]
 
