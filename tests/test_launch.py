@@ -150,3 +150,41 @@ def test_gpus_per_job_gives_each_running_point_its_own_gpus(tmp_path):
     assert seen[0] != seen[1] and all(len(s.split(",")) == 2 for s in seen) and set(",".join(seen).split(",")) <= {"0", "1", "2", "3"}
     with pytest.raises(Exception, match="needs 6 GPUs; 4 available"):
         LocalLauncher(jobs=3, gpus_per_job=2, gpus="0,1,2,3").check(5)
+
+
+def test_a_terminal_shows_one_live_line_per_point(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    jobs = [fake_job(tmp_path, n, "import time; time.sleep(0.5)") for n in range(2)]
+    with Status(2, Console(file=screen, force_terminal=True, width=100)) as status:
+        for job in jobs:
+            status.add(job.number, job.label)
+        LocalLauncher(jobs=2).launch(jobs, status)
+    assert "running" in screen.getvalue(), "the live display showed the points running"
+    final = io.StringIO()
+    Console(file=final, width=400).print(status.render())
+    lines = [line.split(maxsplit=2) for line in final.getvalue().splitlines()]
+    assert [line[:2] for line in lines] == [["0", "p=0"], ["1", "p=1"]]
+    assert all(line[2].startswith("failed: the point's process ended (exit status 0) without recording an outcome") for line in lines)
+
+
+def test_sigterm_to_a_sweep_stops_its_running_points(tmp_path):
+    import psutil
+
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=500", "lr=1e-3,3e-3", "launcher.jobs=2"]
+    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(psutil.Process(sweep.pid).children()) < 2:
+            assert sweep.poll() is None and time.monotonic() < deadline, "the sweep did not start its points"
+            time.sleep(0.05)
+        points = psutil.Process(sweep.pid).children()
+        sweep.terminate()
+        assert sweep.wait(timeout=60) != 0
+        gone, alive = psutil.wait_procs(points, timeout=30)
+        assert alive == [], "a point outlived its sweep"
+    finally:
+        sweep.kill()

@@ -179,3 +179,10 @@ def test_a_template_chooses_the_launcher_and_the_swept_values(tmp_path):
     first, second = (json.loads((root / n / "outcome.json").read_text()) for n in ("0", "1"))
     assert first["started"] < second["ended"] and second["started"] < first["ended"], "the template's launcher.jobs=2 ran both at once"
     assert "hydra" not in yaml.safe_load((root / "0" / "snapshot" / "config.yaml").read_text()), "the runner's settings are not the job's"
+
+
+def test_a_trial_without_the_metric_fails_with_the_metrics_it_logged(tmp_path, capsys):
+    assert run(tmp_path, "-m", "+experiment=micro", "max_steps=2", "lr=choice(1e-3)", "sweeper=optuna", "sweeper.n_trials=1") == 1
+    captured = capsys.readouterr()
+    assert "[sweep 1/1] failed: the point logged no val/loss (sweeper.metric); it logged train/grad_norm" in captured.out
+    assert "choose one with sweeper.metric=NAME" in captured.err

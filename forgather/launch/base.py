@@ -92,10 +92,10 @@ class Status:
     """One line per point: queued, running (with its elapsed time), then how it ended. In a terminal a live
     rich table; otherwise (a pipe, a log file, a test) a plain line when a point starts and when it ends."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, console=None) -> None:
         from rich.console import Console
 
-        self.console = Console()
+        self.console = console or Console()
         self.total = total
         self.lines: dict[int, tuple[str, str]] = {}
         self.started: dict[int, float] = {}
@@ -103,7 +103,7 @@ class Status:
         if self.console.is_terminal:
             from rich.live import Live
 
-            self.live = Live(self._table(), console=self.console, refresh_per_second=2, get_renderable=self._table)
+            self.live = Live(self.render(), console=self.console, refresh_per_second=2, get_renderable=self.render)
 
     def __enter__(self) -> "Status":
         if self.live is not None:
@@ -132,7 +132,8 @@ class Status:
         if self.live is None:
             print(f"[sweep {outcome.number + 1}/{self.total}] {word} ({seconds:.1f} s) {outcome.label}", flush=True)
 
-    def _table(self):
+    def render(self):
+        """The live table: one line a point."""
         from rich.markup import escape
         from rich.table import Table
 

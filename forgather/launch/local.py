@@ -11,7 +11,9 @@ most the GPUs divided by N. CPU threads: with several jobs, each point gets OMP_
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 import time
 
 from forgather.errors import UserError
@@ -65,6 +67,7 @@ class LocalLauncher(Launcher):
         waiting = list(jobs)
         running: dict[int, tuple[Job, subprocess.Popen, list[str], object]] = {}
         outcomes: dict[int, Outcome] = {}
+        previous = _stop_on_sigterm()
         try:
             while waiting or running:
                 while waiting and len(running) < self.jobs:
@@ -86,6 +89,8 @@ class LocalLauncher(Launcher):
                     status.end(outcomes[number])
                 time.sleep(self.poll_seconds if running else 0)
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             for job, process, _, log in running.values():  # interrupted: the points go down with the sweep
                 process.terminate()
             for job, process, _, log in running.values():
@@ -95,3 +100,15 @@ class LocalLauncher(Launcher):
                     process.kill()
                 log.close()
         return [outcomes[job.number] for job in jobs]
+
+
+def _stop_on_sigterm():
+    """While points run, SIGTERM ends the sweep the way Ctrl-C does (the running points are terminated,
+    not orphaned); the previous handler, or None off the main thread (where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)

@@ -29,10 +29,11 @@ def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | No
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     callbacks = []
-    if os.environ.get(TRIAL_ENV):
+    trial = json.loads(os.environ[TRIAL_ENV]) if os.environ.get(TRIAL_ENV) else None
+    if trial:
         from forgather.launch.trial import ReportToTrial
 
-        callbacks.append(ReportToTrial(**json.loads(os.environ[TRIAL_ENV])))
+        callbacks.append(ReportToTrial(**trial))
     record: dict[str, Any] = {"started": started}
     try:
         metrics = run(callbacks) or {}
@@ -46,6 +47,11 @@ def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | No
         code = 0
         pruned = any(getattr(c, "pruned", False) for c in callbacks)
         record.update(status="pruned" if pruned else "ok", metrics=metrics)
+        if trial and not pruned and trial["metric"] not in metrics:  # a trial's result is its metric
+            logged = ", ".join(sorted(metrics)) or "nothing"
+            record.update(status="failed", error=f"the point logged no {trial['metric']} (sweeper.metric); it logged {logged}")
+            record["report"] = f"error: {record['error']} ; choose one with sweeper.metric=NAME, or validate before the run ends\n"
+            code = 2
     record.update(ended=time.time(), intermediate={str(k): v for c in callbacks for k, v in getattr(c, "reported", {}).items()})
     if not any(int(os.environ.get(name, "0") or 0) for name in ("RANK", "LOCAL_RANK", "NODE_RANK")):
         write_outcome(run_dir, record)  # the point's first rank speaks for it (Lightning reruns this command per rank)
