@@ -331,7 +331,8 @@ class Runner:
             ovr.apply(self._job_config(rendered[key]), values)
 
         try:
-            outcomes = launch_sweep.run(root, launcher, sweeper, job_arguments, self.groups, check, self.point_command(), resume)
+            command = self.point_command(getattr(launcher, "gpus_per_job", 0))
+            outcomes = launch_sweep.run(root, launcher, sweeper, job_arguments, self.groups, check, command, resume)
         except BaseException:
             if not resume and not any(p.is_dir() for p in root.iterdir()):  # refused before any point started
                 import shutil
@@ -377,12 +378,22 @@ class Runner:
     def sweep_record(self) -> dict[str, Any]:
         """Where the sweep's points come from, in absolute paths, for `--resume MULTIRUN_DIR`."""
         project = self.project.root if (Path(self.project.root) / META_FILE).is_file() else None
-        return {"project": project, "template_path": [str(Path(p).resolve()) for p in self.args.template_path], "outputs": str(Path(self.args.outputs).resolve())}
+        return {
+            "project": project,
+            "template_path": [str(Path(p).resolve()) for p in self.args.template_path],
+            "outputs": str(Path(self.args.outputs).resolve()),
+            "devices": self.args.devices,
+        }
 
-    def point_command(self) -> list[str]:
-        """The command that runs one point, before its overrides (its directory goes in FORGATHER_SWEEP_POINT)."""
+    def point_command(self, gpus_per_point: int = 0) -> list[str]:
+        """The command that runs one point, before its overrides (its directory goes in FORGATHER_SWEEP_POINT).
+        `-d` tells the point's template to train on GPUs: the sweep's own `-d`, or as many as the launcher
+        gives each point (it makes them visible itself, as devices 0..N-1)."""
         record = self.sweep_record()
         command = [sys.executable, "-m", "forgather.run", "--outputs", record["outputs"]]
+        devices = ",".join(map(str, range(gpus_per_point))) if gpus_per_point else record["devices"]
+        if devices:
+            command += ["-d", devices]
         if record["project"]:
             command += ["-p", record["project"]]
         for path in record["template_path"]:
@@ -674,6 +685,7 @@ def _resume_multirun(args: argparse.Namespace, command: list[str], root: Path) -
         raise ovr.OverrideError(f"{changed[0]}: a resumed sweep runs the points it recorded; only launcher and sweeper settings may change (launcher.jobs=2)")
     record = read_record(root)
     argv = ["--outputs", record["outputs"], "-m", *(["-p", record["project"]] if record["project"] else [])]
+    argv += ["-d", record["devices"]] if record.get("devices") else []
     for path in record["template_path"]:
         argv += ["--template-path", path]
     recorded = build_parser().parse_intermixed_args(argv)
@@ -687,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resolve and not args.cfg:
             raise ValueError("--resolve resolves what --cfg prints: add --cfg (or --cfg all)")
-        if args.devices:
+        if args.devices and not os.environ.get(SWEEP_POINT_ENV):  # a point sees the GPUs its launcher gave it
             os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
         if args.dry_run:
             launch = shlex.join([a for a in command if a != "--dry-run"])

@@ -188,3 +188,18 @@ def test_sigterm_to_a_sweep_stops_its_running_points(tmp_path):
         assert alive == [], "a point outlived its sweep"
     finally:
         sweep.kill()
+
+
+def test_points_train_on_the_gpus_the_sweep_or_its_launcher_gives_them():
+    import argparse
+
+    from forgather.run import Runner, build_parser
+
+    args: argparse.Namespace = build_parser().parse_intermixed_args(["-p", PROJECT, "-d", "2,3", "-m"])
+    runner = Runner.create(args, [])
+    def devices(command: list[str]) -> str:
+        return command[command.index("-d") + 1]
+
+    assert devices(runner.point_command()) == "2,3", "every point trains on the sweep's -d GPUs"
+    assert devices(runner.point_command(gpus_per_point=1)) == "0", "a point sees its own GPU as device 0"
+    assert runner.sweep_record()["devices"] == "2,3", "a resumed sweep keeps -d"
