@@ -70,7 +70,8 @@ def test_an_interrupted_optuna_search_resumes_from_its_study(tmp_path, capsys):
     (root,) = (tmp_path / "multirun").iterdir()
     kept = (root / "0" / "outcome.json").read_text()
     assert main(["--resume", str(root)]) == 0
-    assert "[sweep 1/" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[sweep 1/" not in out
     assert (root / "0" / "outcome.json").read_text() == kept
     import optuna
 
@@ -78,6 +79,8 @@ def test_an_interrupted_optuna_search_resumes_from_its_study(tmp_path, capsys):
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert trials[2].params == trials[1].params, "the interrupted trial is tried again with its values"
     assert statuses(root) == {0: "ok", 2: "ok"}
+    rows = [line for line in out.splitlines() if line.startswith("│ 0 ")]
+    assert rows and "lr=" in rows[0], "a kept trial's row names its values"
 
 
 # -- paired axes -------------------------------------------------------------------------------------------

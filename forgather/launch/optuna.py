@@ -150,6 +150,7 @@ class OptunaSweeper(Sweeper):
                 trial = study.get_trials(deepcopy=False)[trial.number]
             if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.number in context.kept:
                 outcomes[trial.number] = context.kept[trial.number]
+                outcomes[trial.number].label = " ".join(f"{key}={_text(value)}" for key, value in trial.params.items())
             elif trial.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL) and trial.number not in retried:
                 if trial.state != TrialState.FAIL:
                     study.tell(trial.number, state=TrialState.FAIL)
