@@ -4,6 +4,7 @@
     python -m forgather.run -m +experiment=tiny_llama lr=1e-3,3e-4 optimizer=adamw,adafactor
     python -m forgather.run --from-snapshot outputs/tiny_llama/2026-11-24_10-00-00     (rerun exactly)
     python -m forgather.run --resume outputs/tiny_llama/2026-11-24_10-00-00            (continue)
+    python -m forgather.run --resume multirun/2026-11-24_10-00-00      (a sweep: run the points not finished)
     python -m forgather.run +experiment=tiny_llama --cfg all --resolve    (print config and settings; --info: choices)
 
 Flow of one run: `+experiment=NAME` names `configs/NAME.yaml` of the project (-p, default the current
@@ -16,7 +17,10 @@ then `trainer.fit` runs. Final metrics land in `<run_dir>/metrics.yaml`.
 
 Run directories: `outputs/<experiment>/<timestamp>/`, or `output_dir=DIR` (new or empty); sweeps
 `multirun/<timestamp>/<n>/`, ending with a table of every point's final metrics (a failing point is
-reported, the others still run). The run directory is fixed before Lightning starts other ranks
+reported, the others still run). A sweep (`-m`) is run by forgather.launch: a launcher (`launcher=local`,
+`submitit`, `ray`) runs each point as `python -m forgather.run OVERRIDES` with FORGATHER_SWEEP_POINT=DIR, a sweeper
+(`sweeper=basic`, `optuna`) chooses the points; `--resume multirun/<timestamp>` runs the points that did not
+finish. The run directory is fixed before Lightning starts other ranks
 (FORGATHER_RUN_DIR), so every rank agrees on it. A run prints its directory and its model's export
 directory when it starts and when it ends; staging left in its directory by killed writers is removed.
 
@@ -42,7 +46,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
-from forgather.errors import STRICT_ENV, causes, report
+from forgather.errors import STRICT_ENV, report
+from forgather.launch.point import SWEEP_POINT_ENV
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
 from forgather.template import TemplateEnvironment
 
@@ -258,11 +263,11 @@ class Runner:
             return Path(os.environ[RUN_DIR_ENV])
         return requested_run_dir(values) or _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
 
-    def run_point(self, point: list[ovr.Override], run_dir: Path | None = None) -> dict[str, float] | None:
+    def run_point(self, point: list[ovr.Override], run_dir: Path | None = None, callbacks: list | None = None) -> dict[str, float] | None:
         sweeping = run_dir is not None
         choices, values = ovr.split_choices(point, self.groups)
         experiment, loaded = self.load(choices)
-        config = loaded.config.copy()
+        config = self._job_config(loaded)
         ovr.apply(config, values)
         warn_about_warmup(config)
         if self.args.cfg:
@@ -292,24 +297,111 @@ class Runner:
                     "command": self.command,
                 },
                 export=export,
+                callbacks=callbacks,
             )
 
-    def sweep(self, points: list[list[ovr.Override]]) -> int:
-        root = _fresh_dir(Path(self.args.outputs) / "multirun" / _timestamp())
-        swept = [i for i in range(len(points[0])) if len({p[i].value for p in points}) > 1]
-        results: list[tuple[str, dict[str, float] | str]] = []
-        for number, point in enumerate(points):
-            label = " ".join(f"{point[i].key}={point[i].value}" for i in swept)
-            print(f"[sweep {number + 1}/{len(points)}] {label}", flush=True)
-            try:
-                metrics = self.run_point(point, root / str(number))
-                results.append((label, metrics or {}))
-            except Exception as error:  # one failing point must not stop the others
-                report(error)  # what the same failure prints in a single run
-                root_cause = list(causes(error))[-1]
-                results.append((label, f"{type(root_cause).__name__}: {root_cause}".splitlines()[0]))
-        _print_sweep(root, results)
-        return 1 if any(isinstance(outcome, str) for _, outcome in results) else 0
+    @staticmethod
+    def _job_config(loaded: LoadedConfig) -> DictConfig:
+        """The config a point runs: the rendered one less the runner's own `hydra:` settings (launcher, sweeper)."""
+        from forgather.launch.settings import TEMPLATE_KEY
+
+        config = loaded.config.copy()
+        config.pop(TEMPLATE_KEY, None)
+        return config
+
+    # -- sweeps (forgather.launch runs them; the runner renders and checks) ----------------------------------
+
+    def sweep(self, arguments: list[str], root: Path | None = None) -> int:
+        """Run a sweep (`-m`) of the overrides `arguments` in a new multirun directory, or resume the one at
+        `root`: the launcher and sweeper come from the runner overrides among `arguments` and the template."""
+        from forgather.launch import sweep as launch_sweep
+
+        settings, runner_arguments, job_arguments = self._sweep_settings(arguments)
+        if any(a.lstrip("+").startswith("output_dir=") for a in job_arguments):
+            raise ovr.OverrideError("output_dir with -m: each point of a sweep runs in multirun/<time>/<n>/; choose where multirun/ goes with --outputs DIR")
+        launcher, sweeper = settings.build("launcher"), settings.build("sweeper")
+        resume = root is not None
+        if root is None:
+            root = _fresh_dir(Path(self.args.outputs) / "multirun" / _timestamp())
+            launch_sweep.write_record(root, {**self.sweep_record(), "overrides": job_arguments[len(settings.params):], "runner": runner_arguments})
+        rendered: dict[tuple, LoadedConfig] = {}
+
+        def check(point: list[ovr.Override]) -> None:
+            choices, values = ovr.split_choices(point, self.groups)
+            key = tuple(sorted(choices.items()))
+            if key not in rendered:
+                rendered[key] = self.load(dict(choices))[1]
+            ovr.apply(self._job_config(rendered[key]), values)
+
+        try:
+            command = self.point_command(getattr(launcher, "gpus_per_job", 0))
+            outcomes = launch_sweep.run(root, launcher, sweeper, job_arguments, self.groups, check, command, resume)
+        except BaseException:
+            if not resume and not any(p.is_dir() for p in root.iterdir()):  # refused before any point started
+                import shutil
+
+                shutil.rmtree(root)
+                with contextlib.suppress(OSError):  # multirun/ itself, when this sweep was its first
+                    root.parent.rmdir()
+            raise
+        _print_sweep(root, outcomes)
+        return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+    def _sweep_settings(self, arguments: list[str]) -> tuple[Any, list[str], list[str]]:
+        """(launcher and sweeper settings, the runner overrides, the job's overrides with the template's
+        sweep params first) of a sweep's command line."""
+        from forgather.launch import settings as launch_settings
+
+        runner_arguments = [a for a in arguments if launch_settings.is_runner_override(a)]
+        job_arguments = [a for a in arguments if not launch_settings.is_runner_override(a)]
+        settings = launch_settings.resolve(self.search_path, runner_arguments, self._template_settings(job_arguments))
+        return settings, runner_arguments, [*settings.params, *job_arguments]
+
+    def sweep_points(self, arguments: list[str]) -> list[list[ovr.Override]]:
+        """The points a sweep would run (for `--cfg -m`): the basic sweeper's plan, paired axes zipped."""
+        settings, _, job_arguments = self._sweep_settings(arguments)
+        sweeper = settings.build("sweeper")
+        if not hasattr(sweeper, "plan"):
+            raise ovr.OverrideError("--cfg with a searching sweeper: its points are chosen as the search runs; print one point with --cfg and single values")
+        return [plan.point for plan in sweeper.plan(job_arguments, self.groups)]
+
+    def _template_settings(self, arguments: list[str]) -> Any:
+        """The experiment's `hydra:` mapping, rendered with the overrides that are not swept."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from forgather.launch.settings import TEMPLATE_KEY
+
+        try:
+            fixed = [item.input_line for item in OverridesParser.create().parse_overrides(arguments) if not item.is_sweep_override()]
+        except Exception as error:
+            raise ovr.OverrideError(f"cannot parse overrides: {error}") from error
+        choices, _ = ovr.split_choices(ovr.parse(fixed, self.groups, multirun=False)[0], self.groups)
+        return self.load(choices)[1].config.get(TEMPLATE_KEY)
+
+    def sweep_record(self) -> dict[str, Any]:
+        """Where the sweep's points come from, in absolute paths, for `--resume MULTIRUN_DIR`."""
+        project = self.project.root if (Path(self.project.root) / META_FILE).is_file() else None
+        return {
+            "project": project,
+            "template_path": [str(Path(p).resolve()) for p in self.args.template_path],
+            "outputs": str(Path(self.args.outputs).resolve()),
+            "devices": self.args.devices,
+        }
+
+    def point_command(self, gpus_per_point: int = 0) -> list[str]:
+        """The command that runs one point, before its overrides (its directory goes in FORGATHER_SWEEP_POINT).
+        `-d` tells the point's template to train on GPUs: the sweep's own `-d`, or as many as the launcher
+        gives each point (it makes them visible itself, as devices 0..N-1)."""
+        record = self.sweep_record()
+        command = [sys.executable, "-m", "forgather.run", "--outputs", record["outputs"]]
+        devices = ",".join(map(str, range(gpus_per_point))) if gpus_per_point else record["devices"]
+        if devices:
+            command += ["-d", devices]
+        if record["project"]:
+            command += ["-p", record["project"]]
+        for path in record["template_path"]:
+            command += ["--template-path", path]
+        return command
 
 
 def warn_about_warmup(config: DictConfig) -> None:
@@ -383,9 +475,10 @@ def train(
     snapshot: dict[str, Any],
     export: dict[str, Any] | None = None,
     ckpt_path: str | None = None,
+    callbacks: list | None = None,
 ) -> dict[str, float]:
-    """Seed, construct trainer/module/datamodule, attach the snapshot (and model export), fit; returns the
-    final metrics. Prints where the run directory and the exported model are, before and after fitting."""
+    """Seed, construct trainer/module/datamodule, attach the snapshot (and model export) and `callbacks`,
+    fit; returns the final metrics. Prints where the run directory and the exported model are, before and after fitting."""
     import pytorch_lightning as pl
 
     from forgather.callbacks.model_export import ExportModel
@@ -411,6 +504,7 @@ def train(
     trainer.callbacks.append(Snapshot(run_dir, config=config, **snapshot))
     if exporting:
         trainer.callbacks.append(ExportModel(model_config=config.model, run_dir=run_dir, **export))
+    trainer.callbacks.extend(callbacks or [])
     try:
         trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
     except BaseException:
@@ -435,20 +529,21 @@ def _print_where(run_dir: Path, model_dir: Path | None, when: str) -> None:
         print(f"exported model: {model_dir}{f' ({when})' if when else ''}", flush=True)
 
 
-def _print_sweep(root: Path, results: list[tuple[str, dict[str, float] | str]]) -> None:
+def _print_sweep(root: Path, outcomes: list) -> None:
+    """The table of a sweep's points (forgather.launch.base.Outcome): status and final metrics."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    keys = sorted({key for _, outcome in results if isinstance(outcome, dict) for key in outcome if "/" in key})
+    keys = sorted({key for outcome in outcomes for key in outcome.metrics if "/" in key})
     table = Table(title=f"sweep: {root}")
     for column in ("#", "overrides", "status", *keys):
         table.add_column(column)
-    for number, (label, outcome) in enumerate(results):
-        if isinstance(outcome, str):
-            table.add_row(str(number), label, f"[red]failed: {escape(outcome)}[/red]", *[""] * len(keys))
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            table.add_row(str(outcome.number), escape(outcome.label), f"[red]failed: {escape(outcome.error)}[/red]", *[""] * len(keys))
         else:
-            table.add_row(str(number), label, "ok", *[f"{outcome[k]:.4g}" if k in outcome else "" for k in keys])
+            table.add_row(str(outcome.number), escape(outcome.label), outcome.status, *[f"{outcome.metrics[k]:.4g}" if k in outcome.metrics else "" for k in keys])
     Console(width=max(160, Console().width)).print(table)
 
 
@@ -566,6 +661,40 @@ def _print_info(runner: Runner, point: list[ovr.Override]) -> None:
             print(f"  {group}={option}")
 
 
+def _is_multirun(directory: Path) -> bool:
+    from forgather.launch.sweep import is_multirun
+
+    return is_multirun(directory)
+
+
+def _job_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides of the job itself; launcher and sweeper settings apply to sweeps only (`-m`)."""
+    from forgather.launch.settings import is_runner_override
+
+    runner = [a for a in args.overrides if is_runner_override(a)]
+    if runner and not args.multirun:
+        raise ovr.OverrideError(f"{runner[0]}: launchers and sweepers run sweeps: add -m")
+    return [a for a in args.overrides if not is_runner_override(a)]
+
+
+def _resume_multirun(args: argparse.Namespace, command: list[str], root: Path) -> int:
+    """`--resume MULTIRUN_DIR`: the recorded sweep again, running only the points that did not finish.
+    Launcher and sweeper settings may change (`launcher.jobs=2`); the points may not."""
+    from forgather.launch.settings import is_runner_override
+    from forgather.launch.sweep import read_record
+
+    changed = [a for a in args.overrides if not is_runner_override(a)]
+    if changed:
+        raise ovr.OverrideError(f"{changed[0]}: a resumed sweep runs the points it recorded; only launcher and sweeper settings may change (launcher.jobs=2)")
+    record = read_record(root)
+    argv = ["--outputs", record["outputs"], "-m", *(["-p", record["project"]] if record["project"] else [])]
+    argv += ["-d", record["devices"]] if record.get("devices") else []
+    for path in record["template_path"]:
+        argv += ["--template-path", path]
+    recorded = build_parser().parse_intermixed_args(argv)
+    return Runner.create(recorded, command).sweep([*record["overrides"], *record["runner"], *args.overrides], root=root)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_intermixed_args(argv)
@@ -575,23 +704,34 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--resolve resolves what --cfg prints: add --cfg (or --cfg all)")
         if args.strict:
             os.environ[STRICT_ENV] = "1"  # sweep points and launched ranks inherit it
-        if args.devices:
+        if args.devices and not os.environ.get(SWEEP_POINT_ENV):  # a point sees the GPUs its launcher gave it
             os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
         if args.dry_run:
             launch = shlex.join([a for a in command if a != "--dry-run"])
             print(f"CUDA_VISIBLE_DEVICES={args.devices} {launch}" if args.devices else launch)
             return 0
+        if args.resume and _is_multirun(Path(args.resume)):
+            return _resume_multirun(args, command, Path(args.resume).resolve())
         if args.resume or args.from_snapshot:
             return _from_run_dir(args, command, Path(args.resume or args.from_snapshot).resolve(), resume=bool(args.resume))
         runner = Runner.create(args, command)
-        points = ovr.parse(args.overrides, runner.groups, args.multirun)
+        if os.environ.get(SWEEP_POINT_ENV):  # a point of a sweep, started by its launcher (forgather.launch)
+            from forgather.launch.point import run_recorded
+
+            point_dir = Path(os.environ[SWEEP_POINT_ENV])
+            point = ovr.parse(args.overrides, runner.groups, multirun=False)[0]
+            return run_recorded(point_dir, lambda callbacks: runner.run_point(point, point_dir, callbacks))
+        if args.multirun and not args.cfg and not args.info:
+            return runner.sweep(args.overrides)
+        if args.multirun and args.cfg:
+            points = runner.sweep_points(args.overrides)
+        else:
+            points = ovr.parse(_job_overrides(args), runner.groups, args.multirun)
         if args.info:
             _print_info(runner, points[0])
             return 0
         if args.multirun and any(o.key == "output_dir" for point in points for o in point):
             raise ovr.OverrideError("output_dir with -m: each point of a sweep runs in multirun/<time>/<n>/; choose where multirun/ goes with --outputs DIR")
-        if args.multirun and not args.cfg:
-            return runner.sweep(points)
         for number, point in enumerate(points):
             if len(points) > 1:
                 print(f"# run {number}: {' '.join(f'{o.key}={o.value}' for o in point)}")

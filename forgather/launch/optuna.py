@@ -1,0 +1,199 @@
+"""`sweeper=optuna`: a search over a space written in the grammar of Hydra's Optuna sweeper, run by Optuna.
+
+    lr='tag(log, interval(1e-4, 1e-2))'   a float, sampled on a log scale (tag(int, ...) for integers)
+    batch_size=interval(2, 8)             a float in [2, 8]; interval() of two ints with tag(int) an int
+    optimizer=choice(adamw,adafactor)     categorical; so is a comma list, optimizer=adamw,adafactor
+    layers=range(2,8)                     an int from 2 to 7 (Python's range, as the basic sweeper reads it)
+
+Other overrides are fixed for every trial; glob() is the basic sweeper's only. The study lives in SQLite in
+the sweep directory (`optuna.db`), so `--resume MULTIRUN_DIR` continues it: trials that completed or were
+pruned are kept, the failed and the interrupted ones are tried again with the same values, then the search
+goes on to `n_trials`. Trials run `n_jobs` at a time through the launcher: each trial is a point in its own
+process, which reports its validation `metric` to the trial as it trains (forgather.launch.trial), so the
+pruner can stop it; the sweep then tells the study the final metric. A seeded sampler (`seed`) makes the
+search repeatable.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from forgather import overrides as ovr
+from forgather.errors import UserError
+from forgather.launch.base import Outcome
+from forgather.launch.point import TRIAL_ENV
+from forgather.launch.sweep import Plan, SweepContext, Sweeper
+
+DB_FILE = "optuna.db"
+
+
+def make_pruner(settings: dict[str, Any]):
+    import optuna
+
+    if settings["name"] == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=settings["n_startup_trials"], n_warmup_steps=settings["n_warmup_steps"])
+
+
+def load_study(storage: str, name: str, pruner: dict[str, Any]):
+    """The study as a trial's process opens it (the same storage, the same pruner)."""
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=_storage(storage), pruner=make_pruner(pruner))
+
+
+def _storage(url: str):
+    import optuna
+
+    # Trials in several processes write to one SQLite file: wait for its lock instead of failing at once.
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """({key: optuna distribution} of the swept overrides, the fixed overrides' texts)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, Glob, IntervalSweep, RangeSweep
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    space: dict[str, Any] = {}
+    fixed: list[str] = []
+    for item in OverridesParser.create().parse_overrides(list(arguments)):
+        if not item.is_sweep_override():
+            fixed.append(item.input_line)
+            continue
+        value, key = item.value(), item.get_key_element()
+        if isinstance(value, Glob):
+            raise ovr.OverrideError(f"{item.input_line}: glob() enumerates a group's options for the basic sweeper; with sweeper=optuna write choice(a,b,...)")
+        if isinstance(value, ChoiceSweep):
+            space[key] = CategoricalDistribution(list(item.sweep_iterator()))
+        elif isinstance(value, RangeSweep):
+            values = list(item.sweep_iterator())
+            integral = all(isinstance(v, int) for v in values)
+            space[key] = IntDistribution(values[0], values[-1], step=int(value.step)) if integral and values and not value.shuffle else CategoricalDistribution(values)
+        elif isinstance(value, IntervalSweep):
+            if value.start >= value.end:
+                raise ovr.OverrideError(f"{item.input_line}: an interval's start must be below its end")
+            log = "log" in value.tags
+            if log and value.start <= 0:
+                raise ovr.OverrideError(f"{item.input_line}: a log interval needs a start above 0")
+            if "int" in value.tags:
+                space[key] = IntDistribution(int(value.start), int(value.end), log=log)
+            else:
+                space[key] = FloatDistribution(float(value.start), float(value.end), log=log)
+        else:
+            raise ovr.OverrideError(f"{item.input_line}: not a search space the Optuna sweeper knows (interval, choice, range, a,b)")
+    if not space:
+        raise ovr.OverrideError("sweeper=optuna searches over swept overrides: give at least one, e.g. 'lr=tag(log, interval(1e-4, 1e-2))'")
+    return space, fixed
+
+
+def _text(value: Any) -> str:
+    """A sampled value as an override's value."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class OptunaSweeper(Sweeper):
+    def __init__(
+        self,
+        n_trials: int = 20,
+        n_jobs: int = 1,
+        direction: str = "minimize",
+        metric: str = "val/loss",
+        seed: int | None = 0,
+        sampler: str = "tpe",
+        pruner: str = "median",
+        n_startup_trials: int = 2,
+        n_warmup_steps: int = 0,
+        study_name: str = "sweep",
+    ) -> None:
+        if direction not in ("minimize", "maximize"):
+            raise UserError(f"sweeper.direction={direction}: give minimize or maximize")
+        if sampler not in ("tpe", "random"):
+            raise UserError(f"sweeper.sampler={sampler}: give tpe or random")
+        if pruner not in ("median", "none"):
+            raise UserError(f"sweeper.pruner={pruner}: give median or none")
+        if n_trials < 1 or n_jobs < 1:
+            raise UserError(f"sweeper.n_trials={n_trials} sweeper.n_jobs={n_jobs}: give 1 or more")
+        self.n_trials, self.n_jobs, self.direction, self.metric, self.seed = n_trials, n_jobs, direction, metric, seed
+        self.sampler, self.study_name = sampler, study_name
+        self.pruner = {"name": pruner, "n_startup_trials": n_startup_trials, "n_warmup_steps": n_warmup_steps}
+        self.best: dict[str, Any] = {}
+
+    def _study(self, url: str):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=self.seed) if self.sampler == "tpe" else optuna.samplers.RandomSampler(seed=self.seed)
+        return optuna.create_study(storage=_storage(url), study_name=self.study_name, direction=self.direction, sampler=sampler, pruner=make_pruner(self.pruner), load_if_exists=True)
+
+    def run(self, context: SweepContext) -> list[Outcome]:
+        from optuna.trial import TrialState
+
+        space, fixed = search_space(context.arguments)
+        base = ovr.parse(fixed, context.groups, multirun=False)[0]
+        # Every key of the space must exist in the config: check a point at each distribution's low end.
+        context.check([*base, *ovr.parse([f"{k}={_text(_low(d))}" for k, d in space.items()], context.groups, multirun=False)[0]])
+        url = f"sqlite:///{context.root / DB_FILE}"
+        study = self._study(url)
+        context.status.total = self.n_trials
+        outcomes: dict[int, Outcome] = {}
+        # Trials an earlier session left failed or interrupted are tried again with their values, once each.
+        retried = set(study.user_attrs.get("retried", []))
+        for trial in study.get_trials(deepcopy=False):
+            if trial.state == TrialState.RUNNING and trial.number in context.kept:  # killed after the point, before the tell
+                self._tell(study, trial.number, context.kept[trial.number])
+                trial = study.get_trials(deepcopy=False)[trial.number]
+            if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.number in context.kept:
+                outcomes[trial.number] = context.kept[trial.number]
+                outcomes[trial.number].label = " ".join(f"{key}={_text(value)}" for key, value in trial.params.items())
+            elif trial.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL) and trial.number not in retried:
+                if trial.state != TrialState.FAIL:
+                    study.tell(trial.number, state=TrialState.FAIL)
+                study.enqueue_trial(trial.params)
+                retried.add(trial.number)
+        study.set_user_attr("retried", sorted(retried))
+        todo = self.n_trials - sum(1 for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+        while todo > 0:
+            batch = [study.ask(space) for _ in range(min(self.n_jobs, todo))]
+            plans = []
+            for trial in batch:
+                values = [f"{key}={_text(trial.params[key])}" for key in space]
+                point = [*base, *ovr.parse(values, context.groups, multirun=False)[0]]
+                setting = {"storage": url, "study": self.study_name, "trial_id": trial._trial_id, "metric": self.metric, "pruner": self.pruner}
+                plans.append(Plan(trial.number, " ".join(values), point, {TRIAL_ENV: json.dumps(setting)}))
+            for plan, trial, outcome in zip(plans, batch, context.launch(plans)):
+                outcomes[trial.number] = outcome
+                self._tell(study, trial, outcome)
+            todo -= len(batch)
+        self._record_best(study)
+        return [outcomes[n] for n in sorted(outcomes)]
+
+    def _tell(self, study, trial, outcome: Outcome) -> None:
+        from optuna.trial import TrialState
+
+        if outcome.status == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+        elif outcome.status == "ok":  # the point checked that it logged the metric (forgather.launch.point)
+            study.tell(trial, outcome.metrics[self.metric])
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+
+    def _record_best(self, study) -> None:
+        from optuna.trial import TrialState
+
+        if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            best = study.best_trial
+            self.best = {"number": best.number, "value": best.value, "params": best.params}
+            print(f"best trial: #{best.number} {self.metric}={best.value:.4g} " + " ".join(f"{k}={_text(v)}" for k, v in best.params.items()), flush=True)
+
+    def summary(self) -> dict[str, Any]:
+        return {"best": self.best, "metric": self.metric, "direction": self.direction} if self.best else {}
+
+
+def _low(distribution: Any) -> Any:
+    return distribution.choices[0] if hasattr(distribution, "choices") else distribution.low

@@ -1,0 +1,58 @@
+"""The side of a sweep that runs inside a point's own process: `python -m forgather.run OVERRIDES` with
+FORGATHER_SWEEP_POINT=DIR (its run directory) in the environment, set by the launcher.
+
+`run_recorded` runs the point and records how it ended in `DIR/outcome.json`, whatever happens: ok with the
+final metrics, pruned (an Optuna trial stopped early), or failed with the error's root cause in one line and
+what the point printed for it. An Optuna trial's settings arrive in FORGATHER_TRIAL (JSON: storage, study,
+trial id, metric, pruner): the point then reports its validation metric to the trial as it trains.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from forgather.errors import causes, report
+from forgather.launch.base import write_outcome
+
+TRIAL_ENV = "FORGATHER_TRIAL"
+SWEEP_POINT_ENV = "FORGATHER_SWEEP_POINT"  # set by the launcher: the point's run directory
+
+
+def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | None]) -> int:
+    """Call `run(callbacks)` (the callbacks to add to the trainer) and record its outcome in `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    callbacks = []
+    trial = json.loads(os.environ[TRIAL_ENV]) if os.environ.get(TRIAL_ENV) else None
+    if trial:
+        from forgather.launch.trial import ReportToTrial
+
+        callbacks.append(ReportToTrial(**trial))
+    record: dict[str, Any] = {"started": started}
+    try:
+        metrics = run(callbacks) or {}
+    except Exception as error:
+        buffer = io.StringIO()
+        code = report(error, buffer)
+        sys.stderr.write(buffer.getvalue())
+        root = list(causes(error))[-1]
+        record.update(status="failed", error=f"{type(root).__name__}: {root}".splitlines()[0], report=buffer.getvalue())
+    else:
+        code = 0
+        pruned = any(getattr(c, "pruned", False) for c in callbacks)
+        record.update(status="pruned" if pruned else "ok", metrics=metrics)
+        if trial and not pruned and trial["metric"] not in metrics:  # a trial's result is its metric
+            logged = ", ".join(sorted(metrics)) or "nothing"
+            record.update(status="failed", error=f"the point logged no {trial['metric']} (sweeper.metric); it logged {logged}")
+            record["report"] = f"error: {record['error']} ; choose one with sweeper.metric=NAME, or validate before the run ends\n"
+            code = 2
+    record.update(ended=time.time(), intermediate={str(k): v for c in callbacks for k, v in getattr(c, "reported", {}).items()})
+    if not any(int(os.environ.get(name, "0") or 0) for name in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        write_outcome(run_dir, record)  # the point's first rank speaks for it (Lightning reruns this command per rank)
+    return code

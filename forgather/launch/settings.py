@@ -1,0 +1,85 @@
+"""Choosing and configuring the launcher and the sweeper, in Hydra's words.
+
+`launcher=NAME` picks `launcher/NAME.yaml` on the template search path (first found; the library's are in
+conf/launcher/), a plain YAML mapping: `_target_` (the class) and its settings. `launcher.KEY=V` changes a
+setting; the same for `sweeper`. The experiment's template may choose both under a top-level `hydra:` key,
+a name or a mapping with `name:` and settings (`hydra: {launcher: {name: local, jobs: 2}, sweeper: {params:
+{lr: 1e-3,3e-4}}}`), which the command line overrides; `params` are the sweep's overrides, put before the
+command line's. Unknown names and keys, and values of the wrong type for the class's signature, are errors
+naming the override, before any point starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from forgather import overrides as ovr
+
+GROUPS = ("launcher", "sweeper")
+DEFAULTS = {"launcher": "local", "sweeper": "basic"}
+# The key of an experiment's config that holds the runner's own settings (Hydra's name for them).
+TEMPLATE_KEY = "hydra"
+
+
+def is_runner_override(text: str) -> bool:
+    """Whether an override sets the launcher or the sweeper (`launcher=local`, `sweeper.n_trials=6`)."""
+    key = text.lstrip("+~").split("=", 1)[0]
+    return key.split(".", 1)[0] in GROUPS
+
+
+def options(search_path: list[str], group: str) -> list[str]:
+    return sorted({f[:-5] for root in search_path if os.path.isdir(os.path.join(root, group)) for f in os.listdir(os.path.join(root, group)) if f.endswith(".yaml")})
+
+
+def _load_option(search_path: list[str], group: str, name: str, said: str) -> DictConfig:
+    for root in search_path:
+        path = os.path.join(root, group, f"{name}.yaml")
+        if os.path.isfile(path):
+            return OmegaConf.load(path)
+    found = options(search_path, group)
+    raise ovr.OverrideError(f"{said}: no {group} {name!r}{ovr._suggest(str(name), found)} (options: {', '.join(found)})")
+
+
+@dataclass
+class Settings:
+    launcher: DictConfig
+    sweeper: DictConfig
+    params: list[str]  # the sweep's overrides from the template's hydra.sweeper.params
+
+    def build(self, group: str) -> Any:
+        """The launcher or sweeper object its settings describe."""
+        from forgather.graph.imports import import_spec
+
+        node = getattr(self, group)
+        kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
+        return import_spec(str(node._target_))(**kwargs)
+
+
+def resolve(search_path: list[str], arguments: list[str], template: Any = None) -> Settings:
+    """Settings from the template's `hydra:` mapping (`template`, may be None) and the runner overrides
+    `arguments` (`launcher=NAME`, `launcher.KEY=V`, ...), which win."""
+    template = OmegaConf.to_container(template, resolve=True) if OmegaConf.is_config(template) else (template or {})
+    parsed = ovr.parse(arguments, {}, multirun=False)[0]
+    chosen: dict[str, DictConfig] = {}
+    params: list[str] = []
+    for group in GROUPS:
+        from_template = template.get(group) or {}
+        if isinstance(from_template, str):
+            from_template = {"name": from_template}
+        name, said = from_template.pop("name", DEFAULTS[group]), f"{TEMPLATE_KEY}.{group}.name in the experiment"
+        for override in parsed:
+            if override.key == group:
+                name, said = override.value, override.text
+        node = _load_option(search_path, group, str(name), said)
+        if group == "sweeper":
+            given = from_template.pop("params", None) or {}
+            params = [f"{key}={value}" for key, value in given.items()]
+        config = OmegaConf.create({group: node})
+        from_template_overrides = [ovr.Override("change", f"{group}.{k}", v, f"{TEMPLATE_KEY}.{group}.{k}={v!r} in the experiment") for k, v in from_template.items()]
+        ovr.apply(config, [*from_template_overrides, *(o for o in parsed if o.key.startswith(f"{group}."))])
+        chosen[group] = config[group]
+    return Settings(chosen["launcher"], chosen["sweeper"], params)

@@ -1,0 +1,135 @@
+"""One sweep from its settings to its results: the sweeper plans points, the launcher runs them, the sweep
+directory keeps what a resume needs.
+
+`multirun.yaml` (written before the first point starts) holds the sweep's command: project, template path,
+outputs, the job's overrides and the runner's (launcher/sweeper). `--resume` reads it, rebuilds the same
+points (an Optuna study reloads from `optuna.db`), keeps every point whose `outcome.json` says ok (or pruned)
+and runs the others again from scratch in their directories. The run directory of point N is `<root>/N`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from forgather import overrides as ovr
+from forgather.launch.base import FINISHED, OUTCOME_FILE, Job, Launcher, Outcome, Status, read_outcome
+from forgather.launch.point import SWEEP_POINT_ENV
+
+RECORD_FILE = "multirun.yaml"
+
+
+@dataclass
+class Plan:
+    """A point the sweeper chose: its number (its directory's name), label and single-valued overrides."""
+
+    number: int
+    label: str
+    point: list[ovr.Override]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SweepContext:
+    """What a sweeper gets: the job's overrides, the group options (for glob()), `check` (raises the error a
+    point's overrides would raise, before anything starts), and `launch` to run plans."""
+
+    root: Path
+    arguments: list[str]
+    groups: dict[str, list[str]]
+    check: Callable[[list[ovr.Override]], None]
+    command: list[str]  # the runner's command for a point, before its overrides
+    launcher: Launcher
+    status: Status
+    kept: dict[int, Outcome]  # points a resumed sweep keeps, by number
+    checked_launcher: bool = False
+
+    def launch(self, plans: list[Plan]) -> list[Outcome]:
+        """Run the plans not kept from an earlier session; every plan's outcome, in the order of `plans`."""
+        todo = [plan for plan in plans if plan.number not in self.kept]
+        if todo and not self.checked_launcher:
+            self.launcher.check(len(todo))
+            self.checked_launcher = True
+        self.status.total = max(self.status.total, *(plan.number + 1 for plan in plans))
+        for plan in plans:
+            if plan.number in self.kept:
+                kept = self.kept[plan.number]
+                kept.label, kept.overrides = plan.label, [o.text for o in plan.point]
+                self.status.add(plan.number, plan.label, f"{kept.status} (kept)")
+            else:
+                self.status.add(plan.number, plan.label)
+        jobs = []
+        for plan in todo:
+            run_dir = self.root / str(plan.number)
+            if run_dir.exists():  # an unfinished point of an earlier session starts over
+                shutil.rmtree(run_dir)
+            texts = [o.text for o in plan.point]
+            jobs.append(Job(plan.number, plan.label, texts, [*self.command, *texts], run_dir, {**plan.env, SWEEP_POINT_ENV: str(run_dir)}))
+        launched = {o.number: o for o in self.launcher.launch(jobs, self.status)} if jobs else {}
+        return [self.kept[plan.number] if plan.number in self.kept else launched[plan.number] for plan in plans]
+
+
+class Sweeper(ABC):
+    @abstractmethod
+    def run(self, context: SweepContext) -> list[Outcome]:
+        """Plan points, check them, launch them through `context`; every point's outcome."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the sweeper adds to results.json (Optuna: the best trial)."""
+        return {}
+
+
+def write_record(root: Path, record: dict[str, Any]) -> None:
+    (root / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+
+
+def read_record(root: Path) -> dict[str, Any]:
+    return yaml.safe_load((root / RECORD_FILE).read_text())
+
+
+def is_multirun(directory: Path) -> bool:
+    return (directory / RECORD_FILE).is_file()
+
+
+def kept_outcomes(root: Path) -> dict[int, Outcome]:
+    """The points of an earlier session that finished (ok or pruned), by number."""
+    kept = {}
+    for path in root.glob(f"*/{OUTCOME_FILE}"):
+        if path.parent.name.isdigit():
+            number = int(path.parent.name)
+            overrides = yaml.safe_load((path.parent / "snapshot" / "overrides.yaml").read_text()) if (path.parent / "snapshot" / "overrides.yaml").is_file() else []
+            outcome = read_outcome(Job(number, "", overrides, [], path.parent))
+            if outcome.status in FINISHED:
+                kept[number] = outcome
+    return kept
+
+
+def run(
+    root: Path,
+    launcher: Launcher,
+    sweeper: Sweeper,
+    arguments: list[str],
+    groups: dict[str, list[str]],
+    check: Callable[[list[ovr.Override]], None],
+    command: list[str],
+    resume: bool,
+) -> list[Outcome]:
+    """Run a sweep in `root` (a resumed one keeps its finished points); every point's outcome, and writes
+    the results files."""
+    from forgather.launch.results import write_results
+
+    kept = kept_outcomes(root) if resume else {}
+    if resume:
+        print(f"resuming {root}: {len(kept)} finished point{'s' * (len(kept) != 1)} kept", flush=True)
+    with Status(getattr(sweeper, "n_trials", 0)) as status:
+        context = SweepContext(root, arguments, groups, check, command, launcher, status, kept)
+        outcomes = sweeper.run(context)
+    write_results(root, outcomes, sweeper.summary())
+    sys.stdout.flush()
+    return outcomes

@@ -1,0 +1,191 @@
+"""Sweepers: Optuna's search (pruning, the best trial, a study resumed from its SQLite file), paired axes,
+settings from the template, and every bad input refused before any point starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forgather import overrides as ovr
+from forgather.launch import settings
+from forgather.launch.basic import BasicSweeper
+from forgather.run import main
+
+PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
+MICRO = ("+experiment=micro", "max_steps=4", "val_check_interval=2")
+
+
+def run(outputs: Path, *arguments: str) -> int:
+    return main(["-p", PROJECT, "--outputs", str(outputs), *arguments])
+
+
+def statuses(root: Path) -> dict[int, str]:
+    return {int(p.parent.name): json.loads(p.read_text())["status"] for p in root.glob("*/outcome.json")}
+
+
+# -- Optuna ------------------------------------------------------------------------------------------------
+
+
+def test_optuna_prunes_poor_trials_and_records_the_best(tmp_path, capsys):
+    arguments = ["-m", *MICRO, "lr=tag(log, interval(1e-5, 1e-1))", "sweeper=optuna", "sweeper.n_trials=6", "sweeper.n_jobs=2", "launcher.jobs=2"]
+    assert run(tmp_path, *arguments) == 0
+    out = capsys.readouterr().out
+    (root,) = (tmp_path / "multirun").iterdir()
+    found = statuses(root)
+    assert sorted(found) == list(range(6)) and "pruned" in found.values() and "ok" in found.values()
+    results = json.loads((root / "results.json").read_text())
+    finished = {p["number"]: p["metrics"]["val/loss"] for p in results["points"] if p["status"] == "ok"}
+    best = results["best"]
+    assert best["value"] == pytest.approx(min(finished.values())) and finished[best["number"]] == pytest.approx(best["value"])
+    assert f"best trial: #{best['number']} val/loss=" in out
+    pruned = next(p for p in results["points"] if p["status"] == "pruned")
+    reported = json.loads((root / str(pruned["number"]) / "outcome.json").read_text())["intermediate"]
+    assert list(reported) == ["2"], "a pruned trial stops at the validation that pruned it"
+    import optuna
+
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{root / 'optuna.db'}")
+    assert study.best_trial.number == best["number"] and len(study.trials) == 6
+
+
+def test_an_interrupted_optuna_search_resumes_from_its_study(tmp_path, capsys):
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=2", "val_check_interval=2"]
+    command += ["lr=tag(log, interval(1e-4, 1e-2))", "sweeper=optuna", "sweeper.n_trials=2", "sweeper.pruner=none"]
+    search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (list(tmp_path.glob("multirun/*/0/outcome.json")) and list(tmp_path.glob("multirun/*/1/output.log"))):
+            assert search.poll() is None and time.monotonic() < deadline, "the search ended before its second trial"
+            time.sleep(0.05)
+        os.killpg(search.pid, signal.SIGKILL)  # trial 1 is running
+    finally:
+        search.wait()
+    (root,) = (tmp_path / "multirun").iterdir()
+    kept = (root / "0" / "outcome.json").read_text()
+    assert main(["--resume", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "[sweep 1/" not in out
+    assert (root / "0" / "outcome.json").read_text() == kept
+    import optuna
+
+    trials = optuna.load_study(study_name="sweep", storage=f"sqlite:///{root / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == trials[1].params, "the interrupted trial is tried again with its values"
+    assert statuses(root) == {0: "ok", 2: "ok"}
+    rows = [line for line in out.splitlines() if line.startswith("│ 0 ")]
+    assert rows and "lr=" in rows[0], "a kept trial's row names its values"
+
+
+# -- paired axes -------------------------------------------------------------------------------------------
+
+
+def test_paired_axes_sweep_together_and_the_rest_as_a_product():
+    plans = BasicSweeper(paired=["lr", "warmup_steps"]).plan(["lr=1e-3,3e-4", "seed=1,2", "warmup_steps=10,20"], {})
+    assert [plan.label for plan in plans] == [
+        "lr=0.001 warmup_steps=10 seed=1",
+        "lr=0.001 warmup_steps=10 seed=2",
+        "lr=0.0003 warmup_steps=20 seed=1",
+        "lr=0.0003 warmup_steps=20 seed=2",
+    ]
+
+
+def test_paired_axes_of_different_lengths_are_refused(tmp_path, capsys):
+    assert run(tmp_path, "-m", *MICRO, "lr=1e-3,3e-4", "warmup_steps=1,2,3", "sweeper.paired=[lr,warmup_steps]") == 2
+    assert "paired axes need as many values each (lr has 2, warmup_steps has 3)" in capsys.readouterr().err
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_paired_points_run_with_their_pair_of_values(tmp_path):
+    assert run(tmp_path, "-m", "+experiment=micro", "max_steps=2", "lr=1e-3,3e-3", "warmup_steps=1,2", "sweeper.paired=[lr,warmup_steps]", "launcher.jobs=2") == 0
+    (root,) = (tmp_path / "multirun").iterdir()
+    points = json.loads((root / "results.json").read_text())["points"]
+    assert [(p["overrides"]["lr"], p["overrides"]["warmup_steps"]) for p in points] == [(0.001, 1), (0.003, 2)]
+
+
+# -- settings from the template ----------------------------------------------------------------------------
+
+
+def test_the_template_chooses_launcher_and_sweeper_and_the_command_line_wins():
+    search_path = [str(Path(settings.__file__).parents[2] / "conf")]
+    template = {"launcher": {"name": "local", "jobs": 3}, "sweeper": {"name": "basic", "params": {"lr": "1e-3,3e-3"}}}
+    chosen = settings.resolve(search_path, [], template)
+    assert chosen.launcher.jobs == 3 and chosen.params == ["lr=1e-3,3e-3"]
+    assert settings.resolve(search_path, ["launcher.jobs=2"], template).build("launcher").jobs == 2
+    with pytest.raises(ovr.OverrideError, match=r"hydra.launcher.jbos=2 in the experiment: no key 'launcher.jbos'.*did you mean 'launcher.jobs'"):
+        settings.resolve(search_path, [], {"launcher": {"jbos": 2}})
+
+
+# -- bad input: one line, before any point starts ----------------------------------------------------------
+
+BAD = [
+    (["launcher=nope"], "launcher=nope: no launcher 'nope' (options: local, ray, submitit)"),
+    (["sweeper=optuan"], "sweeper=optuan: no sweeper 'optuan'; did you mean 'optuna'"),
+    (["launcher.jbos=2"], "launcher.jbos=2: no key 'launcher.jbos' in the config; did you mean 'launcher.jobs'"),
+    (["launcher.jobs=two"], "launcher.jobs=two: forgather.launch.local:LocalLauncher takes jobs: int; got str 'two'"),
+    (["launcher=submitit", "launcher.timeout_min=1h"], "launcher.timeout_min=1h: forgather.launch.submitit:SubmititLauncher takes timeout_min: int; got str '1h'"),
+    (["launcher=submitit", "launcher.cluster=nope"], "launcher.cluster=nope: AutoExecutor doesn't know any executor named nope"),
+    (["launcher=ray", "launcher.address=127.0.0.1:1"], "launcher.address=127.0.0.1:1: no Ray cluster answers there"),
+    (["lr=tag(log, interval(1e-4, 1e-2))"], "interval() and tag() describe a search space, which the basic sweeper cannot enumerate: add sweeper=optuna"),
+    (["optimizer=glob(ada*)", "sweeper=optuna"], "optimizer=glob(ada*): glob() enumerates a group's options for the basic sweeper; with sweeper=optuna write choice(a,b,...)"),
+    (["lrr=interval(1e-4, 1e-2)", "sweeper=optuna"], "no key 'lrr' in the config; did you mean 'lr'"),
+    (["lrr=1e-3,3e-3"], "lrr=0.001: no key 'lrr' in the config; did you mean 'lr'"),
+    (["sweeper=optuna", "sweeper.direction=down", "lr=1e-3,3e-3"], "sweeper.direction=down: give minimize or maximize"),
+    (["sweeper.paired=[lr,seed]", "lr=1e-3,3e-3"], "sweeper.paired names seed, which the command line does not sweep"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_sweep_input_is_one_line_before_any_point_starts(tmp_path, capsys, arguments, message):
+    assert run(tmp_path, "-m", *MICRO, *arguments) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "multirun").exists(), "nothing is left behind"
+
+
+def test_launcher_settings_without_multirun_are_an_error(tmp_path, capsys):
+    assert run(tmp_path, *MICRO, "launcher.jobs=2") == 2
+    assert "launcher.jobs=2: launchers and sweepers run sweeps: add -m" in capsys.readouterr().err
+
+
+def test_cfg_prints_the_paired_points(capsys):
+    assert main(["-p", PROJECT, "--cfg", "-m", "+experiment=micro", "lr=1e-3,3e-3", "warmup_steps=1,2", "sweeper.paired=[lr,warmup_steps]"]) == 0
+    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# run")]
+    assert runs == ["# run 0: experiment=micro lr=0.001 warmup_steps=1", "# run 1: experiment=micro lr=0.003 warmup_steps=2"]
+    assert main(["-p", PROJECT, "--cfg", "-m", "+experiment=micro", "lr=interval(1e-4,1e-2)", "sweeper=optuna"]) == 2
+    assert "its points are chosen as the search runs" in capsys.readouterr().err
+
+
+def test_a_template_chooses_the_launcher_and_the_swept_values(tmp_path):
+    project = tmp_path / "project"
+    (project / "templates" / "configs").mkdir(parents=True)
+    (project / "meta.yaml").write_text("name: templated\n")
+    (project / "templates" / "configs" / "swept.yaml").write_text(
+        "-- extends 'configs/micro.yaml'\n"
+        "[targets]\n"
+        "== super()\n"
+        "hydra:\n"
+        "    launcher: {name: local, jobs: 2}\n"
+        "    sweeper: {params: {lr: '1e-3,3e-3'}}\n"
+    )
+    arguments = ["-p", str(project), "--template-path", os.path.join(PROJECT, "templates"), "--outputs", str(tmp_path)]
+    assert main([*arguments, "-m", "+experiment=swept", "max_steps=2"]) == 0
+    (root,) = (tmp_path / "multirun").iterdir()
+    points = json.loads((root / "results.json").read_text())["points"]
+    assert [p["overrides"]["lr"] for p in points] == [0.001, 0.003]
+    first, second = (json.loads((root / n / "outcome.json").read_text()) for n in ("0", "1"))
+    assert first["started"] < second["ended"] and second["started"] < first["ended"], "the template's launcher.jobs=2 ran both at once"
+    assert "hydra" not in yaml.safe_load((root / "0" / "snapshot" / "config.yaml").read_text()), "the runner's settings are not the job's"
+
+
+def test_a_trial_without_the_metric_fails_with_the_metrics_it_logged(tmp_path, capsys):
+    assert run(tmp_path, "-m", "+experiment=micro", "max_steps=2", "lr=choice(1e-3)", "sweeper=optuna", "sweeper.n_trials=1") == 1
+    captured = capsys.readouterr()
+    assert "[sweep 1/1] failed: the point logged no val/loss (sweeper.metric); it logged train/grad_norm" in captured.out
+    assert "choose one with sweeper.metric=NAME" in captured.err
