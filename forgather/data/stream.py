@@ -1,0 +1,165 @@
+"""Packed blocks streamed from prepared shards (`forgather.data.prepare`), in a seeded order that resumes exactly.
+
+`PackedShards(path, split, block_size)` is a map-style dataset of packed blocks. Each shard's documents are
+concatenated and cut into ceil(tokens / block_size) blocks exactly as `forgather.data.packing.pack_documents`
+packs a document list: `input_ids`, `position_ids` restarting at 0 at every document start and at the block
+start (flex attention's document mask reads them), `labels` = input_ids with the pad filling the shard's last
+block set to -100. Blocks never span two shards, so the shard order can change every epoch without
+re-packing. A block is sliced out of its memory-mapped shard (`datasets.Dataset.from_file`); a process keeps
+at most `open_shards` shards mapped, so resident memory stays flat however large the corpus.
+
+`ShardOrderSampler` orders the blocks of an epoch: shards in a permutation drawn from (seed, epoch), the
+blocks of each shard in a permutation drawn from (seed, epoch, shard); it holds one shard's permutation at a
+time. It is a `DistributedSampler`, so Lightning keeps it under DDP instead of wrapping it (its wrapper would
+materialize the whole order in memory): rank r of R takes positions [r n, (r + 1) n) of the epoch's order,
+n = N // R, a contiguous run of shards (ranks share at most the shards at the run's ends; every rank gets the
+same number of blocks, and fewer than R are dropped per epoch). `skip` drops positions from the start
+without reading them.
+
+`StreamingLoader` is the `ResumableDataLoader` (`forgather.data.loader`) for it: on resume it tells the
+sampler to skip the consumed batches' blocks, where the in-memory path draws and discards them (which would
+read the skipped part of the corpus again). With workers, every batch is still the one an uninterrupted run
+gets: batches are cut from the sampler's order in the main process.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from forgather.data.loader import LoaderPosition, ResumableDataLoader
+from forgather.data.packing import BLOCK_FIELDS, IGNORE_INDEX
+from forgather.data.prepare import read_manifest
+from forgather.errors import UserError
+
+
+class PackedShards(Dataset):
+    """Blocks of `block_size` tokens from the shards of one split of a prepared directory."""
+
+    def __init__(self, path: str | Path, split: str, block_size: int, open_shards: int = 2):
+        if block_size < 1:
+            raise UserError(f"block_size must be positive, got {block_size}")
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        self.shards = manifest["shards"][split]
+        self.pad_id = manifest["pad_id"]
+        self.block_size = block_size
+        self.open_shards = open_shards
+        tokens = np.array([shard["tokens"] for shard in self.shards], dtype=np.int64)
+        self.shard_blocks = -(-tokens // block_size)
+        self.first_block = np.concatenate([[0], np.cumsum(self.shard_blocks)])
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.first_block[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers open their own memory maps.
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"block {index} out of range ({len(self)} blocks)")
+        shard = int(np.searchsorted(self.first_block, index, side="right")) - 1
+        return self.block(shard, index - int(self.first_block[shard]))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        return [self[index] for index in indices]
+
+    def block(self, shard: int, block: int) -> dict[str, torch.Tensor]:
+        """Block `block` of shard `shard`, packed as `pack_documents` packs that shard's documents."""
+        tokens, starts = self._shard(shard)
+        size, n = self.block_size, len(tokens)
+        index = np.arange(block * size, (block + 1) * size)
+        real = index < n
+        input_ids = np.full(size, self.pad_id, dtype=np.int64)
+        input_ids[real] = tokens[index[real]]
+        # Each token's document start (the pad run is a document of its own, starting at n), then the block start.
+        document_start = np.where(real, starts[np.searchsorted(starts, index, side="right") - 1], n)
+        position_ids = index - np.maximum(document_start, block * size)
+        labels = np.where(real, input_ids, IGNORE_INDEX)
+        fields = (input_ids, position_ids, labels)
+        return {name: torch.from_numpy(array) for name, array in zip(BLOCK_FIELDS, fields, strict=True)}
+
+    def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, document starts) of a shard, memory-mapped; the least recently used beyond `open_shards`
+        is unmapped."""
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        from datasets import Dataset as ArrowDataset
+
+        column = ArrowDataset.from_file(str(self.path / self.shards[shard]["file"])).data.table.column("input_ids")
+        documents = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+        offsets = np.asarray(documents.offsets)
+        tokens = np.asarray(documents.values)[offsets[0] : offsets[-1]]
+        self._open[shard] = (tokens, offsets[:-1] - offsets[0])
+        while len(self._open) > self.open_shards:
+            self._open.popitem(last=False)
+        return self._open[shard]
+
+
+class ShardOrderSampler(DistributedSampler):
+    """Block indices of `PackedShards` in shard-then-block shuffled order, one rank's share (module docstring)."""
+
+    def __init__(self, shard_blocks: Sequence[int], seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        self.shard_blocks = np.asarray(shard_blocks, dtype=np.int64)
+        self.first_block = np.concatenate([[0], np.cumsum(self.shard_blocks)])
+        self.seed, self.epoch = seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
+        self.num_samples = int(self.first_block[-1]) // num_replicas
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shard_blocks))
+        begin = self.rank * self.num_samples + self.skip
+        end = (self.rank + 1) * self.num_samples
+        position = 0
+        for shard in order:
+            count = int(self.shard_blocks[shard])
+            if position + count > begin and position < end:
+                blocks = np.random.default_rng([self.seed, self.epoch, shard]).permutation(count)
+                chosen = blocks[max(begin - position, 0) : end - position] + self.first_block[shard]
+                yield from chosen.tolist()
+            position += count
+            if position >= end:
+                return
+
+
+class StreamingLoader(ResumableDataLoader):
+    """A `ResumableDataLoader` over a `ShardOrderSampler` that resumes by skipping in the sampler."""
+
+    sampler: ShardOrderSampler
+
+    def __iter__(self) -> Iterator[Any]:
+        resume_at, self._resume_at = self._resume_at, None
+        return self._from(resume_at)
+
+    def _from(self, resume_at: tuple[int, int] | None) -> Iterator[Any]:
+        # A generator, as in ResumableDataLoader: the epoch is read when the first batch is requested (after
+        # Lightning's set_epoch), and the skip is set before the workers start drawing indices.
+        resumes = resume_at is not None and resume_at[0] == self.sampler.epoch
+        self.sampler.skip = resume_at[1] * self.batch_size if resumes else 0
+        yield from super(ResumableDataLoader, self).__iter__()
+
+
+def streaming_datasets(path: str | Path, block_size: int) -> tuple[PackedShards, PackedShards]:
+    """(train, validation) blocks of a prepared directory."""
+    return PackedShards(path, "train", block_size), PackedShards(path, "val", block_size)
+
+
+def streaming_loader(
+    dataset: PackedShards, seed: int, position: LoaderPosition, num_replicas: int = 1, rank: int = 0, **settings: Any
+) -> StreamingLoader:
+    """The training loader: this rank's blocks in the epoch's shuffled order, resumable at `position`."""
+    sampler = ShardOrderSampler(dataset.shard_blocks, seed, num_replicas, rank)
+    return StreamingLoader(dataset, position=position, sampler=sampler, **settings)
