@@ -193,3 +193,17 @@ def test_a_killed_prepare_leaves_nothing_that_looks_complete(tokenizer, tmp_path
 
     with pytest.raises(UserError, match="not a prepared directory"):
         PackedShards(tmp_path / "out", "train", 16)
+
+
+def test_the_cli_prepares_and_reports_a_bad_line_in_one_line(tokenizer, tmp_path, capsys):
+    from forgather.cli.main import main
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    source = write_jsonl(tmp_path / "a.jsonl", TEXTS)
+    argv = ["data", "prepare", "--source", str(source), "--tokenizer", str(tmp_path / "tok"), "--workers", "1"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert f"{tmp_path / 'out'}: train: 1 shards" in capsys.readouterr().out
+    assert shard_documents(tmp_path / "out", "train") + shard_documents(tmp_path / "out", "val") != []
+    source.write_text(source.read_text() + "not json\n")
+    assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {source}:121: not valid JSON")
