@@ -133,3 +133,54 @@ def test_the_stdlib_tutorial_trains_from_shards_and_a_killed_run_resumes_on_the_
     reference, resumed = losses(tmp_path / "whole"), losses(tmp_path / "killed")
     assert sorted(resumed) == list(range(16))
     assert all(resumed[step] == pytest.approx(reference[step], abs=1e-5) for step in range(16))
+
+
+def test_the_datamodule_streams_a_prepared_corpus_and_gives_each_rank_its_share(prepared, tmp_path):
+    from types import SimpleNamespace
+
+    from forgather.data.prepare import PreparedCorpus
+    from forgather.lightning.datamodule import TextDataModule
+
+    source = tmp_path / "a.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    tokenizer = build_bpe_tokenizer(TEXTS, vocab_size=300)
+    corpus = PreparedCorpus(tmp_path / "shards", [source], num_workers=1)
+    module = TextDataModule(tokenizer, corpus, block_size=16, batch_size=4)
+    module.prepare_data()
+    module.setup("fit")
+    assert isinstance(module.train_dataset, PackedShards) and len(module.val_dataset) > 0
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    shares = []
+    for rank in range(2):
+        module.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank}, strategy=cpu)
+        shares.append([row.tolist() for batch in module.train_dataloader() for row in batch["input_ids"]])
+    assert len(shares[0]) == len(shares[1]) == len(module.train_dataset) // 2
+    assert not {tuple(row) for row in shares[0]} & {tuple(row) for row in shares[1]}
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_killed_mid_epoch_resume_on_the_same_batches(tmp_path):
+    common = [f"data_path={tmp_path / 'shards'}", "trainer.devices=2"]
+    done = run_streaming(tmp_path / "whole", *common, "max_steps=16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path / "killed"),
+               "+experiment=micro", "data=streaming", "scheduler=constant", *common, "max_steps=5000"]
+    # Its own process group: Lightning starts rank 1 as a child, and both are killed at once.
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("killed/outputs/micro/*/checkpoints/epoch=0-step=8.ckpt")):
+            assert child.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    from test_run import run_dirs
+
+    (killed,) = run_dirs(tmp_path / "killed" / "outputs")
+    resumed = subprocess.run([sys.executable, "-m", "forgather.run", "--resume", str(killed), "max_steps=16"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference, losses_after = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    assert sorted(losses_after) == list(range(16))
+    assert all(losses_after[step] == pytest.approx(reference[step], abs=1e-5) for step in range(16))

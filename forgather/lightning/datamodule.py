@@ -22,7 +22,8 @@ Lightning calls only this module's hook (and warns).
 Streaming (`data=streaming`): when `documents` is a `forgather.data.prepare.PreparedCorpus`, `prepare_data`
 prepares its shards if its directory is missing (and checks an existing one was prepared from the same
 sources, tokenizer and settings), and the datasets are `forgather.data.stream.PackedShards`: blocks read from
-memory-mapped shards, trained in `ShardOrderSampler` order (each DDP rank its own run of shards), resumed
+memory-mapped shards, trained in `ShardOrderSampler` order (each data-parallel rank its own run of shards, from the strategy's
+`distributed_sampler_kwargs`), resumed
 through the same `LoaderPosition` count. `val_fraction`, `max_documents`, `max_tokens` and `cache` then do
 not apply: the corpus's own settings split and key the shards.
 """
@@ -137,8 +138,9 @@ class TextDataModule(pl.LightningDataModule):
         if isinstance(self.documents, PreparedCorpus):
             from forgather.data.stream import streaming_loader
 
-            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-            return streaming_loader(dataset, self.seed, self.position, world, rank, **self._loader_settings())
+            # The strategy's data-parallel share (under pipeline parallelism, the stages of a replica read alike).
+            share = (self.trainer.distributed_sampler_kwargs if self.trainer else None) or {}
+            return streaming_loader(dataset, self.seed, self.position, **share, **self._loader_settings())
         sampler = EpochShuffleSampler(len(dataset), self.seed)
         return ResumableDataLoader(dataset, position=self.position, sampler=sampler, **self._loader_settings())
 
