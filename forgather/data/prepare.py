@@ -18,14 +18,15 @@ written (`forgather.data.cache.atomic_directory`): a killed prepare never leaves
 
 Sources (globs, sorted): `.jsonl`/`.json` (one JSON object a line, the text in `field`), `.txt`/`.md` (one
 document a file), `.parquet` (column `field`), and directories saved with `datasets`' `save_to_disk`.
-Work units: 64 MiB byte ranges of a jsonl file (aligned to lines), a text file, a parquet row group, 100k
-rows of a saved dataset; units are tokenized in `num_workers` spawned processes with `encode_batch` of
-the `tokenizers` library (special-token strings inside a text are encoded as plain text, as the in-memory
-path does). A document goes to validation when a draw seeded by (seed, file index, unit start) falls under
-`val_fraction`: the split does not depend on the number of workers. Empty documents and blank lines are
-skipped. Bad input is a `UserError` naming the file (and line for jsonl): a missing or unreadable file, a
-malformed jsonl line or one without `field` (`on_bad_line="skip"` skips such lines and reports how many),
-an empty corpus, a tokenizer without eos, a full disk. Torch-free.
+Work units: byte ranges of a jsonl file aligned to lines (64 MiB, less for a small corpus so that each
+worker gets several), a text file, a parquet row group, 100k rows of a saved dataset. Units are tokenized in
+`num_workers` spawned processes with the `tokenizers` library's `encode_batch` (special-token strings inside
+a text are encoded as plain text, as the in-memory path does). A document goes to validation when a hash of
+(seed, file index, its position in the file) falls under `val_fraction`: the split does not depend on the
+units or the number of workers. Empty documents and blank lines are skipped. Bad input is a `UserError`
+naming the file (and line for jsonl): a missing or unreadable file, a malformed jsonl line or one without
+`field` (`on_bad_line="skip"` skips such lines and reports how many), an empty corpus, a tokenizer without
+eos, a full disk. Torch-free.
 """
 
 from __future__ import annotations
@@ -160,29 +161,33 @@ def _hf_dataset(path: Path, field: str):
     return dataset
 
 
-def unit_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResult) -> Iterator[str]:
-    """The non-empty document texts of one unit, in order."""
+def unit_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResult) -> Iterator[tuple[int, str]]:
+    """(position in its file, text) of the non-empty documents of one unit, in order. The position (byte
+    offset of a jsonl line, row of a parquet file or dataset, 0 for a text file) identifies the document
+    whatever the unit boundaries are."""
     path = Path(unit.path)
     if unit.kind == "jsonl":
-        texts: Iterable[str | None] = _jsonl_texts(unit, field, on_bad_line, result)
+        texts: Iterable[tuple[int, str | None]] = _jsonl_texts(unit, field, on_bad_line, result)
     elif unit.kind == "text":
         try:
-            texts = [path.read_bytes().decode("utf-8")]
+            texts = [(0, path.read_bytes().decode("utf-8"))]
         except UnicodeDecodeError as error:
             raise UserError(f"{path}: not UTF-8 text (byte {error.start}); convert it to UTF-8") from error
     elif unit.kind == "parquet":
         import pyarrow.parquet as pq
 
-        table = pq.ParquetFile(path).read_row_group(unit.start)
+        parquet = pq.ParquetFile(path)
+        table = parquet.read_row_group(unit.start)
         if field not in table.column_names:
             raise UserError(f"{path}: no column {field!r}; columns are {table.column_names}; set the field")
-        texts = table.column(field).to_pylist()
+        first = sum(parquet.metadata.row_group(group).num_rows for group in range(unit.start))
+        texts = enumerate(table.column(field).to_pylist(), start=first)
     else:
-        texts = _hf_dataset(path, field)[unit.start : unit.end][field]
-    return (text for text in texts if text and text.strip())
+        texts = enumerate(_hf_dataset(path, field)[unit.start : unit.end][field], start=unit.start)
+    return ((position, text) for position, text in texts if text and text.strip())
 
 
-def _jsonl_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResult) -> Iterator[str]:
+def _jsonl_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResult) -> Iterator[tuple[int, str]]:
     # The unit owns the lines that start in [start, end): seek one byte early and drop the rest of that line.
     with open(unit.path, "rb") as lines:
         if unit.start > 0:
@@ -196,7 +201,7 @@ def _jsonl_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResul
                 continue
             text, problem = _record_text(line, field)
             if problem is None:
-                yield text
+                yield offset, text
                 continue
             where = f"{unit.path}:{_line_number(unit.path, offset)}"
             if on_bad_line == "stop":
@@ -249,11 +254,11 @@ def _prepare_unit(
     result = UnitResult(unit.index)
     eos, dtype = settings["eos_id"], np.dtype(settings["dtype"])
     parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    texts = unit_texts(unit, field, on_bad_line, result)
-    rng = np.random.default_rng([settings["seed"], unit.file_index, unit.start])
-    while batch := _take(texts, ENCODE_BATCH):
-        in_val = rng.random(len(batch)) < settings["val_fraction"]
-        for encoding, val in zip(_worker_tokenizer.encode_batch(batch, add_special_tokens=False), in_val):
+    documents = unit_texts(unit, field, on_bad_line, result)
+    while batch := _take(documents, ENCODE_BATCH):
+        positions, texts = zip(*batch)
+        in_val = _draw(settings["seed"], unit.file_index, np.array(positions)) < settings["val_fraction"]
+        for encoding, val in zip(_worker_tokenizer.encode_batch(list(texts), add_special_tokens=False), in_val):
             ids = encoding.ids
             ids.append(eos)
             parts["val" if val else "train"].append(np.asarray(ids, dtype=dtype))
@@ -265,8 +270,19 @@ def _prepare_unit(
     return result
 
 
-def _take(iterator: Iterator[str], count: int) -> list[str]:
-    return [text for _, text in zip(range(count), iterator)]
+def _take(iterator: Iterator[tuple[int, str]], count: int) -> list[tuple[int, str]]:
+    return [document for _, document in zip(range(count), iterator)]
+
+
+def _draw(seed: int, file_index: int, positions: np.ndarray) -> np.ndarray:
+    """A uniform number in [0, 1) per document, a hash (splitmix64) of (seed, file, position): the split is
+    the same whatever the units or the number of workers."""
+    with np.errstate(over="ignore"):
+        x = positions.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + file_index * 0xD1B54A32D192ED03) % 2**64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def _write_shard(path: Path, documents: list[np.ndarray]) -> None:
@@ -331,7 +347,7 @@ def prepare(
     num_workers: int | None = None,
     on_bad_line: BadLine = "stop",
     progress: bool = True,
-    unit_bytes: int = UNIT_BYTES,
+    unit_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize `sources` into shards under `out` (default: `<cache>/prepared/<key>`, see
     `forgather.data.cache`); returns the manifest, whose "path" is the directory. An existing `out` prepared
@@ -356,8 +372,9 @@ def prepare(
     out = Path(out) if out is not None else cache_dir("prepared") / key
     if out.exists():
         return _existing(out, key)
-    units = work_units(files, field, unit_bytes)
-    workers = max(1, min(num_workers or os.cpu_count() or 1, len(units)))
+    workers = num_workers or os.cpu_count() or 1
+    units = work_units(files, field, unit_bytes or _unit_bytes(files, workers))
+    workers = max(1, min(workers, len(units)))
     with atomic_directory(out) as staging:
         for split in SPLITS:
             (staging / split).mkdir()
@@ -365,6 +382,12 @@ def prepare(
         manifest = _manifest(key, files, settings, pad_id if pad_id is not None else eos_id, units, results)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {**manifest, "path": str(out)}
+
+
+def _unit_bytes(files: Sequence[Path], workers: int) -> int:
+    # Several units a worker keeps every core busy to the end on a small corpus; 64 MiB bounds a worker's memory.
+    jsonl = sum(path.stat().st_size for path in files if path.is_file() and path.suffix.lower() in JSONL_SUFFIXES)
+    return int(min(max(jsonl // (4 * workers), 1 << 20), UNIT_BYTES))
 
 
 def _eos_id(tokenizer: Any, backend) -> int:
@@ -432,7 +455,7 @@ def _manifest(key, files, settings, pad_id, units, results: list[UnitResult]) ->
 
 
 class _Progress:
-    """A rich progress bar over the work units (64 MiB of jsonl each), with documents, tokens, tokens/s, ETA."""
+    """A rich progress bar over the work units, with documents, tokens, tokens/s, ETA."""
 
     def __init__(self, total_units: int, enabled: bool):
         self.total_units, self.enabled = total_units, enabled
@@ -507,7 +530,7 @@ class PreparedCorpus:
 
     def __iter__(self) -> Iterator[str]:
         for unit in work_units(source_files(self.sources), self.field):
-            yield from unit_texts(unit, self.field, self.on_bad_line, UnitResult(unit.index))
+            yield from (text for _, text in unit_texts(unit, self.field, self.on_bad_line, UnitResult(unit.index)))
 
     def prepare(self, tokenizer: Any, progress: bool = True) -> Path:
         """Prepare the shards if their directory is missing (else check they match); returns the directory."""

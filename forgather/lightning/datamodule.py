@@ -145,6 +145,10 @@ class TextDataModule(pl.LightningDataModule):
         return ResumableDataLoader(dataset, position=self.position, sampler=sampler, **self._loader_settings())
 
     def val_dataloader(self) -> DataLoader:
+        if isinstance(self.documents, PreparedCorpus):
+            from forgather.data.stream import validation_loader
+
+            return validation_loader(self._require(self.val_dataset), **self._loader_settings())
         return DataLoader(self._require(self.val_dataset), **self._loader_settings())
 
     def _loader_settings(self) -> dict[str, Any]:
