@@ -146,11 +146,18 @@ def _parquet_row_groups(path: Path) -> int:
         raise UserError(f"{path}: not a readable parquet file ({error})") from error
 
 
-def _hf_dataset(path: Path, field: str):
+def require_datasets():
+    """The Hugging Face `datasets` module (the shards' format), or an error saying how to install it."""
     try:
         import datasets
+        import datasets.arrow_writer
     except ImportError as error:
-        raise UserError(f"{path}: reading a saved dataset needs `datasets`: pip install 'forgather[hf]'") from error
+        raise UserError("prepared shards (data=streaming) need `datasets`: pip install 'forgather[hf]'") from error
+    return datasets
+
+
+def _hf_dataset(path: Path, field: str):
+    datasets = require_datasets()
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
@@ -287,11 +294,12 @@ def _draw(seed: int, file_index: int, positions: np.ndarray) -> np.ndarray:
 
 def _write_shard(path: Path, documents: list[np.ndarray]) -> None:
     import pyarrow as pa
-    from datasets.arrow_writer import ArrowWriter
 
+    ArrowWriter = require_datasets().arrow_writer.ArrowWriter
     lengths = np.fromiter((len(document) for document in documents), dtype=np.int64, count=len(documents))
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(documents)))
+    # int32 offsets (a plain list column, which every `datasets` release reads): a unit is far below 2**31 tokens.
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(documents)))
     try:
         with ArrowWriter(path=str(path), writer_batch_size=len(documents)) as writer:
             writer.write_table(pa.table({"input_ids": column}))

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from forgather.data.loader import LoaderPosition, ResumableDataLoader
 from forgather.data.packing import BLOCK_FIELDS, IGNORE_INDEX
-from forgather.data.prepare import read_manifest
+from forgather.data.prepare import read_manifest, require_datasets
 from forgather.errors import UserError
 
 
@@ -101,9 +101,8 @@ class PackedShards(Dataset):
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
-        from datasets import Dataset as ArrowDataset
-
-        column = ArrowDataset.from_file(str(self.path / self.shards[shard]["file"])).data.table.column("input_ids")
+        shard_file = str(self.path / self.shards[shard]["file"])
+        column = require_datasets().Dataset.from_file(shard_file).data.table.column("input_ids")
         documents = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
         offsets = np.asarray(documents.offsets)
         tokens = np.asarray(documents.values)[offsets[0] : offsets[-1]]
