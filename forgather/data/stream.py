@@ -72,28 +72,32 @@ class PackedShards(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> np.ndarray:
         """The blocks at `indices` as one int64 array [3 (BLOCK_FIELDS), len(indices), block_size]."""
+        indices = np.asarray(indices, dtype=np.int64)
+        outside = indices[(indices < 0) | (indices >= len(self))]
+        if outside.size:
+            raise IndexError(f"block {outside[0]} out of range ({len(self)} blocks)")
+        shards = np.searchsorted(self.first_block, indices, side="right") - 1
         rows = np.empty((len(BLOCK_FIELDS), len(indices), self.block_size), dtype=np.int64)
-        for row, index in enumerate(indices):
-            if not 0 <= index < len(self):
-                raise IndexError(f"block {index} out of range ({len(self)} blocks)")
-            shard = int(np.searchsorted(self.first_block, index, side="right")) - 1
-            self._fill(rows[:, row], shard, index - int(self.first_block[shard]))
+        # A batch usually comes from one shard (the order goes shard by shard): one vectorized pass per shard.
+        for shard in np.unique(shards):
+            where = np.flatnonzero(shards == shard)
+            rows[:, where] = self._blocks(int(shard), indices[where] - self.first_block[shard])
         return rows
 
-    def _fill(self, out: np.ndarray, shard: int, block: int) -> None:
-        """Write block `block` of shard `shard` into `out` [3, block_size], packed as `pack_documents` packs
+    def _blocks(self, shard: int, blocks: np.ndarray) -> np.ndarray:
+        """Blocks `blocks` of shard `shard` [3, len(blocks), block_size], packed as `pack_documents` packs
         that shard's documents."""
         tokens, starts = self._shard(shard)
         size, n = self.block_size, len(tokens)
-        index = np.arange(block * size, (block + 1) * size)
+        block_start = (blocks * size)[:, None]
+        index = block_start + np.arange(size)
         real = index < n
-        input_ids, position_ids, labels = out
-        input_ids[:] = self.pad_id
-        input_ids[real] = tokens[index[real]]
+        input_ids = np.where(real, tokens[np.minimum(index, n - 1)], self.pad_id).astype(np.int64)
         # Each token's document start (the pad run is a document of its own, starting at n), then the block start.
         document_start = np.where(real, starts[np.searchsorted(starts, index, side="right") - 1], n)
-        position_ids[:] = index - np.maximum(document_start, block * size)
-        labels[:] = np.where(real, input_ids, IGNORE_INDEX)
+        position_ids = index - np.maximum(document_start, block_start)
+        labels = np.where(real, input_ids, IGNORE_INDEX)
+        return np.stack([input_ids, position_ids, labels])
 
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, document starts) of a shard, memory-mapped; the least recently used beyond `open_shards`

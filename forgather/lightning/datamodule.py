@@ -19,13 +19,13 @@ Lightning's copy to the device is asynchronous (a copy from pageable memory firs
 the work queued before it: a host sync every step). If the LightningModule overrides `on_before_batch_transfer` too,
 Lightning calls only this module's hook (and warns).
 
-Streaming (`data=streaming`): when `documents` is a `forgather.data.prepare.PreparedCorpus`, `prepare_data`
-prepares its shards if its directory is missing (and checks an existing one was prepared from the same
-sources, tokenizer and settings), and the datasets are `forgather.data.stream.PackedShards`: blocks read from
-memory-mapped shards, trained in `ShardOrderSampler` order (each data-parallel rank its own run of shards, from the strategy's
-`distributed_sampler_kwargs`), resumed
-through the same `LoaderPosition` count. `val_fraction`, `max_documents`, `max_tokens` and `cache` then do
-not apply: the corpus's own settings split and key the shards.
+Streaming (`data=streaming`, docs/data.md): when `documents` is a `forgather.data.prepare.PreparedCorpus`,
+`prepare_data` prepares its shards if its directory is missing (and checks that an existing one was prepared
+from the same sources, tokenizer and settings), and the datasets are `forgather.data.stream.PackedShards`:
+blocks read from memory-mapped shards, trained in `ShardOrderSampler` order (each data-parallel rank its own
+run of shards, from the strategy's `distributed_sampler_kwargs`), resumed through the same `LoaderPosition`
+count. `val_fraction`, `max_documents`, `max_tokens` and `cache` then do not apply: the corpus's own settings
+split and key the shards.
 """
 
 from __future__ import annotations
