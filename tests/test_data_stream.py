@@ -109,12 +109,20 @@ def losses(outputs: Path) -> dict[int, float]:
     return train_losses(run_dir)
 
 
-def test_the_stdlib_tutorial_trains_from_shards_and_a_killed_run_resumes_on_the_same_batches(tmp_path):
-    # The embedded corpus, prepared on first use into data_path by the datamodule's prepare_data; 2 workers.
+def test_the_stdlib_tutorial_trains_from_shards_prepared_on_first_use(tmp_path):
+    # The embedded corpus, prepared by the datamodule's prepare_data into data_path, then streamed.
+    done = run_streaming(tmp_path, f"data_path={tmp_path / 'shards'}", "max_steps=6")
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert sum(shard["documents"] for split in ("train", "val") for shard in manifest["shards"][split]) > 4000
+    assert sorted(losses(tmp_path)) == list(range(6))
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_on_the_same_batches_with_two_workers(tmp_path):
     common = [f"data_path={tmp_path / 'shards'}", "+datamodule.num_workers=2"]
     done = run_streaming(tmp_path / "whole", *common, "max_steps=16")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "shards" / "manifest.json").is_file()
     child = run_streaming(tmp_path / "killed", *common, "max_steps=5000", background=True)
     try:
         deadline = time.monotonic() + 180
