@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -171,7 +172,7 @@ def test_a_full_disk_names_the_shard_being_written(tokenizer, tmp_path, monkeypa
         prep._prepare_unit(unit, str(tmp_path / "stage"), "text", settings, "stop")
 
 
-def test_a_killed_prepare_leaves_nothing_that_looks_complete(tokenizer, tmp_path):
+def test_a_killed_prepare_leaves_nothing_that_looks_complete_and_the_next_one_clears_its_staging(tokenizer, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", TEXTS * 400)
     tokenizer.save_pretrained(tmp_path / "tok")
     code = (
@@ -194,6 +195,14 @@ def test_a_killed_prepare_leaves_nothing_that_looks_complete(tokenizer, tmp_path
 
     with pytest.raises(UserError, match="not a prepared directory"):
         PackedShards(tmp_path / "out", "train", 16)
+    (abandoned,) = tmp_path.glob(".out.*.tmp")
+    live = tmp_path / ".out.live.tmp"  # another prepare of the same directory, still writing
+    live.mkdir()
+    with open(live / prep.WRITER_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prep.prepare([tmp_path / "a.jsonl"], tokenizer, tmp_path / "out", num_workers=1, progress=False)
+    assert (tmp_path / "out" / prep.MANIFEST).is_file()
+    assert not abandoned.exists() and live.is_dir()
 
 
 def test_the_cli_prepares_and_reports_a_bad_line_in_one_line(tokenizer, tmp_path, capsys):

@@ -14,7 +14,8 @@ work unit and split; a unit without validation documents has no val file). The m
 hash of (format, the sources' paths, sizes and mtimes, the tokenizer's serialized form, every setting), so a
 changed tokenizer or source never reuses stale shards: `prepare` on an existing DIR with another key is an
 error naming both. DIR is built in a hidden staging sibling and renamed into place after the manifest is
-written (`forgather.data.cache.atomic_directory`): a killed prepare never leaves a DIR that looks complete.
+written (`forgather.data.cache.atomic_directory`): a killed prepare never leaves a DIR that looks complete,
+and the next prepare of DIR deletes the staging directory it left (its writer's lock is gone).
 
 Sources (globs, sorted): `.jsonl`/`.json` (one JSON object a line, the text in `field`), `.txt`/`.md` (one
 document a file), `.parquet` (column `field`), and directories saved with `datasets`' `save_to_disk`.
@@ -31,13 +32,16 @@ eos, a full disk. Torch-free.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +54,7 @@ from forgather.errors import UserError
 # Bump when the shard layout or the split rule changes, so stale prepared directories are not reused.
 PREPARED_FORMAT = 1
 MANIFEST = "manifest.json"
+WRITER_LOCK = ".writer"
 SPLITS = ("train", "val")
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md")
@@ -374,6 +379,7 @@ def prepare(
         "val_fraction": val_fraction,
         "seed": seed,
         "eos_id": eos_id,
+        "pad_id": pad_id if pad_id is not None else eos_id,  # fills the last block of a shard when streaming
         "dtype": token_dtype(backend.get_vocab_size(with_added_tokens=True)),
     }
     key = prepared_key(files, text, settings)
@@ -383,13 +389,40 @@ def prepare(
     workers = num_workers or os.cpu_count() or 1
     units = work_units(files, field, unit_bytes or _unit_bytes(files, workers))
     workers = max(1, min(workers, len(units)))
-    with atomic_directory(out) as staging:
+    _remove_abandoned_staging(out)
+    with atomic_directory(out) as staging, _writer_lock(staging):
         for split in SPLITS:
             (staging / split).mkdir()
         results = _run_units(units, staging, text, field, settings, on_bad_line, workers, progress)
-        manifest = _manifest(key, files, settings, pad_id if pad_id is not None else eos_id, units, results)
+        manifest = _manifest(key, files, settings, results)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {**manifest, "path": str(out)}
+
+
+@contextmanager
+def _writer_lock(staging: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `staging/.writer` while preparing: the OS releases it when the process dies,
+    so a later prepare can tell an abandoned staging directory from one still being written."""
+    with open(staging / WRITER_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+        (staging / WRITER_LOCK).unlink()
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Delete the staging directories of killed prepares of `out` (a large corpus's would fill the disk)."""
+    for staging in out.parent.glob(f".{out.name}.*.tmp"):
+        try:
+            lock = os.open(staging / WRITER_LOCK, os.O_RDONLY)  # never created here: a new writer's is its own
+        except FileNotFoundError:
+            continue  # created a moment ago, its writer has not locked it yet
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its writer is alive
+        finally:
+            os.close(lock)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _unit_bytes(files: Sequence[Path], workers: int) -> int:
@@ -438,7 +471,7 @@ def _run_units(units, staging, text, field, settings, on_bad_line, workers, prog
     return sorted(results, key=lambda result: result.index)
 
 
-def _manifest(key, files, settings, pad_id, units, results: list[UnitResult]) -> dict[str, Any]:
+def _manifest(key, files, settings, results: list[UnitResult]) -> dict[str, Any]:
     shards = {
         split: [
             {"file": f"{split}/{r.index:05d}.arrow", "documents": r.documents[split], "tokens": r.tokens[split]}
@@ -455,7 +488,6 @@ def _manifest(key, files, settings, pad_id, units, results: list[UnitResult]) ->
         "key": key,
         "sources": [str(path) for path in files],
         **settings,
-        "pad_id": pad_id,
         "skipped_lines": skipped,
         "first_skipped": next((r.first_skipped for r in results if r.first_skipped), ""),
         "shards": shards,
