@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     prepare = actions.add_parser("prepare", help="tokenize sources into shards (parallel, atomic, keyed)")
     prepare.add_argument("--source", action="append", default=[], metavar="GLOB",
-                         help="jsonl/json, txt/md, parquet files or a saved dataset; repeatable (default: stdlib corpus)")
+                         help="jsonl/json, txt/md, parquet files or saved datasets; repeatable (default: stdlib)")
     prepare.add_argument("--tokenizer", required=True, metavar="PATH",
                          help="a tokenizer saved with save_pretrained (directory) or a tokenizer.json")
     prepare.add_argument("--out", required=True, metavar="DIR", help="the prepared directory to write")

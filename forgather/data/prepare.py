@@ -274,11 +274,11 @@ def _prepare_unit(
             ids = encoding.ids
             ids.append(eos)
             parts["val" if val else "train"].append(np.asarray(ids, dtype=dtype))
-    for split, documents in parts.items():
-        if documents:
-            _write_shard(Path(staging, split, f"{unit.index:05d}.arrow"), documents)
-            result.documents[split] = len(documents)
-            result.tokens[split] = sum(len(document) for document in documents)
+    for split, encoded in parts.items():
+        if encoded:
+            _write_shard(Path(staging, split, f"{unit.index:05d}.arrow"), encoded)
+            result.documents[split] = len(encoded)
+            result.tokens[split] = sum(len(document) for document in encoded)
     return result
 
 
@@ -290,7 +290,8 @@ def _draw(seed: int, file_index: int, positions: np.ndarray) -> np.ndarray:
     """A uniform number in [0, 1) per document, a hash (splitmix64) of (seed, file, position): the split is
     the same whatever the units or the number of workers."""
     with np.errstate(over="ignore"):
-        x = positions.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + file_index * 0xD1B54A32D192ED03) % 2**64)
+        offset = (seed * 0x9E3779B97F4A7C15 + file_index * 0xD1B54A32D192ED03) % 2**64
+        x = positions.astype(np.uint64) + np.uint64(offset)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x ^= x >> np.uint64(31)
@@ -541,9 +542,10 @@ def summary(manifest: dict[str, Any]) -> str:
 
 class PreparedCorpus:
     """A corpus streamed from prepared shards: the directory `path` (default: one under the cache, named by
-    the key) and what it is prepared from (`sources`, default the embedded stdlib corpus) with which settings. It is the `documents` of a `TextDataModule`
-    for `data=streaming`: the module prepares it when `path` is missing and then streams it
-    (`forgather.data.stream`). Iterating it yields the sources' texts, so a tokenizer can be trained on it."""
+    the key) and what it is prepared from (`sources`, default the embedded stdlib corpus) with which settings.
+    It is the `documents` of a `TextDataModule` for `data=streaming`: the module prepares it when `path` is
+    missing and then streams it (`forgather.data.stream`). Iterating it yields the sources' texts, so a
+    tokenizer can be trained on it."""
 
     def __init__(
         self,
