@@ -56,8 +56,20 @@ def test_the_order_is_a_seeded_permutation_that_changes_every_epoch():
     assert sorted(first) == list(range(15)) and first == list(ShardOrderSampler([5, 7, 3], seed=3))
     sampler.set_epoch(1)
     assert list(sampler) != first and sorted(sampler) == list(range(15))
-    shard_of = np.searchsorted([0, 5, 12], first, side="right")
-    assert len([i for i in range(1, 15) if shard_of[i] != shard_of[i - 1]]) == 2, "one shard after another"
+
+
+def test_blocks_are_mixed_within_groups_of_shards_and_groups_follow_each_other():
+    sizes = [4, 6, 3, 7]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    order = list(ShardOrderSampler(sizes, seed=0, mix=2))
+    assert sorted(order) == list(range(20))
+    shard_of = np.searchsorted(starts, order, side="right") - 1
+    # The order opens with every block of two shards (the first group), then the other two shards' blocks.
+    (group,) = [{a, b} for a in range(4) for b in range(a + 1, 4) if set(shard_of[: sizes[a] + sizes[b]]) == {a, b}]
+    head = shard_of[: sum(sizes[s] for s in group)]
+    assert (head[1:] != head[:-1]).sum() > 1, "a group's blocks interleave its shards"
+    unmixed = np.searchsorted(starts, list(ShardOrderSampler(sizes, seed=0, mix=1)), side="right") - 1
+    assert (unmixed[1:] != unmixed[:-1]).sum() == 3, "mix=1: one shard after another"
 
 
 def test_ranks_get_disjoint_equal_runs_of_the_same_order_and_skip_is_a_cheap_slice():

@@ -6,13 +6,15 @@ packs a document list: `input_ids`, `position_ids` restarting at 0 at every docu
 start (flex attention's document mask reads them), `labels` = input_ids with the pad filling the shard's last
 block set to -100. Blocks never span two shards, so the shard order can change every epoch without
 re-packing. A block is sliced out of its memory-mapped shard (`datasets.Dataset.from_file`); a process keeps
-at most `open_shards` shards mapped, so resident memory stays flat however large the corpus.
+at most `open_shards` (8, the sampler's `mix`) shards mapped, so resident memory stays flat however large
+the corpus.
 
-`ShardOrderSampler` orders the blocks of an epoch: shards in a permutation drawn from (seed, epoch), the
-blocks of each shard in a permutation drawn from (seed, epoch, shard); it holds one shard's permutation at a
-time. It is a `DistributedSampler`, so Lightning keeps it under DDP instead of wrapping it (its wrapper would
+`ShardOrderSampler` orders the blocks of an epoch: shards in a permutation drawn from (seed, epoch), cut into
+groups of `mix` (8) shards, the blocks of each group in a permutation drawn from (seed, epoch, group); it holds
+one group's permutation at a time. Mixing several shards matters: a corpus stored in order (the stdlib
+corpus: topics, then modules by name; a crawl by site) would otherwise feed one region of it at a time. It is a `DistributedSampler`, so Lightning keeps it under DDP instead of wrapping it (its wrapper would
 materialize the whole order in memory): rank r of R takes positions [r n, (r + 1) n) of the epoch's order,
-n = N // R, a contiguous run of shards (ranks share at most the shards at the run's ends; every rank gets the
+n = N // R, a contiguous run of shard groups (ranks share at most the groups at the run's ends; every rank gets the
 same number of blocks, and fewer than R are dropped per epoch). `skip` drops positions from the start
 without reading them.
 
@@ -45,7 +47,7 @@ from forgather.errors import UserError
 class PackedShards(Dataset):
     """Blocks of `block_size` tokens from the shards of one split of a prepared directory."""
 
-    def __init__(self, path: str | Path, split: str, block_size: int, open_shards: int = 2):
+    def __init__(self, path: str | Path, split: str, block_size: int, open_shards: int = 8):
         if block_size < 1:
             raise UserError(f"block_size must be positive, got {block_size}")
         self.path = Path(path)
@@ -78,7 +80,7 @@ class PackedShards(Dataset):
             raise IndexError(f"block {outside[0]} out of range ({len(self)} blocks)")
         shards = np.searchsorted(self.first_block, indices, side="right") - 1
         rows = np.empty((len(BLOCK_FIELDS), len(indices), self.block_size), dtype=np.int64)
-        # A batch usually comes from one shard (the order goes shard by shard): one vectorized pass per shard.
+        # One vectorized pass per shard the batch touches (at most the sampler's `mix`).
         for shard in np.unique(shards):
             where = np.flatnonzero(shards == shard)
             rows[:, where] = self._blocks(int(shard), indices[where] - self.first_block[shard])
@@ -117,12 +119,15 @@ class PackedShards(Dataset):
 
 
 class ShardOrderSampler(DistributedSampler):
-    """Block indices of `PackedShards` in shard-then-block shuffled order, one rank's share (module docstring)."""
+    """Block indices of `PackedShards` in an order shuffled within groups of `mix` shards, one rank's share
+    (module docstring)."""
 
-    def __init__(self, shard_blocks: Sequence[int], seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self, shard_blocks: Sequence[int], seed: int = 0, num_replicas: int = 1, rank: int = 0, mix: int = 8
+    ):
         self.shard_blocks = np.asarray(shard_blocks, dtype=np.int64)
         self.first_block = np.concatenate([[0], np.cumsum(self.shard_blocks)])
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.mix = seed, 0, mix
         self.num_replicas, self.rank = num_replicas, rank
         self.num_samples = int(self.first_block[-1]) // num_replicas
         self.skip = 0
@@ -135,12 +140,13 @@ class ShardOrderSampler(DistributedSampler):
         begin = self.rank * self.num_samples + self.skip
         end = (self.rank + 1) * self.num_samples
         position = 0
-        for shard in order:
-            count = int(self.shard_blocks[shard])
+        for group, start in enumerate(range(0, len(order), self.mix)):
+            shards = order[start : start + self.mix]
+            count = int(self.shard_blocks[shards].sum())
             if position + count > begin and position < end:
-                blocks = np.random.default_rng([self.seed, self.epoch, shard]).permutation(count)
-                chosen = blocks[max(begin - position, 0) : end - position] + self.first_block[shard]
-                yield from chosen.tolist()
+                blocks = np.concatenate([np.arange(self.first_block[s], self.first_block[s + 1]) for s in shards])
+                mixed = blocks[np.random.default_rng([self.seed, self.epoch, group]).permutation(count)]
+                yield from mixed[max(begin - position, 0) : end - position].tolist()
             position += count
             if position >= end:
                 return
