@@ -8,5 +8,7 @@ Modules (import the one you need; this package imports nothing, so `import forga
     split       deterministic train/validation split by document
     loader      per-epoch seeded shuffling sampler; DataLoader that resumes mid-epoch (torch)
     cache       cache directory ($FORGATHER_CACHE_DIR), atomic writes, fingerprints
-The Lightning side is `forgather.lightning.datamodule.TextDataModule`.
+    prepare     corpora -> token shards on disk (Arrow, HF datasets), in worker processes, keyed, atomic
+    stream      packed blocks streamed from prepared shards; shard-then-block order; exact resume (torch)
+The Lightning side is `forgather.lightning.datamodule.TextDataModule` (docs/data.md for the streaming path).
 """

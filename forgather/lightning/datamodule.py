@@ -18,6 +18,14 @@ would (see `forgather.data.loader`). When the Trainer runs on a CUDA device the 
 Lightning's copy to the device is asynchronous (a copy from pageable memory first waits for the GPU to finish
 the work queued before it: a host sync every step). If the LightningModule overrides `on_before_batch_transfer` too,
 Lightning calls only this module's hook (and warns).
+
+Streaming (`data=streaming`, docs/data.md): when `documents` is a `forgather.data.prepare.PreparedCorpus`,
+`prepare_data` prepares its shards if its directory is missing (and checks that an existing one was prepared
+from the same sources, tokenizer and settings), and the datasets are `forgather.data.stream.PackedShards`:
+blocks read from memory-mapped shards, trained in `ShardOrderSampler` order (each data-parallel rank its own
+run of shards, from the strategy's `distributed_sampler_kwargs`), resumed through the same `LoaderPosition`
+count. `val_fraction`, `max_documents`, `max_tokens` and `cache` then do not apply: the corpus's own settings
+split and key the shards.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from torch.utils.data import DataLoader
 from forgather.data.cache import atomic_write, cache_dir, documents_fingerprint, fingerprint
 from forgather.data.loader import EpochShuffleSampler, LoaderPosition, ResumableDataLoader
 from forgather.data.packing import PackedDataset, load_datasets, pack_documents, save_datasets, tokenize_documents
+from forgather.data.prepare import PreparedCorpus
 from forgather.data.sources import Documents, resolve_documents
 from forgather.data.split import split_documents
 from forgather.data.tokenizer import tokenizer_fingerprint
@@ -101,11 +110,19 @@ class TextDataModule(pl.LightningDataModule):
         return len(self.tokenizer)
 
     def prepare_data(self) -> None:
-        if self.cache:
+        if isinstance(self.documents, PreparedCorpus):
+            self.documents.prepare(self.tokenizer)
+        elif self.cache:
             self._cached_path(self._documents())
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
+            return
+        if isinstance(self.documents, PreparedCorpus):
+            from forgather.data.stream import streaming_datasets
+
+            path = self.documents.prepare(self.tokenizer)  # no work when prepare_data made it; checks the key
+            self.train_dataset, self.val_dataset = streaming_datasets(path, self.block_size)
             return
         documents = self._documents()
         if self.cache:
@@ -116,12 +133,22 @@ class TextDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_dataset)
-        sampler = EpochShuffleSampler(len(dataset), self.seed)
         # A fresh count per loader: a restored checkpoint fills it in through the loader's load_state_dict.
         self.position = LoaderPosition()
+        if isinstance(self.documents, PreparedCorpus):
+            from forgather.data.stream import streaming_loader
+
+            # The strategy's data-parallel share (under pipeline parallelism, the stages of a replica read alike).
+            share = (self.trainer.distributed_sampler_kwargs if self.trainer else None) or {}
+            return streaming_loader(dataset, self.seed, self.position, **share, **self._loader_settings())
+        sampler = EpochShuffleSampler(len(dataset), self.seed)
         return ResumableDataLoader(dataset, position=self.position, sampler=sampler, **self._loader_settings())
 
     def val_dataloader(self) -> DataLoader:
+        if isinstance(self.documents, PreparedCorpus):
+            from forgather.data.stream import validation_loader
+
+            return validation_loader(self._require(self.val_dataset), **self._loader_settings())
         return DataLoader(self._require(self.val_dataset), **self._loader_settings())
 
     def _loader_settings(self) -> dict[str, Any]:

@@ -1,0 +1,586 @@
+"""Prepare a corpus into token shards: source files -> tokenizer in worker processes -> Arrow shards on disk.
+
+Storage is Hugging Face `datasets`' Arrow format: each shard is one Arrow file written with
+`datasets.arrow_writer.ArrowWriter` whose rows are documents (column `input_ids`, token ids with eos
+appended), read back memory-mapped with `datasets.Dataset.from_file` (see `forgather.data.stream`), so RAM
+does not grow with the corpus. Chosen by measurement (docs/data.md): `datasets` installs beside the pinned
+CPU torch (it does not depend on torch), while litdata requires torchvision (pip then replaces the CPU torch
+with a CUDA build, or backtracks without end under constraints.txt) and mosaicml-streaming replaces torch and
+downgrades transformers, tokenizers and numpy. On 9.3M tokens on the 2-core box, writing token shards ran at
+26M tokens/s with `datasets` against 1.4M with `litdata.optimize`; both read blocks far above 10M tokens/s.
+
+A prepared directory DIR holds `manifest.json` and `train/NNNNN.arrow`, `val/NNNNN.arrow` (one file per
+work unit and split; a unit without validation documents has no val file). The manifest records the key, a
+hash of (format, the sources' paths, sizes and mtimes, the tokenizer's serialized form, every setting), so a
+changed tokenizer or source never reuses stale shards: `prepare` on an existing DIR with another key is an
+error naming both. DIR is built in a hidden staging sibling and renamed into place after the manifest is
+written (`forgather.data.cache.atomic_directory`): a killed prepare never leaves a DIR that looks complete,
+and the next prepare of DIR deletes the staging directory it left (its writer's lock is gone).
+
+Sources (globs, sorted): `.jsonl`/`.json` (one JSON object a line, the text in `field`), `.txt`/`.md` (one
+document a file), `.parquet` (column `field`), and directories saved with `datasets`' `save_to_disk`.
+Work units: byte ranges of a jsonl file aligned to lines (64 MiB, less for a small corpus so that each
+worker gets several), a text file, a parquet row group, 100k rows of a saved dataset. Units are tokenized in
+`num_workers` spawned processes with the `tokenizers` library's `encode_batch` (special-token strings inside
+a text are encoded as plain text, as the in-memory path does). A document goes to validation when a hash of
+(seed, file index, its position in the file) falls under `val_fraction`: the split does not depend on the
+units or the number of workers. Empty documents and blank lines are skipped. Bad input is a `UserError`
+naming the file (and line for jsonl): a missing or unreadable file, a malformed jsonl line or one without
+`field` (`on_bad_line="skip"` skips such lines and reports how many), an empty corpus, a tokenizer without
+eos, a full disk. Torch-free.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from forgather.data.cache import atomic_directory, cache_dir, fingerprint
+from forgather.errors import UserError
+
+# Bump when the shard layout or the split rule changes, so stale prepared directories are not reused.
+PREPARED_FORMAT = 1
+MANIFEST = "manifest.json"
+WRITER_LOCK = ".writer"
+SPLITS = ("train", "val")
+JSONL_SUFFIXES = (".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".md")
+UNIT_BYTES = 64 << 20
+HF_UNIT_ROWS = 100_000
+ENCODE_BATCH = 512
+BadLine = Literal["stop", "skip"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: a byte range of a jsonl file, a text file, a parquet row group, rows of a dataset."""
+
+    index: int
+    kind: str  # jsonl | text | parquet | hf
+    path: str
+    file_index: int
+    start: int = 0
+    end: int = 0
+
+
+@dataclass
+class UnitResult:
+    index: int
+    documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    skipped: int = 0
+    first_skipped: str = ""
+
+
+# ---- sources ------------------------------------------------------------------------------------------
+
+
+def source_files(sources: Sequence[str | Path]) -> list[Path]:
+    """The files (and saved-dataset directories) the source globs name, each glob sorted; one that matches
+    nothing, or a file that cannot be opened, is an error."""
+    files: list[Path] = []
+    for source in sources:
+        matches = sorted(glob.glob(os.path.expanduser(str(source)), recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"{source}: no file matches this source; check the path or glob")
+        files.extend(Path(match) for match in matches)
+    for path in files:
+        _check_readable(path)
+    return files
+
+
+def source_kind(path: Path) -> str:
+    if path.is_dir():
+        if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            return "hf"
+        raise UserError(f"{path}: a directory, not a dataset saved with save_to_disk; give a glob of its files")
+    suffix = path.suffix.lower()
+    for kind, suffixes in (("jsonl", JSONL_SUFFIXES), ("text", TEXT_SUFFIXES), ("parquet", (".parquet",))):
+        if suffix in suffixes:
+            return kind
+    raise UserError(f"{path}: unknown kind of source; use .jsonl, .txt/.md, .parquet or a saved dataset")
+
+
+def work_units(files: Sequence[Path], field: str = "text", unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+    units: list[Unit] = []
+    for file_index, path in enumerate(files):
+        kind = source_kind(path)
+        if kind == "jsonl":
+            size = path.stat().st_size
+            ranges = [(start, min(start + unit_bytes, size)) for start in range(0, size, unit_bytes)]
+        elif kind == "text":
+            ranges = [(0, 0)]
+        elif kind == "parquet":
+            ranges = [(group, group + 1) for group in range(_parquet_row_groups(path))]
+        else:
+            rows = len(_hf_dataset(path, field))
+            ranges = [(start, min(start + HF_UNIT_ROWS, rows)) for start in range(0, rows, HF_UNIT_ROWS)]
+        first = len(units)
+        units += [Unit(first + i, kind, str(path), file_index, *r) for i, r in enumerate(ranges)]
+    return units
+
+
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        return
+    try:
+        path.open("rb").close()
+    except OSError as error:
+        raise UserError(f"{path}: not readable ({error.strerror}); fix the path or its permissions") from error
+
+
+def _parquet_row_groups(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).num_row_groups
+    except Exception as error:  # pyarrow raises its own ArrowInvalid for a file that is not parquet
+        raise UserError(f"{path}: not a readable parquet file ({error})") from error
+
+
+def require_datasets():
+    """The Hugging Face `datasets` module (the shards' format), or an error saying how to install it."""
+    try:
+        import datasets
+        import datasets.arrow_writer
+    except ImportError as error:
+        raise UserError("prepared shards (data=streaming) need `datasets`: pip install 'forgather[hf]'") from error
+    return datasets
+
+
+def _hf_dataset(path: Path, field: str):
+    datasets = require_datasets()
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise UserError(f"{path}: a DatasetDict without a 'train' split (it has {sorted(dataset)})")
+        dataset = dataset["train"]
+    if field not in dataset.column_names:
+        raise UserError(f"{path}: no column {field!r}; columns are {dataset.column_names}; set the field")
+    return dataset
+
+
+def unit_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResult) -> Iterator[tuple[int, str]]:
+    """(position in its file, text) of the non-empty documents of one unit, in order. The position (byte
+    offset of a jsonl line, row of a parquet file or dataset, 0 for a text file) identifies the document
+    whatever the unit boundaries are."""
+    path = Path(unit.path)
+    if unit.kind == "jsonl":
+        texts: Iterable[tuple[int, str | None]] = _jsonl_texts(unit, field, on_bad_line, result)
+    elif unit.kind == "text":
+        try:
+            texts = [(0, path.read_bytes().decode("utf-8"))]
+        except UnicodeDecodeError as error:
+            raise UserError(f"{path}: not UTF-8 text (byte {error.start}); convert it to UTF-8") from error
+    elif unit.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        table = parquet.read_row_group(unit.start)
+        if field not in table.column_names:
+            raise UserError(f"{path}: no column {field!r}; columns are {table.column_names}; set the field")
+        first = sum(parquet.metadata.row_group(group).num_rows for group in range(unit.start))
+        texts = enumerate(table.column(field).to_pylist(), start=first)
+    else:
+        texts = enumerate(_hf_dataset(path, field)[unit.start : unit.end][field], start=unit.start)
+    return ((position, text) for position, text in texts if text and text.strip())
+
+
+def _jsonl_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResult) -> Iterator[tuple[int, str]]:
+    # The unit owns the lines that start in [start, end): seek one byte early and drop the rest of that line.
+    with open(unit.path, "rb") as lines:
+        if unit.start > 0:
+            lines.seek(unit.start - 1)
+            lines.readline()
+        while (offset := lines.tell()) < unit.end:
+            line = lines.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            text, problem = _record_text(line, field)
+            if problem is None:
+                yield offset, text
+                continue
+            where = f"{unit.path}:{_line_number(unit.path, offset)}"
+            if on_bad_line == "stop":
+                raise UserError(f"{where}: {problem}; fix the line, or skip bad lines (--on-bad-line skip)")
+            result.skipped += 1
+            result.first_skipped = result.first_skipped or f"{where}: {problem}"
+
+
+def _record_text(line: bytes, field: str) -> tuple[str | None, str | None]:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return None, f"not valid JSON ({error})"
+    if not isinstance(record, dict) or field not in record:
+        return None, f"no field {field!r} in this record; set the field to the text's key"
+    if not isinstance(record[field], str):
+        return None, f"field {field!r} is a {type(record[field]).__name__}, not text"
+    return record[field], None
+
+
+def _line_number(path: str, offset: int) -> int:
+    # Counted only when a line is reported: units start mid-file, and counting every line would cost a pass.
+    with open(path, "rb") as data:
+        return data.read(offset).count(b"\n") + 1
+
+
+# ---- tokenizing and writing (worker processes) --------------------------------------------------------
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    # One core a process: the tokenizers library's own thread pool would compete with the other workers.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _worker_tokenizer
+    _worker_tokenizer = _backend(tokenizer_json)
+
+
+def _backend(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def _prepare_unit(
+    unit: Unit, staging: str, field: str, settings: dict[str, Any], on_bad_line: BadLine
+) -> UnitResult:
+    result = UnitResult(unit.index)
+    eos, dtype = settings["eos_id"], np.dtype(settings["dtype"])
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    documents = unit_texts(unit, field, on_bad_line, result)
+    while batch := _take(documents, ENCODE_BATCH):
+        positions, texts = zip(*batch)
+        in_val = _draw(settings["seed"], unit.file_index, np.array(positions)) < settings["val_fraction"]
+        for encoding, val in zip(_worker_tokenizer.encode_batch(list(texts), add_special_tokens=False), in_val):
+            ids = encoding.ids
+            ids.append(eos)
+            parts["val" if val else "train"].append(np.asarray(ids, dtype=dtype))
+    for split, encoded in parts.items():
+        if encoded:
+            _write_shard(Path(staging, split, f"{unit.index:05d}.arrow"), encoded)
+            result.documents[split] = len(encoded)
+            result.tokens[split] = sum(len(document) for document in encoded)
+    return result
+
+
+def _take(iterator: Iterator[tuple[int, str]], count: int) -> list[tuple[int, str]]:
+    return [document for _, document in zip(range(count), iterator)]
+
+
+def _draw(seed: int, file_index: int, positions: np.ndarray) -> np.ndarray:
+    """A uniform number in [0, 1) per document, a hash (splitmix64) of (seed, file, position): the split is
+    the same whatever the units or the number of workers."""
+    with np.errstate(over="ignore"):
+        offset = (seed * 0x9E3779B97F4A7C15 + file_index * 0xD1B54A32D192ED03) % 2**64
+        x = positions.astype(np.uint64) + np.uint64(offset)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _write_shard(path: Path, documents: list[np.ndarray]) -> None:
+    import pyarrow as pa
+
+    ArrowWriter = require_datasets().arrow_writer.ArrowWriter
+    lengths = np.fromiter((len(document) for document in documents), dtype=np.int64, count=len(documents))
+    # int32 offsets (a plain list column, which every `datasets` release reads): a unit is far below 2**31 tokens.
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(documents)))
+    try:
+        with ArrowWriter(path=str(path), writer_batch_size=len(documents)) as writer:
+            writer.write_table(pa.table({"input_ids": column}))
+            writer.finalize()
+    except OSError as error:
+        raise UserError(f"{path}: could not write this shard ({error.strerror or error})") from error
+
+
+# ---- the whole preparation ----------------------------------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned type holding every id (half the disk and read bandwidth for vocabularies < 64k)."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def tokenizer_json(tokenizer: Any) -> str:
+    """The serialized `tokenizers` form of an HF fast tokenizer (or a `tokenizers.Tokenizer`)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if not hasattr(backend, "to_str"):
+        raise UserError(f"preparing shards needs a fast tokenizer (tokenizers library); got {type(tokenizer).__name__}")
+    return backend.to_str()
+
+
+def prepared_key(files: Sequence[Path], tokenizer_text: str, settings: dict[str, Any]) -> str:
+    stats = [(str(path.resolve()), _size_and_mtime(path)) for path in files]
+    return fingerprint(PREPARED_FORMAT, stats, tokenizer_text, sorted(settings.items()))
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    if path.is_dir():  # a saved dataset: its files' sizes and mtimes
+        entries = sorted(path.rglob("*"))
+        return sum(entry.stat().st_size for entry in entries), max(entry.stat().st_mtime_ns for entry in entries)
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared directory (a directory without one was never completed)."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        raise UserError(f"{path}: not a prepared directory (no {MANIFEST}); run `forgather data prepare --out {path}`")
+    return json.loads(manifest.read_text())
+
+
+def prepare(
+    sources: Sequence[str | Path],
+    tokenizer: Any,
+    out: str | Path | None,
+    field: str = "text",
+    val_fraction: float = 0.02,
+    seed: int = 0,
+    num_workers: int | None = None,
+    on_bad_line: BadLine = "stop",
+    progress: bool = True,
+    unit_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Tokenize `sources` into shards under `out` (default: `<cache>/prepared/<key>`, see
+    `forgather.data.cache`); returns the manifest, whose "path" is the directory. An existing `out` prepared
+    with the same key is kept as it is."""
+    if on_bad_line not in ("stop", "skip"):
+        raise UserError(f"on_bad_line must be 'stop' or 'skip', got {on_bad_line!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    files = source_files(sources)
+    text = tokenizer_json(tokenizer)
+    backend = _backend(text)
+    eos_id = _eos_id(tokenizer, backend)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    settings = {
+        "field": field,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "eos_id": eos_id,
+        "pad_id": pad_id if pad_id is not None else eos_id,  # fills the last block of a shard when streaming
+        "dtype": token_dtype(backend.get_vocab_size(with_added_tokens=True)),
+    }
+    key = prepared_key(files, text, settings)
+    out = Path(out) if out is not None else cache_dir("prepared") / key
+    if out.exists():
+        return _existing(out, key)
+    workers = num_workers or os.cpu_count() or 1
+    units = work_units(files, field, unit_bytes or _unit_bytes(files, workers))
+    workers = max(1, min(workers, len(units)))
+    _remove_abandoned_staging(out)
+    with atomic_directory(out) as staging, _writer_lock(staging):
+        for split in SPLITS:
+            (staging / split).mkdir()
+        results = _run_units(units, staging, text, field, settings, on_bad_line, workers, progress)
+        manifest = _manifest(key, files, settings, results)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return {**manifest, "path": str(out)}
+
+
+@contextmanager
+def _writer_lock(staging: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `staging/.writer` while preparing: the OS releases it when the process dies,
+    so a later prepare can tell an abandoned staging directory from one still being written."""
+    with open(staging / WRITER_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+        (staging / WRITER_LOCK).unlink()
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Delete the staging directories of killed prepares of `out` (a large corpus's would fill the disk)."""
+    for staging in out.parent.glob(f".{out.name}.*.tmp"):
+        try:
+            lock = os.open(staging / WRITER_LOCK, os.O_RDONLY)  # never created here: a new writer's is its own
+        except FileNotFoundError:
+            continue  # created a moment ago, its writer has not locked it yet
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its writer is alive
+        finally:
+            os.close(lock)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unit_bytes(files: Sequence[Path], workers: int) -> int:
+    # Several units a worker keeps every core busy to the end on a small corpus; 64 MiB bounds a worker's memory.
+    jsonl = sum(path.stat().st_size for path in files if path.is_file() and path.suffix.lower() in JSONL_SUFFIXES)
+    return int(min(max(jsonl // (4 * workers), 1 << 20), UNIT_BYTES))
+
+
+def _eos_id(tokenizer: Any, backend) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        for token in ("<|eos|>", "</s>", "<|endoftext|>", "<|end_of_text|>"):
+            eos = backend.token_to_id(token)
+            if eos is not None:
+                break
+    if eos is None:
+        raise UserError("the tokenizer has no eos token (documents are separated by eos); set its eos_token")
+    return int(eos)
+
+
+def _existing(out: Path, key: str) -> dict[str, Any]:
+    manifest = read_manifest(out)
+    if manifest.get("key") != key:
+        raise UserError(
+            f"{out}: prepared from other sources, tokenizer or settings (key {manifest.get('key')}, these give "
+            f"{key}); delete it or prepare into another directory"
+        )
+    return {**manifest, "path": str(out)}
+
+
+def _run_units(units, staging, text, field, settings, on_bad_line, workers, progress) -> list[UnitResult]:
+    results: list[UnitResult] = []
+    with _Progress(len(units), progress) as bar, ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(text,)
+    ) as pool:
+        futures = [pool.submit(_prepare_unit, unit, str(staging), field, settings, on_bad_line) for unit in units]
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                results.append(result)
+                bar.advance(result)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return sorted(results, key=lambda result: result.index)
+
+
+def _manifest(key, files, settings, results: list[UnitResult]) -> dict[str, Any]:
+    shards = {
+        split: [
+            {"file": f"{split}/{r.index:05d}.arrow", "documents": r.documents[split], "tokens": r.tokens[split]}
+            for r in results
+            if r.documents[split]
+        ]
+        for split in SPLITS
+    }
+    if not shards["train"]:
+        raise UserError(f"{', '.join(map(str, files))}: the corpus has no documents (empty files or fields)")
+    skipped = sum(r.skipped for r in results)
+    return {
+        "format": PREPARED_FORMAT,
+        "key": key,
+        "sources": [str(path) for path in files],
+        **settings,
+        "skipped_lines": skipped,
+        "first_skipped": next((r.first_skipped for r in results if r.first_skipped), ""),
+        "shards": shards,
+    }
+
+
+class _Progress:
+    """A rich progress bar over the work units, with documents, tokens, tokens/s, ETA."""
+
+    def __init__(self, total_units: int, enabled: bool):
+        self.total_units, self.enabled = total_units, enabled
+        self.documents = self.tokens = 0
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("prepare"), BarColumn(), TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task("prepare", total=self.total_units, stats="")
+        return self
+
+    def advance(self, result: UnitResult) -> None:
+        self.documents += sum(result.documents.values())
+        self.tokens += sum(result.tokens.values())
+        if self.enabled:
+            rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+            stats = f"{self.documents:,} docs {self.tokens:,} tokens {rate / 1e6:.2f}M tok/s"
+            self.bar.update(self.task, advance=1, stats=stats)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """One line about a prepared directory: documents and tokens per split, skipped lines."""
+    parts = []
+    for split in SPLITS:
+        shards = manifest["shards"][split]
+        documents, tokens = sum(s["documents"] for s in shards), sum(s["tokens"] for s in shards)
+        parts.append(f"{split}: {len(shards)} shards, {documents:,} documents, {tokens:,} tokens")
+    if manifest.get("skipped_lines"):
+        parts.append(f"skipped {manifest['skipped_lines']} bad lines (first: {manifest['first_skipped']})")
+    return "; ".join(parts)
+
+
+class PreparedCorpus:
+    """A corpus streamed from prepared shards: the directory `path` (default: one under the cache, named by
+    the key) and what it is prepared from (`sources`, default the embedded stdlib corpus) with which settings.
+    It is the `documents` of a `TextDataModule` for `data=streaming`: the module prepares it when `path` is
+    missing and then streams it (`forgather.data.stream`). Iterating it yields the sources' texts, so a
+    tokenizer can be trained on it."""
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        sources: Sequence[str | Path] | str | None = None,
+        field: str = "text",
+        val_fraction: float = 0.02,
+        seed: int = 0,
+        num_workers: int | None = None,
+        on_bad_line: BadLine = "stop",
+    ):
+        self.path = Path(path) if path is not None else None
+        self._sources = [sources] if isinstance(sources, (str, Path)) else sources
+        self.field, self.val_fraction, self.seed = field, val_fraction, seed
+        self.num_workers, self.on_bad_line = num_workers, on_bad_line
+
+    @property
+    def sources(self) -> list[str | Path]:
+        if self._sources is None:
+            from forgather.data.corpus import stdlib_corpus_path
+
+            return [stdlib_corpus_path()]
+        return list(self._sources)
+
+    def __iter__(self) -> Iterator[str]:
+        for unit in work_units(source_files(self.sources), self.field):
+            yield from (text for _, text in unit_texts(unit, self.field, self.on_bad_line, UnitResult(unit.index)))
+
+    def prepare(self, tokenizer: Any, progress: bool = True) -> Path:
+        """Prepare the shards if their directory is missing (else check they match); returns the directory."""
+        manifest = prepare(
+            self.sources, tokenizer, self.path, self.field, self.val_fraction, self.seed,
+            self.num_workers, self.on_bad_line, progress,
+        )
+        return Path(manifest["path"])
+
+    def __repr__(self) -> str:
+        return f"PreparedCorpus({str(self.path)!r}, sources={self._sources!r})"
