@@ -265,10 +265,8 @@ class Runner:
 
     def run_point(self, point: list[ovr.Override], run_dir: Path | None = None, callbacks: list | None = None) -> dict[str, float] | None:
         sweeping = run_dir is not None
-        choices, values = ovr.split_choices(point, self.groups)
-        experiment, loaded = self.load(choices)
-        config = self._job_config(loaded)
-        ovr.apply(config, values)
+        experiment, loaded, config = self.job(point)
+        values = ovr.split_choices(point, self.groups)[1]
         warn_about_warmup(config)
         if self.args.cfg:
             print_config(self.args, config, lambda: self.settings(experiment, loaded, point))
@@ -299,6 +297,14 @@ class Runner:
                 export=export,
                 callbacks=callbacks,
             )
+
+    def job(self, point: list[ovr.Override]) -> tuple[str, LoadedConfig, DictConfig]:
+        """The experiment, the loaded config and the config with `point`'s values applied, as a run gets them."""
+        choices, values = ovr.split_choices(point, self.groups)
+        experiment, loaded = self.load(choices)
+        config = self._job_config(loaded)
+        ovr.apply(config, values)
+        return experiment, loaded, config
 
     @staticmethod
     def _job_config(loaded: LoadedConfig) -> DictConfig:
