@@ -5,11 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ import pytest
 from forgather.data import prepare as prep
 from forgather.data.tokenizer import build_bpe_tokenizer
 from forgather.errors import UserError
+from helpers.kill import kill_when
 
 TEXTS = [f"Document number {i} says {'hello ' * (i % 7)}and {'world ' * (i % 5)}then ends." for i in range(120)]
 
@@ -181,15 +179,7 @@ def test_a_killed_prepare_leaves_nothing_that_looks_complete_and_the_next_one_cl
         " num_workers=1, unit_bytes=4096, progress=False)"
     )
     child = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob(".out.*.tmp/train/*.arrow")):
-            assert child.poll() is None and time.monotonic() < deadline, "prepare ended before writing a shard"
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
+    kill_when(child, lambda: any(tmp_path.glob(".out.*.tmp/train/*.arrow")), 60, "prepare ended before writing a shard")
     assert not (tmp_path / "out").exists()
     from forgather.data.stream import PackedShards
 

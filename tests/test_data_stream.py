@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from forgather.data.packing import TokenizedDocuments, pack_documents
 from forgather.data.prepare import prepare
 from forgather.data.stream import PackedShards, ShardOrderSampler, streaming_loader
 from forgather.data.tokenizer import build_bpe_tokenizer
+from helpers.kill import kill_when
 
 TEXTS = [f"Entry {i}: {'alpha ' * (i % 9)}{'beta ' * (i % 4)}gamma {i * 7}." for i in range(300)]
 PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
@@ -136,15 +135,8 @@ def test_a_run_killed_mid_epoch_resumes_on_the_same_batches_with_two_workers(tmp
     done = run_streaming(tmp_path / "whole", *common, "max_steps=16")
     assert done.returncode == 0, done.stderr[-2000:]
     child = run_streaming(tmp_path / "killed", *common, "max_steps=5000", background=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not list(tmp_path.glob("killed/outputs/micro/*/checkpoints/epoch=0-step=8.ckpt")):
-            assert child.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
-            time.sleep(0.05)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
+    kill_when(child, lambda: any(tmp_path.glob("killed/outputs/micro/*/checkpoints/epoch=0-step=8.ckpt")), 180,
+              "the run ended before its second checkpoint")
     from forgather.run import main
     from test_run import run_dirs
 
@@ -187,14 +179,8 @@ def test_two_ddp_ranks_killed_mid_epoch_resume_on_the_same_batches(tmp_path):
                "+experiment=micro", "data=streaming", "scheduler=constant", *common, "max_steps=5000"]
     # Its own process group: Lightning starts rank 1 as a child, and both are killed at once.
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("killed/outputs/micro/*/checkpoints/epoch=0-step=8.ckpt")):
-            assert child.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
-            time.sleep(0.05)
-        os.killpg(child.pid, signal.SIGKILL)
-    finally:
-        child.wait()
+    kill_when(child, lambda: any(tmp_path.glob("killed/outputs/micro/*/checkpoints/epoch=0-step=8.ckpt")), 240,
+              "the run ended before its second checkpoint", group=True)
     from test_run import run_dirs
 
     (killed,) = run_dirs(tmp_path / "killed" / "outputs")

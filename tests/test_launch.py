@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from forgather.launch.base import Job, Status
 from forgather.launch.local import LocalLauncher
 from forgather.run import main
+from helpers.kill import kill_when
 
 PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
 POINTS = ("+experiment=micro", "max_steps=2", "lr=1e-3,3e-3")
@@ -103,14 +103,8 @@ def test_a_killed_sweep_resumes_only_its_unfinished_points(tmp_path, capsys):
     command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=2", "lr=1e-3,2e-3,3e-3"]
     # Its own session: the kill takes the sweep and the point it is running, as a closed terminal would.
     sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("multirun/*/0/outcome.json")):
-            assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before its first point"
-            time.sleep(0.05)
-        os.killpg(sweep.pid, signal.SIGKILL)
-    finally:
-        sweep.wait()
+    kill_when(sweep, lambda: any(tmp_path.glob("multirun/*/0/outcome.json")), 240, "the sweep ended before its first point",
+              group=True)
     root = sweep_root(tmp_path)
     first = (root / "0" / "outcome.json").read_text()
     assert set(outcomes(root)) == {0}

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 import yaml
 
 from forgather.run import latest_checkpoint, main
+from helpers.kill import kill_when
 
 PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
 
@@ -90,15 +89,8 @@ def test_from_snapshot_reproduces_the_loss_curve(finished_run, tmp_path):
 def test_killed_run_resumes_from_its_last_checkpoint(finished_run, tmp_path):
     command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path)]
     child = subprocess.Popen([*command, "+experiment=micro", "scheduler=constant", "max_steps=5000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("outputs/micro/*/checkpoints/epoch=0-step=8.ckpt")):
-            assert child.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
-            time.sleep(0.05)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
+    kill_when(child, lambda: any(tmp_path.glob("outputs/micro/*/checkpoints/epoch=0-step=8.ckpt")), 120,
+              "the run ended before its second checkpoint")
     (killed,) = run_dirs(tmp_path / "outputs")
     resumed_from = torch.load(latest_checkpoint(killed), map_location="cpu", weights_only=False)["global_step"]
     assert resumed_from >= 8, "the newest checkpoint is not the one the run wrote last"

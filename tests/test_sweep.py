@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from forgather import overrides as ovr
 from forgather.launch import settings
 from forgather.launch.basic import BasicSweeper
 from forgather.run import main
+from helpers.kill import kill_when
 
 PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
 MICRO = ("+experiment=micro", "max_steps=4", "val_check_interval=2")
@@ -59,14 +58,9 @@ def test_an_interrupted_optuna_search_resumes_from_its_study(tmp_path, capsys):
     command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=2", "val_check_interval=2"]
     command += ["lr=tag(log, interval(1e-4, 1e-2))", "sweeper=optuna", "sweeper.n_trials=2", "sweeper.pruner=none"]
     search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (list(tmp_path.glob("multirun/*/0/outcome.json")) and list(tmp_path.glob("multirun/*/1/output.log"))):
-            assert search.poll() is None and time.monotonic() < deadline, "the search ended before its second trial"
-            time.sleep(0.05)
-        os.killpg(search.pid, signal.SIGKILL)  # trial 1 is running
-    finally:
-        search.wait()
+    # Killed while trial 1 runs.
+    kill_when(search, lambda: any(tmp_path.glob("multirun/*/0/outcome.json")) and any(tmp_path.glob("multirun/*/1/output.log")),
+              240, "the search ended before its second trial", group=True)
     (root,) = (tmp_path / "multirun").iterdir()
     kept = (root / "0" / "outcome.json").read_text()
     assert main(["--resume", str(root)]) == 0
