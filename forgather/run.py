@@ -265,8 +265,7 @@ class Runner:
 
     def run_point(self, point: list[ovr.Override], run_dir: Path | None = None, callbacks: list | None = None) -> dict[str, float] | None:
         sweeping = run_dir is not None
-        experiment, loaded, config = self.job(point)
-        values = ovr.split_choices(point, self.groups)[1]
+        experiment, loaded, config, values = self.job(point)
         warn_about_warmup(config)
         if self.args.cfg:
             print_config(self.args, config, lambda: self.settings(experiment, loaded, point))
@@ -298,13 +297,14 @@ class Runner:
                 callbacks=callbacks,
             )
 
-    def job(self, point: list[ovr.Override]) -> tuple[str, LoadedConfig, DictConfig]:
-        """The experiment, the loaded config and the config with `point`'s values applied, as a run gets them."""
+    def job(self, point: list[ovr.Override]) -> tuple[str, LoadedConfig, DictConfig, list[ovr.Override]]:
+        """The experiment, the loaded config, the config with `point`'s values applied (as a run gets it), and
+        those values (`point` less its group choices)."""
         choices, values = ovr.split_choices(point, self.groups)
         experiment, loaded = self.load(choices)
         config = self._job_config(loaded)
         ovr.apply(config, values)
-        return experiment, loaded, config
+        return experiment, loaded, config, values
 
     @staticmethod
     def _job_config(loaded: LoadedConfig) -> DictConfig:

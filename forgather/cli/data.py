@@ -74,9 +74,8 @@ def _prepare_experiment(args: argparse.Namespace):
     options = build_parser().parse_intermixed_args(argv)
     runner = Runner.create(options, [])
     (point,) = ovr.parse(options.overrides, runner.groups, False)
-    experiment, loaded, config = runner.job(point)
+    experiment, loaded, config, _ = runner.job(point)
     datamodule = loaded.construct("datamodule", config)
     if not isinstance(getattr(datamodule, "documents", None), PreparedCorpus):
         raise ValueError(f"data prepare: experiment {experiment!r} does not stream from shards; add data=streaming")
-    datamodule.prepare_data()
-    return datamodule.documents.prepare(datamodule.tokenizer)  # made just now: this only checks the key
+    return datamodule.documents.prepare(datamodule.tokenizer)  # what the datamodule's prepare_data does
