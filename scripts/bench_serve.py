@@ -5,8 +5,10 @@ Random weights in bf16, Llama shapes: `1b` is bench_train's 1.24B Llama-3.2-1B s
 heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--tokens` greedy tokens (256):
   hf eager         transformers generate(), dynamic cache, batch 1
   hf static        generate(cache_implementation="static"), which transformers compiles (--hf-compile)
-  engine           forgather.serve.engine.Engine at batch 1 (CUDA graphs), the HF model and the same model
-                   converted to a Forgather directory; the 7B shape too
+  engine           forgather.serve.engine.Engine at batch 1 as the server runs it (the fused decoder, compiled,
+                   in CUDA graphs), the HF model and the same model converted to a Forgather directory; the
+                   7B shape too; `--variants` adds the fused decoder uncompiled and the models' own modules
+                   (the engine before the fused decoder), both in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
                    `openai` client, N concurrent streams of one completion each (token-id prompts)
@@ -137,11 +139,13 @@ def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, li
 
 
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
-                 compile: bool = False, slots: int = 32, profile: bool = False) -> None:
+                 compile: bool | None = None, slots: int = 32, profile: bool = False, fused: bool | None = None
+                 ) -> None:
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
-    engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), compile=compile)
+    engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), compile=compile,
+                    fused=fused)
     setup = time.perf_counter() - started
     try:
         engine_run(engine, prompt, tokens)  # warm-up
@@ -161,7 +165,7 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
 
 def profile_step(engine) -> None:
     """GPU time of one graphed decode step at batch 1 and 32 (graph replays back to back), and the kernels of
-    the eager step at batch 1 by CUDA time."""
+    the step (outside a graph) at batch 1 by CUDA time."""
     for size in (1, engine.slots):
         graph = engine.graphs[size, engine.key_buckets[0]][0]
         sync()
@@ -170,11 +174,11 @@ def profile_step(engine) -> None:
             graph.replay()
         sync()
         row(f"graph step batch {size}", step_ms=(time.perf_counter() - start) * 10)
-    ids = torch.zeros((1, 1), dtype=torch.long, device=engine.device)
-    positions = torch.full((1, 1), 200, dtype=torch.long, device=engine.device)
+    ids = torch.zeros((1,), dtype=torch.long, device=engine.device)
+    positions = torch.full((1,), 200, dtype=torch.long, device=engine.device)
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            engine._forward(ids, positions, slice(0, 1), engine.key_buckets[0])
+            engine._decode_step(ids, positions, 1, engine.key_buckets[0])
         sync()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
 
@@ -263,7 +267,8 @@ def main() -> None:
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--hf-compile", action="store_true", help="also generate() with a static cache (compiles)")
-    parser.add_argument("--engine-compile", action="store_true", help="also the engine with its step compiled")
+    parser.add_argument("--variants", action="store_true",
+                        help="also the engine's fused decoder uncompiled, and the model's own modules (the baseline)")
     parser.add_argument("--profile", action="store_true", help="time graph replays; list the step's kernels")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -279,10 +284,15 @@ def main() -> None:
         row("hbm floor", tokens_per_s=floor, weights_gib=weight_bytes(model) / 2**30)
         if not args.skip_hf:
             bench_hf(model, torch.tensor([prompt], device=device), args.tokens, static=False)
-        bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
+        # Saved first: the engine rebinds the model's q/k/v and gate/up weights as views of fused tensors.
         hf_dir, forgather_dir = Path(tmp) / "hf", Path(tmp) / "forgather"
         model.save_pretrained(hf_dir)
         word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
+        bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
+        if args.variants:
+            bench_engine("engine hf-llama, fused uncompiled", model, prompt, args.tokens, floor, None, compile=False)
+            bench_engine("engine hf-llama, the model's modules", model, prompt, args.tokens, floor, None,
+                         compile=False, fused=False)
         from forgather.convert.hf import hf_to_forgather
         from forgather.serve.backend import Backend
 
@@ -295,12 +305,12 @@ def main() -> None:
             big = random_llama("7b", device)
             row("hbm floor 7b", tokens_per_s=args.bandwidth / weight_bytes(big))
             bench_engine("engine hf-llama 7b", big, prompt, args.tokens, args.bandwidth / weight_bytes(big), None,
-                         slots=4)
+                         slots=4, profile=args.profile)
+            if args.variants:
+                bench_engine("engine hf-llama 7b, the model's modules", big, prompt, args.tokens,
+                             args.bandwidth / weight_bytes(big), None, slots=4, compile=False, fused=False)
             del big
         # Last, the runs that compile (minutes, and their failures vary by version): the rows above are out.
-        if args.engine_compile:
-            bench_engine("engine forgather compiled", forgather, prompt, args.tokens, floor, None, compile=True,
-                         slots=8)
         if args.hf_compile:
             try:
                 bench_hf(model, torch.tensor([prompt], device=device), args.tokens, static=True)

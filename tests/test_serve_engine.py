@@ -102,6 +102,103 @@ def test_greedy_tokens_equal_the_simple_loop_alone_and_batched(backend, engine):
     assert {c.finish for c in batched} == {"length"}
 
 
+def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_step(backend):
+    """Both kinds decode through FusedDecoder; from the same cache it gives the modules' step's logits, and the
+    model's own q/k/v and gate/up weights are views of its fused ones (not a second copy)."""
+    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT)
+    try:
+        assert engine.fused is not None
+        run_engine(engine, [backend.encode(p) for p in PROMPTS[:3]], [SamplingParams(max_tokens=5, temperature=0.0)] * 3)
+        ids, positions = torch.tensor([5, 7, 11, 0]), torch.tensor([9, 3, 12, engine.cache.scratch])
+        with torch.inference_mode():
+            keys = engine.key_buckets[0]
+            modules = engine._forward(ids[:, None], positions[:, None], slice(0, 4), keys)
+            fused, greedy = engine.fused(ids, positions, torch.arange(keys))
+        torch.testing.assert_close(fused[:3], modules[:3], rtol=1e-5, atol=1e-5)
+        assert greedy.tolist()[:3] == modules.argmax(-1).tolist()[:3]
+    finally:
+        engine.close()
+    layer = backend.model.model.layers[0]
+    q_proj = layer.attention.q_proj if hasattr(layer, "attention") else layer.self_attn.q_proj
+    assert q_proj.weight.untyped_storage().data_ptr() == engine.fused.layers[0].qkv.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_other_llama_family_models_decode_through_the_fused_decoder_like_the_simple_loop(
+        model_type, tmp_path, tokenizer):
+    """Qwen2's q/k/v biases and Qwen3's per-head q/k norms go through the fused decoder too."""
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, head_dim=8)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    backend = Backend.load(tmp_path, context_length=CONTEXT)
+    backend.stop_token_ids = set()
+    prompts = [backend.encode(p) for p in PROMPTS]
+    params = [SamplingParams(max_tokens=10, temperature=0.0)] * len(prompts)
+    expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
+    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT)
+    try:
+        assert engine.fused is not None
+        assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
+    finally:
+        engine.close()
+
+
+def test_a_model_the_fused_decoder_cannot_run_decodes_through_its_modules(tmp_path, tokenizer):
+    """A GELU MLP is not Llama-shaped: the engine decodes through the model's modules, with the same tokens;
+    `fused=True` says why it cannot."""
+    from forgather.serve.fused import UnsupportedModel
+
+    tree = tiny_tree(len(tokenizer), feedforward="forgather.models.feedforward:GELUMLP")
+    torch.manual_seed(0)
+    save_model(build_model(tree).eval(), tree, tmp_path, "tiny")
+    tokenizer.save_pretrained(tmp_path)
+    backend = Backend.load(tmp_path, context_length=CONTEXT)
+    backend.stop_token_ids = set()
+    with pytest.raises(UnsupportedModel, match="another sublayer"):
+        Engine(backend.model, set(), slots=2, context_length=CONTEXT, fused=True)
+    engine = Engine(backend.model, set(), slots=2, context_length=CONTEXT)
+    try:
+        assert engine.fused is None
+        ids, params = backend.encode(PROMPTS[0]), SamplingParams(max_tokens=10, temperature=0.0)
+        assert run_engine(engine, [ids], [params])[0].tokens == simple_loop(backend, ids, params)
+    finally:
+        engine.close()
+
+
+def test_a_module_named_like_ours_that_computes_otherwise_is_caught_by_the_logits_check(tmp_path, tokenizer):
+    """Classes are recognized by name (a Forgather directory's generated code carries copies of ours), so the
+    engine checks the fused step's logits against the model's own before decoding through it."""
+    from forgather.serve.fused import UnsupportedModel
+
+    class RMSNorm(torch.nn.Module):  # our name, a LayerNorm's arithmetic
+        def __init__(self, weight, eps):
+            super().__init__()
+            self.weight, self.eps = weight, eps
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], self.weight, None, self.eps)
+
+    tree = tiny_tree(len(tokenizer))
+    torch.manual_seed(0)
+    save_model(build_model(tree).eval(), tree, tmp_path, "tiny")
+    tokenizer.save_pretrained(tmp_path)
+    backend = Backend.load(tmp_path, context_length=CONTEXT)
+    layer = backend.model.model.layers[1]
+    layer.feedforward_norm = RMSNorm(layer.feedforward_norm.weight, layer.feedforward_norm.eps)
+    with pytest.raises(UnsupportedModel, match="differ from the model's own"):
+        Engine(backend.model, set(), slots=2, context_length=CONTEXT, fused=True)
+    engine = Engine(backend.model, set(), slots=2, context_length=CONTEXT)
+    engine.close()
+    assert engine.fused is None
+
+
 def test_sequences_growing_past_a_key_window_decode_like_the_simple_loop(backend):
     """Decode steps attend over the shortest window of 256, 512 ... cache positions holding every sequence."""
     engine = Engine(backend.model, set(), slots=2, context_length=600)

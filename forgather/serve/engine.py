@@ -26,8 +26,12 @@ step is captured as CUDA graphs, one per batch bucket (1, 2, 4, ... slots, a pre
 window, replayed with the step's token ids and positions copied into their static inputs: one graph
 launch per token instead of hundreds of kernel launches. Sampling runs on the device (argmax for greedy
 rows, the shared `sample_next_token` for the others); the one host sync per step reads the sampled ids.
-Prefill runs eagerly (prompt lengths vary). `compile=True` also compiles the step with torch.compile
-before capture.
+Prefill runs eagerly (prompt lengths vary).
+
+Decoding goes through `FusedDecoder` (fused.py) where the model is Llama-shaped (both kinds usually are):
+fused q/k/v and gate/up products and one layer function, compiled on a GPU (`compile=None`: compile where
+there is a GPU; `compile=True` also compiles the modules' step where the fused one does not apply).
+`fused=False` keeps the modules' step for decoding too.
 """
 
 from __future__ import annotations
@@ -42,13 +46,10 @@ import torch.nn.functional as F
 from forgather.models.causal_lm import sample_next_token
 from forgather.models.kv_cache import SlotKVCache, SlotRows
 
+from .fused import FusedDecoder, UnsupportedModel
 from .scheduler import Plan, QueueFull, Request, Scheduler
 
 __all__ = ["Engine", "QueueFull", "UnsupportedModel"]
-
-
-class UnsupportedModel(ValueError):
-    """A model whose modules the engine cannot drive (the server then decodes one request at a time)."""
 
 
 class SlotMask:
@@ -153,11 +154,13 @@ MIN_KEYS = 256  # the shortest window of cache positions a decode step attends o
 class Engine:
     """Args: `slots` concurrent sequences; `context_length` tokens each (prompt + completion);
     `prefill_chunk` prompt tokens per step while others decode; `max_waiting` queued requests before
-    QueueFull; `cuda_graphs` (default: on a GPU) captures the decode step; `compile` compiles it first."""
+    QueueFull; `cuda_graphs` (default: on a GPU) captures the decode step; `fused` (default: where the
+    model allows) decodes through FusedDecoder; `compile` (default: on a GPU, the fused decoder) compiles
+    the decode step first."""
 
     def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
                  prefill_chunk: int = 512, max_waiting: int = 64, cuda_graphs: bool | None = None,
-                 compile: bool = False):
+                 compile: bool | None = None, fused: bool | None = None):
         self.step = model_step(model)
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -166,12 +169,26 @@ class Engine:
         self.cache = SlotKVCache(self.step.num_layers, slots, context_length, self.step.kv_heads,
                                  self.step.head_dim, self.dtype, self.device)
         self.scheduler = Scheduler(slots, max_waiting, prefill_chunk)
-        # Shapes vary by bucket: after the first recompile dynamo makes them dynamic, so a few compiles serve all.
-        self.forward: Callable = torch.compile(self._forward) if compile else self._forward
-        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        on_gpu = self.device.type == "cuda"
         self.key_buckets = _buckets(context_length + 1, MIN_KEYS)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        if use_graphs:
+        self.key_ranges = {keys: torch.arange(keys, device=self.device) for keys in self.key_buckets}
+        self.fused: FusedDecoder | None = None
+        if fused is not False:
+            try:
+                self.fused = FusedDecoder.from_model(model, self.cache, compile=on_gpu if compile is None else compile)
+                self._check_fused()
+            except UnsupportedModel:
+                self.fused = None
+                if fused:
+                    raise
+        # Shapes vary by bucket: after the first recompile dynamo makes them dynamic, so a few compiles serve all.
+        compile_modules = bool(compile) and self.fused is None
+        self.forward: Callable = torch.compile(self._forward) if compile_modules else self._forward
+        # The step's inputs go through pinned host memory: an asynchronous copy, no wait for the GPU.
+        self.host_inputs = torch.zeros((2, slots), dtype=torch.long, pin_memory=on_gpu)
+        self.host_array = self.host_inputs.numpy()  # written per row: numpy's item assignment costs ~0.1 us
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, tuple]] = {}
+        if on_gpu if cuda_graphs is None else cuda_graphs:
             self._capture()
         self.thread = threading.Thread(target=self._loop, name="forgather-engine", daemon=True)
         self.thread.start()
@@ -223,11 +240,11 @@ class Engine:
                 self._fail(requests, error)
         if plan.decode:
             try:
-                logits = self._decode(plan.decode)
+                logits, greedy = self._decode(plan.decode)
                 rows = [None] * logits.shape[0]
                 for request in plan.decode:
                     rows[request.slot] = request
-                tokens = self._sample(logits, rows)
+                tokens = self._sample(logits, rows, greedy)
                 self._hand_out(plan.decode, [tokens[request.slot] for request in plan.decode])
             except Exception as error:
                 self._fail(plan.decode, error)
@@ -251,23 +268,47 @@ class Engine:
         return self._forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                              slots, keys, last)
 
-    def _decode(self, requests: list[Request]) -> torch.Tensor:
+    def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, size: int, keys: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, positions [size] for slots 0..size-1 -> (logits [size, V], greedy tokens [size])."""
+        if self.fused is not None:
+            return self.fused(ids, positions, self.key_ranges[keys])
+        logits = self.forward(ids[:, None], positions[:, None], slice(0, size), keys)
+        return logits, logits.argmax(dim=-1)
+
+    def _check_fused(self) -> None:
+        """UnsupportedModel unless the fused step gives the modules' logits (relative error < 1e-2) for two
+        rows at the scratch position: a model whose classes carry our names but compute something else (a
+        project's own RMSNorm, say) must not decode through arithmetic that is not its own."""
+        rows = min(2, self.slots)
+        ids = torch.arange(1, rows + 1, device=self.device)
+        positions = torch.full((rows,), self.cache.scratch, device=self.device)
+        keys = self.key_buckets[0]
+        with torch.inference_mode():
+            expected = self._forward(ids[:, None], positions[:, None], slice(0, rows), keys).float()
+            fused = self.fused(ids, positions, self.key_ranges[keys])[0].float()
+        error = ((fused - expected).norm() / expected.norm().clamp_min(1e-6)).item()
+        if not error < 1e-2:
+            raise UnsupportedModel(f"the fused decode step's logits differ from the model's own (relative "
+                                   f"error {error:.3g})")
+
+    def _decode(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed each request's last token at its position; rows of other slots in the bucket write scratch.
         Attention reads the shortest window of cache positions (a bucket) that holds every request's."""
         size = next(b for b in _buckets(self.slots) if b > max(r.slot for r in requests))
         keys = next(k for k in self.key_buckets if k > max(r.position for r in requests))
-        ids, positions = [0] * size, [self.cache.scratch] * size
+        array = self.host_array
+        array[0, :size], array[1, :size] = 0, self.cache.scratch
         for request in requests:
-            ids[request.slot], positions[request.slot] = request.last_token, request.position
-        ids_tensor = torch.tensor(ids, device=self.device)[:, None]
-        positions_tensor = torch.tensor(positions, device=self.device)[:, None]
+            array[0, request.slot], array[1, request.slot] = request.last_token, request.position
+        host = self.host_inputs[:, :size]
         if (size, keys) not in self.graphs:
-            return self.forward(ids_tensor, positions_tensor, slice(0, size), keys)
-        graph, static_ids, static_positions, logits = self.graphs[size, keys]
-        static_ids.copy_(ids_tensor)
-        static_positions.copy_(positions_tensor)
+            inputs = host.to(self.device, non_blocking=True)
+            return self._decode_step(inputs[0], inputs[1], size, keys)
+        graph, static_inputs, outputs = self.graphs[size, keys]
+        static_inputs.copy_(host, non_blocking=True)
         graph.replay()
-        return logits
+        return outputs
 
     def _capture(self) -> None:
         """A CUDA graph of the decode step for each batch and key-window bucket, largest first, sharing one
@@ -275,22 +316,24 @@ class Engine:
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for size, keys in sorted(((s, k) for s in _buckets(self.slots) for k in self.key_buckets), reverse=True):
-                ids = torch.zeros((size, 1), dtype=torch.long, device=self.device)
-                positions = torch.full((size, 1), self.cache.scratch, dtype=torch.long, device=self.device)
+                inputs = torch.stack((torch.zeros(size, dtype=torch.long, device=self.device),
+                                      torch.full((size,), self.cache.scratch, dtype=torch.long, device=self.device)))
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):  # warm-up off the capture: lazy init, autotuning, compilation
                     for _ in range(3):
-                        self.forward(ids, positions, slice(0, size), keys)
+                        self._decode_step(inputs[0], inputs[1], size, keys)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self.forward(ids, positions, slice(0, size), keys)
-                self.graphs[size, keys] = (graph, ids, positions, logits)
+                    outputs = self._decode_step(inputs[0], inputs[1], size, keys)
+                self.graphs[size, keys] = (graph, inputs, outputs)
 
-    def _sample(self, logits: torch.Tensor, rows: list[Request | None]) -> list[int]:
-        """One token per row: greedy rows by one argmax, the others each by their own parameters."""
-        tokens = logits.argmax(dim=-1)
+    def _sample(self, logits: torch.Tensor, rows: list[Request | None], greedy: torch.Tensor | None = None
+                ) -> list[int]:
+        """One token per row: greedy rows by one argmax (`greedy`, when the step computed it), the others
+        each by their own parameters."""
+        tokens = logits.argmax(dim=-1) if greedy is None else greedy.clone()
         for index, request in enumerate(rows):
             if request is None or request.params.temperature == 0:
                 continue

@@ -109,6 +109,7 @@ def test_graphed_engine_decodes_like_the_simple_loop_alone_and_batched(model_dir
     engine = Engine(backend.model, set(), slots=4, context_length=128)
     try:
         assert engine.graphs  # captured: the decode step replays CUDA graphs
+        assert engine.fused is not None  # through the fused decoder, compiled (the GPU default)
         backend.stop_token_ids = set()
         simple = [list(backend.tokens(ids, p)) for ids, p in zip(prompts, greedy)]
         assert engine_tokens(engine, prompts[:1], greedy[:1]) == simple[:1]

@@ -1,0 +1,264 @@
+"""The engine's fast decode step for Llama-family models: fused projections, one compiled layer function.
+
+A decode step feeds one token per row. At batch 1 its cost is reading the weights once, plus whatever
+else the GPU runs: through the models' own modules that is ~30 small kernels a layer (norms in six
+pieces, rotary in eight, cache writes, a dense-mask SDPA), which take as long as the matrix products.
+This module runs the same arithmetic in few kernels:
+
+- `FusedDecoder.from_model(model, cache)` gathers the weights of either model kind the server loads into
+  one layout: a Forgather model whose layers are all `PreLNLayer(RMSNorm, Attention, SwiGLU)` without
+  dropout, or a Hugging Face Llama, Mistral, Qwen2 or Qwen3 (SiLU MLP; Qwen3's per-head q/k norms and
+  Qwen2's q/k/v biases included). Anything else raises `UnsupportedModel`, and the engine keeps stepping
+  through the model's own modules.
+- Per layer, the q, k and v weights become one [(heads + 2 kv_heads) * head_dim, hidden] matrix and gate/up
+  one [2 * intermediate, hidden]: one matrix-vector product where there were three (and two). The
+  modules' own parameters are rebound as views of the fused tensors, so the weights are not held twice and
+  the model's forward (the engine's prefill) reads the same memory.
+- `decode_layer` is one function for every layer: norm, q/k/v, rotary, the cache write at each row's
+  position, attention over the step's window of the cache (grouped queries as [B, kv_heads, group, D]
+  against [B, kv_heads, keys, D]: no copy of the keys per query head), output projection, residual,
+  norm, gate/up, SiLU, down, residual. On a GPU it goes through torch.compile once (dynamic shapes):
+  every layer has the same shapes, so that one compile serves them all, and inductor fuses the norms,
+  rotary and SiLU into the products' neighbours. `prologue` (embedding, cos/sin, the window's mask) and
+  `epilogue` (final norm, LM head, greedy argmax) are compiled likewise. The engine captures the whole
+  step in a CUDA graph per (batch, window) bucket.
+
+The arithmetic is the models' own (RMSNorm in float32 cast back before the weight, rotary in the
+activations' dtype, softmax in float32), so greedy tokens match the modules' step; on the CPU nothing is
+compiled and the CPU tests hold the two to the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forgather.models.kv_cache import SlotKVCache
+
+__all__ = ["FusedDecoder", "UnsupportedModel"]
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModel(ValueError):
+    """A model whose modules the engine cannot drive (the server then decodes one request at a time)."""
+
+
+@dataclass
+class LayerWeights:
+    attention_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    feedforward_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def _fuse(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for `modules` stacked by output rows; each module's parameters become views of it."""
+    weight = torch.cat([module.weight.detach() for module in modules])
+    biases = [module.bias for module in modules]
+    if any(bias is not None for bias in biases) and not all(bias is not None for bias in biases):
+        raise UnsupportedModel("some of the projections to fuse have a bias and some do not")
+    bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+    start = 0
+    for module in modules:
+        rows = module.weight.shape[0]
+        module.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
+        if bias is not None:
+            module.bias = nn.Parameter(bias[start:start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
+
+
+STOCK_ATTENTION = ("sdpa_attention", "flex_attention", "eager_attention")  # forgather.models.attention's
+
+
+def _same_class(module: Any, cls: type) -> bool:
+    """`module` is a `cls`, or an instance of a class of that name: a Forgather directory's generated code
+    carries copies of our classes. (The engine then checks the fused step's logits against the modules'.)"""
+    return isinstance(module, cls) or type(module).__name__ == cls.__name__
+
+
+def _bias(module: nn.Linear) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as Llama computes it: statistics in float32, cast back, then times the weight."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, D] by cos/sin [B, 1, D] in the rotate-half layout."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
+                 positions: torch.Tensor, visible: torch.Tensor, key_cache: torch.Tensor,
+                 value_cache: torch.Tensor, w: LayerWeights, heads: int, kv_heads: int, eps: float,
+                 qk_eps: float) -> torch.Tensor:
+    """One pre-LN layer for one token a row: x [B, hidden] -> [B, hidden]; writes the row's key/value at
+    [rows, :, positions] of the caches [slots, kv_heads, length + 1, D] and attends over the first
+    `visible.shape[1]` positions (visible [B, keys]: True where a row may look)."""
+    batch = x.shape[0]
+    head_dim = cos.shape[-1]
+    h = rms_norm(x, w.attention_norm, eps)
+    qkv = F.linear(h, w.qkv, w.qkv_bias)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(batch, heads, head_dim), k.view(batch, kv_heads, head_dim), v.view(batch, kv_heads, head_dim)
+    if w.q_norm is not None:
+        q, k = rms_norm(q, w.q_norm, qk_eps), rms_norm(k, w.k_norm, qk_eps)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    key_cache[rows, :, positions] = k
+    value_cache[rows, :, positions] = v
+    keys = visible.shape[1]
+    cached_keys, cached_values = key_cache[:batch, :, :keys], value_cache[:batch, :, :keys]
+    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # query head i reads kv head i // group
+    scores = torch.matmul(grouped, cached_keys.transpose(-1, -2)).float() * head_dim ** -0.5
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    attended = torch.matmul(scores.softmax(dim=-1).to(v.dtype), cached_values)  # [B, kv_heads, group, D]
+    x = x + F.linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias)
+    h = rms_norm(x, w.feedforward_norm, eps)
+    gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+
+
+class FusedDecoder:
+    """The decode step over a SlotKVCache: `decoder(ids [B], positions [B], keys) -> (logits [B, V],
+    greedy [B])` for the rows of slots 0..B-1, each at its own position; attention reads the first `keys`
+    positions of each slot. Build with `from_model`."""
+
+    def __init__(self, embed: Callable, rope: Callable, final_norm: torch.Tensor, lm_head: torch.Tensor,
+                 layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, eps: float,
+                 qk_eps: float, cache: SlotKVCache, compile: bool):
+        self.embed, self.rope, self.final_norm, self.lm_head = embed, rope, final_norm, lm_head
+        self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
+        self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
+        self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
+        if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
+            self.layer_fn = torch.compile(decode_layer, dynamic=True, fullgraph=True)
+            self.prologue_fn = torch.compile(self.prologue, dynamic=True)
+            self.epilogue_fn = torch.compile(self.epilogue, dynamic=True, fullgraph=True)
+
+    @classmethod
+    def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False) -> "FusedDecoder":
+        """The decoder for a Forgather or Llama-family Hugging Face model (UnsupportedModel otherwise).
+        Rebinds the model's q/k/v and gate/up parameters as views of the fused weights."""
+        inner = getattr(model, "model", None)
+        with torch.no_grad():
+            if inner is not None and hasattr(inner, "lm_head_weight") and hasattr(inner, "layers"):
+                return cls._from_forgather(inner, cache, compile)
+            if getattr(getattr(model, "config", None), "model_type", None) in HF_MODEL_TYPES:
+                return cls._from_hugging_face(model, cache, compile)
+        raise UnsupportedModel(f"{type(model).__name__} is neither a Forgather Llama-style model nor one of "
+                               f"Hugging Face's {', '.join(HF_MODEL_TYPES)}")
+
+    @classmethod
+    def _from_forgather(cls, inner: Any, cache: SlotKVCache, compile: bool) -> "FusedDecoder":
+        from forgather.models.attention import Attention
+        from forgather.models.feedforward import SwiGLU
+        from forgather.models.layers import PreLNLayer
+        from forgather.models.norm import RMSNorm
+        from forgather.models.rope import RotaryEmbedding
+
+        def check(ok: bool, what: str) -> None:
+            if not ok:
+                raise UnsupportedModel(f"the fused decoder runs PreLNLayer(RMSNorm, Attention, SwiGLU) layers; {what}")
+
+        check(_same_class(inner.norm, RMSNorm) and _same_class(inner.rope, RotaryEmbedding),
+              "the final norm or rope differs")
+        check(not isinstance(getattr(inner, "embedding_dropout", None), nn.Dropout), "embedding dropout")
+        layers, eps = [], inner.norm.eps
+        for layer in inner.layers:
+            attention, feedforward = getattr(layer, "attention", None), getattr(layer, "feedforward", None)
+            check(_same_class(layer, PreLNLayer), f"a {type(layer).__name__}")
+            check(_same_class(attention, Attention) and _same_class(feedforward, SwiGLU), "another sublayer")
+            check(getattr(attention.attention_fn, "__name__", None) in STOCK_ATTENTION, "a custom attention_fn")
+            check(all(_same_class(norm, RMSNorm) and norm.eps == eps
+                      for norm in (layer.attention_norm, layer.feedforward_norm)), "another norm")
+            check(not any(isinstance(m, nn.Dropout) for m in layer.modules()), "dropout")
+        for layer in inner.layers:  # every layer checked first: a refused model keeps its parameters as they were
+            attention, feedforward = layer.attention, layer.feedforward
+            qkv, qkv_bias = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+            gate_up, gate_up_bias = _fuse([feedforward.gate_proj, feedforward.up_proj])
+            layers.append(LayerWeights(
+                layer.attention_norm.weight.detach(), qkv, qkv_bias, None, None, attention.o_proj.weight.detach(),
+                _bias(attention.o_proj), layer.feedforward_norm.weight.detach(), gate_up, gate_up_bias,
+                feedforward.down_proj.weight.detach(), _bias(feedforward.down_proj)))
+        first = inner.layers[0].attention
+        dtype = inner.lm_head_weight.dtype
+
+        def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = inner.rope(positions[:, None])
+            return cos.to(dtype), sin.to(dtype)
+
+        return cls(lambda ids: inner.embed(ids), rope, inner.norm.weight.detach(), inner.lm_head_weight.detach(),
+                   layers, first.num_heads, first.num_kv_heads, first.head_dim, eps, eps, cache, compile)
+
+    @classmethod
+    def _from_hugging_face(cls, model: Any, cache: SlotKVCache, compile: bool) -> "FusedDecoder":
+        config, inner = model.config, model.model
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(f"hidden_act={config.hidden_act!r}; the fused decoder runs SiLU MLPs")
+        layers, q_eps = [], None
+        for layer in inner.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            qkv, qkv_bias = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+            gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
+            q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+            if q_norm is not None:
+                q_eps = q_norm.variance_epsilon
+            layers.append(LayerWeights(
+                layer.input_layernorm.weight.detach(), qkv, qkv_bias,
+                None if q_norm is None else q_norm.weight.detach(), None if k_norm is None else k_norm.weight.detach(),
+                attention.o_proj.weight.detach(), _bias(attention.o_proj), layer.post_attention_layernorm.weight.detach(),
+                gate_up, gate_up_bias, mlp.down_proj.weight.detach(), _bias(mlp.down_proj)))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        scaling = getattr(inner.layers[0].self_attn, "scaling", head_dim ** -0.5)
+        if abs(scaling - head_dim ** -0.5) > 1e-9:
+            raise UnsupportedModel(f"attention scaling {scaling} is not 1/sqrt(head_dim)")
+        eps = inner.norm.variance_epsilon
+        embed = inner.embed_tokens
+
+        def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return inner.rotary_emb(embed.weight[:1], positions[:, None])  # weight: the dtype and device
+
+        return cls(lambda ids: embed(ids), rope, inner.norm.weight.detach(), model.lm_head.weight.detach(), layers,
+                   config.num_attention_heads, config.num_key_value_heads, head_dim, eps,
+                   q_eps if q_eps is not None else eps, cache, compile)
+
+    # --- the step -----------------------------------------------------------------------------------------
+
+    def prologue(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor):
+        """The embedded tokens [B, hidden], cos/sin [B, 1, D], row indices and the window's mask [B, keys]
+        (`keys` is an arange over the window)."""
+        cos, sin = self.rope(positions)
+        cos, sin = cos.reshape(ids.shape[0], 1, -1), sin.reshape(ids.shape[0], 1, -1)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return self.embed(ids), cos, sin, rows, keys[None, :] <= positions[:, None]
+
+    def epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)
+        return logits, logits.argmax(dim=-1)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device."""
+        x, cos, sin, rows, visible = self.prologue_fn(ids, positions, keys)
+        for index, weights in enumerate(self.layers):
+            x = self.layer_fn(x, cos, sin, rows, positions, visible, self.cache.keys[index],
+                              self.cache.values[index], weights, self.heads, self.kv_heads, self.eps, self.qk_eps)
+        return self.epilogue_fn(x)
