@@ -148,10 +148,20 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
                     fused=fused)
     setup = time.perf_counter() - started
     try:
+        extra = dict(fused=engine.fused is not None, setup_s=setup)
+        if engine.fused is not None:  # the step as run (compiled) against the modules' step: two rows' logits
+            ids = torch.tensor([1, 2], device=engine.device)
+            positions = torch.full((2,), 300, device=engine.device)
+            keys = engine.key_buckets[1]
+            with torch.inference_mode():
+                theirs = engine._forward(ids[:, None], positions[:, None], slice(0, 2), keys).float()
+                mine = engine.fused(ids, positions, engine.key_ranges[keys])[0].float()
+            extra["logit_error"] = ((mine - theirs).norm() / theirs.norm()).item()
+            extra["same_argmax"] = bool((mine.argmax(-1) == theirs.argmax(-1)).all())
         engine_run(engine, prompt, tokens)  # warm-up
         ttft, rate, gaps = engine_run(engine, prompt, tokens)
         row(name, tokens_per_s=rate, ttft_ms=ttft * 1e3, itl_p50_ms=percentile(gaps, 0.5) * 1e3,
-            itl_p99_ms=percentile(gaps, 0.99) * 1e3, floor_share=rate / floor, setup_s=setup)
+            itl_p99_ms=percentile(gaps, 0.99) * 1e3, floor_share=rate / floor, **extra)
         if profile and engine.graphs:
             profile_step(engine)
         if ttft_prompt:
@@ -290,6 +300,12 @@ def main() -> None:
         word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
         bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
         if args.variants:
+            import forgather.serve.fused as fused
+
+            options, fused.COMPILE_OPTIONS = fused.COMPILE_OPTIONS, {}
+            bench_engine("engine hf-llama, fused compiled without coordinate descent", model, prompt, args.tokens,
+                         floor, None)
+            fused.COMPILE_OPTIONS = options
             bench_engine("engine hf-llama, fused uncompiled", model, prompt, args.tokens, floor, None, compile=False)
             bench_engine("engine hf-llama, the model's modules", model, prompt, args.tokens, floor, None,
                          compile=False, fused=False)

@@ -192,7 +192,7 @@ def test_a_module_named_like_ours_that_computes_otherwise_is_caught_by_the_logit
     backend = Backend.load(tmp_path, context_length=CONTEXT)
     layer = backend.model.model.layers[1]
     layer.feedforward_norm = RMSNorm(layer.feedforward_norm.weight, layer.feedforward_norm.eps)
-    with pytest.raises(UnsupportedModel, match="differ from the model's own"):
+    with pytest.raises(UnsupportedModel, match="does not compute what the model's modules do"):
         Engine(backend.model, set(), slots=2, context_length=CONTEXT, fused=True)
     engine = Engine(backend.model, set(), slots=2, context_length=CONTEXT)
     engine.close()

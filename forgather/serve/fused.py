@@ -33,6 +33,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+COMPILE_OPTIONS = {
+    # inductor turns a product with one row into a multiply and a reduction, which it generates and tunes,
+    # only with coordinate-descent tuning on: for batch-1 decoding that beats cuBLAS's matrix-vector kernels
+    "coordinate_descent_tuning": True,
+}
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,9 +155,10 @@ class FusedDecoder:
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
         self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
-            self.layer_fn = torch.compile(decode_layer, dynamic=True, fullgraph=True)
-            self.prologue_fn = torch.compile(self.prologue, dynamic=True)
-            self.epilogue_fn = torch.compile(self.epilogue, dynamic=True, fullgraph=True)
+            options = dict(dynamic=True, options=dict(COMPILE_OPTIONS))
+            self.layer_fn = torch.compile(decode_layer, fullgraph=True, **options)
+            self.prologue_fn = torch.compile(self.prologue, **options)
+            self.epilogue_fn = torch.compile(self.epilogue, fullgraph=True, **options)
 
     @classmethod
     def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False) -> "FusedDecoder":
@@ -239,6 +246,26 @@ class FusedDecoder:
         return cls(lambda ids: embed(ids), rope, inner.norm.weight.detach(), model.lm_head.weight.detach(), layers,
                    config.num_attention_heads, config.num_key_value_heads, head_dim, eps,
                    q_eps if q_eps is not None else eps, cache, compile)
+
+    def compare(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                seen: list[tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor) -> float:
+        """The largest relative error of this decoder's pieces against the model's modules, given what the
+        modules' step of the same rows recorded: (input, output) [B, hidden] of every layer, then of the final
+        norm, and its logits. A layer is compared by what it adds to the residual stream."""
+        def relative(mine: torch.Tensor, theirs: torch.Tensor) -> float:
+            mine, theirs = mine.float(), theirs.float()
+            return ((mine - theirs).norm() / theirs.norm().clamp_min(1e-12)).item()
+
+        if len(seen) != len(self.layers) + 1:
+            return float("inf")
+        x, cos, sin, rows, visible = self.prologue(ids, positions, keys)
+        errors = [relative(x, seen[0][0])]
+        for index, (weights, (given, output)) in enumerate(zip(self.layers, seen)):
+            mine = decode_layer(given, cos, sin, rows, positions, visible, self.cache.keys[index],
+                                self.cache.values[index], weights, self.heads, self.kv_heads, self.eps, self.qk_eps)
+            errors.append(relative(mine.float() - given.float(), output.float() - given.float()))
+        errors.append(relative(self.epilogue(seen[-1][0])[0], logits))
+        return max(errors)
 
     # --- the step -----------------------------------------------------------------------------------------
 
