@@ -6,7 +6,7 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
   hf eager         transformers generate(), dynamic cache, batch 1
   hf static        generate(cache_implementation="static"), which transformers compiles (--hf-compile)
   engine           forgather.serve.engine.Engine at batch 1 as the server runs it (the fused decoder, compiled,
-                   in CUDA graphs), the HF model and the same model converted to a Forgather directory; the
+                   in CUDA graphs; `--variants`: also tuned, as `inf server -c` runs it), the HF model and the same model converted to a Forgather directory; the
                    7B shape too; `--variants` adds the fused decoder uncompiled and the models' own modules
                    (the engine before the fused decoder), both in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
@@ -175,7 +175,7 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
 
 def profile_step(engine) -> None:
     """GPU time of one graphed decode step at batch 1 and 32 (graph replays back to back), and the kernels of
-    the step (outside a graph) at batch 1 by CUDA time."""
+    five replays at batch 1 by CUDA time."""
     for size in (1, engine.slots):
         graph = engine.graphs[size, engine.key_buckets[0]][0]
         sync()
@@ -184,11 +184,10 @@ def profile_step(engine) -> None:
             graph.replay()
         sync()
         row(f"graph step batch {size}", step_ms=(time.perf_counter() - start) * 10)
-    ids = torch.zeros((1,), dtype=torch.long, device=engine.device)
-    positions = torch.full((1,), 200, dtype=torch.long, device=engine.device)
-    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    graph = engine.graphs[1, engine.key_buckets[0]][0]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            engine._decode_step(ids, positions, 1, engine.key_buckets[0])
+            graph.replay()
         sync()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
 
@@ -278,7 +277,8 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--hf-compile", action="store_true", help="also generate() with a static cache (compiles)")
     parser.add_argument("--variants", action="store_true",
-                        help="also the engine's fused decoder uncompiled, and the model's own modules (the baseline)")
+                        help="also the engine's fused decoder tuned (-c: minutes of tuning) and uncompiled, and the "
+                             "model's own modules (the baseline)")
     parser.add_argument("--profile", action="store_true", help="time graph replays; list the step's kernels")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -300,12 +300,8 @@ def main() -> None:
         word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
         bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
         if args.variants:
-            import forgather.serve.fused as fused
-
-            options, fused.COMPILE_OPTIONS = fused.COMPILE_OPTIONS, {}
-            bench_engine("engine hf-llama, fused compiled without coordinate descent", model, prompt, args.tokens,
-                         floor, None)
-            fused.COMPILE_OPTIONS = options
+            bench_engine("engine hf-llama, fused compiled and tuned (-c)", model, prompt, args.tokens, floor, None,
+                         compile=True)
             bench_engine("engine hf-llama, fused uncompiled", model, prompt, args.tokens, floor, None, compile=False)
             bench_engine("engine hf-llama, the model's modules", model, prompt, args.tokens, floor, None,
                          compile=False, fused=False)

@@ -109,7 +109,8 @@ class Backend:
         """Load a model directory. Without `device_map` the model goes to the first GPU, or the CPU;
         `device_map="auto"` spreads it over the visible GPUs (accelerate; `max_memory` caps each device,
         {0: "20GiB", 1: ...}), or keeps it on the CPU. `engine` starts the batching engine with
-        `max_num_seqs` slots (`compile` then compiles its decode step instead of the model's forward)."""
+        `max_num_seqs` slots (`compile` then compiles and tunes its decode step instead of compiling the model's
+        forward; without it the engine compiles its step untuned on a GPU)."""
         from transformers import AutoModelForCausalLM
 
         from forgather.convert.directory import is_forgather_directory
@@ -143,7 +144,7 @@ class Backend:
             length = min(length, ENGINE_CONTEXT)
         backend = cls(model, tokenizer, length, _stop_token_ids(model, tokenizer))
         if engine:
-            backend.start_engine(max_num_seqs, compile=compile)
+            backend.start_engine(max_num_seqs, compile=True if compile else None)  # None: the engine's default
         return backend
 
     def start_engine(self, slots: int, **options: Any) -> None:

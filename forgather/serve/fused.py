@@ -19,7 +19,8 @@ This module runs the same arithmetic in few kernels:
   against [B, kv_heads, keys, D]: no copy of the keys per query head), output projection, residual,
   norm, gate/up, SiLU, down, residual. On a GPU it goes through torch.compile once (dynamic shapes):
   every layer has the same shapes, so that one compile serves them all, and inductor fuses the norms,
-  rotary and SiLU into the products' neighbours. `prologue` (embedding, cos/sin, the window's mask) and
+  rotary and SiLU into the products' neighbours; "tuned" compiles with coordinate-descent tuning, which
+  also turns batch-1 products into tuned reductions (faster decoding, minutes more at start). `prologue` (embedding, cos/sin, the window's mask) and
   `epilogue` (final norm, LM head, greedy argmax) are compiled likewise. The engine captures the whole
   step in a CUDA graph per (batch, window) bucket.
 
@@ -33,11 +34,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-COMPILE_OPTIONS = {
+TUNED_OPTIONS = {
     # inductor turns a product with one row into a multiply and a reduction, which it generates and tunes,
-    # only with coordinate-descent tuning on: for batch-1 decoding that beats cuBLAS's matrix-vector kernels
+    # only with coordinate-descent tuning on: batch-1 decoding gets faster than through cuBLAS's
+    # matrix-vector kernels (scripts/bench_serve.py), at minutes of tuning when the engine starts
     "coordinate_descent_tuning": True,
 }
+# Every decoder in a process (one per model shape, dtype and option set) adds graphs to the one cache that
+# dynamo keeps for decode_layer's code; the default limit (8) is meant for one function's varying inputs.
+RECOMPILE_LIMIT = 64
 
 import torch
 import torch.nn.functional as F
@@ -149,21 +154,25 @@ class FusedDecoder:
 
     def __init__(self, embed: Callable, rope: Callable, final_norm: torch.Tensor, lm_head: torch.Tensor,
                  layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, eps: float,
-                 qk_eps: float, cache: SlotKVCache, compile: bool):
+                 qk_eps: float, cache: SlotKVCache, compile: bool | str):
         self.embed, self.rope, self.final_norm, self.lm_head = embed, rope, final_norm, lm_head
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
         self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
-            options = dict(dynamic=True, options=dict(COMPILE_OPTIONS))
+            import torch._dynamo
+
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            options = dict(dynamic=True, options=dict(TUNED_OPTIONS) if compile == "tuned" else {})
             self.layer_fn = torch.compile(decode_layer, fullgraph=True, **options)
             self.prologue_fn = torch.compile(self.prologue, **options)
             self.epilogue_fn = torch.compile(self.epilogue, fullgraph=True, **options)
 
     @classmethod
-    def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False) -> "FusedDecoder":
+    def from_model(cls, model: Any, cache: SlotKVCache, compile: bool | str = False) -> "FusedDecoder":
         """The decoder for a Forgather or Llama-family Hugging Face model (UnsupportedModel otherwise).
-        Rebinds the model's q/k/v and gate/up parameters as views of the fused weights."""
+        Rebinds the model's q/k/v and gate/up parameters as views of the fused weights. `compile`: True
+        compiles the step, "tuned" also tunes its kernels (TUNED_OPTIONS)."""
         inner = getattr(model, "model", None)
         with torch.no_grad():
             if inner is not None and hasattr(inner, "lm_head_weight") and hasattr(inner, "layers"):
@@ -174,7 +183,7 @@ class FusedDecoder:
                                f"Hugging Face's {', '.join(HF_MODEL_TYPES)}")
 
     @classmethod
-    def _from_forgather(cls, inner: Any, cache: SlotKVCache, compile: bool) -> "FusedDecoder":
+    def _from_forgather(cls, inner: Any, cache: SlotKVCache, compile: bool | str) -> "FusedDecoder":
         from forgather.models.attention import Attention
         from forgather.models.feedforward import SwiGLU
         from forgather.models.layers import PreLNLayer
@@ -216,7 +225,7 @@ class FusedDecoder:
                    layers, first.num_heads, first.num_kv_heads, first.head_dim, eps, eps, cache, compile)
 
     @classmethod
-    def _from_hugging_face(cls, model: Any, cache: SlotKVCache, compile: bool) -> "FusedDecoder":
+    def _from_hugging_face(cls, model: Any, cache: SlotKVCache, compile: bool | str) -> "FusedDecoder":
         config, inner = model.config, model.model
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"hidden_act={config.hidden_act!r}; the fused decoder runs SiLU MLPs")
