@@ -287,6 +287,38 @@ def test_one_step_prefills_several_prompts_within_the_budget():
 # --- text -------------------------------------------------------------------------------------------------
 
 
+def test_the_mailbox_wakes_the_event_loop_once_for_a_batch_of_tokens():
+    """Tokens posted from the engine's thread reach their queues in order, with one loop wake-up for all
+    that arrive before the loop runs (not one system call per token)."""
+    import asyncio
+
+    from forgather.serve.app import Mailbox
+
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    original = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *args: wakeups.append(args) or original(*args)
+    try:
+        mailbox = Mailbox(loop)
+        queues = [asyncio.Queue(), asyncio.Queue()]
+        poster = threading.Thread(target=lambda: [mailbox.post(queues[i % 2], i) for i in range(100)])
+        poster.start()
+        poster.join()
+
+        async def drain():
+            await asyncio.sleep(0)
+            return [[q.get_nowait() for _ in range(q.qsize())] for q in queues]
+
+        assert loop.run_until_complete(drain()) == [list(range(0, 100, 2)), list(range(1, 100, 2))]
+        assert len(wakeups) == 1
+        mailbox.post(queues[0], "more")  # after a flush, the next item wakes the loop again
+        assert len(wakeups) == 2 and loop.run_until_complete(queues[0].get()) == "more"
+    finally:
+        loop.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        mailbox.post(queues[0], 1)
+
+
 def test_incremental_detokenization_equals_decoding_everything(tokenizer):
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     text = "once upon a time: é, 漢字 and 🙂 there was"

@@ -23,7 +23,7 @@ import hmac
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -129,6 +129,34 @@ def _sse(body: dict | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
 
+class Mailbox:
+    """Hands items from the engine's thread to queues of one event loop, waking the loop once per batch.
+
+    `loop.call_soon_threadsafe` writes to the loop's wake-up pipe on every call; an engine step delivers a
+    token to each of its running requests, so posting them one by one costs a system call and a loop
+    wake-up per token. Here the items collect under a lock and one scheduled `flush` hands over all that
+    arrived before it runs, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        if self.loop.is_closed():  # the engine then stops the request: nobody reads it any more
+            raise RuntimeError("the event loop is closed")
+        with self.lock:
+            self.pending.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
 class Generator:
     """Runs completions on the backend's engine, or Backend.stream on the single worker thread, and hands
     their Deltas to the event loop."""
@@ -136,6 +164,7 @@ class Generator:
     def __init__(self, backend: Backend):
         self.backend = backend
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgather-generate")
+        self.mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams, request: Request) -> Delta:
         """The whole completion as one Delta (text joined; finish_reason and token count of the last).
@@ -162,8 +191,9 @@ class Generator:
         if engine is None:
             return self._worker_stream(prompt_ids, params)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        mailbox = self.mailboxes.get(loop) or self.mailboxes.setdefault(loop, Mailbox(loop))
         try:
-            request = engine.submit(prompt_ids, params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+            request = engine.submit(prompt_ids, params, lambda item: mailbox.post(queue, item))
         except QueueFull as error:
             raise APIError(429, str(error), "requests", code="rate_limit_exceeded") from None
         return self._engine_stream(request, queue, params)

@@ -101,6 +101,14 @@ def _same_class(module: Any, cls: type) -> bool:
     return isinstance(module, cls) or type(module).__name__ == cls.__name__
 
 
+def _compiled(functions: tuple[Callable, ...], options: dict) -> tuple[Callable, ...]:
+    """(layer, prologue, epilogue) through torch.compile with dynamic shapes and inductor `options`."""
+    layer, prologue, epilogue = functions
+    common = dict(dynamic=True, options=dict(options))
+    return (torch.compile(layer, fullgraph=True, **common), torch.compile(prologue, **common),
+            torch.compile(epilogue, fullgraph=True, **common))
+
+
 def _bias(module: nn.Linear) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach()
 
@@ -158,15 +166,16 @@ class FusedDecoder:
         self.embed, self.rope, self.final_norm, self.lm_head = embed, rope, final_norm, lm_head
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
-        self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
+        # (layer, prologue, epilogue) for batch 1 and for larger batches
+        eager = (decode_layer, self.prologue, self.epilogue)
+        self.single = self.batched = eager
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
             import torch._dynamo
 
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            options = dict(dynamic=True, options=dict(TUNED_OPTIONS) if compile == "tuned" else {})
-            self.layer_fn = torch.compile(decode_layer, fullgraph=True, **options)
-            self.prologue_fn = torch.compile(self.prologue, **options)
-            self.epilogue_fn = torch.compile(self.epilogue, fullgraph=True, **options)
+            self.batched = _compiled(eager, {})
+            # Tuning pays at batch 1, where products become reductions; a batch's products stay cuBLAS's.
+            self.single = _compiled(eager, TUNED_OPTIONS) if compile == "tuned" else self.batched
 
     @classmethod
     def from_model(cls, model: Any, cache: SlotKVCache, compile: bool | str = False) -> "FusedDecoder":
@@ -293,8 +302,9 @@ class FusedDecoder:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device."""
-        x, cos, sin, rows, visible = self.prologue_fn(ids, positions, keys)
+        layer, prologue, epilogue = self.single if ids.shape[0] == 1 else self.batched
+        x, cos, sin, rows, visible = prologue(ids, positions, keys)
         for index, weights in enumerate(self.layers):
-            x = self.layer_fn(x, cos, sin, rows, positions, visible, self.cache.keys[index],
-                              self.cache.values[index], weights, self.heads, self.kv_heads, self.eps, self.qk_eps)
-        return self.epilogue_fn(x)
+            x = layer(x, cos, sin, rows, positions, visible, self.cache.keys[index], self.cache.values[index],
+                      weights, self.heads, self.kv_heads, self.eps, self.qk_eps)
+        return epilogue(x)
