@@ -161,7 +161,7 @@ class Engine:
     the decode step first (True: and tunes it, see FusedDecoder)."""
 
     def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
-                 prefill_chunk: int = 512, max_waiting: int = 64, cuda_graphs: bool | None = None,
+                 prefill_chunk: int = 2048, max_waiting: int = 64, cuda_graphs: bool | None = None,
                  compile: bool | None = None, fused: bool | None = None):
         self.step = model_step(model)
         weight = model.get_input_embeddings().weight
