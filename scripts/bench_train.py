@@ -14,7 +14,7 @@ becomes a row with its error while the other rows go on):
                     SwiGLU kernels; in training mode its forward computes the loss with Liger's fused linear
                     cross-entropy, no logits), eager
   hf-liger-compile  the same under torch.compile
-  torchtitan        torchtitan's Llama 3 trainer on this shape (see `torchtitan_row`: why it is or is not run)
+  torchtitan        torchtitan's Llama 3 trainer on this shape (`torchtitan_worker`), compiled; `torchtitan-eager` not
   forgather         python -m forgather.run: our model, loss=fused, attention_fn=flex, per-layer torch.compile,
                     Lightning Trainer(precision=bf16-true); `--variant NAME OVERRIDE...` adds more such runs
   memory24          bench_memory's 24 GiB configuration (7B shape, one 24,576-token row, activation
@@ -38,6 +38,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -57,7 +58,8 @@ SHAPES = {
                  batch=2, seq=64, optimizer="adamw"),
 }
 HF_PATHS = ("hf", "hf-compile", "hf-liger", "hf-liger-compile")
-ALL_PATHS = (*HF_PATHS, "torchtitan", "forgather", "memory24")
+TITAN_PATHS = ("torchtitan", "torchtitan-eager")
+ALL_PATHS = (*HF_PATHS, *TITAN_PATHS, "forgather", "memory24")
 MEMORY24_TOKENS, MEMORY24_MLP_CHUNK = 24576, 4096
 
 
@@ -100,7 +102,8 @@ def hf_worker(args: argparse.Namespace, shape: dict, path: str) -> dict:
         tie_word_embeddings=shape["tied"], max_position_embeddings=shape["seq"], attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device, dtype)
+    with torch.device(device):  # initialized where it trains: a 1.24B init on the host takes many seconds
+        model = LlamaForCausalLM(config).to(dtype)
     model.train()  # Liger's forward skips the logits (fused linear cross-entropy) only in training mode
     forward = torch.compile(model) if path.endswith("compile") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -181,15 +184,132 @@ def memory24_worker(args: argparse.Namespace) -> dict:
     return {**result, "peak_gib": max(peaks)} if cuda else result
 
 
-# torchtitan
+# torchtitan (worker `torchtitan` / `torchtitan-eager`; needs the packages of .whl_titan/)
 
-def torchtitan_row(args: argparse.Namespace, shape: dict) -> dict:
-    """Why torchtitan is not run: its import, or the torch it needs, fails here; the reason is the row."""
-    try:
-        import torchtitan  # noqa: F401
-    except Exception as error:  # an import that fails is the answer, whatever its kind
-        return {"error": f"torchtitan does not import: {type(error).__name__}: {error}"}
-    return {"error": "torchtitan imports, but this script has no torchtitan trainer run yet"}
+def torchtitan_worker(args: argparse.Namespace, shape: dict, path: str) -> dict:
+    """torchtitan's own Trainer on this shape: a Llama 3 flavor registered here (its `_1B` flavor is the same
+    1.24B shape; 7b and tiny are not among its flavors), random weights, random tokens of one document per row
+    (no tokenizer, no download), pure bf16 (training.dtype), fused AdamW, flex attention, no activation
+    checkpointing, no checkpoints; torch.compile of model and loss unless `-eager`. Its loop keeps what it
+    always does (gradient clipping at norm 1, its chunked cross-entropy). Timed by windows of train_step."""
+    import dataclasses
+    import socket
+
+    import torch
+
+    with socket.socket() as probe:  # a free port for its single-rank process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.dataloader import BaseDataLoader
+    from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+    from torchtitan.components.metrics import MetricsProcessor
+    from torchtitan.components.optimizer import default_adamw
+    from torchtitan.components.tokenizer import BaseTokenizer
+    from torchtitan.config import CompileConfig, TrainingConfig
+    from torchtitan.models import llama3
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.config_utils import decoder_vocab_size
+    from torchtitan.trainer import Trainer
+
+    batch, seq, vocab = shape["batch"], shape["seq"], shape["vocab"]
+
+    class NoTokenizer(BaseTokenizer):
+        """The data are token ids already: nothing to encode."""
+
+        @dataclasses.dataclass(kw_only=True, slots=True)
+        class Config(BaseTokenizer.Config):
+            pass
+
+        def __init__(self, config, tokenizer_path=None, **kwargs) -> None:
+            super().__init__()
+
+        def encode(self, *args, **kwargs) -> list[int]:
+            raise NotImplementedError("the benchmark feeds token ids")
+
+        def decode(self, *args, **kwargs) -> str:
+            raise NotImplementedError("the benchmark feeds token ids")
+
+        def get_vocab_size(self) -> int:
+            return vocab
+
+    class RandomTokens(BaseDataLoader):
+        """Endless batches of random token ids, one document per row (positions 0..T-1)."""
+
+        @dataclasses.dataclass(kw_only=True, slots=True)
+        class Config(BaseDataLoader.Config):
+            pass
+
+        def __init__(self, config, *, local_batch_size: int, seq_len: int, **kwargs) -> None:
+            generator = torch.Generator().manual_seed(0)
+            self.ids = torch.randint(0, vocab, (local_batch_size, seq_len + 1), generator=generator)
+            self.positions = torch.arange(seq_len).expand(local_batch_size, seq_len).contiguous()
+
+        def __iter__(self):
+            while True:
+                yield {"input": self.ids[:, :-1], "positions": self.positions}, self.ids[:, 1:]
+
+        def state_dict(self) -> dict:
+            return {}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            pass
+
+    def flavor(attn_backend: str, tp_gemm_backend: str = "default"):
+        dim, heads = shape["hidden"], shape["heads"]
+        head = Linear.Config(in_features=dim, out_features=vocab, param_init=llama3._output_linear_init(dim))
+        return llama3.Llama3Model.Config(
+            dim=dim, vocab_size=vocab, enable_weight_tying=shape["tied"],
+            tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim,
+                                            param_init=llama3._EMBEDDING_INIT),
+            norm=RMSNorm.Config(normalized_shape=dim, param_init=llama3._NORM_INIT), lm_head=head,
+            layers=llama3._build_llama3_layers(
+                n_layers=shape["layers"], dim=dim, n_heads=heads, n_kv_heads=shape["kv_heads"],
+                hidden_dim=shape["intermediate"], attn_backend=attn_backend, tp_gemm_backend=tp_gemm_backend,
+                rope=ComplexRoPE.Config(dim=dim // heads, max_seq_len=seq, theta=500000, scaling="llama"),
+            ),
+        )
+
+    llama3.llama3_configs["forgather_bench"] = flavor
+    spec = llama3.model_registry("forgather_bench", attn_backend="flex")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Trainer.Config(
+            model_spec=spec, dump_folder=tmp, hf_assets_path=tmp,
+            loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(spec))),
+            optimizer=default_adamw(lr=1e-4),
+            training=TrainingConfig(local_batch_size=batch, seq_len=seq, steps=args.steps, dtype="bfloat16"),
+            tokenizer=NoTokenizer.Config(), dataloader=RandomTokens.Config(),
+            metrics=MetricsProcessor.Config(log_freq=args.log_every),
+            checkpoint=CheckpointManager.Config(enable=False), activation_checkpoint=None,
+            compile=CompileConfig(enable=not path.endswith("eager")),
+        )
+        trainer = config.build()
+        rates, window = [], {"steps": 0, "start": time.perf_counter()}
+        train_step = trainer.train_step
+
+        def timed_step(*step_args, **step_kwargs):
+            train_step(*step_args, **step_kwargs)
+            window["steps"] += 1
+            if window["steps"] % args.log_every == 0:
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                rates.append(args.log_every * batch * seq / (now - window["start"]))
+                window["start"] = now
+
+        trainer.train_step = timed_step
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    import torchtitan
+
+    result = {"tokens_per_s": median_of_late_windows(rates), "version": torchtitan.__version__}
+    return {**result, "peak_gib": torch.cuda.max_memory_allocated() / 2**30} if args.device == "cuda" else result
 
 
 # forgather.run
@@ -225,7 +345,7 @@ PROFILE_TRAINER_BLOCK = """
 def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: str, overrides: list[str]) -> list[str]:
     cpu = args.device == "cpu"
     profile = name in args.profile
-    model = {"1b": "llama_1b", "7b": "llama_7b"}.get(args.shape, "llama")
+    model = "llama" if args.tiny else {"1b": "llama_1b", "7b": "llama_7b"}.get(args.shape, "llama")
     trainer = "cpu" if cpu else "gpu"
     project = tmp / "bench"
     (project / "templates" / "configs").mkdir(parents=True)
@@ -238,7 +358,9 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
         shape=args.shape, model=model, trainer=trainer, loss="chunked" if cpu else args.loss, seq=shape["seq"],
         batch=shape["batch"], trainer_block=trainer_block,
     ))
-    optimizer = args.optimizer or shape["optimizer"]
+    optimizer = args.optimizer or SHAPES[args.shape]["optimizer"]
+    if cpu and optimizer == "adafactor_triton":
+        optimizer = "adafactor"  # the same algorithm without Triton
     sizes = [f"hidden_size={shape['hidden']}", f"num_layers={shape['layers']}", f"num_heads={shape['heads']}",
              f"num_kv_heads={shape['kv_heads']}", f"intermediate_size={shape['intermediate']}"]
     return [
@@ -295,14 +417,18 @@ def run_process(command: list[str], timeout: float, env: dict | None = None) -> 
     return (None if timer_fired else process.returncode), lines
 
 
+EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b:?.*)$")
+
+
 def failure(status: int | None, lines: list[str], timeout: float) -> str:
-    """One line saying why a path gave no result: the timeout, or the last exception line of its output."""
+    """One line saying why a path gave no result: the timeout, or the last exception line of its output
+    (`Name: message`, also behind torch.distributed's `[rank0]:` prefix), else its last line."""
     if status is None:
         return f"killed after the piece's timeout of {timeout:.0f} s"
     for line in reversed(lines):
-        text = line.strip()
-        if text and (("Error" in text or "Exception" in text) and not text.startswith(("File ", "raise "))):
-            return text[:300]
+        match = EXCEPTION_LINE.match(line.strip())
+        if match:
+            return match.group(1)[:300]
     tail = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
     return f"exit status {status}: {tail[:300]}"
 
@@ -310,9 +436,7 @@ def failure(status: int | None, lines: list[str], timeout: float) -> str:
 def run_path(args: argparse.Namespace, shape: dict, name: str, overrides: list[str] | None) -> dict:
     """One row: `overrides` is a list for forgather runs (the `forgather` path and each variant), else None."""
     start = time.perf_counter()
-    if name == "torchtitan":
-        result = torchtitan_row(args, shape)
-    elif overrides is not None:
+    if overrides is not None:
         with tempfile.TemporaryDirectory() as tmp:
             command = forgather_command(args, shape, Path(tmp), name, overrides)
             status, lines = run_process(command, args.timeout)
@@ -337,7 +461,7 @@ def run_path(args: argparse.Namespace, shape: dict, name: str, overrides: list[s
 
 
 def worker_args(args: argparse.Namespace) -> list[str]:
-    return ["--shape", args.shape, "--device", args.device, "--steps", str(args.steps), "--log-every",
+    return ["--shape", args.shape, *(["--tiny"] if args.tiny else []), "--device", args.device, "--steps", str(args.steps), "--log-every",
             str(args.log_every), "--profile-steps", str(args.profile_steps), "--memory-steps", str(args.memory_steps),
             "--profile", *args.profile]
 
@@ -369,7 +493,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--paths", nargs="+", choices=ALL_PATHS, default=None,
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny dimensions under the shape's name: a CPU rehearsal of a GPU command")
+    parser.add_argument("--paths", nargs="*", choices=ALL_PATHS, default=None,
                         help="default: every HF path, torchtitan and forgather (1b, tiny); forgather and memory24 (7b)")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
                         help="one more forgather run named NAME with these overrides (repeatable)")
@@ -384,8 +510,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default="flex", help="attention_fn of our model")
     parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE", help="more overrides for every forgather run")
     parser.add_argument("--timeout", type=float, default=300, help="seconds each path may take before it is killed")
-    parser.add_argument("--out", type=Path, help="write results.json and summary.md here")
-    parser.add_argument("--worker", choices=(*HF_PATHS, "memory24"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help="write results_SHAPE.json and summary_SHAPE.md here")
+    parser.add_argument("--append", action="store_true", help="add the rows to those of --out's results_SHAPE.json")
+    parser.add_argument("--worker", choices=(*HF_PATHS, *TITAN_PATHS, "memory24"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.paths is None:
         args.paths = ["forgather", "memory24"] if args.shape == "7b" else [*HF_PATHS, "torchtitan", "forgather"]
@@ -396,20 +523,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    shape = SHAPES[args.shape]
+    shape = SHAPES["tiny"] if args.tiny else SHAPES[args.shape]
     if args.worker:
-        result = memory24_worker(args) if args.worker == "memory24" else hf_worker(args, shape, args.worker)
+        if args.worker == "memory24":
+            result = memory24_worker(args)
+        elif args.worker in TITAN_PATHS:
+            result = torchtitan_worker(args, shape, args.worker)
+        else:
+            result = hf_worker(args, shape, args.worker)
         print("RESULT " + json.dumps(result), flush=True)
         return
     runs = [(name, [] if name == "forgather" else None) for name in args.paths]
     runs += [(variant[0], variant[1:]) for variant in args.variant]
-    results = [run_path(args, shape, name, overrides) for name, overrides in runs]
-    text = summary_table(results, shape, args)
+    previous = args.out / f"results_{args.shape}.json" if args.out else None
+    results = json.loads(previous.read_text()) if args.append and previous and previous.exists() else []
+    for name, overrides in runs:
+        results.append(run_path(args, shape, name, overrides))
+        text = summary_table(results, shape, args)
+        if args.out:  # after every row: a run cut short by the device's time limit keeps the rows it made
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"results_{args.shape}.json").write_text(json.dumps(results, indent=1))
+            (args.out / f"summary_{args.shape}.md").write_text(text)
     print("\n" + text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"results_{args.shape}.json").write_text(json.dumps(results, indent=1))
-        (args.out / f"summary_{args.shape}.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ def test_failure_names_the_exception_or_the_timeout():
     assert bench_train.failure(1, lines, 60) == "torch.OutOfMemoryError: CUDA out of memory"
     assert bench_train.failure(None, lines, 60) == "killed after the piece's timeout of 60 s"
     assert bench_train.failure(3, ["done"], 60) == "exit status 3: done"
+    distributed = ["[rank0]:     raise NotImplementedError(", "[rank0]: torch._dynamo.exc.ObservedNotImplementedError: "
+                   "raised exception NotImplementedError('no backward on CPU')", "[rank0]:[W] process group not destroyed"]
+    assert bench_train.failure(1, distributed, 60).startswith("torch._dynamo.exc.ObservedNotImplementedError: raised")
 
 
 def test_smoke_run_on_cpu_gives_every_kind_of_row(tmp_path):
