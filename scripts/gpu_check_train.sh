@@ -7,7 +7,7 @@
 #                     checkpointing if it does not fit) and bench_memory's 24 GiB step. Most telling rows first:
 #                     a row cut off by the call's time limit loses only itself (rows are written as they finish).
 #   part b            our step's options side by side on the 1.24B shape: default, fused_projections=true,
-#                     compile=model, both, attention_fn=sdpa.
+#                     compile_scope=model (embedding to final norm as one compiled graph), both, attention_fn=sdpa.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|tests] [more bench_train.py args]
@@ -58,7 +58,8 @@ a)
     ;;
 b)
     bench bench_1b_options.log --shape 1b --steps 20 --paths forgather --variant fused-proj fused_projections=true \
-        --variant compile-model compile=model --variant fused-proj+compile-model fused_projections=true compile=model \
+        --variant compile-model compile_scope=model \
+        --variant fused-proj+compile-model fused_projections=true compile_scope=model \
         --variant sdpa attention_fn=sdpa --timeout 150 "$@"
     ;;
 tests)
