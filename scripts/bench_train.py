@@ -510,8 +510,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default="flex", help="attention_fn of our model")
     parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE", help="more overrides for every forgather run")
     parser.add_argument("--timeout", type=float, default=300, help="seconds each path may take before it is killed")
-    parser.add_argument("--out", type=Path, help="write results_SHAPE.json and summary_SHAPE.md here")
-    parser.add_argument("--append", action="store_true", help="add the rows to those of --out's results_SHAPE.json")
+    parser.add_argument("--out", type=Path, help="write results_LABEL.json and summary_LABEL.md here")
+    parser.add_argument("--label", help="the output files' LABEL (default: the shape)")
+    parser.add_argument("--append", action="store_true", help="add the rows to those of --out's results_LABEL.json")
     parser.add_argument("--worker", choices=(*HF_PATHS, *TITAN_PATHS, "memory24"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.paths is None:
@@ -535,15 +536,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     runs = [(name, [] if name == "forgather" else None) for name in args.paths]
     runs += [(variant[0], variant[1:]) for variant in args.variant]
-    previous = args.out / f"results_{args.shape}.json" if args.out else None
+    label = args.label or args.shape
+    previous = args.out / f"results_{label}.json" if args.out else None
     results = json.loads(previous.read_text()) if args.append and previous and previous.exists() else []
     for name, overrides in runs:
         results.append(run_path(args, shape, name, overrides))
         text = summary_table(results, shape, args)
         if args.out:  # after every row: a run cut short by the device's time limit keeps the rows it made
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"results_{args.shape}.json").write_text(json.dumps(results, indent=1))
-            (args.out / f"summary_{args.shape}.md").write_text(text)
+            (args.out / f"results_{label}.json").write_text(json.dumps(results, indent=1))
+            (args.out / f"summary_{label}.md").write_text(text)
     print("\n" + text)
 
 

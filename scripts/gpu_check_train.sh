@@ -2,14 +2,14 @@
 # Issue 17's training measurements on one GPU, in one device call (~8 minutes on an H200): installs forgather
 # without touching the image's torch (plus the pure-Python packages the image lacks, carried in .whl/, .whl_fg/
 # and .whl_titan/: liger-kernel, torchtitan and its dependencies), then scripts/bench_train.py:
-#   part a (default)  1.24B shape: forgather (profiled), hf-liger (profiled), hf, torchtitan, hf-compile,
-#                     hf-liger-compile; then the 7B shape through forgather.run (profiled; again with activation
-#                     checkpointing if it does not fit) and bench_memory's 24 GiB step. Most telling rows first:
-#                     a row cut off by the call's time limit loses only itself (rows are written as they finish).
+#   part a (default)  1.24B shape: forgather (profiled), hf-liger (profiled), hf, torchtitan; the 7B shape through
+#                     forgather.run (profiled; again with activation checkpointing if it does not fit) and
+#                     bench_memory's 24 GiB step; then hf-compile and hf-liger-compile (added to the 1.24B table).
+#                     Most telling rows first: a call cut off by its time limit keeps the rows already written.
 #   part b            our step's options side by side on the 1.24B shape: default, fused_projections=true,
 #                     compile_scope=model (embedding to final norm as one compiled graph), both, attention_fn=sdpa.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
-# Results: $OUT/summary_1b.md, summary_7b.md (tables, profiles), results_*.json, bench_*.log.
+# Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
@@ -45,8 +45,8 @@ bench() {  # bench LOG ARGS...: one bench_train.py run, its wall time printed
 
 case $PART in
 a)
-    bench bench_1b.log --shape 1b --steps 20 --paths forgather hf-liger hf torchtitan hf-compile hf-liger-compile \
-        --profile forgather hf-liger --timeout 150 "$@"
+    bench bench_1b.log --shape 1b --steps 20 --paths forgather hf-liger hf torchtitan --profile forgather hf-liger \
+        --timeout 150 "$@"
     bench bench_7b.log --shape 7b --steps 15 --paths forgather memory24 --profile forgather --profile-steps 2 \
         --timeout 200 "$@"
     # Without activation checkpointing the 7B step needs ~100 GiB; if it did not fit, the same with it.
@@ -55,9 +55,11 @@ a)
         bench bench_7b.log --shape 7b --steps 15 --append --paths --variant forgather-ac activation_checkpointing=true \
             --profile forgather-ac --profile-steps 2 --timeout 200 "$@"
     fi
+    # The compiled HF baselines last (mostly compile time; the issue has their figures already).
+    bench bench_1b.log --shape 1b --steps 20 --append --paths hf-compile hf-liger-compile --timeout 150 "$@"
     ;;
 b)
-    bench bench_1b_options.log --shape 1b --steps 20 --paths forgather --variant fused-proj fused_projections=true \
+    bench bench_1b_options.log --shape 1b --label 1b_options --steps 20 --paths forgather --variant fused-proj fused_projections=true \
         --variant compile-model compile_scope=model \
         --variant fused-proj+compile-model fused_projections=true compile_scope=model \
         --variant sdpa attention_fn=sdpa --timeout 150 "$@"
