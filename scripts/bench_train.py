@@ -29,6 +29,9 @@ parameters (the tied head once) + causal attention (6 x layers x hidden x sequen
     python scripts/bench_train.py [--shape 1b] [--paths hf hf-liger forgather ...] [--steps 30] [--out DIR]
         [--variant NAME OVERRIDE ...] [--profile forgather hf-liger] [--set OVERRIDE ...]
     python scripts/bench_train.py --shape tiny --device cpu     (the smoke test of every path on a CPU)
+`--out DIR` writes results_LABEL.json and summary_LABEL.md (LABEL: `--label`, default the shape) after every
+row, `--append` adds rows to that file's; `--tiny` keeps a shape's name and settings with the tiny dimensions,
+so `--device cpu --tiny` rehearses a GPU command on a CPU (scripts/gpu_check_train.sh: REHEARSE=1).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -388,14 +392,14 @@ def forgather_result(args: argparse.Namespace, tmp: Path, name: str) -> dict:
 
 # Running each path in a process of its own
 
-def run_process(command: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, list[str]]:
-    """Run `command` in its own process group, echoing its output; kill the group after `timeout` seconds.
-    Returns (exit status or None on timeout, the output lines)."""
+def run_process(command: list[str], timeout: float) -> tuple[int | None, list[str]]:
+    """Run `command` in a session of its own, echoing its output; kill the session's processes (data loader
+    workers, compile workers too) after `timeout` seconds. Returns (exit status, or None when killed, and the
+    output lines)."""
     print("$", " ".join(command), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
-    deadline = time.monotonic() + timeout
     timer_fired = False
 
     def kill() -> None:
@@ -403,9 +407,7 @@ def run_process(command: list[str], timeout: float, env: dict | None = None) -> 
         timer_fired = True
         os.killpg(process.pid, signal.SIGKILL)
 
-    import threading
-
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), kill)
+    timer = threading.Timer(timeout, kill)
     timer.start()
     try:
         for line in process.stdout:

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,15 @@ def test_failure_names_the_exception_or_the_timeout():
     distributed = ["[rank0]:     raise NotImplementedError(", "[rank0]: torch._dynamo.exc.ObservedNotImplementedError: "
                    "raised exception NotImplementedError('no backward on CPU')", "[rank0]:[W] process group not destroyed"]
     assert bench_train.failure(1, distributed, 60).startswith("torch._dynamo.exc.ObservedNotImplementedError: raised")
+
+
+def test_a_path_past_its_timeout_is_killed_with_its_children():
+    start = time.monotonic()
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+            "print('started', flush=True); time.sleep(60)"
+    status, lines = bench_train.run_process([sys.executable, "-c", child], timeout=2)
+    assert status is None and lines == ["started"]
+    assert time.monotonic() - start < 20  # the grandchild held the output pipe: it was killed too
 
 
 def test_smoke_run_on_cpu_gives_every_kind_of_row(tmp_path):
