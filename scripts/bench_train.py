@@ -1,134 +1,554 @@
-"""Benchmark a training step through `python -m forgather.run` against a plain Hugging Face loop, one run.
+"""Benchmark a training step through `python -m forgather.run` against the strongest alternatives, one run.
 
-Both train the same 1.24B Llama shape (hidden 2048, 16 layers, 32 heads / 8 KV heads, vocab 128256, tied
-embeddings, SwiGLU 8192) on batches of 4 x 2048 tokens in pure bf16 with fused AdamW:
-  hf         transformers.LlamaForCausalLM, SDPA attention, logits then cross-entropy, a hand-written loop
-  forgather  python -m forgather.run: our model, the configured loss, per-layer torch.compile (compile=true),
-             Lightning Trainer(precision=bf16-true); tokens/s from the run's own train/tokens_per_s log (tokens
-             over the wall time between logged steps, every `--log-every` steps)
-Both are timed the same way: tokens over the wall time of windows of `--log-every` steps (the host waits for
-the GPU only at window ends), median of the last two thirds of the windows. Reports tokens/s, MFU against the
-H100's 989 TFLOP/s bf16 datasheet peak, and the ratio.
+Every path trains the same shape on the same tokens per step, in pure bf16 (`--shape`):
+  1b    the 1.24B Llama-3.2-1B shape (hidden 2048, 16 layers, 32 / 8 heads, SwiGLU 8192, vocab 128256, tied),
+        4 x 2048 tokens, fused AdamW, no gradient clipping
+  7b    bench_memory's Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, SwiGLU 11008, vocab 32000, untied),
+        8 x 2048 tokens, Triton Adafactor (optimizer=adafactor_triton), no activation checkpointing
+  tiny  a few-thousand-parameter Llama, 2 x 64 tokens, fp32: with `--device cpu` it checks this script itself
+Paths (`--paths`, each run in a process of its own, so each frees its GPU memory and a crash or an exception
+becomes a row with its error while the other rows go on):
+  hf                transformers.LlamaForCausalLM, SDPA attention, logits then cross-entropy, a plain loop
+  hf-compile        the same model under torch.compile
+  hf-liger          liger_kernel's apply_liger_kernel_to_llama() before the model is built (RMSNorm, RoPE,
+                    SwiGLU kernels; in training mode its forward computes the loss with Liger's fused linear
+                    cross-entropy, no logits), eager
+  hf-liger-compile  the same under torch.compile
+  torchtitan        torchtitan's Llama 3 trainer on this shape (`torchtitan_worker`), compiled; `torchtitan-eager` not
+  forgather         python -m forgather.run: our model, loss=fused, attention_fn=flex, per-layer torch.compile,
+                    Lightning Trainer(precision=bf16-true); `--variant NAME OVERRIDE...` adds more such runs
+  memory24          bench_memory's 24 GiB configuration (7B shape, one 24,576-token row, activation
+                    checkpointing, Adafactor in backward, MLP chunks of 4096 tokens): step time, MFU, peak
+Timing: tokens over the wall time of windows of `--log-every` steps (the host waits for the device only at
+window ends; for forgather runs this is the run's own `train/tokens_per_s`), median of the last two thirds of
+the windows. MFU against 989 TFLOP/s (H100/H200 dense bf16 datasheet), counting model FLOPs only: 6 x matmul
+parameters (the tied head once) + causal attention (6 x layers x hidden x sequence) per token.
+`--profile NAME...` profiles `--profile-steps` more steps of those paths after their timed steps
+(scripts/profile_train.py: kernel time per category, idle gaps) into the summary.
 
-    python scripts/bench_train.py [--steps 60] [--loss fused] [--no-compile] [--only hf|forgather]
-        [--set OVERRIDE ...]   (more overrides for the forgather run, e.g. ++loss.chunk_size=2048)
+    python scripts/bench_train.py [--shape 1b] [--paths hf hf-liger forgather ...] [--steps 30] [--out DIR]
+        [--variant NAME OVERRIDE ...] [--profile forgather hf-liger] [--set OVERRIDE ...]
+    python scripts/bench_train.py --shape tiny --device cpu     (the smoke test of every path on a CPU)
+`--out DIR` writes results_LABEL.json and summary_LABEL.md (LABEL: `--label`, default the shape) after every
+row, `--append` adds rows to that file's; `--tiny` keeps a shape's name and settings with the tiny dimensions,
+so `--device cpu --tiny` rehearses a GPU command on a CPU (scripts/gpu_check_train.sh: REHEARSE=1).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
+import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-SHAPE = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256)
-BATCH, SEQ = 4, 2048
+HERE = Path(__file__).resolve().parent
 PEAK_FLOPS = 989e12
+SHAPES = {
+    "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tied=True,
+               batch=4, seq=2048, optimizer="adamw"),
+    "7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000, tied=False,
+               batch=8, seq=2048, optimizer="adafactor_triton"),
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=4096, tied=True,
+                 batch=2, seq=64, optimizer="adamw"),
+}
+HF_PATHS = ("hf", "hf-compile", "hf-liger", "hf-liger-compile")
+TITAN_PATHS = ("torchtitan", "torchtitan-eager")
+ALL_PATHS = (*HF_PATHS, *TITAN_PATHS, "forgather", "memory24")
+MEMORY24_TOKENS, MEMORY24_MLP_CHUNK = 24576, 4096
 
 
-def flops_per_token() -> float:
-    """6 x parameters (embedding counted once as the tied head matmul) + causal attention (6 L d T)."""
-    d, layers = SHAPE["hidden"], SHAPE["layers"]
-    kv = d * SHAPE["kv_heads"] // SHAPE["heads"]
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * SHAPE["intermediate"]
-    matmul_params = layers * per_layer + SHAPE["vocab"] * d
-    return 6 * matmul_params + 6 * layers * d * SEQ
+def flops_per_token(shape: dict, seq: int) -> float:
+    """6 x matmul parameters (the output head once, tied or not) + causal attention (6 L d T)."""
+    d, layers = shape["hidden"], shape["layers"]
+    kv = d * shape["kv_heads"] // shape["heads"]
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * shape["intermediate"]
+    return 6 * (layers * per_layer + shape["vocab"] * d) + 6 * layers * d * seq
 
 
-def bench_hf(steps: int, window: int) -> float:
+def mfu(shape: dict, seq: int, tokens_per_s: float) -> float:
+    return tokens_per_s * flops_per_token(shape, seq) / PEAK_FLOPS
+
+
+def median_of_late_windows(rates: list[float]) -> float:
+    """The median of the last two thirds of the windows: the first ones hold compilation and warm-up."""
+    if not rates:
+        raise RuntimeError("no timed window: raise --steps to at least twice --log-every")
+    return statistics.median(rates[len(rates) // 3:])
+
+
+# Hugging Face loops (run in a worker process: `--worker hf-liger` ...)
+
+def hf_worker(args: argparse.Namespace, shape: dict, path: str) -> dict:
     import torch
+
+    if "liger" in path:
+        # Patches transformers' Llama classes, so it must come before the model is built.
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = LlamaConfig(
-        hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
-        num_key_value_heads=SHAPE["kv_heads"], intermediate_size=SHAPE["intermediate"], vocab_size=SHAPE["vocab"],
-        tie_word_embeddings=True, max_position_embeddings=SEQ, attn_implementation="sdpa",
+        hidden_size=shape["hidden"], num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], intermediate_size=shape["intermediate"], vocab_size=shape["vocab"],
+        tie_word_embeddings=shape["tied"], max_position_embeddings=shape["seq"], attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialized where it trains: a 1.24B init on the host takes many seconds
+        model = LlamaForCausalLM(config).to(dtype)
+    model.train()  # Liger's forward skips the logits (fused linear cross-entropy) only in training mode
+    forward = torch.compile(model) if path.endswith("compile") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, SHAPE["vocab"], (BATCH, SEQ), device="cuda")
-    # Timed like the forgather run's log: wall time over windows of `window` steps, synchronized only at the
-    # window ends, so the host queues each step while the previous one runs, as in any plain loop.
-    rates = []
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        loss = model(input_ids=ids, labels=ids).loss
+    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), device=device)
+    tokens = shape["batch"] * shape["seq"]
+
+    def step() -> None:
+        loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % window == 0:
-            torch.cuda.synchronize()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rates = []
+    sync()
+    start = time.perf_counter()
+    for index in range(1, args.steps + 1):
+        step()
+        if index % args.log_every == 0:
+            sync()
             now = time.perf_counter()
-            rates.append(window * BATCH * SEQ / (now - start))
+            rates.append(args.log_every * tokens / (now - start))
             start = now
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return statistics.median(rates[len(rates) // 3:])
+    result = {"tokens_per_s": median_of_late_windows(rates)}
+    if device == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if path in args.profile:
+        result["profile"] = profile_steps(lambda: step(), args.profile_steps, device, path)
+    return result
 
 
-def bench_forgather(
-    steps: int, loss: str, optimizer: str, compile_layers: bool, attention_fn: str, log_every: int, extra: list[str]
-) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp) / "bench"
-        (project / "templates" / "configs").mkdir(parents=True)
-        (project / "meta.yaml").write_text("name: bench\n")
-        (project / "templates" / "configs" / "llama_1b.yaml").write_text(
-            "## The 1.24B Llama shape of bench_train.py on the stdlib corpus, pure bf16.\n"
-            "-- set model = 'llama_1b'\n-- set trainer = 'gpu'\n"
-            f"-- set loss = '{loss}'\n"
-            f"-- set default_block_size = {SEQ}\n-- set default_batch_size = {BATCH}\n"
-            "-- extends 'experiment/tiny_llama.yaml'\n"
+def profile_steps(step, steps: int, device: str, title: str) -> dict:
+    sys.path.insert(0, str(HERE))
+    from profile_train import StepProfiler
+
+    profiler = StepProfiler(device, title)
+    profiler.start()
+    for _ in range(steps):
+        step()
+    return profiler.stop(steps)
+
+
+# bench_memory's 24 GiB configuration (worker `memory24`)
+
+def memory24_worker(args: argparse.Namespace) -> dict:
+    """bench_memory's model, loss and in-backward Adafactor at 24,576 tokens (tiny shape and 256 tokens on a
+    CPU): one warm-up step, then the median of `--memory-steps` steps."""
+    import functools
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_memory", HERE / "bench_memory.py")
+    bench_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_memory)
+    from forgather.optim.in_backward import OptimizerInBackward
+
+    cuda = args.device == "cuda"
+    shape_name, tokens, chunk = ("LLAMA_7B", MEMORY24_TOKENS, MEMORY24_MLP_CHUNK) if cuda else ("TINY", 256, 64)
+    memory_shape = getattr(bench_memory, shape_name)
+    if cuda:
+        from forgather.loss.fused import FusedLoss as Loss
+        from forgather.optim import TritonAdafactor as Adafactor
+    else:
+        from forgather.loss.chunked import ChunkedLoss as Loss
+        from forgather.optim import Adafactor
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = bench_memory.build_model(memory_shape, chunk).to(torch.bfloat16)
+    optimizer = OptimizerInBackward(model.parameters(), functools.partial(Adafactor, lr=1e-5))
+    loss_fn = Loss()
+    peaks, seconds = zip(*(bench_memory.step_peak(model, loss_fn, optimizer, tokens, args.device)
+                           for _ in range(1 + args.memory_steps)))
+    step_s = statistics.median(seconds[1:])
+    shape = dict(hidden=memory_shape["hidden"], layers=memory_shape["layers"], heads=memory_shape["heads"],
+                 kv_heads=memory_shape["heads"], intermediate=memory_shape["intermediate"], vocab=memory_shape["vocab"])
+    result = {"tokens_per_s": tokens / step_s, "step_s": step_s, "warmup_s": seconds[0], "tokens": tokens,
+              "mfu": mfu(shape, tokens, tokens / step_s)}
+    return {**result, "peak_gib": max(peaks)} if cuda else result
+
+
+# torchtitan (worker `torchtitan` / `torchtitan-eager`; needs the packages of .whl_titan/)
+
+def torchtitan_worker(args: argparse.Namespace, shape: dict, path: str) -> dict:
+    """torchtitan's own Trainer on this shape: a Llama 3 flavor registered here (its `_1B` flavor is the same
+    1.24B shape; 7b and tiny are not among its flavors), random weights, random tokens of one document per row
+    (no tokenizer, no download), pure bf16 (training.dtype), fused AdamW, flex attention, no activation
+    checkpointing, no checkpoints; torch.compile of model and loss unless `-eager`. Its loop keeps what it
+    always does (gradient clipping at norm 1, its chunked cross-entropy). Timed by windows of train_step."""
+    import dataclasses
+    import socket
+
+    import torch
+
+    with socket.socket() as probe:  # a free port for its single-rank process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.dataloader import BaseDataLoader
+    from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+    from torchtitan.components.metrics import MetricsProcessor
+    from torchtitan.components.optimizer import default_adamw
+    from torchtitan.components.tokenizer import BaseTokenizer
+    from torchtitan.config import CompileConfig, TrainingConfig
+    from torchtitan.models import llama3
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.config_utils import decoder_vocab_size
+    from torchtitan.trainer import Trainer
+
+    batch, seq, vocab = shape["batch"], shape["seq"], shape["vocab"]
+
+    class NoTokenizer(BaseTokenizer):
+        """The data are token ids already: nothing to encode."""
+
+        @dataclasses.dataclass(kw_only=True, slots=True)
+        class Config(BaseTokenizer.Config):
+            pass
+
+        def __init__(self, config, tokenizer_path=None, **kwargs) -> None:
+            super().__init__()
+
+        def encode(self, *args, **kwargs) -> list[int]:
+            raise NotImplementedError("the benchmark feeds token ids")
+
+        def decode(self, *args, **kwargs) -> str:
+            raise NotImplementedError("the benchmark feeds token ids")
+
+        def get_vocab_size(self) -> int:
+            return vocab
+
+    class RandomTokens(BaseDataLoader):
+        """Endless batches of random token ids, one document per row (positions 0..T-1)."""
+
+        @dataclasses.dataclass(kw_only=True, slots=True)
+        class Config(BaseDataLoader.Config):
+            pass
+
+        def __init__(self, config, *, local_batch_size: int, seq_len: int, **kwargs) -> None:
+            generator = torch.Generator().manual_seed(0)
+            self.ids = torch.randint(0, vocab, (local_batch_size, seq_len + 1), generator=generator)
+            self.positions = torch.arange(seq_len).expand(local_batch_size, seq_len).contiguous()
+
+        def __iter__(self):
+            while True:
+                yield {"input": self.ids[:, :-1], "positions": self.positions}, self.ids[:, 1:]
+
+        def state_dict(self) -> dict:
+            return {}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            pass
+
+    def flavor(attn_backend: str, tp_gemm_backend: str = "default"):
+        dim, heads = shape["hidden"], shape["heads"]
+        head = Linear.Config(in_features=dim, out_features=vocab, param_init=llama3._output_linear_init(dim))
+        return llama3.Llama3Model.Config(
+            dim=dim, vocab_size=vocab, enable_weight_tying=shape["tied"],
+            tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim,
+                                            param_init=llama3._EMBEDDING_INIT),
+            norm=RMSNorm.Config(normalized_shape=dim, param_init=llama3._NORM_INIT), lm_head=head,
+            layers=llama3._build_llama3_layers(
+                n_layers=shape["layers"], dim=dim, n_heads=heads, n_kv_heads=shape["kv_heads"],
+                hidden_dim=shape["intermediate"], attn_backend=attn_backend, tp_gemm_backend=tp_gemm_backend,
+                rope=ComplexRoPE.Config(dim=dim // heads, max_seq_len=seq, theta=500000, scaling="llama"),
+            ),
         )
-        command = [
-            sys.executable, "-m", "forgather.run", "-p", str(project), "--outputs", tmp, "+experiment=llama_1b",
-            f"max_steps={steps}", f"log_every_n_steps={log_every}", "val_check_interval=100000", "limit_val_batches=0",
-            "checkpoint_every=100000", f"model.vocab_size={SHAPE['vocab']}", f"optimizer={optimizer}",
-            *(["++optimizer.fused=true"] if optimizer == "adamw" else []),  # torch's fused AdamW, as the HF loop
-            "gradient_clip_val=null",  # the HF loop does not clip either
-            f"compile={'true' if compile_layers else 'false'}", f"attention_fn={attention_fn}", *extra,
-        ]
-        print("$", " ".join(command), flush=True)
-        subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        (metrics,) = Path(tmp).glob("outputs/llama_1b/*/csv/metrics.csv")
-        with open(metrics, newline="") as file:
-            rates = [float(r["train/tokens_per_s"]) for r in csv.DictReader(file) if r.get("train/tokens_per_s")]
-    return statistics.median(rates[len(rates) // 3:])
+
+    llama3.llama3_configs["forgather_bench"] = flavor
+    spec = llama3.model_registry("forgather_bench", attn_backend="flex")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Trainer.Config(
+            model_spec=spec, dump_folder=tmp, hf_assets_path=tmp,
+            loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(spec))),
+            optimizer=default_adamw(lr=1e-4),
+            training=TrainingConfig(local_batch_size=batch, seq_len=seq, steps=args.steps, dtype="bfloat16"),
+            tokenizer=NoTokenizer.Config(), dataloader=RandomTokens.Config(),
+            metrics=MetricsProcessor.Config(log_freq=args.log_every),
+            checkpoint=CheckpointManager.Config(enable=False), activation_checkpoint=None,
+            compile=CompileConfig(enable=not path.endswith("eager")),
+        )
+        trainer = config.build()
+        rates, window = [], {"steps": 0, "start": time.perf_counter()}
+        train_step = trainer.train_step
+
+        def timed_step(*step_args, **step_kwargs):
+            train_step(*step_args, **step_kwargs)
+            window["steps"] += 1
+            if window["steps"] % args.log_every == 0:
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                rates.append(args.log_every * batch * seq / (now - window["start"]))
+                window["start"] = now
+
+        trainer.train_step = timed_step
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    import torchtitan
+
+    result = {"tokens_per_s": median_of_late_windows(rates), "version": torchtitan.__version__}
+    return {**result, "peak_gib": torch.cuda.max_memory_allocated() / 2**30} if args.device == "cuda" else result
 
 
-def main() -> None:
+# forgather.run
+
+BENCH_TEMPLATE = """\
+## The {shape} shape of scripts/bench_train.py on the stdlib corpus.
+-- set model = '{model}'
+-- set trainer = '{trainer}'
+-- set loss = '{loss}'
+-- set default_block_size = {seq}
+-- set default_batch_size = {batch}
+-- extends 'experiment/tiny_llama.yaml'
+{trainer_block}"""
+
+# The profile callback joins the trainer's callbacks through a sub-template that extends the trainer template
+# (an included template's blocks are its own: see examples/projects_overview/templates/configs/callbacks.yaml).
+PROFILE_TRAINER_BLOCK = """
+[trainer]
+-- include 'bench.trainer'
+
+#---------------- bench.trainer ----------------
+-- extends 'trainer/{trainer}.yaml'
+[trainer_callbacks]
+== super()
+        profile: !singleton:{script}:ProfileSteps
+            first_step: {first_step}
+            steps: {steps}
+            output: {output}
+            title: {title}
+"""
+
+
+def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: str, overrides: list[str]) -> list[str]:
+    cpu = args.device == "cpu"
+    profile = name in args.profile
+    model = "llama" if args.tiny else {"1b": "llama_1b", "7b": "llama_7b"}.get(args.shape, "llama")
+    trainer = "cpu" if cpu else "gpu"
+    project = tmp / "bench"
+    (project / "templates" / "configs").mkdir(parents=True)
+    (project / "meta.yaml").write_text("name: bench\n")
+    trainer_block = PROFILE_TRAINER_BLOCK.format(
+        trainer=trainer, script=HERE / "profile_train.py", first_step=args.steps, steps=args.profile_steps,
+        output=tmp / "profile.json", title=json.dumps(name),
+    ) if profile else ""
+    (project / "templates" / "configs" / "bench.yaml").write_text(BENCH_TEMPLATE.format(
+        shape=args.shape, model=model, trainer=trainer, loss="chunked" if cpu else args.loss, seq=shape["seq"],
+        batch=shape["batch"], trainer_block=trainer_block,
+    ))
+    optimizer = args.optimizer or SHAPES[args.shape]["optimizer"]
+    if cpu and optimizer == "adafactor_triton":
+        optimizer = "adafactor"  # the same algorithm without Triton
+    sizes = [f"hidden_size={shape['hidden']}", f"num_layers={shape['layers']}", f"num_heads={shape['heads']}",
+             f"num_kv_heads={shape['kv_heads']}", f"intermediate_size={shape['intermediate']}"]
+    return [
+        sys.executable, "-m", "forgather.run", "-p", str(project), "--outputs", str(tmp), "+experiment=bench",
+        f"max_steps={args.steps + (args.profile_steps if profile else 0)}", f"log_every_n_steps={args.log_every}",
+        "val_check_interval=100000", "limit_val_batches=0", "checkpoint_every=100000",
+        f"model.vocab_size={shape['vocab']}", *sizes, f"optimizer={optimizer}",
+        *(["++optimizer.fused=true"] if optimizer == "adamw" else []),  # torch's fused AdamW, as the HF loops
+        "gradient_clip_val=null",  # the HF loops do not clip either
+        f"compile={'false' if cpu or args.no_compile else 'true'}", f"attention_fn={args.attention}",
+        *args.set, *overrides,
+    ]
+
+
+def forgather_result(args: argparse.Namespace, tmp: Path, name: str) -> dict:
+    (metrics,) = tmp.glob("outputs/bench/*/csv/metrics.csv")
+    with open(metrics, newline="") as file:
+        rates = [float(r["train/tokens_per_s"]) for r in csv.DictReader(file) if r.get("train/tokens_per_s")]
+    rates = rates[: args.steps // args.log_every]  # the windows before the profiled steps
+    result = {"tokens_per_s": median_of_late_windows(rates)}
+    if name in args.profile:
+        result["profile"] = json.loads((tmp / "profile.json").read_text())
+    return result
+
+
+# Running each path in a process of its own
+
+def run_process(command: list[str], timeout: float) -> tuple[int | None, list[str]]:
+    """Run `command` in a session of its own, echoing its output; kill the session's processes (data loader
+    workers, compile workers too) after `timeout` seconds. Returns (exit status, or None when killed, and the
+    output lines)."""
+    print("$", " ".join(command), flush=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    timer_fired = False
+
+    def kill() -> None:
+        nonlocal timer_fired
+        timer_fired = True
+        os.killpg(process.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            print("    " + line, end="", flush=True)
+        process.wait()
+    finally:
+        timer.cancel()
+    return (None if timer_fired else process.returncode), lines
+
+
+EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b:?.*)$")
+
+
+def failure(status: int | None, lines: list[str], timeout: float) -> str:
+    """One line saying why a path gave no result: the timeout, or the last exception line of its output
+    (`Name: message`, also behind torch.distributed's `[rank0]:` prefix), else its last line."""
+    if status is None:
+        return f"killed after the piece's timeout of {timeout:.0f} s"
+    for line in reversed(lines):
+        match = EXCEPTION_LINE.match(line.strip())
+        if match:
+            return match.group(1)[:300]
+    tail = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
+    return f"exit status {status}: {tail[:300]}"
+
+
+def run_path(args: argparse.Namespace, shape: dict, name: str, overrides: list[str] | None) -> dict:
+    """One row: `overrides` is a list for forgather runs (the `forgather` path and each variant), else None."""
+    start = time.perf_counter()
+    if overrides is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            command = forgather_command(args, shape, Path(tmp), name, overrides)
+            status, lines = run_process(command, args.timeout)
+            try:
+                result = forgather_result(args, Path(tmp), name) if status == 0 else {
+                    "error": failure(status, lines, args.timeout)}
+            except Exception as error:
+                result = {"error": f"{type(error).__name__}: {error}"}
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, *worker_args(args)]
+        status, lines = run_process(command, args.timeout)
+        results = [line[len("RESULT "):] for line in lines if line.startswith("RESULT ")]
+        result = json.loads(results[-1]) if status == 0 and results else {"error": failure(status, lines, args.timeout)}
+    result["wall_s"] = time.perf_counter() - start
+    result["name"] = name + (" " + " ".join(overrides) if overrides else "")
+    if "tokens_per_s" in result and "mfu" not in result:
+        result["mfu"] = mfu(shape, shape["seq"], result["tokens_per_s"])
+    print(f"--- {result['name']}: " + (f"{result['tokens_per_s']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}%"
+                                      if "tokens_per_s" in result else f"ERROR {result['error']}")
+          + f", {result['wall_s']:.0f} s wall", flush=True)
+    return result
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    return ["--shape", args.shape, *(["--tiny"] if args.tiny else []), "--device", args.device, "--steps", str(args.steps), "--log-every",
+            str(args.log_every), "--profile-steps", str(args.profile_steps), "--memory-steps", str(args.memory_steps),
+            "--profile", *args.profile]
+
+
+def summary_table(results: list[dict], shape: dict, args: argparse.Namespace) -> str:
+    reference = next((r for r in results if r["name"] == "hf-liger" and "tokens_per_s" in r), None)
+    lines = [f"shape {args.shape} ({shape['batch']} x {shape['seq']} tokens a step), device {args.device}\n",
+             "| path | tokens/s | MFU | vs hf-liger | wall s | note |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        if "tokens_per_s" in r:
+            ratio = f"{r['tokens_per_s'] / reference['tokens_per_s']:.3f}x" if reference and r["name"] != "memory24" else ""
+            note = (f"{r['step_s']:.2f} s a {r['tokens']}-token step, warm-up {r['warmup_s']:.1f} s"
+                    if "step_s" in r else "")
+            note += f"{'; ' if note else ''}peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
+            lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {ratio} | "
+                         f"{r['wall_s']:.0f} | {note} |")
+        else:
+            lines.append(f"| {r['name']} | | | | {r['wall_s']:.0f} | ERROR: {r['error'].replace('|', '/')} |")
+    text = "\n".join(lines) + "\n"
+    for r in results:
+        if "profile" in r:
+            profile = r["profile"]
+            text += (f"\nprofile of {r['name']}: {profile['steps']} steps, {profile['wall_ms_per_step']:.1f} ms "
+                     f"wall a step, {profile['kernels']} kernels\n\n{profile['table']}")
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--loss", default="fused", help="loss group option for the forgather run")
-    parser.add_argument("--optimizer", default="adamw", help="optimizer group option for the forgather run")
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--attention", default="flex", help="attention_fn of our model (packed rows: flex masks documents cheaply)")
-    parser.add_argument("--only", choices=("hf", "forgather"))
-    parser.add_argument("--log-every", type=int, default=10, help="log_every_n_steps of the forgather run (each log is a host sync)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE", help="more overrides for the forgather run")
-    args = parser.parse_args()
-    results = {}
-    if args.only != "forgather":
-        results["hf LlamaForCausalLM loop"] = bench_hf(args.steps, args.log_every)
-    if args.only != "hf":
-        name = (f"forgather.run ({args.loss}, {args.optimizer}, {args.attention}, compile={not args.no_compile}"
-                f"{''.join(' ' + o for o in args.set)})")
-        results[name] = bench_forgather(args.steps, args.loss, args.optimizer, not args.no_compile, args.attention,
-                                        args.log_every, args.set)
-    per_token = flops_per_token()
-    width = max(48, *(len(name) for name in results))
-    print(f"\n{'path':<{width}} {'tokens/s':>10} {'MFU':>7}")
-    for name, rate in results.items():
-        print(f"{name:<{width}} {rate:>10.0f} {100 * rate * per_token / PEAK_FLOPS:>6.1f}%")
-    if len(results) == 2:
-        hf, ours = results.values()
-        print(f"ratio forgather / hf: {ours / hf:.3f}x   (bar: >= 1.3x)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny dimensions under the shape's name: a CPU rehearsal of a GPU command")
+    parser.add_argument("--paths", nargs="*", choices=ALL_PATHS, default=None,
+                        help="default: every HF path, torchtitan and forgather (1b, tiny); forgather and memory24 (7b)")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                        help="one more forgather run named NAME with these overrides (repeatable)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--log-every", type=int, default=5, help="window length (forgather: log_every_n_steps)")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="NAME", help="paths or variants to profile")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--memory-steps", type=int, default=3, help="memory24: timed steps after the warm-up")
+    parser.add_argument("--loss", default="fused", help="loss group option for forgather runs (cpu: chunked)")
+    parser.add_argument("--optimizer", default=None, help="optimizer group option (default: the shape's)")
+    parser.add_argument("--no-compile", action="store_true", help="forgather runs with compile=false")
+    parser.add_argument("--attention", default="flex", help="attention_fn of our model")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE", help="more overrides for every forgather run")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds each path may take before it is killed")
+    parser.add_argument("--out", type=Path, help="write results_LABEL.json and summary_LABEL.md here")
+    parser.add_argument("--label", help="the output files' LABEL (default: the shape)")
+    parser.add_argument("--append", action="store_true", help="add the rows to those of --out's results_LABEL.json")
+    parser.add_argument("--worker", choices=(*HF_PATHS, *TITAN_PATHS, "memory24"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.paths is None:
+        args.paths = ["forgather", "memory24"] if args.shape == "7b" else [*HF_PATHS, "torchtitan", "forgather"]
+    if args.steps < 2 * args.log_every:
+        parser.error(f"--steps {args.steps} gives fewer than two windows of --log-every {args.log_every}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    shape = SHAPES["tiny"] if args.tiny else SHAPES[args.shape]
+    if args.worker:
+        if args.worker == "memory24":
+            result = memory24_worker(args)
+        elif args.worker in TITAN_PATHS:
+            result = torchtitan_worker(args, shape, args.worker)
+        else:
+            result = hf_worker(args, shape, args.worker)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    runs = [(name, [] if name == "forgather" else None) for name in args.paths]
+    runs += [(variant[0], variant[1:]) for variant in args.variant]
+    label = args.label or args.shape
+    previous = args.out / f"results_{label}.json" if args.out else None
+    results = json.loads(previous.read_text()) if args.append and previous and previous.exists() else []
+    for name, overrides in runs:
+        results.append(run_path(args, shape, name, overrides))
+        text = summary_table(results, shape, args)
+        if args.out:  # after every row: a run cut short by the device's time limit keeps the rows it made
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"results_{label}.json").write_text(json.dumps(results, indent=1))
+            (args.out / f"summary_{label}.md").write_text(text)
+    print("\n" + text)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,75 @@
 #!/usr/bin/env bash
-# GPU checks of the model library and the training path, run on the device machine in one call:
-# installs forgather without touching the image's torch (plus the pure-Python packages the image lacks, carried
-# in .whl_fg/ and .whl/), runs tests/gpu/test_models_gpu.py and test_run_gpu.py (the runner with every loss and
-# optimizer option), then scripts/bench_train.py.
-#     bash scripts/gpu_check_train.sh [bench_train.py args]
+# Issue 17's training measurements on one GPU, in one device call (~8 minutes on an H200): installs forgather
+# without touching the image's torch (plus the pure-Python packages the image lacks, carried in .whl/, .whl_fg/
+# and .whl_titan/: liger-kernel, torchtitan and its dependencies), then scripts/bench_train.py:
+#   part a (default)  1.24B shape: forgather (profiled), hf-liger (profiled), hf, torchtitan; the 7B shape through
+#                     forgather.run (profiled; again with activation checkpointing if it does not fit) and
+#                     bench_memory's 24 GiB step; then hf-compile and hf-liger-compile (added to the 1.24B table).
+#                     Most telling rows first: a call cut off by its time limit keeps the rows already written.
+#   part b            our step's options side by side on the 1.24B shape: default, fused_projections=true,
+#                     compile_scope=model (embedding to final norm as one compiled graph), both, attention_fn=sdpa.
+#   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
+# Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
+#     bash scripts/gpu_check_train.sh [a|b|tests] [more bench_train.py args]
+# A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
+#     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
 cd "$(dirname "$0")/.."
+PART=${1:-a}
+shift || true
 OUT=${OUT:-/tmp/gpu_check_train}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-PY=python3
-for dir in .whl .whl_fg; do
-    ls $dir/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $dir/*.whl
-done
-export PYTHONPATH=/tmp/site
-$PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "install failed"; cat "$OUT/install.log"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+PY=${PY:-python3}
+START=$(date +%s)
+if [ -n "${REHEARSE:-}" ]; then
+    set -- --device cpu --tiny "$@"
+else
+    for dir in .whl .whl_fg .whl_titan; do
+        ls $dir/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $dir/*.whl
+    done
+    export PYTHONPATH=/tmp/site
+    $PY -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { echo "install failed"; cat /tmp/install.log; }
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+fi
 $PY -c "import torch, pytorch_lightning, transformers; print('torch', torch.__version__, 'lightning', pytorch_lightning.__version__, 'transformers', transformers.__version__)"
-timeout 300 $PY -m pytest tests/gpu/test_models_gpu.py tests/gpu/test_run_gpu.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest_models.txt"
-timeout 420 $PY scripts/bench_train.py "$@" 2>&1 | tee "$OUT/bench_train.txt"
-echo "==================== summary ===================="
-tail -n 1 "$OUT/pytest_models.txt"
-grep -E "tokens/s|ratio|^hf|^forgather" "$OUT/bench_train.txt"
+echo "setup: $(( $(date +%s) - START )) s"
+
+bench() {  # bench LOG ARGS...: one bench_train.py run, its wall time printed
+    local log=$1 t0
+    shift
+    t0=$(date +%s)
+    $PY scripts/bench_train.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/$log" | grep -E "^(---|\\$) "
+    echo "=== $log: $(( $(date +%s) - t0 )) s"
+}
+
+case $PART in
+a)
+    bench bench_1b.log --shape 1b --steps 20 --paths forgather hf-liger hf torchtitan --profile forgather hf-liger \
+        --timeout 150 "$@"
+    bench bench_7b.log --shape 7b --steps 15 --paths forgather memory24 --profile forgather --profile-steps 2 \
+        --timeout 200 "$@"
+    # Without activation checkpointing the 7B step needs ~100 GiB; if it did not fit, the same with it.
+    if ! $PY -c "import json, sys; sys.exit(not any(r['name'] == 'forgather' and 'tokens_per_s' in r
+                 for r in json.load(open('$OUT/results_7b.json'))))"; then
+        bench bench_7b.log --shape 7b --steps 15 --append --paths --variant forgather-ac activation_checkpointing=true \
+            --profile forgather-ac --profile-steps 2 --timeout 200 "$@"
+    fi
+    # The compiled HF baselines last (mostly compile time; the issue has their figures already).
+    bench bench_1b.log --shape 1b --steps 20 --append --paths hf-compile hf-liger-compile --timeout 150 "$@"
+    ;;
+b)
+    bench bench_1b_options.log --shape 1b --label 1b_options --steps 20 --paths forgather --variant fused-proj fused_projections=true \
+        --variant compile-model compile_scope=model \
+        --variant fused-proj+compile-model fused_projections=true compile_scope=model \
+        --variant sdpa attention_fn=sdpa --timeout 150 "$@"
+    ;;
+tests)
+    timeout 300 $PY -m pytest tests/gpu/test_models_gpu.py tests/gpu/test_run_gpu.py -q -p no:cacheprovider -rs 2>&1 \
+        | tee "$OUT/pytest_models.txt"
+    ;;
+*)
+    echo "unknown part '$PART': a, b or tests"; exit 2 ;;
+esac
+echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
+cat "$OUT"/summary_*.md 2>/dev/null

@@ -45,8 +45,12 @@ class CausalLMModule(pl.LightningModule):
             default AdamW at lr 1e-3.
         lr_scheduler: `lr_scheduler(optimizer) -> scheduler`, or None for a constant learning rate.
         lr_scheduler_interval: "step" or "epoch", when Lightning steps the scheduler.
-        compile: `torch.compile` each layer of `model.layers` (in place, torchtitan style: one compiled
-            graph reused by every layer, and the loss outside stays free to be a fused kernel).
+        compile: `torch.compile` the model's forward (up to the hidden states; the loss outside stays free
+            to be a fused kernel), with the scope `compile_scope`.
+        compile_scope: "layers" (the default): each layer of `model.layers`, in place, torchtitan style: one
+            compiled graph reused by every layer. "model": the whole of `model.hidden_states` (embedding,
+            every layer, final norm) as one graph, so inductor can fuse across layer boundaries (the model
+            object itself is not changed, so its state dict and export are not either).
     """
 
     def __init__(
@@ -57,8 +61,11 @@ class CausalLMModule(pl.LightningModule):
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         lr_scheduler_interval: str = "step",
         compile: bool = False,
+        compile_scope: str = "layers",
     ) -> None:
         super().__init__()
+        if compile_scope not in ("layers", "model"):
+            raise ValueError(f"compile_scope={compile_scope!r}: choose 'layers' (each layer) or 'model' (all of them)")
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
         if isinstance(model, nn.Module):
@@ -76,7 +83,9 @@ class CausalLMModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.compile = compile
+        self.compile_scope = compile_scope
         self._compiled = False
+        self._hidden_states: Callable[..., torch.Tensor] | None = None  # compile_scope "model": the compiled method
         self._batch_tokens: torch.Tensor | None = None
         self._window_tokens: torch.Tensor | int = 0  # label tokens since the window's start, on the device
         self._window_start: float | None = None
@@ -88,8 +97,11 @@ class CausalLMModule(pl.LightningModule):
         if self.model is None:
             self.model = self.model_factory()
         if self.compile and not self._compiled:
-            for layer in self.model.layers:
-                layer.compile()
+            if self.compile_scope == "model":
+                self._hidden_states = torch.compile(self.model.hidden_states)
+            else:
+                for layer in self.model.layers:
+                    layer.compile()
             self._compiled = True
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,7 +203,8 @@ class CausalLMModule(pl.LightningModule):
         self._fitting_batches.add((ids.shape, training))
 
     def _loss(self, batch: Batch) -> torch.Tensor:
-        hidden = self.model.hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"))
+        hidden_states = self._hidden_states or self.model.hidden_states
+        hidden = hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"))
         return self.loss(hidden, self.model.lm_head_weight, _labels(batch))
 
     def _learning_rate(self) -> float:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import flex_attention as flex
 
+from .fused import fusable, fused_linear
 from .kv_cache import LayerKVCache
 from .rope import apply_rotary
 
@@ -200,6 +201,9 @@ class Attention(nn.Module):
         attention_fn: "sdpa", "flex", "eager", or a callable with the same signature.
         dropout: attention-probability dropout while training (not available with flex).
         bias: biases on the q/k/v/o projections.
+        fused_projections: compute q, k and v as one matmul over the three weights concatenated
+            (`forgather.models.fused`: same parameters and state dict); projections that are not plain
+            nn.Linear layers (QK-norm variants) run separately.
     """
 
     def __init__(
@@ -211,6 +215,7 @@ class Attention(nn.Module):
         attention_fn: str | Callable = "sdpa",
         dropout: float = 0.0,
         bias: bool = False,
+        fused_projections: bool = False,
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -227,6 +232,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.attention_fn = attention_fn
         self.dropout = dropout
+        self.fused_projections = fused_projections
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -243,9 +249,13 @@ class Attention(nn.Module):
         mask: AttentionMask,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        q = self._heads(self.q_proj(x), self.num_heads)
-        k = self._heads(self.k_proj(x), self.num_kv_heads)
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_projections and fusable(*projections):
+            q, k, v = fused_linear(x, projections)
+        else:
+            q, k, v = (projection(x) for projection in projections)
+        q = self._heads(q, self.num_heads)
+        k, v = self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:

@@ -1,7 +1,7 @@
 """Position-wise feed-forward blocks: [B, T, H] -> [B, T, H].
 
 Each takes `hidden_size` first, so a layer calls `feedforward_factory(hidden_size)`; set the rest
-(`intermediate_size`, `bias`, `chunk_tokens`) in the partial.
+(`intermediate_size`, `bias`, `chunk_tokens`, `fused_projections`) in the partial.
 
 `chunk_tokens` (long contexts): while gradients are recorded, the tokens go through the block `chunk_tokens` at a
 time, each chunk recomputed in backward (torch.utils.checkpoint), so the [tokens, intermediate] activations
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fused import fused_linear
+
 
 def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:
     """fn(x) for a position-wise fn, computed `chunk_tokens` tokens at a time with each chunk checkpointed
@@ -32,9 +34,14 @@ def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 
 class SwiGLU(nn.Module):
-    """Gated feed-forward with a SiLU gate (Shazeer, 2020, "GLU Variants"): down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward with a SiLU gate (Shazeer, 2020, "GLU Variants"): down(silu(gate(x)) * up(x)).
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None):
+    `fused_projections`: gate and up as one matmul over both weights concatenated (`forgather.models.fused`:
+    same parameters and state dict).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None,
+                 fused_projections: bool = False):
         super().__init__()
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive or None, got {chunk_tokens}")
@@ -42,12 +49,17 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.chunk_tokens = chunk_tokens
+        self.fused_projections = fused_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return chunked_over_tokens(self._block, x, self.chunk_tokens)
 
     def _block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_projections:
+            gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class GELUMLP(nn.Module):

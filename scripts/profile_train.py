@@ -1,0 +1,192 @@
+"""Where a training step's time goes: device kernels grouped by kind, per step, from a torch.profiler trace.
+
+Contract: `StepProfiler` records `steps` training steps (only the device's activity on CUDA, so the trace stays
+small and the host is not slowed; on a CPU, the top-level operators, so the plumbing runs there too) and returns
+a summary: for each category, milliseconds per step and share of the step's wall time, plus `idle` = wall time
+minus the union of all kernel intervals (the device waiting for the host, or between launches). Kernels of
+several streams may overlap, so the categories' shares may add up to more than the busy share.
+
+Categories come from kernel names (`classify`), first match wins, anything else is `other`:
+  copies     memcpy / memset
+  optimizer  multi-tensor and fused optimizer kernels (torch's fused AdamW, our Triton Adafactor)
+  loss       cross-entropy kernels (Liger's, which our `fused` loss calls per chunk; torch's)
+  attention  flex attention (inductor template kernels `triton_tem_*`), FlashAttention, cuDNN / efficient SDPA
+  matmul     cuBLAS / CUTLASS GEMMs (gemm, nvjet, xmma, sm90_*, cutlass)
+  pointwise  everything elementwise or reducing: norms, RoPE, SwiGLU, residual adds (inductor `triton_poi/red/
+             per`, eager `elementwise` / `reduce` kernels, Liger's RMSNorm / RoPE / SwiGLU kernels)
+The loss's own logits matmuls are GEMMs, so they count as matmul, like the model's.
+
+Used by scripts/bench_train.py: `ProfileSteps` is a Lightning callback (added to the forgather run's trainer
+by the bench's template) and the Hugging Face loops call `StepProfiler` directly.
+
+    python scripts/profile_train.py TRACE.json [--steps N] [--wall-ms MS]   (summarize a saved chrome trace)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("copies", ("memcpy", "memset")),
+    ("optimizer", ("multi_tensor", "fused_adam", "adafactor", "grad_sq_sums", "update_sq_sum", "apply_update",
+                   "finalize", "foreach", "optimizer")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "element_mul_kernel")),
+    ("attention", ("flex_attention", "triton_tem", "flash", "fmha", "attention", "sdpa", "attn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "sm90_", "sm80_", "cutlass", "cublas", "splitk", "aten::mm", "aten::addmm",
+                "aten::bmm", "aten::matmul", "aten::linear")),
+    ("pointwise", ("triton_poi", "triton_red", "triton_per", "elementwise", "reduce", "rms_norm", "layer_norm",
+                   "rope", "rotary", "swiglu", "silu", "softmax", "aten::")),
+]
+CATEGORY_ORDER = [name for name, _ in CATEGORIES] + ["other", "idle"]
+DEVICE_EVENT_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+Event = tuple[str, float, float]  # (kernel name, start, duration), microseconds
+
+
+def classify(name: str) -> str:
+    """The category of one kernel name (case-insensitive substring rules above); `other` when none matches."""
+    lowered = name.lower()
+    for category, patterns in CATEGORIES:
+        if any(pattern in lowered for pattern in patterns):
+            return category
+    return "other"
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by (start, end) intervals, overlaps counted once."""
+    total, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
+
+
+def summarize(events: list[Event], wall_us: float, steps: int) -> list[dict]:
+    """Rows {category, ms_per_step, share} in CATEGORY_ORDER (categories with no kernel left out), `idle` last:
+    wall time minus the union of all kernel intervals (never below 0)."""
+    if steps < 1 or wall_us <= 0:
+        raise ValueError(f"need steps >= 1 and a positive wall time, got steps={steps}, wall_us={wall_us}")
+    totals: dict[str, float] = {}
+    for name, _, duration in events:
+        category = classify(name)
+        totals[category] = totals.get(category, 0.0) + duration
+    busy = union_length((start, start + duration) for _, start, duration in events)
+    totals["idle"] = max(0.0, wall_us - busy)
+    return [
+        {"category": category, "ms_per_step": totals[category] / steps / 1000, "share": totals[category] / wall_us}
+        for category in CATEGORY_ORDER if category in totals
+    ]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    step_ms = sum(row["ms_per_step"] for row in rows if row["category"] != "idle")
+    lines = ["| category | ms per step | share |", "| --- | ---: | ---: |"]
+    lines += [f"| {row['category']} | {row['ms_per_step']:.2f} | {100 * row['share']:.1f}% |" for row in rows]
+    lines.append(f"| (kernels, summed) | {step_ms:.2f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def trace_events(trace: dict) -> list[Event]:
+    """Device kernels, copies and memsets of a chrome trace; when it has none (a CPU run), the top-level
+    operators of each thread (an operator inside another one of its thread is left out: counted once)."""
+    device = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in DEVICE_EVENT_KINDS]
+    if device:
+        return [(e["name"], float(e["ts"]), float(e["dur"])) for e in device]
+    operators = sorted((e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") == "cpu_op"),
+                       key=lambda e: (e.get("tid"), float(e["ts"]), -float(e["dur"])))
+    top, reach = [], {}
+    for e in operators:
+        start, duration, thread = float(e["ts"]), float(e["dur"]), e.get("tid")
+        if start >= reach.get(thread, float("-inf")):
+            top.append((e["name"], start, duration))
+            reach[thread] = start + duration
+    return top
+
+
+class StepProfiler:
+    """Profile a number of steps: `start()` before the first, `stop(steps)` after the last -> summary dict
+    {steps, wall_ms_per_step, rows, table}. Both ends wait for the device, so the window's wall time is exact."""
+
+    def __init__(self, device: str, title: str = "") -> None:
+        self.device, self.title = device, title
+        self._profile, self._start = None, 0.0
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._sync()
+        activity = ProfilerActivity.CUDA if self.device == "cuda" else ProfilerActivity.CPU
+        self._profile = profile(activities=[activity])
+        self._profile.__enter__()
+        self._start = time.perf_counter()
+
+    def stop(self, steps: int) -> dict:
+        self._sync()
+        wall_us = (time.perf_counter() - self._start) * 1e6
+        self._profile.__exit__(None, None, None)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            self._profile.export_chrome_trace(path)
+            events = trace_events(json.loads(Path(path).read_text()))
+        rows = summarize(events, wall_us, steps)
+        return {"title": self.title, "steps": steps, "wall_ms_per_step": wall_us / steps / 1000, "kernels": len(events),
+                "rows": rows, "table": markdown_table(rows)}
+
+
+try:
+    import pytorch_lightning as pl
+
+    class ProfileSteps(pl.Callback):
+        """Profiles optimizer steps `first_step + 1 .. first_step + steps` of a Lightning run and writes the
+        summary as JSON to `output` (the forgather run of scripts/bench_train.py adds it to its trainer)."""
+
+        def __init__(self, first_step: int, steps: int, output: str, title: str = "") -> None:
+            self.first_step, self.steps, self.output, self.title = first_step, steps, output, title
+            self._profiler: StepProfiler | None = None
+            self._done = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self._profiler is None and not self._done and trainer.global_step == self.first_step:
+                self._profiler = StepProfiler(pl_module.device.type, self.title)
+                self._profiler.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self._profiler is not None and trainer.global_step >= self.first_step + self.steps:
+                summary = self._profiler.stop(trainer.global_step - self.first_step)
+                self._profiler, self._done = None, True
+                Path(self.output).write_text(json.dumps(summary))
+except ImportError:  # the summarizer alone needs no Lightning
+    pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("trace", help="a chrome trace (torch.profiler export_chrome_trace)")
+    parser.add_argument("--steps", type=int, default=1, help="how many steps the trace holds")
+    parser.add_argument("--wall-ms", type=float, help="the traced window's wall time (default: first to last event)")
+    args = parser.parse_args()
+    events = trace_events(json.loads(Path(args.trace).read_text()))
+    if not events:
+        raise SystemExit(f"{args.trace}: no kernel or operator events in this trace")
+    span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
+    print(markdown_table(summarize(events, args.wall_ms * 1000 if args.wall_ms else span, args.steps)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""scripts/bench_train.py and scripts/profile_train.py on a CPU: the kernel classification and idle-gap
+arithmetic of the profile on synthetic traces, and the benchmark's smoke mode end to end (every kind of row:
+an HF loop with its profile, a baseline that fails, a forgather run with its profile callback), so the GPU call
+only has the GPU left to find out."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+profile_train = _load("profile_train")
+bench_train = _load("bench_train")
+
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm>", "matmul"),
+    ("triton_tem_fused_flex_attention_backward_0", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
+    ("liger_cross_entropy_kernel", "loss"),
+    ("void at::native::(anonymous)::cunn_SoftMaxForward<8, float>", "pointwise"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("apply_update", "optimizer"),
+    ("triton_poi_fused_add_mul_silu_3", "pointwise"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", "pointwise"),
+    ("_rms_norm_forward_kernel", "pointwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<c10::BFloat16>>", "pointwise"),
+    ("Memcpy HtoD (Pinned -> Device)", "copies"),
+    ("Memset (Device)", "copies"),
+    ("some_kernel_nobody_named", "other"),
+])
+def test_kernels_are_classified_by_name(name, category):
+    assert profile_train.classify(name) == category
+
+
+def test_union_counts_overlapping_intervals_once():
+    assert profile_train.union_length([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25
+    assert profile_train.union_length([]) == 0
+
+
+def test_summary_per_step_with_overlaps_and_idle_gaps():
+    # Two steps in 100 us of wall time: a GEMM overlapping an elementwise kernel (another stream), a flex
+    # attention kernel, an unknown kernel, and gaps: busy = [0, 30] + [40, 50] + [60, 70] = 50 us.
+    events = [("nvjet_gemm", 0, 20), ("triton_poi_fused_add_0", 10, 20), ("triton_tem_fused_0", 40, 10),
+              ("mystery", 60, 10)]
+    rows = {row["category"]: row for row in profile_train.summarize(events, wall_us=100, steps=2)}
+    assert list(rows) == ["attention", "matmul", "pointwise", "other", "idle"]
+    assert rows["matmul"]["ms_per_step"] == pytest.approx(0.010)
+    assert rows["pointwise"]["share"] == pytest.approx(0.20)
+    assert rows["attention"]["ms_per_step"] == pytest.approx(0.005)
+    assert rows["other"]["share"] == pytest.approx(0.10)
+    assert rows["idle"]["ms_per_step"] == pytest.approx(0.025)
+    assert rows["idle"]["share"] == pytest.approx(0.50)
+    table = profile_train.markdown_table(list(rows.values()))
+    assert "| idle | 0.03 | 50.0% |" in table and "| matmul | 0.01 | 20.0% |" in table
+
+
+def test_trace_events_keep_device_kernels_or_else_top_level_operators():
+    device_trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "nvjet_a", "ts": 5, "dur": 2},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 1, "dur": 1},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 1},
+    ]}
+    assert sorted(profile_train.trace_events(device_trace)) == [("Memcpy HtoD", 1.0, 1.0), ("nvjet_a", 5.0, 2.0)]
+    cpu_trace = {"traceEvents": [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "ts": 0, "dur": 10, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 2, "dur": 5, "tid": 1},  # inside linear
+        {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 12, "dur": 3, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mul", "ts": 3, "dur": 3, "tid": 2},  # another thread
+    ]}
+    assert [name for name, _, _ in profile_train.trace_events(cpu_trace)] == ["aten::linear", "aten::add", "aten::mul"]
+
+
+def test_summary_refuses_an_empty_window():
+    with pytest.raises(ValueError, match="steps"):
+        profile_train.summarize([], wall_us=10, steps=0)
+
+
+def test_model_flops_count_matches_the_issue_figures():
+    # Issue 17: 49,663 tokens/s of the 1.24B shape is 39.3% MFU at 989 TFLOP/s.
+    assert bench_train.mfu(bench_train.SHAPES["1b"], 2048, 49663) == pytest.approx(0.393, abs=0.001)
+    # The 7B shape: 6 x 6.74B parameters minus the embedding lookup, plus attention at 2048 tokens.
+    assert bench_train.flops_per_token(bench_train.SHAPES["7b"], 2048) == pytest.approx(4.09e10, rel=0.01)
+
+
+def test_failure_names_the_exception_or_the_timeout():
+    lines = ["Traceback (most recent call last):", '  File "x.py", line 3', "torch.OutOfMemoryError: CUDA out of memory"]
+    assert bench_train.failure(1, lines, 60) == "torch.OutOfMemoryError: CUDA out of memory"
+    assert bench_train.failure(None, lines, 60) == "killed after the piece's timeout of 60 s"
+    assert bench_train.failure(3, ["done"], 60) == "exit status 3: done"
+    distributed = ["[rank0]:     raise NotImplementedError(", "[rank0]: torch._dynamo.exc.ObservedNotImplementedError: "
+                   "raised exception NotImplementedError('no backward on CPU')", "[rank0]:[W] process group not destroyed"]
+    assert bench_train.failure(1, distributed, 60).startswith("torch._dynamo.exc.ObservedNotImplementedError: raised")
+
+
+def test_a_path_past_its_timeout_is_killed_with_its_children():
+    start = time.monotonic()
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+            "print('started', flush=True); time.sleep(60)"
+    status, lines = bench_train.run_process([sys.executable, "-c", child], timeout=2)
+    assert status is None and lines == ["started"]
+    assert time.monotonic() - start < 20  # the grandchild held the output pipe: it was killed too
+
+
+def test_smoke_run_on_cpu_gives_every_kind_of_row(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_train.py"), "--shape", "tiny", "--device", "cpu", "--steps", "4",
+         "--log-every", "2", "--paths", "hf", "hf-liger", "forgather", "--profile", "hf", "forgather",
+         "--profile-steps", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = {r["name"]: r for r in json.loads((tmp_path / "results_tiny.json").read_text())}
+    assert results["hf"]["tokens_per_s"] > 0 and results["forgather"]["tokens_per_s"] > 0
+    for name in ("hf", "forgather"):
+        profile = results[name]["profile"]
+        assert profile["steps"] == 2 and profile["kernels"] > 0
+        assert {row["category"] for row in profile["rows"]} >= {"matmul", "idle"}
+    # liger-kernel is a GPU extra: here its row carries the error and the run went on.
+    assert "liger_kernel" in results["hf-liger"]["error"]
+    summary = (tmp_path / "summary_tiny.md").read_text()
+    assert "| hf-liger |" in summary and "profile of forgather" in summary
