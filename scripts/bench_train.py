@@ -330,12 +330,15 @@ BENCH_TEMPLATE = """\
 
 # The profile callback joins the trainer's callbacks through a sub-template that extends the trainer template
 # (an included template's blocks are its own: see examples/projects_overview/templates/configs/callbacks.yaml).
+# trainer/gpu.yaml includes trainer/cpu.yaml, so its callbacks block is out of reach: on a GPU the sub-template
+# extends cpu.yaml with gpu.yaml's settings.
+GPU_TRAINER_SETS = "-- set accelerator = 'gpu'\n-- set precision = precision | default('bf16-true')\n"
 PROFILE_TRAINER_BLOCK = """
 [trainer]
 -- include 'bench.trainer'
 
 #---------------- bench.trainer ----------------
--- extends 'trainer/{trainer}.yaml'
+{trainer_sets}-- extends 'trainer/cpu.yaml'
 [trainer_callbacks]
 == super()
         profile: !singleton:{script}:ProfileSteps
@@ -355,7 +358,7 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
     (project / "templates" / "configs").mkdir(parents=True)
     (project / "meta.yaml").write_text("name: bench\n")
     trainer_block = PROFILE_TRAINER_BLOCK.format(
-        trainer=trainer, script=HERE / "profile_train.py", first_step=args.steps, steps=args.profile_steps,
+        trainer_sets="" if cpu else GPU_TRAINER_SETS, script=HERE / "profile_train.py", first_step=args.steps, steps=args.profile_steps,
         output=tmp / "profile.json", title=json.dumps(name),
     ) if profile else ""
     (project / "templates" / "configs" / "bench.yaml").write_text(BENCH_TEMPLATE.format(

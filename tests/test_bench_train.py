@@ -137,3 +137,13 @@ def test_smoke_run_on_cpu_gives_every_kind_of_row(tmp_path):
     assert "liger_kernel" in results["hf-liger"]["error"]
     summary = (tmp_path / "summary_tiny.md").read_text()
     assert "| hf-liger |" in summary and "profile of forgather" in summary
+
+
+def test_the_gpu_run_of_a_profiled_path_has_the_profile_callback(tmp_path):
+    """trainer/gpu.yaml includes trainer/cpu.yaml, whose callbacks block a child of gpu.yaml cannot reach: the
+    GPU command's config must still carry the profile callback, on a GPU trainer in pure bf16."""
+    args = bench_train.parse_args(["--shape", "1b", "--profile", "forgather"])
+    command = bench_train.forgather_command(args, bench_train.SHAPES["1b"], tmp_path, "forgather", [])
+    config = subprocess.run([*command, "--cfg", "job"], capture_output=True, text=True, check=True).stdout
+    assert "profile_train.py:ProfileSteps" in config
+    assert "accelerator: gpu" in config and "precision: bf16-true" in config
