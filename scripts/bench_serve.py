@@ -6,7 +6,7 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
   hf eager         transformers generate(), dynamic cache, batch 1
   hf static        generate(cache_implementation="static"), which transformers compiles (--hf-compile)
   engine           forgather.serve.engine.Engine at batch 1 as the server runs it (the fused decoder, compiled,
-                   in CUDA graphs; `--variants`: also tuned, as `inf server -c` runs it), the HF model and the same model converted to a Forgather directory; the
+                   in CUDA graphs), the HF model and the same model converted to a Forgather directory; the
                    7B shape too; `--variants` adds the fused decoder uncompiled and the models' own modules
                    (the engine before the fused decoder), both in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
@@ -277,8 +277,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--hf-compile", action="store_true", help="also generate() with a static cache (compiles)")
     parser.add_argument("--variants", action="store_true",
-                        help="also the engine's fused decoder tuned (-c: minutes of tuning) and uncompiled, and the "
-                             "model's own modules (the baseline)")
+                        help="also the engine's fused decoder uncompiled, and the model's own modules (the baseline)")
     parser.add_argument("--profile", action="store_true", help="time graph replays; list the step's kernels")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -300,8 +299,6 @@ def main() -> None:
         word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
         bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
         if args.variants:
-            bench_engine("engine hf-llama, fused compiled and tuned (-c)", model, prompt, args.tokens, floor, None,
-                         compile=True)
             bench_engine("engine hf-llama, fused uncompiled", model, prompt, args.tokens, floor, None, compile=False)
             bench_engine("engine hf-llama, the model's modules", model, prompt, args.tokens, floor, None,
                          compile=False, fused=False)

@@ -123,6 +123,24 @@ def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_st
     assert q_proj.weight.untyped_storage().data_ptr() == engine.fused.layers[0].qkv.untyped_storage().data_ptr()
 
 
+@pytest.mark.slow
+def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend):
+    """What a GPU runs (the fused decoder through torch.compile, dynamic shapes, batch 1 and batches), here
+    compiled for the CPU: the simple loop's greedy tokens, alone and batched. (~20 s of compiling.)"""
+    prompts = [backend.encode(p) for p in PROMPTS]
+    params = [SamplingParams(max_tokens=10, temperature=0.0)] * len(prompts)
+    expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
+    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT, compile=True)
+    try:
+        from forgather.serve.fused import decode_layer
+
+        assert engine.fused is not None and engine.fused.layer_fn is not decode_layer  # compiled
+        assert run_engine(engine, prompts[:1], params[:1])[0].tokens == expected[0]
+        assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
 def test_other_llama_family_models_decode_through_the_fused_decoder_like_the_simple_loop(
         model_type, tmp_path, tokenizer):

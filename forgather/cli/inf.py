@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = roles.add_parser("server", help="serve a model directory (OpenAI-compatible API)")
     server.add_argument("-m", "--model", required=True, help="model directory (Forgather or Hugging Face)")
     server.add_argument("-c", "--compile", action="store_true",
-                        help="torch.compile the model (with the engine: also tune its decode step's kernels, "
-                             "minutes at start for faster decoding)")
+                        help="torch.compile the model (the engine compiles its decode step on a GPU anyway; with it, -c "
+                             "compiles the model's own step where the engine's fused one does not apply)")
     server.add_argument("--engine", choices=("auto", "on", "off"), default="auto",
                         help="batch requests in the serving engine (auto: on a GPU without --device-map)")
     server.add_argument("--max-num-seqs", type=int, default=16, help="requests the engine decodes at once")

@@ -109,8 +109,8 @@ class Backend:
         """Load a model directory. Without `device_map` the model goes to the first GPU, or the CPU;
         `device_map="auto"` spreads it over the visible GPUs (accelerate; `max_memory` caps each device,
         {0: "20GiB", 1: ...}), or keeps it on the CPU. `engine` starts the batching engine with
-        `max_num_seqs` slots (`compile` then compiles and tunes its decode step instead of compiling the model's
-        forward; without it the engine compiles its step untuned on a GPU)."""
+        `max_num_seqs` slots (which compiles its decode step on a GPU anyway; `compile` then also compiles the
+        model's own step where the engine's fused one does not apply)."""
         from transformers import AutoModelForCausalLM
 
         from forgather.convert.directory import is_forgather_directory

@@ -30,8 +30,8 @@ Prefill runs eagerly (prompt lengths vary).
 
 Decoding goes through `FusedDecoder` (fused.py) where the model is Llama-shaped (both kinds usually are):
 fused q/k/v and gate/up products and one layer function, compiled on a GPU (`compile=None`: compile where
-there is a GPU; `compile=True`: compile and tune its kernels, minutes at start for a faster batch-1 step,
-and compile the modules' step where the fused one does not apply).
+there is a GPU; `compile=True`: compile also on a CPU, and compile the modules' step where the fused one
+does not apply).
 `fused=False` keeps the modules' step for decoding too.
 """
 
@@ -158,7 +158,7 @@ class Engine:
     `prefill_chunk` prompt tokens per step while others decode; `max_waiting` queued requests before
     QueueFull; `cuda_graphs` (default: on a GPU) captures the decode step; `fused` (default: where the
     model allows) decodes through FusedDecoder; `compile` (default: on a GPU, the fused decoder) compiles
-    the decode step first (True: and tunes it, see FusedDecoder)."""
+    the decode step first (True: also the modules' step of a model the fused decoder cannot run)."""
 
     def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
                  prefill_chunk: int = 2048, max_waiting: int = 64, cuda_graphs: bool | None = None,
@@ -177,8 +177,7 @@ class Engine:
         self.fused: FusedDecoder | None = None
         if fused is not False:
             try:
-                how = on_gpu if compile is None else "tuned" if compile else False
-                self.fused = FusedDecoder.from_model(model, self.cache, compile=how)
+                self.fused = FusedDecoder.from_model(model, self.cache, compile=on_gpu if compile is None else compile)
                 self._check_fused()
             except UnsupportedModel as error:
                 if fused:

@@ -19,8 +19,9 @@ This module runs the same arithmetic in few kernels:
   against [B, kv_heads, keys, D]: no copy of the keys per query head), output projection, residual,
   norm, gate/up, SiLU, down, residual. On a GPU it goes through torch.compile once (dynamic shapes):
   every layer has the same shapes, so that one compile serves them all, and inductor fuses the norms,
-  rotary and SiLU into the products' neighbours; "tuned" compiles with coordinate-descent tuning, which
-  also turns batch-1 products into tuned reductions (faster decoding, minutes more at start). `prologue` (embedding, cos/sin, the window's mask) and
+  rotary and SiLU into the products' neighbours. (Inductor's coordinate-descent tuning, which turns
+  batch-1 products into tuned reductions, was measured too: no faster on the H200, minutes more at start;
+  docs/benchmarks.md.) `prologue` (embedding, cos/sin, the window's mask) and
   `epilogue` (final norm, LM head, greedy argmax) are compiled likewise. The engine captures the whole
   step in a CUDA graph per (batch, window) bucket.
 
@@ -34,12 +35,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-TUNED_OPTIONS = {
-    # inductor turns a product with one row into a multiply and a reduction, which it generates and tunes,
-    # only with coordinate-descent tuning on: batch-1 decoding gets faster than through cuBLAS's
-    # matrix-vector kernels (scripts/bench_serve.py), at minutes of tuning when the engine starts
-    "coordinate_descent_tuning": True,
-}
 # Every decoder in a process (one per model shape, dtype and option set) adds graphs to the one cache that
 # dynamo keeps for decode_layer's code; the default limit (8) is meant for one function's varying inputs.
 RECOMPILE_LIMIT = 64
@@ -101,14 +96,6 @@ def _same_class(module: Any, cls: type) -> bool:
     return isinstance(module, cls) or type(module).__name__ == cls.__name__
 
 
-def _compiled(functions: tuple[Callable, ...], options: dict) -> tuple[Callable, ...]:
-    """(layer, prologue, epilogue) through torch.compile with dynamic shapes and inductor `options`."""
-    layer, prologue, epilogue = functions
-    common = dict(dynamic=True, options=dict(options))
-    return (torch.compile(layer, fullgraph=True, **common), torch.compile(prologue, **common),
-            torch.compile(epilogue, fullgraph=True, **common))
-
-
 def _bias(module: nn.Linear) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach()
 
@@ -162,26 +149,24 @@ class FusedDecoder:
 
     def __init__(self, embed: Callable, rope: Callable, final_norm: torch.Tensor, lm_head: torch.Tensor,
                  layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, eps: float,
-                 qk_eps: float, cache: SlotKVCache, compile: bool | str):
+                 qk_eps: float, cache: SlotKVCache, compile: bool):
         self.embed, self.rope, self.final_norm, self.lm_head = embed, rope, final_norm, lm_head
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
-        # (layer, prologue, epilogue) for batch 1 and for larger batches
-        eager = (decode_layer, self.prologue, self.epilogue)
-        self.single = self.batched = eager
+        self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
             import torch._dynamo
 
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            self.batched = _compiled(eager, {})
-            # Tuning pays at batch 1, where products become reductions; a batch's products stay cuBLAS's.
-            self.single = _compiled(eager, TUNED_OPTIONS) if compile == "tuned" else self.batched
+            self.layer_fn = torch.compile(decode_layer, fullgraph=True, dynamic=True)
+            self.prologue_fn = torch.compile(self.prologue, dynamic=True)
+            self.epilogue_fn = torch.compile(self.epilogue, fullgraph=True, dynamic=True)
 
     @classmethod
-    def from_model(cls, model: Any, cache: SlotKVCache, compile: bool | str = False) -> "FusedDecoder":
+    def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False) -> "FusedDecoder":
         """The decoder for a Forgather or Llama-family Hugging Face model (UnsupportedModel otherwise).
-        Rebinds the model's q/k/v and gate/up parameters as views of the fused weights. `compile`: True
-        compiles the step, "tuned" also tunes its kernels (TUNED_OPTIONS)."""
+        Rebinds the model's q/k/v and gate/up parameters as views of the fused weights; `compile` compiles
+        the step's functions."""
         inner = getattr(model, "model", None)
         with torch.no_grad():
             if inner is not None and hasattr(inner, "lm_head_weight") and hasattr(inner, "layers"):
@@ -192,7 +177,7 @@ class FusedDecoder:
                                f"Hugging Face's {', '.join(HF_MODEL_TYPES)}")
 
     @classmethod
-    def _from_forgather(cls, inner: Any, cache: SlotKVCache, compile: bool | str) -> "FusedDecoder":
+    def _from_forgather(cls, inner: Any, cache: SlotKVCache, compile: bool) -> "FusedDecoder":
         from forgather.models.attention import Attention
         from forgather.models.feedforward import SwiGLU
         from forgather.models.layers import PreLNLayer
@@ -234,7 +219,7 @@ class FusedDecoder:
                    layers, first.num_heads, first.num_kv_heads, first.head_dim, eps, eps, cache, compile)
 
     @classmethod
-    def _from_hugging_face(cls, model: Any, cache: SlotKVCache, compile: bool | str) -> "FusedDecoder":
+    def _from_hugging_face(cls, model: Any, cache: SlotKVCache, compile: bool) -> "FusedDecoder":
         config, inner = model.config, model.model
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"hidden_act={config.hidden_act!r}; the fused decoder runs SiLU MLPs")
@@ -302,9 +287,8 @@ class FusedDecoder:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device."""
-        layer, prologue, epilogue = self.single if ids.shape[0] == 1 else self.batched
-        x, cos, sin, rows, visible = prologue(ids, positions, keys)
+        x, cos, sin, rows, visible = self.prologue_fn(ids, positions, keys)
         for index, weights in enumerate(self.layers):
-            x = layer(x, cos, sin, rows, positions, visible, self.cache.keys[index], self.cache.values[index],
-                      weights, self.heads, self.kv_heads, self.eps, self.qk_eps)
-        return epilogue(x)
+            x = self.layer_fn(x, cos, sin, rows, positions, visible, self.cache.keys[index], self.cache.values[index],
+                              weights, self.heads, self.kv_heads, self.eps, self.qk_eps)
+        return self.epilogue_fn(x)
