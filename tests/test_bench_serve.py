@@ -1,0 +1,26 @@
+"""scripts/bench_serve.py on the CPU with its tiny shape: every kind of row comes out (HF generate, the engine
+for both model kinds with the fused decoder, the HTTP server driven from several client processes), so the
+GPU run of the script is not where a mistake in it shows first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_serve.py"
+
+
+def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):
+    rows_file = tmp_path / "rows.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--shape", "tiny", "--skip-7b", "--prompt", "4", "--tokens", "8",
+                    "--concurrency", "1", "3", "--streams-per-client", "2", "--variants", "--json", str(rows_file)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    rows = {row["name"]: row for row in json.loads(rows_file.read_text())}
+    assert rows["hf eager"]["tokens_per_s"] > 0
+    for name in ("engine hf-llama", "engine forgather"):
+        assert rows[name]["fused"] and rows[name]["same_argmax"] and rows[name]["logit_error"] < 0.05
+    assert rows["engine hf-llama, the model's modules"]["fused"] is False
+    assert rows["http 3 streams"]["client_processes"] == 2  # 2 + 1 streams
+    assert rows["http 3 streams"]["tokens_per_chunk"] >= 1 and rows["http 1 streams"]["tokens_per_s"] > 0
