@@ -39,6 +39,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -512,7 +513,10 @@ def train(
         trainer.callbacks.append(ExportModel(model_config=config.model, run_dir=run_dir, **export))
     trainer.callbacks.extend(callbacks or [])
     try:
-        trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            if ckpt_path is not None:  # a resumed run's checkpoint directory holds its own checkpoints
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
     except BaseException:
         if trainer.is_global_zero:
             print(f"run directory: {run_dir} (--resume continues it)", flush=True)
