@@ -34,27 +34,43 @@ def tokenizer():
     return build_bpe_tokenizer(["once upon a time there was a tiny model"] * 4, vocab_size=300)
 
 
-@pytest.fixture(scope="module", params=["forgather", "llama"])
-def backend(request, tmp_path_factory, tokenizer) -> Backend:
-    """A loaded tiny model directory of either kind, with no stop token (every completion runs to max_tokens)."""
-    directory = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    if request.param == "forgather":
-        tree = tiny_tree(len(tokenizer))
-        save_model(build_model(tree).eval(), tree, directory, "tiny")
-    else:
-        config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=CONTEXT)
-        model = transformers.LlamaForCausalLM(config)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.3)
-        model.save_pretrained(directory)
+def load_backend(directory, tokenizer) -> Backend:
+    """The model directory with the tokenizer saved beside it, loaded, with no stop token (every completion
+    runs to max_tokens)."""
     tokenizer.save_pretrained(directory)
     loaded = Backend.load(directory, context_length=CONTEXT)
     loaded.stop_token_ids = set()
     return loaded
+
+
+def forgather_backend(directory, tokenizer, **tree_options) -> Backend:
+    tree = tiny_tree(len(tokenizer), **tree_options)
+    torch.manual_seed(0)
+    save_model(build_model(tree).eval(), tree, directory, "tiny")
+    return load_backend(directory, tokenizer)
+
+
+def hugging_face_backend(directory, tokenizer, model_type: str = "llama", **config) -> Backend:
+    """A tiny random model of `model_type` (weights ~ N(0, 0.3), norms ~ N(1, 0.3): far from initialization)."""
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, **config)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.3)
+    model.save_pretrained(directory)
+    return load_backend(directory, tokenizer)
+
+
+@pytest.fixture(scope="module", params=["forgather", "llama"])
+def backend(request, tmp_path_factory, tokenizer) -> Backend:
+    """A loaded tiny model directory of either kind."""
+    directory = tmp_path_factory.mktemp(request.param)
+    if request.param == "forgather":
+        return forgather_backend(directory, tokenizer)
+    return hugging_face_backend(directory, tokenizer)
 
 
 class Collector:
@@ -145,18 +161,7 @@ def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend):
 def test_other_llama_family_models_decode_through_the_fused_decoder_like_the_simple_loop(
         model_type, tmp_path, tokenizer):
     """Qwen2's q/k/v biases and Qwen3's per-head q/k norms go through the fused decoder too."""
-    config = transformers.AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, head_dim=8)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.3)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    backend = Backend.load(tmp_path, context_length=CONTEXT)
-    backend.stop_token_ids = set()
+    backend = hugging_face_backend(tmp_path, tokenizer, model_type, head_dim=8)
     prompts = [backend.encode(p) for p in PROMPTS]
     params = [SamplingParams(max_tokens=10, temperature=0.0)] * len(prompts)
     expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
@@ -173,12 +178,7 @@ def test_a_model_the_fused_decoder_cannot_run_decodes_through_its_modules(tmp_pa
     `fused=True` says why it cannot."""
     from forgather.serve.fused import UnsupportedModel
 
-    tree = tiny_tree(len(tokenizer), feedforward="forgather.models.feedforward:GELUMLP")
-    torch.manual_seed(0)
-    save_model(build_model(tree).eval(), tree, tmp_path, "tiny")
-    tokenizer.save_pretrained(tmp_path)
-    backend = Backend.load(tmp_path, context_length=CONTEXT)
-    backend.stop_token_ids = set()
+    backend = forgather_backend(tmp_path, tokenizer, feedforward="forgather.models.feedforward:GELUMLP")
     with pytest.raises(UnsupportedModel, match="another sublayer"):
         Engine(backend.model, set(), slots=2, context_length=CONTEXT, fused=True)
     engine = Engine(backend.model, set(), slots=2, context_length=CONTEXT)
@@ -203,11 +203,7 @@ def test_a_module_named_like_ours_that_computes_otherwise_is_caught_by_the_logit
         def forward(self, x):
             return torch.nn.functional.layer_norm(x, x.shape[-1:], self.weight, None, self.eps)
 
-    tree = tiny_tree(len(tokenizer))
-    torch.manual_seed(0)
-    save_model(build_model(tree).eval(), tree, tmp_path, "tiny")
-    tokenizer.save_pretrained(tmp_path)
-    backend = Backend.load(tmp_path, context_length=CONTEXT)
+    backend = forgather_backend(tmp_path, tokenizer)
     layer = backend.model.model.layers[1]
     layer.feedforward_norm = RMSNorm(layer.feedforward_norm.weight, layer.feedforward_norm.eps)
     with pytest.raises(UnsupportedModel, match="does not compute what the model's modules do"):
