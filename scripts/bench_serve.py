@@ -7,8 +7,9 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
   hf static        generate(cache_implementation="static"), which transformers compiles (--hf-compile)
   engine           forgather.serve.engine.Engine at batch 1 as the server runs it (the fused decoder, compiled,
                    in CUDA graphs), the HF model and the same model converted to a Forgather directory; the
-                   7B shape too; `--variants` adds the fused decoder uncompiled and the models' own modules
-                   (the engine before the fused decoder), both in CUDA graphs
+                   7B shape too; `--variants` adds the fused decoder with torch's fused attention kernel
+                   (fused_attention="sdpa"), uncompiled, and the models' own modules (the engine before the
+                   fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
                    `openai` client, N concurrent streams of one completion each (token-id prompts), spread
@@ -141,13 +142,13 @@ def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, li
 
 
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
-                 compile: bool | None = None, slots: int = 32, profile: bool = False, fused: bool | None = None
-                 ) -> None:
+                 compile: bool | None = None, slots: int = 32, profile: bool = False, fused: bool | None = None,
+                 fused_attention: str = "matmul") -> None:
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
     engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), compile=compile,
-                    fused=fused)
+                    fused=fused, fused_attention=fused_attention)
     setup = time.perf_counter() - started
     try:
         extra = dict(fused=engine.fused is not None, setup_s=setup)
@@ -332,6 +333,8 @@ def main() -> None:
         word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
         bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
         if args.variants:
+            bench_engine("engine hf-llama, fused, sdpa attention", model, prompt, args.tokens, floor, None,
+                         fused_attention="sdpa", profile=args.profile)
             bench_engine("engine hf-llama, fused uncompiled", model, prompt, args.tokens, floor, None, compile=False)
             bench_engine("engine hf-llama, the model's modules", model, prompt, args.tokens, floor, None,
                          compile=False, fused=False)

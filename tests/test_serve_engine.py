@@ -118,10 +118,12 @@ def test_greedy_tokens_equal_the_simple_loop_alone_and_batched(backend, engine):
     assert {c.finish for c in batched} == {"length"}
 
 
-def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_step(backend):
-    """Both kinds decode through FusedDecoder; from the same cache it gives the modules' step's logits, and the
-    model's own q/k/v and gate/up weights are views of its fused ones (not a second copy)."""
-    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT)
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_step(backend, attention):
+    """Both kinds decode through FusedDecoder (its attention either way); from the same cache it gives the
+    modules' step's logits, and the model's own q/k/v and gate/up weights are views of its fused ones (not a
+    second copy)."""
+    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT, fused_attention=attention)
     try:
         assert engine.fused is not None
         run_engine(engine, [backend.encode(p) for p in PROMPTS[:3]], [SamplingParams(max_tokens=5, temperature=0.0)] * 3)
@@ -132,6 +134,9 @@ def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_st
             fused, greedy = engine.fused(ids, positions, torch.arange(keys))
         torch.testing.assert_close(fused[:3], modules[:3], rtol=1e-5, atol=1e-5)
         assert greedy.tolist()[:3] == modules.argmax(-1).tolist()[:3]
+        # the cache holds each layer's keys and values as views of one pair: one scatter writes both
+        assert engine.cache.keys[0].data_ptr() == engine.cache.pairs[0].data_ptr()
+        assert engine.cache.values[0].data_ptr() == engine.cache.pairs[0][1].data_ptr()
     finally:
         engine.close()
     layer = backend.model.model.layers[0]
@@ -171,6 +176,11 @@ def test_other_llama_family_models_decode_through_the_fused_decoder_like_the_sim
         assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
     finally:
         engine.close()
+
+
+def test_an_unknown_fused_attention_is_refused(backend):
+    with pytest.raises(ValueError, match="attention='flash'; choose one of"):
+        Engine(backend.model, set(), slots=2, context_length=CONTEXT, fused=True, fused_attention="flash")
 
 
 def test_a_model_the_fused_decoder_cannot_run_decodes_through_its_modules(tmp_path, tokenizer):

@@ -67,17 +67,20 @@ class SlotKVCache:
     """A preallocated cache for a serving engine: `slots` sequences of up to `length` tokens each.
 
     Keys and values of layer i live in `keys[i]` / `values[i]`, [slots, kv_heads, length + 1, head_dim]; a
-    token at position p of the sequence in slot s sits at [s, :, p]. Nothing is ever reallocated, so a decode
-    step reads and writes the same memory every time (what a captured CUDA graph needs). The extra position
-    `length` is scratch: rows of a batch that hold no sequence write there, and no real token ever does.
-    `rows(slots, positions, keys)` is the view one forward pass uses.
+    token at position p of the sequence in slot s sits at [s, :, p]. Both are views of one tensor,
+    `pairs[i]` [2, slots, kv_heads, length + 1, head_dim], so a step can write a token's key and value with one
+    scatter. Nothing is ever reallocated, so a decode step reads and writes the same memory every time (what
+    a captured CUDA graph needs). The extra position `length` is scratch: rows of a batch that hold no
+    sequence write there, and no real token ever does. `rows(slots, positions, keys)` is the view one forward
+    pass uses.
     """
 
     def __init__(self, num_layers: int, slots: int, length: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (slots, kv_heads, length + 1, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (2, slots, kv_heads, length + 1, head_dim)
+        self.pairs = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [pair[0] for pair in self.pairs]
+        self.values = [pair[1] for pair in self.pairs]
         self.slots, self.length = slots, length
 
     @property

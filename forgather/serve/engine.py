@@ -158,11 +158,12 @@ class Engine:
     `prefill_chunk` prompt tokens per step while others decode; `max_waiting` queued requests before
     QueueFull; `cuda_graphs` (default: on a GPU) captures the decode step; `fused` (default: where the
     model allows) decodes through FusedDecoder; `compile` (default: on a GPU, the fused decoder) compiles
-    the decode step first (True: also the modules' step of a model the fused decoder cannot run)."""
+    the decode step first (True: also the modules' step of a model the fused decoder cannot run);
+    `fused_attention` is its attention, "matmul" or "sdpa" (FusedDecoder)."""
 
     def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
                  prefill_chunk: int = 2048, max_waiting: int = 64, cuda_graphs: bool | None = None,
-                 compile: bool | None = None, fused: bool | None = None):
+                 compile: bool | None = None, fused: bool | None = None, fused_attention: str = "matmul"):
         self.step = model_step(model)
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -177,7 +178,8 @@ class Engine:
         self.fused: FusedDecoder | None = None
         if fused is not False:
             try:
-                self.fused = FusedDecoder.from_model(model, self.cache, compile=on_gpu if compile is None else compile)
+                self.fused = FusedDecoder.from_model(model, self.cache, on_gpu if compile is None else compile,
+                                                     fused_attention)
                 self._check_fused()
             except UnsupportedModel as error:
                 if fused:

@@ -48,6 +48,7 @@ from forgather.models.kv_cache import SlotKVCache
 __all__ = ["FusedDecoder", "UnsupportedModel"]
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION = ("matmul", "sdpa")
 
 
 class UnsupportedModel(ValueError):
@@ -113,12 +114,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
-                 positions: torch.Tensor, visible: torch.Tensor, key_cache: torch.Tensor,
-                 value_cache: torch.Tensor, w: LayerWeights, heads: int, kv_heads: int, eps: float,
-                 qk_eps: float) -> torch.Tensor:
-    """One pre-LN layer for one token a row: x [B, hidden] -> [B, hidden]; writes the row's key/value at
-    [rows, :, positions] of the caches [slots, kv_heads, length + 1, D] and attends over the first
-    `visible.shape[1]` positions (visible [B, keys]: True where a row may look)."""
+                 positions: torch.Tensor, visible: torch.Tensor, cache: torch.Tensor, w: LayerWeights,
+                 heads: int, kv_heads: int, eps: float, qk_eps: float, sdpa: bool = False) -> torch.Tensor:
+    """One pre-LN layer for one token a row: x [B, hidden] -> [B, hidden]. Writes the rows' keys and values,
+    in one scatter, at [:, rows, :, positions] of the layer's cache pair [2, slots, kv_heads, length + 1, D]
+    (SlotKVCache.pairs), and attends over the first `visible.shape[1]` positions (visible [B, keys]: True
+    where a row may look). `sdpa`: attention through scaled_dot_product_attention (one fused kernel on a
+    GPU) instead of two products and a softmax."""
     batch = x.shape[0]
     head_dim = cos.shape[-1]
     h = rms_norm(x, w.attention_norm, eps)
@@ -128,14 +130,17 @@ def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: to
     if w.q_norm is not None:
         q, k = rms_norm(q, w.q_norm, qk_eps), rms_norm(k, w.k_norm, qk_eps)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    key_cache[rows, :, positions] = k
-    value_cache[rows, :, positions] = v
+    cache[:, rows, :, positions] = torch.stack((k, v), dim=1)  # [B, 2, kv_heads, D]
     keys = visible.shape[1]
-    cached_keys, cached_values = key_cache[:batch, :, :keys], value_cache[:batch, :, :keys]
-    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # query head i reads kv head i // group
-    scores = torch.matmul(grouped, cached_keys.transpose(-1, -2)).float() * head_dim ** -0.5
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    attended = torch.matmul(scores.softmax(dim=-1).to(v.dtype), cached_values)  # [B, kv_heads, group, D]
+    cached_keys, cached_values = cache[0, :batch, :, :keys], cache[1, :batch, :, :keys]
+    # Query head i reads kv head i // group: the group's query heads are the "queries" of their kv head.
+    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    if sdpa:
+        attended = F.scaled_dot_product_attention(grouped, cached_keys, cached_values, attn_mask=visible[:, None, None, :])
+    else:
+        scores = torch.matmul(grouped, cached_keys.transpose(-1, -2)).float() * head_dim ** -0.5
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        attended = torch.matmul(scores.softmax(dim=-1).to(v.dtype), cached_values)  # [B, kv_heads, group, D]
     x = x + F.linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias)
     h = rms_norm(x, w.feedforward_norm, eps)
     gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
@@ -149,10 +154,11 @@ class FusedDecoder:
 
     def __init__(self, embed: Callable, rope: Callable, final_norm: torch.Tensor, lm_head: torch.Tensor,
                  layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, eps: float,
-                 qk_eps: float, cache: SlotKVCache, compile: bool):
+                 qk_eps: float, cache: SlotKVCache, compile: bool, attention: str = "matmul"):
         self.embed, self.rope, self.final_norm, self.lm_head = embed, rope, final_norm, lm_head
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
+        self.sdpa = attention == "sdpa"
         self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
             import torch._dynamo
@@ -163,21 +169,25 @@ class FusedDecoder:
             self.epilogue_fn = torch.compile(self.epilogue, fullgraph=True, dynamic=True)
 
     @classmethod
-    def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False) -> "FusedDecoder":
+    def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False, attention: str = "matmul"
+                   ) -> "FusedDecoder":
         """The decoder for a Forgather or Llama-family Hugging Face model (UnsupportedModel otherwise).
         Rebinds the model's q/k/v and gate/up parameters as views of the fused weights; `compile` compiles
-        the step's functions."""
+        the step's functions; `attention` is "matmul" (two products and a softmax) or "sdpa" (torch's fused
+        kernel)."""
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r}; choose one of {ATTENTION}")
         inner = getattr(model, "model", None)
         with torch.no_grad():
             if inner is not None and hasattr(inner, "lm_head_weight") and hasattr(inner, "layers"):
-                return cls._from_forgather(inner, cache, compile)
+                return cls._from_forgather(inner, cache, compile, attention)
             if getattr(getattr(model, "config", None), "model_type", None) in HF_MODEL_TYPES:
-                return cls._from_hugging_face(model, cache, compile)
+                return cls._from_hugging_face(model, cache, compile, attention)
         raise UnsupportedModel(f"{type(model).__name__} is neither a Forgather Llama-style model nor one of "
                                f"Hugging Face's {', '.join(HF_MODEL_TYPES)}")
 
     @classmethod
-    def _from_forgather(cls, inner: Any, cache: SlotKVCache, compile: bool) -> "FusedDecoder":
+    def _from_forgather(cls, inner: Any, cache: SlotKVCache, compile: bool, attention: str) -> "FusedDecoder":
         from forgather.models.attention import Attention
         from forgather.models.feedforward import SwiGLU
         from forgather.models.layers import PreLNLayer
@@ -216,10 +226,10 @@ class FusedDecoder:
             return cos.to(dtype), sin.to(dtype)
 
         return cls(lambda ids: inner.embed(ids), rope, inner.norm.weight.detach(), inner.lm_head_weight.detach(),
-                   layers, first.num_heads, first.num_kv_heads, first.head_dim, eps, eps, cache, compile)
+                   layers, first.num_heads, first.num_kv_heads, first.head_dim, eps, eps, cache, compile, attention)
 
     @classmethod
-    def _from_hugging_face(cls, model: Any, cache: SlotKVCache, compile: bool) -> "FusedDecoder":
+    def _from_hugging_face(cls, model: Any, cache: SlotKVCache, compile: bool, attention: str) -> "FusedDecoder":
         config, inner = model.config, model.model
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"hidden_act={config.hidden_act!r}; the fused decoder runs SiLU MLPs")
@@ -248,7 +258,7 @@ class FusedDecoder:
 
         return cls(lambda ids: embed(ids), rope, inner.norm.weight.detach(), model.lm_head.weight.detach(), layers,
                    config.num_attention_heads, config.num_key_value_heads, head_dim, eps,
-                   q_eps if q_eps is not None else eps, cache, compile)
+                   q_eps if q_eps is not None else eps, cache, compile, attention)
 
     def compare(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                 seen: list[tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor) -> float:
@@ -264,8 +274,8 @@ class FusedDecoder:
         x, cos, sin, rows, visible = self.prologue(ids, positions, keys)
         errors = [relative(x, seen[0][0])]
         for index, (weights, (given, output)) in enumerate(zip(self.layers, seen)):
-            mine = decode_layer(given, cos, sin, rows, positions, visible, self.cache.keys[index],
-                                self.cache.values[index], weights, self.heads, self.kv_heads, self.eps, self.qk_eps)
+            mine = decode_layer(given, cos, sin, rows, positions, visible, self.cache.pairs[index], weights,
+                                self.heads, self.kv_heads, self.eps, self.qk_eps, self.sdpa)
             errors.append(relative(mine.float() - given.float(), output.float() - given.float()))
         errors.append(relative(self.epilogue(seen[-1][0])[0], logits))
         return max(errors)
@@ -289,6 +299,6 @@ class FusedDecoder:
         """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device."""
         x, cos, sin, rows, visible = self.prologue_fn(ids, positions, keys)
         for index, weights in enumerate(self.layers):
-            x = self.layer_fn(x, cos, sin, rows, positions, visible, self.cache.keys[index], self.cache.values[index],
-                              weights, self.heads, self.kv_heads, self.eps, self.qk_eps)
+            x = self.layer_fn(x, cos, sin, rows, positions, visible, self.cache.pairs[index], weights, self.heads,
+                              self.kv_heads, self.eps, self.qk_eps, self.sdpa)
         return self.epilogue_fn(x)
