@@ -16,6 +16,10 @@ Categories come from kernel names (`classify`), first match wins, anything else 
              per`, eager `elementwise` / `reduce` kernels, Liger's RMSNorm / RoPE / SwiGLU kernels)
 The loss's own logits matmuls are GEMMs, so they count as matmul, like the model's.
 
+On CUDA the profiled steps also run under `torch.cuda.set_sync_debug_mode("warn")`: every operation that
+makes the host wait for the device warns, and the summary lists where (`syncs`: file:line and count), the
+first place to look when `idle` is large.
+
 Used by scripts/bench_train.py: `ProfileSteps` is a Lightning callback (added to the forgather run's trainer
 by the bench's template) and the Hugging Face loops call `StepProfiler` directly.
 
@@ -25,10 +29,12 @@ by the bench's template) and the Hugging Face loops call `StepProfiler` directly
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -115,7 +121,8 @@ def trace_events(trace: dict) -> list[Event]:
 
 class StepProfiler:
     """Profile a number of steps: `start()` before the first, `stop(steps)` after the last -> summary dict
-    {steps, wall_ms_per_step, rows, table}. Both ends wait for the device, so the window's wall time is exact."""
+    {steps, wall_ms_per_step, rows, syncs, table}. Both ends wait for the device, so the window's wall time is
+    exact."""
 
     def __init__(self, device: str, title: str = "") -> None:
         self.device, self.title = device, title
@@ -134,19 +141,41 @@ class StepProfiler:
         activity = ProfilerActivity.CUDA if self.device == "cuda" else ProfilerActivity.CPU
         self._profile = profile(activities=[activity])
         self._profile.__enter__()
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        self._sync_debug(True)
         self._start = time.perf_counter()
 
+    def _sync_debug(self, on: bool) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.set_sync_debug_mode("warn" if on else "default")
+
     def stop(self, steps: int) -> dict:
+        self._sync_debug(False)
         self._sync()
         wall_us = (time.perf_counter() - self._start) * 1e6
+        self._warnings.__exit__(None, None, None)
         self._profile.__exit__(None, None, None)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "trace.json")
             self._profile.export_chrome_trace(path)
             events = trace_events(json.loads(Path(path).read_text()))
         rows = summarize(events, wall_us, steps)
+        syncs = sync_sites(self._caught)
+        table = markdown_table(rows) + "".join(f"\nhost waits at {site}: {count} times in {steps} steps"
+                                               for site, count in syncs)
         return {"title": self.title, "steps": steps, "wall_ms_per_step": wall_us / steps / 1000, "kernels": len(events),
-                "rows": rows, "table": markdown_table(rows)}
+                "rows": rows, "syncs": syncs, "table": table + ("\n" if syncs else "")}
+
+
+def sync_sites(caught: list[warnings.WarningMessage]) -> list[tuple[str, int]]:
+    """Where the warnings of `set_sync_debug_mode("warn")` came from, as (file:line, count), most first."""
+    sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught
+                                if "synchronizing" in str(w.message).lower())
+    return sites.most_common()
 
 
 try:

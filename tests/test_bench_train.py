@@ -147,3 +147,16 @@ def test_the_gpu_run_of_a_profiled_path_has_the_profile_callback(tmp_path):
     config = subprocess.run([*command, "--cfg", "job"], capture_output=True, text=True, check=True).stdout
     assert "profile_train.py:ProfileSteps" in config
     assert "accelerator: gpu" in config and "precision: bf16-true" in config
+
+
+def test_sync_sites_count_where_the_host_waited_most_first():
+    import warnings
+
+    def warning(message, filename, lineno):
+        return warnings.WarningMessage(message, UserWarning, filename, lineno)
+
+    caught = [warning("called a synchronizing CUDA operation", "module.py", 133),
+              warning("called a synchronizing CUDA operation", "loss.py", 40),
+              warning("called a synchronizing CUDA operation", "module.py", 133),
+              warning("some other warning", "module.py", 133)]
+    assert profile_train.sync_sites(caught) == [("module.py:133", 2), ("loss.py:40", 1)]
