@@ -1,0 +1,74 @@
+"""A training step never makes the host wait for the device, except on the steps whose metrics are written.
+
+On a GPU the host queues a step's kernels while the previous step runs; any operation that reads a tensor's
+value on the host (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`, `nonzero` ...) drains that queue and leaves the
+GPU idle while the host catches up. This test watches every tensor operation of real training steps through
+the runner (the GPU bench's settings: packed rows with flex attention, the chunked loss, fused AdamW, no
+clipping) with a TorchFunctionMode, on the CPU, and allows such reads only on logged steps, where the loggers
+read the metrics on purpose.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+
+import pytorch_lightning as pl
+from torch.overrides import TorchFunctionMode
+
+import forgather.overrides as ovr
+from forgather.lightning.steps import writes_metrics
+from forgather.run import Runner, build_parser
+from test_run import PROJECT
+
+READS_ON_HOST = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal", "cpu",
+                 "numpy", "is_nonzero", "__format__", "__repr__", "masked_select", "unique", "argwhere"}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the host-reading operations by (name, the innermost caller outside torch)."""
+
+    def __init__(self, seen: collections.Counter):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in READS_ON_HOST:
+            caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename
+                           and f.filename != __file__), None)
+            self.seen[(name, f"{caller.filename}:{caller.lineno}" if caller else "?")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class WatchSteps(pl.Callback):
+    """Runs each training batch after the first under HostReads; sorts what it saw by logged / unlogged step."""
+
+    def __init__(self):
+        self.unlogged, self.logged, self.steps = collections.Counter(), collections.Counter(), 0
+        self.mode = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= 1:
+            self.seen = collections.Counter()
+            self.mode = HostReads(self.seen)
+            self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+            self.steps += 1
+            (self.logged if writes_metrics(trainer) else self.unlogged).update(self.seen)
+
+
+def test_unlogged_training_steps_never_read_a_tensor_on_the_host(tmp_path):
+    args = build_parser().parse_args([
+        "-p", PROJECT, "--outputs", str(tmp_path), "+experiment=micro", "max_steps=9", "log_every_n_steps=4",
+        "attention_fn=flex", "loss=chunked", "++optimizer.fused=true", "gradient_clip_val=null"])
+    runner = Runner.create(args, ["test"])
+    watch = WatchSteps()
+    runner.run_point(ovr.parse(args.overrides, runner.groups, False)[0], callbacks=[watch])
+    assert watch.steps == 8
+    assert not watch.unlogged, f"host reads on unlogged steps: {dict(watch.unlogged)}"
+    assert watch.logged  # the watch sees reads where there are some: the loggers' on steps 4 and 8 (and 9)
