@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 PEAK_FLOPS = 989e12
@@ -382,11 +383,26 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
     ]
 
 
+def logged_rates(tmp: Path) -> list[float]:
+    """The run's train/tokens_per_s rows so far ([] before its metrics file exists)."""
+    found = list(tmp.glob("outputs/bench/*/csv/metrics.csv"))
+    if not found:
+        return []
+    with open(found[0], newline="") as file:
+        return [float(r["train/tokens_per_s"]) for r in csv.DictReader(file) if r.get("train/tokens_per_s")]
+
+
+def forgather_measured(args: argparse.Namespace, tmp: Path, name: str) -> bool:
+    """Whether the run has written all the bench reads: its throughput windows and, when profiled, the profile."""
+    try:
+        enough = len(logged_rates(tmp)) >= args.steps // args.log_every
+    except (OSError, ValueError, csv.Error):  # caught mid-write
+        return False
+    return enough and (name not in args.profile or (tmp / "profile.json").is_file())
+
+
 def forgather_result(args: argparse.Namespace, tmp: Path, name: str) -> dict:
-    (metrics,) = tmp.glob("outputs/bench/*/csv/metrics.csv")
-    with open(metrics, newline="") as file:
-        rates = [float(r["train/tokens_per_s"]) for r in csv.DictReader(file) if r.get("train/tokens_per_s")]
-    rates = rates[: args.steps // args.log_every]  # the windows before the profiled steps
+    rates = logged_rates(tmp)[: args.steps // args.log_every]  # the windows before the profiled steps
     result = {"tokens_per_s": median_of_late_windows(rates)}
     if name in args.profile:
         result["profile"] = json.loads((tmp / "profile.json").read_text())
@@ -395,23 +411,36 @@ def forgather_result(args: argparse.Namespace, tmp: Path, name: str) -> dict:
 
 # Running each path in a process of its own
 
-def run_process(command: list[str], timeout: float) -> tuple[int | None, list[str]]:
+def run_process(command: list[str], timeout: float, finished: Callable[[], bool] | None = None
+                ) -> tuple[int | None, list[str]]:
     """Run `command` in a session of its own, echoing its output; kill the session's processes (data loader
-    workers, compile workers too) after `timeout` seconds. Returns (exit status, or None when killed, and the
-    output lines)."""
+    workers, compile workers too) after `timeout` seconds, or as soon as `finished()` says everything to
+    measure is written (status 0 then: a forgather run's end of fit writes its last checkpoint and exports
+    the model, 13.5 GB each at 7B, which the bench does not need). Returns (exit status, or None when timed
+    out, and the output lines)."""
     print("$", " ".join(command), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
     timer_fired = False
+    done = threading.Event()
 
     def kill() -> None:
         nonlocal timer_fired
         timer_fired = True
         os.killpg(process.pid, signal.SIGKILL)
 
+    def watch() -> None:
+        while not done.wait(0.5):
+            if finished():
+                done.set()
+                os.killpg(process.pid, signal.SIGKILL)
+
     timer = threading.Timer(timeout, kill)
     timer.start()
+    watcher = threading.Thread(target=watch, daemon=True) if finished is not None else None
+    if watcher is not None:
+        watcher.start()
     try:
         for line in process.stdout:
             lines.append(line.rstrip("\n"))
@@ -419,6 +448,11 @@ def run_process(command: list[str], timeout: float) -> tuple[int | None, list[st
         process.wait()
     finally:
         timer.cancel()
+        early = done.is_set()
+        done.set()
+    if early and not timer_fired:
+        print("    (stopped: what the bench measures is written)", flush=True)
+        return 0, lines
     return (None if timer_fired else process.returncode), lines
 
 
@@ -444,7 +478,7 @@ def run_path(args: argparse.Namespace, shape: dict, name: str, overrides: list[s
     if overrides is not None:
         with tempfile.TemporaryDirectory() as tmp:
             command = forgather_command(args, shape, Path(tmp), name, overrides)
-            status, lines = run_process(command, args.timeout)
+            status, lines = run_process(command, args.timeout, lambda: forgather_measured(args, Path(tmp), name))
             try:
                 result = forgather_result(args, Path(tmp), name) if status == 0 else {
                     "error": failure(status, lines, args.timeout)}

@@ -119,6 +119,17 @@ def test_a_path_past_its_timeout_is_killed_with_its_children():
     assert time.monotonic() - start < 20  # the grandchild held the output pipe: it was killed too
 
 
+def test_a_path_stops_as_soon_as_what_the_bench_measures_is_written(tmp_path):
+    """A forgather run's end of fit (last checkpoint, model export) is not waited for: once `finished()` holds,
+    the run is stopped and counts as a success."""
+    start = time.monotonic()
+    marker = tmp_path / "measured"
+    child = f"import pathlib, time; print('training', flush=True); pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"
+    status, lines = bench_train.run_process([sys.executable, "-c", child], timeout=60, finished=marker.is_file)
+    assert status == 0 and lines[0] == "training"
+    assert time.monotonic() - start < 20
+
+
 def test_smoke_run_on_cpu_gives_every_kind_of_row(tmp_path):
     run = subprocess.run(
         [sys.executable, str(SCRIPTS / "bench_train.py"), "--shape", "tiny", "--device", "cpu", "--steps", "4",
