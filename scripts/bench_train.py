@@ -329,12 +329,13 @@ BENCH_TEMPLATE = """\
 -- extends 'experiment/tiny_llama.yaml'
 {trainer_block}"""
 
-# The profile callback joins the trainer's callbacks through a sub-template that extends the trainer template
-# (an included template's blocks are its own: see examples/projects_overview/templates/configs/callbacks.yaml).
-# trainer/gpu.yaml includes trainer/cpu.yaml, so its callbacks block is out of reach: on a GPU the sub-template
-# extends cpu.yaml with gpu.yaml's settings.
+# The bench's callbacks join the trainer's through a sub-template that extends the trainer template (an included
+# template's blocks are its own: see examples/projects_overview/templates/configs/callbacks.yaml). trainer/gpu.yaml
+# includes trainer/cpu.yaml, so its callbacks block is out of reach: on a GPU the sub-template extends cpu.yaml
+# with gpu.yaml's settings. `measured` writes the loggers' rows and a marker once the steps the bench reads are
+# done (after the profiled ones), so the bench stops the run there (run_process's `finished`).
 GPU_TRAINER_SETS = "-- set accelerator = 'gpu'\n-- set precision = precision | default('bf16-true')\n"
-PROFILE_TRAINER_BLOCK = """
+BENCH_TRAINER_BLOCK = """
 [trainer]
 -- include 'bench.trainer'
 
@@ -342,7 +343,11 @@ PROFILE_TRAINER_BLOCK = """
 {trainer_sets}-- extends 'trainer/cpu.yaml'
 [trainer_callbacks]
 == super()
-        profile: !singleton:{script}:ProfileSteps
+{profile}        measured: !singleton:{script}:MarkMeasured
+            step: {last_step}
+            output: {marker}
+"""
+PROFILE_CALLBACK = """        profile: !singleton:{script}:ProfileSteps
             first_step: {first_step}
             steps: {steps}
             output: {output}
@@ -358,10 +363,14 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
     project = tmp / "bench"
     (project / "templates" / "configs").mkdir(parents=True)
     (project / "meta.yaml").write_text("name: bench\n")
-    trainer_block = PROFILE_TRAINER_BLOCK.format(
-        trainer_sets="" if cpu else GPU_TRAINER_SETS, script=HERE / "profile_train.py", first_step=args.steps, steps=args.profile_steps,
-        output=tmp / "profile.json", title=json.dumps(name),
-    ) if profile else ""
+    script = HERE / "profile_train.py"
+    # One step past the timed ones when nothing is profiled: the last timed window's row is logged by then.
+    last_step = args.steps + (args.profile_steps if profile else 1)
+    profile_callback = PROFILE_CALLBACK.format(script=script, first_step=args.steps, steps=args.profile_steps,
+                                               output=tmp / "profile.json", title=json.dumps(name))
+    trainer_block = BENCH_TRAINER_BLOCK.format(
+        trainer_sets="" if cpu else GPU_TRAINER_SETS, profile=profile_callback if profile else "", script=script,
+        last_step=last_step, marker=tmp / MEASURED)
     (project / "templates" / "configs" / "bench.yaml").write_text(BENCH_TEMPLATE.format(
         shape=args.shape, model=model, trainer=trainer, loss="chunked" if cpu else args.loss, seq=shape["seq"],
         batch=shape["batch"], trainer_block=trainer_block,
@@ -373,7 +382,7 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
              f"num_kv_heads={shape['kv_heads']}", f"intermediate_size={shape['intermediate']}"]
     return [
         sys.executable, "-m", "forgather.run", "-p", str(project), "--outputs", str(tmp), "+experiment=bench",
-        f"max_steps={args.steps + (args.profile_steps if profile else 0)}", f"log_every_n_steps={args.log_every}",
+        f"max_steps={last_step}", f"log_every_n_steps={args.log_every}",
         "val_check_interval=100000", "limit_val_batches=0", "checkpoint_every=100000",
         f"model.vocab_size={shape['vocab']}", *sizes, f"optimizer={optimizer}",
         *(["++optimizer.fused=true"] if optimizer == "adamw" else []),  # torch's fused AdamW, as the HF loops
@@ -384,21 +393,13 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
 
 
 def logged_rates(tmp: Path) -> list[float]:
-    """The run's train/tokens_per_s rows so far ([] before its metrics file exists)."""
-    found = list(tmp.glob("outputs/bench/*/csv/metrics.csv"))
-    if not found:
-        return []
-    with open(found[0], newline="") as file:
+    """The run's train/tokens_per_s rows."""
+    (metrics,) = tmp.glob("outputs/bench/*/csv/metrics.csv")
+    with open(metrics, newline="") as file:
         return [float(r["train/tokens_per_s"]) for r in csv.DictReader(file) if r.get("train/tokens_per_s")]
 
 
-def forgather_measured(args: argparse.Namespace, tmp: Path, name: str) -> bool:
-    """Whether the run has written all the bench reads: its throughput windows and, when profiled, the profile."""
-    try:
-        enough = len(logged_rates(tmp)) >= args.steps // args.log_every
-    except (OSError, ValueError, csv.Error):  # caught mid-write
-        return False
-    return enough and (name not in args.profile or (tmp / "profile.json").is_file())
+MEASURED = "measured"  # the marker MarkMeasured writes in the run's temporary directory
 
 
 def forgather_result(args: argparse.Namespace, tmp: Path, name: str) -> dict:
@@ -478,7 +479,7 @@ def run_path(args: argparse.Namespace, shape: dict, name: str, overrides: list[s
     if overrides is not None:
         with tempfile.TemporaryDirectory() as tmp:
             command = forgather_command(args, shape, Path(tmp), name, overrides)
-            status, lines = run_process(command, args.timeout, lambda: forgather_measured(args, Path(tmp), name))
+            status, lines = run_process(command, args.timeout, (Path(tmp) / MEASURED).is_file)
             try:
                 result = forgather_result(args, Path(tmp), name) if status == 0 else {
                     "error": failure(status, lines, args.timeout)}

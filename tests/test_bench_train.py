@@ -171,3 +171,38 @@ def test_sync_sites_count_where_the_host_waited_most_first():
               warning("called a synchronizing CUDA operation", "module.py", 133),
               warning("some other warning", "module.py", 133)]
     assert profile_train.sync_sites(caught) == [("module.py:133", 2), ("loss.py:40", 1)]
+
+
+def test_the_measured_marker_appears_when_every_timed_window_is_on_disk(tmp_path):
+    """The bench stops a forgather run at MarkMeasured's marker: by then the loggers have written every timed
+    throughput window (Lightning's CSV logger would otherwise hold them until step 100 or the end)."""
+    args = bench_train.parse_args(["--device", "cpu", "--tiny", "--steps", "6", "--log-every", "2"])
+    command = bench_train.forgather_command(args, bench_train.SHAPES["tiny"], tmp_path, "forgather", [])
+    marker, seen = tmp_path / bench_train.MEASURED, []
+
+    def finished() -> bool:
+        if marker.is_file() and not seen:
+            seen.append(bench_train.logged_rates(tmp_path))
+        return bool(seen)
+
+    status, _ = bench_train.run_process(command, timeout=300, finished=finished)
+    assert status == 0 and seen, "no marker"
+    assert len(seen[0]) >= args.steps // args.log_every
+
+
+def test_mark_measured_has_the_loggers_write_before_the_marker_appears(tmp_path):
+    marker, order = tmp_path / "measured", []
+
+    class Logger:
+        def save(self):
+            order.append(("save", marker.exists()))
+
+    trainer = type("Trainer", (), {"global_step": 7, "loggers": [Logger(), Logger()]})()
+    callback = profile_train.MarkMeasured(step=8, output=str(marker))
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert not order and not marker.exists()  # not yet at its step
+    trainer.global_step = 8
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert order == [("save", False), ("save", False)] and marker.exists()
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert len(order) == 2  # once
