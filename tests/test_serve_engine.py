@@ -162,11 +162,15 @@ def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend):
         engine.close()
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("model_type, options", [
+    ("qwen2", {}), ("qwen3", {}), ("mistral", {}), ("llama", {"attention_bias": True, "mlp_bias": True}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})])
 def test_other_llama_family_models_decode_through_the_fused_decoder_like_the_simple_loop(
-        model_type, tmp_path, tokenizer):
-    """Qwen2's q/k/v biases and Qwen3's per-head q/k norms go through the fused decoder too."""
-    backend = hugging_face_backend(tmp_path, tokenizer, model_type, head_dim=8)
+        model_type, options, tmp_path, tokenizer):
+    """Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Llama's biases on every projection and Llama 3's
+    rope scaling go through the fused decoder too."""
+    backend = hugging_face_backend(tmp_path, tokenizer, model_type, head_dim=8, **options)
     prompts = [backend.encode(p) for p in PROMPTS]
     params = [SamplingParams(max_tokens=10, temperature=0.0)] * len(prompts)
     expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
@@ -176,6 +180,15 @@ def test_other_llama_family_models_decode_through_the_fused_decoder_like_the_sim
         assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
     finally:
         engine.close()
+
+
+def test_a_rope_that_reads_the_positions_on_the_host_is_served_by_the_simple_loop(tmp_path, tokenizer):
+    """transformers' "dynamic" rope recomputes its frequencies from the step's positions on the host: no CUDA
+    graph can hold that, so the server decodes one request at a time, and says why."""
+    backend = hugging_face_backend(tmp_path, tokenizer, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.warns(UserWarning, match="rope_type 'dynamic' recomputes its frequencies"):
+        backend.start_engine(2)
+    assert backend.engine is None
 
 
 def test_an_unknown_fused_attention_is_refused(backend):

@@ -132,6 +132,9 @@ def _last(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     return x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
 
 
+POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")  # transformers' rope types that read the positions on the host
+
+
 def model_step(model: Any) -> ForgatherStep | HuggingFaceStep:
     """The step for a loaded model; UnsupportedModel when it is neither kind (or spread over devices)."""
     if len({str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
@@ -140,6 +143,10 @@ def model_step(model: Any) -> ForgatherStep | HuggingFaceStep:
     if inner is not None and hasattr(inner, "lm_head_weight") and hasattr(inner, "layers"):
         return ForgatherStep(model)
     if inner is not None and all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        rope_type = getattr(inner.rotary_emb, "rope_type", "default")
+        if rope_type in POSITION_DEPENDENT_ROPE:
+            raise UnsupportedModel(f"rope_type {rope_type!r} recomputes its frequencies from the positions each step "
+                                   f"(a host decision a step's CUDA graph cannot hold)")
         return HuggingFaceStep(model)
     raise UnsupportedModel(f"{type(model).__name__} is neither a Forgather model nor a Llama-family one")
 
