@@ -5,6 +5,7 @@ official `openai` client, seeds, stop strings, concurrency and the error cases a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import openai
@@ -55,6 +57,22 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """`app` served by uvicorn on a thread at a free loopback port: its URL, once it answers."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def wait_until_up(url: str, process: subprocess.Popen | None = None, log: Path | None = None,
@@ -295,16 +313,8 @@ def llama_dir(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_server(llama_dir) -> str:
-    port = free_port()
-    app = create_app(Backend.load(llama_dir, device_map="auto"), "llama")
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(url)
-    yield url
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(create_app(Backend.load(llama_dir, device_map="auto"), "llama")) as url:
+        yield url
 
 
 def test_hf_llama_directory_completion_equals_transformers_generate(llama_server, llama_dir, tokenizer):
@@ -503,15 +513,8 @@ def slow_server(llama_dir):
         return sample(logits, params, generator)
 
     backend._sample = slow_sample
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(backend, "llama"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(url)
-    yield url, samples
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(create_app(backend, "llama")) as url:
+        yield url, samples
 
 
 def settled(samples: list, quiet: float = 0.4, deadline: float = 15.0) -> int:

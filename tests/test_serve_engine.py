@@ -13,7 +13,6 @@ import httpx
 import pytest
 import torch
 import transformers
-import uvicorn
 
 from forgather.data.tokenizer import build_bpe_tokenizer
 from forgather.models.export import build_model, save_model
@@ -23,7 +22,7 @@ from forgather.serve.engine import Engine
 from forgather.serve.scheduler import QueueFull, Request, Scheduler
 from forgather.serve.text import IncrementalDetokenizer, TextStream
 from helpers.tiny_lm import tiny_tree
-from test_serve import free_port, wait_until_up
+from test_serve import serving
 
 CONTEXT = 64
 PROMPTS = ["once upon a time", "there was", "a tiny model", "upon a time there was a tiny model once"]
@@ -399,15 +398,8 @@ def engine_server(backend):
         run_step(plan)
 
     backend.engine.run_step = slow_step
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(backend, "m"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(url)
-    yield url, backend.engine, steps
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(create_app(backend, "m")) as url:
+        yield url, backend.engine, steps
     backend.engine.close()
     backend.engine = None
 
