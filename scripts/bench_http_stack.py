@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import socket
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_serve import drive, free_port, word_tokenizer  # noqa: E402
+from bench_serve import drive, free_port, wait_up, word_tokenizer  # noqa: E402
 from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the endpoint's annotation here)
 
 VOCAB = 512
@@ -147,17 +146,6 @@ async def read_streams(port: int, streams: int, tokens: int) -> tuple[int, float
         return sum(counts), time.perf_counter() - start
 
 
-def wait_up(port: int, process: multiprocessing.Process) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.is_alive():
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("the stand-in server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=32)
@@ -174,7 +162,7 @@ def main() -> None:
     standin = context.Process(target=serve_standin, args=(port, args.step), daemon=True)
     standin.start()
     try:
-        wait_up(port, standin)
+        wait_up(f"http://127.0.0.1:{port}", standin.is_alive, timeout=120)
         rows = []
         for per_process in (args.streams, args.streams_per_client):
             result = drive(f"http://127.0.0.1:{port}", args.streams, [1, 2, 3], args.tokens, per_process)
@@ -187,7 +175,7 @@ def main() -> None:
     server = context.Process(target=serve_app, args=(port, args.step, results), daemon=True)
     server.start()
     try:
-        wait_up(port, server)
+        wait_up(f"http://127.0.0.1:{port}", server.is_alive, timeout=120)
         import os
         import signal
 
