@@ -12,16 +12,7 @@ export PYTHONUNBUFFERED=1
 PY=python3
 PARTS=${PARTS:-"tests adafactor loss"}
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
-    echo "editable install failed (see install.log); using PYTHONPATH"
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+source scripts/gpu_setup.sh .whl
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 $PY -c "import liger_kernel, cut_cross_entropy; print('liger-kernel and cut-cross-entropy import')"
 date -u

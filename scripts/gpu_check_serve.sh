@@ -12,10 +12,7 @@ OUT=${OUT:-/tmp/gpu_check_serve}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=python3
-ls .whl/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site
-$PY -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { echo "install failed"; cat /tmp/install.log; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source scripts/gpu_setup.sh .whl
 timeout 150 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs -k "graphed or compiled" 2>&1 \
     | tee "$OUT/pytest_serve.txt" | tail -n 3
 timeout 420 $PY scripts/bench_serve.py --skip-hf --variants --profile --json "$OUT/serve.json" "$@" 2>&1 \

@@ -25,12 +25,7 @@ START=$(date +%s)
 if [ -n "${REHEARSE:-}" ]; then
     set -- --device cpu --tiny "$@"
 else
-    for dir in .whl .whl_fg .whl_titan; do
-        ls $dir/*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $dir/*.whl
-    done
-    export PYTHONPATH=/tmp/site
-    $PY -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { echo "install failed"; cat /tmp/install.log; }
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    source scripts/gpu_setup.sh .whl .whl_fg .whl_titan
 fi
 $PY -c "import torch, pytorch_lightning, transformers; print('torch', torch.__version__, 'lightning', pytorch_lightning.__version__, 'transformers', transformers.__version__)"
 echo "setup: $(( $(date +%s) - START )) s"
