@@ -12,6 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dimension, the statistics in float32 (also the serving engine's fused
+    decoder's norm, forgather/serve/fused.py)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    # Scale after casting back, as Llama does: backward then keeps the normed copy in x's dtype, not fp32.
+    return weight * normed.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich, 2019): x / rms(x) * weight, no mean subtraction, no bias."""
 
@@ -21,10 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Scale after casting back, as Llama does: backward then keeps the normed copy in x's dtype, not fp32.
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):

@@ -35,17 +35,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-# Every decoder in a process (one per model shape, dtype and option set) adds graphs to the one cache that
-# dynamo keeps for decode_layer's code; the default limit (8) is meant for one function's varying inputs.
-RECOMPILE_LIMIT = 64
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from forgather.models.kv_cache import SlotKVCache
+from forgather.models.norm import rms_norm
+from forgather.models.rope import rotate_half
 
 __all__ = ["FusedDecoder", "UnsupportedModel"]
+
+# Every decoder in a process (one per model shape, dtype and option set) adds graphs to the one cache that
+# dynamo keeps for decode_layer's code; the default limit (8) is meant for one function's varying inputs.
+RECOMPILE_LIMIT = 64
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION = ("matmul", "sdpa")
@@ -101,16 +103,10 @@ def _bias(module: nn.Linear) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as Llama computes it: statistics in float32, cast back, then times the weight."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, D] by cos/sin [B, 1, D] in the rotate-half layout."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
+    """x [B, heads, D] by cos/sin [B, 1, D] in the rotate-half layout (one token a row: no time axis, which
+    forgather.models.rope.apply_rotary expects)."""
+    return x * cos + rotate_half(x) * sin
 
 
 def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
