@@ -200,7 +200,8 @@ class Engine:
         # The step's inputs go through pinned host memory: an asynchronous copy, no wait for the GPU.
         self.host_inputs = torch.zeros((2, slots), dtype=torch.long, pin_memory=on_gpu)
         self.host_array = self.host_inputs.numpy()  # written per row: numpy's item assignment costs ~0.1 us
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, tuple]] = {}
+        # (batch, window) -> (graph, its inputs [2, batch]: ids and positions, its outputs: logits and greedy ids)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
         if on_gpu if cuda_graphs is None else cuda_graphs:
             self._capture()
         self.thread = threading.Thread(target=self._loop, name="forgather-engine", daemon=True)
