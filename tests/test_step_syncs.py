@@ -5,7 +5,9 @@ value on the host (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`, `nonzero` ...) d
 GPU idle while the host catches up. This test watches every tensor operation of real training steps through
 the runner (the GPU bench's settings: packed rows with flex attention, the chunked loss, fused AdamW, no
 clipping) with a TorchFunctionMode, on the CPU, and allows such reads only on logged steps, where the loggers
-read the metrics on purpose.
+read the metrics on purpose. Writes count too: a tensor made from host data on a device (`torch.tensor(0.1,
+device=...)`, what Lightning's `self.log` does with a float) is a copy from pageable memory, which waits for
+every queued kernel just as a read does.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from test_run import PROJECT
 
 READS_ON_HOST = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal", "cpu",
                  "numpy", "is_nonzero", "__format__", "__repr__", "masked_select", "unique", "argwhere"}
+FROM_HOST_DATA = {"tensor", "as_tensor", "scalar_tensor"}  # with a device: a synchronous copy to it
 
 
 class HostReads(TorchFunctionMode):
@@ -34,7 +37,7 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in READS_ON_HOST:
+        if name in READS_ON_HOST or (name in FROM_HOST_DATA and (kwargs or {}).get("device") is not None):
             caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename
                            and f.filename != __file__), None)
             self.seen[(name, f"{caller.filename}:{caller.lineno}" if caller else "?")] += 1
