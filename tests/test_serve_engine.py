@@ -143,6 +143,24 @@ def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_st
     assert q_proj.weight.untyped_storage().data_ptr() == engine.fused.layers[0].qkv.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("vocab", [5 * 1024, 3000, 1024, 7])
+def test_the_decoders_two_stage_argmax_is_argmax_ties_included(vocab):
+    """chunked_argmax (the decode step's greedy token) gives torch.argmax's index: the first of tied maxima,
+    whether they share a chunk or not, for vocabularies that fill their last chunk or not."""
+    from forgather.serve.fused import ARGMAX_CHUNK, chunked_argmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, vocab)
+    top = logits.max() + 1
+    logits[1, [vocab - 1]] = top                          # the maximum in the last, padded chunk
+    logits[2, [vocab // 2, vocab - 1]] = top              # tied in two chunks
+    logits[3, [0, min(1, vocab - 1)]] = top               # tied within the first chunk
+    logits[4] = 0.0                                       # all tied: index 0
+    logits[5, [min(ARGMAX_CHUNK + 3, vocab - 1), min(2 * ARGMAX_CHUNK, vocab - 1)]] = top
+    assert chunked_argmax(logits).tolist() == logits.argmax(-1).tolist()
+    assert chunked_argmax(logits.to(torch.bfloat16)).tolist() == logits.to(torch.bfloat16).argmax(-1).tolist()
+
+
 @pytest.mark.slow
 def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend):
     """What a GPU runs (the fused decoder through torch.compile, dynamic shapes, batch 1 and batches), here
@@ -159,6 +177,32 @@ def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend):
         assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_the_compiled_layer_keeps_its_residual_adds_out_of_the_products():
+    """In bf16 inductor would fold `x + x @ W.T` into addmm, which copies x into the product's output first
+    (a device-to-device copy a layer on the H200); decode_layer's adds stay plain products (~10 s)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from forgather.serve.fused import LayerWeights, decode_layer
+
+    torch.manual_seed(0)
+    hidden, heads, kv_heads, head_dim, inner = 64, 4, 2, 16, 128
+
+    def weight(*shape):
+        return torch.randn(*shape, dtype=torch.bfloat16)
+
+    weights = LayerWeights(weight(hidden), weight((heads + 2 * kv_heads) * head_dim, hidden), None, None, None,
+                           weight(hidden, heads * head_dim), None, weight(hidden), weight(2 * inner, hidden), None,
+                           weight(hidden, inner), None)
+    cache = torch.zeros(2, 2, kv_heads, 33, head_dim, dtype=torch.bfloat16)
+    x, positions = weight(1, hidden), torch.tensor([5])
+    layer = torch.compile(decode_layer, fullgraph=True, dynamic=True)
+    _, code = run_and_get_code(layer, x, torch.zeros_like(x), weight(1, 1, head_dim), weight(1, 1, head_dim),
+                               torch.arange(1), positions, torch.arange(32)[None] <= positions[:, None], cache,
+                               weights, heads, kv_heads, 1e-5, 1e-5)
+    assert "extern_kernels.mm(" in code[0] and "addmm" not in code[0]
 
 
 @pytest.mark.parametrize("model_type, options", [

@@ -14,15 +14,21 @@ This module runs the same arithmetic in few kernels:
   one [2 * intermediate, hidden]: one matrix-vector product where there were three (and two). The
   modules' own parameters are rebound as views of the fused tensors, so the weights are not held twice and
   the model's forward (the engine's prefill) reads the same memory.
-- `decode_layer` is one function for every layer: norm, q/k/v, rotary, the cache write at each row's
-  position, attention over the step's window of the cache (grouped queries as [B, kv_heads, group, D]
-  against [B, kv_heads, keys, D]: no copy of the keys per query head), output projection, residual,
-  norm, gate/up, SiLU, down, residual. On a GPU it goes through torch.compile once (dynamic shapes):
+- `decode_layer` is one function for every layer: the previous layer's residual add, norm, q/k/v, rotary,
+  the cache write at each row's position, attention over the step's window of the cache (grouped queries as
+  [B, kv_heads, group, D] against [B, kv_heads, keys, D]: no copy of the keys per query head), output
+  projection, residual, norm, gate/up, SiLU, down. Each residual add is done in float32 and is the first
+  thing a norm kernel does: inductor would otherwise fold `x + x @ W.T` into cuBLAS's addmm, which copies x
+  into the output before the product (a device-to-device copy and a slower product per add, measured on the
+  H200); so a layer returns its down projection unadded (`(x, delta)`) and the next layer, or the
+  epilogue's final norm, adds it. On a GPU it goes through torch.compile once (dynamic shapes):
   every layer has the same shapes, so that one compile serves them all, and inductor fuses the norms,
   rotary and SiLU into the products' neighbours. (Inductor's coordinate-descent tuning, which turns
   batch-1 products into tuned reductions, was measured too: no faster on the H200, minutes more at start;
   docs/benchmarks.md.) `prologue` (embedding, cos/sin, the window's mask) and
-  `epilogue` (final norm, LM head, greedy argmax) are compiled likewise. The engine captures the whole
+  `epilogue` (final norm, LM head, greedy argmax in two stages: inductor runs a one-row argmax over a
+  128k vocabulary as one thread block, 29 us on the H200, where the row's chunk maxima spread it over the
+  GPU) are compiled likewise. The engine captures the whole
   step in a CUDA graph per (batch, window) bucket.
 
 The arithmetic is the models' own (RMSNorm in float32 cast back before the weight, rotary in the
@@ -109,16 +115,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotate_half(x) * sin
 
 
-def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
+def residual_add(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """x + delta in float32, rounded once to x's dtype: what a bf16 add computes, written so that inductor
+    does not fold it into the product that made `delta` (module docstring)."""
+    return (x.float() + delta.float()).to(x.dtype)
+
+
+def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
                  positions: torch.Tensor, visible: torch.Tensor, cache: torch.Tensor, w: LayerWeights,
-                 heads: int, kv_heads: int, eps: float, qk_eps: float, sdpa: bool = False) -> torch.Tensor:
-    """One pre-LN layer for one token a row: x [B, hidden] -> [B, hidden]. Writes the rows' keys and values,
-    in one scatter, at [:, rows, :, positions] of the layer's cache pair [2, slots, kv_heads, length + 1, D]
-    (SlotKVCache.pairs), and attends over the first `visible.shape[1]` positions (visible [B, keys]: True
-    where a row may look). `sdpa`: attention through scaled_dot_product_attention (one fused kernel on a
-    GPU) instead of two products and a softmax."""
+                 heads: int, kv_heads: int, eps: float, qk_eps: float, sdpa: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-LN layer for one token a row, its input the residual stream x + delta ([B, hidden] each: the
+    previous layer's output left unadded) -> the same pair for its own output. Writes the rows' keys and
+    values, in one scatter, at [:, rows, :, positions] of the layer's cache pair [2, slots, kv_heads,
+    length + 1, D] (SlotKVCache.pairs), and attends over the first `visible.shape[1]` positions (visible
+    [B, keys]: True where a row may look). `sdpa`: attention through scaled_dot_product_attention (one fused
+    kernel on a GPU) instead of two products and a softmax."""
     batch = x.shape[0]
     head_dim = cos.shape[-1]
+    x = residual_add(x, delta)
     h = rms_norm(x, w.attention_norm, eps)
     qkv = F.linear(h, w.qkv, w.qkv_bias)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -137,10 +152,27 @@ def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: to
         scores = torch.matmul(grouped, cached_keys.transpose(-1, -2)).float() * head_dim ** -0.5
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         attended = torch.matmul(scores.softmax(dim=-1).to(v.dtype), cached_values)  # [B, kv_heads, group, D]
-    x = x + F.linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias)
+    x = residual_add(x, F.linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias))
     h = rms_norm(x, w.feedforward_norm, eps)
     gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+    return x, F.linear(F.silu(gate) * up, w.down, w.down_bias)
+
+
+ARGMAX_CHUNK = 1024
+
+
+def chunked_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) for [B, V], in two stages that keep the GPU busy at batch 1: each chunk's maximum,
+    then the first chunk holding the row's maximum, then the first index of it within that chunk (ties go
+    to the lowest index, as argmax's do)."""
+    batch, vocab = logits.shape
+    pad = -vocab % ARGMAX_CHUNK
+    if pad:
+        logits = F.pad(logits, (0, pad), value=float("-inf"))
+    chunks = logits.view(batch, -1, ARGMAX_CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # [B]: the first chunk holding the maximum
+    within = chunks[torch.arange(batch, device=logits.device), best].argmax(dim=-1)
+    return best * ARGMAX_CHUNK + within
 
 
 class FusedDecoder:
@@ -270,10 +302,13 @@ class FusedDecoder:
         x, cos, sin, rows, visible = self.prologue(ids, positions, keys)
         errors = [relative(x, seen[0][0])]
         for index, (weights, (given, output)) in enumerate(zip(self.layers, seen)):
-            mine = decode_layer(given, cos, sin, rows, positions, visible, self.cache.pairs[index], weights,
-                                self.heads, self.kv_heads, self.eps, self.qk_eps, self.sdpa)
-            errors.append(relative(mine.float() - given.float(), output.float() - given.float()))
-        errors.append(relative(self.epilogue(seen[-1][0])[0], logits))
+            base, delta = decode_layer(given, torch.zeros_like(given), cos, sin, rows, positions, visible,
+                                       self.cache.pairs[index], weights, self.heads, self.kv_heads, self.eps,
+                                       self.qk_eps, self.sdpa)
+            mine = base.float() + delta.float()
+            errors.append(relative(mine - given.float(), output.float() - given.float()))
+        final = seen[-1][0]
+        errors.append(relative(self.epilogue(final, torch.zeros_like(final))[0], logits))
         return max(errors)
 
     # --- the step -----------------------------------------------------------------------------------------
@@ -286,15 +321,16 @@ class FusedDecoder:
         rows = torch.arange(ids.shape[0], device=ids.device)
         return self.embed(ids), cos, sin, rows, keys[None, :] <= positions[:, None]
 
-    def epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)
-        return logits, logits.argmax(dim=-1)
+    def epilogue(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(rms_norm(residual_add(x, delta), self.final_norm, self.eps), self.lm_head)
+        return logits, chunked_argmax(logits)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device."""
         x, cos, sin, rows, visible = self.prologue_fn(ids, positions, keys)
+        delta = torch.zeros_like(x)  # the residual stream is x + delta (decode_layer)
         for index, weights in enumerate(self.layers):
-            x = self.layer_fn(x, cos, sin, rows, positions, visible, self.cache.pairs[index], weights, self.heads,
-                              self.kv_heads, self.eps, self.qk_eps, self.sdpa)
-        return self.epilogue_fn(x)
+            x, delta = self.layer_fn(x, delta, cos, sin, rows, positions, visible, self.cache.pairs[index], weights,
+                                     self.heads, self.kv_heads, self.eps, self.qk_eps, self.sdpa)
+        return self.epilogue_fn(x, delta)
