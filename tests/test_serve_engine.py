@@ -99,9 +99,11 @@ def simple_loop(backend: Backend, ids: list[int], params: SamplingParams) -> lis
     return list(backend.tokens(ids, params))
 
 
-@pytest.fixture
-def engine(backend):
-    engine = Engine(backend.model, backend.stop_token_ids, slots=4, context_length=CONTEXT, prefill_chunk=3)
+@pytest.fixture(params=[False, True], ids=["serial", "lookahead"])
+def engine(backend, request):
+    """The engine both ways: each step waited for, and (what a GPU runs) the next greedy step queued ahead."""
+    engine = Engine(backend.model, backend.stop_token_ids, slots=4, context_length=CONTEXT, prefill_chunk=3,
+                    lookahead=request.param)
     yield engine
     engine.close()
 
@@ -279,9 +281,11 @@ def test_a_module_named_like_ours_that_computes_otherwise_is_caught_by_the_logit
     assert engine.fused is None
 
 
-def test_sequences_growing_past_a_key_window_decode_like_the_simple_loop(backend):
-    """Decode steps attend over the shortest window of 256, 512 ... cache positions holding every sequence."""
-    engine = Engine(backend.model, set(), slots=2, context_length=600)
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_sequences_growing_past_a_key_window_decode_like_the_simple_loop(backend, lookahead):
+    """Decode steps attend over the shortest window of 256, 512 ... cache positions holding every sequence
+    (a step queued ahead picks the window of the positions it feeds)."""
+    engine = Engine(backend.model, set(), slots=2, context_length=600, lookahead=lookahead)
     try:
         assert engine.key_buckets == [256, 512, 601]
         prompts = [backend.encode(PROMPTS[3]), backend.encode(PROMPTS[1])]
@@ -303,15 +307,44 @@ def test_seeded_sampling_is_the_same_alone_and_batched(backend, engine):
     assert expected[0] != expected[1]
 
 
-def test_a_stop_token_finishes_the_request_with_stop(backend):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_a_stop_token_finishes_the_request_with_stop(backend, lookahead):
+    """(With lookahead the step queued after the stop token is dropped, and the next request decodes like the
+    simple loop in the slot it wrote.)"""
     ids = backend.encode(PROMPTS[0])
     greedy = simple_loop(backend, ids, SamplingParams(max_tokens=8, temperature=0.0))
-    engine = Engine(backend.model, {greedy[3]}, slots=2, context_length=CONTEXT)
+    engine = Engine(backend.model, {greedy[3]}, slots=2, context_length=CONTEXT, lookahead=lookahead)
     try:
         result = run_engine(engine, [ids], [SamplingParams(max_tokens=8, temperature=0.0)])[0]
+        other = backend.encode(PROMPTS[1])
+        again = run_engine(engine, [other], [SamplingParams(max_tokens=8, temperature=0.0)])[0]
     finally:
         engine.close()
     assert result.tokens == greedy[:greedy.index(greedy[3])] and result.finish == "stop"
+    expected = simple_loop(backend, other, SamplingParams(max_tokens=8, temperature=0.0))
+    if greedy[3] in expected:
+        expected = expected[:expected.index(greedy[3])]
+    assert again.tokens == expected
+
+
+def test_lookahead_queues_each_greedy_step_before_reading_the_one_before(backend, monkeypatch):
+    """One request of 10 greedy tokens: the first comes from prefill, then 9 decode steps, each launched once;
+    all but the first were queued ahead (fed on the device) and used, none past the last token. With a
+    sampled request nothing is queued ahead."""
+    engine = Engine(backend.model, set(), slots=2, context_length=CONTEXT, lookahead=True)
+    launches = []
+    launch = engine._launch
+    monkeypatch.setattr(engine, "_launch", lambda *args, **kwargs: launches.append(args[2]) or launch(*args, **kwargs))
+    try:
+        ids = backend.encode(PROMPTS[0])
+        greedy = SamplingParams(max_tokens=10, temperature=0.0)
+        assert run_engine(engine, [ids], [greedy])[0].tokens == simple_loop(backend, ids, greedy)
+        assert launches == [0] + [1] * 8 and engine.ahead is None
+        launches.clear()
+        run_engine(engine, [ids], [SamplingParams(max_tokens=10, temperature=1.0, seed=1)])
+        assert launches == [0] * 9
+    finally:
+        engine.close()
 
 
 def wait_for(condition, timeout: float = 30.0) -> None:
