@@ -7,9 +7,10 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
   hf static        generate(cache_implementation="static"), which transformers compiles (--hf-compile)
   engine           forgather.serve.engine.Engine at batch 1 as the server runs it (the fused decoder, compiled,
                    in CUDA graphs), the HF model and the same model converted to a Forgather directory; the
-                   7B shape too; `--variants` adds the fused decoder with torch's fused attention kernel
-                   (fused_attention="sdpa"), uncompiled, and the models' own modules (the engine before the
-                   fused decoder), all in CUDA graphs
+                   7B shape too; `--variants [NAME ...]` (default all) adds the fused decoder's other
+                   attentions (`sdpa`: torch's fused kernel; `reduce`: sums that inductor fuses with the
+                   softmax), the engine without lookahead (`serial`), and the models' own `modules` (the
+                   engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
                    `openai` client, N concurrent streams of one completion each (token-id prompts), spread
@@ -143,12 +144,12 @@ def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, li
 
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
                  compile: bool | None = None, slots: int = 32, profile: bool = False, fused: bool | None = None,
-                 fused_attention: str = "matmul") -> None:
+                 fused_attention: str = "matmul", lookahead: bool | None = None) -> None:
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
     engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), compile=compile,
-                    fused=fused, fused_attention=fused_attention)
+                    fused=fused, fused_attention=fused_attention, lookahead=lookahead)
     setup = time.perf_counter() - started
     try:
         extra = dict(fused=engine.fused is not None, setup_s=setup)
@@ -303,6 +304,9 @@ def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: lis
         server.wait(timeout=60)
 
 
+VARIANTS = ("sdpa", "reduce", "serial", "modules")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1b", choices=("1b", "tiny"))
@@ -316,11 +320,14 @@ def main() -> None:
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--hf-compile", action="store_true", help="also generate() with a static cache (compiles)")
-    parser.add_argument("--variants", action="store_true",
-                        help="also the engine's fused decoder uncompiled, and the model's own modules (the baseline)")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=[],
+                        help="also these (all of them if none is named): the fused decoder's other attentions, "
+                             "the engine without lookahead, the model's own modules")
     parser.add_argument("--profile", action="store_true", help="time graph replays; list the step's kernels")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.variants == [] and "--variants" in sys.argv:
+        args.variants = list(VARIANTS)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a smoke run of the script (--shape tiny)
     prompt = [(13 * i) % SHAPES[args.shape]["vocab_size"] for i in range(args.prompt)]
@@ -338,10 +345,13 @@ def main() -> None:
         model.save_pretrained(hf_dir)
         word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
         bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
-        if args.variants:
-            bench_engine("engine hf-llama, fused, sdpa attention", model, prompt, args.tokens, floor, None,
-                         fused_attention="sdpa", profile=args.profile)
-            bench_engine("engine hf-llama, fused uncompiled", model, prompt, args.tokens, floor, None, compile=False)
+        for attention in ("sdpa", "reduce"):
+            if attention in args.variants:
+                bench_engine(f"engine hf-llama, {attention} attention", model, prompt, args.tokens, floor, None,
+                             fused_attention=attention, profile=args.profile)
+        if "serial" in args.variants:
+            bench_engine("engine hf-llama, no lookahead", model, prompt, args.tokens, floor, None, lookahead=False)
+        if "modules" in args.variants:
             bench_engine("engine hf-llama, the model's modules", model, prompt, args.tokens, floor, None,
                          compile=False, fused=False)
         from forgather.convert.hf import hf_to_forgather
@@ -357,7 +367,7 @@ def main() -> None:
             row("hbm floor 7b", tokens_per_s=args.bandwidth / weight_bytes(big))
             bench_engine("engine hf-llama 7b", big, prompt, args.tokens, args.bandwidth / weight_bytes(big), None,
                          slots=4, profile=args.profile)
-            if args.variants:
+            if "modules" in args.variants:
                 bench_engine("engine hf-llama 7b, the model's modules", big, prompt, args.tokens,
                              args.bandwidth / weight_bytes(big), None, slots=4, compile=False, fused=False)
             del big

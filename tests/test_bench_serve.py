@@ -22,5 +22,6 @@ def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):
     for name in ("engine hf-llama", "engine forgather"):
         assert rows[name]["fused"] and rows[name]["same_argmax"] and rows[name]["logit_error"] < 0.05
     assert rows["engine hf-llama, the model's modules"]["fused"] is False
+    assert rows["engine hf-llama, reduce attention"]["same_argmax"] and rows["engine hf-llama, no lookahead"]["fused"]
     assert rows["http 3 streams"]["client_processes"] == 2  # 2 + 1 streams
     assert rows["http 3 streams"]["tokens_per_chunk"] >= 1 and rows["http 1 streams"]["tokens_per_s"] > 0

@@ -119,7 +119,7 @@ def test_greedy_tokens_equal_the_simple_loop_alone_and_batched(backend, engine):
     assert {c.finish for c in batched} == {"length"}
 
 
-@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+@pytest.mark.parametrize("attention", ["matmul", "sdpa", "reduce"])
 def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_step(backend, attention):
     """Both kinds decode through FusedDecoder (its attention either way); from the same cache it gives the
     modules' step's logits, and the model's own q/k/v and gate/up weights are views of its fused ones (not a

@@ -176,8 +176,9 @@ class Engine:
     QueueFull; `cuda_graphs` (default: on a GPU) captures the decode step; `fused` (default: where the
     model allows) decodes through FusedDecoder; `compile` (default: on a GPU, the fused decoder) compiles
     the decode step first (True: also the modules' step of a model the fused decoder cannot run);
-    `fused_attention` is its attention, "matmul" or "sdpa" (FusedDecoder); `lookahead` (default: where the
-    step is graphed) queues the next greedy step before reading this one's tokens (module docstring)."""
+    `fused_attention` is its attention: "matmul", "sdpa" or "reduce" (fused.decode_layer); `lookahead`
+    (default: where the step is graphed) queues the next greedy step before reading this one's tokens
+    (module docstring)."""
 
     def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
                  prefill_chunk: int = 2048, max_waiting: int = 64, cuda_graphs: bool | None = None,

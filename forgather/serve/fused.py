@@ -56,7 +56,7 @@ __all__ = ["FusedDecoder", "UnsupportedModel"]
 RECOMPILE_LIMIT = 64
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ATTENTION = ("matmul", "sdpa")
+ATTENTION = ("matmul", "sdpa", "reduce")
 
 
 class UnsupportedModel(ValueError):
@@ -123,14 +123,15 @@ def residual_add(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
                  positions: torch.Tensor, visible: torch.Tensor, cache: torch.Tensor, w: LayerWeights,
-                 heads: int, kv_heads: int, eps: float, qk_eps: float, sdpa: bool = False
+                 heads: int, kv_heads: int, eps: float, qk_eps: float, attention: str = "matmul"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-LN layer for one token a row, its input the residual stream x + delta ([B, hidden] each: the
     previous layer's output left unadded) -> the same pair for its own output. Writes the rows' keys and
     values, in one scatter, at [:, rows, :, positions] of the layer's cache pair [2, slots, kv_heads,
     length + 1, D] (SlotKVCache.pairs), and attends over the first `visible.shape[1]` positions (visible
-    [B, keys]: True where a row may look). `sdpa`: attention through scaled_dot_product_attention (one fused
-    kernel on a GPU) instead of two products and a softmax."""
+    [B, keys]: True where a row may look). `attention`: "matmul" (two batched products and a softmax between
+    them), "sdpa" (scaled_dot_product_attention: one fused kernel on a GPU) or "reduce" (the products as
+    float32 sums over broadcast rows, which inductor fuses with the softmax into few kernels of its own)."""
     batch = x.shape[0]
     head_dim = cos.shape[-1]
     x = residual_add(x, delta)
@@ -146,8 +147,13 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     cached_keys, cached_values = cache[0, :batch, :, :keys], cache[1, :batch, :, :keys]
     # Query head i reads kv head i // group: the group's query heads are the "queries" of their kv head.
     grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
-    if sdpa:
+    if attention == "sdpa":
         attended = F.scaled_dot_product_attention(grouped, cached_keys, cached_values, attn_mask=visible[:, None, None, :])
+    elif attention == "reduce":
+        scores = (grouped[:, :, :, None, :].float() * cached_keys[:, :, None].float()).sum(-1) * head_dim ** -0.5
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        weights = scores.softmax(dim=-1)[..., None]  # [B, kv_heads, group, keys, 1]
+        attended = (weights * cached_values[:, :, None].float()).sum(-2).to(v.dtype)
     else:
         scores = torch.matmul(grouped, cached_keys.transpose(-1, -2)).float() * head_dim ** -0.5
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
@@ -186,7 +192,7 @@ class FusedDecoder:
         self.embed, self.rope, self.final_norm, self.lm_head = embed, rope, final_norm, lm_head
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
-        self.sdpa = attention == "sdpa"
+        self.attention = attention
         self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
             import torch._dynamo
@@ -201,8 +207,7 @@ class FusedDecoder:
                    ) -> "FusedDecoder":
         """The decoder for a Forgather or Llama-family Hugging Face model (UnsupportedModel otherwise).
         Rebinds the model's q/k/v and gate/up parameters as views of the fused weights; `compile` compiles
-        the step's functions; `attention` is "matmul" (two products and a softmax) or "sdpa" (torch's fused
-        kernel)."""
+        the step's functions; `attention` is one of ATTENTION (decode_layer)."""
         if attention not in ATTENTION:
             raise ValueError(f"attention={attention!r}; choose one of {ATTENTION}")
         inner = getattr(model, "model", None)
@@ -304,7 +309,7 @@ class FusedDecoder:
         for index, (weights, (given, output)) in enumerate(zip(self.layers, seen)):
             base, delta = decode_layer(given, torch.zeros_like(given), cos, sin, rows, positions, visible,
                                        self.cache.pairs[index], weights, self.heads, self.kv_heads, self.eps,
-                                       self.qk_eps, self.sdpa)
+                                       self.qk_eps, self.attention)
             mine = base.float() + delta.float()
             errors.append(relative(mine - given.float(), output.float() - given.float()))
         final = seen[-1][0]
@@ -332,5 +337,5 @@ class FusedDecoder:
         delta = torch.zeros_like(x)  # the residual stream is x + delta (decode_layer)
         for index, weights in enumerate(self.layers):
             x, delta = self.layer_fn(x, delta, cos, sin, rows, positions, visible, self.cache.pairs[index], weights,
-                                     self.heads, self.kv_heads, self.eps, self.qk_eps, self.sdpa)
+                                     self.heads, self.kv_heads, self.eps, self.qk_eps, self.attention)
         return self.epilogue_fn(x, delta)

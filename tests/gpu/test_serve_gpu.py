@@ -104,12 +104,14 @@ def test_graphed_engine_decodes_like_the_simple_loop_alone_and_batched(model_dir
 
     backend = Backend.load(model_dir, dtype="float32")
     prompts = [backend.encode(text) for text in (PROMPT, "there was", "a tiny model once upon")]
-    greedy = [SamplingParams(max_tokens=24, temperature=0.0)] * len(prompts)
+    # Lengths that differ: requests end while others decode, so steps queued ahead are dropped as well as used.
+    greedy = [SamplingParams(max_tokens=24 - 7 * i, temperature=0.0) for i in range(len(prompts))]
     seeded = [SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=i) for i in range(len(prompts))]
     engine = Engine(backend.model, set(), slots=4, context_length=128)
     try:
         assert engine.graphs  # captured: the decode step replays CUDA graphs
         assert engine.fused is not None  # through the fused decoder, compiled (the GPU default)
+        assert engine.lookahead  # the next greedy step queued before this one's tokens are read
         backend.stop_token_ids = set()
         simple = [list(backend.tokens(ids, p)) for ids, p in zip(prompts, greedy)]
         assert engine_tokens(engine, prompts[:1], greedy[:1]) == simple[:1]
