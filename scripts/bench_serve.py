@@ -148,8 +148,12 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
-    engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), compile=compile,
-                    fused=fused, fused_attention=fused_attention, lookahead=lookahead)
+    try:
+        engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), compile=compile,
+                        fused=fused, fused_attention=fused_attention, lookahead=lookahead)
+    except Exception as error:  # a variant that does not compile here is a row with its error; the others go on
+        row(name, error=f"{type(error).__name__}: {str(error)[:300]}")
+        return
     setup = time.perf_counter() - started
     try:
         extra = dict(fused=engine.fused is not None, setup_s=setup)
