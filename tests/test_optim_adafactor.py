@@ -211,3 +211,30 @@ def test_stochastic_rounding_is_reproducible_and_follows_the_seed():
     first, again, other = run(0), run(0), run(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+@pytest.mark.parametrize("options", [{}, {"beta1": 0.9, "scale_parameter": False}])
+def test_a_step_reads_no_tensor_on_the_host_but_its_step_counters(options):
+    """On a GPU every host read of a device tensor waits for the queued kernels: the update's step size and
+    clipping stay on the device (the step counters are host tensors by design)."""
+    from torch.overrides import TorchFunctionMode
+
+    from test_step_syncs import READS_ON_HOST
+
+    params = make_params()
+    optimizer = Adafactor(params, **options)
+    run_steps(params, optimizer, steps=1)
+    counters = {id(optimizer.state[p]["step"]) for p in params}
+    reads = []
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in READS_ON_HOST and not (args and id(args[0]) in counters):
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with Reads():
+        optimizer.step()
+    assert reads == []
