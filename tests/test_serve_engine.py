@@ -126,7 +126,7 @@ def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_st
     second copy)."""
     engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT, fused_attention=attention)
     try:
-        assert engine.fused is not None
+        assert engine.fused is not None and engine.fused.attention == attention
         run_engine(engine, [backend.encode(p) for p in PROMPTS[:3]], [SamplingParams(max_tokens=5, temperature=0.0)] * 3)
         ids, positions = torch.tensor([5, 7, 11, 0]), torch.tensor([9, 3, 12, engine.cache.scratch])
         with torch.inference_mode():

@@ -59,6 +59,11 @@ HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION = ("matmul", "sdpa", "reduce")
 
 
+def _check_attention(attention: Any) -> None:
+    if not isinstance(attention, str) or attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r}; choose one of {ATTENTION}")
+
+
 class UnsupportedModel(ValueError):
     """A model whose modules the engine cannot drive (the server then decodes one request at a time)."""
 
@@ -192,6 +197,7 @@ class FusedDecoder:
         self.embed, self.rope, self.final_norm, self.lm_head = embed, rope, final_norm, lm_head
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
+        _check_attention(attention)
         self.attention = attention
         self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
@@ -208,8 +214,7 @@ class FusedDecoder:
         """The decoder for a Forgather or Llama-family Hugging Face model (UnsupportedModel otherwise).
         Rebinds the model's q/k/v and gate/up parameters as views of the fused weights; `compile` compiles
         the step's functions; `attention` is one of ATTENTION (decode_layer)."""
-        if attention not in ATTENTION:
-            raise ValueError(f"attention={attention!r}; choose one of {ATTENTION}")
+        _check_attention(attention)
         inner = getattr(model, "model", None)
         with torch.no_grad():
             if inner is not None and hasattr(inner, "lm_head_weight") and hasattr(inner, "layers"):
@@ -236,20 +241,20 @@ class FusedDecoder:
         check(not isinstance(getattr(inner, "embedding_dropout", None), nn.Dropout), "embedding dropout")
         layers, eps = [], inner.norm.eps
         for layer in inner.layers:
-            attention, feedforward = getattr(layer, "attention", None), getattr(layer, "feedforward", None)
+            sublayer, feedforward = getattr(layer, "attention", None), getattr(layer, "feedforward", None)
             check(_same_class(layer, PreLNLayer), f"a {type(layer).__name__}")
-            check(_same_class(attention, Attention) and _same_class(feedforward, SwiGLU), "another sublayer")
-            check(getattr(attention.attention_fn, "__name__", None) in STOCK_ATTENTION, "a custom attention_fn")
+            check(_same_class(sublayer, Attention) and _same_class(feedforward, SwiGLU), "another sublayer")
+            check(getattr(sublayer.attention_fn, "__name__", None) in STOCK_ATTENTION, "a custom attention_fn")
             check(all(_same_class(norm, RMSNorm) and norm.eps == eps
                       for norm in (layer.attention_norm, layer.feedforward_norm)), "another norm")
             check(not any(isinstance(m, nn.Dropout) for m in layer.modules()), "dropout")
         for layer in inner.layers:  # every layer checked first: a refused model keeps its parameters as they were
-            attention, feedforward = layer.attention, layer.feedforward
-            qkv, qkv_bias = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+            sublayer, feedforward = layer.attention, layer.feedforward
+            qkv, qkv_bias = _fuse([sublayer.q_proj, sublayer.k_proj, sublayer.v_proj])
             gate_up, gate_up_bias = _fuse([feedforward.gate_proj, feedforward.up_proj])
             layers.append(LayerWeights(
-                layer.attention_norm.weight.detach(), qkv, qkv_bias, None, None, attention.o_proj.weight.detach(),
-                _bias(attention.o_proj), layer.feedforward_norm.weight.detach(), gate_up, gate_up_bias,
+                layer.attention_norm.weight.detach(), qkv, qkv_bias, None, None, sublayer.o_proj.weight.detach(),
+                _bias(sublayer.o_proj), layer.feedforward_norm.weight.detach(), gate_up, gate_up_bias,
                 feedforward.down_proj.weight.detach(), _bias(feedforward.down_proj)))
         first = inner.layers[0].attention
         dtype = inner.lm_head_weight.dtype
@@ -268,16 +273,16 @@ class FusedDecoder:
             raise UnsupportedModel(f"hidden_act={config.hidden_act!r}; the fused decoder runs SiLU MLPs")
         layers, q_eps = [], None
         for layer in inner.layers:
-            attention, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+            sublayer, mlp = layer.self_attn, layer.mlp
+            qkv, qkv_bias = _fuse([sublayer.q_proj, sublayer.k_proj, sublayer.v_proj])
             gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
-            q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+            q_norm, k_norm = getattr(sublayer, "q_norm", None), getattr(sublayer, "k_norm", None)
             if q_norm is not None:
                 q_eps = q_norm.variance_epsilon
             layers.append(LayerWeights(
                 layer.input_layernorm.weight.detach(), qkv, qkv_bias,
                 None if q_norm is None else q_norm.weight.detach(), None if k_norm is None else k_norm.weight.detach(),
-                attention.o_proj.weight.detach(), _bias(attention.o_proj), layer.post_attention_layernorm.weight.detach(),
+                sublayer.o_proj.weight.detach(), _bias(sublayer.o_proj), layer.post_attention_layernorm.weight.detach(),
                 gate_up, gate_up_bias, mlp.down_proj.weight.detach(), _bias(mlp.down_proj)))
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         scaling = getattr(inner.layers[0].self_attn, "scaling", head_dim ** -0.5)
