@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import socket
 import statistics
@@ -129,6 +130,27 @@ class Timed:
             self.done.set()
 
 
+class CollectorPauses:
+    """Seconds the garbage collector ran while it is entered (gc.callbacks), and the longest collection: a
+    full collection of a process holding a model and its compiled graphs can stall a decode loop."""
+
+    def __enter__(self):
+        self.total = self.longest = 0.0
+        self._start = None
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            pause = time.perf_counter() - self._start
+            self.total, self.longest = self.total + pause, max(self.longest, pause)
+
+
 def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, list[float]]:
     """(seconds to the first token, decode tokens/s after it, inter-token gaps) of one request alone."""
     from forgather.serve.backend import SamplingParams
@@ -167,9 +189,11 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
             extra["logit_error"] = ((mine - theirs).norm() / theirs.norm()).item()
             extra["same_argmax"] = bool((mine.argmax(-1) == theirs.argmax(-1)).all())
         engine_run(engine, prompt, tokens)  # warm-up
-        ttft, rate, gaps = engine_run(engine, prompt, tokens)
+        with CollectorPauses() as pauses:
+            ttft, rate, gaps = engine_run(engine, prompt, tokens)
         row(name, tokens_per_s=rate, ttft_ms=ttft * 1e3, itl_p50_ms=percentile(gaps, 0.5) * 1e3,
-            itl_p99_ms=percentile(gaps, 0.99) * 1e3, floor_share=rate / floor, **extra)
+            itl_p99_ms=percentile(gaps, 0.99) * 1e3, itl_max_ms=max(gaps, default=0.0) * 1e3,
+            gc_ms=pauses.total * 1e3, gc_longest_ms=pauses.longest * 1e3, floor_share=rate / floor, **extra)
         if profile and engine.graphs:
             profile_step(engine)
         if ttft_prompt:

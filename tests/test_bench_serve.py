@@ -21,6 +21,8 @@ def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):
     assert rows["hf eager"]["tokens_per_s"] > 0
     for name in ("engine hf-llama", "engine forgather"):
         assert rows[name]["fused"] and rows[name]["same_argmax"] and rows[name]["logit_error"] < 0.05
+    assert rows["engine hf-llama"]["itl_max_ms"] >= rows["engine hf-llama"]["itl_p99_ms"]
+    assert rows["engine hf-llama"]["gc_ms"] >= rows["engine hf-llama"]["gc_longest_ms"] >= 0
     assert rows["engine hf-llama, the model's modules"]["fused"] is False
     assert rows["engine hf-llama, reduce attention"]["same_argmax"] and rows["engine hf-llama, no lookahead"]["fused"]
     assert rows["http 3 streams"]["client_processes"] == 2  # 2 + 1 streams
