@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=python3
 source scripts/gpu_setup.sh .whl
-timeout 150 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs -k "graphed or compiled" 2>&1 \
+timeout 220 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs -k "graphed or compiled" 2>&1 \
     | tee "$OUT/pytest_serve.txt" | tail -n 3
 timeout 420 $PY scripts/bench_serve.py --skip-hf --variants reduce serial --profile --json "$OUT/serve.json" "$@" 2>&1 \
     | grep -v "Loading\|Writing" > "$OUT/serve.txt"

@@ -18,7 +18,10 @@ The loss's own logits matmuls are GEMMs, so they count as matmul, like the model
 
 On CUDA the profiled steps also run under `torch.cuda.set_sync_debug_mode("warn")`: every operation that
 makes the host wait for the device warns, and the summary lists where (`syncs`: file:line and count), the
-first place to look when `idle` is large.
+first place to look when `idle` is large. Then the idle itself (`gaps`): how much of it lies in gaps of at
+least GAP_US between kernels (the host fell behind: a wait, or slow host work there) against the many short
+gaps between launches, and the longest gaps with the kernels on either side, which say where in the step the
+host was late.
 
 Used by scripts/bench_train.py: `ProfileSteps` is a Lightning callback (added to the forgather run's trainer
 by the bench's template) and the Hugging Face loops call `StepProfiler` directly.
@@ -94,6 +97,37 @@ def summarize(events: list[Event], wall_us: float, steps: int) -> list[dict]:
     ]
 
 
+GAP_US = 100.0  # an idle gap at least this long is the host falling behind, not the launch of the next kernel
+
+
+def idle_gaps(events: list[Event], steps: int, longest: int = 6) -> dict:
+    """The device's idle time between kernels: {long_ms, long_count, short_ms, short_count} per step, split at
+    GAP_US, and `longest`: the longest gaps as {ms, before, after} (the kernel that ended the busy stretch
+    before the gap and the kernel that ended the gap), longest first."""
+    ordered = sorted(events, key=lambda e: e[1])
+    gaps, reach, last = [], None, None
+    for name, start, duration in ordered:
+        if reach is not None and start > reach:
+            gaps.append((start - reach, last, name))
+        if reach is None or start + duration > reach:
+            reach, last = start + duration, name
+    long = [gap for gap in gaps if gap[0] >= GAP_US]
+    short = [gap for gap in gaps if gap[0] < GAP_US]
+    return {
+        "long_ms": sum(g[0] for g in long) / steps / 1000, "long_count": len(long) / steps,
+        "short_ms": sum(g[0] for g in short) / steps / 1000, "short_count": len(short) / steps,
+        "longest": [{"ms": g[0] / 1000, "before": g[1], "after": g[2]}
+                    for g in sorted(gaps, key=lambda g: -g[0])[:longest]],
+    }
+
+
+def gaps_text(gaps: dict) -> str:
+    lines = [f"\nidle between kernels, a step: {gaps['long_ms']:.2f} ms in {gaps['long_count']:.1f} gaps of "
+             f">= {GAP_US / 1000:g} ms, {gaps['short_ms']:.2f} ms in {gaps['short_count']:.0f} shorter ones"]
+    lines += [f"  {g['ms']:.2f} ms after {g['before'][:70]} before {g['after'][:70]}" for g in gaps["longest"]]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: list[dict]) -> str:
     step_ms = sum(row["ms_per_step"] for row in rows if row["category"] != "idle")
     lines = ["| category | ms per step | share |", "| --- | ---: | ---: |"]
@@ -165,10 +199,12 @@ class StepProfiler:
             events = trace_events(json.loads(Path(path).read_text()))
         rows = summarize(events, wall_us, steps)
         syncs = sync_sites(self._caught)
+        gaps = idle_gaps(events, steps)
         table = markdown_table(rows) + "".join(f"\nhost waits at {site}: {count} times in {steps} steps"
                                                for site, count in syncs)
+        table += ("\n" if syncs else "") + gaps_text(gaps)
         return {"title": self.title, "steps": steps, "wall_ms_per_step": wall_us / steps / 1000, "kernels": len(events),
-                "rows": rows, "syncs": syncs, "table": table + ("\n" if syncs else "")}
+                "rows": rows, "syncs": syncs, "gaps": gaps, "table": table}
 
 
 def sync_sites(caught: list[warnings.WarningMessage]) -> list[tuple[str, int]]:
@@ -228,6 +264,7 @@ def main() -> None:
         raise SystemExit(f"{args.trace}: no kernel or operator events in this trace")
     span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
     print(markdown_table(summarize(events, args.wall_ms * 1000 if args.wall_ms else span, args.steps)))
+    print(gaps_text(idle_gaps(events, args.steps)))
 
 
 if __name__ == "__main__":

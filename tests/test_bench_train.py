@@ -72,6 +72,20 @@ def test_summary_per_step_with_overlaps_and_idle_gaps():
     assert "| idle | 0.03 | 50.0% |" in table and "| matmul | 0.01 | 20.0% |" in table
 
 
+def test_idle_gaps_split_long_from_short_and_name_the_kernels_around_the_longest():
+    # Two steps: kernels back to back but for 5 us launch gaps, one 300 us gap before "optimizer_kernel" and
+    # one 150 us gap after an overlapping pair (the busy stretch ends with the longer kernel, "gemm_long").
+    events = [("a", 0, 10), ("b", 15, 10), ("c", 30, 10), ("optimizer_kernel", 340, 10), ("gemm_long", 355, 50),
+              ("poi_short", 360, 5), ("next_step_first", 555, 10), ("d", 570, 10)]
+    gaps = profile_train.idle_gaps(events, steps=2, longest=2)
+    assert gaps["long_ms"] == pytest.approx((0.300 + 0.150) / 2) and gaps["long_count"] == 1
+    assert gaps["short_ms"] == pytest.approx(4 * 0.005 / 2) and gaps["short_count"] == 2
+    assert gaps["longest"] == [{"ms": pytest.approx(0.3), "before": "c", "after": "optimizer_kernel"},
+                               {"ms": pytest.approx(0.15), "before": "gemm_long", "after": "next_step_first"}]
+    text = profile_train.gaps_text(gaps)
+    assert "0.23 ms in 1.0 gaps of >= 0.1 ms" in text and "0.30 ms after c before optimizer_kernel" in text
+
+
 def test_trace_events_keep_device_kernels_or_else_top_level_operators():
     device_trace = {"traceEvents": [
         {"ph": "X", "cat": "kernel", "name": "nvjet_a", "ts": 5, "dur": 2},
