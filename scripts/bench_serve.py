@@ -373,15 +373,6 @@ def main() -> None:
         model.save_pretrained(hf_dir)
         word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
         bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
-        for attention in ("sdpa", "reduce"):
-            if attention in args.variants:
-                bench_engine(f"engine hf-llama, {attention} attention", model, prompt, args.tokens, floor, None,
-                             fused_attention=attention, profile=args.profile)
-        if "serial" in args.variants:
-            bench_engine("engine hf-llama, no lookahead", model, prompt, args.tokens, floor, None, lookahead=False)
-        if "modules" in args.variants:
-            bench_engine("engine hf-llama, the model's modules", model, prompt, args.tokens, floor, None,
-                         compile=False, fused=False)
         from forgather.convert.hf import hf_to_forgather
         from forgather.serve.backend import Backend
 
@@ -399,6 +390,16 @@ def main() -> None:
                 bench_engine("engine hf-llama 7b, the model's modules", big, prompt, args.tokens,
                              args.bandwidth / weight_bytes(big), None, slots=4, compile=False, fused=False)
             del big
+        # Then the variants, each beside the first row (those that compile take a minute each).
+        for attention in ("sdpa", "reduce"):
+            if attention in args.variants:
+                bench_engine(f"engine hf-llama, {attention} attention", model, prompt, args.tokens, floor, None,
+                             fused_attention=attention, profile=args.profile)
+        if "serial" in args.variants:
+            bench_engine("engine hf-llama, no lookahead", model, prompt, args.tokens, floor, None, lookahead=False)
+        if "modules" in args.variants:
+            bench_engine("engine hf-llama, the model's modules", model, prompt, args.tokens, floor, None,
+                         compile=False, fused=False)
         # Last, the runs that compile (minutes, and their failures vary by version): the rows above are out.
         if args.hf_compile:
             try:
