@@ -148,6 +148,41 @@ def config_paths(config: DictConfig, prefix: str = "") -> list[str]:
     return paths
 
 
+LIST_TARGETS = ("list", "builtins:list", "builtins.list")
+
+
+def _list_hint(config: DictConfig, key: str) -> str:
+    """Where `key` goes through a list by name (`trainer.callbacks.checkpoint.save_last`: a `!dlist`'s names
+    do not survive into the config, which holds `{_target_: list, _args_: [[...]]}`): how to address the
+    element by position instead, the element whose target resembles the name first. "" when `key` does not
+    pass through a list."""
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:depth])
+        found = _locate(config, prefix)
+        if found is None:
+            continue
+        parent, last = found
+        node = parent._get_node(last)
+        elements, path = node, prefix
+        if isinstance(node, DictConfig) and not node._is_interpolation():
+            arguments = node.get("_args_") if node.get("_target_") in LIST_TARGETS else None
+            if not (isinstance(arguments, ListConfig) and len(arguments) == 1 and isinstance(arguments[0], ListConfig)):
+                return ""
+            elements, path = arguments[0], f"{prefix}._args_.0"
+        if not isinstance(elements, ListConfig) or parts[depth].lstrip("-").isdigit():
+            return ""
+        labels = [str(e.get("_target_", "?")).replace(":", ".").rsplit(".", 1)[-1] if isinstance(e, DictConfig)
+                  else type(e).__name__ for e in elements]
+        name = parts[depth].lower().replace("_", "")
+        index = next((i for i, label in enumerate(labels) if name in label.lower() or label.lower() in name), 0)
+        rest = ".".join(parts[depth + 1:])
+        where = ", ".join(f"{i}: {label}" for i, label in enumerate(labels))
+        return (f"; {prefix} is a list, whose elements go by position ({where}): write "
+                f"{path}.{index}{'.' + rest if rest else ''}=...")
+    return ""
+
+
 def _locate(config: DictConfig, key: str) -> tuple[Any, str | int] | None:
     """(parent node, last key) of `key`, or None where a part is missing. Never follows interpolations."""
     node: Any = config
@@ -342,7 +377,8 @@ def apply(config: DictConfig, overrides: list[Override]) -> None:
         key = override.key
         found = _locate(config, key)
         if override.kind in ("change", "delete") and found is None:
-            raise OverrideError(f"{override.text}: no key {key!r} in the config{_suggest(key, config_paths(config))}")
+            hint = _list_hint(config, key) or _suggest(key, config_paths(config))
+            raise OverrideError(f"{override.text}: no key {key!r} in the config{hint}")
         if override.kind == "add" and found is not None:
             raise OverrideError(f"{override.text}: {key!r} is already set; write {key}=... to change it (or ++{key}=...)")
         if override.kind in ("add", "force_add") and found is None:

@@ -69,6 +69,18 @@ def test_unknown_key_suggests_the_close_one(capsys):
     assert "did you mean 'trainer.max_steps'" in error_of(capsys, "+experiment=micro", "trainer.max_step=3")
 
 
+def test_a_key_through_a_list_by_name_says_how_to_reach_the_element_by_position(capsys):
+    """A !dlist's names do not survive into the config: the error says which element resembles the name and
+    the path that reaches it, and that path works."""
+    err = error_of(capsys, "+experiment=micro", "trainer.callbacks.checkpoint.save_last=false")
+    assert "trainer.callbacks is a list, whose elements go by position (0: ModelCheckpoint" in err
+    assert err.rstrip().endswith("write trainer.callbacks._args_.0.0.save_last=...")
+    config = config_of(capsys, "trainer.callbacks._args_.0.0.save_last=false")
+    assert config["trainer"]["callbacks"]["_args_"][0][0]["save_last"] is False
+    assert "trainer.callbacks._args_.0.2.run_dir" in error_of(capsys, "+experiment=micro",
+                                                               "trainer.callbacks.job_control.run_dir=x")
+
+
 def test_unknown_top_level_key_suggests_the_variable(capsys):
     assert "did you mean 'hidden_size'" in error_of(capsys, "+experiment=micro", "hiden_size=3")
 
