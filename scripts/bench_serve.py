@@ -177,6 +177,8 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
         row(name, error=f"{type(error).__name__}: {str(error)[:300]}")
         return
     setup = time.perf_counter() - started
+    gc.collect()  # as `forgather inf server` does before serving (server.py); unfrozen when the row is done,
+    gc.freeze()   # so that the next row's collection frees this engine
     try:
         extra = dict(fused=engine.fused is not None, setup_s=setup)
         if engine.fused is not None:  # the step as run (compiled) against the modules' step: two rows' logits
@@ -203,6 +205,7 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
             row(f"{name} ttft {ttft_prompt}", ttft_ms=statistics.median(samples) * 1e3)
     finally:
         engine.close()
+        gc.unfreeze()
 
 
 def profile_step(engine) -> None:

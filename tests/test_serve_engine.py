@@ -530,6 +530,26 @@ def test_the_server_uses_the_engine_on_a_gpu_unless_told(monkeypatch, tmp_path, 
     assert f"load engine={engine} slots=3" in capsys.readouterr().err
 
 
+def test_the_server_freezes_what_it_loaded_before_it_serves(monkeypatch, tmp_path):
+    """A full collection walks every tracked object; what the server loaded lives as long as it does, so it is
+    frozen (gc.freeze) before the first request, and a collection during streaming walks only newer objects."""
+    import gc
+
+    import uvicorn
+
+    from forgather.serve import server
+
+    frozen = []
+    monkeypatch.setattr(Backend, "load", lambda *args, **kwargs: object())
+    monkeypatch.setattr("forgather.serve.app.create_app", lambda *args: "app")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: frozen.append(gc.get_freeze_count()))
+    try:
+        server.serve(str(tmp_path), port=0)
+    finally:
+        gc.unfreeze()
+    assert frozen and frozen[0] > 0
+
+
 def test_max_num_seqs_below_one_is_one_line(tmp_path, capsys):
     from forgather.cli import inf
 

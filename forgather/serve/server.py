@@ -7,6 +7,7 @@ Both checks, and binding the port, come before the model loads, so a mistake cos
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import socket
 import sys
@@ -73,6 +74,11 @@ def serve(
                                max_num_seqs=max_num_seqs)
         name = model_name or Path(model_dir).resolve().name
         app = create_app(backend, name, api_key)
+        # What is loaded by now (the model, compiled graphs, libraries) lives as long as the server: frozen out
+        # of the collector's sight, so that a full collection, which walks every tracked object (millions,
+        # after compiling), cannot stall the token streams; objects made later are collected as before.
+        gc.collect()
+        gc.freeze()
         where = f"[{host}]" if ":" in host else host
         # uvicorn announces its address only for sockets it binds itself
         print(f"serving {name!r} at http://{where}:{sock.getsockname()[1]}/v1 (CTRL+C to stop)", file=sys.stderr)
