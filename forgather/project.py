@@ -109,15 +109,30 @@ def find_workspace_root(directory: str) -> str | None:
         directory = parent
 
 
-def located_error(templates: TemplateEnvironment, template: str, context: dict[str, Any], message: str, rendered_line: int | None) -> TemplateError:
-    """An error at a line of `template`'s rendered text, re-addressed to the template line behind it."""
+def located_error(templates: TemplateEnvironment, template: str, context: dict[str, Any], message: str,
+                  rendered_line: int | None, rendered: str = "rendered text") -> TemplateError:
+    """An error at a line of `template`'s rendered text (`rendered` names that text in the message when no
+    template line is found), re-addressed to the template line behind it.
+
+    YAML notices a mistake at the token after it (an unclosed `[` or quote at the next line). When that line
+    starts another template's text, the mistake is in the text above it, from another file: the error names
+    the line above and says where YAML noticed it. The requested template leads the chain unless the line is in
+    the file it starts."""
+    from forgather.template.environment import nearest_location
+
     top = templates.origin_of(template)
-    found = templates.locate(template, rendered_line, **context) if rendered_line else None
+    lines = templates.locate_lines(template, **context) if rendered_line else None
+    found = nearest_location(lines, rendered_line) if lines and rendered_line else None
     if found is None:
-        where = f" (line {rendered_line} of the rendered text)" if rendered_line else ""
+        where = f" (line {rendered_line} of the {rendered})" if rendered_line else ""
         return TemplateError(message + where, [top])
     location, exact = found
-    chain = [location] if location.path == top.path else [top, location]
+    if exact and message.startswith("YAML syntax error"):
+        above = nearest_location(lines, rendered_line - 1)
+        if above is not None and above[0].path != location.path:
+            message = f"{message} (YAML noticed it at {location}, where the next template's text starts)"
+            location = above[0]
+    chain = [location] if location == top or (location.path == top.path and top.line == 1) else [top, location]
     return TemplateError(message if exact else f"{message} (near this line)", chain)
 
 
@@ -321,27 +336,9 @@ class LoadedConfig:
         return {**base, **self.context}
 
     def located(self, message: str, rendered_line: int | None) -> TemplateError:
-        """An error at a line of the rendered YAML, re-addressed to the template line behind it.
-
-        YAML notices a mistake at the token after it (an unclosed `[` or quote at the next line). When that
-        line starts another template's text, the mistake is in the text above it, from another file: the
-        error names the line above and says where YAML noticed it."""
-        from forgather.template.environment import nearest_location
-
-        top = self.templates.origin_of(self.template)
-        lines = self.templates.locate_lines(self.template, **self._template_context()) if rendered_line else None
-        found = nearest_location(lines, rendered_line) if lines and rendered_line else None
-        if found is None:
-            where = f" (line {rendered_line} of the rendered YAML; see `forgather pp`)" if rendered_line else ""
-            return TemplateError(message + where, [top])
-        location, exact = found
-        if exact and message.startswith("YAML syntax error"):
-            above = nearest_location(lines, rendered_line - 1)
-            if above is not None and above[0].path != location.path:
-                message = f"{message} (YAML noticed it at {location}, where the next template's text starts)"
-                location = above[0]
-        chain = [location] if location == top else [top, location]
-        return TemplateError(message if exact else f"{message} (near this line)", chain)
+        """An error at a line of the rendered YAML, re-addressed to the template line behind it (located_error)."""
+        return located_error(self.templates, self.template, self._template_context(), message, rendered_line,
+                             "rendered YAML; see `forgather pp`")
 
     @cached_property
     def graph(self):

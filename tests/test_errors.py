@@ -65,6 +65,16 @@ def test_exception_inside_an_expression_is_located(tmp_path):
     assert error.location.line == 2 and "ZeroDivisionError" in str(error)
 
 
+def test_a_yaml_error_in_a_one_file_config_names_its_line_alone(tmp_path):
+    """The requested template leads the chain only when the line is elsewhere: a mistake in the config's own
+    file is one line, `file:line: message`, with no `from file:1` after it."""
+    loaded = make_project(tmp_path, "ok: 1\nbroken: [1, 2\nafter: 3\n").load_config("c.yaml")
+    with pytest.raises(TemplateError) as caught:
+        loaded.graph
+    assert caught.value.chain == [caught.value.location] and "  from " not in str(caught.value)
+    assert caught.value.location.path == str(tmp_path / "templates/configs/c.yaml")
+
+
 def test_yaml_error_is_mapped_to_the_template_line(tmp_path):
     project = make_project(
         tmp_path,
