@@ -26,8 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_serve import drive, free_port, wait_up, word_tokenizer  # noqa: E402
+from bench_serve import drive, free_port, word_tokenizer  # noqa: E402
 from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the endpoint's annotation here)
+
+from forgather.serve.client import wait_for_server  # noqa: E402
 
 VOCAB = 512
 
@@ -162,7 +164,7 @@ def main() -> None:
     standin = context.Process(target=serve_standin, args=(port, args.step), daemon=True)
     standin.start()
     try:
-        wait_up(f"http://127.0.0.1:{port}", standin.is_alive, timeout=120)
+        wait_for_server(f"http://127.0.0.1:{port}", standin.is_alive, timeout=120)
         rows = []
         for per_process in (args.streams, args.streams_per_client):
             result = drive(f"http://127.0.0.1:{port}", args.streams, [1, 2, 3], args.tokens, per_process)
@@ -175,7 +177,7 @@ def main() -> None:
     server = context.Process(target=serve_app, args=(port, args.step, results), daemon=True)
     server.start()
     try:
-        wait_up(f"http://127.0.0.1:{port}", server.is_alive, timeout=120)
+        wait_for_server(f"http://127.0.0.1:{port}", server.is_alive, timeout=120)
         import os
         import signal
 

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from forgather.serve.client import wait_for_server
+
 SHAPES = {
     "1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=True),
@@ -301,22 +303,6 @@ def drive(url: str, streams: int, prompt: list[int], tokens: int, per_process: i
                 tokens_per_chunk=total / max(1, chunks), client_processes=len(workers))
 
 
-def wait_up(url: str, alive, output=lambda: "", timeout: float = 300) -> None:
-    """Until the server at `url` answers /v1/models; RuntimeError (with `output()`) once `alive()` is false or
-    `timeout` seconds have passed."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if not alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start: {output()}")
-        try:
-            httpx.get(f"{url}/v1/models", timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.5)
-
-
 def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: list[int], per_process: int) -> None:
     port = free_port()
     command = [sys.executable, "-m", "forgather.cli.inf", "server", "-m", str(directory), "--port", str(port),
@@ -327,7 +313,7 @@ def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: lis
         server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_up(url, lambda: server.poll() is None, lambda: log.read_text()[-2000:])
+        wait_for_server(url, lambda: server.poll() is None, lambda: log.read_text()[-2000:], timeout=300)
         for streams in concurrency:
             row(f"http {streams} streams", **drive(url, streams, prompt, tokens, per_process))
     finally:

@@ -30,12 +30,23 @@ from forgather.data.tokenizer import build_bpe_tokenizer
 from forgather.models.export import build_model, load_model, save_model
 from forgather.serve.app import create_app
 from forgather.serve.backend import DEFAULT_CHAT_STOP, Backend
+from forgather.serve.client import wait_for_server
 from helpers.tiny_lm import tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 CONTEXT = 256
 PROMPTS = ["once upon a time", "there was", "a tiny model", "upon a"]
+
+
+def test_waiting_for_a_server_that_exited_or_never_answers_is_a_client_error():
+    from forgather.serve.client import ClientError
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ClientError, match="exited: its log"):
+        wait_for_server(url, alive=lambda: False, output=lambda: "its log")
+    with pytest.raises(ClientError, match=r"no server answers at .* after 0.3 s"):
+        wait_for_server(url, timeout=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -68,25 +79,11 @@ def serving(app) -> Iterator[str]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(url)
+        wait_for_server(url)
         yield url
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-
-
-def wait_until_up(url: str, process: subprocess.Popen | None = None, log: Path | None = None,
-                  timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text() if log else ''}")
-        try:
-            httpx.get(f"{url}/v1/models", timeout=1.0)
-            return
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise TimeoutError(f"no server at {url}")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +99,7 @@ def server(model_dir) -> str:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(url, process, log)
+        wait_for_server(url, lambda: process.poll() is None, log.read_text)
         yield url
     finally:
         process.terminate()

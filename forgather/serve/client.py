@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import Any, Callable, Iterator, TextIO
 
 import httpx
@@ -31,6 +32,23 @@ def _reaching(url: str) -> Iterator[None]:
         raise ClientError(f"the server at {url} did not answer in time") from None
     except httpx.TransportError as error:
         raise ClientError(f"the connection to {url} failed: {type(error).__name__}: {error}") from None
+
+
+def wait_for_server(url: str, alive: Callable[[], bool] = lambda: True, output: Callable[[], str] = lambda: "",
+                    timeout: float = 90.0) -> None:
+    """Return once the server at `url` answers /v1/models. ClientError, with `output()` (its log, say), when
+    `alive()` turns false (the process that serves it exited) or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not alive():
+            raise ClientError(f"the server for {url} exited: {output()}")
+        try:
+            httpx.get(f"{url}/v1/models", timeout=1.0)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise ClientError(f"no server answers at {url} after {timeout:g} s: {output()}") from None
+            time.sleep(0.2)
 
 
 def _raise_for_error(response: httpx.Response) -> None:
