@@ -136,7 +136,7 @@ def hf_worker(args: argparse.Namespace, shape: dict, path: str) -> dict:
     if device == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if path in args.profile:
-        result["profile"] = profile_steps(lambda: step(), args.profile_steps, device, path)
+        result["profile"] = profile_steps(step, args.profile_steps, device, path)
     return result
 
 
