@@ -8,8 +8,9 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
   engine           forgather.serve.engine.Engine at batch 1 as the server runs it (the fused decoder, compiled,
                    in CUDA graphs), the HF model and the same model converted to a Forgather directory; the
                    7B shape too; `--variants [NAME ...]` (default all) adds the fused decoder's other
-                   attentions (`sdpa`: torch's fused kernel; `reduce`: sums that inductor fuses with the
-                   softmax), the engine without lookahead (`serial`), and the models' own `modules` (the
+                   attentions (the default is `triton`, one kernel launch for rotary, cache write and attention;
+                   `matmul`: two products and a softmax; `sdpa`: torch's fused kernel; `reduce`: sums that
+                   inductor fuses with the softmax), the engine without lookahead (`serial`), and the models' own `modules` (the
                    engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
@@ -168,7 +169,7 @@ def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, li
 
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
                  compile: bool | None = None, slots: int = 32, profile: bool = False, fused: bool | None = None,
-                 fused_attention: str = "matmul", lookahead: bool | None = None) -> None:
+                 fused_attention: str | None = None, lookahead: bool | None = None) -> None:
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
@@ -182,7 +183,8 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
     gc.collect()  # as `forgather inf server` does before serving (server.py); unfrozen when the row is done,
     gc.freeze()   # so that the next row's collection frees this engine
     try:
-        extra = dict(fused=engine.fused is not None, setup_s=setup)
+        extra = dict(fused=engine.fused is not None, setup_s=setup,
+                     attention=engine.fused.attention if engine.fused is not None else None)
         if engine.fused is not None:  # the step as run (compiled) against the modules' step: two rows' logits
             ids = torch.tensor([1, 2], device=engine.device)
             positions = torch.full((2,), 300, device=engine.device)
@@ -321,7 +323,7 @@ def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: lis
         server.wait(timeout=60)
 
 
-VARIANTS = ("sdpa", "reduce", "serial", "modules")
+VARIANTS = ("matmul", "sdpa", "reduce", "serial", "modules")
 
 
 def main() -> None:
@@ -380,7 +382,7 @@ def main() -> None:
                              args.bandwidth / weight_bytes(big), None, slots=4, compile=False, fused=False)
             del big
         # Then the variants, each beside the first row (those that compile take a minute each).
-        for attention in ("sdpa", "reduce"):
+        for attention in ("matmul", "sdpa", "reduce"):
             if attention in args.variants:
                 bench_engine(f"engine hf-llama, {attention} attention", model, prompt, args.tokens, floor, None,
                              fused_attention=attention, profile=args.profile)

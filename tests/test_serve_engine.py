@@ -119,7 +119,7 @@ def test_greedy_tokens_equal_the_simple_loop_alone_and_batched(backend, engine):
     assert {c.finish for c in batched} == {"length"}
 
 
-@pytest.mark.parametrize("attention", ["matmul", "sdpa", "reduce"])
+@pytest.mark.parametrize("attention", ["matmul", "triton", "sdpa", "reduce"])
 def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_step(backend, attention):
     """Both kinds decode through FusedDecoder (its attention either way); from the same cache it gives the
     modules' step's logits, and the model's own q/k/v and gate/up weights are views of its fused ones (not a
@@ -567,3 +567,22 @@ def test_a_model_the_engine_cannot_run_is_served_by_the_simple_loop(backend):
     finally:
         del backend.model.hf_device_map
     assert spread.engine is None
+
+
+def test_the_decode_kernels_split_plan_covers_the_window_within_its_workspace():
+    """decode_attention.split_plan: the splits' chunks cover every window (multiples of the kernel's key block,
+    none empty), and no step needs more splits than the decoder's workspace holds, for any batch and window."""
+    from forgather.serve.decode_attention import BLOCK_N, GROUP_PAD, split_plan, workspace
+
+    for kv_heads, head_dim in ((1, 16), (8, 64), (32, 128)):
+        for length in (127, 2048, 4096):
+            slots = 8
+            partial, counter = workspace(slots, kv_heads, head_dim, length + 1, "cpu")
+            most = partial.numel() // (counter.numel() * GROUP_PAD * (head_dim + 2))
+            assert counter.numel() == slots * kv_heads and not counter.any()
+            windows = [w for w in (256, 512, 1024, 2048, 4096) if w < length + 1] + [length + 1]
+            for batch in range(1, slots + 1):
+                for keys in windows:
+                    splits, chunk = split_plan(batch, kv_heads, keys)
+                    assert chunk % BLOCK_N == 0 and (splits - 1) * chunk < keys <= splits * chunk
+                    assert 1 <= splits <= most, (kv_heads, length, batch, keys)

@@ -167,6 +167,12 @@ def _buckets(most: int, least: int = 1) -> list[int]:
     return sizes + [most]
 
 
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 MIN_KEYS = 256  # the shortest window of cache positions a decode step attends over
 
 
@@ -176,13 +182,14 @@ class Engine:
     QueueFull; `cuda_graphs` (default: on a GPU) captures the decode step; `fused` (default: where the
     model allows) decodes through FusedDecoder; `compile` (default: on a GPU, the fused decoder) compiles
     the decode step first (True: also the modules' step of a model the fused decoder cannot run);
-    `fused_attention` is its attention: "matmul", "sdpa" or "reduce" (fused.decode_layer); `lookahead`
+    `fused_attention` is its attention (fused.decode_layer; default: "triton" on a GPU where triton is
+    installed, the one-launch kernel of decode_attention.py, else "matmul"; also "sdpa" or "reduce"); `lookahead`
     (default: where the step is graphed) queues the next greedy step before reading this one's tokens
     (module docstring)."""
 
     def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
                  prefill_chunk: int = 2048, max_waiting: int = 64, cuda_graphs: bool | None = None,
-                 compile: bool | None = None, fused: bool | None = None, fused_attention: str = "matmul",
+                 compile: bool | None = None, fused: bool | None = None, fused_attention: str | None = None,
                  lookahead: bool | None = None):
         self.step = model_step(model)
         weight = model.get_input_embeddings().weight
@@ -196,6 +203,8 @@ class Engine:
         self.key_buckets = _buckets(context_length + 1, MIN_KEYS)
         self.key_ranges = {keys: torch.arange(keys, device=self.device) for keys in self.key_buckets}
         self.fused: FusedDecoder | None = None
+        if fused_attention is None:
+            fused_attention = "triton" if on_gpu and _has_triton() else "matmul"
         if fused is not False:
             try:
                 self.fused = FusedDecoder.from_model(model, self.cache, on_gpu if compile is None else compile,

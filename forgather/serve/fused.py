@@ -49,6 +49,8 @@ from forgather.models.kv_cache import SlotKVCache
 from forgather.models.norm import rms_norm
 from forgather.models.rope import rotate_half
 
+from .decode_attention import decode_attention, reference, workspace
+
 __all__ = ["FusedDecoder", "UnsupportedModel"]
 
 # Every decoder in a process (one per model shape, dtype and option set) adds graphs to the one cache that
@@ -56,7 +58,7 @@ __all__ = ["FusedDecoder", "UnsupportedModel"]
 RECOMPILE_LIMIT = 64
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ATTENTION = ("matmul", "sdpa", "reduce")
+ATTENTION = ("matmul", "triton", "sdpa", "reduce")
 
 
 def _check_attention(attention: Any) -> None:
@@ -128,15 +130,17 @@ def residual_add(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
                  positions: torch.Tensor, visible: torch.Tensor, cache: torch.Tensor, w: LayerWeights,
-                 heads: int, kv_heads: int, eps: float, qk_eps: float, attention: str = "matmul"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 heads: int, kv_heads: int, eps: float, qk_eps: float, attention: str = "matmul",
+                 workspace: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-LN layer for one token a row, its input the residual stream x + delta ([B, hidden] each: the
     previous layer's output left unadded) -> the same pair for its own output. Writes the rows' keys and
     values, in one scatter, at [:, rows, :, positions] of the layer's cache pair [2, slots, kv_heads,
     length + 1, D] (SlotKVCache.pairs), and attends over the first `visible.shape[1]` positions (visible
     [B, keys]: True where a row may look). `attention`: "matmul" (two batched products and a softmax between
-    them), "sdpa" (scaled_dot_product_attention: one fused kernel on a GPU) or "reduce" (the products as
-    float32 sums over broadcast rows, which inductor fuses with the softmax into few kernels of its own)."""
+    them: decode_attention.reference), "triton" (rotary, cache write and attention in one kernel launch on a
+    GPU, given the decoder's `workspace`; the matmul path's arithmetic on a CPU: decode_attention.py), "sdpa"
+    (scaled_dot_product_attention: one fused kernel on a GPU) or "reduce" (the products as float32 sums over
+    broadcast rows, which inductor fuses with the softmax into few kernels of its own)."""
     batch = x.shape[0]
     head_dim = cos.shape[-1]
     x = residual_add(x, delta)
@@ -146,23 +150,24 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     q, k, v = q.view(batch, heads, head_dim), k.view(batch, kv_heads, head_dim), v.view(batch, kv_heads, head_dim)
     if w.q_norm is not None:
         q, k = rms_norm(q, w.q_norm, qk_eps), rms_norm(k, w.k_norm, qk_eps)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    cache[:, rows, :, positions] = torch.stack((k, v), dim=1)  # [B, 2, kv_heads, D]
     keys = visible.shape[1]
-    cached_keys, cached_values = cache[0, :batch, :, :keys], cache[1, :batch, :, :keys]
-    # Query head i reads kv head i // group: the group's query heads are the "queries" of their kv head.
-    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
-    if attention == "sdpa":
-        attended = F.scaled_dot_product_attention(grouped, cached_keys, cached_values, attn_mask=visible[:, None, None, :])
-    elif attention == "reduce":
-        scores = (grouped[:, :, :, None, :].float() * cached_keys[:, :, None].float()).sum(-1) * head_dim ** -0.5
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        weights = scores.softmax(dim=-1)[..., None]  # [B, kv_heads, group, keys, 1]
-        attended = (weights * cached_values[:, :, None].float()).sum(-2).to(v.dtype)
+    if attention == "triton":
+        attended = decode_attention(q, k, v, cos[:, 0], sin[:, 0], positions, cache, keys, *workspace)
+    elif attention == "matmul":
+        attended = reference(q, k, v, cos[:, 0], sin[:, 0], positions, cache, keys)
     else:
-        scores = torch.matmul(grouped, cached_keys.transpose(-1, -2)).float() * head_dim ** -0.5
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        attended = torch.matmul(scores.softmax(dim=-1).to(v.dtype), cached_values)  # [B, kv_heads, group, D]
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cache[:, rows, :, positions] = torch.stack((k, v), dim=1)  # [B, 2, kv_heads, D]
+        cached_keys, cached_values = cache[0, :batch, :, :keys], cache[1, :batch, :, :keys]
+        grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # as decode_attention.reference
+        if attention == "sdpa":
+            attended = F.scaled_dot_product_attention(grouped, cached_keys, cached_values,
+                                                      attn_mask=visible[:, None, None, :])
+        else:
+            scores = (grouped[:, :, :, None, :].float() * cached_keys[:, :, None].float()).sum(-1) * head_dim ** -0.5
+            scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+            weights = scores.softmax(dim=-1)[..., None]  # [B, kv_heads, group, keys, 1]
+            attended = (weights * cached_values[:, :, None].float()).sum(-2).to(v.dtype)
     x = residual_add(x, F.linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias))
     h = rms_norm(x, w.feedforward_norm, eps)
     gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
@@ -199,6 +204,10 @@ class FusedDecoder:
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
         _check_attention(attention)
         self.attention = attention
+        self.workspace: tuple[torch.Tensor, ...] = ()
+        if attention == "triton":
+            pair = cache.pairs[0]
+            self.workspace = workspace(cache.slots, kv_heads, head_dim, pair.shape[3], pair.device)
         self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
             import torch._dynamo
@@ -314,7 +323,7 @@ class FusedDecoder:
         for index, (weights, (given, output)) in enumerate(zip(self.layers, seen)):
             base, delta = decode_layer(given, torch.zeros_like(given), cos, sin, rows, positions, visible,
                                        self.cache.pairs[index], weights, self.heads, self.kv_heads, self.eps,
-                                       self.qk_eps, self.attention)
+                                       self.qk_eps, self.attention, self.workspace)
             mine = base.float() + delta.float()
             errors.append(relative(mine - given.float(), output.float() - given.float()))
         final = seen[-1][0]
@@ -342,5 +351,6 @@ class FusedDecoder:
         delta = torch.zeros_like(x)  # the residual stream is x + delta (decode_layer)
         for index, weights in enumerate(self.layers):
             x, delta = self.layer_fn(x, delta, cos, sin, rows, positions, visible, self.cache.pairs[index], weights,
-                                     self.heads, self.kv_heads, self.eps, self.qk_eps, self.attention)
+                                     self.heads, self.kv_heads, self.eps, self.qk_eps, self.attention,
+                                     self.workspace)
         return self.epilogue_fn(x, delta)

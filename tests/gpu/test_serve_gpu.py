@@ -110,7 +110,7 @@ def test_graphed_engine_decodes_like_the_simple_loop_alone_and_batched(model_dir
     engine = Engine(backend.model, set(), slots=4, context_length=128)
     try:
         assert engine.graphs  # captured: the decode step replays CUDA graphs
-        assert engine.fused is not None  # through the fused decoder, compiled (the GPU default)
+        assert engine.fused is not None and engine.fused.attention == "triton"  # compiled, the decode kernel
         assert engine.lookahead  # the next greedy step queued before this one's tokens are read
         backend.stop_token_ids = set()
         simple = [list(backend.tokens(ids, p)) for ids, p in zip(prompts, greedy)]
@@ -120,3 +120,64 @@ def test_graphed_engine_decodes_like_the_simple_loop_alone_and_batched(model_dir
         assert engine_tokens(engine, prompts, seeded)[1] == alone[0]
     finally:
         engine.close()
+
+
+# --- the decode kernel (attention="triton") -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, heads, kv_heads, head_dim, keys, length", [
+    (1, 32, 8, 64, 256, 4096),     # the 1.24B shape at batch 1: the window split over programs
+    (1, 32, 32, 128, 512, 4096),   # the 7B shape (no grouping)
+    (3, 8, 2, 64, 1024, 1100),     # a few rows, a long window
+    (32, 32, 8, 64, 256, 4096),    # a full batch: one program a (row, kv head), no split
+    (5, 12, 4, 128, 256, 300),
+])
+def test_the_decode_kernel_computes_the_reference(dtype, batch, heads, kv_heads, head_dim, keys, length):
+    """decode_attention's kernel against its torch reference (the matmul path): the same cache writes and
+    attention output, for rows anywhere in the window (its first position, its last, the scratch position past
+    it), every split plan; run 20 times on one workspace (its counters must come back to zero each time)."""
+    from forgather.serve.decode_attention import launch, reference, workspace
+
+    torch.manual_seed(0)
+    device = "cuda"
+    cache = torch.randn(2, batch + 1, kv_heads, length + 1, head_dim, device=device).to(dtype)
+    qkv = torch.randn(batch, heads + 2 * kv_heads, head_dim, device=device).to(dtype)
+    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    angles = torch.randn(batch, head_dim // 2, device=device)
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    positions = torch.randint(0, keys, (batch,), device=device)
+    positions[0] = 0
+    if batch > 1:
+        positions[1] = length  # the scratch position: sees the whole window, not itself
+    if batch > 2:
+        positions[2] = keys - 1
+    expected_cache = cache.clone()
+    expected = reference(q, k, v, cos, sin, positions, expected_cache, keys)
+    partial, counter = workspace(batch + 1, kv_heads, head_dim, length + 1, device)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for _ in range(20):
+        mine_cache = cache.clone()
+        out = launch(q, k, v, cos, sin, positions, mine_cache, keys, partial, counter)
+        torch.testing.assert_close(out.float(), expected.float(), **tolerance)
+        torch.testing.assert_close(mine_cache.float(), expected_cache.float(), **tolerance)
+        assert counter.sum().item() == 0
+
+
+def test_graphed_engine_with_the_decode_kernel_in_bf16_decodes_like_its_matmul_path(model_dir):
+    """In bf16 (what serving runs) the kernel's engine and the matmul path's engine give the same greedy tokens."""
+    from forgather.serve.backend import Backend, SamplingParams
+    from forgather.serve.engine import Engine
+
+    backend = Backend.load(model_dir, dtype="bfloat16")
+    prompts = [backend.encode(text) for text in (PROMPT, "there was", "a tiny model once upon")]
+    params = [SamplingParams(max_tokens=24, temperature=0.0)] * len(prompts)
+    tokens = {}
+    for attention in ("triton", "matmul"):
+        engine = Engine(backend.model, set(), slots=4, context_length=128, fused_attention=attention)
+        try:
+            assert engine.fused is not None and engine.fused.attention == attention and engine.graphs
+            tokens[attention] = engine_tokens(engine, prompts, params)
+        finally:
+            engine.close()
+    assert tokens["triton"] == tokens["matmul"]

@@ -1,0 +1,132 @@
+"""The fused decoder's attention="triton": rotary, the cache write and attention of one decode token a row,
+in one kernel launch where the matmul path runs six (two rotaries, a scatter, two products, a softmax).
+
+Why a kernel of our own: at batch 1 on the H200 those six took ~15 us of a 1.24B layer's ~75 (docs/
+benchmarks.md, serving), and neither torch's fused attentions (cuDNN's SDPA: 6.6 us plus its own copies,
+measured slower than the matmul path end to end) nor inductor's fusions of the sums remove them; the cache
+write and the rotary belong in the same launch, which no library's decode attention takes.
+
+`decode_attention(q, k, v, cos, sin, positions, cache, keys, workspace)` is a torch custom op, so
+torch.compile and CUDA graphs treat it as one opaque call that mutates the cache:
+- q [B, heads, D], k and v [B, kv_heads, D] (views of the fused q/k/v product, before rotary), cos and sin
+  [B, D]; row b is slot b of `cache` [2, slots, kv_heads, length + 1, D] (SlotKVCache.pairs), its new
+  token at positions[b];
+- writes the rotated key and the value at [:, b, :, positions[b]], attends over the positions
+  0..positions[b] of the first `keys` (the step's window; a position past the window, the scratch one,
+  sees the whole window but not itself, as the matmul path's mask does) and returns [B, heads, D].
+On a CPU the op runs `reference`, which is the matmul path itself (fused.decode_layer's arithmetic): the CPU
+tests hold the op to it, and tests/gpu/ and scripts/gpu_check_serve.sh hold the kernel to the reference.
+
+The kernel (decode_kernels.py) splits a row's window across programs when rows x kv heads would leave the
+GPU idle (flash-decoding); `workspace(...)` allocates its partial sums and counters once per decoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from forgather.models.rope import rotate_half
+
+__all__ = ["decode_attention", "reference", "workspace", "split_plan"]
+
+BLOCK_N = 32  # keys per inner iteration of the kernel
+GROUP_PAD = 16  # tl.dot's least row count: a kv head's query heads, padded with masked rows
+NUM_WARPS = 4
+TARGET_PROGRAMS = 264  # about two programs per SM on an H100/H200 (132 SMs)
+MIN_CHUNK = 64  # fewest keys a split reads
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              positions: torch.Tensor, cache: torch.Tensor, keys: int) -> torch.Tensor:
+    """The op's semantics in torch: rotary in the activations' dtype, one scatter of the keys and values,
+    grouped-query attention as two batched products with a float32 softmax between them."""
+    batch, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    rows = torch.arange(batch, device=q.device)
+    cache[:, rows, :, positions] = torch.stack((k, v), dim=1)  # [B, 2, kv_heads, D]
+    cached_keys, cached_values = cache[0, :batch, :, :keys], cache[1, :batch, :, :keys]
+    visible = torch.arange(keys, device=q.device)[None, :] <= positions[:, None]
+    # Query head i reads kv head i // group: the group's query heads are the "queries" of their kv head.
+    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.matmul(grouped, cached_keys.transpose(-1, -2)).float() * head_dim ** -0.5
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    attended = torch.matmul(scores.softmax(dim=-1).to(v.dtype), cached_values)  # [B, kv_heads, group, D]
+    return attended.reshape(batch, heads, head_dim)
+
+
+def split_plan(batch: int, kv_heads: int, keys: int, block: int = 32) -> tuple[int, int]:
+    """(splits, chunk): how many programs share a row's window, and the keys each reads (a multiple of
+    `block`), so that batch x kv_heads x splits is about TARGET_PROGRAMS."""
+    splits = max(1, min(math.ceil(TARGET_PROGRAMS / (batch * kv_heads)), math.ceil(keys / MIN_CHUNK)))
+    chunk = math.ceil(math.ceil(keys / splits) / block) * block
+    return math.ceil(keys / chunk), chunk
+
+
+def workspace(slots: int, kv_heads: int, head_dim: int, max_keys: int, device: torch.device | str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's partial sums ([slots x kv_heads x splits, 16, D] float32, and their max and sum) and its
+    per-(row, kv head) counters, for windows of up to `max_keys` positions. Several layers share it: the
+    kernel's last program of a row resets its counter."""
+    most = min(math.ceil(TARGET_PROGRAMS / kv_heads), math.ceil(max_keys / MIN_CHUNK))  # split_plan's bound
+    partial = torch.empty(slots * kv_heads * most * GROUP_PAD * (head_dim + 2), dtype=torch.float32, device=device)
+    counter = torch.zeros(slots * kv_heads, dtype=torch.int32, device=device)
+    return partial, counter
+
+
+@torch.library.custom_op("forgather::decode_attention", mutates_args=("cache", "partial", "counter"))
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     positions: torch.Tensor, cache: torch.Tensor, keys: int, partial: torch.Tensor,
+                     counter: torch.Tensor) -> torch.Tensor:
+    if q.device.type == "cpu" and not _interpret():
+        return reference(q, k, v, cos, sin, positions, cache, keys)
+    return launch(q, k, v, cos, sin, positions, cache, keys, partial, counter)
+
+
+@decode_attention.register_fake
+def _(q, k, v, cos, sin, positions, cache, keys, partial, counter):
+    return q.new_empty(q.shape)
+
+
+def _interpret() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           positions: torch.Tensor, cache: torch.Tensor, keys: int, partial: torch.Tensor,
+           counter: torch.Tensor) -> torch.Tensor:
+    """Run the Triton kernel (decode_kernels.py) on the op's arguments."""
+    from . import decode_kernels as kernels
+
+    batch, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    if group > GROUP_PAD or head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"the decode kernel runs up to {GROUP_PAD} query heads per kv head and a power-of-two "
+                         f"head_dim >= 16; got {group} and {head_dim}")
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("cache", cache)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"decode_attention: {name}'s last dimension must be contiguous")
+    splits, chunk = split_plan(batch, kv_heads, keys, BLOCK_N)
+    most = partial.numel() // (counter.numel() * GROUP_PAD * (head_dim + 2))
+    if splits > most or batch * kv_heads > counter.numel():
+        raise ValueError(f"decode_attention: the workspace holds {most} splits of {counter.numel()} rows x kv heads; "
+                         f"this step needs {splits} of {batch * kv_heads}")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    part_acc = partial[:counter.numel() * most * GROUP_PAD * head_dim]
+    part_ml = partial[counter.numel() * most * GROUP_PAD * head_dim:]
+    kernels.decode_attention_kernel[(batch * kv_heads, splits)](
+        q, k, v, cos, sin, positions, cache, out, part_acc, part_ml, counter,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
+        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), out.stride(0), out.stride(1),
+        keys, chunk, head_dim ** -0.5,
+        KV_HEADS=kv_heads, GROUP=group, GP=GROUP_PAD, D=head_dim, BLOCK_N=BLOCK_N, MAX_SPLITS=most,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 products stay float32
+        num_warps=NUM_WARPS,
+    )
+    return out

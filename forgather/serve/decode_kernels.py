@@ -1,0 +1,119 @@
+"""Triton kernel for the fused decoder's attention="triton" (decode_attention.py holds the op and its math).
+
+One program per (row, kv head, split of the window): it rotates the group's queries and the new key, split 0
+writes the new key and value at the row's position, and the program attends over its split's cached keys
+(positions below the row's own) with an online softmax, adding the new token from registers in the split
+that holds its position; no program reads a position another one writes, so there is no race. With one
+split the program writes the output; with more, each writes its (max, sum, weighted values) and the last of
+a row's programs to finish (an atomic counter per (row, kv head), reset by that program) combines them:
+flash-decoding's split-K without a second launch.
+
+Imported only where a GPU runs the kernel (or TRITON_INTERPRET=1 runs it on CPU tensors).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def _rotate(x, partner, cos, sin, sign):
+    """Rotate-half rotary in float32 of x (its partner lane loaded alongside): x cos + rotate_half(x) sin."""
+    return x * cos + sign * partner * sin
+
+
+@triton.jit
+def decode_attention_kernel(
+    Q, K, V, COS, SIN, POS, CACHE, OUT, PART_ACC, PART_ML, COUNTER,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_sin,
+    stride_pair, stride_slot, stride_head, stride_pos, stride_ob, stride_oh,
+    keys, chunk, scale,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)  # row * KV_HEADS + kv head
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    row = pid // KV_HEADS
+    kv_head = pid % KV_HEADS
+    pos = tl.load(POS + row)
+    dtype = CACHE.dtype.element_ty
+
+    d = tl.arange(0, D)
+    partner = (d + D // 2) % D
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    cos = tl.load(COS + row * stride_cos + d).to(tl.float32)
+    sin = tl.load(SIN + row * stride_sin + d).to(tl.float32)
+    g = tl.arange(0, GP)
+    real = g < GROUP
+    heads = kv_head * GROUP + g
+    q_rows = Q + row * stride_qb + heads[:, None] * stride_qh
+    q_x = tl.load(q_rows + d[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    q_p = tl.load(q_rows + partner[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    q = _rotate(q_x, q_p, cos[None, :], sin[None, :], sign[None, :]).to(dtype)  # [GP, D]
+    k_row = K + row * stride_kb + kv_head * stride_kh
+    k_new = _rotate(tl.load(k_row + d).to(tl.float32), tl.load(k_row + partner).to(tl.float32), cos, sin, sign)
+    k_new = k_new.to(dtype)
+    v_new = tl.load(V + row * stride_vb + kv_head * stride_vh + d).to(dtype)
+    keys_at = CACHE + row * stride_slot + kv_head * stride_head
+    values_at = keys_at + stride_pair
+    if split == 0:
+        tl.store(keys_at + pos * stride_pos + d, k_new)
+        tl.store(values_at + pos * stride_pos + d, v_new)
+
+    # Cached keys are the positions below the row's own, within the window; the new one is in registers.
+    cached = tl.minimum(pos, keys)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, cached)
+    m = tl.full([GP], -1.0e30, tl.float32)
+    l = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        at = start + n
+        valid = at < hi
+        block = tl.load(keys_at + at[:, None] * stride_pos + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(block), input_precision=PRECISION) * scale  # [GP, BLOCK_N], float32
+        s = tl.where(valid[None, :], s, -1.0e30)
+        m_next = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_next)
+        p = tl.exp(s - m_next[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        block = tl.load(values_at + at[:, None] * stride_pos + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), block, input_precision=PRECISION)
+        m = m_next
+    if (pos < keys) & (pos // chunk == split):
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # [GP]
+        m_next = tl.maximum(m, s_new)
+        alpha = tl.exp(m - m_next)
+        p_new = tl.exp(s_new - m_next)
+        l = l * alpha + p_new
+        acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+        m = m_next
+
+    out = OUT + row * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    if splits == 1:
+        tl.store(out, (acc / l[:, None]).to(dtype), mask=real[:, None])
+    else:
+        part = pid * MAX_SPLITS + split
+        tl.store(PART_ACC + part * GP * D + g[:, None] * D + d[None, :], acc)
+        tl.store(PART_ML + part * 2 * GP + g, m)
+        tl.store(PART_ML + part * 2 * GP + GP + g, l)
+        tl.debug_barrier()  # every thread's partials stored before the release below
+        done = tl.atomic_add(COUNTER + pid, 1, sem="acq_rel")
+        if done == splits - 1:  # the last of this (row, kv head)'s programs: combine every split
+            m_all = tl.full([GP], -1.0e30, tl.float32)
+            l_all = tl.zeros([GP], tl.float32)
+            acc_all = tl.zeros([GP, D], tl.float32)
+            for other in range(0, splits):
+                part = pid * MAX_SPLITS + other
+                m_s = tl.load(PART_ML + part * 2 * GP + g, cache_modifier=".cg")
+                l_s = tl.load(PART_ML + part * 2 * GP + GP + g, cache_modifier=".cg")
+                acc_s = tl.load(PART_ACC + part * GP * D + g[:, None] * D + d[None, :], cache_modifier=".cg")
+                m_next = tl.maximum(m_all, m_s)
+                old, new = tl.exp(m_all - m_next), tl.exp(m_s - m_next)
+                l_all = l_all * old + l_s * new
+                acc_all = acc_all * old[:, None] + acc_s * new[:, None]
+                m_all = m_next
+            tl.store(out, (acc_all / l_all[:, None]).to(dtype), mask=real[:, None])
+            tl.atomic_xchg(COUNTER + pid, 0)
