@@ -10,7 +10,8 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    7B shape too; `--variants [NAME ...]` (default all) adds the fused decoder's other
                    attentions (the default is `triton`, one kernel launch for rotary, cache write and attention;
                    `matmul`: two products and a softmax; `sdpa`: torch's fused kernel; `reduce`: sums that
-                   inductor fuses with the softmax), the engine without lookahead (`serial`), and the models' own `modules` (the
+                   inductor fuses with the softmax), the layer's products through cuBLAS instead of the default
+                   Triton kernel for a few rows (`cublas`), the engine without lookahead (`serial`), and the models' own `modules` (the
                    engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
@@ -169,13 +170,14 @@ def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, li
 
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
                  compile: bool | None = None, slots: int = 32, profile: bool = False, fused: bool | None = None,
-                 fused_attention: str | None = None, lookahead: bool | None = None) -> None:
+                 fused_attention: str | None = None, lookahead: bool | None = None,
+                 fused_matmul: str | None = None) -> None:
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
     try:
         engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), compile=compile,
-                        fused=fused, fused_attention=fused_attention, lookahead=lookahead)
+                        fused=fused, fused_attention=fused_attention, lookahead=lookahead, fused_matmul=fused_matmul)
     except Exception as error:  # a variant that does not compile here is a row with its error; the others go on
         row(name, error=f"{type(error).__name__}: {str(error)[:300]}")
         return
@@ -184,7 +186,8 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
     gc.freeze()   # so that the next row's collection frees this engine
     try:
         extra = dict(fused=engine.fused is not None, setup_s=setup,
-                     attention=engine.fused.attention if engine.fused is not None else None)
+                     attention=engine.fused.attention if engine.fused is not None else None,
+                     matmul=engine.fused.matmul if engine.fused is not None else None)
         if engine.fused is not None:  # the step as run (compiled) against the modules' step: two rows' logits
             ids = torch.tensor([1, 2], device=engine.device)
             positions = torch.full((2,), 300, device=engine.device)
@@ -323,7 +326,7 @@ def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: lis
         server.wait(timeout=60)
 
 
-VARIANTS = ("matmul", "sdpa", "reduce", "serial", "modules")
+VARIANTS = ("matmul", "sdpa", "reduce", "cublas", "serial", "modules")
 
 
 def main() -> None:
@@ -386,6 +389,9 @@ def main() -> None:
             if attention in args.variants:
                 bench_engine(f"engine hf-llama, {attention} attention", model, prompt, args.tokens, floor, None,
                              fused_attention=attention, profile=args.profile)
+        if "cublas" in args.variants:
+            bench_engine("engine hf-llama, cuBLAS products", model, prompt, args.tokens, floor, None,
+                         fused_matmul="torch", profile=args.profile)
         if "serial" in args.variants:
             bench_engine("engine hf-llama, no lookahead", model, prompt, args.tokens, floor, None, lookahead=False)
         if "modules" in args.variants:

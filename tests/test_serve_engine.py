@@ -119,14 +119,15 @@ def test_greedy_tokens_equal_the_simple_loop_alone_and_batched(backend, engine):
     assert {c.finish for c in batched} == {"length"}
 
 
-@pytest.mark.parametrize("attention", ["matmul", "triton", "sdpa", "reduce"])
-def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_step(backend, attention):
-    """Both kinds decode through FusedDecoder (its attention either way); from the same cache it gives the
-    modules' step's logits, and the model's own q/k/v and gate/up weights are views of its fused ones (not a
-    second copy)."""
-    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT, fused_attention=attention)
+@pytest.mark.parametrize("attention, matmul", [("matmul", "torch"), ("triton", "triton"), ("sdpa", "torch"), ("reduce", "triton")])
+def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_step(backend, attention, matmul):
+    """Both kinds decode through FusedDecoder (its attention and products either way; the Triton ones run their
+    torch semantics on a CPU); from the same cache it gives the modules' step's logits, and the model's own
+    q/k/v and gate/up weights are views of its fused ones (not a second copy)."""
+    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT, fused_attention=attention,
+                    fused_matmul=matmul)
     try:
-        assert engine.fused is not None and engine.fused.attention == attention
+        assert engine.fused is not None and (engine.fused.attention, engine.fused.matmul) == (attention, matmul)
         run_engine(engine, [backend.encode(p) for p in PROMPTS[:3]], [SamplingParams(max_tokens=5, temperature=0.0)] * 3)
         ids, positions = torch.tensor([5, 7, 11, 0]), torch.tensor([9, 3, 12, engine.cache.scratch])
         with torch.inference_mode():
@@ -164,13 +165,16 @@ def test_the_decoders_two_stage_argmax_is_argmax_ties_included(vocab):
 
 
 @pytest.mark.slow
-def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend, kernels):
     """What a GPU runs (the fused decoder through torch.compile, dynamic shapes, batch 1 and batches), here
-    compiled for the CPU: the simple loop's greedy tokens, alone and batched. (~20 s of compiling.)"""
+    compiled for the CPU: the simple loop's greedy tokens, alone and batched; also with the Triton kernels'
+    custom ops in the compiled graph (their torch semantics on a CPU). (~20 s of compiling each.)"""
     prompts = [backend.encode(p) for p in PROMPTS]
     params = [SamplingParams(max_tokens=10, temperature=0.0)] * len(prompts)
     expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
-    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT, compile=True)
+    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT, compile=True,
+                    fused_attention="triton" if kernels == "triton" else "matmul", fused_matmul=kernels)
     try:
         from forgather.serve.fused import decode_layer
 
@@ -239,6 +243,8 @@ def test_a_rope_that_reads_the_positions_on_the_host_is_served_by_the_simple_loo
 def test_an_unknown_fused_attention_is_refused(backend):
     with pytest.raises(ValueError, match="attention='flash'; choose one of"):
         Engine(backend.model, set(), slots=2, context_length=CONTEXT, fused=True, fused_attention="flash")
+    with pytest.raises(ValueError, match="matmul='cutlass'; choose one of"):
+        Engine(backend.model, set(), slots=2, context_length=CONTEXT, fused=True, fused_matmul="cutlass")
 
 
 def test_a_model_the_fused_decoder_cannot_run_decodes_through_its_modules(tmp_path, tokenizer):

@@ -35,7 +35,7 @@ BLOCK_N = 32  # keys per inner iteration of the kernel
 GROUP_PAD = 16  # tl.dot's least row count: a kv head's query heads, padded with masked rows
 NUM_WARPS = 4
 TARGET_PROGRAMS = 264  # about two programs per SM on an H100/H200 (132 SMs)
-MIN_CHUNK = 64  # fewest keys a split reads
+MIN_CHUNK = 32  # fewest keys a split reads: one block (a split's time is mostly its loads' latency)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -130,3 +130,52 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
         num_warps=NUM_WARPS,
     )
     return out
+
+
+# --- products of a few rows ---------------------------------------------------------------------------------
+
+SKINNY_ROWS = 16  # rows a skinny product takes (tl.dot's least tile); more go to F.linear
+
+
+@torch.library.custom_op("forgather::skinny_linear", mutates_args=())
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [M, K], weight [N, K]: on a GPU, for M <= SKINNY_ROWS, a Triton kernel
+    that streams each weight row once (decode_kernels.skinny_matmul_kernel, autotuned per shape), where
+    cuBLAS's kernels for one row reached 1.8-2.6 TB/s of the H200's 4.8 on the 1.24B layer's q/k/v, output
+    and down products (docs/benchmarks.md); elsewhere F.linear."""
+    if x.device.type == "cpu" and not _interpret() or x.shape[0] > SKINNY_ROWS or weight.stride(-1) != 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    return launch_skinny(x.contiguous(), weight, bias)
+
+
+@skinny_linear.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  config: dict | None = None) -> torch.Tensor:
+    """Run the skinny product's kernel: autotuned, or with `config` (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    from . import decode_kernels as kernels
+
+    rows, inner = x.shape
+    outputs = weight.shape[0]
+    y = x.new_empty((rows, outputs))
+    args = (x, weight, bias if bias is not None else weight, y, rows, outputs, inner, x.stride(0), weight.stride(0),
+            y.stride(0))
+    constants = dict(HAS_BIAS=bias is not None, M_PAD=SKINNY_ROWS,
+                     PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    if config is None and _interpret():
+        config = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
+    if config is not None:
+        block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
+        kernels.skinny_matmul_kernel[(triton_cdiv(outputs, block_n),)](
+            *args, **constants, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=outputs % block_n == 0 and inner % block_k == 0,
+            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+    else:
+        kernels.skinny_matmul(*args, **constants)
+    return y
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

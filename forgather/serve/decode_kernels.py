@@ -72,15 +72,16 @@ def decode_attention_kernel(
     for start in range(lo, hi, BLOCK_N):
         at = start + n
         valid = at < hi
-        block = tl.load(keys_at + at[:, None] * stride_pos + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(block), input_precision=PRECISION) * scale  # [GP, BLOCK_N], float32
+        # Both loads issued before any arithmetic: a split is usually one block, and its time is their latency.
+        key_block = tl.load(keys_at + at[:, None] * stride_pos + d[None, :], mask=valid[:, None], other=0.0)
+        value_block = tl.load(values_at + at[:, None] * stride_pos + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(key_block), input_precision=PRECISION) * scale  # [GP, BLOCK_N], float32
         s = tl.where(valid[None, :], s, -1.0e30)
         m_next = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_next)
         p = tl.exp(s - m_next[:, None])
         l = l * alpha + tl.sum(p, 1)
-        block = tl.load(values_at + at[:, None] * stride_pos + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), block, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), value_block, input_precision=PRECISION)
         m = m_next
     if (pos < keys) & (pos // chunk == split):
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # [GP]
@@ -117,3 +118,54 @@ def decode_attention_kernel(
                 m_all = m_next
             tl.store(out, (acc_all / l_all[:, None]).to(dtype), mask=real[:, None])
             tl.atomic_xchg(COUNTER + pid, 0)
+
+
+@triton.jit
+def skinny_matmul_kernel(
+    X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Y [M, N] = X [M, K] @ W [N, K]^T (+ bias) for M <= M_PAD: each program streams BLOCK_N rows of W
+    (contiguous along K) once, for every row of X; float32 accumulation."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, M_PAD)
+    acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            w = tl.load(W + n[:, None] * stride_wn + k[None, :])
+        else:
+            w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+
+
+def _skinny_configs() -> list:
+    configs = []
+    for block_n in (16, 32, 64):
+        for block_k in (128, 256, 512):
+            for stages in (3, 5):
+                configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=stages))
+    configs.append(triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=4))
+    configs.append(triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=4))
+    return configs
+
+
+class _Skinny:
+    """skinny_matmul_kernel autotuned once per weight shape (N, K) and dtype; the grid follows the config."""
+
+    def __init__(self):
+        self.tuned = triton.autotune(configs=_skinny_configs(), key=["N", "K"])(
+            triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0})(
+                skinny_matmul_kernel))
+
+    def __call__(self, X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, **constants):
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        self.tuned[grid](X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, **constants)
+
+
+skinny_matmul = _Skinny()

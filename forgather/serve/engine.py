@@ -183,14 +183,16 @@ class Engine:
     model allows) decodes through FusedDecoder; `compile` (default: on a GPU, the fused decoder) compiles
     the decode step first (True: also the modules' step of a model the fused decoder cannot run);
     `fused_attention` is its attention (fused.decode_layer; default: "triton" on a GPU where triton is
-    installed, the one-launch kernel of decode_attention.py, else "matmul"; also "sdpa" or "reduce"); `lookahead`
+    installed, the one-launch kernel of decode_attention.py, else "matmul"; also "sdpa" or "reduce") and
+    `fused_matmul` its products of a few rows (default likewise "triton", decode_attention.skinny_linear, else
+    "torch"); `lookahead`
     (default: where the step is graphed) queues the next greedy step before reading this one's tokens
     (module docstring)."""
 
     def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
                  prefill_chunk: int = 2048, max_waiting: int = 64, cuda_graphs: bool | None = None,
                  compile: bool | None = None, fused: bool | None = None, fused_attention: str | None = None,
-                 lookahead: bool | None = None):
+                 lookahead: bool | None = None, fused_matmul: str | None = None):
         self.step = model_step(model)
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -203,12 +205,13 @@ class Engine:
         self.key_buckets = _buckets(context_length + 1, MIN_KEYS)
         self.key_ranges = {keys: torch.arange(keys, device=self.device) for keys in self.key_buckets}
         self.fused: FusedDecoder | None = None
-        if fused_attention is None:
-            fused_attention = "triton" if on_gpu and _has_triton() else "matmul"
+        kernels = on_gpu and _has_triton()
+        fused_attention = fused_attention or ("triton" if kernels else "matmul")
+        fused_matmul = fused_matmul or ("triton" if kernels else "torch")
         if fused is not False:
             try:
                 self.fused = FusedDecoder.from_model(model, self.cache, on_gpu if compile is None else compile,
-                                                     fused_attention)
+                                                     fused_attention, fused_matmul)
                 self._check_fused()
             except UnsupportedModel as error:
                 if fused:

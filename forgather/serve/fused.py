@@ -49,7 +49,7 @@ from forgather.models.kv_cache import SlotKVCache
 from forgather.models.norm import rms_norm
 from forgather.models.rope import rotate_half
 
-from .decode_attention import decode_attention, reference, workspace
+from .decode_attention import decode_attention, reference, skinny_linear, workspace
 
 __all__ = ["FusedDecoder", "UnsupportedModel"]
 
@@ -59,11 +59,13 @@ RECOMPILE_LIMIT = 64
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION = ("matmul", "triton", "sdpa", "reduce")
+MATMUL = ("torch", "triton")
 
 
-def _check_attention(attention: Any) -> None:
-    if not isinstance(attention, str) or attention not in ATTENTION:
-        raise ValueError(f"attention={attention!r}; choose one of {ATTENTION}")
+def _check_attention(attention: Any, matmul: Any = "torch") -> None:
+    for name, value, choices in (("attention", attention, ATTENTION), ("matmul", matmul, MATMUL)):
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{name}={value!r}; choose one of {choices}")
 
 
 class UnsupportedModel(ValueError):
@@ -131,7 +133,7 @@ def residual_add(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
                  positions: torch.Tensor, visible: torch.Tensor, cache: torch.Tensor, w: LayerWeights,
                  heads: int, kv_heads: int, eps: float, qk_eps: float, attention: str = "matmul",
-                 workspace: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                 workspace: tuple[torch.Tensor, ...] = (), matmul: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-LN layer for one token a row, its input the residual stream x + delta ([B, hidden] each: the
     previous layer's output left unadded) -> the same pair for its own output. Writes the rows' keys and
     values, in one scatter, at [:, rows, :, positions] of the layer's cache pair [2, slots, kv_heads,
@@ -140,12 +142,14 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     them: decode_attention.reference), "triton" (rotary, cache write and attention in one kernel launch on a
     GPU, given the decoder's `workspace`; the matmul path's arithmetic on a CPU: decode_attention.py), "sdpa"
     (scaled_dot_product_attention: one fused kernel on a GPU) or "reduce" (the products as float32 sums over
-    broadcast rows, which inductor fuses with the softmax into few kernels of its own)."""
+    broadcast rows, which inductor fuses with the softmax into few kernels of its own). `matmul`: the four
+    products by F.linear ("torch") or, for up to 16 rows on a GPU, decode_attention.skinny_linear ("triton")."""
+    linear = skinny_linear if matmul == "triton" else F.linear
     batch = x.shape[0]
     head_dim = cos.shape[-1]
     x = residual_add(x, delta)
     h = rms_norm(x, w.attention_norm, eps)
-    qkv = F.linear(h, w.qkv, w.qkv_bias)
+    qkv = linear(h, w.qkv, w.qkv_bias)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = q.view(batch, heads, head_dim), k.view(batch, kv_heads, head_dim), v.view(batch, kv_heads, head_dim)
     if w.q_norm is not None:
@@ -168,10 +172,10 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
             scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
             weights = scores.softmax(dim=-1)[..., None]  # [B, kv_heads, group, keys, 1]
             attended = (weights * cached_values[:, :, None].float()).sum(-2).to(v.dtype)
-    x = residual_add(x, F.linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias))
+    x = residual_add(x, linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias))
     h = rms_norm(x, w.feedforward_norm, eps)
-    gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-    return x, F.linear(F.silu(gate) * up, w.down, w.down_bias)
+    gate, up = linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    return x, linear(F.silu(gate) * up, w.down, w.down_bias)
 
 
 ARGMAX_CHUNK = 1024
@@ -198,12 +202,12 @@ class FusedDecoder:
 
     def __init__(self, embed: Callable, rope: Callable, final_norm: torch.Tensor, lm_head: torch.Tensor,
                  layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, eps: float,
-                 qk_eps: float, cache: SlotKVCache, compile: bool, attention: str = "matmul"):
+                 qk_eps: float, cache: SlotKVCache, compile: bool, attention: str = "matmul", matmul: str = "torch"):
         self.embed, self.rope, self.final_norm, self.lm_head = embed, rope, final_norm, lm_head
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
-        _check_attention(attention)
-        self.attention = attention
+        _check_attention(attention, matmul)
+        self.attention, self.matmul = attention, matmul
         self.workspace: tuple[torch.Tensor, ...] = ()
         if attention == "triton":
             pair = cache.pairs[0]
@@ -218,23 +222,24 @@ class FusedDecoder:
             self.epilogue_fn = torch.compile(self.epilogue, fullgraph=True, dynamic=True)
 
     @classmethod
-    def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False, attention: str = "matmul"
-                   ) -> "FusedDecoder":
+    def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False, attention: str = "matmul",
+                   matmul: str = "torch") -> "FusedDecoder":
         """The decoder for a Forgather or Llama-family Hugging Face model (UnsupportedModel otherwise).
         Rebinds the model's q/k/v and gate/up parameters as views of the fused weights; `compile` compiles
-        the step's functions; `attention` is one of ATTENTION (decode_layer)."""
-        _check_attention(attention)
+        the step's functions; `attention` is one of ATTENTION and `matmul` one of MATMUL (decode_layer)."""
+        _check_attention(attention, matmul)
+        options = dict(compile=compile, attention=attention, matmul=matmul)
         inner = getattr(model, "model", None)
         with torch.no_grad():
             if inner is not None and hasattr(inner, "lm_head_weight") and hasattr(inner, "layers"):
-                return cls._from_forgather(inner, cache, compile, attention)
+                return cls._from_forgather(inner, cache, options)
             if getattr(getattr(model, "config", None), "model_type", None) in HF_MODEL_TYPES:
-                return cls._from_hugging_face(model, cache, compile, attention)
+                return cls._from_hugging_face(model, cache, options)
         raise UnsupportedModel(f"{type(model).__name__} is neither a Forgather Llama-style model nor one of "
                                f"Hugging Face's {', '.join(HF_MODEL_TYPES)}")
 
     @classmethod
-    def _from_forgather(cls, inner: Any, cache: SlotKVCache, compile: bool, attention: str) -> "FusedDecoder":
+    def _from_forgather(cls, inner: Any, cache: SlotKVCache, options: dict) -> "FusedDecoder":
         from forgather.models.attention import Attention
         from forgather.models.feedforward import SwiGLU
         from forgather.models.layers import PreLNLayer
@@ -273,10 +278,10 @@ class FusedDecoder:
             return cos.to(dtype), sin.to(dtype)
 
         return cls(lambda ids: inner.embed(ids), rope, inner.norm.weight.detach(), inner.lm_head_weight.detach(),
-                   layers, first.num_heads, first.num_kv_heads, first.head_dim, eps, eps, cache, compile, attention)
+                   layers, first.num_heads, first.num_kv_heads, first.head_dim, eps, eps, cache, **options)
 
     @classmethod
-    def _from_hugging_face(cls, model: Any, cache: SlotKVCache, compile: bool, attention: str) -> "FusedDecoder":
+    def _from_hugging_face(cls, model: Any, cache: SlotKVCache, options: dict) -> "FusedDecoder":
         config, inner = model.config, model.model
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"hidden_act={config.hidden_act!r}; the fused decoder runs SiLU MLPs")
@@ -305,7 +310,7 @@ class FusedDecoder:
 
         return cls(lambda ids: embed(ids), rope, inner.norm.weight.detach(), model.lm_head.weight.detach(), layers,
                    config.num_attention_heads, config.num_key_value_heads, head_dim, eps,
-                   q_eps if q_eps is not None else eps, cache, compile, attention)
+                   q_eps if q_eps is not None else eps, cache, **options)
 
     def compare(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                 seen: list[tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor) -> float:
@@ -323,7 +328,7 @@ class FusedDecoder:
         for index, (weights, (given, output)) in enumerate(zip(self.layers, seen)):
             base, delta = decode_layer(given, torch.zeros_like(given), cos, sin, rows, positions, visible,
                                        self.cache.pairs[index], weights, self.heads, self.kv_heads, self.eps,
-                                       self.qk_eps, self.attention, self.workspace)
+                                       self.qk_eps, self.attention, self.workspace, self.matmul)
             mine = base.float() + delta.float()
             errors.append(relative(mine - given.float(), output.float() - given.float()))
         final = seen[-1][0]
@@ -352,5 +357,5 @@ class FusedDecoder:
         for index, weights in enumerate(self.layers):
             x, delta = self.layer_fn(x, delta, cos, sin, rows, positions, visible, self.cache.pairs[index], weights,
                                      self.heads, self.kv_heads, self.eps, self.qk_eps, self.attention,
-                                     self.workspace)
+                                     self.workspace, self.matmul)
         return self.epilogue_fn(x, delta)
