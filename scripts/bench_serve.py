@@ -11,7 +11,8 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    attentions (the default is `triton`, one kernel launch for rotary, cache write and attention;
                    `matmul`: two products and a softmax; `sdpa`: torch's fused kernel; `reduce`: sums that
                    inductor fuses with the softmax), the layer's products through cuBLAS instead of the default
-                   Triton kernel for a few rows (`cublas`), the engine without lookahead (`serial`), and the models' own `modules` (the
+                   Triton kernel for a few rows (`cublas`), that kernel with the norms and the SwiGLU inside
+                   (`fused`), the engine without lookahead (`serial`), and the models' own `modules` (the
                    engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
@@ -326,7 +327,7 @@ def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: lis
         server.wait(timeout=60)
 
 
-VARIANTS = ("matmul", "sdpa", "reduce", "cublas", "serial", "modules")
+VARIANTS = ("matmul", "sdpa", "reduce", "cublas", "fused", "serial", "modules")
 
 
 def main() -> None:
@@ -392,6 +393,9 @@ def main() -> None:
         if "cublas" in args.variants:
             bench_engine("engine hf-llama, cuBLAS products", model, prompt, args.tokens, floor, None,
                          fused_matmul="torch", profile=args.profile)
+        if "fused" in args.variants:
+            bench_engine("engine hf-llama, norm and SwiGLU in the products", model, prompt, args.tokens, floor, None,
+                         fused_matmul="fused", profile=args.profile)
         if "serial" in args.variants:
             bench_engine("engine hf-llama, no lookahead", model, prompt, args.tokens, floor, None, lookahead=False)
         if "modules" in args.variants:

@@ -119,7 +119,7 @@ def test_greedy_tokens_equal_the_simple_loop_alone_and_batched(backend, engine):
     assert {c.finish for c in batched} == {"length"}
 
 
-@pytest.mark.parametrize("attention, matmul", [("matmul", "torch"), ("triton", "triton"), ("sdpa", "torch"), ("reduce", "triton")])
+@pytest.mark.parametrize("attention, matmul", [("matmul", "torch"), ("triton", "triton"), ("sdpa", "torch"), ("reduce", "triton"), ("triton", "fused")])
 def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_step(backend, attention, matmul):
     """Both kinds decode through FusedDecoder (its attention and products either way; the Triton ones run their
     torch semantics on a CPU); from the same cache it gives the modules' step's logits, and the model's own
@@ -165,7 +165,7 @@ def test_the_decoders_two_stage_argmax_is_argmax_ties_included(vocab):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels", ["torch", "triton", "fused"])
 def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend, kernels):
     """What a GPU runs (the fused decoder through torch.compile, dynamic shapes, batch 1 and batches), here
     compiled for the CPU: the simple loop's greedy tokens, alone and batched; also with the Triton kernels'
@@ -174,7 +174,7 @@ def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend, kernel
     params = [SamplingParams(max_tokens=10, temperature=0.0)] * len(prompts)
     expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
     engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT, compile=True,
-                    fused_attention="triton" if kernels == "triton" else "matmul", fused_matmul=kernels)
+                    fused_attention="matmul" if kernels == "torch" else "triton", fused_matmul=kernels)
     try:
         from forgather.serve.fused import decode_layer
 

@@ -143,7 +143,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     that streams each weight row once (decode_kernels.skinny_matmul_kernel, autotuned per shape), where
     cuBLAS's kernels for one row reached 1.8-2.6 TB/s of the H200's 4.8 on the 1.24B layer's q/k/v, output
     and down products (docs/benchmarks.md); elsewhere F.linear."""
-    if x.device.type == "cpu" and not _interpret() or x.shape[0] > SKINNY_ROWS or weight.stride(-1) != 1:
+    if not _skinny(x, weight):
         return torch.nn.functional.linear(x, weight, bias)
     return launch_skinny(x.contiguous(), weight, bias)
 
@@ -153,17 +153,22 @@ def _(x, weight, bias=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  config: dict | None = None) -> torch.Tensor:
-    """Run the skinny product's kernel: autotuned, or with `config` (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict | None = None,
+                  delta: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                  gated: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Run the skinny product's kernel (autotuned, or with `config`: BLOCK_N, BLOCK_K, num_warps, num_stages)
+    on x @ weight.T + bias; with `delta` and `norm_weight`, on rms_norm(x + delta) and also return x + delta;
+    `gated`: on silu(x[:, :K]) * x[:, K:]."""
     from . import decode_kernels as kernels
 
-    rows, inner = x.shape
-    outputs = weight.shape[0]
+    rows = x.shape[0]
+    outputs, inner = weight.shape
+    norm = delta is not None
     y = x.new_empty((rows, outputs))
+    x_out = torch.empty_like(x) if norm else y
     args = (x, weight, bias if bias is not None else weight, y, rows, outputs, inner, x.stride(0), weight.stride(0),
-            y.stride(0))
-    constants = dict(HAS_BIAS=bias is not None, M_PAD=SKINNY_ROWS,
+            y.stride(0), delta if norm else x, norm_weight if norm else weight, x_out, eps)
+    constants = dict(HAS_BIAS=bias is not None, M_PAD=SKINNY_ROWS, NORM=norm, GATED=gated,
                      PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     if config is None and _interpret():
         config = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
@@ -174,7 +179,45 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     else:
         kernels.skinny_matmul(*args, **constants)
-    return y
+    return (y, x_out) if norm else y
+
+
+def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes this product (else the torch path)."""
+    return (x.device.type != "cpu" or _interpret()) and x.shape[0] <= SKINNY_ROWS and weight.stride(-1) == 1
+
+
+@torch.library.custom_op("forgather::skinny_norm_linear", mutates_args=())
+def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                       weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F.linear(rms_norm(s, norm_weight, eps), weight, bias), s) for s = residual_add(x, delta): the fused
+    decoder's norm before a product, in the product's kernel (skinny_linear's, for up to SKINNY_ROWS rows)."""
+    if not _skinny(x, weight):
+        from forgather.models.norm import rms_norm
+
+        total = (x.float() + delta.float()).to(x.dtype)
+        return torch.nn.functional.linear(rms_norm(total, norm_weight, eps), weight, bias), total
+    return launch_skinny(x.contiguous(), weight, bias, delta=delta.contiguous(), norm_weight=norm_weight, eps=eps)
+
+
+@skinny_norm_linear.register_fake
+def _(x, delta, norm_weight, eps, weight, bias=None):
+    return x.new_empty((x.shape[0], weight.shape[0])), torch.empty_like(x)
+
+
+@torch.library.custom_op("forgather::skinny_gated_linear", mutates_args=())
+def skinny_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(silu(gate) * up, weight, bias) for gate_up = [gate | up] [M, 2K]: a SwiGLU's activation in
+    its down product's kernel (skinny_linear's, for up to SKINNY_ROWS rows)."""
+    if not _skinny(gate_up, weight):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight, bias)
+    return launch_skinny(gate_up.contiguous(), weight, bias, gated=True)
+
+
+@skinny_gated_linear.register_fake
+def _(gate_up, weight, bias=None):
+    return gate_up.new_empty((gate_up.shape[0], weight.shape[0]))
 
 
 def triton_cdiv(a: int, b: int) -> int:

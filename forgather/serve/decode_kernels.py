@@ -122,14 +122,34 @@ def decode_attention_kernel(
 
 @triton.jit
 def skinny_matmul_kernel(
-    X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+    X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, DELTA, NORM_WEIGHT, X_OUT, eps,
     HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
 ):
-    """Y [M, N] = X [M, K] @ W [N, K]^T (+ bias) for M <= M_PAD: each program streams BLOCK_N rows of W
-    (contiguous along K) once, for every row of X; float32 accumulation."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Y [M, N] = A [M, K] @ W [N, K]^T (+ bias) for M <= M_PAD: each program streams BLOCK_N rows of W
+    (contiguous along K) once, for every row; float32 accumulation. A is X [M, K], or with
+    - NORM: rms_norm(X + DELTA) * NORM_WEIGHT, the residual add in float32 rounded to X's dtype (written to
+      X_OUT by program 0), the norm's statistics in float32, cast back before the weight (forgather's
+      rms_norm); every program recomputes the rows' statistics (a few KB from L2);
+    - GATED: silu(X[:, :K]) * X[:, K:] (a SwiGLU's gate and up halves, X [M, 2K])."""
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, M_PAD)
+    rows = m[:, None] < M
+    dtype = Y.dtype.element_ty
+    if NORM:
+        squares = tl.zeros([M_PAD], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            at = m[:, None] * stride_xm + k[None, :]
+            inside = rows & (k[None, :] < K)
+            x = (tl.load(X + at, mask=inside, other=0.0).to(tl.float32)
+                 + tl.load(DELTA + at, mask=inside, other=0.0).to(tl.float32)).to(dtype)
+            if pid == 0:
+                tl.store(X_OUT + at, x, mask=inside)
+            x = x.to(tl.float32)
+            squares += tl.sum(x * x, 1)
+        inverse_rms = 1.0 / tl.sqrt(squares / K + eps)
     acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -137,11 +157,23 @@ def skinny_matmul_kernel(
             w = tl.load(W + n[:, None] * stride_wn + k[None, :])
         else:
             w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+        at = m[:, None] * stride_xm + k[None, :]
+        inside = rows & (k[None, :] < K)
+        if NORM:
+            x = (tl.load(X + at, mask=inside, other=0.0).to(tl.float32)
+                 + tl.load(DELTA + at, mask=inside, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            normed = (x * inverse_rms[:, None]).to(dtype).to(tl.float32)
+            x = (normed * tl.load(NORM_WEIGHT + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(dtype)
+        elif GATED:
+            gate = tl.load(X + at, mask=inside, other=0.0).to(tl.float32)
+            up = tl.load(X + at + K, mask=inside, other=0.0).to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
+        else:
+            x = tl.load(X + at, mask=inside, other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(dtype), mask=rows & (n[None, :] < N))
 
 
 def _skinny_configs() -> list:
@@ -159,13 +191,14 @@ class _Skinny:
     """skinny_matmul_kernel autotuned once per weight shape (N, K) and dtype; the grid follows the config."""
 
     def __init__(self):
-        self.tuned = triton.autotune(configs=_skinny_configs(), key=["N", "K"])(
+        self.tuned = triton.autotune(configs=_skinny_configs(), key=["N", "K", "NORM", "GATED"])(
             triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0})(
                 skinny_matmul_kernel))
 
-    def __call__(self, X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, **constants):
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        self.tuned[grid](X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, **constants)
+    def __call__(self, *args, **constants):
+        outputs = args[5]  # N
+        grid = lambda meta: (triton.cdiv(outputs, meta["BLOCK_N"]),)  # noqa: E731
+        self.tuned[grid](*args, **constants)
 
 
 skinny_matmul = _Skinny()

@@ -49,7 +49,8 @@ from forgather.models.kv_cache import SlotKVCache
 from forgather.models.norm import rms_norm
 from forgather.models.rope import rotate_half
 
-from .decode_attention import decode_attention, reference, skinny_linear, workspace
+from .decode_attention import (decode_attention, reference, skinny_gated_linear, skinny_linear, skinny_norm_linear,
+                               workspace)
 
 __all__ = ["FusedDecoder", "UnsupportedModel"]
 
@@ -59,13 +60,28 @@ RECOMPILE_LIMIT = 64
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION = ("matmul", "triton", "sdpa", "reduce")
-MATMUL = ("torch", "triton")
+MATMUL = ("torch", "triton", "fused")
 
 
 def _check_attention(attention: Any, matmul: Any = "torch") -> None:
     for name, value, choices in (("attention", attention, ATTENTION), ("matmul", matmul, MATMUL)):
         if not isinstance(value, str) or value not in choices:
             raise ValueError(f"{name}={value!r}; choose one of {choices}")
+
+
+def _compile(fn: Callable, **options: Any) -> Callable:
+    """torch.compile(fn, dynamic=True) allowed RECOMPILE_LIMIT graphs. Since torch 2.13 dynamo's config is
+    per thread (the engine's thread, which compiles, would not see a limit set here), and torch.compile takes
+    the limit itself; before, the config was global."""
+    import inspect
+
+    import torch._dynamo
+
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        options["recompile_limit"] = RECOMPILE_LIMIT
+    else:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, dynamic=True, **options)
 
 
 class UnsupportedModel(ValueError):
@@ -143,13 +159,18 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     GPU, given the decoder's `workspace`; the matmul path's arithmetic on a CPU: decode_attention.py), "sdpa"
     (scaled_dot_product_attention: one fused kernel on a GPU) or "reduce" (the products as float32 sums over
     broadcast rows, which inductor fuses with the softmax into few kernels of its own). `matmul`: the four
-    products by F.linear ("torch") or, for up to 16 rows on a GPU, decode_attention.skinny_linear ("triton")."""
-    linear = skinny_linear if matmul == "triton" else F.linear
+    products by F.linear ("torch"); for up to 16 rows on a GPU, by decode_attention.skinny_linear ("triton"), or
+    by it with the residual add and norm before q/k/v and gate/up, and the SwiGLU before down, done in the
+    product's kernel ("fused": skinny_norm_linear, skinny_gated_linear); on a CPU these run their torch
+    semantics."""
+    linear = F.linear if matmul == "torch" else skinny_linear
     batch = x.shape[0]
     head_dim = cos.shape[-1]
-    x = residual_add(x, delta)
-    h = rms_norm(x, w.attention_norm, eps)
-    qkv = linear(h, w.qkv, w.qkv_bias)
+    if matmul == "fused":
+        qkv, x = skinny_norm_linear(x, delta, w.attention_norm, eps, w.qkv, w.qkv_bias)
+    else:
+        x = residual_add(x, delta)
+        qkv = linear(rms_norm(x, w.attention_norm, eps), w.qkv, w.qkv_bias)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = q.view(batch, heads, head_dim), k.view(batch, kv_heads, head_dim), v.view(batch, kv_heads, head_dim)
     if w.q_norm is not None:
@@ -172,9 +193,12 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
             scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
             weights = scores.softmax(dim=-1)[..., None]  # [B, kv_heads, group, keys, 1]
             attended = (weights * cached_values[:, :, None].float()).sum(-2).to(v.dtype)
-    x = residual_add(x, linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias))
-    h = rms_norm(x, w.feedforward_norm, eps)
-    gate, up = linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    attended = linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias)
+    if matmul == "fused":
+        gate_up, x = skinny_norm_linear(x, attended, w.feedforward_norm, eps, w.gate_up, w.gate_up_bias)
+        return x, skinny_gated_linear(gate_up, w.down, w.down_bias)
+    x = residual_add(x, attended)
+    gate, up = linear(rms_norm(x, w.feedforward_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
     return x, linear(F.silu(gate) * up, w.down, w.down_bias)
 
 
@@ -214,12 +238,9 @@ class FusedDecoder:
             self.workspace = workspace(cache.slots, kv_heads, head_dim, pair.shape[3], pair.device)
         self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
-            import torch._dynamo
-
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            self.layer_fn = torch.compile(decode_layer, fullgraph=True, dynamic=True)
-            self.prologue_fn = torch.compile(self.prologue, dynamic=True)
-            self.epilogue_fn = torch.compile(self.epilogue, fullgraph=True, dynamic=True)
+            self.layer_fn = _compile(decode_layer, fullgraph=True)
+            self.prologue_fn = _compile(self.prologue)
+            self.epilogue_fn = _compile(self.epilogue, fullgraph=True)
 
     @classmethod
     def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False, attention: str = "matmul",

@@ -173,9 +173,9 @@ def test_the_decode_kernels_in_bf16_give_the_modules_logits(model_dir):
 
     backend = Backend.load(model_dir, dtype="bfloat16")
     errors = {}
-    for kernels in ("triton", "torch"):
-        engine = Engine(backend.model, set(), slots=4, context_length=600, fused_attention=kernels,
-                        fused_matmul=kernels)
+    for kernels in ("triton", "fused", "torch"):
+        engine = Engine(backend.model, set(), slots=4, context_length=600,
+                        fused_attention="matmul" if kernels == "torch" else "triton", fused_matmul=kernels)
         try:
             assert engine.fused is not None and engine.graphs
             for rows in (1, 3):
@@ -190,7 +190,8 @@ def test_the_decode_kernels_in_bf16_give_the_modules_logits(model_dir):
         finally:
             engine.close()
     for rows in (1, 3):
-        assert errors["triton", rows] < max(0.05, 2 * errors["torch", rows]), errors
+        for kernels in ("triton", "fused"):
+            assert errors[kernels, rows] < max(0.05, 2 * errors["torch", rows]), errors
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -209,3 +210,28 @@ def test_the_skinny_product_is_f_linear(dtype, outputs, inner):
             expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
             tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(launch_skinny(x, weight, b).double(), expected, **tolerance)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("outputs, inner", [(3072, 2048), (2048, 8192), (1000, 200)])
+def test_the_skinny_products_with_the_norm_or_the_swiglu_inside_are_their_torch_semantics(dtype, outputs, inner):
+    """skinny_norm_linear and skinny_gated_linear's kernels against their torch paths (the ops on a CPU)."""
+    from forgather.models.norm import rms_norm
+    from forgather.serve.decode_attention import launch_skinny
+
+    torch.manual_seed(0)
+    weight = (torch.randn(outputs, inner, device="cuda") * inner ** -0.5).to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(inner, device="cuda")).to(dtype)
+    tolerance = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for rows in (1, 3, 16):
+        x, delta = (torch.randn(rows, inner, device="cuda").to(dtype) for _ in range(2))
+        total = (x.float() + delta.float()).to(dtype)
+        y, x_out = launch_skinny(x, weight, None, delta=delta, norm_weight=norm_weight, eps=1e-5)
+        assert torch.equal(x_out, total)
+        torch.testing.assert_close(y.float(), torch.nn.functional.linear(rms_norm(total, norm_weight, 1e-5), weight).float(),
+                                   **tolerance)
+        gate_up = torch.randn(rows, 2 * inner, device="cuda").to(dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight)
+        torch.testing.assert_close(launch_skinny(gate_up, weight, None, gated=True).float(), expected.float(), **tolerance)
