@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_serve import drive, free_port, word_tokenizer  # noqa: E402
+from bench_serve import drive, word_tokenizer  # noqa: E402
 from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the endpoint's annotation here)
 
-from forgather.serve.client import wait_for_server  # noqa: E402
+from forgather.serve.client import free_port, wait_for_server  # noqa: E402
 
 VOCAB = 512
 

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import gc
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from forgather.serve.client import wait_for_server
+from forgather.serve.client import free_port, wait_for_server
 
 SHAPES = {
     "1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
@@ -236,12 +235,6 @@ def profile_step(engine) -> None:
 
 
 # --- the HTTP server ----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def stream_one(client, prompt: list[int], tokens: int) -> tuple[float, list[float], int]:

@@ -30,7 +30,7 @@ from forgather.data.tokenizer import build_bpe_tokenizer
 from forgather.models.export import build_model, load_model, save_model
 from forgather.serve.app import create_app
 from forgather.serve.backend import DEFAULT_CHAT_STOP, Backend
-from forgather.serve.client import wait_for_server
+from forgather.serve.client import free_port, wait_for_server
 from helpers.tiny_lm import tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +62,6 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
     save_model(build_model(tree).eval(), tree, directory, "tiny")
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import time
 from typing import Any, Callable, Iterator, TextIO
 
@@ -32,6 +33,13 @@ def _reaching(url: str) -> Iterator[None]:
         raise ClientError(f"the server at {url} did not answer in time") from None
     except httpx.TransportError as error:
         raise ClientError(f"the connection to {url} failed: {type(error).__name__}: {error}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the OS picks it): where a test or a benchmark starts a server."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def wait_for_server(url: str, alive: Callable[[], bool] = lambda: True, output: Callable[[], str] = lambda: "",
