@@ -383,12 +383,12 @@ def main() -> None:
             if attention in args.variants:
                 bench_engine(f"engine hf-llama, {attention} attention", model, prompt, args.tokens, floor, None,
                              fused_attention=attention, profile=args.profile)
-        if "cublas" in args.variants:
-            bench_engine("engine hf-llama, cuBLAS products", model, prompt, args.tokens, floor, None,
-                         fused_matmul="torch", profile=args.profile)
         if "fused" in args.variants:
             bench_engine("engine hf-llama, norm and SwiGLU in the products", model, prompt, args.tokens, floor, None,
                          fused_matmul="fused", profile=args.profile)
+        if "cublas" in args.variants:
+            bench_engine("engine hf-llama, cuBLAS products", model, prompt, args.tokens, floor, None,
+                         fused_matmul="torch", profile=args.profile)
         if "serial" in args.variants:
             bench_engine("engine hf-llama, no lookahead", model, prompt, args.tokens, floor, None, lookahead=False)
         if "modules" in args.variants:
