@@ -10,8 +10,8 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    7B shape too; `--variants [NAME ...]` (default all) adds the fused decoder's other
                    attentions (the default is `triton`, one kernel launch for rotary, cache write and attention;
                    `matmul`: two products and a softmax; `sdpa`: torch's fused kernel; `reduce`: sums that
-                   inductor fuses with the softmax), the layer's products through cuBLAS instead of the default
-                   Triton kernel for a few rows (`cublas`), that kernel with the norms and the SwiGLU inside
+                   inductor fuses with the softmax), the layer's products through our Triton kernel for a few
+                   rows instead of cuBLAS (`skinny`), that kernel with the norms and the SwiGLU inside
                    (`fused`), the engine without lookahead (`serial`), and the models' own `modules` (the
                    engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
@@ -24,7 +24,7 @@ time), time to first token, p50/p99 inter-token latency, and batch 1's share of 
 read once per token at --bandwidth bytes/s). The tokenizer is a word-level one with a word per id, so
 every token is a chunk of text. Prints a markdown table; `--json FILE` also writes the rows.
 
-    python scripts/bench_serve.py [--shape 1b] [--skip-7b] [--skip-http] [--hf-compile] [--json rows.json]
+    python scripts/bench_serve.py [--shape 1b] [--skip-7b] [--skip-http] [--skip-forgather] [--hf-compile] [--json rows.json]
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: lis
         server.wait(timeout=60)
 
 
-VARIANTS = ("matmul", "sdpa", "reduce", "cublas", "fused", "serial", "modules")
+VARIANTS = ("matmul", "sdpa", "reduce", "skinny", "fused", "serial", "modules")
 
 
 def main() -> None:
@@ -335,6 +335,7 @@ def main() -> None:
     parser.add_argument("--skip-7b", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-forgather", action="store_true", help="no converted Forgather directory's row")
     parser.add_argument("--hf-compile", action="store_true", help="also generate() with a static cache (compiles)")
     parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=[],
                         help="also these (all of them if none is named): the fused decoder's other attentions, "
@@ -364,9 +365,10 @@ def main() -> None:
         from forgather.convert.hf import hf_to_forgather
         from forgather.serve.backend import Backend
 
-        hf_to_forgather(hf_dir, forgather_dir)
-        forgather = Backend.load(forgather_dir, dtype="bfloat16").model
-        bench_engine("engine forgather", forgather, prompt, args.tokens, floor, 2048, profile=args.profile)
+        if not args.skip_forgather:
+            hf_to_forgather(hf_dir, forgather_dir)
+            forgather = Backend.load(forgather_dir, dtype="bfloat16").model
+            bench_engine("engine forgather", forgather, prompt, args.tokens, floor, 2048, profile=args.profile)
         if not args.skip_http:
             bench_http(hf_dir, prompt, args.tokens, args.concurrency, args.streams_per_client)
         if not args.skip_7b and args.shape == "1b":
@@ -386,9 +388,9 @@ def main() -> None:
         if "fused" in args.variants:
             bench_engine("engine hf-llama, norm and SwiGLU in the products", model, prompt, args.tokens, floor, None,
                          fused_matmul="fused", profile=args.profile)
-        if "cublas" in args.variants:
-            bench_engine("engine hf-llama, cuBLAS products", model, prompt, args.tokens, floor, None,
-                         fused_matmul="torch", profile=args.profile)
+        if "skinny" in args.variants:
+            bench_engine("engine hf-llama, Triton products", model, prompt, args.tokens, floor, None,
+                         fused_matmul="triton", profile=args.profile)
         if "serial" in args.variants:
             bench_engine("engine hf-llama, no lookahead", model, prompt, args.tokens, floor, None, lookahead=False)
         if "modules" in args.variants:

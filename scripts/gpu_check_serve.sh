@@ -4,8 +4,8 @@
 # tests/gpu/test_serve_gpu.py (the decode kernels against their torch semantics; the fused decoder compiled and
 # graphed, with lookahead, gives the simple loop's tokens), then scripts/bench_serve.py: both model kinds at
 # batch 1, the HTTP server at 1, 8 and 32 streams driven from client processes of 4 streams, the 7B shape, the
-# step's kernels (--profile), then variants of the HF one (the matmul attention, cuBLAS's products, the norms
-# and SwiGLU inside the products). Results:
+# step's kernels (--profile), then variants of the HF one (the matmul attention, our Triton products, those
+# with the norms and SwiGLU inside). Results:
 # $OUT/serve.txt, serve.json, pytest_serve.txt.
 #     bash scripts/gpu_check_serve.sh [more bench_serve.py args]
 set -u
@@ -17,7 +17,7 @@ PY=python3
 source scripts/gpu_setup.sh .whl
 timeout 220 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs -k "decode_kernel or skinny or graphed or compiled" 2>&1 \
     | tee "$OUT/pytest_serve.txt" | tail -n 3
-timeout 420 $PY scripts/bench_serve.py --skip-hf --variants matmul cublas fused --profile --json "$OUT/serve.json" "$@" 2>&1 \
+timeout 420 $PY scripts/bench_serve.py --skip-hf --variants matmul skinny fused --profile --json "$OUT/serve.json" "$@" 2>&1 \
     | grep -v "Loading\|Writing" > "$OUT/serve.txt"
 echo "==================== summary ===================="
 tail -n 1 "$OUT/pytest_serve.txt"

@@ -184,8 +184,8 @@ class Engine:
     the decode step first (True: also the modules' step of a model the fused decoder cannot run);
     `fused_attention` is its attention (fused.decode_layer; default: "triton" on a GPU where triton is
     installed, the one-launch kernel of decode_attention.py, else "matmul"; also "sdpa" or "reduce") and
-    `fused_matmul` its products of a few rows (default likewise "triton", decode_attention.skinny_linear, else
-    "torch"); `lookahead`
+    `fused_matmul` its products ("torch", the default: F.linear; "triton": decode_attention.skinny_linear for up
+    to 16 rows; "fused": that kernel with the norms and the SwiGLU inside); `lookahead`
     (default: where the step is graphed) queues the next greedy step before reading this one's tokens
     (module docstring)."""
 
@@ -207,7 +207,7 @@ class Engine:
         self.fused: FusedDecoder | None = None
         kernels = on_gpu and _has_triton()
         fused_attention = fused_attention or ("triton" if kernels else "matmul")
-        fused_matmul = fused_matmul or ("triton" if kernels else "torch")
+        fused_matmul = fused_matmul or "torch"  # "triton" and "fused": not yet measured on a GPU
         if fused is not False:
             try:
                 self.fused = FusedDecoder.from_model(model, self.cache, on_gpu if compile is None else compile,
