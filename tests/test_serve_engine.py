@@ -592,3 +592,27 @@ def test_the_decode_kernels_split_plan_covers_the_window_within_its_workspace():
                     splits, chunk = split_plan(batch, kv_heads, keys)
                     assert chunk % BLOCK_N == 0 and (splits - 1) * chunk < keys <= splits * chunk
                     assert 1 <= splits <= most, (kv_heads, length, batch, keys)
+
+
+def test_a_default_decode_kernel_that_fails_here_falls_back_to_the_matmul_attention(backend, monkeypatch):
+    """Where the engine chose the Triton attention itself and the kernel fails (it does not compile on this
+    GPU, say), the engine warns and decodes with the matmul path, giving the simple loop's tokens; asked for
+    `fused_attention="triton"` explicitly, the failure is the caller's to see."""
+    import forgather.serve.engine as engine_module
+    import forgather.serve.fused as fused_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(engine_module, "_default_attention", lambda device: "triton")
+    monkeypatch.setattr(fused_module, "decode_attention", broken)
+    prompt, params = backend.encode(PROMPTS[0]), SamplingParams(max_tokens=6, temperature=0.0)
+    with pytest.warns(UserWarning, match="decode-attention kernel failed here .*PassManager.*fused_attention='matmul'"):
+        engine = Engine(backend.model, set(), slots=2, context_length=CONTEXT)
+    try:
+        assert engine.fused is not None and engine.fused.attention == "matmul"
+        assert run_engine(engine, [prompt], [params])[0].tokens == simple_loop(backend, prompt, params)
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="PassManager"):
+        Engine(backend.model, set(), slots=2, context_length=CONTEXT, fused_attention="triton")

@@ -167,10 +167,15 @@ def _buckets(most: int, least: int = 1) -> list[int]:
     return sizes + [most]
 
 
-def _has_triton() -> bool:
+def _default_attention(device: torch.device) -> str:
+    """The fused decoder's attention unless told: the Triton kernel on a GPU that runs it (triton installed,
+    bf16 tensor cores: compute capability 8.0 or later), else the matmul path."""
     import importlib.util
 
-    return importlib.util.find_spec("triton") is not None
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            return "triton"
+    return "matmul"
 
 
 MIN_KEYS = 256  # the shortest window of cache positions a decode step attends over
@@ -205,14 +210,24 @@ class Engine:
         self.key_buckets = _buckets(context_length + 1, MIN_KEYS)
         self.key_ranges = {keys: torch.arange(keys, device=self.device) for keys in self.key_buckets}
         self.fused: FusedDecoder | None = None
-        kernels = on_gpu and _has_triton()
-        fused_attention = fused_attention or ("triton" if kernels else "matmul")
+        chosen = fused_attention
+        fused_attention = fused_attention or _default_attention(self.device)
         fused_matmul = fused_matmul or "torch"  # "triton" and "fused": not yet measured on a GPU
         if fused is not False:
+            compile_fused = on_gpu if compile is None else compile
             try:
-                self.fused = FusedDecoder.from_model(model, self.cache, on_gpu if compile is None else compile,
-                                                     fused_attention, fused_matmul)
-                self._check_fused()
+                try:
+                    self.fused = FusedDecoder.from_model(model, self.cache, compile_fused, fused_attention, fused_matmul)
+                    self._check_fused()
+                except UnsupportedModel:
+                    raise
+                except Exception as error:  # the default kernel does not build or run here: the matmul path does
+                    if chosen is not None or fused_attention == "matmul":
+                        raise
+                    warnings.warn(f"the decode-attention kernel failed here ({type(error).__name__}: {error}); "
+                                  "decoding with fused_attention='matmul'", stacklevel=2)
+                    self.fused = FusedDecoder.from_model(model, self.cache, compile_fused, "matmul", fused_matmul)
+                    self._check_fused()
             except UnsupportedModel as error:
                 if fused:
                     raise
