@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,11 +27,17 @@ from forgather.serve.decode_attention import (  # noqa: E402
 SHAPES = {  # hidden, heads, kv_heads, head_dim, intermediate
     "1b": (2048, 32, 8, 64, 8192),
     "7b": (4096, 32, 32, 128, 11008),
+    "tiny": (64, 4, 2, 16, 128),  # a CPU rehearsal: TRITON_INTERPRET=1 ... --device cpu --shapes tiny
 }
 
 
 def graph_time_us(fn, calls: int = 100) -> float:
-    """Microseconds per call of `fn`, replayed as one CUDA graph of `calls` calls (no launch gaps from Python)."""
+    """Microseconds per call of `fn`, replayed as one CUDA graph of `calls` calls (no launch gaps from Python);
+    on a CPU (a rehearsal under the Triton interpreter) the wall time of one call."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -62,10 +69,12 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["1b"], choices=sorted(SHAPES))
     parser.add_argument("--fusions", action="store_true", help="also the norm and SwiGLU fusions (compiles more)")
     parser.add_argument("--windows", type=int, nargs="+", default=[256])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
-    dtype, device, rows_out = torch.bfloat16, "cuda", []
+    device = args.device
+    dtype, rows_out = torch.bfloat16 if device == "cuda" else torch.float32, []
 
     def row(name: str, baseline_us: float, mine_us: float, error: float, nbytes: int | None = None) -> None:
         r = dict(name=name, baseline_us=baseline_us, triton_us=mine_us, speedup=baseline_us / mine_us,
@@ -110,7 +119,7 @@ def main() -> None:
                     graph_time_us(lambda: launch_skinny(gate_up, weight, None, gated=True)), error,
                     weight.numel() * 2)
         for keys in args.windows:
-            length = 4096
+            length = max(4096, keys) if device == "cuda" else keys + 8
             cache = torch.randn(2, args.rows, kv_heads, length + 1, head_dim, device=device, dtype=dtype)
             qkv = torch.randn(args.rows, heads + 2 * kv_heads, head_dim, device=device, dtype=dtype)
             q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
@@ -124,7 +133,8 @@ def main() -> None:
             row(f"{shape} attention, window {keys}",
                 graph_time_us(lambda: compiled(q, k, v, cos, sin, positions, cache, keys)),
                 graph_time_us(lambda: launch(q, k, v, cos, sin, positions, cache, keys, partial, counter)), error)
-    print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.rows} row(s), bf16\n")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (rehearsal)"
+    print(f"\n# {name}, torch {torch.__version__}, {args.rows} row(s), {dtype}\n")
     print("| piece | cuBLAS / torch us | Triton us | speedup | TB/s (torch -> Triton) | rel. error |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows_out:

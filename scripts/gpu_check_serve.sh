@@ -1,24 +1,40 @@
 #!/usr/bin/env bash
-# Issue 16's serving checks on one GPU, in one device call (~7 minutes on an H200): installs forgather without
-# touching the image's torch (plus the pure-Python packages the image lacks, carried in .whl/), runs
-# tests/gpu/test_serve_gpu.py (the decode kernels against their torch semantics; the fused decoder compiled and
-# graphed, with lookahead, gives the simple loop's tokens), then scripts/bench_serve.py: both model kinds at
-# batch 1, the HTTP server at 1, 8 and 32 streams driven from client processes of 4 streams, the 7B shape, the
-# step's kernels (--profile), then variants of the HF one (the matmul attention, our Triton products, those
-# with the norms and SwiGLU inside). Results:
-# $OUT/serve.txt, serve.json, pytest_serve.txt.
-#     bash scripts/gpu_check_serve.sh [more bench_serve.py args]
+# Issue 16's serving checks on one GPU, each part one device call (~5 minutes on an H200): installs forgather
+# without touching the image's torch (plus the pure-Python packages the image lacks, carried in .whl/), then
+#   part kernels   tests/gpu/test_serve_gpu.py (the decode kernels against their torch semantics; the fused
+#                  decoder compiled and graphed, with lookahead, gives the simple loop's tokens), then
+#                  scripts/bench_decode_kernels.py: each Triton kernel against what it replaces, 1.24B and 7B.
+#   part bench     scripts/bench_serve.py: both model kinds at batch 1, the HTTP server at 1, 8 and 32 streams
+#                  driven from client processes of 4 streams, the 7B shape, the step's kernels (--profile), then
+#                  variants of the HF one (the matmul attention, our Triton products, those with the norms
+#                  and SwiGLU inside).
+# Results: $OUT/pytest_serve.txt, kernels.txt, kernels.json (kernels); serve.txt, serve.json (bench).
+#     bash scripts/gpu_check_serve.sh [kernels|bench] [more bench_serve.py args]
 set -u
 cd "$(dirname "$0")/.."
+PART=${1:-bench}
+shift || true
 OUT=${OUT:-/tmp/gpu_check_serve}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=python3
 source scripts/gpu_setup.sh .whl
-timeout 220 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs -k "decode_kernel or skinny or graphed or compiled" 2>&1 \
-    | tee "$OUT/pytest_serve.txt" | tail -n 3
-timeout 420 $PY scripts/bench_serve.py --skip-hf --variants matmul skinny fused --profile --json "$OUT/serve.json" "$@" 2>&1 \
-    | grep -v "Loading\|Writing" > "$OUT/serve.txt"
-echo "==================== summary ===================="
-tail -n 1 "$OUT/pytest_serve.txt"
-grep '"name"' "$OUT/serve.txt" | cut -c1-300
+case $PART in
+kernels)
+    timeout 200 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
+        -k "decode_kernel or skinny or graphed or compiled" 2>&1 | tee "$OUT/pytest_serve.txt" | tail -n 3
+    timeout 90 $PY scripts/bench_decode_kernels.py --shapes 1b 7b --windows 256 1024 --fusions \
+        --json "$OUT/kernels.json" 2>&1 | grep --line-buffered -v Warning > "$OUT/kernels.txt"
+    echo "==================== summary ===================="
+    tail -n 1 "$OUT/pytest_serve.txt"
+    sed -n '/^| piece/,$p' "$OUT/kernels.txt"
+    ;;
+bench)
+    timeout 420 $PY scripts/bench_serve.py --skip-hf --variants matmul skinny fused --profile --json "$OUT/serve.json" \
+        "$@" 2>&1 | grep --line-buffered -v "Loading\|Writing" > "$OUT/serve.txt"
+    echo "==================== summary ===================="
+    grep '"name"' "$OUT/serve.txt" | cut -c1-300
+    ;;
+*)
+    echo "unknown part '$PART': kernels or bench"; exit 2 ;;
+esac
