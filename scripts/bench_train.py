@@ -375,7 +375,10 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
         shape=args.shape, model=model, trainer=trainer, loss="chunked" if cpu else args.loss, seq=shape["seq"],
         batch=shape["batch"], trainer_block=trainer_block,
     ))
-    optimizer = args.optimizer or SHAPES[args.shape]["optimizer"]
+    # A variant's own `optimizer=...` picks its optimizer (and leaves out the fused flag of torch's AdamW).
+    chosen = [override.split("=", 1)[1] for override in overrides if override.startswith("optimizer=")]
+    overrides = [override for override in overrides if not override.startswith("optimizer=")]
+    optimizer = chosen[-1] if chosen else args.optimizer or SHAPES[args.shape]["optimizer"]
     if cpu and optimizer == "adafactor_triton":
         optimizer = "adafactor"  # the same algorithm without Triton
     sizes = [f"hidden_size={shape['hidden']}", f"num_layers={shape['layers']}", f"num_heads={shape['heads']}",

@@ -5,6 +5,7 @@ only has the GPU left to find out."""
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -220,3 +221,18 @@ def test_mark_measured_has_the_loggers_write_before_the_marker_appears(tmp_path)
     assert order == [("save", False), ("save", False)] and marker.exists()
     callback.on_train_batch_end(trainer, None, None, None, 0)
     assert len(order) == 2  # once
+
+
+def test_a_variant_with_its_own_optimizer_drops_the_fused_adamw_flag(tmp_path):
+    """`--variant sr optimizer=adamw_sr`: that run's config has our AdamW, without torch's `fused` argument
+    (which it does not take), while the plain run keeps torch's fused AdamW."""
+    args = bench_train.parse_args(["--shape", "1b"])
+    configs = {}
+    for name, overrides in (("forgather", []), ("sr", ["optimizer=adamw_sr"])):
+        command = bench_train.forgather_command(args, bench_train.SHAPES["1b"], tmp_path / name, name, overrides)
+        assert sum(part.startswith("optimizer=") for part in command) == 1
+        configs[name] = subprocess.run([*command, "--cfg", "job"], capture_output=True, text=True, check=True).stdout
+    optimizers = {name: re.search(r"^optimizer:\n((?:  .*\n)+)", config, re.M).group(1)
+                  for name, config in configs.items()}
+    assert "torch.optim:AdamW" in optimizers["forgather"] and "fused: true" in optimizers["forgather"]
+    assert "forgather.optim:AdamW" in optimizers["sr"] and "fused" not in optimizers["sr"]
