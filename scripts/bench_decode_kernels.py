@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from forgather.models.norm import rms_norm  # noqa: E402
 from forgather.serve.decode_attention import (  # noqa: E402
-    launch, launch_skinny, reference, workspace)
+    launch, launch_skinny, reference, residual_add, workspace)
 
 SHAPES = {  # hidden, heads, kv_heads, head_dim, intermediate
     "1b": (2048, 32, 8, 64, 8192),
@@ -99,8 +99,7 @@ def main() -> None:
                 graph_time_us(lambda: launch_skinny(a, weight, None)), error, weight.numel() * 2)
             if args.fusions and name in ("qkv", "gate_up"):
                 def torch_path():
-                    total = (x.float() + delta.float()).to(dtype)
-                    return F.linear(rms_norm(total, norm_weight, 1e-5), weight)
+                    return F.linear(rms_norm(residual_add(x, delta), norm_weight, 1e-5), weight)
 
                 error = relative(launch_skinny(x, weight, None, delta=delta, norm_weight=norm_weight, eps=1e-5)[0],
                                  torch_path())

@@ -320,7 +320,16 @@ def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: lis
         server.wait(timeout=60)
 
 
-VARIANTS = ("matmul", "sdpa", "reduce", "skinny", "fused", "serial", "modules")
+# --variants: name -> (the row's name after "engine hf-llama, ", Engine options), run in this order.
+VARIANTS = {
+    "matmul": ("matmul attention", dict(fused_attention="matmul")),
+    "sdpa": ("sdpa attention", dict(fused_attention="sdpa")),
+    "reduce": ("reduce attention", dict(fused_attention="reduce")),
+    "fused": ("norm and SwiGLU in the products", dict(fused_matmul="fused")),
+    "skinny": ("Triton products", dict(fused_matmul="triton")),
+    "serial": ("no lookahead", dict(lookahead=False)),
+    "modules": ("the model's modules", dict(compile=False, fused=False)),
+}
 
 
 def main() -> None:
@@ -338,8 +347,8 @@ def main() -> None:
     parser.add_argument("--skip-forgather", action="store_true", help="no converted Forgather directory's row")
     parser.add_argument("--hf-compile", action="store_true", help="also generate() with a static cache (compiles)")
     parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=[],
-                        help="also these (all of them if none is named): the fused decoder's other attentions, "
-                             "the engine without lookahead, the model's own modules")
+                        help="also these (all of them if none is named): the fused decoder's other attentions and "
+                             "products, the engine without lookahead, the model's own modules")
     parser.add_argument("--profile", action="store_true", help="time graph replays; list the step's kernels")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -381,21 +390,10 @@ def main() -> None:
                              args.bandwidth / weight_bytes(big), None, slots=4, compile=False, fused=False)
             del big
         # Then the variants, each beside the first row (those that compile take a minute each).
-        for attention in ("matmul", "sdpa", "reduce"):
-            if attention in args.variants:
-                bench_engine(f"engine hf-llama, {attention} attention", model, prompt, args.tokens, floor, None,
-                             fused_attention=attention, profile=args.profile)
-        if "fused" in args.variants:
-            bench_engine("engine hf-llama, norm and SwiGLU in the products", model, prompt, args.tokens, floor, None,
-                         fused_matmul="fused", profile=args.profile)
-        if "skinny" in args.variants:
-            bench_engine("engine hf-llama, Triton products", model, prompt, args.tokens, floor, None,
-                         fused_matmul="triton", profile=args.profile)
-        if "serial" in args.variants:
-            bench_engine("engine hf-llama, no lookahead", model, prompt, args.tokens, floor, None, lookahead=False)
-        if "modules" in args.variants:
-            bench_engine("engine hf-llama, the model's modules", model, prompt, args.tokens, floor, None,
-                         compile=False, fused=False)
+        for variant, (label, options) in VARIANTS.items():
+            if variant in args.variants:
+                bench_engine(f"engine hf-llama, {label}", model, prompt, args.tokens, floor, None,
+                             profile=args.profile and variant not in ("serial", "modules"), **options)
         # Last, the runs that compile (minutes, and their failures vary by version): the rows above are out.
         if args.hf_compile:
             try:

@@ -205,9 +205,8 @@ def test_the_compiled_layer_keeps_its_residual_adds_out_of_the_products():
     cache = torch.zeros(2, 2, kv_heads, 33, head_dim, dtype=torch.bfloat16)
     x, positions = weight(1, hidden), torch.tensor([5])
     layer = torch.compile(decode_layer, fullgraph=True, dynamic=True)
-    _, code = run_and_get_code(layer, x, torch.zeros_like(x), weight(1, 1, head_dim), weight(1, 1, head_dim),
-                               torch.arange(1), positions, torch.arange(32)[None] <= positions[:, None], cache,
-                               weights, heads, kv_heads, 1e-5, 1e-5)
+    _, code = run_and_get_code(layer, x, torch.zeros_like(x), weight(1, head_dim), weight(1, head_dim), positions,
+                               torch.arange(32)[None] <= positions[:, None], cache, weights, heads, kv_heads, 1e-5, 1e-5)
     assert "extern_kernels.mm(" in code[0] and "addmm" not in code[0]
 
 

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from forgather.models.norm import rms_norm
 from forgather.models.rope import rotate_half
 
 __all__ = ["decode_attention", "reference", "workspace", "split_plan"]
@@ -38,20 +39,36 @@ TARGET_PROGRAMS = 264  # about two programs per SM on an H100/H200 (132 SMs)
 MIN_CHUNK = 64  # fewest keys a split reads (measured on the H200 with 64; 32, one block a split, is untried)
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              positions: torch.Tensor, cache: torch.Tensor, keys: int) -> torch.Tensor:
-    """The op's semantics in torch: rotary in the activations' dtype, one scatter of the keys and values,
-    grouped-query attention as two batched products with a float32 softmax between them."""
+def residual_add(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """x + delta in float32, rounded once to x's dtype: what a bf16 add computes, written so that inductor
+    does not fold it into the product that made `delta` (fused.py's module docstring)."""
+    return (x.float() + delta.float()).to(x.dtype)
+
+
+def rotate_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     positions: torch.Tensor, cache: torch.Tensor, keys: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotary on q and k in the activations' dtype (cos, sin [B, D]), one scatter of the rows' keys and values
+    into `cache`; the grouped queries [B, kv_heads, group, D] and the window's cached keys and values [B,
+    kv_heads, keys, D]: every torch attention of the fused decoder starts here."""
     batch, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     cos, sin = cos[:, None, :], sin[:, None, :]
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     rows = torch.arange(batch, device=q.device)
     cache[:, rows, :, positions] = torch.stack((k, v), dim=1)  # [B, 2, kv_heads, D]
-    cached_keys, cached_values = cache[0, :batch, :, :keys], cache[1, :batch, :, :keys]
-    visible = torch.arange(keys, device=q.device)[None, :] <= positions[:, None]
     # Query head i reads kv head i // group: the group's query heads are the "queries" of their kv head.
     grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    return grouped, cache[0, :batch, :, :keys], cache[1, :batch, :, :keys]
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              positions: torch.Tensor, cache: torch.Tensor, keys: int) -> torch.Tensor:
+    """The op's semantics in torch: rotate_and_write, then grouped-query attention as two batched products
+    with a float32 softmax between them."""
+    batch, heads, head_dim = q.shape
+    grouped, cached_keys, cached_values = rotate_and_write(q, k, v, cos, sin, positions, cache, keys)
+    visible = torch.arange(keys, device=q.device)[None, :] <= positions[:, None]
     scores = torch.matmul(grouped, cached_keys.transpose(-1, -2)).float() * head_dim ** -0.5
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     attended = torch.matmul(scores.softmax(dim=-1).to(v.dtype), cached_values)  # [B, kv_heads, group, D]
@@ -91,6 +108,11 @@ def _(q, k, v, cos, sin, positions, cache, keys, partial, counter):
     return q.new_empty(q.shape)
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: float32 products stay float32 (no TF32); bf16 ignores it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _interpret() -> bool:
     import os
 
@@ -126,7 +148,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), out.stride(0), out.stride(1),
         keys, chunk, head_dim ** -0.5,
         KV_HEADS=kv_heads, GROUP=group, GP=GROUP_PAD, D=head_dim, BLOCK_N=BLOCK_N, MAX_SPLITS=most,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 products stay float32
+        PRECISION=_precision(q.dtype),
         num_warps=NUM_WARPS,
     )
     return out
@@ -159,6 +181,8 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Run the skinny product's kernel (autotuned, or with `config`: BLOCK_N, BLOCK_K, num_warps, num_stages)
     on x @ weight.T + bias; with `delta` and `norm_weight`, on rms_norm(x + delta) and also return x + delta;
     `gated`: on silu(x[:, :K]) * x[:, K:]."""
+    import triton
+
     from . import decode_kernels as kernels
 
     rows = x.shape[0]
@@ -169,12 +193,12 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     args = (x, weight, bias if bias is not None else weight, y, rows, outputs, inner, x.stride(0), weight.stride(0),
             y.stride(0), delta if norm else x, norm_weight if norm else weight, x_out, eps)
     constants = dict(HAS_BIAS=bias is not None, M_PAD=SKINNY_ROWS, NORM=norm, GATED=gated,
-                     PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                     PRECISION=_precision(x.dtype))
     if config is None and _interpret():
         config = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
     if config is not None:
         block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
-        kernels.skinny_matmul_kernel[(triton_cdiv(outputs, block_n),)](
+        kernels.skinny_matmul_kernel[(triton.cdiv(outputs, block_n),)](
             *args, **constants, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=outputs % block_n == 0 and inner % block_k == 0,
             num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     else:
@@ -193,9 +217,7 @@ def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.
     """(F.linear(rms_norm(s, norm_weight, eps), weight, bias), s) for s = residual_add(x, delta): the fused
     decoder's norm before a product, in the product's kernel (skinny_linear's, for up to SKINNY_ROWS rows)."""
     if not _skinny(x, weight):
-        from forgather.models.norm import rms_norm
-
-        total = (x.float() + delta.float()).to(x.dtype)
+        total = residual_add(x, delta)
         return torch.nn.functional.linear(rms_norm(total, norm_weight, eps), weight, bias), total
     return launch_skinny(x.contiguous(), weight, bias, delta=delta.contiguous(), norm_weight=norm_weight, eps=eps)
 
@@ -218,7 +240,3 @@ def skinny_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch
 @skinny_gated_linear.register_fake
 def _(gate_up, weight, bias=None):
     return gate_up.new_empty((gate_up.shape[0], weight.shape[0]))
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -1,12 +1,16 @@
-"""Triton kernel for the fused decoder's attention="triton" (decode_attention.py holds the op and its math).
+"""Triton kernels of the fused decoder's decode step (decode_attention.py holds their ops and torch semantics).
 
-One program per (row, kv head, split of the window): it rotates the group's queries and the new key, split 0
+`decode_attention_kernel` (attention="triton"): one program per (row, kv head, split of the window): it rotates the group's queries and the new key, split 0
 writes the new key and value at the row's position, and the program attends over its split's cached keys
 (positions below the row's own) with an online softmax, adding the new token from registers in the split
 that holds its position; no program reads a position another one writes, so there is no race. With one
 split the program writes the output; with more, each writes its (max, sum, weighted values) and the last of
 a row's programs to finish (an atomic counter per (row, kv head), reset by that program) combines them:
 flash-decoding's split-K without a second launch.
+
+`skinny_matmul_kernel` (matmul="triton" / "fused"): a product of up to 16 rows that streams each weight row
+once, optionally with the residual add and norm before it or a SwiGLU's activation on its input;
+`skinny_matmul` is it autotuned per weight shape.
 
 Imported only where a GPU runs the kernel (or TRITON_INTERPRET=1 runs it on CPU tensors).
 """
@@ -16,10 +20,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _rotate(x, partner, cos, sin, sign):
     """Rotate-half rotary in float32 of x (its partner lane loaded alongside): x cos + rotate_half(x) sin."""
     return x * cos + sign * partner * sin
+
+
+@triton.jit
+def _residual(X, DELTA, at, inside, dtype):
+    """X + DELTA at `at` in float32, rounded to `dtype` (the fused decoder's residual_add)."""
+    return (tl.load(X + at, mask=inside, other=0.0).to(tl.float32)
+            + tl.load(DELTA + at, mask=inside, other=0.0).to(tl.float32)).to(dtype)
 
 
 @triton.jit
@@ -143,8 +155,7 @@ def skinny_matmul_kernel(
             k = k0 + tl.arange(0, BLOCK_K)
             at = m[:, None] * stride_xm + k[None, :]
             inside = rows & (k[None, :] < K)
-            x = (tl.load(X + at, mask=inside, other=0.0).to(tl.float32)
-                 + tl.load(DELTA + at, mask=inside, other=0.0).to(tl.float32)).to(dtype)
+            x = _residual(X, DELTA, at, inside, dtype)
             if pid == 0:
                 tl.store(X_OUT + at, x, mask=inside)
             x = x.to(tl.float32)
@@ -160,8 +171,7 @@ def skinny_matmul_kernel(
         at = m[:, None] * stride_xm + k[None, :]
         inside = rows & (k[None, :] < K)
         if NORM:
-            x = (tl.load(X + at, mask=inside, other=0.0).to(tl.float32)
-                 + tl.load(DELTA + at, mask=inside, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            x = _residual(X, DELTA, at, inside, dtype).to(tl.float32)
             normed = (x * inverse_rms[:, None]).to(dtype).to(tl.float32)
             x = (normed * tl.load(NORM_WEIGHT + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(dtype)
         elif GATED:

@@ -47,6 +47,7 @@ does not apply).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -210,24 +211,20 @@ class Engine:
         self.key_buckets = _buckets(context_length + 1, MIN_KEYS)
         self.key_ranges = {keys: torch.arange(keys, device=self.device) for keys in self.key_buckets}
         self.fused: FusedDecoder | None = None
-        chosen = fused_attention
+        fallback = fused_attention is None  # the engine's own choice may fall back; the caller's may not
         fused_attention = fused_attention or _default_attention(self.device)
         fused_matmul = fused_matmul or "torch"  # "triton" and "fused": not yet measured on a GPU
         if fused is not False:
-            compile_fused = on_gpu if compile is None else compile
+            fuse = functools.partial(self._fuse, model, on_gpu if compile is None else compile, matmul=fused_matmul)
             try:
                 try:
-                    self.fused = FusedDecoder.from_model(model, self.cache, compile_fused, fused_attention, fused_matmul)
-                    self._check_fused()
-                except UnsupportedModel:
-                    raise
+                    fuse(fused_attention)
                 except Exception as error:  # the default kernel does not build or run here: the matmul path does
-                    if chosen is not None or fused_attention == "matmul":
+                    if isinstance(error, UnsupportedModel) or not fallback or fused_attention == "matmul":
                         raise
                     warnings.warn(f"the decode-attention kernel failed here ({type(error).__name__}: {error}); "
                                   "decoding with fused_attention='matmul'", stacklevel=2)
-                    self.fused = FusedDecoder.from_model(model, self.cache, compile_fused, "matmul", fused_matmul)
-                    self._check_fused()
+                    fuse("matmul")
             except UnsupportedModel as error:
                 if fused:
                     raise
@@ -339,6 +336,11 @@ class Engine:
             return self.fused(ids, positions, self.key_ranges[keys])
         logits = self.forward(ids[:, None], positions[:, None], slice(0, size), keys)
         return logits, logits.argmax(dim=-1)
+
+    def _fuse(self, model: Any, compile: bool, attention: str, matmul: str) -> None:
+        """self.fused: the model's FusedDecoder, checked against its modules (UnsupportedModel otherwise)."""
+        self.fused = FusedDecoder.from_model(model, self.cache, compile, attention, matmul)
+        self._check_fused()
 
     def _check_fused(self) -> None:
         """UnsupportedModel unless the fused decoder computes what the model's modules compute: one step of

@@ -47,10 +47,9 @@ from torch import nn
 
 from forgather.models.kv_cache import SlotKVCache
 from forgather.models.norm import rms_norm
-from forgather.models.rope import rotate_half
 
-from .decode_attention import (decode_attention, reference, skinny_gated_linear, skinny_linear, skinny_norm_linear,
-                               workspace)
+from .decode_attention import (decode_attention, reference, residual_add, rotate_and_write, skinny_gated_linear,
+                               skinny_linear, skinny_norm_linear, workspace)
 
 __all__ = ["FusedDecoder", "UnsupportedModel"]
 
@@ -134,26 +133,14 @@ def _bias(module: nn.Linear) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, D] by cos/sin [B, 1, D] in the rotate-half layout (one token a row: no time axis, which
-    forgather.models.rope.apply_rotary expects)."""
-    return x * cos + rotate_half(x) * sin
-
-
-def residual_add(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """x + delta in float32, rounded once to x's dtype: what a bf16 add computes, written so that inductor
-    does not fold it into the product that made `delta` (module docstring)."""
-    return (x.float() + delta.float()).to(x.dtype)
-
-
-def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
-                 positions: torch.Tensor, visible: torch.Tensor, cache: torch.Tensor, w: LayerWeights,
+def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 visible: torch.Tensor, cache: torch.Tensor, w: LayerWeights,
                  heads: int, kv_heads: int, eps: float, qk_eps: float, attention: str = "matmul",
                  workspace: tuple[torch.Tensor, ...] = (), matmul: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-LN layer for one token a row, its input the residual stream x + delta ([B, hidden] each: the
-    previous layer's output left unadded) -> the same pair for its own output. Writes the rows' keys and
-    values, in one scatter, at [:, rows, :, positions] of the layer's cache pair [2, slots, kv_heads,
-    length + 1, D] (SlotKVCache.pairs), and attends over the first `visible.shape[1]` positions (visible
+    previous layer's output left unadded; cos and sin [B, D]) -> the same pair for its own output. Writes row
+    b's key and value at [:, b, :, positions[b]] of the layer's cache pair [2, slots, kv_heads, length + 1, D]
+    (SlotKVCache.pairs), and attends over the first `visible.shape[1]` positions (visible
     [B, keys]: True where a row may look). `attention`: "matmul" (two batched products and a softmax between
     them: decode_attention.reference), "triton" (rotary, cache write and attention in one kernel launch on a
     GPU, given the decoder's `workspace`; the matmul path's arithmetic on a CPU: decode_attention.py), "sdpa"
@@ -177,14 +164,11 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
         q, k = rms_norm(q, w.q_norm, qk_eps), rms_norm(k, w.k_norm, qk_eps)
     keys = visible.shape[1]
     if attention == "triton":
-        attended = decode_attention(q, k, v, cos[:, 0], sin[:, 0], positions, cache, keys, *workspace)
+        attended = decode_attention(q, k, v, cos, sin, positions, cache, keys, *workspace)
     elif attention == "matmul":
-        attended = reference(q, k, v, cos[:, 0], sin[:, 0], positions, cache, keys)
+        attended = reference(q, k, v, cos, sin, positions, cache, keys)
     else:
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        cache[:, rows, :, positions] = torch.stack((k, v), dim=1)  # [B, 2, kv_heads, D]
-        cached_keys, cached_values = cache[0, :batch, :, :keys], cache[1, :batch, :, :keys]
-        grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # as decode_attention.reference
+        grouped, cached_keys, cached_values = rotate_and_write(q, k, v, cos, sin, positions, cache, keys)
         if attention == "sdpa":
             attended = F.scaled_dot_product_attention(grouped, cached_keys, cached_values,
                                                       attn_mask=visible[:, None, None, :])
@@ -344,10 +328,10 @@ class FusedDecoder:
 
         if len(seen) != len(self.layers) + 1:
             return float("inf")
-        x, cos, sin, rows, visible = self.prologue(ids, positions, keys)
+        x, cos, sin, visible = self.prologue(ids, positions, keys)
         errors = [relative(x, seen[0][0])]
         for index, (weights, (given, output)) in enumerate(zip(self.layers, seen)):
-            base, delta = decode_layer(given, torch.zeros_like(given), cos, sin, rows, positions, visible,
+            base, delta = decode_layer(given, torch.zeros_like(given), cos, sin, positions, visible,
                                        self.cache.pairs[index], weights, self.heads, self.kv_heads, self.eps,
                                        self.qk_eps, self.attention, self.workspace, self.matmul)
             mine = base.float() + delta.float()
@@ -359,12 +343,11 @@ class FusedDecoder:
     # --- the step -----------------------------------------------------------------------------------------
 
     def prologue(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor):
-        """The embedded tokens [B, hidden], cos/sin [B, 1, D], row indices and the window's mask [B, keys]
-        (`keys` is an arange over the window)."""
+        """The embedded tokens [B, hidden], cos/sin [B, D] and the window's mask [B, keys] (`keys` is an arange
+        over the window)."""
         cos, sin = self.rope(positions)
-        cos, sin = cos.reshape(ids.shape[0], 1, -1), sin.reshape(ids.shape[0], 1, -1)
-        rows = torch.arange(ids.shape[0], device=ids.device)
-        return self.embed(ids), cos, sin, rows, keys[None, :] <= positions[:, None]
+        cos, sin = cos.reshape(ids.shape[0], -1), sin.reshape(ids.shape[0], -1)
+        return self.embed(ids), cos, sin, keys[None, :] <= positions[:, None]
 
     def epilogue(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(rms_norm(residual_add(x, delta), self.final_norm, self.eps), self.lm_head)
@@ -373,10 +356,10 @@ class FusedDecoder:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device."""
-        x, cos, sin, rows, visible = self.prologue_fn(ids, positions, keys)
+        x, cos, sin, visible = self.prologue_fn(ids, positions, keys)
         delta = torch.zeros_like(x)  # the residual stream is x + delta (decode_layer)
         for index, weights in enumerate(self.layers):
-            x, delta = self.layer_fn(x, delta, cos, sin, rows, positions, visible, self.cache.pairs[index], weights,
+            x, delta = self.layer_fn(x, delta, cos, sin, positions, visible, self.cache.pairs[index], weights,
                                      self.heads, self.kv_heads, self.eps, self.qk_eps, self.attention,
                                      self.workspace, self.matmul)
         return self.epilogue_fn(x, delta)

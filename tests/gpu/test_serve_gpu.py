@@ -210,14 +210,13 @@ def test_the_skinny_product_is_f_linear(dtype, outputs, inner):
     torch.manual_seed(0)
     weight = (torch.randn(outputs, inner, device="cuda") * inner ** -0.5).to(dtype)
     bias = torch.randn(outputs, device="cuda").to(dtype)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     for rows in (1, 2, 5, 16):
         x = torch.randn(rows, inner, device="cuda").to(dtype)
         for b in (None, bias):
             expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
-            tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
             for config in SKINNY_CONFIGS:
                 torch.testing.assert_close(launch_skinny(x, weight, b, config).double(), expected, **tolerance)
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
