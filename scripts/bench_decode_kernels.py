@@ -1,6 +1,6 @@
 """The serving decoder's Triton kernels against what they replace, one batch-1 decode layer's pieces at a time
 (GPU): each product of the 1.24B and 7B layers through cuBLAS (F.linear) and through skinny_linear (autotuned),
-with `--fusions` the norm + product and SwiGLU + product fusions against their eager torch paths, and the
+with `--fusions` the norm + product (+ SwiGLU after gate/up) fusions against their eager torch paths, and the
 decode-attention kernel against the matmul path (decode_attention.reference, compiled as the decoder runs it). Each is checked against its baseline, then timed as a
 CUDA graph of 100 calls; prints a table of microseconds per call, the ratio, and the weights' bandwidth.
 
@@ -98,25 +98,21 @@ def main() -> None:
             row(f"{shape} {name} product", graph_time_us(lambda: F.linear(a, weight)),
                 graph_time_us(lambda: launch_skinny(a, weight, None)), error, weight.numel() * 2)
             if args.fusions and name in ("qkv", "gate_up"):
+                gated = name == "gate_up"
+
                 def torch_path():
-                    return F.linear(rms_norm(residual_add(x, delta), norm_weight, 1e-5), weight)
+                    y = F.linear(rms_norm(residual_add(x, delta), norm_weight, 1e-5), weight)
+                    if not gated:
+                        return y
+                    gate, up = y.chunk(2, dim=-1)
+                    return F.silu(gate) * up
 
-                error = relative(launch_skinny(x, weight, None, delta=delta, norm_weight=norm_weight, eps=1e-5)[0],
-                                 torch_path())
-                row(f"{shape} add + norm + {name}", graph_time_us(torch_path),
-                    graph_time_us(lambda: launch_skinny(x, weight, None, delta=delta, norm_weight=norm_weight,
-                                                        eps=1e-5)), error, weight.numel() * 2)
-            if args.fusions and name == "down":
-                gate_up = torch.randn(args.rows, 2 * inner, device=device, dtype=dtype)
+                def fused():
+                    return launch_skinny(x, weight, None, delta=delta, norm_weight=norm_weight, eps=1e-5, gated=gated)
 
-                def gated_torch():
-                    gate, up = gate_up.chunk(2, dim=-1)
-                    return F.linear(F.silu(gate) * up, weight)
-
-                error = relative(launch_skinny(gate_up, weight, None, gated=True), gated_torch())
-                row(f"{shape} SwiGLU + down", graph_time_us(gated_torch),
-                    graph_time_us(lambda: launch_skinny(gate_up, weight, None, gated=True)), error,
-                    weight.numel() * 2)
+                error = relative(fused()[0], torch_path())
+                row(f"{shape} add + norm + {name}" + (" + SwiGLU" if gated else ""), graph_time_us(torch_path),
+                    graph_time_us(fused), error, weight.numel() * 2)
         for keys in args.windows:
             length = max(4096, keys) if device == "cuda" else keys + 8
             cache = torch.randn(2, args.rows, kv_heads, length + 1, head_dim, device=device, dtype=dtype)

@@ -1,40 +1,50 @@
 #!/usr/bin/env bash
-# Issue 16's serving checks on one GPU, each part one device call (~5 minutes on an H200): installs forgather
-# without touching the image's torch (plus the pure-Python packages the image lacks, carried in .whl/), then
-#   part kernels   tests/gpu/test_serve_gpu.py (the decode kernels against their torch semantics; the fused
-#                  decoder compiled and graphed, with lookahead, gives the simple loop's tokens), then
-#                  scripts/bench_decode_kernels.py: each Triton kernel against what it replaces, 1.24B and 7B.
+# Issue 16's serving checks on one GPU (each part ~5 minutes on an H200; parts joined by commas run in one
+# call): installs forgather without touching the image's torch (plus the pure-Python packages the image lacks,
+# carried in .whl/), then
+#   part kernels   the decode kernels' GPU tests (tests/gpu/test_serve_gpu.py: each kernel against its torch
+#                  semantics, seconds each), then scripts/bench_decode_kernels.py: each Triton kernel against
+#                  what it replaces, 1.24B and 7B.
+#   part engine    the engine's GPU tests (the fused decoder compiled and graphed, with lookahead, gives the
+#                  simple loop's tokens; the kernels in bf16 give the modules' logits): minutes of compiling.
 #   part bench     scripts/bench_serve.py: both model kinds at batch 1, the HTTP server at 1, 8 and 32 streams
 #                  driven from client processes of 4 streams, the 7B shape, the step's kernels (--profile), then
 #                  variants of the HF one (the matmul attention, our Triton products, those with the norms
 #                  and SwiGLU inside).
-# Results: $OUT/pytest_serve.txt, kernels.txt, kernels.json (kernels); serve.txt, serve.json (bench).
-#     bash scripts/gpu_check_serve.sh [kernels|bench] [more bench_serve.py args]
+# Results: $OUT/pytest_kernels.txt, kernels.txt, kernels.json (kernels); pytest_engine.txt (engine);
+# serve.txt, serve.json (bench).
+#     bash scripts/gpu_check_serve.sh [kernels|engine|bench][,...] [more bench_serve.py args]
 set -u
 cd "$(dirname "$0")/.."
-PART=${1:-bench}
+PARTS=${1:-bench}
 shift || true
 OUT=${OUT:-/tmp/gpu_check_serve}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=python3
 source scripts/gpu_setup.sh .whl
+for PART in ${PARTS//,/ }; do
 case $PART in
 kernels)
-    timeout 200 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
-        -k "decode_kernel or skinny or graphed or compiled" 2>&1 | tee "$OUT/pytest_serve.txt" | tail -n 3
-    timeout 90 $PY scripts/bench_decode_kernels.py --shapes 1b 7b --windows 256 1024 --fusions \
+    timeout 240 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
+        -k "decode_kernel_computes or skinny" 2>&1 | tee "$OUT/pytest_kernels.txt" | tail -n 3
+    timeout 200 $PY scripts/bench_decode_kernels.py --shapes 1b 7b --windows 256 1024 --fusions \
         --json "$OUT/kernels.json" 2>&1 | grep --line-buffered -v Warning > "$OUT/kernels.txt"
-    echo "==================== summary ===================="
-    tail -n 1 "$OUT/pytest_serve.txt"
+    echo "==================== kernels ===================="
+    tail -n 1 "$OUT/pytest_kernels.txt"
     sed -n '/^| piece/,$p' "$OUT/kernels.txt"
+    ;;
+engine)
+    timeout 540 $PY -m pytest tests/gpu/test_serve_gpu.py -v -p no:cacheprovider -rs --durations=0 \
+        -k "graphed or compiled or bf16" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -n 12
     ;;
 bench)
     timeout 420 $PY scripts/bench_serve.py --skip-hf --variants matmul skinny fused --profile --json "$OUT/serve.json" \
         "$@" 2>&1 | grep --line-buffered -v "Loading\|Writing" > "$OUT/serve.txt"
-    echo "==================== summary ===================="
+    echo "==================== bench ===================="
     grep '"name"' "$OUT/serve.txt" | cut -c1-300
     ;;
 *)
-    echo "unknown part '$PART': kernels or bench"; exit 2 ;;
+    echo "unknown part '$PART': kernels, engine or bench"; exit 2 ;;
 esac
+done

@@ -180,13 +180,17 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   gated: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the skinny product's kernel (autotuned, or with `config`: BLOCK_N, BLOCK_K, num_warps, num_stages)
     on x @ weight.T + bias; with `delta` and `norm_weight`, on rms_norm(x + delta) and also return x + delta;
-    `gated`: on silu(x[:, :K]) * x[:, K:]."""
+    `gated`: weight holds gate rows then up rows, and the result is silu(gate) * up (half weight's rows)."""
     import triton
 
     from . import decode_kernels as kernels
 
     rows = x.shape[0]
     outputs, inner = weight.shape
+    if gated:
+        if outputs % 2:
+            raise ValueError(f"a gated product needs gate and up rows of equal count; weight has {outputs} rows")
+        outputs //= 2
     norm = delta is not None
     y = x.new_empty((rows, outputs))
     x_out = torch.empty_like(x) if norm else y
@@ -213,30 +217,23 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @torch.library.custom_op("forgather::skinny_norm_linear", mutates_args=())
 def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                       weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(rms_norm(s, norm_weight, eps), weight, bias), s) for s = residual_add(x, delta): the fused
-    decoder's norm before a product, in the product's kernel (skinny_linear's, for up to SKINNY_ROWS rows)."""
+    decoder's norm before a product, in the product's kernel (skinny_linear's, for up to SKINNY_ROWS rows).
+    `gated`: the product is a SwiGLU's [gate | up] one, and its activation silu(gate) * up is returned instead,
+    computed in the same kernel."""
     if not _skinny(x, weight):
         total = residual_add(x, delta)
-        return torch.nn.functional.linear(rms_norm(total, norm_weight, eps), weight, bias), total
-    return launch_skinny(x.contiguous(), weight, bias, delta=delta.contiguous(), norm_weight=norm_weight, eps=eps)
+        y = torch.nn.functional.linear(rms_norm(total, norm_weight, eps), weight, bias)
+        if gated:
+            gate, up = y.chunk(2, dim=-1)
+            y = torch.nn.functional.silu(gate) * up
+        return y, total
+    return launch_skinny(x.contiguous(), weight, bias, delta=delta.contiguous(), norm_weight=norm_weight, eps=eps,
+                         gated=gated)
 
 
 @skinny_norm_linear.register_fake
-def _(x, delta, norm_weight, eps, weight, bias=None):
-    return x.new_empty((x.shape[0], weight.shape[0])), torch.empty_like(x)
-
-
-@torch.library.custom_op("forgather::skinny_gated_linear", mutates_args=())
-def skinny_gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(silu(gate) * up, weight, bias) for gate_up = [gate | up] [M, 2K]: a SwiGLU's activation in
-    its down product's kernel (skinny_linear's, for up to SKINNY_ROWS rows)."""
-    if not _skinny(gate_up, weight):
-        gate, up = gate_up.chunk(2, dim=-1)
-        return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight, bias)
-    return launch_skinny(gate_up.contiguous(), weight, bias, gated=True)
-
-
-@skinny_gated_linear.register_fake
-def _(gate_up, weight, bias=None):
-    return gate_up.new_empty((gate_up.shape[0], weight.shape[0]))
+def _(x, delta, norm_weight, eps, weight, bias=None, gated=False):
+    return x.new_empty((x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])), torch.empty_like(x)

@@ -48,7 +48,7 @@ from torch import nn
 from forgather.models.kv_cache import SlotKVCache
 from forgather.models.norm import rms_norm
 
-from .decode_attention import (decode_attention, reference, residual_add, rotate_and_write, skinny_gated_linear,
+from .decode_attention import (decode_attention, reference, residual_add, rotate_and_write,
                                skinny_linear, skinny_norm_linear, workspace)
 
 __all__ = ["FusedDecoder", "UnsupportedModel"]
@@ -147,9 +147,8 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     (scaled_dot_product_attention: one fused kernel on a GPU) or "reduce" (the products as float32 sums over
     broadcast rows, which inductor fuses with the softmax into few kernels of its own). `matmul`: the four
     products by F.linear ("torch"); for up to 16 rows on a GPU, by decode_attention.skinny_linear ("triton"), or
-    by it with the residual add and norm before q/k/v and gate/up, and the SwiGLU before down, done in the
-    product's kernel ("fused": skinny_norm_linear, skinny_gated_linear); on a CPU these run their torch
-    semantics."""
+    by it with the residual add and norm before q/k/v and gate/up, and the SwiGLU after gate/up, done in the
+    product's kernel ("fused": skinny_norm_linear); on a CPU these run their torch semantics."""
     linear = F.linear if matmul == "torch" else skinny_linear
     batch = x.shape[0]
     head_dim = cos.shape[-1]
@@ -179,8 +178,8 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
             attended = (weights * cached_values[:, :, None].float()).sum(-2).to(v.dtype)
     attended = linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias)
     if matmul == "fused":
-        gate_up, x = skinny_norm_linear(x, attended, w.feedforward_norm, eps, w.gate_up, w.gate_up_bias)
-        return x, skinny_gated_linear(gate_up, w.down, w.down_bias)
+        activated, x = skinny_norm_linear(x, attended, w.feedforward_norm, eps, w.gate_up, w.gate_up_bias, gated=True)
+        return x, linear(activated, w.down, w.down_bias)
     x = residual_add(x, attended)
     gate, up = linear(rms_norm(x, w.feedforward_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
     return x, linear(F.silu(gate) * up, w.down, w.down_bias)

@@ -222,7 +222,8 @@ def test_the_skinny_product_is_f_linear(dtype, outputs, inner):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("outputs, inner", [(3072, 2048), (2048, 8192), (1000, 200)])
 def test_the_skinny_products_with_the_norm_or_the_swiglu_inside_are_their_torch_semantics(dtype, outputs, inner):
-    """skinny_norm_linear and skinny_gated_linear's kernels against their torch paths (the ops on a CPU)."""
+    """skinny_norm_linear's kernel, plain and gated (a SwiGLU's [gate | up] product and its activation), against
+    its torch path (the op on a CPU)."""
     from forgather.models.norm import rms_norm
     from forgather.serve.decode_attention import launch_skinny
 
@@ -233,13 +234,13 @@ def test_the_skinny_products_with_the_norm_or_the_swiglu_inside_are_their_torch_
     for rows in (1, 3, 16):
         x, delta = (torch.randn(rows, inner, device="cuda").to(dtype) for _ in range(2))
         total = (x.float() + delta.float()).to(dtype)
-        gate_up = torch.randn(rows, 2 * inner, device="cuda").to(dtype)
-        gate, up = gate_up.chunk(2, dim=-1)
         for config in SKINNY_CONFIGS:
             y, x_out = launch_skinny(x, weight, None, config, delta=delta, norm_weight=norm_weight, eps=1e-5)
             assert torch.equal(x_out, total)
-            torch.testing.assert_close(
-                y.float(), torch.nn.functional.linear(rms_norm(total, norm_weight, 1e-5), weight).float(), **tolerance)
-            expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight)
-            torch.testing.assert_close(launch_skinny(gate_up, weight, None, config, gated=True).float(),
-                                       expected.float(), **tolerance)
+            normed = rms_norm(total, norm_weight, 1e-5)
+            torch.testing.assert_close(y.float(), torch.nn.functional.linear(normed, weight).float(), **tolerance)
+            gate, up = torch.nn.functional.linear(normed, weight).chunk(2, dim=-1)
+            y, x_out = launch_skinny(x, weight, None, config, delta=delta, norm_weight=norm_weight, eps=1e-5,
+                                     gated=True)
+            assert torch.equal(x_out, total)
+            torch.testing.assert_close(y.float(), (torch.nn.functional.silu(gate) * up).float(), **tolerance)
