@@ -39,6 +39,7 @@ engine)
         -k "graphed or compiled or bf16" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -n 12
     ;;
 bench)
+    $PY -c "import fastapi, uvicorn, openai" || echo "the HTTP rows need the serve extra's wheels in .whl/"
     timeout 420 $PY scripts/bench_serve.py --skip-hf --variants matmul skinny fused --profile --json "$OUT/serve.json" \
         "$@" 2>&1 | grep --line-buffered -v "Loading\|Writing" > "$OUT/serve.txt"
     echo "==================== bench ===================="
