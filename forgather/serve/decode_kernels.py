@@ -141,12 +141,8 @@ def skinny_matmul_kernel(
     """Y [M, N] = A [M, K] @ W [N, K]^T (+ bias) for M <= M_PAD: each program streams BLOCK_N rows of W
     (contiguous along K) once, for every row; float32 accumulation. A is X [M, K], or with
     - NORM: rms_norm(X + DELTA) * NORM_WEIGHT, the residual add in float32 rounded to X's dtype (written to
-      X_OUT by program 0), the norm's statistics in float32. In one pass: a row's 1/rms is a scalar that
-      commutes with the product, so the loop multiplies (X + DELTA) * NORM_WEIGHT (rounded to the dtype) into
-      the sums while it adds up the squares, and the sums are scaled at the end. The rounding differs from
-      forgather's rms_norm then F.linear (which round the normed row before the weight) by the dtype's
-      precision; a first pass for the statistics cost ~4 us on the 1.24B qkv product (H200), as much as the
-      norm's own kernel. Every program recomputes the rows' statistics (a few KB from L2);
+      X_OUT by program 0), the norm's statistics in float32, cast back before the weight (forgather's
+      rms_norm); every program recomputes the rows' statistics (a few KB from L2);
     and with GATED, W [2N, K] holds a SwiGLU's gate rows then its up rows: each program streams BLOCK_N rows of
     both halves and Y = silu(gate) * up, each rounded to Y's dtype as torch's ops round (the activation in the
     product's epilogue: computing it on the down product's input instead redid it in every program, 5x slower
@@ -156,7 +152,18 @@ def skinny_matmul_kernel(
     m = tl.arange(0, M_PAD)
     rows = m[:, None] < M
     dtype = Y.dtype.element_ty
-    squares = tl.zeros([M_PAD], tl.float32)
+    if NORM:
+        squares = tl.zeros([M_PAD], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            at = m[:, None] * stride_xm + k[None, :]
+            inside = rows & (k[None, :] < K)
+            x = _residual(X, DELTA, at, inside, dtype)
+            if pid == 0:
+                tl.store(X_OUT + at, x, mask=inside)
+            x = x.to(tl.float32)
+            squares += tl.sum(x * x, 1)
+        inverse_rms = 1.0 / tl.sqrt(squares / K + eps)
     acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     acc_up = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -170,12 +177,9 @@ def skinny_matmul_kernel(
         at = m[:, None] * stride_xm + k[None, :]
         inside = rows & (k[None, :] < K)
         if NORM:
-            x = _residual(X, DELTA, at, inside, dtype)
-            if pid == 0:
-                tl.store(X_OUT + at, x, mask=inside)
-            x = x.to(tl.float32)
-            squares += tl.sum(x * x, 1)
-            x = (x * tl.load(NORM_WEIGHT + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(dtype)
+            x = _residual(X, DELTA, at, inside, dtype).to(tl.float32)
+            normed = (x * inverse_rms[:, None]).to(dtype).to(tl.float32)
+            x = (normed * tl.load(NORM_WEIGHT + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(dtype)
         else:
             x = tl.load(X + at, mask=inside, other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
@@ -185,10 +189,6 @@ def skinny_matmul_kernel(
             else:
                 w_up = tl.load(W + N * stride_wn + w_at, mask=w_inside, other=0.0)
             acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
-    if NORM:
-        inverse_rms = 1.0 / tl.sqrt(squares / K + eps)
-        acc *= inverse_rms[:, None]
-        acc_up *= inverse_rms[:, None]
     if HAS_BIAS:
         acc += tl.load(BIAS + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         if GATED:
