@@ -115,6 +115,47 @@ def test_the_csv_logger_keeps_the_rows_before_its_first_step_and_drops_a_row_cut
     assert rows == [("0", "5.0", "", ""), ("1", "4.0", "", ""), ("2", "3.5", "", "0.1")]
 
 
+def csv_rows(path) -> list[tuple[str, str, str]]:
+    with open(path, newline="") as file:
+        return [(r["step"], r["train/loss"], r.get("train/lr", "")) for r in csv.DictReader(file)]
+
+
+def test_the_row_logged_after_a_checkpoint_replaces_the_provisional_one(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    logger.log_metrics({"train/loss": 5.0}, step=0)
+    logger.save()
+    logger.experiment.write_provisional({"train/loss": 4.0}, 1)  # before the step-1 checkpoint
+    assert csv_rows(tmp_path / "csv" / "metrics.csv") == [("0", "5.0", ""), ("1", "4.0", "")]
+    logger.log_metrics({"train/loss": 4.0, "train/lr": 0.1}, step=1)  # Lightning's row, with one more metric
+    logger.log_metrics({"train/loss": 3.0, "train/lr": 0.1}, step=2)
+    logger.save()
+    assert csv_rows(tmp_path / "csv" / "metrics.csv") == [("0", "5.0", ""), ("1", "4.0", "0.1"), ("2", "3.0", "0.1")]
+
+
+@pytest.mark.parametrize("new_column", [False, True])
+def test_a_kill_while_the_provisional_row_is_replaced_keeps_it(tmp_path, monkeypatch, new_column):
+    """The provisional row stands for the checkpoint's step until its replacement is whole on disk: a process
+    killed between dropping it and writing Lightning's row (once lost the row for good) leaves the file as it
+    was, with no temporary file beside it."""
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    logger.log_metrics({"train/loss": 5.0, "train/lr": 0.1}, step=0)
+    logger.save()
+    logger.experiment.write_provisional({"train/loss": 4.0, "train/lr": 0.1}, 1)
+    before = (tmp_path / "csv" / "metrics.csv").read_bytes()
+
+    def killed(self, rows):
+        raise KeyboardInterrupt  # what SIGINT raises; SIGKILL stops the process where this raises
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    logger.log_metrics({"train/loss": 4.0, "train/lr": 0.1, **({"train/grad_norm": 2.0} if new_column else {})},
+                       step=1)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    assert (tmp_path / "csv" / "metrics.csv").read_bytes() == before
+    assert csv_rows(tmp_path / "csv" / "metrics.csv") == [("0", "5.0", "0.1"), ("1", "4.0", "0.1")]
+    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["metrics.csv"]
+
+
 def test_checkpoint_step_reads_files_and_sharded_directories(tmp_path):
     torch.save({"global_step": 7, "state_dict": {"w": torch.ones(3)}}, tmp_path / "a.ckpt")
     (tmp_path / "b.ckpt").mkdir()

@@ -15,7 +15,8 @@ Lightning writes a training step's row after the `on_train_batch_end` hooks, whe
 saved, so a process killed while it writes a checkpoint would lose the row of the step the checkpoint
 holds. `forgather.lightning.model_checkpoint.ModelCheckpoint` calls `log_step_before_checkpoint` first;
 the row Lightning logs for that step right after replaces it (the module's `on_train_batch_end`, which
-runs between the two, may add metrics).
+runs between the two, may add metrics). The replacement is one atomic rename of a rewritten copy: dropping
+the provisional line in place and then appending would lose the step's row to a kill between the two.
 Usable in plain Lightning code as a drop-in for `pytorch_lightning.loggers.CSVLogger`.
 """
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -43,6 +46,15 @@ _TAIL = 1 << 16  # more than one row of metrics.csv
 def _whole(row: dict[Any, Any]) -> bool:
     """Whether a csv.DictReader row has exactly the header's fields and a step (a kill mid-write cuts one)."""
     return None not in row and None not in row.values() and str(row.get("step", "")).isdigit()
+
+
+def _drop_last_line(path: Path) -> None:
+    with open(path, "rb+") as file:
+        size = file.seek(0, os.SEEK_END)
+        start = max(0, size - _TAIL)
+        file.seek(start)
+        tail = file.read()
+        file.truncate(start + tail.rfind(b"\n", 0, len(tail) - 1) + 1)
 
 
 class _HistoryKeepingWriter(ExperimentWriter):
@@ -67,19 +79,25 @@ class _HistoryKeepingWriter(ExperimentWriter):
         if self.metrics and not self._history_trimmed:
             self._history_trimmed = True
             self._keep_rows_before(min(int(row["step"]) for row in self.metrics))
-        if self.metrics and self._provisional_step is not None:
-            if int(self.metrics[0]["step"]) == self._provisional_step:
-                self._drop_last_line()
+        replace = bool(self.metrics) and self._provisional_step is not None
+        if replace:
+            replace = int(self.metrics[0]["step"]) == self._provisional_step
             self._provisional_step = None
-        super().save()
+        if replace and os.path.isfile(self.metrics_file_path):
+            atomic_write(Path(self.metrics_file_path), self._save_replacing_last_line)
+        else:
+            super().save()
 
-    def _drop_last_line(self) -> None:
-        with open(self.metrics_file_path, "rb+") as file:
-            size = file.seek(0, os.SEEK_END)
-            start = max(0, size - _TAIL)
-            file.seek(start)
-            tail = file.read()
-            file.truncate(start + tail.rfind(b"\n", 0, len(tail) - 1) + 1)
+    def _save_replacing_last_line(self, copy: Path) -> None:
+        """Lightning's save into `copy`, a copy of metrics.csv without its last line (the provisional row)."""
+        final = self.metrics_file_path
+        shutil.copyfile(final, copy)
+        _drop_last_line(copy)
+        self.metrics_file_path = str(copy)
+        try:
+            super().save()
+        finally:
+            self.metrics_file_path = final
 
     def _keep_rows_before(self, first_step: int) -> None:
         """Drop the rows this process is about to log again; adopt the file's columns."""
