@@ -11,7 +11,6 @@ load_state_dict) gets the sum recomputed from the tensor itself before its step.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from forgather.errors import MachineError
 from forgather.optim.adafactor import Adafactor, reference_update, rounds_stochastically
 from forgather.optim.state import Params
+from forgather.triton_support import interpreting
 
 
 def _load_kernels():
@@ -27,10 +27,6 @@ def _load_kernels():
     except ImportError as exc:
         raise ImportError("TritonAdafactor needs triton: pip install 'forgather[gpu]'") from exc
     return adafactor_kernels
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class TritonAdafactor(Adafactor):
@@ -46,7 +42,7 @@ class TritonAdafactor(Adafactor):
     ):
         """`tile` = (BLOCK_N, BLOCK_M, ROWS_PER_PROGRAM), `num_warps` and `serpentine` (pass 3 walks backwards
         to reuse L2) tune the kernels; the defaults are adafactor_kernels.py's measured best."""
-        if not (torch.cuda.is_available() or _interpreting()):
+        if not (torch.cuda.is_available() or interpreting()):
             raise MachineError(
                 "TritonAdafactor needs a CUDA device (a GPU), and torch sees none ; on CPU use forgather.optim.Adafactor "
                 "(optimizer=adafactor: the same math)"
@@ -71,7 +67,7 @@ class TritonAdafactor(Adafactor):
         scalars: dict[str, float],
     ) -> None:
         fused = param.dim() == 2 and param.is_contiguous() and grad.is_contiguous()
-        if not fused or not (param.is_cuda or _interpreting()):
+        if not fused or not (param.is_cuda or interpreting()):
             reference_update(param, grad, state, group, scalars)
             return
         self._fused_update(param, grad, state, group, scalars)

@@ -29,6 +29,7 @@ import torch
 
 from forgather.models.norm import rms_norm
 from forgather.models.rope import rotate_half
+from forgather.triton_support import interpreting
 
 __all__ = ["decode_attention", "reference", "workspace", "split_plan"]
 
@@ -98,7 +99,7 @@ def workspace(slots: int, kv_heads: int, head_dim: int, max_keys: int, device: t
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      positions: torch.Tensor, cache: torch.Tensor, keys: int, partial: torch.Tensor,
                      counter: torch.Tensor) -> torch.Tensor:
-    if q.device.type == "cpu" and not _interpret():
+    if q.device.type == "cpu" and not interpreting():
         return reference(q, k, v, cos, sin, positions, cache, keys)
     return launch(q, k, v, cos, sin, positions, cache, keys, partial, counter)
 
@@ -112,11 +113,6 @@ def _precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: float32 products stay float32 (no TF32); bf16 ignores it."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
-
-def _interpret() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -198,7 +194,7 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             y.stride(0), delta if norm else x, norm_weight if norm else weight, x_out, eps)
     constants = dict(HAS_BIAS=bias is not None, M_PAD=SKINNY_ROWS, NORM=norm, GATED=gated,
                      PRECISION=_precision(x.dtype))
-    if config is None and _interpret():
+    if config is None and interpreting():
         config = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
     if config is not None:
         block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
@@ -212,7 +208,7 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the Triton kernel takes this product (else the torch path)."""
-    return (x.device.type != "cpu" or _interpret()) and x.shape[0] <= SKINNY_ROWS and weight.stride(-1) == 1
+    return (x.device.type != "cpu" or interpreting()) and x.shape[0] <= SKINNY_ROWS and weight.stride(-1) == 1
 
 
 @torch.library.custom_op("forgather::skinny_norm_linear", mutates_args=())

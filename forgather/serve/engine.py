@@ -191,7 +191,8 @@ class Engine:
     `fused_attention` is its attention (fused.decode_layer; default: "triton" on a GPU where triton is
     installed, the one-launch kernel of decode_attention.py, else "matmul"; also "sdpa" or "reduce") and
     `fused_matmul` its products ("torch", the default: F.linear; "triton": decode_attention.skinny_linear for up
-    to 16 rows; "fused": that kernel with the norms and the SwiGLU inside); `lookahead`
+    to 16 rows; "fused": that kernel with the norms before q/k/v and gate/up and the SwiGLU after gate/up
+    inside, output and down by F.linear); `lookahead`
     (default: where the step is graphed) queues the next greedy step before reading this one's tokens
     (module docstring)."""
 
@@ -213,7 +214,7 @@ class Engine:
         self.fused: FusedDecoder | None = None
         fallback = fused_attention is None  # the engine's own choice may fall back; the caller's may not
         fused_attention = fused_attention or _default_attention(self.device)
-        fused_matmul = fused_matmul or "torch"  # "triton" and "fused": not yet measured on a GPU
+        fused_matmul = fused_matmul or "torch"  # "triton" and "fused": no faster on the 1.24B step (benchmarks.md)
         if fused is not False:
             fuse = functools.partial(self._fuse, model, on_gpu if compile is None else compile, matmul=fused_matmul)
             try:
