@@ -348,12 +348,20 @@ class LoadedConfig:
         def place(line: int) -> str:
             return str(self.located("", line).location)
 
-        def warn(error: GraphError) -> None:  # at the template line, as the template stage warns
+        def duplicate(error: GraphError) -> None:
+            """A key repeated in one mapping. Written again by another template (one that extends or includes
+            the first one's), it is an override, as the reference Forgather's templates use it (`== super()`
+            and then the keys that change): YAML keeps the last. Repeated within one template, it is likely a
+            mistake: a warning at the template line (strict mode: an error)."""
             location = self.located("", error.line).location
+            if error.other_line is not None and self.located("", error.other_line).location.path != location.path:
+                return
+            if self.templates.strict:
+                raise self.located(error.describe(place), error.line)
             warnings.warn_explicit(error.describe(place), TemplateWarning, location.path, location.line)
 
         try:
-            return load_graph(self.text, warn=warn)
+            return load_graph(self.text, strict=False, warn=duplicate)
         except GraphError as error:
             raise self.located(error.describe(place), error.line) from error
 

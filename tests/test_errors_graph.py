@@ -62,15 +62,15 @@ def test_strict_mode_comes_from_the_environment(monkeypatch):
 
 
 PARTS = {
-    "templates/configs/c.yaml": "-- include 'part.yaml'\nlr: 2\n",
-    "templates/part.yaml": "## a part\nlr: 1\n\n",  # Jinja drops one final newline of an included file
+    "templates/configs/c.yaml": "-- include 'part.yaml'\nmomentum: 0.9\n",
+    "templates/part.yaml": "## a part\nlr: 1\nlr: 2\n\n",  # Jinja drops one final newline of an included file
 }
 
 
 def test_a_duplicate_key_in_an_included_template_names_both_template_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGATHER_STRICT", "1")
     message = project_error(tmp_path, PARTS)
-    assert message.startswith(f"{tmp_path}/templates/configs/c.yaml:2: duplicate key 'lr'")
+    assert message.startswith(f"{tmp_path}/templates/part.yaml:3: duplicate key 'lr'")
     assert f"(also at {tmp_path}/templates/part.yaml:2)" in message
 
 
@@ -80,8 +80,38 @@ def test_a_duplicate_key_warning_points_at_the_template_line(tmp_path, monkeypat
     with pytest.warns(TemplateWarning) as caught:
         project.load_config("c.yaml").graph
     found = [w for w in caught if "duplicate key 'lr'" in str(w.message)]
-    assert found and found[0].filename == f"{tmp_path}/templates/configs/c.yaml" and found[0].lineno == 2
+    assert found and found[0].filename == f"{tmp_path}/templates/part.yaml" and found[0].lineno == 3
     assert f"(also at {tmp_path}/templates/part.yaml:2)" in str(found[0].message)
+
+
+OVERRIDE = {  # the reference Forgather's way to change an inherited key: the parent's block, then the key again
+    "templates/base.yaml": "optimizer:\n    [optimizer_args]\n    lr: 1\n    momentum: 0.9\n",
+    "templates/configs/c.yaml": "-- extends 'base.yaml'\n[optimizer_args]\n    == super()\n    lr: 2\n",
+}
+
+
+@pytest.mark.parametrize("strict", ["0", "1"])
+def test_a_key_written_again_by_a_child_template_is_an_override_without_a_warning(tmp_path, monkeypatch, strict):
+    import warnings
+
+    monkeypatch.setenv("FORGATHER_STRICT", strict)
+    project = write_project(tmp_path, OVERRIDE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = project.load_config("c.yaml")
+        assert construct(loaded.config)["optimizer"] == {"lr": 2, "momentum": 0.9}
+
+
+def test_a_template_line_is_found_where_a_trim_filter_drops_a_line_that_renders_empty(tmp_path, monkeypatch):
+    """Lines of the reference's templates that render empty inside `-- filter trim()` (its projects are full of
+    them) are dropped from the YAML, but not from the render that marks each line with its template line: the
+    two renders are aligned, not zipped (which named a line or a file off by the dropped lines)."""
+    monkeypatch.setenv("FORGATHER_STRICT", "1")
+    message = project_error(tmp_path, {
+        "templates/configs/c.yaml": "-- filter trim()\n{{ '' }}\n{{ '' }}\nlr: 1\nmomentum: 0.9\nlr: 2\n-- endfilter\n",
+    })
+    assert message.startswith(f"{tmp_path}/templates/configs/c.yaml:6: duplicate key 'lr'")
+    assert f"(also at {tmp_path}/templates/configs/c.yaml:4)" in message
 
 
 def test_repeated_dot_keys_and_dlist_redeclarations_are_not_duplicates():
@@ -168,4 +198,4 @@ def test_the_strict_flag_makes_a_duplicate_key_an_error(tmp_path, monkeypatch, c
         assert main(["-p", str(tmp_path), "-t", "c.yaml", "graph"]) == 0
     capsys.readouterr()
     assert main(["--strict", "-p", str(tmp_path), "-t", "c.yaml", "graph"]) == 2
-    assert f"error: {tmp_path}/templates/configs/c.yaml:2: duplicate key 'lr'" in capsys.readouterr().err
+    assert f"error: {tmp_path}/templates/part.yaml:3: duplicate key 'lr'" in capsys.readouterr().err

@@ -61,9 +61,10 @@ class GraphError(UserError, ValueError):
     A message that names a second place (a duplicate key's first occurrence) is a function of `where`,
     which turns a rendered-YAML line into a place; `describe(where)` lets the caller name template lines."""
 
-    def __init__(self, message: str | Callable[[Where], str], line: int | None = None):
+    def __init__(self, message: str | Callable[[Where], str], line: int | None = None, other_line: int | None = None):
         self._message = message
         self.line = line
+        self.other_line = other_line  # the second place a message names (a duplicate key's first occurrence)
         super().__init__(self.message if line is None else f"line {line}: {self.message}")
 
     def describe(self, where: Where) -> str:
@@ -253,6 +254,7 @@ def _check_duplicate_keys(node: yaml.MappingNode, duplicate: Callable[[GraphErro
                 GraphError(
                     lambda where, name=key.value, line=seen: f"duplicate key {name!r} (also at {where(line)}): the last one wins; keep one",
                     _line(key),
+                    seen,
                 )
             )
 

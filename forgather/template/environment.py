@@ -38,7 +38,8 @@ from forgather.template.errors import SourceLocation, TemplateError, TemplateWar
 from forgather.template.loader import SplitFileLoader
 from forgather.template.preprocess import LineSyntax, expand_blocks, expand_lines, is_block_header
 
-_MARKER = re.compile(r" #@@(\d+):(\d+)$")
+_MARKER = re.compile(r" ?#@@(\d+):(\d+)$")  # the space goes where a filter (trim) strips a marker-only line
+_MARKERS = re.compile(r" ?#@@\d+:\d+")  # a line may hold several: an include's last line runs into the next
 _TAG = re.compile(r"\{\{|\}\}|\{%|%\}|\{#|#\}")
 _CLOSERS = {"{{": "}}", "{%": "%}", "{#": "#}"}
 
@@ -197,19 +198,35 @@ class TemplateEnvironment:
 
     def locate_lines(self, name: str, **context: Any) -> list[SourceLocation | None] | None:
         """For each line of `render(name)`, the template line that wrote it: None for a line no template text
-        line wrote (a blank line, the value of an expression); None for all when rendering fails."""
+        line wrote (a blank line, the value of an expression); None for all when rendering fails.
+
+        The marked render (every text line followed by a `#@@` marker) can differ from the real one in more
+        than its markers: a text line whose content renders empty is blank in the real render, where a
+        whitespace filter (the reference's `-- filter trim()`) drops it, but not with its marker. So the
+        marked lines, markers stripped, are aligned with the real render's lines (difflib, which keeps their
+        order), and a real line takes the marker of the line it is aligned with."""
         if self._marked is None:
             self._marked = self._make_env(_MarkedLineSyntax)
         try:
-            lines = self._marked.get_template(name).render(**context).split("\n")
+            marked = self._marked.get_template(name).render(**context).split("\n")
+            real = self.env.get_template(name).render(**context).split("\n")
         except Exception:
             return None
         paths = {index: path for path, index in self._marked.marker_paths.items()}
+        plain: list[str] = []
         found: list[SourceLocation | None] = []
-        for line in lines:
+        for line in marked:
             match = _MARKER.search(line)
+            plain.append(_MARKERS.sub("", line))
             found.append(SourceLocation(paths[int(match.group(1))], int(match.group(2))) if match else None)
-        return found
+        if plain == real:
+            return found
+        aligned: list[SourceLocation | None] = [None] * len(real)
+        matcher = difflib.SequenceMatcher(None, plain, real, autojunk=False)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):  # as many lines: line for line
+                aligned[j1:j2] = found[i1:i2]
+        return aligned
 
     def locate(self, name: str, output_line: int, **context: Any) -> tuple[SourceLocation, bool] | None:
         """The template line behind line `output_line` (1-based) of `render(name)`, or the nearest line above
