@@ -183,3 +183,33 @@ def test_a_trial_without_the_metric_fails_with_the_metrics_it_logged(tmp_path, c
     captured = capsys.readouterr()
     assert "[sweep 1/1] failed: the point logged no val/loss (sweeper.metric); it logged train/grad_norm" in captured.out
     assert "choose one with sweeper.metric=NAME" in captured.err
+
+
+def test_a_sweep_record_and_its_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """What `--resume` reads (the record) and what a user reads (results.json, results.csv): a kill while one
+    is rewritten leaves the previous one whole, and no temporary file beside it."""
+    from pathlib import Path
+
+    from forgather.launch.base import Outcome
+    from forgather.launch.results import write_results
+    from forgather.launch.sweep import read_record, write_record
+
+    write_record(tmp_path, {"overrides": ["lr=1"]})
+    outcome = Outcome(number=0, label="lr=1", overrides=["lr=1"], status="ok", metrics={"val/loss": 2.0})
+    write_results(tmp_path, [outcome], {})
+    before = {name: (tmp_path / name).read_bytes() for name in ("results.json", "results.csv")}
+    real = Path.write_text
+
+    def killed(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_record(tmp_path, {"overrides": ["lr=1", "lr=2"], "runner": ["--seed", "3"]})
+    with pytest.raises(KeyboardInterrupt):
+        write_results(tmp_path, [outcome, outcome], {"best": 0})
+    monkeypatch.undo()
+    assert read_record(tmp_path) == {"overrides": ["lr=1"]}
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forgather.data.cache import atomic_write
+
 OUTCOME_FILE = "outcome.json"
 LOG_FILE = "output.log"
 FINISHED = ("ok", "pruned")  # statuses a resumed sweep keeps
@@ -51,9 +53,7 @@ class Outcome:
 
 def write_outcome(run_dir: Path, data: dict[str, Any]) -> None:
     """Written last by a point, atomically: a present outcome.json is a whole one."""
-    staging = run_dir / f".{OUTCOME_FILE}.tmp-{os.getpid()}"
-    staging.write_text(json.dumps(data, indent=1))
-    os.replace(staging, run_dir / OUTCOME_FILE)
+    atomic_write(run_dir / OUTCOME_FILE, lambda path: path.write_text(json.dumps(data, indent=1)))
 
 
 def read_outcome(job: Job, returncode: int | None = None) -> Outcome:

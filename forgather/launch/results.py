@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from forgather.data.cache import atomic_write
 from forgather.launch.base import Outcome
 
 
@@ -45,14 +46,18 @@ def write_results(root: Path, outcomes: list[Outcome], summary: dict[str, Any]) 
         }
         for o in outcomes
     ]
-    (root / "results.json").write_text(json.dumps({"points": rows, **summary}, indent=1))
+    atomic_write(root / "results.json", lambda path: path.write_text(json.dumps({"points": rows, **summary}, indent=1)))
     swept = [key for key in dict.fromkeys(k for row in rows for k in row["overrides"]) if len({str(r["overrides"].get(key)) for r in rows}) > 1]
     metrics = sorted({key for row in rows for key in row["metrics"]})
-    with open(root / "results.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["number", "status", *swept, *metrics, "error"])
-        for row in rows:
-            writer.writerow([row["number"], row["status"], *(row["overrides"].get(k, "") for k in swept), *(row["metrics"].get(k, "") for k in metrics), row["error"]])
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["number", "status", *swept, *metrics, "error"])
+            for row in rows:
+                writer.writerow([row["number"], row["status"], *(row["overrides"].get(k, "") for k in swept), *(row["metrics"].get(k, "") for k in metrics), row["error"]])
+
+    atomic_write(root / "results.csv", write_csv)
     _write_hparams(root / "tb_hparams", rows, swept)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from forgather import overrides as ovr
+from forgather.data.cache import atomic_write
 from forgather.launch.base import FINISHED, OUTCOME_FILE, Job, Launcher, Outcome, Status, read_outcome
 from forgather.launch.point import SWEEP_POINT_ENV
 
@@ -86,7 +87,8 @@ class Sweeper(ABC):
 
 
 def write_record(root: Path, record: dict[str, Any]) -> None:
-    (root / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+    """The sweep's record (what `--resume` reruns), replaced atomically: a kill never leaves half of one."""
+    atomic_write(root / RECORD_FILE, lambda path: path.write_text(yaml.safe_dump(record, sort_keys=False)))
 
 
 def read_record(root: Path) -> dict[str, Any]:
