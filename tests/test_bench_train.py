@@ -145,6 +145,8 @@ def test_a_path_stops_as_soon_as_what_the_bench_measures_is_written(tmp_path):
     assert time.monotonic() - start < 20
 
 
+@pytest.mark.slow  # 30 s: every path end to end with the profiler; the profile summary, timeouts and the
+# measured marker have their own tests here
 def test_smoke_run_on_cpu_gives_every_kind_of_row(tmp_path):
     run = subprocess.run(
         [sys.executable, str(SCRIPTS / "bench_train.py"), "--shape", "tiny", "--device", "cpu", "--steps", "4",

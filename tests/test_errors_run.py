@@ -155,8 +155,10 @@ def test_a_construction_error_names_the_override_behind_it(tmp_path, capsys):
 
 
 def test_a_failing_sweep_point_prints_the_short_error_and_a_status_column(tmp_path, capsys):
+    """...and does not stop the others: the second point trains (the sweep exits 1, for the failed one)."""
     code, out, err = run(tmp_path, capsys, "-m", "max_steps=2", "weight_decay=-1.0,0.0")
     assert code == 1 and "Traceback" not in err
+    assert [p.parent.name for p in (tmp_path / "multirun").rglob("metrics.yaml")] == ["1"]
     assert error_lines(err) == ["error: Invalid weight_decay value: -1.0 ; set by the override weight_decay=-1.0"]
     header = next(line for line in out.splitlines() if "overrides" in line)
     columns = [cell.strip() for cell in header.split("┃")[1:-1]]
