@@ -110,9 +110,11 @@ def find_workspace_root(directory: str) -> str | None:
 
 
 def located_error(templates: TemplateEnvironment, template: str, context: dict[str, Any], message: str,
-                  rendered_line: int | None, rendered: str = "rendered text") -> TemplateError:
+                  rendered_line: int | None, rendered: str = "rendered text",
+                  lines: list[SourceLocation | None] | None = None) -> TemplateError:
     """An error at a line of `template`'s rendered text (`rendered` names that text in the message when no
-    template line is found), re-addressed to the template line behind it.
+    template line is found), re-addressed to the template line behind it (`lines`: templates.locate_lines of
+    the template, when the caller has them).
 
     YAML notices a mistake at the token after it (an unclosed `[` or quote at the next line). When that line
     starts another template's text, the mistake is in the text above it, from another file: the error names
@@ -121,7 +123,8 @@ def located_error(templates: TemplateEnvironment, template: str, context: dict[s
     from forgather.template.environment import nearest_location
 
     top = templates.origin_of(template)
-    lines = templates.locate_lines(template, **context) if rendered_line else None
+    if rendered_line and lines is None:
+        lines = templates.locate_lines(template, **context)
     found = nearest_location(lines, rendered_line) if lines and rendered_line else None
     if found is None:
         where = f" (line {rendered_line} of the {rendered})" if rendered_line else ""
@@ -338,7 +341,13 @@ class LoadedConfig:
     def located(self, message: str, rendered_line: int | None) -> TemplateError:
         """An error at a line of the rendered YAML, re-addressed to the template line behind it (located_error)."""
         return located_error(self.templates, self.template, self._template_context(), message, rendered_line,
-                             "rendered YAML; see `forgather pp`")
+                             "rendered YAML; see `forgather pp`", self._source_lines if rendered_line else None)
+
+    @cached_property
+    def _source_lines(self) -> list[SourceLocation | None] | None:
+        """The template line behind each rendered line, found once (two renders) for all of the config's
+        warnings and errors: a reference project's config may have a dozen duplicate keys to place."""
+        return self.templates.locate_lines(self.template, **self._template_context())
 
     @cached_property
     def graph(self):

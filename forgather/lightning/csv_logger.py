@@ -79,8 +79,8 @@ class _HistoryKeepingWriter(ExperimentWriter):
         if self.metrics and not self._history_trimmed:
             self._history_trimmed = True
             self._keep_rows_before(min(int(row["step"]) for row in self.metrics))
-        replace = bool(self.metrics) and self._provisional_step is not None
-        if replace:
+        replace = False
+        if self.metrics and self._provisional_step is not None:
             replace = int(self.metrics[0]["step"]) == self._provisional_step
             self._provisional_step = None
         if replace and os.path.isfile(self.metrics_file_path):

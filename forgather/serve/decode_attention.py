@@ -114,7 +114,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            positions: torch.Tensor, cache: torch.Tensor, keys: int, partial: torch.Tensor,
            counter: torch.Tensor) -> torch.Tensor:
