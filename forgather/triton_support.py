@@ -9,3 +9,22 @@ def interpreting() -> bool:
     """Whether Triton's interpreter runs kernels (TRITON_INTERPRET=1): then they take CPU tensors (the CPU
     tests run the kernels' code this way)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pdl_supported(device) -> bool:
+    """Whether kernels on `device` can use programmatic dependent launch (PDL): a kernel launched while the
+    one before it in the stream still runs, waiting (griddepcontrol.wait) only before it reads that kernel's
+    outputs. It needs compute capability 9.0 (Hopper) or later and a Triton whose launcher takes
+    `launch_pdl` and that has `gdc_wait`; never under the interpreter."""
+    import torch
+
+    if interpreting() or getattr(device, "type", device) != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})

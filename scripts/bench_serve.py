@@ -12,8 +12,9 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    `matmul`: two products and a softmax; `sdpa`: torch's fused kernel; `reduce`: sums that
                    inductor fuses with the softmax), the layer's products through our Triton kernel for a few
                    rows instead of cuBLAS (`skinny`), that kernel with the norms and the SwiGLU inside
-                   (`fused`), the engine without lookahead (`serial`), and the models' own `modules` (the
-                   engine before the fused decoder), all in CUDA graphs
+                   (`fused`, the default where PDL runs; `cublas`: cuBLAS's products), programmatic dependent
+                   launch off (`nopdl`, `fused_nopdl`), the engine without lookahead (`serial`), and the
+                   models' own `modules` (the engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
                    `openai` client, N concurrent streams of one completion each (token-id prompts), spread
@@ -171,7 +172,25 @@ def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, li
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
                  compile: bool | None = None, slots: int = 32, profile: bool = False, fused: bool | None = None,
                  fused_attention: str | None = None, lookahead: bool | None = None,
-                 fused_matmul: str | None = None) -> None:
+                 fused_matmul: str | None = None, settings: dict | None = None) -> None:
+    """One engine row; `settings` overrides forgather.serve.decode_attention's module settings (PDL)
+    for this row only."""
+    from forgather.serve import decode_attention
+
+    saved = {key: getattr(decode_attention, key) for key in settings or {}}
+    try:
+        for key, value in (settings or {}).items():
+            setattr(decode_attention, key, value)
+        _bench_engine(name, model, prompt, tokens, floor, ttft_prompt, compile, slots, profile, fused,
+                      fused_attention, lookahead, fused_matmul)
+    finally:
+        for key, value in saved.items():
+            setattr(decode_attention, key, value)
+
+
+def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
+                  compile: bool | None, slots: int, profile: bool, fused: bool | None, fused_attention: str | None,
+                  lookahead: bool | None, fused_matmul: str | None) -> None:
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
@@ -185,7 +204,9 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
     gc.collect()  # as `forgather inf server` does before serving (server.py); unfrozen when the row is done,
     gc.freeze()   # so that the next row's collection frees this engine
     try:
-        extra = dict(fused=engine.fused is not None, setup_s=setup,
+        from forgather.serve.decode_attention import dependent_launch
+
+        extra = dict(fused=engine.fused is not None, setup_s=setup, pdl=dependent_launch(engine.device),
                      attention=engine.fused.attention if engine.fused is not None else None,
                      matmul=engine.fused.matmul if engine.fused is not None else None)
         if engine.fused is not None:  # the step as run (compiled) against the modules' step: two rows' logits
@@ -325,8 +346,13 @@ VARIANTS = {
     "matmul": ("matmul attention", dict(fused_attention="matmul")),
     "sdpa": ("sdpa attention", dict(fused_attention="sdpa")),
     "reduce": ("reduce attention", dict(fused_attention="reduce")),
+    "cublas": ("cuBLAS products", dict(fused_matmul="torch")),
     "fused": ("norm and SwiGLU in the products", dict(fused_matmul="fused")),
     "skinny": ("Triton products", dict(fused_matmul="triton")),
+    # Programmatic dependent launch of our kernels off (decode_attention.PDL; on by default where the GPU has
+    # it, and then the default products are "fused"): the engine's default products then are cuBLAS's.
+    "nopdl": ("no PDL", dict(settings=dict(PDL=False))),
+    "fused_nopdl": ("norm and SwiGLU in the products, no PDL", dict(fused_matmul="fused", settings=dict(PDL=False))),
     "serial": ("no lookahead", dict(lookahead=False)),
     "modules": ("the model's modules", dict(compile=False, fused=False)),
 }

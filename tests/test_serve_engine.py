@@ -146,6 +146,46 @@ def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_st
     assert q_proj.weight.untyped_storage().data_ptr() == engine.fused.layers[0].qkv.untyped_storage().data_ptr()
 
 
+def test_steps_of_more_rows_than_the_product_kernels_take_run_torchs_products(backend):
+    """The fused products ("fused", the GPU default under PDL) serve steps of up to SKINNY_ROWS rows; a larger
+    batch's step runs the "torch" products (which inductor fuses with the norms), computing the same logits.
+    On a CPU, without PDL, the engine's own choice is "torch" throughout."""
+    from forgather.serve.decode_attention import SKINNY_ROWS
+
+    default = Engine(backend.model, set(), slots=2, context_length=CONTEXT)
+    default.close()
+    assert default.fused.matmul == "torch"
+    rows = SKINNY_ROWS + 1
+    engine = Engine(backend.model, set(), slots=rows, context_length=CONTEXT, cuda_graphs=False, fused_matmul="fused")
+    try:
+        seen = []
+        layer_fn = engine.fused.layer_fn
+        engine.fused.layer_fn = lambda *args: seen.append(args[-1]) or layer_fn(*args)
+        keys = torch.arange(engine.key_buckets[0])
+        with torch.inference_mode():
+            for size in (2, rows):
+                ids, positions = torch.arange(1, size + 1), torch.full((size,), engine.cache.scratch)
+                seen.clear()
+                logits, _ = engine.fused(ids, positions, keys)
+                assert set(seen) == {"fused" if size <= SKINNY_ROWS else "torch"}
+                modules = engine._forward(ids[:, None], positions[:, None], slice(0, size), len(keys))
+                torch.testing.assert_close(logits, modules, rtol=1e-5, atol=1e-5)
+    finally:
+        engine.close()
+
+
+def test_kernels_launch_without_pdl_on_a_cpu_and_under_the_interpreter(monkeypatch):
+    """Programmatic dependent launch is a GPU's (compute capability 9.0): never on a CPU, nor under Triton's
+    interpreter even when asked for (its kernels then take the PDL constant False)."""
+    from forgather.serve import decode_attention as da
+
+    assert not da.dependent_launch(torch.device("cpu"))
+    monkeypatch.setattr(da, "PDL", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not da.dependent_launch(torch.device("cpu"))
+    assert da._pdl_options(torch.device("cpu")) == {}
+
+
 @pytest.mark.parametrize("vocab", [5 * 1024, 3000, 1024, 7])
 def test_the_decoders_two_stage_argmax_is_argmax_ties_included(vocab):
     """chunked_argmax (the decode step's greedy token) gives torch.argmax's index: the first of tied maxima,
@@ -606,10 +646,10 @@ def test_a_default_decode_kernel_that_fails_here_falls_back_to_the_matmul_attent
     monkeypatch.setattr(engine_module, "_default_attention", lambda device: "triton")
     monkeypatch.setattr(fused_module, "decode_attention", broken)
     prompt, params = backend.encode(PROMPTS[0]), SamplingParams(max_tokens=6, temperature=0.0)
-    with pytest.warns(UserWarning, match="decode-attention kernel failed here .*PassManager.*fused_attention='matmul'"):
+    with pytest.warns(UserWarning, match="decode kernels failed here .*PassManager.*fused_attention='matmul'"):
         engine = Engine(backend.model, set(), slots=2, context_length=CONTEXT)
     try:
-        assert engine.fused is not None and engine.fused.attention == "matmul"
+        assert engine.fused is not None and (engine.fused.attention, engine.fused.matmul) == ("matmul", "torch")
         assert run_engine(engine, [prompt], [params])[0].tokens == simple_loop(backend, prompt, params)
     finally:
         engine.close()

@@ -12,6 +12,9 @@ flash-decoding's split-K without a second launch.
 once, optionally with the residual add and norm before it and a SwiGLU's activation after it;
 `skinny_matmul` is it autotuned per weight shape.
 
+Both take PDL (a constant): launched under programmatic dependent launch (decode_attention.PDL), a program
+waits for the kernel before it at its start, then lets the next kernel launch.
+
 Imported only where a GPU runs the kernel (or TRITON_INTERPRET=1 runs it on CPU tensors).
 """
 
@@ -35,19 +38,30 @@ def _residual(X, DELTA, at, inside, dtype):
 
 
 @triton.jit
+def _dependent_launch_point(PDL: tl.constexpr):
+    """Under programmatic dependent launch, wait for the kernel before (its outputs are this one's inputs),
+    then let the next kernel launch: it may run only what precedes its own wait (reads of weights and of
+    what no running kernel writes) alongside this one."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def decode_attention_kernel(
     Q, K, V, COS, SIN, POS, CACHE, OUT, PART_ACC, PART_ML, COUNTER,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_sin,
     stride_pair, stride_slot, stride_head, stride_pos, stride_ob, stride_oh,
     keys, chunk, scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)  # row * KV_HEADS + kv head
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     row = pid // KV_HEADS
     kv_head = pid % KV_HEADS
+    _dependent_launch_point(PDL)
     pos = tl.load(POS + row)
     dtype = CACHE.dtype.element_ty
 
@@ -137,6 +151,7 @@ def skinny_matmul_kernel(
     X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, DELTA, NORM_WEIGHT, X_OUT, eps,
     HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Y [M, N] = A [M, K] @ W [N, K]^T (+ bias) for M <= M_PAD: each program streams BLOCK_N rows of W
     (contiguous along K) once, for every row; float32 accumulation. A is X [M, K], or with
@@ -146,7 +161,9 @@ def skinny_matmul_kernel(
     and with GATED, W [2N, K] holds a SwiGLU's gate rows then its up rows: each program streams BLOCK_N rows of
     both halves and Y = silu(gate) * up, each rounded to Y's dtype as torch's ops round (the activation in the
     product's epilogue: computing it on the down product's input instead redid it in every program, 5x slower
-    than cuBLAS plus a pointwise kernel on the H200)."""
+    than cuBLAS plus a pointwise kernel on the H200). PDL: launched under programmatic dependent launch
+    (decode_attention.PDL)."""
+    _dependent_launch_point(PDL)
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, M_PAD)
@@ -216,14 +233,17 @@ class _Skinny:
     """skinny_matmul_kernel autotuned once per weight shape (N, K) and dtype; the grid follows the config."""
 
     def __init__(self):
-        self.tuned = triton.autotune(configs=_skinny_configs(), key=["N", "K", "NORM", "GATED"])(
+        self.tuned = triton.autotune(configs=_skinny_configs(), key=["N", "K", "NORM", "GATED", "PDL"])(
             triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0})(
                 skinny_matmul_kernel))
 
-    def __call__(self, *args, **constants):
+    def __call__(self, *args, launch_pdl: bool = False, **constants):
         outputs = args[5]  # N
         grid = lambda meta: (triton.cdiv(outputs, meta["BLOCK_N"]),)  # noqa: E731
-        self.tuned[grid](*args, **constants)
+        if launch_pdl:
+            self.tuned[grid](*args, launch_pdl=True, **constants)
+        else:
+            self.tuned[grid](*args, **constants)
 
 
 skinny_matmul = _Skinny()

@@ -179,6 +179,15 @@ def _default_attention(device: torch.device) -> str:
     return "matmul"
 
 
+def _default_matmul(device: torch.device, attention: str) -> str:
+    """The fused decoder's products unless told: "fused" (the norms and the SwiGLU inside our q/k/v and gate/up
+    kernels) where our kernels run with programmatic dependent launch (Hopper on: 1.02-1.03x the tokens/s of
+    cuBLAS's products on the H200, 1.24B, batch 1; without PDL no faster: docs/benchmarks.md), else "torch"."""
+    from .decode_attention import dependent_launch
+
+    return "fused" if attention == "triton" and dependent_launch(device) else "torch"
+
+
 MIN_KEYS = 256  # the shortest window of cache positions a decode step attends over
 
 
@@ -190,9 +199,10 @@ class Engine:
     the decode step first (True: also the modules' step of a model the fused decoder cannot run);
     `fused_attention` is its attention (fused.decode_layer; default: "triton" on a GPU where triton is
     installed, the one-launch kernel of decode_attention.py, else "matmul"; also "sdpa" or "reduce") and
-    `fused_matmul` its products ("torch", the default: F.linear; "triton": decode_attention.skinny_linear for up
+    `fused_matmul` its products ("torch": F.linear; "triton": decode_attention.skinny_linear for up
     to 16 rows; "fused": that kernel with the norms before q/k/v and gate/up and the SwiGLU after gate/up
-    inside, output and down by F.linear); `lookahead`
+    inside, output and down by F.linear, the default where our kernels launch with PDL: _default_matmul;
+    steps of more than 16 rows use "torch"); `lookahead`
     (default: where the step is graphed) queues the next greedy step before reading this one's tokens
     (module docstring)."""
 
@@ -212,20 +222,22 @@ class Engine:
         self.key_buckets = _buckets(context_length + 1, MIN_KEYS)
         self.key_ranges = {keys: torch.arange(keys, device=self.device) for keys in self.key_buckets}
         self.fused: FusedDecoder | None = None
-        fallback = fused_attention is None  # the engine's own choice may fall back; the caller's may not
+        # The engine's own choices may fall back to torch's kernels; the caller's may not.
+        fallback = fused_attention is None
+        fallback_matmul = "torch" if fused_matmul is None else fused_matmul
         fused_attention = fused_attention or _default_attention(self.device)
-        fused_matmul = fused_matmul or "torch"  # "triton" and "fused": no faster on the 1.24B step (benchmarks.md)
+        fused_matmul = fused_matmul or _default_matmul(self.device, fused_attention)
         if fused is not False:
-            fuse = functools.partial(self._fuse, model, on_gpu if compile is None else compile, matmul=fused_matmul)
+            fuse = functools.partial(self._fuse, model, on_gpu if compile is None else compile)
             try:
                 try:
-                    fuse(fused_attention)
-                except Exception as error:  # the default kernel does not build or run here: the matmul path does
+                    fuse(fused_attention, fused_matmul)
+                except Exception as error:  # the default kernels do not build or run here: torch's path does
                     if isinstance(error, UnsupportedModel) or not fallback or fused_attention == "matmul":
                         raise
-                    warnings.warn(f"the decode-attention kernel failed here ({type(error).__name__}: {error}); "
-                                  "decoding with fused_attention='matmul'", stacklevel=2)
-                    fuse("matmul")
+                    warnings.warn(f"the decode kernels failed here ({type(error).__name__}: {error}); decoding "
+                                  f"with fused_attention='matmul', fused_matmul={fallback_matmul!r}", stacklevel=2)
+                    fuse("matmul", fallback_matmul)
             except UnsupportedModel as error:
                 if fused:
                     raise

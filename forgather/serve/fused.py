@@ -48,7 +48,7 @@ from torch import nn
 from forgather.models.kv_cache import SlotKVCache
 from forgather.models.norm import rms_norm
 
-from .decode_attention import (decode_attention, reference, residual_add, rotate_and_write,
+from .decode_attention import (SKINNY_ROWS, decode_attention, reference, residual_add, rotate_and_write,
                                skinny_linear, skinny_norm_linear, workspace)
 
 __all__ = ["FusedDecoder", "UnsupportedModel"]
@@ -149,11 +149,13 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     products by F.linear ("torch"); for up to 16 rows on a GPU, by decode_attention.skinny_linear ("triton"), or
     by it with the residual add and norm before q/k/v and gate/up, and the SwiGLU after gate/up, done in the
     product's kernel, the output and down products left to cuBLAS, as fast or faster on the 1.24B shape
-    ("fused": skinny_norm_linear); on a CPU these run their torch semantics."""
+    ("fused": skinny_norm_linear; with the output product or both ours too, no faster: docs/benchmarks.md); on
+    a CPU these run their torch semantics."""
     linear = skinny_linear if matmul == "triton" else F.linear
+    fused = matmul == "fused"
     batch = x.shape[0]
     head_dim = cos.shape[-1]
-    if matmul == "fused":
+    if fused:
         qkv, x = skinny_norm_linear(x, delta, w.attention_norm, eps, w.qkv, w.qkv_bias)
     else:
         x = residual_add(x, delta)
@@ -178,7 +180,7 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
             weights = scores.softmax(dim=-1)[..., None]  # [B, kv_heads, group, keys, 1]
             attended = (weights * cached_values[:, :, None].float()).sum(-2).to(v.dtype)
     attended = linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias)
-    if matmul == "fused":
+    if fused:
         activated, x = skinny_norm_linear(x, attended, w.feedforward_norm, eps, w.gate_up, w.gate_up_bias, gated=True)
         return x, F.linear(activated, w.down, w.down_bias)
     x = residual_add(x, attended)
@@ -358,8 +360,11 @@ class FusedDecoder:
         """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device."""
         x, cos, sin, visible = self.prologue_fn(ids, positions, keys)
         delta = torch.zeros_like(x)  # the residual stream is x + delta (decode_layer)
+        # Past SKINNY_ROWS rows our product kernels would run their torch semantics inside an opaque op, where
+        # inductor cannot fuse the norms: 1.7x the batch-32 step on the H200. torch's path serves those steps.
+        matmul = self.matmul if ids.shape[0] <= SKINNY_ROWS else "torch"
         for index, weights in enumerate(self.layers):
             x, delta = self.layer_fn(x, delta, cos, sin, positions, visible, self.cache.pairs[index], weights,
                                      self.heads, self.kv_heads, self.eps, self.qk_eps, self.attention,
-                                     self.workspace, self.matmul)
+                                     self.workspace, matmul)
         return self.epilogue_fn(x, delta)

@@ -245,3 +245,61 @@ def test_the_skinny_products_with_the_norm_or_the_swiglu_inside_are_their_torch_
                                      gated=True)
             assert torch.equal(x_out, total)
             torch.testing.assert_close(y.float(), (torch.nn.functional.silu(gate) * up).float(), **tolerance)
+
+
+def test_kernels_launched_early_wait_for_their_inputs():
+    """Under programmatic dependent launch (decode_attention.PDL, on by default on a Hopper GPU) each kernel
+    starts while the one before still runs: a chain of dependent decode kernels (norm + q/k/v product,
+    attention, output product, norm + gate/up + SwiGLU, down product, 8 layers, replayed in a CUDA graph) gives
+    bitwise what it gives launched one after another."""
+    from forgather.serve import decode_attention as da
+    from forgather.triton_support import pdl_supported
+
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("PDL needs compute capability 9.0 and a Triton with launch_pdl")
+    torch.manual_seed(0)
+    hidden, heads, kv_heads, head_dim, inner, keys = 512, 8, 2, 64, 1024, 256
+    dtype, device = torch.bfloat16, "cuda"
+    layers = [dict(qkv=torch.randn((heads + 2 * kv_heads) * head_dim, hidden, device=device, dtype=dtype) / 23,
+                   o=torch.randn(hidden, heads * head_dim, device=device, dtype=dtype) / 23,
+                   gate_up=torch.randn(2 * inner, hidden, device=device, dtype=dtype) / 23,
+                   down=torch.randn(hidden, inner, device=device, dtype=dtype) / 32,
+                   cache=torch.randn(2, 1, kv_heads, 4097, head_dim, device=device, dtype=dtype))
+              for _ in range(8)]
+    norm = torch.ones(hidden, device=device, dtype=dtype)
+    angles = torch.randn(1, head_dim // 2, device=device)
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    positions = torch.tensor([200], device=device)
+    partial, counter = da.workspace(1, kv_heads, head_dim, 4097, device)
+    config = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=3)
+
+    def step(x0):
+        x, delta = x0, torch.zeros_like(x0)
+        for w in layers:
+            qkv, x = da.launch_skinny(x, w["qkv"], None, config, delta=delta, norm_weight=norm, eps=1e-5)
+            q, k, v = qkv.view(1, heads + 2 * kv_heads, head_dim).split([heads, kv_heads, kv_heads], dim=1)
+            attended = da.launch(q, k, v, cos, sin, positions, w["cache"], keys, partial, counter)
+            o = da.launch_skinny(attended.reshape(1, -1), w["o"], None, config)
+            activated, x = da.launch_skinny(x, w["gate_up"], None, config, delta=o, norm_weight=norm, eps=1e-5,
+                                            gated=True)
+            delta = da.launch_skinny(activated, w["down"], None, config)
+        return (x.float() + delta.float()).to(dtype)
+
+    x0 = torch.randn(1, hidden, device=device, dtype=dtype)
+    results = {}
+    saved = da.PDL
+    try:
+        for pdl in (False, True):
+            da.PDL = pdl
+            step(x0)  # compiles this variant's kernels
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step(x0)
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            results[pdl] = out.clone()
+    finally:
+        da.PDL = saved
+    assert torch.isfinite(results[False]).all()
+    assert torch.equal(results[True], results[False])
