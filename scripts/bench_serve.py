@@ -13,9 +13,12 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    inductor fuses with the softmax), the layer's products through our Triton kernel for a few
                    rows instead of cuBLAS (`skinny`), that kernel with the norms and the SwiGLU inside
                    (`fused`, the default where PDL runs; `cublas`: cuBLAS's products), programmatic dependent
-                   launch off (`nopdl`, `fused_nopdl`), the engine without lookahead (`serial`), and the
+                   launch off (`nopdl`, `fused_nopdl`), the prompts' forward passes compiled with bursts
+                   (`prefill_compiled`), the engine without lookahead (`serial`), and the
                    models' own `modules` (the engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
+  burst N          N completions submitted to the engine at once (no HTTP; each --concurrency above 1, twice):
+                   TTFT median and longest, p50/p99 gaps, the gaps over 3x the median (steps that prefilled)
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
                    `openai` client, N concurrent streams of one completion each (token-id prompts), spread
                    over client processes of `--streams-per-client` streams (one client process cannot parse
@@ -169,34 +172,52 @@ def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, li
     return timed.times[0] - start, (tokens - 1) / (timed.times[-1] - timed.times[0]) if gaps else 0.0, gaps
 
 
+def engine_burst(engine, prompt: list[int], tokens: int, requests: int) -> dict:
+    """`requests` completions submitted at once straight to the engine (no HTTP): the median and longest time
+    to first token, all tokens over the wall time, the p50/p99 gaps of every stream, and the gaps over 3x the
+    median (the steps that also prefilled). Beside the `http N` rows it tells the engine's share of theirs."""
+    from forgather.serve.backend import SamplingParams
+
+    timers = [Timed() for _ in range(requests)]
+    start = time.perf_counter()
+    for timed in timers:
+        engine.submit(prompt, SamplingParams(max_tokens=tokens, temperature=0.0), timed)
+    for timed in timers:
+        timed.done.wait()
+    assert all(len(timed.times) == tokens for timed in timers), [t.finish for t in timers]
+    ttfts = sorted(timed.times[0] - start for timed in timers)
+    gaps = [b - a for timed in timers for a, b in zip(timed.times, timed.times[1:])]
+    median = percentile(gaps, 0.5)
+    return dict(tokens_per_s=requests * tokens / (max(t.times[-1] for t in timers) - start),
+                ttft_ms=statistics.median(ttfts) * 1e3, ttft_max_ms=ttfts[-1] * 1e3, itl_p50_ms=median * 1e3,
+                itl_p99_ms=percentile(gaps, 0.99) * 1e3, itl_max_ms=max(gaps) * 1e3,
+                long_gaps=sum(gap > 3 * median for gap in gaps))
+
+
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
-                 compile: bool | None = None, slots: int = 32, profile: bool = False, fused: bool | None = None,
-                 fused_attention: str | None = None, lookahead: bool | None = None,
-                 fused_matmul: str | None = None, settings: dict | None = None) -> None:
-    """One engine row; `settings` overrides forgather.serve.decode_attention's module settings (PDL)
-    for this row only."""
+                 slots: int = 32, profile: bool = False, settings: dict | None = None, bursts: tuple[int, ...] = (),
+                 **options) -> None:
+    """One engine row (Engine(**options)), with `ttft_prompt`'s TTFT and `bursts`' rows; `settings` overrides
+    forgather.serve.decode_attention's module settings (PDL) for this row only."""
     from forgather.serve import decode_attention
 
     saved = {key: getattr(decode_attention, key) for key in settings or {}}
     try:
         for key, value in (settings or {}).items():
             setattr(decode_attention, key, value)
-        _bench_engine(name, model, prompt, tokens, floor, ttft_prompt, compile, slots, profile, fused,
-                      fused_attention, lookahead, fused_matmul)
+        _bench_engine(name, model, prompt, tokens, floor, ttft_prompt, slots, profile, bursts, options)
     finally:
         for key, value in saved.items():
             setattr(decode_attention, key, value)
 
 
 def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
-                  compile: bool | None, slots: int, profile: bool, fused: bool | None, fused_attention: str | None,
-                  lookahead: bool | None, fused_matmul: str | None) -> None:
+                  slots: int, profile: bool, bursts: tuple[int, ...], options: dict) -> None:
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
     try:
-        engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), compile=compile,
-                        fused=fused, fused_attention=fused_attention, lookahead=lookahead, fused_matmul=fused_matmul)
+        engine = Engine(model, set(), slots=slots, context_length=max(4096, len(prompt) + tokens), **options)
     except Exception as error:  # a variant that does not compile here is a row with its error; the others go on
         row(name, error=f"{type(error).__name__}: {str(error)[:300]}")
         return
@@ -231,6 +252,9 @@ def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float
             engine_run(engine, long, 2)
             samples = [engine_run(engine, long, 2)[0] for _ in range(5)]
             row(f"{name} ttft {ttft_prompt}", ttft_ms=statistics.median(samples) * 1e3)
+        for requests in (n for n in bursts if n <= engine.slots):  # twice: the second shows any first-time cost
+            row(f"{name} burst {requests}", **engine_burst(engine, prompt, tokens, requests))
+            row(f"{name} burst {requests} again", **engine_burst(engine, prompt, tokens, requests))
     finally:
         engine.close()
         gc.unfreeze()
@@ -353,6 +377,9 @@ VARIANTS = {
     # it, and then the default products are "fused"): the engine's default products then are cuBLAS's.
     "nopdl": ("no PDL", dict(settings=dict(PDL=False))),
     "fused_nopdl": ("norm and SwiGLU in the products, no PDL", dict(fused_matmul="fused", settings=dict(PDL=False))),
+    # The prompts' forward passes compiled (eager by default): its TTFT, and bursts of 8 and 32 requests at once,
+    # whose long gaps are the decode steps that also prefilled.
+    "prefill_compiled": ("compiled prefill", dict(compile_prefill=True, bursts=(8, 32))),
     "serial": ("no lookahead", dict(lookahead=False)),
     "modules": ("the model's modules", dict(compile=False, fused=False)),
 }
@@ -396,7 +423,8 @@ def main() -> None:
         hf_dir, forgather_dir = Path(tmp) / "hf", Path(tmp) / "forgather"
         model.save_pretrained(hf_dir)
         word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(hf_dir)
-        bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile)
+        bench_engine("engine hf-llama", model, prompt, args.tokens, floor, 2048, profile=args.profile,
+                     bursts=tuple(n for n in args.concurrency if n > 1))
         from forgather.convert.hf import hf_to_forgather
         from forgather.serve.backend import Backend
 

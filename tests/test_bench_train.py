@@ -190,6 +190,7 @@ def test_sync_sites_count_where_the_host_waited_most_first():
     assert profile_train.sync_sites(caught) == [("module.py:133", 2), ("loss.py:40", 1)]
 
 
+@pytest.mark.slow
 def test_the_measured_marker_appears_when_every_timed_window_is_on_disk(tmp_path):
     """The bench stops a forgather run at MarkMeasured's marker: by then the loggers have written every timed
     throughput window (Lightning's CSV logger would otherwise hold them until step 100 or the end)."""

@@ -205,6 +205,27 @@ def test_the_decoders_two_stage_argmax_is_argmax_ties_included(vocab):
 
 
 @pytest.mark.slow
+def test_a_compiled_prefill_decodes_like_the_simple_loop_and_compiles_only_at_startup(backend):
+    """compile_prefill: the prompts' forward passes through torch.compile, compiled while the engine starts
+    for the shapes dynamo tells apart; requests of other prompt lengths and counts (chunked, batched, one
+    token) then compile nothing more, and give the simple loop's greedy tokens. (~1 minute of compiling.)"""
+    from torch._dynamo.utils import counters
+
+    prompts = [backend.encode(p) for p in PROMPTS] + [[5]]
+    params = [SamplingParams(max_tokens=6, temperature=0.0)] * len(prompts)
+    expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
+    engine = Engine(backend.model, set(), slots=3, context_length=CONTEXT, prefill_chunk=5, compile_prefill=True)
+    try:
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled > 0
+        assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
+        assert [run_engine(engine, [ids], [p])[0].tokens for ids, p in zip(prompts, params)] == expected
+        assert counters["stats"]["unique_graphs"] == compiled
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["torch", "triton", "fused"])
 def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend, kernels):
     """What a GPU runs (the fused decoder through torch.compile, dynamic shapes, batch 1 and batches), here

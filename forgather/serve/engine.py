@@ -204,12 +204,14 @@ class Engine:
     inside, output and down by F.linear, the default where our kernels launch with PDL: _default_matmul;
     steps of more than 16 rows use "torch"); `lookahead`
     (default: where the step is graphed) queues the next greedy step before reading this one's tokens
-    (module docstring)."""
+    (module docstring); `compile_prefill` runs the prompts' forward passes through torch.compile (dynamic
+    shapes, compiled at startup for one and several rows of one and several tokens, so that no request waits
+    for a compile) where they run eagerly by default."""
 
     def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
                  prefill_chunk: int = 2048, max_waiting: int = 64, cuda_graphs: bool | None = None,
                  compile: bool | None = None, fused: bool | None = None, fused_attention: str | None = None,
-                 lookahead: bool | None = None, fused_matmul: str | None = None):
+                 lookahead: bool | None = None, fused_matmul: str | None = None, compile_prefill: bool = False):
         self.step = model_step(model)
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -247,6 +249,16 @@ class Engine:
         # Shapes vary by bucket: after the first recompile dynamo makes them dynamic, so a few compiles serve all.
         compile_modules = bool(compile) and self.fused is None
         self.forward: Callable = torch.compile(self._forward) if compile_modules else self._forward
+        self.prefill_forward: Callable = self._forward
+        if compile_prefill:
+            from .fused import _compile
+
+            # The cache's sizes never change: static, so that they are constants in the compiled graphs (with
+            # dynamic shapes they would be symbols, and the kv-head count a SymBool that SDPA refuses).
+            for tensor in (*self.cache.pairs, *self.cache.keys, *self.cache.values):
+                torch._dynamo.mark_static(tensor)
+            self.prefill_forward = _compile(self._forward)
+            self._warm_prefill()
         # The step's inputs go through pinned host memory: an asynchronous copy, no wait for the GPU. Two
         # buffers, used in turn: a queued step's copy may not have run yet when the host fills the next one.
         self.host_inputs = torch.zeros((2, 2, slots), dtype=torch.long, pin_memory=on_gpu)
@@ -338,9 +350,23 @@ class Engine:
                      for _, start, stop in chunks]
         slots = torch.tensor([request.slot for request, _, _ in chunks], device=self.device)
         last = torch.tensor([stop - start - 1 for _, start, stop in chunks], device=self.device)
-        keys = max(stop for _, _, stop in chunks)
-        return self._forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                             slots, keys, last)
+        # At least two keys: dynamo specializes a size of 1, and a compiled prefill would compile again for a
+        # one-token prompt (the extra key is past every row's position: masked).
+        keys = max(2, max(stop for _, _, stop in chunks))
+        return self.prefill_forward(torch.tensor(ids, device=self.device),
+                                    torch.tensor(positions, device=self.device), slots, keys, last)
+
+    def _warm_prefill(self) -> None:
+        """Compile the prefill for the shapes dynamo tells apart (it specializes sizes of 1): one and two rows
+        of one and three tokens over a window of 2 and 3 keys (as _prefill's), each writing only the scratch
+        position of its slots."""
+        with torch.inference_mode():
+            for rows in sorted({1, min(2, self.slots)}):
+                for width in (1, 3):
+                    ids = torch.zeros((rows, width), dtype=torch.long, device=self.device)
+                    positions = torch.full((rows, width), self.cache.scratch, device=self.device)
+                    self.prefill_forward(ids, positions, torch.arange(rows, device=self.device), max(2, width),
+                                         torch.full((rows,), width - 1, device=self.device))
 
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, size: int, keys: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
