@@ -12,7 +12,8 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    `matmul`: two products and a softmax; `sdpa`: torch's fused kernel; `reduce`: sums that
                    inductor fuses with the softmax), the layer's products through our Triton kernel for a few
                    rows instead of cuBLAS (`skinny`), that kernel with the norms and the SwiGLU inside
-                   (`fused`, the default where PDL runs; `cublas`: cuBLAS's products), programmatic dependent
+                   (`fused`, the default where PDL runs; `cublas`: cuBLAS's products; `fused_all`: the output
+                   and down products ours too, split-K where it tunes faster), programmatic dependent
                    launch off (`nopdl`, `fused_nopdl`), the prompts' forward passes compiled with bursts
                    (`prefill_compiled`), the engine without lookahead (`serial`), and the
                    models' own `modules` (the engine before the fused decoder), all in CUDA graphs
@@ -373,6 +374,7 @@ VARIANTS = {
     "cublas": ("cuBLAS products", dict(fused_matmul="torch")),
     "fused": ("norm and SwiGLU in the products", dict(fused_matmul="fused")),
     "skinny": ("Triton products", dict(fused_matmul="triton")),
+    "fused_all": ("all four products ours (split-K), norm and SwiGLU inside", dict(fused_matmul="fused_all")),
     # Programmatic dependent launch of our kernels off (decode_attention.PDL; on by default where the GPU has
     # it, and then the default products are "fused"): the engine's default products then are cuBLAS's.
     "nopdl": ("no PDL", dict(settings=dict(PDL=False))),

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_serve.py"
-VARIANTS = ("matmul", "sdpa", "reduce", "cublas", "fused", "skinny", "nopdl", "fused_nopdl", "serial", "modules")
+VARIANTS = ("matmul", "sdpa", "reduce", "cublas", "fused", "skinny", "fused_all", "nopdl", "fused_nopdl", "serial",
+            "modules")
 
 
 def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):

@@ -119,7 +119,8 @@ def test_greedy_tokens_equal_the_simple_loop_alone_and_batched(backend, engine):
     assert {c.finish for c in batched} == {"length"}
 
 
-@pytest.mark.parametrize("attention, matmul", [("matmul", "torch"), ("triton", "triton"), ("sdpa", "torch"), ("reduce", "triton"), ("triton", "fused")])
+@pytest.mark.parametrize("attention, matmul", [("matmul", "torch"), ("triton", "triton"), ("sdpa", "torch"), ("reduce", "triton"), ("triton", "fused"),
+                                               ("triton", "fused_all")])
 def test_decoding_goes_through_the_fused_decoder_whose_logits_are_the_modules_step(backend, attention, matmul):
     """Both kinds decode through FusedDecoder (its attention and products either way; the Triton ones run their
     torch semantics on a CPU); from the same cache it gives the modules' step's logits, and the model's own
@@ -226,7 +227,7 @@ def test_a_compiled_prefill_decodes_like_the_simple_loop_and_compiles_only_at_st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernels", ["torch", "triton", "fused"])
+@pytest.mark.parametrize("kernels", ["torch", "triton", "fused", "fused_all"])
 def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend, kernels):
     """What a GPU runs (the fused decoder through torch.compile, dynamic shapes, batch 1 and batches), here
     compiled for the CPU: the simple loop's greedy tokens, alone and batched; also with the Triton kernels'

@@ -211,20 +211,40 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     norm = delta is not None
     y = x.new_empty((rows, outputs))
     x_out = torch.empty_like(x) if norm else y
+    # split-K's float32 partial tiles (for the most splits a config may take) and its per-tile counters
+    partial = torch.empty(kernels.MAX_SPLIT_K * SKINNY_ROWS * outputs * (2 if gated else 1), dtype=torch.float32,
+                          device=x.device)
     args = (x, weight, bias if bias is not None else weight, y, rows, outputs, inner, x.stride(0), weight.stride(0),
-            y.stride(0), delta if norm else x, norm_weight if norm else weight, x_out, eps)
+            y.stride(0), delta if norm else x, norm_weight if norm else weight, x_out, eps, partial,
+            _tile_counters(x.device, outputs))
     constants = dict(HAS_BIAS=bias is not None, M_PAD=SKINNY_ROWS, NORM=norm, GATED=gated,
                      PRECISION=_precision(x.dtype), **_pdl_options(x.device))
     if config is None and interpreting():
         config = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
     if config is not None:
-        block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
-        kernels.skinny_matmul_kernel[(triton.cdiv(outputs, block_n),)](
+        block_n, block_k, split = config["BLOCK_N"], config["BLOCK_K"], config.get("SPLIT_K", 1)
+        kernels.skinny_matmul_kernel[(triton.cdiv(outputs, block_n), split)](
             *args, **constants, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=outputs % block_n == 0 and inner % block_k == 0,
-            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+            SPLIT_K=split, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     else:
         kernels.skinny_matmul(*args, **constants)
     return (y, x_out) if norm else y
+
+
+_TILE_COUNTERS: dict[str, torch.Tensor] = {}
+TILE_COUNTERS = 1 << 16  # output tiles of a split-K product at most (weights of up to 1M rows in tiles of 16)
+
+
+def _tile_counters(device: torch.device, outputs: int) -> torch.Tensor:
+    """The split-K products' per-tile counters on `device`, zeros, allocated on first use (the engine's warm-up
+    runs before its CUDA graphs are captured) and shared by every product: each tile's last program resets
+    its counter, and products run one after another."""
+    if outputs > TILE_COUNTERS * 16:
+        raise ValueError(f"skinny products take weights of up to {TILE_COUNTERS * 16} rows; got {outputs}")
+    key = str(device)
+    if key not in _TILE_COUNTERS:
+        _TILE_COUNTERS[key] = torch.zeros(TILE_COUNTERS, dtype=torch.int32, device=device)
+    return _TILE_COUNTERS[key]
 
 
 def _pdl_options(device: torch.device) -> dict:

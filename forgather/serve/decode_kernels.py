@@ -147,24 +147,47 @@ def decode_attention_kernel(
 
 
 @triton.jit
+def _skinny_finish(acc, acc_up, BIAS, Y, n, m, rows, N, stride_ym, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+    """The skinny product's epilogue: bias, the SwiGLU when GATED, the store of Y's [M_PAD, BLOCK_N] tile."""
+    dtype = Y.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(BIAS + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(BIAS + N + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(dtype)
+    if GATED:
+        gate = y.to(tl.float32)
+        activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        y = (activated * acc_up.to(dtype).to(tl.float32)).to(dtype)
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], y, mask=rows & (n[None, :] < N))
+
+
+@triton.jit
 def skinny_matmul_kernel(
-    X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, DELTA, NORM_WEIGHT, X_OUT, eps,
+    X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, DELTA, NORM_WEIGHT, X_OUT, eps, PARTIAL, COUNTER,
     HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
 ):
     """Y [M, N] = A [M, K] @ W [N, K]^T (+ bias) for M <= M_PAD: each program streams BLOCK_N rows of W
     (contiguous along K) once, for every row; float32 accumulation. A is X [M, K], or with
     - NORM: rms_norm(X + DELTA) * NORM_WEIGHT, the residual add in float32 rounded to X's dtype (written to
-      X_OUT by program 0), the norm's statistics in float32, cast back before the weight (forgather's
+      X_OUT by the first program), the norm's statistics in float32, cast back before the weight (forgather's
       rms_norm); every program recomputes the rows' statistics (a few KB from L2);
     and with GATED, W [2N, K] holds a SwiGLU's gate rows then its up rows: each program streams BLOCK_N rows of
     both halves and Y = silu(gate) * up, each rounded to Y's dtype as torch's ops round (the activation in the
     product's epilogue: computing it on the down product's input instead redid it in every program, 5x slower
     than cuBLAS plus a pointwise kernel on the H200). PDL: launched under programmatic dependent launch
-    (decode_attention.PDL)."""
+    (decode_attention.PDL).
+
+    SPLIT_K > 1 (split-K, for products whose N alone makes too few programs: the 1.24B layer's output and
+    down products have 128 tiles of 16 rows for 132 SMs): program (tile, split) sums the split's share of K,
+    stores its float32 tile in PARTIAL [SPLIT_K, M_PAD, N (2N when GATED)], and the last of a tile's
+    programs to finish (an atomic counter per tile in COUNTER, reset by that program) adds the splits in
+    their order (the result does not depend on which finished last) and runs the epilogue."""
     _dependent_launch_point(PDL)
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, M_PAD)
     rows = m[:, None] < M
@@ -176,14 +199,17 @@ def skinny_matmul_kernel(
             at = m[:, None] * stride_xm + k[None, :]
             inside = rows & (k[None, :] < K)
             x = _residual(X, DELTA, at, inside, dtype)
-            if pid == 0:
+            if (pid == 0) & (split == 0):
                 tl.store(X_OUT + at, x, mask=inside)
             x = x.to(tl.float32)
             squares += tl.sum(x * x, 1)
         inverse_rms = 1.0 / tl.sqrt(squares / K + eps)
+    chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = split * chunk
+    k_stop = tl.minimum(k_start + chunk, K)
     acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     acc_up = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_stop, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         w_at = n[:, None] * stride_wn + k[None, :]
         w_inside = (n[:, None] < N) & (k[None, :] < K)
@@ -206,16 +232,27 @@ def skinny_matmul_kernel(
             else:
                 w_up = tl.load(W + N * stride_wn + w_at, mask=w_inside, other=0.0)
             acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    if SPLIT_K == 1:
+        _skinny_finish(acc, acc_up, BIAS, Y, n, m, rows, N, stride_ym, HAS_BIAS, GATED)
+    else:
+        width = 2 * N if GATED else N
+        tile = PARTIAL + m[:, None] * width + n[None, :]
+        in_tile = n[None, :] < N
+        tl.store(tile + split * M_PAD * width, acc, mask=in_tile)
         if GATED:
-            acc_up += tl.load(BIAS + N + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(dtype)
-    if GATED:
-        gate = y.to(tl.float32)
-        activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        y = (activated * acc_up.to(dtype).to(tl.float32)).to(dtype)
-    tl.store(Y + m[:, None] * stride_ym + n[None, :], y, mask=rows & (n[None, :] < N))
+            tl.store(tile + split * M_PAD * width + N, acc_up, mask=in_tile)
+        tl.debug_barrier()  # every thread's partial stored before the release below
+        done = tl.atomic_add(COUNTER + pid, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:  # the last of this tile's programs: add the splits in order, then finish
+            acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+            acc_up = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+            for other in range(0, SPLIT_K):
+                acc += tl.load(tile + other * M_PAD * width, mask=in_tile, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(tile + other * M_PAD * width + N, mask=in_tile, other=0.0,
+                                      cache_modifier=".cg")
+            _skinny_finish(acc, acc_up, BIAS, Y, n, m, rows, N, stride_ym, HAS_BIAS, GATED)
+            tl.atomic_xchg(COUNTER + pid, 0)
 
 
 def _skinny_configs() -> list:
@@ -226,7 +263,15 @@ def _skinny_configs() -> list:
                 configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=stages))
     configs.append(triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=4))
     configs.append(triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=4))
+    for block_n in (16, 32):  # split-K, for products of few output tiles (MAX_SPLIT_K at most)
+        for block_k in (128, 256):
+            for split in (2, 4, 8):
+                configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split},
+                                             num_warps=4, num_stages=4))
     return configs
+
+
+MAX_SPLIT_K = 8
 
 
 class _Skinny:
@@ -239,7 +284,7 @@ class _Skinny:
 
     def __call__(self, *args, launch_pdl: bool = False, **constants):
         outputs = args[5]  # N
-        grid = lambda meta: (triton.cdiv(outputs, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(outputs, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))  # noqa: E731
         if launch_pdl:
             self.tuned[grid](*args, launch_pdl=True, **constants)
         else:

@@ -173,7 +173,7 @@ def test_the_decode_kernels_in_bf16_give_the_modules_logits(model_dir):
 
     backend = Backend.load(model_dir, dtype="bfloat16")
     errors = {}
-    for kernels in ("triton", "fused", "torch"):
+    for kernels in ("triton", "fused", "fused_all", "torch"):
         engine = Engine(backend.model, set(), slots=4, context_length=600,
                         fused_attention="matmul" if kernels == "torch" else "triton", fused_matmul=kernels)
         try:
@@ -190,7 +190,7 @@ def test_the_decode_kernels_in_bf16_give_the_modules_logits(model_dir):
         finally:
             engine.close()
     for rows in (1, 3):
-        for kernels in ("triton", "fused"):
+        for kernels in ("triton", "fused", "fused_all"):
             assert errors[kernels, rows] < max(0.05, 2 * errors["torch", rows]), errors
 
 
@@ -198,14 +198,15 @@ def test_the_decode_kernels_in_bf16_give_the_modules_logits(model_dir):
 # dtype would take minutes; the engine's tests and bench_serve's logit check run the autotuned ones).
 # (Both fit the H200's 227 KiB of shared memory in float32 with the gated product's two weight tiles.)
 SKINNY_CONFIGS = [dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=2),
-                  dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=5)]
+                  dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=5),
+                  dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=4)]  # split-K
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("outputs, inner", [(3072, 2048), (2048, 8192), (1000, 200)])
 def test_the_skinny_product_is_f_linear(dtype, outputs, inner):
     """decode_attention.skinny_linear's Triton kernel gives F.linear's product for 1 to 16 rows, with and without
-    a bias, on the 1.24B layer's shapes and an uneven one."""
+    a bias, on the 1.24B layer's shapes and an uneven one, each output tile whole or split-K."""
     from forgather.serve.decode_attention import launch_skinny
 
     torch.manual_seed(0)
@@ -272,6 +273,7 @@ def test_kernels_launched_early_wait_for_their_inputs():
     positions = torch.tensor([200], device=device)
     partial, counter = da.workspace(1, kv_heads, head_dim, 4097, device)
     config = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=3)
+    split = dict(config, SPLIT_K=4)  # the output and down products split-K: their tile counters in the chain
 
     def step(x0):
         x, delta = x0, torch.zeros_like(x0)
@@ -279,10 +281,10 @@ def test_kernels_launched_early_wait_for_their_inputs():
             qkv, x = da.launch_skinny(x, w["qkv"], None, config, delta=delta, norm_weight=norm, eps=1e-5)
             q, k, v = qkv.view(1, heads + 2 * kv_heads, head_dim).split([heads, kv_heads, kv_heads], dim=1)
             attended = da.launch(q, k, v, cos, sin, positions, w["cache"], keys, partial, counter)
-            o = da.launch_skinny(attended.reshape(1, -1), w["o"], None, config)
+            o = da.launch_skinny(attended.reshape(1, -1), w["o"], None, split)
             activated, x = da.launch_skinny(x, w["gate_up"], None, config, delta=o, norm_weight=norm, eps=1e-5,
                                             gated=True)
-            delta = da.launch_skinny(activated, w["down"], None, config)
+            delta = da.launch_skinny(activated, w["down"], None, split)
         return (x.float() + delta.float()).to(dtype)
 
     x0 = torch.randn(1, hidden, device=device, dtype=dtype)
@@ -303,3 +305,4 @@ def test_kernels_launched_early_wait_for_their_inputs():
         da.PDL = saved
     assert torch.isfinite(results[False]).all()
     assert torch.equal(results[True], results[False])
+    assert all(int(counters.sum()) == 0 for counters in da._TILE_COUNTERS.values())  # reset by each tile's last
