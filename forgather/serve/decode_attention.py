@@ -227,7 +227,7 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             *args, **constants, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=outputs % block_n == 0 and inner % block_k == 0,
             SPLIT_K=split, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     else:
-        kernels.skinny_matmul(*args, **constants)
+        (kernels.skinny_matmul if norm else kernels.skinny_matmul_split)(*args, **constants)
     return (y, x_out) if norm else y
 
 

@@ -255,7 +255,8 @@ def skinny_matmul_kernel(
             tl.atomic_xchg(COUNTER + pid, 0)
 
 
-def _skinny_configs() -> list:
+def _skinny_configs(split: bool) -> list:
+    """The autotuner's tilings: whole-K ones, and with `split` also split-K ones."""
     configs = []
     for block_n in (16, 32, 64):
         for block_k in (128, 256, 512):
@@ -263,7 +264,7 @@ def _skinny_configs() -> list:
                 configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=stages))
     configs.append(triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=4))
     configs.append(triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=4))
-    for block_n in (16, 32):  # split-K, for products of few output tiles (MAX_SPLIT_K at most)
+    for block_n in (16, 32) if split else ():  # split-K, for products of few output tiles (MAX_SPLIT_K at most)
         for block_k in (128, 256):
             for split in (2, 4, 8):
                 configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split},
@@ -277,8 +278,8 @@ MAX_SPLIT_K = 8
 class _Skinny:
     """skinny_matmul_kernel autotuned once per weight shape (N, K) and dtype; the grid follows the config."""
 
-    def __init__(self):
-        self.tuned = triton.autotune(configs=_skinny_configs(), key=["N", "K", "NORM", "GATED", "PDL"])(
+    def __init__(self, split: bool):
+        self.tuned = triton.autotune(configs=_skinny_configs(split), key=["N", "K", "NORM", "GATED", "PDL"])(
             triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0})(
                 skinny_matmul_kernel))
 
@@ -291,4 +292,8 @@ class _Skinny:
             self.tuned[grid](*args, **constants)
 
 
-skinny_matmul = _Skinny()
+# The norm + product kernels (the default "fused" products: q/k/v and gate/up, whose many output tiles fill the
+# GPU; a split would recompute the norm's statistics in every split) tune among whole-K tilings only; the plain
+# products (output and down in "fused_all", all four in "triton") also among split-K ones.
+skinny_matmul = _Skinny(split=False)
+skinny_matmul_split = _Skinny(split=True)
