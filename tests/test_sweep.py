@@ -54,6 +54,7 @@ def test_optuna_prunes_poor_trials_and_records_the_best(tmp_path, capsys):
     assert study.best_trial.number == best["number"] and len(study.trials) == 6
 
 
+@pytest.mark.slow  # a killed sweep's resume runs by default: tests/test_launch.py
 def test_an_interrupted_optuna_search_resumes_from_its_study(tmp_path, capsys):
     command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=2", "val_check_interval=2"]
     command += ["lr=tag(log, interval(1e-4, 1e-2))", "sweeper=optuna", "sweeper.n_trials=2", "sweeper.pruner=none"]
