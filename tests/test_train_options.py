@@ -167,6 +167,17 @@ def test_compile_scope_layers_is_what_compile_true_means():
     assert all(layer._compiled_call_impl is not None for layer in module.model.layers)
 
 
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_compile_mode_is_torch_compiles_mode_in_either_scope(scope, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: seen.append(options) or fn)
+    module = CausalLMModule(tiny_model(), compile=True, compile_scope=scope, compile_mode="max-autotune-no-cudagraphs")
+    module.configure_model()
+    assert seen and all(options == {"mode": "max-autotune-no-cudagraphs"} for options in seen)
+    with pytest.raises(ValueError, match=r"compile_mode='fastest'.*max-autotune-no-cudagraphs"):
+        CausalLMModule(tiny_model(), compile=True, compile_mode="fastest")
+
+
 def test_an_unknown_compile_scope_names_the_choices():
     with pytest.raises(ValueError, match=r"compile_scope='graph'.*'layers'.*'model'"):
         CausalLMModule(tiny_model(), compile=True, compile_scope="graph")
@@ -178,9 +189,10 @@ def test_the_options_are_config_values_of_the_llama_template(capsys):
     from forgather.run import main
 
     assert main(["+experiment=tiny_llama", "fused_projections=true", "compile=true", "compile_scope=model",
-                 "--cfg", "job", "--resolve"]) == 0
+                 "compile_mode=max-autotune-no-cudagraphs", "--cfg", "job", "--resolve"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["module"]["compile_scope"] == "model"
+    assert config["module"]["compile_mode"] == "max-autotune-no-cudagraphs"
     layer = config["model"]["layer_factory"]
     assert layer["attention_factory"]["fused_projections"] is True
     assert layer["feedforward_factory"]["fused_projections"] is True

@@ -33,6 +33,10 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# torch.compile's modes (torch._inductor.list_mode_options()), None for its default.
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class CausalLMModule(pl.LightningModule):
     """Causal-LM training and validation around a model, a loss and optimizer/scheduler factories.
 
@@ -51,6 +55,8 @@ class CausalLMModule(pl.LightningModule):
             compiled graph reused by every layer. "model": the whole of `model.hidden_states` (embedding,
             every layer, final norm) as one graph, so inductor can fuse across layer boundaries (the model
             object itself is not changed, so its state dict and export are not either).
+        compile_mode: torch.compile's `mode` (COMPILE_MODES; None: its default), e.g.
+            "max-autotune-no-cudagraphs" to let inductor tune its kernels (minutes more at the start).
     """
 
     def __init__(
@@ -62,10 +68,13 @@ class CausalLMModule(pl.LightningModule):
         lr_scheduler_interval: str = "step",
         compile: bool = False,
         compile_scope: str = "layers",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         if compile_scope not in ("layers", "model"):
             raise ValueError(f"compile_scope={compile_scope!r}: choose 'layers' (each layer) or 'model' (all of them)")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode={compile_mode!r}: choose one of {COMPILE_MODES}")
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
         if isinstance(model, nn.Module):
@@ -83,7 +92,7 @@ class CausalLMModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.compile = compile
-        self.compile_scope = compile_scope
+        self.compile_scope, self.compile_mode = compile_scope, compile_mode
         self._compiled = False
         self._hidden_states: Callable[..., torch.Tensor] | None = None  # compile_scope "model": the compiled method
         self._batch_tokens: torch.Tensor | None = None
@@ -97,11 +106,12 @@ class CausalLMModule(pl.LightningModule):
         if self.model is None:
             self.model = self.model_factory()
         if self.compile and not self._compiled:
+            options = {"mode": self.compile_mode} if self.compile_mode else {}
             if self.compile_scope == "model":
-                self._hidden_states = torch.compile(self.model.hidden_states)
+                self._hidden_states = torch.compile(self.model.hidden_states, **options)
             else:
                 for layer in self.model.layers:
-                    layer.compile()
+                    layer.compile(**options)
             self._compiled = True
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
