@@ -251,6 +251,8 @@ class Engine:
         self.forward: Callable = torch.compile(self._forward) if compile_modules else self._forward
         self.prefill_forward: Callable = self._forward
         if compile_prefill:
+            import torch._dynamo
+
             from .fused import _compile
 
             # The cache's sizes never change: static, so that they are constants in the compiled graphs (with
