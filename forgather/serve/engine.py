@@ -251,14 +251,14 @@ class Engine:
         self.forward: Callable = torch.compile(self._forward) if compile_modules else self._forward
         self.prefill_forward: Callable = self._forward
         if compile_prefill:
-            import torch._dynamo
+            from torch._dynamo import mark_static
 
             from .fused import _compile
 
             # The cache's sizes never change: static, so that they are constants in the compiled graphs (with
             # dynamic shapes they would be symbols, and the kv-head count a SymBool that SDPA refuses).
             for tensor in (*self.cache.pairs, *self.cache.keys, *self.cache.values):
-                torch._dynamo.mark_static(tensor)
+                mark_static(tensor)
             self.prefill_forward = _compile(self._forward)
             self._warm_prefill()
         # The step's inputs go through pinned host memory: an asynchronous copy, no wait for the GPU. Two
