@@ -43,6 +43,20 @@ def test_pp_jinja_shows_the_expanded_line_syntax(capsys):
     assert "{% extends 'configs/base.yaml' %}" in out and "{% block optimizer %}" in out
 
 
+def test_a_reader_that_closes_the_pipe_ends_a_printing_command_quietly():
+    """`forgather pp | head -5`: the reader may close the pipe before pp has written; pp then ends with success
+    (a `set -o pipefail` pipeline does not fail) and no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: that write fails with EPIPE, every time
+    try:
+        result = subprocess.run([sys.executable, "-m", "forgather", "-p", EXAMPLE, "-t", "sgd.yaml", "pp", "--jinja"],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
 def test_targets_lists_non_dot_keys(capsys):
     assert cli(capsys, "-t", "base.yaml", "targets").split() == ["model", "optimizer"]
 

@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 # Commands that load the chosen config, and so accept the arguments it declares.
 CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "code", "construct", "train"}
+# Commands whose whole work is printing: a reader that stops early (`| head`) ends them with success.
+PRINTING_COMMANDS = {"ls", "index", "pp", "graph", "config", "targets", "code", "construct", "completion"}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -98,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         return module.run(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader closed the pipe (`forgather pp | head -5`). No traceback: stdout goes to /dev/null, so that
+        # the interpreter's last flush does not fail again; a printing command has done what its reader wanted
+        # (0: a `set -o pipefail` pipeline does not fail on the reader's choice), any other ends as a process
+        # killed by SIGPIPE would (141).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0 if known.command in PRINTING_COMMANDS else 141
     except Exception as error:  # one readable line for the user's mistakes; tracebacks only on request
         from forgather.errors import report
 
