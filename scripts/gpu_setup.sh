@@ -1,7 +1,9 @@
 # Sourced by the gpu_check_*.sh scripts on the device machine: `source scripts/gpu_setup.sh DIR...` installs the
 # wheels carried in each DIR (pure-Python packages the image lacks) into /tmp/site, on PYTHONPATH, then forgather
 # itself with --no-deps (the image's torch stays; if the editable install fails, the checkout goes on
-# PYTHONPATH), and prints the GPU. Needs $PY and $OUT.
+# PYTHONPATH), and prints the GPU. Uses $PY (default python3) and $OUT (default /tmp).
+PY=${PY:-python3}
+OUT=${OUT:-/tmp}
 for dir in "$@"; do
     ls "$dir"/*.whl >/dev/null 2>&1 \
         && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/*.whl

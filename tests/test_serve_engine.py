@@ -226,6 +226,34 @@ def test_a_compiled_prefill_decodes_like_the_simple_loop_and_compiles_only_at_st
         engine.close()
 
 
+def test_the_prefill_runs_without_cudnn_attention_and_puts_the_flags_back():
+    """On a GPU the engine's prefill runs SDPA without cuDNN's kernel (it builds a plan per new shape): the
+    wrapper turns cuDNN off for the call only, leaves the other kernels on, and restores the flags after a
+    failing call too."""
+    from forgather.serve.engine import _without_cudnn_attention
+
+    seen = []
+
+    def forward(fail=False):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        if fail:
+            raise RuntimeError("boom")
+        return torch.ones(1)
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        wrapped = _without_cudnn_attention(forward)
+        assert wrapped().item() == 1.0
+        with pytest.raises(RuntimeError, match="boom"):
+            wrapped(fail=True)
+        assert seen == [(False, True, True, True)] * 2
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["torch", "triton", "fused", "fused_all"])
 def test_the_compiled_fused_decoder_decodes_like_the_simple_loop(backend, kernels):

@@ -188,6 +188,24 @@ def _default_matmul(device: torch.device, attention: str) -> str:
     return "fused" if attention == "triton" and dependent_launch(device) else "torch"
 
 
+def _without_cudnn_attention(forward: Callable) -> Callable:
+    """`forward` with torch's SDPA choosing among its other kernels than cuDNN's. cuDNN's attention builds a
+    plan for each new shape it meets, and a prefill's shapes (rows x prompt width x keys) are new at almost
+    every burst of requests: on the H200 the first burst of 8 prompts waited 153 ms for its first token with
+    cuDNN and 31 ms without (benchmarks.md, serving). The flags are process-wide, so they are set for the
+    call and put back after it (the engine's thread is the only one running the model)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    @functools.wraps(forward)
+    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with sdpa_kernel(backends):
+            return forward(*args, **kwargs)
+
+    return call
+
+
 MIN_KEYS = 256  # the shortest window of cache positions a decode step attends over
 
 
@@ -250,6 +268,8 @@ class Engine:
         compile_modules = bool(compile) and self.fused is None
         self.forward: Callable = torch.compile(self._forward) if compile_modules else self._forward
         self.prefill_forward: Callable = self._forward
+        if on_gpu:
+            self.prefill_forward = _without_cudnn_attention(self._forward)
         if compile_prefill:
             from torch._dynamo import mark_static
 
@@ -260,6 +280,8 @@ class Engine:
             for tensor in (*self.cache.pairs, *self.cache.keys, *self.cache.values):
                 mark_static(tensor)
             self.prefill_forward = _compile(self._forward)
+            if on_gpu:
+                self.prefill_forward = _without_cudnn_attention(self.prefill_forward)
             self._warm_prefill()
         # The step's inputs go through pinned host memory: an asynchronous copy, no wait for the GPU. Two
         # buffers, used in turn: a queued step's copy may not have run yet when the host fills the next one.
