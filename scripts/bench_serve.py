@@ -15,8 +15,7 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    (`fused`, the default where PDL runs; `cublas`: cuBLAS's products; `fused_all`: the output
                    and down products ours too, split-K where it tunes faster), programmatic dependent
                    launch off (`nopdl`, `fused_nopdl`), the prompts' forward passes compiled with bursts
-                   (`prefill_compiled`), bursts with cuDNN's SDPA off (`no_cudnn_sdpa`), the engine
-                   without lookahead (`serial`), and the
+                   (`prefill_compiled`), the engine without lookahead (`serial`), and the
                    models' own `modules` (the engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   burst N          N completions submitted to the engine at once (no HTTP; each --concurrency above 1, twice):
@@ -198,23 +197,19 @@ def engine_burst(engine, prompt: list[int], tokens: int, requests: int) -> dict:
 
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
                  slots: int = 32, profile: bool = False, settings: dict | None = None, bursts: tuple[int, ...] = (),
-                 cudnn_sdpa: bool = True, **options) -> None:
+                 **options) -> None:
     """One engine row (Engine(**options)), with `ttft_prompt`'s TTFT and `bursts`' rows; `settings` overrides
-    forgather.serve.decode_attention's module settings (PDL) for this row only; `cudnn_sdpa=False` turns torch's
-    cuDNN attention off for the row (the prefill's SDPA: cuDNN builds a plan per new shape)."""
+    forgather.serve.decode_attention's module settings (PDL) for this row only."""
     from forgather.serve import decode_attention
 
     saved = {key: getattr(decode_attention, key) for key in settings or {}}
-    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
     try:
         for key, value in (settings or {}).items():
             setattr(decode_attention, key, value)
-        torch.backends.cuda.enable_cudnn_sdp(cudnn and cudnn_sdpa)
         _bench_engine(name, model, prompt, tokens, floor, ttft_prompt, slots, profile, bursts, options)
     finally:
         for key, value in saved.items():
             setattr(decode_attention, key, value)
-        torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
 
 def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
@@ -387,9 +382,6 @@ VARIANTS = {
     # The prompts' forward passes compiled (eager by default): its TTFT, and bursts of 8 and 32 requests at once,
     # whose long gaps are the decode steps that also prefilled.
     "prefill_compiled": ("compiled prefill", dict(compile_prefill=True, bursts=(8, 32))),
-    # The HTTP rows' TTFT at 8 and 32 streams (~205 ms against 24 at one) may be the prefill's new shapes:
-    # bursts with torch's cuDNN attention off (it builds a plan for each new shape).
-    "no_cudnn_sdpa": ("SDPA without cuDNN", dict(cudnn_sdpa=False, bursts=(8, 32))),
     "serial": ("no lookahead", dict(lookahead=False)),
     "modules": ("the model's modules", dict(compile=False, fused=False)),
 }

@@ -9,9 +9,9 @@
 #                  simple loop's tokens; the kernels in bf16 give the modules' logits): minutes of compiling.
 #   part bench     scripts/bench_serve.py: both model kinds at batch 1, the HTTP server at 1, 8 and 32 streams
 #                  driven from client processes of 4 streams, the 7B shape, the step's kernels (--profile), then
-#                  variants of the HF one (the previous default without programmatic dependent launch, every
-#                  product ours with split-K, the prefill compiled and cuDNN attention off, each with bursts of
-#                  8 and 32 requests).
+#                  the previous default (no programmatic dependent launch) as a variant; more bench_serve.py
+#                  args after the parts (e.g. --variants prefill_compiled: the 420 s limit holds about one
+#                  compiled variant besides the rows above).
 # Results: $OUT/pytest_kernels.txt, kernels.txt, kernels.json (kernels); pytest_engine.txt (engine);
 # serve.txt, serve.json (bench).
 #     bash scripts/gpu_check_serve.sh [kernels|engine|bench][,...] [more bench_serve.py args]
@@ -41,7 +41,7 @@ engine)
     ;;
 bench)
     $PY -c "import fastapi, uvicorn, openai" || echo "the HTTP rows need the serve extra's wheels in .whl/"
-    timeout 420 $PY scripts/bench_serve.py --skip-hf --variants nopdl fused_all prefill_compiled no_cudnn_sdpa --profile --json "$OUT/serve.json" \
+    timeout 420 $PY scripts/bench_serve.py --skip-hf --variants nopdl --profile --json "$OUT/serve.json" \
         "$@" 2>&1 | grep --line-buffered -v "Loading\|Writing" > "$OUT/serve.txt"
     echo "==================== bench ===================="
     grep '"name"' "$OUT/serve.txt" | cut -c1-300
