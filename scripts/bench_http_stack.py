@@ -8,9 +8,14 @@ openai client and our app each carry, so a GPU measurement of many streams knows
   server   forgather's app (create_app, a word-level tokenizer) over a stand-in engine that delivers a token to
            every running request each --step seconds; a plain httpx client reads the streams. Reports tokens/s
            through the app and the server process's CPU time per token (its event loop: detokenizing, JSON,
-           SSE, the socket; the engine's thread does nothing else here).
+           SSE, the socket). The stand-in's thread works as the real engine's does: --host-us of Python a
+           step holding the GIL (planning, launching, handing out), then a wait without it (the real one waits
+           for the GPU in Event.synchronize). It records the period of its own steps: a step later than
+           --step is the engine's thread waiting for the GIL while the event loop runs. Once per
+           --switch-interval (sys.setswitchinterval in the server; Python's default is 5 ms).
 
     python scripts/bench_http_stack.py [--streams 32] [--step 0.0018] [--tokens 256] [--streams-per-client 4]
+                                       [--host-us 150] [--switch-interval 0.005 0.0005] [--skip-client]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_serve import drive, word_tokenizer  # noqa: E402
+from bench_serve import drive, percentile, word_tokenizer  # noqa: E402
 from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the endpoint's annotation here)
 
 from forgather.serve.client import free_port, wait_for_server  # noqa: E402
@@ -75,8 +80,9 @@ class StandInEngine:
 
     slots = 1024
 
-    def __init__(self, step: float):
-        self.step, self.running, self.lock = step, [], threading.Lock()
+    def __init__(self, step: float, host: float = 0.0):
+        self.step, self.host, self.running, self.lock = step, host, [], threading.Lock()
+        self.periods: list[float] = []  # seconds between the starts of consecutive steps that had requests
         threading.Thread(target=self._loop, daemon=True).start()
 
     def submit(self, prompt_ids, params, deliver):
@@ -89,11 +95,18 @@ class StandInEngine:
         request["cancelled"] = True
 
     def _loop(self) -> None:
-        due = time.perf_counter()
+        due = last = time.perf_counter()
         while True:
             due += self.step
+            now = time.perf_counter()
             with self.lock:
                 running = list(self.running)
+            if running:
+                self.periods.append(now - last)
+            last = now
+            busy = now + self.host
+            while time.perf_counter() < busy:  # the engine's own Python between two steps, holding the GIL
+                pass
             for request in running:
                 done = request["cancelled"] or request["sent"] == request["max"]
                 if not done:
@@ -108,8 +121,9 @@ class StandInEngine:
             time.sleep(max(0.0, due - time.perf_counter()))
 
 
-def serve_app(port: int, step: float, results: multiprocessing.Queue) -> None:
-    """forgather's app over a StandInEngine; at shutdown (SIGTERM) puts the process's CPU seconds."""
+def serve_app(port: int, step: float, host: float, switch: float, results: multiprocessing.Queue) -> None:
+    """forgather's app over a StandInEngine; on each SIGUSR1 puts the process's CPU seconds and the engine's
+    step periods so far."""
     import signal
 
     import torch
@@ -122,10 +136,11 @@ def serve_app(port: int, step: float, results: multiprocessing.Queue) -> None:
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1)
     backend = Backend(transformers.LlamaForCausalLM(config), word_tokenizer(VOCAB), 4096, set())
-    backend.engine = StandInEngine(step)
+    sys.setswitchinterval(switch)
+    backend.engine = engine = StandInEngine(step, host)
     server = uvicorn.Server(uvicorn.Config(create_app(backend, "bench"), host="127.0.0.1", port=port,
                                            log_level="warning"))
-    signal.signal(signal.SIGUSR1, lambda *_: results.put(time.process_time()))
+    signal.signal(signal.SIGUSR1, lambda *_: results.put((time.process_time(), list(engine.periods))))
     torch.set_num_threads(1)
     server.run()
 
@@ -148,50 +163,72 @@ async def read_streams(port: int, streams: int, tokens: int) -> tuple[int, float
         return sum(counts), time.perf_counter() - start
 
 
+def measure_app(context, args, switch: float) -> dict:
+    """One server process at switch interval `switch`: tokens/s through the app, its CPU per token, and the
+    stand-in engine's step periods while the streams ran."""
+    import os
+    import signal
+
+    port = free_port()
+    results = context.Queue()
+    server = context.Process(target=serve_app, args=(port, args.step, args.host_us * 1e-6, switch, results),
+                             daemon=True)
+    server.start()
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", server.is_alive, timeout=120)
+        os.kill(server.pid, signal.SIGUSR1)
+        cpu_before, periods_before = results.get(timeout=60)
+        count, wall = asyncio.run(read_streams(port, args.streams, args.tokens))
+        os.kill(server.pid, signal.SIGUSR1)
+        cpu_after, periods = results.get(timeout=60)
+    finally:
+        server.terminate()
+    periods = periods[len(periods_before):]
+    return dict(tokens_per_s=count / wall, cpu_share=(cpu_after - cpu_before) / wall,
+                cpu_us=1e6 * (cpu_after - cpu_before) / count, step_p50_ms=percentile(periods, 0.5) * 1e3,
+                step_p99_ms=percentile(periods, 0.99) * 1e3, step_max_ms=max(periods) * 1e3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--step", type=float, default=0.0018, help="seconds between a stream's tokens")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--streams-per-client", type=int, default=4)
+    parser.add_argument("--host-us", type=float, default=150.0,
+                        help="the stand-in engine's Python a step, holding the GIL (microseconds)")
+    parser.add_argument("--switch-interval", type=float, nargs="+", default=[0.005, 0.0005],
+                        help="sys.setswitchinterval values for the server process, a row each")
+    parser.add_argument("--skip-client", action="store_true", help="only the server rows")
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")
     offered = args.streams / args.step
     print(f"# {args.streams} streams x {args.tokens} tokens, a token per stream every {1e3 * args.step:.2f} ms "
           f"({offered:.0f} tokens/s offered)", flush=True)
 
-    port = free_port()
-    standin = context.Process(target=serve_standin, args=(port, args.step), daemon=True)
-    standin.start()
-    try:
-        wait_for_server(f"http://127.0.0.1:{port}", standin.is_alive, timeout=120)
-        rows = []
-        for per_process in (args.streams, args.streams_per_client):
-            result = drive(f"http://127.0.0.1:{port}", args.streams, [1, 2, 3], args.tokens, per_process)
-            rows.append((f"openai client, {result['client_processes']} process(es)", result))
-    finally:
-        standin.terminate()
+    rows = []
+    if not args.skip_client:
+        port = free_port()
+        standin = context.Process(target=serve_standin, args=(port, args.step), daemon=True)
+        standin.start()
+        try:
+            wait_for_server(f"http://127.0.0.1:{port}", standin.is_alive, timeout=120)
+            for per_process in (args.streams, args.streams_per_client):
+                result = drive(f"http://127.0.0.1:{port}", args.streams, [1, 2, 3], args.tokens, per_process)
+                rows.append((f"openai client, {result['client_processes']} process(es)", result))
+        finally:
+            standin.terminate()
+    apps = [(switch, measure_app(context, args, switch)) for switch in args.switch_interval]
 
-    port = free_port()
-    results = context.Queue()
-    server = context.Process(target=serve_app, args=(port, args.step, results), daemon=True)
-    server.start()
-    try:
-        wait_for_server(f"http://127.0.0.1:{port}", server.is_alive, timeout=120)
-        import os
-        import signal
-
-        os.kill(server.pid, signal.SIGUSR1)
-        before = results.get(timeout=60)
-        count, wall = asyncio.run(read_streams(port, args.streams, args.tokens))
-        os.kill(server.pid, signal.SIGUSR1)
-        cpu = results.get(timeout=60) - before
-    finally:
-        server.terminate()
-    print("\n| side | tokens/s | ITL p50 ms | ITL p99 ms | server CPU us a token |\n| --- | ---: | ---: | ---: | ---: |")
-    for name, r in rows:
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['itl_p50_ms']:.3f} | {r['itl_p99_ms']:.2f} | |")
-    print(f"| forgather's app, httpx client (CPU share {cpu / wall:.2f}) | {count / wall:.0f} | | | {1e6 * cpu / count:.1f} |")
+    if rows:
+        print("\n| side | tokens/s | ITL p50 ms | ITL p99 ms |\n| --- | ---: | ---: | ---: |")
+        for name, r in rows:
+            print(f"| {name} | {r['tokens_per_s']:.0f} | {r['itl_p50_ms']:.3f} | {r['itl_p99_ms']:.2f} |")
+    print(f"\n| forgather's app, httpx client, engine Python {args.host_us:.0f} us a step | tokens/s | server CPU "
+          f"share | server CPU us a token | engine step p50 / p99 / max ms |\n| --- | ---: | ---: | ---: | ---: |")
+    for switch, r in apps:
+        print(f"| switch interval {1e3 * switch:g} ms | {r['tokens_per_s']:.0f} | {r['cpu_share']:.2f} | "
+              f"{r['cpu_us']:.1f} | {r['step_p50_ms']:.2f} / {r['step_p99_ms']:.2f} / {r['step_max_ms']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
                    `openai` client, N concurrent streams of one completion each (token-id prompts), spread
                    over client processes of `--streams-per-client` streams (one client process cannot parse
-                   32 streams' chunks as fast as a GPU makes them)
+                   32 streams' chunks as fast as a GPU makes them); with several `--switch-intervals`, the
+                   rows again for each further value (`http N streams, switch interval X ms`)
 Rows: tokens/s (batch 1: decode tokens/s after the first token; http: all streams' tokens over the wall
 time), time to first token, p50/p99 inter-token latency, and batch 1's share of the HBM floor (weights
 read once per token at --bandwidth bytes/s). The tokenizer is a word-level one with a word per id, so
@@ -49,6 +50,7 @@ from pathlib import Path
 import torch
 
 from forgather.serve.client import free_port, wait_for_server
+from forgather.serve.server import SWITCH_INTERVAL
 
 SHAPES = {
     "1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
@@ -348,11 +350,20 @@ def drive(url: str, streams: int, prompt: list[int], tokens: int, per_process: i
                 tokens_per_chunk=total / max(1, chunks), client_processes=len(workers))
 
 
-def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: list[int], per_process: int) -> None:
+def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: list[int], per_process: int,
+               switch_intervals: list[float]) -> None:
+    for index, switch in enumerate(switch_intervals):
+        suffix = f", switch interval {switch * 1e3:g} ms" if index else ""
+        _bench_http(directory, prompt, tokens, concurrency, per_process, switch, suffix)
+
+
+def _bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: list[int], per_process: int,
+                switch: float, suffix: str) -> None:
     port = free_port()
     command = [sys.executable, "-m", "forgather.cli.inf", "server", "-m", str(directory), "--port", str(port),
                "--max-num-seqs", str(max(concurrency)), "--max-model-len", str(len(prompt) + tokens + 8),
-               "--served-model-name", "bench", "--log-level", "warning", "--engine", "on"]
+               "--served-model-name", "bench", "--log-level", "warning", "--engine", "on",
+               "--switch-interval", str(switch)]
     log = directory.parent / "server.log"
     with log.open("w") as output:
         server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
@@ -360,7 +371,7 @@ def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: lis
     try:
         wait_for_server(url, lambda: server.poll() is None, lambda: log.read_text()[-2000:], timeout=300)
         for streams in concurrency:
-            row(f"http {streams} streams", **drive(url, streams, prompt, tokens, per_process))
+            row(f"http {streams} streams{suffix}", **drive(url, streams, prompt, tokens, per_process))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -393,6 +404,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--switch-intervals", type=float, nargs="+", default=[SWITCH_INTERVAL], metavar="SECONDS",
+                        help="the server's --switch-interval; the http rows run again for each further value")
     parser.add_argument("--streams-per-client", type=int, default=4,
                         help="streams one client process drives (the load spreads over processes)")
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s (H200: 4.8e12)")
@@ -435,7 +448,7 @@ def main() -> None:
             forgather = Backend.load(forgather_dir, dtype="bfloat16").model
             bench_engine("engine forgather", forgather, prompt, args.tokens, floor, 2048, profile=args.profile)
         if not args.skip_http:
-            bench_http(hf_dir, prompt, args.tokens, args.concurrency, args.streams_per_client)
+            bench_http(hf_dir, prompt, args.tokens, args.concurrency, args.streams_per_client, args.switch_intervals)
         if not args.skip_7b and args.shape == "1b":
             big = random_llama("7b", device)
             row("hbm floor 7b", tokens_per_s=args.bandwidth / weight_bytes(big))

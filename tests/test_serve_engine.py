@@ -226,6 +226,27 @@ def test_a_compiled_prefill_decodes_like_the_simple_loop_and_compiles_only_at_st
         engine.close()
 
 
+def test_the_startup_prefills_write_only_the_scratch_position_and_change_no_tokens(backend):
+    """warm_prefill (on by default on a GPU): the prefill runs once at startup at typical shapes; its rows sit
+    at the scratch position, so no cache position a request reads is written, and requests then decode
+    exactly as the simple loop does."""
+    from forgather.serve.engine import _typical_prefills
+
+    assert _typical_prefills(32, 2048, 4096) == [(1, 2048), (1, 128), (2, 128), (4, 128), (8, 128), (16, 128)]
+    assert _typical_prefills(3, 5, CONTEXT) == [(1, 5)]  # a chunk shorter than 128: rows that fit in it
+    prompts = [backend.encode(p) for p in PROMPTS]
+    params = [SamplingParams(max_tokens=6, temperature=0.0)] * len(prompts)
+    expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
+    engine = Engine(backend.model, set(), slots=3, context_length=CONTEXT, prefill_chunk=8, warm_prefill=True)
+    try:
+        scratch = engine.cache.scratch
+        for pair in engine.cache.pairs:
+            assert not pair[:, :, :, :scratch].any() and pair[:, 0, :, scratch].any()
+        assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
+    finally:
+        engine.close()
+
+
 def test_the_prefill_runs_without_cudnn_attention_and_puts_the_flags_back():
     """On a GPU the engine's prefill runs SDPA without cuDNN's kernel (it builds a plan per new shape): the
     wrapper turns cuDNN off for the call only, leaves the other kernels on, and restores the flags after a
@@ -629,13 +650,14 @@ def test_the_server_freezes_what_it_loaded_before_it_serves(monkeypatch, tmp_pat
     """A full collection walks every tracked object; what the server loaded lives as long as it does, so it is
     frozen (gc.freeze) before the first request, and a collection during streaming walks only newer objects."""
     import gc
+    import types
 
     import uvicorn
 
     from forgather.serve import server
 
     frozen = []
-    monkeypatch.setattr(Backend, "load", lambda *args, **kwargs: object())
+    monkeypatch.setattr(Backend, "load", lambda *args, **kwargs: types.SimpleNamespace(engine=None))
     monkeypatch.setattr("forgather.serve.app.create_app", lambda *args: "app")
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: frozen.append(gc.get_freeze_count()))
     try:
@@ -643,6 +665,40 @@ def test_the_server_freezes_what_it_loaded_before_it_serves(monkeypatch, tmp_pat
     finally:
         gc.unfreeze()
     assert frozen and frozen[0] > 0
+
+
+@pytest.mark.parametrize("engine", [True, False])
+def test_with_the_engine_the_server_shortens_the_gil_switch_interval_while_it_serves(monkeypatch, tmp_path, engine):
+    """The engine's thread needs the GIL between two steps; while the event loop streams, Python hands it over
+    after the switch interval (5 ms by default), so the server shortens it, and puts it back when it stops."""
+    import sys
+    import types
+
+    import uvicorn
+
+    from forgather.serve import server
+
+    seen, before = [], sys.getswitchinterval()
+    loaded = types.SimpleNamespace(engine=object() if engine else None)
+    monkeypatch.setattr(Backend, "load", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr("forgather.serve.app.create_app", lambda *args: "app")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: seen.append(sys.getswitchinterval()))
+    try:
+        server.serve(str(tmp_path), port=0, switch_interval=0.0007)
+    finally:
+        import gc
+
+        gc.unfreeze()
+    assert seen == [pytest.approx(0.0007 if engine else before)]
+    assert sys.getswitchinterval() == before
+
+
+def test_a_switch_interval_of_zero_is_one_line(tmp_path, capsys):
+    from forgather.cli import inf
+
+    assert inf.main(["server", "-m", str(tmp_path), "--switch-interval", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--switch-interval 0.0" in err
 
 
 def test_max_num_seqs_below_one_is_one_line(tmp_path, capsys):

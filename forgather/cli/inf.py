@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from forgather.serve.server import SWITCH_INTERVAL  # standard library only: --help stays light
+
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, help="tokens to generate at most")
@@ -33,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--engine", choices=("auto", "on", "off"), default="auto",
                         help="batch requests in the serving engine (auto: on a GPU without --device-map)")
     server.add_argument("--max-num-seqs", type=int, default=16, help="requests the engine decodes at once")
+    server.add_argument("--switch-interval", type=float, default=SWITCH_INTERVAL, metavar="SECONDS",
+                        help="with the engine: longest wait of its thread for Python's GIL while the event loop "
+                             "streams (sys.setswitchinterval; Python's default is 0.005)")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--device-map", help="'auto' shards the model over the visible GPUs (or the CPU)")
@@ -84,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs {args.max_num_seqs}; give 1 or more")
+    if not args.switch_interval > 0:
+        raise ValueError(f"--switch-interval {args.switch_interval}; give seconds above 0 "
+                         f"(default {SWITCH_INTERVAL})")
     serve(args.model, args.host, args.port, args.device_map, args.dtype, args.compile, args.api_key,
           args.served_model_name, args.max_model_len, args.log_level, args.insecure,
-          _use_engine(args.engine, args.device_map), args.max_num_seqs)
+          _use_engine(args.engine, args.device_map), args.max_num_seqs, args.switch_interval)
     return 0
 
 

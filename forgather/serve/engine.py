@@ -188,6 +188,18 @@ def _default_matmul(device: torch.device, attention: str) -> str:
     return "fused" if attention == "triton" and dependent_launch(device) else "torch"
 
 
+def _typical_prefills(slots: int, prefill_chunk: int, context_length: int) -> list[tuple[int, int]]:
+    """The (rows, tokens) a GPU engine's prefill runs once at startup: one prompt of a whole chunk, and 1 to 16
+    prompts of 128 tokens (a burst of requests; the scheduler packs them up to `prefill_chunk` tokens).
+    Without it the first requests after startup paid a one-time cost (the first burst of 8 prompts waited
+    95 ms for its first tokens, the same burst again 21 ms, H200: docs/benchmarks.md): kernels loaded on
+    first use and the allocator's first blocks of each size."""
+    width = min(128, prefill_chunk, context_length)
+    shapes = [(1, min(prefill_chunk, context_length))]
+    shapes += [(rows, width) for rows in _buckets(min(slots, 16)) if rows * width <= max(prefill_chunk, width)]
+    return list(dict.fromkeys(shapes))
+
+
 def _without_cudnn_attention(forward: Callable) -> Callable:
     """`forward` with torch's SDPA choosing among its other kernels than cuDNN's. cuDNN's attention builds a
     plan for each new shape it meets, and a prefill's shapes (rows x prompt width x keys) are new at almost
@@ -224,12 +236,14 @@ class Engine:
     (default: where the step is graphed) queues the next greedy step before reading this one's tokens
     (module docstring); `compile_prefill` runs the prompts' forward passes through torch.compile (dynamic
     shapes, compiled at startup for one and several rows of one and several tokens, so that no request waits
-    for a compile) where they run eagerly by default."""
+    for a compile) where they run eagerly by default; `warm_prefill` (default: on a GPU) runs the eager prefill
+    once at startup at typical shapes (_typical_prefills), writing only scratch positions."""
 
     def __init__(self, model: Any, stop_token_ids: set[int], slots: int = 8, context_length: int = 2048,
                  prefill_chunk: int = 2048, max_waiting: int = 64, cuda_graphs: bool | None = None,
                  compile: bool | None = None, fused: bool | None = None, fused_attention: str | None = None,
-                 lookahead: bool | None = None, fused_matmul: str | None = None, compile_prefill: bool = False):
+                 lookahead: bool | None = None, fused_matmul: str | None = None, compile_prefill: bool = False,
+                 warm_prefill: bool | None = None):
         self.step = model_step(model)
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -282,7 +296,10 @@ class Engine:
             self.prefill_forward = _compile(self._forward)
             if on_gpu:
                 self.prefill_forward = _without_cudnn_attention(self.prefill_forward)
-            self._warm_prefill()
+            # dynamo specializes sizes of 1: one and two rows of one and three tokens compile all it needs
+            self._warm_prefill([(rows, width) for rows in sorted({1, min(2, slots)}) for width in (1, 3)])
+        elif on_gpu if warm_prefill is None else warm_prefill:
+            self._warm_prefill(_typical_prefills(slots, prefill_chunk, context_length))
         # The step's inputs go through pinned host memory: an asynchronous copy, no wait for the GPU. Two
         # buffers, used in turn: a queued step's copy may not have run yet when the host fills the next one.
         self.host_inputs = torch.zeros((2, 2, slots), dtype=torch.long, pin_memory=on_gpu)
@@ -380,17 +397,17 @@ class Engine:
         return self.prefill_forward(torch.tensor(ids, device=self.device),
                                     torch.tensor(positions, device=self.device), slots, keys, last)
 
-    def _warm_prefill(self) -> None:
-        """Compile the prefill for the shapes dynamo tells apart (it specializes sizes of 1): one and two rows
-        of one and three tokens over a window of 2 and 3 keys (as _prefill's), each writing only the scratch
-        position of its slots."""
+    def _warm_prefill(self, shapes: list[tuple[int, int]]) -> None:
+        """Run the prefill once for each (rows, tokens) of `shapes`, over a window of as many keys (at least two,
+        as _prefill's), each row writing only the scratch position of its slot."""
         with torch.inference_mode():
-            for rows in sorted({1, min(2, self.slots)}):
-                for width in (1, 3):
-                    ids = torch.zeros((rows, width), dtype=torch.long, device=self.device)
-                    positions = torch.full((rows, width), self.cache.scratch, device=self.device)
-                    self.prefill_forward(ids, positions, torch.arange(rows, device=self.device), max(2, width),
-                                         torch.full((rows,), width - 1, device=self.device))
+            for rows, width in shapes:
+                ids = torch.zeros((rows, width), dtype=torch.long, device=self.device)
+                positions = torch.full((rows, width), self.cache.scratch, device=self.device)
+                self.prefill_forward(ids, positions, torch.arange(rows, device=self.device), max(2, width),
+                                     torch.full((rows,), width - 1, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, size: int, keys: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:

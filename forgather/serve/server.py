@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost",)
+SWITCH_INTERVAL = 0.0005  # seconds: how long the engine's thread waits at most for the GIL (see serve)
 
 
 def is_loopback(host: str) -> bool:
@@ -62,7 +63,10 @@ def serve(
     insecure: bool = False,
     engine: bool = False,
     max_num_seqs: int = 16,
+    switch_interval: float = SWITCH_INTERVAL,
 ) -> None:
+    """Serve until stopped. With the engine, Python's GIL passes between the engine's thread and the event loop
+    every `switch_interval` seconds at most (sys.setswitchinterval, restored on return)."""
     import uvicorn
 
     from .app import create_app
@@ -82,4 +86,18 @@ def serve(
         where = f"[{host}]" if ":" in host else host
         # uvicorn announces its address only for sockets it binds itself
         print(f"serving {name!r} at http://{where}:{sock.getsockname()[1]}/v1 (CTRL+C to stop)", file=sys.stderr)
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        if backend.engine is None:
+            server.run(sockets=[sock])
+            return
+        # The engine's thread waits for the GPU without the GIL, then needs it to hand out the step's tokens and
+        # launch the next step; while the event loop is busy streaming, Python hands it over only after the
+        # switch interval, 5 ms by default: steps of ~1.3 ms then come up to 5 ms late (p99 engine steps
+        # 4.1-5.5 ms against 2.9-3.1 at 0.5 ms: scripts/bench_http_stack.py, docs/benchmarks.md).
+        default = sys.getswitchinterval()
+        sys.setswitchinterval(switch_interval)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            sys.setswitchinterval(default)
+
