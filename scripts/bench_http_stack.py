@@ -11,11 +11,12 @@ openai client and our app each carry, so a GPU measurement of many streams knows
            SSE, the socket). The stand-in's thread works as the real engine's does: --host-us of Python a
            step holding the GIL (planning, launching, handing out), then a wait without it (the real one waits
            for the GPU in Event.synchronize). It records the period of its own steps: a step later than
-           --step is the engine's thread waiting for the GIL while the event loop runs. Once per
-           --switch-interval (sys.setswitchinterval in the server; Python's default is 5 ms).
+           --step is the engine's thread waiting for the GIL while the event loop runs. A row per --servers
+           entry: the GIL switch interval (sys.setswitchinterval in the server; Python's default is 5 ms) and
+           uvicorn's HTTP implementation and event loop.
 
     python scripts/bench_http_stack.py [--streams 32] [--step 0.0018] [--tokens 256] [--streams-per-client 4]
-                                       [--host-us 150] [--switch-interval 0.005 0.0005] [--skip-client]
+                                       [--host-us 150] [--servers 5:auto:auto 0.5:h11:uvloop ...] [--skip-client]
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ class StandInEngine:
             time.sleep(max(0.0, due - time.perf_counter()))
 
 
-def serve_app(port: int, step: float, host: float, switch: float, results: multiprocessing.Queue) -> None:
+def serve_app(port: int, step: float, host: float, switch: float, results: multiprocessing.Queue,
+              http: str = "auto", loop: str = "auto") -> None:
     """forgather's app over a StandInEngine; on each SIGUSR1 puts the process's CPU seconds and the engine's
     step periods so far."""
     import signal
@@ -139,7 +141,7 @@ def serve_app(port: int, step: float, host: float, switch: float, results: multi
     sys.setswitchinterval(switch)
     backend.engine = engine = StandInEngine(step, host)
     server = uvicorn.Server(uvicorn.Config(create_app(backend, "bench"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+                                           log_level="warning", http=http, loop=loop))
     signal.signal(signal.SIGUSR1, lambda *_: results.put((time.process_time(), list(engine.periods))))
     torch.set_num_threads(1)
     server.run()
@@ -163,16 +165,16 @@ async def read_streams(port: int, streams: int, tokens: int) -> tuple[int, float
         return sum(counts), time.perf_counter() - start
 
 
-def measure_app(context, args, switch: float) -> dict:
-    """One server process at switch interval `switch`: tokens/s through the app, its CPU per token, and the
-    stand-in engine's step periods while the streams ran."""
+def measure_app(context, args, switch: float, http: str, loop: str) -> dict:
+    """One server process at switch interval `switch` with uvicorn's `http` and `loop`: tokens/s through the
+    app, its CPU per token, and the stand-in engine's step periods while the streams ran."""
     import os
     import signal
 
     port = free_port()
     results = context.Queue()
-    server = context.Process(target=serve_app, args=(port, args.step, args.host_us * 1e-6, switch, results),
-                             daemon=True)
+    server = context.Process(target=serve_app, args=(port, args.step, args.host_us * 1e-6, switch, results, http,
+                                                     loop), daemon=True)
     server.start()
     try:
         wait_for_server(f"http://127.0.0.1:{port}", server.is_alive, timeout=120)
@@ -197,8 +199,9 @@ def main() -> None:
     parser.add_argument("--streams-per-client", type=int, default=4)
     parser.add_argument("--host-us", type=float, default=150.0,
                         help="the stand-in engine's Python a step, holding the GIL (microseconds)")
-    parser.add_argument("--switch-interval", type=float, nargs="+", default=[0.005, 0.0005],
-                        help="sys.setswitchinterval values for the server process, a row each")
+    parser.add_argument("--servers", nargs="+", default=["5:auto:auto", "0.5:auto:auto"],
+                        help="server rows, each SWITCH_MS:HTTP:LOOP (the GIL switch interval in ms, uvicorn's "
+                             "http and loop: auto, h11 or httptools; auto, asyncio or uvloop)")
     parser.add_argument("--skip-client", action="store_true", help="only the server rows")
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")
@@ -218,7 +221,10 @@ def main() -> None:
                 rows.append((f"openai client, {result['client_processes']} process(es)", result))
         finally:
             standin.terminate()
-    apps = [(switch, measure_app(context, args, switch)) for switch in args.switch_interval]
+    apps = []
+    for server in args.servers:
+        switch, http, loop = server.split(":")
+        apps.append((server, measure_app(context, args, float(switch) * 1e-3, http, loop)))
 
     if rows:
         print("\n| side | tokens/s | ITL p50 ms | ITL p99 ms |\n| --- | ---: | ---: | ---: |")
@@ -226,8 +232,8 @@ def main() -> None:
             print(f"| {name} | {r['tokens_per_s']:.0f} | {r['itl_p50_ms']:.3f} | {r['itl_p99_ms']:.2f} |")
     print(f"\n| forgather's app, httpx client, engine Python {args.host_us:.0f} us a step | tokens/s | server CPU "
           f"share | server CPU us a token | engine step p50 / p99 / max ms |\n| --- | ---: | ---: | ---: | ---: |")
-    for switch, r in apps:
-        print(f"| switch interval {1e3 * switch:g} ms | {r['tokens_per_s']:.0f} | {r['cpu_share']:.2f} | "
+    for server, r in apps:
+        print(f"| {server} | {r['tokens_per_s']:.0f} | {r['cpu_share']:.2f} | "
               f"{r['cpu_us']:.1f} | {r['step_p50_ms']:.2f} / {r['step_p99_ms']:.2f} / {r['step_max_ms']:.2f} |")
 
 

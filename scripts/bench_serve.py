@@ -23,8 +23,8 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
   http N           `forgather inf server` (a subprocess, the engine, 32 slots) driven by the official
                    `openai` client, N concurrent streams of one completion each (token-id prompts), spread
                    over client processes of `--streams-per-client` streams (one client process cannot parse
-                   32 streams' chunks as fast as a GPU makes them); with several `--switch-intervals`, the
-                   rows again for each further value (`http N streams, switch interval X ms`)
+                   32 streams' chunks as fast as a GPU makes them); with several `--servers`, the rows again
+                   for each further server (`http N streams, server OPTIONS`)
 Rows: tokens/s (batch 1: decode tokens/s after the first token; http: all streams' tokens over the wall
 time), time to first token, p50/p99 inter-token latency, and batch 1's share of the HBM floor (weights
 read once per token at --bandwidth bytes/s). The tokenizer is a word-level one with a word per id, so
@@ -50,7 +50,6 @@ from pathlib import Path
 import torch
 
 from forgather.serve.client import free_port, wait_for_server
-from forgather.serve.server import SWITCH_INTERVAL
 
 SHAPES = {
     "1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
@@ -350,20 +349,27 @@ def drive(url: str, streams: int, prompt: list[int], tokens: int, per_process: i
                 tokens_per_chunk=total / max(1, chunks), client_processes=len(workers))
 
 
+def server_options(spec: str) -> list[str]:
+    """`forgather inf server` options from a --servers entry: "default" is none, "http=h11,switch-interval=0.005"
+    is --http h11 --switch-interval 0.005."""
+    if spec == "default":
+        return []
+    return [part for option in spec.split(",") for part in (f"--{option.split('=', 1)[0]}", option.split("=", 1)[1])]
+
+
 def bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: list[int], per_process: int,
-               switch_intervals: list[float]) -> None:
-    for index, switch in enumerate(switch_intervals):
-        suffix = f", switch interval {switch * 1e3:g} ms" if index else ""
-        _bench_http(directory, prompt, tokens, concurrency, per_process, switch, suffix)
+               servers: list[str]) -> None:
+    for index, spec in enumerate(servers):
+        _bench_http(directory, prompt, tokens, concurrency, per_process, server_options(spec),
+                    f", server {spec}" if index else "")
 
 
 def _bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: list[int], per_process: int,
-                switch: float, suffix: str) -> None:
+                options: list[str], suffix: str) -> None:
     port = free_port()
     command = [sys.executable, "-m", "forgather.cli.inf", "server", "-m", str(directory), "--port", str(port),
                "--max-num-seqs", str(max(concurrency)), "--max-model-len", str(len(prompt) + tokens + 8),
-               "--served-model-name", "bench", "--log-level", "warning", "--engine", "on",
-               "--switch-interval", str(switch)]
+               "--served-model-name", "bench", "--log-level", "warning", "--engine", "on", *options]
     log = directory.parent / "server.log"
     with log.open("w") as output:
         server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
@@ -404,8 +410,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--switch-intervals", type=float, nargs="+", default=[SWITCH_INTERVAL], metavar="SECONDS",
-                        help="the server's --switch-interval; the http rows run again for each further value")
+    parser.add_argument("--servers", nargs="+", default=["default"], metavar="OPTIONS",
+                        help="the http rows' servers, each 'default' or options as 'http=h11,switch-interval=0.005' "
+                             "(forgather inf server's): the rows again for each further one")
     parser.add_argument("--streams-per-client", type=int, default=4,
                         help="streams one client process drives (the load spreads over processes)")
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s (H200: 4.8e12)")
@@ -448,7 +455,7 @@ def main() -> None:
             forgather = Backend.load(forgather_dir, dtype="bfloat16").model
             bench_engine("engine forgather", forgather, prompt, args.tokens, floor, 2048, profile=args.profile)
         if not args.skip_http:
-            bench_http(hf_dir, prompt, args.tokens, args.concurrency, args.streams_per_client, args.switch_intervals)
+            bench_http(hf_dir, prompt, args.tokens, args.concurrency, args.streams_per_client, args.servers)
         if not args.skip_7b and args.shape == "1b":
             big = random_llama("7b", device)
             row("hbm floor 7b", tokens_per_s=args.bandwidth / weight_bytes(big))

@@ -8,10 +8,10 @@
 #   part engine    the engine's GPU tests (the fused decoder compiled and graphed, with lookahead, gives the
 #                  simple loop's tokens; the kernels in bf16 give the modules' logits): minutes of compiling.
 #   part bench     scripts/bench_serve.py: both model kinds at batch 1, the HTTP server at 1, 8 and 32 streams
-#                  driven from client processes of 4 streams (the server at its default GIL switch interval,
-#                  then at Python's 5 ms), the 7B shape, the step's kernels (--profile); more bench_serve.py
-#                  args after the parts (e.g. --variants prefill_compiled: the 420 s limit holds about one
-#                  compiled variant besides the rows above).
+#                  driven from client processes of 4 streams (the server as it starts by default, then with
+#                  uvicorn's pure-Python h11, then with Python's 5 ms GIL switch interval), the 7B shape, the
+#                  step's kernels (--profile); more bench_serve.py args after the parts (e.g. --variants
+#                  prefill_compiled: the 420 s limit holds about one compiled variant besides the rows above).
 # Results: $OUT/pytest_kernels.txt, kernels.txt, kernels.json (kernels); pytest_engine.txt (engine);
 # serve.txt, serve.json (bench).
 #     bash scripts/gpu_check_serve.sh [kernels|engine|bench][,...] [more bench_serve.py args]
@@ -41,7 +41,7 @@ engine)
     ;;
 bench)
     $PY -c "import fastapi, uvicorn, openai" || echo "the HTTP rows need the serve extra's wheels in .whl/"
-    timeout 420 $PY scripts/bench_serve.py --skip-hf --profile --switch-intervals 0.0005 0.005 --json "$OUT/serve.json" \
+    timeout 420 $PY scripts/bench_serve.py --skip-hf --profile --servers default http=h11 switch-interval=0.005 --json "$OUT/serve.json" \
         "$@" 2>&1 | grep --line-buffered -v "Loading\|Writing" > "$OUT/serve.txt"
     echo "==================== bench ===================="
     grep '"name"' "$OUT/serve.txt" | cut -c1-300

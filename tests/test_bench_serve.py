@@ -36,7 +36,7 @@ def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):
     assert rows["http 3 streams"]["tokens_per_chunk"] >= 1 and rows["http 1 streams"]["tokens_per_s"] > 0
 
 
-def test_each_further_switch_interval_runs_the_http_rows_again_under_its_own_name(monkeypatch):
+def test_each_further_server_runs_the_http_rows_again_under_its_own_name(monkeypatch):
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import bench_serve
@@ -44,5 +44,6 @@ def test_each_further_switch_interval_runs_the_http_rows_again_under_its_own_nam
         sys.path.remove(str(SCRIPT.parent))
     servers = []
     monkeypatch.setattr(bench_serve, "_bench_http", lambda *args: servers.append(args[-2:]))
-    bench_serve.bench_http(Path("model"), [1, 2], 8, [1, 32], 4, [0.0005, 0.005])
-    assert servers == [(0.0005, ""), (0.005, ", switch interval 5 ms")]
+    bench_serve.bench_http(Path("model"), [1, 2], 8, [1, 32], 4, ["default", "http=h11,switch-interval=0.005"])
+    assert servers == [([], ""), (["--http", "h11", "--switch-interval", "0.005"],
+                                  ", server http=h11,switch-interval=0.005")]

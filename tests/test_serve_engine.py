@@ -682,14 +682,15 @@ def test_with_the_engine_the_server_shortens_the_gil_switch_interval_while_it_se
     loaded = types.SimpleNamespace(engine=object() if engine else None)
     monkeypatch.setattr(Backend, "load", lambda *args, **kwargs: loaded)
     monkeypatch.setattr("forgather.serve.app.create_app", lambda *args: "app")
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: seen.append(sys.getswitchinterval()))
+    monkeypatch.setattr(uvicorn.Server, "run",
+                        lambda self, sockets: seen.append((sys.getswitchinterval(), self.config.http)))
     try:
-        server.serve(str(tmp_path), port=0, switch_interval=0.0007)
+        server.serve(str(tmp_path), port=0, switch_interval=0.0007, http="h11")
     finally:
         import gc
 
         gc.unfreeze()
-    assert seen == [pytest.approx(0.0007 if engine else before)]
+    assert seen == [(pytest.approx(0.0007 if engine else before), "h11")]
     assert sys.getswitchinterval() == before
 
 

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--switch-interval", type=float, default=SWITCH_INTERVAL, metavar="SECONDS",
                         help="with the engine: longest wait of its thread for Python's GIL while the event loop "
                              "streams (sys.setswitchinterval; Python's default is 0.005)")
+    server.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
+                        help="uvicorn's HTTP implementation (auto: httptools where installed, else h11)")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--device-map", help="'auto' shards the model over the visible GPUs (or the CPU)")
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(default {SWITCH_INTERVAL})")
     serve(args.model, args.host, args.port, args.device_map, args.dtype, args.compile, args.api_key,
           args.served_model_name, args.max_model_len, args.log_level, args.insecure,
-          _use_engine(args.engine, args.device_map), args.max_num_seqs, args.switch_interval)
+          _use_engine(args.engine, args.device_map), args.max_num_seqs, args.switch_interval, args.http)
     return 0
 
 

@@ -64,9 +64,12 @@ def serve(
     engine: bool = False,
     max_num_seqs: int = 16,
     switch_interval: float = SWITCH_INTERVAL,
+    http: str = "auto",
 ) -> None:
     """Serve until stopped. With the engine, Python's GIL passes between the engine's thread and the event loop
-    every `switch_interval` seconds at most (sys.setswitchinterval, restored on return)."""
+    every `switch_interval` seconds at most (sys.setswitchinterval, restored on return). `http` is uvicorn's
+    HTTP implementation: "auto" takes httptools (C; the `serve` extra installs it) where installed, else
+    h11 (pure Python, more of the event loop's time per streamed chunk)."""
     import uvicorn
 
     from .app import create_app
@@ -86,7 +89,7 @@ def serve(
         where = f"[{host}]" if ":" in host else host
         # uvicorn announces its address only for sockets it binds itself
         print(f"serving {name!r} at http://{where}:{sock.getsockname()[1]}/v1 (CTRL+C to stop)", file=sys.stderr)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http))
         if backend.engine is None:
             server.run(sockets=[sock])
             return
