@@ -95,8 +95,10 @@ def serve(
             return
         # The engine's thread waits for the GPU without the GIL, then needs it to hand out the step's tokens and
         # launch the next step; while the event loop is busy streaming, Python hands it over only after the
-        # switch interval, 5 ms by default: steps of ~1.3 ms then come up to 5 ms late (p99 engine steps
-        # 4.1-5.5 ms against 2.9-3.1 at 0.5 ms: scripts/bench_http_stack.py, docs/benchmarks.md).
+        # switch interval, 5 ms by default: steps of ~1.3 ms then come up to 5 ms late (a stand-in engine's p99
+        # step 4.1-5.5 ms against 2.9-3.1 at 0.5 ms, scripts/bench_http_stack.py; on an H200 with h11, 32
+        # streams' p99 gap 5.14 ms against 6.73 and 1.16x the tokens/s; with httptools 2.78 against 3.06 ms,
+        # for 0.91x the tokens/s: docs/benchmarks.md).
         default = sys.getswitchinterval()
         sys.setswitchinterval(switch_interval)
         try:
