@@ -355,6 +355,11 @@ PROFILE_CALLBACK = """        profile: !singleton:{script}:ProfileSteps
 """
 
 
+# The override that gives an optimizer template torch's fused AdamW kernel (our own AdamW does not take it).
+FUSED_ADAMW = {"adamw": ["++optimizer.fused=true"],
+               "adamw_in_backward": ["++optimizer.optimizer_factory.fused=true"]}
+
+
 def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: str, overrides: list[str]) -> list[str]:
     cpu = args.device == "cpu"
     profile = name in args.profile
@@ -388,7 +393,7 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
         f"max_steps={last_step}", f"log_every_n_steps={args.log_every}",
         "val_check_interval=100000", "limit_val_batches=0", "checkpoint_every=100000",
         f"model.vocab_size={shape['vocab']}", *sizes, f"optimizer={optimizer}",
-        *(["++optimizer.fused=true"] if optimizer == "adamw" else []),  # torch's fused AdamW, as the HF loops
+        *FUSED_ADAMW.get(optimizer, []),  # torch's fused AdamW, as the HF loops
         "gradient_clip_val=null",  # the HF loops do not clip either
         f"compile={'false' if cpu or args.no_compile else 'true'}", f"attention_fn={args.attention}",
         *args.set, *overrides,

@@ -9,6 +9,7 @@
 #   part b            our step's options side by side on the 1.24B shape: default, fused_projections=true,
 #                     compile_scope=model (embedding to final norm as one compiled graph), both, attention_fn=sdpa,
 #                     optimizer=adamw_sr (our fp32-math AdamW, compiled per parameter, stochastic rounding),
+#                     optimizer=adamw_in_backward (torch's fused AdamW per parameter inside backward, on a side stream),
 #                     compile_mode=max-autotune-no-cudagraphs (inductor tunes its kernels; last, minutes).
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
@@ -61,7 +62,8 @@ b)
     bench bench_1b_options.log --shape 1b --label 1b_options --steps 20 --paths forgather --variant fused-proj fused_projections=true \
         --variant compile-model compile_scope=model \
         --variant fused-proj+compile-model fused_projections=true compile_scope=model \
-        --variant sdpa attention_fn=sdpa --variant adamw-sr optimizer=adamw_sr --timeout 150 "$@"
+        --variant sdpa attention_fn=sdpa --variant adamw-sr optimizer=adamw_sr \
+        --variant adamw-inbw optimizer=adamw_in_backward --timeout 150 "$@"
     # inductor tuning its own kernels: minutes of autotuning before the first step
     bench bench_1b_options.log --shape 1b --label 1b_options --steps 20 --append --paths \
         --variant max-autotune compile_mode=max-autotune-no-cudagraphs --timeout 420 "$@"

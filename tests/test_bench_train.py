@@ -239,3 +239,14 @@ def test_a_variant_with_its_own_optimizer_drops_the_fused_adamw_flag(tmp_path):
                   for name, config in configs.items()}
     assert "torch.optim:AdamW" in optimizers["forgather"] and "fused: true" in optimizers["forgather"]
     assert "forgather.optim:AdamW" in optimizers["sr"] and "fused" not in optimizers["sr"]
+
+
+def test_the_in_backward_adamw_variant_gets_torch_s_fused_kernel_inside_its_factory(tmp_path):
+    args = bench_train.parse_args(["--shape", "1b"])
+    command = bench_train.forgather_command(args, bench_train.SHAPES["1b"], tmp_path, "inbw",
+                                            ["optimizer=adamw_in_backward"])
+    config = subprocess.run([*command, "--cfg", "job"], capture_output=True, text=True, check=True).stdout
+    optimizer = re.search(r"^optimizer:\n((?:  .*\n)+)", config, re.M).group(1)
+    assert "in_backward:OptimizerInBackward" in optimizer and "overlap: true" in optimizer
+    factory = optimizer[optimizer.index("optimizer_factory:"):]
+    assert "torch.optim:AdamW" in factory and "fused: true" in factory

@@ -30,10 +30,11 @@ def loss_of(model, batch):
 @pytest.mark.parametrize(
     "factory", [partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1), partial(Adafactor, lr=1e-2, beta1=0.9)]
 )
-def test_gives_the_same_parameters_as_an_ordinary_step(factory):
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])  # overlap: CUDA only, else inline
+def test_gives_the_same_parameters_as_an_ordinary_step(factory, overlap):
     plain, hooked = make_model(), make_model()
     opt = factory(plain.parameters())
-    in_bwd = optimizer_in_backward(hooked, factory)
+    in_bwd = optimizer_in_backward(hooked, factory, overlap=overlap)
     for batch in batches():
         opt.zero_grad()
         loss_of(plain, batch).backward()

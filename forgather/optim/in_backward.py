@@ -9,6 +9,16 @@ the closure (whose backward does the steps), `zero_grad()` has nothing to do, `p
 per-parameter optimizers' own groups (so LR schedulers drive them), and `state_dict()` / `load_state_dict()`
 carry every per-parameter optimizer. Not possible with it: gradient accumulation across backward passes and
 gradient clipping by global norm (each step happens before the other gradients exist).
+
+`overlap=True` (CUDA parameters only; elsewhere it changes nothing): each parameter's step runs on a side
+stream, ordered after the work that produced its gradient, so the optimizer's memory-bound kernels run
+alongside the rest of backward's products instead of after them. Safe because a parameter's
+post-accumulate-grad hook fires once autograd is done with it (the node that used it has produced its
+gradient; a parameter used twice, as a tied embedding is, gets one hook after both). The gradient is kept
+alive for the side stream (`record_stream`) when it is dropped, and at the end of each backward pass (an
+autograd engine callback) the stream that ran backward waits for the side stream, so whatever comes next --
+the next forward, a checkpoint, any loop of the user's -- sees the updated parameters. The arithmetic is the
+same per-parameter step either way: the results are identical.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ OptimizerFactory = Callable[[list[nn.Parameter]], Optimizer]
 class OptimizerInBackward(Optimizer):
     """Per-parameter optimizers stepped from post-accumulate-grad hooks (see module docstring)."""
 
-    def __init__(self, params: Iterable[nn.Parameter], optimizer_factory: OptimizerFactory):
+    def __init__(self, params: Iterable[nn.Parameter], optimizer_factory: OptimizerFactory, overlap: bool = False):
         trainable = [p for p in params if p.requires_grad]
         if not trainable:
             raise ValueError("optimizer_in_backward got no parameter that requires grad")
@@ -35,10 +45,33 @@ class OptimizerInBackward(Optimizer):
         self.optimizers: dict[nn.Parameter, Optimizer] = {p: optimizer_factory([p]) for p in trainable}
         self.param_groups = [group for opt in self.optimizers.values() for group in opt.param_groups]
         self._handles = [p.register_post_accumulate_grad_hook(self._step_parameter) for p in trainable]
+        self.overlap = overlap
+        self._side: dict[torch.device, torch.cuda.Stream] = {}  # a side stream per CUDA device (overlap)
+        self._waiting: dict[torch.device, torch.cuda.Stream] = {}  # backward's streams to join at its end
 
     def _step_parameter(self, param: nn.Parameter) -> None:
-        self.optimizers[param].step()
+        if not (self.overlap and param.is_cuda):
+            self.optimizers[param].step()
+            param.grad = None
+            return
+        device = param.device
+        if device not in self._side:
+            self._side[device] = torch.cuda.Stream(device)
+        side, backward = self._side[device], torch.cuda.current_stream(device)
+        side.wait_stream(backward)  # the gradient, and every earlier use of the parameter, are complete
+        with torch.cuda.stream(side):
+            self.optimizers[param].step()
+        param.grad.record_stream(side)  # its memory is not reused until the side stream has read it
         param.grad = None
+        if not self._waiting:  # the first overlapped step of this backward pass: join at its end
+            torch.autograd.Variable._execution_engine.queue_callback(self._join)
+        self._waiting[device] = backward
+
+    def _join(self) -> None:
+        """End of a backward pass: the streams that ran it wait for the parameters' steps."""
+        for device, backward in self._waiting.items():
+            backward.wait_stream(self._side[device])
+        self._waiting.clear()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -67,8 +100,9 @@ class OptimizerInBackward(Optimizer):
 
 
 def optimizer_in_backward(
-    model: nn.Module | Iterable[nn.Parameter], optimizer_factory: OptimizerFactory
+    model: nn.Module | Iterable[nn.Parameter], optimizer_factory: OptimizerFactory, overlap: bool = False
 ) -> OptimizerInBackward:
-    """Step `optimizer_factory([p])` for each trainable parameter of `model` inside backward."""
+    """Step `optimizer_factory([p])` for each trainable parameter of `model` inside backward (on a side stream
+    with `overlap`)."""
     params = model.parameters() if isinstance(model, nn.Module) else model
-    return OptimizerInBackward(params, optimizer_factory)
+    return OptimizerInBackward(params, optimizer_factory, overlap)

@@ -108,6 +108,32 @@ def test_optimizer_in_backward_with_triton_adafactor_matches_a_plain_step():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_overlapped_adamw_in_backward_is_the_plain_fused_step_bit_for_bit():
+    """Steps on a side stream alongside backward: the parameters after each backward (read on the default stream,
+    no synchronization in between) are those of torch's fused AdamW over the whole model, in bf16."""
+    torch.manual_seed(0)
+
+    def model():
+        layers = [torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024)]
+        return torch.nn.Sequential(*layers, torch.nn.Linear(1024, 1024)).cuda().to(torch.bfloat16)
+
+    plain, hooked = model(), model()
+    hooked.load_state_dict(plain.state_dict())
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    in_bwd = optimizer_in_backward(hooked, partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, fused=True),
+                                   overlap=True)
+    for _ in range(4):
+        x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
+        opt.zero_grad()
+        plain(x).float().square().mean().backward()
+        opt.step()
+        hooked(x).float().square().mean().backward()
+        for a, b in zip(plain.parameters(), hooked.parameters()):
+            assert torch.equal(a, b)
+    assert list(in_bwd._side) == [torch.device("cuda", 0)] and not in_bwd._waiting
+    assert all(p.grad is None for p in hooked.parameters())
+
+
 def test_kernel_stochastic_rounding_is_the_reference_bit_for_bit():
     import triton
     import triton.language as tl
