@@ -275,3 +275,16 @@ def test_multirun_with_a_run_directory_reruns_one_point_or_says_what_to_do(tmp_p
     assert "a sweep with --resume" in capsys.readouterr().err
     assert main(["-m", "--from-snapshot", str(point), "lr=1e-3,3e-3"]) == 2
     assert "to sweep, run the experiment: -m +experiment=micro" in capsys.readouterr().err
+
+
+def test_a_run_whose_optimizer_steps_inside_backward_resumes_exactly(tmp_path):
+    """The per-parameter AdamW states travel through the checkpoint: stopped at 6 and resumed to 10, the losses
+    are those of a run of 10."""
+    common = (*MICRO, "optimizer=adamw_in_backward", "gradient_clip_val=null")
+    assert run(tmp_path / "whole", *common, "max_steps=10") == 0
+    assert run(tmp_path / "cut", *common, "max_steps=6") == 0
+    (whole,) = run_dirs(tmp_path / "whole" / "outputs")
+    (cut,) = run_dirs(tmp_path / "cut" / "outputs")
+    assert main(["--resume", str(cut), "max_steps=10"]) == 0
+    assert train_steps(cut) == list(range(10))
+    assert train_losses(cut) == train_losses(whole)
