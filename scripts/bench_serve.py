@@ -14,8 +14,7 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    rows instead of cuBLAS (`skinny`), that kernel with the norms and the SwiGLU inside
                    (`fused`, the default where PDL runs; `cublas`: cuBLAS's products; `fused_all`: the output
                    and down products ours too, split-K where it tunes faster), programmatic dependent
-                   launch off (`nopdl`, `fused_nopdl`), our products' first weight tile read after the
-                   launch wait instead of before it (`late_loads`), the prompts' forward passes compiled with bursts
+                   launch off (`nopdl`, `fused_nopdl`), the prompts' forward passes compiled with bursts
                    (`prefill_compiled`), the engine without lookahead (`serial`), and the
                    models' own `modules` (the engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
@@ -397,8 +396,6 @@ VARIANTS = {
     # it, and then the default products are "fused"): the engine's default products then are cuBLAS's.
     "nopdl": ("no PDL", dict(settings=dict(PDL=False))),
     "fused_nopdl": ("norm and SwiGLU in the products, no PDL", dict(fused_matmul="fused", settings=dict(PDL=False))),
-    # Our products' first weight tile read after the PDL wait, as before decode_attention.EARLY_LOADS.
-    "late_loads": ("first weight tile after the wait", dict(settings=dict(EARLY_LOADS=False))),
     # The prompts' forward passes compiled (eager by default): its TTFT, and bursts of 8 and 32 requests at once,
     # whose long gaps are the decode steps that also prefilled.
     "prefill_compiled": ("compiled prefill", dict(compile_prefill=True, bursts=(8, 32))),

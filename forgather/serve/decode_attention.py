@@ -114,11 +114,9 @@ def _(q, k, v, cos, sin, positions, cache, keys, partial, counter):
 # and waits only before its first read (decode_kernels._dependent_launch_point): the launch and the program's
 # setup overlap the kernel before's tail. On the H200 that made our norm + product kernels 1.02-1.03x faster
 # end to end than cuBLAS's products (without PDL they are level); asking L2 for the weights before the wait
-# (prefetch.global.L2) was also measured, and was slower (docs/benchmarks.md).
+# (prefetch.global.L2) was also measured, and was slower, as was reading each program's first weight tile into
+# registers before the wait (1.114 ms a step against 1.103, same call; docs/benchmarks.md).
 PDL: bool | None = None
-# The skinny products read their first weight tile before that wait (decode_kernels.skinny_matmul_kernel's
-# EARLY): under PDL its memory latency then overlaps the kernel before. False reads it after, as before.
-EARLY_LOADS: bool = True
 _PDL_DEVICES: dict[str, bool] = {}
 
 
@@ -221,7 +219,7 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             y.stride(0), delta if norm else x, norm_weight if norm else weight, x_out, eps, partial,
             _tile_counters(x.device, outputs))
     constants = dict(HAS_BIAS=bias is not None, M_PAD=SKINNY_ROWS, NORM=norm, GATED=gated,
-                     PRECISION=_precision(x.dtype), EARLY=EARLY_LOADS, **_pdl_options(x.device))
+                     PRECISION=_precision(x.dtype), **_pdl_options(x.device))
     if config is None and interpreting():
         config = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
     if config is not None:

@@ -163,46 +163,11 @@ def _skinny_finish(acc, acc_up, BIAS, Y, n, m, rows, N, stride_ym, HAS_BIAS: tl.
 
 
 @triton.jit
-def _skinny_weights(W, n, k, N, K, stride_wn, EVEN: tl.constexpr, GATED: tl.constexpr, K_STOP):
-    """The weight tile of rows n and columns k (with GATED also the up half's, else a dummy of zeros); columns
-    from K_STOP on read as zeros where EVEN's unmasked load is not taken (pass K_STOP=-1 for EVEN)."""
-    w_at = n[:, None] * stride_wn + k[None, :]
-    if EVEN:
-        w = tl.load(W + w_at)
-        w_up = tl.load(W + N * stride_wn + w_at) if GATED else w
-    else:
-        w_inside = (n[:, None] < N) & (k[None, :] < K) & (k[None, :] < K_STOP)
-        w = tl.load(W + w_at, mask=w_inside, other=0.0)
-        w_up = tl.load(W + N * stride_wn + w_at, mask=w_inside, other=0.0) if GATED else w
-    return w, w_up
-
-
-@triton.jit
-def _skinny_tile(acc, acc_up, w, w_up, k, X, DELTA, NORM_WEIGHT, Y, inverse_rms, m, rows, K, stride_xm,
-                 PRECISION: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr):
-    """One BLOCK_K step of the skinny product: the activations' tile at columns k (normed when NORM) times the
-    weight tile(s) w (and w_up), added to acc (and acc_up)."""
-    at = m[:, None] * stride_xm + k[None, :]
-    inside = rows & (k[None, :] < K)
-    dtype = Y.dtype.element_ty
-    if NORM:
-        x = _residual(X, DELTA, at, inside, dtype).to(tl.float32)
-        normed = (x * inverse_rms[:, None]).to(dtype).to(tl.float32)
-        x = (normed * tl.load(NORM_WEIGHT + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(dtype)
-    else:
-        x = tl.load(X + at, mask=inside, other=0.0)
-    acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-    if GATED:
-        acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
-    return acc, acc_up
-
-
-@triton.jit
 def skinny_matmul_kernel(
     X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, DELTA, NORM_WEIGHT, X_OUT, eps, PARTIAL, COUNTER,
     HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-    PDL: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, EARLY: tl.constexpr = False,
+    PDL: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
 ):
     """Y [M, N] = A [M, K] @ W [N, K]^T (+ bias) for M <= M_PAD: each program streams BLOCK_N rows of W
     (contiguous along K) once, for every row; float32 accumulation. A is X [M, K], or with
@@ -215,29 +180,18 @@ def skinny_matmul_kernel(
     than cuBLAS plus a pointwise kernel on the H200). PDL: launched under programmatic dependent launch
     (decode_attention.PDL).
 
-    EARLY: the program's first weight tile is read before the launch point, so that under PDL its memory
-    latency overlaps the kernel before (weights are no kernel's output; only the activations must wait); the
-    loop then starts at the second tile. Same sums in the same order either way.
-
     SPLIT_K > 1 (split-K, for products whose N alone makes too few programs: the 1.24B layer's output and
     down products have 128 tiles of 16 rows for 132 SMs): program (tile, split) sums the split's share of K,
     stores its float32 tile in PARTIAL [SPLIT_K, M_PAD, N (2N when GATED)], and the last of a tile's
     programs to finish (an atomic counter per tile in COUNTER, reset by that program) adds the splits in
     their order (the result does not depend on which finished last) and runs the epilogue."""
+    _dependent_launch_point(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = split * chunk
-    k_stop = tl.minimum(k_start + chunk, K)
-    if EARLY:  # masked whatever EVEN says: a split past K's end reads nothing
-        w_first, w_up_first = _skinny_weights(W, n, k_start + tl.arange(0, BLOCK_K), N, K, stride_wn, False, GATED,
-                                              k_stop)
-    _dependent_launch_point(PDL)
     m = tl.arange(0, M_PAD)
     rows = m[:, None] < M
     dtype = Y.dtype.element_ty
-    inverse_rms = tl.zeros([M_PAD], tl.float32)
     if NORM:
         squares = tl.zeros([M_PAD], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -250,18 +204,34 @@ def skinny_matmul_kernel(
             x = x.to(tl.float32)
             squares += tl.sum(x * x, 1)
         inverse_rms = 1.0 / tl.sqrt(squares / K + eps)
+    chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = split * chunk
+    k_stop = tl.minimum(k_start + chunk, K)
     acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
     acc_up = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    loop_start = k_start
-    if EARLY:
-        acc, acc_up = _skinny_tile(acc, acc_up, w_first, w_up_first, k_start + tl.arange(0, BLOCK_K), X, DELTA,
-                                   NORM_WEIGHT, Y, inverse_rms, m, rows, K, stride_xm, PRECISION, NORM, GATED)
-        loop_start = k_start + BLOCK_K
-    for k0 in range(loop_start, k_stop, BLOCK_K):
+    for k0 in range(k_start, k_stop, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        w, w_up = _skinny_weights(W, n, k, N, K, stride_wn, EVEN, GATED, K)
-        acc, acc_up = _skinny_tile(acc, acc_up, w, w_up, k, X, DELTA, NORM_WEIGHT, Y, inverse_rms, m, rows, K,
-                                   stride_xm, PRECISION, NORM, GATED)
+        w_at = n[:, None] * stride_wn + k[None, :]
+        w_inside = (n[:, None] < N) & (k[None, :] < K)
+        if EVEN:
+            w = tl.load(W + w_at)
+        else:
+            w = tl.load(W + w_at, mask=w_inside, other=0.0)
+        at = m[:, None] * stride_xm + k[None, :]
+        inside = rows & (k[None, :] < K)
+        if NORM:
+            x = _residual(X, DELTA, at, inside, dtype).to(tl.float32)
+            normed = (x * inverse_rms[:, None]).to(dtype).to(tl.float32)
+            x = (normed * tl.load(NORM_WEIGHT + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(dtype)
+        else:
+            x = tl.load(X + at, mask=inside, other=0.0)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if GATED:
+            if EVEN:
+                w_up = tl.load(W + N * stride_wn + w_at)
+            else:
+                w_up = tl.load(W + N * stride_wn + w_at, mask=w_inside, other=0.0)
+            acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
     if SPLIT_K == 1:
         _skinny_finish(acc, acc_up, BIAS, Y, n, m, rows, N, stride_ym, HAS_BIAS, GATED)
     else:
@@ -309,7 +279,7 @@ class _Skinny:
     """skinny_matmul_kernel autotuned once per weight shape (N, K) and dtype; the grid follows the config."""
 
     def __init__(self, split: bool):
-        self.tuned = triton.autotune(configs=_skinny_configs(split), key=["N", "K", "NORM", "GATED", "PDL", "EARLY"])(
+        self.tuned = triton.autotune(configs=_skinny_configs(split), key=["N", "K", "NORM", "GATED", "PDL"])(
             triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0})(
                 skinny_matmul_kernel))
 

@@ -248,34 +248,6 @@ def test_the_skinny_products_with_the_norm_or_the_swiglu_inside_are_their_torch_
             torch.testing.assert_close(y.float(), (torch.nn.functional.silu(gate) * up).float(), **tolerance)
 
 
-@pytest.mark.parametrize("outputs, inner", [(3072, 2048), (2048, 8192), (1000, 200)])
-def test_the_skinny_products_first_weight_tile_read_before_the_wait_changes_no_bit(outputs, inner):
-    """decode_attention.EARLY_LOADS: the products' first weight tile read before the launch point, plain, with
-    the norm, gated, whole-K and split-K, gives bitwise what reading it in the loop gives."""
-    from forgather.serve import decode_attention as da
-
-    torch.manual_seed(0)
-    weight = (torch.randn(outputs, inner, device="cuda") * inner ** -0.5).to(torch.bfloat16)
-    norm_weight = torch.ones(inner, device="cuda", dtype=torch.bfloat16)
-    saved = da.EARLY_LOADS
-    try:
-        for rows in (1, 5, 16):
-            x, delta = (torch.randn(rows, inner, device="cuda").to(torch.bfloat16) for _ in range(2))
-            for config in SKINNY_CONFIGS:
-                results = []
-                for early in (True, False):
-                    da.EARLY_LOADS = early
-                    plain = da.launch_skinny(x, weight, None, config)
-                    normed, _ = da.launch_skinny(x, weight, None, config, delta=delta, norm_weight=norm_weight,
-                                                 eps=1e-5)
-                    gated, _ = da.launch_skinny(x, weight, None, config, delta=delta, norm_weight=norm_weight,
-                                                eps=1e-5, gated=True)
-                    results.append((plain, normed, gated))
-                assert all(torch.equal(a, b) for a, b in zip(*results)), (rows, config)
-    finally:
-        da.EARLY_LOADS = saved
-
-
 def test_kernels_launched_early_wait_for_their_inputs():
     """Under programmatic dependent launch (decode_attention.PDL, on by default on a Hopper GPU) each kernel
     starts while the one before still runs: a chain of dependent decode kernels (norm + q/k/v product,
