@@ -48,6 +48,7 @@ class OptimizerInBackward(Optimizer):
         self.overlap = overlap
         self._side: dict[torch.device, torch.cuda.Stream] = {}  # a side stream per CUDA device (overlap)
         self._waiting: dict[torch.device, torch.cuda.Stream] = {}  # backward's streams to join at its end
+        self._joining = -1  # the backward pass (autograd graph task) whose end has the join queued
 
     def _step_parameter(self, param: nn.Parameter) -> None:
         if not (self.overlap and param.is_cuda):
@@ -63,7 +64,9 @@ class OptimizerInBackward(Optimizer):
             self.optimizers[param].step()
         param.grad.record_stream(side)  # its memory is not reused until the side stream has read it
         param.grad = None
-        if not self._waiting:  # the first overlapped step of this backward pass: join at its end
+        task = torch._C._current_graph_task_id()
+        if task != self._joining:  # the first overlapped step of this backward pass: join at its end (by task, so
+            self._joining = task  # that a pass that raised before its end does not leave later ones unjoined)
             torch.autograd.Variable._execution_engine.queue_callback(self._join)
         self._waiting[device] = backward
 

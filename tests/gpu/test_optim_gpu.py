@@ -134,6 +134,26 @@ def test_overlapped_adamw_in_backward_is_the_plain_fused_step_bit_for_bit():
     assert all(p.grad is None for p in hooked.parameters())
 
 
+def test_a_backward_pass_that_raises_does_not_leave_the_next_one_unjoined():
+    """The join is queued once per backward pass (autograd graph task): a pass that raised after some steps ran
+    never reached its end, and the next pass still joins at its own."""
+    first, second = torch.nn.Linear(64, 64).cuda(), torch.nn.Linear(64, 64).cuda()
+    in_bwd = optimizer_in_backward([*first.parameters(), *second.parameters()],
+                                   partial(torch.optim.AdamW, lr=1e-3), overlap=True)
+    x = torch.randn(8, 64, device="cuda")
+
+    def fail(grad):
+        raise RuntimeError("stop here")
+
+    hidden = first(x)
+    hidden.register_hook(fail)  # reached after `second`'s parameters have stepped
+    with pytest.raises(RuntimeError, match="stop here"):
+        second(hidden).sum().backward()
+    assert in_bwd._waiting  # steps ran on the side stream; the pass never joined
+    second(first(x)).sum().backward()
+    assert not in_bwd._waiting
+
+
 def test_kernel_stochastic_rounding_is_the_reference_bit_for_bit():
     import triton
     import triton.language as tl
