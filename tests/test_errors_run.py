@@ -176,3 +176,16 @@ def test_warmup_beyond_max_steps_warns_in_a_sweep_and_a_run(capsys):
     assert warnings == ["warning: warmup_steps=2 exceeds max_steps=1: the learning rate never reaches its peak ; lower warmup_steps or raise max_steps"]
     assert main(["-p", PROJECT, "--cfg", "+experiment=micro", "lr_scheduler.lr_lambda.warmup_steps=50"]) == 0
     assert "warning: lr_scheduler.lr_lambda.warmup_steps=50 exceeds max_steps=12" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ((), "gradient_clip_val=1.0"),
+    (("gradient_clip_val=null", "++trainer.accumulate_grad_batches=2"), "accumulate_grad_batches=2"),
+])
+def test_an_optimizer_inside_backward_refuses_clipping_and_accumulation_it_would_skip(tmp_path, capsys, overrides,
+                                                                                       key):
+    """Its steps happen before Lightning clips or accumulates: the run stops with one line, not a run that
+    silently trains unclipped."""
+    code, _, err = run(tmp_path, capsys, "optimizer=adamw_in_backward", "max_steps=2", *overrides)
+    (line,) = error_lines(err)
+    assert code == 2 and line.startswith(f"error: {key}: ") and "inside backward" in line

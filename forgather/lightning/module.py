@@ -25,9 +25,11 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from forgather.errors import UserError
 from forgather.lightning.memory import check_batch_fits
 from forgather.lightning.steps import writes_metrics
 from forgather.loss.base import IGNORE_INDEX
+from forgather.optim.in_backward import OptimizerInBackward
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -119,6 +121,8 @@ class CausalLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if isinstance(optimizer, OptimizerInBackward) and self._trainer is not None:
+            _check_steps_in_backward(self._trainer)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -239,3 +243,16 @@ def total_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor | None:
         return None
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def _check_steps_in_backward(trainer: pl.Trainer) -> None:
+    """An optimizer that steps each parameter inside backward has stepped before Lightning would clip the
+    gradients or add the next batch's to them: either setting would silently do nothing."""
+    what = "the optimizer steps each parameter inside backward (OptimizerInBackward), before Lightning could"
+    if trainer.gradient_clip_val:
+        raise UserError(f"gradient_clip_val={trainer.gradient_clip_val}: {what} clip its gradient ; set "
+                        "gradient_clip_val=null, or choose an optimizer that steps after backward")
+    if trainer.accumulate_grad_batches > 1:
+        raise UserError(f"accumulate_grad_batches={trainer.accumulate_grad_batches}: {what} add the next batches' "
+                        "gradients ; leave the trainer's accumulate_grad_batches at 1, or choose an optimizer that steps "
+                        "after backward")
