@@ -8,7 +8,8 @@ The returned `OptimizerInBackward` is a `torch.optim.Optimizer` a training loop 
 the closure (whose backward does the steps), `zero_grad()` has nothing to do, `param_groups` are the
 per-parameter optimizers' own groups (so LR schedulers drive them), and `state_dict()` / `load_state_dict()`
 carry every per-parameter optimizer. Not possible with it: gradient accumulation across backward passes and
-gradient clipping by global norm (each step happens before the other gradients exist).
+gradient clipping by global norm (each step happens before the other gradients exist); forgather's
+LightningModule refuses a trainer set for either (gradient_clip_val, accumulate_grad_batches > 1) in one line.
 
 `overlap=True` (CUDA parameters only; elsewhere it changes nothing): each parameter's step runs on a side
 stream, ordered after the work that produced its gradient, so the optimizer's memory-bound kernels run
