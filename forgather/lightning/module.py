@@ -254,5 +254,5 @@ def _check_steps_in_backward(trainer: pl.Trainer) -> None:
                         "gradient_clip_val=null, or choose an optimizer that steps after backward")
     if trainer.accumulate_grad_batches > 1:
         raise UserError(f"accumulate_grad_batches={trainer.accumulate_grad_batches}: {what} add the next batches' "
-                        "gradients ; leave the trainer's accumulate_grad_batches at 1, or choose an optimizer that steps "
-                        "after backward")
+                        "gradients ; leave the trainer's accumulate_grad_batches at 1, or choose an optimizer that "
+                        "steps after backward")
