@@ -385,6 +385,7 @@ def _bench_http(directory: Path, prompt: list[int], tokens: int, concurrency: li
 
 # --variants: name -> (the row's name after "engine hf-llama, ", Engine options), run in this order.
 VARIANTS = {
+    "default": ("default", dict()),  # the first row's engine again, to set beside the others of a round
     "matmul": ("matmul attention", dict(fused_attention="matmul")),
     "sdpa": ("sdpa attention", dict(fused_attention="sdpa")),
     "reduce": ("reduce attention", dict(fused_attention="reduce")),
@@ -392,6 +393,11 @@ VARIANTS = {
     "fused": ("norm and SwiGLU in the products", dict(fused_matmul="fused")),
     "skinny": ("Triton products", dict(fused_matmul="triton")),
     "fused_all": ("all four products ours (split-K), norm and SwiGLU inside", dict(fused_matmul="fused_all")),
+    # Our kernels under PDL let the next one launch after their loads (decode_attention.PDL_TRIGGER="end"), not
+    # right after their own wait: the next kernel's programs do not wait on the SMs beside this one's later waves.
+    "pdl_end": ("PDL trigger at the end", dict(settings=dict(PDL_TRIGGER="end"))),
+    "fused_down_end": ("down product ours (split-K), PDL trigger at the end",
+                       dict(fused_matmul="fused_down", settings=dict(PDL_TRIGGER="end"))),
     # Programmatic dependent launch of our kernels off (decode_attention.PDL; on by default where the GPU has
     # it, and then the default products are "fused"): the engine's default products then are cuBLAS's.
     "nopdl": ("no PDL", dict(settings=dict(PDL=False))),
@@ -417,6 +423,10 @@ def main() -> None:
                         help="streams one client process drives (the load spreads over processes)")
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s (H200: 4.8e12)")
     parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--variants-7b", nargs="*", choices=VARIANTS, default=[],
+                        help="these variants on the 7B shape too (its default row is always run)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variants this many times in turn (rows suffixed '(round N)')")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-forgather", action="store_true", help="no converted Forgather directory's row")
@@ -456,6 +466,7 @@ def main() -> None:
             bench_engine("engine forgather", forgather, prompt, args.tokens, floor, 2048, profile=args.profile)
         if not args.skip_http:
             bench_http(hf_dir, prompt, args.tokens, args.concurrency, args.streams_per_client, args.servers)
+        big = None
         if not args.skip_7b and args.shape == "1b":
             big = random_llama("7b", device)
             row("hbm floor 7b", tokens_per_s=args.bandwidth / weight_bytes(big))
@@ -464,12 +475,19 @@ def main() -> None:
             if "modules" in args.variants:
                 bench_engine("engine hf-llama 7b, the model's modules", big, prompt, args.tokens,
                              args.bandwidth / weight_bytes(big), None, slots=4, compile=False, fused=False)
-            del big
-        # Then the variants, each beside the first row (those that compile take a minute each).
-        for variant, (label, options) in VARIANTS.items():
-            if variant in args.variants:
-                bench_engine(f"engine hf-llama, {label}", model, prompt, args.tokens, floor, None,
-                             profile=args.profile and variant not in ("serial", "modules"), **options)
+        # Then the variants, each beside the first row (those that compile take a minute each), `--rounds` times
+        # in turn: the same variant's rows of one call differ by a few percent from engine to engine.
+        for round_ in range(args.rounds):
+            suffix = f" (round {round_ + 1})" if args.rounds > 1 else ""
+            for variant, (label, options) in VARIANTS.items():
+                if variant in args.variants:
+                    bench_engine(f"engine hf-llama, {label}{suffix}", model, prompt, args.tokens, floor, None,
+                                 profile=args.profile and variant not in ("serial", "modules"), **options)
+            for variant, (label, options) in VARIANTS.items():
+                if big is not None and variant in args.variants_7b and variant != "modules":
+                    bench_engine(f"engine hf-llama 7b, {label}{suffix}", big, prompt, args.tokens,
+                                 args.bandwidth / weight_bytes(big), None, slots=4, **options)
+        del big
         # Last, the runs that compile (minutes, and their failures vary by version): the rows above are out.
         if args.hf_compile:
             try:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_serve.py"
-VARIANTS = ("matmul", "sdpa", "reduce", "cublas", "fused", "skinny", "fused_all", "nopdl", "fused_nopdl", "serial",
-            "modules")
+VARIANTS = ("default", "matmul", "sdpa", "reduce", "cublas", "fused", "skinny", "fused_all", "pdl_end", "fused_down_end",
+            "nopdl", "fused_nopdl", "serial", "modules")
 
 
 def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):
@@ -32,6 +32,7 @@ def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):
     for name in ("engine hf-llama burst 3", "engine hf-llama burst 3 again"):
         assert rows[name]["ttft_max_ms"] >= rows[name]["ttft_ms"] > 0 and rows[name]["tokens_per_s"] > 0
     assert rows["engine hf-llama, no PDL"]["pdl"] is False
+    assert rows["engine hf-llama, down product ours (split-K), PDL trigger at the end"]["matmul"] == "fused_down"
     assert rows["http 3 streams"]["client_processes"] == 2  # 2 + 1 streams
     assert rows["http 3 streams"]["tokens_per_chunk"] >= 1 and rows["http 1 streams"]["tokens_per_s"] > 0
 

@@ -117,6 +117,10 @@ def _(q, k, v, cos, sin, positions, cache, keys, partial, counter):
 # (prefetch.global.L2) was also measured, and was slower, as was reading each program's first weight tile into
 # registers before the wait (1.114 ms a step against 1.103, same call; docs/benchmarks.md).
 PDL: bool | None = None
+# Where a kernel under PDL lets the next one launch: "start" (right after its own wait) or "end" (after its
+# loads, before its stores): with "start" the next kernel's programs sit on the SMs, waiting, while a grid
+# of several waves still has programs to run.
+PDL_TRIGGER = "start"
 _PDL_DEVICES: dict[str, bool] = {}
 
 
@@ -212,8 +216,10 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     norm = delta is not None
     y = x.new_empty((rows, outputs))
     x_out = torch.empty_like(x) if norm else y
-    # split-K's float32 partial tiles (for the most splits a config may take) and its per-tile counters
-    partial = torch.empty(kernels.MAX_SPLIT_K * SKINNY_ROWS * outputs * (2 if gated else 1), dtype=torch.float32,
+    # split-K's float32 partial tiles (for the most splits a config may take; the norm's products tune among
+    # whole-K tilings only) and its per-tile counters
+    splits = 1 if norm and (config is None or config.get("SPLIT_K", 1) == 1) else kernels.MAX_SPLIT_K
+    partial = torch.empty(splits * SKINNY_ROWS * outputs * (2 if gated else 1), dtype=torch.float32,
                           device=x.device)
     args = (x, weight, bias if bias is not None else weight, y, rows, outputs, inner, x.stride(0), weight.stride(0),
             y.stride(0), delta if norm else x, norm_weight if norm else weight, x_out, eps, partial,
@@ -250,7 +256,11 @@ def _tile_counters(device: torch.device, outputs: int) -> torch.Tensor:
 
 def _pdl_options(device: torch.device) -> dict:
     """The kernels' launch options for PDL (the constant and the launch flag), or none."""
-    return dict(PDL=True, launch_pdl=True) if dependent_launch(device) else {}
+    if not dependent_launch(device):
+        return {}
+    if PDL_TRIGGER not in ("start", "end"):
+        raise ValueError(f"decode_attention.PDL_TRIGGER={PDL_TRIGGER!r}; choose 'start' or 'end'")
+    return dict(PDL=True, PDL_EARLY=PDL_TRIGGER == "start", launch_pdl=True)
 
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:

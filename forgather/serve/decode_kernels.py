@@ -38,13 +38,23 @@ def _residual(X, DELTA, at, inside, dtype):
 
 
 @triton.jit
-def _dependent_launch_point(PDL: tl.constexpr):
-    """Under programmatic dependent launch, wait for the kernel before (its outputs are this one's inputs),
-    then let the next kernel launch: it may run only what precedes its own wait (reads of weights and of
-    what no running kernel writes) alongside this one."""
+def _dependent_launch_point(PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+    """Under programmatic dependent launch, wait for the kernel before (its outputs are this one's inputs);
+    with PDL_EARLY, then let the next kernel launch at once: its programs may take the SMs' room while they
+    wait at their own start (they run only what precedes their wait alongside this one)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL_EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _dependent_release(PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+    """Without PDL_EARLY, the point after a program's loads where it lets the next kernel launch: the next
+    kernel's programs then wait beside this one's last ones only, not beside its later waves."""
+    if PDL:
+        if not PDL_EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -55,13 +65,14 @@ def decode_attention_kernel(
     keys, chunk, scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+    PDL_EARLY: tl.constexpr = True,
 ):
     pid = tl.program_id(0)  # row * KV_HEADS + kv head
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     row = pid // KV_HEADS
     kv_head = pid % KV_HEADS
-    _dependent_launch_point(PDL)
+    _dependent_launch_point(PDL, PDL_EARLY)
     pos = tl.load(POS + row)
     dtype = CACHE.dtype.element_ty
 
@@ -109,6 +120,7 @@ def decode_attention_kernel(
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), value_block, input_precision=PRECISION)
         m = m_next
+    _dependent_release(PDL, PDL_EARLY)
     if (pos < keys) & (pos // chunk == split):
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # [GP]
         m_next = tl.maximum(m, s_new)
@@ -167,7 +179,7 @@ def skinny_matmul_kernel(
     X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, DELTA, NORM_WEIGHT, X_OUT, eps, PARTIAL, COUNTER,
     HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-    PDL: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
+    PDL: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, PDL_EARLY: tl.constexpr = True,
 ):
     """Y [M, N] = A [M, K] @ W [N, K]^T (+ bias) for M <= M_PAD: each program streams BLOCK_N rows of W
     (contiguous along K) once, for every row; float32 accumulation. A is X [M, K], or with
@@ -185,7 +197,7 @@ def skinny_matmul_kernel(
     stores its float32 tile in PARTIAL [SPLIT_K, M_PAD, N (2N when GATED)], and the last of a tile's
     programs to finish (an atomic counter per tile in COUNTER, reset by that program) adds the splits in
     their order (the result does not depend on which finished last) and runs the epilogue."""
-    _dependent_launch_point(PDL)
+    _dependent_launch_point(PDL, PDL_EARLY)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -232,6 +244,7 @@ def skinny_matmul_kernel(
             else:
                 w_up = tl.load(W + N * stride_wn + w_at, mask=w_inside, other=0.0)
             acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
+    _dependent_release(PDL, PDL_EARLY)
     if SPLIT_K == 1:
         _skinny_finish(acc, acc_up, BIAS, Y, n, m, rows, N, stride_ym, HAS_BIAS, GATED)
     else:
@@ -279,7 +292,8 @@ class _Skinny:
     """skinny_matmul_kernel autotuned once per weight shape (N, K) and dtype; the grid follows the config."""
 
     def __init__(self, split: bool):
-        self.tuned = triton.autotune(configs=_skinny_configs(split), key=["N", "K", "NORM", "GATED", "PDL"])(
+        key = ["N", "K", "NORM", "GATED", "PDL", "PDL_EARLY"]
+        self.tuned = triton.autotune(configs=_skinny_configs(split), key=key)(
             triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["K"] % a["BLOCK_K"] == 0})(
                 skinny_matmul_kernel))
 

@@ -179,13 +179,20 @@ def _default_attention(device: torch.device) -> str:
     return "matmul"
 
 
-def _default_matmul(device: torch.device, attention: str) -> str:
+FUSED_MATMUL_BELOW_HIDDEN = 4096  # hidden sizes from which cuBLAS's products are the default (measured: 7B)
+
+
+def _default_matmul(device: torch.device, attention: str, hidden_size: int) -> str:
     """The fused decoder's products unless told: "fused" (the norms and the SwiGLU inside our q/k/v and gate/up
-    kernels) where our kernels run with programmatic dependent launch (Hopper on: 1.02-1.03x the tokens/s of
-    cuBLAS's products on the H200, 1.24B, batch 1; without PDL no faster: docs/benchmarks.md), else "torch"."""
+    kernels) where our kernels run with programmatic dependent launch (Hopper) and the model is narrower than
+    FUSED_MATMUL_BELOW_HIDDEN, else "torch". On the H200, batch 1, in one call with each engine built twice in
+    turn: the 1.24B shape (hidden 2048) 928-935 tokens/s with "fused" against 911 with cuBLAS's products (1.02x),
+    the 7B shape (hidden 4096) 211-212 against 225 (0.94x: 59.4% of its HBM floor against 63.2%;
+    docs/benchmarks.md). Without PDL ours are no faster."""
     from .decode_attention import dependent_launch
 
-    return "fused" if attention == "triton" and dependent_launch(device) else "torch"
+    fused = attention == "triton" and dependent_launch(device) and hidden_size < FUSED_MATMUL_BELOW_HIDDEN
+    return "fused" if fused else "torch"
 
 
 def _typical_prefills(slots: int, prefill_chunk: int, context_length: int) -> list[tuple[int, int]]:
@@ -231,7 +238,9 @@ class Engine:
     installed, the one-launch kernel of decode_attention.py, else "matmul"; also "sdpa" or "reduce") and
     `fused_matmul` its products ("torch": F.linear; "triton": decode_attention.skinny_linear for up
     to 16 rows; "fused": that kernel with the norms before q/k/v and gate/up and the SwiGLU after gate/up
-    inside, output and down by F.linear, the default where our kernels launch with PDL: _default_matmul;
+    inside, output and down by F.linear, the default where our kernels launch with PDL on a model narrower than
+    4096: _default_matmul; "fused_down": that and the down product ours too, split-K; "fused_all": every product
+    ours;
     steps of more than 16 rows use "torch"); `lookahead`
     (default: where the step is graphed) queues the next greedy step before reading this one's tokens
     (module docstring); `compile_prefill` runs the prompts' forward passes through torch.compile (dynamic
@@ -260,7 +269,7 @@ class Engine:
         fallback = fused_attention is None
         fallback_matmul = "torch" if fused_matmul is None else fused_matmul
         fused_attention = fused_attention or _default_attention(self.device)
-        fused_matmul = fused_matmul or _default_matmul(self.device, fused_attention)
+        fused_matmul = fused_matmul or _default_matmul(self.device, fused_attention, weight.shape[1])
         if fused is not False:
             fuse = functools.partial(self._fuse, model, on_gpu if compile is None else compile)
             try:

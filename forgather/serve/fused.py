@@ -59,7 +59,7 @@ RECOMPILE_LIMIT = 64
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION = ("matmul", "triton", "sdpa", "reduce")
-MATMUL = ("torch", "triton", "fused", "fused_all")
+MATMUL = ("torch", "triton", "fused", "fused_down", "fused_all")
 
 
 def _check_attention(attention: Any, matmul: Any = "torch") -> None:
@@ -149,10 +149,12 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     products by F.linear ("torch"); for up to 16 rows on a GPU, by decode_attention.skinny_linear ("triton"), or
     by it with the residual add and norm before q/k/v and gate/up, and the SwiGLU after gate/up, done in the
     product's kernel, the output and down products left to cuBLAS, as fast or faster on the 1.24B shape
-    ("fused": skinny_norm_linear), or those two by skinny_linear too, split-K where the autotuner finds it
-    faster ("fused_all": every kernel of the layer ours); on a CPU these run their torch semantics."""
+    ("fused": skinny_norm_linear), with the down product by skinny_linear too ("fused_down"), or both those
+    (split-K where the autotuner finds it faster: "fused_all", every kernel of the layer ours; split-K grids
+    want decode_attention.PDL_TRIGGER="end"); on a CPU these run their torch semantics."""
     linear = skinny_linear if matmul in ("triton", "fused_all") else F.linear
-    fused = matmul in ("fused", "fused_all")
+    down_linear = skinny_linear if matmul in ("triton", "fused_down", "fused_all") else F.linear
+    fused = matmul.startswith("fused")
     batch = x.shape[0]
     head_dim = cos.shape[-1]
     if fused:
@@ -182,10 +184,10 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     attended = linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias)
     if fused:
         activated, x = skinny_norm_linear(x, attended, w.feedforward_norm, eps, w.gate_up, w.gate_up_bias, gated=True)
-        return x, linear(activated, w.down, w.down_bias)
+        return x, down_linear(activated, w.down, w.down_bias)
     x = residual_add(x, attended)
     gate, up = linear(rms_norm(x, w.feedforward_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-    return x, linear(F.silu(gate) * up, w.down, w.down_bias)
+    return x, down_linear(F.silu(gate) * up, w.down, w.down_bias)
 
 
 ARGMAX_CHUNK = 1024
