@@ -8,7 +8,8 @@ several streams may overlap, so the categories' shares may add up to more than t
 
 Categories come from kernel names (`classify`), first match wins, anything else is `other`:
   copies     memcpy / memset
-  optimizer  multi-tensor and fused optimizer kernels (torch's fused AdamW, our Triton Adafactor)
+  optimizer  multi-tensor and fused optimizer kernels (torch's fused AdamW, our Triton Adafactor, inductor's
+             horizontal kernels of a compiled foreach step: CompiledAdamW)
   loss       cross-entropy kernels (Liger's, which our `fused` loss calls per chunk; torch's)
   attention  flex attention (inductor template kernels `triton_tem_*`), FlashAttention, cuDNN / efficient SDPA
   matmul     cuBLAS / CUTLASS GEMMs (gemm, nvjet, xmma, sm90_*, cutlass)
@@ -44,7 +45,7 @@ from typing import Iterable
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("copies", ("memcpy", "memset")),
     ("optimizer", ("multi_tensor", "fused_adam", "adafactor", "grad_sq_sums", "update_sq_sum", "apply_update",
-                   "finalize", "foreach", "optimizer")),
+                   "finalize", "foreach", "optimizer", "triton_for_")),  # triton_for_: inductor's compiled foreach
     ("loss", ("cross_entropy", "log_softmax", "nll_loss", "element_mul_kernel")),
     ("attention", ("flex_attention", "triton_tem", "flash", "fmha", "attention", "sdpa", "attn")),
     ("matmul", ("gemm", "nvjet", "xmma", "sm90_", "sm80_", "cutlass", "cublas", "splitk", "aten::mm", "aten::addmm",

@@ -39,6 +39,7 @@ bench_train = _load("bench_train")
     ("void at::native::(anonymous)::cunn_SoftMaxForward<8, float>", "pointwise"),
     ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
     ("apply_update", "optimizer"),
+    ("triton_for_fused_0", "optimizer"),  # inductor's compiled foreach step (CompiledAdamW)
     ("triton_poi_fused_add_mul_silu_3", "pointwise"),
     ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", "pointwise"),
     ("_rms_norm_forward_kernel", "pointwise"),

@@ -288,3 +288,16 @@ def test_a_run_whose_optimizer_steps_inside_backward_resumes_exactly(tmp_path):
     assert main(["--resume", str(cut), "max_steps=10"]) == 0
     assert train_steps(cut) == list(range(10))
     assert train_losses(cut) == train_losses(whole)
+
+
+def test_a_run_with_the_compiled_adamw_resumes_exactly(tmp_path):
+    """optimizer=adamw_compiled (CompiledAdamW; on a CPU its eager foreach step): its states and its schedule's place
+    travel through the checkpoint, so a run stopped at 5 and resumed to 8 has the losses of a run of 8."""
+    common = (*MICRO, "optimizer=adamw_compiled")
+    assert run(tmp_path / "whole", *common, "max_steps=8") == 0
+    assert run(tmp_path / "cut", *common, "max_steps=5") == 0
+    (whole,) = run_dirs(tmp_path / "whole" / "outputs")
+    (cut,) = run_dirs(tmp_path / "cut" / "outputs")
+    assert main(["--resume", str(cut), "max_steps=8"]) == 0
+    assert train_steps(cut) == list(range(8))
+    assert train_losses(cut) == train_losses(whole)

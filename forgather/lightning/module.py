@@ -224,8 +224,11 @@ class CausalLMModule(pl.LightningModule):
         hidden = hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"))
         return self.loss(hidden, self.model.lm_head_weight, _labels(batch))
 
-    def _learning_rate(self) -> float:
-        return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+    def _learning_rate(self) -> float | torch.Tensor:
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        # A rate kept in a device tensor (CompiledAdamW) is logged as a copy, without waiting for the device;
+        # the scheduler fills that tensor in place later.
+        return lr.detach().clone() if isinstance(lr, torch.Tensor) else float(lr)
 
 
 def _labels(batch: Batch) -> torch.Tensor:

@@ -6,6 +6,7 @@ Names resolve lazily, so importing this package imports neither torch nor triton
     Adafactor             adafactor.py            reference, any device
     TritonAdafactor       triton_adafactor.py     same math, fused Triton kernels (CUDA + triton)
     AdamW                 adamw.py                AdamW in fp32 math writing bf16 weights with stochastic rounding
+    CompiledAdamW         compiled.py             torch's AdamW, its foreach step compiled on CUDA
     optimizer_in_backward in_backward.py          per-parameter optimizers stepped inside backward
     GaLoreAdamW           galore.py               AdamW on a low-rank SVD projection of 2-D gradients
     ApolloAdamW           apollo.py               APOLLO: AdamW states on a random projection, channel-wise scaling
@@ -19,6 +20,7 @@ _EXPORTS = {
     "Adafactor": "adafactor",
     "TritonAdafactor": "triton_adafactor",
     "AdamW": "adamw",
+    "CompiledAdamW": "compiled",
     "optimizer_in_backward": "in_backward",
     "OptimizerInBackward": "in_backward",
     "GaLoreAdamW": "galore",

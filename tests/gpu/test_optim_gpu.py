@@ -224,3 +224,42 @@ def test_forgather_adamw_bf16_keeps_small_updates_without_waiting_for_the_gpu():
     kept = {name: share_kept(runs[name], runs["fp32"]) for name in runs}
     assert kept["nearest"] < 0.3
     assert 0.9 < kept["sr"] < 1.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_adamw_is_the_fused_step_with_a_device_rate_and_one_compile(dtype):
+    """CompiledAdamW on CUDA: its compiled foreach step gives torch's fused AdamW's parameters (fp32: within
+    summation order; bf16: within a bf16 rounding) under a schedule that changes the rate every step, which
+    neither compiles again nor reads the rate back to the host; a loaded state dict keeps the rate on the GPU."""
+    import torch._dynamo
+
+    from forgather.optim import CompiledAdamW
+
+    torch._dynamo.reset()
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    init = [(torch.randn(s, device="cuda", generator=gen) * 0.02).to(dtype) for s in ((300, 517), (777,), (64, 8))]
+    ours = [p.clone().requires_grad_() for p in init]
+    theirs = [p.clone().requires_grad_() for p in init]
+    options = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    mine, fused = CompiledAdamW(ours, **options), torch.optim.AdamW(theirs, fused=True, **options)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (step + 1)) for o in (mine, fused)]
+    for step in range(6):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, device="cuda", generator=gen).to(dtype)
+            b.grad = a.grad.clone()
+        if step >= 2:  # compiled and warm: the step itself waits for nothing
+            with sync_is_an_error():
+                mine.step()
+        else:
+            mine.step()
+        fused.step()
+        for schedule in schedules:
+            schedule.step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    tolerance = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-4)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **tolerance)
+    again = CompiledAdamW(ours, **options)
+    again.load_state_dict(mine.state_dict())
+    rate = again.param_groups[0]["lr"]
+    assert isinstance(rate, torch.Tensor) and rate.is_cuda and rate.item() == pytest.approx(1e-2 / 7)

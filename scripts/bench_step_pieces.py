@@ -1,0 +1,182 @@
+"""Two pieces of the 1.24B training step (issue 17) under their options, each beside its default, one run.
+
+- attention: flex attention forward + backward at the step's shape (4 x 2048 tokens, 32 query / 8 kv heads of
+  64, bf16), compiled, for a causal mask (bench_train's rows: one document each; every option set) and a
+  packed one (documents of random lengths; the first two sets), under `kernel_options` sets
+  (torch.nn.attention.flex_attention.FlexKernelOptions): the default; ROWS_GUARANTEED_SAFE (each query sees
+  itself: true of every mask forgather.models.attention builds) + BLOCKS_ARE_CONTIGUOUS (true of a causal
+  mask; not of packed documents, whose partial blocks sit at document boundaries and on the diagonal: the
+  packed row shows what breaks); those with TMA; with other block sizes. Beside them SDPA with is_causal.
+  Each set's output and gradients against the default's (largest absolute difference).
+- optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
+  against the foreach implementation with its step compiled (torch.compile of optimizer.step, capturable).
+
+Milliseconds per call from CUDA events over `--iters` calls after warm-up; the attention's times a layer
+(the profile's attention share is 16 layers' worth).
+
+    python scripts/bench_step_pieces.py [--iters 20] [--json FILE] [--skip-optimizer] [--skip-attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+SHAPE = dict(batch=4, seq=2048, heads=32, kv_heads=8, head_dim=64, hidden=2048, layers=16, intermediate=8192,
+             vocab=128256)
+SAFE = dict(ROWS_GUARANTEED_SAFE=True, BLOCKS_ARE_CONTIGUOUS=True)
+OPTION_SETS = {
+    "default": {},
+    "safe": SAFE,
+    "safe+tma": dict(SAFE, USE_TMA=True),
+    "safe fwd 128x128 w8 s3": dict(SAFE, fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_num_stages=3),
+    "safe fwd 128x64 w4 s3": dict(SAFE, fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3),
+    "safe bwd 64/128 w8 s3": dict(SAFE, bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64,
+                                  bwd_num_warps=8, bwd_num_stages=3),
+}
+ROWS: list[dict] = []
+
+
+def row(**fields) -> None:
+    ROWS.append(fields)
+    print(json.dumps(fields), flush=True)
+
+
+def timed(fn, iters: int) -> float:
+    """Milliseconds per call of fn() (CUDA events, after three warm-up calls)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bench_attention(iters: int) -> None:
+    from torch.nn.attention import flex_attention as flex
+
+    s = SHAPE
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def tensor(heads: int) -> torch.Tensor:
+        return torch.randn(s["batch"], heads, s["seq"], s["head_dim"], device="cuda", dtype=torch.bfloat16,
+                           generator=gen).requires_grad_()
+
+    q, k, v = tensor(s["heads"]), tensor(s["kv_heads"]), tensor(s["kv_heads"])
+    grad = torch.randn_like(q)
+    lengths = torch.randint(128, 1024, (s["batch"], 16), generator=torch.Generator().manual_seed(0))
+    docs = torch.stack([torch.repeat_interleave(torch.arange(16), row)[: s["seq"]] for row in lengths]).cuda()
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    def in_document(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+
+    masks = {
+        "causal": flex.create_block_mask(causal, None, None, s["seq"], s["seq"], device="cuda"),
+        "packed": flex.create_block_mask(in_document, s["batch"], None, s["seq"], s["seq"], device="cuda"),
+    }
+    compiled = torch.compile(flex.flex_attention)
+    for mask_name, mask in masks.items():
+        reference = None
+        for name, options in OPTION_SETS.items():
+            if mask_name == "packed" and name not in ("default", "safe"):
+                continue
+            def step(options=options, mask=mask):
+                for t in (q, k, v):
+                    t.grad = None
+                out = compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options or None)
+                out.backward(grad)
+                return out
+
+            try:
+                begin = time.perf_counter()
+                out = step()
+                first_s = time.perf_counter() - begin
+                result = (out.detach().float(), *(t.grad.float() for t in (q, k, v)))
+                ms = timed(step, iters)
+            except Exception as error:  # an option set the kernel cannot take on this GPU: a row, not a crash
+                row(piece="attention", mask=mask_name, options=name,
+                    error=f"{type(error).__name__}: {str(error)[:300]}")
+                continue
+            if reference is None:
+                reference = result
+            diff = max((a - b).abs().max().item() for a, b in zip(result, reference))
+            row(piece="attention", mask=mask_name, options=name, ms_per_layer=ms, ms_16_layers=16 * ms,
+                max_abs_diff_vs_default=diff, first_call_s=first_s)
+    qs = q.detach().requires_grad_()
+
+    def sdpa():
+        qs.grad = None
+        out = torch.nn.functional.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
+        out.backward(grad)
+
+    ms = timed(sdpa, iters)
+    row(piece="attention", mask="causal", options="sdpa is_causal (cuDNN or flash)", ms_per_layer=ms,
+        ms_16_layers=16 * ms)
+
+
+def parameters_1b() -> list[torch.Tensor]:
+    s = SHAPE
+    hidden, inter, kv = s["hidden"], s["intermediate"], s["kv_heads"] * s["head_dim"]
+    shapes = [(s["vocab"], hidden)]
+    for _ in range(s["layers"]):
+        shapes += [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
+                   (hidden, inter), (hidden,), (hidden,)]
+    shapes.append((hidden,))
+    params = [torch.nn.Parameter(torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02) for shape in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def bench_optimizer(iters: int) -> None:
+    for name in ("fused", "compiled foreach"):
+        params = parameters_1b()
+        if name == "fused":
+            optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
+            step = optimizer.step
+        else:
+            optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device="cuda"), betas=(0.9, 0.95),
+                                          weight_decay=0.01, foreach=True, capturable=True)
+            step = torch.compile(optimizer.step)
+        begin = time.perf_counter()
+        step()
+        first_s = time.perf_counter() - begin
+        ms = timed(step, iters)
+        count = sum(p.numel() for p in params)
+        row(piece="optimizer", options=name, ms=ms, parameters=count,
+            tb_per_s=14 * count / (ms / 1e3) / 1e12, first_call_s=first_s)
+        del optimizer, params
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--skip-optimizer", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_step_pieces.py times CUDA kernels: run it on a GPU")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if not args.skip_optimizer:
+        bench_optimizer(args.iters)
+    if not args.skip_attention:
+        bench_attention(args.iters)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(ROWS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

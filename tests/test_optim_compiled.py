@@ -1,0 +1,77 @@
+"""forgather.optim.CompiledAdamW on a CPU: torch's AdamW (its foreach path) behind Lightning's closure, with a
+schedule, through a state dict, and the compiled step's arithmetic (tests/gpu/test_optim_gpu.py: on CUDA)."""
+
+import pytest
+import torch
+
+from forgather.optim import CompiledAdamW
+
+OPTIONS = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+
+
+def make_params(seed=0, shapes=((16, 24), (24,), (7, 3))):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=gen) * 0.02).requires_grad_() for shape in shapes]
+
+
+def run_steps(params, optimizer, steps=5, seed=1, scheduler=None):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+
+        def closure():  # Lightning's: forward and backward, then the update
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            return torch.tensor(1.0)
+
+        assert optimizer.step(closure) is not None
+        if scheduler is not None:
+            scheduler.step()
+    return params
+
+
+def test_steps_with_a_closure_and_a_schedule_equal_torch_adamw():
+    ours, theirs = make_params(), make_params()
+    mine = CompiledAdamW(ours, **OPTIONS)
+    reference = torch.optim.AdamW(theirs, **OPTIONS)
+    schedule = lambda step: 1.0 / (step + 1)  # noqa: E731
+    run_steps(ours, mine, scheduler=torch.optim.lr_scheduler.LambdaLR(mine, schedule))
+    run_steps(theirs, reference, scheduler=torch.optim.lr_scheduler.LambdaLR(reference, schedule))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert mine.param_groups[0]["lr"] == pytest.approx(OPTIONS["lr"] / 6)
+
+
+def test_a_state_dict_continues_the_run_and_loads_into_torch_adamw():
+    whole, cut = make_params(), make_params()
+    run_steps(whole, CompiledAdamW(whole, **OPTIONS), steps=6)
+    first = CompiledAdamW(cut, **OPTIONS)
+    run_steps(cut, first, steps=3)
+    state = first.state_dict()
+    second = CompiledAdamW(cut, **OPTIONS)
+    second.load_state_dict(state)
+    run_steps(cut, second, steps=3, seed=2)
+    torch.optim.AdamW(make_params(), **OPTIONS).load_state_dict(state)  # the same state dict as AdamW's
+    rerun = make_params()
+    optimizer = CompiledAdamW(rerun, **OPTIONS)
+    run_steps(rerun, optimizer, steps=3)
+    run_steps(rerun, optimizer, steps=3, seed=2)
+    for a, b in zip(cut, rerun):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_no_parameters_is_an_error():
+    with pytest.raises(ValueError, match="no parameters"):
+        CompiledAdamW([], lr=1e-3)
+
+
+@pytest.mark.slow
+def test_the_compiled_step_computes_the_eager_one():
+    """compile=True on a CPU (what CUDA runs by default, there with the rate in a device tensor): ~10 s."""
+    eager, compiled = make_params(), make_params()
+    run_steps(eager, CompiledAdamW(eager, **OPTIONS))
+    optimizer = CompiledAdamW(compiled, compile=True, **OPTIONS)
+    run_steps(compiled, optimizer)
+    assert optimizer._compiled is not None
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
