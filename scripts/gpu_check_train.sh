@@ -63,7 +63,8 @@ b)
         --variant compile-model compile_scope=model \
         --variant fused-proj+compile-model fused_projections=true compile_scope=model \
         --variant sdpa attention_fn=sdpa --variant adamw-sr optimizer=adamw_sr \
-        --variant adamw-inbw optimizer=adamw_in_backward --timeout 150 "$@"
+        --variant adamw-inbw optimizer=adamw_in_backward --variant adamw-compiled optimizer=adamw_compiled \
+        --timeout 150 "$@"
     # inductor tuning its own kernels: minutes of autotuning before the first step
     bench bench_1b_options.log --shape 1b --label 1b_options --steps 20 --append --paths \
         --variant max-autotune compile_mode=max-autotune-no-cudagraphs --timeout 420 "$@"

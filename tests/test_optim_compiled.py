@@ -60,9 +60,12 @@ def test_a_state_dict_continues_the_run_and_loads_into_torch_adamw():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_no_parameters_is_an_error():
+def test_no_parameters_or_several_devices_are_errors():
     with pytest.raises(ValueError, match="no parameters"):
         CompiledAdamW([], lr=1e-3)
+    meta = torch.nn.Parameter(torch.empty(3, device="meta"))
+    with pytest.raises(ValueError, match="one device; got cpu and meta"):
+        CompiledAdamW([*make_params(), meta], lr=1e-3)
 
 
 @pytest.mark.slow

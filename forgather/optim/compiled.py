@@ -14,7 +14,8 @@ torch's own recipe (torch.compile of `optimizer.step`); this class makes it a dr
 - elsewhere (the CPU) it is torch's foreach AdamW, eager unless `compile=True`: the same arithmetic.
 
 The update is torch.optim.AdamW's (the foreach code path), so its state dict is AdamW's and checkpoints move
-between the two.
+between the two. Parameters on one device (a single GPU, or each rank's under DDP); several devices are an
+error. Sharded parameters (DTensor, FSDP2) have not run through it: multi-GPU machines were not lent.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class CompiledAdamW(torch.optim.AdamW):
         if not tensors:
             raise ValueError("CompiledAdamW got no parameters to optimize")
         self._device = tensors[0].device
+        others = sorted({str(t.device) for t in tensors} - {str(self._device)})
+        if others:  # one rate tensor serves every parameter, and the foreach kernels take one device
+            raise ValueError(f"CompiledAdamW steps parameters on one device; got {self._device} and "
+                             f"{', '.join(others)} (give each device's parameters an optimizer of its own, or use "
+                             f"optimizer=adamw)")
         cuda = self._device.type == "cuda"
         super().__init__(params, lr=self._rate(lr) if cuda else lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad, foreach=True, capturable=cuda)
