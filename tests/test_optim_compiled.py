@@ -78,3 +78,24 @@ def test_the_compiled_step_computes_the_eager_one():
     assert optimizer._compiled is not None
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_where_the_step_is_captured_every_groups_rate_is_a_device_tensor(monkeypatch):
+    """On CUDA (here: the CPU made a capturable device, the step not run) each param group's rate, given as a
+    float or not given, and that of a group added later, is a float32 tensor on the parameters' device: a
+    float rate would make the compiled step compile again at every new value."""
+    from forgather.optim import compiled
+
+    monkeypatch.setattr(compiled, "CAPTURABLE_DEVICES", ("cpu",))
+    first, second, third = make_params(seed=1), make_params(seed=2), make_params(seed=3)
+    optimizer = CompiledAdamW([{"params": first}, {"params": second, "lr": 5e-3}], lr=1e-3)
+    optimizer.add_param_group({"params": third, "lr": 2e-3})
+    assert optimizer.defaults["capturable"] and optimizer._compile
+    rates = [group["lr"] for group in optimizer.param_groups]
+    assert all(isinstance(r, torch.Tensor) and r.dtype == torch.float32 and r.device.type == "cpu" for r in rates)
+    assert [r.item() for r in rates] == pytest.approx([1e-3, 5e-3, 2e-3])
+    state = optimizer.state_dict()
+    state["param_groups"][1]["lr"] = 7e-3  # a checkpoint that kept a float
+    optimizer.load_state_dict(state)
+    assert isinstance(optimizer.param_groups[1]["lr"], torch.Tensor)
+    assert optimizer.param_groups[1]["lr"].item() == pytest.approx(7e-3)

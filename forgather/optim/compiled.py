@@ -25,6 +25,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 
+CAPTURABLE_DEVICES = ("cuda",)  # where the step is compiled and the rate lives on the device
+
+
 class CompiledAdamW(torch.optim.AdamW):
     """AdamW(params, lr, betas, eps, weight_decay, amsgrad) whose step is compiled on CUDA (module docstring).
     `compile`: None (default) compiles where the parameters are on CUDA; True or False forces it."""
@@ -41,11 +44,18 @@ class CompiledAdamW(torch.optim.AdamW):
             raise ValueError(f"CompiledAdamW steps parameters on one device; got {self._device} and "
                              f"{', '.join(others)} (give each device's parameters an optimizer of its own, or use "
                              f"optimizer=adamw)")
-        cuda = self._device.type == "cuda"
-        super().__init__(params, lr=self._rate(lr) if cuda else lr, betas=betas, eps=eps,
-                         weight_decay=weight_decay, amsgrad=amsgrad, foreach=True, capturable=cuda)
-        self._compile = cuda if compile is None else compile
+        capturable = self._device.type in CAPTURABLE_DEVICES
+        # Each group's rate becomes a device tensor in add_param_group (which __init__ calls for every group).
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         foreach=True, capturable=capturable)
+        self._compile = capturable if compile is None else compile
         self._compiled: Callable[[], Any] | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if self.defaults["capturable"] and not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = self._rate(group["lr"])  # a float rate would be a new compile at every new value
 
     def _rate(self, lr: float | torch.Tensor) -> torch.Tensor:
         """A learning rate as a float32 0-d tensor on the parameters' device (capturable AdamW's form)."""
