@@ -483,8 +483,8 @@ def main() -> None:
                 if variant in args.variants:
                     bench_engine(f"engine hf-llama, {label}{suffix}", model, prompt, args.tokens, floor, None,
                                  profile=args.profile and variant not in ("serial", "modules"), **options)
-            for variant, (label, options) in VARIANTS.items():
-                if big is not None and variant in args.variants_7b and variant != "modules":
+            for variant, (label, options) in VARIANTS.items() if big is not None else ():
+                if variant in args.variants_7b and variant != "modules":
                     bench_engine(f"engine hf-llama 7b, {label}{suffix}", big, prompt, args.tokens,
                                  args.bandwidth / weight_bytes(big), None, slots=4, **options)
         del big

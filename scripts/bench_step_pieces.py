@@ -9,7 +9,8 @@
   packed row shows what breaks); those with TMA; with other block sizes. Beside them SDPA with is_causal.
   Each set's output and gradients against the default's (largest absolute difference).
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
-  against the foreach implementation with its step compiled (torch.compile of optimizer.step, capturable).
+  against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
+  the capturable step, the rate a device tensor).
 
 Milliseconds per call from CUDA events over `--iters` calls after warm-up; the attention's times a layer
 (the profile's attention share is 16 layers' worth).
@@ -24,6 +25,8 @@ import json
 import time
 
 import torch
+
+from forgather.optim import CompiledAdamW
 
 SHAPE = dict(batch=4, seq=2048, heads=32, kv_heads=8, head_dim=64, hidden=2048, layers=16, intermediate=8192,
              vocab=128256)
@@ -144,10 +147,9 @@ def bench_optimizer(iters: int) -> None:
         if name == "fused":
             optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
             step = optimizer.step
-        else:
-            optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device="cuda"), betas=(0.9, 0.95),
-                                          weight_decay=0.01, foreach=True, capturable=True)
-            step = torch.compile(optimizer.step)
+        else:  # torch's foreach AdamW, capturable, its step compiled, the rate a device tensor
+            optimizer = CompiledAdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+            step = optimizer.step
         begin = time.perf_counter()
         step()
         first_s = time.perf_counter() - begin

@@ -53,13 +53,16 @@ class CompiledAdamW(torch.optim.AdamW):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if self.defaults["capturable"] and not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = self._rate(group["lr"])  # a float rate would be a new compile at every new value
+        self._rate_on_device(self.param_groups[-1])
 
-    def _rate(self, lr: float | torch.Tensor) -> torch.Tensor:
-        """A learning rate as a float32 0-d tensor on the parameters' device (capturable AdamW's form)."""
-        return torch.tensor(float(lr), dtype=torch.float32, device=self._device)
+    def _rate_on_device(self, group: dict[str, Any]) -> None:
+        """Where the step is captured, make `group`'s rate a float32 0-d tensor on the parameters' device:
+        a float rate would be a new compile at every new value, and a loaded one may be a float or a tensor
+        mapped elsewhere."""
+        lr = group["lr"]
+        on_device = isinstance(lr, torch.Tensor) and lr.device == self._device and lr.dtype == torch.float32
+        if self.defaults["capturable"] and not on_device:
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=self._device)
 
     def _update(self) -> None:
         torch.optim.AdamW.step(self)
@@ -80,8 +83,5 @@ class CompiledAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        if self.defaults["capturable"]:  # a rate saved as a float, or a tensor mapped elsewhere on loading
-            for group in self.param_groups:
-                lr = group["lr"]
-                if not isinstance(lr, torch.Tensor) or lr.device != self._device or lr.dtype != torch.float32:
-                    group["lr"] = self._rate(lr)
+        for group in self.param_groups:
+            self._rate_on_device(group)
