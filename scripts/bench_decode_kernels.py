@@ -5,6 +5,7 @@ decode-attention kernel against the matmul path (decode_attention.reference, com
 CUDA graph of 100 calls; prints a table of microseconds per call, the ratio, and the weights' bandwidth.
 
     python scripts/bench_decode_kernels.py [--rows 1] [--shapes 1b 7b] [--windows 256 1024] [--fusions] [--json F]
+                                           [--chunks 32 64 256]  (the attention's split, each timed)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from forgather.models.norm import rms_norm  # noqa: E402
+from forgather.serve import decode_attention  # noqa: E402
 from forgather.serve.decode_attention import (  # noqa: E402
     launch, launch_skinny, reference, residual_add, workspace)
 
@@ -71,7 +73,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, nargs="+", default=[256])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[],
+                        help="decode attention: time each least chunk of keys a program (decode_attention.MIN_CHUNK)")
     args = parser.parse_args()
+    default_chunk = decode_attention.MIN_CHUNK
     torch.manual_seed(0)
     device = args.device
     dtype, rows_out = torch.bfloat16 if device == "cuda" else torch.float32, []
@@ -121,13 +126,18 @@ def main() -> None:
             angles = torch.randn(args.rows, head_dim // 2, device=device)
             cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
             positions = torch.full((args.rows,), keys - 1, device=device)
-            partial, counter = workspace(args.rows, kv_heads, head_dim, length + 1, device)
             compiled = torch.compile(reference, dynamic=False)  # what the matmul path runs: inductor's kernels
-            error = relative(launch(q, k, v, cos, sin, positions, cache.clone(), keys, partial, counter),
-                             reference(q, k, v, cos, sin, positions, cache.clone(), keys))
-            row(f"{shape} attention, window {keys}",
-                graph_time_us(lambda: compiled(q, k, v, cos, sin, positions, cache, keys)),
-                graph_time_us(lambda: launch(q, k, v, cos, sin, positions, cache, keys, partial, counter)), error)
+            baseline_us = graph_time_us(lambda: compiled(q, k, v, cos, sin, positions, cache, keys))
+            for chunk in args.chunks or [decode_attention.MIN_CHUNK]:
+                decode_attention.MIN_CHUNK = chunk  # split_plan's least keys a program (workspace sized by it)
+                partial, counter = workspace(args.rows, kv_heads, head_dim, length + 1, device)
+                error = relative(launch(q, k, v, cos, sin, positions, cache.clone(), keys, partial, counter),
+                                 reference(q, k, v, cos, sin, positions, cache.clone(), keys))
+                splits, _ = decode_attention.split_plan(args.rows, kv_heads, keys, decode_attention.BLOCK_N)
+                row(f"{shape} attention, window {keys}" + (f", {splits} splits (chunk {chunk})" if args.chunks else ""),
+                    baseline_us,
+                    graph_time_us(lambda: launch(q, k, v, cos, sin, positions, cache, keys, partial, counter)), error)
+            decode_attention.MIN_CHUNK = default_chunk
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (rehearsal)"
     print(f"\n# {name}, torch {torch.__version__}, {args.rows} row(s), {dtype}\n")
     print("| piece | cuBLAS / torch us | Triton us | speedup | TB/s (torch -> Triton) | rel. error |")

@@ -241,6 +241,7 @@ def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float
                 mine = engine.fused(ids, positions, engine.key_ranges[keys])[0].float()
             extra["logit_error"] = ((mine - theirs).norm() / theirs.norm()).item()
             extra["same_argmax"] = bool((mine.argmax(-1) == theirs.argmax(-1)).all())
+        extra["tuned"] = tuned_configs()
         engine_run(engine, prompt, tokens)  # warm-up
         with CollectorPauses() as pauses:
             ttft, rate, gaps = engine_run(engine, prompt, tokens)
@@ -260,6 +261,17 @@ def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float
     finally:
         engine.close()
         gc.unfreeze()
+
+
+def tuned_configs() -> dict:
+    """The autotuner's pick for each of our product kernels' keys so far in this process (shape, options ->
+    tiling), to set beside a row's speed: the picks, split-K ones above all, differ between processes."""
+    try:
+        from forgather.serve import decode_kernels
+    except ImportError:  # no triton here
+        return {}
+    return {str(key): str(config) for tuner in (decode_kernels.skinny_matmul, decode_kernels.skinny_matmul_split)
+            for key, config in tuner.tuned.cache.items()}
 
 
 def profile_step(engine) -> None:
@@ -398,6 +410,16 @@ VARIANTS = {
     "pdl_end": ("PDL trigger at the end", dict(settings=dict(PDL_TRIGGER="end"))),
     "fused_down_end": ("down product ours (split-K), PDL trigger at the end",
                        dict(fused_matmul="fused_down", settings=dict(PDL_TRIGGER="end"))),
+    # The default below a hidden size of 4096 where PDL runs (every kernel of ours then releases after its loads).
+    "fused_down": ("down product ours (split-K)", dict(fused_matmul="fused_down")),
+    # The decode-attention kernel's least keys a program (decode_attention.MIN_CHUNK, 64): 32 splits a window
+    # of 256 over twice the programs, 256 or more gives each (row, kv head) one program and no combining step.
+    "chunk32": ("attention split 32 keys", dict(settings=dict(MIN_CHUNK=32))),
+    "chunk128": ("attention split 128 keys", dict(settings=dict(MIN_CHUNK=128))),
+    "chunk256": ("attention split 256 keys", dict(settings=dict(MIN_CHUNK=256))),
+    "chunk_whole": ("attention unsplit", dict(settings=dict(MIN_CHUNK=1 << 20))),
+    # Before decode_attention.SPLIT_CAP: a split per 64 keys of a long window, up to 33 at batch 1.
+    "uncapped": ("attention split per 64 keys, uncapped", dict(settings=dict(SPLIT_CAP=1 << 20))),
     # Programmatic dependent launch of our kernels off (decode_attention.PDL; on by default where the GPU has
     # it, and then the default products are "fused"): the engine's default products then are cuBLAS's.
     "nopdl": ("no PDL", dict(settings=dict(PDL=False))),

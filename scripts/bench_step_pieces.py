@@ -6,7 +6,9 @@
   (torch.nn.attention.flex_attention.FlexKernelOptions): the default; ROWS_GUARANTEED_SAFE (each query sees
   itself: true of every mask forgather.models.attention builds) + BLOCKS_ARE_CONTIGUOUS (true of a causal
   mask; not of packed documents, whose partial blocks sit at document boundaries and on the diagonal: the
-  packed row shows what breaks); those with TMA; with other block sizes. Beside them SDPA with is_causal.
+  packed row shows what breaks); those with TMA; with other block sizes. Beside them SDPA with is_causal,
+  and flash attention's variable-length kernels (torch.nn.attention.varlen) on the packed row, each document
+  a sequence, checked against flex's outputs and gradients.
   Each set's output and gradients against the default's (largest absolute difference).
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
@@ -16,6 +18,7 @@ Milliseconds per call from CUDA events over `--iters` calls after warm-up; the a
 (the profile's attention share is 16 layers' worth).
 
     python scripts/bench_step_pieces.py [--iters 20] [--json FILE] [--skip-optimizer] [--skip-attention]
+                                        [--option-sets NAME ...]
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def timed(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def bench_attention(iters: int) -> None:
+def bench_attention(iters: int, option_sets: list[str]) -> None:
     from torch.nn.attention import flex_attention as flex
 
     s = SHAPE
@@ -91,6 +94,8 @@ def bench_attention(iters: int) -> None:
     for mask_name, mask in masks.items():
         reference = None
         for name, options in OPTION_SETS.items():
+            if name not in option_sets:
+                continue
             if mask_name == "packed" and name not in ("default", "safe"):
                 continue
             def step(options=options, mask=mask):
@@ -125,6 +130,78 @@ def bench_attention(iters: int) -> None:
     ms = timed(sdpa, iters)
     row(piece="attention", mask="causal", options="sdpa is_causal (cuDNN or flash)", ms_per_layer=ms,
         ms_16_layers=16 * ms)
+    bench_varlen(q, k, v, grad, docs, masks, compiled, iters)
+
+
+def _varlen_call():
+    """torch.nn.attention.varlen.varlen_attn as (q, k, v, cu_seqlens, max_len) -> out for causal attention
+    within each sequence, across the API's versions (torch 2.10: is_causal; later: window_size and enable_gqa),
+    repeating the kv heads where the version has no enable_gqa."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    parameters = inspect.signature(varlen_attn).parameters
+
+    def call(q, k, v, cu, max_len):
+        if "enable_gqa" not in parameters and q.shape[1] != k.shape[1]:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        options = dict(window_size=(-1, 0)) if "window_size" in parameters else dict(is_causal=True)
+        if "enable_gqa" in parameters:
+            options["enable_gqa"] = q.shape[1] != k.shape[1]
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **options)
+
+    return call
+
+
+def bench_varlen(q, k, v, grad, docs, masks, compiled, iters: int) -> None:
+    """Flash attention's variable-length kernels (torch.nn.attention.varlen) on the packed rows, tokens as
+    [B * T, heads, D] with each document a sequence, against flex attention's packed row: the same outputs
+    and gradients, and the time a layer. max_len is given as the row length (an upper bound: no host read of
+    the documents' lengths) and as the longest document."""
+    s = SHAPE
+    try:
+        call = _varlen_call()
+    except ImportError as error:
+        row(piece="attention", mask="packed", options="varlen", error=str(error))
+        return
+    flat = docs + torch.arange(s["batch"], device=docs.device)[:, None] * (docs.max() + 1)
+    flat = flat.flatten()
+    starts = torch.nonzero(torch.cat([flat.new_ones(1), flat[1:] != flat[:-1]])).flatten()
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+
+    def packed(t):  # [B, H, T, D] -> [B * T, H, D]
+        return t.detach().transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous().requires_grad_()
+
+    qv, kv_, vv = packed(q), packed(k), packed(v)
+    grad_v = grad.transpose(1, 2).reshape(-1, grad.shape[1], grad.shape[3]).contiguous()
+    for t in (q, k, v):
+        t.grad = None
+    out = compiled(q, k, v, block_mask=masks["packed"], enable_gqa=True)
+    out.backward(grad)
+    reference = [out.detach().transpose(1, 2).reshape(qv.shape).float()] + [
+        t.grad.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).float() for t in (q, k, v)]
+    for label, max_len in (("row length", s["seq"]), ("longest document", longest)):
+        def step(max_len=max_len):
+            for t in (qv, kv_, vv):
+                t.grad = None
+            result = call(qv, kv_, vv, cu, max_len)
+            result.backward(grad_v)
+            return result
+
+        try:
+            result = step()
+            diff = max((a.float() - b).abs().max().item()
+                       for a, b in zip((result.detach(), qv.grad, kv_.grad, vv.grad), reference))
+            ms = timed(step, iters)
+        except Exception as error:  # noqa: BLE001 - a version without the kernel: a row, not a crash
+            row(piece="attention", mask="packed", options=f"varlen, max_len {label}",
+                error=f"{type(error).__name__}: {str(error)[:300]}")
+            continue
+        row(piece="attention", mask="packed", options=f"varlen (flash), max_len {label}", ms_per_layer=ms,
+            ms_16_layers=16 * ms, max_abs_diff_vs_flex=diff, documents=cu.numel() - 1)
 
 
 def parameters_1b() -> list[torch.Tensor]:
@@ -167,6 +244,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--skip-optimizer", action="store_true")
+    parser.add_argument("--option-sets", nargs="+", choices=OPTION_SETS, default=list(OPTION_SETS),
+                        help="flex attention's kernel option sets to time (default: all; 'default' always runs)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_step_pieces.py times CUDA kernels: run it on a GPU")
@@ -174,7 +253,7 @@ def main() -> None:
     if not args.skip_optimizer:
         bench_optimizer(args.iters)
     if not args.skip_attention:
-        bench_attention(args.iters)
+        bench_attention(args.iters, ["default", *args.option_sets])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(ROWS, f, indent=1)

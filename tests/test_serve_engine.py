@@ -210,11 +210,50 @@ def test_the_pdl_trigger_setting_reaches_the_kernels_or_is_refused(monkeypatch):
     gpu = torch.device("cuda")
     monkeypatch.setattr(da, "dependent_launch", lambda device: True)
     assert da._pdl_options(gpu) == dict(PDL=True, PDL_EARLY=True, launch_pdl=True)
+    assert da._pdl_options(gpu, release_late=True)["PDL_EARLY"] is False  # before a split-K grid of ours
     monkeypatch.setattr(da, "PDL_TRIGGER", "end")
     assert da._pdl_options(gpu)["PDL_EARLY"] is False
     monkeypatch.setattr(da, "PDL_TRIGGER", "late")
     with pytest.raises(ValueError, match="'start' or 'end'"):
         da._pdl_options(gpu)
+
+
+@pytest.mark.parametrize("matmul, late", [("fused", False), ("fused_down", True), ("fused_all", True)])
+def test_our_kernels_release_late_exactly_where_our_down_product_runs(monkeypatch, matmul, late):
+    """Under PDL a kernel that lets the next one launch at its start fills the SMs with that kernel's waiting
+    programs: where the down product is ours (a split-K grid), every kernel of ours releases after its loads."""
+    from forgather.serve import fused
+    from forgather.serve.decode_attention import workspace as decode_workspace
+
+    calls = []
+
+    def recording(name, op):
+        def call(*args, **kwargs):
+            calls.append((name, kwargs.get("release_late", False)))
+            return op(*args, **kwargs)
+        return call
+
+    for name in ("skinny_norm_linear", "skinny_linear", "decode_attention"):
+        monkeypatch.setattr(fused, name, recording(name, getattr(fused, name)))
+    hidden, heads, kv_heads, head_dim, inner = 32, 4, 2, 8, 48
+
+    def weight(*shape):
+        return torch.randn(*shape) * 0.1
+
+    w = fused.LayerWeights(attention_norm=torch.ones(hidden), qkv=weight((heads + 2 * kv_heads) * head_dim, hidden),
+                           qkv_bias=None, q_norm=None, k_norm=None, o=weight(hidden, heads * head_dim), o_bias=None,
+                           feedforward_norm=torch.ones(hidden), gate_up=weight(2 * inner, hidden), gate_up_bias=None,
+                           down=weight(hidden, inner), down_bias=None)
+    cache = torch.zeros(2, 1, kv_heads, 17, head_dim)
+    x, delta = torch.randn(1, hidden), torch.zeros(1, hidden)
+    angles = torch.zeros(1, head_dim)
+    fused.decode_layer(x, delta, angles.cos(), angles.sin(), torch.tensor([3]), torch.ones(1, 16, dtype=torch.bool),
+                       cache, w, heads, kv_heads, 1e-5, 1e-6, attention="triton", matmul=matmul,
+                       workspace=decode_workspace(1, kv_heads, head_dim, 17, "cpu"))
+    expected = [("skinny_norm_linear", late), ("decode_attention", late)]
+    expected += [("skinny_linear", late)] if matmul == "fused_all" else []
+    expected += [("skinny_norm_linear", late)] + ([("skinny_linear", late)] if late else [])
+    assert calls == expected
 
 
 @pytest.mark.parametrize("vocab", [5 * 1024, 3000, 1024, 7])
@@ -768,6 +807,18 @@ def test_the_decode_kernels_split_plan_covers_the_window_within_its_workspace():
                     splits, chunk = split_plan(batch, kv_heads, keys)
                     assert chunk % BLOCK_N == 0 and (splits - 1) * chunk < keys <= splits * chunk
                     assert 1 <= splits <= most, (kv_heads, length, batch, keys)
+
+
+def test_a_long_window_is_split_in_few_chunks_of_at_most_256_keys():
+    """At batch 1 with 8 kv heads (the 1.24B shape): a split per 64 keys up to 8 splits, then chunks grow to 256
+    keys, then splits grow again (the H200's fastest split of each window, docs/benchmarks.md); many rows
+    leave less room to split."""
+    from forgather.serve.decode_attention import split_plan
+
+    plans = {keys: split_plan(1, 8, keys) for keys in (64, 256, 512, 1024, 2048, 4096, 8192)}
+    assert plans == {64: (1, 64), 256: (4, 64), 512: (8, 64), 1024: (8, 128), 2048: (8, 256), 4096: (16, 256),
+                     8192: (32, 256)}
+    assert split_plan(32, 8, 4096) == (2, 2048)
 
 
 def test_a_default_decode_kernel_that_fails_here_falls_back_to_the_matmul_attention(backend, monkeypatch):

@@ -37,7 +37,13 @@ BLOCK_N = 32  # keys per inner iteration of the kernel
 GROUP_PAD = 16  # tl.dot's least row count: a kv head's query heads, padded with masked rows
 NUM_WARPS = 4
 TARGET_PROGRAMS = 264  # about two programs per SM on an H100/H200 (132 SMs)
-MIN_CHUNK = 64  # fewest keys a split reads (measured on the H200 with 64; 32, one block a split, is untried)
+MIN_CHUNK = 64  # fewest keys a split reads (on the H200 at batch 1: 32 was slower at every window, 0.8-0.96x)
+# Most splits of one (row, kv head), unless that would give a split more than MAX_CHUNK keys: past a few
+# splits the combining step costs more than the split saves. On the H200 at batch 1 (1.24B, 8 kv heads;
+# docs/benchmarks.md) a window of 1,024 took 7.6 us in 8 splits against 8.4 in 16, one of 2,048 10.0 us in 8
+# against 13.2 in 32, one of 4,096 12.2 us in 16 against 14.5 in 32.
+SPLIT_CAP = 8
+MAX_CHUNK = 256
 
 
 def residual_add(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -78,8 +84,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tens
 
 def split_plan(batch: int, kv_heads: int, keys: int, block: int = 32) -> tuple[int, int]:
     """(splits, chunk): how many programs share a row's window, and the keys each reads (a multiple of
-    `block`), so that batch x kv_heads x splits is about TARGET_PROGRAMS."""
-    splits = max(1, min(math.ceil(TARGET_PROGRAMS / (batch * kv_heads)), math.ceil(keys / MIN_CHUNK)))
+    `block`), so that batch x kv_heads x splits is about TARGET_PROGRAMS, each split at least MIN_CHUNK keys,
+    and at most SPLIT_CAP splits unless their chunks would pass MAX_CHUNK keys."""
+    splits = min(math.ceil(TARGET_PROGRAMS / (batch * kv_heads)), math.ceil(keys / MIN_CHUNK))
+    splits = max(1, min(splits, max(SPLIT_CAP, math.ceil(keys / MAX_CHUNK))))
     chunk = math.ceil(math.ceil(keys / splits) / block) * block
     return math.ceil(keys / chunk), chunk
 
@@ -98,14 +106,15 @@ def workspace(slots: int, kv_heads: int, head_dim: int, max_keys: int, device: t
 @torch.library.custom_op("forgather::decode_attention", mutates_args=("cache", "partial", "counter"))
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      positions: torch.Tensor, cache: torch.Tensor, keys: int, partial: torch.Tensor,
-                     counter: torch.Tensor) -> torch.Tensor:
+                     counter: torch.Tensor, release_late: bool = False) -> torch.Tensor:
+    """`release_late`: skinny_norm_linear's."""
     if q.device.type == "cpu" and not interpreting():
         return reference(q, k, v, cos, sin, positions, cache, keys)
-    return launch(q, k, v, cos, sin, positions, cache, keys, partial, counter)
+    return launch(q, k, v, cos, sin, positions, cache, keys, partial, counter, release_late)
 
 
 @decode_attention.register_fake
-def _(q, k, v, cos, sin, positions, cache, keys, partial, counter):
+def _(q, k, v, cos, sin, positions, cache, keys, partial, counter, release_late=False):
     return q.new_empty(q.shape)
 
 
@@ -119,7 +128,8 @@ def _(q, k, v, cos, sin, positions, cache, keys, partial, counter):
 PDL: bool | None = None
 # Where a kernel under PDL lets the next one launch: "start" (right after its own wait) or "end" (after its
 # loads, before its stores): with "start" the next kernel's programs sit on the SMs, waiting, while a grid
-# of several waves still has programs to run.
+# of several waves still has programs to run. A split-K product's grid is such a grid: it releases at the end
+# under either setting (decode_kernels._dependent_launch_point).
 PDL_TRIGGER = "start"
 _PDL_DEVICES: dict[str, bool] = {}
 
@@ -143,7 +153,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            positions: torch.Tensor, cache: torch.Tensor, keys: int, partial: torch.Tensor,
-           counter: torch.Tensor) -> torch.Tensor:
+           counter: torch.Tensor, release_late: bool = False) -> torch.Tensor:
     """Run the Triton kernel (decode_kernels.py) on the op's arguments."""
     from . import decode_kernels as kernels
 
@@ -171,7 +181,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
         keys, chunk, head_dim ** -0.5,
         KV_HEADS=kv_heads, GROUP=group, GP=GROUP_PAD, D=head_dim, BLOCK_N=BLOCK_N, MAX_SPLITS=most,
         PRECISION=_precision(q.dtype),
-        num_warps=NUM_WARPS, **_pdl_options(q.device),
+        num_warps=NUM_WARPS, **_pdl_options(q.device, release_late),
     )
     return out
 
@@ -182,27 +192,29 @@ SKINNY_ROWS = 16  # rows a skinny product takes (tl.dot's least tile); more go t
 
 
 @torch.library.custom_op("forgather::skinny_linear", mutates_args=())
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  release_late: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K], weight [N, K]: on a GPU, for M <= SKINNY_ROWS, a Triton kernel
     that streams each weight row once (decode_kernels.skinny_matmul_kernel, autotuned per shape), where
     cuBLAS's kernels for one row reached 1.8-2.6 TB/s of the H200's 4.8 on the 1.24B layer's q/k/v, output
-    and down products (docs/benchmarks.md); elsewhere F.linear."""
+    and down products (docs/benchmarks.md); elsewhere F.linear. `release_late`: skinny_norm_linear's."""
     if not _skinny(x, weight):
         return torch.nn.functional.linear(x, weight, bias)
-    return launch_skinny(x.contiguous(), weight, bias)
+    return launch_skinny(x.contiguous(), weight, bias, release_late=release_late)
 
 
 @skinny_linear.register_fake
-def _(x, weight, bias=None):
+def _(x, weight, bias=None, release_late=False):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict | None = None,
                   delta: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                  gated: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  gated: bool = False, release_late: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the skinny product's kernel (autotuned, or with `config`: BLOCK_N, BLOCK_K, num_warps, num_stages)
     on x @ weight.T + bias; with `delta` and `norm_weight`, on rms_norm(x + delta) and also return x + delta;
-    `gated`: weight holds gate rows then up rows, and the result is silu(gate) * up (half weight's rows)."""
+    `gated`: weight holds gate rows then up rows, and the result is silu(gate) * up (half weight's rows);
+    `release_late`: skinny_norm_linear's."""
     import triton
 
     from . import decode_kernels as kernels
@@ -225,7 +237,7 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             y.stride(0), delta if norm else x, norm_weight if norm else weight, x_out, eps, partial,
             _tile_counters(x.device, outputs))
     constants = dict(HAS_BIAS=bias is not None, M_PAD=SKINNY_ROWS, NORM=norm, GATED=gated,
-                     PRECISION=_precision(x.dtype), **_pdl_options(x.device))
+                     PRECISION=_precision(x.dtype), **_pdl_options(x.device, release_late))
     if config is None and interpreting():
         config = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
     if config is not None:
@@ -254,13 +266,14 @@ def _tile_counters(device: torch.device, outputs: int) -> torch.Tensor:
     return _TILE_COUNTERS[key]
 
 
-def _pdl_options(device: torch.device) -> dict:
-    """The kernels' launch options for PDL (the constant and the launch flag), or none."""
+def _pdl_options(device: torch.device, release_late: bool = False) -> dict:
+    """The kernels' launch options for PDL (the constants and the launch flag), or none; `release_late`: let
+    the next kernel launch after the loads whatever PDL_TRIGGER says."""
     if not dependent_launch(device):
         return {}
     if PDL_TRIGGER not in ("start", "end"):
         raise ValueError(f"decode_attention.PDL_TRIGGER={PDL_TRIGGER!r}; choose 'start' or 'end'")
-    return dict(PDL=True, PDL_EARLY=PDL_TRIGGER == "start", launch_pdl=True)
+    return dict(PDL=True, PDL_EARLY=PDL_TRIGGER == "start" and not release_late, launch_pdl=True)
 
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -271,11 +284,14 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
 @torch.library.custom_op("forgather::skinny_norm_linear", mutates_args=())
 def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                        weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       gated: bool = False, release_late: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(rms_norm(s, norm_weight, eps), weight, bias), s) for s = residual_add(x, delta): the fused
     decoder's norm before a product, in the product's kernel (skinny_linear's, for up to SKINNY_ROWS rows).
     `gated`: the product is a SwiGLU's [gate | up] one, and its activation silu(gate) * up is returned instead,
-    computed in the same kernel."""
+    computed in the same kernel. `release_late`: under PDL the kernel lets the next one launch only after its
+    loads, whatever PDL_TRIGGER says (the fused decoder sets it for all of its kernels where the down product
+    is ours: measured faster than releasing at the start, either everywhere or everywhere but before the
+    split-K grid)."""
     if not _skinny(x, weight):
         total = residual_add(x, delta)
         y = torch.nn.functional.linear(rms_norm(total, norm_weight, eps), weight, bias)
@@ -284,9 +300,9 @@ def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.
             y = torch.nn.functional.silu(gate) * up
         return y, total
     return launch_skinny(x.contiguous(), weight, bias, delta=delta.contiguous(), norm_weight=norm_weight, eps=eps,
-                         gated=gated)
+                         gated=gated, release_late=release_late)
 
 
 @skinny_norm_linear.register_fake
-def _(x, delta, norm_weight, eps, weight, bias=None, gated=False):
+def _(x, delta, norm_weight, eps, weight, bias=None, gated=False, release_late=False):
     return x.new_empty((x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])), torch.empty_like(x)

@@ -185,10 +185,12 @@ FUSED_MATMUL_BELOW_HIDDEN = 4096  # hidden sizes from which cuBLAS's products ar
 def _default_matmul(device: torch.device, attention: str, hidden_size: int) -> str:
     """The fused decoder's products unless told: "fused" (the norms and the SwiGLU inside our q/k/v and gate/up
     kernels) where our kernels run with programmatic dependent launch (Hopper) and the model is narrower than
-    FUSED_MATMUL_BELOW_HIDDEN, else "torch". On the H200, batch 1, in one call with each engine built twice in
-    turn: the 1.24B shape (hidden 2048) 928-935 tokens/s with "fused" against 911 with cuBLAS's products (1.02x),
-    the 7B shape (hidden 4096) 211-212 against 225 (0.94x: 59.4% of its HBM floor against 63.2%;
-    docs/benchmarks.md). Without PDL ours are no faster."""
+    FUSED_MATMUL_BELOW_HIDDEN, else "torch". On the H200, batch 1, with each engine built twice in turn in one
+    call: the 1.24B shape (hidden 2048) 928-935 tokens/s with "fused" against 911 with cuBLAS's products
+    (1.02x), the 7B shape (hidden 4096) 211-212 against 225 (0.94x: 59.4% of its HBM floor against 63.2%;
+    docs/benchmarks.md). Without PDL ours are no faster. "fused_down" (the down product ours too) won in two
+    calls (1.01x, 1.06x) and lost in a third (0.98x): the autotuner's pick for its split-K product differs
+    from process to process, so it is not the default."""
     from .decode_attention import dependent_launch
 
     fused = attention == "triton" and dependent_launch(device) and hidden_size < FUSED_MATMUL_BELOW_HIDDEN

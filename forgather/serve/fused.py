@@ -38,6 +38,7 @@ compiled and the CPU tests hold the two to the same tokens.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -150,15 +151,22 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     by it with the residual add and norm before q/k/v and gate/up, and the SwiGLU after gate/up, done in the
     product's kernel, the output and down products left to cuBLAS, as fast or faster on the 1.24B shape
     ("fused": skinny_norm_linear), with the down product by skinny_linear too ("fused_down"), or both those
-    (split-K where the autotuner finds it faster: "fused_all", every kernel of the layer ours; split-K grids
-    want decode_attention.PDL_TRIGGER="end"); on a CPU these run their torch semantics."""
-    linear = skinny_linear if matmul in ("triton", "fused_all") else F.linear
-    down_linear = skinny_linear if matmul in ("triton", "fused_down", "fused_all") else F.linear
+    (split-K where the autotuner finds it faster: "fused_all", every kernel of the layer ours). Under PDL, with
+    the down product ours every kernel lets the next one launch only after its loads; otherwise
+    decode_attention.PDL_TRIGGER says where (a split-K grid always releases late). On a CPU these run their
+    torch semantics."""
+    # Where the down product is ours (a split-K grid of several waves), every kernel of ours lets the next one
+    # launch only after its loads (release_late): on the H200, 1.24B at batch 1, 949-951 tokens/s against
+    # 913-915 with only the split-K grid and the kernel before it released late (docs/benchmarks.md).
+    late = matmul in ("fused_down", "fused_all")
+    linear = functools.partial(skinny_linear, release_late=late) if matmul in ("triton", "fused_all") else F.linear
+    down_linear = (functools.partial(skinny_linear, release_late=late)
+                   if matmul in ("triton", "fused_down", "fused_all") else F.linear)
     fused = matmul.startswith("fused")
     batch = x.shape[0]
     head_dim = cos.shape[-1]
     if fused:
-        qkv, x = skinny_norm_linear(x, delta, w.attention_norm, eps, w.qkv, w.qkv_bias)
+        qkv, x = skinny_norm_linear(x, delta, w.attention_norm, eps, w.qkv, w.qkv_bias, release_late=late)
     else:
         x = residual_add(x, delta)
         qkv = linear(rms_norm(x, w.attention_norm, eps), w.qkv, w.qkv_bias)
@@ -168,7 +176,7 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
         q, k = rms_norm(q, w.q_norm, qk_eps), rms_norm(k, w.k_norm, qk_eps)
     keys = visible.shape[1]
     if attention == "triton":
-        attended = decode_attention(q, k, v, cos, sin, positions, cache, keys, *workspace)
+        attended = decode_attention(q, k, v, cos, sin, positions, cache, keys, *workspace, release_late=late)
     elif attention == "matmul":
         attended = reference(q, k, v, cos, sin, positions, cache, keys)
     else:
@@ -183,7 +191,8 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
             attended = (weights * cached_values[:, :, None].float()).sum(-2).to(v.dtype)
     attended = linear(attended.reshape(batch, heads * head_dim), w.o, w.o_bias)
     if fused:
-        activated, x = skinny_norm_linear(x, attended, w.feedforward_norm, eps, w.gate_up, w.gate_up_bias, gated=True)
+        activated, x = skinny_norm_linear(x, attended, w.feedforward_norm, eps, w.gate_up, w.gate_up_bias, gated=True,
+                                          release_late=late)
         return x, down_linear(activated, w.down, w.down_bias)
     x = residual_add(x, attended)
     gate, up = linear(rms_norm(x, w.feedforward_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
