@@ -266,12 +266,15 @@ def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float
 def tuned_configs() -> dict:
     """The autotuner's pick for each of our product kernels' keys so far in this process (shape, options ->
     tiling), to set beside a row's speed: the picks, split-K ones above all, differ between processes."""
+    from forgather.serve import tuning
+
+    picks = {str(key): f"{tiling} ({us:.2f} us)" for key, (tiling, us) in tuning.chosen().items()}
     try:
         from forgather.serve import decode_kernels
     except ImportError:  # no triton here
-        return {}
-    return {str(key): str(config) for tuner in (decode_kernels.skinny_matmul, decode_kernels.skinny_matmul_split)
-            for key, config in tuner.tuned.cache.items()}
+        return picks
+    return picks | {str(key): str(config) for tuner in (decode_kernels.skinny_matmul, decode_kernels.skinny_matmul_split)
+                    for key, config in tuner.tuned.cache.items()}
 
 
 def profile_step(engine) -> None:
@@ -418,6 +421,11 @@ VARIANTS = {
     "chunk128": ("attention split 128 keys", dict(settings=dict(MIN_CHUNK=128))),
     "chunk256": ("attention split 256 keys", dict(settings=dict(MIN_CHUNK=256))),
     "chunk_whole": ("attention unsplit", dict(settings=dict(MIN_CHUNK=1 << 20))),
+    # Our products' tilings timed as the step runs them (decode_attention.TUNER="graph", tuning.py), not by
+    # Triton's autotuner.
+    "graph_tuner": ("tilings timed in a graph", dict(settings=dict(TUNER="graph"))),
+    "fused_down_graph_tuner": ("down product ours (split-K), tilings timed in a graph",
+                               dict(fused_matmul="fused_down", settings=dict(TUNER="graph"))),
     # Before decode_attention.SPLIT_CAP: a split per 64 keys of a long window, up to 33 at batch 1.
     "uncapped": ("attention split per 64 keys, uncapped", dict(settings=dict(SPLIT_CAP=1 << 20))),
     # Programmatic dependent launch of our kernels off (decode_attention.PDL; on by default where the GPU has

@@ -11,7 +11,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_serve.py"
 VARIANTS = ("default", "matmul", "sdpa", "reduce", "cublas", "fused", "skinny", "fused_all", "pdl_end", "fused_down_end",
-            "fused_down", "chunk32", "chunk_whole", "uncapped", "nopdl", "fused_nopdl", "serial", "modules")
+            "fused_down", "chunk32", "chunk_whole", "uncapped", "graph_tuner", "nopdl", "fused_nopdl", "serial", "modules")
 
 
 def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):

@@ -211,10 +211,13 @@ def _(x, weight, bias=None, release_late=False):
 def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict | None = None,
                   delta: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                   gated: bool = False, release_late: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Run the skinny product's kernel (autotuned, or with `config`: BLOCK_N, BLOCK_K, num_warps, num_stages)
-    on x @ weight.T + bias; with `delta` and `norm_weight`, on rms_norm(x + delta) and also return x + delta;
+    """Run the skinny product's kernel (its tiling chosen by TUNER, or `config`: BLOCK_N, BLOCK_K, SPLIT_K,
+    num_warps, num_stages) on x @ weight.T + bias; with `delta` and `norm_weight`, on rms_norm(x + delta) and
+    also return x + delta;
     `gated`: weight holds gate rows then up rows, and the result is silu(gate) * up (half weight's rows);
     `release_late`: skinny_norm_linear's."""
+    if TUNER not in ("triton", "graph"):
+        raise ValueError(f"decode_attention.TUNER={TUNER!r}; choose 'triton' or 'graph'")
     import triton
 
     from . import decode_kernels as kernels
@@ -230,7 +233,7 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x_out = torch.empty_like(x) if norm else y
     # split-K's float32 partial tiles (for the most splits a config may take; the norm's products tune among
     # whole-K tilings only) and its per-tile counters
-    splits = 1 if norm and (config is None or config.get("SPLIT_K", 1) == 1) else kernels.MAX_SPLIT_K
+    splits = 1 if norm and (config is None or config.get("SPLIT_K", 1) == 1) else MAX_SPLIT_K
     partial = torch.empty(splits * SKINNY_ROWS * outputs * (2 if gated else 1), dtype=torch.float32,
                           device=x.device)
     args = (x, weight, bias if bias is not None else weight, y, rows, outputs, inner, x.stride(0), weight.stride(0),
@@ -240,6 +243,8 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                      PRECISION=_precision(x.dtype), **_pdl_options(x.device, release_late))
     if config is None and interpreting():
         config = dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1)
+    if config is None and TUNER == "graph":
+        config = _graph_tuned(x, weight, bias, delta, norm_weight, eps, gated, release_late)
     if config is not None:
         block_n, block_k, split = config["BLOCK_N"], config["BLOCK_K"], config.get("SPLIT_K", 1)
         kernels.skinny_matmul_kernel[(triton.cdiv(outputs, block_n), split)](
@@ -248,6 +253,50 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         (kernels.skinny_matmul if norm else kernels.skinny_matmul_split)(*args, **constants)
     return (y, x_out) if norm else y
+
+
+# How the skinny products' tilings are chosen, once per weight shape and options in a process: "triton"
+# (Triton's autotuner: each candidate timed call by call, the L2 cache flushed) or "graph" (tuning.py: each
+# candidate timed as the decode step runs it, launches back to back in a CUDA graph over copies of the weight
+# that outgrow L2). "graph" is built and tested on the CPU, not yet measured on a GPU.
+TUNER = "triton"
+
+
+def skinny_tilings(split: bool) -> list[dict]:
+    """The skinny product's candidate tilings (BLOCK_N, BLOCK_K, num_warps, num_stages; SPLIT_K where K is
+    split): whole-K ones, and with `split` also split-K ones, for products of few output tiles (the 1.24B
+    layer's output and down products: 128 tiles of 16 rows for 132 SMs). Both tuners choose among these."""
+    tilings = [dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+               for block_n in (16, 32, 64) for block_k in (128, 256, 512) for stages in (3, 5)]
+    tilings += [dict(BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=4),
+                dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)]
+    if split:
+        tilings += [dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=splits, num_warps=4, num_stages=4)
+                    for block_n in (16, 32) for block_k in (128, 256) for splits in (2, 4, 8)]
+    return tilings
+
+
+MAX_SPLIT_K = 8  # the most splits a tiling takes (the split-K partial buffer is sized for it)
+
+
+def _graph_tuned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, delta: torch.Tensor | None,
+                 norm_weight: torch.Tensor | None, eps: float, gated: bool, release_late: bool) -> dict:
+    """The tiling tuning.choose picks for this product (its key: the weight's shape and dtype, the options
+    that change the kernel, the device), timed over copies of the weight."""
+    from . import tuning
+
+    norm = delta is not None
+    key = ("skinny", tuple(weight.shape), weight.dtype, x.dtype, norm, gated, bias is not None, str(x.device),
+           tuple(sorted(_pdl_options(x.device, release_late).items())))
+    copies = tuning.copies_for(weight.numel() * weight.element_size(), tuning.l2_bytes(x.device))
+    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+
+    def run(tiling: dict, i: int) -> None:
+        launch_skinny(x, weights[i], bias, config=tiling, delta=delta, norm_weight=norm_weight, eps=eps,
+                      gated=gated, release_late=release_late)
+
+    # the norm's products take whole-K tilings only: a split would recompute the norm's statistics in each
+    return tuning.choose(key, skinny_tilings(split=not norm), run, copies)
 
 
 _TILE_COUNTERS: dict[str, torch.Tensor] = {}

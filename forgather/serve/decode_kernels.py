@@ -276,23 +276,15 @@ def skinny_matmul_kernel(
 
 
 def _skinny_configs(split: bool) -> list:
-    """The autotuner's tilings: whole-K ones, and with `split` also split-K ones."""
+    """decode_attention.skinny_tilings as the autotuner's configs."""
+    from .decode_attention import skinny_tilings
+
     configs = []
-    for block_n in (16, 32, 64):
-        for block_k in (128, 256, 512):
-            for stages in (3, 5):
-                configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=stages))
-    configs.append(triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=4))
-    configs.append(triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=4))
-    for block_n in (16, 32) if split else ():  # split-K, for products of few output tiles (MAX_SPLIT_K at most)
-        for block_k in (128, 256):
-            for split in (2, 4, 8):
-                configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split},
-                                             num_warps=4, num_stages=4))
+    for tiling in skinny_tilings(split):
+        tiling = dict(tiling)
+        num_warps, num_stages = tiling.pop("num_warps"), tiling.pop("num_stages")
+        configs.append(triton.Config(tiling, num_warps=num_warps, num_stages=num_stages))
     return configs
-
-
-MAX_SPLIT_K = 8
 
 
 class _Skinny:

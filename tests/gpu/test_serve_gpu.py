@@ -248,6 +248,35 @@ def test_the_skinny_products_with_the_norm_or_the_swiglu_inside_are_their_torch_
             torch.testing.assert_close(y.float(), (torch.nn.functional.silu(gate) * up).float(), **tolerance)
 
 
+def test_the_graph_tuner_chooses_tilings_that_compute_the_products(monkeypatch):
+    """decode_attention.TUNER="graph" (tuning.py): each candidate timed in a CUDA graph over copies of the weight;
+    the chosen tilings give F.linear's product and the norm + gate/up + SwiGLU's semantics, a split-K tiling is
+    among the plain product's candidates only, and a second call times nothing."""
+    from forgather.models.norm import rms_norm
+    from forgather.serve import decode_attention as da
+    from forgather.serve import tuning
+
+    monkeypatch.setattr(da, "TUNER", "graph")
+    monkeypatch.setattr(tuning, "_CHOSEN", {})
+    torch.manual_seed(0)
+    down = (torch.randn(2048, 8192, device="cuda") * 8192 ** -0.5).to(torch.bfloat16)
+    gate_up = (torch.randn(2 * 512, 2048, device="cuda") * 2048 ** -0.5).to(torch.bfloat16)
+    x = torch.randn(1, 8192, device="cuda").to(torch.bfloat16)
+    torch.testing.assert_close(da.launch_skinny(x, down, None).float(),
+                               torch.nn.functional.linear(x, down).float(), rtol=2e-2, atol=2e-2)
+    h, delta = (torch.randn(1, 2048, device="cuda").to(torch.bfloat16) for _ in range(2))
+    norm_weight = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
+    y, total = da.launch_skinny(h, gate_up, None, delta=delta, norm_weight=norm_weight, eps=1e-5, gated=True)
+    gate, up = torch.nn.functional.linear(rms_norm(total, norm_weight, 1e-5), gate_up).chunk(2, dim=-1)
+    torch.testing.assert_close(y.float(), (torch.nn.functional.silu(gate) * up).float(), rtol=3e-2, atol=3e-2)
+    choices = tuning.chosen()
+    assert len(choices) == 2 and all(us > 0 for _, us in choices.values())
+    norm_choice = [tiling for key, (tiling, _) in choices.items() if key[4]][0]
+    assert "SPLIT_K" not in norm_choice
+    monkeypatch.setattr(tuning, "graph_time_us", lambda *args: pytest.fail("timed again"))
+    da.launch_skinny(x, down, None)
+
+
 def test_kernels_launched_early_wait_for_their_inputs():
     """Under programmatic dependent launch (decode_attention.PDL, on by default on a Hopper GPU) each kernel
     starts while the one before still runs: a chain of dependent decode kernels (norm + q/k/v product,
