@@ -122,6 +122,27 @@ def idle_gaps(events: list[Event], steps: int, longest: int = 6) -> dict:
     }
 
 
+def top_kernels(events: list[Event], steps: int, count: int = 20) -> list[dict]:
+    """The `count` kernels (by name) that take the most device time: {name, category, ms_per_step, calls_per_step},
+    most first. Inductor names its kernels after what they fuse (triton_per_fused_add_mean_mul_pow_rsqrt...):
+    the pointwise share's parts by name."""
+    totals: dict[str, list[float]] = {}
+    for name, _, duration in events:
+        total = totals.setdefault(name, [0.0, 0])
+        total[0] += duration
+        total[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [{"name": name, "category": classify(name), "ms_per_step": us / steps / 1000, "calls_per_step": calls / steps}
+            for name, (us, calls) in ranked]
+
+
+def top_kernels_text(rows: list[dict]) -> str:
+    lines = ["\n| kernel | category | ms per step | calls per step |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| {row['name'][:90]} | {row['category']} | {row['ms_per_step']:.2f} | {row['calls_per_step']:g} |"
+              for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def gaps_text(gaps: dict) -> str:
     lines = [f"\nidle between kernels, a step: {gaps['long_ms']:.2f} ms in {gaps['long_count']:.1f} gaps of "
              f">= {GAP_US / 1000:g} ms, {gaps['short_ms']:.2f} ms in {gaps['short_count']:.0f} shorter ones"]
@@ -203,9 +224,10 @@ class StepProfiler:
         gaps = idle_gaps(events, steps)
         table = markdown_table(rows) + "".join(f"\nhost waits at {site}: {count} times in {steps} steps"
                                                for site, count in syncs)
-        table += ("\n" if syncs else "") + gaps_text(gaps)
+        top = top_kernels(events, steps)
+        table += ("\n" if syncs else "") + gaps_text(gaps) + top_kernels_text(top)
         return {"title": self.title, "steps": steps, "wall_ms_per_step": wall_us / steps / 1000, "kernels": len(events),
-                "rows": rows, "syncs": syncs, "gaps": gaps, "table": table}
+                "rows": rows, "syncs": syncs, "gaps": gaps, "top_kernels": top, "table": table}
 
 
 def sync_sites(caught: list[warnings.WarningMessage]) -> list[tuple[str, int]]:

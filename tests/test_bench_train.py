@@ -74,6 +74,16 @@ def test_summary_per_step_with_overlaps_and_idle_gaps():
     assert "| idle | 0.03 | 50.0% |" in table and "| matmul | 0.01 | 20.0% |" in table
 
 
+def test_the_top_kernels_are_ranked_by_device_time_per_step_with_their_calls():
+    events = [("triton_poi_fused_mul_silu_0", 0, 30), ("nvjet_gemm", 30, 100), ("triton_poi_fused_mul_silu_0", 130, 30),
+              ("triton_per_fused_add_mean_rsqrt_1", 160, 20), ("nvjet_gemm", 180, 100)]
+    top = profile_train.top_kernels(events, steps=2, count=2)
+    assert [row["name"] for row in top] == ["nvjet_gemm", "triton_poi_fused_mul_silu_0"]
+    assert top[0]["ms_per_step"] == pytest.approx(0.1) and top[0]["calls_per_step"] == 1
+    assert top[1]["category"] == "pointwise" and top[1]["ms_per_step"] == pytest.approx(0.03)
+    assert "| triton_poi_fused_mul_silu_0 | pointwise | 0.03 | 1 |" in profile_train.top_kernels_text(top)
+
+
 def test_idle_gaps_split_long_from_short_and_name_the_kernels_around_the_longest():
     # Two steps: kernels back to back but for 5 us launch gaps, one 300 us gap before "optimizer_kernel" and
     # one 150 us gap after an overlapping pair (the busy stretch ends with the longer kernel, "gemm_long").
