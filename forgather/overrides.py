@@ -70,15 +70,38 @@ def _suggest(word: str, candidates: list[str]) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
-def parse(arguments: list[str], groups: dict[str, list[str]], multirun: bool) -> list[list[Override]]:
-    """Parse overrides; returns one list of single-valued overrides per run (one run unless sweeping)."""
+def parse_hydra(arguments: list[str]) -> list[Any]:
+    """Hydra's parse of `arguments` (its Override objects); an override its grammar refuses is an OverrideError
+    naming that override (every reader of the command line's overrides goes through here)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(list(arguments))
+        return parser.parse_overrides(list(arguments))
     except HydraException as error:
-        raise OverrideError(f"cannot parse overrides: {error}") from error
+        raise OverrideError(_parse_failure(parser, list(arguments), error)) from error
+
+
+def _parse_failure(parser: Any, arguments: list[str], error: Exception) -> str:
+    """The one-line report of overrides Hydra's grammar refused: the first override that fails alone, and the
+    grammar's complaint about it (its first line; the rest is a link)."""
+    from hydra.errors import HydraException
+
+    for argument in arguments:
+        try:
+            parser.parse_overrides([argument])
+        except HydraException as own:
+            reason = str(own).splitlines()[0]
+            return (f"{argument}: cannot parse this override ({reason}) ; write key=value, a sweep's values "
+                    f"separated by commas (lr=1e-3,3e-3), and quote a value holding commas, brackets or "
+                    f"spaces ('key=\"a, b\"')")
+    return f"cannot parse overrides: {str(error).splitlines()[0]}"
+
+
+def parse(arguments: list[str], groups: dict[str, list[str]], multirun: bool) -> list[list[Override]]:
+    """Parse overrides; returns one list of single-valued overrides per run (one run unless sweeping)."""
+    parsed = parse_hydra(arguments)
     axes: list[list[Override]] = []
     for item in parsed:
         kind = _KINDS[item.type.name]

@@ -374,14 +374,9 @@ class Runner:
 
     def _template_settings(self, arguments: list[str]) -> Any:
         """The experiment's `hydra:` mapping, rendered with the overrides that are not swept."""
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         from forgather.launch.settings import TEMPLATE_KEY
 
-        try:
-            fixed = [item.input_line for item in OverridesParser.create().parse_overrides(arguments) if not item.is_sweep_override()]
-        except Exception as error:
-            raise ovr.OverrideError(f"cannot parse overrides: {error}") from error
+        fixed = [item.input_line for item in ovr.parse_hydra(arguments) if not item.is_sweep_override()]
         choices, _ = ovr.split_choices(ovr.parse(fixed, self.groups, multirun=False)[0], self.groups)
         return self.load(choices)[1].config.get(TEMPLATE_KEY)
 

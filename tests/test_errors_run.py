@@ -151,6 +151,39 @@ def test_a_construction_error_names_the_override_behind_it(tmp_path, capsys):
     assert line.endswith("; set by the override val_check_interval=-5")
 
 
+@pytest.mark.parametrize("override, message, note", [
+    ("hidden_size=-5", "RotaryEmbedding: head_dim=-3 must be a positive integer", "; it reads the override hidden_size=-5"),
+    ("intermediate_size=0", "SwiGLU: intermediate_size=0 must be a positive integer",
+     "; set by the override intermediate_size=0")])
+def test_a_model_size_below_one_is_one_line_naming_the_module_and_the_override(tmp_path, capsys, override, message,
+                                                                                note):
+    """A size below one fails where it is first used, the config's rotary table or the model built inside
+    Lightning's fit (configure_model), before torch meets a negative dimension."""
+    code, _, err = run(tmp_path, capsys, override, "max_steps=1")
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert message in line and line.endswith(note)
+
+
+def test_each_model_module_refuses_sizes_below_one_or_not_integers():
+    from forgather.models.attention import Attention
+    from forgather.models.causal_lm import CausalLM
+    from forgather.models.embedding import TokenEmbedding
+    from forgather.models.feedforward import SwiGLU
+
+    with pytest.raises(ValueError, match=r"Attention: num_kv_heads=-2 must be a positive integer"):
+        Attention(64, 4, num_kv_heads=-2)
+    with pytest.raises(ValueError, match=r"TokenEmbedding: vocab_size=0 must be a positive integer"):
+        TokenEmbedding(0, 8)
+    with pytest.raises(ValueError, match=r"SwiGLU: intermediate_size=12.5 must be a positive integer"):
+        SwiGLU(8, 12.5)
+    with pytest.raises(ValueError, match=r"Attention: hidden_size=True must be a positive integer"):
+        Attention(True, 1)
+    with pytest.raises(ValueError, match=r"CausalLM: num_layers=-1 must be a positive integer"):
+        CausalLM(vocab_size=16, hidden_size=8, num_layers=-1, layer_factory=None, norm_factory=None)
+    assert Attention(64, 4, num_kv_heads=2).head_dim == 16
+
+
 # -- sweeps -----------------------------------------------------------------------------------------------
 
 

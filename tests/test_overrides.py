@@ -119,8 +119,18 @@ def test_override_through_a_reference_points_to_the_referenced_key(capsys):
     assert "override through the referenced key instead (optimizer.lr=...)" in error_of(capsys, "+experiment=micro", "module.optimizer.lr=1")
 
 
-def test_parse_error_is_reported(capsys):
-    assert "cannot parse overrides" in error_of(capsys, "+experiment=micro", "lr=[1,")
+def test_parse_error_names_the_override_that_fails(capsys):
+    err = error_of(capsys, "+experiment=micro", "max_steps=2", "lr=[1,", "batch_size=2")
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: lr=[1,: cannot parse this override (") and "quote a value holding commas" in line
+    assert "max_steps" not in line and "hydra.cc" not in err
+
+
+def test_a_sweep_with_a_broken_override_names_it_before_any_point_runs(capsys, tmp_path):
+    assert main(["-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "lr=1e-3,", "max_steps=1"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: lr=1e-3,: cannot parse this override (")
+    assert not (tmp_path / "multirun").exists()
 
 
 def test_group_the_experiment_does_not_use_is_an_error(capsys, tmp_path):

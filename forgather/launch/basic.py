@@ -20,11 +20,12 @@ from forgather.launch.sweep import Plan, SweepContext, Sweeper
 
 def search_space_overrides(arguments: list[str]) -> list[str]:
     """The overrides among `arguments` that describe a search space (interval(), or tagged sweeps)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import IntervalSweep, Sweep
 
+    from forgather.overrides import parse_hydra
+
     found = []
-    for item in OverridesParser.create().parse_overrides(list(arguments)):
+    for item in parse_hydra(arguments):
         value = item.value()
         if isinstance(value, IntervalSweep) or (isinstance(value, Sweep) and value.tags):
             found.append(item.input_line)

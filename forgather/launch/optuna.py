@@ -52,13 +52,14 @@ def _storage(url: str):
 
 def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
     """({key: optuna distribution} of the swept overrides, the fixed overrides' texts)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, Glob, IntervalSweep, RangeSweep
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+    from forgather.overrides import parse_hydra
+
     space: dict[str, Any] = {}
     fixed: list[str] = []
-    for item in OverridesParser.create().parse_overrides(list(arguments)):
+    for item in parse_hydra(arguments):
         if not item.is_sweep_override():
             fixed.append(item.input_line)
             continue

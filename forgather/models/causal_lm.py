@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask, document_ids_from_positions
+from .checks import positive_sizes
 from .embedding import TokenEmbedding
 from .kv_cache import KVCache
 from .rope import RotaryEmbedding
@@ -82,6 +83,7 @@ class CausalLM(nn.Module):
         init_std: float = 0.02,
     ):
         super().__init__()
+        positive_sizes("CausalLM", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers)
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.activation_checkpointing = activation_checkpointing
         self.embed = embedding_factory(vocab_size, hidden_size)

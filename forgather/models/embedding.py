@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import positive_sizes
+
 
 class TokenEmbedding(nn.Module):
     """A lookup table of `vocab_size` vectors of size `hidden_size`, times an optional `scale`.
@@ -18,6 +20,7 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, scale: float = 1.0, init_std: float = 0.02):
         super().__init__()
+        positive_sizes("TokenEmbedding", vocab_size=vocab_size, hidden_size=hidden_size)
         self.scale = scale
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         nn.init.normal_(self.weight, std=init_std)

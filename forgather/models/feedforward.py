@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .checks import positive_sizes
 from .fused import fused_linear
 
 
@@ -43,6 +44,7 @@ class SwiGLU(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None,
                  fused_projections: bool = False):
         super().__init__()
+        positive_sizes(type(self).__name__, hidden_size=hidden_size, intermediate_size=intermediate_size)
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive or None, got {chunk_tokens}")
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
@@ -67,6 +69,7 @@ class GELUMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = True, approximate: str = "none"):
         super().__init__()
+        positive_sizes(type(self).__name__, hidden_size=hidden_size, intermediate_size=intermediate_size)
         self.approximate = approximate
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)

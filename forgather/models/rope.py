@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from .checks import positive_sizes
+
 
 def rope_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
     """The inverse frequencies theta^(-2i/d), i = 0 .. d/2-1, in float32."""
@@ -49,6 +51,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0, llama3_scaling: dict | None = None):
         super().__init__()
+        positive_sizes("RotaryEmbedding", head_dim=head_dim)
         if head_dim % 2:
             raise ValueError(f"rotary head_dim={head_dim} must be even")
         self.head_dim = head_dim

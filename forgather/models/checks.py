@@ -1,0 +1,16 @@
+"""Checks of a model's hyperparameters, worded for the user: a bad size fails when the model is built, with the
+name and value that were given, instead of deep inside torch (a negative width used to surface as
+"Trying to create tensor with negative dimension")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def positive_sizes(owner: str, **sizes: Any) -> None:
+    """Raise ValueError naming `owner` and the first of `sizes` that is not a positive int (None is skipped)."""
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name}={value!r} must be a positive integer")
