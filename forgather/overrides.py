@@ -444,6 +444,17 @@ def _keys_read_at(config: DictConfig, path: str) -> set[str]:
     return keys
 
 
+# How libraries word some keys in their errors (torch.optim: "Invalid learning rate: -1", "Invalid epsilon
+# value", "Invalid beta parameter at index 0").
+_WORDED_AS = {"lr": ("learning rate",), "eps": ("epsilon",), "betas": ("beta parameter",)}
+
+
+def _names(text: str, key: str) -> bool:
+    """Whether an error's text names the config key `key` (its last part), or words it as a library does."""
+    words = (key, *_WORDED_AS.get(key, ()))
+    return any(re.search(rf"\b{re.escape(word)}\b", text, flags=re.IGNORECASE if word != key else 0) for word in words)
+
+
 def _failing_path(error: BaseException) -> str | None:
     from forgather.graph.construct import ConstructError
 
@@ -460,7 +471,7 @@ def _blamed(error: BaseException, config: DictConfig, overrides: list[Override])
         read = _keys_read_at(config, path)
         candidates = [o for o in overrides if any(o.key == k or k.startswith(o.key + ".") or o.key.startswith(k + ".") for k in read)]
     text = "\n".join(str(e) for e in causes(error))
-    named = [o for o in candidates if re.search(rf"\b{re.escape(o.key.rpartition('.')[2])}\b", text)]
+    named = [o for o in candidates if _names(text, o.key.rpartition(".")[2])]
     if named:
         return named, True
     return (candidates, False) if path is not None else ([], False)

@@ -184,6 +184,13 @@ def test_each_model_module_refuses_sizes_below_one_or_not_integers():
     assert Attention(64, 4, num_kv_heads=2).head_dim == 16
 
 
+def test_an_optimizer_error_in_its_own_words_still_names_the_override(tmp_path, capsys):
+    """torch.optim says "learning rate" where the config says lr: the note names the override all the same."""
+    code, _, err = run(tmp_path, capsys, "lr=-1", "max_steps=1")
+    assert code == 2
+    assert error_lines(err) == ["error: Invalid learning rate: -1 ; set by the override lr=-1"]
+
+
 # -- sweeps -----------------------------------------------------------------------------------------------
 
 
