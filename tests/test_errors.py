@@ -89,6 +89,21 @@ def test_yaml_error_is_mapped_to_the_template_line(tmp_path):
     assert "YAML syntax error" in str(caught.value)
 
 
+def test_an_alias_to_a_node_a_block_renamed_away_names_the_alias_and_how_to_name_a_node(tmp_path):
+    """A child replaces a block that defined `&optimizer` with a node of no name; the base's later
+    `*optimizer` is the base's line, named, with what to write."""
+    project = make_project(
+        tmp_path,
+        "-- extends 'base.yaml'\n[optimizer]\noptimizer: !partial:torch.optim:AdamW { lr: 1.0e-3 }\n",
+        {"templates/base.yaml": "## base\n[optimizer]\n.define: &optimizer !partial:torch.optim:SGD { lr: 0.1 }\n"
+                                "[uses]\nuses: *optimizer\n"},
+    )
+    with pytest.raises(TemplateError) as caught:
+        project.load_config("c.yaml").graph
+    assert "found undefined alias *optimizer: no node above it is named optimizer" in str(caught.value)
+    assert "`&optimizer` before its tag" in str(caught.value)
+
+
 def test_unknown_tag_is_located(tmp_path):
     project = make_project(tmp_path, "a: 1\nb: !cal:torch.nn:Linear [1, 2]\n")
     with pytest.raises(TemplateError, match="unknown tag !cal:torch.nn:Linear") as caught:

@@ -290,6 +290,19 @@ def _plain(value: Any) -> bool:
     return not isinstance(value, (CallNode, VarNode))
 
 
+def _undefined_alias(text: str, mark: Any, problem: str) -> str:
+    """libyaml's "found undefined alias" without the alias: name it, and say how a node gets that name (a
+    block replaced without the `&name` of the node it replaced is the usual cause)."""
+    line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+    found = re.match(r"\*([^\s,\]\}]+)", line[mark.column:])
+    if found is None:
+        return problem
+    name = found.group(1)
+    return (f"found undefined alias *{name}: no node above it is named {name} ; name the node it means "
+            f"(`&{name}` before its tag, as in `.define: &{name} !partial:...`), or keep that name in the block "
+            f"that replaced it")
+
+
 def load_graph(text: str, strict: bool | None = None, warn: Callable[[GraphError], None] | None = None) -> Graph:
     """Parse rendered YAML into a Graph; the top level must be a mapping of targets.
 
@@ -319,6 +332,8 @@ def load_graph(text: str, strict: bool | None = None, warn: Callable[[GraphError
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         problem = " ".join(p for p in (error.context, error.problem) if p)
+        if "undefined alias" in problem and mark is not None:
+            problem = _undefined_alias(text, mark, problem)
         raise GraphError(f"YAML syntax error: {problem}", mark.line + 1 if mark else None) from error
     _check_vars(data)
     if data is None:
