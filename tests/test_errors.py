@@ -225,6 +225,21 @@ def test_strict_mode_makes_an_unknown_block_an_error(tmp_path, monkeypatch):
         TemplateEnvironment([str(tmp_path)]).render("child.yaml")
 
 
+def test_text_a_child_leaves_outside_its_blocks_is_a_warning_at_its_line_and_strictly_an_error(tmp_path, monkeypatch):
+    """Jinja drops what an extending template writes outside its blocks; comments and blank lines say nothing."""
+    monkeypatch.delenv("FORGATHER_STRICT", raising=False)
+    files = {"base.yaml": "[model]\nmodel: m\n",
+             "child.yaml": "-- set width = 4\n-- extends 'base.yaml'\n\n# a YAML comment\n\nseed: 7\n[model]\nmodel: n\n"}
+    write(tmp_path, files)
+    with pytest.warns(TemplateWarning, match=r"text outside any block of 'child.yaml'.*is never rendered") as caught:
+        out = TemplateEnvironment([str(tmp_path)]).render("child.yaml")
+    assert out == "model: n\n" and [(w.filename, w.lineno) for w in caught] == [(str(tmp_path / "child.yaml"), 6)]
+    with pytest.raises(TemplateError, match=r"child.yaml:6: text outside any block"):
+        TemplateEnvironment([str(tmp_path)], strict=True).render("child.yaml")
+    write(tmp_path, {"quiet.yaml": "-- extends 'base.yaml'\n## a Forgather comment\n# a YAML one\n\n[model]\nmodel: q\n"})
+    assert TemplateEnvironment([str(tmp_path)], strict=True).render("quiet.yaml") == "model: q\n"
+
+
 def test_new_blocks_inside_an_override_and_skipped_blocks_of_the_base_are_no_mistake(tmp_path):
     files = {
         "base.yaml": "[model]\nmodel: m\n-- if false\n-- block extra\nextra: 1\n-- endblock extra\n-- endif\n",

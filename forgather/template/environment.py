@@ -145,6 +145,20 @@ def nearest_location(lines: list[SourceLocation | None], output_line: int) -> tu
     return None
 
 
+
+def _first_dropped_line(output: jinja2.nodes.Output) -> int | None:
+    """The line of the first text of `output` that is more than blank lines and YAML comments (an expression
+    counts as text), or None."""
+    for child in output.nodes:
+        if not isinstance(child, jinja2.nodes.TemplateData):
+            return child.lineno
+        line = child.lineno
+        for text in child.data.split("\n"):
+            if text.strip() and not text.lstrip().startswith("#"):
+                return line
+            line += 1
+    return None
+
 class TemplateEnvironment:
     """Renders templates from a search path (project templates, the conf/ library, user paths)."""
 
@@ -153,6 +167,7 @@ class TemplateEnvironment:
         self.strict = strict_mode() if strict is None else strict
         self.env = self._make_env(LineSyntax)
         self._marked: _Environment | None = None
+        self._text_checked: set[str] = set()
 
     def _make_env(self, syntax: type[LineSyntax]) -> _Environment:
         env = _Environment(loader=SplitFileLoader(self.search_path), extensions=[syntax], undefined=jinja2.StrictUndefined, trim_blocks=True)
@@ -194,6 +209,8 @@ class TemplateEnvironment:
         finally:
             self.env.recording = None
         self._check_unreached_blocks(contexts, reached)
+        for loaded in sorted(self.loaded_templates() - self._text_checked):
+            self._check_text_outside_blocks(loaded)
         return text
 
     def locate_lines(self, name: str, **context: Any) -> list[SourceLocation | None] | None:
@@ -263,6 +280,34 @@ class TemplateEnvironment:
                 if self.strict:
                     raise TemplateError(message, [location])
                 warnings.warn_explicit(message, TemplateWarning, location.path, location.line)
+
+    def _check_text_outside_blocks(self, name: str) -> None:
+        """Warn (strict: fail) at text that a template which extends another has outside its blocks, after the
+        extends line: Jinja renders the parent in its place and drops that text without a word. YAML comments
+        (lines starting with `#`) and blank lines are not reported: dropping them changes nothing."""
+        self._text_checked.add(name)
+        try:
+            body = self.env.parse(self.source(name)).body
+        except Exception:  # a template that does not parse fails when it renders, with its own error
+            return
+        extended = False
+        for node in body:
+            if isinstance(node, jinja2.nodes.Extends):
+                extended = True
+            elif extended and isinstance(node, jinja2.nodes.Output):
+                line = _first_dropped_line(node)
+                if line is not None:
+                    self._text_outside_blocks(name, line)
+                    return
+
+    def _text_outside_blocks(self, name: str, line: int) -> None:
+        origin = self.env.loader.origin(name)
+        location = SourceLocation(origin.path if origin else name, line + (origin.line_offset if origin else 0))
+        message = (f"text outside any block of {name!r}, which extends another template, is never rendered: "
+                   f"put it in a block ([name] ... ) or above the extends line")
+        if self.strict:
+            raise TemplateError(message, [location])
+        warnings.warn_explicit(message, TemplateWarning, location.path, location.line)
 
     def _extends(self, name: str) -> bool:
         ast = self.env.parse(self.source(name))
