@@ -258,3 +258,15 @@ def test_fold_scalar_calls_replaces_computed_values_and_keeps_components():
     folded = fold_scalar_calls(tree)
     assert (folded["in_features"], folded["out_features"]) == (3, 3)
     assert folded["device"] == tree["device"] and folded["_target_"] == "torch.nn:Linear"  # classes stay nodes
+
+
+def test_an_unknown_target_suggests_the_close_ones_for_construct_and_code():
+    from forgather.graph.construct import ConstructError
+
+    config = to_config(load_graph("model: !singleton:builtins:dict { a: 1 }\nmodule: 2\noptimizer: 3\n")).config
+    with pytest.raises(ConstructError, match=r"no such target; did you mean 'model' or 'module'\? targets are: model"):
+        construct(config, "modell")
+    with pytest.raises(KeyError, match=r"optimzer: no such target; did you mean 'optimizer'\?"):
+        generate_code(config, "optimzer")
+    with pytest.raises(ConstructError, match=r"no such target; targets are: model, module, optimizer"):
+        construct(config, "zzz")

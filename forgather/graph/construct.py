@@ -18,6 +18,7 @@ Plain Hydra configs (`_target_` in Hydra's dotted form, `_args_`, `_partial_`) c
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import re
@@ -118,6 +119,14 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+
+def unknown_target(target: str, config: Any) -> str:
+    """What to say of a target the config lacks: the close names first, then every target."""
+    names = [str(key) for key in config.keys()]
+    close = difflib.get_close_matches(str(target), names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"no such target; {hint}targets are: {', '.join(names)}"
+
 def construct(config: DictConfig | Mapping[str, Any], target: str | None = None, base_dir: str | None = None) -> Any:
     """Build one target of a config, or (target=None) a dict of every top-level target.
 
@@ -130,7 +139,7 @@ def construct(config: DictConfig | Mapping[str, Any], target: str | None = None,
         data = _resolved(config, None)
         return {key: builder.build(value, key) for key, value in data.items() if not str(key).startswith("_")}
     if target not in config:
-        raise ConstructError(target, f"no such target; targets are: {', '.join(map(str, config.keys()))}")
+        raise ConstructError(target, unknown_target(target, config))
     return builder.build(_resolved(config, target), target)
 
 
