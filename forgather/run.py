@@ -123,7 +123,9 @@ def run_argv(args: argparse.Namespace) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m forgather.run", description=__doc__.split("\n")[0])
+    from forgather.cli.hints import HintingParser
+
+    parser = HintingParser(prog="python -m forgather.run", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return parser
 

@@ -11,9 +11,11 @@
 #                     optimizer=adamw_sr (our fp32-math AdamW, compiled per parameter, stochastic rounding),
 #                     optimizer=adamw_in_backward (torch's fused AdamW per parameter inside backward, on a side stream),
 #                     compile_mode=max-autotune-no-cudagraphs (inductor tunes its kernels; last, minutes).
+#   part c            where the step's non-matmul time goes: flex attention's tilings on packed rows
+#                     (bench_step_pieces.py), then a profiled 1.24B run (its summary lists the top kernels).
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|c|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -69,12 +71,22 @@ b)
     bench bench_1b_options.log --shape 1b --label 1b_options --steps 20 --append --paths \
         --variant max-autotune compile_mode=max-autotune-no-cudagraphs --timeout 420 "$@"
     ;;
+c)
+    # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
+    # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 200 $PY scripts/bench_step_pieces.py --skip-optimizer --option-sets "fwd 64x64 w4 s3" "bwd 32/64 w4 s3" \
+            "bwd 64/128 w8 s3" safe --json "$OUT/pieces.json" 2>&1 | grep -v Warning | tee "$OUT/pieces.txt"
+    fi
+    bench bench_1b_profile.log --shape 1b --label 1b_profile --steps 20 --paths forgather --profile forgather \
+        --timeout 150 "$@"
+    ;;
 tests)
     timeout 300 $PY -m pytest tests/gpu/test_models_gpu.py tests/gpu/test_run_gpu.py -q -p no:cacheprovider -rs 2>&1 \
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a, b or tests"; exit 2 ;;
+    echo "unknown part '$PART': a, b, c or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

@@ -158,3 +158,19 @@ def test_dash_i_starts_the_shell_over_the_project():
         [sys.executable, "-m", "forgather", "-p", EXAMPLE, "-i"], input="targets sgd.yaml\nquit\n", capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "model\noptimizer" in result.stdout
+
+
+def test_a_misspelled_option_is_named_with_the_close_one_by_both_commands(capsys):
+    from forgather.run import main as run_main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["-p", EXAMPLE, "-t", "base.yaml", "construct", "--targett", "model"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --targett model (--targett: did you mean --target?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        run_main(["+experiment=tiny_llama", "--cfgg"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --cfgg (--cfgg: did you mean --cfg?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["-p", EXAMPLE, "-t", "base.yaml", "pp", "--zzzzzz"])
+    assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --zzzzzz")

@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 
+from forgather.cli.hints import unrecognized
 from forgather.errors import STRICT_ENV
 
 # name -> (module, one-line help). Order is the order of `forgather --help`.
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         # takes them; argparse takes one run of positionals per subcommand and hands back the later ones.
         if extras and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extras):
             args.overrides += extras
-        elif extras:
-            parser.parse_args(argv)  # exits naming the unrecognized arguments
+        elif extras:  # argparse's way out (usage, exit code 2), naming the close options
+            parser.error(unrecognized(extras, [parser, subparser]))
         args.dynamic = _dynamic_values(args, dests)
         return module.run(args)
     except KeyboardInterrupt:
