@@ -215,7 +215,7 @@ def _locate(config: DictConfig, key: str) -> tuple[Any, str | int] | None:
         if isinstance(node, ListConfig):
             if not isinstance(index, int) or not -len(node) <= index < len(node):
                 return None
-        elif index not in node:
+        elif index not in node.keys():  # `in node` is False for a key whose value is missing (`???`)
             return None
         if depth == len(parts) - 1:
             return node, index
