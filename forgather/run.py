@@ -37,6 +37,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -472,6 +473,32 @@ def export_settings(outputs: str, experiment: str, base_dir: str | None, sweep_p
     return {"out_dir": out_dir, "name": name, "base_dir": base_dir}
 
 
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def _checkpoint_mismatch(error: BaseException) -> str | None:
+    """torch's load_state_dict failure (a wall of lines, one a parameter) as one clause: the first difference
+    and how many more; None for any other error."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "Error(s) in loading state_dict" not in text:
+        return None
+    sizes = _SIZE_MISMATCH.findall(text)
+    missing = re.search(r"Missing key\(s\) in state_dict: (.*?)\.\s*$", text, re.MULTILINE)
+    unexpected = re.search(r"Unexpected key\(s\) in state_dict: (.*?)\.\s*$", text, re.MULTILINE)
+    parts = []
+    if sizes:
+        name, theirs, mine = sizes[0]
+        more = f" (and {len(sizes) - 1} more parameters differ in shape)" if len(sizes) > 1 else ""
+        parts.append(f"{name} is {theirs} in the checkpoint and {mine} here{more}")
+    for found, what in ((missing, "this model has parameters the checkpoint lacks"),
+                        (unexpected, "the checkpoint has parameters this model lacks")):
+        if found:
+            names = [n.strip().strip('"') for n in found.group(1).split(",")]
+            parts.append(f"{what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    return "; ".join(parts) or text.splitlines()[0]
+
 def train(
     config: DictConfig,
     run_dir: Path,
@@ -514,9 +541,16 @@ def train(
             if ckpt_path is not None:  # a resumed run's checkpoint directory holds its own checkpoints
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
-    except BaseException:
+    except BaseException as error:
         if trainer.is_global_zero:
             print(f"run directory: {run_dir} (--resume continues it)", flush=True)
+        mismatch = _checkpoint_mismatch(error) if ckpt_path is not None else None
+        if mismatch is not None:
+            from forgather.errors import UserError
+
+            raise UserError(f"{ckpt_path}: the checkpoint does not fit this config's model: {mismatch} ; to go on "
+                            f"with this run, resume without changing its model; to train the changed model, start a "
+                            f"new run: python -m forgather.run --from-snapshot {run_dir} OVERRIDES") from error
         raise
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

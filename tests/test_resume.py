@@ -291,3 +291,19 @@ def test_a_run_with_another_adamw_resumes_exactly(tmp_path, overrides):
     assert main(["--resume", str(cut), "max_steps=10"]) == 0
     assert train_steps(cut) == list(range(10))
     assert train_losses(cut) == train_losses(whole)
+
+
+def test_resuming_with_another_model_shape_is_one_line_naming_the_first_difference(tmp_path, capsys):
+    assert run(tmp_path, *MICRO, "max_steps=2") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    capsys.readouterr()
+    assert main(["--resume", str(run_dir), "hidden_size=64", "max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "the checkpoint does not fit this config's model: model.embed.weight is [" in line
+    assert "32] in the checkpoint and [" in line and "64] here (and " in line
+    assert line.endswith(f"--from-snapshot {run_dir} OVERRIDES")
+    assert main(["--resume", str(run_dir), "num_layers=3", "max_steps=4"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "this model has parameters the checkpoint lacks: model.layers.2." in line
