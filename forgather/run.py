@@ -628,6 +628,15 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
         )
     if resume and any(o.key == "output_dir" for o in points[0]):
         raise ovr.OverrideError(f"output_dir: a resumed run stays in {run_dir}; to run its config elsewhere use --from-snapshot {run_dir} output_dir=DIR")
+    for override in points[0]:  # a group choice (optimizer=adafactor): the recorded config has no groups left
+        node = OmegaConf.select(config, override.key, default=None, throw_on_missing=False)
+        if override.kind != "delete" and isinstance(node, DictConfig) and "_target_" in node:
+            flag = "--resume" if resume else "--from-snapshot"
+            raise ovr.OverrideError(
+                f"{override.text}: {flag} runs the config as it was recorded, where {override.key} is "
+                f"{node._target_}; group choices are made when an experiment is rendered: start a new run, "
+                f"python -m forgather.run +experiment={meta.get('experiment', 'NAME')} {override.text} ..., or change "
+                f"its arguments ({override.key}.NAME=...)")
     ovr.apply(config, points[0])
     experiment = str(meta.get("experiment", "run"))
     ckpt_path = None

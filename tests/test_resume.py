@@ -307,3 +307,15 @@ def test_resuming_with_another_model_shape_is_one_line_naming_the_first_differen
     assert main(["--resume", str(run_dir), "num_layers=3", "max_steps=4"]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert "this model has parameters the checkpoint lacks: model.layers.2." in line
+
+
+def test_a_group_choice_on_a_recorded_run_says_to_start_a_new_run(tmp_path, capsys):
+    assert run(tmp_path, *MICRO, "max_steps=2") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    capsys.readouterr()
+    for flag in ("--resume", "--from-snapshot"):
+        assert main([flag, str(run_dir), "optimizer=adafactor"]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert line.startswith(f"error: optimizer=adafactor: {flag} runs the config as it was recorded, where "
+                               "optimizer is torch.optim:AdamW")
+        assert "python -m forgather.run +experiment=micro optimizer=adafactor ..." in line
