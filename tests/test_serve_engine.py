@@ -779,6 +779,31 @@ def test_max_num_seqs_below_one_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "--max-num-seqs 0" in err
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--port", "99999"], "--port 99999; give a port from 0 to 65535"),
+    (["--max-model-len", "0"], "--max-model-len 0; give 1 or more tokens"),
+    (["--device", "cuda:7"], "--device-map cuda:7: this machine has"),  # argparse takes --device for --device-map
+])
+def test_a_bad_port_length_or_device_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch, flags, expected):
+    from forgather.cli import inf
+    from forgather.serve import server
+
+    monkeypatch.setattr(server, "serve", lambda *args: pytest.fail("served"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert inf.main(["server", "-m", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+
+
+def test_a_cuda_device_map_on_a_machine_without_cuda_is_one_line(tmp_path, capsys, monkeypatch):
+    from forgather.cli import inf
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inf.main(["server", "-m", str(tmp_path), "--device-map", "cuda"]) == 2
+    assert "--device-map cuda: this machine has no CUDA GPU" in capsys.readouterr().err
+
+
 def test_a_model_the_engine_cannot_run_is_served_by_the_simple_loop(backend):
     spread = Backend(backend.model, backend.tokenizer, CONTEXT, set())
     backend.model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}  # as device_map="auto" leaves it

@@ -91,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs {args.max_num_seqs}; give 1 or more")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}; give a port from 0 to 65535 (0: any free one)")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise ValueError(f"--max-model-len {args.max_model_len}; give 1 or more tokens")
+    _check_device_map(args.device_map)
     if not args.switch_interval > 0:
         raise ValueError(f"--switch-interval {args.switch_interval}; give seconds above 0 "
                          f"(default {SWITCH_INTERVAL})")
@@ -98,6 +103,24 @@ def run(args: argparse.Namespace) -> int:
           args.served_model_name, args.max_model_len, args.log_level, args.insecure,
           _use_engine(args.engine, args.device_map), args.max_num_seqs, args.switch_interval, args.http)
     return 0
+
+
+def _check_device_map(device_map: str | None) -> None:
+    """A --device-map that names a CUDA device this machine lacks is a one-line error here, not an assertion
+    deep inside torch when the weights move (argparse also takes `--device cuda` for --device-map)."""
+    if device_map is None or not device_map.startswith("cuda"):
+        return
+    import torch
+
+    from forgather.errors import MachineError
+
+    index = device_map.partition(":")[2]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise MachineError(f"--device-map {device_map}: this machine has no CUDA GPU that torch {torch.__version__} "
+                           f"can use; leave --device-map out (the CPU, or the first GPU where there is one)")
+    if index and (not index.isdigit() or int(index) >= count):
+        raise MachineError(f"--device-map {device_map}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
 
 
 def _use_engine(choice: str, device_map: str | None) -> bool:
