@@ -47,3 +47,16 @@ def test_the_path_reaches_the_documents_source(tmp_path, capsys):
                  "--cfg"]) == 0
     out = capsys.readouterr().out
     assert "data_paths:\n- a\n- b\n" in out and "data_split: paragraph" in out and "data_pattern: '*.txt'" in out
+
+
+def test_a_pretrained_tokenizer_is_a_command_line_path_and_a_bad_one_is_one_line(tmp_path, capsys):
+    from forgather.data.tokenizer import build_bpe_tokenizer, load_tokenizer
+
+    saved = tmp_path / "tok"
+    build_bpe_tokenizer([WORDS] * 8, vocab_size=300).save_pretrained(saved)
+    code, err = run(tmp_path, capsys, "tokenizer=pretrained", f"tokenizer_path={saved}", "max_steps=1")
+    assert code == 0, err
+    code, err = run(tmp_path, capsys, "tokenizer=pretrained", f"tokenizer_path={tmp_path / 'nothing'}", "max_steps=1")
+    assert code == 2 and f"tokenizer {tmp_path / 'nothing'}: no such file or directory" in err
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json or tokenizer_config.json"):
+        load_tokenizer(tmp_path)  # a directory, but not a tokenizer's

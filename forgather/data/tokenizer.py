@@ -82,6 +82,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     path = Path(path)
     if path.is_file():
         return _wrap(Tokenizer.from_file(str(path)))
+    if not path.is_dir():  # else transformers takes it for a hub id: a download, or an error about repo ids
+        raise FileNotFoundError(f"tokenizer {path}: no such file or directory; give a directory saved with "
+                                f"save_pretrained (a model directory has one) or a tokenizer.json")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"tokenizer {path}: the directory has no tokenizer.json or tokenizer_config.json; "
+                                f"give a directory saved with save_pretrained or a tokenizer.json")
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 

@@ -364,7 +364,8 @@ class TemplateEnvironment:
         elif isinstance(error, jinja2.sandbox.SecurityError):
             message = f"refused by the template sandbox: {error} (templates read values and call globals; they do not run Python)"
         elif isinstance(error, jinja2.UndefinedError):
-            message = f"undefined variable: {error.message}; define it (-- set ...) or pass it in"
+            message = (f"undefined variable: {error.message}; set it above its use or in a template that extends or "
+                       f"includes this one (-- set NAME = ...), or give it a default (NAME | default(...))")
         else:
             message = f"{type(error).__name__}: {error}"
         if not chain:
