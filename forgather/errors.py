@@ -13,11 +13,14 @@ failing key) are appended to the line. Anything else is a bug: its traceback is 
 FORGATHER_DEBUG=1 prints the traceback of every error.
 
 Exit codes: 2 for a mistake, 3 for a run aborted through `forgather control abort`, 1 for anything else.
+A misspelled command-line option is named with the close ones (`unrecognized`, `HintingParser`).
 This module imports nothing heavy: the CLI reports errors before torch is ever loaded.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import errno
 import os
 import sys
@@ -93,3 +96,31 @@ def report(error: BaseException, stream: TextIO | None = None) -> int:
         return 1
     print(f"error: {line}", file=stream, flush=True)
     return 2
+
+
+# -- command lines: a misspelled option ----------------------------------------------------------------------
+# Python's argparse names an unrecognized option but suggests nothing before Python 3.14 (`suggest_on_error`);
+# these add the suggestion, for `forgather` and `python -m forgather.run`.
+
+
+def unrecognized(extras: list[str], parsers: list[argparse.ArgumentParser]) -> str:
+    """argparse's "unrecognized arguments: ..." message, with the close options of `parsers` for each
+    misspelled one."""
+    options = [option for parser in parsers for action in parser._actions for option in action.option_strings]
+    hints = []
+    for extra in extras:
+        name = extra.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=2, cutoff=0.7) if name.startswith("-") else []
+        if close:
+            hints.append(f"{name}: did you mean {' or '.join(close)}?")
+    return f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
+class HintingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose unrecognized-arguments error suggests the close options."""
+
+    def error(self, message: str):  # type: ignore[override]
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            message = unrecognized(message[len(prefix):].split(" "), [self])
+        super().error(message)

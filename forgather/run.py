@@ -124,7 +124,7 @@ def run_argv(args: argparse.Namespace) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from forgather.cli.hints import HintingParser
+    from forgather.errors import HintingParser
 
     parser = HintingParser(prog="python -m forgather.run", description=__doc__.split("\n")[0])
     add_arguments(parser)

@@ -15,8 +15,7 @@ import importlib
 import os
 import sys
 
-from forgather.cli.hints import unrecognized
-from forgather.errors import STRICT_ENV
+from forgather.errors import STRICT_ENV, unrecognized
 
 # name -> (module, one-line help). Order is the order of `forgather --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
