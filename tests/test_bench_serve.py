@@ -11,7 +11,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_serve.py"
 VARIANTS = ("default", "matmul", "sdpa", "reduce", "cublas", "fused", "skinny", "fused_all", "pdl_end", "fused_down_end",
-            "fused_down", "chunk32", "chunk_whole", "uncapped", "graph_tuner", "nopdl", "fused_nopdl", "serial", "modules")
+            "nopdl", "fused_nopdl", "serial", "modules")
 
 
 def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):
@@ -35,6 +35,27 @@ def test_bench_serve_gives_every_row_on_the_cpu(tmp_path):
     assert rows["engine hf-llama, down product ours (split-K), PDL trigger at the end"]["matmul"] == "fused_down"
     assert rows["http 3 streams"]["client_processes"] == 2  # 2 + 1 streams
     assert rows["http 3 streams"]["tokens_per_chunk"] >= 1 and rows["http 1 streams"]["tokens_per_s"] > 0
+
+
+def test_every_variant_sets_engine_options_and_decode_settings_that_exist():
+    """The variants whose settings change nothing on a CPU (PDL, the attention's split, the tuner) are not run by
+    the CPU test above; their names are checked here: each setting is a decode_attention attribute, each option
+    an Engine argument (or the bench's own `bursts`)."""
+    import inspect
+
+    from forgather.serve import decode_attention
+    from forgather.serve.engine import Engine
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_serve
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    engine_options = set(inspect.signature(Engine).parameters) | {"settings", "bursts"}
+    for name, (_, options) in bench_serve.VARIANTS.items():
+        assert set(options) <= engine_options, name
+        for setting in options.get("settings", {}):
+            assert hasattr(decode_attention, setting), (name, setting)
 
 
 def test_each_further_server_runs_the_http_rows_again_under_its_own_name(monkeypatch):
