@@ -270,3 +270,20 @@ def test_an_unknown_target_suggests_the_close_ones_for_construct_and_code():
         generate_code(config, "optimzer")
     with pytest.raises(ConstructError, match=r"no such target; targets are: model, module, optimizer"):
         construct(config, "zzz")
+
+
+def test_a_keyword_the_callable_does_not_take_is_refused_at_its_node_partials_included():
+    from forgather.graph.construct import ConstructError
+
+    config = to_config(load_graph(
+        "opt: !partial:torch.optim:SGD { lrr: 0.5 }\n"
+        "lin: !call:torch.nn:Linear { in_featurs: 2, out_features: 3 }\n"
+        "free: !call:builtins:dict { anything: 1 }\n"          # no signature to read: left to the call
+        "wide: !call:graph_helpers:takes_any { odd_name: 2 }\n"  # **kwargs: anything goes
+    )).config
+    with pytest.raises(ConstructError, match=r"opt\.lrr.*torch\.optim:SGD has no parameter 'lrr'; did you mean 'lr'\?"):
+        construct(config, "opt")
+    with pytest.raises(ConstructError, match=r"did you mean 'in_features' or 'out_features'\? its parameters: in_features"):
+        construct(config, "lin")
+    assert construct(config, "free") == {"anything": 1}
+    assert construct(config, "wide") == {"odd_name": 2}

@@ -101,6 +101,8 @@ class _Builder:
             if not isinstance(extra, Mapping):
                 raise ConstructError(_join(path, "_kwargs_"), f"latent args must construct to a mapping of keyword arguments, not {type(extra).__name__}")
             kwargs.update(extra)
+        if not node.get("_meta_"):
+            _check_keywords(function, target, kwargs, path)
         if node.get("_partial_"):
             result = functools.partial(function, *args, **kwargs)
         else:
@@ -113,6 +115,25 @@ class _Builder:
         if node_id is not None and not factory:
             self.memo[node_id] = result
         return result
+
+
+def _check_keywords(function: Any, target: Any, kwargs: Mapping[str, Any], path: str) -> None:
+    """A keyword `function` has no parameter for is an error here, at the config's node, with the close names;
+    a partial (an optimizer's) would otherwise carry it until Lightning calls it, far from the config. Callables
+    whose signature cannot be read, or that take **kwargs, are left to fail (or not) when called."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # builtins and C extensions without a signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    named = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
+    for key in kwargs:
+        if key not in named:
+            close = difflib.get_close_matches(str(key), named, n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ConstructError(_join(path, str(key)), f"{target} has no parameter {key!r}; {hint}its parameters: "
+                                                       f"{', '.join(named) or 'none'}")
 
 
 def _join(path: str, key: str) -> str:
