@@ -287,3 +287,13 @@ def test_a_keyword_the_callable_does_not_take_is_refused_at_its_node_partials_in
         construct(config, "lin")
     assert construct(config, "free") == {"anything": 1}
     assert construct(config, "wide") == {"odd_name": 2}
+
+
+def test_an_unimportable_module_suggests_a_close_sibling_or_asks_for_the_package():
+    from forgather.graph.construct import ConstructError
+
+    config = to_config(load_graph("a: !call:collections.abcc:Mapping []\nb: !call:nopackage_zz.sub:Thing []\n")).config
+    with pytest.raises(ConstructError, match=r"No module named 'collections.abcc'; did you mean 'collections.abc'\?"):
+        construct(config, "a")
+    with pytest.raises(ConstructError, match=r"is the package that provides 'nopackage_zz' installed\?"):
+        construct(config, "b")

@@ -89,8 +89,25 @@ def _import_module(module: str, spec: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
-        hint = f" (is the package that provides {error.name!r} installed?)" if error.name else ""
+        hint = _close_module(error.name) or (f" (is the package that provides {error.name!r} installed?)" if error.name else "")
         raise ImportSpecError(f"cannot import module {module!r} for {spec!r}: {error}{hint}") from error
+
+
+def _close_module(name: str | None) -> str:
+    """"; did you mean 'torch.nn'?" for a misspelled submodule of a package that imports; else ""."""
+    import difflib
+    import pkgutil
+
+    parent, _, leaf = (name or "").rpartition(".")
+    if not parent:
+        return ""
+    try:
+        package = importlib.import_module(parent)
+    except ImportError:
+        return ""
+    names = [info.name for info in pkgutil.iter_modules(getattr(package, "__path__", []))]
+    close = difflib.get_close_matches(leaf, names, n=2, cutoff=0.7)
+    return f"; did you mean {' or '.join(repr(f'{parent}.{c}') for c in close)}?" if close else ""
 
 
 def _getattr_path(obj: Any, qualname: str, spec: str) -> Any:
