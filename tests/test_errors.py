@@ -106,7 +106,7 @@ def test_an_alias_to_a_node_a_block_renamed_away_names_the_alias_and_how_to_name
 
 def test_unknown_tag_is_located(tmp_path):
     project = make_project(tmp_path, "a: 1\nb: !cal:torch.nn:Linear [1, 2]\n")
-    with pytest.raises(TemplateError, match="unknown tag !cal:torch.nn:Linear") as caught:
+    with pytest.raises(TemplateError, match="unknown tag !cal:torch.nn:Linear; did you mean !call:?") as caught:
         project.load_config("c.yaml").graph
     assert caught.value.location.line == 2
 

@@ -21,6 +21,7 @@ aliases itself, nesting deeper than MAX_DEPTH, one `!var` name with two differen
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
 from typing import Any, Callable
@@ -192,8 +193,11 @@ GraphLoader.add_constructor("!var", _construct_var)
 
 
 def _unknown_tag(loader: yaml.Loader, suffix: str, node: yaml.Node) -> Any:
-    known = ", ".join([*_CALL_TAGS, *_COLLECTIONS, "!var"])
-    raise GraphError(f"unknown tag !{suffix}; known tags: {known}", _line(node))
+    tags = [*_CALL_TAGS, *_COLLECTIONS, "!var"]
+    written = "!" + suffix.split(":", 1)[0] + (":" if ":" in suffix else "")
+    close = difflib.get_close_matches(written, tags, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise GraphError(f"unknown tag !{suffix}; {hint}known tags: {', '.join(tags)}", _line(node))
 
 
 GraphLoader.add_multi_constructor("!", _unknown_tag)
