@@ -213,9 +213,8 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   gated: bool = False, release_late: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the skinny product's kernel (its tiling chosen by TUNER, or `config`: BLOCK_N, BLOCK_K, SPLIT_K,
     num_warps, num_stages) on x @ weight.T + bias; with `delta` and `norm_weight`, on rms_norm(x + delta) and
-    also return x + delta;
-    `gated`: weight holds gate rows then up rows, and the result is silu(gate) * up (half weight's rows);
-    `release_late`: skinny_norm_linear's."""
+    also return x + delta; `gated`: weight holds gate rows then up rows, and the result is silu(gate) * up
+    (half weight's rows); `release_late`: skinny_norm_linear's."""
     if TUNER not in ("triton", "graph"):
         raise ValueError(f"decode_attention.TUNER={TUNER!r}; choose 'triton' or 'graph'")
     import triton
