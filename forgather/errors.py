@@ -25,7 +25,7 @@ import errno
 import os
 import sys
 import traceback
-from typing import Iterator, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 DEBUG_ENV = "FORGATHER_DEBUG"
 # Strict mode turns the checks the reference Forgather's projects must pass (a block no ancestor defines, a
@@ -98,6 +98,14 @@ def report(error: BaseException, stream: TextIO | None = None) -> int:
     return 2
 
 
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6,
+                 show: Callable[[str], str] = repr) -> str:
+    """"did you mean 'a' or 'b'?" for the candidates close to `word` (difflib; each written by `show`), or ""
+    when none is: every misspelled name the project reports is suggested through here."""
+    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=cutoff)
+    return f"did you mean {' or '.join(show(c) for c in close)}?" if close else ""
+
+
 # -- command lines: a misspelled option ----------------------------------------------------------------------
 # Python's argparse names an unrecognized option but suggests nothing before Python 3.14 (`suggest_on_error`);
 # these add the suggestion, for `forgather` and `python -m forgather.run`.
@@ -110,9 +118,9 @@ def unrecognized(extras: list[str], parsers: list[argparse.ArgumentParser]) -> s
     hints = []
     for extra in extras:
         name = extra.split("=", 1)[0]
-        close = difflib.get_close_matches(name, options, n=2, cutoff=0.7) if name.startswith("-") else []
-        if close:
-            hints.append(f"{name}: did you mean {' or '.join(close)}?")
+        hint = did_you_mean(name, options, n=2, cutoff=0.7, show=str) if name.startswith("-") else ""
+        if hint:
+            hints.append(f"{name}: {hint}")
     return f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else "")
 
 

@@ -20,7 +20,6 @@ This module never imports torch itself (checking a value against a signature imp
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import itertools
 import os
@@ -32,7 +31,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from forgather.errors import UserError, causes
+from forgather.errors import UserError, causes, did_you_mean
 
 
 class OverrideError(UserError, ValueError):
@@ -66,8 +65,8 @@ def find_groups(search_path: list[str]) -> dict[str, list[str]]:
 
 
 def _suggest(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(word, candidates)
+    return f"; {hint}" if hint else ""
 
 
 def parse_hydra(arguments: list[str]) -> list[Any]:

@@ -18,7 +18,6 @@ Plain Hydra configs (`_target_` in Hydra's dotted form, `_args_`, `_partial_`) c
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import re
@@ -27,7 +26,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError, MissingMandatoryValue
 
-from forgather.errors import UserError
+from forgather.errors import UserError, did_you_mean
 from forgather.graph.config import RESERVED_KEYS
 from forgather.graph.imports import import_spec
 
@@ -130,8 +129,8 @@ def _check_keywords(function: Any, target: Any, kwargs: Mapping[str, Any], path:
     named = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
     for key in kwargs:
         if key not in named:
-            close = difflib.get_close_matches(str(key), named, n=2, cutoff=0.6)
-            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            hint = did_you_mean(str(key), named, n=2)
+            hint += " " if hint else ""
             raise ConstructError(_join(path, str(key)), f"{target} has no parameter {key!r}; {hint}its parameters: "
                                                        f"{', '.join(named) or 'none'}")
 
@@ -140,13 +139,11 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-
 def unknown_target(target: str, config: Any) -> str:
     """What to say of a target the config lacks: the close names first, then every target."""
     names = [str(key) for key in config.keys()]
-    close = difflib.get_close_matches(str(target), names, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    return f"no such target; {hint}targets are: {', '.join(names)}"
+    hint = did_you_mean(str(target), names)
+    return f"no such target; {hint}{' ' if hint else ''}targets are: {', '.join(names)}"
 
 def construct(config: DictConfig | Mapping[str, Any], target: str | None = None, base_dir: str | None = None) -> Any:
     """Build one target of a config, or (target=None) a dict of every top-level target.

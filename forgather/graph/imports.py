@@ -23,7 +23,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from forgather.errors import UserError
+from forgather.errors import UserError, did_you_mean
 
 
 class ImportSpecError(UserError, ImportError):
@@ -95,7 +95,6 @@ def _import_module(module: str, spec: str) -> ModuleType:
 
 def _close_module(name: str | None) -> str:
     """"; did you mean 'torch.nn'?" for a misspelled submodule of a package that imports; else ""."""
-    import difflib
     import pkgutil
 
     parent, _, leaf = (name or "").rpartition(".")
@@ -106,8 +105,8 @@ def _close_module(name: str | None) -> str:
     except ImportError:
         return ""
     names = [info.name for info in pkgutil.iter_modules(getattr(package, "__path__", []))]
-    close = difflib.get_close_matches(leaf, names, n=2, cutoff=0.7)
-    return f"; did you mean {' or '.join(repr(f'{parent}.{c}') for c in close)}?" if close else ""
+    hint = did_you_mean(leaf, names, n=2, cutoff=0.7, show=lambda c: repr(f"{parent}.{c}"))
+    return f"; {hint}" if hint else ""
 
 
 def _getattr_path(obj: Any, qualname: str, spec: str) -> Any:

@@ -21,14 +21,13 @@ aliases itself, nesting deeper than MAX_DEPTH, one `!var` name with two differen
 
 from __future__ import annotations
 
-import difflib
 import re
 import warnings
 from typing import Any, Callable
 
 import yaml
 
-from forgather.errors import UserError, strict_mode
+from forgather.errors import UserError, did_you_mean, strict_mode
 from forgather.graph.nodes import LATENT_ARGS, MISSING, SEARCHPATH, CallKind, CallNode, Graph, VarNode, children
 
 _CALL_TAGS: dict[str, CallKind] = {
@@ -195,8 +194,8 @@ GraphLoader.add_constructor("!var", _construct_var)
 def _unknown_tag(loader: yaml.Loader, suffix: str, node: yaml.Node) -> Any:
     tags = [*_CALL_TAGS, *_COLLECTIONS, "!var"]
     written = "!" + suffix.split(":", 1)[0] + (":" if ":" in suffix else "")
-    close = difflib.get_close_matches(written, tags, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}? " if close else ""
+    hint = did_you_mean(written, tags, n=1, show=str)
+    hint += " " if hint else ""
     raise GraphError(f"unknown tag !{suffix}; {hint}known tags: {', '.join(tags)}", _line(node))
 
 
