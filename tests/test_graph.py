@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from forgather.graph import CallNode, Graph, VarNode, construct, dump_graph, generate_code, load_graph, to_config
+from forgather.graph.construct import ConstructError
 from forgather.graph.yaml_loader import GraphError
 from graph_helpers import BOX_SPEC, Box, reference_construct, shape
 
@@ -261,8 +262,6 @@ def test_fold_scalar_calls_replaces_computed_values_and_keeps_components():
 
 
 def test_an_unknown_target_suggests_the_close_ones_for_construct_and_code():
-    from forgather.graph.construct import ConstructError
-
     config = to_config(load_graph("model: !singleton:builtins:dict { a: 1 }\nmodule: 2\noptimizer: 3\n")).config
     with pytest.raises(ConstructError, match=r"no such target; did you mean 'model' or 'module'\? targets are: model"):
         construct(config, "modell")
@@ -273,8 +272,6 @@ def test_an_unknown_target_suggests_the_close_ones_for_construct_and_code():
 
 
 def test_a_keyword_the_callable_does_not_take_is_refused_at_its_node_partials_included():
-    from forgather.graph.construct import ConstructError
-
     config = to_config(load_graph(
         "opt: !partial:torch.optim:SGD { lrr: 0.5 }\n"
         "lin: !call:torch.nn:Linear { in_featurs: 2, out_features: 3 }\n"
@@ -290,8 +287,6 @@ def test_a_keyword_the_callable_does_not_take_is_refused_at_its_node_partials_in
 
 
 def test_an_unimportable_module_suggests_a_close_sibling_or_asks_for_the_package():
-    from forgather.graph.construct import ConstructError
-
     config = to_config(load_graph("a: !call:collections.abcc:Mapping []\nb: !call:nopackage_zz.sub:Thing []\n")).config
     with pytest.raises(ConstructError, match=r"No module named 'collections.abcc'; did you mean 'collections.abc'\?"):
         construct(config, "a")
