@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from forgather.models.norm import rms_norm  # noqa: E402
 from forgather.serve import decode_attention  # noqa: E402
+from forgather.serve.tuning import captured  # noqa: E402
 from forgather.serve.decode_attention import (  # noqa: E402
     launch, launch_skinny, reference, residual_add, workspace)
 
@@ -40,18 +41,7 @@ def graph_time_us(fn, calls: int = 100) -> float:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e6
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = captured(fn, calls, warmups=3)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):

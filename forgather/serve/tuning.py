@@ -26,7 +26,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-__all__ = ["choose", "copies_for", "graph_time_us", "chosen"]
+__all__ = ["captured", "choose", "copies_for", "graph_time_us", "chosen"]
 
 L2_MULTIPLE = 2  # the copies of a weight hold at least this many times the L2 cache
 MOST_COPIES = 16
@@ -51,24 +51,32 @@ def l2_bytes(device: torch.device) -> int:
     return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
 
 
+def captured(step: Callable[[], Any], calls: int, warmups: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls` calls of `step()`, replayed once and synchronized; `warmups` calls run first on
+    a side stream, outside the graph (they compile the kernels)."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
 def graph_time_us(step: Callable[[], Any], rounds: int = ROUNDS, replays: int = REPLAYS) -> float:
     """Microseconds of one `step()` (a pass over the copies), as the median replay of a CUDA graph of `rounds`
     steps divided by `rounds`; the first step runs outside the graph (it compiles the kernel)."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("a decode kernel met a new shape while a CUDA graph was being captured: its tiling is "
                            "chosen by timing, which cannot run inside a capture; run one step of that shape first")
-    current = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        step()
-    current.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            step()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = captured(step, rounds)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
