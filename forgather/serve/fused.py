@@ -159,9 +159,9 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     # launch only after its loads (release_late): on the H200, 1.24B at batch 1, 949-951 tokens/s against
     # 913-915 with only the split-K grid and the kernel before it released late (docs/benchmarks.md).
     late = matmul in ("fused_down", "fused_all")
-    linear = functools.partial(skinny_linear, release_late=late) if matmul in ("triton", "fused_all") else F.linear
-    down_linear = (functools.partial(skinny_linear, release_late=late)
-                   if matmul in ("triton", "fused_down", "fused_all") else F.linear)
+    ours = functools.partial(skinny_linear, release_late=late)
+    linear = ours if matmul in ("triton", "fused_all") else F.linear
+    down_linear = ours if matmul in ("triton", "fused_down", "fused_all") else F.linear
     fused = matmul.startswith("fused")
     batch = x.shape[0]
     head_dim = cos.shape[-1]
