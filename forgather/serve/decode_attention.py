@@ -288,9 +288,13 @@ def _graph_tuned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     key = ("skinny", tuple(weight.shape), weight.dtype, x.dtype, norm, gated, bias is not None, str(x.device),
            tuple(sorted(_pdl_options(x.device, release_late).items())))
     copies = tuning.copies_for(weight.numel() * weight.element_size(), tuning.l2_bytes(x.device))
-    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    # The copies are made on the first timed launch, so a product already chosen copies nothing: this runs on
+    # every call, inside the decode step's CUDA graph capture too (where a copy would join every step).
+    weights = {0: weight}
 
     def run(tiling: dict, i: int) -> None:
+        if i not in weights:
+            weights[i] = weight.clone()
         launch_skinny(x, weights[i], bias, config=tiling, delta=delta, norm_weight=norm_weight, eps=eps,
                       gated=gated, release_late=release_late)
 
