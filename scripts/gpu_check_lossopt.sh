@@ -20,7 +20,7 @@ date -u
 # Time limits keep one slow part from eating the others' share of a 10-minute device call.
 touch "$OUT/pytest.txt" "$OUT/bench_adafactor.txt" "$OUT/bench_loss.txt"
 if [[ " $PARTS " == *" tests "* ]]; then
-    timeout 200 $PY -m pytest tests/gpu/test_loss_gpu.py tests/gpu/test_optim_gpu.py -q -p no:cacheprovider -rs \
+    timeout 200 $PY -m pytest -n 0 tests/gpu/test_loss_gpu.py tests/gpu/test_optim_gpu.py -q -p no:cacheprovider -rs \
         2>&1 | tee "$OUT/pytest.txt"
 fi
 if [[ " $PARTS " == *" adafactor "* ]]; then

@@ -82,7 +82,7 @@ c)
         --timeout 150 "$@"
     ;;
 tests)
-    timeout 300 $PY -m pytest tests/gpu/test_models_gpu.py tests/gpu/test_run_gpu.py -q -p no:cacheprovider -rs 2>&1 \
+    timeout 300 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py tests/gpu/test_run_gpu.py -q -p no:cacheprovider -rs 2>&1 \
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
