@@ -421,11 +421,12 @@ VARIANTS = {
     "chunk128": ("attention split 128 keys", dict(settings=dict(MIN_CHUNK=128))),
     "chunk256": ("attention split 256 keys", dict(settings=dict(MIN_CHUNK=256))),
     "chunk_whole": ("attention unsplit", dict(settings=dict(MIN_CHUNK=1 << 20))),
-    # Our products' tilings timed as the step runs them (decode_attention.TUNER="graph", tuning.py), not by
-    # Triton's autotuner.
-    "graph_tuner": ("tilings timed in a graph", dict(settings=dict(TUNER="graph"))),
-    "fused_down_graph_tuner": ("down product ours (split-K), tilings timed in a graph",
-                               dict(fused_matmul="fused_down", settings=dict(TUNER="graph"))),
+    # The products' tilings chosen by Triton's autotuner (each candidate timed call by call), not timed as the
+    # step runs them (decode_attention.TUNER="graph", tuning.py, the default): with the default products and
+    # with the default before 2026-12-04 ("fused" under the autotuner).
+    "autotuner": ("tilings by Triton's autotuner", dict(settings=dict(TUNER="triton"))),
+    "fused_autotuner": ("norm and SwiGLU in the products, tilings by Triton's autotuner",
+                        dict(fused_matmul="fused", settings=dict(TUNER="triton"))),
     # Before decode_attention.SPLIT_CAP: a split per 64 keys of a long window, up to 33 at batch 1.
     "uncapped": ("attention split per 64 keys, uncapped", dict(settings=dict(SPLIT_CAP=1 << 20))),
     # Programmatic dependent launch of our kernels off (decode_attention.PDL; on by default where the GPU has

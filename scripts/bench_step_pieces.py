@@ -104,6 +104,9 @@ def bench_attention(iters: int, option_sets: list[str]) -> None:
         "packed, 64 blocks": flex.create_block_mask(in_document, s["batch"], None, s["seq"], s["seq"], device="cuda",
                                                     BLOCK_SIZE=64),
     }
+    # Each option set and mask is a recompile of flex_attention; past dynamo's limit (8) the calls ran uncompiled
+    # (50-60 ms a layer on 2026-12-04): room for all of them.
+    torch._dynamo.config.recompile_limit = 64
     compiled = torch.compile(flex.flex_attention)
     for mask_name, mask in masks.items():
         if not mask_name.startswith("packed, "):  # the 64-block mask is held to the packed default's results

@@ -12,8 +12,9 @@
 #                  uvicorn's pure-Python h11, then with Python's 5 ms GIL switch interval), the 7B shape, the
 #                  step's kernels (--profile); more bench_serve.py args after the parts (e.g. --variants
 #                  prefill_compiled: the 420 s limit holds about one compiled variant besides the rows above).
-#   part tuner     the graph tuner's GPU test, then bench_serve.py's default, `fused_down` and each with the
-#                  graph tuner, in two processes (their rows carry each process's picks).
+#   part tuner     the graph tuner's GPU test, then bench_serve.py's default (the graph tuner), and the default
+#                  products and "fused" under Triton's autotuner, in two processes (their rows carry each
+#                  process's picks).
 # Results: $OUT/pytest_kernels.txt, kernels.txt, kernels.json (kernels); pytest_engine.txt (engine);
 # serve.txt, serve.json (bench); pytest_tuner.txt, tuner_1.txt, tuner_2.txt, tuner_*.json (tuner).
 #     bash scripts/gpu_check_serve.sh [kernels|engine|bench|tuner][,...] [more bench_serve.py args]
@@ -29,7 +30,7 @@ source scripts/gpu_setup.sh .whl
 for PART in ${PARTS//,/ }; do
 case $PART in
 kernels)
-    timeout 240 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
+    timeout 240 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
         -k "decode_kernel_computes or skinny or launched_early" 2>&1 | tee "$OUT/pytest_kernels.txt" | tail -n 3
     timeout 200 $PY scripts/bench_decode_kernels.py --shapes 1b 7b --windows 256 1024 --fusions \
         --json "$OUT/kernels.json" 2>&1 | grep --line-buffered -v Warning > "$OUT/kernels.txt"
@@ -38,7 +39,7 @@ kernels)
     sed -n '/^| piece/,$p' "$OUT/kernels.txt"
     ;;
 engine)
-    timeout 540 $PY -m pytest tests/gpu/test_serve_gpu.py -v -p no:cacheprovider -rs --durations=0 \
+    timeout 540 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -v -p no:cacheprovider -rs --durations=0 \
         -k "graphed or compiled or bf16" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -n 12
     ;;
 bench)
@@ -49,13 +50,13 @@ bench)
     grep '"name"' "$OUT/serve.txt" | cut -c1-300
     ;;
 tuner)
-    # The graph tuner (decode_attention.TUNER="graph") against Triton's autotuner, each in two processes: does a
-    # process's pick, and so its tokens/s, still vary from one process to the next?
-    timeout 150 $PY -m pytest tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs -k graph_tuner 2>&1 \
+    # The graph tuner (decode_attention.TUNER="graph", the default) against Triton's autotuner, each in two
+    # processes: does a process's pick, and so its tokens/s, vary from one process to the next?
+    timeout 150 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs -k graph_tuner 2>&1 \
         | tee "$OUT/pytest_tuner.txt" | tail -n 3
     for run in 1 2; do
         timeout 200 $PY scripts/bench_serve.py --skip-hf --skip-forgather --skip-http --skip-7b --concurrency 1 \
-            --variants graph_tuner fused_down fused_down_graph_tuner --json "$OUT/tuner_$run.json" "$@" \
+            --variants autotuner fused_autotuner --json "$OUT/tuner_$run.json" "$@" \
             > "$OUT/tuner_$run.txt" 2>&1
         echo "==================== tuner, process $run ===================="
         grep '^| engine' "$OUT/tuner_$run.txt"

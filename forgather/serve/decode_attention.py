@@ -254,11 +254,13 @@ def launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return (y, x_out) if norm else y
 
 
-# How the skinny products' tilings are chosen, once per weight shape and options in a process: "triton"
-# (Triton's autotuner: each candidate timed call by call, the L2 cache flushed) or "graph" (tuning.py: each
-# candidate timed as the decode step runs it, launches back to back in a CUDA graph over copies of the weight
-# that outgrow L2). "graph" is built and tested on the CPU, not yet measured on a GPU.
-TUNER = "triton"
+# How the skinny products' tilings are chosen, once per weight shape and options in a process: "graph"
+# (tuning.py: each candidate timed as the decode step runs it, launches back to back in a CUDA graph over
+# copies of the weight that outgrow L2) or "triton" (Triton's autotuner: each candidate timed call by call,
+# the L2 cache flushed). On the H200 the graph tuner's engine decoded the same in two processes (948.8 and
+# 948.6 tokens/s with the down product ours) where the autotuner's picks, and so the tokens/s, varied by
+# process (910-939): docs/benchmarks.md.
+TUNER = "graph"
 
 
 def skinny_tilings(split: bool) -> list[dict]:

@@ -183,18 +183,18 @@ FUSED_MATMUL_BELOW_HIDDEN = 4096  # hidden sizes from which cuBLAS's products ar
 
 
 def _default_matmul(device: torch.device, attention: str, hidden_size: int) -> str:
-    """The fused decoder's products unless told: "fused" (the norms and the SwiGLU inside our q/k/v and gate/up
-    kernels) where our kernels run with programmatic dependent launch (Hopper) and the model is narrower than
-    FUSED_MATMUL_BELOW_HIDDEN, else "torch". On the H200, batch 1, with each engine built twice in turn in one
-    call: the 1.24B shape (hidden 2048) 928-935 tokens/s with "fused" against 911 with cuBLAS's products
-    (1.02x), the 7B shape (hidden 4096) 211-212 against 225 (0.94x: 59.4% of its HBM floor against 63.2%;
-    docs/benchmarks.md). Without PDL ours are no faster. "fused_down" (the down product ours too) won in two
-    calls (1.01x, 1.06x) and lost in a third (0.98x): the autotuner's pick for its split-K product differs
-    from process to process, so it is not the default."""
+    """The fused decoder's products unless told: "fused_down" (the norms and the SwiGLU inside our q/k/v and
+    gate/up kernels, and the down product ours, split-K) where our kernels run with programmatic dependent
+    launch (Hopper) and the model is narrower than FUSED_MATMUL_BELOW_HIDDEN, else "torch". On the H200, batch
+    1: at the 1.24B shape (hidden 2048) "fused" was 1.02x cuBLAS's products; "fused_down" with its tilings
+    timed in a graph (decode_attention.TUNER = "graph", the default) 948.8 and 948.6 tokens/s in two
+    processes, against 921.7 and 910.2 for "fused" under Triton's autotuner (1.03-1.04x; before the graph
+    tuner, "fused_down" was 0.98-1.06x "fused" from process to process). At the 7B shape (hidden 4096) "fused"
+    was 0.94x cuBLAS's (docs/benchmarks.md). Without PDL ours are no faster."""
     from .decode_attention import dependent_launch
 
     fused = attention == "triton" and dependent_launch(device) and hidden_size < FUSED_MATMUL_BELOW_HIDDEN
-    return "fused" if fused else "torch"
+    return "fused_down" if fused else "torch"
 
 
 def _typical_prefills(slots: int, prefill_chunk: int, context_length: int) -> list[tuple[int, int]]:
@@ -240,9 +240,9 @@ class Engine:
     installed, the one-launch kernel of decode_attention.py, else "matmul"; also "sdpa" or "reduce") and
     `fused_matmul` its products ("torch": F.linear; "triton": decode_attention.skinny_linear for up
     to 16 rows; "fused": that kernel with the norms before q/k/v and gate/up and the SwiGLU after gate/up
-    inside, output and down by F.linear, the default where our kernels launch with PDL on a model narrower than
-    4096: _default_matmul; "fused_down": that and the down product ours too, split-K; "fused_all": every product
-    ours;
+    inside, output and down by F.linear; "fused_down": that and the down product ours too, split-K, the default
+    where our kernels launch with PDL on a model narrower than 4096 (_default_matmul); "fused_all": every
+    product ours;
     steps of more than 16 rows use "torch"); `lookahead`
     (default: where the step is graphed) queues the next greedy step before reading this one's tokens
     (module docstring); `compile_prefill` runs the prompts' forward passes through torch.compile (dynamic
