@@ -65,3 +65,11 @@ def test_a_signal_to_forgather_tb_reaches_tensorboard_and_is_waited_for(tmp_path
         command.kill()
         if (tmp_path / "pid").exists() and _alive(pid := int((tmp_path / "pid").read_text())):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_missing_log_directory_is_one_line_before_tensorboard_starts(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "forgather", "-p", str(tmp_path), "tb", str(tmp_path / "outptus")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "outptus is not a directory; give a directory of runs" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> list[str]:
     if args.logdir:
         logdir = os.path.abspath(args.logdir)
+        if not os.path.isdir(logdir):  # TensorBoard would serve the missing directory, empty, without a word
+            raise FileNotFoundError(f"forgather tb: {args.logdir} is not a directory; give a directory of runs (an "
+                                    "outputs/ or multirun/ folder, or one run's), or none for the project's")
     else:
         roots = [os.path.join(os.path.abspath(args.project), name) for name in ("outputs", "multirun")]
         logdir = ",".join(f"{os.path.basename(r)}:{r}" for r in roots if os.path.isdir(r)) or roots[0]
