@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError, MissingMandatoryValue
 
 from forgather.errors import UserError, did_you_mean
+from forgather.graph.annotations import mismatch
 from forgather.graph.config import RESERVED_KEYS
 from forgather.graph.imports import import_spec
 
@@ -118,8 +119,9 @@ class _Builder:
 
 def _check_keywords(function: Any, target: Any, kwargs: Mapping[str, Any], path: str) -> None:
     """A keyword `function` has no parameter for is an error here, at the config's node, with the close names;
-    a partial (an optimizer's) would otherwise carry it until Lightning calls it, far from the config. Callables
-    whose signature cannot be read, or that take **kwargs, are left to fail (or not) when called."""
+    a partial (an optimizer's) would otherwise carry it until Lightning calls it, far from the config. So is a
+    value that certainly does not fit its parameter's annotation (annotations.py). Callables whose signature
+    cannot be read, or that take **kwargs, are left to fail (or not) when called."""
     try:
         parameters = inspect.signature(function).parameters
     except (TypeError, ValueError):  # builtins and C extensions without a signature
@@ -133,6 +135,9 @@ def _check_keywords(function: Any, target: Any, kwargs: Mapping[str, Any], path:
             hint += " " if hint else ""
             raise ConstructError(_join(path, str(key)), f"{target} has no parameter {key!r}; {hint}its parameters: "
                                                        f"{', '.join(named) or 'none'}")
+    wrong = mismatch(function, getattr(function, "__name__", str(target)), kwargs)
+    if wrong:
+        raise ConstructError(path, f"{wrong} ({target})")
 
 
 def _join(path: str, key: str) -> str:
