@@ -174,3 +174,8 @@ def test_a_misspelled_option_is_named_with_the_close_one_by_both_commands(capsys
     with pytest.raises(SystemExit):
         main(["-p", EXAMPLE, "-t", "base.yaml", "pp", "--zzzzzz"])
     assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --zzzzzz")
+
+
+def test_a_project_directory_that_does_not_exist_is_named(tmp_path, capsys):
+    assert main(["-p", str(tmp_path / "projetc"), "ls"]) != 0
+    assert f"-p {tmp_path / 'projetc'}: no such directory" in capsys.readouterr().err

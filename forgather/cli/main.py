@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extras
         elif extras:  # argparse's way out (usage, exit code 2), naming the close options
             parser.error(unrecognized(extras, [parser, subparser]))
+        if not os.path.isdir(args.project):  # else each command says only that it found no project there
+            from forgather.errors import UserError
+
+            raise UserError(f"-p {args.project}: no such directory; give a project directory (one with a meta.yaml)")
         args.dynamic = _dynamic_values(args, dests)
         return module.run(args)
     except KeyboardInterrupt:
