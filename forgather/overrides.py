@@ -69,6 +69,40 @@ def _suggest(word: str, candidates: list[str]) -> str:
     return f"; {hint}" if hint else ""
 
 
+# Names other tools give our config keys (Hugging Face's config and Trainer, nanoGPT, Lightning's Fabric
+# scripts): too far from ours for a close-spelling match (`num_hidden_layers` / `num_layers`), yet what a
+# user coming from them types first. Each maps to our key's last part.
+_ALSO_CALLED = {
+    "block_size": ("seq_len", "seq_length", "sequence_length", "max_seq_len", "max_seq_length", "max_length",
+                   "context_length", "n_positions", "max_position_embeddings"),
+    "lr": ("learning_rate",),
+    "max_steps": ("steps", "num_steps", "total_steps", "train_steps", "max_iters"),
+    "max_epochs": ("epochs", "num_epochs", "num_train_epochs"),
+    "batch_size": ("bs", "per_device_train_batch_size", "micro_batch_size", "train_batch_size"),
+    "warmup_steps": ("warmup", "num_warmup_steps", "warmup_iters"),
+    "gradient_clip_val": ("grad_clip", "max_grad_norm", "clip_grad_norm", "gradient_clipping"),
+    "accumulate_grad_batches": ("gradient_accumulation_steps", "grad_accum"),
+    "weight_decay": ("wd",),
+    "num_layers": ("n_layer", "n_layers", "num_hidden_layers"),
+    "hidden_size": ("n_embd", "d_model", "dim", "embed_dim"),
+    "num_heads": ("n_head", "n_heads", "num_attention_heads"),
+    "num_kv_heads": ("n_kv_heads", "num_key_value_heads"),
+    "intermediate_size": ("ffn_dim", "ffn_hidden_size", "d_ff", "mlp_dim"),
+    "vocab_size": ("vocab", "n_vocab"),
+}
+
+
+def _also_called(key: str, paths: list[str]) -> str:
+    """"; it is called 'block_size' here" when `key` is another tool's name for one of the config's keys."""
+    last = key.rsplit(".", 1)[-1]
+    for ours, theirs in _ALSO_CALLED.items():
+        if last in theirs:
+            found = [p for p in paths if p == ours] or [p for p in paths if p.rsplit(".", 1)[-1] == ours]
+            if found:
+                return f"; it is called {found[0]!r} here ({found[0]}=...)"
+    return ""
+
+
 def parse_hydra(arguments: list[str]) -> list[Any]:
     """Hydra's parse of `arguments` (its Override objects); an override its grammar refuses is an OverrideError
     naming that override (every reader of the command line's overrides goes through here)."""
@@ -399,7 +433,8 @@ def apply(config: DictConfig, overrides: list[Override]) -> None:
         key = override.key
         found = _locate(config, key)
         if override.kind in ("change", "delete") and found is None:
-            hint = _list_hint(config, key) or _suggest(key, config_paths(config))
+            paths = config_paths(config)
+            hint = _list_hint(config, key) or _also_called(key, paths) or _suggest(key, paths)
             raise OverrideError(f"{override.text}: no key {key!r} in the config{hint}")
         if override.kind == "add" and found is not None:
             raise OverrideError(f"{override.text}: {key!r} is already set; write {key}=... to change it (or ++{key}=...)")

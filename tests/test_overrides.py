@@ -86,6 +86,18 @@ def test_unknown_top_level_key_suggests_the_variable(capsys):
     assert "did you mean 'hidden_size'" in error_of(capsys, "+experiment=micro", "hiden_size=3")
 
 
+@pytest.mark.parametrize("theirs, ours", [("seq_len", "block_size"), ("num_hidden_layers", "num_layers"),
+                                          ("learning_rate", "lr"), ("n_embd", "hidden_size")])
+def test_another_tools_name_for_a_key_gets_ours(capsys, theirs, ours):
+    """Hugging Face's and nanoGPT's names, too far from ours for a spelling match."""
+    err = error_of(capsys, "+experiment=micro", f"{theirs}=3")
+    assert f"no key {theirs!r} in the config; it is called {ours!r} here ({ours}=...)" in err
+
+
+def test_a_key_neither_close_nor_known_by_another_name_gets_no_guess(capsys):
+    assert error_of(capsys, "+experiment=micro", "zzz=3").rstrip().endswith("no key 'zzz' in the config")
+
+
 def test_unknown_group_option_lists_the_options(capsys):
     err = error_of(capsys, "+experiment=micro", "optimizer=adamx")
     assert "no option 'adamx' in group 'optimizer'; did you mean 'adamw'" in err and "adafactor" in err
