@@ -122,6 +122,8 @@ def test_the_template_chooses_launcher_and_sweeper_and_the_command_line_wins():
 BAD = [
     (["launcher=nope"], "launcher=nope: no launcher 'nope' (options: local, ray, submitit)"),
     (["sweeper=optuan"], "sweeper=optuan: no sweeper 'optuan'; did you mean 'optuna'"),
+    (["launcher=slurm"], "launcher=slurm: no launcher 'slurm'; launcher=submitit submits to Slurm (options: local, "
+                         "ray, submitit)"),
     (["launcher.jbos=2"], "launcher.jbos=2: no key 'launcher.jbos' in the config; did you mean 'launcher.jobs'"),
     (["launcher.jobs=two"], "launcher.jobs=two: forgather.launch.local:LocalLauncher takes jobs: int; got str 'two'"),
     (["launcher=submitit", "launcher.timeout_min=1h"], "launcher.timeout_min=1h: forgather.launch.submitit:SubmititLauncher takes timeout_min: int; got str '1h'"),

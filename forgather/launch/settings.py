@@ -11,6 +11,7 @@ naming the override, before any point starts.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,16 @@ def _load_option(search_path: list[str], group: str, name: str, said: str) -> Di
         if os.path.isfile(path):
             return OmegaConf.load(path)
     found = options(search_path, group)
-    raise ovr.OverrideError(f"{said}: no {group} {name!r}{ovr._suggest(str(name), found)} (options: {', '.join(found)})")
+    hint = ovr._suggest(str(name), found)
+    scheduler = difflib.get_close_matches(str(name).lower(), list(_SUBMITTED_BY), n=1, cutoff=0.75)
+    if not hint and scheduler and _SUBMITTED_BY[scheduler[0]][0] in found:  # the scheduler named, not the launcher
+        launcher, cluster = _SUBMITTED_BY[scheduler[0]]
+        hint = f"; {group}={launcher} submits to {cluster}"
+    raise ovr.OverrideError(f"{said}: no {group} {name!r}{hint} (options: {', '.join(found)})")
+
+
+# A cluster's scheduler, as a user may name it for the launcher (`launcher=slurm`) -> the launcher that submits to it.
+_SUBMITTED_BY = {"slurm": ("submitit", "Slurm"), "sbatch": ("submitit", "Slurm")}
 
 
 @dataclass
