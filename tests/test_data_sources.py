@@ -54,8 +54,17 @@ def test_jsonl_reads_the_text_field(tmp_path):
 def test_jsonl_field_is_configurable_and_missing_field_names_the_line(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"body": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
-    with pytest.raises(KeyError, match=r"docs.jsonl:2: no field 'body'"):
+    with pytest.raises(KeyError, match=r"docs.jsonl:2: no field 'body' in this record \(its fields: text\); "
+                                       r"set field= \(data_field= on the command line\)"):
         sources.jsonl_documents(path, field="body")
+
+
+def test_a_line_that_is_not_json_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n" + "{'text': 'single quotes'}\n")
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: not a JSON record \(Expecting property name enclosed in "
+                                         r"double quotes at column 2\); each line of a jsonl file holds one JSON object"):
+        sources.jsonl_documents(path)
 
 
 def test_hf_dataset_from_disk(tmp_path):

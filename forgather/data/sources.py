@@ -67,9 +67,15 @@ def jsonl_documents(path: str | Path, field: str = "text", encoding: str = "utf-
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON record ({error.msg} at column {error.colno}); "
+                                 "each line of a jsonl file holds one JSON object") from None
             if not isinstance(record, dict) or field not in record:
-                raise KeyError(f"{path}:{number}: no field {field!r} in this record; set field= to the text key")
+                fields = f" (its fields: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
+                raise KeyError(f"{path}:{number}: no field {field!r} in this record{fields}; set field= (data_field= "
+                               "on the command line) to the text key")
             documents.append(record[field])
     return _non_empty(documents)
 
