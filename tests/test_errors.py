@@ -89,6 +89,14 @@ def test_yaml_error_is_mapped_to_the_template_line(tmp_path):
     assert "YAML syntax error" in str(caught.value)
 
 
+def test_a_tab_that_indents_a_line_is_named_as_a_tab(tmp_path):
+    project = make_project(tmp_path, "model:\n  width: 2\n\tdepth: 3\n")
+    with pytest.raises(TemplateError) as caught:
+        project.load_config("c.yaml").graph
+    assert caught.value.location.line == 3
+    assert "a tab character where YAML reads indentation or a token; indent with spaces" in str(caught.value)
+
+
 def test_an_alias_to_a_node_a_block_renamed_away_names_the_alias_and_how_to_name_a_node(tmp_path):
     """A child replaces a block that defined `&optimizer` with a node of no name; the base's later
     `*optimizer` is the base's line, named, with what to write."""

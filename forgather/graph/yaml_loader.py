@@ -293,6 +293,12 @@ def _plain(value: Any) -> bool:
     return not isinstance(value, (CallNode, VarNode))
 
 
+def _tab_at(text: str, mark: yaml.Mark) -> bool:
+    """Whether the error's position is a tab (PyYAML says only "found character that cannot start any token")."""
+    lines = text.splitlines()
+    return mark.line < len(lines) and lines[mark.line][mark.column:mark.column + 1] == "\t"
+
+
 def _undefined_alias(text: str, mark: Any, problem: str) -> str:
     """libyaml's "found undefined alias" without the alias: name it, and say how a node gets that name (a
     block replaced without the `&name` of the node it replaced is the usual cause)."""
@@ -337,6 +343,8 @@ def load_graph(text: str, strict: bool | None = None, warn: Callable[[GraphError
         problem = " ".join(p for p in (error.context, error.problem) if p)
         if "undefined alias" in problem and mark is not None:
             problem = _undefined_alias(text, mark, problem)
+        elif mark is not None and _tab_at(text, mark):
+            problem = "a tab character where YAML reads indentation or a token; indent with spaces"
         raise GraphError(f"YAML syntax error: {problem}", mark.line + 1 if mark else None) from error
     _check_vars(data)
     if data is None:
