@@ -12,8 +12,10 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    `matmul`: two products and a softmax; `sdpa`: torch's fused kernel; `reduce`: sums that
                    inductor fuses with the softmax), the layer's products through our Triton kernel for a few
                    rows instead of cuBLAS (`skinny`), that kernel with the norms and the SwiGLU inside
-                   (`fused`, the default where PDL runs; `cublas`: cuBLAS's products; `fused_all`: the output
-                   and down products ours too, split-K where it tunes faster), programmatic dependent
+                   (`fused`; `fused_down`, the default where PDL runs: the down product ours too, split-K
+                   where it times faster; `cublas`: cuBLAS's products; `fused_all`: the output product ours
+                   too), the tilings chosen by Triton's autotuner instead of timed in a CUDA graph
+                   (`autotuner`, `fused_autotuner`: the default before 2026-12-04), programmatic dependent
                    launch off (`nopdl`, `fused_nopdl`), the prompts' forward passes compiled with bursts
                    (`prefill_compiled`), the engine without lookahead (`serial`), and the
                    models' own `modules` (the engine before the fused decoder), all in CUDA graphs
