@@ -543,7 +543,10 @@ def train(
             trainer.fit(built["module"], datamodule=built["datamodule"], ckpt_path=ckpt_path)
     except BaseException as error:
         if trainer.is_global_zero:
-            print(f"run directory: {run_dir} (--resume continues it)", flush=True)
+            # --resume needs a checkpoint: before the first one, say how to start over instead
+            hint = ("--resume continues it" if latest_checkpoint(run_dir) is not None else
+                    f"no checkpoint yet; start over with --from-snapshot {run_dir}")
+            print(f"run directory: {run_dir} ({hint})", flush=True)
         mismatch = _checkpoint_mismatch(error) if ckpt_path is not None else None
         if mismatch is not None:
             from forgather.errors import UserError

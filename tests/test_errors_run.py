@@ -165,6 +165,15 @@ def test_a_model_size_below_one_is_one_line_naming_the_module_and_the_override(t
     assert message in line and line.endswith(note)
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_says_how_to_start_over_not_to_resume(tmp_path, capsys):
+    """`--resume` refuses a run directory without a checkpoint, so the failed run does not offer it."""
+    code, out, _ = run(tmp_path, capsys, "intermediate_size=0", "max_steps=1")  # fails inside fit: configure_model
+    assert code == 2
+    (line,) = [line for line in out.splitlines() if line.startswith("run directory:") and "(" in line]
+    assert line.endswith("(no checkpoint yet; start over with --from-snapshot "
+                         f"{line.split()[2]})") and "--resume" not in line
+
+
 def test_each_model_module_refuses_sizes_below_one_or_not_integers():
     from forgather.models.attention import Attention
     from forgather.models.causal_lm import CausalLM
