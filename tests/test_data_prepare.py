@@ -122,6 +122,24 @@ def test_a_malformed_line_is_named_by_file_and_line_or_skipped_and_counted(token
     assert len(shard_documents(tmp_path / "out", "train")) == 28
 
 
+def test_the_bad_line_reported_is_the_earliest_units_whichever_worker_finds_one_first(monkeypatch):
+    """Units run in parallel: the second unit's bad line may be found before the first unit's (it was, by
+    timing, in a CI run). The error reported is the first unit's. Workers are threads here, so that the
+    second unit can be made to fail first."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prepare_unit(unit, staging, field, settings, on_bad_line):
+        if unit == 0:
+            time.sleep(0.5)
+        raise UserError(f"a.jsonl:{unit * 10 + 3}: not valid JSON")
+
+    monkeypatch.setattr(prep, "_prepare_unit", prepare_unit)
+    monkeypatch.setattr(prep, "ProcessPoolExecutor", lambda workers, **_: ThreadPoolExecutor(workers))
+    with pytest.raises(UserError, match=r"a.jsonl:3: not valid JSON"):
+        prep._run_units([0, 1, 2], "staging", "", "text", {}, "stop", 3, progress=False)
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

@@ -460,15 +460,29 @@ def _run_units(units, staging, text, field, settings, on_bad_line, workers, prog
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(text,)
     ) as pool:
         futures = [pool.submit(_prepare_unit, unit, str(staging), field, settings, on_bad_line) for unit in units]
+        order = {future: position for position, future in enumerate(futures)}
+        # Units run in parallel, so a later unit's bad line may be found first: the error reported is the one
+        # of the earliest unit that failed (units are in file order), whatever the workers' timing.
+        failures: dict[int, UserError] = {}
         try:
             for future in as_completed(futures):
-                result = future.result()
+                if future.cancelled():
+                    continue
+                try:
+                    result = future.result()
+                except UserError as error:
+                    failures[order[future]] = error
+                    for later in futures[min(failures) + 1:]:
+                        later.cancel()
+                    continue
                 results.append(result)
                 bar.advance(result)
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
+        if failures:
+            raise failures[min(failures)]
     return sorted(results, key=lambda result: result.index)
 
 
