@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 import pytest
 import torch
 
-from forgather.graph.annotations import describe, fits, mismatch
+from forgather.graph.annotations import describe, fits, mismatch, parameters_of
 from forgather.graph.construct import ConstructError, construct
 
 
@@ -53,9 +53,10 @@ def test_a_literal_mismatch_suggests_the_close_choice():
     def loss(reduction: Literal["mean", "sum", "none"] = "mean"):
         return reduction
 
-    assert mismatch(loss, "loss", {"reduction": "suum"}) == ("loss's parameter 'reduction' takes 'mean' | 'sum' | "
-                                                             "'none'; got str 'suum'; did you mean 'sum'?")
-    assert mismatch(loss, "loss", {"reduction": "sum"}) is None
+    parameters = parameters_of(loss)
+    assert mismatch(parameters, "loss", {"reduction": "suum"}) == ("loss's parameter 'reduction' takes 'mean' | "
+                                                                  "'sum' | 'none'; got str 'suum'; did you mean 'sum'?")
+    assert mismatch(parameters, "loss", {"reduction": "sum"}) is None
 
 
 def test_a_partial_with_a_wrong_value_is_refused_at_its_node_not_when_lightning_calls_it():
@@ -71,4 +72,4 @@ def test_a_partial_with_a_wrong_value_is_refused_at_its_node_not_when_lightning_
 def test_a_callable_whose_annotations_cannot_be_resolved_is_left_to_its_call():
     namespace = {}
     exec("def f(x: 'OnlyForTypeCheckers' = 1):\n    return x\n", namespace)
-    assert mismatch(namespace["f"], "f", {"x": "abc"}) is None
+    assert mismatch(parameters_of(namespace["f"]), "f", {"x": "abc"}) is None

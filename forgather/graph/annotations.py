@@ -101,13 +101,23 @@ def _literals(annotation: Any) -> list[str]:
     return [text for member in typing.get_args(annotation) for text in _literals(member)]
 
 
-def mismatch(function: Any, name: str, kwargs: Mapping[str, Any]) -> str | None:
-    """What is wrong with the first keyword value that certainly does not fit `function`'s annotation, or None.
-    `name` is how the message calls the callable."""
+def parameters_of(function: Any) -> Mapping[str, inspect.Parameter] | None:
+    """`function`'s parameters with their annotations evaluated where Python can (a string annotation that
+    names what only type checkers import stays a string, which fits() cannot judge), or None without a
+    signature (builtins and C extensions)."""
     try:
-        parameters = inspect.signature(function, eval_str=True).parameters
-    except Exception:  # noqa: BLE001 - no signature, or annotations that name what only type checkers import
+        return inspect.signature(function, eval_str=True).parameters
+    except Exception:  # noqa: BLE001 - evaluating an annotation failed, or there is no signature
+        pass
+    try:
+        return inspect.signature(function).parameters
+    except (TypeError, ValueError):
         return None
+
+
+def mismatch(parameters: Mapping[str, inspect.Parameter], name: str, kwargs: Mapping[str, Any]) -> str | None:
+    """What is wrong with the first keyword value that certainly does not fit its parameter's annotation (of
+    `parameters`, from parameters_of), or None. `name` is how the message calls the callable."""
     for key, value in kwargs.items():
         parameter = parameters.get(key)
         if parameter is None or fits(value, parameter.annotation) is not False:

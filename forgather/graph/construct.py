@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError, MissingMandatoryValue
 
 from forgather.errors import UserError, did_you_mean
-from forgather.graph.annotations import mismatch
+from forgather.graph.annotations import mismatch, parameters_of
 from forgather.graph.config import RESERVED_KEYS
 from forgather.graph.imports import import_spec
 
@@ -122,9 +122,8 @@ def _check_keywords(function: Any, target: Any, kwargs: Mapping[str, Any], path:
     a partial (an optimizer's) would otherwise carry it until Lightning calls it, far from the config. So is a
     value that certainly does not fit its parameter's annotation (annotations.py). Callables whose signature
     cannot be read, or that take **kwargs, are left to fail (or not) when called."""
-    try:
-        parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):  # builtins and C extensions without a signature
+    parameters = parameters_of(function)
+    if parameters is None:  # builtins and C extensions without a signature
         return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
@@ -135,7 +134,7 @@ def _check_keywords(function: Any, target: Any, kwargs: Mapping[str, Any], path:
             hint += " " if hint else ""
             raise ConstructError(_join(path, str(key)), f"{target} has no parameter {key!r}; {hint}its parameters: "
                                                        f"{', '.join(named) or 'none'}")
-    wrong = mismatch(function, getattr(function, "__name__", str(target)), kwargs)
+    wrong = mismatch(parameters, getattr(function, "__name__", str(target)), kwargs)
     if wrong:
         raise ConstructError(path, f"{wrong} ({target})")
 
