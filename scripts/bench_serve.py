@@ -283,14 +283,14 @@ def profile_step(engine) -> None:
     """GPU time of one graphed decode step at batch 1 and 32 (graph replays back to back), and the kernels of
     five replays at batch 1 by CUDA time."""
     for size in (1, engine.slots):
-        graph = engine.graphs[size, engine.key_buckets[0]][0]
+        graph = engine.graphs[size, engine.key_buckets[0], 0][0]
         sync()
         start = time.perf_counter()
         for _ in range(100):
             graph.replay()
         sync()
         row(f"graph step batch {size}", step_ms=(time.perf_counter() - start) * 10)
-    graph = engine.graphs[1, engine.key_buckets[0]][0]
+    graph = engine.graphs[1, engine.key_buckets[0], 0][0]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             graph.replay()
@@ -435,6 +435,9 @@ VARIANTS = {
     # it, and then the default products are "fused"): the engine's default products then are cuBLAS's.
     "nopdl": ("no PDL", dict(settings=dict(PDL=False))),
     "fused_nopdl": ("norm and SwiGLU in the products, no PDL", dict(fused_matmul="fused", settings=dict(PDL=False))),
+    # The step's end (decode_attention.advance_inputs: the next step's inputs and the tokens to the host) as torch
+    # ops and a copy to the host, where the default is one Triton kernel that writes the host's pinned memory.
+    "advance_torch": ("next inputs by torch ops", dict(settings=dict(ADVANCE="torch"))),
     # The prompts' forward passes compiled (eager by default): its TTFT, and bursts of 8 and 32 requests at once,
     # whose long gaps are the decode steps that also prefilled.
     "prefill_compiled": ("compiled prefill", dict(compile_prefill=True, bursts=(8, 32))),

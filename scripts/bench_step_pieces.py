@@ -7,8 +7,9 @@
   itself: true of every mask forgather.models.attention builds) + BLOCKS_ARE_CONTIGUOUS (true of a causal
   mask; not of packed documents, whose partial blocks sit at document boundaries and on the diagonal: the
   packed row shows what breaks); those with TMA; with other block sizes. Beside them SDPA with is_causal,
-  and flash attention's variable-length kernels (torch.nn.attention.varlen) on the packed row, each document
-  a sequence, checked against flex's outputs and gradients.
+  and flash attention's variable-length kernels (torch.nn.attention.varlen; FlashAttention-4's too where the
+  flash-attn-4 package is installed) on the packed row, each document a sequence, checked against flex's
+  outputs and gradients.
   Each set's output and gradients against the default's (largest absolute difference).
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
@@ -173,17 +174,36 @@ def _varlen_call():
     return call
 
 
+def _flash4_call():
+    """FlashAttention-4's variable-length kernels (the flash-attn-4 package, CuTe DSL, Hopper and Blackwell) as
+    _varlen_call's (q, k, v, cu_seqlens, max_len) -> out; grouped kv heads natively."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    def call(q, k, v, cu, max_len):
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                     max_seqlen_k=max_len, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+
+    return call
+
+
 def bench_varlen(q, k, v, grad, docs, masks, compiled, iters: int) -> None:
-    """Flash attention's variable-length kernels (torch.nn.attention.varlen) on the packed rows, tokens as
-    [B * T, heads, D] with each document a sequence, against flex attention's packed row: the same outputs
-    and gradients, and the time a layer. max_len is given as the row length (an upper bound: no host read of
-    the documents' lengths) and as the longest document."""
+    """Variable-length flash attention on the packed rows, tokens as [B * T, heads, D] with each document a
+    sequence, against flex attention's packed row: the same outputs and gradients, and the time a layer:
+    torch.nn.attention.varlen (flash attention 2's kernels) and, where the flash-attn-4 package is installed,
+    FlashAttention-4's. max_len is given as the row length (an upper bound: no host read of the documents'
+    lengths) and as the longest document."""
+    for label, make in (("varlen (flash)", _varlen_call), ("flash-attn-4 varlen", _flash4_call)):
+        try:
+            call = make()
+        except ImportError as error:
+            row(piece="attention", mask="packed", options=label, error=str(error))
+            continue
+        _bench_varlen(label, call, q, k, v, grad, docs, masks, compiled, iters)
+
+
+def _bench_varlen(name, call, q, k, v, grad, docs, masks, compiled, iters: int) -> None:
     s = SHAPE
-    try:
-        call = _varlen_call()
-    except ImportError as error:
-        row(piece="attention", mask="packed", options="varlen", error=str(error))
-        return
     flat = docs + torch.arange(s["batch"], device=docs.device)[:, None] * (docs.max() + 1)
     flat = flat.flatten()
     starts = torch.nonzero(torch.cat([flat.new_ones(1), flat[1:] != flat[:-1]])).flatten()
@@ -210,16 +230,18 @@ def bench_varlen(q, k, v, grad, docs, masks, compiled, iters: int) -> None:
             return result
 
         try:
+            begin = time.perf_counter()
             result = step()
+            first_s = time.perf_counter() - begin
             diff = max((a.float() - b).abs().max().item()
                        for a, b in zip((result.detach(), qv.grad, kv_.grad, vv.grad), reference))
             ms = timed(step, iters)
         except Exception as error:  # noqa: BLE001 - a version without the kernel: a row, not a crash
-            row(piece="attention", mask="packed", options=f"varlen, max_len {label}",
-                error=f"{type(error).__name__}: {str(error)[:300]}")
+            row(piece="attention", mask="packed", options=f"{name}, max_len {label}",
+                error=f"{type(error).__name__}: {str(error)[:600]}")
             continue
-        row(piece="attention", mask="packed", options=f"varlen (flash), max_len {label}", ms_per_layer=ms,
-            ms_16_layers=16 * ms, max_abs_diff_vs_flex=diff, documents=cu.numel() - 1)
+        row(piece="attention", mask="packed", options=f"{name}, max_len {label}", ms_per_layer=ms,
+            ms_16_layers=16 * ms, max_abs_diff_vs_flex=diff, documents=cu.numel() - 1, first_call_s=first_s)
 
 
 def parameters_1b() -> list[torch.Tensor]:

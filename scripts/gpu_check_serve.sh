@@ -15,9 +15,11 @@
 #   part tuner     the graph tuner's GPU test, then bench_serve.py's default (the graph tuner), and the default
 #                  products and "fused" under Triton's autotuner, in two processes (their rows carry each
 #                  process's picks).
+#   part versus    the advance kernel's and the graphed engine's GPU tests, then bench_serve.py's default at batch 1
+#                  from this tree and from $BASE (another commit's tree) in turn, three processes (--profile).
 # Results: $OUT/pytest_kernels.txt, kernels.txt, kernels.json (kernels); pytest_engine.txt (engine);
 # serve.txt, serve.json (bench); pytest_tuner.txt, tuner_1.txt, tuner_2.txt, tuner_*.json (tuner).
-#     bash scripts/gpu_check_serve.sh [kernels|engine|bench|tuner][,...] [more bench_serve.py args]
+#     [BASE=DIR] bash scripts/gpu_check_serve.sh [kernels|engine|bench|tuner|versus][,...] [more bench_serve.py args]
 set -u
 cd "$(dirname "$0")/.."
 PARTS=${1:-bench}
@@ -62,7 +64,26 @@ tuner)
         grep '^| engine' "$OUT/tuner_$run.txt"
     done
     ;;
+versus)
+    # The engine's step against another commit's, in turn in separate processes: $BASE holds that commit's tree
+    # (git archive COMMIT forgather scripts | tar -x -C DIR). First the GPU tests of the step's end (the advance
+    # kernels) and of the graphed engine (a Hugging Face directory) against the simple loop's tokens.
+    timeout 60 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
+        -k "advance_kernel or greedy_advance" 2>&1 | tee "$OUT/pytest_versus.txt" | tail -n 3
+    timeout 200 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -v -p no:cacheprovider -rs \
+        -k "graphed_engine and llama" 2>&1 | tee -a "$OUT/pytest_versus.txt" | tail -n 3
+    for run in new base new; do
+        if [ $run = base ]; then tree=${BASE:?BASE=DIR, the tree of the commit to compare with}; else tree=.; fi
+        [ $run = new ] && more="--variants advance_torch" || more=""
+        PYTHONPATH="$tree:$PYTHONPATH" timeout 140 $PY $tree/scripts/bench_serve.py --skip-hf --skip-forgather \
+            --skip-http --skip-7b --concurrency 1 --profile $more --json "$OUT/versus_$run.json" "$@" \
+            > "$OUT/versus_$run.txt" 2>&1
+        echo "==================== $run ($tree) ===================="
+        PYTHONPATH="$tree:$PYTHONPATH" $PY -c "import forgather; print('forgather from', forgather.__file__)"
+        grep '"name"' "$OUT/versus_$run.txt" | cut -c1-260
+    done
+    ;;
 *)
-    echo "unknown part '$PART': kernels, engine, bench or tuner"; exit 2 ;;
+    echo "unknown part '$PART': kernels, engine, bench, tuner or versus"; exit 2 ;;
 esac
 done

@@ -161,7 +161,7 @@ def test_steps_of_more_rows_than_the_product_kernels_take_run_torchs_products(ba
     try:
         seen = []
         layer_fn = engine.fused.layer_fn
-        engine.fused.layer_fn = lambda *args: seen.append(args[-1]) or layer_fn(*args)
+        engine.fused.layer_fn = lambda *args: seen.append(args[14]) or layer_fn(*args)  # decode_layer's matmul
         keys = torch.arange(engine.key_buckets[0])
         with torch.inference_mode():
             for size in (2, rows):
@@ -185,6 +185,38 @@ def test_kernels_launch_without_pdl_on_a_cpu_and_under_the_interpreter(monkeypat
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not da.dependent_launch(torch.device("cpu"))
     assert da._pdl_options(torch.device("cpu")) == {}
+
+
+def test_a_decode_step_ends_by_writing_the_next_steps_inputs_and_its_tokens_for_the_host():
+    """advance_inputs (the last thing a decode step does, inside its CUDA graph): ids <- the greedy tokens,
+    positions move on by one except the scratch position of rows without a request, and the tokens go to the
+    host buffer; buffers of other shapes are refused."""
+    from forgather.serve.decode_attention import advance_inputs
+
+    scratch = 64
+    inputs = torch.tensor([[5, 0, 7], [10, scratch, 63]])
+    host = torch.zeros(3, dtype=torch.long)
+    advance_inputs(inputs, torch.tensor([11, 12, 13]), scratch, host)
+    assert inputs.tolist() == [[11, 12, 13], [11, scratch, 64]]
+    assert host.tolist() == [11, 12, 13]
+    with pytest.raises(ValueError, match=r"inputs \[2, 3\] and host \[3\]"):
+        advance_inputs(inputs, torch.tensor([1, 2, 3]), scratch, torch.zeros(4, dtype=torch.long))
+
+
+def test_the_steps_greedy_ids_come_from_the_chunk_maxima_with_argmaxs_ties():
+    """greedy_advance (the fused step's end): argmax's index from the logits and their chunk maxima, the first
+    of tied maxima across chunks and within one, then the advance."""
+    from forgather.serve.decode_attention import greedy_advance
+    from forgather.serve.fused import ARGMAX_CHUNK, chunk_maxima
+
+    logits = torch.randn(3, 2 * ARGMAX_CHUNK + 5)
+    logits[0, ARGMAX_CHUNK + 1] = logits[0, 2 * ARGMAX_CHUNK + 2] = 9.0
+    logits[1, 3] = logits[1, 4] = 9.0
+    inputs = torch.tensor([[0, 0, 0], [4, 64, 5]])
+    host = torch.zeros(3, dtype=torch.long)
+    greedy = greedy_advance(logits, chunk_maxima(logits), inputs, 64, host)
+    assert greedy.tolist() == logits.argmax(-1).tolist() == host.tolist() == inputs[0].tolist()
+    assert greedy[:2].tolist() == [ARGMAX_CHUNK + 1, 3] and inputs[1].tolist() == [5, 64, 6]
 
 
 def test_the_default_products_follow_pdl_and_the_models_width(monkeypatch):
@@ -407,6 +439,24 @@ def test_other_llama_family_models_decode_through_the_fused_decoder_like_the_sim
     try:
         assert engine.fused is not None
         assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("attention", ["triton", "matmul"])
+def test_the_rotary_is_a_table_of_every_cache_position_made_once(backend, attention):
+    """The decode step computes no rotary: cos and sin come from tables of every cache position, made from the
+    model's own rotary when the decoder is built (our attention kernel reads them at each row's position; the
+    torch attentions index them), and the tokens are the simple loop's."""
+    engine = Engine(backend.model, set(), slots=2, context_length=CONTEXT, fused_attention=attention)
+    try:
+        cos, sin = engine.fused.rope_tables
+        assert cos.shape == sin.shape == (engine.cache.scratch + 1, engine.fused.head_dim)
+        assert engine.fused.table_rope == (attention == "triton")
+        engine.fused.rope = lambda positions: pytest.fail("the step computed a rotary")
+        ids = backend.encode(PROMPTS[2])
+        greedy = SamplingParams(max_tokens=9, temperature=0.0)
+        assert run_engine(engine, [ids], [greedy])[0].tokens == simple_loop(backend, ids, greedy)
     finally:
         engine.close()
 

@@ -31,7 +31,7 @@ from forgather.models.norm import rms_norm
 from forgather.models.rope import rotate_half
 from forgather.triton_support import interpreting
 
-__all__ = ["decode_attention", "reference", "workspace", "split_plan"]
+__all__ = ["advance_inputs", "decode_attention", "greedy_advance", "reference", "workspace", "split_plan"]
 
 BLOCK_N = 32  # keys per inner iteration of the kernel
 GROUP_PAD = 16  # tl.dot's least row count: a kv head's query heads, padded with masked rows
@@ -106,16 +106,27 @@ def workspace(slots: int, kv_heads: int, head_dim: int, max_keys: int, device: t
 @torch.library.custom_op("forgather::decode_attention", mutates_args=("cache", "partial", "counter"))
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      positions: torch.Tensor, cache: torch.Tensor, keys: int, partial: torch.Tensor,
-                     counter: torch.Tensor, release_late: bool = False) -> torch.Tensor:
-    """`release_late`: skinny_norm_linear's."""
+                     counter: torch.Tensor, release_late: bool = False, rope_table: bool = False) -> torch.Tensor:
+    """`release_late`: skinny_norm_linear's. `rope_table`: cos and sin are tables of every cache position [length
+    + 1, D], read at each row's position (the step computes no rotary of its own), not [B, D]."""
+    if rope_table:
+        _check_rope_table(cos, sin, cache)
     if q.device.type == "cpu" and not interpreting():
+        if rope_table:
+            cos, sin = cos[positions], sin[positions]
         return reference(q, k, v, cos, sin, positions, cache, keys)
-    return launch(q, k, v, cos, sin, positions, cache, keys, partial, counter, release_late)
+    return launch(q, k, v, cos, sin, positions, cache, keys, partial, counter, release_late, rope_table)
 
 
 @decode_attention.register_fake
-def _(q, k, v, cos, sin, positions, cache, keys, partial, counter, release_late=False):
+def _(q, k, v, cos, sin, positions, cache, keys, partial, counter, release_late=False, rope_table=False):
     return q.new_empty(q.shape)
+
+
+def _check_rope_table(cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor) -> None:
+    if cos.shape != sin.shape or cos.shape[0] != cache.shape[3] or cos.shape[1] != cache.shape[4]:
+        raise ValueError(f"decode_attention: rope tables of [{cache.shape[3]}, {cache.shape[4]}] (every cache "
+                         f"position); got cos {tuple(cos.shape)} and sin {tuple(sin.shape)}")
 
 
 # Programmatic dependent launch (triton_support.pdl_supported) of the decode kernels: None where the GPU and
@@ -153,7 +164,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            positions: torch.Tensor, cache: torch.Tensor, keys: int, partial: torch.Tensor,
-           counter: torch.Tensor, release_late: bool = False) -> torch.Tensor:
+           counter: torch.Tensor, release_late: bool = False, rope_table: bool = False) -> torch.Tensor:
     """Run the Triton kernel (decode_kernels.py) on the op's arguments."""
     from . import decode_kernels as kernels
 
@@ -180,7 +191,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), out.stride(0), out.stride(1),
         keys, chunk, head_dim ** -0.5,
         KV_HEADS=kv_heads, GROUP=group, GP=GROUP_PAD, D=head_dim, BLOCK_N=BLOCK_N, MAX_SPLITS=most,
-        PRECISION=_precision(q.dtype),
+        PRECISION=_precision(q.dtype), ROPE_TABLE=rope_table,
         num_warps=NUM_WARPS, **_pdl_options(q.device, release_late),
     )
     return out
@@ -360,3 +371,65 @@ def skinny_norm_linear(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.
 @skinny_norm_linear.register_fake
 def _(x, delta, norm_weight, eps, weight, bias=None, gated=False, release_late=False):
     return x.new_empty((x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])), torch.empty_like(x)
+
+
+# --- the step's inputs for the next step ----------------------------------------------------------------------
+
+# How advance_inputs runs on a GPU: "triton" (one kernel that also stores the tokens in pinned host memory) or
+# "torch" (the same as torch ops and a copy to the host: three launches and a copy-engine transfer).
+ADVANCE = "triton"
+
+
+def advance_inputs(inputs: torch.Tensor, greedy: torch.Tensor, scratch: int, host: torch.Tensor) -> None:
+    """Feed a decode step's greedy tokens to the next one, on the device: inputs [2, B] (ids, positions) become
+    (greedy, positions + 1), positions equal to `scratch` (the rows of no request) staying as they are, and the
+    tokens are copied to `host` [B] (pinned on a GPU), where the host reads them once the step is done. The
+    engine runs this at the end of every decode step, inside its CUDA graph, so that a step queued ahead needs
+    no transfer and no launch before it (engine.py)."""
+    batch = greedy.shape[0]
+    if inputs.shape != (2, batch) or host.shape != (batch,) or not inputs.is_contiguous() or not host.is_contiguous():
+        raise ValueError(f"advance_inputs: inputs [2, {batch}] and host [{batch}], contiguous; got "
+                         f"{tuple(inputs.shape)} and {tuple(host.shape)}")
+    if ADVANCE not in ("triton", "torch"):
+        raise ValueError(f"decode_attention.ADVANCE={ADVANCE!r}; choose 'triton' or 'torch'")
+    on_device = greedy.device.type == "cuda" or interpreting()
+    if ADVANCE == "triton" and on_device and greedy.is_contiguous():
+        import triton
+
+        from . import decode_kernels as kernels
+
+        kernels.advance_kernel[(1,)](inputs, greedy, host, batch, scratch,
+                                     BLOCK=max(16, triton.next_power_of_2(batch)), num_warps=1)
+        return
+    positions = inputs[1]
+    inputs[1].copy_(torch.where(positions == scratch, positions, positions + 1))
+    inputs[0].copy_(greedy)
+    host.copy_(greedy, non_blocking=True)
+
+
+def greedy_advance(logits: torch.Tensor, maxima: torch.Tensor, inputs: torch.Tensor, scratch: int,
+                   host: torch.Tensor) -> torch.Tensor:
+    """The greedy ids [B] of `logits` [B, V] given their chunk maxima (fused.chunk_maxima: fused.chunked_argmax,
+    argmax's first index), then advance_inputs with them: on a GPU one kernel (ADVANCE "triton") where the
+    torch path launches four."""
+    from .fused import ARGMAX_CHUNK, chunked_argmax
+
+    batch = logits.shape[0]
+    on_device = logits.device.type == "cuda" or interpreting()
+    if ADVANCE == "triton" and on_device and logits.stride(-1) == 1 and maxima.stride(-1) == 1:
+        import triton
+
+        from . import decode_kernels as kernels
+
+        if inputs.shape != (2, batch) or host.shape != (batch,) or not inputs.is_contiguous():
+            raise ValueError(f"greedy_advance: inputs [2, {batch}] and host [{batch}], contiguous; got "
+                             f"{tuple(inputs.shape)} and {tuple(host.shape)}")
+        greedy = torch.empty(batch, dtype=torch.long, device=logits.device)
+        chunks = maxima.shape[1]
+        kernels.greedy_advance_kernel[(batch,)](
+            logits, maxima, inputs, greedy, host, batch, logits.shape[1], chunks, logits.stride(0), maxima.stride(0),
+            scratch, CHUNK=ARGMAX_CHUNK, BLOCK_C=max(16, triton.next_power_of_2(chunks)), num_warps=4)
+        return greedy
+    greedy = chunked_argmax(logits, maxima)
+    advance_inputs(inputs, greedy, scratch, host)
+    return greedy

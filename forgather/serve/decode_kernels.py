@@ -72,7 +72,7 @@ def decode_attention_kernel(
     keys, chunk, scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
-    PDL_EARLY: tl.constexpr = True,
+    PDL_EARLY: tl.constexpr = True, ROPE_TABLE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)  # row * KV_HEADS + kv head
     split = tl.program_id(1)
@@ -86,8 +86,9 @@ def decode_attention_kernel(
     d = tl.arange(0, D)
     partner = (d + D // 2) % D
     sign = tl.where(d < D // 2, -1.0, 1.0)
-    cos = tl.load(COS + row * stride_cos + d).to(tl.float32)
-    sin = tl.load(SIN + row * stride_sin + d).to(tl.float32)
+    rope_row = pos if ROPE_TABLE else row  # COS and SIN: a row per position, or per row of the batch
+    cos = tl.load(COS + rope_row * stride_cos + d).to(tl.float32)
+    sin = tl.load(SIN + rope_row * stride_sin + d).to(tl.float32)
     g = tl.arange(0, GP)
     real = g < GROUP
     heads = kv_head * GROUP + g
@@ -310,3 +311,38 @@ class _Skinny:
 # products (output and down in "fused_all", all four in "triton") also among split-K ones.
 skinny_matmul = _Skinny(split=False)
 skinny_matmul_split = _Skinny(split=True)
+
+
+@triton.jit
+def advance_kernel(INPUTS, GREEDY, HOST, B, SCRATCH, BLOCK: tl.constexpr):
+    """The decode step's last launch (decode_attention.advance_inputs): the step's greedy tokens become the next
+    step's ids, each position but the scratch one moves on by one (INPUTS [2, B]: ids, then positions), and the
+    tokens are stored in HOST, pinned host memory that the GPU writes directly (no copy engine, no launch
+    between two steps)."""
+    offsets = tl.arange(0, BLOCK)
+    inside = offsets < B
+    tokens = tl.load(GREEDY + offsets, mask=inside)
+    positions = tl.load(INPUTS + B + offsets, mask=inside)
+    tl.store(INPUTS + offsets, tokens, mask=inside)
+    tl.store(INPUTS + B + offsets, tl.where(positions == SCRATCH, positions, positions + 1), mask=inside)
+    tl.store(HOST + offsets, tokens, mask=inside)
+
+
+@triton.jit
+def greedy_advance_kernel(LOGITS, MAXIMA, INPUTS, GREEDY, HOST, B, V, C, stride_logits, stride_maxima, SCRATCH,
+                          CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """decode_attention.greedy_advance, a program per row: the first chunk holding the row's maximum (of C
+    chunk maxima), the first index of it in that chunk's logits (fused.chunked_argmax's second stage), then
+    advance_kernel's writes for the row, the greedy id also to GREEDY."""
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    maxima = tl.load(MAXIMA + row * stride_maxima + c, mask=c < C, other=float("-inf")).to(tl.float32)
+    best = tl.argmax(maxima, 0, tie_break_left=True)
+    at = best * CHUNK + tl.arange(0, CHUNK)
+    values = tl.load(LOGITS + row * stride_logits + at, mask=at < V, other=float("-inf")).to(tl.float32)
+    token = (best * CHUNK + tl.argmax(values, 0, tie_break_left=True)).to(tl.int64)
+    position = tl.load(INPUTS + B + row)
+    tl.store(GREEDY + row, token)
+    tl.store(INPUTS + row, token)
+    tl.store(INPUTS + B + row, tl.where(position == SCRATCH, position, position + 1))
+    tl.store(HOST + row, token)

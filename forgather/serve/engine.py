@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from forgather.models.causal_lm import sample_next_token
 from forgather.models.kv_cache import SlotKVCache, SlotRows
 
+from .decode_attention import advance_inputs, greedy_advance
 from .fused import FusedDecoder, UnsupportedModel
 from .scheduler import Plan, QueueFull, Request, Scheduler
 
@@ -311,16 +312,24 @@ class Engine:
             self._warm_prefill([(rows, width) for rows in sorted({1, min(2, slots)}) for width in (1, 3)])
         elif on_gpu if warm_prefill is None else warm_prefill:
             self._warm_prefill(_typical_prefills(slots, prefill_chunk, context_length))
-        # The step's inputs go through pinned host memory: an asynchronous copy, no wait for the GPU. Two
-        # buffers, used in turn: a queued step's copy may not have run yet when the host fills the next one.
+        # A decode step's inputs, ids and positions [2, batch], one tensor per batch bucket, read by that bucket's
+        # step at every window. Each step ends by writing the next one's there and its greedy tokens to the host
+        # (decode_attention.advance_inputs), so a step queued ahead is a graph replay and nothing else.
+        self.step_inputs = {size: torch.stack((torch.zeros(size, dtype=torch.long, device=self.device),
+                                               torch.full((size,), self.cache.scratch, device=self.device)))
+                            for size in _buckets(slots)}
+        # Everything the host gives or takes goes through pinned memory: asynchronous, no wait for the GPU. Two
+        # of each, used in turn (self.turn flips at every launch): between a step's launch and the host's read of
+        # its tokens at most one more step is launched (the one queued ahead), and it uses the other.
         self.host_inputs = torch.zeros((2, 2, slots), dtype=torch.long, pin_memory=on_gpu)
         self.host_arrays = self.host_inputs.numpy()  # written per row: numpy's item assignment costs ~0.1 us
-        self.host_turn = 0
-        self.host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu)
+        self.step_tokens = torch.zeros((2, slots), dtype=torch.long, pin_memory=on_gpu)  # the steps' greedy ids
+        self.turn = 0
+        self.host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu)  # sampled ids
         # The step queued ahead: (the _decode key it assumed, its outputs), or None.
-        self.ahead: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
-        # (batch, window) -> (graph, its inputs [2, batch]: ids and positions, its outputs: logits and greedy ids)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
+        self.ahead: tuple[tuple, tuple[torch.Tensor, torch.Tensor, int]] | None = None
+        # (batch, window, turn) -> (graph, its outputs: logits and greedy ids); its inputs are step_inputs[batch]
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         if on_gpu if cuda_graphs is None else cuda_graphs:
             self._capture()
         self.lookahead = bool(self.graphs) if lookahead is None else lookahead
@@ -374,13 +383,13 @@ class Engine:
                 self._fail(requests, error)
         if plan.decode:
             try:
-                logits, greedy = self._decode(plan.decode)
+                logits, greedy, turn = self._decode(plan.decode)
                 rows = [None] * logits.shape[0]
                 for request in plan.decode:
                     rows[request.slot] = request
-                tokens, ready = self._sample_on_device(logits, rows, greedy)
+                tokens, ready = self._sample_on_device(logits, rows, greedy, turn)
                 if self.lookahead:
-                    self._queue_next(plan.decode, tokens)
+                    self._queue_next(plan.decode)
                 tokens = self._read(tokens, ready)
                 self._hand_out(plan.decode, [tokens[request.slot] for request in plan.decode])
             except Exception as error:
@@ -428,6 +437,17 @@ class Engine:
         logits = self.forward(ids[:, None], positions[:, None], slice(0, size), keys)
         return logits, logits.argmax(dim=-1)
 
+    def _chained_step(self, size: int, keys: int, turn: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step of slots 0..size-1 from step_inputs[size], which it then advances to the next step's
+        (its greedy tokens at the next positions), its greedy tokens stored in step_tokens[turn] on the host."""
+        inputs, host = self.step_inputs[size], self.step_tokens[turn, :size]
+        if self.fused is not None:  # the argmax's second stage and the advance in one kernel on a GPU
+            logits, maxima = self.fused.step(inputs[0], inputs[1], self.key_ranges[keys])
+            return logits, greedy_advance(logits, maxima, inputs, self.cache.scratch, host)
+        logits, greedy = self._decode_step(inputs[0], inputs[1], size, keys)
+        advance_inputs(inputs, greedy, self.cache.scratch, host)
+        return logits, greedy
+
     def _fuse(self, model: Any, compile: bool, attention: str, matmul: str) -> None:
         """self.fused: the model's FusedDecoder, checked against its modules (UnsupportedModel otherwise)."""
         self.fused = FusedDecoder.from_model(model, self.cache, compile, attention, matmul)
@@ -462,7 +482,7 @@ class Engine:
             raise UnsupportedModel(f"the fused decode step does not compute what the model's modules do (relative "
                                    f"error {error:.3g}, tolerance {tolerance:g} in {self.dtype})")
 
-    def _decode(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Feed each request's last token at its position; rows of other slots in the bucket write scratch.
         Attention reads the shortest window of cache positions (a bucket) that holds every request's. The
         step queued ahead is used where it assumed these requests at these positions."""
@@ -478,54 +498,50 @@ class Engine:
         keys = next(k for k in self.key_buckets if k > max(r.position for r in requests) + advance)
         return size, keys, tuple((request, request.position + advance) for request in requests)
 
-    def _launch(self, requests: list[Request], key: tuple, advance: int, ids: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queue the decode step of `key` (_key): positions `advance` past the requests', their last tokens
-        as ids unless `ids` (on the device, a row per slot of the bucket) are given."""
+    def _launch(self, requests: list[Request], key: tuple, advance: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Queue the decode step of `key` (_key) -> (logits, greedy ids, the turn whose step_tokens get its greedy
+        ids). `advance` 0: the requests' last tokens at their positions, copied from the host; 1: the step after
+        the one launched last, whose inputs that step wrote on the device (the same requests, all greedy)."""
         size, keys, _ = key
-        self.host_turn ^= 1
-        array = self.host_arrays[self.host_turn]
-        array[0, :size], array[1, :size] = 0, self.cache.scratch
-        for request in requests:
-            array[0, request.slot], array[1, request.slot] = request.last_token, request.position + advance
-        host = self.host_inputs[self.host_turn, :, :size]
-        if (size, keys) not in self.graphs:
-            inputs = host.to(self.device, non_blocking=True)
-            return self._decode_step(inputs[0] if ids is None else ids, inputs[1], size, keys)
-        graph, static_inputs, outputs = self.graphs[size, keys]
-        static_inputs.copy_(host, non_blocking=True)
-        if ids is not None:
-            static_inputs[0].copy_(ids)
-        graph.replay()
-        return outputs
+        self.turn ^= 1
+        if not advance:
+            array = self.host_arrays[self.turn]
+            array[0, :size], array[1, :size] = 0, self.cache.scratch
+            for request in requests:
+                array[0, request.slot], array[1, request.slot] = request.last_token, request.position
+            self.step_inputs[size].copy_(self.host_inputs[self.turn, :, :size], non_blocking=True)
+        graph = self.graphs.get((size, keys, self.turn))
+        if graph is None:
+            return (*self._chained_step(size, keys, self.turn), self.turn)
+        graph[0].replay()
+        return (*graph[1], self.turn)
 
-    def _queue_next(self, requests: list[Request], tokens: torch.Tensor) -> None:
-        """Queue the step after this one, fed with this step's `tokens` [bucket] on the device, where that
-        step is known: every row greedy, none at its last token, every next position inside the cache."""
+    def _queue_next(self, requests: list[Request]) -> None:
+        """Queue the step after this one, fed on the device with this step's greedy tokens, where that step is
+        known: every row greedy, none at its last token, every next position inside the cache."""
         if any(r.params.temperature != 0 or r.generated + 1 >= r.params.max_tokens
                or r.position + 1 >= self.context_length for r in requests):
             return
         key = self._key(requests, 1)
-        self.ahead = key, self._launch(requests, key, 1, ids=tokens)
+        self.ahead = key, self._launch(requests, key, 1)
 
     def _capture(self) -> None:
-        """A CUDA graph of the decode step for each batch and key-window bucket, largest first, sharing one
-        memory pool (one graph runs at a time)."""
+        """Two CUDA graphs of the decode step for each batch and key-window bucket, one per turn (the host
+        buffer its tokens go to), largest first, sharing one memory pool (one graph runs at a time)."""
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for size, keys in sorted(((s, k) for s in _buckets(self.slots) for k in self.key_buckets), reverse=True):
-                inputs = torch.stack((torch.zeros(size, dtype=torch.long, device=self.device),
-                                      torch.full((size,), self.cache.scratch, dtype=torch.long, device=self.device)))
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):  # warm-up off the capture: lazy init, autotuning, compilation
                     for _ in range(3):
-                        self._decode_step(inputs[0], inputs[1], size, keys)
+                        self._chained_step(size, keys, 0)
                 torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    outputs = self._decode_step(inputs[0], inputs[1], size, keys)
-                self.graphs[size, keys] = (graph, inputs, outputs)
+                for turn in (0, 1):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        outputs = self._chained_step(size, keys, turn)
+                    self.graphs[size, keys, turn] = (graph, outputs)
 
     def _sample(self, logits: torch.Tensor, rows: list[Request | None], greedy: torch.Tensor | None = None
                 ) -> list[int]:
@@ -533,10 +549,14 @@ class Engine:
         each by their own parameters."""
         return self._read(*self._sample_on_device(logits, rows, greedy))
 
-    def _sample_on_device(self, logits: torch.Tensor, rows: list[Request | None],
-                          greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """_sample's tokens on the device (a tensor of their own, not a graph's output), their copy to the
-        host queued, and an event for when it is there (None on the CPU)."""
+    def _sample_on_device(self, logits: torch.Tensor, rows: list[Request | None], greedy: torch.Tensor | None = None,
+                          turn: int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
+        """_sample's tokens on the device, and where the host reads them: (a host tensor, an event for when
+        they are there (None on the CPU)). Where every row is greedy and `turn` says which step_tokens a decode
+        step stored its greedy ids in, those; otherwise tokens of their own (not a graph's output), whose copy
+        to the host is queued here."""
+        if turn is not None and all(request is None or request.params.temperature == 0 for request in rows):
+            return greedy, (self.step_tokens[turn, :greedy.shape[0]], self._recorded(greedy))
         tokens = logits.argmax(dim=-1) if greedy is None else greedy.clone()
         for index, request in enumerate(rows):
             if request is None or request.params.temperature == 0:
@@ -548,22 +568,26 @@ class Engine:
             top_p = request.params.top_p if request.params.top_p < 1.0 else None
             tokens[index] = sample_next_token(logits[index:index + 1].float(), request.params.temperature, None,
                                               top_p, request.generator)[0]
-        if not tokens.is_cuda:
-            return tokens, None
         host = self.host_tokens[:tokens.shape[0]]
         host.copy_(tokens, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return tokens, (host, ready)
+        return tokens, (host, self._recorded(tokens))
 
     @staticmethod
-    def _read(tokens: torch.Tensor, ready: Any) -> list[int]:
+    def _recorded(tokens: torch.Tensor) -> Any:
+        """An event recorded after the work queued so far (None on the CPU)."""
+        if not tokens.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    @staticmethod
+    def _read(tokens: torch.Tensor, ready: tuple[torch.Tensor, Any]) -> list[int]:
         """The sampled ids on the host: the step's one wait for the GPU, without the GIL (Event.synchronize
         releases it: the app's threads run meanwhile), and not for a step queued after them."""
-        if ready is None:
-            return tokens.tolist()
         host, event = ready
-        event.synchronize()
+        if event is not None:
+            event.synchronize()
         return host.tolist()
 
     def _hand_out(self, requests: list[Request], tokens: list[int]) -> None:

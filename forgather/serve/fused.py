@@ -26,9 +26,9 @@ This module runs the same arithmetic in few kernels:
   rotary and SiLU into the products' neighbours. (Inductor's coordinate-descent tuning, which turns
   batch-1 products into tuned reductions, was measured too: no faster on the H200, minutes more at start;
   docs/benchmarks.md.) `prologue` (embedding, cos/sin, the window's mask) and
-  `epilogue` (final norm, LM head, greedy argmax in two stages: inductor runs a one-row argmax over a
-  128k vocabulary as one thread block, 29 us on the H200, where the row's chunk maxima spread it over the
-  GPU) are compiled likewise. The engine captures the whole
+  `head` (final norm, LM head, the chunk maxima of a greedy argmax in two stages: inductor runs a one-row
+  argmax over a 128k vocabulary as one thread block, 29 us on the H200, where the row's chunk maxima spread it
+  over the GPU) are compiled likewise; the argmax's second stage is the engine's (decode_attention.greedy_advance). The engine captures the whole
   step in a CUDA graph per (batch, window) bucket.
 
 The arithmetic is the models' own (RMSNorm in float32 cast back before the weight, rotary in the
@@ -122,6 +122,9 @@ def _fuse(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 STOCK_ATTENTION = ("sdpa_attention", "flex_attention", "eager_attention")  # forgather.models.attention's
+# transformers' rotary types whose cos and sin at a position do not depend on the other positions of the call
+# (the "dynamic" and "longrope" ones rescale by the longest sequence: computed each step instead)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def _same_class(module: Any, cls: type) -> bool:
@@ -137,7 +140,8 @@ def _bias(module: nn.Linear) -> torch.Tensor | None:
 def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                  visible: torch.Tensor, cache: torch.Tensor, w: LayerWeights,
                  heads: int, kv_heads: int, eps: float, qk_eps: float, attention: str = "matmul",
-                 workspace: tuple[torch.Tensor, ...] = (), matmul: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+                 workspace: tuple[torch.Tensor, ...] = (), matmul: str = "torch", rope_table: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-LN layer for one token a row, its input the residual stream x + delta ([B, hidden] each: the
     previous layer's output left unadded; cos and sin [B, D]) -> the same pair for its own output. Writes row
     b's key and value at [:, b, :, positions[b]] of the layer's cache pair [2, slots, kv_heads, length + 1, D]
@@ -151,7 +155,9 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
     by it with the residual add and norm before q/k/v and gate/up, and the SwiGLU after gate/up, done in the
     product's kernel, the output and down products left to cuBLAS, as fast or faster on the 1.24B shape
     ("fused": skinny_norm_linear), with the down product by skinny_linear too ("fused_down"), or both those
-    (split-K where the autotuner finds it faster: "fused_all", every kernel of the layer ours). Under PDL, with
+    (split-K where the autotuner finds it faster: "fused_all", every kernel of the layer ours). `rope_table`
+    (attention "triton" only): cos and sin are tables of every cache position, which the kernel reads at each
+    row's position, rather than [B, D]. Under PDL, with
     the down product ours every kernel lets the next one launch only after its loads; otherwise
     decode_attention.PDL_TRIGGER says where (a split-K grid always releases late). On a CPU these run their
     torch semantics."""
@@ -176,7 +182,8 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
         q, k = rms_norm(q, w.q_norm, qk_eps), rms_norm(k, w.k_norm, qk_eps)
     keys = visible.shape[1]
     if attention == "triton":
-        attended = decode_attention(q, k, v, cos, sin, positions, cache, keys, *workspace, release_late=late)
+        attended = decode_attention(q, k, v, cos, sin, positions, cache, keys, *workspace, release_late=late,
+                                    rope_table=rope_table)
     elif attention == "matmul":
         attended = reference(q, k, v, cos, sin, positions, cache, keys)
     else:
@@ -202,17 +209,26 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
 ARGMAX_CHUNK = 1024
 
 
-def chunked_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(-1) for [B, V], in two stages that keep the GPU busy at batch 1: each chunk's maximum,
-    then the first chunk holding the row's maximum, then the first index of it within that chunk (ties go
-    to the lowest index, as argmax's do)."""
-    batch, vocab = logits.shape
-    pad = -vocab % ARGMAX_CHUNK
+def _chunks(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B, chunks, ARGMAX_CHUNK], the last chunk padded with -inf."""
+    pad = -logits.shape[1] % ARGMAX_CHUNK
     if pad:
         logits = F.pad(logits, (0, pad), value=float("-inf"))
-    chunks = logits.view(batch, -1, ARGMAX_CHUNK)
-    best = chunks.amax(dim=-1).argmax(dim=-1)  # [B]: the first chunk holding the maximum
-    within = chunks[torch.arange(batch, device=logits.device), best].argmax(dim=-1)
+    return logits.view(logits.shape[0], -1, ARGMAX_CHUNK)
+
+
+def chunk_maxima(logits: torch.Tensor) -> torch.Tensor:
+    """The maximum of each ARGMAX_CHUNK logits of a row: [B, V] -> [B, ceil(V / ARGMAX_CHUNK)]."""
+    return _chunks(logits).amax(dim=-1)
+
+
+def chunked_argmax(logits: torch.Tensor, maxima: torch.Tensor | None = None) -> torch.Tensor:
+    """logits.argmax(-1) for [B, V], in two stages that keep the GPU busy at batch 1: each chunk's maximum
+    (chunk_maxima, or `maxima` if given), then the first chunk holding the row's maximum, then the first index
+    of it within that chunk (ties go to the lowest index, as argmax's do)."""
+    chunks = _chunks(logits)
+    best = (chunk_maxima(logits) if maxima is None else maxima).argmax(dim=-1)  # [B]: the first chunk holding it
+    within = chunks[torch.arange(logits.shape[0], device=logits.device), best].argmax(dim=-1)
     return best * ARGMAX_CHUNK + within
 
 
@@ -223,21 +239,34 @@ class FusedDecoder:
 
     def __init__(self, embed: Callable, rope: Callable, final_norm: torch.Tensor, lm_head: torch.Tensor,
                  layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, eps: float,
-                 qk_eps: float, cache: SlotKVCache, compile: bool, attention: str = "matmul", matmul: str = "torch"):
+                 qk_eps: float, cache: SlotKVCache, compile: bool, attention: str = "matmul", matmul: str = "torch",
+                 static_rope: bool = False):
         self.embed, self.rope, self.final_norm, self.lm_head = embed, rope, final_norm, lm_head
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.eps, self.qk_eps, self.cache = eps, qk_eps, cache
         _check_attention(attention, matmul)
         self.attention, self.matmul = attention, matmul
         self.workspace: tuple[torch.Tensor, ...] = ()
+        self.zeros: dict[tuple, torch.Tensor] = {}
+        # A rotary that depends on the position alone (not on the longest sequence, as a dynamic scaling's does)
+        # is a table of every cache position, made once: the step then computes none (on the H200 the rotary of a
+        # Hugging Face model was three kernels a step, a float32 product among them), and our attention kernel
+        # reads its rows at the positions.
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        if static_rope:
+            every = torch.arange(cache.pairs[0].shape[3], device=lm_head.device)
+            with torch.no_grad():
+                cos, sin = rope(every)
+            self.rope_tables = cos.reshape(len(every), -1).contiguous(), sin.reshape(len(every), -1).contiguous()
+        self.table_rope = attention == "triton" and self.rope_tables is not None
         if attention == "triton":
             pair = cache.pairs[0]
             self.workspace = workspace(cache.slots, kv_heads, head_dim, pair.shape[3], pair.device)
-        self.layer_fn, self.prologue_fn, self.epilogue_fn = decode_layer, self.prologue, self.epilogue
+        self.layer_fn, self.prologue_fn, self.head_fn = decode_layer, self.prologue, self.head
         if compile:  # dynamic: the batch and window buckets share one compiled graph (batch 1 gets its own)
             self.layer_fn = _compile(decode_layer, fullgraph=True)
             self.prologue_fn = _compile(self.prologue)
-            self.epilogue_fn = _compile(self.epilogue, fullgraph=True)
+            self.head_fn = _compile(self.head, fullgraph=True)
 
     @classmethod
     def from_model(cls, model: Any, cache: SlotKVCache, compile: bool = False, attention: str = "matmul",
@@ -296,7 +325,8 @@ class FusedDecoder:
             return cos.to(dtype), sin.to(dtype)
 
         return cls(lambda ids: inner.embed(ids), rope, inner.norm.weight.detach(), inner.lm_head_weight.detach(),
-                   layers, first.num_heads, first.num_kv_heads, first.head_dim, eps, eps, cache, **options)
+                   layers, first.num_heads, first.num_kv_heads, first.head_dim, eps, eps, cache, **options,
+                   static_rope=True)
 
     @classmethod
     def _from_hugging_face(cls, model: Any, cache: SlotKVCache, options: dict) -> "FusedDecoder":
@@ -326,9 +356,10 @@ class FusedDecoder:
         def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return inner.rotary_emb(embed.weight[:1], positions[:, None])  # weight: the dtype and device
 
+        static = getattr(inner.rotary_emb, "rope_type", "default") in STATIC_ROPE_TYPES
         return cls(lambda ids: embed(ids), rope, inner.norm.weight.detach(), model.lm_head.weight.detach(), layers,
                    config.num_attention_heads, config.num_key_value_heads, head_dim, eps,
-                   q_eps if q_eps is not None else eps, cache, **options)
+                   q_eps if q_eps is not None else eps, cache, **options, static_rope=static)
 
     def compare(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                 seen: list[tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor) -> float:
@@ -346,7 +377,7 @@ class FusedDecoder:
         for index, (weights, (given, output)) in enumerate(zip(self.layers, seen)):
             base, delta = decode_layer(given, torch.zeros_like(given), cos, sin, positions, visible,
                                        self.cache.pairs[index], weights, self.heads, self.kv_heads, self.eps,
-                                       self.qk_eps, self.attention, self.workspace, self.matmul)
+                                       self.qk_eps, self.attention, self.workspace, self.matmul, self.table_rope)
             mine = base.float() + delta.float()
             errors.append(relative(mine - given.float(), output.float() - given.float()))
         final = seen[-1][0]
@@ -356,26 +387,55 @@ class FusedDecoder:
     # --- the step -----------------------------------------------------------------------------------------
 
     def prologue(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor):
-        """The embedded tokens [B, hidden], cos/sin [B, D] and the window's mask [B, keys] (`keys` is an arange
-        over the window)."""
-        cos, sin = self.rope(positions)
-        cos, sin = cos.reshape(ids.shape[0], -1), sin.reshape(ids.shape[0], -1)
-        return self.embed(ids), cos, sin, keys[None, :] <= positions[:, None]
+        """The embedded tokens [B, hidden], cos/sin [B, D] (the tables themselves where our attention kernel
+        reads them: table_rope) and the window's mask [B, keys] (`keys` is an arange over the window; our kernel
+        needs only its length, and gets keys[None] without a launch to compute a mask)."""
+        if self.table_rope:
+            cos, sin = self.rope_tables
+        elif self.rope_tables is not None:
+            cos, sin = self.rope_tables[0][positions], self.rope_tables[1][positions]
+        else:
+            cos, sin = self.rope(positions)
+            cos, sin = cos.reshape(ids.shape[0], -1), sin.reshape(ids.shape[0], -1)
+        visible = keys[None, :] if self.attention == "triton" else keys[None, :] <= positions[:, None]
+        return self.embed(ids), cos, sin, visible
+
+    def head(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm and the LM head: the logits [B, V] and their chunk_maxima, the first stage of the greedy
+        argmax (the engine's step ends with the second, in one kernel with the next step's inputs:
+        decode_attention.greedy_advance)."""
+        logits = F.linear(rms_norm(residual_add(x, delta), self.final_norm, self.eps), self.lm_head)
+        return logits, chunk_maxima(logits)
 
     def epilogue(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(rms_norm(residual_add(x, delta), self.final_norm, self.eps), self.lm_head)
-        return logits, chunked_argmax(logits)
+        logits, maxima = self.head(x, delta)
+        return logits, chunked_argmax(logits, maxima)
+
+    def _zeros(self, x: torch.Tensor) -> torch.Tensor:
+        """Zeros like x, made once per shape and never written (no step writes its inputs): a step starts
+        without a launch to clear them."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self.zeros:
+            self.zeros[key] = torch.zeros_like(x)
+        return self.zeros[key]
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device."""
+        """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device -> (logits [B, V],
+        greedy ids [B])."""
+        logits, maxima = self.step(ids, positions, keys)
+        return logits, chunked_argmax(logits, maxima)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """__call__'s step up to the logits and their chunk_maxima (head)."""
         x, cos, sin, visible = self.prologue_fn(ids, positions, keys)
-        delta = torch.zeros_like(x)  # the residual stream is x + delta (decode_layer)
+        delta = self._zeros(x)  # the residual stream is x + delta (decode_layer)
         # Past SKINNY_ROWS rows our product kernels would run their torch semantics inside an opaque op, where
         # inductor cannot fuse the norms: 1.7x the batch-32 step on the H200. torch's path serves those steps.
         matmul = self.matmul if ids.shape[0] <= SKINNY_ROWS else "torch"
         for index, weights in enumerate(self.layers):
             x, delta = self.layer_fn(x, delta, cos, sin, positions, visible, self.cache.pairs[index], weights,
                                      self.heads, self.kv_heads, self.eps, self.qk_eps, self.attention,
-                                     self.workspace, matmul)
-        return self.epilogue_fn(x, delta)
+                                     self.workspace, matmul, self.table_rope)
+        return self.head_fn(x, delta)

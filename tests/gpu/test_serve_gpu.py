@@ -277,6 +277,73 @@ def test_the_graph_tuner_chooses_tilings_that_compute_the_products(monkeypatch):
     da.launch_skinny(x, down, None)
 
 
+@pytest.mark.parametrize("batch", [1, 5, 32])
+def test_the_advance_kernel_is_its_torch_semantics_and_writes_pinned_host_memory_from_a_graph(batch, monkeypatch):
+    """decode_attention.advance_inputs' Triton kernel (the engine's default on a GPU) gives the torch path's
+    inputs and host tokens, called eagerly and replayed in a CUDA graph, where it stores into pinned host memory
+    that the host reads after the replay."""
+    from forgather.serve import decode_attention as da
+
+    scratch = 4096
+    positions = torch.arange(batch, device="cuda") * 7
+    positions[::3] = scratch
+    results = {}
+    for how in ("torch", "triton"):
+        monkeypatch.setattr(da, "ADVANCE", how)
+        inputs = torch.stack((torch.zeros(batch, dtype=torch.long, device="cuda"), positions.clone()))
+        host = torch.zeros(batch, dtype=torch.long, pin_memory=True)
+        greedy = torch.randint(0, 1000, (batch,), device="cuda")
+        da.advance_inputs(inputs, greedy, scratch, host)  # eager
+        torch.cuda.synchronize()
+        eager = (inputs.tolist(), host.tolist(), greedy.tolist())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            da.advance_inputs(inputs, greedy, scratch, host)
+        greedy.copy_(torch.randint(0, 1000, (batch,), device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert host.tolist() == greedy.tolist()
+        results[how] = (eager, inputs.tolist(), host.tolist())
+        expected = [p if p == scratch else p + 2 for p in positions.tolist()]  # two steps: eager, then the replay
+        assert inputs.tolist() == [greedy.tolist(), expected]
+    assert results["torch"][0][0][1] == results["triton"][0][0][1]
+    assert results["torch"][0][1] == results["torch"][0][2] and results["triton"][0][1] == results["triton"][0][2]
+
+
+@pytest.mark.parametrize("batch, vocab", [(1, 128256), (5, 5000), (32, 1024)])
+def test_the_greedy_advance_kernel_is_argmax_and_the_advance(batch, vocab, monkeypatch):
+    """decode_attention.greedy_advance's kernel (the engine's step's last launch): argmax's first index of tied
+    maxima, across chunks and within one, from the chunk maxima the decoder's head gives; the next inputs and
+    the host's tokens as advance_inputs writes them; the same in a CUDA graph."""
+    from forgather.serve import decode_attention as da
+    from forgather.serve.fused import ARGMAX_CHUNK, chunk_maxima
+
+    monkeypatch.setattr(da, "ADVANCE", "triton")
+    scratch = 4096
+    logits = torch.randn(batch, vocab, device="cuda").to(torch.bfloat16)
+    top = logits.max() + 1
+    logits[0, min(vocab - 1, ARGMAX_CHUNK + 3)] = top  # a tie across chunks: the later chunk's first
+    logits[0, vocab - 1] = top
+    if batch > 1:
+        logits[1, 7] = logits[1, 9] = top  # a tie within a chunk
+    positions = torch.arange(batch, device="cuda") * 3
+    positions[::4] = scratch
+    inputs = torch.stack((torch.zeros(batch, dtype=torch.long, device="cuda"), positions.clone()))
+    host = torch.zeros(batch, dtype=torch.long, pin_memory=True)
+    greedy = da.greedy_advance(logits, chunk_maxima(logits), inputs, scratch, host)
+    torch.cuda.synchronize()
+    assert greedy.tolist() == logits.argmax(-1).tolist() == host.tolist() == inputs[0].tolist()
+    assert inputs[1].tolist() == [p if p == scratch else p + 1 for p in positions.tolist()]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = da.greedy_advance(logits, chunk_maxima(logits), inputs, scratch, host)
+    logits.copy_(torch.randn(batch, vocab, device="cuda").to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert captured.tolist() == logits.argmax(-1).tolist() == host.tolist()
+    assert inputs[1].tolist() == [p if p == scratch else p + 2 for p in positions.tolist()]
+
+
 def test_kernels_launched_early_wait_for_their_inputs():
     """Under programmatic dependent launch (decode_attention.PDL, on by default on a Hopper GPU) each kernel
     starts while the one before still runs: a chain of dependent decode kernels (norm + q/k/v product,
