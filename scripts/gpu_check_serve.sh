@@ -18,7 +18,8 @@
 #   part versus    the advance kernel's and the graphed engine's GPU tests, then bench_serve.py's default at batch 1
 #                  from this tree and from $BASE (another commit's tree) in turn, three processes (--profile).
 # Results: $OUT/pytest_kernels.txt, kernels.txt, kernels.json (kernels); pytest_engine.txt (engine);
-# serve.txt, serve.json (bench); pytest_tuner.txt, tuner_1.txt, tuner_2.txt, tuner_*.json (tuner).
+# serve.txt, serve.json (bench); pytest_tuner.txt, tuner_1.txt, tuner_2.txt, tuner_*.json (tuner);
+# pytest_versus.txt, versus_N_{new,base}.txt and .json (versus).
 #     [BASE=DIR] bash scripts/gpu_check_serve.sh [kernels|engine|bench|tuner|versus][,...] [more bench_serve.py args]
 set -u
 cd "$(dirname "$0")/.."
@@ -70,17 +71,17 @@ versus)
     # kernels) and of the graphed engine (a Hugging Face directory) against the simple loop's tokens.
     timeout 60 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
         -k "advance_kernel or greedy_advance" 2>&1 | tee "$OUT/pytest_versus.txt" | tail -n 3
-    timeout 200 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -v -p no:cacheprovider -rs \
-        -k "graphed_engine and llama" 2>&1 | tee -a "$OUT/pytest_versus.txt" | tail -n 3
+    timeout 200 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
+        -k "graphed_engine and llama" 2>&1 | tee -a "$OUT/pytest_versus.txt" | tail -n 1
+    i=0
     for run in new base new; do
+        i=$((i + 1))
         if [ $run = base ]; then tree=${BASE:?BASE=DIR, the tree of the commit to compare with}; else tree=.; fi
-        [ $run = new ] && more="--variants advance_torch" || more=""
         PYTHONPATH="$tree:$PYTHONPATH" timeout 140 $PY $tree/scripts/bench_serve.py --skip-hf --skip-forgather \
-            --skip-http --skip-7b --concurrency 1 --profile $more --json "$OUT/versus_$run.json" "$@" \
-            > "$OUT/versus_$run.txt" 2>&1
+            --skip-http --skip-7b --concurrency 1 --profile --json "$OUT/versus_${i}_$run.json" "$@" \
+            > "$OUT/versus_${i}_$run.txt" 2>&1
         echo "==================== $run ($tree) ===================="
-        PYTHONPATH="$tree:$PYTHONPATH" $PY -c "import forgather; print('forgather from', forgather.__file__)"
-        grep '"name"' "$OUT/versus_$run.txt" | cut -c1-260
+        grep '"name"' "$OUT/versus_${i}_$run.txt" | cut -c1-260
     done
     ;;
 *)

@@ -203,18 +203,18 @@ def test_a_decode_step_ends_by_writing_the_next_steps_inputs_and_its_tokens_for_
         advance_inputs(inputs, torch.tensor([1, 2, 3]), scratch, torch.zeros(4, dtype=torch.long))
 
 
-def test_the_steps_greedy_ids_come_from_the_chunk_maxima_with_argmaxs_ties():
-    """greedy_advance (the fused step's end): argmax's index from the logits and their chunk maxima, the first
-    of tied maxima across chunks and within one, then the advance."""
+def test_the_steps_greedy_ids_are_argmaxs_with_its_ties():
+    """greedy_advance (the fused step's end): argmax's index of the logits, the first of tied maxima across
+    chunks and within one, then the advance."""
     from forgather.serve.decode_attention import greedy_advance
-    from forgather.serve.fused import ARGMAX_CHUNK, chunk_maxima
+    from forgather.serve.fused import ARGMAX_CHUNK
 
     logits = torch.randn(3, 2 * ARGMAX_CHUNK + 5)
     logits[0, ARGMAX_CHUNK + 1] = logits[0, 2 * ARGMAX_CHUNK + 2] = 9.0
     logits[1, 3] = logits[1, 4] = 9.0
     inputs = torch.tensor([[0, 0, 0], [4, 64, 5]])
     host = torch.zeros(3, dtype=torch.long)
-    greedy = greedy_advance(logits, chunk_maxima(logits), inputs, 64, host)
+    greedy = greedy_advance(logits, inputs, 64, host)
     assert greedy.tolist() == logits.argmax(-1).tolist() == host.tolist() == inputs[0].tolist()
     assert greedy[:2].tolist() == [ARGMAX_CHUNK + 1, 3] and inputs[1].tolist() == [5, 64, 6]
 

@@ -407,16 +407,15 @@ def advance_inputs(inputs: torch.Tensor, greedy: torch.Tensor, scratch: int, hos
     host.copy_(greedy, non_blocking=True)
 
 
-def greedy_advance(logits: torch.Tensor, maxima: torch.Tensor, inputs: torch.Tensor, scratch: int,
-                   host: torch.Tensor) -> torch.Tensor:
-    """The greedy ids [B] of `logits` [B, V] given their chunk maxima (fused.chunk_maxima: fused.chunked_argmax,
-    argmax's first index), then advance_inputs with them: on a GPU one kernel (ADVANCE "triton") where the
-    torch path launches four."""
+def greedy_advance(logits: torch.Tensor, inputs: torch.Tensor, scratch: int, host: torch.Tensor) -> torch.Tensor:
+    """The greedy ids [B] of `logits` [B, V] (fused.chunked_argmax: argmax's first index), then advance_inputs
+    with them: on a GPU one kernel (ADVANCE "triton", a program per row and chunk of the vocabulary) where the
+    torch path launches six."""
     from .fused import ARGMAX_CHUNK, chunked_argmax
 
-    batch = logits.shape[0]
+    batch, vocab = logits.shape
     on_device = logits.device.type == "cuda" or interpreting()
-    if ADVANCE == "triton" and on_device and logits.stride(-1) == 1 and maxima.stride(-1) == 1:
+    if ADVANCE == "triton" and on_device and logits.stride(-1) == 1:
         import triton
 
         from . import decode_kernels as kernels
@@ -424,12 +423,27 @@ def greedy_advance(logits: torch.Tensor, maxima: torch.Tensor, inputs: torch.Ten
         if inputs.shape != (2, batch) or host.shape != (batch,) or not inputs.is_contiguous():
             raise ValueError(f"greedy_advance: inputs [2, {batch}] and host [{batch}], contiguous; got "
                              f"{tuple(inputs.shape)} and {tuple(host.shape)}")
+        chunks = triton.cdiv(vocab, ARGMAX_CHUNK)
+        tops, indices, counter = _argmax_workspace(logits.device, batch, chunks)
         greedy = torch.empty(batch, dtype=torch.long, device=logits.device)
-        chunks = maxima.shape[1]
-        kernels.greedy_advance_kernel[(batch,)](
-            logits, maxima, inputs, greedy, host, batch, logits.shape[1], chunks, logits.stride(0), maxima.stride(0),
-            scratch, CHUNK=ARGMAX_CHUNK, BLOCK_C=max(16, triton.next_power_of_2(chunks)), num_warps=4)
+        kernels.greedy_advance_kernel[(batch, chunks)](
+            logits, tops, indices, counter, inputs, greedy, host, batch, vocab, chunks, logits.stride(0), scratch,
+            CHUNK=ARGMAX_CHUNK, BLOCK_C=max(16, triton.next_power_of_2(chunks)), num_warps=4)
         return greedy
-    greedy = chunked_argmax(logits, maxima)
+    greedy = chunked_argmax(logits)
     advance_inputs(inputs, greedy, scratch, host)
     return greedy
+
+
+_ARGMAX_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _argmax_workspace(device: torch.device, rows: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """greedy_advance's chunk maxima, their indices and per-row counters (zeros; the last program of a row resets
+    its counter), made on first use: the engine's warm-up runs before its CUDA graphs are captured."""
+    key = (str(device), rows, chunks)
+    if key not in _ARGMAX_WORKSPACES:
+        _ARGMAX_WORKSPACES[key] = (torch.empty(rows * chunks, dtype=torch.float32, device=device),
+                                   torch.empty(rows * chunks, dtype=torch.int32, device=device),
+                                   torch.zeros(rows, dtype=torch.int32, device=device))
+    return _ARGMAX_WORKSPACES[key]

@@ -329,20 +329,28 @@ def advance_kernel(INPUTS, GREEDY, HOST, B, SCRATCH, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def greedy_advance_kernel(LOGITS, MAXIMA, INPUTS, GREEDY, HOST, B, V, C, stride_logits, stride_maxima, SCRATCH,
+def greedy_advance_kernel(LOGITS, TOPS, INDICES, COUNTER, INPUTS, GREEDY, HOST, B, V, C, stride_logits, SCRATCH,
                           CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
-    """decode_attention.greedy_advance, a program per row: the first chunk holding the row's maximum (of C
-    chunk maxima), the first index of it in that chunk's logits (fused.chunked_argmax's second stage), then
-    advance_kernel's writes for the row, the greedy id also to GREEDY."""
+    """decode_attention.greedy_advance, a program per (row, chunk of CHUNK logits): each stores its chunk's
+    maximum and the first index of it; the last of a row's programs to finish (an atomic counter per row, reset
+    by that program) takes the first chunk holding the row's maximum (fused.chunked_argmax: argmax's first
+    index) and makes advance_kernel's writes for the row, the greedy id also to GREEDY."""
     row = tl.program_id(0)
-    c = tl.arange(0, BLOCK_C)
-    maxima = tl.load(MAXIMA + row * stride_maxima + c, mask=c < C, other=float("-inf")).to(tl.float32)
-    best = tl.argmax(maxima, 0, tie_break_left=True)
-    at = best * CHUNK + tl.arange(0, CHUNK)
+    chunk = tl.program_id(1)
+    at = chunk * CHUNK + tl.arange(0, CHUNK)
     values = tl.load(LOGITS + row * stride_logits + at, mask=at < V, other=float("-inf")).to(tl.float32)
-    token = (best * CHUNK + tl.argmax(values, 0, tie_break_left=True)).to(tl.int64)
-    position = tl.load(INPUTS + B + row)
-    tl.store(GREEDY + row, token)
-    tl.store(INPUTS + row, token)
-    tl.store(INPUTS + B + row, tl.where(position == SCRATCH, position, position + 1))
-    tl.store(HOST + row, token)
+    tl.store(TOPS + row * C + chunk, tl.max(values, 0))
+    tl.store(INDICES + row * C + chunk, chunk * CHUNK + tl.argmax(values, 0, tie_break_left=True))
+    tl.debug_barrier()  # the stores before the release below
+    done = tl.atomic_add(COUNTER + row, 1, sem="acq_rel")
+    if done == C - 1:
+        c = tl.arange(0, BLOCK_C)
+        tops = tl.load(TOPS + row * C + c, mask=c < C, other=float("-inf"), cache_modifier=".cg")
+        best = tl.argmax(tops, 0, tie_break_left=True)
+        token = tl.load(INDICES + row * C + best, cache_modifier=".cg").to(tl.int64)
+        position = tl.load(INPUTS + B + row)
+        tl.store(GREEDY + row, token)
+        tl.store(INPUTS + row, token)
+        tl.store(INPUTS + B + row, tl.where(position == SCRATCH, position, position + 1))
+        tl.store(HOST + row, token)
+        tl.atomic_xchg(COUNTER + row, 0)

@@ -442,8 +442,8 @@ class Engine:
         (its greedy tokens at the next positions), its greedy tokens stored in step_tokens[turn] on the host."""
         inputs, host = self.step_inputs[size], self.step_tokens[turn, :size]
         if self.fused is not None:  # the argmax's second stage and the advance in one kernel on a GPU
-            logits, maxima = self.fused.step(inputs[0], inputs[1], self.key_ranges[keys])
-            return logits, greedy_advance(logits, maxima, inputs, self.cache.scratch, host)
+            logits = self.fused.step(inputs[0], inputs[1], self.key_ranges[keys])
+            return logits, greedy_advance(logits, inputs, self.cache.scratch, host)
         logits, greedy = self._decode_step(inputs[0], inputs[1], size, keys)
         advance_inputs(inputs, greedy, self.cache.scratch, host)
         return logits, greedy

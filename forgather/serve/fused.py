@@ -26,9 +26,10 @@ This module runs the same arithmetic in few kernels:
   rotary and SiLU into the products' neighbours. (Inductor's coordinate-descent tuning, which turns
   batch-1 products into tuned reductions, was measured too: no faster on the H200, minutes more at start;
   docs/benchmarks.md.) `prologue` (embedding, cos/sin, the window's mask) and
-  `head` (final norm, LM head, the chunk maxima of a greedy argmax in two stages: inductor runs a one-row
-  argmax over a 128k vocabulary as one thread block, 29 us on the H200, where the row's chunk maxima spread it
-  over the GPU) are compiled likewise; the argmax's second stage is the engine's (decode_attention.greedy_advance). The engine captures the whole
+  `head` (final norm, LM head) are compiled likewise. The greedy argmax runs in two stages (inductor runs a
+  one-row argmax over a 128k vocabulary as one thread block, 29 us on the H200, where the row's chunk maxima
+  spread it over the GPU): chunked_argmax, and on a GPU decode_attention.greedy_advance, one kernel that also
+  writes the next step's inputs. The engine captures the whole
   step in a CUDA graph per (batch, window) bucket.
 
 The arithmetic is the models' own (RMSNorm in float32 cast back before the weight, rotary in the
@@ -209,26 +210,17 @@ def decode_layer(x: torch.Tensor, delta: torch.Tensor, cos: torch.Tensor, sin: t
 ARGMAX_CHUNK = 1024
 
 
-def _chunks(logits: torch.Tensor) -> torch.Tensor:
-    """[B, V] -> [B, chunks, ARGMAX_CHUNK], the last chunk padded with -inf."""
-    pad = -logits.shape[1] % ARGMAX_CHUNK
+def chunked_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) for [B, V], in two stages that keep the GPU busy at batch 1: each chunk's maximum,
+    then the first chunk holding the row's maximum, then the first index of it within that chunk (ties go
+    to the lowest index, as argmax's do)."""
+    batch, vocab = logits.shape
+    pad = -vocab % ARGMAX_CHUNK
     if pad:
         logits = F.pad(logits, (0, pad), value=float("-inf"))
-    return logits.view(logits.shape[0], -1, ARGMAX_CHUNK)
-
-
-def chunk_maxima(logits: torch.Tensor) -> torch.Tensor:
-    """The maximum of each ARGMAX_CHUNK logits of a row: [B, V] -> [B, ceil(V / ARGMAX_CHUNK)]."""
-    return _chunks(logits).amax(dim=-1)
-
-
-def chunked_argmax(logits: torch.Tensor, maxima: torch.Tensor | None = None) -> torch.Tensor:
-    """logits.argmax(-1) for [B, V], in two stages that keep the GPU busy at batch 1: each chunk's maximum
-    (chunk_maxima, or `maxima` if given), then the first chunk holding the row's maximum, then the first index
-    of it within that chunk (ties go to the lowest index, as argmax's do)."""
-    chunks = _chunks(logits)
-    best = (chunk_maxima(logits) if maxima is None else maxima).argmax(dim=-1)  # [B]: the first chunk holding it
-    within = chunks[torch.arange(logits.shape[0], device=logits.device), best].argmax(dim=-1)
+    chunks = logits.view(batch, -1, ARGMAX_CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # [B]: the first chunk holding the maximum
+    within = chunks[torch.arange(batch, device=logits.device), best].argmax(dim=-1)
     return best * ARGMAX_CHUNK + within
 
 
@@ -400,16 +392,14 @@ class FusedDecoder:
         visible = keys[None, :] if self.attention == "triton" else keys[None, :] <= positions[:, None]
         return self.embed(ids), cos, sin, visible
 
-    def head(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The final norm and the LM head: the logits [B, V] and their chunk_maxima, the first stage of the greedy
-        argmax (the engine's step ends with the second, in one kernel with the next step's inputs:
-        decode_attention.greedy_advance)."""
-        logits = F.linear(rms_norm(residual_add(x, delta), self.final_norm, self.eps), self.lm_head)
-        return logits, chunk_maxima(logits)
+    def head(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The final norm and the LM head: the logits [B, V] (the engine's step ends with their greedy argmax, in
+        one kernel with the next step's inputs: decode_attention.greedy_advance)."""
+        return F.linear(rms_norm(residual_add(x, delta), self.final_norm, self.eps), self.lm_head)
 
     def epilogue(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, maxima = self.head(x, delta)
-        return logits, chunked_argmax(logits, maxima)
+        logits = self.head(x, delta)
+        return logits, chunked_argmax(logits)
 
     def _zeros(self, x: torch.Tensor) -> torch.Tensor:
         """Zeros like x, made once per shape and never written (no step writes its inputs): a step starts
@@ -423,12 +413,11 @@ class FusedDecoder:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, positions [B] (rows of slots 0..B-1); keys: arange(window) on the device -> (logits [B, V],
         greedy ids [B])."""
-        logits, maxima = self.step(ids, positions, keys)
-        return logits, chunked_argmax(logits, maxima)
+        logits = self.step(ids, positions, keys)
+        return logits, chunked_argmax(logits)
 
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """__call__'s step up to the logits and their chunk_maxima (head)."""
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """__call__'s step up to the logits (head)."""
         x, cos, sin, visible = self.prologue_fn(ids, positions, keys)
         delta = self._zeros(x)  # the residual stream is x + delta (decode_layer)
         # Past SKINNY_ROWS rows our product kernels would run their torch semantics inside an opaque op, where

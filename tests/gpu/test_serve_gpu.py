@@ -313,10 +313,10 @@ def test_the_advance_kernel_is_its_torch_semantics_and_writes_pinned_host_memory
 @pytest.mark.parametrize("batch, vocab", [(1, 128256), (5, 5000), (32, 1024)])
 def test_the_greedy_advance_kernel_is_argmax_and_the_advance(batch, vocab, monkeypatch):
     """decode_attention.greedy_advance's kernel (the engine's step's last launch): argmax's first index of tied
-    maxima, across chunks and within one, from the chunk maxima the decoder's head gives; the next inputs and
-    the host's tokens as advance_inputs writes them; the same in a CUDA graph."""
+    maxima, across chunks and within one; the next inputs and the host's tokens as advance_inputs writes them;
+    the same in a CUDA graph, replayed twice (the counters reset by each row's last program)."""
     from forgather.serve import decode_attention as da
-    from forgather.serve.fused import ARGMAX_CHUNK, chunk_maxima
+    from forgather.serve.fused import ARGMAX_CHUNK
 
     monkeypatch.setattr(da, "ADVANCE", "triton")
     scratch = 4096
@@ -330,18 +330,19 @@ def test_the_greedy_advance_kernel_is_argmax_and_the_advance(batch, vocab, monke
     positions[::4] = scratch
     inputs = torch.stack((torch.zeros(batch, dtype=torch.long, device="cuda"), positions.clone()))
     host = torch.zeros(batch, dtype=torch.long, pin_memory=True)
-    greedy = da.greedy_advance(logits, chunk_maxima(logits), inputs, scratch, host)
+    greedy = da.greedy_advance(logits, inputs, scratch, host)
     torch.cuda.synchronize()
     assert greedy.tolist() == logits.argmax(-1).tolist() == host.tolist() == inputs[0].tolist()
     assert inputs[1].tolist() == [p if p == scratch else p + 1 for p in positions.tolist()]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = da.greedy_advance(logits, chunk_maxima(logits), inputs, scratch, host)
-    logits.copy_(torch.randn(batch, vocab, device="cuda").to(torch.bfloat16))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert captured.tolist() == logits.argmax(-1).tolist() == host.tolist()
-    assert inputs[1].tolist() == [p if p == scratch else p + 2 for p in positions.tolist()]
+        captured = da.greedy_advance(logits, inputs, scratch, host)
+    for replay in (2, 3):
+        logits.copy_(torch.randn(batch, vocab, device="cuda").to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert captured.tolist() == logits.argmax(-1).tolist() == host.tolist()
+        assert inputs[1].tolist() == [p if p == scratch else p + replay for p in positions.tolist()]
 
 
 def test_kernels_launched_early_wait_for_their_inputs():
