@@ -22,16 +22,22 @@ is running, up to the floating-point differences a GPU's batched kernels may bri
 
 A decode step attends over a window of the cache, the shortest bucket (256, 512, ... positions) that
 holds every running sequence, so short sequences do not pay for the whole context. On a GPU the decode
-step is captured as CUDA graphs, one per batch bucket (1, 2, 4, ... slots, a prefix of the slots) and
-window, replayed with the step's token ids and positions copied into their static inputs: one graph
-launch per token instead of hundreds of kernel launches. Sampling runs on the device (argmax for greedy
-rows, the shared `sample_next_token` for the others); the one host sync per step reads the sampled ids.
-Prefill runs eagerly (prompt lengths vary).
+step is captured as CUDA graphs, two per batch bucket (1, 2, 4, ... slots, a prefix of the slots) and
+window, one for each of the two host buffers its tokens go to: one graph launch per token instead of
+hundreds of kernel launches. A step reads its token ids and positions from one device tensor per batch
+bucket (`step_inputs`) and ends by writing the next step's there, its greedy ids at the next positions, and
+its greedy ids to pinned host memory (decode_attention.greedy_advance: on a GPU one kernel, which stores
+into the host's memory directly). The host copies inputs in only where they are not that (a request joins
+or ends, a row samples). Sampling runs on the device (argmax for greedy rows, the shared `sample_next_token`
+for the others); the one host sync per step reads the sampled ids. Prefill runs eagerly (prompt lengths vary).
 
 Lookahead (default: where the decode step is graphed): while the host waits for a step's tokens, the next
-step is already queued behind it, fed on the device with this step's greedy tokens at the next positions.
-The host's own work between two steps (reading the tokens, handing them out, planning) then overlaps the
-GPU's instead of adding to it: on the H200 that was 0.07 to 0.6 ms a token. It runs only where the next
+step is already queued behind it, a replay of its graph and nothing else, since the step before wrote its
+inputs. The host's own work between two steps (reading the tokens, handing them out, planning) then overlaps
+the GPU's instead of adding to it: on the H200 that was 0.07 to 0.6 ms a token; and with the inputs written
+by the step itself, no copy or launch sits between two steps' graphs (the copies in and out and the two
+launches that fed a queued step had cost ~27 us a token: docs/benchmarks.md). Between a step's launch and the
+host's read of its tokens at most one more step is launched, and it writes the other host buffer. It runs only where the next
 step is known: every row greedy and none at its last token. A queued step is used when the next plan
 decodes the same requests at the positions it assumed; otherwise (a stop token, a cancellation, a new
 request joining) it is dropped and the step runs again from the host's inputs. A dropped step only wrote
