@@ -517,6 +517,20 @@ def test_a_module_named_like_ours_that_computes_otherwise_is_caught_by_the_logit
     assert engine.fused is None
 
 
+def test_the_models_own_modules_decode_like_the_simple_loop_with_steps_queued_ahead(backend):
+    """fused=False (a model the fused decoder does not take): the modules' step, its greedy ids and the next
+    step's inputs written by advance_inputs, queued ahead like the fused step's."""
+    engine = Engine(backend.model, set(), slots=4, context_length=CONTEXT, fused=False, lookahead=True)
+    try:
+        assert engine.fused is None
+        prompts = [backend.encode(p) for p in PROMPTS]
+        params = [SamplingParams(max_tokens=6 + 2 * i, temperature=0.0) for i in range(len(prompts))]
+        expected = [simple_loop(backend, ids, p) for ids, p in zip(prompts, params)]
+        assert [c.tokens for c in run_engine(engine, prompts, params)] == expected
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_sequences_growing_past_a_key_window_decode_like_the_simple_loop(backend, lookahead):
     """Decode steps attend over the shortest window of 256, 512 ... cache positions holding every sequence

@@ -435,14 +435,6 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, size: int, keys: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids, positions [size] for slots 0..size-1 -> (logits [size, V], greedy tokens [size])."""
-        if self.fused is not None:
-            return self.fused(ids, positions, self.key_ranges[keys])
-        logits = self.forward(ids[:, None], positions[:, None], slice(0, size), keys)
-        return logits, logits.argmax(dim=-1)
-
     def _chained_step(self, size: int, keys: int, turn: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step of slots 0..size-1 from step_inputs[size], which it then advances to the next step's
         (its greedy tokens at the next positions), its greedy tokens stored in step_tokens[turn] on the host."""
@@ -450,7 +442,8 @@ class Engine:
         if self.fused is not None:  # the argmax's second stage and the advance in one kernel on a GPU
             logits = self.fused.step(inputs[0], inputs[1], self.key_ranges[keys])
             return logits, greedy_advance(logits, inputs, self.cache.scratch, host)
-        logits, greedy = self._decode_step(inputs[0], inputs[1], size, keys)
+        logits = self.forward(inputs[0][:, None], inputs[1][:, None], slice(0, size), keys)
+        greedy = logits.argmax(dim=-1)
         advance_inputs(inputs, greedy, self.cache.scratch, host)
         return logits, greedy
 
