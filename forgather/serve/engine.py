@@ -327,8 +327,12 @@ class Engine:
         # Everything the host gives or takes goes through pinned memory: asynchronous, no wait for the GPU. Two
         # of each, used in turn (self.turn flips at every launch): between a step's launch and the host's read of
         # its tokens at most one more step is launched (the one queued ahead), and it uses the other.
-        self.host_inputs = torch.zeros((2, 2, slots), dtype=torch.long, pin_memory=on_gpu)
-        self.host_arrays = self.host_inputs.numpy()  # written per row: numpy's item assignment costs ~0.1 us
+        # One pair per batch bucket, so that what is copied is contiguous: torch copies a strided host tensor
+        # through a contiguous temporary in pageable memory, not from the pinned buffer itself.
+        self.host_inputs = {size: torch.zeros((2, 2, size), dtype=torch.long, pin_memory=on_gpu)
+                            for size in _buckets(slots)}
+        # written per row: numpy's item assignment costs ~0.1 us
+        self.host_arrays = {size: inputs.numpy() for size, inputs in self.host_inputs.items()}
         self.step_tokens = torch.zeros((2, slots), dtype=torch.long, pin_memory=on_gpu)  # the steps' greedy ids
         self.turn = 0
         self.host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=on_gpu)  # sampled ids
@@ -504,11 +508,11 @@ class Engine:
         size, keys, _ = key
         self.turn ^= 1
         if not advance:
-            array = self.host_arrays[self.turn]
+            array = self.host_arrays[size][self.turn]
             array[0, :size], array[1, :size] = 0, self.cache.scratch
             for request in requests:
                 array[0, request.slot], array[1, request.slot] = request.last_token, request.position
-            self.step_inputs[size].copy_(self.host_inputs[self.turn, :, :size], non_blocking=True)
+            self.step_inputs[size].copy_(self.host_inputs[size][self.turn], non_blocking=True)
         graph = self.graphs.get((size, keys, self.turn))
         if graph is None:
             return (*self._chained_step(size, keys, self.turn), self.turn)
