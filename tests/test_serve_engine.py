@@ -203,6 +203,21 @@ def test_a_decode_step_ends_by_writing_the_next_steps_inputs_and_its_tokens_for_
         advance_inputs(inputs, torch.tensor([1, 2, 3]), scratch, torch.zeros(4, dtype=torch.long))
 
 
+def test_the_advance_kernels_run_only_where_triton_does(monkeypatch):
+    """Without triton (or on a CPU) the step's end runs its torch semantics; under Triton's interpreter, the
+    kernels."""
+    import importlib.util
+
+    from forgather.serve import decode_attention as da
+
+    assert not da._advance_kernels(torch.device("cpu"))
+    monkeypatch.setattr(da, "_ADVANCE_DEVICES", {})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not da._advance_kernels(torch.device("cuda", 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert da._advance_kernels(torch.device("cpu"))
+
+
 def test_the_steps_greedy_ids_are_argmaxs_with_its_ties():
     """greedy_advance (the fused step's end): argmax's index of the logits, the first of tied maxima across
     chunks and within one, then the advance."""

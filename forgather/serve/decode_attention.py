@@ -380,6 +380,25 @@ def _(x, delta, norm_weight, eps, weight, bias=None, gated=False, release_late=F
 ADVANCE = "triton"
 
 
+_ADVANCE_DEVICES: dict[str, bool] = {}
+
+
+def _advance_kernels(device: torch.device) -> bool:
+    """Whether the advance kernels run on `device`: a CUDA GPU of compute capability 7.0 or later (Triton's
+    least) where triton is installed, or Triton's interpreter; elsewhere their torch semantics run."""
+    if interpreting():
+        return True
+    if device.type != "cuda":
+        return False
+    key = str(device)
+    if key not in _ADVANCE_DEVICES:
+        import importlib.util
+
+        _ADVANCE_DEVICES[key] = (importlib.util.find_spec("triton") is not None
+                                 and torch.cuda.get_device_capability(device) >= (7, 0))
+    return _ADVANCE_DEVICES[key]
+
+
 def advance_inputs(inputs: torch.Tensor, greedy: torch.Tensor, scratch: int, host: torch.Tensor) -> None:
     """Feed a decode step's greedy tokens to the next one, on the device: inputs [2, B] (ids, positions) become
     (greedy, positions + 1), positions equal to `scratch` (the rows of no request) staying as they are, and the
@@ -392,8 +411,7 @@ def advance_inputs(inputs: torch.Tensor, greedy: torch.Tensor, scratch: int, hos
                          f"{tuple(inputs.shape)} and {tuple(host.shape)}")
     if ADVANCE not in ("triton", "torch"):
         raise ValueError(f"decode_attention.ADVANCE={ADVANCE!r}; choose 'triton' or 'torch'")
-    on_device = greedy.device.type == "cuda" or interpreting()
-    if ADVANCE == "triton" and on_device and greedy.is_contiguous():
+    if ADVANCE == "triton" and _advance_kernels(greedy.device) and greedy.is_contiguous():
         import triton
 
         from . import decode_kernels as kernels
@@ -414,8 +432,7 @@ def greedy_advance(logits: torch.Tensor, inputs: torch.Tensor, scratch: int, hos
     from .fused import ARGMAX_CHUNK, chunked_argmax
 
     batch, vocab = logits.shape
-    on_device = logits.device.type == "cuda" or interpreting()
-    if ADVANCE == "triton" and on_device and logits.stride(-1) == 1:
+    if ADVANCE == "triton" and _advance_kernels(logits.device) and logits.stride(-1) == 1:
         import triton
 
         from . import decode_kernels as kernels
