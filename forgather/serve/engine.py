@@ -37,8 +37,8 @@ inputs. The host's own work between two steps (reading the tokens, handing them 
 the GPU's instead of adding to it: on the H200 that was 0.07 to 0.6 ms a token; and with the inputs written
 by the step itself, no copy or launch sits between two steps' graphs (the copies in and out and the two
 launches that fed a queued step had cost ~27 us a token: docs/benchmarks.md). Between a step's launch and the
-host's read of its tokens at most one more step is launched, and it writes the other host buffer. It runs only where the next
-step is known: every row greedy and none at its last token. A queued step is used when the next plan
+host's read of its tokens at most one more step is launched, and it writes the other host buffer. It runs
+only where the next step is known: every row greedy and none at its last token. A queued step is used when the next plan
 decodes the same requests at the positions it assumed; otherwise (a stop token, a cancellation, a new
 request joining) it is dropped and the step runs again from the host's inputs. A dropped step only wrote
 keys and values at positions past its rows' ends, which a later occupant of the slot overwrites before it
