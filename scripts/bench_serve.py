@@ -16,8 +16,9 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    where it times faster; `cublas`: cuBLAS's products; `fused_all`: the output product ours
                    too), the tilings chosen by Triton's autotuner instead of timed in a CUDA graph
                    (`autotuner`, `fused_autotuner`: the default before 2026-12-04), programmatic dependent
-                   launch off (`nopdl`, `fused_nopdl`), the prompts' forward passes compiled with bursts
-                   (`prefill_compiled`), the engine without lookahead (`serial`), and the
+                   launch off (`nopdl`, `fused_nopdl`), the step's end (the next step's inputs, the tokens to
+                   the host) as torch ops instead of one kernel (`advance_torch`), the prompts' forward passes
+                   compiled with bursts (`prefill_compiled`), the engine without lookahead (`serial`), and the
                    models' own `modules` (the engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   burst N          N completions submitted to the engine at once (no HTTP; each --concurrency above 1, twice):
