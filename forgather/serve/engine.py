@@ -36,7 +36,7 @@ step is already queued behind it, a replay of its graph and nothing else, since 
 inputs. The host's own work between two steps (reading the tokens, handing them out, planning) then overlaps
 the GPU's instead of adding to it: on the H200 that was 0.07 to 0.6 ms a token; and with the inputs written
 by the step itself, no copy or launch sits between two steps' graphs (the copies in and out and the two
-launches that fed a queued step had cost ~27 us a token: docs/benchmarks.md). Between a step's launch and the
+launches that fed a queued step had cost ~20 us a token: docs/benchmarks.md). Between a step's launch and the
 host's read of its tokens at most one more step is launched, and it writes the other host buffer. It runs
 only where the next step is known: every row greedy and none at its last token. A queued step is used when the next plan
 decodes the same requests at the positions it assumed; otherwise (a stop token, a cancellation, a new
