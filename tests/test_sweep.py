@@ -124,6 +124,10 @@ BAD = [
     (["sweeper=optuan"], "sweeper=optuan: no sweeper 'optuan'; did you mean 'optuna'"),
     (["launcher=slurm"], "launcher=slurm: no launcher 'slurm'; launcher=submitit submits to Slurm (options: local, "
                          "ray, submitit)"),
+    (["launcher=parallel"], "launcher=parallel: no launcher 'parallel'; launcher=local runs points in parallel on this "
+                            "machine (launcher.jobs=N at a time) (options: local, ray, submitit)"),
+    (["launcher=joblib"], "launcher=joblib: no launcher 'joblib'; launcher=local runs points in parallel"),
+    (["launcher=submitit_slurm"], "launcher=submitit_slurm: no launcher 'submitit_slurm'; did you mean 'submitit'"),
     (["launcher.jbos=2"], "launcher.jbos=2: no key 'launcher.jbos' in the config; did you mean 'launcher.jobs'"),
     (["launcher.jobs=two"], "launcher.jobs=two: forgather.launch.local:LocalLauncher takes jobs: int; got str 'two'"),
     (["launcher=submitit", "launcher.timeout_min=1h"], "launcher.timeout_min=1h: forgather.launch.submitit:SubmititLauncher takes timeout_min: int; got str '1h'"),

@@ -43,15 +43,21 @@ def _load_option(search_path: list[str], group: str, name: str, said: str) -> Di
             return OmegaConf.load(path)
     found = options(search_path, group)
     hint = ovr._suggest(str(name), found)
-    scheduler = difflib.get_close_matches(str(name).lower(), list(_SUBMITTED_BY), n=1, cutoff=0.75)
-    if not hint and scheduler and _SUBMITTED_BY[scheduler[0]][0] in found:  # the scheduler named, not the launcher
-        launcher, cluster = _SUBMITTED_BY[scheduler[0]]
-        hint = f"; {group}={launcher} submits to {cluster}"
+    other = difflib.get_close_matches(str(name).lower(), list(_ALSO_CALLED), n=1, cutoff=0.75)
+    if not hint and other and _ALSO_CALLED[other[0]][0] in found:  # another tool's name for one of ours
+        launcher, what = _ALSO_CALLED[other[0]]
+        hint = f"; {group}={launcher} {what}"
     raise ovr.OverrideError(f"{said}: no {group} {name!r}{hint} (options: {', '.join(found)})")
 
 
-# A cluster's scheduler, as a user may name it for the launcher (`launcher=slurm`) -> the launcher that submits to it.
-_SUBMITTED_BY = {"slurm": ("submitit", "Slurm"), "sbatch": ("submitit", "Slurm")}
+# What a user may call a launcher after a cluster's scheduler or Hydra's launchers -> ours, and what it does.
+_ALSO_CALLED = {
+    "slurm": ("submitit", "submits to Slurm"), "sbatch": ("submitit", "submits to Slurm"),
+    "parallel": ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)"),
+    "joblib": ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)"),
+    "multiprocessing": ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)"),
+    "basic": ("local", "runs the points on this machine, one at a time unless launcher.jobs=N"),
+}
 
 
 @dataclass
