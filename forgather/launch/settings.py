@@ -50,13 +50,21 @@ def _load_option(search_path: list[str], group: str, name: str, said: str) -> Di
     raise ovr.OverrideError(f"{said}: no {group} {name!r}{hint} (options: {', '.join(found)})")
 
 
-# What a user may call a launcher after a cluster's scheduler or Hydra's launchers -> ours, and what it does.
+# What a user may call a launcher or a sweeper after a cluster's scheduler, Hydra's plugins or other search
+# libraries -> ours, and what it does (a hint only where ours is an option of the group named).
 _ALSO_CALLED = {
     "slurm": ("submitit", "submits to Slurm"), "sbatch": ("submitit", "submits to Slurm"),
     "parallel": ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)"),
     "joblib": ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)"),
     "multiprocessing": ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)"),
     "basic": ("local", "runs the points on this machine, one at a time unless launcher.jobs=N"),
+    "grid": ("basic", "enumerates every combination of the swept values"),
+    "random": ("optuna", "with sweeper.sampler=random"),
+    "tpe": ("optuna", "with sweeper.sampler=tpe (its default)"),
+    "hyperopt": ("optuna", "searches the space (TPE by default; sweeper.sampler=random)"),
+    "bayesian": ("optuna", "searches the space (TPE by default; sweeper.sampler=random)"),
+    "nevergrad": ("optuna", "searches the space (TPE by default; sweeper.sampler=random)"),
+    "ax": ("optuna", "searches the space (TPE by default; sweeper.sampler=random)"),
 }
 
 
