@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from forgather.models.attention import Attention
-from forgather.models.causal_lm import CausalLM, sample_next_token
+from forgather.models.causal_lm import CausalLM, sample_next_token, sample_rows
 from forgather.models.feedforward import GELUMLP, SwiGLU
 from forgather.models.kv_cache import KVCache
 from forgather.models.layers import PostLNLayer, PreLNLayer
@@ -425,3 +425,25 @@ def test_swiglu_in_token_chunks_equals_the_whole_and_saves_less_for_backward():
     assert saved_chunked < saved_whole / 3
     with torch.no_grad():  # inference never chunks
         torch.testing.assert_close(chunked(x), whole(x))
+
+
+def test_rows_sampled_together_are_each_what_sample_next_token_draws_alone():
+    """sample_rows (the serving engine's sampler): every row's token is the one sample_next_token gives that row
+    alone with a generator in the same state, whatever the other rows' temperatures and top_p (None: no
+    filtering), and each generator advances as it would alone."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * 3
+    temperatures = [0.7, 1.0, 0.7, 1.3, 1.0, 0.5]
+    top_ps = [0.9, None, None, 0.5, 0.95, 0.9]
+    for draw in range(5):
+        generators = [torch.Generator().manual_seed(100 * draw + i) for i in range(6)]
+        alone = [torch.Generator().manual_seed(100 * draw + i) for i in range(6)]
+        together = sample_rows(logits, temperatures, top_ps, generators)
+        expected = [int(sample_next_token(logits[i:i + 1], temperatures[i], None, top_ps[i], alone[i])[0])
+                    for i in range(6)]
+        assert together.tolist() == expected
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(generators, alone))
+    one = sample_rows(logits[3:4], [1.3], [0.5], [torch.Generator().manual_seed(3)])
+    assert one.tolist() == [int(sample_next_token(logits[3:4], 1.3, None, 0.5, torch.Generator().manual_seed(3))[0])]
+    with pytest.raises(ValueError, match="6 rows of logits, 2 temperatures"):
+        sample_rows(logits, [1.0, 1.0], top_ps, generators)

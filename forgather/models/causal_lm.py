@@ -12,7 +12,8 @@ Interface the rest of Forgather relies on:
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -198,3 +199,40 @@ def sample_next_token(
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperatures: Sequence[float],
+    top_ps: Sequence[float | None],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids, row i drawn as sample_next_token(logits[i:i+1], temperatures[i], None,
+    top_ps[i], generators[i]) draws it (every temperature > 0): the same arithmetic for each row, done for all
+    rows at once (one sort of the vocabulary, not one a row), and only each row's draw by its own generator. A
+    serving engine samples its batch this way: a row's token does not depend on the other rows."""
+    rows = logits.shape[0]
+    if not rows == len(temperatures) == len(top_ps) == len(generators):
+        raise ValueError(f"sample_rows: {rows} rows of logits, {len(temperatures)} temperatures, {len(top_ps)} top_p "
+                         f"values and {len(generators)} generators")
+    scaled = logits.float()
+    # Divided by each distinct temperature as a Python number, as sample_next_token does: a GPU divides by a
+    # scalar as a product with its reciprocal, which can differ in the last bit from dividing by a tensor.
+    for temperature in dict.fromkeys(temperatures):
+        chosen = [i for i in range(rows) if temperatures[i] == temperature]
+        if len(chosen) == rows:
+            scaled = scaled / temperature
+        else:
+            index = torch.tensor(chosen, device=logits.device)
+            scaled = scaled.index_copy(0, index, scaled.index_select(0, index) / temperature)
+    if any(top_p is not None for top_p in top_ps):
+        # A row without top_p keeps every token: its limit is never reached.
+        limit = torch.tensor([[math.inf if top_p is None else top_p] for top_p in top_ps], dtype=scaled.dtype,
+                             device=logits.device)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= limit
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = scaled.softmax(dim=-1)
+    return torch.cat([torch.multinomial(probs[i:i + 1], num_samples=1, generator=generators[i])[0]
+                      for i in range(rows)])

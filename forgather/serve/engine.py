@@ -28,8 +28,9 @@ hundreds of kernel launches. A step reads its token ids and positions from one d
 bucket (`step_inputs`) and ends by writing the next step's there, its greedy ids at the next positions, and
 its greedy ids to pinned host memory (decode_attention.greedy_advance: on a GPU one kernel, which stores
 into the host's memory directly). The host copies inputs in only where they are not that (a request joins
-or ends, a row samples). Sampling runs on the device (argmax for greedy rows, the shared `sample_next_token`
-for the others); the one host sync per step reads the sampled ids. Prefill runs eagerly (prompt lengths vary).
+or ends, a row samples). Sampling runs on the device: argmax for greedy rows, and for the others
+`sample_rows`, the shared `sample_next_token`'s arithmetic for every sampled row at once, each row drawn by its
+own generator. The one host sync per step reads the sampled ids. Prefill runs eagerly (prompt lengths vary).
 
 Lookahead (default: where the decode step is graphed): while the host waits for a step's tokens, the next
 step is already queued behind it, a replay of its graph and nothing else, since the step before wrote its
@@ -62,7 +63,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from forgather.models.causal_lm import sample_next_token
+from forgather.models.causal_lm import sample_rows
 from forgather.models.kv_cache import SlotKVCache, SlotRows
 
 from .decode_attention import advance_inputs, greedy_advance
@@ -561,16 +562,19 @@ class Engine:
         if turn is not None and all(request is None or request.params.temperature == 0 for request in rows):
             return greedy, (self.step_tokens[turn, :greedy.shape[0]], self._recorded(greedy))
         tokens = logits.argmax(dim=-1) if greedy is None else greedy.clone()
-        for index, request in enumerate(rows):
-            if request is None or request.params.temperature == 0:
-                continue
+        sampled = [(index, request) for index, request in enumerate(rows)
+                   if request is not None and request.params.temperature != 0]
+        for _, request in sampled:
             if request.generator is None:
                 seed = request.params.seed
                 seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
                 request.generator = torch.Generator(device=logits.device).manual_seed(seed)
-            top_p = request.params.top_p if request.params.top_p < 1.0 else None
-            tokens[index] = sample_next_token(logits[index:index + 1].float(), request.params.temperature, None,
-                                              top_p, request.generator)[0]
+        if sampled:  # every sampled row at once, each drawn by its own generator
+            index = torch.tensor([i for i, _ in sampled], device=logits.device)
+            tokens[index] = sample_rows(
+                logits.index_select(0, index), [r.params.temperature for _, r in sampled],
+                [r.params.top_p if r.params.top_p < 1.0 else None for _, r in sampled],
+                [r.generator for _, r in sampled])
         host = self.host_tokens[:tokens.shape[0]]
         host.copy_(tokens, non_blocking=True)
         return tokens, (host, self._recorded(tokens))
