@@ -18,7 +18,8 @@ heads, 11008, vocab 32000). A `--prompt`-token prompt (default 128) and `--token
                    (`autotuner`, `fused_autotuner`: the default before 2026-12-04), programmatic dependent
                    launch off (`nopdl`, `fused_nopdl`), the step's end (the next step's inputs, the tokens to
                    the host) as torch ops instead of one kernel (`advance_torch`), the prompts' forward passes
-                   compiled with bursts (`prefill_compiled`), the engine without lookahead (`serial`), and the
+                   compiled with bursts (`prefill_compiled`), requests that sample, alone and in bursts
+                   (`sampled`), the engine without lookahead (`serial`), and the
                    models' own `modules` (the engine before the fused decoder), all in CUDA graphs
   ttft 2048        the engine's time to first token for a 2048-token prompt, nothing else running
   burst N          N completions submitted to the engine at once (no HTTP; each --concurrency above 1, twice):
@@ -164,20 +165,24 @@ class CollectorPauses:
             self.total, self.longest = self.total + pause, max(self.longest, pause)
 
 
-def engine_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, list[float]]:
+# How the engine rows' requests sample (the `sampled` variant: temperature and top-p, a seed per request).
+GREEDY = dict(temperature=0.0)
+
+
+def engine_run(engine, prompt: list[int], tokens: int, sampling: dict = GREEDY) -> tuple[float, float, list[float]]:
     """(seconds to the first token, decode tokens/s after it, inter-token gaps) of one request alone."""
     from forgather.serve.backend import SamplingParams
 
     timed = Timed()
     start = time.perf_counter()
-    engine.submit(prompt, SamplingParams(max_tokens=tokens, temperature=0.0), timed)
+    engine.submit(prompt, SamplingParams(max_tokens=tokens, **sampling), timed)
     timed.done.wait()
     assert len(timed.times) == tokens, (len(timed.times), timed.finish)
     gaps = [b - a for a, b in zip(timed.times, timed.times[1:])]
     return timed.times[0] - start, (tokens - 1) / (timed.times[-1] - timed.times[0]) if gaps else 0.0, gaps
 
 
-def engine_burst(engine, prompt: list[int], tokens: int, requests: int) -> dict:
+def engine_burst(engine, prompt: list[int], tokens: int, requests: int, sampling: dict = GREEDY) -> dict:
     """`requests` completions submitted at once straight to the engine (no HTTP): the median and longest time
     to first token, all tokens over the wall time, the p50/p99 gaps of every stream, and the gaps over 3x the
     median (the steps that also prefilled). Beside the `http N` rows it tells the engine's share of theirs."""
@@ -185,8 +190,9 @@ def engine_burst(engine, prompt: list[int], tokens: int, requests: int) -> dict:
 
     timers = [Timed() for _ in range(requests)]
     start = time.perf_counter()
-    for timed in timers:
-        engine.submit(prompt, SamplingParams(max_tokens=tokens, temperature=0.0), timed)
+    for index, timed in enumerate(timers):
+        seeded = dict(sampling, seed=index) if sampling.get("temperature") else sampling
+        engine.submit(prompt, SamplingParams(max_tokens=tokens, **seeded), timed)
     for timed in timers:
         timed.done.wait()
     assert all(len(timed.times) == tokens for timed in timers), [t.finish for t in timers]
@@ -201,7 +207,7 @@ def engine_burst(engine, prompt: list[int], tokens: int, requests: int) -> dict:
 
 def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
                  slots: int = 32, profile: bool = False, settings: dict | None = None, bursts: tuple[int, ...] = (),
-                 **options) -> None:
+                 sampling: dict = GREEDY, **options) -> None:
     """One engine row (Engine(**options)), with `ttft_prompt`'s TTFT and `bursts`' rows; `settings` overrides
     forgather.serve.decode_attention's module settings (PDL) for this row only."""
     from forgather.serve import decode_attention
@@ -210,14 +216,14 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
     try:
         for key, value in (settings or {}).items():
             setattr(decode_attention, key, value)
-        _bench_engine(name, model, prompt, tokens, floor, ttft_prompt, slots, profile, bursts, options)
+        _bench_engine(name, model, prompt, tokens, floor, ttft_prompt, slots, profile, bursts, options, sampling)
     finally:
         for key, value in saved.items():
             setattr(decode_attention, key, value)
 
 
 def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
-                  slots: int, profile: bool, bursts: tuple[int, ...], options: dict) -> None:
+                  slots: int, profile: bool, bursts: tuple[int, ...], options: dict, sampling: dict = GREEDY) -> None:
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
@@ -245,9 +251,9 @@ def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float
             extra["logit_error"] = ((mine - theirs).norm() / theirs.norm()).item()
             extra["same_argmax"] = bool((mine.argmax(-1) == theirs.argmax(-1)).all())
         extra["tuned"] = tuned_configs()
-        engine_run(engine, prompt, tokens)  # warm-up
+        engine_run(engine, prompt, tokens, sampling)  # warm-up
         with CollectorPauses() as pauses:
-            ttft, rate, gaps = engine_run(engine, prompt, tokens)
+            ttft, rate, gaps = engine_run(engine, prompt, tokens, sampling)
         row(name, tokens_per_s=rate, ttft_ms=ttft * 1e3, itl_p50_ms=percentile(gaps, 0.5) * 1e3,
             itl_p99_ms=percentile(gaps, 0.99) * 1e3, itl_max_ms=max(gaps, default=0.0) * 1e3,
             gc_ms=pauses.total * 1e3, gc_longest_ms=pauses.longest * 1e3, floor_share=rate / floor, **extra)
@@ -259,8 +265,8 @@ def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float
             samples = [engine_run(engine, long, 2)[0] for _ in range(5)]
             row(f"{name} ttft {ttft_prompt}", ttft_ms=statistics.median(samples) * 1e3)
         for requests in (n for n in bursts if n <= engine.slots):  # twice: the second shows any first-time cost
-            row(f"{name} burst {requests}", **engine_burst(engine, prompt, tokens, requests))
-            row(f"{name} burst {requests} again", **engine_burst(engine, prompt, tokens, requests))
+            row(f"{name} burst {requests}", **engine_burst(engine, prompt, tokens, requests, sampling))
+            row(f"{name} burst {requests} again", **engine_burst(engine, prompt, tokens, requests, sampling))
     finally:
         engine.close()
         gc.unfreeze()
@@ -280,18 +286,24 @@ def tuned_configs() -> dict:
                     for key, config in tuner.tuned.cache.items()}
 
 
+def _graph(engine, size: int):
+    """A captured decode step of `size` rows at the shortest window (the graphs' keys start with batch and
+    window; an engine before 2026-12-04 had one graph per pair, later ones have one per turn too)."""
+    return next(graph for key, (graph, *_) in engine.graphs.items() if key[:2] == (size, engine.key_buckets[0]))
+
+
 def profile_step(engine) -> None:
     """GPU time of one graphed decode step at batch 1 and 32 (graph replays back to back), and the kernels of
     five replays at batch 1 by CUDA time."""
     for size in (1, engine.slots):
-        graph = engine.graphs[size, engine.key_buckets[0], 0][0]
+        graph = _graph(engine, size)
         sync()
         start = time.perf_counter()
         for _ in range(100):
             graph.replay()
         sync()
         row(f"graph step batch {size}", step_ms=(time.perf_counter() - start) * 10)
-    graph = engine.graphs[1, engine.key_buckets[0], 0][0]
+    graph = _graph(engine, 1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             graph.replay()
@@ -442,6 +454,10 @@ VARIANTS = {
     # The prompts' forward passes compiled (eager by default): its TTFT, and bursts of 8 and 32 requests at once,
     # whose long gaps are the decode steps that also prefilled.
     "prefill_compiled": ("compiled prefill", dict(compile_prefill=True, bursts=(8, 32))),
+    # Requests that sample (temperature 0.7, top-p 0.9, a seed each) at batch 1 and in bursts of 8 and 32: no step
+    # is queued ahead, and the engine samples a step's rows together (causal_lm.sample_rows).
+    "sampled": ("sampled (temperature 0.7, top-p 0.9)", dict(sampling=dict(temperature=0.7, top_p=0.9, seed=0),
+                                                           bursts=(8, 32))),
     "serial": ("no lookahead", dict(lookahead=False)),
     "modules": ("the model's modules", dict(compile=False, fused=False)),
 }

@@ -67,7 +67,7 @@ tuner)
     ;;
 versus)
     # The engine's step against another commit's, in turn in separate processes: $BASE holds that commit's tree
-    # (git archive COMMIT forgather scripts | tar -x -C DIR). First the GPU tests of the step's end (the advance
+    # (git archive COMMIT forgather | tar -x -C DIR), whose forgather package this tree's bench runs against. First the GPU tests of the step's end (the advance
     # kernels) and of the graphed engine (a Hugging Face directory) against the simple loop's tokens.
     timeout 60 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
         -k "advance_kernel or greedy_advance" 2>&1 | tee "$OUT/pytest_versus.txt" | tail -n 3
@@ -77,7 +77,8 @@ versus)
     for run in new base new; do
         i=$((i + 1))
         if [ $run = base ]; then tree=${BASE:?BASE=DIR, the tree of the commit to compare with}; else tree=.; fi
-        PYTHONPATH="$tree:$PYTHONPATH" timeout 140 $PY $tree/scripts/bench_serve.py --skip-hf --skip-forgather \
+        # this tree's bench_serve.py either way (so both runs have its rows and variants), forgather from $tree
+        PYTHONPATH="$tree:$PYTHONPATH" timeout 140 $PY scripts/bench_serve.py --skip-hf --skip-forgather \
             --skip-http --skip-7b --concurrency 1 --profile --json "$OUT/versus_${i}_$run.json" "$@" \
             > "$OUT/versus_${i}_$run.txt" 2>&1
         echo "==================== $run ($tree) ===================="
