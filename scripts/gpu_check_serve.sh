@@ -67,8 +67,9 @@ tuner)
     ;;
 versus)
     # The engine's step against another commit's, in turn in separate processes: $BASE holds that commit's tree
-    # (git archive COMMIT forgather | tar -x -C DIR), whose forgather package this tree's bench runs against. First the GPU tests of the step's end (the advance
-    # kernels) and of the graphed engine (a Hugging Face directory) against the simple loop's tokens.
+    # (git archive COMMIT forgather | tar -x -C DIR), whose forgather package this tree's bench runs against.
+    # First the GPU tests of the step's end (the advance kernels) and of the graphed engine (a Hugging Face
+    # directory) against the simple loop's tokens.
     timeout 60 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \
         -k "advance_kernel or greedy_advance" 2>&1 | tee "$OUT/pytest_versus.txt" | tail -n 3
     timeout 200 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs \

@@ -52,19 +52,17 @@ def _load_option(search_path: list[str], group: str, name: str, said: str) -> Di
 
 # What a user may call a launcher or a sweeper after a cluster's scheduler, Hydra's plugins or other search
 # libraries -> ours, and what it does (a hint only where ours is an option of the group named).
+_SLURM = ("submitit", "submits to Slurm")
+_PARALLEL = ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)")
+_SEARCH = ("optuna", "searches the space (TPE by default; sweeper.sampler=random)")
 _ALSO_CALLED = {
-    "slurm": ("submitit", "submits to Slurm"), "sbatch": ("submitit", "submits to Slurm"),
-    "parallel": ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)"),
-    "joblib": ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)"),
-    "multiprocessing": ("local", "runs points in parallel on this machine (launcher.jobs=N at a time)"),
+    "slurm": _SLURM, "sbatch": _SLURM,
+    "parallel": _PARALLEL, "joblib": _PARALLEL, "multiprocessing": _PARALLEL,
     "basic": ("local", "runs the points on this machine, one at a time unless launcher.jobs=N"),
     "grid": ("basic", "enumerates every combination of the swept values"),
     "random": ("optuna", "with sweeper.sampler=random"),
     "tpe": ("optuna", "with sweeper.sampler=tpe (its default)"),
-    "hyperopt": ("optuna", "searches the space (TPE by default; sweeper.sampler=random)"),
-    "bayesian": ("optuna", "searches the space (TPE by default; sweeper.sampler=random)"),
-    "nevergrad": ("optuna", "searches the space (TPE by default; sweeper.sampler=random)"),
-    "ax": ("optuna", "searches the space (TPE by default; sweeper.sampler=random)"),
+    "hyperopt": _SEARCH, "bayesian": _SEARCH, "nevergrad": _SEARCH, "ax": _SEARCH,
 }
 
 

@@ -399,6 +399,19 @@ def _advance_kernels(device: torch.device) -> bool:
     return _ADVANCE_DEVICES[key]
 
 
+def _by_kernel(device: torch.device) -> bool:
+    """Whether the step's end runs as our kernel (ADVANCE, where the kernels run) rather than as torch ops."""
+    if ADVANCE not in ("triton", "torch"):
+        raise ValueError(f"decode_attention.ADVANCE={ADVANCE!r}; choose 'triton' or 'torch'")
+    return ADVANCE == "triton" and _advance_kernels(device)
+
+
+def _check_step_buffers(what: str, inputs: torch.Tensor, host: torch.Tensor, batch: int) -> None:
+    if inputs.shape != (2, batch) or host.shape != (batch,) or not inputs.is_contiguous() or not host.is_contiguous():
+        raise ValueError(f"{what}: inputs [2, {batch}] and host [{batch}], contiguous; got "
+                         f"{tuple(inputs.shape)} and {tuple(host.shape)}")
+
+
 def advance_inputs(inputs: torch.Tensor, greedy: torch.Tensor, scratch: int, host: torch.Tensor) -> None:
     """Feed a decode step's greedy tokens to the next one, on the device: inputs [2, B] (ids, positions) become
     (greedy, positions + 1), positions equal to `scratch` (the rows of no request) staying as they are, and the
@@ -406,12 +419,8 @@ def advance_inputs(inputs: torch.Tensor, greedy: torch.Tensor, scratch: int, hos
     engine runs this at the end of every decode step, inside its CUDA graph, so that a step queued ahead needs
     no transfer and no launch before it (engine.py)."""
     batch = greedy.shape[0]
-    if inputs.shape != (2, batch) or host.shape != (batch,) or not inputs.is_contiguous() or not host.is_contiguous():
-        raise ValueError(f"advance_inputs: inputs [2, {batch}] and host [{batch}], contiguous; got "
-                         f"{tuple(inputs.shape)} and {tuple(host.shape)}")
-    if ADVANCE not in ("triton", "torch"):
-        raise ValueError(f"decode_attention.ADVANCE={ADVANCE!r}; choose 'triton' or 'torch'")
-    if ADVANCE == "triton" and _advance_kernels(greedy.device) and greedy.is_contiguous():
+    _check_step_buffers("advance_inputs", inputs, host, batch)
+    if _by_kernel(greedy.device) and greedy.is_contiguous():
         import triton
 
         from . import decode_kernels as kernels
@@ -432,14 +441,12 @@ def greedy_advance(logits: torch.Tensor, inputs: torch.Tensor, scratch: int, hos
     from .fused import ARGMAX_CHUNK, chunked_argmax
 
     batch, vocab = logits.shape
-    if ADVANCE == "triton" and _advance_kernels(logits.device) and logits.stride(-1) == 1:
+    _check_step_buffers("greedy_advance", inputs, host, batch)
+    if _by_kernel(logits.device) and logits.stride(-1) == 1:
         import triton
 
         from . import decode_kernels as kernels
 
-        if inputs.shape != (2, batch) or host.shape != (batch,) or not inputs.is_contiguous():
-            raise ValueError(f"greedy_advance: inputs [2, {batch}] and host [{batch}], contiguous; got "
-                             f"{tuple(inputs.shape)} and {tuple(host.shape)}")
         chunks = triton.cdiv(vocab, ARGMAX_CHUNK)
         tops, indices, counter = _argmax_workspace(logits.device, batch, chunks)
         greedy = torch.empty(batch, dtype=torch.long, device=logits.device)

@@ -398,10 +398,10 @@ class Engine:
                 rows = [None] * logits.shape[0]
                 for request in plan.decode:
                     rows[request.slot] = request
-                tokens, ready = self._sample_on_device(logits, rows, greedy, turn)
+                ready = self._sample_on_device(logits, rows, greedy, turn)
                 if self.lookahead:
                     self._queue_next(plan.decode)
-                tokens = self._read(tokens, ready)
+                tokens = self._read(ready)
                 self._hand_out(plan.decode, [tokens[request.slot] for request in plan.decode])
             except Exception as error:
                 self.ahead = None
@@ -551,16 +551,15 @@ class Engine:
                 ) -> list[int]:
         """One token per row: greedy rows by one argmax (`greedy`, when the step computed it), the others
         each by their own parameters."""
-        return self._read(*self._sample_on_device(logits, rows, greedy))
+        return self._read(self._sample_on_device(logits, rows, greedy))
 
     def _sample_on_device(self, logits: torch.Tensor, rows: list[Request | None], greedy: torch.Tensor | None = None,
-                          turn: int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
-        """_sample's tokens on the device, and where the host reads them: (a host tensor, an event for when
-        they are there (None on the CPU)). Where every row is greedy and `turn` says which step_tokens a decode
-        step stored its greedy ids in, those; otherwise tokens of their own (not a graph's output), whose copy
-        to the host is queued here."""
+                          turn: int | None = None) -> tuple[torch.Tensor, Any]:
+        """Where the host reads _sample's tokens: (a host tensor, an event for when they are there (None on the
+        CPU)). Where every row is greedy and `turn` says which step_tokens a decode step stored its greedy ids
+        in, those; otherwise tokens sampled here (not in a graph's output), whose copy to the host is queued."""
         if turn is not None and all(request is None or request.params.temperature == 0 for request in rows):
-            return greedy, (self.step_tokens[turn, :greedy.shape[0]], self._recorded(greedy))
+            return self.step_tokens[turn, :greedy.shape[0]], self._recorded(greedy)
         tokens = logits.argmax(dim=-1) if greedy is None else greedy.clone()
         sampled = [(index, request) for index, request in enumerate(rows)
                    if request is not None and request.params.temperature != 0]
@@ -577,7 +576,7 @@ class Engine:
                 [r.generator for _, r in sampled])
         host = self.host_tokens[:tokens.shape[0]]
         host.copy_(tokens, non_blocking=True)
-        return tokens, (host, self._recorded(tokens))
+        return host, self._recorded(tokens)
 
     @staticmethod
     def _recorded(tokens: torch.Tensor) -> Any:
@@ -589,7 +588,7 @@ class Engine:
         return event
 
     @staticmethod
-    def _read(tokens: torch.Tensor, ready: tuple[torch.Tensor, Any]) -> list[int]:
+    def _read(ready: tuple[torch.Tensor, Any]) -> list[int]:
         """The sampled ids on the host: the step's one wait for the GPU, without the GIL (Event.synchronize
         releases it: the app's threads run meanwhile), and not for a step queued after them."""
         host, event = ready

@@ -30,7 +30,7 @@ This module runs the same arithmetic in few kernels:
   one-row argmax over a 128k vocabulary as one thread block, 29 us on the H200, where the row's chunk maxima
   spread it over the GPU): chunked_argmax, and on a GPU decode_attention.greedy_advance, one kernel that also
   writes the next step's inputs. The engine captures the whole
-  step in a CUDA graph per (batch, window) bucket.
+  step in CUDA graphs, two per (batch, window) bucket (engine.py).
 
 The arithmetic is the models' own (RMSNorm in float32 cast back before the weight, rotary in the
 activations' dtype, softmax in float32), so greedy tokens match the modules' step; on the CPU nothing is
@@ -373,7 +373,7 @@ class FusedDecoder:
             mine = base.float() + delta.float()
             errors.append(relative(mine - given.float(), output.float() - given.float()))
         final = seen[-1][0]
-        errors.append(relative(self.epilogue(final, torch.zeros_like(final))[0], logits))
+        errors.append(relative(self.head(final, torch.zeros_like(final)), logits))
         return max(errors)
 
     # --- the step -----------------------------------------------------------------------------------------
@@ -396,10 +396,6 @@ class FusedDecoder:
         """The final norm and the LM head: the logits [B, V] (the engine's step ends with their greedy argmax, in
         one kernel with the next step's inputs: decode_attention.greedy_advance)."""
         return F.linear(rms_norm(residual_add(x, delta), self.final_norm, self.eps), self.lm_head)
-
-    def epilogue(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.head(x, delta)
-        return logits, chunked_argmax(logits)
 
     def _zeros(self, x: torch.Tensor) -> torch.Tensor:
         """Zeros like x, made once per shape and never written (no step writes its inputs): a step starts
