@@ -16,9 +16,13 @@
 #   part d            the options measured faster alone, together, beside the default and HF + Liger on the 1.24B
 #                     shape: compile_mode=max-autotune-no-cudagraphs (1.021x alone, minutes of tuning) with
 #                     optimizer=adamw_compiled (1.008-1.014x alone).
+#   part e            the same comparison over 40 steps (four windows: the first, with its warm-up, left out of the
+#                     median), with inductor's coordinate-descent tuning of the pointwise and reduction kernels
+#                     (compile_options) beside the compiled AdamW alone; the tuned run profiled over 10 steps, a
+#                     logged one among them.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|c|d|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|c|d|e|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -79,6 +83,12 @@ d)
         --variant autotune+adamw-compiled compile_mode=max-autotune-no-cudagraphs optimizer=adamw_compiled \
         --timeout 420 "$@"
     ;;
+e)
+    bench bench_1b_best.log --shape 1b --label 1b_best --steps 40 --paths forgather hf-liger \
+        --variant adamw-compiled optimizer=adamw_compiled \
+        --variant cdt+adamw-compiled optimizer=adamw_compiled "compile_options={coordinate_descent_tuning:true}" \
+        --profile cdt+adamw-compiled --profile-steps 10 --timeout 240 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -94,7 +104,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a, b, c, d or tests"; exit 2 ;;
+    echo "unknown part '$PART': a, b, c, d, e or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

@@ -75,3 +75,7 @@ def test_unlogged_training_steps_never_read_a_tensor_on_the_host(tmp_path):
     assert watch.steps == 8
     assert not watch.unlogged, f"host reads on unlogged steps: {dict(watch.unlogged)}"
     assert watch.logged  # the watch sees reads where there are some: the loggers' on steps 4 and 8 (and 9)
+    # Logged steps read the metrics, but nothing is copied there from host data: the learning rate is logged
+    # as a host tensor, not a float Lightning would copy to the device mid-step.
+    copies = {place: n for place, n in watch.logged.items() if place[0] in FROM_HOST_DATA}
+    assert not copies, f"copies from host data on logged steps: {copies}"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from forgather.errors import UserError
 from forgather.convert.components import QKNormAttention
 from forgather.lightning.module import CausalLMModule
 from forgather.models.attention import Attention
@@ -178,6 +179,28 @@ def test_compile_mode_is_torch_compiles_mode_in_either_scope(scope, monkeypatch)
         CausalLMModule(tiny_model(), compile=True, compile_mode="fastest")
 
 
+def test_compile_options_reach_inductor_alone_or_over_the_modes_settings(monkeypatch):
+    from torch._inductor import list_mode_options
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: seen.append(options) or fn)
+    CausalLMModule(tiny_model(), compile=True, compile_options={"coordinate_descent_tuning": True}).configure_model()
+    assert seen[-1] == {"options": {"coordinate_descent_tuning": True}}
+    # torch.compile refuses a mode and options together: the mode's own settings are the base, ours override
+    CausalLMModule(tiny_model(), compile=True, compile_scope="model", compile_mode="max-autotune-no-cudagraphs",
+                   compile_options={"coordinate_descent_tuning": False, "epilogue_fusion": False}).configure_model()
+    expected = {**list_mode_options("max-autotune-no-cudagraphs"), "coordinate_descent_tuning": False,
+                "epilogue_fusion": False}
+    assert seen[-1] == {"options": expected} and expected.get("max_autotune") is True
+
+
+def test_a_misspelled_compile_option_is_named_with_its_close_matches():
+    with pytest.raises(UserError, match=r"'coordinate_decent_tuning' is not a setting.*'coordinate_descent_tuning'"):
+        CausalLMModule(tiny_model(), compile=True, compile_options={"coordinate_decent_tuning": True})
+    with pytest.raises(TypeError, match=r"compile_options must be a mapping.*got str"):
+        CausalLMModule(tiny_model(), compile=True, compile_options="coordinate_descent_tuning")
+
+
 def test_an_unknown_compile_scope_names_the_choices():
     with pytest.raises(ValueError, match=r"compile_scope='graph'.*'layers'.*'model'"):
         CausalLMModule(tiny_model(), compile=True, compile_scope="graph")
@@ -189,10 +212,12 @@ def test_the_options_are_config_values_of_the_llama_template(capsys):
     from forgather.run import main
 
     assert main(["+experiment=tiny_llama", "fused_projections=true", "compile=true", "compile_scope=model",
-                 "compile_mode=max-autotune-no-cudagraphs", "--cfg", "job", "--resolve"]) == 0
+                 "compile_mode=max-autotune-no-cudagraphs", "compile_options={coordinate_descent_tuning:true}",
+                 "--cfg", "job", "--resolve"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["module"]["compile_scope"] == "model"
     assert config["module"]["compile_mode"] == "max-autotune-no-cudagraphs"
+    assert config["module"]["compile_options"] == {"coordinate_descent_tuning": True}
     layer = config["model"]["layer_factory"]
     assert layer["attention_factory"]["fused_projections"] is True
     assert layer["feedforward_factory"]["fused_projections"] is True

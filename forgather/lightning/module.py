@@ -18,14 +18,14 @@ from __future__ import annotations
 import functools
 import math
 from time import perf_counter
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from forgather.errors import UserError
+from forgather.errors import UserError, did_you_mean
 from forgather.lightning.memory import check_batch_fits
 from forgather.lightning.steps import writes_metrics
 from forgather.loss.base import IGNORE_INDEX
@@ -59,6 +59,10 @@ class CausalLMModule(pl.LightningModule):
             object itself is not changed, so its state dict and export are not either).
         compile_mode: torch.compile's `mode` (COMPILE_MODES; None: its default), e.g.
             "max-autotune-no-cudagraphs" to let inductor tune its kernels (minutes more at the start).
+        compile_options: inductor's settings (`torch._inductor.list_options()`), e.g.
+            `{coordinate_descent_tuning: true}` to tune the pointwise and reduction kernels without the minutes
+            of max-autotune's matmul search. With a `compile_mode` they are laid over the mode's own settings
+            (torch.compile takes one or the other, not both).
     """
 
     def __init__(
@@ -71,12 +75,14 @@ class CausalLMModule(pl.LightningModule):
         compile: bool = False,
         compile_scope: str = "layers",
         compile_mode: str | None = None,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if compile_scope not in ("layers", "model"):
             raise ValueError(f"compile_scope={compile_scope!r}: choose 'layers' (each layer) or 'model' (all of them)")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={compile_mode!r}: choose one of {COMPILE_MODES}")
+        self.compile_options = _check_compile_options(compile_options)
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
         if isinstance(model, nn.Module):
@@ -108,7 +114,7 @@ class CausalLMModule(pl.LightningModule):
         if self.model is None:
             self.model = self.model_factory()
         if self.compile and not self._compiled:
-            options = {"mode": self.compile_mode} if self.compile_mode else {}
+            options = _compile_arguments(self.compile_mode, self.compile_options)
             if self.compile_scope == "model":
                 self._hidden_states = torch.compile(self.model.hidden_states, **options)
             else:
@@ -139,8 +145,8 @@ class CausalLMModule(pl.LightningModule):
         rows = labels.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=rows)
         if writes_metrics(self.trainer, self.trainer.global_step + 1):
-            # Only where it is written: Lightning turns a float into a device tensor, a copy from pageable host
-            # memory that waits for every queued kernel (one wait a step; tests/test_step_syncs.py).
+            # Only where it is written. A host tensor: Lightning keeps it on the host, where a float would become a
+            # device tensor, a copy from pageable memory that waits for every queued kernel (tests/test_step_syncs.py).
             self.log("train/lr", self._learning_rate(), on_step=True, on_epoch=False, batch_size=rows)
         return loss
 
@@ -224,11 +230,39 @@ class CausalLMModule(pl.LightningModule):
         hidden = hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"))
         return self.loss(hidden, self.model.lm_head_weight, _labels(batch))
 
-    def _learning_rate(self) -> float | torch.Tensor:
+    def _learning_rate(self) -> torch.Tensor:
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         # A rate kept in a device tensor (CompiledAdamW) is logged as a copy, without waiting for the device;
-        # the scheduler fills that tensor in place later.
-        return lr.detach().clone() if isinstance(lr, torch.Tensor) else float(lr)
+        # the scheduler fills that tensor in place later. A float stays on the host (float32, as Lightning logs one).
+        return lr.detach().clone() if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float32)
+
+
+def _check_compile_options(options: Any) -> dict[str, Any]:
+    """`compile_options` as a plain dict whose every key is a setting of inductor's (a misspelled one is named
+    with its close matches: torch would only say it is unknown once the first compile starts)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"compile_options must be a mapping of inductor settings, e.g. "
+                        f"{{coordinate_descent_tuning: true}}; got {type(options).__name__} {options!r}")
+    from torch._inductor import list_options
+
+    known = list_options()
+    for key in options:
+        if key not in known:
+            hint = did_you_mean(str(key), known)
+            raise UserError(f"compile_options: {key!r} is not a setting of inductor's"
+                            f"{'; ' + hint if hint else ''} (all of them: torch._inductor.list_options())")
+    return dict(options)
+
+
+def _compile_arguments(mode: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """torch.compile's keyword arguments: `mode`, or, with options, the mode's settings overlaid by them."""
+    if not options:
+        return {"mode": mode} if mode else {}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**(list_mode_options(mode) if mode else {}), **options}}
 
 
 def _labels(batch: Batch) -> torch.Tensor:
