@@ -352,6 +352,7 @@ PROFILE_CALLBACK = """        profile: !singleton:{script}:ProfileSteps
             steps: {steps}
             output: {output}
             title: {title}
+            trace: {trace}
 """
 
 
@@ -372,7 +373,9 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
     # One step past the timed ones when nothing is profiled: the last timed window's row is logged by then.
     last_step = args.steps + (args.profile_steps if profile else 1)
     profile_callback = PROFILE_CALLBACK.format(script=script, first_step=args.steps, steps=args.profile_steps,
-                                               output=tmp / "profile.json", title=json.dumps(name))
+                                               output=tmp / "profile.json", title=json.dumps(name),
+                                               trace=json.dumps(str(Path(args.out or tmp) / f"trace_{_slug(name)}.json.gz")
+                                                                if args.profile_trace else None))
     trainer_block = BENCH_TRAINER_BLOCK.format(
         trainer_sets="" if cpu else GPU_TRAINER_SETS, profile=profile_callback if profile else "", script=script,
         last_step=last_step, marker=tmp / MEASURED)
@@ -398,6 +401,11 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
         f"compile={'false' if cpu or args.no_compile else 'true'}", f"attention_fn={args.attention}",
         *args.set, *overrides,
     ]
+
+
+def _slug(name: str) -> str:
+    """A variant's name as part of a file name."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
 
 
 def logged_rates(tmp: Path) -> list[float]:
@@ -551,6 +559,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=5, help="window length (forgather: log_every_n_steps)")
     parser.add_argument("--profile", nargs="*", default=[], metavar="NAME", help="paths or variants to profile")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-trace", action="store_true",
+                        help="keep each profiled forgather run's chrome trace, host operators included, as "
+                             "OUT/trace_NAME.json.gz (scripts/profile_train.py --host reads what the host did in "
+                             "each gap)")
     parser.add_argument("--memory-steps", type=int, default=3, help="memory24: timed steps after the warm-up")
     parser.add_argument("--loss", default="fused", help="loss group option for forgather runs (cpu: chunked)")
     parser.add_argument("--optimizer", default=None, help="optimizer group option (default: the shape's)")

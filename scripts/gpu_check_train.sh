@@ -20,9 +20,11 @@
 #                     median), with inductor's coordinate-descent tuning of the pointwise and reduction kernels
 #                     (compile_options) beside the compiled AdamW alone; the tuned run profiled over 10 steps, a
 #                     logged one among them.
+#   part f            what a logged step costs: forgather and HF + Liger logging every 20 steps instead of 5, then a
+#                     profiled forgather run whose trace (host operators too) comes back as trace_forgather.json.gz.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|c|d|e|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -89,6 +91,12 @@ e)
         --variant cdt+adamw-compiled optimizer=adamw_compiled "compile_options={coordinate_descent_tuning:true}" \
         --profile cdt+adamw-compiled --profile-steps 10 --timeout 240 "$@"
     ;;
+f)
+    bench bench_1b_log20.log --shape 1b --label 1b_log20 --steps 80 --log-every 20 --paths forgather hf-liger \
+        --timeout 200 "$@"
+    bench bench_1b_trace.log --shape 1b --label 1b_trace --steps 20 --paths forgather --profile forgather \
+        --profile-steps 6 --profile-trace --timeout 200 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -104,7 +112,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a, b, c, d, e or tests"; exit 2 ;;
+    echo "unknown part '$PART': a, b, c, d, e, f or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import os
 import tempfile
@@ -180,8 +181,8 @@ class StepProfiler:
     {steps, wall_ms_per_step, rows, syncs, table}. Both ends wait for the device, so the window's wall time is
     exact."""
 
-    def __init__(self, device: str, title: str = "") -> None:
-        self.device, self.title = device, title
+    def __init__(self, device: str, title: str = "", trace: str | None = None) -> None:
+        self.device, self.title, self.trace = device, title, trace
         self._profile, self._start = None, 0.0
 
     def _sync(self) -> None:
@@ -194,8 +195,10 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         self._sync()
-        activity = ProfilerActivity.CUDA if self.device == "cuda" else ProfilerActivity.CPU
-        self._profile = profile(activities=[activity])
+        activities = [ProfilerActivity.CUDA] if self.device == "cuda" else [ProfilerActivity.CPU]
+        if self.trace:  # the host's operators and launches too, to say what the host did during each gap
+            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.device == "cuda" else [])]
+        self._profile = profile(activities=activities)
         self._profile.__enter__()
         self._warnings = warnings.catch_warnings(record=True)
         self._caught = self._warnings.__enter__()
@@ -218,7 +221,11 @@ class StepProfiler:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "trace.json")
             self._profile.export_chrome_trace(path)
-            events = trace_events(json.loads(Path(path).read_text()))
+            text = Path(path).read_text()
+            events = trace_events(json.loads(text))
+            if self.trace:
+                with gzip.open(self.trace, "wt") as kept:
+                    kept.write(text)
         rows = summarize(events, wall_us, steps)
         syncs = sync_sites(self._caught)
         gaps = idle_gaps(events, steps)
@@ -242,16 +249,18 @@ try:
 
     class ProfileSteps(pl.Callback):
         """Profiles optimizer steps `first_step + 1 .. first_step + steps` of a Lightning run and writes the
-        summary as JSON to `output` (the forgather run of scripts/bench_train.py adds it to its trainer)."""
+        summary as JSON to `output` (the forgather run of scripts/bench_train.py adds it to its trainer); with
+        `trace`, also the whole chrome trace, host operators included, gzipped there."""
 
-        def __init__(self, first_step: int, steps: int, output: str, title: str = "") -> None:
-            self.first_step, self.steps, self.output, self.title = first_step, steps, output, title
+        def __init__(self, first_step: int, steps: int, output: str, title: str = "", trace: str | None = None
+                     ) -> None:
+            self.first_step, self.steps, self.output, self.title, self.trace = first_step, steps, output, title, trace
             self._profiler: StepProfiler | None = None
             self._done = False
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if self._profiler is None and not self._done and trainer.global_step == self.first_step:
-                self._profiler = StepProfiler(pl_module.device.type, self.title)
+                self._profiler = StepProfiler(pl_module.device.type, self.title, self.trace)
                 self._profiler.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

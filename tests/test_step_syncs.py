@@ -26,6 +26,9 @@ from test_run import PROJECT
 READS_ON_HOST = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal", "cpu",
                  "numpy", "is_nonzero", "__format__", "__repr__", "masked_select", "unique", "argwhere"}
 FROM_HOST_DATA = {"tensor", "as_tensor", "scalar_tensor"}  # with a device: a synchronous copy to it
+# Reads of tensors that are host tensors wherever the run trains: Lightning makes the training loader's iterator
+# there at an epoch's start, and torch's sampler draws its seed from a CPU generator (`.item()`).
+HOST_TENSOR_SITES = ("pytorch_lightning/utilities/combined_loader.py",)
 
 
 class HostReads(TorchFunctionMode):
@@ -40,29 +43,45 @@ class HostReads(TorchFunctionMode):
         if name in READS_ON_HOST or (name in FROM_HOST_DATA and (kwargs or {}).get("device") is not None):
             caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename
                            and f.filename != __file__), None)
-            self.seen[(name, f"{caller.filename}:{caller.lineno}" if caller else "?")] += 1
+            if caller is None or not caller.filename.endswith(HOST_TENSOR_SITES):
+                self.seen[(name, f"{caller.filename}:{caller.lineno}" if caller else "?")] += 1
         return func(*args, **(kwargs or {}))
 
 
 class WatchSteps(pl.Callback):
-    """Runs each training batch after the first under HostReads; sorts what it saw by logged / unlogged step."""
+    """Watches each training batch after the first under HostReads, from its start to the next batch's start
+    (or the end of training): what Lightning does after the callbacks' batch-end hooks (its logger connector
+    turns progress-bar metrics into numbers there) counts too. Sorts what it saw by logged / unlogged step."""
 
     def __init__(self):
         self.unlogged, self.logged, self.steps = collections.Counter(), collections.Counter(), 0
         self.mode = None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step >= 1:
-            self.seen = collections.Counter()
-            self.mode = HostReads(self.seen)
-            self.mode.__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def _close(self, trainer):
         if self.mode is not None:
             self.mode.__exit__(None, None, None)
             self.mode = None
             self.steps += 1
             (self.logged if writes_metrics(trainer) else self.unlogged).update(self.seen)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._close(trainer)  # the previous batch, whose optimizer step global_step still counts
+        if trainer.global_step >= 1:
+            self.seen = collections.Counter()
+            self.mode = HostReads(self.seen)
+            self.mode.__enter__()
+
+    def on_validation_start(self, trainer, pl_module):  # validation reads its own numbers, not a training step's
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.mode is not None:
+            self.mode = HostReads(self.seen)
+            self.mode.__enter__()
+
+    def on_train_end(self, trainer, pl_module):
+        self._close(trainer)
 
 
 def test_unlogged_training_steps_never_read_a_tensor_on_the_host(tmp_path):

@@ -9,8 +9,8 @@ padding, summed over ranks, per second over the steps since the previous write),
 2-norm before the optimizer step) and `val/loss` (epoch mean weighted by target tokens, synced).
 
 No step forces the host to wait for the GPU except the steps the loggers write (every `log_every_n_steps`,
-and the last): throughput and the gradient norm are computed there only, so between writes the host queues
-work ahead of the device.
+and the last): throughput and the gradient norm are computed there only, and `train/loss` is not a progress-bar
+metric (Lightning reads those after every batch), so between writes the host queues work ahead of the device.
 """
 
 from __future__ import annotations
@@ -143,7 +143,9 @@ class CausalLMModule(pl.LightningModule):
         labels = _labels(batch)
         self._batch_tokens = (labels != self._ignore_index).sum()
         rows = labels.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=rows)
+        # Not a progress-bar metric: Lightning turns those into numbers after every batch, a host wait each step
+        # (forgather.lightning.ProgressBar shows the loss where the loggers write it).
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=rows)
         if writes_metrics(self.trainer, self.trainer.global_step + 1):
             # Only where it is written. A host tensor: Lightning keeps it on the host, where a float would become a
             # device tensor, a copy from pageable memory that waits for every queued kernel (tests/test_step_syncs.py).

@@ -1,10 +1,12 @@
 """`ProgressBar`: Lightning's RichProgressBar that reads metrics only on the steps the loggers write.
 
 Reading the progress-bar metrics turns each logged tensor into a Python number, which makes the host wait for
-the GPU. Lightning's bar does that after every batch (its `refresh_rate` throttles drawing, not reading), so on a
-GPU every step ended in a host sync and the host could never queue the next step's work early. This bar keeps
-the numbers it last read and reads new ones when the loggers write (every `log_every_n_steps`), at the last step
-and outside training (validation shows its own metrics as usual). It also shows "Epoch 2" rather than
+the GPU. Lightning does that after every batch for every metric logged with `prog_bar=True` (its logger
+connector, whatever bar is drawn; `refresh_rate` throttles drawing, not reading), so on a GPU every step ended
+in a host sync and the host could never queue the next step's work early. So the training loss is not logged
+as a progress-bar metric; this bar reads it (TRAIN_METRICS) from the callback metrics when the loggers write
+(every `log_every_n_steps`), at the last step, keeps the numbers it last read in between, and outside training
+shows the progress-bar metrics as usual (validation's loss) beside the last training loss. It also shows "Epoch 2" rather than
 Lightning's "Epoch 2/-2" when the epochs are unbounded (max_steps runs set max_epochs=-1).
 
 Three more departures from Lightning's bar:
@@ -27,6 +29,10 @@ from pytorch_lightning.callbacks import RichProgressBar
 
 from forgather.lightning.quiet import quiet_lightning
 from forgather.lightning.steps import writes_metrics
+
+# Training metrics the bar shows, read where the loggers write them. They are not `prog_bar` metrics: Lightning
+# turns those into numbers after every batch, which made every step wait for the GPU.
+TRAIN_METRICS = ("train/loss",)
 
 # The loggers Lightning gives a stderr handler of its own when the application configured none.
 _LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
@@ -79,8 +85,15 @@ class ProgressBar(RichProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         # The step counter is drawn by the bar itself; the metrics wait for a write.
         if self._shown is None or not trainer.training or writes_metrics(trainer):
-            self._shown = super().get_metrics(trainer, pl_module)
-            self._shown.pop("v_num", None)
+            shown = super().get_metrics(trainer, pl_module)
+            shown.pop("v_num", None)
+            for key in TRAIN_METRICS:
+                value = trainer.callback_metrics.get(key) if trainer.training else None
+                if value is not None:
+                    shown[key] = float(value)
+                elif self._shown and key in self._shown:  # validation: the last training value stays in view
+                    shown[key] = self._shown[key]
+            self._shown = shown
         return self._shown
 
     def _get_train_description(self, current_epoch: int) -> str:
