@@ -17,10 +17,13 @@
 #                  process's picks).
 #   part versus    the advance kernel's and the graphed engine's GPU tests, then bench_serve.py's default at batch 1
 #                  from this tree and from $BASE (another commit's tree) in turn, three processes (--profile).
+#   part sampled   the GPU tests of the step's end and of the graphed engine (greedy and seeded sampling, alone
+#                  and batched, against the simple loop's tokens), then bench_serve.py's `sampled` rows (temperature
+#                  and top-p, each row its own generator, the rows of a step sampled together) beside greedy ones.
 # Results: $OUT/pytest_kernels.txt, kernels.txt, kernels.json (kernels); pytest_engine.txt (engine);
 # serve.txt, serve.json (bench); pytest_tuner.txt, tuner_1.txt, tuner_2.txt, tuner_*.json (tuner);
-# pytest_versus.txt, versus_N_{new,base}.txt and .json (versus).
-#     [BASE=DIR] bash scripts/gpu_check_serve.sh [kernels|engine|bench|tuner|versus][,...] [more bench_serve.py args]
+# pytest_versus.txt, versus_N_{new,base}.txt and .json (versus); pytest_sampled.txt, sampled.txt, sampled.json.
+#     [BASE=DIR] bash scripts/gpu_check_serve.sh [kernels|engine|bench|tuner|versus|sampled][,...] [more bench_serve.py args]
 set -u
 cd "$(dirname "$0")/.."
 PARTS=${1:-bench}
@@ -86,7 +89,15 @@ versus)
         grep '"name"' "$OUT/versus_${i}_$run.txt" | cut -c1-260
     done
     ;;
+sampled)
+    timeout 260 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs --durations=5 \
+        -k "advance_kernel or greedy_advance or (graphed_engine and llama)" 2>&1 | tee "$OUT/pytest_sampled.txt" | tail -n 9
+    timeout 160 $PY scripts/bench_serve.py --skip-hf --skip-forgather --skip-http --skip-7b --concurrency 1 \
+        --variants sampled --json "$OUT/sampled.json" "$@" > "$OUT/sampled.txt" 2>&1
+    echo "==================== sampled ===================="
+    grep '"name"' "$OUT/sampled.txt" | cut -c1-260
+    ;;
 *)
-    echo "unknown part '$PART': kernels, engine, bench, tuner or versus"; exit 2 ;;
+    echo "unknown part '$PART': kernels, engine, bench, tuner, versus or sampled"; exit 2 ;;
 esac
 done

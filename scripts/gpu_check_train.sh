@@ -22,9 +22,14 @@
 #                     logged one among them.
 #   part f            what a logged step costs: forgather and HF + Liger logging every 20 steps instead of 5, then a
 #                     profiled forgather run whose trace (host operators too) comes back as trace_forgather.json.gz.
+#   part g            after train/loss stopped being a progress-bar metric (a host wait every step, found with part
+#                     f's trace): the default (profiled, trace kept), HF + Liger, coordinate-descent tuning with
+#                     the compiled AdamW, and max-autotune with the compiled AdamW (minutes of tuning), 40 steps each.
+#   part h            CUDA graphs over the compiled layers (compile_mode=reduce-overhead) with the compiled AdamW, now
+#                     that no step drains the GPU (measured level with the default before), 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -97,6 +102,18 @@ f)
     bench bench_1b_trace.log --shape 1b --label 1b_trace --steps 20 --paths forgather --profile forgather \
         --profile-steps 6 --profile-trace --timeout 200 "$@"
     ;;
+g)
+    bench bench_1b_g.log --shape 1b --label 1b_g --steps 40 --paths forgather hf-liger \
+        --variant cdt+adamw-compiled optimizer=adamw_compiled "compile_options={coordinate_descent_tuning:true}" \
+        --profile forgather --profile-steps 6 --profile-trace --timeout 200 "$@"
+    bench bench_1b_g.log --shape 1b --label 1b_g --steps 40 --append --paths \
+        --variant autotune+adamw-compiled compile_mode=max-autotune-no-cudagraphs optimizer=adamw_compiled \
+        --timeout 400 "$@"
+    ;;
+h)
+    bench bench_1b_h.log --shape 1b --label 1b_h --steps 40 --paths \
+        --variant ro+adamw-compiled compile_mode=reduce-overhead optimizer=adamw_compiled --timeout 120 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -112,7 +129,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a, b, c, d, e, f or tests"; exit 2 ;;
+    echo "unknown part '$PART': a, b, c, d, e, f, g, h or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null
