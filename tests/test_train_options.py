@@ -199,6 +199,12 @@ def test_a_misspelled_compile_option_is_named_with_its_close_matches():
         CausalLMModule(tiny_model(), compile=True, compile_options={"coordinate_decent_tuning": True})
     with pytest.raises(TypeError, match=r"compile_options must be a mapping.*got str"):
         CausalLMModule(tiny_model(), compile=True, compile_options="coordinate_descent_tuning")
+    with pytest.raises(UserError, match=r"coordinate_descent_tuning takes true or false .*; got str 'yes'"):
+        CausalLMModule(tiny_model(), compile=True, compile_options={"coordinate_descent_tuning": "yes"})
+    with pytest.raises(UserError, match=r"coordinate_descent_search_radius takes an integer .*; got bool True"):
+        CausalLMModule(tiny_model(), compile=True, compile_options={"coordinate_descent_search_radius": True})
+    module = CausalLMModule(tiny_model(), compile=True, compile_options={"coordinate_descent_search_radius": 2})
+    assert module.compile_options == {"coordinate_descent_search_radius": 2}
 
 
 def test_an_unknown_compile_scope_names_the_choices():

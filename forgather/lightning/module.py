@@ -247,15 +247,28 @@ def _check_compile_options(options: Any) -> dict[str, Any]:
     if not isinstance(options, Mapping):
         raise TypeError(f"compile_options must be a mapping of inductor settings, e.g. "
                         f"{{coordinate_descent_tuning: true}}; got {type(options).__name__} {options!r}")
-    from torch._inductor import list_options
+    from torch._inductor import config, list_options
 
     known = list_options()
-    for key in options:
+    current = config.get_config_copy()
+    for key, value in options.items():
         if key not in known:
             hint = did_you_mean(str(key), known)
             raise UserError(f"compile_options: {key!r} is not a setting of inductor's"
                             f"{'; ' + hint if hint else ''} (all of them: torch._inductor.list_options())")
+        expected = _SETTING_TYPES.get(type(current.get(key)))
+        if expected is not None and not (isinstance(value, expected[0]) and not (
+                isinstance(value, bool) and expected[0] is not bool)):
+            raise UserError(f"compile_options: {key} takes {expected[1]} (it is {current[key]!r} now); "
+                            f"got {type(value).__name__} {value!r}")
     return dict(options)
+
+
+# The type a setting's current value has -> what a new value must be, and how to say so. Settings whose value
+# is None, a list or a dict take more than one kind of value: torch checks those when it compiles.
+_SETTING_TYPES: dict[type, tuple[type | tuple[type, ...], str]] = {
+    bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"), str: (str, "a string"),
+}
 
 
 def _compile_arguments(mode: str | None, options: dict[str, Any]) -> dict[str, Any]:
