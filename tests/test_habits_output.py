@@ -87,6 +87,9 @@ def test_the_bar_shows_no_v_num_in_plain_lightning(tmp_path, one_thread):
     trainer.fit(module, toy_loader(2))
     shown = bar.get_metrics(trainer, module)
     assert "v_num" not in shown and "train/loss" in shown
+    # shown from the callback metrics: as a progress-bar metric Lightning would read it after every batch
+    assert shown["train/loss"] == float(trainer.callback_metrics["train/loss"])
+    assert "train/loss" not in trainer.progress_bar_metrics
 
 
 def _warn_from(module: str, message: str) -> list[warnings.WarningMessage]:

@@ -257,9 +257,12 @@ def _check_compile_options(options: Any) -> dict[str, Any]:
             raise UserError(f"compile_options: {key!r} is not a setting of inductor's"
                             f"{'; ' + hint if hint else ''} (all of them: torch._inductor.list_options())")
         expected = _SETTING_TYPES.get(type(current.get(key)))
-        if expected is not None and not (isinstance(value, expected[0]) and not (
-                isinstance(value, bool) and expected[0] is not bool)):
-            raise UserError(f"compile_options: {key} takes {expected[1]} (it is {current[key]!r} now); "
+        if expected is None:
+            continue
+        kinds, described = expected
+        # bool is an int to Python; a number setting given true/false is a mistake all the same
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
+            raise UserError(f"compile_options: {key} takes {described} (it is {current[key]!r} now); "
                             f"got {type(value).__name__} {value!r}")
     return dict(options)
 

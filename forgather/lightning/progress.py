@@ -5,9 +5,10 @@ the GPU. Lightning does that after every batch for every metric logged with `pro
 connector, whatever bar is drawn; `refresh_rate` throttles drawing, not reading), so on a GPU every step ended
 in a host sync and the host could never queue the next step's work early. So the training loss is not logged
 as a progress-bar metric; this bar reads it (TRAIN_METRICS) from the callback metrics when the loggers write
-(every `log_every_n_steps`), at the last step, keeps the numbers it last read in between, and outside training
-shows the progress-bar metrics as usual (validation's loss) beside the last training loss. It also shows "Epoch 2" rather than
-Lightning's "Epoch 2/-2" when the epochs are unbounded (max_steps runs set max_epochs=-1).
+(every `log_every_n_steps`) and at the last step, and keeps the numbers it last read in between. Outside
+training it shows the progress-bar metrics as usual (validation's loss) beside the last training loss. It also
+shows "Epoch 2" rather than Lightning's "Epoch 2/-2" when the epochs are unbounded (max_steps runs set
+max_epochs=-1).
 
 Three more departures from Lightning's bar:
 - the total of a max_steps run counts the batches already done in the epoch: after a mid-epoch resume the
