@@ -207,6 +207,18 @@ def test_a_misspelled_compile_option_is_named_with_its_close_matches():
     assert module.compile_options == {"coordinate_descent_search_radius": 2}
 
 
+def test_compile_settings_without_compile_warn_that_they_do_nothing(recwarn):
+    with pytest.warns(UserWarning, match=r"compile_mode='max-autotune-no-cudagraphs', compile_options=.*only take "
+                                         r"effect with compile=true"):
+        CausalLMModule(tiny_model(), compile_mode="max-autotune-no-cudagraphs",
+                       compile_options={"coordinate_descent_tuning": True})
+    with pytest.warns(UserWarning, match=r"^compile_scope='model' only takes effect"):
+        CausalLMModule(tiny_model(), compile_scope="model")
+    CausalLMModule(tiny_model())  # the defaults, uncompiled: nothing to say
+    CausalLMModule(tiny_model(), compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert not [w for w in recwarn if "effect with compile=true" in str(w.message)]
+
+
 def test_an_unknown_compile_scope_names_the_choices():
     with pytest.raises(ValueError, match=r"compile_scope='graph'.*'layers'.*'model'"):
         CausalLMModule(tiny_model(), compile=True, compile_scope="graph")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from time import perf_counter
 from typing import Any, Callable, Iterable, Mapping
 
@@ -83,6 +84,13 @@ class CausalLMModule(pl.LightningModule):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={compile_mode!r}: choose one of {COMPILE_MODES}")
         self.compile_options = _check_compile_options(compile_options)
+        unused = [f"{name}={value!r}" for name, value, default in (
+            ("compile_scope", compile_scope, "layers"), ("compile_mode", compile_mode, None),
+            ("compile_options", self.compile_options or None, None)) if value != default]
+        if unused and not compile:
+            warnings.warn(f"{', '.join(unused)} only take{'s' if len(unused) == 1 else ''} effect with compile=true; "
+                          f"the model runs uncompiled "
+                          f"(set compile=true, or leave them out)", stacklevel=2)
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
         if isinstance(model, nn.Module):
