@@ -480,7 +480,8 @@ def _keys_read_at(config: DictConfig, path: str) -> set[str]:
 
 # How libraries word some keys in their errors (torch.optim: "Invalid learning rate: -1", "Invalid epsilon
 # value", "Invalid beta parameter at index 0").
-_WORDED_AS = {"lr": ("learning rate",), "eps": ("epsilon",), "betas": ("beta parameter",)}
+_WORDED_AS = {"lr": ("learning rate",), "eps": ("epsilon",), "betas": ("beta parameter",),
+              "attention_kernel_options": ("kernel_options",)}  # the llama template's name for Attention's
 
 
 def _names(text: str, key: str) -> bool:

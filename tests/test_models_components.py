@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from forgather.models.attention import Attention
+from forgather.models.attention import Attention, AttentionMask
 from forgather.models.causal_lm import CausalLM, sample_next_token, sample_rows
 from forgather.models.feedforward import GELUMLP, SwiGLU
 from forgather.models.kv_cache import KVCache
@@ -182,6 +182,40 @@ def test_rope_head_dim_must_match_attention_head_dim():
 def test_unknown_attention_function_names_the_choices():
     with pytest.raises(ValueError, match=r"attention_fn='flash'.*eager.*flex.*sdpa"):
         Attention(32, 4, attention_fn="flash")
+
+
+def test_flex_kernel_options_reach_the_flex_kernel(monkeypatch):
+    import forgather.models.attention as attention
+
+    seen = []
+
+    def kernel(q, k, v, **kwargs):
+        seen.append(kwargs)
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(attention, "_flex_kernel", lambda device: kernel)
+    monkeypatch.setattr(attention, "_flex_unavailable", lambda q, k, mask: False)  # the GPU's path, on the CPU
+    options = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_num_warps": 8, "BACKEND": "TRITON"}
+    layer = Attention(32, 4, attention_fn="flex", kernel_options=options)
+    x = torch.randn(1, 8, 32)
+    mask = AttentionMask(8, 8, None, x.device)
+    layer(x, None, mask)
+    assert seen[-1]["kernel_options"] == options
+    Attention(32, 4, attention_fn="flex")(x, None, mask)
+    assert seen[-1]["kernel_options"] is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(attention_fn="flex", kernel_options={"fwd_BLOK_M": 64}), r"'fwd_BLOK_M' is not an option.*'fwd_BLOCK_M'"),
+    (dict(attention_fn="flex", kernel_options={"num_warps": 4.0}), r"num_warps takes an integer; got float 4.0"),
+    (dict(attention_fn="flex", kernel_options={"USE_TMA": 1}), r"USE_TMA takes true or false; got int 1"),
+    (dict(attention_fn="flex", kernel_options={"BACKEND": "CUDNN"}), r"BACKEND takes one of \['AUTO'.*got 'CUDNN'"),
+    (dict(attention_fn="sdpa", kernel_options={"BLOCK_M": 64}), r"kernel_options are flex attention's; "
+                                                                r"attention_fn='sdpa' takes none"),
+])
+def test_bad_flex_kernel_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Attention(32, 4, **kwargs)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -9,8 +9,11 @@ reference) -- all honour one `AttentionMask`: causal, and within a document when
 
 from __future__ import annotations
 
+import difflib
+import functools
+import typing
 import warnings
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -152,18 +155,45 @@ def _flex_unavailable(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> 
 
 
 def flex_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout_p: float = 0.0,
+    kernel_options: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Flex attention with the mask as a BlockMask: packed documents cost no more than one long row.
 
     Where flex attention is not used (see `_flex_unavailable`) SDPA computes the same thing with the dense
-    mask: same result, no block sparsity -- cheap for the few query rows of a decoding step.
+    mask: same result, no block sparsity -- cheap for the few query rows of a decoding step. `kernel_options`
+    (checked by `flex_kernel_options`) choose the GPU kernel's tiling; they change speed, not the result.
     """
     if dropout_p:
         raise ValueError(f"flex attention has no attention dropout (dropout_p={dropout_p}); use sdpa or eager")
     if _flex_unavailable(q, k, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=_is_gqa(q, k))
-    return _flex_kernel(q.device)(q, k, v, block_mask=mask.block_mask, enable_gqa=_is_gqa(q, k))
+    return _flex_kernel(q.device)(q, k, v, block_mask=mask.block_mask, enable_gqa=_is_gqa(q, k),
+                                  kernel_options=kernel_options)
+
+
+def flex_kernel_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Flex attention's kernel options as a plain dict, each key one of torch's `FlexKernelOptions` (optionally
+    `fwd_` / `bwd_`-prefixed, for the forward or backward kernel alone) with a value of its type. torch accepts
+    any key and ignores those it does not know, so a misspelled tiling would silently change nothing."""
+    if not isinstance(options, Mapping):
+        raise TypeError(f"kernel_options must be a mapping, e.g. {{fwd_BLOCK_M: 64}}; got {type(options).__name__}")
+    types = typing.get_type_hints(flex.FlexKernelOptions)
+    known = [f"{prefix}{key}" for key in types for prefix in ("", "fwd_", "bwd_")]
+    for key, value in options.items():
+        if key not in known:
+            # difflib itself, not forgather.errors.did_you_mean: model files are exported as standalone code
+            close = difflib.get_close_matches(str(key), known, n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"kernel_options: {key!r} is not an option of flex attention's kernels{hint} "
+                             f"(torch.nn.attention.flex_attention.FlexKernelOptions)")
+        kind = types[key.removeprefix("fwd_").removeprefix("bwd_")]
+        if kind in (bool, int) and (type(value) is not kind):
+            raise ValueError(f"kernel_options: {key} takes {'true or false' if kind is bool else 'an integer'}; "
+                             f"got {type(value).__name__} {value!r}")
+        if typing.get_origin(kind) is typing.Literal and value not in typing.get_args(kind):
+            raise ValueError(f"kernel_options: {key} takes one of {list(typing.get_args(kind))}; got {value!r}")
+    return dict(options)
 
 
 def eager_attention(
@@ -205,6 +235,8 @@ class Attention(nn.Module):
         fused_projections: compute q, k and v as one matmul over the three weights concatenated
             (`forgather.models.fused`: same parameters and state dict); projections that are not plain
             nn.Linear layers (QK-norm variants) run separately.
+        kernel_options: with attention_fn="flex", the GPU kernel's options (`flex_kernel_options`), e.g.
+            `{fwd_BLOCK_M: 64, fwd_BLOCK_N: 64}`: tilings change speed, not the result.
     """
 
     def __init__(
@@ -217,6 +249,7 @@ class Attention(nn.Module):
         dropout: float = 0.0,
         bias: bool = False,
         fused_projections: bool = False,
+        kernel_options: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         positive_sizes("Attention", hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -231,7 +264,14 @@ class Attention(nn.Module):
                 raise ValueError(f"attention_fn={attention_fn!r}; choose one of {sorted(ATTENTION_FUNCTIONS)}")
             if attention_fn == "flex" and dropout:
                 raise ValueError(f"attention_fn='flex' has no attention dropout, but dropout={dropout}")
+            if kernel_options and attention_fn != "flex":
+                raise ValueError(f"kernel_options are flex attention's; attention_fn={attention_fn!r} takes none "
+                                 f"(set attention_fn='flex' or leave them out)")
             attention_fn = ATTENTION_FUNCTIONS[attention_fn]
+            if kernel_options:
+                attention_fn = functools.partial(attention_fn, kernel_options=flex_kernel_options(kernel_options))
+        elif kernel_options:
+            raise ValueError("kernel_options are for attention_fn='flex'; a callable attention_fn takes its own")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.attention_fn = attention_fn
         self.dropout = dropout
