@@ -144,7 +144,7 @@ def test_the_bad_line_reported_is_the_earliest_units_whichever_worker_finds_one_
     ("setup", "message"),
     [
         (lambda d: d / "missing*.jsonl", "missing\\*.jsonl: no file matches this source"),
-        (lambda d: write_jsonl(d / "a.jsonl", TEXTS[:3], field="body"), r"a.jsonl:1: no field 'text'"),
+        (lambda d: write_jsonl(d / "a.jsonl", TEXTS[:3], field="body"), r"a.jsonl:1: no field 'text' in this record \(its fields: body, id\); set --field to the text's key"),
         (lambda d: write_jsonl(d / "a.jsonl", ["", "  "]), r"a.jsonl: the corpus has no documents"),
         (lambda d: (d / "a.csv").write_text("x") and d / "a.csv", r"a.csv: unknown kind of source"),
     ],

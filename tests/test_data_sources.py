@@ -62,9 +62,28 @@ def test_jsonl_field_is_configurable_and_missing_field_names_the_line(tmp_path):
 def test_a_line_that_is_not_json_is_named_by_file_and_line(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": "a"}) + "\n" + "{'text': 'single quotes'}\n")
-    with pytest.raises(ValueError, match=r"docs.jsonl:2: not a JSON record \(Expecting property name enclosed in "
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: not valid JSON \(Expecting property name enclosed in "
                                          r"double quotes at column 2\); each line of a jsonl file holds one JSON object"):
         sources.jsonl_documents(path)
+
+
+@pytest.mark.parametrize(("line", "error", "message"), [
+    ({"text": 5}, KeyError, r"docs.jsonl:2: field 'text' is not text but int 5; set field="),
+    (["a list"], ValueError, r"docs.jsonl:2: not a JSON object but a list"),
+])
+def test_a_record_without_text_in_its_field_is_named_by_file_and_line(tmp_path, line, error, message):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(error, match=message):
+        sources.jsonl_documents(path)
+
+
+def test_both_jsonl_readers_word_a_bad_line_alike(tmp_path):
+    from forgather.data import prepare
+
+    assert prepare.record_text is sources.record_text  # one reader of a record, for the loader and prepare
+    assert sources.record_text(b'{"text": "x"}', "text") == ("x", None)
+    assert sources.record_text(b'{"text": "\xc3\x28"}', "text")[1].startswith("not UTF-8 text")
 
 
 def test_hf_dataset_from_disk(tmp_path):

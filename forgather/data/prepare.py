@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 
 from forgather.data.cache import atomic_directory, cache_dir, fingerprint
+from forgather.data.sources import record_text
 from forgather.errors import UserError
 
 # Bump when the shard layout or the split rule changes, so stale prepared directories are not reused.
@@ -211,27 +212,16 @@ def _jsonl_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResul
                 break
             if not line.strip():
                 continue
-            text, problem = _record_text(line, field)
+            text, problem = record_text(line, field)
             if problem is None:
                 yield offset, text
                 continue
             where = f"{unit.path}:{_line_number(unit.path, offset)}"
             if on_bad_line == "stop":
-                raise UserError(f"{where}: {problem}; fix the line, or skip bad lines (--on-bad-line skip)")
+                fix = "set --field to the text's key" if problem.startswith("no field") else "fix the line"
+                raise UserError(f"{where}: {problem}; {fix}, or skip bad lines (--on-bad-line skip)")
             result.skipped += 1
             result.first_skipped = result.first_skipped or f"{where}: {problem}"
-
-
-def _record_text(line: bytes, field: str) -> tuple[str | None, str | None]:
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        return None, f"not valid JSON ({error})"
-    if not isinstance(record, dict) or field not in record:
-        return None, f"no field {field!r} in this record; set the field to the text's key"
-    if not isinstance(record[field], str):
-        return None, f"field {field!r} is a {type(record[field]).__name__}, not text"
-    return record[field], None
 
 
 def _line_number(path: str, offset: int) -> int:

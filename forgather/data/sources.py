@@ -67,17 +67,35 @@ def jsonl_documents(path: str | Path, field: str = "text", encoding: str = "utf-
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON record ({error.msg} at column {error.colno}); "
-                                 "each line of a jsonl file holds one JSON object") from None
-            if not isinstance(record, dict) or field not in record:
-                fields = f" (its fields: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
-                raise KeyError(f"{path}:{number}: no field {field!r} in this record{fields}; set field= (data_field= "
-                               "on the command line) to the text key")
-            documents.append(record[field])
+            text, problem = record_text(line, field)
+            if problem is None:
+                documents.append(text)
+            elif problem.startswith(("no field", "field")):  # the line is JSON: the field is the thing to set
+                raise KeyError(f"{path}:{number}: {problem}; set field= (data_field= on the command line) to the text key")
+            else:
+                raise ValueError(f"{path}:{number}: {problem}")
     return _non_empty(documents)
+
+
+def record_text(line: str | bytes, field: str) -> tuple[str | None, str | None]:
+    """(the text in `field` of one jsonl line, None), or (None, what is wrong with the line, worded to follow
+    "path:line: "). One wording for both jsonl readers: `jsonl_documents` and `forgather data prepare`'s."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, (f"not valid JSON ({error.msg} at column {error.colno}); each line of a jsonl file holds "
+                      "one JSON object")
+    except UnicodeDecodeError as error:
+        return None, f"not UTF-8 text ({error.reason} at byte {error.start} of the line)"
+    if not isinstance(record, dict):
+        return None, f"not a JSON object but a {type(record).__name__}; each line holds an object with the text's field"
+    if field not in record:
+        return None, f"no field {field!r} in this record (its fields: {', '.join(map(str, record)) or 'none'})"
+    if not isinstance(record[field], str):
+        value = repr(record[field])
+        value = value if len(value) <= 40 else value[:37] + "..."
+        return None, f"field {field!r} is not text but {type(record[field]).__name__} {value}"
+    return record[field], None
 
 
 def hf_documents(path: str | Path, column: str = "text", split: str | None = None) -> list[str]:
