@@ -178,7 +178,10 @@ def flex_kernel_options(options: Mapping[str, Any]) -> dict[str, Any]:
     any key and ignores those it does not know, so a misspelled tiling would silently change nothing."""
     if not isinstance(options, Mapping):
         raise TypeError(f"kernel_options must be a mapping, e.g. {{fwd_BLOCK_M: 64}}; got {type(options).__name__}")
-    types = typing.get_type_hints(flex.FlexKernelOptions)
+    declared = getattr(flex, "FlexKernelOptions", None)  # torch >= 2.8; before, the options pass unchecked
+    if declared is None:
+        return dict(options)
+    types = typing.get_type_hints(declared)
     known = [f"{prefix}{key}" for key in types for prefix in ("", "fwd_", "bwd_")]
     for key, value in options.items():
         if key not in known:
