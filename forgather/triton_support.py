@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -9,6 +10,21 @@ def interpreting() -> bool:
     """Whether Triton's interpreter runs kernels (TRITON_INTERPRET=1): then they take CPU tensors (the CPU
     tests run the kernels' code this way)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_runs(device, least: tuple[int, int] = (7, 0)) -> bool:
+    """Whether our Triton kernels run on `device`: a CUDA GPU of compute capability `least` or later (Triton's
+    own least is 7.0) where triton is installed. Not the interpreter's business: its tensors are the CPU's."""
+    return getattr(device, "type", device) == "cuda" and _triton_runs(str(device), least)
+
+
+@functools.cache
+def _triton_runs(device: str, least: tuple[int, int]) -> bool:  # asked every decode step: looked up once
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= least
 
 
 def pdl_supported(device) -> bool:

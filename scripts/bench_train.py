@@ -561,8 +561,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-trace", action="store_true",
                         help="keep each profiled forgather run's chrome trace, host operators included, as "
-                             "OUT/trace_NAME.json.gz (scripts/profile_train.py --host reads what the host did in "
-                             "each gap)")
+                             "OUT/trace_NAME.json.gz (what the host did during each gap of the device's)")
     parser.add_argument("--memory-steps", type=int, default=3, help="memory24: timed steps after the warm-up")
     parser.add_argument("--loss", default="fused", help="loss group option for forgather runs (cpu: chunked)")
     parser.add_argument("--optimizer", default=None, help="optimizer group option (default: the shape's)")

@@ -195,9 +195,11 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         self._sync()
-        activities = [ProfilerActivity.CUDA] if self.device == "cuda" else [ProfilerActivity.CPU]
-        if self.trace:  # the host's operators and launches too, to say what the host did during each gap
-            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.device == "cuda" else [])]
+        # On CUDA the device's activity alone, unless the trace is kept: then the host's operators and launches
+        # too, which say what the host did during each gap.
+        activities = [ProfilerActivity.CPU] if self.trace or self.device != "cuda" else []
+        if self.device == "cuda":
+            activities.append(ProfilerActivity.CUDA)
         self._profile = profile(activities=activities)
         self._profile.__enter__()
         self._warnings = warnings.catch_warnings(record=True)

@@ -206,12 +206,15 @@ def test_a_decode_step_ends_by_writing_the_next_steps_inputs_and_its_tokens_for_
 def test_the_advance_kernels_run_only_where_triton_does(monkeypatch):
     """Without triton (or on a CPU) the step's end runs its torch semantics; under Triton's interpreter, the
     kernels."""
+    import functools
     import importlib.util
 
+    from forgather import triton_support
     from forgather.serve import decode_attention as da
 
     assert not da._advance_kernels(torch.device("cpu"))
-    monkeypatch.setattr(da, "_ADVANCE_DEVICES", {})
+    # a lookup cache of this test's own, gone with it
+    monkeypatch.setattr(triton_support, "_triton_runs", functools.cache(triton_support._triton_runs.__wrapped__))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert not da._advance_kernels(torch.device("cuda", 0))
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -29,7 +29,7 @@ import torch
 
 from forgather.models.norm import rms_norm
 from forgather.models.rope import rotate_half
-from forgather.triton_support import interpreting
+from forgather.triton_support import interpreting, triton_runs
 
 __all__ = ["advance_inputs", "decode_attention", "greedy_advance", "reference", "workspace", "split_plan"]
 
@@ -380,23 +380,10 @@ def _(x, delta, norm_weight, eps, weight, bias=None, gated=False, release_late=F
 ADVANCE = "triton"
 
 
-_ADVANCE_DEVICES: dict[str, bool] = {}
-
-
 def _advance_kernels(device: torch.device) -> bool:
-    """Whether the advance kernels run on `device`: a CUDA GPU of compute capability 7.0 or later (Triton's
-    least) where triton is installed, or Triton's interpreter; elsewhere their torch semantics run."""
-    if interpreting():
-        return True
-    if device.type != "cuda":
-        return False
-    key = str(device)
-    if key not in _ADVANCE_DEVICES:
-        import importlib.util
-
-        _ADVANCE_DEVICES[key] = (importlib.util.find_spec("triton") is not None
-                                 and torch.cuda.get_device_capability(device) >= (7, 0))
-    return _ADVANCE_DEVICES[key]
+    """Whether the advance kernels run on `device`: a GPU that runs Triton (triton_support.triton_runs), or
+    Triton's interpreter; elsewhere their torch semantics run."""
+    return interpreting() or triton_runs(device)
 
 
 def _by_kernel(device: torch.device) -> bool:

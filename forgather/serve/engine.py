@@ -179,12 +179,9 @@ def _buckets(most: int, least: int = 1) -> list[int]:
 def _default_attention(device: torch.device) -> str:
     """The fused decoder's attention unless told: the Triton kernel on a GPU that runs it (triton installed,
     bf16 tensor cores: compute capability 8.0 or later), else the matmul path."""
-    import importlib.util
+    from forgather.triton_support import triton_runs
 
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        if torch.cuda.get_device_capability(device) >= (8, 0):
-            return "triton"
-    return "matmul"
+    return "triton" if triton_runs(device, least=(8, 0)) else "matmul"
 
 
 FUSED_MATMUL_BELOW_HIDDEN = 4096  # hidden sizes from which cuBLAS's products are the default (measured: 7B)
