@@ -9,7 +9,8 @@
   packed row shows what breaks); those with TMA; with other block sizes. Beside them SDPA with is_causal,
   and flash attention's variable-length kernels (torch.nn.attention.varlen; FlashAttention-4's too where the
   flash-attn-4 package is installed) on the packed row, each document a sequence, checked against flex's
-  outputs and gradients.
+  outputs and gradients; and cuDNN's attention over the same packed sequences (the aten ops behind SDPA on
+  nested tensors, which torch 2.11's varlen_attn leaves switched off).
   Each set's output and gradients against the default's (largest absolute difference).
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
@@ -187,13 +188,48 @@ def _flash4_call():
     return call
 
 
+class _CudnnVarlen(torch.autograd.Function):
+    """cuDNN's attention over packed sequences (aten._cudnn_attention_forward / _backward with cumulative
+    sequence lengths: the kernels behind SDPA on nested tensors), causal within each sequence. torch 2.11's
+    varlen_attn keeps this backend switched off (_should_use_cudnn), so the bench calls the ops by their schema."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len):
+        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
+            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False)
+        ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu)
+        ctx.max_len = max_len
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, seed, offset, cu = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, seed, offset, q.new_empty(0), cu, cu, ctx.max_len, ctx.max_len,
+            0.0, True)
+        return dq, dk, dv, None, None
+
+
+def _cudnn_call(repeat_kv: bool):
+    def make():
+        def call(q, k, v, cu, max_len):
+            if repeat_kv and q.shape[1] != k.shape[1]:
+                group = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            return _CudnnVarlen.apply(q, k, v, cu, max_len)
+        return call
+    return make
+
+
 def bench_varlen(q, k, v, grad, docs, masks, compiled, iters: int) -> None:
     """Variable-length flash attention on the packed rows, tokens as [B * T, heads, D] with each document a
     sequence, against flex attention's packed row: the same outputs and gradients, and the time a layer:
     torch.nn.attention.varlen (flash attention 2's kernels) and, where the flash-attn-4 package is installed,
     FlashAttention-4's. max_len is given as the row length (an upper bound: no host read of the documents'
     lengths) and as the longest document."""
-    for label, make in (("varlen (flash)", _varlen_call), ("flash-attn-4 varlen", _flash4_call)):
+    for label, make in (("varlen (flash)", _varlen_call), ("flash-attn-4 varlen", _flash4_call),
+                        ("cuDNN varlen, kv heads repeated", _cudnn_call(True)),
+                        ("cuDNN varlen, grouped kv heads", _cudnn_call(False))):
         try:
             call = make()
         except ImportError as error:

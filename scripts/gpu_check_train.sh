@@ -29,9 +29,11 @@
 #                     that no step drains the GPU (measured level with the default before), 40 steps.
 #   part i            flex attention's tilings in the training step (attention_kernel_options), beside the default:
 #                     the forward's 64 x 64 tiling (1.025x on the attention alone, 2026-12-04) and two backward ones.
+#   part j            cuDNN's attention over packed sequences (the aten ops behind SDPA on nested tensors) beside flex
+#                     and flash attention 2 on the packed row alone (bench_step_pieces.py), then part i.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -116,7 +118,11 @@ h)
     bench bench_1b_h.log --shape 1b --label 1b_h --steps 40 --paths \
         --variant ro+adamw-compiled compile_mode=reduce-overhead optimizer=adamw_compiled --timeout 120 "$@"
     ;;
-i)
+j|i)
+    if [ "$PART" = j ] && [ -z "${REHEARSE:-}" ]; then
+        timeout 150 $PY scripts/bench_step_pieces.py --skip-optimizer --option-sets "fwd 64x64 w4 s3" \
+            --json "$OUT/pieces.json" 2>&1 | grep -v Warning | tee "$OUT/pieces.txt"
+    fi
     bench bench_1b_i.log --shape 1b --label 1b_i --steps 40 --paths forgather \
         --variant flex-fwd64 "attention_kernel_options={fwd_BLOCK_M:64,fwd_BLOCK_N:64,fwd_num_warps:4,fwd_num_stages:3}" \
         --variant flex-bwd32-64 "attention_kernel_options={bwd_BLOCK_M1:32,bwd_BLOCK_N1:64,bwd_BLOCK_M2:64,bwd_BLOCK_N2:32,bwd_num_warps:4,bwd_num_stages:3}" \
@@ -138,7 +144,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a, b, c, d, e, f, g, h, i or tests"; exit 2 ;;
+    echo "unknown part '$PART': a, b, c, d, e, f, g, h, i, j or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null
