@@ -188,37 +188,44 @@ def _flash4_call():
     return call
 
 
-class _CudnnVarlen(torch.autograd.Function):
-    """cuDNN's attention over packed sequences (aten._cudnn_attention_forward / _backward with cumulative
-    sequence lengths: the kernels behind SDPA on nested tensors), causal within each sequence. torch 2.11's
-    varlen_attn keeps this backend switched off (_should_use_cudnn), so the bench calls the ops by their schema."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, max_len):
-        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
-            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False)
-        ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu)
-        ctx.max_len = max_len
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse, seed, offset, cu = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, seed, offset, q.new_empty(0), cu, cu, ctx.max_len, ctx.max_len,
-            0.0, True)
-        return dq, dk, dv, None, None
-
-
 def _cudnn_call(repeat_kv: bool):
+    """cuDNN's attention over packed sequences (aten._cudnn_attention_forward with cumulative sequence lengths:
+    the kernels behind SDPA on nested tensors), causal within each sequence, as _varlen_call's
+    (q, k, v, cu_seqlens, max_len) -> out. torch 2.11's varlen_attn keeps this backend switched off
+    (_should_use_cudnn), so the bench calls the op itself."""
     def make():
         def call(q, k, v, cu, max_len):
             if repeat_kv and q.shape[1] != k.shape[1]:
                 group = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            return _CudnnVarlen.apply(q, k, v, cu, max_len)
+            # the op's own autograd formula (aten._cudnn_attention_backward with the same lengths) runs backward
+            return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True,
+                                                           False)[0]
         return call
     return make
+
+
+def _nested_cudnn_call():
+    """The same kernels through the public route: SDPA on jagged nested tensors with only cuDNN's backend allowed
+    (TORCH_CUDNN_SDPA_NESTED_TENSOR_ENABLED=1 lets SDPA pick it for nested tensors)."""
+    import os
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    os.environ["TORCH_CUDNN_SDPA_NESTED_TENSOR_ENABLED"] = "1"
+
+    def call(q, k, v, cu, max_len):
+        if q.shape[1] != k.shape[1]:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        offsets = cu.long()
+        nested = [torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=max_len).transpose(1, 2)
+                  for t in (q, k, v)]
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = torch.nn.functional.scaled_dot_product_attention(*nested, is_causal=True)
+        return out.transpose(1, 2).values()
+
+    return call
 
 
 def bench_varlen(q, k, v, grad, docs, masks, compiled, iters: int) -> None:
@@ -229,7 +236,8 @@ def bench_varlen(q, k, v, grad, docs, masks, compiled, iters: int) -> None:
     lengths) and as the longest document."""
     for label, make in (("varlen (flash)", _varlen_call), ("flash-attn-4 varlen", _flash4_call),
                         ("cuDNN varlen, kv heads repeated", _cudnn_call(True)),
-                        ("cuDNN varlen, grouped kv heads", _cudnn_call(False))):
+                        ("cuDNN varlen, grouped kv heads", _cudnn_call(False)),
+                        ("cuDNN via nested tensors, kv heads repeated", _nested_cudnn_call)):
         try:
             call = make()
         except ImportError as error:
@@ -273,8 +281,11 @@ def _bench_varlen(name, call, q, k, v, grad, docs, masks, compiled, iters: int) 
                        for a, b in zip((result.detach(), qv.grad, kv_.grad, vv.grad), reference))
             ms = timed(step, iters)
         except Exception as error:  # noqa: BLE001 - a version without the kernel: a row, not a crash
+            import traceback
+
+            where = " <- ".join(f"{f.name}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-3:])
             row(piece="attention", mask="packed", options=f"{name}, max_len {label}",
-                error=f"{type(error).__name__}: {str(error)[:600]}")
+                error=f"{type(error).__name__}: {str(error)[:600]} (at {where})")
             continue
         row(piece="attention", mask="packed", options=f"{name}, max_len {label}", ms_per_layer=ms,
             ms_16_layers=16 * ms, max_abs_diff_vs_flex=diff, documents=cu.numel() - 1, first_call_s=first_s)
