@@ -291,6 +291,134 @@ def _bench_varlen(name, call, q, k, v, grad, docs, masks, compiled, iters: int) 
             ms_16_layers=16 * ms, max_abs_diff_vs_flex=diff, documents=cu.numel() - 1, first_call_s=first_s)
 
 
+def stdlib_documents(batch: int, seq: int) -> torch.Tensor:
+    """Document ids [batch, seq] of packed rows of the training bench's own data: the stdlib corpus,
+    tiny_llama's BPE of 4,096 tokens (its default), rows of `seq` tokens (documents of median ~52 tokens, ~19 a
+    row of 2,048)."""
+    from forgather.data.corpus import stdlib_documents as documents
+    from forgather.data.packing import pack_documents, tokenize_documents
+    from forgather.data.tokenizer import train_bpe_tokenizer
+    from forgather.models.attention import document_ids_from_positions
+
+    texts = list(documents())
+    positions = pack_documents(tokenize_documents(texts, train_bpe_tokenizer(texts, vocab_size=4096)), seq,
+                               pad_id=0)["position_ids"]
+    # rows drawn across the corpus as the shuffled training loader draws them (its first rows are the long pydoc
+    # topics)
+    rows = torch.randperm(positions.shape[0] - 1, generator=torch.Generator().manual_seed(0))[:batch]
+    return document_ids_from_positions(positions[rows])
+
+
+def bench_duel(iters: int, rounds: int) -> None:
+    """Packed rows' attention, forward + backward, every candidate timed in turn for `rounds` rounds of `iters`
+    calls (medians and minima of the rounds: one slow stretch of the GPU does not decide), on two sets of rows:
+    random documents of 128-1,023 tokens, and the training bench's own rows (the stdlib corpus). Candidates:
+    flex under its default tiling and the forward's 64 x 64 one, flex on a mask of 64-token blocks (which skips
+    more of the area between short documents) with tilings that fit it, flash attention 2's variable-length
+    kernels (max length the longest document's, and the row's), and SDPA's causal kernel as the no-documents
+    reference."""
+    from torch.nn.attention import flex_attention as flex
+
+    s = SHAPE
+    torch._dynamo.config.recompile_limit = 64
+    compiled = torch.compile(flex.flex_attention)
+    fwd64 = dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3)
+    small = {"64-blocks fwd 64x64 bwd 32/64": dict(fwd64, bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64,
+                                                    bwd_BLOCK_N2=32, bwd_num_warps=4, bwd_num_stages=3),
+             "64-blocks fwd 64x64 bwd 64/64": dict(fwd64, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64,
+                                                    bwd_BLOCK_N2=64, bwd_num_warps=4, bwd_num_stages=3)}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths = torch.randint(128, 1024, (s["batch"], 16), generator=torch.Generator().manual_seed(0))
+    row_sets = {"random 128-1023": torch.stack([torch.repeat_interleave(torch.arange(16), row)[: s["seq"]]
+                                                for row in lengths]).cuda()}
+    try:
+        row_sets["stdlib rows"] = stdlib_documents(s["batch"], s["seq"]).cuda()
+    except Exception as error:  # noqa: BLE001 - the random rows still run
+        row(piece="duel", rows="stdlib rows", error=f"{type(error).__name__}: {error}")
+    varlen = _varlen_call()
+    for rows_name, docs in row_sets.items():
+        def tensor(heads: int) -> torch.Tensor:
+            return torch.randn(s["batch"], heads, s["seq"], s["head_dim"], device="cuda", dtype=torch.bfloat16,
+                               generator=gen).requires_grad_()
+
+        q, k, v = tensor(s["heads"]), tensor(s["kv_heads"]), tensor(s["kv_heads"])
+        grad = torch.randn_like(q)
+
+        def in_document(b, h, q_idx, kv_idx, docs=docs):
+            return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+
+        mask128 = flex.create_block_mask(in_document, s["batch"], None, s["seq"], s["seq"], device="cuda")
+        mask64 = flex.create_block_mask(in_document, s["batch"], None, s["seq"], s["seq"], device="cuda",
+                                        BLOCK_SIZE=64)
+
+        def flex_step(mask, options):
+            def step():
+                for t in (q, k, v):
+                    t.grad = None
+                out = compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options or None)
+                out.backward(grad)
+                return out, q.grad, k.grad, v.grad
+            return step
+
+        flat = (docs + torch.arange(s["batch"], device="cuda")[:, None] * (docs.max() + 1)).flatten()
+        starts = torch.nonzero(torch.cat([flat.new_ones(1), flat[1:] != flat[:-1]])).flatten()
+        cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+
+        def packed(t):  # [B, H, T, D] -> [B * T, H, D]
+            return t.detach().transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous().requires_grad_()
+
+        qv, kv_, vv = packed(q), packed(k), packed(v)
+        grad_v = grad.transpose(1, 2).reshape(-1, grad.shape[1], grad.shape[3]).contiguous()
+
+        def varlen_step(max_len):
+            def step():
+                for t in (qv, kv_, vv):
+                    t.grad = None
+                out = varlen(qv, kv_, vv, cu, max_len)
+                out.backward(grad_v)
+                back = lambda t: t.view(s["batch"], s["seq"], -1, s["head_dim"]).transpose(1, 2)  # noqa: E731
+                return back(out), back(qv.grad), back(kv_.grad), back(vv.grad)
+            return step
+
+        qs = q.detach().requires_grad_()
+
+        def sdpa_step():
+            qs.grad = None
+            out = torch.nn.functional.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
+            out.backward(grad)
+
+        candidates = {"flex default": flex_step(mask128, {}), "flex fwd 64x64": flex_step(mask128, fwd64)}
+        candidates.update({f"flex {name}": flex_step(mask64, options) for name, options in small.items()})
+        candidates.update({"flash 2 varlen, max_len longest document": varlen_step(longest),
+                           "flash 2 varlen, max_len row": varlen_step(s["seq"]),
+                           "sdpa is_causal (no documents)": sdpa_step})
+        reference, times, errors = None, {}, {}
+        for name, step in list(candidates.items()):
+            try:
+                result = step()
+                if result is not None:
+                    result = [t.detach().float() for t in result]
+                    reference = reference or result
+                    diff = max((a - b).abs().max().item() for a, b in zip(result, reference))
+                    row(piece="duel", rows=rows_name, candidate=name, max_abs_diff_vs_flex=diff)
+                times[name] = []
+            except Exception as error:  # noqa: BLE001 - a candidate this GPU cannot run: a row, not a crash
+                errors[name] = f"{type(error).__name__}: {str(error)[:300]}"
+                del candidates[name]
+        for _ in range(rounds):
+            for name, step in candidates.items():
+                times[name].append(timed(step, iters))
+        base = sorted(times["flex default"])[rounds // 2] if "flex default" in times else None
+        for name, ms in times.items():
+            median = sorted(ms)[rounds // 2]
+            row(piece="duel", rows=rows_name, candidate=name, ms_per_layer_median=median, ms_per_layer_min=min(ms),
+                ms_16_layers=16 * median, vs_flex_default=base / median if base else None,
+                documents=cu.numel() - 1, longest=longest)
+        for name, error in errors.items():
+            row(piece="duel", rows=rows_name, candidate=name, error=error)
+
+
 def parameters_1b() -> list[torch.Tensor]:
     s = SHAPE
     hidden, inter, kv = s["hidden"], s["intermediate"], s["kv_heads"] * s["head_dim"]
@@ -331,15 +459,20 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--skip-optimizer", action="store_true")
+    parser.add_argument("--duel", action="store_true",
+                        help="only the packed rows' attention candidates, timed in turn over --rounds rounds")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--option-sets", nargs="+", choices=OPTION_SETS, default=list(OPTION_SETS),
                         help="flex attention's kernel option sets to time (default: all; 'default' always runs)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_step_pieces.py times CUDA kernels: run it on a GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    if not args.skip_optimizer:
+    if args.duel:
+        bench_duel(args.iters, args.rounds)
+    elif not args.skip_optimizer:
         bench_optimizer(args.iters)
-    if not args.skip_attention:
+    if not args.skip_attention and not args.duel:
         bench_attention(args.iters, ["default", *args.option_sets])
     if args.json:
         with open(args.json, "w") as f:
