@@ -309,24 +309,41 @@ def stdlib_documents(batch: int, seq: int) -> torch.Tensor:
     return document_ids_from_positions(positions[rows])
 
 
-def bench_duel(iters: int, rounds: int) -> None:
+_FWD64 = dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3)
+DUEL_TILINGS = {  # flex tilings on the packed rows' 128-token block mask (each block size divides 128)
+    "fwd 64x64 w4 s3": _FWD64,
+    "fwd 64x64 w4 s2": dict(_FWD64, fwd_num_stages=2),
+    "fwd 64x64 w4 s4": dict(_FWD64, fwd_num_stages=4),
+    "fwd 64x64 w8 s3": dict(_FWD64, fwd_num_warps=8),
+    "fwd 64x128 w4 s3": dict(_FWD64, fwd_BLOCK_N=128),
+    "fwd 128x64 w4 s3": dict(_FWD64, fwd_BLOCK_M=128),
+    "fwd 128x64 w8 s3": dict(_FWD64, fwd_BLOCK_M=128, fwd_num_warps=8),
+    "fwd 32x64 w4 s3": dict(_FWD64, fwd_BLOCK_M=32),
+    "fwd 64x64 + bwd 64/64 w4 s3": dict(_FWD64, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
+                                        bwd_num_warps=4, bwd_num_stages=3),
+    "fwd 64x64 + bwd 32/128 w4 s3": dict(_FWD64, bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128,
+                                         bwd_BLOCK_N2=32, bwd_num_warps=4, bwd_num_stages=3),
+    "fwd 64x64 + bwd 64/128 w8 s2": dict(_FWD64, bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128,
+                                         bwd_BLOCK_N2=64, bwd_num_warps=8, bwd_num_stages=2),
+    "fwd 64x64 + bwd 64/128 w4 s3": dict(_FWD64, bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128,
+                                         bwd_BLOCK_N2=64, bwd_num_warps=4, bwd_num_stages=3),
+}
+
+
+def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
     """Packed rows' attention, forward + backward, every candidate timed in turn for `rounds` rounds of `iters`
     calls (medians and minima of the rounds: one slow stretch of the GPU does not decide), on two sets of rows:
     random documents of 128-1,023 tokens, and the training bench's own rows (the stdlib corpus). Candidates:
     flex under its default tiling and the forward's 64 x 64 one, flex on a mask of 64-token blocks (which skips
-    more of the area between short documents) with tilings that fit it, flash attention 2's variable-length
-    kernels (max length the longest document's, and the row's), and SDPA's causal kernel as the no-documents
-    reference."""
+    more of the area between short documents), flash attention 2's variable-length kernels (max length the
+    longest document's, and the row's), and SDPA's causal kernel as the no-documents reference. With `sweep`:
+    flex under every tiling of DUEL_TILINGS instead, beside the default and SDPA."""
     from torch.nn.attention import flex_attention as flex
 
     s = SHAPE
     torch._dynamo.config.recompile_limit = 64
     compiled = torch.compile(flex.flex_attention)
-    fwd64 = dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3)
-    small = {"64-blocks fwd 64x64 bwd 32/64": dict(fwd64, bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64,
-                                                    bwd_BLOCK_N2=32, bwd_num_warps=4, bwd_num_stages=3),
-             "64-blocks fwd 64x64 bwd 64/64": dict(fwd64, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64,
-                                                    bwd_BLOCK_N2=64, bwd_num_warps=4, bwd_num_stages=3)}
+    tilings = dict(DUEL_TILINGS) if sweep else {name: DUEL_TILINGS[name] for name in ("fwd 64x64 w4 s3",)}
     gen = torch.Generator(device="cuda").manual_seed(0)
     lengths = torch.randint(128, 1024, (s["batch"], 16), generator=torch.Generator().manual_seed(0))
     row_sets = {"random 128-1023": torch.stack([torch.repeat_interleave(torch.arange(16), row)[: s["seq"]]
@@ -388,11 +405,15 @@ def bench_duel(iters: int, rounds: int) -> None:
             out = torch.nn.functional.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
             out.backward(grad)
 
-        candidates = {"flex default": flex_step(mask128, {}), "flex fwd 64x64": flex_step(mask128, fwd64)}
-        candidates.update({f"flex {name}": flex_step(mask64, options) for name, options in small.items()})
-        candidates.update({"flash 2 varlen, max_len longest document": varlen_step(longest),
-                           "flash 2 varlen, max_len row": varlen_step(s["seq"]),
-                           "sdpa is_causal (no documents)": sdpa_step})
+        candidates = {"flex default": flex_step(mask128, {})}
+        candidates.update({f"flex {name}": flex_step(mask128, options) for name, options in tilings.items()})
+        if not sweep:  # a mask of 64-token blocks skips more between short documents; torch 2.11 builds its
+            # backward only under max-autotune (it filters its one default tiling, 128 rows, before the options)
+            candidates["flex 64-blocks fwd 64x64"] = flex_step(mask64, DUEL_TILINGS["fwd 64x64 w4 s3"])
+        if not sweep:
+            candidates.update({"flash 2 varlen, max_len longest document": varlen_step(longest),
+                               "flash 2 varlen, max_len row": varlen_step(s["seq"])})
+        candidates["sdpa is_causal (no documents)"] = sdpa_step
         reference, times, errors = None, {}, {}
         for name, step in list(candidates.items()):
             try:
@@ -462,6 +483,8 @@ def main() -> None:
     parser.add_argument("--duel", action="store_true",
                         help="only the packed rows' attention candidates, timed in turn over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sweep", action="store_true",
+                        help="with --duel: every flex tiling of DUEL_TILINGS instead of the varlen candidates")
     parser.add_argument("--option-sets", nargs="+", choices=OPTION_SETS, default=list(OPTION_SETS),
                         help="flex attention's kernel option sets to time (default: all; 'default' always runs)")
     args = parser.parse_args()
@@ -469,7 +492,7 @@ def main() -> None:
         raise SystemExit("bench_step_pieces.py times CUDA kernels: run it on a GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if args.duel:
-        bench_duel(args.iters, args.rounds)
+        bench_duel(args.iters, args.rounds, args.sweep)
     elif not args.skip_optimizer:
         bench_optimizer(args.iters)
     if not args.skip_attention and not args.duel:
