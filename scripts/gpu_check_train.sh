@@ -31,9 +31,12 @@
 #                     the forward's 64 x 64 tiling (1.025x on the attention alone, 2026-12-04) and two backward ones.
 #   part j            cuDNN's attention over packed sequences (the aten ops behind SDPA on nested tensors) beside flex
 #                     and flash attention 2 on the packed row alone (bench_step_pieces.py), then part i.
+#   part k            flex's tiling measured best on the bench's own packed rows (bench_step_pieces.py --duel --sweep:
+#                     forward 64 x 64, backward 64 / 64, 4 warps, 3 stages; 1.25x on the attention alone) in the
+#                     training step beside the default and HF + Liger, then with max-autotune and the compiled AdamW.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -129,6 +132,14 @@ j|i)
         --variant flex-bwd64-128 "attention_kernel_options={bwd_BLOCK_M1:64,bwd_BLOCK_N1:128,bwd_BLOCK_M2:128,bwd_BLOCK_N2:64,bwd_num_warps:8,bwd_num_stages:3}" \
         --timeout 150 "$@"
     ;;
+k)
+    TILING="attention_kernel_options={fwd_BLOCK_M:64,fwd_BLOCK_N:64,fwd_num_warps:4,fwd_num_stages:3,bwd_BLOCK_M1:64,bwd_BLOCK_N1:64,bwd_BLOCK_M2:64,bwd_BLOCK_N2:64,bwd_num_warps:4,bwd_num_stages:3}"
+    bench bench_1b_k.log --shape 1b --label 1b_k --steps 40 --paths forgather hf-liger --variant flex-64 "$TILING" \
+        --timeout 150 "$@"
+    bench bench_1b_k.log --shape 1b --label 1b_k --steps 40 --append --paths \
+        --variant flex-64+autotune+adamw-compiled "$TILING" compile_mode=max-autotune-no-cudagraphs \
+        optimizer=adamw_compiled --timeout 330 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -144,7 +155,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a, b, c, d, e, f, g, h, i, j or tests"; exit 2 ;;
+    echo "unknown part '$PART': a, b, c, d, e, f, g, h, i, j, k or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null
