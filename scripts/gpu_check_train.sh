@@ -34,9 +34,12 @@
 #   part k            flex's tiling measured best on the bench's own packed rows (bench_step_pieces.py --duel --sweep:
 #                     forward 64 x 64, backward 64 / 64, 4 warps, 3 stages; 1.25x on the attention alone) in the
 #                     training step beside the default and HF + Liger, then with max-autotune and the compiled AdamW.
+#   part l            after that tiling became the default for packed documents (forgather.models.attention
+#                     PACKED_TILINGS): the GPU model tests, the default beside HF + Liger, then max-autotune with the
+#                     compiled AdamW.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|l|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -140,6 +143,16 @@ k)
         --variant flex-64+autotune+adamw-compiled "$TILING" compile_mode=max-autotune-no-cudagraphs \
         optimizer=adamw_compiled --timeout 330 "$@"
     ;;
+l)
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 200 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -q -p no:cacheprovider -rs 2>&1 | tail -15 \
+            | tee "$OUT/pytest_models.txt"
+    fi
+    bench bench_1b_l.log --shape 1b --label 1b_l --steps 40 --paths forgather hf-liger --timeout 150 "$@"
+    bench bench_1b_l.log --shape 1b --label 1b_l --steps 40 --append --paths \
+        --variant autotune+adamw-compiled compile_mode=max-autotune-no-cudagraphs optimizer=adamw_compiled \
+        --timeout 330 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -155,7 +168,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a, b, c, d, e, f, g, h, i, j, k or tests"; exit 2 ;;
+    echo "unknown part '$PART': a, b, c, d, e, f, g, h, i, j, k, l or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

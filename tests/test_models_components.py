@@ -205,6 +205,66 @@ def test_flex_kernel_options_reach_the_flex_kernel(monkeypatch):
     assert seen[-1]["kernel_options"] is None
 
 
+def test_packed_rows_get_the_measured_flex_tiling_and_given_options_win(monkeypatch):
+    """Without kernel options, packed documents on a GPU of PACKED_TILINGS get its tiling (torch's own default
+    was measured slower there); rows without documents keep torch's; options given to the layer replace it."""
+    import forgather.models.attention as attention
+
+    seen = []
+
+    def kernel(q, k, v, **kwargs):
+        seen.append(kwargs)
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(attention, "_flex_kernel", lambda device: kernel)
+    monkeypatch.setattr(attention, "_flex_unavailable", lambda q, k, mask: False)
+    tiling = {"fwd_BLOCK_M": 64}
+    monkeypatch.setattr(attention, "packed_kernel_options", lambda q, packed: tiling if packed else None)
+    x = torch.randn(1, 8, 32)
+    documents = AttentionMask(8, 8, torch.tensor([[1, 1, 1, 2, 2, 2, 2, 3]]), x.device)
+    Attention(32, 4, attention_fn="flex")(x, None, documents)
+    assert seen[-1]["kernel_options"] == tiling
+    Attention(32, 4, attention_fn="flex")(x, None, AttentionMask(8, 8, None, x.device))
+    assert seen[-1]["kernel_options"] is None
+    given = {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32}
+    Attention(32, 4, attention_fn="flex", kernel_options=given)(x, None, documents)
+    assert seen[-1]["kernel_options"] == given
+
+
+def test_packed_kernel_options_look_up_gpu_dtype_and_head_dim(monkeypatch):
+    import types
+
+    import forgather.models.attention as attention
+
+    capability = {"major": 9, "minor": 0}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(**capability))
+
+    def query(device="cuda", dtype=torch.bfloat16, head_dim=64):  # stands in for a CUDA tensor on a CPU
+        return types.SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(4, 32, 2048, head_dim))
+
+    hopper = attention.PACKED_TILINGS[((9, 0), torch.bfloat16, 64)]
+    assert attention.packed_kernel_options(query(), packed=True) == hopper
+    assert attention.packed_kernel_options(query(), packed=False) is None
+    assert attention.packed_kernel_options(query(head_dim=128), packed=True) is None
+    assert attention.packed_kernel_options(query(dtype=torch.float32), packed=True) is None
+    assert attention.packed_kernel_options(query(device="cpu"), packed=True) is None
+    capability["major"] = 8
+    assert attention.packed_kernel_options(query(), packed=True) is None
+
+
+def test_packed_tilings_are_flex_options_whose_tiles_divide_the_mask_blocks():
+    from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE
+
+    import forgather.models.attention as attention
+
+    assert attention.PACKED_TILINGS
+    for options in attention.PACKED_TILINGS.values():
+        assert attention.flex_kernel_options(options) == options
+        for name, value in options.items():
+            if "BLOCK_" in name:
+                assert _DEFAULT_SPARSE_BLOCK_SIZE % value == 0, name
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(attention_fn="flex", kernel_options={"fwd_BLOK_M": 64}), r"'fwd_BLOK_M' is not an option.*'fwd_BLOCK_M'"),
     (dict(attention_fn="flex", kernel_options={"num_warps": 4.0}), r"num_warps takes an integer; got float 4.0"),

@@ -154,6 +154,31 @@ def _flex_unavailable(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> 
     return mask.num_queries < FLEX_MIN_QUERIES
 
 
+# Flex attention's tiling for packed documents where torch's own default was measured slower, by (GPU compute
+# capability, dtype, head dim). Hopper, bf16, head dim 64: torch 2.11 tiles the forward 128 x 128 and the backward
+# 64 / 128 (8 warps) over the mask's 128-token blocks; finer tiles waste less of the blocks that straddle short
+# documents. On the training bench's own rows (stdlib corpus, ~19 documents of median ~52 tokens a row of 2,048)
+# this tiling is 1.25x on the attention alone (forward + backward) and 1.02x on the whole 1.24B training step,
+# H200, 2026-12-04 (scripts/bench_step_pieces.py --duel --sweep; scripts/gpu_check_train.sh k;
+# docs/benchmarks.md). Every tile divides the 128-token blocks that AttentionMask builds. Plain causal rows keep
+# torch's default (the forward tiling measured level there); other GPUs, dtypes and head dims were not measured.
+PACKED_TILINGS: dict[tuple[tuple[int, int], torch.dtype, int], dict[str, Any]] = {
+    ((9, 0), torch.bfloat16, 64): dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3,
+                                       bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
+                                       bwd_num_warps=4, bwd_num_stages=3),
+}
+
+
+def packed_kernel_options(q: torch.Tensor, packed: bool) -> dict[str, Any] | None:
+    """The measured tiling of PACKED_TILINGS for q's GPU, dtype and head dim when the mask holds documents
+    (`packed`); None (torch's own choice) otherwise. torch.cuda.get_device_properties is folded to a constant
+    under torch.compile, so a compiled layer asks this when it is traced, not every step."""
+    if not packed or q.device.type != "cuda":
+        return None
+    properties = torch.cuda.get_device_properties(q.device)
+    return PACKED_TILINGS.get(((properties.major, properties.minor), q.dtype, q.shape[-1]))
+
+
 def flex_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout_p: float = 0.0,
     kernel_options: dict[str, Any] | None = None,
@@ -163,11 +188,15 @@ def flex_attention(
     Where flex attention is not used (see `_flex_unavailable`) SDPA computes the same thing with the dense
     mask: same result, no block sparsity -- cheap for the few query rows of a decoding step. `kernel_options`
     (checked by `flex_kernel_options`) choose the GPU kernel's tiling; they change speed, not the result.
+    Without them, packed documents get the tiling measured fastest for the GPU, dtype and head
+    dim (`packed_kernel_options`), and everything else torch's own.
     """
     if dropout_p:
         raise ValueError(f"flex attention has no attention dropout (dropout_p={dropout_p}); use sdpa or eager")
     if _flex_unavailable(q, k, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=_is_gqa(q, k))
+    if kernel_options is None:
+        kernel_options = packed_kernel_options(q, mask.document_ids is not None)
     return _flex_kernel(q.device)(q, k, v, block_mask=mask.block_mask, enable_gqa=_is_gqa(q, k),
                                   kernel_options=kernel_options)
 
@@ -239,7 +268,8 @@ class Attention(nn.Module):
             (`forgather.models.fused`: same parameters and state dict); projections that are not plain
             nn.Linear layers (QK-norm variants) run separately.
         kernel_options: with attention_fn="flex", the GPU kernel's options (`flex_kernel_options`), e.g.
-            `{fwd_BLOCK_M: 64, fwd_BLOCK_N: 64}`: tilings change speed, not the result.
+            `{fwd_BLOCK_M: 64, fwd_BLOCK_N: 64}`: tilings change speed, not the result. Without them, packed
+            documents get the tiling measured fastest for the GPU, dtype and head dim (`PACKED_TILINGS`).
     """
 
     def __init__(
