@@ -155,13 +155,14 @@ def _flex_unavailable(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> 
 
 
 # Flex attention's tiling for packed documents where torch's own default was measured slower, by (GPU compute
-# capability, dtype, head dim). Hopper, bf16, head dim 64: torch 2.11 tiles the forward 128 x 128 and the backward
-# 64 / 128 (8 warps) over the mask's 128-token blocks; finer tiles waste less of the blocks that straddle short
-# documents. On the training bench's own rows (stdlib corpus, ~19 documents of median ~52 tokens a row of 2,048)
-# this tiling is 1.25x on the attention alone (forward + backward) and 1.02x on the whole 1.24B training step,
-# H200, 2026-12-04 (scripts/bench_step_pieces.py --duel --sweep; scripts/gpu_check_train.sh k;
-# docs/benchmarks.md). Every tile divides the 128-token blocks that AttentionMask builds. Plain causal rows keep
-# torch's default (the forward tiling measured level there); other GPUs, dtypes and head dims were not measured.
+# capability, dtype, head dim). Hopper, bf16, head dim 64: torch's heuristics tile the forward 128 x 128 and the
+# backward 64 / 128 with 8 warps (torch 2.13's template_heuristics) over the mask's 128-token blocks; finer tiles
+# waste less of the blocks that straddle short documents. On the training bench's own rows (stdlib corpus, ~19
+# documents of median ~52 tokens a row of 2,048) this tiling is 1.25x on the attention alone (forward +
+# backward) and 1.02x on the whole 1.24B training step, H200, 2026-12-04 (scripts/bench_step_pieces.py --duel
+# --sweep; scripts/gpu_check_train.sh k and l; docs/benchmarks.md). Every tile divides the 128-token blocks that
+# AttentionMask builds. Plain causal rows keep torch's default (the forward tiling measured level there); other
+# GPUs, dtypes and head dims were not measured.
 PACKED_TILINGS: dict[tuple[tuple[int, int], torch.dtype, int], dict[str, Any]] = {
     ((9, 0), torch.bfloat16, 64): dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3,
                                        bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
