@@ -246,19 +246,22 @@ def bench_varlen(q, k, v, grad, docs, masks, compiled, iters: int) -> None:
         _bench_varlen(label, call, q, k, v, grad, docs, masks, compiled, iters)
 
 
-def _bench_varlen(name, call, q, k, v, grad, docs, masks, compiled, iters: int) -> None:
-    s = SHAPE
-    flat = docs + torch.arange(s["batch"], device=docs.device)[:, None] * (docs.max() + 1)
-    flat = flat.flatten()
+def _as_sequences(docs, q, k, v, grad):
+    """Packed rows as variable-length sequences, each document one: cumulative lengths (int32), the longest
+    document's length, and q, k, v (leaves of their own) and the output gradient as [B * T, heads, D]."""
+    flat = (docs + torch.arange(docs.shape[0], device=docs.device)[:, None] * (docs.max() + 1)).flatten()
     starts = torch.nonzero(torch.cat([flat.new_ones(1), flat[1:] != flat[:-1]])).flatten()
     cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
 
     def packed(t):  # [B, H, T, D] -> [B * T, H, D]
-        return t.detach().transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous().requires_grad_()
+        return t.detach().transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous()
 
-    qv, kv_, vv = packed(q), packed(k), packed(v)
-    grad_v = grad.transpose(1, 2).reshape(-1, grad.shape[1], grad.shape[3]).contiguous()
+    return (cu, int((cu[1:] - cu[:-1]).max()), *(packed(t).requires_grad_() for t in (q, k, v)), packed(grad))
+
+
+def _bench_varlen(name, call, q, k, v, grad, docs, masks, compiled, iters: int) -> None:
+    s = SHAPE
+    cu, longest, qv, kv_, vv, grad_v = _as_sequences(docs, q, k, v, grad)
     for t in (q, k, v):
         t.grad = None
     out = compiled(q, k, v, block_mask=masks["packed"], enable_gqa=True)
@@ -377,16 +380,7 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
                 return out, q.grad, k.grad, v.grad
             return step
 
-        flat = (docs + torch.arange(s["batch"], device="cuda")[:, None] * (docs.max() + 1)).flatten()
-        starts = torch.nonzero(torch.cat([flat.new_ones(1), flat[1:] != flat[:-1]])).flatten()
-        cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
-
-        def packed(t):  # [B, H, T, D] -> [B * T, H, D]
-            return t.detach().transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous().requires_grad_()
-
-        qv, kv_, vv = packed(q), packed(k), packed(v)
-        grad_v = grad.transpose(1, 2).reshape(-1, grad.shape[1], grad.shape[3]).contiguous()
+        cu, longest, qv, kv_, vv, grad_v = _as_sequences(docs, q, k, v, grad)
 
         def varlen_step(max_len):
             def step():
