@@ -37,9 +37,12 @@
 #   part l            after that tiling became the default for packed documents (forgather.models.attention
 #                     PACKED_TILINGS): the GPU model tests, the default beside HF + Liger, then max-autotune with the
 #                     compiled AdamW.
+#   part m            AdamW inside backward on a side stream in buckets (optimizer=adamw_in_backward bucket_size=N: one
+#                     fused step per ~N elements instead of per parameter): the GPU tests of the overlapped steps,
+#                     then the default beside buckets of ~50M (about a layer) and ~200M elements, the first profiled.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|l|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|l|m|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -153,6 +156,16 @@ l)
         --variant autotune+adamw-compiled compile_mode=max-autotune-no-cudagraphs optimizer=adamw_compiled \
         --timeout 330 "$@"
     ;;
+m)
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 200 $PY -m pytest -n 0 tests/gpu/test_optim_gpu.py -k "overlapped or in_backward or raises" -q \
+            -p no:cacheprovider -rs 2>&1 | tail -15 | tee "$OUT/pytest_optim.txt"
+    fi
+    bench bench_1b_m.log --shape 1b --label 1b_m --steps 40 --paths forgather \
+        --variant adamw-inbw-50M optimizer=adamw_in_backward bucket_size=50000000 \
+        --variant adamw-inbw-200M optimizer=adamw_in_backward bucket_size=200000000 \
+        --profile adamw-inbw-50M --profile-steps 6 --timeout 150 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -168,7 +181,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a, b, c, d, e, f, g, h, i, j, k, l or tests"; exit 2 ;;
+    echo "unknown part '$PART': a, b, c, d, e, f, g, h, i, j, k, l, m or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

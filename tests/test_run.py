@@ -118,11 +118,12 @@ def test_two_ranks_launched_by_lightning_share_one_run_directory(tmp_path):
     assert yaml.safe_load((run_dir / "metrics.yaml").read_text())["step"] == 4
 
 
-@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
-def test_optimizer_in_backward_trains_like_the_plain_optimizer(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, extra", [("adafactor", []), ("adamw", []), ("adamw", ["bucket_size=4096"])],
+                         ids=["adafactor", "adamw", "adamw-buckets"])
+def test_optimizer_in_backward_trains_like_the_plain_optimizer(tmp_path, optimizer, extra):
     common = ["+experiment=micro", "gradient_clip_val=null", "lr=3e-2", "max_steps=8"]
     assert run(tmp_path / "plain", *common, f"optimizer={optimizer}") == 0
-    assert run(tmp_path / "in_backward", *common, f"optimizer={optimizer}_in_backward") == 0
+    assert run(tmp_path / "in_backward", *common, f"optimizer={optimizer}_in_backward", *extra) == 0
     (plain,) = run_dirs(tmp_path / "plain" / "outputs")
     (in_backward,) = run_dirs(tmp_path / "in_backward" / "outputs")
     expected, losses = train_losses(plain), train_losses(in_backward)
