@@ -278,11 +278,12 @@ def test_multirun_with_a_run_directory_reruns_one_point_or_says_what_to_do(tmp_p
 
 
 @pytest.mark.parametrize("overrides", [("optimizer=adamw_in_backward", "gradient_clip_val=null"),
-                                       ("optimizer=adamw_compiled",)], ids=["in_backward", "compiled"])
+                                       ("optimizer=adamw_in_backward", "gradient_clip_val=null", "bucket_size=4096"),
+                                       ("optimizer=adamw_compiled",)], ids=["in_backward", "buckets", "compiled"])
 def test_a_run_with_another_adamw_resumes_exactly(tmp_path, overrides):
-    """The per-parameter AdamW states of an optimizer stepping inside backward, and CompiledAdamW's (on a CPU its
-    eager foreach step), travel through the checkpoint: stopped at 6 and resumed to 10, the losses are those of
-    a run of 10."""
+    """The per-parameter (or per-bucket) AdamW states of an optimizer stepping inside backward, and
+    CompiledAdamW's (on a CPU its eager foreach step), travel through the checkpoint: stopped at 6 and resumed to
+    10, the losses are those of a run of 10."""
     common = (*MICRO, *overrides)
     assert run(tmp_path / "whole", *common, "max_steps=10") == 0
     assert run(tmp_path / "cut", *common, "max_steps=6") == 0
