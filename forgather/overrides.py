@@ -27,7 +27,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -62,6 +62,28 @@ def find_groups(search_path: list[str]) -> dict[str, list[str]]:
             if options and group != ".":
                 groups.setdefault(group.replace(os.sep, "/"), set()).update(options)
     return {group: sorted(options) for group, options in sorted(groups.items())}
+
+
+def declared_by_options(key: str, search_path: list[str], groups: dict[str, list[str]]) -> list[str]:
+    """`GROUP=OPTION` for each group option whose template declares the config value `key` (a `!var` of that
+    name): where a key missing from this config lives, when another option of a group holds it
+    (`bucket_size` is optimizer=adamw_in_backward's). Read as text: nothing is rendered."""
+    if "." in key:
+        return []
+    declared = re.compile(r"!var\s*(?:\{\s*name:\s*)?[\"']?" + re.escape(key) + r"[\"']?\s*(?:[,}]|$)", re.MULTILINE)
+    found = []
+    for group, options in groups.items():
+        if group == "experiment":
+            continue
+        for option in options:
+            for root in search_path:
+                path = os.path.join(root, *group.split("/"), f"{option}.yaml")
+                if os.path.isfile(path):
+                    with open(path, encoding="utf-8") as f:
+                        if declared.search(f.read()):
+                            found.append(f"{group}={option}")
+                    break
+    return found
 
 
 def _suggest(word: str, candidates: list[str]) -> str:
@@ -427,14 +449,24 @@ def _refuse_adding_beside_a_named_node(config: DictConfig, override: Override) -
         )
 
 
-def apply(config: DictConfig, overrides: list[Override]) -> None:
-    """Apply value overrides in order, in place. Errors name the override and suggest close keys."""
+def _elsewhere_hint(key: str, options: list[str]) -> str:
+    if not options:
+        return ""
+    listed = " or ".join(options[:3]) + (" ..." if len(options) > 3 else "")
+    return f"; {key} is a config value of {listed}: choose that option, or leave {key} out"
+
+
+def apply(config: DictConfig, overrides: list[Override],
+          declared_by: Callable[[str], list[str]] | None = None) -> None:
+    """Apply value overrides in order, in place. Errors name the override and suggest close keys; a key this
+    config lacks that a group option declares (`declared_by(key)`, e.g. `declared_by_options`) names that option."""
     for override in overrides:
         key = override.key
         found = _locate(config, key)
         if override.kind in ("change", "delete") and found is None:
             paths = config_paths(config)
-            hint = _list_hint(config, key) or _also_called(key, paths) or _suggest(key, paths)
+            hint = (_list_hint(config, key) or _elsewhere_hint(key, declared_by(key) if declared_by else [])
+                    or _also_called(key, paths) or _suggest(key, paths))
             raise OverrideError(f"{override.text}: no key {key!r} in the config{hint}")
         if override.kind == "add" and found is not None:
             raise OverrideError(f"{override.text}: {key!r} is already set; write {key}=... to change it (or ++{key}=...)")

@@ -307,8 +307,12 @@ class Runner:
         choices, values = ovr.split_choices(point, self.groups)
         experiment, loaded = self.load(choices)
         config = self._job_config(loaded)
-        ovr.apply(config, values)
+        ovr.apply(config, values, self.declared_by)
         return experiment, loaded, config, values
+
+    def declared_by(self, key: str) -> list[str]:
+        """The group options that declare the config value `key` (for the error of a key this config lacks)."""
+        return ovr.declared_by_options(key, self.search_path, self.groups)
 
     @staticmethod
     def _job_config(loaded: LoadedConfig) -> DictConfig:
@@ -341,7 +345,7 @@ class Runner:
             key = tuple(sorted(choices.items()))
             if key not in rendered:
                 rendered[key] = self.load(dict(choices))[1]
-            ovr.apply(self._job_config(rendered[key]), values)
+            ovr.apply(self._job_config(rendered[key]), values, self.declared_by)
 
         try:
             command = self.point_command(getattr(launcher, "gpus_per_job", 0))

@@ -98,6 +98,34 @@ def test_a_key_neither_close_nor_known_by_another_name_gets_no_guess(capsys):
     assert error_of(capsys, "+experiment=micro", "zzz=3").rstrip().endswith("no key 'zzz' in the config")
 
 
+@pytest.mark.parametrize("override, options", [
+    ("bucket_size=50000000", "optimizer=adamw_in_backward"),
+    ("tokenizer_path=tok", "tokenizer=pretrained"),
+    ("data_path=docs.jsonl", "data=hf_disk or data=jsonl or data=streaming"),
+])
+def test_a_key_of_another_group_option_names_that_option(capsys, override, options):
+    """A config value that this experiment's options lack but another option of a group declares (`!var`)."""
+    key = override.partition("=")[0]
+    err = error_of(capsys, "+experiment=micro", override)
+    assert f"no key {key!r} in the config; {key} is a config value of {options}: choose that option, or leave " \
+           f"{key} out" in err
+
+
+def test_declared_by_options_reads_each_var_form(tmp_path):
+    from forgather.overrides import declared_by_options
+
+    group = tmp_path / "optimizer"
+    group.mkdir()
+    (group / "braced.yaml").write_text("x: !var { name: beta2, default: 0.99 }\n")
+    (group / "quoted.yaml").write_text('x: !var "beta2"\n')
+    (group / "bare.yaml").write_text("x: !var beta2\n")
+    (group / "other.yaml").write_text("x: !var { name: beta22 }\ny: !var beta\n")
+    groups = {"optimizer": ["bare", "braced", "other", "quoted"]}
+    assert declared_by_options("beta2", [str(tmp_path)], groups) == [
+        "optimizer=bare", "optimizer=braced", "optimizer=quoted"]
+    assert declared_by_options("optimizer.beta2", [str(tmp_path)], groups) == []
+
+
 def test_unknown_group_option_lists_the_options(capsys):
     err = error_of(capsys, "+experiment=micro", "optimizer=adamx")
     assert "no option 'adamx' in group 'optimizer'; did you mean 'adamw'" in err and "adafactor" in err
