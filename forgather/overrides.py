@@ -449,6 +449,17 @@ def _refuse_adding_beside_a_named_node(config: DictConfig, override: Override) -
         )
 
 
+def unread_additions(config: DictConfig, overrides: list[Override], runner_keys: tuple[str, ...] = ()) -> list[Override]:
+    """The overrides among `overrides` that add (`+key=v`, `++key=v`) a top-level key that nothing in `config`
+    reads: no interpolation names it, and the runner does not read it itself (`runner_keys`). Top-level keys
+    are config values, read only through interpolations, so such a value changes nothing."""
+    added = [o for o in overrides if o.kind in ("add", "force_add") and "." not in o.key and o.key not in runner_keys]
+    if not added:
+        return []
+    text = str(OmegaConf.to_container(config, resolve=False))
+    return [o for o in added if not re.search(r"\$\{[^}]*\b" + re.escape(o.key) + r"\b", text)]
+
+
 def _elsewhere_hint(key: str, options: list[str]) -> str:
     if not options:
         return ""

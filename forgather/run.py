@@ -271,6 +271,7 @@ class Runner:
         sweeping = run_dir is not None
         experiment, loaded, config, values = self.job(point)
         warn_about_warmup(config)
+        self.warn_about_unread_additions(config, values)
         if self.args.cfg:
             print_config(self.args, config, lambda: self.settings(experiment, loaded, point))
             return None
@@ -309,6 +310,16 @@ class Runner:
         config = self._job_config(loaded)
         ovr.apply(config, values, self.declared_by)
         return experiment, loaded, config, values
+
+    def warn_about_unread_additions(self, config: DictConfig, values: list[ovr.Override]) -> None:
+        """Warn about each `+key=v` that adds a top-level key nothing reads (a value that changes nothing), naming
+        the group options that declare it."""
+        for override in ovr.unread_additions(config, values, runner_keys=("output_dir",)):
+            options = self.declared_by(override.key)
+            where = (f"; {override.key} is a config value of {' or '.join(options[:3])}: choose that option"
+                     if options else "; check its spelling, or set a component's argument (+trainer.NAME=...)")
+            print(f"warning: {override.text} adds a top-level key that nothing in this config reads{where}",
+                  file=sys.stderr)
 
     def declared_by(self, key: str) -> list[str]:
         """The group options that declare the config value `key` (for the error of a key this config lacks)."""

@@ -212,6 +212,18 @@ def test_adding_under_a_node_name_points_to_where_the_node_is(capsys):
     assert "new_variable" in config_of(capsys, "+new_variable=3")  # plain new keys still add
 
 
+def test_adding_a_top_level_key_that_nothing_reads_warns_and_names_its_option(capsys):
+    """A config value added with `+` that no interpolation reads changes nothing: the run goes on with a warning
+    that names the group option declaring it, or asks for the spelling."""
+    assert main(["-p", PROJECT, "+experiment=micro", "--cfg", "+bucket_size=5", "+bukket=5", "++lr=0.01",
+                 "++seed=7"]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: +bucket_size=5 adds a top-level key that nothing in this config reads; bucket_size is a "
+            "config value of optimizer=adamw_in_backward: choose that option") in err
+    assert "warning: +bukket=5 adds a top-level key that nothing in this config reads; check its spelling" in err
+    assert "++lr" not in err and "++seed" not in err  # read through ${lr} and ${seed}
+
+
 def test_an_override_through_an_interpolation_is_checked_against_the_targets_signature(capsys):
     # trainer.max_steps holds ${max_steps}: Trainer's annotation (int) decides, at override time.
     error = error_of(capsys, "+experiment=micro", "trainer.max_steps=abc")
