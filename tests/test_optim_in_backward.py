@@ -31,10 +31,11 @@ def loss_of(model, batch):
     "factory", [partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1), partial(Adafactor, lr=1e-2, beta1=0.9)]
 )
 @pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])  # overlap: CUDA only, else inline
-def test_gives_the_same_parameters_as_an_ordinary_step(factory, overlap):
+@pytest.mark.parametrize("bucket_size, buckets", [(None, 4), (30, 2)], ids=["per-parameter", "buckets"])
+def test_gives_the_same_parameters_as_an_ordinary_step(factory, overlap, bucket_size, buckets):
     plain, hooked = make_model(), make_model()
     opt = factory(plain.parameters())
-    in_bwd = optimizer_in_backward(hooked, factory, overlap=overlap)
+    in_bwd = optimizer_in_backward(hooked, factory, overlap=overlap, bucket_size=bucket_size)
     for batch in batches():
         opt.zero_grad()
         loss_of(plain, batch).backward()
@@ -42,7 +43,7 @@ def test_gives_the_same_parameters_as_an_ordinary_step(factory, overlap):
         loss_of(hooked, batch).backward()
     for a, b in zip(plain.parameters(), hooked.parameters()):
         torch.testing.assert_close(a, b)
-    assert len(in_bwd.optimizers) == 4
+    assert len(in_bwd.optimizers) == 4 and len(in_bwd.buckets) == buckets
 
 
 def test_gradients_are_freed_after_backward():
@@ -130,23 +131,6 @@ def test_buckets_hold_at_least_their_size_in_reverse_order_and_step_once_per_pas
         loss_of(model, batch).backward()
     assert [opt.optimizers[bucket[0]].steps for bucket in opt.buckets] == [2] * len(sizes)
     assert all(p.grad is None for p in model.parameters())
-
-
-@pytest.mark.parametrize(
-    "factory", [partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1), partial(Adafactor, lr=1e-2, beta1=0.9)]
-)
-@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
-def test_buckets_give_the_same_parameters_as_an_ordinary_step(factory, overlap):
-    plain, hooked = make_model(), make_model()
-    opt = factory(plain.parameters())
-    optimizer_in_backward(hooked, factory, overlap=overlap, bucket_size=30)
-    for batch in batches():
-        opt.zero_grad()
-        loss_of(plain, batch).backward()
-        opt.step()
-        loss_of(hooked, batch).backward()
-    for a, b in zip(plain.parameters(), hooked.parameters()):
-        torch.testing.assert_close(a, b)
 
 
 def test_a_bucket_short_of_a_gradient_steps_at_the_end_of_the_pass():
