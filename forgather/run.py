@@ -48,7 +48,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
-from forgather.errors import STRICT_ENV, report
+from forgather.errors import STRICT_ENV, MachineError, report
 from forgather.launch.point import SWEEP_POINT_ENV
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
 from forgather.template import TemplateEnvironment
@@ -275,6 +275,7 @@ class Runner:
         if self.args.cfg:
             print_config(self.args, config, lambda: self.settings(experiment, loaded, point))
             return None
+        check_accelerator(config)
         run_dir = run_dir or self.run_dir(experiment, values)
         config.output_dir = str(run_dir)
         export = export_settings(self.args.outputs, experiment, self.project.model_src, run_dir if sweeping else None)
@@ -422,6 +423,25 @@ class Runner:
         for path in record["template_path"]:
             command += ["--template-path", path]
         return command
+
+
+def check_accelerator(config: DictConfig) -> None:
+    """A trainer set to train on a CUDA GPU (trainer=gpu, or -d) on a machine where torch sees none: one line that
+    names the setting and what to do, before anything is built. (Lightning's own "No supported gpu backend
+    found!" comes after the model and data are built, and says neither.)"""
+    try:
+        accelerator = OmegaConf.select(config, "trainer.accelerator", default=None, throw_on_missing=False)
+    except Exception:  # an interpolation that does not resolve: construction will say so
+        return
+    if not isinstance(accelerator, str) or accelerator.lower() not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    raise MachineError(f"trainer.accelerator={accelerator!r} (trainer=gpu, or -d): this machine has no CUDA GPU that "
+                       f"torch {torch.__version__} can use ; train on the CPU (leave trainer=gpu and -d out), or "
+                       f"install a CUDA build of torch")
 
 
 def warn_about_warmup(config: DictConfig) -> None:

@@ -238,3 +238,16 @@ def test_an_optimizer_inside_backward_refuses_clipping_and_accumulation_it_would
     code, _, err = run(tmp_path, capsys, "optimizer=adamw_in_backward", "max_steps=2", *overrides)
     (line,) = error_lines(err)
     assert code == 2 and line.startswith(f"error: {key}: ") and "inside backward" in line
+
+
+def test_training_on_a_gpu_without_one_is_one_line_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    """trainer=gpu where torch sees no CUDA GPU: named before the model and data are built, and no run directory
+    is left behind (Lightning's own "No supported gpu backend found!" came after both, and named neither)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(tmp_path, capsys, "trainer=gpu", "max_steps=1")
+    assert code == 2
+    assert error_lines(err) == [
+        f"error: trainer.accelerator='gpu' (trainer=gpu, or -d): this machine has no CUDA GPU that torch "
+        f"{torch.__version__} can use ; train on the CPU (leave trainer=gpu and -d out), or install a CUDA build "
+        f"of torch"]
+    assert not (tmp_path / "outputs").exists()
