@@ -460,11 +460,21 @@ def unread_additions(config: DictConfig, overrides: list[Override], runner_keys:
     return [o for o in added if not re.search(r"\$\{[^}]*\b" + re.escape(o.key) + r"\b", text)]
 
 
-def _elsewhere_hint(key: str, options: list[str]) -> str:
+# How close a key of this config must be to a missing key to be suggested before the group options that declare
+# the missing one: a near-identical spelling (data_path / data_paths), not a loose likeness (bucket_size /
+# block_size).
+NEAR_SPELLING = 0.85
+
+
+def _close_or_elsewhere(key: str, paths: list[str], options: list[str]) -> str:
+    """The hint for a key this config lacks: its close spellings here, and the group options that declare it
+    (`options`); a near-identical spelling here comes first when both are found."""
     if not options:
-        return ""
+        return _suggest(key, paths)
     listed = " or ".join(options[:3]) + (" ..." if len(options) > 3 else "")
-    return f"; {key} is a config value of {listed}: choose that option, or leave {key} out"
+    elsewhere = f"{key} is a config value of {listed}: choose that option, or leave {key} out"
+    near = did_you_mean(key, paths, cutoff=NEAR_SPELLING)
+    return f"; {near} ({elsewhere})" if near else f"; {elsewhere}"
 
 
 def apply(config: DictConfig, overrides: list[Override],
@@ -476,8 +486,8 @@ def apply(config: DictConfig, overrides: list[Override],
         found = _locate(config, key)
         if override.kind in ("change", "delete") and found is None:
             paths = config_paths(config)
-            hint = (_list_hint(config, key) or _elsewhere_hint(key, declared_by(key) if declared_by else [])
-                    or _also_called(key, paths) or _suggest(key, paths))
+            hint = (_list_hint(config, key) or _also_called(key, paths)
+                    or _close_or_elsewhere(key, paths, declared_by(key) if declared_by else []))
             raise OverrideError(f"{override.text}: no key {key!r} in the config{hint}")
         if override.kind == "add" and found is not None:
             raise OverrideError(f"{override.text}: {key!r} is already set; write {key}=... to change it (or ++{key}=...)")

@@ -111,6 +111,15 @@ def test_a_key_of_another_group_option_names_that_option(capsys, override, optio
            f"{key} out" in err
 
 
+def test_a_near_spelling_here_comes_before_the_options_that_declare_the_key(capsys):
+    """data=text_files takes data_paths; data_path is the other data options' value: both are said, the near
+    spelling first. A loose likeness (bucket_size / block_size) is not offered before the declaring option."""
+    err = error_of(capsys, "+experiment=micro", "data=text_files", "data_path=notes")
+    assert ("no key 'data_path' in the config; did you mean 'data_paths'? (data_path is a config value of "
+            "data=hf_disk or data=jsonl or data=streaming: choose that option, or leave data_path out)") in err
+    assert "did you mean" not in error_of(capsys, "+experiment=micro", "bucket_size=5")
+
+
 def test_declared_by_options_reads_each_var_form(tmp_path):
     from forgather.overrides import declared_by_options
 
