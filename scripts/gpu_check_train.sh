@@ -39,7 +39,8 @@
 #                     compiled AdamW.
 #   part m            AdamW inside backward on a side stream in buckets (optimizer=adamw_in_backward bucket_size=N: one
 #                     fused step per ~N elements instead of per parameter): the GPU tests of the overlapped steps,
-#                     then the default beside buckets of ~50M (about a layer) and ~200M elements, the first profiled.
+#                     then the default beside buckets of ~50M (about a layer) and ~200M elements; the default and the
+#                     first profiled (the step's breakdown with the packed tiling, and the optimizer's overlap).
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|l|m|tests] [more bench_train.py args]
@@ -164,7 +165,7 @@ m)
     bench bench_1b_m.log --shape 1b --label 1b_m --steps 40 --paths forgather \
         --variant adamw-inbw-50M optimizer=adamw_in_backward bucket_size=50000000 \
         --variant adamw-inbw-200M optimizer=adamw_in_backward bucket_size=200000000 \
-        --profile adamw-inbw-50M --profile-steps 6 --timeout 150 "$@"
+        --profile forgather adamw-inbw-50M --profile-steps 6 --timeout 150 "$@"
     ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
