@@ -466,13 +466,19 @@ def unread_additions(config: DictConfig, overrides: list[Override], runner_keys:
 NEAR_SPELLING = 0.85
 
 
+def config_value_of(key: str, options: list[str]) -> str:
+    """"KEY is a config value of GROUP=OPTION or ..." for the group options that declare `key` (at most three
+    named): said where a key this config lacks is set, or added without being read."""
+    listed = " or ".join(options[:3]) + (" ..." if len(options) > 3 else "")
+    return f"{key} is a config value of {listed}"
+
+
 def _close_or_elsewhere(key: str, paths: list[str], options: list[str]) -> str:
     """The hint for a key this config lacks: its close spellings here, and the group options that declare it
     (`options`); a near-identical spelling here comes first when both are found."""
     if not options:
         return _suggest(key, paths)
-    listed = " or ".join(options[:3]) + (" ..." if len(options) > 3 else "")
-    elsewhere = f"{key} is a config value of {listed}: choose that option, or leave {key} out"
+    elsewhere = f"{config_value_of(key, options)}: choose that option, or leave {key} out"
     near = did_you_mean(key, paths, cutoff=NEAR_SPELLING)
     return f"; {near} ({elsewhere})" if near else f"; {elsewhere}"
 

@@ -317,8 +317,8 @@ class Runner:
         the group options that declare it."""
         for override in ovr.unread_additions(config, values, runner_keys=("output_dir",)):
             options = self.declared_by(override.key)
-            where = (f"; {override.key} is a config value of {' or '.join(options[:3])}: choose that option"
-                     if options else "; check its spelling, or set a component's argument (+trainer.NAME=...)")
+            where = (f"; {ovr.config_value_of(override.key, options)}: choose that option" if options
+                     else "; check its spelling, or set a component's argument (+trainer.NAME=...)")
             print(f"warning: {override.text} adds a top-level key that nothing in this config reads{where}",
                   file=sys.stderr)
 
