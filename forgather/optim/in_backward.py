@@ -60,20 +60,25 @@ class OptimizerInBackward(Optimizer):
         super().__init__(trainable, defaults={})
         self.bucket_size = bucket_size
         self.buckets = _buckets(trainable, bucket_size)
-        bucket_optimizers = [optimizer_factory(bucket) for bucket in self.buckets]
-        # each parameter's optimizer (a bucket's parameters share theirs)
-        self.optimizers: dict[nn.Parameter, Optimizer] = {
-            p: opt for bucket, opt in zip(self.buckets, bucket_optimizers) for p in bucket}
-        self._bucket_optimizers = bucket_optimizers
+        self._bucket_optimizers = [optimizer_factory(bucket) for bucket in self.buckets]
         self._bucket_of = {p: index for index, bucket in enumerate(self.buckets) for p in bucket}
-        self._missing = [len(bucket) for bucket in self.buckets]  # gradients each bucket still waits for
-        self.param_groups = [group for opt in bucket_optimizers for group in opt.param_groups]
+        self._arrived = [0] * len(self.buckets)  # gradients each bucket holds in this backward pass
+        self.param_groups = [group for opt in self._bucket_optimizers for group in opt.param_groups]
         self._handles = [handle for p in trainable for handle in (
             p.register_hook(self._gradient_arriving), p.register_post_accumulate_grad_hook(self._gradient_ready))]
         self.overlap = overlap
         self._side: dict[torch.device, torch.cuda.Stream] = {}  # a side stream per CUDA device (overlap)
         self._waiting: dict[torch.device, torch.cuda.Stream] = {}  # backward's streams to join at its end
         self._pass = -1  # the backward pass (autograd graph task) whose end has its callback queued
+
+    @property
+    def optimizers(self) -> dict[nn.Parameter, Optimizer]:
+        """Each parameter's optimizer (a bucket's parameters share theirs)."""
+        return {p: self._bucket_optimizers[index] for p, index in self._bucket_of.items()}
+
+    def _partly_filled(self) -> list[int]:
+        """The buckets that hold some of their gradients but have not stepped."""
+        return [index for index, arrived in enumerate(self._arrived) if arrived]
 
     def _gradient_arriving(self, grad: torch.Tensor) -> torch.Tensor:
         """Before a gradient is accumulated: the first of a backward pass (autograd graph task) starts the pass."""
@@ -88,20 +93,19 @@ class OptimizerInBackward(Optimizer):
         otherwise be added to this pass's."""
         self._pass = task
         torch.autograd.Variable._execution_engine.queue_callback(self._end_of_pass)
-        for index, bucket in enumerate(self.buckets):
-            if self._missing[index] != len(bucket):
-                for p in bucket:
-                    p.grad = None
-                self._missing[index] = len(bucket)
+        for index in self._partly_filled():
+            for p in self.buckets[index]:
+                p.grad = None
+            self._arrived[index] = 0
 
     def _gradient_ready(self, param: nn.Parameter) -> None:
         index = self._bucket_of[param]
-        self._missing[index] -= 1
-        if self._missing[index] == 0:
+        self._arrived[index] += 1
+        if self._arrived[index] == len(self.buckets[index]):
             self._step_bucket(index)
 
     def _step_bucket(self, index: int) -> None:
-        self._missing[index] = len(self.buckets[index])
+        self._arrived[index] = 0
         params = [p for p in self.buckets[index] if p.grad is not None]
         if not params:
             return
@@ -125,9 +129,8 @@ class OptimizerInBackward(Optimizer):
     def _end_of_pass(self) -> None:
         """End of a backward pass: buckets still short of a gradient step with what they have, then the streams
         that ran the pass wait for the steps on the side streams."""
-        for index, missing in enumerate(self._missing):
-            if missing != len(self.buckets[index]):
-                self._step_bucket(index)
+        for index in self._partly_filled():
+            self._step_bucket(index)
         for device, backward in self._waiting.items():
             backward.wait_stream(self._side[device])
         self._waiting.clear()
