@@ -79,6 +79,19 @@ def timed(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def random_documents(batch: int, seq: int) -> torch.Tensor:
+    """Document ids [batch, seq] of rows packed with documents of 128-1,023 tokens (seeded)."""
+    lengths = torch.randint(128, 1024, (batch, 16), generator=torch.Generator().manual_seed(0))
+    return torch.stack([torch.repeat_interleave(torch.arange(16), row)[:seq] for row in lengths])
+
+
+def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v [tokens, kv heads, D] with each kv head repeated for its group of query heads (kernels without
+    grouped-query attention); the copy counts in their time."""
+    group = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def bench_attention(iters: int, option_sets: list[str]) -> None:
     from torch.nn.attention import flex_attention as flex
 
@@ -91,8 +104,7 @@ def bench_attention(iters: int, option_sets: list[str]) -> None:
 
     q, k, v = tensor(s["heads"]), tensor(s["kv_heads"]), tensor(s["kv_heads"])
     grad = torch.randn_like(q)
-    lengths = torch.randint(128, 1024, (s["batch"], 16), generator=torch.Generator().manual_seed(0))
-    docs = torch.stack([torch.repeat_interleave(torch.arange(16), row)[: s["seq"]] for row in lengths]).cuda()
+    docs = random_documents(s["batch"], s["seq"]).cuda()
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
@@ -165,8 +177,7 @@ def _varlen_call():
 
     def call(q, k, v, cu, max_len):
         if "enable_gqa" not in parameters and q.shape[1] != k.shape[1]:
-            group = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            k, v = _repeat_kv(q, k, v)
         options = dict(window_size=(-1, 0)) if "window_size" in parameters else dict(is_causal=True)
         if "enable_gqa" in parameters:
             options["enable_gqa"] = q.shape[1] != k.shape[1]
@@ -196,8 +207,7 @@ def _cudnn_call(repeat_kv: bool):
     def make():
         def call(q, k, v, cu, max_len):
             if repeat_kv and q.shape[1] != k.shape[1]:
-                group = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+                k, v = _repeat_kv(q, k, v)
             # the op's own autograd formula (aten._cudnn_attention_backward with the same lengths) runs backward
             return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True,
                                                            False)[0]
@@ -216,8 +226,7 @@ def _nested_cudnn_call():
 
     def call(q, k, v, cu, max_len):
         if q.shape[1] != k.shape[1]:
-            group = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            k, v = _repeat_kv(q, k, v)
         offsets = cu.long()
         nested = [torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=max_len).transpose(1, 2)
                   for t in (q, k, v)]
@@ -348,9 +357,7 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
     compiled = torch.compile(flex.flex_attention)
     tilings = dict(DUEL_TILINGS) if sweep else {name: DUEL_TILINGS[name] for name in ("fwd 64x64 w4 s3",)}
     gen = torch.Generator(device="cuda").manual_seed(0)
-    lengths = torch.randint(128, 1024, (s["batch"], 16), generator=torch.Generator().manual_seed(0))
-    row_sets = {"random 128-1023": torch.stack([torch.repeat_interleave(torch.arange(16), row)[: s["seq"]]
-                                                for row in lengths]).cuda()}
+    row_sets = {"random 128-1023": random_documents(s["batch"], s["seq"]).cuda()}
     try:
         row_sets["stdlib rows"] = stdlib_documents(s["batch"], s["seq"]).cuda()
     except Exception as error:  # noqa: BLE001 - the random rows still run
@@ -368,8 +375,6 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
             return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
 
         mask128 = flex.create_block_mask(in_document, s["batch"], None, s["seq"], s["seq"], device="cuda")
-        mask64 = flex.create_block_mask(in_document, s["batch"], None, s["seq"], s["seq"], device="cuda",
-                                        BLOCK_SIZE=64)
 
         def flex_step(mask, options):
             def step():
@@ -401,10 +406,12 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
 
         candidates = {"flex default": flex_step(mask128, {})}
         candidates.update({f"flex {name}": flex_step(mask128, options) for name, options in tilings.items()})
-        if not sweep:  # a mask of 64-token blocks skips more between short documents; torch 2.11 builds its
-            # backward only under max-autotune (it filters its one default tiling, 128 rows, before the options)
-            candidates["flex 64-blocks fwd 64x64"] = flex_step(mask64, DUEL_TILINGS["fwd 64x64 w4 s3"])
         if not sweep:
+            # a mask of 64-token blocks skips more between short documents; torch 2.11 builds its backward only
+            # under max-autotune (it filters its one default tiling, 128 rows, before the options)
+            mask64 = flex.create_block_mask(in_document, s["batch"], None, s["seq"], s["seq"], device="cuda",
+                                            BLOCK_SIZE=64)
+            candidates["flex 64-blocks fwd 64x64"] = flex_step(mask64, DUEL_TILINGS["fwd 64x64 w4 s3"])
             candidates.update({"flash 2 varlen, max_len longest document": varlen_step(longest),
                                "flash 2 varlen, max_len row": varlen_step(s["seq"])})
         candidates["sdpa is_causal (no documents)"] = sdpa_step
