@@ -332,3 +332,17 @@ def test_a_file_in_the_way_is_refused_then_replaced_with_overwrite(native_dir, t
         forgather_to_hf(native_dir, tmp_path / "hf")
     forgather_to_hf(native_dir, tmp_path / "hf", overwrite=True)
     assert (tmp_path / "hf" / "config.json").is_file() and leftovers(tmp_path) == []
+
+
+
+@pytest.mark.parametrize("parent", [False, True], ids=["the_source", "its_parent"])
+def test_overwrite_refuses_a_destination_that_is_or_holds_the_source(native_dir, tmp_path, capsys, parent):
+    """`convert models/a models --overwrite` would have replaced models/: the source and every model beside it."""
+    (tmp_path / "other_model").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    destination = tmp_path if parent else native_dir
+    assert convert_cli.main([str(native_dir), str(destination), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {destination}: the destination {f'holds the source {native_dir}' if parent else 'is the source'}; "
+                   "replacing it would delete the model being converted, --overwrite or not; choose a new destination\n")
+    assert sorted(tmp_path.rglob("*")) == before

@@ -93,7 +93,7 @@ def hf_to_forgather(
 ) -> Path:
     """Write the Hugging Face model in `src` as a Forgather model directory `dst`; returns `dst`."""
     src, dst = Path(src), Path(dst)
-    with staged(dst, overwrite) as out:
+    with staged(dst, overwrite, source=src) as out:
         _hf_to_forgather(src, out, name, dtype, vocab)
     return dst
 
@@ -140,7 +140,7 @@ def forgather_to_hf(
 ) -> Path:
     """Write the Forgather model directory `src` as a Hugging Face `family` checkpoint in `dst`; returns `dst`."""
     src, dst = Path(src), Path(dst)
-    with staged(dst, overwrite) as out:
+    with staged(dst, overwrite, source=src) as out:
         _forgather_to_hf(src, out, family, dtype, vocab, max_position_embeddings)
     return dst
 

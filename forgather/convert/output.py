@@ -1,7 +1,8 @@
 """A conversion's destination appears whole or not at all, and never replaces a directory unasked.
 
-`staged(dst, overwrite)` refuses an existing `dst` that is not an empty directory unless `overwrite` (at
-once, before any conversion work), then yields a staging directory beside `dst` (the same file system, so
+`staged(dst, overwrite, source)` refuses an existing `dst` that is not an empty directory unless `overwrite` (at
+once, before any conversion work), and refuses, even with `overwrite`, a `dst` that is `source` or holds it:
+replacing it would delete the model being read (and, for a parent, every model beside it). Then it yields a staging directory beside `dst` (the same file system, so
 moving it is a rename). When the block succeeds the staging directory becomes `dst`; when it fails or is
 interrupted it is removed and `dst` is left as it was. Replacing a directory takes two renames (the old one
 aside, the new one in) before the old one is deleted. The staging name carries the process id, so a
@@ -55,9 +56,14 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged(dst: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None) -> Iterator[Path]:
     """A staging directory that becomes `dst` when the block succeeds (see the module docstring)."""
     dst = Path(dst).absolute()
+    read = Path(source).resolve() if source is not None else None
+    if read is not None and dst.resolve() in (read, *read.parents):
+        what = "is the source" if dst.resolve() == read else f"holds the source {source}"
+        raise DestinationExists(f"{dst}: the destination {what}; replacing it would delete the model being "
+                                f"converted, --overwrite or not; choose a new destination")
     if _occupied(dst) and not overwrite:
         raise DestinationExists(f"{dst} already exists; choose a new destination, or pass --overwrite to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
