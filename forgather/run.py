@@ -500,6 +500,31 @@ def checkpoint_step(path: Path) -> int:
     return int(state["global_step"])
 
 
+def _step_if_readable(path: Path) -> int | None:
+    try:
+        return checkpoint_step(path)
+    except Exception:
+        return None
+
+
+def resume_step(run_dir: Path, ckpt_path: Path) -> int:
+    """The step of the checkpoint --resume continues from; one that cannot be read (a copy cut short, a file
+    written over) is an error naming it and the newest checkpoint beside it that can be read."""
+    try:
+        return checkpoint_step(ckpt_path)
+    except Exception as error:  # torch says it in its own words: a zip's missing directory, an unpickling error
+        from forgather.errors import UserError
+
+        size = f"{ckpt_path.stat().st_size} bytes, " if ckpt_path.is_file() else ""
+        others = sorted((p for p in (run_dir / CHECKPOINTS_DIR).glob("*.ckpt") if p != ckpt_path),
+                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        readable = next(((p, step) for p in others if (step := _step_if_readable(p)) is not None), None)
+        hint = (f"move it out of {ckpt_path.parent} to resume from {readable[0].name} (step {readable[1]}), the "
+                f"newest one that reads" if readable else
+                f"no other checkpoint of this run reads: start over with --from-snapshot {run_dir}")
+        raise UserError(f"{ckpt_path}: not a readable checkpoint ({size}truncated or corrupt) ; {hint}") from error
+
+
 def export_settings(outputs: str, experiment: str, base_dir: str | None, sweep_point: Path | None = None) -> dict[str, Any]:
     """Where a run's trained model goes: `<outputs>/output_models/<experiment>`; a sweep point's stays in its
     own run directory (`<point>/model`), so the points do not overwrite each other."""
@@ -682,6 +707,7 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
         ckpt_path = latest_checkpoint(run_dir)
         if ckpt_path is None:
             raise FileNotFoundError(f"{run_dir / CHECKPOINTS_DIR} holds no checkpoint: nothing to resume (use --from-snapshot to start over)")
+        step = resume_step(run_dir, ckpt_path)
         target = run_dir
         export = export_settings(args.outputs, experiment, base_dir)
         if meta.get("export_dir"):
@@ -694,7 +720,7 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
         settings = {"mode": "RUN", "overrides": {"task": list(args.overrides)}, "runtime": {**meta, "from_run": str(run_dir)}, "run": {"dir": str(target)}}
         print_config(args, config, lambda: settings)
         return 0
-    if ckpt_path is not None and not _announce_resume(config, run_dir, ckpt_path, export["out_dir"]):
+    if ckpt_path is not None and not _announce_resume(config, run_dir, ckpt_path, step, export["out_dir"]):
         return 0
     from forgather.graph import construct
 
@@ -714,11 +740,11 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
     return 0
 
 
-def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, export_dir: Path) -> bool:
-    """Say what --resume will do; False when there is nothing to do (the run is finished and exported)."""
+def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, step: int, export_dir: Path) -> bool:
+    """Say what --resume will do from `ckpt_path` (at `step`); False when there is nothing to do (the run is
+    finished and exported)."""
     from forgather.callbacks.model_export import exported_step
 
-    step = checkpoint_step(ckpt_path)
     max_steps = OmegaConf.select(config, "trainer.max_steps", default=None)
     if not (isinstance(max_steps, int) and 0 < max_steps <= step):
         print(f"resuming {run_dir} from {ckpt_path.name} (step {step})", flush=True)

@@ -163,6 +163,25 @@ def test_checkpoint_step_reads_files_and_sharded_directories(tmp_path):
     assert (checkpoint_step(tmp_path / "a.ckpt"), checkpoint_step(tmp_path / "b.ckpt")) == (7, 9)
 
 
+def test_resuming_from_a_truncated_checkpoint_names_it_and_the_newest_one_that_reads(tmp_path, capsys):
+    """A checkpoint cut short (a copy that stopped, a file written over) was torch's traceback about zip archives."""
+    assert run(tmp_path, *MICRO, "max_steps=2") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    whole = last.read_bytes()
+    last.write_bytes(whole[:1000])
+    capsys.readouterr()
+    assert main(["--resume", str(run_dir), "max_steps=4"]) == 2
+    assert capsys.readouterr().err == (f"error: {last}: not a readable checkpoint (1000 bytes, truncated or corrupt) ; "
+                                       f"no other checkpoint of this run reads: start over with --from-snapshot {run_dir}\n")
+    earlier = last.with_name("step=1.ckpt")
+    earlier.write_bytes(whole)
+    os.utime(earlier, ns=(last.stat().st_mtime_ns - 10**9,) * 2)
+    assert main(["--resume", str(run_dir), "max_steps=4"]) == 2
+    assert capsys.readouterr().err.endswith(f"; move it out of {last.parent} to resume from step=1.ckpt (step 2), "
+                                            "the newest one that reads\n")
+
+
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     assert run(tmp_path, *MICRO, "max_steps=4") == 0
     (run_dir,) = run_dirs(tmp_path / "outputs")
