@@ -483,6 +483,8 @@ def requested_run_dir(values: list[ovr.Override]) -> Path | None:
         if override.kind == "delete":
             raise ovr.OverrideError("~output_dir: a run needs a directory; leave output_dir out to get outputs/<experiment>/<time>")
         path = Path(str(override.value)).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise ovr.OverrideError(f"{override.text}: {path} is a file; give a new or empty directory")
         if path.is_dir() and any(path.iterdir()):
             hint = f"`--resume {path}` continues that run" if (path / "snapshot").is_dir() else "give a new or empty directory"
             raise ovr.OverrideError(f"{override.text}: {path} is not empty ({hint})")
@@ -816,6 +818,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resolve and not args.cfg:
             raise ValueError("--resolve resolves what --cfg prints: add --cfg (or --cfg all)")
+        if os.path.exists(args.outputs) and not os.path.isdir(args.outputs):
+            raise ValueError(f"--outputs {args.outputs}: a file, not a directory; give the directory where outputs/ and multirun/ go")
         if args.strict:
             os.environ[STRICT_ENV] = "1"  # sweep points and launched ranks inherit it
         if args.devices and not os.environ.get(SWEEP_POINT_ENV):  # a point sees the GPUs its launcher gave it

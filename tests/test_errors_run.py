@@ -251,3 +251,16 @@ def test_training_on_a_gpu_without_one_is_one_line_before_anything_is_built(tmp_
         f"{torch.__version__} can use ; train on the CPU (leave trainer=gpu and -d out), or install a CUDA build "
         f"of torch"]
     assert not (tmp_path / "outputs").exists()
+
+
+def test_an_output_directory_that_is_a_file_is_one_line(tmp_path, capsys):
+    """Both were a traceback from mkdir (NotADirectoryError, FileExistsError), after the config was rendered."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(["-p", PROJECT, "--outputs", str(a_file), "+experiment=micro", "max_steps=1"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: --outputs {a_file}: a file, not a directory; give the directory where outputs/ and multirun/ go"]
+    code, _, err = run(tmp_path, capsys, f"output_dir={a_file}", "max_steps=1")
+    assert code == 2 and "Traceback" not in err
+    assert error_lines(err) == [f"error: output_dir={a_file}: {a_file} is a file; give a new or empty directory"]
+    assert a_file.read_text() == "mine"
