@@ -475,8 +475,9 @@ def warn_about_warmup(config: DictConfig) -> None:
         )
 
 
-def requested_run_dir(values: list[ovr.Override]) -> Path | None:
-    """`output_dir=DIR` on the command line: the run goes to DIR (created), which must be new or empty."""
+def requested_run_dir(values: list[ovr.Override], create: bool = True) -> Path | None:
+    """`output_dir=DIR` on the command line: the run goes to DIR (created, unless not `create`), which must be
+    new or empty."""
     for override in values:
         if override.key != "output_dir":
             continue
@@ -488,7 +489,8 @@ def requested_run_dir(values: list[ovr.Override]) -> Path | None:
         if path.is_dir() and any(path.iterdir()):
             hint = f"`--resume {path}` continues that run" if (path / "snapshot").is_dir() else "give a new or empty directory"
             raise ovr.OverrideError(f"{override.text}: {path} is not empty ({hint})")
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         return path
     return None
 
@@ -676,13 +678,8 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
     A resume continues from the newest checkpoint, in the run's own directory, and exports to where the run
     exported (recorded in its snapshot). A run already at its max_steps is left as it is, unless its model
     export is missing or not its own (killed, disk full): then only the export is done again."""
-    import yaml
-
+    config, meta = _read_snapshot(run_dir)
     snapshot = run_dir / "snapshot"
-    if not (snapshot / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} has no snapshot/config.yaml: is it a Forgather run directory?")
-    config = OmegaConf.load(snapshot / "config.yaml")
-    meta = yaml.safe_load((snapshot / "meta.yaml").read_text()) or {}
     base_dir = str(snapshot / "sources" / "model_src") if (snapshot / "sources" / "model_src").is_dir() else meta.get("model_src")
     points = ovr.parse(args.overrides, {}, multirun=args.multirun)
     if len(points) > 1:  # -m with sweep values: one recorded run cannot become a sweep
@@ -715,7 +712,9 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
         if meta.get("export_dir"):
             export["out_dir"] = Path(meta["export_dir"])
     else:
-        target = Path(os.environ.get(RUN_DIR_ENV) or requested_run_dir(points[0]) or _fresh_dir(Path(args.outputs) / "outputs" / experiment / _timestamp()))
+        fresh = Path(args.outputs) / "outputs" / experiment / _timestamp()
+        requested = requested_run_dir(points[0], create=not args.cfg)  # --cfg prints where the run would go, makes nothing
+        target = Path(os.environ.get(RUN_DIR_ENV) or requested or (fresh.resolve() if args.cfg else _fresh_dir(fresh)))
         export = export_settings(args.outputs, experiment, base_dir)
     config.output_dir = str(target)
     if args.cfg:
@@ -740,6 +739,38 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
             ckpt_path=str(ckpt_path) if ckpt_path else None,
         )
     return 0
+
+
+def _read_snapshot(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
+    """The recorded config and meta of a run directory; what is missing or does not parse is named."""
+    import yaml
+
+    snapshot = run_dir / "snapshot"
+    if not run_dir.is_dir():
+        what = "not a directory" if run_dir.exists() else "no such directory"
+        raise FileNotFoundError(f"{run_dir}: {what}; give a run directory (outputs/<experiment>/<time>)")
+    if not (snapshot / "config.yaml").is_file():
+        if (run_dir / CHECKPOINTS_DIR).is_dir():
+            raise FileNotFoundError(f"{run_dir} has checkpoints but no snapshot/config.yaml: a run's config is recorded "
+                                    f"only there; restore snapshot/ from a copy of the run")
+        raise FileNotFoundError(f"{run_dir} has no snapshot/config.yaml: not a Forgather run directory; give the "
+                                f"directory a run prints as `run directory:`")
+    if not (snapshot / "meta.yaml").is_file():
+        raise FileNotFoundError(f"{snapshot / 'meta.yaml'}: missing, the snapshot is incomplete; restore it from a copy of the run")
+    config = _snapshot_file(snapshot / "config.yaml", OmegaConf.load)
+    return config, _snapshot_file(snapshot / "meta.yaml", lambda path: yaml.safe_load(path.read_text())) or {}
+
+
+def _snapshot_file(path: Path, load: Callable[[Path], Any]) -> Any:
+    import yaml
+
+    try:
+        return load(path)
+    except yaml.YAMLError as error:  # a snapshot edited by hand, or cut short
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ValueError(f"{where}: the recorded {path.name} is not valid YAML ({getattr(error, 'problem', None) or error}); "
+                         f"restore it from a copy of the run") from error
 
 
 def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, step: int, export_dir: Path) -> bool:

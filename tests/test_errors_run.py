@@ -264,3 +264,46 @@ def test_an_output_directory_that_is_a_file_is_one_line(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
     assert error_lines(err) == [f"error: output_dir={a_file}: {a_file} is a file; give a new or empty directory"]
     assert a_file.read_text() == "mine"
+
+
+# -- a recorded run: --resume and --from-snapshot ---------------------------------------------------------
+
+
+def recorded_run(directory: pathlib.Path, config: str = "output_dir: x\nlr: 0.001\n") -> pathlib.Path:
+    (directory / "snapshot").mkdir(parents=True)
+    (directory / "snapshot" / "config.yaml").write_text(config)
+    (directory / "snapshot" / "meta.yaml").write_text("experiment: micro\n")
+    return directory
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--from-snapshot"])
+def test_a_run_directory_that_is_missing_or_incomplete_is_named_with_what_to_do(tmp_path, capsys, flag):
+    """A config.yaml that does not parse and a missing meta.yaml were a YAML traceback and a bare [Errno 2]."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    broken = recorded_run(tmp_path / "broken", config="output_dir: x\nlr: [\n")
+    no_meta = recorded_run(tmp_path / "no_meta")
+    (no_meta / "snapshot" / "meta.yaml").unlink()
+    no_snapshot = tmp_path / "no_snapshot"
+    (no_snapshot / "checkpoints").mkdir(parents=True)
+    expected = {
+        tmp_path / "nosuch": f"{tmp_path / 'nosuch'}: no such directory; give a run directory (outputs/<experiment>/<time>)",
+        a_file: f"{a_file}: not a directory; give a run directory (outputs/<experiment>/<time>)",
+        broken: f"{broken / 'snapshot' / 'config.yaml'}:3: the recorded config.yaml is not valid YAML (expected the "
+                "node content, but found '<stream end>'); restore it from a copy of the run",
+        no_meta: f"{no_meta / 'snapshot' / 'meta.yaml'}: missing, the snapshot is incomplete; restore it from a copy of the run",
+        no_snapshot: f"{no_snapshot} has checkpoints but no snapshot/config.yaml: a run's config is recorded only "
+                     "there; restore snapshot/ from a copy of the run",
+    }
+    for run_dir, line in expected.items():
+        assert main([flag, str(run_dir), "--cfg"]) == 2
+        assert capsys.readouterr().err == f"error: {line}\n"
+
+
+def test_from_snapshot_with_cfg_prints_where_the_run_would_go_and_makes_no_directory(tmp_path, capsys):
+    run_dir = recorded_run(tmp_path / "run")
+    assert main(["--outputs", str(tmp_path / "out"), "--from-snapshot", str(run_dir), "--cfg"]) == 0
+    assert f"output_dir: {tmp_path / 'out' / 'outputs' / 'micro'}/" in capsys.readouterr().out
+    assert main(["--from-snapshot", str(run_dir), "--cfg", f"output_dir={tmp_path / 'elsewhere'}"]) == 0
+    assert f"output_dir: {tmp_path / 'elsewhere'}\n" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
