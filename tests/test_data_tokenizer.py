@@ -91,6 +91,23 @@ def test_load_tokenizer_from_directory_or_json_file(trained, tmp_path):
         assert loaded.pad_token_id == 0
 
 
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_a_file_that_is_not_a_tokenizer_is_one_line_naming_it(tmp_path, capsys, where):
+    """Was a traceback ending in tokenizers' bare `Exception: EOF while parsing a value` (a file), or a JSON
+    error naming no file (a directory)."""
+    from forgather.cli.main import main
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("")
+    path = tmp_path / "tok" / "tokenizer.json" if where == "file" else tmp_path / "tok"
+    (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
+    assert main(["data", "prepare", "--source", str(tmp_path / "a.jsonl"), "--tokenizer", str(path),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: tokenizer {path}: cannot be read as a tokenizer (")
+    assert err.endswith("); give a tokenizer.json, or a directory saved with save_pretrained (a model directory has one)\n")
+
+
 def test_loading_a_foreign_tokenizer_json_adds_no_tokens(tmp_path):
     foreign = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
     foreign.pre_tokenizer = pre_tokenizers.Whitespace()

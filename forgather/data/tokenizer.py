@@ -11,7 +11,7 @@ Encoding adds no special tokens; packing appends `<|eos|>` after each document i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from forgather.data.cache import atomic_directory, cache_dir, documents_fingerprint, fingerprint
 from forgather.data.sources import Documents, resolve_documents
+from forgather.errors import UserError
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIAL_TOKENS = {"pad_token": PAD_TOKEN, "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}
@@ -81,14 +82,23 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer saved with `save_pretrained` (a directory) or a bare `tokenizer.json` file."""
     path = Path(path)
     if path.is_file():
-        return _wrap(Tokenizer.from_file(str(path)))
+        return _read(path, lambda: _wrap(Tokenizer.from_file(str(path))))
     if not path.is_dir():  # else transformers takes it for a hub id: a download, or an error about repo ids
         raise FileNotFoundError(f"tokenizer {path}: no such file or directory; give a directory saved with "
                                 f"save_pretrained (a model directory has one) or a tokenizer.json")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"tokenizer {path}: the directory has no tokenizer.json or tokenizer_config.json; "
                                 f"give a directory saved with save_pretrained or a tokenizer.json")
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return _read(path, lambda: PreTrainedTokenizerFast.from_pretrained(str(path)))
+
+
+def _read(path: Path, load: Callable[[], PreTrainedTokenizerFast]) -> PreTrainedTokenizerFast:
+    try:
+        return load()
+    except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"tokenizer {path}: cannot be read as a tokenizer ({reason}); give a tokenizer.json, or a "
+                        f"directory saved with save_pretrained (a model directory has one)") from error
 
 
 def stdlib_tokenizer(vocab_size: int = 8192, max_documents: int | None = None) -> PreTrainedTokenizerFast:
