@@ -97,6 +97,24 @@ def test_a_prepared_directory_is_reused_and_a_changed_tokenizer_is_refused(token
         prep.prepare([source], other, tmp_path / "out", progress=False)
 
 
+def test_an_out_holding_other_files_is_refused_and_an_empty_one_is_filled(tokenizer, tmp_path, capsys):
+    """`--out` over a directory of other files said to run `forgather data prepare --out DIR`, the command just run."""
+    from forgather.cli.main import main
+
+    source = write_jsonl(tmp_path / "a.jsonl", TEXTS)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    argv = ["data", "prepare", "--source", str(source), "--tokenizer", str(tmp_path / "tok"), "--workers", "1"]
+    assert main([*argv, "--out", str(tmp_path / "mine")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'mine'}: a directory of other files, not a prepared "
+                                       f"directory (no {prep.MANIFEST}); give a new or empty directory to prepare into\n")
+    assert [path.name for path in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    prep.prepare([source], tokenizer, tmp_path / "empty", num_workers=1, progress=False)
+    assert (tmp_path / "empty" / prep.MANIFEST).is_file()
+
+
 def test_without_a_directory_the_shards_go_under_the_cache_named_by_the_key(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("FORGATHER_CACHE_DIR", str(tmp_path / "cache"))
     source = write_jsonl(tmp_path / "a.jsonl", TEXTS)

@@ -355,7 +355,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Tokenize `sources` into shards under `out` (default: `<cache>/prepared/<key>`, see
     `forgather.data.cache`); returns the manifest, whose "path" is the directory. An existing `out` prepared
-    with the same key is kept as it is."""
+    with the same key is kept as it is; an empty one is filled; one holding anything else is refused."""
     if on_bad_line not in ("stop", "skip"):
         raise UserError(f"on_bad_line must be 'stop' or 'skip', got {on_bad_line!r}")
     if not 0.0 <= val_fraction < 1.0:
@@ -375,7 +375,7 @@ def prepare(
     }
     key = prepared_key(files, text, settings)
     out = Path(out) if out is not None else cache_dir("prepared") / key
-    if out.exists():
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty directory is filled
         return _existing(out, key)
     workers = num_workers or os.cpu_count() or 1
     units = work_units(files, field, unit_bytes or _unit_bytes(files, workers))
@@ -435,6 +435,10 @@ def _eos_id(tokenizer: Any, backend) -> int:
 
 
 def _existing(out: Path, key: str) -> dict[str, Any]:
+    if not (out / MANIFEST).is_file():
+        what = "a directory of other files" if out.is_dir() else "a file"
+        raise UserError(f"{out}: {what}, not a prepared directory (no {MANIFEST}); give a new or empty directory to "
+                        f"prepare into")
     manifest = read_manifest(out)
     if manifest.get("key") != key:
         raise UserError(
