@@ -142,6 +142,10 @@ BAD = [
     (["lrr=1e-3,3e-3"], "lrr=0.001: no key 'lrr' in the config; did you mean 'lr'"),
     (["sweeper=optuna", "sweeper.direction=down", "lr=1e-3,3e-3"], "sweeper.direction=down: give minimize or maximize"),
     (["sweeper.paired=[lr,seed]", "lr=1e-3,3e-3"], "sweeper.paired names seed, which the command line does not sweep"),
+    (["sweeper.n_trials=3", "lr=1e-3,3e-3"], "sweeper.n_trials=3: n_trials is a setting of sweeper=optuna, not of "
+                                             "sweeper=basic; add sweeper=optuna"),
+    (["launcher.timeout_min=5", "lr=1e-3,3e-3"], "timeout_min is a setting of launcher=submitit, not of launcher=local"),
+    (["sweeper=optuna", "sweeper.n_trials=0", "lr=tag(log, interval(1e-4, 1e-2))"], "error: sweeper.n_trials=0: give 1 or more\n"),
 ]
 
 

@@ -118,8 +118,9 @@ class OptunaSweeper(Sweeper):
             raise UserError(f"sweeper.sampler={sampler}: give tpe or random")
         if pruner not in ("median", "none"):
             raise UserError(f"sweeper.pruner={pruner}: give median or none")
-        if n_trials < 1 or n_jobs < 1:
-            raise UserError(f"sweeper.n_trials={n_trials} sweeper.n_jobs={n_jobs}: give 1 or more")
+        for name, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
+            if value < 1:
+                raise UserError(f"sweeper.{name}={value}: give 1 or more")
         self.n_trials, self.n_jobs, self.direction, self.metric, self.seed = n_trials, n_jobs, direction, metric, seed
         self.sampler, self.study_name = sampler, study_name
         self.pruner = {"name": pruner, "n_startup_trials": n_startup_trials, "n_warmup_steps": n_warmup_steps}

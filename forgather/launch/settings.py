@@ -66,6 +66,19 @@ _ALSO_CALLED = {
 }
 
 
+def _check_belongs(search_path: list[str], group: str, name: str, node: DictConfig, override: ovr.Override) -> None:
+    """`sweeper.n_trials=6` with the basic sweeper: a setting of another option is named with that option
+    (the override's own check only says that the key is missing)."""
+    prefix, _, key = override.key.partition(".")
+    if prefix != group or not key or override.kind != "change" or key.split(".")[0] in node:
+        return
+    owners = [option for option in options(search_path, group)
+              if option != name and key.split(".")[0] in _load_option(search_path, group, option, override.text)]
+    if owners:
+        choose = " or ".join(f"{group}={owner}" for owner in owners)
+        raise ovr.OverrideError(f"{override.text}: {key} is a setting of {choose}, not of {group}={name}; add {choose}")
+
+
 @dataclass
 class Settings:
     launcher: DictConfig
@@ -101,6 +114,8 @@ def resolve(search_path: list[str], arguments: list[str], template: Any = None) 
             given = from_template.pop("params", None) or {}
             params = [f"{key}={value}" for key, value in given.items()]
         config = OmegaConf.create({group: node})
+        for override in parsed:
+            _check_belongs(search_path, group, str(name), node, override)
         from_template_overrides = [ovr.Override("change", f"{group}.{k}", v, f"{TEMPLATE_KEY}.{group}.{k}={v!r} in the experiment") for k, v in from_template.items()]
         ovr.apply(config, [*from_template_overrides, *(o for o in parsed if o.key.startswith(f"{group}."))])
         chosen[group] = config[group]
