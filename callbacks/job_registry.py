@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from forgather.errors import UserError
+
 CACHE_ENV = "FORGATHER_CACHE_DIR"
 COMMANDS = ("status", "save", "stop", "abort")
 # Commands the training loop acts on (every rank, same step); `status` is answered by the server thread.
@@ -24,7 +26,7 @@ ACTIONS = ("save", "stop", "abort")
 _MAX_MESSAGE = 1 << 20
 
 
-class JobNotFound(LookupError):
+class JobNotFound(UserError, LookupError):
     """No registered job matches the given id, PID or prefix, or the prefix matches several."""
 
 

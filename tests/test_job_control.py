@@ -244,6 +244,23 @@ def test_prefix_must_match_one_job(tmp_path: Path, monkeypatch) -> None:
         job_registry.resolve_job("zzz")
 
 
+def test_a_job_not_found_or_not_answering_is_one_error_line_on_stderr(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Both were printed in red on stdout, wrapped at the terminal's width, without `error: `."""
+    monkeypatch.setenv(job_registry.CACHE_ENV, str(tmp_path))
+    job_registry.write_record(_record("silent", os.getpid()))  # registered, alive, but no socket answers
+    capsys.readouterr()
+    assert forgather_main(["control", "stop", "a-job-id-long-enough-to-be-wrapped-by-a-narrow-terminal"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        "error: no running job has the id, PID or id prefix 'a-job-id-long-enough-to-be-wrapped-by-a-narrow-terminal' "
+        "(see `forgather control list`)\n")
+    assert forgather_main(["control", "status", "sil"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: could not reach job silent: ")
+    assert captured.err.endswith(" ; it may have just ended (see `forgather control list`)\n")
+
+
 def test_peer_check_refuses_another_uid() -> None:
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with left, right:

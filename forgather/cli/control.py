@@ -50,19 +50,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.control_command == "list":
         console.print(_jobs_table(job_registry.list_jobs()))
         return 0
+    record = job_registry.resolve_job(args.job)  # JobNotFound: one line through forgather.errors.report
     try:
-        record = job_registry.resolve_job(args.job)
         reply = job_registry.send_command(record, args.control_command, timeout=args.timeout)
-    except job_registry.JobNotFound as error:
-        console.print(f"[red]{error}[/red]")
-        return 2
     except OSError as error:
-        console.print(f"[red]could not reach job {args.job}: {error}[/red]")
+        print(f"error: could not reach job {record.job_id}: {error} ; it may have just ended (see `forgather control list`)",
+              file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(reply, indent=1))
     elif not reply.get("ok"):
-        console.print(f"[red]job {record.job_id}: {reply.get('error')}[/red]")
+        print(f"error: job {record.job_id}: {reply.get('error')}", file=sys.stderr)
     else:
         console.print(_describe(record.job_id, args.control_command, reply), soft_wrap=True)
     return 0 if reply.get("ok") else 1
@@ -104,9 +102,10 @@ def _duration(seconds: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="forgather control", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`forgather control ...`, errors reported as the `forgather` command reports them."""
+    from forgather.cli.main import main as forgather_main
+
+    return forgather_main(["control", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
