@@ -346,3 +346,15 @@ def test_overwrite_refuses_a_destination_that_is_or_holds_the_source(native_dir,
     assert err == (f"error: {destination}: the destination {f'holds the source {native_dir}' if parent else 'is the source'}; "
                    "replacing it would delete the model being converted, --overwrite or not; choose a new destination\n")
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_truncated_weights_are_one_line_naming_the_file(hf_dir, tmp_path, capsys):
+    import shutil
+
+    source = tmp_path / "hf"
+    shutil.copytree(hf_dir, source)
+    (source / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes()[:500])
+    assert convert_cli.main([str(source), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {source / 'model.safetensors'}: not a readable safetensors file (")
+    assert not (tmp_path / "out").exists()

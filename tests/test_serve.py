@@ -600,3 +600,22 @@ def test_a_malformed_model_config_is_one_line(tmp_path, capsys):
     assert inf.main(["server", "-m", str(tmp_path), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'config.json'}: holds a JSON list" in err
+
+
+@pytest.mark.parametrize("damage", ["weights_missing", "weights_cut_short"])
+def test_an_incomplete_model_directory_is_one_line(llama_dir, tmp_path, capsys, damage):
+    """A model directory whose weights are missing or truncated was transformers' OSError or safetensors'
+    header error, under a traceback."""
+    import shutil
+
+    directory = tmp_path / "model"
+    shutil.copytree(llama_dir, directory)
+    weights = directory / "model.safetensors"
+    if damage == "weights_missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:500])
+    assert inf.main(["server", "-m", str(directory), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {directory}: the model does not load (")
+    assert err.endswith("); give a complete model directory, as a run's export or `forgather convert` writes it\n")

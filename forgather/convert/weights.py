@@ -66,6 +66,7 @@ def to_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face checkpoint directory (single file or shards)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = directory / "model.safetensors.index.json"
@@ -77,7 +78,11 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{directory} has no model.safetensors (PyTorch .bin checkpoints are not read)")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(directory / file)))
+        try:
+            state.update(load_file(str(directory / file)))
+        except SafetensorError as error:  # a copy cut short, a file written over
+            raise ConversionError(f"{directory / file}: not a readable safetensors file ({error}); copy it again "
+                                  f"from where the model came from") from error
     return state
 
 

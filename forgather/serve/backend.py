@@ -111,6 +111,7 @@ class Backend:
         {0: "20GiB", 1: ...}), or keeps it on the CPU. `engine` starts the batching engine with
         `max_num_seqs` slots (which compiles its decode step on a GPU anyway; `compile` then also compiles the
         model's own step where the engine's fused one does not apply)."""
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
 
         from forgather.convert.directory import is_forgather_directory
@@ -125,10 +126,17 @@ class Backend:
 
             device_map = forgather_device_map(str(directory), max_memory, _torch_dtype(dtype))
         # Forgather directories carry their own generated code; Hugging Face ones need none.
-        model = AutoModelForCausalLM.from_pretrained(
-            str(directory), trust_remote_code=forgather, dtype=_torch_dtype(dtype), device_map=device_map,
-            max_memory=max_memory,
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(directory), trust_remote_code=forgather, dtype=_torch_dtype(dtype), device_map=device_map,
+                max_memory=max_memory,
+            )
+        except (OSError, SafetensorError) as error:  # a file missing (weights, the model's code) or cut short
+            from forgather.errors import UserError
+
+            reason = str(error).splitlines()[0].split(" Checkout 'https://huggingface.co/")[0]  # not a hub id
+            raise UserError(f"{directory}: the model does not load ({reason}); give a complete "
+                            f"model directory, as a run's export or `forgather convert` writes it") from error
         if device_map is None:
             model.to("cuda" if torch.cuda.is_available() else "cpu")
         elif forgather:
