@@ -73,3 +73,19 @@ def test_a_missing_log_directory_is_one_line_before_tensorboard_starts(tmp_path)
     assert result.returncode != 0
     assert "outptus is not a directory; give a directory of runs" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_directory_without_logs_warns_and_tensorboard_still_starts(tmp_path, capsys):
+    """TensorBoard serves a directory without event files as an empty page, without a word."""
+    from forgather.cli.main import main
+
+    (tmp_path / "runs").mkdir()
+    assert main(["-p", str(tmp_path), "tb", str(tmp_path / "runs"), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "-m tensorboard.main --logdir" in captured.out
+    assert captured.err == (f"warning: no TensorBoard logs under {tmp_path / 'runs'} yet (a run writes them to "
+                            "<run directory>/tb/); pass the directory of your runs, or -p PROJECT\n")
+    (tmp_path / "runs" / "a" / "tb").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "tb" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    assert main(["-p", str(tmp_path), "tb", str(tmp_path / "runs"), "--dry-run"]) == 0
+    assert capsys.readouterr().err == ""

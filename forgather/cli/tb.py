@@ -32,7 +32,19 @@ def command(args: argparse.Namespace) -> list[str]:
         roots = [os.path.join(os.path.abspath(args.project), name) for name in ("outputs", "multirun")]
         logdir = ",".join(f"{os.path.basename(r)}:{r}" for r in roots if os.path.isdir(r)) or roots[0]
     flag = "--logdir_spec" if ":" in logdir and not args.logdir else "--logdir"
+    if not _has_logs(logdir if args.logdir else [r for r in roots if os.path.isdir(r)]):
+        # TensorBoard would show an empty page without a word; a run started later still appears in it
+        where = args.logdir or " or ".join(roots)
+        print(f"warning: no TensorBoard logs under {where} yet (a run writes them to <run directory>/tb/); "
+              "pass the directory of your runs, or -p PROJECT", file=sys.stderr)
     return [sys.executable, "-m", "tensorboard.main", flag, logdir, "--host", args.host, "--port", str(args.port)]
+
+
+def _has_logs(directories: str | list[str]) -> bool:
+    from pathlib import Path
+
+    directories = [directories] if isinstance(directories, str) else directories
+    return any(next(Path(d).rglob("events.out.tfevents*"), None) is not None for d in directories)
 
 
 def run(args: argparse.Namespace) -> int:
