@@ -585,7 +585,12 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     if "seed" in config:
         pl.seed_everything(int(config.seed), workers=True, verbose=False)
-    built = construct()
+    try:
+        built = construct()
+    except BaseException:
+        with contextlib.suppress(OSError):  # only while still empty: a failed construction leaves no run behind
+            run_dir.rmdir()
+        raise
     missing = [name for name in ("trainer", "module", "datamodule") if name not in built]
     if missing:
         raise ValueError(f"the config has no target {', '.join(missing)}: a training experiment defines trainer, module and datamodule")

@@ -149,6 +149,7 @@ def test_a_construction_error_names_the_override_behind_it(tmp_path, capsys):
     (line,) = error_lines(err)
     assert "constructing trainer" in line and "invalid value -5 for val_check_interval" in line
     assert line.endswith("; set by the override val_check_interval=-5")
+    assert list((tmp_path / "outputs" / "micro").iterdir()) == [], "no empty run directory is left behind"
 
 
 @pytest.mark.parametrize("override, message, note", [
