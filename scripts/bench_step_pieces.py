@@ -79,6 +79,31 @@ def timed(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def timed_graph(fn, iters: int) -> tuple[float, bool]:
+    """(milliseconds per call of fn(), whether it ran as a CUDA graph): `iters` calls captured in one graph and
+    replayed, so the host's launch costs do not count (training launches these kernels from compiled code, and
+    keeps ahead of the GPU); where capture fails, `timed`."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+    except Exception:  # noqa: BLE001 - a candidate that cannot be captured is timed from the host
+        torch.cuda.synchronize()
+        return timed(fn, iters), False
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters, True
+
+
 def random_documents(batch: int, seq: int) -> torch.Tensor:
     """Document ids [batch, seq] of rows packed with documents of 128-1,023 tokens (seeded)."""
     lengths = torch.randint(128, 1024, (batch, 16), generator=torch.Generator().manual_seed(0))
@@ -342,14 +367,84 @@ DUEL_TILINGS = {  # flex tilings on the packed rows' 128-token block mask (each 
 }
 
 
-def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
+# our packed-document kernels' tiles to sweep, each kernel in turn with the others at their default
+# (forgather.models.packed_attention.TILING): [BLOCK_M, BLOCK_N, num_warps, num_stages]
+PACKED_SWEEP = {
+    "forward": [[16, 32, 4, 3], [16, 64, 4, 3], [32, 32, 8, 3], [32, 64, 8, 3], [8, 64, 4, 3], [16, 32, 4, 2],
+                [32, 32, 4, 3], [16, 32, 2, 3]],
+    "dq": [[16, 64, 4, 3], [16, 32, 4, 3], [32, 32, 8, 3], [32, 64, 8, 3], [8, 64, 4, 3], [16, 64, 4, 2]],
+    "dkdv": [[32, 32, 8, 3], [16, 32, 4, 3], [16, 64, 4, 3], [32, 64, 8, 3], [64, 32, 8, 3], [8, 64, 4, 3],
+             [16, 128, 8, 3], [32, 32, 8, 2], [64, 64, 8, 3]],
+}
+
+
+def packed_inputs(docs: torch.Tensor, heads_layout: bool = True):
+    """q, k, v, grad at the step's shape, stored [B, T, heads, D] as a layer's are, and the documents' bounds."""
+    from forgather.models.attention import document_bounds
+
+    s = SHAPE
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def tensor(heads: int) -> torch.Tensor:
+        x = torch.randn(s["batch"], s["seq"], heads, s["head_dim"], device="cuda", dtype=torch.bfloat16,
+                        generator=gen)
+        return x.transpose(1, 2).requires_grad_()
+
+    q, k, v = tensor(s["heads"]), tensor(s["kv_heads"]), tensor(s["kv_heads"])
+    return q, k, v, torch.randn_like(q), document_bounds(docs)
+
+
+def packed_step(q, k, v, grad, bounds, tiles):
+    from forgather.models.packed_attention import packed_attention
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        out = packed_attention(q, k, v, *bounds, tiles)
+        out.backward(grad)
+        return out, q.grad, k.grad, v.grad
+    return step
+
+
+def sweep_packed(iters: int, rounds: int) -> dict:
+    """Each kernel's tiles of PACKED_SWEEP on the training bench's own rows, forward + backward in CUDA graphs,
+    the others at their default; returns the best of each kernel as attention_kernel_options."""
+    from forgather.models.packed_attention import KERNELS, TILING, tiling
+
+    q, k, v, grad, bounds = packed_inputs(stdlib_documents(SHAPE["batch"], SHAPE["seq"]).cuda())
+    best = {}
+    for kernel in KERNELS:
+        times = {}
+        for tiles in PACKED_SWEEP[kernel]:
+            name = "x".join(map(str, tiles[:2])) + f" w{tiles[2]} s{tiles[3]}"
+            try:
+                step = packed_step(q, k, v, grad, bounds, tiling({kernel: tiles}))
+                step()
+                times[name] = (min(timed_graph(step, iters)[0] for _ in range(rounds)), tiles)
+            except Exception as error:  # noqa: BLE001 - a tiling this GPU cannot build: a row, not a crash
+                row(piece="packed sweep", kernel=kernel, tiles=tiles, error=f"{type(error).__name__}: {str(error)[:200]}")
+        base = times.get("x".join(map(str, TILING[kernel][:2])) + f" w{TILING[kernel][2]} s{TILING[kernel][3]}")
+        for name, (ms, tiles) in sorted(times.items(), key=lambda item: item[1][0]):
+            row(piece="packed sweep", kernel=kernel, tiles=tiles, ms_fwd_bwd_per_layer=ms,
+                vs_default=base[0] / ms if base else None)
+        if times:
+            best[kernel] = min(times.values(), key=lambda item: item[0])[1]
+    row(piece="packed sweep", best=best,
+        option="attention_kernel_options={" + ",".join(f"{k}:[{','.join(map(str, t))}]" for k, t in best.items()) + "}")
+    return best
+
+
+def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict | None = None,
+               row_names: tuple[str, ...] = ("random 128-1023", "stdlib rows")) -> None:
     """Packed rows' attention, forward + backward, every candidate timed in turn for `rounds` rounds of `iters`
     calls (medians and minima of the rounds: one slow stretch of the GPU does not decide), on two sets of rows:
     random documents of 128-1,023 tokens, and the training bench's own rows (the stdlib corpus). Candidates:
     flex under its default tiling and the forward's 64 x 64 one, flex on a mask of 64-token blocks (which skips
     more of the area between short documents), flash attention 2's variable-length kernels (max length the
-    longest document's, and the row's), and SDPA's causal kernel as the no-documents reference. With `sweep`:
-    flex under every tiling of DUEL_TILINGS instead, beside the default and SDPA."""
+    longest document's, and the row's), our packed kernels (attention_fn=packed) at their default tiles and at
+    `packed_best`'s, and SDPA's causal kernel as the no-documents reference. With `sweep`: flex under every
+    tiling of DUEL_TILINGS instead, beside the default and SDPA. Every candidate runs as a CUDA graph of `iters`
+    calls where it can be captured (the `graph` field): the host's launch costs do not count."""
     from torch.nn.attention import flex_attention as flex
 
     s = SHAPE
@@ -357,9 +452,10 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
     compiled = torch.compile(flex.flex_attention)
     tilings = dict(DUEL_TILINGS) if sweep else {name: DUEL_TILINGS[name] for name in ("fwd 64x64 w4 s3",)}
     gen = torch.Generator(device="cuda").manual_seed(0)
-    row_sets = {"random 128-1023": random_documents(s["batch"], s["seq"]).cuda()}
+    row_sets = {"random 128-1023": random_documents(s["batch"], s["seq"]).cuda()} if "random 128-1023" in row_names else {}
     try:
-        row_sets["stdlib rows"] = stdlib_documents(s["batch"], s["seq"]).cuda()
+        if "stdlib rows" in row_names:
+            row_sets["stdlib rows"] = stdlib_documents(s["batch"], s["seq"]).cuda()
     except Exception as error:  # noqa: BLE001 - the random rows still run
         row(piece="duel", rows="stdlib rows", error=f"{type(error).__name__}: {error}")
     varlen = _varlen_call()
@@ -399,6 +495,7 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
 
         qs = q.detach().requires_grad_()
 
+
         def sdpa_step():
             qs.grad = None
             out = torch.nn.functional.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
@@ -414,6 +511,13 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
             candidates["flex 64-blocks fwd 64x64"] = flex_step(mask64, DUEL_TILINGS["fwd 64x64 w4 s3"])
             candidates.update({"flash 2 varlen, max_len longest document": varlen_step(longest),
                                "flash 2 varlen, max_len row": varlen_step(s["seq"])})
+        from forgather.models.attention import document_bounds
+        from forgather.models.packed_attention import tiling
+
+        bounds = document_bounds(docs)
+        candidates["packed default"] = packed_step(q, k, v, grad, bounds, tiling())
+        if packed_best:
+            candidates["packed best of the sweep"] = packed_step(q, k, v, grad, bounds, tiling(packed_best))
         candidates["sdpa is_causal (no documents)"] = sdpa_step
         reference, times, errors = None, {}, {}
         for name, step in list(candidates.items()):
@@ -428,15 +532,17 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False) -> None:
             except Exception as error:  # noqa: BLE001 - a candidate this GPU cannot run: a row, not a crash
                 errors[name] = f"{type(error).__name__}: {str(error)[:300]}"
                 del candidates[name]
+        graphs = {}
         for _ in range(rounds):
             for name, step in candidates.items():
-                times[name].append(timed(step, iters))
+                ms, graphs[name] = timed_graph(step, iters)
+                times[name].append(ms)
         base = sorted(times["flex default"])[rounds // 2] if "flex default" in times else None
         for name, ms in times.items():
             median = sorted(ms)[rounds // 2]
             row(piece="duel", rows=rows_name, candidate=name, ms_per_layer_median=median, ms_per_layer_min=min(ms),
                 ms_16_layers=16 * median, vs_flex_default=base / median if base else None,
-                documents=cu.numel() - 1, longest=longest)
+                documents=cu.numel() - 1, longest=longest, graph=graphs[name])
         for name, error in errors.items():
             row(piece="duel", rows=rows_name, candidate=name, error=error)
 
@@ -484,6 +590,10 @@ def main() -> None:
     parser.add_argument("--duel", action="store_true",
                         help="only the packed rows' attention candidates, timed in turn over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--packed-sweep", action="store_true",
+                        help="with --duel: first sweep our packed kernels' tiles (PACKED_SWEEP), then duel with the best")
+    parser.add_argument("--rows", nargs="+", default=["random 128-1023", "stdlib rows"],
+                        choices=["random 128-1023", "stdlib rows"], help="with --duel: the sets of rows")
     parser.add_argument("--sweep", action="store_true",
                         help="with --duel: every flex tiling of DUEL_TILINGS instead of the varlen candidates")
     parser.add_argument("--option-sets", nargs="+", choices=OPTION_SETS, default=list(OPTION_SETS),
@@ -493,7 +603,8 @@ def main() -> None:
         raise SystemExit("bench_step_pieces.py times CUDA kernels: run it on a GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if args.duel:
-        bench_duel(args.iters, args.rounds, args.sweep)
+        best = sweep_packed(args.iters, args.rounds) if args.packed_sweep else None
+        bench_duel(args.iters, args.rounds, args.sweep, best, tuple(args.rows))
     elif not args.skip_optimizer:
         bench_optimizer(args.iters)
     if not args.skip_attention and not args.duel:

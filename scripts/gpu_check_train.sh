@@ -41,6 +41,9 @@
 #                     fused step per ~N elements instead of per parameter): the GPU tests of the overlapped steps,
 #                     then the default beside buckets of ~50M (about a layer) and ~200M elements; the default and the
 #                     first profiled (the step's breakdown with the packed tiling, and the optimizer's overlap).
+#   part n            our packed-document attention kernels (attention_fn=packed, forgather/models/packed_attention.py):
+#                     their GPU tests, the duel beside flex and flash attention 2 on packed rows (their tilings too),
+#                     then the 1.24B step with them beside the default and HF + Liger (profiled).
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|l|m|tests] [more bench_train.py args]
@@ -167,6 +170,23 @@ m)
         --variant adamw-inbw-200M optimizer=adamw_in_backward bucket_size=200000000 \
         --profile forgather adamw-inbw-50M --profile-steps 6 --timeout 150 "$@"
     ;;
+n)
+    # our packed-document attention kernels: GPU tests, each kernel's tiles swept and the best dueled beside flex
+    # and flash attention 2 on the bench's rows (CUDA graphs), then training with the default and the best tiles
+    BEST=()
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 150 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "packed" -q -p no:cacheprovider -rs \
+            --tb=short > "$OUT/pytest_models.txt" 2>&1
+        grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -30
+        timeout 240 $PY scripts/bench_step_pieces.py --duel --packed-sweep --rows "stdlib rows" --rounds 3 \
+            --json "$OUT/duel.json" 2>&1 | grep -v Warning > "$OUT/duel.txt"
+        grep -E '"(ms_per_layer_median|best|error)"' "$OUT/duel.txt" | cut -c1-400
+        OPTION=$(grep -o '"option": "[^"]*"' "$OUT/duel.txt" | tail -1 | sed 's/"option": "\(.*\)"/\1/')
+        [ -n "$OPTION" ] && BEST=(--variant packed-best attention_fn=packed "$OPTION")
+    fi
+    bench bench_1b_n.log --shape 1b --label 1b_n --steps 40 --paths forgather hf-liger --variant packed attention_fn=packed \
+        "${BEST[@]}" --profile packed --profile-steps 6 --timeout 150 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -182,7 +202,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a, b, c, d, e, f, g, h, i, j, k, l, m or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-n or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

@@ -16,8 +16,8 @@ from forgather.models.layers import PostLNLayer, PreLNLayer
 from forgather.models.norm import LayerNorm, RMSNorm
 from forgather.models.rope import RotaryEmbedding, llama3_scale_frequencies, rope_frequencies
 
-VOCAB, HIDDEN, HEADS, KV_HEADS = 97, 32, 4, 2
-ATTENTION_FUNCTIONS = ["sdpa", "flex", "eager"]
+VOCAB, HIDDEN, HEADS, KV_HEADS = 97, 64, 4, 2  # head dim 16: the least attention_fn="packed" takes
+ATTENTION_FUNCTIONS = ["sdpa", "flex", "packed", "eager"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +86,7 @@ def test_changing_a_future_token_never_changes_an_earlier_logit(attention_fn):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
-@pytest.mark.parametrize("attention_fn", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention_fn", ["sdpa", "flex", "packed"])
 def test_attention_functions_agree_with_eager_reference(attention_fn, packed):
     ids = random_ids()
     position_ids = PACKED_POSITIONS if packed else None
@@ -270,12 +270,72 @@ def test_packed_tilings_are_flex_options_whose_tiles_divide_the_mask_blocks():
     (dict(attention_fn="flex", kernel_options={"num_warps": 4.0}), r"num_warps takes an integer; got float 4.0"),
     (dict(attention_fn="flex", kernel_options={"USE_TMA": 1}), r"USE_TMA takes true or false; got int 1"),
     (dict(attention_fn="flex", kernel_options={"BACKEND": "CUDNN"}), r"BACKEND takes one of \['AUTO'.*got 'CUDNN'"),
-    (dict(attention_fn="sdpa", kernel_options={"BLOCK_M": 64}), r"kernel_options are flex attention's; "
+    (dict(attention_fn="sdpa", kernel_options={"BLOCK_M": 64}), r"kernel_options are flex's or packed attention's; "
                                                                 r"attention_fn='sdpa' takes none"),
+    (dict(attention_fn="packed", kernel_options={"fwd_BLOCK_M": 64}), r"'fwd_BLOCK_M' is not a kernel of "
+                                                                     r"attention_fn='packed'.*forward / dq / dkdv"),
+    (dict(attention_fn="packed", kernel_options={"dkdv": [32, 32, 8]}), r"dkdv takes \[BLOCK_M, BLOCK_N, num_warps, "
+                                                                       r"num_stages\].*got \[32, 32, 8\]"),
+    (dict(attention_fn="packed", kernel_options={"dq": [24, 32, 4, 3]}), r"the first three powers of two"),
+    (dict(attention_fn="packed", kernel_options={"forward": [16, 8, 4, 3]}), r"BLOCK_N at least 16"),
+    (dict(attention_fn="packed", num_heads=6, num_kv_heads=2), r"num_heads / num_kv_heads a power of two.*6 / 2"),
+    (dict(attention_fn="packed", head_dim=24), r"head_dim in \(16, 32, 64, 128\).*heads of 24"),
+    (dict(attention_fn="packed", dropout=0.1), r"attention_fn='packed' has no attention dropout"),
 ])
 def test_bad_flex_kernel_options_are_named(kwargs, message):
+    kwargs = {"num_heads": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
-        Attention(32, 4, **kwargs)
+        Attention(16 * kwargs["num_heads"], **kwargs)  # heads of 16
+
+
+def test_document_bounds_are_each_runs_first_position_and_one_past_its_last():
+    from forgather.models.attention import document_bounds
+
+    ids = torch.tensor([[0, 0, 0, 1, 2, 2, 5, 5, 5, 5], [3] * 10])
+    start, end = document_bounds(ids)
+    assert start.dtype == end.dtype == torch.int32
+    assert start.tolist() == [[0, 0, 0, 3, 4, 4, 6, 6, 6, 6], [0] * 10]
+    assert end.tolist() == [[3, 3, 3, 4, 6, 6, 10, 10, 10, 10], [10] * 10]
+    for row in range(2):  # the bounds of each token's run, read off the ids one token at a time
+        for t in range(10):
+            same = [j for j in range(10) if ids[row, j] == ids[row, t]]
+            assert (start[row, t], end[row, t]) == (min(same), max(same) + 1)
+
+
+def test_packed_kernels_reference_is_the_document_mask_of_eager_attention():
+    """packed_attention.reference_packed_attention -- the semantics the GPU kernels are tested against -- is
+    eager attention under AttentionMask's document mask (packing's ids), grouped heads included."""
+    from forgather.models.attention import AttentionMask, document_bounds, document_ids_from_positions, eager_attention
+    from forgather.models.packed_attention import reference_packed_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    ids = document_ids_from_positions(PACKED_POSITIONS)
+    start, _ = document_bounds(ids)
+    expected = eager_attention(q, k, v, AttentionMask(12, 12, ids, q.device))
+    torch.testing.assert_close(reference_packed_attention(q, k, v, start), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_tiling_defaults_and_overrides_each_kernel():
+    from forgather.models.packed_attention import KERNELS, TILING, tiling
+
+    assert tiling() == [n for kernel in KERNELS for n in TILING[kernel]]
+    changed = tiling({"dkdv": (64, 32, 8, 2)})
+    assert changed[8:] == [64, 32, 8, 2] and changed[:8] == tiling()[:8]
+
+
+def test_packed_attention_runs_sdpa_where_its_kernels_do_not():
+    """On the CPU, without documents, and after a KV cache the packed function never calls its kernel."""
+    from forgather.models.attention import AttentionMask, packed_attention, sdpa_attention
+
+    def kernel(*args):
+        raise AssertionError("the kernel ran")
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    for mask in (AttentionMask(6, 6, ids, q.device), AttentionMask(6, 6, None, q.device)):
+        torch.testing.assert_close(packed_attention(q, k, v, mask, kernel=kernel), sdpa_attention(q, k, v, mask))
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

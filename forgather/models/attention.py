@@ -3,14 +3,16 @@
 `Attention(x [B, T, H], rope, mask, kv_cache) -> [B, T, H]` projects queries, keys and values, rotates
 them with RoPE, appends keys/values to the layer's cache, and calls the attention function:
 `fn(q [B, heads, Tq, D], k, v [B, kv_heads, Tk, D], mask, dropout_p) -> [B, heads, Tq, D]`.
-The functions -- "sdpa" (PyTorch fused), "flex" (flex attention with a block mask), "eager" (the explicit
-reference) -- all honour one `AttentionMask`: causal, and within a document when document ids are given.
+The functions -- "sdpa" (PyTorch fused), "flex" (flex attention with a block mask), "packed" (our Triton kernels
+for packed documents on GPUs, packed_attention.py), "eager" (the explicit reference) -- all honour one
+`AttentionMask`: causal, and within a document when document ids are given.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import typing
 import warnings
 from typing import Any, Callable, Mapping
@@ -29,6 +31,21 @@ from .rope import apply_rotary
 def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     """Packed rows: a position of 0 starts a new document. [B, T] -> document index per token [B, T]."""
     return (position_ids == 0).cumsum(dim=-1)
+
+
+def document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document ids [B, T] -> (start, end), int32 [B, T]: the first position of each token's document and one
+    past its last, each run of one id a document (ids nondecreasing along a row, as packing's are, give the
+    same mask as comparing ids)."""
+    batch, length = document_ids.shape
+    positions = torch.arange(length, device=document_ids.device).expand(batch, length)
+    begins = torch.ones_like(document_ids, dtype=torch.bool)
+    begins[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start = torch.where(begins, positions, 0).cummax(dim=1).values
+    ends = torch.ones_like(begins)
+    ends[:, :-1] = begins[:, 1:]
+    end = torch.where(ends, positions + 1, length).flip(1).cummin(dim=1).values.flip(1)
+    return start.to(torch.int32), end.to(torch.int32)
 
 
 class AttentionMask:
@@ -50,6 +67,7 @@ class AttentionMask:
         # Built on first use. Not functools.cached_property: its lock (Python 3.11) breaks torch.compile graphs.
         self._dense: torch.Tensor | None = None
         self._block_mask: flex.BlockMask | None = None
+        self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def is_plain_causal(self) -> bool:
@@ -69,6 +87,13 @@ class AttentionMask:
         if self._block_mask is None:
             self._block_mask = self._build_block_mask()
         return self._block_mask
+
+    @property
+    def document_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The documents' (start, end) per token, int32 [B, num_keys] (`document_bounds`); needs document ids."""
+        if self._bounds is None:
+            self._bounds = document_bounds(self.document_ids)
+        return self._bounds
 
     def _build_dense(self) -> torch.Tensor:
         query_index = torch.arange(self.num_queries, device=self.device)[:, None] + self.query_offset
@@ -242,16 +267,58 @@ def eager_attention(
     return weights @ v
 
 
+def packed_kernel(options: Mapping[str, Any] | None = None) -> Callable | None:
+    """forgather's packed-document attention op (packed_attention.py) with the tiling of `options` (checked
+    there), or None where it cannot run: without Triton (CPU builds of torch), and in standalone exported code,
+    which cannot import forgather -- the module is imported by name, so that code still loads and runs SDPA."""
+    try:
+        module = importlib.import_module("forgather.models.packed_attention")
+    except ImportError:
+        return None
+    tiles = module.tiling(options)
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return None
+    return functools.partial(module.packed_attention, tiles=tiles)
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout_p: float = 0.0,
+    kernel: Callable | None = None,
+) -> torch.Tensor:
+    """Packed documents on a GPU through our Triton kernels (`kernel`, from `packed_kernel`): a query sees the
+    keys from its document's start to itself. Everything else -- rows without documents (SDPA's causal kernel
+    is faster there), decoding after a KV cache, the CPU, code without the kernels -- runs SDPA with the same
+    mask, so the result never depends on which path ran."""
+    if dropout_p:
+        raise ValueError(f"packed attention has no attention dropout (dropout_p={dropout_p}); use sdpa or eager")
+    if kernel is None or q.device.type != "cuda" or mask.document_ids is None or mask.query_offset:
+        return sdpa_attention(q, k, v, mask)
+    return kernel(q, k, v, *mask.document_bounds)
+
+
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "sdpa": sdpa_attention,
     "flex": flex_attention,
+    "packed": packed_attention,
     "eager": eager_attention,
 }
+
+PACKED_HEAD_DIMS = (16, 32, 64, 128)
 
 
 def _check_divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:
     if divisor <= 0 or dividend % divisor:
         raise ValueError(f"{divisor_name}={divisor} does not divide {dividend_name}={dividend}")
+
+
+def _check_packed(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    groups = num_heads // num_kv_heads
+    if groups & (groups - 1) or head_dim not in PACKED_HEAD_DIMS:
+        raise ValueError(f"attention_fn='packed' stacks each kv head's query heads in one program: it takes "
+                         f"num_heads / num_kv_heads a power of two and head_dim in {PACKED_HEAD_DIMS}; got "
+                         f"{num_heads} / {num_kv_heads} heads of {head_dim} (use attention_fn='flex')")
 
 
 class Attention(nn.Module):
@@ -262,8 +329,8 @@ class Attention(nn.Module):
         num_heads: query heads; must divide hidden_size unless head_dim is given.
         num_kv_heads: key/value heads (default num_heads); must divide num_heads.
         head_dim: per-head size (default hidden_size // num_heads).
-        attention_fn: "sdpa", "flex", "eager", or a callable with the same signature.
-        dropout: attention-probability dropout while training (not available with flex).
+        attention_fn: "sdpa", "flex", "packed", "eager", or a callable with the same signature.
+        dropout: attention-probability dropout while training (not available with flex or packed).
         bias: biases on the q/k/v/o projections.
         fused_projections: compute q, k and v as one matmul over the three weights concatenated
             (`forgather.models.fused`: same parameters and state dict); projections that are not plain
@@ -271,6 +338,8 @@ class Attention(nn.Module):
         kernel_options: with attention_fn="flex", the GPU kernel's options (`flex_kernel_options`), e.g.
             `{fwd_BLOCK_M: 64, fwd_BLOCK_N: 64}`: tilings change speed, not the result. Without them, packed
             documents get the tiling measured fastest for the GPU, dtype and head dim (`PACKED_TILINGS`).
+            With attention_fn="packed", each kernel's tiles, e.g. `{dkdv: [32, 32, 8, 3]}`
+            (packed_attention.tiling).
     """
 
     def __init__(
@@ -296,13 +365,17 @@ class Attention(nn.Module):
         if isinstance(attention_fn, str):
             if attention_fn not in ATTENTION_FUNCTIONS:
                 raise ValueError(f"attention_fn={attention_fn!r}; choose one of {sorted(ATTENTION_FUNCTIONS)}")
-            if attention_fn == "flex" and dropout:
-                raise ValueError(f"attention_fn='flex' has no attention dropout, but dropout={dropout}")
-            if kernel_options and attention_fn != "flex":
-                raise ValueError(f"kernel_options are flex attention's; attention_fn={attention_fn!r} takes none "
-                                 f"(set attention_fn='flex' or leave them out)")
+            if attention_fn in ("flex", "packed") and dropout:
+                raise ValueError(f"attention_fn={attention_fn!r} has no attention dropout, but dropout={dropout}")
+            if attention_fn == "packed":
+                _check_packed(num_heads, num_kv_heads, head_dim)
+            if kernel_options and attention_fn not in ("flex", "packed"):
+                raise ValueError(f"kernel_options are flex's or packed attention's; attention_fn={attention_fn!r} "
+                                 f"takes none (set attention_fn='flex' or 'packed', or leave them out)")
             attention_fn = ATTENTION_FUNCTIONS[attention_fn]
-            if kernel_options:
+            if attention_fn is packed_attention:
+                attention_fn = functools.partial(packed_attention, kernel=packed_kernel(kernel_options))
+            elif kernel_options:
                 attention_fn = functools.partial(attention_fn, kernel_options=flex_kernel_options(kernel_options))
         elif kernel_options:
             raise ValueError("kernel_options are for attention_fn='flex'; a callable attention_fn takes its own")

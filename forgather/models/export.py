@@ -217,14 +217,19 @@ def _closure(roots: list[Path]) -> list[_Module]:
 
 # --- one namespace for all inlined modules -----------------------------------------------------------------
 
-ENTRY_POINT_NAMES = ("INLINED", "build_model", "load_pretrained", "_resolve", "importlib", "json", "os", "F")
+ENTRY_POINT_NAMES = ("INLINED", "build_model", "load_pretrained", "_resolve")
+# The entry points' own imports: an inlined module that imports the same (attention.py's `import importlib`)
+# shares the name instead of being renamed (a renamed `import importlib` would name a module that does not exist).
+ENTRY_POINT_IMPORTS = {"importlib": ("import", "importlib"), "json": ("import", "json"), "os": ("import", "os"),
+                       "F": ("import", "torch.nn.functional")}
 
 
 class _Namespace:
     """Assigns each top-level binding of the inlined modules a unique name in the generated module."""
 
-    def __init__(self, reserved: tuple[str, ...]) -> None:
+    def __init__(self, reserved: tuple[str, ...], imports: dict[str, tuple] | None = None) -> None:
         self.owner: dict[str, tuple] = {name: ("reserved",) for name in reserved}
+        self.owner.update(imports or {})
         self.renames: dict[Path, dict[str, str]] = {}
 
     def add(self, module: _Module) -> None:
@@ -426,7 +431,7 @@ def generate_package(model: nn.Module, model_config: Any, name: str, base_dir: s
     resolved = {node["_target_"]: import_spec(node["_target_"], base_dir) for node in _targets(tree)}
     inlined = {spec for spec, obj in resolved.items() if _is_inlined(obj, base_dir)}
     modules = _closure([_source_path(resolved[spec]) for spec in inlined] + [p.resolve() for p in ALWAYS_INLINED])
-    namespace = _Namespace(ENTRY_POINT_NAMES + (config_class, model_class))
+    namespace = _Namespace(ENTRY_POINT_NAMES + (config_class, model_class), ENTRY_POINT_IMPORTS)
     for module in modules:
         namespace.add(module)
     for node in _targets(tree):

@@ -1,0 +1,158 @@
+"""Triton kernels of packed-document attention (packed_attention.py holds the ops, the layout and the semantics).
+
+A query at position t of a row sees the keys from the start of its document up to itself: `start[t] <= j <= t`.
+Documents are contiguous runs, so each block of queries needs only the keys from its first query's document
+start to its last query, and each block of keys only the queries from its first key to the end of its last
+key's document. The grouped-query heads that share a key/value head are stacked into one program's rows
+(GROUP x BLOCK_M rows): each key and value tile is loaded once for the whole group, and the key/value gradients
+of a group are summed inside one program, with no atomics.
+
+Three kernels, all over grid (row blocks, batch x kv heads):
+- `_forward`: online softmax over the key blocks; writes the output and the log2-sum-exp of each query row.
+- `_backward_dq`: the queries' gradient; first writes delta = rowsum(dO * O), which `_backward_dkdv` reads.
+- `_backward_dkdv`: the keys' and values' gradients, walking the query blocks that can see the key block.
+
+Scores are kept in the log2 domain (scale * log2(e) folded into one factor), as flash attention's Triton
+kernels do. A masked score is a large negative finite number rather than -inf, so a block whose keys are all
+hidden from a row leaves no NaN: its weights are erased by the first block that holds a visible key (every
+row sees at least itself).
+
+Imported only where a GPU runs the kernels (or TRITON_INTERPRET=1 runs them on CPU tensors).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_HIDDEN = tl.constexpr(-1.0e30)  # a masked score, in the log2 domain
+
+
+@triton.jit
+def _group_rows(block, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, T):
+    """The stacked rows of one query block: (head within the group, token position, inside the row) each
+    [GROUP * BLOCK_M]."""
+    rows = tl.arange(0, GROUP * BLOCK_M)
+    head = rows // BLOCK_M
+    token = block * BLOCK_M + rows % BLOCK_M
+    return head, token, token < T
+
+
+@triton.jit
+def _forward(
+    Q, K, V, O, LSE, START,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, ssb,
+    T, kv_heads, qk_scale,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    block = tl.program_id(0)
+    b = tl.program_id(1) // kv_heads
+    h = tl.program_id(1) % kv_heads
+    head, token, inside = _group_rows(block, GROUP, BLOCK_M, T)
+    qh = h * GROUP + head
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + qh[:, None] * sqh + token[:, None] * sqt + dims[None, :], mask=inside[:, None],
+                other=0.0)
+    start = tl.load(START + b * ssb + token, mask=inside, other=0)
+    first = tl.load(START + b * ssb + block * BLOCK_M)
+    last = tl.minimum(block * BLOCK_M + BLOCK_M, T)
+    m_i = tl.full([GROUP * BLOCK_M], _HIDDEN, tl.float32)
+    l_i = tl.zeros([GROUP * BLOCK_M], tl.float32)
+    acc = tl.zeros([GROUP * BLOCK_M, HEAD_DIM], tl.float32)
+    for n in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
+        keys = n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * skb + h * skh + keys[:, None] * skt + dims[None, :], mask=keys[:, None] < T, other=0.0)
+        v = tl.load(V + b * svb + h * svh + keys[:, None] * svt + dims[None, :], mask=keys[:, None] < T, other=0.0)
+        visible = (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
+        s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, _HIDDEN)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * sob + qh[:, None] * soh + token[:, None] * sot + dims[None, :], acc.to(O.dtype.element_ty),
+             mask=inside[:, None])
+    tl.store(LSE + b * slb + qh * slh + token, m_i + tl.math.log2(l_i), mask=inside)
+
+
+@triton.jit
+def _backward_dq(
+    Q, K, V, O, DO, DQ, LSE, DELTA, START,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdob, sdoh, sdot, sdqb, sdqh, sdqt, slb, slh, ssb,
+    T, kv_heads, qk_scale, sm_scale,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    block = tl.program_id(0)
+    b = tl.program_id(1) // kv_heads
+    h = tl.program_id(1) % kv_heads
+    head, token, inside = _group_rows(block, GROUP, BLOCK_M, T)
+    qh = h * GROUP + head
+    dims = tl.arange(0, HEAD_DIM)
+    rows_mask = inside[:, None]
+    q = tl.load(Q + b * sqb + qh[:, None] * sqh + token[:, None] * sqt + dims[None, :], mask=rows_mask, other=0.0)
+    do = tl.load(DO + b * sdob + qh[:, None] * sdoh + token[:, None] * sdot + dims[None, :], mask=rows_mask,
+                 other=0.0)
+    o = tl.load(O + b * sob + qh[:, None] * soh + token[:, None] * sot + dims[None, :], mask=rows_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + b * slb + qh * slh + token, delta, mask=inside)
+    lse = tl.load(LSE + b * slb + qh * slh + token, mask=inside, other=0.0)
+    start = tl.load(START + b * ssb + token, mask=inside, other=0)
+    first = tl.load(START + b * ssb + block * BLOCK_M)
+    last = tl.minimum(block * BLOCK_M + BLOCK_M, T)
+    dq = tl.zeros([GROUP * BLOCK_M, HEAD_DIM], tl.float32)
+    for n in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
+        keys = n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * skb + h * skh + keys[:, None] * skt + dims[None, :], mask=keys[:, None] < T, other=0.0)
+        v = tl.load(V + b * svb + h * svh + keys[:, None] * svt + dims[None, :], mask=keys[:, None] < T, other=0.0)
+        visible = (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
+        p = tl.where(visible, tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + b * sdqb + qh[:, None] * sdqh + token[:, None] * sdqt + dims[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows_mask)
+
+
+@triton.jit
+def _backward_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, START, END,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh,
+    ssb, seb,
+    T, kv_heads, qk_scale, sm_scale,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    block = tl.program_id(0)
+    b = tl.program_id(1) // kv_heads
+    h = tl.program_id(1) % kv_heads
+    dims = tl.arange(0, HEAD_DIM)
+    keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_inside = keys < T
+    k = tl.load(K + b * skb + h * skh + keys[:, None] * skt + dims[None, :], mask=key_inside[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + keys[:, None] * svt + dims[None, :], mask=key_inside[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # the queries that can see these keys: from the first key to the end of the last key's document
+    end = tl.load(END + b * seb + tl.minimum(block * BLOCK_N + BLOCK_N, T) - 1)
+    for m in range(block * BLOCK_N // BLOCK_M, tl.cdiv(end, BLOCK_M)):
+        head, token, inside = _group_rows(m, GROUP, BLOCK_M, T)
+        qh = h * GROUP + head
+        rows_mask = inside[:, None]
+        q = tl.load(Q + b * sqb + qh[:, None] * sqh + token[:, None] * sqt + dims[None, :], mask=rows_mask,
+                    other=0.0)
+        do = tl.load(DO + b * sdob + qh[:, None] * sdoh + token[:, None] * sdot + dims[None, :], mask=rows_mask,
+                     other=0.0)
+        lse = tl.load(LSE + b * slb + qh * slh + token, mask=inside, other=0.0)
+        delta = tl.load(DELTA + b * slb + qh * slh + token, mask=inside, other=0.0)
+        start = tl.load(START + b * ssb + token, mask=inside, other=T)
+        visible = (keys[:, None] >= start[None, :]) & (keys[:, None] <= token[None, :])  # [BLOCK_N, rows]
+        pt = tl.where(visible, tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)
+    tl.store(DK + b * sdkb + h * sdkh + keys[:, None] * sdkt + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=key_inside[:, None])
+    tl.store(DV + b * sdvb + h * sdvh + keys[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty),
+             mask=key_inside[:, None])
