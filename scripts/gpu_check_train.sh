@@ -44,6 +44,8 @@
 #   part n            our packed-document attention kernels (attention_fn=packed, forgather/models/packed_attention.py):
 #                     their GPU tests, the duel beside flex and flash attention 2 on packed rows (their tilings too),
 #                     then the 1.24B step with them beside the default and HF + Liger (profiled).
+#   part o            part n's fixes (the kernels' scales as constants, IEEE products for fp32, the best tiles as the
+#                     default): the GPU tests, then the 1.24B step with attention_fn=packed beside flex and HF + Liger.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|l|m|tests] [more bench_train.py args]
@@ -187,6 +189,17 @@ n)
     bench bench_1b_n.log --shape 1b --label 1b_n --steps 40 --paths forgather hf-liger --variant packed attention_fn=packed \
         "${BEST[@]}" --profile packed --profile-steps 6 --timeout 150 "$@"
     ;;
+o)
+    # after part n: the packed kernels' scales as constants (torch.compile's launcher passed them as fp64), IEEE
+    # products for fp32, the sweep's best tiles as the default: their GPU tests, then training beside flex
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 150 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "packed" -q -p no:cacheprovider -rs \
+            --tb=short > "$OUT/pytest_models.txt" 2>&1
+        grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -30
+    fi
+    bench bench_1b_o.log --shape 1b --label 1b_o --steps 40 --paths forgather hf-liger --variant packed attention_fn=packed \
+        --profile packed --profile-steps 6 --timeout 150 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -202,7 +215,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-n or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-o or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

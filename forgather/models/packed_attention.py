@@ -36,10 +36,12 @@ from .attention import PACKED_HEAD_DIMS
 # Each kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M counts the query positions of one head (a
 # program holds GROUP x BLOCK_M rows), BLOCK_N the keys of a tile.
 KERNELS = ("forward", "dq", "dkdv")
+# Measured fastest on the training bench's rows (H200, bf16, 32 / 8 heads of 64; scripts/bench_step_pieces.py
+# --duel --packed-sweep, 2026-12-04): the key/value gradients' tiles decide (1.35x over 32 x 32 with 8 warps).
 TILING: dict[str, tuple[int, int, int, int]] = {
-    "forward": (16, 32, 4, 3),
-    "dq": (16, 64, 4, 3),
-    "dkdv": (32, 32, 8, 3),
+    "forward": (16, 64, 4, 3),
+    "dq": (16, 32, 4, 3),
+    "dkdv": (16, 64, 4, 3),
 }
 
 
@@ -107,12 +109,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tenso
     return groups
 
 
-def _launch(kernel, grid, tiles: list[int], **constants):
+def _launch(kernel, grid, tiles: list[int], q: torch.Tensor, **constants):
+    """The kernel wrapped for torch.compile, and its constants: the tiles, the scales, the products' precision."""
     from torch.library import wrap_triton
 
     block_m, block_n, warps, stages = tiles
-    return wrap_triton(kernel)[grid], dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-                                           **constants)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return wrap_triton(kernel)[grid], dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, HEAD_DIM=q.shape[-1],
+        qk_scale=scale * math.log2(math.e), PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **constants)
 
 
 @torch.library.triton_op("forgather::packed_attention", mutates_args=())
@@ -121,14 +126,13 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.
     from . import packed_attention_kernels as kernels
 
     groups = _check(q, k, v, start, tiles)
-    batch, heads, length, dim = q.shape
+    batch, heads, length, _ = q.shape
     out = _like_layout(q)
     lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
-    scale = 1.0 / math.sqrt(dim)
-    launch, constants = _launch(kernels._forward, (_cdiv(length, tiles[0]), batch * k.shape[1]), tiles[0:4],
-                                GROUP=groups, HEAD_DIM=dim)
+    launch, constants = _launch(kernels._forward, (_cdiv(length, tiles[0]), batch * k.shape[1]), tiles[0:4], q,
+                                GROUP=groups)
     launch(q, k, v, out, lse, start, *_strides(q), *_strides(k), *_strides(v), *_strides(out), lse.stride(0),
-           lse.stride(1), start.stride(0), length, k.shape[1], scale * math.log2(math.e), **constants)
+           lse.stride(1), start.stride(0), length, k.shape[1], **constants)
     return out, lse
 
 
@@ -143,17 +147,17 @@ def _backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     kv_heads = k.shape[1]
     dq, dk, dv = _like_layout(q), _like_layout(k), _like_layout(v)
     delta = torch.empty_like(lse)
-    scale = 1.0 / math.sqrt(dim)
-    launch, constants = _launch(kernels._backward_dq, (_cdiv(length, tiles[4]), batch * kv_heads), tiles[4:8],
-                                GROUP=groups, HEAD_DIM=dim)
+    sm_scale = 1.0 / math.sqrt(dim)
+    launch, constants = _launch(kernels._backward_dq, (_cdiv(length, tiles[4]), batch * kv_heads), tiles[4:8], q,
+                                GROUP=groups, sm_scale=sm_scale)
     launch(q, k, v, out, grad, dq, lse, delta, start, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
            *_strides(grad), *_strides(dq), lse.stride(0), lse.stride(1), start.stride(0), length, kv_heads,
-           scale * math.log2(math.e), scale, **constants)
-    launch, constants = _launch(kernels._backward_dkdv, (_cdiv(length, tiles[9]), batch * kv_heads), tiles[8:12],
-                                GROUP=groups, HEAD_DIM=dim)
+           **constants)
+    launch, constants = _launch(kernels._backward_dkdv, (_cdiv(length, tiles[9]), batch * kv_heads), tiles[8:12], q,
+                                GROUP=groups, sm_scale=sm_scale)
     launch(q, k, v, grad, dk, dv, lse, delta, start, end, *_strides(q), *_strides(k), *_strides(v), *_strides(grad),
            *_strides(dk), *_strides(dv), lse.stride(0), lse.stride(1), start.stride(0), end.stride(0), length,
-           kv_heads, scale * math.log2(math.e), scale, **constants)
+           kv_heads, **constants)
     return dq, dk, dv
 
 

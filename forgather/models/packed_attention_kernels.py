@@ -12,6 +12,10 @@ Three kernels, all over grid (row blocks, batch x kv heads):
 - `_backward_dq`: the queries' gradient; first writes delta = rowsum(dO * O), which `_backward_dkdv` reads.
 - `_backward_dkdv`: the keys' and values' gradients, walking the query blocks that can see the key block.
 
+The scales are constants of each compiled kernel (a float argument that torch.compile passes through its own
+launcher arrives as fp64 and turned the scores fp64), and so is the products' precision: IEEE fp32 for fp32
+tensors (Triton's default, TF32, was 1e-3 off in the tests), the tensor cores' own for bf16 / fp16.
+
 Scores are kept in the log2 domain (scale * log2(e) folded into one factor), as flash attention's Triton
 kernels do. A masked score is a large negative finite number rather than -inf, so a block whose keys are all
 hidden from a row leaves no NaN: its weights are erased by the first block that holds a visible key (every
@@ -42,7 +46,7 @@ def _group_rows(block, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, T):
 def _forward(
     Q, K, V, O, LSE, START,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, ssb,
-    T, kv_heads, qk_scale,
+    T, kv_heads, qk_scale: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -64,12 +68,12 @@ def _forward(
         k = tl.load(K + b * skb + h * skh + keys[:, None] * skt + dims[None, :], mask=keys[:, None] < T, other=0.0)
         v = tl.load(V + b * svb + h * svh + keys[:, None] * svt + dims[None, :], mask=keys[:, None] < T, other=0.0)
         visible = (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
-        s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, _HIDDEN)
+        s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, _HIDDEN)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(O + b * sob + qh[:, None] * soh + token[:, None] * sot + dims[None, :], acc.to(O.dtype.element_ty),
@@ -81,7 +85,7 @@ def _forward(
 def _backward_dq(
     Q, K, V, O, DO, DQ, LSE, DELTA, START,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdob, sdoh, sdot, sdqb, sdqh, sdqt, slb, slh, ssb,
-    T, kv_heads, qk_scale, sm_scale,
+    T, kv_heads, qk_scale: tl.constexpr, sm_scale: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -107,10 +111,11 @@ def _backward_dq(
         k = tl.load(K + b * skb + h * skh + keys[:, None] * skt + dims[None, :], mask=keys[:, None] < T, other=0.0)
         v = tl.load(V + b * svb + h * svh + keys[:, None] * svt + dims[None, :], mask=keys[:, None] < T, other=0.0)
         visible = (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
-        p = tl.where(visible, tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(visible, tl.math.exp2(scores - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + b * sdqb + qh[:, None] * sdqh + token[:, None] * sdqt + dims[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows_mask)
 
@@ -120,7 +125,7 @@ def _backward_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, START, END,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh,
     ssb, seb,
-    T, kv_heads, qk_scale, sm_scale,
+    T, kv_heads, qk_scale: tl.constexpr, sm_scale: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -147,11 +152,12 @@ def _backward_dkdv(
         delta = tl.load(DELTA + b * slb + qh * slh + token, mask=inside, other=0.0)
         start = tl.load(START + b * ssb + token, mask=inside, other=T)
         visible = (keys[:, None] >= start[None, :]) & (keys[:, None] <= token[None, :])  # [BLOCK_N, rows]
-        pt = tl.where(visible, tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)
-        dpt = tl.dot(v, tl.trans(do))
+        scores = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        pt = tl.where(visible, tl.math.exp2(scores - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q)
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     tl.store(DK + b * sdkb + h * sdkh + keys[:, None] * sdkt + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=key_inside[:, None])
     tl.store(DV + b * sdvb + h * sdvh + keys[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty),
