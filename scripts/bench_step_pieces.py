@@ -422,7 +422,8 @@ def sweep_packed(iters: int, rounds: int) -> dict:
                 step()
                 times[name] = (min(timed_graph(step, iters)[0] for _ in range(rounds)), tiles)
             except Exception as error:  # noqa: BLE001 - a tiling this GPU cannot build: a row, not a crash
-                row(piece="packed sweep", kernel=kernel, tiles=tiles, error=f"{type(error).__name__}: {str(error)[:200]}")
+                row(piece="packed sweep", kernel=kernel, tiles=tiles,
+                    error=f"{type(error).__name__}: {str(error)[:200]}")
         base = times.get("x".join(map(str, TILING[kernel][:2])) + f" w{TILING[kernel][2]} s{TILING[kernel][3]}")
         for name, (ms, tiles) in sorted(times.items(), key=lambda item: item[1][0]):
             row(piece="packed sweep", kernel=kernel, tiles=tiles, ms_fwd_bwd_per_layer=ms,
@@ -452,7 +453,9 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict |
     compiled = torch.compile(flex.flex_attention)
     tilings = dict(DUEL_TILINGS) if sweep else {name: DUEL_TILINGS[name] for name in ("fwd 64x64 w4 s3",)}
     gen = torch.Generator(device="cuda").manual_seed(0)
-    row_sets = {"random 128-1023": random_documents(s["batch"], s["seq"]).cuda()} if "random 128-1023" in row_names else {}
+    row_sets = {}
+    if "random 128-1023" in row_names:
+        row_sets["random 128-1023"] = random_documents(s["batch"], s["seq"]).cuda()
     try:
         if "stdlib rows" in row_names:
             row_sets["stdlib rows"] = stdlib_documents(s["batch"], s["seq"]).cuda()
@@ -591,7 +594,7 @@ def main() -> None:
                         help="only the packed rows' attention candidates, timed in turn over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--packed-sweep", action="store_true",
-                        help="with --duel: first sweep our packed kernels' tiles (PACKED_SWEEP), then duel with the best")
+                        help="with --duel: sweep our packed kernels' tiles (PACKED_SWEEP) first, then duel the best")
     parser.add_argument("--rows", nargs="+", default=["random 128-1023", "stdlib rows"],
                         choices=["random 128-1023", "stdlib rows"], help="with --duel: the sets of rows")
     parser.add_argument("--sweep", action="store_true",

@@ -15,7 +15,8 @@ becomes a row with its error while the other rows go on):
                     cross-entropy, no logits), eager
   hf-liger-compile  the same under torch.compile
   torchtitan        torchtitan's Llama 3 trainer on this shape (`torchtitan_worker`), compiled; `torchtitan-eager` not
-  forgather         python -m forgather.run: our model, loss=fused, attention_fn=flex, per-layer torch.compile,
+  forgather         python -m forgather.run: our model, loss=fused, attention_fn=packed (our Triton kernels for
+                    packed documents; flex before 2026-12-04, `--attention flex`), per-layer torch.compile,
                     Lightning Trainer(precision=bf16-true); `--variant NAME OVERRIDE...` adds more such runs
   memory24          bench_memory's 24 GiB configuration (7B shape, one 24,576-token row, activation
                     checkpointing, Adafactor in backward, MLP chunks of 4096 tokens): step time, MFU, peak
@@ -566,7 +567,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss", default="fused", help="loss group option for forgather runs (cpu: chunked)")
     parser.add_argument("--optimizer", default=None, help="optimizer group option (default: the shape's)")
     parser.add_argument("--no-compile", action="store_true", help="forgather runs with compile=false")
-    parser.add_argument("--attention", default="flex", help="attention_fn of our model")
+    parser.add_argument("--attention", default="packed", help="attention_fn of our model")
     parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE", help="more overrides for every forgather run")
     parser.add_argument("--timeout", type=float, default=300, help="seconds each path may take before it is killed")
     parser.add_argument("--out", type=Path, help="write results_LABEL.json and summary_LABEL.md here")

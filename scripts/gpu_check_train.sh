@@ -46,6 +46,8 @@
 #                     then the 1.24B step with them beside the default and HF + Liger (profiled).
 #   part o            part n's fixes (the kernels' scales as constants, IEEE products for fp32, the best tiles as the
 #                     default): the GPU tests, then the 1.24B step with attention_fn=packed beside flex and HF + Liger.
+#   part p            the bench's forgather path now attention_fn=packed: beside HF + Liger and flex, then with
+#                     optimizer=adamw_compiled.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|l|m|tests] [more bench_train.py args]
@@ -200,6 +202,12 @@ o)
     bench bench_1b_o.log --shape 1b --label 1b_o --steps 40 --paths forgather hf-liger --variant packed attention_fn=packed \
         --profile packed --profile-steps 6 --timeout 150 "$@"
     ;;
+p)
+    # after attention_fn=packed became the bench's forgather path: beside HF + Liger and flex (the path before),
+    # then with the compiled AdamW
+    bench bench_1b_p.log --shape 1b --label 1b_p --steps 40 --paths forgather hf-liger --variant flex attention_fn=flex \
+        --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 120 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -215,7 +223,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-o or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-p or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

@@ -270,7 +270,7 @@ def eager_attention(
 def packed_kernel(options: Mapping[str, Any] | None = None) -> Callable | None:
     """forgather's packed-document attention op (packed_attention.py) with the tiling of `options` (checked
     there), or None where it cannot run: without Triton (CPU builds of torch), and in standalone exported code,
-    which cannot import forgather -- the module is imported by name, so that code still loads and runs SDPA."""
+    where forgather is absent -- the module is imported by name, so that code still loads and runs SDPA."""
     try:
         module = importlib.import_module("forgather.models.packed_attention")
     except ImportError:

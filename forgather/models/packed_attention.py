@@ -129,8 +129,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.
     batch, heads, length, _ = q.shape
     out = _like_layout(q)
     lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
-    launch, constants = _launch(kernels._forward, (_cdiv(length, tiles[0]), batch * k.shape[1]), tiles[0:4], q,
-                                GROUP=groups)
+    launch, constants = _launch(kernels._packed_attention_forward, (_cdiv(length, tiles[0]), batch * k.shape[1]),
+                                tiles[0:4], q, GROUP=groups)
     launch(q, k, v, out, lse, start, *_strides(q), *_strides(k), *_strides(v), *_strides(out), lse.stride(0),
            lse.stride(1), start.stride(0), length, k.shape[1], **constants)
     return out, lse
@@ -148,13 +148,13 @@ def _backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq, dk, dv = _like_layout(q), _like_layout(k), _like_layout(v)
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(dim)
-    launch, constants = _launch(kernels._backward_dq, (_cdiv(length, tiles[4]), batch * kv_heads), tiles[4:8], q,
-                                GROUP=groups, sm_scale=sm_scale)
+    launch, constants = _launch(kernels._packed_attention_dq, (_cdiv(length, tiles[4]), batch * kv_heads),
+                                tiles[4:8], q, GROUP=groups, sm_scale=sm_scale)
     launch(q, k, v, out, grad, dq, lse, delta, start, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
            *_strides(grad), *_strides(dq), lse.stride(0), lse.stride(1), start.stride(0), length, kv_heads,
            **constants)
-    launch, constants = _launch(kernels._backward_dkdv, (_cdiv(length, tiles[9]), batch * kv_heads), tiles[8:12], q,
-                                GROUP=groups, sm_scale=sm_scale)
+    launch, constants = _launch(kernels._packed_attention_dkdv, (_cdiv(length, tiles[9]), batch * kv_heads),
+                                tiles[8:12], q, GROUP=groups, sm_scale=sm_scale)
     launch(q, k, v, grad, dk, dv, lse, delta, start, end, *_strides(q), *_strides(k), *_strides(v), *_strides(grad),
            *_strides(dk), *_strides(dv), lse.stride(0), lse.stride(1), start.stride(0), end.stride(0), length,
            kv_heads, **constants)

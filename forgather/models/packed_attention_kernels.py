@@ -8,9 +8,11 @@ key's document. The grouped-query heads that share a key/value head are stacked 
 of a group are summed inside one program, with no atomics.
 
 Three kernels, all over grid (row blocks, batch x kv heads):
-- `_forward`: online softmax over the key blocks; writes the output and the log2-sum-exp of each query row.
-- `_backward_dq`: the queries' gradient; first writes delta = rowsum(dO * O), which `_backward_dkdv` reads.
-- `_backward_dkdv`: the keys' and values' gradients, walking the query blocks that can see the key block.
+- `_packed_attention_forward`: online softmax over the key blocks; writes the output and the log2-sum-exp of
+  each query row.
+- `_packed_attention_dq`: the queries' gradient; first writes delta = rowsum(dO * O), which the next reads.
+- `_packed_attention_dkdv`: the keys' and values' gradients, walking the query blocks that see the key block.
+(Named for the profile, whose kernel categories match "attention", scripts/profile_train.py.)
 
 The scales are constants of each compiled kernel (a float argument that torch.compile passes through its own
 launcher arrives as fp64 and turned the scores fp64), and so is the products' precision: IEEE fp32 for fp32
@@ -43,7 +45,7 @@ def _group_rows(block, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, T):
 
 
 @triton.jit
-def _forward(
+def _packed_attention_forward(
     Q, K, V, O, LSE, START,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, ssb,
     T, kv_heads, qk_scale: tl.constexpr, PRECISION: tl.constexpr,
@@ -82,7 +84,7 @@ def _forward(
 
 
 @triton.jit
-def _backward_dq(
+def _packed_attention_dq(
     Q, K, V, O, DO, DQ, LSE, DELTA, START,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdob, sdoh, sdot, sdqb, sdqh, sdqt, slb, slh, ssb,
     T, kv_heads, qk_scale: tl.constexpr, sm_scale: tl.constexpr, PRECISION: tl.constexpr,
@@ -121,7 +123,7 @@ def _backward_dq(
 
 
 @triton.jit
-def _backward_dkdv(
+def _packed_attention_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, START, END,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh,
     ssb, seb,
