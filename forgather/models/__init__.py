@@ -4,8 +4,10 @@ One file per component, each importing only torch, the standard library and its 
 `export.py` can inline them into generated code):
     embedding.py    TokenEmbedding(vocab_size, hidden_size)
     rope.py         RotaryEmbedding(head_dim, theta, llama3_scaling=None), apply_rotary
-    attention.py    Attention(hidden_size, num_heads, num_kv_heads, attention_fn="sdpa"|"flex"|"eager"),
+    attention.py    Attention(hidden_size, num_heads, num_kv_heads, attention_fn="sdpa"|"flex"|"packed"|"eager"),
                     AttentionMask (causal, within documents when position_ids restart at 0)
+    packed_attention.py  attention_fn="packed": our Triton kernels for packed documents on GPUs (imported by
+                    name from attention.py; standalone exported code runs SDPA instead)
     feedforward.py  SwiGLU(hidden_size, intermediate_size), GELUMLP(hidden_size, intermediate_size)
     norm.py         RMSNorm(hidden_size), LayerNorm(hidden_size)
     layers.py       PreLNLayer / PostLNLayer(hidden_size, attention_factory, feedforward_factory, norm_factory,
