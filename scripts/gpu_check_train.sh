@@ -48,6 +48,8 @@
 #                     default): the GPU tests, then the 1.24B step with attention_fn=packed beside flex and HF + Liger.
 #   part p            the bench's forgather path now attention_fn=packed: beside HF + Liger and flex, then with
 #                     optimizer=adamw_compiled.
+#   part q            (prepared) a wider sweep of the packed kernels' tiles, the duel with the best, then training
+#                     with the best tiles beside the default, HF + Liger and the compiled AdamW.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|l|m|tests] [more bench_train.py args]
@@ -208,6 +210,20 @@ p)
     bench bench_1b_p.log --shape 1b --label 1b_p --steps 40 --paths forgather hf-liger --variant flex attention_fn=flex \
         --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 120 "$@"
     ;;
+q)
+    # prepared for the next session: a wider sweep of the packed kernels' tiles (PACKED_SWEEP), the duel with
+    # the best, then the default beside the best tiles, HF + Liger and the compiled AdamW in training
+    BEST=()
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 240 $PY scripts/bench_step_pieces.py --duel --packed-sweep --rows "stdlib rows" --rounds 3 \
+            --json "$OUT/duel.json" 2>&1 | grep -v Warning > "$OUT/duel.txt"
+        grep -E '"(ms_per_layer_median|best|error)"' "$OUT/duel.txt" | cut -c1-400
+        OPTION=$(grep -o '"option": "[^"]*"' "$OUT/duel.txt" | tail -1 | sed 's/"option": "\(.*\)"/\1/')
+        [ -n "$OPTION" ] && BEST=(--variant packed-best "$OPTION")
+    fi
+    bench bench_1b_q.log --shape 1b --label 1b_q --steps 40 --paths forgather hf-liger "${BEST[@]}" \
+        --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 150 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -223,7 +239,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-p or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-q or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

@@ -389,3 +389,33 @@ def test_project_local_sibling_modules_are_inlined_too(tmp_path):
     assert "# ---- residual.py ----" in (out / "modeling_sib.py").read_text()
     with torch.no_grad():
         torch.testing.assert_close(load_model(out)(ids()), model(ids()), rtol=0, atol=0)
+
+
+def test_packed_attention_model_exports_and_runs_sdpa_without_forgather(tmp_path):
+    """attention_fn='packed' reaches our kernels through an import by name: standalone code, with forgather
+    absent, still loads and computes the same logits on packed documents (SDPA with the same mask)."""
+    tree = model_tree()
+    tree["hidden_size"] = 64
+    tree["rope"]["head_dim"] = 16
+    tree["layer_factory"]["attention_factory"]["attention_fn"] = "packed"
+    model, out = export(tmp_path, tree, name="packed")
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        expected = {"ids": ids(), "positions": positions, "logits": model(ids(), positions)}
+    torch.save(expected, tmp_path / "expected.pt")
+    run_isolated(
+        f"""
+        import importlib, types, torch
+        package = types.ModuleType("exported")
+        package.__path__ = [{str(out)!r}]
+        sys.modules["exported"] = package
+        modeling = importlib.import_module("exported.modeling_packed")
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            logits = modeling.load_pretrained({str(out)!r})(expected["ids"], expected["positions"])
+        torch.testing.assert_close(logits, expected["logits"], rtol=1e-6, atol=1e-6)
+        assert not any(n.startswith("forgather") for n in sys.modules)
+        """,
+        blocked=("forgather", "transformers"),
+        cwd=tmp_path,
+    )

@@ -172,7 +172,7 @@ def test_resuming_from_a_truncated_checkpoint_names_it_and_the_newest_one_that_r
     last.write_bytes(whole[:1000])
     capsys.readouterr()
     assert main(["--resume", str(run_dir), "max_steps=4"]) == 2
-    assert capsys.readouterr().err == (f"error: {last}: not a readable checkpoint (1000 bytes, truncated or corrupt) ; "
+    assert capsys.readouterr().err == (f"error: {last}: not a readable checkpoint (1000 bytes, truncated or corrupt); "
                                        f"no other checkpoint of this run reads: start over with --from-snapshot {run_dir}\n")
     earlier = last.with_name("step=1.ckpt")
     earlier.write_bytes(whole)
