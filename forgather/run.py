@@ -526,7 +526,7 @@ def resume_step(run_dir: Path, ckpt_path: Path) -> int:
         hint = (f"move it out of {ckpt_path.parent} to resume from {readable[0].name} (step {readable[1]}), the "
                 f"newest one that reads" if readable else
                 f"no other checkpoint of this run reads: start over with --from-snapshot {run_dir}")
-        raise UserError(f"{ckpt_path}: not a readable checkpoint ({size}truncated or corrupt) ; {hint}") from error
+        raise UserError(f"{ckpt_path}: not a readable checkpoint ({size}truncated or corrupt); {hint}") from error
 
 
 def export_settings(outputs: str, experiment: str, base_dir: str | None, sweep_point: Path | None = None) -> dict[str, Any]:
