@@ -203,25 +203,31 @@ def test_generated_package_loads_through_transformers_without_forgather(exported
     )
 
 
-def test_generated_plain_model_needs_neither_forgather_nor_transformers(exported, tmp_path):
-    model, out = exported
-    torch.save({"ids": ids(), "logits": model(ids()).detach()}, tmp_path / "expected.pt")
+def check_standalone_logits(out: Path, name: str, expected: dict, tmp_path: Path, tolerance: float = 0.0) -> None:
+    """In a process where forgather and transformers cannot be imported, the plain model of the package at `out`
+    (modeling_<name>.py) gives `expected["logits"]` for `expected["ids"]` (and `expected["positions"]`, if any)."""
+    torch.save(expected, tmp_path / "expected.pt")
     run_isolated(
         f"""
         import importlib, types, torch
         package = types.ModuleType("exported")
         package.__path__ = [{str(out)!r}]
         sys.modules["exported"] = package
-        modeling = importlib.import_module("exported.modeling_tiny")
+        modeling = importlib.import_module("exported.modeling_{name}")
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
-            logits = modeling.load_pretrained({str(out)!r})(expected["ids"])
-        torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0)
+            logits = modeling.load_pretrained({str(out)!r})(expected["ids"], expected.get("positions"))
+        torch.testing.assert_close(logits, expected["logits"], rtol={tolerance}, atol={tolerance})
         assert not any(n.startswith(("forgather", "transformers")) for n in sys.modules)
         """,
         blocked=("forgather", "transformers"),
         cwd=tmp_path,
     )
+
+
+def test_generated_plain_model_needs_neither_forgather_nor_transformers(exported, tmp_path):
+    model, out = exported
+    check_standalone_logits(out, "tiny", {"ids": ids(), "logits": model(ids()).detach()}, tmp_path)
 
 
 PROJECT_LAYER = '''
@@ -402,20 +408,4 @@ def test_packed_attention_model_exports_and_runs_sdpa_without_forgather(tmp_path
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]])
     with torch.no_grad():
         expected = {"ids": ids(), "positions": positions, "logits": model(ids(), positions)}
-    torch.save(expected, tmp_path / "expected.pt")
-    run_isolated(
-        f"""
-        import importlib, types, torch
-        package = types.ModuleType("exported")
-        package.__path__ = [{str(out)!r}]
-        sys.modules["exported"] = package
-        modeling = importlib.import_module("exported.modeling_packed")
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        with torch.no_grad():
-            logits = modeling.load_pretrained({str(out)!r})(expected["ids"], expected["positions"])
-        torch.testing.assert_close(logits, expected["logits"], rtol=1e-6, atol=1e-6)
-        assert not any(n.startswith("forgather") for n in sys.modules)
-        """,
-        blocked=("forgather", "transformers"),
-        cwd=tmp_path,
-    )
+    check_standalone_logits(out, "packed", expected, tmp_path, tolerance=1e-6)

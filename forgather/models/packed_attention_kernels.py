@@ -35,6 +35,12 @@ _HIDDEN = tl.constexpr(-1.0e30)  # a masked score, in the log2 domain
 
 
 @triton.jit
+def _program(kv_heads):
+    """This program's block along the row, its batch row and its kv head."""
+    return tl.program_id(0), tl.program_id(1) // kv_heads, tl.program_id(1) % kv_heads
+
+
+@triton.jit
 def _group_rows(block, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, T):
     """The stacked rows of one query block: (head within the group, token position, inside the row) each
     [GROUP * BLOCK_M]."""
@@ -45,30 +51,47 @@ def _group_rows(block, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, T):
 
 
 @triton.jit
+def _rows_at(X, b, heads, token, sxb, sxh, sxt, HEAD_DIM: tl.constexpr):
+    """Addresses [rows, HEAD_DIM] of stacked rows: query heads `heads` at positions `token`."""
+    dims = tl.arange(0, HEAD_DIM)
+    return X + b * sxb + heads[:, None] * sxh + token[:, None] * sxt + dims[None, :]
+
+
+@triton.jit
+def _tile_at(X, b, h, keys, sxb, sxh, sxt, HEAD_DIM: tl.constexpr):
+    """Addresses [BLOCK_N, HEAD_DIM] of kv head h's tile at positions `keys`."""
+    dims = tl.arange(0, HEAD_DIM)
+    return X + b * sxb + h * sxh + keys[:, None] * sxt + dims[None, :]
+
+
+@triton.jit
+def _key_range(START, ssb, b, block, token, inside, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Each of a query block's rows' document start, and the keys the block visits: from its first query's
+    document start (down to a tile boundary) to its last query."""
+    start = tl.load(START + b * ssb + token, mask=inside, other=0)
+    first = tl.load(START + b * ssb + block * BLOCK_M) // BLOCK_N * BLOCK_N
+    return start, first, tl.minimum(block * BLOCK_M + BLOCK_M, T)
+
+
+@triton.jit
 def _packed_attention_forward(
     Q, K, V, O, LSE, START,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, ssb,
     T, kv_heads, qk_scale: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    b = tl.program_id(1) // kv_heads
-    h = tl.program_id(1) % kv_heads
+    block, b, h = _program(kv_heads)
     head, token, inside = _group_rows(block, GROUP, BLOCK_M, T)
     qh = h * GROUP + head
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + qh[:, None] * sqh + token[:, None] * sqt + dims[None, :], mask=inside[:, None],
-                other=0.0)
-    start = tl.load(START + b * ssb + token, mask=inside, other=0)
-    first = tl.load(START + b * ssb + block * BLOCK_M)
-    last = tl.minimum(block * BLOCK_M + BLOCK_M, T)
+    q = tl.load(_rows_at(Q, b, qh, token, sqb, sqh, sqt, HEAD_DIM), mask=inside[:, None], other=0.0)
+    start, first, last = _key_range(START, ssb, b, block, token, inside, T, BLOCK_M, BLOCK_N)
     m_i = tl.full([GROUP * BLOCK_M], _HIDDEN, tl.float32)
     l_i = tl.zeros([GROUP * BLOCK_M], tl.float32)
     acc = tl.zeros([GROUP * BLOCK_M, HEAD_DIM], tl.float32)
-    for n in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
+    for n in range(first, last, BLOCK_N):
         keys = n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + h * skh + keys[:, None] * skt + dims[None, :], mask=keys[:, None] < T, other=0.0)
-        v = tl.load(V + b * svb + h * svh + keys[:, None] * svt + dims[None, :], mask=keys[:, None] < T, other=0.0)
+        k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+        v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
         visible = (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
         s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, _HIDDEN)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -77,8 +100,7 @@ def _packed_attention_forward(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    tl.store(O + b * sob + qh[:, None] * soh + token[:, None] * sot + dims[None, :], acc.to(O.dtype.element_ty),
+    tl.store(_rows_at(O, b, qh, token, sob, soh, sot, HEAD_DIM), (acc / l_i[:, None]).to(O.dtype.element_ty),
              mask=inside[:, None])
     tl.store(LSE + b * slb + qh * slh + token, m_i + tl.math.log2(l_i), mask=inside)
 
@@ -90,36 +112,29 @@ def _packed_attention_dq(
     T, kv_heads, qk_scale: tl.constexpr, sm_scale: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    b = tl.program_id(1) // kv_heads
-    h = tl.program_id(1) % kv_heads
+    block, b, h = _program(kv_heads)
     head, token, inside = _group_rows(block, GROUP, BLOCK_M, T)
     qh = h * GROUP + head
-    dims = tl.arange(0, HEAD_DIM)
-    rows_mask = inside[:, None]
-    q = tl.load(Q + b * sqb + qh[:, None] * sqh + token[:, None] * sqt + dims[None, :], mask=rows_mask, other=0.0)
-    do = tl.load(DO + b * sdob + qh[:, None] * sdoh + token[:, None] * sdot + dims[None, :], mask=rows_mask,
-                 other=0.0)
-    o = tl.load(O + b * sob + qh[:, None] * soh + token[:, None] * sot + dims[None, :], mask=rows_mask, other=0.0)
+    q = tl.load(_rows_at(Q, b, qh, token, sqb, sqh, sqt, HEAD_DIM), mask=inside[:, None], other=0.0)
+    do = tl.load(_rows_at(DO, b, qh, token, sdob, sdoh, sdot, HEAD_DIM), mask=inside[:, None], other=0.0)
+    o = tl.load(_rows_at(O, b, qh, token, sob, soh, sot, HEAD_DIM), mask=inside[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + b * slb + qh * slh + token, delta, mask=inside)
     lse = tl.load(LSE + b * slb + qh * slh + token, mask=inside, other=0.0)
-    start = tl.load(START + b * ssb + token, mask=inside, other=0)
-    first = tl.load(START + b * ssb + block * BLOCK_M)
-    last = tl.minimum(block * BLOCK_M + BLOCK_M, T)
+    start, first, last = _key_range(START, ssb, b, block, token, inside, T, BLOCK_M, BLOCK_N)
     dq = tl.zeros([GROUP * BLOCK_M, HEAD_DIM], tl.float32)
-    for n in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
+    for n in range(first, last, BLOCK_N):
         keys = n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + h * skh + keys[:, None] * skt + dims[None, :], mask=keys[:, None] < T, other=0.0)
-        v = tl.load(V + b * svb + h * svh + keys[:, None] * svt + dims[None, :], mask=keys[:, None] < T, other=0.0)
+        k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+        v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
         visible = (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(visible, tl.math.exp2(scores - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + b * sdqb + qh[:, None] * sdqh + token[:, None] * sdqt + dims[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows_mask)
+    tl.store(_rows_at(DQ, b, qh, token, sdqb, sdqh, sdqt, HEAD_DIM), (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=inside[:, None])
 
 
 @triton.jit
@@ -130,14 +145,10 @@ def _packed_attention_dkdv(
     T, kv_heads, qk_scale: tl.constexpr, sm_scale: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    b = tl.program_id(1) // kv_heads
-    h = tl.program_id(1) % kv_heads
-    dims = tl.arange(0, HEAD_DIM)
+    block, b, h = _program(kv_heads)
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_inside = keys < T
-    k = tl.load(K + b * skb + h * skh + keys[:, None] * skt + dims[None, :], mask=key_inside[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + keys[:, None] * svt + dims[None, :], mask=key_inside[:, None], other=0.0)
+    k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+    v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     # the queries that can see these keys: from the first key to the end of the last key's document
@@ -145,11 +156,8 @@ def _packed_attention_dkdv(
     for m in range(block * BLOCK_N // BLOCK_M, tl.cdiv(end, BLOCK_M)):
         head, token, inside = _group_rows(m, GROUP, BLOCK_M, T)
         qh = h * GROUP + head
-        rows_mask = inside[:, None]
-        q = tl.load(Q + b * sqb + qh[:, None] * sqh + token[:, None] * sqt + dims[None, :], mask=rows_mask,
-                    other=0.0)
-        do = tl.load(DO + b * sdob + qh[:, None] * sdoh + token[:, None] * sdot + dims[None, :], mask=rows_mask,
-                     other=0.0)
+        q = tl.load(_rows_at(Q, b, qh, token, sqb, sqh, sqt, HEAD_DIM), mask=inside[:, None], other=0.0)
+        do = tl.load(_rows_at(DO, b, qh, token, sdob, sdoh, sdot, HEAD_DIM), mask=inside[:, None], other=0.0)
         lse = tl.load(LSE + b * slb + qh * slh + token, mask=inside, other=0.0)
         delta = tl.load(DELTA + b * slb + qh * slh + token, mask=inside, other=0.0)
         start = tl.load(START + b * ssb + token, mask=inside, other=T)
@@ -160,7 +168,7 @@ def _packed_attention_dkdv(
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    tl.store(DK + b * sdkb + h * sdkh + keys[:, None] * sdkt + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=key_inside[:, None])
-    tl.store(DV + b * sdvb + h * sdvh + keys[:, None] * sdvt + dims[None, :], dv.to(DV.dtype.element_ty),
-             mask=key_inside[:, None])
+    tl.store(_tile_at(DK, b, h, keys, sdkb, sdkh, sdkt, HEAD_DIM), (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=keys[:, None] < T)
+    tl.store(_tile_at(DV, b, h, keys, sdvb, sdvh, sdvt, HEAD_DIM), dv.to(DV.dtype.element_ty),
+             mask=keys[:, None] < T)

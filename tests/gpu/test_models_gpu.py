@@ -41,6 +41,19 @@ def packed_positions(batch: int = 2) -> torch.Tensor:
     return torch.stack(rows).cuda()
 
 
+def wide_model(attention_fn: str) -> CausalLM:
+    """Heads of 64 (8 over 2 kv heads) in bf16: the head dim and dtype of the measured packed tilings."""
+    torch.manual_seed(0)
+    layer_factory = functools.partial(
+        PreLNLayer,
+        attention_factory=functools.partial(Attention, num_heads=8, num_kv_heads=2, attention_fn=attention_fn),
+        feedforward_factory=functools.partial(SwiGLU, intermediate_size=1024),
+        norm_factory=RMSNorm,
+    )
+    built = CausalLM(VOCAB, 512, 2, layer_factory, RMSNorm, rope=RotaryEmbedding(64))
+    return built.to(device="cuda", dtype=torch.bfloat16)
+
+
 def token_ids(batch: int = 2) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(1)).cuda()
 
@@ -106,20 +119,9 @@ def test_packed_tiling_compiles_and_matches_sdpa_at_head_dim_64():
     assert packed_kernel_options(query, packed=True) == PACKED_TILINGS.get((capability, torch.bfloat16, 64))
     assert packed_kernel_options(query, packed=False) is None
 
-    def wide(attention_fn: str) -> CausalLM:
-        torch.manual_seed(0)
-        layer_factory = functools.partial(
-            PreLNLayer,
-            attention_factory=functools.partial(Attention, num_heads=8, num_kv_heads=2, attention_fn=attention_fn),
-            feedforward_factory=functools.partial(SwiGLU, intermediate_size=1024),
-            norm_factory=RMSNorm,
-        )
-        built = CausalLM(VOCAB, 512, 2, layer_factory, RMSNorm, rope=RotaryEmbedding(64))
-        return built.to(device="cuda", dtype=torch.bfloat16)
-
     results = {}
-    for name, built in (("flex", torch.compile(wide("flex"), fullgraph=True)), ("flex eager model", wide("flex")),
-                        ("sdpa", wide("sdpa"))):
+    for name, built in (("flex", torch.compile(wide_model("flex"), fullgraph=True)),
+                        ("flex eager model", wide_model("flex")), ("sdpa", wide_model("sdpa"))):
         logits = built(token_ids(), packed_positions())
         logits.float().logsumexp(-1).mean().backward()
         module = getattr(built, "_orig_mod", built)
@@ -173,19 +175,8 @@ def test_packed_attention_kernels_match_the_reference(dtype, shape):
 def test_compiled_model_with_packed_attention_trains_like_sdpa():
     """attention_fn='packed' under whole-model compile (fullgraph: the custom ops trace without a break): the
     logits and a weight's gradient agree with SDPA's on packed documents; plain causal rows take SDPA itself."""
-    def wide(attention_fn: str) -> CausalLM:
-        torch.manual_seed(0)
-        layer_factory = functools.partial(
-            PreLNLayer,
-            attention_factory=functools.partial(Attention, num_heads=8, num_kv_heads=2, attention_fn=attention_fn),
-            feedforward_factory=functools.partial(SwiGLU, intermediate_size=1024),
-            norm_factory=RMSNorm,
-        )
-        built = CausalLM(VOCAB, 512, 2, layer_factory, RMSNorm, rope=RotaryEmbedding(64))
-        return built.to(device="cuda", dtype=torch.bfloat16)
-
     results = {}
-    for name, built in (("packed", torch.compile(wide("packed"), fullgraph=True)), ("sdpa", wide("sdpa"))):
+    for name, built in (("packed", torch.compile(wide_model("packed"), fullgraph=True)), ("sdpa", wide_model("sdpa"))):
         logits = built(token_ids(), packed_positions())
         logits.float().logsumexp(-1).mean().backward()
         module = getattr(built, "_orig_mod", built)
@@ -194,4 +185,4 @@ def test_compiled_model_with_packed_attention_trains_like_sdpa():
     grad, reference = results["packed"][1], results["sdpa"][1]
     assert ((grad - reference).norm() / reference.norm()).item() < 2e-2
     with torch.no_grad():
-        torch.testing.assert_close(wide("packed")(token_ids()), wide("sdpa")(token_ids()), rtol=0, atol=0)
+        torch.testing.assert_close(wide_model("packed")(token_ids()), wide_model("sdpa")(token_ids()), rtol=0, atol=0)
