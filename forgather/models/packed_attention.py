@@ -61,6 +61,7 @@ def tiling(options: Mapping[str, Any] | None = None) -> list[int]:
         chosen[key] = tuple(value)
     return [n for key in KERNELS for n in chosen[key]]
 
+
 def reference_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor
                                ) -> torch.Tensor:
     """The kernels' semantics in plain torch: softmax over keys start[t] <= j <= t, fp32 scores."""
@@ -79,10 +80,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _like_layout(t: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """An empty [B, H, T, D] tensor stored as [B, T, H, D] (the layout a layer's heads come from and return to:
-    its transpose back to [B, T, H * D] is then free)."""
-    b, h, length, d = shape or t.shape
+def _like_layout(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor like t [B, H, T, D], stored as [B, T, H, D] (the layout a layer's heads come from and
+    return to: its transpose back to [B, T, H * D] is then free)."""
+    b, h, length, d = t.shape
     return torch.empty((b, length, h, d), dtype=t.dtype, device=t.device).transpose(1, 2)
 
 
