@@ -258,7 +258,7 @@ def test_a_job_not_found_or_not_answering_is_one_error_line_on_stderr(tmp_path: 
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith("error: could not reach job silent: ")
-    assert captured.err.endswith(" ; it may have just ended (see `forgather control list`)\n")
+    assert captured.err.endswith("; it may have just ended (see `forgather control list`)\n")
 
 
 def test_peer_check_refuses_another_uid() -> None:

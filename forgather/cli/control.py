@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         reply = job_registry.send_command(record, args.control_command, timeout=args.timeout)
     except OSError as error:
-        print(f"error: could not reach job {record.job_id}: {error} ; it may have just ended (see `forgather control list`)",
+        print(f"error: could not reach job {record.job_id}: {error}; it may have just ended (see `forgather control list`)",
               file=sys.stderr)
         return 1
     if args.json:
