@@ -379,7 +379,7 @@ PACKED_SWEEP = {
 }
 
 
-def packed_inputs(docs: torch.Tensor, heads_layout: bool = True):
+def packed_inputs(docs: torch.Tensor):
     """q, k, v, grad at the step's shape, stored [B, T, heads, D] as a layer's are, and the documents' bounds."""
     from forgather.models.attention import document_bounds
 
@@ -407,6 +407,10 @@ def packed_step(q, k, v, grad, bounds, tiles):
     return step
 
 
+def _tiles_name(tiles) -> str:
+    return "x".join(map(str, tiles[:2])) + f" w{tiles[2]} s{tiles[3]}"
+
+
 def sweep_packed(iters: int, rounds: int) -> dict:
     """Each kernel's tiles of PACKED_SWEEP on the training bench's own rows, forward + backward in CUDA graphs,
     the others at their default; returns the best of each kernel as attention_kernel_options."""
@@ -417,7 +421,7 @@ def sweep_packed(iters: int, rounds: int) -> dict:
     for kernel in KERNELS:
         times = {}
         for tiles in PACKED_SWEEP[kernel]:
-            name = "x".join(map(str, tiles[:2])) + f" w{tiles[2]} s{tiles[3]}"
+            name = _tiles_name(tiles)
             try:
                 step = packed_step(q, k, v, grad, bounds, tiling({kernel: tiles}))
                 step()
@@ -425,7 +429,7 @@ def sweep_packed(iters: int, rounds: int) -> dict:
             except Exception as error:  # noqa: BLE001 - a tiling this GPU cannot build: a row, not a crash
                 row(piece="packed sweep", kernel=kernel, tiles=tiles,
                     error=f"{type(error).__name__}: {str(error)[:200]}")
-        base = times.get("x".join(map(str, TILING[kernel][:2])) + f" w{TILING[kernel][2]} s{TILING[kernel][3]}")
+        base = times.get(_tiles_name(TILING[kernel]))
         for name, (ms, tiles) in sorted(times.items(), key=lambda item: item[1][0]):
             row(piece="packed sweep", kernel=kernel, tiles=tiles, ms_fwd_bwd_per_layer=ms,
                 vs_default=base[0] / ms if base else None)
@@ -448,6 +452,9 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict |
     tiling of DUEL_TILINGS instead, beside the default and SDPA. Every candidate runs as a CUDA graph of `iters`
     calls where it can be captured (the `graph` field): the host's launch costs do not count."""
     from torch.nn.attention import flex_attention as flex
+
+    from forgather.models.attention import document_bounds
+    from forgather.models.packed_attention import tiling
 
     s = SHAPE
     torch._dynamo.config.recompile_limit = 64
@@ -499,7 +506,6 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict |
 
         qs = q.detach().requires_grad_()
 
-
         def sdpa_step():
             qs.grad = None
             out = torch.nn.functional.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
@@ -515,9 +521,6 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict |
             candidates["flex 64-blocks fwd 64x64"] = flex_step(mask64, DUEL_TILINGS["fwd 64x64 w4 s3"])
             candidates.update({"flash 2 varlen, max_len longest document": varlen_step(longest),
                                "flash 2 varlen, max_len row": varlen_step(s["seq"])})
-        from forgather.models.attention import document_bounds
-        from forgather.models.packed_attention import tiling
-
         bounds = document_bounds(docs)
         candidates["packed default"] = packed_step(q, k, v, grad, bounds, tiling())
         if packed_best:

@@ -313,7 +313,8 @@ def _check_divides(divisor_name: str, divisor: int, dividend_name: str, dividend
         raise ValueError(f"{divisor_name}={divisor} does not divide {dividend_name}={dividend}")
 
 
-def _check_packed(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+def check_packed(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """The shapes attention_fn='packed' takes (num_kv_heads dividing num_heads is checked before)."""
     groups = num_heads // num_kv_heads
     if groups & (groups - 1) or head_dim not in PACKED_HEAD_DIMS:
         raise ValueError(f"attention_fn='packed' stacks each kv head's query heads in one program: it takes "
@@ -368,7 +369,7 @@ class Attention(nn.Module):
             if attention_fn in ("flex", "packed") and dropout:
                 raise ValueError(f"attention_fn={attention_fn!r} has no attention dropout, but dropout={dropout}")
             if attention_fn == "packed":
-                _check_packed(num_heads, num_kv_heads, head_dim)
+                check_packed(num_heads, num_kv_heads, head_dim)
             if kernel_options and attention_fn not in ("flex", "packed"):
                 raise ValueError(f"kernel_options are flex's or packed attention's; attention_fn={attention_fn!r} "
                                  f"takes none (set attention_fn='flex' or 'packed', or leave them out)")
@@ -378,7 +379,8 @@ class Attention(nn.Module):
             elif kernel_options:
                 attention_fn = functools.partial(attention_fn, kernel_options=flex_kernel_options(kernel_options))
         elif kernel_options:
-            raise ValueError("kernel_options are for attention_fn='flex'; a callable attention_fn takes its own")
+            raise ValueError("kernel_options are for attention_fn='flex' or 'packed'; a callable attention_fn takes "
+                             "its own")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.attention_fn = attention_fn
         self.dropout = dropout

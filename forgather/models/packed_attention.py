@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .attention import PACKED_HEAD_DIMS
+from .attention import check_packed
 
 # Each kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M counts the query positions of one head (a
 # program holds GROUP x BLOCK_M rows), BLOCK_N the keys of a tile.
@@ -95,12 +95,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, tiles: list[int]) -> int:
     groups, extra = divmod(q.shape[1], k.shape[1])
-    if extra or groups & (groups - 1):
-        raise ValueError(f"packed attention stacks each kv head's query heads: {q.shape[1]} heads over "
-                         f"{k.shape[1]} kv heads must be a power-of-two group")
-    if q.shape[-1] not in PACKED_HEAD_DIMS or k.shape != v.shape or q.shape[2] != k.shape[2]:
-        raise ValueError(f"packed attention takes q [B, H, T, D] and k, v [B, KV, T, D] of one length, D in "
-                         f"{PACKED_HEAD_DIMS}; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if extra or k.shape != v.shape or q.shape[2] != k.shape[2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"packed attention takes q [B, H, T, D] and k, v [B, KV, T, D] of one length, KV dividing "
+                         f"H; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_packed(q.shape[1], k.shape[1], q.shape[-1])  # the layer's own check, for callers of the op itself
     if start.shape != (q.shape[0], q.shape[2]):
         raise ValueError(f"document start {tuple(start.shape)} does not match [B, T] of q {tuple(q.shape)}")
     for name, block_m in zip(KERNELS, tiles[::4]):
