@@ -48,11 +48,11 @@
 #                     default): the GPU tests, then the 1.24B step with attention_fn=packed beside flex and HF + Liger.
 #   part p            the bench's forgather path now attention_fn=packed: beside HF + Liger and flex, then with
 #                     optimizer=adamw_compiled.
-#   part q            (prepared) a wider sweep of the packed kernels' tiles, the duel with the best, then training
+#   part q            (prepared) the packed kernels' GPU tests, a wider sweep of their tiles, the duel with the best, then training
 #                     with the best tiles beside the default, HF + Liger and the compiled AdamW.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|c|d|e|f|g|h|i|j|k|l|m|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|...|q|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -78,6 +78,19 @@ bench() {  # bench LOG ARGS...: one bench_train.py run, its wall time printed
     t0=$(date +%s)
     $PY scripts/bench_train.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/$log" | grep -E "^(---|\\$) "
     echo "=== $log: $(( $(date +%s) - t0 )) s"
+}
+
+packed_tests() {  # the packed attention kernels' GPU tests, failures and the count shown
+    timeout 150 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "packed" -q -p no:cacheprovider -rs \
+        --tb=short > "$OUT/pytest_models.txt" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -30
+}
+
+packed_sweep() {  # sweep the packed kernels' tiles and duel the best; prints the best as attention_kernel_options
+    timeout 240 $PY scripts/bench_step_pieces.py --duel --packed-sweep --rows "stdlib rows" --rounds 3 \
+        --json "$OUT/duel.json" 2>&1 | grep -v Warning > "$OUT/duel.txt"
+    grep -E '"(ms_per_layer_median|best|error)"' "$OUT/duel.txt" | cut -c1-400 >&2
+    grep -o '"option": "[^"]*"' "$OUT/duel.txt" | tail -1 | sed 's/"option": "\(.*\)"/\1/'
 }
 
 case $PART in
@@ -181,13 +194,8 @@ n)
     # and flash attention 2 on the bench's rows (CUDA graphs), then training with the default and the best tiles
     BEST=()
     if [ -z "${REHEARSE:-}" ]; then
-        timeout 150 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "packed" -q -p no:cacheprovider -rs \
-            --tb=short > "$OUT/pytest_models.txt" 2>&1
-        grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -30
-        timeout 240 $PY scripts/bench_step_pieces.py --duel --packed-sweep --rows "stdlib rows" --rounds 3 \
-            --json "$OUT/duel.json" 2>&1 | grep -v Warning > "$OUT/duel.txt"
-        grep -E '"(ms_per_layer_median|best|error)"' "$OUT/duel.txt" | cut -c1-400
-        OPTION=$(grep -o '"option": "[^"]*"' "$OUT/duel.txt" | tail -1 | sed 's/"option": "\(.*\)"/\1/')
+        packed_tests
+        OPTION=$(packed_sweep)
         [ -n "$OPTION" ] && BEST=(--variant packed-best attention_fn=packed "$OPTION")
     fi
     bench bench_1b_n.log --shape 1b --label 1b_n --steps 40 --paths forgather hf-liger --variant packed attention_fn=packed \
@@ -197,9 +205,7 @@ o)
     # after part n: the packed kernels' scales as constants (torch.compile's launcher passed them as fp64), IEEE
     # products for fp32, the sweep's best tiles as the default: their GPU tests, then training beside flex
     if [ -z "${REHEARSE:-}" ]; then
-        timeout 150 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "packed" -q -p no:cacheprovider -rs \
-            --tb=short > "$OUT/pytest_models.txt" 2>&1
-        grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -30
+        packed_tests
     fi
     bench bench_1b_o.log --shape 1b --label 1b_o --steps 40 --paths forgather hf-liger --variant packed attention_fn=packed \
         --profile packed --profile-steps 6 --timeout 150 "$@"
@@ -211,14 +217,13 @@ p)
         --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 120 "$@"
     ;;
 q)
-    # prepared for the next session: a wider sweep of the packed kernels' tiles (PACKED_SWEEP), the duel with
-    # the best, then the default beside the best tiles, HF + Liger and the compiled AdamW in training
+    # prepared for the next session: the GPU tests (the kernels' helpers, reviewed after the last call, are
+    # unchecked there), a wider sweep of the tiles (PACKED_SWEEP), the duel with the best, then the default beside
+    # the best tiles, HF + Liger and the compiled AdamW in training
     BEST=()
     if [ -z "${REHEARSE:-}" ]; then
-        timeout 240 $PY scripts/bench_step_pieces.py --duel --packed-sweep --rows "stdlib rows" --rounds 3 \
-            --json "$OUT/duel.json" 2>&1 | grep -v Warning > "$OUT/duel.txt"
-        grep -E '"(ms_per_layer_median|best|error)"' "$OUT/duel.txt" | cut -c1-400
-        OPTION=$(grep -o '"option": "[^"]*"' "$OUT/duel.txt" | tail -1 | sed 's/"option": "\(.*\)"/\1/')
+        packed_tests
+        OPTION=$(packed_sweep)
         [ -n "$OPTION" ] && BEST=(--variant packed-best "$OPTION")
     fi
     bench bench_1b_q.log --shape 1b --label 1b_q --steps 40 --paths forgather hf-liger "${BEST[@]}" \
