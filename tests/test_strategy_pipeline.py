@@ -17,6 +17,7 @@ from forgather.strategies.pipeline_stages import CausalLMStage, prune_to, stages
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from pipeline_models import causal_lm, packed_batch  # noqa: E402
+from ranks import start_ranks, wait_all  # noqa: E402
 
 HELPERS = Path(__file__).parent / "helpers"
 SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
@@ -116,20 +117,19 @@ def test_a_module_that_is_neither_causal_lm_nor_sequential_is_refused():
 # Two processes: every schedule, an untied head, an nn.Sequential; four processes: 2 stages x 2 replicas
 
 
+def _equivalence(out: Path, world_size: int, *cases: str) -> Path:
+    wait_all(start_ranks([str(HELPERS / "pipeline_equivalence.py"), str(out), *cases], world_size))
+    return out
+
+
 @pytest.fixture(scope="module")
 def pipelined(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipeline")
-    subprocess.run([sys.executable, str(HELPERS / "pipeline_equivalence.py"), str(out), "2", *SCHEDULES, *CASES],
-                   check=True, timeout=300)
-    return out
+    return _equivalence(tmp_path_factory.mktemp("pipeline"), 2, *SCHEDULES, *CASES)
 
 
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("replicas")
-    subprocess.run([sys.executable, str(HELPERS / "pipeline_equivalence.py"), str(out), "4", "replicas"],
-                   check=True, timeout=300)
-    return out
+    return _equivalence(tmp_path_factory.mktemp("replicas"), 4, "replicas")
 
 
 def _results(out: Path, case: str, world_size: int = 2) -> list[dict]:

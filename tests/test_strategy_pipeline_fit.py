@@ -17,22 +17,28 @@ from forgather.strategies.checkpoint import swap_into_place
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from pipeline_models import causal_lm, packed_batch  # noqa: E402
+from ranks import start, start_ranks, wait_all  # noqa: E402
 
 TRAIN = Path(__file__).parent / "helpers" / "pipeline_train.py"
 
 
-def _fit(out: Path, *args: str) -> Path:
+def _start(out: Path, *args: str, devices: int = 2) -> list[subprocess.Popen]:
     out.mkdir()
-    subprocess.run([sys.executable, str(TRAIN), str(out), *args], check=True, timeout=300, capture_output=True)
+    arguments = [str(TRAIN), str(out), "--devices", str(devices), *args]
+    return start_ranks(arguments, devices) if devices > 1 else [start(arguments)]
+
+
+def _fit(out: Path, *args: str, devices: int = 2) -> Path:
+    wait_all(_start(out, *args, devices=devices))
     return out
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fit")
-    single = _fit(root / "single", "--devices", "1")
-    pipelined = _fit(root / "pipelined", "--save-at", "2")
-    resumed = _fit(root / "resumed", "--resume", str(pipelined / "step2"))
+    single, pipelined, resumed = root / "single", root / "pipelined", root / "resumed"
+    wait_all([*_start(single, devices=1), *_start(pipelined, "--save-at", "2")])  # independent: side by side
+    _fit(resumed, "--resume", str(pipelined / "step2"))
     return {"single": single, "pipelined": pipelined, "resumed": resumed}
 
 
@@ -69,7 +75,7 @@ def test_a_sharded_checkpoint_loads_into_a_single_device_module(runs):
 
 @pytest.mark.slow
 def test_pipelined_fit_accumulates_gradients_like_one_process(tmp_path):
-    single = _fit(tmp_path / "single", "--devices", "1", "--accumulate", "2")
+    single = _fit(tmp_path / "single", "--accumulate", "2", devices=1)
     pipelined = _fit(tmp_path / "pipelined", "--accumulate", "2")
     assert len(_losses(pipelined)) == 6
     assert _losses(pipelined) == pytest.approx(_losses(single), rel=1e-5)
@@ -78,7 +84,7 @@ def test_pipelined_fit_accumulates_gradients_like_one_process(tmp_path):
 @pytest.mark.slow  # four processes
 def test_two_pipeline_replicas_fit_like_one_process(runs, tmp_path):
     # Both replicas read the same batches here, so their averaged gradients are the batch's own.
-    replicated = _fit(tmp_path / "replicated", "--devices", "4", "--pp-size", "2")
+    replicated = _fit(tmp_path / "replicated", "--pp-size", "2", devices=4)
     for rank in range(4):
         assert _losses(replicated, rank) == pytest.approx(_losses(runs["single"]), rel=1e-5)
 

@@ -4,8 +4,9 @@ A case is a schedule name (a tied-embedding CausalLM, 2 stages a rank for multi-
 (1F1B, separate head), "sequential" (1F1B, an nn.Sequential cut by split points) or "replicas" (1F1B on a
 2 x 2 mesh: 2 stages x 2 data-parallel replicas, each replica half of the batch). Each compares the
 pipelined loss (forward only, then forward and backward) and this rank's gradients with one process running
-the whole model (packed rows, uneven padding). Run by tests/test_strategy_pipeline.py; arguments: the output
-directory (it holds the rendezvous file too), the world size, and the cases.
+the whole model (packed rows, uneven padding). Run by tests/test_strategy_pipeline.py, once a rank with
+torchrun's environment (helpers/ranks.py, or `torchrun --nproc-per-node 2`); arguments: the output directory
+and the cases.
 """
 
 import json
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from forgather.loss.naive import NaiveLoss
@@ -85,10 +85,10 @@ CASES = {"untied": lambda: causal_lm_case("1F1B", tie_embeddings=False), "sequen
          "replicas": replicas_case}
 
 
-def worker(rank: int, out_dir: str, world_size: int, cases: list[str]) -> None:
-    init_file = Path(out_dir, "rendezvous").resolve()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+def main(out_dir: str, cases: list[str]) -> None:
+    dist.init_process_group("gloo")
     torch.set_num_threads(1)
+    rank = dist.get_rank()
     for case in cases:
         result = CASES[case]() if case in CASES else causal_lm_case(case)
         Path(out_dir, f"{case}-rank{rank}.json").write_text(json.dumps(result))
@@ -96,5 +96,4 @@ def worker(rank: int, out_dir: str, world_size: int, cases: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    world_size = int(sys.argv[2])
-    mp.spawn(worker, args=(sys.argv[1], world_size, sys.argv[3:]), nprocs=world_size)
+    main(sys.argv[1], sys.argv[2:])

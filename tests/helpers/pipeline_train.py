@@ -3,7 +3,8 @@
 Run by tests/test_strategy_pipeline_fit.py; `--accumulate` batches (default 1) make one optimizer step. Every
 rank writes `<out>/losses-rank<R>.json` (the training loss the module saw at each batch) and
 `<out>/state-rank<R>.pt` (its share of the weights when fit ends); `--save-at N` also saves a (sharded)
-checkpoint `<out>/step<N>` after optimizer step N; `--resume DIR` resumes from one.
+checkpoint `<out>/step<N>` after optimizer step N; `--resume DIR` resumes from one. The tests start the
+ranks side by side with torchrun's environment (helpers/ranks.py); run alone, Lightning starts them.
 """
 
 import argparse
