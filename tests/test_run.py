@@ -110,14 +110,6 @@ def test_a_two_point_sweep_runs_both_and_prints_a_table(tmp_path, capsys):
     assert "lr=0.001" in out and "lr=0.003" in out and "val/loss" in out
 
 
-def test_two_ranks_launched_by_lightning_share_one_run_directory(tmp_path):
-    # A subprocess: Lightning starts the other rank by re-running this process's command line.
-    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path)]
-    subprocess.run([*command, "+experiment=micro", "trainer.devices=2", "max_steps=4"], check=True, capture_output=True, timeout=300)
-    (run_dir,) = run_dirs(tmp_path / "outputs")
-    assert yaml.safe_load((run_dir / "metrics.yaml").read_text())["step"] == 4
-
-
 @pytest.mark.parametrize("optimizer, extra", [("adafactor", []), ("adamw", []), ("adamw", ["bucket_size=4096"])],
                          ids=["adafactor", "adamw", "adamw-buckets"])
 def test_optimizer_in_backward_trains_like_the_plain_optimizer(tmp_path, optimizer, extra):

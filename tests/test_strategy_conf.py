@@ -1,5 +1,5 @@
 """The strategy templates (conf/strategy/): each one configures its Lightning strategy, and `strategy=ddp` /
-`strategy=pipeline` train from the runner on two CPU processes (gloo)."""
+`strategy=pipeline` train from the runner on two CPU processes (gloo) that share one run directory."""
 
 import csv
 import os
@@ -49,12 +49,16 @@ def test_fsdp_wraps_every_transformer_layer(capsys):
     assert issubclass(PreLNLayer, import_spec(spec))
 
 
+def _run_dirs(tmp_path: Path) -> list[Path]:
+    return [path.parent for path in (tmp_path / "outputs").rglob("snapshot")]
+
+
 def _train(tmp_path: Path, *overrides: str) -> Path:
     # A subprocess: Lightning starts the other rank by re-running this process's command line.
     command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "+experiment=micro",
                "trainer.devices=2", "max_steps=4", "val_check_interval=2", *overrides]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    (run_dir,) = [path.parent for path in (tmp_path / "outputs").rglob("snapshot")]
+    (run_dir,) = _run_dirs(tmp_path)
     return run_dir
 
 
@@ -63,9 +67,21 @@ def _logged(run_dir: Path, key: str) -> list[float]:
         return [float(row[key]) for row in csv.DictReader(file) if row.get(key)]
 
 
-def test_ddp_trains_from_the_runner_on_two_processes(tmp_path):
-    run_dir = _train(tmp_path, "strategy=ddp")
+@pytest.fixture(scope="module")
+def ddp_outputs(tmp_path_factory) -> Path:
+    """One two-rank run for the tests below: each such run costs two processes' start-up."""
+    outputs = tmp_path_factory.mktemp("ddp")
+    _train(outputs, "strategy=ddp")
+    return outputs
+
+
+def test_two_ranks_launched_by_lightning_share_one_run_directory(ddp_outputs):
+    (run_dir,) = _run_dirs(ddp_outputs)
     assert yaml.safe_load((run_dir / "metrics.yaml").read_text())["step"] == 4
+
+
+def test_ddp_trains_from_the_runner_on_two_processes(ddp_outputs):
+    (run_dir,) = _run_dirs(ddp_outputs)
     losses = _logged(run_dir, "train/loss")
     assert len(losses) == 4 and losses[-1] < losses[0]
 
