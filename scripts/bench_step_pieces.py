@@ -91,7 +91,8 @@ def timed_graph(fn, iters: int) -> tuple[float, bool]:
         with torch.cuda.graph(graph):
             for _ in range(iters):
                 fn()
-    except Exception:  # noqa: BLE001 - a candidate that cannot be captured is timed from the host
+    except Exception as error:  # noqa: BLE001 - a candidate that cannot be captured is timed from the host
+        print(f"graph capture failed, timed from the host: {type(error).__name__}: {str(error)[:300]}", flush=True)
         torch.cuda.synchronize()
         return timed(fn, iters), False
     graph.replay()
@@ -328,14 +329,13 @@ def _bench_varlen(name, call, q, k, v, grad, docs, masks, compiled, iters: int) 
             ms_16_layers=16 * ms, max_abs_diff_vs_flex=diff, documents=cu.numel() - 1, first_call_s=first_s)
 
 
-def stdlib_documents(batch: int, seq: int) -> torch.Tensor:
-    """Document ids [batch, seq] of packed rows of the training bench's own data: the stdlib corpus,
+def stdlib_positions(batch: int, seq: int) -> torch.Tensor:
+    """Position ids [batch, seq] of packed rows of the training bench's own data: the stdlib corpus,
     tiny_llama's BPE of 4,096 tokens (its default), rows of `seq` tokens (documents of median ~52 tokens, ~19 a
     row of 2,048)."""
     from forgather.data.corpus import stdlib_documents as documents
     from forgather.data.packing import pack_documents, tokenize_documents
     from forgather.data.tokenizer import train_bpe_tokenizer
-    from forgather.models.attention import document_ids_from_positions
 
     texts = list(documents())
     positions = pack_documents(tokenize_documents(texts, train_bpe_tokenizer(texts, vocab_size=4096)), seq,
@@ -343,7 +343,14 @@ def stdlib_documents(batch: int, seq: int) -> torch.Tensor:
     # rows drawn across the corpus as the shuffled training loader draws them (its first rows are the long pydoc
     # topics)
     rows = torch.randperm(positions.shape[0] - 1, generator=torch.Generator().manual_seed(0))[:batch]
-    return document_ids_from_positions(positions[rows])
+    return positions[rows]
+
+
+def stdlib_documents(batch: int, seq: int) -> torch.Tensor:
+    """Document ids [batch, seq] of `stdlib_positions`' rows."""
+    from forgather.models.attention import document_ids_from_positions
+
+    return document_ids_from_positions(stdlib_positions(batch, seq))
 
 
 _FWD64 = dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3)
@@ -407,6 +414,29 @@ def packed_step(q, k, v, grad, bounds, tiles):
     return step
 
 
+def baseline_step(path: str, step):
+    """`step` with another revision of forgather/models/packed_attention_kernels.py (the file at `path`, e.g.
+    `git show REV:forgather/models/packed_attention_kernels.py > FILE`) in place of ours while it runs: the ops
+    import the kernels module at each eager call, so a CUDA graph captured inside holds the baseline's kernels."""
+    import importlib.util
+    import sys
+
+    name = "forgather.models.packed_attention_kernels"
+    spec = importlib.util.spec_from_file_location(name, path)
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)
+    import forgather.models as package
+
+    def swapped():
+        ours = sys.modules[name]
+        sys.modules[name], package.packed_attention_kernels = baseline, baseline
+        try:
+            return step()
+        finally:
+            sys.modules[name], package.packed_attention_kernels = ours, ours
+    return swapped
+
+
 def _tiles_name(tiles) -> str:
     return "x".join(map(str, tiles[:2])) + f" w{tiles[2]} s{tiles[3]}"
 
@@ -441,7 +471,8 @@ def sweep_packed(iters: int, rounds: int) -> dict:
 
 
 def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict | None = None,
-               row_names: tuple[str, ...] = ("random 128-1023", "stdlib rows")) -> None:
+               row_names: tuple[str, ...] = ("random 128-1023", "stdlib rows"), packed_baseline: str | None = None
+               ) -> None:
     """Packed rows' attention, forward + backward, every candidate timed in turn for `rounds` rounds of `iters`
     calls (medians and minima of the rounds: one slow stretch of the GPU does not decide), on two sets of rows:
     random documents of 128-1,023 tokens, and the training bench's own rows (the stdlib corpus). Candidates:
@@ -523,6 +554,9 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict |
                                "flash 2 varlen, max_len row": varlen_step(s["seq"])})
         bounds = document_bounds(docs)
         candidates["packed default"] = packed_step(q, k, v, grad, bounds, tiling())
+        if packed_baseline:
+            candidates["packed, baseline kernels"] = baseline_step(packed_baseline,
+                                                                   packed_step(q, k, v, grad, bounds, tiling()))
         if packed_best:
             candidates["packed best of the sweep"] = packed_step(q, k, v, grad, bounds, tiling(packed_best))
         candidates["sdpa is_causal (no documents)"] = sdpa_step
@@ -601,6 +635,8 @@ def main() -> None:
                         help="with --duel: sweep our packed kernels' tiles (PACKED_SWEEP) first, then duel the best")
     parser.add_argument("--rows", nargs="+", default=["random 128-1023", "stdlib rows"],
                         choices=["random 128-1023", "stdlib rows"], help="with --duel: the sets of rows")
+    parser.add_argument("--packed-baseline", metavar="FILE",
+                        help="with --duel: also time this revision of packed_attention_kernels.py, in the same run")
     parser.add_argument("--sweep", action="store_true",
                         help="with --duel: every flex tiling of DUEL_TILINGS instead of the varlen candidates")
     parser.add_argument("--option-sets", nargs="+", choices=OPTION_SETS, default=list(OPTION_SETS),
@@ -611,7 +647,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if args.duel:
         best = sweep_packed(args.iters, args.rounds) if args.packed_sweep else None
-        bench_duel(args.iters, args.rounds, args.sweep, best, tuple(args.rows))
+        bench_duel(args.iters, args.rounds, args.sweep, best, tuple(args.rows), args.packed_baseline)
     elif not args.skip_optimizer:
         bench_optimizer(args.iters)
     if not args.skip_attention and not args.duel:
