@@ -261,3 +261,39 @@ def test_the_in_backward_adamw_variant_gets_torch_s_fused_kernel_inside_its_fact
     assert "in_backward:OptimizerInBackward" in optimizer and "overlap: true" in optimizer
     factory = optimizer[optimizer.index("optimizer_factory:"):]
     assert "torch.optim:AdamW" in factory and "fused: true" in factory
+
+
+def test_profile_kernels_tabulates_an_ncu_log(tmp_path):
+    """Nsight Compute's `--csv --page details` log (long format, one metric a line, a preamble before the header)
+    becomes one row per kernel, longest first: durations in any unit as microseconds, thousands separators read,
+    the stall metrics ranked."""
+    profile_kernels = _load("profile_kernels")
+    header = ['"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"']
+
+    def line(kernel_id, kernel, metric, unit, value):
+        return (f'"{kernel_id}","1","python3","h","{kernel}","1","7","(128, 1, 1)","(4096, 1, 1)","0","9.0",'
+                f'"section","{metric}","{unit}","{value}"')
+
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    log = ["==PROF== Connected to process 1", *header,
+           line(0, "short_kernel", "Duration", "ns", "45,100"),
+           line(1, "_packed_attention_dkdv", "Duration", "us", "250.0"),
+           line(1, "_packed_attention_dkdv", "Registers Per Thread", "register/thread", "246"),
+           line(1, "_packed_attention_dkdv", "Grid Size", "", "1,024"),
+           line(1, "_packed_attention_dkdv", "Achieved Occupancy", "%", "11.4"),
+           line(1, "_packed_attention_dkdv", stall.format("wait"), "ratio", "1.5"),
+           line(1, "_packed_attention_dkdv", stall.format("long_scoreboard"), "ratio", "0.4"),
+           line(1, "_packed_attention_dkdv", stall.format("barrier"), "ratio", "0.9"),
+           line(1, "_packed_attention_dkdv", stall.format("selected"), "ratio", "1.0")]
+    path = tmp_path / "ncu.csv"
+    path.write_text("\n".join(log))
+    table = profile_kernels.summarize(str(path), top=5).splitlines()
+    assert table[0].startswith("2 kernels, 295 us")
+    rows = [row for row in table if row.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == ["_packed_attention_dkdv", "short_kernel"]
+    cells = [cell.strip() for cell in rows[0].split("|")]
+    assert cells[2:8] == ["250.0", "", "", "246", "1024", ""]
+    assert cells[8] == "/ 11"
+    assert cells[9] == "wait 1.5, selected 1.0, barrier 0.9"
+    assert [cell.strip() for cell in rows[1].split("|")][2] == "45.1"
