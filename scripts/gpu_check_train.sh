@@ -48,11 +48,15 @@
 #                     default): the GPU tests, then the 1.24B step with attention_fn=packed beside flex and HF + Liger.
 #   part p            the bench's forgather path now attention_fn=packed: beside HF + Liger and flex, then with
 #                     optimizer=adamw_compiled.
-#   part q            (prepared) the packed kernels' GPU tests, a wider sweep of their tiles, the duel with the best, then training
+#   part q            the packed kernels' GPU tests, a wider sweep of their tiles, the duel with the best, then training
 #                     with the best tiles beside the default, HF + Liger and the compiled AdamW.
+#   part r            Nsight Compute over one step of two compiled layers (scripts/profile_kernels.py), packed and
+#                     flex attention: each kernel's duration, throughput, occupancy and largest stalls.
+#   part s            the packed kernels with the mask only on the tiles that need it: GPU tests, the duel beside
+#                     the kernels before (.whl/baseline_packed_attention_kernels.py), ncu of them, then training.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|...|q|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|...|s|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -229,6 +233,42 @@ q)
     bench bench_1b_q.log --shape 1b --label 1b_q --steps 40 --paths forgather hf-liger "${BEST[@]}" \
         --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 150 "$@"
     ;;
+s)
+    # the packed kernels without the mask on the tiles every row sees whole: their GPU tests, the duel beside the
+    # kernels before (BASELINE, a copy of that revision's packed_attention_kernels.py, carried in .whl/) on both
+    # sets of rows, Nsight Compute over the packed kernels, then training beside HF + Liger and the compiled AdamW
+    if [ -z "${REHEARSE:-}" ]; then
+        packed_tests
+        BASELINE=${BASELINE:-.whl/baseline_packed_attention_kernels.py}
+        [ -f "$BASELINE" ] && BASE_ARGS=(--packed-baseline "$BASELINE") || BASE_ARGS=()
+        timeout 200 $PY scripts/bench_step_pieces.py --duel --rows "stdlib rows" "random 128-1023" --rounds 5 \
+            "${BASE_ARGS[@]}" --json "$OUT/duel.json" 2>&1 | grep -v Warning > "$OUT/duel.txt"
+        grep -E '"(ms_per_layer_median|error)"|capture failed' "$OUT/duel.txt" | cut -c1-300
+        timeout 150 ncu --clock-control none --profile-from-start off --kernel-name regex:_packed_attention --csv \
+            --page details --section SpeedOfLight --section Occupancy --section LaunchStats \
+            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \
+            --log-file "$OUT/ncu_packed.csv" $PY scripts/profile_kernels.py > "$OUT/ncu_packed.log" 2>&1
+        $PY scripts/profile_kernels.py --summarize "$OUT/ncu_packed.csv" | tee "$OUT/ncu_packed.md"
+    fi
+    bench bench_1b_s.log --shape 1b --label 1b_s --steps 40 --paths forgather hf-liger \
+        --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 150 "$@"
+    ;;
+r)
+    # Nsight Compute over one forward + backward of two compiled layers of the 1.24B shape on the bench's packed
+    # rows (scripts/profile_kernels.py): what bounds each kernel that is not a product (occupancy, stalls)
+    if [ -z "${REHEARSE:-}" ]; then
+        ncu --version | tail -1
+        for attention in packed flex; do
+            timeout 240 ncu --clock-control none --profile-from-start off --csv --page details --section SpeedOfLight \
+                --section Occupancy --section LaunchStats \
+                --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \
+                --log-file "$OUT/ncu_$attention.csv" $PY scripts/profile_kernels.py --attention $attention \
+                > "$OUT/ncu_$attention.log" 2>&1
+            echo "ncu ($attention): rc $?"; grep -v Warning "$OUT/ncu_$attention.log" | tail -4
+            $PY scripts/profile_kernels.py --summarize "$OUT/ncu_$attention.csv" --top 40 | tee "$OUT/ncu_$attention.md"
+        done
+    fi
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -244,7 +284,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-q or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-s or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

@@ -22,12 +22,15 @@ from forgather.models.attention import document_bounds
 from forgather.models.packed_attention import packed_attention, reference_packed_attention, tiling
 
 # (batch, heads, kv heads, length, head dim, documents a row, tiles): lengths that are not multiples of the tiles,
-# one-token documents, a row that is one document, groups of 1, 2 and 4
+# one-token documents, a row that is one document, groups of 1, 2 and 4, the default tiles over long documents
 CASES = [
     (2, 4, 2, 100, 16, [[5, 30, 1, 64], [100]],
      {"forward": [8, 16, 4, 1], "dq": [8, 32, 4, 1], "dkdv": [16, 16, 4, 1]}),
     (1, 8, 2, 70, 16, [[1, 1, 40, 28]], {"forward": [4, 16, 4, 1], "dq": [4, 16, 4, 1], "dkdv": [4, 32, 4, 1]}),
     (1, 2, 2, 48, 32, [[20, 28]], {"forward": [16, 16, 4, 1], "dq": [16, 16, 4, 1], "dkdv": [16, 16, 4, 1]}),
+    # the default tiles' proportions over long documents: most tiles lie whole inside one and skip the mask
+    (2, 8, 2, 300, 16, [[300], [10, 200, 3, 87]], {"forward": [16, 64, 4, 1], "dq": [16, 32, 4, 1],
+                                                   "dkdv": [16, 64, 4, 1]}),
 ]
 
 

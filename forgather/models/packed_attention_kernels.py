@@ -7,6 +7,11 @@ key's document. The grouped-query heads that share a key/value head are stacked 
 (GROUP x BLOCK_M rows): each key and value tile is loaded once for the whole group, and the key/value gradients
 of a group are summed inside one program, with no atomics.
 
+Each loop runs in three stretches: the tiles at its ends, which hold a document boundary or the diagonal, take
+the mask; the stretch between them, where every row sees every key of the tile (inside one long document, most
+of the work), skips it. For the forward and dq: key tiles at or after the last query's document start and at or
+before the first query; for dk/dv: query blocks after the last key and inside the first key's document.
+
 Three kernels, all over grid (row blocks, batch x kv heads):
 - `_packed_attention_forward`: online softmax over the key blocks; writes the output and the log2-sum-exp of
   each query row.
@@ -66,11 +71,45 @@ def _tile_at(X, b, h, keys, sxb, sxh, sxt, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _key_range(START, ssb, b, block, token, inside, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Each of a query block's rows' document start, and the keys the block visits: from its first query's
-    document start (down to a tile boundary) to its last query."""
+    """Each of a query block's rows' document start, and the key tiles the block visits: [first, last) from its
+    first query's document start (down to a tile boundary) to its last query, and inside it the tiles every row
+    sees whole, [mid_lo, mid_hi): at or after the last query's document start and at or before the first query."""
     start = tl.load(START + b * ssb + token, mask=inside, other=0)
     first = tl.load(START + b * ssb + block * BLOCK_M) // BLOCK_N * BLOCK_N
-    return start, first, tl.minimum(block * BLOCK_M + BLOCK_M, T)
+    last = tl.minimum(block * BLOCK_M + BLOCK_M, T)
+    start_last = tl.load(START + b * ssb + last - 1)
+    mid_lo, mid_hi = _middle(first, last, tl.cdiv(start_last, BLOCK_N) * BLOCK_N,
+                             (block * BLOCK_M + 1) // BLOCK_N * BLOCK_N)
+    return start, first, mid_lo, mid_hi, last
+
+
+@triton.jit
+def _middle(lo, hi, a, b):
+    """The part of [lo, hi) inside [a, b), as mid_lo <= mid_hi with lo <= mid_lo and mid_hi <= hi: the loop runs
+    [lo, mid_lo) and [mid_hi, hi) with the mask and [mid_lo, mid_hi) without it."""
+    mid_lo = tl.minimum(tl.maximum(lo, a), hi)
+    return mid_lo, tl.minimum(tl.maximum(mid_lo, b), hi)
+
+
+@triton.jit
+def _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, lo, hi, skb, skh, skt, svb, svh, svt, T,
+                   qk_scale: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   MASKED: tl.constexpr):
+    """The online softmax over the key tiles [lo, hi); without MASKED every row sees every key of them."""
+    for n in range(lo, hi, BLOCK_N):
+        keys = n + tl.arange(0, BLOCK_N)
+        k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+        v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where((keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None]), s, _HIDDEN)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -84,25 +123,36 @@ def _packed_attention_forward(
     head, token, inside = _group_rows(block, GROUP, BLOCK_M, T)
     qh = h * GROUP + head
     q = tl.load(_rows_at(Q, b, qh, token, sqb, sqh, sqt, HEAD_DIM), mask=inside[:, None], other=0.0)
-    start, first, last = _key_range(START, ssb, b, block, token, inside, T, BLOCK_M, BLOCK_N)
+    start, first, mid_lo, mid_hi, last = _key_range(START, ssb, b, block, token, inside, T, BLOCK_M, BLOCK_N)
     m_i = tl.full([GROUP * BLOCK_M], _HIDDEN, tl.float32)
     l_i = tl.zeros([GROUP * BLOCK_M], tl.float32)
     acc = tl.zeros([GROUP * BLOCK_M, HEAD_DIM], tl.float32)
-    for n in range(first, last, BLOCK_N):
-        keys = n + tl.arange(0, BLOCK_N)
-        k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
-        v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
-        visible = (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
-        s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, _HIDDEN)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, first, mid_lo, skb, skh, skt, svb,
+                                   svh, svt, T, qk_scale, PRECISION, BLOCK_N, HEAD_DIM, True)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, mid_lo, mid_hi, skb, skh, skt, svb,
+                                   svh, svt, T, qk_scale, PRECISION, BLOCK_N, HEAD_DIM, False)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, mid_hi, last, skb, skh, skt, svb,
+                                   svh, svt, T, qk_scale, PRECISION, BLOCK_N, HEAD_DIM, True)
     tl.store(_rows_at(O, b, qh, token, sob, soh, sot, HEAD_DIM), (acc / l_i[:, None]).to(O.dtype.element_ty),
              mask=inside[:, None])
     tl.store(LSE + b * slb + qh * slh + token, m_i + tl.math.log2(l_i), mask=inside)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, b, h, start, token, lo, hi, skb, skh, skt, svb, svh, svt, T,
+              qk_scale: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              MASKED: tl.constexpr):
+    """The queries' gradient over the key tiles [lo, hi); without MASKED every row sees every key of them."""
+    for n in range(lo, hi, BLOCK_N):
+        keys = n + tl.arange(0, BLOCK_N)
+        k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+        v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where((keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None]), p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -121,20 +171,39 @@ def _packed_attention_dq(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + b * slb + qh * slh + token, delta, mask=inside)
     lse = tl.load(LSE + b * slb + qh * slh + token, mask=inside, other=0.0)
-    start, first, last = _key_range(START, ssb, b, block, token, inside, T, BLOCK_M, BLOCK_N)
+    start, first, mid_lo, mid_hi, last = _key_range(START, ssb, b, block, token, inside, T, BLOCK_M, BLOCK_N)
     dq = tl.zeros([GROUP * BLOCK_M, HEAD_DIM], tl.float32)
-    for n in range(first, last, BLOCK_N):
-        keys = n + tl.arange(0, BLOCK_N)
-        k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
-        v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
-        visible = (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(visible, tl.math.exp2(scores - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h, start, token, first, mid_lo, skb, skh, skt, svb, svh, svt, T,
+                   qk_scale, PRECISION, BLOCK_N, HEAD_DIM, True)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h, start, token, mid_lo, mid_hi, skb, skh, skt, svb, svh, svt, T,
+                   qk_scale, PRECISION, BLOCK_N, HEAD_DIM, False)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h, start, token, mid_hi, last, skb, skh, skt, svb, svh, svt, T,
+                   qk_scale, PRECISION, BLOCK_N, HEAD_DIM, True)
     tl.store(_rows_at(DQ, b, qh, token, sdqb, sdqh, sdqt, HEAD_DIM), (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=inside[:, None])
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, lo, hi, sqb, sqh, sqt, sdob, sdoh, sdot,
+                slb, slh, ssb, T, qk_scale: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """The keys' and values' gradients over the query blocks [lo, hi); without MASKED every row of them sees
+    every key of the tile."""
+    for m in range(lo, hi):
+        head, token, inside = _group_rows(m, GROUP, BLOCK_M, T)
+        qh = h * GROUP + head
+        q = tl.load(_rows_at(Q, b, qh, token, sqb, sqh, sqt, HEAD_DIM), mask=inside[:, None], other=0.0)
+        do = tl.load(_rows_at(DO, b, qh, token, sdob, sdoh, sdot, HEAD_DIM), mask=inside[:, None], other=0.0)
+        lse = tl.load(LSE + b * slb + qh * slh + token, mask=inside, other=0.0)
+        delta = tl.load(DELTA + b * slb + qh * slh + token, mask=inside, other=0.0)
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            start = tl.load(START + b * ssb + token, mask=inside, other=T)
+            pt = tl.where((keys[:, None] >= start[None, :]) & (keys[:, None] <= token[None, :]), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -151,23 +220,19 @@ def _packed_attention_dkdv(
     v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # the queries that can see these keys: from the first key to the end of the last key's document
-    end = tl.load(END + b * seb + tl.minimum(block * BLOCK_N + BLOCK_N, T) - 1)
-    for m in range(block * BLOCK_N // BLOCK_M, tl.cdiv(end, BLOCK_M)):
-        head, token, inside = _group_rows(m, GROUP, BLOCK_M, T)
-        qh = h * GROUP + head
-        q = tl.load(_rows_at(Q, b, qh, token, sqb, sqh, sqt, HEAD_DIM), mask=inside[:, None], other=0.0)
-        do = tl.load(_rows_at(DO, b, qh, token, sdob, sdoh, sdot, HEAD_DIM), mask=inside[:, None], other=0.0)
-        lse = tl.load(LSE + b * slb + qh * slh + token, mask=inside, other=0.0)
-        delta = tl.load(DELTA + b * slb + qh * slh + token, mask=inside, other=0.0)
-        start = tl.load(START + b * ssb + token, mask=inside, other=T)
-        visible = (keys[:, None] >= start[None, :]) & (keys[:, None] <= token[None, :])  # [BLOCK_N, rows]
-        scores = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        pt = tl.where(visible, tl.math.exp2(scores - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    # The query blocks that can see these keys: from the first key to the end of the last key's document. Those
+    # after the last key and inside the first key's document see the whole tile (none, if a document starts in it).
+    last_key = tl.minimum(block * BLOCK_N + BLOCK_N, T) - 1
+    lo = block * BLOCK_N // BLOCK_M
+    hi = tl.cdiv(tl.load(END + b * seb + last_key), BLOCK_M)
+    mid_lo, mid_hi = _middle(lo, hi, tl.cdiv(block * BLOCK_N + BLOCK_N - 1, BLOCK_M),
+                             tl.load(END + b * seb + block * BLOCK_N) // BLOCK_M)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, lo, mid_lo, sqb, sqh, sqt, sdob,
+                         sdoh, sdot, slb, slh, ssb, T, qk_scale, PRECISION, GROUP, BLOCK_M, HEAD_DIM, True)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, mid_lo, mid_hi, sqb, sqh, sqt, sdob,
+                         sdoh, sdot, slb, slh, ssb, T, qk_scale, PRECISION, GROUP, BLOCK_M, HEAD_DIM, False)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, mid_hi, hi, sqb, sqh, sqt, sdob,
+                         sdoh, sdot, slb, slh, ssb, T, qk_scale, PRECISION, GROUP, BLOCK_M, HEAD_DIM, True)
     tl.store(_tile_at(DK, b, h, keys, sdkb, sdkh, sdkt, HEAD_DIM), (dk * sm_scale).to(DK.dtype.element_ty),
              mask=keys[:, None] < T)
     tl.store(_tile_at(DV, b, h, keys, sdvb, sdvh, sdvt, HEAD_DIM), dv.to(DV.dtype.element_ty),
