@@ -1,0 +1,83 @@
+"""Registers a thread of our packed attention kernels at sm_90, compiled on a machine without a GPU.
+
+The kernels' occupancy on Hopper is set by their registers (Nsight Compute, docs/benchmarks.md: dk/dv at 246 a
+thread leave room for two programs an SM), and a change to their code moves them. This compiles each kernel for
+sm_90 as torch's launcher specializes it at the training bench's shape (pointers and the multiples of 16 among
+the integers marked divisible by 16) and reads the registers of the cubin with Triton's own cuobjdump. Use the
+Triton of the GPU machine's torch (torch 2.11: Triton 3.7). Against what Nsight Compute read on the H200
+(2026-12-04), for the kernels before and after that day's change: dq 92 and 98, the same; the forward 117 and
+163 against 127 and 160; dk/dv 216 and 243 against 246 and 252. A guide to which way a change moves, not a count.
+
+    pip install --target /tmp/triton37 triton==3.7.0
+    PYTHONPATH=/tmp/triton37 python scripts/packed_kernel_registers.py [--kernels FILE] [KERNEL:BM,BN,WARPS,STAGES ...]
+
+Without tilings, each kernel at its default (`packed_attention.TILING`); `--kernels` compiles another revision of
+packed_attention_kernels.py (e.g. `git show REV:forgather/models/packed_attention_kernels.py > FILE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import subprocess
+import tempfile
+from pathlib import Path
+
+KERNELS_FILE = Path(__file__).resolve().parents[1] / "forgather" / "models" / "packed_attention_kernels.py"
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
+            "DV": "*bf16", "START": "*i32", "END": "*i32", "LSE": "*fp32", "DELTA": "*fp32"}
+NOT_MULTIPLES_OF_16 = {"kv_heads"}  # 8 at the bench's shape; T (2,048) and every stride are multiples of 16
+
+
+def registers(kernel, tiles: tuple[int, int, int, int], head_dim: int = 64, group: int = 4) -> int:
+    """Registers a thread of `kernel` (a triton.jit function) compiled for sm_90 with these tiles."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_m, block_n, warps, stages = tiles
+    scale = 1.0 / math.sqrt(head_dim)
+    constants = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PRECISION="tf32",
+                     qk_scale=scale * math.log2(math.e), sm_scale=scale)
+    names = kernel.arg_names
+    constants = {name: value for name, value in constants.items() if name in names}
+    signature = {name: "constexpr" if name in constants else POINTERS.get(name, "i32") for name in names}
+    divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+                 if name not in constants and name not in NOT_MULTIPLES_OF_16}
+    source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
+                       attrs=divisible)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"), "-res-usage",
+                                cubin.name], capture_output=True, text=True, check=True).stdout
+    return int(usage.split("REG:")[1].split()[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tilings", nargs="*", metavar="KERNEL:BM,BN,WARPS,STAGES",
+                        help="kernel (forward, dq, dkdv) and tiles; default: each kernel at TILING's")
+    parser.add_argument("--kernels", default=str(KERNELS_FILE), help="the kernels' file (default: ours)")
+    args = parser.parse_args()
+    spec = importlib.util.spec_from_file_location("packed_attention_kernels", args.kernels)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kernels = {"forward": module._packed_attention_forward, "dq": module._packed_attention_dq,
+               "dkdv": module._packed_attention_dkdv}
+    if args.tilings:
+        runs = [(name, tuple(int(x) for x in tiles.split(","))) for name, tiles in
+                (tiling.split(":") for tiling in args.tilings)]
+    else:
+        from forgather.models.packed_attention import TILING
+        runs = [(name, tuple(TILING[name])) for name in kernels]
+    for name, tiles in runs:
+        print(f"{name} {'x'.join(map(str, tiles[:2]))} w{tiles[2]} s{tiles[3]}: {registers(kernels[name], tiles)} "
+              f"registers", flush=True)
+
+
+if __name__ == "__main__":
+    main()
