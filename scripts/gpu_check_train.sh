@@ -54,9 +54,10 @@
 #                     flex attention: each kernel's duration, throughput, occupancy and largest stalls.
 #   part s            the packed kernels with the mask only on the tiles that need it: GPU tests, the duel beside
 #                     the kernels before (.whl/baseline_packed_attention_kernels.py), ncu of them, then training.
+#   part t            (prepared) a revision of the kernels (VARIANT in .whl/) beside ours: ncu and training each.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|...|s|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|...|t|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -233,6 +234,24 @@ q)
     bench bench_1b_q.log --shape 1b --label 1b_q --steps 40 --paths forgather hf-liger "${BEST[@]}" \
         --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 150 "$@"
     ;;
+t)
+    # (prepared) a revision of the kernels (VARIANT, a file carried in .whl/) beside ours, one after the other on
+    # one machine: Nsight Compute over the packed kernels, then training; the variant also with dk/dv at 16 x 32
+    VARIANT=${VARIANT:-.whl/variant_packed_attention_kernels.py}
+    for rev in ours variant; do
+        [ $rev = variant ] && cp "$VARIANT" forgather/models/packed_attention_kernels.py
+        if [ -z "${REHEARSE:-}" ]; then
+            timeout 150 ncu --clock-control none --profile-from-start off --kernel-name regex:_packed_attention --csv \
+                --page details --section SpeedOfLight --section Occupancy --section LaunchStats \
+                --log-file "$OUT/ncu_$rev.csv" $PY scripts/profile_kernels.py > "$OUT/ncu_$rev.log" 2>&1
+            $PY scripts/profile_kernels.py --summarize "$OUT/ncu_$rev.csv" | tee "$OUT/ncu_$rev.md"
+        fi
+        bench bench_1b_t.log --shape 1b --label 1b_t_$rev --steps 30 --paths forgather --timeout 100 "$@"
+    done
+    bench bench_1b_t.log --shape 1b --label 1b_t_variant_dkdv32 --steps 30 --paths \
+        --variant variant-dkdv-16x32 "attention_kernel_options={dkdv:[16,32,4,3]}" --timeout 100 "$@"
+    git checkout forgather/models/packed_attention_kernels.py 2>/dev/null
+    ;;
 s)
     # the packed kernels without the mask on the tiles every row sees whole: their GPU tests, the duel beside the
     # kernels before (BASELINE, a copy of that revision's packed_attention_kernels.py, carried in .whl/) on both
@@ -284,7 +303,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-s or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-t or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null
