@@ -54,7 +54,8 @@
 #                     flex attention: each kernel's duration, throughput, occupancy and largest stalls.
 #   part s            the packed kernels with the mask only on the tiles that need it: GPU tests, the duel beside
 #                     the kernels before (.whl/baseline_packed_attention_kernels.py), ncu of them, then training.
-#   part t            (prepared) a revision of the kernels (VARIANT in .whl/) beside ours: ncu and training each.
+#   part t            (prepared) the packed GPU tests, then a revision of the kernels (VARIANT in .whl/) beside ours:
+#                     ncu and training each.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|t|tests] [more bench_train.py args]
@@ -237,6 +238,7 @@ q)
 t)
     # (prepared) a revision of the kernels (VARIANT, a file carried in .whl/) beside ours, one after the other on
     # one machine: Nsight Compute over the packed kernels, then training; the variant also with dk/dv at 16 x 32
+    [ -z "${REHEARSE:-}" ] && packed_tests  # ours: the key tiles' loads and the mask became helpers after part s
     VARIANT=${VARIANT:-.whl/variant_packed_attention_kernels.py}
     for rev in ours variant; do
         [ $rev = variant ] && cp "$VARIANT" forgather/models/packed_attention_kernels.py

@@ -70,6 +70,21 @@ def _tile_at(X, b, h, keys, sxb, sxh, sxt, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _key_tiles(K, V, b, h, n, skb, skh, skt, svb, svh, svt, T, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The key positions of the tile at n, and kv head h's key and value tiles there (zeros past the row)."""
+    keys = n + tl.arange(0, BLOCK_N)
+    k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+    v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+    return keys, k, v
+
+
+@triton.jit
+def _visible(keys, start, token):
+    """[rows, keys]: whether each row (a query at `token`, its document starting at `start`) sees each key."""
+    return (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
+
+
+@triton.jit
 def _key_range(START, ssb, b, block, token, inside, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Each of a query block's rows' document start, and the key tiles the block visits: [first, last) from its
     first query's document start (down to a tile boundary) to its last query, and inside it the tiles every row
@@ -97,12 +112,10 @@ def _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, lo, hi, skb, skh,
                    MASKED: tl.constexpr):
     """The online softmax over the key tiles [lo, hi); without MASKED every row sees every key of them."""
     for n in range(lo, hi, BLOCK_N):
-        keys = n + tl.arange(0, BLOCK_N)
-        k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
-        v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+        keys, k, v = _key_tiles(K, V, b, h, n, skb, skh, skt, svb, svh, svt, T, BLOCK_N, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            s = tl.where((keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None]), s, _HIDDEN)
+            s = tl.where(_visible(keys, start, token), s, _HIDDEN)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -144,12 +157,10 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, b, h, start, token, lo, hi, skb, skh,
               MASKED: tl.constexpr):
     """The queries' gradient over the key tiles [lo, hi); without MASKED every row sees every key of them."""
     for n in range(lo, hi, BLOCK_N):
-        keys = n + tl.arange(0, BLOCK_N)
-        k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
-        v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+        keys, k, v = _key_tiles(K, V, b, h, n, skb, skh, skt, svb, svh, svt, T, BLOCK_N, HEAD_DIM)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            p = tl.where((keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None]), p, 0.0)
+            p = tl.where(_visible(keys, start, token), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
@@ -215,9 +226,7 @@ def _packed_attention_dkdv(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     block, b, h = _program(kv_heads)
-    keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.load(_tile_at(K, b, h, keys, skb, skh, skt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
-    v = tl.load(_tile_at(V, b, h, keys, svb, svh, svt, HEAD_DIM), mask=keys[:, None] < T, other=0.0)
+    keys, k, v = _key_tiles(K, V, b, h, block * BLOCK_N, skb, skh, skt, svb, svh, svt, T, BLOCK_N, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     # The query blocks that can see these keys: from the first key to the end of the last key's document. Those
