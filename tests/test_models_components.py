@@ -182,6 +182,8 @@ def test_rope_head_dim_must_match_attention_head_dim():
 def test_unknown_attention_function_names_the_choices():
     with pytest.raises(ValueError, match=r"attention_fn='flash'.*eager.*flex.*sdpa"):
         Attention(32, 4, attention_fn="flash")
+    with pytest.raises(ValueError, match=r"attention_fn='pakced'; did you mean 'packed'\? choose one of"):
+        Attention(32, 4, attention_fn="pakced")
 
 
 def test_flex_kernel_options_reach_the_flex_kernel(monkeypatch):

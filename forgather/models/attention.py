@@ -365,7 +365,9 @@ class Attention(nn.Module):
         _check_divides("num_kv_heads", num_kv_heads, "num_heads", num_heads)
         if isinstance(attention_fn, str):
             if attention_fn not in ATTENTION_FUNCTIONS:
-                raise ValueError(f"attention_fn={attention_fn!r}; choose one of {sorted(ATTENTION_FUNCTIONS)}")
+                close = difflib.get_close_matches(attention_fn, list(ATTENTION_FUNCTIONS), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"attention_fn={attention_fn!r}; {hint}choose one of {sorted(ATTENTION_FUNCTIONS)}")
             if attention_fn in ("flex", "packed") and dropout:
                 raise ValueError(f"attention_fn={attention_fn!r} has no attention dropout, but dropout={dropout}")
             if attention_fn == "packed":
