@@ -87,7 +87,7 @@ bench() {  # bench LOG ARGS...: one bench_train.py run, its wall time printed
 }
 
 packed_tests() {  # the packed attention kernels' GPU tests, failures and the count shown
-    timeout 150 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "packed" -q -p no:cacheprovider -rs \
+    timeout 240 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "packed" -q -p no:cacheprovider -rs \
         --tb=short > "$OUT/pytest_models.txt" 2>&1
     grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -30
 }
