@@ -480,9 +480,9 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict |
     flex under its default tiling and the forward's 64 x 64 one, flash attention 2's variable-length kernels (max
     length the longest document's, and the row's), our packed kernels (attention_fn=packed) at their default tiles,
     at `packed_best`'s and in the revision `packed_baseline`, and SDPA's causal kernel as the no-documents
-    reference. With `sweep`: flex under every
-    tiling of DUEL_TILINGS instead, beside the default and SDPA. Every candidate runs as a CUDA graph of `iters`
-    calls where it can be captured (the `graph` field): the host's launch costs do not count."""
+    reference. With `sweep`: flex under every tiling of DUEL_TILINGS instead, beside the default and SDPA. Every
+    candidate runs as a CUDA graph of `iters` calls where it can be captured (the `graph` field): the host's
+    launch costs do not count."""
     from torch.nn.attention import flex_attention as flex
 
     from forgather.models.attention import document_bounds

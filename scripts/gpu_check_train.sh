@@ -99,6 +99,17 @@ packed_sweep() {  # sweep the packed kernels' tiles and duel the best; prints th
     grep -o '"option": "[^"]*"' "$OUT/duel.txt" | tail -1 | sed 's/"option": "\(.*\)"/\1/'
 }
 
+ncu_step() {  # ncu_step SECONDS NAME [ncu options] PROGRAM...: Nsight Compute over a step, tabulated
+    local seconds=$1 name=$2
+    shift 2
+    timeout "$seconds" ncu --clock-control none --profile-from-start off --csv --page details --section SpeedOfLight \
+        --section Occupancy --section LaunchStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \
+        --log-file "$OUT/ncu_$name.csv" "$@" > "$OUT/ncu_$name.log" 2>&1
+    echo "ncu ($name): rc $?"; grep -v Warning "$OUT/ncu_$name.log" | tail -4
+    $PY scripts/profile_kernels.py --summarize "$OUT/ncu_$name.csv" --top 40 | tee "$OUT/ncu_$name.md"
+}
+
 case $PART in
 a)
     bench bench_1b.log --shape 1b --steps 20 --paths forgather hf-liger hf torchtitan --profile forgather hf-liger \
@@ -235,24 +246,15 @@ q)
     bench bench_1b_q.log --shape 1b --label 1b_q --steps 40 --paths forgather hf-liger "${BEST[@]}" \
         --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 150 "$@"
     ;;
-t)
-    # (prepared) a revision of the kernels (VARIANT, a file carried in .whl/) beside ours, one after the other on
-    # one machine: Nsight Compute over the packed kernels, then training; the variant also with dk/dv at 16 x 32
-    [ -z "${REHEARSE:-}" ] && packed_tests  # ours: the key tiles' loads and the mask became helpers after part s
-    VARIANT=${VARIANT:-.whl/variant_packed_attention_kernels.py}
-    for rev in ours variant; do
-        [ $rev = variant ] && cp "$VARIANT" forgather/models/packed_attention_kernels.py
-        if [ -z "${REHEARSE:-}" ]; then
-            timeout 150 ncu --clock-control none --profile-from-start off --kernel-name regex:_packed_attention --csv \
-                --page details --section SpeedOfLight --section Occupancy --section LaunchStats \
-                --log-file "$OUT/ncu_$rev.csv" $PY scripts/profile_kernels.py > "$OUT/ncu_$rev.log" 2>&1
-            $PY scripts/profile_kernels.py --summarize "$OUT/ncu_$rev.csv" | tee "$OUT/ncu_$rev.md"
-        fi
-        bench bench_1b_t.log --shape 1b --label 1b_t_$rev --steps 30 --paths forgather --timeout 100 "$@"
-    done
-    bench bench_1b_t.log --shape 1b --label 1b_t_variant_dkdv32 --steps 30 --paths \
-        --variant variant-dkdv-16x32 "attention_kernel_options={dkdv:[16,32,4,3]}" --timeout 100 "$@"
-    git checkout forgather/models/packed_attention_kernels.py 2>/dev/null
+r)
+    # Nsight Compute over one forward + backward of two compiled layers of the 1.24B shape on the bench's packed
+    # rows (scripts/profile_kernels.py): what bounds each kernel that is not a product (occupancy, stalls)
+    if [ -z "${REHEARSE:-}" ]; then
+        ncu --version | tail -1
+        for attention in packed flex; do
+            ncu_step 240 $attention $PY scripts/profile_kernels.py --attention $attention
+        done
+    fi
     ;;
 s)
     # the packed kernels without the mask on the tiles every row sees whole: their GPU tests, the duel beside the
@@ -265,30 +267,26 @@ s)
         timeout 200 $PY scripts/bench_step_pieces.py --duel --rows "stdlib rows" "random 128-1023" --rounds 5 \
             "${BASE_ARGS[@]}" --json "$OUT/duel.json" 2>&1 | grep -v Warning > "$OUT/duel.txt"
         grep -E '"(ms_per_layer_median|error)"|capture failed' "$OUT/duel.txt" | cut -c1-300
-        timeout 150 ncu --clock-control none --profile-from-start off --kernel-name regex:_packed_attention --csv \
-            --page details --section SpeedOfLight --section Occupancy --section LaunchStats \
-            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \
-            --log-file "$OUT/ncu_packed.csv" $PY scripts/profile_kernels.py > "$OUT/ncu_packed.log" 2>&1
-        $PY scripts/profile_kernels.py --summarize "$OUT/ncu_packed.csv" | tee "$OUT/ncu_packed.md"
+        ncu_step 150 packed --kernel-name regex:_packed_attention $PY scripts/profile_kernels.py
     fi
     bench bench_1b_s.log --shape 1b --label 1b_s --steps 40 --paths forgather hf-liger \
         --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 150 "$@"
     ;;
-r)
-    # Nsight Compute over one forward + backward of two compiled layers of the 1.24B shape on the bench's packed
-    # rows (scripts/profile_kernels.py): what bounds each kernel that is not a product (occupancy, stalls)
-    if [ -z "${REHEARSE:-}" ]; then
-        ncu --version | tail -1
-        for attention in packed flex; do
-            timeout 240 ncu --clock-control none --profile-from-start off --csv --page details --section SpeedOfLight \
-                --section Occupancy --section LaunchStats \
-                --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \
-                --log-file "$OUT/ncu_$attention.csv" $PY scripts/profile_kernels.py --attention $attention \
-                > "$OUT/ncu_$attention.log" 2>&1
-            echo "ncu ($attention): rc $?"; grep -v Warning "$OUT/ncu_$attention.log" | tail -4
-            $PY scripts/profile_kernels.py --summarize "$OUT/ncu_$attention.csv" --top 40 | tee "$OUT/ncu_$attention.md"
-        done
-    fi
+t)
+    # (prepared) a revision of the kernels (VARIANT, a file carried in .whl/) beside ours, one after the other on
+    # one machine: Nsight Compute over the packed kernels, then training; the variant also with dk/dv at 16 x 32
+    [ -z "${REHEARSE:-}" ] && packed_tests  # ours: the key tiles' loads and the mask became helpers after part s
+    VARIANT=${VARIANT:-.whl/variant_packed_attention_kernels.py}
+    for rev in ours variant; do
+        [ $rev = variant ] && cp "$VARIANT" forgather/models/packed_attention_kernels.py
+        if [ -z "${REHEARSE:-}" ]; then
+            ncu_step 150 $rev --kernel-name regex:_packed_attention $PY scripts/profile_kernels.py
+        fi
+        bench bench_1b_t.log --shape 1b --label 1b_t_$rev --steps 30 --paths forgather --timeout 100 "$@"
+    done
+    bench bench_1b_t.log --shape 1b --label 1b_t_variant_dkdv32 --steps 30 --paths \
+        --variant variant-dkdv-16x32 "attention_kernel_options={dkdv:[16,32,4,3]}" --timeout 100 "$@"
+    git checkout forgather/models/packed_attention_kernels.py 2>/dev/null
     ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one

@@ -32,23 +32,23 @@ NOT_MULTIPLES_OF_16 = {"kv_heads"}  # 8 at the bench's shape; T (2,048) and ever
 
 def registers(kernel, tiles: tuple[int, int, int, int], head_dim: int = 64, group: int = 4) -> int:
     """Registers a thread of `kernel` (a triton.jit function) compiled for sm_90 with these tiles."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    block_m, block_n, warps, stages = tiles
-    scale = 1.0 / math.sqrt(head_dim)
-    constants = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PRECISION="tf32",
-                     qk_scale=scale * math.log2(math.e), sm_scale=scale)
+    from forgather.models.packed_attention import launch_constants
+
+    launch = launch_constants(tiles, head_dim, torch.bfloat16, GROUP=group, sm_scale=1.0 / math.sqrt(head_dim))
+    options = {name: launch.pop(name) for name in ("num_warps", "num_stages")}
     names = kernel.arg_names
-    constants = {name: value for name, value in constants.items() if name in names}
+    constants = {name: value for name, value in launch.items() if name in names}
     signature = {name: "constexpr" if name in constants else POINTERS.get(name, "i32") for name in names}
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                  if name not in constants and name not in NOT_MULTIPLES_OF_16}
     source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                        attrs=divisible)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()

@@ -99,7 +99,7 @@ def summarize(path: str, top: int) -> str:
         return None
 
     rows = []
-    for (kernel_id, name), values in kernels.items():
+    for (_, name), values in kernels.items():
         duration = metric(values, "Duration")
         stalls = [(value, match.group(1)) for metric_name, (value, _) in values.items()
                   if (match := STALL.fullmatch(metric_name)) and value is not None]

@@ -109,15 +109,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tenso
     return groups
 
 
+def launch_constants(tiles: Iterable[int], head_dim: int, dtype: torch.dtype, **constants) -> dict[str, Any]:
+    """A kernel's compile-time constants and launch options: the tiles, the scales, the products' precision
+    (also what scripts/packed_kernel_registers.py compiles with)."""
+    block_m, block_n, warps, stages = tiles
+    scale = 1.0 / math.sqrt(head_dim)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, HEAD_DIM=head_dim,
+                qk_scale=scale * math.log2(math.e), PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                **constants)
+
+
 def _launch(kernel, grid, tiles: list[int], q: torch.Tensor, **constants):
-    """The kernel wrapped for torch.compile, and its constants: the tiles, the scales, the products' precision."""
+    """The kernel wrapped for torch.compile, and its `launch_constants`."""
     from torch.library import wrap_triton
 
-    block_m, block_n, warps, stages = tiles
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    return wrap_triton(kernel)[grid], dict(
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, HEAD_DIM=q.shape[-1],
-        qk_scale=scale * math.log2(math.e), PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **constants)
+    return wrap_triton(kernel)[grid], launch_constants(tiles, q.shape[-1], q.dtype, **constants)
 
 
 @torch.library.triton_op("forgather::packed_attention", mutates_args=())
