@@ -2,7 +2,6 @@
 `strategy=pipeline` train from the runner on two CPU processes (gloo) that share one run directory."""
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from forgather.graph.imports import import_spec
 from forgather.models.layers import PreLNLayer
 from forgather.run import main
+from test_run import PROJECT, run_dirs
 
-PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
 STRATEGIES = {
     "ddp": "pytorch_lightning.strategies:DDPStrategy",
     "fsdp": "pytorch_lightning.strategies:FSDPStrategy",
@@ -49,16 +48,12 @@ def test_fsdp_wraps_every_transformer_layer(capsys):
     assert issubclass(PreLNLayer, import_spec(spec))
 
 
-def _run_dirs(tmp_path: Path) -> list[Path]:
-    return [path.parent for path in (tmp_path / "outputs").rglob("snapshot")]
-
-
 def _train(tmp_path: Path, *overrides: str) -> Path:
     # A subprocess: Lightning starts the other rank by re-running this process's command line.
     command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "+experiment=micro",
                "trainer.devices=2", "max_steps=4", "val_check_interval=2", *overrides]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    (run_dir,) = _run_dirs(tmp_path)
+    (run_dir,) = run_dirs(tmp_path / "outputs")
     return run_dir
 
 
@@ -76,12 +71,12 @@ def ddp_outputs(tmp_path_factory) -> Path:
 
 
 def test_two_ranks_launched_by_lightning_share_one_run_directory(ddp_outputs):
-    (run_dir,) = _run_dirs(ddp_outputs)
+    (run_dir,) = run_dirs(ddp_outputs / "outputs")
     assert yaml.safe_load((run_dir / "metrics.yaml").read_text())["step"] == 4
 
 
 def test_ddp_trains_from_the_runner_on_two_processes(ddp_outputs):
-    (run_dir,) = _run_dirs(ddp_outputs)
+    (run_dir,) = run_dirs(ddp_outputs / "outputs")
     losses = _logged(run_dir, "train/loss")
     assert len(losses) == 4 and losses[-1] < losses[0]
 
