@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -472,14 +473,14 @@ def sweep_packed(iters: int, rounds: int) -> dict:
 
 
 def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict | None = None,
-               row_names: tuple[str, ...] = ("random 128-1023", "stdlib rows"), packed_baseline: str | None = None
+               row_names: tuple[str, ...] = ("random 128-1023", "stdlib rows"), packed_baselines: tuple[str, ...] = ()
                ) -> None:
     """Packed rows' attention, forward + backward, every candidate timed in turn for `rounds` rounds of `iters`
     calls (medians and minima of the rounds: one slow stretch of the GPU does not decide), on two sets of rows:
     random documents of 128-1,023 tokens, and the training bench's own rows (the stdlib corpus). Candidates:
     flex under its default tiling and the forward's 64 x 64 one, flash attention 2's variable-length kernels (max
     length the longest document's, and the row's), our packed kernels (attention_fn=packed) at their default tiles,
-    at `packed_best`'s and in the revision `packed_baseline`, and SDPA's causal kernel as the no-documents
+    at `packed_best`'s and in each revision of `packed_baselines` (files), and SDPA's causal kernel as the no-documents
     reference. With `sweep`: flex under every tiling of DUEL_TILINGS instead, beside the default and SDPA. Every
     candidate runs as a CUDA graph of `iters` calls where it can be captured (the `graph` field): the host's
     launch costs do not count."""
@@ -553,9 +554,9 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict |
                                "flash 2 varlen, max_len row": varlen_step(s["seq"])})
         bounds = document_bounds(docs)
         candidates["packed default"] = packed_step(q, k, v, grad, bounds, tiling())
-        if packed_baseline:
-            candidates["packed, baseline kernels"] = baseline_step(packed_baseline,
-                                                                   packed_step(q, k, v, grad, bounds, tiling()))
+        for path in packed_baselines:
+            candidates[f"packed, kernels of {Path(path).stem}"] = baseline_step(
+                path, packed_step(q, k, v, grad, bounds, tiling()))
         if packed_best:
             candidates["packed best of the sweep"] = packed_step(q, k, v, grad, bounds, tiling(packed_best))
         candidates["sdpa is_causal (no documents)"] = sdpa_step
@@ -634,8 +635,8 @@ def main() -> None:
                         help="with --duel: sweep our packed kernels' tiles (PACKED_SWEEP) first, then duel the best")
     parser.add_argument("--rows", nargs="+", default=["random 128-1023", "stdlib rows"],
                         choices=["random 128-1023", "stdlib rows"], help="with --duel: the sets of rows")
-    parser.add_argument("--packed-baseline", metavar="FILE",
-                        help="with --duel: also time this revision of packed_attention_kernels.py, in the same run")
+    parser.add_argument("--packed-baseline", metavar="FILE", nargs="+", default=[],
+                        help="with --duel: also time these revisions of packed_attention_kernels.py, in the same run")
     parser.add_argument("--sweep", action="store_true",
                         help="with --duel: every flex tiling of DUEL_TILINGS instead of the varlen candidates")
     parser.add_argument("--option-sets", nargs="+", choices=OPTION_SETS, default=list(OPTION_SETS),
@@ -646,7 +647,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if args.duel:
         best = sweep_packed(args.iters, args.rounds) if args.packed_sweep else None
-        bench_duel(args.iters, args.rounds, args.sweep, best, tuple(args.rows), args.packed_baseline)
+        bench_duel(args.iters, args.rounds, args.sweep, best, tuple(args.rows), tuple(args.packed_baseline))
     elif not args.skip_optimizer:
         bench_optimizer(args.iters)
     if not args.skip_attention and not args.duel:

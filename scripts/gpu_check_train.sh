@@ -54,8 +54,9 @@
 #                     flex attention: each kernel's duration, throughput, occupancy and largest stalls.
 #   part s            the packed kernels with the mask only on the tiles that need it: GPU tests, the duel beside
 #                     the kernels before (.whl/baseline_packed_attention_kernels.py), ncu of them, then training.
-#   part t            (prepared) the packed GPU tests, then a revision of the kernels (VARIANT in .whl/) beside ours:
-#                     ncu and training each.
+#   part t            (prepared) revisions of the packed kernels as patches (scripts/patches/): one loop with the mask
+#                     under a run-time branch (fewer registers), then the heaviest programs first; GPU tests, tile
+#                     sweep, the duel beside ours.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|t|tests] [more bench_train.py args]
@@ -273,20 +274,25 @@ s)
         --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 150 "$@"
     ;;
 t)
-    # (prepared) a revision of the kernels (VARIANT, a file carried in .whl/) beside ours, one after the other on
-    # one machine: Nsight Compute over the packed kernels, then training; the variant also with dk/dv at 16 x 32
-    [ -z "${REHEARSE:-}" ] && packed_tests  # ours: the key tiles' loads and the mask became helpers after part s
-    VARIANT=${VARIANT:-.whl/variant_packed_attention_kernels.py}
-    for rev in ours variant; do
-        [ $rev = variant ] && cp "$VARIANT" forgather/models/packed_attention_kernels.py
-        if [ -z "${REHEARSE:-}" ]; then
-            ncu_step 150 $rev --kernel-name regex:_packed_attention $PY scripts/profile_kernels.py
-        fi
-        bench bench_1b_t.log --shape 1b --label 1b_t_$rev --steps 30 --paths forgather --timeout 100 "$@"
-    done
-    bench bench_1b_t.log --shape 1b --label 1b_t_variant_dkdv32 --steps 30 --paths \
-        --variant variant-dkdv-16x32 "attention_kernel_options={dkdv:[16,32,4,3]}" --timeout 100 "$@"
-    git checkout forgather/models/packed_attention_kernels.py 2>/dev/null
+    # candidate revisions of the packed kernels, kept as patches on ours (scripts/patches/): packed_one_loop (one loop
+    # with the mask under a run-time branch: fewer registers, scripts/packed_kernel_registers.py) and on top of it
+    # packed_heavy_first (programs handed out so that the heaviest start first). Both applied take the checkout's
+    # place for the packed GPU tests and a sweep of their tiles; the duel then times them, at the default and the
+    # best tiles, beside ours and the one-loop revision, in CUDA graphs on the bench's rows
+    KERNELS=forgather/models/packed_attention_kernels.py
+    REVS="$OUT/revisions"
+    mkdir -p "$REVS"
+    cp $KERNELS "$REVS/ours.py"
+    git apply scripts/patches/packed_one_loop.patch && cp $KERNELS "$REVS/one_loop.py" \
+        && git apply scripts/patches/packed_heavy_first.patch || { echo "the patches do not apply"; exit 1; }
+    if [ -z "${REHEARSE:-}" ]; then
+        packed_tests
+        timeout 300 $PY scripts/bench_step_pieces.py --duel --packed-sweep --rows "stdlib rows" --rounds 3 \
+            --packed-baseline "$REVS/ours.py" "$REVS/one_loop.py" --json "$OUT/duel.json" 2>&1 | grep -v Warning \
+            > "$OUT/duel.txt"
+        grep -E '"(ms_per_layer_median|ms_fwd_bwd_per_layer|error|option)"|capture failed' "$OUT/duel.txt" | cut -c1-300
+    fi
+    cp "$REVS/ours.py" $KERNELS
     ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one

@@ -297,3 +297,17 @@ def test_profile_kernels_tabulates_an_ncu_log(tmp_path):
     assert cells[8] == "/ 11"
     assert cells[9] == "wait 1.5, selected 1.0, barrier 0.9"
     assert [cell.strip() for cell in rows[1].split("|")][2] == "45.1"
+
+
+def test_the_prepared_kernel_patches_apply_in_order_and_leave_valid_python(tmp_path):
+    """gpu_check_train.sh part t applies scripts/patches/packed_*.patch to the packed kernels, one after the other,
+    on the GPU machine: a change to the kernels that stales them shows here, not in a device call."""
+    kernels = Path("forgather/models/packed_attention_kernels.py")
+    copy = tmp_path / kernels
+    copy.parent.mkdir(parents=True)
+    copy.write_text((SCRIPTS.parent / kernels).read_text())
+    for name in ("packed_one_loop", "packed_heavy_first"):
+        subprocess.run(["git", "apply", str(SCRIPTS / "patches" / f"{name}.patch")], cwd=tmp_path, check=True)
+        source = copy.read_text()
+        compile(source, str(copy), "exec")
+    assert "if (n < mid_lo) | (n >= mid_hi):" in source and "HEAVY_LAST_BLOCKS" in source
