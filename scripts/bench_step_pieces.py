@@ -12,6 +12,10 @@
   outputs and gradients; and cuDNN's attention over the same packed sequences (the aten ops behind SDPA on
   nested tensors, which torch 2.11's varlen_attn leaves switched off).
   Each set's output and gradients against the default's (largest absolute difference).
+- norm (`--norm`): the pre-LN layer's residual add + RMSNorm, forward and backward, at the step's shape (8,192
+  tokens of 2,048 in bf16): inductor's compiled version (what the step runs without fused_norm), our Triton ops
+  (forgather.models.fused_rms_norm, fused_norm=true) at each launch shape of NORM_SWEEP, and Liger's fused add
+  + RMSNorm (eager, where liger-kernel is installed), each as a CUDA graph, checked against the torch norm.
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
   the capturable step, the rate a device tensor).
@@ -21,6 +25,7 @@ Milliseconds per call from CUDA events over `--iters` calls after warm-up; the a
 
     python scripts/bench_step_pieces.py [--iters 20] [--json FILE] [--skip-optimizer] [--skip-attention]
                                         [--option-sets NAME ...]
+    python scripts/bench_step_pieces.py --norm [--rounds 5]
 """
 
 from __future__ import annotations
@@ -588,6 +593,85 @@ def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict |
             row(piece="duel", rows=rows_name, candidate=name, error=error)
 
 
+# forgather.models.fused_rms_norm.NORM_TILING's launch shapes to time: forward (rows a program, warps), backward
+# (rows an iteration, warps, programs an SM)
+NORM_SWEEP = [
+    {"forward": (1, 8), "backward": (2, 8, 2)}, {"forward": (1, 4), "backward": (1, 8, 2)},
+    {"forward": (2, 8), "backward": (4, 8, 2)}, {"forward": (1, 8), "backward": (2, 8, 4)},
+    {"forward": (1, 8), "backward": (1, 4, 4)}, {"forward": (1, 16), "backward": (2, 16, 1)},
+]
+
+
+def bench_norm(iters: int, rounds: int) -> None:
+    """The residual add + RMSNorm forward and backward at the step's shape, every candidate timed in turn for
+    `rounds` rounds of CUDA graphs of `iters` calls (medians), beside inductor's compiled version."""
+    from forgather.models import fused_rms_norm
+    from forgather.models.norm import rms_norm
+
+    s = SHAPE
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def tensor(scale=1.0, *shape):
+        shape = shape or (s["batch"], s["seq"], s["hidden"])
+        return (scale * torch.randn(*shape, device="cuda", generator=gen)).to(torch.bfloat16)
+
+    x, delta, dy, ds = (tensor().requires_grad_(), tensor().requires_grad_(), tensor(), tensor())
+    weight = (1 + tensor(0.1, s["hidden"])).requires_grad_()
+
+    def torch_add_norm(a, b, w):
+        total = a + b
+        return total, rms_norm(total, w, 1e-5)
+
+    def step_of(fn):
+        def step():
+            for t in (x, delta, weight):
+                t.grad = None
+            total, y = fn(x, delta, weight)
+            torch.autograd.backward([y, total], [dy, ds])
+            return total, y, x.grad, weight.grad
+        return step
+
+    candidates = {"inductor (torch.compile)": step_of(torch.compile(torch_add_norm))}
+    for tiles in NORM_SWEEP:
+        def ours(a, b, w, tiles=tiles):
+            fused_rms_norm.NORM_TILING.update(tiles)
+            return fused_rms_norm.add_rms_norm(a, b, w, 1e-5)
+        candidates[f"ours {tiles['forward']} / {tiles['backward']}"] = step_of(ours)
+    try:
+        from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+
+        def liger(a, b, w):
+            y, total = LigerFusedAddRMSNormFunction.apply(a, b, w, 1e-5, 0.0, "llama", False)
+            return total, y
+        candidates["liger fused add rms norm (eager)"] = step_of(liger)
+    except ImportError as error:
+        row(piece="norm", candidate="liger", error=f"{type(error).__name__}: {error}")
+    reference = [t.detach().float() for t in step_of(torch_add_norm)()]
+    times, errors, graphs = {}, {}, {}
+    for name, step in list(candidates.items()):
+        try:
+            result = [t.detach().float() for t in step()]
+            diff = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(result, reference)]
+            row(piece="norm", candidate=name, max_rel_diff_s_y_dx_dw=diff)
+            times[name] = []
+        except Exception as error:  # noqa: BLE001 - a candidate this GPU cannot run: a row, not a crash
+            errors[name] = f"{type(error).__name__}: {str(error)[:300]}"
+            del candidates[name]
+    for _ in range(rounds):
+        for name, step in candidates.items():
+            ms, graphs[name] = timed_graph(step, iters)
+            times[name].append(ms)
+    moved = 8 * x.numel() * x.element_size()  # x, delta, s, y forward; s, dy, ds, dx backward
+    base = sorted(times["inductor (torch.compile)"])[rounds // 2] if "inductor (torch.compile)" in times else None
+    for name, ms in times.items():
+        median = sorted(ms)[rounds // 2]
+        row(piece="norm", candidate=name, ms_per_norm_median=median, ms_per_norm_min=min(ms),
+            ms_32_norms=32 * median, tb_per_s=moved / (median / 1e3) / 1e12,
+            vs_inductor=base / median if base else None, graph=graphs[name])
+    for name, error in errors.items():
+        row(piece="norm", candidate=name, error=error)
+
+
 def parameters_1b() -> list[torch.Tensor]:
     s = SHAPE
     hidden, inter, kv = s["hidden"], s["intermediate"], s["kv_heads"] * s["head_dim"]
@@ -631,6 +715,8 @@ def main() -> None:
     parser.add_argument("--duel", action="store_true",
                         help="only the packed rows' attention candidates, timed in turn over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--norm", action="store_true",
+                        help="only the residual add + RMSNorm candidates (inductor, ours at NORM_SWEEP, Liger)")
     parser.add_argument("--packed-sweep", action="store_true",
                         help="with --duel: sweep our packed kernels' tiles (PACKED_SWEEP) first, then duel the best")
     parser.add_argument("--rows", nargs="+", default=["random 128-1023", "stdlib rows"],
@@ -645,12 +731,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_step_pieces.py times CUDA kernels: run it on a GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    if args.duel:
+    if args.norm:
+        bench_norm(args.iters, args.rounds)
+    elif args.duel:
         best = sweep_packed(args.iters, args.rounds) if args.packed_sweep else None
         bench_duel(args.iters, args.rounds, args.sweep, best, tuple(args.rows), tuple(args.packed_baseline))
     elif not args.skip_optimizer:
         bench_optimizer(args.iters)
-    if not args.skip_attention and not args.duel:
+    if not args.skip_attention and not args.duel and not args.norm:
         bench_attention(args.iters, ["default", *args.option_sets])
     if args.json:
         with open(args.json, "w") as f:

@@ -57,9 +57,11 @@
 #   part t            (prepared) revisions of the packed kernels as patches (scripts/patches/): one loop with the mask
 #                     under a run-time branch (fewer registers), then the heaviest programs first; GPU tests, tile
 #                     sweep, the duel beside ours.
+#   part u            (prepared) the residual add + RMSNorm as our Triton ops (fused_norm=true): GPU tests, the norm
+#                     alone beside inductor's and Liger's, then training beside the default and HF + Liger.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|...|t|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|...|u|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -294,6 +296,20 @@ t)
     fi
     cp "$REVS/ours.py" $KERNELS
     ;;
+u)
+    # (prepared) the residual add + RMSNorm as our Triton ops (fused_norm=true, forgather/models/fused_rms_norm.py):
+    # their GPU tests, the norm alone beside inductor's and Liger's in CUDA graphs (bench_step_pieces.py --norm,
+    # with a sweep of NORM_TILING), then training beside the default and HF + Liger, and with the compiled AdamW
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 200 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "fused" -q -p no:cacheprovider -rs \
+            --tb=short > "$OUT/pytest_norm.txt" 2>&1
+        grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/pytest_norm.txt" | tail -20
+        timeout 150 $PY scripts/bench_step_pieces.py --norm --rounds 5 --json "$OUT/norm.json" 2>&1 | grep -v Warning \
+            | tee "$OUT/norm.txt" | cut -c1-300
+    fi
+    bench bench_1b_u.log --shape 1b --label 1b_u --steps 30 --paths forgather hf-liger --variant fused-norm \
+        fused_norm=true --variant fused-norm+adamw-compiled fused_norm=true optimizer=adamw_compiled --timeout 110 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -309,7 +325,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-t or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-u or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null

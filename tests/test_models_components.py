@@ -603,3 +603,39 @@ def test_rows_sampled_together_are_each_what_sample_next_token_draws_alone():
     assert one.tolist() == [int(sample_next_token(logits[3:4], 1.3, None, 0.5, torch.Generator().manual_seed(3))[0])]
     with pytest.raises(ValueError, match="6 rows of logits, 2 temperatures"):
         sample_rows(logits, [1.0, 1.0], top_ps, generators)
+
+
+def test_a_fused_rms_norm_runs_the_torch_norm_off_the_gpu_and_stays_picklable():
+    """RMSNorm(fused=True) on CPU tensors (and without Triton) is RMSNorm exactly, forward, `add_and_norm` and
+    gradients; it pickles and deep-copies like any module (it keeps the ops' functions, not their module)."""
+    import copy
+    import pickle
+
+    from forgather.models.norm import add_and_norm
+
+    torch.manual_seed(0)
+    plain, fused = RMSNorm(HIDDEN), RMSNorm(HIDDEN, fused=True)
+    fused.load_state_dict({"weight": torch.rand(HIDDEN) + 0.5})
+    plain.load_state_dict(fused.state_dict())
+    x, delta = torch.randn(2, 5, HIDDEN, requires_grad=True), torch.randn(2, 5, HIDDEN)
+    results = []
+    for norm in (fused, plain):
+        x.grad = None
+        s, y = add_and_norm(norm, x, delta)
+        (y.square().sum() + s.sum()).backward()
+        results.append((s, y, norm(x), x.grad, norm.weight.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(results[0][0], x + delta, rtol=0, atol=0)
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        torch.testing.assert_close(clone(x), fused(x), rtol=0, atol=0)
+
+
+def test_add_and_norm_of_a_norm_without_its_own_is_the_sum_and_its_norm():
+    from forgather.models.norm import add_and_norm
+
+    norm = LayerNorm(HIDDEN)
+    x, delta = torch.randn(3, HIDDEN), torch.randn(3, HIDDEN)
+    s, y = add_and_norm(norm, x, delta)
+    torch.testing.assert_close(s, x + delta, rtol=0, atol=0)
+    torch.testing.assert_close(y, norm(x + delta), rtol=0, atol=0)

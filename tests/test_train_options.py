@@ -229,7 +229,7 @@ def test_the_options_are_config_values_of_the_llama_template(capsys):
 
     from forgather.run import main
 
-    assert main(["+experiment=tiny_llama", "fused_projections=true", "compile=true", "compile_scope=model",
+    assert main(["+experiment=tiny_llama", "fused_projections=true", "fused_norm=true", "compile=true", "compile_scope=model",
                  "compile_mode=max-autotune-no-cudagraphs", "compile_options={coordinate_descent_tuning:true}",
                  "--cfg", "job", "--resolve"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
@@ -239,6 +239,7 @@ def test_the_options_are_config_values_of_the_llama_template(capsys):
     layer = config["model"]["layer_factory"]
     assert layer["attention_factory"]["fused_projections"] is True
     assert layer["feedforward_factory"]["fused_projections"] is True
+    assert layer["norm_factory"]["fused"] is True and config["model"]["norm_factory"]["fused"] is True
 
 
 def test_an_export_of_a_fused_model_loads_and_keeps_the_weight_names(tmp_path):

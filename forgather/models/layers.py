@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import AttentionMask
 from .kv_cache import LayerKVCache
+from .norm import add_and_norm
 
 
 def _dropout(p: float) -> nn.Module:
@@ -61,8 +62,9 @@ class PreLNLayer(TransformerLayer):
         mask: AttentionMask,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        x = self.residual_dropout(x) + self.dropout(self.attention(self.attention_norm(x), rope, mask, kv_cache))
-        return self.residual_dropout(x) + self.dropout(self.feedforward(self.feedforward_norm(x)))
+        attended = self.dropout(self.attention(self.attention_norm(x), rope, mask, kv_cache))
+        x, normed = add_and_norm(self.feedforward_norm, self.residual_dropout(x), attended)
+        return self.residual_dropout(x) + self.dropout(self.feedforward(normed))
 
 
 class PostLNLayer(TransformerLayer):

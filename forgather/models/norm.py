@@ -3,9 +3,16 @@
 Both take `hidden_size` first, so a layer calls `norm_factory(hidden_size)`. Statistics are computed in
 float32 and the result is cast back, so bf16/fp16 activations normalize as accurately as fp32 ones.
 RMSNorm's output takes the promoted dtype of weight and input, as in Hugging Face Llama (fp32 under autocast).
+
+`add_and_norm(norm, x, delta)` -> (x + delta, norm(x + delta)) is how a pre-LN layer joins a sublayer's output to
+the residual stream and normalizes the sum; `RMSNorm(fused=True)` does both on a GPU in one Triton kernel forward
+and one backward (fused_rms_norm.py), any other norm in two steps.
 """
 
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +28,53 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(x.dtype)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich, 2019): x / rms(x) * weight, no mean subtraction, no bias."""
+def fused_rms_norm_ops() -> ModuleType | None:
+    """forgather's fused RMSNorm ops (fused_rms_norm.py), or None where they cannot run: without Triton (CPU builds
+    of torch), and in standalone exported code, where forgather is absent -- the module is imported by name, so
+    that code still loads and runs `rms_norm`."""
+    try:
+        importlib.import_module("triton")
+        return importlib.import_module("forgather.models.fused_rms_norm")
+    except ImportError:
+        return None
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich, 2019): x / rms(x) * weight, no mean subtraction, no bias.
+
+    fused: on CUDA tensors, run the norm (and in `add_and_norm`, the residual add before it) as our Triton ops,
+    forward and backward one kernel each; elsewhere, and without Triton, the same `rms_norm` in torch."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, fused: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.fused = fused
+        ops = fused_rms_norm_ops() if fused else None
+        # the ops' functions, not their module: a model must stay picklable and deep-copyable
+        self._fused = (ops.rms_norm, ops.add_rms_norm) if ops is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None and x.is_cuda:
+            return self._fused[0](x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, self(x + delta)); with the fused ops, one kernel (x's dtype must hold the sum's)."""
+        if self._fused is not None and x.is_cuda and torch.promote_types(x.dtype, delta.dtype) == x.dtype:
+            return self._fused[1](x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, rms_norm(x, self.weight, self.eps)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm(x + delta)): the residual stream after a sublayer, and its norm. A norm with its own
+    `add_and_norm` (RMSNorm) does both, in one kernel where it can; any other norm in two steps."""
+    fused = getattr(norm, "add_and_norm", None)
+    if fused is not None:
+        return fused(x, delta)
+    x = x + delta
+    return x, norm(x)
 
 
 class LayerNorm(nn.Module):
