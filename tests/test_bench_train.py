@@ -311,3 +311,28 @@ def test_the_prepared_kernel_patches_apply_in_order_and_leave_valid_python(tmp_p
         source = copy.read_text()
         compile(source, str(copy), "exec")
     assert "if (n < mid_lo) | (n >= mid_hi):" in source and "HEAVY_LAST_BLOCKS" in source
+
+
+def test_packed_schedule_counts_each_program_s_tiles_and_replays_the_dispatch():
+    """scripts/packed_schedule.py: the tiles each program of the packed kernels visits (against a loop over the
+    documents), and list scheduling in which the order decides when a long program comes last."""
+    import torch
+
+    from forgather.models.attention import document_bounds
+
+    schedule = _load("packed_schedule")
+    ids = torch.tensor([[0] * 40 + [1] * 3 + [2] * 21, [0] * 64])
+    start, end = document_bounds(ids)
+    work = schedule.query_block_work(start, 8, 16)
+    for b in range(2):
+        for block in range(8):
+            first = int(start[b, block * 8]) // 16 * 16
+            assert work[b, block] == len(range(first, block * 8 + 8, 16))
+    work = schedule.key_block_work(end, 8, 16)
+    for b in range(2):
+        for block in range(4):
+            last_key = block * 16 + 15
+            assert work[b, block] == len(range(block * 16 // 8, -(-int(end[b, last_key]) // 8)))
+    assert schedule.drain_time([3, 1, 1, 1], slots=2, overhead=0) == 3
+    assert schedule.drain_time([1, 1, 1, 3], slots=2, overhead=0) == 4
+    assert schedule.drain_time([1, 1], slots=2, overhead=0.5) == 1.5
