@@ -18,33 +18,16 @@ import time
 
 import torch
 
-from forgather.models.attention import Attention
 from forgather.models.causal_lm import CausalLM
-from forgather.models.feedforward import SwiGLU
-from forgather.models.layers import PreLNLayer
-from forgather.models.norm import RMSNorm
-from forgather.models.rope import RotaryEmbedding
+from llama_model import llama
 
 LLAMA_7B = dict(vocab=32000, hidden=4096, layers=32, heads=32, intermediate=11008)
 TINY = dict(vocab=512, hidden=64, layers=2, heads=4, intermediate=128)
 
 
 def build_model(shape: dict, mlp_chunk: int | None = None) -> CausalLM:
-    return CausalLM(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        num_layers=shape["layers"],
-        layer_factory=functools.partial(
-            PreLNLayer,
-            attention_factory=functools.partial(Attention, num_heads=shape["heads"]),
-            feedforward_factory=functools.partial(SwiGLU, intermediate_size=shape["intermediate"], chunk_tokens=mlp_chunk),
-            norm_factory=RMSNorm,
-        ),
-        norm_factory=RMSNorm,
-        rope=RotaryEmbedding(shape["hidden"] // shape["heads"], theta=10000.0),
-        tie_embeddings=False,
-        activation_checkpointing=True,
-    )
+    return llama(shape["vocab"], shape["hidden"], shape["layers"], shape["heads"], shape["intermediate"],
+                 theta=10000.0, mlp_chunk=mlp_chunk, activation_checkpointing=True)
 
 
 def step_peak(model: CausalLM, loss_fn, optimizer, length: int, device: str) -> tuple[float, float]:

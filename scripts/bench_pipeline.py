@@ -36,14 +36,10 @@ from torch.distributed.pipelining.schedules import get_schedule_class
 from torch.utils.data import DataLoader
 
 from forgather.lightning.module import CausalLMModule
-from forgather.models.attention import Attention
 from forgather.models.causal_lm import CausalLM
-from forgather.models.feedforward import SwiGLU
-from forgather.models.layers import PreLNLayer
-from forgather.models.norm import RMSNorm
-from forgather.models.rope import RotaryEmbedding
 from forgather.strategies.pipeline import PipelineParallelStrategy
 from forgather.strategies.pipeline_split import balanced_split_points
+from llama_model import llama
 
 # hidden, layers, heads, kv heads, feed-forward, vocabulary
 PRESETS = {
@@ -57,14 +53,7 @@ BARS = {"one GPU": 1.7, "hand-written": 0.95}
 def build_model(preset: str) -> CausalLM:
     hidden, layers, heads, kv_heads, ffn, vocab = PRESETS[preset]
     torch.manual_seed(0)
-    layer = functools.partial(
-        PreLNLayer,
-        attention_factory=functools.partial(Attention, num_heads=heads, num_kv_heads=kv_heads),
-        feedforward_factory=functools.partial(SwiGLU, intermediate_size=ffn),
-        norm_factory=RMSNorm,
-    )
-    rope = RotaryEmbedding(hidden // heads, theta=500000.0)
-    return CausalLM(vocab, hidden, layers, layer, RMSNorm, rope=rope, tie_embeddings=False)
+    return llama(vocab, hidden, layers, heads, ffn, kv_heads=kv_heads)
 
 
 def build_loss(args: argparse.Namespace) -> nn.Module:

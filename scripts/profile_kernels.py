@@ -2,9 +2,9 @@
 
 Runs one forward + backward of two layers of the 1.24B shape (hidden 2,048, 32 / 8 heads of 64, SwiGLU of
 8,192, bf16, each layer compiled as `compile=true` compiles it) on 4 rows of 2,048 tokens of the training
-bench's own packed rows (`bench_step_pieces.stdlib_positions`), with `--attention` (packed by default). Only
-that step runs between cudaProfilerStart and cudaProfilerStop, so under
-`ncu --profile-from-start off` the warm-up and the compilation are not profiled.
+bench's own packed rows (`bench_step_pieces.stdlib_positions`), with `--attention` (packed by default) and
+`--fused-norm` (the norms as our Triton ops). Only that step runs between cudaProfilerStart and
+cudaProfilerStop, so under `ncu --profile-from-start off` the warm-up and the compilation are not profiled.
 
     ncu --clock-control none --profile-from-start off --csv --page details \\
         --section SpeedOfLight --section Occupancy --section LaunchStats \\
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import re
 import sys
 from collections import defaultdict
@@ -30,27 +29,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def step(attention: str, layers: int, device: str) -> None:
+def step(attention: str, layers: int, device: str, fused_norm: bool = False) -> None:
     import torch
 
     from bench_step_pieces import SHAPE, stdlib_positions
-    from forgather.models.attention import Attention
-    from forgather.models.causal_lm import CausalLM
-    from forgather.models.feedforward import SwiGLU
-    from forgather.models.layers import PreLNLayer
-    from forgather.models.norm import RMSNorm
-    from forgather.models.rope import RotaryEmbedding
+    from llama_model import llama
 
     s = SHAPE
     torch.manual_seed(0)
-    layer_factory = functools.partial(
-        PreLNLayer,
-        attention_factory=functools.partial(Attention, num_heads=s["heads"], num_kv_heads=s["kv_heads"],
-                                            attention_fn=attention),
-        feedforward_factory=functools.partial(SwiGLU, intermediate_size=s["intermediate"]),
-        norm_factory=RMSNorm,
-    )
-    model = CausalLM(4096, s["hidden"], layers, layer_factory, RMSNorm, rope=RotaryEmbedding(s["head_dim"]))
+    model = llama(4096, s["hidden"], layers, s["heads"], s["intermediate"], kv_heads=s["kv_heads"],
+                  attention_fn=attention, theta=10000.0, fused_norm=fused_norm, tie_embeddings=True)
     model = model.to(device=device, dtype=torch.bfloat16)
     for layer in model.layers:
         layer.compile()
@@ -132,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attention", default="packed", help="attention_fn of the layers (default packed)")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--fused-norm", action="store_true", help="the norms as our Triton ops (fused_norm=true)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu rehearses the step without a profiler")
     parser.add_argument("--summarize", metavar="CSV", help="print the table of an ncu log instead of running")
     parser.add_argument("--top", type=int, default=30)
@@ -139,7 +128,7 @@ def main() -> None:
     if args.summarize:
         print(summarize(args.summarize, args.top))
     else:
-        step(args.attention, args.layers, args.device)
+        step(args.attention, args.layers, args.device, args.fused_norm)
 
 
 if __name__ == "__main__":

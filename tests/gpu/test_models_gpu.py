@@ -41,16 +41,17 @@ def packed_positions(batch: int = 2) -> torch.Tensor:
     return torch.stack(rows).cuda()
 
 
-def wide_model(attention_fn: str) -> CausalLM:
+def wide_model(attention_fn: str, fused_norm: bool = False) -> CausalLM:
     """Heads of 64 (8 over 2 kv heads) in bf16: the head dim and dtype of the measured packed tilings."""
     torch.manual_seed(0)
+    norm = functools.partial(RMSNorm, fused=fused_norm)
     layer_factory = functools.partial(
         PreLNLayer,
         attention_factory=functools.partial(Attention, num_heads=8, num_kv_heads=2, attention_fn=attention_fn),
         feedforward_factory=functools.partial(SwiGLU, intermediate_size=1024),
-        norm_factory=RMSNorm,
+        norm_factory=norm,
     )
-    built = CausalLM(VOCAB, 512, 2, layer_factory, RMSNorm, rope=RotaryEmbedding(64))
+    built = CausalLM(VOCAB, 512, 2, layer_factory, norm, rope=RotaryEmbedding(64))
     return built.to(device="cuda", dtype=torch.bfloat16)
 
 
@@ -232,25 +233,12 @@ def test_fused_add_rms_norm_matches_autograd_through_the_torch_norm(dtype, hidde
         assert ((y != y_ref).float().mean()).item() < 0.01
 
 
-def fused_norm_model(fused: bool) -> CausalLM:
-    torch.manual_seed(0)
-    norm = functools.partial(RMSNorm, fused=fused)
-    layer_factory = functools.partial(
-        PreLNLayer,
-        attention_factory=functools.partial(Attention, num_heads=8, num_kv_heads=2, attention_fn="sdpa"),
-        feedforward_factory=functools.partial(SwiGLU, intermediate_size=1024),
-        norm_factory=norm,
-    )
-    built = CausalLM(VOCAB, 512, 2, layer_factory, norm, rope=RotaryEmbedding(64))
-    return built.to(device="cuda", dtype=torch.bfloat16)
-
-
 def test_compiled_model_with_fused_norms_trains_like_the_torch_norms():
     """RMSNorm(fused=True) under whole-model compile (fullgraph: the ops trace without a break): logits, the
     loss's gradient of a norm weight and of a projection agree with the torch norms' in bf16."""
     results = {}
     for fused in (True, False):
-        built = fused_norm_model(fused)
+        built = wide_model("sdpa", fused_norm=fused)
         step = torch.compile(built, fullgraph=True) if fused else built
         logits = step(token_ids())
         logits.float().logsumexp(-1).mean().backward()
