@@ -51,8 +51,8 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
+# torch is imported in the functions that use it: the HTTP rows' client processes (spawned) import this module
+# again, and need only the client
 from forgather.serve.client import free_port, wait_for_server
 
 SHAPES = {
@@ -72,6 +72,7 @@ def row(name: str, **values) -> None:
 
 
 def random_llama(shape: str, device: str):
+    import torch
     import transformers
 
     config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, eos_token_id=None,
@@ -99,6 +100,8 @@ def word_tokenizer(vocab: int):
 
 
 def sync() -> None:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -224,6 +227,8 @@ def bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float,
 
 def _bench_engine(name: str, model, prompt: list[int], tokens: int, floor: float, ttft_prompt: int | None,
                   slots: int, profile: bool, bursts: tuple[int, ...], options: dict, sampling: dict = GREEDY) -> None:
+    import torch
+
     from forgather.serve.engine import Engine
 
     started = time.perf_counter()
@@ -295,6 +300,8 @@ def _graph(engine, size: int):
 def profile_step(engine) -> None:
     """GPU time of one graphed decode step at batch 1 and 32 (graph replays back to back), and the kernels of
     five replays at batch 1 by CUDA time."""
+    import torch
+
     for size in (1, engine.slots):
         graph = _graph(engine, size)
         sync()
@@ -464,6 +471,8 @@ VARIANTS = {
 
 
 def main() -> None:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1b", choices=("1b", "tiny"))
     parser.add_argument("--prompt", type=int, default=128)
