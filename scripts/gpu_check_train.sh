@@ -59,9 +59,11 @@
 #                     sweep, the duel beside ours.
 #   part u            (prepared) the residual add + RMSNorm as our Triton ops (fused_norm=true): GPU tests, the norm
 #                     alone beside inductor's and Liger's, then training beside the default and HF + Liger.
+#   part v            (prepared) what parts t and u measured faster, together (PATCHES="..." applies kernel patches),
+#                     with the compiled AdamW and CUDA graphs, beside the default and HF + Liger.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|...|u|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|...|v|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -310,6 +312,21 @@ u)
     bench bench_1b_u.log --shape 1b --label 1b_u --steps 30 --paths forgather hf-liger --variant fused-norm \
         fused_norm=true --variant fused-norm+adamw-compiled fused_norm=true optimizer=adamw_compiled --timeout 110 "$@"
     ;;
+v)
+    # (prepared) the combination of what parts t and u measured faster, 40 steps beside the default and HF + Liger:
+    # PATCHES (names under scripts/patches/, applied in order to the kernels, e.g. "packed_one_loop
+    # packed_heavy_first") for every run, then fused_norm=true with the compiled AdamW, and that under CUDA graphs
+    # (compile_mode=reduce-overhead: the step's ~1,150 launches, ~2.5 ms of gaps, replayed as graphs)
+    KERNELS=forgather/models/packed_attention_kernels.py
+    cp $KERNELS "$OUT/ours_kernels.py"
+    for patch in ${PATCHES:-}; do
+        git apply "scripts/patches/$patch.patch" || { echo "patch $patch does not apply"; exit 1; }
+    done
+    bench bench_1b_v.log --shape 1b --label 1b_v --steps 40 --paths forgather hf-liger --variant \
+        fused-norm+adamw-compiled fused_norm=true optimizer=adamw_compiled --variant fused-norm+adamw-compiled+graphs \
+        fused_norm=true optimizer=adamw_compiled compile_mode=reduce-overhead --timeout 130 "$@"
+    cp "$OUT/ours_kernels.py" $KERNELS
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -325,7 +342,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-u or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-v or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 cat "$OUT"/summary_*.md 2>/dev/null
