@@ -19,7 +19,7 @@ scripts/interpret_fused_rms_norm.py).
 `rms_norm(x, weight, eps)` -> y and `add_rms_norm(x, delta, weight, eps)` -> (x + delta, y) take [..., hidden]
 tensors with the hidden dimension contiguous; `norm.RMSNorm(fused=True)` reaches them through
 `norm.fused_rms_norm_ops`, which imports this module by name (exported standalone code runs the torch
-expression). `NORM_TILING` sets the kernels' launch shape.
+expression). `NORM_TILING` sets the kernels' launch shape (`launch_constants`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
-def _block(n_cols: int) -> int:
-    return 1 << max(n_cols - 1, 1).bit_length()
+def launch_constants(kernel: str, n_cols: int, **constants) -> dict:
+    """The forward's or backward's compile-time constants and launch options at NORM_TILING for rows of n_cols
+    (also what scripts/packed_kernel_registers.py --norm compiles with)."""
+    rows, warps = NORM_TILING[kernel][:2]
+    return dict(ROWS=rows, BLOCK=1 << max(n_cols - 1, 1).bit_length(), num_warps=warps, **constants)
 
 
 def _programs(t: torch.Tensor, n_rows: int) -> int:
@@ -57,18 +60,18 @@ def _forward(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, 
 
     from . import fused_rms_norm_kernels as kernels
 
-    rows, block = NORM_TILING["forward"]
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    s = torch.empty_like(x) if delta is not None else x.new_empty(0)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if delta is not None else x.new_empty(0)
     d2 = _rows(delta) if delta is not None else x2
     s2 = s.view(-1, n_cols) if delta is not None else x2
     y2 = y.view(-1, n_cols)
-    wrap_triton(kernels._rms_norm_forward)[(-(-n_rows // rows),)](
+    launch = launch_constants("forward", n_cols, eps=eps, HAS_DELTA=delta is not None)
+    wrap_triton(kernels._rms_norm_forward)[(-(-n_rows // launch["ROWS"]),)](
         x2, d2, weight, y2, s2, rstd, x2.stride(0), d2.stride(0), y2.stride(0), s2.stride(0), n_rows, n_cols,
-        eps=eps, HAS_DELTA=delta is not None, ROWS=rows, BLOCK=_block(n_cols), num_warps=block)
+        **launch)
     return y, s, rstd
 
 
@@ -85,7 +88,6 @@ def _backward_op(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, wei
 
     from . import fused_rms_norm_kernels as kernels
 
-    rows, warps, _ = NORM_TILING["backward"]
     s2, dy2 = _rows(s), _rows(dy)
     n_rows, n_cols = s2.shape
     ds2 = _rows(ds) if ds is not None else dy2
@@ -95,8 +97,7 @@ def _backward_op(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, wei
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=s.device)
     wrap_triton(kernels._rms_norm_backward)[(programs,)](
         dy2, ds2, s2, weight, rstd, dx2, partial, dy2.stride(0), ds2.stride(0), s2.stride(0), dx2.stride(0),
-        n_rows, n_cols, -(-n_rows // programs), HAS_DS=ds is not None, ROWS=rows, BLOCK=_block(n_cols),
-        num_warps=warps)
+        n_rows, n_cols, -(-n_rows // programs), **launch_constants("backward", n_cols, HAS_DS=ds is not None))
     return dx, partial.sum(0).to(weight.dtype)
 
 
@@ -111,6 +112,8 @@ def _backward(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
     if not ctx.has_delta:
         ds = None
+    if dy is None:  # the norm's output took no part in the loss: only the residual stream's gradient passes
+        dy = torch.zeros(s.shape, dtype=torch.promote_types(weight.dtype, s.dtype), device=s.device)
     dx, dweight = _backward_op(dy, ds, s, weight, rstd)
     return dx, (dx if ctx.has_delta else None), dweight, None
 

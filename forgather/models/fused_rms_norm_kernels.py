@@ -36,7 +36,7 @@ def _rms_norm_forward(
     sx, sd, sy, ss, n_rows, n_cols,
     eps: tl.constexpr, HAS_DELTA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # row offsets past 2^31 elements
     cols, mask = _row_tile(rows, n_rows, n_cols, BLOCK)
     x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0)
     if HAS_DELTA:
@@ -65,7 +65,7 @@ def _rms_norm_backward(
     weight = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], tl.float32)
     for row in range(first, last, ROWS):
-        rows = row + tl.arange(0, ROWS)
+        rows = (row + tl.arange(0, ROWS)).to(tl.int64)
         cols, mask = _row_tile(rows, last, n_cols, BLOCK)
         dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(S + rows[:, None] * ss + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -78,4 +78,4 @@ def _rms_norm_backward(
         if HAS_DS:
             ds += tl.load(DS + rows[:, None] * sds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * sdx + cols[None, :], ds.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + program * n_cols + cols, dw, mask=cols < n_cols)
+    tl.store(DW_PARTIAL + program.to(tl.int64) * n_cols + cols, dw, mask=cols < n_cols)
