@@ -301,7 +301,7 @@ t)
 u)
     # (prepared) the residual add + RMSNorm as our Triton ops (fused_norm=true, forgather/models/fused_rms_norm.py):
     # their GPU tests, the norm alone beside inductor's and Liger's in CUDA graphs (bench_step_pieces.py --norm,
-    # with a sweep of NORM_TILING), then training beside the default and HF + Liger, and with the compiled AdamW
+    # with a sweep of NORM_TILING), then training beside the default and HF + Liger (~8 minutes in all)
     if [ -z "${REHEARSE:-}" ]; then
         timeout 200 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "fused" -q -p no:cacheprovider -rs \
             --tb=short > "$OUT/pytest_norm.txt" 2>&1
@@ -310,7 +310,7 @@ u)
             | tee "$OUT/norm.txt" | cut -c1-300
     fi
     bench bench_1b_u.log --shape 1b --label 1b_u --steps 30 --paths forgather hf-liger --variant fused-norm \
-        fused_norm=true --variant fused-norm+adamw-compiled fused_norm=true optimizer=adamw_compiled --timeout 110 "$@"
+        fused_norm=true --timeout 110 "$@"
     ;;
 v)
     # (prepared) the combination of what parts t and u measured faster, 40 steps beside the default and HF + Liger:
