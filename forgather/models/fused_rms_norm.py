@@ -42,9 +42,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def launch_constants(kernel: str, n_cols: int, **constants) -> dict:
     """The forward's or backward's compile-time constants and launch options at NORM_TILING for rows of n_cols
-    (also what scripts/packed_kernel_registers.py --norm compiles with)."""
+    (also what scripts/packed_kernel_registers.py --norm compiles with). NORM_TILING's warps are for rows of up
+    to 2,048; wider rows get proportionally more (up to 16), so a thread holds as many elements of each row
+    (the backward at 4,096 would otherwise take 135 registers a thread and leave one program an SM)."""
     rows, warps = NORM_TILING[kernel][:2]
-    return dict(ROWS=rows, BLOCK=1 << max(n_cols - 1, 1).bit_length(), num_warps=warps, **constants)
+    block = 1 << max(n_cols - 1, 1).bit_length()
+    return dict(ROWS=rows, BLOCK=block, num_warps=min(16, warps * max(1, block // 2048)), **constants)
 
 
 def _programs(t: torch.Tensor, n_rows: int) -> int:
