@@ -29,22 +29,24 @@ def tiny_model(
     tie_embeddings: bool = True,
     activation_checkpointing: bool = False,
     seed: int = 0,
+    fused_norm: bool = False,
 ) -> CausalLM:
     torch.manual_seed(seed)
+    norm = functools.partial(RMSNorm, fused=fused_norm)
     layer_factory = functools.partial(
         layer,
         attention_factory=functools.partial(
             Attention, num_heads=HEADS, num_kv_heads=KV_HEADS, attention_fn=attention_fn
         ),
         feedforward_factory=functools.partial(SwiGLU, intermediate_size=64),
-        norm_factory=RMSNorm,
+        norm_factory=norm,
     )
     return CausalLM(
         VOCAB,
         HIDDEN,
         2,
         layer_factory,
-        RMSNorm,
+        norm,
         rope=RotaryEmbedding(HIDDEN // HEADS, theta=10000.0),
         tie_embeddings=tie_embeddings,
         activation_checkpointing=activation_checkpointing,
@@ -477,8 +479,10 @@ def test_reordered_kv_cache_continues_the_selected_rows():
 
 
 @pytest.mark.slow
-def test_whole_model_compiles_without_graph_breaks():
-    model, ids = tiny_model().train(), random_ids()
+@pytest.mark.parametrize("fused_norm", [False, True], ids=["norm", "fused_norm"])
+def test_whole_model_compiles_without_graph_breaks(fused_norm):
+    """(fused_norm: on the CPU the torch norm, but through RMSNorm.add_and_norm's checks, which must trace.)"""
+    model, ids = tiny_model(fused_norm=fused_norm).train(), random_ids()
     compiled = torch.compile(model, fullgraph=True)
     logits = compiled(ids, PACKED_POSITIONS)
     logits.mean().backward()
