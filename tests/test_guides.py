@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = {
     "docs/guides/coming_from_forgather.md": ".",
     "docs/guides/composition.md": ".",
+    "docs/guides/gpu_training.md": ".",
     "docs/guides/overrides_and_sweeps.md": ".",
     "docs/guides/plain_lightning.md": ".",
     "examples/projects_overview/README.md": ".",
