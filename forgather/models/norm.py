@@ -12,6 +12,7 @@ and one backward (fused_rms_norm.py), any other norm in two steps.
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -51,6 +52,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.fused = fused
         ops = fused_rms_norm_ops() if fused else None
+        if fused and ops is None and torch.cuda.is_available():
+            warnings.warn("RMSNorm(fused=True) runs the torch norm: Triton is not installed (pip install triton, "
+                          "or forgather[gpu])", stacklevel=2)
         # the ops' functions, not their module: a model must stay picklable and deep-copyable
         self._fused = (ops.rms_norm, ops.add_rms_norm) if ops is not None else None
 
