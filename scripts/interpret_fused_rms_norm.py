@@ -49,8 +49,10 @@ def run_case(shape, hidden, dtype, residual, tiling, weight_dtype=None) -> float
         for t in (x, delta, weight):
             t.grad = None
         if residual:
-            s, y = add_rms_norm(x, delta, weight, 1e-5) if fused else (x + delta, None)
-            if not fused:
+            if fused:
+                s, y = add_rms_norm(x, delta, weight, 1e-5)
+            else:
+                s = x + delta
                 y = reference_rms_norm(s, weight, 1e-5)
             torch.autograd.backward([y, s], [dy, ds])
             return [y, s, x.grad, delta.grad, weight.grad]

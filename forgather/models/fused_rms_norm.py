@@ -34,10 +34,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as [rows, hidden], a view where the layout allows (the kernels take one stride per row)."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return t.reshape(-1, t.shape[-1])
+    return t.reshape(-1, t.shape[-1])
 
 
 def launch_constants(kernel: str, n_cols: int, **constants) -> dict:
@@ -57,8 +54,9 @@ def _programs(t: torch.Tensor, n_rows: int) -> int:
     return max(1, min(n_rows, sms * per_sm))
 
 
-def _forward(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.triton_op("forgather::rms_norm", mutates_args=())
+def _forward_op(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from torch.library import wrap_triton
 
     from . import fused_rms_norm_kernels as kernels
@@ -76,12 +74,6 @@ def _forward(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, 
         x2, d2, weight, y2, s2, rstd, x2.stride(0), d2.stride(0), y2.stride(0), s2.stride(0), n_rows, n_cols,
         **launch)
     return y, s, rstd
-
-
-@torch.library.triton_op("forgather::rms_norm", mutates_args=())
-def _forward_op(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, delta, weight, eps)
 
 
 @torch.library.triton_op("forgather::rms_norm_backward", mutates_args=())
