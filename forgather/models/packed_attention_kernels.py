@@ -80,8 +80,9 @@ def _key_tiles(K, V, b, h, n, skb, skh, skt, svb, svh, svt, T, BLOCK_N: tl.const
 
 @triton.jit
 def _visible(keys, start, token):
-    """[rows, keys]: whether each row (a query at `token`, its document starting at `start`) sees each key."""
-    return (keys[None, :] >= start[:, None]) & (keys[None, :] <= token[:, None])
+    """Whether a query at `token`, its document starting at `start`, sees the key at `keys`, broadcast: the forward
+    and dq pass [rows, keys] shapes, dk/dv [keys, rows]."""
+    return (keys >= start) & (keys <= token)
 
 
 @triton.jit
@@ -115,7 +116,7 @@ def _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, lo, hi, skb, skh,
         keys, k, v = _key_tiles(K, V, b, h, n, skb, skh, skt, svb, svh, svt, T, BLOCK_N, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            s = tl.where(_visible(keys, start, token), s, _HIDDEN)
+            s = tl.where(_visible(keys[None, :], start[:, None], token[:, None]), s, _HIDDEN)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -160,7 +161,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, b, h, start, token, lo, hi, skb, skh,
         keys, k, v = _key_tiles(K, V, b, h, n, skb, skh, skt, svb, svh, svt, T, BLOCK_N, HEAD_DIM)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(keys, start, token), p, 0.0)
+            p = tl.where(_visible(keys[None, :], start[:, None], token[:, None]), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
@@ -210,7 +211,7 @@ def _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, lo, hi, sqb,
         pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
         if MASKED:
             start = tl.load(START + b * ssb + token, mask=inside, other=T)
-            pt = tl.where((keys[:, None] >= start[None, :]) & (keys[:, None] <= token[None, :]), pt, 0.0)
+            pt = tl.where(_visible(keys[:, None], start[None, :], token[None, :]), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dst = pt * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
