@@ -104,6 +104,13 @@ packed_sweep() {  # sweep the packed kernels' tiles and duel the best; prints th
     grep -o '"option": "[^"]*"' "$OUT/duel.txt" | tail -1 | sed 's/"option": "\(.*\)"/\1/'
 }
 
+KERNELS=forgather/models/packed_attention_kernels.py
+apply_patches() {  # apply_patches NAME...: scripts/patches/NAME.patch on the packed kernels, in order
+    for patch in "$@"; do
+        git apply "scripts/patches/$patch.patch" || { echo "patch $patch does not apply"; exit 1; }
+    done
+}
+
 ncu_step() {  # ncu_step SECONDS NAME [ncu options] PROGRAM...: Nsight Compute over a step, tabulated
     local seconds=$1 name=$2
     shift 2
@@ -283,12 +290,12 @@ t)
     # packed_heavy_first (programs handed out so that the heaviest start first). Both applied take the checkout's
     # place for the packed GPU tests and a sweep of their tiles; the duel then times them, at the default and the
     # best tiles, beside ours and the one-loop revision, in CUDA graphs on the bench's rows
-    KERNELS=forgather/models/packed_attention_kernels.py
     REVS="$OUT/revisions"
     mkdir -p "$REVS"
     cp $KERNELS "$REVS/ours.py"
-    git apply scripts/patches/packed_one_loop.patch && cp $KERNELS "$REVS/one_loop.py" \
-        && git apply scripts/patches/packed_heavy_first.patch || { echo "the patches do not apply"; exit 1; }
+    apply_patches packed_one_loop
+    cp $KERNELS "$REVS/one_loop.py"
+    apply_patches packed_heavy_first
     if [ -z "${REHEARSE:-}" ]; then
         packed_tests
         timeout 300 $PY scripts/bench_step_pieces.py --duel --packed-sweep --rows "stdlib rows" --rounds 3 \
@@ -317,11 +324,8 @@ v)
     # PATCHES (names under scripts/patches/, applied in order to the kernels, e.g. "packed_one_loop
     # packed_heavy_first") for every run, then fused_norm=true with the compiled AdamW, and that under CUDA graphs
     # (compile_mode=reduce-overhead: the step's ~1,150 launches, ~2.5 ms of gaps, replayed as graphs)
-    KERNELS=forgather/models/packed_attention_kernels.py
     cp $KERNELS "$OUT/ours_kernels.py"
-    for patch in ${PATCHES:-}; do
-        git apply "scripts/patches/$patch.patch" || { echo "patch $patch does not apply"; exit 1; }
-    done
+    apply_patches ${PATCHES:-}
     bench bench_1b_v.log --shape 1b --label 1b_v --steps 40 --paths forgather hf-liger --variant \
         fused-norm+adamw-compiled fused_norm=true optimizer=adamw_compiled --variant fused-norm+adamw-compiled+graphs \
         fused_norm=true optimizer=adamw_compiled compile_mode=reduce-overhead --timeout 130 "$@"
