@@ -22,6 +22,7 @@ import torch
 
 from forgather.models import fused_rms_norm
 from forgather.models.fused_rms_norm import add_rms_norm, rms_norm
+from forgather.models.norm import add_rms_norm as reference_add_rms_norm
 from forgather.models.norm import rms_norm as reference_rms_norm
 
 # (leading shape, hidden, dtype, with the residual add, tiling): rows that do not fill the last program or
@@ -49,14 +50,10 @@ def run_case(shape, hidden, dtype, residual, tiling, weight_dtype=None) -> float
         for t in (x, delta, weight):
             t.grad = None
         if residual:
-            if fused:
-                s, y = add_rms_norm(x, delta, weight, 1e-5)
-            else:
-                s = x + delta
-                y = reference_rms_norm(s, weight, 1e-5)
+            s, y = (add_rms_norm if fused else reference_add_rms_norm)(x, delta, weight, 1e-5)
             torch.autograd.backward([y, s], [dy, ds])
             return [y, s, x.grad, delta.grad, weight.grad]
-        y = rms_norm(x, weight, 1e-5) if fused else reference_rms_norm(x, weight, 1e-5)
+        y = (rms_norm if fused else reference_rms_norm)(x, weight, 1e-5)
         y.backward(dy)
         return [y, x.grad, weight.grad]
 

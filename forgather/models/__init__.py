@@ -9,7 +9,8 @@ One file per component, each importing only torch, the standard library and its 
     packed_attention.py  attention_fn="packed": our Triton kernels for packed documents on GPUs (imported by
                     name from attention.py; standalone exported code runs SDPA instead)
     feedforward.py  SwiGLU(hidden_size, intermediate_size), GELUMLP(hidden_size, intermediate_size)
-    norm.py         RMSNorm(hidden_size, fused=False), LayerNorm(hidden_size), add_and_norm(norm, x, delta)
+    norm.py         RMSNorm(hidden_size, fused=False), LayerNorm(hidden_size), add_and_norm(norm, x, delta),
+                    rms_norm / add_rms_norm (the torch semantics of the fused ops)
     fused_rms_norm.py  RMSNorm(fused=True): the residual add + RMSNorm as our Triton ops on GPUs (imported by
                     name from norm.py; standalone exported code runs the torch norm instead)
     layers.py       PreLNLayer / PostLNLayer(hidden_size, attention_factory, feedforward_factory, norm_factory,

@@ -10,8 +10,9 @@ for the same computation, but behind an autograd.Function that launches them fro
 `torch.library.triton_op`s (`forgather::rms_norm`, `forgather::rms_norm_backward`), which torch.compile places
 inside the layer's graph and launches from its own code, as packed_attention.py's are.
 
-Semantics, those of `norm.rms_norm` on `x + delta`: the sum rounded to x's dtype, the statistics in fp32, the
-normed values rounded to x's dtype before the weight, the output in the promoted dtype of weight and input.
+Semantics, those of `norm.add_rms_norm` (`norm.rms_norm` on `x + delta`): the sum rounded to x's dtype, the
+statistics in fp32, the normed values rounded to x's dtype before the weight, the output in the promoted dtype of
+weight and input.
 The backward rounds `dy * weight` to x's dtype as autograd does; the weight's gradient sums fp32 products where
 autograd rounds each product first (within rounding of the reference, checked by tests/gpu and
 scripts/interpret_fused_rms_norm.py).

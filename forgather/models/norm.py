@@ -29,6 +29,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta, weight, eps)): a residual add and the norm of the sum, the semantics of the
+    fused ops (fused_rms_norm.add_rms_norm) in torch."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
 def fused_rms_norm_ops() -> ModuleType | None:
     """forgather's fused RMSNorm ops (fused_rms_norm.py), or None where they cannot run: without Triton (CPU builds
     of torch), and in standalone exported code, where forgather is absent -- the module is imported by name, so
@@ -67,8 +75,7 @@ class RMSNorm(nn.Module):
         """(x + delta, self(x + delta)); with the fused ops, one kernel (x's dtype must hold the sum's)."""
         if self._fused is not None and x.is_cuda and torch.promote_types(x.dtype, delta.dtype) == x.dtype:
             return self._fused[1](x, delta, self.weight, self.eps)
-        x = x + delta
-        return x, rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

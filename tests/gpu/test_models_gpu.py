@@ -206,20 +206,15 @@ def test_fused_add_rms_norm_matches_autograd_through_the_torch_norm(dtype, hidde
     """forgather::rms_norm with the residual add: the sum bit for bit, the norm within an ulp of the input dtype,
     the gradients of both inputs and the weight within rounding, for the hidden sizes of the 1.24B and 7B shapes
     and one that is not a power of two."""
-    from forgather.models.fused_rms_norm import add_rms_norm
-    from forgather.models.norm import rms_norm
+    from forgather.models import fused_rms_norm, norm
 
     x, delta, weight, dy, ds = _norm_inputs(dtype, hidden)
     weight.requires_grad_()
     results = []
-    for fused in (True, False):
+    for ops in (fused_rms_norm, norm):
         for t in (x, delta, weight):
             t.grad = None
-        if fused:
-            s, y = add_rms_norm(x, delta, weight, 1e-5)
-        else:
-            s = x + delta
-            y = rms_norm(s, weight, 1e-5)
+        s, y = ops.add_rms_norm(x, delta, weight, 1e-5)
         torch.autograd.backward([y, s], [dy, ds])
         results.append([t.detach().float() for t in (s, y, x.grad, delta.grad, weight.grad)])
     (s, y, dx, ddelta, dweight), (s_ref, y_ref, dx_ref, _, dweight_ref) = results
