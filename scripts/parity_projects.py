@@ -37,10 +37,14 @@ from typing import Any
 _REFERENCE_WORKER = r'''
 import json, os, sys
 from forgather.config import ConfigEnvironment
-from forgather.latent import CallableNode, FactoryNode, LambdaNode, MetaNode, Undefined, VarNode
+from forgather.latent import CallableNode, FactoryNode, MetaNode, Undefined, VarNode
+try:  # renamed in the reference after f92f8b8
+    from forgather.latent import PartialNode
+except ImportError:
+    from forgather.latent import LambdaNode as PartialNode
 from forgather.meta_config import MetaConfig, preprocessor_globals
 
-KINDS = ((MetaNode, "meta"), (LambdaNode, "partial"), (FactoryNode, "factory"), (CallableNode, "singleton"))
+KINDS = ((MetaNode, "meta"), (PartialNode, "partial"), (FactoryNode, "factory"), (CallableNode, "singleton"))
 COLLECTIONS = {"named_dict": "dict", "named_list": "list", "named_tuple": "tuple"}
 
 

@@ -106,6 +106,16 @@ def test_var_takes_the_default_or_an_override():
     assert construct(config, "opt").keywords["lr"] == 0.1
 
 
+def test_var_list_form_is_name_and_default():
+    # The reference's `!var [name, default]` (its templatelib/base/datasets/load_dataset.yaml uses it).
+    graph = load_graph("a: !var [shuffle, false]\nb: !var [seed]\nc: !var [args, {}]\n")
+    config = to_config(graph).config
+    assert config.shuffle is False and config.args == {} and OmegaConf.is_missing(config, "seed")
+    for bad in ("[]", "[a, 1, 2]", "[[a], 1]"):
+        with pytest.raises(GraphError, match=r"line 1: !var takes a name, a mapping .* or a list \[name, default\]"):
+            load_graph(f"a: !var {bad}\n")
+
+
 def test_import_spec_forms(tmp_path):
     (tmp_path / "local_mod.py").write_text("class Thing:\n    class Inner:\n        value = 7\n")
     graph = load_graph(

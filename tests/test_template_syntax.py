@@ -197,8 +197,31 @@ def test_time_globals_have_their_formats(tmp_path):
 
     out = render(tmp_path, {"t.yaml": "{{ isotime() }}|{{ utcisotime() }}|{{ filetime() }}|{{ now().year > 2000 }}\n"}, "t.yaml")
     iso, utc, file_time, year_ok = out.strip().split("|")
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", iso) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", utc)
+    # The reference's utcisotime() carries the UTC offset (isoformat of an aware time); isotime() does not.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", iso) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", utc)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d", file_time) and year_ok == "True"
+
+
+def test_getenv_reads_the_environment_with_a_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("RANK", raising=False)
+    out = render(tmp_path, {"t.yaml": "{{ getenv('WORLD_SIZE', '1') | int * 2 }} {{ getenv('RANK', '0') }}\n"}, "t.yaml")
+    assert out == "8 0"
+
+
+def test_template_raise_and_assert_stop_at_their_line(tmp_path):
+    files = {
+        "ok.yaml": "a: 1\n== assert(4 % 2 == 0, 'even')\nb: 2\n",
+        "bad.yaml": "a: 1\n-- if 3 % 2\n    == raise('batch must divide by stages')\n-- endif\n",
+        "off.yaml": "a: 1\n\n== assert(3 % 2 == 0, 'stages must divide the batch')\n",
+    }
+    write_files(tmp_path, files)
+    env = TemplateEnvironment([str(tmp_path)])
+    assert env.render("ok.yaml") == "a: 1\n\nb: 2"  # a holding assert prints nothing
+    with pytest.raises(TemplateError, match=r"bad\.yaml:3: the template stopped: batch must divide by stages"):
+        env.render("bad.yaml")
+    with pytest.raises(TemplateError, match=r"off\.yaml:3: the template stopped: stages must divide the batch"):
+        env.render("off.yaml")
 
 
 def test_user_directory_globals_name_forgather_dirs(tmp_path):

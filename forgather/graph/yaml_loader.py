@@ -163,9 +163,12 @@ def _construct_var(loader: yaml.Loader, node: yaml.Node) -> VarNode:
     if isinstance(node, yaml.MappingNode):
         mapping = loader.construct_mapping(node, deep=True)
         if "name" not in mapping or set(mapping) - {"name", "default"}:
-            raise GraphError("!var takes a name, or a mapping {name: ..., default: ...}", _line(node))
+            raise GraphError("!var takes a name, a mapping {name: ..., default: ...} or a list [name, default]", _line(node))
         return VarNode(mapping["name"], mapping.get("default", MISSING), line=_line(node))
-    raise GraphError("!var takes a name, or a mapping {name: ..., default: ...}", _line(node))
+    items = loader.construct_sequence(node, deep=True)
+    if len(items) not in (1, 2) or not isinstance(items[0], str):
+        raise GraphError(f"!var takes a name, a mapping {{name: ..., default: ...}} or a list [name, default], not {items!r}", _line(node))
+    return VarNode(items[0], items[1] if len(items) == 2 else MISSING, line=_line(node))
 
 
 class GraphLoader(_BaseLoader):

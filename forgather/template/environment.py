@@ -366,6 +366,8 @@ class TemplateEnvironment:
         elif isinstance(error, jinja2.UndefinedError):
             message = (f"undefined variable: {error.message}; set it above its use or in a template that extends or "
                        f"includes this one (-- set NAME = ...), or give it a default (NAME | default(...))")
+        elif isinstance(error, template_globals.TemplateRaise):
+            message = f"the template stopped: {error}"
         else:
             message = f"{type(error).__name__}: {error}"
         if not chain:

@@ -28,7 +28,8 @@ def isotime() -> str:
 
 
 def utcisotime() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    """UTC time, ISO format, 1-second resolution, with its offset: `2026-12-04T10:00:00+00:00`."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def filetime() -> str:
@@ -56,6 +57,23 @@ def _defined(function: Callable[..., Any]) -> Callable[..., Any]:
 def modname_from_path(path: str) -> str:
     """The module name of a Python file: `/a/b/model.py` -> `model`."""
     return os.path.splitext(os.path.basename(path))[0]
+
+
+class TemplateRaise(ValueError):
+    """What a template's `raise("...")` or failed `assert(condition, "...")` raises; the renderer names the
+    template and line it came from."""
+
+
+def template_raise(message: str) -> None:
+    """`== raise("stages must divide the batch")`: stop rendering with the template's own message."""
+    raise TemplateRaise(str(message))
+
+
+def template_assert(condition: Any, message: str = "assertion failed") -> str:
+    """`== assert(n % stages == 0, "stages must divide the batch")`; renders as nothing when it holds."""
+    if not condition:
+        raise TemplateRaise(str(message))
+    return ""
 
 
 def forgather_config_dir() -> str:
@@ -90,6 +108,9 @@ GLOBALS = {
     "splitext": _defined(os.path.splitext),
     "modname_from_path": _defined(modname_from_path),
     "getcwd": os.getcwd,
+    "getenv": os.environ.get,
+    "raise": template_raise,
+    "assert": template_assert,
     "repr": repr,
     "user_home_dir": lambda: os.path.expanduser("~"),
     "user_cache_dir": lambda: platformdirs.user_cache_dir(_APP),
