@@ -137,3 +137,31 @@ def test_two_different_nodes_may_not_share_a_name():
     with pytest.raises(GraphError, match="a second node is named 'n' .the first is at line 1") as caught:
         to_config(graph)
     assert caught.value.line == 2
+
+
+def test_reference_bare_callables_construct_and_generate_the_same():
+    # The reference's own bare targets (its CallableNode.BUILT_INS), as its tutorial's project.yaml uses them.
+    text = (
+        "d: &d !dict { a: 1, b: [1, 2] }\n"
+        "item: !call:getitem [ *d, b ]\n"
+        "vals: !singleton:values [ *d ]\n"
+        "pairs: !call:list [ !call:items [ *d ] ]\n"
+        "deferred: !partial:call [ !partial:operator:add [ 1 ] ]\n"
+    )
+    built, generated, _ = stages(text)
+    for result in (built, generated):
+        assert result["item"] == [1, 2] and list(result["vals"]) == [1, [1, 2]]
+        assert result["pairs"] == [("a", 1), ("b", [1, 2])] and result["deferred"](2) == 3
+    assert built["item"] is built["d"]["b"]
+
+
+def test_a_bare_name_that_is_neither_builtin_nor_reference_callable_says_how_to_import_it():
+    config = to_config(load_graph("x: !call:getitm [ {a: 1}, a ]\n")).config
+    with pytest.raises(Exception, match="'getitm' is not a builtin; write 'module:getitm'"):
+        construct(config, "x")
+
+
+def test_the_reference_library_is_named_as_such_when_a_target_needs_it():
+    config = to_config(load_graph("t: !call:forgather.ml.trainer:Trainer []\n")).config
+    with pytest.raises(Exception, match="'forgather.ml' is the reference Forgather's library"):
+        construct(config, "t")

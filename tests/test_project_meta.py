@@ -249,3 +249,60 @@ def test_ls_shows_a_reference_config_description_from_its_metadata_block(workspa
         """})
     assert main(["ls", str(workspace / "group" / "proj")]) == 0
     assert "described.yaml Described the reference's way" in " ".join(capsys.readouterr().out.split())
+
+
+def _two_projects(tmp_path: Path) -> Path:
+    """A `models` project with a !var-taking config, and a `train` project taking its targets by from_project."""
+    write(tmp_path, {
+        "models/meta.yaml": "default_config: small.yaml\n",
+        "models/templates/configs/small.yaml": """\
+            shared: &shared !dict { width: {{ width | default(4) }} }
+            model: !call:dict { spec: *shared, scale: !var { name: scale, default: 1 }, vocab: !call:len [ !var tokenizer ] }
+            pretrained_tokenizer: !call:getitem [ *shared, width ]
+            main: !call:dict { spec: *shared }
+            """,
+        "train/meta.yaml": "default_config: run.yaml\n",
+        "train/templates/configs/run.yaml": """\
+            tokenizer: &tokenizer !call:list [ [a, b, c] ]
+            .define: &models !call:forgather:from_project
+                project_dir: "{{ joinpath(project_dir, '../models') }}"
+                config_template: ""
+                targets: [ "pretrained_tokenizer", "model" ]
+                pp_kwargs: { width: 8 }
+                tokenizer: *tokenizer
+                scale: 3
+                preprocess_args: { unused: 1 }
+            model: !call:getitem [ *models, model ]
+            width: !call:getitem [ *models, pretrained_tokenizer ]
+            """,
+    })
+    return tmp_path
+
+
+def test_from_project_builds_another_projects_targets_with_its_vars_set(tmp_path):
+    # The reference's `!call:forgather:from_project`, as its tutorial and tiny_experiments projects use it.
+    root = _two_projects(tmp_path)
+    built = Project.load(str(root / "train")).load_config(None).construct()
+    assert built["model"]["spec"] == {"width": 8} and built["width"] == 8
+    assert built["model"]["scale"] == 3 and built["model"]["vocab"] == 3
+
+
+def test_from_project_one_target_and_shared_nodes(tmp_path):
+    import forgather
+
+    root = _two_projects(tmp_path)
+    main = forgather.from_project(str(root / "models"), tokenizer=[1])
+    assert main == {"spec": {"width": 4}}
+    both = forgather.from_project(str(root / "models"), "small", ["model", "main"], tokenizer=[1, 2])
+    assert both.model["spec"] is both["main"]["spec"]  # one construction: the shared !dict is one object
+
+
+def test_from_project_errors_name_the_other_projects_line_and_close_names(tmp_path):
+    import forgather
+
+    root = _two_projects(tmp_path)
+    with pytest.raises(Exception, match=r"small\.yaml:\d+: .*no such target; did you mean 'model'"):
+        forgather.from_project(str(root / "models"), targets=["modle"], tokenizer=[])
+    with pytest.warns(UserWarning, match=r"no !var 'tokeniser', so it is ignored; did you mean 'tokenizer'"):
+        with pytest.raises(Exception, match=r"no value given for 'tokenizer'"):
+            forgather.from_project(str(root / "models"), targets="model", tokeniser=[])

@@ -149,8 +149,10 @@ def unknown_target(target: str, config: Any) -> str:
     hint = did_you_mean(str(target), names)
     return f"no such target; {hint}{' ' if hint else ''}targets are: {', '.join(names)}"
 
-def construct(config: DictConfig | Mapping[str, Any], target: str | None = None, base_dir: str | None = None) -> Any:
-    """Build one target of a config, or (target=None) a dict of every top-level target.
+def construct(config: DictConfig | Mapping[str, Any], target: str | list[str] | tuple[str, ...] | None = None,
+              base_dir: str | None = None) -> Any:
+    """Build one target of a config, or a dict of several (a list of names: one construction, so a node they
+    share is one object), or (target=None) a dict of every top-level target.
 
     `base_dir` anchors `.relative:Name` specs (the project's model source directory).
     """
@@ -160,9 +162,12 @@ def construct(config: DictConfig | Mapping[str, Any], target: str | None = None,
     if target is None:
         data = _resolved(config, None)
         return {key: builder.build(value, key) for key, value in data.items() if not str(key).startswith("_")}
-    if target not in config:
-        raise ConstructError(target, unknown_target(target, config))
-    return builder.build(_resolved(config, target), target)
+    for name in [target] if isinstance(target, str) else target:
+        if name not in config:
+            raise ConstructError(name, unknown_target(name, config))
+    if isinstance(target, str):
+        return builder.build(_resolved(config, target), target)
+    return {name: builder.build(_resolved(config, name), name) for name in target}
 
 
 def fold_scalar_calls(tree: Any, base_dir: str | None = None) -> Any:

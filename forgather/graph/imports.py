@@ -1,7 +1,8 @@
 """Import specs: the strings after a YAML tag's colon, and `_target_` values.
 
 Forms (ARCHITECTURE.md, stage 2):
-    builtin                     a name in `builtins` (`dict`, `list`, `print`)
+    builtin                     a name in `builtins` (`dict`, `list`, `print`), or one of the reference
+                                Forgather's own bare targets (`getitem`, `call` ...: REFERENCE_CALLABLES)
     module:Name                 `from module import Name`
     module.sub:Name.attr        attribute path after the colon
     /path/file.py:Name          a Python file loaded by path
@@ -30,8 +31,25 @@ class ImportSpecError(UserError, ImportError):
     """A spec that names nothing importable; the message says which part failed and what to check."""
 
 
+# Bare targets the reference Forgather resolves from its own table (see reference_callables.py), as the
+# specs that name them here. A Python builtin of the same name would win; none has one.
+_REFERENCE_MODULE = "forgather.graph.reference_callables"
+REFERENCE_CALLABLES = {
+    "getitem": "operator:getitem",
+    "items": f"{_REFERENCE_MODULE}:items",
+    "keys": f"{_REFERENCE_MODULE}:keys",
+    "values": f"{_REFERENCE_MODULE}:values",
+    "call": f"{_REFERENCE_MODULE}:call",
+    "named_list": "builtins:list",
+    "named_tuple": "builtins:tuple",
+    "named_dict": "builtins:dict",
+}
+
+
 def split_spec(spec: str) -> tuple[str, str]:
     """Split a spec into (module-or-path, qualname); module is '' for builtins and dotted Hydra specs."""
+    if ":" not in spec and not hasattr(builtins, spec):
+        spec = REFERENCE_CALLABLES.get(spec, spec)
     if ":" in spec:
         module, _, qualname = spec.rpartition(":")
         if not module or not qualname:
@@ -89,6 +107,11 @@ def _import_module(module: str, spec: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
+        if (error.name or "").startswith("forgather.ml"):
+            raise ImportSpecError(
+                f"cannot import {spec!r}: 'forgather.ml' is the reference Forgather's library (its trainers, losses, "
+                f"dataset and model builders), which this Forgather does not include; keep the template and build this "
+                f"part from our library (docs/guides/coming_from_forgather.md, 'What maps to Lightning')") from error
         hint = _close_module(error.name) or (f" (is the package that provides {error.name!r} installed?)" if error.name else "")
         raise ImportSpecError(f"cannot import module {module!r} for {spec!r}: {error}{hint}") from error
 
