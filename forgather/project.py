@@ -386,7 +386,8 @@ class LoadedConfig:
         except GraphError as error:
             raise self.located(error.message, error.line) from error
         # As in the reference Forgather, a `!var "pp_config"` without a value is the rendered YAML.
-        if PP_CONFIG_VAR in result.config and OmegaConf.is_missing(result.config, PP_CONFIG_VAR):
+        # (`in` is False for a key whose value is missing: ask the keys.)
+        if PP_CONFIG_VAR in result.config.keys() and OmegaConf.is_missing(result.config, PP_CONFIG_VAR):
             result.config[PP_CONFIG_VAR] = escape(self.text)
         return result
 

@@ -38,10 +38,10 @@ def reference_construct(graph: Graph, variables: dict[str, Any] | None = None) -
             if value.kind != "factory":
                 memo[id(value)] = result
             return result
-        if isinstance(value, (dict, list)):
-            if id(value) not in memo:
-                memo[id(value)] = {k: build(v) for k, v in value.items()} if isinstance(value, dict) else [build(v) for v in value]
-            return memo[id(value)]
+        if isinstance(value, dict):  # a plain container is a new one at every use, as in the reference
+            return {k: build(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [build(v) for v in value]
         return value
 
     assert all(v is not MISSING for v in variables.values())

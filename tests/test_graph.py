@@ -180,9 +180,27 @@ def test_codegen_of_one_target_equals_construct():
     assert made.func.__name__ == "SGD" and made.keywords == construct(config, "opt").keywords
 
 
-def test_malformed_positional_keys_are_errors():
-    with pytest.raises(GraphError, match="arg0, arg1"):
-        load_graph(f"a: !call:{BOX_SPEC} {{arg1: 2}}\n")
+def test_positional_keys_go_in_the_order_of_their_numbers_gaps_allowed():
+    # The reference sorts argN keys and allows gaps (room for an extending template to add one).
+    out = build("a: !call:builtins:divmod {arg5: 2, arg0: 7}\nb: !call:builtins:max {arg10: 3, arg2: 9, arg7: 4}\n")
+    assert out["a"] == (3, 1) and out["b"] == 9
+
+
+def test_non_string_mapping_keys_reach_the_target_as_written():
+    # An id2label-style mapping keeps its int keys (as in the reference), also through an alias.
+    text = f"m: &m !call:builtins:dict {{id2label: {{0: neg, 1: pos}}, flags: {{true: t, 1.5: f}}}}\nn: [*m]\n"
+    out = build(text)
+    assert out["m"]["id2label"] == {0: "neg", 1: "pos"} and out["m"]["flags"] == {True: "t", 1.5: "f"}
+    assert out["n"][0] is out["m"]
+    shared = f"a: {{0: &b !singleton:{BOX_SPEC} [], 1: *b}}\nc: *b\n"  # a node shared from under an int key
+    out = build(shared)
+    assert out["a"][0] is out["a"][1] is out["c"]
+
+
+def test_a_name_may_hold_an_at_sign_the_first_one_splits():
+    graph = load_graph("a: !call:builtins:dict@id@extra {x: 1}\nb: !call:builtins:list:@plain [[1]]\n")
+    assert graph.nodes["a"].target == "builtins:dict" and graph.nodes["a"].name == "id@extra"
+    assert graph.nodes["b"].target == "builtins:list" and graph.nodes["b"].name == "plain"
 
 
 # -- property: graph -> config -> YAML -> config -> construct == the graph's own meaning ---------------
@@ -254,7 +272,26 @@ def test_config_round_trip_constructs_the_same_object_graph(graph):
 def test_a_singleton_inside_an_aliased_factory_is_one_object():
     out = build(f"a: &f !factory:{BOX_SPEC} {{norm: !singleton:{BOX_SPEC} [], items: []}}\nb: *f\n")
     assert out["a"] is not out["b"]
-    assert out["a"].kwargs["norm"] is out["b"].kwargs["norm"] and out["a"].kwargs["items"] is out["b"].kwargs["items"]
+    # As in the reference: the tagged singleton is shared, the plain list is a new one at each call.
+    assert out["a"].kwargs["norm"] is out["b"].kwargs["norm"] and out["a"].kwargs["items"] is not out["b"].kwargs["items"]
+
+
+def test_a_plain_container_is_new_at_each_alias_and_its_nodes_are_shared():
+    # The reference Forgather rebuilds an untagged mapping or list wherever it is aliased; !dict/!list share.
+    text = (
+        f".d: &d {{box: !singleton:{BOX_SPEC} [], fresh: !factory:{BOX_SPEC} []}}\n"
+        "a: *d\nb: *d\n"
+        f"c: !call:{BOX_SPEC} [[*d, *d]]\n"
+        ".s: &s !dict {k: []}\ne: *s\nf: *s\n"
+    )
+    out = build(text)
+    assert out["a"] == {"box": out["a"]["box"], "fresh": out["a"]["fresh"]} and out["a"] is not out["b"]
+    assert out["a"]["box"] is out["b"]["box"] and out["a"]["fresh"] is not out["b"]["fresh"]
+    first, second = out["c"].args[0]
+    assert first is not second and first["box"] is out["a"]["box"]
+    assert out["e"] is out["f"]
+    config = to_config(load_graph(text)).config
+    assert OmegaConf.to_yaml(config).count("_factory_") == 1  # written once, interpolated at the other uses
 
 
 def test_fold_scalar_calls_replaces_computed_values_and_keeps_components():

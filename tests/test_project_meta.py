@@ -306,3 +306,14 @@ def test_from_project_errors_name_the_other_projects_line_and_close_names(tmp_pa
     with pytest.warns(UserWarning, match=r"no !var 'tokeniser', so it is ignored; did you mean 'tokenizer'"):
         with pytest.raises(Exception, match=r"no value given for 'tokenizer'"):
             forgather.from_project(str(root / "models"), targets="model", tokeniser=[])
+
+
+def test_pp_config_var_without_a_value_is_the_rendered_yaml(tmp_path):
+    # The reference's loggers template records the experiment's YAML through `!var "pp_config"`.
+    write(tmp_path, {
+        "p/meta.yaml": "default_config: a.yaml\n",
+        "p/templates/configs/a.yaml": "## a comment\ninfo: !call:dict { config: !var \"pp_config\", n: 1 }\nset: !var { name: pp_given, default: 2 }\n",
+    })
+    loaded = Project.load(str(tmp_path / "p")).load_config(None)
+    assert loaded.construct("info")["config"] == loaded.text
+    assert "info: !call:dict" in loaded.text

@@ -224,9 +224,14 @@ def test_template_raise_and_assert_stop_at_their_line(tmp_path):
         env.render("off.yaml")
 
 
-def test_user_directory_globals_name_forgather_dirs(tmp_path):
-    out = render(tmp_path, {"t.yaml": "{{ user_cache_dir() }}\n{{ user_config_dir() }}\n"}, "t.yaml")
-    assert all("forgather" in line for line in out.splitlines())
+def test_user_directory_globals_are_platformdirs_functions(tmp_path):
+    # As in the reference: platformdirs' functions, so an app name is an argument; forgather_config_dir() is ours.
+    import platformdirs
+
+    source = "{{ user_cache_dir() }}\n{{ user_config_dir('forgather') }}\n{{ forgather_config_dir() }}\n"
+    cache, config, ours = render(tmp_path, {"t.yaml": source}, "t.yaml").splitlines()
+    assert cache == platformdirs.user_cache_dir() and "forgather" not in cache
+    assert config == ours == platformdirs.user_config_dir("forgather")
 
 
 def test_split_name_does_not_swallow_the_dashes(tmp_path):

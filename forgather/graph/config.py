@@ -14,9 +14,12 @@ interpolation into or out of them), with a `!var` as the literal text "${name}".
 A node reached over more than one path is written in full once, at its shallowest occurrence (the canonical
 path), and as an interpolation "${canonical.path}" everywhere else; its `_id_` makes construction share
 one object. So an override at the canonical path reaches every use, and dumping the config to YAML and
-loading it again constructs the same object graph with the same sharing. Shared plain dicts and lists
-become `dict`/`list` calls with an `_id_` so that they stay one object too. Top-level keys starting
-with '.' hold definitions, not targets: they live on where they are used and are not written.
+loading it again constructs the same object graph with the same sharing. A plain mapping or list (no tag)
+reached through an alias is written once and interpolated too, but, as in the reference Forgather, it is a
+new container at each use (OmegaConf resolves each interpolation to a copy): the nodes inside it are shared
+as anywhere, so a `!factory` inside is called once per use. `!dict`/`!list` make one shared container.
+Top-level keys starting with '.' hold definitions, not targets: they live on where they are used and are
+not written.
 
 Two different nodes with the same `@name` are an error (a `GraphError` at the second one's line), as in the
 reference Forgather: sharing one `_id_`, they would silently become one object.
@@ -97,14 +100,19 @@ def _path_counts(graph: Graph) -> Counter:
     return counts
 
 
-def _content_path(value: Any, path: str, shared: set[int]) -> str:
-    """Where a value's children live in the config: a shared container becomes a call on its content."""
-    if isinstance(value, (dict, list, tuple)) and id(value) in shared:
-        return f"{path}._args_.0"
-    return path
+def _config_key(key: Any) -> Any:
+    """A mapping key as the config keeps it: YAML's int, float and bool keys stay what they are (an
+    `id2label: {0: neg}` reaches its target with int keys, as in the reference); any other type becomes text."""
+    return key if isinstance(key, (str, int, float, bool)) else str(key)
 
 
-def _canonical_paths(graph: Graph, shared: set[int]) -> dict[int, str]:
+def _child_path(path: str, key: Any) -> str:
+    """The config path of a child. Through a non-string key it is not a path OmegaConf can interpolate
+    (`${m.0}` finds no int key 0), so it is marked unreferable: a node shared from there is written again."""
+    return f"{path}.{key}" if isinstance(key, str) else f"{path}.[{key!r}]"
+
+
+def _canonical_paths(graph: Graph) -> dict[int, str]:
     """Shallowest occurrence of each node object; breadth-first, so ties go to document order."""
     paths: dict[int, str] = {}
     queue = [(str(key), graph.nodes[key]) for key in graph.targets]
@@ -115,8 +123,7 @@ def _canonical_paths(graph: Graph, shared: set[int]) -> dict[int, str]:
                 if id(value) in paths:
                     continue
                 paths[id(value)] = path
-            inner = _content_path(value, path, shared)
-            following += [(f"{inner}.{key}", child) for key, child in _graph_children(value)]
+            following += [(_child_path(path, key), child) for key, child in _graph_children(value)]
         queue = following
     return paths
 
@@ -129,7 +136,7 @@ class _Converter:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.shared = {key for key, count in _path_counts(graph).items() if count > 1}
-        self.canonical = _canonical_paths(graph, self.shared)
+        self.canonical = _canonical_paths(graph)
         self.ids: dict[int, str] = {}
         self.used_ids: set[str] = self._check_names(self._named_nodes())
         self.vars: dict[str, Any] = {}
@@ -184,17 +191,10 @@ class _Converter:
         if isinstance(value, VarNode):
             self.vars.setdefault(value.name, value.default)
             return "${" + value.name + "}"
-        inner = _content_path(value, path, self.shared)
         if isinstance(value, dict):
-            items = {str(k): self.convert(v, f"{inner}.{k}") for k, v in value.items()}
-            if key in self.shared:
-                return {"_target_": "dict", "_id_": self._id_for(value), "_args_": [items]}
-            return items
+            return {_config_key(k): self.convert(v, _child_path(path, k)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            items = [self.convert(v, f"{inner}.{i}") for i, v in enumerate(value)]
-            if key in self.shared:
-                return {"_target_": "list", "_id_": self._id_for(value), "_args_": [items]}
-            return items
+            return [self.convert(v, f"{path}.{i}") for i, v in enumerate(value)]
         if isinstance(value, str):
             return escape(value)
         return value
@@ -232,7 +232,7 @@ class _Converter:
         if isinstance(value, VarNode):
             return escape("${" + value.name + "}")
         if isinstance(value, dict):
-            return {str(k): self._data(v) for k, v in value.items()}
+            return {_config_key(k): self._data(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self._data(v) for v in value]
         return escape(value) if isinstance(value, str) else value

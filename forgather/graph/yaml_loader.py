@@ -76,10 +76,11 @@ class GraphError(UserError, ValueError):
 
 
 def _split_name(suffix: str) -> tuple[str, str | None]:
-    """'module:Name@node' -> ('module:Name', 'node'); also accepts the 'module:Name:@node' form."""
+    """'module:Name@node' -> ('module:Name', 'node'); also accepts the 'module:Name:@node' form. The first
+    '@' splits, as in the reference: a name may contain '@', a spec may not."""
     if "@" not in suffix:
         return suffix, None
-    spec, _, name = suffix.rpartition("@")
+    spec, _, name = suffix.partition("@")
     return spec.rstrip(":"), name or None
 
 
@@ -94,10 +95,10 @@ def _arguments(loader: yaml.Loader, node: yaml.Node) -> tuple[list[Any], dict[st
         mapping = loader.construct_mapping(node, deep=True)
         if mapping and set(mapping) <= {"args", "kwargs"}:
             return _args_kwargs(mapping, _line(node))
+        # argN keys are positional arguments in the order of N; gaps are allowed, as in the reference (its
+        # templates leave room between them so that an extending template can add or override one).
         positional = sorted((int(m.group(1)), k) for k in mapping if (m := _POSITIONAL_KEY.match(str(k))))
         args = [mapping.pop(key) for _, key in positional]
-        if [index for index, _ in positional] != list(range(len(positional))):
-            raise GraphError("positional keys must run arg0, arg1, ... without gaps", _line(node))
         bad = [key for key in mapping if not isinstance(key, str)]
         if bad:
             raise GraphError(f"keyword argument names must be strings, got {bad!r}", _line(node))
