@@ -349,4 +349,5 @@ tests)
     echo "unknown part '$PART': a-v or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
-cat "$OUT"/summary_*.md 2>/dev/null
+# Parts without a training bench (t, tests) have no summary: that is not a failure of the call.
+cat "$OUT"/summary_*.md 2>/dev/null || true
