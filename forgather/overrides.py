@@ -440,7 +440,7 @@ def _refuse_adding_beside_a_named_node(config: DictConfig, override: Override) -
     """`++feedforward_factory.x=v` would add a new top-level key that nothing reads when the node named
     feedforward_factory is written where it is used (model.layer_factory.feedforward_factory): say where it is."""
     head, _, rest = override.key.partition(".")
-    if not rest or head in config:
+    if not rest or head in config.keys():
         return
     path = _named_node_paths(config).get(head)
     if path is not None:

@@ -339,3 +339,13 @@ def test_an_unimportable_module_suggests_a_close_sibling_or_asks_for_the_package
         construct(config, "a")
     with pytest.raises(ConstructError, match=r"is the package that provides 'nopackage_zz' installed\?"):
         construct(config, "b")
+
+
+def test_a_target_that_is_a_var_without_a_value_says_to_set_it_not_that_it_is_missing():
+    # `tokenizer: !var "tokenizer"` (the reference's dataset projects): a target, whose value is still missing.
+    config = to_config(load_graph('tokenizer: !var "tokenizer"\nn: !call:len [ !var tokenizer ]\n')).config
+    with pytest.raises(ConstructError, match=r"no value given for 'tokenizer': set it on the command line"):
+        construct(config, "tokenizer")
+    assert "def construct(tokenizer):" in generate_code(config, "tokenizer")
+    config.tokenizer = "abc"
+    assert construct(config, ["tokenizer", "n"]) == {"tokenizer": "abc", "n": 3}

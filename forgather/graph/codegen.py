@@ -214,15 +214,22 @@ class _Generator:
 
     # -- module -----------------------------------------------------------------------------------------
 
+    def _top(self, key: str, indent: int) -> str:
+        """A top-level value; one still missing (`tokenizer: !var tokenizer` without a value) is a parameter."""
+        if self.raw[key] == "???":
+            self.params.setdefault(key, "???")
+            return key
+        return self.expr(self.raw[key], key, indent)
+
     def module(self, target: str | None, title: str) -> str:
         if target is None:
             keys = [key for key in self.raw if not str(key).startswith("_")]
-            values = {key: self.expr(self.raw[key], key, 2) for key in keys}
+            values = {key: self._top(key, 2) for key in keys}
             # A top-level value that became a parameter is returned as that parameter.
             items = [f"{key!r}: {key if key in self.params else value}" for key, value in values.items()]
             result = self._wrap("{", items, "}", 1)
         else:
-            result = self.expr(self.raw[target], target, 1)
+            result = self._top(target, 1)
         head = [f'"""{title}"""', ""]
         if self.uses_files:
             head.append("import os")
@@ -248,7 +255,7 @@ class _Generator:
 
 def generate_code(config: DictConfig, target: str | None = None, base_dir: str | None = None, title: str = "") -> str:
     """Python source of a module with `construct()` building `target` (or a dict of all targets)."""
-    if target is not None and target not in config:
+    if target is not None and target not in config.keys():
         from .construct import unknown_target
 
         raise KeyError(f"{target}: {unknown_target(target, config)}")

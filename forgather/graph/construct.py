@@ -163,7 +163,7 @@ def construct(config: DictConfig | Mapping[str, Any], target: str | list[str] | 
         data = _resolved(config, None)
         return {key: builder.build(value, key) for key, value in data.items() if not str(key).startswith("_")}
     for name in [target] if isinstance(target, str) else target:
-        if name not in config:
+        if name not in config.keys():  # (`in` is False for a key whose value is missing)
             raise ConstructError(name, unknown_target(name, config))
     if isinstance(target, str):
         return builder.build(_resolved(config, target), target)
