@@ -20,6 +20,12 @@ its `forgather pp`, run in a subprocess with `PYTHONPATH=<checkout>/src`), then 
 
 Configs the reference itself cannot render are counted apart and left out of the other counts. A config
 with 'graph of ref' but not 'same graph' differs in the template stage only.
+
+`--construct` then builds every target of every config with us (one subprocess per config, Hugging Face
+offline), and sorts each target into: built; needs the reference's own library (`forgather.ml` ...), which
+this Forgather does not include; a `!var` its caller sets (a dataset project's tokenizer); a package not
+installed; data, files or the network that this machine lacks; or other. 'other' is where our bugs show:
+each is printed.
 """
 
 from __future__ import annotations
@@ -252,11 +258,64 @@ def compare(checkout: str) -> dict[str, Any]:
     return {"counts": dict(counts), "configs": details}
 
 
+_CONSTRUCT_WORKER = r'''
+import json, os, sys, warnings
+warnings.simplefilter("ignore")
+from forgather.project import Project
+loaded = Project.load(sys.argv[1]).load_config(sys.argv[2])
+out = {}
+for target in loaded.graph.targets:
+    try:
+        loaded.construct(target)
+        out[target] = "built"
+    except BaseException as error:
+        out[target] = f"{type(error).__name__}: {error}"
+print(json.dumps(out))
+'''
+
+# (kind, a pattern of the error's text), first match wins.
+_CONSTRUCT_KINDS = (
+    ("reference library", re.compile(r"is (the reference Forgather's library|a module of the reference Forgather)")),
+    ("!var set by its caller", re.compile(r"no value given for ")),
+    ("package not installed", re.compile(r"No module named|is the package that provides")),
+    ("data, files or network", re.compile(
+        r"raised (OSError|ConnectionError|FileNotFoundError|HFValidationError|LocalEntryNotFoundError|"
+        r"DatasetNotFoundError|OfflineModeIsEnabled)|no Python file at|couldn't connect|OfflineModeIsEnabled")),
+)
+
+
+def construct_survey(checkout: str, configs: list[str], timeout: float) -> tuple[Counter, list[str]]:
+    """Build every target of each 'project:config' with us; (targets per kind, the 'other' errors)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    kinds: Counter = Counter()
+    others: list[str] = []
+    for key in configs:
+        project, config = key.split(":", 1)
+        directory = os.path.join(checkout, project)
+        try:
+            done = subprocess.run([sys.executable, "-c", _CONSTRUCT_WORKER, directory, config], capture_output=True,
+                                  text=True, timeout=timeout, cwd=directory, env=env)
+            results = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {"(load)": done.stderr[-300:]}
+        except subprocess.TimeoutExpired:
+            results = {"(all)": f"timed out after {timeout:.0f} s"}
+        for target, outcome in results.items():
+            if outcome == "built":
+                kinds["built"] += 1
+                continue
+            kind = next((name for name, pattern in _CONSTRUCT_KINDS if pattern.search(outcome)), "other")
+            kinds[kind] += 1
+            if kind == "other":
+                others.append(f"{key} {target}: {outcome.splitlines()[0][:400]}")
+    return kinds, others
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkout", help="a checkout of the reference Forgather (jdinalt/forgather)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every config that differs, and why")
     parser.add_argument("--json", help="write the per-config results here")
+    parser.add_argument("--construct", action="store_true", help="also build every target with us and sort the failures")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds for one config's construction (--construct)")
     args = parser.parse_args()
     result = compare(os.path.abspath(args.checkout))
     if args.verbose:
@@ -270,6 +329,15 @@ def main() -> None:
     labels = ("loads", "same YAML", "graph loads", "same graph", "config+code", "graph of ref", "config+code of ref", "meta fails", "render fails")
     for label in labels:
         print(f"  {label:<18} {counts.get(label, 0):>4} / {total}")
+    if args.construct:
+        loading = [key for key, row in result["configs"].items() if "reference error" not in row and "ours" not in row]
+        kinds, others = construct_survey(os.path.abspath(args.checkout), loading, args.timeout)
+        result["construct"] = {"targets": dict(kinds), "other": others}
+        print(f"targets of the {len(loading)} configs that load, built with us:")
+        for kind in ("built", *(name for name, _ in _CONSTRUCT_KINDS), "other"):
+            print(f"  {kind:<24} {kinds.get(kind, 0):>5}")
+        for line in others:
+            print(f"  other: {line}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(result, file, indent=1)

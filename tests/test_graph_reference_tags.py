@@ -165,3 +165,6 @@ def test_the_reference_library_is_named_as_such_when_a_target_needs_it():
     config = to_config(load_graph("t: !call:forgather.ml.trainer:Trainer []\n")).config
     with pytest.raises(Exception, match="'forgather.ml' is the reference Forgather's library"):
         construct(config, "t")
+    config = to_config(load_graph("c: !partial:forgather.codegen:generate_code []\n")).config
+    with pytest.raises(Exception, match="'forgather.codegen' is a module of the reference Forgather"):
+        construct(config, "c")

@@ -107,12 +107,16 @@ def _import_module(module: str, spec: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
-        if (error.name or "").startswith("forgather.ml"):
+        close = _close_module(error.name)
+        if (error.name or "").startswith("forgather.") and not close:
+            # Our package owns the name; a submodule it lacks is one of the reference Forgather's.
+            what = "the reference Forgather's library (its trainers, losses, dataset and model builders)" \
+                if error.name.startswith("forgather.ml") else f"a module of the reference Forgather"
             raise ImportSpecError(
-                f"cannot import {spec!r}: 'forgather.ml' is the reference Forgather's library (its trainers, losses, "
-                f"dataset and model builders), which this Forgather does not include; keep the template and build this "
-                f"part from our library (docs/guides/coming_from_forgather.md, 'What maps to Lightning')") from error
-        hint = _close_module(error.name) or (f" (is the package that provides {error.name!r} installed?)" if error.name else "")
+                f"cannot import {spec!r}: {error.name!r} is {what}, which this Forgather does not include; keep the "
+                f"template and build this part from our library (docs/guides/coming_from_forgather.md, 'What maps "
+                f"to Lightning')") from error
+        hint = close or (f" (is the package that provides {error.name!r} installed?)" if error.name else "")
         raise ImportSpecError(f"cannot import module {module!r} for {spec!r}: {error}{hint}") from error
 
 
