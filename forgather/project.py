@@ -441,20 +441,9 @@ class TargetDict(dict):
 
 def variable_names(graph: Any) -> set[str]:
     """The names of the graph's `!var` nodes: the values a caller may set (on the command line, or here)."""
-    from forgather.graph.nodes import VarNode, children
+    from forgather.graph.nodes import VarNode, walk
 
-    names: set[str] = set()
-    seen: set[int] = set()
-    stack = list(graph.nodes.values())
-    while stack:
-        value = stack.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if isinstance(value, VarNode):
-            names.add(value.name)
-        stack.extend(child for _, child in children(value))
-    return names
+    return {value.name for value in walk(*graph.nodes.values()) if isinstance(value, VarNode)}
 
 
 def from_project(project_dir: str, config_template: str | None = None, targets: str | list[str] = "",

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from forgather.graph import CallNode, Graph, VarNode, construct, dump_graph, generate_code, load_graph, to_config
 from forgather.graph.construct import ConstructError
+from forgather.graph.nodes import walk
 from forgather.graph.yaml_loader import GraphError
 from graph_helpers import BOX_SPEC, Box, reference_construct, shape
 
@@ -238,20 +239,9 @@ def graphs(draw) -> Graph:
 
 def _var_defaults(graph: Graph) -> dict:
     found: dict = {}
-    stack, seen = list(graph.nodes.values()), set()
-    while stack:
-        value = stack.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
+    for value in walk(*graph.nodes.values()):
         if isinstance(value, VarNode):
             found.setdefault(value.name, value.default)
-        elif isinstance(value, CallNode):
-            stack += [*value.args, *value.kwargs.values()]
-        elif isinstance(value, dict):
-            stack += list(value.values())
-        elif isinstance(value, list):
-            stack += value
     return found
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from forgather.graph.nodes import MISSING, CallNode, Graph, VarNode, children
+from forgather.graph.nodes import MISSING, CallNode, Graph, VarNode, children, walk
 from forgather.graph.yaml_loader import GraphError
 
 RESERVED_KEYS = ("_target_", "_args_", "_partial_", "_factory_", "_meta_", "_kwargs_", "_searchpath_", "_id_")
@@ -143,16 +143,7 @@ class _Converter:
         self.lines: dict[str, int] = {}
 
     def _named_nodes(self) -> list[CallNode]:
-        found, stack, seen = [], list(self.graph.nodes.values()), set()
-        while stack:
-            value = stack.pop()
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
-            if isinstance(value, CallNode) and value.name:
-                found.append(value)
-            stack.extend(child for _, child in children(value))
-        return found
+        return [value for value in walk(*self.graph.nodes.values()) if isinstance(value, CallNode) and value.name]
 
     @staticmethod
     def _check_names(named: list[CallNode]) -> set[str]:

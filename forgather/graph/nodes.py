@@ -24,7 +24,7 @@ semantics apply. `!list`, `!dict`, `!tuple` and `!dlist` are singleton calls of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 CallKind = Literal["singleton", "factory", "partial", "meta"]
 
@@ -80,3 +80,19 @@ def children(value: Any) -> list[tuple[str, Any]]:
     if isinstance(value, (list, tuple)):
         return [(str(i), item) for i, item in enumerate(value)]
     return []
+
+
+def walk(*roots: Any) -> Iterator[Any]:
+    """Every value reachable from `roots` (their children, and a `!var`'s default), each object once: a node
+    aliased in many places is visited once. Depth-first; the order is not the document's."""
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        yield value
+        if isinstance(value, VarNode):
+            stack.append(value.default)
+        stack.extend(child for _, child in children(value))

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import yaml
 
 from forgather.errors import UserError, did_you_mean, strict_mode
-from forgather.graph.nodes import LATENT_ARGS, MISSING, SEARCHPATH, CallKind, CallNode, Graph, VarNode, children
+from forgather.graph.nodes import LATENT_ARGS, MISSING, SEARCHPATH, CallKind, CallNode, Graph, VarNode, walk
 
 _CALL_TAGS: dict[str, CallKind] = {
     "!call:": "singleton",
@@ -269,13 +269,7 @@ def _check_duplicate_keys(node: yaml.MappingNode, duplicate: Callable[[GraphErro
 def _check_vars(data: Any) -> None:
     """The same `!var` with two different defaults is an error naming both places."""
     defaults: dict[str, VarNode] = {}
-    seen: set[int] = set()
-    stack = [data]
-    while stack:
-        value = stack.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
+    for value in walk(data):
         if isinstance(value, VarNode):
             other = defaults.setdefault(value.name, value) if value.default is not MISSING else None
             if other is not None and other is not value and _plain(other.default) and _plain(value.default) and other.default != value.default:
@@ -284,8 +278,6 @@ def _check_vars(data: Any) -> None:
                     lambda where: f"!var {later.name!r} has default {later.default!r} here and {first.default!r} at {where(first.line)}; give every !var {later.name} the same default",
                     later.line,
                 )
-            stack.append(value.default)
-        stack.extend(child for _, child in children(value))
 
 
 def _plain(value: Any) -> bool:
