@@ -317,3 +317,25 @@ def test_pp_config_var_without_a_value_is_the_rendered_yaml(tmp_path):
     loaded = Project.load(str(tmp_path / "p")).load_config(None)
     assert loaded.construct("info")["config"] == loaded.text
     assert "info: !call:dict" in loaded.text
+
+
+def test_trefs_lists_the_templates_a_config_is_made_of(tmp_path, capsys):
+    # The reference's `forgather trefs`: the tree of extends/include references, and each file once.
+    write(tmp_path, {
+        "p/meta.yaml": "default_config: a.yaml\n",
+        "p/templates/base.yaml": "-- block body\n-- endblock body\n-- include 'parts.one'\n#---- parts.one ----\none: 1\n",
+        "p/templates/picked.yaml": "picked: 1\n",
+        "p/templates/configs/a.yaml": (
+            "-- extends 'base.yaml'\n-- block body\n-- set choice = 'picked.yaml'\n"
+            "-- include choice\nbody: 1\n-- endblock body\n"
+        ),
+        "p/templates/unused.yaml": "unused: 1\n",
+    })
+    assert main(["-p", str(tmp_path / "p"), "trefs", "--format", "tree"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  (")[0] for line in lines] == [
+        "configs/a.yaml", "  base.yaml", "    parts.one", "loaded through a name in a variable:", "  picked.yaml"]
+    assert lines[2].endswith("base.yaml:5)")  # a split file's section: its file and its first line
+    assert main(["-p", str(tmp_path / "p"), "trefs"]) == 0
+    files = [os.path.basename(line) for line in capsys.readouterr().out.splitlines()]
+    assert files == ["a.yaml", "base.yaml", "picked.yaml"]

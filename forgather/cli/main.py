@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "graph": ("forgather.cli.graph", "print the node graph (YAML tag syntax or Python)"),
     "config": ("forgather.cli.config", "print the OmegaConf config (Hydra vocabulary)"),
     "targets": ("forgather.cli.targets", "list a config's targets"),
+    "trefs": ("forgather.cli.trefs", "list the templates a config is made of (files, or the tree of references)"),
     "code": ("forgather.cli.code", "print Python code that constructs a target"),
     "construct": ("forgather.cli.construct", "construct a target and print it"),
     "train": ("forgather.cli.train", "train a config of the project (python -m forgather.run)"),
@@ -38,9 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "completion": ("forgather.cli.completion", "print a bash or zsh tab-completion script: eval \"$(forgather completion bash)\""),
 }
 # Commands that load the chosen config, and so accept the arguments it declares.
-CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "code", "construct", "train"}
+CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "trefs", "code", "construct", "train"}
 # Commands whose whole work is printing: a reader that stops early (`| head`) ends them with success.
-PRINTING_COMMANDS = {"ls", "index", "pp", "graph", "config", "targets", "code", "construct", "completion"}
+PRINTING_COMMANDS = {"ls", "index", "pp", "graph", "config", "targets", "trefs", "code", "construct", "completion"}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
