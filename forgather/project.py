@@ -45,6 +45,7 @@ from typing import Any
 import jinja2
 import yaml
 
+from forgather.errors import UserError
 from forgather.template import TemplateEnvironment, TemplateError, TemplateWarning
 from forgather.template.errors import SourceLocation
 from forgather.template.globals import forgather_config_dir
@@ -404,11 +405,14 @@ class LoadedConfig:
         system_path = self.project.system_path
         if system_path and system_path not in sys.path:
             sys.path.insert(0, system_path)
+        _CONSTRUCTING.append(_construction_key(self.project.root, self.template, target))
         try:
             return construct(self.config if config is None else config, target, base_dir=self.project.model_src)
         except ConstructError as error:
             line = self._line_of(error.path)
             raise self.located(f"constructing {error.path}: {error.message}", line) from error
+        finally:
+            _CONSTRUCTING.pop()
 
     def _line_of(self, path: str) -> int | None:
         """Rendered-YAML line of the node at `path` or, failing that, of its nearest ancestor."""
@@ -470,6 +474,10 @@ def from_project(project_dir: str, config_template: str | None = None, targets: 
 
     project = Project.load(os.path.abspath(project_dir))
     loaded = project.load_config(config_template or None, **(pp_kwargs or {}))
+    here = _construction_key(project.root, loaded.template, (targets or "main") if isinstance(targets, str) else list(targets))
+    if here in _CONSTRUCTING:  # else a RecursionError, deep inside construction
+        chain = " -> ".join([*_CONSTRUCTING[_CONSTRUCTING.index(here):], here])
+        raise UserError(f"from_project cycle: {chain}; building these targets needs themselves")
     if pp_debug:
         print(f"from_project {project.root}:{loaded.template} targets={targets!r}\n{loaded.text}")
     declared = variable_names(loaded.graph)
@@ -483,6 +491,16 @@ def from_project(project_dir: str, config_template: str | None = None, targets: 
     if isinstance(targets, str):
         return loaded.construct(targets or "main", config=config)
     return TargetDict(loaded.construct(list(targets), config=config))
+
+
+# What is being constructed, outermost first (construction is single-threaded): a from_project asking for
+# the same targets of the same config again is a cycle. (Another target of the same config is not.)
+_CONSTRUCTING: list[str] = []
+
+
+def _construction_key(root: str, template: str, target: str | list[str] | None) -> str:
+    names = "every target" if target is None else ",".join([target] if isinstance(target, str) else target)
+    return f"{root}:{template}[{names}]"
 
 
 # -- dynamic_args: command-line arguments a config declares ------------------------------------------------

@@ -339,3 +339,21 @@ def test_trefs_lists_the_templates_a_config_is_made_of(tmp_path, capsys):
     assert main(["-p", str(tmp_path / "p"), "trefs"]) == 0
     files = [os.path.basename(line) for line in capsys.readouterr().out.splitlines()]
     assert files == ["a.yaml", "base.yaml", "picked.yaml"]
+
+
+def test_from_project_cycle_is_named_not_a_recursion_error(tmp_path):
+    import forgather
+
+    write(tmp_path, {
+        "a/meta.yaml": "default_config: a.yaml\n",
+        "a/templates/configs/a.yaml": "main: !call:forgather:from_project { project_dir: \"{{ joinpath(project_dir, '../b') }}\" }\n",
+        "b/meta.yaml": "default_config: b.yaml\n",
+        "b/templates/configs/b.yaml": "main: !call:forgather:from_project { project_dir: \"{{ joinpath(project_dir, '../a') }}\" }\n",
+    })
+    with pytest.raises(Exception, match=r"from_project cycle: \S+/a:configs/a.yaml\[main\] -> \S+/b:configs/b.yaml\[main\] -> \S+/a:configs/a.yaml\[main\]"):
+        forgather.from_project(str(tmp_path / "a"))
+    # Another target of the config under construction is no cycle.
+    write(tmp_path, {"a/templates/configs/a.yaml": (
+        "main: !call:forgather:from_project { project_dir: \"{{ project_dir }}\", targets: [size] }\nsize: 3\n")})
+    assert forgather.from_project(str(tmp_path / "a")) == {"size": 3}
+    assert Project.load(str(tmp_path / "a")).load_config(None).construct()["main"] == {"size": 3}
