@@ -168,3 +168,8 @@ def test_the_reference_library_is_named_as_such_when_a_target_needs_it():
     config = to_config(load_graph("c: !partial:forgather.codegen:generate_code []\n")).config
     with pytest.raises(Exception, match="'forgather.codegen' is a module of the reference Forgather"):
         construct(config, "c")
+
+
+def test_latent_args_of_a_dict_tag_are_merged_over_its_items():
+    built, generated, _ = stages("d: !dict {b: 2, a: 0, latent_args: !var {name: extra, default: {a: 1}}}\n", "d")
+    assert built == generated == {"b": 2, "a": 1}

@@ -152,7 +152,10 @@ def _construct_collection(loader: yaml.Loader, tag: str, node: yaml.Node) -> Cal
     if base == "!dict":
         if not isinstance(node, yaml.MappingNode):
             raise GraphError("!dict takes a mapping", _line(node))
-        return CallNode("singleton", "dict", [loader.construct_mapping(node, deep=True)], name=name, line=_line(node))
+        items = loader.construct_mapping(node, deep=True)
+        # As in the reference (a !dict is a call of dict), `latent_args` is merged over the items when built.
+        latent_args = items.pop(LATENT_ARGS, None)
+        return CallNode("singleton", "dict", [items], name=name, line=_line(node), latent_args=latent_args)
     if not isinstance(node, yaml.SequenceNode):
         raise GraphError(f"{base} takes a sequence", _line(node))
     return CallNode("singleton", _COLLECTIONS[base], [loader.construct_sequence(node, deep=True)], name=name, line=_line(node))
