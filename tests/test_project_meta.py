@@ -357,3 +357,29 @@ def test_from_project_cycle_is_named_not_a_recursion_error(tmp_path):
         "main: !call:forgather:from_project { project_dir: \"{{ project_dir }}\", targets: [size] }\nsize: 3\n")})
     assert forgather.from_project(str(tmp_path / "a")) == {"size": 3}
     assert Project.load(str(tmp_path / "a")).load_config(None).construct()["main"] == {"size": 3}
+
+
+def test_meta_prints_the_values_a_templated_meta_yaml_gave(workspace, capsys):
+    import yaml
+
+    assert main(["-p", str(workspace / "group/proj"), "meta"]) == 0
+    out = capsys.readouterr().out
+    read, derived = out.split("# what it leads to")
+    assert yaml.safe_load(read)["config_prefix"] == "experiments"  # from meta.yaml, through meta_defaults.yaml
+    derived = yaml.safe_load(derived)
+    assert derived["workspace_root"] == str(workspace) and derived["default_config"] == "first.yaml"
+    assert derived["search_path"][0] == str(workspace / "group/proj/templates")
+
+
+def test_tlist_lists_every_template_with_its_file_sections_included(tmp_path, capsys):
+    write(tmp_path, {
+        "p/meta.yaml": "default_config: a.yaml\n",
+        "p/templates/configs/a.yaml": "a: 1\n#---- a.extra ----\nextra: 1\n",
+        "p/templates/model/llama.yaml": "model: 1\n",  # shadows the library's model/llama.yaml
+        "p/templates/helpers.py": "x = 1\n",
+    })
+    assert main(["-p", str(tmp_path / "p"), "tlist"]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert rows["configs/a.yaml"].endswith("templates/configs/a.yaml") and rows["a.extra"].endswith("configs/a.yaml:3")
+    assert rows["model/llama.yaml"].endswith("p/templates/model/llama.yaml")  # where it resolves: the project first
+    assert "helpers.py" not in rows and "base/causal_lm.yaml" in rows  # the library's templates too

@@ -21,6 +21,8 @@ from forgather.errors import STRICT_ENV, unrecognized
 COMMANDS: dict[str, tuple[str, str]] = {
     "ls": ("forgather.cli.ls", "list projects and their configs"),
     "index": ("forgather.cli.index", "summarize a project (meta.yaml, configs, search path)"),
+    "meta": ("forgather.cli.meta", "print the project's meta.yaml as read, and the search path it leads to"),
+    "tlist": ("forgather.cli.tlist", "list every template on the project's search path, with its file"),
     "pp": ("forgather.cli.pp", "print a config's rendered YAML (template stage)"),
     "graph": ("forgather.cli.graph", "print the node graph (YAML tag syntax or Python)"),
     "config": ("forgather.cli.config", "print the OmegaConf config (Hydra vocabulary)"),
@@ -41,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Commands that load the chosen config, and so accept the arguments it declares.
 CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "trefs", "code", "construct", "train"}
 # Commands whose whole work is printing: a reader that stops early (`| head`) ends them with success.
-PRINTING_COMMANDS = {"ls", "index", "pp", "graph", "config", "targets", "trefs", "code", "construct", "completion"}
+PRINTING_COMMANDS = {"ls", "index", "meta", "tlist", "pp", "graph", "config", "targets", "trefs", "code", "construct", "completion"}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

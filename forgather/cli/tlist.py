@@ -1,0 +1,42 @@
+"""`forgather tlist`: every template on the project's search path, as the reference Forgather's `tlist`.
+
+Each name a config can extend or include, with the file (and, for a section of a split file, the line) it
+comes from; a name that an earlier search-path directory also has is listed once, from where it resolves.
+`--format files` prints each file once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from forgather.project import Project
+from forgather.template import TemplateEnvironment
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("names", "files"), default="names",
+                        help="names: each template name with its file (default); files: each template file once")
+
+
+def _is_template(name: str) -> bool:
+    """Template files, not the Python files and caches a template directory may also hold."""
+    return not name.endswith((".py", ".pyc")) and "__pycache__" not in name
+
+
+def run(args: argparse.Namespace) -> int:
+    project = Project.find(args.project)
+    templates = TemplateEnvironment(project.search_path(args.template_path))
+    for name in templates.list_templates():  # loading a file names its sections (`#---- name ----`) and origins
+        if _is_template(name):
+            templates.source(name)
+    names = sorted({*templates.list_templates(), *templates.loaded_templates()} - {n for n in templates.list_templates() if not _is_template(n)})
+    if args.format == "files":
+        print("\n".join(dict.fromkeys(os.path.relpath(templates.origin_of(name).path) for name in names)))
+        return 0
+    width = max((len(name) for name in names), default=0)
+    for name in names:
+        origin = templates.origin_of(name)
+        line = f":{origin.line}" if origin.line > 1 else ""
+        print(f"{name:<{width}}  {os.path.relpath(origin.path)}{line}")
+    return 0
