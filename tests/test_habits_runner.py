@@ -131,7 +131,8 @@ def in_project(monkeypatch):
 @pytest.mark.parametrize(
     "line, expected",
     [
-        ("forgather tr", ["train"]),
+        ("forgather tra", ["train"]),
+        ("forgather tr", ["train", "trefs"]),
         ("forgather -t ", ["micro.yaml"]),
         ("forgather control ", ["abort", "list", "save", "status", "stop"]),
         ("forgather train --cfg ", ["all", "hydra", "job"]),
