@@ -45,7 +45,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from forgather.errors import UserError
+from forgather.errors import UserError, did_you_mean
 from forgather.template import TemplateEnvironment, TemplateError, TemplateWarning
 from forgather.template.errors import SourceLocation
 from forgather.template.globals import forgather_config_dir
@@ -470,8 +470,6 @@ def from_project(project_dir: str, config_template: str | None = None, targets: 
     """
     from omegaconf import OmegaConf
 
-    from forgather.errors import did_you_mean
-
     project = Project.load(os.path.abspath(project_dir))
     loaded = project.load_config(config_template or None, **(pp_kwargs or {}))
     here = _construction_key(project.root, loaded.template, (targets or "main") if isinstance(targets, str) else list(targets))
@@ -484,13 +482,26 @@ def from_project(project_dir: str, config_template: str | None = None, targets: 
     config = OmegaConf.create(loaded.config, flags={"allow_objects": True})
     for name, value in variables.items():
         if name in declared:
-            config[name] = value
+            config[name] = _literal(value)
         elif hint := did_you_mean(name, sorted(declared)):
             warnings.warn(f"from_project({project_dir!r}): {loaded.template} has no !var {name!r}, so it is ignored; {hint}",
                           TemplateWarning, stacklevel=2)
     if isinstance(targets, str):
         return loaded.construct(targets or "main", config=config)
     return TargetDict(loaded.construct(list(targets), config=config))
+
+
+def _literal(value: Any) -> Any:
+    """A value given from outside, for the config: text stays text (a "${" in it is no interpolation)."""
+    from forgather.graph.config import escape
+
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {key: _literal(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_literal(item) for item in value]
+    return value
 
 
 # What is being constructed, outermost first (construction is single-threaded): a from_project asking for

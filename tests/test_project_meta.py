@@ -295,6 +295,8 @@ def test_from_project_one_target_and_shared_nodes(tmp_path):
     assert main == {"spec": {"width": 4}}
     both = forgather.from_project(str(root / "models"), "small", ["model", "main"], tokenizer=[1, 2])
     assert both.model["spec"] is both["main"]["spec"]  # one construction: the shared !dict is one object
+    text = forgather.from_project(str(root / "models"), targets="model", tokenizer="${scale} {x}", scale=2)
+    assert text["vocab"] == len("${scale} {x}")  # a given string is text, not an interpolation
 
 
 def test_from_project_errors_name_the_other_projects_line_and_close_names(tmp_path):
