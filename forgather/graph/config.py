@@ -158,12 +158,12 @@ class _Converter:
                 )
         return set(first)
 
-    def _id_for(self, value: Any) -> str:
+    def _id_for(self, value: CallNode) -> str:
         if id(value) not in self.ids:
-            if isinstance(value, CallNode) and value.name:
+            if value.name:
                 self.ids[id(value)] = value.name
             else:
-                stem = value.target.split(":")[-1].split(".")[-1] if isinstance(value, CallNode) else type(value).__name__
+                stem = value.target.split(":")[-1].split(".")[-1]
                 number = 1
                 while f"{stem}_{number}" in self.used_ids:
                     number += 1
