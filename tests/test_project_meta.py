@@ -385,3 +385,18 @@ def test_tlist_lists_every_template_with_its_file_sections_included(tmp_path, ca
     assert rows["configs/a.yaml"].endswith("templates/configs/a.yaml") and rows["a.extra"].endswith("configs/a.yaml:3")
     assert rows["model/llama.yaml"].endswith("p/templates/model/llama.yaml")  # where it resolves: the project first
     assert "helpers.py" not in rows and "base/causal_lm.yaml" in rows  # the library's templates too
+
+
+def test_construct_and_code_build_main_by_default_when_the_config_has_one(tmp_path, capsys):
+    # The reference's default target is `main`; a config without one still builds every target.
+    write(tmp_path, {
+        "p/meta.yaml": "default_config: a.yaml\n",
+        "p/templates/configs/a.yaml": "main: !call:builtins:dict { x: 1 }\nbroken: !call:nowhere:Nothing []\n",
+        "p/templates/configs/b.yaml": "x: !call:builtins:abs [ -2 ]\n",
+    })
+    assert main(["-p", str(tmp_path / "p"), "construct"]) == 0
+    assert capsys.readouterr().out.strip() == "{'x': 1}"
+    assert main(["-p", str(tmp_path / "p"), "code"]) == 0
+    assert "return dict(x=1)" in capsys.readouterr().out
+    assert main(["-p", str(tmp_path / "p"), "-t", "b.yaml", "construct"]) == 0
+    assert capsys.readouterr().out.strip() == "{'x': 2}"

@@ -17,3 +17,11 @@ def declare_config_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     """Add the arguments the chosen config declares (its `dynamic_args`) to a subcommand's parser."""
     return add_dynamic_arguments(parser, load(args))
 
+
+
+def chosen_target(loaded: LoadedConfig, target: str | None) -> str | None:
+    """The target a command builds: the one given; else, as in the reference Forgather, `main` when the config
+    has one; else None (every target)."""
+    if target is None and "main" in loaded.graph.targets:
+        return "main"
+    return target
