@@ -405,7 +405,7 @@ class LoadedConfig:
         system_path = self.project.system_path
         if system_path and system_path not in sys.path:
             sys.path.insert(0, system_path)
-        _CONSTRUCTING.append(_construction_key(self.project.root, self.template, target))
+        _CONSTRUCTING.append(_construction_key(self, target))
         try:
             return construct(self.config if config is None else config, target, base_dir=self.project.model_src)
         except ConstructError as error:
@@ -463,7 +463,8 @@ def from_project(project_dir: str, config_template: str | None = None, targets: 
             tokenizer: *tokenizer               # any other keyword: the value of its `!var tokenizer`
 
     `targets` a name gives that object ("" gives `main`); a list gives a TargetDict of them, built together
-    (a node they share is one object). Keywords set the config's `!var`s and may be any Python object; as
+    (a node they share is one object). Keywords set the config's `!var`s: an object arrives as it is, but a
+    value OmegaConf reads as data (a mapping, list, tuple or dataclass) arrives as a copy of its data; as
     in the reference, a keyword the config has no `!var` for is ignored (a caller passes the same set to
     several projects), unless its name is close to one the config has: that is a warning, as a likely typo.
     Errors name the other project's template lines, like this project's own.
@@ -472,7 +473,7 @@ def from_project(project_dir: str, config_template: str | None = None, targets: 
 
     project = Project.load(os.path.abspath(project_dir))
     loaded = project.load_config(config_template or None, **(pp_kwargs or {}))
-    here = _construction_key(project.root, loaded.template, (targets or "main") if isinstance(targets, str) else list(targets))
+    here = _construction_key(loaded, (targets or "main") if isinstance(targets, str) else list(targets))
     if here in _CONSTRUCTING:  # else a RecursionError, deep inside construction
         chain = " -> ".join([*_CONSTRUCTING[_CONSTRUCTING.index(here):], here])
         raise UserError(f"from_project cycle: {chain}; building these targets needs themselves")
@@ -509,9 +510,12 @@ def _literal(value: Any) -> Any:
 _CONSTRUCTING: list[str] = []
 
 
-def _construction_key(root: str, template: str, target: str | list[str] | None) -> str:
+def _construction_key(loaded: LoadedConfig, target: str | list[str] | None) -> str:
+    """Which targets of which config: rendered with other template variables (pp_kwargs: a student built from
+    its teacher's config) it is another config."""
     names = "every target" if target is None else ",".join([target] if isinstance(target, str) else target)
-    return f"{root}:{template}[{names}]"
+    context = f" with {sorted(loaded.context.items())!r}" if loaded.context else ""
+    return f"{loaded.project.root}:{loaded.template}{context}[{names}]"
 
 
 # -- dynamic_args: command-line arguments a config declares ------------------------------------------------

@@ -187,17 +187,6 @@ def test_positional_keys_go_in_the_order_of_their_numbers_gaps_allowed():
     assert out["a"] == (3, 1) and out["b"] == 9
 
 
-def test_non_string_mapping_keys_reach_the_target_as_written():
-    # An id2label-style mapping keeps its int keys (as in the reference), also through an alias.
-    text = f"m: &m !call:builtins:dict {{id2label: {{0: neg, 1: pos}}, flags: {{true: t, 1.5: f}}}}\nn: [*m]\n"
-    out = build(text)
-    assert out["m"]["id2label"] == {0: "neg", 1: "pos"} and out["m"]["flags"] == {True: "t", 1.5: "f"}
-    assert out["n"][0] is out["m"]
-    shared = f"a: {{0: &b !singleton:{BOX_SPEC} [], 1: *b}}\nc: *b\n"  # a node shared from under an int key
-    out = build(shared)
-    assert out["a"][0] is out["a"][1] is out["c"]
-
-
 def test_a_name_may_hold_an_at_sign_the_first_one_splits():
     graph = load_graph("a: !call:builtins:dict@id@extra {x: 1}\nb: !call:builtins:list:@plain [[1]]\n")
     assert graph.nodes["a"].target == "builtins:dict" and graph.nodes["a"].name == "id@extra"

@@ -400,3 +400,35 @@ def test_construct_and_code_build_main_by_default_when_the_config_has_one(tmp_pa
     assert "return dict(x=1)" in capsys.readouterr().out
     assert main(["-p", str(tmp_path / "p"), "-t", "b.yaml", "construct"]) == 0
     assert capsys.readouterr().out.strip() == "{'x': 2}"
+
+
+def test_from_project_of_the_same_config_rendered_otherwise_is_no_cycle(tmp_path):
+    import forgather
+
+    write(tmp_path, {
+        "m/meta.yaml": "default_config: c.yaml\n",
+        "m/templates/configs/c.yaml": """\
+            -- if size | default('big') == 'small'
+            main: !call:builtins:dict { size: small }
+            -- else
+            main: !call:builtins:dict
+                size: big
+                teacher: !call:forgather:from_project { project_dir: "{{ project_dir }}", targets: main, pp_kwargs: { size: small } }
+            -- endif
+            """,
+        "n/meta.yaml": "default_config: c.yaml\n",
+        "n/templates/configs/c.yaml": "main: !call:forgather:from_project { project_dir: \"{{ project_dir }}\", pp_kwargs: { x: 1 } }\n",
+    })
+    built = Project.load(str(tmp_path / "m")).load_config(None).construct("main")
+    assert built == {"size": "big", "teacher": {"size": "small"}}
+    with pytest.raises(Exception, match=r"from_project cycle: .*with \[\('x', 1\)\]\[main\] -> .*with \[\('x', 1\)\]\[main\]"):
+        forgather.from_project(str(tmp_path / "n"))
+
+
+def test_tlist_skips_a_stray_binary_file(tmp_path, capsys):
+    write(tmp_path, {"p/meta.yaml": "default_config: a.yaml\n", "p/templates/configs/a.yaml": "a: 1\n"})
+    (tmp_path / "p/templates/.DS_Store").write_bytes(b"\x00\x01Bud1\xff\xfe")
+    (tmp_path / "p/templates/configs/.a.yaml.swp").write_bytes(b"b0VIM \xff\xfe\xfd")
+    assert main(["-p", str(tmp_path / "p"), "tlist"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "configs/a.yaml" in names and ".DS_Store" not in names and "configs/.a.yaml.swp" not in names

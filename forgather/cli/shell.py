@@ -187,11 +187,11 @@ class ForgatherShell(cmd.Cmd):
         self._config_command("targets", line)
 
     def do_code(self, line: str) -> None:
-        """code [CONFIG] [TARGET]: Python code whose construct() builds TARGET (default: every target)."""
+        """code [CONFIG] [TARGET]: Python code whose construct() builds TARGET (default: main if the config has one, else every target)."""
         self._config_command("code", line)
 
     def do_construct(self, line: str) -> None:
-        """construct [CONFIG] [TARGET] [--call]: build TARGET (default: every target) and print it."""
+        """construct [CONFIG] [TARGET] [--call]: build TARGET (default: main if the config has one, else every target) and print it."""
         self._config_command("construct", line)
 
     def do_train(self, line: str) -> None:

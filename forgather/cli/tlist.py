@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import jinja2
+
 from forgather.project import Project
 from forgather.template import TemplateEnvironment
 
@@ -27,10 +29,15 @@ def _is_template(name: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     project = Project.find(args.project)
     templates = TemplateEnvironment(project.search_path(args.template_path))
+    unreadable = set()
     for name in templates.list_templates():  # loading a file names its sections (`#---- name ----`) and origins
         if _is_template(name):
-            templates.source(name)
-    names = sorted({*templates.list_templates(), *templates.loaded_templates()} - {n for n in templates.list_templates() if not _is_template(n)})
+            try:
+                templates.source(name)
+            except (UnicodeDecodeError, jinja2.TemplateSyntaxError):  # a stray binary file (.DS_Store, a swap file)
+                unreadable.add(name)
+    listed = {*templates.list_templates(), *templates.loaded_templates()}
+    names = sorted(n for n in listed if _is_template(n) and n not in unreadable)
     if args.format == "files":
         print("\n".join(dict.fromkeys(os.path.relpath(templates.origin_of(name).path) for name in names)))
         return 0

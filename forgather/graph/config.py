@@ -100,18 +100,6 @@ def _path_counts(graph: Graph) -> Counter:
     return counts
 
 
-def _config_key(key: Any) -> Any:
-    """A mapping key as the config keeps it: YAML's int, float and bool keys stay what they are (an
-    `id2label: {0: neg}` reaches its target with int keys, as in the reference); any other type becomes text."""
-    return key if isinstance(key, (str, int, float, bool)) else str(key)
-
-
-def _child_path(path: str, key: Any) -> str:
-    """The config path of a child. Through a non-string key it is not a path OmegaConf can interpolate
-    (`${m.0}` finds no int key 0), so it is marked unreferable: a node shared from there is written again."""
-    return f"{path}.{key}" if isinstance(key, str) else f"{path}.[{key!r}]"
-
-
 def _canonical_paths(graph: Graph) -> dict[int, str]:
     """Shallowest occurrence of each node object; breadth-first, so ties go to document order."""
     paths: dict[int, str] = {}
@@ -123,7 +111,7 @@ def _canonical_paths(graph: Graph) -> dict[int, str]:
                 if id(value) in paths:
                     continue
                 paths[id(value)] = path
-            following += [(_child_path(path, key), child) for key, child in _graph_children(value)]
+            following += [(f"{path}.{key}", child) for key, child in _graph_children(value)]
         queue = following
     return paths
 
@@ -183,7 +171,7 @@ class _Converter:
             self.vars.setdefault(value.name, value.default)
             return "${" + value.name + "}"
         if isinstance(value, dict):
-            return {_config_key(k): self.convert(v, _child_path(path, k)) for k, v in value.items()}
+            return {str(k): self.convert(v, f"{path}.{k}") for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.convert(v, f"{path}.{i}") for i, v in enumerate(value)]
         if isinstance(value, str):
@@ -223,7 +211,7 @@ class _Converter:
         if isinstance(value, VarNode):
             return escape("${" + value.name + "}")
         if isinstance(value, dict):
-            return {_config_key(k): self._data(v) for k, v in value.items()}
+            return {str(k): self._data(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self._data(v) for v in value]
         return escape(value) if isinstance(value, str) else value
