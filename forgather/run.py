@@ -230,9 +230,6 @@ class Runner:
         """The option of each group the rendered config used: `GROUP/OPTION.yaml` among the loaded templates,
         less the options another option of the same group includes by name (model/tiny.yaml includes
         model/llama.yaml: the choice is tiny). Several left (a template that names both) are comma-joined."""
-        import jinja2.meta
-
-        env = loaded.templates.env
         used: dict[str, set[str]] = {}
         for name in loaded.templates.loaded_templates():
             group, _, option = name.rpartition("/")
@@ -242,8 +239,7 @@ class Runner:
         for group, names in sorted(used.items()):
             included = set()
             for name in names:
-                source = env.loader.get_source(env, name)[0]
-                included |= set(jinja2.meta.find_referenced_templates(env.parse(source))) - {name}
+                included |= set(loaded.templates.references(name)) - {name}
             options = sorted((names - included) or names)
             chosen[group] = ",".join(PurePosixPath(n).stem for n in options)
         return chosen

@@ -19,19 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="files: each template file once (default); tree: the reference tree, with file and line")
 
 
-def references(env, name: str) -> list[str]:
-    """The templates `name` names itself (extends/include/import with a literal name), in source order."""
-    import jinja2.meta
-
-    source = env.loader.get_source(env, name)[0]
-    return [ref for ref in jinja2.meta.find_referenced_templates(env.parse(source)) if ref is not None]
-
-
 def template_tree(loaded) -> tuple[list[tuple[int, str]], list[str]]:
     """([(depth, template name)] depth-first from the config's template, each once; loaded templates no
     literal reference reaches)."""
     loaded.text  # render: every template the config uses is loaded, dynamic references included
-    env = loaded.templates.env
     used = loaded.templates.loaded_templates()
     tree: list[tuple[int, str]] = []
     seen: set[str] = set()
@@ -41,7 +32,7 @@ def template_tree(loaded) -> tuple[list[tuple[int, str]], list[str]]:
             return
         seen.add(name)
         tree.append((depth, name))
-        for child in references(env, name):
+        for child in loaded.templates.references(name):
             visit(child, depth + 1)
 
     visit(loaded.template, 0)
@@ -51,15 +42,20 @@ def template_tree(loaded) -> tuple[list[tuple[int, str]], list[str]]:
 def run(args: argparse.Namespace) -> int:
     loaded = load(args)
     tree, dynamic = template_tree(loaded)
-    origin = loaded.templates.origin_of
+
+    def path(name: str) -> str:
+        return os.path.relpath(loaded.templates.origin_of(name).path)
+
+    def where(name: str) -> str:
+        return f"{path(name)}:{loaded.templates.origin_of(name).line}"
+
     if args.format == "files":
-        files = dict.fromkeys(os.path.relpath(origin(name).path) for _, name in tree + [(0, d) for d in dynamic])
-        print("\n".join(files))
+        print("\n".join(dict.fromkeys(path(name) for name in [*(n for _, n in tree), *dynamic])))
         return 0
     for depth, name in tree:
-        print(f"{'  ' * depth}{name}  ({os.path.relpath(origin(name).path)}:{origin(name).line})")
+        print(f"{'  ' * depth}{name}  ({where(name)})")
     if dynamic:
         print("loaded through a name in a variable:")
         for name in dynamic:
-            print(f"  {name}  ({os.path.relpath(origin(name).path)}:{origin(name).line})")
+            print(f"  {name}  ({where(name)})")
     return 0

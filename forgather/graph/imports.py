@@ -111,7 +111,7 @@ def _import_module(module: str, spec: str) -> ModuleType:
         if (error.name or "").startswith("forgather.") and not close:
             # Our package owns the name; a submodule it lacks is one of the reference Forgather's.
             what = "the reference Forgather's library (its trainers, losses, dataset and model builders)" \
-                if error.name.startswith("forgather.ml") else f"a module of the reference Forgather"
+                if error.name.startswith("forgather.ml") else "a module of the reference Forgather"
             raise ImportSpecError(
                 f"cannot import {spec!r}: {error.name!r} is {what}, which this Forgather does not include; keep the "
                 f"template and build this part from our library (docs/guides/coming_from_forgather.md, 'What maps "

@@ -182,6 +182,13 @@ class TemplateEnvironment:
         """The text of one template (one section of a split file), before preprocessing."""
         return self.env.loader.get_source(self.env, name)[0]
 
+    def references(self, name: str) -> list[str]:
+        """The templates `name` names itself (extends, include, import with a literal name), in source order;
+        a name held in a variable is known only by rendering."""
+        import jinja2.meta
+
+        return [ref for ref in jinja2.meta.find_referenced_templates(self.env.parse(self.source(name))) if ref is not None]
+
     def origin_of(self, name: str) -> SourceLocation:
         origin = self.env.loader.origin(name)
         return SourceLocation(origin.path if origin else name, 1 + (origin.line_offset if origin else 0))
