@@ -72,7 +72,7 @@ def template_raise(message: str) -> None:
 def template_assert(condition: Any, message: str = "assertion failed") -> str:
     """`== assert(n % stages == 0, "stages must divide the batch")`; renders as nothing when it holds."""
     if not condition:
-        raise TemplateRaise(str(message))
+        template_raise(message)
     return ""
 
 
