@@ -54,13 +54,12 @@
 #                     flex attention: each kernel's duration, throughput, occupancy and largest stalls.
 #   part s            the packed kernels with the mask only on the tiles that need it: GPU tests, the duel beside
 #                     the kernels before (.whl/baseline_packed_attention_kernels.py), ncu of them, then training.
-#   part t            (prepared) revisions of the packed kernels as patches (scripts/patches/): one loop with the mask
-#                     under a run-time branch (fewer registers), then the heaviest programs first; GPU tests, tile
-#                     sweep, the duel beside ours.
-#   part u            (prepared) the residual add + RMSNorm as our Triton ops (fused_norm=true): GPU tests, the norm
+#   part t            (ran 2026-12-05, then removed: its two patches, one loop with the mask under a run-time branch and
+#                     the heaviest programs first, are now the packed kernels themselves.)
+#   part u            the residual add + RMSNorm as our Triton ops (fused_norm=true): GPU tests, the norm
 #                     alone beside inductor's and Liger's, then training beside the default and HF + Liger.
-#   part v            (prepared) what parts t and u measured faster, together (PATCHES="..." applies kernel patches),
-#                     with the compiled AdamW and CUDA graphs, beside the default and HF + Liger.
+#   part v            fused_norm=true with the compiled AdamW, and that under CUDA graphs, beside the default and
+#                     HF + Liger.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|v|tests] [more bench_train.py args]
@@ -102,13 +101,6 @@ packed_sweep() {  # sweep the packed kernels' tiles and duel the best; prints th
         --json "$OUT/duel.json" 2>&1 | grep -v Warning > "$OUT/duel.txt"
     grep -E '"(ms_per_layer_median|best|error)"' "$OUT/duel.txt" | cut -c1-400 >&2
     grep -o '"option": "[^"]*"' "$OUT/duel.txt" | tail -1 | sed 's/"option": "\(.*\)"/\1/'
-}
-
-KERNELS=forgather/models/packed_attention_kernels.py
-apply_patches() {  # apply_patches NAME...: scripts/patches/NAME.patch on the packed kernels, in order
-    for patch in "$@"; do
-        git apply "scripts/patches/$patch.patch" || { echo "patch $patch does not apply"; exit 1; }
-    done
 }
 
 ncu_step() {  # ncu_step SECONDS NAME [ncu options] PROGRAM...: Nsight Compute over a step, tabulated
@@ -284,29 +276,8 @@ s)
     bench bench_1b_s.log --shape 1b --label 1b_s --steps 40 --paths forgather hf-liger \
         --variant packed+adamw-compiled optimizer=adamw_compiled --timeout 150 "$@"
     ;;
-t)
-    # candidate revisions of the packed kernels, kept as patches on ours (scripts/patches/): packed_one_loop (one loop
-    # with the mask under a run-time branch: fewer registers, scripts/packed_kernel_registers.py) and on top of it
-    # packed_heavy_first (programs handed out so that the heaviest start first). Both applied take the checkout's
-    # place for the packed GPU tests and a sweep of their tiles; the duel then times them, at the default and the
-    # best tiles, beside ours and the one-loop revision, in CUDA graphs on the bench's rows
-    REVS="$OUT/revisions"
-    mkdir -p "$REVS"
-    cp $KERNELS "$REVS/ours.py"
-    apply_patches packed_one_loop
-    cp $KERNELS "$REVS/one_loop.py"
-    apply_patches packed_heavy_first
-    if [ -z "${REHEARSE:-}" ]; then
-        packed_tests
-        timeout 300 $PY scripts/bench_step_pieces.py --duel --packed-sweep --rows "stdlib rows" --rounds 3 \
-            --packed-baseline "$REVS/ours.py" "$REVS/one_loop.py" --json "$OUT/duel.json" 2>&1 | grep -v Warning \
-            > "$OUT/duel.txt"
-        grep -E '"(ms_per_layer_median|ms_fwd_bwd_per_layer|error|option)"|capture failed' "$OUT/duel.txt" | cut -c1-300
-    fi
-    cp "$REVS/ours.py" $KERNELS
-    ;;
 u)
-    # (prepared) the residual add + RMSNorm as our Triton ops (fused_norm=true, forgather/models/fused_rms_norm.py):
+    # the residual add + RMSNorm as our Triton ops (fused_norm=true, forgather/models/fused_rms_norm.py):
     # their GPU tests, the norm alone beside inductor's and Liger's in CUDA graphs (bench_step_pieces.py --norm,
     # with a sweep of NORM_TILING), then training beside the default and HF + Liger (~8 minutes in all)
     if [ -z "${REHEARSE:-}" ]; then
@@ -320,16 +291,12 @@ u)
         fused_norm=true --timeout 110 "$@"
     ;;
 v)
-    # (prepared) the combination of what parts t and u measured faster, 40 steps beside the default and HF + Liger:
-    # PATCHES (names under scripts/patches/, applied in order to the kernels, e.g. "packed_one_loop
-    # packed_heavy_first") for every run, then fused_norm=true with the compiled AdamW, and that under CUDA graphs
-    # (compile_mode=reduce-overhead: the step's ~1,150 launches, ~2.5 ms of gaps, replayed as graphs)
-    cp $KERNELS "$OUT/ours_kernels.py"
-    apply_patches ${PATCHES:-}
+    # what parts t and u measured faster (the kernels then as patches), 40 steps beside the default and HF + Liger:
+    # fused_norm=true with the compiled AdamW, and that under CUDA graphs (compile_mode=reduce-overhead: the step's
+    # ~1,150 launches, ~2.5 ms of gaps, replayed as graphs)
     bench bench_1b_v.log --shape 1b --label 1b_v --steps 40 --paths forgather hf-liger --variant \
         fused-norm+adamw-compiled fused_norm=true optimizer=adamw_compiled --variant fused-norm+adamw-compiled+graphs \
         fused_norm=true optimizer=adamw_compiled compile_mode=reduce-overhead --timeout 130 "$@"
-    cp "$OUT/ours_kernels.py" $KERNELS
     ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one

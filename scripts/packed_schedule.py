@@ -9,14 +9,14 @@ tokens, 8 kv heads), replays the dispatch as greedy list scheduling over `slots`
 kernels' registers: scripts/packed_kernel_registers.py) at one time unit an iteration plus OVERHEAD a program,
 and prints the time to drain the grid in three orders:
 
-    grid         the kernels' order (committed)
+    grid         the grid's plain order (the kernels' before 2026-12-05)
     heavy first  each block index for every (batch row, kv head) before the next, the blocks that carry the most
-                 work in a long document first (scripts/patches/packed_heavy_first.patch)
+                 work in a long document first (the kernels' `_program` since)
     sorted       longest program first (the list-scheduling ideal, which needs the work known ahead)
 
 beside the bound max(total / slots, longest program). A model, not a measurement: it ignores that programs
-sharing an SM slow each other and that the hardware's dispatch is only roughly in order; the GPU's answer is
-`bash scripts/gpu_check_train.sh t`.
+sharing an SM slow each other and that the hardware's dispatch is only roughly in order; the GPU's answer
+(bench_step_pieces.py --duel, 2026-12-05): 1.24x on the attention of those rows, docs/benchmarks.md.
 
     python scripts/packed_schedule.py [--overhead 2]
 """

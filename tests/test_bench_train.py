@@ -299,20 +299,6 @@ def test_profile_kernels_tabulates_an_ncu_log(tmp_path):
     assert [cell.strip() for cell in rows[1].split("|")][2] == "45.1"
 
 
-def test_the_prepared_kernel_patches_apply_in_order_and_leave_valid_python(tmp_path):
-    """gpu_check_train.sh part t applies scripts/patches/packed_*.patch to the packed kernels, one after the other,
-    on the GPU machine: a change to the kernels that stales them shows here, not in a device call."""
-    kernels = Path("forgather/models/packed_attention_kernels.py")
-    copy = tmp_path / kernels
-    copy.parent.mkdir(parents=True)
-    copy.write_text((SCRIPTS.parent / kernels).read_text())
-    for name in ("packed_one_loop", "packed_heavy_first"):
-        subprocess.run(["git", "apply", str(SCRIPTS / "patches" / f"{name}.patch")], cwd=tmp_path, check=True)
-        source = copy.read_text()
-        compile(source, str(copy), "exec")
-    assert "if (n < mid_lo) | (n >= mid_hi):" in source and "HEAVY_LAST_BLOCKS" in source
-
-
 def test_packed_schedule_counts_each_program_s_tiles_and_replays_the_dispatch():
     """scripts/packed_schedule.py: the tiles each program of the packed kernels visits (against a loop over the
     documents), and list scheduling in which the order decides when a long program comes last."""

@@ -7,10 +7,18 @@ key's document. The grouped-query heads that share a key/value head are stacked 
 (GROUP x BLOCK_M rows): each key and value tile is loaded once for the whole group, and the key/value gradients
 of a group are summed inside one program, with no atomics.
 
-Each loop runs in three stretches: the tiles at its ends, which hold a document boundary or the diagonal, take
-the mask; the stretch between them, where every row sees every key of the tile (inside one long document, most
-of the work), skips it. For the forward and dq: key tiles at or after the last query's document start and at or
-before the first query; for dk/dv: query blocks after the last key and inside the first key's document.
+Only the tiles at a loop's ends, which hold a document boundary or the diagonal, take the mask; the stretch
+between them [mid_lo, mid_hi), where every row sees every key of the tile (inside one long document, most of the
+work), skips it. For the forward and dq: key tiles at or after the last query's document start and at or before
+the first query; for dk/dv: query blocks after the last key and inside the first key's document. The forward
+and dk/dv walk all their tiles in one loop with the mask under a run-time branch: three loops, one a stretch,
+took the forward from ~124 registers to ~163 and dk/dv from ~214 to ~243 (scripts/packed_kernel_registers.py),
+fewer programs an SM. dq, at ~92 registers, keeps its three loops.
+
+Programs are handed out heaviest first (`_program`): a program's work depends on where its block sits in its
+document, and in the grid's plain order the long programs of the last (batch row, kv head) pairs started last
+and ran alone (scripts/packed_schedule.py models it; 1.24x on the attention of the training bench's rows,
+docs/benchmarks.md).
 
 Three kernels, all over grid (row blocks, batch x kv heads):
 - `_packed_attention_forward`: online softmax over the key blocks; writes the output and the log2-sum-exp of
@@ -40,9 +48,20 @@ _HIDDEN = tl.constexpr(-1.0e30)  # a masked score, in the log2 domain
 
 
 @triton.jit
-def _program(kv_heads):
-    """This program's block along the row, its batch row and its kv head."""
-    return tl.program_id(0), tl.program_id(1) // kv_heads, tl.program_id(1) % kv_heads
+def _program(kv_heads, HEAVY_LAST_BLOCKS: tl.constexpr):
+    """This program's block along the row, its batch row and its kv head. The GPU starts programs in the grid's
+    order (axis 0 fastest); they are handed out so that each block index runs for every (batch row, kv head)
+    before the next, the blocks that carry the most work in a long document first: the last query blocks for the
+    forward and dq (HEAVY_LAST_BLOCKS), the first key blocks for dk/dv. The longest programs then start early
+    instead of trailing behind the rest."""
+    blocks = tl.num_programs(0)
+    pairs = tl.num_programs(1)
+    order = tl.program_id(1) * blocks + tl.program_id(0)
+    rank = order // pairs
+    pair = order % pairs
+    if HEAVY_LAST_BLOCKS:
+        rank = blocks - 1 - rank
+    return rank, pair // kv_heads, pair % kv_heads
 
 
 @triton.jit
@@ -108,14 +127,14 @@ def _middle(lo, hi, a, b):
 
 
 @triton.jit
-def _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, lo, hi, skb, skh, skt, svb, svh, svt, T,
-                   qk_scale: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   MASKED: tl.constexpr):
-    """The online softmax over the key tiles [lo, hi); without MASKED every row sees every key of them."""
+def _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, lo, hi, mid_lo, mid_hi, skb, skh, skt, svb, svh,
+                   svt, T, qk_scale: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
+    """The online softmax over the key tiles [lo, hi); inside [mid_lo, mid_hi) every row sees every key of them."""
     for n in range(lo, hi, BLOCK_N):
         keys, k, v = _key_tiles(K, V, b, h, n, skb, skh, skt, svb, svh, svt, T, BLOCK_N, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
+        if (n < mid_lo) | (n >= mid_hi):
             s = tl.where(_visible(keys[None, :], start[:, None], token[:, None]), s, _HIDDEN)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -133,7 +152,7 @@ def _packed_attention_forward(
     T, kv_heads, qk_scale: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    block, b, h = _program(kv_heads)
+    block, b, h = _program(kv_heads, True)
     head, token, inside = _group_rows(block, GROUP, BLOCK_M, T)
     qh = h * GROUP + head
     q = tl.load(_rows_at(Q, b, qh, token, sqb, sqh, sqt, HEAD_DIM), mask=inside[:, None], other=0.0)
@@ -141,12 +160,8 @@ def _packed_attention_forward(
     m_i = tl.full([GROUP * BLOCK_M], _HIDDEN, tl.float32)
     l_i = tl.zeros([GROUP * BLOCK_M], tl.float32)
     acc = tl.zeros([GROUP * BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, first, mid_lo, skb, skh, skt, svb,
-                                   svh, svt, T, qk_scale, PRECISION, BLOCK_N, HEAD_DIM, True)
-    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, mid_lo, mid_hi, skb, skh, skt, svb,
-                                   svh, svt, T, qk_scale, PRECISION, BLOCK_N, HEAD_DIM, False)
-    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, mid_hi, last, skb, skh, skt, svb,
-                                   svh, svt, T, qk_scale, PRECISION, BLOCK_N, HEAD_DIM, True)
+    acc, l_i, m_i = _forward_tiles(acc, l_i, m_i, q, K, V, b, h, start, token, first, last, mid_lo, mid_hi, skb,
+                                   skh, skt, svb, svh, svt, T, qk_scale, PRECISION, BLOCK_N, HEAD_DIM)
     tl.store(_rows_at(O, b, qh, token, sob, soh, sot, HEAD_DIM), (acc / l_i[:, None]).to(O.dtype.element_ty),
              mask=inside[:, None])
     tl.store(LSE + b * slb + qh * slh + token, m_i + tl.math.log2(l_i), mask=inside)
@@ -174,7 +189,7 @@ def _packed_attention_dq(
     T, kv_heads, qk_scale: tl.constexpr, sm_scale: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    block, b, h = _program(kv_heads)
+    block, b, h = _program(kv_heads, True)
     head, token, inside = _group_rows(block, GROUP, BLOCK_M, T)
     qh = h * GROUP + head
     q = tl.load(_rows_at(Q, b, qh, token, sqb, sqh, sqt, HEAD_DIM), mask=inside[:, None], other=0.0)
@@ -196,11 +211,11 @@ def _packed_attention_dq(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, lo, hi, sqb, sqh, sqt, sdob, sdoh, sdot,
-                slb, slh, ssb, T, qk_scale: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
-    """The keys' and values' gradients over the query blocks [lo, hi); without MASKED every row of them sees
-    every key of the tile."""
+def _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, lo, hi, mid_lo, mid_hi, sqb, sqh, sqt, sdob,
+                sdoh, sdot, slb, slh, ssb, T, qk_scale: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The keys' and values' gradients over the query blocks [lo, hi); inside [mid_lo, mid_hi) every row of them
+    sees every key of the tile."""
     for m in range(lo, hi):
         head, token, inside = _group_rows(m, GROUP, BLOCK_M, T)
         qh = h * GROUP + head
@@ -209,7 +224,7 @@ def _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, lo, hi, sqb,
         lse = tl.load(LSE + b * slb + qh * slh + token, mask=inside, other=0.0)
         delta = tl.load(DELTA + b * slb + qh * slh + token, mask=inside, other=0.0)
         pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
-        if MASKED:
+        if (m < mid_lo) | (m >= mid_hi):
             start = tl.load(START + b * ssb + token, mask=inside, other=T)
             pt = tl.where(_visible(keys[:, None], start[None, :], token[None, :]), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
@@ -226,7 +241,7 @@ def _packed_attention_dkdv(
     T, kv_heads, qk_scale: tl.constexpr, sm_scale: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    block, b, h = _program(kv_heads)
+    block, b, h = _program(kv_heads, False)
     keys, k, v = _key_tiles(K, V, b, h, block * BLOCK_N, skb, skh, skt, svb, svh, svt, T, BLOCK_N, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -237,12 +252,8 @@ def _packed_attention_dkdv(
     hi = tl.cdiv(tl.load(END + b * seb + last_key), BLOCK_M)
     mid_lo, mid_hi = _middle(lo, hi, tl.cdiv(block * BLOCK_N + BLOCK_N - 1, BLOCK_M),
                              tl.load(END + b * seb + block * BLOCK_N) // BLOCK_M)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, lo, mid_lo, sqb, sqh, sqt, sdob,
-                         sdoh, sdot, slb, slh, ssb, T, qk_scale, PRECISION, GROUP, BLOCK_M, HEAD_DIM, True)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, mid_lo, mid_hi, sqb, sqh, sqt, sdob,
-                         sdoh, sdot, slb, slh, ssb, T, qk_scale, PRECISION, GROUP, BLOCK_M, HEAD_DIM, False)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, mid_hi, hi, sqb, sqh, sqt, sdob,
-                         sdoh, sdot, slb, slh, ssb, T, qk_scale, PRECISION, GROUP, BLOCK_M, HEAD_DIM, True)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, keys, Q, DO, LSE, DELTA, START, b, h, lo, hi, mid_lo, mid_hi, sqb, sqh, sqt,
+                         sdob, sdoh, sdot, slb, slh, ssb, T, qk_scale, PRECISION, GROUP, BLOCK_M, HEAD_DIM)
     tl.store(_tile_at(DK, b, h, keys, sdkb, sdkh, sdkt, HEAD_DIM), (dk * sm_scale).to(DK.dtype.element_ty),
              mask=keys[:, None] < T)
     tl.store(_tile_at(DV, b, h, keys, sdvb, sdvh, sdvt, HEAD_DIM), dv.to(DV.dtype.element_ty),
