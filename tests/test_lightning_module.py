@@ -73,8 +73,12 @@ def test_metrics_reach_the_tensorboard_logger(tmp_path) -> None:
     logged = scalars(trainer)
     assert len(logged["train/loss"]) == 4
     assert logged["train/lr"] == pytest.approx([1e-3] * 4)
-    # The first batch has no previous batch end to measure from.
-    assert len(logged["train/tokens_per_s"]) == 3 and min(logged["train/tokens_per_s"]) > 0
+    # The first batch has no previous batch end to measure from, nor has the first after validation (step 2):
+    # no value of an earlier step is written again for them.
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/tokens_per_s")] == [1, 3]
+    assert min(logged["train/tokens_per_s"]) > 0
     assert len(logged["train/grad_norm"]) == 4
     assert len(logged["val/loss"]) == 2
 
@@ -230,7 +234,7 @@ def test_grad_norm_is_computed_on_logged_steps_and_the_last_one(tmp_path, monkey
     trainer = make_trainer(tmp_path, max_steps=7, log_every_n_steps=3)
     trainer.fit(CausalLMModule(tiny_model()), train_dataloaders=toy_loader())
     assert len(computed) == 3  # steps 2, 5 and the last, 6
-    assert [event.step for event in _grad_norm_events(trainer)] == [2, 5]  # what the logger writes
+    assert [event.step for event in _grad_norm_events(trainer)] == [2, 5, 6]  # what the logger writes
     assert "train/grad_norm" in trainer.callback_metrics  # the last step's, for the run's final metrics
 
 
@@ -249,9 +253,10 @@ def test_tokens_per_s_covers_every_step_since_the_previous_write(tmp_path, monke
     events = EventAccumulator(trainer.logger.log_dir)
     events.Reload()
     written = [(event.step, event.value) for event in events.Scalars("train/tokens_per_s")]
-    # 1 batch in 1 s, 2 batches in 2 s (the logger's step index is 0-based) ...
-    assert written == [(1, BATCH * (SEQ - 1)), (3, BATCH * (SEQ - 1))]
-    # ... and 1 batch in 1 s at the last step, in the run's final metrics (Lightning writes logged steps only).
+    # 1 batch in 1 s, 2 batches in 2 s (the logger's step index is 0-based), and 1 batch in 1 s at the last step,
+    # written too (the run's final numbers) ...
+    assert written == [(1, BATCH * (SEQ - 1)), (3, BATCH * (SEQ - 1)), (4, BATCH * (SEQ - 1))]
+    # ... and in the run's final metrics.
     assert float(trainer.callback_metrics["train/tokens_per_s"]) == BATCH * (SEQ - 1)
 
 

@@ -11,11 +11,12 @@ The steps Lightning logs are global steps, so after a resume from a checkpoint a
 carry step N: rows before it (including a validation that ran after that checkpoint was saved, logged at
 step N-1, which Lightning does not re-run) are kept. Every rewrite of the file is atomic.
 
-Lightning writes a training step's row after the `on_train_batch_end` hooks, where step checkpoints are
-saved, so a process killed while it writes a checkpoint would lose the row of the step the checkpoint
-holds. `forgather.lightning.model_checkpoint.ModelCheckpoint` calls `log_step_before_checkpoint` first;
-the row Lightning logs for that step right after replaces it (the module's `on_train_batch_end`, which
-runs between the two, may add metrics). The replacement is one atomic rename of a rewritten copy: dropping
+A training step's row is written after the `on_train_batch_end` hooks, where step checkpoints are saved
+(Lightning's logger connector right after them; forgather's module writes its training metrics at the next
+batch's end, forgather.lightning.steps.DeferredMetrics), so a process killed while it writes a checkpoint
+would lose the row of the step the checkpoint holds. `forgather.lightning.model_checkpoint.ModelCheckpoint`
+calls `log_step_before_checkpoint` first; the row logged for that step afterwards replaces it (with the
+metrics the module's `on_train_batch_end` adds, the throughput). The replacement is one atomic rename of a rewritten copy: dropping
 the provisional line in place and then appending would lose the step's row to a kill between the two.
 Usable in plain Lightning code as a drop-in for `pytorch_lightning.loggers.CSVLogger`.
 """
@@ -131,12 +132,14 @@ class CSVLogger(LightningCSVLogger):
     """`pytorch_lightning.loggers.CSVLogger` (same arguments) whose metrics.csv survives a resume."""
 
     @rank_zero_only
-    def log_step_before_checkpoint(self, trainer: pl.Trainer) -> None:
-        """Write now the row Lightning logs for this training step after the `on_train_batch_end` hooks."""
+    def log_step_before_checkpoint(self, trainer: pl.Trainer, deferred: dict[str, float] | None = None) -> None:
+        """Write now the row logged for this training step after the `on_train_batch_end` hooks: Lightning's
+        (metrics logged for the loggers) and `deferred`, the module's metrics that it writes a step later."""
         connector = trainer._logger_connector
-        if trainer.fit_loop._should_accumulate() or not connector.should_update_logs:
+        if trainer.fit_loop._should_accumulate():
             return
-        metrics = convert_tensors_to_scalars(connector.metrics["log"])
+        metrics = convert_tensors_to_scalars(connector.metrics["log"]) if connector.should_update_logs else {}
+        metrics.update(deferred or {})
         if metrics:
             metrics.setdefault("epoch", trainer.current_epoch)  # as Lightning's logger connector adds it
             metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)

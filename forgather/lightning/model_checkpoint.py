@@ -10,8 +10,10 @@ uninterrupted run. Lightning runs checkpoint callbacks after the others, so a st
 callback at this batch is seen.
 
 A checkpoint saved at the end of a training batch first has the step's metrics row written by the loggers
-that can (`forgather.lightning.csv_logger.CSVLogger`), which Lightning would write after it: a process killed
-while writing the checkpoint keeps that row, which the resumed run does not log again.
+that can (`forgather.lightning.csv_logger.CSVLogger`), which would otherwise be written after it (Lightning's
+logger connector after the batch-end hooks; the module's training metrics at the next batch's end,
+`forgather.lightning.steps.DeferredMetrics`): a process killed while writing the checkpoint keeps that row,
+which the resumed run does not log again.
 
 Epoch-end and validation-end saving are Lightning's, unchanged. Everything else, arguments included, is
 `pytorch_lightning.callbacks.ModelCheckpoint`.
@@ -25,6 +27,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 from forgather.lightning.csv_logger import CSVLogger
+from forgather.lightning.steps import DeferredMetrics, writes_metrics
 
 
 def fit_ends_after_this_batch(trainer: pl.Trainer) -> bool:
@@ -52,7 +55,14 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if self._in_train_batch_end:
+            # The module's training metrics reach the loggers a step late (DeferredMetrics): the earlier step's
+            # row goes first, then this step's metrics are read now, as saving waits for the GPU anyway.
+            deferred = getattr(trainer.lightning_module, "deferred_metrics", None)
+            current = {}
+            if isinstance(deferred, DeferredMetrics):
+                deferred.flush(trainer)
+                current = deferred.now(trainer) if writes_metrics(trainer) else {}
             for logger in trainer.loggers:
                 if isinstance(logger, CSVLogger):
-                    logger.log_step_before_checkpoint(trainer)
+                    logger.log_step_before_checkpoint(trainer, current)
         super()._save_checkpoint(trainer, filepath)

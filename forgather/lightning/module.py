@@ -8,9 +8,12 @@ Lightning logger records them): `train/loss`, `train/lr`, `train/tokens_per_s` (
 padding, summed over ranks, per second over the steps since the previous write), `train/grad_norm` (total
 2-norm before the optimizer step) and `val/loss` (epoch mean weighted by target tokens, synced).
 
-No step forces the host to wait for the GPU except the steps the loggers write (every `log_every_n_steps`,
-and the last): throughput and the gradient norm are computed there only, and `train/loss` is not a progress-bar
-metric (Lightning reads those after every batch), so between writes the host queues work ahead of the device.
+No step makes the host wait for the GPU: throughput and the gradient norm are computed only on the steps the
+loggers write (every `log_every_n_steps`, and the last); `train/loss` is not a progress-bar metric (Lightning
+reads those after every batch); and the training metrics are logged with `logger=False` and reach the loggers
+one step later, through `forgather.lightning.steps.DeferredMetrics`, with the step they belong to (Lightning's
+logger connector would read them on their own step, draining the GPU's queue). So the host queues work ahead
+of the device on every step.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from torch.distributed.tensor import DTensor
 
 from forgather.errors import UserError, did_you_mean
 from forgather.lightning.memory import check_batch_fits
-from forgather.lightning.steps import writes_metrics
+from forgather.lightning.steps import DeferredMetrics, writes_metrics
 from forgather.loss.base import IGNORE_INDEX
 from forgather.optim.in_backward import OptimizerInBackward
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+
+# What the module logs at each step the loggers write, handed to them one step later (DeferredMetrics).
+TRAIN_METRICS = ("train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm")
 
 # torch.compile's modes (torch._inductor.list_mode_options()), None for its default.
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -116,6 +122,7 @@ class CausalLMModule(pl.LightningModule):
         self._window_start: float | None = None
         self._window_step = -1  # the optimizer step at the window's start
         self._fitting_batches: set[tuple[torch.Size, bool]] = set()
+        self.deferred_metrics = DeferredMetrics(TRAIN_METRICS)
 
     def configure_model(self) -> None:
         # Lightning calls this for every stage; build once.
@@ -153,11 +160,11 @@ class CausalLMModule(pl.LightningModule):
         rows = labels.shape[0]
         # Not a progress-bar metric: Lightning turns those into numbers after every batch, a host wait each step
         # (forgather.lightning.ProgressBar shows the loss where the loggers write it).
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=rows)
+        self._log_train("train/loss", loss, batch_size=rows)
         if writes_metrics(self.trainer, self.trainer.global_step + 1):
             # Only where it is written. A host tensor: Lightning keeps it on the host, where a float would become a
             # device tensor, a copy from pageable memory that waits for every queued kernel (tests/test_step_syncs.py).
-            self.log("train/lr", self._learning_rate(), on_step=True, on_epoch=False, batch_size=rows)
+            self._log_train("train/lr", self._learning_rate(), batch_size=rows)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -175,8 +182,21 @@ class CausalLMModule(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self._restart_window()  # nor is validation
+        self.deferred_metrics.flush(self.trainer)  # the last training row before validation's
+
+    def on_train_end(self) -> None:
+        self.deferred_metrics.flush(self.trainer)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [_FlushMetricsOnException()]
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        # The previous written step's metrics: its kernels ran while this step was queued, so this waits for none.
+        self.deferred_metrics.flush(self.trainer)
+        self._measure_throughput()
+        self.deferred_metrics.capture(self.trainer)
+
+    def _measure_throughput(self) -> None:
         now = perf_counter()
         if self._window_start is None:
             # The window opens at the end of the first batch: what came before it (compilation, data loader
@@ -189,8 +209,7 @@ class CausalLMModule(pl.LightningModule):
             return
         # Summed over ranks below; ranks that hold other pipeline stages of the same batch count it once.
         rate = self._window_tokens / (now - self._window_start) / self._ranks_per_batch()
-        self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum",
-                 batch_size=1)
+        self._log_train("train/tokens_per_s", rate, sync_dist=True, reduce_fx="sum", batch_size=1)
         self._restart_window(now)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -208,9 +227,15 @@ class CausalLMModule(pl.LightningModule):
         else:
             norm = total_grad_norm(self.parameters())
         if norm is not None:
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+            self._log_train("train/grad_norm", norm, batch_size=1)
 
     # Helpers
+
+    def _log_train(self, name: str, value: Any, **kwargs: Any) -> None:
+        """A training metric of this step: for callbacks now (`callback_metrics`), for the loggers one step later
+        (DeferredMetrics), which Lightning's logger connector would read on this step, a wait for the GPU."""
+        self.log(name, value, on_step=True, on_epoch=False, logger=False, **kwargs)
+        self.deferred_metrics.logged(name)
 
     def _restart_window(self, now: float | None = None) -> None:
         self._window_tokens, self._window_start = 0, now
@@ -319,3 +344,18 @@ def _check_steps_in_backward(trainer: pl.Trainer) -> None:
         raise UserError(f"accumulate_grad_batches={trainer.accumulate_grad_batches}: {what} add the next batches' "
                         "gradients ; leave the trainer's accumulate_grad_batches at 1, or choose an optimizer that "
                         "steps after backward")
+
+
+class _FlushMetricsOnException(pl.Callback):
+    """Writes the last captured training metrics when fit fails (Lightning tells callbacks, not the module): the
+    row of the step before the failure is not lost. A failing GPU may fail this too: then the error in flight
+    stays the one reported."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        deferred = getattr(pl_module, "deferred_metrics", None)
+        if deferred is None:
+            return
+        try:
+            deferred.flush(trainer)
+        except Exception as error:  # noqa: BLE001 -- the exception in flight is the one to report
+            warnings.warn(f"the last training metrics were not written: {error}", stacklevel=1)

@@ -4,8 +4,10 @@ Reading the progress-bar metrics turns each logged tensor into a Python number, 
 the GPU. Lightning does that after every batch for every metric logged with `prog_bar=True` (its logger
 connector, whatever bar is drawn; `refresh_rate` throttles drawing, not reading), so on a GPU every step ended
 in a host sync and the host could never queue the next step's work early. So the training loss is not logged
-as a progress-bar metric; this bar reads it (TRAIN_METRICS) from the callback metrics when the loggers write
-(every `log_every_n_steps`) and at the last step, and keeps the numbers it last read in between. Outside
+as a progress-bar metric; this bar shows it (TRAIN_METRICS) as the loggers got it: from forgather's module, the
+numbers its DeferredMetrics wrote last (a step after the step they belong to, read without a wait); from any
+other module, the callback metrics when the loggers write (every `log_every_n_steps`) and at the last step. It
+keeps the numbers it last read in between. Outside
 training it shows the progress-bar metrics as usual (validation's loss) beside the last training loss. It also
 shows "Epoch 2" rather than Lightning's "Epoch 2/-2" when the epochs are unbounded (max_steps runs set
 max_epochs=-1).
@@ -29,7 +31,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 
 from forgather.lightning.quiet import quiet_lightning
-from forgather.lightning.steps import writes_metrics
+from forgather.lightning.steps import DeferredMetrics, writes_metrics
 
 # Training metrics the bar shows, read where the loggers write them. They are not `prog_bar` metrics: Lightning
 # turns those into numbers after every batch, which made every step wait for the GPU.
@@ -85,16 +87,22 @@ class ProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         # The step counter is drawn by the bar itself; the metrics wait for a write.
+        deferred = getattr(pl_module, "deferred_metrics", None)
+        written = deferred.last if isinstance(deferred, DeferredMetrics) else None
         if self._shown is None or not trainer.training or writes_metrics(trainer):
             shown = super().get_metrics(trainer, pl_module)
             shown.pop("v_num", None)
             for key in TRAIN_METRICS:
-                value = trainer.callback_metrics.get(key) if trainer.training else None
+                value = trainer.callback_metrics.get(key) if trainer.training and written is None else None
                 if value is not None:
                     shown[key] = float(value)
                 elif self._shown and key in self._shown:  # validation: the last training value stays in view
                     shown[key] = self._shown[key]
             self._shown = shown
+        if written:
+            # forgather's module: the numbers its loggers got last, a step after the step they belong to (host
+            # numbers, no wait), shown as they arrive
+            self._shown.update({key: written[key] for key in TRAIN_METRICS if key in written})
         return self._shown
 
     def _get_train_description(self, current_epoch: int) -> str:

@@ -38,3 +38,44 @@ def test_micro_run_trains_on_gpu(tmp_path, loss, optimizer):
     assert sorted(losses) == list(range(16))
     assert all(value == value and value < 20 for value in losses.values()), losses  # finite
     assert losses[15] < losses[0] - 0.3, losses
+
+
+def test_no_training_step_waits_for_the_gpu_logged_steps_included(tmp_path):
+    """The GPU side of tests/test_step_syncs.py: steps 2 to 7 of 8 (every other one written by the loggers) run
+    under torch.cuda.set_sync_debug_mode("error"), which raises at any operation that makes the host wait for
+    the device (`.item()`, a copy to pageable host memory, `nonzero` ...). The metrics of written steps reach
+    the loggers through pinned copies and an event (DeferredMetrics), which it allows. Validation, saving a
+    checkpoint and the last step wait on purpose and are left out."""
+    import pytorch_lightning as pl
+
+    import forgather.overrides as ovr
+    from forgather.run import Runner, build_parser
+    from test_run import PROJECT
+
+    class NoWaits(pl.Callback):
+        def __init__(self):
+            self.watched = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            watch = 1 <= trainer.global_step < trainer.max_steps - 1
+            torch.cuda.set_sync_debug_mode("error" if watch else "default")
+            self.watched += watch
+
+        def on_validation_start(self, trainer, pl_module):
+            torch.cuda.set_sync_debug_mode("default")
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.set_sync_debug_mode("default")
+
+    args = build_parser().parse_args([
+        "-p", PROJECT, "--outputs", str(tmp_path), "+experiment=micro", "trainer=gpu", "max_steps=8",
+        "log_every_n_steps=2", "gradient_clip_val=null", "checkpoint_every=100000", "++optimizer.fused=true"])
+    runner = Runner.create(args, ["test"])
+    watch = NoWaits()
+    try:
+        runner.run_point(ovr.parse(args.overrides, runner.groups, False)[0], callbacks=[watch])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert watch.watched == 6
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert sorted(train_losses(run_dir)) == [1, 3, 5, 7]  # every written step has its row
