@@ -60,9 +60,13 @@
 #                     alone beside inductor's and Liger's, then training beside the default and HF + Liger.
 #   part v            fused_norm=true with the compiled AdamW, and that under CUDA graphs, beside the default and
 #                     HF + Liger.
+#   part w            the new defaults (packed kernels heaviest-first, fused_norm, training metrics written a step
+#                     late): the runner's GPU tests (no step waits for the GPU, under set_sync_debug_mode("error")),
+#                     the serving tests (fused norms by default), then the default (profiled) beside HF + Liger and
+#                     with the compiled AdamW, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|...|v|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|...|w|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -298,6 +302,18 @@ v)
         fused-norm+adamw-compiled fused_norm=true optimizer=adamw_compiled --variant fused-norm+adamw-compiled+graphs \
         fused_norm=true optimizer=adamw_compiled compile_mode=reduce-overhead --timeout 130 "$@"
     ;;
+w)
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 150 $PY -m pytest -n 0 tests/gpu/test_run_gpu.py -k "waits or (fused and adamw)" -q \
+            -p no:cacheprovider -rs --tb=short > "$OUT/pytest_run.txt" 2>&1
+        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_run.txt" | tail -20
+        timeout 120 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -q -p no:cacheprovider -rs --tb=short \
+            > "$OUT/pytest_serve.txt" 2>&1
+        grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/pytest_serve.txt" | tail -10
+    fi
+    bench bench_1b_w.log --shape 1b --label 1b_w --steps 40 --paths forgather hf-liger --variant adamw-compiled \
+        optimizer=adamw_compiled --profile forgather --timeout 130 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -313,7 +329,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-v or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-w or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.
