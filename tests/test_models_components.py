@@ -652,3 +652,17 @@ def test_add_and_norm_of_a_norm_without_its_own_is_the_sum_and_its_norm():
     s, y = add_and_norm(norm, x, delta)
     torch.testing.assert_close(s, x + delta, rtol=0, atol=0)
     torch.testing.assert_close(y, norm(x + delta), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer", [PreLNLayer, PostLNLayer])
+def test_weights_put_in_place_by_module_hooks_give_the_same_hidden_states(layer):
+    """accelerate's offload keeps the weights elsewhere and puts each module's in place in a hook on its `forward`
+    (cpu_offload, per module; device_map, per layer): the layers must reach every weight through a module call.
+    The head is the known exception (a functional call: serve/placement.py moves the hidden states to it)."""
+    accelerate = pytest.importorskip("accelerate")
+    model, ids = tiny_model(layer=layer, tie_embeddings=False), random_ids()
+    with torch.no_grad():
+        expected = model.hidden_states(ids)
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        assert model.layers[0].feedforward_norm.weight.device.type == "meta"
+        torch.testing.assert_close(model.hidden_states(ids), expected, rtol=0, atol=0)

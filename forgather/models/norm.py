@@ -52,7 +52,10 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich, 2019): x / rms(x) * weight, no mean subtraction, no bias.
 
     fused: on CUDA tensors, run the norm (and in `add_and_norm`, the residual add before it) as our Triton ops,
-    forward and backward one kernel each; elsewhere, and without Triton, the same `rms_norm` in torch."""
+    forward and backward one kernel each; elsewhere, and without Triton, the same `rms_norm` in torch.
+
+    `norm(x)` is the norm; `norm(x, delta)` is (x + delta, the norm of that), so both go through `__call__`, where
+    module hooks run: accelerate's `device_map` offload puts the weight in place in a hook on `forward`."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, fused: bool = False):
         super().__init__()
@@ -66,16 +69,20 @@ class RMSNorm(nn.Module):
         # the ops' functions, not their module: a model must stay picklable and deep-copyable
         self._fused = (ops.rms_norm, ops.add_rms_norm) if ops is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if delta is not None:
+            # with the fused ops, one kernel (x's dtype must hold the sum's)
+            if self._fused is not None and x.is_cuda and torch.promote_types(x.dtype, delta.dtype) == x.dtype:
+                return self._fused[1](x, delta, self.weight, self.eps)
+            return add_rms_norm(x, delta, self.weight, self.eps)
         if self._fused is not None and x.is_cuda:
             return self._fused[0](x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, self(x + delta)); with the fused ops, one kernel (x's dtype must hold the sum's)."""
-        if self._fused is not None and x.is_cuda and torch.promote_types(x.dtype, delta.dtype) == x.dtype:
-            return self._fused[1](x, delta, self.weight, self.eps)
-        return add_rms_norm(x, delta, self.weight, self.eps)
+        """(x + delta, self(x + delta)), through `__call__` (so the module's hooks run)."""
+        return self(x, delta)
 
 
 def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
