@@ -383,6 +383,24 @@ def test_attention_mask_is_rebuilt_once_on_each_other_device():
     assert move(same_device, ("x", "rope", mask, None))[2] is mask
 
 
+def test_an_offloaded_forgather_model_keeps_its_embedding_where_it_runs_and_computes_the_same_logits(model_dir,
+                                                                                                    tmp_path):
+    from forgather.serve.placement import align_forgather_devices, forgather_device_map
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    cap = {"cpu": 0, "disk": "1GiB"}  # every part to the disk: accelerate maps the model as {"": "disk"}
+    device_map = forgather_device_map(str(model_dir), cap, torch.float32)
+    assert device_map["model.embed"] == device_map.get("model.lm_head", "cpu") == "cpu"  # a tied model has no head
+    assert device_map["model.layers"] == "disk"
+    offloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=True, device_map=device_map, max_memory=cap, offload_folder=str(tmp_path)).eval()
+    align_forgather_devices(offloaded)
+    assert offloaded.model.layers[0].feedforward_norm.weight.device.type == "meta"
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_compiled_backend_decodes_like_the_eager_one_on_cpu(model_dir):
     from forgather.serve.backend import SamplingParams

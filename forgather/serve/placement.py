@@ -4,7 +4,8 @@ accelerate moves the tensor arguments of every module it placed to that module's
 weights when the module is called. A Forgather model hands two things past that mechanism: each layer's
 `AttentionMask` (an object, built on the input's device) and the final projection, a functional call on the
 embedding (tied) or head weight in the exported wrapper -- the untied head module is never called.
-`forgather_device_map` therefore places the head with the embedding, and `align_forgather_devices(model)`
+`forgather_device_map` therefore places the head with the embedding, keeps both on the device the model runs on
+(an offloaded one would be read as the meta tensor its hook leaves outside calls), and `align_forgather_devices(model)`
 adds two hooks: before each layer, the mask is rebuilt on the layer's device (once per device and forward);
 after the final norm, the hidden states move to the projection weight's device. A model on one device
 needs neither and gets none.
@@ -43,7 +44,8 @@ def _mask_mover() -> Any:
 
 
 def forgather_device_map(directory: str, max_memory: dict | None, dtype: Any) -> dict | str:
-    """accelerate's balanced map for the exported model, with the untied head pinned beside the embedding."""
+    """accelerate's balanced map for the exported model, with the untied head pinned beside the embedding, and
+    both on the device the model runs on (never offloaded)."""
     from accelerate import infer_auto_device_map, init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -52,6 +54,13 @@ def forgather_device_map(directory: str, max_memory: dict | None, dtype: Any) ->
         empty = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
     device_map = infer_auto_device_map(empty, max_memory=max_memory, no_split_module_classes=empty._no_split_modules,
                                        dtype=None if dtype == "auto" else dtype)
+    main = 0 if torch.cuda.is_available() else "cpu"  # where offloaded modules run
+    if set(device_map) == {""} and device_map[""] not in (main, "cuda:0"):  # all offloaded: name the parts
+        device_map = {f"model.{name}": device_map[""] for name, _ in empty.model.named_children()}
+    if device_map.get("model.embed") in ("cpu", "disk") and device_map["model.embed"] != main:
+        # The logits are a functional call on the embedding's (tied) or the head's weight, which no offload hook
+        # puts in place (it would read the meta tensor left behind): both stay where the model runs.
+        device_map["model.embed"] = main
     if "model.lm_head" in device_map and "model.embed" in device_map:
         device_map["model.lm_head"] = device_map["model.embed"]
     return device_map
