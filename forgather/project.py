@@ -34,6 +34,8 @@ A config may declare its own command-line arguments in a `dynamic_args` target (
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import os
 import re
 import sys
@@ -473,6 +475,7 @@ def from_project(project_dir: str, config_template: str | None = None, targets: 
 
     project = Project.load(os.path.abspath(project_dir))
     loaded = project.load_config(config_template or None, **(pp_kwargs or {}))
+    _FROM_PROJECT_TRACKER.saw(loaded)
     here = _construction_key(loaded, (targets or "main") if isinstance(targets, str) else list(targets))
     if here in _CONSTRUCTING:  # else a RecursionError, deep inside construction
         chain = " -> ".join([*_CONSTRUCTING[_CONSTRUCTING.index(here):], here])
@@ -505,6 +508,66 @@ def _literal(value: Any) -> Any:
     return value
 
 
+class _FromProjectTracker:
+    """What a run built through from_project, for its snapshot; and, when a run is built again from its snapshot,
+    the check that each of those configs is still the one it recorded.
+
+    A snapshot records the run's own config whole, but a from_project call in it renders the other project's
+    templates again, from wherever they are now: a changed sibling would rebuild something else under the name of
+    the same run. So each config from_project renders is recorded (its key, as in `_construction_key`, with a
+    sha256 of its YAML before the caller's variables) with its template files, and a replay refuses a config whose
+    YAML changed. Active inside `tracking_from_project` only; elsewhere from_project records nothing."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] | None = None
+        self.expected: dict[str, str] = {}
+
+    def saw(self, loaded: LoadedConfig) -> None:
+        if self.records is None:
+            return
+        from omegaconf import OmegaConf
+
+        key = _config_key(loaded)
+        digest = hashlib.sha256(OmegaConf.to_yaml(loaded.config).encode()).hexdigest()
+        if key in self.expected and self.expected[key] != digest:
+            raise UserError(
+                f"from_project {key}: this config of the other project renders other YAML than when the run was "
+                f"recorded (snapshot/meta.yaml, from_project); the run's snapshot keeps its templates as they were, "
+                f"under sources/from_project/: put them back in the other project, or start a new run of the experiment")
+        if all(record["config"] != key for record in self.records):
+            self.records.append({"config": key, "sha256": digest, "files": loaded.templates.source_files(),
+                                 "root": loaded.project.root, "name": loaded.project.name})
+
+
+_FROM_PROJECT_TRACKER = _FromProjectTracker()
+
+
+@contextlib.contextmanager
+def tracking_from_project(expected: list[dict[str, Any]] | None = None):
+    """Record what from_project builds inside the block (yields the list of records: config, sha256, and the
+    template files it rendered); with `expected` (a snapshot's records), a recorded config that now renders to
+    other YAML is an error. Not reentrant: the runner holds it around one construction."""
+    tracker = _FROM_PROJECT_TRACKER
+    tracker.records, tracker.expected = [], {record["config"]: record["sha256"] for record in expected or []}
+    try:
+        yield tracker.records
+    finally:
+        tracker.records, tracker.expected = None, {}
+
+
+def from_project_snapshot(records: list[dict[str, Any]]) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """A run snapshot's share of from_project's records: (for meta.yaml, each config and sha256; for sources/,
+    each template file under from_project/<n>_<project name>/, relative to its project or by name)."""
+    meta, files = [], {}
+    for index, record in enumerate(records):
+        meta.append({"config": record["config"], "sha256": record["sha256"]})
+        base = f"from_project/{index}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', str(record['name']))}"
+        for path in record["files"]:
+            inside = os.path.relpath(path, record["root"])
+            files[f"{base}/{inside if not inside.startswith('..') else os.path.basename(path)}"] = path
+    return meta, files
+
+
 # What is being constructed, outermost first (construction is single-threaded): a from_project asking for
 # the same targets of the same config again is a cycle. (Another target of the same config is not.)
 _CONSTRUCTING: list[str] = []
@@ -514,8 +577,12 @@ def _construction_key(loaded: LoadedConfig, target: str | list[str] | None) -> s
     """Which targets of which config: rendered with other template variables (pp_kwargs: a student built from
     its teacher's config) it is another config."""
     names = "every target" if target is None else ",".join([target] if isinstance(target, str) else target)
+    return f"{_config_key(loaded)}[{names}]"
+
+
+def _config_key(loaded: LoadedConfig) -> str:
     context = f" with {sorted(loaded.context.items())!r}" if loaded.context else ""
-    return f"{loaded.project.root}:{loaded.template}{context}[{names}]"
+    return f"{loaded.project.root}:{loaded.template}{context}"
 
 
 # -- dynamic_args: command-line arguments a config declares ------------------------------------------------

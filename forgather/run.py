@@ -50,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from forgather import overrides as ovr
 from forgather.errors import STRICT_ENV, MachineError, report
 from forgather.launch.point import SWEEP_POINT_ENV
-from forgather.project import META_FILE, LoadedConfig, Project, conf_dir
+from forgather.project import META_FILE, LoadedConfig, Project, conf_dir, from_project_snapshot, tracking_from_project
 from forgather.template import TemplateEnvironment
 
 RUN_DIR_ENV = "FORGATHER_RUN_DIR"
@@ -283,21 +283,24 @@ class Runner:
             "export_dir": str(export["out_dir"]),
         }
         model_code = loaded.code("model", config) if "model" in config else None
+        snapshot = {
+            "overrides": [o.text for o in point],
+            "sources": self.sources(loaded),
+            "meta": meta,
+            "model_code": model_code,
+            "command": self.command,
+        }
+
+        def construct() -> dict[str, Any]:
+            with tracking_from_project() as records:  # other projects' configs this one builds from
+                built = loaded.construct(config=config)
+            if records:
+                meta["from_project"], files = from_project_snapshot(records)
+                snapshot["sources"].update(files)
+            return built
+
         with _run_dir_env(run_dir), ovr.naming_overrides(config, values):
-            return train(
-                config,
-                run_dir,
-                construct=lambda: loaded.construct(config=config),
-                snapshot={
-                    "overrides": [o.text for o in point],
-                    "sources": self.sources(loaded),
-                    "meta": meta,
-                    "model_code": model_code,
-                    "command": self.command,
-                },
-                export=export,
-                callbacks=callbacks,
-            )
+            return train(config, run_dir, construct=construct, snapshot=snapshot, export=export, callbacks=callbacks)
 
     def job(self, point: list[ovr.Override]) -> tuple[str, LoadedConfig, DictConfig, list[ovr.Override]]:
         """The experiment, the loaded config, the config with `point`'s values applied (as a run gets it), and
@@ -726,11 +729,15 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
         return 0
     from forgather.graph import construct
 
+    def construct_again() -> dict[str, Any]:
+        with tracking_from_project(meta.get("from_project")):  # other projects' configs: still as recorded?
+            return construct(config, base_dir=base_dir)
+
     with _run_dir_env(target):
         train(
             config,
             target,
-            construct=lambda: construct(config, base_dir=base_dir),
+            construct=construct_again,
             snapshot={
                 "overrides": list(args.overrides),
                 "meta": {**meta, "from_run": str(run_dir), "export_dir": str(export["out_dir"])},

@@ -287,6 +287,30 @@ def test_from_project_builds_another_projects_targets_with_its_vars_set(tmp_path
     assert built["model"]["scale"] == 3 and built["model"]["vocab"] == 3
 
 
+def test_from_project_is_recorded_and_a_changed_sibling_config_is_refused_on_replay(tmp_path):
+    from forgather.errors import UserError
+    from forgather.project import from_project_snapshot, tracking_from_project
+
+    root = _two_projects(tmp_path)
+    loaded = Project.load(str(root / "train")).load_config(None)
+    with tracking_from_project() as records:
+        loaded.construct()
+    meta, files = from_project_snapshot(records)
+    assert [record["config"] for record in meta] == [f"{root / 'models'}:configs/small.yaml with [('width', 8)]"]
+    assert files == {"from_project/0_models/templates/configs/small.yaml": str(root / "models/templates/configs/small.yaml")}
+    with tracking_from_project(meta):  # unchanged: built again
+        assert Project.load(str(root / "train")).load_config(None).construct()["width"] == 8
+    small = root / "models/templates/configs/small.yaml"
+    small.write_text(small.read_text().replace("## nothing", "") + "## a comment changes no YAML\n")
+    with tracking_from_project(meta):
+        Project.load(str(root / "train")).load_config(None).construct()
+    small.write_text(small.read_text().replace("default(4)", "default(5)").replace("scale, default: 1", "scale, default: 2"))
+    with tracking_from_project(meta), pytest.raises(UserError, match=r"from_project \S+/models:configs/small.yaml "
+                                                                      r"with .*other YAML than when the run was recorded"):
+        Project.load(str(root / "train")).load_config(None).construct()
+    Project.load(str(root / "train")).load_config(None).construct()  # outside a replay: no check
+
+
 def test_from_project_one_target_and_shared_nodes(tmp_path):
     import forgather
 

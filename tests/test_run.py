@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,31 @@ def test_the_snapshot_model_code_follows_the_overrides(tmp_path):
     assert run(tmp_path, "+experiment=micro", "max_steps=1", "hidden_size=48", "num_heads=3", "num_kv_heads=1") == 0
     (run_dir,) = run_dirs(tmp_path / "outputs")
     assert "def construct(hidden_size=48," in (run_dir / "snapshot" / "model_code.py").read_text()
+
+
+def test_a_run_records_the_configs_it_took_from_another_project_and_a_replay_refuses_them_changed(tmp_path, capsys):
+    import textwrap
+
+    (tmp_path / "models/templates/configs").mkdir(parents=True)
+    (tmp_path / "models/meta.yaml").write_text("name: models\n")
+    sibling = tmp_path / "models/templates/configs/sizes.yaml"
+    sibling.write_text("size: 3\n")
+    (tmp_path / "train/templates/configs").mkdir(parents=True)
+    (tmp_path / "train/meta.yaml").write_text(f"template_paths: [{os.path.join(PROJECT, 'templates')!r}]\n")
+    (tmp_path / "train/templates/configs/exp.yaml").write_text(textwrap.dedent("""\
+        -- extends 'configs/micro.yaml'
+        [targets]
+        == super()
+        sibling_size: !call:forgather:from_project { project_dir: "{{ joinpath(project_dir, '../models') }}", targets: size }
+        """))
+    assert main(["-p", str(tmp_path / "train"), "--outputs", str(tmp_path), "+experiment=exp", "max_steps=2"]) == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    meta = yaml.safe_load((run_dir / "snapshot" / "meta.yaml").read_text())
+    assert [record["config"] for record in meta["from_project"]] == [f"{tmp_path / 'models'}:configs/sizes.yaml"]
+    assert (run_dir / "snapshot/sources/from_project/0_models/templates/configs/sizes.yaml").read_text() == "size: 3\n"
+    sibling.write_text("size: 4\n")
+    capsys.readouterr()
+    assert main(["--from-snapshot", str(run_dir), "--outputs", str(tmp_path / "again")]) == 2
+    assert re.search(r"from_project \S+/models:configs/sizes.yaml: .*other YAML than when the run was recorded.* put them back",
+                     capsys.readouterr().err)
+    assert not list((tmp_path / "again").rglob("snapshot")), "the refused replay left no run behind"
