@@ -401,6 +401,20 @@ def test_an_offloaded_forgather_model_keeps_its_embedding_where_it_runs_and_comp
         torch.testing.assert_close(offloaded(ids).logits, plain(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("directory", ["model_dir", "llama_dir"])
+def test_a_backend_with_its_weights_offloaded_to_disk_decodes_like_the_model_in_memory(directory, request):
+    from forgather.serve.backend import SamplingParams
+
+    directory = request.getfixturevalue(directory)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    plain = Backend.load(directory)
+    with pytest.warns(UserWarning, match=r"the batching engine cannot run this model \(.*\(device_map\)"):
+        offloaded = Backend.load(directory, device_map="auto", max_memory={"cpu": "10KiB"}, engine=True)
+    assert any(parameter.is_meta for parameter in offloaded.model.parameters())  # weights loaded per forward
+    prompt = plain.encode(PROMPTS[0])
+    assert list(offloaded.tokens(prompt, params)) == list(plain.tokens(prompt, params))
+
+
 @pytest.mark.slow
 def test_compiled_backend_decodes_like_the_eager_one_on_cpu(model_dir):
     from forgather.serve.backend import SamplingParams

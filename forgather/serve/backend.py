@@ -216,7 +216,9 @@ class Backend:
     @torch.inference_mode()
     def tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
         """Token ids as they are sampled: up to max_tokens, stopping after a stop token (not yielded)."""
-        device = self.model.get_input_embeddings().weight.device
+        from .placement import input_device
+
+        device = input_device(self.model)
         input_ids = torch.tensor([prompt_ids], device=device)
         cache, generator = None, None
         for _ in range(params.max_tokens):

@@ -158,6 +158,8 @@ def model_step(model: Any) -> ForgatherStep | HuggingFaceStep:
     """The step for a loaded model; UnsupportedModel when it is neither kind (or spread over devices)."""
     if len({str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
         raise UnsupportedModel("the model is spread over several devices (device_map)")
+    if any(parameter.is_meta for parameter in model.parameters()):
+        raise UnsupportedModel("its weights are offloaded (device_map): each forward loads them, module by module")
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "lm_head_weight") and hasattr(inner, "layers"):
         return ForgatherStep(model)

@@ -25,6 +25,18 @@ def _layer_device(layer: nn.Module) -> torch.device:
     return torch.device(device) if device is not None else next(layer.parameters()).device
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model takes its token ids: its embedding's device, or, when accelerate offloaded the embedding
+    (its weight on the meta device outside calls), the device its hook runs it on."""
+    embedding = model.get_input_embeddings()
+    if embedding.weight.is_meta:
+        for module in (embedding, model):
+            device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device)  # an int is a GPU index
+    return embedding.weight.device
+
+
 def _mask_mover() -> Any:
     moved: dict[tuple[int, torch.device], Any] = {}
 
