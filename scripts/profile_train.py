@@ -123,16 +123,16 @@ def idle_gaps(events: list[Event], steps: int, longest: int = 6) -> dict:
     }
 
 
-def top_kernels(events: list[Event], steps: int, count: int = 20) -> list[dict]:
-    """The `count` kernels (by name) that take the most device time: {name, category, ms_per_step, calls_per_step},
-    most first. Inductor names its kernels after what they fuse (triton_per_fused_add_mean_mul_pow_rsqrt...):
-    the pointwise share's parts by name."""
+def top_kernels(events: list[Event], steps: int, count: int | None = 20, by: str = "time") -> list[dict]:
+    """The `count` kernels (by name; None: all) that take the most device time (by="calls": the most launches):
+    {name, category, ms_per_step, calls_per_step}, most first. Inductor names its kernels after what they fuse
+    (triton_per_fused_add_mean_mul_pow_rsqrt...): the pointwise share's parts by name."""
     totals: dict[str, list[float]] = {}
     for name, _, duration in events:
         total = totals.setdefault(name, [0.0, 0])
         total[0] += duration
         total[1] += 1
-    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0 if by == "time" else 1])[:count]
     return [{"name": name, "category": classify(name), "ms_per_step": us / steps / 1000, "calls_per_step": calls / steps}
             for name, (us, calls) in ranked]
 
@@ -234,9 +234,11 @@ class StepProfiler:
         table = markdown_table(rows) + "".join(f"\nhost waits at {site}: {count} times in {steps} steps"
                                                for site, count in syncs)
         top = top_kernels(events, steps)
-        table += ("\n" if syncs else "") + gaps_text(gaps) + top_kernels_text(top)
+        launched = top_kernels(events, steps, 10, by="calls")  # the launches a step's idle gaps come between
+        table += ("\n" if syncs else "") + gaps_text(gaps) + top_kernels_text(top) + top_kernels_text(launched)
         return {"title": self.title, "steps": steps, "wall_ms_per_step": wall_us / steps / 1000, "kernels": len(events),
-                "rows": rows, "syncs": syncs, "gaps": gaps, "top_kernels": top, "table": table}
+                "rows": rows, "syncs": syncs, "gaps": gaps, "top_kernels": top,
+                "all_kernels": top_kernels(events, steps, None), "table": table}
 
 
 def sync_sites(caught: list[warnings.WarningMessage]) -> list[tuple[str, int]]:

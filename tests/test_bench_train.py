@@ -82,6 +82,9 @@ def test_the_top_kernels_are_ranked_by_device_time_per_step_with_their_calls():
     assert top[0]["ms_per_step"] == pytest.approx(0.1) and top[0]["calls_per_step"] == 1
     assert top[1]["category"] == "pointwise" and top[1]["ms_per_step"] == pytest.approx(0.03)
     assert "| triton_poi_fused_mul_silu_0 | pointwise | 0.03 | 1 |" in profile_train.top_kernels_text(top)
+    events += [("memset", 400, 1)] * 6
+    assert [row["name"] for row in profile_train.top_kernels(events, steps=2, count=1, by="calls")] == ["memset"]
+    assert len(profile_train.top_kernels(events, steps=2, count=None)) == 4
 
 
 def test_idle_gaps_split_long_from_short_and_name_the_kernels_around_the_longest():
