@@ -64,9 +64,13 @@
 #                     late): the runner's GPU tests (no step waits for the GPU, under set_sync_debug_mode("error")),
 #                     the serving tests (fused norms by default), then the default (profiled) beside HF + Liger and
 #                     with the compiled AdamW, 40 steps.
+#   part x            the residual stream carried between layers as a pair (CausalLM carry_residual, on by default;
+#                     its add inside the next fused norm): the models' fused-norm GPU tests and the carried stream's,
+#                     the serving tests with device_map offload (fixed on the CPU since part w failed one), then
+#                     the default (profiled) beside carry_residual=false, the compiled AdamW and HF + Liger, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|...|w|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|...|x|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -314,6 +318,19 @@ w)
     bench bench_1b_w.log --shape 1b --label 1b_w --steps 40 --paths forgather hf-liger --variant adamw-compiled \
         optimizer=adamw_compiled --profile forgather --timeout 130 "$@"
     ;;
+x)
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 150 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "norm or carried" -q -p no:cacheprovider -rs \
+            --tb=short > "$OUT/pytest_models.txt" 2>&1
+        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -20
+        timeout 150 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -k "device_map" -q -p no:cacheprovider -rs \
+            --tb=short > "$OUT/pytest_serve.txt" 2>&1
+        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_serve.txt" | tail -20
+    fi
+    bench bench_1b_x.log --shape 1b --label 1b_x --steps 40 --paths forgather hf-liger \
+        --variant one-tensor carry_residual=false --variant adamw-compiled optimizer=adamw_compiled \
+        --profile forgather --timeout 130 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -329,7 +346,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-w or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-x or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.

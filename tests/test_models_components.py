@@ -666,3 +666,44 @@ def test_weights_put_in_place_by_module_hooks_give_the_same_hidden_states(layer)
         accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
         assert model.layers[0].feedforward_norm.weight.device.type == "meta"
         torch.testing.assert_close(model.hidden_states(ids), expected, rtol=0, atol=0)
+
+
+def _with_dropout(model: CausalLM, p: float) -> CausalLM:
+    for layer in model.layers:
+        layer.dropout, layer.residual_dropout = torch.nn.Dropout(p), torch.nn.Dropout(p)
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_passes_the_residual_stream_as_a_pair_and_computes_the_same_bits(dropout):
+    """In training, PreLN layers hand the stream on as (x, delta) and the next norm adds it (layers.py): the same
+    operations in the same order as one tensor, so the same loss and gradients, bit for bit, dropout included."""
+    ids = random_ids()
+    results = []
+    for carried in (True, False):
+        model = _with_dropout(tiny_model(), dropout).train()
+        calls = []
+        for layer in model.layers:
+            layer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("carry", False)),
+                                            with_kwargs=True)
+        model.carry_residual = carried
+        torch.manual_seed(7)
+        loss = model(ids).float().pow(2).mean()
+        loss.backward()
+        assert calls == [carried, carried]
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss, grads), (expected_loss, expected_grads) = results
+    assert torch.equal(loss, expected_loss)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+
+
+def test_the_stream_is_one_tensor_in_inference_with_checkpointing_and_for_other_layers():
+    ids = random_ids()
+    for model in (tiny_model().eval(), tiny_model(activation_checkpointing=True).train(),
+                  tiny_model(layer=PostLNLayer).train()):
+        carried = []
+        for layer in model.layers:
+            layer.register_forward_pre_hook(lambda module, args, kwargs: carried.append("carry" in kwargs),
+                                            with_kwargs=True)
+        model(ids)
+        assert carried == [False, False]

@@ -24,6 +24,7 @@ from .attention import AttentionMask, document_ids_from_positions
 from .checks import positive_sizes
 from .embedding import TokenEmbedding
 from .kv_cache import KVCache
+from .norm import add_and_norm
 from .rope import RotaryEmbedding
 
 
@@ -66,6 +67,9 @@ class CausalLM(nn.Module):
         embedding_factory: `embedding_factory(vocab_size, hidden_size)`; default `TokenEmbedding`.
         embedding_dropout: dropout on the embedded tokens.
         activation_checkpointing: recompute each layer in backward (torch.utils.checkpoint) to save memory.
+        carry_residual: in training without checkpointing, layers that can (`carries_residual`, PreLNLayer) pass
+            the residual stream on as a pair, added inside the next norm's kernel (layers.py): the same numbers,
+            one kernel fewer a layer, forward and backward.
         init_std: std of the normal init of every nn.Linear (biases start at zero).
     """
 
@@ -82,11 +86,12 @@ class CausalLM(nn.Module):
         embedding_dropout: float = 0.0,
         activation_checkpointing: bool = False,
         init_std: float = 0.02,
+        carry_residual: bool = True,
     ):
         super().__init__()
         positive_sizes("CausalLM", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers)
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing, self.carry_residual = activation_checkpointing, carry_residual
         self.embed = embedding_factory(vocab_size, hidden_size)
         self.embedding_dropout = nn.Dropout(embedding_dropout) if embedding_dropout else nn.Identity()
         self.rope = rope
@@ -105,6 +110,10 @@ class CausalLM(nn.Module):
             head_dim = getattr(getattr(layer, "attention", None), "head_dim", None)
             if self.rope is not None and head_dim is not None and head_dim != self.rope.head_dim:
                 raise ValueError(f"rope head_dim={self.rope.head_dim} does not match attention head_dim={head_dim}")
+
+    @property
+    def _layers_carry_residual(self) -> bool:
+        return getattr(self, "carry_residual", True) and all(getattr(layer, "carries_residual", False) for layer in self.layers)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -131,9 +140,18 @@ class CausalLM(nn.Module):
         """[B, T] token ids -> [B, T, H] final-normed hidden states."""
         rope, mask = self.layer_inputs(input_ids, position_ids, kv_cache)
         x = self.embedding_dropout(self.embed(input_ids))
+        checkpointing = self.activation_checkpointing and self.training
+        if self.training and not checkpointing and kv_cache is None and self._layers_carry_residual:
+            # In training the stream passes between layers as a pair (layers.py): its adds happen inside the next
+            # norm's kernel. Not with checkpointing (each layer would keep two inputs, not one), nor in inference,
+            # where accelerate's hooks and the serving engine take a layer's output as one tensor.
+            delta = None
+            for layer in self.layers:
+                x, delta = layer(x, rope, mask, None, delta=delta, carry=True)
+            return add_and_norm(self.norm, x, delta)[1]
         for index, layer in enumerate(self.layers):
             layer_cache = kv_cache.layers[index] if kv_cache is not None else None
-            if self.activation_checkpointing and self.training:
+            if checkpointing:
                 x = checkpoint(layer, x, rope, mask, layer_cache, use_reentrant=False)
             else:
                 x = layer(x, rope, mask, layer_cache)

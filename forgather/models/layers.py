@@ -4,6 +4,11 @@
 where the factory is a partial carrying `attention_factory`, `feedforward_factory` and `norm_factory`, each
 called with `hidden_size`. Any class with this constructor and forward (a project-local one too) can
 replace these through the same factory.
+
+A layer with `carries_residual = True` (PreLNLayer) also takes the residual stream as a pair: `layer(x, rope,
+mask, kv_cache, delta=d, carry=True) -> (x', d')` computes the same as `layer(x + d, ...) = x' + d'`, with the
+sum left to the next consumer: the next layer's first norm (or the model's final one) adds and normalizes in
+one kernel (`add_and_norm`), so the stream's add is no kernel of its own, forward or backward.
 """
 
 from __future__ import annotations
@@ -53,7 +58,11 @@ class TransformerLayer(nn.Module):
 
 
 class PreLNLayer(TransformerLayer):
-    """Pre-LN (Xiong et al., 2020; GPT-2, Llama): x + sublayer(norm(x)); trains stably without warmup tricks."""
+    """Pre-LN (Xiong et al., 2020; GPT-2, Llama): x + sublayer(norm(x)); trains stably without warmup tricks.
+
+    Takes and gives the residual stream as a pair on request (`delta`, `carry`: see the module's docstring)."""
+
+    carries_residual = True
 
     def forward(
         self,
@@ -61,10 +70,17 @@ class PreLNLayer(TransformerLayer):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: AttentionMask,
         kv_cache: LayerKVCache | None = None,
-    ) -> torch.Tensor:
-        attended = self.dropout(self.attention(self.attention_norm(x), rope, mask, kv_cache))
+        delta: torch.Tensor | None = None,
+        carry: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if delta is None:
+            normed = self.attention_norm(x)
+        else:
+            x, normed = add_and_norm(self.attention_norm, x, delta)
+        attended = self.dropout(self.attention(normed, rope, mask, kv_cache))
         x, normed = add_and_norm(self.feedforward_norm, self.residual_dropout(x), attended)
-        return self.residual_dropout(x) + self.dropout(self.feedforward(normed))
+        x, delta = self.residual_dropout(x), self.dropout(self.feedforward(normed))
+        return (x, delta) if carry else x + delta
 
 
 class PostLNLayer(TransformerLayer):

@@ -243,3 +243,21 @@ def test_compiled_model_with_fused_norms_trains_like_the_torch_norms():
     torch.testing.assert_close(results[True][0], results[False][0], **TOLERANCE[torch.bfloat16])
     for got, want in zip(results[True][1:], results[False][1:]):
         assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_the_residual_stream_carried_as_a_pair_trains_like_one_tensor():
+    """In training the stream passes between layers as (x, delta), added inside the next fused norm's kernel
+    (CausalLM carry_residual): with each layer compiled, as compile=true runs them, the logits and every
+    gradient agree with the stream as one tensor (the fused sum is the add, bit for bit; the norms within bf16)."""
+    results = {}
+    for carried in (True, False):
+        built = wide_model("packed", fused_norm=True)
+        built.carry_residual = carried
+        for layer in built.layers:
+            layer.compile()
+        logits = built(token_ids(), packed_positions())
+        logits.float().logsumexp(-1).mean().backward()
+        results[carried] = (logits.detach().float(), [p.grad.float() for p in built.parameters()])
+    torch.testing.assert_close(results[True][0], results[False][0], **TOLERANCE[torch.bfloat16])
+    for got, want in zip(results[True][1], results[False][1]):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
