@@ -697,10 +697,17 @@ def test_training_passes_the_residual_stream_as_a_pair_and_computes_the_same_bit
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
 
 
+class _OwnForwardLayer(PreLNLayer):
+    """A project's layer: PreLN's parts, a forward of its own with the one-tensor signature."""
+
+    def forward(self, x, rope, mask, kv_cache=None):
+        return super().forward(x, rope, mask, kv_cache)
+
+
 def test_the_stream_is_one_tensor_in_inference_with_checkpointing_and_for_other_layers():
     ids = random_ids()
     for model in (tiny_model().eval(), tiny_model(activation_checkpointing=True).train(),
-                  tiny_model(layer=PostLNLayer).train()):
+                  tiny_model(layer=PostLNLayer).train(), tiny_model(layer=_OwnForwardLayer).train()):
         carried = []
         for layer in model.layers:
             layer.register_forward_pre_hook(lambda module, args, kwargs: carried.append("carry" in kwargs),

@@ -53,6 +53,13 @@ def _positions_and_documents(
     return position_ids, documents
 
 
+def _carries_residual(layer: nn.Module) -> bool:
+    """Whether `layer` takes the stream as a pair (layers.py): said by the class whose `forward` it runs, so a
+    subclass of PreLNLayer with a forward of its own (the one-tensor signature) is called the one-tensor way."""
+    owner = next((cls for cls in type(layer).__mro__ if "forward" in cls.__dict__), None)
+    return owner is not None and bool(owner.__dict__.get("carries_residual", False))
+
+
 class CausalLM(nn.Module):
     """A decoder-only language model assembled from factories.
 
@@ -113,7 +120,7 @@ class CausalLM(nn.Module):
 
     @property
     def _layers_carry_residual(self) -> bool:
-        return getattr(self, "carry_residual", True) and all(getattr(layer, "carries_residual", False) for layer in self.layers)
+        return getattr(self, "carry_residual", True) and all(map(_carries_residual, self.layers))
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
