@@ -243,8 +243,10 @@ class StepProfiler:
 
 def sync_sites(caught: list[warnings.WarningMessage]) -> list[tuple[str, int]]:
     """Where the warnings of `set_sync_debug_mode("warn")` came from, as (file:line, count), most first."""
+    # torch's notice that the mode is a prototype ("... does not yet detect all synchronizing operations") is
+    # raised where the mode is set, and is no wait.
     sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught
-                                if "synchronizing" in str(w.message).lower())
+                                if "called a synchronizing" in str(w.message).lower())
     return sites.most_common()
 
 
