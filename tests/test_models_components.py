@@ -682,15 +682,19 @@ def test_training_passes_the_residual_stream_as_a_pair_and_computes_the_same_bit
     results = []
     for carried in (True, False):
         model = _with_dropout(tiny_model(), dropout).train()
-        calls = []
+        calls, joined = [], []
         for layer in model.layers:
             layer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("carry", False)),
                                             with_kwargs=True)
+        for norm in (module for module in model.modules() if isinstance(module, RMSNorm)):
+            # a norm given the delta adds it: on a GPU one fused kernel, no add of its own (forward and backward)
+            norm.register_forward_pre_hook(lambda module, args: joined.append(len(args) == 2))
         model.carry_residual = carried
         torch.manual_seed(7)
         loss = model(ids).float().pow(2).mean()
         loss.backward()
         assert calls == [carried, carried]
+        assert sum(joined) == (4 if carried else 2) and len(joined) == 5  # of 2 x 2 + 1 norms
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
     (loss, grads), (expected_loss, expected_grads) = results
     assert torch.equal(loss, expected_loss)
