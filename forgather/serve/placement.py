@@ -19,22 +19,16 @@ import torch
 from torch import nn
 
 
-def _layer_device(layer: nn.Module) -> torch.device:
-    hook = getattr(layer, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    return torch.device(device) if device is not None else next(layer.parameters()).device
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` runs: the device accelerate's hook runs it on (its weights may wait elsewhere, or on the meta
+    device when offloaded), else its parameters' device."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else next(module.parameters()).device
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where the model takes its token ids: its embedding's device, or, when accelerate offloaded the embedding
-    (its weight on the meta device outside calls), the device its hook runs it on."""
-    embedding = model.get_input_embeddings()
-    if embedding.weight.is_meta:
-        for module in (embedding, model):
-            device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-            if device is not None:
-                return torch.device(device)  # an int is a GPU index
-    return embedding.weight.device
+    """Where the model takes its token ids: where its embedding runs."""
+    return execution_device(model.get_input_embeddings())
 
 
 def _mask_mover() -> Any:
@@ -42,7 +36,7 @@ def _mask_mover() -> Any:
 
     def move(layer: nn.Module, args: tuple) -> tuple:
         x, rope, mask, *rest = args
-        device = _layer_device(layer)
+        device = execution_device(layer)
         if mask.device == device:
             return args
         key = (id(mask), device)
