@@ -18,12 +18,14 @@
   + RMSNorm (eager, where liger-kernel is installed), each as a CUDA graph, checked against the torch norm.
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
-  the capturable step, the rate a device tensor).
+  the capturable step, the rate a device tensor) and against forgather.optim.TritonAdamW (one Triton launch
+  over all tensors) at each (BLOCK, num_warps) of TRITON_ADAMW_SWEEP; the first call's seconds (compiles).
+  `--only-optimizer` runs this piece alone.
 
 Milliseconds per call from CUDA events over `--iters` calls after warm-up; the attention's times a layer
 (the profile's attention share is 16 layers' worth).
 
-    python scripts/bench_step_pieces.py [--iters 20] [--json FILE] [--skip-optimizer] [--skip-attention]
+    python scripts/bench_step_pieces.py [--iters 20] [--json FILE] [--skip-optimizer | --only-optimizer] [--skip-attention]
                                         [--option-sets NAME ...]
     python scripts/bench_step_pieces.py --norm [--rounds 5]
 """
@@ -685,22 +687,34 @@ def parameters_1b() -> list[torch.Tensor]:
     return params
 
 
+TRITON_ADAMW_SWEEP = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]  # (BLOCK, num_warps)
+
+
 def bench_optimizer(iters: int) -> None:
-    for name in ("fused", "compiled foreach"):
+    from forgather.optim import TritonAdamW
+
+    options = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    candidates = {
+        "fused": lambda params: torch.optim.AdamW(params, fused=True, **options),
+        # torch's foreach AdamW, capturable, its step compiled, the rate a device tensor
+        "compiled foreach": lambda params: CompiledAdamW(params, **options),
+        **{f"triton block {block} warps {warps}": (lambda params, block=block, warps=warps:
+                                                   TritonAdamW(params, block=block, num_warps=warps, **options))
+           for block, warps in TRITON_ADAMW_SWEEP},
+    }
+    fused_ms = None
+    for name, make in candidates.items():
         params = parameters_1b()
-        if name == "fused":
-            optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
-            step = optimizer.step
-        else:  # torch's foreach AdamW, capturable, its step compiled, the rate a device tensor
-            optimizer = CompiledAdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-            step = optimizer.step
+        optimizer = make(params)
         begin = time.perf_counter()
-        step()
+        optimizer.step()
+        torch.cuda.synchronize()
         first_s = time.perf_counter() - begin
-        ms = timed(step, iters)
+        ms = timed(optimizer.step, iters)
+        fused_ms = fused_ms or ms
         count = sum(p.numel() for p in params)
         row(piece="optimizer", options=name, ms=ms, parameters=count,
-            tb_per_s=14 * count / (ms / 1e3) / 1e12, first_call_s=first_s)
+            tb_per_s=14 * count / (ms / 1e3) / 1e12, vs_fused=fused_ms / ms, first_call_s=first_s)
         del optimizer, params
         torch.cuda.empty_cache()
 
@@ -711,6 +725,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--skip-optimizer", action="store_true")
+    parser.add_argument("--only-optimizer", action="store_true")
     parser.add_argument("--duel", action="store_true",
                         help="only the packed rows' attention candidates, timed in turn over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=5)
@@ -737,7 +752,7 @@ def main() -> None:
         bench_duel(args.iters, args.rounds, args.sweep, best, tuple(args.rows), tuple(args.packed_baseline))
     elif not args.skip_optimizer:
         bench_optimizer(args.iters)
-    if not args.skip_attention and not args.duel and not args.norm:
+    if not args.skip_attention and not args.duel and not args.norm and not args.only_optimizer:
         bench_attention(args.iters, ["default", *args.option_sets])
     if args.json:
         with open(args.json, "w") as f:

@@ -68,9 +68,13 @@
 #                     its add inside the next fused norm): the models' fused-norm GPU tests and the carried stream's,
 #                     the serving tests with device_map offload (fixed on the CPU since part w failed one), then
 #                     the default (profiled) beside carry_residual=false, the compiled AdamW and HF + Liger, 40 steps.
+#   part y            TritonAdamW (optimizer=adamw_triton: torch's AdamW, its step one Triton launch over all tensors):
+#                     its GPU tests beside the compiled AdamW's, the optimizer step alone (fused, compiled foreach,
+#                     ours over a sweep of BLOCK x num_warps), then the default beside HF + Liger and with
+#                     optimizer=adamw_triton (profiled), 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|...|x|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|...|y|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -331,6 +335,17 @@ x)
         --variant one-tensor carry_residual=false --variant adamw-compiled optimizer=adamw_compiled \
         --profile forgather --timeout 130 "$@"
     ;;
+y)
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 150 $PY -m pytest -n 0 tests/gpu/test_optim_gpu.py -k "triton_adamw or compiled_adamw" -q \
+            -p no:cacheprovider -rs --tb=short > "$OUT/pytest_optim.txt" 2>&1
+        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_optim.txt" | tail -20
+        timeout 150 $PY scripts/bench_step_pieces.py --only-optimizer --json "$OUT/optimizer.json" 2>&1 \
+            | grep -v Warning | tee "$OUT/optimizer.txt"
+    fi
+    bench bench_1b_y.log --shape 1b --label 1b_y --steps 40 --paths forgather hf-liger \
+        --variant adamw-triton optimizer=adamw_triton --profile adamw-triton --timeout 130 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -346,7 +361,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-x or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-y or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.

@@ -298,7 +298,8 @@ def test_multirun_with_a_run_directory_reruns_one_point_or_says_what_to_do(tmp_p
 
 @pytest.mark.parametrize("overrides", [("optimizer=adamw_in_backward", "gradient_clip_val=null"),
                                        ("optimizer=adamw_in_backward", "gradient_clip_val=null", "bucket_size=4096"),
-                                       ("optimizer=adamw_compiled",)], ids=["in_backward", "buckets", "compiled"])
+                                       ("optimizer=adamw_compiled",), ("optimizer=adamw_triton",)],
+                         ids=["in_backward", "buckets", "compiled", "triton"])
 def test_a_run_with_another_adamw_resumes_exactly(tmp_path, overrides):
     """The per-parameter (or per-bucket) AdamW states of an optimizer stepping inside backward, and
     CompiledAdamW's (on a CPU its eager foreach step), travel through the checkpoint: stopped at 6 and resumed to

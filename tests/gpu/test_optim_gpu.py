@@ -229,6 +229,19 @@ def test_forgather_adamw_bf16_keeps_small_updates_without_waiting_for_the_gpu():
     assert 0.9 < kept["sr"] < 1.1
 
 
+def step_beside(mine, fused, schedules, warm):
+    """One step of our optimizer (where `warm`, any wait for the GPU in it an error), of torch's fused AdamW,
+    then of each learning-rate schedule."""
+    if warm:
+        with sync_is_an_error():
+            mine.step()
+    else:
+        mine.step()
+    fused.step()
+    for schedule in schedules:
+        schedule.step()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_adamw_is_the_fused_step_with_a_device_rate_and_one_compile(dtype):
     """CompiledAdamW on CUDA: its compiled foreach step gives torch's fused AdamW's parameters (fp32: within
@@ -250,14 +263,7 @@ def test_compiled_adamw_is_the_fused_step_with_a_device_rate_and_one_compile(dty
         for a, b in zip(ours, theirs):
             a.grad = torch.randn(a.shape, device="cuda", generator=gen).to(dtype)
             b.grad = a.grad.clone()
-        if step >= 2:  # compiled and warm: the step itself waits for nothing
-            with sync_is_an_error():
-                mine.step()
-        else:
-            mine.step()
-        fused.step()
-        for schedule in schedules:
-            schedule.step()
+        step_beside(mine, fused, schedules, warm=step >= 2)  # compiled and warm: the step waits for nothing
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
     tolerance = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-4)
     for a, b in zip(ours, theirs):
@@ -266,3 +272,37 @@ def test_compiled_adamw_is_the_fused_step_with_a_device_rate_and_one_compile(dty
     again.load_state_dict(mine.state_dict())
     rate = again.param_groups[0]["lr"]
     assert isinstance(rate, torch.Tensor) and rate.is_cuda and rate.item() == pytest.approx(1e-2 / 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype):
+    """TritonAdamW on CUDA gives torch's fused AdamW's parameters and moments (fp32: within a rounding of the
+    largest value; bf16: within two bf16 roundings, the stored moments round once per step in both) under a
+    schedule that changes the rate every step, with a parameter without a gradient at one step, a
+    non-contiguous one (the reference path) and an empty one; once warm, a step reads nothing back from the
+    GPU."""
+    from forgather.optim import TritonAdamW
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    shapes = ((300, 517), (777,), (64, 8), (0,), (4097,))
+    init = [(torch.randn(s, device="cuda", generator=gen) * 0.02).to(dtype) for s in shapes]
+    init.append((torch.randn(9, 6, device="cuda", generator=gen) * 0.02).to(dtype).t())
+    ours = [p.clone().requires_grad_() if p.is_contiguous() else p.detach().t().clone().t().requires_grad_()
+            for p in init]
+    theirs = [p.clone().requires_grad_() for p in init]
+    options = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    mine, fused = TritonAdamW(ours, **options), torch.optim.AdamW(theirs, fused=True, **options)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (step + 1)) for o in (mine, fused)]
+    for step in range(6):
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            grad = None if (step == 2 and index == 1) else torch.randn(a.shape, device="cuda", generator=gen).to(dtype)
+            a.grad = None if grad is None else grad.clone()
+            b.grad = None if grad is None else grad.clone()
+        step_beside(mine, fused, schedules, warm=step >= 3)
+    assert not ours[-1].is_contiguous()
+    rounding = 2.0 ** -20 if dtype == torch.float32 else 2.0 ** -7
+    for a, b in zip(ours, theirs):
+        pairs = [(a, b)] + [(mine.state[a][key], fused.state[b][key]) for key in ("exp_avg", "exp_avg_sq")]
+        for x, y in pairs:
+            if y.numel():
+                torch.testing.assert_close(x, y, rtol=0, atol=2 * rounding * y.float().abs().max().item())

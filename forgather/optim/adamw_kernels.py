@@ -1,0 +1,58 @@
+"""One Triton kernel for AdamW's step over many tensors in one launch (the math: triton_adamw.reference_step).
+
+Each program updates BLOCK consecutive elements of one tensor. It reads which tensor and which block from the
+work list (`work`: row 0 the tensor's index, row 1 the block's, one column a program, built once per set of
+tensor sizes), the tensor's four addresses from the address table (`addresses`: rows parameter, gradient,
+first moment, second moment; int64, one column a tensor), then streams the four in and the parameter and the
+two moments out: 14 bytes an element in bf16, the least AdamW can move. The arithmetic is fp32 whatever the
+tensors' dtypes, in the order of torch's fused AdamW kernel (ATen's fused_adam_utils.cuh), rounded once on
+the store.
+
+Why not torch's fused AdamW: its multi-tensor launcher hands each CUDA block a fixed chunk with per-launch
+tensor lists of bounded length, and it streamed a 1.24B bf16 model's step at 2.7 TB/s of the H200's 4.8
+(docs/benchmarks.md); the same arithmetic compiled by inductor streamed 3.9 TB/s but compiles for ~30-60 s
+on first use. One launch with a flat work list costs one Triton compile (seconds) per dtype combination.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+BLOCK = 2048  # elements a program; scripts/bench_step_pieces.py --optimizer sweeps it on a GPU
+NUM_WARPS = 4
+
+
+@triton.jit
+def adamw_multi_tensor(
+    addresses, numels, work, programs, tensors,
+    lr_weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(work + pid)
+    block = tl.load(work + programs + pid).to(tl.int64)
+    n = tl.load(numels + t)
+    param_ptr = tl.load(addresses + t).to(tl.pointer_type(PARAM))
+    grad_ptr = tl.load(addresses + tensors + t).to(tl.pointer_type(GRAD))
+    exp_avg_ptr = tl.load(addresses + 2 * tensors + t).to(tl.pointer_type(STATE))
+    exp_avg_sq_ptr = tl.load(addresses + 3 * tensors + t).to(tl.pointer_type(STATE))
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    param = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        grad = -grad
+    param = param - lr_weight_decay * param
+    exp_avg = beta1 * exp_avg + one_minus_beta1 * grad
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * grad * grad
+    # IEEE square root and divisions (tl.sqrt and `/` are approximate on NVIDIA GPUs), as the C++ of torch's kernel
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    param = param - tl.div_rn(step_size * exp_avg, denom)
+    tl.store(param_ptr + offsets, param.to(PARAM), mask=mask)
+    tl.store(exp_avg_ptr + offsets, exp_avg.to(STATE), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(STATE), mask=mask)

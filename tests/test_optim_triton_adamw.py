@@ -1,0 +1,184 @@
+"""forgather.optim.TritonAdamW on a CPU: torch's AdamW where the kernel does not run; the kernel's arithmetic
+(reference_step) against torch's fused AdamW; its work list; and the host side of a kernel step, with the
+kernel replaced by a torch emulation of its contract (the addresses, sizes, work list and scalars it is given).
+The kernel itself: scripts/interpret_adamw.py (Triton's interpreter) and tests/gpu/test_optim_gpu.py."""
+
+import random
+
+import pytest
+import torch
+
+from forgather.optim import TritonAdamW
+from forgather.optim import triton_adamw
+from forgather.optim.triton_adamw import plan_programs, reference_step
+
+OPTIONS = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+SHAPES = ((16, 24), (24,), (7, 3), (0,))
+
+
+def make_params(seed=0, dtype=torch.float32, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=gen) * 0.02).to(dtype).requires_grad_() for shape in shapes]
+
+
+def run_steps(params, optimizer, steps=5, seed=1, scheduler=None, skip=None):
+    """`skip(step, index)`: whether parameter `index` has no gradient at `step` (its step count lags)."""
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+
+        def closure():  # Lightning's: forward and backward, then the update
+            for index, (p, g) in enumerate(zip(params, grads)):
+                p.grad = None if skip and skip(step, index) else g.clone()
+            return torch.tensor(1.0)
+
+        assert optimizer.step(closure) is not None
+        if scheduler is not None:
+            scheduler.step()
+    return params
+
+
+def test_on_a_cpu_it_is_torch_adamw_bit_for_bit_with_a_closure_and_a_schedule():
+    ours, theirs = make_params(), make_params()
+    mine, reference = TritonAdamW(ours, **OPTIONS), torch.optim.AdamW(theirs, **OPTIONS)
+    schedule = lambda step: 1.0 / (step + 1)  # noqa: E731
+    run_steps(ours, mine, scheduler=torch.optim.lr_scheduler.LambdaLR(mine, schedule))
+    run_steps(theirs, reference, scheduler=torch.optim.lr_scheduler.LambdaLR(reference, schedule))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert mine._kernels is None  # the CPU never imported the kernel
+
+
+def test_a_state_dict_moves_between_it_and_torch_adamw_and_a_device_rate_becomes_a_float():
+    whole, cut = make_params(), make_params()
+    run_steps(whole, torch.optim.AdamW(whole, **OPTIONS), steps=6)
+    first = torch.optim.AdamW(cut, **OPTIONS)
+    run_steps(cut, first, steps=3)
+    state = first.state_dict()
+    state["param_groups"][0]["lr"] = torch.tensor(OPTIONS["lr"])  # as CompiledAdamW keeps it
+    second = TritonAdamW(cut, **OPTIONS)
+    second.load_state_dict(state)
+    assert isinstance(second.param_groups[0]["lr"], float)
+    run_steps(cut, second, steps=3, seed=2)
+    torch.optim.AdamW(make_params(), **OPTIONS).load_state_dict(second.state_dict())
+    rerun = make_params()
+    optimizer = torch.optim.AdamW(rerun, **OPTIONS)
+    run_steps(rerun, optimizer, steps=3)
+    run_steps(rerun, optimizer, steps=3, seed=2)
+    for a, b in zip(cut, rerun):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_tensor_rate_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="rate and betas as floats.*optimizer=adamw_compiled"):
+        TritonAdamW(make_params(), lr=torch.tensor(1e-3))
+
+
+@pytest.mark.parametrize("dtype, steps, options, ulps", [
+    (torch.float32, 5, OPTIONS, 2.0 ** -20),
+    (torch.float32, 3, dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, maximize=True), 2.0 ** -20),
+    (torch.bfloat16, 5, dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01), 2.0 ** -7),
+])
+def test_the_kernels_arithmetic_is_torch_fused_adamws(dtype, steps, options, ulps):
+    """reference_step, which the kernel computes (scripts/interpret_adamw.py) and which steps what the kernel
+    does not take, gives torch's fused AdamW's parameters and moments, within a few roundings of the largest
+    value (torch's CPU kernel takes other vector paths, with fused multiply-adds, than its CUDA one)."""
+    ours, theirs = make_params(dtype=dtype), make_params(dtype=dtype)
+    fused = torch.optim.AdamW(theirs, fused=True, **options)
+    states = [dict(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)) for p in ours]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for step in range(1, steps + 1):
+            for p, q, state in zip(ours, theirs, states):
+                q.grad = torch.randn(p.shape, generator=gen).to(dtype)
+                reference_step(p, q.grad, state["exp_avg"], state["exp_avg_sq"], step=step,
+                               beta1=options["betas"][0], beta2=options["betas"][1], lr=options["lr"],
+                               eps=options["eps"], weight_decay=options["weight_decay"],
+                               maximize=options.get("maximize", False))
+            fused.step()
+    for p, q, state in zip(ours, theirs, states):
+        pairs = [(p, q)] + [(state[key], fused.state[q][key]) for key in ("exp_avg", "exp_avg_sq")]
+        for mine, torchs in pairs:
+            if torchs.numel():
+                scale = torchs.float().abs().max().item()
+                torch.testing.assert_close(mine, torchs, rtol=0, atol=2 * ulps * scale)
+
+
+def test_the_work_list_covers_every_element_once():
+    rng = random.Random(0)
+    for block in (1, 7, 2048):
+        numels = [rng.choice([0, 1, block - 1, block, block + 1, rng.randrange(1, 5 * block)]) for _ in range(9)]
+        work = plan_programs(numels, block)
+        assert work.dtype == torch.int32 and work.shape[0] == 2
+        tensors, blocks = work.tolist()
+        covered = [[0] * n for n in numels]
+        for t, b in zip(tensors, blocks):
+            for i in range(b * block, min((b + 1) * block, numels[t])):
+                covered[t][i] += 1
+            assert b * block < numels[t]  # no program without work
+        assert all(c == [1] * n for c, n in zip(covered, numels))
+
+
+class EmulatedKernel:
+    """adamw_multi_tensor's contract in torch: each program finds its tensors through the address table it
+    was given, among the live tensors by data_ptr, and steps its block with reference_step's arithmetic. A
+    stale address, a wrong size or work list, or wrong scalars give other numbers."""
+
+    BLOCK, NUM_WARPS = 8, 4
+    DTYPES = {dtype: str(dtype) for dtype in triton_adamw.KERNEL_DTYPES}
+
+    def __init__(self, live):
+        self.live, self.launches = live, []
+
+    def __getitem__(self, grid):
+        def launch(addresses, numels, work, programs, tensors, lr_weight_decay, beta1, one_minus_beta1, beta2,
+                   one_minus_beta2, step_size, bias_correction2_sqrt, eps, PARAM, GRAD, STATE, MAXIMIZE, BLOCK,
+                   num_warps):
+            assert grid == (programs,) and work.shape == (2, programs) and BLOCK == self.BLOCK
+            table = addresses.view(4, tensors).tolist()
+            by_address = {t.data_ptr(): t for t in self.live()}
+            self.launches.append((tensors, programs, step_size))
+            for t, b in zip(*work.tolist()):
+                p, g, m, v = (by_address[table[row][t]].view(-1) for row in range(4))
+                assert p.numel() == numels[t].item()
+                s = slice(b * BLOCK, (b + 1) * BLOCK)
+                x, grad, first, second = (z[s].float() for z in (p, g, m, v))
+                grad = -grad if MAXIMIZE else grad
+                x = x - lr_weight_decay * x
+                first = beta1 * first + one_minus_beta1 * grad
+                second = beta2 * second + one_minus_beta2 * grad * grad
+                x = x - step_size * first / (second.sqrt() / bias_correction2_sqrt + eps)
+                p[s], m[s], v[s] = x, first, second
+        return launch
+
+    @property
+    def adamw_multi_tensor(self):
+        return self
+
+
+def test_a_kernel_step_passes_the_right_tensors_sizes_and_scalars(monkeypatch):
+    """The host side of the CUDA path (here on CPU tensors, as under the interpreter): buckets by step count
+    (a parameter without a gradient at some step lags, and gets its own bias correction), a non-contiguous
+    parameter through reference_step, the address table rebuilt when a gradient moves; the parameters are
+    torch's AdamW's within rounding."""
+    shapes = ((16, 24), (24,), (7, 3), (0,), (19,))
+    ours, theirs = make_params(shapes=shapes), make_params(shapes=shapes)
+    odd = torch.randn(6, 5).t().detach().requires_grad_()  # non-contiguous: the reference path
+    ours.append(odd)
+    theirs.append(odd.detach().clone().requires_grad_())
+    monkeypatch.setattr(triton_adamw, "interpreting", lambda: True)
+    mine = TritonAdamW(ours, **OPTIONS)
+    kernel = EmulatedKernel(lambda: [*ours, *(p.grad for p in ours if p.grad is not None),
+                                     *(t for s in mine.state.values() for t in s.values() if t.dim())])
+    mine._kernels = kernel
+    skip = lambda step, index: step == 1 and index == 4  # noqa: E731 - (19,) has no gradient at step 1
+    reference = torch.optim.AdamW(theirs, **OPTIONS)
+    run_steps(ours, mine, steps=4, skip=skip)
+    run_steps(theirs, reference, steps=4, skip=skip)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    # step 1: one launch for the five contiguous tensors; step 2: (19,) has no gradient, four; steps 3 and 4:
+    # (19,) is a step behind, a launch of its own
+    assert [n for n, _, _ in kernel.launches] == [5, 4, 4, 1, 4, 1]
+    assert kernel.launches[2][2] != kernel.launches[3][2]  # the step sizes of counts 3 and 2
+    assert [mine.state[p]["step"].item() for p in ours] == [4, 4, 4, 4, 3, 4]
