@@ -12,6 +12,7 @@ Interface the rest of Forgather relies on:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -56,7 +57,12 @@ def _positions_and_documents(
 def _carries_residual(layer: nn.Module) -> bool:
     """Whether `layer` takes the stream as a pair (layers.py): said by the class whose `forward` it runs, so a
     subclass of PreLNLayer with a forward of its own (the one-tensor signature) is called the one-tensor way."""
-    owner = next((cls for cls in type(layer).__mro__ if "forward" in cls.__dict__), None)
+    return _class_carries_residual(type(layer))
+
+
+@functools.cache  # asked at every training forward: the class's answer does not change
+def _class_carries_residual(layer_class: type) -> bool:
+    owner = next((cls for cls in layer_class.__mro__ if "forward" in cls.__dict__), None)
     return owner is not None and bool(owner.__dict__.get("carries_residual", False))
 
 
