@@ -20,6 +20,8 @@
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
   the capturable step, the rate a device tensor) and against forgather.optim.TritonAdamW (one Triton launch
   over all tensors) at each (BLOCK, num_warps) of TRITON_ADAMW_SWEEP; the first call's seconds (compiles).
+  Then both with clipping by global norm before the step: torch's clip_grad_norm_ with the fused AdamW, and
+  TritonAdamW's clip_grad_norm_, whose factor its kernel applies as it reads the gradients.
   `--only-optimizer` runs this piece alone.
 
 Milliseconds per call from CUDA events over `--iters` calls after warm-up; the attention's times a layer
@@ -702,15 +704,26 @@ def bench_optimizer(iters: int) -> None:
                                                    TritonAdamW(params, block=block, num_warps=warps, **options))
            for block, warps in TRITON_ADAMW_SWEEP},
     }
+    # Clipping by global norm (forgather's trainers clip at 1.0 by default) before the step: torch's clip_grad_norm_
+    # scales the gradients in place; TritonAdamW's folds the factor into its kernel.
+    clipped = {"fused, clipped (torch clip_grad_norm_)": "fused", "triton, clipped (folded into the kernel)": "triton"}
+    candidates["fused, clipped (torch clip_grad_norm_)"] = candidates["fused"]
+    candidates["triton, clipped (folded into the kernel)"] = lambda params: TritonAdamW(params, **options)
     fused_ms = None
     for name, make in candidates.items():
         params = parameters_1b()
         optimizer = make(params)
+        if clipped.get(name) == "fused":
+            step = lambda: (torch.nn.utils.clip_grad_norm_(params, 1e-3), optimizer.step())  # noqa: E731
+        elif clipped.get(name) == "triton":
+            step = lambda: (optimizer.clip_grad_norm_(1e-3), optimizer.step())  # noqa: E731
+        else:
+            step = optimizer.step
         begin = time.perf_counter()
-        optimizer.step()
+        step()
         torch.cuda.synchronize()
         first_s = time.perf_counter() - begin
-        ms = timed(optimizer.step, iters)
+        ms = timed(step, iters)
         fused_ms = fused_ms or ms
         count = sum(p.numel() for p in params)
         row(piece="optimizer", options=name, ms=ms, parameters=count,

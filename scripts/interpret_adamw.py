@@ -9,7 +9,8 @@ do not bring:
     TRITON_INTERPRET=1 PYTHONPATH=/tmp/triton python scripts/interpret_adamw.py
 
 Each case steps the same tensors (sizes that do not fill a block, one empty, one non-contiguous that takes the
-reference path, a group without weight decay) with TritonAdamW and with torch's AdamW(fused=True), and prints the largest difference of the parameters and moments from the fused run, relative
+reference path, a group without weight decay; once with clipping by global norm, folded into our kernel) with
+TritonAdamW and with torch's AdamW(fused=True), and prints the largest difference of the parameters and moments from the fused run, relative
 to each tensor's largest magnitude. It exits non-zero where one exceeds the case's tolerance (fp32: 1e-6;
 fp16: two of its ulps; bf16, one step: one ulp, as the interpreter truncates to bf16).
 """
@@ -24,12 +25,13 @@ from forgather.optim.triton_adamw import TritonAdamW
 from forgather.triton_support import interpreting
 
 SHAPES = [(37, 65), (4096,), (3000,), (0,), (5, 7)]
-CASES = [  # (dtype, options, steps)
-    (torch.float32, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1), 4),
+CASES = [  # (dtype, options, steps, clipping by global norm to)
+    (torch.float32, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1), 4, None),
+    (torch.float32, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1), 4, 0.5),
     # one step: the interpreter truncates to bf16 where the GPU rounds to nearest, and the steps' 1-ulp
     # differences would add up (tests/gpu/test_optim_gpu.py checks bf16 over several steps on the GPU)
-    (torch.bfloat16, dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01), 1),
-    (torch.float16, dict(lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, maximize=True), 3),
+    (torch.bfloat16, dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01), 1, None),
+    (torch.float16, dict(lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, maximize=True), 3, None),
 ]
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -7, torch.float16: 2 * 2.0 ** -10}
 
@@ -46,7 +48,7 @@ def groups(params: list[torch.Tensor]) -> list[dict]:
     return [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}]
 
 
-def run(make, dtype: torch.dtype, options: dict, steps: int):
+def run(make, dtype: torch.dtype, options: dict, steps: int, clip):
     params = params_of(dtype)
     optimizer = make(groups(params), **options)
     gen = torch.Generator().manual_seed(1)
@@ -55,6 +57,11 @@ def run(make, dtype: torch.dtype, options: dict, steps: int):
             p.grad = torch.randn(p.shape, generator=gen).to(dtype).reshape(p.shape)
             if not p.is_contiguous():
                 p.grad = p.grad.t().contiguous().t()
+        if clip is not None:  # ours: the factor, applied in the kernel; torch's: the gradients scaled in place
+            if isinstance(optimizer, TritonAdamW):
+                optimizer.clip_grad_norm_(clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
     return params, optimizer
 
@@ -63,9 +70,9 @@ def main() -> None:
     if not interpreting():
         raise SystemExit("run with TRITON_INTERPRET=1 (see the docstring)")
     failed = False
-    for dtype, options, steps in CASES:
-        ours, ours_opt = run(TritonAdamW, dtype, options, steps)
-        fused, fused_opt = run(lambda g, **o: torch.optim.AdamW(g, fused=True, **o), dtype, options, steps)
+    for dtype, options, steps, clip in CASES:
+        ours, ours_opt = run(TritonAdamW, dtype, options, steps, clip)
+        fused, fused_opt = run(lambda g, **o: torch.optim.AdamW(g, fused=True, **o), dtype, options, steps, clip)
         worst = 0.0
         for a, b in zip(ours, fused):
             pairs = [(a, b)] + [(ours_opt.state[a][k], fused_opt.state[b][k]) for k in ("exp_avg", "exp_avg_sq")]
@@ -74,7 +81,8 @@ def main() -> None:
                     worst = max(worst, ((x.float() - y.float()).abs().max() / y.float().abs().max()).item())
         ok = worst <= TOLERANCE[dtype]
         failed |= not ok
-        print(f"{str(dtype):15} {steps} steps {options}: largest difference from fused AdamW {worst:.2e} "
+        clipped = f", clipped to {clip}" if clip else ""
+        print(f"{str(dtype):15} {steps} steps{clipped} {options}: largest difference from fused AdamW {worst:.2e} "
               f"{'ok' if ok else 'FAIL'}")
     sys.exit(1 if failed else 0)
 

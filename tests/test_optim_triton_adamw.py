@@ -127,22 +127,24 @@ class EmulatedKernel:
     BLOCK, NUM_WARPS = 8, 4
     DTYPES = {dtype: str(dtype) for dtype in triton_adamw.KERNEL_DTYPES}
 
-    def __init__(self, live):
-        self.live, self.launches = live, []
+    def __init__(self, live=None):
+        self.live, self.launches, self.scaled = live, [], []
 
     def __getitem__(self, grid):
-        def launch(addresses, numels, work, programs, tensors, lr_weight_decay, beta1, one_minus_beta1, beta2,
-                   one_minus_beta2, step_size, bias_correction2_sqrt, eps, PARAM, GRAD, STATE, MAXIMIZE, BLOCK,
-                   num_warps):
+        def launch(addresses, numels, work, programs, tensors, grad_scale, lr_weight_decay, beta1, one_minus_beta1,
+                   beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, PARAM, GRAD, STATE, MAXIMIZE,
+                   HAS_GRAD_SCALE, BLOCK, num_warps):
             assert grid == (programs,) and work.shape == (2, programs) and BLOCK == self.BLOCK
             table = addresses.view(4, tensors).tolist()
-            by_address = {t.data_ptr(): t for t in self.live()}
+            by_address = {t.data_ptr(): t for t in (self.live or self.all_live)()}
             self.launches.append((tensors, programs, step_size))
+            self.scaled.append(HAS_GRAD_SCALE)
             for t, b in zip(*work.tolist()):
                 p, g, m, v = (by_address[table[row][t]].view(-1) for row in range(4))
                 assert p.numel() == numels[t].item()
                 s = slice(b * BLOCK, (b + 1) * BLOCK)
                 x, grad, first, second = (z[s].float() for z in (p, g, m, v))
+                grad = grad * grad_scale if HAS_GRAD_SCALE else grad
                 grad = -grad if MAXIMIZE else grad
                 x = x - lr_weight_decay * x
                 first = beta1 * first + one_minus_beta1 * grad
@@ -155,6 +157,28 @@ class EmulatedKernel:
     def adamw_multi_tensor(self):
         return self
 
+    def all_live(self):
+        """The tensors of the optimizer that launched: what its kernel may be pointed at."""
+        optimizer = self.optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        states = [t for state in optimizer.state.values() for t in state.values() if t.dim()]
+        return [*params, *(p.grad for p in params if p.grad is not None), *states]
+
+
+def emulate_the_kernel(monkeypatch, kernel=None):
+    """TritonAdamW's CUDA path on CPU tensors, with EmulatedKernel for adamw_kernels."""
+    kernel = kernel or EmulatedKernel()
+    monkeypatch.setattr(triton_adamw, "interpreting", lambda: True)
+    monkeypatch.setattr(triton_adamw, "_load_kernels", lambda: kernel)
+    launch = TritonAdamW._launch
+
+    def launching(optimizer, *args, **kwargs):
+        kernel.optimizer = optimizer
+        return launch(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(TritonAdamW, "_launch", launching)
+    return kernel
+
 
 def test_a_kernel_step_passes_the_right_tensors_sizes_and_scalars(monkeypatch):
     """The host side of the CUDA path (here on CPU tensors, as under the interpreter): buckets by step count
@@ -166,11 +190,10 @@ def test_a_kernel_step_passes_the_right_tensors_sizes_and_scalars(monkeypatch):
     odd = torch.randn(6, 5).t().detach().requires_grad_()  # non-contiguous: the reference path
     ours.append(odd)
     theirs.append(odd.detach().clone().requires_grad_())
-    monkeypatch.setattr(triton_adamw, "interpreting", lambda: True)
     mine = TritonAdamW(ours, **OPTIONS)
-    kernel = EmulatedKernel(lambda: [*ours, *(p.grad for p in ours if p.grad is not None),
-                                     *(t for s in mine.state.values() for t in s.values() if t.dim())])
-    mine._kernels = kernel
+    kernel = emulate_the_kernel(monkeypatch, EmulatedKernel(
+        lambda: [*ours, *(p.grad for p in ours if p.grad is not None),
+                 *(t for s in mine.state.values() for t in s.values() if t.dim())]))
     skip = lambda step, index: step == 1 and index == 4  # noqa: E731 - (19,) has no gradient at step 1
     reference = torch.optim.AdamW(theirs, **OPTIONS)
     run_steps(ours, mine, steps=4, skip=skip)
@@ -182,3 +205,78 @@ def test_a_kernel_step_passes_the_right_tensors_sizes_and_scalars(monkeypatch):
     assert [n for n, _, _ in kernel.launches] == [5, 4, 4, 1, 4, 1]
     assert kernel.launches[2][2] != kernel.launches[3][2]  # the step sizes of counts 3 and 2
     assert [mine.state[p]["step"].item() for p in ours] == [4, 4, 4, 4, 3, 4]
+
+
+def clipped_steps(params, optimizer, max_norm, steps=4, seed=1, clip=None):
+    """Steps with clipping by global norm between backward and the update, as Lightning orders them."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = []
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+
+        def closure():
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            norms.append(clip(params, max_norm))
+            return torch.tensor(1.0)
+
+        optimizer.step(closure)
+    return norms
+
+
+def torch_clip(params, max_norm):
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def test_clipping_is_torch_clip_grad_norm_off_the_kernel_and_folded_into_the_step_on_it(monkeypatch):
+    """On a CPU clip_grad_norm_ is torch's (the gradients scaled in place, the same bits); where the kernel runs
+    it only computes the factor, the gradients stay as they are, and the step scales each as it reads it: the
+    parameters are those of torch's clipping and AdamW, within rounding."""
+    max_norm = 0.5  # below the random gradients' norms: every step clips
+    plain, theirs = make_params(), make_params()
+    ours_cpu = TritonAdamW(plain, **OPTIONS)
+    norms = clipped_steps(plain, ours_cpu, max_norm, clip=lambda ps, m: ours_cpu.clip_grad_norm_(m))
+    reference_norms = clipped_steps(theirs, torch.optim.AdamW(theirs, **OPTIONS), max_norm, clip=torch_clip)
+    assert torch.equal(torch.stack(norms), torch.stack(reference_norms)) and min(norms) > max_norm
+    for a, b in zip(plain, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    kernel = emulate_the_kernel(monkeypatch)
+    folded = make_params()
+    mine = TritonAdamW(folded, **OPTIONS)
+    seen = []
+
+    def clip_and_look(params, m):
+        before = [p.grad.clone() for p in params]
+        norm = mine.clip_grad_norm_(m)
+        seen.append(all(torch.equal(p.grad, g) for p, g in zip(params, before)))  # no pass over the gradients
+        return norm
+
+    folded_norms = clipped_steps(folded, mine, max_norm, clip=clip_and_look)
+    assert all(seen) and kernel.scaled == [True] * 4
+    torch.testing.assert_close(torch.stack(folded_norms), torch.stack(reference_norms), rtol=1e-6, atol=0)
+    for a, b in zip(folded, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    mine.clip_grad_norm_(max_norm)
+    mine.zero_grad()  # a step that does not follow drops the factor
+    for p in folded:
+        p.grad = torch.ones_like(p)
+    mine.step()
+    assert kernel.scaled[-1] is False
+
+
+def test_a_lightning_run_folds_its_clipping_into_the_step_and_trains_as_torch_adamw(tmp_path, monkeypatch):
+    """forgather.run with optimizer=adamw_triton and clipping by norm (CausalLMModule.configure_gradient_clipping
+    hands it to the optimizer): every step's kernel scales the gradients, and the losses are those of torch's
+    AdamW with Lightning's clipping, within rounding."""
+    from test_run import run, run_dirs, train_losses
+
+    common = ("+experiment=micro", "scheduler=constant", "max_steps=6", "gradient_clip_val=0.05")
+    assert run(tmp_path / "torch", *common, "optimizer=adamw") == 0
+    kernel = emulate_the_kernel(monkeypatch)
+    assert run(tmp_path / "ours", *common, "optimizer=adamw_triton") == 0
+    assert kernel.scaled == [True] * 6
+    (theirs,), (ours,) = run_dirs(tmp_path / "torch" / "outputs"), run_dirs(tmp_path / "ours" / "outputs")
+    expected, got = train_losses(theirs), train_losses(ours)
+    assert sorted(got) == sorted(expected) and len(got) >= 2
+    assert got == pytest.approx(expected, rel=1e-5)

@@ -229,6 +229,20 @@ class CausalLMModule(pl.LightningModule):
         if norm is not None:
             self._log_train("train/grad_norm", norm, batch_size=1)
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clipping by norm goes to an optimizer that folds it into its step (TritonAdamW.clip_grad_norm_: the
+        gradients scaled as its kernel reads them, not by a pass of their own), where each rank holds whole
+        gradients (one device, DDP); anything else is Lightning's clipping."""
+        clip = getattr(optimizer, "clip_grad_norm_", None)
+        algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm").lower()
+        strategy = self.trainer.strategy
+        whole = type(strategy) in (pl.strategies.SingleDeviceStrategy, pl.strategies.DDPStrategy)
+        if callable(clip) and gradient_clip_val and algorithm == "norm" and whole:
+            clip(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # Helpers
 
     def _log_train(self, name: str, value: Any, **kwargs: Any) -> None:

@@ -6,7 +6,8 @@ tensor sizes), the tensor's four addresses from the address table (`addresses`: 
 first moment, second moment; int64, one column a tensor), then streams the four in and the parameter and the
 two moments out: 14 bytes an element in bf16, the least AdamW can move. The arithmetic is fp32 whatever the
 tensors' dtypes, in the order of torch's fused AdamW kernel (ATen's fused_adam_utils.cuh), rounded once on
-the store.
+the store. `grad_scale` (where HAS_GRAD_SCALE) points at one fp32 factor for every gradient: clipping by global
+norm, applied as the gradient is read instead of by a pass of its own.
 
 Why not torch's fused AdamW: its multi-tensor launcher hands each CUDA block a fixed chunk with per-launch
 tensor lists of bounded length, and it streamed a 1.24B bf16 model's step at 2.7 TB/s of the H200's 4.8
@@ -27,9 +28,10 @@ NUM_WARPS = 4
 
 @triton.jit
 def adamw_multi_tensor(
-    addresses, numels, work, programs, tensors,
+    addresses, numels, work, programs, tensors, grad_scale,
     lr_weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(work + pid)
@@ -45,6 +47,8 @@ def adamw_multi_tensor(
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GRAD_SCALE:  # clipping by global norm, folded in (triton_adamw.TritonAdamW.clip_grad_norm_)
+        grad = grad * tl.load(grad_scale)
     if MAXIMIZE:
         grad = -grad
     param = param - lr_weight_decay * param

@@ -274,13 +274,14 @@ def test_compiled_adamw_is_the_fused_step_with_a_device_rate_and_one_compile(dty
     assert isinstance(rate, torch.Tensor) and rate.is_cuda and rate.item() == pytest.approx(1e-2 / 7)
 
 
+@pytest.mark.parametrize("clip", [False, True], ids=["", "clipped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype):
+def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype, clip):
     """TritonAdamW on CUDA gives torch's fused AdamW's parameters and moments (fp32: within a rounding of the
     largest value; bf16: within two bf16 roundings, the stored moments round once per step in both) under a
     schedule that changes the rate every step, with a parameter without a gradient at one step, a
     non-contiguous one (the reference path) and an empty one; once warm, a step reads nothing back from the
-    GPU."""
+    GPU. `clipped`: its clip_grad_norm_ (the factor folded into the kernel) against torch's clip_grad_norm_."""
     from forgather.optim import TritonAdamW
 
     gen = torch.Generator(device="cuda").manual_seed(6)
@@ -298,6 +299,9 @@ def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype):
             grad = None if (step == 2 and index == 1) else torch.randn(a.shape, device="cuda", generator=gen).to(dtype)
             a.grad = None if grad is None else grad.clone()
             b.grad = None if grad is None else grad.clone()
+        if clip:
+            norms = mine.clip_grad_norm_(0.5), torch.nn.utils.clip_grad_norm_([p for p in theirs if p.grad is not None], 0.5)
+            assert norms[0].item() > 0.5 and torch.equal(*norms)
         step_beside(mine, fused, schedules, warm=step >= 3)
     assert not ours[-1].is_contiguous()
     rounding = 2.0 ** -20 if dtype == torch.float32 else 2.0 ** -7
