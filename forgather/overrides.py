@@ -369,13 +369,18 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _check_signature(override: Override, parent: Any, last: str | int) -> bool:
+def _check_signature(override: Override, parent: Any, last: str | int, config: DictConfig | None = None) -> bool:
     """Check the value against the target's annotation of the parameter; True when the annotation accepts it
-    (so the current value's type does not matter: `gradient_clip_val: int | float`)."""
+    (so the current value's type does not matter: `gradient_clip_val: int | float`). A config value that no
+    target takes itself (a template's `!var`) is checked against the parameters that take it through an
+    interpolation (`fused_projections: ${fused_projections}`): True when each of them that says accepts it
+    (`fused_projections=kv` where the template's default is false); else the current value's type decides."""
     parameter = _parameter(parent, last)
-    if parameter is None:
-        return False
     value = override.value
+    if parameter is None:
+        takers = [_parameter(*site) for site in _consumers(config, override.key)]
+        verdicts = [_accepts(taker.annotation, value) for taker in takers if taker is not None]
+        return bool(verdicts) and all(verdict is True for verdict in verdicts)
     verdict = True if value is None and parameter.default is None else _accepts(parameter.annotation, value)
     if verdict is False:
         target = str(parent._get_node("_target_")._value())
@@ -384,6 +389,22 @@ def _check_signature(override: Override, parent: Any, last: str | int) -> bool:
             f"got {type(value).__name__} {value!r}"
         )
     return bool(verdict)
+
+
+def _consumers(config: Any, key: str) -> list[tuple[Any, str | int]]:
+    """Every (parent, name) in `config` whose value is exactly the interpolation `${key}`."""
+    if config is None:
+        return []
+    found, reference = [], "${" + key + "}"
+    items = config.items_ex(resolve=False) if isinstance(config, DictConfig) else enumerate(config)
+    for name, _ in items:
+        child = config._get_node(name)
+        if child._is_interpolation():
+            if child._value() == reference:
+                found.append((config, name))
+        elif isinstance(child, (DictConfig, ListConfig)):
+            found += _consumers(child, key)
+    return found
 
 
 def _current_value(parent: Any, last: str | int) -> Any:
@@ -506,7 +527,7 @@ def apply(config: DictConfig, overrides: list[Override],
         _check_args(override)
         if override.kind == "change":
             parent, last = found
-            if not _check_signature(override, parent, last):
+            if not _check_signature(override, parent, last, config):
                 _check_type(override, _current_value(parent, last))
         OmegaConf.update(config, key, override.value, merge=False, force_add=True)
 

@@ -67,7 +67,8 @@
 #   part x            the residual stream carried between layers as a pair (CausalLM carry_residual, on by default;
 #                     its add inside the next fused norm): the models' fused-norm GPU tests and the carried stream's,
 #                     the serving tests with device_map offload (fixed on the CPU since part w failed one), then
-#                     the default (profiled) beside carry_residual=false, the compiled AdamW and HF + Liger, 40 steps.
+#                     the default (profiled) beside carry_residual=false, fused_projections=kv (the key and value
+#                     products as one: the narrow products of grouped-query attention) and HF + Liger, 40 steps.
 #   part y            TritonAdamW (optimizer=adamw_triton: torch's AdamW, its step one Triton launch over all tensors):
 #                     its GPU tests beside the compiled AdamW's, the optimizer step alone (fused, compiled foreach,
 #                     ours over a sweep of BLOCK x num_warps), then the default beside HF + Liger and with
@@ -332,7 +333,7 @@ x)
         grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_serve.txt" | tail -20
     fi
     bench bench_1b_x.log --shape 1b --label 1b_x --steps 40 --paths forgather hf-liger \
-        --variant one-tensor carry_residual=false --variant adamw-compiled optimizer=adamw_compiled \
+        --variant one-tensor carry_residual=false --variant fused-kv fused_projections=kv \
         --profile forgather --timeout 130 "$@"
     ;;
 y)

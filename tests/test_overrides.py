@@ -266,3 +266,13 @@ def test_values_outside_a_literal_annotation_are_refused(capsys):
 def test_underscore_args_must_be_a_list(capsys, override):
     error = error_of(capsys, "+experiment=micro", override)
     assert "_args_ holds the positional arguments of the node's target, a list; got int" in error and "=[5]" in error
+
+
+def test_a_template_value_takes_what_the_parameters_it_reaches_accept(capsys):
+    """`fused_projections` defaults to false in the template, and the attention and feed-forward take
+    `bool | str` ("kv"): the value is checked against them, not against the default's type; a value none of
+    them takes is still the type error naming the current value."""
+    config = config_of(capsys, "fused_projections=kv")
+    assert config["fused_projections"] == "kv"
+    assert "fused_projections is bool (False); got int 3" in error_of(capsys, "+experiment=micro", "fused_projections=3")
+    assert "fused_norm is bool (True); got str 'kv'" in error_of(capsys, "+experiment=micro", "fused_norm=kv")

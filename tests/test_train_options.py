@@ -77,17 +77,30 @@ def test_fused_linear_equals_the_separate_layers_and_their_gradients():
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("fusion", [True, "kv"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("attention_fn", ["sdpa", "eager"])
-def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_fn):
+def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_fn, fusion):
+    """true: q/k/v and gate/up each one product; "kv": k and v one product, q, gate and up their own."""
     expected = loss_and_grads(tiny_model(bias=bias, attention_fn=attention_fn))
-    fused = tiny_model(fused=True, bias=bias, attention_fn=attention_fn)
-    separate_calls = []
+    fused = tiny_model(fused=fusion, bias=bias, attention_fn=attention_fn)
+    calls = []
     for layer in fused.layers:  # the fused path reads the weights; the layers' own forward never runs
-        for projection in (layer.attention.q_proj, layer.attention.v_proj, layer.feedforward.up_proj):
-            projection.register_forward_hook(lambda *args: separate_calls.append(args[0]))
+        for projection in (layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj,
+                           layer.feedforward.up_proj):
+            projection.register_forward_hook(lambda module, *args: calls.append(module))
     assert_same_step(loss_and_grads(fused), expected)
-    assert separate_calls == []
+    own = {True: [], "kv": [layer.attention.q_proj for layer in fused.layers]
+           + [layer.feedforward.up_proj for layer in fused.layers]}[fusion]
+    assert sorted(map(id, calls)) == sorted(map(id, own))
+
+
+@pytest.mark.parametrize("value", ["qkv", 1, "true"])
+def test_an_unknown_fusion_is_a_one_line_error(value):
+    for make in (lambda: Attention(HIDDEN, HEADS, fused_projections=value),
+                 lambda: SwiGLU(HIDDEN, 48, fused_projections=value)):
+        with pytest.raises(ValueError, match=r"fused_projections=.*; choose false, true .* or 'kv'"):
+            make()
 
 
 def test_fused_swiglu_in_token_chunks_equals_the_whole():

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.attention import flex_attention as flex
 
 from .checks import positive_sizes
-from .fused import fusable, fused_linear
+from .fused import fusable, fused_linear, fusion
 from .kv_cache import LayerKVCache
 from .rope import apply_rotary
 
@@ -333,9 +333,9 @@ class Attention(nn.Module):
         attention_fn: "sdpa", "flex", "packed", "eager", or a callable with the same signature.
         dropout: attention-probability dropout while training (not available with flex or packed).
         bias: biases on the q/k/v/o projections.
-        fused_projections: compute q, k and v as one matmul over the three weights concatenated
-            (`forgather.models.fused`: same parameters and state dict); projections that are not plain
-            nn.Linear layers (QK-norm variants) run separately.
+        fused_projections: true computes q, k and v as one matmul over the three weights concatenated
+            (`forgather.models.fused`: same parameters and state dict), "kv" only k and v; projections that
+            are not plain nn.Linear layers (QK-norm variants) run separately.
         kernel_options: with attention_fn="flex", the GPU kernel's options (`flex_kernel_options`), e.g.
             `{fwd_BLOCK_M: 64, fwd_BLOCK_N: 64}`: tilings change speed, not the result. Without them, packed
             documents get the tiling measured fastest for the GPU, dtype and head dim (`PACKED_TILINGS`).
@@ -352,7 +352,7 @@ class Attention(nn.Module):
         attention_fn: str | Callable = "sdpa",
         dropout: float = 0.0,
         bias: bool = False,
-        fused_projections: bool = False,
+        fused_projections: bool | str = False,
         kernel_options: Mapping[str, Any] | None = None,
     ):
         super().__init__()
@@ -386,7 +386,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.attention_fn = attention_fn
         self.dropout = dropout
-        self.fused_projections = fused_projections
+        self.fused_projections = fusion("Attention", fused_projections)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -404,8 +404,10 @@ class Attention(nn.Module):
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fused_projections and fusable(*projections):
+        if self.fused_projections is True and fusable(*projections):
             q, k, v = fused_linear(x, projections)
+        elif self.fused_projections == "kv" and fusable(self.k_proj, self.v_proj):
+            q, (k, v) = self.q_proj(x), fused_linear(x, (self.k_proj, self.v_proj))
         else:
             q, k, v = (projection(x) for projection in projections)
         q = self._heads(q, self.num_heads)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .checks import positive_sizes
-from .fused import fused_linear
+from .fused import fused_linear, fusion
 
 
 def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:
@@ -37,14 +37,16 @@ def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 class SwiGLU(nn.Module):
     """Gated feed-forward with a SiLU gate (Shazeer, 2020, "GLU Variants"): down(silu(gate(x)) * up(x)).
 
-    `fused_projections`: gate and up as one matmul over both weights concatenated (`forgather.models.fused`:
-    same parameters and state dict).
+    `fused_projections`: true computes gate and up as one matmul over both weights concatenated
+    (`forgather.models.fused`: same parameters and state dict); "kv" (the attention's key and value only) leaves
+    them two.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None,
-                 fused_projections: bool = False):
+                 fused_projections: bool | str = False):
         super().__init__()
         positive_sizes(type(self).__name__, hidden_size=hidden_size, intermediate_size=intermediate_size)
+        fused_projections = fusion(type(self).__name__, fused_projections)
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive or None, got {chunk_tokens}")
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
@@ -57,7 +59,7 @@ class SwiGLU(nn.Module):
         return chunked_over_tokens(self._block, x, self.chunk_tokens)
 
     def _block(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_projections:
+        if self.fused_projections is True:
             gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

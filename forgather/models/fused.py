@@ -14,6 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# fused_projections: False, True (every group of projections of one input: q/k/v, gate/up) or "kv" (the key and
+# value products only: at grouped-query shapes they are the narrow ones, 512 wide beside a 2,048-wide query at
+# the 1.24B shape, where a narrow product runs well below the GPU's rate; their weights are small, so the
+# concatenation costs little, unlike gate/up's).
+FUSIONS = (False, True, "kv")
+
+
+def fusion(owner: str, fused_projections: bool | str) -> bool | str:
+    """`fused_projections` checked against FUSIONS, for `owner`'s error message."""
+    if not any(fused_projections is choice or fused_projections == choice == "kv" for choice in FUSIONS):
+        raise ValueError(f"{owner}: fused_projections={fused_projections!r}; choose false, true (q/k/v and gate/up "
+                         f"each as one product) or 'kv' (the key and value products only)")
+    return fused_projections
+
+
 def fusable(*linears: nn.Module) -> bool:
     """True when every layer is exactly an nn.Linear (a subclass may do more than its matmul)."""
     return all(type(linear) is nn.Linear for linear in linears)
