@@ -214,8 +214,8 @@ def split_choices(overrides: list[Override], groups: dict[str, list[str]]) -> tu
 def config_paths(config: DictConfig, prefix: str = "") -> list[str]:
     """Dotted paths of every key in a config (reserved `_x_` keys skipped, interpolations not followed)."""
     paths = []
-    items = config.items_ex(resolve=False) if isinstance(config, DictConfig) else enumerate(config)
-    for key, _ in items:
+    keys = [key for key, _ in config.items_ex(resolve=False)] if isinstance(config, DictConfig) else range(len(config))
+    for key in keys:  # (iterating a ListConfig would resolve its elements)
         if isinstance(key, str) and key.startswith("_") and key.endswith("_"):
             continue
         path = f"{prefix}{key}"
@@ -396,8 +396,8 @@ def _consumers(config: Any, key: str) -> list[tuple[Any, str | int]]:
     if config is None:
         return []
     found, reference = [], "${" + key + "}"
-    items = config.items_ex(resolve=False) if isinstance(config, DictConfig) else enumerate(config)
-    for name, _ in items:
+    names = [name for name, _ in config.items_ex(resolve=False)] if isinstance(config, DictConfig) else range(len(config))
+    for name in names:  # (iterating a ListConfig would resolve its elements)
         child = config._get_node(name)
         if child._is_interpolation():
             if child._value() == reference:
