@@ -280,3 +280,55 @@ def test_a_lightning_run_folds_its_clipping_into_the_step_and_trains_as_torch_ad
     expected, got = train_losses(theirs), train_losses(ours)
     assert sorted(got) == sorted(expected) and len(got) >= 2
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("option", [dict(fused=True), dict(foreach=True), dict(amsgrad=True)])
+def test_torch_implementations_asked_by_name_and_options_the_kernel_lacks_are_torch_adamws_step(option, monkeypatch):
+    """Where torch.optim.AdamW is configured (fused=True, amsgrad=True ...), TritonAdamW stands in: those steps are
+    torch's own, bit for bit, even where the kernel would run."""
+    kernel = emulate_the_kernel(monkeypatch)
+    ours, theirs = make_params(), make_params()
+    mine = TritonAdamW(ours, **OPTIONS, **option)
+    run_steps(ours, mine)
+    run_steps(theirs, torch.optim.AdamW(theirs, **OPTIONS, **option))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert kernel.launches == []
+    again = TritonAdamW(make_params(), **OPTIONS, **option)
+    again.load_state_dict(mine.state_dict())
+    assert {k: v.device for k, v in again.state_dict()["state"][0].items()} == {
+        k: v.device for k, v in mine.state_dict()["state"][0].items()}
+
+
+def test_a_kernel_that_cannot_be_built_is_a_warning_and_torch_adamw_steps_on(monkeypatch):
+    """A build failure at the first launch (another GPU or Triton than the kernel was written for) does not end
+    the run: a warning names it, that step's tensors go through reference_step, and later steps are torch's."""
+
+    class Unbuildable(EmulatedKernel):
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                self.launches.append(grid)
+                raise RuntimeError("PassManager::run failed\ndetails")
+            return launch
+
+    kernel = emulate_the_kernel(monkeypatch, Unbuildable())
+    ours, theirs = make_params(), make_params()
+    mine = TritonAdamW(ours, **OPTIONS)
+    with pytest.warns(UserWarning, match=r"torch's AdamW from now on: its kernel could not be built \(RuntimeError: "
+                                         r"PassManager::run failed\)"):
+        run_steps(ours, mine)
+    run_steps(theirs, torch.optim.AdamW(theirs, **OPTIONS))
+    assert len(kernel.launches) == 1
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_cuda_without_triton_is_a_warning(monkeypatch):
+    monkeypatch.setattr(triton_adamw, "interpreting", lambda: True)  # the kernel's device, as on CUDA
+    monkeypatch.setattr(triton_adamw, "_load_kernels", lambda: None)
+    ours, theirs = make_params(), make_params()
+    with pytest.warns(UserWarning, match="TritonAdamW steps with torch's AdamW: Triton is not installed"):
+        run_steps(ours, TritonAdamW(ours, **OPTIONS))
+    run_steps(theirs, torch.optim.AdamW(theirs, **OPTIONS))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

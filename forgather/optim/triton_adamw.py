@@ -17,13 +17,16 @@ with the CUDA update replaced by adamw_kernels.adamw_multi_tensor:
 - the arithmetic is fp32 in the order of torch's fused kernel (reference_step is it in torch ops, and what
   tensors the kernel cannot take use: non-contiguous ones, dtypes other than fp32/bf16/fp16);
 - parameters off CUDA (the CPU, and with it the tutorial), DTensors (FSDP2's shards) and a CUDA machine
-  without triton run torch's own AdamW step unchanged;
+  without triton (a warning) run torch's own AdamW step unchanged; a kernel that fails to build at its first
+  launch is a warning, and torch's step from then on, not the end of the run;
 - clipping by global norm (`clip_grad_norm_`, which forgather's LightningModule calls for Lightning's
   gradient_clip_val on one device or under DDP) computes the norm and leaves the factor to the next step's
   kernel, which scales each gradient as it reads it: torch's clip_grad_norm_ reads and writes every gradient
   once more for that (~1.2 ms a step at the 1.24B shape), besides the read for the norm.
 
-Not supported: amsgrad, capturable, differentiable (use optimizer=adamw). Checkpoints move both ways between
+torch's AdamW arguments are all taken: amsgrad, capturable and differentiable, which the kernel does not do, and
+foreach=True or fused=True, which ask for one of torch's implementations by name, make every step torch's own
+(so the class can stand wherever torch.optim.AdamW is configured). Checkpoints move both ways between
 this and torch's AdamW (and CompiledAdamW: a loaded step count or rate on the GPU is moved to the host once).
 Under Triton's interpreter (TRITON_INTERPRET=1) the kernel runs on CPU tensors, for scripts/interpret_adamw.py.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -83,24 +87,32 @@ def plan_programs(numels: list[int], block: int) -> torch.Tensor:
 
 
 class TritonAdamW(torch.optim.AdamW):
-    """AdamW(params, lr, betas, eps, weight_decay, maximize) with its CUDA step in one Triton launch per bucket
-    (module docstring). `block` and `num_warps` tune the kernel (defaults: adamw_kernels.BLOCK, NUM_WARPS)."""
+    """torch.optim.AdamW with its CUDA step in one Triton launch per bucket (module docstring). `block` and
+    `num_warps` tune the kernel (defaults: adamw_kernels.BLOCK, NUM_WARPS)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, maximize: bool = False, block: int | None = None,
-                 num_warps: int | None = None):
-        if isinstance(lr, torch.Tensor) or any(isinstance(b, torch.Tensor) for b in betas):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, block: int | None = None, num_warps: int | None = None):
+        # torch's own implementations asked for by name, and what the kernel does not do, are torch's step
+        self._torch_only = bool(amsgrad or foreach or capturable or differentiable or fused)
+        if not self._torch_only and (isinstance(lr, torch.Tensor) or any(isinstance(b, torch.Tensor) for b in betas)):
             raise ValueError("TritonAdamW takes its rate and betas as floats (a schedule sets the rate each step "
                              "without a recompile); for a tensor rate use optimizer=adamw_compiled")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         fused=fused)
         self._block, self._num_warps = block, num_warps
-        self._kernels = None  # adamw_kernels, imported at the first step that runs on CUDA
+        self._kernels = None  # adamw_kernels, imported at the first step that runs on CUDA; False: not to be used
+        self._built: set[tuple] = set()  # bucket kinds whose kernel has launched once
         self._grad_scale: torch.Tensor | None = None  # clip_grad_norm_'s factor for the next step
         self._work: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}  # numels -> (work, numels, programs)
         self._tables: dict[tuple, tuple[tuple[int, ...], torch.Tensor]] = {}  # bucket -> (addresses, on device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        if self._torch_only:
+            return
         # A checkpoint of a capturable or fused AdamW keeps the step count (and CompiledAdamW the rate) on the
         # GPU: read once here, so that no step reads them.
         for group in self.param_groups:
@@ -155,13 +167,16 @@ class TritonAdamW(torch.optim.AdamW):
         triton importable. Decided per step, as Lightning may build the optimizer before moving the model."""
         from torch.distributed.tensor import DTensor
 
-        if any(isinstance(p, DTensor) for p in params):
+        if self._torch_only or any(isinstance(p, DTensor) for p in params):
             return False
         if not (interpreting() or any(p.is_cuda for p in params)):
             return False
         if self._kernels is None:
-            self._kernels = _load_kernels()
-        return self._kernels is not None
+            self._kernels = _load_kernels() or False
+            if self._kernels is False:
+                warnings.warn("TritonAdamW steps with torch's AdamW: Triton is not installed (pip install triton, or "
+                              "forgather[gpu])", stacklevel=3)
+        return self._kernels is not False
 
     def _step_group(self, group: dict[str, Any], grad_scale: torch.Tensor | None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -186,13 +201,31 @@ class TritonAdamW(torch.optim.AdamW):
                        maximize=group["maximize"])
         for key, bucket in buckets.items():
             *dtypes, count = key
-            if dtypes[0] is None:  # tensors the kernel does not take
-                for p in bucket:
-                    state = self.state[p]
-                    reference_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=count,
-                                   grad_scale=grad_scale, **options)
-            else:
-                self._launch(key, bucket, count, options, grad_scale)
+            if dtypes[0] is not None and self._kernels is not False and self._launched(key, bucket, count, options,
+                                                                                     grad_scale):
+                continue
+            for p in bucket:  # tensors the kernel does not take (or where it could not be built)
+                state = self.state[p]
+                reference_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=count, grad_scale=grad_scale,
+                               **options)
+
+    def _launched(self, key: tuple, bucket: list[torch.Tensor], count: float, options: dict[str, Any],
+                  grad_scale: torch.Tensor | None) -> bool:
+        """Launch the kernel for `bucket`; False where its first build fails (another GPU or Triton than those it
+        was written for): then this bucket is stepped by reference_step and every later step is torch's, with a
+        warning, rather than the run stopping. (An error after a first launch is not caught: it is a bug.)"""
+        if key[:-1] in self._built:
+            self._launch(key, bucket, count, options, grad_scale)
+            return True
+        try:
+            self._launch(key, bucket, count, options, grad_scale)
+        except Exception as error:  # noqa: BLE001 - a build failure of ours must not end the user's run
+            self._kernels = False
+            warnings.warn(f"TritonAdamW steps with torch's AdamW from now on: its kernel could not be built "
+                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})", stacklevel=4)
+            return False
+        self._built.add(key[:-1])
+        return True
 
     def _kernel_key(self, p: torch.Tensor) -> tuple:
         """(device, param dtype, grad dtype, state dtype) where the kernel can step `p`, else (None, ...)."""
