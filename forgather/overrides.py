@@ -396,7 +396,10 @@ def _consumers(config: Any, key: str) -> list[tuple[Any, str | int]]:
     if config is None:
         return []
     found, reference = [], "${" + key + "}"
-    names = [name for name, _ in config.items_ex(resolve=False)] if isinstance(config, DictConfig) else range(len(config))
+    if isinstance(config, DictConfig):
+        names = [name for name, _ in config.items_ex(resolve=False)]
+    else:
+        names = range(len(config))
     for name in names:  # (iterating a ListConfig would resolve its elements)
         child = config._get_node(name)
         if child._is_interpolation():

@@ -27,7 +27,8 @@
 Milliseconds per call from CUDA events over `--iters` calls after warm-up; the attention's times a layer
 (the profile's attention share is 16 layers' worth).
 
-    python scripts/bench_step_pieces.py [--iters 20] [--json FILE] [--skip-optimizer | --only-optimizer] [--skip-attention]
+    python scripts/bench_step_pieces.py [--iters 20] [--json FILE] [--skip-optimizer | --only-optimizer]
+                                        [--skip-attention]
                                         [--option-sets NAME ...]
     python scripts/bench_step_pieces.py --norm [--rounds 5]
 """

@@ -10,9 +10,9 @@ do not bring:
 
 Each case steps the same tensors (sizes that do not fill a block, one empty, one non-contiguous that takes the
 reference path, a group without weight decay; once with clipping by global norm, folded into our kernel) with
-TritonAdamW and with torch's AdamW(fused=True), and prints the largest difference of the parameters and moments from the fused run, relative
-to each tensor's largest magnitude. It exits non-zero where one exceeds the case's tolerance (fp32: 1e-6;
-fp16: two of its ulps; bf16, one step: one ulp, as the interpreter truncates to bf16).
+TritonAdamW and with torch's AdamW(fused=True), and prints the largest difference of the parameters and moments
+from the fused run, relative to each tensor's largest magnitude. It exits non-zero where one exceeds the case's
+tolerance (fp32: 1e-6; fp16: two of its ulps; bf16, one step: one ulp, as the interpreter truncates to bf16).
 """
 
 from __future__ import annotations

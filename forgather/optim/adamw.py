@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
-from forgather.optim.state import Params, load_state_keeping_fp32, parameters_with_grads, run_closure
+from forgather.optim.state import Params, load_state_keeping_fp32, parameters_with_grads, run_closure, to_device
 
 
 def adamw_update(
@@ -95,8 +95,8 @@ class AdamW(Optimizer):
             step = state["step"]
             numbers = [1 - beta1, beta2, 1 - beta2, group["eps"], 1 - group["lr"] * group["weight_decay"],
                        group["lr"] / (1 - beta1**step), math.sqrt(1 - beta2**step)]
-            scalars = _to_device(torch.tensor(numbers, dtype=torch.float32), param.device)
-            seed = _to_device(torch.tensor(step_seed(group["seed"], step), dtype=torch.int64), param.device)
+            scalars = to_device(torch.tensor(numbers, dtype=torch.float32), param.device)
+            seed = to_device(torch.tensor(step_seed(group["seed"], step), dtype=torch.int64), param.device)
             stochastic = group["stochastic_rounding"] and param.dtype == torch.bfloat16
             tensors = [_local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
             _update_fn(param.device)(*tensors, scalars, seed, stochastic)
@@ -111,9 +111,3 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (updated in place, it is the DTensor's data); other tensors as they are."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without making the host wait (pinned source, asynchronous copy)."""
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)

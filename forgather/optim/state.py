@@ -1,4 +1,5 @@
-"""What our optimizers share: the `Params` type, the walk of a step, and fp32 state across loading.
+"""What our optimizers share: the `Params` type, the walk of a step, host numbers to the device without a wait,
+and fp32 state across loading.
 
 `torch.optim.Optimizer.load_state_dict` casts every floating state tensor to its parameter's dtype. Our
 optimizers keep some state in fp32 whatever the parameter dtype; for bf16 parameters that cast would round it
@@ -15,6 +16,15 @@ import torch
 from torch.optim import Optimizer
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: copied from pinned memory, asynchronously (the
+    caching host allocator does not hand the pinned block out again before the copy has run). Elsewhere than
+    CUDA (the CPU, Triton's interpreter) the tensor as it is."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def run_closure(closure: Callable[[], float] | None) -> float | None:

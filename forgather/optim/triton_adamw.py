@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from forgather.optim.state import to_device
 from forgather.triton_support import interpreting
 
 # The dtypes the kernel loads and stores (adamw_kernels.DTYPES); a tensor in another goes through reference_step.
@@ -246,8 +247,8 @@ class TritonAdamW(torch.optim.AdamW):
         sizes = tuple(p.numel() for p in bucket)
         if (sizes, block, device) not in self._work:
             work = plan_programs(list(sizes), block)
-            self._work[sizes, block, device] = (_on_device(work, device),
-                                                _on_device(torch.tensor(sizes, dtype=torch.int64), device),
+            self._work[sizes, block, device] = (to_device(work, device),
+                                                to_device(torch.tensor(sizes, dtype=torch.int64), device),
                                                 work.shape[1])
         work, numels, programs = self._work[sizes, block, device]
         if not programs:
@@ -256,7 +257,7 @@ class TritonAdamW(torch.optim.AdamW):
                      *(s["exp_avg"].data_ptr() for s in states), *(s["exp_avg_sq"].data_ptr() for s in states))
         cached = self._tables.get(key[:-1])
         if cached is None or cached[0] != addresses:
-            self._tables[key[:-1]] = cached = (addresses, _on_device(torch.tensor(addresses, dtype=torch.int64), device))
+            self._tables[key[:-1]] = cached = (addresses, to_device(torch.tensor(addresses, dtype=torch.int64), device))
         scalars = step_scalars(options["lr"], options["beta1"], options["beta2"], options["weight_decay"], count)
         _, param_dtype, grad_dtype, state_dtype = key[:-1]
         k.adamw_multi_tensor[(programs,)](
@@ -264,7 +265,8 @@ class TritonAdamW(torch.optim.AdamW):
             scalars["lr_weight_decay"], options["beta1"], scalars["one_minus_beta1"], options["beta2"],
             scalars["one_minus_beta2"], scalars["step_size"], scalars["bias_correction2_sqrt"], options["eps"],
             PARAM=k.DTYPES[param_dtype], GRAD=k.DTYPES[grad_dtype], STATE=k.DTYPES[state_dtype],
-            MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block, num_warps=self._num_warps or k.NUM_WARPS,
+            MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block,
+            num_warps=self._num_warps or k.NUM_WARPS,
         )
 
 
@@ -284,8 +286,3 @@ def _torch_adamw_step(optimizer: TritonAdamW) -> None:
     getattr(step, "__wrapped__", step)(optimizer)
 
 
-
-def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`table` on `device` without the host waiting: through pinned memory, which the caching host allocator
-    does not hand out again before the copy has run. (The interpreter's device is the CPU: unchanged.)"""
-    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
