@@ -10,6 +10,7 @@ import torch
 
 from forgather.optim import TritonAdamW
 from forgather.optim import triton_adamw
+from forgather.optim.rounding import hash32
 from forgather.optim.triton_adamw import plan_programs, reference_step
 
 OPTIONS = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
@@ -119,6 +120,13 @@ def test_the_work_list_covers_every_element_once():
         assert all(c == [1] * n for c, n in zip(covered, numels))
 
 
+def stochastic_round_to_bf16_at(x: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """rounding.stochastic_round_to_bf16 of elements at `indices` of their tensor (a program's block)."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    noise = hash32(hash32(indices ^ seed) ^ bits) & 0xFFFF
+    return ((bits + noise) & 0xFFFF0000).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+
+
 class EmulatedKernel:
     """adamw_multi_tensor's contract in torch: each program finds its tensors through the address table it
     was given, among the live tensors by data_ptr, and steps its block with reference_step's arithmetic. A
@@ -131,9 +139,9 @@ class EmulatedKernel:
         self.live, self.launches, self.scaled = live, [], []
 
     def __getitem__(self, grid):
-        def launch(addresses, numels, work, programs, tensors, grad_scale, lr_weight_decay, beta1, one_minus_beta1,
-                   beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, PARAM, GRAD, STATE, MAXIMIZE,
-                   HAS_GRAD_SCALE, BLOCK, num_warps):
+        def launch(addresses, numels, work, programs, tensors, grad_scale, seed, lr_weight_decay, beta1,
+                   one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, PARAM, GRAD, STATE,
+                   MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, BLOCK, num_warps):
             assert grid == (programs,) and work.shape == (2, programs) and BLOCK == self.BLOCK
             table = addresses.view(4, tensors).tolist()
             by_address = {t.data_ptr(): t for t in (self.live or self.all_live)()}
@@ -150,6 +158,9 @@ class EmulatedKernel:
                 first = beta1 * first + one_minus_beta1 * grad
                 second = beta2 * second + one_minus_beta2 * grad * grad
                 x = x - step_size * first / (second.sqrt() / bias_correction2_sqrt + eps)
+                if STOCHASTIC_ROUNDING:  # rounding.py's, the element's index in its tensor
+                    indices = torch.arange(p.numel())[s]
+                    x = stochastic_round_to_bf16_at(x, indices, seed)
                 p[s], m[s], v[s] = x, first, second
         return launch
 
@@ -332,3 +343,31 @@ def test_cuda_without_triton_is_a_warning(monkeypatch):
     run_steps(theirs, torch.optim.AdamW(theirs, **OPTIONS))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_stochastic_rounding_keeps_small_updates_and_the_kernel_rounds_as_the_reference(monkeypatch):
+    """stochastic_rounding=True: bf16 parameters keep updates smaller than half a bf16 step in expectation (on the
+    CPU through reference_step, where torch's step would round them away), and a kernel step (emulated) rounds
+    every element with the step's seed and its own index, bit for bit as the reference path."""
+    from helpers.weight_movement import movement, share_kept
+
+    gen = torch.Generator().manual_seed(4)
+    init = torch.randn(64, 96, generator=gen) * 0.05
+    grads = [torch.randn(64, 96, generator=gen) for _ in range(30)]
+    options = dict(lr=1e-5, weight_decay=0.0)
+    runs = {name: movement(init, grads, dtype, lambda ps, r=rounding: TritonAdamW(ps, stochastic_rounding=r, **options))
+            for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
+                                          ("nearest", torch.bfloat16, False))}
+    kept = {name: share_kept(runs[name], runs["fp32"]) for name in runs}
+    assert kept["nearest"] < 0.3 and 0.9 < kept["sr"] < 1.1
+
+    reference = make_params(dtype=torch.bfloat16, shapes=((16, 24), (37,)))
+    run_steps(reference, TritonAdamW(reference, stochastic_rounding=True, seed=7, **OPTIONS))
+    kernel = emulate_the_kernel(monkeypatch)
+    ours = make_params(dtype=torch.bfloat16, shapes=((16, 24), (37,)))
+    run_steps(ours, TritonAdamW(ours, stochastic_rounding=True, seed=7, **OPTIONS))
+    assert len(kernel.launches) == 5
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="stochastic_rounding is its own step's"):
+        TritonAdamW(make_params(), stochastic_rounding=True, fused=True)

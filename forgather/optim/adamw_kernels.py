@@ -7,7 +7,8 @@ first moment, second moment; int64, one column a tensor), then streams the four 
 two moments out: 14 bytes an element in bf16, the least AdamW can move. The arithmetic is fp32 whatever the
 tensors' dtypes, in the order of torch's fused AdamW kernel (ATen's fused_adam_utils.cuh), rounded once on
 the store. `grad_scale` (where HAS_GRAD_SCALE) points at one fp32 factor for every gradient: clipping by global
-norm, applied as the gradient is read instead of by a pass of its own.
+norm, applied as the gradient is read instead of by a pass of its own. STOCHASTIC_ROUNDING (bf16 parameters) rounds
+the new parameter as forgather/optim/rounding.py does, bit for bit, with `seed` the step's.
 
 Why not torch's fused AdamW: its multi-tensor launcher hands each CUDA block a fixed chunk with per-launch
 tensor lists of bounded length, and it streamed a 1.24B bf16 model's step at 2.7 TB/s of the H200's 4.8
@@ -21,17 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
+from forgather.optim.adafactor_kernels import _stochastic_round_bits
+
 DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 BLOCK = 2048  # elements a program; scripts/bench_step_pieces.py --optimizer sweeps it on a GPU
 NUM_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed each step must not mean a new compilation
 def adamw_multi_tensor(
-    addresses, numels, work, programs, tensors, grad_scale,
+    addresses, numels, work, programs, tensors, grad_scale, seed,
     lr_weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(work + pid)
@@ -57,6 +60,8 @@ def adamw_multi_tensor(
     # IEEE square root and divisions (tl.sqrt and `/` are approximate on NVIDIA GPUs), as the C++ of torch's kernel
     denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
     param = param - tl.div_rn(step_size * exp_avg, denom)
+    if STOCHASTIC_ROUNDING:  # bf16 parameters: rounding.py's stochastic rounding, the element's index in its tensor
+        param = _stochastic_round_bits(param, offsets, seed)
     tl.store(param_ptr + offsets, param.to(PARAM), mask=mask)
     tl.store(exp_avg_ptr + offsets, exp_avg.to(STATE), mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(STATE), mask=mask)

@@ -22,7 +22,10 @@ with the CUDA update replaced by adamw_kernels.adamw_multi_tensor:
 - clipping by global norm (`clip_grad_norm_`, which forgather's LightningModule calls for Lightning's
   gradient_clip_val on one device or under DDP) computes the norm and leaves the factor to the next step's
   kernel, which scales each gradient as it reads it: torch's clip_grad_norm_ reads and writes every gradient
-  once more for that (~1.2 ms a step at the 1.24B shape), besides the read for the norm.
+  once more for that (~1.2 ms a step at the 1.24B shape), besides the read for the norm;
+- `stochastic_rounding=True` writes bf16 parameters rounded stochastically (forgather/optim/rounding.py, the
+  step's seed from `seed`), which keeps updates below half a bf16 step in expectation (what optimizer=adamw_sr is
+  for); off CUDA such parameters step through reference_step, which rounds the same way.
 
 torch's AdamW arguments are all taken: amsgrad, capturable and differentiable, which the kernel does not do, and
 foreach=True or fused=True, which ask for one of torch's implementations by name, make every step torch's own
@@ -40,6 +43,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
 from forgather.optim.state import to_device
 from forgather.triton_support import interpreting
 
@@ -50,11 +54,12 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def reference_step(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, step: float, maximize: bool,
-    grad_scale: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None, stochastic_seed: int | None = None,
 ) -> None:
     """One AdamW step of one tensor in fp32, in torch's fused kernel's order (and adamw_multi_tensor's), each
     result rounded once into its tensor. `step` is the count after this step (1 on the first); `grad_scale`, a
-    0-d fp32 tensor, multiplies the gradient as it is read (clipping)."""
+    0-d fp32 tensor, multiplies the gradient as it is read (clipping); with `stochastic_seed` (the step's seed)
+    a bf16 parameter is rounded stochastically (rounding.py), the rest to nearest."""
     scalars = step_scalars(lr, beta1, beta2, weight_decay, step)
     g = grad.float() if grad_scale is None else grad.float() * grad_scale
     if maximize:
@@ -65,7 +70,8 @@ def reference_step(
     v = beta2 * v + scalars["one_minus_beta2"] * g * g
     denom = v.sqrt() / scalars["bias_correction2_sqrt"] + eps
     p = p - scalars["step_size"] * m / denom
-    param.copy_(p)
+    stochastic = stochastic_seed is not None and param.dtype == torch.bfloat16
+    param.copy_(stochastic_round_to_bf16(p, stochastic_seed) if stochastic else p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
 
@@ -94,9 +100,14 @@ class TritonAdamW(torch.optim.AdamW):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, block: int | None = None, num_warps: int | None = None):
+                 fused: bool | None = None, stochastic_rounding: bool = False, seed: int = 0,
+                 block: int | None = None, num_warps: int | None = None):
         # torch's own implementations asked for by name, and what the kernel does not do, are torch's step
         self._torch_only = bool(amsgrad or foreach or capturable or differentiable or fused)
+        if stochastic_rounding and self._torch_only:
+            raise ValueError("TritonAdamW: stochastic_rounding is its own step's; torch's (fused, foreach, amsgrad, "
+                             "capturable, differentiable) rounds to nearest: leave those out")
+        self._stochastic_rounding, self._seed = stochastic_rounding, seed
         if not self._torch_only and (isinstance(lr, torch.Tensor) or any(isinstance(b, torch.Tensor) for b in betas)):
             raise ValueError("TritonAdamW takes its rate and betas as floats (a schedule sets the rate each step "
                              "without a recompile); for a tensor rate use optimizer=adamw_compiled")
@@ -152,7 +163,8 @@ class TritonAdamW(torch.optim.AdamW):
                 loss = closure()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grad_scale, self._grad_scale = self._grad_scale, None
-        if not self._runs_kernel(params):
+        rounds = self._stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params)
+        if not self._runs_kernel(params) and not rounds:
             if grad_scale is not None:
                 torch._foreach_mul_([p.grad for p in params], grad_scale)
             _torch_adamw_step(self)
@@ -168,7 +180,12 @@ class TritonAdamW(torch.optim.AdamW):
         triton importable. Decided per step, as Lightning may build the optimizer before moving the model."""
         from torch.distributed.tensor import DTensor
 
-        if self._torch_only or any(isinstance(p, DTensor) for p in params):
+        if any(isinstance(p, DTensor) for p in params):
+            if self._stochastic_rounding:
+                raise ValueError("TritonAdamW(stochastic_rounding=True) steps whole tensors, and these parameters are "
+                                 "sharded (DTensor): use optimizer=adamw_sr, which rounds each shard")
+            return False
+        if self._torch_only:
             return False
         if not (interpreting() or any(p.is_cuda for p in params)):
             return False
@@ -202,24 +219,25 @@ class TritonAdamW(torch.optim.AdamW):
                        maximize=group["maximize"])
         for key, bucket in buckets.items():
             *dtypes, count = key
-            if dtypes[0] is not None and self._kernels is not False and self._launched(key, bucket, count, options,
-                                                                                     grad_scale):
+            seed = step_seed(self._seed, int(count)) if self._stochastic_rounding else None
+            if dtypes[0] is not None and self._kernels and self._launched(key, bucket, count, options, grad_scale,
+                                                                          seed):
                 continue
-            for p in bucket:  # tensors the kernel does not take (or where it could not be built)
-                state = self.state[p]
+            for p in bucket:  # tensors the kernel does not take (or where it could not be built), and the CPU's
+                state = self.state[p]  # where parameters round stochastically
                 reference_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=count, grad_scale=grad_scale,
-                               **options)
+                               stochastic_seed=seed, **options)
 
     def _launched(self, key: tuple, bucket: list[torch.Tensor], count: float, options: dict[str, Any],
-                  grad_scale: torch.Tensor | None) -> bool:
+                  grad_scale: torch.Tensor | None, seed: int | None) -> bool:
         """Launch the kernel for `bucket`; False where its first build fails (another GPU or Triton than those it
         was written for): then this bucket is stepped by reference_step and every later step is torch's, with a
         warning, rather than the run stopping. (An error after a first launch is not caught: it is a bug.)"""
         if key[:-1] in self._built:
-            self._launch(key, bucket, count, options, grad_scale)
+            self._launch(key, bucket, count, options, grad_scale, seed)
             return True
         try:
-            self._launch(key, bucket, count, options, grad_scale)
+            self._launch(key, bucket, count, options, grad_scale, seed)
         except Exception as error:  # noqa: BLE001 - a build failure of ours must not end the user's run
             self._kernels = False
             warnings.warn(f"TritonAdamW steps with torch's AdamW from now on: its kernel could not be built "
@@ -239,7 +257,7 @@ class TritonAdamW(torch.optim.AdamW):
         return (p.device, p.dtype, grad.dtype, state["exp_avg"].dtype) if takes else (None, None, None, None)
 
     def _launch(self, key: tuple, bucket: list[torch.Tensor], count: float, options: dict[str, Any],
-                grad_scale: torch.Tensor | None) -> None:
+                grad_scale: torch.Tensor | None, seed: int | None) -> None:
         k = self._kernels
         block = self._block or k.BLOCK
         device = bucket[0].device
@@ -261,11 +279,12 @@ class TritonAdamW(torch.optim.AdamW):
         scalars = step_scalars(options["lr"], options["beta1"], options["beta2"], options["weight_decay"], count)
         _, param_dtype, grad_dtype, state_dtype = key[:-1]
         k.adamw_multi_tensor[(programs,)](
-            cached[1], numels, work, programs, len(bucket), numels if grad_scale is None else grad_scale,
+            cached[1], numels, work, programs, len(bucket), numels if grad_scale is None else grad_scale, seed or 0,
             scalars["lr_weight_decay"], options["beta1"], scalars["one_minus_beta1"], options["beta2"],
             scalars["one_minus_beta2"], scalars["step_size"], scalars["bias_correction2_sqrt"], options["eps"],
             PARAM=k.DTYPES[param_dtype], GRAD=k.DTYPES[grad_dtype], STATE=k.DTYPES[state_dtype],
-            MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None, BLOCK=block,
+            MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None,
+            STOCHASTIC_ROUNDING=seed is not None and param_dtype == torch.bfloat16, BLOCK=block,
             num_warps=self._num_warps or k.NUM_WARPS,
         )
 

@@ -311,3 +311,21 @@ def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype, cl
         for x, y in pairs:
             if y.numel():
                 torch.testing.assert_close(x, y, rtol=0, atol=2 * rounding * y.float().abs().max().item())
+
+
+def test_triton_adamw_rounding_stochastically_keeps_small_updates_without_waiting_for_the_gpu():
+    from forgather.optim import TritonAdamW
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    init = torch.randn(512, 768, device="cuda", generator=gen) * 0.05
+    grads = [torch.randn(512, 768, device="cuda", generator=gen) for _ in range(30)]
+    runs = {
+        name: movement(init, grads, dtype,
+                       partial(TritonAdamW, lr=1e-5, weight_decay=0.0, stochastic_rounding=rounding),
+                       later_steps=sync_is_an_error)
+        for name, dtype, rounding in (("fp32", torch.float32, True), ("sr", torch.bfloat16, True),
+                                      ("nearest", torch.bfloat16, False))
+    }
+    kept = {name: share_kept(runs[name], runs["fp32"]) for name in runs}
+    assert kept["nearest"] < 0.3
+    assert 0.9 < kept["sr"] < 1.1
