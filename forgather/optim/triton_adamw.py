@@ -18,7 +18,7 @@ with the CUDA update replaced by adamw_kernels.adamw_multi_tensor:
   tensors the kernel cannot take use: non-contiguous ones, dtypes other than fp32/bf16/fp16);
 - parameters off CUDA (the CPU, and with it the tutorial), DTensors (FSDP2's shards) and a CUDA machine
   without triton (a warning) run torch's own AdamW step unchanged; a kernel that fails to build at its first
-  launch is a warning, and torch's step from then on, not the end of the run;
+  launch is a warning, and steps without it from then on, not the end of the run;
 - clipping by global norm (`clip_grad_norm_`, which forgather's LightningModule calls for Lightning's
   gradient_clip_val on one device or under DDP) computes the norm and leaves the factor to the next step's
   kernel, which scales each gradient as it reads it: torch's clip_grad_norm_ reads and writes every gradient
@@ -231,8 +231,9 @@ class TritonAdamW(torch.optim.AdamW):
     def _launched(self, key: tuple, bucket: list[torch.Tensor], count: float, options: dict[str, Any],
                   grad_scale: torch.Tensor | None, seed: int | None) -> bool:
         """Launch the kernel for `bucket`; False where its first build fails (another GPU or Triton than those it
-        was written for): then this bucket is stepped by reference_step and every later step is torch's, with a
-        warning, rather than the run stopping. (An error after a first launch is not caught: it is a bug.)"""
+        was written for): then this bucket is stepped by reference_step and every later step by torch's step (or
+        reference_step, rounding stochastically), with a warning, rather than the run stopping. (An error after a
+        first launch is not caught: it is a bug.)"""
         if key[:-1] in self._built:
             self._launch(key, bucket, count, options, grad_scale, seed)
             return True
@@ -240,7 +241,7 @@ class TritonAdamW(torch.optim.AdamW):
             self._launch(key, bucket, count, options, grad_scale, seed)
         except Exception as error:  # noqa: BLE001 - a build failure of ours must not end the user's run
             self._kernels = False
-            warnings.warn(f"TritonAdamW steps with torch's AdamW from now on: its kernel could not be built "
+            warnings.warn(f"TritonAdamW steps without its kernel from now on: the kernel could not be built "
                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})", stacklevel=4)
             return False
         self._built.add(key[:-1])
@@ -273,9 +274,11 @@ class TritonAdamW(torch.optim.AdamW):
             return
         addresses = (*(p.data_ptr() for p in bucket), *(p.grad.data_ptr() for p in bucket),
                      *(s["exp_avg"].data_ptr() for s in states), *(s["exp_avg_sq"].data_ptr() for s in states))
-        cached = self._tables.get(key[:-1])
+        table_key = (*key[:-1], id(bucket[0]))  # param groups of the same dtypes keep a table each
+        cached = self._tables.get(table_key)
         if cached is None or cached[0] != addresses:
-            self._tables[key[:-1]] = cached = (addresses, to_device(torch.tensor(addresses, dtype=torch.int64), device))
+            table = to_device(torch.tensor(addresses, dtype=torch.int64), device)
+            self._tables[table_key] = cached = (addresses, table)
         scalars = step_scalars(options["lr"], options["beta1"], options["beta2"], options["weight_decay"], count)
         _, param_dtype, grad_dtype, state_dtype = key[:-1]
         k.adamw_multi_tensor[(programs,)](
