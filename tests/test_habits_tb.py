@@ -26,7 +26,8 @@ def stop(signum, frame):
 
 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(signum, stop)
-(out / "pid").write_text(str(os.getpid()))
+(out / "pid.partial").write_text(str(os.getpid()))
+(out / "pid.partial").rename(out / "pid")  # whole when it appears: the test reads it as soon as it exists
 while True:
     time.sleep(0.1)
 """
