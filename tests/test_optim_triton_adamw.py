@@ -133,16 +133,17 @@ class EmulatedKernel:
     stale address, a wrong size or work list, or wrong scalars give other numbers."""
 
     BLOCK, NUM_WARPS = 8, 4
-    DTYPES = {dtype: str(dtype) for dtype in triton_adamw.KERNEL_DTYPES}
 
     def __init__(self, live=None):
         self.live, self.launches, self.scaled = live, [], []
 
     def __getitem__(self, grid):
-        def launch(addresses, numels, work, programs, tensors, grad_scale, seed, lr_weight_decay, beta1,
-                   one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, PARAM, GRAD, STATE,
-                   MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, BLOCK, num_warps):
+        def launch(addresses, numels, work, programs, tensors, grad_scale, seed, param0, grad0, state0,
+                   lr_weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt,
+                   eps, MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, BLOCK, num_warps):
             assert grid == (programs,) and work.shape == (2, programs) and BLOCK == self.BLOCK
+            # the dtypes' tensors are non-empty (Triton's launcher refuses an empty tensor's address 0)
+            assert param0.numel() and grad0.numel() and state0.numel()
             table = addresses.view(4, tensors).tolist()
             by_address = {t.data_ptr(): t for t in (self.live or self.all_live)()}
             self.launches.append((tensors, programs, step_size))
@@ -196,7 +197,7 @@ def test_a_kernel_step_passes_the_right_tensors_sizes_and_scalars(monkeypatch):
     (a parameter without a gradient at some step lags, and gets its own bias correction), a non-contiguous
     parameter through reference_step, the address table rebuilt when a gradient moves; the parameters are
     torch's AdamW's within rounding."""
-    shapes = ((16, 24), (24,), (7, 3), (0,), (19,))
+    shapes = ((0,), (16, 24), (24,), (7, 3), (19,))  # an empty tensor first in its bucket
     ours, theirs = make_params(shapes=shapes), make_params(shapes=shapes)
     odd = torch.randn(6, 5).t().detach().requires_grad_()  # non-contiguous: the reference path
     ours.append(odd)

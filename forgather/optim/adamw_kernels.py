@@ -18,24 +18,25 @@ on first use. One launch with a flat work list costs one Triton compile (seconds
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from forgather.optim.adafactor_kernels import _stochastic_round_bits
 
-DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 BLOCK = 2048  # elements a program; scripts/bench_step_pieces.py --optimizer sweeps it on a GPU
 NUM_WARPS = 4
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed each step must not mean a new compilation
 def adamw_multi_tensor(
-    addresses, numels, work, programs, tensors, grad_scale, seed,
+    addresses, numels, work, programs, tensors, grad_scale, seed, param0, grad0, state0,
     lr_weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # The bucket's dtypes, from one tensor of each kind (param0, grad0, state0: one non-empty tensor's)
+    PARAM = param0.dtype.element_ty
+    GRAD = grad0.dtype.element_ty
+    STATE = state0.dtype.element_ty
     pid = tl.program_id(0)
     t = tl.load(work + pid)
     block = tl.load(work + programs + pid).to(tl.int64)

@@ -47,7 +47,7 @@ from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
 from forgather.optim.state import to_device
 from forgather.triton_support import interpreting
 
-# The dtypes the kernel loads and stores (adamw_kernels.DTYPES); a tensor in another goes through reference_step.
+# The dtypes the kernel loads and stores; a tensor in another goes through reference_step.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -280,12 +280,13 @@ class TritonAdamW(torch.optim.AdamW):
             table = to_device(torch.tensor(addresses, dtype=torch.int64), device)
             self._tables[table_key] = cached = (addresses, table)
         scalars = step_scalars(options["lr"], options["beta1"], options["beta2"], options["weight_decay"], count)
-        _, param_dtype, grad_dtype, state_dtype = key[:-1]
+        first = next(p for p in bucket if p.numel())  # the kernel reads the dtypes off it (an empty one's
+        param_dtype = key[1]  # address may be 0, which Triton's launcher refuses)
         k.adamw_multi_tensor[(programs,)](
             cached[1], numels, work, programs, len(bucket), numels if grad_scale is None else grad_scale, seed or 0,
+            first, first.grad, self.state[first]["exp_avg"],
             scalars["lr_weight_decay"], options["beta1"], scalars["one_minus_beta1"], options["beta2"],
             scalars["one_minus_beta2"], scalars["step_size"], scalars["bias_correction2_sqrt"], options["eps"],
-            PARAM=k.DTYPES[param_dtype], GRAD=k.DTYPES[grad_dtype], STATE=k.DTYPES[state_dtype],
             MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None,
             STOCHASTIC_ROUNDING=seed is not None and param_dtype == torch.bfloat16, BLOCK=block,
             num_warps=self._num_warps or k.NUM_WARPS,
