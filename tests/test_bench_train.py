@@ -327,3 +327,25 @@ def test_packed_schedule_counts_each_program_s_tiles_and_replays_the_dispatch():
     assert schedule.drain_time([3, 1, 1, 1], slots=2, overhead=0) == 3
     assert schedule.drain_time([1, 1, 1, 3], slots=2, overhead=0) == 4
     assert schedule.drain_time([1, 1], slots=2, overhead=0.5) == 1.5
+
+
+def test_the_gpu_check_scripts_parse():
+    for script in sorted(SCRIPTS.glob("gpu_check_*.sh")):
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.name}: {result.stderr}"
+
+
+@pytest.mark.slow
+def test_the_next_gpu_check_part_rehearses_on_a_cpu(tmp_path):
+    """Device time is scarce: gpu_check_train.sh's newest part runs its every command on the CPU (REHEARSE=1:
+    tiny dimensions, nothing installed; ~40 s), leaving a summary with a row for the default and for its variant.
+    Run it before a device call: `pytest -m slow -k rehearses`."""
+    import os
+
+    env = {**os.environ, "REHEARSE": "1", "PY": sys.executable, "OUT": str(tmp_path)}
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check_train.sh"), "y"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = (tmp_path / "summary_1b_y.md").read_text()
+    assert re.search(r"^\| forgather \| \d+ ", summary, re.M), summary
+    assert re.search(r"^\| adamw-triton optimizer=adamw_triton \| \d+ ", summary, re.M), summary
