@@ -288,3 +288,36 @@ def test_progress_bar_names_the_epoch_without_a_negative_total():
     assert bar._get_train_description(2).strip() == "Epoch 2"
     bar._trainer = SimpleNamespace(max_epochs=5)
     assert bar._get_train_description(2).strip() == "Epoch 2/4"
+
+
+class _FoldingOptimizer(torch.optim.SGD):
+    """An optimizer that takes clipping by norm into its step (as TritonAdamW): records the calls."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.clipped = []
+
+    def clip_grad_norm_(self, max_norm):
+        self.clipped.append(max_norm)
+
+
+@pytest.mark.parametrize("strategy, algorithm, folds", [
+    ("single", "norm", True), ("ddp", "norm", True), ("single", "value", False), ("fsdp", "norm", False),
+])
+def test_norm_clipping_goes_to_an_optimizer_that_folds_it_where_gradients_are_whole(strategy, algorithm, folds,
+                                                                                     monkeypatch):
+    """One device or DDP (whole gradients on each rank), clipping by norm: the optimizer's clip_grad_norm_;
+    clipping by value, a sharded strategy, or an optimizer without the method: Lightning's own clipping."""
+    module = CausalLMModule(tiny_model())
+    optimizer = _FoldingOptimizer(module.parameters())
+    strategies = {"single": pl.strategies.SingleDeviceStrategy(torch.device("cpu")),
+                  "ddp": pl.strategies.DDPStrategy(), "fsdp": pl.strategies.FSDPStrategy()}
+    attached = type("Trainer", (), {"strategy": strategies[strategy]})
+    monkeypatch.setattr(CausalLMModule, "trainer", property(lambda self: attached))
+    lightnings = []
+    monkeypatch.setattr(pl.LightningModule, "configure_gradient_clipping",
+                        lambda self, opt, val, algo: lightnings.append((opt, val, algo)))
+    module.configure_gradient_clipping(optimizer, 0.5, algorithm)
+    assert (optimizer.clipped, lightnings) == (([0.5], []) if folds else ([], [(optimizer, 0.5, algorithm)]))
+    module.configure_gradient_clipping(torch.optim.SGD(module.parameters(), lr=0.1), 0.5, "norm")
+    assert len(lightnings) == (1 if folds else 2)  # no clip_grad_norm_: Lightning's
