@@ -297,6 +297,8 @@ def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype, cl
     for step in range(6):
         for index, (a, b) in enumerate(zip(ours, theirs)):
             grad = None if (step == 2 and index == 1) else torch.randn(a.shape, device="cuda", generator=gen).to(dtype)
+            if grad is not None and not a.is_contiguous():  # the parameter's layout (torch's fused kernel walks
+                grad = grad.t().contiguous().t()  # its tensors' memory in one order)
             a.grad = None if grad is None else grad.clone()
             b.grad = None if grad is None else grad.clone()
         if clip:
