@@ -72,7 +72,8 @@
 #   part y            TritonAdamW (optimizer=adamw_triton: torch's AdamW, its step one Triton launch over all tensors):
 #                     its GPU tests beside the compiled AdamW's, the optimizer step alone (fused, compiled foreach,
 #                     ours over a sweep of BLOCK x num_warps), then the default beside HF + Liger and with
-#                     optimizer=adamw_triton (profiled), 40 steps.
+#                     optimizer=adamw_triton (profiled), 40 steps; last, inductor's combo kernels (independent
+#                     small kernels of a compiled layer as one launch: the step has ~1,200 launch gaps).
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|y|tests] [more bench_train.py args]
@@ -345,7 +346,8 @@ y)
             | grep -v Warning | tee "$OUT/optimizer.txt"
     fi
     bench bench_1b_y.log --shape 1b --label 1b_y --steps 40 --paths forgather hf-liger \
-        --variant adamw-triton optimizer=adamw_triton --profile adamw-triton --timeout 130 "$@"
+        --variant adamw-triton optimizer=adamw_triton --variant combo "compile_options={combo_kernels:true}" \
+        --profile adamw-triton --timeout 130 "$@"
     ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
