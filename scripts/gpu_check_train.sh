@@ -74,9 +74,11 @@
 #                     ours over a sweep of BLOCK x num_warps), then the default beside HF + Liger and with
 #                     optimizer=adamw_triton (profiled), 40 steps; last, inductor's combo kernels (independent
 #                     small kernels of a compiled layer as one launch: the step has ~1,200 launch gaps).
+#   part z            the 7B shape (Adafactor in Triton, no checkpointing), profiled, after its 1-D parameters' updates
+#                     were stacked into one a step (TritonAdafactor.update_all): its idle against part a's.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
-#     bash scripts/gpu_check_train.sh [a|b|...|y|tests] [more bench_train.py args]
+#     bash scripts/gpu_check_train.sh [a|b|...|z|tests] [more bench_train.py args]
 # A rehearsal on a CPU (every command of the part with tiny dimensions, nothing installed):
 #     REHEARSE=1 PY=.venv/bin/python OUT=/tmp/rehearsal bash scripts/gpu_check_train.sh a
 set -u
@@ -337,9 +339,15 @@ x)
         --variant one-tensor carry_residual=false --variant fused-kv fused_projections=kv \
         --profile forgather --timeout 130 "$@"
     ;;
+z)
+    # the 7B step (Adafactor in Triton) after its vectors' updates were stacked into one a step: its idle time
+    # (part of a's profile: ~6,700 launch gaps a step) against part a's 58.8% of 2026-12-02
+    bench bench_7b_z.log --shape 7b --label 7b_z --steps 15 --paths forgather --profile forgather --profile-steps 2 \
+        --timeout 360 "$@"
+    ;;
 y)
     if [ -z "${REHEARSE:-}" ]; then
-        timeout 150 $PY -m pytest -n 0 tests/gpu/test_optim_gpu.py -k "triton_adamw or compiled_adamw" -q \
+        timeout 150 $PY -m pytest -n 0 tests/gpu/test_optim_gpu.py -k "triton_adamw or compiled_adamw or stacks" -q \
             -p no:cacheprovider -rs --tb=short > "$OUT/pytest_optim.txt" 2>&1
         grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_optim.txt" | tail -20
         timeout 150 $PY scripts/bench_step_pieces.py --only-optimizer --json "$OUT/optimizer.json" 2>&1 \
@@ -364,7 +372,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-y or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-z or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.

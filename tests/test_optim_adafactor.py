@@ -238,3 +238,35 @@ def test_a_step_reads_no_tensor_on_the_host_but_its_step_counters(options):
     with Reads():
         optimizer.step()
     assert reads == []
+
+
+@pytest.mark.parametrize("dtype, options", [(torch.float32, {}), (torch.bfloat16, {"beta1": 0.9, "weight_decay": 0.1})])
+def test_triton_adafactor_steps_a_models_vectors_as_one_stack(monkeypatch, dtype, options):
+    """TritonAdafactor's 1-D parameters of one shape (a model's norm weights) take one stacked update a step,
+    which gives the reference's parameters and states bit for bit here (on the CPU, as under the interpreter:
+    no 2-D parameter, so no kernel runs); a vector of another shape steps alone."""
+    from forgather.optim import adafactor, triton_adafactor
+
+    monkeypatch.setattr(triton_adafactor, "interpreting", lambda: True)
+    monkeypatch.setattr(triton_adafactor, "_load_kernels", lambda: type("K", (), {
+        "BLOCK_N": 16, "BLOCK_M": 512, "ROWS_PER_PROGRAM": 32, "NUM_WARPS": 4}))
+    stacked = []
+    original = adafactor.stacked_reference_update
+    monkeypatch.setattr(triton_adafactor, "stacked_reference_update",
+                        lambda params, *rest: (stacked.append(len(params)), original(params, *rest)))
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(shape, generator=gen) * 0.1 + 1 for shape in [(48,)] * 4 + [(30,)]]
+    ours = [p.clone().to(dtype).requires_grad_() for p in init]
+    theirs = [p.clone().to(dtype).requires_grad_() for p in init]
+    mine, reference = TritonAdafactor(ours, **options), Adafactor(theirs, **options)
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen).to(dtype)
+            b.grad = a.grad.clone()
+        mine.step()
+        reference.step()
+    assert stacked == [4, 4, 4]
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        for key, value in reference.state[b].items():
+            assert torch.equal(mine.state[a][key], value), key

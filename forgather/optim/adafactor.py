@@ -75,14 +75,21 @@ class Adafactor(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = run_closure(closure)
+        pending = []
         for group, param in parameters_with_grads(self, dense_only="Adafactor"):
             state = self.state[param]
             if not state:
                 self.init_state(param, state, group)
             state["step"] += 1
             grad = -param.grad if group["maximize"] else param.grad
-            self.update(param, grad, state, group, step_scalars(group, int(state["step"].item())))
+            pending.append((param, grad, state, group, step_scalars(group, int(state["step"].item()))))
+        self.update_all(pending)
         return loss
+
+    def update_all(self, pending: list[tuple[torch.Tensor, torch.Tensor, dict, dict, dict]]) -> None:
+        """Every parameter's step: (param, grad, state, group, scalars) each; subclasses may take several at once."""
+        for item in pending:
+            self.update(*item)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         load_state_keeping_fp32(self, state_dict, FP32_STATE, super().load_state_dict)
@@ -154,3 +161,40 @@ def reference_update(
         x.mul_(1 - group["lr"] * group["weight_decay"])
     x.sub_(update * alpha)
     param.copy_(stochastic_round_to_bf16(x, scalars["seed"]) if rounds_stochastically(param, group) else x)
+
+
+def stacked_reference_update(
+    params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]], group: dict[str, Any],
+    scalars: dict[str, float],
+) -> None:
+    """reference_update of k 1-D parameters of one shape, dtype, device and step, as one [k, n] computation:
+    the same math row by row (the norms per row), ~25 launches in all where each parameter alone takes ~35.
+    Why: a model's norm weights are many small vectors, and issuing their updates one by one kept a GPU idle
+    (the 7B step's profile, docs/benchmarks.md). Same results within fp32 rounding (a row's norm may sum in
+    another order than the vector's)."""
+    n = params[0].shape[-1]
+
+    def row_rms(t: torch.Tensor) -> torch.Tensor:
+        return t.norm(2, dim=-1, keepdim=True) / math.sqrt(n)
+
+    x = torch.stack(params).float()
+    g = torch.stack(grads).float()
+    eps1 = scalars["eps1"]
+    alpha = row_rms(x).clamp(min=scalars["eps2"]) * scalars["rho"] if group["scale_parameter"] else scalars["rho"]
+    variances = [state["variance"] for state in states]
+    variance = torch.stack(variances).lerp_(g.square(), scalars["one_minus_beta2"])
+    update = g * variance.clamp(min=eps1 * eps1).rsqrt()
+    update.div_((row_rms(update) / group["d"]).clamp(min=1.0))
+    if group["beta1"] is not None:
+        exp_avgs = [state["exp_avg"] for state in states]
+        kept = torch.stack(exp_avgs).float().lerp_(update, 1 - group["beta1"]).to(exp_avgs[0].dtype)
+        torch._foreach_copy_(exp_avgs, list(kept.unbind(0)))
+        update = kept.float()
+    if group["weight_decay"]:
+        x.mul_(1 - group["lr"] * group["weight_decay"])
+    x.sub_(update * alpha)
+    if rounds_stochastically(params[0], group):
+        index = torch.arange(n, device=x.device, dtype=torch.int64)
+        x = stochastic_round_to_bf16(x, scalars["seed"], index)
+    torch._foreach_copy_(params, list(x.unbind(0)))
+    torch._foreach_copy_(variances, list(variance.unbind(0)))

@@ -39,13 +39,18 @@ def hash32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def stochastic_round_to_bf16(x: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
+def stochastic_round_to_bf16(
+    x: torch.Tensor, seed: int | torch.Tensor, index: torch.Tensor | None = None
+) -> torch.Tensor:
     """x (fp32) rounded to bf16 stochastically, as described in the module docstring. `seed` may be a 0-dim
-    int64 tensor (inside torch.compile: a new seed each step must not mean a new graph)."""
+    int64 tensor (inside torch.compile: a new seed each step must not mean a new graph). `index`: each element's
+    position in its parameter (int64, broadcast to x's shape), by default its position in x; k parameters of n
+    elements stacked as [k, n] pass arange(n)."""
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic rounding takes fp32 values, got {x.dtype}")
     bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    if index is None:
+        index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
     noise = hash32(hash32(index ^ seed) ^ bits) & 0xFFFF
     rounded = ((bits + noise) & 0xFFFF0000).to(torch.int32)  # low 32 bits: int64 -> int32 keeps the pattern
     return rounded.view(torch.float32).to(torch.bfloat16)

@@ -1,7 +1,8 @@
 """TritonAdafactor: Adafactor (adafactor.py's math and state) with each 2-D parameter's step in fused kernels.
 
 Contiguous 2-D parameters on CUDA go through adafactor_kernels.py (5 passes over memory per step, see there);
-the rest (vectors, >2-D tensors, non-contiguous views) take the reference path, they are small. Construction
+the rest (vectors, >2-D tensors, non-contiguous views) take the reference path, they are small: the vectors of
+one shape and step stacked into one update (stacked_reference_update), not ~35 launches each. Construction
 raises a clear error without triton or CUDA (TRITON_INTERPRET=1 runs the kernels on CPU tensors, for tests).
 
 RMS(X) for the relative step is summed by the previous step's write pass into state["param_sq"] (two slots,
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from forgather.errors import MachineError
-from forgather.optim.adafactor import Adafactor, reference_update, rounds_stochastically
+from forgather.optim.adafactor import Adafactor, reference_update, rounds_stochastically, stacked_reference_update
 from forgather.optim.state import Params
 from forgather.triton_support import interpreting
 
@@ -61,6 +62,25 @@ class TritonAdafactor(Adafactor):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._seen_versions.clear()
+
+    def update_all(self, pending: list[tuple[torch.Tensor, torch.Tensor, dict, dict, dict]]) -> None:
+        """The 2-D parameters through the kernels one by one; the 1-D ones (a model's norm weights) of one shape,
+        dtype, group and step stacked into one update (adafactor.stacked_reference_update), where issuing ~35
+        small launches each kept the GPU waiting for the host."""
+        stacks: dict[tuple, list[tuple]] = {}
+        for item in pending:
+            param, grad, state, group, _ = item
+            if param.dim() == 1 and (param.is_cuda or interpreting()):
+                key = (param.shape, param.dtype, grad.dtype, param.device, id(group), float(state["step"]))
+                stacks.setdefault(key, []).append(item)
+            else:
+                self.update(*item)
+        for items in stacks.values():
+            if len(items) == 1:
+                self.update(*items[0])
+                continue
+            params, grads, states, groups, scalars = zip(*items)
+            stacked_reference_update(list(params), list(grads), list(states), groups[0], scalars[0])
 
     def update(
         self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],

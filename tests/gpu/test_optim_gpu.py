@@ -331,3 +331,17 @@ def test_triton_adamw_rounding_stochastically_keeps_small_updates_without_waitin
     kept = {name: share_kept(runs[name], runs["fp32"]) for name in runs}
     assert kept["nearest"] < 0.3
     assert 0.9 < kept["sr"] < 1.1
+
+
+def test_triton_adafactor_stacks_a_models_vectors_and_matches_the_reference():
+    """Norm weights (many vectors of one shape) take one stacked update a step: within fp32 rounding of the
+    reference (a row's norm may sum in another order than the vector's), beside a 2-D parameter through the
+    kernels, with no host wait once the shapes are known."""
+    shapes = [(4096,)] * 6 + [(300, 517)]
+    ref_params, tri_params, _, tri = run_pair({"beta1": 0.9, "weight_decay": 0.1}, shapes=shapes)
+    for a, b in zip(ref_params, tri_params):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for p in tri_params:
+        p.grad = torch.randn_like(p)
+    with sync_is_an_error():
+        tri.step()
