@@ -240,7 +240,8 @@ def test_a_step_reads_no_tensor_on_the_host_but_its_step_counters(options):
     assert reads == []
 
 
-@pytest.mark.parametrize("dtype, options", [(torch.float32, {}), (torch.bfloat16, {"beta1": 0.9, "weight_decay": 0.1})])
+@pytest.mark.parametrize("dtype, options", [(torch.float32, {}), (torch.bfloat16, {"beta1": 0.9, "weight_decay": 0.1}),
+                                            (torch.float32, {"maximize": True})])
 def test_triton_adafactor_steps_a_models_vectors_as_one_stack(monkeypatch, dtype, options):
     """TritonAdafactor's 1-D parameters of one shape (a model's norm weights) take one stacked update a step,
     which gives the reference's parameters and states bit for bit here (on the CPU, as under the interpreter:

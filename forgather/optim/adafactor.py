@@ -81,15 +81,15 @@ class Adafactor(Optimizer):
             if not state:
                 self.init_state(param, state, group)
             state["step"] += 1
-            grad = -param.grad if group["maximize"] else param.grad
-            pending.append((param, grad, state, group, step_scalars(group, int(state["step"].item()))))
+            pending.append((param, state, group, step_scalars(group, int(state["step"].item()))))
         self.update_all(pending)
         return loss
 
-    def update_all(self, pending: list[tuple[torch.Tensor, torch.Tensor, dict, dict, dict]]) -> None:
-        """Every parameter's step: (param, grad, state, group, scalars) each; subclasses may take several at once."""
-        for item in pending:
-            self.update(*item)
+    def update_all(self, pending: list[tuple[torch.Tensor, dict, dict, dict]]) -> None:
+        """Every parameter's step: (param, state, group, scalars) each; subclasses may take several at once. (The
+        gradient to follow is taken at its update: a maximizing step's negated copy lives for that update only.)"""
+        for param, state, group, scalars in pending:
+            self.update(param, descent_grad(param, group), state, group, scalars)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         load_state_keeping_fp32(self, state_dict, FP32_STATE, super().load_state_dict)
@@ -111,6 +111,11 @@ class Adafactor(Optimizer):
     ) -> None:
         """One parameter's step; subclasses replace it with a faster path for the tensors they handle."""
         reference_update(param, grad, state, group, scalars)
+
+
+def descent_grad(param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """The gradient the update follows: negated where the group maximizes."""
+    return -param.grad if group["maximize"] else param.grad
 
 
 def step_scalars(group: dict[str, Any], step: int) -> dict[str, float]:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from forgather.errors import MachineError
-from forgather.optim.adafactor import Adafactor, reference_update, rounds_stochastically, stacked_reference_update
+from forgather.optim.adafactor import (Adafactor, descent_grad, reference_update, rounds_stochastically,
+                                       stacked_reference_update)
 from forgather.optim.state import Params
 from forgather.triton_support import interpreting
 
@@ -63,24 +64,24 @@ class TritonAdafactor(Adafactor):
         super().load_state_dict(state_dict)
         self._seen_versions.clear()
 
-    def update_all(self, pending: list[tuple[torch.Tensor, torch.Tensor, dict, dict, dict]]) -> None:
+    def update_all(self, pending: list[tuple[torch.Tensor, dict, dict, dict]]) -> None:
         """The 2-D parameters through the kernels one by one; the 1-D ones (a model's norm weights) of one shape,
         dtype, group and step stacked into one update (adafactor.stacked_reference_update), where issuing ~35
         small launches each kept the GPU waiting for the host."""
         stacks: dict[tuple, list[tuple]] = {}
-        for item in pending:
-            param, grad, state, group, _ = item
+        for param, state, group, scalars in pending:
             if param.dim() == 1 and (param.is_cuda or interpreting()):
-                key = (param.shape, param.dtype, grad.dtype, param.device, id(group), float(state["step"]))
-                stacks.setdefault(key, []).append(item)
+                key = (param.shape, param.dtype, param.grad.dtype, param.device, id(group), float(state["step"]))
+                stacks.setdefault(key, []).append((param, state, group, scalars))
             else:
-                self.update(*item)
+                self.update(param, descent_grad(param, group), state, group, scalars)
         for items in stacks.values():
+            params, states, groups, scalars = zip(*items)
             if len(items) == 1:
-                self.update(*items[0])
+                self.update(params[0], descent_grad(params[0], groups[0]), states[0], groups[0], scalars[0])
                 continue
-            params, grads, states, groups, scalars = zip(*items)
-            stacked_reference_update(list(params), list(grads), list(states), groups[0], scalars[0])
+            grads = [descent_grad(p, groups[0]) for p in params]
+            stacked_reference_update(list(params), grads, list(states), groups[0], scalars[0])
 
     def update(
         self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
