@@ -372,3 +372,26 @@ def test_stochastic_rounding_keeps_small_updates_and_the_kernel_rounds_as_the_re
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="stochastic_rounding is its own step's"):
         TritonAdamW(make_params(), stochastic_rounding=True, fused=True)
+
+
+@pytest.mark.parametrize("name", ["TritonAdamW", "CompiledAdamW"])
+def test_a_pickled_or_copied_optimizer_steps_on_as_the_original(name):
+    """torch pickles an optimizer's defaults, state and groups only: our options travel with them and the caches
+    start anew, so a copy (or an optimizer sent to another process) steps on exactly."""
+    import copy
+    import pickle
+
+    from forgather import optim
+
+    params = make_params()
+    original = getattr(optim, name)(params, **OPTIONS)
+    run_steps(params, original, steps=2)
+    for clone in (pickle.loads(pickle.dumps(original)), copy.deepcopy(original)):
+        copied = clone.param_groups[0]["params"]
+        run_steps(copied, clone, steps=2, seed=3)
+        expected = [p.detach().clone().requires_grad_() for p in params]
+        twin = getattr(optim, name)(expected, **OPTIONS)
+        twin.load_state_dict(copy.deepcopy(original.state_dict()))  # (loading keeps the tensors: they would alias)
+        run_steps(expected, twin, steps=2, seed=3)
+        for a, b in zip(copied, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -51,6 +51,15 @@ class CompiledAdamW(torch.optim.AdamW):
         self._compile = capturable if compile is None else compile
         self._compiled: Callable[[], Any] | None = None
 
+    # torch's Optimizer pickles its defaults, state and groups only: the device and the choice travel too, the
+    # compiled step is made again where it is next used
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_device": self._device, "_compile": self._compile}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._compiled = None
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._rate_on_device(self.param_groups[-1])

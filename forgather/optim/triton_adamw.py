@@ -115,6 +115,20 @@ class TritonAdamW(torch.optim.AdamW):
                          maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
         self._block, self._num_warps = block, num_warps
+        self._start_caches()
+
+    # torch's Optimizer pickles its defaults, state and groups only; the options above travel too, the caches
+    # start anew (a copy, or an optimizer sent to another process)
+    _OPTIONS = ("_torch_only", "_stochastic_rounding", "_seed", "_block", "_num_warps")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._OPTIONS}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._start_caches()
+
+    def _start_caches(self) -> None:
         self._kernels = None  # adamw_kernels, imported at the first step that runs on CUDA; False: not to be used
         self._built: set[tuple] = set()  # bucket kinds whose kernel has launched once
         self._grad_scale: torch.Tensor | None = None  # clip_grad_norm_'s factor for the next step
