@@ -271,3 +271,22 @@ def test_triton_adafactor_steps_a_models_vectors_as_one_stack(monkeypatch, dtype
         assert torch.equal(a, b)
         for key, value in reference.state[b].items():
             assert torch.equal(mine.state[a][key], value), key
+
+
+def test_a_pickled_triton_adafactor_keeps_its_tiling_and_steps_on(monkeypatch):
+    import pickle
+
+    from forgather.optim import triton_adafactor
+
+    monkeypatch.setattr(triton_adafactor, "interpreting", lambda: True)
+    monkeypatch.setattr(triton_adafactor, "_load_kernels", lambda: type("K", (), {
+        "BLOCK_N": 16, "BLOCK_M": 512, "ROWS_PER_PROGRAM": 32, "NUM_WARPS": 4}))
+    params = [torch.randn(48).requires_grad_() for _ in range(3)]  # vectors: the stacked path, no kernel
+    optimizer = TritonAdafactor(params, tile=(8, 256, 16), num_warps=8, serpentine=False)
+    copy = pickle.loads(pickle.dumps(optimizer))
+    assert (copy._tiles, copy._num_warps, copy._serpentine) == (
+        dict(BLOCK_N=8, BLOCK_M=256, ROWS_PER_PROGRAM=16), 8, False)
+    for p in copy.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    copy.step()
+    assert all(copy.state[p]["step"].item() == 1 for p in copy.param_groups[0]["params"])

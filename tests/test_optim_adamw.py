@@ -98,3 +98,14 @@ def test_fsdp2_sharded_parameters_step_like_unsharded_ones(tmp_path):
     for result in results:
         assert result["difference"] < 1e-6
         assert result["bf16_moved"]
+
+
+def test_a_pickled_adamw_keeps_its_state_dtype():
+    import pickle
+
+    params = [torch.randn(6, 4, dtype=torch.bfloat16).requires_grad_()]
+    clone = pickle.loads(pickle.dumps(AdamW(params, lr=1e-3, state_dtype=torch.float32)))
+    (param,) = clone.param_groups[0]["params"]
+    param.grad = torch.ones_like(param)
+    clone.step()
+    assert clone.state[param]["exp_avg"].dtype == torch.float32

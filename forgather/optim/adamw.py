@@ -80,6 +80,9 @@ class AdamW(Optimizer):
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
 
+    def __getstate__(self) -> dict[str, Any]:  # torch pickles defaults, state and groups only
+        return {**super().__getstate__(), "state_dtype": self.state_dtype}
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = run_closure(closure)

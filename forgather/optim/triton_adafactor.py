@@ -60,6 +60,17 @@ class TritonAdafactor(Adafactor):
         self._seen_versions: dict[torch.Tensor, int] = {}
         super().__init__(params, **kwargs)
 
+    # torch pickles an optimizer's defaults, state and groups only: the tiling travels too; the kernels are
+    # imported again and every parameter's sum of squares recomputed before its next step
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_tiles": self._tiles, "_num_warps": self._num_warps,
+                "_serpentine": self._serpentine}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._kernels = _load_kernels()
+        self._seen_versions = {}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._seen_versions.clear()
