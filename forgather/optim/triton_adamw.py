@@ -36,6 +36,7 @@ Under Triton's interpreter (TRITON_INTERPRET=1) the kernel runs on CPU tensors, 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import warnings
@@ -296,15 +297,18 @@ class TritonAdamW(torch.optim.AdamW):
         scalars = step_scalars(options["lr"], options["beta1"], options["beta2"], options["weight_decay"], count)
         first = next(p for p in bucket if p.numel())  # the kernel reads the dtypes off it (an empty one's
         param_dtype = key[1]  # address may be 0, which Triton's launcher refuses)
-        k.adamw_multi_tensor[(programs,)](
-            cached[1], numels, work, programs, len(bucket), numels if grad_scale is None else grad_scale, seed or 0,
-            first, first.grad, self.state[first]["exp_avg"],
-            scalars["lr_weight_decay"], options["beta1"], scalars["one_minus_beta1"], options["beta2"],
-            scalars["one_minus_beta2"], scalars["step_size"], scalars["bias_correction2_sqrt"], options["eps"],
-            MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None,
-            STOCHASTIC_ROUNDING=seed is not None and param_dtype == torch.bfloat16, BLOCK=block,
-            num_warps=self._num_warps or k.NUM_WARPS,
-        )
+        # Triton launches on the current device: a bucket on another GPU of this process (a model split by hand)
+        # must make its own current
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            k.adamw_multi_tensor[(programs,)](
+                cached[1], numels, work, programs, len(bucket), numels if grad_scale is None else grad_scale,
+                seed or 0, first, first.grad, self.state[first]["exp_avg"],
+                scalars["lr_weight_decay"], options["beta1"], scalars["one_minus_beta1"], options["beta2"],
+                scalars["one_minus_beta2"], scalars["step_size"], scalars["bias_correction2_sqrt"], options["eps"],
+                MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None,
+                STOCHASTIC_ROUNDING=seed is not None and param_dtype == torch.bfloat16, BLOCK=block,
+                num_warps=self._num_warps or k.NUM_WARPS,
+            )
 
 
 def _load_kernels():
