@@ -395,3 +395,37 @@ def test_a_pickled_or_copied_optimizer_steps_on_as_the_original(name):
         run_steps(expected, twin, steps=2, seed=3)
         for a, b in zip(copied, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fp32_moments_beside_bf16_parameters_survive_a_checkpoint_and_the_kernel_keeps_them(monkeypatch):
+    """state_dtype=torch.float32: the moments are fp32 beside bf16 parameters (on the CPU through reference_step,
+    where torch's step would make them bf16); a state dict loads them unrounded (torch casts them to the
+    parameter's dtype), so a resumed run continues exactly; a kernel step (emulated) gives the same bits."""
+    import copy
+
+    def run(steps, optimizer=None, params=None, seed=1):
+        params = params or make_params(dtype=torch.bfloat16)
+        optimizer = optimizer or TritonAdamW(params, state_dtype=torch.float32, **OPTIONS)
+        run_steps(params, optimizer, steps=steps, seed=seed)
+        return params, optimizer
+
+    whole, whole_optimizer = run(3)
+    assert all(state[key].dtype == torch.float32 for state in whole_optimizer.state.values()
+               for key in ("exp_avg", "exp_avg_sq"))
+    run(3, whole_optimizer, whole, seed=2)
+    cut, first = run(3)
+    saved = copy.deepcopy(first.state_dict())
+    resumed = TritonAdamW(cut, state_dtype=torch.float32, **OPTIONS)
+    resumed.load_state_dict(saved)
+    assert all(state["exp_avg"].dtype == torch.float32 for state in resumed.state.values())
+    run(3, resumed, cut, seed=2)
+    for a, b in zip(cut, whole):
+        assert torch.equal(a, b)
+
+    emulate_the_kernel(monkeypatch)
+    kernel_run, _ = run(3)
+    reference_run = make_params(dtype=torch.bfloat16)
+    monkeypatch.undo()
+    run(3, params=reference_run)
+    for a, b in zip(kernel_run, reference_run):
+        assert torch.equal(a, b)

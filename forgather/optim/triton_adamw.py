@@ -25,7 +25,8 @@ with the CUDA update replaced by adamw_kernels.adamw_multi_tensor:
   once more for that (~1.2 ms a step at the 1.24B shape), besides the read for the norm;
 - `stochastic_rounding=True` writes bf16 parameters rounded stochastically (forgather/optim/rounding.py, the
   step's seed from `seed`), which keeps updates below half a bf16 step in expectation (what optimizer=adamw_sr is
-  for); off CUDA such parameters step through reference_step, which rounds the same way.
+  for), and `state_dtype=torch.float32` keeps the moments in fp32 beside bf16 parameters (8 more bytes a
+  parameter to move); off CUDA such parameters step through reference_step, which does the same.
 
 torch's AdamW arguments are all taken: amsgrad, capturable and differentiable, which the kernel does not do, and
 foreach=True or fused=True, which ask for one of torch's implementations by name, make every step torch's own
@@ -45,7 +46,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
-from forgather.optim.state import to_device
+from forgather.optim.state import load_state_keeping_fp32, to_device
 from forgather.triton_support import interpreting
 
 # The dtypes the kernel loads and stores; a tensor in another goes through reference_step.
@@ -102,13 +103,16 @@ class TritonAdamW(torch.optim.AdamW):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, stochastic_rounding: bool = False, seed: int = 0,
-                 block: int | None = None, num_warps: int | None = None):
+                 state_dtype: torch.dtype | None = None, block: int | None = None, num_warps: int | None = None):
         # torch's own implementations asked for by name, and what the kernel does not do, are torch's step
         self._torch_only = bool(amsgrad or foreach or capturable or differentiable or fused)
         if stochastic_rounding and self._torch_only:
             raise ValueError("TritonAdamW: stochastic_rounding is its own step's; torch's (fused, foreach, amsgrad, "
                              "capturable, differentiable) rounds to nearest: leave those out")
-        self._stochastic_rounding, self._seed = stochastic_rounding, seed
+        if state_dtype is not None and self._torch_only:
+            raise ValueError("TritonAdamW: state_dtype is its own step's; torch's (fused, foreach, amsgrad, "
+                             "capturable, differentiable) keeps the moments in the parameters' dtype: leave those out")
+        self._stochastic_rounding, self._seed, self._state_dtype = stochastic_rounding, seed, state_dtype
         if not self._torch_only and (isinstance(lr, torch.Tensor) or any(isinstance(b, torch.Tensor) for b in betas)):
             raise ValueError("TritonAdamW takes its rate and betas as floats (a schedule sets the rate each step "
                              "without a recompile); for a tensor rate use optimizer=adamw_compiled")
@@ -120,7 +124,7 @@ class TritonAdamW(torch.optim.AdamW):
 
     # torch's Optimizer pickles its defaults, state and groups only; the options above travel too, the caches
     # start anew (a copy, or an optimizer sent to another process)
-    _OPTIONS = ("_torch_only", "_stochastic_rounding", "_seed", "_block", "_num_warps")
+    _OPTIONS = ("_torch_only", "_stochastic_rounding", "_seed", "_state_dtype", "_block", "_num_warps")
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), **{name: getattr(self, name) for name in self._OPTIONS}}
@@ -137,7 +141,9 @@ class TritonAdamW(torch.optim.AdamW):
         self._tables: dict[tuple, tuple[tuple[int, ...], torch.Tensor]] = {}  # bucket -> (addresses, on device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        # torch casts the moments to each parameter's dtype as it loads them: fp32 ones are put back unrounded
+        keys = {"exp_avg", "exp_avg_sq"} if self._state_dtype == torch.float32 else set()
+        load_state_keeping_fp32(self, state_dict, keys, super().load_state_dict)
         if self._torch_only:
             return
         # A checkpoint of a capturable or fused AdamW keeps the step count (and CompiledAdamW the rate) on the
@@ -178,8 +184,10 @@ class TritonAdamW(torch.optim.AdamW):
                 loss = closure()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grad_scale, self._grad_scale = self._grad_scale, None
-        rounds = self._stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params)
-        if not self._runs_kernel(params) and not rounds:
+        # what torch's step would not do: round stochastically, keep the moments in another dtype
+        ours_only = (self._stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params)
+                     or self._state_dtype is not None and any(p.dtype != self._state_dtype for p in params))
+        if not self._runs_kernel(params) and not ours_only:
             if grad_scale is not None:
                 torch._foreach_mul_([p.grad for p in params], grad_scale)
             _torch_adamw_step(self)
@@ -221,9 +229,10 @@ class TritonAdamW(torch.optim.AdamW):
             state = self.state[p]
             if not state:  # torch's AdamW's state, so that checkpoints move between the two
                 scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                moments = self._state_dtype or p.dtype
                 state["step"] = torch.tensor(0.0, dtype=scalar)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
         steps = [self.state[p]["step"] for p in params]
         torch._foreach_add_(steps, 1)  # CPU tensors: no launch, no wait
         buckets: dict[tuple, list[torch.Tensor]] = {}

@@ -345,3 +345,29 @@ def test_triton_adafactor_stacks_a_models_vectors_and_matches_the_reference():
         p.grad = torch.randn_like(p)
     with sync_is_an_error():
         tri.step()
+
+
+def test_triton_adamw_fp32_moments_beside_bf16_parameters_follow_the_reference():
+    """state_dtype=torch.float32: the kernel's fp32 moments are the CPU reference path's within fp32 rounding,
+    its bf16 parameters within a bf16 rounding a step."""
+    from forgather.optim import TritonAdamW
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    init = [(torch.randn(s, device="cuda", generator=gen) * 0.02).to(torch.bfloat16) for s in ((300, 517), (777,))]
+    gpu = [p.clone().requires_grad_() for p in init]
+    cpu = [p.detach().cpu().clone().requires_grad_() for p in init]
+    options = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.float32)
+    ours, reference = TritonAdamW(gpu, **options), TritonAdamW(cpu, **options)
+    for _ in range(3):
+        for a, b in zip(gpu, cpu):
+            a.grad = torch.randn(a.shape, device="cuda", generator=gen).to(torch.bfloat16)
+            b.grad = a.grad.cpu()
+        ours.step()
+        reference.step()
+    for a, b in zip(gpu, cpu):
+        for key in ("exp_avg", "exp_avg_sq"):
+            mine, expected = ours.state[a][key].cpu(), reference.state[b][key]
+            assert mine.dtype == torch.float32
+            torch.testing.assert_close(mine, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+        torch.testing.assert_close(a.detach().cpu().float(), b.detach().float(), rtol=0,
+                                   atol=3 * 2.0 ** -7 * b.detach().float().abs().max().item())
