@@ -10,7 +10,7 @@ import torch
 
 from forgather.optim import TritonAdamW
 from forgather.optim import triton_adamw
-from forgather.optim.rounding import hash32
+from forgather.optim.rounding import stochastic_round_to_bf16
 from forgather.optim.triton_adamw import plan_programs, reference_step
 
 OPTIONS = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
@@ -120,13 +120,6 @@ def test_the_work_list_covers_every_element_once():
         assert all(c == [1] * n for c, n in zip(covered, numels))
 
 
-def stochastic_round_to_bf16_at(x: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
-    """rounding.stochastic_round_to_bf16 of elements at `indices` of their tensor (a program's block)."""
-    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    noise = hash32(hash32(indices ^ seed) ^ bits) & 0xFFFF
-    return ((bits + noise) & 0xFFFF0000).to(torch.int32).view(torch.float32).to(torch.bfloat16)
-
-
 class EmulatedKernel:
     """adamw_multi_tensor's contract in torch: each program finds its tensors through the address table it
     was given, among the live tensors by data_ptr, and steps its block with reference_step's arithmetic. A
@@ -161,7 +154,7 @@ class EmulatedKernel:
                 x = x - step_size * first / (second.sqrt() / bias_correction2_sqrt + eps)
                 if STOCHASTIC_ROUNDING:  # rounding.py's, the element's index in its tensor
                     indices = torch.arange(p.numel())[s]
-                    x = stochastic_round_to_bf16_at(x, indices, seed)
+                    x = stochastic_round_to_bf16(x, seed, indices)
                 p[s], m[s], v[s] = x, first, second
         return launch
 
