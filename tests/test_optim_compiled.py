@@ -5,29 +5,9 @@ import pytest
 import torch
 
 from forgather.optim import CompiledAdamW
+from helpers.closure_steps import make_params, run_steps
 
 OPTIONS = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-
-
-def make_params(seed=0, shapes=((16, 24), (24,), (7, 3))):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=gen) * 0.02).requires_grad_() for shape in shapes]
-
-
-def run_steps(params, optimizer, steps=5, seed=1, scheduler=None):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        grads = [torch.randn(p.shape, generator=gen) for p in params]
-
-        def closure():  # Lightning's: forward and backward, then the update
-            for p, g in zip(params, grads):
-                p.grad = g.clone()
-            return torch.tensor(1.0)
-
-        assert optimizer.step(closure) is not None
-        if scheduler is not None:
-            scheduler.step()
-    return params
 
 
 def test_steps_with_a_closure_and_a_schedule_equal_torch_adamw():

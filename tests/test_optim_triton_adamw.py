@@ -12,31 +12,15 @@ from forgather.optim import TritonAdamW
 from forgather.optim import triton_adamw
 from forgather.optim.rounding import stochastic_round_to_bf16
 from forgather.optim.triton_adamw import plan_programs, reference_step
+from helpers import closure_steps
+from helpers.closure_steps import run_steps
 
 OPTIONS = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-SHAPES = ((16, 24), (24,), (7, 3), (0,))
+SHAPES = ((16, 24), (24,), (7, 3), (0,))  # an empty tensor among them
 
 
 def make_params(seed=0, dtype=torch.float32, shapes=SHAPES):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=gen) * 0.02).to(dtype).requires_grad_() for shape in shapes]
-
-
-def run_steps(params, optimizer, steps=5, seed=1, scheduler=None, skip=None):
-    """`skip(step, index)`: whether parameter `index` has no gradient at `step` (its step count lags)."""
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
-
-        def closure():  # Lightning's: forward and backward, then the update
-            for index, (p, g) in enumerate(zip(params, grads)):
-                p.grad = None if skip and skip(step, index) else g.clone()
-            return torch.tensor(1.0)
-
-        assert optimizer.step(closure) is not None
-        if scheduler is not None:
-            scheduler.step()
-    return params
+    return closure_steps.make_params(seed, dtype, shapes)
 
 
 def test_on_a_cpu_it_is_torch_adamw_bit_for_bit_with_a_closure_and_a_schedule():
