@@ -690,7 +690,7 @@ def parameters_1b() -> list[torch.Tensor]:
     return params
 
 
-TRITON_ADAMW_SWEEP = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]  # (BLOCK, num_warps)
+TRITON_ADAMW_SWEEP = [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]  # (BLOCK, num_warps)
 
 
 def bench_optimizer(iters: int) -> None:

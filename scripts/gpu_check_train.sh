@@ -69,11 +69,13 @@
 #                     the serving tests with device_map offload (fixed on the CPU since part w failed one), then
 #                     the default (profiled) beside carry_residual=false, fused_projections=kv (the key and value
 #                     products as one: the narrow products of grouped-query attention) and HF + Liger, 40 steps.
-#   part y            TritonAdamW (optimizer=adamw_triton: torch's AdamW, its step one Triton launch over all tensors):
-#                     its GPU tests beside the compiled AdamW's, the optimizer step alone (fused, compiled foreach,
-#                     ours over a sweep of BLOCK x num_warps), then the default beside HF + Liger and with
-#                     optimizer=adamw_triton (profiled), 40 steps; last, inductor's combo kernels (independent
-#                     small kernels of a compiled layer as one launch: the step has ~1,200 launch gaps).
+#   part y            TritonAdamW (optimizer=adamw_triton: torch's AdamW, its step one Triton launch over all tensors,
+#                     with the ALIGNED hint since its first run 2026-12-05 streamed 1.8-2.8 TB/s): its GPU tests beside
+#                     the compiled AdamW's, the fused-norm and carried-stream GPU tests and serving's device_map ones
+#                     (part x's), the optimizer step alone (fused, compiled foreach, ours over a sweep of BLOCK x
+#                     num_warps), then the default beside HF + Liger, optimizer=adamw_triton (profiled),
+#                     carry_residual=false and fused_projections=kv (part x's), 40 steps. Its first run also had
+#                     inductor's combo kernels (compile_options={combo_kernels:true}): 1.005x, noise.
 #   part z            the 7B shape (Adafactor in Triton, no checkpointing), profiled, after its 1-D parameters' updates
 #                     were stacked into one a step (TritonAdafactor.update_all): its idle against part a's.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -350,12 +352,18 @@ y)
         timeout 150 $PY -m pytest -n 0 tests/gpu/test_optim_gpu.py -k "triton_adamw or compiled_adamw or stacks" -q \
             -p no:cacheprovider -rs --tb=short > "$OUT/pytest_optim.txt" 2>&1
         grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_optim.txt" | tail -20
-        timeout 150 $PY scripts/bench_step_pieces.py --only-optimizer --json "$OUT/optimizer.json" 2>&1 \
+        timeout 120 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "norm or carried" -q -p no:cacheprovider -rs \
+            --tb=short > "$OUT/pytest_models.txt" 2>&1
+        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -20
+        timeout 90 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -k "device_map" -q -p no:cacheprovider -rs \
+            --tb=short > "$OUT/pytest_serve.txt" 2>&1
+        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_serve.txt" | tail -20
+        timeout 120 $PY scripts/bench_step_pieces.py --only-optimizer --json "$OUT/optimizer.json" 2>&1 \
             | grep -v Warning | tee "$OUT/optimizer.txt"
     fi
     bench bench_1b_y.log --shape 1b --label 1b_y --steps 40 --paths forgather hf-liger \
-        --variant adamw-triton optimizer=adamw_triton --variant combo "compile_options={combo_kernels:true}" \
-        --profile adamw-triton --timeout 130 "$@"
+        --variant adamw-triton optimizer=adamw_triton --variant one-tensor carry_residual=false \
+        --variant fused-kv fused_projections=kv --profile adamw-triton --timeout 130 "$@"
     ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one

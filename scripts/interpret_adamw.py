@@ -27,7 +27,7 @@ from forgather.optim.rounding import step_seed
 from forgather.optim.triton_adamw import TritonAdamW, reference_step
 from forgather.triton_support import interpreting
 
-SHAPES = [(37, 65), (4096,), (3000,), (0,), (5, 7)]
+SHAPES = [(37, 65), (4096,), (3000,), (0,), (32, 48)]  # the second group aligned (the ALIGNED hint)
 CASES = [  # (dtype, options, steps, clipping by global norm to)
     (torch.float32, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1), 4, None),
     (torch.float32, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1), 4, 0.5),

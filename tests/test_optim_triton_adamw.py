@@ -112,12 +112,12 @@ class EmulatedKernel:
     BLOCK, NUM_WARPS = 8, 4
 
     def __init__(self, live=None):
-        self.live, self.launches, self.scaled = live, [], []
+        self.live, self.launches, self.scaled, self.aligned = live, [], [], []
 
     def __getitem__(self, grid):
         def launch(addresses, numels, work, programs, tensors, grad_scale, seed, param0, grad0, state0,
                    lr_weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt,
-                   eps, MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, BLOCK, num_warps):
+                   eps, MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, ALIGNED, BLOCK, num_warps):
             assert grid == (programs,) and work.shape == (2, programs) and BLOCK == self.BLOCK
             # the dtypes' tensors are non-empty (Triton's launcher refuses an empty tensor's address 0)
             assert param0.numel() and grad0.numel() and state0.numel()
@@ -125,6 +125,9 @@ class EmulatedKernel:
             by_address = {t.data_ptr(): t for t in (self.live or self.all_live)()}
             self.launches.append((tensors, programs, step_size))
             self.scaled.append(HAS_GRAD_SCALE)
+            self.aligned.append(ALIGNED)
+            if ALIGNED:  # the hint must be true: 16-byte addresses, sizes of 16 elements
+                assert all(a % 16 == 0 for a in addresses.tolist()) and all(n % 16 == 0 for n in numels.tolist())
             for t, b in zip(*work.tolist()):
                 p, g, m, v = (by_address[table[row][t]].view(-1) for row in range(4))
                 assert p.numel() == numels[t].item()
@@ -194,6 +197,22 @@ def test_a_kernel_step_passes_the_right_tensors_sizes_and_scalars(monkeypatch):
     assert [n for n, _, _ in kernel.launches] == [5, 4, 4, 1, 4, 1]
     assert kernel.launches[2][2] != kernel.launches[3][2]  # the step sizes of counts 3 and 2
     assert [mine.state[p]["step"].item() for p in ours] == [4, 4, 4, 4, 3, 4]
+
+
+def test_the_kernel_is_told_its_tensors_are_aligned_only_when_every_address_and_size_is(monkeypatch):
+    """ALIGNED (vectorized loads and stores) where every tensor of the bucket starts on 16 bytes and holds a
+    multiple of 16 elements; a bucket with one tensor of another size, or one a view starting mid-buffer, is
+    stepped without the hint, and the emulated kernel checks the hint is true whenever it is given."""
+    aligned = make_params(shapes=((32, 16), (48,), (0,)))
+    buffer = torch.randn(65)
+    offset = buffer[1:].view(4, 16).requires_grad_()  # 4 bytes past an aligned start
+    odd_size = make_params(shapes=((32, 16), (40,)))
+    flags = []
+    for params in (aligned, aligned[:1] + [offset], odd_size):
+        kernel = emulate_the_kernel(monkeypatch)
+        run_steps(params, TritonAdamW(params, **OPTIONS), steps=2)
+        flags.append(kernel.aligned)
+    assert offset.data_ptr() % 16 and flags == [[True, True], [False, False], [False, False]]
 
 
 def clipped_steps(params, optimizer, max_norm, steps=4, seed=1, clip=None):

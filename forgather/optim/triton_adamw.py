@@ -302,7 +302,8 @@ class TritonAdamW(torch.optim.AdamW):
         cached = self._tables.get(table_key)
         if cached is None or cached[0] != addresses:
             table = to_device(torch.tensor(addresses, dtype=torch.int64), device)
-            self._tables[table_key] = cached = (addresses, table)
+            aligned = all(a % 16 == 0 for a in addresses) and all(n % 16 == 0 for n in sizes)
+            self._tables[table_key] = cached = (addresses, table, aligned)
         scalars = step_scalars(options["lr"], options["beta1"], options["beta2"], options["weight_decay"], count)
         first = next(p for p in bucket if p.numel())  # the kernel reads the dtypes off it (an empty one's
         param_dtype = key[1]  # address may be 0, which Triton's launcher refuses)
@@ -315,7 +316,7 @@ class TritonAdamW(torch.optim.AdamW):
                 scalars["lr_weight_decay"], options["beta1"], scalars["one_minus_beta1"], options["beta2"],
                 scalars["one_minus_beta2"], scalars["step_size"], scalars["bias_correction2_sqrt"], options["eps"],
                 MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None,
-                STOCHASTIC_ROUNDING=seed is not None and param_dtype == torch.bfloat16, BLOCK=block,
+                STOCHASTIC_ROUNDING=seed is not None and param_dtype == torch.bfloat16, ALIGNED=cached[2], BLOCK=block,
                 num_warps=self._num_warps or k.NUM_WARPS,
             )
 

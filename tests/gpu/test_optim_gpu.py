@@ -274,9 +274,12 @@ def test_compiled_adamw_is_the_fused_step_with_a_device_rate_and_one_compile(dty
     assert isinstance(rate, torch.Tensor) and rate.is_cuda and rate.item() == pytest.approx(1e-2 / 7)
 
 
+@pytest.mark.parametrize("shapes", [((300, 517), (777,), (64, 8), (0,), (4097,)),
+                                    ((256, 512), (2048,), (64, 16), (0,))],
+                         ids=["odd", "aligned"])  # "aligned": every bucket takes the ALIGNED hint
 @pytest.mark.parametrize("clip", [False, True], ids=["", "clipped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype, clip):
+def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype, clip, shapes):
     """TritonAdamW on CUDA gives torch's fused AdamW's parameters and moments (fp32: within a rounding of the
     largest value; bf16: within two bf16 roundings, the stored moments round once per step in both) under a
     schedule that changes the rate every step, with a parameter without a gradient at one step, a
@@ -285,7 +288,6 @@ def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype, cl
     from forgather.optim import TritonAdamW
 
     gen = torch.Generator(device="cuda").manual_seed(6)
-    shapes = ((300, 517), (777,), (64, 8), (0,), (4097,))
     init = [(torch.randn(s, device="cuda", generator=gen) * 0.02).to(dtype) for s in shapes]
     init.append((torch.randn(9, 6, device="cuda", generator=gen) * 0.02).to(dtype).t())
     ours = [p.clone().requires_grad_() if p.is_contiguous() else p.detach().t().clone().t().requires_grad_()
