@@ -108,6 +108,13 @@ bench() {  # bench LOG ARGS...: one bench_train.py run, its wall time printed
     echo "=== $log: $(( $(date +%s) - t0 )) s"
 }
 
+gpu_tests() {  # gpu_tests SECONDS LOG PYTEST-ARGS...: GPU tests, their failures and the count shown
+    local seconds=$1 log=$2
+    shift 2
+    timeout "$seconds" $PY -m pytest -n 0 -q -p no:cacheprovider -rs --tb=short "$@" > "$OUT/$log" 2>&1
+    grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/$log" | tail -20
+}
+
 packed_tests() {  # the packed attention kernels' GPU tests, failures and the count shown
     timeout 240 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "packed" -q -p no:cacheprovider -rs \
         --tb=short > "$OUT/pytest_models.txt" 2>&1
@@ -330,12 +337,8 @@ w)
     ;;
 x)
     if [ -z "${REHEARSE:-}" ]; then
-        timeout 150 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "norm or carried" -q -p no:cacheprovider -rs \
-            --tb=short > "$OUT/pytest_models.txt" 2>&1
-        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -20
-        timeout 150 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -k "device_map" -q -p no:cacheprovider -rs \
-            --tb=short > "$OUT/pytest_serve.txt" 2>&1
-        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_serve.txt" | tail -20
+        gpu_tests 150 pytest_models.txt tests/gpu/test_models_gpu.py -k "norm or carried"
+        gpu_tests 150 pytest_serve.txt tests/gpu/test_serve_gpu.py -k "device_map"
     fi
     bench bench_1b_x.log --shape 1b --label 1b_x --steps 40 --paths forgather hf-liger \
         --variant one-tensor carry_residual=false --variant fused-kv fused_projections=kv \
@@ -349,15 +352,9 @@ z)
     ;;
 y)
     if [ -z "${REHEARSE:-}" ]; then
-        timeout 150 $PY -m pytest -n 0 tests/gpu/test_optim_gpu.py -k "triton_adamw or compiled_adamw or stacks" -q \
-            -p no:cacheprovider -rs --tb=short > "$OUT/pytest_optim.txt" 2>&1
-        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_optim.txt" | tail -20
-        timeout 120 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "norm or carried" -q -p no:cacheprovider -rs \
-            --tb=short > "$OUT/pytest_models.txt" 2>&1
-        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -20
-        timeout 90 $PY -m pytest -n 0 tests/gpu/test_serve_gpu.py -k "device_map" -q -p no:cacheprovider -rs \
-            --tb=short > "$OUT/pytest_serve.txt" 2>&1
-        grep -E "^(FAILED|ERROR|E  )|passed|failed|Error:" "$OUT/pytest_serve.txt" | tail -20
+        gpu_tests 150 pytest_optim.txt tests/gpu/test_optim_gpu.py -k "triton_adamw or compiled_adamw or stacks"
+        gpu_tests 120 pytest_models.txt tests/gpu/test_models_gpu.py -k "norm or carried"
+        gpu_tests 90 pytest_serve.txt tests/gpu/test_serve_gpu.py -k "device_map"
         timeout 120 $PY scripts/bench_step_pieces.py --only-optimizer --json "$OUT/optimizer.json" 2>&1 \
             | grep -v Warning | tee "$OUT/optimizer.txt"
     fi
