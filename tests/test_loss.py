@@ -82,6 +82,23 @@ def test_chunked_bf16_is_within_bf16_tolerance_of_fp32_reference():
         assert ((got.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("chunk_size, seq", [(5, 9), (64, 9), (4, 1)])
+def test_the_first_chunk_writes_every_element_of_the_weight_gradient(monkeypatch, chunk_size, seq):
+    """grad weight starts uninitialized where the first chunk's product is written into it: memory full of NaN
+    there must leave no trace, whether more chunks follow or not, or every target is ignored (seq 1)."""
+    import forgather.loss.chunked as chunked
+
+    def poisoned(tensor, **kwargs):
+        return torch.full_like(tensor, float("nan"), **kwargs)
+
+    monkeypatch.setattr(chunked.torch, "empty_like", poisoned)
+    h, w, labels = make_inputs(seq=seq)
+    ref = loss_and_grads(NaiveLoss(), h, w, labels)
+    got = loss_and_grads(ChunkedLoss(chunk_size=chunk_size, compile=False), h, w, labels)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_all_ignored_labels_give_zero_loss_and_zero_gradients():
     h, w, labels = make_inputs()
     labels.fill_(-100)
