@@ -70,12 +70,14 @@
 #                     the default (profiled) beside carry_residual=false, fused_projections=kv (the key and value
 #                     products as one: the narrow products of grouped-query attention) and HF + Liger, 40 steps.
 #   part y            TritonAdamW (optimizer=adamw_triton: torch's AdamW, its step one Triton launch over all tensors,
-#                     with the ALIGNED hint since its first run 2026-12-05 streamed 1.8-2.8 TB/s): its GPU tests beside
-#                     the compiled AdamW's, the fused-norm and carried-stream GPU tests and serving's device_map ones
-#                     (part x's), the optimizer step alone (fused, compiled foreach, ours over a sweep of BLOCK x
-#                     num_warps), then the default beside HF + Liger, optimizer=adamw_triton (profiled),
-#                     carry_residual=false and fused_projections=kv (part x's), 40 steps. Its first run also had
-#                     inductor's combo kernels (compile_options={combo_kernels:true}): 1.005x, noise.
+#                     with the ALIGNED hint since its first run 2026-12-05 streamed 1.8-2.8 TB/s, BLOCK 1024): its GPU
+#                     tests beside the compiled AdamW's, the fused-norm, carried-stream and sparse tied-gradient GPU
+#                     tests and serving's device_map ones (part x's), the optimizer step alone (fused, compiled
+#                     foreach, ours over a sweep of BLOCK x num_warps), then the default (the tied embedding's
+#                     gradient as rows, the loss's first chunk written into grad weight) beside HF + Liger,
+#                     optimizer=adamw_triton (profiled), carry_residual=false and sparse_tied_grad=false, 40 steps.
+#                     Its first run also had inductor's combo kernels (compile_options={combo_kernels:true}): 1.005x,
+#                     noise.
 #   part z            the 7B shape (Adafactor in Triton, no checkpointing), profiled, after its 1-D parameters' updates
 #                     were stacked into one a step (TritonAdafactor.update_all): its idle against part a's.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -353,14 +355,14 @@ z)
 y)
     if [ -z "${REHEARSE:-}" ]; then
         gpu_tests 150 pytest_optim.txt tests/gpu/test_optim_gpu.py -k "triton_adamw or compiled_adamw or stacks"
-        gpu_tests 120 pytest_models.txt tests/gpu/test_models_gpu.py -k "norm or carried"
+        gpu_tests 120 pytest_models.txt tests/gpu/test_models_gpu.py -k "norm or carried or sparse"
         gpu_tests 90 pytest_serve.txt tests/gpu/test_serve_gpu.py -k "device_map"
         timeout 120 $PY scripts/bench_step_pieces.py --only-optimizer --json "$OUT/optimizer.json" 2>&1 \
             | grep -v Warning | tee "$OUT/optimizer.txt"
     fi
     bench bench_1b_y.log --shape 1b --label 1b_y --steps 40 --paths forgather hf-liger \
         --variant adamw-triton optimizer=adamw_triton --variant one-tensor carry_residual=false \
-        --variant fused-kv fused_projections=kv --profile adamw-triton --timeout 130 "$@"
+        --variant dense-tied sparse_tied_grad=false --profile adamw-triton --timeout 130 "$@"
     ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one

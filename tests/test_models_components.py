@@ -354,6 +354,72 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
+def _lookup_sparseness(model: CausalLM, run) -> list[bool]:
+    """Whether each embedding lookup during `run()` handed its gradient on sparse (its autograd node's flag)."""
+    seen = []
+    handle = model.embed.register_forward_hook(
+        lambda module, args, out: seen.append(bool(out.grad_fn is not None and out.grad_fn._saved_sparse)))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def _train_step_grads(model: CausalLM, ids: torch.Tensor, steps: int = 1) -> tuple[list[float], dict]:
+    losses = []
+    for _ in range(steps):  # more than one: gradients accumulate into .grad
+        loss = model(ids).logsumexp(-1).mean()
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_tied_embeddings_sparse_gradient_sums_into_the_heads_dense_one(steps):
+    ids = random_ids()
+    runs = {}
+    for sparse in (False, True):
+        model = tiny_model().train()
+        model.sparse_tied_grad = sparse
+        seen = _lookup_sparseness(model, lambda: runs.__setitem__(sparse, _train_step_grads(model, ids, steps)))
+        assert seen == [sparse] * steps
+        assert model.embed.weight.grad.layout == torch.strided  # what optimizers take
+    assert runs[True][0] == runs[False][0]
+    for name, grad in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], grad, msg=name)
+
+
+def test_sparse_tied_gradient_is_only_where_it_pays():
+    ids = random_ids()
+    default = tiny_model().train()  # None: CUDA only, so the CPU keeps its exact sums
+    assert _lookup_sparseness(default, lambda: default(ids).sum().backward()) == [False]
+    untied = tiny_model(tie_embeddings=False).train()
+    untied.sparse_tied_grad = True
+    assert _lookup_sparseness(untied, lambda: untied(ids).sum().backward()) == [False]
+    model = tiny_model()
+    model.sparse_tied_grad = True
+    assert _lookup_sparseness(model, lambda: model(ids)) == [False]  # eval
+    model.train()
+    with torch.no_grad():
+        assert _lookup_sparseness(model, lambda: model(ids)) == [False]
+
+
+def test_a_sparse_lookup_gradient_no_head_joins_is_made_dense_and_trains():
+    """hidden_states alone (a head of the user's own, a pipeline's first stage) leaves the lookup's gradient alone
+    in .grad: it is dense there, equal to the dense lookup's, and an optimizer steps on it."""
+    ids = random_ids()
+    grads = []
+    for sparse in (False, True):
+        model = tiny_model().train()
+        model.sparse_tied_grad = sparse
+        model.hidden_states(ids).square().mean().backward()
+        grads.append(model.embed.weight.grad)
+        torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    assert grads[1].layout == torch.strided
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_flex_model_trains_on_cpu_through_the_dense_fallback():
     model = tiny_model("flex").train()
     model(random_ids(), PACKED_POSITIONS).mean().backward()
