@@ -80,6 +80,8 @@
 #                     noise.
 #   part z            the 7B shape (Adafactor in Triton, no checkpointing), profiled, after its 1-D parameters' updates
 #                     were stacked into one a step (TritonAdafactor.update_all): its idle against part a's.
+#   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
+#                     TritonAdamW with the clip folded in, and the default at batch 8, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|z|tests] [more bench_train.py args]
@@ -364,6 +366,14 @@ y)
         --variant adamw-triton optimizer=adamw_triton --variant one-tensor carry_residual=false \
         --variant dense-tied sparse_tied_grad=false --profile adamw-triton --timeout 130 "$@"
     ;;
+clip)
+    # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip
+    # nothing, as the HF loops): torch's fused AdamW after Lightning's clip_grad_norm_ against TritonAdamW with the
+    # clip folded into its kernel; and the default at 8 x 2048 tokens a step, where the host's work per token halves
+    bench bench_1b_clip.log --shape 1b --label 1b_clip --steps 40 --paths forgather \
+        --variant adamw-triton optimizer=adamw_triton --variant batch-8 batch_size=8 --set gradient_clip_val=1.0 \
+        --timeout 130 "$@"
+    ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one
     # profiled run whose summary lists the top kernels by name (inductor's fused pointwise kernels among them)
@@ -379,7 +389,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-z or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-z, clip or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.
