@@ -73,15 +73,15 @@
 #                     with the ALIGNED hint since its first run 2026-12-05 streamed 1.8-2.8 TB/s, BLOCK 1024): its GPU
 #                     tests beside the compiled AdamW's, the fused-norm, carried-stream and sparse tied-gradient GPU
 #                     tests and serving's device_map ones (part x's), the optimizer step alone (fused, compiled
-#                     foreach, ours over a sweep of BLOCK x num_warps), then the default (the tied embedding's
-#                     gradient as rows, the loss's first chunk written into grad weight) beside HF + Liger,
-#                     optimizer=adamw_triton (profiled), carry_residual=false and sparse_tied_grad=false, 40 steps.
-#                     Its first run also had inductor's combo kernels (compile_options={combo_kernels:true}): 1.005x,
-#                     noise.
+#                     foreach, ours over a sweep of BLOCK x num_warps), then the default (the loss's first chunk
+#                     written into grad weight) beside HF + Liger, optimizer=adamw_triton (profiled),
+#                     carry_residual=false and sparse_tied_grad=true (the tied embedding's gradient as rows), 40
+#                     steps. Its first run also had inductor's combo kernels (compile_options={combo_kernels:true}):
+#                     1.005x, noise; its second (2026-12-05, H200) measured sparse_tied_grad the default's equal.
 #   part z            the 7B shape (Adafactor in Triton, no checkpointing), profiled, after its 1-D parameters' updates
 #                     were stacked into one a step (TritonAdafactor.update_all): its idle against part a's.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
-#                     TritonAdamW with the clip folded in, and the default at batch 8, 40 steps.
+#                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|z|tests] [more bench_train.py args]
@@ -364,15 +364,14 @@ y)
     fi
     bench bench_1b_y.log --shape 1b --label 1b_y --steps 40 --paths forgather hf-liger \
         --variant adamw-triton optimizer=adamw_triton --variant one-tensor carry_residual=false \
-        --variant dense-tied sparse_tied_grad=false --profile adamw-triton --timeout 130 "$@"
+        --variant sparse-tied sparse_tied_grad=true --profile adamw-triton --timeout 130 "$@"
     ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip
     # nothing, as the HF loops): torch's fused AdamW after Lightning's clip_grad_norm_ against TritonAdamW with the
-    # clip folded into its kernel; and the default at 8 x 2048 tokens a step, where the host's work per token halves
+    # clip folded into its kernel
     bench bench_1b_clip.log --shape 1b --label 1b_clip --steps 40 --paths forgather \
-        --variant adamw-triton optimizer=adamw_triton --variant batch-8 batch_size=8 --set gradient_clip_val=1.0 \
-        --timeout 130 "$@"
+        --variant adamw-triton optimizer=adamw_triton --set gradient_clip_val=1.0 --timeout 130 "$@"
     ;;
 c)
     # where the non-matmul time goes: flex attention's tilings on packed rows (bench_step_pieces.py), then one

@@ -86,8 +86,8 @@ class CausalLM(nn.Module):
         init_std: std of the normal init of every nn.Linear (biases start at zero).
         sparse_tied_grad: with a tied head, the embedding's gradient in training is the looked-up rows, added by
             autograd into the head's dense gradient (TokenEmbedding), not a dense [V, H] tensor of its own summed
-            with it: two weight-sized writes and three reads fewer a step. None (default): on CUDA only, so CPU
-            runs keep their exact sums; True: on any device; False: never.
+            with it: two weight-sized writes and three reads fewer a step. Off by default: on an H200 at the
+            1.24B shape it trained at the same tokens/s as the dense gradient (docs/benchmarks.md, 2026-12-05).
     """
 
     def __init__(
@@ -104,7 +104,7 @@ class CausalLM(nn.Module):
         activation_checkpointing: bool = False,
         init_std: float = 0.02,
         carry_residual: bool = True,
-        sparse_tied_grad: bool | None = None,
+        sparse_tied_grad: bool = False,
     ):
         super().__init__()
         positive_sizes("CausalLM", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers)
@@ -138,13 +138,12 @@ class CausalLM(nn.Module):
         """Whether this forward's lookup hands its gradient on sparse (`sparse_tied_grad`): tied, training, the
         weight a leaf that autograd accumulates into directly (not FSDP1's views of a flat parameter, not a
         DTensor), and not traced by torch.compile."""
-        choice = getattr(self, "sparse_tied_grad", None)
         weight = getattr(self.embed, "weight", None)
-        if (choice is False or self.lm_head is not None or not isinstance(self.embed, TokenEmbedding)
-                or not (self.training and torch.is_grad_enabled()) or weight is None or not weight.requires_grad
-                or not weight.is_leaf or hasattr(weight, "device_mesh") or torch.compiler.is_compiling()):
-            return False
-        return choice is True or weight.is_cuda
+        return bool(
+            getattr(self, "sparse_tied_grad", False) and self.lm_head is None and isinstance(self.embed, TokenEmbedding)
+            and self.training and torch.is_grad_enabled() and weight is not None and weight.requires_grad
+            and weight.is_leaf and not hasattr(weight, "device_mesh") and not torch.compiler.is_compiling()
+        )
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -265,13 +265,13 @@ def test_the_residual_stream_carried_as_a_pair_trains_like_one_tensor():
 
 @pytest.mark.parametrize("loss_name", ["fused", "naive"])
 def test_the_sparse_tied_embedding_gradient_trains_like_the_dense_one(loss_name):
-    """On CUDA a tied model's lookup hands its gradient on as rows (CausalLM sparse_tied_grad, default there),
+    """On CUDA a tied model's lookup hands its gradient on as rows (CausalLM sparse_tied_grad=True),
     which autograd adds into the head's dense gradient: in bf16 under the fused loss (whose gradient is ready in
     forward) and under the plain one, every gradient agrees with the dense lookup's and stays dense."""
     from forgather.loss import get_loss
 
     results = {}
-    for sparse in (None, False):
+    for sparse in (True, False):
         built = wide_model("packed", fused_norm=True).train()
         built.sparse_tied_grad = sparse
         sparse_lookups = []
@@ -279,9 +279,9 @@ def test_the_sparse_tied_embedding_gradient_trains_like_the_dense_one(loss_name)
         ids = token_ids()
         loss = get_loss(loss_name)(built.hidden_states(ids, packed_positions()), built.lm_head_weight, ids)
         loss.backward()
-        assert sparse_lookups == [sparse is None]
+        assert sparse_lookups == [sparse]
         assert built.embed.weight.grad.layout == torch.strided
         results[sparse] = (loss.detach().float(), [p.grad.float() for p in built.parameters()])
-    torch.testing.assert_close(results[None][0], results[False][0], rtol=0, atol=0)
-    for got, want in zip(results[None][1], results[False][1]):
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    for got, want in zip(results[True][1], results[False][1]):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
