@@ -693,7 +693,7 @@ def parameters_1b() -> list[torch.Tensor]:
 TRITON_ADAMW_SWEEP = [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]  # (BLOCK, num_warps)
 
 
-def bench_optimizer(iters: int) -> None:
+def bench_optimizer(iters: int, skip_compiled: bool = False) -> None:
     from forgather.optim import TritonAdamW
 
     options = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
@@ -710,6 +710,8 @@ def bench_optimizer(iters: int) -> None:
     clipped = {"fused, clipped (torch clip_grad_norm_)": "fused", "triton, clipped (folded into the kernel)": "triton"}
     candidates["fused, clipped (torch clip_grad_norm_)"] = candidates["fused"]
     candidates["triton, clipped (folded into the kernel)"] = lambda params: TritonAdamW(params, **options)
+    if skip_compiled:
+        del candidates["compiled foreach"]
     fused_ms = None
     for name, make in candidates.items():
         params = parameters_1b()
@@ -740,6 +742,7 @@ def main() -> None:
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--skip-optimizer", action="store_true")
     parser.add_argument("--only-optimizer", action="store_true")
+    parser.add_argument("--skip-compiled", action="store_true", help="no compiled foreach AdamW (~45 s of compile)")
     parser.add_argument("--duel", action="store_true",
                         help="only the packed rows' attention candidates, timed in turn over --rounds rounds")
     parser.add_argument("--rounds", type=int, default=5)
@@ -765,7 +768,7 @@ def main() -> None:
         best = sweep_packed(args.iters, args.rounds) if args.packed_sweep else None
         bench_duel(args.iters, args.rounds, args.sweep, best, tuple(args.rows), tuple(args.packed_baseline))
     elif not args.skip_optimizer:
-        bench_optimizer(args.iters)
+        bench_optimizer(args.iters, args.skip_compiled)
     if not args.skip_attention and not args.duel and not args.norm and not args.only_optimizer:
         bench_attention(args.iters, ["default", *args.option_sets])
     if args.json:

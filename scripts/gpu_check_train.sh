@@ -80,6 +80,8 @@
 #                     1.005x, noise; its second (2026-12-05, H200) measured sparse_tied_grad the default's equal.
 #   part z            the 7B shape (Adafactor in Triton, no checkpointing), profiled, after its 1-D parameters' updates
 #                     were stacked into one a step (TritonAdafactor.update_all): its idle against part a's.
+#   part hint         the ALIGNED hint moved onto the pointers (16-byte accesses in the PTX): TritonAdamW's GPU tests,
+#                     the optimizer step alone, the default beside optimizer=adamw_triton, 30 steps.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -366,6 +368,18 @@ y)
         --variant adamw-triton optimizer=adamw_triton --variant one-tensor carry_residual=false \
         --variant sparse-tied sparse_tied_grad=true --profile adamw-triton --timeout 130 "$@"
     ;;
+hint)
+    # the ALIGNED hint on the pointers themselves (on the addresses before the cast it was lost: scalar loads, part
+    # y's second run; scripts/adamw_ptx.py reads the PTX on a CPU): TritonAdamW's GPU tests, the optimizer step
+    # alone (no compiled foreach: 45 s of compile), then the default beside optimizer=adamw_triton, 30 steps
+    if [ -z "${REHEARSE:-}" ]; then
+        gpu_tests 100 pytest_optim.txt tests/gpu/test_optim_gpu.py -k "triton_adamw"
+        timeout 90 $PY scripts/bench_step_pieces.py --only-optimizer --skip-compiled --json "$OUT/optimizer.json" 2>&1 \
+            | grep -v Warning | tee "$OUT/optimizer.txt"
+    fi
+    bench bench_1b_hint.log --shape 1b --label 1b_hint --steps 30 --paths forgather \
+        --variant adamw-triton optimizer=adamw_triton --timeout 110 "$@"
+    ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip
     # nothing, as the HF loops): torch's fused AdamW after Lightning's clip_grad_norm_ against TritonAdamW with the
@@ -388,7 +402,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-z, clip or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-z, hint, clip or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.

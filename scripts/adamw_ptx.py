@@ -1,0 +1,69 @@
+"""TritonAdamW's kernel compiled for a Hopper GPU on the CPU: are its loads and stores vectorized?
+
+Triton compiles for a GPU it does not have (its own ptxas ships in the wheel), so the PTX of
+forgather/optim/adamw_kernels.py can be read without one. The step streams 14 bytes an element; scalar 2-byte
+loads (`ld.global.b16`) left it at 1.8-2.8 TB/s on an H100/H200 (docs/benchmarks.md), and the `ALIGNED` hint is
+meant to turn them into 16-byte ones (`ld.global.v4.b32`). This prints, for bf16 and fp32 tensors, each
+BLOCK x num_warps of TRITON_ADAMW_SWEEP and the hint off and on, the kernel's global loads and stores by width,
+and exits non-zero where the hinted kernel still moves any parameter, gradient or moment element by element.
+Needs Triton, which CPU builds of torch do not bring:
+
+    pip install --target /tmp/triton triton
+    PYTHONPATH=/tmp/triton python scripts/adamw_ptx.py
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from forgather.optim import adamw_kernels
+
+HOPPER = GPUTarget("cuda", 90, 32)
+SWEEP = [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]  # bench_step_pieces' TRITON_ADAMW_SWEEP
+SCALARS = dict(programs="i32", tensors="i32", seed="i32", lr_weight_decay="fp32", beta1="fp32",
+               one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32", step_size="fp32",
+               bias_correction2_sqrt="fp32", eps="fp32")
+POINTERS = dict(addresses="*i64", numels="*i64", work="*i32", grad_scale="*fp32")
+
+
+def memory_ops(dtype: str, aligned: bool, block: int, num_warps: int) -> tuple[Counter, Counter]:
+    """The kernel's global loads and stores in PTX, counted by instruction (`ld.global.v4.b32`: 16 bytes)."""
+    kernel = adamw_kernels.adamw_multi_tensor
+    tensors = dict(param0=f"*{dtype}", grad0=f"*{dtype}", state0=f"*{dtype}")
+    types = {**SCALARS, **POINTERS, **tensors}
+    constants = dict(MAXIMIZE=False, HAS_GRAD_SCALE=False, STOCHASTIC_ROUNDING=False, ALIGNED=aligned, BLOCK=block)
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()})
+    ptx = triton.compile(source, target=HOPPER, options=dict(num_warps=num_warps)).asm["ptx"]
+    return Counter(re.findall(r"ld\.global[\w.]*", ptx)), Counter(re.findall(r"st\.global[\w.]*", ptx))
+
+
+def main() -> int:
+    # The element-wide instructions of each dtype; the kernel's own scalars (its work list, addresses and sizes:
+    # b32/b64 loads) are not the tensors' and are left out of the check.
+    element_wide = {"bf16": ("ld.global.b16", "st.global.b16"), "fp32": ("ld.global.b32", "st.global.b32")}
+    failures = 0
+    print(f"{'dtype':5} {'block':>5} {'warps':>5} {'aligned':7}  loads / stores")
+    for dtype, (scalar_load, scalar_store) in element_wide.items():
+        for block, num_warps in SWEEP:
+            for aligned in (False, True):
+                loads, stores = memory_ops(dtype, aligned, block, num_warps)
+                # fp32 scalars also come from the tables' 32-bit work list: only stores tell for fp32.
+                elementwise = stores[scalar_store] + (loads[scalar_load] if dtype == "bf16" else 0)
+                bad = aligned and elementwise > 0
+                failures += bad
+                print(f"{dtype:5} {block:5d} {num_warps:5d} {str(aligned):7}  {dict(loads)} / {dict(stores)}"
+                      + ("  <- not vectorized" if bad else ""))
+    print("all hinted kernels vectorized" if not failures else f"{failures} hinted kernels not vectorized")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
