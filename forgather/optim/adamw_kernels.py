@@ -9,7 +9,9 @@ tensors' dtypes, in the order of torch's fused AdamW kernel (ATen's fused_adam_u
 the store. ALIGNED (every address of the bucket a multiple of 16 bytes and every size a multiple of 16 elements,
 which the host checks) tells the compiler so: an address read from the table, and a size, carry no alignment
 Triton can see, and without the hint it cannot prove a load or store of several elements aligned (unhinted, the
-step streamed 1.8 TB/s on an H100 at BLOCK 2048, 2026-12-05). `grad_scale` (where HAS_GRAD_SCALE) points at one
+step streamed 1.8 TB/s on an H100 at BLOCK 2048, 2026-12-05). The hint goes on the pointers, after the cast
+from the table's integers: put on the integers it is lost in the cast and every access stays 2 bytes wide
+(scripts/adamw_ptx.py reads the compiled PTX on a CPU and checks for 16-byte accesses). `grad_scale` (where HAS_GRAD_SCALE) points at one
 fp32 factor for every gradient: clipping by global norm, applied as the gradient is read instead of by a pass of
 its own. STOCHASTIC_ROUNDING (bf16 parameters) rounds the new parameter as forgather/optim/rounding.py does,
 bit for bit, with `seed` the step's.
