@@ -2,7 +2,8 @@
 
 Every path trains the same shape on the same tokens per step, in pure bf16 (`--shape`):
   1b    the 1.24B Llama-3.2-1B shape (hidden 2048, 16 layers, 32 / 8 heads, SwiGLU 8192, vocab 128256, tied),
-        4 x 2048 tokens, fused AdamW, no gradient clipping
+        4 x 2048 tokens, AdamW (the HF loops: torch's fused kernel; forgather: optimizer=adamw, TritonAdamW), no
+        gradient clipping
   7b    bench_memory's Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, SwiGLU 11008, vocab 32000, untied),
         8 x 2048 tokens, Triton Adafactor (optimizer=adafactor_triton), no activation checkpointing
   tiny  a few-thousand-parameter Llama, 2 x 64 tokens, fp32: with `--device cpu` it checks this script itself
@@ -358,8 +359,9 @@ PROFILE_CALLBACK = """        profile: !singleton:{script}:ProfileSteps
 
 
 # The override that gives an optimizer template torch's fused AdamW kernel (our own AdamW does not take it).
-FUSED_ADAMW = {"adamw": ["++optimizer.fused=true"],
-               "adamw_in_backward": ["++optimizer.optimizer_factory.fused=true"]}
+# optimizer=adamw is TritonAdamW, faster than torch's fused kernel (docs/benchmarks.md): the default's row runs it
+# as a user's run would; `--variant torch-fused ++optimizer.fused=true` is torch's fused step.
+FUSED_ADAMW = {"adamw_in_backward": ["++optimizer.optimizer_factory.fused=true"]}
 
 
 def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: str, overrides: list[str]) -> list[str]:
@@ -397,7 +399,7 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
         f"max_steps={last_step}", f"log_every_n_steps={args.log_every}",
         "val_check_interval=100000", "limit_val_batches=0", "checkpoint_every=100000",
         f"model.vocab_size={shape['vocab']}", *sizes, f"optimizer={optimizer}",
-        *FUSED_ADAMW.get(optimizer, []),  # torch's fused AdamW, as the HF loops
+        *FUSED_ADAMW.get(optimizer, []),
         "gradient_clip_val=null",  # the HF loops do not clip either
         f"compile={'false' if cpu or args.no_compile else 'true'}", f"attention_fn={args.attention}",
         *args.set, *overrides,

@@ -62,7 +62,7 @@ def test_glob_sweeps_over_group_options(capsys):
     sweep = "optimizer=glob(ada*,exclude=[*triton,*backward,*_sr,*_compiled])"
     assert main(["-p", PROJECT, "+experiment=micro", "--cfg", "-m", sweep]) == 0
     out = capsys.readouterr().out
-    assert out.count("# run ") == 2 and "forgather.optim:Adafactor" in out and "torch.optim:AdamW" in out
+    assert out.count("# run ") == 2 and "forgather.optim:Adafactor" in out and "triton_adamw:TritonAdamW" in out
     assert "TritonAdafactor" not in out
 
 

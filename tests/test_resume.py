@@ -338,5 +338,5 @@ def test_a_group_choice_on_a_recorded_run_says_to_start_a_new_run(tmp_path, caps
         assert main([flag, str(run_dir), "optimizer=adafactor"]) == 2
         (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert line.startswith(f"error: optimizer=adafactor: {flag} runs the config as it was recorded, where "
-                               "optimizer is torch.optim:AdamW")
+                               "optimizer is forgather.optim.triton_adamw:TritonAdamW")
         assert "python -m forgather.run +experiment=micro optimizer=adafactor ..." in line
