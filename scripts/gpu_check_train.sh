@@ -82,6 +82,7 @@
 #                     were stacked into one a step (TritonAdafactor.update_all): its idle against part a's.
 #   part hint         the ALIGNED hint moved onto the pointers (16-byte accesses in the PTX): TritonAdamW's GPU tests,
 #                     the optimizer step alone, the default beside optimizer=adamw_triton, 30 steps.
+#   part host         the default profiled with the host's activity: what the host began while the device idled.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -380,6 +381,12 @@ hint)
     bench bench_1b_hint.log --shape 1b --label 1b_hint --steps 30 --paths forgather \
         --variant adamw-triton optimizer=adamw_triton --timeout 110 "$@"
     ;;
+host)
+    # what the host does while the device idles (0.69 ms a step between the embedding's gather and the first norm in
+    # part y's profile): the default, profiled with the host's activity kept (profile_train.host_during_gaps)
+    bench bench_1b_host.log --shape 1b --label 1b_host --steps 20 --paths forgather --profile forgather \
+        --profile-trace --timeout 150 "$@"
+    ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip
     # nothing, as the HF loops): torch's fused AdamW after Lightning's clip_grad_norm_ against TritonAdamW with the
@@ -402,7 +409,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-z, hint, clip or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-z, hint, host, clip or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.

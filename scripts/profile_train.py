@@ -123,6 +123,55 @@ def idle_gaps(events: list[Event], steps: int, longest: int = 6) -> dict:
     }
 
 
+HOST_EVENT_KINDS = ("cpu_op", "user_annotation", "python_function")  # the host's side of a kept trace
+
+
+def host_during_gaps(trace: dict, longest: int = 4, ops: int = 4) -> list[dict]:
+    """What the host did while the device sat idle, from a trace with the host's activity (`trace=` kept): for
+    the `longest` gaps of at least GAP_US, {ms, after (the kernel that ended the gap), launch_late_ms (how long
+    after the device went idle the host launched it), host: [(operator, ms)]}, the host's operators on the
+    launching thread that began in that time, outermost ones only, longest first (`ops` of them). A gap whose
+    kernel has no launch in the trace (no host activity recorded) gets no `host`."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    kernels = sorted((e for e in events if e.get("cat") in DEVICE_EVENT_KINDS), key=lambda e: float(e["ts"]))
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    host = sorted((e for e in events if e.get("cat") in HOST_EVENT_KINDS), key=lambda e: (float(e["ts"]), -float(e["dur"])))
+    gaps, reach = [], None
+    for kernel in kernels:
+        start, end = float(kernel["ts"]), float(kernel["ts"]) + float(kernel["dur"])
+        if reach is not None and start - reach >= GAP_US:
+            gaps.append((start - reach, reach, kernel))
+        reach = end if reach is None else max(reach, end)
+    found = []
+    for gap_us, idle_from, kernel in sorted(gaps, key=lambda g: -g[0])[:longest]:
+        row = {"ms": gap_us / 1000, "after": kernel["name"]}
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        if launch is not None:
+            launched = float(launch["ts"])
+            row["launch_late_ms"] = (launched - idle_from) / 1000
+            began = [e for e in host if e.get("tid") == launch.get("tid") and idle_from <= float(e["ts"]) < launched]
+            outer, covered = [], float("-inf")
+            for e in began:  # sorted by start, longest first at equal starts: a nested operator starts inside one kept
+                if float(e["ts"]) >= covered:
+                    outer.append((e["name"], min(float(e["dur"]), launched - float(e["ts"])) / 1000))
+                    covered = float(e["ts"]) + float(e["dur"])
+            row["host"] = sorted(outer, key=lambda op: -op[1])[:ops]
+        found.append(row)
+    return found
+
+
+def host_gaps_text(rows: list[dict]) -> str:
+    lines = ["\nthe host during the longest idle gaps:"]
+    for row in rows:
+        line = f"  {row['ms']:.2f} ms before {row['after'][:60]}"
+        if "host" in row:
+            done = ", ".join(f"{name[:50]} {ms:.2f}" for name, ms in row["host"]) or "no operator began"
+            line += f": launched {row['launch_late_ms']:.2f} ms after the device went idle; the host began {done} (ms)"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def top_kernels(events: list[Event], steps: int, count: int | None = 20, by: str = "time") -> list[dict]:
     """The `count` kernels (by name; None: all) that take the most device time (by="calls": the most launches):
     {name, category, ms_per_step, calls_per_step}, most first. Inductor names its kernels after what they fuse
@@ -224,7 +273,9 @@ class StepProfiler:
             path = os.path.join(tmp, "trace.json")
             self._profile.export_chrome_trace(path)
             text = Path(path).read_text()
-            events = trace_events(json.loads(text))
+            exported = json.loads(text)
+            events = trace_events(exported)
+            host = host_during_gaps(exported) if self.trace and self.device == "cuda" else []
             if self.trace:
                 with gzip.open(self.trace, "wt") as kept:
                     kept.write(text)
@@ -235,9 +286,10 @@ class StepProfiler:
                                                for site, count in syncs)
         top = top_kernels(events, steps)
         launched = top_kernels(events, steps, 10, by="calls")  # the launches a step's idle gaps come between
-        table += ("\n" if syncs else "") + gaps_text(gaps) + top_kernels_text(top) + top_kernels_text(launched)
+        table += ("\n" if syncs else "") + gaps_text(gaps) + (host_gaps_text(host) if host else "")
+        table += top_kernels_text(top) + top_kernels_text(launched)
         return {"title": self.title, "steps": steps, "wall_ms_per_step": wall_us / steps / 1000, "kernels": len(events),
-                "rows": rows, "syncs": syncs, "gaps": gaps, "top_kernels": top,
+                "rows": rows, "syncs": syncs, "gaps": gaps, "host_during_gaps": host, "top_kernels": top,
                 "all_kernels": top_kernels(events, steps, None), "table": table}
 
 
@@ -293,16 +345,22 @@ except ImportError:  # the summarizer alone needs no Lightning
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("trace", help="a chrome trace (torch.profiler export_chrome_trace)")
+    parser.add_argument("trace", help="a chrome trace (torch.profiler export_chrome_trace; .json or .json.gz)")
     parser.add_argument("--steps", type=int, default=1, help="how many steps the trace holds")
     parser.add_argument("--wall-ms", type=float, help="the traced window's wall time (default: first to last event)")
     args = parser.parse_args()
-    events = trace_events(json.loads(Path(args.trace).read_text()))
+    opener = gzip.open if args.trace.endswith(".gz") else open  # the bench keeps its traces gzipped
+    with opener(args.trace, "rt") as file:
+        trace = json.load(file)
+    events = trace_events(trace)
     if not events:
         raise SystemExit(f"{args.trace}: no kernel or operator events in this trace")
     span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
     print(markdown_table(summarize(events, args.wall_ms * 1000 if args.wall_ms else span, args.steps)))
     print(gaps_text(idle_gaps(events, args.steps)))
+    host = host_during_gaps(trace)
+    if any("host" in row for row in host):
+        print(host_gaps_text(host))
 
 
 if __name__ == "__main__":

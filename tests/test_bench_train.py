@@ -350,3 +350,33 @@ def test_the_next_gpu_check_part_rehearses_on_a_cpu(tmp_path):
     summary = (tmp_path / "summary_1b_y.md").read_text()
     assert re.search(r"^\| forgather \| \d+ ", summary, re.M), summary
     assert re.search(r"^\| adamw-triton optimizer=adamw_triton \| \d+ ", summary, re.M), summary
+
+
+def test_the_host_during_an_idle_gap_is_what_began_before_the_late_launch():
+    """A kept trace (host activity recorded): the device idles 300 us before `first_norm`, whose launch came 280 us
+    after the idle began; in between the host began `CompiledFunction` (with an operator nested inside, not counted
+    twice) and `aten::embedding`; an operator of another thread, one before the gap and the short gap's are left out."""
+    def x(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": args}
+
+    trace = {"traceEvents": [
+        x("kernel", "gather", 0, 100, tid=7, correlation=1),
+        x("kernel", "first_norm", 400, 50, tid=7, correlation=2),
+        x("kernel", "mm", 460, 10, tid=7, correlation=3),  # a 10 us launch gap: not a long one
+        x("cuda_runtime", "cudaLaunchKernel", 10, 5, correlation=1),
+        x("cuda_runtime", "cudaLaunchKernel", 380, 5, correlation=2),
+        x("cpu_op", "aten::early", 50, 20),  # began before the device went idle
+        x("cpu_op", "aten::embedding", 110, 40),
+        x("user_annotation", "CompiledFunction", 160, 240),
+        x("cpu_op", "aten::inner", 170, 30),  # inside CompiledFunction
+        x("cpu_op", "aten::other_thread", 120, 100, tid=2),
+    ]}
+    (row,) = profile_train.host_during_gaps(trace)
+    assert row["ms"] == pytest.approx(0.3) and row["after"] == "first_norm"
+    assert row["launch_late_ms"] == pytest.approx(0.28)
+    assert row["host"] == [("CompiledFunction", pytest.approx(0.22)), ("aten::embedding", pytest.approx(0.04))]
+    text = profile_train.host_gaps_text([row])
+    assert "0.30 ms before first_norm: launched 0.28 ms after the device went idle" in text
+    assert "CompiledFunction 0.22" in text
+    del trace["traceEvents"][3:5]  # no launches recorded: the gap alone
+    assert profile_train.host_during_gaps(trace) == [{"ms": pytest.approx(0.3), "after": "first_norm"}]
