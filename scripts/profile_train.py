@@ -102,17 +102,23 @@ def summarize(events: list[Event], wall_us: float, steps: int) -> list[dict]:
 GAP_US = 100.0  # an idle gap at least this long is the host falling behind, not the launch of the next kernel
 
 
+def device_gaps(intervals: Iterable[tuple[float, float, object]]) -> list[tuple[float, float, object, object]]:
+    """The device's idle gaps among (start, duration, item) intervals, which may overlap: (length, idle from,
+    the item that ended the busy stretch before the gap, the item that ended the gap), in time order."""
+    gaps, reach, last = [], None, None
+    for start, duration, item in sorted(intervals, key=lambda interval: interval[0]):
+        if reach is not None and start > reach:
+            gaps.append((start - reach, reach, last, item))
+        if reach is None or start + duration > reach:
+            reach, last = start + duration, item
+    return gaps
+
+
 def idle_gaps(events: list[Event], steps: int, longest: int = 6) -> dict:
     """The device's idle time between kernels: {long_ms, long_count, short_ms, short_count} per step, split at
     GAP_US, and `longest`: the longest gaps as {ms, before, after} (the kernel that ended the busy stretch
     before the gap and the kernel that ended the gap), longest first."""
-    ordered = sorted(events, key=lambda e: e[1])
-    gaps, reach, last = [], None, None
-    for name, start, duration in ordered:
-        if reach is not None and start > reach:
-            gaps.append((start - reach, last, name))
-        if reach is None or start + duration > reach:
-            reach, last = start + duration, name
+    gaps = [(length, before, after) for length, _, before, after in device_gaps((s, d, n) for n, s, d in events)]
     long = [gap for gap in gaps if gap[0] >= GAP_US]
     short = [gap for gap in gaps if gap[0] < GAP_US]
     return {
@@ -133,18 +139,14 @@ def host_during_gaps(trace: dict, longest: int = 4, ops: int = 4) -> list[dict]:
     launching thread that began in that time, outermost ones only, longest first (`ops` of them). A gap whose
     kernel has no launch in the trace (no host activity recorded) gets no `host`."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    kernels = sorted((e for e in events if e.get("cat") in DEVICE_EVENT_KINDS), key=lambda e: float(e["ts"]))
+    kernels = [(float(e["ts"]), float(e["dur"]), e) for e in events if e.get("cat") in DEVICE_EVENT_KINDS]
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    host = sorted((e for e in events if e.get("cat") in HOST_EVENT_KINDS), key=lambda e: (float(e["ts"]), -float(e["dur"])))
-    gaps, reach = [], None
-    for kernel in kernels:
-        start, end = float(kernel["ts"]), float(kernel["ts"]) + float(kernel["dur"])
-        if reach is not None and start - reach >= GAP_US:
-            gaps.append((start - reach, reach, kernel))
-        reach = end if reach is None else max(reach, end)
+    host = sorted((e for e in events if e.get("cat") in HOST_EVENT_KINDS),
+                  key=lambda e: (float(e["ts"]), -float(e["dur"])))
+    gaps = [gap for gap in device_gaps(kernels) if gap[0] >= GAP_US]
     found = []
-    for gap_us, idle_from, kernel in sorted(gaps, key=lambda g: -g[0])[:longest]:
+    for gap_us, idle_from, _, kernel in sorted(gaps, key=lambda g: -g[0])[:longest]:
         row = {"ms": gap_us / 1000, "after": kernel["name"]}
         launch = launches.get(kernel.get("args", {}).get("correlation"))
         if launch is not None:
