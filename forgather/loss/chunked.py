@@ -157,10 +157,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 loss += chunk_loss
                 if grad_hidden is not None:
                     _matmul_into(grad_hidden[start : start + chunk_size], grad_logits, w)
-                if grad_weight is not None and first_writes and start == 0:
-                    torch.mm(grad_logits.t(), h, out=grad_weight)
-                elif grad_weight is not None:
-                    _accumulate_matmul(grad_weight, grad_logits.t(), h)
+                if grad_weight is not None:
+                    write = _matmul_into if first_writes and start == 0 else _accumulate_matmul
+                    write(grad_weight, grad_logits.t(), h)
                 del grad_logits  # before the next chunk's logits are allocated
         ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
         ctx.backward_done = False

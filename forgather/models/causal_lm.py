@@ -169,10 +169,9 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """[B, T] token ids -> [B, T, H] final-normed hidden states."""
         rope, mask = self.layer_inputs(input_ids, position_ids, kv_cache)
-        if self._sparse_embedding_grad():
-            x = self.embedding_dropout(self.embed(input_ids, sparse_grad=True))
-        else:
-            x = self.embedding_dropout(self.embed(input_ids))
+        # Only TokenEmbedding takes `sparse_grad`; other embedding factories are called as before.
+        embedded = self.embed(input_ids, sparse_grad=True) if self._sparse_embedding_grad() else self.embed(input_ids)
+        x = self.embedding_dropout(embedded)
         checkpointing = self.activation_checkpointing and self.training
         if self.training and not checkpointing and kv_cache is None and self._layers_carry_residual:
             # In training the stream passes between layers as a pair (layers.py): its adds happen inside the next
