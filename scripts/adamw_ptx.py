@@ -4,8 +4,9 @@ Triton compiles for a GPU it does not have (its own ptxas ships in the wheel), s
 forgather/optim/adamw_kernels.py can be read without one. The step streams 14 bytes an element; scalar 2-byte
 loads (`ld.global.b16`) left it at 1.8-2.8 TB/s on an H100/H200 (docs/benchmarks.md), and the `ALIGNED` hint is
 meant to turn them into 16-byte ones (`ld.global.v4.b32`). This prints, for bf16 and fp32 tensors, each
-BLOCK x num_warps of TRITON_ADAMW_SWEEP and the hint off and on, the kernel's registers a thread and its global
-loads and stores by width, and exits non-zero where the hinted kernel still moves any parameter, gradient or moment element by element.
+BLOCK x num_warps of adamw_kernels.SWEEP and the hint off and on, the kernel's registers a thread and its global
+loads and stores by width, and exits non-zero where the hinted kernel still moves any parameter, gradient or
+moment element by element.
 Needs Triton, which CPU builds of torch do not bring:
 
     pip install --target /tmp/triton triton
@@ -28,7 +29,6 @@ from triton.compiler import ASTSource
 from forgather.optim import adamw_kernels
 
 HOPPER = GPUTarget("cuda", 90, 32)
-SWEEP = [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]  # bench_step_pieces' TRITON_ADAMW_SWEEP
 SCALARS = dict(programs="i32", tensors="i32", seed="i32", lr_weight_decay="fp32", beta1="fp32",
                one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32", step_size="fp32",
                bias_correction2_sqrt="fp32", eps="fp32")
@@ -73,7 +73,7 @@ def main() -> int:
     failures = 0
     print(f"{'dtype':5} {'block':>5} {'warps':>5} {'aligned':7} {'regs':>4}  loads / stores")
     for dtype, (scalar_load, scalar_store) in element_wide.items():
-        for block, num_warps in SWEEP:
+        for block, num_warps in adamw_kernels.SWEEP:
             for aligned in (False, True):
                 loads, stores, regs = memory_ops(dtype, aligned, block, num_warps)
                 # fp32 scalars also come from the tables' 32-bit work list: only stores tell for fp32.

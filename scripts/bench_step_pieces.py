@@ -19,7 +19,7 @@
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
   the capturable step, the rate a device tensor) and against forgather.optim.TritonAdamW (one Triton launch
-  over all tensors) at each (BLOCK, num_warps) of TRITON_ADAMW_SWEEP; the first call's seconds (compiles).
+  over all tensors) at each (BLOCK, num_warps) of adamw_kernels.SWEEP; the first call's seconds (compiles).
   Then both with clipping by global norm before the step: torch's clip_grad_norm_ with the fused AdamW, and
   TritonAdamW's clip_grad_norm_, whose factor its kernel applies as it reads the gradients.
   `--only-optimizer` runs this piece alone.
@@ -690,11 +690,9 @@ def parameters_1b() -> list[torch.Tensor]:
     return params
 
 
-TRITON_ADAMW_SWEEP = [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]  # (BLOCK, num_warps)
-
-
 def bench_optimizer(iters: int, skip_compiled: bool = False) -> None:
     from forgather.optim import TritonAdamW
+    from forgather.optim.adamw_kernels import SWEEP
 
     options = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
     candidates = {
@@ -703,7 +701,7 @@ def bench_optimizer(iters: int, skip_compiled: bool = False) -> None:
         "compiled foreach": lambda params: CompiledAdamW(params, **options),
         **{f"triton block {block} warps {warps}": (lambda params, block=block, warps=warps:
                                                    TritonAdamW(params, block=block, num_warps=warps, **options))
-           for block, warps in TRITON_ADAMW_SWEEP},
+           for block, warps in SWEEP},
     }
     # Clipping by global norm (forgather's trainers clip at 1.0 by default) before the step: torch's clip_grad_norm_
     # scales the gradients in place; TritonAdamW's folds the factor into its kernel.

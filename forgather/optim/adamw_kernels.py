@@ -11,8 +11,8 @@ which the host checks) tells the compiler so: an address read from the table, an
 Triton can see, and without the hint it cannot prove a load or store of several elements aligned (unhinted, the
 step streamed 1.8 TB/s on an H100 at BLOCK 2048, 2026-12-05). The hint goes on the pointers, after the cast
 from the table's integers: put on the integers it is lost in the cast and every access stays 2 bytes wide
-(scripts/adamw_ptx.py reads the compiled PTX on a CPU and checks for 16-byte accesses). `grad_scale` (where HAS_GRAD_SCALE) points at one
-fp32 factor for every gradient: clipping by global norm, applied as the gradient is read instead of by a pass of
+(scripts/adamw_ptx.py reads the compiled PTX on a CPU and checks for 16-byte accesses). `grad_scale` (where
+HAS_GRAD_SCALE) points at one fp32 factor for every gradient: clipping by global norm, applied as the gradient is read instead of by a pass of
 its own. STOCHASTIC_ROUNDING (bf16 parameters) rounds the new parameter as forgather/optim/rounding.py does,
 bit for bit, with `seed` the step's.
 
@@ -29,8 +29,11 @@ import triton.language as tl
 
 from forgather.optim.adafactor_kernels import _stochastic_round_bits
 
-BLOCK = 1024  # elements a program: the H100's best unhinted (6.21 ms a 1.24B step, 2048: 9.70); bench_step_pieces.py sweeps it
+# Elements a program: the best of the H100's sweep (5.85 ms a 1.24B step, hinted; bench_step_pieces.py sweeps it).
+BLOCK = 1024
 NUM_WARPS = 4
+# The (BLOCK, num_warps) pairs scripts/bench_step_pieces.py times on a GPU and scripts/adamw_ptx.py compiles on a CPU.
+SWEEP = [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed each step must not mean a new compilation
