@@ -134,7 +134,7 @@ def hf_worker(args: argparse.Namespace, shape: dict, path: str) -> dict:
             now = time.perf_counter()
             rates.append(args.log_every * tokens / (now - start))
             start = now
-    result = {"tokens_per_s": median_of_late_windows(rates)}
+    result = {"tokens_per_s": median_of_late_windows(rates), "windows": rates}
     if device == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if path in args.profile:
@@ -348,6 +348,10 @@ BENCH_TRAINER_BLOCK = """
 {profile}        measured: !singleton:{script}:MarkMeasured
             step: {last_step}
             output: {marker}
+        collector: !singleton:{script}:CollectorTimes
+            first_step: {log_every}
+            last_step: {timed_steps}
+            output: {collector}
 """
 PROFILE_CALLBACK = """        profile: !singleton:{script}:ProfileSteps
             first_step: {first_step}
@@ -381,7 +385,8 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
                                                                 if args.profile_trace else None))
     trainer_block = BENCH_TRAINER_BLOCK.format(
         trainer_sets="" if cpu else GPU_TRAINER_SETS, profile=profile_callback if profile else "", script=script,
-        last_step=last_step, marker=tmp / MEASURED)
+        last_step=last_step, marker=tmp / MEASURED, log_every=args.log_every, timed_steps=args.steps,
+        collector=tmp / "collector.json")
     (project / "templates" / "configs" / "bench.yaml").write_text(BENCH_TEMPLATE.format(
         shape=args.shape, model=model, trainer=trainer, loss="chunked" if cpu else args.loss, seq=shape["seq"],
         batch=shape["batch"], trainer_block=trainer_block,
@@ -423,7 +428,10 @@ MEASURED = "measured"  # the marker MarkMeasured writes in the run's temporary d
 
 def forgather_result(args: argparse.Namespace, tmp: Path, name: str) -> dict:
     rates = logged_rates(tmp)[: args.steps // args.log_every]  # the windows before the profiled steps
-    result = {"tokens_per_s": median_of_late_windows(rates)}
+    result = {"tokens_per_s": median_of_late_windows(rates), "windows": rates}
+    collector = tmp / "collector.json"
+    if collector.exists():  # the garbage collector's passes after the first window (CollectorTimes)
+        result["gc"] = json.loads(collector.read_text())
     if name in args.profile:
         result["profile"] = json.loads((tmp / "profile.json").read_text())
     return result
@@ -525,6 +533,16 @@ def worker_args(args: argparse.Namespace) -> list[str]:
             "--profile", *args.profile]
 
 
+def window_note(result: dict) -> str:
+    """A forgather row's timed windows (tokens/s, in thousands) and the garbage collector's time in its steps."""
+    note = "windows " + " ".join(f"{rate / 1000:.1f}k" for rate in result["windows"])
+    collector = result.get("gc")
+    if collector and collector["steps"]:
+        passes = sum(collector["collections"].values())
+        note += f"; gc {passes} passes, {sum(collector['ms'].values()) / collector['steps']:.2f} ms a step"
+    return note
+
+
 def summary_table(results: list[dict], shape: dict, args: argparse.Namespace) -> str:
     reference = next((r for r in results if r["name"] == "hf-liger" and "tokens_per_s" in r), None)
     lines = [f"shape {args.shape} ({shape['batch']} x {shape['seq']} tokens a step), device {args.device}\n",
@@ -535,6 +553,7 @@ def summary_table(results: list[dict], shape: dict, args: argparse.Namespace) ->
             note = (f"{r['step_s']:.2f} s a {r['tokens']}-token step, warm-up {r['warmup_s']:.1f} s"
                     if "step_s" in r else "")
             note += f"{'; ' if note else ''}peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
+            note += f"{'; ' if note else ''}{window_note(r)}" if "windows" in r else ""
             lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {ratio} | "
                          f"{r['wall_s']:.0f} | {note} |")
         else:

@@ -82,7 +82,9 @@
 #                     were stacked into one a step (TritonAdafactor.update_all): its idle against part a's.
 #   part hint         the ALIGNED hint moved onto the pointers (16-byte accesses in the PTX): TritonAdamW's GPU tests,
 #                     the optimizer step alone, the default beside optimizer=adamw_triton, 30 steps.
-#   part host         the default profiled with the host's activity: what the host began while the device idled.
+#   part host         the default profiled over five steps (a logged one among them) with the host's activity: what
+#                     the host began while the device idled, how far ahead it launched, its waits; beside HF +
+#                     Liger, 80 steps, logging every 5 steps, then every 20.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -382,10 +384,15 @@ hint)
         --variant adamw-triton optimizer=adamw_triton --timeout 110 "$@"
     ;;
 host)
-    # what the host does while the device idles (0.69 ms a step between the embedding's gather and the first norm in
-    # part y's profile): the default, profiled with the host's activity kept (profile_train.host_during_gaps)
-    bench bench_1b_host.log --shape 1b --label 1b_host --steps 20 --paths forgather --profile forgather \
-        --profile-trace --timeout 150 "$@"
+    # who sets the pace (part y's profile: 107.2 ms a step over three unlogged steps, its timed windows 109.3): the
+    # default profiled over five steps, a logged one among them, with the host's activity kept
+    # (profile_train.host_during_gaps, host_lead: how far ahead the host launched each kernel, its waits), beside
+    # HF + Liger, 80 steps, every window and the garbage collector's passes in the notes; then both logging every
+    # 20 steps instead of 5 (what a logged step costs)
+    bench bench_1b_host.log --shape 1b --label 1b_host --steps 80 --paths forgather hf-liger --profile forgather \
+        --profile-steps 5 --profile-trace --timeout 200 "$@"
+    bench bench_1b_host.log --shape 1b --label 1b_log20 --steps 80 --log-every 20 --paths forgather hf-liger \
+        --timeout 150 "$@"
     ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip

@@ -163,6 +163,46 @@ def host_during_gaps(trace: dict, longest: int = 4, ops: int = 4) -> list[dict]:
     return found
 
 
+HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
+              "cudaStreamQuery")  # runtime calls that return only once the device got somewhere (cudaMemcpy:
+# the synchronous one; cudaMemcpyAsync is matched apart, it waits only when its host memory is pageable)
+BLOCKED_LAUNCH_US = 50.0  # a launch call longer than this waited for room in the device's full queue
+
+
+def host_lead(trace: dict, steps: int) -> dict:
+    """Whether the host or the device set the pace, from a trace with the host's activity: {lead_ms: the
+    10th, 50th and 90th percentiles of how long before its start each kernel was launched (near zero: the device
+    ran each kernel as soon as the host launched it, the host is the bottleneck), wait_ms: the host's time a step
+    in calls that wait for the device (HOST_WAITS, synchronous copies), blocked_ms: its time a step in launches
+    that took longer than BLOCKED_LAUNCH_US (the device's queue full: the host far ahead), launches: kernels
+    matched to their launch}. Empty when no launch was recorded."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
+    launches = {e["args"]["correlation"]: float(e["ts"]) for e in runtime if "correlation" in e.get("args", {})}
+    leads = sorted(float(e["ts"]) - launches[e["args"]["correlation"]] for e in events
+                   if e.get("cat") in DEVICE_EVENT_KINDS and e.get("args", {}).get("correlation") in launches)
+    if not leads:
+        return {}
+    wait = sum(float(e["dur"]) for e in runtime if e["name"] in HOST_WAITS)
+    blocked = sum(float(e["dur"]) for e in runtime
+                  if "Launch" in e["name"] and float(e["dur"]) > BLOCKED_LAUNCH_US)
+
+    def percentile(q: float) -> float:
+        return leads[min(len(leads) - 1, int(q * len(leads)))] / 1000
+
+    return {"lead_ms": {"p10": percentile(0.1), "p50": percentile(0.5), "p90": percentile(0.9)},
+            "wait_ms": wait / steps / 1000, "blocked_ms": blocked / steps / 1000, "launches": len(leads)}
+
+
+def host_lead_text(lead: dict) -> str:
+    if not lead:
+        return ""
+    p = lead["lead_ms"]
+    return (f"\nkernels launched ahead of their start: {p['p10']:.2f} / {p['p50']:.2f} / {p['p90']:.2f} ms "
+            f"(10th / 50th / 90th percentile of {lead['launches']}); a step, the host waited {lead['wait_ms']:.2f} "
+            f"ms for the device and {lead['blocked_ms']:.2f} ms in launches into a full queue\n")
+
+
 def host_gaps_text(rows: list[dict]) -> str:
     lines = ["\nthe host during the longest idle gaps:"]
     for row in rows:
@@ -277,7 +317,9 @@ class StepProfiler:
             text = Path(path).read_text()
             exported = json.loads(text)
             events = trace_events(exported)
-            host = host_during_gaps(exported) if self.trace and self.device == "cuda" else []
+            kept = self.trace and self.device == "cuda"
+            host = host_during_gaps(exported) if kept else []
+            lead = host_lead(exported, steps) if kept else {}
             if self.trace:
                 with gzip.open(self.trace, "wt") as kept:
                     kept.write(text)
@@ -289,9 +331,11 @@ class StepProfiler:
         top = top_kernels(events, steps)
         launched = top_kernels(events, steps, 10, by="calls")  # the launches a step's idle gaps come between
         table += ("\n" if syncs else "") + gaps_text(gaps) + (host_gaps_text(host) if host else "")
+        table += host_lead_text(lead)
         table += top_kernels_text(top) + top_kernels_text(launched)
         return {"title": self.title, "steps": steps, "wall_ms_per_step": wall_us / steps / 1000, "kernels": len(events),
-                "rows": rows, "syncs": syncs, "gaps": gaps, "host_during_gaps": host, "top_kernels": top,
+                "rows": rows, "syncs": syncs, "gaps": gaps, "host_during_gaps": host, "host_lead": lead,
+                "top_kernels": top,
                 "all_kernels": top_kernels(events, steps, None), "table": table}
 
 
@@ -341,6 +385,35 @@ try:
                 for logger in trainer.loggers:
                     logger.save()
                 Path(self.output).touch()
+
+    class CollectorTimes(pl.Callback):
+        """The garbage collector's passes during optimizer steps `first_step + 1 .. last_step` (gc.callbacks):
+        written as JSON to `output`, {steps, collections: {generation: count}, ms: {generation: total ms}}. A
+        full pass stops the host for tens of milliseconds, long enough to drain the device's queue."""
+
+        def __init__(self, first_step: int, last_step: int, output: str) -> None:
+            self.first_step, self.last_step, self.output = first_step, last_step, output
+            self.collections: collections.Counter = collections.Counter()
+            self.seconds: collections.Counter = collections.Counter()
+            self._began = 0.0
+
+        def _pass(self, phase: str, info: dict) -> None:
+            if phase == "start":
+                self._began = time.perf_counter()
+            else:
+                self.collections[info["generation"]] += 1
+                self.seconds[info["generation"]] += time.perf_counter() - self._began
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            import gc
+
+            if trainer.global_step == self.first_step and self._pass not in gc.callbacks:
+                gc.callbacks.append(self._pass)
+            elif trainer.global_step >= self.last_step and self._pass in gc.callbacks:
+                gc.callbacks.remove(self._pass)
+                Path(self.output).write_text(json.dumps({
+                    "steps": trainer.global_step - self.first_step, "collections": dict(self.collections),
+                    "ms": {generation: 1000 * s for generation, s in self.seconds.items()}}))
 except ImportError:  # the summarizer alone needs no Lightning
     pass
 
@@ -363,6 +436,7 @@ def main() -> None:
     host = host_during_gaps(trace)
     if any("host" in row for row in host):
         print(host_gaps_text(host))
+    print(host_lead_text(host_lead(trace, args.steps)), end="")
 
 
 if __name__ == "__main__":

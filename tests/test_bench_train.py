@@ -344,12 +344,15 @@ def test_the_next_gpu_check_part_rehearses_on_a_cpu(tmp_path):
     import os
 
     env = {**os.environ, "REHEARSE": "1", "PY": sys.executable, "OUT": str(tmp_path)}
-    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check_train.sh"), "y"], capture_output=True, text=True,
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check_train.sh"), "host"], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    summary = (tmp_path / "summary_1b_y.md").read_text()
-    assert re.search(r"^\| forgather \| \d+ ", summary, re.M), summary
-    assert re.search(r"^\| adamw-triton optimizer=adamw_triton \| \d+ ", summary, re.M), summary
+    for label in ("1b_host", "1b_log20"):
+        summary = (tmp_path / f"summary_{label}.md").read_text()
+        # every timed window and the garbage collector's passes after the first window in the forgather row's note
+        assert re.search(r"^\| forgather \| \d+ .*windows [\d.]+k [\d.]+k.*; gc \d+ passes", summary, re.M), summary
+    assert "profile of forgather: 5 steps" in (tmp_path / "summary_1b_host.md").read_text()
+    assert (tmp_path / "trace_forgather.json.gz").is_file()
 
 
 def test_the_host_during_an_idle_gap_is_what_began_before_the_late_launch():
@@ -380,3 +383,55 @@ def test_the_host_during_an_idle_gap_is_what_began_before_the_late_launch():
     assert "CompiledFunction 0.22" in text
     del trace["traceEvents"][3:5]  # no launches recorded: the gap alone
     assert profile_train.host_during_gaps(trace) == [{"ms": pytest.approx(0.3), "after": "first_norm"}]
+
+
+def test_host_lead_says_how_far_ahead_kernels_were_launched_and_how_long_the_host_waited():
+    """Four kernels launched 10, 20, 300 and 400 us before they start; over 2 steps the host waited 600 us in a
+    stream synchronize, and one launch (200 us) waited for room in a full queue, one (5 us) did not."""
+    def x(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": 1, "args": args}
+
+    trace = {"traceEvents": [
+        *(x("kernel", f"k{i}", start, 5, correlation=i) for i, start in enumerate((100, 200, 600, 900))),
+        x("cuda_runtime", "cudaLaunchKernel", 90, 5, correlation=0),
+        x("cuda_runtime", "cudaLaunchKernel", 180, 5, correlation=1),
+        x("cuda_runtime", "cuLaunchKernel", 300, 200, correlation=2),
+        x("cuda_runtime", "cudaLaunchKernel", 500, 5, correlation=3),
+        x("cuda_runtime", "cudaStreamSynchronize", 950, 600),
+        x("cuda_runtime", "cudaMemcpyAsync", 960, 900),  # pinned: no wait counted
+    ]}
+    lead = profile_train.host_lead(trace, steps=2)
+    assert lead["launches"] == 4
+    assert lead["lead_ms"] == {"p10": pytest.approx(0.01), "p50": pytest.approx(0.3), "p90": pytest.approx(0.4)}
+    assert lead["wait_ms"] == pytest.approx(0.3) and lead["blocked_ms"] == pytest.approx(0.1)
+    assert "0.01 / 0.30 / 0.40 ms" in profile_train.host_lead_text(lead)
+    assert profile_train.host_lead({"traceEvents": trace["traceEvents"][:4]}, 2) == {}  # no launches recorded
+
+
+def test_collector_times_count_the_passes_between_its_steps_only(tmp_path):
+    import gc
+
+    output = tmp_path / "gc.json"
+    callback = profile_train.CollectorTimes(first_step=2, last_step=4, output=str(output))
+    trainer = type("Trainer", (), {"global_step": 1})()
+    gc.collect()  # before its first step: not counted
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    trainer.global_step = 2
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    gc.collect()
+    gc.collect(0)
+    trainer.global_step = 4
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    gc.collect()  # after its last step: not counted
+    written = json.loads(output.read_text())
+    assert written["steps"] == 2
+    assert written["collections"]["2"] == 1 and written["collections"]["0"] >= 1
+    assert set(written["ms"]) == set(written["collections"]) and all(ms >= 0 for ms in written["ms"].values())
+    assert callback._pass not in gc.callbacks
+
+
+def test_a_forgather_row_notes_its_windows_and_the_collector():
+    row = {"windows": [60_123.0, 75_000.0, 74_500.0],
+           "gc": {"steps": 10, "collections": {"0": 3, "2": 1}, "ms": {"0": 1.0, "2": 49.0}}}
+    assert bench_train.window_note(row) == "windows 60.1k 75.0k 74.5k; gc 4 passes, 5.00 ms a step"
+    assert bench_train.window_note({"windows": [1000.0]}) == "windows 1.0k"
