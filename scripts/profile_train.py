@@ -165,7 +165,7 @@ def host_during_gaps(trace: dict, longest: int = 4, ops: int = 4) -> list[dict]:
 
 HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
               "cudaStreamQuery")  # runtime calls that return only once the device got somewhere (cudaMemcpy:
-# the synchronous one; cudaMemcpyAsync is matched apart, it waits only when its host memory is pageable)
+# the synchronous one; cudaMemcpyAsync is left out, it waits only from pageable memory, and the step's is pinned)
 BLOCKED_LAUNCH_US = 50.0  # a launch call longer than this waited for room in the device's full queue
 
 
@@ -269,23 +269,19 @@ def trace_events(trace: dict) -> list[Event]:
 
 class StepProfiler:
     """Profile a number of steps: `start()` before the first, `stop(steps)` after the last -> summary dict
-    {steps, wall_ms_per_step, rows, syncs, table}. Both ends wait for the device, so the window's wall time is
-    exact."""
+    {steps, wall_ms_per_step, rows, syncs, table}. On CUDA the window is timed on the device, between two events
+    in the stream's order, and the start does not wait: the profiled steps find the device's queue as full as
+    the timed ones do (a wait there would empty it, and the first step's launches would show as idle gaps). On a
+    CPU both ends are host clock readings."""
 
     def __init__(self, device: str, title: str = "", trace: str | None = None) -> None:
         self.device, self.title, self.trace = device, title, trace
-        self._profile, self._start = None, 0.0
-
-    def _sync(self) -> None:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
+        self._profile, self._start, self._begin = None, 0.0, None
 
     def start(self) -> None:
+        import torch
         from torch.profiler import ProfilerActivity, profile
 
-        self._sync()
         # On CUDA the device's activity alone, unless the trace is kept: then the host's operators and launches
         # too, which say what the host did during each gap.
         activities = [ProfilerActivity.CPU] if self.trace or self.device != "cuda" else []
@@ -298,6 +294,9 @@ class StepProfiler:
         warnings.simplefilter("always")
         self._sync_debug(True)
         self._start = time.perf_counter()
+        if self.device == "cuda":
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
 
     def _sync_debug(self, on: bool) -> None:
         import torch
@@ -306,9 +305,16 @@ class StepProfiler:
             torch.cuda.set_sync_debug_mode("warn" if on else "default")
 
     def stop(self, steps: int) -> dict:
+        import torch
+
         self._sync_debug(False)
-        self._sync()
-        wall_us = (time.perf_counter() - self._start) * 1e6
+        if self._begin is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            wall_us = self._begin.elapsed_time(end) * 1000
+        else:
+            wall_us = (time.perf_counter() - self._start) * 1e6
         self._warnings.__exit__(None, None, None)
         self._profile.__exit__(None, None, None)
         with tempfile.TemporaryDirectory() as tmp:
@@ -317,9 +323,9 @@ class StepProfiler:
             text = Path(path).read_text()
             exported = json.loads(text)
             events = trace_events(exported)
-            kept = self.trace and self.device == "cuda"
-            host = host_during_gaps(exported) if kept else []
-            lead = host_lead(exported, steps) if kept else {}
+            with_host = self.trace and self.device == "cuda"
+            host = host_during_gaps(exported) if with_host else []
+            lead = host_lead(exported, steps) if with_host else {}
             if self.trace:
                 with gzip.open(self.trace, "wt") as kept:
                     kept.write(text)
