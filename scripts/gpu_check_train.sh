@@ -85,6 +85,8 @@
 #   part host         the default profiled over five steps (a logged one among them) with the host's activity: what
 #                     the host began while the device idled, how far ahead it launched, its waits; beside HF +
 #                     Liger, 80 steps, logging every 5 steps, then every 20.
+#   part bars         the default beside HF + Liger, with loss chunks of 2,048 and 4,096 tokens and the tied
+#                     embedding's gradient as rows, 40 steps.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -393,6 +395,17 @@ host)
         --profile-steps 5 --profile-trace --timeout 200 "$@"
     bench bench_1b_host.log --shape 1b --label 1b_log20 --steps 80 --log-every 20 --paths forgather hf-liger \
         --timeout 150 "$@"
+    ;;
+bars)
+    # the bars' run: the default (TritonAdamW with 16-byte accesses, never yet timed in training on an H200) beside
+    # HF + Liger, with larger loss chunks (the loss alone at 8,192 tokens: 21.4 ms with 1,024-token chunks, 20.2
+    # with 2,048, 19.9 with 4,096; each chunk re-reads the head and read-modify-writes its gradient) and the tied
+    # embedding's gradient as rows, 40 steps
+    bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 40 --paths forgather hf-liger \
+        --variant loss-2048 ++loss.chunk_size=2048 --variant loss-4096 ++loss.chunk_size=4096 \
+        --variant sparse-tied sparse_tied_grad=true \
+        --variant loss-2048+sparse-tied ++loss.chunk_size=2048 sparse_tied_grad=true --profile forgather \
+        --timeout 130 "$@"
     ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip
