@@ -173,7 +173,8 @@ def host_lead(trace: dict, steps: int) -> dict:
     """Whether the host or the device set the pace, from a trace with the host's activity: {lead_ms: the
     10th, 50th and 90th percentiles of how long before its start each kernel was launched (near zero: the device
     ran each kernel as soon as the host launched it, the host is the bottleneck), wait_ms: the host's time a step
-    in calls that wait for the device (HOST_WAITS, synchronous copies), blocked_ms: its time a step in launches
+    in calls that wait for the device (HOST_WAITS, synchronous copies; those after the last launch, which close
+    the window, left out), blocked_ms: its time a step in launches
     that took longer than BLOCKED_LAUNCH_US (the device's queue full: the host far ahead), launches: kernels
     matched to their launch}. Empty when no launch was recorded."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
@@ -183,7 +184,9 @@ def host_lead(trace: dict, steps: int) -> dict:
                    if e.get("cat") in DEVICE_EVENT_KINDS and e.get("args", {}).get("correlation") in launches)
     if not leads:
         return {}
-    wait = sum(float(e["dur"]) for e in runtime if e["name"] in HOST_WAITS)
+    # after the last launch, only the waits that close the window (StepProfiler's own, the profiler's)
+    last_launch = max(float(e["ts"]) for e in runtime if "Launch" in e["name"])
+    wait = sum(float(e["dur"]) for e in runtime if e["name"] in HOST_WAITS and float(e["ts"]) < last_launch)
     blocked = sum(float(e["dur"]) for e in runtime
                   if "Launch" in e["name"] and float(e["dur"]) > BLOCKED_LAUNCH_US)
 

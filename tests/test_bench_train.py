@@ -387,7 +387,7 @@ def test_the_host_during_an_idle_gap_is_what_began_before_the_late_launch():
 
 def test_host_lead_says_how_far_ahead_kernels_were_launched_and_how_long_the_host_waited():
     """Four kernels launched 10, 20, 300 and 400 us before they start; over 2 steps the host waited 600 us in a
-    stream synchronize, and one launch (200 us) waited for room in a full queue, one (5 us) did not."""
+    stream synchronize (then in the waits that close the window, not counted), and one launch (200 us) waited for room in a full queue, one (5 us) did not."""
     def x(cat, name, ts, dur, **args):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": 1, "args": args}
 
@@ -397,8 +397,10 @@ def test_host_lead_says_how_far_ahead_kernels_were_launched_and_how_long_the_hos
         x("cuda_runtime", "cudaLaunchKernel", 180, 5, correlation=1),
         x("cuda_runtime", "cuLaunchKernel", 300, 200, correlation=2),
         x("cuda_runtime", "cudaLaunchKernel", 500, 5, correlation=3),
-        x("cuda_runtime", "cudaStreamSynchronize", 950, 600),
+        x("cuda_runtime", "cudaStreamSynchronize", 190, 600),
         x("cuda_runtime", "cudaMemcpyAsync", 960, 900),  # pinned: no wait counted
+        x("cuda_runtime", "cudaEventSynchronize", 2000, 5000),  # after the last launch: closing the window
+        x("cuda_runtime", "cudaDeviceSynchronize", 7000, 10),
     ]}
     lead = profile_train.host_lead(trace, steps=2)
     assert lead["launches"] == 4
