@@ -540,6 +540,7 @@ def window_note(result: dict) -> str:
     if collector and collector["steps"]:
         passes = sum(collector["collections"].values())
         note += f"; gc {passes} passes, {sum(collector['ms'].values()) / collector['steps']:.2f} ms a step"
+        note += "".join(f", {ms:.0f} ms at step {step + 1}" for step, _, ms in collector.get("long", [])[:4])
     return note
 
 

@@ -397,32 +397,40 @@ try:
 
     class CollectorTimes(pl.Callback):
         """The garbage collector's passes during optimizer steps `first_step + 1 .. last_step` (gc.callbacks):
-        written as JSON to `output`, {steps, collections: {generation: count}, ms: {generation: total ms}}. A
-        full pass stops the host for tens of milliseconds, long enough to drain the device's queue."""
+        written as JSON to `output`, {steps, collections: {generation: count}, ms: {generation: total ms}, long:
+        [[step, generation, ms] of each pass of at least LONG_PASS_MS]}. A full pass can stop the host for most of
+        a second, far longer than the device's queue lasts."""
+
+        LONG_PASS_MS = 10.0
 
         def __init__(self, first_step: int, last_step: int, output: str) -> None:
             self.first_step, self.last_step, self.output = first_step, last_step, output
             self.collections: collections.Counter = collections.Counter()
             self.seconds: collections.Counter = collections.Counter()
-            self._began = 0.0
+            self.long: list[list] = []
+            self._began, self._step = 0.0, 0
 
         def _pass(self, phase: str, info: dict) -> None:
             if phase == "start":
                 self._began = time.perf_counter()
             else:
+                seconds = time.perf_counter() - self._began
                 self.collections[info["generation"]] += 1
-                self.seconds[info["generation"]] += time.perf_counter() - self._began
+                self.seconds[info["generation"]] += seconds
+                if seconds * 1000 >= self.LONG_PASS_MS:
+                    self.long.append([self._step, info["generation"], seconds * 1000])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             import gc
 
+            self._step = trainer.global_step  # a pass before the next batch's end counts as the next step's
             if trainer.global_step == self.first_step and self._pass not in gc.callbacks:
                 gc.callbacks.append(self._pass)
             elif trainer.global_step >= self.last_step and self._pass in gc.callbacks:
                 gc.callbacks.remove(self._pass)
                 Path(self.output).write_text(json.dumps({
                     "steps": trainer.global_step - self.first_step, "collections": dict(self.collections),
-                    "ms": {generation: 1000 * s for generation, s in self.seconds.items()}}))
+                    "ms": {generation: 1000 * s for generation, s in self.seconds.items()}, "long": self.long}))
 except ImportError:  # the summarizer alone needs no Lightning
     pass
 

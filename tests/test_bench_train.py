@@ -429,11 +429,12 @@ def test_collector_times_count_the_passes_between_its_steps_only(tmp_path):
     assert written["steps"] == 2
     assert written["collections"]["2"] == 1 and written["collections"]["0"] >= 1
     assert set(written["ms"]) == set(written["collections"]) and all(ms >= 0 for ms in written["ms"].values())
+    assert all(step == 2 and ms >= callback.LONG_PASS_MS for step, _, ms in written["long"])  # passes of >= 10 ms
     assert callback._pass not in gc.callbacks
 
 
 def test_a_forgather_row_notes_its_windows_and_the_collector():
     row = {"windows": [60_123.0, 75_000.0, 74_500.0],
-           "gc": {"steps": 10, "collections": {"0": 3, "2": 1}, "ms": {"0": 1.0, "2": 49.0}}}
-    assert bench_train.window_note(row) == "windows 60.1k 75.0k 74.5k; gc 4 passes, 5.00 ms a step"
+           "gc": {"steps": 10, "collections": {"0": 3, "2": 1}, "ms": {"0": 1.0, "2": 49.0}, "long": [[6, 2, 49.0]]}}
+    assert bench_train.window_note(row) == "windows 60.1k 75.0k 74.5k; gc 4 passes, 5.00 ms a step, 49 ms at step 7"
     assert bench_train.window_note({"windows": [1000.0]}) == "windows 1.0k"
