@@ -85,8 +85,9 @@
 #   part host         the default profiled over five steps (a logged one among them) with the host's activity: what
 #                     the host began while the device idled, how far ahead it launched, its waits; beside HF +
 #                     Liger, 80 steps, logging every 5 steps, then every 20.
-#   part bars         the default beside HF + Liger, with loss chunks of 2,048 and 4,096 tokens and the tied
-#                     embedding's gradient as rows, 40 steps.
+#   part bars         the default beside HF + Liger, with loss chunks of 1,024 tokens (the default before) and
+#                     of 4,096 with the tied embedding's gradient as rows, 40 steps (its first run, H100: chunks of
+#                     2,048 and 4,096 tokens and the sparse tied gradient beside the 1,024-token default).
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -397,14 +398,12 @@ host)
         --timeout 150 "$@"
     ;;
 bars)
-    # the bars' run: the default (TritonAdamW with 16-byte accesses, never yet timed in training on an H200) beside
-    # HF + Liger, with larger loss chunks (the loss alone at 8,192 tokens: 21.4 ms with 1,024-token chunks, 20.2
-    # with 2,048, 19.9 with 4,096; each chunk re-reads the head and read-modify-writes its gradient) and the tied
-    # embedding's gradient as rows, 40 steps
+    # the bars' run: the default (TritonAdamW with 16-byte accesses, loss chunks of 2,048 tokens) beside HF +
+    # Liger, the chunks of 1,024 tokens it had before (on an H100, 2026-12-05: 1.0095x for 2,048, 1.012x for
+    # 4,096) and 4,096-token chunks with the tied embedding's gradient as rows, 40 steps
     bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 40 --paths forgather hf-liger \
-        --variant loss-2048 ++loss.chunk_size=2048 --variant loss-4096 ++loss.chunk_size=4096 \
-        --variant sparse-tied sparse_tied_grad=true \
-        --variant loss-2048+sparse-tied ++loss.chunk_size=2048 sparse_tied_grad=true --profile forgather \
+        --variant loss-1024 ++loss.chunk_size=1024 \
+        --variant loss-4096+sparse-tied ++loss.chunk_size=4096 sparse_tied_grad=true --profile forgather \
         --timeout 130 "$@"
     ;;
 clip)
