@@ -25,7 +25,7 @@ Timing: tokens over the wall time of windows of `--log-every` steps (the host wa
 window ends; for forgather runs this is the run's own `train/tokens_per_s`), median of the last two thirds of
 the windows. MFU against 989 TFLOP/s (H100/H200 dense bf16 datasheet), counting model FLOPs only: 6 x matmul
 parameters (the tied head once) + causal attention (6 x layers x hidden x sequence) per token.
-`--profile NAME...` profiles `--profile-steps` more steps of those paths after their timed steps
+`--profile NAME...` profiles `--profile-steps` more steps of those paths after their timed steps and one warm-up step
 (scripts/profile_train.py: kernel time per category, idle gaps) into the summary.
 
     python scripts/bench_train.py [--shape 1b] [--paths hf hf-liger forgather ...] [--steps 30] [--out DIR]
@@ -148,6 +148,8 @@ def profile_steps(step, steps: int, device: str, title: str) -> dict:
 
     profiler = StepProfiler(device, title)
     profiler.start()
+    step()  # the profiler's warm-up
+    profiler.begin()
     for _ in range(steps):
         step()
     return profiler.stop(steps)
@@ -377,8 +379,9 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
     (project / "templates" / "configs").mkdir(parents=True)
     (project / "meta.yaml").write_text("name: bench\n")
     script = HERE / "profile_train.py"
-    # One step past the timed ones when nothing is profiled: the last timed window's row is logged by then.
-    last_step = args.steps + (args.profile_steps if profile else 1)
+    # One step past the timed ones when nothing is profiled: the last timed window's row is logged by then; when
+    # profiled, the profiler's warm-up step and the profiled ones.
+    last_step = args.steps + (1 + args.profile_steps if profile else 1)
     profile_callback = PROFILE_CALLBACK.format(script=script, first_step=args.steps, steps=args.profile_steps,
                                                output=tmp / "profile.json", title=json.dumps(name),
                                                trace=json.dumps(str(Path(args.out or tmp) / f"trace_{_slug(name)}.json.gz")

@@ -271,27 +271,37 @@ def trace_events(trace: dict) -> list[Event]:
 
 
 class StepProfiler:
-    """Profile a number of steps: `start()` before the first, `stop(steps)` after the last -> summary dict
-    {steps, wall_ms_per_step, rows, syncs, table}. On CUDA the window is timed on the device, between two events
-    in the stream's order, and the start does not wait: the profiled steps find the device's queue as full as
-    the timed ones do (a wait there would empty it, and the first step's launches would show as idle gaps). On a
-    CPU both ends are host clock readings."""
+    """Profile a number of steps: `start()` one step before the first (a warm-up step), `begin()` before the
+    first, `stop(steps)` after the last -> summary dict {steps, wall_ms_per_step, rows, syncs, table}.
+
+    The profiler starts during the warm-up step (torch.profiler's schedule: one warm-up step, whose events are
+    discarded), since its start holds the host for longer than the device's queue lasts: a window that began with
+    it would start with launches the device waits for, idle gaps no other step has. On CUDA the window is timed on
+    the device, between two events in the stream's order, and nothing waits at its start, so the profiled steps
+    find the queue as full as the timed ones do. On a CPU both ends are host clock readings."""
 
     def __init__(self, device: str, title: str = "", trace: str | None = None) -> None:
         self.device, self.title, self.trace = device, title, trace
         self._profile, self._start, self._begin = None, 0.0, None
 
     def start(self) -> None:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
+        """Start the profiler, at the start of the warm-up step."""
+        from torch.profiler import ProfilerActivity, profile, schedule
 
         # On CUDA the device's activity alone, unless the trace is kept: then the host's operators and launches
         # too, which say what the host did during each gap.
         activities = [ProfilerActivity.CPU] if self.trace or self.device != "cuda" else []
         if self.device == "cuda":
             activities.append(ProfilerActivity.CUDA)
-        self._profile = profile(activities=activities)
+        # recording from the first `begin` until `stop`, whatever the number of steps
+        self._profile = profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1 << 30))
         self._profile.__enter__()
+
+    def begin(self) -> None:
+        """The window opens: at the start of the first profiled step."""
+        import torch
+
+        self._profile.step()  # from the warm-up to recording
         self._warnings = warnings.catch_warnings(record=True)
         self._caught = self._warnings.__enter__()
         warnings.simplefilter("always")
@@ -361,9 +371,10 @@ try:
     import pytorch_lightning as pl
 
     class ProfileSteps(pl.Callback):
-        """Profiles optimizer steps `first_step + 1 .. first_step + steps` of a Lightning run and writes the
-        summary as JSON to `output` (the forgather run of scripts/bench_train.py adds it to its trainer); with
-        `trace`, also the whole chrome trace, host operators included, gzipped there."""
+        """Profiles optimizer steps `first_step + 2 .. first_step + 1 + steps` of a Lightning run, after the
+        warm-up step `first_step + 1` (StepProfiler), and writes the summary as JSON to `output` (the forgather
+        run of scripts/bench_train.py adds it to its trainer); with `trace`, also the whole chrome trace, host
+        operators included, gzipped there."""
 
         def __init__(self, first_step: int, steps: int, output: str, title: str = "", trace: str | None = None
                      ) -> None:
@@ -372,15 +383,20 @@ try:
             self._done = False
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if self._profiler is None and not self._done and trainer.global_step == self.first_step:
+            if self._done:
+                return
+            if self._profiler is None and trainer.global_step == self.first_step:
                 self._profiler = StepProfiler(pl_module.device.type, self.title, self.trace)
                 self._profiler.start()
+            elif self._profiler is not None and trainer.global_step == self.first_step + 1:
+                self._profiler.begin()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if self._profiler is not None and trainer.global_step >= self.first_step + self.steps:
-                summary = self._profiler.stop(trainer.global_step - self.first_step)
+            if self._profiler is not None and trainer.global_step >= self.first_step + 1 + self.steps:
+                summary = self._profiler.stop(trainer.global_step - self.first_step - 1)
                 self._profiler, self._done = None, True
                 Path(self.output).write_text(json.dumps(summary))
+
     class MarkMeasured(pl.Callback):
         """After optimizer step `step`: the loggers write what they hold (Lightning's CSV logger keeps rows in
         memory for 100 steps), then the file `output` appears; scripts/bench_train.py stops the run there, not

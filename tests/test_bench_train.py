@@ -438,3 +438,25 @@ def test_a_forgather_row_notes_its_windows_and_the_collector():
            "gc": {"steps": 10, "collections": {"0": 3, "2": 1}, "ms": {"0": 1.0, "2": 49.0}, "long": [[6, 2, 49.0]]}}
     assert bench_train.window_note(row) == "windows 60.1k 75.0k 74.5k; gc 4 passes, 5.00 ms a step, 49 ms at step 7"
     assert bench_train.window_note({"windows": [1000.0]}) == "windows 1.0k"
+
+
+def test_profile_steps_warms_the_profiler_up_for_a_step_and_leaves_its_events_out(tmp_path):
+    """The profiler starts one step before the window (its start would otherwise stall the window's first step):
+    the warm-up step's operators (sin) are not in the summary, the profiled steps' (cos) are, and the window
+    holds `steps` steps."""
+    import torch
+
+    output = tmp_path / "profile.json"
+    callback = profile_train.ProfileSteps(first_step=3, steps=2, output=str(output), title="t")
+    trainer = type("Trainer", (), {"global_step": 3})()
+    module = type("Module", (), {"device": torch.device("cpu")})()
+    x = torch.randn(64, 64)
+    for work in (torch.sin, torch.cos, torch.cos):  # steps 4 (warm-up), 5 and 6
+        callback.on_train_batch_start(trainer, module, None, 0)
+        work(x @ x)
+        trainer.global_step += 1
+        callback.on_train_batch_end(trainer, module, None, None, 0)
+        assert output.exists() == (trainer.global_step == 6)
+    summary = json.loads(output.read_text())
+    names = {row["name"] for row in summary["all_kernels"]}
+    assert summary["steps"] == 2 and "aten::cos" in names and "aten::sin" not in names
