@@ -400,7 +400,12 @@ host)
 bars)
     # the bars' run: the default (TritonAdamW with 16-byte accesses, loss chunks of 2,048 tokens) beside HF +
     # Liger, the chunks of 1,024 tokens it had before (on an H100, 2026-12-05: 1.0095x for 2,048, 1.012x for
-    # 4,096) and 4,096-token chunks with the tied embedding's gradient as rows, 40 steps
+    # 4,096) and 4,096-token chunks with the tied embedding's gradient as rows, 40 steps; first the profiler's
+    # window against synchronized steps (scripts/check_step_profiler.py: the warm-up step, not yet run on a GPU)
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 60 $PY scripts/check_step_profiler.py 2>&1 | grep -v Warning | tee "$OUT/check_step_profiler.txt" \
+            | head -3
+    fi
     bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 40 --paths forgather hf-liger \
         --variant loss-1024 ++loss.chunk_size=1024 \
         --variant loss-4096+sparse-tied ++loss.chunk_size=4096 sparse_tied_grad=true --profile forgather \
