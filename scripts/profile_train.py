@@ -414,7 +414,7 @@ try:
     class CollectorTimes(pl.Callback):
         """The garbage collector's passes during optimizer steps `first_step + 1 .. last_step` (gc.callbacks):
         written as JSON to `output`, {steps, collections: {generation: count}, ms: {generation: total ms}, long:
-        [[step, generation, ms] of each pass of at least LONG_PASS_MS]}. A full pass can stop the host for most of
+        [[step, generation, ms] of each pass of at least LONG_PASS_MS], by_step: {step: passes}}. A full pass can stop the host for most of
         a second, far longer than the device's queue lasts."""
 
         LONG_PASS_MS = 10.0
@@ -424,6 +424,7 @@ try:
             self.collections: collections.Counter = collections.Counter()
             self.seconds: collections.Counter = collections.Counter()
             self.long: list[list] = []
+            self.by_step: collections.Counter = collections.Counter()
             self._began, self._step = 0.0, 0
 
         def _pass(self, phase: str, info: dict) -> None:
@@ -433,6 +434,7 @@ try:
                 seconds = time.perf_counter() - self._began
                 self.collections[info["generation"]] += 1
                 self.seconds[info["generation"]] += seconds
+                self.by_step[self._step + 1] += 1
                 if seconds * 1000 >= self.LONG_PASS_MS:
                     self.long.append([self._step, info["generation"], seconds * 1000])
 
@@ -446,7 +448,8 @@ try:
                 gc.callbacks.remove(self._pass)
                 Path(self.output).write_text(json.dumps({
                     "steps": trainer.global_step - self.first_step, "collections": dict(self.collections),
-                    "ms": {generation: 1000 * s for generation, s in self.seconds.items()}, "long": self.long}))
+                    "ms": {generation: 1000 * s for generation, s in self.seconds.items()}, "long": self.long,
+                    "by_step": dict(self.by_step)}))
 except ImportError:  # the summarizer alone needs no Lightning
     pass
 

@@ -430,6 +430,7 @@ def test_collector_times_count_the_passes_between_its_steps_only(tmp_path):
     assert written["collections"]["2"] == 1 and written["collections"]["0"] >= 1
     assert set(written["ms"]) == set(written["collections"]) and all(ms >= 0 for ms in written["ms"].values())
     assert all(step == 2 and ms >= callback.LONG_PASS_MS for step, _, ms in written["long"])  # passes of >= 10 ms
+    assert set(written["by_step"]) == {"3"} and written["by_step"]["3"] == sum(written["collections"].values())
     assert callback._pass not in gc.callbacks
 
 
