@@ -461,3 +461,13 @@ def test_profile_steps_warms_the_profiler_up_for_a_step_and_leaves_its_events_ou
     summary = json.loads(output.read_text())
     names = {row["name"] for row in summary["all_kernels"]}
     assert summary["steps"] == 2 and "aten::cos" in names and "aten::sin" not in names
+
+
+def test_check_step_profiler_times_and_profiles_a_step_on_the_cpu():
+    """scripts/check_step_profiler.py end to end on the CPU (on a GPU it also fails when the two disagree)."""
+    run = subprocess.run([sys.executable, str(SCRIPTS / "check_step_profiler.py"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    match = re.search(r"timed ([\d.]+) ms a step, profiled ([\d.]+) \(([\d.]+)x\), (\d+) kernels", run.stdout)
+    assert match and float(match[1]) > 0 and float(match[2]) > 0 and int(match[4]) > 0, run.stdout[-2000:]
+    assert "| matmul |" in run.stdout
