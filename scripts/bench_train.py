@@ -350,7 +350,7 @@ BENCH_TRAINER_BLOCK = """
 {profile}        measured: !singleton:{script}:MarkMeasured
             step: {last_step}
             output: {marker}
-        collector: !singleton:{script}:CollectorTimes
+        gc_times: !singleton:{script}:CollectorTimes
             first_step: {log_every}
             last_step: {timed_steps}
             output: {collector}

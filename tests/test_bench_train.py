@@ -188,6 +188,9 @@ def test_the_gpu_run_of_a_profiled_path_has_the_profile_callback(tmp_path):
     command = bench_train.forgather_command(args, bench_train.SHAPES["1b"], tmp_path, "forgather", [])
     config = subprocess.run([*command, "--cfg", "job"], capture_output=True, text=True, check=True).stdout
     assert "profile_train.py:ProfileSteps" in config
+    # the bench's callbacks join the trainer's, none replacing one of them (a callback list is keyed by name)
+    for callback in ("ModelCheckpoint", "JobControl", "collector:GarbageCollection", "CollectorTimes", "MarkMeasured"):
+        assert callback in config, callback
     assert "accelerator: gpu" in config and "precision: bf16-true" in config
 
 
