@@ -9,8 +9,10 @@ both from the standard library:
 - `freeze` (default on): at the end of the first training batch, when compilation and the first step's
   allocations are done, one full collection, then `gc.freeze()`: what is alive then moves to a permanent
   generation that no later collection walks, so a full pass walks only what the run made since. Serving does
-  the same before it takes requests (forgather/serve/server.py). Undone (`gc.unfreeze()`) when the fit ends,
-  so a process that goes on (a sweep's next run, a notebook) collects everything again.
+  the same before it takes requests (forgather/serve/server.py). Reference counting still frees what was
+  frozen; only a frozen object that later ends up in a garbage cycle waits for the fit's end. Undone
+  (`gc.unfreeze()`) when the fit ends, so a process that goes on (a sweep's next run, a notebook) collects
+  everything again.
 - `interval` (default off): torchtitan's schedule: the collector's automatic passes off during the fit, and
   one collection of generations 0 and 1 every `interval` optimizer steps, where its pause is expected. Garbage
   in reference cycles then waits up to `interval` steps. The collector's state is restored when the fit ends,
