@@ -89,6 +89,8 @@
 #                     fused_projections=kv, gc_freeze=false, and 4,096-token chunks with the tied embedding's gradient
 #                     as rows, 80 steps (its first run, H100: chunks of
 #                     2,048 and 4,096 tokens and the sparse tied gradient beside the 1,024-token default).
+#   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
+#                     the packed tests, then the default beside fused_projections=kv, 40 steps.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -415,6 +417,19 @@ bars)
         --variant loss-4096+sparse-tied ++loss.chunk_size=4096 sparse_tied_grad=true --profile forgather \
         --timeout 130 "$@"
     ;;
+kv)
+    # fused_projections=kv crashed part bars (an illegal memory access, H100, 2026-12-05): the op with its values
+    # a view with gaps, eager and compiled, then through packed_attention (dense inputs first); the packed tests
+    # (two new: layers compiled with fused projections, the op compiled on views); then the default beside
+    # fused_projections=kv, 40 steps
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 240 $PY scripts/check_packed_layouts.py 2>&1 | grep -v Warning | tee "$OUT/check_packed_layouts.txt" \
+            | grep "^|"
+        packed_tests
+    fi
+    bench bench_1b_kv.log --shape 1b --label 1b_kv --steps 40 --paths forgather --variant fused-kv \
+        fused_projections=kv --timeout 130 "$@"
+    ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip
     # nothing, as the HF loops): torch's fused AdamW after Lightning's clip_grad_norm_ against TritonAdamW with the
@@ -437,7 +452,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-z, hint, host, clip or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-z, hint, host, bars, kv, clip or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.

@@ -88,6 +88,18 @@ def _like_layout(t: torch.Tensor) -> torch.Tensor:
     return torch.empty((b, length, h, d), dtype=t.dtype, device=t.device).transpose(1, 2)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t [B, H, T, D] itself where its storage is dense (stored [B, H, T, D], or [B, T, H, D] as a layer's heads
+    are), else a copy stored [B, T, H, D]. Under torch.compile the kernels' strides are read once, from the traced
+    tensors, and inductor keeps only the stride order of a triton op's inputs: a view with gaps (v split from the
+    fused key and value products, `fused_projections=kv`) can reach the kernel as a dense copy whose rows are
+    closer than the traced stride says, and the kernel reads past its end (an illegal memory access, H100,
+    2026-12-05). A dense tensor's stride order fixes its strides."""
+    if t.is_contiguous() or t.transpose(1, 2).is_contiguous():
+        return t
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     if t.stride(-1) != 1:
         raise ValueError(f"packed attention needs the head dimension contiguous; got strides {t.stride()}")
@@ -176,9 +188,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad, _grad_lse):
     q, k, v, out, lse, start, end = ctx.saved_tensors
-    if grad.stride(-1) != 1:
-        grad = grad.contiguous()
-    dq, dk, dv = _backward_op(grad, q, k, v, out, lse, start, end, ctx.tiles)
+    dq, dk, dv = _backward_op(_dense(grad), q, k, v, out, lse, start, end, ctx.tiles)
     return dq, dk, dv, None, None, None
 
 
@@ -190,4 +200,6 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: t
     """Attention of packed documents (see the module docstring): q [B, H, T, D], k, v [B, KV, T, D], start and
     end int32 [B, T] from `attention.document_bounds`, `tiles` from `tiling` (None: TILING) -> [B, H, T, D],
     stored as [B, T, H, D]."""
+    q, k, v = _dense(q), _dense(k), _dense(v)
+    start, end = start.contiguous(), end.contiguous()
     return _forward_op(q, k, v, start, end, tiling() if tiles is None else tiles)[0]

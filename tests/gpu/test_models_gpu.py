@@ -41,14 +41,16 @@ def packed_positions(batch: int = 2) -> torch.Tensor:
     return torch.stack(rows).cuda()
 
 
-def wide_model(attention_fn: str, fused_norm: bool = False) -> CausalLM:
+def wide_model(attention_fn: str, fused_norm: bool = False, fused_projections: bool | str = False) -> CausalLM:
     """Heads of 64 (8 over 2 kv heads) in bf16: the head dim and dtype of the measured packed tilings."""
     torch.manual_seed(0)
     norm = functools.partial(RMSNorm, fused=fused_norm)
     layer_factory = functools.partial(
         PreLNLayer,
-        attention_factory=functools.partial(Attention, num_heads=8, num_kv_heads=2, attention_fn=attention_fn),
-        feedforward_factory=functools.partial(SwiGLU, intermediate_size=1024),
+        attention_factory=functools.partial(Attention, num_heads=8, num_kv_heads=2, attention_fn=attention_fn,
+                                            fused_projections=fused_projections),
+        feedforward_factory=functools.partial(SwiGLU, intermediate_size=1024,
+                                              fused_projections=fused_projections is True),
         norm_factory=norm,
     )
     built = CausalLM(VOCAB, 512, 2, layer_factory, norm, rope=RotaryEmbedding(64))
@@ -187,6 +189,58 @@ def test_compiled_model_with_packed_attention_trains_like_sdpa():
     assert ((grad - reference).norm() / reference.norm()).item() < 2e-2
     with torch.no_grad():
         torch.testing.assert_close(wide_model("packed")(token_ids()), wide_model("sdpa")(token_ids()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused_projections", [False, "kv", True], ids=["separate", "fused-kv", "fused-qkv"])
+def test_packed_attention_under_layer_compile_takes_fused_projections(fused_projections):
+    """Each layer compiled, as the trainer's default compile_scope does: with fused projections the values
+    reach the kernels as a view into the wider product (gaps between rows), which once read past the end of
+    the tensor inductor handed over (fused_projections=kv crashed the 1.24B bench, H100, 2026-12-05). Logits
+    and every gradient agree with SDPA's on packed documents."""
+    results = {}
+    for name in ("packed", "sdpa"):
+        built = wide_model(name, fused_projections=fused_projections)
+        if name == "packed":
+            for layer in built.layers:
+                layer.compile()
+        logits = built(token_ids(), packed_positions())
+        logits.float().logsumexp(-1).mean().backward()
+        torch.cuda.synchronize()
+        results[name] = (logits.detach().float(), {key: p.grad.float() for key, p in built.named_parameters()})
+    torch.testing.assert_close(results["packed"][0], results["sdpa"][0], **TOLERANCE[torch.bfloat16])
+    for key, reference in results["sdpa"][1].items():
+        grad = results["packed"][1][key]
+        assert ((grad - reference).norm() / reference.norm()).item() < 2e-2, key
+
+
+def test_packed_attention_takes_views_with_gaps_under_compile():
+    """The op itself under torch.compile with k and v split from one wider product (rows with gaps) and q stored
+    [B, H, T, D] (the other dense layout): outputs and gradients match the reference."""
+    from forgather.models.attention import document_bounds
+    from forgather.models.packed_attention import packed_attention, reference_packed_attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 8, 2, 384, 64
+    start, end = document_bounds(_packed_rows([[1, 37, 200, 146], [length]]))
+    q = torch.randn(batch, heads, length, dim, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
+    kv = torch.randn(batch, length, 2 * kv_heads * dim, generator=generator).to("cuda", torch.bfloat16)
+    kv.requires_grad_()
+    grad = torch.randn(batch, heads, length, dim, generator=generator).to("cuda", torch.bfloat16)
+
+    def attend(q, kv):
+        k, v = (t.view(batch, length, kv_heads, dim).transpose(1, 2) for t in kv.split(kv_heads * dim, dim=-1))
+        return packed_attention(q, k, v, start, end)
+
+    out = torch.compile(attend, fullgraph=True)(q, kv)
+    out.backward(grad)
+    torch.cuda.synchronize()
+    q32, kv32 = (t.detach().float().requires_grad_() for t in (q, kv))
+    k32, v32 = (t.view(batch, length, kv_heads, dim).transpose(1, 2) for t in kv32.split(kv_heads * dim, dim=-1))
+    reference = reference_packed_attention(q32, k32, v32, start)
+    reference.backward(grad.float())
+    for name, got, want in (("out", out, reference), ("dq", q.grad, q32.grad), ("dkv", kv.grad, kv32.grad)):
+        error = ((got.float() - want).norm() / want.norm()).item()
+        assert error < 1e-2, (name, error)
 
 
 def _norm_inputs(dtype: torch.dtype, hidden: int, rows: int = 1000):
