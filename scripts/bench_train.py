@@ -146,13 +146,7 @@ def profile_steps(step, steps: int, device: str, title: str) -> dict:
     sys.path.insert(0, str(HERE))
     from profile_train import StepProfiler
 
-    profiler = StepProfiler(device, title)
-    profiler.start()
-    step()  # the profiler's warm-up
-    profiler.begin()
-    for _ in range(steps):
-        step()
-    return profiler.stop(steps)
+    return StepProfiler(device, title).profile(step, steps)
 
 
 # bench_memory's 24 GiB configuration (worker `memory24`)
@@ -389,7 +383,7 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
     trainer_block = BENCH_TRAINER_BLOCK.format(
         trainer_sets="" if cpu else GPU_TRAINER_SETS, profile=profile_callback if profile else "", script=script,
         last_step=last_step, marker=tmp / MEASURED, log_every=args.log_every, timed_steps=args.steps,
-        collector=tmp / "collector.json")
+        collector=tmp / COLLECTOR)
     (project / "templates" / "configs" / "bench.yaml").write_text(BENCH_TEMPLATE.format(
         shape=args.shape, model=model, trainer=trainer, loss="chunked" if cpu else args.loss, seq=shape["seq"],
         batch=shape["batch"], trainer_block=trainer_block,
@@ -427,12 +421,13 @@ def logged_rates(tmp: Path) -> list[float]:
 
 
 MEASURED = "measured"  # the marker MarkMeasured writes in the run's temporary directory
+COLLECTOR = "collector.json"  # CollectorTimes's record of the garbage collector's passes, beside it
 
 
 def forgather_result(args: argparse.Namespace, tmp: Path, name: str) -> dict:
     rates = logged_rates(tmp)[: args.steps // args.log_every]  # the windows before the profiled steps
     result = {"tokens_per_s": median_of_late_windows(rates), "windows": rates}
-    collector = tmp / "collector.json"
+    collector = tmp / COLLECTOR
     if collector.exists():  # the garbage collector's passes after the first window (CollectorTimes)
         result["gc"] = json.loads(collector.read_text())
     if name in args.profile:

@@ -1,7 +1,8 @@
 """Does StepProfiler's window time a step as the timed steps do? On a GPU: a synthetic training step (16 bf16
-4096 x 4096 products over 8,192 rows, fused AdamW) timed over 10 synchronized steps, then profiled over 3 after
-the profiler's warm-up step; prints both and the profile's table, and exits non-zero when the two differ by more
-than TOLERANCE (the profiler's start once stalled the window's first step: idle gaps no other step had).
+4096 x 4096 products over 8,192 rows, fused AdamW) timed over 10 steps as the profile's window is (events, no
+wait at its start), then profiled over 3 after the profiler's warm-up step; prints both and the profile's table,
+and exits non-zero when the two differ by more than TOLERANCE (the profiler's start once stalled the window's
+first step: idle gaps no other step had).
 
     python scripts/check_step_profiler.py [--device cuda|cpu]
 """
@@ -10,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_train import StepProfiler  # noqa: E402
+from profile_train import StepProfiler, timed_steps  # noqa: E402
 
 TOLERANCE = 0.03
 
@@ -39,25 +39,10 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    for _ in range(5):
+    for _ in range(20):  # past the clocks' ramp: the first GPU run's 10 steps after 5 ran 5% slower than its profile
         step()
-    sync()
-    began = time.perf_counter()
-    for _ in range(10):
-        step()
-    sync()
-    timed = (time.perf_counter() - began) * 100
-    profiler = StepProfiler(args.device, "check")
-    profiler.start()
-    step()  # the profiler's warm-up
-    profiler.begin()
-    for _ in range(3):
-        step()
-    summary = profiler.stop(3)
+    timed = timed_steps(step, 10, args.device)
+    summary = StepProfiler(args.device, "check").profile(step, 3)
     profiled = summary["wall_ms_per_step"]
     print(f"timed {timed:.2f} ms a step, profiled {profiled:.2f} ({profiled / timed:.3f}x), "
           f"{summary['kernels']} kernels\n{summary['table']}")

@@ -41,7 +41,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("copies", ("memcpy", "memset")),
@@ -270,6 +270,39 @@ def trace_events(trace: dict) -> list[Event]:
     return top
 
 
+class DeviceClock:
+    """Wall time from construction to `elapsed_us()`: on CUDA between two events in the stream's order (nothing
+    waits at the start, so steps timed from here find the device's queue as full as any others), else host clock
+    readings."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self._start = time.perf_counter()
+        self._event = None
+        if device == "cuda":
+            self._event = torch.cuda.Event(enable_timing=True)
+            self._event.record()
+
+    def elapsed_us(self) -> float:
+        import torch
+
+        if self._event is None:
+            return (time.perf_counter() - self._start) * 1e6
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self._event.elapsed_time(end) * 1000
+
+
+def timed_steps(step: Callable[[], object], steps: int, device: str) -> float:
+    """ms a step over `steps` calls of `step`, timed as StepProfiler's window is, without the profiler."""
+    clock = DeviceClock(device)
+    for _ in range(steps):
+        step()
+    return clock.elapsed_us() / steps / 1000
+
+
 class StepProfiler:
     """Profile a number of steps: `start()` one step before the first (a warm-up step), `begin()` before the
     first, `stop(steps)` after the last -> summary dict {steps, wall_ms_per_step, rows, syncs, table}.
@@ -282,7 +315,16 @@ class StepProfiler:
 
     def __init__(self, device: str, title: str = "", trace: str | None = None) -> None:
         self.device, self.title, self.trace = device, title, trace
-        self._profile, self._start, self._begin = None, 0.0, None
+        self._profile, self._clock = None, None
+
+    def profile(self, step: Callable[[], object], steps: int) -> dict:
+        """Profile `steps` calls of `step` after one warm-up call: start, warm-up, begin, the steps, stop."""
+        self.start()
+        step()
+        self.begin()
+        for _ in range(steps):
+            step()
+        return self.stop(steps)
 
     def start(self) -> None:
         """Start the profiler, at the start of the warm-up step."""
@@ -299,17 +341,12 @@ class StepProfiler:
 
     def begin(self) -> None:
         """The window opens: at the start of the first profiled step."""
-        import torch
-
         self._profile.step()  # from the warm-up to recording
         self._warnings = warnings.catch_warnings(record=True)
         self._caught = self._warnings.__enter__()
         warnings.simplefilter("always")
         self._sync_debug(True)
-        self._start = time.perf_counter()
-        if self.device == "cuda":
-            self._begin = torch.cuda.Event(enable_timing=True)
-            self._begin.record()
+        self._clock = DeviceClock(self.device)
 
     def _sync_debug(self, on: bool) -> None:
         import torch
@@ -318,16 +355,8 @@ class StepProfiler:
             torch.cuda.set_sync_debug_mode("warn" if on else "default")
 
     def stop(self, steps: int) -> dict:
-        import torch
-
         self._sync_debug(False)
-        if self._begin is not None:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            wall_us = self._begin.elapsed_time(end) * 1000
-        else:
-            wall_us = (time.perf_counter() - self._start) * 1e6
+        wall_us = self._clock.elapsed_us()
         self._warnings.__exit__(None, None, None)
         self._profile.__exit__(None, None, None)
         with tempfile.TemporaryDirectory() as tmp:
