@@ -90,7 +90,7 @@
 #                     as rows, 80 steps (its first run, H100: chunks of
 #                     2,048 and 4,096 tokens and the sparse tied gradient beside the 1,024-token default).
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
-#                     the packed tests, then the default beside fused_projections=kv, 40 steps.
+#                     the packed tests, then the default beside HF + Liger and fused_projections=kv, 40 steps.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -420,14 +420,14 @@ bars)
 kv)
     # fused_projections=kv crashed part bars (an illegal memory access, H100, 2026-12-05): the op with its values
     # a view with gaps, eager and compiled, then through packed_attention (dense inputs first); the packed tests
-    # (two new: layers compiled with fused projections, the op compiled on views); then the default beside
-    # fused_projections=kv, 40 steps
+    # (two new: layers compiled with fused projections, the op compiled on views); then the default beside HF +
+    # Liger and fused_projections=kv, 40 steps
     if [ -z "${REHEARSE:-}" ]; then
         timeout 240 $PY scripts/check_packed_layouts.py 2>&1 | grep -v Warning | tee "$OUT/check_packed_layouts.txt" \
             | grep "^|"
         packed_tests
     fi
-    bench bench_1b_kv.log --shape 1b --label 1b_kv --steps 40 --paths forgather --variant fused-kv \
+    bench bench_1b_kv.log --shape 1b --label 1b_kv --steps 40 --paths forgather hf-liger --variant fused-kv \
         fused_projections=kv --timeout 130 "$@"
     ;;
 clip)
