@@ -347,15 +347,13 @@ def test_the_next_gpu_check_part_rehearses_on_a_cpu(tmp_path):
     import os
 
     env = {**os.environ, "REHEARSE": "1", "PY": sys.executable, "OUT": str(tmp_path)}
-    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check_train.sh"), "host"], capture_output=True, text=True,
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check_train.sh"), "kv"], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    for label in ("1b_host", "1b_log20"):
-        summary = (tmp_path / f"summary_{label}.md").read_text()
-        # every timed window and the garbage collector's passes after the first window in the forgather row's note
-        assert re.search(r"^\| forgather \| \d+ .*windows [\d.]+k [\d.]+k.*; gc \d+ passes", summary, re.M), summary
-    assert "profile of forgather: 5 steps" in (tmp_path / "summary_1b_host.md").read_text()
-    assert (tmp_path / "trace_forgather.json.gz").is_file()
+    summary = (tmp_path / "summary_1b_kv.md").read_text()
+    # every timed window and the garbage collector's passes after the first window in the forgather row's note
+    assert re.search(r"^\| forgather \| \d+ .*windows [\d.]+k [\d.]+k.*; gc \d+ passes", summary, re.M), summary
+    assert re.search(r"^\| fused-kv fused_projections=kv \| \d+ ", summary, re.M), summary
 
 
 def test_the_host_during_an_idle_gap_is_what_began_before_the_late_launch():
@@ -464,6 +462,22 @@ def test_profile_steps_warms_the_profiler_up_for_a_step_and_leaves_its_events_ou
     summary = json.loads(output.read_text())
     names = {row["name"] for row in summary["all_kernels"]}
     assert summary["steps"] == 2 and "aten::cos" in names and "aten::sin" not in names
+
+
+def test_step_profiler_profile_runs_one_warm_up_step_outside_the_window():
+    """StepProfiler.profile(step, steps): `steps` + 1 calls, the first one's operators (sin) left out."""
+    import torch
+
+    calls = []
+    x = torch.randn(64, 64)
+
+    def step():
+        calls.append((torch.cos if calls else torch.sin)(x @ x))
+
+    summary = profile_train.StepProfiler("cpu", "t").profile(step, 2)
+    names = {row["name"] for row in summary["all_kernels"]}
+    assert len(calls) == 3 and summary["steps"] == 2 and "aten::cos" in names and "aten::sin" not in names
+    assert summary["wall_ms_per_step"] > 0
 
 
 def test_check_step_profiler_times_and_profiles_a_step_on_the_cpu():
