@@ -282,6 +282,33 @@ def test_fused_add_rms_norm_matches_autograd_through_the_torch_norm(dtype, hidde
         assert ((y != y_ref).float().mean()).item() < 0.01
 
 
+def test_compiled_fused_norms_take_views_with_gaps():
+    """The fused norm ops under torch.compile on slices of wider tensors (rows with gaps, as fused projections
+    give): the sum, the norm and every gradient as the torch norm's, compiled the same way."""
+    from forgather.models import fused_rms_norm, norm
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    hidden = 512
+    wide = torch.randn(2, 300, 3 * hidden, device="cuda", generator=generator).to(torch.bfloat16).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=generator)).to(torch.bfloat16)
+    weight.requires_grad_()
+
+    def step(ops, wide, weight):
+        x, delta = wide[..., :hidden], wide[..., 2 * hidden:]
+        s, y = ops.add_rms_norm(x, delta, weight, 1e-5)
+        return (y.float().square().mean() + s.float().mean() + ops.rms_norm(delta, weight, 1e-5).float().mean())
+
+    results = []
+    for ops in (fused_rms_norm, norm):
+        wide.grad = weight.grad = None
+        loss = torch.compile(functools.partial(step, ops), fullgraph=True)(wide, weight)
+        loss.backward()
+        torch.cuda.synchronize()
+        results.append((loss.detach(), wide.grad.float(), weight.grad.float()))
+    for name, got, want in zip(("loss", "dwide", "dweight"), *results):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2, name
+
+
 def test_compiled_model_with_fused_norms_trains_like_the_torch_norms():
     """RMSNorm(fused=True) under whole-model compile (fullgraph: the ops trace without a break): logits, the
     loss's gradient of a norm weight and of a projection agree with the torch norms' in bf16."""
