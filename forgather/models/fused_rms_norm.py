@@ -106,28 +106,24 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
-    ds = ds.contiguous() if ctx.has_delta and ds is not None else None
+    if not ctx.has_delta:
+        ds = None
     if dy is None:  # the norm's output took no part in the loss: only the residual stream's gradient passes
         dy = torch.zeros(s.shape, dtype=torch.promote_types(weight.dtype, s.dtype), device=s.device)
-    dx, dweight = _backward_op(dy.contiguous(), ds, s, weight, rstd)
+    dx, dweight = _backward_op(dy, ds, s, weight, rstd)
     return dx, (dx if ctx.has_delta else None), dweight, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# The wrappers below hand the ops contiguous tensors (a no-op for those that are): under torch.compile the
-# kernels' row strides are constants read from the traced tensors, and inductor keeps only the stride order of a
-# triton op's inputs, so a view with gaps between its rows (a slice of a wider tensor) may reach the kernel as a
-# dense copy read with the view's stride; the packed attention kernels failed so (packed_attention._dense).
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`norm.rms_norm(x, weight, eps)` in one kernel forward and one backward."""
-    return _forward_op(x.contiguous(), None, weight, eps)[0]
+    return _forward_op(x, None, weight, eps)[0]
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, `norm.rms_norm(s, weight, eps)`) for s = x + delta, in one kernel forward and one backward."""
-    y, s, _ = _forward_op(x.contiguous(), delta.contiguous(), weight, eps)
+    y, s, _ = _forward_op(x, delta, weight, eps)
     return s, y

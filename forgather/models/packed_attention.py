@@ -90,11 +90,10 @@ def _like_layout(t: torch.Tensor) -> torch.Tensor:
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """t [B, H, T, D] itself where its storage is dense (stored [B, H, T, D], or [B, T, H, D] as a layer's heads
-    are), else a copy stored [B, T, H, D]. Under torch.compile the kernels' strides are read once, from the traced
-    tensors, and inductor keeps only the stride order of a triton op's inputs: a view with gaps (v split from the
-    fused key and value products, `fused_projections=kv`) can reach the kernel as a dense copy whose rows are
-    closer than the traced stride says, and the kernel reads past its end (an illegal memory access, H100,
-    2026-12-05). A dense tensor's stride order fixes its strides."""
+    are), else a copy stored [B, T, H, D]. Compiled, the op failed on views with gaps (v split from the fused key
+    and value products, `fused_projections=kv`): an illegal memory access in the 1.24B bench's backward, an
+    autograd error in scripts/check_packed_layouts.py (H100, 2026-12-05); eager it was right, and so are the
+    fused norm ops, compiled, on such views. Why it failed is not known; dense inputs make it right."""
     if t.is_contiguous() or t.transpose(1, 2).is_contiguous():
         return t
     return t.transpose(1, 2).contiguous().transpose(1, 2)
