@@ -339,6 +339,14 @@ def test_the_gpu_check_scripts_parse():
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
 
 
+def test_every_script_compiles():
+    """The scripts that only a GPU runs (check_packed_layouts.py, ...) at least parse and compile here."""
+    scripts = sorted(SCRIPTS.glob("*.py"))
+    assert len(scripts) > 10
+    for script in scripts:
+        compile(script.read_text(), str(script), "exec")
+
+
 @pytest.mark.slow
 def test_the_next_gpu_check_part_rehearses_on_a_cpu(tmp_path):
     """Device time is scarce: gpu_check_train.sh's newest part runs its every command on the CPU (REHEARSE=1:
