@@ -58,6 +58,8 @@ CATEGORY_ORDER = [name for name, _ in CATEGORIES] + ["other", "idle"]
 DEVICE_EVENT_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 Event = tuple[str, float, float]  # (kernel name, start, duration), microseconds
+# torch.cuda._sleep's kernel: StepProfiler launches one at each end of its window, to find the window's kernels
+WINDOW_MARKER = "spin_kernel"
 
 
 def classify(name: str) -> str:
@@ -270,6 +272,18 @@ def trace_events(trace: dict) -> list[Event]:
     return top
 
 
+def window_events(events: list[Event], marker: str = WINDOW_MARKER) -> tuple[list[Event], bool]:
+    """(the events between the first and the last `marker` kernel, markers left out; whether there were two).
+    The device runs the warm-up step's last kernels after the profiler began recording (the host queues ~80 ms
+    ahead), and those are not the window's: the first GPU profile with the warm-up step counted 4 optimizer steps
+    in 3. Without two markers (a CPU trace) the events as they are."""
+    marks = sorted((start, start + duration) for name, start, duration in events if marker in name)
+    if len(marks) < 2:
+        return events, False
+    first_end, last_start = marks[0][1], marks[-1][0]
+    return [e for e in events if marker not in e[0] and first_end <= e[1] < last_start], True
+
+
 class DeviceClock:
     """Wall time from construction to `elapsed_us()`: on CUDA between two events in the stream's order (nothing
     waits at the start, so steps timed from here find the device's queue as full as any others), else host clock
@@ -346,7 +360,15 @@ class StepProfiler:
         self._caught = self._warnings.__enter__()
         warnings.simplefilter("always")
         self._sync_debug(True)
+        self._mark()
         self._clock = DeviceClock(self.device)
+
+    def _mark(self) -> None:
+        """A WINDOW_MARKER kernel in the stream (CUDA), which the summary keeps the window's kernels between."""
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda._sleep(1)
 
     def _sync_debug(self, on: bool) -> None:
         import torch
@@ -356,6 +378,7 @@ class StepProfiler:
 
     def stop(self, steps: int) -> dict:
         self._sync_debug(False)
+        self._mark()
         wall_us = self._clock.elapsed_us()
         self._warnings.__exit__(None, None, None)
         self._profile.__exit__(None, None, None)
@@ -364,7 +387,7 @@ class StepProfiler:
             self._profile.export_chrome_trace(path)
             text = Path(path).read_text()
             exported = json.loads(text)
-            events = trace_events(exported)
+            events, marked = window_events(trace_events(exported))
             with_host = self.trace and self.device == "cuda"
             host = host_during_gaps(exported) if with_host else []
             lead = host_lead(exported, steps) if with_host else {}
@@ -381,6 +404,9 @@ class StepProfiler:
         table += ("\n" if syncs else "") + gaps_text(gaps) + (host_gaps_text(host) if host else "")
         table += host_lead_text(lead)
         table += top_kernels_text(top) + top_kernels_text(launched)
+        if self.device == "cuda" and not marked:
+            table += (f"\n(no two {WINDOW_MARKER} kernels in the trace: these figures count every kernel the "
+                      f"profiler recorded, the warm-up step's last ones too)")
         return {"title": self.title, "steps": steps, "wall_ms_per_step": wall_us / steps / 1000, "kernels": len(events),
                 "rows": rows, "syncs": syncs, "gaps": gaps, "host_during_gaps": host, "host_lead": lead,
                 "top_kernels": top,

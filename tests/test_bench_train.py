@@ -472,6 +472,17 @@ def test_profile_steps_warms_the_profiler_up_for_a_step_and_leaves_its_events_ou
     assert summary["steps"] == 2 and "aten::cos" in names and "aten::sin" not in names
 
 
+def test_window_events_keep_the_kernels_between_the_two_markers():
+    """The warm-up step's last kernels run after the profiler began recording; the window is what runs between
+    the marker kernels StepProfiler launches at its two ends (the markers left out); a trace without two markers
+    (the CPU's) is kept whole."""
+    marker = "at::cuda::(anonymous namespace)::spin_kernel(long)"
+    events = [("warm-up tail", 0.0, 5.0), (marker, 5.0, 1.0), ("gemm a", 6.0, 10.0), ("gemm b", 16.0, 4.0),
+              (marker, 20.0, 1.0), ("after", 21.0, 3.0)]
+    assert profile_train.window_events(events) == ([("gemm a", 6.0, 10.0), ("gemm b", 16.0, 4.0)], True)
+    assert profile_train.window_events(events[:2] + events[2:4]) == (events[:2] + events[2:4], False)
+
+
 def test_step_profiler_profile_runs_one_warm_up_step_outside_the_window():
     """StepProfiler.profile(step, steps): `steps` + 1 calls, the first one's operators (sin) left out."""
     import torch
