@@ -85,10 +85,9 @@
 #   part host         the default profiled over five steps (a logged one among them) with the host's activity: what
 #                     the host began while the device idled, how far ahead it launched, its waits; beside HF +
 #                     Liger, 80 steps, logging every 5 steps, then every 20.
-#   part bars         the default beside HF + Liger, with loss chunks of 1,024 tokens (the default before),
-#                     fused_projections=kv, gc_freeze=false, and 4,096-token chunks with the tied embedding's gradient
-#                     as rows, 80 steps (its first run, H100: chunks of
-#                     2,048 and 4,096 tokens and the sparse tied gradient beside the 1,024-token default).
+#   part bars         the default beside HF + Liger, with loss chunks of 1,024 tokens (the default before) and
+#                     fused_projections=kv, 80 steps, the default profiled (three H100 calls on 2026-12-05; an
+#                     H200 run is what the bars ask for).
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
 #                     the packed tests, then the default beside HF + Liger and fused_projections=kv, 40 steps.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
@@ -401,20 +400,17 @@ host)
         --timeout 150 "$@"
     ;;
 bars)
-    # the bars' run: the default (TritonAdamW with 16-byte accesses, loss chunks of 2,048 tokens) beside HF +
-    # Liger, the chunks of 1,024 tokens it had before (on an H100, 2026-12-05: 1.0095x for 2,048, 1.012x for
-    # 4,096), fused_projections=kv (never timed) and 4,096-token chunks with the tied embedding's gradient as rows,
-    # 80 steps (part host's 80-step run had 839 collector passes, the 40-step runs 8-9), and the collector without
-    # the freeze after the first batch (gc_freeze=false, the default before); first the profiler's
-    # window against synchronized steps (scripts/check_step_profiler.py: the warm-up step, not yet run on a GPU)
+    # the bars' run: the default (TritonAdamW, loss chunks of 2,048 tokens, the collector frozen after the first
+    # batch) beside HF + Liger, with the chunks of 1,024 tokens it had before and fused_projections=kv (level on
+    # an H100, 2026-12-05, once it stopped crashing), 80 steps, the default profiled after its timed steps
+    # between two marker kernels (the first profile with the warm-up step counted part of it); first the
+    # profiler's window against the same steps timed without it (scripts/check_step_profiler.py)
     if [ -z "${REHEARSE:-}" ]; then
         timeout 60 $PY scripts/check_step_profiler.py 2>&1 | grep -v Warning | tee "$OUT/check_step_profiler.txt" \
             | head -3
     fi
     bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 80 --paths forgather hf-liger \
-        --variant loss-1024 ++loss.chunk_size=1024 --variant fused-kv fused_projections=kv --variant no-gc-freeze \
-        gc_freeze=false \
-        --variant loss-4096+sparse-tied ++loss.chunk_size=4096 sparse_tied_grad=true --profile forgather \
+        --variant loss-1024 ++loss.chunk_size=1024 --variant fused-kv fused_projections=kv --profile forgather \
         --timeout 130 "$@"
     ;;
 kv)
