@@ -199,6 +199,62 @@ def host_lead(trace: dict, steps: int) -> dict:
             "wait_ms": wait / steps / 1000, "blocked_ms": blocked / steps / 1000, "launches": len(leads)}
 
 
+LAUNCHER_MATCH = ("Memset",)  # the device events launch_sites attributes (a 1.24B step had ~290 memsets)
+
+
+def launch_sites(trace: dict, steps: int, match: tuple[str, ...] = LAUNCHER_MATCH, count: int = 8) -> list[dict]:
+    """Which host operators launched the device events whose names contain one of `match`, from a trace with the
+    host's activity: [{op: the innermost operator around the launch on its thread, within: the outermost one,
+    calls and ms: a step}], most calls first. Only the events between the window's markers (WINDOW_MARKER)
+    where there are two; empty when no launch was recorded."""
+    from bisect import bisect_right
+
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    device = [e for e in events if e.get("cat") in DEVICE_EVENT_KINDS]
+    marks = sorted(float(e["ts"]) for e in device if WINDOW_MARKER in e["name"])
+    low, high = (marks[0], marks[-1]) if len(marks) >= 2 else (float("-inf"), float("inf"))
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    threads: dict = {}
+    for e in sorted((e for e in events if e.get("cat") in HOST_EVENT_KINDS),
+                    key=lambda e: (float(e["ts"]), -float(e["dur"]))):
+        threads.setdefault(e.get("tid"), []).append(e)
+    starts = {tid: [float(e["ts"]) for e in ops] for tid, ops in threads.items()}
+    outermost = {}  # id(op) -> the outermost operator open at its start on its thread (itself at top level)
+    for ops in threads.values():
+        stack: list[dict] = []
+        for op in ops:
+            while stack and float(stack[-1]["ts"]) + float(stack[-1]["dur"]) <= float(op["ts"]):
+                stack.pop()
+            outermost[id(op)] = stack[0] if stack else op
+            stack.append(op)
+    sites: dict[tuple[str, str], list[float]] = {}
+    for e in device:
+        if not any(m in e["name"] for m in match) or not low < float(e["ts"]) < high:
+            continue
+        launch = launches.get(e.get("args", {}).get("correlation"))
+        if launch is None:
+            continue
+        ops, at = threads.get(launch.get("tid"), []), float(launch["ts"])
+        # the innermost operator open at the launch: the latest to start of those still open (they nest)
+        inner = next((ops[i] for i in range(bisect_right(starts.get(launch.get("tid"), []), at) - 1, -1, -1)
+                      if float(ops[i]["ts"]) + float(ops[i]["dur"]) >= at), None)
+        key = (inner["name"], outermost[id(inner)]["name"]) if inner else ("(no operator)", "(no operator)")
+        sites.setdefault(key, []).append(float(e["dur"]))
+    rows = [{"op": op, "within": within, "calls": len(durations) / steps, "ms": sum(durations) / steps / 1000}
+            for (op, within), durations in sites.items()]
+    return sorted(rows, key=lambda row: -row["calls"])[:count]
+
+
+def launch_sites_text(rows: list[dict], match: tuple[str, ...] = LAUNCHER_MATCH) -> str:
+    if not rows:
+        return ""
+    lines = [f"\nwho launched the {' / '.join(match)} events, a step:"]
+    lines += [f"  {row['calls']:.1f} calls, {row['ms']:.3f} ms: {row['op'][:60]} (within {row['within'][:50]})"
+              for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def host_lead_text(lead: dict) -> str:
     if not lead:
         return ""
@@ -391,6 +447,7 @@ class StepProfiler:
             with_host = self.trace and self.device == "cuda"
             host = host_during_gaps(exported) if with_host else []
             lead = host_lead(exported, steps) if with_host else {}
+            sites = launch_sites(exported, steps) if with_host else []
             if self.trace:
                 with gzip.open(self.trace, "wt") as kept:
                     kept.write(text)
@@ -402,13 +459,14 @@ class StepProfiler:
         top = top_kernels(events, steps)
         launched = top_kernels(events, steps, 10, by="calls")  # the launches a step's idle gaps come between
         table += ("\n" if syncs else "") + gaps_text(gaps) + (host_gaps_text(host) if host else "")
-        table += host_lead_text(lead)
+        table += host_lead_text(lead) + launch_sites_text(sites)
         table += top_kernels_text(top) + top_kernels_text(launched)
         if self.device == "cuda" and not marked:
             table += (f"\n(no two {WINDOW_MARKER} kernels in the trace: these figures count every kernel the "
                       f"profiler recorded, the warm-up step's last ones too)")
         return {"title": self.title, "steps": steps, "wall_ms_per_step": wall_us / steps / 1000, "kernels": len(events),
                 "rows": rows, "syncs": syncs, "gaps": gaps, "host_during_gaps": host, "host_lead": lead,
+                "launch_sites": sites,
                 "top_kernels": top,
                 "all_kernels": top_kernels(events, steps, None), "table": table}
 

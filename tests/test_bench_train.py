@@ -472,6 +472,37 @@ def test_profile_steps_warms_the_profiler_up_for_a_step_and_leaves_its_events_ou
     assert summary["steps"] == 2 and "aten::cos" in names and "aten::sin" not in names
 
 
+def test_launch_sites_name_the_innermost_operator_around_each_launch_and_the_outermost():
+    """Memsets attributed to the host operator that launched them (through the launch's correlation id): the
+    innermost one open at the launch and the outermost around it, a step; those outside the markers left out."""
+    def op(name, ts, dur, tid=1):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    def launch(correlation, ts, tid=1):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemsetAsync", "ts": ts, "dur": 1,
+                "args": {"correlation": correlation}, "tid": tid}
+
+    def device(name, correlation, ts, dur=2.0, cat="gpu_memset"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+    marker = "at::cuda::(anonymous namespace)::spin_kernel(long)"
+    trace = {"traceEvents": [
+        op("CompiledFunctionBackward", 0, 100), op("aten::zero_", 10, 5), op("aten::fill_", 11, 3),
+        op("aten::zero_", 40, 5), op("Optimizer.step", 200, 50), op("aten::zeros", 210, 5),
+        launch(1, 12), launch(2, 41), launch(3, 211), launch(4, 150), launch(5, 300),
+        device(marker, 90, 5, 1, "kernel"), device("Memset (Device)", 1, 20), device("Memset (Device)", 2, 50),
+        device("Memset (Device)", 3, 260, 4.0), device("Memset (Device)", 4, 270),
+        device(marker, 91, 400, 1, "kernel"), device("Memset (Device)", 5, 410)]}
+    rows = profile_train.launch_sites(trace, steps=1)
+    assert rows == [
+        {"op": "aten::fill_", "within": "CompiledFunctionBackward", "calls": 1.0, "ms": 0.002},
+        {"op": "aten::zero_", "within": "CompiledFunctionBackward", "calls": 1.0, "ms": 0.002},
+        {"op": "aten::zeros", "within": "Optimizer.step", "calls": 1.0, "ms": 0.004},
+        {"op": "(no operator)", "within": "(no operator)", "calls": 1.0, "ms": 0.002},
+    ]
+    assert "who launched the Memset events" in profile_train.launch_sites_text(rows)
+
+
 def test_window_events_keep_the_kernels_between_the_two_markers():
     """The warm-up step's last kernels run after the profiler began recording; the window is what runs between
     the marker kernels StepProfiler launches at its two ends (the markers left out); a trace without two markers
