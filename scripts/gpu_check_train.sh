@@ -403,7 +403,8 @@ bars)
     # the bars' run: the default (TritonAdamW, loss chunks of 2,048 tokens, the collector frozen after the first
     # batch) beside HF + Liger, with the chunks of 1,024 tokens it had before and fused_projections=kv (level on
     # an H100, 2026-12-05, once it stopped crashing), 80 steps, the default profiled after its timed steps
-    # between two marker kernels (the first profile with the warm-up step counted part of it); first the
+    # between two marker kernels (the first profile with the warm-up step counted part of it), its trace kept
+    # with the host's activity (who launched the ~290 memsets a step: launch_sites); first the
     # profiler's window against the same steps timed without it (scripts/check_step_profiler.py)
     if [ -z "${REHEARSE:-}" ]; then
         timeout 60 $PY scripts/check_step_profiler.py 2>&1 | grep -v Warning | tee "$OUT/check_step_profiler.txt" \
@@ -411,7 +412,7 @@ bars)
     fi
     bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 80 --paths forgather hf-liger \
         --variant loss-1024 ++loss.chunk_size=1024 --variant fused-kv fused_projections=kv --profile forgather \
-        --timeout 130 "$@"
+        --profile-trace --timeout 150 "$@"
     ;;
 kv)
     # fused_projections=kv crashed part bars (an illegal memory access, H100, 2026-12-05): the op with its values
