@@ -320,6 +320,23 @@ def test_packed_kernels_reference_is_the_document_mask_of_eager_attention():
     torch.testing.assert_close(reference_packed_attention(q, k, v, start), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_attention_hands_its_kernels_dense_inputs():
+    """packed_attention._dense (before the op; compiled, the op failed on views with gaps, H100): the layers'
+    [B, T, H, D] storage and plain [B, H, T, D] pass as the same tensor; a value split from fused key and value
+    products (rows with gaps) and a head dim with a stride become a [B, T, H, D] copy of the same values."""
+    from forgather.models.packed_attention import _dense
+
+    heads = torch.randn(2, 12, 4, 8).transpose(1, 2)
+    plain = torch.randn(2, 4, 12, 8)
+    assert _dense(heads) is heads and _dense(plain) is plain
+    kv = torch.randn(2, 12, 2 * 2 * 8)
+    v = kv.split(16, dim=-1)[1].view(2, 12, 2, 8).transpose(1, 2)
+    strided_dim = torch.randn(2, 4, 8, 12).transpose(-1, -2)
+    for view in (v, strided_dim):
+        dense = _dense(view)
+        assert dense.transpose(1, 2).is_contiguous() and torch.equal(dense, view)
+
+
 def test_packed_tiling_defaults_and_overrides_each_kernel():
     from forgather.models.packed_attention import KERNELS, TILING, tiling
 
