@@ -539,6 +539,10 @@ def window_note(result: dict) -> str:
         passes = sum(collector["collections"].values())
         note += f"; gc {passes} passes, {sum(collector['ms'].values()) / collector['steps']:.2f} ms a step"
         note += "".join(f", {ms:.0f} ms at step {step + 1}" for step, _, ms in collector.get("long", [])[:4])
+        if "freed" in collector:
+            note += f", {collector['freed']} freed"
+        if collector.get("young"):
+            note += ", young " + " ".join(f"{name} {count}" for name, count in collector["young"][:3])
     return note
 
 

@@ -527,8 +527,13 @@ try:
     class CollectorTimes(pl.Callback):
         """The garbage collector's passes during optimizer steps `first_step + 1 .. last_step` (gc.callbacks):
         written as JSON to `output`, {steps, collections: {generation: count}, ms: {generation: total ms}, long:
-        [[step, generation, ms] of each pass of at least LONG_PASS_MS], by_step: {step: passes}}. A full pass can stop the host for most of
-        a second, far longer than the device's queue lasts."""
+        [[step, generation, ms] of each pass of at least LONG_PASS_MS], by_step: {step: passes}, freed: the
+        objects the passes found unreachable (garbage in reference cycles), young: [[type, count]] the YOUNG_TYPES
+        most common types in generations 0 and 1 at the last step (what the steps keep allocating: one 80-step
+        run had ~11 passes a step where others had ~1.4)}. A full pass can stop the host for most of a second,
+        far longer than the device's queue lasts."""
+
+        YOUNG_TYPES = 8
 
         LONG_PASS_MS = 10.0
 
@@ -538,7 +543,7 @@ try:
             self.seconds: collections.Counter = collections.Counter()
             self.long: list[list] = []
             self.by_step: collections.Counter = collections.Counter()
-            self._began, self._step = 0.0, 0
+            self._began, self._step, self.freed = 0.0, 0, 0
 
         def _pass(self, phase: str, info: dict) -> None:
             if phase == "start":
@@ -548,6 +553,7 @@ try:
                 self.collections[info["generation"]] += 1
                 self.seconds[info["generation"]] += seconds
                 self.by_step[self._step + 1] += 1
+                self.freed += info.get("collected", 0)
                 if seconds * 1000 >= self.LONG_PASS_MS:
                     self.long.append([self._step, info["generation"], seconds * 1000])
 
@@ -559,10 +565,12 @@ try:
                 gc.callbacks.append(self._pass)
             elif trainer.global_step >= self.last_step and self._pass in gc.callbacks:
                 gc.callbacks.remove(self._pass)
+                young = collections.Counter(type(o).__name__ for g in (0, 1) for o in gc.get_objects(generation=g))
                 Path(self.output).write_text(json.dumps({
                     "steps": trainer.global_step - self.first_step, "collections": dict(self.collections),
                     "ms": {generation: 1000 * s for generation, s in self.seconds.items()}, "long": self.long,
-                    "by_step": dict(self.by_step)}))
+                    "by_step": dict(self.by_step), "freed": self.freed,
+                    "young": [list(pair) for pair in young.most_common(self.YOUNG_TYPES)]}))
 except ImportError:  # the summarizer alone needs no Lightning
     pass
 

@@ -429,10 +429,16 @@ def test_collector_times_count_the_passes_between_its_steps_only(tmp_path):
     callback.on_train_batch_end(trainer, None, None, None, 0)
     trainer.global_step = 2
     callback.on_train_batch_end(trainer, None, None, None, 0)
+    cycles = [[] for _ in range(50)]
+    for cycle in cycles:
+        cycle.append(cycle)  # 50 lists in reference cycles: garbage only a pass frees
+    del cycles, cycle
     gc.collect()
     gc.collect(0)
+    kept = [[i] for i in range(1000)]  # lists alive at the last step, in the young generations
     trainer.global_step = 4
     callback.on_train_batch_end(trainer, None, None, None, 0)
+    del kept
     gc.collect()  # after its last step: not counted
     written = json.loads(output.read_text())
     assert written["steps"] == 2
@@ -441,6 +447,9 @@ def test_collector_times_count_the_passes_between_its_steps_only(tmp_path):
     assert all(step == 2 and ms >= callback.LONG_PASS_MS for step, _, ms in written["long"])  # passes of >= 10 ms
     assert set(written["by_step"]) == {"3"} and written["by_step"]["3"] == sum(written["collections"].values())
     assert callback._pass not in gc.callbacks
+    assert written["freed"] >= 50
+    young = dict(written["young"])
+    assert young.get("list", 0) >= 500 and len(written["young"]) <= callback.YOUNG_TYPES
 
 
 def test_a_forgather_row_notes_its_windows_and_the_collector():
@@ -448,6 +457,8 @@ def test_a_forgather_row_notes_its_windows_and_the_collector():
            "gc": {"steps": 10, "collections": {"0": 3, "2": 1}, "ms": {"0": 1.0, "2": 49.0}, "long": [[6, 2, 49.0]]}}
     assert bench_train.window_note(row) == "windows 60.1k 75.0k 74.5k; gc 4 passes, 5.00 ms a step, 49 ms at step 7"
     assert bench_train.window_note({"windows": [1000.0]}) == "windows 1.0k"
+    row["gc"].update(freed=12, young=[["tuple", 900], ["list", 40], ["dict", 7], ["cell", 1]])
+    assert bench_train.window_note(row).endswith("49 ms at step 7, 12 freed, young tuple 900 list 40 dict 7")
 
 
 def test_profile_steps_warms_the_profiler_up_for_a_step_and_leaves_its_events_out(tmp_path):
