@@ -211,8 +211,7 @@ def launch_sites(trace: dict, steps: int, match: tuple[str, ...] = LAUNCHER_MATC
 
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     device = [e for e in events if e.get("cat") in DEVICE_EVENT_KINDS]
-    marks = sorted(float(e["ts"]) for e in device if WINDOW_MARKER in e["name"])
-    low, high = (marks[0], marks[-1]) if len(marks) >= 2 else (float("-inf"), float("inf"))
+    low, high = window_bounds([(e["name"], float(e["ts"]), float(e["dur"])) for e in device])
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     threads: dict = {}
@@ -230,7 +229,7 @@ def launch_sites(trace: dict, steps: int, match: tuple[str, ...] = LAUNCHER_MATC
             stack.append(op)
     sites: dict[tuple[str, str], list[float]] = {}
     for e in device:
-        if not any(m in e["name"] for m in match) or not low < float(e["ts"]) < high:
+        if not any(m in e["name"] for m in match) or not low <= float(e["ts"]) < high:
             continue
         launch = launches.get(e.get("args", {}).get("correlation"))
         if launch is None:
@@ -328,16 +327,23 @@ def trace_events(trace: dict) -> list[Event]:
     return top
 
 
-def window_events(events: list[Event], marker: str = WINDOW_MARKER) -> tuple[list[Event], bool]:
-    """(the events between the first and the last `marker` kernel, markers left out; whether there were two).
-    The device runs the warm-up step's last kernels after the profiler began recording (the host queues ~80 ms
-    ahead), and those are not the window's: the first GPU profile with the warm-up step counted 4 optimizer steps
-    in 3. Without two markers (a CPU trace) the events as they are."""
+def window_bounds(events: list[Event], marker: str = WINDOW_MARKER) -> tuple[float, float]:
+    """[the first `marker` kernel's end, the last one's start): where the window's kernels start. The device runs
+    the warm-up step's last kernels after the profiler began recording (the host queues ~80 ms ahead), and those
+    are not the window's: the first GPU profile with the warm-up step counted 4 optimizer steps in 3. Without two
+    markers (a CPU trace), everything: (-inf, inf)."""
     marks = sorted((start, start + duration) for name, start, duration in events if marker in name)
     if len(marks) < 2:
+        return float("-inf"), float("inf")
+    return marks[0][1], marks[-1][0]
+
+
+def window_events(events: list[Event], marker: str = WINDOW_MARKER) -> tuple[list[Event], bool]:
+    """(the events inside `window_bounds`, markers left out; whether there were two markers)."""
+    low, high = window_bounds(events, marker)
+    if (low, high) == (float("-inf"), float("inf")):
         return events, False
-    first_end, last_start = marks[0][1], marks[-1][0]
-    return [e for e in events if marker not in e[0] and first_end <= e[1] < last_start], True
+    return [e for e in events if marker not in e[0] and low <= e[1] < high], True
 
 
 class DeviceClock:
