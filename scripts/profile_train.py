@@ -539,9 +539,8 @@ try:
         run had ~11 passes a step where others had ~1.4)}. A full pass can stop the host for most of a second,
         far longer than the device's queue lasts."""
 
-        YOUNG_TYPES = 8
-
         LONG_PASS_MS = 10.0
+        YOUNG_TYPES = 8
 
         def __init__(self, first_step: int, last_step: int, output: str) -> None:
             self.first_step, self.last_step, self.output = first_step, last_step, output
