@@ -90,6 +90,8 @@
 #                     H200 run is what the bars ask for).
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
 #                     the packed tests, then the default beside HF + Liger and fused_projections=kv, 40 steps.
+#   part blas         the step's cuBLAS products under cuBLAS settings (scripts/bench_matmuls.py), then the
+#                     default beside HF + Liger, sparse_tied_grad=true and max-autotune, 80 steps.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -427,6 +429,20 @@ kv)
     bench bench_1b_kv.log --shape 1b --label 1b_kv --steps 40 --paths forgather hf-liger --variant fused-kv \
         fused_projections=kv --timeout 130 "$@"
     ;;
+blas)
+    # the step's cuBLAS products (77% of its device time on an H200) under cuBLAS settings, with the memset
+    # launched before almost every one (scripts/bench_matmuls.py), and the fused widths one stored parameter
+    # would give; then the default beside HF + Liger and sparse_tied_grad=true (the embedding's gradient: a
+    # 155 us fill and a 360 us add a step on the H200) and inductor's max-autotune (1.021x in its last run,
+    # 2026-12-04, before the packed kernels), 80 steps
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 240 $PY scripts/bench_matmuls.py --json "$OUT/matmuls.json" 2>&1 | grep -v Warning \
+            | tee "$OUT/matmuls.md"
+    fi
+    bench bench_1b_blas.log --shape 1b --label 1b_blas --steps 80 --paths forgather hf-liger \
+        --variant sparse-tied sparse_tied_grad=true \
+        --variant max-autotune compile_mode=max-autotune-no-cudagraphs --timeout 430 "$@"
+    ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip
     # nothing, as the HF loops): torch's fused AdamW after Lightning's clip_grad_norm_ against TritonAdamW with the
@@ -449,7 +465,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-z, hint, host, bars, kv, clip or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-z, hint, host, bars, kv, blas, clip or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.

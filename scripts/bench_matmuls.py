@@ -1,0 +1,130 @@
+"""The 1.24B training step's matrix products under cuBLAS settings, each setting in its own process (issue 17).
+
+The step's profile on an H200 (docs/benchmarks.md, eighteenth session) puts 77% of its device time in cuBLAS
+products and shows a ~1 us memset launched before almost every one (~250 a step, each with its own launch
+gap). This times each product of a layer (forward `x @ w.T`, the input's gradient `dy @ w`, the weight's
+gradient `dy.T @ x`) and the head's on one 2,048-token loss chunk, as a loop of back-to-back calls between
+CUDA events (so a memset and its gap count), and counts the memsets one call launches (torch.profiler).
+Beside the layer's products as the model makes them (q, k, v, o, gate, up, down) it times the fused widths
+(q/k/v as one 3,072-wide product, k/v as one 1,024-wide, gate/up as one 16,384-wide) that a single stored
+parameter would give, and sums a step's worth (16 layers and 4 loss chunks) of each.
+
+Settings (environment variables, read when cuBLAS starts, hence one process each):
+- default: torch's own choice;
+- lt: `TORCH_BLAS_PREFER_CUBLASLT=1` (torch calls cuBLASLt directly, with its workspace);
+- ws0: `CUBLAS_WORKSPACE_CONFIG=:0:0` (no workspace for cuBLAS);
+- lt-ws0: both of the above and `CUBLASLT_WORKSPACE_SIZE=0`.
+
+    python scripts/bench_matmuls.py [--iters 20] [--settings default lt ...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+SETTINGS: dict[str, dict[str, str]] = {
+    "default": {},
+    "lt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},
+    "ws0": {"CUBLAS_WORKSPACE_CONFIG": ":0:0"},
+    "lt-ws0": {"TORCH_BLAS_PREFER_CUBLASLT": "1", "CUBLAS_WORKSPACE_CONFIG": ":0:0", "CUBLASLT_WORKSPACE_SIZE": "0"},
+}
+TOKENS, HIDDEN, LAYERS, VOCAB, CHUNK, CHUNKS = 8192, 2048, 16, 128256, 2048, 4
+# name -> (output width N, input width K, rows M, calls a step); the layer's products as the model makes them,
+# then the fused widths
+PRODUCTS: dict[str, tuple[int, int, int, int]] = {
+    "q": (2048, HIDDEN, TOKENS, LAYERS), "k": (512, HIDDEN, TOKENS, LAYERS), "v": (512, HIDDEN, TOKENS, LAYERS),
+    "o": (2048, 2048, TOKENS, LAYERS), "gate": (8192, HIDDEN, TOKENS, LAYERS), "up": (8192, HIDDEN, TOKENS, LAYERS),
+    "down": (HIDDEN, 8192, TOKENS, LAYERS), "head": (VOCAB, HIDDEN, CHUNK, CHUNKS),
+    "qkv": (3072, HIDDEN, TOKENS, LAYERS), "kv": (1024, HIDDEN, TOKENS, LAYERS),
+    "gate_up": (16384, HIDDEN, TOKENS, LAYERS),
+}
+LAYOUTS = ("forward", "dgrad", "wgrad")
+STEPS = {"separate": ("q", "k", "v", "o", "gate", "up", "down", "head"),
+         "fused kv": ("q", "kv", "o", "gate", "up", "down", "head"),
+         "fused qkv, gate_up": ("qkv", "o", "gate_up", "down", "head")}
+
+
+def worker(iters: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    results: dict[str, dict] = {}
+    big = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(50):  # the clocks up before the first timing
+        big @ big
+    for name, (n, k, m, _) in PRODUCTS.items():
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+        calls = {"forward": lambda: x @ w.t(), "dgrad": lambda: dy @ w, "wgrad": lambda: dy.t() @ x}
+        for layout, call in calls.items():
+            for _ in range(3):
+                call()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                call()
+            end.record()
+            torch.cuda.synchronize()
+            us = start.elapsed_time(end) * 1e3 / iters
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                call()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+            memsets = sum("memset" in e.name.lower() for e in kernels)
+            names = sorted({e.name for e in kernels if "memset" not in e.name.lower()})
+            results[f"{name} {layout}"] = dict(us=us, tflops=2 * m * n * k / us / 1e6, memsets=memsets,
+                                               kernel=",".join(names)[:60])
+        del x, w, dy
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.iters)))
+        return
+    runs: dict[str, dict] = {}
+    for setting in args.settings:
+        env = {**os.environ, **SETTINGS[setting]}
+        done = subprocess.run([sys.executable, __file__, "--worker", setting, "--iters", str(args.iters)],
+                              env=env, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{setting}: failed\n{done.stderr[-2000:]}")
+            continue
+        runs[setting] = json.loads(done.stdout.strip().splitlines()[-1])
+    if not runs:
+        sys.exit(1)
+    names = list(runs)
+    print("| product | " + " | ".join(f"{s} us | TFLOP/s | memsets" for s in names) + " | kernel (first) |")
+    print("| --- | " + " | ".join("---: | ---: | ---:" for _ in names) + " | --- |")
+    for key in next(iter(runs.values())):
+        cells = " | ".join(f"{r[key]['us']:.1f} | {r[key]['tflops']:.0f} | {r[key]['memsets']}" for r in runs.values())
+        print(f"| {key} | {cells} | {runs[names[0]][key]['kernel']} |")
+    print("\nA step's products (16 layers, 4 loss chunks; ms, from the loop times):\n")
+    print("| products | " + " | ".join(names) + " |")
+    print("| --- | " + " | ".join("---:" for _ in names) + " |")
+    for step, members in STEPS.items():
+        cells = []
+        for r in runs.values():
+            ms = sum(r[f"{p} {lay}"]["us"] * PRODUCTS[p][3] for p in members for lay in LAYOUTS) / 1e3
+            cells.append(f"{ms:.2f}")
+        print(f"| {step} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
