@@ -441,7 +441,8 @@ blas)
     fi
     bench bench_1b_blas.log --shape 1b --label 1b_blas --steps 80 --paths forgather hf-liger \
         --variant sparse-tied sparse_tied_grad=true \
-        --variant max-autotune compile_mode=max-autotune-no-cudagraphs --timeout 430 "$@"
+        --variant max-autotune compile_mode=max-autotune-no-cudagraphs --profile forgather sparse-tied \
+        --profile-trace --timeout 430 "$@"
     ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip
