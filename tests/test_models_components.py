@@ -801,3 +801,36 @@ def test_the_stream_is_one_tensor_in_inference_with_checkpointing_and_for_other_
                                             with_kwargs=True)
         model(ids)
         assert carried == [False, False]
+
+
+def test_half_precision_model_rounds_the_rope_tables_once_to_the_same_logits_and_gradients():
+    """A bf16 model gets bf16 cos/sin from layer_inputs (one rounding a step, not one a layer); the logits and
+    gradients are bitwise those of fp32 tables rounded inside each layer's apply_rotary."""
+    model = tiny_model().to(torch.bfloat16).train()
+    ids = random_ids()
+    rope, _ = model.layer_inputs(ids)
+    assert all(table.dtype == torch.bfloat16 for table in rope)
+    assert all(table.dtype == torch.float32 for table in tiny_model().layer_inputs(ids)[0])
+
+    def logits_and_grads(m):
+        m.zero_grad()
+        logits = m(ids)
+        logits.float().square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in m.parameters()]
+
+    ours = logits_and_grads(model)
+    fp32_tables = CausalLM.layer_inputs
+
+    def layer_inputs_fp32(self, input_ids, position_ids=None, kv_cache=None):  # the tables as they were before
+        from forgather.models.causal_lm import _positions_and_documents
+
+        _, mask = fp32_tables(self, input_ids, position_ids, kv_cache)
+        positions, _ = _positions_and_documents(*input_ids.shape, position_ids, kv_cache, input_ids.device)
+        return self.rope(positions), mask
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CausalLM, "layer_inputs", layer_inputs_fp32)
+        before = logits_and_grads(model)
+    torch.testing.assert_close(ours[0], before[0], rtol=0, atol=0)
+    for a, b in zip(ours[1], before[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
