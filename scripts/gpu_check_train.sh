@@ -90,8 +90,9 @@
 #                     H200 run is what the bars ask for).
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
 #                     the packed tests, then the default beside HF + Liger and fused_projections=kv, 40 steps.
-#   part blas         the step's cuBLAS products under cuBLAS settings (scripts/bench_matmuls.py), then the
-#                     default beside HF + Liger, sparse_tied_grad=true and max-autotune, 80 steps.
+#   part blas         the loss's GPU tests, the default beside HF + Liger, sparse_tied_grad=true and max-autotune,
+#                     80 steps, then the default of $BASELINE_TREE (an older commit's copy, when given), then
+#                     the step's cuBLAS products under cuBLAS settings (scripts/bench_matmuls.py).
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -430,19 +431,29 @@ kv)
         fused_projections=kv --timeout 130 "$@"
     ;;
 blas)
-    # the step's cuBLAS products (77% of its device time on an H200) under cuBLAS settings, with the memset
-    # launched before almost every one (scripts/bench_matmuls.py), and the fused widths one stored parameter
-    # would give; then the default beside HF + Liger and sparse_tied_grad=true (the embedding's gradient: a
-    # 155 us fill and a 360 us add a step on the H200) and inductor's max-autotune (1.021x in its last run,
-    # 2026-12-04, before the packed kernels), 80 steps
+    # What this session changed, beside what it changed from (the tree at $BASELINE_TREE, when given: a copy of an
+    # older commit, e.g. `git archive b6a59ee | tar -x -C .old_tree`, carried to the device), and levers not yet
+    # default: the loss's GPU tests (the head's weight gradient scaled in forward, its backward pass skipped when
+    # the incoming gradient is 1); the default beside HF + Liger, sparse_tied_grad=true (the embedding's
+    # gradient: a 155 us fill and a 360 us add a step on the H200) and inductor's max-autotune (1.021x in its
+    # last run, 2026-12-04, before the packed kernels), 80 steps, the default and sparse_tied_grad profiled; the
+    # baseline tree's default; last, the step's cuBLAS products under cuBLAS settings, with the memset launched
+    # before almost every one, and the fused widths one stored parameter would give (scripts/bench_matmuls.py)
     if [ -z "${REHEARSE:-}" ]; then
-        timeout 240 $PY scripts/bench_matmuls.py --json "$OUT/matmuls.json" 2>&1 | grep -v Warning \
-            | tee "$OUT/matmuls.md"
+        gpu_tests 240 pytest_loss.txt tests/gpu/test_loss_gpu.py
     fi
     bench bench_1b_blas.log --shape 1b --label 1b_blas --steps 80 --paths forgather hf-liger \
         --variant sparse-tied sparse_tied_grad=true \
         --variant max-autotune compile_mode=max-autotune-no-cudagraphs --profile forgather sparse-tied \
         --profile-trace --timeout 430 "$@"
+    if [ -n "${BASELINE_TREE:-}" ]; then
+        (cd "$BASELINE_TREE" && PYTHONPATH="$PWD:${PYTHONPATH:-}" bench bench_1b_baseline.log --shape 1b \
+            --label 1b_baseline --steps 80 --paths forgather --timeout 150 "$@")
+    fi
+    if [ -z "${REHEARSE:-}" ]; then
+        timeout 150 $PY scripts/bench_matmuls.py --json "$OUT/matmuls.json" 2>&1 | grep -v Warning \
+            | tee "$OUT/matmuls.md"
+    fi
     ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip

@@ -10,8 +10,10 @@ reads the chunk's logits twice and writes its gradient once, with no fp32 copy o
 chunk.
 
 Nothing here makes the host wait for the GPU: the token count stays a device tensor (the chunk work sums,
-the backward divides by it), and backward always scales rather than asking whether the incoming gradient is
-1 (Liger's loop does both on the host: two syncs a step). The scaling is one pass over the gradients.
+the backward divides by it), and backward never asks the host whether the incoming gradient is 1 (Liger's
+loop does both on the host: two syncs a step). The scaling is one pass over the gradients; on a GPU the
+weight's gradient takes 1 / tokens in forward (through each chunk's hidden states) and backward's kernel skips
+its pass on the device when the incoming gradient is 1 (`scale_unless_one`).
 
 Peak memory above the inputs: grad hidden + grad weight + C x V x 2 bytes (bf16 logits, gradient in place;
 twice that with inplace=False). Larger chunks amortise the read-modify-write of grad weight
@@ -109,6 +111,38 @@ def scale_in_place(grad: torch.Tensor, factor: torch.Tensor) -> None:
     _compiled_scale()(grad, factor)
 
 
+SCALE_BLOCK, SCALE_WARPS, SCALE_PROGRAMS_PER_SM = 4096, 8, 4
+
+
+def scale_unless_one(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """`scale_in_place(grad, factor)`, except that on a GPU a factor of exactly 1 costs no pass over grad.
+
+    The Triton kernel (scale_kernels.py) reads the factor on the device and returns when it is 1, so the host
+    never waits to ask. Elsewhere (CPU, no Triton, a non-contiguous grad) it is scale_in_place: the same numbers.
+    """
+    from forgather.triton_support import interpreting, triton_runs
+
+    if not grad.is_contiguous() or not (triton_runs(grad.device) or interpreting()):
+        scale_in_place(grad, factor)
+        return
+    from forgather.loss import scale_kernels
+
+    n = grad.numel()
+    sms = torch.cuda.get_device_properties(grad.device).multi_processor_count if grad.is_cuda else 2
+    programs = max(1, min(-(-n // SCALE_BLOCK), sms * SCALE_PROGRAMS_PER_SM))
+    scale_kernels._scale_unless_one[(programs,)](grad, factor.float().reshape(1), n, BLOCK=SCALE_BLOCK,
+                                                 num_warps=SCALE_WARPS)
+
+
+def _prescale_fp32(h: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (h.float() * factor).to(h.dtype)
+
+
+@functools.cache
+def _compiled_prescale() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return torch.compile(_prescale_fp32)
+
+
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out = a @ b, written in place; out may have a wider dtype than a and b (autocast)."""
     if out.dtype == a.dtype:
@@ -146,6 +180,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # zeros: one write and one read of a [V, H] tensor fewer (~0.2 ms a step at vocab 128k, hidden 2048, bf16).
         first_writes = weight.dtype == dtype and hidden.shape[0] > 0
         grad_weight = (torch.empty_like if first_writes else torch.zeros_like)(weight) if needs_grad[1] else None
+        # On a GPU the weight's gradient takes 1 / tokens here, through each chunk's hidden states (C x H, rounded
+        # once to their dtype): backward then scales it only by grad_output, which scale_unless_one skips on the
+        # device when it is 1, sparing a pass over the [V, H] gradient. The CPU keeps the one scaling in backward.
+        from forgather.triton_support import triton_runs
+
+        prescale = grad_weight is not None and triton_runs(hidden.device)
+        inv_tokens = n_valid.reciprocal() if prescale else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(device_type, enabled=False):
             w = weight.to(dtype)
@@ -159,10 +200,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     _matmul_into(grad_hidden[start : start + chunk_size], grad_logits, w)
                 if grad_weight is not None:
                     write = _matmul_into if first_writes and start == 0 else _accumulate_matmul
-                    write(grad_weight, grad_logits.t(), h)
+                    write(grad_weight, grad_logits.t(), _compiled_prescale()(h, inv_tokens) if prescale else h)
                 del grad_logits  # before the next chunk's logits are allocated
         ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
-        ctx.backward_done = False
+        ctx.backward_done, ctx.prescaled = False, prescale
         return loss / n_valid
 
     @staticmethod
@@ -173,9 +214,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.backward_done = True
         grad_hidden, grad_weight, n_valid = ctx.saved_tensors
         factor = grad_output.float() / n_valid
-        for grad in (grad_hidden, grad_weight):
-            if grad is not None:
-                scale_in_place(grad, factor)
+        if grad_hidden is not None:
+            scale_in_place(grad_hidden, factor)
+        if grad_weight is not None:
+            if ctx.prescaled:
+                scale_unless_one(grad_weight, grad_output)
+            else:
+                scale_in_place(grad_weight, factor)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from forgather.loss import CCELoss, ChunkedLoss, FusedLoss, LigerLoss, NaiveLoss
-from forgather.loss.chunked import scale_in_place
+from forgather.loss.chunked import scale_in_place, scale_unless_one
 from helpers.cuda_sync import sync_is_an_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -108,6 +108,29 @@ def test_gradient_scaling_keeps_the_fp32_factor():
     scaled = x.clone()
     scale_in_place(scaled, factor)
     assert torch.equal(scaled, (x.float() * factor).bfloat16())
+
+
+def test_scale_unless_one_leaves_a_unit_factor_alone_and_scales_in_fp32_otherwise():
+    # the kernel behind the head's weight gradient: a factor of 1 returns on the device; others as scale_in_place
+    x = torch.randn(3 * 4096 * 132 * 4 + 5, device="cuda").bfloat16()  # more than one stride of the programs
+    got = x.clone()
+    scale_unless_one(got, torch.tensor(1.0, device="cuda"))
+    assert torch.equal(got, x)
+    factor = torch.tensor(1 / 3000, device="cuda")
+    scale_unless_one(got, factor)
+    assert torch.equal(got, (x.float() * factor).bfloat16())
+
+
+@pytest.mark.parametrize("name", ["fused", "chunked"])
+def test_loss_scaled_before_backward_scales_both_gradients(name):
+    # the weight's gradient takes 1 / tokens in forward and grad_output in backward (skipped when it is 1): a
+    # loss multiplied by 0.25 (a power of two: exact in every rounding) must give exactly 0.25 x the gradients
+    loss_fn = build(name)
+    h, w, labels = make_inputs(seed=11)
+    h, w = h.bfloat16(), w.bfloat16()
+    _, gh, gw = loss_and_grads(loss_fn, h, w, labels)
+    _, qh, qw = loss_and_grads(lambda *a: loss_fn(*a) * 0.25, h, w, labels)
+    assert torch.equal(qh, gh * 0.25) and torch.equal(qw, gw * 0.25)
 
 
 @pytest.mark.parametrize("name", ["fused", "chunked"])
