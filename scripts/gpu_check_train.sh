@@ -93,8 +93,6 @@
 #   part blas         the loss's GPU tests, the default beside HF + Liger, sparse_tied_grad=true and max-autotune,
 #                     80 steps, then the default of $BASELINE_TREE (an older commit's copy, when given), then
 #                     the step's cuBLAS products under cuBLAS settings (scripts/bench_matmuls.py).
-#   part grad         fused_projections=grad beside the default, HF + Liger and $BASELINE_TREE's default, 80 steps,
-#                     after the GPU tests of the layers compiled with each fusion.
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -457,25 +455,6 @@ blas)
             | tee "$OUT/matmuls.md"
     fi
     ;;
-grad)
-    # fused_projections=grad (the input gradients of q/k/v and of gate/up summed in the backward products'
-    # epilogue, not by an add kernel a group) beside the default, HF + Liger and, when $BASELINE_TREE is given (a
-    # copy of an older commit), that tree's default, 80 steps; first the GPU tests of the layers compiled with
-    # each fusion against SDPA. Both forgather rows profiled, traces kept; the JSON results and install log
-    # removed (what comes back from the device is counted in files)
-    if [ -z "${REHEARSE:-}" ]; then
-        timeout 240 $PY -m pytest -n 0 tests/gpu/test_models_gpu.py -k "fused_projections" -q -p no:cacheprovider \
-            -rs --tb=short > "$OUT/pytest_models.txt" 2>&1
-        grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/pytest_models.txt" | tail -10
-    fi
-    bench bench_1b_grad.log --shape 1b --label 1b_grad --steps 80 --paths forgather hf-liger \
-        --variant grad fused_projections=grad --profile forgather grad --profile-trace --timeout 150 "$@"
-    if [ -n "${BASELINE_TREE:-}" ]; then
-        (cd "$BASELINE_TREE" && PYTHONPATH="$PWD:${PYTHONPATH:-}" bench bench_1b_baseline.log --shape 1b \
-            --label 1b_baseline --steps 80 --paths forgather --timeout 150 "$@")
-    fi
-    rm -f "$OUT"/results_*.json "$OUT/install.log"
-    ;;
 clip)
     # the optimizer as runs use it, clipping by norm at 1.0 (the configs' default; the bench's other rows clip
     # nothing, as the HF loops): torch's fused AdamW after Lightning's clip_grad_norm_ against TritonAdamW with the
@@ -498,7 +477,7 @@ tests)
         | tee "$OUT/pytest_models.txt"
     ;;
 *)
-    echo "unknown part '$PART': a-z, hint, host, bars, kv, blas, grad, clip or tests"; exit 2 ;;
+    echo "unknown part '$PART': a-z, hint, host, bars, kv, blas, clip or tests"; exit 2 ;;
 esac
 echo "==================== summary ($(( $(date +%s) - START )) s in all) ===================="
 # Parts without a training bench (t, tests) have no summary: that is not a failure of the call.

@@ -18,7 +18,7 @@ from forgather.lightning.module import CausalLMModule
 from forgather.models.attention import Attention
 from forgather.models.causal_lm import CausalLM
 from forgather.models.feedforward import SwiGLU
-from forgather.models.fused import _SharedInputProducts, fusable, fused_linear, shared_input_linears
+from forgather.models.fused import fusable, fused_linear
 from forgather.models.layers import PreLNLayer
 from forgather.models.norm import RMSNorm
 from forgather.models.rope import RotaryEmbedding
@@ -95,50 +95,11 @@ def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_f
     assert sorted(map(id, calls)) == sorted(map(id, own))
 
 
-def test_shared_input_products_sum_the_input_gradient_in_the_products():
-    """The GPU path of fused_projections=grad, run on the CPU: the same outputs and weight gradients as separate
-    layers, the input's gradient within one rounding of the sum; a frozen weight gets none and costs no product."""
-    torch.manual_seed(0)
-    layers = (nn.Linear(8, 6, bias=False), nn.Linear(8, 3, bias=False), nn.Linear(8, 3, bias=False))
-    layers[2].weight.requires_grad_(False)
-    x = torch.randn(2, 5, 8, requires_grad=True)
-    ours = _SharedInputProducts.apply(x, *(layer.weight for layer in layers))
-    separate = [layer(x) for layer in layers]
-    for got, expected in zip(ours, separate):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    sum((out * (i + 1)).square().sum() for i, out in enumerate(ours)).backward()
-    got = [layers[0].weight.grad.clone(), layers[1].weight.grad.clone(), x.grad.clone()]
-    assert layers[2].weight.grad is None
-    layers[0].weight.grad = layers[1].weight.grad = x.grad = None
-    sum((out * (i + 1)).square().sum() for i, out in enumerate(separate)).backward()
-    torch.testing.assert_close(got[0], layers[0].weight.grad, rtol=0, atol=0)
-    torch.testing.assert_close(got[1], layers[1].weight.grad, rtol=0, atol=0)
-    torch.testing.assert_close(got[2], x.grad, rtol=1e-6, atol=1e-6)
-
-
-def test_shared_input_linears_are_the_plain_layers_off_the_gpu():
-    """On a CPU (and without gradients, with biases, under autocast) fused_projections=grad runs the layers
-    themselves: the tutorial's numbers do not move."""
-    expected = loss_and_grads(tiny_model())
-    model = tiny_model(fused="grad")
-    calls = []
-    for layer in model.layers:
-        for projection in (layer.attention.q_proj, layer.feedforward.up_proj):
-            projection.register_forward_hook(lambda module, *args: calls.append(module))
-    got = loss_and_grads(model)
-    assert len(calls) == 2 * len(model.layers)
-    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
-    for name in expected[1]:
-        torch.testing.assert_close(got[1][name], expected[1][name], rtol=0, atol=0, msg=name)
-    layers = (nn.Linear(4, 3), nn.Linear(4, 2))
-    assert [out.shape[-1] for out in shared_input_linears(torch.randn(2, 4), layers)] == [3, 2]
-
-
 @pytest.mark.parametrize("value", ["qkv", 1, "true"])
 def test_an_unknown_fusion_is_a_one_line_error(value):
     for make in (lambda: Attention(HIDDEN, HEADS, fused_projections=value),
                  lambda: SwiGLU(HIDDEN, 48, fused_projections=value)):
-        with pytest.raises(ValueError, match=r"fused_projections=.*; choose false, true .*'kv' .* or 'grad'"):
+        with pytest.raises(ValueError, match=r"fused_projections=.*; choose false, true .* or 'kv'"):
             make()
 
 

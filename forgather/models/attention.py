@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.attention import flex_attention as flex
 
 from .checks import positive_sizes
-from .fused import fusable, fused_linear, fusion, shared_input_linears
+from .fused import fusable, fused_linear, fusion
 from .kv_cache import LayerKVCache
 from .rope import apply_rotary
 
@@ -334,8 +334,7 @@ class Attention(nn.Module):
         dropout: attention-probability dropout while training (not available with flex or packed).
         bias: biases on the q/k/v/o projections.
         fused_projections: true computes q, k and v as one matmul over the three weights concatenated
-            (`forgather.models.fused`: same parameters and state dict), "kv" only k and v, "grad" three
-            products whose input gradients are summed in the backward products' epilogue; projections that
+            (`forgather.models.fused`: same parameters and state dict), "kv" only k and v; projections that
             are not plain nn.Linear layers (QK-norm variants) run separately.
         kernel_options: with attention_fn="flex", the GPU kernel's options (`flex_kernel_options`), e.g.
             `{fwd_BLOCK_M: 64, fwd_BLOCK_N: 64}`: tilings change speed, not the result. Without them, packed
@@ -409,8 +408,6 @@ class Attention(nn.Module):
             q, k, v = fused_linear(x, projections)
         elif self.fused_projections == "kv" and fusable(self.k_proj, self.v_proj):
             q, (k, v) = self.q_proj(x), fused_linear(x, (self.k_proj, self.v_proj))
-        elif self.fused_projections == "grad":
-            q, k, v = shared_input_linears(x, projections)
         else:
             q, k, v = (projection(x) for projection in projections)
         q = self._heads(q, self.num_heads)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .checks import positive_sizes
-from .fused import fused_linear, fusion, shared_input_linears
+from .fused import fused_linear, fusion
 
 
 def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:
@@ -39,7 +39,7 @@ class SwiGLU(nn.Module):
 
     `fused_projections`: true computes gate and up as one matmul over both weights concatenated
     (`forgather.models.fused`: same parameters and state dict); "kv" (the attention's key and value only) leaves
-    them two; "grad" keeps two products and sums their input gradients in the backward products' epilogue.
+    them two.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None,
@@ -61,8 +61,6 @@ class SwiGLU(nn.Module):
     def _block(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_projections is True:
             gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
-        elif self.fused_projections == "grad":
-            gate, up = shared_input_linears(x, (self.gate_proj, self.up_proj))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)

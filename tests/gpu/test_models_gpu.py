@@ -50,8 +50,7 @@ def wide_model(attention_fn: str, fused_norm: bool = False, fused_projections: b
         attention_factory=functools.partial(Attention, num_heads=8, num_kv_heads=2, attention_fn=attention_fn,
                                             fused_projections=fused_projections),
         feedforward_factory=functools.partial(SwiGLU, intermediate_size=1024,
-                                              fused_projections=fused_projections if fused_projections in (True, "grad")
-                                              else False),
+                                              fused_projections=fused_projections is True),
         norm_factory=norm,
     )
     built = CausalLM(VOCAB, 512, 2, layer_factory, norm, rope=RotaryEmbedding(64))
@@ -192,14 +191,12 @@ def test_compiled_model_with_packed_attention_trains_like_sdpa():
         torch.testing.assert_close(wide_model("packed")(token_ids()), wide_model("sdpa")(token_ids()), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fused_projections", [False, "kv", True, "grad"],
-                         ids=["separate", "fused-kv", "fused-qkv", "input-grad-summed"])
+@pytest.mark.parametrize("fused_projections", [False, "kv", True], ids=["separate", "fused-kv", "fused-qkv"])
 def test_packed_attention_under_layer_compile_takes_fused_projections(fused_projections):
     """Each layer compiled, as the trainer's default compile_scope does: with fused projections the values
     reach the kernels as a view into the wider product (gaps between rows), which once read past the end of
-    the tensor inductor handed over (fused_projections=kv crashed the 1.24B bench, H100, 2026-12-05); with
-    "grad" the input's gradient is summed in the backward products (fused.shared_input_linears). Logits and every
-    gradient agree with SDPA's on packed documents."""
+    the tensor inductor handed over (fused_projections=kv crashed the 1.24B bench, H100, 2026-12-05). Logits
+    and every gradient agree with SDPA's on packed documents."""
     results = {}
     for name in ("packed", "sdpa"):
         built = wide_model(name, fused_projections=fused_projections)
