@@ -13,7 +13,11 @@ Settings (environment variables, read when cuBLAS starts, hence one process each
 - default: torch's own choice;
 - lt: `TORCH_BLAS_PREFER_CUBLASLT=1` (torch calls cuBLASLt directly, with its workspace);
 - ws0: `CUBLAS_WORKSPACE_CONFIG=:0:0` (no workspace for cuBLAS);
-- lt-ws0: both of the above and `CUBLASLT_WORKSPACE_SIZE=0`.
+- lt-ws0: both of the above and `CUBLASLT_WORKSPACE_SIZE=0` (torch 2.11 on an H100 fails at its first product:
+  "OOM trying to allocate workspace for cublaslt"; the table leaves a failed setting out).
+
+The loops keep their operands warm in L2, so the step's products run a few percent slower than these (H100:
+82.1 ms a step in the training profile against 78.4 summed here); compare settings and widths, not absolutes.
 
     python scripts/bench_matmuls.py [--iters 20] [--settings default lt ...] [--json FILE]
 """

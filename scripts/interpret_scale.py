@@ -1,7 +1,7 @@
 """chunked.scale_unless_one's Triton kernel run by Triton's interpreter on the CPU, against scale_in_place.
 
 For working on forgather/loss/scale_kernels.py without a GPU (the exact bf16 check and the speed need one:
-tests/gpu/test_loss_gpu.py, `bash scripts/gpu_check_train.sh blas2`). Needs Triton, which CPU builds of torch do
+tests/gpu/test_loss_gpu.py, `bash scripts/gpu_check_train.sh blas`). Needs Triton, which CPU builds of torch do
 not bring:
 
     pip install --target /tmp/triton triton
