@@ -139,9 +139,13 @@ def host_during_gaps(trace: dict, longest: int = 4, ops: int = 4) -> list[dict]:
     the `longest` gaps of at least GAP_US, {ms, after (the kernel that ended the gap), launch_late_ms (how long
     after the device went idle the host launched it), host: [(operator, ms)]}, the host's operators on the
     launching thread that began in that time, outermost ones only, longest first (`ops` of them). A gap whose
-    kernel has no launch in the trace (no host activity recorded) gets no `host`."""
+    kernel has no launch in the trace (no host activity recorded) gets no `host`. Only the kernels of the marker
+    window (`window_bounds`, as the profile's own tables), markers left out."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    kernels = [(float(e["ts"]), float(e["dur"]), e) for e in events if e.get("cat") in DEVICE_EVENT_KINDS]
+    device = [e for e in events if e.get("cat") in DEVICE_EVENT_KINDS]
+    low, high = window_bounds([(e["name"], float(e["ts"]), float(e["dur"])) for e in device])
+    kernels = [(float(e["ts"]), float(e["dur"]), e) for e in device
+               if WINDOW_MARKER not in e["name"] and low <= float(e["ts"]) < high]
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     host = sorted((e for e in events if e.get("cat") in HOST_EVENT_KINDS),

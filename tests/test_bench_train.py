@@ -392,6 +392,11 @@ def test_the_host_during_an_idle_gap_is_what_began_before_the_late_launch():
     assert "CompiledFunction 0.22" in text
     del trace["traceEvents"][3:5]  # no launches recorded: the gap alone
     assert profile_train.host_during_gaps(trace) == [{"ms": pytest.approx(0.3), "after": "first_norm"}]
+    # with the window's markers around the later kernels only, the gap before first_norm is the warm-up's, not
+    # the window's: the 10 us gap inside the window is all there is, and it is not a long one
+    marker = profile_train.WINDOW_MARKER
+    trace["traceEvents"] += [x("kernel", marker, 455, 1, tid=7), x("kernel", marker, 480, 1, tid=7)]
+    assert profile_train.host_during_gaps(trace) == []
 
 
 def test_host_lead_says_how_far_ahead_kernels_were_launched_and_how_long_the_host_waited():
