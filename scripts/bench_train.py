@@ -19,6 +19,7 @@ becomes a row with its error while the other rows go on):
   forgather         python -m forgather.run: our model, loss=fused, attention_fn=packed (our Triton kernels for
                     packed documents; flex before 2026-12-04, `--attention flex`), per-layer torch.compile,
                     Lightning Trainer(precision=bf16-true); `--variant NAME OVERRIDE...` adds more such runs
+                    (an item `env:NAME=VALUE` sets an environment variable of that run only)
   memory24          bench_memory's 24 GiB configuration (7B shape, one 24,576-token row, activation
                     checkpointing, Adafactor in backward, MLP chunks of 4096 tokens): step time, MFU, peak
 Timing: tokens over the wall time of windows of `--log-every` steps (the host waits for the device only at
@@ -437,16 +438,16 @@ def forgather_result(args: argparse.Namespace, tmp: Path, name: str) -> dict:
 
 # Running each path in a process of its own
 
-def run_process(command: list[str], timeout: float, finished: Callable[[], bool] | None = None
-                ) -> tuple[int | None, list[str]]:
+def run_process(command: list[str], timeout: float, finished: Callable[[], bool] | None = None,
+                env: dict[str, str] | None = None) -> tuple[int | None, list[str]]:
     """Run `command` in a session of its own, echoing its output; kill the session's processes (data loader
     workers, compile workers too) after `timeout` seconds, or as soon as `finished()` says everything to
     measure is written (status 0 then: a forgather run's end of fit writes its last checkpoint and exports
     the model, 13.5 GB each at 7B, which the bench does not need). Returns (exit status, or None when timed
     out, and the output lines)."""
-    print("$", " ".join(command), flush=True)
+    print("$", " ".join([*(f"{key}={value}" for key, value in (env or {}).items()), *command]), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines: list[str] = []
     timer_fired = False
     done = threading.Event()
@@ -502,9 +503,10 @@ def run_path(args: argparse.Namespace, shape: dict, name: str, overrides: list[s
     """One row: `overrides` is a list for forgather runs (the `forgather` path and each variant), else None."""
     start = time.perf_counter()
     if overrides is not None:
+        env, run_overrides = variant_environment(overrides)
         with tempfile.TemporaryDirectory() as tmp:
-            command = forgather_command(args, shape, Path(tmp), name, overrides)
-            status, lines = run_process(command, args.timeout, (Path(tmp) / MEASURED).is_file)
+            command = forgather_command(args, shape, Path(tmp), name, run_overrides)
+            status, lines = run_process(command, args.timeout, (Path(tmp) / MEASURED).is_file, env)
             try:
                 result = forgather_result(args, Path(tmp), name) if status == 0 else {
                     "error": failure(status, lines, args.timeout)}
@@ -523,6 +525,24 @@ def run_path(args: argparse.Namespace, shape: dict, name: str, overrides: list[s
                                       if "tokens_per_s" in result else f"ERROR {result['error']}")
           + f", {result['wall_s']:.0f} s wall", flush=True)
     return result
+
+
+ENV_PREFIX = "env:"
+
+
+def variant_environment(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """A variant's `env:NAME=VALUE` items (environment variables of its run only, e.g. cuBLAS's
+    `env:CUBLAS_WORKSPACE_CONFIG=:0:0`, read when the library starts) apart from its overrides."""
+    env, rest = {}, []
+    for item in overrides:
+        if item.startswith(ENV_PREFIX):
+            key, sep, value = item[len(ENV_PREFIX):].partition("=")
+            if not key or not sep:
+                raise SystemExit(f"bench_train: variant item {item!r}: write env:NAME=VALUE")
+            env[key] = value
+        else:
+            rest.append(item)
+    return env, rest
 
 
 def worker_args(args: argparse.Namespace) -> list[str]:

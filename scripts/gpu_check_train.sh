@@ -85,9 +85,9 @@
 #   part host         the default profiled over five steps (a logged one among them) with the host's activity: what
 #                     the host began while the device idled, how far ahead it launched, its waits; beside HF +
 #                     Liger, 80 steps, logging every 5 steps, then every 20.
-#   part bars         the default beside HF + Liger, with loss chunks of 1,024 tokens (the default before) and
-#                     fused_projections=kv, 80 steps, the default profiled (three H100 calls on 2026-12-05; an
-#                     H200 run is what the bars ask for).
+#   part bars         the default beside HF + Liger, with cuBLAS without a workspace, alone and with
+#                     fused_projections=kv, 80 steps, the default profiled (an H200 run is what the bars ask for;
+#                     at b6a59ee: 60.3% MFU, 1.229x, 2026-12-05).
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
 #                     the packed tests, then the default beside HF + Liger and fused_projections=kv, 40 steps.
 #   part blas         the loss's GPU tests, the default beside HF + Liger, sparse_tied_grad=true and max-autotune,
@@ -403,18 +403,20 @@ host)
         --timeout 150 "$@"
     ;;
 bars)
-    # the bars' run: the default (TritonAdamW, loss chunks of 2,048 tokens, the collector frozen after the first
-    # batch) beside HF + Liger, with the chunks of 1,024 tokens it had before and fused_projections=kv (level on
-    # an H100, 2026-12-05, once it stopped crashing), 80 steps, the default profiled after its timed steps
-    # between two marker kernels (the first profile with the warm-up step counted part of it), its trace kept
-    # with the host's activity (who launched the ~290 memsets a step: launch_sites); first the
-    # profiler's window against the same steps timed without it (scripts/check_step_profiler.py)
+    # the bars' run: the default (TritonAdamW, loss chunks of 2,048 tokens, the rotary tables rounded once, the
+    # head's gradient scaled in forward) beside HF + Liger, 80 steps, the default profiled after its timed steps
+    # between two marker kernels, its trace kept with the host's activity; beside them cuBLAS without a workspace
+    # (no memset before each product; scripts/bench_matmuls.py, H100: the large products 1-2 us faster, the
+    # narrow k/v ones slower, the step's products 0.2 ms faster only with k/v as one product), alone and with
+    # fused_projections=kv; first the profiler's window against the same steps timed without it
+    # (scripts/check_step_profiler.py)
     if [ -z "${REHEARSE:-}" ]; then
         timeout 60 $PY scripts/check_step_profiler.py 2>&1 | grep -v Warning | tee "$OUT/check_step_profiler.txt" \
             | head -3
     fi
     bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 80 --paths forgather hf-liger \
-        --variant loss-1024 ++loss.chunk_size=1024 --variant fused-kv fused_projections=kv --profile forgather \
+        --variant ws0 env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
+        --variant fused-kv-ws0 fused_projections=kv env:CUBLAS_WORKSPACE_CONFIG=:0:0 --profile forgather \
         --profile-trace --timeout 150 "$@"
     ;;
 kv)

@@ -554,3 +554,18 @@ def test_check_step_profiler_times_and_profiles_a_step_on_the_cpu():
     match = re.search(r"timed ([\d.]+) ms a step, profiled ([\d.]+) \(([\d.]+)x\), (\d+) kernels", run.stdout)
     assert match and float(match[1]) > 0 and float(match[2]) > 0 and int(match[4]) > 0, run.stdout[-2000:]
     assert "| matmul |" in run.stdout
+
+
+def test_a_variants_env_items_reach_its_run_only():
+    """`--variant NAME env:NAME=VALUE OVERRIDE...`: the env items are the run's environment, not overrides."""
+    env, overrides = bench_train.variant_environment(["env:CUBLAS_WORKSPACE_CONFIG=:0:0", "fused_projections=kv"])
+    assert env == {"CUBLAS_WORKSPACE_CONFIG": ":0:0"} and overrides == ["fused_projections=kv"]
+    with pytest.raises(SystemExit, match="env:NAME=VALUE"):
+        bench_train.variant_environment(["env:NOVALUE"])
+    status, lines = bench_train.run_process(
+        [sys.executable, "-c", "import os; print('seen', os.environ.get('FG_BENCH_PROBE'))"], 60,
+        env={"FG_BENCH_PROBE": "x=1"})
+    assert status == 0 and any(line.strip() == "seen x=1" for line in lines), lines
+    status, lines = bench_train.run_process(
+        [sys.executable, "-c", "import os; print('seen', os.environ.get('FG_BENCH_PROBE'))"], 60)
+    assert any(line.strip() == "seen None" for line in lines), lines
