@@ -54,6 +54,7 @@ STEPS = {"separate": ("q", "k", "v", "o", "gate", "up", "down", "head"),
 
 def worker(iters: int) -> dict:
     import torch
+    from bench_step_pieces import timed  # this directory is the script's: first on sys.path
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device("cuda")
@@ -68,15 +69,7 @@ def worker(iters: int) -> dict:
         dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
         calls = {"forward": lambda: x @ w.t(), "dgrad": lambda: dy @ w, "wgrad": lambda: dy.t() @ x}
         for layout, call in calls.items():
-            for _ in range(3):
-                call()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                call()
-            end.record()
-            torch.cuda.synchronize()
-            us = start.elapsed_time(end) * 1e3 / iters
+            us = timed(call, iters) * 1e3
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 call()
                 torch.cuda.synchronize()
