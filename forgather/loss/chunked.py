@@ -94,8 +94,8 @@ def _scale_fp32(grad: torch.Tensor, factor: torch.Tensor) -> None:
 
 
 @functools.cache
-def _compiled_scale() -> Callable[[torch.Tensor, torch.Tensor], None]:
-    return torch.compile(_scale_fp32)  # compiled on first use only: CPU runs never pay for it
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn)  # compiled on first use only: CPU runs never pay for it
 
 
 def scale_in_place(grad: torch.Tensor, factor: torch.Tensor) -> None:
@@ -108,7 +108,7 @@ def scale_in_place(grad: torch.Tensor, factor: torch.Tensor) -> None:
     if grad.device.type == "cpu" or grad.dtype == torch.float32:
         grad.mul_(factor)
         return
-    _compiled_scale()(grad, factor)
+    _compiled(_scale_fp32)(grad, factor)
 
 
 SCALE_BLOCK, SCALE_WARPS, SCALE_PROGRAMS_PER_SM = 4096, 8, 4
@@ -136,11 +136,6 @@ def scale_unless_one(grad: torch.Tensor, factor: torch.Tensor) -> None:
 
 def _prescale_fp32(h: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (h.float() * factor).to(h.dtype)
-
-
-@functools.cache
-def _compiled_prescale() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    return torch.compile(_prescale_fp32)
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -200,7 +195,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     _matmul_into(grad_hidden[start : start + chunk_size], grad_logits, w)
                 if grad_weight is not None:
                     write = _matmul_into if first_writes and start == 0 else _accumulate_matmul
-                    write(grad_weight, grad_logits.t(), _compiled_prescale()(h, inv_tokens) if prescale else h)
+                    write(grad_weight, grad_logits.t(), _compiled(_prescale_fp32)(h, inv_tokens) if prescale else h)
                 del grad_logits  # before the next chunk's logits are allocated
         ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
         ctx.backward_done, ctx.prescaled = False, prescale
