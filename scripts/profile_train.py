@@ -134,6 +134,19 @@ def idle_gaps(events: list[Event], steps: int, longest: int = 6) -> dict:
 HOST_EVENT_KINDS = ("cpu_op", "user_annotation", "python_function")  # the host's side of a kept trace
 
 
+def window_device_events(events: list[dict]) -> list[dict]:
+    """A trace's device events (kernels, copies, memsets) that start inside `window_bounds`, markers left out."""
+    device = [e for e in events if e.get("cat") in DEVICE_EVENT_KINDS]
+    low, high = window_bounds([(e["name"], float(e["ts"]), float(e["dur"])) for e in device])
+    return [e for e in device if WINDOW_MARKER not in e["name"] and low <= float(e["ts"]) < high]
+
+
+def launches_by_correlation(events: list[dict]) -> dict:
+    """A trace's kernel launches (runtime calls) by the correlation id that their device events carry too."""
+    return {e["args"]["correlation"]: e for e in events
+            if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+
+
 def host_during_gaps(trace: dict, longest: int = 4, ops: int = 4) -> list[dict]:
     """What the host did while the device sat idle, from a trace with the host's activity (`trace=` kept): for
     the `longest` gaps of at least GAP_US, {ms, after (the kernel that ended the gap), launch_late_ms (how long
@@ -142,12 +155,8 @@ def host_during_gaps(trace: dict, longest: int = 4, ops: int = 4) -> list[dict]:
     kernel has no launch in the trace (no host activity recorded) gets no `host`. Only the kernels of the marker
     window (`window_bounds`, as the profile's own tables), markers left out."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    device = [e for e in events if e.get("cat") in DEVICE_EVENT_KINDS]
-    low, high = window_bounds([(e["name"], float(e["ts"]), float(e["dur"])) for e in device])
-    kernels = [(float(e["ts"]), float(e["dur"]), e) for e in device
-               if WINDOW_MARKER not in e["name"] and low <= float(e["ts"]) < high]
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    kernels = [(float(e["ts"]), float(e["dur"]), e) for e in window_device_events(events)]
+    launches = launches_by_correlation(events)
     host = sorted((e for e in events if e.get("cat") in HOST_EVENT_KINDS),
                   key=lambda e: (float(e["ts"]), -float(e["dur"])))
     gaps = [gap for gap in device_gaps(kernels) if gap[0] >= GAP_US]
@@ -214,10 +223,7 @@ def launch_sites(trace: dict, steps: int, match: tuple[str, ...] = LAUNCHER_MATC
     from bisect import bisect_right
 
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    device = [e for e in events if e.get("cat") in DEVICE_EVENT_KINDS]
-    low, high = window_bounds([(e["name"], float(e["ts"]), float(e["dur"])) for e in device])
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    launches = launches_by_correlation(events)
     threads: dict = {}
     for e in sorted((e for e in events if e.get("cat") in HOST_EVENT_KINDS),
                     key=lambda e: (float(e["ts"]), -float(e["dur"]))):
@@ -232,8 +238,8 @@ def launch_sites(trace: dict, steps: int, match: tuple[str, ...] = LAUNCHER_MATC
             outermost[id(op)] = stack[0] if stack else op
             stack.append(op)
     sites: dict[tuple[str, str], list[float]] = {}
-    for e in device:
-        if not any(m in e["name"] for m in match) or not low <= float(e["ts"]) < high:
+    for e in window_device_events(events):
+        if not any(m in e["name"] for m in match):
             continue
         launch = launches.get(e.get("args", {}).get("correlation"))
         if launch is None:
