@@ -85,8 +85,8 @@
 #   part host         the default profiled over five steps (a logged one among them) with the host's activity: what
 #                     the host began while the device idled, how far ahead it launched, its waits; beside HF +
 #                     Liger, 80 steps, logging every 5 steps, then every 20.
-#   part bars         the default beside HF + Liger, with cuBLAS without a workspace, alone and with
-#                     fused_projections=kv, 80 steps, the default profiled (an H200 run is what the bars ask for;
+#   part bars         the default beside HF + Liger, cuBLAS without a workspace, fused_projections=qkv alone and
+#                     without the workspace, 80 steps, the default profiled (an H200 run is what the bars ask for;
 #                     at b6a59ee: 60.3% MFU, 1.229x, 2026-12-05).
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
 #                     the packed tests, then the default beside HF + Liger and fused_projections=kv, 40 steps.
@@ -407,16 +407,11 @@ bars)
     # head's gradient scaled in forward) beside HF + Liger, 80 steps, the default profiled after its timed steps
     # between two marker kernels, its trace kept with the host's activity; beside them cuBLAS without a workspace
     # (no memset before each product; scripts/bench_matmuls.py, H100: the large products 1-2 us faster, the
-    # narrow k/v ones slower, the step's products 0.2 ms faster only with k/v as one product), alone and with
-    # fused_projections=kv; first the profiler's window against the same steps timed without it
-    # (scripts/check_step_profiler.py)
-    if [ -z "${REHEARSE:-}" ]; then
-        timeout 60 $PY scripts/check_step_profiler.py 2>&1 | grep -v Warning | tee "$OUT/check_step_profiler.txt" \
-            | head -3
-    fi
+    # narrow k/v ones slower), and q/k/v as one product (fused_projections=qkv: no narrow k/v products left, and
+    # one product for the input's gradient instead of three and their add), alone and without the workspace
     bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 80 --paths forgather hf-liger \
-        --variant ws0 env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
-        --variant fused-kv-ws0 fused_projections=kv env:CUBLAS_WORKSPACE_CONFIG=:0:0 --profile forgather \
+        --variant ws0 env:CUBLAS_WORKSPACE_CONFIG=:0:0 --variant qkv fused_projections=qkv \
+        --variant qkv-ws0 fused_projections=qkv env:CUBLAS_WORKSPACE_CONFIG=:0:0 --profile forgather \
         --profile-trace --timeout 150 "$@"
     ;;
 kv)

@@ -77,11 +77,12 @@ def test_fused_linear_equals_the_separate_layers_and_their_gradients():
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("fusion", [True, "kv"])
+@pytest.mark.parametrize("fusion", [True, "qkv", "kv"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("attention_fn", ["sdpa", "eager"])
 def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_fn, fusion):
-    """true: q/k/v and gate/up each one product; "kv": k and v one product, q, gate and up their own."""
+    """true: q/k/v and gate/up each one product; "qkv": q/k/v one product, gate and up their own; "kv": k and v
+    one product, q, gate and up their own."""
     expected = loss_and_grads(tiny_model(bias=bias, attention_fn=attention_fn))
     fused = tiny_model(fused=fusion, bias=bias, attention_fn=attention_fn)
     calls = []
@@ -90,16 +91,17 @@ def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_f
                            layer.feedforward.up_proj):
             projection.register_forward_hook(lambda module, *args: calls.append(module))
     assert_same_step(loss_and_grads(fused), expected)
-    own = {True: [], "kv": [layer.attention.q_proj for layer in fused.layers]
+    own = {True: [], "qkv": [layer.feedforward.up_proj for layer in fused.layers],
+           "kv": [layer.attention.q_proj for layer in fused.layers]
            + [layer.feedforward.up_proj for layer in fused.layers]}[fusion]
     assert sorted(map(id, calls)) == sorted(map(id, own))
 
 
-@pytest.mark.parametrize("value", ["qkv", 1, "true"])
+@pytest.mark.parametrize("value", ["qk", 1, "true", "QKV"])
 def test_an_unknown_fusion_is_a_one_line_error(value):
     for make in (lambda: Attention(HIDDEN, HEADS, fused_projections=value),
                  lambda: SwiGLU(HIDDEN, 48, fused_projections=value)):
-        with pytest.raises(ValueError, match=r"fused_projections=.*; choose false, true .* or 'kv'"):
+        with pytest.raises(ValueError, match=r"fused_projections=.*; choose false, true .*'qkv'.* or 'kv'"):
             make()
 
 

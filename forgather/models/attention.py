@@ -333,7 +333,7 @@ class Attention(nn.Module):
         attention_fn: "sdpa", "flex", "packed", "eager", or a callable with the same signature.
         dropout: attention-probability dropout while training (not available with flex or packed).
         bias: biases on the q/k/v/o projections.
-        fused_projections: true computes q, k and v as one matmul over the three weights concatenated
+        fused_projections: true or "qkv" computes q, k and v as one matmul over the three weights concatenated
             (`forgather.models.fused`: same parameters and state dict), "kv" only k and v; projections that
             are not plain nn.Linear layers (QK-norm variants) run separately.
         kernel_options: with attention_fn="flex", the GPU kernel's options (`flex_kernel_options`), e.g.
@@ -404,7 +404,7 @@ class Attention(nn.Module):
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fused_projections is True and fusable(*projections):
+        if (self.fused_projections is True or self.fused_projections == "qkv") and fusable(*projections):
             q, k, v = fused_linear(x, projections)
         elif self.fused_projections == "kv" and fusable(self.k_proj, self.v_proj):
             q, (k, v) = self.q_proj(x), fused_linear(x, (self.k_proj, self.v_proj))

@@ -14,18 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# fused_projections: False, True (every group of projections of one input: q/k/v, gate/up) or "kv" (the key and
+# fused_projections: False, True (every group of projections of one input: q/k/v, gate/up), "kv" (the key and
 # value products only: at grouped-query shapes they are the narrow ones, 512 wide beside a 2,048-wide query at
 # the 1.24B shape, where a narrow product runs well below the GPU's rate; their weights are small, so the
-# concatenation costs little, unlike gate/up's).
-FUSIONS = (False, True, "kv")
+# concatenation costs little, unlike gate/up's) or "qkv" (the attention's three, gate and up apart: one product
+# for the input's gradient replaces three and the add of their results, while gate/up as one has the slower
+# weight gradient and a 64 MB concatenation a layer at that shape).
+FUSIONS = (False, True, "kv", "qkv")
 
 
 def fusion(owner: str, fused_projections: bool | str) -> bool | str:
     """`fused_projections` checked against FUSIONS, for `owner`'s error message."""
-    if not any(fused_projections is choice or fused_projections == choice == "kv" for choice in FUSIONS):
+    if not any(fused_projections is choice or isinstance(choice, str) and fused_projections == choice
+               for choice in FUSIONS):
         raise ValueError(f"{owner}: fused_projections={fused_projections!r}; choose false, true (q/k/v and gate/up "
-                         f"each as one product) or 'kv' (the key and value products only)")
+                         f"each as one product), 'qkv' (the query, key and value products only) or 'kv' (the key "
+                         f"and value products only)")
     return fused_projections
 
 
