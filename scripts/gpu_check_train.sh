@@ -85,9 +85,9 @@
 #   part host         the default profiled over five steps (a logged one among them) with the host's activity: what
 #                     the host began while the device idled, how far ahead it launched, its waits; beside HF +
 #                     Liger, 80 steps, logging every 5 steps, then every 20.
-#   part bars         the default beside HF + Liger, cuBLAS without a workspace, fused_projections=qkv alone and
-#                     without the workspace, 80 steps, the default profiled (an H200 run is what the bars ask for;
-#                     at b6a59ee: 60.3% MFU, 1.229x, 2026-12-05).
+#   part bars         the tied gradient's GPU test; the default beside HF + Liger, cuBLAS without a workspace,
+#                     fused_projections=qkv, sparse_tied_grad=true, both, both without the workspace, 80 steps,
+#                     the default profiled (an H200 run is what the bars ask for; at b6a59ee: 60.3% MFU, 1.229x).
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
 #                     the packed tests, then the default beside HF + Liger and fused_projections=kv, 40 steps.
 #   part blas         the loss's GPU tests, the default beside HF + Liger, sparse_tied_grad=true and max-autotune,
@@ -407,12 +407,18 @@ bars)
     # head's gradient scaled in forward) beside HF + Liger, 80 steps, the default profiled after its timed steps
     # between two marker kernels, its trace kept with the host's activity; beside them cuBLAS without a workspace
     # (no memset before each product; scripts/bench_matmuls.py, H100: the large products 1-2 us faster, the
-    # narrow k/v ones slower), and q/k/v as one product (fused_projections=qkv: no narrow k/v products left, and
-    # one product for the input's gradient instead of three and their add), alone and without the workspace
+    # narrow k/v ones slower), q/k/v as one product (fused_projections=qkv: no narrow k/v products left, and one
+    # product for the input's gradient instead of three and their add), the tied head's gradient taking the
+    # lookup's rows in place (sparse_tied_grad=true, embedding.TiedGradient), and the two together, with and
+    # without the workspace; first the tied gradient's GPU test (bf16 against the dense lookup, no host wait)
+    if [ -z "${REHEARSE:-}" ]; then
+        gpu_tests 120 tests_tied.log tests/gpu/test_models_gpu.py -k "sparse_tied"
+    fi
     bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 80 --paths forgather hf-liger \
         --variant ws0 env:CUBLAS_WORKSPACE_CONFIG=:0:0 --variant qkv fused_projections=qkv \
-        --variant qkv-ws0 fused_projections=qkv env:CUBLAS_WORKSPACE_CONFIG=:0:0 --profile forgather \
-        --profile-trace --timeout 150 "$@"
+        --variant tied sparse_tied_grad=true --variant qkv-tied fused_projections=qkv sparse_tied_grad=true \
+        --variant qkv-tied-ws0 fused_projections=qkv sparse_tied_grad=true env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
+        --profile forgather --profile-trace --timeout 150 "$@"
     ;;
 kv)
     # fused_projections=kv crashed part bars (an illegal memory access, H100, 2026-12-05): the op with its values

@@ -372,10 +372,10 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def _lookup_sparseness(model: CausalLM, run) -> list[bool]:
-    """Whether each embedding lookup during `run()` handed its gradient on sparse (its autograd node's flag)."""
+    """Whether each embedding lookup during `run()` met the tied head's gradient (its autograd node's kind)."""
     seen = []
     handle = model.embed.register_forward_hook(
-        lambda module, args, out: seen.append(bool(out.grad_fn is not None and out.grad_fn._saved_sparse)))
+        lambda module, args, out: seen.append(type(out.grad_fn).__name__ == "_LookupBackward"))
     try:
         run()
     finally:
@@ -435,6 +435,67 @@ def test_a_sparse_lookup_gradient_no_head_joins_is_made_dense_and_trains():
         torch.optim.AdamW(model.parameters(), lr=1e-3).step()
     assert grads[1].layout == torch.strided
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_the_tied_heads_gradient_takes_the_rows_in_place():
+    """With sparse_tied_grad the weight's gradient is the head's own gradient tensor, the looked-up rows added
+    into it: no dense gradient of the lookup (the lookup's fallback would be a new tensor)."""
+    model = tiny_model().train()
+    model.sparse_tied_grad = True
+    ids = random_ids()
+    hidden = model.hidden_states(ids)
+    head = model.lm_head_weight
+    handed = []  # where the head's gradient lies (not the tensor: a reference held here would make autograd copy it)
+    head.register_hook(lambda grad: handed.append(grad.data_ptr()))
+    torch.nn.functional.linear(hidden, head).logsumexp(-1).mean().backward()
+    assert handed == [model.embed.weight.grad.data_ptr()]
+
+
+def test_a_head_whose_lookup_is_not_in_the_backward_keeps_its_own_gradient():
+    """The hand-over happens only when the lookup's backward runs in the same pass: a backward through the head
+    alone, or autograd.grad of another forward, gets exactly the dense gradients."""
+    model = tiny_model().train()
+    model.sparse_tied_grad = True
+    hidden = model.hidden_states(random_ids())
+    head = model.lm_head_weight  # the lookup's graph is alive: this goes through the hand-over node
+    assert type(head.grad_fn).__name__ == "_HeadBackward"
+    head.square().sum().backward()
+    torch.testing.assert_close(model.embed.weight.grad, 2 * model.embed.weight.detach(), rtol=0, atol=0)
+    model.zero_grad()
+    hidden.square().mean().backward()  # the lookup's own dense gradient
+    plain = tiny_model().train()
+    plain.hidden_states(random_ids()).square().mean().backward()
+    torch.testing.assert_close(model.embed.weight.grad, plain.embed.weight.grad)
+
+
+def test_the_tied_gradient_is_right_twice_through_a_kept_graph_and_in_autograd_grad():
+    ids = random_ids()
+    grads = {}
+    for sparse in (False, True):
+        model = tiny_model().train()
+        model.sparse_tied_grad = sparse
+        loss = model(ids).logsumexp(-1).mean()
+        (first,) = torch.autograd.grad(loss, [model.embed.weight], retain_graph=True)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads[sparse] = (first, model.embed.weight.grad)
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+    torch.testing.assert_close(grads[True][1], 2 * grads[True][0])
+
+
+def test_a_model_copies_and_pickles_after_a_tied_forward():
+    import copy
+    import io
+
+    model = tiny_model().train()
+    model.sparse_tied_grad = True
+    model(random_ids()).sum().backward()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    for other in (copy.deepcopy(model), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        other(random_ids()).logsumexp(-1).mean().backward()
+        assert other.embed.weight.grad is not None
 
 
 def test_flex_model_trains_on_cpu_through_the_dense_fallback():

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask, document_ids_from_positions
 from .checks import positive_sizes
-from .embedding import TokenEmbedding
+from .embedding import TiedGradient, TokenEmbedding
 from .kv_cache import KVCache
 from .norm import add_and_norm
 from .rope import RotaryEmbedding
@@ -84,10 +84,9 @@ class CausalLM(nn.Module):
             the residual stream on as a pair, added inside the next norm's kernel (layers.py): the same numbers,
             one kernel fewer a layer, forward and backward.
         init_std: std of the normal init of every nn.Linear (biases start at zero).
-        sparse_tied_grad: with a tied head, the embedding's gradient in training is the looked-up rows, added by
-            autograd into the head's dense gradient (TokenEmbedding), not a dense [V, H] tensor of its own summed
-            with it: two weight-sized writes and three reads fewer a step. Off by default: on an H200 at the
-            1.24B shape it trained at the same tokens/s as the dense gradient (docs/benchmarks.md, 2026-12-05).
+        sparse_tied_grad: with a tied head, in training the head's dense gradient takes the embedding's looked-up
+            rows in place (embedding.TiedGradient), instead of the lookup writing a dense [V, H] gradient of its
+            own that autograd then adds: two weight-sized writes and three reads fewer a step, deterministic.
     """
 
     def __init__(
@@ -135,7 +134,7 @@ class CausalLM(nn.Module):
         return getattr(self, "carry_residual", True) and all(map(_carries_residual, self.layers))
 
     def _sparse_embedding_grad(self) -> bool:
-        """Whether this forward's lookup hands its gradient on sparse (`sparse_tied_grad`): tied, training, the
+        """Whether this forward's lookup and head share one gradient (`sparse_tied_grad`): tied, training, the
         weight a leaf that autograd accumulates into directly (not FSDP1's views of a flat parameter, not a
         DTensor), and not traced by torch.compile."""
         weight = getattr(self.embed, "weight", None)
@@ -147,8 +146,14 @@ class CausalLM(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """The output projection [V, H]: the embedding weight when tied."""
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        """The output projection [V, H]: the embedding weight when tied (in training with `sparse_tied_grad`, the
+        same tensor through an autograd node that hands its gradient to the lookup's: embedding.TiedGradient)."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        tied = self.__dict__.get("_tied_gradient")
+        if tied is not None and torch.is_grad_enabled() and tied.waiting():
+            return tied.head(self.embed.weight)
+        return self.embed.weight
 
     def layer_inputs(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
@@ -175,8 +180,14 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """[B, T] token ids -> [B, T, H] final-normed hidden states."""
         rope, mask = self.layer_inputs(input_ids, position_ids, kv_cache)
-        # Only TokenEmbedding takes `sparse_grad`; other embedding factories are called as before.
-        embedded = self.embed(input_ids, sparse_grad=True) if self._sparse_embedding_grad() else self.embed(input_ids)
+        # Only TokenEmbedding takes `tied`; other embedding factories are called as before.
+        if self._sparse_embedding_grad():
+            self._tied_gradient = TiedGradient()
+            embedded = self.embed(input_ids, tied=self._tied_gradient)
+        else:
+            if self.__dict__.get("_tied_gradient") is not None:  # no attribute write in the common case (compile)
+                self._tied_gradient = None
+            embedded = self.embed(input_ids)
         x = self.embedding_dropout(embedded)
         checkpointing = self.activation_checkpointing and self.training
         if self.training and not checkpointing and kv_cache is None and self._layers_carry_residual:

@@ -347,23 +347,36 @@ def test_the_residual_stream_carried_as_a_pair_trains_like_one_tensor():
 
 @pytest.mark.parametrize("loss_name", ["fused", "naive"])
 def test_the_sparse_tied_embedding_gradient_trains_like_the_dense_one(loss_name):
-    """On CUDA a tied model's lookup hands its gradient on as rows (CausalLM sparse_tied_grad=True),
-    which autograd adds into the head's dense gradient: in bf16 under the fused loss (whose gradient is ready in
-    forward) and under the plain one, every gradient agrees with the dense lookup's and stays dense."""
+    """On CUDA a tied model's head hands its gradient to the lookup, which adds the looked-up rows into it in place
+    (CausalLM sparse_tied_grad=True, embedding.TiedGradient): in bf16 under the fused loss (whose gradient is
+    ready in forward) and under the plain one, every gradient agrees with the dense lookup's, the weight's is the
+    head's own tensor, and the backward never waits for the device."""
     from forgather.loss import get_loss
 
     results = {}
     for sparse in (True, False):
         built = wide_model("packed", fused_norm=True).train()
         built.sparse_tied_grad = sparse
-        sparse_lookups = []
-        built.embed.register_forward_hook(lambda m, a, out: sparse_lookups.append(bool(out.grad_fn._saved_sparse)))
+        lookups = []
+        built.embed.register_forward_hook(lambda m, a, out: lookups.append(type(out.grad_fn).__name__))
         ids = token_ids()
-        loss = get_loss(loss_name)(built.hidden_states(ids, packed_positions()), built.lm_head_weight, ids)
-        loss.backward()
-        assert sparse_lookups == [sparse]
-        assert built.embed.weight.grad.layout == torch.strided
+        hidden = built.hidden_states(ids, packed_positions())
+        head = built.lm_head_weight
+        handed = []
+        head.register_hook(lambda grad: handed.append(grad.data_ptr()))
+        loss = get_loss(loss_name)(hidden, head, ids)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if sparse else "default")  # torch's dense lookup is not ours
+        try:
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert (lookups == ["_LookupBackward"]) is sparse
+        if sparse:
+            assert handed == [built.embed.weight.grad.data_ptr()]
         results[sparse] = (loss.detach().float(), [p.grad.float() for p in built.parameters()])
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     for got, want in zip(results[True][1], results[False][1]):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
