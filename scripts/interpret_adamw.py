@@ -14,7 +14,7 @@ TritonAdamW and with torch's AdamW(fused=True), and prints the largest differenc
 from the fused run, relative to each tensor's largest magnitude. It exits non-zero where one exceeds the case's
 tolerance (fp32: 1e-6; fp16: two of its ulps; bf16, one step: one ulp, as the interpreter truncates to bf16), or
 where bf16 parameters rounded stochastically differ from reference_step's by more than a bf16 step, or in more
-than one element in a thousand.
+than one element in a thousand, or where the norm a step measures (request_grad_norm) is not get_total_norm's.
 """
 
 from __future__ import annotations
@@ -89,7 +89,29 @@ def main() -> None:
               f"{'ok' if ok else 'FAIL'}")
     failed |= not stochastic_rounding_matches()
     failed |= not fp32_moments_match()
+    failed |= not measured_norm_matches()
     sys.exit(1 if failed else 0)
+
+
+def measured_norm_matches() -> bool:
+    """request_grad_norm: the kernel's per-program sums of squares (the reference path's tensor summed beside
+    them), in fp32 and bf16, give get_total_norm's value within fp32 rounding (relative 1e-6)."""
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        params = params_of(dtype)
+        optimizer = TritonAdamW(groups(params), lr=1e-3)
+        gen = torch.Generator().manual_seed(4)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype).reshape(p.shape)
+        expected = torch.nn.utils.get_total_norm([p.grad.float() for p in params])
+        optimizer.request_grad_norm()
+        optimizer.step()
+        got = optimizer.take_grad_norm()
+        good = got is not None and bool((got - expected).abs() <= 1e-6 * expected)
+        ok &= good
+        print(f"{str(dtype):15} the step's measured gradient norm {got.item() if got is not None else None:.6f} "
+              f"against get_total_norm {expected.item():.6f} {'ok' if good else 'FAIL'}")
+    return ok
 
 
 def fp32_moments_match() -> bool:

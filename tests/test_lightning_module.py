@@ -321,3 +321,30 @@ def test_norm_clipping_goes_to_an_optimizer_that_folds_it_where_gradients_are_wh
     assert (optimizer.clipped, lightnings) == (([0.5], []) if folds else ([], [(optimizer, 0.5, algorithm)]))
     module.configure_gradient_clipping(torch.optim.SGD(module.parameters(), lr=0.1), 0.5, "norm")
     assert len(lightnings) == (1 if folds else 2)  # no clip_grad_norm_: Lightning's
+
+
+def test_a_kernel_optimizer_measures_the_logged_grad_norm_in_its_step(tmp_path, monkeypatch):
+    """Where TritonAdamW's kernel runs (emulated here on the CPU), a logged step's gradient norm is the one its
+    step measured as it read the gradients (total_grad_norm is not called), logged after that step and before
+    the callbacks' on_train_batch_end: the value a manual computation gives, on every logged step only."""
+    import forgather.lightning.module as module_file
+    from forgather.optim.triton_adamw import TritonAdamW
+    from test_optim_triton_adamw import emulate_the_kernel
+
+    class Check(GradNormCheck):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            logged = trainer.callback_metrics.get("train/grad_norm")
+            self.pairs.append((self._manual, None if logged is None else float(logged)))
+
+    kernel = emulate_the_kernel(monkeypatch)
+    monkeypatch.setattr(module_file, "total_grad_norm", lambda params: pytest.fail("a pass of its own"))
+    check = Check()
+    module = CausalLMModule(tiny_model(), optimizer=functools.partial(TritonAdamW, lr=1e-3))
+    trainer = make_trainer(tmp_path, max_steps=5, log_every_n_steps=2, callbacks=[check])
+    trainer.fit(module, toy_loader(3))
+    assert kernel.measured == [False, True, False, True, True]  # steps 1, 3 and the last are written
+    assert check.pairs[0][1] is None
+    for index in (1, 3, 4):
+        manual, logged = check.pairs[index]
+        assert logged == pytest.approx(manual, rel=1e-5)
+    assert [event.step for event in _grad_norm_events(trainer)] == [1, 3, 4]

@@ -112,12 +112,12 @@ class EmulatedKernel:
     BLOCK, NUM_WARPS = 8, 4
 
     def __init__(self, live=None):
-        self.live, self.launches, self.scaled, self.aligned = live, [], [], []
+        self.live, self.launches, self.scaled, self.aligned, self.measured = live, [], [], [], []
 
     def __getitem__(self, grid):
-        def launch(addresses, numels, work, programs, tensors, grad_scale, seed, param0, grad0, state0,
+        def launch(addresses, numels, work, programs, tensors, grad_scale, norm_partials, seed, param0, grad0, state0,
                    lr_weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt,
-                   eps, MAXIMIZE, HAS_GRAD_SCALE, STOCHASTIC_ROUNDING, ALIGNED, BLOCK, num_warps):
+                   eps, MAXIMIZE, HAS_GRAD_SCALE, HAS_NORM, STOCHASTIC_ROUNDING, ALIGNED, BLOCK, num_warps):
             assert grid == (programs,) and work.shape == (2, programs) and BLOCK == self.BLOCK
             # the dtypes' tensors are non-empty (Triton's launcher refuses an empty tensor's address 0)
             assert param0.numel() and grad0.numel() and state0.numel()
@@ -126,13 +126,18 @@ class EmulatedKernel:
             self.launches.append((tensors, programs, step_size))
             self.scaled.append(HAS_GRAD_SCALE)
             self.aligned.append(ALIGNED)
+            self.measured.append(HAS_NORM)
+            if HAS_NORM:
+                assert norm_partials.shape == (programs,) and norm_partials.dtype == torch.float32
             if ALIGNED:  # the hint must be true: 16-byte addresses, sizes of 16 elements
                 assert all(a % 16 == 0 for a in addresses.tolist()) and all(n % 16 == 0 for n in numels.tolist())
-            for t, b in zip(*work.tolist()):
+            for pid, (t, b) in enumerate(zip(*work.tolist())):
                 p, g, m, v = (by_address[table[row][t]].view(-1) for row in range(4))
                 assert p.numel() == numels[t].item()
                 s = slice(b * BLOCK, (b + 1) * BLOCK)
                 x, grad, first, second = (z[s].float() for z in (p, g, m, v))
+                if HAS_NORM:  # the gradients as read, before clipping's factor
+                    norm_partials[pid] = grad.square().sum()
                 grad = grad * grad_scale if HAS_GRAD_SCALE else grad
                 grad = -grad if MAXIMIZE else grad
                 x = x - lr_weight_decay * x
@@ -271,6 +276,57 @@ def test_clipping_is_torch_clip_grad_norm_off_the_kernel_and_folded_into_the_ste
         p.grad = torch.ones_like(p)
     mine.step()
     assert kernel.scaled[-1] is False
+
+
+def test_a_requested_gradient_norm_comes_from_the_kernels_sums_and_the_clips_norm(monkeypatch):
+    """request_grad_norm: the next step's kernel stores each program's sum of squares, and take_grad_norm gives
+    get_total_norm's value (rounding aside) over every gradient, the reference path's included; once, and only
+    after a request. A clipped step hands on the norm clip_grad_norm_ computed, without the kernel measuring."""
+    shapes = ((16, 24), (24,), (7, 3), (19,))
+    params = make_params(shapes=shapes)
+    odd = torch.randn(6, 5).t().detach().requires_grad_()  # non-contiguous: the reference path
+    params.append(odd)
+    mine = TritonAdamW(params, **OPTIONS)
+    kernel = emulate_the_kernel(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    norms = []
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).reshape(p.shape)
+        expected = torch.nn.utils.get_total_norm([p.grad.clone() for p in params])
+        if step != 1:
+            mine.request_grad_norm()
+        mine.step()
+        got = mine.take_grad_norm()
+        norms.append(got)
+        if step != 1:
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+            assert mine.take_grad_norm() is None  # once
+    assert norms[1] is None and kernel.measured == [True, False, True]
+
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).reshape(p.shape)
+    clip_norm = mine.clip_grad_norm_(0.1)
+    mine.request_grad_norm()
+    mine.step()
+    assert mine.take_grad_norm() is clip_norm and kernel.measured[-1] is False and kernel.scaled[-1] is True
+
+
+def test_off_the_kernel_a_requested_norm_is_get_total_norms_before_the_update_and_clipping():
+    params = make_params()
+    mine = TritonAdamW(params, **OPTIONS)
+    assert not mine.folds_grad_norm()  # no gradients yet; on a CPU never
+    for p in params:
+        p.grad = torch.randn_like(p)
+    assert not mine.folds_grad_norm()
+    expected = torch.nn.utils.get_total_norm([p.grad.clone() for p in params])
+    mine.request_grad_norm()
+    mine.step()
+    assert torch.equal(mine.take_grad_norm(), expected)
+    clip_norm = mine.clip_grad_norm_(1e-3)  # torch's clipping scales the gradients in place
+    mine.request_grad_norm()
+    mine.step()
+    assert mine.take_grad_norm() is clip_norm and clip_norm > 1e-3
 
 
 def test_a_lightning_run_folds_its_clipping_into_the_step_and_trains_as_torch_adamw(tmp_path, monkeypatch):

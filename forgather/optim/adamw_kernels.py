@@ -13,7 +13,9 @@ step streamed 1.8 TB/s on an H100 at BLOCK 2048, 2026-12-05). The hint goes on t
 from the table's integers: put on the integers it is lost in the cast and every access stays 2 bytes wide
 (scripts/adamw_ptx.py reads the compiled PTX on a CPU and checks for 16-byte accesses). `grad_scale` (where
 HAS_GRAD_SCALE) points at one fp32 factor for every gradient: clipping by global norm, applied as the gradient is read instead of by a pass of
-its own. STOCHASTIC_ROUNDING (bf16 parameters) rounds the new parameter as forgather/optim/rounding.py does,
+its own. HAS_NORM: each program also stores the sum of its gradients' squares (as read, before any
+scaling) to `norm_partials[pid]`, from which the host sums the step's gradient norm for logging, without a pass
+over the gradients of its own (TritonAdamW.request_grad_norm). STOCHASTIC_ROUNDING (bf16 parameters) rounds the new parameter as forgather/optim/rounding.py does,
 bit for bit, with `seed` the step's.
 
 Why not torch's fused AdamW: its multi-tensor launcher hands each CUDA block a fixed chunk with per-launch
@@ -38,10 +40,10 @@ SWEEP = [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed each step must not mean a new compilation
 def adamw_multi_tensor(
-    addresses, numels, work, programs, tensors, grad_scale, seed, param0, grad0, state0,
+    addresses, numels, work, programs, tensors, grad_scale, norm_partials, seed, param0, grad0, state0,
     lr_weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-    MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_NORM: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # The bucket's dtypes, from one tensor of each kind (param0, grad0, state0: one non-empty tensor's)
     PARAM = param0.dtype.element_ty
@@ -71,6 +73,8 @@ def adamw_multi_tensor(
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:  # the gradients as they are, before clipping's factor (masked elements read as 0)
+        tl.store(norm_partials + pid, tl.sum(grad * grad, axis=0))
     if HAS_GRAD_SCALE:  # clipping by global norm, folded in (triton_adamw.TritonAdamW.clip_grad_norm_)
         grad = grad * tl.load(grad_scale)
     if MAXIMIZE:

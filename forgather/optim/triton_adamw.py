@@ -137,6 +137,10 @@ class TritonAdamW(torch.optim.AdamW):
         self._kernels = None  # adamw_kernels, imported at the first step that runs on CUDA; False: not to be used
         self._built: set[tuple] = set()  # bucket kinds whose kernel has launched once
         self._grad_scale: torch.Tensor | None = None  # clip_grad_norm_'s factor for the next step
+        self._clip_norm: torch.Tensor | None = None  # clip_grad_norm_'s norm, for the next step
+        self._norm_wanted = False  # request_grad_norm: the next step measures its gradients' norm
+        self._norm_parts: list[torch.Tensor] | None = None  # while a step measures: its sums of squares
+        self._grad_norm: torch.Tensor | None = None  # the last measured norm, until take_grad_norm
         self._work: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}  # numels -> (work, numels, programs)
         self._tables: dict[tuple, tuple[tuple[int, ...], torch.Tensor]] = {}  # bucket -> (addresses, on device)
 
@@ -164,17 +168,40 @@ class TritonAdamW(torch.optim.AdamW):
         not follow (a skipped fp16 step, zero_grad) drops it. Only for whole gradients (one device, DDP): a
         sharded model's norm is its strategy's (FSDP's clip_grad_norm_)."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self._grad_scale = None
+        self._grad_scale = self._clip_norm = None
         if not params or not self._runs_kernel(params):
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            self._clip_norm = norm if norm_type == 2.0 and params else None
+            return norm
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
         # torch's clip_grad_norm_'s factor, in the norm's dtype as there
         self._grad_scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(torch.float32)
+        self._clip_norm = norm if norm_type == 2.0 else None
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._grad_scale = None
+        self._grad_scale = self._clip_norm = None
         super().zero_grad(set_to_none)
+
+    def folds_grad_norm(self) -> bool:
+        """Whether the next step's kernel can measure the gradients' norm as it reads them (request_grad_norm):
+        on CUDA (or the interpreter), with the kernel usable."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return bool(params) and self._runs_kernel(params)
+
+    def request_grad_norm(self) -> None:
+        """Measure the next step's gradients' total 2-norm (before clipping), for `take_grad_norm` after it: the
+        norm clip_grad_norm_ computed for that step, else the kernel's sums of squares, a store per program of
+        what it reads anyway, summed in one launch (get_total_norm is a pass over every gradient: 1.06 ms a
+        step at the 1.24B shape on an H200). Gradients the kernel does not step (the reference path) add their
+        own sums; a step that is torch's measures with get_total_norm first."""
+        self._norm_wanted = True
+
+    def take_grad_norm(self) -> torch.Tensor | None:
+        """The norm the last step measured after request_grad_norm (a device tensor, read without waiting),
+        once; None where no such step ran."""
+        norm, self._grad_norm = self._grad_norm, None
+        return norm
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -184,16 +211,30 @@ class TritonAdamW(torch.optim.AdamW):
                 loss = closure()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grad_scale, self._grad_scale = self._grad_scale, None
+        clip_norm, self._clip_norm = self._clip_norm, None
+        wanted, self._norm_wanted = self._norm_wanted, False
+        self._grad_norm = None
+        if wanted and clip_norm is not None:
+            self._grad_norm, wanted = clip_norm, False
+        elif wanted and not params:
+            wanted = False
         # what torch's step would not do: round stochastically, keep the moments in another dtype
         ours_only = (self._stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params)
                      or self._state_dtype is not None and any(p.dtype != self._state_dtype for p in params))
         if not self._runs_kernel(params) and not ours_only:
+            if wanted:
+                self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if grad_scale is not None:
                 torch._foreach_mul_([p.grad for p in params], grad_scale)
             _torch_adamw_step(self)
             return loss
+        self._norm_parts = [] if wanted else None
         for group in self.param_groups:
             self._step_group(group, grad_scale)
+        if wanted:
+            parts = [part.reshape(-1) for part in self._norm_parts]
+            self._grad_norm = torch.cat(parts).sum().sqrt() if parts else None
+        self._norm_parts = None
         return loss
 
     # Helpers
@@ -249,6 +290,8 @@ class TritonAdamW(torch.optim.AdamW):
                 continue
             for p in bucket:  # tensors the kernel does not take (or where it could not be built), and the CPU's
                 state = self.state[p]  # where parameters round stochastically
+                if self._norm_parts is not None:
+                    self._norm_parts.append(p.grad.detach().float().square().sum())
                 reference_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=count, grad_scale=grad_scale,
                                stochastic_seed=seed, **options)
 
@@ -309,16 +352,19 @@ class TritonAdamW(torch.optim.AdamW):
         param_dtype = key[1]  # address may be 0, which Triton's launcher refuses)
         # Triton launches on the current device: a bucket on another GPU of this process (a model split by hand)
         # must make its own current
+        partials = None if self._norm_parts is None else torch.empty(programs, dtype=torch.float32, device=device)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             k.adamw_multi_tensor[(programs,)](
                 cached[1], numels, work, programs, len(bucket), numels if grad_scale is None else grad_scale,
-                seed or 0, first, first.grad, self.state[first]["exp_avg"],
+                numels if partials is None else partials, seed or 0, first, first.grad, self.state[first]["exp_avg"],
                 scalars["lr_weight_decay"], options["beta1"], scalars["one_minus_beta1"], options["beta2"],
                 scalars["one_minus_beta2"], scalars["step_size"], scalars["bias_correction2_sqrt"], options["eps"],
-                MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None,
+                MAXIMIZE=bool(options["maximize"]), HAS_GRAD_SCALE=grad_scale is not None, HAS_NORM=partials is not None,
                 STOCHASTIC_ROUNDING=seed is not None and param_dtype == torch.bfloat16, ALIGNED=cached[2], BLOCK=block,
                 num_warps=self._num_warps or k.NUM_WARPS,
             )
+        if partials is not None:  # after the launch: a bucket whose build fails is summed on the reference path
+            self._norm_parts.append(partials)
 
 
 def _load_kernels():

@@ -4,6 +4,7 @@ Tolerance: fp32 parameters within rtol 1e-5 / atol 1e-6 after several steps (onl
 the kernels reduce with atomics); bf16 parameters within bf16 rounding (rtol 1.6e-2).
 """
 
+import contextlib
 from functools import partial
 
 import pytest
@@ -315,6 +316,29 @@ def test_triton_adamw_is_torch_fused_adamw_in_one_launch_without_waits(dtype, cl
         for x, y in pairs:
             if y.numel():
                 torch.testing.assert_close(x, y, rtol=0, atol=2 * rounding * y.float().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_adamw_measures_the_gradient_norm_in_its_step_without_waits(dtype):
+    """request_grad_norm on CUDA: the kernel's per-program sums of squares (a non-contiguous parameter's on the
+    reference path beside them) give get_total_norm's value within fp32 rounding, without the host waiting."""
+    from forgather.optim import TritonAdamW
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    params = [(torch.randn(s, device="cuda", generator=gen) * 0.02).to(dtype).requires_grad_()
+              for s in ((300, 517), (777,), (4097,), (256, 512))]
+    params.append((torch.randn(9, 6, device="cuda", generator=gen)).to(dtype).t().detach().requires_grad_())
+    optimizer = TritonAdamW(params, lr=1e-3)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(dtype).reshape(p.shape)
+        expected = torch.nn.utils.get_total_norm([p.grad.float() for p in params])
+        assert optimizer.folds_grad_norm()
+        optimizer.request_grad_norm()
+        with sync_is_an_error() if step else contextlib.nullcontext():  # the first step builds the kernel
+            optimizer.step()
+            got = optimizer.take_grad_norm()
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=0)
 
 
 def test_triton_adamw_rounding_stochastically_keeps_small_updates_without_waiting_for_the_gpu():
