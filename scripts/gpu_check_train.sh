@@ -87,7 +87,8 @@
 #                     Liger, 80 steps, logging every 5 steps, then every 20.
 #   part bars         the tied gradient's GPU test; the default beside HF + Liger, cuBLAS without a workspace,
 #                     fused_projections=qkv, sparse_tied_grad=true, both, both without the workspace, 80 steps,
-#                     the default profiled (an H200 run is what the bars ask for; at b6a59ee: 60.3% MFU, 1.229x).
+#                     the default profiled, then $BASELINE_TREE's default when given (an H200 run is what the bars
+#                     ask for; at b6a59ee: 60.3% MFU, 1.229x).
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
 #                     the packed tests, then the default beside HF + Liger and fused_projections=kv, 40 steps.
 #   part blas         the loss's GPU tests, the default beside HF + Liger, sparse_tied_grad=true and max-autotune,
@@ -410,15 +411,22 @@ bars)
     # narrow k/v ones slower), q/k/v as one product (fused_projections=qkv: no narrow k/v products left, and one
     # product for the input's gradient instead of three and their add), the tied head's gradient taking the
     # lookup's rows in place (sparse_tied_grad=true, embedding.TiedGradient), and the two together, with and
-    # without the workspace; first the tied gradient's GPU test (bf16 against the dense lookup, no host wait)
+    # without the workspace; first the tied gradient's and the norm-measuring optimizer's GPU tests (against the
+    # dense lookup and get_total_norm, no host wait); last the default of $BASELINE_TREE (an older commit's copy,
+    # when given: the default now measures a logged step's gradient norm inside TritonAdamW's kernel)
     if [ -z "${REHEARSE:-}" ]; then
-        gpu_tests 120 tests_tied.log tests/gpu/test_models_gpu.py -k "sparse_tied"
+        gpu_tests 150 tests_tied.log tests/gpu/test_models_gpu.py tests/gpu/test_optim_gpu.py \
+            -k "sparse_tied or measures_the_gradient_norm"
     fi
     bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 80 --paths forgather hf-liger \
         --variant ws0 env:CUBLAS_WORKSPACE_CONFIG=:0:0 --variant qkv fused_projections=qkv \
         --variant tied sparse_tied_grad=true --variant qkv-tied fused_projections=qkv sparse_tied_grad=true \
         --variant qkv-tied-ws0 fused_projections=qkv sparse_tied_grad=true env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
         --profile forgather --profile-trace --timeout 150 "$@"
+    if [ -n "${BASELINE_TREE:-}" ]; then  # the tree before (its default measures the logged norm in its own pass)
+        (cd "$BASELINE_TREE" && PYTHONPATH="$PWD:${PYTHONPATH:-}" bench bench_1b_baseline.log --shape 1b \
+            --label 1b_baseline --steps 80 --paths forgather --timeout 150 "$@")
+    fi
     ;;
 kv)
     # fused_projections=kv crashed part bars (an illegal memory access, H100, 2026-12-05): the op with its values
