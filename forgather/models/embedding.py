@@ -79,12 +79,16 @@ class TiedGradient:
     def _hand_over(self, grad: torch.Tensor, weight_dtype: torch.dtype) -> bool:
         node = self._node() if self._node is not None else None
         if (node is None or self._dense is not None or torch.is_grad_enabled()  # create_graph: grads are graphs
-                or self._done_in == torch._C._current_graph_task_id()
-                or not torch._C._will_engine_execute_node(node)
                 or grad.layout != torch.strided or not grad.is_contiguous() or grad.dtype != weight_dtype):
             return False
-        self._dense = grad
-        return True
+        try:
+            later = (self._done_in != torch._C._current_graph_task_id()
+                     and torch._C._will_engine_execute_node(node))
+        except RuntimeError:  # an engine that cannot say (compiled autograd): each gradient goes on whole
+            return False
+        if later:
+            self._dense = grad
+        return later
 
     def _take(self) -> torch.Tensor | None:
         dense, self._dense = self._dense, None
