@@ -89,6 +89,7 @@
 #                     sparse_tied_grad=true, packed with tied, and that without cuBLAS's workspace, 80 steps, the
 #                     default profiled, then $BASELINE_TREE's default when given (an H200 run is what the bars
 #                     ask for; at b6a59ee: 60.3% MFU, 1.229x).
+#   part inductor     compile_options combo_kernels and coordinate_descent_tuning beside the default and HF + Liger.
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
 #                     the packed tests, then the default beside HF + Liger and fused_projections=kv, 40 steps.
 #   part blas         the loss's GPU tests, the default beside HF + Liger, sparse_tied_grad=true and max-autotune,
@@ -429,6 +430,14 @@ bars)
         (cd "$BASELINE_TREE" && PYTHONPATH="$PWD:${PYTHONPATH:-}" bench bench_1b_baseline.log --shape 1b \
             --label 1b_baseline --steps 80 --paths forgather --timeout 150 "$@")
     fi
+    ;;
+inductor)
+    # inductor's settings that cut launches or tune the step's own kernels (the norms, SwiGLU, rotary, adds: 9.45 ms
+    # a step in 1,087 kernels on the H200, 2026-12-05): combo kernels (independent small kernels as one launch) and
+    # coordinate-descent tuning of each kernel's tiling, beside the default and HF + Liger, 80 steps
+    bench bench_1b_inductor.log --shape 1b --label 1b_inductor --steps 80 --paths forgather hf-liger \
+        --variant combo "compile_options={combo_kernels:true}" \
+        --variant cdt "compile_options={coordinate_descent_tuning:true}" --timeout 300 "$@"
     ;;
 kv)
     # fused_projections=kv crashed part bars (an illegal memory access, H100, 2026-12-05): the op with its values
