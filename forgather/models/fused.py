@@ -19,8 +19,8 @@ per call (a concatenation), the gain one launch of a wider matmul instead of sev
 - Weights that are not packed (moved since, or never packed) are concatenated as fused_linear does: the same
   numbers, a copy's cost.
 
-Both directions are torch.library ops (one pair for groups of two weights, one for three): torch.compile sees
-them whole and does not trace the check of where the weights lie.
+Both directions are torch.library ops: torch.compile sees them whole and does not trace the check of where
+the weights lie.
 """
 
 from __future__ import annotations
@@ -114,12 +114,19 @@ def _weight_of(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(weights) if weight is None else weight
 
 
-def _forward(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+@torch.library.custom_op("forgather::packed_linear", mutates_args=())
+def packed_linear_op(x: torch.Tensor, weights: list[torch.Tensor], weight_grad_as_one: bool) -> torch.Tensor:
     return F.linear(x, _weight_of(weights))
 
 
-def _gradients(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
-               weight_grad_as_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@packed_linear_op.register_fake
+def _(x: torch.Tensor, weights: list[torch.Tensor], weight_grad_as_one: bool) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], sum(weight.shape[0] for weight in weights)))
+
+
+@torch.library.custom_op("forgather::packed_linear_backward", mutates_args=())
+def packed_linear_backward(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+                           weight_grad_as_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(the input's gradient, every weight's gradient as one [sum of rows, in] tensor)."""
     grad_x = grad.matmul(_weight_of(weights))
     rows, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -134,82 +141,30 @@ def _gradients(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
     return grad_x, grad_weight
 
 
-def _fake_gradients(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@packed_linear_backward.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+      weight_grad_as_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape), grad.new_empty((grad.shape[-1], x.shape[-1]))
 
 
-# One pair of ops for each group size (2: gate/up; 3: q/k/v), each weight its own Tensor argument: a Tensor[]
-# argument (tried first) met std::bad_alloc in the dispatcher, now and then, in long CPU test runs.
-@torch.library.custom_op("forgather::packed_linear2", mutates_args=())
-def _packed_linear2(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, weight_grad_as_one: bool) -> torch.Tensor:
-    return _forward(x, [w0, w1])
-
-
-@_packed_linear2.register_fake
-def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, weight_grad_as_one: bool) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], w0.shape[0] + w1.shape[0]))
-
-
-@torch.library.custom_op("forgather::packed_linear3", mutates_args=())
-def _packed_linear3(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                    weight_grad_as_one: bool) -> torch.Tensor:
-    return _forward(x, [w0, w1, w2])
-
-
-@_packed_linear3.register_fake
-def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weight_grad_as_one: bool) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], w0.shape[0] + w1.shape[0] + w2.shape[0]))
-
-
-@torch.library.custom_op("forgather::packed_linear2_backward", mutates_args=())
-def _packed_linear2_backward(grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
-                             weight_grad_as_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gradients(grad, x, [w0, w1], weight_grad_as_one)
-
-
-@_packed_linear2_backward.register_fake
-def _(grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
-      weight_grad_as_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fake_gradients(grad, x)
-
-
-@torch.library.custom_op("forgather::packed_linear3_backward", mutates_args=())
-def _packed_linear3_backward(grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
-                             w2: torch.Tensor, weight_grad_as_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gradients(grad, x, [w0, w1, w2], weight_grad_as_one)
-
-
-@_packed_linear3_backward.register_fake
-def _(grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-      weight_grad_as_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fake_gradients(grad, x)
-
-
-_FORWARD = {2: _packed_linear2, 3: _packed_linear3}
-_BACKWARD = {2: _packed_linear2_backward, 3: _packed_linear3_backward}
-
-
 def _setup_context(ctx, inputs, output) -> None:
-    x, *weights, weight_grad_as_one = inputs
+    x, weights, weight_grad_as_one = inputs
     ctx.save_for_backward(x, *weights)
     ctx.rows, ctx.weight_grad_as_one = [weight.shape[0] for weight in weights], weight_grad_as_one
 
 
 def _backward(ctx, grad: torch.Tensor):
     x, *weights = ctx.saved_tensors
-    grad_x, grad_weight = _BACKWARD[len(weights)](grad, x, *weights, ctx.weight_grad_as_one)
-    return grad_x, *grad_weight.split(ctx.rows), None
+    grad_x, grad_weight = packed_linear_backward(grad, x, weights, ctx.weight_grad_as_one)
+    return grad_x, list(grad_weight.split(ctx.rows)), None
 
 
-for _op in _FORWARD.values():
-    _op.register_autograd(_backward, setup_context=_setup_context)
+packed_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def packed_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...], weight_grad_as_one: bool) -> tuple[torch.Tensor, ...]:
     """fused_linear's outputs (bias-free layers), the weights read in place where pack_weights packed them.
     `weight_grad_as_one`: the weights' gradient as one product (q/k/v at the 1.24B shape: 143 us against 150 for
     three, H100) or one a projection (gate/up: 2 x 337 us against 708 for one)."""
-    if len(linears) not in _FORWARD:
-        return fused_linear(x, linears)
-    y = _FORWARD[len(linears)](x, *(linear.weight for linear in linears), weight_grad_as_one)
+    y = packed_linear_op(x, [linear.weight for linear in linears], weight_grad_as_one)
     return y.split([linear.out_features for linear in linears], dim=-1)
