@@ -85,9 +85,9 @@
 #   part host         the default profiled over five steps (a logged one among them) with the host's activity: what
 #                     the host began while the device idled, how far ahead it launched, its waits; beside HF +
 #                     Liger, 80 steps, logging every 5 steps, then every 20.
-#   part bars         the levers' GPU tests; the default beside HF + Liger, fused_projections=qkv and =packed,
-#                     sparse_tied_grad=true, packed with tied, and that without cuBLAS's workspace, 80 steps, the
-#                     default profiled, then $BASELINE_TREE's default when given (an H200 run is what the bars
+#   part bars         the tied gradient's GPU test; the default beside HF + Liger, cuBLAS without a workspace,
+#                     fused_projections=qkv, sparse_tied_grad=true, both, both without the workspace, 80 steps,
+#                     the default profiled, then $BASELINE_TREE's default when given (an H200 run is what the bars
 #                     ask for; at b6a59ee: 60.3% MFU, 1.229x).
 #   part inductor     compile_options combo_kernels and coordinate_descent_tuning beside the default and HF + Liger.
 #   part kv           fused_projections=kv under compile (it crashed part bars): scripts/check_packed_layouts.py,
@@ -405,26 +405,24 @@ host)
         --timeout 150 "$@"
     ;;
 bars)
-    # the bars' run: the default (TritonAdamW measuring a logged step's gradient norm in its kernel, loss chunks of
-    # 2,048 tokens, the rotary tables rounded once, the head's gradient scaled in forward) beside HF + Liger, 80
-    # steps, the default profiled after its timed steps between two marker kernels, its trace kept with the host's
-    # activity; beside them q/k/v as one product (fused_projections=qkv: no narrow k/v products, the input's
-    # gradient one product instead of three and their add), q/k/v and gate/up each one product over weights packed
-    # into one buffer (fused_projections=packed: no concatenation, no add of input gradients), the tied head's
-    # gradient taking the lookup's rows in place (sparse_tied_grad=true, embedding.TiedGradient), packed and tied
-    # together, and the same without cuBLAS's workspace (no memset before each product: the narrow products it
-    # slowed are gone when fused); first the GPU tests of the tied gradient, the norm-measuring optimizer and the
-    # packed layers under compile; last the default of $BASELINE_TREE (an older commit's copy, when given)
+    # the bars' run: the default (TritonAdamW, loss chunks of 2,048 tokens, the rotary tables rounded once, the
+    # head's gradient scaled in forward) beside HF + Liger, 80 steps, the default profiled after its timed steps
+    # between two marker kernels, its trace kept with the host's activity; beside them cuBLAS without a workspace
+    # (no memset before each product; scripts/bench_matmuls.py, H100: the large products 1-2 us faster, the
+    # narrow k/v ones slower), q/k/v as one product (fused_projections=qkv: no narrow k/v products left, and one
+    # product for the input's gradient instead of three and their add), the tied head's gradient taking the
+    # lookup's rows in place (sparse_tied_grad=true, embedding.TiedGradient), and the two together, with and
+    # without the workspace; first the tied gradient's and the norm-measuring optimizer's GPU tests (against the
+    # dense lookup and get_total_norm, no host wait); last the default of $BASELINE_TREE (an older commit's copy,
+    # when given: the default now measures a logged step's gradient norm inside TritonAdamW's kernel)
     if [ -z "${REHEARSE:-}" ]; then
-        gpu_tests 200 tests_levers.log \
-            tests/gpu/test_models_gpu.py::test_the_sparse_tied_embedding_gradient_trains_like_the_dense_one \
-            tests/gpu/test_optim_gpu.py::test_triton_adamw_measures_the_gradient_norm_in_its_step_without_waits \
-            "tests/gpu/test_models_gpu.py::test_packed_attention_under_layer_compile_takes_fused_projections[packed]"
+        gpu_tests 150 tests_tied.log tests/gpu/test_models_gpu.py tests/gpu/test_optim_gpu.py \
+            -k "sparse_tied or measures_the_gradient_norm"
     fi
     bench bench_1b_bars.log --shape 1b --label 1b_bars --steps 80 --paths forgather hf-liger \
-        --variant qkv fused_projections=qkv --variant packed fused_projections=packed \
-        --variant tied sparse_tied_grad=true --variant packed-tied fused_projections=packed sparse_tied_grad=true \
-        --variant packed-tied-ws0 fused_projections=packed sparse_tied_grad=true env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
+        --variant ws0 env:CUBLAS_WORKSPACE_CONFIG=:0:0 --variant qkv fused_projections=qkv \
+        --variant tied sparse_tied_grad=true --variant qkv-tied fused_projections=qkv sparse_tied_grad=true \
+        --variant qkv-tied-ws0 fused_projections=qkv sparse_tied_grad=true env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
         --profile forgather --profile-trace --timeout 150 "$@"
     if [ -n "${BASELINE_TREE:-}" ]; then  # the tree before (its default measures the logged norm in its own pass)
         (cd "$BASELINE_TREE" && PYTHONPATH="$PWD:${PYTHONPATH:-}" bench bench_1b_baseline.log --shape 1b \

@@ -18,7 +18,7 @@ from forgather.lightning.module import CausalLMModule
 from forgather.models.attention import Attention
 from forgather.models.causal_lm import CausalLM
 from forgather.models.feedforward import SwiGLU
-from forgather.models.fused import fusable, fused_linear, pack_projections, packed_weight
+from forgather.models.fused import fusable, fused_linear
 from forgather.models.layers import PreLNLayer
 from forgather.models.norm import RMSNorm
 from forgather.models.rope import RotaryEmbedding
@@ -77,7 +77,7 @@ def test_fused_linear_equals_the_separate_layers_and_their_gradients():
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("fusion", [True, "packed", "qkv", "kv"])
+@pytest.mark.parametrize("fusion", [True, "qkv", "kv"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("attention_fn", ["sdpa", "eager"])
 def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_fn, fusion):
@@ -91,7 +91,7 @@ def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_f
                            layer.feedforward.up_proj):
             projection.register_forward_hook(lambda module, *args: calls.append(module))
     assert_same_step(loss_and_grads(fused), expected)
-    own = {True: [], "packed": [], "qkv": [layer.feedforward.up_proj for layer in fused.layers],
+    own = {True: [], "qkv": [layer.feedforward.up_proj for layer in fused.layers],
            "kv": [layer.attention.q_proj for layer in fused.layers]
            + [layer.feedforward.up_proj for layer in fused.layers]}[fusion]
     assert sorted(map(id, calls)) == sorted(map(id, own))
@@ -101,83 +101,8 @@ def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_f
 def test_an_unknown_fusion_is_a_one_line_error(value):
     for make in (lambda: Attention(HIDDEN, HEADS, fused_projections=value),
                  lambda: SwiGLU(HIDDEN, 48, fused_projections=value)):
-        with pytest.raises(ValueError, match=r"fused_projections=.*; choose false, true .*'packed'.*'qkv'.* or 'kv'"):
+        with pytest.raises(ValueError, match=r"fused_projections=.*; choose false, true .*'qkv'.* or 'kv'"):
             make()
-
-
-def _groups(model: CausalLM) -> list[list[nn.Parameter]]:
-    return [[p.weight for p in group] for layer in model.layers
-            for group in ((layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj),
-                          (layer.feedforward.gate_proj, layer.feedforward.up_proj))]
-
-
-def test_packed_weights_lie_back_to_back_and_give_the_default_step():
-    """fused_projections=packed: pack_projections moves each group's weights into one buffer, the same Parameters
-    with the same values; the step (one product over each group, the input's gradient one product) is the
-    default's, each weight's gradient its rows of one buffer, and an optimizer steps on them in place."""
-    expected = loss_and_grads(tiny_model())
-    model = tiny_model(fused="packed")
-    before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
-    assert all(packed_weight(group) is None for group in _groups(model))
-    assert pack_projections(model) == 4 and pack_projections(model) == 4  # again: already packed
-    assert all(packed_weight(group) is not None for group in _groups(model))
-    for name, p in model.named_parameters():
-        assert p is before[name][0] and torch.equal(p, before[name][1])
-    assert_same_step(loss_and_grads(model), expected)
-    for group in _groups(model):  # the gradients, too, back to back
-        assert packed_weight([p.grad for p in group]) is not None
-    torch.optim.AdamW(model.parameters(), lr=1e-2).step()
-    assert all(packed_weight(group) is not None for group in _groups(model))
-    assert not torch.equal(model.layers[0].attention.q_proj.weight, before["layers.0.attention.q_proj.weight"][1])
-
-
-def test_packed_weights_keep_the_state_dict_and_moved_ones_fall_back_to_a_concatenation():
-    plain, model = tiny_model(), tiny_model(fused="packed")
-    pack_projections(model)
-    assert model.state_dict().keys() == plain.state_dict().keys()
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
-    plain.load_state_dict(torch.load(buffer))
-    model.load_state_dict(plain.state_dict())  # copies into the packed buffer: still packed
-    assert all(packed_weight(group) is not None for group in _groups(model))
-    model.double()  # a move allocates each parameter anew
-    assert all(packed_weight(group) is None for group in _groups(model))
-    assert_same_step(loss_and_grads(model), loss_and_grads(plain.double()))
-
-
-def test_a_packed_model_is_written_to_safetensors(tmp_path):
-    from safetensors.torch import load_file
-
-    from forgather.convert.weights import write_safetensors
-
-    model = tiny_model(fused="packed")
-    pack_projections(model)
-    write_safetensors(model.state_dict(), tmp_path / "model.safetensors")
-    written = load_file(str(tmp_path / "model.safetensors"))
-    assert written.keys() == model.state_dict().keys()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(written[name], tensor), name
-
-
-def test_training_packs_the_weights_it_asks_for():
-    module = CausalLMModule(functools.partial(tiny_model, fused="packed"))
-    module.configure_model()
-    module.on_fit_start()
-    assert all(packed_weight(group) is not None for group in _groups(module.model))
-    plain = CausalLMModule(tiny_model)
-    plain.configure_model()
-    plain.on_fit_start()
-    assert all(packed_weight(group) is None for group in _groups(plain.model))
-
-
-def test_packed_projections_compile_to_the_default_step():
-    expected = loss_and_grads(tiny_model())
-    model = tiny_model(fused="packed")
-    pack_projections(model)
-    for layer in model.layers:
-        layer.compile()
-    assert_same_step(loss_and_grads(model), expected)
 
 
 def test_fused_swiglu_in_token_chunks_equals_the_whole():

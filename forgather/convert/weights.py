@@ -90,17 +90,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write `state` to `path` with the mode any new file of the user gets (safetensors itself writes 0600)."""
     from safetensors.torch import save_file
 
-    # safetensors refuses tensors that share memory: weights packed into one buffer (fused_projections=packed)
-    # are written as copies of their own
-    seen: set[int] = set()
-    tensors = {}
-    for name, tensor in state.items():
-        address = tensor.untyped_storage().data_ptr() if tensor.numel() else None
-        shared = address is not None and (address in seen or tensor.untyped_storage().nbytes() > tensor.nbytes)
-        tensors[name] = tensor.clone() if shared else tensor.contiguous()
-        if address is not None:
-            seen.add(address)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(path), metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -33,7 +33,6 @@ from forgather.errors import UserError, did_you_mean
 from forgather.lightning.memory import check_batch_fits
 from forgather.lightning.steps import DeferredMetrics, writes_metrics
 from forgather.loss.base import IGNORE_INDEX
-from forgather.models.fused import pack_projections
 from forgather.optim.in_backward import OptimizerInBackward
 
 Batch = dict[str, torch.Tensor]
@@ -138,11 +137,6 @@ class CausalLMModule(pl.LightningModule):
                 for layer in self.model.layers:
                     layer.compile(**options)
             self._compiled = True
-
-    def on_fit_start(self) -> None:
-        # fused_projections=packed: the weights back to back in one buffer, now that Lightning has moved the model
-        # to its device (a move allocates each parameter anew); a no-op for every other model
-        pack_projections(self.model)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids=position_ids)

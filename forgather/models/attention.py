@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.attention import flex_attention as flex
 
 from .checks import positive_sizes
-from .fused import fusable, fused_linear, fusion, packed_linear
+from .fused import fusable, fused_linear, fusion
 from .kv_cache import LayerKVCache
 from .rope import apply_rotary
 
@@ -334,8 +334,7 @@ class Attention(nn.Module):
         dropout: attention-probability dropout while training (not available with flex or packed).
         bias: biases on the q/k/v/o projections.
         fused_projections: true or "qkv" computes q, k and v as one matmul over the three weights concatenated
-            (`forgather.models.fused`: same parameters and state dict), "packed" over the three packed into one
-            buffer (no concatenation; bias-free), "kv" only k and v; projections that
+            (`forgather.models.fused`: same parameters and state dict), "kv" only k and v; projections that
             are not plain nn.Linear layers (QK-norm variants) run separately.
         kernel_options: with attention_fn="flex", the GPU kernel's options (`flex_kernel_options`), e.g.
             `{fwd_BLOCK_M: 64, fwd_BLOCK_N: 64}`: tilings change speed, not the result. Without them, packed
@@ -393,11 +392,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
 
-    def packed_projections(self) -> list[tuple[nn.Linear, ...]]:
-        """The layers `fused_projections=packed` packs (fused.pack_projections): q/k/v, where plain and bias-free."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        return [projections] if fusable(*projections) and self.q_proj.bias is None else []
-
     def _heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
         batch, seq, _ = x.shape
         return x.view(batch, seq, num_heads, self.head_dim).transpose(1, 2)  # [B, heads, T, D]
@@ -410,9 +404,7 @@ class Attention(nn.Module):
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fused_projections == "packed" and fusable(*projections) and self.q_proj.bias is None:
-            q, k, v = packed_linear(x, projections, weight_grad_as_one=True)
-        elif (self.fused_projections in (True, "qkv", "packed")) and fusable(*projections):
+        if (self.fused_projections is True or self.fused_projections == "qkv") and fusable(*projections):
             q, k, v = fused_linear(x, projections)
         elif self.fused_projections == "kv" and fusable(self.k_proj, self.v_proj):
             q, (k, v) = self.q_proj(x), fused_linear(x, (self.k_proj, self.v_proj))

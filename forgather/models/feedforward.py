@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .checks import positive_sizes
-from .fused import fused_linear, fusion, packed_linear
+from .fused import fused_linear, fusion
 
 
 def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:
@@ -38,8 +38,8 @@ class SwiGLU(nn.Module):
     """Gated feed-forward with a SiLU gate (Shazeer, 2020, "GLU Variants"): down(silu(gate(x)) * up(x)).
 
     `fused_projections`: true computes gate and up as one matmul over both weights concatenated
-    (`forgather.models.fused`: same parameters and state dict); "packed" the same over the two weights packed into
-    one buffer (no concatenation; bias-free); "kv" and "qkv" (the attention's projections only) leave them two.
+    (`forgather.models.fused`: same parameters and state dict); "kv" and "qkv" (the attention's projections only)
+    leave them two.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None,
@@ -58,14 +58,8 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return chunked_over_tokens(self._block, x, self.chunk_tokens)
 
-    def packed_projections(self) -> list[tuple[nn.Linear, ...]]:
-        """The layers `fused_projections=packed` packs (fused.pack_projections): gate/up, where bias-free."""
-        return [(self.gate_proj, self.up_proj)] if self.gate_proj.bias is None else []
-
     def _block(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_projections == "packed" and self.gate_proj.bias is None:
-            gate, up = packed_linear(x, (self.gate_proj, self.up_proj), weight_grad_as_one=False)
-        elif self.fused_projections in (True, "packed"):
+        if self.fused_projections is True:
             gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
