@@ -238,7 +238,7 @@ class CausalLMModule(pl.LightningModule):
             # FSDP1 holds flat local shards; its root reduces them (an infinite threshold clips nothing).
             norm = strategy.model.clip_grad_norm_(math.inf)
         elif self._step_measures_grad_norm(optimizer):
-            return  # on_train_batch_end logs it
+            return  # logged after the step that measures it (_log_measured_grad_norm)
         else:
             norm = total_grad_norm(self.parameters())
         if norm is not None:

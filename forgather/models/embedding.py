@@ -71,13 +71,16 @@ class TiedGradient:
 
     def waiting(self) -> bool:
         """True while the lookup's graph lives: a head used now can hand its gradient over."""
-        return self._node is not None and self._node() is not None
+        return self._lookup_node() is not None
+
+    def _lookup_node(self):
+        return self._node() if self._node is not None else None
 
     def head(self, weight: torch.Tensor) -> torch.Tensor:
         return _Head.apply(weight, self)
 
     def _hand_over(self, grad: torch.Tensor, weight_dtype: torch.dtype) -> bool:
-        node = self._node() if self._node is not None else None
+        node = self._lookup_node()
         if (node is None or self._dense is not None or torch.is_grad_enabled()  # create_graph: grads are graphs
                 or grad.layout != torch.strided or not grad.is_contiguous() or grad.dtype != weight_dtype):
             return False

@@ -167,7 +167,7 @@ class TritonAdamW(torch.optim.AdamW):
         the gradients, which the norm has just read). Returns the total norm before clipping. A step that does
         not follow (a skipped fp16 step, zero_grad) drops it. Only for whole gradients (one device, DDP): a
         sharded model's norm is its strategy's (FSDP's clip_grad_norm_)."""
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = self._params_with_grads()
         self._grad_scale = self._clip_norm = None
         if not params or not self._runs_kernel(params):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
@@ -186,7 +186,7 @@ class TritonAdamW(torch.optim.AdamW):
     def folds_grad_norm(self) -> bool:
         """Whether the next step's kernel can measure the gradients' norm as it reads them (request_grad_norm):
         on CUDA (or the interpreter), with the kernel usable."""
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = self._params_with_grads()
         return bool(params) and self._runs_kernel(params)
 
     def request_grad_norm(self) -> None:
@@ -209,7 +209,7 @@ class TritonAdamW(torch.optim.AdamW):
         if closure is not None:  # Lightning's: forward and backward, which give the gradients
             with torch.enable_grad():
                 loss = closure()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = self._params_with_grads()
         grad_scale, self._grad_scale = self._grad_scale, None
         clip_norm, self._clip_norm = self._clip_norm, None
         wanted, self._norm_wanted = self._norm_wanted, False
@@ -238,6 +238,9 @@ class TritonAdamW(torch.optim.AdamW):
         return loss
 
     # Helpers
+
+    def _params_with_grads(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
 
     def _runs_kernel(self, params: list[torch.Tensor]) -> bool:
         """Whether this step is ours: some parameter on CUDA (or the interpreter's CPU), none a DTensor, and
