@@ -269,10 +269,11 @@ def test_underscore_args_must_be_a_list(capsys, override):
 
 
 def test_a_template_value_takes_what_the_parameters_it_reaches_accept(capsys):
-    """`fused_projections` defaults to false in the template, and the attention and feed-forward take
-    `bool | str` ("kv"): the value is checked against them, not against the default's type; a value none of
-    them takes is still the type error naming the current value."""
+    """`fused_projections` defaults to "auto" in the template, and the attention and feed-forward take
+    `bool | str` (false, "kv"): the value is checked against them, not against the default's type; a value none
+    of them takes is still the type error naming the current value (here fused_norm's; a string default, like
+    fused_projections', takes `=3` as text, which the attention's own check then refuses)."""
     config = config_of(capsys, "fused_projections=kv")
     assert config["fused_projections"] == "kv"
-    assert "fused_projections is bool (False); got int 3" in error_of(capsys, "+experiment=micro", "fused_projections=3")
+    assert config_of(capsys, "fused_projections=false")["fused_projections"] is False
     assert "fused_norm is bool (True); got str 'kv'" in error_of(capsys, "+experiment=micro", "fused_norm=kv")

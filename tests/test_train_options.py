@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import io
+import types
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from forgather.lightning.module import CausalLMModule
 from forgather.models.attention import Attention
 from forgather.models.causal_lm import CausalLM
 from forgather.models.feedforward import SwiGLU
-from forgather.models.fused import fusable, fused_linear
+from forgather.models.fused import fusable, fused_attention_projections, fused_linear
 from forgather.models.layers import PreLNLayer
 from forgather.models.norm import RMSNorm
 from forgather.models.rope import RotaryEmbedding
@@ -77,12 +78,12 @@ def test_fused_linear_equals_the_separate_layers_and_their_gradients():
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("fusion", [True, "qkv", "kv"])
+@pytest.mark.parametrize("fusion", [True, "qkv", "kv", "auto"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("attention_fn", ["sdpa", "eager"])
 def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_fn, fusion):
     """true: q/k/v and gate/up each one product; "qkv": q/k/v one product, gate and up their own; "kv": k and v
-    one product, q, gate and up their own."""
+    one product, q, gate and up their own; "auto" on the CPU: every projection its own."""
     expected = loss_and_grads(tiny_model(bias=bias, attention_fn=attention_fn))
     fused = tiny_model(fused=fusion, bias=bias, attention_fn=attention_fn)
     calls = []
@@ -92,6 +93,8 @@ def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_f
             projection.register_forward_hook(lambda module, *args: calls.append(module))
     assert_same_step(loss_and_grads(fused), expected)
     own = {True: [], "qkv": [layer.feedforward.up_proj for layer in fused.layers],
+           "auto": [projection for layer in fused.layers for projection in (
+               layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj, layer.feedforward.up_proj)],
            "kv": [layer.attention.q_proj for layer in fused.layers]
            + [layer.feedforward.up_proj for layer in fused.layers]}[fusion]
     assert sorted(map(id, calls)) == sorted(map(id, own))
@@ -101,8 +104,18 @@ def test_fused_projections_give_the_default_loss_and_gradients(bias, attention_f
 def test_an_unknown_fusion_is_a_one_line_error(value):
     for make in (lambda: Attention(HIDDEN, HEADS, fused_projections=value),
                  lambda: SwiGLU(HIDDEN, 48, fused_projections=value)):
-        with pytest.raises(ValueError, match=r"fused_projections=.*; choose false, true .*'qkv'.* or 'kv'"):
+        with pytest.raises(ValueError, match=r"fused_projections=.*; choose false, true .*'qkv'.*'kv'.* or 'auto'"):
             make()
+
+
+def test_auto_fusion_is_qkv_on_a_gpu_and_separate_elsewhere():
+    """What "auto" resolves to follows the input's device (a stand-in for a CUDA tensor here; the GPU tests run
+    the layers with it); every other choice is itself on any device."""
+    cuda_input, cpu_input = types.SimpleNamespace(is_cuda=True), torch.zeros(1)
+    assert fused_attention_projections("auto", cuda_input) == "qkv"
+    assert fused_attention_projections("auto", cpu_input) is False
+    for choice in (False, True, "kv", "qkv"):
+        assert fused_attention_projections(choice, cuda_input) is choice
 
 
 def test_fused_swiglu_in_token_chunks_equals_the_whole():

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.attention import flex_attention as flex
 
 from .checks import positive_sizes
-from .fused import fusable, fused_linear, fusion
+from .fused import fusable, fused_attention_projections, fused_linear, fusion
 from .kv_cache import LayerKVCache
 from .rope import apply_rotary
 
@@ -334,8 +334,9 @@ class Attention(nn.Module):
         dropout: attention-probability dropout while training (not available with flex or packed).
         bias: biases on the q/k/v/o projections.
         fused_projections: true or "qkv" computes q, k and v as one matmul over the three weights concatenated
-            (`forgather.models.fused`: same parameters and state dict), "kv" only k and v; projections that
-            are not plain nn.Linear layers (QK-norm variants) run separately.
+            (`forgather.models.fused`: same parameters and state dict), "kv" only k and v, "auto" "qkv" on a GPU
+            and separate products elsewhere; projections that are not plain nn.Linear layers (QK-norm variants)
+            run separately.
         kernel_options: with attention_fn="flex", the GPU kernel's options (`flex_kernel_options`), e.g.
             `{fwd_BLOCK_M: 64, fwd_BLOCK_N: 64}`: tilings change speed, not the result. Without them, packed
             documents get the tiling measured fastest for the GPU, dtype and head dim (`PACKED_TILINGS`).
@@ -404,9 +405,10 @@ class Attention(nn.Module):
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if (self.fused_projections is True or self.fused_projections == "qkv") and fusable(*projections):
+        fused = fused_attention_projections(self.fused_projections, x)
+        if (fused is True or fused == "qkv") and fusable(*projections):
             q, k, v = fused_linear(x, projections)
-        elif self.fused_projections == "kv" and fusable(self.k_proj, self.v_proj):
+        elif fused == "kv" and fusable(self.k_proj, self.v_proj):
             q, (k, v) = self.q_proj(x), fused_linear(x, (self.k_proj, self.v_proj))
         else:
             q, k, v = (projection(x) for projection in projections)

@@ -38,8 +38,8 @@ class SwiGLU(nn.Module):
     """Gated feed-forward with a SiLU gate (Shazeer, 2020, "GLU Variants"): down(silu(gate(x)) * up(x)).
 
     `fused_projections`: true computes gate and up as one matmul over both weights concatenated
-    (`forgather.models.fused`: same parameters and state dict); "kv" and "qkv" (the attention's projections only)
-    leave them two.
+    (`forgather.models.fused`: same parameters and state dict); "kv", "qkv" and "auto" (the attention's projections
+    only) leave them two.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None,

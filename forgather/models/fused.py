@@ -19,8 +19,10 @@ from torch import nn
 # the 1.24B shape, where a narrow product runs well below the GPU's rate; their weights are small, so the
 # concatenation costs little, unlike gate/up's) or "qkv" (the attention's three, gate and up apart: one product
 # for the input's gradient replaces three and the add of their results, while gate/up as one has the slower
-# weight gradient and a 64 MB concatenation a layer at that shape).
-FUSIONS = (False, True, "kv", "qkv")
+# weight gradient and a 64 MB concatenation a layer at that shape), or "auto" (what the templates default to:
+# "qkv" on a GPU, where it measured 1.006x the separate products at the 1.24B shape, H100, 2026-12-05; separate
+# products elsewhere, so the CPU's numbers stay those of the plain layers).
+FUSIONS = (False, True, "kv", "qkv", "auto")
 
 
 def fusion(owner: str, fused_projections: bool | str) -> bool | str:
@@ -28,8 +30,15 @@ def fusion(owner: str, fused_projections: bool | str) -> bool | str:
     if not any(fused_projections is choice or isinstance(choice, str) and fused_projections == choice
                for choice in FUSIONS):
         raise ValueError(f"{owner}: fused_projections={fused_projections!r}; choose false, true (q/k/v and gate/up "
-                         f"each as one product), 'qkv' (the query, key and value products only) or 'kv' (the key "
-                         f"and value products only)")
+                         f"each as one product), 'qkv' (the query, key and value products only), 'kv' (the key "
+                         f"and value products only) or 'auto' ('qkv' on a GPU, separate elsewhere)")
+    return fused_projections
+
+
+def fused_attention_projections(fused_projections: bool | str, x: torch.Tensor) -> bool | str:
+    """What an attention's `fused_projections` means for input `x`: "auto" is "qkv" on a GPU, else false."""
+    if fused_projections == "auto":
+        return "qkv" if x.is_cuda else False
     return fused_projections
 
 

@@ -191,7 +191,7 @@ def test_compiled_model_with_packed_attention_trains_like_sdpa():
         torch.testing.assert_close(wide_model("packed")(token_ids()), wide_model("sdpa")(token_ids()), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fused_projections", [False, "kv", True], ids=["separate", "fused-kv", "fused-qkv"])
+@pytest.mark.parametrize("fused_projections", [False, "kv", True, "auto"], ids=["separate", "fused-kv", "fused-all", "auto"])
 def test_packed_attention_under_layer_compile_takes_fused_projections(fused_projections):
     """Each layer compiled, as the trainer's default compile_scope does: with fused projections the values
     reach the kernels as a view into the wider product (gaps between rows), which once read past the end of
