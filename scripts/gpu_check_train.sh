@@ -98,8 +98,8 @@
 #   part clip         clipping at 1.0 (what the configs default to): torch's fused AdamW + clip_grad_norm_ against
 #                     TritonAdamW with the clip folded in, 40 steps.
 #   part confirm      fused_projections=auto (q/k/v as one product on GPUs) the default: its GPU tests, then the default
-#                     beside HF + Liger, fused_projections=false, cuBLAS without a workspace, combo kernels and
-#                     coordinate-descent tuning, 120 steps each.
+#                     beside HF + Liger, fused_projections=false, cuBLAS without a workspace and combo kernels,
+#                     120 steps each.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|z|tests] [more bench_train.py args]
@@ -436,15 +436,14 @@ confirm)
     # after part bars (H100, 2026-12-05: q/k/v as one product 1.006x, the tied gradient level, cuBLAS without a
     # workspace 1.002-1.008x, one run each): fused_projections=auto (q/k/v as one product on GPUs) the default; the
     # GPU tests of the fused projections under compile (auto among them), then the default beside HF + Liger, the
-    # old default (fused_projections=false), cuBLAS without a workspace, and inductor's combo kernels and
-    # coordinate-descent tuning, 120 steps each
+    # old default (fused_projections=false), cuBLAS without a workspace, and inductor's combo kernels, 120 steps
+    # each (coordinate-descent tuning, its compile minutes long, is part inductor's)
     if [ -z "${REHEARSE:-}" ]; then
         gpu_tests 150 tests_fused.log tests/gpu/test_models_gpu.py -k "fused_projections"
     fi
     bench bench_1b_confirm.log --shape 1b --label 1b_confirm --steps 120 --paths forgather hf-liger \
         --variant separate fused_projections=false --variant ws0 env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
-        --variant combo "compile_options={combo_kernels:true}" \
-        --variant cdt "compile_options={coordinate_descent_tuning:true}" --timeout 240 "$@"
+        --variant combo "compile_options={combo_kernels:true}" --timeout 150 "$@"
     ;;
 inductor)
     # inductor's settings that cut launches or tune the step's own kernels (the norms, SwiGLU, rotary, adds: 9.45 ms
