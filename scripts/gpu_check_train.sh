@@ -437,14 +437,13 @@ confirm)
     # workspace 1.002-1.008x, one run each): fused_projections=auto (q/k/v as one product on GPUs) the default; the
     # GPU tests of the fused projections under compile (auto among them), then the default beside HF + Liger, the
     # old default (fused_projections=false), cuBLAS without a workspace, and inductor's combo kernels, 120 steps
-    # each (coordinate-descent tuning, its compile minutes long, is part inductor's); the default profiled after its
-    # timed steps, its trace kept (where the device waits for the host at a step's start)
+    # each (coordinate-descent tuning, its compile minutes long, is part inductor's)
     if [ -z "${REHEARSE:-}" ]; then
         gpu_tests 150 tests_fused.log tests/gpu/test_models_gpu.py -k "fused_projections"
     fi
     bench bench_1b_confirm.log --shape 1b --label 1b_confirm --steps 120 --paths forgather hf-liger \
         --variant separate fused_projections=false --variant ws0 env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
-        --variant combo "compile_options={combo_kernels:true}" --profile forgather --profile-trace --timeout 150 "$@"
+        --variant combo "compile_options={combo_kernels:true}" --timeout 150 "$@"
     ;;
 inductor)
     # inductor's settings that cut launches or tune the step's own kernels (the norms, SwiGLU, rotary, adds: 9.45 ms
