@@ -100,6 +100,8 @@
 #   part confirm      fused_projections=auto (q/k/v as one product on GPUs) the default: its GPU tests, then the default
 #                     beside HF + Liger, fused_projections=false, cuBLAS without a workspace and combo kernels,
 #                     120 steps each.
+#   part bar          the bar alone, within a short device budget: the auto fusion's GPU test, then the default beside
+#                     HF + Liger and fused_projections=false, 100 steps each.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|z|tests] [more bench_train.py args]
@@ -444,6 +446,15 @@ confirm)
     bench bench_1b_confirm.log --shape 1b --label 1b_confirm --steps 120 --paths forgather hf-liger \
         --variant separate fused_projections=false --variant ws0 env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
         --variant combo "compile_options={combo_kernels:true}" --timeout 150 "$@"
+    ;;
+bar)
+    # part confirm without its optional levers, for a short device budget (~4 min): the auto fusion's GPU test under
+    # compile, then the default beside HF + Liger and the old default (fused_projections=false), 100 steps each
+    if [ -z "${REHEARSE:-}" ]; then
+        gpu_tests 60 tests_auto.log tests/gpu/test_models_gpu.py -k "fused_projections and auto"
+    fi
+    bench bench_1b_bar.log --shape 1b --label 1b_bar --steps 100 --paths forgather hf-liger \
+        --variant separate fused_projections=false --timeout 100 "$@"
     ;;
 inductor)
     # inductor's settings that cut launches or tune the step's own kernels (the norms, SwiGLU, rotary, adds: 9.45 ms
