@@ -272,8 +272,18 @@ def test_a_template_value_takes_what_the_parameters_it_reaches_accept(capsys):
     """`fused_projections` defaults to "auto" in the template, and the attention and feed-forward take
     `bool | str` (false, "kv"): the value is checked against them, not against the default's type; a value none
     of them takes is still the type error naming the current value (here fused_norm's; a string default, like
-    fused_projections', takes `=3` as text, which the attention's own check then refuses)."""
+    fused_projections', takes `=3`, which the attention's own check then refuses: the next test)."""
     config = config_of(capsys, "fused_projections=kv")
     assert config["fused_projections"] == "kv"
     assert config_of(capsys, "fused_projections=false")["fused_projections"] is False
     assert "fused_norm is bool (True); got str 'kv'" in error_of(capsys, "+experiment=micro", "fused_norm=kv")
+
+
+def test_a_value_the_attention_refuses_is_a_one_line_error_naming_the_override(capsys, tmp_path):
+    """`fused_projections=3` passes the config's check (the default is a string), so the refusal is the
+    attention's when the model is built: one line, with the choices and the override that set it."""
+    assert main(["-p", PROJECT, "--outputs", str(tmp_path), "+experiment=micro", "fused_projections=3",
+                 "max_steps=1"]) == 2
+    error = capsys.readouterr().err
+    assert "error: Attention: fused_projections=3; choose false, true" in error
+    assert "set by the override fused_projections=3" in error

@@ -205,7 +205,7 @@ class CausalLMModule(pl.LightningModule):
     def _log_measured_grad_norm(self) -> None:
         """The gradient norm the optimizer's step measured (`_step_measures_grad_norm`), logged after that step:
         self.log copies the value on the stream at once, which before the step would read it unwritten."""
-        measured, self._grad_norm_from = getattr(self, "_grad_norm_from", None), None
+        measured, self._grad_norm_from = self._grad_norm_from, None
         if measured is not None and (norm := measured.take_grad_norm()) is not None:
             self._log_train("train/grad_norm", norm, batch_size=1)
 

@@ -378,5 +378,3 @@ def test_the_sparse_tied_embedding_gradient_trains_like_the_dense_one(loss_name)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     for got, want in zip(results[True][1], results[False][1]):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
-
-
