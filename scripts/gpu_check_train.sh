@@ -101,7 +101,7 @@
 #                     beside HF + Liger, fused_projections=false, cuBLAS without a workspace and combo kernels,
 #                     120 steps each.
 #   part bar          the bar alone, within a short device budget: the auto fusion's GPU test, then the default beside
-#                     HF + Liger and fused_projections=false, 100 steps each.
+#                     HF + Liger and fused_projections=false, 100 steps each; then $BASELINE_TREE's default when given.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|z|tests] [more bench_train.py args]
@@ -130,6 +130,20 @@ bench() {  # bench LOG ARGS...: one bench_train.py run, its wall time printed
     t0=$(date +%s)
     $PY scripts/bench_train.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/$log" | grep -E "^(---|\\$) "
     echo "=== $log: $(( $(date +%s) - t0 )) s"
+}
+
+baseline_bench() {  # baseline_bench STEPS SECONDS ARGS...: the default of $BASELINE_TREE (an older commit's copy), if given
+    [ -n "${BASELINE_TREE:-}" ] || return 0
+    local steps=$1 seconds=$2 sub
+    shift 2
+    # The editable install maps forgather.conf, .callbacks and .strategies onto this tree's folders, and a tree
+    # put first on PYTHONPATH has no such folders inside its package: links there make the old tree's own found
+    # first (without them its code ran with this tree's templates).
+    for sub in conf callbacks strategies; do
+        [ -e "$BASELINE_TREE/forgather/$sub" ] || ln -s "../$sub" "$BASELINE_TREE/forgather/$sub"
+    done
+    (cd "$BASELINE_TREE" && PYTHONPATH="$PWD:${PYTHONPATH:-}" bench bench_1b_baseline.log --shape 1b \
+        --label 1b_baseline --steps "$steps" --paths forgather --timeout "$seconds" "$@")
 }
 
 gpu_tests() {  # gpu_tests SECONDS LOG PYTEST-ARGS...: GPU tests, their failures and the count shown
@@ -429,10 +443,7 @@ bars)
         --variant tied sparse_tied_grad=true --variant qkv-tied fused_projections=qkv sparse_tied_grad=true \
         --variant qkv-tied-ws0 fused_projections=qkv sparse_tied_grad=true env:CUBLAS_WORKSPACE_CONFIG=:0:0 \
         --profile forgather --profile-trace --timeout 150 "$@"
-    if [ -n "${BASELINE_TREE:-}" ]; then  # the tree before (its default measures the logged norm in its own pass)
-        (cd "$BASELINE_TREE" && PYTHONPATH="$PWD:${PYTHONPATH:-}" bench bench_1b_baseline.log --shape 1b \
-            --label 1b_baseline --steps 80 --paths forgather --timeout 150 "$@")
-    fi
+    baseline_bench 80 150 "$@"  # the tree before (its default measures the logged norm in its own pass)
     ;;
 confirm)
     # after part bars (H100, 2026-12-05: q/k/v as one product 1.006x, the tied gradient level, cuBLAS without a
@@ -455,6 +466,7 @@ bar)
     fi
     bench bench_1b_bar.log --shape 1b --label 1b_bar --steps 100 --paths forgather hf-liger \
         --variant separate fused_projections=false --timeout 100 "$@"
+    baseline_bench 100 100 "$@"  # an older commit's default in the same call (at b6a59ee: 1.229x on an H200)
     ;;
 inductor)
     # inductor's settings that cut launches or tune the step's own kernels (the norms, SwiGLU, rotary, adds: 9.45 ms
@@ -493,10 +505,7 @@ blas)
         --variant sparse-tied sparse_tied_grad=true \
         --variant max-autotune compile_mode=max-autotune-no-cudagraphs --profile forgather sparse-tied \
         --profile-trace --timeout 430 "$@"
-    if [ -n "${BASELINE_TREE:-}" ]; then
-        (cd "$BASELINE_TREE" && PYTHONPATH="$PWD:${PYTHONPATH:-}" bench bench_1b_baseline.log --shape 1b \
-            --label 1b_baseline --steps 80 --paths forgather --timeout 150 "$@")
-    fi
+    baseline_bench 80 150 "$@"
     if [ -z "${REHEARSE:-}" ]; then
         timeout 150 $PY scripts/bench_matmuls.py --json "$OUT/matmuls.json" 2>&1 | grep -v Warning \
             | tee "$OUT/matmuls.md"
