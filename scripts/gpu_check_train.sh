@@ -132,7 +132,7 @@ bench() {  # bench LOG ARGS...: one bench_train.py run, its wall time printed
     echo "=== $log: $(( $(date +%s) - t0 )) s"
 }
 
-baseline_bench() {  # baseline_bench STEPS SECONDS ARGS...: the default of $BASELINE_TREE (an older commit's copy), if given
+baseline_bench() {  # baseline_bench STEPS SECONDS ARGS...: $BASELINE_TREE's default (an older commit's copy), if given
     [ -n "${BASELINE_TREE:-}" ] || return 0
     local steps=$1 seconds=$2 sub
     shift 2

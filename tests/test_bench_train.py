@@ -5,6 +5,7 @@ only has the GPU left to find out."""
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -352,8 +353,6 @@ def test_the_next_gpu_check_part_rehearses_on_a_cpu(tmp_path):
     """Device time is scarce: gpu_check_train.sh's newest part runs its every command on the CPU (REHEARSE=1:
     tiny dimensions, nothing installed; ~40 s), leaving a summary with a row for the default and for its variant.
     Run it before a device call: `pytest -m slow -k rehearses`."""
-    import os
-
     env = {**os.environ, "REHEARSE": "1", "PY": sys.executable, "OUT": str(tmp_path)}
     result = subprocess.run(["bash", str(SCRIPTS / "gpu_check_train.sh"), "kv"], capture_output=True, text=True,
                             env=env, timeout=300)
@@ -364,19 +363,17 @@ def test_the_next_gpu_check_part_rehearses_on_a_cpu(tmp_path):
     assert re.search(r"^\| fused-kv fused_projections=kv \| \d+ ", summary, re.M), summary
 
 
-
 @pytest.mark.slow
 def test_a_baseline_tree_runs_its_own_templates(tmp_path):
     """`BASELINE_TREE=DIR ... gpu_check_train.sh bar` times an older commit's default in the same call. The editable
     install maps forgather.conf onto this tree's conf/, so the baseline's code once ran with today's templates: a
     baseline whose llama template defaults fused_projections to 'marker' must fail on that value, its own."""
-    import os
-
     if not (SCRIPTS.parent / ".git").exists():
         pytest.skip("needs the repository's git history (git archive)")
     tree = tmp_path / "old_tree"
     tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(SCRIPTS.parent), "archive", "HEAD"], capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "-C", str(SCRIPTS.parent), "archive", "HEAD"], capture_output=True,
+                             check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     llama = tree / "conf" / "model" / "llama.yaml"
     text = llama.read_text()
@@ -390,6 +387,7 @@ def test_a_baseline_tree_runs_its_own_templates(tmp_path):
     assert re.search(r"^\| forgather \| \d+ ", (out / "summary_1b_bar.md").read_text(), re.M)
     baseline = (out / "summary_1b_baseline.md").read_text()
     assert re.search(r"^\| forgather \| .*ERROR.*fused_projections='marker'", baseline, re.M), baseline
+
 
 def test_the_host_during_an_idle_gap_is_what_began_before_the_late_launch():
     """A kept trace (host activity recorded): the device idles 300 us before `first_norm`, whose launch came 280 us
