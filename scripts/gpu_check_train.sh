@@ -101,8 +101,7 @@
 #                     beside HF + Liger, fused_projections=false, cuBLAS without a workspace and combo kernels,
 #                     120 steps each.
 #   part bar          the bar alone, within a short device budget: the auto fusion's GPU test, then the default beside
-#                     HF + Liger and the loss in 4,096- and 8,192-token chunks, 100 steps each; then $BASELINE_TREE's
-#                     default when given.
+#                     HF + Liger and fused_projections=false, 100 steps each; then $BASELINE_TREE's default when given.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|z|tests] [more bench_train.py args]
@@ -461,14 +460,12 @@ confirm)
     ;;
 bar)
     # part confirm without its optional levers, for a short device budget (~4 min): the auto fusion's GPU test under
-    # compile, then the default beside HF + Liger and the loss in fewer chunks (4,096 tokens: 1.003x on the H100,
-    # 2026-12-05, for 500 MiB more; 8,192: the step's tokens as one chunk, no accumulation into the head's
-    # gradient), 100 steps each (fused_projections=false, the old default, is part confirm's)
+    # compile, then the default beside HF + Liger and the old default (fused_projections=false), 100 steps each
     if [ -z "${REHEARSE:-}" ]; then
         gpu_tests 60 tests_auto.log tests/gpu/test_models_gpu.py -k "fused_projections and auto"
     fi
     bench bench_1b_bar.log --shape 1b --label 1b_bar --steps 100 --paths forgather hf-liger \
-        --variant c4096 ++loss.chunk_size=4096 --variant c8192 ++loss.chunk_size=8192 --timeout 100 "$@"
+        --variant separate fused_projections=false --timeout 100 "$@"
     baseline_bench 100 100 "$@"  # an older commit's default in the same call (at b6a59ee: 1.229x on an H200)
     ;;
 inductor)
