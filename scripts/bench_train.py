@@ -563,6 +563,8 @@ def window_note(result: dict) -> str:
             note += f", {collector['freed']} freed"
         if collector.get("young"):
             note += ", young " + " ".join(f"{name} {count}" for name, count in collector["young"][:3])
+        if collector.get("garbage"):
+            note += "; the last step's garbage: " + ", ".join(f"{count} {what}" for what, count in collector["garbage"])
     return note
 
 

@@ -39,6 +39,7 @@ import json
 import os
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
@@ -496,6 +497,21 @@ def sync_sites(caught: list[warnings.WarningMessage]) -> list[tuple[str, int]]:
     return sites.most_common()
 
 
+def garbage_label(obj) -> str:
+    """What CollectorTimes calls an unreachable object: its type's name, and for a function, frame or code
+    object the code's qualified name and place, which say who made the cycle."""
+    if isinstance(obj, types.FunctionType):
+        code = obj.__code__
+    elif isinstance(obj, types.FrameType):
+        code = obj.f_code
+    elif isinstance(obj, types.CodeType):
+        code = obj
+    else:  # no attribute lookups on other objects: a class's __getattr__ could run anything
+        return type(obj).__name__
+    name = getattr(code, "co_qualname", code.co_name)
+    return f"{type(obj).__name__} {name} ({Path(code.co_filename).name}:{code.co_firstlineno})"
+
+
 try:
     import pytorch_lightning as pl
 
@@ -546,8 +562,11 @@ try:
         [[step, generation, ms] of each pass of at least LONG_PASS_MS], by_step: {step: passes}, freed: the
         objects the passes found unreachable (garbage in reference cycles), young: [[type, count]] the YOUNG_TYPES
         most common types in generations 0 and 1 at the last step (what the steps keep allocating: one 80-step
-        run had ~11 passes a step where others had ~1.4)}. A full pass can stop the host for most of a second,
-        far longer than the device's queue lasts."""
+        run had ~11 passes a step where others had ~1.4), garbage: [[what, count]] the YOUNG_TYPES most common
+        objects the passes of the last step found unreachable (a function or frame by its code's name and
+        place), kept for that one step with gc.DEBUG_SAVEALL: runs that compiled from a cold cache free ~3,800
+        such objects a step, those that hit the cache ~230}. A full pass can stop the host for most of a
+        second, far longer than the device's queue lasts."""
 
         LONG_PASS_MS = 10.0
         YOUNG_TYPES = 8
@@ -559,6 +578,8 @@ try:
             self.long: list[list] = []
             self.by_step: collections.Counter = collections.Counter()
             self._began, self._step, self.freed = 0.0, 0, 0
+            self._debug: int | None = None  # gc's debug flags before the last step's DEBUG_SAVEALL
+            self._saved = 0  # len(gc.garbage) then: what was there before is not ours to count or clear
 
         def _pass(self, phase: str, info: dict) -> None:
             if phase == "start":
@@ -578,14 +599,25 @@ try:
             self._step = trainer.global_step  # a pass before the next batch's end counts as the next step's
             if trainer.global_step == self.first_step and self._pass not in gc.callbacks:
                 gc.callbacks.append(self._pass)
+            if (trainer.global_step == self.last_step - 1 and self._pass in gc.callbacks
+                    and self._debug is None):
+                self._debug, self._saved = gc.get_debug(), len(gc.garbage)
+                gc.set_debug(self._debug | gc.DEBUG_SAVEALL)
             elif trainer.global_step >= self.last_step and self._pass in gc.callbacks:
                 gc.callbacks.remove(self._pass)
+                garbage = collections.Counter()
+                if self._debug is not None:
+                    gc.set_debug(self._debug)
+                    garbage.update(map(garbage_label, gc.garbage[self._saved:]))
+                    del gc.garbage[self._saved:]
                 young = collections.Counter(type(o).__name__ for g in (0, 1) for o in gc.get_objects(generation=g))
                 Path(self.output).write_text(json.dumps({
                     "steps": trainer.global_step - self.first_step, "collections": dict(self.collections),
                     "ms": {generation: 1000 * s for generation, s in self.seconds.items()}, "long": self.long,
                     "by_step": dict(self.by_step), "freed": self.freed,
-                    "young": [list(pair) for pair in young.most_common(self.YOUNG_TYPES)]}))
+                    "young": [list(pair) for pair in young.most_common(self.YOUNG_TYPES)],
+                    "garbage": [list(pair) for pair in garbage.most_common(self.YOUNG_TYPES)]}))
+
 except ImportError:  # the summarizer alone needs no Lightning
     pass
 

@@ -449,6 +449,13 @@ def test_host_lead_says_how_far_ahead_kernels_were_launched_and_how_long_the_hos
     assert profile_train.host_lead({"traceEvents": trace["traceEvents"][:4]}, 2) == {}  # no launches recorded
 
 
+def _a_function_in_a_cycle() -> None:
+    def inner() -> None:
+        pass
+
+    inner.me = inner  # garbage that only a pass of the collector frees, named by its code
+
+
 def test_collector_times_count_the_passes_between_its_steps_only(tmp_path):
     import gc
 
@@ -466,8 +473,19 @@ def test_collector_times_count_the_passes_between_its_steps_only(tmp_path):
     gc.collect()
     gc.collect(0)
     kept = [[i] for i in range(1000)]  # lists alive at the last step, in the young generations
+    trainer.global_step = 3  # the last step's garbage is kept, to be named
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert gc.get_debug() & gc.DEBUG_SAVEALL
+
+    for _ in range(7):
+        _a_function_in_a_cycle()
+        cycle = {}
+        cycle["me"] = cycle
+        del cycle
+    gc.collect(0)
     trainer.global_step = 4
     callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert not gc.get_debug() & gc.DEBUG_SAVEALL and not gc.garbage  # the flags and gc.garbage as they were
     del kept
     gc.collect()  # after its last step: not counted
     written = json.loads(output.read_text())
@@ -475,11 +493,16 @@ def test_collector_times_count_the_passes_between_its_steps_only(tmp_path):
     assert written["collections"]["2"] == 1 and written["collections"]["0"] >= 1
     assert set(written["ms"]) == set(written["collections"]) and all(ms >= 0 for ms in written["ms"].values())
     assert all(step == 2 and ms >= callback.LONG_PASS_MS for step, _, ms in written["long"])  # passes of >= 10 ms
-    assert set(written["by_step"]) == {"3"} and written["by_step"]["3"] == sum(written["collections"].values())
+    assert set(written["by_step"]) == {"3", "4"} and sum(written["by_step"].values()) == sum(
+        written["collections"].values())
     assert callback._pass not in gc.callbacks
     assert written["freed"] >= 50
     young = dict(written["young"])
     assert young.get("list", 0) >= 500 and len(written["young"]) <= callback.YOUNG_TYPES
+    garbage = dict(written["garbage"])
+    assert garbage["dict"] >= 7 and len(written["garbage"]) <= callback.YOUNG_TYPES
+    assert garbage["function _a_function_in_a_cycle.<locals>.inner (test_bench_train.py:"
+                   f"{_a_function_in_a_cycle.__code__.co_firstlineno + 1})"] == 7
 
 
 def test_a_forgather_row_notes_its_windows_and_the_collector():
@@ -489,6 +512,8 @@ def test_a_forgather_row_notes_its_windows_and_the_collector():
     assert bench_train.window_note({"windows": [1000.0]}) == "windows 1.0k"
     row["gc"].update(freed=12, young=[["tuple", 900], ["list", 40], ["dict", 7], ["cell", 1]])
     assert bench_train.window_note(row).endswith("49 ms at step 7, 12 freed, young tuple 900 list 40 dict 7")
+    row["gc"]["garbage"] = [["dict", 40], ["function f (x.py:3)", 2]]
+    assert bench_train.window_note(row).endswith("dict 7; the last step's garbage: 40 dict, 2 function f (x.py:3)")
 
 
 def test_profile_steps_warms_the_profiler_up_for_a_step_and_leaves_its_events_out(tmp_path):
