@@ -349,6 +349,7 @@ BENCH_TRAINER_BLOCK = """
             first_step: {log_every}
             last_step: {timed_steps}
             output: {collector}
+            garbage_step: {garbage_step}
 """
 PROFILE_CALLBACK = """        profile: !singleton:{script}:ProfileSteps
             first_step: {first_step}
@@ -384,7 +385,7 @@ def forgather_command(args: argparse.Namespace, shape: dict, tmp: Path, name: st
     trainer_block = BENCH_TRAINER_BLOCK.format(
         trainer_sets="" if cpu else GPU_TRAINER_SETS, profile=profile_callback if profile else "", script=script,
         last_step=last_step, marker=tmp / MEASURED, log_every=args.log_every, timed_steps=args.steps,
-        collector=tmp / COLLECTOR)
+        collector=tmp / COLLECTOR, garbage_step="null" if args.garbage_step is None else args.garbage_step)
     (project / "templates" / "configs" / "bench.yaml").write_text(BENCH_TEMPLATE.format(
         shape=args.shape, model=model, trainer=trainer, loss="chunked" if cpu else args.loss, seq=shape["seq"],
         batch=shape["batch"], trainer_block=trainer_block,
@@ -564,7 +565,8 @@ def window_note(result: dict) -> str:
         if collector.get("young"):
             note += ", young " + " ".join(f"{name} {count}" for name, count in collector["young"][:3])
         if collector.get("garbage"):
-            note += "; the last step's garbage: " + ", ".join(f"{count} {what}" for what, count in collector["garbage"])
+            note += f"; step {collector.get('garbage_step', '?')}'s garbage: " + ", ".join(
+                f"{count} {what}" for what, count in collector["garbage"])
     return note
 
 
@@ -610,6 +612,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep each profiled forgather run's chrome trace, host operators included, as "
                              "OUT/trace_NAME.json.gz (what the host did during each gap of the device's)")
     parser.add_argument("--memory-steps", type=int, default=3, help="memory24: timed steps after the warm-up")
+    parser.add_argument("--garbage-step", type=int, default=None,
+                        help="forgather rows name the garbage collected in the step after this one (default: the "
+                             "last timed step's)")
     parser.add_argument("--loss", default="fused", help="loss group option for forgather runs (cpu: chunked)")
     parser.add_argument("--optimizer", default=None, help="optimizer group option (default: the shape's)")
     parser.add_argument("--no-compile", action="store_true", help="forgather runs with compile=false")

@@ -102,7 +102,7 @@
 #                     120 steps each.
 #   part bar          the bar alone, within a short device budget: the auto fusion's GPU test, then the default beside
 #                     HF + Liger and fused_projections=false, 100 steps each; then $BASELINE_TREE's default when given.
-#   part garbage      the default alone, 40 steps from a cold compile cache, its note naming the last step's garbage.
+#   part garbage      the default, 100 steps from a cold compile cache, then from the warm one, naming step 59's garbage.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
 #     bash scripts/gpu_check_train.sh [a|b|...|z|tests] [more bench_train.py args]
@@ -471,9 +471,11 @@ bar)
     ;;
 garbage)
     # who makes the garbage of runs that compile from a cold cache (~890 collector passes in 100 steps against
-    # ~150 from a warm one, H100, 2026-12-06): the default alone, 40 steps, its row's note naming the last step's
-    # unreachable objects (CollectorTimes)
-    bench bench_1b_garbage.log --shape 1b --label 1b_garbage --steps 40 --paths forgather --timeout 100 "$@"
+    # ~150 from a warm one, three of 38-81 ms at step 59, H100 and H200): the default alone, 100 steps, its row's
+    # note naming the unreachable objects of step 59 (CollectorTimes; 40 steps on an H100 made 8 passes, and its
+    # last step's garbage was Triton's: constexpr, tuple_type, tensor), then the same again from the warm cache
+    bench bench_1b_garbage.log --shape 1b --label 1b_garbage --steps 100 --paths forgather \
+        --variant warm compile=true --garbage-step 58 --timeout 120 "$@"
     ;;
 inductor)
     # inductor's settings that cut launches or tune the step's own kernels (the norms, SwiGLU, rotary, adds: 9.45 ms

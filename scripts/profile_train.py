@@ -563,22 +563,28 @@ try:
         objects the passes found unreachable (garbage in reference cycles), young: [[type, count]] the YOUNG_TYPES
         most common types in generations 0 and 1 at the last step (what the steps keep allocating: one 80-step
         run had ~11 passes a step where others had ~1.4), garbage: [[what, count]] the YOUNG_TYPES most common
-        objects the passes of the last step found unreachable (a function or frame by its code's name and
-        place), kept for that one step with gc.DEBUG_SAVEALL: runs that compiled from a cold cache free ~3,800
-        such objects a step, those that hit the cache ~230}. A full pass can stop the host for most of a
-        second, far longer than the device's queue lasts."""
+        objects that the passes of step `garbage_step + 1` (default: the last) found unreachable (a function or
+        frame by its code's name and place), kept for that one step with gc.DEBUG_SAVEALL, garbage_step: that
+        step}. Runs that compiled from a cold cache made ~890 passes in 100 steps, freeing ~3,800 objects a
+        step, three of them 38-81 ms long at step 59; those that hit the cache ~150. A full pass can stop the
+        host for most of a second, far longer than the device's queue lasts."""
 
         LONG_PASS_MS = 10.0
         YOUNG_TYPES = 8
 
-        def __init__(self, first_step: int, last_step: int, output: str) -> None:
+        def __init__(self, first_step: int, last_step: int, output: str, garbage_step: int | None = None) -> None:
             self.first_step, self.last_step, self.output = first_step, last_step, output
+            self.garbage_step = last_step - 1 if garbage_step is None else garbage_step
+            if not first_step <= self.garbage_step < last_step:
+                raise ValueError(f"CollectorTimes: garbage_step {self.garbage_step} is outside the measured steps "
+                                 f"{first_step}..{last_step - 1} (the garbage of the step after it is named)")
             self.collections: collections.Counter = collections.Counter()
             self.seconds: collections.Counter = collections.Counter()
             self.long: list[list] = []
             self.by_step: collections.Counter = collections.Counter()
             self._began, self._step, self.freed = 0.0, 0, 0
-            self._debug: int | None = None  # gc's debug flags before the last step's DEBUG_SAVEALL
+            self.garbage: collections.Counter = collections.Counter()
+            self._debug: int | None = None  # gc's debug flags before DEBUG_SAVEALL, while it is on
             self._saved = 0  # len(gc.garbage) then: what was there before is not ours to count or clear
 
         def _pass(self, phase: str, info: dict) -> None:
@@ -593,30 +599,40 @@ try:
                 if seconds * 1000 >= self.LONG_PASS_MS:
                     self.long.append([self._step, info["generation"], seconds * 1000])
 
+        def _name_the_garbage(self) -> None:
+            """DEBUG_SAVEALL off again, and what it kept counted and let go."""
+            import gc
+
+            gc.set_debug(self._debug)
+            self._debug = None
+            self.garbage.update(map(garbage_label, gc.garbage[self._saved:]))
+            del gc.garbage[self._saved:]
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             import gc
 
             self._step = trainer.global_step  # a pass before the next batch's end counts as the next step's
             if trainer.global_step == self.first_step and self._pass not in gc.callbacks:
                 gc.callbacks.append(self._pass)
-            if (trainer.global_step == self.last_step - 1 and self._pass in gc.callbacks
-                    and self._debug is None):
+            if self._debug is not None:
+                self._name_the_garbage()
+            elif trainer.global_step == self.garbage_step and self._pass in gc.callbacks:
                 self._debug, self._saved = gc.get_debug(), len(gc.garbage)
                 gc.set_debug(self._debug | gc.DEBUG_SAVEALL)
-            elif trainer.global_step >= self.last_step and self._pass in gc.callbacks:
+            if trainer.global_step >= self.last_step and self._pass in gc.callbacks:
                 gc.callbacks.remove(self._pass)
-                garbage = collections.Counter()
-                if self._debug is not None:
-                    gc.set_debug(self._debug)
-                    garbage.update(map(garbage_label, gc.garbage[self._saved:]))
-                    del gc.garbage[self._saved:]
                 young = collections.Counter(type(o).__name__ for g in (0, 1) for o in gc.get_objects(generation=g))
                 Path(self.output).write_text(json.dumps({
                     "steps": trainer.global_step - self.first_step, "collections": dict(self.collections),
                     "ms": {generation: 1000 * s for generation, s in self.seconds.items()}, "long": self.long,
                     "by_step": dict(self.by_step), "freed": self.freed,
                     "young": [list(pair) for pair in young.most_common(self.YOUNG_TYPES)],
-                    "garbage": [list(pair) for pair in garbage.most_common(self.YOUNG_TYPES)]}))
+                    "garbage": [list(pair) for pair in self.garbage.most_common(self.YOUNG_TYPES)],
+                    "garbage_step": self.garbage_step + 1}))
+
+        def teardown(self, trainer, pl_module, stage: str) -> None:
+            if self._debug is not None:  # a run that ended inside the named step
+                self._name_the_garbage()
 
 except ImportError:  # the summarizer alone needs no Lightning
     pass

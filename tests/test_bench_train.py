@@ -500,9 +500,35 @@ def test_collector_times_count_the_passes_between_its_steps_only(tmp_path):
     young = dict(written["young"])
     assert young.get("list", 0) >= 500 and len(written["young"]) <= callback.YOUNG_TYPES
     garbage = dict(written["garbage"])
+    assert written["garbage_step"] == 4
     assert garbage["dict"] >= 7 and len(written["garbage"]) <= callback.YOUNG_TYPES
     assert garbage["function _a_function_in_a_cycle.<locals>.inner (test_bench_train.py:"
                    f"{_a_function_in_a_cycle.__code__.co_firstlineno + 1})"] == 7
+
+
+def test_collector_times_name_the_garbage_of_the_step_it_is_given_only(tmp_path):
+    import gc
+
+    output = tmp_path / "gc.json"
+    with pytest.raises(ValueError, match="garbage_step 4 is outside the measured steps 2..3"):
+        profile_train.CollectorTimes(first_step=2, last_step=4, output=str(output), garbage_step=4)
+    callback = profile_train.CollectorTimes(first_step=2, last_step=4, output=str(output), garbage_step=2)
+    trainer = type("Trainer", (), {"global_step": 2})()
+    callback.on_train_batch_end(trainer, None, None, None, 0)  # the window opens, and step 3's garbage is kept
+    for _ in range(5):
+        _a_function_in_a_cycle()
+    gc.collect(0)
+    trainer.global_step = 3
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert not gc.get_debug() & gc.DEBUG_SAVEALL
+    for _ in range(3):  # step 4's: collected, not named
+        _a_function_in_a_cycle()
+    gc.collect(0)
+    trainer.global_step = 4
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    written = json.loads(output.read_text())
+    assert written["garbage_step"] == 3
+    assert sum(count for what, count in written["garbage"] if "_a_function_in_a_cycle" in what) == 5
 
 
 def test_a_forgather_row_notes_its_windows_and_the_collector():
@@ -513,7 +539,8 @@ def test_a_forgather_row_notes_its_windows_and_the_collector():
     row["gc"].update(freed=12, young=[["tuple", 900], ["list", 40], ["dict", 7], ["cell", 1]])
     assert bench_train.window_note(row).endswith("49 ms at step 7, 12 freed, young tuple 900 list 40 dict 7")
     row["gc"]["garbage"] = [["dict", 40], ["function f (x.py:3)", 2]]
-    assert bench_train.window_note(row).endswith("dict 7; the last step's garbage: 40 dict, 2 function f (x.py:3)")
+    row["gc"]["garbage_step"] = 59
+    assert bench_train.window_note(row).endswith("dict 7; step 59's garbage: 40 dict, 2 function f (x.py:3)")
 
 
 def test_profile_steps_warms_the_profiler_up_for_a_step_and_leaves_its_events_out(tmp_path):
