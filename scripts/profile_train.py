@@ -500,14 +500,15 @@ def sync_sites(caught: list[warnings.WarningMessage]) -> list[tuple[str, int]]:
 def garbage_label(obj) -> str:
     """What CollectorTimes calls an unreachable object: its type's name, and for a function, frame or code
     object the code's qualified name and place, which say who made the cycle."""
-    if isinstance(obj, types.FunctionType):
+    kind = type(obj)  # not isinstance: it asks a weakref proxy's dead referent for its class (ReferenceError)
+    if kind is types.FunctionType:
         code = obj.__code__
-    elif isinstance(obj, types.FrameType):
+    elif kind is types.FrameType:
         code = obj.f_code
-    elif isinstance(obj, types.CodeType):
+    elif kind is types.CodeType:
         code = obj
     else:  # no attribute lookups on other objects: a class's __getattr__ could run anything
-        return type(obj).__name__
+        return kind.__name__
     name = getattr(code, "co_qualname", code.co_name)
     return f"{type(obj).__name__} {name} ({Path(code.co_filename).name}:{code.co_firstlineno})"
 

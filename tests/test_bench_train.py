@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -529,6 +530,23 @@ def test_collector_times_name_the_garbage_of_the_step_it_is_given_only(tmp_path)
     written = json.loads(output.read_text())
     assert written["garbage_step"] == 3
     assert sum(count for what, count in written["garbage"] if "_a_function_in_a_cycle" in what) == 5
+
+
+def test_garbage_is_named_without_asking_a_dead_proxy_for_its_class():
+    import weakref
+
+    class Referent:
+        pass
+
+    referent = Referent()
+    proxy = weakref.proxy(referent)
+    del referent  # what the collector had cleared when an H100 run's garbage held such a proxy
+    with pytest.raises(ReferenceError):
+        isinstance(proxy, types.FunctionType)
+    assert profile_train.garbage_label(proxy) == "ProxyType"
+    assert profile_train.garbage_label([]) == "list"
+    code = _a_function_in_a_cycle.__code__
+    assert profile_train.garbage_label(code) == f"code _a_function_in_a_cycle (test_bench_train.py:{code.co_firstlineno})"
 
 
 def test_a_forgather_row_notes_its_windows_and_the_collector():
