@@ -174,10 +174,11 @@ class TinyLM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(tokenizer, documents, tmp_path, ckpt_path=None, callbacks=(), **trainer_settings):
+def fit(tokenizer, documents, tmp_path, ckpt_path=None, callbacks=(), drop_last=False, **trainer_settings):
     """Train TinyLM on a small TextDataModule; returns the model (with the batches it saw) and the trainer."""
     torch.set_num_threads(1)
-    module = TextDataModule(tokenizer, documents, block_size=BLOCK, batch_size=BATCH, max_tokens=1000)
+    module = TextDataModule(tokenizer, documents, block_size=BLOCK, batch_size=BATCH, max_tokens=1000,
+                            drop_last=drop_last)
     model = TinyLM(vocab_size=len(tokenizer))
     settings = dict(max_epochs=2, limit_val_batches=0, enable_checkpointing=bool(callbacks))
     trainer = pl.Trainer(
@@ -209,6 +210,32 @@ def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(tokenizer, documen
     assert len(uninterrupted.seen_batches) == 10
     assert len(interrupted.seen_batches) == resume_step
 
+    expected = uninterrupted.seen_batches[resume_step:]
+    assert len(resumed.seen_batches) == len(expected)
+    assert all(torch.equal(seen, want) for seen, want in zip(resumed.seen_batches, expected, strict=True))
+
+
+def test_drop_last_leaves_out_each_epochs_short_training_batch_only(tokenizer, documents):
+    kept = make_module(tokenizer, documents, max_tokens=1000, cache=False)
+    dropped = make_module(tokenizer, documents, max_tokens=1000, cache=False, drop_last=True)
+    rows = len(kept.train_dataset)
+    assert rows % BATCH  # the data leaves a short batch: 19 rows in batches of 4
+    assert [len(batch["input_ids"]) for batch in kept.train_dataloader()] == [BATCH] * (rows // BATCH) + [rows % BATCH]
+    assert [len(batch["input_ids"]) for batch in dropped.train_dataloader()] == [BATCH] * (rows // BATCH)
+    first = next(iter(dropped.train_dataloader()))
+    assert torch.equal(first["input_ids"], next(iter(kept.train_dataloader()))["input_ids"])  # the same order
+    assert [len(b["input_ids"]) for b in dropped.val_dataloader()] == [len(b["input_ids"]) for b in
+                                                                       kept.val_dataloader()]
+
+
+@pytest.mark.parametrize("resume_step", [3, 4, 6])  # 4 full batches an epoch: mid epoch 0, its end, mid epoch 1
+def test_a_run_that_drops_the_short_batch_resumes_on_the_batches_of_an_uninterrupted_one(tokenizer, documents,
+                                                                                         tmp_path, resume_step):
+    uninterrupted, _ = fit(tokenizer, documents, tmp_path / "full", drop_last=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=resume_step)
+    fit(tokenizer, documents, tmp_path / "first", callbacks=[checkpoint], max_steps=resume_step, drop_last=True)
+    resumed, _ = fit(tokenizer, documents, tmp_path / "resumed", ckpt_path=checkpoint.best_model_path, drop_last=True)
+    assert len(uninterrupted.seen_batches) == 8 and all(len(b) == BATCH for b in uninterrupted.seen_batches)
     expected = uninterrupted.seen_batches[resume_step:]
     assert len(resumed.seen_batches) == len(expected)
     assert all(torch.equal(seen, want) for seen, want in zip(resumed.seen_batches, expected, strict=True))

@@ -60,3 +60,12 @@ def test_a_pretrained_tokenizer_is_a_command_line_path_and_a_bad_one_is_one_line
     assert code == 2 and f"tokenizer {tmp_path / 'nothing'}: no such file or directory" in err
     with pytest.raises(FileNotFoundError, match="has no tokenizer.json or tokenizer_config.json"):
         load_tokenizer(tmp_path)  # a directory, but not a tokenizer's
+
+
+def test_drop_last_is_a_config_value_that_reaches_the_datamodule(tmp_path, capsys):
+    assert main(["-p", PROJECT, "+experiment=micro", "--cfg"]) == 0
+    assert "drop_last: false" in capsys.readouterr().out
+    assert main(["-p", PROJECT, "+experiment=micro", "drop_last=true", "--cfg"]) == 0
+    assert "drop_last: true" in capsys.readouterr().out
+    code, err = run(tmp_path, capsys, "drop_last=true", "max_steps=1")
+    assert code == 0, err

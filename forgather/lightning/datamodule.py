@@ -66,6 +66,10 @@ class TextDataModule(pl.LightningDataModule):
         seed: seeds the split and the per-epoch shuffling.
         max_documents / max_tokens: keep only the first documents / tokens (small CPU runs).
         cache: keep packed tensors on disk between runs.
+        drop_last: leave out each epoch's last training batch when it has fewer than `batch_size` rows.
+            Compiled runs want it: the short batch changes the inputs' shape, and torch.compile then compiles
+            the model again (dynamic in the batch size, the graph it keeps using). Off by default, so runs keep
+            every row; validation always keeps them.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class TextDataModule(pl.LightningDataModule):
         max_documents: int | None = None,
         max_tokens: int | None = None,
         cache: bool = True,
+        drop_last: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "documents"])
@@ -93,6 +98,7 @@ class TextDataModule(pl.LightningDataModule):
         self.max_documents = max_documents
         self.max_tokens = max_tokens
         self.cache = cache
+        self.drop_last = drop_last
         self.train_dataset: PackedDataset | None = None
         self.val_dataset: PackedDataset | None = None
         # Shared with the current train loader (and any copy Lightning rebuilds from its arguments under DDP).
@@ -140,9 +146,11 @@ class TextDataModule(pl.LightningDataModule):
 
             # The strategy's data-parallel share (under pipeline parallelism, the stages of a replica read alike).
             share = (self.trainer.distributed_sampler_kwargs if self.trainer else None) or {}
-            return streaming_loader(dataset, self.seed, self.position, **share, **self._loader_settings())
+            return streaming_loader(dataset, self.seed, self.position, **share, **self._loader_settings(),
+                                    drop_last=self.drop_last)
         sampler = EpochShuffleSampler(len(dataset), self.seed)
-        return ResumableDataLoader(dataset, position=self.position, sampler=sampler, **self._loader_settings())
+        return ResumableDataLoader(dataset, position=self.position, sampler=sampler, drop_last=self.drop_last,
+                                   **self._loader_settings())
 
     def val_dataloader(self) -> DataLoader:
         if isinstance(self.documents, PreparedCorpus):
