@@ -471,9 +471,9 @@ bar)
     ;;
 garbage)
     # who makes the garbage of runs that compile from a cold cache (~890 collector passes in 100 steps against
-    # ~150 from a warm one, three of 38-81 ms at step 59, H100 and H200): the default alone, 100 steps, its row's
-    # note naming the unreachable objects of step 59 (CollectorTimes; 40 steps on an H100 made 8 passes, and its
-    # last step's garbage was Triton's: constexpr, tuple_type, tensor), then the same again from the warm cache
+    # ~150 from a warm one, H100 and H200): the default alone, 100 steps, its row's note naming the unreachable
+    # objects of step 59 (CollectorTimes), then the same again from the warm cache. Found with it (2026-12-06):
+    # the epoch ends at step 59 with a short batch and every layer compiles again (drop_last=true avoids it)
     bench bench_1b_garbage.log --shape 1b --label 1b_garbage --steps 100 --paths forgather \
         --variant warm compile=true --garbage-step 58 --timeout 120 "$@"
     ;;

@@ -566,8 +566,8 @@ try:
         run had ~11 passes a step where others had ~1.4), garbage: [[what, count]] the YOUNG_TYPES most common
         objects that the passes of step `garbage_step + 1` (default: the last) found unreachable (a function or
         frame by its code's name and place), kept for that one step with gc.DEBUG_SAVEALL, garbage_step: that
-        step}. Runs that compiled from a cold cache made ~890 passes in 100 steps, freeing ~3,800 objects a
-        step, three of them 38-81 ms long at step 59; those that hit the cache ~150. A full pass can stop the
+        step}. Runs that compiled from a cold cache made ~890 passes in 100 steps, ~840 of them in step 59 (the
+        bench's epoch ends there with a short batch, and the layers compile again), against ~150 for a warm cache. A full pass can stop the
         host for most of a second, far longer than the device's queue lasts."""
 
         LONG_PASS_MS = 10.0
