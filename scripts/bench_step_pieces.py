@@ -16,6 +16,12 @@
   tokens of 2,048 in bf16): inductor's compiled version (what the step runs without fused_norm), our Triton ops
   (forgather.models.fused_rms_norm, fused_norm=true) at each launch shape of NORM_SWEEP, and Liger's fused add
   + RMSNorm (eager, where liger-kernel is installed), each as a CUDA graph, checked against the torch norm.
+- rotary (`--rotary`): one attention layer (fused q/k/v product, rotary, packed attention, o_proj) forward +
+  backward, compiled, at the step's shape on the bench's stdlib rows, as forgather.models.attention runs it (the
+  heads made [B, heads, T, D] views, then rotated) beside the rotation done first on [B, T, heads, D]
+  (`RotaryFirstAttention`): the same values in another order of storage. On the H200 (2026-12-06) the forward's
+  rotary kernel took 65 us a layer where its bytes need ~18 (the backward's runs at the bandwidth). Timed in
+  turn over `--rounds`, outputs and gradients checked equal.
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
   the capturable step, the rate a device tensor) and against forgather.optim.TritonAdamW (one Triton launch
@@ -31,6 +37,7 @@ Milliseconds per call from CUDA events over `--iters` calls after warm-up; the a
                                         [--skip-attention]
                                         [--option-sets NAME ...]
     python scripts/bench_step_pieces.py --norm [--rounds 5]
+    python scripts/bench_step_pieces.py --rotary [--rounds 5]
 """
 
 from __future__ import annotations
@@ -676,6 +683,92 @@ def bench_norm(iters: int, rounds: int) -> None:
         row(piece="norm", candidate=name, error=error)
 
 
+def rotary_first(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads x D] rotated by cos/sin [B, T, D] while stored [B, T, heads, D], returned as the [B, heads,
+    T, D] view the attention functions take: apply_rotary's arithmetic, element for element."""
+    from forgather.models.rope import rotate_half
+
+    batch, length, width = x.shape
+    x = x.view(batch, length, heads, width // heads)
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    return (x * cos + rotate_half(x) * sin).transpose(1, 2)
+
+
+def rotary_first_attention():
+    """forgather.models.attention.Attention with its heads rotated before they become [B, heads, T, D] views (the
+    fused q/k/v path only, no KV cache): what `--rotary` times beside the layer as it is."""
+    from forgather.models.attention import Attention
+    from forgather.models.fused import fused_linear
+
+    class RotaryFirstAttention(Attention):
+        def forward(self, x, rope, mask, kv_cache=None):
+            assert kv_cache is None and rope is not None
+            q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+            q, k = rotary_first(q, self.num_heads, *rope), rotary_first(k, self.num_kv_heads, *rope)
+            y = self.attention_fn(q, k, self._heads(v, self.num_kv_heads), mask, 0.0)
+            return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    return RotaryFirstAttention
+
+
+def rotary_layers(device: str, dtype: torch.dtype, shape: dict, attention_fn: str):
+    """(the layer as forgather runs it, RotaryFirstAttention with the same weights), fused q/k/v."""
+    from forgather.models.attention import Attention
+
+    settings = dict(hidden_size=shape["hidden"], num_heads=shape["heads"], num_kv_heads=shape["kv_heads"],
+                    head_dim=shape["head_dim"], attention_fn=attention_fn, fused_projections="qkv")
+    torch.manual_seed(0)
+    now = Attention(**settings).to(device, dtype)
+    first = rotary_first_attention()(**settings).to(device, dtype)
+    first.load_state_dict(now.state_dict())
+    return now, first
+
+
+def rotary_inputs(device: str, dtype: torch.dtype, shape: dict, position_ids: torch.Tensor):
+    """x, the output's gradient, rope (cos, sin in the activations' dtype, as CausalLM.layer_inputs gives a bf16
+    model) and the packed rows' mask."""
+    from forgather.models.attention import AttentionMask, document_ids_from_positions
+    from forgather.models.rope import RotaryEmbedding
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape["batch"], shape["seq"], shape["hidden"], device=device, dtype=dtype, generator=gen)
+    grad = torch.randn(x.shape, device=device, dtype=dtype, generator=gen)
+    position_ids = position_ids.to(device)
+    rope = tuple(t.to(dtype) for t in RotaryEmbedding(shape["head_dim"], theta=500000.0)(position_ids))
+    mask = AttentionMask(shape["seq"], shape["seq"], document_ids_from_positions(position_ids), torch.device(device))
+    return x.requires_grad_(), grad, rope, mask
+
+
+def rotary_step(layer, x, grad, rope, mask):
+    def step():
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        out = layer(x, rope, mask)
+        out.backward(grad)
+        return out, x.grad, *(p.grad for p in layer.parameters())
+    return step
+
+
+def bench_rotary(iters: int, rounds: int) -> None:
+    """`--rotary`: the layer as it is against RotaryFirstAttention, compiled, timed in turn."""
+    now, first = rotary_layers("cuda", torch.bfloat16, SHAPE, "packed")
+    x, grad, rope, mask = rotary_inputs("cuda", torch.bfloat16, SHAPE, stdlib_positions(SHAPE["batch"], SHAPE["seq"]))
+    steps = {"heads, then rotary (now)": rotary_step(torch.compile(now), x, grad, rope, mask),
+             "rotary first, [B, T, heads, D]": rotary_step(torch.compile(first), x, grad, rope, mask)}
+    results = {name: [t.detach().clone() for t in step()] for name, step in steps.items()}
+    (name0, want), (name1, got) = results.items()
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(want, got, strict=True))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(timed(step, iters))
+    base = min(times[name0])
+    for name, ms in times.items():
+        row(piece="rotary", variant=name, ms_per_layer=round(min(ms), 4), rounds=[round(t, 4) for t in ms],
+            vs_now=round(base / min(ms), 4), largest_difference=diff if name == name1 else 0.0)
+
+
 def parameters_1b() -> list[torch.Tensor]:
     s = SHAPE
     hidden, inter, kv = s["hidden"], s["intermediate"], s["kv_heads"] * s["head_dim"]
@@ -746,6 +839,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--norm", action="store_true",
                         help="only the residual add + RMSNorm candidates (inductor, ours at NORM_SWEEP, Liger)")
+    parser.add_argument("--rotary", action="store_true",
+                        help="only the attention layer with its heads rotated before and after they become views")
     parser.add_argument("--packed-sweep", action="store_true",
                         help="with --duel: sweep our packed kernels' tiles (PACKED_SWEEP) first, then duel the best")
     parser.add_argument("--rows", nargs="+", default=["random 128-1023", "stdlib rows"],
@@ -760,14 +855,16 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_step_pieces.py times CUDA kernels: run it on a GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    if args.norm:
+    if args.rotary:
+        bench_rotary(args.iters, args.rounds)
+    elif args.norm:
         bench_norm(args.iters, args.rounds)
     elif args.duel:
         best = sweep_packed(args.iters, args.rounds) if args.packed_sweep else None
         bench_duel(args.iters, args.rounds, args.sweep, best, tuple(args.rows), tuple(args.packed_baseline))
     elif not args.skip_optimizer:
         bench_optimizer(args.iters, args.skip_compiled)
-    if not args.skip_attention and not args.duel and not args.norm and not args.only_optimizer:
+    if not args.skip_attention and not args.duel and not args.norm and not args.rotary and not args.only_optimizer:
         bench_attention(args.iters, ["default", *args.option_sets])
     if args.json:
         with open(args.json, "w") as f:
