@@ -474,7 +474,7 @@ bar)
 rotary)
     # the attention layer with its heads rotated while stored [B, T, heads, D] (RotaryFirstAttention) beside the
     # layer as it is, compiled, forward + backward, timed in turn (the forward's rotary kernel took 65 us a layer on
-    # the H200, 2026-12-06, where its bytes need ~18); then the bar
+    # the H200, 2026-12-06, where its bytes need ~18-21); then the bar
     if [ -z "${REHEARSE:-}" ]; then
         timeout 200 $PY scripts/bench_step_pieces.py --rotary --rounds 5 --json "$OUT/rotary.json" 2>&1 \
             | tee "$OUT/rotary.txt" | grep -E "^#|piece|Error"
