@@ -98,6 +98,22 @@ def test_a_loader_resumed_at_a_position_gives_the_batches_an_uninterrupted_pass_
     assert len(list(resumed)) == len(full), "the next epoch starts at its beginning"
 
 
+def test_drop_last_leaves_out_the_epochs_short_batch_and_resumes_after_full_ones(prepared):
+    dataset = PackedShards(prepared, "train", block_size=16)
+    blocks = len(dataset)
+    batch = next(size for size in (5, 6, 7, 9, 11) if blocks % size)  # one that leaves a short batch
+    kept = streaming_loader(dataset, 5, LoaderPosition(), batch_size=batch)
+    dropped = streaming_loader(dataset, 5, LoaderPosition(), batch_size=batch, drop_last=True)
+    sizes = [len(b["input_ids"]) for b in kept]
+    assert sizes == [batch] * (blocks // batch) + [blocks % batch]
+    full = [b["input_ids"] for b in dropped]
+    assert [len(b) for b in full] == [batch] * (blocks // batch)
+    resumed = streaming_loader(dataset, 5, LoaderPosition(), batch_size=batch, drop_last=True)
+    resumed.load_state_dict({"epoch": 0, "batches": 2})
+    rest = [b["input_ids"] for b in resumed]
+    assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:], strict=True))
+
+
 def test_resident_memory_holds_only_the_open_shards(prepared):
     dataset = PackedShards(prepared, "train", block_size=16, open_shards=2)
     for index in range(len(dataset)):
