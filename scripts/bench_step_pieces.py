@@ -20,7 +20,7 @@
   backward, compiled, at the step's shape on the bench's stdlib rows, as forgather.models.attention runs it (the
   heads made [B, heads, T, D] views, then rotated) beside the rotation done first on [B, T, heads, D]
   (`RotaryFirstAttention`): the same values in another order of storage. On the H200 (2026-12-06) the forward's
-  rotary kernel took 65 us a layer where its bytes need ~18 (the backward's runs at the bandwidth). Timed in
+  rotary kernel took 65 us a layer where its bytes need ~18-21 (the backward's runs at the bandwidth). Timed in
   turn over `--rounds`, outputs and gradients checked equal.
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of

@@ -510,7 +510,7 @@ def garbage_label(obj) -> str:
     else:  # no attribute lookups on other objects: a class's __getattr__ could run anything
         return kind.__name__
     name = getattr(code, "co_qualname", code.co_name)
-    return f"{type(obj).__name__} {name} ({Path(code.co_filename).name}:{code.co_firstlineno})"
+    return f"{kind.__name__} {name} ({Path(code.co_filename).name}:{code.co_firstlineno})"
 
 
 try:
@@ -567,8 +567,8 @@ try:
         objects that the passes of step `garbage_step + 1` (default: the last) found unreachable (a function or
         frame by its code's name and place), kept for that one step with gc.DEBUG_SAVEALL, garbage_step: that
         step}. Runs that compiled from a cold cache made ~890 passes in 100 steps, ~840 of them in step 59 (the
-        bench's epoch ends there with a short batch, and the layers compile again), against ~150 for a warm cache. A full pass can stop the
-        host for most of a second, far longer than the device's queue lasts."""
+        bench's epoch ends there with a short batch, and the layers compile again), against ~150 for a warm
+        cache. A full pass can stop the host for most of a second, far longer than the device's queue lasts."""
 
         LONG_PASS_MS = 10.0
         YOUNG_TYPES = 8

@@ -4,23 +4,13 @@ computes, so only the GPU's time can tell them apart."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from forgather.models.rope import apply_rotary
+from helpers.scripts import load_script
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pieces = _load("bench_step_pieces")
+pieces = load_script("bench_step_pieces")
 SHAPE = dict(batch=2, seq=32, heads=4, kv_heads=2, head_dim=8, hidden=32)
 
 

@@ -3,7 +3,6 @@ arithmetic of the profile on synthetic traces, and the benchmark's smoke mode en
 an HF loop with its profile, a baseline that fails, a forgather run with its profile callback), so the GPU call
 only has the GPU left to find out."""
 
-import importlib.util
 import json
 import os
 import re
@@ -11,22 +10,13 @@ import subprocess
 import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).parents[1] / "scripts"
+from helpers.scripts import SCRIPTS, load_script
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-profile_train = _load("profile_train")
-bench_train = _load("bench_train")
+profile_train = load_script("profile_train")
+bench_train = load_script("bench_train")
 
 
 @pytest.mark.parametrize("name, category", [
@@ -278,7 +268,7 @@ def test_profile_kernels_tabulates_an_ncu_log(tmp_path):
     """Nsight Compute's `--csv --page details` log (long format, one metric a line, a preamble before the header)
     becomes one row per kernel, longest first: durations in any unit as microseconds, thousands separators read,
     the stall metrics ranked."""
-    profile_kernels = _load("profile_kernels")
+    profile_kernels = load_script("profile_kernels")
     header = ['"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
               '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"']
 
@@ -317,7 +307,7 @@ def test_packed_schedule_counts_each_program_s_tiles_and_replays_the_dispatch():
 
     from forgather.models.attention import document_bounds
 
-    schedule = _load("packed_schedule")
+    schedule = load_script("packed_schedule")
     ids = torch.tensor([[0] * 40 + [1] * 3 + [2] * 21, [0] * 64])
     start, end = document_bounds(ids)
     work = schedule.query_block_work(start, 8, 16)
@@ -546,7 +536,8 @@ def test_garbage_is_named_without_asking_a_dead_proxy_for_its_class():
     assert profile_train.garbage_label(proxy) == "ProxyType"
     assert profile_train.garbage_label([]) == "list"
     code = _a_function_in_a_cycle.__code__
-    assert profile_train.garbage_label(code) == f"code _a_function_in_a_cycle (test_bench_train.py:{code.co_firstlineno})"
+    label = f"code _a_function_in_a_cycle (test_bench_train.py:{code.co_firstlineno})"
+    assert profile_train.garbage_label(code) == label
 
 
 def test_a_forgather_row_notes_its_windows_and_the_collector():
