@@ -17,11 +17,11 @@
   (forgather.models.fused_rms_norm, fused_norm=true) at each launch shape of NORM_SWEEP, and Liger's fused add
   + RMSNorm (eager, where liger-kernel is installed), each as a CUDA graph, checked against the torch norm.
 - rotary (`--rotary`): one attention layer (fused q/k/v product, rotary, packed attention, o_proj) forward +
-  backward, compiled, at the step's shape on the bench's stdlib rows, as forgather.models.attention runs it (the
-  heads made [B, heads, T, D] views, then rotated) beside the rotation done first on [B, T, heads, D]
-  (`RotaryFirstAttention`): the same values in another order of storage. On the H200 (2026-12-06) the forward's
-  rotary kernel took 65 us a layer where its bytes need ~18-21 (the backward's runs at the bandwidth). Timed in
-  turn over `--rounds`, outputs and gradients checked equal.
+  backward, compiled, at the step's shape on the bench's stdlib rows, as forgather.models.attention runs it (q
+  and k rotated while stored [B, T, heads, D], then made [B, heads, T, D] views) beside the order it had before
+  (`HeadsFirstAttention`: the views rotated): the same values in another order of storage. On the H200
+  (2026-12-06) the views' rotary kernel took 65 us a layer where its bytes need ~18-21 (the backward's ran at the
+  bandwidth). Timed in turn over `--rounds`, outputs and gradients checked equal.
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
   the capturable step, the rate a device tensor) and against forgather.optim.TritonAdamW (one Triton launch
@@ -683,45 +683,36 @@ def bench_norm(iters: int, rounds: int) -> None:
         row(piece="norm", candidate=name, error=error)
 
 
-def rotary_first(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, heads x D] rotated by cos/sin [B, T, D] while stored [B, T, heads, D], returned as the [B, heads,
-    T, D] view the attention functions take: apply_rotary's arithmetic, element for element."""
-    from forgather.models.rope import rotate_half
-
-    batch, length, width = x.shape
-    x = x.view(batch, length, heads, width // heads)
-    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
-    return (x * cos + rotate_half(x) * sin).transpose(1, 2)
-
-
-def rotary_first_attention():
-    """forgather.models.attention.Attention with its heads rotated before they become [B, heads, T, D] views (the
-    fused q/k/v path only, no KV cache): what `--rotary` times beside the layer as it is."""
+def heads_first_attention():
+    """forgather.models.attention.Attention as it ran before 2026-12-06 (the fused q/k/v path only, no KV cache):
+    the heads made [B, heads, T, D] views, then rotated; what `--rotary` times beside the layer as it is."""
     from forgather.models.attention import Attention
     from forgather.models.fused import fused_linear
+    from forgather.models.rope import apply_rotary
 
-    class RotaryFirstAttention(Attention):
+    class HeadsFirstAttention(Attention):
         def forward(self, x, rope, mask, kv_cache=None):
             assert kv_cache is None and rope is not None
             q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-            q, k = rotary_first(q, self.num_heads, *rope), rotary_first(k, self.num_kv_heads, *rope)
-            y = self.attention_fn(q, k, self._heads(v, self.num_kv_heads), mask, 0.0)
+            q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+            k, v = (t.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2) for t in (k, v))
+            y = self.attention_fn(apply_rotary(q, *rope), apply_rotary(k, *rope), v, mask, 0.0)
             return self.o_proj(y.transpose(1, 2).flatten(2))
 
-    return RotaryFirstAttention
+    return HeadsFirstAttention
 
 
 def rotary_layers(device: str, dtype: torch.dtype, shape: dict, attention_fn: str):
-    """(the layer as forgather runs it, RotaryFirstAttention with the same weights), fused q/k/v."""
+    """(the layer as forgather runs it, HeadsFirstAttention with the same weights), fused q/k/v."""
     from forgather.models.attention import Attention
 
     settings = dict(hidden_size=shape["hidden"], num_heads=shape["heads"], num_kv_heads=shape["kv_heads"],
                     head_dim=shape["head_dim"], attention_fn=attention_fn, fused_projections="qkv")
     torch.manual_seed(0)
     now = Attention(**settings).to(device, dtype)
-    first = rotary_first_attention()(**settings).to(device, dtype)
-    first.load_state_dict(now.state_dict())
-    return now, first
+    before = heads_first_attention()(**settings).to(device, dtype)
+    before.load_state_dict(now.state_dict())
+    return now, before
 
 
 def rotary_inputs(device: str, dtype: torch.dtype, shape: dict, position_ids: torch.Tensor):
@@ -751,11 +742,11 @@ def rotary_step(layer, x, grad, rope, mask):
 
 
 def bench_rotary(iters: int, rounds: int) -> None:
-    """`--rotary`: the layer as it is against RotaryFirstAttention, compiled, timed in turn."""
-    now, first = rotary_layers("cuda", torch.bfloat16, SHAPE, "packed")
+    """`--rotary`: the layer as it is against HeadsFirstAttention, compiled, timed in turn."""
+    now, before = rotary_layers("cuda", torch.bfloat16, SHAPE, "packed")
     x, grad, rope, mask = rotary_inputs("cuda", torch.bfloat16, SHAPE, stdlib_positions(SHAPE["batch"], SHAPE["seq"]))
-    steps = {"heads, then rotary (now)": rotary_step(torch.compile(now), x, grad, rope, mask),
-             "rotary first, [B, T, heads, D]": rotary_step(torch.compile(first), x, grad, rope, mask)}
+    steps = {"heads, then rotary (before)": rotary_step(torch.compile(before), x, grad, rope, mask),
+             "rotary on [B, T, heads, D] (now)": rotary_step(torch.compile(now), x, grad, rope, mask)}
     results = {name: [t.detach().clone() for t in step()] for name, step in steps.items()}
     (name0, want), (name1, got) = results.items()
     diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(want, got, strict=True))
@@ -766,7 +757,7 @@ def bench_rotary(iters: int, rounds: int) -> None:
     base = min(times[name0])
     for name, ms in times.items():
         row(piece="rotary", variant=name, ms_per_layer=round(min(ms), 4), rounds=[round(t, 4) for t in ms],
-            vs_now=round(base / min(ms), 4), largest_difference=diff if name == name1 else 0.0)
+            vs_before=round(base / min(ms), 4), largest_difference=diff if name == name1 else 0.0)
 
 
 def parameters_1b() -> list[torch.Tensor]:

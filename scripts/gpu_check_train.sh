@@ -102,8 +102,9 @@
 #                     120 steps each.
 #   part bar          the bar alone, within a short device budget: the auto fusion's GPU test, then the default beside
 #                     HF + Liger and fused_projections=false, 100 steps each; then $BASELINE_TREE's default when given.
-#   part rotary       the attention layer with its heads rotated before they become [B, heads, T, D] views, beside
-#                     the layer as it is (bench_step_pieces.py --rotary); then the default beside HF + Liger.
+#   part rotary       the attention layer as it is (q, k rotated before they become [B, heads, T, D] views) beside
+#                     the order before (bench_step_pieces.py --rotary); then the default beside HF + Liger and
+#                     $BASELINE_TREE's default.
 #   part garbage      the default, 100 steps from a cold compile cache, then from the warm one, naming step 59's garbage.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
@@ -472,14 +473,17 @@ bar)
     baseline_bench 100 100 "$@"  # an older commit's default in the same call (at b6a59ee: 1.229x on an H200)
     ;;
 rotary)
-    # the attention layer with its heads rotated while stored [B, T, heads, D] (RotaryFirstAttention) beside the
-    # layer as it is, compiled, forward + backward, timed in turn (the forward's rotary kernel took 65 us a layer on
-    # the H200, 2026-12-06, where its bytes need ~18-21); then the bar
+    # the attention layer as it is (q and k rotated while stored [B, T, heads, D]) beside the order before
+    # (HeadsFirstAttention: the [B, heads, T, D] views rotated, whose rotary kernel took 65 us a layer on the H200,
+    # 2026-12-06, where its bytes need ~18-21), compiled, forward + backward, timed in turn; then the bar (the default
+    # profiled), and the default of $BASELINE_TREE (the tree before the change, when given)
     if [ -z "${REHEARSE:-}" ]; then
         timeout 200 $PY scripts/bench_step_pieces.py --rotary --rounds 5 --json "$OUT/rotary.json" 2>&1 \
             | tee "$OUT/rotary.txt" | grep -E "^#|piece|Error"
     fi
-    bench bench_1b_bar.log --shape 1b --label 1b_bar --steps 100 --paths forgather hf-liger --timeout 100 "$@"
+    bench bench_1b_bar.log --shape 1b --label 1b_bar --steps 100 --paths forgather hf-liger --profile forgather \
+        --timeout 130 "$@"
+    baseline_bench 100 100 "$@"
     ;;
 garbage)
     # who makes the garbage of runs that compile from a cold cache (~890 collector passes in 100 steps against

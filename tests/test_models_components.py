@@ -553,6 +553,19 @@ def test_rope_preserves_relative_position_dot_products():
     torch.testing.assert_close(score(7, 3), score(14, 10))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotating_heads_in_storage_order_gives_the_views_values_bit_for_bit(dtype):
+    from forgather.models.rope import apply_rotary
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 8, generator=gen).to(dtype)  # [B, T, heads, D]
+    cos, sin = torch.randn(2, 2, 16, 8, generator=gen).to(dtype).unbind(0)
+    stored = apply_rotary(x, cos, sin, heads_dim=2)
+    assert stored.shape == x.shape and stored.is_contiguous()
+    assert torch.equal(stored.transpose(1, 2), apply_rotary(x.transpose(1, 2), cos, sin))
+    assert not torch.equal(stored, apply_rotary(x, cos.roll(1, 1), sin.roll(1, 1), heads_dim=2))  # angles per position
+
+
 def test_llama3_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import _compute_llama3_parameters

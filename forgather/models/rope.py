@@ -1,7 +1,8 @@
 """Rotary position embedding (RoFormer, Su et al. 2021) with optional Llama-3 frequency scaling.
 
 `RotaryEmbedding(position_ids [B, T]) -> (cos, sin)`, each [B, T, head_dim], computed once per forward and
-shared by every layer; `apply_rotary(x [B, heads, T, head_dim], cos, sin)` rotates queries and keys.
+shared by every layer; `apply_rotary(x [B, heads, T, head_dim], cos, sin)` rotates queries and keys
+(`heads_dim=2` for x [B, T, heads, head_dim], the order the projections store them in).
 Pairs are (i, i + head_dim/2) -- the "rotate half" layout of Hugging Face Llama checkpoints. Frequencies
 are computed on the fly (no buffers), so a model built on the meta device needs no re-initialization.
 """
@@ -75,8 +76,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, heads, T, D] by the per-position angles (cos/sin [B, T, D], broadcast over heads)."""
-    cos = cos.unsqueeze(1).to(x.dtype)
-    sin = sin.unsqueeze(1).to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+    """Rotate x [B, heads, T, D] (or [B, T, heads, D] with heads_dim=2) by the per-position angles (cos/sin
+    [B, T, D], broadcast over the heads)."""
+    cos = cos.unsqueeze(heads_dim).to(x.dtype)
+    sin = sin.unsqueeze(heads_dim).to(x.dtype)
     return x * cos + rotate_half(x) * sin
