@@ -17,11 +17,12 @@
   (forgather.models.fused_rms_norm, fused_norm=true) at each launch shape of NORM_SWEEP, and Liger's fused add
   + RMSNorm (eager, where liger-kernel is installed), each as a CUDA graph, checked against the torch norm.
 - rotary (`--rotary`): one attention layer (fused q/k/v product, rotary, packed attention, o_proj) forward +
-  backward, compiled, at the step's shape on the bench's stdlib rows, as forgather.models.attention runs it (q
-  and k rotated while stored [B, T, heads, D], then made [B, heads, T, D] views) beside the order it had before
-  (`HeadsFirstAttention`: the views rotated): the same values in another order of storage. On the H200
-  (2026-12-06) the views' rotary kernel took 65 us a layer where its bytes need ~18-21 (the backward's ran at the
-  bandwidth). Timed in turn over `--rounds`, outputs and gradients checked equal.
+  backward, compiled, at the step's shape on the bench's stdlib rows, as forgather.models.attention runs it on
+  a GPU (the product rotated and split by the fused_rotary op) beside the torch rotation in the order it had
+  before (`HeadsFirstAttention`: the [B, heads, T, D] views rotated) and in the order of storage (the layer
+  without the op): the same values in another order of storage, then the op's (within a rounding). The backward's kernel that rotates the
+  gradients back and joins them for the fused product took 62-65 us a layer (H100 and H200, 2026-12-06) where
+  its bytes need ~20-30. Timed in turn over `--rounds`, outputs and gradients compared with the first.
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
   the capturable step, the rate a device tensor) and against forgather.optim.TritonAdamW (one Triton launch
@@ -43,6 +44,7 @@ Milliseconds per call from CUDA events over `--iters` calls after warm-up; the a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -745,11 +747,15 @@ def bench_rotary(iters: int, rounds: int) -> None:
     """`--rotary`: the layer as it is against HeadsFirstAttention, compiled, timed in turn."""
     now, before = rotary_layers("cuda", torch.bfloat16, SHAPE, "packed")
     x, grad, rope, mask = rotary_inputs("cuda", torch.bfloat16, SHAPE, stdlib_positions(SHAPE["batch"], SHAPE["seq"]))
+    in_torch = copy.deepcopy(now)
+    in_torch._rotary_qkv = None  # the rotation as torch ops, compiled by inductor
     steps = {"heads, then rotary (before)": rotary_step(torch.compile(before), x, grad, rope, mask),
-             "rotary on [B, T, heads, D] (now)": rotary_step(torch.compile(now), x, grad, rope, mask)}
+             "rotary on [B, T, heads, D], inductor": rotary_step(torch.compile(in_torch), x, grad, rope, mask),
+             "fused_rotary op (now)": rotary_step(torch.compile(now), x, grad, rope, mask)}
     results = {name: [t.detach().clone() for t in step()] for name, step in steps.items()}
-    (name0, want), (name1, got) = results.items()
-    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(want, got, strict=True))
+    (name0, want), *others = results.items()
+    diffs = {name: max((a.float() - b.float()).abs().max().item() for a, b in zip(want, got, strict=True))
+             for name, got in others}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
@@ -757,7 +763,8 @@ def bench_rotary(iters: int, rounds: int) -> None:
     base = min(times[name0])
     for name, ms in times.items():
         row(piece="rotary", variant=name, ms_per_layer=round(min(ms), 4), rounds=[round(t, 4) for t in ms],
-            vs_before=round(base / min(ms), 4), largest_difference=diff if name == name1 else 0.0)
+            vs_before=round(base / min(ms), 4), median=round(sorted(ms)[len(ms) // 2], 4),
+            largest_difference=diffs.get(name, 0.0))
 
 
 def parameters_1b() -> list[torch.Tensor]:

@@ -102,8 +102,8 @@
 #                     120 steps each.
 #   part bar          the bar alone, within a short device budget: the auto fusion's GPU test, then the default beside
 #                     HF + Liger and fused_projections=false, 100 steps each; then $BASELINE_TREE's default when given.
-#   part rotary       the attention layer as it is (q, k rotated before they become [B, heads, T, D] views) beside
-#                     the order before (bench_step_pieces.py --rotary); then the default beside HF + Liger and
+#   part rotary       the fused_rotary op's GPU tests; the attention layer with it beside the torch rotation in two
+#                     orders (bench_step_pieces.py --rotary); then the default beside HF + Liger and
 #                     $BASELINE_TREE's default.
 #   part garbage      the default, 100 steps from a cold compile cache, then from the warm one, naming step 59's garbage.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
@@ -473,11 +473,14 @@ bar)
     baseline_bench 100 100 "$@"  # an older commit's default in the same call (at b6a59ee: 1.229x on an H200)
     ;;
 rotary)
-    # the attention layer as it is (q and k rotated while stored [B, T, heads, D]) beside the order before
-    # (HeadsFirstAttention: the [B, heads, T, D] views rotated, whose rotary kernel took 65 us a layer on the H200,
-    # 2026-12-06, where its bytes need ~18-21), compiled, forward + backward, timed in turn; then the bar (the default
-    # profiled), and the default of $BASELINE_TREE (the tree before the change, when given)
+    # the fused q/k/v product rotated and split by our Triton op (forgather.models.fused_rotary): its GPU tests
+    # (against the torch references; compiled layers against the torch rotation), then the attention layer as it
+    # runs on a GPU beside the torch rotation in the order before (HeadsFirstAttention) and in storage order
+    # (inductor's backward kernel that joins the gradients took 62-65 us a layer, H100 and H200, 2026-12-06, where
+    # its bytes need ~20-30), compiled, forward + backward, timed in turn; then the bar (the default profiled), and
+    # the default of $BASELINE_TREE (the tree before the change, when given)
     if [ -z "${REHEARSE:-}" ]; then
+        gpu_tests 200 tests_rotary.log tests/gpu/test_models_gpu.py -k "fused_rotary"
         timeout 200 $PY scripts/bench_step_pieces.py --rotary --rounds 5 --json "$OUT/rotary.json" 2>&1 \
             | tee "$OUT/rotary.txt" | grep -E "^#|piece|Error"
     fi

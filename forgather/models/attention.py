@@ -15,6 +15,7 @@ import functools
 import importlib
 import typing
 import warnings
+from types import ModuleType
 from typing import Any, Callable, Mapping
 
 import torch
@@ -23,9 +24,20 @@ from torch import nn
 from torch.nn.attention import flex_attention as flex
 
 from .checks import positive_sizes
-from .fused import fusable, fused_attention_projections, fused_linear, fusion
+from .fused import fusable, fused_attention_projections, fused_linear, fused_product, fusion
 from .kv_cache import LayerKVCache
 from .rope import apply_rotary
+
+
+def fused_rotary_ops() -> ModuleType | None:
+    """forgather's rotary ops of the fused q/k/v product (fused_rotary.py), or None where they cannot run: without
+    Triton (CPU builds of torch), and in standalone exported code, where forgather is absent -- the module is
+    imported by name, so that code still loads and runs `apply_rotary`."""
+    try:
+        importlib.import_module("triton")
+        return importlib.import_module("forgather.models.fused_rotary")
+    except ImportError:
+        return None
 
 
 def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
@@ -336,7 +348,8 @@ class Attention(nn.Module):
         fused_projections: true or "qkv" computes q, k and v as one matmul over the three weights concatenated
             (`forgather.models.fused`: same parameters and state dict), "kv" only k and v, "auto" "qkv" on a GPU
             and separate products elsewhere; projections that are not plain nn.Linear layers (QK-norm variants)
-            run separately.
+            run separately. With q/k/v as one product, CUDA tensors, rotary tables and no KV cache, the product
+            is rotated and split by our Triton op (`forgather.models.fused_rotary`), where Triton is installed.
         kernel_options: with attention_fn="flex", the GPU kernel's options (`flex_kernel_options`), e.g.
             `{fwd_BLOCK_M: 64, fwd_BLOCK_N: 64}`: tilings change speed, not the result. Without them, packed
             documents get the tiling measured fastest for the GPU, dtype and head dim (`PACKED_TILINGS`).
@@ -388,6 +401,9 @@ class Attention(nn.Module):
         self.attention_fn = attention_fn
         self.dropout = dropout
         self.fused_projections = fusion("Attention", fused_projections)
+        ops = fused_rotary_ops() if self.fused_projections not in (False, "kv") else None
+        # the op itself, not its module: a model must stay picklable and deep-copyable
+        self._rotary_qkv = ops.rotary_qkv if ops is not None else None
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -403,18 +419,21 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         projections = (self.q_proj, self.k_proj, self.v_proj)
         fused = fused_attention_projections(self.fused_projections, x)
-        if (fused is True or fused == "qkv") and fusable(*projections):
-            q, k, v = fused_linear(x, projections)
-        elif fused == "kv" and fusable(self.k_proj, self.v_proj):
-            q, (k, v) = self.q_proj(x), fused_linear(x, (self.k_proj, self.v_proj))
+        qkv = (fused is True or fused == "qkv") and fusable(*projections)
+        if qkv and rope is not None and kv_cache is None and x.is_cuda and self._rotary_qkv is not None:
+            # the product rotated and split by our kernels (fused_rotary.py: its gradient in one pass)
+            q, k, v = self._rotary_qkv(fused_product(x, projections), *rope, self.num_heads, self.num_kv_heads)
         else:
-            q, k, v = (projection(x) for projection in projections)
-        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))  # [B, T, heads, D], as stored
-        if rope is not None:
-            # Rotated before the heads become [B, heads, T, D] views: the same values, but inductor's kernel then
-            # reads and writes in storage order (rotating the views ran at ~30% of the H200's bandwidth)
-            q, k = apply_rotary(q, *rope, heads_dim=2), apply_rotary(k, *rope, heads_dim=2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
+            if qkv:
+                q, k, v = fused_linear(x, projections)
+            elif fused == "kv" and fusable(self.k_proj, self.v_proj):
+                q, (k, v) = self.q_proj(x), fused_linear(x, (self.k_proj, self.v_proj))
+            else:
+                q, k, v = (projection(x) for projection in projections)
+            q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))  # [B, T, heads, D], as stored
+            if rope is not None:
+                q, k = apply_rotary(q, *rope, heads_dim=2), apply_rotary(k, *rope, heads_dim=2)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         y = self.attention_fn(q, k, v, mask, self.dropout if self.training else 0.0)

@@ -47,8 +47,13 @@ def fusable(*linears: nn.Module) -> bool:
     return all(type(linear) is nn.Linear for linear in linears)
 
 
-def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+def fused_product(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """The layers' outputs side by side [..., sum of out_features], as one product."""
     weight = torch.cat([linear.weight for linear in linears])
     biases = [linear.bias for linear in linears]
     bias = None if biases[0] is None else torch.cat(biases)
-    return F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
+    return F.linear(x, weight, bias)
+
+
+def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+    return fused_product(x, linears).split([linear.out_features for linear in linears], dim=-1)

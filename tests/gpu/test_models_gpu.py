@@ -378,3 +378,52 @@ def test_the_sparse_tied_embedding_gradient_trains_like_the_dense_one(loss_name)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     for got, want in zip(results[True][1], results[False][1]):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 300, 8, 2, 64), (1, 70, 4, 4, 80)], ids=["gqa-64", "mha-80"])
+def test_fused_rotary_matches_its_references(dtype, shape):
+    """forgather::rotary_qkv and its backward against the torch references (reference_rotary_qkv, and
+    reference_rotary_qkv_backward, which the CPU tests hold to autograd's gradient): fp32 within float rounding,
+    bf16 within one ulp; lengths not a multiple of the token block, and a head dim whose half is not a power of
+    two; the gradients strided as the attention's backward hands them."""
+    from forgather.models.fused_rotary import reference_rotary_qkv, reference_rotary_qkv_backward, rotary_qkv
+
+    batch, length, heads, kv_heads, dim = shape
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(batch, length, (heads + 2 * kv_heads) * dim, device="cuda", generator=generator).to(dtype)
+    positions = torch.cat([torch.arange(length - 30), torch.arange(30)]).repeat(batch, 1).cuda()
+    cos, sin = RotaryEmbedding(dim, theta=500000.0)(positions)
+    qkv.requires_grad_()
+    got = rotary_qkv(qkv, cos, sin, heads, kv_heads)
+    want = reference_rotary_qkv(qkv.detach(), cos, sin, heads, kv_heads)
+    grads = [torch.randn(t.shape, device="cuda", generator=generator).to(dtype).transpose(1, 2).contiguous()
+             .transpose(1, 2) for t in want]
+    torch.autograd.backward(got, grads)
+    want_grad = reference_rotary_qkv_backward(*grads, cos, sin)
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.transpose(1, 2).is_contiguous()
+        torch.testing.assert_close(a.float(), b.float(), **tolerance)
+    assert torch.equal(got[2], want[2])  # v copied
+    torch.testing.assert_close(qkv.grad.float(), want_grad.float(), **tolerance)
+
+
+def test_compiled_layers_with_the_fused_rotary_train_like_the_torch_rotation():
+    """Attention with q/k/v as one product takes forgather::rotary_qkv on CUDA; with each layer compiled (as
+    compile=true runs them) and packed attention, the logits and every gradient agree with the same model whose
+    layers rotate in torch."""
+    results = {}
+    for op in (True, False):
+        built = wide_model("packed", fused_norm=True, fused_projections="qkv")
+        for layer in built.layers:
+            assert layer.attention._rotary_qkv is not None
+            if not op:
+                layer.attention._rotary_qkv = None
+            layer.compile()
+        logits = built(token_ids(), packed_positions())
+        logits.float().logsumexp(-1).mean().backward()
+        results[op] = (logits.detach().float(), [p.grad.float() for p in built.parameters()])
+    torch.testing.assert_close(results[True][0], results[False][0], **TOLERANCE[torch.bfloat16])
+    for got, want in zip(results[True][1], results[False][1]):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
