@@ -82,7 +82,7 @@ def _constants(dim: int) -> dict[str, int]:
 
 
 def _grid(batch: int, length: int, heads: int) -> tuple[int, int, int]:
-    return -(-length // ROTARY_TILING[0]), heads, batch
+    return heads, -(-length // ROTARY_TILING[0]), batch
 
 
 @torch.library.triton_op("forgather::rotary_qkv", mutates_args=())

@@ -1,8 +1,9 @@
 """Triton kernels of the fused q/k/v product's rotary embedding (fused_rotary.py holds the ops and the semantics).
 
-A program takes BLOCK_T tokens of one batch row and one head of the product's H + 2 KV heads (grid: token blocks,
-heads, batch rows), and handles the head's two halves of HALF values as [BLOCK_T, BLOCK_HALF] tiles (BLOCK_HALF
-the power of two at or above HALF), so loads and stores run along the head dimension, contiguous in every tensor. Heads below H are queries, the next KV keys (both
+A program takes BLOCK_T tokens of one batch row and one head of the product's H + 2 KV heads (grid: heads, token
+blocks, batch rows: programs launched together cover whole rows of the product), and handles the head's two halves
+of HALF values as [BLOCK_T, BLOCK_HALF] tiles (BLOCK_HALF the power of two at or above HALF), so loads and stores
+run along the head dimension, contiguous in every tensor. Heads below H are queries, the next KV keys (both
 rotated), the last KV values (copied).
 - `_rotary_qkv_forward`: the product's head -> q, k or v [B, T, heads, D] (strides per batch row and token).
 - `_rotary_qkv_backward`: the gradient of q, k or v [B, heads, T, D] (any strides, D contiguous) -> its head's
@@ -38,9 +39,9 @@ def _rotary_qkv_forward(
     T, heads, kv_heads,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    h = tl.program_id(1)
+    h = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
-    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (t < T)[:, None] & (d < HALF)
     src = X + b * sx_b + t[:, None] * sx_t + h * (2 * HALF) + d
@@ -70,9 +71,9 @@ def _rotary_qkv_backward(
     T, heads, kv_heads,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    h = tl.program_id(1)
+    h = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
-    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (t < T)[:, None] & (d < HALF)
     dst = DX + b * sx_b + t[:, None] * sx_t + h * (2 * HALF) + d
