@@ -13,6 +13,8 @@ One file per component, each importing only torch, the standard library and its 
                     rms_norm / add_rms_norm (the torch semantics of the fused ops)
     fused_rms_norm.py  RMSNorm(fused=True): the residual add + RMSNorm as our Triton ops on GPUs (imported by
                     name from norm.py; standalone exported code runs the torch norm instead)
+    fused_rotary.py  rotary_qkv: the fused q/k/v product rotated and split by our Triton ops on GPUs (imported
+                    by name from attention.py; elsewhere, and in standalone exported code, apply_rotary)
     layers.py       PreLNLayer / PostLNLayer(hidden_size, attention_factory, feedforward_factory, norm_factory,
                     dropout, residual_dropout)
     causal_lm.py    CausalLM(vocab_size, hidden_size, num_layers, layer_factory, norm_factory, rope,
