@@ -20,9 +20,9 @@
   backward, compiled, at the step's shape on the bench's stdlib rows, as forgather.models.attention runs it on
   a GPU (the product rotated and split by the fused_rotary op) beside the torch rotation in the order it had
   before (`HeadsFirstAttention`: the [B, heads, T, D] views rotated) and in the order of storage (the layer
-  without the op): the same values in another order of storage, then the op's (within a rounding). The backward's kernel that rotates the
-  gradients back and joins them for the fused product took 62-65 us a layer (H100 and H200, 2026-12-06) where
-  its bytes need ~20-30. Timed in turn over `--rounds`, outputs and gradients compared with the first.
+  without the op): the same values in another order of storage, then the op's (within a rounding). The
+  backward's kernel that rotates the gradients back and joins them for the fused product took 62-65 us a layer
+  (H100 and H200, 2026-12-06) where its bytes need ~20-30. Timed in turn over `--rounds`, outputs and gradients compared with the first.
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
   the capturable step, the rate a device tensor) and against forgather.optim.TritonAdamW (one Triton launch

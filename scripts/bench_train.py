@@ -27,10 +27,11 @@ window ends; for forgather runs this is the run's own `train/tokens_per_s`), med
 the windows. MFU against 989 TFLOP/s (H100/H200 dense bf16 datasheet), counting model FLOPs only: 6 x matmul
 parameters (the tied head once) + causal attention (6 x layers x hidden x sequence) per token.
 `--profile NAME...` profiles `--profile-steps` more steps of those paths after their timed steps and one warm-up step
-(scripts/profile_train.py: kernel time per category, idle gaps) into the summary.
+(scripts/profile_train.py: kernel time per category, idle gaps) into the summary. `--clocks` samples the GPU's
+SM clock and power while each path runs (nvidia-smi) into its row's note: whether the power cap sets the pace.
 
     python scripts/bench_train.py [--shape 1b] [--paths hf hf-liger forgather ...] [--steps 30] [--out DIR]
-        [--variant NAME OVERRIDE ...] [--profile forgather hf-liger] [--set OVERRIDE ...]
+        [--variant NAME OVERRIDE ...] [--profile forgather hf-liger] [--set OVERRIDE ...] [--clocks]
     python scripts/bench_train.py --shape tiny --device cpu     (the smoke test of every path on a CPU)
 `--out DIR` writes results_LABEL.json and summary_LABEL.md (LABEL: `--label`, default the shape) after every
 row, `--append` adds rows to that file's; `--tiny` keeps a shape's name and settings with the tiny dimensions,
@@ -45,6 +46,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -500,8 +502,78 @@ def failure(status: int | None, lines: list[str], timeout: float) -> str:
     return f"exit status {status}: {tail[:300]}"
 
 
+class GpuClocks:
+    """The GPU's SM clock and power sampled by nvidia-smi every 250 ms while a path runs (`--clocks`), summarized
+    over the samples under load (power above half the limit, which leaves out compiling and loading): why a
+    step whose kernels got shorter can run no faster. On an H100 (2026-12-06) both bar paths drew ~690 W of the
+    700 W limit with the software power cap active, the SM clock ~1,650-1,680 MHz instead of its 1,980 boost: a
+    power-bound step pays for the energy its kernels use, and memory-bound time saved lets the products run
+    hotter at a lower clock."""
+
+    FIELDS = ("clocks.sm", "power.draw", "power.limit")
+    CAP_FIELDS = ("clocks_event_reasons.sw_power_cap", "clocks_throttle_reasons.sw_power_cap")  # new, old name
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.output = ""
+
+    def __enter__(self) -> "GpuClocks":
+        if shutil.which("nvidia-smi") is None:  # a CPU rehearsal: rows without clocks
+            return self
+        cap = next((field for field in self.CAP_FIELDS if subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader", "-i", "0"],
+            capture_output=True).returncode == 0), None)
+        fields = ",".join([*self.FIELDS, *([cap] if cap else [])])
+        self.process = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
+                                         "-lms", "250", "-i", "0"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.output = self.process.communicate()[0]
+
+    def summary(self) -> dict | None:
+        return clock_summary(self.output.splitlines())
+
+
+def clock_summary(lines: list[str]) -> dict | None:
+    """nvidia-smi's CSV rows (SM MHz, power W, limit W[, power cap Active/Not Active]) -> medians under load."""
+    rows = []
+    for line in lines:
+        values = [value.strip() for value in line.split(",")]
+        try:
+            rows.append((float(values[0]), float(values[1]), float(values[2]), values[3:4]))
+        except (ValueError, IndexError):  # "[N/A]", a partial line at the end
+            continue
+    loaded = [row for row in rows if row[1] > row[2] / 2]
+    if not loaded:
+        return None
+    capped = [row[3][0] == "Active" for row in loaded if row[3]]
+    return {"sm_mhz": statistics.median(row[0] for row in loaded),
+            "power_w": statistics.median(row[1] for row in loaded), "power_limit_w": loaded[0][2],
+            "samples": len(loaded), "power_capped": sum(capped) / len(capped) if capped else None}
+
+
+def clock_note(clocks: dict) -> str:
+    capped = "" if clocks["power_capped"] is None else f", power cap {100 * clocks['power_capped']:.0f}% of them"
+    return (f"SM {clocks['sm_mhz']:.0f} MHz, {clocks['power_w']:.0f} of {clocks['power_limit_w']:.0f} W "
+            f"({clocks['samples']} samples under load{capped})")
+
+
 def run_path(args: argparse.Namespace, shape: dict, name: str, overrides: list[str] | None) -> dict:
     """One row: `overrides` is a list for forgather runs (the `forgather` path and each variant), else None."""
+    if args.clocks:
+        with GpuClocks() as clocks:
+            result = run_path_measured(args, shape, name, overrides)
+        summary = clocks.summary()
+        if summary is not None:
+            result["clocks"] = summary
+        return result
+    return run_path_measured(args, shape, name, overrides)
+
+
+def run_path_measured(args: argparse.Namespace, shape: dict, name: str, overrides: list[str] | None) -> dict:
     start = time.perf_counter()
     if overrides is not None:
         env, run_overrides = variant_environment(overrides)
@@ -581,6 +653,7 @@ def summary_table(results: list[dict], shape: dict, args: argparse.Namespace) ->
                     if "step_s" in r else "")
             note += f"{'; ' if note else ''}peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
             note += f"{'; ' if note else ''}{window_note(r)}" if "windows" in r else ""
+            note += f"{'; ' if note else ''}{clock_note(r['clocks'])}" if "clocks" in r else ""
             lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {ratio} | "
                          f"{r['wall_s']:.0f} | {note} |")
         else:
@@ -608,6 +681,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=5, help="window length (forgather: log_every_n_steps)")
     parser.add_argument("--profile", nargs="*", default=[], metavar="NAME", help="paths or variants to profile")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--clocks", action="store_true",
+                        help="sample the GPU's SM clock and power (nvidia-smi) while each path runs: medians under "
+                             "load and how often the power cap held the clock, in each row's note")
     parser.add_argument("--profile-trace", action="store_true",
                         help="keep each profiled forgather run's chrome trace, host operators included, as "
                              "OUT/trace_NAME.json.gz (what the host did during each gap of the device's)")

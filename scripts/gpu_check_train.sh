@@ -100,8 +100,9 @@
 #   part confirm      fused_projections=auto (q/k/v as one product on GPUs) the default: its GPU tests, then the default
 #                     beside HF + Liger, fused_projections=false, cuBLAS without a workspace and combo kernels,
 #                     120 steps each.
-#   part bar          the bar alone, within a short device budget: the auto fusion's GPU test, then the default beside
-#                     HF + Liger and fused_projections=false, 100 steps each; then $BASELINE_TREE's default when given.
+#   part bar          the bar alone, within a short device budget: the auto fusion's and rotary op's GPU tests, then
+#                     the default beside HF + Liger and fused_projections=false, 100 steps each, clocks and power
+#                     logged; then $BASELINE_TREE's default when given.
 #   part rotary       the fused_rotary op's GPU tests; the attention layer with it beside the torch rotation in two
 #                     orders (bench_step_pieces.py --rotary); then the default beside HF + Liger and
 #                     $BASELINE_TREE's default.
@@ -463,13 +464,14 @@ confirm)
         --variant combo "compile_options={combo_kernels:true}" --timeout 150 "$@"
     ;;
 bar)
-    # part confirm without its optional levers, for a short device budget (~4 min): the auto fusion's GPU test under
-    # compile, then the default beside HF + Liger and the old default (fused_projections=false), 100 steps each
+    # part confirm without its optional levers, for a short device budget (~4 min): the auto fusion's and the rotary
+    # op's GPU tests under compile, then the default beside HF + Liger and the old default
+    # (fused_projections=false), 100 steps each, the GPU's clocks and power logged beside each
     if [ -z "${REHEARSE:-}" ]; then
-        gpu_tests 60 tests_auto.log tests/gpu/test_models_gpu.py -k "fused_projections and auto"
+        gpu_tests 90 tests_auto.log tests/gpu/test_models_gpu.py -k "fused_projections and auto or fused_rotary"
     fi
     bench bench_1b_bar.log --shape 1b --label 1b_bar --steps 100 --paths forgather hf-liger \
-        --variant separate fused_projections=false --timeout 100 "$@"
+        --variant separate fused_projections=false --clocks --timeout 100 "$@"
     baseline_bench 100 100 "$@"  # an older commit's default in the same call (at b6a59ee: 1.229x on an H200)
     ;;
 rotary)
@@ -485,7 +487,7 @@ rotary)
             | tee "$OUT/rotary.txt" | grep -E "^#|piece|Error"
     fi
     bench bench_1b_bar.log --shape 1b --label 1b_bar --steps 100 --paths forgather hf-liger --profile forgather \
-        --timeout 130 "$@"
+        --clocks --timeout 130 "$@"
     baseline_bench 100 100 "$@"
     ;;
 garbage)

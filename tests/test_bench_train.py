@@ -655,3 +655,18 @@ def test_a_variants_env_items_reach_its_run_only():
     status, lines = bench_train.run_process(
         [sys.executable, "-c", "import os; print('seen', os.environ.get('FG_BENCH_PROBE'))"], 60)
     assert any(line.strip() == "seen None" for line in lines), lines
+
+
+def test_clock_samples_are_summarized_under_load_with_the_power_caps_share():
+    """`--clocks`: nvidia-smi's rows (SM MHz, power W, limit W, the power cap's state) -> medians over the samples
+    drawing more than half the limit (compiling and loading left out); rows it could not read are skipped."""
+    lines = ["345, 70.3, 700.00, Not Active",  # idle, before the run's steps
+             "1650, 690.1, 700.00, Active", "1680, 695.0, 700.00, Active", "1980, 400.0, 700.00, Not Active",
+             "[N/A], [N/A], 700.00, Not Active", "1700, 6"]
+    clocks = bench_train.clock_summary(lines)
+    assert clocks == {"sm_mhz": 1680.0, "power_w": 690.1, "power_limit_w": 700.0, "samples": 3,
+                      "power_capped": pytest.approx(2 / 3)}
+    assert bench_train.clock_note(clocks) == "SM 1680 MHz, 690 of 700 W (3 samples under load, power cap 67% of them)"
+    without_cap = bench_train.clock_summary(["1500.0, 500.0, 700.0"])
+    assert without_cap["power_capped"] is None and "power cap" not in bench_train.clock_note(without_cap)
+    assert bench_train.clock_summary(["345, 70.3, 700.00"]) is None  # never under load: no summary
