@@ -20,6 +20,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _block(T, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's head h, batch row b, tokens t [BLOCK_T], columns d [1, BLOCK_HALF] of a half, and the mask
+    of the tile's elements inside the tensors."""
+    h = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    return h, b, t, d, (t < T)[:, None] & (d < HALF)
+
+
+@triton.jit
 def _tables(COS, SIN, b, t, d, sc_b, sc_t, ss_b, ss_t, mask, DTYPE: tl.constexpr, HALF: tl.constexpr):
     """cos and sin of tokens t [BLOCK_T] of batch row b as halves (c1, c2, s1, s2), [BLOCK_T, BLOCK_HALF] fp32
     each, rounded to DTYPE first."""
@@ -39,11 +50,7 @@ def _rotary_qkv_forward(
     T, heads, kv_heads,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    h = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)
-    t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (t < T)[:, None] & (d < HALF)
+    h, b, t, d, mask = _block(T, HALF, BLOCK_HALF, BLOCK_T)
     src = X + b * sx_b + t[:, None] * sx_t + h * (2 * HALF) + d
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
@@ -71,11 +78,7 @@ def _rotary_qkv_backward(
     T, heads, kv_heads,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    h = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)
-    t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (t < T)[:, None] & (d < HALF)
+    h, b, t, d, mask = _block(T, HALF, BLOCK_HALF, BLOCK_T)
     dst = DX + b * sx_b + t[:, None] * sx_t + h * (2 * HALF) + d
     if h < heads + kv_heads:
         if h < heads:
