@@ -555,9 +555,11 @@ def clock_summary(lines: list[str]) -> dict | None:
             "samples": len(loaded), "power_capped": sum(capped) / len(capped) if capped else None}
 
 
-def clock_note(clocks: dict) -> str:
+def clock_note(clocks: dict, tokens_per_s: float | None = None) -> str:
+    """The row's clock note; with the row's throughput, the energy a token takes at the median power."""
     capped = "" if clocks["power_capped"] is None else f", power cap {100 * clocks['power_capped']:.0f}% of them"
-    return (f"SM {clocks['sm_mhz']:.0f} MHz, {clocks['power_w']:.0f} of {clocks['power_limit_w']:.0f} W "
+    energy = f", {1e3 * clocks['power_w'] / tokens_per_s:.2f} mJ a token" if tokens_per_s else ""
+    return (f"SM {clocks['sm_mhz']:.0f} MHz, {clocks['power_w']:.0f} of {clocks['power_limit_w']:.0f} W{energy} "
             f"({clocks['samples']} samples under load{capped})")
 
 
@@ -653,7 +655,7 @@ def summary_table(results: list[dict], shape: dict, args: argparse.Namespace) ->
                     if "step_s" in r else "")
             note += f"{'; ' if note else ''}peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
             note += f"{'; ' if note else ''}{window_note(r)}" if "windows" in r else ""
-            note += f"{'; ' if note else ''}{clock_note(r['clocks'])}" if "clocks" in r else ""
+            note += f"{'; ' if note else ''}{clock_note(r['clocks'], r['tokens_per_s'])}" if "clocks" in r else ""
             lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {ratio} | "
                          f"{r['wall_s']:.0f} | {note} |")
         else:

@@ -667,6 +667,8 @@ def test_clock_samples_are_summarized_under_load_with_the_power_caps_share():
     assert clocks == {"sm_mhz": 1680.0, "power_w": 690.1, "power_limit_w": 700.0, "samples": 3,
                       "power_capped": pytest.approx(2 / 3)}
     assert bench_train.clock_note(clocks) == "SM 1680 MHz, 690 of 700 W (3 samples under load, power cap 67% of them)"
+    assert bench_train.clock_note(clocks, 69010.0) == ("SM 1680 MHz, 690 of 700 W, 10.00 mJ a token (3 samples under "
+                                                       "load, power cap 67% of them)")
     without_cap = bench_train.clock_summary(["1500.0, 500.0, 700.0"])
     assert without_cap["power_capped"] is None and "power cap" not in bench_train.clock_note(without_cap)
     assert bench_train.clock_summary(["345, 70.3, 700.00"]) is None  # never under load: no summary
