@@ -88,3 +88,19 @@ def test_a_layer_holding_the_op_pickles_and_copies():
     layer._rotary_qkv = reference_rotary_qkv  # a module's function, as fused_rotary_ops().rotary_qkv is
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert clone._rotary_qkv is reference_rotary_qkv
+
+
+def test_the_ops_tables_take_one_row_for_all_and_any_layout_with_the_head_dim_contiguous():
+    """cos/sin as the kernels read them ([B, T, D] with D contiguous): a table of one batch row serves every row
+    (stride 0, no copy), a table whose D is strided is copied, values unchanged."""
+    from forgather.models.fused_rotary import _tables
+
+    qkv = torch.zeros(3, T, (H + 2 * KV) * D)
+    one = torch.randn(1, T, D)
+    shared = _tables(one, qkv)
+    assert shared.shape == (3, T, D) and shared.stride(0) == 0 and shared.data_ptr() == one.data_ptr()
+    strided = torch.randn(3, T, 2 * D)[..., ::2]
+    copied = _tables(strided, qkv)
+    assert copied.stride(-1) == 1 and torch.equal(copied, strided)
+    with pytest.raises(ValueError, match="even head_dim"):
+        reference_rotary_qkv(torch.zeros(1, T, (H + 2 * KV) * 7), one[..., :7], one[..., :7], H, KV)
