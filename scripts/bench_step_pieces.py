@@ -22,7 +22,8 @@
   before (`HeadsFirstAttention`: the [B, heads, T, D] views rotated) and in the order of storage (the layer
   without the op): the same values in another order of storage, then the op's (within a rounding). The
   backward's kernel that rotates the gradients back and joins them for the fused product took 62-65 us a layer
-  (H100 and H200, 2026-12-06) where its bytes need ~20-30. Timed in turn over `--rounds`, outputs and gradients compared with the first.
+  (H100 and H200, 2026-12-06) where its bytes need ~20-30. Timed in turn over `--rounds`, outputs and gradients
+  compared with the first.
 - optimizer: one step of AdamW over the 1.24B shape's bf16 parameters: torch's fused AdamW (the default),
   against the foreach implementation with its step compiled (forgather.optim.CompiledAdamW: torch.compile of
   the capturable step, the rate a device tensor) and against forgather.optim.TritonAdamW (one Triton launch
@@ -744,7 +745,8 @@ def rotary_step(layer, x, grad, rope, mask):
 
 
 def bench_rotary(iters: int, rounds: int) -> None:
-    """`--rotary`: the layer as it is against HeadsFirstAttention, compiled, timed in turn."""
+    """`--rotary`: the layer as it is (with the fused_rotary op) against HeadsFirstAttention and against the layer
+    without the op, compiled, timed in turn."""
     now, before = rotary_layers("cuda", torch.bfloat16, SHAPE, "packed")
     x, grad, rope, mask = rotary_inputs("cuda", torch.bfloat16, SHAPE, stdlib_positions(SHAPE["batch"], SHAPE["seq"]))
     in_torch = copy.deepcopy(now)
@@ -838,7 +840,7 @@ def main() -> None:
     parser.add_argument("--norm", action="store_true",
                         help="only the residual add + RMSNorm candidates (inductor, ours at NORM_SWEEP, Liger)")
     parser.add_argument("--rotary", action="store_true",
-                        help="only the attention layer with its heads rotated before and after they become views")
+                        help="only the attention layer: the fused_rotary op against the torch rotation in two orders")
     parser.add_argument("--packed-sweep", action="store_true",
                         help="with --duel: sweep our packed kernels' tiles (PACKED_SWEEP) first, then duel the best")
     parser.add_argument("--rows", nargs="+", default=["random 128-1023", "stdlib rows"],
