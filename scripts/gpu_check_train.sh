@@ -106,6 +106,8 @@
 #   part rotary       the fused_rotary op's GPU tests; the attention layer with it beside the torch rotation in two
 #                     orders (bench_step_pieces.py --rotary); then the default beside HF + Liger and
 #                     $BASELINE_TREE's default.
+#   part chunks       the rotary op's GPU tests; the loss as one 8,192-token chunk and as 4,096-token chunks with
+#                     sparse_tied_grad, beside the default and HF + Liger, 100 steps, clocks and power logged.
 #   part garbage      the default, 100 steps from a cold compile cache, then from the warm one, naming step 59's garbage.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
@@ -473,6 +475,19 @@ bar)
     bench bench_1b_bar.log --shape 1b --label 1b_bar --steps 100 --paths forgather hf-liger \
         --variant separate fused_projections=false --clocks --timeout 100 "$@"
     baseline_bench 100 100 "$@"  # an older commit's default in the same call (at b6a59ee: 1.229x on an H200)
+    ;;
+chunks)
+    # the loss's chunks under the power limit (both bar paths ran at the H100's 700 W cap, 2026-12-06): one chunk of
+    # all 8,192 tokens (the head's products each one GEMM, its weight read once and its gradient written once, 2 GiB
+    # of bf16 logits) and 4,096-token chunks with the tied gradient as rows (1.003x on the H100, 2026-12-05), beside
+    # the default and HF + Liger, clocks and power logged; first the rotary op's GPU tests (its kernels' shared
+    # prologue, 6032ed3, ran only under Triton's interpreter so far)
+    if [ -z "${REHEARSE:-}" ]; then
+        gpu_tests 150 tests_rotary.log tests/gpu/test_models_gpu.py -k "fused_rotary"
+    fi
+    bench bench_1b_chunks.log --shape 1b --label 1b_chunks --steps 100 --paths forgather hf-liger \
+        --variant chunk8k ++loss.chunk_size=8192 --variant chunk4k_sparse ++loss.chunk_size=4096 sparse_tied_grad=true \
+        --clocks --timeout 110 "$@"
     ;;
 rotary)
     # the fused q/k/v product rotated and split by our Triton op (forgather.models.fused_rotary): its GPU tests
