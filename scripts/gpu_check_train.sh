@@ -108,6 +108,8 @@
 #                     $BASELINE_TREE's default.
 #   part chunks       the rotary op's GPU tests; the loss as one 8,192-token chunk and as 4,096-token chunks with
 #                     sparse_tied_grad, beside the default and HF + Liger, 100 steps, clocks and power logged.
+#   part inback       TritonAdamW inside backward in buckets of ~50M and ~200M elements on a side stream, beside the
+#                     default and HF + Liger, 100 steps, clocks and power logged.
 #   part garbage      the default, 100 steps from a cold compile cache, then from the warm one, naming step 59's garbage.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
@@ -487,6 +489,17 @@ chunks)
     fi
     bench bench_1b_chunks.log --shape 1b --label 1b_chunks --steps 100 --paths forgather hf-liger \
         --variant chunk8k ++loss.chunk_size=8192 --variant chunk4k_sparse ++loss.chunk_size=4096 sparse_tied_grad=true \
+        --clocks --timeout 110 "$@"
+    ;;
+inback)
+    # TritonAdamW stepped inside backward in buckets on a side stream (optimizer=adamw_in_backward with TritonAdamW as
+    # its factory): the optimizer's ~4.4 ms a step of memory-bound work alongside backward's products instead of
+    # after them, which under the power limit may cost less energy (with torch's fused AdamW as the factory:
+    # 1.006-1.008x on an H100, 2026-12-04, before TritonAdamW), beside the default and HF + Liger, 100 steps
+    local_ib="optimizer=adamw_in_backward ++optimizer.optimizer_factory._target_=forgather.optim.triton_adamw:TritonAdamW"
+    local_ib="$local_ib ++optimizer.optimizer_factory.fused=null"
+    bench bench_1b_inback.log --shape 1b --label 1b_inback --steps 100 --paths forgather hf-liger \
+        --variant ib50 $local_ib bucket_size=50000000 --variant ib200 $local_ib bucket_size=200000000 \
         --clocks --timeout 110 "$@"
     ;;
 rotary)
