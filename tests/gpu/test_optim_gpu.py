@@ -109,11 +109,16 @@ def test_optimizer_in_backward_with_triton_adafactor_matches_a_plain_step():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("triton", [False, True], ids=["torch-fused", "TritonAdamW"])
 @pytest.mark.parametrize("bucket_size", [None, 5_000_000], ids=["per-parameter", "buckets"])
-def test_overlapped_adamw_in_backward_is_the_plain_fused_step_bit_for_bit(bucket_size):
+def test_overlapped_adamw_in_backward_is_the_plain_fused_step_bit_for_bit(bucket_size, triton):
     """Steps on a side stream alongside backward, one parameter or one bucket of ~5M elements at a time: the
     parameters after each backward (read on the default stream, no synchronization in between) are those of
-    torch's fused AdamW over the whole model, in bf16."""
+    the same AdamW stepped over the whole model after backward, in bf16: torch's fused kernel, or TritonAdamW
+    (one launch a bucket; the in-backward variant measured in docs/guides/gpu_training.md)."""
+    from forgather.optim import TritonAdamW
+
+    adamw = TritonAdamW if triton else partial(torch.optim.AdamW, fused=True)
     torch.manual_seed(0)
 
     def model():
@@ -122,9 +127,9 @@ def test_overlapped_adamw_in_backward_is_the_plain_fused_step_bit_for_bit(bucket
 
     plain, hooked = model(), model()
     hooked.load_state_dict(plain.state_dict())
-    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
-    in_bwd = optimizer_in_backward(hooked, partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, fused=True),
-                                   overlap=True, bucket_size=bucket_size)
+    opt = adamw(plain.parameters(), lr=1e-3, weight_decay=0.1)
+    in_bwd = optimizer_in_backward(hooked, partial(adamw, lr=1e-3, weight_decay=0.1), overlap=True,
+                                   bucket_size=bucket_size)
     assert len(in_bwd.buckets) == (6 if bucket_size is None else 2)
     for _ in range(4):
         x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
