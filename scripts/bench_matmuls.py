@@ -19,7 +19,14 @@ Settings (environment variables, read when cuBLAS starts, hence one process each
 The loops keep their operands warm in L2, so the step's products run a few percent slower than these (H100:
 82.1 ms a step in the training profile against 78.4 summed here); compare settings and widths, not absolutes.
 
-    python scripts/bench_matmuls.py [--iters 20] [--settings default lt ...] [--json FILE]
+`--energy SECONDS` also runs a whole step's products in the default's widths (q/k/v and gate/up as one; each
+layer's forwards, the head's 4 chunks, then each layer's gradients in reverse) over and over for that long,
+with nvidia-smi sampling power and the SM clock (bench_train.GpuClocks), and prints their energy a token: the
+floor a training step's energy stands on at the power limit, against which the rest of the step's energy (and
+HF + Liger's, `bench_train.py --clocks`) can be set. Random bf16 operands (power depends on the data: zeros
+draw less).
+
+    python scripts/bench_matmuls.py [--iters 20] [--settings default lt ...] [--energy 10] [--json FILE]
 """
 
 from __future__ import annotations
@@ -52,7 +59,60 @@ STEPS = {"separate": ("q", "k", "v", "o", "gate", "up", "down", "head"),
          "fused qkv, gate_up": ("qkv", "o", "gate_up", "down", "head")}
 
 
-def worker(iters: int) -> dict:
+def step_order(members: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(product, layout) in a training step's order: each layer's forwards, the head's chunks (forward and both
+    gradients, as the fused loss makes them), then each layer's gradients in reverse."""
+    layer = [p for p in members if p != "head"]
+    order = [(p, "forward") for _ in range(LAYERS) for p in layer]
+    order += [("head", layout) for _ in range(CHUNKS) for layout in LAYOUTS]
+    order += [(p, layout) for _ in range(LAYERS) for p in reversed(layer) for layout in ("dgrad", "wgrad")]
+    return order
+
+
+def step_energy(seconds: float, members: tuple[str, ...]) -> dict:
+    """One step's products run back to back for `seconds` under nvidia-smi: ms a step, medians of power and
+    clock under load, and the energy a token at that power."""
+    import time
+
+    import torch
+    from bench_train import GpuClocks
+
+    dev = torch.device("cuda")
+    operands = {}
+    for name in members:
+        n, k, m, _ = PRODUCTS[name]
+        operands[name] = [torch.randn(shape, device=dev, dtype=torch.bfloat16) for shape in ((m, k), (n, k), (m, n))]
+    calls = {"forward": lambda x, w, dy: x @ w.t(), "dgrad": lambda x, w, dy: dy @ w,
+             "wgrad": lambda x, w, dy: dy.t() @ x}
+    order = [(calls[layout], operands[name]) for name, layout in step_order(members)]
+
+    def one_step() -> None:
+        for call, args in order:
+            call(*args)
+
+    for _ in range(3):
+        one_step()
+    torch.cuda.synchronize()
+    steps, start, end = 0, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with GpuClocks() as clocks:
+        begin = time.perf_counter()
+        start.record()
+        while time.perf_counter() - begin < seconds:
+            one_step()
+            steps += 1
+            if steps % 4 == 0:  # the host no further than a few steps ahead of what the clock measures
+                torch.cuda.synchronize()
+        end.record()
+        torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    result = {"ms_per_step": ms, "steps": steps, "products": len(order)}
+    summary = clocks.summary()
+    if summary is not None:
+        result.update(summary, mj_per_token=summary["power_w"] * ms / TOKENS)
+    return result
+
+
+def worker(iters: int, energy: float = 0.0) -> dict:
     import torch
     from bench_step_pieces import timed  # this directory is the script's: first on sys.path
     from torch.profiler import ProfilerActivity, profile
@@ -79,6 +139,8 @@ def worker(iters: int) -> dict:
             results[f"{name} {layout}"] = dict(us=us, tflops=2 * m * n * k / us / 1e6, memsets=memsets,
                                                kernel=",".join(names)[:60])
         del x, w, dy
+    if energy:
+        results["energy"] = step_energy(energy, STEPS["fused qkv, gate_up"])
     return results
 
 
@@ -86,17 +148,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--energy", type=float, default=0.0, metavar="SECONDS",
+                        help="also run a step's products for this long under nvidia-smi: their energy a token")
     parser.add_argument("--json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.iters)))
+        print(json.dumps(worker(args.iters, args.energy)))
         return
     runs: dict[str, dict] = {}
     for setting in args.settings:
         env = {**os.environ, **SETTINGS[setting]}
-        done = subprocess.run([sys.executable, __file__, "--worker", setting, "--iters", str(args.iters)],
-                              env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, "--worker", setting, "--iters", str(args.iters),
+                               "--energy", str(args.energy)], env=env, capture_output=True, text=True)
         if done.returncode:
             print(f"{setting}: failed\n{done.stderr[-2000:]}")
             continue
@@ -106,6 +170,7 @@ def main() -> None:
     names = list(runs)
     print("| product | " + " | ".join(f"{s} us | TFLOP/s | memsets" for s in names) + " | kernel (first) |")
     print("| --- | " + " | ".join("---: | ---: | ---:" for _ in names) + " | --- |")
+    energies = {setting: r.pop("energy") for setting, r in runs.items() if "energy" in r}
     for key in next(iter(runs.values())):
         cells = " | ".join(f"{r[key]['us']:.1f} | {r[key]['tflops']:.0f} | {r[key]['memsets']}" for r in runs.values())
         print(f"| {key} | {cells} | {runs[names[0]][key]['kernel']} |")
@@ -118,9 +183,20 @@ def main() -> None:
             ms = sum(r[f"{p} {lay}"]["us"] * PRODUCTS[p][3] for p in members for lay in LAYOUTS) / 1e3
             cells.append(f"{ms:.2f}")
         print(f"| {step} | " + " | ".join(cells) + " |")
+    if energies:
+        print(f"\nA step's products run back to back ({STEPS['fused qkv, gate_up']}, {args.energy:.0f} s each):\n")
+        print("| setting | ms a step | SM MHz | W | power cap | mJ a token |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for setting, e in energies.items():
+            if "mj_per_token" not in e:
+                print(f"| {setting} | {e['ms_per_step']:.2f} | | | | |")
+                continue
+            capped = "" if e["power_capped"] is None else f"{100 * e['power_capped']:.0f}%"
+            print(f"| {setting} | {e['ms_per_step']:.2f} | {e['sm_mhz']:.0f} | {e['power_w']:.0f} | {capped} "
+                  f"| {e['mj_per_token']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(runs, f, indent=1)
+            json.dump({**runs, **{f"{s} energy": e for s, e in energies.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":
