@@ -20,11 +20,11 @@ The loops keep their operands warm in L2, so the step's products run a few perce
 82.1 ms a step in the training profile against 78.4 summed here); compare settings and widths, not absolutes.
 
 `--energy SECONDS` also runs a whole step's products in the default's widths (q/k/v and gate/up as one; each
-layer's forwards, the head's 4 chunks, then each layer's gradients in reverse) over and over for that long,
-with nvidia-smi sampling power and the SM clock (bench_train.GpuClocks), and prints their energy a token: the
+layer's forwards, the head's 4 chunks, then each layer's gradients in reverse) over and over for that long and
+prints their energy a token (bench_energy.measure: NVML's energy counter, nvidia-smi's clock and power): the
 floor a training step's energy stands on at the power limit, against which the rest of the step's energy (and
 HF + Liger's, `bench_train.py --clocks`) can be set. Random bf16 operands (power depends on the data: zeros
-draw less).
+draw less). `bench_energy.py` measures the step's other pieces the same way.
 
     python scripts/bench_matmuls.py [--iters 20] [--settings default lt ...] [--energy 10] [--json FILE]
 """
@@ -69,47 +69,28 @@ def step_order(members: tuple[str, ...]) -> list[tuple[str, str]]:
     return order
 
 
-def step_energy(seconds: float, members: tuple[str, ...]) -> dict:
-    """One step's products run back to back for `seconds` under nvidia-smi: ms a step, medians of power and
-    clock under load, and the energy a token at that power."""
-    import time
-
+def step_products(members: tuple[str, ...]):
+    """One step's products of these widths (`step_order`) on random bf16 operands, as a callable."""
     import torch
-    from bench_train import GpuClocks
 
-    dev = torch.device("cuda")
     operands = {}
     for name in members:
         n, k, m, _ = PRODUCTS[name]
-        operands[name] = [torch.randn(shape, device=dev, dtype=torch.bfloat16) for shape in ((m, k), (n, k), (m, n))]
-    calls = {"forward": lambda x, w, dy: x @ w.t(), "dgrad": lambda x, w, dy: dy @ w,
-             "wgrad": lambda x, w, dy: dy.t() @ x}
+        operands[name] = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for shape in ((m, k), (n, k), (m, n))]
+    calls = dict(zip(LAYOUTS, (lambda x, w, dy: x @ w.t(), lambda x, w, dy: dy @ w, lambda x, w, dy: dy.t() @ x)))
     order = [(calls[layout], operands[name]) for name, layout in step_order(members)]
 
-    def one_step() -> None:
+    def step() -> None:
         for call, args in order:
             call(*args)
+    return step
 
-    for _ in range(3):
-        one_step()
-    torch.cuda.synchronize()
-    steps, start, end = 0, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with GpuClocks() as clocks:
-        begin = time.perf_counter()
-        start.record()
-        while time.perf_counter() - begin < seconds:
-            one_step()
-            steps += 1
-            if steps % 4 == 0:  # the host no further than a few steps ahead of what the clock measures
-                torch.cuda.synchronize()
-        end.record()
-        torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
-    result = {"ms_per_step": ms, "steps": steps, "products": len(order)}
-    summary = clocks.summary()
-    if summary is not None:
-        result.update(summary, mj_per_token=summary["power_w"] * ms / TOKENS)
-    return result
+
+def step_energy(seconds: float, members: tuple[str, ...]) -> dict:
+    """One step's products run back to back for `seconds` (bench_energy.measure): ms and energy a step."""
+    from bench_energy import energy_counter, measure
+
+    return measure(step_products(members), seconds, energy_counter())
 
 
 def worker(iters: int, energy: float = 0.0) -> dict:
@@ -191,8 +172,9 @@ def main() -> None:
             if "mj_per_token" not in e:
                 print(f"| {setting} | {e['ms_per_step']:.2f} | | | | |")
                 continue
-            capped = "" if e["power_capped"] is None else f"{100 * e['power_capped']:.0f}%"
-            print(f"| {setting} | {e['ms_per_step']:.2f} | {e['sm_mhz']:.0f} | {e['power_w']:.0f} | {capped} "
+            capped = "" if e.get("power_capped") is None else f"{100 * e['power_capped']:.0f}%"
+            mhz = f"{e['sm_mhz']:.0f}" if "sm_mhz" in e else ""
+            print(f"| {setting} | {e['ms_per_step']:.2f} | {mhz} | {e['mean_power_w']:.0f} | {capped} "
                   f"| {e['mj_per_token']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:

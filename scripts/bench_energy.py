@@ -1,0 +1,220 @@
+"""Where the 1.24B training step's energy goes, piece by piece, at the GPU's power limit (issue 17).
+
+Both bar paths run at the power limit (H100: ~690 of 700 W, 2026-12-06), so a step takes as long as its energy
+takes to spend: a kernel made shorter moves tokens/s only as far as it spends less energy. Profiles give time,
+not energy. This runs each piece of a step alone, a step's worth at a time (its count in one step of the 1.24B
+shape), back to back for `--seconds`, and reads the energy the GPU spent from NVML's counter
+(nvmlDeviceGetTotalEnergyConsumption) around it; nvidia-smi samples the SM clock and power meanwhile
+(bench_train.GpuClocks). Pieces:
+
+- products: the step's matrix products in the default's widths (bench_matmuls.step_order: 204 a step);
+- attention: our packed-document kernels forward + backward (forgather.models.packed_attention, default tiles)
+  on the training bench's own packed rows (bench_step_pieces.stdlib_documents), 16 a step;
+- rotary: the fused q/k/v product rotated and split (forgather.models.fused_rotary) and its backward, 16;
+- norms: the residual add + RMSNorm as our Triton ops forward + backward (fused_norm), 33 (two a layer and the
+  final one, as CausalLM makes them);
+- swiglu: silu(gate) * up of the fused gate/up product, compiled by inductor as in the step, forward + backward, 16;
+- optimizer: TritonAdamW's step over the shape's bf16 parameters, 1.
+
+Each piece but the optimizer runs as a CUDA graph of its step's worth, so host launches leave no gaps; the
+optimizer is one launch. Operands are random bf16 (power depends on the data: zeros draw less), so the figures
+are the pieces' own, not exactly what they spend inside a step, where they run at other clocks. The loss's
+cross-entropy kernel, the embedding and the scaling kernels (~2 ms a step together on an H200) are left out:
+the table says how much of the step the pieces add up to.
+
+    python scripts/bench_energy.py [--seconds 10] [--pieces products attention ...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+import torch
+
+from bench_matmuls import STEPS, step_products
+from bench_step_pieces import SHAPE, packed_inputs, packed_step, parameters_1b, stdlib_documents, stdlib_positions
+from bench_train import GpuClocks
+
+TOKENS = SHAPE["batch"] * SHAPE["seq"]
+# a step of the 1.24B shape: how many of each piece (norms: two a layer and the final norm)
+COUNTS = {"products": 1, "attention": SHAPE["layers"], "rotary": SHAPE["layers"], "norms": 2 * SHAPE["layers"] + 1,
+          "swiglu": SHAPE["layers"], "optimizer": 1}
+
+
+def energy_counter() -> Callable[[], float] | None:
+    """Joules the GPU has spent since its driver loaded (NVML), or None where NVML cannot say."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except Exception:  # noqa: BLE001 - no pynvml, or a GPU or sandbox without the counter: power x time instead
+        return None
+    return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3
+
+
+def as_graph(fn: Callable[[], object], reps: int) -> Callable[[], None]:
+    """`reps` calls of fn captured in one CUDA graph (its replay), or the calls themselves where capture fails."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for _ in range(reps):
+                fn()
+    except Exception as error:  # noqa: BLE001 - a piece that cannot be captured runs from the host
+        print(f"graph capture failed, run from the host: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        torch.cuda.synchronize()
+        return lambda: [fn() for _ in range(reps)]
+    return graph.replay
+
+
+def products_step() -> Callable[[], None]:
+    return step_products(STEPS["fused qkv, gate_up"])
+
+
+def attention_step() -> Callable[[], None]:
+    q, k, v, grad, bounds = packed_inputs(stdlib_documents(SHAPE["batch"], SHAPE["seq"]).cuda())
+    return as_graph(packed_step(q, k, v, grad, bounds, None), COUNTS["attention"])
+
+
+def rotary_step() -> Callable[[], None]:
+    from forgather.models.fused_rotary import rotary_qkv
+    from forgather.models.rope import RotaryEmbedding
+
+    s = SHAPE
+    width = (s["heads"] + 2 * s["kv_heads"]) * s["head_dim"]
+    qkv = torch.randn(s["batch"], s["seq"], width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    rope = RotaryEmbedding(s["head_dim"]).to("cuda")
+    cos, sin = (t.to(torch.bfloat16) for t in rope(stdlib_positions(s["batch"], s["seq"]).cuda()))
+    grads = [torch.randn(s["batch"], heads, s["seq"], s["head_dim"], device="cuda", dtype=torch.bfloat16)
+             for heads in (s["heads"], s["kv_heads"], s["kv_heads"])]
+
+    def step() -> None:
+        qkv.grad = None
+        torch.autograd.backward(rotary_qkv(qkv, cos, sin, s["heads"], s["kv_heads"]), grads)
+    return as_graph(step, COUNTS["rotary"])
+
+
+def norms_step() -> Callable[[], None]:
+    from forgather.models import fused_rms_norm
+
+    s = SHAPE
+    shape = (s["batch"], s["seq"], s["hidden"])
+    x, delta = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    dy, ds = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.ones(s["hidden"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step() -> None:
+        for t in (x, delta, weight):
+            t.grad = None
+        total, y = fused_rms_norm.add_rms_norm(x, delta, weight, 1e-5)
+        torch.autograd.backward([y, total], [dy, ds])
+    return as_graph(step, COUNTS["norms"])
+
+
+def swiglu_step() -> Callable[[], None]:
+    s = SHAPE
+
+    @torch.compile
+    def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    gate_up = torch.randn(TOKENS, 2 * s["intermediate"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(TOKENS, s["intermediate"], device="cuda", dtype=torch.bfloat16)
+
+    def step() -> None:
+        gate_up.grad = None
+        swiglu(gate_up).backward(grad)
+    return as_graph(step, COUNTS["swiglu"])
+
+
+def optimizer_step() -> Callable[[], None]:
+    from forgather.optim import TritonAdamW
+
+    optimizer = TritonAdamW(parameters_1b(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    return optimizer.step
+
+
+PIECES = {"products": products_step, "attention": attention_step, "rotary": rotary_step, "norms": norms_step,
+          "swiglu": swiglu_step, "optimizer": optimizer_step}
+
+
+def measure(step: Callable[[], None], seconds: float, counter: Callable[[], float] | None) -> dict:
+    """Runs `step` (one training step's worth of a piece) back to back for `seconds`: ms and joules a step."""
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    steps, start, end = 0, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with GpuClocks() as clocks:
+        joules = counter() if counter else None
+        begin = time.perf_counter()
+        start.record()
+        while time.perf_counter() - begin < seconds:
+            step()
+            steps += 1
+            if steps % 4 == 0:  # the host no further than a few steps ahead of what is measured
+                torch.cuda.synchronize()
+        end.record()
+        torch.cuda.synchronize()
+        joules = counter() - joules if counter else None
+    ms = start.elapsed_time(end) / steps
+    result = {"ms_per_step": ms, "steps": steps, **(clocks.summary() or {})}
+    if joules is None and "power_w" in result:  # no counter: the median power under load for the whole time
+        joules = result["power_w"] * ms / 1e3 * steps
+    if joules is not None:
+        result.update(joules_per_step=joules / steps, mj_per_token=1e3 * joules / steps / TOKENS,
+                      mean_power_w=joules / (ms / 1e3 * steps))
+    return result
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = ["| piece (a step's worth) | count | ms a step | mean W | SM MHz | power cap | mJ a token |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | {COUNTS[name]} | {r['error']} | | | | |")
+            continue
+        capped = "" if r.get("power_capped") is None else f"{100 * r['power_capped']:.0f}%"
+        mhz = f"{r['sm_mhz']:.0f}" if "sm_mhz" in r else ""
+        watts = f"{r['mean_power_w']:.0f}" if "mean_power_w" in r else ""
+        energy = f"{r['mj_per_token']:.3f}" if "mj_per_token" in r else ""
+        lines.append(f"| {name} | {COUNTS[name]} | {r['ms_per_step']:.2f} | {watts} | {mhz} | {capped} | {energy} |")
+    done = [r for r in results.values() if "mj_per_token" in r]
+    if done:
+        lines.append(f"| all of the above | | {sum(r['ms_per_step'] for r in done):.2f} | | | | "
+                     f"{sum(r['mj_per_token'] for r in done):.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long each piece runs back to back")
+    parser.add_argument("--pieces", nargs="+", choices=list(PIECES), default=list(PIECES))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    counter = energy_counter()
+    print(f"# {torch.cuda.get_device_name()}, energy from "
+          f"{'NVML counter' if counter else 'median power x time (no NVML counter)'}", flush=True)
+    results: dict[str, dict] = {}
+    for name in args.pieces:
+        try:
+            results[name] = measure(PIECES[name](), args.seconds, counter)
+        except Exception as error:  # noqa: BLE001 - a piece that fails is a row, the others still run
+            results[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+        print(json.dumps({"piece": name, **results[name]}), flush=True)
+        torch.cuda.empty_cache()
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

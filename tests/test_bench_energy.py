@@ -1,0 +1,63 @@
+"""scripts/bench_energy.py on a CPU: a step's worth of each piece is what the 1.24B model makes in one step, and
+the three scripts that describe that shape agree on it."""
+
+import sys
+
+import torch
+
+from helpers.plain_lightning_train import build_model
+from helpers.scripts import SCRIPTS, load_script
+
+sys.path.insert(0, str(SCRIPTS))  # bench_energy imports its neighbours by name, as it does when run
+bench_energy = load_script("bench_energy")
+bench_matmuls = load_script("bench_matmuls")
+bench_train = load_script("bench_train")
+
+
+def test_the_scripts_describe_one_shape():
+    s, train = bench_energy.SHAPE, bench_train.SHAPES["1b"]
+    assert {key: s[key] for key in train if key in s} == {key: train[key] for key in train if key in s}
+    assert (bench_matmuls.HIDDEN, bench_matmuls.LAYERS, bench_matmuls.VOCAB) == (s["hidden"], s["layers"], s["vocab"])
+    assert bench_matmuls.TOKENS == bench_energy.TOKENS == s["batch"] * s["seq"]
+    kv_width = s["kv_heads"] * s["head_dim"]
+    assert bench_matmuls.PRODUCTS["qkv"][:2] == (s["heads"] * s["head_dim"] + 2 * kv_width, s["hidden"])
+    assert bench_matmuls.PRODUCTS["gate_up"][:2] == (2 * s["intermediate"], s["hidden"])
+
+
+def test_a_steps_worth_of_each_piece_is_the_models_count():
+    """Norms: every RMSNorm module of the model runs once a step (two a layer and the final one); attention,
+    rotary and SwiGLU once a layer; the products: every linear weight and the tied head (6 FLOPs a weight a
+    token, tests/test_bench_matmuls.py)."""
+    s = bench_energy.SHAPE
+    with torch.device("meta"):
+        model = build_model(vocab_size=s["vocab"], hidden_size=s["hidden"], num_layers=s["layers"],
+                            num_heads=s["heads"])
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert bench_energy.COUNTS["norms"] == kinds.count("RMSNorm")
+    assert bench_energy.COUNTS["attention"] == bench_energy.COUNTS["rotary"] == kinds.count("Attention")
+    assert bench_energy.COUNTS["swiglu"] == kinds.count("SwiGLU")
+    assert set(bench_energy.PIECES) == set(bench_energy.COUNTS)
+
+
+def test_measure_reports_the_counters_joules_a_token(monkeypatch):
+    """The energy a step comes from the counter's difference around the loop, not from the clock samples."""
+    monkeypatch.setattr(bench_energy.torch.cuda, "synchronize", lambda: None)
+
+    class Event:
+        def __init__(self, **_):
+            self.t = None
+
+        def record(self):
+            self.t = bench_energy.time.perf_counter()
+
+        def elapsed_time(self, other):
+            return 1e3 * (other.t - self.t)
+
+    monkeypatch.setattr(bench_energy.torch.cuda, "Event", Event)
+    joules = iter([100.0, 130.0])
+    calls = []
+    result = bench_energy.measure(lambda: calls.append(1), 0.05, lambda: next(joules))
+    steps = result["steps"]
+    assert steps == len(calls) - 2  # two warm-up calls before the counter's first reading
+    assert abs(result["joules_per_step"] - 30.0 / steps) < 1e-9
+    assert abs(result["mj_per_token"] - 1e3 * 30.0 / steps / bench_energy.TOKENS) < 1e-9
