@@ -13,7 +13,9 @@ shape), back to back for `--seconds`, and reads the energy the GPU spent from NV
 - rotary: the fused q/k/v product rotated and split (forgather.models.fused_rotary) and its backward, 16;
 - norms: the residual add + RMSNorm as our Triton ops forward + backward (fused_norm), 33 (two a layer and the
   final one, as CausalLM makes them);
-- swiglu: silu(gate) * up of the fused gate/up product, compiled by inductor as in the step, forward + backward, 16;
+- swiglu: silu(gate) * up, gate and up the layer's two products, compiled by inductor as in the step, forward +
+  backward, 16; beside it (`--pieces swiglu-ours swiglu-liger`) our Triton op (fused_swiglu=true) and Liger's
+  kernels (HF + Liger's);
 - optimizer: TritonAdamW's step over the shape's bf16 parameters, 1.
 
 Each piece but the optimizer runs as a CUDA graph of its step's worth, so host launches leave no gaps; the
@@ -41,7 +43,7 @@ from bench_train import GpuClocks
 TOKENS = SHAPE["batch"] * SHAPE["seq"]
 # a step of the 1.24B shape: how many of each piece (norms: two a layer and the final norm)
 COUNTS = {"products": 1, "attention": SHAPE["layers"], "rotary": SHAPE["layers"], "norms": 2 * SHAPE["layers"] + 1,
-          "swiglu": SHAPE["layers"], "optimizer": 1}
+          "swiglu": SHAPE["layers"], "optimizer": 1, "swiglu-ours": SHAPE["layers"], "swiglu-liger": SHAPE["layers"]}
 
 
 def energy_counter() -> Callable[[], float] | None:
@@ -118,21 +120,35 @@ def norms_step() -> Callable[[], None]:
     return as_graph(step, COUNTS["norms"])
 
 
-def swiglu_step() -> Callable[[], None]:
-    s = SHAPE
-
-    @torch.compile
-    def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * up
-
-    gate_up = torch.randn(TOKENS, 2 * s["intermediate"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(TOKENS, s["intermediate"], device="cuda", dtype=torch.bfloat16)
+def gate_step(swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    """silu(gate) * up forward + backward by `swiglu` on gate and up as the layer has them (two products)."""
+    gate, up = (torch.randn(TOKENS, SHAPE["intermediate"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+    grad = torch.randn(TOKENS, SHAPE["intermediate"], device="cuda", dtype=torch.bfloat16)
 
     def step() -> None:
-        gate_up.grad = None
-        swiglu(gate_up).backward(grad)
+        gate.grad = up.grad = None
+        swiglu(gate, up).backward(grad)
     return as_graph(step, COUNTS["swiglu"])
+
+
+def swiglu_step() -> Callable[[], None]:
+    """inductor's kernels, as the step compiles the layer's gate without fused_swiglu."""
+    return gate_step(torch.compile(lambda gate, up: torch.nn.functional.silu(gate) * up))
+
+
+def swiglu_ours_step() -> Callable[[], None]:
+    """forgather.models.fused_swiglu (fused_swiglu=true)."""
+    from forgather.models.fused_swiglu import swiglu
+
+    return gate_step(swiglu)
+
+
+def swiglu_liger_step() -> Callable[[], None]:
+    """Liger's SwiGLU kernels (what HF + Liger's step runs), eager."""
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return gate_step(LigerSiLUMulFunction.apply)
 
 
 def optimizer_step() -> Callable[[], None]:
@@ -143,7 +159,9 @@ def optimizer_step() -> Callable[[], None]:
 
 
 PIECES = {"products": products_step, "attention": attention_step, "rotary": rotary_step, "norms": norms_step,
-          "swiglu": swiglu_step, "optimizer": optimizer_step}
+          "swiglu": swiglu_step, "optimizer": optimizer_step, "swiglu-ours": swiglu_ours_step,
+          "swiglu-liger": swiglu_liger_step}
+DEFAULT_PIECES = ["products", "attention", "rotary", "norms", "swiglu", "optimizer"]  # the default step's
 
 
 def measure(step: Callable[[], None], seconds: float, counter: Callable[[], float] | None) -> dict:
@@ -186,17 +204,18 @@ def table(results: dict[str, dict]) -> str:
         watts = f"{r['mean_power_w']:.0f}" if "mean_power_w" in r else ""
         energy = f"{r['mj_per_token']:.3f}" if "mj_per_token" in r else ""
         lines.append(f"| {name} | {COUNTS[name]} | {r['ms_per_step']:.2f} | {watts} | {mhz} | {capped} | {energy} |")
-    done = [r for r in results.values() if "mj_per_token" in r]
+    done = [r for name, r in results.items() if name in DEFAULT_PIECES and "mj_per_token" in r]
     if done:
-        lines.append(f"| all of the above | | {sum(r['ms_per_step'] for r in done):.2f} | | | | "
-                     f"{sum(r['mj_per_token'] for r in done):.3f} |")
+        lines.append(f"| the default step's pieces above, summed | | {sum(r['ms_per_step'] for r in done):.2f} "
+                     f"| | | | {sum(r['mj_per_token'] for r in done):.3f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each piece runs back to back")
-    parser.add_argument("--pieces", nargs="+", choices=list(PIECES), default=list(PIECES))
+    parser.add_argument("--pieces", nargs="+", choices=list(PIECES), default=DEFAULT_PIECES,
+                        help="default: the default step's pieces (the sum row adds those of them that ran)")
     parser.add_argument("--json")
     args = parser.parse_args()
     counter = energy_counter()

@@ -12,6 +12,9 @@ is what limits the context of a long-sequence step (scripts/bench_memory.py).
 
 from __future__ import annotations
 
+import importlib
+import warnings
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -34,17 +37,36 @@ def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     return torch.cat(parts).reshape(*x.shape[:-1], -1)
 
 
+def fused_swiglu_ops() -> ModuleType | None:
+    """forgather's SwiGLU gate ops (fused_swiglu.py), or None where they cannot run: without Triton (CPU builds of
+    torch), and in standalone exported code, where forgather is absent -- the module is imported by name, so that
+    code still loads and runs the torch expression."""
+    try:
+        importlib.import_module("triton")
+        return importlib.import_module("forgather.models.fused_swiglu")
+    except ImportError:
+        return None
+
+
 class SwiGLU(nn.Module):
     """Gated feed-forward with a SiLU gate (Shazeer, 2020, "GLU Variants"): down(silu(gate(x)) * up(x)).
 
     `fused_projections`: true computes gate and up as one matmul over both weights concatenated
     (`forgather.models.fused`: same parameters and state dict); "kv", "qkv" and "auto" (the attention's projections
     only) leave them two.
+    `fused`: on CUDA tensors, silu(gate) * up as our Triton ops (`fused_swiglu`: one kernel forward and one
+    backward, the least arithmetic an element); elsewhere, and without Triton, the torch expression.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None,
-                 fused_projections: bool | str = False):
+                 fused_projections: bool | str = False, fused: bool = False):
         super().__init__()
+        ops = fused_swiglu_ops() if fused else None
+        if fused and ops is None and torch.cuda.is_available():
+            warnings.warn("SwiGLU(fused=True) runs the torch expression: Triton is not installed (pip install "
+                          "triton, or forgather[gpu])", stacklevel=2)
+        # the op itself, not its module: a model must stay picklable and deep-copyable
+        self._swiglu = ops.swiglu if ops is not None else None
         positive_sizes(type(self).__name__, hidden_size=hidden_size, intermediate_size=intermediate_size)
         fused_projections = fusion(type(self).__name__, fused_projections)
         if chunk_tokens is not None and chunk_tokens < 1:
@@ -63,6 +85,8 @@ class SwiGLU(nn.Module):
             gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self._swiglu is not None and gate.is_cuda and gate.dtype == up.dtype:
+            return self.down_proj(self._swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 

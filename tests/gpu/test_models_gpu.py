@@ -41,7 +41,8 @@ def packed_positions(batch: int = 2) -> torch.Tensor:
     return torch.stack(rows).cuda()
 
 
-def wide_model(attention_fn: str, fused_norm: bool = False, fused_projections: bool | str = False) -> CausalLM:
+def wide_model(attention_fn: str, fused_norm: bool = False, fused_projections: bool | str = False,
+               fused_swiglu: bool = False) -> CausalLM:
     """Heads of 64 (8 over 2 kv heads) in bf16: the head dim and dtype of the measured packed tilings."""
     torch.manual_seed(0)
     norm = functools.partial(RMSNorm, fused=fused_norm)
@@ -50,7 +51,7 @@ def wide_model(attention_fn: str, fused_norm: bool = False, fused_projections: b
         attention_factory=functools.partial(Attention, num_heads=8, num_kv_heads=2, attention_fn=attention_fn,
                                             fused_projections=fused_projections),
         feedforward_factory=functools.partial(SwiGLU, intermediate_size=1024,
-                                              fused_projections=fused_projections is True),
+                                              fused_projections=fused_projections is True, fused=fused_swiglu),
         norm_factory=norm,
     )
     built = CausalLM(VOCAB, 512, 2, layer_factory, norm, rope=RotaryEmbedding(64))
@@ -407,6 +408,57 @@ def test_fused_rotary_matches_its_references(dtype, shape):
         torch.testing.assert_close(a.float(), b.float(), **tolerance)
     assert torch.equal(got[2], want[2])  # v copied
     torch.testing.assert_close(qkv.grad.float(), want_grad.float(), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("halves", [False, True], ids=["two", "halves"])
+def test_fused_swiglu_matches_its_reference(dtype, halves):
+    """forgather::swiglu and its backward against autograd through reference_swiglu (which the CPU tests hold
+    to the kernels' closed form): fp32 within a few ulps (the sigmoid's exp2 and division are not IEEE-rounded),
+    bf16 within one ulp; rows that do not fill their last program; gate and up as two tensors, or as the halves
+    of one gate/up product (views with a row stride twice their width)."""
+    from forgather.models.fused_swiglu import reference_swiglu, swiglu
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shape, cols = (3, 301), 2048 + 96
+
+    def inputs():
+        if halves:
+            product = (3 * torch.randn(*shape, 2 * cols, device="cuda", generator=generator)).to(dtype)
+            product.requires_grad_()
+            return [product], product.chunk(2, dim=-1)
+        gate, up = ((3 * torch.randn(*shape, cols, device="cuda", generator=generator)).to(dtype).requires_grad_()
+                    for _ in range(2))
+        return [gate, up], (gate, up)
+
+    leaves, (gate, up) = inputs()
+    twins = [t.detach().clone().requires_grad_() for t in leaves]
+    twin_gate, twin_up = twins[0].chunk(2, dim=-1) if halves else twins
+    dh = torch.randn(*shape, cols, device="cuda", generator=generator).to(dtype)
+    got, want = swiglu(gate, up), reference_swiglu(twin_gate, twin_up)
+    got.backward(dh)
+    want.backward(dh)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(got.float(), want.float(), **tolerance)
+    for a, b in zip(leaves, twins):
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), **tolerance)
+
+
+def test_compiled_layers_with_the_fused_swiglu_train_like_the_torch_gate():
+    """SwiGLU(fused=True) takes forgather::swiglu on CUDA; with each layer compiled (as compile=true runs them),
+    the logits and every gradient agree with the same model whose gate inductor compiles."""
+    results = {}
+    for op in (True, False):
+        built = wide_model("packed", fused_norm=True, fused_projections="qkv", fused_swiglu=op)
+        assert all((layer.feedforward._swiglu is not None) is op for layer in built.layers)
+        for layer in built.layers:
+            layer.compile()
+        logits = built(token_ids(), packed_positions())
+        logits.float().logsumexp(-1).mean().backward()
+        results[op] = (logits.detach().float(), [p.grad.float() for p in built.parameters()])
+    torch.testing.assert_close(results[True][0], results[False][0], **TOLERANCE[torch.bfloat16])
+    for got, want in zip(results[True][1], results[False][1]):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 def test_compiled_layers_with_the_fused_rotary_train_like_the_torch_rotation():
