@@ -110,8 +110,8 @@
 #                     sparse_tied_grad, beside the default and HF + Liger, 100 steps, clocks and power logged.
 #   part inback       TritonAdamW inside backward in buckets of ~50M and ~200M elements on a side stream, beside the
 #                     default and HF + Liger, 100 steps, clocks and power logged.
-#   part swiglu       fused_swiglu=true (SwiGLU's gate as our Triton op): its GPU tests, bench_energy.py's pieces
-#                     with the gate three ways, then the default beside it and HF + Liger, 100 steps, clocks logged.
+#   part swiglu       fused_swiglu=true (SwiGLU's gate as our Triton op): its GPU tests, bench_energy.py's gate three
+#                     ways, then the default beside it and HF + Liger, 100 steps, clocks logged.
 #   part garbage      the default, 100 steps from a cold compile cache, then from the warm one, naming step 59's garbage.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
@@ -507,12 +507,13 @@ inback)
 swiglu)
     # SwiGLU's gate as our Triton op (fused_swiglu=true, forgather.models.fused_swiglu): inductor's drew the power
     # limit alone (696 W, 0.53 mJ a token, H100, 2026-12-06, scripts/bench_energy.py) where the norms moved their
-    # bytes at 486 W. The op's GPU tests, the step's pieces' energy with the gate three ways (inductor, ours,
-    # Liger's), then the default beside fused_swiglu=true and HF + Liger, 100 steps, clocks and power logged
+    # bytes at 486 W. The op's GPU tests, the gate's energy three ways (inductor, ours, Liger's; all the step's
+    # pieces: `cd scripts && python3 bench_energy.py`), then the default beside fused_swiglu=true and HF + Liger,
+    # 100 steps, clocks and power logged
     if [ -z "${REHEARSE:-}" ]; then
         gpu_tests 150 tests_swiglu.log tests/gpu/test_models_gpu.py -k "swiglu"
-        (cd scripts && timeout 200 $PY bench_energy.py --seconds 8 --json "$OUT/energy.json" --pieces products \
-            attention rotary norms swiglu optimizer swiglu-ours swiglu-liger 2>&1 | grep -v Warning \
+        (cd scripts && timeout 150 $PY bench_energy.py --seconds 8 --json "$OUT/energy.json" --pieces swiglu \
+            swiglu-ours swiglu-liger 2>&1 | grep -v Warning \
             | tee "$OUT/energy.txt" | grep -E "^[#|]")
     fi
     bench bench_1b_swiglu.log --shape 1b --label 1b_swiglu --steps 100 --paths forgather hf-liger \
