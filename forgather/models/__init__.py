@@ -8,13 +8,15 @@ One file per component, each importing only torch, the standard library and its 
                     AttentionMask (causal, within documents when position_ids restart at 0)
     packed_attention.py  attention_fn="packed": our Triton kernels for packed documents on GPUs (imported by
                     name from attention.py; standalone exported code runs SDPA instead)
-    feedforward.py  SwiGLU(hidden_size, intermediate_size), GELUMLP(hidden_size, intermediate_size)
+    feedforward.py  SwiGLU(hidden_size, intermediate_size, fused=False), GELUMLP(hidden_size, intermediate_size)
     norm.py         RMSNorm(hidden_size, fused=False), LayerNorm(hidden_size), add_and_norm(norm, x, delta),
                     rms_norm / add_rms_norm (the torch semantics of the fused ops)
     fused_rms_norm.py  RMSNorm(fused=True): the residual add + RMSNorm as our Triton ops on GPUs (imported by
                     name from norm.py; standalone exported code runs the torch norm instead)
     fused_rotary.py  rotary_qkv: the fused q/k/v product rotated and split by our Triton ops on GPUs (imported
                     by name from attention.py; elsewhere, and in standalone exported code, apply_rotary)
+    fused_swiglu.py  SwiGLU(fused=True): silu(gate) * up as our Triton ops on GPUs (imported by name from
+                    feedforward.py; elsewhere, and in standalone exported code, the torch expression)
     layers.py       PreLNLayer / PostLNLayer(hidden_size, attention_factory, feedforward_factory, norm_factory,
                     dropout, residual_dropout)
     causal_lm.py    CausalLM(vocab_size, hidden_size, num_layers, layer_factory, norm_factory, rope,
