@@ -795,7 +795,7 @@ def test_a_fused_rms_norm_runs_the_torch_norm_off_the_gpu_and_stays_picklable():
 def test_a_fused_rms_norm_on_a_gpu_machine_without_triton_says_it_runs_the_torch_norm(monkeypatch):
     from forgather.models import norm
 
-    monkeypatch.setattr(norm, "fused_rms_norm_ops", lambda: None)
+    monkeypatch.setattr(norm, "triton_ops", lambda name: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.warns(UserWarning, match=r"RMSNorm\(fused=True\) runs the torch norm: Triton is not installed"):
         RMSNorm(HIDDEN, fused=True)

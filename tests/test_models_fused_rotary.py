@@ -67,7 +67,7 @@ def test_the_layer_takes_the_op_only_for_cuda_tensors_with_tables_and_no_cache(m
         calls.append(qkv.shape)
         return reference_rotary_qkv(qkv, cos, sin, heads, kv_heads)
 
-    monkeypatch.setattr(attention_module, "fused_rotary_ops", lambda: types.SimpleNamespace(rotary_qkv=rotary_qkv))
+    monkeypatch.setattr(attention_module, "triton_ops", lambda name: types.SimpleNamespace(rotary_qkv=rotary_qkv))
     layer = Attention(H * D, H, KV, fused_projections="qkv")
     assert layer._rotary_qkv is rotary_qkv
     assert Attention(H * D, H, KV, fused_projections=False)._rotary_qkv is None  # separate products: no op
@@ -85,7 +85,7 @@ def test_the_layer_takes_the_op_only_for_cuda_tensors_with_tables_and_no_cache(m
 
 def test_a_layer_holding_the_op_pickles_and_copies():
     layer = Attention(H * D, H, KV, fused_projections="qkv")
-    layer._rotary_qkv = reference_rotary_qkv  # a module's function, as fused_rotary_ops().rotary_qkv is
+    layer._rotary_qkv = reference_rotary_qkv  # a module's function, as triton_ops("fused_rotary").rotary_qkv is
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert clone._rotary_qkv is reference_rotary_qkv
 

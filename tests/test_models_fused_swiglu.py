@@ -56,7 +56,7 @@ def test_the_layer_takes_the_op_only_for_cuda_tensors(monkeypatch, fused_project
         calls.append(gate.shape)
         return reference_swiglu(gate, up)
 
-    monkeypatch.setattr(feedforward, "fused_swiglu_ops", lambda: types.SimpleNamespace(swiglu=swiglu))
+    monkeypatch.setattr(feedforward, "triton_ops", lambda name: types.SimpleNamespace(swiglu=swiglu))
     layer = SwiGLU(16, 40, fused_projections=fused_projections, fused=True)
     assert layer._swiglu is swiglu and SwiGLU(16, 40)._swiglu is None
     plain = SwiGLU(16, 40, fused_projections=fused_projections)
@@ -67,7 +67,7 @@ def test_the_layer_takes_the_op_only_for_cuda_tensors(monkeypatch, fused_project
 
 
 def test_without_triton_a_gpu_machine_is_told_why_the_torch_gate_runs(monkeypatch):
-    monkeypatch.setattr(feedforward, "fused_swiglu_ops", lambda: None)
+    monkeypatch.setattr(feedforward, "triton_ops", lambda name: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.warns(UserWarning, match="SwiGLU\\(fused=True\\) runs the torch expression: Triton is not installed"):
         layer = SwiGLU(16, 40, fused=True)
@@ -76,7 +76,7 @@ def test_without_triton_a_gpu_machine_is_told_why_the_torch_gate_runs(monkeypatc
 
 def test_a_layer_holding_the_op_pickles_and_copies():
     layer = SwiGLU(16, 40)
-    layer._swiglu = reference_swiglu  # a module's function, as fused_swiglu_ops().swiglu is
+    layer._swiglu = reference_swiglu  # a module's function, as triton_ops("fused_swiglu").swiglu is
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert clone._swiglu is reference_swiglu
 

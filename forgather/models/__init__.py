@@ -17,6 +17,7 @@ One file per component, each importing only torch, the standard library and its 
                     by name from attention.py; elsewhere, and in standalone exported code, apply_rotary)
     fused_swiglu.py  SwiGLU(fused=True): silu(gate) * up as our Triton ops on GPUs (imported by name from
                     feedforward.py; elsewhere, and in standalone exported code, the torch expression)
+    triton_ops.py   triton_ops(name): the fused_* modules above where Triton and forgather are present, else None
     layers.py       PreLNLayer / PostLNLayer(hidden_size, attention_factory, feedforward_factory, norm_factory,
                     dropout, residual_dropout)
     causal_lm.py    CausalLM(vocab_size, hidden_size, num_layers, layer_factory, norm_factory, rope,

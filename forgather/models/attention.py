@@ -15,7 +15,6 @@ import functools
 import importlib
 import typing
 import warnings
-from types import ModuleType
 from typing import Any, Callable, Mapping
 
 import torch
@@ -27,17 +26,7 @@ from .checks import positive_sizes
 from .fused import fusable, fused_attention_projections, fused_linear, fused_product, fusion
 from .kv_cache import LayerKVCache
 from .rope import apply_rotary
-
-
-def fused_rotary_ops() -> ModuleType | None:
-    """forgather's rotary ops of the fused q/k/v product (fused_rotary.py), or None where they cannot run: without
-    Triton (CPU builds of torch), and in standalone exported code, where forgather is absent -- the module is
-    imported by name, so that code still loads and runs `apply_rotary`."""
-    try:
-        importlib.import_module("triton")
-        return importlib.import_module("forgather.models.fused_rotary")
-    except ImportError:
-        return None
+from .triton_ops import triton_ops
 
 
 def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
@@ -401,7 +390,7 @@ class Attention(nn.Module):
         self.attention_fn = attention_fn
         self.dropout = dropout
         self.fused_projections = fusion("Attention", fused_projections)
-        ops = fused_rotary_ops() if self.fused_projections not in (False, "kv") else None
+        ops = triton_ops("fused_rotary") if self.fused_projections not in (False, "kv") else None
         # the op itself, not its module: a model must stay picklable and deep-copyable
         self._rotary_qkv = ops.rotary_qkv if ops is not None else None
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)

@@ -12,9 +12,7 @@ is what limits the context of a long-sequence step (scripts/bench_memory.py).
 
 from __future__ import annotations
 
-import importlib
 import warnings
-from types import ModuleType
 from typing import Callable
 
 import torch
@@ -24,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .checks import positive_sizes
 from .fused import fused_linear, fusion
+from .triton_ops import triton_ops
 
 
 def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:
@@ -35,17 +34,6 @@ def chunked_over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     flat = x.reshape(tokens, x.shape[-1])
     parts = [checkpoint(fn, part, use_reentrant=False) for part in flat.split(chunk_tokens)]
     return torch.cat(parts).reshape(*x.shape[:-1], -1)
-
-
-def fused_swiglu_ops() -> ModuleType | None:
-    """forgather's SwiGLU gate ops (fused_swiglu.py), or None where they cannot run: without Triton (CPU builds of
-    torch), and in standalone exported code, where forgather is absent -- the module is imported by name, so that
-    code still loads and runs the torch expression."""
-    try:
-        importlib.import_module("triton")
-        return importlib.import_module("forgather.models.fused_swiglu")
-    except ImportError:
-        return None
 
 
 class SwiGLU(nn.Module):
@@ -61,7 +49,7 @@ class SwiGLU(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, chunk_tokens: int | None = None,
                  fused_projections: bool | str = False, fused: bool = False):
         super().__init__()
-        ops = fused_swiglu_ops() if fused else None
+        ops = triton_ops("fused_swiglu") if fused else None
         if fused and ops is None and torch.cuda.is_available():
             warnings.warn("SwiGLU(fused=True) runs the torch expression: Triton is not installed (pip install "
                           "triton, or forgather[gpu])", stacklevel=2)

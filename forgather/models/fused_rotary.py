@@ -18,7 +18,7 @@ dx = g * cos + rotate_half^T(g * sin), i.e. (g1 c1 + g2 s2, g2 c2 - g1 s1) for t
 `rotary_qkv(qkv [B, T, (H + 2 KV) x D], cos, sin [B, T, D], heads, kv_heads)` -> q [B, H, T, D], k, v
 [B, KV, T, D], each stored [B, T, heads, D] (dense: v is a copy, which packed attention would otherwise make
 itself; a view with gaps is what `packed_attention._dense` refuses to pass on). `attention.Attention` reaches
-it through `attention.fused_rotary_ops()`, which imports this module by name where Triton is installed
+it through `triton_ops("fused_rotary")` (triton_ops.py), which imports this module by name where Triton is installed
 (exported standalone code and CPU builds run `apply_rotary`). `reference_rotary_qkv` and
 `reference_rotary_qkv_backward` are the kernels' computations in plain torch (the tests' ground truth: the
 second is autograd's gradient of the first).

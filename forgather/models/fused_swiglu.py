@@ -16,7 +16,7 @@ s = sigmoid(g). The kernels' sigmoid differs from torch's by a few fp32 ulps, fa
 
 `swiglu(gate, up)` takes two tensors of one shape and dtype with the last dimension contiguous (the halves of
 one gate/up product are such views); `feedforward.SwiGLU(fused=True)` reaches it through
-`feedforward.fused_swiglu_ops()`, which imports this module by name where Triton is installed (exported
+`triton_ops("fused_swiglu")` (triton_ops.py), which imports this module by name where Triton is installed (exported
 standalone code and CPU builds run the torch expression).
 """
 

@@ -11,13 +11,13 @@ and one backward (fused_rms_norm.py), any other norm in two steps.
 
 from __future__ import annotations
 
-import importlib
 import warnings
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .triton_ops import triton_ops
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,17 +37,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return x, rms_norm(x, weight, eps)
 
 
-def fused_rms_norm_ops() -> ModuleType | None:
-    """forgather's fused RMSNorm ops (fused_rms_norm.py), or None where they cannot run: without Triton (CPU builds
-    of torch), and in standalone exported code, where forgather is absent -- the module is imported by name, so
-    that code still loads and runs `rms_norm`."""
-    try:
-        importlib.import_module("triton")
-        return importlib.import_module("forgather.models.fused_rms_norm")
-    except ImportError:
-        return None
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich, 2019): x / rms(x) * weight, no mean subtraction, no bias.
 
@@ -62,7 +51,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.fused = fused
-        ops = fused_rms_norm_ops() if fused else None
+        ops = triton_ops("fused_rms_norm") if fused else None
         if fused and ops is None and torch.cuda.is_available():
             warnings.warn("RMSNorm(fused=True) runs the torch norm: Triton is not installed (pip install triton, "
                           "or forgather[gpu])", stacklevel=2)
