@@ -31,8 +31,9 @@ import torch
 NORM_TILING: dict[str, tuple[int, ...]] = {"forward": (1, 8), "backward": (2, 8, 2)}
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as [rows, hidden], a view where the layout allows (the kernels take one stride per row)."""
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, last dim] with the last dim contiguous, a view where the layout allows (the kernels take one
+    stride per row; fused_swiglu.py's too)."""
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t.reshape(-1, t.shape[-1])
@@ -62,12 +63,12 @@ def _forward_op(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 
     from . import fused_rms_norm_kernels as kernels
 
-    x2 = _rows(x)
+    x2 = as_rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if delta is not None else x.new_empty(0)
-    d2 = _rows(delta) if delta is not None else x2
+    d2 = as_rows(delta) if delta is not None else x2
     s2 = s.view(-1, n_cols) if delta is not None else x2
     y2 = y.view(-1, n_cols)
     launch = launch_constants("forward", n_cols, eps=eps, HAS_DELTA=delta is not None)
@@ -84,9 +85,9 @@ def _backward_op(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, wei
 
     from . import fused_rms_norm_kernels as kernels
 
-    s2, dy2 = _rows(s), _rows(dy)
+    s2, dy2 = as_rows(s), as_rows(dy)
     n_rows, n_cols = s2.shape
-    ds2 = _rows(ds) if ds is not None else dy2
+    ds2 = as_rows(ds) if ds is not None else dy2
     dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     dx2 = dx.view(-1, n_cols)
     programs = _programs(s, n_rows)

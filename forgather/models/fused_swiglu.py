@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused_rms_norm import as_rows
+
 # columns a program, warps
 SWIGLU_TILING = (2048, 4)
 
@@ -32,16 +34,6 @@ SWIGLU_TILING = (2048, 4)
 def reference_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The op's semantics in torch (fp32, rounded once); autograd's gradient of it is the backward's."""
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as [rows, n_cols] with the columns contiguous: a view where the layout allows."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:  # rows that no single stride walks
-        return t.contiguous().view(-1, t.shape[-1])
 
 
 def _grid(n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -61,7 +53,7 @@ def _forward_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from . import fused_swiglu_kernels as kernels
 
     _check(gate, up)
-    g2, u2 = _rows(gate), _rows(up)
+    g2, u2 = as_rows(gate), as_rows(up)
     h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     h2 = h.view(-1, h.shape[-1])
     n_rows, n_cols = g2.shape
@@ -77,7 +69,7 @@ def _backward_op(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tupl
 
     from . import fused_swiglu_kernels as kernels
 
-    dh2, g2, u2 = _rows(dh), _rows(gate), _rows(up)
+    dh2, g2, u2 = as_rows(dh), as_rows(gate), as_rows(up)
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     dg2, du2 = dg.view(-1, dg.shape[-1]), du.view(-1, du.shape[-1])
