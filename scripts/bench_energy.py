@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 
 from bench_matmuls import STEPS, step_products
-from bench_step_pieces import SHAPE, packed_inputs, packed_step, parameters_1b, stdlib_documents, stdlib_positions
+from bench_step_pieces import (SHAPE, packed_inputs, packed_step, parameters_1b, rotary_inputs, stdlib_documents,
+                               stdlib_positions)
 from bench_train import GpuClocks
 
 TOKENS = SHAPE["batch"] * SHAPE["seq"]
@@ -87,13 +88,11 @@ def attention_step() -> Callable[[], None]:
 
 def rotary_step() -> Callable[[], None]:
     from forgather.models.fused_rotary import rotary_qkv
-    from forgather.models.rope import RotaryEmbedding
 
     s = SHAPE
     width = (s["heads"] + 2 * s["kv_heads"]) * s["head_dim"]
     qkv = torch.randn(s["batch"], s["seq"], width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    rope = RotaryEmbedding(s["head_dim"]).to("cuda")
-    cos, sin = (t.to(torch.bfloat16) for t in rope(stdlib_positions(s["batch"], s["seq"]).cuda()))
+    _, _, (cos, sin), _ = rotary_inputs("cuda", torch.bfloat16, s, stdlib_positions(s["batch"], s["seq"]))
     grads = [torch.randn(s["batch"], heads, s["seq"], s["head_dim"], device="cuda", dtype=torch.bfloat16)
              for heads in (s["heads"], s["kv_heads"], s["kv_heads"])]
 

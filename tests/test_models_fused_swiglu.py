@@ -19,7 +19,8 @@ from forgather.models.fused_swiglu import reference_swiglu
 
 
 def kernels_backward(dh, g, u):
-    """The backward kernel's arithmetic, transcribed: s = sigmoid(g), du = dh silu(g), dg = dh u (s + silu(g)(1 - s))."""
+    """The backward kernel's arithmetic, transcribed: s = sigmoid(g), du = dh silu(g),
+    dg = dh u (s + silu(g)(1 - s))."""
     s = 1 / (1 + torch.exp2(-g * 1.4426950408889634))
     silu = g * s
     return dh * u * (s + silu * (1 - s)), dh * silu

@@ -19,8 +19,8 @@ scripts/interpret_fused_rms_norm.py).
 
 `rms_norm(x, weight, eps)` -> y and `add_rms_norm(x, delta, weight, eps)` -> (x + delta, y) take [..., hidden]
 tensors with the hidden dimension contiguous; `norm.RMSNorm(fused=True)` reaches them through
-`triton_ops("fused_rms_norm")` (triton_ops.py), which imports this module by name (exported standalone code runs the torch
-expression). `NORM_TILING` sets the kernels' launch shape (`launch_constants`).
+`triton_ops("fused_rms_norm")` (triton_ops.py), which imports this module by name (exported standalone code runs
+the torch expression). `NORM_TILING` sets the kernels' launch shape (`launch_constants`).
 """
 
 from __future__ import annotations
