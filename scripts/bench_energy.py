@@ -16,7 +16,12 @@ shape), back to back for `--seconds`, and reads the energy the GPU spent from NV
 - swiglu: silu(gate) * up, gate and up the layer's two products, compiled by inductor as in the step, forward +
   backward, 16; beside it (`--pieces swiglu-ours swiglu-liger`) our Triton op (fused_swiglu=true) and Liger's
   kernels (HF + Liger's);
-- optimizer: TritonAdamW's step over the shape's bf16 parameters, 1.
+- optimizer: TritonAdamW's step over the shape's bf16 parameters, 1;
+- gate-copy: the two copies that give Liger's kernels fresh inputs at each call (they write their gradients over
+  their inputs), 16: subtract it from swiglu-liger.
+
+`--attention-sweep` instead measures the attention piece at each kernel's tilings (bench_step_pieces.PACKED_SWEEP)
+and names the least energy's tiles as the training override.
 
 Each piece but the optimizer runs as a CUDA graph of its step's worth, so host launches leave no gaps; the
 optimizer is one launch. Operands are random bf16 (power depends on the data: zeros draw less), so the figures
@@ -25,6 +30,7 @@ cross-entropy kernel, the embedding and the scaling kernels (~2 ms a step togeth
 the table says how much of the step the pieces add up to.
 
     python scripts/bench_energy.py [--seconds 10] [--pieces products attention ...] [--json FILE]
+    python scripts/bench_energy.py --attention-sweep --seconds 3
 """
 
 from __future__ import annotations
@@ -37,14 +43,15 @@ from typing import Callable
 import torch
 
 from bench_matmuls import STEPS, step_products
-from bench_step_pieces import (SHAPE, packed_inputs, packed_step, parameters_1b, rotary_inputs, stdlib_documents,
-                               stdlib_positions)
+from bench_step_pieces import (PACKED_SWEEP, SHAPE, kernel_options, packed_inputs, packed_step, parameters_1b,
+                               rotary_inputs, stdlib_documents, stdlib_positions)
 from bench_train import GpuClocks
 
 TOKENS = SHAPE["batch"] * SHAPE["seq"]
 # a step of the 1.24B shape: how many of each piece (norms: two a layer and the final norm)
 COUNTS = {"products": 1, "attention": SHAPE["layers"], "rotary": SHAPE["layers"], "norms": 2 * SHAPE["layers"] + 1,
-          "swiglu": SHAPE["layers"], "optimizer": 1, "swiglu-ours": SHAPE["layers"], "swiglu-liger": SHAPE["layers"]}
+          "swiglu": SHAPE["layers"], "optimizer": 1, "swiglu-ours": SHAPE["layers"], "swiglu-liger": SHAPE["layers"],
+          "gate-copy": SHAPE["layers"]}
 
 
 def energy_counter() -> Callable[[], float] | None:
@@ -119,16 +126,43 @@ def norms_step() -> Callable[[], None]:
     return as_graph(step, COUNTS["norms"])
 
 
-def gate_step(swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
-    """silu(gate) * up forward + backward by `swiglu` on gate and up as the layer has them (two products)."""
-    gate, up = (torch.randn(TOKENS, SHAPE["intermediate"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                for _ in range(2))
-    grad = torch.randn(TOKENS, SHAPE["intermediate"], device="cuda", dtype=torch.bfloat16)
+def gate_call(swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: str = "cuda",
+              writes_inputs: bool = False, shape: tuple[int, int] = (TOKENS, SHAPE["intermediate"])
+              ) -> Callable[[], None]:
+    """silu(gate) * up forward + backward by `swiglu` on gate and up as the layer has them (two products), once.
+
+    An op that writes its gradients over its inputs (Liger's: the layer's products are dead by then) would feed
+    its own gradients back as the next call's inputs, which blow up to inf and NaN within tens of calls (random
+    normal data, bf16) and draw less power; `writes_inputs` copies the first inputs back before each call (the
+    piece gate-copy is these copies alone)."""
+    gate, up = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    kept = (gate.detach().clone(), up.detach().clone()) if writes_inputs else ()
 
     def step() -> None:
+        with torch.no_grad():
+            for tensor, first in zip((gate, up), kept):
+                tensor.copy_(first)
         gate.grad = up.grad = None
         swiglu(gate, up).backward(grad)
-    return as_graph(step, COUNTS["swiglu"])
+    return step
+
+
+def gate_step(swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], writes_inputs: bool = False
+              ) -> Callable[[], None]:
+    """A step's worth of gate_call, as a CUDA graph."""
+    return as_graph(gate_call(swiglu, writes_inputs=writes_inputs), COUNTS["swiglu"])
+
+
+def gate_copy_step() -> Callable[[], None]:
+    """The copies alone that restore an in-place op's inputs (gate_call's writes_inputs), a step's worth."""
+    sources, targets = ([torch.randn(TOKENS, SHAPE["intermediate"], device="cuda", dtype=torch.bfloat16)
+                         for _ in range(2)] for _ in range(2))
+
+    def step() -> None:
+        for target, source in zip(targets, sources):
+            target.copy_(source)
+    return as_graph(step, COUNTS["gate-copy"])
 
 
 def swiglu_step() -> Callable[[], None]:
@@ -144,10 +178,10 @@ def swiglu_ours_step() -> Callable[[], None]:
 
 
 def swiglu_liger_step() -> Callable[[], None]:
-    """Liger's SwiGLU kernels (what HF + Liger's step runs), eager."""
+    """Liger's SwiGLU kernels (what HF + Liger's step runs), eager; with the copies of gate-copy (subtract it)."""
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-    return gate_step(LigerSiLUMulFunction.apply)
+    return gate_step(LigerSiLUMulFunction.apply, writes_inputs=True)
 
 
 def optimizer_step() -> Callable[[], None]:
@@ -159,7 +193,7 @@ def optimizer_step() -> Callable[[], None]:
 
 PIECES = {"products": products_step, "attention": attention_step, "rotary": rotary_step, "norms": norms_step,
           "swiglu": swiglu_step, "optimizer": optimizer_step, "swiglu-ours": swiglu_ours_step,
-          "swiglu-liger": swiglu_liger_step}
+          "swiglu-liger": swiglu_liger_step, "gate-copy": gate_copy_step}
 DEFAULT_PIECES = ["products", "attention", "rotary", "norms", "swiglu", "optimizer"]  # the default step's
 
 
@@ -191,6 +225,46 @@ def measure(step: Callable[[], None], seconds: float, counter: Callable[[], floa
     return result
 
 
+def attention_sweep(seconds: float, counter: Callable[[], float] | None) -> dict[str, dict[str, dict]]:
+    """The attention piece at each kernel's tilings of bench_step_pieces.PACKED_SWEEP (the other two kernels at
+    packed_attention.TILING's), by energy: the sweep that chose TILING went by time alone, and at the power limit a
+    tiling that takes longer at lower power may cost the step less. Prints, last, the least energy's tiles of each
+    kernel as the training override."""
+    from forgather.models.packed_attention import KERNELS, tiling
+
+    q, k, v, grad, bounds = packed_inputs(stdlib_documents(SHAPE["batch"], SHAPE["seq"]).cuda())
+    results: dict[str, dict[str, dict]] = {}
+    for kernel in KERNELS:
+        for tiles in PACKED_SWEEP[kernel]:
+            try:
+                step = as_graph(packed_step(q, k, v, grad, bounds, tiling({kernel: tiles})), COUNTS["attention"])
+                result = measure(step, seconds, counter)
+            except Exception as error:  # noqa: BLE001 - a tiling this GPU cannot build is a row, not the end
+                result = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+            results.setdefault(kernel, {})[",".join(map(str, tiles))] = result
+            print(json.dumps({"piece": "attention", "kernel": kernel, "tiles": tiles, **result}), flush=True)
+            torch.cuda.empty_cache()
+    return results
+
+
+def sweep_table(results: dict[str, dict[str, dict]]) -> str:
+    """One row a tiling, each kernel's least energy first, against its first (TILING's, PACKED_SWEEP's order)."""
+    lines = ["| kernel | BLOCK_M, BLOCK_N, warps, stages | ms a step | mean W | mJ a token | vs the default's energy |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    best = {}
+    for kernel, rows in results.items():
+        done = {tiles: r for tiles, r in rows.items() if "mj_per_token" in r}
+        default = done.get(next(iter(rows)))
+        for tiles, r in sorted(done.items(), key=lambda item: item[1]["mj_per_token"]):
+            ratio = f"{r['mj_per_token'] / default['mj_per_token']:.3f}" if default else ""
+            lines.append(f"| {kernel} | {tiles} | {r['ms_per_step']:.2f} | {r['mean_power_w']:.0f} "
+                         f"| {r['mj_per_token']:.4f} | {ratio} |")
+        lines += [f"| {kernel} | {tiles} | {r['error']} | | | |" for tiles, r in rows.items() if "error" in r]
+        if done:
+            best[kernel] = [int(n) for n in min(done, key=lambda t: done[t]["mj_per_token"]).split(",")]
+    return "\n".join(lines) + (f"\nleast energy: {kernel_options(best)}" if best else "")
+
+
 def table(results: dict[str, dict]) -> str:
     lines = ["| piece (a step's worth) | count | ms a step | mean W | SM MHz | power cap | mJ a token |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -215,11 +289,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each piece runs back to back")
     parser.add_argument("--pieces", nargs="+", choices=list(PIECES), default=DEFAULT_PIECES,
                         help="default: the default step's pieces (the sum row adds those of them that ran)")
+    parser.add_argument("--attention-sweep", action="store_true",
+                        help="instead of the pieces: the packed attention kernels' tilings by energy")
     parser.add_argument("--json")
     args = parser.parse_args()
     counter = energy_counter()
     print(f"# {torch.cuda.get_device_name()}, energy from "
           f"{'NVML counter' if counter else 'median power x time (no NVML counter)'}", flush=True)
+    if args.attention_sweep:
+        sweep = attention_sweep(args.seconds, counter)
+        print(sweep_table(sweep))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(sweep, f, indent=1)
+        return
     results: dict[str, dict] = {}
     for name in args.pieces:
         try:

@@ -487,9 +487,13 @@ def sweep_packed(iters: int, rounds: int) -> dict:
                 vs_default=base[0] / ms if base else None)
         if times:
             best[kernel] = min(times.values(), key=lambda item: item[0])[1]
-    row(piece="packed sweep", best=best,
-        option="attention_kernel_options={" + ",".join(f"{k}:[{','.join(map(str, t))}]" for k, t in best.items()) + "}")
+    row(piece="packed sweep", best=best, option=kernel_options(best))
     return best
+
+
+def kernel_options(best: dict[str, list[int]]) -> str:
+    """Each packed kernel's tiles as the training override: attention_kernel_options={forward:[16,64,4,3],...}."""
+    return "attention_kernel_options={" + ",".join(f"{k}:[{','.join(map(str, t))}]" for k, t in best.items()) + "}"
 
 
 def bench_duel(iters: int, rounds: int, sweep: bool = False, packed_best: dict | None = None,

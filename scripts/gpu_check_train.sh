@@ -112,6 +112,10 @@
 #                     default and HF + Liger, 100 steps, clocks and power logged.
 #   part swiglu       fused_swiglu=true (SwiGLU's gate as our Triton op): its GPU tests, bench_energy.py's gate three
 #                     ways, then the default beside it and HF + Liger, 100 steps, clocks logged.
+#   part tiles        energy, not time: SwiGLU's gate three ways with Liger's given fresh inputs at each call (its
+#                     in-place gradients had fed back as its inputs), the packed attention kernels' tilings by energy
+#                     (bench_energy.py --attention-sweep), then the least energy's tiles in training beside the
+#                     default and HF + Liger, 100 steps, clocks and power logged.
 #   part garbage      the default, 100 steps from a cold compile cache, then from the warm one, naming step 59's garbage.
 #   tests             tests/gpu/test_models_gpu.py and test_run_gpu.py (the models and the runner on CUDA).
 # Results: $OUT/summary_1b.md, summary_7b.md, summary_1b_options.md (tables, profiles), results_*.json, bench_*.log.
@@ -518,6 +522,22 @@ swiglu)
     fi
     bench bench_1b_swiglu.log --shape 1b --label 1b_swiglu --steps 100 --paths forgather hf-liger \
         --variant swiglu fused_swiglu=true --clocks --timeout 110 "$@"
+    ;;
+tiles)
+    # energy, not time (both bar paths run at the power limit): the gate's pieces again, Liger's now with fresh inputs
+    # at each call (gate-copy: those copies alone); the packed kernels' tilings by the energy of a step's worth of
+    # attention (TILING was chosen by time), then the least energy's tiles in the step beside the default and HF + Liger
+    OPTION=""
+    if [ -z "${REHEARSE:-}" ]; then
+        (cd scripts && timeout 100 $PY bench_energy.py --seconds 6 --json "$OUT/energy_gate.json" --pieces swiglu \
+            swiglu-ours swiglu-liger gate-copy 2>&1 | grep -v Warning | tee "$OUT/energy_gate.txt" | grep -E "^[#|]")
+        (cd scripts && timeout 240 $PY bench_energy.py --seconds 3 --attention-sweep --json "$OUT/energy_tiles.json" \
+            2>&1 | grep -v Warning | tee "$OUT/energy_tiles.txt" | grep -E "^([#|]|least)")
+        OPTION=$(grep -o "attention_kernel_options=.*" "$OUT/energy_tiles.txt" | tail -1)
+    fi
+    [ -n "$OPTION" ] && VARIANT=(--variant tiles_energy "$OPTION") || VARIANT=()
+    bench bench_1b_tiles.log --shape 1b --label 1b_tiles --steps 100 --paths forgather hf-liger "${VARIANT[@]}" \
+        --clocks --timeout 110 "$@"
     ;;
 rotary)
     # the fused q/k/v product rotated and split by our Triton op (forgather.models.fused_rotary): its GPU tests

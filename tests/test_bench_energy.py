@@ -61,3 +61,63 @@ def test_measure_reports_the_counters_joules_a_token(monkeypatch):
     assert steps == len(calls) - 2  # two warm-up calls before the counter's first reading
     assert abs(result["joules_per_step"] - 30.0 / steps) < 1e-9
     assert abs(result["mj_per_token"] - 1e3 * 30.0 / steps / bench_energy.TOKENS) < 1e-9
+
+
+class WritesItsInputs(torch.autograd.Function):
+    """silu(gate) * up whose backward writes the gradients over gate and up, as Liger's kernels do."""
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        WritesItsInputs.seen.append((gate.detach().clone(), up.detach().clone()))
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        s = torch.sigmoid(gate)
+        dgate, dup = dh * up * (s + gate * s * (1 - s)), dh * gate * s
+        gate.copy_(dgate)
+        up.copy_(dup)
+        return gate, up
+
+
+def test_an_op_that_writes_its_inputs_gets_the_first_inputs_at_every_call():
+    """Without the copies the op's own gradients come back as its inputs (what made Liger's gate look cheap)."""
+    WritesItsInputs.seen = []
+    step = bench_energy.gate_call(WritesItsInputs.apply, "cpu", writes_inputs=True, shape=(4, 64))
+    for _ in range(3):
+        step()
+    first = WritesItsInputs.seen[0]
+    assert all(torch.equal(g, first[0]) and torch.equal(u, first[1]) for g, u in WritesItsInputs.seen)
+
+    WritesItsInputs.seen = []
+    step = bench_energy.gate_call(WritesItsInputs.apply, "cpu", shape=(4, 64))
+    step()
+    step()
+    assert not torch.equal(WritesItsInputs.seen[0][0], WritesItsInputs.seen[1][0])
+
+
+def test_the_sweep_starts_each_kernel_at_the_default_tiling():
+    """sweep_table's ratios are against each kernel's first tiling, which must be packed_attention.TILING's."""
+    from forgather.models.packed_attention import KERNELS, TILING
+
+    assert set(bench_energy.PACKED_SWEEP) == set(KERNELS)
+    assert all(bench_energy.PACKED_SWEEP[k][0] == list(TILING[k]) for k in KERNELS)
+
+
+def test_the_sweep_table_names_each_kernels_least_energy_as_the_override():
+    def result(ms, mj):
+        return {"ms_per_step": ms, "mean_power_w": 600.0, "mj_per_token": mj}
+
+    sweep = {"forward": {"16,64,4,3": result(1.0, 0.10), "32,64,8,3": result(1.2, 0.08)},
+             "dq": {"16,32,4,3": result(1.0, 0.05), "8,64,4,3": {"error": "OutOfResources"}},
+             "dkdv": {"16,64,4,3": result(2.0, 0.20), "8,64,4,3": result(1.8, 0.25)}}
+    text = bench_energy.sweep_table(sweep)
+    lines = text.splitlines()
+    assert lines[-1] == "least energy: attention_kernel_options={forward:[32,64,8,3],dq:[16,32,4,3],dkdv:[16,64,4,3]}"
+    forward = [line for line in lines if line.startswith("| forward")]
+    assert forward[0].startswith("| forward | 32,64,8,3 |") and forward[0].endswith("| 0.800 |")
+    assert any("OutOfResources" in line for line in lines)
