@@ -176,6 +176,21 @@ def test_packed_attention_kernels_match_the_reference(dtype, shape):
         torch.testing.assert_close(got.float(), want, **tolerance, msg=name)
 
 
+def logits_and_grads(built: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward + backward of `built` on packed rows: the logits and every parameter's gradient, in fp32."""
+    logits = built(token_ids(), packed_positions())
+    logits.float().logsumexp(-1).mean().backward()
+    return logits.detach().float(), {name: p.grad.float() for name, p in built.named_parameters()}
+
+
+def assert_trains_alike(got: tuple, want: tuple, relative: float) -> None:
+    """Two logits_and_grads results: logits within bf16's tolerance, each gradient within `relative` (norm)."""
+    torch.testing.assert_close(got[0], want[0], **TOLERANCE[torch.bfloat16])
+    assert got[1].keys() == want[1].keys()
+    for name, reference in want[1].items():
+        assert ((got[1][name] - reference).norm() / reference.norm()).item() < relative, name
+
+
 def test_compiled_model_with_packed_attention_trains_like_sdpa():
     """attention_fn='packed' under whole-model compile (fullgraph: the custom ops trace without a break): the
     logits and a weight's gradient agree with SDPA's on packed documents; plain causal rows take SDPA itself."""
@@ -204,14 +219,9 @@ def test_packed_attention_under_layer_compile_takes_fused_projections(fused_proj
         if name == "packed":
             for layer in built.layers:
                 layer.compile()
-        logits = built(token_ids(), packed_positions())
-        logits.float().logsumexp(-1).mean().backward()
+        results[name] = logits_and_grads(built)
         torch.cuda.synchronize()
-        results[name] = (logits.detach().float(), {key: p.grad.float() for key, p in built.named_parameters()})
-    torch.testing.assert_close(results["packed"][0], results["sdpa"][0], **TOLERANCE[torch.bfloat16])
-    for key, reference in results["sdpa"][1].items():
-        grad = results["packed"][1][key]
-        assert ((grad - reference).norm() / reference.norm()).item() < 2e-2, key
+    assert_trains_alike(results["packed"], results["sdpa"], 2e-2)
 
 
 def test_packed_attention_takes_views_with_gaps_under_compile():
@@ -338,12 +348,8 @@ def test_the_residual_stream_carried_as_a_pair_trains_like_one_tensor():
         built.carry_residual = carried
         for layer in built.layers:
             layer.compile()
-        logits = built(token_ids(), packed_positions())
-        logits.float().logsumexp(-1).mean().backward()
-        results[carried] = (logits.detach().float(), [p.grad.float() for p in built.parameters()])
-    torch.testing.assert_close(results[True][0], results[False][0], **TOLERANCE[torch.bfloat16])
-    for got, want in zip(results[True][1], results[False][1]):
-        assert ((got - want).norm() / want.norm()).item() < 1e-2
+        results[carried] = logits_and_grads(built)
+    assert_trains_alike(results[True], results[False], 1e-2)
 
 
 @pytest.mark.parametrize("loss_name", ["fused", "naive"])
@@ -453,12 +459,8 @@ def test_compiled_layers_with_the_fused_swiglu_train_like_the_torch_gate():
         assert all((layer.feedforward._swiglu is not None) is op for layer in built.layers)
         for layer in built.layers:
             layer.compile()
-        logits = built(token_ids(), packed_positions())
-        logits.float().logsumexp(-1).mean().backward()
-        results[op] = (logits.detach().float(), [p.grad.float() for p in built.parameters()])
-    torch.testing.assert_close(results[True][0], results[False][0], **TOLERANCE[torch.bfloat16])
-    for got, want in zip(results[True][1], results[False][1]):
-        assert ((got - want).norm() / want.norm()).item() < 1e-2
+        results[op] = logits_and_grads(built)
+    assert_trains_alike(results[True], results[False], 1e-2)
 
 
 def test_compiled_layers_with_the_fused_rotary_train_like_the_torch_rotation():
@@ -473,9 +475,5 @@ def test_compiled_layers_with_the_fused_rotary_train_like_the_torch_rotation():
             if not op:
                 layer.attention._rotary_qkv = None
             layer.compile()
-        logits = built(token_ids(), packed_positions())
-        logits.float().logsumexp(-1).mean().backward()
-        results[op] = (logits.detach().float(), [p.grad.float() for p in built.parameters()])
-    torch.testing.assert_close(results[True][0], results[False][0], **TOLERANCE[torch.bfloat16])
-    for got, want in zip(results[True][1], results[False][1]):
-        assert ((got - want).norm() / want.norm()).item() < 1e-2
+        results[op] = logits_and_grads(built)
+    assert_trains_alike(results[True], results[False], 1e-2)
