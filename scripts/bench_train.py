@@ -199,15 +199,13 @@ def torchtitan_worker(args: argparse.Namespace, shape: dict, path: str) -> dict:
     checkpointing, no checkpoints; torch.compile of model and loss unless `-eager`. Its loop keeps what it
     always does (gradient clipping at norm 1, its chunked cross-entropy). Timed by windows of train_step."""
     import dataclasses
-    import socket
 
     import torch
 
-    with socket.socket() as probe:  # a free port for its single-rank process group
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from forgather.serve.client import free_port
+
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(free_port()))  # for its single-rank process group
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.components.dataloader import BaseDataLoader
     from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss

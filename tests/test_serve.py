@@ -49,6 +49,27 @@ def test_waiting_for_a_server_that_exited_or_never_answers_is_a_client_error():
         wait_for_server(url, timeout=0.3)
 
 
+def test_a_free_port_is_drawn_below_the_ephemeral_range_and_binds(monkeypatch):
+    """Below 32768, where outgoing connections never take it between the probe and the server's bind; where
+    every draw is taken, whatever port the OS gives."""
+    import socket
+
+    from forgather.serve import client
+
+    port = free_port()
+    assert 20000 <= port < 32768
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        monkeypatch.setattr(client.random.Random, "randrange", lambda self, a, b: port)
+        other = free_port()
+        assert other != port
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", other))
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_bpe_tokenizer(["once upon a time there was a tiny model"] * 4, vocab_size=300)

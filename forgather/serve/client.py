@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 import time
 from typing import Any, Callable, Iterator, TextIO
@@ -36,8 +37,21 @@ def _reaching(url: str) -> Iterator[None]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now (the OS picks it): where a test or a benchmark starts a server."""
-    with socket.socket() as probe:
+    """A TCP port free on `host` now: where a test or a benchmark starts a server (or rank 0 its store).
+
+    Drawn below Linux's ephemeral range (32768-60999 by default) where one is free: the kernel hands ports of
+    that range to outgoing connections, so one that bind(0) returned and the probe released can be taken by
+    another process's connection before the server binds it; a port drawn below it is taken only by a bind."""
+    draw = random.Random()
+    for _ in range(50):
+        port = draw.randrange(20000, 32768)
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as probe:  # all fifty taken: any port the OS gives
         probe.bind((host, 0))
         return probe.getsockname()[1]
 

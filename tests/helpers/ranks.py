@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from forgather.serve.client import free_port
 
 
 def start(arguments: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -28,10 +29,8 @@ def start(arguments: list[str], env: dict[str, str] | None = None) -> subprocess
 
 def start_ranks(arguments: list[str], world_size: int) -> list[subprocess.Popen]:
     """`python *arguments` once a rank, all on this host."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    common = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0"}
+    common = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+              "NODE_RANK": "0"}
     return [start(arguments, {**common, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(world_size)]
 
 
