@@ -1,13 +1,14 @@
 """SwiGLU's gate, silu(gate) * up, as Triton custom ops on GPUs (`fused_swiglu=true`).
 
 Why kernels of our own, when inductor already makes this one kernel forward and one backward: the step runs at
-the GPU's power limit, so what a kernel costs is its energy, not its time. Measured alone a step's worth at a
-time (scripts/bench_energy.py, H100, 2026-12-06), inductor's SwiGLU drew the power limit (696 W, the SM clock
-held down in 92% of the samples) for 6.27 ms a step, 0.53 mJ a token, more than the packed attention kernels,
-while the fused norms moved their bytes at 486 W and TritonAdamW at 586. These kernels do the least arithmetic
-an element that the gate needs: the sigmoid as one exp2 and one division that is not IEEE-rounded, in fp32,
-nothing kept from the forward but its inputs. They are `torch.library.triton_op`s (`forgather::swiglu`,
-`forgather::swiglu_backward`), which torch.compile places inside the layer's graph, as fused_rms_norm.py's.
+the GPU's power limit, so what a kernel costs is its energy, not its time, and inductor's gate, on the two
+strided halves of one gate/up product, first measured at the power limit (696 W, 0.53 mJ a token;
+scripts/bench_energy.py, H100, 2026-12-06). These kernels do the least arithmetic an element that the gate
+needs: the sigmoid as one exp2 and one division that is not IEEE-rounded, in fp32, nothing kept from the forward
+but its inputs. They are `torch.library.triton_op`s (`forgather::swiglu`, `forgather::swiglu_backward`), which
+torch.compile places inside the layer's graph, as fused_rms_norm.py's. Measured since, they are level with
+inductor's and Liger's (0.408 mJ a token against 0.418 and 0.399, gate and up as two tensors; the step 0.995x),
+so `fused_swiglu` stays off by default (docs/benchmarks.md, "Energy again").
 
 Semantics, `reference_swiglu`'s: (silu(g) * u) in fp32 from g and u, rounded once to g's dtype (as inductor's
 compiled kernel rounds; eager torch rounds silu(g) first, so the two agree within a rounding); the gradients
