@@ -133,8 +133,8 @@ def gate_call(swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], devi
 
     An op that writes its gradients over its inputs (Liger's: the layer's products are dead by then) would feed
     its own gradients back as the next call's inputs, which grow without bound and are NaN or zero within a
-    hundred calls (random normal data, bf16) and draw less power; `writes_inputs` copies the first inputs back before each call (the
-    piece gate-copy is these copies alone)."""
+    hundred calls (random normal data, bf16) and draw less power; `writes_inputs` copies the first inputs back
+    before each call (the piece gate-copy is these copies alone)."""
     gate, up = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
     kept = (gate.detach().clone(), up.detach().clone()) if writes_inputs else ()
