@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from interpret_checks import relative_difference
 
 from forgather.optim.rounding import step_seed
 from forgather.optim.triton_adamw import TritonAdamW, reference_step
@@ -81,7 +82,7 @@ def main() -> None:
             pairs = [(a, b)] + [(ours_opt.state[a][k], fused_opt.state[b][k]) for k in ("exp_avg", "exp_avg_sq")]
             for x, y in pairs:
                 if y.numel():
-                    worst = max(worst, ((x.float() - y.float()).abs().max() / y.float().abs().max()).item())
+                    worst = max(worst, relative_difference(x, y))
         ok = worst <= TOLERANCE[dtype]
         failed |= not ok
         clipped = f", clipped to {clip}" if clip else ""

@@ -15,15 +15,16 @@ tolerance (fp32: 1e-5; bf16: 2 of its ulps, 1.6e-2).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+from interpret_checks import relative_differences, report
 
 from forgather.models import fused_rms_norm
 from forgather.models.fused_rms_norm import add_rms_norm, rms_norm
 from forgather.models.norm import add_rms_norm as reference_add_rms_norm
 from forgather.models.norm import rms_norm as reference_rms_norm
+from forgather.triton_support import interpreting
 
 # (leading shape, hidden, dtype, with the residual add, tiling): rows that do not fill the last program or
 # iteration, a hidden size that is not a power of two, weights in fp32 beside bf16 activations
@@ -60,15 +61,13 @@ def run_case(shape, hidden, dtype, residual, tiling, weight_dtype=None) -> float
     fused_rms_norm.NORM_TILING.update(tiling)
     expected, got = run(False), run(True)
     names = ["y", "s", "dx", "ddelta", "dweight"] if residual else ["y", "dx", "dweight"]
-    differences = {name: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                   for name, a, b in zip(names, got, expected)}
-    print(f"{tuple(shape)} x {hidden} {dtype} weight {weight.dtype} residual={residual} {tiling}: "
-          + ", ".join(f"{name} {value:.1e}" for name, value in differences.items()), flush=True)
-    return max(differences.values()) / (1e-5 if dtype == torch.float32 else 1.6e-2)
+    worst = report(f"{tuple(shape)} x {hidden} {dtype} weight {weight.dtype} residual={residual} {tiling}",
+                   relative_differences(names, got, expected))
+    return worst / (1e-5 if dtype == torch.float32 else 1.6e-2)
 
 
 def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         raise SystemExit("set TRITON_INTERPRET=1: the kernels run in Triton's interpreter on CPU tensors")
     worst = max([run_case(*case) for case in CASES]
                 + [run_case((2, 6), 32, torch.bfloat16, True, CASES[2][-1], weight_dtype=torch.float32)])

@@ -14,13 +14,14 @@ relative to that tensor's largest magnitude, and exits non-zero when one exceeds
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+from interpret_checks import relative_differences, report
 
 from forgather.models import fused_swiglu
 from forgather.models.fused_swiglu import reference_swiglu, swiglu
+from forgather.triton_support import interpreting
 
 # (leading shape, columns, dtype, tiling, halves of one product): a row that does not fill its last program, the
 # two halves of one gate/up product (views with a row stride twice their width)
@@ -54,15 +55,13 @@ def run_case(shape, cols, dtype, tiling, halves) -> float:
     fused_swiglu.SWIGLU_TILING = tiling
     expected, got = run(reference_swiglu), run(swiglu)
     names = ["h", "d(gate, up)"] if halves else ["h", "dg", "du"]
-    differences = {name: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                   for name, a, b in zip(names, got, expected)}
-    print(f"{tuple(shape)} x {cols} {dtype} {tiling} halves={halves}: "
-          + ", ".join(f"{name} {value:.1e}" for name, value in differences.items()), flush=True)
-    return max(differences.values()) / (1e-5 if dtype == torch.float32 else 7.9e-3)
+    worst = report(f"{tuple(shape)} x {cols} {dtype} {tiling} halves={halves}",
+                   relative_differences(names, got, expected))
+    return worst / (1e-5 if dtype == torch.float32 else 7.9e-3)
 
 
 def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         print("set TRITON_INTERPRET=1 (and PYTHONPATH to a Triton install): the kernels run on CPU tensors only "
               "under Triton's interpreter", file=sys.stderr)
         return 2

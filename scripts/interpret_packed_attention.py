@@ -13,13 +13,14 @@ Prints one line per case (shape, tiles) with the largest difference of the outpu
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
+from interpret_checks import report
 
 from forgather.models.attention import document_bounds
 from forgather.models.packed_attention import packed_attention, reference_packed_attention, tiling
+from forgather.triton_support import interpreting
 
 # (batch, heads, kv heads, length, head dim, documents a row, tiles): lengths that are not multiples of the tiles,
 # one-token documents, a row that is one document, groups of 1, 2 and 4, the default tiles over long documents
@@ -52,13 +53,11 @@ def run_case(batch, heads, kv_heads, length, dim, documents, options) -> float:
     out.backward(grad)
     differences = {name: (got - want).abs().max().item()
                    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), expected)}
-    print(f"B={batch} H={heads}/{kv_heads} T={length} D={dim} {options}: "
-          + ", ".join(f"{name} {value:.1e}" for name, value in differences.items()), flush=True)
-    return max(differences.values())
+    return report(f"B={batch} H={heads}/{kv_heads} T={length} D={dim} {options}", differences)
 
 
 def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         raise SystemExit("set TRITON_INTERPRET=1: the kernels run in Triton's interpreter on CPU tensors")
     worst = max(run_case(*case) for case in CASES)
     return 0 if worst < 1e-4 else 1
