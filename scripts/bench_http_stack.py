@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_serve import drive, percentile, word_tokenizer  # noqa: E402
 from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the endpoint's annotation here)
 
-from forgather.serve.client import free_port, wait_for_server  # noqa: E402
+from forgather.ports import free_port  # noqa: E402
+from forgather.serve.client import wait_for_server  # noqa: E402
 
 VOCAB = 512
 

@@ -53,7 +53,8 @@ from pathlib import Path
 
 # torch is imported in the functions that use it: the HTTP rows' client processes (spawned) import this module
 # again, and need only the client
-from forgather.serve.client import free_port, wait_for_server
+from forgather.ports import free_port
+from forgather.serve.client import wait_for_server
 
 SHAPES = {
     "1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,

@@ -202,7 +202,7 @@ def torchtitan_worker(args: argparse.Namespace, shape: dict, path: str) -> dict:
 
     import torch
 
-    from forgather.serve.client import free_port
+    from forgather.ports import free_port
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))  # for its single-rank process group

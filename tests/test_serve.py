@@ -30,7 +30,8 @@ from forgather.data.tokenizer import build_bpe_tokenizer
 from forgather.models.export import build_model, load_model, save_model
 from forgather.serve.app import create_app
 from forgather.serve.backend import DEFAULT_CHAT_STOP, Backend
-from forgather.serve.client import free_port, wait_for_server
+from forgather.ports import free_port
+from forgather.serve.client import wait_for_server
 from helpers.tiny_lm import tiny_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_a_free_port_is_drawn_below_the_ephemeral_range_and_binds(monkeypatch):
     every draw is taken, whatever port the OS gives."""
     import socket
 
-    from forgather.serve import client
+    from forgather import ports
 
     port = free_port()
     assert 20000 <= port < 32768
@@ -63,7 +64,7 @@ def test_a_free_port_is_drawn_below_the_ephemeral_range_and_binds(monkeypatch):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        monkeypatch.setattr(client.random.Random, "randrange", lambda self, a, b: port)
+        monkeypatch.setattr(ports.random.Random, "randrange", lambda self, a, b: port)
         other = free_port()
         assert other != port
     with socket.socket() as server:

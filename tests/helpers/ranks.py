@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from forgather.serve.client import free_port
+from forgather.ports import free_port
 
 
 def start(arguments: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
