@@ -179,3 +179,25 @@ def test_a_misspelled_option_is_named_with_the_close_one_by_both_commands(capsys
 def test_a_project_directory_that_does_not_exist_is_named(tmp_path, capsys):
     assert main(["-p", str(tmp_path / "projetc"), "ls"]) != 0
     assert f"-p {tmp_path / 'projetc'}: no such directory" in capsys.readouterr().err
+
+
+def test_forgathers_options_may_follow_the_command_as_the_reference_takes_them(capsys, tmp_path):
+    """`forgather pp -t a.yaml` as well as `forgather -t a.yaml pp` (the reference Forgather parses its options
+    anywhere on the line), with its long names too; argparse had called -t after the command unrecognized."""
+    before = cli(capsys, "-t", "sgd.yaml", "pp")
+    assert main(["pp", "-p", EXAMPLE, "-t", "sgd.yaml"]) == 0
+    assert capsys.readouterr().out == before
+    assert main(["pp", "--project-dir", EXAMPLE, "--config-template", "sgd.yaml"]) == 0
+    assert capsys.readouterr().out == before
+    assert main(["-p", EXAMPLE, "-t", "wide.yaml", "pp", "-t", "sgd.yaml"]) == 0  # the later one, as argparse's
+    assert capsys.readouterr().out == before
+    # a repeatable option given on both sides keeps both
+    for name in ("a", "b"):
+        (tmp_path / name / "extra").mkdir(parents=True)
+        (tmp_path / name / "extra" / f"from_{name}.yaml").write_text("x: 1\n")
+    assert main(["-p", EXAMPLE, "--template-path", str(tmp_path / "a"), "tlist", "--template-path", str(tmp_path / "b")]) == 0
+    listed = capsys.readouterr().out
+    assert "extra/from_a.yaml" in listed and "extra/from_b.yaml" in listed
+    # train: the runner's own --strict and forgather's options after the command
+    assert main(["train", "-p", RUNNER_PROJECT, "-t", "micro.yaml", "--dry-run", "--strict"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"-m forgather.run -p {RUNNER_PROJECT} --outputs {RUNNER_PROJECT} +experiment=micro --strict")

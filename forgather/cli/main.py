@@ -46,20 +46,30 @@ CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "trefs", "code", "constru
 PRINTING_COMMANDS = {"ls", "index", "meta", "tlist", "pp", "graph", "config", "targets", "trefs", "code", "construct", "completion"}
 
 
+# `forgather`'s own options as (flags, add_argument keywords): one table serves the top-level parser and the
+# chosen command's, so that they may stand before or after the command (`forgather -t a.yaml pp` or `forgather pp
+# -t a.yaml`), as the reference Forgather takes them; its long names (--project-dir, --config-template) are aliases.
+GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict], ...] = (
+    (("-p", "--project", "--project-dir"), dict(dest="project", default=".", help="project directory (default: current directory)")),
+    (("-t", "--config", "--config-template"), dict(dest="config", help="config of the project (name in templates/configs, e.g. base.yaml)")),
+    (("--template-path",), dict(action="append", default=[], metavar="DIR", help="extra template directory (repeatable)")),
+    (("-i", "--interactive"), dict(action="store_true", help="start the interactive shell")),
+    (("--no-dyn",), dict(action="store_true", help="do not read the config's own arguments (dynamic_args)")),
+    (("--strict",), dict(action="store_true", help="warnings about likely mistakes (a block no template extends, a repeated YAML key) are errors (FORGATHER_STRICT=1)")),
+)
+# A repeatable option given after the command lands here, to be added to those given before it: argparse copies
+# the command's namespace over the top level's, which would drop the earlier ones.
+_AFTER = "after_command_"
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The `forgather` parser and one empty subparser a command: `add_command_arguments` fills the chosen one."""
     parser = argparse.ArgumentParser(
         prog="forgather",
         description="Forgather: templates -> YAML -> node graph -> OmegaConf config -> Python objects.",
     )
-    parser.add_argument("-p", "--project", default=".", help="project directory (default: current directory)")
-    parser.add_argument("-t", "--config", help="config of the project (name in templates/configs, e.g. base.yaml)")
-    parser.add_argument(
-        "--template-path", action="append", default=[], metavar="DIR", help="extra template directory (repeatable)"
-    )
-    parser.add_argument("-i", "--interactive", action="store_true", help="start the interactive shell")
-    parser.add_argument("--no-dyn", action="store_true", help="do not read the config's own arguments (dynamic_args)")
-    parser.add_argument("--strict", action="store_true", help="warnings about likely mistakes (a block no template extends, a repeated YAML key) are errors (FORGATHER_STRICT=1)")
+    for flags, options in GLOBAL_OPTIONS:
+        parser.add_argument(*flags, **options)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {
         name: commands.add_parser(name, help=help_text, description=help_text, add_help=False)
@@ -69,11 +79,30 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def add_command_arguments(subparser: argparse.ArgumentParser, command: str):
-    """Import the module of `command` and add its arguments to its subparser; returns the module."""
+    """Import the module of `command` and add its arguments to its subparser, then `forgather`'s own options
+    that the command does not define itself; returns the module."""
     module = importlib.import_module(COMMANDS[command][0])
     subparser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     module.add_arguments(subparser)
+    group = subparser.add_argument_group("options of forgather (also before the command)")
+    for flags, options in GLOBAL_OPTIONS:
+        free = [flag for flag in flags if flag not in subparser._option_string_actions]
+        if len(free) == len(flags):  # a command's own option of that name (train's --strict) keeps its meaning
+            dest = options.get("dest") or flags[-1].lstrip("-").replace("-", "_")
+            if options.get("action") == "append":
+                dest = _AFTER + dest
+            group.add_argument(*free, **{**options, "dest": dest, "default": argparse.SUPPRESS})
     return module
+
+
+def parse_known(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """parser.parse_known_args, with the repeatable options given after the command added to those before it."""
+    args, extras = parser.parse_known_args(argv)
+    for name in [name for name in vars(args) if name.startswith(_AFTER)]:
+        dest = name[len(_AFTER):]
+        setattr(args, dest, [*getattr(args, dest), *getattr(args, name)])
+        delattr(args, name)
+    return args, extras
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     if known.command is None:
         parser.print_help()
         return 0
-    if known.strict:
-        os.environ[STRICT_ENV] = "1"  # an environment variable, so that the runner's processes inherit it
     subparser = subparsers[known.command]
     module = add_command_arguments(subparser, known.command)
+    known, _ = parse_known(parser, argv)  # again: forgather's options may follow the command
+    if known.strict:
+        os.environ[STRICT_ENV] = "1"  # an environment variable, so that the runner's processes inherit it
     try:
         dests = _declare_config_arguments(parser, subparser, known, argv)
-        args, extras = parser.parse_known_args(argv)
+        args, extras = parse_known(parser, argv)
         # Overrides may stand anywhere among the options, as `python -m forgather.run` (an intermixed parse)
         # takes them; argparse takes one run of positionals per subcommand and hands back the later ones.
         if extras and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extras):
