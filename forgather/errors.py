@@ -118,7 +118,8 @@ def unrecognized(extras: list[str], parsers: list[argparse.ArgumentParser]) -> s
     hints = []
     for extra in extras:
         name = extra.split("=", 1)[0]
-        hint = did_you_mean(name, options, n=2, cutoff=0.7, show=str) if name.startswith("-") else ""
+        # not the option itself: an option known to another parser than the one that met it is no misspelling
+        hint = did_you_mean(name, [o for o in options if o != name], n=2, cutoff=0.7, show=str) if name.startswith("-") else ""
         if hint:
             hints.append(f"{name}: {hint}")
     return f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else "")

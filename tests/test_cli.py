@@ -201,3 +201,14 @@ def test_forgathers_options_may_follow_the_command_as_the_reference_takes_them(c
     # train: the runner's own --strict and forgather's options after the command
     assert main(["train", "-p", RUNNER_PROJECT, "-t", "micro.yaml", "--dry-run", "--strict"]) == 0
     assert capsys.readouterr().out.strip().endswith(f"-m forgather.run -p {RUNNER_PROJECT} --outputs {RUNNER_PROJECT} +experiment=micro --strict")
+
+
+def test_an_option_is_never_suggested_as_its_own_correction():
+    """argparse's leftover `-t` (an option of another parser) once read '-t: did you mean -t?'."""
+    import argparse
+
+    from forgather.errors import unrecognized
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-t", "--target")
+    assert unrecognized(["-t", "x", "--targte"], [parser]) == "unrecognized arguments: -t x --targte (--targte: did you mean --target?)"
