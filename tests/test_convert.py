@@ -358,3 +358,95 @@ def test_truncated_weights_are_one_line_naming_the_file(hf_dir, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {source / 'model.safetensors'}: not a readable safetensors file (")
     assert not (tmp_path / "out").exists()
+
+
+# -- the reference Forgather's command lines: a token file, a chat template, its option names -----------------
+
+CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+@pytest.fixture
+def llama_dir(tmp_path, tokenizer) -> Path:
+    """A Hugging Face Llama whose embedding has 8 padding rows past its tokenizer (as checkpoints often do)."""
+    directory = tmp_path / "llama"
+    random_hf_model("llama", len(tokenizer) + 8, tie_word_embeddings=False).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_the_references_convert_command_line_runs(llama_dir, tmp_path, tokenizer, capsys):
+    """examples/finetune/samantha's: `forgather convert -t chatml.jinja SRC DST --add-tokens tokens.yaml`,
+    with the reference's example token file (pad only if missing, eos replaced, one special token)."""
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    (tmp_path / "tokens.yaml").write_text(
+        "pad_token:\n  token: \"<|newpad|>\"\n  init: zero\n  if_missing: true\n"  # the tokenizer has one: kept
+        "eos_token: \"<|im_end|>\"\n"
+        "special_tokens:\n  - \"<|im_start|>\"\n"
+        "regular_tokens: [\"custom_token\"]\n")
+    out = tmp_path / "fg"
+    assert convert_cli.main(["-t", str(tmp_path / "chatml.jinja"), str(llama_dir), str(out),
+                             "--add-tokens", str(tmp_path / "tokens.yaml"), "--max-length", "96"]) == 0
+    converted = transformers.PreTrainedTokenizerFast.from_pretrained(out)
+    assert converted.chat_template == CHATML
+    assert converted.eos_token == "<|im_end|>" and converted.pad_token == tokenizer.pad_token == "<|pad|>"
+    special = {added.content: added.special for added in converted.added_tokens_decoder.values()}
+    assert special["<|im_start|>"] and not special["custom_token"]
+    assert "<|newpad|>" not in converted.get_vocab()
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 96
+    # the three new tokens took padding rows (the vocabulary kept its size), each set to the mean of the
+    # rows of the tokens the tokenizer had; the old tokens' logits are unchanged
+    known = len(tokenizer)
+    source = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    model = load_model(out)
+    assert model.vocab_size == known + 8
+    for name, weight in (("embed", source.model.embed_tokens.weight), ("lm_head", source.lm_head.weight)):
+        rows = dict(model.named_parameters())[f"{name}.weight"].detach()
+        mean = weight[:known].mean(dim=0)
+        for token in ("<|im_end|>", "<|im_start|>", "custom_token"):
+            torch.testing.assert_close(rows[converted.convert_tokens_to_ids(token)], mean)
+        torch.testing.assert_close(rows[known + 3:], weight[known + 3:].detach())  # padding rows untouched
+    ids = token_ids(known)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[..., :known], hf_logits(llama_dir, ids)[..., :known], rtol=0, atol=1e-5)
+
+
+def test_a_new_pad_token_starts_at_zero_and_a_role_is_replaced(tmp_path, llama_dir, tokenizer):
+    from forgather.convert.vocab import read_token_file
+
+    (tmp_path / "tokens.yaml").write_text("pad_token: \"<|padding|>\"\nbos_token: {token: \"<|begin|>\", init: mean}\n")
+    out = hf_to_forgather(llama_dir, tmp_path / "fg", vocab=read_token_file(tmp_path / "tokens.yaml"))
+    converted = transformers.PreTrainedTokenizerFast.from_pretrained(out)
+    assert (converted.pad_token, converted.bos_token) == ("<|padding|>", "<|begin|>")
+    embed = load_model(out).embed.weight.detach()
+    assert not embed[converted.pad_token_id].any() and embed[converted.bos_token_id].any()
+    # to Hugging Face, the config's token ids follow the tokenizer's roles
+    back = forgather_to_hf(out, tmp_path / "hf")
+    config = json.loads((back / "config.json").read_text())
+    assert (config["pad_token_id"], config["bos_token_id"]) == (converted.pad_token_id, converted.bos_token_id)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("bos_token: x\neos_tokn: x\n", ":2: unknown key 'eos_tokn'; did you mean 'eos_token'"),
+    ("pad_token: {token: x, init: random}\n", ":1: pad_token: init 'random'; use one of mean, zero"),
+    ("special_tokens: x\n", ":1: special_tokens: a list of token strings expected"),
+    ("- x\n", ": a mapping of bos_token"),
+])
+def test_a_wrong_token_file_is_one_line_naming_the_file_and_the_key(tmp_path, llama_dir, capsys, content, message):
+    (tmp_path / "tokens.yaml").write_text(content)
+    assert convert_cli.main([str(llama_dir), str(tmp_path / "fg"), "--add-tokens", str(tmp_path / "tokens.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'tokens.yaml'}{message}" in err
+    assert not (tmp_path / "fg").exists()
+
+
+def test_a_missing_chat_template_and_a_reverse_from_hugging_face_are_one_line(tmp_path, llama_dir, capsys):
+    assert convert_cli.main(["-t", str(tmp_path / "chatml.jinja"), str(llama_dir), str(tmp_path / "fg")]) == 2
+    assert f"-t {tmp_path / 'chatml.jinja'}: no such file" in capsys.readouterr().err
+    assert convert_cli.main(["--reverse", str(llama_dir), str(tmp_path / "fg")]) == 2
+    assert "--reverse: " in capsys.readouterr().err and not (tmp_path / "fg").exists()
+
+
+def test_model_type_is_the_family(tmp_path):
+    source = save_native(native_tree(64), tmp_path / "native")
+    assert convert_cli.main(["--reverse", "--model-type", "mistral", str(source), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mistral"

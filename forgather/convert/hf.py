@@ -6,7 +6,8 @@ Forgather model and writes it with `forgather.models.export.save_model`, plus th
 model can express it, and writes config.json + model.safetensors (+ tokenizer, generation_config.json)
 that transformers and vLLM load without remote code. The family defaults to the one a model was converted
 from (recorded in its config.json as `forgather_convert.family`), else qwen3 for q/k-norm models, else llama.
-Both take `add_tokens` (grow the tokenizer and the embedding rows) and `dtype` ("float32", "bfloat16" ...).
+Both take `vocab` (vocab.VocabOptions: tokens and roles to add, with the embedding rows to hold them, a chat
+template), `dtype` ("float32", "bfloat16" ...) and `max_position_embeddings` (the context length written).
 Both refuse a destination that exists unless `overwrite`, and write it through a staging directory renamed
 into place at the end (`output.staged`), so a failed or killed conversion leaves no half-written model.
 
@@ -20,26 +21,17 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .output import staged
 from .spec import COMPONENTS_FILE, DecoderSpec, forgather_tree, hf_config, spec_from_hf_config, spec_from_model
-from .vocab import add_tokens as add_to_tokenizer
-from .vocab import copy_tokenizer, grow_vocabulary, has_tokenizer, load_tokenizer
+from .vocab import (VocabOptions, apply_vocab, copy_tokenizer, grow_vocabulary, has_tokenizer, initialize_rows,
+                    load_tokenizer)
 from .weights import read_safetensors, to_forgather_names, to_hf_names, write_safetensors
 
 DEFAULT_CONTEXT = 2048  # max_position_embeddings for a model that never recorded one
-
-
-@dataclasses.dataclass
-class VocabOptions:
-    """Tokens to add during conversion; the vocabulary is then padded up to a multiple of `pad_to_multiple_of`."""
-
-    tokens: Sequence[str] = ()
-    special: bool = False
-    pad_to_multiple_of: int = 1
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:
@@ -51,28 +43,32 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return dtype
 
 
-def _tokenizer(src: Path, vocab: VocabOptions) -> Any | None:
-    """The source tokenizer with the new tokens added, or None when there is none (and nothing to add)."""
+def _tokenizer(src: Path, vocab: VocabOptions) -> tuple[Any | None, dict[int, str], int]:
+    """The source tokenizer with `vocab`'s changes made, the new tokens' {id: init} and how many tokens it had;
+    None when there is none (and nothing to change)."""
     if not has_tokenizer(src):
-        if vocab.tokens:
-            raise ValueError(f"cannot add tokens: {src} has no tokenizer")
-        return None
+        if vocab.changes_tokenizer():
+            what = "set a chat template" if vocab.chat_template is not None and not vocab.tokens else "add tokens"
+            raise ValueError(f"cannot {what}: {src} has no tokenizer (tokenizer.json or tokenizer.model)")
+        return None, {}, 0
     tokenizer = load_tokenizer(src)
-    add_to_tokenizer(tokenizer, list(vocab.tokens), vocab.special)
-    return tokenizer
+    known = len(tokenizer)
+    return tokenizer, apply_vocab(tokenizer, vocab), known
 
 
 def _write_tokenizer(tokenizer: Any | None, src: Path, dst: Path, vocab: VocabOptions) -> None:
-    if tokenizer is not None and vocab.tokens:
+    if tokenizer is not None and vocab.changes_tokenizer():
         tokenizer.save_pretrained(str(dst))
     elif tokenizer is not None:
         copy_tokenizer(src, dst)
 
 
 def _convert_state(
-    state: dict[str, torch.Tensor], spec: DecoderSpec, tokenizer: Any | None, vocab: VocabOptions, dtype: str | None
+    state: dict[str, torch.Tensor], spec: DecoderSpec, tokenizer: Any | None, vocab: VocabOptions, dtype: str | None,
+    new_tokens: dict[int, str], known: int,
 ) -> tuple[dict[str, torch.Tensor], DecoderSpec]:
     state, vocab_size = grow_vocabulary(state, spec.vocab_size, tokenizer, vocab.pad_to_multiple_of)
+    state = initialize_rows(state, new_tokens, known)
     target = _torch_dtype(dtype)
     if target is not None:
         state = {name: tensor.to(target) for name, tensor in state.items()}
@@ -90,28 +86,33 @@ def hf_to_forgather(
     dtype: str | None = None,
     vocab: VocabOptions = VocabOptions(),
     overwrite: bool = False,
+    max_position_embeddings: int | None = None,
 ) -> Path:
-    """Write the Hugging Face model in `src` as a Forgather model directory `dst`; returns `dst`."""
+    """Write the Hugging Face model in `src` as a Forgather model directory `dst`; returns `dst`.
+    `max_position_embeddings` replaces the source's context length."""
     src, dst = Path(src), Path(dst)
     with staged(dst, overwrite, source=src) as out:
-        _hf_to_forgather(src, out, name, dtype, vocab)
+        _hf_to_forgather(src, out, name, dtype, vocab, max_position_embeddings)
     return dst
 
 
-def _hf_to_forgather(src: Path, dst: Path, name: str | None, dtype: str | None, vocab: VocabOptions) -> None:
+def _hf_to_forgather(src: Path, dst: Path, name: str | None, dtype: str | None, vocab: VocabOptions,
+                     max_position_embeddings: int | None) -> None:
     from transformers import AutoConfig
 
     from forgather.models.export import build_model, save_model
 
     config = AutoConfig.from_pretrained(str(src))
     spec = spec_from_hf_config(config)
+    if max_position_embeddings:
+        spec = dataclasses.replace(spec, max_position_embeddings=max_position_embeddings)
     sliding_window = getattr(config, "sliding_window", None)
     if sliding_window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
         warnings.warn(f"sliding-window attention becomes full attention: outputs equal the original's for "
                       f"sequences up to {sliding_window} tokens", stacklevel=2)
-    tokenizer = _tokenizer(src, vocab)
+    tokenizer, new_tokens, known = _tokenizer(src, vocab)
     state = to_forgather_names(read_safetensors(src), spec.tie_embeddings)
-    state, spec = _convert_state(state, spec, tokenizer, vocab, dtype)
+    state, spec = _convert_state(state, spec, tokenizer, vocab, dtype, new_tokens, known)
     tree = forgather_tree(spec)
     with torch.device("meta"):  # no time spent initializing weights that are replaced at once
         model = build_model(tree)
@@ -156,8 +157,8 @@ def _forgather_to_hf(src: Path, dst: Path, family: str | None, dtype: str | None
     context = max_position_embeddings or recorded.get("max_position_embeddings") or DEFAULT_CONTEXT
     spec = spec_from_model(model, context)
     family = family or recorded.get("forgather_convert", {}).get("family") or ("qwen3" if spec.qk_norm else "llama")
-    tokenizer = _tokenizer(src, vocab)
-    state, spec = _convert_state(model.state_dict(), spec, tokenizer, vocab, dtype)
+    tokenizer, new_tokens, known = _tokenizer(src, vocab)
+    state, spec = _convert_state(model.state_dict(), spec, tokenizer, vocab, dtype, new_tokens, known)
     token_ids = {role: getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "pad")}
     config = hf_config(spec, family, _dtype_name(state), token_ids)
     config.save_pretrained(str(dst))
