@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "trefs", "code", "construct", "train"}
 # Commands whose whole work is printing: a reader that stops early (`| head`) ends them with success.
 PRINTING_COMMANDS = {"ls", "index", "meta", "tlist", "pp", "graph", "config", "targets", "trefs", "code", "construct", "completion"}
+# Commands whose output -o writes to a file or -e opens in an editor, as the reference Forgather's do; the
+# suffix the editor's file gets.
+OUTPUT_COMMANDS = {"index": ".txt", "meta": ".yaml", "tlist": ".txt", "pp": ".yaml", "graph": ".yaml",
+                   "config": ".yaml", "targets": ".txt", "trefs": ".txt", "code": ".py", "construct": ".txt"}
 
 
 # `forgather`'s own options as (flags, add_argument keywords): one table serves the top-level parser and the
@@ -84,6 +88,10 @@ def add_command_arguments(subparser: argparse.ArgumentParser, command: str):
     module = importlib.import_module(COMMANDS[command][0])
     subparser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     module.add_arguments(subparser)
+    if command in OUTPUT_COMMANDS:
+        output = subparser.add_mutually_exclusive_group()
+        output.add_argument("-o", "--output-file", metavar="FILE", help="write the output to FILE (whole or not at all)")
+        output.add_argument("-e", "--edit", action="store_true", help="open the output in $VISUAL or $EDITOR")
     group = subparser.add_argument_group("options of forgather (also before the command)")
     for flags, options in GLOBAL_OPTIONS:
         free = [flag for flag in flags if flag not in subparser._option_string_actions]
@@ -134,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
             raise UserError(f"-p {args.project}: no such directory; give a project directory (one with a meta.yaml)")
         args.dynamic = _dynamic_values(args, dests)
+        if getattr(args, "output_file", None) or getattr(args, "edit", False):
+            return _run_into_file(module, args)
         return module.run(args)
     except KeyboardInterrupt:
         return 130
@@ -148,6 +158,44 @@ def main(argv: list[str] | None = None) -> int:
         from forgather.errors import report
 
         return report(error)
+
+
+def _run_into_file(module, args: argparse.Namespace) -> int:
+    """Run a printing command with its output going to -o FILE (written through a temporary file renamed into
+    place, so a failing command leaves an existing FILE as it was) or, with -e, to a file opened in the user's
+    editor. What the command would have printed is captured whole: these commands print text, not streams."""
+    import contextlib
+    import io
+    import shlex
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from forgather.data.cache import atomic_write
+
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        code = module.run(args)
+    if code != 0:  # no file from a command that failed; what it printed goes where it would have
+        sys.stdout.write(captured.getvalue())
+        return code
+    if args.output_file:
+        path = Path(args.output_file).expanduser()
+        atomic_write(path, lambda tmp: tmp.write_text(captured.getvalue()))
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or shutil.which("vi")
+    if not editor:
+        from forgather.errors import UserError
+
+        raise UserError("-e: no editor found; set $EDITOR (or $VISUAL), or write the output with -o FILE")
+    config = Path(args.config).stem + "_" if args.config else ""
+    folder = Path(tempfile.mkdtemp(prefix="forgather-"))
+    path = folder / f"{config}{args.command}{OUTPUT_COMMANDS[args.command]}"
+    path.write_text(captured.getvalue())
+    print(f"opening {path} in {editor}", file=sys.stderr)
+    return subprocess.call([*shlex.split(editor), str(path)])
 
 
 def _declare_config_arguments(parser: argparse.ArgumentParser, subparser: argparse.ArgumentParser, known: argparse.Namespace, argv: list[str]) -> list[str]:
