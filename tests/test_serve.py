@@ -673,3 +673,103 @@ def test_an_incomplete_model_directory_is_one_line(llama_dir, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {directory}: the model does not load (")
     assert err.endswith("); give a complete model directory, as a run's export or `forgather convert` writes it\n")
+
+
+# --- the reference Forgather's inf command lines ----------------------------------------------------------
+
+
+def test_client_message_is_one_chat_reply_and_a_v1_url_is_taken(server, capsys):
+    body = {"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": "once upon"}],
+            "max_tokens": 6, "temperature": 0}
+    whole = post(server, "/chat/completions", body).json()["choices"][0]["message"]["content"]
+    assert inf.main(["client", "--url", server + "/v1", "--api-key", API_KEY, "--message", "once upon",
+                     "--system", "be brief", "--max-tokens", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == whole + "\n"
+
+
+def test_client_completes_text_piped_in_and_echoes_on_request(server, model_dir, tokenizer, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPTS[0] + "\n"))
+    assert inf.main(["client", "--url", server, "--api-key", API_KEY, "--max-tokens", "12", "--temperature", "0",
+                     "--echo"]) == 0
+    assert capsys.readouterr().out == PROMPTS[0] + greedy_text(model_dir, tokenizer, PROMPTS[0]) + "\n"
+
+
+def test_client_lists_models_and_checks_health(server, capsys):
+    assert inf.main(["client", "--url", server, "--api-key", API_KEY, "--list-models"]) == 0
+    assert capsys.readouterr().out == "tiny\n"
+    assert inf.main(["client", "--url", server, "--api-key", API_KEY, "--health"]) == 0
+    assert "is up" in capsys.readouterr().out
+    url = f"http://127.0.0.1:{free_port()}"
+    assert inf.main(["client", "--url", url, "--health"]) == 1
+    assert f"no server answers at {url}" in capsys.readouterr().err
+
+
+def test_client_takes_a_config_file_and_the_command_line_wins(server, model_dir, tokenizer, tmp_path, capsys):
+    config = tmp_path / "client_config.yaml"
+    config.write_text(f"url: \"{server}/v1\"\napi-key: {API_KEY}\nmax-tokens: 12\ntemperature: 0.0\n"
+                      "stop: [\"never appears\"]\n")
+    assert inf.main(["client", str(config), "--completion", PROMPTS[0]]) == 0
+    whole = greedy_text(model_dir, tokenizer, PROMPTS[0])
+    assert capsys.readouterr().out == whole + "\n"
+    assert inf.main(["client", str(config), "--completion", PROMPTS[0], "--max-tokens", "4"]) == 0
+    shorter = capsys.readouterr().out.removesuffix("\n")
+    assert whole.startswith(shorter) and len(shorter) < len(whole)
+
+
+def test_server_takes_the_references_config_file(no_model_loading, model_dir, tmp_path, capsys):
+    config = tmp_path / "server_config.yaml"
+    config.write_text(f"model: \"{model_dir}\"\nhost: 0.0.0.0\nport: 0\nlog-level: INFO\n"
+                      "stop-sequences:\n  - \"<|im_end|>\"\n")
+    assert inf.main(["server", str(config)]) == 2  # the file's host: refused for want of a key, before loading
+    assert "--host 0.0.0.0" in capsys.readouterr().err
+    assert inf.main(["server", str(config), "--host", "127.0.0.1"]) == 2  # the command line wins: it loads
+    assert "Backend.load was reached" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("model: m\nprot: 8001\n", ":2: unknown key 'prot'; did you mean 'port'?"),
+    ("port: eight\n", ":1: port: 'eight' is not a int"),
+    ("dtype: float8\n", ":1: dtype: 'float8'; use one of auto, float32, bfloat16, float16"),
+    ("insecure: maybe\n", ":1: insecure: true or false expected"),
+])
+def test_a_wrong_server_config_file_is_one_line_naming_file_line_and_key(no_model_loading, tmp_path, capsys,
+                                                                        content, message):
+    config = tmp_path / "server_config.yaml"
+    config.write_text(content)
+    assert inf.main(["server", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{config}{message}" in err
+
+
+def test_server_short_names_and_a_missing_chat_template(no_model_loading, model_dir, tmp_path, capsys):
+    assert inf.main(["server", "-m", str(model_dir), "-t", str(tmp_path / "chatml.jinja")]) == 2
+    assert f"--chat-template {tmp_path / 'chatml.jinja'}: no such file" in capsys.readouterr().err
+    assert inf.main(["server"]) == 2
+    assert "give the model directory" in capsys.readouterr().err
+    (tmp_path / "chatml.jinja").write_text("x")
+    assert inf.main(["server", "-m", str(model_dir), "-p", "0", "-d", "cpu", "-l", "WARNING",
+                     "-t", str(tmp_path / "chatml.jinja"), "-s", "a", "b"]) == 2
+    assert "Backend.load was reached" in capsys.readouterr().err
+
+
+def test_the_engine_runs_where_the_model_sits_on_one_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [inf._use_engine("auto", d) for d in (None, "cuda", "cuda:1", "cpu", "auto")] == [True, True, True, False, False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not inf._use_engine("auto", None) and inf._use_engine("on", "cpu")
+
+
+def test_server_stop_strings_end_every_request_and_a_chat_template_replaces_the_tokenizers(model_dir):
+    plain = Backend.load(model_dir)
+    with serving(create_app(plain, "tiny")) as url:
+        whole = complete(url, PROMPTS[0], max_tokens=16)["choices"][0]["text"]
+    stop = whole[3:5]
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    backend = Backend.load(model_dir, stop_strings=(stop,), chat_template=template)
+    assert backend.tokenizer.chat_template == template and backend.chat_stop == ()
+    text = backend.tokenizer.decode(backend.chat_prompt([{"role": "user", "content": "hi"}]))
+    assert text == "[user] hi\n[assistant]"
+    with serving(create_app(backend, "tiny")) as url:
+        stopped = complete(url, PROMPTS[0], max_tokens=16)["choices"][0]
+    assert stopped["text"] == whole[: whole.index(stop)] and stopped["finish_reason"] == "stop"

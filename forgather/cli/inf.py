@@ -4,8 +4,15 @@
 uvicorn, the `serve` extra) on 127.0.0.1:8000 unless told otherwise, through the batching engine on a GPU
 (`--engine`); another host needs --api-key (or
 --insecure). A Forgather directory's model code runs in the server, as transformers' trust_remote_code does.
-`client --completion TEXT` streams a completion; `client --chat` is an interactive, streaming chat; without a
-server either says so in one line. Nothing heavy is imported until `run`.
+`client --completion TEXT` streams a completion, `client --message TEXT` one chat reply; `client --chat` (or
+none of these) is an interactive, streaming chat, and text piped in is completed; without a server each says
+so in one line. Nothing heavy is imported until `run`.
+
+The reference Forgather's command lines run too: a YAML file of option values before the options (`server
+server_config.yaml --port 8001`: its keys are the options' long names, `stop-sequences: [...]`; the command
+line wins), its short names (`-p` port, `-d` device, `-t` chat template, `-s` stop sequences, `-l` log level),
+`client --message/--interactive/--list-models/--health`, and a --url that ends in /v1. Not its `-c`: here it
+compiles (the reference's loads a checkpoint).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import Callable
 
 from forgather.serve.server import SWITCH_INTERVAL  # standard library only: --help stays light
 
@@ -22,18 +31,18 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, help="0 = greedy")
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--stop", nargs="+", action="extend", help="stop strings (repeatable)")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    roles = parser.add_subparsers(dest="role", metavar="server|client", required=True)
-    server = roles.add_parser("server", help="serve a model directory (OpenAI-compatible API)")
-    server.add_argument("-m", "--model", required=True, help="model directory (Forgather or Hugging Face)")
+def server_arguments(server: argparse.ArgumentParser) -> None:
+    server.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                        help="YAML file of option values (keys: the long names, e.g. model, port, stop-sequences)")
+    server.add_argument("-m", "--model", help="model directory (Forgather or Hugging Face)")
     server.add_argument("-c", "--compile", action="store_true",
                         help="torch.compile the model (the engine compiles its decode step on a GPU anyway; with it, -c "
                              "compiles the model's own step where the engine's fused one does not apply)")
     server.add_argument("--engine", choices=("auto", "on", "off"), default="auto",
-                        help="batch requests in the serving engine (auto: on a GPU without --device-map)")
+                        help="batch requests in the serving engine (auto: on when the model is on one GPU)")
     server.add_argument("--max-num-seqs", type=int, default=16, help="requests the engine decodes at once")
     server.add_argument("--switch-interval", type=float, default=SWITCH_INTERVAL, metavar="SECONDS",
                         help="with the engine: longest wait of its thread for Python's GIL while the event loop "
@@ -41,25 +50,124 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
                         help="uvicorn's HTTP implementation (auto: httptools where installed, else h11)")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--device-map", help="'auto' shards the model over the visible GPUs (or the CPU)")
+    server.add_argument("-p", "--port", type=int, default=8000)
+    server.add_argument("-d", "--device-map", "--device", metavar="DEVICE",
+                        help="cpu, cuda:N, or 'auto' (shards the model over the visible GPUs)")
     server.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    server.add_argument("-t", "--chat-template", metavar="PATH", help="a Jinja chat template file (default: the tokenizer's)")
+    server.add_argument("-s", "--stop-sequences", nargs="+", action="extend", default=[], metavar="TEXT",
+                        help="stop strings for every request, beside each request's own")
     server.add_argument("--api-key", default=os.environ.get("FORGATHER_API_KEY"),
                         help="require this bearer key (default: $FORGATHER_API_KEY; none: no key)")
     server.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without --api-key (a trusted network only)")
     server.add_argument("--served-model-name", help="model id in the API (default: the directory's name)")
     server.add_argument("--max-model-len", type=int, help="context length (default: the model config's)")
-    server.add_argument("--log-level", default="info")
-    client = roles.add_parser("client", help="talk to a running server")
-    client.add_argument("--url", default="http://127.0.0.1:8000", help="server address")
+    server.add_argument("-l", "--log-level", default="info", type=str.lower,
+                        choices=("critical", "error", "warning", "info", "debug", "trace"))
+
+
+def client_arguments(client: argparse.ArgumentParser) -> None:
+    client.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                        help="YAML file of option values (keys: the long names, e.g. url, max-tokens)")
+    client.add_argument("--url", default="http://127.0.0.1:8000", help="server address (a trailing /v1 is taken too)")
     client.add_argument("--api-key", default=os.environ.get("FORGATHER_API_KEY"))
     client.add_argument("--model", help="model id (default: the server's first)")
-    mode = client.add_mutually_exclusive_group(required=True)
+    mode = client.add_mutually_exclusive_group()
     mode.add_argument("--completion", metavar="PROMPT", help="stream a completion of PROMPT")
-    mode.add_argument("--chat", action="store_true", help="interactive chat (/reset, /exit)")
-    client.add_argument("--system", help="system message for --chat")
+    mode.add_argument("--message", metavar="TEXT", help="stream one chat reply to TEXT")
+    mode.add_argument("--chat", "--interactive", action="store_true",
+                      help="interactive chat (/reset, /exit); the default, unless text is piped in (completed)")
+    mode.add_argument("--list-models", action="store_true", help="print the ids of the models the server serves")
+    mode.add_argument("--health", action="store_true", help="say whether the server answers (exit status 0 or 1)")
+    client.add_argument("--system", help="system message for --chat and --message")
+    client.add_argument("--echo", action=argparse.BooleanOptionalAction, default=False,
+                        help="print a completion's prompt before it")
     _sampling_arguments(client)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    roles = parser.add_subparsers(dest="role", metavar="server|client", required=True)
+    server_arguments(roles.add_parser("server", help="serve a model directory (OpenAI-compatible API)"))
+    client_arguments(roles.add_parser("client", help="talk to a running server"))
+
+
+def apply_config_file(args: argparse.Namespace, add: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Values from `args.config` (a YAML mapping) for the options the command line left at their defaults, as
+    the reference Forgather's inference tools take them. `add` adds the options to a parser (their names,
+    types, choices and defaults). A key that names no option, or a wrong value, is an error naming the file,
+    its line and the key."""
+    if not args.config:
+        return
+    import yaml
+
+    from forgather.errors import did_you_mean
+
+    path = Path(args.config).expanduser()
+    try:
+        text = path.read_text()
+        values, node = yaml.safe_load(text) or {}, yaml.compose(text)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{args.config}: no such file; give a YAML file of option values") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a mapping of option names to values expected, got {type(values).__name__}")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    options = argparse.ArgumentParser(add_help=False)
+    add(options)
+    given = _given(options, args)
+    by_name = {}
+    for action in options._actions:  # each long name, with - or _, and the destination
+        if action.dest == "config":
+            continue
+        for name in [action.dest, *(o.lstrip("-") for o in action.option_strings if o.startswith("--"))]:
+            by_name[name] = by_name[name.replace("-", "_")] = action
+    for key, value in values.items():
+        where = f"{path}:{lines[key]}" if key in lines else str(path)
+        action = by_name.get(str(key))
+        if action is None:
+            hint = did_you_mean(str(key), sorted(n for n in by_name if "_" not in n or "-" not in n))
+            raise ValueError(f"{where}: unknown key {key!r}; " + (hint or "use the options' long names"))
+        if action.dest in given:
+            continue  # the command line wins
+        setattr(args, action.dest, _config_value(action, value, f"{where}: {key}"))
+
+
+def _given(options: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
+    """The destinations the command line gave (`args.argv`, the words after the role, as `forgather` keeps
+    them): parsed again with no defaults, so that a value given equal to its default still counts."""
+    words = list(getattr(args, "argv", []))
+    start = words.index("inf") + 1 if "inf" in words else 0  # `forgather ... inf ROLE ...`
+    words = words[words.index(args.role, start) + 1:] if args.role in words[start:] else []
+    saved = [(action, action.default) for action in options._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        return set(vars(options.parse_known_args(words)[0]))
+    finally:
+        for action, default in saved:
+            action.default = default
+
+
+def _config_value(action: argparse.Action, value, where: str):
+    """A config file's `value` for `action`, converted and checked as the command line's would be."""
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [_config_value(argparse.Action([], action.dest, type=action.type, choices=action.choices), item, where)
+                for item in items]
+    if action.const is not None and action.nargs == 0:  # a flag: true or false
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: true or false expected, got {value!r}")
+        return value
+    if action.type is not None and value is not None:
+        try:
+            value = action.type(value if isinstance(value, str) else str(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {value!r} is not a {getattr(action.type, '__name__', 'value')}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{where}: {value!r}; use one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -68,16 +176,30 @@ def _sampling(args: argparse.Namespace) -> dict:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def _run_client(args: argparse.Namespace) -> int:
+def _run_client(args: argparse.Namespace, stdin=None) -> int:
     from forgather.serve.client import Client, ClientError, chat_loop, print_stream
 
+    stdin = sys.stdin if stdin is None else stdin
+    modes = (args.completion, args.message, args.chat, args.list_models, args.health)
+    if not any(modes) and not stdin.isatty():  # `echo "Once upon a time" | forgather inf client`
+        args.completion = stdin.read().strip() or None
+    url = args.url.rstrip("/").removesuffix("/v1")  # the reference's addresses end in /v1
     try:
-        client = Client(args.url, args.api_key, args.model)
-        if args.chat:
-            client.models()  # no server: say so once, before the first prompt, not after every turn
-            chat_loop(client, sys.stdin, sys.stdout, args.system, **_sampling(args))
-        else:
+        client = Client(url, args.api_key, args.model)
+        if args.health or args.list_models:
+            models = client.models()
+            print(f"the server at {url} is up" if args.health else "\n".join(models))
+        elif args.completion:
+            if args.echo:
+                sys.stdout.write(args.completion)
             print_stream(client.stream_completion(args.completion, **_sampling(args)), sys.stdout)
+        elif args.message:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            print_stream(client.stream_chat([*system, {"role": "user", "content": args.message}], **_sampling(args)),
+                         sys.stdout)
+        else:
+            client.models()  # no server: say so once, before the first prompt, not after every turn
+            chat_loop(client, stdin, sys.stdout, args.system, **_sampling(args))
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -86,7 +208,18 @@ def _run_client(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.role == "client":
+        apply_config_file(args, client_arguments)
         return _run_client(args)
+    apply_config_file(args, server_arguments)
+    if not args.model:
+        raise ValueError("inf server: give the model directory: -m MODEL_DIR (or `model:` in the config file)")
+    chat_template = None
+    if args.chat_template:
+        try:
+            chat_template = Path(args.chat_template).expanduser().read_text()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--chat-template {args.chat_template}: no such file; give a Jinja chat "
+                                    "template file") from None
     from forgather.serve.server import serve
 
     if args.max_num_seqs < 1:
@@ -101,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
                          f"(default {SWITCH_INTERVAL})")
     serve(args.model, args.host, args.port, args.device_map, args.dtype, args.compile, args.api_key,
           args.served_model_name, args.max_model_len, args.log_level, args.insecure,
-          _use_engine(args.engine, args.device_map), args.max_num_seqs, args.switch_interval, args.http)
+          _use_engine(args.engine, args.device_map), args.max_num_seqs, args.switch_interval, args.http,
+          chat_template, tuple(args.stop_sequences))
     return 0
 
 
@@ -124,11 +258,13 @@ def _check_device_map(device_map: str | None) -> None:
 
 
 def _use_engine(choice: str, device_map: str | None) -> bool:
+    """--engine auto: on when the model sits whole on one GPU (no --device-map, or one CUDA device)."""
     if choice != "auto":
         return choice == "on"
     import torch
 
-    return device_map is None and torch.cuda.is_available()
+    one_gpu = device_map is None or device_map == "cuda" or device_map.startswith("cuda:")
+    return one_gpu and torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

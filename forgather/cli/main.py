@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
             raise UserError(f"-p {args.project}: no such directory; give a project directory (one with a meta.yaml)")
         args.dynamic = _dynamic_values(args, dests)
+        args.argv = argv  # the words as given: which options the line set, for a command that needs to know
         if getattr(args, "output_file", None) or getattr(args, "edit", False):
             return _run_into_file(module, args)
         return module.run(args)

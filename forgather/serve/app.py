@@ -313,7 +313,7 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
     async def completions(request: protocol.CompletionRequest, http: Request):
         check_model(request.model)
         ids = prompt_ids(request.prompt)
-        params = _params(request, backend.check_budget(len(ids), request.max_tokens))
+        params = _params(request, backend.check_budget(len(ids), request.max_tokens), backend.stop_strings)
         id_ = protocol.new_id("cmpl")
         if request.stream:
             return streamed(request, ids, params,
@@ -331,7 +331,7 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
             raise RequestError(str(error), param="messages") from None
         ids = backend.chat_prompt(messages)
         max_tokens = request.max_completion_tokens or request.max_tokens
-        params = _params(request, backend.check_budget(len(ids), max_tokens), backend.chat_stop)
+        params = _params(request, backend.check_budget(len(ids), max_tokens), backend.chat_stop + backend.stop_strings)
         id_ = protocol.new_id("chatcmpl")
         if request.stream:
             first = protocol.chat_chunk(id_, model_name, {"role": "assistant", "content": ""}, None)

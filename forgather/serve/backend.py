@@ -21,7 +21,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -83,14 +83,20 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
 class Backend:
     """A loaded model and tokenizer. Args: `context_length` bounds prompt + completion tokens."""
 
-    def __init__(self, model: Any, tokenizer: Any, context_length: int, stop_token_ids: set[int]):
+    def __init__(self, model: Any, tokenizer: Any, context_length: int, stop_token_ids: set[int],
+                 chat_template: str | None = None, stop_strings: Sequence[str] = ()):
+        """`chat_template` (Jinja text) replaces the tokenizer's; `stop_strings` end every request's text, beside
+        the request's own stop strings."""
         self.model, self.tokenizer = model, tokenizer
         self.tokenizer_lock = threading.Lock()
         self.context_length = context_length
         self.stop_token_ids = stop_token_ids
         self.engine: Any = None  # an Engine once start_engine() ran
+        self.stop_strings = tuple(s for s in stop_strings if s)
         self.chat_stop: tuple[str, ...] = ()
-        if getattr(tokenizer, "chat_template", None) is None:
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        elif getattr(tokenizer, "chat_template", None) is None:
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
             self.chat_stop = (DEFAULT_CHAT_STOP,)
 
@@ -105,12 +111,15 @@ class Backend:
         max_memory: dict | None = None,
         engine: bool = False,
         max_num_seqs: int = 8,
+        chat_template: str | None = None,
+        stop_strings: Sequence[str] = (),
     ) -> "Backend":
         """Load a model directory. Without `device_map` the model goes to the first GPU, or the CPU;
         `device_map="auto"` spreads it over the visible GPUs (accelerate; `max_memory` caps each device,
         {0: "20GiB", 1: ...}), or keeps it on the CPU. `engine` starts the batching engine with
         `max_num_seqs` slots (which compiles its decode step on a GPU anyway; `compile` then also compiles the
-        model's own step where the engine's fused one does not apply)."""
+        model's own step where the engine's fused one does not apply). `chat_template`, `stop_strings`: see
+        the constructor."""
         from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
 
@@ -150,7 +159,7 @@ class Backend:
         length = _context_length(model.config, tokenizer, context_length)
         if engine and context_length is None:
             length = min(length, ENGINE_CONTEXT)
-        backend = cls(model, tokenizer, length, _stop_token_ids(model, tokenizer))
+        backend = cls(model, tokenizer, length, _stop_token_ids(model, tokenizer), chat_template, stop_strings)
         if engine:
             backend.start_engine(max_num_seqs, compile=True if compile else None)  # None: the engine's default
         return backend

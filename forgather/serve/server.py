@@ -65,11 +65,14 @@ def serve(
     max_num_seqs: int = 16,
     switch_interval: float = SWITCH_INTERVAL,
     http: str = "auto",
+    chat_template: str | None = None,
+    stop_strings: tuple[str, ...] = (),
 ) -> None:
     """Serve until stopped. With the engine, Python's GIL passes between the engine's thread and the event loop
     every `switch_interval` seconds at most (sys.setswitchinterval, restored on return). `http` is uvicorn's
     HTTP implementation: "auto" takes httptools (C; the `serve` extra installs it) where installed, else
-    h11 (pure Python, more of the event loop's time per streamed chunk)."""
+    h11 (pure Python, more of the event loop's time per streamed chunk). `chat_template` (Jinja text) replaces
+    the tokenizer's; `stop_strings` end every request's text."""
     import uvicorn
 
     from .app import create_app
@@ -78,7 +81,7 @@ def serve(
     check_exposure(host, api_key, insecure)
     with listen(host, port) as sock:
         backend = Backend.load(model_dir, device_map, dtype, compile, context_length, engine=engine,
-                               max_num_seqs=max_num_seqs)
+                               max_num_seqs=max_num_seqs, chat_template=chat_template, stop_strings=stop_strings)
         name = model_name or Path(model_dir).resolve().name
         app = create_app(backend, name, api_key)
         # What is loaded by now (the model, compiled graphs, libraries) lives as long as the server: frozen out
