@@ -1,5 +1,6 @@
 """JobControl + `forgather control`: a real training subprocess driven through every command."""
 
+import io
 import json
 import math
 import os
@@ -342,3 +343,34 @@ def test_ddp_ranks_stop_at_the_same_step(cache_dir: Path, tmp_path: Path, capsys
         assert Path(reply["checkpoint"]).is_file()
     finally:
         job.kill()
+
+
+class _Terminal(io.StringIO):
+    """stdin as a terminal the user typed `answer` into."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_abort_asks_at_a_terminal_and_no_keeps_the_job_running(running_job: Job, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
+    code, _ = cli(capsys, "abort", "shared0")
+    assert code == 1
+    code, out = cli(capsys, "status", "shared0")  # still training
+    assert code == 0 and "job shared0job  step" in out
+    sent = []
+    monkeypatch.setattr(job_registry, "send_command", lambda record, command, timeout: sent.append(command) or {"ok": True, "step": 1})
+    monkeypatch.setattr(sys, "stdin", _Terminal("y\n"))
+    assert cli(capsys, "abort", "shared0")[0] == 0 and sent == ["abort"]
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
+    assert cli(capsys, "abort", "--force", "shared0")[0] == 0 and sent == ["abort", "abort"]  # -f: nothing asked
+    assert cli(capsys, "save-stop", "shared0")[0] == 0 and sent[-1] == "stop"  # the reference's name for stop
+
+
+def test_cleanup_removes_entries_of_ended_jobs(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv(job_registry.CACHE_ENV, str(tmp_path))
+    job_registry.write_record(_record("dead", _dead_pid()))
+    job_registry.write_record(_record("alive", os.getpid()))
+    code, out = cli(capsys, "cleanup", "--force")
+    assert code == 0 and out == "removed 1 entries of ended jobs; 1 running\n"
+    assert [r.job_id for r in job_registry.read_records()] == ["alive"]

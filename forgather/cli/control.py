@@ -20,21 +20,29 @@ from forgather.callbacks import job_registry
 
 _HELP = {
     "list": "list running jobs (removes entries of dead processes)",
+    "cleanup": "remove the registry's entries of jobs that ended without removing them",
     "status": "show step, loss, tokens/s and ETA",
     "save": "checkpoint now and keep training",
     "stop": "checkpoint, then end training cleanly",
-    "abort": "end training now without saving",
+    "abort": "end training now without saving (asks first at a terminal, unless --force)",
 }
+# The reference Forgather's names: `save-stop` is our `stop`.
+_ALIASES = {"stop": ["save-stop"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="control_command", metavar="COMMAND", required=True)
     commands.add_parser("list", help=_HELP["list"], description=_HELP["list"])
+    cleanup = commands.add_parser("cleanup", help=_HELP["cleanup"], description=_HELP["cleanup"])
+    cleanup.add_argument("-f", "--force", action="store_true", help="(the reference's; nothing is asked here)")
     for name in job_registry.COMMANDS:
-        sub = commands.add_parser(name, help=_HELP[name], description=_HELP[name])
+        sub = commands.add_parser(name, help=_HELP[name], description=_HELP[name], aliases=_ALIASES.get(name, []))
+        sub.set_defaults(control_command=name)
         sub.add_argument("job", metavar="JOB", help="job id, a unique prefix of it, or the job's PID (as `list` shows them)")
         sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
         sub.add_argument("--json", action="store_true", help="print the raw JSON reply")
+        if name == "abort":
+            sub.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +58,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.control_command == "list":
         console.print(_jobs_table(job_registry.list_jobs()))
         return 0
+    if args.control_command == "cleanup":
+        before = len(job_registry.read_records())
+        left = len(job_registry.list_jobs())  # removes the entries of dead processes
+        print(f"removed {before - left} entries of ended jobs; {left} running")
+        return 0
     record = job_registry.resolve_job(args.job)  # JobNotFound: one line through forgather.errors.report
+    if args.control_command == "abort" and not args.force and not _confirmed(record):
+        print(f"job {record.job_id} not aborted", file=sys.stderr)
+        return 1
     try:
         reply = job_registry.send_command(record, args.control_command, timeout=args.timeout)
     except OSError as error:
@@ -64,6 +80,17 @@ def _run(args: argparse.Namespace) -> int:
     else:
         console.print(_describe(record.job_id, args.control_command, reply), soft_wrap=True)
     return 0 if reply.get("ok") else 1
+
+
+def _confirmed(record: job_registry.JobRecord) -> bool:
+    """At a terminal, whether the user says yes to losing the training since the last checkpoint (as the
+    reference Forgather asks); without one (a script), yes: scripts that abort meant it."""
+    if not sys.stdin.isatty():
+        return True
+    sys.stderr.write(f"abort job {record.job_id} (pid {record.pid}, {record.run_dir}) without saving? Training "
+                     f"since its last checkpoint is lost (`forgather control stop` saves first). [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def _jobs_table(jobs: list[job_registry.JobRecord]) -> Table:
