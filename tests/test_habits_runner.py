@@ -135,7 +135,7 @@ def in_project(monkeypatch):
         ("forgather tr", ["train", "trefs"]),
         ("forgather -t ", ["micro.yaml"]),
         ("forgather pp --config-template ", ["micro.yaml"]),  # forgather's options after the command too
-        ("forgather control ", ["abort", "list", "save", "status", "stop"]),
+        ("forgather control ", ["abort", "cleanup", "list", "save", "save-stop", "status", "stop"]),
         ("forgather train --cfg ", ["all", "hydra", "job"]),
         ("forgather train +experiment=", ["+experiment=micro", "+experiment=tiny_llama"]),
         ("forgather train sched", ["scheduler="]),

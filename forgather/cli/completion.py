@@ -126,7 +126,7 @@ class _State:
             return list(subcommands.choices)
         if self.path[:1] == ["train"]:
             return _override_words(self, current)
-        if self.path[:1] == ["control"] and self.path[1:] != ["list"] and not self.positionals:
+        if self.path[:1] == ["control"] and self.path[1:] not in (["list"], ["cleanup"]) and not self.positionals:
             return _job_words()
         return []
 
