@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     subparser = subparsers[known.command]
     module = add_command_arguments(subparser, known.command)
-    known, _ = parse_known(parser, argv)  # again: forgather's options may follow the command
+    known = _with_global_options(known, argv)
     if known.strict:
         os.environ[STRICT_ENV] = "1"  # an environment variable, so that the runner's processes inherit it
     try:
@@ -159,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         from forgather.errors import report
 
         return report(error)
+
+
+def _with_global_options(known: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """`known` with forgather's own options read wherever they stand on the line, before the command's
+    arguments are parsed (which may need the config they name, and must not stop at a command's --help or
+    its missing positionals). A parser of those options alone: everything else is left over."""
+    options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flags, settings in GLOBAL_OPTIONS:
+        options.add_argument(*flags, **settings)
+    return argparse.Namespace(**{**vars(known), **vars(options.parse_known_args(argv)[0])})
 
 
 def _run_into_file(module, args: argparse.Namespace) -> int:

@@ -122,6 +122,25 @@ def test_graphed_engine_decodes_like_the_simple_loop_alone_and_batched(model_dir
         engine.close()
 
 
+def test_a_model_placed_on_one_named_gpu_is_served_by_the_engine(model_dir):
+    """`inf server -d cuda:0` (the reference Forgather's --device): the whole model on that GPU, and --engine
+    auto serves it through the engine, with the simple loop's greedy tokens."""
+    from forgather.cli.inf import _use_engine
+    from forgather.serve.backend import Backend, SamplingParams
+
+    assert _use_engine("auto", "cuda:0")
+    plain = Backend.load(model_dir, dtype="float32")
+    placed = Backend.load(model_dir, device_map="cuda:0", dtype="float32", engine=True, max_num_seqs=2)
+    try:
+        assert placed.engine is not None
+        assert {p.device for p in placed.model.parameters()} == {torch.device("cuda:0")}
+        greedy = SamplingParams(max_tokens=24, temperature=0.0)
+        expected = list(plain.tokens(plain.encode(PROMPT), greedy))
+        assert engine_tokens(placed.engine, [placed.encode(PROMPT)], [greedy]) == [expected]
+    finally:
+        placed.engine.close()
+
+
 # --- the decode kernel (attention="triton") -----------------------------------------------------------------
 
 
