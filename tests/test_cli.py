@@ -238,3 +238,32 @@ def test_a_commands_help_is_help_though_its_positionals_are_missing(capsys, argv
     with pytest.raises(SystemExit) as exited:
         main(["-p", EXAMPLE, *argv])
     assert exited.value.code == 0 and capsys.readouterr().out.startswith(f"usage: forgather {argv[0]}")
+
+
+def test_pp_and_graph_debug_show_each_loaded_template_numbered_also_when_rendering_fails(capsys, tmp_path):
+    out = cli(capsys, "-t", "sgd.yaml", "pp", "-d")
+    banners = [line.strip("- ") for line in out.splitlines() if line.startswith("---")]
+    assert banners[:2] == ["configs/sgd.yaml", "sgd.optimizer"] and "configs/base.yaml" in banners
+    assert "    2  {% extends 'configs/base.yaml' %}" in out  # the line syntax expanded, numbered
+    assert out.endswith(cli(capsys, "-t", "sgd.yaml", "pp"))  # then the YAML, as without -d
+    assert "-- configs/sgd.yaml --" in cli(capsys, "-t", "sgd.yaml", "graph", "-d")
+    (tmp_path / "templates" / "configs").mkdir(parents=True)
+    (tmp_path / "meta.yaml").write_text("name: p\n")
+    (tmp_path / "templates" / "configs" / "bad.yaml").write_text("-- set x = 1\na: {{ nope.attr }}\n")
+    assert main(["-p", str(tmp_path), "-t", "bad.yaml", "pp", "-d"]) == 2
+    captured = capsys.readouterr()
+    assert "    1  {% set x = 1 %}" in captured.out and captured.err.count("\n") == 1 and "bad.yaml:2" in captured.err
+
+
+def test_ls_debug_renders_every_config_and_names_the_failing_ones(capsys, tmp_path):
+    (tmp_path / "templates" / "configs").mkdir(parents=True)
+    (tmp_path / "meta.yaml").write_text("name: p\n")
+    (tmp_path / "templates" / "configs" / "good.yaml").write_text("a: 1\n")
+    (tmp_path / "templates" / "configs" / "bad.yaml").write_text("a: {{ nope.attr }}\n")
+    assert main(["-p", str(tmp_path), "ls"]) == 0  # without -d the configs are not rendered
+    capsys.readouterr()
+    assert main(["-p", str(tmp_path), "ls", "-d"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    bad = next(i for i, line in enumerate(lines) if "bad.yaml" in line)
+    assert lines[bad + 1].strip().startswith("error: ") and "bad.yaml:1" in lines[bad + 1]
+    assert not any("error" in line for line in lines[bad + 2:])

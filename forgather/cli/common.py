@@ -25,3 +25,23 @@ def chosen_target(loaded: LoadedConfig, target: str | None) -> str | None:
     if target is None and "main" in loaded.graph.targets:
         return "main"
     return target
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--debug", action="store_true",
+                        help="first print each template the config loads, as Jinja2 reads it (line syntax expanded), "
+                             "with line numbers, as the reference Forgather's -d does")
+
+
+def render_showing_templates(loaded: LoadedConfig) -> str:
+    """The rendered YAML, after printing every template the rendering loaded (also when it fails: that is when
+    they are wanted), each under a banner with its name and its lines numbered."""
+    from forgather.template.preprocess import preprocess
+
+    try:
+        return loaded.text
+    finally:
+        for name in loaded.templates.loaded_in_order():
+            print(f"{' ' + name + ' ':-^80}")
+            for number, line in enumerate(preprocess(loaded.templates.source(name)).splitlines(), 1):
+                print(f"{number:>5}  {line}")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from forgather.cli.common import load
+from forgather.cli.common import add_debug_argument, load, render_showing_templates
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("yaml", "python"), default="yaml", help="output format (default yaml)")
+    add_debug_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     loaded = load(args)
+    if args.debug:
+        render_showing_templates(loaded)
     if args.format == "python":
         print(loaded.code(), end="")
     else:

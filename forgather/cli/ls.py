@@ -13,6 +13,9 @@ from forgather.template import TemplateError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-r", "--recursive", action="store_true", help="search subdirectories too")
+    parser.add_argument("-d", "--debug", action="store_true",
+                        help="render every config too, and name those that fail with their error (as the reference "
+                             "Forgather's -d)")
     parser.add_argument("directory", nargs="?", help="where to look (default: the -p directory)")
 
 
@@ -39,4 +42,20 @@ def run(args: argparse.Namespace) -> int:
         for config in project.configs():
             marker = "*" if config == default else " "
             console.print(f"  {marker} {escape(config):<32} {escape(config_description(project.config_file(config) or ''))}")
+            if args.debug:
+                problem = _render_error(project, config)
+                if problem:
+                    failed += 1
+                    console.print(f"      [bold red]error[/bold red]: {escape(problem)}")
     return 2 if failed else 0
+
+
+def _render_error(project: Project, config: str) -> str | None:
+    """Why `config` does not render and parse into a node graph, in one line; None when it does."""
+    from forgather.errors import UserError
+
+    try:
+        project.load_config(config).graph
+    except (UserError, ValueError, KeyError, OSError) as error:
+        return str(error).splitlines()[0]
+    return None

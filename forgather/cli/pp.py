@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from forgather.cli.common import load
+from forgather.cli.common import add_debug_argument, load, render_showing_templates
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jinja", action="store_true", help="print the config's template as plain Jinja2 (line syntax expanded)")
+    add_debug_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     loaded = load(args)
+    if args.debug:
+        render_showing_templates(loaded)
     if args.jinja:
         from forgather.template.preprocess import preprocess
 

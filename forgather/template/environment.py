@@ -197,6 +197,10 @@ class TemplateEnvironment:
         """Names of every template (and sub-template) loaded so far."""
         return set(self.env.loader.origins)
 
+    def loaded_in_order(self) -> list[str]:
+        """The same names, in the order they were first loaded."""
+        return list(self.env.loader.origins)
+
     def source_files(self) -> list[str]:
         """Every file this environment has loaded so far (the template sources a run depends on)."""
         return sorted({origin.path for origin in self.env.loader.origins.values()})
