@@ -267,3 +267,13 @@ def test_ls_debug_renders_every_config_and_names_the_failing_ones(capsys, tmp_pa
     bad = next(i for i, line in enumerate(lines) if "bad.yaml" in line)
     assert lines[bad + 1].strip().startswith("error: ") and "bad.yaml:1" in lines[bad + 1]
     assert not any("error" in line for line in lines[bad + 2:])
+
+
+def test_tb_passes_the_words_after_dashes_to_tensorboard(capsys, tmp_path):
+    (tmp_path / "outputs").mkdir()
+    assert main(["-p", str(tmp_path), "tb", "--all", "--dry-run", "--", "--samples_per_plugin", "images=9"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("--host 127.0.0.1 --port 6006 --samples_per_plugin images=9")
+    assert main(["-p", str(tmp_path), "tb", "--dry-run", "--", "--bind_all"]) == 0  # every interface, asked for
+    out = capsys.readouterr().out
+    assert "--host" not in out and out.rstrip().endswith("--port 6006 --bind_all")

@@ -44,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "trefs", "code", "construct", "train"}
 # Commands whose whole work is printing: a reader that stops early (`| head`) ends them with success.
 PRINTING_COMMANDS = {"ls", "index", "meta", "tlist", "pp", "graph", "config", "targets", "trefs", "code", "construct", "completion"}
+# Commands that pass the words after `--` to the program they start (`forgather tb -- --bind_all`), untouched.
+PASSTHROUGH_COMMANDS = {"tb"}
 # Commands whose output -o writes to a file or -e opens in an editor, as the reference Forgather's do; the
 # suffix the editor's file gets.
 OUTPUT_COMMANDS = {"index": ".txt", "meta": ".yaml", "tlist": ".txt", "pp": ".yaml", "graph": ".yaml",
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if known.command is None:
         parser.print_help()
         return 0
+    passthrough: list[str] = []
+    if known.command in PASSTHROUGH_COMMANDS and "--" in argv:
+        argv, passthrough = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     subparser = subparsers[known.command]
     module = add_command_arguments(subparser, known.command)
     known = _with_global_options(known, argv)
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"-p {args.project}: no such directory; give a project directory (one with a meta.yaml)")
         args.dynamic = _dynamic_values(args, dests)
         args.argv = argv  # the words as given: which options the line set, for a command that needs to know
+        args.passthrough = passthrough
         if getattr(args, "output_file", None) or getattr(args, "edit", False):
             return _run_into_file(module, args)
         return module.run(args)

@@ -1,4 +1,5 @@
-"""`forgather tb`: TensorBoard over a project's runs (outputs/ and multirun/), on localhost.
+"""`forgather tb`: TensorBoard over a project's runs (outputs/ and multirun/), on localhost; the words after
+`--` go to TensorBoard (`forgather tb -- --bind_all`, as the reference Forgather's).
 
 TensorBoard runs as a child process that never outlives the command: SIGINT, SIGTERM and SIGHUP sent to
 `forgather tb` are passed on to TensorBoard, and the command exits when TensorBoard has (with its status,
@@ -20,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=6006)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--dry-run", action="store_true", help="print the TensorBoard command, and exit")
+    parser.add_argument("--all", action="store_true", help="every run of the project (the default; the reference's flag)")
+    parser.epilog = "Words after -- go to TensorBoard as they are: forgather tb -- --samples_per_plugin images=100"
 
 
 def command(args: argparse.Namespace) -> list[str]:
@@ -37,7 +40,10 @@ def command(args: argparse.Namespace) -> list[str]:
         where = args.logdir or " or ".join(roots)
         print(f"warning: no TensorBoard logs under {where} yet (a run writes them to <run directory>/tb/); "
               "pass the directory of your runs, or -p PROJECT", file=sys.stderr)
-    return [sys.executable, "-m", "tensorboard.main", flag, logdir, "--host", args.host, "--port", str(args.port)]
+    extra = list(getattr(args, "passthrough", []))
+    # TensorBoard refuses --host beside --bind_all (every interface), which the user asked for explicitly
+    host = [] if any(word.split("=")[0] in ("--bind_all", "--host") for word in extra) else ["--host", args.host]
+    return [sys.executable, "-m", "tensorboard.main", flag, logdir, *host, "--port", str(args.port), *extra]
 
 
 def _has_logs(directories: str | list[str]) -> bool:
