@@ -732,6 +732,7 @@ def test_server_takes_the_references_config_file(no_model_loading, model_dir, tm
     ("port: eight\n", ":1: port: 'eight' is not a int"),
     ("dtype: float8\n", ":1: dtype: 'float8'; use one of auto, float32, bfloat16, float16"),
     ("insecure: maybe\n", ":1: insecure: true or false expected"),
+    ("compile: 1\n", ":1: compile: true or false expected"),
 ])
 def test_a_wrong_server_config_file_is_one_line_naming_file_line_and_key(no_model_loading, tmp_path, capsys,
                                                                         content, message):

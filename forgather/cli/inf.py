@@ -93,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_config_file(args: argparse.Namespace, add: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Values from `args.config` (a YAML mapping) for the options the command line left at their defaults, as
-    the reference Forgather's inference tools take them. `add` adds the options to a parser (their names,
+    """Values from `args.config` (a YAML mapping) for the options the command line did not give, as the
+    reference Forgather's inference tools take them. `add` adds the options to a parser (their names,
     types, choices and defaults). A key that names no option, or a wrong value, is an error naming the file,
     its line and the key."""
     if not args.config:
@@ -156,7 +156,7 @@ def _config_value(action: argparse.Action, value, where: str):
         items = value if isinstance(value, list) else [value]
         return [_config_value(argparse.Action([], action.dest, type=action.type, choices=action.choices), item, where)
                 for item in items]
-    if action.const is not None and action.nargs == 0:  # a flag: true or false
+    if action.nargs == 0:  # a flag (store_true, --echo/--no-echo): true or false
         if not isinstance(value, bool):
             raise ValueError(f"{where}: true or false expected, got {value!r}")
         return value
