@@ -48,8 +48,8 @@ def _tokenizer(src: Path, vocab: VocabOptions) -> tuple[Any | None, dict[int, st
     None when there is none (and nothing to change)."""
     if not has_tokenizer(src):
         if vocab.changes_tokenizer():
-            what = "set a chat template" if vocab.chat_template is not None and not vocab.tokens else "add tokens"
-            raise ValueError(f"cannot {what}: {src} has no tokenizer (tokenizer.json or tokenizer.model)")
+            raise ValueError(f"cannot add tokens or set a chat template: {src} has no tokenizer (tokenizer.json or "
+                             "tokenizer.model)")
         return None, {}, 0
     tokenizer = load_tokenizer(src)
     known = len(tokenizer)
