@@ -277,3 +277,16 @@ def test_tb_passes_the_words_after_dashes_to_tensorboard(capsys, tmp_path):
     assert main(["-p", str(tmp_path), "tb", "--dry-run", "--", "--bind_all"]) == 0  # every interface, asked for
     out = capsys.readouterr().out
     assert "--host" not in out and out.rstrip().endswith("--port 6006 --bind_all")
+
+
+def test_trefs_as_markdown_and_graphviz(capsys):
+    md = cli(capsys, "-t", "sgd.yaml", "trefs", "--format", "md").splitlines()
+    sgd = os.path.relpath(os.path.join(EXAMPLE, "templates", "configs", "sgd.yaml"))  # links from where we stand
+    assert md[0] == f"- [configs/sgd.yaml]({sgd}) (line 1)"
+    assert f"  - [sgd.optimizer]({sgd}) (line 8)" in md
+    dot = cli(capsys, "-t", "sgd.yaml", "trefs", "--format", "dot")
+    assert dot.startswith("digraph trefs {") and dot.rstrip().endswith("}")
+    edges = {line.strip().rstrip(";") for line in dot.splitlines() if "->" in line}
+    assert edges == {'"configs/sgd.yaml" -> "configs/base.yaml"', '"configs/sgd.yaml" -> "sgd.optimizer"',
+                     '"configs/base.yaml" -> "project.yaml"', '"project.yaml" -> "optimizer.yaml"',
+                     '"sgd.optimizer" -> "optimizer.yaml"'}

@@ -9,14 +9,17 @@ tree, under the heading that says so. `--format files` (the default) prints each
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from forgather.cli.common import load
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("files", "tree"), default="files",
-                        help="files: each template file once (default); tree: the reference tree, with file and line")
+    parser.add_argument("--format", choices=("files", "tree", "md", "dot"), default="files",
+                        help="files: each template file once (default); tree: the reference tree, with file and "
+                             "line; md: the tree as a Markdown list linking the files; dot: the references as a "
+                             "Graphviz graph (`| dot -Tsvg > trefs.svg`)")
 
 
 def template_tree(loaded) -> tuple[list[tuple[int, str]], list[str]]:
@@ -52,6 +55,15 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "files":
         print("\n".join(dict.fromkeys(path(name) for name in [*(n for _, n in tree), *dynamic])))
         return 0
+    if args.format == "md":
+        for depth, name in tree:
+            print(f"{'  ' * depth}- [{name}]({path(name)}) (line {loaded.templates.origin_of(name).line})")
+        for name in dynamic:
+            print(f"- [{name}]({path(name)}) (loaded through a name in a variable)")
+        return 0
+    if args.format == "dot":
+        print(_dot(loaded, [name for _, name in tree], dynamic, where))
+        return 0
     for depth, name in tree:
         print(f"{'  ' * depth}{name}  ({where(name)})")
     if dynamic:
@@ -59,3 +71,17 @@ def run(args: argparse.Namespace) -> int:
         for name in dynamic:
             print(f"  {name}  ({where(name)})")
     return 0
+
+
+def _dot(loaded, names: list[str], dynamic: list[str], where) -> str:
+    """A Graphviz digraph: each template a box labelled with its file and line, an edge for each reference
+    (extends, include, import), the templates only a variable names dashed."""
+    used = set(names) | set(dynamic)
+    lines = ["digraph trefs {", "  rankdir=LR;", "  node [shape=box, fontname=monospace];"]
+    for name in [*names, *dynamic]:
+        style = ", style=dashed" if name in dynamic else ""
+        lines.append(f"  {json.dumps(name)} [label={json.dumps(name + chr(10) + where(name))}{style}];")
+    for name in names:
+        lines += [f"  {json.dumps(name)} -> {json.dumps(child)};"
+                  for child in dict.fromkeys(loaded.templates.references(name)) if child in used]
+    return "\n".join([*lines, "}"])
