@@ -61,9 +61,16 @@ def test_targets_lists_non_dot_keys(capsys):
     assert cli(capsys, "-t", "base.yaml", "targets").split() == ["model", "optimizer"]
 
 
-def test_graph_yaml_and_python_formats(capsys):
+def test_graph_yaml_and_python_formats(capsys, tmp_path):
     assert "!partial:torch.optim:AdamW@optimizer_factory" in cli(capsys, "-t", "base.yaml", "graph")
     assert "def construct(lr=0.001):" in cli(capsys, "-t", "base.yaml", "graph", "--format", "python")
+    assert "CallNode(kind='partial', target='torch.optim:AdamW'" in cli(capsys, "-t", "base.yaml", "graph", "--format", "repr")
+    assert cli(capsys, "-t", "base.yaml", "graph", "--format", "none") == ""
+    (tmp_path / "templates" / "configs").mkdir(parents=True)
+    (tmp_path / "meta.yaml").write_text("name: p\n")
+    (tmp_path / "templates" / "configs" / "c.yaml").write_text("a: !call:math:sqrt [4]\nb: !nosuchtag 1\n")
+    assert main(["-p", str(tmp_path), "-t", "c.yaml", "graph", "--format", "none"]) == 2  # still checked
+    assert "c.yaml" in capsys.readouterr().err
 
 
 def test_config_prints_hydra_vocabulary(capsys):

@@ -8,7 +8,9 @@ from forgather.cli.common import add_debug_argument, load, render_showing_templa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("yaml", "python"), default="yaml", help="output format (default yaml)")
+    parser.add_argument("--format", choices=("yaml", "python", "repr", "none"), default="yaml",
+                        help="yaml (default): Forgather's tag syntax; python: code that builds it; repr: the node "
+                             "objects; none: only check that the graph loads (with -d: its templates)")
     add_debug_argument(parser)
 
 
@@ -18,6 +20,10 @@ def run(args: argparse.Namespace) -> int:
         render_showing_templates(loaded)
     if args.format == "python":
         print(loaded.code(), end="")
+    elif args.format == "repr":
+        print(repr(loaded.graph))
+    elif args.format == "none":
+        loaded.graph  # parsed: a mistake is reported as for any other format
     else:
         from forgather.graph import dump_graph
 
