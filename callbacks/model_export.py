@@ -103,14 +103,17 @@ class ExportModel(pl.Callback):
             tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
             self.export(pl_module.model, tokenizer, step=trainer.global_step)
 
-    def export(self, model, tokenizer=None, step: int | None = None) -> Path:
-        """Write the package for `model` (trained for `step` global steps) into `out_dir`, atomically."""
+    def export(self, model, tokenizer=None, step: int | None = None, record_in_run: bool = True) -> Path:
+        """Write the package for `model` (trained for `step` global steps) into `out_dir`, atomically; with
+        `record_in_run`, the run directory records it as the run's export (not for a checkpoint exported from
+        outside the run, which may still be training)."""
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         try:
             self._write_package(staging, model, tokenizer, step)
             self._swap_in(staging)
-            if self.run_dir is not None:
+            if self.run_dir is not None and record_in_run:
                 record = {"model_dir": str(self.out_dir.resolve()), "step": step}
                 atomic_write(self.run_dir / RECORD_FILE, lambda path: path.write_text(yaml.safe_dump(record, sort_keys=False)))
         except Exception as error:

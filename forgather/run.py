@@ -48,7 +48,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
-from forgather.errors import STRICT_ENV, MachineError, report
+from forgather.errors import STRICT_ENV, MachineError, UserError, report
 from forgather.launch.point import SWEEP_POINT_ENV
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir, from_project_snapshot, tracking_from_project
 from forgather.template import TemplateEnvironment
@@ -747,6 +747,57 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
             ckpt_path=str(ckpt_path) if ckpt_path else None,
         )
     return 0
+
+
+EXPORTS_DIR = "exports"  # a run's checkpoints exported as model directories: <run_dir>/exports/step-N
+
+
+def export_checkpoint(run_dir: Path, ckpt_path: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Write the model of one checkpoint of a run (default: its newest) as a model directory, as the run's own
+    export at the end of training would be: `forgather inf server -m`, `forgather convert` and transformers
+    load it. The run's recorded config builds the module (compiled parts left uncompiled) and its tokenizer;
+    the run directory is only read, so a run still training is left alone. Default destination:
+    <run_dir>/exports/step-N. Returns the directory."""
+    import torch
+
+    from forgather.callbacks.model_export import ExportModel
+    from forgather.graph import construct
+
+    config, meta = _read_snapshot(run_dir)
+    if "model" not in config:
+        raise ValueError(f"{run_dir}: its config has no `model` target to export")
+    snapshot = run_dir / "snapshot"
+    base_dir = str(snapshot / "sources" / "model_src") if (snapshot / "sources" / "model_src").is_dir() else meta.get("model_src")
+    ckpt_path = ckpt_path or latest_checkpoint(run_dir)
+    if ckpt_path is None:
+        raise FileNotFoundError(f"{run_dir / CHECKPOINTS_DIR} holds no checkpoint yet; `forgather control save JOB` "
+                                f"writes one from a running job")
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint; give one of {run_dir / CHECKPOINTS_DIR}")
+    if ckpt_path.is_dir():
+        raise ValueError(f"{ckpt_path}: a sharded checkpoint (the pipeline strategy's); resume the run to export "
+                         f"it: python -m forgather.run --resume {run_dir}")
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        step, weights = int(state["global_step"]), state["state_dict"]
+    except Exception as error:  # cut short, or not a Lightning checkpoint
+        raise ValueError(f"{ckpt_path}: not a readable checkpoint ({type(error).__name__}: {error})") from error
+    with tracking_from_project(meta.get("from_project")):
+        built = construct(config, ["module", "datamodule"], base_dir=base_dir)
+    module = built["module"]
+    module.compile = False  # the weights are the same; compiling is for training speed
+    module.configure_model()
+    own = set(module.state_dict())
+    weights = {key if key in own else key.replace("._orig_mod", ""): value for key, value in weights.items()}
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        mismatch = _checkpoint_mismatch(error) or str(error).splitlines()[0]
+        raise UserError(f"{ckpt_path}: the checkpoint does not fit the run's recorded model: {mismatch}") from error
+    experiment = str(meta.get("experiment", "run"))
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORTS_DIR / f"step-{step}"
+    exporter = ExportModel(out_dir, experiment.replace("/", "_"), config.model, base_dir=base_dir, run_dir=run_dir)
+    return exporter.export(module.model, getattr(built["datamodule"], "tokenizer", None), step=step, record_in_run=False)
 
 
 def _read_snapshot(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:

@@ -340,3 +340,34 @@ def test_a_group_choice_on_a_recorded_run_says_to_start_a_new_run(tmp_path, caps
         assert line.startswith(f"error: optimizer=adafactor: {flag} runs the config as it was recorded, where "
                                "optimizer is forgather.optim.triton_adamw:TritonAdamW")
         assert "python -m forgather.run +experiment=micro optimizer=adafactor ..." in line
+
+
+def test_export_writes_a_checkpoint_as_a_model_directory_and_only_reads_the_run(tmp_path, capsys):
+    from forgather.cli.main import main as forgather_main
+    from forgather.models.export import load_model
+
+    assert run(tmp_path, *MICRO, "max_steps=8") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    before = files_state(run_dir, tmp_path / "output_models")
+    early = next(p for p in (run_dir / "checkpoints").glob("*.ckpt") if checkpoint_step(p) == 4)
+    capsys.readouterr()
+    assert forgather_main(["export", str(run_dir), "--checkpoint", str(early)]) == 0
+    assert capsys.readouterr().out == f"exported model: {run_dir / 'exports' / 'step-4'}\n"
+    state = torch.load(early, map_location="cpu", weights_only=False)["state_dict"]
+    weights = load_file(run_dir / "exports" / "step-4" / "model.safetensors")
+    assert weights and all(torch.equal(weights[key], state[key]) for key in weights)
+    assert read_record(run_dir / "exports" / "step-4") | {"exported": None} == {
+        "run_dir": str(run_dir), "step": 4, "name": "micro", "exported": None}
+    # the newest checkpoint by default: the model the run exported when it ended; it loads and runs
+    out = tmp_path / "served"
+    assert forgather_main(["export", str(run_dir), "--out", str(out)]) == 0
+    final = load_file(tmp_path / "output_models" / "micro" / "model.safetensors")
+    assert load_file(out / "model.safetensors").keys() == final.keys()
+    assert all(torch.equal(load_file(out / "model.safetensors")[k], v) for k, v in final.items())
+    model = load_model(out)
+    assert model(torch.tensor([[1, 2, 3]])).shape[:2] == (1, 3)
+    # the run and its own export are as they were, but for the new exports/ directory
+    after = files_state(run_dir, tmp_path / "output_models")
+    assert {k: v for k, v in after.items() if "/exports/" not in k} == before
+    assert forgather_main(["export", str(run_dir), "--checkpoint", str(run_dir / "nope.ckpt")]) == 2
+    assert "nope.ckpt: no such checkpoint" in capsys.readouterr().err

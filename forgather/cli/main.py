@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "new": ("forgather.cli.new", "create a project from examples/template_project (or another example)"),
     "inf": ("forgather.cli.inf", "serve a model with an OpenAI-compatible API, or talk to one (server|client)"),
     "convert": ("forgather.cli.convert", "convert models between Hugging Face and Forgather formats"),
+    "export": ("forgather.cli.export", "write a run's checkpoint as a model directory (while it trains, or after)"),
     "data": ("forgather.cli.data", "prepare corpora into token shards for data=streaming"),
     "shell": ("forgather.cli.shell", "an interactive shell over these commands (also: forgather -i)"),
     "completion": ("forgather.cli.completion", "print a bash or zsh tab-completion script: eval \"$(forgather completion bash)\""),
