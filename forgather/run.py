@@ -789,6 +789,9 @@ def export_checkpoint(run_dir: Path, ckpt_path: Path | None = None, out_dir: Pat
     module.configure_model()
     own = set(module.state_dict())
     weights = {key if key in own else key.replace("._orig_mod", ""): value for key, value in weights.items()}
+    dtypes = {value.dtype for value in weights.values() if value.is_floating_point()}
+    if len(dtypes) == 1:  # a run in pure bf16 (Lightning's bf16-true): exported in bf16, as the run would
+        module.to(dtypes.pop())
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as error:

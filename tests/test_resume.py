@@ -371,3 +371,10 @@ def test_export_writes_a_checkpoint_as_a_model_directory_and_only_reads_the_run(
     assert {k: v for k, v in after.items() if "/exports/" not in k} == before
     assert forgather_main(["export", str(run_dir), "--checkpoint", str(run_dir / "nope.ckpt")]) == 2
     assert "nope.ckpt: no such checkpoint" in capsys.readouterr().err
+    # a run in pure bf16 is exported in bf16
+    halved = tmp_path / "bf16.ckpt"
+    saved = torch.load(early, map_location="cpu", weights_only=False)
+    saved["state_dict"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in saved["state_dict"].items()}
+    torch.save(saved, halved)
+    assert forgather_main(["export", str(run_dir), "--checkpoint", str(halved), "--out", str(tmp_path / "bf16")]) == 0
+    assert {v.dtype for v in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
