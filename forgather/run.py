@@ -752,12 +752,14 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
 EXPORTS_DIR = "exports"  # a run's checkpoints exported as model directories: <run_dir>/exports/step-N
 
 
-def export_checkpoint(run_dir: Path, ckpt_path: Path | None = None, out_dir: Path | None = None) -> Path:
+def export_checkpoint(run_dir: Path, ckpt_path: Path | None = None, out_dir: Path | None = None,
+                      reuse: bool = False) -> Path:
     """Write the model of one checkpoint of a run (default: its newest) as a model directory, as the run's own
     export at the end of training would be: `forgather inf server -m`, `forgather convert` and transformers
     load it. The run's recorded config builds the module (compiled parts left uncompiled) and its tokenizer;
     the run directory is only read, so a run still training is left alone. Default destination:
-    <run_dir>/exports/step-N. Returns the directory."""
+    <run_dir>/exports/step-N; with `reuse`, one already there for that step is taken as it is. Returns the
+    directory."""
     import torch
 
     from forgather.callbacks.model_export import ExportModel
@@ -777,6 +779,13 @@ def export_checkpoint(run_dir: Path, ckpt_path: Path | None = None, out_dir: Pat
     if ckpt_path.is_dir():
         raise ValueError(f"{ckpt_path}: a sharded checkpoint (the pipeline strategy's); resume the run to export "
                          f"it: python -m forgather.run --resume {run_dir}")
+    if out_dir is None and reuse:
+        from forgather.callbacks.model_export import read_record
+
+        step = _step_if_readable(ckpt_path)
+        existing = run_dir / EXPORTS_DIR / f"step-{step}"
+        if step is not None and (read_record(existing) or {}).get("step") == step:
+            return existing  # exported before: a checkpoint's weights never change
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         step, weights = int(state["global_step"]), state["state_dict"]

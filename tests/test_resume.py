@@ -378,3 +378,24 @@ def test_export_writes_a_checkpoint_as_a_model_directory_and_only_reads_the_run(
     torch.save(saved, halved)
     assert forgather_main(["export", str(run_dir), "--checkpoint", str(halved), "--out", str(tmp_path / "bf16")]) == 0
     assert {v.dtype for v in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_inf_server_serves_a_run_directory_through_its_newest_checkpoint_exported_once(tmp_path, monkeypatch, capsys):
+    from forgather.cli import inf
+    from forgather.serve.backend import Backend
+
+    assert run(tmp_path, *MICRO, "max_steps=4") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    loaded = []
+
+    def load(directory, *args, **kwargs):
+        loaded.append(Path(directory))
+        raise FileNotFoundError("Backend.load was reached")
+
+    monkeypatch.setattr(Backend, "load", load)
+    assert inf.main(["server", "-m", str(run_dir), "--port", "0"]) == 2
+    assert loaded == [run_dir / "exports" / "step-4"] and (loaded[0] / "model.safetensors").is_file()
+    written = (loaded[0] / "model.safetensors").stat().st_mtime_ns
+    assert inf.main(["server", "-m", str(run_dir), "--port", "0"]) == 2  # the export is taken again, not redone
+    assert loaded[1] == loaded[0] and (loaded[0] / "model.safetensors").stat().st_mtime_ns == written
+    assert f"serving {run_dir}'s newest checkpoint, exported to {loaded[0]}" in capsys.readouterr().err

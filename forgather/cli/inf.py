@@ -12,7 +12,8 @@ The reference Forgather's command lines run too: a YAML file of option values be
 server_config.yaml --port 8001`: its keys are the options' long names, `stop-sequences: [...]`; the command
 line wins), its short names (`-p` port, `-d` device, `-t` chat template, `-s` stop sequences, `-l` log level),
 `client --message/--interactive/--list-models/--health`, and a --url that ends in /v1. Not its `-c`: here it
-compiles (the reference's loads a checkpoint).
+compiles (the reference's loads a checkpoint); `-m RUN_DIR` serves a run's newest checkpoint (exported first,
+once: `forgather export`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def server_arguments(server: argparse.ArgumentParser) -> None:
     server.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                         help="YAML file of option values (keys: the long names, e.g. model, port, stop-sequences)")
-    server.add_argument("-m", "--model", help="model directory (Forgather or Hugging Face)")
+    server.add_argument("-m", "--model", help="model directory (Forgather or Hugging Face), or a run directory (its newest checkpoint)")
     server.add_argument("-c", "--compile", action="store_true",
                         help="torch.compile the model (the engine compiles its decode step on a GPU anyway; with it, -c "
                              "compiles the model's own step where the engine's fused one does not apply)")
@@ -213,6 +214,13 @@ def run(args: argparse.Namespace) -> int:
     apply_config_file(args, server_arguments)
     if not args.model:
         raise ValueError("inf server: give the model directory: -m MODEL_DIR (or `model:` in the config file)")
+    run_dir = Path(args.model).expanduser()
+    if (run_dir / "snapshot" / "config.yaml").is_file() and not (run_dir / "config.json").is_file():
+        # a run directory (also of a run still training): its newest checkpoint, exported once (forgather export)
+        from forgather.run import export_checkpoint
+
+        args.model = str(export_checkpoint(run_dir, reuse=True))
+        print(f"serving {run_dir}'s newest checkpoint, exported to {args.model}", file=sys.stderr)
     chat_template = None
     if args.chat_template:
         try:
