@@ -409,6 +409,11 @@ def test_tlist_lists_every_template_with_its_file_sections_included(tmp_path, ca
     assert rows["configs/a.yaml"].endswith("templates/configs/a.yaml") and rows["a.extra"].endswith("configs/a.yaml:3")
     assert rows["model/llama.yaml"].endswith("p/templates/model/llama.yaml")  # where it resolves: the project first
     assert "helpers.py" not in rows and "base/causal_lm.yaml" in rows  # the library's templates too
+    assert main(["-p", str(tmp_path / "p"), "tlist", "--format", "md"]) == 0  # the reference's Markdown list
+    md = capsys.readouterr().out.splitlines()
+    assert len(md) == len(rows) and all(line.startswith("- [") for line in md)
+    extra = next(line for line in md if line.startswith("- [a.extra]"))
+    assert extra.endswith("configs/a.yaml) (line 3)")
 
 
 def test_construct_and_code_build_main_by_default_when_the_config_has_one(tmp_path, capsys):

@@ -17,8 +17,9 @@ from forgather.template import TemplateEnvironment
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("names", "files"), default="names",
-                        help="names: each template name with its file (default); files: each template file once")
+    parser.add_argument("--format", choices=("names", "files", "md"), default="names",
+                        help="names: each template name with its file (default); files: each template file once; "
+                             "md: the names as a Markdown list linking their files")
 
 
 def _is_template(name: str) -> bool:
@@ -40,6 +41,12 @@ def run(args: argparse.Namespace) -> int:
     names = sorted(n for n in listed if _is_template(n) and n not in unreadable)
     if args.format == "files":
         print("\n".join(dict.fromkeys(os.path.relpath(templates.origin_of(name).path) for name in names)))
+        return 0
+    if args.format == "md":
+        for name in names:
+            origin = templates.origin_of(name)
+            line = f" (line {origin.line})" if origin.line > 1 else ""
+            print(f"- [{name}]({os.path.relpath(origin.path)}){line}")
         return 0
     width = max((len(name) for name in names), default=0)
     for name in names:
