@@ -48,6 +48,7 @@ import jinja2
 import yaml
 
 from forgather.errors import UserError, did_you_mean
+from forgather.yaml_file import key_lines
 from forgather.template import TemplateEnvironment, TemplateError, TemplateWarning
 from forgather.template.errors import SourceLocation
 from forgather.template.globals import forgather_config_dir
@@ -176,7 +177,7 @@ def read_meta(root: str, workspace_root: str) -> dict[str, Any]:
         return {}
     if not isinstance(meta, dict):
         raise TemplateError(f"meta.yaml must be a mapping (name: ..., description: ...), not a {type(meta).__name__}", [templates.origin_of(META_FILE)])
-    lines = {key.value: key.start_mark.line + 1 for key, _ in document.value if isinstance(key, yaml.ScalarNode)}
+    lines = key_lines(document)
     for key, expected in _META_TYPES.items():
         value = meta.get(key)
         if value is None:

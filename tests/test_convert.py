@@ -429,7 +429,8 @@ def test_a_new_pad_token_starts_at_zero_and_a_role_is_replaced(tmp_path, llama_d
     ("bos_token: x\neos_tokn: x\n", ":2: unknown key 'eos_tokn'; did you mean 'eos_token'"),
     ("pad_token: {token: x, init: random}\n", ":1: pad_token: init 'random'; use one of mean, zero"),
     ("special_tokens: x\n", ":1: special_tokens: a list of token strings expected"),
-    ("- x\n", ": a mapping of bos_token"),
+    ("- x\n", ": a YAML file of tokens to add (bos_token"),
+    ("bos_token: x\neos_token: [a\n", ":3: not valid YAML (expected ',' or ']'"),
 ])
 def test_a_wrong_token_file_is_one_line_naming_the_file_and_the_key(tmp_path, llama_dir, capsys, content, message):
     (tmp_path / "tokens.yaml").write_text(content)

@@ -100,21 +100,11 @@ def apply_config_file(args: argparse.Namespace, add: Callable[[argparse.Argument
     its line and the key."""
     if not args.config:
         return
-    import yaml
-
     from forgather.errors import did_you_mean
+    from forgather.yaml_file import read_mapping
 
     path = Path(args.config).expanduser()
-    try:
-        text = path.read_text()
-        values, node = yaml.safe_load(text) or {}, yaml.compose(text)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{args.config}: no such file; give a YAML file of option values") from None
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a mapping of option names to values expected, got {type(values).__name__}")
-    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    values, lines = read_mapping(path, "a YAML file of option values (the options' long names as keys)")
     options = argparse.ArgumentParser(add_help=False)
     add(options)
     given = _given(options, args)

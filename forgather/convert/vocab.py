@@ -70,21 +70,11 @@ class VocabOptions:
 def read_token_file(path: str | Path) -> VocabOptions:
     """The reference Forgather's `--add-tokens` YAML file (see the module docstring) as VocabOptions; a key or
     value it does not know is an error naming the file and the key."""
-    import yaml
-
     from forgather.errors import did_you_mean
+    from forgather.yaml_file import read_mapping
 
     path = Path(path).expanduser()
-    try:
-        text = path.read_text()
-        content, node = yaml.safe_load(text) or {}, yaml.compose(text)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--add-tokens {path}: no such file; give the YAML file of tokens to add") from None
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not YAML: {error}") from None
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: a mapping of {', '.join(_FILE_KEYS)} expected, got {type(content).__name__}")
-    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    content, lines = read_mapping(path, f"a YAML file of tokens to add ({', '.join(_FILE_KEYS)})")
 
     def where(key: str) -> str:
         return f"{path}:{lines[key]}" if key in lines else str(path)
