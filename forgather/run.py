@@ -683,8 +683,7 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
     exported (recorded in its snapshot). A run already at its max_steps is left as it is, unless its model
     export is missing or not its own (killed, disk full): then only the export is done again."""
     config, meta = _read_snapshot(run_dir)
-    snapshot = run_dir / "snapshot"
-    base_dir = str(snapshot / "sources" / "model_src") if (snapshot / "sources" / "model_src").is_dir() else meta.get("model_src")
+    base_dir = _recorded_model_src(run_dir, meta)
     points = ovr.parse(args.overrides, {}, multirun=args.multirun)
     if len(points) > 1:  # -m with sweep values: one recorded run cannot become a sweep
         raise ovr.OverrideError(
@@ -768,8 +767,7 @@ def export_checkpoint(run_dir: Path, ckpt_path: Path | None = None, out_dir: Pat
     config, meta = _read_snapshot(run_dir)
     if "model" not in config:
         raise ValueError(f"{run_dir}: its config has no `model` target to export")
-    snapshot = run_dir / "snapshot"
-    base_dir = str(snapshot / "sources" / "model_src") if (snapshot / "sources" / "model_src").is_dir() else meta.get("model_src")
+    base_dir = _recorded_model_src(run_dir, meta)
     ckpt_path = ckpt_path or latest_checkpoint(run_dir)
     if ckpt_path is None:
         raise FileNotFoundError(f"{run_dir / CHECKPOINTS_DIR} holds no checkpoint yet; `forgather control save JOB` "
@@ -810,6 +808,12 @@ def export_checkpoint(run_dir: Path, ckpt_path: Path | None = None, out_dir: Pat
     out_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORTS_DIR / f"step-{step}"
     exporter = ExportModel(out_dir, experiment.replace("/", "_"), config.model, base_dir=base_dir, run_dir=run_dir)
     return exporter.export(module.model, getattr(built["datamodule"], "tokenizer", None), step=step, record_in_run=False)
+
+
+def _recorded_model_src(run_dir: Path, meta: dict[str, Any]) -> str | None:
+    """Where a recorded run's model source is: the snapshot's copy, else the directory its meta names."""
+    copy = run_dir / "snapshot" / "sources" / "model_src"
+    return str(copy) if copy.is_dir() else meta.get("model_src")
 
 
 def _read_snapshot(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
