@@ -51,11 +51,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _render_error(project: Project, config: str) -> str | None:
-    """Why `config` does not render and parse into a node graph, in one line; None when it does."""
-    from forgather.errors import UserError
+    """Why `config` does not render and parse into a node graph, in one line (the first of the error report's);
+    None when it does. A bug is raised, as `forgather` reports it."""
+    from forgather.errors import describe
 
     try:
         project.load_config(config).graph
-    except (UserError, ValueError, KeyError, OSError) as error:
-        return str(error).splitlines()[0]
+    except Exception as error:
+        line = describe(error)
+        if line is None:
+            raise
+        return line.splitlines()[0]
     return None
