@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_config_file(args: argparse.Namespace, add: Callable[[argparse.ArgumentParser], None]) -> None:
     """Values from `args.config` (a YAML mapping) for the options the command line did not give, as the
     reference Forgather's inference tools take them. `add` adds the options to a parser (their names,
-    types, choices and defaults). A key that names no option, or a wrong value, is an error naming the file,
+    types and choices). A key that names no option, or a wrong value, is an error naming the file,
     its line and the key."""
     if not args.config:
         return
@@ -127,18 +127,14 @@ def apply_config_file(args: argparse.Namespace, add: Callable[[argparse.Argument
 
 def _given(options: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
     """The destinations the command line gave (`args.argv`, the words after the role, as `forgather` keeps
-    them): parsed again with no defaults, so that a value given equal to its default still counts."""
+    them): parsed again by `options` (a parser of this use alone) with no defaults, so that a value given equal
+    to its default still counts."""
     words = list(getattr(args, "argv", []))
     start = words.index("inf") + 1 if "inf" in words else 0  # `forgather ... inf ROLE ...`
     words = words[words.index(args.role, start) + 1:] if args.role in words[start:] else []
-    saved = [(action, action.default) for action in options._actions]
-    try:
-        for action, _ in saved:
-            action.default = argparse.SUPPRESS
-        return set(vars(options.parse_known_args(words)[0]))
-    finally:
-        for action, default in saved:
-            action.default = default
+    for action in options._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(options.parse_known_args(words)[0]))
 
 
 def _config_value(action: argparse.Action, value, where: str):
