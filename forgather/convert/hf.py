@@ -43,17 +43,16 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return dtype
 
 
-def _tokenizer(src: Path, vocab: VocabOptions) -> tuple[Any | None, dict[int, str], int]:
-    """The source tokenizer with `vocab`'s changes made, the new tokens' {id: init} and how many tokens it had;
-    None when there is none (and nothing to change)."""
+def _tokenizer(src: Path, vocab: VocabOptions) -> tuple[Any | None, dict[int, str]]:
+    """The source tokenizer with `vocab`'s changes made, and the new tokens' {id: init}; None when there is
+    none (and nothing to change)."""
     if not has_tokenizer(src):
         if vocab.changes_tokenizer():
             raise ValueError(f"cannot add tokens or set a chat template: {src} has no tokenizer (tokenizer.json or "
                              "tokenizer.model)")
-        return None, {}, 0
+        return None, {}
     tokenizer = load_tokenizer(src)
-    known = len(tokenizer)
-    return tokenizer, apply_vocab(tokenizer, vocab), known
+    return tokenizer, apply_vocab(tokenizer, vocab)
 
 
 def _write_tokenizer(tokenizer: Any | None, src: Path, dst: Path, vocab: VocabOptions) -> None:
@@ -65,10 +64,10 @@ def _write_tokenizer(tokenizer: Any | None, src: Path, dst: Path, vocab: VocabOp
 
 def _convert_state(
     state: dict[str, torch.Tensor], spec: DecoderSpec, tokenizer: Any | None, vocab: VocabOptions, dtype: str | None,
-    new_tokens: dict[int, str], known: int,
+    new_tokens: dict[int, str],
 ) -> tuple[dict[str, torch.Tensor], DecoderSpec]:
     state, vocab_size = grow_vocabulary(state, spec.vocab_size, tokenizer, vocab.pad_to_multiple_of)
-    state = initialize_rows(state, new_tokens, known)
+    state = initialize_rows(state, new_tokens)
     target = _torch_dtype(dtype)
     if target is not None:
         state = {name: tensor.to(target) for name, tensor in state.items()}
@@ -110,9 +109,9 @@ def _hf_to_forgather(src: Path, dst: Path, name: str | None, dtype: str | None, 
     if sliding_window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
         warnings.warn(f"sliding-window attention becomes full attention: outputs equal the original's for "
                       f"sequences up to {sliding_window} tokens", stacklevel=2)
-    tokenizer, new_tokens, known = _tokenizer(src, vocab)
+    tokenizer, new_tokens = _tokenizer(src, vocab)
     state = to_forgather_names(read_safetensors(src), spec.tie_embeddings)
-    state, spec = _convert_state(state, spec, tokenizer, vocab, dtype, new_tokens, known)
+    state, spec = _convert_state(state, spec, tokenizer, vocab, dtype, new_tokens)
     tree = forgather_tree(spec)
     with torch.device("meta"):  # no time spent initializing weights that are replaced at once
         model = build_model(tree)
@@ -157,8 +156,8 @@ def _forgather_to_hf(src: Path, dst: Path, family: str | None, dtype: str | None
     context = max_position_embeddings or recorded.get("max_position_embeddings") or DEFAULT_CONTEXT
     spec = spec_from_model(model, context)
     family = family or recorded.get("forgather_convert", {}).get("family") or ("qwen3" if spec.qk_norm else "llama")
-    tokenizer, new_tokens, known = _tokenizer(src, vocab)
-    state, spec = _convert_state(model.state_dict(), spec, tokenizer, vocab, dtype, new_tokens, known)
+    tokenizer, new_tokens = _tokenizer(src, vocab)
+    state, spec = _convert_state(model.state_dict(), spec, tokenizer, vocab, dtype, new_tokens)
     token_ids = {role: getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "pad")}
     config = hf_config(spec, family, _dtype_name(state), token_ids)
     config.save_pretrained(str(dst))

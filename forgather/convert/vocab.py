@@ -128,11 +128,12 @@ def apply_vocab(tokenizer: Any, options: VocabOptions) -> dict[int, str]:
     return {token_id: inits.get(token_id, "mean") for token_id in range(before, len(tokenizer))}
 
 
-def initialize_rows(state: dict[str, torch.Tensor], inits: Mapping[int, str], known: int) -> dict[str, torch.Tensor]:
-    """Set the embedding (and untied head) rows of new tokens: {id: "mean" or "zero"}; the mean is over the
-    first `known` rows (the tokens the tokenizer had)."""
+def initialize_rows(state: dict[str, torch.Tensor], inits: Mapping[int, str]) -> dict[str, torch.Tensor]:
+    """Set the embedding (and untied head) rows of new tokens: {id: "mean" or "zero"}, as apply_vocab returns
+    them; the mean is over the rows of the tokens the tokenizer had, the ids below the first new one."""
     if not inits:
         return state
+    known = min(inits)  # a tokenizer numbers the tokens it adds after those it has
     initialized = dict(state)
     for name in ("embed.weight", "lm_head.weight"):
         if name not in state:
