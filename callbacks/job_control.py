@@ -10,7 +10,19 @@ the pending one (an int) so every rank acts at the same step:
 - abort: raises `JobAborted` from the hook: nothing is saved and `trainer.fit` re-raises it, so the caller
   decides the exit code.
 Rank 0 prints each action it carries out (and the checkpoint's path) to the run's stdout, its log.
-Hooks: setup, on_train_start, on_train_batch_end, teardown, on_exception.
+
+A stop signal (`stop_signals`: SIGTERM and SIGINT by default) is a stop that cannot wait for a client:
+while training runs, its first arrival only marks the job; at the end of the optimizer step fit ends as for
+a stop, with this step's checkpoint (our ModelCheckpoint's `last.ckpt` where the trainer has one, else the
+job's own), and `on_train_end` raises `JobStopped` (the run was interrupted, not finished: nothing is
+exported, and a sweep point counts as not done). SIGTERM is what a scheduler, `kill`, `docker
+stop` or a sweep's launcher sends before it kills; SIGINT is Ctrl-C. Without this, Lightning stops at the next
+batch on SIGTERM and on Ctrl-C, saving nothing, and the steps since the last periodic checkpoint are lost.
+A second arrival of the same signal stops at once, nothing saved (the default action of SIGTERM, a
+KeyboardInterrupt for SIGINT). The signal must reach rank 0, which decides for all ranks (torchrun, srun and a
+terminal's Ctrl-C reach every rank). Handlers are set on the main thread only, from `on_train_start` to
+`on_train_end`, so a signal during setup or after the last step keeps Lightning's handling.
+Hooks: setup, on_train_start, on_train_batch_end, on_train_end, teardown, on_exception.
 """
 
 from __future__ import annotations
@@ -21,12 +33,13 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
 
@@ -37,6 +50,8 @@ from forgather.lightning.steps import writes_metrics
 # The wire code of each action in the per-step broadcast; 0 means "nothing to do".
 _ACTION_CODES = {name: code for code, name in enumerate(job_registry.ACTIONS, start=1)}
 _ACTION_NAMES = {code: name for name, code in _ACTION_CODES.items()}
+# A stop signal travels in the same broadcast as this offset plus its number.
+_SIGNAL_CODE = 64
 # How long rank 0 lingers after acting so the reply leaves before the process may exit.
 _REPLY_GRACE_S = 2.0
 _IO_TIMEOUT_S = 30.0
@@ -50,6 +65,22 @@ class JobAborted(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"job aborted by `forgather control abort` at step {step}")
         self.step = step
+
+
+class JobStopped(Exception):
+    """Raised on every rank at the end of the step in which a stop signal arrived, after the checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path) -> None:
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+        self.run_dir = run_dir
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved: {checkpoint} ; continue "
+                         f"with: python -m forgather.run --resume {run_dir}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's code for a process ended by the signal
 
 
 class PendingCommand:
@@ -176,6 +207,8 @@ class JobControl(pl.Callback):
         check_every_n_steps: act on commands only at steps divisible by this (each check is one broadcast).
         loss_key / throughput_key: the `trainer.callback_metrics` entries reported by `status`.
         registry_interval_s: how often the step shown by `forgather control list` is refreshed.
+        stop_signals: signals that checkpoint and stop at the end of the step (names or numbers; () for
+            Lightning's own handling).
     """
 
     def __init__(
@@ -186,9 +219,11 @@ class JobControl(pl.Callback):
         loss_key: str = "train/loss",
         throughput_key: str = "train/tokens_per_s",
         registry_interval_s: float = 10.0,
+        stop_signals: Sequence[str | int] = ("SIGTERM", "SIGINT"),
     ) -> None:
         if check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        self.stop_signals = [_signal_number(s) for s in stop_signals]
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.job_id = job_id or secrets.token_hex(4)
         self.check_every_n_steps = check_every_n_steps
@@ -208,6 +243,9 @@ class JobControl(pl.Callback):
         self._total_steps: float | None = None
         self._epoch = 0
         self._start = 0.0
+        self._signalled: int | None = None  # the stop signal received, until acted on
+        self._stopped: tuple[int, int, Path | None] | None = None  # (signal, step, checkpoint) once acted on
+        self._replaced: dict[int, Any] = {}  # the handlers ours replaced, by signal
 
     # Lightning hooks
 
@@ -223,6 +261,7 @@ class JobControl(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         self._total_steps = float(total) if total != float("inf") else None
+        self._catch_signals()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -236,16 +275,59 @@ class JobControl(pl.Callback):
         if step % self.check_every_n_steps:
             return
         pending = self._server.take() if self._server is not None else None
-        code = trainer.strategy.broadcast(_ACTION_CODES[pending.name] if pending else 0, src=0)
-        if code:
+        if self._signalled is not None and self._stopped is None and trainer.is_global_zero:
+            code = _SIGNAL_CODE + self._signalled
+        else:
+            code = _ACTION_CODES[pending.name] if pending else 0
+        code = trainer.strategy.broadcast(code, src=0)
+        if code > _SIGNAL_CODE:
+            self._stop_on_signal(trainer, code - _SIGNAL_CODE, step, pending)
+        elif code:
             self._act(trainer, _ACTION_NAMES[code], step, pending)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_signals()
+        if self._stopped is not None:  # before the callbacks after it: an interrupted run exports nothing
+            self._raise_stopped(trainer)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_signals()
         if stage == "fit":
             self._close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_signals()
         self._close()
+
+    # Stop signals
+
+    def _catch_signals(self) -> None:
+        self._signalled, self._stopped = None, None
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (a trainer run from another thread keeps Lightning's)
+        for signum in self.stop_signals:
+            self._replaced[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._replaced.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._replaced = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """The first arrival marks the job; the hook acts on it at the end of the step. A second one of the
+        same signal is the user insisting: stop now, the way the signal stops a process by default."""
+        name = signal.Signals(signum).name
+        if self._signalled != signum:
+            self._signalled = signum
+            # os.write, not print: a handler may run while the main thread is inside a buffered write
+            os.write(2, f"\n{name}: saving a checkpoint at the end of this step, then stopping "
+                        f"({name} again stops at once, nothing saved)\n".encode())
+            return
+        self._restore_signals()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
     # Rank 0: registry and server
 
@@ -344,6 +426,30 @@ class JobControl(pl.Callback):
         if action == "abort":
             raise JobAborted(step)
 
+    def _stop_on_signal(self, trainer: pl.Trainer, signum: int, step: int, pending: PendingCommand | None) -> None:
+        """Checkpoint this step and end fit as a stop does; `on_train_end` then raises `JobStopped`.
+
+        Our ModelCheckpoint with `save_last` writes `last.ckpt` after this hook, at this batch, once the loggers
+        have this step's row; a second checkpoint of the same step would only double the time a scheduler's
+        grace period has to cover. Without it (a plain Lightning script), the job writes its own."""
+        trainer.should_stop = True
+        checkpoint = None if _last_checkpoint_callback(trainer) is not None else self._save(trainer, step)
+        self._stopped = (signum, step, checkpoint)
+        if pending is not None:  # a command that met the signal at this step: the job answers what it does
+            callback = _last_checkpoint_callback(trainer)
+            where = checkpoint or Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            pending.finish({"ok": True, "command": "stop", "step": step, "checkpoint": str(where)})
+            pending.replied.wait(_REPLY_GRACE_S)
+
+    def _raise_stopped(self, trainer: pl.Trainer) -> None:
+        signum, step, checkpoint = self._stopped
+        self._stopped = None
+        if checkpoint is None:
+            checkpoint = Path(_last_checkpoint_callback(trainer).last_model_path)
+        stopped = JobStopped(signum, step, checkpoint, self.run_dir)
+        if trainer.is_global_zero:
+            print(f"{stopped.args[0].split(' ; ')[0]} (job {self.job_id}), training ends", flush=True)
+        raise stopped
 
     def _save(self, trainer: pl.Trainer, step: int) -> Path:
         """Checkpoint under a temporary name, then rename: a reader never sees a partial checkpoint.
@@ -355,6 +461,22 @@ class JobControl(pl.Callback):
         if trainer.is_global_zero:
             os.replace(staging, path)
         return path
+
+
+def _last_checkpoint_callback(trainer: pl.Trainer):
+    """The trainer's forgather ModelCheckpoint that writes `last.ckpt` at the batch fit ends after, if any."""
+    from forgather.lightning.model_checkpoint import ModelCheckpoint
+
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.save_last), None)
+
+
+def _signal_number(value: str | int) -> int:
+    try:
+        return int(signal.Signals[value] if isinstance(value, str) else signal.Signals(value))
+    except (KeyError, ValueError):
+        names = ", ".join(s.name for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP))
+        raise ValueError(f"stop_signals: {value!r} is not a signal; give names such as {names}") from None
+
 
 def _scalar(value: Any) -> float | None:
     return None if value is None else float(value)

@@ -12,7 +12,8 @@ full disk, a quota, a read-only file system or a denied permission, found anywhe
 failing key) are appended to the line. Anything else is a bug: its traceback is printed.
 FORGATHER_DEBUG=1 prints the traceback of every error.
 
-Exit codes: 2 for a mistake, 3 for a run aborted through `forgather control abort`, 1 for anything else.
+Exit codes: 2 for a mistake, 3 for a run aborted through `forgather control abort`, 128 + N for a run stopped by
+signal N after its checkpoint (143 for SIGTERM, 130 for Ctrl-C), 1 for anything else.
 A misspelled command-line option is named with the close ones (`unrecognized`, `HintingParser`).
 This module imports nothing heavy: the CLI reports errors before torch is ever loaded.
 """
@@ -89,6 +90,9 @@ def report(error: BaseException, stream: TextIO | None = None) -> int:
     if type(error).__name__ == "JobAborted":  # callbacks/job_control.py: a requested stop, not a failure
         print(f"aborted: {error}", file=stream)
         return 3
+    if type(error).__name__ == "JobStopped":  # callbacks/job_control.py: a stop signal, checkpoint saved
+        print(f"stopped: {error}", file=stream, flush=True)
+        return error.exit_code
     line = describe(error)
     if line is None or os.environ.get(DEBUG_ENV):
         traceback.print_exception(error, file=stream)

@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -343,6 +344,51 @@ def test_ddp_ranks_stop_at_the_same_step(cache_dir: Path, tmp_path: Path, capsys
         assert Path(reply["checkpoint"]).is_file()
     finally:
         job.kill()
+
+
+@pytest.mark.parametrize("devices", [1, 2], ids=["one process", "ddp"])
+def test_sigterm_to_rank_0_checkpoints_every_rank_at_one_step_and_exits_143(cache_dir: Path, tmp_path: Path, devices: int) -> None:
+    # With Lightning's launcher rank 0 is the process started; the other rank never receives the signal.
+    job = Job(tmp_path, f"term{devices}job", devices=devices)
+    try:
+        job.process.send_signal(signal.SIGTERM)
+        assert job.wait() == 128 + signal.SIGTERM
+        results = [job.result(rank) for rank in range(devices)]
+        step = results[0]["step"]
+        checkpoint = tmp_path / "checkpoints" / f"control-step{step}.ckpt"
+        assert all(r == {"step": step, "outcome": f"stopped: {checkpoint}"} for r in results)
+        assert torch.load(checkpoint, weights_only=False)["global_step"] == step
+        assert checkpoint in job.checkpoints()  # beside Lightning's own of the epoch that ends
+        assert f"SIGTERM at step {step}: checkpoint saved: {checkpoint} (job term{devices}job), training ends\n" in job.output()
+    finally:
+        job.kill()
+
+
+_TWICE = """
+import signal, sys
+from forgather.callbacks.job_control import JobControl
+control = JobControl()
+control._catch_signals()
+signal.raise_signal(signal.{name})
+print("marked:", control._signalled == signal.{name}, flush=True)
+try:
+    signal.raise_signal(signal.{name})
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    print("restored:", signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+    sys.exit(130)
+print("not reached", flush=True)
+"""
+
+
+@pytest.mark.parametrize("name, code, last", [("SIGTERM", -signal.SIGTERM, "marked: True"), ("SIGINT", 130, "restored: True")])
+def test_a_second_stop_signal_stops_at_once(name: str, code: int, last: str) -> None:
+    """The first arrival only marks the job; the second ends it the way the signal ends a process without
+    handlers: SIGTERM's default action, Ctrl-C's KeyboardInterrupt (the handlers put back first)."""
+    result = subprocess.run([sys.executable, "-c", _TWICE.format(name=name)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == last
+    assert f"{name}: saving a checkpoint at the end of this step, then stopping ({name} again stops at once, nothing saved)" in result.stderr
 
 
 class _Terminal(io.StringIO):

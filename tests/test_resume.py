@@ -8,6 +8,7 @@ import csv
 import errno
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -57,6 +58,19 @@ def stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     monkeypatch.setattr(ControlServer, "take", take)
 
 
+def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, *signums: int) -> None:
+    """The signals arriving during `step` (JobControl asks its server once per optimizer step, from step 1)."""
+    calls = itertools.count(1)
+
+    def take(self):
+        if next(calls) == step:
+            for signum in signums:
+                signal.raise_signal(signum)
+        return None
+
+    monkeypatch.setattr(ControlServer, "take", take)
+
+
 def disk_full(model, path) -> None:
     """Writing the weights fills the disk."""
     Path(path).write_bytes(b"\0" * 100)
@@ -87,6 +101,34 @@ def test_control_stop_then_resume_continues_the_same_run(reference, tmp_path, mo
     assert main(["--resume", str(stopped), "max_steps=16"]) == 0
     assert train_steps(stopped) == list(range(16)), "one row per step, the steps before the stop kept"
     assert train_losses(stopped) == train_losses(reference)
+
+
+def test_sigterm_checkpoints_the_step_it_arrives_in_and_resume_continues_the_same_run(reference, tmp_path, monkeypatch, capsys):
+    # Step 3 is before the first periodic checkpoint (4): without the signal's checkpoint nothing would be kept.
+    handler = signal.getsignal(signal.SIGTERM)
+    signal_at(monkeypatch, 3, signal.SIGTERM)
+    assert run(tmp_path, *MICRO, "max_steps=5000") == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is handler, "the handler is put back"
+    (stopped,) = run_dirs(tmp_path / "outputs")
+    checkpoint = stopped / "checkpoints" / "last.ckpt"  # the run's ModelCheckpoint writes the step: no second copy
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["last.ckpt"]
+    err = capsys.readouterr().err
+    assert f"stopped: SIGTERM at step 3: checkpoint saved: {checkpoint} ; continue with: python -m forgather.run --resume {stopped}\n" in err
+    assert read_record(stopped) is None and not (tmp_path / "output_models").exists(), "an interrupted run exports nothing"
+    assert main(["--resume", str(stopped), "max_steps=16"]) == 0
+    assert train_steps(stopped) == list(range(16))
+    assert train_losses(stopped) == train_losses(reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_with_nothing_saved(tmp_path, monkeypatch):
+    signal_at(monkeypatch, 3, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(SystemExit):  # Lightning's answer to a KeyboardInterrupt
+        run(tmp_path, *MICRO, "max_steps=5000")
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    (stopped,) = run_dirs(tmp_path / "outputs")
+    assert not (stopped / "checkpoints").exists() or not any((stopped / "checkpoints").iterdir())
 
 
 def test_a_run_extended_twice_has_the_history_and_losses_of_an_uninterrupted_one(reference, tmp_path):

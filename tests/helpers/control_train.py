@@ -2,7 +2,8 @@
 
 A plain Lightning Trainer (Lightning's ModelCheckpoint left on) fits a tiny regression model with
 `JobControl`, sleeping a little each step so the test can send commands. Each rank writes
-`<run_dir>/result-rank<R>.json` ({"step", "outcome"}) when fit returns; exit code 0, or 3 after an abort.
+`<run_dir>/result-rank<R>.json` ({"step", "outcome"}) when fit returns; exit code 0, 3 after an abort, or
+the stop signal's code (128 + N) after a stop by a signal.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import torch
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, IterableDataset
 
-from forgather.callbacks.job_control import JobAborted, JobControl
+from forgather.callbacks.job_control import JobAborted, JobControl, JobStopped
 
 ABORTED_EXIT_CODE = 3
 
@@ -67,14 +68,16 @@ def main() -> int:
         enable_model_summary=False,
         callbacks=[JobControl(job_id=args.job_id)],
     )
-    outcome = "finished"
+    outcome, code = "finished", 0
     try:
         trainer.fit(TinyRegression(args.sleep), DataLoader(RandomRegression(), batch_size=8))
     except JobAborted:
-        outcome = "aborted"
+        outcome, code = "aborted", ABORTED_EXIT_CODE
+    except JobStopped as stopped:
+        outcome, code = f"stopped: {stopped.checkpoint}", stopped.exit_code
     result = {"step": trainer.global_step, "outcome": outcome}
     Path(args.run_dir, f"result-rank{trainer.global_rank}.json").write_text(json.dumps(result))
-    return ABORTED_EXIT_CODE if outcome == "aborted" else 0
+    return code
 
 
 if __name__ == "__main__":
