@@ -299,8 +299,13 @@ class Runner:
                 snapshot["sources"].update(files)
             return built
 
+        # A sweep point's directory that holds a checkpoint is one a resumed sweep continues (launch.sweep.continues)
+        ckpt_path = latest_checkpoint(run_dir) if sweeping else None
+        if ckpt_path is not None:
+            print(f"resuming {run_dir} from {ckpt_path.name} (step {resume_step(run_dir, ckpt_path)})", flush=True)
         with _run_dir_env(run_dir), ovr.naming_overrides(config, values):
-            return train(config, run_dir, construct=construct, snapshot=snapshot, export=export, callbacks=callbacks)
+            return train(config, run_dir, construct=construct, snapshot=snapshot, export=export, callbacks=callbacks,
+                         ckpt_path=str(ckpt_path) if ckpt_path else None)
 
     def job(self, point: list[ovr.Override]) -> tuple[str, LoadedConfig, DictConfig, list[ovr.Override]]:
         """The experiment, the loaded config, the config with `point`'s values applied (as a run gets it), and

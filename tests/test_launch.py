@@ -185,6 +185,40 @@ def test_sigterm_to_a_sweep_stops_its_running_points(tmp_path):
         sweep.kill()
 
 
+def test_a_sweep_stopped_by_sigterm_continues_its_points_from_their_checkpoints(tmp_path, capsys):
+    import psutil
+
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=600", "lr=1e-3,3e-3", "launcher.jobs=2"]
+    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # Both points training, each past a periodic checkpoint (micro writes one every 4 steps)
+        while {p.parent.parent.name for p in tmp_path.glob("multirun/*/*/checkpoints/epoch=*.ckpt")} != {"0", "1"}:
+            assert sweep.poll() is None and time.monotonic() < deadline, "the sweep did not start training its points"
+            time.sleep(0.05)
+        points = psutil.Process(sweep.pid).children()
+        sweep.terminate()  # the launcher passes it on to the points
+        assert sweep.wait(timeout=60) != 0
+        psutil.wait_procs(points, timeout=30)
+    finally:
+        sweep.kill()
+    root = sweep_root(tmp_path)
+    stopped = outcomes(root)
+    assert {n: o["status"] for n, o in stopped.items()} == {0: "failed", 1: "failed"}
+    assert all(o["error"].startswith("JobStopped: SIGTERM at step ") for o in stopped.values()), stopped
+    steps = {n: int(o["error"].split("at step ")[1].split(":")[0]) for n, o in stopped.items()}
+    assert all(0 < step < 600 for step in steps.values())
+
+    assert main(["--resume", str(root)]) == 0
+    for number, step in steps.items():
+        log = (root / str(number) / "output.log").read_text()
+        assert f"resuming {root / str(number)} from last.ckpt (step {step})" in log
+        with open(root / str(number) / "csv" / "metrics.csv", newline="") as file:
+            trained = [int(row["step"]) for row in csv.DictReader(file) if row["train/loss"]]
+        assert trained == list(range(600)), "each step once: the steps before the stop kept, the rest trained on"
+    assert {n: o["status"] for n, o in outcomes(root).items()} == {0: "ok", 1: "ok"}
+
+
 def test_points_train_on_the_gpus_the_sweep_or_its_launcher_gives_them():
     import argparse
 

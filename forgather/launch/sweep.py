@@ -4,7 +4,10 @@ directory keeps what a resume needs.
 `multirun.yaml` (written before the first point starts) holds the sweep's command: project, template path,
 outputs, the job's overrides and the runner's (launcher/sweeper). `--resume` reads it, rebuilds the same
 points (an Optuna study reloads from `optuna.db`), keeps every point whose `outcome.json` says ok (or pruned)
-and runs the others again from scratch in their directories. The run directory of point N is `<root>/N`.
+and runs the others again in their directories: a point stopped or killed after a checkpoint, with the same
+overrides, continues from its newest checkpoint (the point's runner resumes what its directory holds, as
+`--resume` does a run); one without a checkpoint starts from scratch. The run directory of point N is
+`<root>/N`.
 """
 
 from __future__ import annotations
@@ -68,9 +71,11 @@ class SweepContext:
         jobs = []
         for plan in todo:
             run_dir = self.root / str(plan.number)
-            if run_dir.exists():  # an unfinished point of an earlier session starts over
-                shutil.rmtree(run_dir)
             texts = [o.text for o in plan.point]
+            if run_dir.exists() and not continues(run_dir, texts):  # an unfinished point without a checkpoint starts over
+                shutil.rmtree(run_dir)
+            else:
+                (run_dir / OUTCOME_FILE).unlink(missing_ok=True)  # the failed outcome of the session that stopped it
             jobs.append(Job(plan.number, plan.label, texts, [*self.command, *texts], run_dir, {**plan.env, SWEEP_POINT_ENV: str(run_dir)}))
         launched = {o.number: o for o in self.launcher.launch(jobs, self.status)} if jobs else {}
         return [self.kept[plan.number] if plan.number in self.kept else launched[plan.number] for plan in plans]
@@ -99,13 +104,26 @@ def is_multirun(directory: Path) -> bool:
     return (directory / RECORD_FILE).is_file()
 
 
+def recorded_overrides(run_dir: Path) -> list[str] | None:
+    path = run_dir / "snapshot" / "overrides.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def continues(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether a point's directory from an earlier session is continued rather than started over: it holds a
+    checkpoint and the run recorded the same overrides (an Optuna trial asked again is a new number)."""
+    from forgather.run import latest_checkpoint
+
+    return latest_checkpoint(run_dir) is not None and recorded_overrides(run_dir) == overrides
+
+
 def kept_outcomes(root: Path) -> dict[int, Outcome]:
     """The points of an earlier session that finished (ok or pruned), by number."""
     kept = {}
     for path in root.glob(f"*/{OUTCOME_FILE}"):
         if path.parent.name.isdigit():
             number = int(path.parent.name)
-            overrides = yaml.safe_load((path.parent / "snapshot" / "overrides.yaml").read_text()) if (path.parent / "snapshot" / "overrides.yaml").is_file() else []
+            overrides = recorded_overrides(path.parent) or []
             outcome = read_outcome(Job(number, "", overrides, [], path.parent))
             if outcome.status in FINISHED:
                 kept[number] = outcome
