@@ -76,7 +76,10 @@ def describe(error: BaseException) -> str | None:
     found = None if isinstance(error, UserError) else _environment_error(error)  # our own wording comes first
     if found is not None:
         where = found.filename2 or found.filename or ""  # a failed copy or move names its destination second
-        return f"{where}: {found.strerror} ; {_ENVIRONMENT[found.errno]}" if where else f"{found.strerror} ; {_ENVIRONMENT[found.errno]}"
+        hint = _ENVIRONMENT[found.errno]
+        if found.errno in (errno.ENOSPC, errno.EDQUOT) and str(where).endswith(".ckpt"):
+            hint += " ; a run's keep_checkpoints=N keeps only its newest N step checkpoints"
+        return f"{where}: {found.strerror} ; {hint}" if where else f"{found.strerror} ; {hint}"
     if not isinstance(error, (UserError, *_PLAIN_MISTAKES)):
         return None
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)

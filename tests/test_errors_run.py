@@ -46,7 +46,8 @@ def test_a_full_disk_found_under_a_wrapping_error_is_one_line(capsys):
     except RuntimeError as error:
         assert report(error) == 2
     err = capsys.readouterr().err
-    assert err == f"error: /out/run/last.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, or write elsewhere (--outputs DIR)\n"
+    assert err == (f"error: /out/run/last.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, or write elsewhere (--outputs DIR)"
+                   f" ; a run's keep_checkpoints=N keeps only its newest N step checkpoints\n")
 
 
 def test_a_bug_prints_its_traceback_and_exit_code_1(capsys):
@@ -107,7 +108,8 @@ def test_a_disk_filling_up_during_training_is_one_line(tmp_path, capsys, monkeyp
     code, _, err = run(tmp_path, capsys, "max_steps=4", "checkpoint_every=2")
     assert code == 2 and "Traceback" not in err
     (line,) = error_lines(err)
-    assert line.endswith(f"step=2.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, or write elsewhere (--outputs DIR)")
+    assert line.endswith(f"step=2.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, or write elsewhere (--outputs DIR) ; "
+                         f"a run's keep_checkpoints=N keeps only its newest N step checkpoints")
 
 
 def test_triton_adafactor_on_cpu_says_it_needs_a_gpu(tmp_path, capsys, monkeypatch):

@@ -131,6 +131,16 @@ def test_a_second_ctrl_c_stops_at_once_with_nothing_saved(tmp_path, monkeypatch)
     assert not (stopped / "checkpoints").exists() or not any((stopped / "checkpoints").iterdir())
 
 
+def test_keep_checkpoints_keeps_the_newest_step_checkpoints_also_across_a_resume(tmp_path):
+    assert run(tmp_path, *MICRO, "max_steps=22", "keep_checkpoints=2") == 0  # a checkpoint every 4 steps
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    names = lambda: sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names() == ["epoch=0-step=16.ckpt", "epoch=0-step=20.ckpt", "last.ckpt"]
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 22
+    assert main(["--resume", str(run_dir), "max_steps=30"]) == 0
+    assert names() == ["epoch=0-step=24.ckpt", "epoch=0-step=28.ckpt", "last.ckpt"]
+
+
 def test_a_run_extended_twice_has_the_history_and_losses_of_an_uninterrupted_one(reference, tmp_path):
     # Neither 6 nor 11 is a checkpoint step (every 4): each resume starts where the previous fit ended.
     assert run(tmp_path, *MICRO, "max_steps=6") == 0
