@@ -79,3 +79,28 @@ def test_no_training_step_waits_for_the_gpu_logged_steps_included(tmp_path):
     assert watch.watched == 6
     (run_dir,) = run_dirs(tmp_path / "outputs")
     assert sorted(train_losses(run_dir)) == [1, 3, 5, 7]  # every written step has its row
+
+
+def test_a_gpu_run_stopped_by_sigterm_resumes_to_the_losses_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """The GPU side of tests/test_resume.py's SIGTERM test: pure bf16, the fused loss and TritonAdamW (whose
+    states the checkpoint carries). SIGTERM arrives during step 5 (before the first periodic checkpoint, at 8);
+    the run writes that step's checkpoint and stops; --resume trains on to step 16."""
+    import signal
+
+    from forgather.run import main
+    from test_resume import signal_at, train_steps
+
+    overrides = ["+experiment=micro", "trainer=gpu", "loss=fused", "optimizer=adamw", "scheduler=constant",
+                 "log_every_n_steps=1", "checkpoint_every=8"]
+    assert run(tmp_path / "whole", *overrides, "max_steps=16") == 0
+    (whole,) = run_dirs(tmp_path / "whole" / "outputs")
+    signal_at(monkeypatch, 5, signal.SIGTERM)
+    assert run(tmp_path / "parts", *overrides, "max_steps=5000") == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    (parts,) = run_dirs(tmp_path / "parts" / "outputs")
+    assert "stopped: SIGTERM at step 5: checkpoint saved:" in capsys.readouterr().err
+    assert main(["--resume", str(parts), "max_steps=16"]) == 0
+    assert train_steps(parts) == list(range(16))
+    expected, resumed = train_losses(whole), train_losses(parts)
+    print("losses, uninterrupted vs stopped and resumed:", [(expected[s], resumed[s]) for s in range(16)])
+    assert all(abs(expected[s] - resumed[s]) < 2e-2 for s in range(16)), (expected, resumed)
