@@ -48,6 +48,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
+from forgather import run_lock
 from forgather.errors import STRICT_ENV, MachineError, UserError, report
 from forgather.launch.point import SWEEP_POINT_ENV
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir, from_project_snapshot, tracking_from_project
@@ -577,24 +578,34 @@ def train(
     callbacks: list | None = None,
 ) -> dict[str, float]:
     """Seed, construct trainer/module/datamodule, attach the snapshot (and model export) and `callbacks`,
-    fit; returns the final metrics. Prints where the run directory and the exported model are, before and after fitting."""
+    fit; returns the final metrics. Prints where the run directory and the exported model are, before and after fitting.
+    The run directory is locked meanwhile (forgather.run_lock): a second process that would train in it fails."""
     import pytorch_lightning as pl
 
-    from forgather.callbacks.model_export import ExportModel
-    from forgather.callbacks.snapshot import Snapshot
     from forgather.lightning.quiet import quiet_lightning
-    from forgather.lightning.checkpoint_io import remove_staging
 
     quiet_lightning()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if "seed" in config:
-        pl.seed_everything(int(config.seed), workers=True, verbose=False)
-    try:
-        built = construct()
-    except BaseException:
-        with contextlib.suppress(OSError):  # only while still empty: a failed construction leaves no run behind
-            run_dir.rmdir()
-        raise
+    with run_lock.hold(run_dir):
+        if "seed" in config:
+            pl.seed_everything(int(config.seed), workers=True, verbose=False)
+        try:
+            built = construct()
+        except BaseException:
+            if {p.name for p in run_dir.iterdir()} <= {run_lock.LOCK_FILE}:  # a failed construction leaves no run behind
+                (run_dir / run_lock.LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            raise
+        return _fit(config, run_dir, built, snapshot, export, ckpt_path, callbacks)
+
+
+def _fit(config: DictConfig, run_dir: Path, built: dict[str, Any], snapshot: dict[str, Any],
+         export: dict[str, Any] | None, ckpt_path: str | None, callbacks: list | None) -> dict[str, float]:
+    from forgather.callbacks.model_export import ExportModel
+    from forgather.callbacks.snapshot import Snapshot
+    from forgather.lightning.checkpoint_io import remove_staging
+
     missing = [name for name in ("trainer", "module", "datamodule") if name not in built]
     if missing:
         raise ValueError(f"the config has no target {', '.join(missing)}: a training experiment defines trainer, module and datamodule")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from forgather.errors import causes, report
 from forgather.launch.base import write_outcome
+from forgather.run_lock import first_rank
 
 TRIAL_ENV = "FORGATHER_TRIAL"
 SWEEP_POINT_ENV = "FORGATHER_SWEEP_POINT"  # set by the launcher: the point's run directory
@@ -53,6 +54,6 @@ def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | No
             record["report"] = f"error: {record['error']} ; choose one with sweeper.metric=NAME, or validate before the run ends\n"
             code = 2
     record.update(ended=time.time(), intermediate={str(k): v for c in callbacks for k, v in getattr(c, "reported", {}).items()})
-    if not any(int(os.environ.get(name, "0") or 0) for name in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+    if first_rank():
         write_outcome(run_dir, record)  # the point's first rank speaks for it (Lightning reruns this command per rank)
     return code

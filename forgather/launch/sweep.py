@@ -22,6 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from forgather import overrides as ovr
+from forgather import run_lock
 from forgather.data.cache import atomic_write
 from forgather.launch.base import FINISHED, OUTCOME_FILE, Job, Launcher, Outcome, Status, read_outcome
 from forgather.launch.point import SWEEP_POINT_ENV
@@ -144,12 +145,14 @@ def run(
     the results files."""
     from forgather.launch.results import write_results
 
-    kept = kept_outcomes(root) if resume else {}
-    if resume:
-        print(f"resuming {root}: {len(kept)} finished point{'s' * (len(kept) != 1)} kept", flush=True)
-    with Status(getattr(sweeper, "n_trials", 0)) as status:
-        context = SweepContext(root, arguments, groups, check, command, launcher, status, kept)
-        outcomes = sweeper.run(context)
-    write_results(root, outcomes, sweeper.summary())
+    # One session at a time: a second one resuming this sweep would start over the points the first is training.
+    with run_lock.hold(root, "a sweep runs", "wait for it to end, or stop it first (Ctrl-C in its terminal, or kill PID)"):
+        kept = kept_outcomes(root) if resume else {}
+        if resume:
+            print(f"resuming {root}: {len(kept)} finished point{'s' * (len(kept) != 1)} kept", flush=True)
+        with Status(getattr(sweeper, "n_trials", 0)) as status:
+            context = SweepContext(root, arguments, groups, check, command, launcher, status, kept)
+            outcomes = sweeper.run(context)
+        write_results(root, outcomes, sweeper.summary())
     sys.stdout.flush()
     return outcomes
