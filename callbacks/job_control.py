@@ -11,12 +11,13 @@ the pending one (an int) so every rank acts at the same step:
   decides the exit code.
 Rank 0 prints each action it carries out (and the checkpoint's path) to the run's stdout, its log.
 
-A stop signal (`stop_signals`: SIGTERM and SIGINT by default) is a stop that cannot wait for a client:
+A stop signal (`stop_signals`: SIGTERM, SIGINT and SIGUSR2 by default) is a stop that cannot wait for a client:
 while training runs, its first arrival only marks the job; at the end of the optimizer step fit ends as for
 a stop, with this step's checkpoint (our ModelCheckpoint's `last.ckpt` where the trainer has one, else the
 job's own), and `on_train_end` raises `JobStopped` (the run was interrupted, not finished: nothing is
 exported, and a sweep point counts as not done). SIGTERM is what a scheduler, `kill`, `docker
-stop` or a sweep's launcher sends before it kills; SIGINT is Ctrl-C. Without this, Lightning stops at the next
+stop` or a sweep's launcher sends before it kills; SIGINT is Ctrl-C; SIGUSR2 is the warning submitit has SLURM
+send before a time limit (its default action would end the process at once). Without this, Lightning stops at the next
 batch on SIGTERM and on Ctrl-C, saving nothing, and the steps since the last periodic checkpoint are lost.
 A second arrival of the same signal stops at once, nothing saved (the default action of SIGTERM, a
 KeyboardInterrupt for SIGINT). The signal must reach rank 0, which decides for all ranks (torchrun, srun and a
@@ -219,7 +220,7 @@ class JobControl(pl.Callback):
         loss_key: str = "train/loss",
         throughput_key: str = "train/tokens_per_s",
         registry_interval_s: float = 10.0,
-        stop_signals: Sequence[str | int] = ("SIGTERM", "SIGINT"),
+        stop_signals: Sequence[str | int] = ("SIGTERM", "SIGINT", "SIGUSR2"),
     ) -> None:
         if check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -217,6 +218,40 @@ def test_a_sweep_stopped_by_sigterm_continues_its_points_from_their_checkpoints(
             trained = [int(row["step"]) for row in csv.DictReader(file) if row["train/loss"]]
         assert trained == list(range(600)), "each step once: the steps before the stop kept, the rest trained on"
     assert {n: o["status"] for n, o in outcomes(root).items()} == {0: "ok", 1: "ok"}
+
+
+def test_a_preempted_submitit_job_checkpoints_its_point_and_is_requeued_to_continue_it(tmp_path):
+    """submitit's local executor stands in for SLURM: its worker gets the signal SLURM sends before a time limit
+    or a preemption (USR2). The point checkpoints, the job is requeued, the point continues."""
+    import psutil
+    import submitit
+
+    from forgather.launch.point import SWEEP_POINT_ENV
+    from forgather.launch.submitit import PointJob
+
+    run_dir = tmp_path / "0"
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "+experiment=micro", "scheduler=constant", "max_steps=600"]
+    job = Job(0, "micro", [], command, run_dir, {SWEEP_POINT_ENV: str(run_dir)})
+    executor = submitit.AutoExecutor(folder=tmp_path / ".submitit", cluster="local")
+    executor.update_parameters(timeout_min=10)
+    handle = executor.submit(PointJob(), job)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(run_dir.glob("checkpoints/epoch=*.ckpt")):
+            assert not handle.done() and time.monotonic() < deadline, "the point did not start training"
+            time.sleep(0.05)
+        (worker,) = psutil.Process(handle._process.pid).children()  # the local executor's controller runs it
+        worker.send_signal(signal.SIGUSR2)
+        assert handle.result() == 0
+    finally:
+        handle.cancel(check=False)
+    log = (run_dir / "output.log").read_text()
+    stopped = int(log.split("stopped: SIGTERM at step ")[1].split(":")[0])
+    assert 0 < stopped < 600
+    assert f"resuming {run_dir} from last.ckpt (step {stopped})" in log
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        assert [int(row["step"]) for row in csv.DictReader(file) if row["train/loss"]] == list(range(600))
+    assert json.loads((run_dir / "outcome.json").read_text())["status"] == "ok"
 
 
 def test_points_train_on_the_gpus_the_sweep_or_its_launcher_gives_them():

@@ -81,11 +81,16 @@ def read_outcome(job: Job, returncode: int | None = None) -> Outcome:
     return Outcome(job.number, job.label, job.overrides, "failed", error=error, report=f"error: {error}")
 
 
-def run_job(job: Job) -> int:
-    """Run `job` to its end, output to its log; the exit status. What submitit and Ray run on a worker."""
+def start_job(job: Job) -> subprocess.Popen:
+    """Start `job`'s command, its output appended to its log."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    with open(job.run_dir / LOG_FILE, "ab") as log:
-        return subprocess.run(job.command, env={**os.environ, **job.env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    with open(job.run_dir / LOG_FILE, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(job.command, env={**os.environ, **job.env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def run_job(job: Job) -> int:
+    """Run `job` to its end, output to its log; the exit status. What Ray runs on a worker (submitit: PointJob)."""
+    return start_job(job).wait()
 
 
 class Status:

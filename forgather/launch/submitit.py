@@ -4,18 +4,27 @@ Settings map onto submitit's AutoExecutor: `partition`, `timeout_min`, `nodes`, 
 `tasks_per_node`, `cpus_per_task`, `mem_gb`, `array_parallelism` (points running at once) and
 `additional_parameters` (further sbatch options, `{account: ml}`). `cluster: local` runs the same pickled job
 code on this machine with submitit's local executor (what the tests use); `cluster: null` lets submitit pick
-(SLURM where `sbatch` exists). A job runs `forgather.launch.base.run_job` on its node: the point's command, its
-output in the point's `output.log`, submitit's own logs under `<sweep>/.submitit/`. The sweep directory must
-be on a filesystem the nodes share.
+(SLURM where `sbatch` exists). A job runs `PointJob` on its node: the point's command (as
+`forgather.launch.base.run_job`), its output in the point's `output.log`, submitit's own logs under
+`<sweep>/.submitit/`. The sweep directory must be on a filesystem the nodes share.
+
+Time limits and preemption: SLURM warns a job before it ends it (submitit asks for USR2 `signal_delay_s`
+before the time limit; a preemption sends it too). submitit then calls the job's `checkpoint`: `PointJob`'s
+passes SIGTERM to the point's process, which checkpoints the step it is in and exits (JobControl), waits
+for it, and has submitit requeue the job (up to submitit's count of time-outs); the requeued job runs the
+command again, and the point continues from its checkpoint (`Runner.run_point`), as `--resume` would.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from typing import Any
 
 from forgather.errors import UserError
-from forgather.launch.base import Job, Launcher, Outcome, Status, read_outcome, run_job
+from forgather.launch.base import Job, Launcher, Outcome, Status, read_outcome, start_job
 
 
 class SubmititLauncher(Launcher):
@@ -73,7 +82,7 @@ class SubmititLauncher(Launcher):
     def launch(self, jobs: list[Job], status: Status) -> list[Outcome]:
         executor = self._executor(jobs[0].run_dir.parent / ".submitit")
         with executor.batch():
-            submitted = [executor.submit(run_job, job) for job in jobs]
+            submitted = [executor.submit(PointJob(), job) for job in jobs]
         for job in jobs:
             status.start(job)
         outcomes: dict[int, Outcome] = {}
@@ -95,3 +104,50 @@ class SubmititLauncher(Launcher):
             for job, handle in waiting.values():
                 handle.cancel(check=False)
         return [outcomes[job.number] for job in jobs]
+
+
+class PointJob:
+    """The callable a submitit job runs: `run_job`, which submitit can checkpoint (see the module docstring)."""
+
+    grace_s = 300.0  # how long the point may take to finish its step and write its checkpoint
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+
+    def __call__(self, job: Job) -> int:
+        self._process = start_job(job)
+        return self._process.wait()
+
+    def checkpoint(self, job: Job):
+        """Called by submitit's handler of the time-limit signal, in this process: stop the point with its
+        checkpoint, then give submitit the same job to requeue."""
+        from submitit.helpers import DelayedSubmission
+
+        process = self._process
+        if process is not None and not _ended(process):
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.grace_s
+            while not _ended(process):
+                if time.monotonic() > deadline:
+                    process.kill()
+                    break
+                time.sleep(0.2)
+        return DelayedSubmission(PointJob(), job)  # a new one: a running process does not pickle
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._process = None
+
+
+def _ended(process: subprocess.Popen) -> bool:
+    """Whether `process` has exited, without reaping it. The handler that asks runs while `__call__` waits in
+    `Popen.wait`, which holds the Popen's lock until the process is reaped: waiting on the Popen again from
+    the handler would never return."""
+    if process.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already
+        return True
