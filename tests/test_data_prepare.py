@@ -231,6 +231,31 @@ def test_a_killed_prepare_leaves_nothing_that_looks_complete_and_the_next_one_cl
     assert not abandoned.exists() and live.is_dir()
 
 
+def test_a_killed_prepare_is_continued_by_the_next_one_of_the_same_work(tokenizer, tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", TEXTS * 400)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    arguments = dict(num_workers=1, unit_bytes=4096, val_fraction=0.1, progress=False)
+    code = (
+        "import sys; from forgather.data.prepare import prepare; from forgather.data.tokenizer import load_tokenizer;"
+        f"prepare([{str(tmp_path / 'a.jsonl')!r}], load_tokenizer({str(tmp_path / 'tok')!r}), {str(tmp_path / 'out')!r},"
+        f" **{arguments!r})"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code])
+    kill_when(child, lambda: len(list(tmp_path.glob(".out.*.tmp/units/*.json"))) >= 3, 60, "prepare ended before three units")
+    assert not (tmp_path / "out").exists()
+    (staging,) = tmp_path.glob(".out.*.tmp")
+    recorded = len(list(staging.glob("units/*.json")))
+    capsys.readouterr()
+    continued = prep.prepare([tmp_path / "a.jsonl"], tokenizer, tmp_path / "out", **arguments)
+    done, total = capsys.readouterr().err.split("continuing an interrupted prepare, ")[1].split(" units done")[0].split(" of ")
+    assert int(done) >= recorded >= 3 and int(total) == len(continued["shards"]["train"]) > int(done)
+    fresh = prep.prepare([tmp_path / "a.jsonl"], tokenizer, tmp_path / "fresh", **arguments)
+    assert {k: v for k, v in continued.items() if k != "path"} == {k: v for k, v in fresh.items() if k != "path"}
+    for split in ("train", "val"):
+        assert shard_documents(tmp_path / "out", split) == shard_documents(tmp_path / "fresh", split)
+    assert not list(tmp_path.glob(".out.*.tmp")) and not (tmp_path / "out" / "units").exists()
+
+
 def test_the_cli_prepares_and_reports_a_bad_line_in_one_line(tokenizer, tmp_path, capsys):
     from forgather.cli.main import main
 

@@ -13,9 +13,13 @@ A prepared directory DIR holds `manifest.json` and `train/NNNNN.arrow`, `val/NNN
 work unit and split; a unit without validation documents has no val file). The manifest records the key, a
 hash of (format, the sources' paths, sizes and mtimes, the tokenizer's serialized form, every setting), so a
 changed tokenizer or source never reuses stale shards: `prepare` on an existing DIR with another key is an
-error naming both. DIR is built in a hidden staging sibling and renamed into place after the manifest is
-written (`forgather.data.cache.atomic_directory`): a killed prepare never leaves a DIR that looks complete,
-and the next prepare of DIR deletes the staging directory it left (its writer's lock is gone).
+error naming both. DIR is built in a hidden staging sibling, `.DIR.<hash of the key and the units>.tmp`, and
+renamed into place after the manifest is written: a killed prepare never leaves a DIR that looks complete.
+A prepare that stops early (killed, Ctrl-C, a lost node) loses only the units it was tokenizing: each unit
+finished is recorded in the staging directory (`units/NNNNN.json`, after its shards), and the next prepare of
+the same corpus into the same DIR, with the same units, continues from there; a staging directory of other
+sources, settings or units is deleted once its writer's lock is gone. An error (a bad line, a full disk)
+deletes the staging directory. Two prepares of one corpus into one DIR at once: the second is refused.
 
 Sources (globs, sorted): `.jsonl`/`.json` (one JSON object a line, the text in `field`), `.txt`/`.md` (one
 document a file), `.parquet` (column `field`), and directories saved with `datasets`' `save_to_disk`.
@@ -38,17 +42,18 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from forgather.data.cache import atomic_directory, cache_dir, fingerprint
+from forgather.data.cache import atomic_write, cache_dir, fingerprint
 from forgather.data.sources import record_text
 from forgather.errors import UserError
 
@@ -56,6 +61,7 @@ from forgather.errors import UserError
 PREPARED_FORMAT = 1
 MANIFEST = "manifest.json"
 WRITER_LOCK = ".writer"
+UNITS_DIR = "units"  # in a staging directory: one record per finished unit
 SPLITS = ("train", "val")
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md")
@@ -380,29 +386,67 @@ def prepare(
     workers = num_workers or os.cpu_count() or 1
     units = work_units(files, field, unit_bytes or _unit_bytes(files, workers))
     workers = max(1, min(workers, len(units)))
-    _remove_abandoned_staging(out)
-    with atomic_directory(out) as staging, _writer_lock(staging):
-        for split in SPLITS:
-            (staging / split).mkdir()
-        results = _run_units(units, staging, text, field, settings, on_bad_line, workers, progress)
-        manifest = _manifest(key, files, settings, results)
+    staging = out.parent / f".{out.name}.{fingerprint(key, units)}.tmp"
+    _remove_abandoned_staging(out, keep=staging)
+    with _staging_directory(staging, out):
+        done = _finished_units(staging)
+        if done:
+            print(f"{out}: continuing an interrupted prepare, {len(done)} of {len(units)} units done", file=sys.stderr, flush=True)
+        todo = [unit for unit in units if unit.index not in done]
+        results = [*done.values(), *_run_units(todo, staging, text, field, settings, on_bad_line, workers, progress)]
+        manifest = _manifest(key, files, settings, sorted(results, key=lambda result: result.index))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {**manifest, "path": str(out)}
 
 
 @contextmanager
-def _writer_lock(staging: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `staging/.writer` while preparing: the OS releases it when the process dies,
-    so a later prepare can tell an abandoned staging directory from one still being written."""
+def _staging_directory(staging: Path, out: Path) -> Iterator[None]:
+    """Fill `staging` (kept from an interrupted prepare of the same work, or new) under its writer's lock, then
+    rename it to `out`. An error deletes it; an interruption (Ctrl-C, a kill) keeps it for the next prepare."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for directory in (staging, *(staging / split for split in SPLITS), staging / UNITS_DIR):
+        directory.mkdir(exist_ok=True)
     with open(staging / WRITER_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out}: another process is preparing the same corpus into it now; wait for it to end") from None
+        try:
+            yield
+        except Exception:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         (staging / WRITER_LOCK).unlink()
+        shutil.rmtree(staging / UNITS_DIR)
+        os.chmod(staging, 0o755)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if not (out / MANIFEST).is_file():  # not the same work finished by a concurrent writer
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def _remove_abandoned_staging(out: Path) -> None:
-    """Delete the staging directories of killed prepares of `out` (a large corpus's would fill the disk)."""
+def _finished_units(staging: Path) -> dict[int, UnitResult]:
+    """The units an interrupted prepare finished in `staging`, from their records."""
+    done = {}
+    for path in sorted((staging / UNITS_DIR).glob("*.json")):
+        record = json.loads(path.read_text())
+        done[record["index"]] = UnitResult(**record)
+    return done
+
+
+def _record_unit(staging: Path, result: UnitResult) -> None:
+    """Written once the unit's shards are: a unit with a record is never tokenized again."""
+    atomic_write(staging / UNITS_DIR / f"{result.index:05d}.json", lambda path: path.write_text(json.dumps(asdict(result))))
+
+
+def _remove_abandoned_staging(out: Path, keep: Path) -> None:
+    """Delete the staging directories of killed prepares of `out` for other work than `keep`'s (a large
+    corpus's would fill the disk)."""
     for staging in out.parent.glob(f".{out.name}.*.tmp"):
+        if staging == keep:
+            continue
         try:
             lock = os.open(staging / WRITER_LOCK, os.O_RDONLY)  # never created here: a new writer's is its own
         except FileNotFoundError:
@@ -469,6 +513,7 @@ def _run_units(units, staging, text, field, settings, on_bad_line, workers, prog
                     for later in futures[min(failures) + 1:]:
                         later.cancel()
                     continue
+                _record_unit(Path(staging), result)
                 results.append(result)
                 bar.advance(result)
         except BaseException:
