@@ -99,6 +99,7 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
 SOURCE_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--from-snapshot",), dict(metavar="RUN_DIR", help="rerun the config recorded in RUN_DIR's snapshot")),
     (("--resume",), dict(metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")),
+    (("--auto-resume",), dict(action="store_true", help="with output_dir=DIR: continue the run in DIR if it has a checkpoint, else start it there (job scripts a scheduler may run again)")),
 )
 
 
@@ -262,6 +263,8 @@ class Runner:
     def run_dir(self, experiment: str, values: list[ovr.Override]) -> Path:
         if os.environ.get(RUN_DIR_ENV):
             return Path(os.environ[RUN_DIR_ENV])
+        if getattr(self.args, "restart_in", None):  # --auto-resume of a run stopped before its first checkpoint
+            return self.args.restart_in
         return requested_run_dir(values) or _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
 
     def run_point(self, point: list[ovr.Override], run_dir: Path | None = None, callbacks: list | None = None) -> dict[str, float] | None:
@@ -864,6 +867,34 @@ def _snapshot_file(path: Path, load: Callable[[Path], Any]) -> Any:
                          f"restore it from a copy of the run") from error
 
 
+def _auto_resume(args: argparse.Namespace, command: list[str]) -> int | None:
+    """--auto-resume: the run in `output_dir=DIR` continued from its newest checkpoint (or left as it is when
+    finished), if DIR holds this run (the same overrides) with a checkpoint; None to start the run in DIR (new,
+    empty, or holding this run stopped before its first checkpoint, which starts over). A job script that a
+    scheduler requeues after a preemption or a time limit runs the same line again and continues."""
+    if args.multirun:
+        raise ovr.OverrideError("--auto-resume with -m: a sweep continues with --resume multirun/<time>")
+    target = next((o.value for o in ovr.parse(args.overrides, {}, multirun=False)[0]
+                   if o.key == "output_dir" and o.kind != "delete"), None)
+    if target is None:
+        raise ovr.OverrideError("--auto-resume needs output_dir=DIR, the directory where the run is found again "
+                                "(e.g. output_dir=runs/$SLURM_JOB_ID)")
+    run_dir = Path(str(target)).expanduser().resolve()
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    _read_snapshot(run_dir)  # a directory that holds something else is named
+    recorded = list(OmegaConf.load(run_dir / "snapshot" / "overrides.yaml")) if (run_dir / "snapshot" / "overrides.yaml").is_file() else None
+    if recorded != list(args.overrides):
+        raise ovr.OverrideError(f"--auto-resume: {run_dir} holds a run started with other overrides ({' '.join(map(str, recorded or []))}); "
+                                f"give the same ones to continue it, or another output_dir")
+    if latest_checkpoint(run_dir) is None:
+        print(f"{run_dir}: stopped before its first checkpoint; starting it over", flush=True)
+        args.restart_in = run_dir  # Runner.run_dir takes it as it is, not empty
+        return None
+    again = argparse.Namespace(**{**vars(args), "overrides": [], "auto_resume": False, "resume": str(run_dir)})
+    return _from_run_dir(again, command, run_dir, resume=True)
+
+
 def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, step: int, export_dir: Path) -> bool:
     """Say what --resume will do from `ckpt_path` (at `step`); False when there is nothing to do (the run is
     finished and exported)."""
@@ -954,6 +985,8 @@ def main(argv: list[str] | None = None) -> int:
             return _resume_multirun(args, command, Path(args.resume).resolve())
         if args.resume or args.from_snapshot:
             return _from_run_dir(args, command, Path(args.resume or args.from_snapshot).resolve(), resume=bool(args.resume))
+        if args.auto_resume and (code := _auto_resume(args, command)) is not None:
+            return code
         runner = Runner.create(args, command)
         if os.environ.get(SWEEP_POINT_ENV):  # a point of a sweep, started by its launcher (forgather.launch)
             from forgather.launch.point import run_recorded

@@ -8,6 +8,7 @@ import csv
 import errno
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,44 @@ def test_sigterm_checkpoints_the_step_it_arrives_in_and_resume_continues_the_sam
     assert main(["--resume", str(stopped), "max_steps=16"]) == 0
     assert train_steps(stopped) == list(range(16))
     assert train_losses(stopped) == train_losses(reference)
+
+
+def test_auto_resume_starts_a_run_continues_it_after_a_stop_and_leaves_it_finished(reference, tmp_path, monkeypatch, capsys):
+    # What a job script that a scheduler requeues runs every time.
+    line = ("--auto-resume", *MICRO, "max_steps=16", f"output_dir={tmp_path / 'job'}")
+    signal_at(monkeypatch, 3, signal.SIGTERM)  # a preemption during step 3
+    assert run(tmp_path, *line) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert run(tmp_path, *line) == 0
+    assert f"resuming {tmp_path / 'job'} from last.ckpt (step 3)" in capsys.readouterr().out
+    assert train_steps(tmp_path / "job") == list(range(16))
+    assert train_losses(tmp_path / "job") == train_losses(reference)
+    before = files_state(tmp_path / "job")
+    assert run(tmp_path, *line) == 0
+    assert "already finished at step 16" in capsys.readouterr().out
+    assert files_state(tmp_path / "job") == before
+
+
+def test_auto_resume_starts_over_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    line = ("--auto-resume", *MICRO, "max_steps=6", f"output_dir={tmp_path / 'job'}")
+    assert run(tmp_path, *line) == 0
+    shutil.rmtree(tmp_path / "job" / "checkpoints")  # as a kill before the first checkpoint leaves it
+    capsys.readouterr()
+    assert run(tmp_path, *line) == 0
+    assert f"{tmp_path / 'job'}: stopped before its first checkpoint; starting it over" in capsys.readouterr().out
+    assert train_steps(tmp_path / "job") == list(range(6))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ((*MICRO, "max_steps=6"), "--auto-resume needs output_dir=DIR"),
+    ((*MICRO, "max_steps=8", "output_dir=JOB"), "--auto-resume: JOB holds a run started with other overrides (+experiment=micro scheduler=constant max_steps=6 output_dir=JOB)"),
+])
+def test_auto_resume_mistakes_are_one_line(tmp_path, capsys, arguments, message):
+    assert run(tmp_path, *MICRO, "max_steps=6", f"output_dir={tmp_path / 'JOB'}") == 0
+    capsys.readouterr()
+    arguments = [a.replace("JOB", str(tmp_path / "JOB")) for a in arguments]
+    assert run(tmp_path, "--auto-resume", *arguments) == 2
+    assert capsys.readouterr().err.startswith("error: " + message.replace("JOB", str(tmp_path / "JOB")))
 
 
 def test_a_second_ctrl_c_stops_at_once_with_nothing_saved(tmp_path, monkeypatch):
