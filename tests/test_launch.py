@@ -189,7 +189,7 @@ def test_sigterm_to_a_sweep_stops_its_running_points(tmp_path):
 def test_a_sweep_stopped_by_sigterm_continues_its_points_from_their_checkpoints(tmp_path, capsys):
     import psutil
 
-    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=600", "lr=1e-3,3e-3", "launcher.jobs=2"]
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=300", "lr=1e-3,3e-3", "launcher.jobs=2"]
     sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -208,7 +208,7 @@ def test_a_sweep_stopped_by_sigterm_continues_its_points_from_their_checkpoints(
     assert {n: o["status"] for n, o in stopped.items()} == {0: "failed", 1: "failed"}
     assert all(o["error"].startswith("JobStopped: SIGTERM at step ") for o in stopped.values()), stopped
     steps = {n: int(o["error"].split("at step ")[1].split(":")[0]) for n, o in stopped.items()}
-    assert all(0 < step < 600 for step in steps.values())
+    assert all(0 < step < 300 for step in steps.values())
 
     assert main(["--resume", str(root)]) == 0
     for number, step in steps.items():
@@ -216,7 +216,7 @@ def test_a_sweep_stopped_by_sigterm_continues_its_points_from_their_checkpoints(
         assert f"resuming {root / str(number)} from last.ckpt (step {step})" in log
         with open(root / str(number) / "csv" / "metrics.csv", newline="") as file:
             trained = [int(row["step"]) for row in csv.DictReader(file) if row["train/loss"]]
-        assert trained == list(range(600)), "each step once: the steps before the stop kept, the rest trained on"
+        assert trained == list(range(300)), "each step once: the steps before the stop kept, the rest trained on"
     assert {n: o["status"] for n, o in outcomes(root).items()} == {0: "ok", 1: "ok"}
 
 
@@ -230,7 +230,7 @@ def test_a_preempted_submitit_job_checkpoints_its_point_and_is_requeued_to_conti
     from forgather.launch.submitit import PointJob
 
     run_dir = tmp_path / "0"
-    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "+experiment=micro", "scheduler=constant", "max_steps=600"]
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "+experiment=micro", "scheduler=constant", "max_steps=300"]
     job = Job(0, "micro", [], command, run_dir, {SWEEP_POINT_ENV: str(run_dir)})
     executor = submitit.AutoExecutor(folder=tmp_path / ".submitit", cluster="local")
     executor.update_parameters(timeout_min=10)
@@ -247,10 +247,10 @@ def test_a_preempted_submitit_job_checkpoints_its_point_and_is_requeued_to_conti
         handle.cancel(check=False)
     log = (run_dir / "output.log").read_text()
     stopped = int(log.split("stopped: SIGTERM at step ")[1].split(":")[0])
-    assert 0 < stopped < 600
+    assert 0 < stopped < 300
     assert f"resuming {run_dir} from last.ckpt (step {stopped})" in log
     with open(run_dir / "csv" / "metrics.csv", newline="") as file:
-        assert [int(row["step"]) for row in csv.DictReader(file) if row["train/loss"]] == list(range(600))
+        assert [int(row["step"]) for row in csv.DictReader(file) if row["train/loss"]] == list(range(300))
     assert json.loads((run_dir / "outcome.json").read_text())["status"] == "ok"
 
 
