@@ -71,11 +71,12 @@ class JobAborted(Exception):
 class JobStopped(Exception):
     """Raised on every rank at the end of the step in which a stop signal arrived, after the checkpoint."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path, rank: int = 0) -> None:
         self.signum = signum
         self.step = step
         self.checkpoint = checkpoint
         self.run_dir = run_dir
+        self.rank = rank  # the global rank that raised it: only rank 0's is reported
         super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved: {checkpoint} ; continue "
                          f"with: python -m forgather.run --resume {run_dir}")
 
@@ -447,7 +448,7 @@ class JobControl(pl.Callback):
         self._stopped = None
         if checkpoint is None:
             checkpoint = Path(_last_checkpoint_callback(trainer).last_model_path)
-        stopped = JobStopped(signum, step, checkpoint, self.run_dir)
+        stopped = JobStopped(signum, step, checkpoint, self.run_dir, trainer.global_rank)
         if trainer.is_global_zero:
             print(f"{stopped.args[0].split(' ; ')[0]} (job {self.job_id}), training ends", flush=True)
         raise stopped

@@ -94,7 +94,8 @@ def report(error: BaseException, stream: TextIO | None = None) -> int:
         print(f"aborted: {error}", file=stream)
         return 3
     if type(error).__name__ == "JobStopped":  # callbacks/job_control.py: a stop signal, checkpoint saved
-        print(f"stopped: {error}", file=stream, flush=True)
+        if error.rank == 0:  # every rank raises it; one line says it
+            print(f"stopped: {error}", file=stream, flush=True)
         return error.exit_code
     line = describe(error)
     if line is None or os.environ.get(DEBUG_ENV):

@@ -364,6 +364,16 @@ def test_sigterm_to_rank_0_checkpoints_every_rank_at_one_step_and_exits_143(cach
         job.kill()
 
 
+def test_a_stop_is_reported_by_rank_0_alone():
+    from forgather.callbacks.job_control import JobStopped
+    from forgather.errors import report
+
+    for rank, lines in ((0, 1), (1, 0)):
+        stream = io.StringIO()
+        assert report(JobStopped(signal.SIGTERM, 7, Path("/run/last.ckpt"), Path("/run"), rank), stream) == 143
+        assert stream.getvalue().count("stopped: SIGTERM at step 7: checkpoint saved: /run/last.ckpt") == lines
+
+
 _TWICE = """
 import signal, sys
 from forgather.callbacks.job_control import JobControl
