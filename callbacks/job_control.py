@@ -77,8 +77,8 @@ class JobStopped(Exception):
         self.checkpoint = checkpoint
         self.run_dir = run_dir
         self.rank = rank  # the global rank that raised it: only rank 0's is reported
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved: {checkpoint} ; continue "
-                         f"with: python -m forgather.run --resume {run_dir}")
+        self.what = f"{signal.Signals(signum).name} at step {step}: checkpoint saved: {checkpoint}"
+        super().__init__(f"{self.what} ; continue with: python -m forgather.run --resume {run_dir}")
 
     @property
     def exit_code(self) -> int:
@@ -435,10 +435,10 @@ class JobControl(pl.Callback):
         have this step's row; a second checkpoint of the same step would only double the time a scheduler's
         grace period has to cover. Without it (a plain Lightning script), the job writes its own."""
         trainer.should_stop = True
-        checkpoint = None if _last_checkpoint_callback(trainer) is not None else self._save(trainer, step)
+        callback = _last_checkpoint_callback(trainer)
+        checkpoint = None if callback is not None else self._save(trainer, step)
         self._stopped = (signum, step, checkpoint)
         if pending is not None:  # a command that met the signal at this step: the job answers what it does
-            callback = _last_checkpoint_callback(trainer)
             where = checkpoint or Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
             pending.finish({"ok": True, "command": "stop", "step": step, "checkpoint": str(where)})
             pending.replied.wait(_REPLY_GRACE_S)
@@ -450,7 +450,7 @@ class JobControl(pl.Callback):
             checkpoint = Path(_last_checkpoint_callback(trainer).last_model_path)
         stopped = JobStopped(signum, step, checkpoint, self.run_dir, trainer.global_rank)
         if trainer.is_global_zero:
-            print(f"{stopped.args[0].split(' ; ')[0]} (job {self.job_id}), training ends", flush=True)
+            print(f"{stopped.what} (job {self.job_id}), training ends", flush=True)
         raise stopped
 
     def _save(self, trainer: pl.Trainer, step: int) -> Path:

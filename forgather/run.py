@@ -882,8 +882,10 @@ def _auto_resume(args: argparse.Namespace, command: list[str]) -> int | None:
     run_dir = Path(str(target)).expanduser().resolve()
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return None
+    from forgather.launch.sweep import recorded_overrides
+
     _read_snapshot(run_dir)  # a directory that holds something else is named
-    recorded = list(OmegaConf.load(run_dir / "snapshot" / "overrides.yaml")) if (run_dir / "snapshot" / "overrides.yaml").is_file() else None
+    recorded = recorded_overrides(run_dir)
     if recorded != list(args.overrides):
         raise ovr.OverrideError(f"--auto-resume: {run_dir} holds a run started with other overrides ({' '.join(map(str, recorded or []))}); "
                                 f"give the same ones to continue it, or another output_dir")
