@@ -93,10 +93,13 @@ def report(error: BaseException, stream: TextIO | None = None) -> int:
     if type(error).__name__ == "JobAborted":  # callbacks/job_control.py: a requested stop, not a failure
         print(f"aborted: {error}", file=stream)
         return 3
+    # An error every rank raises alike (a stop signal, a diverged run) carries its rank: rank 0 says it.
+    exit_code = getattr(error, "exit_code", 2)
+    if getattr(error, "rank", 0) != 0:
+        return exit_code
     if type(error).__name__ == "JobStopped":  # callbacks/job_control.py: a stop signal, checkpoint saved
-        if error.rank == 0:  # every rank raises it; one line says it
-            print(f"stopped: {error}", file=stream, flush=True)
-        return error.exit_code
+        print(f"stopped: {error}", file=stream, flush=True)
+        return exit_code
     line = describe(error)
     if line is None or os.environ.get(DEBUG_ENV):
         traceback.print_exception(error, file=stream)

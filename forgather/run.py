@@ -147,12 +147,17 @@ def _run_dir_env(run_dir: Path):
             os.environ[RUN_DIR_ENV] = previous
 
 
+def checkpoints_newest_first(directory: str | os.PathLike) -> list[Path]:
+    """The checkpoints in `directory`, newest first: `*.ckpt` files, and directories of shards (the pipeline
+    strategy's hold a meta.pt). Written atomically, every one found is whole."""
+    found = [p for p in Path(directory).glob("*.ckpt") if p.is_file() or (p / "meta.pt").is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint of a run. Checkpoints are written atomically, so every one found is whole;
-    a run killed between writing a step checkpoint and updating last.ckpt resumes from the step checkpoint."""
-    # A file, or a directory of shards (the pipeline strategy's checkpoints hold a meta.pt).
-    found = [p for p in (run_dir / CHECKPOINTS_DIR).glob("*.ckpt") if p.is_file() or (p / "meta.pt").is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+    """The newest checkpoint of a run: a run killed between writing a step checkpoint and updating last.ckpt
+    resumes from the step checkpoint."""
+    return next(iter(checkpoints_newest_first(run_dir / CHECKPOINTS_DIR)), None)
 
 
 def _timestamp() -> str:
@@ -265,7 +270,10 @@ class Runner:
             return Path(os.environ[RUN_DIR_ENV])
         if getattr(self.args, "restart_in", None):  # --auto-resume of a run stopped before its first checkpoint
             return self.args.restart_in
-        return requested_run_dir(values) or _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
+        requested = requested_run_dir(values)
+        if requested is None:
+            warn_if_requeued()
+        return requested or _fresh_dir(Path(self.args.outputs) / "outputs" / experiment / _timestamp())
 
     def run_point(self, point: list[ovr.Override], run_dir: Path | None = None, callbacks: list | None = None) -> dict[str, float] | None:
         sweeping = run_dir is not None
@@ -306,7 +314,7 @@ class Runner:
         # A sweep point's directory that holds a checkpoint is one a resumed sweep continues (launch.sweep.continues)
         ckpt_path = latest_checkpoint(run_dir) if sweeping else None
         if ckpt_path is not None:
-            print(f"resuming {run_dir} from {ckpt_path.name} (step {resume_step(run_dir, ckpt_path)})", flush=True)
+            _say_resuming(run_dir, ckpt_path, resume_step(run_dir, ckpt_path))
         with _run_dir_env(run_dir), ovr.naming_overrides(config, values):
             return train(config, run_dir, construct=construct, snapshot=snapshot, export=export, callbacks=callbacks,
                          ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -356,6 +364,7 @@ class Runner:
         launcher, sweeper = settings.build("launcher"), settings.build("sweeper")
         resume = root is not None
         if root is None:
+            warn_if_requeued(sweep=True)
             root = _fresh_dir(Path(self.args.outputs) / "multirun" / _timestamp())
             launch_sweep.write_record(root, {**self.sweep_record(), "overrides": job_arguments[len(settings.params):], "runner": runner_arguments})
         rendered: dict[tuple, LoadedConfig] = {}
@@ -370,13 +379,15 @@ class Runner:
         try:
             command = self.point_command(getattr(launcher, "gpus_per_job", 0))
             outcomes = launch_sweep.run(root, launcher, sweeper, job_arguments, self.groups, check, command, resume)
-        except BaseException:
+        except BaseException as error:
             if not resume and not any(p.is_dir() for p in root.iterdir()):  # refused before any point started
                 import shutil
 
                 shutil.rmtree(root)
                 with contextlib.suppress(OSError):  # multirun/ itself, when this sweep was its first
                     root.parent.rmdir()
+            elif isinstance(error, KeyboardInterrupt):  # Ctrl-C: the points checkpointed (JobControl)
+                print(f"the sweep continues with: python -m forgather.run --resume {root}", file=sys.stderr, flush=True)
             raise
         _print_sweep(root, outcomes)
         return 1 if any(o.status == "failed" for o in outcomes) else 0
@@ -483,6 +494,23 @@ def warn_about_warmup(config: DictConfig) -> None:
         )
 
 
+def warn_if_requeued(sweep: bool = False) -> None:
+    """A SLURM job run again (requeued after a preemption, a node failure or `scontrol requeue`) that starts a
+    run in a new directory trains from step 0, where --auto-resume would continue the run it started (and
+    --resume the sweep)."""
+    if _requeued():
+        restarts = os.environ["SLURM_RESTART_COUNT"]
+        what, starts, how = (("sweep", "a new sweep", "resume it with --resume multirun/<time>") if sweep else
+                             ("run", "a new run from step 0", "give its command --auto-resume and output_dir=runs/$SLURM_JOB_ID"))
+        print(f"warning: this SLURM job runs again (SLURM_RESTART_COUNT={restarts}) and starts {starts}; "
+              f"to continue the {what} it started instead, {how}", flush=True)
+
+
+def _requeued() -> bool:
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "")
+    return restarts.isdigit() and int(restarts) > 0
+
+
 def requested_run_dir(values: list[ovr.Override], create: bool = True) -> Path | None:
     """`output_dir=DIR` on the command line: the run goes to DIR (created, unless not `create`), which must be
     new or empty."""
@@ -496,6 +524,8 @@ def requested_run_dir(values: list[ovr.Override], create: bool = True) -> Path |
             raise ovr.OverrideError(f"{override.text}: {path} is a file; give a new or empty directory")
         if path.is_dir() and any(path.iterdir()):
             hint = f"`--resume {path}` continues that run" if (path / "snapshot").is_dir() else "give a new or empty directory"
+            if (path / "snapshot").is_dir() and _requeued():
+                hint += "; in a job script a scheduler may run again, --auto-resume does it every time"
             raise ovr.OverrideError(f"{override.text}: {path} is not empty ({hint})")
         if create:
             path.mkdir(parents=True, exist_ok=True)
@@ -512,7 +542,7 @@ def checkpoint_step(path: Path) -> int:
     return int(state["global_step"])
 
 
-def _step_if_readable(path: Path) -> int | None:
+def readable_step(path: Path) -> int | None:
     try:
         return checkpoint_step(path)
     except Exception:
@@ -528,9 +558,8 @@ def resume_step(run_dir: Path, ckpt_path: Path) -> int:
         from forgather.errors import UserError
 
         size = f"{ckpt_path.stat().st_size} bytes, " if ckpt_path.is_file() else ""
-        others = sorted((p for p in (run_dir / CHECKPOINTS_DIR).glob("*.ckpt") if p != ckpt_path),
-                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
-        readable = next(((p, step) for p in others if (step := _step_if_readable(p)) is not None), None)
+        others = [p for p in checkpoints_newest_first(run_dir / CHECKPOINTS_DIR) if p != ckpt_path]
+        readable = next(((p, step) for p in others if (step := readable_step(p)) is not None), None)
         hint = (f"move it out of {ckpt_path.parent} to resume from {readable[0].name} (step {readable[1]}), the "
                 f"newest one that reads" if readable else
                 f"no other checkpoint of this run reads: start over with --from-snapshot {run_dir}")
@@ -618,7 +647,7 @@ def _fit(config: DictConfig, run_dir: Path, built: dict[str, Any], snapshot: dic
         # Staging left by writers killed in an earlier process (checkpoints, logs, snapshot, metrics).
         for directory in (run_dir, *(p for p in run_dir.iterdir() if p.is_dir())):
             remove_staging(directory)
-        _print_where(run_dir, export["out_dir"] if exporting else None, "written when training ends")
+        _print_where(run_dir, export["out_dir"] if exporting else None, _export_when(export["out_dir"], run_dir) if exporting else "")
     trainer.callbacks.append(Snapshot(run_dir, config=config, **snapshot))
     if exporting:
         trainer.callbacks.append(ExportModel(model_config=config.model, run_dir=run_dir, **export))
@@ -642,16 +671,30 @@ def _fit(config: DictConfig, run_dir: Path, built: dict[str, Any], snapshot: dic
                             f"with this run, resume without changing its model; to train the changed model, start a "
                             f"new run: python -m forgather.run --from-snapshot {run_dir} OVERRIDES") from error
         raise
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    # Merged into the previous metrics.yaml: a resume that logs no validation (or trains no step, its run having
+    # finished before an outcome was recorded) keeps the last val/loss, and returns it as the run's.
+    previous = OmegaConf.to_container(OmegaConf.load(run_dir / METRICS_FILE)) if (run_dir / METRICS_FILE).is_file() else {}
+    metrics = {**previous, **{key: float(value) for key, value in trainer.callback_metrics.items()}}
+    metrics.pop("step", None)
     if trainer.is_global_zero:
         from forgather.data.cache import atomic_write
 
-        # Merged into the previous metrics.yaml: a resume that logs no validation keeps the last val/loss.
-        previous = OmegaConf.load(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else {}
-        text = OmegaConf.to_yaml(OmegaConf.create({**previous, "step": trainer.global_step, **metrics}))
+        text = OmegaConf.to_yaml(OmegaConf.create({"step": trainer.global_step, **metrics}))
         atomic_write(run_dir / METRICS_FILE, lambda path: path.write_text(text))
         _print_where(run_dir, export["out_dir"] if exporting else None, "")
     return metrics
+
+
+def _export_when(model_dir: Path, run_dir: Path) -> str:
+    """When the model is written, and whose model it replaces there (another run's, as every run of an
+    experiment exports to the same directory; that run's checkpoints can export it again)."""
+    from forgather.callbacks.model_export import read_record
+
+    record = read_record(model_dir) or {}
+    other = record.get("run_dir")
+    if other and Path(other) != run_dir:
+        return f"written when training ends, replacing the model of {other} at step {record.get('step')}"
+    return "written when training ends"
 
 
 def _print_where(run_dir: Path, model_dir: Path | None, when: str) -> None:
@@ -799,7 +842,7 @@ def export_checkpoint(run_dir: Path, ckpt_path: Path | None = None, out_dir: Pat
     if out_dir is None and reuse:
         from forgather.callbacks.model_export import read_record
 
-        step = _step_if_readable(ckpt_path)
+        step = readable_step(ckpt_path)
         existing = run_dir / EXPORTS_DIR / f"step-{step}"
         if step is not None and (read_record(existing) or {}).get("step") == step:
             return existing  # exported before: a checkpoint's weights never change
@@ -897,6 +940,11 @@ def _auto_resume(args: argparse.Namespace, command: list[str]) -> int | None:
     return _from_run_dir(again, command, run_dir, resume=True)
 
 
+def _say_resuming(run_dir: Path, ckpt_path: Path, step: int) -> None:
+    """The line every resume prints (a run's, a sweep point's): sweep tests and users grep for it."""
+    print(f"resuming {run_dir} from {ckpt_path.name} (step {step})", flush=True)
+
+
 def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, step: int, export_dir: Path) -> bool:
     """Say what --resume will do from `ckpt_path` (at `step`); False when there is nothing to do (the run is
     finished and exported)."""
@@ -904,7 +952,7 @@ def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, step: i
 
     max_steps = OmegaConf.select(config, "trainer.max_steps", default=None)
     if not (isinstance(max_steps, int) and 0 < max_steps <= step):
-        print(f"resuming {run_dir} from {ckpt_path.name} (step {step})", flush=True)
+        _say_resuming(run_dir, ckpt_path, step)
         return True
     if "model" in config and exported_step(run_dir) != step:
         print(f"{run_dir} finished at step {step}, but its model export did not complete: exporting it to {export_dir}", flush=True)
@@ -1012,6 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# run {number}: {' '.join(f'{o.key}={o.value}' for o in point)}")
             runner.run_point(point)
         return 0
+    except KeyboardInterrupt:  # Ctrl-C before training (data, tokenizer, compile); in training JobControl catches it
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
     except Exception as error:
         return report(error)
 

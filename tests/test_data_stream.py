@@ -49,6 +49,24 @@ def test_each_shard_is_packed_as_pack_documents_packs_its_documents(prepared):
     assert (last["labels"] == -100).any() and (last["position_ids"] == 0).sum() >= 1
 
 
+@pytest.mark.parametrize("damage, what", [("truncate", r"\(.+\)"), ("swap", r"\(it holds \d+ tokens, the manifest \d+\)")])
+def test_a_damaged_shard_is_named_with_what_to_do(prepared, tmp_path, damage, what):
+    import shutil
+
+    from forgather.errors import UserError
+
+    copy = shutil.copytree(prepared, tmp_path / "out")
+    dataset = PackedShards(copy, "train", block_size=24)
+    first, second = (copy / shard["file"] for shard in dataset.shards[:2])
+    if damage == "truncate":  # a copy cut short: pyarrow's message, in its words, is in the parentheses
+        first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    else:  # another shard's file in its place
+        shutil.copy(second, first)
+    with pytest.raises(UserError, match=rf"^{first}: not the shard that was prepared {what}: a copy cut short, or a file damaged; "
+                                        rf"prepare the corpus again, into a new directory or after deleting {copy}$"):
+        dataset[0]
+
+
 def test_the_order_is_a_seeded_permutation_that_changes_every_epoch():
     sampler = ShardOrderSampler([5, 7, 3], seed=3)
     first = list(sampler)

@@ -310,3 +310,16 @@ def test_from_snapshot_with_cfg_prints_where_the_run_would_go_and_makes_no_direc
     assert main(["--from-snapshot", str(run_dir), "--cfg", f"output_dir={tmp_path / 'elsewhere'}"]) == 0
     assert f"output_dir: {tmp_path / 'elsewhere'}\n" in capsys.readouterr().out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+def test_ctrl_c_before_training_is_one_word_and_exit_status_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the data or the tokenizer is prepared (training itself checkpoints first: JobControl)."""
+    from forgather.data import tokenizer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "build_bpe_tokenizer", interrupted)
+    monkeypatch.setenv("FORGATHER_CACHE_DIR", str(tmp_path / "cache"))  # no tokenizer cached from another test
+    code, out, err = run(tmp_path, capsys, "max_steps=8")
+    assert (code, err) == (130, "interrupted\n")

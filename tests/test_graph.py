@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import keyword
+import re
 
 import pytest
 import yaml
@@ -115,6 +116,13 @@ def test_var_list_form_is_name_and_default():
     for bad in ("[]", "[a, 1, 2]", "[[a], 1]"):
         with pytest.raises(GraphError, match=r"line 1: !var takes a name, a mapping .* or a list \[name, default\]"):
             load_graph(f"a: !var {bad}\n")
+
+
+@pytest.mark.parametrize("text, given", [("!var", "no name"), ("!var ''", "no name"), ("!var {name: 'a b'}", "the name 'a b'"),
+                                         ("!var {name: 3}", "the name 3"), ("!var ['${x}', 1]", "the name '${x}'")])
+def test_var_without_a_usable_name_is_an_error_at_its_line(text, given):
+    with pytest.raises(GraphError, match=rf"line 2: !var with {re.escape(given)}: a variable's name is a config key .*!var \"lr\""):
+        load_graph(f"x: 1\na: {text}\n")
 
 
 def test_import_spec_forms(tmp_path):

@@ -100,6 +100,19 @@ def test_a_local_ray_gives_the_local_launchers_metrics(local_sweep, tmp_path):
     assert train_losses(sweep_root(tmp_path)) == pytest.approx(train_losses(local_sweep), abs=1e-5)
 
 
+def test_a_point_that_finished_without_recording_its_outcome_resumes_to_its_metrics_in_a_moved_sweep(local_sweep, tmp_path):
+    import shutil
+
+    before = {str(p): p.read_bytes() for p in local_sweep.rglob("*") if p.is_file()}
+    root = shutil.copytree(local_sweep, tmp_path / "elsewhere")
+    finished = outcomes(root)[1]
+    (root / "1" / "outcome.json").unlink()  # killed after training, before the outcome was written
+    assert main(["--resume", str(root)]) == 0
+    resumed = outcomes(root)[1]
+    assert resumed["status"] == "ok" and resumed["metrics"] == pytest.approx(finished["metrics"])
+    assert {str(p): p.read_bytes() for p in local_sweep.rglob("*") if p.is_file()} == before, "the sweep it was copied from is left alone"
+
+
 def test_a_killed_sweep_resumes_only_its_unfinished_points(tmp_path, capsys):
     command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=2", "lr=1e-3,2e-3,3e-3"]
     # Its own session: the kill takes the sweep and the point it is running, as a closed terminal would.

@@ -180,6 +180,67 @@ def test_keep_checkpoints_keeps_the_newest_step_checkpoints_also_across_a_resume
     assert names() == ["epoch=0-step=24.ckpt", "epoch=0-step=28.ckpt", "last.ckpt"]
 
 
+@pytest.mark.parametrize("how", ["move", "copy"])
+def test_a_run_moved_or_copied_elsewhere_resumes_with_its_checkpoints_kept_and_pruned(tmp_path, how):
+    assert run(tmp_path, *MICRO, "max_steps=22", "keep_checkpoints=2") == 0
+    (original,) = run_dirs(tmp_path / "outputs")
+    before = files_state(original)
+    elsewhere = tmp_path / "other_disk" / "run"
+    (shutil.move if how == "move" else shutil.copytree)(original, elsewhere)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Lightning's "The dirpath has changed ... won't be reloaded"
+        assert main(["--resume", str(elsewhere), "max_steps=30"]) == 0
+    # One last.ckpt (no last-v1.ckpt), and the step checkpoints from before the move pruned with the others.
+    assert sorted(p.name for p in (elsewhere / "checkpoints").iterdir()) == ["epoch=0-step=24.ckpt", "epoch=0-step=28.ckpt", "last.ckpt"]
+    assert checkpoint_step(elsewhere / "checkpoints" / "last.ckpt") == 30
+    if how == "copy":  # the run it was copied from is left as it was
+        assert files_state(original) == before
+
+
+def test_a_relocated_checkpoint_state_forgets_the_files_the_new_directory_lacks(tmp_path):
+    from forgather.lightning.model_checkpoint import relocated
+
+    old, new = "/old/run/checkpoints", tmp_path
+    for name in ("step=8.ckpt", "last.ckpt"):
+        (tmp_path / name).touch()
+    state = {"dirpath": old, "best_model_path": f"{old}/step=4.ckpt", "last_model_path": f"{old}/last.ckpt",
+             "best_k_models": {f"{old}/step=4.ckpt": 4, f"{old}/step=8.ckpt": 8, "/elsewhere/a.ckpt": 6},
+             "kth_best_model_path": f"{old}/step=4.ckpt", "kth_value": 4}
+    moved = relocated(state, old, str(new), mode="max")
+    assert moved["dirpath"] == str(new) and moved["last_model_path"] == f"{new}/last.ckpt"
+    assert moved["best_k_models"] == {f"{new}/step=8.ckpt": 8, "/elsewhere/a.ckpt": 6}
+    assert (moved["kth_best_model_path"], moved["kth_value"]) == ("/elsewhere/a.ckpt", 6)  # the worst left, mode max
+    assert moved["best_model_path"] == f"{old}/step=4.ckpt"  # as Lightning keeps it: a path, never opened to delete
+
+
+def test_resuming_with_other_data_or_batch_size_says_so_and_the_same_data_does_not(tmp_path, recwarn):
+    from forgather.lightning.datamodule import DataChangedWarning
+
+    assert run(tmp_path, *MICRO, "max_steps=8") == 0
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert main(["--resume", str(run_dir), "max_steps=10"]) == 0
+    assert not [w for w in recwarn if w.category is DataChangedWarning]
+    with pytest.warns(DataChangedWarning, match=r"resuming with batch_size=2 \(the checkpoint's: 4\): training goes on"):
+        assert main(["--resume", str(run_dir), "max_steps=12", "batch_size=2"]) == 0
+    with pytest.warns(DataChangedWarning, match=r"resuming with other training data \(its documents, tokenizer or packing"):
+        assert main(["--resume", str(run_dir), "max_steps=14", "batch_size=2", "tokenizer.documents.max_documents=150"]) == 0
+
+
+def test_a_resume_trains_with_the_optimizer_settings_its_overrides_give_and_says_so(tmp_path, caplog):
+    assert run(tmp_path, *MICRO, "max_steps=8") == 0  # lr 0.003, weight_decay 0.01
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert main(["--resume", str(run_dir), "max_steps=10"]) == 0
+    assert "the config's" not in caplog.text
+    assert main(["--resume", str(run_dir), "max_steps=12", "lr=0.03", "weight_decay=0.1"]) == 0
+    assert ("resuming with the config's lr=0.03 (the checkpoint's: 0.003), weight_decay=0.1 (the checkpoint's: 0.01): "
+            "the optimizer goes on with it") in caplog.text
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        rates = {int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(file) if row["train/lr"]}
+    assert rates[9] == pytest.approx(0.003) and rates[10] == rates[11] == pytest.approx(0.03)
+    (group,) = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert (group["initial_lr"], group["weight_decay"]) == (pytest.approx(0.03), 0.1)
+
+
 def test_a_run_extended_twice_has_the_history_and_losses_of_an_uninterrupted_one(reference, tmp_path):
     # Neither 6 nor 11 is a checkpoint step (every 4): each resume starts where the previous fit ended.
     assert run(tmp_path, *MICRO, "max_steps=6") == 0
@@ -358,6 +419,30 @@ def test_output_dir_is_where_the_run_goes_and_every_run_says_where_it_is(tmp_pat
     assert out.count(f"run directory: {wanted}\n") == 2
     assert f"exported model: {tmp_path / 'output_models' / 'micro'} (written when training ends)\n" in out
     assert out.rstrip().endswith(f"exported model: {tmp_path / 'output_models' / 'micro'}")
+
+
+def test_a_requeued_slurm_job_that_starts_a_new_run_says_how_to_continue_the_old_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the job's first run
+    assert run(tmp_path, *MICRO, "max_steps=1") == 0
+    assert "SLURM" not in capsys.readouterr().out
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert run(tmp_path, *MICRO, "max_steps=1") == 0
+    assert ("warning: this SLURM job runs again (SLURM_RESTART_COUNT=1) and starts a new run from step 0; to continue "
+            "the run it started instead, give its command --auto-resume and output_dir=runs/$SLURM_JOB_ID") in capsys.readouterr().out
+    assert run(tmp_path, *MICRO, "max_steps=1", f"output_dir={tmp_path / 'job'}") == 0
+    assert run(tmp_path, *MICRO, "max_steps=1", f"output_dir={tmp_path / 'job'}") == 2
+    assert "--auto-resume does it every time" in capsys.readouterr().err
+    assert run(tmp_path, "-m", *MICRO, "max_steps=1") == 0
+    assert ("starts a new sweep; to continue the sweep it started instead, resume it with --resume "
+            "multirun/<time>") in capsys.readouterr().out
+
+
+def test_a_run_says_whose_exported_model_it_will_replace(tmp_path, capsys):
+    assert run(tmp_path, *MICRO, "max_steps=1", f"output_dir={tmp_path / 'first'}") == 0
+    assert "replacing" not in capsys.readouterr().out
+    assert run(tmp_path, *MICRO, "max_steps=1", f"output_dir={tmp_path / 'second'}") == 0
+    assert (f"exported model: {tmp_path / 'output_models' / 'micro'} (written when training ends, replacing the model "
+            f"of {tmp_path / 'first'} at step 1)") in capsys.readouterr().out
 
 
 def test_output_dir_refuses_a_directory_that_holds_a_run(tmp_path, capsys):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import yaml
 
 from forgather import overrides as ovr
 from forgather.launch import settings
+from forgather.launch.base import Job, Launcher, Outcome, Status
 from forgather.launch.basic import BasicSweeper
 from forgather.run import main
 from helpers.kill import kill_when
@@ -78,6 +80,91 @@ def test_an_interrupted_optuna_search_resumes_from_its_study(tmp_path, capsys):
     assert statuses(root) == {0: "ok", 2: "ok"}
     rows = [line for line in out.splitlines() if line.startswith("│ 0 ")]
     assert rows and "lr=" in rows[0], "a kept trial's row names its values"
+
+
+@pytest.mark.slow  # the take-over itself runs by default, without training: the test below
+def test_an_optuna_search_stopped_by_sigterm_continues_its_trial_from_the_checkpoint(tmp_path, capsys):
+    import csv
+
+    import optuna
+    import psutil
+
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro", "max_steps=200", "val_check_interval=20"]
+    command += ["lr=tag(log, interval(1e-4, 1e-2))", "sweeper=optuna", "sweeper.n_trials=1", "sweeper.pruner=none"]
+    search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(int(p.stem.split("step=")[1]) > 40 for p in tmp_path.glob("multirun/*/0/checkpoints/epoch=*.ckpt")):
+            assert search.poll() is None and time.monotonic() < deadline, "the search did not start training its trial"
+            time.sleep(0.05)
+        points = psutil.Process(search.pid).children()
+        search.terminate()  # passed on to the trial's point, which checkpoints the step it is in
+        assert search.wait(timeout=60) != 0
+        psutil.wait_procs(points, timeout=30)
+    finally:
+        search.kill()
+    (root,) = (tmp_path / "multirun").iterdir()
+    stopped = json.loads((root / "0" / "outcome.json").read_text())["error"]
+    step = int(stopped.split("at step ")[1].split(":")[0])
+
+    assert main(["--resume", str(root)]) == 0
+    assert f"trial 1 continues trial 0 from its checkpoint at step {step}" in capsys.readouterr().out
+    assert not (root / "0").exists()
+    assert f"resuming {root / '1'} from last.ckpt (step {step})" in (root / "1" / "output.log").read_text()
+    with open(root / "1" / "csv" / "metrics.csv", newline="") as file:
+        trained = [int(row["step"]) for row in csv.DictReader(file) if row["train/loss"]]
+    assert trained == list(range(200)), "each step once: the steps before the stop kept, the rest trained on"
+    first, second = optuna.load_study(study_name="sweep", storage=f"sqlite:///{root / 'optuna.db'}").trials
+    assert (first.state.name, second.state.name) == ("FAIL", "COMPLETE") and second.params == first.params
+    # Every validation's value, the one the stop ran at its step (Lightning validates when it stops) too.
+    assert set(second.intermediate_values) - {step} == set(range(20, 201, 20))
+    assert {s: v for s, v in second.intermediate_values.items() if s <= step} == {s: v for s, v in first.intermediate_values.items() if s <= step}
+    assert statuses(root) == {1: "ok"}
+    assert "already reported" not in (root / "1" / "output.log").read_text()
+
+
+class Recorded(Launcher):
+    """Runs nothing: each job ends ok with val/loss 1.0, and is kept to be looked at."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    def launch(self, jobs: list[Job], status: Status) -> list[Outcome]:
+        self.jobs += jobs
+        return [Outcome(job.number, job.label, job.overrides, "ok", {"val/loss": 1.0}) for job in jobs]
+
+
+def test_a_resumed_study_continues_an_interrupted_trial_from_its_checkpoint_and_asks_the_queued_ones(tmp_path, capsys):
+    import optuna
+    import torch
+
+    from forgather.launch.optuna import CONTINUES, OptunaSweeper
+    from forgather.launch.sweep import SweepContext
+
+    # What a session killed mid-sweep left: trial 0 was running (stopped at step 8 with a checkpoint, having
+    # reported steps 4 and 8, then 12 after it), trial 1 was queued and not yet asked.
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="sweep")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    for step, value in ((4, 5.0), (8, 4.0), (12, 3.5)):
+        trial.report(value, step)
+    study.enqueue_trial({"lr": 1e-3}, user_attrs={CONTINUES: 7})  # trial 7's directory is gone: starts over
+    (tmp_path / "0" / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 8}, tmp_path / "0" / "checkpoints" / "last.ckpt")
+    (tmp_path / "0" / "snapshot").mkdir()
+    lr = repr(trial.params["lr"])
+    (tmp_path / "0" / "snapshot" / "overrides.yaml").write_text(yaml.safe_dump(["max_steps=4", f"lr={lr}"]))
+
+    launcher = Recorded()
+    context = SweepContext(tmp_path, ["max_steps=4", "lr=tag(log, interval(1e-4, 1e-2))"], {}, lambda point: None, ["train"], launcher, Status(0), {})
+    OptunaSweeper(n_trials=3, pruner="none").run(context)
+
+    trials = optuna.load_study(study_name="sweep", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == {"lr": 1e-3} and trials[2].params == trials[0].params
+    assert trials[2].user_attrs[CONTINUES] == 0 and trials[2].intermediate_values == {4: 5.0, 8: 4.0}
+    assert not (tmp_path / "0").exists() and (tmp_path / "2" / "checkpoints" / "last.ckpt").is_file()
+    assert [job.number for job in launcher.jobs] == [1, 2, 3] and launcher.jobs[1].overrides == ["max_steps=4", f"lr={lr}"]
+    assert "trial 2 continues trial 0 from its checkpoint at step 8" in capsys.readouterr().out
 
 
 # -- paired axes -------------------------------------------------------------------------------------------

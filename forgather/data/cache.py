@@ -55,15 +55,22 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            # `path` appeared meanwhile as a non-empty directory: a concurrent writer finished first.
-            if not path.is_dir():
-                raise
+        publish_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_directory(staging: Path, path: Path, finished: Callable[[Path], bool] = Path.is_dir) -> None:
+    """Rename the filled directory `staging` to `path`. When `path` appeared meanwhile (a non-empty directory
+    cannot be replaced) and `finished(path)` says a concurrent writer completed the same work there, that
+    result is kept and `staging` is deleted; otherwise the rename's error is raised."""
+    os.chmod(staging, 0o755)
+    try:
+        os.replace(staging, path)
+    except OSError:
+        if not finished(path):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def fingerprint(*parts: object) -> str:

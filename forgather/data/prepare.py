@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from forgather.data.cache import atomic_write, cache_dir, fingerprint
+from forgather.data.cache import atomic_write, cache_dir, fingerprint, publish_directory
 from forgather.data.sources import record_text
 from forgather.errors import UserError
 
@@ -418,13 +418,7 @@ def _staging_directory(staging: Path, out: Path) -> Iterator[None]:
             raise
         (staging / WRITER_LOCK).unlink()
         shutil.rmtree(staging / UNITS_DIR)
-        os.chmod(staging, 0o755)
-        try:
-            os.replace(staging, out)
-        except OSError:
-            if not (out / MANIFEST).is_file():  # not the same work finished by a concurrent writer
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
+        publish_directory(staging, out, finished=lambda path: (path / MANIFEST).is_file())
 
 
 def _finished_units(staging: Path) -> dict[int, UnitResult]:
@@ -633,6 +627,7 @@ class PreparedCorpus:
             self.sources, tokenizer, self.path, self.field, self.val_fraction, self.seed,
             self.num_workers, self.on_bad_line, progress,
         )
+        self.key = str(manifest["key"])  # what the shards hold: their sources, tokenizer and settings
         return Path(manifest["path"])
 
     def __repr__(self) -> str:

@@ -108,14 +108,24 @@ class PackedShards(Dataset):
             self._open.move_to_end(shard)
             return self._open[shard]
         shard_file = str(self.path / self.shards[shard]["file"])
-        column = require_datasets().Dataset.from_file(shard_file).data.table.column("input_ids")
+        datasets = require_datasets()  # outside the try: a missing package is its own error
+        try:
+            column = datasets.Dataset.from_file(shard_file).data.table.column("input_ids")
+        except Exception as error:  # pyarrow's own words: a message body cut short, a bad magic number, no file
+            raise self._damaged(shard_file, str(error).splitlines()[0] if str(error) else type(error).__name__) from error
         documents = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
         offsets = np.asarray(documents.offsets)
         tokens = np.asarray(documents.values)[offsets[0] : offsets[-1]]
+        if len(tokens) != self.shards[shard]["tokens"]:
+            raise self._damaged(shard_file, f"it holds {len(tokens)} tokens, the manifest {self.shards[shard]['tokens']}")
         self._open[shard] = (tokens, offsets[:-1] - offsets[0])
         while len(self._open) > self.open_shards:
             self._open.popitem(last=False)
         return self._open[shard]
+
+    def _damaged(self, shard_file: str, what: str) -> UserError:
+        return UserError(f"{shard_file}: not the shard that was prepared ({what}): a copy cut short, or a file "
+                         f"damaged; prepare the corpus again, into a new directory or after deleting {self.path}")
 
 
 class ShardOrderSampler(DistributedSampler):

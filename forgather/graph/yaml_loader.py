@@ -161,18 +161,29 @@ def _construct_collection(loader: yaml.Loader, tag: str, node: yaml.Node) -> Cal
     return CallNode("singleton", _COLLECTIONS[base], [loader.construct_sequence(node, deep=True)], name=name, line=_line(node))
 
 
+_VAR_FORMS = '!var "lr", !var { name: lr, default: 1e-3 } or !var [lr, 1e-3]'
+
+
 def _construct_var(loader: yaml.Loader, node: yaml.Node) -> VarNode:
     if isinstance(node, yaml.ScalarNode):
-        return VarNode(loader.construct_scalar(node), line=_line(node))
+        return VarNode(_var_name(loader.construct_scalar(node), node), line=_line(node))
     if isinstance(node, yaml.MappingNode):
         mapping = loader.construct_mapping(node, deep=True)
         if "name" not in mapping or set(mapping) - {"name", "default"}:
-            raise GraphError("!var takes a name, a mapping {name: ..., default: ...} or a list [name, default]", _line(node))
-        return VarNode(mapping["name"], mapping.get("default", MISSING), line=_line(node))
+            raise GraphError(f"!var takes a name, a mapping {{name: ..., default: ...}} or a list [name, default]: {_VAR_FORMS}", _line(node))
+        return VarNode(_var_name(mapping["name"], node), mapping.get("default", MISSING), line=_line(node))
     items = loader.construct_sequence(node, deep=True)
     if len(items) not in (1, 2) or not isinstance(items[0], str):
-        raise GraphError(f"!var takes a name, a mapping {{name: ..., default: ...}} or a list [name, default], not {items!r}", _line(node))
-    return VarNode(items[0], items[1] if len(items) == 2 else MISSING, line=_line(node))
+        raise GraphError(f"!var takes a name, a mapping {{name: ..., default: ...}} or a list [name, default], not {items!r}: {_VAR_FORMS}", _line(node))
+    return VarNode(_var_name(items[0], node), items[1] if len(items) == 2 else MISSING, line=_line(node))
+
+
+def _var_name(name: object, node: yaml.Node) -> str:
+    """A variable's name: a config key, which the config refers to as ${name}."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w\-]*", name):
+        given = "no name" if name in ("", None) else f"the name {name!r}"
+        raise GraphError(f"!var with {given}: a variable's name is a config key (letters, digits, _ and -): {_VAR_FORMS}", _line(node))
+    return name
 
 
 class GraphLoader(_BaseLoader):

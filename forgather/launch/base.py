@@ -22,7 +22,7 @@ from forgather.data.cache import atomic_write
 
 OUTCOME_FILE = "outcome.json"
 LOG_FILE = "output.log"
-FINISHED = ("ok", "pruned")  # statuses a resumed sweep keeps
+FINISHED = ("ok", "pruned", "diverged")  # statuses a resumed sweep keeps (a diverged point would diverge again)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Outcome:
     number: int
     label: str
     overrides: list[str]
-    status: str  # ok, failed, pruned
+    status: str  # ok, failed, pruned, diverged
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""  # the root cause in one line, for the table
     report: str = ""  # what the point printed for its error (one line for a user's mistake)
@@ -81,11 +81,13 @@ def read_outcome(job: Job, returncode: int | None = None) -> Outcome:
     return Outcome(job.number, job.label, job.overrides, "failed", error=error, report=f"error: {error}")
 
 
-def start_job(job: Job) -> subprocess.Popen:
-    """Start `job`'s command, its output appended to its log."""
+def start_job(job: Job, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `job`'s command, its output appended to its log, in `env` (default: this environment and the
+    job's)."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
+    env = env if env is not None else {**os.environ, **job.env}
     with open(job.run_dir / LOG_FILE, "ab") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(job.command, env={**os.environ, **job.env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def run_job(job: Job) -> int:

@@ -17,7 +17,7 @@ import threading
 import time
 
 from forgather.errors import UserError
-from forgather.launch.base import LOG_FILE, Job, Launcher, Outcome, Status, read_outcome
+from forgather.launch.base import Job, Launcher, Outcome, Status, read_outcome, start_job
 
 
 class LocalLauncher(Launcher):
@@ -65,7 +65,7 @@ class LocalLauncher(Launcher):
     def launch(self, jobs: list[Job], status: Status) -> list[Outcome]:
         free = self._gpu_pool() if self.gpus_per_job else []
         waiting = list(jobs)
-        running: dict[int, tuple[Job, subprocess.Popen, list[str], object]] = {}
+        running: dict[int, tuple[Job, subprocess.Popen, list[str]]] = {}
         outcomes: dict[int, Outcome] = {}
         previous = _stop_on_sigterm()
         try:
@@ -74,15 +74,11 @@ class LocalLauncher(Launcher):
                     job = waiting.pop(0)
                     gpus = [free.pop(0) for _ in range(self.gpus_per_job)]
                     env = {**os.environ, **self._threads(), **job.env, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if self.gpus_per_job else {})}
-                    job.run_dir.mkdir(parents=True, exist_ok=True)
-                    log = open(job.run_dir / LOG_FILE, "ab")
                     status.start(job)
-                    process = subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                    running[job.number] = (job, process, gpus, log)
-                for number, (job, process, gpus, log) in list(running.items()):
+                    running[job.number] = (job, start_job(job, env), gpus)
+                for number, (job, process, gpus) in list(running.items()):
                     if process.poll() is None:
                         continue
-                    log.close()
                     free.extend(gpus)
                     del running[number]
                     outcomes[number] = read_outcome(job, process.returncode)
@@ -91,14 +87,13 @@ class LocalLauncher(Launcher):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            for job, process, _, log in running.values():  # interrupted: the points go down with the sweep
+            for job, process, _ in running.values():  # interrupted: the points go down with the sweep
                 process.terminate()
-            for job, process, _, log in running.values():
+            for job, process, _ in running.values():
                 try:
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
-                log.close()
         return [outcomes[job.number] for job in jobs]
 
 

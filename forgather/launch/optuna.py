@@ -8,10 +8,13 @@
 Other overrides are fixed for every trial; glob() is the basic sweeper's only. The study lives in SQLite in
 the sweep directory (`optuna.db`), so `--resume MULTIRUN_DIR` continues it: trials that completed or were
 pruned are kept, the failed and the interrupted ones are tried again with the same values, then the search
-goes on to `n_trials`. Trials run `n_jobs` at a time through the launcher: each trial is a point in its own
-process, which reports its validation `metric` to the trial as it trains (forgather.launch.trial), so the
-pruner can stop it; the sweep then tells the study the final metric. A seeded sampler (`seed`) makes the
-search repeatable.
+goes on to `n_trials`. A trial tried again is a new trial (Optuna numbers every ask); when the interrupted
+one left a checkpoint (stopped by Ctrl-C, SIGTERM or a scheduler), the new trial takes over its directory,
+renamed to the new number, and continues from the checkpoint, with the values it had reported up to it.
+Trials run `n_jobs` at a time through the launcher: each trial is a point in its own process, which reports
+its validation `metric` to the trial as it trains (forgather.launch.trial), so the pruner can stop it; the
+sweep then tells the study the final metric (a diverged trial is told as pruned: its values are a result,
+not to be tried again). A seeded sampler (`seed`) makes the search repeatable.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from forgather import overrides as ovr
 from forgather.errors import UserError
 from forgather.launch.base import Outcome
 from forgather.launch.point import TRIAL_ENV
-from forgather.launch.sweep import Plan, SweepContext, Sweeper
+from forgather.launch.sweep import Plan, SweepContext, Sweeper, continues
 
 DB_FILE = "optuna.db"
+CONTINUES = "continues"  # the user attribute of a trial asked again: the number of the trial it continues
 
 
 def make_pruner(settings: dict[str, Any]):
@@ -153,10 +157,11 @@ class OptunaSweeper(Sweeper):
             if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.number in context.kept:
                 outcomes[trial.number] = context.kept[trial.number]
                 outcomes[trial.number].label = " ".join(f"{key}={_text(value)}" for key, value in trial.params.items())
-            elif trial.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL) and trial.number not in retried:
-                if trial.state != TrialState.FAIL:
+            # A WAITING trial is one an earlier session queued and did not ask yet: asked below, as it is.
+            elif trial.state in (TrialState.RUNNING, TrialState.FAIL) and trial.number not in retried:
+                if trial.state == TrialState.RUNNING:
                     study.tell(trial.number, state=TrialState.FAIL)
-                study.enqueue_trial(trial.params)
+                study.enqueue_trial(trial.params, user_attrs={CONTINUES: trial.number})
                 retried.add(trial.number)
         study.set_user_attr("retried", sorted(retried))
         todo = self.n_trials - sum(1 for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
@@ -166,6 +171,7 @@ class OptunaSweeper(Sweeper):
             for trial in batch:
                 values = [f"{key}={_text(trial.params[key])}" for key in space]
                 point = [*base, *ovr.parse(values, context.groups, multirun=False)[0]]
+                _take_over(context, trial, [o.text for o in point])
                 setting = {"storage": url, "study": self.study_name, "trial_id": trial._trial_id, "metric": self.metric, "pruner": self.pruner}
                 plans.append(Plan(trial.number, " ".join(values), point, {TRIAL_ENV: json.dumps(setting)}))
             for plan, trial, outcome in zip(plans, batch, context.launch(plans)):
@@ -178,7 +184,7 @@ class OptunaSweeper(Sweeper):
     def _tell(self, study, trial, outcome: Outcome) -> None:
         from optuna.trial import TrialState
 
-        if outcome.status == "pruned":
+        if outcome.status in ("pruned", "diverged"):  # diverged: these values are bad, not to be tried again
             study.tell(trial, state=TrialState.PRUNED)
         elif outcome.status == "ok":  # the point checked that it logged the metric (forgather.launch.point)
             study.tell(trial, outcome.metrics[self.metric])
@@ -195,6 +201,32 @@ class OptunaSweeper(Sweeper):
 
     def summary(self) -> dict[str, Any]:
         return {"best": self.best, "metric": self.metric, "direction": self.direction} if self.best else {}
+
+
+def _take_over(context: SweepContext, trial, overrides: list[str]) -> None:
+    """A trial asked again for an interrupted one continues it: the interrupted trial's directory, if it holds a
+    checkpoint of the same overrides, becomes the new trial's, and the values it reported up to that
+    checkpoint are the new trial's too (the steps after it are trained, and reported, again)."""
+    from forgather.run import latest_checkpoint, readable_step
+
+    origin = trial.user_attrs.get(CONTINUES)
+    if origin is None:
+        return
+    old, new = context.root / str(origin), context.root / str(trial.number)
+    if new.exists() or not continues(old, overrides):
+        return
+    step = readable_step(latest_checkpoint(old))
+    old.rename(new)
+    if step is None:  # the point's resume names the checkpoint that does not read
+        return
+    for at, value in sorted(_reported(trial.study, origin).items()):
+        if at <= step:
+            trial.report(value, at)
+    print(f"trial {trial.number} continues trial {origin} from its checkpoint at step {step}", flush=True)
+
+
+def _reported(study, number: int) -> dict[int, float]:
+    return next(t.intermediate_values for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def _low(distribution: Any) -> Any:

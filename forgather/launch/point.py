@@ -2,8 +2,9 @@
 FORGATHER_SWEEP_POINT=DIR (its run directory) in the environment, set by the launcher.
 
 `run_recorded` runs the point and records how it ended in `DIR/outcome.json`, whatever happens: ok with the
-final metrics, pruned (an Optuna trial stopped early), or failed with the error's root cause in one line and
-what the point printed for it. An Optuna trial's settings arrive in FORGATHER_TRIAL (JSON: storage, study,
+final metrics, pruned (an Optuna trial stopped early), diverged (its weights went NaN: a result of its values,
+which Optuna is told as pruned), or failed with the error's root cause in one line and what the point printed
+for it. An Optuna trial's settings arrive in FORGATHER_TRIAL (JSON: storage, study,
 trial id, metric, pruner): the point then reports its validation metric to the trial as it trains.
 """
 
@@ -43,7 +44,9 @@ def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | No
         code = report(error, buffer)
         sys.stderr.write(buffer.getvalue())
         root = list(causes(error))[-1]
-        record.update(status="failed", error=f"{type(root).__name__}: {root}".splitlines()[0], report=buffer.getvalue())
+        # A diverged point (forgather.callbacks.divergence) is a result of its values, kept by a resumed sweep.
+        status = "diverged" if type(root).__name__ == "TrainingDiverged" else "failed"
+        record.update(status=status, error=f"{type(root).__name__}: {root}".splitlines()[0], report=buffer.getvalue())
     else:
         code = 0
         pruned = any(getattr(c, "pruned", False) for c in callbacks)

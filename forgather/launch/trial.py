@@ -31,8 +31,11 @@ class ReportToTrial(pl.Callback):
 
             if self.trial is None:
                 self.trial = optuna.trial.Trial(self._open(), self.trial_id)
-            self.reported[trainer.global_step] = float(value)
-            self.trial.report(float(value), trainer.global_step)
+                # A trial that continues an interrupted one's checkpoint holds its values from before it.
+                self.reported = dict(self.trial.storage.get_trial(self.trial_id).intermediate_values)
+            if trainer.global_step not in self.reported:
+                self.reported[trainer.global_step] = float(value)
+                self.trial.report(float(value), trainer.global_step)
             prune = self.trial.should_prune()
         if trainer.strategy.broadcast(prune, src=0):
             self.pruned = True

@@ -19,6 +19,11 @@ Lightning's copy to the device is asynchronous (a copy from pageable memory firs
 the work queued before it: a host sync every step). If the LightningModule overrides `on_before_batch_transfer` too,
 Lightning calls only this module's hook (and warns).
 
+A checkpoint records which data the run trained on (`state_dict`: a fingerprint of the documents, tokenizer
+and every setting that shapes the blocks and their order, and the batch size): resuming it with other data (a
+corpus file edited since, another tokenizer) or another batch size is a warning that says the resumed steps
+are not those of an uninterrupted run, as the loader's position, a count of batches, then points elsewhere.
+
 Streaming (`data=streaming`, docs/data.md): when `documents` is a `forgather.data.prepare.PreparedCorpus`,
 `prepare_data` prepares its shards if its directory is missing (and checks that an existing one was prepared
 from the same sources, tokenizer and settings), and the datasets are `forgather.data.stream.PackedShards`:
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from forgather.data.cache import atomic_write, cache_dir, documents_fingerprint, fingerprint
@@ -48,6 +54,10 @@ from forgather.data.tokenizer import tokenizer_fingerprint
 
 # Bump when packing or splitting changes, so stale cached blocks are not reused.
 PACKED_FORMAT = 1
+
+
+class DataChangedWarning(UserWarning):
+    """A run resumed with other data or batch size than its checkpoint's."""
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -103,6 +113,7 @@ class TextDataModule(pl.LightningDataModule):
         self.val_dataset: PackedDataset | None = None
         # Shared with the current train loader (and any copy Lightning rebuilds from its arguments under DDP).
         self.position = LoaderPosition()
+        self.data_key: str | None = None  # what setup() loaded, recorded in checkpoints (state_dict)
 
     @property
     def tokenizer(self) -> Any:
@@ -119,7 +130,8 @@ class TextDataModule(pl.LightningDataModule):
         if isinstance(self.documents, PreparedCorpus):
             self.documents.prepare(self.tokenizer)
         elif self.cache:
-            self._cached_path(self._documents())
+            documents = self._documents()
+            self._cached_path(documents, self._key(documents))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
@@ -129,13 +141,30 @@ class TextDataModule(pl.LightningDataModule):
 
             path = self.documents.prepare(self.tokenizer)  # no work when prepare_data made it; checks the key
             self.train_dataset, self.val_dataset = streaming_datasets(path, self.block_size)
+            self.data_key = fingerprint(self.documents.key, self.block_size, self.seed)
             return
         documents = self._documents()
+        self.data_key = self._key(documents)
         if self.cache:
-            datasets = load_datasets(self._cached_path(documents))
+            datasets = load_datasets(self._cached_path(documents, self.data_key))
             self.train_dataset, self.val_dataset = datasets["train"], datasets["val"]
         else:
             self.train_dataset, self.val_dataset = self._build(documents)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.data_key, "batch_size": self.batch_size} if self.data_key else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Say so when a run resumes with other data or batches than its checkpoint was trained on."""
+        changed = []
+        if state_dict.get("data") not in (None, self.data_key):
+            changed.append("other training data (its documents, tokenizer or packing settings changed since)")
+        if state_dict.get("batch_size") not in (None, self.batch_size):
+            changed.append(f"batch_size={self.batch_size} (the checkpoint's: {state_dict['batch_size']})")
+        if changed:
+            rank_zero_warn(f"resuming with {' and '.join(changed)}: training goes on at the checkpoint's count of "
+                           f"batches into the epoch, so its batches are not those an uninterrupted run would "
+                           f"have trained on", category=DataChangedWarning)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_dataset)
@@ -189,9 +218,9 @@ class TextDataModule(pl.LightningDataModule):
             return stdlib_documents(self.max_documents)
         return list(itertools.islice(resolve_documents(self.documents), self.max_documents))
 
-    def _cached_path(self, documents: list[str]) -> Path:
-        """The cache file holding train and val blocks for these documents and settings, built if missing."""
-        key = fingerprint(
+    def _key(self, documents: list[str]) -> str:
+        """What the packed blocks and their order depend on."""
+        return fingerprint(
             PACKED_FORMAT,
             documents_fingerprint(documents),
             tokenizer_fingerprint(self.tokenizer),
@@ -200,6 +229,9 @@ class TextDataModule(pl.LightningDataModule):
             self.seed,
             self.max_tokens,
         )
+
+    def _cached_path(self, documents: list[str], key: str) -> Path:
+        """The cache file holding train and val blocks for these documents (of `_key` key), built if missing."""
         path = cache_dir("packed") / f"{key}.safetensors"
         if not path.is_file():
             train, val = self._build(documents)

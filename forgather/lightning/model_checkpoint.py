@@ -15,12 +15,20 @@ logger connector after the batch-end hooks; the module's training metrics at the
 `forgather.lightning.steps.DeferredMetrics`): a process killed while writing the checkpoint keeps that row,
 which the resumed run does not log again.
 
+A run directory moved or copied elsewhere (another disk, a cluster's other mount point) keeps its checkpoint
+bookkeeping when resumed there: the paths a checkpoint recorded under its old directory are read as the same
+files in the new one (`load_state_dict`). Lightning drops them instead: `keep_checkpoints` then never removes the
+step checkpoints saved before the move, and `last.ckpt`, taken for another run's file, is joined by a
+`last-v1.ckpt`. A recorded file the new directory lacks is forgotten, so a resumed copy never removes a file of
+the run it was copied from.
+
 Epoch-end and validation-end saving are Lightning's, unchanged. Everything else, arguments included, is
 `pytorch_lightning.callbacks.ModelCheckpoint`.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytorch_lightning as pl
@@ -66,3 +74,34 @@ class ModelCheckpoint(LightningModelCheckpoint):
                 if isinstance(logger, CSVLogger):
                     logger.log_step_before_checkpoint(trainer, current)
         super()._save_checkpoint(trainer, filepath)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        recorded = state_dict.get("dirpath")
+        if recorded and self.dirpath and recorded != self.dirpath:
+            state_dict = relocated(state_dict, recorded, self.dirpath, self.mode)
+        super().load_state_dict(state_dict)
+
+
+def relocated(state: dict[str, Any], old: str, new: str, mode: str) -> dict[str, Any]:
+    """A ModelCheckpoint's state with its files under directory `old` named as under `new` where they exist
+    there, and forgotten where they do not (the worst of the top k kept recomputed, as Lightning keeps it)."""
+
+    def moved(path: str) -> str | None:
+        relative = os.path.relpath(path, old) if path else os.pardir
+        if relative.startswith(os.pardir):  # not a file of the old directory: left as it was
+            return path
+        candidate = os.path.join(new, relative)
+        return candidate if os.path.exists(candidate) else None
+
+    state = {**state, "dirpath": new}
+    for key in ("last_model_path", "kth_best_model_path"):
+        state[key] = moved(state.get(key) or "") or ""
+    best = state.get("best_model_path") or ""
+    state["best_model_path"] = moved(best) or best  # Lightning reloads this one even from another directory
+    top = {path: score for old_path, score in (state.get("best_k_models") or {}).items() if (path := moved(old_path))}
+    state["best_k_models"] = top
+    if top and state["kth_best_model_path"] not in top:
+        worst = max if mode == "min" else min
+        state["kth_best_model_path"] = worst(top, key=top.get)
+        state["kth_value"] = top[state["kth_best_model_path"]]
+    return state

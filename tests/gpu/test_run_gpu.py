@@ -104,3 +104,17 @@ def test_a_gpu_run_stopped_by_sigterm_resumes_to_the_losses_of_an_uninterrupted_
     expected, resumed = train_losses(whole), train_losses(parts)
     print("losses, uninterrupted vs stopped and resumed:", [(expected[s], resumed[s]) for s in range(16)])
     assert all(abs(expected[s] - resumed[s]) < 2e-2 for s in range(16)), (expected, resumed)
+
+
+def test_a_gpu_run_whose_weights_go_nan_stops_before_any_checkpoint_of_them(tmp_path, monkeypatch, capsys):
+    """The GPU side of tests/test_divergence.py: pure bf16, the logged loss read through pinned copies."""
+    from test_divergence import finite, poison_at
+
+    poison_at(monkeypatch, 5)
+    overrides = ["+experiment=micro", "trainer=gpu", "loss=fused", "optimizer=adamw", "scheduler=constant", "max_steps=20",
+                 "log_every_n_steps=1"]
+    assert run(tmp_path, *overrides) == 2
+    assert "error: training diverged by step 7: model.embed.weight holds NaN or inf (train/loss is nan" in capsys.readouterr().err
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in checkpoints] == ["epoch=0-step=4.ckpt", "last.ckpt"] and all(finite(p) for p in checkpoints)
