@@ -2,8 +2,8 @@
 
 Rank 0 registers the job (`forgather.callbacks.job_registry`) and serves a Unix socket (directory 0700,
 socket 0600, peers of another uid refused) from a background thread. `status` is answered at once from the
-last step's numbers; `save`/`stop`/`abort` are queued, and at the end of an optimizer step rank 0 broadcasts
-the pending one (an int) so every rank acts at the same step:
+last step's numbers; `save`/`stop`/`abort` are queued, and at the end of an optimizer step the ranks agree on
+the pending one (an int, all-reduced) so every rank acts at the same step:
 - save: `trainer.save_checkpoint` to a hidden name, renamed by rank 0 to
   `<run_dir>/checkpoints/control-step<N>.ckpt`, and training goes on;
 - stop: the same checkpoint, then `trainer.should_stop = True` (a clean end of `fit`);
@@ -20,9 +20,9 @@ stop` or a sweep's launcher sends before it kills; SIGINT is Ctrl-C; SIGUSR2 is 
 send before a time limit (its default action would end the process at once). Without this, Lightning stops at the next
 batch on SIGTERM and on Ctrl-C, saving nothing, and the steps since the last periodic checkpoint are lost.
 A second arrival of the same signal stops at once, nothing saved (the default action of SIGTERM, a
-KeyboardInterrupt for SIGINT). The signal must reach rank 0, which decides for all ranks (torchrun, srun and a
-terminal's Ctrl-C reach every rank). Handlers are set on the main thread only, from `on_train_start` to
-`on_train_end`, so a signal during setup or after the last step keeps Lightning's handling.
+KeyboardInterrupt for SIGINT). The signal may reach any rank, or all of them (torchrun, srun and a terminal's
+Ctrl-C reach every rank; `kill` one process): the ranks agree at the step's end, and all stop together.
+Handlers are set on the main thread only, from `on_train_start` to `on_train_end`, so a signal during setup or after the last step keeps Lightning's handling.
 Hooks: setup, on_train_start, on_train_batch_end, on_train_end, teardown, on_exception.
 """
 
@@ -43,15 +43,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
+import torch
 
 from forgather.callbacks import job_registry
 from forgather.callbacks.job_registry import JobRecord
 from forgather.lightning.steps import writes_metrics
 
-# The wire code of each action in the per-step broadcast; 0 means "nothing to do".
+# The wire code of each action in the per-step agreement of the ranks; 0 means "nothing to do".
 _ACTION_CODES = {name: code for code, name in enumerate(job_registry.ACTIONS, start=1)}
 _ACTION_NAMES = {code: name for name, code in _ACTION_CODES.items()}
-# A stop signal travels in the same broadcast as this offset plus its number.
+# A stop signal travels in the same agreement as this offset plus its number (above every action's code).
 _SIGNAL_CODE = 64
 # How long rank 0 lingers after acting so the reply leaves before the process may exit.
 _REPLY_GRACE_S = 2.0
@@ -206,7 +207,7 @@ class JobControl(pl.Callback):
     Args:
         run_dir: where control checkpoints go (`<run_dir>/checkpoints/`); default `trainer.default_root_dir`.
         job_id: registry id; default 8 random hex digits.
-        check_every_n_steps: act on commands only at steps divisible by this (each check is one broadcast).
+        check_every_n_steps: act on commands only at steps divisible by this (each check is one all-reduce).
         loss_key / throughput_key: the `trainer.callback_metrics` entries reported by `status`.
         registry_interval_s: how often the step shown by `forgather control list` is refreshed.
         stop_signals: signals that checkpoint and stop at the end of the step (names or numbers; () for
@@ -277,11 +278,11 @@ class JobControl(pl.Callback):
         if step % self.check_every_n_steps:
             return
         pending = self._server.take() if self._server is not None else None
-        if self._signalled is not None and self._stopped is None and trainer.is_global_zero:
-            code = _SIGNAL_CODE + self._signalled
+        if self._signalled is not None and self._stopped is None:
+            code = _SIGNAL_CODE + self._signalled  # a command that meets a stop signal is answered by the stop
         else:
             code = _ACTION_CODES[pending.name] if pending else 0
-        code = trainer.strategy.broadcast(code, src=0)
+        code = _agree(trainer, code)
         if code > _SIGNAL_CODE:
             self._stop_on_signal(trainer, code - _SIGNAL_CODE, step, pending)
         elif code:
@@ -463,6 +464,17 @@ class JobControl(pl.Callback):
         if trainer.is_global_zero:
             os.replace(staging, path)
         return path
+
+
+def _agree(trainer: pl.Trainer, code: int) -> int:
+    """The one code every rank acts on: the highest of the ranks' codes. Only rank 0 serves commands, and any
+    rank may be the one a stop signal reached (a signal code is above every command's). One all-reduce of an
+    int; none for a single process."""
+    if trainer.world_size == 1:
+        return code
+    from torch.distributed import ReduceOp  # here: torch builds without distributed support lack it
+
+    return int(trainer.strategy.reduce(torch.tensor(code, device=trainer.strategy.root_device), reduce_op=ReduceOp.MAX))
 
 
 def _last_checkpoint_callback(trainer: pl.Trainer):

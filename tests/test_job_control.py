@@ -346,12 +346,12 @@ def test_ddp_ranks_stop_at_the_same_step(cache_dir: Path, tmp_path: Path, capsys
         job.kill()
 
 
-@pytest.mark.parametrize("devices", [1, 2], ids=["one process", "ddp"])
-def test_sigterm_to_rank_0_checkpoints_every_rank_at_one_step_and_exits_143(cache_dir: Path, tmp_path: Path, devices: int) -> None:
-    # With Lightning's launcher rank 0 is the process started; the other rank never receives the signal.
-    job = Job(tmp_path, f"term{devices}job", devices=devices)
+@pytest.mark.parametrize("devices, rank", [(1, 0), (2, 0), (2, 1)], ids=["one process", "ddp rank 0", "ddp rank 1"])
+def test_sigterm_to_one_rank_checkpoints_every_rank_at_one_step_and_exits_143(cache_dir: Path, tmp_path: Path, devices: int, rank: int) -> None:
+    # With Lightning's launcher rank 0 is the process started; the other ranks never receive its signal.
+    job = Job(tmp_path, f"term{devices}r{rank}job", devices=devices)
     try:
-        job.process.send_signal(signal.SIGTERM)
+        os.kill(int((tmp_path / f"pid-rank{rank}").read_text()), signal.SIGTERM)
         assert job.wait() == 128 + signal.SIGTERM
         results = [job.result(rank) for rank in range(devices)]
         step = results[0]["step"]
@@ -359,7 +359,7 @@ def test_sigterm_to_rank_0_checkpoints_every_rank_at_one_step_and_exits_143(cach
         assert all(r == {"step": step, "outcome": f"stopped: {checkpoint}"} for r in results)
         assert torch.load(checkpoint, weights_only=False)["global_step"] == step
         assert checkpoint in job.checkpoints()  # beside Lightning's own of the epoch that ends
-        assert f"SIGTERM at step {step}: checkpoint saved: {checkpoint} (job term{devices}job), training ends\n" in job.output()
+        assert f"SIGTERM at step {step}: checkpoint saved: {checkpoint} (job term{devices}r{rank}job), training ends\n" in job.output()
     finally:
         job.kill()
 

@@ -2,12 +2,14 @@
 
 A plain Lightning Trainer (Lightning's ModelCheckpoint left on) fits a tiny regression model with
 `JobControl`, sleeping a little each step so the test can send commands. Each rank writes
-`<run_dir>/result-rank<R>.json` ({"step", "outcome"}) when fit returns; exit code 0, 3 after an abort, or
+`<run_dir>/pid-rank<R>` (its process id) when training starts and `<run_dir>/result-rank<R>.json`
+({"step", "outcome"}) when fit returns; exit code 0, 3 after an abort, or
 the stop signal's code (128 + N) after a stop by a signal.
 """
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +44,10 @@ class TinyRegression(pl.LightningModule):
         self.log("train/loss", loss)
         time.sleep(self.sleep_s)
         return loss
+
+    def on_train_start(self):
+        # A test may signal one rank alone: each rank names its process.
+        Path(self.trainer.default_root_dir, f"pid-rank{self.global_rank}").write_text(str(os.getpid()))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
