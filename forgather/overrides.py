@@ -186,7 +186,14 @@ def _sweep_values(item, options: list[str] | None) -> list[tuple[Any, str]]:
         if not chosen:
             raise OverrideError(f"{item.input_line} matches no option of group {item.key_or_group!r}: {', '.join(options)}")
         return [(option, option) for option in chosen]
-    return list(zip(item.sweep_iterator(), item.sweep_string_iterator(), strict=True))
+    try:
+        points = list(zip(item.sweep_iterator(), item.sweep_string_iterator(), strict=True))
+    except ValueError as error:  # range(1,10,0): Python's range refuses a zero step
+        raise OverrideError(f"{item.input_line}: {error}") from error
+    if not points:
+        raise OverrideError(f"{item.input_line} gives no values to sweep: a range(start,stop[,step]) stops before "
+                            f"`stop` and counts down only with a negative step (range(5,1,-1))")
+    return points
 
 
 def split_choices(overrides: list[Override], groups: dict[str, list[str]]) -> tuple[dict[str, str], list[Override]]:

@@ -66,6 +66,19 @@ def test_glob_sweeps_over_group_options(capsys):
     assert "TritonAdafactor" not in out
 
 
+@pytest.mark.parametrize("sweep, says", [
+    ("num_layers=range(5,1)", "num_layers=range(5,1) gives no values to sweep"),
+    ("num_layers=range(1,4,0)", "num_layers=range(1,4,0): range() arg 3 must not be zero"),
+])
+def test_a_sweep_of_no_values_is_an_error_naming_it(capsys, sweep, says):
+    assert says in error_of(capsys, "+experiment=micro", "-m", sweep)
+
+
+def test_a_range_counting_down_sweeps(capsys):
+    assert main(["-p", PROJECT, "+experiment=micro", "--cfg", "-m", "num_layers=range(3,1,-1)"]) == 0
+    assert re.findall(r"# run \d+: experiment=micro num_layers=(\d)", capsys.readouterr().out) == ["3", "2"]
+
+
 def test_unknown_key_suggests_the_close_one(capsys):
     assert "did you mean 'trainer.max_steps'" in error_of(capsys, "+experiment=micro", "trainer.max_step=3")
 
