@@ -252,6 +252,51 @@ def test_prompt_longer_than_the_context_is_a_400(server):
     assert error_of(post(server, "/chat/completions", body), 400)["code"] == "context_length_exceeded"
 
 
+def test_a_completion_prompt_longer_than_the_context_names_the_prompt(server):
+    error = error_of(post(server, "/completions", {"model": "tiny", "prompt": "once upon a time " * CONTEXT}), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+
+
+@pytest.fixture
+def counted_encoding(model_dir):
+    """An in-process server whose backend counts (and, when told, slows) its tokenizer's encoding; (url,
+    backend, calls, delay), delay a one-item list of seconds."""
+    backend = Backend.load(model_dir, context_length=CONTEXT)
+    calls, delay, encode = [], [0.0], backend.encode
+
+    def counting(text, add_special_tokens=True):
+        calls.append(len(text))
+        time.sleep(delay[0])
+        return encode(text, add_special_tokens)
+
+    backend.encode = counting
+    with serving(create_app(backend, "tiny")) as url:
+        yield url, backend, calls, delay
+
+
+@pytest.mark.parametrize("path, field", [("/completions", "prompt"), ("/chat/completions", "messages")])
+def test_a_text_too_long_for_any_tokenization_is_refused_without_encoding_it(counted_encoding, path, field):
+    url, backend, calls, _ = counted_encoding
+    text = "a" * (CONTEXT * backend.longest_token + 1)
+    body = {"prompt": text} if field == "prompt" else {"messages": [{"role": "user", "content": text}]}
+    error = error_of(post(url, path, {"model": "tiny", **body}, key=None), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == field
+    assert f"characters of {field} are more tokens than that" in error["message"] and calls == []
+
+
+def test_the_server_answers_others_while_a_prompt_is_encoded(counted_encoding):
+    url, _, calls, delay = counted_encoding
+    delay[0] = 1.5
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, url, "/completions", {"model": "tiny", "prompt": "once upon", "max_tokens": 2}, None)
+        while not calls:
+            time.sleep(0.01)
+        start = time.monotonic()
+        assert httpx.get(f"{url}/v1/models").status_code == 200
+        assert time.monotonic() - start < 1.0 and not slow.done()
+        assert slow.result().status_code == 200
+
+
 def test_unknown_route_and_wrong_method_get_openai_errors(server):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     error_of(httpx.get(f"{server}/v1/engines", headers=headers), 404)
@@ -536,6 +581,18 @@ def test_values_of_the_wrong_type_are_refused_not_coerced(server, field, value):
     assert error["param"].startswith(field) and "valid" in error["message"]
 
 
+@pytest.mark.parametrize("stop, message", [([f"s{i}" for i in range(17)], "17 stop sequences; send at most 16"),
+                                           ("x" * 257, "a stop sequence of 257 characters; each may have at most 256")])
+def test_too_many_or_too_long_stop_sequences_are_a_400_naming_stop(server, stop, message):
+    error = error_of(post(server, "/completions", {"model": "tiny", "prompt": "a", "stop": stop}), 400)
+    assert error["param"] == "stop" and error["message"] == f"stop: {message}"
+
+
+def test_the_most_stop_sequences_allowed_still_generate(server):
+    stop = [f"{i:02d}" + "q" * 254 for i in range(16)]
+    assert complete(server, PROMPTS[0], stop=stop)["choices"][0]["finish_reason"] == "length"
+
+
 def test_an_integer_temperature_is_a_number(server):
     assert complete(server, PROMPTS[0], temperature=0)["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -752,6 +809,91 @@ def test_server_short_names_and_a_missing_chat_template(no_model_loading, model_
     assert inf.main(["server", "-m", str(model_dir), "-p", "0", "-d", "cpu", "-l", "WARNING",
                      "-t", str(tmp_path / "chatml.jinja"), "-s", "a", "b"]) == 2
     assert "Backend.load was reached" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m.content }", "line 1: unexpected '}'"),
+    ("{% for m in messages %}\n{{ m.content }}{{ nope() }}{% endfor %}",
+     "line 2: rendering a conversation of one user message failed: UndefinedError: 'nope' is undefined"),
+])
+def test_a_broken_chat_template_is_refused_at_startup_in_one_line(model_dir, tmp_path, capsys, monkeypatch, template,
+                                                                   message):
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    path = tmp_path / "bad.jinja"
+    path.write_text(template)
+    assert inf.main(["server", "-m", str(model_dir), "--port", "0", "-t", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --chat-template {path}: {message}; fix the template, or leave -t out to use the tokenizer's\n"
+
+
+@pytest.mark.parametrize("kind, message", [("directory", "is a directory"), ("latin-1", "not UTF-8 text (byte 3)")])
+def test_a_chat_template_that_is_no_text_file_is_one_line(no_model_loading, model_dir, tmp_path, capsys, kind, message):
+    path = tmp_path / "template"
+    path.mkdir() if kind == "directory" else path.write_bytes("{{ é }}".encode("latin-1"))
+    assert inf.main(["server", "-m", str(model_dir), "-t", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--chat-template {path}: {message}; give a Jinja chat template file" in err
+
+
+@pytest.fixture
+def not_openai_server() -> Iterator[tuple[str, list]]:
+    """A web server that answers GET with a 200 HTML page and POST with a 502 HTML page; (url, the POSTs'
+    (path, JSON body) pairs)."""
+    import http.server
+
+    posted = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self, status: int, text: str) -> None:
+            page = f"<html>\n<head><title>{text}</title></head>\n<body>\n<h1>{text}</h1>\n{'<p>x</p>' * 200}</body>"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page.encode())
+
+        def do_GET(self) -> None:
+            self.answer(200, "Welcome")
+
+        def do_POST(self) -> None:
+            posted.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.answer(502, "Bad Gateway")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=web.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{web.server_address[1]}", posted
+    finally:
+        web.shutdown()
+        web.server_close()
+
+
+def test_client_says_when_the_server_is_no_openai_server(not_openai_server, capsys):
+    url, _ = not_openai_server
+    assert inf.main(["client", "--url", url, "--list-models"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 400
+    assert err.startswith(f"error: the server at {url} did not answer as an OpenAI-compatible server (GET /v1/models "
+                          f"gave 200 text/html: 'Welcome Welcome x x")
+
+
+def test_client_quotes_an_html_error_page_in_one_short_line(not_openai_server, capsys):
+    url, _ = not_openai_server
+    assert inf.main(["client", "--url", url, "--model", "m", "--completion", "a"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: 502: Bad Gateway Bad Gateway x x") and "<" not in err
+    assert len(err) < 200
+
+
+def test_an_empty_completion_is_sent_not_taken_for_a_chat(not_openai_server, monkeypatch, capsys):
+    url, posted = not_openai_server
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert inf.main(["client", "--url", url, "--model", "m", "--completion", ""]) == 1
+    assert [(path, body["prompt"]) for path, body in posted] == [("/v1/completions", "")]
+    assert "> " not in capsys.readouterr().out
 
 
 def test_the_engine_runs_where_the_model_sits_on_one_gpu(monkeypatch):

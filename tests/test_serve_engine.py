@@ -20,7 +20,7 @@ from forgather.serve.app import create_app
 from forgather.serve.backend import Backend, SamplingParams
 from forgather.serve.engine import Engine
 from forgather.serve.scheduler import QueueFull, Request, Scheduler
-from forgather.serve.text import IncrementalDetokenizer, TextStream
+from forgather.serve.text import IncrementalDetokenizer, TextStream, held_back
 from helpers.tiny_lm import tiny_tree
 from test_serve import serving
 
@@ -575,6 +575,21 @@ def test_seeded_sampling_is_the_same_alone_and_batched(backend, engine):
     assert expected[0] != expected[1]
 
 
+def test_a_vanishing_temperature_or_top_p_samples_the_top_token_and_fails_no_other_request(backend, engine):
+    """A temperature of 1e-39 made the logits infinite and a top_p of 1e-300 rounded to 0 in float32 (no token
+    kept): the step's distribution was invalid and every request of the batch failed. Both are the most
+    probable token now, and the greedy request beside them gives its text alone."""
+    ids = backend.encode(PROMPTS[0])
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    alone = run_engine(engine, [ids], [greedy])[0]
+    extreme = [SamplingParams(max_tokens=10, temperature=1e-39, seed=1),
+               SamplingParams(max_tokens=10, temperature=1.0, top_p=1e-300, seed=1)]
+    together = run_engine(engine, [ids] * 3, [greedy, *extreme])
+    assert [c.finish for c in together] == ["length"] * 3
+    assert backend.decode(together[0].tokens) == backend.decode(alone.tokens)
+    assert [c.tokens for c in together[1:]] == [alone.tokens] * 2
+
+
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_a_stop_token_finishes_the_request_with_stop(backend, lookahead):
     """(With lookahead the step queued after the stop token is dropped, and the next request decodes like the
@@ -727,6 +742,23 @@ def test_a_stop_string_across_token_boundaries_ends_the_text_before_it(tokenizer
     assert all(d.finish_reason is None for d in deltas[:-1])
 
 
+def test_the_held_back_text_is_the_longest_end_that_starts_a_stop_string():
+    """held_back looks only at the last len(stop) - 1 characters; it gives what comparing every length gave."""
+    def every_length(text: str, stop: tuple[str, ...]) -> int:
+        return max((n for s in stop for n in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:n])),
+                   default=0)
+
+    cases = [("once upon a ti", ("a time",)), ("aaaa", ("aab", "ab")), ("xyz", ("z",)), ("", ("abc",)),
+             ("abab", ("ababc", "bab")), ("abc", ("abc",)), ("ab", ())]
+    rng = random.Random(0)
+    for _ in range(3000):
+        alphabet = rng.choice(["ab", "abc "])
+        word = lambda n: "".join(rng.choice(alphabet) for _ in range(n))  # noqa: E731
+        cases.append((word(rng.randrange(30)), tuple(word(rng.randrange(1, 12)) for _ in range(rng.randrange(4)))))
+    assert [held_back(text, stop) for text, stop in cases] == [every_length(text, stop) for text, stop in cases]
+    assert held_back("once upon a ti", ("a time",)) == 4
+
+
 # --- the HTTP app over the engine ------------------------------------------------------------------------
 
 
@@ -866,6 +898,8 @@ def test_max_num_seqs_below_one_is_one_line(tmp_path, capsys):
     (["--port", "99999"], "--port 99999; give a port from 0 to 65535"),
     (["--max-model-len", "0"], "--max-model-len 0; give 1 or more tokens"),
     (["--device", "cuda:7"], "--device-map cuda:7: this machine has"),  # argparse takes --device for --device-map
+    (["-d", "meta"], "--device-map meta: give auto, cpu, cuda or cuda:N"),
+    (["-d", "cuda:one"], "--device-map cuda:one: give auto, cpu, cuda or cuda:N"),
 ])
 def test_a_bad_port_length_or_device_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch, flags, expected):
     from forgather.cli import inf

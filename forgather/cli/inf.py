@@ -167,7 +167,8 @@ def _run_client(args: argparse.Namespace, stdin=None) -> int:
     from forgather.serve.client import Client, ClientError, chat_loop, print_stream
 
     stdin = sys.stdin if stdin is None else stdin
-    modes = (args.completion, args.message, args.chat, args.list_models, args.health)
+    # An empty --completion or --message is still that mode (the server says what it makes of it).
+    modes = (args.completion is not None, args.message is not None, args.chat, args.list_models, args.health)
     if not any(modes) and not stdin.isatty():  # `echo "Once upon a time" | forgather inf client`
         args.completion = stdin.read().strip() or None
     url = args.url.rstrip("/").removesuffix("/v1")  # the reference's addresses end in /v1
@@ -176,11 +177,11 @@ def _run_client(args: argparse.Namespace, stdin=None) -> int:
         if args.health or args.list_models:
             models = client.models()
             print(f"the server at {url} is up" if args.health else "\n".join(models))
-        elif args.completion:
+        elif args.completion is not None:
             if args.echo:
                 sys.stdout.write(args.completion)
             print_stream(client.stream_completion(args.completion, **_sampling(args)), sys.stdout)
-        elif args.message:
+        elif args.message is not None:
             system = [{"role": "system", "content": args.system}] if args.system else []
             print_stream(client.stream_chat([*system, {"role": "user", "content": args.message}], **_sampling(args)),
                          sys.stdout)
@@ -207,13 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
         args.model = str(export_checkpoint(run_dir, reuse=True))
         print(f"serving {run_dir}'s newest checkpoint, exported to {args.model}", file=sys.stderr)
-    chat_template = None
-    if args.chat_template:
-        try:
-            chat_template = Path(args.chat_template).expanduser().read_text()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--chat-template {args.chat_template}: no such file; give a Jinja chat "
-                                    "template file") from None
+    chat_template = _read_chat_template(args.chat_template) if args.chat_template else None
     from forgather.serve.server import serve
 
     if args.max_num_seqs < 1:
@@ -226,28 +221,60 @@ def run(args: argparse.Namespace) -> int:
     if not args.switch_interval > 0:
         raise ValueError(f"--switch-interval {args.switch_interval}; give seconds above 0 "
                          f"(default {SWITCH_INTERVAL})")
-    serve(args.model, args.host, args.port, args.device_map, args.dtype, args.compile, args.api_key,
-          args.served_model_name, args.max_model_len, args.log_level, args.insecure,
-          _use_engine(args.engine, args.device_map), args.max_num_seqs, args.switch_interval, args.http,
-          chat_template, tuple(args.stop_sequences))
+    from forgather.serve.backend import ChatTemplateError
+
+    try:
+        serve(args.model, args.host, args.port, args.device_map, args.dtype, args.compile, args.api_key,
+              args.served_model_name, args.max_model_len, args.log_level, args.insecure,
+              _use_engine(args.engine, args.device_map), args.max_num_seqs, args.switch_interval, args.http,
+              chat_template, tuple(args.stop_sequences))
+    except ChatTemplateError as error:  # checked once the tokenizer is loaded, before the model
+        from forgather.errors import UserError
+
+        raise UserError(f"--chat-template {args.chat_template}: {error}; fix the template, or leave -t out to use "
+                        f"the tokenizer's") from None
     return 0
 
 
+def _read_chat_template(path: str) -> str:
+    """The text of the --chat-template file; a one-line UserError when it cannot be read as text."""
+    from forgather.errors import UserError
+
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--chat-template {path}: no such file; give a Jinja chat template file") from None
+    except IsADirectoryError:
+        raise UserError(f"--chat-template {path}: is a directory; give a Jinja chat template file") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"--chat-template {path}: not UTF-8 text (byte {error.start}); give a Jinja chat template "
+                        f"file saved as UTF-8") from None
+    except OSError as error:
+        raise UserError(f"--chat-template {path}: cannot be read ({error.strerror or error}); give a readable "
+                        f"Jinja chat template file") from None
+
+
+DEVICE_MAPS = "auto, cpu, cuda or cuda:N"  # what --device-map takes
+
+
 def _check_device_map(device_map: str | None) -> None:
-    """A --device-map that names a CUDA device this machine lacks is a one-line error here, not an assertion
-    deep inside torch when the weights move (argparse also takes `--device cuda` for --device-map)."""
-    if device_map is None or not device_map.startswith("cuda"):
+    """A --device-map other than DEVICE_MAPS, or one that names a CUDA device this machine lacks, is a one-line
+    error here, not a failure of every request or an assertion deep inside torch when the weights move
+    (argparse also takes `--device cuda` for --device-map)."""
+    if device_map is None or device_map in ("auto", "cpu"):
         return
+    from forgather.errors import MachineError, UserError
+
+    kind, _, index = device_map.partition(":")
+    if kind != "cuda" or (":" in device_map and not index.isdigit()):
+        raise UserError(f"--device-map {device_map}: give {DEVICE_MAPS}")
     import torch
 
-    from forgather.errors import MachineError
-
-    index = device_map.partition(":")[2]
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise MachineError(f"--device-map {device_map}: this machine has no CUDA GPU that torch {torch.__version__} "
                            f"can use; leave --device-map out (the CPU, or the first GPU where there is one)")
-    if index and (not index.isdigit() or int(index) >= count):
+    if index and int(index) >= count:
         raise MachineError(f"--device-map {device_map}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
 
 

@@ -7,8 +7,9 @@ event loop turns into text (`text.TextStream`); a request beyond the engine's sl
 is a 429. Without it, generation runs on one worker thread, one request at a time in arrival order (each
 with its own KV cache and random generator, so outputs never mix), while the event loop keeps accepting
 connections. A client that disconnects, streaming or not, stops its generation and frees its slot (and a
-queued request whose client left never starts). Every error is an OpenAI error body with a 4xx (5xx only
-for server faults).
+queued request whose client left never starts). Prompts are encoded, and chat templates rendered, on a
+worker thread (asyncio.to_thread), so that a long prompt does not stall the other requests' streams. Every
+error is an OpenAI error body with a 4xx (5xx only for server faults).
 
 With an `api_key`, every HTTP request -- the API, /docs, /redoc, /openapi.json and unknown paths alike --
 needs `Authorization: Bearer <key>`; the check is ASGI middleware in front of all routing, so no route can
@@ -269,14 +270,14 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
 
     def prompt_ids(prompt: str | list[str] | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return backend.encode(prompt)
+            return backend.encode_prompt(prompt)
         if all(isinstance(item, int) for item in prompt):
             if not all(0 <= item < backend.vocab_size for item in prompt):
                 raise RequestError(f"token ids must lie in [0, {backend.vocab_size})", param="prompt")
             return list(prompt)
         if len(prompt) != 1:
             raise RequestError("send one prompt per request", param="prompt")
-        return backend.encode(prompt[0])
+        return backend.encode_prompt(prompt[0])
 
     async def events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         try:
@@ -312,8 +313,9 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
     @app.post("/v1/completions")
     async def completions(request: protocol.CompletionRequest, http: Request):
         check_model(request.model)
-        ids = prompt_ids(request.prompt)
-        params = _params(request, backend.check_budget(len(ids), request.max_tokens), backend.stop_strings)
+        ids = await asyncio.to_thread(prompt_ids, request.prompt)  # a long prompt must not stall other streams
+        params = _params(request, backend.check_budget(len(ids), request.max_tokens, "prompt"),
+                         backend.stop_strings)
         id_ = protocol.new_id("cmpl")
         if request.stream:
             return streamed(request, ids, params,
@@ -329,9 +331,10 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         except ValueError as error:
             raise RequestError(str(error), param="messages") from None
-        ids = backend.chat_prompt(messages)
+        ids = await asyncio.to_thread(backend.chat_prompt, messages)
         max_tokens = request.max_completion_tokens or request.max_tokens
-        params = _params(request, backend.check_budget(len(ids), max_tokens), backend.chat_stop + backend.stop_strings)
+        params = _params(request, backend.check_budget(len(ids), max_tokens, "messages"),
+                         backend.chat_stop + backend.stop_strings)
         id_ = protocol.new_id("chatcmpl")
         if request.stream:
             first = protocol.chat_chunk(id_, model_name, {"role": "assistant", "content": ""}, None)

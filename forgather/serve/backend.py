@@ -45,6 +45,15 @@ class RequestError(ValueError):
         self.param, self.code = param, code
 
 
+# Sampling divides the logits by the temperature and keeps the nucleus of mass top_p, both in float32: a
+# temperature below ~1e-38 makes the logits infinite and a top_p below float32's range (1e-300) rounds to 0 and
+# keeps no token, and either leaves no valid distribution. Such values mean "the most probable token": a
+# temperature below 1e-5 is greedy (as vLLM's _SAMPLING_EPS), and top_p is at least 1e-6, which float32 holds
+# and which keeps the most probable token (alone, unless a million tokens share the mass).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-6
+
+
 @dataclasses.dataclass
 class SamplingParams:
     max_tokens: int
@@ -52,6 +61,11 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.temperature = 0.0
+        self.top_p = max(self.top_p, MIN_TOP_P)
 
 
 def _torch_dtype(name: str) -> Any:
@@ -80,6 +94,42 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
     return {token for token in (tokenizer.eos_token_id, *listed) if token is not None}
 
 
+class ChatTemplateError(ValueError):
+    """A chat template that does not compile, or fails on a conversation of one user message."""
+
+
+def check_chat_template(tokenizer: Any, template: str) -> None:
+    """ChatTemplateError unless `template` compiles and renders a conversation of one user message with
+    `tokenizer`, as every chat request renders it: a broken template is refused when the server starts, not
+    blamed on each request. The message is Jinja's, after the template's line where Jinja tells it."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], chat_template=template,
+                                      add_generation_prompt=True, tokenize=False)
+    except TemplateSyntaxError as error:
+        raise ChatTemplateError(f"line {error.lineno}: {error.message}") from None
+    except Exception as error:  # the template raised, called what is not there, ...: it fails every request
+        trace, lines = error.__traceback__, []
+        while trace is not None:  # Jinja's frames of the template carry its line numbers
+            if trace.tb_frame.f_code.co_filename == "<template>":
+                lines.append(trace.tb_lineno)
+            trace = trace.tb_next
+        where = f"line {lines[-1]}: " if lines else ""
+        raise ChatTemplateError(f"{where}rendering a conversation of one user message failed: "
+                                f"{type(error).__name__}: {error}") from None
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """The most characters one token of the vocabulary stands for: its text decoded alone, plus one for the
+    leading space that decoding a lone SentencePiece token drops. A text of more characters than the context
+    length times this has more tokens than the context holds, where the tokenizer encodes every character
+    (byte-level BPE, SentencePiece), and is refused without encoding it (one that drops whitespace could fit
+    such a text of mostly spaces: it is refused all the same). Once at startup: ~1 s for 128k tokens."""
+    texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))], skip_special_tokens=False)
+    return max(map(len, texts), default=0) + 1
+
+
 class Backend:
     """A loaded model and tokenizer. Args: `context_length` bounds prompt + completion tokens."""
 
@@ -90,11 +140,13 @@ class Backend:
         self.model, self.tokenizer = model, tokenizer
         self.tokenizer_lock = threading.Lock()
         self.context_length = context_length
+        self.longest_token = _longest_token(tokenizer)
         self.stop_token_ids = stop_token_ids
         self.engine: Any = None  # an Engine once start_engine() ran
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.chat_stop: tuple[str, ...] = ()
         if chat_template is not None:
+            check_chat_template(tokenizer, chat_template)
             tokenizer.chat_template = chat_template
         elif getattr(tokenizer, "chat_template", None) is None:
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -119,7 +171,7 @@ class Backend:
         {0: "20GiB", 1: ...}), or keeps it on the CPU. `engine` starts the batching engine with
         `max_num_seqs` slots (which compiles its decode step on a GPU anyway; `compile` then also compiles the
         model's own step where the engine's fused one does not apply). `chat_template`, `stop_strings`: see
-        the constructor."""
+        the constructor; a chat template that fails (ChatTemplateError) is refused before the model loads."""
         from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
 
@@ -129,6 +181,9 @@ class Backend:
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
+        tokenizer = load_tokenizer(directory)
+        if chat_template is not None:
+            check_chat_template(tokenizer, chat_template)
         forgather = is_forgather_directory(directory)
         if forgather and device_map == "auto":
             from .placement import forgather_device_map
@@ -155,7 +210,6 @@ class Backend:
         model.eval()
         if compile and not engine:
             model.forward = torch.compile(model.forward, dynamic=True)
-        tokenizer = load_tokenizer(directory)
         length = _context_length(model.config, tokenizer, context_length)
         if engine and context_length is None:
             length = min(length, ENGINE_CONTEXT)
@@ -189,6 +243,17 @@ class Backend:
         with self.tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def encode_prompt(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        """The token ids of a request's text (its field: `param`). A text too long to fit the context, however
+        it tokenizes, is refused before it is encoded: encoding megabytes takes seconds."""
+        if len(text) > self.context_length * self.longest_token:
+            raise RequestError(
+                f"This model's maximum context length is {self.context_length} tokens; the request's "
+                f"{len(text)} characters of {param} are more tokens than that (a token is at most "
+                f"{self.longest_token} characters here). Shorten the prompt.", param=param,
+                code="context_length_exceeded")
+        return self.encode(text, add_special_tokens)
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the conversation rendered by the chat template, ending with the assistant's turn."""
         from jinja2 import TemplateError
@@ -199,19 +264,20 @@ class Backend:
         except TemplateError as error:  # templates raise on conversations they do not accept
             raise RequestError(f"the chat template refused the messages: {error}", param="messages") from None
         # The template writes any BOS itself; the tokenizer must not add a second one.
-        return self.encode(text, add_special_tokens=False)
+        return self.encode_prompt(text, "messages", add_special_tokens=False)
 
-    def check_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """The max_tokens to generate (default: the rest of the context); RequestError when it cannot fit."""
+    def check_budget(self, prompt_tokens: int, max_tokens: int | None, prompt_param: str = "prompt") -> int:
+        """The max_tokens to generate (default: the rest of the context); RequestError when it cannot fit.
+        `prompt_param` is the request's field of the prompt (prompt, messages), named when that is at fault."""
         if prompt_tokens == 0:
-            raise RequestError("the prompt is empty", param="prompt")
+            raise RequestError("the prompt is empty", param=prompt_param)
         room = self.context_length - prompt_tokens
         if room <= 0 or (max_tokens is not None and max_tokens > room):
             asked = "" if max_tokens is None else f" and {max_tokens} completion tokens"
             raise RequestError(
                 f"This model's maximum context length is {self.context_length} tokens; the request has "
                 f"{prompt_tokens} prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
-                param="max_tokens" if room > 0 else "messages", code="context_length_exceeded")
+                param="max_tokens" if room > 0 else prompt_param, code="context_length_exceeded")
         return room if max_tokens is None else max_tokens
 
     # --- generation --------------------------------------------------------------------------------------

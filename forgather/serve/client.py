@@ -3,13 +3,16 @@
 `Client(url, api_key)` talks to any OpenAI-compatible server; `stream_completion(prompt)` and
 `stream_chat(messages)` yield text pieces as server-sent events arrive; `chat_loop()` reads user turns from
 a stream of lines (the terminal), prints each reply as it streams, and keeps the conversation. Every failure
-is a ClientError with a one-line message: the server's error, or that no server answers at the URL.
+is a ClientError with a one-line message: the server's error (or the start of its page, tags dropped, when it
+sends no OpenAI error body), that no server answers at the URL, or that what answers is no OpenAI-compatible
+server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from typing import Any, Callable, Iterator, TextIO
 
@@ -51,27 +54,44 @@ def wait_for_server(url: str, alive: Callable[[], bool] = lambda: True, output: 
             time.sleep(0.2)
 
 
+EXCERPT = 120  # characters of a page that is no OpenAI error body, quoted in the one-line error
+
+
+def _excerpt(text: str) -> str:
+    """The start of a page's text on one line: tags dropped, whitespace collapsed."""
+    words = " ".join(re.sub(r"<[^>]*>", " ", text).split())
+    return words if len(words) <= EXCERPT else words[:EXCERPT] + "..."
+
+
+def _not_openai(url: str, what: str) -> ClientError:
+    return ClientError(f"the server at {url} did not answer as an OpenAI-compatible server ({what}); check --url")
+
+
 def _raise_for_error(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
     response.read()
     try:
         message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text
+    except (ValueError, KeyError, TypeError):  # not an OpenAI error body: an HTML page, a proxy's text, ...
+        message = _excerpt(response.text) or response.reason_phrase
     raise ClientError(f"{response.status_code}: {message}")
 
 
-def _events(response: httpx.Response) -> Iterator[dict]:
+def _events(response: httpx.Response, url: str) -> Iterator[dict]:
     for line in response.iter_lines():
         if not line.startswith("data: "):
             continue
         data = line.removeprefix("data: ")
         if data == "[DONE]":
             return
-        body = json.loads(data)
-        if "error" in body:
-            raise ClientError(body["error"]["message"])
+        try:
+            body = json.loads(data)
+            error = body.get("error")
+        except (ValueError, AttributeError):
+            raise _not_openai(url, f"an event is not a JSON object: {_excerpt(data)!r}") from None
+        if error is not None:
+            raise ClientError(error["message"] if isinstance(error, dict) and "message" in error else str(error))
         yield body
 
 
@@ -98,7 +118,12 @@ class Client:
         with _reaching(self.url):
             response = self.http.get("/models")
         _raise_for_error(response)
-        return [card["id"] for card in response.json()["data"]]
+        try:
+            return [card["id"] for card in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):  # a web page, or JSON of another kind
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            raise _not_openai(self.url, f"GET /v1/models gave {response.status_code} {kind}: "
+                                        f"{_excerpt(response.text)!r}") from None
 
     @property
     def model(self) -> str:
@@ -111,7 +136,7 @@ class Client:
         body = {"model": self.model, "stream": True, **body}
         with _reaching(self.url), self.http.stream("POST", path, json=body) as response:
             _raise_for_error(response)
-            for event in _events(response):
+            for event in _events(response, self.url):
                 if event.get("choices"):
                     yield piece(event["choices"][0])
 

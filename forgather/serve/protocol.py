@@ -7,7 +7,8 @@ ignore other OpenAI fields. One completion per request (`n` = 1). Errors are `{"
 Validation is strict, as the OpenAI API's: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not a silent
 coercion (an int is still a valid float). Every text field must be Unicode text: JSON's `\\ud800` escape
 decodes to a lone surrogate, which no tokenizer can encode, so it is refused here with the field's name.
-`seed` must fit torch's generator seed (a 64-bit integer).
+`seed` must fit torch's generator seed (a 64-bit integer). `stop` holds at most 16 strings of at most 256
+characters each.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ STRICT = ConfigDict(extra="ignore", strict=True)
 SHAPES = {"prompt": "a string, a list of one string, or a list of token ids", "stop": "a string or a list of strings",
           "content": "a string, a list of text parts, or null"}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_STOP_SEQUENCES, MAX_STOP_LENGTH = 16, 256  # a request's stop strings, and characters in each
 
 
 def _unicode(text: str) -> str:
@@ -39,6 +41,20 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
+def _bounded_stop(stop: str | list[str] | None) -> str | list[str] | None:
+    """Each token of a completion is checked against every stop string (text.TextStream), on the event loop:
+    their number and length are bounded, as OpenAI's API bounds them (4 sequences there)."""
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise PydanticCustomError("too_many_stop_sequences", "{count} stop sequences; send at most {most}",
+                                  {"count": len(stops), "most": MAX_STOP_SEQUENCES})
+    longest = max(map(len, stops), default=0)
+    if longest > MAX_STOP_LENGTH:
+        raise PydanticCustomError("stop_sequence_too_long", "a stop sequence of {length} characters; each may have "
+                                  "at most {most}", {"length": longest, "most": MAX_STOP_LENGTH})
+    return stop
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT
 
@@ -52,7 +68,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Text | list[Text] | None = None
+    stop: Annotated[Text | list[Text] | None, AfterValidator(_bounded_stop)] = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -91,11 +91,16 @@ def first_stop(text: str, stop: tuple[str, ...], emitted: int) -> int | None:
 
 
 def held_back(text: str, stop: tuple[str, ...]) -> int:
-    """How many trailing characters to keep back: a possible start of a stop string."""
+    """How many trailing characters to keep back: the longest end of `text` that starts a stop string (and is
+    shorter than it). Only the last len(s) - 1 characters can start `s`, and only where its first character
+    is: the cost is bounded by the stop strings' lengths, not the completion's."""
     held = 0
     for s in stop:
-        for length in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:length]):
-                held = max(held, length)
+        tail = text[len(text) - min(len(s) - 1, len(text)):]
+        start = tail.find(s[0]) if tail else -1
+        while 0 <= start and len(tail) - start > held:
+            if s.startswith(tail[start:]):
+                held = len(tail) - start
                 break
+            start = tail.find(s[0], start + 1)
     return held
