@@ -113,7 +113,8 @@ def did_you_mean(word: str, candidates: Iterable[str], n: int = 3, cutoff: float
                  show: Callable[[str], str] = repr) -> str:
     """"did you mean 'a' or 'b'?" for the candidates close to `word` (difflib; each written by `show`), or ""
     when none is: every misspelled name the project reports is suggested through here."""
-    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=cutoff)
+    # a name offered twice (an option of both `forgather` and its command) is suggested once
+    close = difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=n, cutoff=cutoff)
     return f"did you mean {' or '.join(show(c) for c in close)}?" if close else ""
 
 

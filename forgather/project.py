@@ -285,12 +285,29 @@ class Project:
         return self.meta.get("default_config") or (configs[0] if configs else None)
 
     def config_template(self, config: str | None) -> str:
-        """The template name of a config given as 'name', 'name.yaml' or '<config_prefix>/name.yaml'."""
+        """The template name of a config given as 'name', 'name.yaml' or '<config_prefix>/name.yaml', or as the
+        path of its file (absolute, or from the current directory, as a shell completes it) when that file lies
+        in one of the project's template directories."""
         config = config or self.default_config
         if not config:
             raise ValueError(f"project {self.name!r} has no configs under {self.config_prefix}/ in {', '.join(self.template_dirs)}")
         name = config if config.endswith((".yaml", ".yml")) else f"{config}.yaml"
-        return name if name.startswith(f"{self.config_prefix}/") else f"{self.config_prefix}/{name}"
+        name = name if name.startswith(f"{self.config_prefix}/") else f"{self.config_prefix}/{name}"
+        if any(os.path.isfile(os.path.join(directory, name)) for directory in self.template_dirs):
+            return name  # a config's name wins over a file of that name in the current directory
+        return self._template_of_file(config) or name
+
+    def _template_of_file(self, path: str) -> str | None:
+        """The template name of the file at `path`, relative to the template directory holding it; None when
+        there is no such file or it lies outside the project's template directories."""
+        if not os.path.isfile(path):
+            return None
+        found = os.path.realpath(path)
+        for directory in self.template_dirs:
+            inside = os.path.relpath(found, os.path.realpath(directory))
+            if not inside.startswith(os.pardir + os.sep) and inside != os.pardir:
+                return inside.replace(os.sep, "/")
+        return None
 
     def load_config(self, config: str | None, template_paths: tuple[str, ...] = (), **context: Any) -> "LoadedConfig":
         templates = TemplateEnvironment(self.search_path(template_paths))
@@ -318,6 +335,24 @@ def find_projects(root: str, recursive: bool) -> list[Project]:
         except TemplateError:
             continue
     return projects
+
+
+# A line of one bracketed word that the line syntax did not take for a block header (`[a-b]`, `[]`, `[mo del]`).
+_NEAR_HEADER = re.compile(r"\s*(\[[^\[\]{},:'\"#]*\])\s*")
+
+
+def _bad_block_header(text: str, error: Any) -> tuple[int, str] | None:
+    """The rendered line, and its text, of a would-be block header that a YAML syntax error comes from: YAML
+    reads `[a-b]` as a flow list and fails at the line after it. Only a failing YAML is asked, so a list
+    written on purpose (`[1]`, a document `[]`) is never taken for a header."""
+    if not error.describe(str).startswith("YAML syntax error") or not error.line:
+        return None
+    lines = text.split("\n")
+    for line in (error.line - 1, error.line):
+        found = _NEAR_HEADER.fullmatch(lines[line - 1]) if 0 < line <= len(lines) else None
+        if found:
+            return line, found.group(1)
+    return None
 
 
 @dataclass
@@ -376,6 +411,11 @@ class LoadedConfig:
         try:
             return load_graph(self.text, strict=False, warn=duplicate)
         except GraphError as error:
+            header = _bad_block_header(self.text, error)
+            if header is not None:
+                line, text = header
+                raise self.located(f"{text} is not a block header: a block name is letters, digits and _ "
+                                   f"([name], or [name!] to trim it); YAML read the line as a list", line) from error
             raise self.located(error.describe(place), error.line) from error
 
     @cached_property

@@ -136,7 +136,7 @@ def test_an_undecodable_meta_yaml_is_an_error_naming_the_file(tmp_path, capsys):
     (tmp_path / "meta.yaml").write_bytes(b"name: \xff\xfe\n")
     assert main(["-p", str(tmp_path), "index"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path / 'meta.yaml'}: UnicodeDecodeError") and "workspace" not in err
+    assert err.startswith(f"error: {tmp_path / 'meta.yaml'}:1: ") and "save it as UTF-8" in err and "workspace" not in err
 
 
 def test_meta_key_of_the_wrong_type_names_its_line(tmp_path):

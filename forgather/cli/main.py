@@ -192,14 +192,14 @@ def _run_into_file(module, args: argparse.Namespace) -> int:
 
     from forgather.data.cache import atomic_write
 
+    path = _output_path(args.output_file, args.command) if args.output_file else None
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         code = module.run(args)
     if code != 0:  # no file from a command that failed; what it printed goes where it would have
         sys.stdout.write(captured.getvalue())
         return code
-    if args.output_file:
-        path = Path(args.output_file).expanduser()
+    if path is not None:
         atomic_write(path, lambda tmp: tmp.write_text(captured.getvalue()))
         print(f"wrote {path}", file=sys.stderr)
         return 0
@@ -214,6 +214,23 @@ def _run_into_file(module, args: argparse.Namespace) -> int:
     path.write_text(captured.getvalue())
     print(f"opening {path} in {editor}", file=sys.stderr)
     return subprocess.call([*shlex.split(editor), str(path)])
+
+
+def _output_path(given: str, command: str) -> Path:
+    """The file -o names, checked before the command runs: a directory, or a path through a file, is no place
+    for it (else an IsADirectoryError or FileExistsError from the write, after the work is done)."""
+    from pathlib import Path
+
+    from forgather.errors import UserError
+
+    path = Path(given).expanduser()
+    if path.is_dir():
+        example = path / f"{command}{OUTPUT_COMMANDS[command]}"
+        raise UserError(f"-o {given}: is a directory; give a file to write, e.g. -o {example}")
+    parent = next(parent for parent in path.parents if parent.exists())  # the nearest one that exists
+    if not parent.is_dir():
+        raise UserError(f"-o {given}: {parent} is a file, not a directory; give a path whose folders are directories (or new)")
+    return path
 
 
 def _declare_config_arguments(parser: argparse.ArgumentParser, subparser: argparse.ArgumentParser, known: argparse.Namespace, argv: list[str]) -> list[str]:

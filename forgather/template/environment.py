@@ -25,7 +25,7 @@ import re
 import traceback
 import warnings
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jinja2
 import jinja2.nodes
@@ -35,7 +35,7 @@ import jinja2.sandbox
 from forgather.errors import strict_mode
 from forgather.template import globals as template_globals
 from forgather.template.errors import SourceLocation, TemplateError, TemplateWarning
-from forgather.template.loader import SplitFileLoader
+from forgather.template.loader import Origin, SplitFileLoader, TemplateNameError
 from forgather.template.preprocess import LineSyntax, expand_blocks, expand_lines, is_block_header
 
 _MARKER = re.compile(r" ?#@@(\d+):(\d+)$")  # the space goes where a filter (trim) strips a marker-only line
@@ -158,6 +158,17 @@ def _first_dropped_line(output: jinja2.nodes.Output) -> int | None:
                 return line
             line += 1
     return None
+
+
+def _merged(locations: Iterable[SourceLocation]) -> list[SourceLocation]:
+    """The locations without consecutive repeats: the frames of a template and of its blocks at one line are
+    one link of the chain."""
+    chain: list[SourceLocation] = []
+    for location in locations:
+        if not chain or chain[-1] != location:
+            chain.append(location)
+    return chain
+
 
 class TemplateEnvironment:
     """Renders templates from a search path (project templates, the conf/ library, user paths)."""
@@ -336,14 +347,28 @@ class TemplateEnvironment:
 
     def _recursion_error(self, error: RecursionError, name: str) -> TemplateError:
         """A template that includes or extends itself, through any number of others: the cycle, once."""
-        chain = self._template_frames(error.__traceback__)
+        frames = self._frames(error.__traceback__)
+        chain = _merged(location for location, _ in frames)
         for end, location in enumerate(chain):
             if location in chain[:end]:
-                cycle = chain[: end + 1]
-                names = " -> ".join(os.path.basename(link.path) for link in cycle)
-                message = f"include/extends cycle ({names}): a template includes or extends itself; break the cycle"
-                return TemplateError(message, cycle)
+                return self._cycle_error(chain[: end + 1], chain[: end + 1])
+        # One template naming itself repeats one location, which the chain holds once: ask its references.
+        for location, origin in dict(frames).items():  # each location once, outermost first
+            if origin.name in self._literal_references(origin.name):
+                return self._cycle_error([location, location], chain[: chain.index(location) + 1])
         return self._translate(error, name)
+
+    @staticmethod
+    def _cycle_error(cycle: list[SourceLocation], chain: list[SourceLocation]) -> TemplateError:
+        names = " -> ".join(os.path.basename(link.path) for link in cycle)
+        message = f"include/extends cycle ({names}): a template includes or extends itself; break the cycle"
+        return TemplateError(message, chain)
+
+    def _literal_references(self, name: str) -> list[str]:
+        try:
+            return self.references(name)
+        except Exception:  # a template that does not parse names nothing
+            return []
 
     def _location(self, template_name: str | None, lineno: int | None) -> SourceLocation:
         origin = self.env.loader.origin(template_name) if template_name else None
@@ -351,17 +376,19 @@ class TemplateEnvironment:
             return SourceLocation(template_name or "<string>", lineno or 0)
         return SourceLocation(origin.path, (lineno or 0) + origin.line_offset)
 
-    def _template_frames(self, tb: TracebackType | None) -> list[SourceLocation]:
-        """The template lines on the stack, outermost first: the extends/include chain."""
-        chain: list[SourceLocation] = []
+    def _frames(self, tb: TracebackType | None) -> list[tuple[SourceLocation, Origin]]:
+        """The template frames on the stack, outermost first: each one's line and template."""
+        frames = []
         origins = self.env.loader.origins_by_filename
         for frame, lineno in traceback.walk_tb(tb):
             origin = origins.get(frame.f_code.co_filename)
             if origin is not None:
-                location = SourceLocation(origin.path, lineno + origin.line_offset)
-                if not chain or chain[-1] != location:
-                    chain.append(location)
-        return chain
+                frames.append((SourceLocation(origin.path, lineno + origin.line_offset), origin))
+        return frames
+
+    def _template_frames(self, tb: TracebackType | None) -> list[SourceLocation]:
+        """The template lines on the stack, outermost first: the extends/include chain."""
+        return _merged(location for location, _ in self._frames(tb))
 
     def _translate(self, error: Exception, name: str) -> TemplateError:
         chain = self._template_frames(error.__traceback__)
@@ -377,6 +404,8 @@ class TemplateEnvironment:
         elif isinstance(error, jinja2.UndefinedError):
             message = (f"undefined variable: {error.message}; set it above its use or in a template that extends or "
                        f"includes this one (-- set NAME = ...), or give it a default (NAME | default(...))")
+        elif isinstance(error, TemplateNameError):
+            message = str(error)
         elif isinstance(error, template_globals.TemplateRaise):
             message = f"the template stopped: {error}"
         else:

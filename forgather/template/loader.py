@@ -9,8 +9,10 @@ template above ends there), a separator on the first line of a file is not one, 
 below another (that newline belongs to the first).
 
 The loader remembers where every template it served comes from (file and line offset), so that errors
-can name the author's file and line, also inside a sub-template. A file holding a NUL byte is a syntax
-error at that byte's line: templates are text, and YAML would refuse the byte later, far from its file.
+can name the author's file and line, also inside a sub-template. A file holding a NUL byte, or bytes that
+are not UTF-8, is a syntax error at that byte's line: templates are text, and YAML would refuse the byte
+later, far from its file. So is a file naming one sub-template twice (the second would silently win), and a
+template asked for by something other than a name (`-- extends 5`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jinja2
+from jinja2.loaders import split_template_path
 
 _SEPARATOR = re.compile(r"\n#\s*-{3,}\s*([\w./]+)\s*-{3,}\n")
+
+
+class TemplateNameError(TypeError):
+    """A template asked for by something other than a name (`-- extends 5`); the renderer names its line."""
 
 
 @dataclass(frozen=True)
@@ -58,19 +65,28 @@ class SplitFileLoader(jinja2.FileSystemLoader):
         self._sections: dict[str, tuple[str, str, Callable[[], bool]]] = {}
 
     def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+        if not isinstance(template, str):  # `-- extends 5`: else an AttributeError deep in Jinja
+            raise TemplateNameError(f"extends, include and import take a template name (a string), not "
+                                    f"{template!r} ({type(template).__name__}); quote it: -- extends 'name.yaml'")
         if template in self._sections:
             return self._sections[template]
-        source, filename, uptodate = super().get_source(environment, template)
+        try:
+            source, filename, uptodate = super().get_source(environment, template)
+        except UnicodeDecodeError as error:
+            filename = self._file_of(template)
+            line = error.object.count(b"\n", 0, error.start) + 1
+            raise self._file_error(template, filename, line, f"not UTF-8 text (byte 0x{error.object[error.start]:02x}); save it as UTF-8") from None
         filename = os.path.abspath(filename)
         if "\0" in source:
-            self.origins[template] = Origin(filename, 0, template)
             line = source.count("\n", 0, source.index("\0")) + 1
-            raise jinja2.TemplateSyntaxError(
-                "a NUL byte (\\x00) in the template: templates are text; remove it (is this a binary file?)",
-                line, template, filename,
-            )
+            raise self._file_error(template, filename, line, "a NUL byte (\\x00) in the template: templates are text; remove it (is this a binary file?)")
         main = None
+        seen: dict[str, int] = {}  # sub-template name -> the line of its separator
         for name, text, offset in split_sections(source, template):
+            if name in seen and name != template:
+                raise self._file_error(template, filename, offset,
+                                       f"sub-template {name!r} is named twice, at lines {seen[name]} and {offset}; rename one of them")
+            seen[name] = offset
             origin = Origin(filename, offset, name)
             section_filename = filename if name == template else f"{filename}::{name}"
             self.origins[name] = self.origins_by_filename[section_filename] = origin
@@ -81,6 +97,17 @@ class SplitFileLoader(jinja2.FileSystemLoader):
                 self._sections[name] = entry
         assert main is not None
         return main
+
+    def _file_of(self, template: str) -> str:
+        """The file the search path gives `template` (as FileSystemLoader finds it)."""
+        pieces = split_template_path(template)
+        found = (os.path.join(directory, *pieces) for directory in self.searchpath)
+        return os.path.abspath(next(path for path in found if os.path.isfile(path)))
+
+    def _file_error(self, template: str, filename: str, line: int, message: str) -> jinja2.TemplateSyntaxError:
+        """A syntax error at `line` of the file of `template`, found before Jinja parses it."""
+        self.origins[template] = Origin(filename, 0, template)
+        return jinja2.TemplateSyntaxError(message, line, template, filename)
 
     def origin(self, name: str) -> Origin | None:
         return self.origins.get(name)
