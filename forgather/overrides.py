@@ -517,7 +517,9 @@ def _close_or_elsewhere(key: str, paths: list[str], options: list[str]) -> str:
 def apply(config: DictConfig, overrides: list[Override],
           declared_by: Callable[[str], list[str]] | None = None) -> None:
     """Apply value overrides in order, in place. Errors name the override and suggest close keys; a key this
-    config lacks that a group option declares (`declared_by(key)`, e.g. `declared_by_options`) names that option."""
+    config lacks that a group option declares (`declared_by(key)`, e.g. `declared_by_options`) names that option.
+    A deleted key that the config still reads (`${key}`) once all are applied is an error naming the readers."""
+    deleted: list[Override] = []
     for override in overrides:
         key = override.key
         found = _locate(config, key)
@@ -533,6 +535,7 @@ def apply(config: DictConfig, overrides: list[Override],
         if override.kind == "delete":
             parent, last = found
             del parent[last]
+            deleted.append(override)
             continue
         _check_args(override)
         if override.kind == "change":
@@ -540,6 +543,33 @@ def apply(config: DictConfig, overrides: list[Override],
             if not _check_signature(override, parent, last, config):
                 _check_type(override, _current_value(parent, last))
         OmegaConf.update(config, key, override.value, merge=False, force_add=True)
+    _refuse_dangling_references(config, deleted)
+
+
+def _refuse_dangling_references(config: DictConfig, deleted: list[Override]) -> None:
+    """A deleted key that some value still reads through `${key}` (or `${key.sub}`) would fail only when the
+    config is resolved, far from the override, as a bare KeyError: it is refused here, naming its readers."""
+    for override in deleted:
+        if _locate(config, override.key) is not None:  # added again by a later override
+            continue
+        readers = [(path, ref) for path, text in _strings(OmegaConf.to_container(config, resolve=False), "")
+                   for ref in _REFERENCE.findall(text) if ref == override.key or ref.startswith(override.key + ".")]
+        if readers:
+            named = ", ".join(f"{path} (${{{ref}}})" for path, ref in readers[:3]) + (f" and {len(readers) - 3} more" if len(readers) > 3 else "")
+            raise OverrideError(f"{override.text}: the config still reads {override.key} at {named}; delete or set those "
+                                f"too, or give {override.key} another value instead of deleting it")
+
+
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(dotted path, text) of every string in a config container, depth first."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{path}.{index}" if path else str(index))
 
 
 # -- naming the overrides behind a construction error ------------------------------------------------

@@ -53,6 +53,7 @@ from forgather.errors import STRICT_ENV, MachineError, UserError, report
 from forgather.launch.point import SWEEP_POINT_ENV
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir, from_project_snapshot, tracking_from_project
 from forgather.template import TemplateEnvironment
+from forgather.yaml_file import read_recorded
 
 RUN_DIR_ENV = "FORGATHER_RUN_DIR"
 # Directories on the search path that hold templates, not options to choose with group=option.
@@ -880,8 +881,6 @@ def _recorded_model_src(run_dir: Path, meta: dict[str, Any]) -> str | None:
 
 def _read_snapshot(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     """The recorded config and meta of a run directory; what is missing or does not parse is named."""
-    import yaml
-
     snapshot = run_dir / "snapshot"
     if not run_dir.is_dir():
         what = "not a directory" if run_dir.exists() else "no such directory"
@@ -894,20 +893,9 @@ def _read_snapshot(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
                                 f"directory a run prints as `run directory:`")
     if not (snapshot / "meta.yaml").is_file():
         raise FileNotFoundError(f"{snapshot / 'meta.yaml'}: missing, the snapshot is incomplete; restore it from a copy of the run")
-    config = _snapshot_file(snapshot / "config.yaml", OmegaConf.load)
-    return config, _snapshot_file(snapshot / "meta.yaml", lambda path: yaml.safe_load(path.read_text())) or {}
-
-
-def _snapshot_file(path: Path, load: Callable[[Path], Any]) -> Any:
-    import yaml
-
-    try:
-        return load(path)
-    except yaml.YAMLError as error:  # a snapshot edited by hand, or cut short
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ValueError(f"{where}: the recorded {path.name} is not valid YAML ({getattr(error, 'problem', None) or error}); "
-                         f"restore it from a copy of the run") from error
+    fix = "restore it from a copy of the run"
+    config = read_recorded(snapshot / "config.yaml", DictConfig, fix, parse=lambda text: OmegaConf.create(text) or None)
+    return config, read_recorded(snapshot / "meta.yaml", dict, fix)
 
 
 def _auto_resume(args: argparse.Namespace, command: list[str]) -> int | None:
@@ -929,6 +917,9 @@ def _auto_resume(args: argparse.Namespace, command: list[str]) -> int | None:
 
     _read_snapshot(run_dir)  # a directory that holds something else is named
     recorded = recorded_overrides(run_dir)
+    if recorded is None:
+        raise FileNotFoundError(f"{run_dir / 'snapshot' / 'overrides.yaml'}: missing, the snapshot is incomplete; restore "
+                                f"it from a copy of the run (--auto-resume compares the overrides it records)")
     if recorded != list(args.overrides):
         raise ovr.OverrideError(f"--auto-resume: {run_dir} holds a run started with other overrides ({' '.join(map(str, recorded or []))}); "
                                 f"give the same ones to continue it, or another output_dir")

@@ -289,6 +289,13 @@ def test_a_run_directory_that_is_missing_or_incomplete_is_named_with_what_to_do(
     (no_meta / "snapshot" / "meta.yaml").unlink()
     no_snapshot = tmp_path / "no_snapshot"
     (no_snapshot / "checkpoints").mkdir(parents=True)
+    # Parsed, but not what was recorded: they were an AttributeError traceback or a misleading "no key" error.
+    a_list = recorded_run(tmp_path / "a_list", config="- a\n")
+    emptied = recorded_run(tmp_path / "emptied", config="")
+    list_meta = recorded_run(tmp_path / "list_meta")
+    (list_meta / "snapshot" / "meta.yaml").write_text("- a\n")
+    latin1 = recorded_run(tmp_path / "latin1")
+    (latin1 / "snapshot" / "config.yaml").write_bytes(b"output_dir: x\nname: caf\xe9\n")
     expected = {
         tmp_path / "nosuch": f"{tmp_path / 'nosuch'}: no such directory; give a run directory (outputs/<experiment>/<time>)",
         a_file: f"{a_file}: not a directory; give a run directory (outputs/<experiment>/<time>)",
@@ -297,6 +304,14 @@ def test_a_run_directory_that_is_missing_or_incomplete_is_named_with_what_to_do(
         no_meta: f"{no_meta / 'snapshot' / 'meta.yaml'}: missing, the snapshot is incomplete; restore it from a copy of the run",
         no_snapshot: f"{no_snapshot} has checkpoints but no snapshot/config.yaml: a run's config is recorded only "
                      "there; restore snapshot/ from a copy of the run",
+        a_list: f"{a_list / 'snapshot' / 'config.yaml'}: the recorded config.yaml is a list, where Forgather "
+                "wrote a mapping; restore it from a copy of the run",
+        emptied: f"{emptied / 'snapshot' / 'config.yaml'}: the recorded config.yaml is empty, where Forgather wrote a "
+                 "mapping; restore it from a copy of the run",
+        list_meta: f"{list_meta / 'snapshot' / 'meta.yaml'}: the recorded meta.yaml is a list, where Forgather wrote a "
+                   "mapping; restore it from a copy of the run",
+        latin1: f"{latin1 / 'snapshot' / 'config.yaml'}:2: the recorded config.yaml is damaged (bytes that are not "
+                "UTF-8); restore it from a copy of the run",
     }
     for run_dir, line in expected.items():
         assert main([flag, str(run_dir), "--cfg"]) == 2

@@ -79,6 +79,15 @@ def test_a_range_counting_down_sweeps(capsys):
     assert re.findall(r"# run \d+: experiment=micro num_layers=(\d)", capsys.readouterr().out) == ["3", "2"]
 
 
+def test_deleting_a_key_the_config_still_reads_names_its_readers(capsys):
+    """It was a bare KeyError (`error: tokenizer`) or OmegaConf's multi-line message, once construction began."""
+    assert error_of(capsys, "+experiment=micro", "~lr") == (
+        "error: ~lr: the config still reads lr at optimizer.lr (${lr}); delete or set those too, or give lr another "
+        "value instead of deleting it\n")
+    assert "lr" not in config_of(capsys, "~lr", "~optimizer.lr")["optimizer"]  # its reader deleted too
+    assert config_of(capsys, "~lr", "+lr=0.5")["lr"] == 0.5  # added again
+
+
 def test_unknown_key_suggests_the_close_one(capsys):
     assert "did you mean 'trainer.max_steps'" in error_of(capsys, "+experiment=micro", "trainer.max_step=3")
 

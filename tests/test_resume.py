@@ -160,6 +160,19 @@ def test_auto_resume_mistakes_are_one_line(tmp_path, capsys, arguments, message)
     assert capsys.readouterr().err.startswith("error: " + message.replace("JOB", str(tmp_path / "JOB")))
 
 
+def test_auto_resume_names_a_damaged_or_missing_record_of_the_overrides(tmp_path, capsys):
+    line = ("--auto-resume", *MICRO, "max_steps=6", f"output_dir={tmp_path / 'JOB'}")
+    assert run(tmp_path, *line) == 0
+    recorded = tmp_path / "JOB" / "snapshot" / "overrides.yaml"
+    for damage, message in ((lambda: recorded.write_text("- a\n- [b\n"), f"{recorded}:3: the recorded overrides.yaml is not valid YAML"),
+                            (lambda: recorded.write_text("a: b\n"), f"{recorded}: the recorded overrides.yaml is a mapping, where Forgather wrote a list"),
+                            (recorded.unlink, f"{recorded}: missing, the snapshot is incomplete")):
+        damage()
+        capsys.readouterr()
+        assert run(tmp_path, *line) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
 def test_a_second_ctrl_c_stops_at_once_with_nothing_saved(tmp_path, monkeypatch):
     signal_at(monkeypatch, 3, signal.SIGINT, signal.SIGINT)
     with pytest.raises(SystemExit):  # Lightning's answer to a KeyboardInterrupt

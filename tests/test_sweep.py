@@ -316,3 +316,24 @@ def test_a_sweep_record_and_its_results_are_replaced_whole_or_not_at_all(tmp_pat
     assert read_record(tmp_path) == {"overrides": ["lr=1"]}
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_damaged_sweep_record_or_point_outcome_is_named_with_what_to_do(tmp_path, capsys):
+    """A multirun.yaml emptied or turned into a list was a TypeError traceback, one that does not parse a YAML
+    traceback, and an emptied outcome.json a JSON error naming no file."""
+    from forgather.launch.sweep import kept_outcomes
+
+    root = tmp_path / "multirun" / "sweep"
+    root.mkdir(parents=True)
+    record = root / "multirun.yaml"
+    for text, says in (("", "is empty, where Forgather wrote a mapping"), ("- a\n", "is a list, where Forgather wrote a mapping"),
+                       ("overrides: [a\n", "is not valid YAML")):
+        record.write_text(text)
+        assert run(tmp_path, "--resume", str(root)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {record}") and says in err and f"restore it from a copy of the sweep: it records what --resume {root} runs" in err
+    outcome = root / "0" / "outcome.json"
+    outcome.parent.mkdir()
+    outcome.write_text('{"status": "ok", "metr')
+    with pytest.raises(ValueError, match=f"^{outcome}:1: the recorded outcome.json is not valid JSON .*; delete it to run the point again$"):
+        kept_outcomes(root)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from forgather.data.cache import atomic_write
+from forgather.yaml_file import read_recorded
 
 OUTCOME_FILE = "outcome.json"
 LOG_FILE = "output.log"
@@ -61,7 +62,7 @@ def read_outcome(job: Job, returncode: int | None = None) -> Outcome:
     and the last line of its log."""
     path = job.run_dir / OUTCOME_FILE
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = read_recorded(path, dict, "delete it to run the point again", parse=json.loads)
         return Outcome(
             job.number,
             job.label,

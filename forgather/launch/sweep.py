@@ -26,6 +26,7 @@ from forgather import run_lock
 from forgather.data.cache import atomic_write
 from forgather.launch.base import FINISHED, OUTCOME_FILE, Job, Launcher, Outcome, Status, read_outcome
 from forgather.launch.point import SWEEP_POINT_ENV
+from forgather.yaml_file import read_recorded
 
 RECORD_FILE = "multirun.yaml"
 
@@ -98,7 +99,7 @@ def write_record(root: Path, record: dict[str, Any]) -> None:
 
 
 def read_record(root: Path) -> dict[str, Any]:
-    return yaml.safe_load((root / RECORD_FILE).read_text())
+    return read_recorded(root / RECORD_FILE, dict, f"restore it from a copy of the sweep: it records what --resume {root} runs")
 
 
 def is_multirun(directory: Path) -> bool:
@@ -107,7 +108,7 @@ def is_multirun(directory: Path) -> bool:
 
 def recorded_overrides(run_dir: Path) -> list[str] | None:
     path = run_dir / "snapshot" / "overrides.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    return read_recorded(path, list, "restore it from a copy of the run") if path.is_file() else None
 
 
 def continues(run_dir: Path, overrides: list[str]) -> bool:
