@@ -14,7 +14,7 @@ import pytest
 from forgather.data import prepare as prep
 from forgather.data.tokenizer import build_bpe_tokenizer
 from forgather.errors import UserError
-from helpers.kill import kill_when
+from helpers.kill import alive, kill_when
 
 TEXTS = [f"Document number {i} says {'hello ' * (i % 7)}and {'world ' * (i % 5)}then ends." for i in range(120)]
 
@@ -215,7 +215,8 @@ def test_a_killed_prepare_leaves_nothing_that_looks_complete_and_the_next_one_cl
         " num_workers=1, unit_bytes=4096, progress=False)"
     )
     child = subprocess.Popen([sys.executable, "-c", code])
-    kill_when(child, lambda: any(tmp_path.glob(".out.*.tmp/train/*.arrow")), 60, "prepare ended before writing a shard")
+    workers = kill_when(child, lambda: any(tmp_path.glob(".out.*.tmp/train/*.arrow")), 60, "prepare ended before writing a shard")
+    assert workers and alive(workers, within=10) == []  # they end with it, not wait on their queue forever
     assert not (tmp_path / "out").exists()
     from forgather.data.stream import PackedShards
 
@@ -241,7 +242,8 @@ def test_a_killed_prepare_is_continued_by_the_next_one_of_the_same_work(tokenize
         f" **{arguments!r})"
     )
     child = subprocess.Popen([sys.executable, "-c", code])
-    kill_when(child, lambda: len(list(tmp_path.glob(".out.*.tmp/units/*.json"))) >= 3, 60, "prepare ended before three units")
+    workers = kill_when(child, lambda: len(list(tmp_path.glob(".out.*.tmp/units/*.json"))) >= 3, 60, "prepare ended before three units")
+    assert workers and alive(workers, within=10) == []  # they end with it, not wait on their queue forever
     assert not (tmp_path / "out").exists()
     (staging,) = tmp_path.glob(".out.*.tmp")
     recorded = len(list(staging.glob("units/*.json")))

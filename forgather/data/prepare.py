@@ -43,6 +43,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -241,11 +242,21 @@ def _line_number(path: str, offset: int) -> int:
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_json: str) -> None:
+def _init_worker(tokenizer_json: str, parent: int) -> None:
     # One core a process: the tokenizers library's own thread pool would compete with the other workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
     global _worker_tokenizer
     _worker_tokenizer = _backend(tokenizer_json)
+
+
+def _exit_with(parent: int, interval_s: float = 1.0) -> None:
+    """End this worker once `parent`, the prepare that started it, is gone. A pool's workers wait on a queue
+    whose writing end they hold themselves, so a prepare killed outright (kill -9, the OOM killer) would leave
+    them waiting forever, each holding its memory and the terminal's output."""
+    while os.getppid() == parent:
+        time.sleep(interval_s)
+    os._exit(1)
 
 
 def _backend(tokenizer_json: str):
@@ -489,7 +500,7 @@ def _existing(out: Path, key: str) -> dict[str, Any]:
 def _run_units(units, staging, text, field, settings, on_bad_line, workers, progress) -> list[UnitResult]:
     results: list[UnitResult] = []
     with _Progress(len(units), progress) as bar, ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(text,)
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(text, os.getpid())
     ) as pool:
         futures = [pool.submit(_prepare_unit, unit, str(staging), field, settings, on_bad_line) for unit in units]
         order = {future: position for position, future in enumerate(futures)}
