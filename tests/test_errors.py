@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from forgather.project import Project
 from forgather.template import TemplateEnvironment, TemplateError, TemplateWarning
-
-
-def write(root, files: dict[str, str]) -> None:
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-
-
-def render_error(tmp_path, files, name) -> TemplateError:
-    write(tmp_path, files)
-    with pytest.raises(TemplateError) as caught:
-        TemplateEnvironment([str(tmp_path)]).render(name)
-    return caught.value
+from helpers.template_files import render_error, write
 
 
 def make_project(tmp_path, config_text: str, extra: dict[str, str] | None = None) -> Project:

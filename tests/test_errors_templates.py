@@ -4,30 +4,12 @@ config given as the path of its file."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from forgather.cli.main import main
 from forgather.project import Project
 from forgather.template import TemplateEnvironment, TemplateError
-
-
-def write(root, files: dict[str, str | bytes]) -> None:
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(text, bytes):
-            path.write_bytes(text)
-        else:
-            path.write_text(textwrap.dedent(text))
-
-
-def render_error(tmp_path, files, name) -> TemplateError:
-    write(tmp_path, files)
-    with pytest.raises(TemplateError) as caught:
-        TemplateEnvironment([str(tmp_path)]).render(name)
-    return caught.value
+from helpers.template_files import render_error, write
 
 
 def project(tmp_path, configs: dict[str, str | bytes]) -> str:
