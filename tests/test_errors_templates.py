@@ -150,3 +150,13 @@ def test_a_configs_name_wins_over_a_file_of_that_name_in_the_current_directory(t
     write(tmp_path, {"templates/project.yaml": "b: 2\n"})
     monkeypatch.chdir(tmp_path / "templates")
     assert Project.load(root).config_template("project.yaml") == "configs/project.yaml"
+
+
+@pytest.mark.parametrize("tag", ["if true", "for x in [1]"])
+def test_a_statement_left_open_in_a_block_names_what_to_close_not_an_endblock_never_written(tmp_path, tag):
+    error = render_error(tmp_path, {"base.yaml": "a: 1\n-- block model\nm: 1\n-- endblock\n",
+                                    "c.yaml": f"-- extends 'base.yaml'\n[model]\n-- {tag}\nx: 1\n[other]\ny: 2\n"}, "c.yaml")
+    opened = tag.split()[0]
+    assert error.location == (str(tmp_path / "c.yaml"), 4)
+    assert f"with its '-- {opened}' still open; close it (-- end{opened}) inside the block" in error.message
+    assert "endblock" not in error.message

@@ -170,6 +170,21 @@ def _merged(locations: Iterable[SourceLocation]) -> list[SourceLocation]:
     return chain
 
 
+# Jinja's words for an `-- if`/`-- for` left open inside a `[block]`: the preprocessor's endblock met it.
+_OPEN_AT_BLOCK_END = re.compile(r"Encountered unknown tag 'endblock'\..*The innermost block that needs to be closed is '(\w+)'", re.S)
+
+
+def _unclosed_in_block(message: str | None) -> str | None:
+    """Jinja's complaint about an `endblock` the author never wrote (the line syntax closes a [block] itself,
+    at the next header or the end of the file), said as the author's mistake: what is left open."""
+    found = _OPEN_AT_BLOCK_END.search(message or "")
+    if found is None:
+        return None
+    tag = found.group(1)
+    return (f"a [block] ends here (at the next [header] of its indentation, or the end of the file) with its "
+            f"'-- {tag}' still open; close it (-- end{tag}) inside the block")
+
+
 class TemplateEnvironment:
     """Renders templates from a search path (project templates, the conf/ library, user paths)."""
 
@@ -396,7 +411,7 @@ class TemplateEnvironment:
             location = self._location(error.name, error.lineno)
             if not chain or chain[-1] != location:
                 chain.append(location)
-            message = f"template syntax error: {error.message}"
+            message = f"template syntax error: {_unclosed_in_block(error.message) or error.message}"
         elif isinstance(error, jinja2.TemplateNotFound):
             message = self._not_found_message(error)
         elif isinstance(error, jinja2.sandbox.SecurityError):
