@@ -111,7 +111,7 @@ for project_dir in json.load(sys.stdin):
 json.dump(out, sys.stdout)
 '''
 
-_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d[:-]\d\d[:-]\d\d(\.\d+)?")
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d[:-]\d\d[:-]\d\d(\.\d+)?([+-]\d\d:\d\d|Z)?")  # its zone too: naive in older references
 
 
 def comparable_yaml(text: str) -> list[str]:
