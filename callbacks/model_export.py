@@ -35,6 +35,7 @@ from forgather.errors import UserError
 from forgather.lightning.checkpoint_io import remove_staging
 
 RECORD_FILE = "export.yaml"
+STAGING = ".{name}.tmp-{pid}"  # the package being written, beside out_dir
 
 
 class ExportFailed(UserError, RuntimeError):
@@ -108,7 +109,7 @@ class ExportModel(pl.Callback):
         `record_in_run`, the run directory records it as the run's export (not for a checkpoint exported from
         outside the run, which may still be training)."""
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
+        staging = self.out_dir.with_name(STAGING.format(name=self.out_dir.name, pid=os.getpid()))
         shutil.rmtree(staging, ignore_errors=True)
         try:
             self._write_package(staging, model, tokenizer, step)

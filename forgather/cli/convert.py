@@ -17,6 +17,17 @@ from pathlib import Path
 TOKEN_FILE_SUFFIXES = (".yaml", ".yml")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a count or a length, which 0 or less would silently ignore or break."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of 1 or more expected")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The reference Forgather's names of these options are aliases, so that its documented command lines run:
     # --model-type, --max-length, -t (a chat template, not forgather's -t), --add-tokens FILE.yaml, --reverse.
@@ -30,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens to add to the vocabulary, or one YAML file of them (the reference Forgather's: "
                              "bos_token/eos_token/pad_token/unk_token, special_tokens, regular_tokens)")
     parser.add_argument("--special", action="store_true", help="add the tokens as special tokens")
-    parser.add_argument("--pad-vocab-to-multiple-of", type=int, default=1, metavar="N",
+    parser.add_argument("--pad-vocab-to-multiple-of", type=positive_int, default=1, metavar="N",
                         help="round a grown vocabulary up to a multiple of N (e.g. 64 for tensor cores)")
-    parser.add_argument("--max-position-embeddings", "--max-length", type=int, metavar="N",
+    parser.add_argument("--max-position-embeddings", "--max-length", type=positive_int, metavar="N",
                         help="context length written to the converted config (default: the source's; a Forgather "
                              "model's recorded one, else 2048)")
     parser.add_argument("-t", "--chat-template-path", metavar="PATH", help="a Jinja chat template file for the tokenizer")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .output import staged
-from .spec import COMPONENTS_FILE, DecoderSpec, forgather_tree, hf_config, spec_from_hf_config, spec_from_model
+from .spec import COMPONENTS_FILE, ConversionError, DecoderSpec, forgather_tree, hf_config, spec_from_hf_config, spec_from_model
 from .vocab import (VocabOptions, apply_vocab, copy_tokenizer, grow_vocabulary, has_tokenizer, initialize_rows,
                     load_tokenizer)
 from .weights import read_safetensors, to_forgather_names, to_hf_names, write_safetensors
@@ -74,6 +74,16 @@ def _convert_state(
     return state, dataclasses.replace(spec, vocab_size=vocab_size)
 
 
+def _unfit_weights(error: RuntimeError, directory: Path) -> ConversionError | None:
+    """torch's "Error(s) in loading state_dict" as one line naming the model directory and the first mismatch
+    (a config.json edited, or copied from another model); None for any other error."""
+    if not str(error).startswith("Error(s) in loading state_dict"):
+        return None
+    mismatch = next((line.strip().rstrip(".") for line in str(error).splitlines()[1:] if line.strip()), "")
+    return ConversionError(f"{directory}: its weights do not fit its config.json ({mismatch}); the two come from "
+                           f"different models: copy the model directory again")
+
+
 def _dtype_name(state: dict[str, torch.Tensor]) -> str:
     return str(next(iter(state.values())).dtype).removeprefix("torch.")
 
@@ -102,7 +112,10 @@ def _hf_to_forgather(src: Path, dst: Path, name: str | None, dtype: str | None, 
     from forgather.models.export import build_model, save_model
 
     config = AutoConfig.from_pretrained(str(src))
-    spec = spec_from_hf_config(config)
+    try:
+        spec = spec_from_hf_config(config)
+    except ConversionError as error:
+        raise ConversionError(f"{src / 'config.json'}: {error}") from None
     if max_position_embeddings:
         spec = dataclasses.replace(spec, max_position_embeddings=max_position_embeddings)
     sliding_window = getattr(config, "sliding_window", None)
@@ -115,7 +128,10 @@ def _hf_to_forgather(src: Path, dst: Path, name: str | None, dtype: str | None, 
     tree = forgather_tree(spec)
     with torch.device("meta"):  # no time spent initializing weights that are replaced at once
         model = build_model(tree)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise _unfit_weights(error, src) or error from None
     save_model(model.eval(), tree, dst, name or config.model_type, base_dir=str(COMPONENTS_FILE.parent))
     _record(dst / "config.json", max_position_embeddings=spec.max_position_embeddings,
             forgather_convert={"family": config.model_type, "source": str(src.resolve())})
@@ -151,8 +167,16 @@ def _forgather_to_hf(src: Path, dst: Path, family: str | None, dtype: str | None
 
     from forgather.models.export import load_model
 
+    from safetensors import SafetensorError
+
     recorded = json.loads((src / "config.json").read_text())
-    model = load_model(src)
+    try:
+        model = load_model(src)
+    except SafetensorError as error:  # a copy cut short, a file written over
+        raise ConversionError(f"{src / 'model.safetensors'}: not a readable safetensors file ({error}); copy the "
+                              f"model directory again") from None
+    except RuntimeError as error:
+        raise _unfit_weights(error, src) or error from None
     context = max_position_embeddings or recorded.get("max_position_embeddings") or DEFAULT_CONTEXT
     spec = spec_from_model(model, context)
     family = family or recorded.get("forgather_convert", {}).get("family") or ("qwen3" if spec.qk_norm else "llama")

@@ -1,8 +1,10 @@
 """A conversion's destination appears whole or not at all, and never replaces a directory unasked.
 
-`staged(dst, overwrite, source)` refuses an existing `dst` that is not an empty directory unless `overwrite` (at
-once, before any conversion work), and refuses, even with `overwrite`, a `dst` that is `source` or holds it:
-replacing it would delete the model being read (and, for a parent, every model beside it). Then it yields a staging directory beside `dst` (the same file system, so
+`check_destination(dst, overwrite, sources)` refuses an existing `dst` that is not an empty directory unless
+`overwrite`, a `dst` below a file, and, even with `overwrite`, a `dst` that is one of `sources` or holds one:
+replacing it would delete what is being read (and, for a parent, everything beside it). `forgather export`
+checks its --out with it too. `staged(dst, overwrite, source)` checks at once, before any conversion work,
+then yields a staging directory beside `dst` (the same file system, so
 moving it is a rename). When the block succeeds the staging directory becomes `dst`; when it fails or is
 interrupted it is removed and `dst` is left as it was. Replacing a directory takes two renames (the old one
 aside, the new one in) before the old one is deleted. The staging name carries the process id, so a
@@ -16,13 +18,15 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from forgather.errors import UserError
 
 STAGING = ".{name}.converting-{pid}"
 
 
-class DestinationExists(FileExistsError):
-    """The destination holds something and overwriting was not asked for."""
+class DestinationExists(UserError, FileExistsError):
+    """The destination holds something that writing there would destroy; the message says what to do."""
 
 
 def _occupied(path: Path) -> bool:
@@ -39,9 +43,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_abandoned(dst: Path) -> None:
-    """Staging directories of conversions to `dst` whose process no longer runs."""
-    prefix = STAGING.format(name=dst.name, pid="")
+def remove_abandoned(dst: Path, staging: str = STAGING) -> None:
+    """Staging directories of writes to `dst` (named by `staging`, as STAGING) whose process no longer runs."""
+    prefix = staging.format(name=dst.name, pid="")
     for leftover in dst.parent.glob(f"{prefix}*"):
         pid = leftover.name.removeprefix(prefix)
         if pid.isdigit() and not _alive(int(pid)):
@@ -55,19 +59,31 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def check_destination(dst: str | os.PathLike, overwrite: bool = False, sources: Iterable[str | os.PathLike] = (),
+                      reading: str = "the model being converted") -> Path:
+    """`dst` made absolute, when writing a new directory there destroys nothing (see the module docstring);
+    `reading` names what `sources` are, for the message."""
+    dst = Path(dst).absolute()
+    for source in sources:
+        read = Path(source).resolve()
+        if dst.resolve() in (read, *read.parents):
+            what = "is the source" if dst.resolve() == read else f"holds the source {source}"
+            raise DestinationExists(f"{dst}: the destination {what}; replacing it would delete {reading}, "
+                                    f"--overwrite or not; choose a new destination")
+    blocking = next((parent for parent in dst.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise DestinationExists(f"{dst}: {blocking} is a file, not a directory; choose a destination outside it")
+    if _occupied(dst) and not overwrite:
+        raise DestinationExists(f"{dst} already exists; choose a new destination, or pass --overwrite to replace it")
+    return dst
+
+
 @contextlib.contextmanager
 def staged(dst: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None) -> Iterator[Path]:
     """A staging directory that becomes `dst` when the block succeeds (see the module docstring)."""
-    dst = Path(dst).absolute()
-    read = Path(source).resolve() if source is not None else None
-    if read is not None and dst.resolve() in (read, *read.parents):
-        what = "is the source" if dst.resolve() == read else f"holds the source {source}"
-        raise DestinationExists(f"{dst}: the destination {what}; replacing it would delete the model being "
-                                f"converted, --overwrite or not; choose a new destination")
-    if _occupied(dst) and not overwrite:
-        raise DestinationExists(f"{dst} already exists; choose a new destination, or pass --overwrite to replace it")
+    dst = check_destination(dst, overwrite, () if source is None else (source,))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(dst)
+    remove_abandoned(dst)
     staging = dst.parent / STAGING.format(name=dst.name, pid=os.getpid())
     if staging.exists():  # an earlier conversion of this process that failed to clean up
         shutil.rmtree(staging)

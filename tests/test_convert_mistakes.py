@@ -1,0 +1,131 @@
+"""A user's mistakes with `forgather convert` and `forgather export` are one line naming the file and what to
+do, exit status 2, and never cost the user a file: a damaged model directory, a length of 0, a destination
+below a file, an --out that exists or belongs to the run being exported."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import transformers
+
+from forgather.cli.main import main as forgather_main
+from forgather.convert.hf import hf_to_forgather
+from test_convert import random_hf_model
+from test_run import run, run_dirs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def hf_dir(tmp_path) -> Path:
+    random_hf_model("llama", 64).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_an_unsupported_architecture_names_its_config_file(tmp_path, capsys):
+    transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    assert forgather_main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out")]) == 2
+    assert error_line(capsys) == (f"error: {tmp_path / 'gpt2' / 'config.json'}: model_type 'gpt2' is not convertible; "
+                                  "supported: llama, mistral, qwen3\n")
+
+
+@pytest.mark.parametrize("option", ["--max-length", "--pad-vocab-to-multiple-of"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_length_below_one_is_refused_before_any_work(hf_dir, tmp_path, capsys, option, value):
+    """--max-length 0 was silently ignored, -3 written into the config; --pad-vocab-to-multiple-of 0 divided by 0."""
+    with pytest.raises(SystemExit) as exit:
+        forgather_main(["convert", str(hf_dir), str(tmp_path / "out"), option, value, "--add-tokens", "zz"])
+    assert exit.value.code == 2
+    assert f"{option}: '{value}': a whole number of 1 or more expected" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_destination_below_a_file_is_one_line_naming_the_file(hf_dir, capsys):
+    assert forgather_main(["convert", str(hf_dir), str(hf_dir / "config.json" / "out")]) == 2
+    assert error_line(capsys) == (f"error: {hf_dir / 'config.json' / 'out'}: {hf_dir / 'config.json'} is a file, not a "
+                                  "directory; choose a destination outside it\n")
+
+
+def test_truncated_forgather_weights_are_one_line_saying_to_copy_again(hf_dir, tmp_path, capsys):
+    native = hf_to_forgather(hf_dir, tmp_path / "native")
+    os.truncate(native / "model.safetensors", 3000)
+    assert forgather_main(["convert", str(native), str(tmp_path / "out")]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: {native / 'model.safetensors'}: not a readable safetensors file (")
+    assert line.endswith("; copy the model directory again\n")
+    assert not (tmp_path / "out").exists() and not any(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("direction", ["from_hf", "to_hf"])
+def test_weights_that_do_not_fit_their_config_are_one_line_naming_the_mismatch(hf_dir, tmp_path, capsys, direction):
+    source = hf_dir if direction == "from_hf" else hf_to_forgather(hf_dir, tmp_path / "native")
+    config = json.loads((source / "config.json").read_text())
+    if direction == "from_hf":
+        config["hidden_size"] = 64
+    else:
+        config["model_tree"]["hidden_size"] = 64
+    (source / "config.json").write_text(json.dumps(config))
+    assert forgather_main(["convert", str(source), str(tmp_path / "out")]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: {source}: its weights do not fit its config.json (size mismatch for embed.weight")
+    assert line.endswith("; the two come from different models: copy the model directory again\n")
+
+
+# --- forgather export --out ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    assert run(root, "+experiment=micro", "scheduler=constant", "max_steps=4") == 0
+    (found,) = run_dirs(root / "outputs")
+    return found
+
+
+def files_state(*roots: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_an_out_that_exists_or_belongs_to_the_run(run_dir, tmp_path, capsys):
+    """An existing --out was replaced unasked (a user's directory, even the run's last.ckpt, moved aside as a
+    hidden .last.ckpt.old-PID); --overwrite would have replaced the run itself."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep").write_text("mine")
+    before = files_state(run_dir, mine)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    refusals = {
+        (str(mine),): f"{mine} already exists; choose a new destination, or pass --overwrite to replace it",
+        (str(last), "--overwrite"): f"{last}: the destination is the source; replacing it would delete the run being "
+                                    "exported, --overwrite or not; choose a new destination",
+        (str(run_dir.parent), "--overwrite"): f"{run_dir.parent}: the destination holds the source {run_dir}",
+        (str(run_dir / "snapshot"), "--overwrite"): f"{run_dir / 'snapshot'}: part of the run {run_dir}, --overwrite "
+                                                    "or not; choose a new destination",
+    }
+    for out, message in refusals.items():
+        checkpoint = ["--checkpoint", str(last)] if out[0] == str(last) else []
+        assert forgather_main(["export", str(run_dir), *checkpoint, "--out", *out]) == 2
+        assert error_line(capsys).startswith(f"error: {message}")
+    assert files_state(run_dir, mine) == before
+
+
+def test_export_overwrite_replaces_out_and_clears_a_killed_exports_staging(run_dir, tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old").write_text("an older export")
+    killed = tmp_path / f".model.tmp-{2**22 + 7}"  # above any pid Linux hands out: its process is gone
+    killed.mkdir()
+    (killed / "model.safetensors").write_text("half")
+    assert forgather_main(["export", str(run_dir), "--out", str(out), "--overwrite"]) == 0
+    assert capsys.readouterr().out == f"exported model: {out}\n"
+    assert (out / "model.safetensors").is_file() and not (out / "old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
