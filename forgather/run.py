@@ -556,15 +556,22 @@ def resume_step(run_dir: Path, ckpt_path: Path) -> int:
     try:
         return checkpoint_step(ckpt_path)
     except Exception as error:  # torch says it in its own words: a zip's missing directory, an unpickling error
-        from forgather.errors import UserError
-
-        size = f"{ckpt_path.stat().st_size} bytes, " if ckpt_path.is_file() else ""
-        others = [p for p in checkpoints_newest_first(run_dir / CHECKPOINTS_DIR) if p != ckpt_path]
-        readable = next(((p, step) for p in others if (step := readable_step(p)) is not None), None)
+        readable = _newest_readable(run_dir, besides=ckpt_path)
         hint = (f"move it out of {ckpt_path.parent} to resume from {readable[0].name} (step {readable[1]}), the "
                 f"newest one that reads" if readable else
                 f"no other checkpoint of this run reads: start over with --from-snapshot {run_dir}")
-        raise UserError(f"{ckpt_path}: not a readable checkpoint ({size}truncated or corrupt); {hint}") from error
+        raise _unreadable(ckpt_path, hint) from error
+
+
+def _newest_readable(run_dir: Path, besides: Path) -> tuple[Path, int] | None:
+    """(the newest checkpoint of the run other than `besides` that reads, its step), or None."""
+    others = [p for p in checkpoints_newest_first(run_dir / CHECKPOINTS_DIR) if p != besides]
+    return next(((p, step) for p in others if (step := readable_step(p)) is not None), None)
+
+
+def _unreadable(ckpt_path: Path, hint: str) -> UserError:
+    size = f"{ckpt_path.stat().st_size} bytes, " if ckpt_path.is_file() else ""
+    return UserError(f"{ckpt_path}: not a readable checkpoint ({size}truncated or corrupt); {hint}")
 
 
 def export_settings(outputs: str, experiment: str, base_dir: str | None, sweep_point: Path | None = None) -> dict[str, Any]:
@@ -851,7 +858,10 @@ def export_checkpoint(run_dir: Path, ckpt_path: Path | None = None, out_dir: Pat
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         step, weights = int(state["global_step"]), state["state_dict"]
     except Exception as error:  # cut short, or not a Lightning checkpoint
-        raise ValueError(f"{ckpt_path}: not a readable checkpoint ({type(error).__name__}: {error})") from error
+        readable = _newest_readable(run_dir, besides=ckpt_path)
+        hint = (f"export {readable[0].name} (step {readable[1]}), the newest one that reads: --checkpoint {readable[0]}"
+                if readable else "no other checkpoint of this run reads")
+        raise _unreadable(ckpt_path, hint) from error
     with tracking_from_project(meta.get("from_project")):
         built = construct(config, ["module", "datamodule"], base_dir=base_dir)
     module = built["module"]

@@ -345,6 +345,11 @@ def test_resuming_from_a_truncated_checkpoint_names_it_and_the_newest_one_that_r
     assert main(["--resume", str(run_dir), "max_steps=4"]) == 2
     assert capsys.readouterr().err.endswith(f"; move it out of {last.parent} to resume from step=1.ckpt (step 2), "
                                             "the newest one that reads\n")
+    from forgather.cli.main import main as forgather_main
+
+    assert forgather_main(["export", str(run_dir), "--checkpoint", str(last), "--out", str(tmp_path / "model")]) == 2
+    assert capsys.readouterr().err == (f"error: {last}: not a readable checkpoint (1000 bytes, truncated or corrupt); "
+                                       f"export step=1.ckpt (step 2), the newest one that reads: --checkpoint {earlier}\n")
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
