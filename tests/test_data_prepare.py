@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,7 +198,7 @@ def test_a_full_disk_names_the_shard_being_written(tokenizer, tmp_path, monkeypa
 
     monkeypatch.setattr(arrow_writer.ArrowWriter, "write_table", full)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    prep._init_worker(prep.tokenizer_json(tokenizer))
+    prep._init_worker(prep.tokenizer_json(tokenizer), os.getppid())  # the parent it watches: this test's, alive
     unit = prep.work_units([write_jsonl(tmp_path / "a.jsonl", TEXTS)])[0]
     (tmp_path / "stage" / "train").mkdir(parents=True)
     (tmp_path / "stage" / "val").mkdir()

@@ -98,7 +98,7 @@ class UnitResult:
 
 def source_files(sources: Sequence[str | Path]) -> list[Path]:
     """The files (and saved-dataset directories) the source globs name, each glob sorted; one that matches
-    nothing, or a file that cannot be opened, is an error."""
+    nothing, a file that cannot be opened or of an unknown kind, is an error."""
     files: list[Path] = []
     for source in sources:
         matches = sorted(glob.glob(os.path.expanduser(str(source)), recursive=True))
@@ -107,6 +107,7 @@ def source_files(sources: Sequence[str | Path]) -> list[Path]:
         files.extend(Path(match) for match in matches)
     for path in files:
         _check_readable(path)
+        source_kind(path)  # before anything reads it: a plain directory has no sizes to key it by
     return files
 
 
@@ -204,7 +205,16 @@ def unit_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResult)
         texts = enumerate(table.column(field).to_pylist(), start=first)
     else:
         texts = enumerate(_hf_dataset(path, field)[unit.start : unit.end][field], start=unit.start)
-    return ((position, text) for position, text in texts if text and text.strip())
+    return ((position, text) for position, text in texts if _is_document(text, path, position, field))
+
+
+def _is_document(value: Any, path: Path, row: int, field: str) -> bool:
+    """Whether `value` is a document (text, not blank); a value of another kind (a parquet or dataset column of
+    numbers) is an error naming its row."""
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{path}: row {row}: column {field!r} holds {type(value).__name__} {value!r:.40}, not text; "
+                        f"set the field to a text column")
+    return bool(value and value.strip())
 
 
 def _jsonl_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResult) -> Iterator[tuple[int, str]]:
@@ -355,7 +365,31 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         raise UserError(f"{path}: not a prepared directory (no {MANIFEST}); run `forgather data prepare --out {path}`")
-    return json.loads(manifest.read_text())
+    try:
+        content = json.loads(manifest.read_bytes())
+    except ValueError as error:  # not JSON, or not text
+        content, problem = None, f"not JSON ({str(error).splitlines()[0]})"
+    else:
+        problem = _manifest_problem(content)
+    if problem:
+        raise UserError(f"{manifest}: not the manifest that was prepared ({problem}): a file edited or cut short; "
+                        f"prepare the corpus again, into a new directory or after deleting {path}")
+    return content
+
+
+def _manifest_problem(content: Any) -> str:
+    """What a manifest read back lacks ("" when nothing): the fields the stream and the key check read."""
+    if not isinstance(content, dict):
+        return f"a JSON {type(content).__name__}, not an object"
+    missing = [name for name in ("key", "pad_id", "shards") if name not in content]
+    if missing:
+        return f"no {', '.join(map(repr, missing))}"
+    shards = content["shards"]
+    if not (isinstance(shards, dict) and all(isinstance(shards.get(split), list) for split in SPLITS)):
+        return "its 'shards' is not a list of train and val shards"
+    if not all(isinstance(shard, dict) and {"file", "tokens"} <= shard.keys() for split in SPLITS for shard in shards[split]):
+        return "a shard without its 'file' or 'tokens'"
+    return ""
 
 
 def prepare(
@@ -376,7 +410,11 @@ def prepare(
     if on_bad_line not in ("stop", "skip"):
         raise UserError(f"on_bad_line must be 'stop' or 'skip', got {on_bad_line!r}")
     if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}; give the share of documents to hold "
+                        f"out for validation (--val-fraction 0.02)")
+    if num_workers is not None and num_workers < 1:
+        raise UserError(f"num_workers must be at least 1, got {num_workers}; give a number of processes "
+                        f"(--workers N, prepare_workers=N), or none for every core")
     files = source_files(sources)
     text = tokenizer_json(tokenizer)
     backend = _backend(text)
@@ -540,6 +578,11 @@ def _manifest(key, files, settings, results: list[UnitResult]) -> dict[str, Any]
         for split in SPLITS
     }
     if not shards["train"]:
+        held_out = sum(r.documents["val"] for r in results)
+        if held_out:  # a corpus of a document or two: the hash drew every one for validation
+            raise UserError(f"{', '.join(map(str, files))}: every document of the corpus ({held_out}) fell in the "
+                            f"validation split (val_fraction={settings['val_fraction']}), none is left to train on; "
+                            f"add documents, or set val_fraction 0 (--val-fraction 0)")
         raise UserError(f"{', '.join(map(str, files))}: the corpus has no documents (empty files or fields)")
     skipped = sum(r.skipped for r in results)
     return {

@@ -38,7 +38,11 @@ def text_documents(
         raise ValueError(f"text_documents: split must be 'file' or 'paragraph', got {split!r}")
     documents = []
     for path in _text_files(paths, pattern):
-        text = path.read_text(encoding=encoding).replace("\r\n", "\n")
+        try:
+            text = path.read_text(encoding=encoding).replace("\r\n", "\n")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not {encoding} text ({error.reason} at byte {error.start}); convert it, or "
+                             f"leave it out (data_pattern=)") from error
         documents.extend(_paragraphs(text) if split == "paragraph" else [text])
     return _non_empty(documents)
 
@@ -52,28 +56,41 @@ def _text_files(paths: str | Path | Iterable[str | Path], pattern: str) -> list[
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         path = Path(path)
         if path.is_dir():
-            files.extend(sorted(path.rglob(pattern), key=lambda file: file.relative_to(path).as_posix()))
+            found = sorted((f for f in path.rglob(pattern) if f.is_file()), key=lambda f: f.relative_to(path).as_posix())
+            if not found:
+                raise FileNotFoundError(f"{path}: no file in this directory matches {pattern!r}; set the pattern "
+                                        f"(data_pattern='*.md') or give other data_paths")
+            files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"text_documents: {path} is neither a file nor a directory")
+            raise FileNotFoundError(f"{path}: no such file or directory; check data_paths")
     return files
 
 
 def jsonl_documents(path: str | Path, field: str = "text", encoding: str = "utf-8") -> list[str]:
     """Documents from the `field` of each line of a jsonl file (blank lines are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        what = "a directory, not a jsonl file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"{path}: {what}; check data_path")
     documents = []
-    with Path(path).open(encoding=encoding) as lines:
+    with path.open("rb") as lines:  # bytes: a line that is not text is reported with its number
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
+            try:
+                line = line.decode(encoding)
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not {encoding} text ({error.reason} at byte {error.start} of the "
+                                 f"line); fix the line") from error
             text, problem = record_text(line, field)
             if problem is None:
                 documents.append(text)
             elif problem.startswith(("no field", "field")):  # the line is JSON: the field is the thing to set
                 raise KeyError(f"{path}:{number}: {problem}; set field= (data_field= on the command line) to the text key")
             else:
-                raise ValueError(f"{path}:{number}: {problem}")
+                raise ValueError(f"{path}:{number}: {problem}; fix the line")
     return _non_empty(documents)
 
 

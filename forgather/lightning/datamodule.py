@@ -51,6 +51,7 @@ from forgather.data.prepare import PreparedCorpus
 from forgather.data.sources import Documents, resolve_documents
 from forgather.data.split import split_documents
 from forgather.data.tokenizer import tokenizer_fingerprint
+from forgather.errors import UserError
 
 # Bump when packing or splitting changes, so stale cached blocks are not reused.
 PACKED_FORMAT = 1
@@ -58,6 +59,10 @@ PACKED_FORMAT = 1
 
 class DataChangedWarning(UserWarning):
     """A run resumed with other data or batch size than its checkpoint's."""
+
+
+class NoValidationWarning(UserWarning):
+    """The data holds no validation blocks: the run reports no val/loss."""
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -142,14 +147,27 @@ class TextDataModule(pl.LightningDataModule):
             path = self.documents.prepare(self.tokenizer)  # no work when prepare_data made it; checks the key
             self.train_dataset, self.val_dataset = streaming_datasets(path, self.block_size)
             self.data_key = fingerprint(self.documents.key, self.block_size, self.seed)
-            return
-        documents = self._documents()
-        self.data_key = self._key(documents)
-        if self.cache:
-            datasets = load_datasets(self._cached_path(documents, self.data_key))
-            self.train_dataset, self.val_dataset = datasets["train"], datasets["val"]
         else:
-            self.train_dataset, self.val_dataset = self._build(documents)
+            documents = self._documents()
+            self.data_key = self._key(documents)
+            if self.cache:
+                datasets = load_datasets(self._cached_path(documents, self.data_key))
+                self.train_dataset, self.val_dataset = datasets["train"], datasets["val"]
+            else:
+                self.train_dataset, self.val_dataset = self._build(documents)
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        # Lightning ends a fit without training batches as if it had finished, and skips an empty validation
+        # without a word: both would pass for a run that worked.
+        if len(self.train_dataset) == 0:
+            self.train_dataset = self.val_dataset = None  # a corrected source is read again by the next setup()
+            raise UserError("the data has no training documents (an empty file or directory, texts that are all "
+                            "blank, or max_documents=0); check the data source (data_path, data_paths)")
+        if len(self.val_dataset) == 0:
+            rank_zero_warn("the data has no validation blocks (val_fraction=0, or too few documents to hold one "
+                           "out): the run reports no val/loss; raise val_fraction or add documents",
+                           category=NoValidationWarning)
 
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.data_key, "batch_size": self.batch_size} if self.data_key else {}
