@@ -55,6 +55,9 @@ def first_nonfinite(named: Iterable[tuple[str, Any]]) -> str | None:
 
 class StopOnDivergence(pl.Callback):
     def __init__(self, metrics: tuple[str, ...] = ("train/loss", "train/grad_norm")) -> None:
+        if isinstance(metrics, str):
+            raise ValueError(f"StopOnDivergence(metrics={metrics!r}): metrics takes a tuple of metric names, "
+                             f"e.g. ({metrics!r},)")
         self.metrics = tuple(metrics)
         self._seen: object = None  # the metrics dict last looked at
 

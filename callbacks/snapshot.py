@@ -28,7 +28,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import yaml
@@ -75,6 +75,12 @@ class Snapshot(pl.Callback):
         repo_dir: str | os.PathLike | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"Snapshot(run_dir={str(run_dir)!r}): that is a file; run_dir takes a directory "
+                             "(created if missing), the snapshot goes to run_dir/snapshot/")
+        if sources is not None and not isinstance(sources, Mapping):
+            raise ValueError(f"Snapshot(sources={sources!r}): sources takes a mapping {{name inside sources/: path}}, "
+                             "e.g. {'train.py': __file__}")
         self.config = config
         self.overrides = list(overrides)
         self.sources = dict(sources or {})

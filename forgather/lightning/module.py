@@ -99,7 +99,15 @@ class CausalLMModule(pl.LightningModule):
                           f"(set compile=true, or leave them out)", stacklevel=2)
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
+        _check_factory("optimizer", optimizer, torch.optim.Optimizer, "functools.partial(torch.optim.AdamW, lr=3e-4)")
+        _check_factory("lr_scheduler", lr_scheduler, torch.optim.lr_scheduler.LRScheduler,
+                       "functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=1000)")
+        if loss is not None and (isinstance(loss, type) or not callable(loss)):
+            raise TypeError(f"CausalLMModule(loss={loss!r}): loss takes a loss object called as "
+                            "loss(hidden, weight, labels), e.g. forgather.loss.ChunkedLoss()"
+                            + (" (an instance, not the class)" if isinstance(loss, type) else ""))
         if isinstance(model, nn.Module):
+            _check_model_interface(model)
             self.model, self.model_factory = model, None
         elif callable(model):
             self.model, self.model_factory = None, model
@@ -128,7 +136,7 @@ class CausalLMModule(pl.LightningModule):
     def configure_model(self) -> None:
         # Lightning calls this for every stage; build once.
         if self.model is None:
-            self.model = self.model_factory()
+            self.model = _check_model_interface(self.model_factory())
         if self.compile and not self._compiled:
             options = _compile_arguments(self.compile_mode, self.compile_options)
             if self.compile_scope == "model":
@@ -359,6 +367,27 @@ def _compile_arguments(mode: str | None, options: dict[str, Any]) -> dict[str, A
     from torch._inductor import list_mode_options
 
     return {"options": {**(list_mode_options(mode) if mode else {}), **options}}
+
+
+def _check_factory(name: str, value: Any, built: type, example: str) -> None:
+    """`value` must be None or a factory called later with the parameters (or the optimizer), not a built object."""
+    if value is None or (callable(value) and not isinstance(value, built)):
+        return
+    shown = f"{type(value).__name__}(...)" if isinstance(value, built) else repr(value)  # an optimizer's repr is long
+    what = "one already built" if isinstance(value, built) else type(value).__name__
+    raise TypeError(f"CausalLMModule({name}={shown}): got {what}; {name} takes a factory that the module calls "
+                    f"in configure_optimizers, e.g. {example}")
+
+
+def _check_model_interface(model: Any) -> nn.Module:
+    """The model, if it has the interface the module trains through (the module docstring); else a TypeError."""
+    missing = [name for name in ("hidden_states", "lm_head_weight") if not hasattr(model, name)]
+    if not isinstance(model, nn.Module) or missing:
+        lacks = f"lacks {' and '.join(missing)}" if isinstance(model, nn.Module) else "is not an nn.Module"
+        raise TypeError(f"CausalLMModule(model=...): the model, a {type(model).__name__}, {lacks}; give a model with "
+                        "hidden_states(input_ids, position_ids=None) -> [B, T, H] and lm_head_weight -> [V, H], "
+                        "e.g. forgather.models.causal_lm.CausalLM")
+    return model
 
 
 def _labels(batch: Batch) -> torch.Tensor:

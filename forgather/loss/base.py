@@ -44,6 +44,13 @@ class CausalLMLoss(nn.Module):
 
     def __init__(self, ignore_index: int = IGNORE_INDEX, z_loss: float = 0.0, softcap: float | None = None):
         super().__init__()
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"{type(self).__name__}(ignore_index={ignore_index!r}): ignore_index takes the integer "
+                             f"label that marks padding, e.g. {IGNORE_INDEX}")
+        if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or z_loss < 0:
+            raise ValueError(f"{type(self).__name__}(z_loss={z_loss!r}): z_loss takes a number >= 0, e.g. 1e-4")
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
+            raise ValueError(f"{type(self).__name__}(softcap={softcap!r}): softcap takes a number > 0, e.g. 30.0")
         if z_loss and not self.supports_z_loss:
             raise ValueError(f"loss {self.name!r} does not support z_loss; use 'naive', 'chunked' or 'liger'")
         if softcap is not None and not self.supports_softcap:
@@ -59,10 +66,18 @@ class CausalLMLoss(nn.Module):
             raise ValueError(
                 f"expected hidden [B, T, H] and labels [B, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
             )
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be integer token ids (the input ids), got a {labels.dtype} tensor")
         if weight.shape[1] != hidden.shape[2]:
             raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[2]}")
         targets = shift_labels(labels, self.ignore_index)
         return self.token_loss(hidden.reshape(-1, hidden.shape[-1]), weight, targets)
+
+    def check_chunk_size(self, chunk_size: object) -> None:
+        """For the losses that take `chunk_size` tokens at a time."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"{type(self).__name__}(chunk_size={chunk_size!r}): chunk_size takes a number of tokens "
+                             ">= 1, e.g. 1024")
 
     def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss over the tokens of hidden [N, H] whose targets [N] are not ignore_index."""

@@ -248,8 +248,7 @@ class ChunkedLoss(CausalLMLoss):
         softcap: float | None = None,
     ):
         super().__init__(ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         self.compile = compile
         self.inplace = inplace

@@ -68,8 +68,7 @@ class FusedLoss(CausalLMLoss):
     ):
         super().__init__(ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
         require_extra(self.name, "liger-kernel", "liger_kernel.ops.cross_entropy")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
 
     def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,9 @@ import torch
 from torch.optim import Optimizer
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
-from forgather.optim.state import Params, load_state_keeping_fp32, parameters_with_grads, run_closure
+from forgather.optim.state import (
+    Params, check_number, load_state_keeping_fp32, parameters_with_grads, run_closure,
+)
 
 FP32_STATE = {"row_var", "col_var", "variance", "param_sq"}
 
@@ -57,14 +59,18 @@ class Adafactor(Optimizer):
         stochastic_rounding: bool = True,
         seed: int = 0,
     ):
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if beta1 is not None and not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"beta1 must be in [0, 1) or None, got {beta1}")
-        if beta2_decay > 0:
-            raise ValueError(f"beta2_decay must be <= 0, got {beta2_decay}")
-        if d <= 0:
-            raise ValueError(f"clipping threshold d must be positive, got {d}")
+        owner = type(self).__name__
+        check_number(owner, "lr", lr, lambda x: x > 0, "a number > 0, e.g. 1e-2")
+        if beta1 is not None:
+            check_number(owner, "beta1", beta1, lambda x: 0 <= x < 1, "a number in [0, 1), or None (no first moment)")
+        check_number(owner, "beta2_decay", beta2_decay, lambda x: x <= 0, "a number <= 0, e.g. -0.8")
+        pair = isinstance(eps, (tuple, list)) and len(eps) == 2
+        if not pair or not all(e is None and i == 0 or not isinstance(e, bool) and isinstance(e, (int, float)) and e >= 0
+                               for i, e in enumerate(eps)):
+            raise ValueError(f"{owner}(eps={eps!r}): eps takes a pair (eps1, eps2) of numbers >= 0, eps1 also None "
+                             "(float32's epsilon), e.g. (None, 1e-3)")
+        check_number(owner, "d", d, lambda x: x > 0, "a clipping threshold > 0, e.g. 1.0")
+        check_number(owner, "weight_decay", weight_decay, lambda x: x >= 0, "a number >= 0, e.g. 0.01")
         defaults = dict(
             lr=lr, beta1=beta1, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
             relative_step=relative_step, scale_parameter=scale_parameter, maximize=maximize,

@@ -30,7 +30,9 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
-from forgather.optim.state import Params, load_state_keeping_fp32, parameters_with_grads, run_closure, to_device
+from forgather.optim.state import (
+    Params, check_adam_arguments, load_state_keeping_fp32, parameters_with_grads, run_closure, to_device,
+)
 
 
 def adamw_update(
@@ -71,10 +73,7 @@ class AdamW(Optimizer):
         seed: int = 0,
         state_dtype: torch.dtype | None = None,
     ):
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        check_adam_arguments("AdamW", lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         stochastic_rounding=stochastic_rounding, seed=seed)
         super().__init__(params, defaults)

@@ -17,7 +17,9 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from forgather.optim.state import Params, load_state_keeping_fp32, parameters_with_grads, run_closure
+from forgather.optim.state import (
+    Params, check_adam_arguments, check_number, load_state_keeping_fp32, parameters_with_grads, run_closure,
+)
 
 FP32_STATE = {"exp_avg", "exp_avg_sq", "projection", "update_norm"}
 
@@ -36,10 +38,14 @@ class LowRankAdamW(Optimizer):
         update_proj_gap: int = 200,
         scale: float = 1.0,
     ):
-        if rank is not None and rank < 1:
-            raise ValueError(f"rank must be positive or None, got {rank}")
-        if update_proj_gap < 1:
-            raise ValueError(f"update_proj_gap must be positive, got {update_proj_gap}")
+        owner = type(self).__name__
+        check_adam_arguments(owner, lr, betas, eps, weight_decay)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"{owner}(rank={rank!r}): rank takes an integer >= 1, or None for plain AdamW")
+        if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap < 1:
+            raise ValueError(f"{owner}(update_proj_gap={update_proj_gap!r}): update_proj_gap takes a number of "
+                             "steps >= 1, e.g. 200")
+        check_number(owner, "scale", scale, lambda x: x > 0, "a number > 0, e.g. 0.25")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale,

@@ -1,5 +1,5 @@
-"""What our optimizers share: the `Params` type, the walk of a step, host numbers to the device without a wait,
-and fp32 state across loading.
+"""What our optimizers share: the `Params` type, the checks of their arguments, the walk of a step, host numbers
+to the device without a wait, and fp32 state across loading.
 
 `torch.optim.Optimizer.load_state_dict` casts every floating state tensor to its parameter's dtype. Our
 optimizers keep some state in fp32 whatever the parameter dtype; for bf16 parameters that cast would round it
@@ -16,6 +16,25 @@ import torch
 from torch.optim import Optimizer
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+def check_number(owner: str, name: str, value: Any, ok: Callable[[float], bool], expected: str) -> None:
+    """Raise ValueError naming `owner(name=value)` and what to give, unless `value` is a number (not a bool) for
+    which `ok` holds: in `__init__`, where torch's own optimizers check theirs, not as a NaN weight steps later."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{owner}({name}={value!r}): {name} takes {expected}")
+
+
+def check_adam_arguments(owner: str, lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    """torch.optim.AdamW's checks, each naming the argument, its value and what to give."""
+    check_number(owner, "lr", lr, lambda x: x >= 0, "a number >= 0, e.g. 1e-3")
+    pair = isinstance(betas, (tuple, list)) and len(betas) == 2
+    if not pair or not all(not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"{owner}(betas={betas!r}): betas takes two numbers in [0, 1), e.g. (0.9, 0.999)")
+    check_number(owner, "eps", eps, lambda x: x >= 0, "a number >= 0, e.g. 1e-8")
+    check_number(owner, "weight_decay", weight_decay, lambda x: x >= 0, "a number >= 0, e.g. 0.01")
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

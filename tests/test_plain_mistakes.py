@@ -1,0 +1,112 @@
+"""A wrong argument to our pieces in a plain Lightning script is one ValueError/TypeError in `__init__` that names
+the argument, its value and what to give: not a NaN weight or a shape error steps later."""
+
+import functools
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+
+from tiny_lm import tiny_model  # noqa: E402
+
+from forgather.callbacks.divergence import StopOnDivergence  # noqa: E402
+from forgather.callbacks.snapshot import Snapshot  # noqa: E402
+from forgather.lightning.module import CausalLMModule  # noqa: E402
+from forgather.loss import ChunkedLoss, NaiveLoss  # noqa: E402
+from forgather.optim import Adafactor, AdamW, ApolloAdamW, GaLoreAdamW  # noqa: E402
+
+
+def params() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.randn(8, 4))]
+
+
+@pytest.mark.parametrize("optimizer", [AdamW, GaLoreAdamW, ApolloAdamW])
+@pytest.mark.parametrize("argument, value", [("lr", -1.0), ("betas", (1.0, 0.999)), ("eps", -1e-8),
+                                             ("weight_decay", -0.1), ("betas", 0.9)])
+def test_adam_optimizers_refuse_out_of_range_hyperparameters(optimizer, argument, value):
+    with pytest.raises(ValueError, match=re.escape(f"{optimizer.__name__}({argument}={value!r}): {argument} takes")):
+        optimizer(params(), **{argument: value})
+
+
+@pytest.mark.parametrize("argument, value", [("weight_decay", -0.1), ("eps", 1e-3), ("eps", (-1.0, 1e-3)),
+                                             ("lr", "1e-2")])
+def test_adafactor_refuses_bad_arguments_in_init(argument, value):
+    with pytest.raises(ValueError, match=re.escape(f"Adafactor({argument}={value!r}): {argument} takes")):
+        Adafactor(params(), **{argument: value})
+
+
+@pytest.mark.parametrize("chunk_size", [2.5, "64", True, 0])
+def test_chunked_loss_refuses_a_chunk_size_that_is_no_token_count(chunk_size):
+    with pytest.raises(ValueError, match=rf"ChunkedLoss\(chunk_size={chunk_size!r}\): chunk_size takes"):
+        ChunkedLoss(chunk_size=chunk_size, compile=False)
+
+
+@pytest.mark.parametrize("ignore_index", [None, "pad", -100.0])
+def test_losses_refuse_an_ignore_index_that_is_no_integer(ignore_index):
+    with pytest.raises(ValueError, match=rf"NaiveLoss\(ignore_index={ignore_index!r}\): ignore_index takes"):
+        NaiveLoss(ignore_index=ignore_index)
+
+
+def test_loss_refuses_a_negative_z_loss():
+    with pytest.raises(ValueError, match=r"NaiveLoss\(z_loss=-1.0\): z_loss takes a number >= 0"):
+        NaiveLoss(z_loss=-1.0)
+
+
+def test_loss_refuses_float_labels():
+    hidden, weight = torch.randn(2, 8, 16), torch.randn(32, 16)
+    with pytest.raises(ValueError, match="labels must be integer token ids"):
+        NaiveLoss()(hidden, weight, torch.zeros(2, 8))
+
+
+def test_module_refuses_a_built_optimizer():
+    model = tiny_model()
+    with pytest.raises(TypeError, match=r"optimizer=Adafactor\(\.\.\.\)\): got one already built; optimizer takes a "
+                                        r"factory"):
+        CausalLMModule(model, optimizer=Adafactor(model.parameters()))
+
+
+@pytest.mark.parametrize("argument", ["optimizer", "lr_scheduler"])
+def test_module_refuses_a_name_for_a_factory(argument):
+    with pytest.raises(TypeError, match=rf"CausalLMModule\({argument}='adamw'\): got str"):
+        CausalLMModule(tiny_model(), **{argument: "adamw"})
+
+
+def test_module_refuses_a_loss_class_for_a_loss():
+    with pytest.raises(TypeError, match="an instance, not the class"):
+        CausalLMModule(tiny_model(), loss=ChunkedLoss)
+
+
+def test_module_refuses_a_model_without_the_interface():
+    with pytest.raises(TypeError, match="a Linear, lacks hidden_states and lm_head_weight"):
+        CausalLMModule(torch.nn.Linear(4, 4))
+
+
+def test_module_checks_a_factory_built_model_in_configure_model():
+    module = CausalLMModule(lambda: torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="lacks hidden_states"):
+        module.configure_model()
+
+
+def test_module_still_takes_an_optimizer_class_and_partials():
+    CausalLMModule(tiny_model(), optimizer=functools.partial(Adafactor, lr=1e-2), loss=ChunkedLoss(compile=False))
+
+
+def test_snapshot_refuses_a_run_dir_that_is_a_file(tmp_path):
+    file = tmp_path / "run"
+    file.write_text("")
+    with pytest.raises(ValueError, match="that is a file; run_dir takes a directory"):
+        Snapshot(file)
+
+
+def test_snapshot_refuses_sources_that_are_no_mapping(tmp_path):
+    with pytest.raises(ValueError, match=r"sources takes a mapping"):
+        Snapshot(tmp_path, sources=["train.py"])
+
+
+def test_stop_on_divergence_refuses_one_metric_name_as_a_string():
+    with pytest.raises(ValueError, match=r"metrics takes a tuple of metric names, e.g. \('train/loss',\)"):
+        StopOnDivergence(metrics="train/loss")
