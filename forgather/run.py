@@ -380,15 +380,13 @@ class Runner:
         try:
             command = self.point_command(getattr(launcher, "gpus_per_job", 0))
             outcomes = launch_sweep.run(root, launcher, sweeper, job_arguments, self.groups, check, command, resume)
-        except BaseException as error:
+        except BaseException:  # launch.sweep.run says how to continue a sweep that was interrupted
             if not resume and not any(p.is_dir() for p in root.iterdir()):  # refused before any point started
                 import shutil
 
                 shutil.rmtree(root)
                 with contextlib.suppress(OSError):  # multirun/ itself, when this sweep was its first
                     root.parent.rmdir()
-            elif isinstance(error, KeyboardInterrupt):  # Ctrl-C: the points checkpointed (JobControl)
-                print(f"the sweep continues with: python -m forgather.run --resume {root}", file=sys.stderr, flush=True)
             raise
         _print_sweep(root, outcomes)
         return 1 if any(o.status == "failed" for o in outcomes) else 0

@@ -59,7 +59,8 @@ class LocalLauncher(Launcher):
                 raise UserError(
                     f"launcher.jobs={self.jobs} x launcher.gpus_per_job={self.gpus_per_job} needs "
                     f"{self.gpus_per_job * min(self.jobs, jobs)} GPUs; {len(pool)} available ({','.join(pool) or 'none'}): "
-                    f"lower launcher.jobs, or name the GPUs with launcher.gpus=0,1,..."
+                    f"{'lower launcher.gpus_per_job' if min(self.jobs, jobs) == 1 else 'lower launcher.jobs or launcher.gpus_per_job'}, "
+                    f"or name the GPUs with launcher.gpus=0,1,..."
                 )
 
     def launch(self, jobs: list[Job], status: Status) -> list[Outcome]:

@@ -20,15 +20,18 @@ not to be tried again). A seeded sampler (`seed`) makes the search repeatable.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from forgather import overrides as ovr
-from forgather.errors import UserError
+from forgather.errors import UserError, did_you_mean
 from forgather.launch.base import Outcome
-from forgather.launch.point import TRIAL_ENV
+from forgather.launch.point import TRIAL_ENV, misnamed_metric
 from forgather.launch.sweep import Plan, SweepContext, Sweeper, continues
 
 DB_FILE = "optuna.db"
+TAGS = ("int", "log")  # what tag() may say of an interval
 CONTINUES = "continues"  # the user attribute of a trial asked again: the number of the trial it continues
 
 
@@ -70,10 +73,12 @@ def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
         value, key = item.value(), item.get_key_element()
         if isinstance(value, Glob):
             raise ovr.OverrideError(f"{item.input_line}: glob() enumerates a group's options for the basic sweeper; with sweeper=optuna write choice(a,b,...)")
+        for tag in sorted(set(value.tags) - set(TAGS)):  # Hydra's grammar takes any tag: a misspelled one would be ignored
+            raise ovr.OverrideError(f"{item.input_line}: no tag {tag!r}{ovr._suggest(tag, list(TAGS))} (tags: {', '.join(TAGS)})")
         if isinstance(value, ChoiceSweep):
-            space[key] = CategoricalDistribution(list(item.sweep_iterator()))
+            space[key] = CategoricalDistribution([v for v, _ in ovr._sweep_values(item, None)])
         elif isinstance(value, RangeSweep):
-            values = list(item.sweep_iterator())
+            values = [v for v, _ in ovr._sweep_values(item, None)]  # an empty range is refused there
             integral = all(isinstance(v, int) for v in values)
             space[key] = IntDistribution(values[0], values[-1], step=int(value.step)) if integral and values and not value.shuffle else CategoricalDistribution(values)
         elif isinstance(value, IntervalSweep):
@@ -82,6 +87,8 @@ def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
             log = "log" in value.tags
             if log and value.start <= 0:
                 raise ovr.OverrideError(f"{item.input_line}: a log interval needs a start above 0")
+            if "int" in value.tags and not (float(value.start).is_integer() and float(value.end).is_integer()):
+                raise ovr.OverrideError(f"{item.input_line}: an int interval needs whole-number bounds")
             if "int" in value.tags:
                 space[key] = IntDistribution(int(value.start), int(value.end), log=log)
             else:
@@ -116,12 +123,11 @@ class OptunaSweeper(Sweeper):
         n_warmup_steps: int = 0,
         study_name: str = "sweep",
     ) -> None:
-        if direction not in ("minimize", "maximize"):
-            raise UserError(f"sweeper.direction={direction}: give minimize or maximize")
-        if sampler not in ("tpe", "random"):
-            raise UserError(f"sweeper.sampler={sampler}: give tpe or random")
-        if pruner not in ("median", "none"):
-            raise UserError(f"sweeper.pruner={pruner}: give median or none")
+        for name, value, allowed in (("direction", direction, ("minimize", "maximize")), ("sampler", sampler, ("tpe", "random")),
+                                     ("pruner", pruner, ("median", "none"))):
+            if value not in allowed:
+                hint = did_you_mean(str(value), allowed)
+                raise UserError(f"sweeper.{name}={value}: give {' or '.join(allowed)}" + (f" ; {hint}" if hint else ""))
         for name, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
             if value < 1:
                 raise UserError(f"sweeper.{name}={value}: give 1 or more")
@@ -137,6 +143,30 @@ class OptunaSweeper(Sweeper):
         sampler = optuna.samplers.TPESampler(seed=self.seed) if self.sampler == "tpe" else optuna.samplers.RandomSampler(seed=self.seed)
         return optuna.create_study(storage=_storage(url), study_name=self.study_name, direction=self.direction, sampler=sampler, pruner=make_pruner(self.pruner), load_if_exists=True)
 
+    def _open(self, root: Path, url: str):
+        """The sweep's study. A sweep whose trials ran needs the study that numbered them: a new one (the file
+        deleted or emptied, another study_name) would tell its trials the finished points' results, so it is
+        refused, as is a file that does not read."""
+        import optuna
+        from sqlalchemy.exc import SQLAlchemyError
+
+        db = root / DB_FILE
+        ran = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+        restore = "restore it from a copy of the sweep, or start a new sweep"
+        if ran and not (db.is_file() and db.stat().st_size):
+            raise UserError(f"{db}: {'empty' if db.is_file() else 'missing'}, but the sweep ran trials "
+                            f"{', '.join(map(str, ran))}, which the study numbers ; {restore}")
+        try:
+            names = optuna.study.get_all_study_names(_storage(url)) if ran else []
+            if ran and self.study_name not in names:
+                hint = did_you_mean(self.study_name, names) or f"its studies: {', '.join(names) or 'none'}"
+                raise UserError(f"sweeper.study_name={self.study_name}: {db} holds no such study, but the sweep ran trials "
+                                f"{', '.join(map(str, ran))} ; resume with the study_name they ran in ({hint})")
+            return self._study(url)
+        except SQLAlchemyError as error:
+            reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+            raise UserError(f"{db}: does not read as an Optuna study ({reason}) ; {restore}") from error
+
     def run(self, context: SweepContext) -> list[Outcome]:
         from optuna.trial import TrialState
 
@@ -145,7 +175,7 @@ class OptunaSweeper(Sweeper):
         # Every key of the space must exist in the config: check a point at each distribution's low end.
         context.check([*base, *ovr.parse([f"{k}={_text(_low(d))}" for k, d in space.items()], context.groups, multirun=False)[0]])
         url = f"sqlite:///{context.root / DB_FILE}"
-        study = self._study(url)
+        study = self._open(context.root, url)
         context.status.total = self.n_trials
         outcomes: dict[int, Outcome] = {}
         # Trials an earlier session left failed or interrupted are tried again with their values, once each.
@@ -178,8 +208,18 @@ class OptunaSweeper(Sweeper):
                 outcomes[trial.number] = outcome
                 self._tell(study, trial, outcome)
             todo -= len(batch)
+            misnamed = next((o for o in outcomes.values() if self._misnamed(o)), None)
+            if misnamed is not None and todo > 0:
+                print(f"the search stops: trial {misnamed.number} logged no {self.metric} but a close name, as every trial "
+                      f"would ; fix sweeper.metric and resume the sweep with it", file=sys.stderr, flush=True)
+                break
         self._record_best(study)
         return [outcomes[n] for n in sorted(outcomes)]
+
+    def _misnamed(self, outcome: Outcome) -> bool:
+        """Whether a trial trained to its end but logged `metric` under a close name (a misspelled
+        sweeper.metric): every trial would fail alike."""
+        return outcome.status == "failed" and self.metric not in outcome.metrics and bool(misnamed_metric(self.metric, outcome.metrics))
 
     def _tell(self, study, trial, outcome: Outcome) -> None:
         from optuna.trial import TrialState

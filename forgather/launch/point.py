@@ -18,12 +18,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from forgather.errors import causes, report
+from forgather.errors import causes, did_you_mean, report
 from forgather.launch.base import write_outcome
 from forgather.run_lock import first_rank
 
 TRIAL_ENV = "FORGATHER_TRIAL"
 SWEEP_POINT_ENV = "FORGATHER_SWEEP_POINT"  # set by the launcher: the point's run directory
+
+
+def misnamed_metric(metric: str, logged) -> str:
+    """"did you mean 'val/loss'?" when `metric` is a misspelling of a logged metric's name, else "" (strict:
+    val/loss is no misspelling of train/loss, but a point that did not validate)."""
+    return did_you_mean(metric, list(logged), cutoff=0.85)
 
 
 def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | None]) -> int:
@@ -54,7 +60,8 @@ def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | No
         if trial and not pruned and trial["metric"] not in metrics:  # a trial's result is its metric
             logged = ", ".join(sorted(metrics)) or "nothing"
             record.update(status="failed", error=f"the point logged no {trial['metric']} (sweeper.metric); it logged {logged}")
-            record["report"] = f"error: {record['error']} ; choose one with sweeper.metric=NAME, or validate before the run ends\n"
+            hint = misnamed_metric(trial["metric"], metrics) or "choose one with sweeper.metric=NAME, or validate before the run ends"
+            record["report"] = f"error: {record['error']} ; {hint}\n"
             code = 2
     record.update(ended=time.time(), intermediate={str(k): v for c in callbacks for k, v in getattr(c, "reported", {}).items()})
     if first_rank():

@@ -24,6 +24,7 @@ import yaml
 from forgather import overrides as ovr
 from forgather import run_lock
 from forgather.data.cache import atomic_write
+from forgather.errors import UserError
 from forgather.launch.base import FINISHED, OUTCOME_FILE, Job, Launcher, Outcome, Status, read_outcome
 from forgather.launch.point import SWEEP_POINT_ENV
 from forgather.yaml_file import read_recorded
@@ -58,6 +59,8 @@ class SweepContext:
 
     def launch(self, plans: list[Plan]) -> list[Outcome]:
         """Run the plans not kept from an earlier session; every plan's outcome, in the order of `plans`."""
+        for plan in plans:
+            self._check_kept(plan)
         todo = [plan for plan in plans if plan.number not in self.kept]
         if todo and not self.checked_launcher:
             self.launcher.check(len(todo))
@@ -81,6 +84,19 @@ class SweepContext:
             jobs.append(Job(plan.number, plan.label, texts, [*self.command, *texts], run_dir, {**plan.env, SWEEP_POINT_ENV: str(run_dir)}))
         launched = {o.number: o for o in self.launcher.launch(jobs, self.status)} if jobs else {}
         return [self.kept[plan.number] if plan.number in self.kept else launched[plan.number] for plan in plans]
+
+    def _check_kept(self, plan: Plan) -> None:
+        """A kept point must be the one the resumed sweep plans under its number: a setting that changes the
+        points (another sweeper, sweeper.paired) would give a finished point's results to other values."""
+        kept = self.kept.get(plan.number)
+        planned = [o.text for o in plan.point]
+        if kept is None or not kept.overrides or sorted(kept.overrides) == sorted(planned):
+            return
+        ran = " ".join(t for t in kept.overrides if t not in planned) or "no other override"
+        now = " ".join(t for t in planned if t not in kept.overrides) or "no other override"
+        raise UserError(f"{self.root / str(plan.number)}: this finished point ran {ran}, where the resumed sweep plans "
+                        f"{now} ; a resume runs the points the sweep recorded: leave out the settings that change them "
+                        f"(another sweeper, sweeper.paired), or start a new sweep")
 
 
 class Sweeper(ABC):
@@ -151,9 +167,14 @@ def run(
         kept = kept_outcomes(root) if resume else {}
         if resume:
             print(f"resuming {root}: {len(kept)} finished point{'s' * (len(kept) != 1)} kept", flush=True)
-        with Status(getattr(sweeper, "n_trials", 0)) as status:
-            context = SweepContext(root, arguments, groups, check, command, launcher, status, kept)
-            outcomes = sweeper.run(context)
+        try:
+            with Status(getattr(sweeper, "n_trials", 0)) as status:
+                context = SweepContext(root, arguments, groups, check, command, launcher, status, kept)
+                outcomes = sweeper.run(context)
+        except (SystemExit, KeyboardInterrupt):  # SIGTERM (launch.local) or Ctrl-C: the points checkpointed
+            if any(path.is_dir() for path in root.iterdir()):  # else the runner removes the sweep it refused
+                print(f"the sweep continues with: python -m forgather.run --resume {root}", file=sys.stderr, flush=True)
+            raise
         write_results(root, outcomes, sweeper.summary())
     sys.stdout.flush()
     return outcomes
