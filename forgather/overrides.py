@@ -86,7 +86,7 @@ def declared_by_options(key: str, search_path: list[str], groups: dict[str, list
     return found
 
 
-def _suggest(word: str, candidates: list[str]) -> str:
+def suggest(word: str, candidates: list[str]) -> str:
     hint = did_you_mean(word, candidates)
     return f"; {hint}" if hint else ""
 
@@ -168,13 +168,13 @@ def parse(arguments: list[str], groups: dict[str, list[str]], multirun: bool) ->
                 raise OverrideError(f"{item.input_line} sweeps over several values: add -m to run them all")
             # Each point's text is its own single-valued override (as Hydra's sweeper writes it), for the
             # point's snapshot and for errors naming it.
-            axes.append([Override(kind, key, value, f"{item.get_key_element()}={text}") for value, text in _sweep_values(item, groups.get(key))])
+            axes.append([Override(kind, key, value, f"{item.get_key_element()}={text}") for value, text in sweep_values(item, groups.get(key))])
         else:
             axes.append([Override(kind, key, item.value(), item.input_line)])
     return [list(point) for point in itertools.product(*axes)]
 
 
-def _sweep_values(item, options: list[str] | None) -> list[tuple[Any, str]]:
+def sweep_values(item, options: list[str] | None) -> list[tuple[Any, str]]:
     """(value, its text in the override grammar) of every point of a sweep."""
     from hydra.core.override_parser.types import Glob
 
@@ -208,7 +208,7 @@ def split_choices(overrides: list[Override], groups: dict[str, list[str]]) -> tu
         option = str(override.value)
         if option not in options:
             raise OverrideError(
-                f"{override.text}: no option {option!r} in group {override.key!r}{_suggest(option, options)} "
+                f"{override.text}: no option {option!r} in group {override.key!r}{suggest(option, options)} "
                 f"(options: {', '.join(options)})"
             )
         choices[override.key] = option
@@ -508,7 +508,7 @@ def _close_or_elsewhere(key: str, paths: list[str], options: list[str]) -> str:
     """The hint for a key this config lacks: its close spellings here, and the group options that declare it
     (`options`); a near-identical spelling here comes first when both are found."""
     if not options:
-        return _suggest(key, paths)
+        return suggest(key, paths)
     elsewhere = f"{config_value_of(key, options)}: choose that option, or leave {key} out"
     near = did_you_mean(key, paths, cutoff=NEAR_SPELLING)
     return f"; {near} ({elsewhere})" if near else f"; {elsewhere}"

@@ -165,9 +165,9 @@ def _forgather_to_hf(src: Path, dst: Path, family: str | None, dtype: str | None
                      max_position_embeddings: int | None) -> None:
     from transformers import GenerationConfig
 
-    from forgather.models.export import load_model
-
     from safetensors import SafetensorError
+
+    from forgather.models.export import load_model
 
     recorded = json.loads((src / "config.json").read_text())
     try:

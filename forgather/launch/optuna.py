@@ -74,11 +74,11 @@ def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
         if isinstance(value, Glob):
             raise ovr.OverrideError(f"{item.input_line}: glob() enumerates a group's options for the basic sweeper; with sweeper=optuna write choice(a,b,...)")
         for tag in sorted(set(value.tags) - set(TAGS)):  # Hydra's grammar takes any tag: a misspelled one would be ignored
-            raise ovr.OverrideError(f"{item.input_line}: no tag {tag!r}{ovr._suggest(tag, list(TAGS))} (tags: {', '.join(TAGS)})")
+            raise ovr.OverrideError(f"{item.input_line}: no tag {tag!r}{ovr.suggest(tag, list(TAGS))} (tags: {', '.join(TAGS)})")
         if isinstance(value, ChoiceSweep):
-            space[key] = CategoricalDistribution([v for v, _ in ovr._sweep_values(item, None)])
+            space[key] = CategoricalDistribution([v for v, _ in ovr.sweep_values(item, None)])
         elif isinstance(value, RangeSweep):
-            values = [v for v, _ in ovr._sweep_values(item, None)]  # an empty range is refused there
+            values = [v for v, _ in ovr.sweep_values(item, None)]  # an empty range is refused there
             integral = all(isinstance(v, int) for v in values)
             space[key] = IntDistribution(values[0], values[-1], step=int(value.step)) if integral and values and not value.shuffle else CategoricalDistribution(values)
         elif isinstance(value, IntervalSweep):

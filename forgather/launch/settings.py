@@ -42,7 +42,7 @@ def _load_option(search_path: list[str], group: str, name: str, said: str) -> Di
         if os.path.isfile(path):
             return OmegaConf.load(path)
     found = options(search_path, group)
-    hint = ovr._suggest(str(name), found)
+    hint = ovr.suggest(str(name), found)
     other = difflib.get_close_matches(str(name).lower(), list(_ALSO_CALLED), n=1, cutoff=0.75)
     if not hint and other and _ALSO_CALLED[other[0]][0] in found:  # another tool's name for one of ours
         launcher, what = _ALSO_CALLED[other[0]]
