@@ -75,6 +75,9 @@ class ExportModel(pl.Callback):
         base_dir: str | None = None,
         run_dir: str | os.PathLike | None = None,
     ) -> None:
+        if model_config is None:  # else found out only when training ends, with nothing exported
+            raise TypeError("ExportModel(model_config=None): give the model's config tree (the config's `model`, "
+                            "e.g. config.model of a loaded Forgather config), which the export writes as the model")
         self.out_dir = Path(out_dir)
         self.name = name
         self.model_config = model_config

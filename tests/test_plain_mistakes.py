@@ -3,21 +3,16 @@ the argument, its value and what to give: not a NaN weight or a shape error step
 
 import functools
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-
-from tiny_lm import tiny_model  # noqa: E402
-
-from forgather.callbacks.divergence import StopOnDivergence  # noqa: E402
-from forgather.callbacks.snapshot import Snapshot  # noqa: E402
-from forgather.lightning.module import CausalLMModule  # noqa: E402
-from forgather.loss import ChunkedLoss, NaiveLoss  # noqa: E402
-from forgather.optim import Adafactor, AdamW, ApolloAdamW, GaLoreAdamW  # noqa: E402
+from forgather.callbacks.divergence import StopOnDivergence
+from forgather.callbacks.snapshot import Snapshot
+from forgather.lightning.module import CausalLMModule
+from forgather.loss import ChunkedLoss, NaiveLoss
+from forgather.optim import Adafactor, AdamW, ApolloAdamW, GaLoreAdamW
+from helpers.tiny_lm import tiny_model
 
 
 def params() -> list[torch.nn.Parameter]:
@@ -110,3 +105,11 @@ def test_snapshot_refuses_sources_that_are_no_mapping(tmp_path):
 def test_stop_on_divergence_refuses_one_metric_name_as_a_string():
     with pytest.raises(ValueError, match=r"metrics takes a tuple of metric names, e.g. \('train/loss',\)"):
         StopOnDivergence(metrics="train/loss")
+
+
+def test_export_model_refuses_no_model_config_when_built(tmp_path):
+    """It failed only when training ended, with nothing exported."""
+    from forgather.callbacks.model_export import ExportModel
+
+    with pytest.raises(TypeError, match=r"^ExportModel\(model_config=None\): give the model's config tree"):
+        ExportModel(tmp_path / "out", "m", model_config=None)
