@@ -15,7 +15,7 @@ import struct
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from forgather.errors import UserError
 
@@ -51,7 +51,13 @@ class JobRecord:
 
     @classmethod
     def from_json(cls, text: str) -> "JobRecord":
-        return cls(**json.loads(text))
+        """The record `text` holds; ValueError/TypeError for any other JSON (a damaged or foreign file)."""
+        record = cls(**json.loads(text))
+        for name, kind in get_type_hints(cls).items():
+            value = getattr(record, name)
+            if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
+                raise TypeError(f"job record field {name!r} is not a {kind.__name__}")
+        return record
 
 
 def cache_dir() -> Path:
@@ -126,8 +132,25 @@ def is_alive(record: JobRecord) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    # A PID is reused once its process ends: a process started after the job registered is another one.
+    started = _process_start(record.pid)
+    return started is None or started <= record.start_time + _CLOCK_SLACK_S
+
+
+# Seconds of disagreement allowed between the kernel's process start time and the wall clock the job read.
+_CLOCK_SLACK_S = 2.0
+
+
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started, in seconds since the epoch (Linux's /proc); None where that is unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        ticks = int(stat.rpartition(")")[2].split()[19])  # field 22, counted after the command name, which may hold spaces
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def list_jobs() -> list[JobRecord]:

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,7 @@ def test_completion_offers_job_ids_and_pids_to_control(in_project, monkeypatch, 
     from forgather.callbacks import job_registry
 
     monkeypatch.setenv(job_registry.CACHE_ENV, str(tmp_path))
-    job_registry.write_record(job_registry.JobRecord("cafe1234", os.getpid(), os.uname().nodename, "/r", 0.0, 0, "/s"))
+    job_registry.write_record(job_registry.JobRecord("cafe1234", os.getpid(), os.uname().nodename, "/r", time.time(), 0, "/s"))  # registered once running
     assert completion.candidates("forgather control status ") == sorted(["cafe1234", str(os.getpid())])
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
@@ -32,7 +33,8 @@ _ALIASES = {"stop": ["save-stop"]}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="control_command", metavar="COMMAND", required=True)
-    commands.add_parser("list", help=_HELP["list"], description=_HELP["list"])
+    listing = commands.add_parser("list", help=_HELP["list"], description=_HELP["list"])
+    listing.add_argument("--json", action="store_true", help="print the jobs as a JSON list of their records")
     cleanup = commands.add_parser("cleanup", help=_HELP["cleanup"], description=_HELP["cleanup"])
     cleanup.add_argument("-f", "--force", action="store_true", help="(the reference's; nothing is asked here)")
     for name in job_registry.COMMANDS:
@@ -56,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     console = Console()
     if args.control_command == "list":
-        console.print(_jobs_table(job_registry.list_jobs()))
+        jobs = job_registry.list_jobs()
+        if args.json:
+            print(json.dumps([asdict(job) for job in jobs], indent=1))
+        else:
+            console.print(_jobs_table(jobs))
         return 0
     if args.control_command == "cleanup":
         before = len(job_registry.read_records())

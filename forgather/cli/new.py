@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
+from forgather.errors import UserError
 from forgather.project import META_FILE, Project, find_projects
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = project.meta.get("default_config", "CONFIG")
     steps = {
-        f"cd {args.directory}": "",
+        f"cd {shlex.quote(args.directory)}": "",
         "forgather ls": "its configs",
         f"forgather -t {config} pp": "the rendered config",
         f"forgather -t {config} train": "train it",
@@ -59,6 +61,9 @@ def create_project(directory: str | Path, example: str = DEFAULT_EXAMPLE, exampl
     destination = Path(directory).resolve()
     if destination.exists():
         raise FileExistsError(f"{destination} already exists; `forgather new` never overwrites: choose a new directory")
+    blocking = next((p for p in destination.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{blocking} is a file, so {destination} cannot be created in it; choose a directory elsewhere")
     shutil.copytree(source, destination, ignore=_NOT_COPIED)
     meta = destination / META_FILE
     meta.write_text(with_name(meta.read_text(encoding="utf-8"), destination.name), encoding="utf-8")

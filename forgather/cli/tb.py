@@ -9,20 +9,30 @@ TensorBoard runs as a child process that never outlives the command: SIGINT, SIG
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+
+from forgather.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("logdir", nargs="?", help="directory of runs (default: the project's outputs and multirun)")
-    parser.add_argument("--port", type=int, default=6006)
+    parser.add_argument("--port", type=_port, default=6006, help="port to serve on (default 6006)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--dry-run", action="store_true", help="print the TensorBoard command, and exit")
     parser.add_argument("--all", action="store_true", help="every run of the project (the default; the reference's flag)")
     parser.epilog = "Words after -- go to TensorBoard as they are: forgather tb -- --samples_per_plugin images=100"
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 0 to 65535")
+    return int(text)
 
 
 def command(args: argparse.Namespace) -> list[str]:
@@ -58,7 +68,18 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(argv))
         return 0
+    _check_port_free("" if any(w.split("=")[0] == "--bind_all" for w in argv) else args.host, args.port)
     return run_forwarding_signals(argv)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """TensorBoard would say a busy port among pages of its own logging; say it first, in one line."""
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise UserError(f"forgather tb: port {port} is in use (another TensorBoard?); "
+                            "pass another --port, or stop what holds it") from error
 
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
