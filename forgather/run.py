@@ -1013,6 +1013,28 @@ def _resume_multirun(args: argparse.Namespace, command: list[str], root: Path) -
     return Runner.create(recorded, command).sweep([*record["overrides"], *record["runner"], *args.overrides], root=root)
 
 
+_DEVICE = r"(\d+|(GPU|MIG)-[\w-]+)"  # an index, or a UUID as nvidia-smi -L prints it
+
+
+def _check_devices(devices: str) -> None:
+    """-d takes what CUDA_VISIBLE_DEVICES takes, GPU indices or UUIDs: `-d 0,,1` would count three devices."""
+    if not re.fullmatch(rf"{_DEVICE}(,{_DEVICE})*", devices):
+        raise ValueError(f"-d {devices!r}: not a list of GPU indices; give them separated by commas, e.g. -d 0,1 "
+                         f"(or the UUIDs nvidia-smi -L prints)")
+
+
+def _check_chosen_once(overrides: list[str], groups: dict[str, list[str]]) -> None:
+    """A group given two options (`+experiment=a +experiment=b`) is a mistake, as in Hydra: only one would run."""
+    chosen: dict[str, str] = {}
+    for argument in overrides:
+        key, equals, option = argument.lstrip("+").partition("=")
+        if not equals or key not in groups:
+            continue
+        if chosen.setdefault(key, option) != option:
+            raise ovr.OverrideError(f"{argument}: group {key!r} is already chosen ({key}={chosen[key]}); give one option, "
+                                    f"or sweep them with -m {key}={chosen[key]},{option}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_intermixed_args(argv)
@@ -1022,6 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--resolve resolves what --cfg prints: add --cfg (or --cfg all)")
         if os.path.exists(args.outputs) and not os.path.isdir(args.outputs):
             raise ValueError(f"--outputs {args.outputs}: a file, not a directory; give the directory where outputs/ and multirun/ go")
+        if args.devices is not None:
+            _check_devices(args.devices)
         if args.strict:
             os.environ[STRICT_ENV] = "1"  # sweep points and launched ranks inherit it
         if args.devices and not os.environ.get(SWEEP_POINT_ENV):  # a point sees the GPUs its launcher gave it
@@ -1037,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.auto_resume and (code := _auto_resume(args, command)) is not None:
             return code
         runner = Runner.create(args, command)
+        _check_chosen_once(args.overrides, runner.groups)
         if os.environ.get(SWEEP_POINT_ENV):  # a point of a sweep, started by its launcher (forgather.launch)
             from forgather.launch.point import run_recorded
 

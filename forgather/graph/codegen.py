@@ -71,6 +71,11 @@ class _Generator:
         self.params: dict[str, Any] = {}
         self.uses_partial = False
         self.uses_files = False
+        # A parameter is named before anything else, so that an import or a shared node never takes its name
+        # (`len: 5` beside `!call:builtins:len`); a key no Python name can spell (`class`, `my-key`) is renamed.
+        self.param_names = {key: self._fresh(key) for key in self._parameter_keys()}
+        self.partial = self._fresh("partial")
+        self.symbols |= {"os", "_load_file"}
 
     # -- names ------------------------------------------------------------------------------------------
 
@@ -93,6 +98,26 @@ class _Generator:
         if key not in self.imports:
             self.imports[key] = self._fresh(attrs[0])
         return ".".join([self.imports[key], *attrs[1:]])
+
+    def _parameter_keys(self) -> list[str]:
+        """The top-level keys that become parameters of construct(): scalars a value refers to by name, and
+        missing values (`???`)."""
+        keys = [key for key, value in self.raw.items() if value == "???"]
+
+        def visit(value: Any) -> None:
+            if isinstance(value, dict):
+                for item in value.values():
+                    visit(item)
+            elif isinstance(value, list):
+                for item in value:
+                    visit(item)
+            elif isinstance(value, str) and (match := _REFERENCE.match(value)):
+                key = match.group(1)
+                if "." not in key and key in self.raw and not isinstance(self.raw[key], (dict, list)):
+                    keys.append(key)
+
+        visit(self.raw)
+        return list(dict.fromkeys(str(key) for key in keys))
 
     # -- values -----------------------------------------------------------------------------------------
 
@@ -124,7 +149,7 @@ class _Generator:
             target = self._lookup(referenced)
             if "." not in referenced and not isinstance(target, (dict, list)):
                 self.params.setdefault(referenced, target)
-                return referenced
+                return self.param_names[referenced]
             return self.expr(target, referenced, indent)
         return repr(OmegaConf.select(self.config, path))
 
@@ -165,7 +190,7 @@ class _Generator:
         function = self._function(target, searchpath)
         if node.get("_partial_"):
             self.uses_partial = True
-            return self._wrap("partial(", [function, *args, *kwargs], ")", indent)
+            return self._wrap(f"{self.partial}(", [function, *args, *kwargs], ")", indent)
         return self._wrap(f"{function}(", args + kwargs, ")", indent)
 
     def _literal(self, target: str, node: dict, args: list[str], kwargs: list[str]) -> str | None:
@@ -218,7 +243,7 @@ class _Generator:
         """A top-level value; one still missing (`tokenizer: !var tokenizer` without a value) is a parameter."""
         if self.raw[key] == "???":
             self.params.setdefault(key, "???")
-            return key
+            return self.param_names[key]
         return self.expr(self.raw[key], key, indent)
 
     def module(self, target: str | None, title: str) -> str:
@@ -226,7 +251,7 @@ class _Generator:
             keys = [key for key in self.raw if not str(key).startswith("_")]
             values = {key: self._top(key, 2) for key in keys}
             # A top-level value that became a parameter is returned as that parameter.
-            items = [f"{key!r}: {key if key in self.params else value}" for key, value in values.items()]
+            items = [f"{key!r}: {self.param_names[key] if key in self.params else value}" for key, value in values.items()]
             result = self._wrap("{", items, "}", 1)
         else:
             result = self._top(target, 1)
@@ -234,7 +259,7 @@ class _Generator:
         if self.uses_files:
             head.append("import os")
         if self.uses_partial:
-            head.append("from functools import partial")
+            head.append("from functools import partial" + ("" if self.partial == "partial" else f" as {self.partial}"))
         for (module, name, _), symbol in sorted(self.imports.items()):
             if os.path.isabs(module):
                 continue
@@ -245,8 +270,8 @@ class _Generator:
                 if os.path.isabs(module):
                     where = f", {list(searchpath)!r}" if searchpath else ""
                     head.append(f"{symbol} = _load_file({module!r}{where}).{name.split('.')[0]}")
-        required = [name for name, value in self.params.items() if value == "???"]
-        optional = [f"{name}={value!r}" for name, value in self.params.items() if value != "???"]
+        required = [self.param_names[name] for name, value in self.params.items() if value == "???"]
+        optional = [f"{self.param_names[name]}={value!r}" for name, value in self.params.items() if value != "???"]
         signature = ", ".join(required + optional)
         body = "".join(f"    {line}\n" for line in self.body)
         text = "\n".join(head)
