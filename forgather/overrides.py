@@ -197,7 +197,8 @@ def sweep_values(item, options: list[str] | None) -> list[tuple[Any, str]]:
 
 
 def split_choices(overrides: list[Override], groups: dict[str, list[str]]) -> tuple[dict[str, str], list[Override]]:
-    """Separate group choices (template variables) from value overrides, validating the choices."""
+    """Separate group choices (template variables) from value overrides, validating the choices: each an option
+    of its group, and one option a group (`+experiment=a +experiment=b` is a mistake, as in Hydra)."""
     choices: dict[str, str] = {}
     values: list[Override] = []
     for override in overrides:
@@ -211,7 +212,10 @@ def split_choices(overrides: list[Override], groups: dict[str, list[str]]) -> tu
                 f"{override.text}: no option {option!r} in group {override.key!r}{suggest(option, options)} "
                 f"(options: {', '.join(options)})"
             )
-        choices[override.key] = option
+        if choices.setdefault(override.key, option) != option:
+            chosen = choices[override.key]
+            raise OverrideError(f"{override.text}: group {override.key!r} is already chosen ({override.key}={chosen}); "
+                                f"give one option, or sweep them with -m {override.key}={chosen},{option}")
     return choices, values
 
 

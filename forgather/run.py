@@ -1023,18 +1023,6 @@ def _check_devices(devices: str) -> None:
                          f"(or the UUIDs nvidia-smi -L prints)")
 
 
-def _check_chosen_once(overrides: list[str], groups: dict[str, list[str]]) -> None:
-    """A group given two options (`+experiment=a +experiment=b`) is a mistake, as in Hydra: only one would run."""
-    chosen: dict[str, str] = {}
-    for argument in overrides:
-        key, equals, option = argument.lstrip("+").partition("=")
-        if not equals or key not in groups:
-            continue
-        if chosen.setdefault(key, option) != option:
-            raise ovr.OverrideError(f"{argument}: group {key!r} is already chosen ({key}={chosen[key]}); give one option, "
-                                    f"or sweep them with -m {key}={chosen[key]},{option}")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_intermixed_args(argv)
@@ -1061,7 +1049,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.auto_resume and (code := _auto_resume(args, command)) is not None:
             return code
         runner = Runner.create(args, command)
-        _check_chosen_once(args.overrides, runner.groups)
         if os.environ.get(SWEEP_POINT_ENV):  # a point of a sweep, started by its launcher (forgather.launch)
             from forgather.launch.point import run_recorded
 
