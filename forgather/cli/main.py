@@ -221,15 +221,16 @@ def _output_path(given: str, command: str) -> Path:
     for it (else an IsADirectoryError or FileExistsError from the write, after the work is done)."""
     from pathlib import Path
 
+    from forgather.data.cache import file_in_the_way
     from forgather.errors import UserError
 
     path = Path(given).expanduser()
     if path.is_dir():
         example = path / f"{command}{OUTPUT_COMMANDS[command]}"
         raise UserError(f"-o {given}: is a directory; give a file to write, e.g. -o {example}")
-    parent = next(parent for parent in path.parents if parent.exists())  # the nearest one that exists
-    if not parent.is_dir():
-        raise UserError(f"-o {given}: {parent} is a file, not a directory; give a path whose folders are directories (or new)")
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        raise UserError(f"-o {given}: {blocking} is a file, not a directory; give a path whose folders are directories (or new)")
     return path
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from forgather.data.cache import file_in_the_way
 from forgather.errors import UserError
 from forgather.project import META_FILE, Project, find_projects
 
@@ -61,7 +62,7 @@ def create_project(directory: str | Path, example: str = DEFAULT_EXAMPLE, exampl
     destination = Path(directory).resolve()
     if destination.exists():
         raise FileExistsError(f"{destination} already exists; `forgather new` never overwrites: choose a new directory")
-    blocking = next((p for p in destination.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(destination)
     if blocking is not None:
         raise UserError(f"{blocking} is a file, so {destination} cannot be created in it; choose a directory elsewhere")
     shutil.copytree(source, destination, ignore=_NOT_COPIED)

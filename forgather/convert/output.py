@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from forgather.data.cache import file_in_the_way
 from forgather.errors import UserError
 
 STAGING = ".{name}.converting-{pid}"
@@ -70,7 +71,7 @@ def check_destination(dst: str | os.PathLike, overwrite: bool = False, sources: 
             what = "is the source" if dst.resolve() == read else f"holds the source {source}"
             raise DestinationExists(f"{dst}: the destination {what}; replacing it would delete {reading}, "
                                     f"--overwrite or not; choose a new destination")
-    blocking = next((parent for parent in dst.parents if parent.exists() and not parent.is_dir()), None)
+    blocking = file_in_the_way(dst)
     if blocking is not None:
         raise DestinationExists(f"{dst}: {blocking} is a file, not a directory; choose a destination outside it")
     if _occupied(dst) and not overwrite:

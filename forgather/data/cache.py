@@ -30,6 +30,11 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The file among `path`'s parents that keeps it from being created (a path through a file), or None."""
+    return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` to fill a temporary file beside `path`, then move it onto `path` in one step."""
     path = Path(path)
