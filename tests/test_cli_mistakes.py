@@ -10,6 +10,7 @@ import pytest
 from forgather.graph.codegen import generate_code
 from forgather.project import Project
 from forgather.run import main
+from helpers.template_files import write
 
 RUNNER_PROJECT = str(Path(__file__).parent / "fixtures" / "runner_project")
 
@@ -39,12 +40,10 @@ def test_group_chosen_twice_alike_is_accepted(capsys):
 
 def test_generated_code_names_parameters_apart_from_imports_and_keywords(tmp_path):
     project = tmp_path / "p"
-    (project / "templates" / "configs").mkdir(parents=True)
-    (project / "meta.yaml").write_text("name: p\n")
-    (project / "templates" / "configs" / "c.yaml").write_text(
+    write(project, {"meta.yaml": "name: p\n", "templates/configs/c.yaml":
         "len: 5\nclass: 3\nmy-key: 4\ndict_1: 9\nx: !call:builtins:len [[1, 2, 3]]\ny: !var len\nz: !var class\n"
         "w: !var my-key\ns: &s !call:builtins:dict {a: 1}\nu: !var dict_1\nv: !call:builtins:list [[*s]]\n"
-        "p: !partial:builtins:max [1]\n")
+        "p: !partial:builtins:max [1]\n"})
     loaded = Project.load(str(project)).load_config("c.yaml")
     source = tmp_path / "generated.py"
     source.write_text(generate_code(loaded.config))
