@@ -74,9 +74,11 @@ def test_a_meta_yaml_that_is_not_utf8_is_located_in_meta_yaml(tmp_path):
     assert "save it as UTF-8" in caught.value.message
 
 
+@pytest.mark.parametrize("tag", ["extends", "include", "import", "from"])
 @pytest.mark.parametrize("value, shown", [("5", "5 (int)"), ("none", "None (NoneType)")])
-def test_extends_of_something_other_than_a_name_says_it_takes_a_name(tmp_path, value, shown):
-    error = render_error(tmp_path, {"t.yaml": f"## x\n-- extends {value}\n"}, "t.yaml")
+def test_extends_of_something_other_than_a_name_says_it_takes_a_name(tmp_path, tag, value, shown):
+    statement = {"import": f"import {value} as m", "from": f"from {value} import m"}.get(tag, f"{tag} {value}")
+    error = render_error(tmp_path, {"t.yaml": f"## x\n-- {statement}\n"}, "t.yaml")
     assert error.location == (str(tmp_path / "t.yaml"), 2)
     assert error.message == (f"extends, include and import take a template name (a string), not {shown}; "
                              "quote it: -- extends 'name.yaml'")

@@ -135,6 +135,14 @@ class _Environment(jinja2.sandbox.SandboxedEnvironment):
         self.recording: tuple[list[jinja2.runtime.Context], set[Callable]] | None = None  # set by render()
         self.marker_paths: dict[str, int] = {}  # file -> its index in `#@@<index>:<line>` markers
 
+    def get_or_select_template(self, template_name_or_list: Any, parent: str | None = None,
+                               globals: Any = None) -> jinja2.Template:
+        # `-- include 7`: Jinja takes what is not a name for a list of names to try, and fails iterating it
+        # (a TypeError); a list's items reach the loader's own check of each name.
+        if not isinstance(template_name_or_list, (str, jinja2.Template, jinja2.Undefined, list, tuple)):
+            raise TemplateNameError(template_name_or_list)
+        return super().get_or_select_template(template_name_or_list, parent, globals)
+
 
 def nearest_location(lines: list[SourceLocation | None], output_line: int) -> tuple[SourceLocation, bool] | None:
     """From `locate_lines`: the location of line `output_line` (1-based), else of the nearest line above it."""

@@ -31,6 +31,10 @@ _SEPARATOR = re.compile(r"\n#\s*-{3,}\s*([\w./]+)\s*-{3,}\n")
 class TemplateNameError(TypeError):
     """A template asked for by something other than a name (`-- extends 5`); the renderer names its line."""
 
+    def __init__(self, value: object):
+        super().__init__(f"extends, include and import take a template name (a string), not {value!r} "
+                         f"({type(value).__name__}); quote it: -- extends 'name.yaml'")
+
 
 @dataclass(frozen=True)
 class Origin:
@@ -66,8 +70,7 @@ class SplitFileLoader(jinja2.FileSystemLoader):
 
     def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
         if not isinstance(template, str):  # `-- extends 5`: else an AttributeError deep in Jinja
-            raise TemplateNameError(f"extends, include and import take a template name (a string), not "
-                                    f"{template!r} ({type(template).__name__}); quote it: -- extends 'name.yaml'")
+            raise TemplateNameError(template)
         if template in self._sections:
             return self._sections[template]
         try:
