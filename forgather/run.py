@@ -49,7 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from forgather import overrides as ovr
 from forgather import run_lock
-from forgather.errors import STRICT_ENV, MachineError, UserError, report
+from forgather.errors import STRICT_ENV, MachineError, UserError, did_you_mean, report
 from forgather.launch.point import SWEEP_POINT_ENV
 from forgather.project import META_FILE, LoadedConfig, Project, conf_dir, from_project_snapshot, tracking_from_project
 from forgather.template import TemplateEnvironment
@@ -73,6 +73,9 @@ class _CfgPart(argparse.Action):
     def __call__(self, parser, namespace, value, option_string=None) -> None:
         if value is None or value in CFG_PARTS:
             namespace.cfg = value or "job"
+        elif "=" not in value and not value.startswith("~"):  # no override either: a misspelled part
+            hint = did_you_mean(value, CFG_PARTS)
+            parser.error(f"--cfg takes {', '.join(CFG_PARTS)} (or nothing: job), not {value!r}" + (f"; {hint}" if hint else ""))
         else:
             namespace.cfg = "job"
             namespace.overrides = [*(getattr(namespace, "overrides", None) or []), value]

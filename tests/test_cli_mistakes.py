@@ -38,6 +38,20 @@ def test_group_chosen_twice_alike_is_accepted(capsys):
     assert main(["-p", RUNNER_PROJECT, "+experiment=micro", "+experiment=micro", "--cfg", "job"]) == 0
 
 
+def test_a_misspelled_cfg_part_is_refused_with_the_close_one(capsys):
+    """`--cfg jbo` was taken for an override and refused as one that cannot be parsed."""
+    with pytest.raises(SystemExit) as caught:
+        main(["-p", RUNNER_PROJECT, "+experiment=micro", "--cfg", "jbo"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --cfg takes job, hydra, all (or nothing: job), not 'jbo'; did you mean 'job'?")
+
+
+def test_cfg_followed_by_an_override_still_takes_it(capsys):
+    assert main(["-p", RUNNER_PROJECT, "+experiment=micro", "--cfg", "max_steps=7"]) == 0
+    assert "max_steps: 7" in capsys.readouterr().out
+
+
 def test_generated_code_names_parameters_apart_from_imports_and_keywords(tmp_path):
     project = tmp_path / "p"
     write(project, {"meta.yaml": "name: p\n", "templates/configs/c.yaml":
@@ -53,3 +67,16 @@ def test_generated_code_names_parameters_apart_from_imports_and_keywords(tmp_pat
     built, expected = module.construct(), loaded.construct(None)
     assert {k: v for k, v in built.items() if k != "p"} == {k: v for k, v in expected.items() if k != "p"}
     assert built["p"](7) == expected["p"](7) == 7
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_ls_of_a_directory_that_is_not_one_is_named(tmp_path, capsys, what):
+    """`forgather ls -r /typo` said "no projects found", as for a directory without projects."""
+    from forgather.cli.main import main as forgather_main
+
+    target = tmp_path / "notes.txt"
+    if what == "file":
+        target.write_text("mine")
+    assert forgather_main(["ls", "-r", str(target)]) == 2
+    reason = "a file, not a directory" if what == "file" else "no such directory"
+    assert capsys.readouterr().err == f"error: {target}: {reason}; give the directory to look for projects in\n"

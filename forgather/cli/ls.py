@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from forgather.project import Project, config_description, project_dirs
 from forgather.template import TemplateError
@@ -24,6 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     console = Console(highlight=False, soft_wrap=True)
+    if args.directory and not os.path.isdir(args.directory):  # os.walk takes a missing one for an empty one
+        what = "a file, not a directory" if os.path.exists(args.directory) else "no such directory"
+        print(f"error: {args.directory}: {what}; give the directory to look for projects in", file=sys.stderr)
+        return 2
     directories = project_dirs(args.directory or args.project, args.recursive)
     if not directories:
         console.print("no projects found (a project is a directory with a meta.yaml)" + ("" if args.recursive else "; try -r"))
