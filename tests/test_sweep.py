@@ -234,6 +234,9 @@ BAD = [
     (["sweeper.n_trials=3", "lr=1e-3,3e-3"], "sweeper.n_trials=3: n_trials is a setting of sweeper=optuna, not of "
                                              "sweeper=basic; add sweeper=optuna"),
     (["launcher.timeout_min=5", "lr=1e-3,3e-3"], "timeout_min is a setting of launcher=submitit, not of launcher=local"),
+    (["sweeper.n_trails=3", "lr=1e-3,3e-3"], "sweeper.n_trails=3: no setting 'n_trails' in sweeper=basic; did you mean "
+                                             "sweeper.n_trials, a setting of sweeper=optuna (add sweeper=optuna)?"),
+    (["sweeper.pared=true", "lr=1e-3,3e-3"], "did you mean 'sweeper.paired'"),
     (["sweeper=optuna", "sweeper.n_trials=0", "lr=tag(log, interval(1e-4, 1e-2))"], "error: sweeper.n_trials=0: give 1 or more\n"),
 ]
 

@@ -72,11 +72,20 @@ def _check_belongs(search_path: list[str], group: str, name: str, node: DictConf
     prefix, _, key = override.key.partition(".")
     if prefix != group or not key or override.kind != "change" or key.split(".")[0] in node:
         return
-    owners = [option for option in options(search_path, group)
-              if option != name and key.split(".")[0] in _load_option(search_path, group, option, override.text)]
+    first = key.split(".")[0]
+    others = {option: _load_option(search_path, group, option, override.text)
+              for option in options(search_path, group) if option != name}
+    owners = [option for option, settings in others.items() if first in settings]
     if owners:
         choose = " or ".join(f"{group}={owner}" for owner in owners)
         raise ovr.OverrideError(f"{override.text}: {key} is a setting of {choose}, not of {group}={name}; add {choose}")
+    if difflib.get_close_matches(first, [str(k) for k in node], n=1):
+        return  # a misspelling of one of its own settings: the override's own check suggests it
+    for option, settings in others.items():  # `sweeper.n_trails=4` with the basic sweeper
+        close = difflib.get_close_matches(first, [str(k) for k in settings], n=1)
+        if close:
+            raise ovr.OverrideError(f"{override.text}: no setting {first!r} in {group}={name}; did you mean "
+                                    f"{group}.{close[0]}, a setting of {group}={option} (add {group}={option})?")
 
 
 @dataclass
