@@ -53,7 +53,8 @@ class Snapshot(pl.Callback):
     """Record a run for reproduction (see the module docstring).
 
     Args:
-        run_dir: the run's directory; the snapshot goes to `<run_dir>/snapshot/`.
+        run_dir: the run's directory; the snapshot goes to `<run_dir>/snapshot/` (default: the trainer's
+            log_dir, e.g. lightning_logs/version_N, else its default_root_dir).
         config: the run's OmegaConf config (or any mapping).
         overrides: the command-line overrides, as typed.
         sources: files to copy, as {name inside sources/: path}; directories are copied whole.
@@ -65,7 +66,7 @@ class Snapshot(pl.Callback):
 
     def __init__(
         self,
-        run_dir: str | os.PathLike,
+        run_dir: str | os.PathLike | None = None,
         config: Any = None,
         overrides: list[str] | tuple[str, ...] = (),
         sources: dict[str, str | os.PathLike] | None = None,
@@ -74,8 +75,11 @@ class Snapshot(pl.Callback):
         command: list[str] | None = None,
         repo_dir: str | os.PathLike | None = None,
     ) -> None:
-        self.run_dir = Path(run_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
+        if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+            raise ValueError(f"Snapshot(run_dir={run_dir!r}): run_dir takes a directory's path (or None: the "
+                             "trainer's log_dir)")
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None and self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"Snapshot(run_dir={str(run_dir)!r}): that is a file; run_dir takes a directory "
                              "(created if missing), the snapshot goes to run_dir/snapshot/")
         if sources is not None and not isinstance(sources, Mapping):
@@ -91,14 +95,20 @@ class Snapshot(pl.Callback):
 
     @property
     def path(self) -> Path:
+        if self.run_dir is None:
+            raise ValueError("Snapshot(run_dir=None) learns its directory from the Trainer it is given to; "
+                             "give run_dir to write it outside a fit")
         return self.run_dir / SNAPSHOT_DIR
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.run_dir is None:
+            self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if stage == "fit" and trainer.is_global_zero and not self.path.exists():
             self.write()
 
     def write(self) -> Path:
         """Write the snapshot now (atomically) and return its directory."""
+        self.path  # noqa: B018 (a run_dir is needed: it says so)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         staging = self.run_dir / f".{SNAPSHOT_DIR}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)

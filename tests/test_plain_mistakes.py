@@ -12,7 +12,7 @@ from forgather.callbacks.snapshot import Snapshot
 from forgather.lightning.module import CausalLMModule
 from forgather.loss import ChunkedLoss, NaiveLoss
 from forgather.optim import Adafactor, AdamW, ApolloAdamW, GaLoreAdamW
-from helpers.tiny_lm import tiny_model
+from helpers.tiny_lm import tiny_model, toy_loader
 
 
 def params() -> list[torch.nn.Parameter]:
@@ -95,6 +95,22 @@ def test_snapshot_refuses_a_run_dir_that_is_a_file(tmp_path):
     file.write_text("")
     with pytest.raises(ValueError, match="that is a file; run_dir takes a directory"):
         Snapshot(file)
+
+
+def test_snapshot_without_a_run_dir_writes_into_the_trainers_log_dir(tmp_path):
+    """Snapshot() was a TypeError (Path(None)); plain Lightning code has a log_dir to give it."""
+    import pytorch_lightning as pl
+
+    snapshot = Snapshot(overrides=["lr=1e-3"])
+    with pytest.raises(ValueError, match=r"run_dir=None\) learns its directory from the Trainer"):
+        snapshot.write()
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=1, accelerator="cpu", callbacks=[snapshot],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(CausalLMModule(tiny_model(), optimizer=functools.partial(AdamW, lr=1e-3)), toy_loader())
+    assert snapshot.path == tmp_path / "lightning_logs" / "version_0" / "snapshot"
+    assert (snapshot.path / "overrides.yaml").read_text() == "- lr=1e-3\n"
+    with pytest.raises(ValueError, match=r"run_dir takes a directory's path"):
+        Snapshot(run_dir=3)
 
 
 def test_snapshot_refuses_sources_that_are_no_mapping(tmp_path):
