@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -106,21 +107,45 @@ def remove_record(job_id: str) -> None:
     (jobs_dir() / f"{job_id}.json").unlink(missing_ok=True)
 
 
-def read_records() -> list[JobRecord]:
-    """Every readable record, oldest first; unreadable files are skipped (a writer may be mid-rename)."""
-    records = []
+def _entries() -> list[Path]:
     directory = jobs_dir()
     try:
         # Not Path.glob: it reads an unreadable directory as an empty one.
-        paths = [directory / name for name in os.listdir(directory) if name.endswith(".json")]
+        return [directory / name for name in os.listdir(directory)]
     except OSError as error:
         raise _unavailable(directory, error) from error
-    for path in paths:
-        try:
-            records.append(JobRecord.from_json(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            continue
+
+
+def _read(path: Path) -> JobRecord | None:
+    try:
+        return JobRecord.from_json(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def read_records() -> list[JobRecord]:
+    """Every readable record, oldest first; damaged files (written whole by `write_record`, so damaged on disk)
+    are skipped: `remove_damaged` removes them."""
+    records = [record for path in _entries() if path.suffix == ".json" and (record := _read(path)) is not None]
     return sorted(records, key=lambda r: r.start_time)
+
+
+# A writer's temporary file older than this is left by a writer that was killed.
+_STALE_TMP_S = 60.0
+
+
+def remove_damaged() -> int:
+    """Remove records that do not read as one, and temporary files of writers killed mid-write; their number."""
+    removed = 0
+    for path in _entries():
+        try:
+            stale = path.suffix == ".tmp" and time.time() - path.stat().st_mtime > _STALE_TMP_S
+        except OSError:
+            continue
+        if stale or (path.suffix == ".json" and path.is_file() and _read(path) is None):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def is_alive(record: JobRecord) -> bool:

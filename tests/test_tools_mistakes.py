@@ -28,14 +28,21 @@ def registry(tmp_path: Path, monkeypatch) -> Path:
     return job_registry.jobs_dir()
 
 
-def test_a_record_with_fields_of_the_wrong_type_is_skipped_like_a_damaged_one(registry: Path, capsys) -> None:
+def test_a_damaged_record_is_skipped_and_cleanup_removes_it(registry: Path, capsys) -> None:
     job_registry.write_record(_record("alive", os.getpid()))
     (registry / "weird.json").write_text(json.dumps(
         {"job_id": "weird", "pid": "abc", "host": "h", "run_dir": 1, "start_time": "x", "step": None, "socket": None}))
     (registry / "truncated.json").write_text('{"job_id": "trunc", "pid": 1')
+    left_by_a_killed_writer = registry / ".gone.x1.tmp"
+    left_by_a_killed_writer.write_text("{")
+    os.utime(left_by_a_killed_writer, (time.time() - 3600, time.time() - 3600))
+    (registry / ".writing.x2.tmp").write_text("{")  # a writer at work now
     assert [r.job_id for r in job_registry.list_jobs()] == ["alive"]
+    assert sorted(p.name for p in registry.iterdir()) == [".gone.x1.tmp", ".writing.x2.tmp", "alive.json",
+                                                          "truncated.json", "weird.json"]
     assert forgather_main(["control", "cleanup"]) == 0
-    assert capsys.readouterr().out == "removed 0 entries of ended jobs; 1 running\n"
+    assert capsys.readouterr().out == "removed 0 entries of ended jobs and 3 damaged ones; 1 running\n"
+    assert sorted(p.name for p in registry.iterdir()) == [".writing.x2.tmp", "alive.json"]
 
 
 def test_a_record_whose_pid_now_belongs_to_a_later_process_is_not_a_running_job(registry: Path) -> None:

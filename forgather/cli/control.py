@@ -21,7 +21,7 @@ from forgather.callbacks import job_registry
 
 _HELP = {
     "list": "list running jobs (removes entries of dead processes)",
-    "cleanup": "remove the registry's entries of jobs that ended without removing them",
+    "cleanup": "remove the registry's entries of jobs that ended without removing them, and damaged ones",
     "status": "show step, loss, tokens/s and ETA",
     "save": "checkpoint now and keep training",
     "stop": "checkpoint, then end training cleanly",
@@ -65,9 +65,11 @@ def _run(args: argparse.Namespace) -> int:
             console.print(_jobs_table(jobs))
         return 0
     if args.control_command == "cleanup":
+        damaged = job_registry.remove_damaged()
         before = len(job_registry.read_records())
         left = len(job_registry.list_jobs())  # removes the entries of dead processes
-        print(f"removed {before - left} entries of ended jobs; {left} running")
+        also = f" and {damaged} damaged ones" if damaged else ""
+        print(f"removed {before - left} entries of ended jobs{also}; {left} running")
         return 0
     record = job_registry.resolve_job(args.job)  # JobNotFound: one line through forgather.errors.report
     if args.control_command == "abort" and not args.force and not _confirmed(record):
