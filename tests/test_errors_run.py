@@ -155,7 +155,8 @@ def test_a_construction_error_names_the_override_behind_it(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, message, note", [
-    ("hidden_size=-5", "RotaryEmbedding: head_dim=-3 must be a positive integer", "; it reads the override hidden_size=-5"),
+    ("hidden_size=-5", "Attention: hidden_size=-5 must be a positive integer", "; set by the override hidden_size=-5"),
+    ("hidden_size=35", "num_heads=2 does not divide hidden_size=35", "; set by the override hidden_size=35"),
     ("intermediate_size=0", "SwiGLU: intermediate_size=0 must be a positive integer",
      "; set by the override intermediate_size=0")])
 def test_a_model_size_below_one_is_one_line_naming_the_module_and_the_override(tmp_path, capsys, override, message,

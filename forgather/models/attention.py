@@ -314,6 +314,14 @@ def _check_divides(divisor_name: str, divisor: int, dividend_name: str, dividend
         raise ValueError(f"{divisor_name}={divisor} does not divide {dividend_name}={dividend}")
 
 
+def head_dim(hidden_size: int, num_heads: int) -> int:
+    """hidden_size // num_heads, refused where num_heads does not divide it (a config computes the rotary
+    embedding's size with this before any attention layer is built to check it)."""
+    positive_sizes("Attention", hidden_size=hidden_size, num_heads=num_heads)
+    _check_divides("num_heads", num_heads, "hidden_size", hidden_size)
+    return hidden_size // num_heads
+
+
 def check_packed(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
     """The shapes attention_fn='packed' takes (num_kv_heads dividing num_heads is checked before)."""
     groups = num_heads // num_kv_heads
