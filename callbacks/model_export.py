@@ -6,9 +6,12 @@ datamodule's tokenizer, so `AutoModelForCausalLM.from_pretrained(dir, trust_remo
 inference server can load it.
 
 Contract:
-- Atomic: the package is assembled beside `out_dir` (`.<name>.tmp-<pid>`) and swapped in by renames, so a
-  crash or a failed write (disk full) never leaves a half-written model where a whole one was. Staging left
-  by a killed export is removed at the next `setup`.
+- Atomic: the package is assembled beside `out_dir` (`.<name>.tmp-<pid>`) and swapped in by renames
+  (forgather.convert.output.replace_with: the previous package goes aside as `.<name>.old-<pid>` until the new
+  one is in place), so a crash or a failed write (disk full) never leaves a half-written model where a whole
+  one was. At the next `setup` or export, a previous package that an export killed between its two renames
+  left aside (and no `out_dir`) is put back first (`restore_replaced`), then staging left by a killed export
+  is removed.
 - Recorded: `<out_dir>/export.yaml` names the run directory and the global step the weights come from, so
   a model left by another run (or an earlier step) is never taken for this run's; once the package is in
   place, `<run_dir>/export.yaml` names the package and the step. A failed export raises `ExportFailed`,
@@ -30,12 +33,14 @@ from typing import Any
 import pytorch_lightning as pl
 import yaml
 
+from forgather.convert.output import replace_with, restore_replaced
 from forgather.data.cache import atomic_write
 from forgather.errors import UserError
 from forgather.lightning.checkpoint_io import remove_staging
 
 RECORD_FILE = "export.yaml"
 STAGING = ".{name}.tmp-{pid}"  # the package being written, beside out_dir
+ASIDE = ".{name}.old-{pid}"  # the previous package while the new one is swapped in
 
 
 class ExportFailed(UserError, RuntimeError):
@@ -92,6 +97,7 @@ class ExportModel(pl.Callback):
         if self.run_dir is None:
             self.run_dir = Path(trainer.default_root_dir).resolve()
         if trainer.is_global_zero:
+            restore_replaced(self.out_dir, ASIDE, keep=False)  # before remove_staging, which would delete it
             remove_staging(self.out_dir.parent, self.out_dir.name)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -112,11 +118,12 @@ class ExportModel(pl.Callback):
         `record_in_run`, the run directory records it as the run's export (not for a checkpoint exported from
         outside the run, which may still be training)."""
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        restore_replaced(self.out_dir, ASIDE)
         staging = self.out_dir.with_name(STAGING.format(name=self.out_dir.name, pid=os.getpid()))
         shutil.rmtree(staging, ignore_errors=True)
         try:
             self._write_package(staging, model, tokenizer, step)
-            self._swap_in(staging)
+            replace_with(staging, self.out_dir, ASIDE)
             if self.run_dir is not None and record_in_run:
                 record = {"model_dir": str(self.out_dir.resolve()), "step": step}
                 atomic_write(self.run_dir / RECORD_FILE, lambda path: path.write_text(yaml.safe_dump(record, sort_keys=False)))
@@ -144,18 +151,6 @@ class ExportModel(pl.Callback):
             "exported": datetime.datetime.now().isoformat(timespec="seconds"),
         }
         (staging / RECORD_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
-
-    def _swap_in(self, staging: Path) -> None:
-        previous = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-        if self.out_dir.exists():
-            os.replace(self.out_dir, previous)
-        try:
-            os.replace(staging, self.out_dir)
-        except OSError:
-            if previous.exists():
-                os.replace(previous, self.out_dir)
-            raise
-        shutil.rmtree(previous, ignore_errors=True)
 
     def _holds(self) -> str:
         """What `out_dir` holds now, for the failure message."""

@@ -39,9 +39,9 @@ def tokenizer():
 def random_hf_model(family: str, vocab_size: int, **overrides) -> transformers.PreTrainedModel:
     """A tiny randomly initialized model, weights large enough that greedy decoding takes varied paths."""
     config_class, extra = FAMILIES[family]
-    config = config_class(vocab_size=vocab_size, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                          **{**extra, **overrides})
+    shape = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    config = config_class(**{**shape, **extra, **overrides})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

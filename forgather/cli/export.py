@@ -4,8 +4,9 @@ A run exports its model when training ends; this writes any of its checkpoints (
 way, into <run_dir>/exports/step-N unless --out says otherwise, for `forgather inf server -m`, `forgather
 convert` or transformers. The run directory is only read. An existing --out is refused unless --overwrite, and
 one that is the run, its checkpoint, a directory holding either, or an existing part of the run (but for its
-exports/) is refused always (forgather.convert.output.check_destination); staging left beside it by a killed
-export is removed first. (The reference Forgather's `inf server -c` loads a model directory's newest
+exports/) is refused always (forgather.convert.output.check_destination). A previous --out that an export
+killed between its two renames left aside is put back first (and so refused without --overwrite); staging left
+beside it by a killed export is removed. (The reference Forgather's `inf server -c` loads a model directory's newest
 checkpoint; here a checkpoint is exported first.)
 """
 
@@ -24,18 +25,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_out(out: Path, run_dir: Path, checkpoint: Path | None, overwrite: bool) -> None:
     """Refuse an --out whose replacement would lose something (see the module docstring)."""
-    from forgather.callbacks.model_export import STAGING
-    from forgather.convert.output import DestinationExists, check_destination, remove_abandoned
+    from forgather.callbacks.model_export import ASIDE, STAGING
+    from forgather.convert.output import DestinationExists, check_destination, remove_abandoned, restore_replaced
     from forgather.run import EXPORTS_DIR
 
+    if restore_replaced(out, ASIDE) is not None:  # before the check: a restored model is one only --overwrite replaces
+        remove_abandoned(out, STAGING)  # the killed export's staging, also when the check refuses
     sources = [run_dir] if checkpoint is None else [run_dir, checkpoint]
     out = check_destination(out, overwrite, sources, reading="the run being exported")
     exports = (run_dir / EXPORTS_DIR).resolve()
     inside = out.resolve().is_relative_to(run_dir.resolve()) and not out.resolve().is_relative_to(exports)
     if inside and out.exists():
         raise DestinationExists(f"{out}: part of the run {run_dir}, --overwrite or not; choose a new destination")
-    # only the staging of a killed export, never a .NAME.old-PID: an export killed between its two renames
-    # leaves there the only copy of the model it replaced
     remove_abandoned(out, STAGING)
 
 

@@ -7,7 +7,10 @@ model can express it, and writes config.json + model.safetensors (+ tokenizer, g
 that transformers and vLLM load without remote code. The family defaults to the one a model was converted
 from (recorded in its config.json as `forgather_convert.family`), else qwen3 for q/k-norm models, else llama.
 Both take `vocab` (vocab.VocabOptions: tokens and roles to add, with the embedding rows to hold them, a chat
-template), `dtype` ("float32", "bfloat16" ...) and `max_position_embeddings` (the context length written).
+template), `dtype` ("float32", "bfloat16" ...; default: the dtype the weights were saved in) and
+`max_position_embeddings` (the context length written). Both carry what generation needs: the config's
+bos/eos/pad ids (the tokenizer's for a role `vocab` sets or the config lacks) and generation_config.json;
+and the tokenizer's files, warning when the source has no tokenizer.
 Both refuse a destination that exists unless `overwrite`, and write it through a staging directory renamed
 into place at the end (`output.staged`), so a failed or killed conversion leaves no half-written model.
 
@@ -26,12 +29,14 @@ from typing import Any
 import torch
 
 from .output import staged
-from .spec import COMPONENTS_FILE, ConversionError, DecoderSpec, forgather_tree, hf_config, spec_from_hf_config, spec_from_model
+from .spec import (COMPONENTS_FILE, FAMILIES, ConversionError, DecoderSpec, forgather_tree, hf_config,
+                   spec_from_hf_config, spec_from_model)
 from .vocab import (VocabOptions, apply_vocab, copy_tokenizer, grow_vocabulary, has_tokenizer, initialize_rows,
                     load_tokenizer)
 from .weights import read_safetensors, to_forgather_names, to_hf_names, write_safetensors
 
 DEFAULT_CONTEXT = 2048  # max_position_embeddings for a model that never recorded one
+TOKEN_ROLES = ("bos", "eos", "pad")
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:
@@ -43,23 +48,81 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return dtype
 
 
-def _tokenizer(src: Path, vocab: VocabOptions) -> tuple[Any | None, dict[int, str]]:
+def _tokenizer(src: Path, vocab: VocabOptions, vocab_size: int) -> tuple[Any | None, dict[int, str]]:
     """The source tokenizer with `vocab`'s changes made, and the new tokens' {id: init}; None when there is
-    none (and nothing to change)."""
+    none (and nothing to change). A tokenizer with more tokens than the model's `vocab_size` rows is warned
+    about: the embedding grows to hold them, which changes every next-token distribution."""
     if not has_tokenizer(src):
         if vocab.changes_tokenizer():
             raise ValueError(f"cannot add tokens or set a chat template: {src} has no tokenizer (tokenizer.json or "
                              "tokenizer.model)")
         return None, {}
     tokenizer = load_tokenizer(src)
+    if len(tokenizer) > vocab_size:
+        warnings.warn(f"{src}: its tokenizer has {len(tokenizer)} tokens and its model only {vocab_size} embedding "
+                      f"rows; the converted model's embedding grows to hold them (new rows at the mean row), so its "
+                      f"output distribution covers tokens the model never learned: if that tokenizer is not the "
+                      f"model's, put the model's own tokenizer in {src}", stacklevel=4)
     return tokenizer, apply_vocab(tokenizer, vocab)
 
 
 def _write_tokenizer(tokenizer: Any | None, src: Path, dst: Path, vocab: VocabOptions) -> None:
     if tokenizer is not None and vocab.changes_tokenizer():
         tokenizer.save_pretrained(str(dst))
-    elif tokenizer is not None:
-        copy_tokenizer(src, dst)
+        return
+    copy_tokenizer(src, dst)  # also the files of a tokenizer that load_tokenizer cannot read (vocab.json ...)
+
+
+def _warn_without_tokenizer(src: Path, dst: Path) -> None:
+    if not has_tokenizer(src) and not (src / "vocab.json").is_file():
+        warnings.warn(f"{src} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json), so {dst} has none; "
+                      f"copy the model's tokenizer files into {dst} before serving or training it", stacklevel=3)
+
+
+def _token_ids(recorded: dict, tokenizer: Any | None, vocab: VocabOptions) -> dict[str, Any]:
+    """bos/eos/pad ids for the converted config: the source config's (eos may be a list), else the tokenizer's;
+    the tokenizer's for a role that `vocab` sets."""
+    ids = {}
+    for role in TOKEN_ROLES:
+        from_tokenizer = getattr(tokenizer, f"{role}_token_id", None)
+        from_config = recorded.get(f"{role}_token_id")
+        ids[role] = from_tokenizer if f"{role}_token" in vocab.roles or from_config is None else from_config
+    return ids
+
+
+def _write_generation_config(src: Path, dst: Path, token_ids: dict[str, Any], vocab: VocabOptions,
+                             config: Any | None = None) -> None:
+    """The source's generation_config.json (sampling defaults, eos ids) with the roles `vocab` sets; without
+    one, the defaults of `config` when given (else none is written)."""
+    from transformers import GenerationConfig
+
+    if (src / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(str(src))
+        for role in TOKEN_ROLES:
+            if f"{role}_token" in vocab.roles:
+                setattr(generation, f"{role}_token_id", token_ids[role])
+    elif config is not None:
+        generation = GenerationConfig.from_model_config(config)
+    else:
+        return
+    generation.save_pretrained(str(dst))
+
+
+def _read_config(src: Path) -> dict:
+    """`src`'s config.json, checked to be a family this converter reads before transformers parses it."""
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{src} has no config.json; give a Hugging Face model directory")
+    try:
+        recorded = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{config_file}:{error.lineno}: not valid JSON ({error.msg}); copy it again from where "
+                              f"the model came from") from None
+    model_type = recorded.get("model_type") if isinstance(recorded, dict) else None
+    if model_type not in FAMILIES:
+        what = f"model_type {model_type!r} is" if model_type is not None else "no model_type: the model is"
+        raise ConversionError(f"{config_file}: {what} not convertible; supported: {', '.join(FAMILIES)}")
+    return recorded
 
 
 def _convert_state(
@@ -102,6 +165,7 @@ def hf_to_forgather(
     src, dst = Path(src), Path(dst)
     with staged(dst, overwrite, source=src) as out:
         _hf_to_forgather(src, out, name, dtype, vocab, max_position_embeddings)
+    _warn_without_tokenizer(src, dst)
     return dst
 
 
@@ -111,6 +175,7 @@ def _hf_to_forgather(src: Path, dst: Path, name: str | None, dtype: str | None, 
 
     from forgather.models.export import build_model, save_model
 
+    recorded = _read_config(src)
     config = AutoConfig.from_pretrained(str(src))
     try:
         spec = spec_from_hf_config(config)
@@ -122,7 +187,7 @@ def _hf_to_forgather(src: Path, dst: Path, name: str | None, dtype: str | None, 
     if sliding_window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
         warnings.warn(f"sliding-window attention becomes full attention: outputs equal the original's for "
                       f"sequences up to {sliding_window} tokens", stacklevel=2)
-    tokenizer, new_tokens = _tokenizer(src, vocab)
+    tokenizer, new_tokens = _tokenizer(src, vocab, spec.vocab_size)
     state = to_forgather_names(read_safetensors(src), spec.tie_embeddings)
     state, spec = _convert_state(state, spec, tokenizer, vocab, dtype, new_tokens)
     tree = forgather_tree(spec)
@@ -132,9 +197,12 @@ def _hf_to_forgather(src: Path, dst: Path, name: str | None, dtype: str | None, 
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise _unfit_weights(error, src) or error from None
+    token_ids = _token_ids(recorded, tokenizer, vocab)
     save_model(model.eval(), tree, dst, name or config.model_type, base_dir=str(COMPONENTS_FILE.parent))
     _record(dst / "config.json", max_position_embeddings=spec.max_position_embeddings,
+            **{f"{role}_token_id": token_id for role, token_id in token_ids.items() if token_id is not None},
             forgather_convert={"family": config.model_type, "source": str(src.resolve())})
+    _write_generation_config(src, dst, token_ids, vocab)
     _write_tokenizer(tokenizer, src, dst, vocab)
 
 
@@ -158,13 +226,12 @@ def forgather_to_hf(
     src, dst = Path(src), Path(dst)
     with staged(dst, overwrite, source=src) as out:
         _forgather_to_hf(src, out, family, dtype, vocab, max_position_embeddings)
+    _warn_without_tokenizer(src, dst)
     return dst
 
 
 def _forgather_to_hf(src: Path, dst: Path, family: str | None, dtype: str | None, vocab: VocabOptions,
                      max_position_embeddings: int | None) -> None:
-    from transformers import GenerationConfig
-
     from safetensors import SafetensorError
 
     from forgather.models.export import load_model
@@ -180,11 +247,12 @@ def _forgather_to_hf(src: Path, dst: Path, family: str | None, dtype: str | None
     context = max_position_embeddings or recorded.get("max_position_embeddings") or DEFAULT_CONTEXT
     spec = spec_from_model(model, context)
     family = family or recorded.get("forgather_convert", {}).get("family") or ("qwen3" if spec.qk_norm else "llama")
-    tokenizer, new_tokens = _tokenizer(src, vocab)
-    state, spec = _convert_state(model.state_dict(), spec, tokenizer, vocab, dtype, new_tokens)
-    token_ids = {role: getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "pad")}
+    tokenizer, new_tokens = _tokenizer(src, vocab, spec.vocab_size)
+    # load_model builds the model in float32: without --dtype, the weights go back to the dtype they were saved in
+    state, spec = _convert_state(model.state_dict(), spec, tokenizer, vocab, dtype or recorded.get("dtype"), new_tokens)
+    token_ids = _token_ids(recorded, tokenizer, vocab)
     config = hf_config(spec, family, _dtype_name(state), token_ids)
     config.save_pretrained(str(dst))
-    GenerationConfig.from_model_config(config).save_pretrained(str(dst))
+    _write_generation_config(src, dst, token_ids, vocab, config)
     write_safetensors(to_hf_names(state), dst / "model.safetensors")
     _write_tokenizer(tokenizer, src, dst, vocab)

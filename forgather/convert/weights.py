@@ -71,19 +71,35 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _shards(index)
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise ConversionError(f"{directory} has no model.safetensors (PyTorch .bin checkpoints are not read)")
     state: dict[str, torch.Tensor] = {}
     for file in files:
+        if not (directory / file).is_file():
+            raise ConversionError(f"{directory / file}: missing; {index.name} lists it among the checkpoint's "
+                                  f"{len(files)} files: copy the whole checkpoint again")
         try:
             state.update(load_file(str(directory / file)))
         except SafetensorError as error:  # a copy cut short, a file written over
             raise ConversionError(f"{directory / file}: not a readable safetensors file ({error}); copy it again "
                                   f"from where the model came from") from error
     return state
+
+
+def _shards(index: Path) -> list[str]:
+    """The files a sharded checkpoint's index names, checked to be an index."""
+    try:
+        content = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        content = None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise ConversionError(f"{index}: not a safetensors index (a JSON object whose weight_map maps each tensor "
+                              f"to its file); copy it again from where the model came from")
+    return sorted(set(weight_map.values()))
 
 
 def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
