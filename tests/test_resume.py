@@ -427,6 +427,22 @@ def test_staging_of_killed_writers_is_removed_at_the_next_start(tmp_path):
     assert in_progress.is_dir()
 
 
+def test_the_aside_of_an_export_killed_between_its_renames_is_put_back_not_deleted(tmp_path):
+    """`forgather export` into RUN/exports/step-5, killed after moving the old step-5 aside: the run's next
+    start deleted that aside, the only copy of the package."""
+    from forgather.lightning.checkpoint_io import remove_staging
+
+    dead = dead_pid()
+    aside, replaced = tmp_path / f".step-5.old-{dead}", tmp_path / f".step-6.old-{dead}"
+    for path in (aside, replaced, tmp_path / "step-6"):
+        path.mkdir()
+        (path / "model.safetensors").write_text(path.name)
+    with pytest.warns(UserWarning, match=r"step-5: restored the exported model"):
+        assert remove_staging(tmp_path) == [replaced]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-5", "step-6"]
+    assert (tmp_path / "step-5" / "model.safetensors").read_text() == aside.name
+
+
 def test_output_dir_is_where_the_run_goes_and_every_run_says_where_it_is(tmp_path, capsys):
     wanted = tmp_path / "my_run"
     assert run(tmp_path, *MICRO, "max_steps=2", f"output_dir={wanted}") == 0

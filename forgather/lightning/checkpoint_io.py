@@ -8,7 +8,8 @@ Every atomic writer of a run stages beside its target under a hidden name: `.<na
 plugin, the model export, the snapshot), `.<name>.old-<pid>` (the export's previous package while it is
 swapped), `.<name>.partial` (job control's checkpoints), `.<name>.tmp` (the pipeline strategy's sharded
 checkpoints), `.<name>.<random>.tmp` (forgather.data.cache). A writer killed mid-write leaves its staging
-behind; `remove_staging` deletes it at the next start.
+behind; `remove_staging` deletes it at the next start, but for an `.old` one whose `<name>` is gone (an export
+killed between its renames): that is the only copy of what it replaced, and it is moved back.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-_STAGING = re.compile(r"^\.(?P<target>.+)\.(?:tmp|old|partial)(?:-(?P<pid>\d+))?$")
+_STAGING = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|partial)(?:-(?P<pid>\d+))?$")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -61,6 +63,13 @@ def remove_staging(directory: str | os.PathLike, target: str | None = None) -> l
         if match is None or (target is not None and match["target"] != target):
             continue
         if match["pid"] is not None and _alive(int(match["pid"])):
+            continue
+        original = directory / match["target"]
+        if match["kind"] == "old" and not original.exists() and not original.is_symlink():
+            # an export killed between its two renames: the only copy of the package it replaced goes back
+            os.rename(entry, original)
+            warnings.warn(f"{original}: restored the exported model that an interrupted export had moved aside "
+                          f"to {entry.name}", stacklevel=2)
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
