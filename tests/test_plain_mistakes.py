@@ -57,6 +57,22 @@ def test_loss_refuses_float_labels():
         NaiveLoss()(hidden, weight, torch.zeros(2, 8))
 
 
+@pytest.mark.parametrize("schedule, arguments, message", [
+    ("warmup_cosine", dict(warmup_steps=-1, total_steps=10), r"warmup_steps=-1 must be a whole number of steps, 0 or more"),
+    ("warmup_cosine", dict(warmup_steps=2, total_steps=-1), r"total_steps=-1 must be .* 1 or more .*set max_steps"),
+    ("warmup_cosine", dict(warmup_steps=2, total_steps=10, min_ratio=1.5), r"min_ratio=1.5 must be a number from 0 to 1"),
+    ("warmup_stable_decay", dict(warmup_steps=2, total_steps=10, decay_fraction=-0.2), r"decay_fraction=-0.2 must be"),
+    ("warmup_constant", dict(warmup_steps=2.5), r"warmup_steps=2.5 must be a whole number"),
+])
+def test_schedules_refuse_settings_without_meaning_when_lambdalr_is_built(schedule, arguments, message):
+    """warmup_steps=-1 trained at the full rate from step 0 without a word; a negative min_ratio went below zero."""
+    from forgather.optim import schedules
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=rf"^{schedule}: {message}"):
+        torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(getattr(schedules, schedule), **arguments))
+
+
 def test_module_refuses_a_built_optimizer():
     model = tiny_model()
     with pytest.raises(TypeError, match=r"optimizer=Adafactor\(\.\.\.\)\): got one already built; optimizer takes a "
