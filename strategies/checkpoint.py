@@ -8,7 +8,8 @@ state of its stages under the whole model's key names (`state_dict` holds the Li
 a tied head that two ranks hold is written once). `load_sharded(DIR, module, optimizers)` reads into a
 module whatever keys it holds: a rank its share when resuming (`trainer.fit(ckpt_path=DIR)`), or a whole,
 unpipelined module in a single process, no process group needed, through `load_sharded_checkpoint(DIR,
-module)` (the LightningModule, e.g. `CausalLMModule`, or anything with the same state_dict keys).
+module)` (the LightningModule, e.g. `CausalLMModule`, or anything with the same state_dict keys). Resuming
+needs the optimizer states: a checkpoint saved without them is refused, saying how to start from its weights.
 """
 
 from __future__ import annotations
@@ -37,8 +38,16 @@ def load_sharded(path: str | os.PathLike, module: nn.Module, optimizers: Sequenc
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=checkpoint_id, no_dist=single_process)
     module.load_state_dict(state["state_dict"], strict=strict)
+    saved = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata if optimizers else {}
     for index, optimizer in enumerate(optimizers):
         key = f"optimizer_{index}"
+        if not any(name.startswith(f"{key}.") for name in saved):
+            raise ValueError(
+                f"checkpoint {checkpoint_id} holds no state of optimizer {index} (saved with "
+                "ModelCheckpoint(save_weights_only=True)?), so training cannot resume from it; to start from its "
+                "weights, load them into the module before fit (forgather.strategies.load_sharded_checkpoint) "
+                "and fit without ckpt_path"
+            )
         optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
         dcp.load(optimizer_state, checkpoint_id=checkpoint_id, no_dist=single_process)
         set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key])

@@ -39,7 +39,7 @@ from torch.distributed import checkpoint as dcp
 from torch.optim import Optimizer
 
 from .checkpoint import load_sharded, swap_into_place
-from .pipeline_runtime import SCHEDULES, PipelineRuntime, pipeline_mesh
+from .pipeline_runtime import PipelineRuntime, pipeline_mesh, schedule_class_for
 
 
 class PipelineParallelStrategy(ModelParallelStrategy):
@@ -70,14 +70,20 @@ class PipelineParallelStrategy(ModelParallelStrategy):
     ) -> None:
         super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend,
                          timeout=timeout)
-        if schedule.lower() not in {name.lower() for name in SCHEDULES}:
-            raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if n_microbatches < 1:
-            raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
+        schedule_class_for(schedule, n_microbatches, stages_per_rank)  # mistakes show before any process starts
+        if pipeline_parallel_size != "auto" and (
+            not isinstance(pipeline_parallel_size, int) or isinstance(pipeline_parallel_size, bool)
+            or pipeline_parallel_size < 1
+        ):
+            raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size!r} (config value "
+                             "`pipeline_parallel_size`) must be 'auto' or a whole number of at least 1")
         self.schedule = schedule
         self.n_microbatches = n_microbatches
         self.pipeline_parallel_size = pipeline_parallel_size
         self.stages_per_rank = stages_per_rank
+        if split_points is not None and not isinstance(split_points, (list, tuple)):
+            raise ValueError(f"split_points={split_points!r} (config value `split_points`) must be a list of layer "
+                             "indices, the first layer of each stage after the first (e.g. [8]), or null to balance")
         self.split_points = list(split_points) if split_points is not None else None
         self.gather_at_end = gather_at_end
         self.runtime: PipelineRuntime | None = None
@@ -87,10 +93,11 @@ class PipelineParallelStrategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         self._setup_distributed()
-        pp_size = self.world_size if self.pipeline_parallel_size == "auto" else int(self.pipeline_parallel_size)
-        if pp_size < 1 or self.world_size % pp_size:
+        pp_size = self.world_size if self.pipeline_parallel_size == "auto" else self.pipeline_parallel_size
+        if self.world_size % pp_size:
             raise ValueError(
-                f"pipeline_parallel_size={self.pipeline_parallel_size} must divide the world size {self.world_size}"
+                f"pipeline_parallel_size={pp_size} (config value `pipeline_parallel_size`) must divide the "
+                f"number of processes, {self.world_size} (devices x nodes): change either, or leave it 'auto'"
             )
         self._device_mesh = pipeline_mesh(self.root_device.type, pp_size, self.world_size // pp_size)
         self.lightning_module._device_mesh = self._device_mesh
@@ -122,12 +129,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
     def _build_runtime(self) -> PipelineRuntime:
         """Cut the module's model into this rank's stages (pruning the rest) and set up the schedule."""
         module = self.lightning_module
-        for name in ("model", "loss"):
-            if not isinstance(getattr(module, name, None), nn.Module):
-                raise TypeError(
-                    f"{type(self).__name__} needs the LightningModule's `{name}` (an nn.Module) to cut into "
-                    f"stages; {type(module).__name__} has none (CausalLMModule has both)"
-                )
+        _check_module(module)
         return PipelineRuntime(
             module.model, module.loss, self.device_mesh, self.root_device, self.schedule,
             self.n_microbatches, self.stages_per_rank, self.split_points,
@@ -176,8 +178,14 @@ class PipelineParallelStrategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(os.fspath(checkpoint_path)))
+        if not path.exists():
+            raise FileNotFoundError(f"ckpt_path {path} does not exist; give a checkpoint directory this strategy wrote")
         if not (path / METADATA_FILENAME).is_file():
-            raise ValueError(f"{path} is not a sharded checkpoint directory written by {type(self).__name__}")
+            raise ValueError(
+                f"ckpt_path {path} is not a sharded checkpoint directory written by {type(self).__name__} (no "
+                f"{METADATA_FILENAME}); to start from a single-device checkpoint's weights, load them into the "
+                "module before fit (module.load_state_dict(torch.load(path)['state_dict'])) and fit without ckpt_path"
+            )
         load_sharded(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading)
         return torch.load(path / METADATA_FILENAME, weights_only=weights_only)
 
@@ -217,6 +225,22 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         raise NotImplementedError(
             f"{type(self).__name__} trains and validates; load the checkpoint into a single-device model "
             "(forgather.strategies.load_sharded_checkpoint) to predict"
+        )
+
+
+def _check_module(module: pl.LightningModule) -> None:
+    """Refuse a LightningModule the strategy cannot pipeline, saying what to change."""
+    for name in ("model", "loss"):
+        if not isinstance(getattr(module, name, None), nn.Module):
+            raise TypeError(
+                f"PipelineParallelStrategy needs the LightningModule's `{name}` (an nn.Module) to cut into "
+                f"stages; {type(module).__name__} has none (CausalLMModule has both)"
+            )
+    # The whole model's compiled forward would run on this rank's pruned model, not through the stand-ins.
+    if getattr(module, "compile", False) and getattr(module, "compile_scope", None) == "model":
+        raise ValueError(
+            "compile_scope='model' compiles the whole model's forward as one graph, but PipelineParallelStrategy "
+            "cuts the model into stages: use compile_scope='layers' (config value `compile_scope`)"
         )
 
 

@@ -10,7 +10,9 @@ pipeline (computed on the last stage, broadcast). The loss of microbatch m enter
 `mean_m * count_m / count_batch` (count: the terms a loss averages, e.g. target tokens) with the schedule's
 own 1/n_microbatches scaling off, so loss and gradients equal those of the whole batch run at once, even when
 padding leaves microbatches with different token counts. Afterwards the gradients of a tied head are summed
-between the first and last stages, and all gradients are averaged over the replicas.
+between the first and last stages, and all gradients are averaged over the replicas. A batch's rows must
+divide by n_microbatches; a batch of other shapes than the one before gets a new schedule (torch's stages keep
+the shapes of their first step).
 `evaluate(batch)` runs forward only and returns the batch loss. `grad_norm()` and `clip_grad_norm_()` see
 the whole model's gradients, not just this rank's. `unpipeline()` gathers the whole model on the first
 stage's rank (after training, e.g. to export it).
@@ -28,11 +30,40 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+from forgather.errors import did_you_mean
+
 from .pipeline_split import stage_indices, stage_layer_ranges, stage_rank
 from .pipeline_stages import prune_to, restore, stages_for
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 V_SHAPED_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+
+
+def schedule_class_for(schedule: str, n_microbatches: int, stages_per_rank: int | None) -> type:
+    """The torch schedule class named `schedule`, once the arguments are checked to fit it and each other.
+
+    Raises ValueError naming the argument (and the strategy's config value) and what to give instead.
+    """
+    names = {name.lower(): name for name in SCHEDULES}
+    if not isinstance(schedule, str) or schedule.lower() not in names:
+        hint = did_you_mean(schedule, SCHEDULES) if isinstance(schedule, str) else ""
+        raise ValueError(f"schedule={schedule!r} (config value `pp_schedule`) is not a pipeline schedule; "
+                         f"{hint + ' ' if hint else ''}choose one of {', '.join(SCHEDULES)}")
+    for name, value in (("n_microbatches", n_microbatches), ("stages_per_rank", stages_per_rank)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}={value!r} (config value `{name}`) must be a whole number of at least 1"
+                             + (", or null for the schedule's default" if name == "stages_per_rank" else ""))
+    schedule = names[schedule.lower()]
+    schedule_class = get_schedule_class(schedule)
+    single = issubclass(schedule_class, PipelineScheduleSingle)
+    if single and stages_per_rank not in (None, 1):
+        raise ValueError(f"stages_per_rank={stages_per_rank}: schedule {schedule} runs one stage a rank; leave "
+                         "stages_per_rank unset, or choose a multi-stage schedule (Interleaved1F1B, LoopedBFS, "
+                         "InterleavedZeroBubble)")
+    if schedule in V_SHAPED_SCHEDULES and stages_per_rank not in (None, 2):
+        raise ValueError(f"stages_per_rank={stages_per_rank}: schedule {schedule} folds the stages in a V, exactly "
+                         "2 a rank; leave stages_per_rank unset (or 2)")
+    return schedule_class
 
 
 def pipeline_mesh(device_type: str, pp_size: int, dp_size: int = 1) -> DeviceMesh:
@@ -65,7 +96,7 @@ class PipelineRuntime:
         stages_per_rank: int | None = None,
         split_points: list[int] | None = None,
     ) -> None:
-        schedule_class = get_schedule_class(schedule)
+        schedule_class = schedule_class_for(schedule, n_microbatches, stages_per_rank)
         self._place(schedule_class, mesh, stages_per_rank)
         self.device = torch.device(device)
         self.n_microbatches = n_microbatches
@@ -73,16 +104,14 @@ class PipelineRuntime:
         tied = self.parts.tied_head  # asked before pruning, which may drop an untied head from this rank
         self._cut(model, split_points)
         self.tied_weight, self.tied_group = self._tied_head(mesh) if tied else (None, None)
-        self.schedule = self._build_schedule(schedule_class)
+        self._schedule_class = schedule_class
+        self.schedule = self._build_schedule()
+        self._schedule_shapes: tuple | None = None  # the input shapes the schedule sized its buffers for
 
     def _place(self, schedule_class: type, mesh: DeviceMesh, stages_per_rank: int | None) -> None:
         """How many stages there are, and which of them this rank holds."""
         single = issubclass(schedule_class, PipelineScheduleSingle)
         self.stages_per_rank = stages_per_rank or (1 if single else 2)
-        if single and self.stages_per_rank != 1:
-            raise ValueError(
-                f"schedule {schedule_class.__name__} runs one stage a rank; got stages_per_rank={stages_per_rank}"
-            )
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
         self.pp_size, self.dp_size = mesh["pp"].size(), mesh["dp"].size()
         self.pp_rank = mesh["pp"].get_local_rank()
@@ -93,6 +122,12 @@ class PipelineRuntime:
 
     def _cut(self, model: nn.Module, split_points: list[int] | None) -> None:
         """This rank's stage modules; the model pruned to them, other stages' weights freed."""
+        if self.num_stages > self.parts.num_layers:
+            raise ValueError(
+                f"the model has {self.parts.num_layers} layers, too few for {self.num_stages} pipeline stages "
+                f"({self.pp_size} ranks x stages_per_rank={self.stages_per_rank}; each stage needs a layer): use "
+                "fewer devices or a smaller pipeline_parallel_size, or a single-stage schedule (1F1B, GPipe)"
+            )
         self.layer_ranges = stage_layer_ranges(
             self.parts.num_layers, self.num_stages, split_points, self.parts.head_cost
         )
@@ -103,15 +138,22 @@ class PipelineRuntime:
         self.removed = prune_to(model, self.modules)
         _release(self.removed, self.parameters())
 
-    def _build_schedule(self, schedule_class: type) -> Any:
+    def _build_schedule(self) -> Any:
+        schedule_class = self._schedule_class
         stages = [
             PipelineStage(module, index, self.num_stages, self.device, group=self.pp_group)
             for module, index in zip(self.modules, self.stage_ids)
         ]
         single = issubclass(schedule_class, PipelineScheduleSingle)
-        return schedule_class(
-            stages[0] if single else stages, self.n_microbatches, loss_fn=self._microbatch_loss, scale_grads=False
-        )
+        try:
+            return schedule_class(
+                stages[0] if single else stages, self.n_microbatches, loss_fn=self._microbatch_loss, scale_grads=False
+            )
+        except ValueError as error:  # torch's own limits, e.g. DualPipeV's at least a microbatch a stage
+            raise ValueError(
+                f"n_microbatches={self.n_microbatches} (config value `n_microbatches`) does not suit "
+                f"{schedule_class.__name__} with {self.num_stages} stages: {error}"
+            ) from error
 
     # Parameters and the tied head
 
@@ -142,18 +184,39 @@ class PipelineRuntime:
 
         `accumulation` > 1 divides the gradients, as when a batch is one of several accumulated ones.
         """
-        loss = self._run(self.schedule.step, batch, accumulation)
+        args, kwargs, target = self.parts.inputs(batch)
+        self._check_microbatches(target.shape[0])
+        self._fit_schedule_to(args, kwargs)
+        denominator = self.parts.count(target).clamp(min=1) * accumulation
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*args, target=target, losses=losses, return_outputs=False,
+                           loss_kwargs={"denominator": denominator}, **kwargs)
+        loss = torch.stack(losses).sum().float() * accumulation if losses else torch.zeros((), device=self.device)
+        loss = self._from_last_stage(loss)
         self._sync_grads()
         return loss
 
-    def _run(self, run: Callable[..., Any], batch: Any, accumulation: int) -> torch.Tensor:
-        args, kwargs, target = self.parts.inputs(batch)
-        denominator = self.parts.count(target).clamp(min=1) * accumulation
-        losses: list[torch.Tensor] = []
-        run(*args, target=target, losses=losses, return_outputs=False, loss_kwargs={"denominator": denominator},
-            **kwargs)
-        loss = torch.stack(losses).sum().float() * accumulation if losses else torch.zeros((), device=self.device)
-        return self._from_last_stage(loss)
+    def _check_microbatches(self, rows: int) -> None:
+        # The schedule sizes every microbatch's receive buffers like the first one's: uneven ones cannot pass.
+        if rows % self.n_microbatches:
+            raise ValueError(
+                f"a training batch of {rows} rows does not cut into n_microbatches={self.n_microbatches} equal "
+                f"microbatches (PipelineParallelStrategy's n_microbatches, config value `n_microbatches`): make the "
+                f"per-replica batch size a multiple of {self.n_microbatches}, and drop a smaller last batch "
+                "(DataLoader(drop_last=True), config value `drop_last=true`)"
+            )
+
+    def _fit_schedule_to(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """A new schedule when the batch's shapes change (a smaller last batch, another sequence length).
+
+        torch's stages infer the shapes they send and receive at their first step and keep them; a batch of
+        other shapes would be received into buffers of the old ones. The pipeline's ranks read the same
+        batches, so they all rebuild at the same step.
+        """
+        shapes = tuple((tuple(t.shape), t.dtype) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        if self._schedule_shapes not in (None, shapes):
+            self.schedule = self._build_schedule()
+        self._schedule_shapes = shapes
 
     def _from_last_stage(self, loss: torch.Tensor) -> torch.Tensor:
         if self.pp_size > 1:
@@ -170,10 +233,12 @@ class PipelineRuntime:
         """
         args, kwargs, target = self.parts.inputs(batch)
         denominator = self.parts.count(target).clamp(min=1)
-        args_chunks, kwargs_chunks = split_args_kwargs_into_chunks(args, kwargs, self.n_microbatches)
-        target_chunks = target.tensor_split(self.n_microbatches)
+        # A smaller (last) batch may have fewer rows than microbatches, or an uneven cut: both are exact here.
+        chunks = min(self.n_microbatches, target.shape[0])
+        args_chunks, kwargs_chunks = split_args_kwargs_into_chunks(args, kwargs, chunks)
+        target_chunks = target.tensor_split(chunks)
         loss = torch.zeros((), device=self.device)
-        for chunk in range(self.n_microbatches):
+        for chunk in range(chunks):
             x = args_chunks[chunk][0]
             for index, module in zip(self.stage_ids, self.modules):
                 if index > 0 and self._holder(index - 1) != self.pp_rank:

@@ -30,15 +30,24 @@ def stage_layer_ranges(
 
 
 def _check_split_points(split_points: list[int], num_layers: int, num_stages: int) -> None:
+    where = f"split_points={split_points} (config value `split_points`)"
     if len(split_points) != num_stages - 1:
         raise ValueError(
-            f"split_points {split_points} gives {len(split_points) + 1} stages, but the pipeline has {num_stages}; "
-            f"give {num_stages - 1} layer indices (the first layer of each stage after the first)"
+            f"{where} gives {len(split_points) + 1} stages, but the pipeline has {num_stages}; "
+            f"give {num_stages - 1} layer indices (the first layer of each stage after the first), or null to balance"
+        )
+    if not all(isinstance(point, int) and not isinstance(point, bool) for point in split_points):
+        raise ValueError(f"{where} must be layer indices (whole numbers)")
+    missing = [point for point in split_points if not 0 <= point < num_layers]
+    if missing:
+        raise ValueError(
+            f"{where} names layer {missing[0]}, but the model's layers are 0..{num_layers - 1}; "
+            f"give indices within 1..{num_layers - 1}"
         )
     bounds = [0, *split_points, num_layers]
     if any(start >= stop for start, stop in zip(bounds, bounds[1:])):
         raise ValueError(
-            f"split_points {split_points} must increase strictly within 1..{num_layers - 1} "
+            f"{where} must increase strictly within 1..{num_layers - 1} "
             f"(every stage of the {num_layers}-layer stack needs at least one layer)"
         )
 
