@@ -348,3 +348,46 @@ def test_loaders_pin_batches_when_the_trainer_runs_on_cuda(tokenizer, documents)
         module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
         assert module.train_dataloader().pin_memory is pinned
         assert module.val_dataloader().pin_memory is pinned
+
+
+def test_drop_last_with_fewer_rows_than_a_batch_is_an_error_not_a_fit_that_ends_at_once(tokenizer, documents):
+    # Lightning only warns of a loader without batches and reports the fit finished, with no step trained.
+    from forgather.errors import UserError
+
+    module = make_module(tokenizer, documents, max_tokens=1000, cache=False, drop_last=True, batch_size=64)
+    rows = len(module.train_dataset)
+    with pytest.raises(UserError, match=rf"^the training data gives no full batch: {rows} blocks of block_size={BLOCK} "
+                                        r"in all, fewer than batch_size=64, and drop_last=true leaves the short batch "
+                                        r"out; lower batch_size, set drop_last=false or add data$"):
+        module.train_dataloader()
+    module.drop_last = False
+    assert len(module.train_dataloader()) == 1
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_share_an_epoch_without_a_block_seen_twice(tokenizer, documents, ranks):
+    # Lightning's own DistributedSampler wrapper fills every rank's share with repeated blocks; the module's leaves
+    # out the fewer than `ranks` that do not divide, and each rank's order is otherwise the one Lightning gives.
+    from types import SimpleNamespace
+
+    from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from forgather.data.loader import EpochShuffleSampler
+
+    module = make_module(tokenizer, documents, max_tokens=1000, cache=False)
+    blocks = len(module.train_dataset)
+    assert blocks % ranks
+    seen = []
+    for rank in range(ranks):
+        module.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": ranks, "rank": rank},
+                                         strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        loader = module.train_dataloader()
+        loader.sampler.set_epoch(1)
+        order = list(loader.sampler)
+        padded = DistributedSamplerWrapper(EpochShuffleSampler(blocks, seed=0), num_replicas=ranks, rank=rank,
+                                           shuffle=False)
+        padded.set_epoch(1)
+        assert order == list(padded)[: blocks // ranks]
+        seen += [tuple(row.tolist()) for batch in loader for row in batch["input_ids"]]
+    every = [tuple(row.tolist()) for row in module.train_dataset.blocks["input_ids"]]
+    assert len(seen) == len(set(seen)) == blocks - blocks % ranks and set(seen) <= set(every)

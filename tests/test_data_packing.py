@@ -102,6 +102,8 @@ def test_tokenize_stops_at_exactly_max_tokens(tiny_tokenizer):
     assert len(limited) == 6
     assert torch.equal(limited.tokens[:-1], full.tokens[: budget - 1])
     assert limited.document(5)[-1] == tiny_tokenizer.eos_token_id
+    for budget in (0, 1):
+        assert tokenize_documents(documents, tiny_tokenizer, max_tokens=budget).tokens.numel() == budget
 
 
 def test_selecting_documents_keeps_their_tokens_and_order():
@@ -169,3 +171,18 @@ def test_datasets_round_trip_through_one_file(tmp_path):
     assert len(loaded["val"]) == 0
     assert all(torch.equal(loaded["train"].blocks[key], train.blocks[key]) for key in train.blocks)
     assert set(loaded["train"][1]) == {"input_ids", "position_ids", "labels"}
+
+
+def test_a_resume_point_is_kept_for_the_pass_that_starts_not_for_an_iter_left_unused():
+    # Lightning may call iter() on a loader and start the pass from a later iter(); and a resumed fit calls iter()
+    # before set_epoch, which the pass must read only when its first batch is drawn (here with workers).
+    dataset = list(range(12))
+    loader = ResumableDataLoader(dataset, batch_size=2, sampler=EpochShuffleSampler(12, seed=1), num_workers=2)
+    loader.sampler.set_epoch(1)
+    epoch1 = [batch.tolist() for batch in loader]
+    restored = ResumableDataLoader(dataset, batch_size=2, sampler=EpochShuffleSampler(12, seed=1), num_workers=2)
+    restored.load_state_dict({"epoch": 1, "batches": 2})
+    iter(restored)
+    started = iter(restored)
+    restored.sampler.set_epoch(1)
+    assert [batch.tolist() for batch in started] == epoch1[2:]

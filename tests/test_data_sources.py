@@ -114,3 +114,30 @@ def test_hf_without_datasets_says_how_to_install(tmp_path, monkeypatch):
 def test_documents_source_may_be_a_callable():
     assert list(sources.resolve_documents(lambda: iter(["x", "y"]))) == ["x", "y"]
     assert sources.resolve_documents(["z"]) == ["z"]
+
+
+def test_a_saved_dataset_path_of_the_wrong_kind_says_what_data_path_needs(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "a.txt").write_text("text")
+    for path, what in [("missing", "no such directory; check data_path"),
+                       ("a.txt", "a file, not a directory saved with save_to_disk; check data_path"),
+                       ("plain", "not a dataset saved with save_to_disk; give data_path a directory written by "
+                                 "Dataset.save_to_disk, or read files with data=jsonl or data=text_files")]:
+        with pytest.raises(FileNotFoundError) as caught:
+            sources.hf_documents(tmp_path / path)
+        assert str(caught.value) == f"{tmp_path / path}: {what}"
+
+
+def test_a_saved_dataset_column_or_split_that_holds_no_text_names_the_value_to_set(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["a"], "n": [1]}).save_to_disk(tmp_path / "flat")
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": ["v"]})}).save_to_disk(tmp_path / "dict")
+    with pytest.raises(KeyError) as caught:
+        sources.hf_documents(tmp_path / "flat", column="n")
+    assert caught.value.args[0] == (f"{tmp_path / 'flat'}: column 'n' holds int64, not text; set column= "
+                                    f"(data_column= on the command line) to a text column")
+    with pytest.raises(KeyError) as caught:
+        sources.hf_documents(tmp_path / "dict")
+    assert caught.value.args[0] == (f"{tmp_path / 'dict'}: no 'train' split in this DatasetDict; set split= "
+                                    f"(data_split= on the command line) to one of ['validation']")

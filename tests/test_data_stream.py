@@ -67,6 +67,22 @@ def test_a_damaged_shard_is_named_with_what_to_do(prepared, tmp_path, damage, wh
         dataset[0]
 
 
+def test_a_missing_shard_is_named_when_the_dataset_opens_not_when_the_order_reaches_it(prepared, tmp_path):
+    import shutil
+
+    from forgather.errors import UserError
+
+    copy = shutil.copytree(prepared, tmp_path / "out")
+    shards = PackedShards(copy, "train", block_size=24).shards
+    (copy / shards[-1]["file"]).unlink()
+    with pytest.raises(UserError, match=rf"^{copy / shards[-1]['file']}: no such shard, though the manifest lists it "
+                                        rf"\(1 of the {len(shards)} train shards are missing\): a copy that left files "
+                                        rf"out; copy them too, or prepare the corpus again, into a new directory or "
+                                        rf"after deleting {copy}$"):
+        PackedShards(copy, "train", block_size=24)
+    assert len(PackedShards(copy, "val", block_size=24)) > 0
+
+
 def test_the_order_is_a_seeded_permutation_that_changes_every_epoch():
     sampler = ShardOrderSampler([5, 7, 3], seed=3)
     first = list(sampler)
@@ -202,6 +218,28 @@ def test_the_datamodule_streams_a_prepared_corpus_and_gives_each_rank_its_share(
         shares.append([row.tolist() for batch in module.train_dataloader() for row in batch["input_ids"]])
     assert len(shares[0]) == len(shares[1]) == len(module.train_dataset) // 2
     assert not {tuple(row) for row in shares[0]} & {tuple(row) for row in shares[1]}
+
+
+def test_fewer_blocks_than_ranks_is_an_error_naming_what_to_change(tmp_path):
+    from types import SimpleNamespace
+
+    from forgather.data.prepare import PreparedCorpus
+    from forgather.errors import UserError
+    from forgather.lightning.datamodule import TextDataModule
+
+    source = tmp_path / "a.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:40]))
+    corpus = PreparedCorpus(tmp_path / "shards", [source], val_fraction=0.1, num_workers=1)
+    module = TextDataModule(build_bpe_tokenizer(TEXTS, vocab_size=300), corpus, block_size=4096, batch_size=4)
+    module.prepare_data()
+    module.setup("fit")
+    blocks = len(module.train_dataset)
+    module.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": blocks + 1, "rank": 0},
+                                     strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    with pytest.raises(UserError, match=rf"^the training data \({blocks} blocks of block_size=4096\) gives none to each "
+                                        rf"of {blocks + 1} data-parallel ranks; add data, lower block_size or train on "
+                                        rf"fewer devices$"):
+        module.train_dataloader()
 
 
 @pytest.mark.slow

@@ -74,13 +74,21 @@ class ResumableDataLoader(DataLoader):
         self._resume_at = (state_dict["epoch"], state_dict["batches"])
 
     def __iter__(self) -> Iterator[Any]:
-        resume_at, self._resume_at = self._resume_at, None
-        return self._skipping(super().__iter__(), resume_at)
+        return self._pass()
 
-    def _skipping(self, iterator: Iterator[Any], resume_at: tuple[int, int] | None) -> Iterator[Any]:
-        # A generator: the epoch is read when the first batch is requested, after Lightning's set_epoch.
-        if resume_at is not None and resume_at[0] == getattr(self.sampler, "epoch", 0):
-            # Drawing the skipped batches (not slicing the sampler) keeps every sampler and DDP shard exact.
-            for _ in range(resume_at[1]):
-                next(iterator, None)
-        yield from iterator
+    def _pass(self) -> Iterator[Any]:
+        # A generator, so the pass starts when the first batch is requested. A resumed Lightning fit calls iter()
+        # on the loader before set_epoch, and a DataLoader with workers draws its first indices from the sampler
+        # inside iter(): started there, a run resumed in epoch 1 or later would train on epoch 0's order. The
+        # resume point is taken here too, so an iter() whose pass never starts does not use it up.
+        resume_at, self._resume_at = self._resume_at, None
+        resumes = resume_at is not None and resume_at[0] == getattr(self.sampler, "epoch", 0)
+        yield from self._batches_after(resume_at[1] if resumes else 0)
+
+    def _batches_after(self, consumed: int) -> Iterator[Any]:
+        """This epoch's batches after the first `consumed`."""
+        iterator = super().__iter__()
+        # Drawing the skipped batches (not slicing the sampler) keeps every sampler and DDP shard exact.
+        for _ in range(consumed):
+            next(iterator, None)
+        return iterator

@@ -59,6 +59,8 @@ def tokenize_documents(
     """Token ids of each document with `eos` appended; stops once `max_tokens` tokens are collected
     (the document that crosses the budget is cut short, keeping its eos, so the total is exactly the budget)."""
     eos = _require_id(tokenizer, "eos_token_id")
+    if max_tokens is not None and max_tokens < 1:  # no room even for one eos: no document
+        return _concatenate([])
     chunks, total = [], 0
     for texts in _chunks(documents, chunk_size):
         encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -124,14 +124,30 @@ def hf_documents(path: str | Path, column: str = "text", split: str | None = Non
         import datasets
     except ImportError as error:
         raise ImportError("hf_documents needs the Hugging Face datasets library: pip install datasets") from error
-    dataset = datasets.load_from_disk(str(path))
+    path = Path(path)
+    if not path.is_dir():
+        what = "a file, not a directory saved with save_to_disk" if path.exists() else "no such directory"
+        raise FileNotFoundError(f"{path}: {what}; check data_path")
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError as error:  # a directory, but without a saved dataset's files
+        raise FileNotFoundError(f"{path}: not a dataset saved with save_to_disk; give data_path a directory "
+                                f"written by Dataset.save_to_disk, or read files with data=jsonl or "
+                                f"data=text_files") from error
     if isinstance(dataset, datasets.DatasetDict):
         split = split or ("train" if "train" in dataset else None)
         if split not in dataset:
-            raise KeyError(f"{path}: choose split= from {sorted(dataset)} (got {split!r})")
+            what = f"no split {split!r}" if split else "no 'train' split"
+            raise KeyError(f"{path}: {what} in this DatasetDict; set split= (data_split= on the command line) to one "
+                           f"of {sorted(dataset)}")
         dataset = dataset[split]
     if column not in dataset.column_names:
-        raise KeyError(f"{path}: no column {column!r}; columns are {dataset.column_names}")
+        raise KeyError(f"{path}: no column {column!r}; set column= (data_column= on the command line) to one of "
+                       f"{dataset.column_names}")
+    kind = getattr(dataset.features[column], "dtype", None) or type(dataset.features[column]).__name__
+    if kind not in ("string", "large_string"):
+        raise KeyError(f"{path}: column {column!r} holds {kind}, not text; set column= (data_column= on the command "
+                       f"line) to a text column")
     return _non_empty(dataset[column])
 
 

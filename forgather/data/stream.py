@@ -7,7 +7,7 @@ start (flex attention's document mask reads them), `labels` = input_ids with the
 block set to -100. Blocks never span two shards, so the shard order can change every epoch without
 re-packing. A block is sliced out of its memory-mapped shard (`datasets.Dataset.from_file`); a process keeps
 at most `open_shards` (8, the sampler's `mix`) shards mapped, so resident memory stays flat however large
-the corpus.
+the corpus. A shard the manifest lists but the directory lacks is an error when the dataset opens.
 
 `ShardOrderSampler` orders the blocks of an epoch: shards in a permutation drawn from (seed, epoch), cut into
 groups of `mix` (8) shards, the blocks of each group in a permutation drawn from (seed, epoch, group); it holds
@@ -53,6 +53,12 @@ class PackedShards(Dataset):
         self.path = Path(path)
         manifest = read_manifest(self.path)
         self.shards = manifest["shards"][split]
+        # Checked now, not when the order reaches a missing shard hours into the run.
+        missing = [shard["file"] for shard in self.shards if not (self.path / shard["file"]).is_file()]
+        if missing:
+            raise UserError(f"{self.path / missing[0]}: no such shard, though the manifest lists it ({len(missing)} of "
+                            f"the {len(self.shards)} {split} shards are missing): a copy that left files out; copy "
+                            f"them too, or prepare the corpus again, into a new directory or after deleting {self.path}")
         self.pad_id = manifest["pad_id"]
         self.block_size = block_size
         self.open_shards = open_shards
@@ -196,16 +202,10 @@ class StreamingLoader(ResumableDataLoader, BlockLoader):
 
     sampler: ShardOrderSampler
 
-    def __iter__(self) -> Iterator[Any]:
-        resume_at, self._resume_at = self._resume_at, None
-        return self._from(resume_at)
-
-    def _from(self, resume_at: tuple[int, int] | None) -> Iterator[Any]:
-        # A generator, as in ResumableDataLoader: the epoch is read when the first batch is requested (after
-        # Lightning's set_epoch), and the skip is set before the workers start drawing indices.
-        resumes = resume_at is not None and resume_at[0] == self.sampler.epoch
-        self.sampler.skip = resume_at[1] * self.batch_size if resumes else 0
-        yield from BlockLoader.__iter__(self)
+    def _batches_after(self, consumed: int) -> Iterator[Any]:
+        # Called when the pass starts (see ResumableDataLoader), so the skip is set before the workers draw indices.
+        self.sampler.skip = consumed * self.batch_size
+        return BlockLoader.__iter__(self)
 
 
 def validation_loader(dataset: PackedShards, **settings: Any) -> BlockLoader:

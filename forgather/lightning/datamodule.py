@@ -10,7 +10,10 @@ text, the tokenizer's serialized form and every setting above, and written atomi
 (one process per node) builds them, `setup` (every process) loads them. With `cache=False`, `setup` builds
 them in memory. Works in plain Lightning code.
 
-Resumable: training order comes from `EpochShuffleSampler` (seed + epoch) and nothing touches global RNGs.
+Resumable: training order comes from `EpochShuffleSampler` (seed + epoch) and nothing touches global RNGs. Under
+data parallelism rank r of R takes positions r, r + R, ... of that order (Lightning's `DistributedSamplerWrapper`,
+given by this module so that the fewer than R blocks that do not divide among the ranks are left out of the
+epoch: Lightning's own wrapper repeats blocks to fill every rank's share).
 The module counts the training batches consumed in the current epoch (`on_before_batch_transfer`) into the
 train loader's `LoaderPosition`; Lightning stores the loader's state in checkpoints and restores it, and the
 loader then skips those batches, so a run resumed mid-epoch sees exactly the batches an uninterrupted run
@@ -20,9 +23,11 @@ the work queued before it: a host sync every step). If the LightningModule overr
 Lightning calls only this module's hook (and warns).
 
 A checkpoint records which data the run trained on (`state_dict`: a fingerprint of the documents, tokenizer
-and every setting that shapes the blocks and their order, and the batch size): resuming it with other data (a
-corpus file edited since, another tokenizer) or another batch size is a warning that says the resumed steps
-are not those of an uninterrupted run, as the loader's position, a count of batches, then points elsewhere.
+and every setting that shapes the blocks and their order, the batch size and the number of data-parallel
+ranks): resuming it with other data (a corpus file edited since, another tokenizer, shards cut otherwise),
+another batch size or another number of ranks is a warning that says the resumed steps are not those of an
+uninterrupted run, as the loader's position, a count of one rank's batches, then points elsewhere. The number
+of DataLoader workers changes nothing: batches are drawn in this process's order either way.
 
 Streaming (`data=streaming`, docs/data.md): when `documents` is a `forgather.data.prepare.PreparedCorpus`,
 `prepare_data` prepares its shards if its directory is missing (and checks that an existing one was prepared
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -146,7 +152,10 @@ class TextDataModule(pl.LightningDataModule):
 
             path = self.documents.prepare(self.tokenizer)  # no work when prepare_data made it; checks the key
             self.train_dataset, self.val_dataset = streaming_datasets(path, self.block_size)
-            self.data_key = fingerprint(self.documents.key, self.block_size, self.seed)
+            # The shards as cut, not only the corpus's key: blocks never span shards, so the same corpus prepared
+            # again in other units (the unit size follows the number of workers) gives other blocks and order.
+            layout = [(shard["file"], shard["tokens"]) for shard in self.train_dataset.shards]
+            self.data_key = fingerprint(self.documents.key, layout, self.block_size, self.seed)
         else:
             documents = self._documents()
             self.data_key = self._key(documents)
@@ -163,14 +172,16 @@ class TextDataModule(pl.LightningDataModule):
         if len(self.train_dataset) == 0:
             self.train_dataset = self.val_dataset = None  # a corrected source is read again by the next setup()
             raise UserError("the data has no training documents (an empty file or directory, texts that are all "
-                            "blank, or max_documents=0); check the data source (data_path, data_paths)")
+                            "blank, or max_documents=0 or max_tokens=0); check the data source (data_path, data_paths)")
         if len(self.val_dataset) == 0:
             rank_zero_warn("the data has no validation blocks (val_fraction=0, or too few documents to hold one "
                            "out): the run reports no val/loss; raise val_fraction or add documents",
                            category=NoValidationWarning)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.data_key, "batch_size": self.batch_size} if self.data_key else {}
+        if not self.data_key:
+            return {}
+        return {"data": self.data_key, "batch_size": self.batch_size, "ranks": self._share().get("num_replicas", 1)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Say so when a run resumes with other data or batches than its checkpoint was trained on."""
@@ -179,25 +190,48 @@ class TextDataModule(pl.LightningDataModule):
             changed.append("other training data (its documents, tokenizer or packing settings changed since)")
         if state_dict.get("batch_size") not in (None, self.batch_size):
             changed.append(f"batch_size={self.batch_size} (the checkpoint's: {state_dict['batch_size']})")
+        ranks = self._share().get("num_replicas", 1)
+        if state_dict.get("ranks") not in (None, ranks):
+            changed.append(f"{ranks} data-parallel ranks (the checkpoint's: {state_dict['ranks']})")
         if changed:
             rank_zero_warn(f"resuming with {' and '.join(changed)}: training goes on at the checkpoint's count of "
                            f"batches into the epoch, so its batches are not those an uninterrupted run would "
-                           f"have trained on", category=DataChangedWarning)
+                           f"have trained on (some skipped, some seen twice until the epoch ends); to continue "
+                           f"exactly, resume with the checkpoint's data, batch_size and devices",
+                           category=DataChangedWarning)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_dataset)
         # A fresh count per loader: a restored checkpoint fills it in through the loader's load_state_dict.
         self.position = LoaderPosition()
+        share = self._share()
         if isinstance(self.documents, PreparedCorpus):
             from forgather.data.stream import streaming_loader
 
-            # The strategy's data-parallel share (under pipeline parallelism, the stages of a replica read alike).
-            share = (self.trainer.distributed_sampler_kwargs if self.trainer else None) or {}
-            return streaming_loader(dataset, self.seed, self.position, **share, **self._loader_settings(),
-                                    drop_last=self.drop_last)
-        sampler = EpochShuffleSampler(len(dataset), self.seed)
-        return ResumableDataLoader(dataset, position=self.position, sampler=sampler, drop_last=self.drop_last,
-                                   **self._loader_settings())
+            loader = streaming_loader(dataset, self.seed, self.position, **share, **self._loader_settings(),
+                                      drop_last=self.drop_last)
+        else:
+            sampler = EpochShuffleSampler(len(dataset), self.seed)
+            if share:
+                # Lightning's own wrapper, but leaving out the fewer than R blocks that do not divide among the R
+                # ranks (as streaming does) where Lightning's pads every share with blocks seen twice in the epoch.
+                sampler = DistributedSamplerWrapper(sampler, **share, shuffle=False, drop_last=True)
+            loader = ResumableDataLoader(dataset, position=self.position, sampler=sampler, drop_last=self.drop_last,
+                                         **self._loader_settings())
+        self._check_batches(len(dataset), len(loader.sampler), share.get("num_replicas", 1))
+        return loader
+
+    def _check_batches(self, blocks: int, rows: int, ranks: int) -> None:
+        # A fit whose loader gives no batch ends at once as finished (Lightning only warns), like one without data.
+        # `rows`: a rank's share of the `blocks`.
+        if rows == 0:
+            raise UserError(f"the training data ({blocks} blocks of block_size={self.block_size}) gives none to each "
+                            f"of {ranks} data-parallel ranks; add data, lower block_size or train on fewer devices")
+        if self.drop_last and rows < self.batch_size:
+            raise UserError(f"the training data gives no full batch: {rows} blocks of block_size={self.block_size} "
+                            f"{'a rank' if ranks > 1 else 'in all'}, fewer than batch_size={self.batch_size}, and "
+                            f"drop_last=true leaves the short batch out; lower batch_size, set drop_last=false or "
+                            f"add data")
 
     def val_dataloader(self) -> DataLoader:
         if isinstance(self.documents, PreparedCorpus):
@@ -205,6 +239,11 @@ class TextDataModule(pl.LightningDataModule):
 
             return validation_loader(self._require(self.val_dataset), **self._loader_settings())
         return DataLoader(self._require(self.val_dataset), **self._loader_settings())
+
+    def _share(self) -> dict[str, int]:
+        """The strategy's data-parallel share, {"num_replicas", "rank"} ({} on one device; under pipeline
+        parallelism the stages of a replica read alike)."""
+        return (getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer else None) or {}
 
     def _loader_settings(self) -> dict[str, Any]:
         return {
