@@ -242,6 +242,31 @@ def test_non_positive_max_tokens_is_a_400(server, max_tokens):
     assert error["param"] == "max_tokens"
 
 
+@pytest.mark.parametrize("path, field, value, message", [
+    ("/completions", "n", 2, "one per request"), ("/chat/completions", "n", 3, "one per request"),
+    ("/completions", "logprobs", 5, "log probabilities"), ("/chat/completions", "logprobs", True, "log probabilities"),
+    ("/chat/completions", "top_logprobs", 2, "log probabilities"), ("/completions", "echo", True, "prepend the prompt"),
+    ("/completions", "best_of", 3, "several requests"), ("/completions", "suffix", "x", "suffix"),
+    ("/completions", "logit_bias", {"5": 100}, "biased"), ("/chat/completions", "presence_penalty", 0.5, "penalty"),
+    ("/completions", "frequency_penalty", -1, "penalty"), ("/chat/completions", "tool_choice", "required", "tool"),
+    ("/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}], "tool calls"),
+    ("/chat/completions", "response_format", {"type": "json_object"}, "other than text")])
+def test_an_openai_option_this_server_does_not_implement_is_a_400_naming_it(server, path, field, value, message):
+    """Not ignored: the client would take an answer lacking what it asked for (no logprobs, no echo ...)."""
+    prompt = {"prompt": "a"} if path == "/completions" else {"messages": [{"role": "user", "content": "a"}]}
+    error = error_of(post(server, path, {"model": "tiny", **prompt, "max_tokens": 2, field: value}), 400)
+    assert error["param"] == field and message in error["message"]
+    assert "leave the field out" in error["message"] or "send one request per completion" in error["message"]
+
+
+@pytest.mark.parametrize("field, value", [("n", 1), ("n", None), ("logprobs", None), ("logprobs", False),
+                                          ("echo", False), ("best_of", 1), ("logit_bias", {}), ("suffix", ""),
+                                          ("presence_penalty", 0), ("frequency_penalty", 0.0), ("user", "u1")])
+def test_openai_options_at_their_defaults_are_accepted(server, field, value):
+    response = post(server, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, field: value})
+    assert response.status_code == 200, response.text
+
+
 def test_max_tokens_beyond_the_context_is_a_400(server):
     error = error_of(post(server, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 10**9}), 400)
     assert error["code"] == "context_length_exceeded"

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
@@ -35,7 +36,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import protocol
 from .backend import Backend, Delta, RequestError, SamplingParams
-from .scheduler import QueueFull
+from .scheduler import EngineStopped, QueueFull
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -66,7 +69,7 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     if len(errors) > 1 and first.get("type", "").endswith("_type") and field in protocol.SHAPES:
         message = f"should be {protocol.SHAPES[field]}"
     given = json.dumps(first.get("input")) if isinstance(first.get("input"), (str, int, float, bool)) else ""
-    if first.get("type") != "lone_surrogate" and 0 < len(given) <= 40:
+    if first.get("type") not in ("lone_surrogate", "unsupported_field", "one_completion") and 0 < len(given) <= 40:
         message += f", not {given}"
     return f"{where}: {message}", where
 
@@ -75,6 +78,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body, status_code=error.status)
+
+    @app.exception_handler(EngineStopped)  # shutting down, or the engine failed: at submit, or before a response
+    async def stopped(request: Request, error: EngineStopped) -> JSONResponse:
+        return JSONResponse(_stopped_body(error), status_code=503)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
@@ -92,7 +99,16 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse(protocol.error_body(f"{type(error).__name__}: {error}", "server_error"), status_code=500)
+        return JSONResponse(_server_error_body(error), status_code=500)
+
+
+def _server_error_body(error: Exception) -> dict:
+    return protocol.error_body(f"{type(error).__name__}: {error} (a fault of the server, not of the request: the "
+                               f"server's log has the traceback)", "server_error")
+
+
+def _stopped_body(error: EngineStopped) -> dict:
+    return protocol.error_body(str(error), "server_error", code="service_unavailable")
 
 
 def bearer_matches(authorization: str | None, api_key: str) -> bool:
@@ -283,8 +299,11 @@ def create_app(backend: Backend, model_name: str, api_key: str | None = None) ->
         try:
             async for chunk in chunks:
                 yield _sse(chunk)
-        except Exception as error:  # headers are sent: report in the stream, as OpenAI does
-            yield _sse(protocol.error_body(f"{type(error).__name__}: {error}", "server_error"))
+        except EngineStopped as error:  # headers are sent: report in the stream, as OpenAI does
+            yield _sse(_stopped_body(error))
+        except Exception as error:  # uvicorn logs the errors of responses it sees fail; this one it does not
+            log.error("a streamed completion failed", exc_info=error)
+            yield _sse(_server_error_body(error))
         yield _sse("[DONE]")
 
     def streamed(request: protocol.SamplingFields, ids: list[int], params: SamplingParams,

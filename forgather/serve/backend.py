@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .scheduler import SHUTTING_DOWN, EngineStopped
 from .text import Delta, TextStream
 
 # The documented default chat template (ChatML) for tokenizers that bring none.
@@ -143,6 +144,7 @@ class Backend:
         self.longest_token = _longest_token(tokenizer)
         self.stop_token_ids = stop_token_ids
         self.engine: Any = None  # an Engine once start_engine() ran
+        self.stopping = threading.Event()  # set by close(): the simple loop stops, as the engine does
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.chat_stop: tuple[str, ...] = ()
         if chat_template is not None:
@@ -229,6 +231,13 @@ class Backend:
             warnings.warn(f"serving one request at a time: the batching engine cannot run this model ({error})",
                           stacklevel=2)
 
+    def close(self) -> None:
+        """The server is shutting down: every completion still running or queued ends with EngineStopped, in the
+        engine and in the simple loop alike, and later ones are refused with it."""
+        self.stopping.set()
+        if self.engine is not None:
+            self.engine.close()
+
     @property
     def vocab_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[0]
@@ -311,8 +320,11 @@ class Backend:
     def stream(
         self, prompt_ids: list[int], params: SamplingParams, cancelled: threading.Event | None = None
     ) -> Iterator[Delta]:
-        """Text deltas of the completion; stop strings end it and are not part of the text."""
+        """Text deltas of the completion; stop strings end it and are not part of the text. EngineStopped once
+        the backend is closed (before the first token, or between two)."""
         text = self.text_stream(params)
+        if self.stopping.is_set():
+            raise EngineStopped(SHUTTING_DOWN)
         for token in self.tokens(prompt_ids, params):
             delta = text.push(token)
             if delta is not None:
@@ -321,6 +333,8 @@ class Backend:
                     return
             if cancelled is not None and cancelled.is_set():
                 return
+            if self.stopping.is_set():
+                raise EngineStopped(SHUTTING_DOWN)
         yield text.finish("length" if text.tokens == params.max_tokens else "stop")
 
     def text_stream(self, params: SamplingParams) -> TextStream:

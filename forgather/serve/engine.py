@@ -6,7 +6,9 @@ params, deliver)` queues a request and returns it (`QueueFull` past the queue's 
 frees its slot before the next step). The engine's thread loops: admit waiting requests into free slots,
 prefill prompt chunks (several prompts in one forward pass), decode one token for every running request,
 sample each row with its own parameters and its own torch.Generator, and hand each request its token
-(`deliver`, on this thread).
+(`deliver`, on this thread). A part of a step that fails for several requests runs again for each alone, so
+that only the faulty ones end (with the error); `close()`, or an error escaping a step, ends every request
+left with `EngineStopped`, and later submits raise it.
 
 Both model kinds the server loads run the same step over the same cache, each by calling its own modules:
 - a Forgather directory: `model.model` is the plain model (embed, rope, layers, norm, lm_head_weight); its
@@ -68,9 +70,9 @@ from forgather.models.kv_cache import SlotKVCache, SlotRows
 
 from .decode_attention import advance_inputs, greedy_advance
 from .fused import FusedDecoder, UnsupportedModel
-from .scheduler import Plan, QueueFull, Request, Scheduler
+from .scheduler import EngineStopped, Plan, QueueFull, Request, Scheduler
 
-__all__ = ["Engine", "QueueFull", "UnsupportedModel"]
+__all__ = ["Engine", "EngineStopped", "QueueFull", "UnsupportedModel"]
 
 
 class SlotMask:
@@ -367,44 +369,83 @@ class Engine:
         self.scheduler.cancel(request)
 
     def close(self) -> None:
+        """Stop after the step that runs: every request left, running or waiting, ends with EngineStopped (the
+        server is shutting down), and so does every later submit."""
         self.scheduler.close()
         self.thread.join(timeout=60)
 
     # --- the engine's thread ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while (plan := self.scheduler.plan()) is not None:
-                self.run_step(plan)
+        """Steps until closed. An error that escapes a step (run_step fails only the step's requests) stops the
+        engine: its requests, and later ones, get EngineStopped naming it, instead of waiting for a dead thread."""
+        try:
+            with torch.inference_mode():
+                while (plan := self.scheduler.plan()) is not None:
+                    self.run_step(plan)
+        except BaseException as error:
+            self.scheduler.close(EngineStopped(f"the serving engine failed and stopped ({type(error).__name__}: "
+                                               f"{error}); the server's log has the traceback: restart the server"))
+            raise
+        finally:
+            for request in self.scheduler.drain():
+                self._deliver(request, self.scheduler.stopped)
 
     def run_step(self, plan: Plan) -> None:
-        """One step: prompt chunks (if any), then one decode token for every decoding request."""
+        """One step: prompt chunks (if any), then one decode token for every decoding request. Where a part fails
+        for several requests, each runs again alone and only those that fail alone fail (with the error): one
+        request's fault (a row whose logits are not numbers, a prompt the model cannot embed) ends no other."""
         if plan.prefill:
-            requests = [request for request, _, _ in plan.prefill]
-            try:
-                logits = self._prefill(plan.prefill)
-                for request, _, stop in plan.prefill:
+            for chunks, outcome in self._each_alone_on_failure(self._prefill_tokens, plan.prefill):
+                if isinstance(outcome, Exception):
+                    self._fail([request for request, _, _ in chunks], outcome)
+                    continue
+                for request, _, stop in chunks:
                     self.scheduler.prefilled(request, stop)
-                done = [i for i, (request, _, stop) in enumerate(plan.prefill) if stop == len(request.prompt_ids)]
-                if done:
-                    tokens = self._sample(logits[done], [requests[i] for i in done])
-                    self._hand_out([requests[i] for i in done], tokens)
-            except Exception as error:  # these requests fail; the others go on
-                self._fail(requests, error)
+                self._hand_out([request for request, _, stop in chunks if stop == len(request.prompt_ids)], outcome)
         if plan.decode:
+            for requests, outcome in self._each_alone_on_failure(self._decode_tokens, plan.decode):
+                if isinstance(outcome, Exception):
+                    self._fail(requests, outcome)
+                else:
+                    self._hand_out(requests, outcome)
+
+    def _each_alone_on_failure(self, compute: Callable[[list], list[int]], items: list) -> list[tuple[list, Any]]:
+        """[(items, compute(items))]; where that raises for several items, [([item], compute([item]) or its
+        error)] for each. `compute` changes nothing a second run could not redo (it writes the same cache
+        positions again); what it returns is handed out by the caller, once."""
+        try:
+            return [(items, compute(items))]
+        except Exception as error:
+            self.ahead = None  # a step queued by the failed run assumed every item
+            if len(items) == 1:
+                return [(items, error)]
+        outcomes = []
+        for item in items:
             try:
-                logits, greedy, turn = self._decode(plan.decode)
-                rows = [None] * logits.shape[0]
-                for request in plan.decode:
-                    rows[request.slot] = request
-                ready = self._sample_on_device(logits, rows, greedy, turn)
-                if self.lookahead:
-                    self._queue_next(plan.decode)
-                tokens = self._read(ready)
-                self._hand_out(plan.decode, [tokens[request.slot] for request in plan.decode])
+                outcomes.append(([item], compute([item])))
             except Exception as error:
                 self.ahead = None
-                self._fail(plan.decode, error)
+                outcomes.append(([item], error))
+        return outcomes
+
+    def _prefill_tokens(self, chunks: list[tuple[Request, int, int]]) -> list[int]:
+        """Prefill the chunks; the first token of each request whose prompt they complete."""
+        logits = self._prefill(chunks)
+        done = [i for i, (request, _, stop) in enumerate(chunks) if stop == len(request.prompt_ids)]
+        return self._sample(logits[done], [chunks[i][0] for i in done]) if done else []
+
+    def _decode_tokens(self, requests: list[Request]) -> list[int]:
+        """One decode step of `requests`; each one's next token."""
+        logits, greedy, turn = self._decode(requests)
+        rows = [None] * logits.shape[0]
+        for request in requests:
+            rows[request.slot] = request
+        ready = self._sample_on_device(logits, rows, greedy, turn)
+        if self.lookahead:
+            self._queue_next(requests)
+        tokens = self._read(ready)
+        return [tokens[request.slot] for request in requests]
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: slice | torch.Tensor, keys: int,
                  last: torch.Tensor | None = None) -> torch.Tensor:

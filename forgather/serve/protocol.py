@@ -1,8 +1,12 @@
 """The OpenAI API's wire format: request bodies (validated by pydantic), response, chunk and error bodies.
 
 Requests accept the fields this server honours -- model, prompt / messages, max_tokens (chat also
-max_completion_tokens), temperature, top_p, stop, seed, stream, stream_options.include_usage -- and
-ignore other OpenAI fields. One completion per request (`n` = 1). Errors are `{"error": {"message", "type", "param", "code"}}`.
+max_completion_tokens), temperature, top_p, stop, seed, stream, stream_options.include_usage. An OpenAI field
+that would change the answer and that this server does not implement (logprobs, echo, best_of, suffix,
+logit_bias, penalties, tools, response_format ...; `UNSUPPORTED`) is refused with a 400 naming it when it asks
+for anything but its default, rather than ignored: the client would otherwise take an answer that silently
+lacks what it asked for. Other fields (user, metadata ...) are ignored. One completion per request (`n` = 1).
+Errors are `{"error": {"message", "type", "param", "code"}}`.
 
 Validation is strict, as the OpenAI API's: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not a silent
 coercion (an int is still a valid float). Every text field must be Unicode text: JSON's `\\ud800` escape
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
@@ -55,6 +59,52 @@ def _bounded_stop(stop: str | list[str] | None) -> str | list[str] | None:
     return stop
 
 
+def _one_completion(n: int | None) -> int | None:
+    if n not in (None, 1):
+        raise PydanticCustomError("one_completion", "{n} completions asked for; this server returns one per request "
+                                  "(n = 1): send one request per completion", {"n": n})
+    return n
+
+
+def _unsupported(is_default: Callable[[Any], bool], what: str, todo: str = "leave the field out") -> Any:
+    """An OpenAI field this server does not implement: its default value (or leaving it out) passes, anything
+    else is a 400 saying what it asked for and what to do (the app names the field)."""
+    def check(value: Any) -> Any:
+        if not is_default(value):
+            raise PydanticCustomError("unsupported_field", f"asks for {what}, which this server does not do; {todo}")
+        return value
+
+    return Annotated[Any, AfterValidator(check)]
+
+
+def _absent(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+
+
+def _zero(value: Any) -> bool:
+    return value is None or (type(value) in (int, float) and value == 0)
+
+
+# Each field's default passes; a value asking for what the server does not do is refused (module docstring).
+UNSUPPORTED = {
+    "logprobs": _unsupported(lambda v: v is None or v is False, "log probabilities"),
+    "top_logprobs": _unsupported(_zero, "log probabilities"),
+    "logit_bias": _unsupported(_absent, "biased token scores"),
+    "presence_penalty": _unsupported(_zero, "a presence penalty"),
+    "frequency_penalty": _unsupported(_zero, "a frequency penalty"),
+    "echo": _unsupported(_absent, "the prompt echoed in the text", "leave the field out and prepend the prompt "
+                         "yourself"),
+    "suffix": _unsupported(_absent, "an insertion before a suffix"),
+    "best_of": _unsupported(lambda v: v is None or (type(v) is int and v == 1), "the best of several completions",
+                            "leave the field out, or send several requests"),
+    "tools": _unsupported(_absent, "tool calls"),
+    "functions": _unsupported(_absent, "function calls"),
+    "tool_choice": _unsupported(lambda v: v in (None, "none", "auto"), "a tool call"),
+    "function_call": _unsupported(lambda v: v in (None, "none", "auto"), "a function call"),
+    "response_format": _unsupported(lambda v: v is None or v == {"type": "text"}, "a format other than text"),
+}
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT
 
@@ -72,7 +122,11 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="one completion per request")
+    n: Annotated[int | None, AfterValidator(_one_completion)] = 1
+    logprobs: UNSUPPORTED["logprobs"] = None
+    logit_bias: UNSUPPORTED["logit_bias"] = None
+    presence_penalty: UNSUPPORTED["presence_penalty"] = None
+    frequency_penalty: UNSUPPORTED["frequency_penalty"] = None
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -85,6 +139,9 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: Text | list[Text] | list[int]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    echo: UNSUPPORTED["echo"] = None
+    suffix: UNSUPPORTED["suffix"] = None
+    best_of: UNSUPPORTED["best_of"] = None
 
 
 class ContentPart(BaseModel):
@@ -113,6 +170,12 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: UNSUPPORTED["top_logprobs"] = None
+    tools: UNSUPPORTED["tools"] = None
+    functions: UNSUPPORTED["functions"] = None
+    tool_choice: UNSUPPORTED["tool_choice"] = None
+    function_call: UNSUPPORTED["function_call"] = None
+    response_format: UNSUPPORTED["response_format"] = None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

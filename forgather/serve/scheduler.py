@@ -14,7 +14,8 @@ Threads: requests are submitted and cancelled from the app's threads; everything
 engine's thread. The queue, the count of requests in the engine, the cancelled flags and the wake-up
 condition are shared, so they sit behind one lock; slots and the running set are the engine thread's
 alone. A cancelled request leaves at the start of the next step (`plan`), its slot free for the request
-admitted in that same step.
+admitted in that same step. Once closed (the server shuts down, or the engine failed), `submit` refuses with
+`EngineStopped` and the engine's thread takes every request left (`drain`) to end it with that error.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ from typing import Any, Callable
 
 class QueueFull(RuntimeError):
     """More requests than slots plus the waiting queue's bound."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine stopped: the server is shutting down, or the engine failed. The requests in it end with this
+    error, and new ones are refused with it (the app answers 503)."""
+
+
+SHUTTING_DOWN = ("the server is shutting down: the request was stopped before it finished; send it again once the "
+                 "server is back")
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,12 +78,18 @@ class Scheduler:
         self.decoding: dict[int, Request] = {}
         self.wake = threading.Condition()
         self.outstanding = 0  # requests submitted and not yet finished: in slots or waiting
-        self.closed = False
+        self.stopped: EngineStopped | None = None  # why it closed; None while it runs
+
+    @property
+    def closed(self) -> bool:
+        return self.stopped is not None
 
     # --- the app's threads -----------------------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
         with self.wake:
+            if self.stopped is not None:
+                raise EngineStopped(str(self.stopped))
             if self.outstanding >= self.slots + self.max_waiting:
                 raise QueueFull(f"{self.slots} requests are running and {self.max_waiting} are waiting, the "
                                 f"most this server holds; retry later")
@@ -86,9 +102,12 @@ class Scheduler:
             request.cancelled = True
             self.wake.notify()
 
-    def close(self) -> None:
+    def close(self, reason: EngineStopped | None = None) -> None:
+        """Stop planning: the engine's thread leaves its loop after the step it runs. `reason` (default: the server
+        is shutting down) is what every request left gets, and new ones; the first close's reason stays."""
         with self.wake:
-            self.closed = True
+            if self.stopped is None:
+                self.stopped = reason or EngineStopped(SHUTTING_DOWN)
             self.wake.notify()
 
     # --- the engine's thread ---------------------------------------------------------------------------
@@ -134,6 +153,19 @@ class Scheduler:
         request.slot = None
         with self.wake:
             self.outstanding -= 1
+
+    def drain(self) -> list[Request]:
+        """Every request still waiting or in a slot, taken out of the scheduler (once closed: none will run)."""
+        with self.wake:
+            requests = [*self.waiting, *self.prefilling, *self.decoding.values()]
+            self.waiting.clear()
+            self.prefilling.clear()
+            self.decoding.clear()
+            self.free = list(range(self.slots))
+            self.outstanding = 0
+        for request in requests:
+            request.slot = None
+        return requests
 
     def _reap(self) -> None:
         """Drop cancelled requests (called with the lock held)."""

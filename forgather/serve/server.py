@@ -3,15 +3,20 @@
 A host other than loopback (`0.0.0.0`, a LAN address, a host name) is refused without an API key, since anyone
 who reaches the port could use the model; `insecure=True` says the network is trusted and lifts the rule.
 Both checks, and binding the port, come before the model loads, so a mistake costs no loading time.
+At shutdown (SIGTERM, Ctrl-C) the backend stops first: every completion still running or queued ends at once
+with a 503 error (in a stream: an error event, then `[DONE]`), so uvicorn, which waits for open responses to
+end, exits promptly instead of decoding every stream to its max_tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import ipaddress
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 LOOPBACK_NAMES = ("localhost",)
 SWITCH_INTERVAL = 0.0005  # seconds: how long the engine's thread waits at most for the GIL (see serve)
@@ -47,6 +52,19 @@ def listen(host: str, port: int) -> socket.socket:
         raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port or "
                          f"--host, or stop what listens there") from None
     return sock
+
+
+def stopping_server(config: Any, backend: Any) -> Any:
+    """A uvicorn.Server of `config` that closes `backend` (Backend.close) when it starts to shut down, before it
+    waits for the open connections: their completions end then, with an error saying why."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            await asyncio.to_thread(backend.close)  # the engine's thread finishes its step: not on the event loop
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def serve(
@@ -92,7 +110,7 @@ def serve(
         where = f"[{host}]" if ":" in host else host
         # uvicorn announces its address only for sockets it binds itself
         print(f"serving {name!r} at http://{where}:{sock.getsockname()[1]}/v1 (CTRL+C to stop)", file=sys.stderr)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http))
+        server = stopping_server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http), backend)
         if backend.engine is None:
             server.run(sockets=[sock])
             return
