@@ -191,6 +191,12 @@ class PipelineParallelStrategy(ModelParallelStrategy):
 
     # Steps
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        batches = trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps > 0 else None
+        check_train_batches(trainer.train_dataloader, self.n_microbatches, batches)
+
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         # Lightning zeroes gradients between training_step and backward: this batch's gradients wait aside
         # until `backward`, and the ones accumulated before it stay where zero_grad expects them.
@@ -226,6 +232,31 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             f"{type(self).__name__} trains and validates; load the checkpoint into a single-device model "
             "(forgather.strategies.load_sharded_checkpoint) to predict"
         )
+
+
+def check_train_batches(loader: Any, n_microbatches: int, batches: int | None = None) -> None:
+    """Refuse, before the first step, a training loader one of whose batches would not cut into `n_microbatches`
+    equal microbatches (the runtime refuses such a batch when it comes: for the short last batch of an epoch,
+    after a whole epoch of training), unless the run ends after `batches` batches, before that one. Loaders whose
+    length is unknown (iterable datasets) are left to the runtime."""
+    batch_size, sampler = getattr(loader, "batch_size", None), getattr(loader, "sampler", None)
+    if not isinstance(batch_size, int) or sampler is None:
+        return
+    if batch_size % n_microbatches:
+        raise ValueError(f"batch_size={batch_size} does not cut into n_microbatches={n_microbatches} equal "
+                         f"microbatches (config values `batch_size`, `n_microbatches`): make batch_size a multiple "
+                         f"of n_microbatches")
+    try:
+        rows = len(sampler)
+    except TypeError:
+        return
+    last = rows % batch_size
+    reached = batches is None or batches > rows // batch_size
+    if last % n_microbatches and reached and not getattr(loader, "drop_last", False):
+        raise ValueError(f"each epoch ends with a batch of {last} rows ({rows} blocks a replica, batch_size="
+                         f"{batch_size}), which does not cut into n_microbatches={n_microbatches} equal "
+                         f"microbatches and would stop the run at the end of the first epoch: set drop_last=true "
+                         f"(config value `drop_last`; DataLoader(drop_last=True)) to leave it out")
 
 
 def _check_module(module: pl.LightningModule) -> None:

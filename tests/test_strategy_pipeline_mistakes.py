@@ -117,6 +117,33 @@ def test_resuming_from_a_weights_only_checkpoint_says_the_optimizer_states_are_m
 # The runtime in a one-process gloo group
 
 
+@pytest.mark.parametrize("rows, batch_size, drop_last, batches, message", [
+    (10, 4, False, None, r"each epoch ends with a batch of 2 rows \(10 blocks a replica, batch_size=4\).*set drop_last=true"),
+    (10, 6, True, None, r"batch_size=6 does not cut into n_microbatches=4"),
+    (10, 4, True, None, None),  # the short batch is left out
+    (12, 4, False, None, None),  # no short batch
+    (10, 4, False, 2, None),  # the run ends before the epoch's short batch
+    (10, 4, False, 3, r"each epoch ends with a batch of 2 rows"),
+])
+def test_a_loader_whose_batches_would_not_cut_into_microbatches_is_refused_before_training(rows, batch_size, drop_last,
+                                                                                        batches, message):
+    """The short last batch of an epoch stopped the run after its first epoch; now before the first step."""
+    from forgather.strategies.pipeline import check_train_batches
+
+    loader = torch.utils.data.DataLoader(list(range(rows)), batch_size=batch_size, drop_last=drop_last)
+    if message is None:
+        check_train_batches(loader, 4, batches)
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_train_batches(loader, 4, batches)
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(rows))
+
+    iterable = torch.utils.data.DataLoader(Stream(), batch_size=batch_size)
+    check_train_batches(iterable, 4 if batch_size % 4 == 0 else 2, batches)  # length unknown: left to the runtime
+
+
 @pytest.fixture
 def one_process_mesh():
     import torch.distributed as dist
