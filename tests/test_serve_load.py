@@ -330,3 +330,21 @@ def test_a_request_to_a_stopped_engine_is_a_503_saying_why(backend, stream):
     error = response.json()["error"]
     assert response.status_code == 503 and error["code"] == "service_unavailable"
     assert "shutting down" in error["message"] and "send it again" in error["message"]
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_warned_about_and_its_extra_tokens_refused(tmp_path,
+                                                                                                 tokenizer):
+    """A text prompt could reach the model with an id past its embedding (a device-side assert on a GPU, which
+    breaks every later request); only ids given as a list were checked."""
+    from forgather.serve.backend import Backend, RequestError
+
+    tree = tiny_tree(len(tokenizer) - 40)
+    save_model(build_model(tree).eval(), tree, tmp_path, "tiny")
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=rf"tokenizer has {len(tokenizer)} tokens, its model only {len(tokenizer) - 40}"):
+        loaded = Backend.load(tmp_path, context_length=CONTEXT)
+    beyond = loaded.decode([len(tokenizer) - 1])
+    assert loaded.encode_prompt("a") == loaded.encode("a")  # tokens the model has still pass
+    with pytest.raises(RequestError, match=rf"has no embedding in this model, whose vocabulary has {len(tokenizer) - 40} "
+                                           rf"tokens \(its tokenizer has {len(tokenizer)}\)"):
+        loaded.encode_prompt(beyond)

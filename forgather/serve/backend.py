@@ -216,6 +216,10 @@ class Backend:
         if engine and context_length is None:
             length = min(length, ENGINE_CONTEXT)
         backend = cls(model, tokenizer, length, _stop_token_ids(model, tokenizer), chat_template, stop_strings)
+        if len(tokenizer) > backend.vocab_size:
+            warnings.warn(f"{directory}: its tokenizer has {len(tokenizer)} tokens, its model only {backend.vocab_size}"
+                          f" embedding rows: prompts holding the tokens beyond them are refused; is the tokenizer "
+                          f"this model's?", stacklevel=2)
         if engine:
             backend.start_engine(max_num_seqs, compile=True if compile else None)  # None: the engine's default
         return backend
@@ -245,8 +249,18 @@ class Backend:
     # --- prompts -----------------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of `text`; RequestError for a token the model has no embedding row for (a tokenizer
+        larger than the model's vocabulary): on a GPU such an id is a device-side assert that breaks every later
+        request, so it never reaches the model."""
         with self.tokenizer_lock:
-            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+            ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        beyond = [token for token in ids if token >= self.vocab_size]
+        if beyond:
+            raise RequestError(
+                f"the prompt's token {beyond[0]} ({self.decode([beyond[0]])!r}) has no embedding in this model, whose "
+                f"vocabulary has {self.vocab_size} tokens (its tokenizer has {len(self.tokenizer)}): the server's "
+                f"model directory holds another model's tokenizer; avoid that text, or fix the directory")
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
