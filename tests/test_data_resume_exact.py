@@ -51,8 +51,10 @@ def shards(source, tokenizer) -> Path:
                    unit_bytes=1024)["path"]
 
 
-def make_module(kind: str, tokenizer, source: Path, shards: Path, workers: int = 0) -> TextDataModule:
-    documents = PreparedCorpus(shards, [source], val_fraction=0.1, num_workers=1) if kind == "streaming" else TEXTS
+def make_module(kind: str, tokenizer, source: Path, shards: Path, workers: int = 0,
+                unit_bytes: int = 1024) -> TextDataModule:
+    documents = (PreparedCorpus(shards, [source], val_fraction=0.1, num_workers=1, unit_bytes=unit_bytes)
+                 if kind == "streaming" else TEXTS)
     return TextDataModule(tokenizer, documents, block_size=BLOCK, batch_size=BATCH, val_fraction=0.1, cache=False,
                           num_workers=workers)
 
@@ -141,15 +143,15 @@ def resumed_warnings(saved: TextDataModule, resuming: TextDataModule) -> list[st
 
 
 def test_the_same_corpus_cut_into_other_shards_is_other_data_to_a_resumed_run(tokenizer, source, shards, tmp_path):
-    # Prepared again in other units (the unit size follows the number of prepare workers), the corpus keeps its
-    # key but its blocks and their order change: the checkpoint's count of batches points at other data.
+    # Prepared again in other units (a unit size given to prepare), the blocks and their order change: the
+    # checkpoint's count of batches points at other data.
     recut = prepare([source], tokenizer, tmp_path / "recut", val_fraction=0.1, num_workers=1, progress=False,
                     unit_bytes=700)["path"]
     assert len(PackedShards(recut, "train", BLOCK).shards) != len(PackedShards(shards, "train", BLOCK).shards)
     assert resumed_warnings(make_module("streaming", tokenizer, source, shards),
                             make_module("streaming", tokenizer, source, shards)) == []
     (message,) = resumed_warnings(make_module("streaming", tokenizer, source, shards),
-                                  make_module("streaming", tokenizer, source, recut))
+                                  make_module("streaming", tokenizer, source, recut, unit_bytes=700))
     assert message.startswith("resuming with other training data")
 
 

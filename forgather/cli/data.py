@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("--field", default="text", help="the text's field (jsonl) or column (parquet, dataset)")
     prepare.add_argument("--val-fraction", type=float, default=0.02, help="share of documents for validation")
     prepare.add_argument("--seed", type=int, default=0, help="seeds the validation split")
-    prepare.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="tokenizer processes (default: every core); the shards do not depend on it")
     prepare.add_argument("--on-bad-line", choices=("stop", "skip"), default="stop",
                          help="a malformed jsonl line: stop with its file:line (default), or skip and count it")
 

@@ -10,21 +10,24 @@ downgrades transformers, tokenizers and numpy. On 9.3M tokens on the 2-core box,
 26M tokens/s with `datasets` against 1.4M with `litdata.optimize`; both read blocks far above 10M tokens/s.
 
 A prepared directory DIR holds `manifest.json` and `train/NNNNN.arrow`, `val/NNNNN.arrow` (one file per
-work unit and split; a unit without validation documents has no val file). The manifest records the key, a
-hash of (format, the sources' paths, sizes and mtimes, the tokenizer's serialized form, every setting), so a
-changed tokenizer or source never reuses stale shards: `prepare` on an existing DIR with another key is an
-error naming both. DIR is built in a hidden staging sibling, `.DIR.<hash of the key and the units>.tmp`, and
-renamed into place after the manifest is written: a killed prepare never leaves a DIR that looks complete.
-A prepare that stops early (killed, Ctrl-C, a lost node) loses only the units it was tokenizing: each unit
-finished is recorded in the staging directory (`units/NNNNN.json`, after its shards), and the next prepare of
-the same corpus into the same DIR, with the same units, continues from there; a staging directory of other
-sources, settings or units is deleted once its writer's lock is gone. An error (a bad line, a full disk)
-deletes the staging directory. Two prepares of one corpus into one DIR at once: the second is refused.
+work unit and split, `NNNNN-001.arrow` ... past `SHARD_TOKENS`; a unit without validation documents has no val
+file). The manifest records the key, a hash of (format, the sources' paths, sizes and mtimes, the tokenizer's
+serialized form, every setting, the unit size among them), so a changed tokenizer or source never reuses stale
+shards: `prepare` on an existing DIR with another key is an error naming both. The key fixes the shards byte
+for byte: the units follow from the sources and the unit size, which follows from the corpus's size, never
+from the number of workers. DIR is built in a hidden staging sibling, `.DIR.<key>.tmp`, and renamed into place
+after the manifest is written: a killed prepare never leaves a DIR that looks complete.
+A prepare that stops early (killed, Ctrl-C, a lost node or worker) loses only the units it was tokenizing:
+each unit finished is recorded in the staging directory (`units/NNNNN.json`, after its shards), and the next
+prepare of the same corpus into the same DIR continues from there, with any number of workers; a staging
+directory of other sources or settings is deleted once its writer's lock is gone (a full disk keeps the units
+done); an error in the input (a bad line) deletes the staging directory. A second prepare of the same work into one DIR while
+one runs waits for it and returns its result; one of other work that finishes second is refused by the key.
 
 Sources (globs, sorted): `.jsonl`/`.json` (one JSON object a line, the text in `field`), `.txt`/`.md` (one
 document a file), `.parquet` (column `field`), and directories saved with `datasets`' `save_to_disk`.
-Work units: byte ranges of a jsonl file aligned to lines (64 MiB, less for a small corpus so that each
-worker gets several), a text file, a parquet row group, 100k rows of a saved dataset. Units are tokenized in
+Work units: byte ranges of a jsonl file aligned to lines (64 MiB; a corpus under 4 GiB of jsonl is cut into
+64, of at least 1 MiB), a text file, a parquet row group, 100k rows of a saved dataset. Units are tokenized in
 `num_workers` spawned processes with the `tokenizers` library's `encode_batch` (special-token strings inside
 a text are encoded as plain text, as the in-memory path does). A document goes to validation when a hash of
 (seed, file index, its position in the file) falls under `val_fraction`: the split does not depend on the
@@ -47,6 +50,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,8 +62,9 @@ from forgather.data.cache import atomic_write, cache_dir, fingerprint, publish_d
 from forgather.data.sources import record_text
 from forgather.errors import UserError
 
-# Bump when the shard layout or the split rule changes, so stale prepared directories are not reused.
-PREPARED_FORMAT = 1
+# Bump when the shard layout, the units or the split rule change, so stale prepared directories are not reused.
+# Format 1 cut a corpus under 256 MiB a worker into units by the number of workers: one key, several layouts.
+PREPARED_FORMAT = 2
 MANIFEST = "manifest.json"
 WRITER_LOCK = ".writer"
 UNITS_DIR = "units"  # in a staging directory: one record per finished unit
@@ -67,8 +72,13 @@ SPLITS = ("train", "val")
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md")
 UNIT_BYTES = 64 << 20
+UNITS_PER_CORPUS = 64  # a jsonl corpus under 4 GiB is cut into this many units (of at least 1 MiB)
 HF_UNIT_ROWS = 100_000
 ENCODE_BATCH = 512
+# A unit's documents go to a further shard past this many tokens (512 MiB of uint16): a worker holds at most one
+# shard's tokens, and a shard's int32 offsets never overflow (a saved dataset's 100k rows of books would).
+SHARD_TOKENS = 1 << 28
+MAX_DOCUMENT_TOKENS = (1 << 31) - 1 - SHARD_TOKENS
 BadLine = Literal["stop", "skip"]
 
 
@@ -91,24 +101,39 @@ class UnitResult:
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     skipped: int = 0
     first_skipped: str = ""
+    shards: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {split: [] for split in SPLITS})
 
 
 # ---- sources ------------------------------------------------------------------------------------------
 
 
-def source_files(sources: Sequence[str | Path]) -> list[Path]:
+def source_files(sources: Sequence[str | Path], out: Path | None = None) -> list[Path]:
     """The files (and saved-dataset directories) the source globs name, each glob sorted; one that matches
-    nothing, a file that cannot be opened or of an unknown kind, is an error."""
+    nothing, a file that cannot be opened or of an unknown kind, is an error. The prepared directory `out` and
+    what it holds are left out: a glob over the corpus's folder takes it in once it is written there."""
     files: list[Path] = []
+    matched_by: dict[Path, str] = {}
     for source in sources:
         matches = sorted(glob.glob(os.path.expanduser(str(source)), recursive=True))
+        if out is not None:
+            matches = [match for match in matches if not _within(Path(match), out)]
         if not matches:
             raise FileNotFoundError(f"{source}: no file matches this source; check the path or glob")
-        files.extend(Path(match) for match in matches)
+        for match in map(Path, matches):
+            # A file read twice would train twice on its documents, and put copies of them in validation too.
+            if (first := matched_by.get(match.resolve())) is not None:
+                raise UserError(f"{match}: named by two sources ({first!r} and {str(source)!r}); each file is read "
+                                f"once: narrow the globs")
+            matched_by[match.resolve()] = str(source)
+            files.append(match)
     for path in files:
         _check_readable(path)
         source_kind(path)  # before anything reads it: a plain directory has no sizes to key it by
     return files
+
+
+def _within(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
 
 
 def source_kind(path: Path) -> str:
@@ -198,13 +223,16 @@ def unit_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResult)
         import pyarrow.parquet as pq
 
         parquet = pq.ParquetFile(path)
-        table = parquet.read_row_group(unit.start)
-        if field not in table.column_names:
-            raise UserError(f"{path}: no column {field!r}; columns are {table.column_names}; set the field")
+        if field not in parquet.schema_arrow.names:
+            raise UserError(f"{path}: no column {field!r}; columns are {parquet.schema_arrow.names}; set the field")
         first = sum(parquet.metadata.row_group(group).num_rows for group in range(unit.start))
-        texts = enumerate(table.column(field).to_pylist(), start=first)
+        # The text column alone, a batch at a time: a row group may be large, and hold other wide columns.
+        batches = parquet.iter_batches(ENCODE_BATCH, row_groups=[unit.start], columns=[field])
+        texts = enumerate((text for batch in batches for text in batch.column(0).to_pylist()), start=first)
     else:
-        texts = enumerate(_hf_dataset(path, field)[unit.start : unit.end][field], start=unit.start)
+        dataset = _hf_dataset(path, field)
+        texts = ((row, text) for start in range(unit.start, unit.end, ENCODE_BATCH)
+                 for row, text in enumerate(dataset[start : min(start + ENCODE_BATCH, unit.end)][field], start=start))
     return ((position, text) for position, text in texts if _is_document(text, path, position, field))
 
 
@@ -233,12 +261,19 @@ def _jsonl_texts(unit: Unit, field: str, on_bad_line: BadLine, result: UnitResul
             if problem is None:
                 yield offset, text
                 continue
-            where = f"{unit.path}:{_line_number(unit.path, offset)}"
+            where = _where(unit, offset)
             if on_bad_line == "stop":
                 fix = "set --field to the text's key" if problem.startswith("no field") else "fix the line"
                 raise UserError(f"{where}: {problem}; {fix}, or skip bad lines (--on-bad-line skip)")
             result.skipped += 1
             result.first_skipped = result.first_skipped or f"{where}: {problem}"
+
+
+def _where(unit: Unit, position: int) -> str:
+    """The place of a document in its source, for an error: file:line, file: row N, or the text file."""
+    if unit.kind == "jsonl":
+        return f"{unit.path}:{_line_number(unit.path, position)}"
+    return unit.path if unit.kind == "text" else f"{unit.path}: row {position}"
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -283,20 +318,40 @@ def _prepare_unit(
     result = UnitResult(unit.index)
     eos, dtype = settings["eos_id"], np.dtype(settings["dtype"])
     parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    pending = dict.fromkeys(SPLITS, 0)  # tokens in parts
     documents = unit_texts(unit, field, on_bad_line, result)
     while batch := _take(documents, ENCODE_BATCH):
         positions, texts = zip(*batch)
         in_val = _draw(settings["seed"], unit.file_index, np.array(positions)) < settings["val_fraction"]
-        for encoding, val in zip(_worker_tokenizer.encode_batch(list(texts), add_special_tokens=False), in_val):
+        encodings = _worker_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        for position, encoding, val in zip(positions, encodings, in_val):
             ids = encoding.ids
             ids.append(eos)
-            parts["val" if val else "train"].append(np.asarray(ids, dtype=dtype))
+            if len(ids) > MAX_DOCUMENT_TOKENS:
+                raise UserError(f"{_where(unit, position)}: a document of {len(ids):,} tokens, more than a shard holds "
+                                f"({MAX_DOCUMENT_TOKENS:,}); split it into smaller documents")
+            split = "val" if val else "train"
+            parts[split].append(np.asarray(ids, dtype=dtype))
+            pending[split] += len(ids)
+            if pending[split] >= SHARD_TOKENS:
+                _flush(parts[split], Path(staging), split, unit.index, result)
+                pending[split] = 0
     for split, encoded in parts.items():
         if encoded:
-            _write_shard(Path(staging, split, f"{unit.index:05d}.arrow"), encoded)
-            result.documents[split] = len(encoded)
-            result.tokens[split] = sum(len(document) for document in encoded)
+            _flush(encoded, Path(staging), split, unit.index, result)
+    for split in SPLITS:
+        result.documents[split] = sum(shard["documents"] for shard in result.shards[split])
+        result.tokens[split] = sum(shard["tokens"] for shard in result.shards[split])
     return result
+
+
+def _flush(encoded: list[np.ndarray], staging: Path, split: str, index: int, result: UnitResult) -> None:
+    """Write a unit's pending documents of `split` as its next shard (`NNNNN.arrow`, then `NNNNN-001.arrow` ...)."""
+    shards = result.shards[split]
+    file = f"{split}/{index:05d}{f'-{len(shards):03d}' if shards else ''}.arrow"
+    _write_shard(staging / file, encoded)
+    shards.append({"file": file, "documents": len(encoded), "tokens": sum(len(document) for document in encoded)})
+    encoded.clear()
 
 
 def _take(iterator: Iterator[tuple[int, str]], count: int) -> list[tuple[int, str]]:
@@ -320,7 +375,7 @@ def _write_shard(path: Path, documents: list[np.ndarray]) -> None:
 
     ArrowWriter = require_datasets().arrow_writer.ArrowWriter
     lengths = np.fromiter((len(document) for document in documents), dtype=np.int64, count=len(documents))
-    # int32 offsets (a plain list column, which every `datasets` release reads): a unit is far below 2**31 tokens.
+    # int32 offsets (a plain list column, which every `datasets` release reads): a shard is below 2**31 tokens.
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(documents)))
     try:
@@ -328,7 +383,8 @@ def _write_shard(path: Path, documents: list[np.ndarray]) -> None:
             writer.write_table(pa.table({"input_ids": column}))
             writer.finalize()
     except OSError as error:
-        raise UserError(f"{path}: could not write this shard ({error.strerror or error})") from error
+        raise Resumable(f"{path}: could not write this shard ({error.strerror or error}); the units done are kept: "
+                        f"free space and run the same prepare again to continue") from error
 
 
 # ---- the whole preparation ----------------------------------------------------------------------------
@@ -347,9 +403,32 @@ def tokenizer_json(tokenizer: Any) -> str:
     return backend.to_str()
 
 
-def prepared_key(files: Sequence[Path], tokenizer_text: str, settings: dict[str, Any]) -> str:
-    stats = [(str(path.resolve()), _size_and_mtime(path)) for path in files]
-    return fingerprint(PREPARED_FORMAT, stats, tokenizer_text, sorted(settings.items()))
+def prepared_identity(files: Sequence[Path], tokenizer_text: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What the shards are made from, as the manifest records it (so that a refusal can say what changed)."""
+    stats = [[str(path.resolve()), *_size_and_mtime(path)] for path in files]
+    return {"source_stats": stats, "tokenizer": fingerprint(tokenizer_text), **settings}
+
+
+def prepared_key(identity: dict[str, Any]) -> str:
+    return fingerprint(PREPARED_FORMAT, sorted(identity.items()))
+
+
+def _changes(manifest: dict[str, Any], identity: dict[str, Any]) -> str:
+    """What differs between a prepared directory's identity and a request's, in words."""
+    changes = []
+    for name, value in identity.items():
+        then = manifest.get(name)
+        if then == value:
+            continue
+        if name == "source_stats":
+            before = {path: stat for path, *stat in then or []}
+            changed = [path for path, *stat in value if before.get(path) != stat]
+            gone = sorted(before.keys() - {path for path, *_ in value})
+            changes += [f"{path} {'added or edited' if path not in before else 'edited'}" for path in changed]
+            changes += [f"{path} no longer a source" for path in gone]
+        else:
+            changes.append("the tokenizer" if name == "tokenizer" else f"{name} {then!r}, now {value!r}")
+    return "; ".join(changes) or "its format"
 
 
 def _size_and_mtime(path: Path) -> tuple[int, int]:
@@ -415,7 +494,7 @@ def prepare(
     if num_workers is not None and num_workers < 1:
         raise UserError(f"num_workers must be at least 1, got {num_workers}; give a number of processes "
                         f"(--workers N, prepare_workers=N), or none for every core")
-    files = source_files(sources)
+    files = source_files(sources, Path(out) if out is not None else None)
     text = tokenizer_json(tokenizer)
     backend = _backend(text)
     eos_id = _eos_id(tokenizer, backend)
@@ -427,47 +506,87 @@ def prepare(
         "eos_id": eos_id,
         "pad_id": pad_id if pad_id is not None else eos_id,  # fills the last block of a shard when streaming
         "dtype": token_dtype(backend.get_vocab_size(with_added_tokens=True)),
+        "unit_bytes": unit_bytes or _unit_bytes(files),  # with the sources' sizes, it fixes the units: the shards
     }
-    key = prepared_key(files, text, settings)
+    identity = prepared_identity(files, text, settings)
+    key = prepared_key(identity)
     out = Path(out) if out is not None else cache_dir("prepared") / key
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty directory is filled
-        return _existing(out, key)
-    workers = num_workers or os.cpu_count() or 1
-    units = work_units(files, field, unit_bytes or _unit_bytes(files, workers))
-    workers = max(1, min(workers, len(units)))
-    staging = out.parent / f".{out.name}.{fingerprint(key, units)}.tmp"
+        return _existing(out, key, identity)
+    units = work_units(files, field, settings["unit_bytes"])
+    workers = max(1, min(num_workers or os.cpu_count() or 1, len(units)))
+    staging = out.parent / f".{out.name}.{key}.tmp"
     _remove_abandoned_staging(out, keep=staging)
-    with _staging_directory(staging, out):
-        done = _finished_units(staging)
-        if done:
-            print(f"{out}: continuing an interrupted prepare, {len(done)} of {len(units)} units done", file=sys.stderr, flush=True)
-        todo = [unit for unit in units if unit.index not in done]
-        results = [*done.values(), *_run_units(todo, staging, text, field, settings, on_bad_line, workers, progress)]
-        manifest = _manifest(key, files, settings, sorted(results, key=lambda result: result.index))
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return {**manifest, "path": str(out)}
+    with _staging_directory(staging, out) as writing:
+        if writing:
+            done = _finished_units(staging)
+            if done:
+                print(f"{out}: continuing an interrupted prepare, {len(done)} of {len(units)} units done", file=sys.stderr, flush=True)
+            todo = [unit for unit in units if unit.index not in done]
+            results = [*done.values(), *_run_units(todo, staging, text, field, settings, on_bad_line, workers, progress)]
+            manifest = _manifest(key, files, identity, sorted(results, key=lambda result: result.index))
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return _existing(out, key, identity)  # also when another prepare of the same work completed it while this one waited
+
+
+class Resumable(UserError):
+    """A prepare stopped by no fault of its input (a tokenizer process killed, a full disk): the units done are
+    kept for the next prepare."""
 
 
 @contextmanager
-def _staging_directory(staging: Path, out: Path) -> Iterator[None]:
+def _staging_directory(staging: Path, out: Path) -> Iterator[bool]:
     """Fill `staging` (kept from an interrupted prepare of the same work, or new) under its writer's lock, then
-    rename it to `out`. An error deletes it; an interruption (Ctrl-C, a kill) keeps it for the next prepare."""
+    rename it to `out`. Yields False, with nothing to fill, when another prepare of the same work held the lock
+    and completed `out` while this one waited. An error in the input (a bad line) deletes it; an interruption
+    (Ctrl-C, a kill, a lost worker, a full disk) keeps it for the next prepare."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for directory in (staging, *(staging / split for split in SPLITS), staging / UNITS_DIR):
-        directory.mkdir(exist_ok=True)
-    with open(staging / WRITER_LOCK, "w") as lock:
+    lock = _lock_staging(staging, out)
+    if lock is None:
+        yield False
+        return
+    with lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{out}: another process is preparing the same corpus into it now; wait for it to end") from None
-        try:
-            yield
-        except Exception:
-            shutil.rmtree(staging, ignore_errors=True)
+            yield True
+        except UserError as error:
+            if not isinstance(error, Resumable):
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         (staging / WRITER_LOCK).unlink()
         shutil.rmtree(staging / UNITS_DIR)
         publish_directory(staging, out, finished=lambda path: (path / MANIFEST).is_file())
+
+
+def _lock_staging(staging: Path, out: Path):
+    """The open writer's lock of `staging` (created if missing), held; None once `out` is complete. A prepare of
+    the same work holding it (a sweep's runs, or the nodes of a job, starting together) is waited for: it ends by
+    publishing `out`, by deleting `staging` (an error) or by dying (its lock dropped, its units kept for this one)."""
+    waited = False
+    while not (out / MANIFEST).is_file():
+        try:
+            for directory in (staging, *(staging / split for split in SPLITS), staging / UNITS_DIR):
+                directory.mkdir(exist_ok=True)
+            lock = open(staging / WRITER_LOCK, "a")
+        except FileNotFoundError:
+            continue  # the other writer published or deleted it between two of these steps
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                print(f"{out}: another process is preparing the same corpus into it; waiting for it to end",
+                      file=sys.stderr, flush=True)
+                waited = True
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = os.stat(staging / WRITER_LOCK)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(lock.fileno())):
+            if not (out / MANIFEST).is_file():
+                return lock
+            shutil.rmtree(staging, ignore_errors=True)  # made anew just after the other writer published out
+        lock.close()
+    return None
 
 
 def _finished_units(staging: Path) -> dict[int, UnitResult]:
@@ -503,10 +622,11 @@ def _remove_abandoned_staging(out: Path, keep: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _unit_bytes(files: Sequence[Path], workers: int) -> int:
-    # Several units a worker keeps every core busy to the end on a small corpus; 64 MiB bounds a worker's memory.
+def _unit_bytes(files: Sequence[Path]) -> int:
+    # From the corpus alone, never the number of workers, so that a key names one set of shards whatever
+    # --workers was. 64 units keep 16 workers busy to the end on a small corpus; 64 MiB bounds a worker's memory.
     jsonl = sum(path.stat().st_size for path in files if path.is_file() and path.suffix.lower() in JSONL_SUFFIXES)
-    return int(min(max(jsonl // (4 * workers), 1 << 20), UNIT_BYTES))
+    return int(min(max(jsonl // UNITS_PER_CORPUS, 1 << 20), UNIT_BYTES))
 
 
 def _eos_id(tokenizer: Any, backend) -> int:
@@ -521,16 +641,20 @@ def _eos_id(tokenizer: Any, backend) -> int:
     return int(eos)
 
 
-def _existing(out: Path, key: str) -> dict[str, Any]:
+def _existing(out: Path, key: str, identity: dict[str, Any]) -> dict[str, Any]:
     if not (out / MANIFEST).is_file():
         what = "a directory of other files" if out.is_dir() else "a file"
         raise UserError(f"{out}: {what}, not a prepared directory (no {MANIFEST}); give a new or empty directory to "
                         f"prepare into")
     manifest = read_manifest(out)
+    if manifest.get("format") != PREPARED_FORMAT:
+        raise UserError(f"{out}: prepared by an earlier forgather (format {manifest.get('format')}, now {PREPARED_FORMAT}: "
+                        f"its shards may depend on the number of workers); delete it and prepare again, or prepare "
+                        f"into another directory")
     if manifest.get("key") != key:
         raise UserError(
-            f"{out}: prepared from other sources, tokenizer or settings (key {manifest.get('key')}, these give "
-            f"{key}); delete it or prepare into another directory"
+            f"{out}: prepared from other sources, tokenizer or settings ({_changes(manifest, identity)}; key "
+            f"{manifest.get('key')}, these give {key}); delete it or prepare into another directory"
         )
     return {**manifest, "path": str(out)}
 
@@ -551,6 +675,11 @@ def _run_units(units, staging, text, field, settings, on_bad_line, workers, prog
                     continue
                 try:
                     result = future.result()
+                except BrokenProcessPool:
+                    raise Resumable(f"a tokenizer process died (killed: out of memory?, or it failed to start: see "
+                                    f"its error above) after {len(results)} of the {len(units)} units to do; those "
+                                    f"are kept: run the same prepare again to continue, with fewer workers "
+                                    f"(--workers, prepare_workers) if memory ran out") from None
                 except UserError as error:
                     failures[order[future]] = error
                     for later in futures[min(failures) + 1:]:
@@ -568,28 +697,26 @@ def _run_units(units, staging, text, field, settings, on_bad_line, workers, prog
     return sorted(results, key=lambda result: result.index)
 
 
-def _manifest(key, files, settings, results: list[UnitResult]) -> dict[str, Any]:
-    shards = {
-        split: [
-            {"file": f"{split}/{r.index:05d}.arrow", "documents": r.documents[split], "tokens": r.tokens[split]}
-            for r in results
-            if r.documents[split]
-        ]
-        for split in SPLITS
-    }
+def _manifest(key, files, identity, results: list[UnitResult]) -> dict[str, Any]:
+    shards = {split: [shard for r in results for shard in r.shards[split]] for split in SPLITS}
     if not shards["train"]:
         held_out = sum(r.documents["val"] for r in results)
         if held_out:  # a corpus of a document or two: the hash drew every one for validation
             raise UserError(f"{', '.join(map(str, files))}: every document of the corpus ({held_out}) fell in the "
-                            f"validation split (val_fraction={settings['val_fraction']}), none is left to train on; "
+                            f"validation split (val_fraction={identity['val_fraction']}), none is left to train on; "
                             f"add documents, or set val_fraction 0 (--val-fraction 0)")
+        skipped = sum(r.skipped for r in results)
+        if skipped:  # --on-bad-line skip over a corpus read with the wrong --field skips every line
+            first = next(r.first_skipped for r in results if r.first_skipped)
+            raise UserError(f"{', '.join(map(str, files))}: the corpus has no documents: every line was bad and skipped "
+                            f"({skipped}; the first: {first}); fix the lines or set --field")
         raise UserError(f"{', '.join(map(str, files))}: the corpus has no documents (empty files or fields)")
     skipped = sum(r.skipped for r in results)
     return {
         "format": PREPARED_FORMAT,
         "key": key,
         "sources": [str(path) for path in files],
-        **settings,
+        **identity,
         "skipped_lines": skipped,
         "first_skipped": next((r.first_skipped for r in results if r.first_skipped), ""),
         "shards": shards,
@@ -646,7 +773,7 @@ class PreparedCorpus:
     the key) and what it is prepared from (`sources`, default the embedded stdlib corpus) with which settings.
     It is the `documents` of a `TextDataModule` for `data=streaming`: the module prepares it when `path` is
     missing and then streams it (`forgather.data.stream`). Iterating it yields the sources' texts, so a
-    tokenizer can be trained on it."""
+    tokenizer can be trained on it. `unit_bytes` (tests) sets the size of a jsonl unit, as `prepare`'s does."""
 
     def __init__(
         self,
@@ -657,11 +784,12 @@ class PreparedCorpus:
         seed: int = 0,
         num_workers: int | None = None,
         on_bad_line: BadLine = "stop",
+        unit_bytes: int | None = None,
     ):
         self.path = Path(path) if path is not None else None
         self._sources = [sources] if isinstance(sources, (str, Path)) else sources
         self.field, self.val_fraction, self.seed = field, val_fraction, seed
-        self.num_workers, self.on_bad_line = num_workers, on_bad_line
+        self.num_workers, self.on_bad_line, self.unit_bytes = num_workers, on_bad_line, unit_bytes
 
     @property
     def sources(self) -> list[str | Path]:
@@ -672,14 +800,14 @@ class PreparedCorpus:
         return list(self._sources)
 
     def __iter__(self) -> Iterator[str]:
-        for unit in work_units(source_files(self.sources), self.field):
+        for unit in work_units(source_files(self.sources, self.path), self.field):
             yield from (text for _, text in unit_texts(unit, self.field, self.on_bad_line, UnitResult(unit.index)))
 
     def prepare(self, tokenizer: Any, progress: bool = True) -> Path:
         """Prepare the shards if their directory is missing (else check they match); returns the directory."""
         manifest = prepare(
             self.sources, tokenizer, self.path, self.field, self.val_fraction, self.seed,
-            self.num_workers, self.on_bad_line, progress,
+            self.num_workers, self.on_bad_line, progress, self.unit_bytes,
         )
         self.key = str(manifest["key"])  # what the shards hold: their sources, tokenizer and settings
         return Path(manifest["path"])

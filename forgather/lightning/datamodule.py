@@ -153,7 +153,7 @@ class TextDataModule(pl.LightningDataModule):
             path = self.documents.prepare(self.tokenizer)  # no work when prepare_data made it; checks the key
             self.train_dataset, self.val_dataset = streaming_datasets(path, self.block_size)
             # The shards as cut, not only the corpus's key: blocks never span shards, so the same corpus prepared
-            # again in other units (the unit size follows the number of workers) gives other blocks and order.
+            # again in other units (another unit size) gives other blocks and order.
             layout = [(shard["file"], shard["tokens"]) for shard in self.train_dataset.shards]
             self.data_key = fingerprint(self.documents.key, layout, self.block_size, self.seed)
         else:
