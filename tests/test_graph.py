@@ -189,6 +189,24 @@ def test_codegen_of_one_target_equals_construct():
     assert made.func.__name__ == "SGD" and made.keywords == construct(config, "opt").keywords
 
 
+def test_codegen_passes_keywords_that_are_no_python_names_as_a_mapping():
+    config = to_config(load_graph("a: !call:builtins:dict { my-key: 1, class: 2, plain: 3 }\n")).config
+    assert run_code(generate_code(config)) == construct(config) == {"a": {"my-key": 1, "class": 2, "plain": 3}}
+
+
+def test_codegen_imports_a_callable_named_construct_under_another_name():
+    config = OmegaConf.create({"a": {"_target_": "forgather.graph.construct.construct", "_partial_": True}})
+    assert run_code(generate_code(config))["a"].func is construct
+
+
+def test_codegen_follows_relative_interpolations_of_a_plain_hydra_config():
+    config = OmegaConf.create({"width": 3, "inner": {"depth": 4, "node": {
+        "_target_": "builtins.dict", "up": "${..depth}", "top": "${...width}", "here": {"_target_": "builtins.dict",
+                                                                                      "x": "${.y}", "y": 5}}}})
+    assert run_code(generate_code(config)) == construct(config)
+    assert run_code(generate_code(config), width=7)["inner"]["node"]["top"] == 7  # a top-level scalar: a parameter
+
+
 def test_positional_keys_go_in_the_order_of_their_numbers_gaps_allowed():
     # The reference sorts argN keys and allows gaps (room for an extending template to add one).
     out = build("a: !call:builtins:divmod {arg5: 2, arg0: 7}\nb: !call:builtins:max {arg10: 3, arg2: 9, arg7: 4}\n")

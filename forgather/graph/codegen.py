@@ -43,6 +43,21 @@ def _load_file(path, searchpath=None):
 '''
 
 
+def _absolute(reference: str, path: str) -> str:
+    """An interpolation's key as a path from the root: OmegaConf reads `${.x}` in the node holding the value at
+    `path`, and each further dot one level up (`${..x}` at `a.b.c` is `a.x`)."""
+    dots = len(reference) - len(reference.lstrip("."))
+    if not dots:
+        return reference
+    rest = reference[dots:]
+    return ".".join([*path.split(".")[:-dots], *([rest] if rest else [])])
+
+
+def _is_keyword_name(key: Any) -> bool:
+    """Whether `key` can be written as `key=value` in a call."""
+    return isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key)
+
+
 def _module_and_attrs(spec: str) -> tuple[str, list[str]]:
     """('module', ['Name', 'attr']) for any importable spec; module '' for builtins."""
     module, qualname = split_spec(spec)
@@ -75,7 +90,7 @@ class _Generator:
         # (`len: 5` beside `!call:builtins:len`); a key no Python name can spell (`class`, `my-key`) is renamed.
         self.param_names = {key: self._fresh(key) for key in self._parameter_keys()}
         self.partial = self._fresh("partial")
-        self.symbols |= {"os", "_load_file"}
+        self.symbols |= {"os", "_load_file", "construct"}  # the module's own names: an import must not take them
 
     # -- names ------------------------------------------------------------------------------------------
 
@@ -104,19 +119,19 @@ class _Generator:
         missing values (`???`)."""
         keys = [key for key, value in self.raw.items() if value == "???"]
 
-        def visit(value: Any) -> None:
+        def visit(value: Any, path: str) -> None:
             if isinstance(value, dict):
-                for item in value.values():
-                    visit(item)
+                for name, item in value.items():
+                    visit(item, f"{path}.{name}" if path else str(name))
             elif isinstance(value, list):
-                for item in value:
-                    visit(item)
+                for index, item in enumerate(value):
+                    visit(item, f"{path}.{index}")
             elif isinstance(value, str) and (match := _REFERENCE.match(value)):
-                key = match.group(1)
+                key = _absolute(match.group(1), path)
                 if "." not in key and key in self.raw and not isinstance(self.raw[key], (dict, list)):
                     keys.append(key)
 
-        visit(self.raw)
+        visit(self.raw, "")
         return list(dict.fromkeys(str(key) for key in keys))
 
     # -- values -----------------------------------------------------------------------------------------
@@ -145,7 +160,7 @@ class _Generator:
     def _interpolation(self, value: str, path: str, indent: int) -> str:
         match = _REFERENCE.match(value)
         if match:
-            referenced = match.group(1)
+            referenced = _absolute(match.group(1), path)
             target = self._lookup(referenced)
             if "." not in referenced and not isinstance(target, (dict, list)):
                 self.params.setdefault(referenced, target)
@@ -178,10 +193,14 @@ class _Generator:
             if key not in RESERVED_KEYS and not (key.startswith("_") and key.endswith("_"))
         }
         kwargs = [f"{key}={item}" for key, item in named.items()]
-        if node.get("_kwargs_") is not None:
-            # Latent args win over keywords of the same name: one mapping, merged in order.
-            latent = self.expr(node["_kwargs_"], f"{path}._kwargs_", indent + 2)
-            kwargs = ["**" + self._wrap("{", [*(f"{key!r}: {item}" for key, item in named.items()), f"**{latent}"], "}", indent + 1)]
+        spelled = all(map(_is_keyword_name, named))
+        if node.get("_kwargs_") is not None or not spelled:
+            # One mapping: latent args, merged last, win over keywords of the same name; and a keyword that is no
+            # Python name (`my-key`, `class`) can only be passed this way.
+            entries = [f"{key!r}: {item}" for key, item in named.items()]
+            if node.get("_kwargs_") is not None:
+                entries.append("**" + self.expr(node["_kwargs_"], f"{path}._kwargs_", indent + 2))
+            kwargs = ["**" + self._wrap("{", entries, "}", indent + 1)]
         target = node["_target_"]
         literal = self._literal(target, node, args, kwargs)
         if literal is not None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import flex_attention as flex
 
-from .checks import positive_sizes
+from .checks import positive_sizes, probabilities
 from .fused import fusable, fused_attention_projections, fused_linear, fused_product, fusion
 from .kv_cache import LayerKVCache
 from .rope import apply_rotary
@@ -369,6 +369,7 @@ class Attention(nn.Module):
         super().__init__()
         positive_sizes("Attention", hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
                        head_dim=head_dim)
+        probabilities("Attention", dropout=dropout)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if head_dim is None:
             _check_divides("num_heads", num_heads, "hidden_size", hidden_size)

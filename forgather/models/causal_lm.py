@@ -7,7 +7,8 @@ Interface the rest of Forgather relies on:
     model.embed, model.layers (ModuleList), model.norm, model.lm_head (None when tied)
     model.generate(input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
                    generator=None)
-`position_ids` that restart at 0 inside a row mark packed documents; attention then stays inside each one.
+`position_ids` that restart at 0 inside a row mark packed documents; attention then stays inside each one. They are
+[B, T], or one row ([1, T] or [T]) for every row of the batch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask, document_ids_from_positions
-from .checks import positive_sizes
+from .checks import positive_sizes, probabilities
 from .embedding import TiedGradient, TokenEmbedding
 from .kv_cache import KVCache
 from .norm import add_and_norm
@@ -52,6 +53,17 @@ def _positions_and_documents(
     if kv_cache is not None:
         kv_cache.record(position_ids, documents)
     return position_ids, documents
+
+
+def _row_positions(position_ids: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """`position_ids` as [B, T]: one row ([1, T] or [T]) serves every row of the batch, as in transformers; any
+    other shape is refused here, where it would otherwise fail deep in the attention (or, with flex attention,
+    index past the mask's rows)."""
+    if position_ids.dim() == 0 or position_ids.dim() > 2 or position_ids.shape[-1] != seq or (
+            position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
+        raise ValueError(f"CausalLM: position_ids of shape {tuple(position_ids.shape)} do not fit input_ids of shape "
+                         f"{(batch, seq)}; give one position per token, [B, T] (or [1, T] for every row)")
+    return position_ids.expand(batch, seq)
 
 
 def _carries_residual(layer: nn.Module) -> bool:
@@ -107,6 +119,10 @@ class CausalLM(nn.Module):
     ):
         super().__init__()
         positive_sizes("CausalLM", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers)
+        probabilities("CausalLM", embedding_dropout=embedding_dropout)
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std >= 0:
+            raise ValueError(f"CausalLM: init_std={init_std!r} must be a number >= 0 (the std of the linear layers' "
+                             f"normal init, e.g. 0.02)")
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.activation_checkpointing, self.carry_residual = activation_checkpointing, carry_residual
         self.sparse_tied_grad = sparse_tied_grad
@@ -127,7 +143,8 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             head_dim = getattr(getattr(layer, "attention", None), "head_dim", None)
             if self.rope is not None and head_dim is not None and head_dim != self.rope.head_dim:
-                raise ValueError(f"rope head_dim={self.rope.head_dim} does not match attention head_dim={head_dim}")
+                raise ValueError(f"CausalLM: rope head_dim={self.rope.head_dim} does not match attention "
+                                 f"head_dim={head_dim}; build the RotaryEmbedding with the attention's head_dim")
 
     @property
     def _layers_carry_residual(self) -> bool:
@@ -163,7 +180,12 @@ class CausalLM(nn.Module):
         Public for pipeline stages, which run a slice of `layers` from outside: only the shape [B, T] and the
         device of `input_ids` are read, so a stage may pass any such tensor (its position_ids, say).
         """
+        if input_ids.dim() != 2:
+            raise ValueError(f"CausalLM: input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)} (one "
+                             f"sequence is input_ids[None])")
         batch, seq = input_ids.shape
+        if position_ids is not None:
+            position_ids = _row_positions(position_ids, batch, seq)
         past = kv_cache.length if kv_cache is not None else 0
         position_ids, documents = _positions_and_documents(batch, seq, position_ids, kv_cache, input_ids.device)
         rope = self.rope(position_ids) if self.rope is not None else None
@@ -252,6 +274,7 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """[B, V] logits -> [B] token ids: argmax at temperature 0, else sampling after top-k / top-p filtering."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -266,6 +289,18 @@ def sample_next_token(
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse settings that sample nonsense or fail inside torch: a negative temperature (it inverts the
+    distribution), top_k below 1 (a shape error in topk), top_p outside (0, 1] (0 leaves no token: NaN
+    probabilities)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"sampling: temperature={temperature!r} must be a number >= 0 (0 is greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"sampling: top_k={top_k!r} must be a positive integer, or None to keep every token")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"sampling: top_p={top_p!r} must be in (0, 1], or None to keep every token")
 
 
 def sample_rows(

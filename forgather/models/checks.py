@@ -7,6 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def probabilities(owner: str, **values: Any) -> None:
+    """Raise ValueError naming `owner` and the first of `values` (dropout rates) that is not a number in [0, 1]."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{owner}: {name}={value!r} must be a probability between 0 and 1 (0 turns it off)")
+
+
 def positive_sizes(owner: str, **sizes: Any) -> None:
     """Raise ValueError naming `owner` and the first of `sizes` that is not a positive int (None is skipped)."""
     for name, value in sizes.items():

@@ -55,10 +55,9 @@ class SwiGLU(nn.Module):
                           "triton, or forgather[gpu])", stacklevel=2)
         # the op itself, not its module: a model must stay picklable and deep-copyable
         self._swiglu = ops.swiglu if ops is not None else None
-        positive_sizes(type(self).__name__, hidden_size=hidden_size, intermediate_size=intermediate_size)
+        positive_sizes(type(self).__name__, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                       chunk_tokens=chunk_tokens)
         fused_projections = fusion(type(self).__name__, fused_projections)
-        if chunk_tokens is not None and chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be positive or None, got {chunk_tokens}")
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
@@ -78,12 +77,18 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+GELU_APPROXIMATIONS = ("none", "tanh")  # what F.gelu takes
+
+
 class GELUMLP(nn.Module):
     """The GPT-2 MLP: down(gelu(up(x))); `approximate="tanh"` gives GPT-2's tanh GELU."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = True, approximate: str = "none"):
         super().__init__()
         positive_sizes(type(self).__name__, hidden_size=hidden_size, intermediate_size=intermediate_size)
+        if approximate not in GELU_APPROXIMATIONS:
+            raise ValueError(f"{type(self).__name__}: approximate={approximate!r}; choose one of "
+                             f"{list(GELU_APPROXIMATIONS)} ('tanh' is GPT-2's GELU)")
         self.approximate = approximate
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)

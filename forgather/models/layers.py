@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionMask
+from .checks import probabilities
 from .kv_cache import LayerKVCache
 from .norm import add_and_norm
 
@@ -49,6 +50,7 @@ class TransformerLayer(nn.Module):
         residual_dropout: float = 0.0,
     ):
         super().__init__()
+        probabilities(type(self).__name__, dropout=dropout, residual_dropout=residual_dropout)
         self.attention = attention_factory(hidden_size)
         self.feedforward = feedforward_factory(hidden_size)
         self.attention_norm = norm_factory(hidden_size)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import positive_sizes
 from .triton_ops import triton_ops
 
 
@@ -48,6 +49,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, fused: bool = False):
         super().__init__()
+        positive_sizes("RMSNorm", hidden_size=hidden_size)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.fused = fused
@@ -89,6 +91,7 @@ class LayerNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
+        positive_sizes("LayerNorm", hidden_size=hidden_size)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None

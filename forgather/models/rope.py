@@ -40,6 +40,29 @@ def llama3_scale_frequencies(
     return torch.where(wavelen < high_freq_wavelen, inv_freq, scaled)
 
 
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def llama3_scaling_keys(scaling: dict) -> dict:
+    """The four keys `llama3_scale_frequencies` takes, from a Llama 3.1 `rope_scaling` (whose `rope_type`, or old
+    `type`, "llama3" says nothing more); a missing or unknown key is refused when the model is built, not at its
+    first forward."""
+    scaling = dict(scaling)
+    for key in ("rope_type", "type"):
+        kind = scaling.pop(key, "llama3")
+        if kind != "llama3":
+            raise ValueError(f"RotaryEmbedding: llama3_scaling has {key}={kind!r}; it takes Llama 3.1's scaling, "
+                             f"'llama3', only")
+    unknown = [key for key in scaling if key not in LLAMA3_SCALING_KEYS]
+    missing = [key for key in LLAMA3_SCALING_KEYS if key not in scaling]
+    problems = ([f"unknown: {', '.join(map(repr, unknown))}"] if unknown else []) + (
+        [f"missing: {', '.join(missing)}"] if missing else [])
+    if problems:
+        raise ValueError(f"RotaryEmbedding: llama3_scaling takes {', '.join(LLAMA3_SCALING_KEYS)}; "
+                         f"{'; '.join(problems)}")
+    return scaling
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the given positions.
 
@@ -54,10 +77,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         positive_sizes("RotaryEmbedding", head_dim=head_dim)
         if head_dim % 2:
-            raise ValueError(f"rotary head_dim={head_dim} must be even")
+            raise ValueError(f"RotaryEmbedding: head_dim={head_dim} must be even (rotation pairs (i, i + head_dim/2))")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+            # a base of 0 or less makes every frequency inf or nan, and so every rotated query and key
+            raise ValueError(f"RotaryEmbedding: theta={theta!r} must be a positive number (the RoPE base: 10000.0 in "
+                             f"RoFormer, 500000.0 in Llama 3)")
         self.head_dim = head_dim
         self.theta = theta
-        self.llama3_scaling = dict(llama3_scaling) if llama3_scaling else None
+        self.llama3_scaling = llama3_scaling_keys(llama3_scaling) if llama3_scaling else None
 
     def inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
         inv_freq = rope_frequencies(self.head_dim, self.theta, device)
