@@ -14,9 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from forgather.models.rope import LLAMA3_SCALING_KEYS
+
 FAMILIES = ("llama", "mistral", "qwen3")
 COMPONENTS_FILE = Path(__file__).resolve().parent / "components.py"
-LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 class ConversionError(ValueError):
@@ -53,7 +54,7 @@ def _rope(config: Any) -> tuple[float, dict | None]:
     if rope_type == "default":
         return float(theta), None
     if rope_type == "llama3":
-        return float(theta), {key: params[key] for key in LLAMA3_KEYS}
+        return float(theta), {key: params[key] for key in LLAMA3_SCALING_KEYS}
     raise ConversionError(f"rope type {rope_type!r} is not supported; Forgather's RotaryEmbedding has default and llama3")
 
 

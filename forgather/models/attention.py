@@ -311,7 +311,8 @@ PACKED_HEAD_DIMS = (16, 32, 64, 128)
 
 def _check_divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:
     if divisor <= 0 or dividend % divisor:
-        raise ValueError(f"{divisor_name}={divisor} does not divide {dividend_name}={dividend}")
+        raise ValueError(f"Attention: {divisor_name}={divisor} does not divide {dividend_name}={dividend}; choose a "
+                         f"{divisor_name} that divides it")
 
 
 def head_dim(hidden_size: int, num_heads: int) -> int:
