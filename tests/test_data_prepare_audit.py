@@ -241,3 +241,18 @@ def test_a_file_named_by_two_sources_is_an_error_not_read_twice(tokenizer, tmp_p
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         prep.prepare(sources, tokenizer, tmp_path / "out", num_workers=1, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recursive_glob_takes_the_files_and_saved_datasets_below_not_the_folders(tmp_path):
+    """`--source 'data/**'` matched data/ itself and stopped: a directory, not a saved dataset."""
+    from datasets import Dataset
+
+    data = tmp_path / "data"
+    (data / "sub" / "deeper").mkdir(parents=True)
+    top = write_jsonl(data / "a.jsonl", ["one"])
+    deep = write_jsonl(data / "sub" / "deeper" / "b.jsonl", ["two"])
+    saved = data / "sub" / "saved"
+    Dataset.from_dict({"text": ["three"]}).save_to_disk(str(saved))
+    assert prep.source_files([f"{data}/**"]) == [top, deep, saved]  # sorted by path
+    with pytest.raises(UserError, match=r"sub: a directory, not a dataset saved with save_to_disk"):
+        prep.source_files([data / "sub"])  # named itself, a plain directory is still a mistake

@@ -117,6 +117,13 @@ def source_files(sources: Sequence[str | Path], out: Path | None = None) -> list
         matches = sorted(glob.glob(os.path.expanduser(str(source)), recursive=True))
         if out is not None:
             matches = [match for match in matches if not _within(Path(match), out)]
+        if glob.has_magic(os.path.expanduser(str(source))):
+            # `data/**` matches data/ itself, its subdirectories and a saved dataset's own files: a glob takes the
+            # files and the saved datasets it reaches, not the folders it walks through.
+            datasets = [Path(match) for match in matches if Path(match).is_dir() and _is_saved_dataset(Path(match))]
+            matches = [match for match in matches
+                       if (not Path(match).is_dir() or Path(match) in datasets)
+                       and not any(_within(Path(match), d) and Path(match) != d for d in datasets)]
         if not matches:
             raise FileNotFoundError(f"{source}: no file matches this source; check the path or glob")
         for match in map(Path, matches):
@@ -136,9 +143,13 @@ def _within(path: Path, directory: Path) -> bool:
     return path.resolve().is_relative_to(directory.resolve())
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
 def source_kind(path: Path) -> str:
     if path.is_dir():
-        if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        if _is_saved_dataset(path):
             return "hf"
         raise UserError(f"{path}: a directory, not a dataset saved with save_to_disk; give a glob of its files")
     suffix = path.suffix.lower()
