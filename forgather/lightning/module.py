@@ -8,6 +8,18 @@ Lightning logger records them): `train/loss`, `train/lr`, `train/tokens_per_s` (
 padding, summed over ranks, per second over the steps since the previous write), `train/grad_norm` (total
 2-norm before the optimizer step) and `val/loss` (epoch mean weighted by target tokens, synced).
 
+Gradient accumulation (`accumulate_grad_batches=k`) follows the tokens, not the batches: the step's gradient is
+that of the mean loss over every target token of its k batches, as one batch k times larger would give
+(Lightning alone averages the k batch means, which weighs a padding-heavy batch's tokens more and a short last
+window of an epoch less), and `train/loss` is that same token mean. Each batch's loss is backpropagated times its
+targets over the window's first batch's target positions (a scale near the mean's, which fp16's loss scaling
+expects; the value returned stays the batch's loss), and `on_before_optimizer_step` rescales the summed
+gradients by the window's tokens, on the device, before clipping and the gradient norm (callbacks' own
+on_before_optimizer_step run first and see them unscaled). Elsewhere than one process holding whole gradients
+(DDP over several processes, where each would rescale by its own tokens; sharding strategies; a pipeline, which
+backpropagates its own loss) the gradients keep Lightning's normalisation; `train/loss` is the token mean all
+the same.
+
 No step makes the host wait for the GPU: throughput and the gradient norm are computed only on the steps the
 loggers write (every `log_every_n_steps`, and the last); `train/loss` is not a progress-bar metric (Lightning
 reads those after every batch); and the training metrics are logged with `logger=False` and reach the loggers
@@ -132,6 +144,12 @@ class CausalLMModule(pl.LightningModule):
         self._fitting_batches: set[tuple[torch.Size, bool]] = set()
         self.deferred_metrics = DeferredMetrics(TRAIN_METRICS)
         self._grad_norm_from: torch.optim.Optimizer | None = None  # the optimizer measuring this step's norm
+        # Gradient accumulation (module docstring): the sum of loss x targets over the batches accumulated for the
+        # next step, and their targets (device tensors; None between steps), and the first batch's target
+        # positions, the scale of the accumulated gradients
+        self._accumulated_loss: torch.Tensor | None = None
+        self._accumulated_targets: torch.Tensor | None = None
+        self._accumulation_positions = 1
 
     def configure_model(self) -> None:
         # Lightning calls this for every stage; build once.
@@ -167,9 +185,12 @@ class CausalLMModule(pl.LightningModule):
         labels = _labels(batch)
         self._batch_tokens = (labels != self._ignore_index).sum()
         rows = labels.shape[0]
+        logged = loss
+        if self.trainer.accumulate_grad_batches > 1:
+            logged, loss = self._accumulate(loss, labels)
         # Not a progress-bar metric: Lightning turns those into numbers after every batch, a host wait each step
         # (forgather.lightning.ProgressBar shows the loss where the loggers write it).
-        self._log_train("train/loss", loss, batch_size=rows)
+        self._log_train("train/loss", logged, batch_size=rows)
         if writes_metrics(self.trainer, self.trainer.global_step + 1):
             # Only where it is written. A host tensor: Lightning keeps it on the host, where a float would become a
             # device tensor, a copy from pageable memory that waits for every queued kernel (tests/test_step_syncs.py).
@@ -184,10 +205,47 @@ class CausalLMModule(pl.LightningModule):
         self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=targets)
         return loss
 
+    # Gradient accumulation by tokens (module docstring)
+
+    def _accumulate(self, loss: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch of an accumulation window: (the window's token-mean loss so far, to log; the loss to
+        backpropagate, its gradient weighted by this batch's targets where `_rescales_gradients`, its value the
+        batch's loss still, for callbacks that read `outputs["loss"]`)."""
+        targets = (labels[:, 1:] != self._ignore_index).sum()  # the loss shifts the labels: its target tokens
+        if self._accumulated_targets is None:
+            self._accumulated_loss, self._accumulated_targets = 0, 0
+            self._accumulation_positions = max(1, labels[:, 1:].numel())
+        self._accumulated_loss = self._accumulated_loss + loss.detach().float() * targets
+        self._accumulated_targets = self._accumulated_targets + targets
+        logged = self._accumulated_loss / self._accumulated_targets.clamp(min=1)
+        if not self._rescales_gradients():
+            return logged, loss
+        weighted = loss * (targets / self._accumulation_positions)
+        return logged, weighted + (loss - weighted).detach()
+
+    def _rescales_gradients(self) -> bool:
+        """Whether the window's gradients can be rescaled to its token mean: whole gradients of one process, from
+        the loss training_step returns (not sharded, not a pipeline's own backward, not averaged over ranks)."""
+        whole = type(self.trainer.strategy) in (pl.strategies.SingleDeviceStrategy, pl.strategies.DDPStrategy)
+        return whole and self.trainer.world_size == 1
+
+    def _finish_accumulation(self) -> None:
+        """At the optimizer step: the gradients, sum over the window of (targets / positions) x grad(batch mean),
+        divided by accumulate_grad_batches by Lightning, become grad(window's token mean)."""
+        targets, self._accumulated_targets = self._accumulated_targets, None
+        self._accumulated_loss = None
+        if targets is None or not self._rescales_gradients():
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        factor = (self._accumulation_positions * self.trainer.accumulate_grad_batches) / targets.clamp(min=1)
+        if grads:
+            torch._foreach_mul_(grads, factor.float())
+
     # Throughput and gradient norm
 
     def on_train_epoch_start(self) -> None:
         self._restart_window()  # the gap since the previous epoch is not training time
+        self._accumulated_loss = self._accumulated_targets = None  # Lightning accumulates anew each epoch
 
     def on_validation_start(self) -> None:
         self._restart_window()  # nor is validation
@@ -234,6 +292,7 @@ class CausalLMModule(pl.LightningModule):
         self._restart_window(now)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._finish_accumulation()  # first: clipping and the norm see the accumulated gradient
         # The norm is a pass over every gradient (a collective under model-splitting strategies): only on the
         # steps whose metrics the logger writes.
         if not writes_metrics(self.trainer, self.trainer.global_step + 1):
@@ -409,8 +468,14 @@ def total_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor | None:
 
 def _check_steps_in_backward(trainer: pl.Trainer) -> None:
     """An optimizer that steps each parameter inside backward has stepped before Lightning would clip the
-    gradients or add the next batch's to them: either setting would silently do nothing."""
+    gradients, add the next batch's to them, or unscale them (fp16's loss scaling): clipping and accumulation
+    would silently do nothing, and the steps would take gradients times the loss scale (65536 at the start), with
+    no step skipped where they overflowed."""
     what = "the optimizer steps each parameter inside backward (OptimizerInBackward), before Lightning could"
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        raise UserError(f"precision={trainer.precision}: {what} unscale its gradient (fp16's loss scaling) or skip "
+                        "a step whose gradients overflowed ; train in precision=bf16-mixed or 32-true, or choose an "
+                        "optimizer that steps after backward")
     if trainer.gradient_clip_val:
         raise UserError(f"gradient_clip_val={trainer.gradient_clip_val}: {what} clip its gradient ; set "
                         "gradient_clip_val=null, or choose an optimizer that steps after backward")

@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
 from forgather.optim.state import (
-    Params, check_number, load_state_keeping_fp32, parameters_with_grads, run_closure,
+    Layout, Params, check_number, load_state_keeping_fp32, parameters_with_grads, run_closure,
 )
 
 FP32_STATE = {"row_var", "col_var", "variance", "param_sq"}
@@ -98,7 +98,7 @@ class Adafactor(Optimizer):
             self.update(param, descent_grad(param, group), state, group, scalars)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        load_state_keeping_fp32(self, state_dict, FP32_STATE, super().load_state_dict)
+        load_state_keeping_fp32(self, state_dict, FP32_STATE, super().load_state_dict, state_layout)
 
     @staticmethod
     def init_state(param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -117,6 +117,18 @@ class Adafactor(Optimizer):
     ) -> None:
         """One parameter's step; subclasses replace it with a faster path for the tensors they handle."""
         reference_update(param, grad, state, group, scalars)
+
+
+def state_layout(param: torch.Tensor, group: dict[str, Any]) -> Layout:
+    """What init_state keeps for `param` (check_saved_state), and TritonAdafactor's `param_sq` besides."""
+    shape = tuple(param.shape)
+    if param.dim() >= 2:
+        needed = {"row_var": shape[:-1], "col_var": shape[:-2] + shape[-1:]}
+    else:
+        needed = {"variance": shape}
+    if group["beta1"] is not None:
+        needed["exp_avg"] = shape
+    return {"step": None, **needed}, {"param_sq"}
 
 
 def descent_grad(param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:

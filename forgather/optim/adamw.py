@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
 from forgather.optim.state import (
-    Params, check_adam_arguments, load_state_keeping_fp32, parameters_with_grads, run_closure, to_device,
+    Params, adam_layout, check_adam_arguments, load_state_keeping_fp32, parameters_with_grads, run_closure, to_device,
 )
 
 
@@ -105,8 +105,16 @@ class AdamW(Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Our state dict, or torch's AdamW's (TritonAdamW's, CompiledAdamW's): the same moments; the options torch
+        lacks come from this optimizer's arguments, its step counts (tensors there) become ints."""
         keys = {"exp_avg", "exp_avg_sq"} if self.state_dtype == torch.float32 else set()
-        load_state_keeping_fp32(self, state_dict, keys, super().load_state_dict)
+        load_state_keeping_fp32(self, state_dict, keys, super().load_state_dict, adam_layout)
+        for group in self.param_groups:
+            for key in ("stochastic_rounding", "seed"):
+                group.setdefault(key, self.defaults[key])
+        for state in self.state.values():
+            if torch.is_tensor(state["step"]):
+                state["step"] = int(state["step"].item())
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

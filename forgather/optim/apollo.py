@@ -8,8 +8,9 @@ projected gradient R only to estimate how much to scale each channel of the raw 
 rank=1 with scale_type="tensor" is APOLLO-Mini (the paper uses scale = sqrt(128) there; apollo-torch's `scale`
 is the square of ours). With the same projection it matches apollo-torch 1.0.3 to fp32 rounding. Why not the
 `apollo-torch` package: it imports bitsandbytes at import time and keeps projector objects in the optimizer
-state, which `torch.load(weights_only=True)` (torch's default) refuses. The current projection is saved with
-the state; the generator is not, so a resumed run draws different later projections.
+state, which `torch.load(weights_only=True)` (torch's default) refuses. The state dict holds the current
+projections and the generator's state (`generator`, a byte tensor), so a resumed run draws the projections the
+uninterrupted one would have drawn.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from forgather.optim.state import Params
+from forgather.optim.state import Layout, Params
 from forgather.optim.lowrank import LowRankAdamW, channel_norm
 
 NORM_GROWTH_LIMIT = 1.01
@@ -32,6 +33,20 @@ class ApolloAdamW(LowRankAdamW):
         super().__init__(params, **kwargs)
         self.scale_type = scale_type
         self._generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "generator" in state_dict:  # a state saved before the generator was, resumes with fresh draws
+            self._generator.set_state(state_dict["generator"].cpu())  # a checkpoint mapped to a GPU too
+
+    def state_layout(self, param: torch.Tensor, group: dict[str, Any]) -> Layout:
+        needed, allowed = super().state_layout(param, group)
+        if "projection" in needed:  # the norm-growth limiter's last norm, set at every low-rank step
+            needed["update_norm"] = None
+        return needed, allowed
 
     def new_projection(self, grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
         size = grad.shape[1] if right else grad.shape[0]

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from forgather.optim.state import adam_layout, check_saved_state
 
 CAPTURABLE_DEVICES = ("cuda",)  # where the step is compiled and the rate lives on the device
 
@@ -91,6 +92,7 @@ class CompiledAdamW(torch.optim.AdamW):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_saved_state(self, state_dict, adam_layout)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             self._rate_on_device(group)

@@ -7,9 +7,11 @@ gradient is alive at a time (plus whatever autograd holds). Works with any optim
 The returned `OptimizerInBackward` is a `torch.optim.Optimizer` a training loop can hold: `step(closure)` runs
 the closure (whose backward does the steps), `zero_grad()` has nothing to do, `param_groups` are the
 per-parameter optimizers' own groups (so LR schedulers drive them), and `state_dict()` / `load_state_dict()`
-carry every per-parameter optimizer. Not possible with it: gradient accumulation across backward passes and
-gradient clipping by global norm (each step happens before the other gradients exist); forgather's
-LightningModule refuses a trainer set for either (gradient_clip_val, accumulate_grad_batches > 1) in one line.
+carry every per-parameter optimizer. Not possible with it: gradient accumulation across backward passes,
+gradient clipping by global norm (each step happens before the other gradients exist) and fp16's loss scaling
+(each step would take a scaled gradient, and no step could be skipped for an overflow); forgather's
+LightningModule refuses a trainer set for any of them (gradient_clip_val, accumulate_grad_batches > 1,
+precision=16-mixed) in one line.
 
 `overlap=True` (CUDA parameters only; elsewhere it changes nothing): each parameter's step runs on a side
 stream, ordered after the work that produced its gradient, so the optimizer's memory-bound kernels run
@@ -151,6 +153,11 @@ class OptimizerInBackward(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or not {"per_parameter", "per_bucket"} & state_dict.keys():
+            found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"OptimizerInBackward.load_state_dict: got {found}, not the state of an optimizer stepped "
+                             "in backward ('per_parameter' or 'per_bucket'): it was saved by an optimizer that steps "
+                             "after backward; resume with that optimizer, or without the optimizer state")
         saved_size = state_dict.get("bucket_size")
         if saved_size != self.bucket_size:
             def worded(size):

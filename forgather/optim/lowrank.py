@@ -18,7 +18,7 @@ import torch
 from torch.optim import Optimizer
 
 from forgather.optim.state import (
-    Params, check_adam_arguments, check_number, load_state_keeping_fp32, parameters_with_grads, run_closure,
+    Layout, Params, check_adam_arguments, check_number, load_state_keeping_fp32, parameters_with_grads, run_closure,
 )
 
 FP32_STATE = {"exp_avg", "exp_avg_sq", "projection", "update_norm"}
@@ -53,7 +53,17 @@ class LowRankAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        load_state_keeping_fp32(self, state_dict, FP32_STATE, super().load_state_dict)
+        load_state_keeping_fp32(self, state_dict, FP32_STATE, super().load_state_dict, self.state_layout)
+
+    def state_layout(self, param: torch.Tensor, group: dict[str, Any]) -> Layout:
+        """What `_update` keeps for `param` (check_saved_state): the projection and the moments on R where the
+        parameter is low-rank, else moments shaped like it."""
+        if not self._low_rank(param, group):
+            return {"step": None, "exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}, set()
+        (m, n), rank = param.shape, group["rank"]
+        right = m >= n
+        moments = (m, rank) if right else (rank, n)
+        return {"step": None, "projection": (rank, n if right else m), "exp_avg": moments, "exp_avg_sq": moments}, set()
 
     def new_projection(self, grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
         """A projection P [rank, n] (right) or [rank, m] (left) for this gradient."""

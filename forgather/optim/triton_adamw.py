@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from forgather.optim.rounding import step_seed, stochastic_round_to_bf16
-from forgather.optim.state import load_state_keeping_fp32, to_device
+from forgather.optim.state import adam_layout, load_state_keeping_fp32, to_device
 from forgather.triton_support import interpreting
 
 # The dtypes the kernel loads and stores; a tensor in another goes through reference_step.
@@ -147,7 +147,7 @@ class TritonAdamW(torch.optim.AdamW):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts the moments to each parameter's dtype as it loads them: fp32 ones are put back unrounded
         keys = {"exp_avg", "exp_avg_sq"} if self._state_dtype == torch.float32 else set()
-        load_state_keeping_fp32(self, state_dict, keys, super().load_state_dict)
+        load_state_keeping_fp32(self, state_dict, keys, super().load_state_dict, adam_layout)
         if self._torch_only:
             return
         # A checkpoint of a capturable or fused AdamW keeps the step count (and CompiledAdamW the rate) on the
