@@ -133,6 +133,25 @@ def test_optimizer_and_scheduler_factories_are_applied(tmp_path) -> None:
     assert scalars(trainer)["train/lr"] == pytest.approx([0.1, 0.05, 0.025])
 
 
+@pytest.mark.parametrize("factory", [functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.5),
+                                     "forgather.optim:Adafactor", "forgather.optim.triton_adamw:TritonAdamW"])
+def test_no_decay_1d_leaves_norm_gains_and_biases_out_of_weight_decay(factory) -> None:
+    from forgather.graph.imports import import_spec
+
+    if isinstance(factory, str):
+        factory = functools.partial(import_spec(factory), lr=1e-3, weight_decay=0.5)
+    model = tiny_model()
+    groups = CausalLMModule(model, optimizer=factory, no_decay_1d=True).configure_optimizers().param_groups
+    assert [len(group["params"]) for group in groups] == [
+        sum(p.dim() >= 2 for p in model.parameters()), sum(p.dim() < 2 for p in model.parameters())]
+    assert [group["weight_decay"] for group in groups] == [0.5, 0.0]
+    assert all(p.dim() < 2 for p in groups[1]["params"]) and groups[1]["params"]
+    (single,) = CausalLMModule(tiny_model(), optimizer=factory).configure_optimizers().param_groups
+    assert single["weight_decay"] == 0.5
+    with pytest.raises(TypeError, match=r"no_decay_1d='yes'\): give true or false"):
+        CausalLMModule(tiny_model(), no_decay_1d="yes")
+
+
 def test_epoch_interval_scheduler_waits_for_the_epoch(tmp_path) -> None:
     module = CausalLMModule(
         tiny_model(),

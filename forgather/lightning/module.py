@@ -82,6 +82,9 @@ class CausalLMModule(pl.LightningModule):
             `{coordinate_descent_tuning: true}` to tune the pointwise and reduction kernels without the minutes
             of max-autotune's matmul search. With a `compile_mode` they are laid over the mode's own settings
             (torch.compile takes one or the other, not both).
+        no_decay_1d: give the parameters of fewer than 2 dimensions (norm gains, biases) a param group of their
+            own with weight_decay 0, the usual exclusion (off by default: one group, every parameter decays at
+            the optimizer's weight_decay).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class CausalLMModule(pl.LightningModule):
         compile_scope: str = "layers",
         compile_mode: str | None = None,
         compile_options: dict[str, Any] | None = None,
+        no_decay_1d: bool = False,
     ) -> None:
         super().__init__()
         if compile_scope not in ("layers", "model"):
@@ -131,6 +135,9 @@ class CausalLMModule(pl.LightningModule):
             loss = NaiveLoss()
         self.loss = loss
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3)
+        if not isinstance(no_decay_1d, bool):
+            raise TypeError(f"CausalLMModule(no_decay_1d={no_decay_1d!r}): give true or false")
+        self.no_decay_1d = no_decay_1d
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.compile = compile
@@ -168,7 +175,11 @@ class CausalLMModule(pl.LightningModule):
         return self.model(input_ids, position_ids=position_ids)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        trained = [p for p in self.parameters() if p.requires_grad]
+        if self.no_decay_1d:
+            decayed, kept = [p for p in trained if p.dim() >= 2], [p for p in trained if p.dim() < 2]
+            trained = [group for group in ({"params": decayed}, {"params": kept, "weight_decay": 0.0}) if group["params"]]
+        optimizer = self.optimizer_factory(trained)
         if isinstance(optimizer, OptimizerInBackward) and self._trainer is not None:
             _check_steps_in_backward(self._trainer)
         if self.lr_scheduler_factory is None:
