@@ -825,6 +825,20 @@ def test_a_wrong_server_config_file_is_one_line_naming_file_line_and_key(no_mode
     assert err.count("\n") == 1 and f"{config}{message}" in err
 
 
+@pytest.mark.parametrize("role, what, instead", [
+    ("server", "directory", "to serve a model directory, give -m {path}"),
+    ("client", "words", "to send text, give --completion TEXT or --message TEXT"),
+])
+def test_a_positional_that_is_no_options_file_says_what_the_positional_is_and_what_to_give(tmp_path, capsys, role,
+                                                                                         what, instead):
+    """`inf server MODEL_DIR` was an IsADirectoryError traceback; `inf client hello` said only 'no such file'."""
+    path = tmp_path if what == "directory" else Path("hello")
+    assert inf.main([role, str(path)]) == 2
+    reason = "a directory" if what == "directory" else "no such file"
+    assert capsys.readouterr().err == (f"error: {path}: {reason}; the positional argument is a YAML file of option "
+                                       f"values (the options' long names as keys); {instead.format(path=path)}\n")
+
+
 def test_server_short_names_and_a_missing_chat_template(no_model_loading, model_dir, tmp_path, capsys):
     assert inf.main(["server", "-m", str(model_dir), "-t", str(tmp_path / "chatml.jinja")]) == 2
     assert f"--chat-template {tmp_path / 'chatml.jinja'}: no such file" in capsys.readouterr().err

@@ -104,6 +104,15 @@ def apply_config_file(args: argparse.Namespace, add: Callable[[argparse.Argument
     from forgather.yaml_file import read_mapping
 
     path = Path(args.config).expanduser()
+    if path.is_dir() or (not path.exists() and path.suffix.lower() not in (".yaml", ".yml")):
+        # `inf client hello` or `inf server MODEL_DIR`: the positional is the reference's options file
+        if args.role == "client":
+            instead = "to send text, give --completion TEXT or --message TEXT"
+        else:
+            instead = f"to serve a model directory, give -m {path}" if path.is_dir() else "give the model directory with -m MODEL_DIR"
+        what = "a directory" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"{path}: {what}; the positional argument is a YAML file of option values (the "
+                                f"options' long names as keys); {instead}")
     values, lines = read_mapping(path, "a YAML file of option values (the options' long names as keys)")
     options = argparse.ArgumentParser(add_help=False)
     add(options)
