@@ -102,6 +102,20 @@ def test_a_second_prepare_of_the_same_work_waits_for_the_first_and_uses_its_shar
     assert not list(tmp_path.glob(".out.*.tmp"))
 
 
+def continues_to_a_fresh_prepare(tmp_path, capsys, tokenizer, source, arguments, at_least: int) -> None:
+    """The interrupted prepare into tmp_path/out kept at least `at_least` units; the next one continues from
+    them to shards and a manifest equal to a fresh prepare's."""
+    (staging,) = tmp_path.glob(".out.*.tmp")
+    recorded = len(list(staging.glob("units/*.json")))
+    assert recorded >= at_least
+    capsys.readouterr()
+    continued = prep.prepare([source], tokenizer, tmp_path / "out", progress=False, **arguments)
+    assert f"continuing an interrupted prepare, {recorded} of" in capsys.readouterr().err
+    fresh = prep.prepare([source], tokenizer, tmp_path / "fresh", progress=False, **arguments)
+    assert contents(tmp_path / "out") == contents(tmp_path / "fresh")
+    assert {k: v for k, v in continued.items() if k != "path"} == {k: v for k, v in fresh.items() if k != "path"}
+
+
 def test_a_lost_worker_keeps_the_units_done_for_the_next_prepare(tokenizer, tmp_path, capsys):
     """The OOM killer taking one tokenizer process deleted the staging directory: every unit done was lost."""
     source = write_jsonl(tmp_path / "a.jsonl", TEXTS * 40)
@@ -112,15 +126,7 @@ def test_a_lost_worker_keeps_the_units_done_for_the_next_prepare(tokenizer, tmp_
     os.kill(worker, signal.SIGKILL)
     assert child.wait(60) == 1
     assert "a tokenizer process died (killed: out of memory?, or it failed to start" in child.stderr.read()
-    (staging,) = tmp_path.glob(".out.*.tmp")
-    recorded = len(list(staging.glob("units/*.json")))
-    assert recorded >= 3
-    capsys.readouterr()
-    continued = prep.prepare([source], tokenizer, tmp_path / "out", progress=False, **arguments)
-    assert f"continuing an interrupted prepare, {recorded} of" in capsys.readouterr().err
-    fresh = prep.prepare([source], tokenizer, tmp_path / "fresh", progress=False, **arguments)
-    assert contents(tmp_path / "out") == contents(tmp_path / "fresh")
-    assert {k: v for k, v in continued.items() if k != "path"} == {k: v for k, v in fresh.items() if k != "path"}
+    continues_to_a_fresh_prepare(tmp_path, capsys, tokenizer, source, arguments, at_least=3)
 
 
 def test_an_out_inside_the_source_glob_is_not_read_as_a_source(tokenizer, tmp_path):
@@ -207,15 +213,7 @@ def test_a_full_disk_keeps_the_units_done_for_the_next_prepare(tokenizer, tmp_pa
     assert child.wait(120) == 1
     assert "could not write this shard (File too large); the units done are kept" in child.stderr.read()
     assert not (tmp_path / "out").exists()
-    (staging,) = tmp_path.glob(".out.*.tmp")
-    recorded = len(list(staging.glob("units/*.json")))
-    assert recorded >= 10
-    capsys.readouterr()
-    continued = prep.prepare([source], tokenizer, tmp_path / "out", progress=False, **arguments)
-    assert f"continuing an interrupted prepare, {recorded} of" in capsys.readouterr().err
-    fresh = prep.prepare([source], tokenizer, tmp_path / "fresh", progress=False, **arguments)
-    assert contents(tmp_path / "out") == contents(tmp_path / "fresh")
-    assert {k: v for k, v in continued.items() if k != "path"} == {k: v for k, v in fresh.items() if k != "path"}
+    continues_to_a_fresh_prepare(tmp_path, capsys, tokenizer, source, arguments, at_least=10)
 
 
 def test_a_refused_directory_names_what_changed(tokenizer, tmp_path):
