@@ -254,3 +254,10 @@ def test_a_recursive_glob_takes_the_files_and_saved_datasets_below_not_the_folde
     assert prep.source_files([f"{data}/**"]) == [top, deep, saved]  # sorted by path
     with pytest.raises(UserError, match=r"sub: a directory, not a dataset saved with save_to_disk"):
         prep.source_files([data / "sub"])  # named itself, a plain directory is still a mistake
+
+
+@pytest.mark.parametrize("name", ["c4-train.00000.json.gz", "corpus.jsonl.zst"])
+def test_a_compressed_source_says_to_decompress_it(tmp_path, name):
+    (tmp_path / name).write_bytes(b"\x1f\x8b")
+    with pytest.raises(UserError, match=rf"{name}: a compressed file, which prepare does not read .* decompress it"):
+        prep.source_files([tmp_path / name])

@@ -156,6 +156,9 @@ def source_kind(path: Path) -> str:
     for kind, suffixes in (("jsonl", JSONL_SUFFIXES), ("text", TEXT_SUFFIXES), ("parquet", (".parquet",))):
         if suffix in suffixes:
             return kind
+    if suffix in (".gz", ".zst", ".bz2", ".xz", ".zip"):  # corpora often ship compressed (c4's .json.gz)
+        raise UserError(f"{path}: a compressed file, which prepare does not read (its work units are byte ranges of "
+                        f"a file); decompress it first (e.g. gunzip -k, zstd -d), then give the .jsonl or .txt")
     raise UserError(f"{path}: unknown kind of source; use .jsonl, .txt/.md, .parquet or a saved dataset")
 
 
