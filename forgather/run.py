@@ -178,6 +178,9 @@ def _fresh_dir(base: Path) -> Path:
         except FileExistsError:
             number += 1
             candidate = base.with_name(f"{base.name}-{number}")
+        except (FileNotFoundError, NotADirectoryError) as error:  # a path under /proc, a parent that is a file
+            raise UserError(f"{candidate}: cannot create the run's directory ({error.strerror}); choose where runs "
+                            f"go with --outputs DIR (or output_dir=DIR)") from None
 
 
 @dataclass

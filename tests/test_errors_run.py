@@ -257,6 +257,16 @@ def test_training_on_a_gpu_without_one_is_one_line_before_anything_is_built(tmp_
     assert not (tmp_path / "outputs").exists()
 
 
+def test_an_output_directory_that_cannot_be_made_is_one_line_saying_how_to_choose_another(tmp_path, capsys):
+    """`--outputs /proc/x` printed a bare `[Errno 2] No such file or directory: '/proc/x'`."""
+    code, _, err = run(pathlib.Path("/proc/forgather-test"), capsys, "max_steps=1")
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert line.startswith("error: /proc/forgather-test/outputs/micro/")
+    assert line.endswith(": cannot create the run's directory (No such file or directory); choose where runs go "
+                         "with --outputs DIR (or output_dir=DIR)")
+
+
 def test_an_output_directory_that_is_a_file_is_one_line(tmp_path, capsys):
     """Both were a traceback from mkdir (NotADirectoryError, FileExistsError), after the config was rendered."""
     a_file = tmp_path / "notes.txt"
