@@ -33,6 +33,9 @@ class GarbageCollection(pl.Callback):
     optimizer steps (the automatic collection off meanwhile). See the module's docstring."""
 
     def __init__(self, freeze: bool = True, interval: int | None = None) -> None:
+        if not isinstance(freeze, bool) and freeze not in (0, 1):  # a string such as "false" would freeze
+            raise ValueError(f"GarbageCollection(freeze=...) takes true or false (gc_freeze=false for a run); "
+                             f"got {freeze!r}")
         if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
             raise ValueError(f"GarbageCollection(interval=...) takes a number of optimizer steps of at least 1, or "
                              f"None to leave the collector's schedule to Python; got {interval!r}")

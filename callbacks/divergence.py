@@ -58,7 +58,11 @@ class StopOnDivergence(pl.Callback):
         if isinstance(metrics, str):
             raise ValueError(f"StopOnDivergence(metrics={metrics!r}): metrics takes a tuple of metric names, "
                              f"e.g. ({metrics!r},)")
-        self.metrics = tuple(metrics)
+        names = tuple(metrics) if isinstance(metrics, Iterable) else None
+        if names is None or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"StopOnDivergence(metrics={metrics!r}): metrics takes a tuple of metric names, "
+                             f"e.g. ('train/loss', 'train/grad_norm'), or () to check the weights only at checkpoints")
+        self.metrics = names
         self._seen: object = None  # the metrics dict last looked at
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -95,3 +95,9 @@ def test_the_collector_bench_measures_a_full_pass_before_and_after_the_freeze():
     assert match, run.stdout[-2000:]
     before, after, frozen = float(match[1]), float(match[3]), int(match[4].replace(",", ""))
     assert frozen > 100_000 and after < before / 5
+
+
+@pytest.mark.parametrize("freeze", ["false", None])
+def test_a_freeze_that_is_not_true_or_false_is_refused(freeze):
+    with pytest.raises(ValueError, match=r"GarbageCollection\(freeze=...\) takes true or false"):
+        GarbageCollection(freeze=freeze)

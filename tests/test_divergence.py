@@ -72,6 +72,12 @@ def test_a_non_finite_loss_with_finite_weights_goes_on_and_non_finite_weights_st
         callback.on_train_batch_end(trainer, module, None, None, 0)
 
 
+@pytest.mark.parametrize("metrics", [None, 5, ("train/loss", 3)])
+def test_metrics_that_are_not_metric_names_are_refused_naming_the_argument(metrics):
+    with pytest.raises(ValueError, match=r"StopOnDivergence\(metrics=.*\): metrics takes a tuple of metric names"):
+        StopOnDivergence(metrics=metrics)
+
+
 def test_ddp_ranks_stop_together_when_one_ranks_weights_are_not_finite(tmp_path):
     helper = Path(__file__).parent / "helpers" / "diverge_train.py"
     result = subprocess.run([sys.executable, str(helper), "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=240)

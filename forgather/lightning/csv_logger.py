@@ -8,7 +8,8 @@ group, as an uninterrupted run would; a fresh run in an empty directory starts a
 process that logs nothing (resuming a finished run) leaves the file as it was.
 
 The steps Lightning logs are global steps, so after a resume from a checkpoint at step N the first rows
-carry step N: rows before it (including a validation that ran after that checkpoint was saved, logged at
+carry step N, and the rows of step N on are dropped even where this process logs none of those steps
+(`forgather.lightning.model_checkpoint.ModelCheckpoint` tells the logger N, `resume_at`): rows before it (including a validation that ran after that checkpoint was saved, logged at
 step N-1, which Lightning does not re-run) are kept. Every rewrite of the file is atomic.
 
 A training step's row is written after the `on_train_batch_end` hooks, where step checkpoints are saved
@@ -17,7 +18,9 @@ batch's end, forgather.lightning.steps.DeferredMetrics), so a process killed whi
 would lose the row of the step the checkpoint holds. `forgather.lightning.model_checkpoint.ModelCheckpoint`
 calls `log_step_before_checkpoint` first; the row logged for that step afterwards replaces it (with the
 metrics the module's `on_train_batch_end` adds, the throughput). The replacement is one atomic rename of a rewritten copy: dropping
-the provisional line in place and then appending would lose the step's row to a kill between the two.
+the provisional line in place and then appending would lose the step's row to a kill between the two. Rows of
+other groups logged in between (a learning-rate monitor's at the next batch's start) are written before the
+provisional row, which stays last until rows of its step hold every number it holds.
 Usable in plain Lightning code as a drop-in for `pytorch_lightning.loggers.CSVLogger`.
 """
 
@@ -63,30 +66,51 @@ class _HistoryKeepingWriter(ExperimentWriter):
 
     def __init__(self, log_dir: str) -> None:
         self._history_trimmed = False
-        self._provisional_step: int | None = None
+        self._resumed_step: int | None = None
+        self._provisional: dict[str, Any] | None = None  # the last line of the file, while it stands in
+        self._unreplaced: set[str] = set()  # its columns the rows logged for its step since have not had
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
         """Lightning deletes metrics.csv here; the history is kept (trimmed at the first save)."""
 
+    def resume_at(self, step: int) -> None:
+        """Rows from `step` on belong to steps this process trains again: drop them at the first save too."""
+        self._resumed_step = step
+
     def write_provisional(self, metrics: dict[str, float], step: int) -> None:
         """Write a row now that the next row logged for the same step replaces (the last line of the file)."""
         self.save()
+        if self._provisional is not None and self._provisional["step"] != step:
+            self._provisional = None  # an earlier step's, still waiting, stays a row of its own: this one is last
         self.log_metrics(metrics, step)
+        row = dict(self.metrics[-1])
         self.save()
-        self._provisional_step = step
+        self._provisional, self._unreplaced = row, set(row)
 
     def save(self) -> None:
-        if self.metrics and not self._history_trimmed:
+        if not self.metrics:
+            return
+        if not self._history_trimmed:
             self._history_trimmed = True
-            self._keep_rows_before(min(int(row["step"]) for row in self.metrics))
-        replace = False
-        if self.metrics and self._provisional_step is not None:
-            replace = int(self.metrics[0]["step"]) == self._provisional_step
-            self._provisional_step = None
-        if replace and os.path.isfile(self.metrics_file_path):
+            first = min(int(row["step"]) for row in self.metrics)
+            self._keep_rows_before(first if self._resumed_step is None else min(first, self._resumed_step))
+        provisional, self._provisional = self._provisional, None
+        if provisional is None or not os.path.isfile(self.metrics_file_path):
+            super().save()
+            return
+        # Rows of other groups (a learning-rate monitor's, validation's) can come between the provisional row and
+        # the rows that replace it: they go before it, and it stays the last line until every number it holds
+        # is in a row of its step. Its step's rows come by the end of the next step; a later row ends the wait.
+        step = provisional["step"]
+        self._unreplaced -= set().union(*(row for row in self.metrics if row["step"] == step))
+        if not self._unreplaced:
             atomic_write(Path(self.metrics_file_path), self._save_replacing_last_line)
-        else:
+        elif all(row["step"] <= step + 1 for row in self.metrics):
+            self.metrics.append(provisional)
+            atomic_write(Path(self.metrics_file_path), self._save_replacing_last_line)
+            self._provisional = provisional
+        else:  # its replacement never came whole: the row stays
             super().save()
 
     def _save_replacing_last_line(self, copy: Path) -> None:
@@ -130,6 +154,13 @@ class _HistoryKeepingWriter(ExperimentWriter):
 
 class CSVLogger(LightningCSVLogger):
     """`pytorch_lightning.loggers.CSVLogger` (same arguments) whose metrics.csv survives a resume."""
+
+    @rank_zero_only
+    def resume_at(self, step: int) -> None:
+        """This fit trains again from logged step `step` (a resume): the rows an earlier process logged from
+        there on are dropped at the first write, also those of steps this fit logs no row for (a resume with
+        another `log_every_n_steps`, or after a stop between logged steps)."""
+        self.experiment.resume_at(step)
 
     @rank_zero_only
     def log_step_before_checkpoint(self, trainer: pl.Trainer, deferred: dict[str, float] | None = None) -> None:

@@ -13,6 +13,7 @@ not counted. The limit is the device's total memory (all of the host's RAM on CP
 from __future__ import annotations
 
 import os
+from collections.abc import Sized
 
 import torch
 from torch import nn
@@ -31,9 +32,9 @@ def device_memory(device: torch.device) -> int:
 
 def activation_bytes(model: nn.Module, rows: int, tokens: int, bytes_per_value: int, training: bool) -> int | None:
     """Lower bound of the activation memory of one forward (+ backward) over a [rows, tokens] batch; None
-    for a model without `hidden_size`, `vocab_size` and `layers`."""
+    for a model without `hidden_size`, `vocab_size` and a list of `layers`."""
     hidden, vocab, layers = (getattr(model, name, None) for name in ("hidden_size", "vocab_size", "layers"))
-    if not (isinstance(hidden, int) and isinstance(vocab, int) and layers is not None):
+    if not (isinstance(hidden, int) and isinstance(vocab, int) and isinstance(layers, Sized)):  # `layers`: a count elsewhere
         return None
     per_layer = ACTIVATIONS_PER_LAYER * hidden
     if not training:

@@ -13,7 +13,8 @@ A checkpoint saved at the end of a training batch first has the step's metrics r
 that can (`forgather.lightning.csv_logger.CSVLogger`), which would otherwise be written after it (Lightning's
 logger connector after the batch-end hooks; the module's training metrics at the next batch's end,
 `forgather.lightning.steps.DeferredMetrics`): a process killed while writing the checkpoint keeps that row,
-which the resumed run does not log again.
+which the resumed run does not log again. At the first batch of a fit it tells those loggers the step that batch
+is logged at, so the rows an earlier process logged from there on are dropped.
 
 A run directory moved or copied elsewhere (another disk, a cluster's other mount point) keeps its checkpoint
 bookkeeping when resumed there: the paths a checkpoint recorded under its old directory are read as the same
@@ -49,6 +50,19 @@ def fit_ends_after_this_batch(trainer: pl.Trainer) -> bool:
 
 class ModelCheckpoint(LightningModelCheckpoint):
     _in_train_batch_end = False
+    _first_batch = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._first_batch = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self._first_batch:  # the step its row gets is known only now (Lightning's loop moves it on a restart)
+            self._first_batch = False
+            for logger in trainer.loggers:
+                if isinstance(logger, CSVLogger):
+                    logger.resume_at(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
