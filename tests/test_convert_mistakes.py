@@ -16,7 +16,7 @@ import transformers
 from forgather.cli.main import main as forgather_main
 from forgather.convert.hf import hf_to_forgather
 from test_convert import native_dir, random_hf_model, tokenizer  # noqa: F401 (fixtures)
-from test_run import run, run_dirs
+from test_run import finished
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,10 +127,7 @@ def test_weights_that_do_not_fit_their_config_are_one_line_naming_the_mismatch(h
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("run")
-    assert run(root, "+experiment=micro", "scheduler=constant", "max_steps=4") == 0
-    (found,) = run_dirs(root / "outputs")
-    return found
+    return finished(tmp_path_factory.mktemp("run"), "+experiment=micro", "scheduler=constant", "max_steps=4")
 
 
 def files_state(*roots: Path) -> dict[str, bytes]:

@@ -24,7 +24,7 @@ from forgather.callbacks.job_control import ControlServer, PendingCommand
 from forgather.callbacks.model_export import ExportFailed, ExportModel, read_record
 from forgather.lightning.csv_logger import CSVLogger
 from forgather.run import checkpoint_step, main
-from test_run import run, run_dirs, train_losses
+from test_run import finished, run, run_dirs, train_losses
 
 MICRO = ("+experiment=micro", "scheduler=constant")
 
@@ -87,10 +87,7 @@ def dead_pid() -> int:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted 16-step run."""
-    root = tmp_path_factory.mktemp("reference")
-    assert run(root, *MICRO, "max_steps=16") == 0
-    (run_dir,) = run_dirs(root / "outputs")
-    return run_dir
+    return finished(tmp_path_factory.mktemp("reference"), *MICRO, "max_steps=16")
 
 
 def test_control_stop_then_resume_continues_the_same_run(reference, tmp_path, monkeypatch):

@@ -32,12 +32,16 @@ def train_losses(run_dir: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("first")
-    assert run(root, "+experiment=micro", "scheduler=constant", "max_steps=16") == 0
+def finished(root: Path, *arguments: str) -> Path:
+    """The run directory of one run under `root` that finished (the runner's exit code 0)."""
+    assert run(root, *arguments) == 0
     (run_dir,) = run_dirs(root / "outputs")
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    return finished(tmp_path_factory.mktemp("first"), "+experiment=micro", "scheduler=constant", "max_steps=16")
 
 
 def test_a_run_trains_and_records_its_metrics(finished_run):
