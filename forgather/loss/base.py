@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from forgather.models.checks import is_number
+
 IGNORE_INDEX = -100
 
 
@@ -47,9 +49,9 @@ class CausalLMLoss(nn.Module):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"{type(self).__name__}(ignore_index={ignore_index!r}): ignore_index takes the integer "
                              f"label that marks padding, e.g. {IGNORE_INDEX}")
-        if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or z_loss < 0:
+        if not is_number(z_loss) or z_loss < 0:
             raise ValueError(f"{type(self).__name__}(z_loss={z_loss!r}): z_loss takes a number >= 0, e.g. 1e-4")
-        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
+        if softcap is not None and not is_number(softcap):
             raise ValueError(f"{type(self).__name__}(softcap={softcap!r}): softcap takes a number > 0, e.g. 30.0")
         if z_loss and not self.supports_z_loss:
             raise ValueError(f"loss {self.name!r} does not support z_loss; use 'naive', 'chunked' or 'liger'")

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask, document_ids_from_positions
-from .checks import positive_sizes, probabilities
+from .checks import is_number, positive_sizes, probabilities
 from .embedding import TiedGradient, TokenEmbedding
 from .kv_cache import KVCache
 from .norm import add_and_norm
@@ -120,7 +120,7 @@ class CausalLM(nn.Module):
         super().__init__()
         positive_sizes("CausalLM", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers)
         probabilities("CausalLM", embedding_dropout=embedding_dropout)
-        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std >= 0:
+        if not is_number(init_std) or not init_std >= 0:
             raise ValueError(f"CausalLM: init_std={init_std!r} must be a number >= 0 (the std of the linear layers' "
                              f"normal init, e.g. 0.02)")
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
@@ -295,11 +295,11 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     """Refuse settings that sample nonsense or fail inside torch: a negative temperature (it inverts the
     distribution), top_k below 1 (a shape error in topk), top_p outside (0, 1] (0 leaves no token: NaN
     probabilities)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+    if not is_number(temperature) or not temperature >= 0:
         raise ValueError(f"sampling: temperature={temperature!r} must be a number >= 0 (0 is greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"sampling: top_k={top_k!r} must be a positive integer, or None to keep every token")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"sampling: top_p={top_p!r} must be in (0, 1], or None to keep every token")
 
 

@@ -7,10 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 
+def is_number(value: object) -> bool:
+    """Whether `value` is an int or a float, not a bool (a `true` in a config is no rate or size): the test every
+    check of a numeric argument starts with, here and in forgather.optim and forgather.loss."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def probabilities(owner: str, **values: Any) -> None:
     """Raise ValueError naming `owner` and the first of `values` (dropout rates) that is not a number in [0, 1]."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        if not is_number(value) or not 0 <= value <= 1:
             raise ValueError(f"{owner}: {name}={value!r} must be a probability between 0 and 1 (0 turns it off)")
 
 

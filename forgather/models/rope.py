@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .checks import positive_sizes
+from .checks import is_number, positive_sizes
 
 
 def rope_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
@@ -78,7 +78,7 @@ class RotaryEmbedding(nn.Module):
         positive_sizes("RotaryEmbedding", head_dim=head_dim)
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding: head_dim={head_dim} must be even (rotation pairs (i, i + head_dim/2))")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+        if not is_number(theta) or not 0 < theta < math.inf:
             # a base of 0 or less makes every frequency inf or nan, and so every rotated query and key
             raise ValueError(f"RotaryEmbedding: theta={theta!r} must be a positive number (the RoPE base: 10000.0 in "
                              f"RoFormer, 500000.0 in Llama 3)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from forgather.models.checks import is_number
+
 
 def _check(schedule: str, warmup_steps: int, total_steps: int | None = None, **ratios: float) -> None:
     """Refuse the settings that give a schedule no meaning (LambdaLR calls it at step 0 when it is built, so
@@ -18,7 +20,7 @@ def _check(schedule: str, warmup_steps: int, total_steps: int | None = None, **r
         raise ValueError(f"{schedule}: total_steps={total_steps!r} must be a whole number of steps, 1 or more "
                          "(it is the run's max_steps; set max_steps)")
     for name, ratio in ratios.items():
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        if not is_number(ratio) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"{schedule}: {name}={ratio!r} must be a number from 0 to 1")
 
 

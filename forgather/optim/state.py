@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.optim import Optimizer
 
+from forgather.models.checks import is_number
+
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 # What an optimizer keeps for one parameter: the entries it needs, each with its shape (None: any, e.g. the step
@@ -34,7 +36,7 @@ def check_number(owner: str, name: str, value: Any, ok: Callable[[float], bool],
     which `ok` holds: in `__init__`, where torch's own optimizers check theirs, not as a NaN weight steps later."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+    if not is_number(value) or not ok(value):
         raise ValueError(f"{owner}({name}={value!r}): {name} takes {expected}")
 
 
