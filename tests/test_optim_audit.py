@@ -9,6 +9,7 @@ times larger.
 import copy
 import functools
 import io
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -21,7 +22,10 @@ from forgather.errors import UserError
 from forgather.lightning.module import CausalLMModule
 from forgather.optim import (Adafactor, AdamW, ApolloAdamW, CompiledAdamW, GaLoreAdamW, TritonAdamW,
                              optimizer_in_backward)
-from helpers.tiny_lm import SEQ, VOCAB, tiny_model
+from helpers.ranks import start_ranks, wait_all
+from helpers.tiny_lm import padded_batch, tiny_model
+
+HELPERS = Path(__file__).parent / "helpers"
 
 OPTIMIZERS = {
     "adamw_sr": functools.partial(AdamW, lr=1e-2),
@@ -150,14 +154,6 @@ def test_in_backward_refuses_the_state_of_an_optimizer_stepping_after_backward()
 # Gradient accumulation in CausalLMModule
 
 
-def _padded_batch() -> dict[str, torch.Tensor]:
-    """Four rows; the first two are mostly padding (2 targets each), the last two full (SEQ - 1 each)."""
-    ids = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:2, 3:] = -100
-    return {"input_ids": ids, "labels": labels}
-
-
 class _Outputs(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -173,7 +169,7 @@ def _one_step(accumulate: int, batches: int | None = None, outputs: _Outputs | N
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = tiny_model()
-    batch = _padded_batch()
+    batch = padded_batch()
     batches = batches or accumulate
     rows = 4 // batches
     data = [{key: value[i * rows:(i + 1) * rows] for key, value in batch.items()} for i in range(batches)]
@@ -190,7 +186,7 @@ def test_accumulated_batches_step_as_one_batch_of_their_tokens():
     outputs = _Outputs()
     accumulated, accumulated_loss = _one_step(accumulate=2, outputs=outputs)
     torch.manual_seed(0)
-    module, batch = CausalLMModule(tiny_model()), _padded_batch()
+    module, batch = CausalLMModule(tiny_model()), padded_batch()
     token_mean = module._loss(batch).item()
     halves = [module._loss({key: value[rows] for key, value in batch.items()}).item()
               for rows in (slice(0, 2), slice(2, 4))]
@@ -208,6 +204,17 @@ def test_a_short_last_window_of_an_epoch_takes_a_whole_step():
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(whole, short))
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ddp_ranks_of_unequal_tokens_step_as_one_process_on_all_their_rows(tmp_path, accumulate):
+    """Rank 0's rows are mostly padding: DDP's mean of the two ranks' batch means would weigh its 4 targets as
+    much as rank 1's 14. The step is the one process's on the whole batch, on both ranks alike."""
+    whole, _ = _one_step(accumulate=1)
+    wait_all(start_ranks([str(HELPERS / "ddp_token_mean.py"), str(tmp_path), "--accumulate", str(accumulate)], 2))
+    ranks = [torch.load(tmp_path / f"params-rank{rank}.pt") for rank in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(*ranks))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(whole, ranks[0]))
+
+
 def test_in_backward_optimizer_refuses_fp16_loss_scaling():
     """Its steps would take the scaled gradients (x65536), and no overflowed step would be skipped."""
     module = CausalLMModule(tiny_model(), optimizer=functools.partial(
@@ -216,4 +223,4 @@ def test_in_backward_optimizer_refuses_fp16_loss_scaling():
                          enable_progress_bar=False, enable_model_summary=False,
                          plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
     with pytest.raises(UserError, match="precision=16-mixed: .* before Lightning could unscale its gradient"):
-        trainer.fit(module, DataLoader([_padded_batch()], batch_size=None))
+        trainer.fit(module, DataLoader([padded_batch()], batch_size=None))

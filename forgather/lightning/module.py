@@ -8,17 +8,20 @@ Lightning logger records them): `train/loss`, `train/lr`, `train/tokens_per_s` (
 padding, summed over ranks, per second over the steps since the previous write), `train/grad_norm` (total
 2-norm before the optimizer step) and `val/loss` (epoch mean weighted by target tokens, synced).
 
-Gradient accumulation (`accumulate_grad_batches=k`) follows the tokens, not the batches: the step's gradient is
-that of the mean loss over every target token of its k batches, as one batch k times larger would give
-(Lightning alone averages the k batch means, which weighs a padding-heavy batch's tokens more and a short last
-window of an epoch less), and `train/loss` is that same token mean. Each batch's loss is backpropagated times its
-targets over the window's first batch's target positions (a scale near the mean's, which fp16's loss scaling
-expects; the value returned stays the batch's loss), and `on_before_optimizer_step` rescales the summed
-gradients by the window's tokens, on the device, before clipping and the gradient norm (callbacks' own
-on_before_optimizer_step run first and see them unscaled). Elsewhere than one process holding whole gradients
-(DDP over several processes, where each would rescale by its own tokens; sharding strategies; a pipeline, which
-backpropagates its own loss) the gradients keep Lightning's normalisation; `train/loss` is the token mean all
-the same.
+Gradient accumulation (`accumulate_grad_batches=k`) and DDP follow the tokens, not the batches: the step's
+gradient is that of the mean loss over every target token of its k batches on every rank, as one batch k x ranks
+times larger would give (Lightning and DDP alone average the batch means, which weighs a padding-heavy batch's
+tokens more and a short last window of an epoch less), and `train/loss` is that same token mean (over this rank's
+batches). Each batch's loss is backpropagated times its targets over a scale S of the window (the value returned
+stays the batch's loss); `on_before_optimizer_step` rescales the summed gradients by S x k x ranks over the
+window's targets on all ranks, on the device, before clipping and the gradient norm (callbacks' own
+on_before_optimizer_step run first and see them unscaled). S is near the mean's scale, which fp16's loss scaling
+expects: on one process the first batch's target positions; under DDP the first batch's targets on all ranks over
+the ranks (one all-reduce of a number; the same S on every rank, so DDP's mean of their gradients keeps the
+weights), which with k = 1 makes the rescale exactly 1, so a DDP step without accumulation costs that one
+all-reduce and no pass over the gradients. Where the strategy does not hold whole gradients averaged over
+ranks (sharding strategies; a pipeline, which backpropagates its own loss) the gradients keep Lightning's
+normalisation; `train/loss` is the token mean all the same.
 
 No step makes the host wait for the GPU: throughput and the gradient norm are computed only on the steps the
 loggers write (every `log_every_n_steps`, and the last); `train/loss` is not a progress-bar metric (Lightning
@@ -152,11 +155,10 @@ class CausalLMModule(pl.LightningModule):
         self.deferred_metrics = DeferredMetrics(TRAIN_METRICS)
         self._grad_norm_from: torch.optim.Optimizer | None = None  # the optimizer measuring this step's norm
         # Gradient accumulation (module docstring): the sum of loss x targets over the batches accumulated for the
-        # next step, and their targets (device tensors; None between steps), and the first batch's target
-        # positions, the scale of the accumulated gradients
+        # next step, and their targets (device tensors; None between steps), and the window's scale S
         self._accumulated_loss: torch.Tensor | None = None
         self._accumulated_targets: torch.Tensor | None = None
-        self._accumulation_positions = 1
+        self._accumulation_scale: torch.Tensor | int = 1
 
     def configure_model(self) -> None:
         # Lightning calls this for every stage; build once.
@@ -197,7 +199,7 @@ class CausalLMModule(pl.LightningModule):
         self._batch_tokens = (labels != self._ignore_index).sum()
         rows = labels.shape[0]
         logged = loss
-        if self.trainer.accumulate_grad_batches > 1:
+        if self.trainer.accumulate_grad_batches > 1 or self._averaging_ranks() > 1:
             logged, loss = self._accumulate(loss, labels)
         # Not a progress-bar metric: Lightning turns those into numbers after every batch, a host wait each step
         # (forgather.lightning.ProgressBar shows the loss where the loggers write it).
@@ -220,35 +222,45 @@ class CausalLMModule(pl.LightningModule):
 
     def _accumulate(self, loss: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch of an accumulation window: (the window's token-mean loss so far, to log; the loss to
-        backpropagate, its gradient weighted by this batch's targets where `_rescales_gradients`, its value the
-        batch's loss still, for callbacks that read `outputs["loss"]`)."""
+        backpropagate, its gradient weighted by this batch's targets where the strategy averages whole
+        gradients (`_averaging_ranks`), its value the batch's loss still, for callbacks that read
+        `outputs["loss"]`)."""
         targets = (labels[:, 1:] != self._ignore_index).sum()  # the loss shifts the labels: its target tokens
-        if self._accumulated_targets is None:
+        ranks = self._averaging_ranks()
+        if self._accumulated_targets is None or self.trainer.accumulate_grad_batches == 1:
             self._accumulated_loss, self._accumulated_targets = 0, 0
-            self._accumulation_positions = max(1, labels[:, 1:].numel())
+            if ranks > 1:
+                self._accumulation_scale = _all_ranks_sum(targets).clamp(min=1) / ranks
+            elif ranks:
+                self._accumulation_scale = max(1, labels[:, 1:].numel())
         self._accumulated_loss = self._accumulated_loss + loss.detach().float() * targets
         self._accumulated_targets = self._accumulated_targets + targets
         logged = self._accumulated_loss / self._accumulated_targets.clamp(min=1)
-        if not self._rescales_gradients():
+        if not ranks:
             return logged, loss
-        weighted = loss * (targets / self._accumulation_positions)
+        weighted = loss * (targets / self._accumulation_scale)
         return logged, weighted + (loss - weighted).detach()
 
-    def _rescales_gradients(self) -> bool:
-        """Whether the window's gradients can be rescaled to its token mean: whole gradients of one process, from
-        the loss training_step returns (not sharded, not a pipeline's own backward, not averaged over ranks)."""
-        whole = type(self.trainer.strategy) in (pl.strategies.SingleDeviceStrategy, pl.strategies.DDPStrategy)
-        return whole and self.trainer.world_size == 1
+    def _averaging_ranks(self) -> int:
+        """How many processes' gradients the strategy averages into the step's, where each holds whole
+        gradients of the loss training_step returns (one device: 1; DDP: the world size); 0 where the gradients
+        cannot be rescaled to the tokens' mean (sharded, or a pipeline's own backward)."""
+        if type(self.trainer.strategy) not in (pl.strategies.SingleDeviceStrategy, pl.strategies.DDPStrategy):
+            return 0
+        return self.trainer.world_size
 
     def _finish_accumulation(self) -> None:
-        """At the optimizer step: the gradients, sum over the window of (targets / positions) x grad(batch mean),
-        divided by accumulate_grad_batches by Lightning, become grad(window's token mean)."""
+        """At the optimizer step: the gradients, the rank mean of the sum over the window of (targets / S) x
+        grad(batch mean), divided by accumulate_grad_batches by Lightning, become grad(window's token mean)."""
         targets, self._accumulated_targets = self._accumulated_targets, None
         self._accumulated_loss = None
-        if targets is None or not self._rescales_gradients():
-            return
+        ranks, steps = self._averaging_ranks(), self.trainer.accumulate_grad_batches
+        if targets is None or not ranks or steps == 1:
+            return  # one batch on each of several ranks: S is their targets' mean already
+        if ranks > 1:
+            targets = _all_ranks_sum(targets)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        factor = (self._accumulation_positions * self.trainer.accumulate_grad_batches) / targets.clamp(min=1)
+        factor = (self._accumulation_scale * steps * ranks) / targets.clamp(min=1)
         if grads:
             torch._foreach_mul_(grads, factor.float())
 
@@ -475,6 +487,14 @@ def total_grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor | None:
         return None
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def _all_ranks_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum over all ranks of a count on the device. A plain all-reduce, which the device queues like a kernel:
+    Lightning's strategy.reduce adds a barrier, which makes the host wait for the GPU."""
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+    return total
 
 
 def _check_steps_in_backward(trainer: pl.Trainer) -> None:

@@ -26,6 +26,14 @@ def tiny_model() -> CausalLM:
     return CausalLM(VOCAB, HIDDEN, 2, layer, RMSNorm, rope=RotaryEmbedding(HIDDEN // 4, theta=10000.0))
 
 
+def padded_batch() -> dict[str, torch.Tensor]:
+    """Four random rows; the first two are mostly padding (2 targets each), the last two full (SEQ - 1 each)."""
+    ids = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:2, 3:] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
 def toy_loader(batches: int = 1) -> DataLoader:
     """The same learnable batch (each row counts up from a different start), padding in the last column."""
     input_ids = (torch.arange(SEQ) + torch.arange(BATCH)[:, None]) % VOCAB
