@@ -25,7 +25,7 @@ import shutil
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -88,6 +88,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         self.gather_at_end = gather_at_end
         self.runtime: PipelineRuntime | None = None
         self._batch_grads: list[torch.Tensor | None] = []
+        self._window: tuple[torch.Tensor, torch.Tensor | int] | None = None  # accumulation: (scale, count so far)
 
     # Processes and the device mesh
 
@@ -202,8 +203,15 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         # until `backward`, and the ones accumulated before it stay where zero_grad expects them.
         parameters = self.runtime.parameters()
         earlier = _exchange_grads(parameters, [None] * len(parameters))
+        count = self.runtime.count(batch)
+        if self._window is None or self.lightning_module.trainer.accumulate_grad_batches == 1:
+            # One scale for the window (the runtime's docstring): near the mean's, the same on every replica
+            scale = self.runtime.replica_sum(count).clamp(min=1) / self.runtime.dp_size
+            self._window = (scale, 0)
+        scale, counted = self._window
+        self._window = (scale, counted + count)
         with self.precision_plugin.train_step_context():
-            loss = self.runtime.step(batch, self.lightning_module.trainer.accumulate_grad_batches)
+            loss = self.runtime.step(batch, scale)
         self._batch_grads = _exchange_grads(parameters, earlier)
         with _stand_ins(self.lightning_module, loss):
             return self.lightning_module.training_step(batch, batch_idx)
@@ -217,6 +225,24 @@ class PipelineParallelStrategy(ModelParallelStrategy):
                 p.grad = grad if p.grad is None else p.grad + grad
         self._batch_grads = []
         return self.precision_plugin.post_backward(closure_loss, module)
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
+                       **kwargs: Any) -> Any:
+        def closure_then_token_mean() -> Any:
+            result = closure()  # the window's last batch: its training_step and backward
+            self._finish_window()
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_token_mean, model, **kwargs)
+
+    def _finish_window(self) -> None:
+        """Before clipping, the gradient norm and the step: the window's summed gradients, each batch's over the
+        window's scale, become the mean's over every term of the window on every replica."""
+        window, self._window = self._window, None
+        if window is None or self.lightning_module.trainer.accumulate_grad_batches == 1:
+            return  # one batch: its scale was the replicas' mean count already
+        scale, counted = window
+        self.runtime.scale_grads(scale * self.runtime.dp_size / self.runtime.replica_sum(counted).clamp(min=1))
 
     def validation_step(self, batch: Any, batch_idx: int) -> Any:
         with self.precision_plugin.val_step_context():

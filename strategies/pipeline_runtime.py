@@ -10,7 +10,11 @@ pipeline (computed on the last stage, broadcast). The loss of microbatch m enter
 `mean_m * count_m / count_batch` (count: the terms a loss averages, e.g. target tokens) with the schedule's
 own 1/n_microbatches scaling off, so loss and gradients equal those of the whole batch run at once, even when
 padding leaves microbatches with different token counts. Afterwards the gradients of a tied head are summed
-between the first and last stages, and all gradients are averaged over the replicas. A batch's rows must
+between the first and last stages, and all gradients are averaged over the replicas. `step(batch, scale)`
+divides by `scale` instead of count_batch: an accumulation window gives all its batches one scale and, at its
+end, `scale_grads` by scale x replicas over the window's counts on all replicas (`replica_sum`), which makes the
+step's gradient the mean over every term of the window on every replica, as CausalLMModule's is on one
+process or under DDP. A batch's rows must
 divide by n_microbatches; a batch of other shapes than the one before gets a new schedule (torch's stages keep
 the shapes of their first step).
 `evaluate(batch)` runs forward only and returns the batch loss. `grad_norm()` and `clip_grad_norm_()` see
@@ -179,22 +183,42 @@ class PipelineRuntime:
 
     # Steps
 
-    def step(self, batch: Any, accumulation: int = 1) -> torch.Tensor:
-        """Forward and backward of one batch; returns its (unscaled) loss on every rank of the pipeline.
-
-        `accumulation` > 1 divides the gradients, as when a batch is one of several accumulated ones.
-        """
+    def step(self, batch: Any, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward and backward of one batch; returns its loss (the mean of its own terms) on every rank of the
+        pipeline. Its gradients are those of the sum of its loss terms over `scale` (default: its count, which
+        makes them the batch mean's), averaged over the replicas."""
         args, kwargs, target = self.parts.inputs(batch)
         self._check_microbatches(target.shape[0])
         self._fit_schedule_to(args, kwargs)
-        denominator = self.parts.count(target).clamp(min=1) * accumulation
+        count = self.parts.count(target).clamp(min=1)
+        denominator = count if scale is None else scale
         losses: list[torch.Tensor] = []
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False,
                            loss_kwargs={"denominator": denominator}, **kwargs)
-        loss = torch.stack(losses).sum().float() * accumulation if losses else torch.zeros((), device=self.device)
+        if losses:
+            loss = torch.stack(losses).sum().float() * (denominator / count)
+        else:
+            loss = torch.zeros((), device=self.device)
         loss = self._from_last_stage(loss)
         self._sync_grads()
         return loss
+
+    def count(self, batch: Any) -> torch.Tensor:
+        """How many terms the batch's loss averages (e.g. target tokens), on the device."""
+        return self.parts.count(self.parts.inputs(batch)[2])
+
+    def replica_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a count over the replicas (the ranks of the "dp" dimension holding this rank's stages)."""
+        if self.dp_size == 1:
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total, group=self.dp_group)
+        return total
+
+    def scale_grads(self, factor: torch.Tensor) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor.float())
 
     def _check_microbatches(self, rows: int) -> None:
         # The schedule sizes every microbatch's receive buffers like the first one's: uneven ones cannot pass.

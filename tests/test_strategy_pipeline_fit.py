@@ -75,8 +75,9 @@ def test_a_sharded_checkpoint_loads_into_a_single_device_module(runs):
 
 @pytest.mark.slow
 def test_pipelined_fit_accumulates_gradients_like_one_process(tmp_path):
-    single = _fit(tmp_path / "single", "--accumulate", "2", devices=1)
-    pipelined = _fit(tmp_path / "pipelined", "--accumulate", "2")
+    """Every other batch is half padding: the step's gradient is the mean over all the window's tokens on both."""
+    single = _fit(tmp_path / "single", "--accumulate", "2", "--varied", devices=1)
+    pipelined = _fit(tmp_path / "pipelined", "--accumulate", "2", "--varied")
     assert len(_losses(pipelined)) == 6
     assert _losses(pipelined) == pytest.approx(_losses(single), rel=1e-5)
 

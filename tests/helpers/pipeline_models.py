@@ -27,8 +27,9 @@ def causal_lm(tie_embeddings: bool = True, seed: int = 0) -> CausalLM:
                     tie_embeddings=tie_embeddings)
 
 
-def packed_batch(seed: int = 1) -> dict[str, torch.Tensor]:
-    """ROWS rows of two packed documents each (positions restart), padded unevenly so microbatches differ."""
+def packed_batch(seed: int = 1, padded_tail: int = 0) -> dict[str, torch.Tensor]:
+    """ROWS rows of two packed documents each (positions restart), padded unevenly so microbatches differ, and
+    `padded_tail` more positions at the end of every row."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=generator)
     cut = SEQ // 2
@@ -36,6 +37,8 @@ def packed_batch(seed: int = 1) -> dict[str, torch.Tensor]:
     labels = input_ids.clone()
     for row in range(ROWS):
         labels[row, SEQ - row % 5 :] = -100
+    if padded_tail:
+        labels[:, SEQ - padded_tail :] = -100
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 

@@ -22,7 +22,7 @@ from forgather.loss.naive import NaiveLoss
 from forgather.strategies import PipelineParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_models import causal_lm, packed_batch  # noqa: E402
+from pipeline_models import SEQ, causal_lm, packed_batch  # noqa: E402
 
 
 class Record(pl.Callback):
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--save-at", type=int)
     parser.add_argument("--resume")
     parser.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
+    parser.add_argument("--varied", action="store_true", help="every other batch: half its positions padding")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0)
@@ -64,7 +65,12 @@ def main() -> None:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[Record(args.out, args.save_at)],
     )
-    loader = DataLoader([packed_batch()] * (args.steps * args.accumulate), batch_size=None)
+    batches = args.steps * args.accumulate
+    if args.varied:
+        data = [packed_batch(seed=1 + i, padded_tail=SEQ // 2 if i % 2 else 0) for i in range(batches)]
+    else:
+        data = [packed_batch()] * batches
+    loader = DataLoader(data, batch_size=None)
     trainer.fit(module, loader, ckpt_path=args.resume)
 
 
