@@ -189,6 +189,15 @@ def read_meta(root: str, workspace_root: str) -> dict[str, Any]:
             wanted = "a list of directories" if expected is list else "a string"
             message = f"meta.yaml: {key} must be {wanted}, not {value!r}"
             raise located_error(templates, META_FILE, context, message, lines.get(key))
+    for key in meta:  # a misspelling of a key we read; other keys (the reference's `models_dir`) are kept quietly
+        unknown = isinstance(key, str) and key not in _META_TYPES
+        close = did_you_mean(key, [k for k in _META_TYPES if k not in meta], cutoff=0.8) if unknown else ""
+        if close:
+            mistake = located_error(templates, META_FILE, context, f"meta.yaml: unknown key {key!r}, not read; {close}",
+                                    lines.get(key))
+            if templates.strict:
+                raise mistake
+            warnings.warn_explicit(mistake.message, TemplateWarning, mistake.location.path, mistake.location.line)
     return meta
 
 

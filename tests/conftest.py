@@ -12,3 +12,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _strict_mode_kept():
+    """`--strict` sets FORGATHER_STRICT in the process, for the runner's children: undone after the test, or
+    every later test in its worker would turn warnings into errors."""
+    import os
+
+    before = os.environ.get("FORGATHER_STRICT")
+    yield
+    if before is None:
+        os.environ.pop("FORGATHER_STRICT", None)
+    else:
+        os.environ["FORGATHER_STRICT"] = before

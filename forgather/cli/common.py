@@ -1,11 +1,16 @@
 """What the subcommands share: loading the chosen config, with the values of the arguments it declares in
-its `dynamic_args`. (Errors are reported by forgather.errors.report.)"""
+its `dynamic_args`; the project's default config and what in its meta.yaml looks mistaken. (Errors are
+reported by forgather.errors.report.)"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import sys
 
-from forgather.project import LoadedConfig, Project, add_dynamic_arguments
+from forgather.errors import did_you_mean
+from forgather.project import META_FILE, LoadedConfig, Project, add_dynamic_arguments
 
 
 def load(args: argparse.Namespace) -> LoadedConfig:
@@ -45,3 +50,37 @@ def render_showing_templates(loaded: LoadedConfig) -> str:
             print(f"{' ' + name + ' ':-^80}")
             for number, line in enumerate(preprocess(loaded.templates.source(name)).splitlines(), 1):
                 print(f"{number:>5}  {line}")
+
+
+def default_config(project: Project) -> str | None:
+    """The config, as `project.configs()` names it, that the project uses when none is chosen; None when there
+    is none (meta.yaml's default_config may name it without its suffix, or with its config prefix)."""
+    if project.default_config is None:
+        return None
+    name = project.config_template(project.default_config).removeprefix(f"{project.config_prefix}/")
+    return name if name in project.configs() else None
+
+
+def warn_about_meta(project: Project) -> None:
+    """Print, as a warning, a default_config in the project's meta.yaml that names no config of the project (a
+    misspelled meta.yaml key is warned about where meta.yaml is read)."""
+    given = project.meta.get("default_config")
+    if given and default_config(project) is None:
+        configs = project.configs()
+        hint = did_you_mean(given, configs) or f"the configs are: {', '.join(configs) or 'none'}"
+        print(f"warning: {_meta_line(project)}: default_config {given!r} is not a config of the project; {hint}",
+              file=sys.stderr)
+
+
+def _meta_line(project: Project) -> str:
+    """`<project>/meta.yaml:LINE` of the line that sets default_config (meta.yaml as written: it is a template)."""
+    path = os.path.join(project.root, META_FILE)
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError):
+        return path
+    found = re.search(r"^\s*default_config\s*:", text, re.M)
+    if found is None:
+        return path
+    return f"{path}:{text.count(chr(10), 0, found.start()) + 1}"

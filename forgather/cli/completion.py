@@ -120,10 +120,17 @@ class _State:
         if self.pending is not None:
             return self._option_values(self.pending)
         subcommands = _subcommands(self.parser)
+        flag, equals, _ = current.partition("=")
+        action = self.parser._option_string_actions.get(flag) if current.startswith("--") and equals else None
+        if action is not None and action.nargs != 0:  # `--format=t`: the value, in the word of its option
+            return [f"{flag}={value}" for value in self._option_values(action)]
         if current.startswith("-"):
             return [flag for action in self.parser._actions for flag in action.option_strings]
         if subcommands is not None:
             return list(subcommands.choices)
+        positionals = [action for action in self.parser._actions if not action.option_strings]
+        if len(self.positionals) < len(positionals) and positionals[len(self.positionals)].choices:
+            return [str(choice) for choice in positionals[len(self.positionals)].choices]
         if self.path[:1] == ["train"]:
             return _override_words(self, current)
         if self.path[:1] == ["control"] and self.path[1:] not in (["list"], ["cleanup"]) and not self.positionals:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from forgather.cli.common import default_config, warn_about_meta
 from forgather.project import Project, config_description
 
 
@@ -18,13 +19,14 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     project = Project.find(args.project)
+    warn_about_meta(project)
     console.print(f"[bold]{escape(project.name)}[/bold]  {project.root}")
     if project.description:
         console.print(escape(project.description))
     if project.workspace_root:
         console.print(f"workspace root: {project.workspace_root}")
     console.print(f"\n[bold]configs[/bold] ({escape(project.config_prefix)}/)")
-    default = project.default_config
+    default = default_config(project)
     for config in project.configs():
         marker = " (default)" if config == default else ""
         console.print(f"  {escape(config):<32} {escape(config_description(project.config_file(config) or ''))}{marker}")

@@ -1,6 +1,7 @@
 """`forgather ls`: projects under a directory, with their configs and descriptions.
 
-A project whose meta.yaml fails to load is listed with its error (file:line), and the listing goes on."""
+A project whose meta.yaml fails to load is listed with its error (file:line), and the listing goes on. A run's
+snapshot/ holds a meta.yaml too (the run's record): it is not listed as a project."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import os
 import sys
 
+from forgather.cli.common import default_config, warn_about_meta
 from forgather.project import Project, config_description, project_dirs
 from forgather.template import TemplateError
 
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         what = "a file, not a directory" if os.path.exists(args.directory) else "no such directory"
         print(f"error: {args.directory}: {what}; give the directory to look for projects in", file=sys.stderr)
         return 2
-    directories = project_dirs(args.directory or args.project, args.recursive)
+    directories = [d for d in project_dirs(args.directory or args.project, args.recursive) if not _is_run_snapshot(d)]
     if not directories:
         console.print("no projects found (a project is a directory with a meta.yaml)" + ("" if args.recursive else "; try -r"))
         return 1
@@ -42,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             console.print(f"[bold red]{escape(where)}[/bold red]: error: {escape(str(error))}")
             continue
+        warn_about_meta(project)
         console.print(f"[bold]{escape(project.name)}[/bold] ({escape(where)}): {escape(project.description)}")
-        default = project.default_config
+        default = default_config(project)
         for config in project.configs():
             marker = "*" if config == default else " "
             console.print(f"  {marker} {escape(config):<32} {escape(config_description(project.config_file(config) or ''))}")
@@ -53,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
                     failed += 1
                     console.print(f"      [bold red]error[/bold red]: {escape(problem)}")
     return 2 if failed else 0
+
+
+def _is_run_snapshot(directory: str) -> bool:
+    """A run's snapshot/ (callbacks/snapshot.py) holds a meta.yaml of its own: the run's record, not a project."""
+    return os.path.basename(directory) == "snapshot" and os.path.isfile(os.path.join(directory, "command.txt"))
 
 
 def _render_error(project: Project, config: str) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from forgather.cli.common import warn_about_meta
 from forgather.project import Project
 
 
@@ -20,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     project = Project.find(args.project)
+    warn_about_meta(project)
     derived = {
         "project_dir": project.root,
         "workspace_root": project.workspace_root or project.root,

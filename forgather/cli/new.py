@@ -2,7 +2,8 @@
 
 The default example is `examples/template_project` (a meta.yaml, a base template on the library's tiny
 Llama, one config, an empty model_src/). The copy takes PROJECT's directory name as the `name:` in its
-meta.yaml; run outputs of the example are not copied, and an existing PROJECT is never touched.
+meta.yaml; run outputs of the example are not copied, and an existing PROJECT is never touched (nor is one
+inside the example: the copy would copy itself).
 Examples are found beside the package (`forgather/../examples`): in a source checkout or an editable
 install. An installed wheel does not ship them; `--from DIR` then copies any project directory.
 """
@@ -10,6 +11,7 @@ install. An installed wheel does not ship them; `--from DIR` then copies any pro
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import shutil
@@ -65,6 +67,8 @@ def create_project(directory: str | Path, example: str = DEFAULT_EXAMPLE, exampl
     blocking = file_in_the_way(destination)
     if blocking is not None:
         raise UserError(f"{blocking} is a file, so {destination} cannot be created in it; choose a directory elsewhere")
+    if destination.is_relative_to(source.resolve()):  # the copy would be copied into itself, without end
+        raise UserError(f"{destination} is inside {source.resolve()}, the project it copies; choose a directory outside it")
     shutil.copytree(source, destination, ignore=_NOT_COPIED)
     meta = destination / META_FILE
     meta.write_text(with_name(meta.read_text(encoding="utf-8"), destination.name), encoding="utf-8")
@@ -86,7 +90,10 @@ def find_example(example: str, examples_dir: Path = EXAMPLES_DIR) -> Path:
 
 
 def with_name(meta_text: str, name: str) -> str:
-    """meta.yaml text with its `name:` set to `name`, every other line (and comment) kept."""
+    """meta.yaml text with its `name:` set to `name`, every other line (and comment) kept. meta.yaml is a
+    template: a name holding Jinja's delimiters (`{{`, `{%`, `{#`) is written as a string expression."""
     line = yaml.safe_dump({"name": name}, default_flow_style=False, allow_unicode=True).strip()
+    if re.search(r"\{[{%#]", line):
+        line = "name: {{ %s | tojson }}" % json.dumps(name)
     replaced, count = re.subn(r"^name:.*$", lambda _: line, meta_text, count=1, flags=re.M)
     return replaced if count else f"{line}\n{meta_text}"

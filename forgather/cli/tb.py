@@ -73,13 +73,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """TensorBoard would say a busy port among pages of its own logging; say it first, in one line."""
+    """TensorBoard would say a busy port, or an address it cannot serve on, among lines of its own logging;
+    say it first, in one line."""
     try:
         socket.create_server((host, port)).close()
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise UserError(f"forgather tb: port {port} is in use (another TensorBoard?); "
                             "pass another --port, or stop what holds it") from error
+        # a name that does not resolve: getaddrinfo's EAI_* codes (negative), which create_server re-raises as is
+        if error.errno == errno.EADDRNOTAVAIL or (error.errno or 0) < 0:
+            raise UserError(f"forgather tb: --host {host}: {error.strerror}; give a name or address of this machine "
+                            "(default 127.0.0.1), or serve on every interface with: forgather tb -- --bind_all") from error
 
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -2,13 +2,15 @@
 
 Each name a config can extend or include, with the file (and, for a section of a split file, the line) it
 comes from; a name that an earlier search-path directory also has is listed once, from where it resolves.
-`--format files` prints each file once.
+`--format files` prints each file once. A YAML file that cannot be read as a template (not UTF-8, a
+sub-template named twice) is left out with a warning naming its line; a stray binary file, silently.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import jinja2
 
@@ -27,6 +29,11 @@ def _is_template(name: str) -> bool:
     return not name.endswith((".py", ".pyc")) and "__pycache__" not in name
 
 
+def _is_named_as_template(name: str) -> bool:
+    """A file that is meant to be a template: a YAML file, not hidden."""
+    return name.endswith((".yaml", ".yml")) and not os.path.basename(name).startswith(".")
+
+
 def run(args: argparse.Namespace) -> int:
     project = Project.find(args.project)
     templates = TemplateEnvironment(project.search_path(args.template_path))
@@ -35,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
         if _is_template(name):
             try:
                 templates.source(name)
-            except (UnicodeDecodeError, jinja2.TemplateSyntaxError):  # a stray binary file (.DS_Store, a swap file)
+            except (UnicodeDecodeError, jinja2.TemplateSyntaxError) as error:
                 unreadable.add(name)
+                if _is_named_as_template(name):  # not a stray binary file (.DS_Store, a swap file): say why
+                    where = f"{error.filename}:{error.lineno}" if isinstance(error, jinja2.TemplateSyntaxError) else name
+                    print(f"warning: {where}: not listed: {getattr(error, 'message', error)}", file=sys.stderr)
     listed = {*templates.list_templates(), *templates.loaded_templates()}
     names = sorted(n for n in listed if _is_template(n) and n not in unreadable)
     if args.format == "files":
