@@ -36,11 +36,11 @@ import yaml
 from forgather.convert.output import replace_with, restore_replaced
 from forgather.data.cache import atomic_write
 from forgather.errors import UserError
-from forgather.lightning.checkpoint_io import remove_staging
+from forgather.lightning.checkpoint_io import EXPORT_ASIDE, remove_staging
 
 RECORD_FILE = "export.yaml"
 STAGING = ".{name}.tmp-{pid}"  # the package being written, beside out_dir
-ASIDE = ".{name}.old-{pid}"  # the previous package while the new one is swapped in
+ASIDE = EXPORT_ASIDE  # the previous package while the new one is swapped in
 
 
 class ExportFailed(UserError, RuntimeError):
@@ -97,8 +97,7 @@ class ExportModel(pl.Callback):
         if self.run_dir is None:
             self.run_dir = Path(trainer.default_root_dir).resolve()
         if trainer.is_global_zero:
-            restore_replaced(self.out_dir, ASIDE, keep=False)  # before remove_staging, which would delete it
-            remove_staging(self.out_dir.parent, self.out_dir.name)
+            remove_staging(self.out_dir.parent, self.out_dir.name)  # an ASIDE of a killed export goes back
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._export_from(trainer, pl_module)

@@ -434,10 +434,25 @@ def test_the_aside_of_an_export_killed_between_its_renames_is_put_back_not_delet
     for path in (aside, replaced, tmp_path / "step-6"):
         path.mkdir()
         (path / "model.safetensors").write_text(path.name)
-    with pytest.warns(UserWarning, match=r"step-5: restored the exported model"):
+    with pytest.warns(UserWarning, match=r"step-5: restored the model that an interrupted conversion or export"):
         assert remove_staging(tmp_path) == [replaced]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-5", "step-6"]
     assert (tmp_path / "step-5" / "model.safetensors").read_text() == aside.name
+
+
+def test_of_two_asides_of_one_export_the_newer_is_put_back_and_the_older_deleted(tmp_path):
+    from forgather.lightning.checkpoint_io import remove_staging
+
+    older, newer = tmp_path / f".step-5.old-{dead_pid()}", tmp_path / f".step-5.old-{dead_pid()}"
+    assert older != newer
+    for path, mtime in ((older, 1_000), (newer, 2_000)):
+        path.mkdir()
+        (path / "model.safetensors").write_text(path.name)
+        os.utime(path, (mtime, mtime))
+    with pytest.warns(UserWarning, match=r"step-5: restored the model"):
+        assert remove_staging(tmp_path) == [older]
+    assert [p.name for p in tmp_path.iterdir()] == ["step-5"]
+    assert (tmp_path / "step-5" / "model.safetensors").read_text() == newer.name
 
 
 def test_output_dir_is_where_the_run_goes_and_every_run_says_where_it_is(tmp_path, capsys):

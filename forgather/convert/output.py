@@ -46,7 +46,8 @@ def _occupied(path: Path) -> bool:
     return path.is_symlink() or (path.exists() and not (path.is_dir() and not any(path.iterdir())))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a staging name's writer)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,7 +64,7 @@ def _abandoned(dst: Path, pattern: str) -> list[Path]:
     found = []
     for leftover in dst.parent.glob(f"{glob.escape(prefix)}*"):
         pid = leftover.name.removeprefix(prefix)
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
             found.append(leftover)
     return found
 

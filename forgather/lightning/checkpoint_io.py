@@ -9,7 +9,8 @@ plugin, the model export, the snapshot), `.<name>.old-<pid>` (the export's previ
 swapped), `.<name>.partial` (job control's checkpoints), `.<name>.tmp` (the pipeline strategy's sharded
 checkpoints), `.<name>.<random>.tmp` (forgather.data.cache). A writer killed mid-write leaves its staging
 behind; `remove_staging` deletes it at the next start, but for an `.old` one whose `<name>` is gone (an export
-killed between its renames): that is the only copy of what it replaced, and it is moved back.
+killed between its renames): that is the only copy of what it replaced, and it is moved back
+(forgather.convert.output.restore_replaced, which every writer that swaps a model directory shares).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+# The model export's previous package while the new one is swapped in (callbacks/model_export.py)
+EXPORT_ASIDE = ".{name}.old-{pid}"
 _STAGING = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|partial)(?:-(?P<pid>\d+))?$")
 
 
@@ -40,16 +42,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             temporary.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def remove_staging(directory: str | os.PathLike, target: str | None = None) -> list[Path]:
     """Delete the staging files and directories that killed writers left in `directory` (only those staged
     for `target`, when given); return them. One whose name ends in the pid of a live process belongs to a
@@ -57,19 +49,23 @@ def remove_staging(directory: str | os.PathLike, target: str | None = None) -> l
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    removed = []
-    for entry in directory.iterdir():
+    from forgather.convert.output import process_alive, restore_replaced
+
+    removed, restored = [], {}
+    for entry in sorted(directory.iterdir()):
         match = _STAGING.match(entry.name)
         if match is None or (target is not None and match["target"] != target):
             continue
-        if match["pid"] is not None and _alive(int(match["pid"])):
+        if match["pid"] is not None and process_alive(int(match["pid"])):
             continue
-        original = directory / match["target"]
-        if match["kind"] == "old" and not original.exists() and not original.is_symlink():
-            # an export killed between its two renames: the only copy of the package it replaced goes back
-            os.rename(entry, original)
-            warnings.warn(f"{original}: restored the exported model that an interrupted export had moved aside "
-                          f"to {entry.name}", stacklevel=2)
+        if match["kind"] == "old" and match["pid"] is not None:
+            # An export's previous package while the new one was swapped in: put back where the export was
+            # killed between its two renames (the only copy), else deleted.
+            if match["target"] not in restored:  # one call handles every aside of the target
+                put_back = restore_replaced(directory / match["target"], EXPORT_ASIDE, keep=False)
+                restored[match["target"]] = put_back.name if put_back is not None else None
+            if restored[match["target"]] != entry.name:
+                removed.append(entry)
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
