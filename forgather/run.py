@@ -375,13 +375,18 @@ class Runner:
             root = _fresh_dir(Path(self.args.outputs) / "multirun" / _timestamp())
             launch_sweep.write_record(root, {**self.sweep_record(), "overrides": job_arguments[len(settings.params):], "runner": runner_arguments})
         rendered: dict[tuple, LoadedConfig] = {}
+        warned: set[str] = set()
 
         def check(point: list[ovr.Override]) -> None:
             choices, values = ovr.split_choices(point, self.groups)
             key = tuple(sorted(choices.items()))
             if key not in rendered:
                 rendered[key] = self.load(dict(choices))[1]
-            ovr.apply(self._job_config(rendered[key]), values, self.declared_by)
+            config = self._job_config(rendered[key])
+            ovr.apply(config, values, self.declared_by)
+            # Said here, once, where the sweep's user sees it: each point says it only in its output.log.
+            self.warn_about_unread_additions(config, [o for o in values if o.key not in warned])
+            warned.update(o.key for o in values)
 
         try:
             command = self.point_command(getattr(launcher, "gpus_per_job", 0))

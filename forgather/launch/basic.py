@@ -34,6 +34,8 @@ def search_space_overrides(arguments: list[str]) -> list[str]:
 
 class BasicSweeper(Sweeper):
     def __init__(self, paired: list | None = None) -> None:
+        if isinstance(paired, str):  # list("lr") would pair the keys l and r
+            raise ovr.OverrideError(f"sweeper.paired={paired}: name the keys swept together in a list, e.g. sweeper.paired=[lr,warmup_steps]")
         paired = list(paired or [])
         self.paired: list[list[str]] = [list(group) for group in paired] if paired and isinstance(paired[0], list) else ([paired] if paired else [])
 
@@ -43,6 +45,10 @@ class BasicSweeper(Sweeper):
             raise ovr.OverrideError(f"{spaces[0]}: interval() and tag() describe a search space, which the basic sweeper cannot enumerate: add sweeper=optuna")
         axes = [[point[0] for point in ovr.parse([argument], groups, multirun=True)] for argument in arguments]
         keys = [axis[0].key for axis in axes]
+        for key in dict.fromkeys(keys):  # a second axis of one key would repeat every point under the first's values
+            given = [argument for argument, k in zip(arguments, keys) if k == key]
+            if len(given) > 1 and any(len(axis) > 1 for axis, k in zip(axes, keys) if k == key):
+                raise ovr.OverrideError(f"{key} is swept twice ({' and '.join(given)}) ; give all its values in one override ({key}=a,b,c)")
         for group in self.paired:
             missing = [key for key in group if key not in keys or len(axes[keys.index(key)]) < 2]
             if missing:

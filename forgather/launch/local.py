@@ -3,9 +3,9 @@ time, each with its output in `<run_dir>/output.log`.
 
 GPUs: with `gpus_per_job: N`, every running point gets N GPUs of its own through CUDA_VISIBLE_DEVICES, taken
 from `gpus` (default: CUDA_VISIBLE_DEVICES of this process, else every GPU torch sees); `jobs` is then at
-most the GPUs divided by N. CPU threads: with several jobs, each point gets OMP_NUM_THREADS = cores / jobs
-(unless set already), so that the points share the cores instead of fighting over them. Stopping the sweep
-(Ctrl-C, SIGTERM) stops the running points.
+most the GPUs divided by N. CPU threads: with several jobs, each point gets OMP_NUM_THREADS = cores / the points
+that run at once (`jobs`, or the batch's points where fewer; unless set already), so that the points share the
+cores instead of fighting over them. Stopping the sweep (Ctrl-C, SIGTERM) stops the running points.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ class LocalLauncher(Launcher):
 
         return [str(i) for i in range(torch.cuda.device_count())]
 
-    def _threads(self) -> dict[str, str]:
+    def _threads(self, at_once: int) -> dict[str, str]:
         """Points that share the CPU split its cores (torch's intra-op threads follow OMP_NUM_THREADS):
-        `jobs` points each using every core would oversubscribe it. A value the user set is kept."""
-        if self.jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        `at_once` points each using every core would oversubscribe it. A value the user set is kept."""
+        if at_once == 1 or "OMP_NUM_THREADS" in os.environ:
             return {}
-        return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.jobs))}
+        return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // at_once))}
 
     def check(self, jobs: int) -> None:
         if self.gpus_per_job:
@@ -68,13 +68,14 @@ class LocalLauncher(Launcher):
         waiting = list(jobs)
         running: dict[int, tuple[Job, subprocess.Popen, list[str]]] = {}
         outcomes: dict[int, Outcome] = {}
+        threads = self._threads(min(self.jobs, len(jobs)))  # launcher.jobs=8 over 2 points: each gets half the cores
         previous = _stop_on_sigterm()
         try:
             while waiting or running:
                 while waiting and len(running) < self.jobs:
                     job = waiting.pop(0)
                     gpus = [free.pop(0) for _ in range(self.gpus_per_job)]
-                    env = {**os.environ, **self._threads(), **job.env, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if self.gpus_per_job else {})}
+                    env = {**os.environ, **threads, **job.env, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if self.gpus_per_job else {})}
                     status.start(job)
                     running[job.number] = (job, start_job(job, env), gpus)
                 for number, (job, process, gpus) in list(running.items()):

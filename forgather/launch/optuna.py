@@ -11,10 +11,12 @@ pruned are kept, the failed and the interrupted ones are tried again with the sa
 goes on to `n_trials`. A trial tried again is a new trial (Optuna numbers every ask); when the interrupted
 one left a checkpoint (stopped by Ctrl-C, SIGTERM or a scheduler), the new trial takes over its directory,
 renamed to the new number, and continues from the checkpoint, with the values it had reported up to it.
-Trials run `n_jobs` at a time through the launcher: each trial is a point in its own process, which reports
-its validation `metric` to the trial as it trains (forgather.launch.trial), so the pruner can stop it; the
-sweep then tells the study the final metric (a diverged trial is told as pruned: its values are a result,
-not to be tried again). A seeded sampler (`seed`) makes the search repeatable.
+Trials run `n_jobs` at a time through the launcher (no more than it runs at once): each trial is a point in
+its own process, which reports its validation `metric` to the trial as it trains (forgather.launch.trial), so
+the pruner can stop it; the sweep then tells the study the final metric (a diverged trial is told as pruned:
+its values are a result, not to be tried again). A seeded sampler (`seed`) makes the search repeatable. The
+study keeps its objective: a resume with another direction, or another metric once values were told, is
+refused.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from forgather.launch.sweep import Plan, SweepContext, Sweeper, continues
 DB_FILE = "optuna.db"
 TAGS = ("int", "log")  # what tag() may say of an interval
 CONTINUES = "continues"  # the user attribute of a trial asked again: the number of the trial it continues
+METRIC = "metric"  # the study's user attribute: the metric its trials' values are
 
 
 def make_pruner(settings: dict[str, Any]):
@@ -71,6 +74,8 @@ def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
             fixed.append(item.input_line)
             continue
         value, key = item.value(), item.get_key_element()
+        if key in space:  # the later would silently replace the earlier
+            raise ovr.OverrideError(f"{item.input_line}: {key} is searched twice ; give it one search space")
         if isinstance(value, Glob):
             raise ovr.OverrideError(f"{item.input_line}: glob() enumerates a group's options for the basic sweeper; with sweeper=optuna write choice(a,b,...)")
         for tag in sorted(set(value.tags) - set(TAGS)):  # Hydra's grammar takes any tag: a misspelled one would be ignored
@@ -128,9 +133,12 @@ class OptunaSweeper(Sweeper):
             if value not in allowed:
                 hint = did_you_mean(str(value), allowed)
                 raise UserError(f"sweeper.{name}={value}: give {' or '.join(allowed)}" + (f" ; {hint}" if hint else ""))
-        for name, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
-            if value < 1:
-                raise UserError(f"sweeper.{name}={value}: give 1 or more")
+        for name, value, least in (("n_trials", n_trials, 1), ("n_jobs", n_jobs, 1), ("n_startup_trials", n_startup_trials, 0),
+                                   ("n_warmup_steps", n_warmup_steps, 0)):
+            if value < least:
+                raise UserError(f"sweeper.{name}={value}: give {least} or more")
+        if not metric:
+            raise UserError("sweeper.metric is empty: name the logged metric the search optimizes, e.g. sweeper.metric=val/loss")
         self.n_trials, self.n_jobs, self.direction, self.metric, self.seed = n_trials, n_jobs, direction, metric, seed
         self.sampler, self.study_name = sampler, study_name
         self.pruner = {"name": pruner, "n_startup_trials": n_startup_trials, "n_warmup_steps": n_warmup_steps}
@@ -162,18 +170,39 @@ class OptunaSweeper(Sweeper):
                 hint = did_you_mean(self.study_name, names) or f"its studies: {', '.join(names) or 'none'}"
                 raise UserError(f"sweeper.study_name={self.study_name}: {db} holds no such study, but the sweep ran trials "
                                 f"{', '.join(map(str, ran))} ; resume with the study_name they ran in ({hint})")
-            return self._study(url)
+            study = self._study(url)
         except SQLAlchemyError as error:
             reason = str(getattr(error, "orig", None) or error).splitlines()[0]
             raise UserError(f"{db}: does not read as an Optuna study ({reason}) ; {restore}") from error
+        self._check_objective(study, db)
+        return study
+
+    def _check_objective(self, study, db: Path) -> None:
+        """A resumed study keeps the objective its trials were told: Optuna loads a study with the direction it
+        was created with whatever is asked, and another metric would rank its values against the old ones (a
+        study told no value yet, its trials failed for a misspelled metric, takes the corrected one)."""
+        direction = study.direction.name.lower()
+        if direction != self.direction:
+            raise UserError(f"sweeper.direction={self.direction}: the study in {db} was created to {direction}, and its "
+                            f"trials were told so ; resume with sweeper.direction={direction}, or start a new sweep")
+        metric = study.user_attrs.get(METRIC)
+        told = any(t.value is not None or t.intermediate_values for t in study.get_trials(deepcopy=False))
+        if metric not in (None, self.metric) and told:
+            raise UserError(f"sweeper.metric={self.metric}: the study in {db} ranks its trials by {metric} ; resume with "
+                            f"sweeper.metric={metric}, or start a new sweep")
+        if metric != self.metric:
+            study.set_user_attr(METRIC, self.metric)
 
     def run(self, context: SweepContext) -> list[Outcome]:
         from optuna.trial import TrialState
 
         space, fixed = search_space(context.arguments)
         base = ovr.parse(fixed, context.groups, multirun=False)[0]
-        # Every key of the space must exist in the config: check a point at each distribution's low end.
-        context.check([*base, *ovr.parse([f"{k}={_text(_low(d))}" for k, d in space.items()], context.groups, multirun=False)[0]])
+        # Every key of the space must exist in the config, and every choice be a value it takes (a misspelled
+        # option would fail each trial that draws it): a point at each distribution's low end, one per other choice.
+        low = {key: _text(_low(d)) for key, d in space.items()}
+        for values in [low, *({**low, key: _text(c)} for key, d in space.items() for c in getattr(d, "choices", ())[1:])]:
+            context.check([*base, *ovr.parse([f"{k}={v}" for k, v in values.items()], context.groups, multirun=False)[0]])
         url = f"sqlite:///{context.root / DB_FILE}"
         study = self._open(context.root, url)
         context.status.total = self.n_trials
@@ -195,8 +224,13 @@ class OptunaSweeper(Sweeper):
                 retried.add(trial.number)
         study.set_user_attr("retried", sorted(retried))
         todo = self.n_trials - sum(1 for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+        at_once = min(self.n_jobs, context.launcher.parallel)
+        if at_once < self.n_jobs:
+            print(f"warning: sweeper.n_jobs={self.n_jobs}, but the launcher runs {at_once} point{'s' * (at_once != 1)} at "
+                  f"a time: the search asks {at_once} trial{'s' * (at_once != 1)} at a time ; to run more, raise "
+                  f"launcher.jobs (or the launcher's own limit)", file=sys.stderr, flush=True)
         while todo > 0:
-            batch = [study.ask(space) for _ in range(min(self.n_jobs, todo))]
+            batch = [study.ask(space) for _ in range(min(at_once, todo))]
             plans = []
             for trial in batch:
                 values = [f"{key}={_text(trial.params[key])}" for key in space]

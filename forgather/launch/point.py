@@ -2,9 +2,9 @@
 FORGATHER_SWEEP_POINT=DIR (its run directory) in the environment, set by the launcher.
 
 `run_recorded` runs the point and records how it ended in `DIR/outcome.json`, whatever happens: ok with the
-final metrics, pruned (an Optuna trial stopped early), diverged (its weights went NaN: a result of its values,
-which Optuna is told as pruned), or failed with the error's root cause in one line and what the point printed
-for it. An Optuna trial's settings arrive in FORGATHER_TRIAL (JSON: storage, study,
+final metrics, pruned (an Optuna trial stopped early), diverged (its weights, or a trial's metric, went NaN: a
+result of its values, which Optuna is told as pruned), or failed with the error's root cause in one line and what
+the point printed for it. An Optuna trial's settings arrive in FORGATHER_TRIAL (JSON: storage, study,
 trial id, metric, pruner): the point then reports its validation metric to the trial as it trains.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -63,6 +64,8 @@ def run_recorded(run_dir: Path, run: Callable[[list[Any]], dict[str, float] | No
             hint = misnamed_metric(trial["metric"], metrics) or "choose one with sweeper.metric=NAME, or validate before the run ends"
             record["report"] = f"error: {record['error']} ; {hint}\n"
             code = 2
+        elif trial and not pruned and math.isnan(metrics[trial["metric"]]):  # Optuna would fail it, and a resume rerun it
+            record.update(status="diverged", error=f"{trial['metric']} is nan: these values do not train")
     record.update(ended=time.time(), intermediate={str(k): v for c in callbacks for k, v in getattr(c, "reported", {}).items()})
     if first_rank():
         write_outcome(run_dir, record)  # the point's first rank speaks for it (Lightning reruns this command per rank)

@@ -25,7 +25,10 @@ class RayLauncher(Launcher):
     @property
     def parallel(self) -> int:
         import os
+        import sys
 
+        if self.address is not None:  # a cluster's room is its own, not this machine's: Ray queues what waits
+            return sys.maxsize
         return max(1, int((self.num_cpus or os.cpu_count() or 1) // max(self.num_cpus_per_job, 1e-9)))
 
     def _reachable(self) -> None:

@@ -107,6 +107,10 @@ def resolve(search_path: list[str], arguments: list[str], template: Any = None) 
     """Settings from the template's `hydra:` mapping (`template`, may be None) and the runner overrides
     `arguments` (`launcher=NAME`, `launcher.KEY=V`, ...), which win."""
     template = OmegaConf.to_container(template, resolve=True) if OmegaConf.is_config(template) else (template or {})
+    for item in ovr.parse_hydra(arguments):
+        if item.is_sweep_override():  # ovr.parse would say to add -m, which the sweep has
+            raise ovr.OverrideError(f"{item.input_line}: a launcher or sweeper setting takes one value, not a sweep ; "
+                                    f"write a list in brackets ({item.get_key_element()}=[a,b])")
     parsed = ovr.parse(arguments, {}, multirun=False)[0]
     chosen: dict[str, DictConfig] = {}
     params: list[str] = []

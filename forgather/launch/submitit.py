@@ -3,8 +3,8 @@
 Settings map onto submitit's AutoExecutor: `partition`, `timeout_min`, `nodes`, `gpus_per_node`,
 `tasks_per_node`, `cpus_per_task`, `mem_gb`, `array_parallelism` (points running at once) and
 `additional_parameters` (further sbatch options, `{account: ml}`). `cluster: local` runs the same pickled job
-code on this machine with submitit's local executor (what the tests use); `cluster: null` lets submitit pick
-(SLURM where `sbatch` exists). A job runs `PointJob` on its node: the point's command (as
+code on this machine with submitit's local executor (what the tests use), `array_parallelism` at a time as
+SLURM would; `cluster: null` lets submitit pick (SLURM where `sbatch` exists). A job runs `PointJob` on its node: the point's command (as
 `forgather.launch.base.run_job`), its output in the point's `output.log`, submitit's own logs under
 `<sweep>/.submitit/`. The sweep directory must be on a filesystem the nodes share.
 
@@ -12,7 +12,8 @@ Time limits and preemption: SLURM warns a job before it ends it (submitit asks f
 before the time limit; a preemption sends it too). submitit then calls the job's `checkpoint`: `PointJob`'s
 passes SIGTERM to the point's process, which checkpoints the step it is in and exits (JobControl), waits
 for it, and has submitit requeue the job (up to submitit's count of time-outs); the requeued job runs the
-command again, and the point continues from its checkpoint (`Runner.run_point`), as `--resume` would.
+command again, and the point continues from its checkpoint (`Runner.run_point`), as `--resume` would. A
+cancelled job (the sweep stopped: the local executor interrupts it) terminates its point with it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class SubmititLauncher(Launcher):
         additional_parameters: dict[str, Any] | None = None,
         poll_seconds: float = 1.0,
     ) -> None:
+        if array_parallelism < 1:
+            raise UserError(f"launcher.array_parallelism={array_parallelism}: run at least one point at a time (1 or more)")
+        if not isinstance(additional_parameters, (dict, type(None))):
+            raise UserError(f"launcher.additional_parameters={additional_parameters}: give sbatch options as a mapping, "
+                            f"e.g. launcher.additional_parameters={{account: ml}}")
         self.cluster = cluster
         self.parameters = {
             "timeout_min": timeout_min,
@@ -81,14 +87,21 @@ class SubmititLauncher(Launcher):
 
     def launch(self, jobs: list[Job], status: Status) -> list[Outcome]:
         executor = self._executor(jobs[0].run_dir.parent / ".submitit")
-        with executor.batch():
-            submitted = [executor.submit(PointJob(), job) for job in jobs]
-        for job in jobs:
-            status.start(job)
+        # SLURM holds the array to array_parallelism itself; submitit's local executor starts every job it is
+        # given at once, so here the jobs are given to it array_parallelism at a time.
+        at_once = self.array_parallelism if executor.cluster == "local" else len(jobs)
+        queued = list(jobs)
         outcomes: dict[int, Outcome] = {}
-        waiting = dict(zip((job.number for job in jobs), zip(jobs, submitted)))
+        waiting: dict[int, tuple[Job, Any]] = {}
         try:
-            while waiting:
+            while queued or waiting:
+                if queued and len(waiting) < at_once:
+                    batch, queued = queued[: at_once - len(waiting)], queued[at_once - len(waiting):]
+                    with executor.batch():
+                        submitted = [executor.submit(PointJob(), job) for job in batch]
+                    for job, handle in zip(batch, submitted):
+                        waiting[job.number] = (job, handle)
+                        status.start(job)
                 for number, (job, handle) in list(waiting.items()):
                     if not handle.done():
                         continue
@@ -116,7 +129,12 @@ class PointJob:
 
     def __call__(self, job: Job) -> int:
         self._process = start_job(job)
-        return self._process.wait()
+        try:
+            return self._process.wait()
+        except BaseException:  # the job cancelled (submitit's local executor interrupts it): the point goes too
+            if not _ended(self._process):
+                self._process.terminate()
+            raise
 
     def checkpoint(self, job: Job):
         """Called by submitit's handler of the time-limit signal, in this process: stop the point with its

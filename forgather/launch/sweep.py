@@ -77,10 +77,14 @@ class SweepContext:
         for plan in todo:
             run_dir = self.root / str(plan.number)
             texts = [o.text for o in plan.point]
-            if run_dir.exists() and not continues(run_dir, texts):  # an unfinished point without a checkpoint starts over
-                shutil.rmtree(run_dir)
-            else:
-                (run_dir / OUTCOME_FILE).unlink(missing_ok=True)  # the failed outcome of the session that stopped it
+            if run_dir.exists():
+                # A session killed by itself (kill -9 PID) leaves its points training: one is not started over beside them.
+                with run_lock.hold(run_dir, "a point of this sweep trains", "a killed session left it running: wait for it "
+                                   "to end, or stop it (kill PID), then resume"):
+                    if not continues(run_dir, texts):  # an unfinished point without a checkpoint starts over
+                        shutil.rmtree(run_dir)
+                    else:
+                        (run_dir / OUTCOME_FILE).unlink(missing_ok=True)  # the failed outcome of the session that stopped it
             jobs.append(Job(plan.number, plan.label, texts, [*self.command, *texts], run_dir, {**plan.env, SWEEP_POINT_ENV: str(run_dir)}))
         launched = {o.number: o for o in self.launcher.launch(jobs, self.status)} if jobs else {}
         return [self.kept[plan.number] if plan.number in self.kept else launched[plan.number] for plan in plans]
