@@ -138,6 +138,18 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     assert list(sampler) != first
     sampler.set_epoch(0)
     assert list(sampler) == first
+    assert first == torch.randperm(50, generator=torch.Generator().manual_seed(7)).tolist()  # runs' epoch 0 kept
+
+
+def test_another_seeds_epochs_are_not_this_seeds_later_epochs():
+    """A sweep over seeds: seed 8's first epoch must not be seed 7's second (as with seed + epoch)."""
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = EpochShuffleSampler(50, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    orders = [order(seed, epoch) for seed in range(7, 11) for epoch in range(4)]
+    assert len({tuple(o) for o in orders}) == len(orders)
 
 
 def test_resumable_loader_skips_consumed_batches_of_the_saved_epoch_only():

@@ -2,7 +2,9 @@
 start a pass part-way through (to resume a run mid-epoch).
 
 `EpochShuffleSampler(num_samples, seed)` yields `torch.randperm(num_samples)` drawn from a generator seeded
-with `seed + epoch`. Lightning calls `set_epoch` at every epoch start (and forwards it through the
+with `seed + epoch x 0x9E3779B9` (mod 2^32, the bits torch's CPU generator keeps): epoch 0 is seeded with
+`seed` itself, and another seed's epoch never repeats this one's order (with `seed + epoch`, seed 1's first epoch
+was seed 0's second, so a sweep over seeds shared its orders). Lightning calls `set_epoch` at every epoch start (and forwards it through the
 DistributedSamplerWrapper it puts around custom samplers under DDP), so every rank sees the same
 permutation, reruns repeat it, and a resumed run replays the same epoch's order. No global RNG is used.
 
@@ -25,6 +27,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 
+# 2^32 / the golden ratio: consecutive epochs' seeds lie far apart, and no small difference of seeds is a
+# multiple of it for a small difference of epochs
+_EPOCH_STRIDE = 0x9E3779B9
+
+
 class EpochShuffleSampler(Sampler[int]):
     """Indices 0..num_samples-1 in a fresh, reproducible order every epoch."""
 
@@ -40,7 +47,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed((self.seed + self.epoch * _EPOCH_STRIDE) % 2**32)
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
 

@@ -10,7 +10,7 @@ text, the tokenizer's serialized form and every setting above, and written atomi
 (one process per node) builds them, `setup` (every process) loads them. With `cache=False`, `setup` builds
 them in memory. Works in plain Lightning code.
 
-Resumable: training order comes from `EpochShuffleSampler` (seed + epoch) and nothing touches global RNGs. Under
+Resumable: training order comes from `EpochShuffleSampler` (seed, epoch) and nothing touches global RNGs. Under
 data parallelism rank r of R takes positions r, r + R, ... of that order (Lightning's `DistributedSamplerWrapper`,
 given by this module so that the fewer than R blocks that do not divide among the ranks are left out of the
 epoch: Lightning's own wrapper repeats blocks to fill every rank's share).
