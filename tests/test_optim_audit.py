@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.utils.data import DataLoader
 
 from forgather.errors import UserError
@@ -50,10 +51,12 @@ def _groups(model: nn.Module) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def _train(make, dtype: torch.dtype, steps: int, resume_at: int | None, device: str = "cpu") -> list[torch.Tensor]:
+def _train(make, dtype: torch.dtype, steps: int, resume_at: int | None, device: str = "cpu",
+           through_dcp: bool = False) -> list[torch.Tensor]:
     """`steps` steps under a decaying rate; at `resume_at`, everything saved through torch.save and rebuilt (in
-    Lightning's order: optimizer and scheduler built, then their states loaded). (`device`: the kernels' paths
-    on a GPU run through it too.)"""
+    Lightning's order: optimizer and scheduler built, then their states loaded); `through_dcp`: the optimizer's
+    state as torch.distributed.checkpoint saves it (the sharded strategies' checkpoints: parameters' state and
+    groups, nothing else of the optimizer's). (`device`: the kernels' paths on a GPU run through it too.)"""
     def build(model):
         optimizer = make(_groups(model))
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
@@ -63,14 +66,18 @@ def _train(make, dtype: torch.dtype, steps: int, resume_at: int | None, device: 
     for step in range(steps):
         if step == resume_at:
             buffer = io.BytesIO()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            optimizer_state = get_optimizer_state_dict(model, optimizer) if through_dcp else optimizer.state_dict()
+            torch.save({"model": model.state_dict(), "optimizer": optimizer_state,
                         "scheduler": scheduler.state_dict()}, buffer)
             buffer.seek(0)
             saved = torch.load(buffer, weights_only=True)
             model = _model(dtype, device)
             model.load_state_dict(saved["model"])
             optimizer, scheduler = build(model)
-            optimizer.load_state_dict(saved["optimizer"])
+            if through_dcp:
+                set_optimizer_state_dict(model, optimizer, saved["optimizer"])
+            else:
+                optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
         inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(step)).to(device, dtype)
         model(inputs).float().square().mean().backward()
@@ -86,6 +93,26 @@ def test_resumed_optimizer_follows_the_uninterrupted_run_bit_for_bit(name, dtype
     uninterrupted = _train(OPTIMIZERS[name], dtype, steps=6, resume_at=None)
     resumed = _train(OPTIMIZERS[name], dtype, steps=6, resume_at=3)  # apollo redraws its projection at step 4
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+
+
+@pytest.mark.parametrize("name", ["galore", "apollo"])
+def test_a_low_rank_optimizer_resumed_from_a_sharded_checkpoints_state_follows_bit_for_bit(name):
+    """Apollo's next projections came from a generator of its own, which torch.distributed.checkpoint (the
+    pipeline strategy's checkpoints) does not save: a resumed run drew others from step 4 on."""
+    uninterrupted = _train(OPTIMIZERS[name], torch.float32, steps=6, resume_at=None)
+    resumed = _train(OPTIMIZERS[name], torch.float32, steps=6, resume_at=3, through_dcp=True)
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+
+
+def test_apollo_draws_other_projections_for_other_seeds_parameters_and_steps():
+    grad = torch.randn(12, 16)
+    optimizer = ApolloAdamW([nn.Parameter(torch.zeros(12, 16))], rank=4)
+    draws = [optimizer.new_projection(grad, 4, True, (place, step)) for place in (0, 1) for step in (0, 200)]
+    optimizer.seed = 1
+    draws.append(optimizer.new_projection(grad, 4, True, (0, 0)))
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
+    optimizer.seed = 0
+    assert torch.equal(optimizer.new_projection(grad, 4, True, (0, 0)), draws[0])
 
 
 def _stepped(make, shapes: list[tuple[int, ...]]) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:

@@ -1,7 +1,8 @@
 """ApolloAdamW (Zhu et al., 2024, "APOLLO: SGD-like Memory, AdamW-level Performance").
 
 Our implementation on LowRankAdamW (see lowrank.py): the projection is a random Gaussian matrix (entries
-N(0, 1/rank)), redrawn every `update_proj_gap` steps from the optimizer's seeded generator. Adam runs on the
+N(0, 1/rank)), redrawn every `update_proj_gap` steps from a generator seeded with (seed, the parameter's place,
+the step). Adam runs on the
 projected gradient R only to estimate how much to scale each channel of the raw gradient:
     s = ||N_channel|| / (||R_channel|| + 1e-8)    (scale_type="channel"; "tensor": one s for the whole tensor)
     update = scale * s * G, then the norm-growth limiter: ||update_t|| <= gamma ||update_{t-1}|| (gamma = 1.01)
@@ -9,12 +10,15 @@ rank=1 with scale_type="tensor" is APOLLO-Mini (the paper uses scale = sqrt(128)
 is the square of ours). With the same projection it matches apollo-torch 1.0.3 to fp32 rounding. Why not the
 `apollo-torch` package: it imports bitsandbytes at import time and keeps projector objects in the optimizer
 state, which `torch.load(weights_only=True)` (torch's default) refuses. The state dict holds the current
-projections and the generator's state (`generator`, a byte tensor), so a resumed run draws the projections the
-uninterrupted one would have drawn.
+projections; the next ones are a function of the saved step, so a resumed run draws the projections the
+uninterrupted one would have drawn, whichever way its state was saved (torch.save of state_dict(), or
+torch.distributed.checkpoint, which keeps only the parameters' state and the groups: a generator of the
+optimizer's own was lost there).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -32,15 +36,11 @@ class ApolloAdamW(LowRankAdamW):
         kwargs.setdefault("rank", 256)
         super().__init__(params, **kwargs)
         self.scale_type = scale_type
-        self._generator = torch.Generator().manual_seed(seed)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator": self._generator.get_state()}
+        self.seed = seed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if "generator" in state_dict:  # a state saved before the generator was, resumes with fresh draws
-            self._generator.set_state(state_dict["generator"].cpu())  # a checkpoint mapped to a GPU too
+        # a state saved with a generator of its own (before 2026-12-07) loads; its draws come from the steps now
+        super().load_state_dict({key: value for key, value in state_dict.items() if key != "generator"})
 
     def state_layout(self, param: torch.Tensor, group: dict[str, Any]) -> Layout:
         needed, allowed = super().state_layout(param, group)
@@ -48,9 +48,12 @@ class ApolloAdamW(LowRankAdamW):
             needed["update_norm"] = None
         return needed, allowed
 
-    def new_projection(self, grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
+    def new_projection(self, grad: torch.Tensor, rank: int, right: bool, draw: tuple[int, int]) -> torch.Tensor:
         size = grad.shape[1] if right else grad.shape[0]
-        projection = torch.randn(rank, size, generator=self._generator) / rank**0.5
+        # (seed, place, step) mixed into one seed; torch's CPU generator keeps 32 bits of it
+        key = hashlib.blake2b(f"{self.seed}:{draw[0]}:{draw[1]}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+        projection = torch.randn(rank, size, generator=generator) / rank**0.5
         return projection.to(grad.device)
 
     def full_rank_update(

@@ -18,7 +18,7 @@ from forgather.optim.lowrank import LowRankAdamW
 
 
 class GaLoreAdamW(LowRankAdamW):
-    def new_projection(self, grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
+    def new_projection(self, grad: torch.Tensor, rank: int, right: bool, draw: tuple[int, int]) -> torch.Tensor:
         u, _, vh = torch.linalg.svd(grad, full_matrices=False)
         return vh[:rank].contiguous() if right else u[:, :rank].t().contiguous()
 

@@ -65,8 +65,9 @@ class LowRankAdamW(Optimizer):
         moments = (m, rank) if right else (rank, n)
         return {"step": None, "projection": (rank, n if right else m), "exp_avg": moments, "exp_avg_sq": moments}, set()
 
-    def new_projection(self, grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
-        """A projection P [rank, n] (right) or [rank, m] (left) for this gradient."""
+    def new_projection(self, grad: torch.Tensor, rank: int, right: bool, draw: tuple[int, int]) -> torch.Tensor:
+        """A projection P [rank, n] (right) or [rank, m] (left) for this gradient; `draw` is (the parameter's
+        place among the optimizer's, the step), for a subclass whose projection is random."""
         raise NotImplementedError
 
     def full_rank_update(
@@ -83,6 +84,11 @@ class LowRankAdamW(Optimizer):
             self._update(param, param.grad.float(), self.state[param], group)
         return loss
 
+    def _place(self, param: torch.Tensor) -> int:
+        """The parameter's place among the optimizer's (param_groups order, which a state dict keeps)."""
+        params = (p for group in self.param_groups for p in group["params"])
+        return next(i for i, p in enumerate(params) if p is param)
+
     def _low_rank(self, param: torch.Tensor, group: dict[str, Any]) -> bool:
         return param.dim() == 2 and group["rank"] is not None and group["rank"] < min(param.shape)
 
@@ -93,7 +99,7 @@ class LowRankAdamW(Optimizer):
         if self._low_rank(param, group):
             right = param.shape[0] >= param.shape[1]
             if step % group["update_proj_gap"] == 0:
-                state["projection"] = self.new_projection(grad, group["rank"], right)
+                state["projection"] = self.new_projection(grad, group["rank"], right, (self._place(param), step))
             projection = state["projection"]
             low_rank = grad @ projection.t() if right else projection @ grad
             update = self.full_rank_update(grad, low_rank, adam_direction(low_rank, state, group, step), state, group)
