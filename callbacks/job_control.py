@@ -9,7 +9,14 @@ the pending one (an int, all-reduced) so every rank acts at the same step:
 - stop: the same checkpoint, then `trainer.should_stop = True` (a clean end of `fit`);
 - abort: raises `JobAborted` from the hook: nothing is saved and `trainer.fit` re-raises it, so the caller
   decides the exit code.
-Rank 0 prints each action it carries out (and the checkpoint's path) to the run's stdout, its log.
+Rank 0 prints each action it carries out (and the checkpoint's path) to the run's stdout, its log. A checkpoint
+that cannot be written (a full disk) fails the command, not the run: every rank goes on training, a stop
+included, and the client is told why. An action still queued when its client stops waiting (its timeout
+passed, or Ctrl-C) is withdrawn; one taken in a step that then fails is answered with the failure, so no
+client waits for a job that has ended.
+The registry is for the user's other shells: where it or the socket cannot be used (a read-only home, a
+TMPDIR too long for a socket's path), the run trains unregistered, with a warning; a job id another running
+job holds is refused at setup (`JobIdTaken`).
 
 A stop signal (`stop_signals`: SIGTERM, SIGINT and SIGUSR2 by default) is a stop that cannot wait for a client:
 while training runs, its first arrival only marks the job; at the end of the optimizer step fit ends as for
@@ -33,9 +40,11 @@ import collections
 import os
 import queue
 import secrets
+import select
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -87,10 +96,12 @@ class JobStopped(Exception):
 
 
 class PendingCommand:
-    """A queued action and the reply its client waits for."""
+    """A queued action and the reply its client waits for (on `conn`, at most `timeout` seconds)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, timeout: float | None = None, conn: socket.socket | None = None) -> None:
         self.name = name
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._conn = conn
         self.reply: dict[str, Any] = {}
         self.done = threading.Event()
         self.replied = threading.Event()
@@ -98,6 +109,18 @@ class PendingCommand:
     def finish(self, reply: dict[str, Any]) -> None:
         self.reply = reply
         self.done.set()
+
+    def abandoned(self) -> bool:
+        """Whether its client has stopped waiting: its timeout passed, or it went away (Ctrl-C)."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return True
+        if self._conn is None:
+            return False
+        try:
+            # Readable with nothing to read: the client closed its end. (A peek, never a wait: `select` first.)
+            return bool(select.select([self._conn], [], [], 0)[0]) and self._conn.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
 
 class ControlServer:
@@ -115,7 +138,11 @@ class ControlServer:
 
     def start(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.path))
+        try:
+            sock.bind(str(self.path))
+        except OSError as error:  # e.g. a path beyond the ~108 bytes a Unix socket's may have: name it
+            sock.close()
+            raise OSError(error.errno, error.strerror or str(error), str(self.path)) from error
         os.chmod(self.path, 0o600)
         sock.listen()
         # accept() is not reliably woken by close() from another thread, so poll the closed flag.
@@ -124,11 +151,15 @@ class ControlServer:
         threading.Thread(target=self._accept_loop, name="forgather-job-control", daemon=True).start()
 
     def take(self) -> PendingCommand | None:
-        """The oldest queued action, or None; never blocks (called every training step)."""
-        try:
-            return self._pending.get_nowait()
-        except queue.Empty:
-            return None
+        """The oldest queued action whose client still waits, or None; never blocks (called every training step)."""
+        while True:
+            try:
+                pending = self._pending.get_nowait()
+            except queue.Empty:
+                return None
+            if not pending.abandoned():
+                return pending
+            pending.finish({"ok": False, "error": f"'{pending.name}' withdrawn: its client stopped waiting"})
 
     def close(self) -> None:
         """Stop serving; clients still waiting are told the job ended before their command ran."""
@@ -160,7 +191,7 @@ class ControlServer:
                 if not job_registry.peer_allowed(conn, self._owner_uid):
                     reply = {"ok": False, "error": "refused: not the job's owner"}
                 else:
-                    reply, pending = self._answer(request.get("command"))
+                    reply, pending = self._answer(request.get("command"), request.get("timeout"), conn)
                 job_registry.send_message(conn, reply)
             except (OSError, ValueError):
                 pass  # the client went away or spoke garbage; the job carries on
@@ -170,13 +201,17 @@ class ControlServer:
                 if pending is not None:
                     pending.replied.set()
 
-    def _answer(self, command: Any) -> tuple[dict[str, Any], PendingCommand | None]:
-        """The reply to `command`; for an action, after the training loop has carried it out."""
+    def _answer(
+        self, command: Any, timeout: Any = None, conn: socket.socket | None = None
+    ) -> tuple[dict[str, Any], PendingCommand | None]:
+        """The reply to `command`; for an action, after the training loop has carried it out (or withdrawn it,
+        once the client on `conn` has stopped waiting)."""
         if command == "status":
             return self._status(), None
         if command not in job_registry.ACTIONS:
             return {"ok": False, "error": f"unknown command {command!r}"}, None
-        pending = PendingCommand(command)
+        valid = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
+        pending = PendingCommand(command, timeout if valid else None, conn)
         with self._lock:
             if self._closed.is_set():
                 return {"ok": False, "error": "training has ended"}, None
@@ -206,7 +241,7 @@ class JobControl(pl.Callback):
 
     Args:
         run_dir: where control checkpoints go (`<run_dir>/checkpoints/`); default `trainer.default_root_dir`.
-        job_id: registry id; default 8 random hex digits.
+        job_id: registry id, one running job's at a time; default 8 random hex digits.
         check_every_n_steps: act on commands only at steps divisible by this (each check is one all-reduce).
         loss_key / throughput_key: the `trainer.callback_metrics` entries reported by `status`.
         registry_interval_s: how often the step shown by `forgather control list` is refreshed.
@@ -249,6 +284,7 @@ class JobControl(pl.Callback):
         self._signalled: int | None = None  # the stop signal received, until acted on
         self._stopped: tuple[int, int, Path | None] | None = None  # (signal, step, checkpoint) once acted on
         self._replaced: dict[int, Any] = {}  # the handlers ours replaced, by signal
+        self._registry_warned = False
 
     # Lightning hooks
 
@@ -282,11 +318,16 @@ class JobControl(pl.Callback):
             code = _SIGNAL_CODE + self._signalled  # a command that meets a stop signal is answered by the stop
         else:
             code = _ACTION_CODES[pending.name] if pending else 0
-        code = _agree(trainer, code)
-        if code > _SIGNAL_CODE:
-            self._stop_on_signal(trainer, code - _SIGNAL_CODE, step, pending)
-        elif code:
-            self._act(trainer, _ACTION_NAMES[code], step, pending)
+        try:
+            code = _agree(trainer, code)
+            if code > _SIGNAL_CODE:
+                self._stop_on_signal(trainer, code - _SIGNAL_CODE, step, pending)
+            elif code:
+                self._act(trainer, _ACTION_NAMES[code], step, pending)
+        except BaseException as error:
+            if pending is not None and not pending.done.is_set():  # taken off the queue: close() cannot answer it
+                pending.finish({"ok": False, "error": f"'{pending.name}' failed: {type(error).__name__}: {error}; training ended"})
+            raise
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_signals()
@@ -336,21 +377,30 @@ class JobControl(pl.Callback):
 
     def _open(self) -> None:
         self._start = time.time()
-        # A short private directory: socket paths are limited to ~108 bytes, cache paths can be longer.
-        self._socket_dir = Path(tempfile.mkdtemp(prefix="forgather-"))
-        socket_path = self._socket_dir / "control.sock"
-        self._server = ControlServer(socket_path, self._status)
-        self._server.start()
-        self._record = JobRecord(
-            job_id=self.job_id,
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            run_dir=str(self.run_dir),
-            start_time=self._start,
-            step=0,
-            socket=str(socket_path),
-        )
-        job_registry.write_record(self._record)
+        try:
+            # A short private directory: socket paths are limited to ~108 bytes, cache paths can be longer.
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="forgather-"))
+            socket_path = self._socket_dir / "control.sock"
+            self._server = ControlServer(socket_path, self._status)
+            self._server.start()
+            record = JobRecord(
+                job_id=self.job_id,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                run_dir=str(self.run_dir),
+                start_time=self._start,
+                step=0,
+                socket=str(socket_path),
+            )
+            job_registry.register(record)
+        except (job_registry.RegistryUnavailable, OSError) as error:
+            self._close()
+            _warn(f"job {self.job_id} is not registered (`forgather control` cannot reach it): {_reason(error)}")
+            return
+        except job_registry.JobIdTaken:
+            self._close()
+            raise
+        self._record = record
         atexit.register(self._close)
 
     def _close(self) -> None:
@@ -358,7 +408,12 @@ class JobControl(pl.Callback):
             return
         self._server.close()
         self._server = None
-        job_registry.remove_record(self.job_id)
+        if self._record is not None:  # ours: never the record of the job that holds the id
+            self._record = None
+            try:
+                job_registry.remove_record(self.job_id)
+            except (job_registry.RegistryUnavailable, OSError):
+                pass  # `forgather control list` drops it once this process has ended
         shutil.rmtree(self._socket_dir, ignore_errors=True)
         atexit.unregister(self._close)
 
@@ -376,10 +431,15 @@ class JobControl(pl.Callback):
             self._metrics_step = step
             self._metrics_fresh.set()
         now = time.monotonic()
-        if now - self._last_registry_write >= self.registry_interval_s:
+        if self._record is not None and now - self._last_registry_write >= self.registry_interval_s:
             self._last_registry_write = now
             self._record.step = step
-            job_registry.write_record(self._record)
+            try:
+                job_registry.write_record(self._record)
+            except (job_registry.RegistryUnavailable, OSError) as error:  # a full home quota must not end the run
+                if not self._registry_warned:
+                    self._registry_warned = True
+                    _warn(f"cannot refresh job {self.job_id} in the job registry: {_reason(error)}; training goes on")
 
     def _status(self) -> dict[str, Any]:
         """Called from the server thread; reads only values the training thread replaced whole.
@@ -414,15 +474,20 @@ class JobControl(pl.Callback):
 
     def _act(self, trainer: pl.Trainer, action: str, step: int, pending: PendingCommand | None) -> None:
         reply: dict[str, Any] = {"ok": True, "command": action, "step": step}
+        failure = None
         if action in ("save", "stop"):
-            reply["checkpoint"] = str(self._save(trainer, step))
-        if action == "stop":
+            try:
+                reply["checkpoint"] = str(self._save(trainer, step))
+            except OSError as error:  # raised on every rank alike: all go on training
+                failure = f"the checkpoint could not be written: {_reason(error)}; training goes on"
+                reply = {"ok": False, "command": action, "step": step, "error": f"{action}: {failure}"}
+        if action == "stop" and failure is None:
             trainer.should_stop = True
         if trainer.is_global_zero:
             # The run's own output says what ended or checkpointed it, not only the client's terminal.
             done = {"save": "checkpoint saved, training goes on", "stop": "checkpoint saved, training ends", "abort": "training ends, nothing saved"}[action]
             where = f": {reply['checkpoint']}" if "checkpoint" in reply else ""
-            print(f"forgather control {action} (job {self.job_id}) at step {step}: {done}{where}", flush=True)
+            print(f"forgather control {action} (job {self.job_id}) at step {step}: {failure or done + where}", flush=True)
         if pending is not None:
             pending.finish(reply)
             pending.replied.wait(_REPLY_GRACE_S)
@@ -457,12 +522,28 @@ class JobControl(pl.Callback):
     def _save(self, trainer: pl.Trainer, step: int) -> Path:
         """Checkpoint under a temporary name, then rename: a reader never sees a partial checkpoint.
         (Lightning's own atomic write stages the file in the system temp dir, which is only atomic when
-        that is on the run directory's filesystem.)"""
+        that is on the run directory's filesystem.) A write that fails on any rank (a full disk) raises OSError
+        on every rank, nothing left behind: the ranks agree on it, so that they all go on alike."""
         path = self.run_dir / "checkpoints" / f"control-step{step}.ckpt"
         staging = path.with_name(f".{path.name}.partial")
-        trainer.save_checkpoint(staging, weights_only=False)  # every rank: sharded strategies write parts
-        if trainer.is_global_zero:
-            os.replace(staging, path)
+        error = None
+        try:
+            trainer.save_checkpoint(staging, weights_only=False)  # every rank: sharded strategies write parts
+        except OSError as raised:
+            error = raised
+            if trainer.world_size > 1:  # the barrier that ends save_checkpoint, where the other ranks wait
+                trainer.strategy.barrier("Trainer.save_checkpoint")
+        if trainer.is_global_zero and error is None:
+            try:
+                os.replace(staging, path)
+            except OSError as raised:
+                error = raised
+        if _agree(trainer, int(error is not None)):
+            if trainer.is_global_zero:
+                _remove(staging)
+                if error is None:  # renamed, but another rank's part of it is missing
+                    _remove(path)
+            raise error or OSError("the checkpoint could not be written on another rank")
         return path
 
 
@@ -490,6 +571,26 @@ def _signal_number(value: str | int) -> int:
     except (KeyError, ValueError):
         names = ", ".join(s.name for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP))
         raise ValueError(f"stop_signals: {value!r} is not a signal; give names such as {names}") from None
+
+
+def _remove(path: Path) -> None:
+    """Remove a checkpoint: a file, or a sharded strategy's directory."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, where: `PATH: strerror` for an OSError that names its file."""
+    if not isinstance(error, OSError) or not error.strerror:
+        return str(error)
+    where = error.filename2 or error.filename  # a failed rename names its destination second
+    return f"{where}: {error.strerror}" if where else error.strerror
+
+
+def _warn(message: str) -> None:
+    print(f"warning: forgather control: {message}", file=sys.stderr, flush=True)
 
 
 def _scalar(value: Any) -> float | None:

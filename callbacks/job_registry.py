@@ -2,12 +2,17 @@
 
 Torch-free on purpose: the CLI imports it. A running job is one JSON file `<cache>/jobs/<job_id>.json`
 (cache: `$FORGATHER_CACHE_DIR`, else `platformdirs.user_cache_dir("forgather")`), written atomically, and a
-Unix socket only its owner can open. A message on that socket is one line of JSON: the client sends
-`{"command": ..., "timeout": ...}` and reads one reply `{"ok": bool, ...}`.
+Unix socket only its owner can open. One id, one running job: `register` publishes a record only where no
+live job holds its id (of two jobs registering one id at once, the second is refused: a lock file beside the
+records). A record names its host: on a cache shared between machines, only that host can reach the socket.
+A message on that socket is one line of JSON: the client sends `{"command": ..., "timeout": ...}` and reads one
+reply `{"ok": bool, ...}`; an action its job has not begun when the client stops waiting (the timeout passed,
+or it closed the connection) is withdrawn.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -29,6 +34,10 @@ _MAX_MESSAGE = 1 << 20
 
 class JobNotFound(UserError, LookupError):
     """No registered job matches the given id, PID or prefix, or the prefix matches several."""
+
+
+class JobIdTaken(UserError, ValueError):
+    """A running job already holds the id a new job registers under."""
 
 
 class RegistryUnavailable(RuntimeError):
@@ -101,6 +110,21 @@ def write_record(record: JobRecord) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def register(record: JobRecord) -> Path:
+    """Publish a new job's record, unless a live job holds its id (JobIdTaken); a dead job's record is replaced."""
+    directory = jobs_dir()
+    # The check and the write under one lock: of two jobs registering one id at once, the second sees the first.
+    with open(directory / ".register.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        holder = _read(directory / f"{record.job_id}.json")
+        if holder is not None and is_alive(holder):
+            raise JobIdTaken(
+                f"job id '{record.job_id}' is taken by the running job of pid {holder.pid} ({holder.run_dir}): "
+                f"give this run another job_id, or leave it unset for a random one"
+            )
+        return write_record(record)
 
 
 def remove_record(job_id: str) -> None:
@@ -200,17 +224,15 @@ def _remove_socket(path: Path) -> None:
 
 
 def resolve_job(ref: str) -> JobRecord:
-    """The live job whose id is `ref`, whose PID on this host is `ref` (what `list` shows beside the id), or
-    whose id starts with `ref`, in that order; raises JobNotFound when none or several match."""
+    """The live job whose id is `ref`, else the one whose PID on this host is `ref` (what `list` shows beside
+    the id) or whose id starts with `ref`; raises JobNotFound when none or several match (a PID that is also
+    the start of another job's id is ambiguous: hex ids often start with digits)."""
     jobs = list_jobs()
     for record in jobs:
         if record.job_id == ref:
             return record
     host = socket.gethostname()
-    for record in jobs:
-        if ref.isdigit() and record.pid == int(ref) and record.host == host:
-            return record
-    matches = [r for r in jobs if r.job_id.startswith(ref)]
+    matches = [r for r in jobs if r.job_id.startswith(ref) or (ref.isdigit() and r.pid == int(ref) and r.host == host)]
     if len(matches) == 1:
         return matches[0]
     if not matches:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -27,6 +29,12 @@ _HELP = {
     "stop": "checkpoint, then end training cleanly",
     "abort": "end training now without saving (asks first at a terminal, unless --force)",
 }
+# Why a job did not answer in time: a status is answered at once, an action at the end of a training step.
+_WHY_LATE = {
+    False: "(its process may be suspended or overloaded)",
+    True: "(a job acts at the end of a training step; a long step, validation or checkpoint delays it): withdrawn, "
+          "unless the job had begun it; retry with a longer --timeout",
+}
 # The reference Forgather's names: `save-stop` is our `stop`.
 _ALIASES = {"stop": ["save-stop"]}
 
@@ -41,10 +49,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub = commands.add_parser(name, help=_HELP[name], description=_HELP[name], aliases=_ALIASES.get(name, []))
         sub.set_defaults(control_command=name)
         sub.add_argument("job", metavar="JOB", help="job id, a unique prefix of it, or the job's PID (as `list` shows them)")
-        sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
+        # A status is answered at once (a job that does not is suspended); an action waits for the step's end.
+        timeout = 15.0 if name == "status" else 120.0
+        sub.add_argument("--timeout", type=_seconds, default=timeout, help=f"seconds to wait for the reply (default {timeout:g})")
         sub.add_argument("--json", action="store_true", help="print the raw JSON reply")
         if name == "abort":
             sub.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds (0 would make the socket non-blocking: a connection error, not a wait)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got '{text}'")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,11 +93,20 @@ def _run(args: argparse.Namespace) -> int:
         print(f"removed {before - left} entries of ended jobs{also}; {left} running")
         return 0
     record = job_registry.resolve_job(args.job)  # JobNotFound: one line through forgather.errors.report
+    here = socket.gethostname()
+    if record.host != here:  # a cache shared between machines: the socket is on the job's host
+        print(f"error: job {record.job_id} runs on host {record.host}, not {here}: "
+              f"run `forgather control {args.control_command} {record.job_id}` there", file=sys.stderr)
+        return 1
     if args.control_command == "abort" and not args.force and not _confirmed(record):
         print(f"job {record.job_id} not aborted", file=sys.stderr)
         return 1
     try:
         reply = job_registry.send_command(record, args.control_command, timeout=args.timeout)
+    except TimeoutError:  # the job is there but busy (or suspended); it withdraws an action it has not begun
+        print(f"error: job {record.job_id} did not answer '{args.control_command}' within {args.timeout:g} s "
+              f"{_WHY_LATE[args.control_command in job_registry.ACTIONS]}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"error: could not reach job {record.job_id}: {error}; it may have just ended (see `forgather control list`)",
               file=sys.stderr)
