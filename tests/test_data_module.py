@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -309,6 +310,37 @@ def test_ddp_ranks_get_different_shards_and_each_resumes_exactly(tmp_path, priva
     assert seen["full", 0] != seen["full", 1]
     for rank in (0, 1):
         assert seen["resumed", rank] == seen["full", rank][3:]
+
+
+def test_ddp_ranks_validate_each_block_once_and_report_one_processs_val_loss(tmp_path):
+    """139 validation blocks over two ranks: Lightning's DistributedSampler gave rank 1 block 0 again, counted
+    twice in val/loss; the even share pads with a block whose labels are ignored."""
+    from helpers.ranks import start, start_ranks, wait_all
+
+    script = [str(Path(__file__).parent / "helpers" / "ddp_validate.py"), str(tmp_path)]
+    wait_all([start(script), *start_ranks([*script, "--devices", "2"], 2)])
+    one, two = (json.loads((tmp_path / f"val-{devices}.json").read_text()) for devices in (1, 2))
+    assert one["blocks"] % 2 == 1
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
+
+
+def test_an_even_share_gives_every_rank_as_many_rows_and_each_row_once():
+    from forgather.data.loader import EvenShareSampler, padding_index
+
+    shares = [list(EvenShareSampler(10, num_replicas=4, rank=rank)) for rank in range(4)]
+    assert [len(share) for share in shares] == [3] * 4
+    real = sorted(i for share in shares for i in share if i >= 0)
+    assert real == list(range(10))
+    assert [i for share in shares for i in share if i < 0] == [padding_index(0), padding_index(1)]
+
+
+def test_a_padding_row_is_its_row_with_every_label_ignored(tokenizer, documents):
+    from forgather.data.loader import padding_index
+
+    dataset = make_module(tokenizer, documents, cache=False).val_dataset
+    row, padding = dataset[2], dataset[padding_index(2)]
+    assert torch.equal(padding["input_ids"], row["input_ids"]) and torch.equal(padding["position_ids"], row["position_ids"])
+    assert (row["labels"] != -100).any() and (padding["labels"] == -100).all()
 
 
 @pytest.mark.parametrize("attention_fn", ["sdpa", "eager", "flex"])

@@ -49,6 +49,17 @@ def test_each_shard_is_packed_as_pack_documents_packs_its_documents(prepared):
     assert (last["labels"] == -100).any() and (last["position_ids"] == 0).sum() >= 1
 
 
+def test_a_padding_row_of_an_evaluation_share_is_its_block_with_every_label_ignored(prepared):
+    from forgather.data.loader import padding_index
+
+    dataset = PackedShards(prepared, "val", block_size=24)
+    rows = dataset.__getitems__([1, padding_index(1), 0])
+    assert (rows[:2, 0] == rows[:2, 1]).all()
+    assert (rows[2, 0] != -100).any() and (rows[2, 1] == -100).all() and (rows[2, 2] != -100).any()
+    with pytest.raises(IndexError):
+        dataset.__getitems__([padding_index(len(dataset))])
+
+
 @pytest.mark.parametrize("damage, what", [("truncate", r"\(.+\)"), ("swap", r"\(it holds \d+ tokens, the manifest \d+\)")])
 def test_a_damaged_shard_is_named_with_what_to_do(prepared, tmp_path, damage, what):
     import shutil

@@ -3,10 +3,18 @@ start a pass part-way through (to resume a run mid-epoch).
 
 `EpochShuffleSampler(num_samples, seed)` yields `torch.randperm(num_samples)` drawn from a generator seeded
 with `seed + epoch x 0x9E3779B9` (mod 2^32, the bits torch's CPU generator keeps): epoch 0 is seeded with
-`seed` itself, and another seed's epoch never repeats this one's order (with `seed + epoch`, seed 1's first epoch
-was seed 0's second, so a sweep over seeds shared its orders). Lightning calls `set_epoch` at every epoch start (and forwards it through the
-DistributedSamplerWrapper it puts around custom samplers under DDP), so every rank sees the same
-permutation, reruns repeat it, and a resumed run replays the same epoch's order. No global RNG is used.
+`seed` itself, and another seed's epoch never repeats this one's order (with `seed + epoch`, seed 1's first
+epoch was seed 0's second, so a sweep over seeds shared its orders). Lightning calls `set_epoch` at every epoch
+start (and forwards it through the DistributedSamplerWrapper it puts around custom samplers under DDP), so every
+rank sees the same permutation, reruns repeat it, and a resumed run replays the same epoch's order. No global
+RNG is used.
+
+`EvenShareSampler(num_samples, num_replicas, rank)` is an evaluation set's share of one data-parallel rank:
+positions rank, rank + R, ..., every rank given as many (ceil(n / R)), so that all run the same number of
+batches (a sharded model's forward is a collective, and so is DDP's broadcast of buffers). Where R does not
+divide n, a share past the end is filled with `padding_index(i)`: row i again, which the datasets (PackedDataset,
+PackedShards) give with every label ignored, so a token-weighted metric (val/loss) counts each row once and equals
+one process's. (Lightning's DistributedSampler fills the shares with rows again, which it counts twice.)
 
 `ResumableDataLoader(..., position=LoaderPosition())` is a DataLoader with Lightning's stateful-loader
 interface: `state_dict()` is the shared `position` (epoch, batches consumed in it), which the owner advances
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 
 # 2^32 / the golden ratio: consecutive epochs' seeds lie far apart, and no small difference of seeds is a
@@ -49,6 +57,29 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed((self.seed + self.epoch * _EPOCH_STRIDE) % 2**32)
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+
+def padding_index(row: int) -> int:
+    """The index under which a dataset gives `row` as padding: its labels all ignored (a negative number)."""
+    return -1 - row
+
+
+class EvenShareSampler(DistributedSampler):
+    """An evaluation set's share of one data-parallel rank, padded to every rank's length (module docstring).
+    A DistributedSampler, so Lightning takes it as the share and does not put its own around it."""
+
+    def __init__(self, num_samples: int, num_replicas: int, rank: int):
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples_total = num_samples
+        self.num_samples = -(-num_samples // num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        n, ranks = self.num_samples_total, self.num_replicas
+        positions = range(self.rank, self.num_samples * ranks, ranks)
+        return iter([p if p < n else padding_index(p % n) for p in positions])
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 @dataclass

@@ -130,6 +130,9 @@ class PackedDataset(Dataset):
         return self.blocks["input_ids"].shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:  # a padding row of an evaluation share (forgather.data.loader.EvenShareSampler)
+            row = {name: tensor[-1 - index] for name, tensor in self.blocks.items()}
+            return {**row, "labels": torch.full_like(row["labels"], IGNORE_INDEX)}
         return {name: tensor[index] for name, tensor in self.blocks.items()}
 
 

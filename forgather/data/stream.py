@@ -79,9 +79,13 @@ class PackedShards(Dataset):
         return {name: torch.from_numpy(row[0]) for name, row in zip(BLOCK_FIELDS, rows, strict=True)}
 
     def __getitems__(self, indices: Sequence[int]) -> np.ndarray:
-        """The blocks at `indices` as one int64 array [3 (BLOCK_FIELDS), len(indices), block_size]."""
+        """The blocks at `indices` as one int64 array [3 (BLOCK_FIELDS), len(indices), block_size]; a negative
+        index is a padding row of an evaluation share (forgather.data.loader.EvenShareSampler): block -1 - index,
+        its labels ignored."""
         indices = np.asarray(indices, dtype=np.int64)
-        outside = indices[(indices < 0) | (indices >= len(self))]
+        padding = indices < 0
+        indices = np.where(padding, -1 - indices, indices)
+        outside = indices[indices >= len(self)]
         if outside.size:
             raise IndexError(f"block {outside[0]} out of range ({len(self)} blocks)")
         shards = np.searchsorted(self.first_block, indices, side="right") - 1
@@ -90,6 +94,7 @@ class PackedShards(Dataset):
         for shard in np.unique(shards):
             where = np.flatnonzero(shards == shard)
             rows[:, where] = self._blocks(int(shard), indices[where] - self.first_block[shard])
+        rows[BLOCK_FIELDS.index("labels"), padding] = IGNORE_INDEX
         return rows
 
     def _blocks(self, shard: int, blocks: np.ndarray) -> np.ndarray:

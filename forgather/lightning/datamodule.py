@@ -51,7 +51,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from forgather.data.cache import atomic_write, cache_dir, documents_fingerprint, fingerprint
-from forgather.data.loader import EpochShuffleSampler, LoaderPosition, ResumableDataLoader
+from forgather.data.loader import EpochShuffleSampler, EvenShareSampler, LoaderPosition, ResumableDataLoader
 from forgather.data.packing import PackedDataset, load_datasets, pack_documents, save_datasets, tokenize_documents
 from forgather.data.prepare import PreparedCorpus
 from forgather.data.sources import Documents, resolve_documents
@@ -234,11 +234,15 @@ class TextDataModule(pl.LightningDataModule):
                             f"add data")
 
     def val_dataloader(self) -> DataLoader:
+        dataset = self._require(self.val_dataset)
+        share = self._share()
+        # Each rank's share padded with rows whose labels are ignored, so val/loss is one process's (loader.py)
+        sampler = EvenShareSampler(len(dataset), **share) if share.get("num_replicas", 1) > 1 else None
         if isinstance(self.documents, PreparedCorpus):
             from forgather.data.stream import validation_loader
 
-            return validation_loader(self._require(self.val_dataset), **self._loader_settings())
-        return DataLoader(self._require(self.val_dataset), **self._loader_settings())
+            return validation_loader(dataset, sampler=sampler, **self._loader_settings())
+        return DataLoader(dataset, sampler=sampler, **self._loader_settings())
 
     def _share(self) -> dict[str, int]:
         """The strategy's data-parallel share, {"num_replicas", "rank"} ({} on one device; under pipeline

@@ -159,6 +159,7 @@ class CausalLMModule(pl.LightningModule):
         self._accumulated_loss: torch.Tensor | None = None
         self._accumulated_targets: torch.Tensor | None = None
         self._accumulation_scale: torch.Tensor | int = 1
+        self._val_totals: torch.Tensor | int = 0
 
     def configure_model(self) -> None:
         # Lightning calls this for every stage; build once.
@@ -213,10 +214,23 @@ class CausalLMModule(pl.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         self._check_batch_fits(batch, training=False)
         loss = self._loss(batch)
-        targets = int((_labels(batch)[:, 1:] != self._ignore_index).sum())
-        # Lightning's epoch mean weights each batch by batch_size: weighting by targets gives the token mean.
-        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=targets)
+        targets = (_labels(batch)[:, 1:] != self._ignore_index).sum()
+        self._val_totals = self._val_totals + torch.stack([loss.detach().double() * targets, targets.double()])
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_totals = 0  # [sum of loss x targets, targets] over this evaluation's batches, on the device
+
+    def on_validation_epoch_end(self) -> None:
+        """val/loss, the mean over every target token of the evaluation on every rank. Summed here: Lightning's
+        own epoch mean weighted by batch_size averages the ranks' sums of batch sizes in their integer dtype,
+        which truncates an odd total (a val/loss 0.05% high over 2,079 tokens on two ranks)."""
+        totals = self._val_totals
+        if not isinstance(totals, torch.Tensor):
+            return  # no batch
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(totals)  # ranks holding one batch's pipeline stages count it alike
+        self.log("val/loss", (totals[0] / totals[1].clamp(min=1)).float(), prog_bar=True)
 
     # Gradient accumulation by tokens (module docstring)
 

@@ -15,7 +15,7 @@ from forgather.models.rope import RotaryEmbedding
 VOCAB, HIDDEN, BATCH, SEQ = 16, 32, 4, 8
 
 
-def tiny_model() -> CausalLM:
+def tiny_model(vocab_size: int = VOCAB) -> CausalLM:
     """A two-layer Llama-style model (tied head, RoPE, GQA, SwiGLU, RMSNorm)."""
     layer = functools.partial(
         PreLNLayer,
@@ -23,7 +23,7 @@ def tiny_model() -> CausalLM:
         feedforward_factory=functools.partial(SwiGLU, intermediate_size=64),
         norm_factory=RMSNorm,
     )
-    return CausalLM(VOCAB, HIDDEN, 2, layer, RMSNorm, rope=RotaryEmbedding(HIDDEN // 4, theta=10000.0))
+    return CausalLM(vocab_size, HIDDEN, 2, layer, RMSNorm, rope=RotaryEmbedding(HIDDEN // 4, theta=10000.0))
 
 
 def padded_batch() -> dict[str, torch.Tensor]:
