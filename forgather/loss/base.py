@@ -4,11 +4,18 @@
 of position t is labels[t + 1]; the last position of each row gets `ignore_index`), flattens the tokens and
 calls `token_loss(hidden [N, H], weight, targets [N])` of the implementation, which returns the mean over
 the non-ignored tokens of cross-entropy (+ `z_loss` * logsumexp^2 when set; logits soft-capped as
-`softcap * tanh(logits / softcap)` when set). Hidden states are never copied: shifting moves labels only.
+`softcap * tanh(logits / softcap)` when set), 0 with a zero gradient when every target is ignored. Hidden states
+are never copied: shifting moves labels only.
+
+Checked here for every implementation: labels of any integer dtype (taken as int64), each target in [0, V) or
+`ignore_index` (asserted on the device, without making the host wait: the Triton kernels would read past the
+logits row and return a wrong value silently), and hidden and weight of one dtype unless autocast is on (under
+autocast the matmuls run in its dtype). Losses are computed in fp32, or fp64 for fp64 inputs.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -33,8 +40,9 @@ def require_extra(loss_name: str, package: str, module: str) -> None:
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Next-token targets [B, T] -> flat [B * T]: targets[b, t] = labels[b, t + 1], the last one ignored."""
-    pad = labels.new_full((labels.shape[0], 1), ignore_index)
-    return torch.cat([labels[:, 1:], pad], dim=1).reshape(-1)
+    targets = labels.new_full(labels.shape, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets.reshape(-1)
 
 
 class CausalLMLoss(nn.Module):
@@ -49,16 +57,14 @@ class CausalLMLoss(nn.Module):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"{type(self).__name__}(ignore_index={ignore_index!r}): ignore_index takes the integer "
                              f"label that marks padding, e.g. {IGNORE_INDEX}")
-        if not is_number(z_loss) or z_loss < 0:
+        if not is_number(z_loss) or not math.isfinite(z_loss) or z_loss < 0:
             raise ValueError(f"{type(self).__name__}(z_loss={z_loss!r}): z_loss takes a number >= 0, e.g. 1e-4")
-        if softcap is not None and not is_number(softcap):
+        if softcap is not None and (not is_number(softcap) or not math.isfinite(softcap) or softcap <= 0):
             raise ValueError(f"{type(self).__name__}(softcap={softcap!r}): softcap takes a number > 0, e.g. 30.0")
         if z_loss and not self.supports_z_loss:
             raise ValueError(f"loss {self.name!r} does not support z_loss; use 'naive', 'chunked' or 'liger'")
         if softcap is not None and not self.supports_softcap:
             raise ValueError(f"loss {self.name!r} does not support softcap; use 'naive', 'chunked', 'liger' or 'cce'")
-        if softcap is not None and softcap <= 0:
-            raise ValueError(f"softcap must be positive, got {softcap}")
         self.ignore_index = ignore_index
         self.z_loss = z_loss
         self.softcap = softcap
@@ -68,11 +74,19 @@ class CausalLMLoss(nn.Module):
             raise ValueError(
                 f"expected hidden [B, T, H] and labels [B, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
             )
-        if labels.is_floating_point() or labels.is_complex():
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"labels must be integer token ids (the input ids), got a {labels.dtype} tensor")
-        if weight.shape[1] != hidden.shape[2]:
-            raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[2]}")
-        targets = shift_labels(labels, self.ignore_index)
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+            raise ValueError(f"weight must be [V, H] with H the hidden size {hidden.shape[2]}, "
+                             f"got {tuple(weight.shape)}")
+        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: give both one dtype, or call the "
+                             "loss under torch.autocast (Lightning's '-mixed' precisions)")
+        targets = shift_labels(labels.long(), self.ignore_index)
+        vocab = weight.shape[0]
+        in_range = (targets == self.ignore_index) | ((targets >= 0) & (targets < vocab))
+        torch._assert_async(in_range.all(), f"labels must be token ids in [0, {vocab}) or ignore_index "
+                                            f"({self.ignore_index})")
         return self.token_loss(hidden.reshape(-1, hidden.shape[-1]), weight, targets)
 
     def check_chunk_size(self, chunk_size: object) -> None:

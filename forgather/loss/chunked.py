@@ -40,7 +40,7 @@ def chunk_loss_and_grad(
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss summed over one chunk's valid tokens, and its gradient w.r.t. the logits in logits' dtype."""
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap is not None:
         tanh = torch.tanh(x / softcap)
         x = softcap * tanh
@@ -51,14 +51,14 @@ def chunk_loss_and_grad(
     token_loss = lse - target_logit
     if z_loss:
         token_loss = token_loss + z_loss * lse.square()
-    weight = valid.float()
+    weight = valid.to(x.dtype)
     loss = (token_loss * weight).sum()
     # d/dx [lse - x_t + z lse^2] = softmax * (1 + 2 z lse) - onehot(t)
     softmax = torch.exp(x - lse[:, None])
     if z_loss:
         softmax = softmax * (1 + 2 * z_loss * lse)[:, None]
     onehot = torch.arange(x.shape[1], device=x.device)[None, :] == safe_targets[:, None]
-    grad = (softmax - onehot.float()) * weight[:, None]
+    grad = (softmax - onehot.to(x.dtype)) * weight[:, None]
     if softcap is not None:
         grad = grad * (1 - tanh.square())
     return loss, grad.to(logits.dtype)
@@ -182,7 +182,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
         prescale = grad_weight is not None and triton_runs(hidden.device)
         inv_tokens = n_valid.reciprocal() if prescale else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
         with torch.autocast(device_type, enabled=False):
             w = weight.to(dtype)
             for start in range(0, hidden.shape[0], chunk_size):
@@ -208,7 +208,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("a chunked/fused linear cross-entropy supports one backward pass per forward")
         ctx.backward_done = True
         grad_hidden, grad_weight, n_valid = ctx.saved_tensors
-        factor = grad_output.float() / n_valid
+        factor = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32)) / n_valid
         if grad_hidden is not None:
             scale_in_place(grad_hidden, factor)
         if grad_weight is not None:
@@ -249,6 +249,9 @@ class ChunkedLoss(CausalLMLoss):
     ):
         super().__init__(ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
         self.check_chunk_size(chunk_size)
+        for option, value in (("compile", compile), ("inplace", inplace)):
+            if not isinstance(value, bool):
+                raise ValueError(f"ChunkedLoss({option}={value!r}): {option} takes true or false")
         self.chunk_size = chunk_size
         self.compile = compile
         self.inplace = inplace

@@ -67,8 +67,8 @@ class FusedLoss(CausalLMLoss):
         softcap: float | None = None,
     ):
         super().__init__(ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
-        require_extra(self.name, "liger-kernel", "liger_kernel.ops.cross_entropy")
         self.check_chunk_size(chunk_size)
+        require_extra(self.name, "liger-kernel", "liger_kernel.ops.cross_entropy")
         self.chunk_size = chunk_size
 
     def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,9 @@ class LigerLoss(CausalLMLoss):
         softcap: float | None = None,
     ):
         super().__init__(ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
+        if isinstance(chunk_mem_const, bool) or not isinstance(chunk_mem_const, int) or chunk_mem_const < 1:
+            raise ValueError(f"LigerLoss(chunk_mem_const={chunk_mem_const!r}): chunk_mem_const takes an integer >= 1, "
+                             "e.g. 1 (Liger's default)")
         require_extra(self.name, "liger-kernel", "liger_kernel.transformers.functional")
         self.chunk_mem_const = chunk_mem_const
 

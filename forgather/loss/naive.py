@@ -1,4 +1,4 @@
-"""NaiveLoss: the reference. Full logits, upcast to fp32, then `F.cross_entropy`; autograd does the rest.
+"""NaiveLoss: the reference. Full logits, upcast to fp32 (fp64 stays), then `F.cross_entropy`; autograd does the rest.
 
 Memory grows as tokens x vocab x (2 + several x 4) bytes; use it to check the others, not to train big vocabs.
 """
@@ -17,7 +17,8 @@ class NaiveLoss(CausalLMLoss):
     supports_softcap = True
 
     def token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = (hidden @ weight.t()).float()
+        logits = hidden @ weight.t()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         valid = targets != self.ignore_index
