@@ -435,7 +435,7 @@ class LoadedConfig:
         from forgather.graph.config import escape
 
         try:
-            result = to_config(self.graph)
+            result = to_config(self.graph, file_root=self.project.root)
         except GraphError as error:
             raise self.located(error.message, error.line) from error
         # As in the reference Forgather, a `!var "pp_config"` without a value is the rendered YAML.
@@ -461,12 +461,12 @@ class LoadedConfig:
         try:
             return construct(self.config if config is None else config, target, base_dir=self.project.model_src)
         except ConstructError as error:
-            line = self._line_of(error.path)
+            line = self.line_of(error.path)
             raise self.located(f"constructing {error.path}: {error.message}", line) from error
         finally:
             _CONSTRUCTING.pop()
 
-    def _line_of(self, path: str) -> int | None:
+    def line_of(self, path: str) -> int | None:
         """Rendered-YAML line of the node at `path` or, failing that, of its nearest ancestor."""
         lines = self._config_result.lines
         while path:
@@ -657,7 +657,7 @@ def dynamic_arguments(loaded: LoadedConfig) -> list[dict[str, Any]]:
     declared = loaded.construct(DYNAMIC_ARGS)
     if isinstance(declared, dict):
         declared = list(declared.values())
-    line = loaded._line_of(DYNAMIC_ARGS)
+    line = loaded.line_of(DYNAMIC_ARGS)
     if not isinstance(declared, (list, tuple)) or not all(isinstance(d, dict) and d.get("names") for d in declared):
         raise loaded.located(f"{DYNAMIC_ARGS} must be a list (or !dlist) of argument declarations, each with names: '--flag'", line)
     return [dict(d) for d in declared]
@@ -677,12 +677,12 @@ def add_dynamic_arguments(parser: argparse.ArgumentParser, loaded: LoadedConfig)
         kind = declaration.get("type")
         if isinstance(kind, str):
             if kind not in _ARGUMENT_TYPES:
-                raise loaded.located(f"{DYNAMIC_ARGS} {names[0]}: unknown type {kind!r}; use one of {', '.join(_ARGUMENT_TYPES)}", loaded._line_of(DYNAMIC_ARGS))
+                raise loaded.located(f"{DYNAMIC_ARGS} {names[0]}: unknown type {kind!r}; use one of {', '.join(_ARGUMENT_TYPES)}", loaded.line_of(DYNAMIC_ARGS))
             declaration["type"] = _ARGUMENT_TYPES[kind]
         try:
             dests.append(group.add_argument(*names, **declaration).dest)
         except (argparse.ArgumentError, TypeError, ValueError) as error:
-            raise loaded.located(f"{DYNAMIC_ARGS} {names[0]}: {error}", loaded._line_of(DYNAMIC_ARGS)) from error
+            raise loaded.located(f"{DYNAMIC_ARGS} {names[0]}: {error}", loaded.line_of(DYNAMIC_ARGS)) from error
     return dests
 
 

@@ -5,6 +5,7 @@ reported by forgather.errors.report.)"""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import os
 import re
 import sys
@@ -84,3 +85,15 @@ def _meta_line(project: Project) -> str:
     if found is None:
         return path
     return f"{path}:{text.count(chr(10), 0, found.start()) + 1}"
+
+
+def console(**options: Any) -> Any:
+    """A rich Console for a printing command: a reader that closes the pipe (`forgather ls | head -1`) raises
+    BrokenPipeError, which main turns into a quiet success; rich's own handling exits with 1."""
+    from rich.console import Console
+
+    class _PipedConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return _PipedConsole(**options)

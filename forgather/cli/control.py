@@ -16,10 +16,10 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from forgather.callbacks import job_registry
+from forgather.cli.common import console as piped_console
 
 _HELP = {
     "list": "list running jobs (removes entries of dead processes)",
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = piped_console()
     if args.control_command == "list":
         jobs = job_registry.list_jobs()
         if args.json:

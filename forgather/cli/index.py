@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from forgather.cli.common import console as piped_console
 from forgather.cli.common import default_config, warn_about_meta
 from forgather.project import Project, config_description
 
@@ -14,10 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = piped_console(highlight=False, soft_wrap=True)
     project = Project.find(args.project)
     warn_about_meta(project)
     console.print(f"[bold]{escape(project.name)}[/bold]  {project.root}")

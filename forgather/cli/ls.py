@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from forgather.cli.common import console as piped_console
 from forgather.cli.common import default_config, warn_about_meta
 from forgather.project import Project, config_description, project_dirs
 from forgather.template import TemplateError
@@ -23,10 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = piped_console(highlight=False, soft_wrap=True)
     if args.directory and not os.path.isdir(args.directory):  # os.walk takes a missing one for an empty one
         what = "a file, not a directory" if os.path.exists(args.directory) else "no such directory"
         print(f"error: {args.directory}: {what}; give the directory to look for projects in", file=sys.stderr)

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dynamic = _dynamic_values(args, dests)
         args.argv = argv  # the words as given: which options the line set, for a command that needs to know
         args.passthrough = passthrough
-        if getattr(args, "output_file", None) or getattr(args, "edit", False):
+        if getattr(args, "output_file", None) is not None or getattr(args, "edit", False):
             return _run_into_file(module, args)
         return module.run(args)
     except KeyboardInterrupt:
@@ -192,7 +192,7 @@ def _run_into_file(module, args: argparse.Namespace) -> int:
 
     from forgather.data.cache import atomic_write
 
-    path = _output_path(args.output_file, args.command) if args.output_file else None
+    path = _output_path(args.output_file, args.command) if args.output_file is not None else None
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         code = module.run(args)
@@ -200,7 +200,10 @@ def _run_into_file(module, args: argparse.Namespace) -> int:
         sys.stdout.write(captured.getvalue())
         return code
     if path is not None:
+        mode = path.stat().st_mode & 0o7777 if path.exists() else None
         atomic_write(path, lambda tmp: tmp.write_text(captured.getvalue()))
+        if mode is not None:  # atomic_write's new file is 0644: keep the permissions the user gave the old one
+            os.chmod(path, mode)
         print(f"wrote {path}", file=sys.stderr)
         return 0
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or shutil.which("vi")
@@ -224,7 +227,11 @@ def _output_path(given: str, command: str) -> Path:
     from forgather.data.cache import file_in_the_way
     from forgather.errors import UserError
 
+    if not given:  # `-o "$OUT"` with OUT unset: not the terminal, which the user chose against
+        raise UserError(f"-o '': no file named; give a file to write, e.g. -o {command}{OUTPUT_COMMANDS[command]}")
     path = Path(given).expanduser()
+    if path.is_symlink():  # write its target, as the shell's `>` does: replacing the link would leave that stale
+        path = path.resolve()
     if path.is_dir():
         example = path / f"{command}{OUTPUT_COMMANDS[command]}"
         raise UserError(f"-o {given}: is a directory; give a file to write, e.g. -o {example}")
