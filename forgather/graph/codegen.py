@@ -166,7 +166,7 @@ class _Generator:
                 self.params.setdefault(referenced, target)
                 return self.param_names[referenced]
             return self.expr(target, referenced, indent)
-        return repr(OmegaConf.select(self.config, path))
+        return repr(self._select(path))
 
     def _node(self, node: dict, path: str, indent: int) -> str:
         node_id = node.get("_id_")
@@ -227,14 +227,23 @@ class _Generator:
         """The constructed value at `path` (e.g. a search path, shared as a `list` node)."""
         from forgather.graph.construct import construct
 
-        selected = OmegaConf.select(self.config, path)
-        plain = OmegaConf.to_container(selected, resolve=True) if OmegaConf.is_config(selected) else selected
-        return construct({"value": plain}, "value", self.base_dir)
+        return construct({"value": self._select(path)}, "value", self.base_dir)
 
     def _data(self, value: Any, path: str, indent: int) -> str:
         """A meta call's argument: its config as literal data, interpolations resolved."""
-        selected = OmegaConf.select(self.config, path)
-        return repr(OmegaConf.to_container(selected, resolve=True) if OmegaConf.is_config(selected) else selected)
+        return repr(self._select(path))
+
+    def _select(self, path: str) -> Any:
+        """The value at `path` as plain data, interpolations resolved. Walked here rather than by OmegaConf.select,
+        which cannot pass a mapping key that is no string (`{0: ...}`): a part matches a key by its text."""
+        node: Any = self.config
+        for part in path.split("."):
+            if OmegaConf.is_list(node):
+                node = node[int(part)]
+            else:
+                keys = list(node.keys())
+                node = node[part if part in keys else next(key for key in keys if str(key) == part)]
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
     def _function(self, target: str, searchpath: list[str] | None = None) -> str:
         module, qualname = split_spec(target)

@@ -18,6 +18,9 @@ loading it again constructs the same object graph with the same sharing. A plain
 reached through an alias is written once and interpolated too, but, as in the reference Forgather, it is a
 new container at each use (OmegaConf resolves each interpolation to a copy): the nodes inside it are shared
 as anywhere, so a `!factory` inside is called once per use. `!dict`/`!list` make one shared container.
+Mapping keys keep YAML's types (ints, floats, bools: a label map `{0: neg}`). A path through a key that is no
+string cannot be interpolated, so a node shared from under one is written in full at each use (its `_id_`
+still makes it one object).
 Top-level keys starting with '.' hold definitions, not targets: they live on where they are used and are
 not written.
 
@@ -37,6 +40,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from forgather.graph.imports import anchored
 from forgather.graph.nodes import MISSING, CallNode, Graph, VarNode, children, walk
 from forgather.graph.yaml_loader import GraphError
 
@@ -100,20 +104,27 @@ def _path_counts(graph: Graph) -> Counter:
     return counts
 
 
-def _canonical_paths(graph: Graph) -> dict[int, str]:
-    """Shallowest occurrence of each node object; breadth-first, so ties go to document order."""
-    paths: dict[int, str] = {}
-    queue = [(str(key), graph.nodes[key]) for key in graph.targets]
+def _canonical_paths(graph: Graph) -> dict[int, str | None]:
+    """Shallowest occurrence of each node object; breadth-first, so ties go to document order. None where that
+    occurrence lies under a mapping key that is no string (`{0: ...}`), which no interpolation can name."""
+    paths: dict[int, str | None] = {}
+    queue = [(str(key), graph.nodes[key], True) for key in graph.targets]
     while queue:
         following = []
-        for path, value in queue:
+        for path, value, nameable in queue:
             if isinstance(value, (CallNode, dict, list)):
                 if id(value) in paths:
                     continue
-                paths[id(value)] = path
-            following += [(f"{path}.{key}", child) for key, child in _graph_children(value)]
+                paths[id(value)] = path if nameable else None
+            following += [(f"{path}.{key}", child, nameable and isinstance(key, str)) for key, child in _graph_children(value)]
         queue = following
     return paths
+
+
+def _config_key(key: Any) -> Any:
+    """A mapping key as the config keeps it: YAML's ints, floats and bools stay so (a label map `{0: neg}`, as in
+    the reference); any other key (null) becomes its text, the one key type OmegaConf has beside those."""
+    return key if isinstance(key, (str, int, float, bool)) else str(key)
 
 
 def _referable(path: str) -> bool:
@@ -121,8 +132,9 @@ def _referable(path: str) -> bool:
 
 
 class _Converter:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, file_root: str | None = None):
         self.graph = graph
+        self.file_root = file_root
         self.shared = {key for key, count in _path_counts(graph).items() if count > 1}
         self.canonical = _canonical_paths(graph)
         self.ids: dict[int, str] = {}
@@ -161,17 +173,18 @@ class _Converter:
 
     def convert(self, value: Any, path: str) -> Any:
         key = id(value)
-        if key in self.shared and self.canonical.get(key) != path and _referable(self.canonical[key]):
+        canonical = self.canonical.get(key)
+        if key in self.shared and canonical is not None and canonical != path and _referable(canonical):
             if isinstance(value, CallNode) and value.line is not None:
                 self.lines[path] = value.line
-            return "${" + self.canonical[key] + "}"
+            return "${" + canonical + "}"
         if isinstance(value, CallNode):
             return self._call(value, path)
         if isinstance(value, VarNode):
             self.vars.setdefault(value.name, value.default)
             return "${" + value.name + "}"
         if isinstance(value, dict):
-            return {str(k): self.convert(v, f"{path}.{k}") for k, v in value.items()}
+            return {_config_key(k): self.convert(v, f"{path}.{k}") for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.convert(v, f"{path}.{i}") for i, v in enumerate(value)]
         if isinstance(value, str):
@@ -186,9 +199,9 @@ class _Converter:
             out["_id_"] = self._id_for(node)
         return out
 
-    @staticmethod
-    def _node(node: CallNode, path: str, convert, convert_arguments) -> dict[str, Any]:
-        out: dict[str, Any] = {"_target_": node.target}
+    def _node(self, node: CallNode, path: str, convert, convert_arguments) -> dict[str, Any]:
+        target = anchored(node.target, self.file_root) if self.file_root is not None else node.target
+        out: dict[str, Any] = {"_target_": target}
         if node.args:
             out["_args_"] = [convert_arguments(arg, f"{path}._args_.{i}") for i, arg in enumerate(node.args)]
         for name, arg in node.kwargs.items():
@@ -211,15 +224,16 @@ class _Converter:
         if isinstance(value, VarNode):
             return escape("${" + value.name + "}")
         if isinstance(value, dict):
-            return {str(k): self._data(v) for k, v in value.items()}
+            return {_config_key(k): self._data(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self._data(v) for v in value]
         return escape(value) if isinstance(value, str) else value
 
 
-def to_config(graph: Graph) -> ConfigResult:
-    """Convert a graph to an OmegaConf DictConfig (see the module docstring for the vocabulary)."""
-    converter = _Converter(graph)
+def to_config(graph: Graph, file_root: str | None = None) -> ConfigResult:
+    """Convert a graph to an OmegaConf DictConfig (see the module docstring for the vocabulary); `file_root`
+    (the project directory) anchors the targets' relative file paths (`./src/x.py:Name`)."""
+    converter = _Converter(graph, file_root)
     data = {str(key): converter.convert(graph.nodes[key], str(key)) for key in graph.targets}
     for name, default in converter.vars.items():
         # A target that is itself `!var name` holds the value rather than interpolating itself.

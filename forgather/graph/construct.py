@@ -83,6 +83,9 @@ class _Builder:
             function = import_spec(target, self.base_dir, searchpath) if isinstance(target, str) else target
         except ImportError as error:
             raise ConstructError(path, f"cannot import target: {error}") from error
+        if not callable(function):  # as the reference: checked before the call, partials too
+            raise ConstructError(path, f"target {target!r} is a {type(function).__name__}, not a callable; name a class "
+                                       f"or a function (module:Name)")
         positional = node.get("_args_", ())
         if not isinstance(positional, (list, tuple)):
             raise ConstructError(

@@ -5,7 +5,10 @@ Forms (ARCHITECTURE.md, stage 2):
                                 Forgather's own bare targets (`getitem`, `call` ...: REFERENCE_CALLABLES)
     module:Name                 `from module import Name`
     module.sub:Name.attr        attribute path after the colon
-    /path/file.py:Name          a Python file loaded by path
+    /path/file.py:Name          a Python file loaded by path; a relative one (`./src/x.py:Name`) is found
+                                from the project directory (a project's config anchors it there:
+                                `anchored`), else from the current directory, as in the reference Forgather,
+                                whose CLI works in the project directory
     .relative:Name              `relative.py` in the project's model source directory (`base_dir`)
     a.b.Name                    Hydra's dotted form: longest importable module prefix, then attributes
 
@@ -58,10 +61,20 @@ def split_spec(spec: str) -> tuple[str, str]:
     return "", spec
 
 
+def anchored(spec: str, root: str) -> str:
+    """`spec` with a relative file path (`./src/x.py:Name`, `x.py:Name`) made absolute from `root`; any other
+    spec as it is."""
+    module, qualname = split_spec(spec)
+    if not module or not module.endswith(".py") or os.path.isabs(module):
+        return spec
+    return f"{os.path.normpath(os.path.join(root, module))}:{qualname}"
+
+
 def module_file(module: str, base_dir: str | None = None) -> str | None:
-    """The file path a file-like module part names (`/x.py`, `./x.py`, `.rel`), or None for a dotted module."""
+    """The file path a file-like module part names (`/x.py`, `./x.py`, `.rel`), or None for a dotted module.
+    Only `.rel` is found in `base_dir`; a path is taken from the current directory."""
     if module.endswith(".py") or module.startswith("/"):
-        return os.path.abspath(os.path.join(base_dir or os.getcwd(), module))
+        return os.path.abspath(module)
     if module.startswith("."):
         if base_dir is None:
             raise ImportSpecError(
@@ -168,7 +181,7 @@ def _import_dotted(spec: str) -> Any:
 
 
 def import_spec(spec: str, base_dir: str | None = None, searchpath: list[str] | None = None) -> Any:
-    """Resolve a spec to the object it names. `base_dir` anchors `.relative` and relative file paths;
+    """Resolve a spec to the object it names. `base_dir` anchors `.relative` specs;
     `searchpath` lists where a file module finds its relative imports (see `load_file_module`)."""
     module, qualname = split_spec(spec)
     if not module:

@@ -9,9 +9,11 @@
                                    overrides it in place, a null value erases it
     !var "name" | !var {name, default}
 Any tag may end in `@name` (or `:@name`), naming the node. Arguments of a call are a sequence
-(positional), a mapping (keywords; keys `arg0`, `arg1` ... are positional), or `{args: [...], kwargs: {...}}`.
-The keywords `latent_args` and `submodule_searchpath` are reserved (see nodes.py), not call arguments.
-A collection tag on an empty value (`!dict`, `!list`, `!tuple`, `!dlist` alone) is an empty collection.
+(positional), a mapping (keywords; keys `arg0`, `arg1` ... are positional), `{args: [...], kwargs: {...}}`
+(either alone too; a null `args` or `kwargs` is an ordinary keyword, as in the reference), or a scalar (the one
+positional argument). The keywords `latent_args` and `submodule_searchpath` are reserved (see nodes.py), not
+call arguments. An empty scalar, quoted or not, is no arguments for a call tag and an empty collection for a
+collection tag (`!dict`, `!list`, `!tuple`, `!dlist` alone, or on `''`).
 
 A key repeated in one mapping (except `.`-keys, which only carry anchors, and `!dlist` items) is a warning,
 an error in strict mode (see load_graph). Refused, before anything is built: an anchor whose content
@@ -93,7 +95,7 @@ def _arguments(loader: yaml.Loader, node: yaml.Node) -> tuple[list[Any], dict[st
         return loader.construct_sequence(node, deep=True), {}
     if isinstance(node, yaml.MappingNode):
         mapping = loader.construct_mapping(node, deep=True)
-        if mapping and set(mapping) <= {"args", "kwargs"}:
+        if mapping and set(mapping) <= {"args", "kwargs"} and None not in mapping.values():
             return _args_kwargs(mapping, _line(node))
         # argN keys are positional arguments in the order of N; gaps are allowed, as in the reference (its
         # templates leave room between them so that an extending template can add or override one).
@@ -103,9 +105,9 @@ def _arguments(loader: yaml.Loader, node: yaml.Node) -> tuple[list[Any], dict[st
         if bad:
             raise GraphError(f"keyword argument names must be strings, got {bad!r}", _line(node))
         return args, mapping
-    plain = not node.style  # None or "" (the C parser) for a plain scalar
-    if node.value == "" and plain:
+    if _is_empty(node):
         return [], {}
+    plain = not node.style  # None or "" (the C parser) for a plain scalar
     # The custom tag hid the scalar's implicit type (int, float ...): resolve it as if untagged.
     implicit = loader.resolve(yaml.ScalarNode, node.value, (plain, False))
     return [loader.construct_object(yaml.ScalarNode(implicit, node.value, style=node.style))], {}
@@ -113,7 +115,7 @@ def _arguments(loader: yaml.Loader, node: yaml.Node) -> tuple[list[Any], dict[st
 
 def _args_kwargs(mapping: dict[str, Any], line: int) -> tuple[list[Any], dict[str, Any]]:
     """The `{args: [...], kwargs: {...}}` form (a keyword argument named `args` goes inside kwargs)."""
-    args, kwargs = mapping.get("args") or [], mapping.get("kwargs") or {}
+    args, kwargs = mapping.get("args", []), mapping.get("kwargs", {})
     if not isinstance(args, (list, tuple)):
         raise GraphError(f"args must be a list of positional arguments, got {type(args).__name__} {args!r}; write args: [{args!r}]", line)
     if not isinstance(kwargs, dict):
@@ -134,7 +136,8 @@ def _construct_call(loader: yaml.Loader, suffix: str, node: yaml.Node, kind: Cal
 
 
 def _is_empty(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.value == "" and not node.style
+    """An empty scalar, quoted or not: the reference reads `!list ''` as `!list` alone."""
+    return isinstance(node, yaml.ScalarNode) and node.value == ""
 
 
 def _construct_collection(loader: yaml.Loader, tag: str, node: yaml.Node) -> CallNode:
