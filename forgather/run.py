@@ -1050,6 +1050,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.devices and not os.environ.get(SWEEP_POINT_ENV):  # a point sees the GPUs its launcher gave it
             os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
         if args.dry_run:
+            if not (args.resume or args.from_snapshot or args.multirun):
+                # What the run would read first, as --cfg does: a misspelled key or option says so here.
+                runner = Runner.create(args, command)
+                runner.job(ovr.parse(_job_overrides(args), runner.groups, False)[0])
             launch = shlex.join([a for a in command if a != "--dry-run"])
             print(f"CUDA_VISIBLE_DEVICES={args.devices} {launch}" if args.devices else launch)
             return 0

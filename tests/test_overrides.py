@@ -228,6 +228,15 @@ def test_dry_run_prints_the_launch_command(capsys):
     assert out.startswith("CUDA_VISIBLE_DEVICES=0,1 ") and out.endswith("-m forgather.run -p " + PROJECT + " +experiment=micro -d 0,1")
 
 
+@pytest.mark.parametrize("override, said", [("max_step=5", "did you mean 'max_steps'"),
+                                             ("optimizer=adamm", "adamw")])
+def test_dry_run_checks_the_overrides_before_it_prints(capsys, override, said):
+    """A dry run printed the launch command of a misspelled override and exited 0; the run then failed."""
+    assert main(["-p", PROJECT, "+experiment=micro", override, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and said in captured.err
+
+
 def test_a_computed_value_can_be_replaced_by_a_literal(capsys):
     assert config_of(capsys, "model.vocab_size=512")["model"]["vocab_size"] == 512  # was len(tokenizer)
 
