@@ -450,8 +450,8 @@ class LoadedConfig:
         return self._config_result.config
 
     def construct(self, target: str | list[str] | None = None, config=None) -> Any:
-        """Stage 4: objects (one target, a dict of a list of them, or every one). `config` may be an edited
-        copy of `self.config` (overrides)."""
+        """Stage 4: objects (one target, a dict of a list of them, or every one: the graph's targets, not the
+        `!var` settings). `config` may be an edited copy of `self.config` (overrides)."""
         from forgather.graph import ConstructError, construct
 
         system_path = self.project.system_path
@@ -459,7 +459,8 @@ class LoadedConfig:
             sys.path.insert(0, system_path)
         _CONSTRUCTING.append(_construction_key(self, target))
         try:
-            return construct(self.config if config is None else config, target, base_dir=self.project.model_src)
+            names = [name for name in self.graph.targets if not str(name).startswith("_")] if target is None else target
+            return construct(self.config if config is None else config, names, base_dir=self.project.model_src)
         except ConstructError as error:
             line = self.line_of(error.path)
             raise self.located(f"constructing {error.path}: {error.message}", line) from error

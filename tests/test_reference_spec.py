@@ -177,6 +177,18 @@ def test_a_projects_relative_file_target_resolves_from_the_project_wherever_it_r
     assert run_code(loaded.code("a")) == 7
 
 
+def test_constructing_every_target_leaves_out_the_var_settings(tmp_path):
+    """A `!var` is a setting, not a target: a project's construction of every target does not return it."""
+    from forgather.project import Project
+
+    (tmp_path / "templates" / "configs").mkdir(parents=True)
+    (tmp_path / "meta.yaml").write_text("name: p\n")
+    (tmp_path / "templates" / "configs" / "c.yaml").write_text(
+        "a: !call:builtins:dict {lr: !var {name: lr, default: 0.1}}\nb: 3\n")
+    loaded = Project.load(str(tmp_path)).load_config("c.yaml")
+    assert "lr" in loaded.config and loaded.construct() == {"a": {"lr": 0.1}, "b": 3}
+
+
 def test_an_empty_or_null_document_is_a_config_without_targets():
     """An empty YAML document, or one that is only `~`, loads: it has no targets and builds nothing."""
     for text in ("", "~\n", "# only a comment\n"):
