@@ -96,3 +96,18 @@ def test_output_file_written_again_keeps_its_permissions(tmp_path, capsys):
     out.chmod(0o600)
     assert main(["-p", root, "-t", "c.yaml", "pp", "-o", str(out)]) == 0
     assert out.read_text() == "a: 1\n" and out.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_missing_name_in_a_model_src_file_names_the_file_not_its_module(tmp_path, capsys):
+    """`.mod:g` where model_src/mod.py has no g named the module forgather loaded it as ('forgather_local.mod_…')."""
+    root = project(tmp_path, "a: !call:.mod:g []\n")
+    write(tmp_path / "p", {"model_src/mod.py": "def f():\n    return 1\n"})
+    assert main(["-p", root, "-t", "c.yaml", "construct"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{root}/model_src/mod.py' has no attribute 'g'" in err and "forgather_local" not in err
+
+
+def test_graph_prints_text_as_written_not_escaped(tmp_path, capsys):
+    root = project(tmp_path, 'b: "héllo ✓"\n')
+    assert main(["-p", root, "-t", "c.yaml", "graph"]) == 0
+    assert "b: héllo ✓" in capsys.readouterr().out

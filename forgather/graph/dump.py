@@ -65,4 +65,5 @@ _GraphDumper.add_representer(VarNode, _represent_var)
 
 
 def dump_graph(graph: Graph) -> str:
-    return yaml.dump(graph.nodes, Dumper=_GraphDumper, sort_keys=False, default_flow_style=False, width=100)
+    return yaml.dump(graph.nodes, Dumper=_GraphDumper, sort_keys=False, default_flow_style=False, width=100,
+                     allow_unicode=True)

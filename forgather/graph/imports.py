@@ -49,6 +49,9 @@ REFERENCE_CALLABLES = {
 }
 
 
+_FILE_MODULE_PREFIX = "forgather_local."  # sys.modules names of files loaded by path
+
+
 def split_spec(spec: str) -> tuple[str, str]:
     """Split a spec into (module-or-path, qualname); module is '' for builtins and dotted Hydra specs."""
     if ":" not in spec and not hasattr(builtins, spec):
@@ -94,7 +97,7 @@ def load_file_module(path: str, searchpath: list[str] | None = None) -> ModuleTy
     path = os.path.abspath(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     key = "\0".join([path, *(searchpath or [])])
-    name = f"forgather_local.{stem}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    name = f"{_FILE_MODULE_PREFIX}{stem}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if name in sys.modules:
         return sys.modules[name]
     if not os.path.isfile(path):
@@ -158,6 +161,8 @@ def _getattr_path(obj: Any, qualname: str, spec: str) -> Any:
             close = difflib.get_close_matches(part, names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             where = getattr(obj, "__name__", type(obj).__name__)
+            if isinstance(obj, ModuleType) and getattr(obj, "__file__", None) and where.startswith(_FILE_MODULE_PREFIX):
+                where = obj.__file__  # a file loaded by path: its module name is ours, its path the user's
             raise ImportSpecError(f"{spec!r}: {where!r} has no attribute {part!r}{hint}") from None
     return obj
 
