@@ -162,3 +162,13 @@ def test_a_statement_left_open_in_a_block_names_what_to_close_not_an_endblock_ne
     assert error.location == (str(tmp_path / "c.yaml"), 4)
     assert f"with its '-- {opened}' still open; close it (-- end{opened}) inside the block" in error.message
     assert "endblock" not in error.message
+
+
+def test_a_missing_key_of_a_set_value_is_not_called_an_undefined_variable(tmp_path, capsys):
+    """`{{ q.z }}` with q set: the advice to set q above its use misled; the key after the dot is what is missing."""
+    root = project(tmp_path, {"c.yaml": '-- set q = {"x": 1}\na: {{ q.z }}\n'})
+    assert main(["-p", root, "-t", "c.yaml", "pp"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {root}/templates/configs/c.yaml:2: no such attribute or key: 'dict object' has no "
+                           "attribute 'z'")
+    assert "set it above" not in line

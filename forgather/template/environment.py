@@ -424,6 +424,10 @@ class TemplateEnvironment:
             message = self._not_found_message(error)
         elif isinstance(error, jinja2.sandbox.SecurityError):
             message = f"refused by the template sandbox: {error} (templates read values and call globals; they do not run Python)"
+        elif isinstance(error, jinja2.UndefinedError) and " has no attribute " in str(error.message):
+            # `{{ q.z }}` with q set: the value lacks the attribute or key, the variable is there
+            message = (f"no such attribute or key: {error.message}; check the name after the dot, or give a "
+                       f"default for a key that may be missing (NAME.get('key', default))")
         elif isinstance(error, jinja2.UndefinedError):
             message = (f"undefined variable: {error.message}; set it above its use or in a template that extends or "
                        f"includes this one (-- set NAME = ...), or give it a default (NAME | default(...))")
