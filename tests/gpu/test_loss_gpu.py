@@ -147,3 +147,31 @@ def test_loss_under_bf16_autocast_with_fp32_weights(name):
     assert abs(loss.item() - ref[0].item()) <= LOSS_RTOL * abs(ref[0].item())
     assert rel_err(h.grad, ref[1]) < GRAD_RTOL
     assert rel_err(w.grad, ref[2]) < GRAD_RTOL
+
+
+@pytest.mark.parametrize("name", ["chunked", "liger", "cce", "fused"])
+def test_every_label_ignored_gives_zero_and_zero_gradients(name):
+    # CCE's own mean over no valid token is NaN (our wrapper takes its sum over max(1, tokens))
+    h, w, labels = make_inputs(seed=10, seq=64)
+    labels[:] = -100
+    loss, grad_h, grad_w = loss_and_grads(build(name), h.bfloat16(), w.bfloat16(), labels)
+    assert loss.item() == 0 and not grad_h.any() and not grad_w.any()
+
+
+@pytest.mark.parametrize("name", ["chunked", "fused"])
+def test_a_label_outside_the_vocabulary_fails_the_step_instead_of_a_wrong_loss(name):
+    # The device-side assertion ends the CUDA context, so in a process of its own.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from forgather.loss import ChunkedLoss, FusedLoss\n"
+        f"loss = {'ChunkedLoss(compile=True)' if name == 'chunked' else 'FusedLoss()'}\n"
+        "h = torch.randn(2, 64, 128, device='cuda', dtype=torch.bfloat16)\n"
+        "w = torch.randn(1000, 128, device='cuda', dtype=torch.bfloat16)\n"
+        "labels = torch.randint(0, 1000, (2, 64), device='cuda'); labels[1, 7] = 1003\n"
+        "print(float(loss(h, w, labels)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout
+    assert "assert" in result.stderr.lower(), result.stderr[-2000:]
