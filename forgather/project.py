@@ -459,8 +459,10 @@ class LoadedConfig:
             sys.path.insert(0, system_path)
         _CONSTRUCTING.append(_construction_key(self, target))
         try:
-            names = [name for name in self.graph.targets if not str(name).startswith("_")] if target is None else target
-            return construct(self.config if config is None else config, names, base_dir=self.project.model_src)
+            config = self.config if config is None else config
+            # every target: the graph's that the config holds (a run's leaves out `hydra:`), not the !var settings
+            names = [name for name in self.graph.targets if name in config and not str(name).startswith("_")]
+            return construct(config, target if target is not None else names, base_dir=self.project.model_src)
         except ConstructError as error:
             line = self.line_of(error.path)
             raise self.located(f"constructing {error.path}: {error.message}", line) from error
