@@ -8,6 +8,8 @@ the exported model is NaN. Here:
   weights are checked: one reduction per device, read once, while the save waits for the GPU anyway. A weight
   that is not finite stops the run with `TrainingDiverged` instead of the write: the newest checkpoint on disk
   is then the last finite state. Ranks decide together (a sharded model's ranks hold different weights).
+- When training ends, the final weights, so that a run whose divergence no checkpoint or written step saw does
+  not end as a finished one.
 - On one device, between checkpoints: when a training metric the loggers got (`train/loss`,
   `train/grad_norm`, read without a host wait by `forgather.lightning.steps.DeferredMetrics`) is not finite,
   the weights are checked then, so a diverged run stops within a logging interval. A non-finite loss with
@@ -68,6 +70,11 @@ class StopOnDivergence(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         weights = checkpoint.get("state_dict") or dict(pl_module.state_dict())
         self._check(trainer, weights.items(), "")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The final weights, which no checkpoint or written step may have seen since they diverged: a run ending
+        # in NaN fails here instead of passing for a finished one (before an export on fit's end saves them).
+        self._check(trainer, pl_module.named_parameters(), "")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         deferred = getattr(pl_module, "deferred_metrics", None)

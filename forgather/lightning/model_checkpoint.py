@@ -36,16 +36,12 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 from forgather.lightning.csv_logger import CSVLogger
-from forgather.lightning.steps import DeferredMetrics, writes_metrics
+from forgather.lightning.steps import DeferredMetrics, ends_last_epoch, writes_metrics
 
 
 def fit_ends_after_this_batch(trainer: pl.Trainer) -> bool:
     """Whether the fit loop stops after the current training batch (asked in `on_train_batch_end`)."""
-    if trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
-        return True
-    max_epochs = trainer.fit_loop.max_epochs
-    last_epoch = max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1
-    return last_epoch and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+    return trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step or ends_last_epoch(trainer)
 
 
 class ModelCheckpoint(LightningModelCheckpoint):

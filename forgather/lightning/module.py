@@ -147,7 +147,6 @@ class CausalLMModule(pl.LightningModule):
         self.compile_scope, self.compile_mode = compile_scope, compile_mode
         self._compiled = False
         self._hidden_states: Callable[..., torch.Tensor] | None = None  # compile_scope "model": the compiled method
-        self._batch_tokens: torch.Tensor | None = None
         self._window_tokens: torch.Tensor | int = 0  # label tokens since the window's start, on the device
         self._window_start: float | None = None
         self._window_step = -1  # the optimizer step at the window's start
@@ -177,6 +176,12 @@ class CausalLMModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids=position_ids)
 
+    def predict_step(self, batch: Batch | torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """`trainer.predict`: the logits [B, T, V] of a batch, a dict as in training or the input ids alone."""
+        if isinstance(batch, torch.Tensor):
+            return self(batch)
+        return self(batch["input_ids"], position_ids=batch.get("position_ids"))
+
     def configure_optimizers(self) -> Any:
         trained = [p for p in self.parameters() if p.requires_grad]
         if self.no_decay_1d:
@@ -197,7 +202,6 @@ class CausalLMModule(pl.LightningModule):
         self._check_batch_fits(batch, training=True)
         loss = self._loss(batch)
         labels = _labels(batch)
-        self._batch_tokens = (labels != self._ignore_index).sum()
         rows = labels.shape[0]
         logged = loss
         if self.trainer.accumulate_grad_batches > 1 or self._averaging_ranks() > 1:
@@ -280,6 +284,11 @@ class CausalLMModule(pl.LightningModule):
 
     # Throughput and gradient norm
 
+    def on_train_start(self) -> None:
+        # Anew for each fit: one by another trainer counts its steps from 0 again (a step it writes must not pass
+        # for one captured already), and shows no numbers of the previous fit.
+        self.deferred_metrics = DeferredMetrics(TRAIN_METRICS)
+
     def on_train_epoch_start(self) -> None:
         self._restart_window()  # the gap since the previous epoch is not training time
         self._accumulated_loss = self._accumulated_targets = None  # Lightning accumulates anew each epoch
@@ -292,12 +301,14 @@ class CausalLMModule(pl.LightningModule):
         self.deferred_metrics.flush(self.trainer)
 
     def configure_callbacks(self) -> list[pl.Callback]:
+        if any(isinstance(callback, _FlushMetricsOnException) for callback in self.trainer.callbacks):
+            return []  # added by an earlier fit/validate of this trainer: returned again, Lightning notes the swap
         return [_FlushMetricsOnException()]
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         # The previous written step's metrics: its kernels ran while this step was queued, so this waits for none.
         self.deferred_metrics.flush(self.trainer)
-        self._measure_throughput()
+        self._measure_throughput(batch)
         self._log_measured_grad_norm()  # where optimizer_step did not (manual optimization)
         self.deferred_metrics.capture(self.trainer)
 
@@ -312,14 +323,17 @@ class CausalLMModule(pl.LightningModule):
         if measured is not None and (norm := measured.take_grad_norm()) is not None:
             self._log_train("train/grad_norm", norm, batch_size=1)
 
-    def _measure_throughput(self) -> None:
+    def _measure_throughput(self, batch: Batch) -> None:
+        if not isinstance(batch, Mapping):
+            return  # a subclass's batches of its own format: no labels to count
         now = perf_counter()
         if self._window_start is None:
             # The window opens at the end of the first batch: what came before it (compilation, data loader
             # start, validation) is not training time.
             self._restart_window(now)
             return
-        self._window_tokens = self._window_tokens + self._batch_tokens
+        # Counted here, not in training_step, which a subclass may replace.
+        self._window_tokens = self._window_tokens + (_labels(batch) != self._ignore_index).sum()
         step = self.trainer.global_step  # optimizer steps done (unchanged between accumulated batches)
         if step == self._window_step or not writes_metrics(self.trainer, step):
             return

@@ -5,7 +5,8 @@ the GPU. Lightning does that after every batch for every metric logged with `pro
 connector, whatever bar is drawn; `refresh_rate` throttles drawing, not reading), so on a GPU every step ended
 in a host sync and the host could never queue the next step's work early. So the training loss is not logged
 as a progress-bar metric; this bar shows it (TRAIN_METRICS) as the loggers got it: from forgather's module, the
-numbers its DeferredMetrics wrote last (a step after the step they belong to, read without a wait); from any
+numbers its DeferredMetrics wrote last (a step after the step they belong to, read without a wait; the last
+step's written when training ends, before the bar's last update); from any
 other module, the callback metrics when the loggers write (every `log_every_n_steps`) and at the last step. It
 keeps the numbers it last read in between. Outside
 training it shows the progress-bar metrics as usual (validation's loss) beside the last training loss. It also
@@ -73,6 +74,16 @@ class ProgressBar(RichProgressBar):
         for handler, stream in self._redirected:
             handler.setStream(stream)
         self._redirected = []
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # forgather's module writes the last step's numbers in its own on_train_end, after this hook: written here
+        # first (that step is done, no wait), so the bar ends on the run's final loss, not the one written before
+        deferred = getattr(pl_module, "deferred_metrics", None)
+        if isinstance(deferred, DeferredMetrics):
+            deferred.flush(trainer)
+            self._update_metrics(trainer, pl_module)
+            self.refresh()
+        super().on_train_end(trainer, pl_module)
 
     @property
     def total_train_batches(self) -> int | float:

@@ -12,10 +12,21 @@ import torch
 
 def writes_metrics(trainer: pl.Trainer, step: int | None = None) -> bool:
     """Whether the loggers write the metrics of optimizer step `step` (1-based; default: the step just taken):
-    every `log_every_n_steps`-th, and the last one (the run's final numbers)."""
+    every `log_every_n_steps`-th, and the last one (the run's final numbers: max_steps reached, a stop, or the
+    last batch of max_epochs). Step 0 is none: the batches before it accumulate gradients for step 1."""
     step = trainer.global_step if step is None else step
-    last = 0 < trainer.max_steps <= step or trainer.should_stop
+    if step < 1:
+        return False
+    last = 0 < trainer.max_steps <= step or trainer.should_stop or ends_last_epoch(trainer)
     return last or step % max(1, trainer.log_every_n_steps) == 0
+
+
+def ends_last_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the current training batch is the last one of the fit's last epoch (`max_epochs`); known from
+    the batch's start (Lightning's loader fetches a batch ahead)."""
+    max_epochs = trainer.fit_loop.max_epochs
+    last_epoch = max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1
+    return last_epoch and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
 class DeferredMetrics:
