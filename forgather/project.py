@@ -330,6 +330,9 @@ def project_dirs(root: str, recursive: bool) -> list[str]:
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")) and d not in ("templates", "output_models", WORKSPACE_DIR))
         if META_FILE in files:
             found.append(os.path.abspath(parent))
+            # a project's runs (its outputs/ and multirun/, where `--outputs` defaults) hold no projects, only
+            # snapshots with meta.yaml files of their own, and can be many
+            dirs[:] = [d for d in dirs if d not in ("outputs", "multirun")]
         if not recursive:
             break
     return found

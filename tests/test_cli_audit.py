@@ -57,6 +57,16 @@ def test_ls_recursive_does_not_list_run_snapshots_as_projects(tmp_path, capsys):
     assert "snapshot" not in out and out.startswith("p (")
 
 
+def test_a_recursive_search_does_not_walk_a_projects_runs(tmp_path):
+    """A project's outputs/ and multirun/ hold runs (thousands, on a long-lived project), never projects."""
+    from forgather.project import project_dirs
+
+    root = project(tmp_path / "p", "name: p\n")
+    write(Path(root), {"outputs/x/meta.yaml": "name: x\n", "multirun/y/meta.yaml": "name: y\n",
+                       "sub/meta.yaml": "name: sub\n"})
+    assert project_dirs(str(tmp_path), recursive=True) == [root, f"{root}/sub"]
+
+
 def test_a_default_config_named_without_its_suffix_is_marked_default(tmp_path, capsys):
     root = project(tmp_path / "p", "name: p\ndefault_config: b\n")
     assert main(["-p", root, "ls"]) == 0
