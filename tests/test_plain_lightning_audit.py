@@ -169,3 +169,15 @@ def test_a_module_fit_again_by_a_new_trainer_writes_every_logged_step(tmp_path):
     recorder = Recorder()  # e.g. pretraining, then fine-tuning the same module with a trainer of its own
     make_trainer(tmp_path, max_steps=6, log_every_n_steps=3, logger=recorder).fit(model, toy_loader(6))
     assert [step for step, _ in recorder.training_rows()] == [2, 5]
+
+
+def test_the_step_after_a_validation_has_its_throughput(tmp_path):
+    """The window reopened at the end of the first batch after validation, so with log_every_n_steps=1 that
+    step's row had no train/tokens_per_s."""
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, max_steps=6, log_every_n_steps=1, val_check_interval=2, limit_val_batches=1,
+                           logger=recorder)
+    trainer.fit(module(), toy_loader(6), toy_loader(1))
+    rows = dict(recorder.training_rows())
+    assert sorted(rows) == [0, 1, 2, 3, 4, 5]  # Lightning's 0-based steps of optimizer steps 1..6
+    assert [step for step, metrics in rows.items() if "train/tokens_per_s" not in metrics] == [0]

@@ -150,6 +150,7 @@ class CausalLMModule(pl.LightningModule):
         self._window_tokens: torch.Tensor | int = 0  # label tokens since the window's start, on the device
         self._window_start: float | None = None
         self._window_step = -1  # the optimizer step at the window's start
+        self._resume_window = False  # whether validation's end reopens the window
         self._fitting_batches: set[tuple[torch.Size, bool]] = set()
         self.deferred_metrics = DeferredMetrics(TRAIN_METRICS)
         self._grad_norm_from: torch.optim.Optimizer | None = None  # the optimizer measuring this step's norm
@@ -294,8 +295,16 @@ class CausalLMModule(pl.LightningModule):
         self._accumulated_loss = self._accumulated_targets = None  # Lightning accumulates anew each epoch
 
     def on_validation_start(self) -> None:
+        self._resume_window = self._window_start is not None  # training's window, open before this validation
         self._restart_window()  # nor is validation
         self.deferred_metrics.flush(self.trainer)  # the last training row before validation's
+
+    def on_validation_end(self) -> None:
+        if self._resume_window:
+            # reopened now, not at the next batch's end: that batch's step gets its rate (val/loss was read, so
+            # no validation work is left queued to count)
+            self._resume_window = False
+            self._restart_window(perf_counter())
 
     def on_train_end(self) -> None:
         self.deferred_metrics.flush(self.trainer)
