@@ -187,6 +187,7 @@ def test_constructing_every_target_leaves_out_the_var_settings(tmp_path):
         "a: !call:builtins:dict {lr: !var {name: lr, default: 0.1}}\nb: 3\n")
     loaded = Project.load(str(tmp_path)).load_config("c.yaml")
     assert "lr" in loaded.config and loaded.construct() == {"a": {"lr": 0.1}, "b": 3}
+    assert run_code(loaded.code()) == {"a": {"lr": 0.1}, "b": 3}
 
 
 def test_an_empty_or_null_document_is_a_config_without_targets():
