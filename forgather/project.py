@@ -293,7 +293,7 @@ class Project:
         configs = self.configs()
         return self.meta.get("default_config") or (configs[0] if configs else None)
 
-    def config_template(self, config: str | None) -> str:
+    def config_template(self, config: str | None, template_paths: tuple[str, ...] = ()) -> str:
         """The template name of a config given as 'name', 'name.yaml' or '<config_prefix>/name.yaml', or as the
         path of its file (absolute, or from the current directory, as a shell completes it) when that file lies
         in one of the project's template directories."""
@@ -304,15 +304,21 @@ class Project:
         name = name if name.startswith(f"{self.config_prefix}/") else f"{self.config_prefix}/{name}"
         if any(os.path.isfile(os.path.join(directory, name)) for directory in self.template_dirs):
             return name  # a config's name wins over a file of that name in the current directory
-        return self._template_of_file(config) or name
+        template = self._template_of_file(config, template_paths)
+        if template is None and os.path.isabs(config) and os.path.isfile(config):  # no config name: a file
+            raise ValueError(f"-t {config}: this file lies outside the project's template directories "
+                             f"({', '.join([*self.template_dirs, *template_paths])}); copy it into "
+                             f"{self.config_prefix}/ of one of them, or add the directory it is a template of "
+                             f"with --template-path DIR")
+        return template or name
 
-    def _template_of_file(self, path: str) -> str | None:
+    def _template_of_file(self, path: str, template_paths: tuple[str, ...] = ()) -> str | None:
         """The template name of the file at `path`, relative to the template directory holding it; None when
         there is no such file or it lies outside the project's template directories."""
         if not os.path.isfile(path):
             return None
         found = os.path.realpath(path)
-        for directory in self.template_dirs:
+        for directory in [*self.template_dirs, *template_paths]:
             inside = os.path.relpath(found, os.path.realpath(directory))
             if not inside.startswith(os.pardir + os.sep) and inside != os.pardir:
                 return inside.replace(os.sep, "/")
@@ -320,7 +326,7 @@ class Project:
 
     def load_config(self, config: str | None, template_paths: tuple[str, ...] = (), **context: Any) -> "LoadedConfig":
         templates = TemplateEnvironment(self.search_path(template_paths))
-        return LoadedConfig(self, self.config_template(config), templates, context)
+        return LoadedConfig(self, self.config_template(config, tuple(template_paths)), templates, context)
 
 
 def project_dirs(root: str, recursive: bool) -> list[str]:

@@ -111,3 +111,15 @@ def test_graph_prints_text_as_written_not_escaped(tmp_path, capsys):
     root = project(tmp_path, 'b: "héllo ✓"\n')
     assert main(["-p", root, "-t", "c.yaml", "graph"]) == 0
     assert "b: héllo ✓" in capsys.readouterr().out
+
+
+def test_a_config_file_outside_the_projects_templates_says_so_and_template_path_takes_it(tmp_path, capsys):
+    """`-t /elsewhere/templates/configs/c.yaml` was looked up as `configs//elsewhere/...` and not found."""
+    root = project(tmp_path, "a: 1\n")
+    write(tmp_path / "elsewhere", {"templates/configs/x.yaml": "b: 2\n"})
+    outside = str(tmp_path / "elsewhere" / "templates" / "configs" / "x.yaml")
+    assert main(["-p", root, "-t", outside, "pp"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: -t {outside}: this file lies outside the project's template directories")
+    assert main(["-p", root, "--template-path", str(tmp_path / "elsewhere" / "templates"), "-t", outside, "pp"]) == 0
+    assert capsys.readouterr().out == "b: 2\n"
