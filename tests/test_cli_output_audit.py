@@ -123,3 +123,15 @@ def test_a_config_file_outside_the_projects_templates_says_so_and_template_path_
     assert err.startswith(f"error: -t {outside}: this file lies outside the project's template directories")
     assert main(["-p", root, "--template-path", str(tmp_path / "elsewhere" / "templates"), "-t", outside, "pp"]) == 0
     assert capsys.readouterr().out == "b: 2\n"
+
+
+def test_an_error_raised_in_the_users_code_names_its_file_and_line(tmp_path, capsys):
+    """The node and its config line were named, but not where in the user's model code the error came from."""
+    root = project(tmp_path, "a: !call:.thing:Thing [3]\nb: !call:builtins:int [x]\n")
+    write(tmp_path / "p", {"model_src/thing.py": "def helper(x):\n    raise ValueError(f'bad x {x}')\n\n\n"
+                                                  "class Thing:\n    def __init__(self, x):\n        helper(x)\n"})
+    assert main(["-p", root, "-t", "c.yaml", "construct", "--target", "a"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(
+        f"raised ValueError: bad x 3 (at {root}/model_src/thing.py:2 in helper)")
+    assert main(["-p", root, "-t", "c.yaml", "construct", "--target", "b"]) == 2  # raised by Python itself
+    assert capsys.readouterr().err.rstrip().endswith("raised ValueError: invalid literal for int() with base 10: 'x'")

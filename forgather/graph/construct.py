@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 from typing import Any, Mapping
 
@@ -114,10 +115,30 @@ class _Builder:
             except ConstructError:
                 raise
             except Exception as error:
-                raise ConstructError(path, f"{target}(...) raised {type(error).__name__}: {error}") from error
+                where = _user_frame(error)
+                raise ConstructError(path, f"{target}(...) raised {type(error).__name__}: {error}"
+                                           + (f" (at {where})" if where else "")) from error
         if node_id is not None and not factory:
             self.memo[node_id] = result
         return result
+
+
+def _user_frame(error: BaseException) -> str | None:
+    """`file:line in function` of the innermost frame of the error's traceback that is the user's code (a project's
+    model source, a script): not Python's library, an installed package or Forgather itself. None if there is none."""
+    import sysconfig
+    import traceback
+
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the forgather package
+    libraries = {os.path.realpath(sysconfig.get_path(name)) for name in ("stdlib", "purelib", "platlib")}
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = os.path.realpath(frame.filename)
+        if frame.filename.startswith("<") or path.startswith(ours + os.sep):
+            continue
+        if any(path.startswith(library + os.sep) for library in libraries):
+            continue
+        return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return None
 
 
 def _check_keywords(function: Any, target: Any, kwargs: Mapping[str, Any], path: str) -> None:
