@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from forgather.loss import CCELoss, ChunkedLoss, LigerLoss, MissingExtraError, NaiveLoss, get_loss
+from helpers.losses import loss_and_grads
 
 torch.set_num_threads(1)
 
@@ -18,14 +19,6 @@ def make_inputs(batch=2, seq=9, hidden=16, vocab=37, dtype=torch.float32, seed=0
     w = (torch.randn(vocab, hidden, generator=gen, dtype=dtype) * 0.5).requires_grad_()
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     return h, w, labels
-
-
-def loss_and_grads(loss_fn, h, w, labels):
-    h = h.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    loss = loss_fn(h, w, labels)
-    loss.backward()
-    return loss.detach(), h.grad, w.grad
 
 
 def test_naive_loss_predicts_the_next_token():

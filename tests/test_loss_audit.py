@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from forgather.loss import CCELoss, ChunkedLoss, FusedLoss, LigerLoss, MissingExtraError, NaiveLoss
+from helpers.losses import loss_and_grads
 
 torch.set_num_threads(1)
 
@@ -22,14 +23,6 @@ def make_inputs(batch=2, seq=9, hidden=16, vocab=VOCAB, dtype=torch.float32, see
     w = (torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     return h, w, labels
-
-
-def loss_and_grads(loss_fn, h, w, labels):
-    h = h.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    loss = loss_fn(h, w, labels)
-    loss.backward()
-    return loss.detach(), h.grad, w.grad
 
 
 LOSSES = {
