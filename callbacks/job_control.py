@@ -481,11 +481,16 @@ class JobControl(pl.Callback):
             except OSError as error:  # raised on every rank alike: all go on training
                 failure = f"the checkpoint could not be written: {_reason(error)}; training goes on"
                 reply = {"ok": False, "command": action, "step": step, "error": f"{action}: {failure}"}
+        ends = "training ends"
         if action == "stop" and failure is None:
             trainer.should_stop = True
+            held = _minimum_not_reached(trainer, step)
+            if held:  # Lightning trains on to the Trainer's minimum, then stops: say so, not that training ends now
+                ends = reply["note"] = f"training ends at {held}, the Trainer's minimum"
         if trainer.is_global_zero:
             # The run's own output says what ended or checkpointed it, not only the client's terminal.
-            done = {"save": "checkpoint saved, training goes on", "stop": "checkpoint saved, training ends", "abort": "training ends, nothing saved"}[action]
+            done = {"save": "checkpoint saved, training goes on", "stop": f"checkpoint saved, {ends}",
+                    "abort": "training ends, nothing saved"}[action]
             where = f": {reply['checkpoint']}" if "checkpoint" in reply else ""
             print(f"forgather control {action} (job {self.job_id}) at step {step}: {failure or done + where}", flush=True)
         if pending is not None:
@@ -571,6 +576,18 @@ def _signal_number(value: str | int) -> int:
     except (KeyError, ValueError):
         names = ", ".join(s.name for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP))
         raise ValueError(f"stop_signals: {value!r} is not a signal; give names such as {names}") from None
+
+
+def _minimum_not_reached(trainer: pl.Trainer, step: int) -> str | None:
+    """What of the Trainer's minimum is not reached at `step` (`min_steps=N`, `min_epochs=N`: whole epochs, which
+    Lightning sets to 1 when only min_steps is given), which a stop waits for; None when it ends training now."""
+    loop = trainer.fit_loop
+    held = []
+    if loop.min_steps and step < loop.min_steps:
+        held.append(f"min_steps={loop.min_steps}")
+    if loop.min_epochs and loop.epoch_progress.current.processed < loop.min_epochs:
+        held.append(f"min_epochs={loop.min_epochs}")
+    return " and ".join(held) or None
 
 
 def _remove(path: Path) -> None:

@@ -32,12 +32,12 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache" / "jobs"
 
 
-def _fit(run_dir: Path, *callbacks: pl.Callback, max_steps: int = 6) -> pl.Trainer:
+def _fit(run_dir: Path, *callbacks: pl.Callback, max_steps: int = 6, **trainer_options) -> pl.Trainer:
     """A few steps of the tests' tiny regression in this process, `callbacks` in this order."""
     run_dir.mkdir(parents=True, exist_ok=True)  # the helper's module writes its pid there
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=run_dir, callbacks=list(callbacks),
+        enable_model_summary=False, default_root_dir=run_dir, callbacks=list(callbacks), **trainer_options,
     )
     trainer.fit(TinyRegression(0.0), DataLoader(RandomRegression(), batch_size=8))
     return trainer
@@ -410,3 +410,15 @@ def test_a_status_to_a_job_that_never_answers_gives_up_in_15_s(registry: Path, t
         assert time.monotonic() - start < 20
     assert capsys.readouterr().err == ("error: job frozen did not answer 'status' within 15 s "
                                        "(its process may be suspended or overloaded)\n")
+
+
+def test_a_stop_before_the_trainers_minimum_says_training_goes_on_to_it(registry: Path, tmp_path: Path, capsys) -> None:
+    """Lightning trains on to min_steps after a stop (min_epochs=0: Lightning makes it 1 when only min_steps is
+    given): the client and the log were told that training ends."""
+    control = JobControl(job_id="minsteps")
+    sender = SendAt(control, "stop")
+    trainer = _fit(tmp_path / "run", sender, control, max_steps=8, min_steps=5, min_epochs=0)
+    reply = sender.reply()
+    assert trainer.global_step == 5
+    assert reply["ok"] is True and reply["note"] == "training ends at min_steps=5, the Trainer's minimum"
+    assert "at step 2: checkpoint saved, training ends at min_steps=5, the Trainer's minimum" in capsys.readouterr().out

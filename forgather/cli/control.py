@@ -151,7 +151,8 @@ def _describe(job_id: str, command: str, reply: dict[str, Any]) -> str:
             f"tokens/s {_number(reply.get('tokens_per_s'), '.0f')}  ETA {_duration(reply.get('eta_s'))}"
         )
     saved = f", checkpoint {reply['checkpoint']}" if "checkpoint" in reply else ""
-    return f"job {job_id}: {command} done at step {reply.get('step')}{saved}"
+    note = f"; {reply['note']}" if reply.get("note") else ""
+    return f"job {job_id}: {command} done at step {reply.get('step')}{saved}{note}"
 
 
 def _number(value: float | None, spec: str = ".4g") -> str:
