@@ -159,6 +159,23 @@ def test_a_search_asks_no_more_trials_at_once_than_the_launcher_runs(tmp_path, c
         "a local Ray runs as many as its CPUs, a cluster as many as it has room for, which this machine does not know"
 
 
+def test_local_jobs_a_search_leaves_idle_are_noted(tmp_path, capsys):
+    """launcher.jobs=4 with the default sweeper.n_jobs=1 ran one trial at a time, without a word."""
+    class LocalRecorded(Recorded):
+        """As the local launcher: `jobs` points at once."""
+
+        def __init__(self, jobs: int) -> None:
+            super().__init__({"val/loss": 1.0}, parallel=jobs)
+            self.jobs = jobs
+
+    search(tmp_path, LocalRecorded(jobs=4), n_trials=2, n_jobs=1)
+    assert ("note: launcher.jobs=4, but sweeper.n_jobs=1: the search asks 1 trial at a time, so 1 point run at once ;"
+            " set sweeper.n_jobs=4 to use them all") in capsys.readouterr().err
+    (tmp_path / "all").mkdir()
+    search(tmp_path / "all", LocalRecorded(jobs=2), n_trials=2, n_jobs=2)
+    assert "note:" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ({"n_startup_trials": -1}, "sweeper.n_startup_trials=-1: give 0 or more"),
     ({"n_warmup_steps": -2}, "sweeper.n_warmup_steps=-2: give 0 or more"),

@@ -229,6 +229,11 @@ class OptunaSweeper(Sweeper):
             print(f"warning: sweeper.n_jobs={self.n_jobs}, but the launcher runs {at_once} point{'s' * (at_once != 1)} at "
                   f"a time: the search asks {at_once} trial{'s' * (at_once != 1)} at a time ; to run more, raise "
                   f"launcher.jobs (or the launcher's own limit)", file=sys.stderr, flush=True)
+        jobs = getattr(context.launcher, "jobs", None)  # the local launcher's, which the user set to run several
+        if isinstance(jobs, int) and self.n_jobs < jobs:
+            print(f"note: launcher.jobs={jobs}, but sweeper.n_jobs={self.n_jobs}: the search asks {self.n_jobs} "
+                  f"trial{'s' * (self.n_jobs != 1)} at a time, so {self.n_jobs} point{'s' * (self.n_jobs != 1)} "
+                  f"run at once ; set sweeper.n_jobs={jobs} to use them all", file=sys.stderr, flush=True)
         while todo > 0:
             batch = [study.ask(space) for _ in range(min(at_once, todo))]
             plans = []
