@@ -56,6 +56,7 @@ import torch
 
 from forgather.callbacks import job_registry
 from forgather.callbacks.job_registry import JobRecord
+from forgather.lightning.checkpoint_io import remove_quietly
 from forgather.lightning.steps import writes_metrics
 
 # The wire code of each action in the per-step agreement of the ranks; 0 means "nothing to do".
@@ -545,9 +546,9 @@ class JobControl(pl.Callback):
                 error = raised
         if _agree(trainer, int(error is not None)):
             if trainer.is_global_zero:
-                _remove(staging)
+                remove_quietly(staging)
                 if error is None:  # renamed, but another rank's part of it is missing
-                    _remove(path)
+                    remove_quietly(path)
             raise error or OSError("the checkpoint could not be written on another rank")
         return path
 
@@ -588,14 +589,6 @@ def _minimum_not_reached(trainer: pl.Trainer, step: int) -> str | None:
     if loop.min_epochs and loop.epoch_progress.current.processed < loop.min_epochs:
         held.append(f"min_epochs={loop.min_epochs}")
     return " and ".join(held) or None
-
-
-def _remove(path: Path) -> None:
-    """Remove a checkpoint: a file, or a sharded strategy's directory."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _reason(error: BaseException) -> str:

@@ -67,9 +67,15 @@ def remove_staging(directory: str | os.PathLike, target: str | None = None) -> l
             if restored[match["target"]] != entry.name:
                 removed.append(entry)
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        remove_quietly(entry)
         removed.append(entry)
     return removed
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a checkpoint or its staging, a file or a sharded strategy's directory (a link itself, not what it
+    points to); nothing there is no error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
