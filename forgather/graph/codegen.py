@@ -3,7 +3,8 @@
 The module uses plain imports (`from torch.optim import AdamW`), needs nothing from Forgather, and keeps
 construction semantics: a node with an `_id_` becomes a local variable (built once, shared by every
 use), a factory with an `_id_` becomes a local function called at every use, a partial is
-`functools.partial(...)`, latent args (`_kwargs_`) are `**{...}` after the keyword arguments, and a meta
+`functools.partial(...)` (one holding a factory a local function, which builds the factory's arguments at
+every call as construct's FreshPartial does), latent args (`_kwargs_`) are `**{...}` after the keyword arguments, and a meta
 call gets its arguments' config as literal data. A top-level scalar that other values interpolate (`${lr}`, a `!var`) becomes a
 parameter of `construct()` with its value as the default. Files named by path (`/x/y.py:Name`,
 `.relative:Name`) are loaded with importlib, since they are no importable module.
@@ -20,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from forgather.graph.config import RESERVED_KEYS
+from forgather.graph.config import RESERVED_KEYS, holds_factory
 from forgather.graph.imports import module_file, split_spec
 
 _REFERENCE = re.compile(r"^\$\{([\w.\-]+)\}$")
@@ -171,20 +172,48 @@ class _Generator:
     def _node(self, node: dict, path: str, indent: int) -> str:
         node_id = node.get("_id_")
         factory = bool(node.get("_factory_"))
-        if node_id is None:
+        fresh = bool(node.get("_partial_")) and any(self._holds_factory(arg, where) for arg, where in _arguments(node, path))
+        if node_id is None and not fresh:
             return self._call(node, path, indent)
-        if node_id not in self.defined:
-            name = self._fresh(str(node_id))
-            call = self._call(node, path, 1 if not factory else 2)
-            if factory:
-                self.body.append(f"def {name}():\n        return {call}")
-                self.defined[node_id] = f"{name}()"
+        if node_id is None or node_id not in self.defined:
+            key = path.rsplit(".", 1)[-1]  # an unnamed partial is called after its key (`causal_model`)
+            stem = key if key.isidentifier() and not key.startswith("_") else str(node["_target_"]).split(":")[-1].split(".")[-1]
+            name = self._fresh(str(node_id) if node_id is not None else stem)
+            if fresh:
+                args, kwargs = self._fresh("args"), self._fresh("kwargs")
+                call = self._call(node, path, 2, forward=(args, kwargs))
+                self.body.append(f"def {name}(*{args}, **{kwargs}):\n        return {call}")
+                expression = name
+            elif factory:
+                self.body.append(f"def {name}():\n        return {self._call(node, path, 2)}")
+                expression = f"{name}()"
             else:
-                self.body.append(f"{name} = {call}")
-                self.defined[node_id] = name
+                self.body.append(f"{name} = {self._call(node, path, 1)}")
+                expression = name
+            if node_id is None:
+                return expression
+            self.defined[node_id] = expression
         return self.defined[node_id]
 
-    def _call(self, node: dict, path: str, indent: int) -> str:
+    def _holds_factory(self, value: Any, path: str, depth: int = 0) -> bool:
+        """config.holds_factory on the unresolved config: an interpolation is followed to what it names (a value
+        still missing, `???`, is none), where resolving the subtree would stop at the missing value."""
+        if isinstance(value, str) and (match := _REFERENCE.match(value)) and depth < 64:
+            referenced = _absolute(match.group(1), path)
+            try:
+                target = self._lookup(referenced)
+            except (KeyError, IndexError, ValueError, TypeError):
+                return False
+            return self._holds_factory(target, referenced, depth + 1)
+        if isinstance(value, dict) and "_target_" not in value:
+            return any(self._holds_factory(item, f"{path}.{key}", depth) for key, item in value.items())
+        if isinstance(value, list):
+            return any(self._holds_factory(item, f"{path}.{i}", depth) for i, item in enumerate(value))
+        return holds_factory(value)
+
+    def _call(self, node: dict, path: str, indent: int, forward: tuple[str, str] | None = None) -> str:
+        """The call of `node`; `forward` (names of *args and **kwargs) makes a partial's body: the call with
+        those passed on after its own arguments."""
         value = self._data if node.get("_meta_") else self.expr
         args = [value(arg, f"{path}._args_.{i}", indent + 1) for i, arg in enumerate(node.get("_args_", ()))]
         named = {
@@ -194,14 +223,19 @@ class _Generator:
         }
         kwargs = [f"{key}={item}" for key, item in named.items()]
         spelled = all(map(_is_keyword_name, named))
-        if node.get("_kwargs_") is not None or not spelled:
-            # One mapping: latent args, merged last, win over keywords of the same name; and a keyword that is no
-            # Python name (`my-key`, `class`) can only be passed this way.
+        if node.get("_kwargs_") is not None or not spelled or forward:
+            # One mapping: latent args, merged last, win over keywords of the same name, and a partial's caller over
+            # both; and a keyword that is no Python name (`my-key`, `class`) can only be passed this way.
             entries = [f"{key!r}: {item}" for key, item in named.items()]
             if node.get("_kwargs_") is not None:
                 entries.append("**" + self.expr(node["_kwargs_"], f"{path}._kwargs_", indent + 2))
+            if forward:
+                entries.append(f"**{forward[1]}")
             kwargs = ["**" + self._wrap("{", entries, "}", indent + 1)]
         target = node["_target_"]
+        if forward:
+            searchpath = self._value(f"{path}._searchpath_") if "_searchpath_" in node else None
+            return self._wrap(f"{self._function(target, searchpath)}(", [*args, f"*{forward[0]}", *kwargs], ")", indent)
         literal = self._literal(target, node, args, kwargs)
         if literal is not None:
             return literal
@@ -304,6 +338,14 @@ class _Generator:
         body = "".join(f"    {line}\n" for line in self.body)
         text = "\n".join(head)
         return f"{text.rstrip()}\n\n\ndef construct({signature}):\n{body}    return {result}\n"
+
+
+def _arguments(node: dict, path: str) -> list[tuple[Any, str]]:
+    """A call node's arguments (positional, keyword, latent) as config, with their paths."""
+    named = [(item, f"{path}.{key}") for key, item in node.items()
+             if key not in RESERVED_KEYS and not (key.startswith("_") and key.endswith("_"))]
+    positional = [(arg, f"{path}._args_.{i}") for i, arg in enumerate(node.get("_args_", ()))]
+    return [*positional, *named, (node.get("_kwargs_"), f"{path}._kwargs_")]
 
 
 def generate_code(config: DictConfig, target: str | None = None, base_dir: str | None = None, title: str = "",

@@ -5,7 +5,9 @@
                  config, not constructed), and `_id_` when the node is named or shared; its latent args
                  become `_kwargs_` (a mapping merged over the keyword arguments when it is built) and its
                  submodule search path `_searchpath_`
-    VarNode      "${name}", with a top-level `name: default` (or `???` when it has none)
+    VarNode      "${name}", with a top-level `name: default` (or `???` when it has none); the default is
+                 the one any occurrence gives, wherever it stands (the reference reads each occurrence's own
+                 default, and two different ones are refused at load)
     str          escaped, so that a literal "${" stays literal
 
 A meta call's arguments are data for its target, not nodes to build: they are written out in full (no
@@ -21,8 +23,15 @@ as anywhere, so a `!factory` inside is called once per use. `!dict`/`!list` make
 Mapping keys keep YAML's types (ints, floats, bools: a label map `{0: neg}`). A path through a key that is no
 string cannot be interpolated, so a node shared from under one is written in full at each use (its `_id_`
 still makes it one object).
+A partial's argument that holds a factory (`holds_factory`) is built again at every call of the partial, as
+the reference's `!partial` materializes its arguments per call; the singletons among such a partial's
+arguments get an `_id_`, so the calls share them (in the reference they are built once as well).
 Top-level keys starting with '.' hold definitions, not targets: they live on where they are used and are
 not written.
+
+A keyword argument named like the vocabulary's own keys (`_args_`, `_target_`, any `_name_`) is an error at
+its node: written as a config key it would change the call instead of reaching the callable (the reference
+passes it on; the config cannot say that).
 
 Two different nodes with the same `@name` are an error (a `GraphError` at the second one's line), as in the
 reference Forgather: sharing one `_id_`, they would silently become one object.
@@ -36,6 +45,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -45,6 +55,7 @@ from forgather.graph.nodes import MISSING, CallNode, Graph, VarNode, children, w
 from forgather.graph.yaml_loader import GraphError
 
 RESERVED_KEYS = ("_target_", "_args_", "_partial_", "_factory_", "_meta_", "_kwargs_", "_searchpath_", "_id_")
+_VOCABULARY_KEY = re.compile(r"_\w+_")  # Hydra's and ours: _target_, _args_, _recursive_ ...
 _SIMPLE_KEY = re.compile(r"^[A-Za-z_][\w-]*$|^\d+$")
 
 
@@ -70,17 +81,38 @@ def _graph_children(value: Any) -> list[tuple[str, Any]]:
     return children(value)
 
 
+def holds_factory(value: Any) -> bool:
+    """Whether building `value` calls a factory: it is one (a `!factory` node, or a config node with
+    `_factory_`), or a plain list or mapping holding one. A call of another kind builds its arguments once,
+    whatever they hold, so the search stops there. Such an argument of a partial is built again at every call
+    of the partial, as the reference's `!partial` does: a model partial holding `layer_stack: !factory:...`
+    gives each model its own layers."""
+    if isinstance(value, CallNode):
+        return value.kind == "factory"
+    if isinstance(value, Mapping):
+        if "_target_" in value:
+            return bool(value.get("_factory_"))
+        return any(holds_factory(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(holds_factory(item) for item in value)
+    return False
+
+
 def _path_counts(graph: Graph) -> Counter:
     """For each node object (call node or container), over how many paths the targets reach it.
 
     A node reached over two paths (aliased itself, or inside an aliased factory) is shared: apart from
-    factories, every node is one object however it is reached. Counted over the DAG in topological order,
-    so deep chains of aliases cost linear time.
+    factories, every node is one object however it is reached. The arguments of a partial that holds a factory
+    count as reached twice, since calls of the partial build them again: their singletons are shared by the
+    calls. Counted over the DAG in topological order, so deep chains of aliases cost linear time.
     """
     def is_node(value: Any) -> bool:
         return isinstance(value, (CallNode, dict, list))
 
-    edges: dict[int, list[int]] = {}
+    def times(value: Any, found: list[Any]) -> int:
+        return 2 if isinstance(value, CallNode) and value.kind == "partial" and any(map(holds_factory, found)) else 1
+
+    edges: dict[int, list[tuple[int, int]]] = {}
     objects: dict[int, Any] = {}
     stack = [graph.nodes[key] for key in graph.targets if is_node(graph.nodes[key])]
     while stack:
@@ -89,15 +121,16 @@ def _path_counts(graph: Graph) -> Counter:
             continue
         objects[id(value)] = value
         found = [child for _, child in _graph_children(value) if is_node(child)]
-        edges[id(value)] = [id(child) for child in found]
+        factor = times(value, found)
+        edges[id(value)] = [(id(child), factor) for child in found]
         stack.extend(found)
-    indegree: Counter = Counter(child for targets in edges.values() for child in targets)
+    indegree: Counter = Counter(child for targets in edges.values() for child, _ in targets)
     counts: Counter = Counter(id(graph.nodes[key]) for key in graph.targets if is_node(graph.nodes[key]))
     ready = [key for key in objects if indegree[key] == 0]
     while ready:
         key = ready.pop()
-        for child in edges[key]:
-            counts[child] += counts[key]
+        for child, factor in edges[key]:
+            counts[child] += counts[key] * factor
             indegree[child] -= 1
             if indegree[child] == 0:
                 ready.append(child)
@@ -181,7 +214,8 @@ class _Converter:
         if isinstance(value, CallNode):
             return self._call(value, path)
         if isinstance(value, VarNode):
-            self.vars.setdefault(value.name, value.default)
+            if self.vars.get(value.name, MISSING) is MISSING:
+                self.vars[value.name] = value.default
             return "${" + value.name + "}"
         if isinstance(value, dict):
             return {_config_key(k): self.convert(v, f"{path}.{k}") for k, v in value.items()}
@@ -202,6 +236,10 @@ class _Converter:
     def _node(self, node: CallNode, path: str, convert, convert_arguments) -> dict[str, Any]:
         target = anchored(node.target, self.file_root) if self.file_root is not None else node.target
         out: dict[str, Any] = {"_target_": target}
+        reserved = [name for name in node.kwargs if isinstance(name, str) and _VOCABULARY_KEY.fullmatch(name)]
+        if reserved:
+            raise GraphError(f"keyword argument {reserved[0]!r} of {node.target}: names of the form _name_ are the config's own "
+                             f"keys (_target_, _args_, _partial_ ...); pass positional arguments as a list, or rename it", node.line)
         if node.args:
             out["_args_"] = [convert_arguments(arg, f"{path}._args_.{i}") for i, arg in enumerate(node.args)]
         for name, arg in node.kwargs.items():

@@ -3,7 +3,8 @@
 Semantics of a `_target_` node (see config.py for the vocabulary):
     plain              target(*_args_, **kwargs), one object per node; nodes with the same `_id_` are one
                        object (the first construction is memoized under the id)
-    _partial_: true    functools.partial(target, *_args_, **kwargs), memoized by `_id_` likewise
+    _partial_: true    functools.partial(target, *_args_, **kwargs), memoized by `_id_` likewise; an argument
+                       holding a factory (config.holds_factory) is built again at every call (FreshPartial)
     _factory_: true    a new object at every occurrence, `_id_` notwithstanding
     _meta_: true       target(*_args_, **kwargs) with the arguments as config (plain dicts and lists with
                        `_target_` nodes, interpolations resolved), not constructed; memoized like plain
@@ -29,7 +30,7 @@ from omegaconf.errors import InterpolationResolutionError, InterpolationToMissin
 
 from forgather.errors import UserError, did_you_mean
 from forgather.graph.annotations import mismatch, parameters_of
-from forgather.graph.config import RESERVED_KEYS
+from forgather.graph.config import RESERVED_KEYS, holds_factory
 from forgather.graph.imports import import_spec
 
 # Hydra keys we accept and ignore: our construction always recurses and returns Python objects.
@@ -92,19 +93,18 @@ class _Builder:
             raise ConstructError(
                 _join(path, "_args_"), f"_args_ must be a list of positional arguments, got {type(positional).__name__} {positional!r}"
             )
+        named = {key: item for key, item in node.items() if key not in RESERVED_KEYS and key not in _IGNORED_HYDRA_KEYS}
+        if node.get("_partial_") and any(map(holds_factory, [*positional, *named.values(), node.get("_kwargs_")])):
+            result = self.fresh_partial(function, target, positional, named, node.get("_kwargs_"), path)
+            if node_id is not None:
+                self.memo[node_id] = result
+            return result
         # A meta call takes its arguments' config as they are.
         build = (lambda item, _: item) if node.get("_meta_") else self.build
         args = [build(arg, _join(path, f"_args_.{i}")) for i, arg in enumerate(positional)]
-        kwargs = {
-            key: build(item, _join(path, key))
-            for key, item in node.items()
-            if key not in RESERVED_KEYS and key not in _IGNORED_HYDRA_KEYS
-        }
+        kwargs = {key: build(item, _join(path, key)) for key, item in named.items()}
         if node.get("_kwargs_") is not None:
-            extra = self.build(node["_kwargs_"], _join(path, "_kwargs_"))
-            if not isinstance(extra, Mapping):
-                raise ConstructError(_join(path, "_kwargs_"), f"latent args must construct to a mapping of keyword arguments, not {type(extra).__name__}")
-            kwargs.update(extra)
+            kwargs.update(self.latent(node["_kwargs_"], path))
         if not node.get("_meta_"):
             _check_keywords(function, target, kwargs, path)
         if node.get("_partial_"):
@@ -121,6 +121,64 @@ class _Builder:
         if node_id is not None and not factory:
             self.memo[node_id] = result
         return result
+
+
+    def latent(self, config: Any, path: str) -> Mapping[str, Any]:
+        extra = self.build(config, _join(path, "_kwargs_"))
+        if not isinstance(extra, Mapping):
+            raise ConstructError(_join(path, "_kwargs_"), f"latent args must construct to a mapping of keyword arguments, not {type(extra).__name__}")
+        return extra
+
+    def fresh_partial(self, function: Any, target: Any, positional: list, named: dict[str, Any], latent: Any, path: str) -> "FreshPartial":
+        """A partial holding a factory, built as the reference builds a `!partial`'s arguments at every call: its
+        arguments that hold a factory, and its plain lists and mappings, are kept as config and built at each
+        call by this builder, so the singletons among them (which carry an `_id_`: config.py) are shared by the
+        calls; the others (scalars, singletons) are built now. Positional arguments from the first renewed one
+        on are all kept for the call."""
+        def renewed(value: Any) -> bool:
+            return holds_factory(value) or isinstance(value, list) or (isinstance(value, Mapping) and "_target_" not in value)
+
+        first = next((i for i, arg in enumerate(positional) if renewed(arg)), len(positional))
+        args = [self.build(arg, _join(path, f"_args_.{i}")) for i, arg in enumerate(positional[:first])]
+        tail = [(arg, _join(path, f"_args_.{i}")) for i, arg in enumerate(positional) if i >= first]
+        fresh_latent = latent is not None and renewed(latent)
+        fixed = {key: self.build(item, _join(path, key)) for key, item in named.items() if not renewed(item)}
+        if latent is not None and not fresh_latent:
+            fixed.update(self.latent(latent, path))  # latent args win over keywords, renewed ones too
+        fresh = {key: (item, _join(path, key)) for key, item in named.items() if renewed(item) and key not in fixed}
+        _check_keywords(function, target, fixed, path, unbuilt=list(fresh))
+        result = FreshPartial(function, *args, **fixed)
+        # Attributes, not a closure, so that the partial pickles (a DataLoader worker, saved hyperparameters).
+        result.builder, result.tail, result.fresh = self, tail, fresh
+        result.latent = (latent, path) if fresh_latent else None
+        result.order = list(dict.fromkeys([*named, *fixed]))  # the config's order of keywords, latent ones last
+        return result
+
+
+class FreshPartial(functools.partial):
+    """A `!partial` holding a `!factory`, whose arguments are built anew at every call as the reference Forgather
+    builds a `!partial`'s: a model partial holding `layer_stack: !factory:...` gives every model its own layers,
+    where functools.partial would hand every call one stack built in advance. `args` and `keywords` hold the
+    arguments built once (scalars, singletons); `fresh_arguments()` builds the positional ones to follow `args`,
+    and gives every keyword, in the config's order."""
+
+    builder: _Builder
+    tail: list[tuple[Any, str]]  # (config, path) of the positional arguments built at each call
+    fresh: dict[str, tuple[Any, str]]  # keyword -> (config, path), built at each call
+    latent: tuple[Any, str] | None  # latent args built at each call: (config, the node's path)
+    order: list[str]
+
+    def fresh_arguments(self) -> tuple[list[Any], dict[str, Any]]:
+        built = {key: self.builder.build(item, where) for key, (item, where) in self.fresh.items()}
+        if self.latent is not None:
+            built.update(self.builder.latent(*self.latent))
+        merged = {**self.keywords, **built}
+        keywords = {key: merged[key] for key in dict.fromkeys([*self.order, *merged])}
+        return [self.builder.build(arg, where) for arg, where in self.tail], keywords
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        tail, keywords = self.fresh_arguments()
+        return self.func(*self.args, *tail, *args, **{**keywords, **kwargs})
 
 
 def _user_frame(error: BaseException) -> str | None:
@@ -141,18 +199,19 @@ def _user_frame(error: BaseException) -> str | None:
     return None
 
 
-def _check_keywords(function: Any, target: Any, kwargs: Mapping[str, Any], path: str) -> None:
+def _check_keywords(function: Any, target: Any, kwargs: Mapping[str, Any], path: str, unbuilt: list[str] = ()) -> None:
     """A keyword `function` has no parameter for is an error here, at the config's node, with the close names;
     a partial (an optimizer's) would otherwise carry it until Lightning calls it, far from the config. So is a
     value that certainly does not fit its parameter's annotation (annotations.py). Callables whose signature
-    cannot be read, or that take **kwargs, are left to fail (or not) when called."""
+    cannot be read, or that take **kwargs, are left to fail (or not) when called. `unbuilt` keywords (a fresh
+    partial's) are checked by name only."""
     parameters = parameters_of(function)
     if parameters is None:  # builtins and C extensions without a signature
         return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     named = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
-    for key in kwargs:
+    for key in [*kwargs, *unbuilt]:
         if key not in named:
             hint = did_you_mean(str(key), named, n=2)
             hint += " " if hint else ""

@@ -1,8 +1,9 @@
 """Import specs: the strings after a YAML tag's colon, and `_target_` values.
 
 Forms (ARCHITECTURE.md, stage 2):
-    builtin                     a name in `builtins` (`dict`, `list`, `print`), or one of the reference
-                                Forgather's own bare targets (`getitem`, `call` ...: REFERENCE_CALLABLES)
+    builtin                     a name in `builtins` (`dict`, `list`, `print`), an attribute path from one
+                                (`str.upper`, `dict.fromkeys`), or one of the reference Forgather's own bare
+                                targets (`getitem`, `call` ...: REFERENCE_CALLABLES)
     module:Name                 `from module import Name`
     module.sub:Name.attr        attribute path after the colon
     /path/file.py:Name          a Python file loaded by path; a relative one (`./src/x.py:Name`) is found
@@ -173,6 +174,8 @@ def _import_dotted(spec: str) -> Any:
             return getattr(builtins, spec)
         raise ImportSpecError(f"{spec!r} is not a builtin; write 'module:{spec}' to import it from a module")
     parts = spec.split(".")
+    if hasattr(builtins, parts[0]):  # `str.upper`, `dict.fromkeys`: a builtin's attribute, as the reference reads it
+        return _getattr_path(builtins, spec, spec)
     for cut in range(len(parts) - 1, 0, -1):
         module = ".".join(parts[:cut])
         try:
