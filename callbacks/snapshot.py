@@ -14,7 +14,10 @@ Writes `<run_dir>/snapshot/` once, on global rank 0, in `setup("fit")`:
     model_code.py          standalone Python building the model (`forgather code --target model`), if given
 
 The directory is assembled beside its final place and renamed into it (atomic); an existing snapshot (a
-resumed run) is left as it is. Usable from plain Lightning code: every argument is optional.
+resumed run) is left as it is, and the resume is added to its `resumes.yaml` (in `on_train_start`, once the
+checkpoint is restored): the time, the checkpoint and step it continued from, its overrides and command line.
+Without it the overrides a run was resumed with (`max_steps=`, `lr=`) were recorded nowhere. Usable from plain
+Lightning code: every argument is optional.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import pytorch_lightning as pl
 import yaml
 
 SNAPSHOT_DIR = "snapshot"
+RESUMES_FILE = "resumes.yaml"
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -92,6 +96,7 @@ class Snapshot(pl.Callback):
         self.model_code = model_code
         self.command = list(command) if command is not None else [sys.executable, *sys.argv]
         self.repo_dir = Path(repo_dir or os.getcwd())
+        self._continued = False  # this fit found the snapshot written: a resume, recorded in resumes.yaml
 
     @property
     def path(self) -> Path:
@@ -103,8 +108,31 @@ class Snapshot(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.run_dir is None:
             self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._continued = stage == "fit" and self.path.exists()
         if stage == "fit" and trainer.is_global_zero and not self.path.exists():
             self.write()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._continued and trainer.is_global_zero and trainer.ckpt_path is not None:
+            self.record_resume(Path(trainer.ckpt_path).name, trainer.global_step)
+
+    def record_resume(self, checkpoint: str, step: int) -> None:
+        """Add a resume to `resumes.yaml` (rewritten atomically); one that does not read as a list is left as it is."""
+        path = self.path / RESUMES_FILE
+        try:
+            resumes = yaml.safe_load(path.read_text()) if path.is_file() else []
+        except (OSError, yaml.YAMLError):
+            return
+        if not isinstance(resumes, list):
+            return
+        resumes.append({"started": datetime.datetime.now().isoformat(timespec="seconds"), "checkpoint": checkpoint,
+                        "step": step, "overrides": self.overrides, "command": shlex.join(self.command)})
+        staging = path.with_name(f".{RESUMES_FILE}.tmp-{os.getpid()}")
+        try:
+            staging.write_text(yaml.safe_dump(resumes, sort_keys=False))
+            os.replace(staging, path)
+        finally:
+            staging.unlink(missing_ok=True)
 
     def write(self) -> Path:
         """Write the snapshot now (atomically) and return its directory."""

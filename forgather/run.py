@@ -153,9 +153,24 @@ def _run_dir_env(run_dir: Path):
 
 def checkpoints_newest_first(directory: str | os.PathLike) -> list[Path]:
     """The checkpoints in `directory`, newest first: `*.ckpt` files, and directories of shards (the pipeline
-    strategy's hold a meta.pt). Written atomically, every one found is whole."""
+    strategy's hold a meta.pt). Written atomically, every one found is whole.
+
+    Newest is the highest global step a checkpoint records, the latest modified first among equals (last.ckpt and
+    the step checkpoint of its step): modification times alone are lost by a copy that does not keep them (`cp -r`,
+    `rsync -r`, a restore from a backup dates the files in copy order), and a resume would go back to whichever was
+    copied last. One that does not read has no step: it ranks where its modification time puts it among those that
+    read, so a last.ckpt cut short is still the one a resume names (resume_step says which reads instead)."""
     found = [p for p in Path(directory).glob("*.ckpt") if p.is_file() or (p / "meta.pt").is_file()]
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    modified = {p: p.stat().st_mtime_ns for p in found}
+    steps = {p: readable_step(p) for p in found}
+
+    def rank(path: Path) -> tuple[int, int]:
+        step = steps[path]
+        if step is None:
+            step = max((s for other, s in steps.items() if s is not None and modified[other] <= modified[path]), default=-1)
+        return step, modified[path]
+
+    return sorted(found, key=rank, reverse=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -781,6 +796,7 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
                 f"{node._target_}; group choices are made when an experiment is rendered: start a new run, "
                 f"python -m forgather.run +experiment={meta.get('experiment', 'NAME')} {override.text} ..., or change "
                 f"its arguments ({override.key}.NAME=...)")
+    recorded_dir = OmegaConf.select(config, "output_dir", default=None, throw_on_missing=False)
     ovr.apply(config, points[0])
     experiment = str(meta.get("experiment", "run"))
     ckpt_path = None
@@ -792,7 +808,7 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
         target = run_dir
         export = export_settings(args.outputs, experiment, base_dir)
         if meta.get("export_dir"):
-            export["out_dir"] = Path(meta["export_dir"])
+            export["out_dir"] = _export_dir_of_moved_run(Path(meta["export_dir"]), recorded_dir, run_dir)
     else:
         fresh = Path(args.outputs) / "outputs" / experiment / _timestamp()
         requested = requested_run_dir(points[0], create=not args.cfg)  # --cfg prints where the run would go, makes nothing
@@ -825,6 +841,17 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
             ckpt_path=str(ckpt_path) if ckpt_path else None,
         )
     return 0
+
+
+def _export_dir_of_moved_run(recorded: Path, recorded_run_dir: Any, run_dir: Path) -> Path:
+    """Where a resumed run exports: where its snapshot says, unless the run directory has moved since (its outputs
+    tree moved or copied to another disk or mount point) and that place, taken relative to the run directory as it
+    was, is beside the new one (its output_models/ came along): the model goes with the run, not back to the old
+    tree (made again where it was removed) or over the model of the run it was copied from."""
+    if not isinstance(recorded_run_dir, str) or Path(recorded_run_dir) == run_dir:
+        return recorded
+    moved = Path(os.path.normpath(run_dir / os.path.relpath(recorded, recorded_run_dir)))
+    return moved if moved != recorded and moved.parent.is_dir() else recorded
 
 
 EXPORTS_DIR = "exports"  # a run's checkpoints exported as model directories: <run_dir>/exports/step-N
@@ -955,15 +982,36 @@ def _say_resuming(run_dir: Path, ckpt_path: Path, step: int) -> None:
     print(f"resuming {run_dir} from {ckpt_path.name} (step {step})", flush=True)
 
 
+def _last_resume_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides of the run's latest resume that gave any (callbacks.snapshot records them), or None."""
+    import yaml
+
+    from forgather.callbacks.snapshot import RESUMES_FILE
+
+    try:
+        resumes = yaml.safe_load((run_dir / "snapshot" / RESUMES_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    given = [r["overrides"] for r in resumes if isinstance(r, dict) and r.get("overrides")] if isinstance(resumes, list) else []
+    return [str(o) for o in given[-1]] if given and isinstance(given[-1], list) else None
+
+
 def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, step: int, export_dir: Path) -> bool:
     """Say what --resume will do from `ckpt_path` (at `step`); False when there is nothing to do (the run is
-    finished and exported)."""
+    finished and exported). A checkpoint past the config's max_steps that the run did not export is from a resume
+    that raised max_steps and was stopped (its `continue with:` line names no max_steps): taken for finished, its
+    mid-training weights would replace the model the run exported when it did finish; refused instead."""
     from forgather.callbacks.model_export import exported_step
 
     max_steps = OmegaConf.select(config, "trainer.max_steps", default=None)
     if not (isinstance(max_steps, int) and 0 < max_steps <= step):
         _say_resuming(run_dir, ckpt_path, step)
         return True
+    if "model" in config and step > max_steps and exported_step(run_dir) != step:
+        again = shlex.join(_last_resume_overrides(run_dir) or ["max_steps=N"])
+        raise UserError(f"{run_dir}: {ckpt_path.name} is at step {step}, past max_steps={max_steps}: a resume raised "
+                        f"max_steps and stopped before it finished ; give its overrides again to go on: python -m "
+                        f"forgather.run --resume {run_dir} {again} (max_steps={step} ends it there and exports it)")
     if "model" in config and exported_step(run_dir) != step:
         print(f"{run_dir} finished at step {step}, but its model export did not complete: exporting it to {export_dir}", flush=True)
         return True

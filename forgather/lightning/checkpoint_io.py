@@ -10,7 +10,8 @@ swapped), `.<name>.partial` (job control's checkpoints), `.<name>.tmp` (the pipe
 checkpoints), `.<name>.<random>.tmp` (forgather.data.cache). A writer killed mid-write leaves its staging
 behind; `remove_staging` deletes it at the next start, but for an `.old` one whose `<name>` is gone (an export
 killed between its renames): that is the only copy of what it replaced, and it is moved back
-(forgather.convert.output.restore_replaced, which every writer that swaps a model directory shares).
+(forgather.convert.output.restore_replaced, which every writer that swaps a model directory shares). An `.old`
+without a pid is no writer's (a user's `mv last.ckpt .last.ckpt.old`): it is left alone.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def remove_staging(directory: str | os.PathLike, target: str | None = None) -> list[Path]:
     """Delete the staging files and directories that killed writers left in `directory` (only those staged
-    for `target`, when given); return them. One whose name ends in the pid of a live process belongs to a
-    write in progress (another run exporting the same model, this process) and is kept."""
+    for `target`, when given); return them. One whose name ends in the pid of another live process belongs to a
+    write in progress (another run exporting the same model) and is kept. This process's pid is no such sign: it
+    is called before this process writes there, and a restarted container gives its process the pid of the one
+    killed (PID 1, or the same small number), whose export aside would stay hidden, never put back."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -56,7 +59,9 @@ def remove_staging(directory: str | os.PathLike, target: str | None = None) -> l
         match = _STAGING.match(entry.name)
         if match is None or (target is not None and match["target"] != target):
             continue
-        if match["pid"] is not None and process_alive(int(match["pid"])):
+        if match["kind"] == "old" and match["pid"] is None:  # no writer's: a user's copy moved aside (.last.ckpt.old)
+            continue
+        if match["pid"] is not None and int(match["pid"]) != os.getpid() and process_alive(int(match["pid"])):
             continue
         if match["kind"] == "old" and match["pid"] is not None:
             # An export's previous package while the new one was swapped in: put back where the export was
