@@ -5,7 +5,9 @@ beside the target and renamed over it (`swap_into_place`), so a crash never leav
 where a whole one was. Each rank writes the
 state of its stages under the whole model's key names (`state_dict` holds the LightningModule's weights,
 `optimizer_<i>` the optimizer states keyed by parameter name, `meta.pt` the rest of Lightning's checkpoint;
-a tied head that two ranks hold is written once). `load_sharded(DIR, module, optimizers)` reads into a
+a tied head that two ranks hold is written once; the optimizer states are flattened (`optimizer_state`): in
+torch's nested form, the list of param groups, each naming its parameters, is one key that every rank writes
+with its own parameters, and only one rank's is kept). `load_sharded(DIR, module, optimizers)` reads into a
 module whatever keys it holds: a rank its share when resuming (`trainer.fit(ckpt_path=DIR)`), or a whole,
 unpipelined module in a single process, no process group needed, through `load_sharded_checkpoint(DIR,
 module)` (the LightningModule, e.g. `CausalLMModule`, or anything with the same state_dict keys). Resuming
@@ -18,12 +20,16 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.optim import Optimizer
 
 
@@ -48,9 +54,19 @@ def load_sharded(path: str | os.PathLike, module: nn.Module, optimizers: Sequenc
                 "weights, load them into the module before fit (forgather.strategies.load_sharded_checkpoint) "
                 "and fit without ckpt_path"
             )
-        optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
-        dcp.load(optimizer_state, checkpoint_id=checkpoint_id, no_dist=single_process)
-        set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key])
+        flat = f"{key}.param_groups.0.params" not in saved  # nested: a checkpoint written before flattening
+        loaded = {key: optimizer_state(module, optimizer, flat)}
+        dcp.load(loaded, checkpoint_id=checkpoint_id, no_dist=single_process)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=loaded[key],
+                                 options=StateDictOptions(flatten_optimizer_state_dict=flat))
+
+
+def optimizer_state(module: nn.Module, optimizer: Optimizer, flat: bool = True) -> dict[str, Any]:
+    """The state of `optimizer` over `module`'s parameters, on the CPU, keyed by parameter name throughout (`flat`:
+    the param groups' settings too, one key a parameter), so that ranks holding different stages write
+    different keys and each reads back those of the parameters it holds, under any stage layout."""
+    options = StateDictOptions(flatten_optimizer_state_dict=flat, cpu_offload=True)
+    return get_optimizer_state_dict(module, optimizer, options=options)
 
 
 def load_sharded_checkpoint(path: str | os.PathLike, module: nn.Module, strict: bool = True) -> nn.Module:

@@ -6,16 +6,28 @@ Contract with the LightningModule: it has a `model` (a forgather CausalLM, or an
 Hooks implemented:
 - `setup_environment`: process group and the ("pp", "dp") device mesh (pipeline stages x replicas).
 - `setup`: cuts `module.model` into stages (pipeline_runtime.py), prunes it in place to this rank's stages,
-  so `configure_optimizers` sees only this rank's parameters (one optimizer per stage), and moves it.
+  so `configure_optimizers` sees only this rank's parameters (one optimizer per stage), and moves it; refuses
+  an optimizer that steps inside backward (OptimizerInBackward): the schedule runs one backward a microbatch.
 - `training_step`: runs the schedule (forward and backward of every microbatch, loss on the last stage,
   broadcast), then calls the module's own `training_step` with `model` and `loss` stood in for by stand-ins
   that return the pipeline's loss, so its logging runs unchanged; `backward` then only fires the backward
-  hooks (the schedule did the backward). `validation_step` likewise, forward only.
+  hooks (the schedule did the backward). `validation_step` likewise, forward only. The first batch of a fit
+  is compared between the pipeline's ranks (`PipelineRuntime.check_same_batch`): they must read the same.
 - gradient clipping by norm uses the norm over all stages; `grad_norm()` gives it for logging.
-- at the end of fit, global rank 0's LightningModule holds the whole model again (`gather_at_end`).
+- at the end of fit, global rank 0's LightningModule holds the whole model again (`gather_at_end`); a later fit
+  prunes it to that rank's stages again (`setup`).
 - checkpoints are sharded (torch.distributed.checkpoint, a directory: each rank writes its stages, the tied
-  head once), written beside the target and renamed into place; `forgather.strategies.load_sharded_checkpoint`
-  loads one into a single-device model.
+  head once, its optimizer states keyed by parameter name: `optimizer_state`), written beside the target and
+  renamed into place; `forgather.strategies.load_sharded_checkpoint` loads one into a single-device model.
+
+From a plain Lightning script (Lightning starts the other processes by running the script again, hence the
+`__main__` guard; tests/helpers/plain_lightning_train.py is a whole one):
+
+    if __name__ == "__main__":
+        module = CausalLMModule(model, loss, functools.partial(torch.optim.AdamW, lr=3e-4))
+        strategy = PipelineParallelStrategy("1F1B", n_microbatches=4)  # batch_size: a multiple of 4
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=100)  # or "gpu"
+        trainer.fit(module, DataLoader(rows, batch_size=8, drop_last=True))
 """
 
 from __future__ import annotations
@@ -25,20 +37,23 @@ import shutil
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning_fabric.utilities.load import _METADATA_FILENAME as METADATA_FILENAME
 from lightning_fabric.utilities.optimizer import _optimizers_to_device
+from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.strategies import ModelParallelStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed import checkpoint as dcp
 from torch.optim import Optimizer
 
-from .checkpoint import load_sharded, swap_into_place
+from forgather.optim.in_backward import OptimizerInBackward
+
+from .checkpoint import load_sharded, optimizer_state, swap_into_place
 from .pipeline_runtime import PipelineRuntime, pipeline_mesh, schedule_class_for
 
 
@@ -63,7 +78,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         n_microbatches: int = 4,
         pipeline_parallel_size: int | Literal["auto"] = "auto",
         stages_per_rank: int | None = None,
-        split_points: list[int] | None = None,
+        split_points: Sequence[int] | None = None,
         gather_at_end: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -81,7 +96,8 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         self.n_microbatches = n_microbatches
         self.pipeline_parallel_size = pipeline_parallel_size
         self.stages_per_rank = stages_per_rank
-        if split_points is not None and not isinstance(split_points, (list, tuple)):
+        # Any sequence but a string: a config's list may come as OmegaConf's ListConfig (Hydra's instantiate).
+        if split_points is not None and (not isinstance(split_points, Sequence) or isinstance(split_points, str)):
             raise ValueError(f"split_points={split_points!r} (config value `split_points`) must be a list of layer "
                              "indices, the first layer of each stage after the first (e.g. [8]), or null to balance")
         self.split_points = list(split_points) if split_points is not None else None
@@ -89,6 +105,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         self.runtime: PipelineRuntime | None = None
         self._batch_grads: list[torch.Tensor | None] = []
         self._window: tuple[torch.Tensor, torch.Tensor | int] | None = None  # accumulation: (scale, count so far)
+        self._batch_checked = False  # whether this fit's first batch was found alike on the pipeline's ranks
 
     # Processes and the device mesh
 
@@ -116,13 +133,17 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         self._check_precision()
         if self.runtime is None:
             self.runtime = self._build_runtime()
-            if self.gather_at_end:
-                trainer.callbacks.insert(0, _GatherAtTrainEnd())
+        elif trainer.state.fn == TrainerFn.FITTING:
+            self.runtime.repipeline()  # a fit after one that gathered the whole model: this rank's stages again
+        self._batch_checked = False
+        if self.gather_at_end and not any(isinstance(callback, _GatherAtTrainEnd) for callback in trainer.callbacks):
+            trainer.callbacks.insert(0, _GatherAtTrainEnd())
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._clip_across_stages()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            _check_optimizers(self.optimizers)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -177,15 +198,25 @@ class PipelineParallelStrategy(ModelParallelStrategy):
             swap_into_place(staging, path)
         self.barrier()
 
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        # Flat, keyed by parameter name (checkpoint.optimizer_state): ranks hold different parameters.
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return optimizer_state(self.lightning_module, optimizer)
+
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(os.fspath(checkpoint_path)))
         if not path.exists():
             raise FileNotFoundError(f"ckpt_path {path} does not exist; give a checkpoint directory this strategy wrote")
         if not (path / METADATA_FILENAME).is_file():
+            # A directory without it is none of this strategy's saves, which appear whole or not at all.
+            weights = ("a torch.distributed.checkpoint directory's weights, load them into the module before fit "
+                       "(forgather.strategies.load_sharded_checkpoint(path, module))" if path.is_dir() else
+                       "a single-device checkpoint's weights, load them into the module before fit "
+                       "(module.load_state_dict(torch.load(path)['state_dict']))")
             raise ValueError(
                 f"ckpt_path {path} is not a sharded checkpoint directory written by {type(self).__name__} (no "
-                f"{METADATA_FILENAME}); to start from a single-device checkpoint's weights, load them into the "
-                "module before fit (module.load_state_dict(torch.load(path)['state_dict'])) and fit without ckpt_path"
+                f"{METADATA_FILENAME}); to start from {weights} and fit without ckpt_path"
             )
         load_sharded(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading)
         return torch.load(path / METADATA_FILENAME, weights_only=weights_only)
@@ -195,10 +226,16 @@ class PipelineParallelStrategy(ModelParallelStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         trainer = self.lightning_module.trainer
-        batches = trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps > 0 else None
+        # The most batches an epoch reads: limit_train_batches may end every epoch before its short batch.
+        batches = trainer.num_training_batches
+        if trainer.max_steps > 0:
+            batches = min(batches, trainer.max_steps * trainer.accumulate_grad_batches)
         check_train_batches(trainer.train_dataloader, self.n_microbatches, batches)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if not self._batch_checked:  # once a fit: a collective
+            self.runtime.check_same_batch(batch)
+            self._batch_checked = True
         # Lightning zeroes gradients between training_step and backward: this batch's gradients wait aside
         # until `backward`, and the ones accumulated before it stay where zero_grad expects them.
         parameters = self.runtime.parameters()
@@ -260,11 +297,11 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         )
 
 
-def check_train_batches(loader: Any, n_microbatches: int, batches: int | None = None) -> None:
+def check_train_batches(loader: Any, n_microbatches: int, batches: float | None = None) -> None:
     """Refuse, before the first step, a training loader one of whose batches would not cut into `n_microbatches`
     equal microbatches (the runtime refuses such a batch when it comes: for the short last batch of an epoch,
-    after a whole epoch of training), unless the run ends after `batches` batches, before that one. Loaders whose
-    length is unknown (iterable datasets) are left to the runtime."""
+    after a whole epoch of training), unless no epoch reaches that one: each reads at most `batches` batches
+    (limit_train_batches; max_steps). Loaders whose length is unknown (iterable datasets) are left to the runtime."""
     batch_size, sampler = getattr(loader, "batch_size", None), getattr(loader, "sampler", None)
     if not isinstance(batch_size, int) or sampler is None:
         return
@@ -299,6 +336,18 @@ def _check_module(module: pl.LightningModule) -> None:
             "compile_scope='model' compiles the whole model's forward as one graph, but PipelineParallelStrategy "
             "cuts the model into stages: use compile_scope='layers' (config value `compile_scope`)"
         )
+
+
+def _check_optimizers(optimizers: list[Optimizer]) -> None:
+    """Refuse an optimizer that steps inside backward: the schedule runs a backward for every microbatch."""
+    for optimizer in optimizers:
+        if isinstance(optimizer, OptimizerInBackward):
+            raise ValueError(
+                "OptimizerInBackward steps each parameter inside backward, but PipelineParallelStrategy runs a "
+                "backward for every microbatch: it would step n_microbatches times a batch, each on one "
+                "microbatch's gradient, before the stages' and replicas' gradients are summed; choose an optimizer "
+                "that steps after backward (config value `optimizer`, e.g. optimizer=adamw)"
+            )
 
 
 def _exchange_grads(parameters: list[nn.Parameter], grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:

@@ -19,7 +19,7 @@ divide by n_microbatches; a batch of other shapes than the one before gets a new
 the shapes of their first step).
 `evaluate(batch)` runs forward only and returns the batch loss. `grad_norm()` and `clip_grad_norm_()` see
 the whole model's gradients, not just this rank's. `unpipeline()` gathers the whole model on the first
-stage's rank (after training, e.g. to export it).
+stage's rank (after training, e.g. to export it); `repipeline()` prunes it to that rank's stages again.
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ def schedule_class_for(schedule: str, n_microbatches: int, stages_per_rank: int 
     """
     names = {name.lower(): name for name in SCHEDULES}
     if not isinstance(schedule, str) or schedule.lower() not in names:
-        hint = did_you_mean(schedule, SCHEDULES) if isinstance(schedule, str) else ""
+        hint = ""
+        if isinstance(schedule, str):
+            same = {_spelling(name): name for name in SCHEDULES}.get(_spelling(schedule))  # e.g. looped_bfs
+            hint = f"did you mean {same!r}?" if same else did_you_mean(schedule, SCHEDULES)
         raise ValueError(f"schedule={schedule!r} (config value `pp_schedule`) is not a pipeline schedule; "
                          f"{hint + ' ' if hint else ''}choose one of {', '.join(SCHEDULES)}")
     for name, value in (("n_microbatches", n_microbatches), ("stages_per_rank", stages_per_rank)):
@@ -68,6 +71,11 @@ def schedule_class_for(schedule: str, n_microbatches: int, stages_per_rank: int 
         raise ValueError(f"stages_per_rank={stages_per_rank}: schedule {schedule} folds the stages in a V, exactly "
                          "2 a rank; leave stages_per_rank unset (or 2)")
     return schedule_class
+
+
+def _spelling(name: str) -> str:
+    """A schedule's name as compared for a suggestion: case, separators and torch's class prefix set aside."""
+    return "".join(c for c in name.lower() if c.isalnum()).removeprefix("schedule")
 
 
 def pipeline_mesh(device_type: str, pp_size: int, dp_size: int = 1) -> DeviceMesh:
@@ -141,6 +149,7 @@ class PipelineRuntime:
         ]
         self.removed = prune_to(model, self.modules)
         _release(self.removed, self.parameters())
+        self.gathered = False  # whether `unpipeline` put the whole model back on this rank
 
     def _build_schedule(self) -> Any:
         schedule_class = self._schedule_class
@@ -202,6 +211,36 @@ class PipelineRuntime:
         loss = self._from_last_stage(loss)
         self._sync_grads()
         return loss
+
+    def check_same_batch(self, batch: Any) -> None:
+        """Refuse, on every rank of the pipeline, a batch that is not the same on all of them (a collective).
+
+        The first stage embeds its batch's inputs and the last scores against its own batch's labels: batches
+        that differ (loaders shuffled or sharded by each process alone) would train on nonsense, silently.
+        Compared by a fingerprint: the shapes and a position-weighted sum of every tensor.
+        """
+        if self.pp_size == 1:
+            return
+        args, kwargs, target = self.parts.inputs(batch)
+        tensors = [t for t in (*args, *kwargs.values(), target) if isinstance(t, torch.Tensor)]
+        fingerprint = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for index, tensor in enumerate(tensors, 1):
+            values = tensor.detach().to(self.device, torch.float64).flatten().nan_to_num()  # NaN == NaN here
+            positions = torch.arange(1, values.numel() + 1, dtype=torch.float64, device=self.device)
+            fingerprint[0] += values.numel() * index
+            fingerprint[1] += (values * positions).sum() * index
+        first = fingerprint.clone()
+        dist.broadcast(first, group_src=0, group=self.pp_group)
+        differs = (first != fingerprint).any().to(torch.int64)
+        dist.all_reduce(differs, op=dist.ReduceOp.MAX, group=self.pp_group)
+        if differs:
+            raise ValueError(
+                "the ranks of a pipeline read different training batches, but every stage must read the same one "
+                "(the first embeds its inputs, the last scores its labels): keep Lightning's distributed sampler "
+                "(use_distributed_sampler=True), or shuffle and shard by "
+                "trainer.strategy.distributed_sampler_kwargs (the data-parallel replica), not by global rank, "
+                "with one seed on every rank"
+            )
 
     def count(self, batch: Any) -> torch.Tensor:
         """How many terms the batch's loss averages (e.g. target tokens), on the device."""
@@ -313,8 +352,8 @@ class PipelineRuntime:
         """Collective over the pipeline group: the whole model, on the CPU, on the first stage's rank.
 
         Every rank sends its share of the weights to the first stage's rank, which puts the other stages'
-        modules back into the model and loads them; that model is returned there (None elsewhere), and this
-        runtime cannot step any more on that rank. The other ranks keep their stages.
+        modules back into the model and loads them; that model is returned there (None elsewhere). The other
+        ranks keep their stages. To train on, `repipeline` first.
         """
         model = self.parts.model
         share = {key: value.detach().cpu() for key, value in model.state_dict().items()}
@@ -329,7 +368,17 @@ class PipelineRuntime:
         for part in shares:
             whole.update(part)
         model.to("cpu").load_state_dict(whole)
+        self.gathered = True
         return model
+
+    def repipeline(self) -> None:
+        """Undo `unpipeline` on the first stage's rank: the model pruned to this rank's stages again, the other
+        stages' weights freed, so that an optimizer over it holds this rank's parameters only. Elsewhere nothing
+        to do."""
+        if self.gathered:
+            self.removed = prune_to(self.parts.model, self.modules)
+            _release(self.removed, self.parameters())
+            self.gathered = False
 
     @property
     def _last_tied_copy(self) -> nn.Parameter | None:

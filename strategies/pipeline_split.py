@@ -37,7 +37,8 @@ def _check_split_points(split_points: list[int], num_layers: int, num_stages: in
             f"give {num_stages - 1} layer indices (the first layer of each stage after the first), or null to balance"
         )
     if not all(isinstance(point, int) and not isinstance(point, bool) for point in split_points):
-        raise ValueError(f"{where} must be layer indices (whole numbers)")
+        raise ValueError(f"{where} must be layer indices (whole numbers): N for the stage that starts at layer "
+                         "N, not a module name such as 'layers.N'")
     missing = [point for point in split_points if not 0 <= point < num_layers]
     if missing:
         raise ValueError(

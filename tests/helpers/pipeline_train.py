@@ -5,6 +5,8 @@ rank writes `<out>/losses-rank<R>.json` (the training loss the module saw at eac
 `<out>/state-rank<R>.pt` (its share of the weights when fit ends); `--save-at N` also saves a (sharded)
 checkpoint `<out>/step<N>` after optimizer step N; `--resume DIR` resumes from one. The tests start the
 ranks side by side with torchrun's environment (helpers/ranks.py); run alone, Lightning starts them.
+`--untied` (a separate output head) and `--warmup N` (a learning-rate schedule) are for
+tests/test_strategy_pipeline_audit.py.
 """
 
 import argparse
@@ -53,10 +55,14 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
     parser.add_argument("--varied", action="store_true", help="every other batch: half its positions padding")
+    parser.add_argument("--untied", action="store_true", help="a separate output head (not the embedding matrix)")
+    parser.add_argument("--warmup", type=int, help="steps of a linear learning-rate warmup (LinearLR from 0.1x)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    module = CausalLMModule(causal_lm(), NaiveLoss(), functools.partial(torch.optim.AdamW, lr=1e-2))
+    scheduler = functools.partial(torch.optim.lr_scheduler.LinearLR, start_factor=0.1, total_iters=args.warmup)
+    module = CausalLMModule(causal_lm(tie_embeddings=not args.untied), NaiveLoss(),
+                            functools.partial(torch.optim.AdamW, lr=1e-2), scheduler if args.warmup else None)
     pp_size = args.pp_size if args.pp_size == "auto" else int(args.pp_size)
     strategy = PipelineParallelStrategy(args.schedule, 4, pp_size) if args.devices > 1 else "auto"
     trainer = pl.Trainer(
