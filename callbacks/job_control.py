@@ -42,6 +42,7 @@ import queue
 import secrets
 import select
 import shutil
+import shlex
 import signal
 import socket
 import sys
@@ -82,14 +83,17 @@ class JobAborted(Exception):
 class JobStopped(Exception):
     """Raised on every rank at the end of the step in which a stop signal arrived, after the checkpoint."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path, rank: int = 0) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path, rank: int = 0,
+                 overrides: Sequence[str] = ()) -> None:
         self.signum = signum
         self.step = step
         self.checkpoint = checkpoint
         self.run_dir = run_dir
         self.rank = rank  # the global rank that raised it: only rank 0's is reported
         self.what = f"{signal.Signals(signum).name} at step {step}: checkpoint saved: {checkpoint}"
-        super().__init__(f"{self.what} ; continue with: python -m forgather.run --resume {run_dir}")
+        # A resumed run's overrides (max_steps=16) are in no snapshot: the command gives them again.
+        again = shlex.join(["python", "-m", "forgather.run", "--resume", str(run_dir), *overrides])
+        super().__init__(f"{self.what} ; continue with: {again}")
 
     @property
     def exit_code(self) -> int:
@@ -284,6 +288,7 @@ class JobControl(pl.Callback):
         self._start = 0.0
         self._signalled: int | None = None  # the stop signal received, until acted on
         self._stopped: tuple[int, int, Path | None] | None = None  # (signal, step, checkpoint) once acted on
+        self._resumed: tuple[str, int] | None = None  # (checkpoint name, step) this fit resumed from
         self._replaced: dict[int, Any] = {}  # the handlers ours replaced, by signal
         self._registry_warned = False
 
@@ -301,6 +306,7 @@ class JobControl(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         self._total_steps = float(total) if total != float("inf") else None
+        self._resumed = (Path(trainer.ckpt_path).name, trainer.global_step) if trainer.ckpt_path else None
         self._catch_signals()
 
     def on_train_batch_end(
@@ -520,10 +526,21 @@ class JobControl(pl.Callback):
         self._stopped = None
         if checkpoint is None:
             checkpoint = Path(_last_checkpoint_callback(trainer).last_model_path)
-        stopped = JobStopped(signum, step, checkpoint, self.run_dir, trainer.global_rank)
+        stopped = JobStopped(signum, step, checkpoint, self.run_dir, trainer.global_rank, self._resume_overrides())
         if trainer.is_global_zero:
             print(f"{stopped.what} (job {self.job_id}), training ends", flush=True)
         raise stopped
+
+    def _resume_overrides(self) -> list[str]:
+        """The overrides this fit was resumed with, as the run's snapshot recorded this resume (callbacks.snapshot:
+        the entry of this checkpoint and step), or none: a fresh run's are in its snapshot's config."""
+        if self._resumed is None or self.run_dir is None:
+            return []
+        from forgather.callbacks.snapshot import recorded_resumes
+
+        name, step = self._resumed
+        entry = next((e for e in reversed(recorded_resumes(self.run_dir)) if e.get("checkpoint") == name and e.get("step") == step), {})
+        return [str(override) for override in entry.get("overrides") or []]
 
     def _save(self, trainer: pl.Trainer, step: int) -> Path:
         """Checkpoint under a temporary name, then rename: a reader never sees a partial checkpoint.

@@ -40,6 +40,16 @@ SNAPSHOT_DIR = "snapshot"
 RESUMES_FILE = "resumes.yaml"
 
 
+def recorded_resumes(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The resumes of a run, oldest first, as its `snapshot/resumes.yaml` records them: [] when there is none or it
+    does not read."""
+    try:
+        resumes = yaml.safe_load((Path(run_dir) / SNAPSHOT_DIR / RESUMES_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return [entry for entry in resumes if isinstance(entry, dict)] if isinstance(resumes, list) else []
+
+
 def _git(args: list[str], cwd: Path) -> str | None:
     try:
         result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)

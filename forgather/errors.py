@@ -78,7 +78,9 @@ def describe(error: BaseException) -> str | None:
         where = found.filename2 or found.filename or ""  # a failed copy or move names its destination second
         hint = _ENVIRONMENT[found.errno]
         if found.errno in (errno.ENOSPC, errno.EDQUOT) and str(where).endswith(".ckpt"):
-            hint += " ; a run's keep_checkpoints=N keeps only its newest N step checkpoints"
+            # A checkpoint: the run has a directory and whole checkpoints to go on from, not a new place to pick.
+            hint = ("free some space, then go on with --resume RUN_DIR: the checkpoints written before are whole (each is "
+                    "written aside and renamed into place) ; a run's keep_checkpoints=N keeps only its newest N step checkpoints")
         return f"{where}: {found.strerror} ; {hint}" if where else f"{found.strerror} ; {hint}"
     if not isinstance(error, (UserError, *_PLAIN_MISTAKES)):
         return None

@@ -984,16 +984,10 @@ def _say_resuming(run_dir: Path, ckpt_path: Path, step: int) -> None:
 
 def _last_resume_overrides(run_dir: Path) -> list[str] | None:
     """The overrides of the run's latest resume that gave any (callbacks.snapshot records them), or None."""
-    import yaml
+    from forgather.callbacks.snapshot import recorded_resumes
 
-    from forgather.callbacks.snapshot import RESUMES_FILE
-
-    try:
-        resumes = yaml.safe_load((run_dir / "snapshot" / RESUMES_FILE).read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    given = [r["overrides"] for r in resumes if isinstance(r, dict) and r.get("overrides")] if isinstance(resumes, list) else []
-    return [str(o) for o in given[-1]] if given and isinstance(given[-1], list) else None
+    given = [entry["overrides"] for entry in recorded_resumes(run_dir) if isinstance(entry.get("overrides"), list) and entry["overrides"]]
+    return [str(override) for override in given[-1]] if given else None
 
 
 def _announce_resume(config: DictConfig, run_dir: Path, ckpt_path: Path, step: int, export_dir: Path) -> bool:

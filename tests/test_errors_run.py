@@ -46,8 +46,9 @@ def test_a_full_disk_found_under_a_wrapping_error_is_one_line(capsys):
     except RuntimeError as error:
         assert report(error) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: /out/run/last.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, or write elsewhere (--outputs DIR)"
-                   f" ; a run's keep_checkpoints=N keeps only its newest N step checkpoints\n")
+    assert err == (f"error: /out/run/last.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, then go on with --resume RUN_DIR: the "
+                   f"checkpoints written before are whole (each is written aside and renamed into place) ; a run's "
+                   f"keep_checkpoints=N keeps only its newest N step checkpoints\n")
 
 
 def test_a_bug_prints_its_traceback_and_exit_code_1(capsys):
@@ -108,7 +109,8 @@ def test_a_disk_filling_up_during_training_is_one_line(tmp_path, capsys, monkeyp
     code, _, err = run(tmp_path, capsys, "max_steps=4", "checkpoint_every=2")
     assert code == 2 and "Traceback" not in err
     (line,) = error_lines(err)
-    assert line.endswith(f"step=2.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, or write elsewhere (--outputs DIR) ; "
+    assert line.endswith(f"step=2.ckpt: {os.strerror(errno.ENOSPC)} ; free some space, then go on with --resume RUN_DIR: "
+                         f"the checkpoints written before are whole (each is written aside and renamed into place) ; "
                          f"a run's keep_checkpoints=N keeps only its newest N step checkpoints")
 
 

@@ -119,7 +119,8 @@ def test_resuming_a_stopped_extension_without_its_max_steps_is_one_line_and_keep
     signal_at(monkeypatch, 3, signal.SIGTERM)
     assert main(["--resume", str(run_dir), "max_steps=16"]) == 128 + signal.SIGTERM
     monkeypatch.undo()
-    capsys.readouterr()
+    # The stopped resume's own line gives its overrides again.
+    assert f"continue with: python -m forgather.run --resume {run_dir} max_steps=16\n" in capsys.readouterr().err
     assert main(["--resume", str(run_dir)]) == 2
     assert capsys.readouterr().err == (f"error: {run_dir}: last.ckpt is at step 11, past max_steps=8: a resume raised "
                                        f"max_steps and stopped before it finished ; give its overrides again to go on: "
