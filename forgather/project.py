@@ -101,16 +101,27 @@ def config_description(path: str) -> str:
     return found.group(2) if found else ""
 
 
-def find_workspace_root(directory: str) -> str | None:
-    """The nearest directory at or above `directory` that holds a `forgather_workspace/` directory."""
+def _nearest_above(directory: str, holds: str, is_dir: bool) -> str | None:
+    """The nearest directory at or above `directory` that holds the directory (is_dir) or file `holds`, or None."""
     directory = os.path.abspath(directory)
     while True:
-        if os.path.isdir(os.path.join(directory, WORKSPACE_DIR)):
+        if (os.path.isdir if is_dir else os.path.isfile)(os.path.join(directory, holds)):
             return directory
         parent = os.path.dirname(directory)
         if parent == directory:
             return None
         directory = parent
+
+
+def find_workspace_root(directory: str) -> str | None:
+    """The nearest directory at or above `directory` that holds a `forgather_workspace/` directory."""
+    return _nearest_above(directory, WORKSPACE_DIR, is_dir=True)
+
+
+def enclosing_project(directory: str) -> str | None:
+    """The project `directory` is in: the nearest directory at or above it with a meta.yaml (so that commands work
+    from inside a project's templates, as in the reference Forgather), or None."""
+    return _nearest_above(directory, META_FILE, is_dir=False)
 
 
 def located_error(templates: TemplateEnvironment, template: str, context: dict[str, Any], message: str,
@@ -217,15 +228,8 @@ class Project:
 
     @classmethod
     def find(cls, directory: str = ".") -> "Project":
-        """The project `directory` is in: the nearest directory at or above it with a meta.yaml (so that
-        commands work from inside a project's templates, as in the reference Forgather)."""
-        start = current = os.path.abspath(directory)
-        while not os.path.isfile(os.path.join(current, META_FILE)):
-            parent = os.path.dirname(current)
-            if parent == current:
-                return cls.load(start)  # the error: no meta.yaml
-            current = parent
-        return cls.load(current)
+        """The project `directory` is in (`enclosing_project`); none is the error of loading `directory` itself."""
+        return cls.load(enclosing_project(directory) or os.path.abspath(directory))
 
     @property
     def name(self) -> str:

@@ -404,7 +404,7 @@ def test_tlist_lists_every_template_with_its_file_sections_included(tmp_path, ca
         "p/templates/model/llama.yaml": "model: 1\n",  # shadows the library's model/llama.yaml
         "p/templates/helpers.py": "x = 1\n",
     })
-    assert main(["-p", str(tmp_path / "p"), "tlist"]) == 0
+    assert main(["-p", str(tmp_path / "p"), "tlist", "--format", "names"]) == 0
     rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
     assert rows["configs/a.yaml"].endswith("templates/configs/a.yaml") and rows["a.extra"].endswith("configs/a.yaml:3")
     assert rows["model/llama.yaml"].endswith("p/templates/model/llama.yaml")  # where it resolves: the project first
@@ -414,6 +414,11 @@ def test_tlist_lists_every_template_with_its_file_sections_included(tmp_path, ca
     assert len(md) == len(rows) and all(line.startswith("- [") for line in md)
     extra = next(line for line in md if line.startswith("- [a.extra]"))
     assert extra.endswith("configs/a.yaml) (line 3)")
+    # By default a path a line, each file once, as the reference's (its guide: `forgather tlist | xargs grep PATTERN`)
+    assert main(["-p", str(tmp_path / "p"), "tlist"]) == 0
+    files = capsys.readouterr().out.splitlines()
+    assert len(files) == len(set(files)) and all(os.path.isfile(path) for path in files)
+    assert sum(path.endswith("configs/a.yaml") for path in files) == 1
 
 
 def test_construct_and_code_build_main_by_default_when_the_config_has_one(tmp_path, capsys):
@@ -458,6 +463,6 @@ def test_tlist_skips_a_stray_binary_file(tmp_path, capsys):
     write(tmp_path, {"p/meta.yaml": "default_config: a.yaml\n", "p/templates/configs/a.yaml": "a: 1\n"})
     (tmp_path / "p/templates/.DS_Store").write_bytes(b"\x00\x01Bud1\xff\xfe")
     (tmp_path / "p/templates/configs/.a.yaml.swp").write_bytes(b"b0VIM \xff\xfe\xfd")
-    assert main(["-p", str(tmp_path / "p"), "tlist"]) == 0
+    assert main(["-p", str(tmp_path / "p"), "tlist", "--format", "names"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert "configs/a.yaml" in names and ".DS_Store" not in names and "configs/.a.yaml.swp" not in names

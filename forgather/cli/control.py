@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="control_command", metavar="COMMAND", required=True)
     listing = commands.add_parser("list", help=_HELP["list"], description=_HELP["list"])
     listing.add_argument("--json", action="store_true", help="print the jobs as a JSON list of their records")
+    listing.add_argument("--remote", metavar="HOST:PORT", help=argparse.SUPPRESS)  # the reference's; refused in _run
     cleanup = commands.add_parser("cleanup", help=_HELP["cleanup"], description=_HELP["cleanup"])
     cleanup.add_argument("-f", "--force", action="store_true", help="(the reference's; nothing is asked here)")
     for name in job_registry.COMMANDS:
@@ -78,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     console = piped_console()
+    if args.control_command == "list" and args.remote:
+        host = args.remote.rsplit(":", 1)[0]
+        print(f"error: --remote {args.remote}: jobs here answer on Unix sockets of their own machine, not over the "
+              f"network; list them there: ssh {host} forgather control list", file=sys.stderr)
+        return 2
     if args.control_command == "list":
         jobs = job_registry.list_jobs()
         if args.json:

@@ -1,7 +1,9 @@
 """`forgather ls`: projects under a directory, with their configs and descriptions.
 
-A project whose meta.yaml fails to load is listed with its error (file:line), and the listing goes on. A run's
-snapshot/ holds a meta.yaml too (the run's record): it is not listed as a project."""
+As the reference Forgather's: `ls` lists the project the -p directory is in (the nearest one at or above it),
+`ls -r` every project below it, and `ls DIR...` (with -r: below each) the projects given. A project whose
+meta.yaml fails to load is listed with its error (file:line), and the listing goes on. A run's snapshot/ holds
+a meta.yaml too (the run's record): it is not listed as a project."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import sys
 
 from forgather.cli.common import console as piped_console
 from forgather.cli.common import default_config, warn_about_meta
-from forgather.project import Project, config_description, project_dirs
+from forgather.project import Project, config_description, enclosing_project, project_dirs
 from forgather.template import TemplateError
 
 
@@ -20,18 +22,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", "--debug", action="store_true",
                         help="render every config too, and name those that fail with their error (as the reference "
                              "Forgather's -d)")
-    parser.add_argument("directory", nargs="?", help="where to look (default: the -p directory)")
+    parser.add_argument("directories", nargs="*", metavar="directory",
+                        help="where to look (default: the project the -p directory is in; with -r, the -p directory)")
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     console = piped_console(highlight=False, soft_wrap=True)
-    if args.directory and not os.path.isdir(args.directory):  # os.walk takes a missing one for an empty one
-        what = "a file, not a directory" if os.path.exists(args.directory) else "no such directory"
-        print(f"error: {args.directory}: {what}; give the directory to look for projects in", file=sys.stderr)
-        return 2
-    directories = [d for d in project_dirs(args.directory or args.project, args.recursive) if not _is_run_snapshot(d)]
+    for given in args.directories:
+        if not os.path.isdir(given):  # os.walk takes a missing one for an empty one
+            what = "a file, not a directory" if os.path.exists(given) else "no such directory"
+            print(f"error: {given}: {what}; give the directory to look for projects in", file=sys.stderr)
+            return 2
+    roots = args.directories or [args.project if args.recursive else enclosing_project(args.project) or args.project]
+    found = [d for root in roots for d in project_dirs(root, args.recursive) if not _is_run_snapshot(d)]
+    directories = list(dict.fromkeys(found))  # `ls -r a a/b` lists a project once
     if not directories:
         console.print("no projects found (a project is a directory with a meta.yaml)" + ("" if args.recursive else "; try -r"))
         return 1

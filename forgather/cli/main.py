@@ -41,6 +41,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shell": ("forgather.cli.shell", "an interactive shell over these commands (also: forgather -i)"),
     "completion": ("forgather.cli.completion", "print a bash or zsh tab-completion script: eval \"$(forgather completion bash)\""),
 }
+# The reference Forgather's commands that have no counterpart of that name here, and what to use instead.
+REFERENCE_ONLY_COMMANDS = {
+    "dataset": "look at a dataset with `forgather -t CONFIG construct --target train_dataset`; prepare a corpus "
+               "with `forgather data prepare`",
+    "model": "build a config's model with `forgather -t CONFIG construct --target model` (its code: `code --target model`)",
+    "ws": "a workspace is a directory holding a forgather_workspace/ directory (its meta_defaults.yaml); create "
+          "projects in it with `forgather new DIR`",
+    "project": "create a project with `forgather new DIR` (a copy of examples/template_project)",
+    "checkpoint": "write a run's checkpoint as a model directory with `forgather export RUN_DIR`",
+    "update-vocab": "add tokens while converting a model: `forgather convert --add-tokens TOKEN ... SRC DST`",
+}
 # Commands that load the chosen config, and so accept the arguments it declares.
 CONFIG_COMMANDS = {"pp", "graph", "config", "targets", "trefs", "code", "construct", "train"}
 # Commands whose whole work is printing: a reader that stops early (`| head`) ends them with success.
@@ -51,6 +62,8 @@ PASSTHROUGH_COMMANDS = {"tb"}
 # suffix the editor's file gets.
 OUTPUT_COMMANDS = {"index": ".txt", "meta": ".yaml", "tlist": ".txt", "pp": ".yaml", "graph": ".yaml",
                    "config": ".yaml", "targets": ".txt", "trefs": ".txt", "code": ".py", "construct": ".txt"}
+# A --format that prints another kind of text gives the editor's file its suffix (`trefs --format svg -e`).
+FORMAT_SUFFIXES = {"md": ".md", "dot": ".dot", "svg": ".svg", "python": ".py", "fconfig": ".txt", "repr": ".txt"}
 
 
 # `forgather`'s own options as (flags, add_argument keywords): one table serves the top-level parser and the
@@ -119,6 +132,11 @@ def parse_known(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argpa
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser, subparsers = build_parser()
+    word = _command_word(argv)
+    if word in REFERENCE_ONLY_COMMANDS:
+        print(f"error: forgather {word} is the reference Forgather's command; here, {REFERENCE_ONLY_COMMANDS[word]}",
+              file=sys.stderr)
+        return 2
     known, _ = parser.parse_known_args(argv)
     if known.interactive and known.command is None:
         argv = [*argv, "shell"]
@@ -168,6 +186,20 @@ def main(argv: list[str] | None = None) -> int:
         return report(error)
 
 
+def _command_word(argv: list[str]) -> str | None:
+    """The first word of the line that is neither one of forgather's own options nor its value: the command."""
+    valued = {flag for flags, options in GLOBAL_OPTIONS if options.get("action") != "store_true" for flag in flags}
+    words = iter(argv)
+    for word in words:
+        if word in valued:
+            next(words, None)
+        elif word == "--":
+            return None
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def _with_global_options(known: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
     """`known` with forgather's own options read wherever they stand on the line, before the command's
     arguments are parsed (which may need the config they name, and must not stop at a command's --help or
@@ -213,7 +245,8 @@ def _run_into_file(module, args: argparse.Namespace) -> int:
         raise UserError("-e: no editor found; set $EDITOR (or $VISUAL), or write the output with -o FILE")
     config = Path(args.config).stem + "_" if args.config else ""
     folder = Path(tempfile.mkdtemp(prefix="forgather-"))
-    path = folder / f"{config}{args.command}{OUTPUT_COMMANDS[args.command]}"
+    suffix = FORMAT_SUFFIXES.get(getattr(args, "format", None), OUTPUT_COMMANDS[args.command])
+    path = folder / f"{config}{args.command}{suffix}"
     path.write_text(captured.getvalue())
     print(f"opening {path} in {editor}", file=sys.stderr)
     return subprocess.call([*shlex.split(editor), str(path)])

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--dry-run", action="store_true", help="print the TensorBoard command, and exit")
     parser.add_argument("--all", action="store_true", help="every run of the project (the default; the reference's flag)")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help="a model's output directory, as the reference's `forgather tb --output-dir DIR`: the same as "
+                             "giving DIR as the directory of runs")
     parser.epilog = "Words after -- go to TensorBoard as they are: forgather tb -- --samples_per_plugin images=100"
 
 
@@ -36,18 +39,21 @@ def _port(text: str) -> int:
 
 
 def command(args: argparse.Namespace) -> list[str]:
-    if args.logdir:
-        logdir = os.path.abspath(args.logdir)
+    if args.logdir and args.output_dir:
+        raise UserError(f"forgather tb: {args.logdir} and --output-dir {args.output_dir}: give one directory of runs")
+    given = args.logdir or args.output_dir
+    if given:
+        logdir = os.path.abspath(given)
         if not os.path.isdir(logdir):  # TensorBoard would serve the missing directory, empty, without a word
-            raise FileNotFoundError(f"forgather tb: {args.logdir} is not a directory; give a directory of runs (an "
+            raise FileNotFoundError(f"forgather tb: {given} is not a directory; give a directory of runs (an "
                                     "outputs/ or multirun/ folder, or one run's), or none for the project's")
     else:
         roots = [os.path.join(os.path.abspath(args.project), name) for name in ("outputs", "multirun")]
         logdir = ",".join(f"{os.path.basename(r)}:{r}" for r in roots if os.path.isdir(r)) or roots[0]
-    flag = "--logdir_spec" if ":" in logdir and not args.logdir else "--logdir"
-    if not _has_logs(logdir if args.logdir else [r for r in roots if os.path.isdir(r)]):
+    flag = "--logdir_spec" if ":" in logdir and not given else "--logdir"
+    if not _has_logs(logdir if given else [r for r in roots if os.path.isdir(r)]):
         # TensorBoard would show an empty page without a word; a run started later still appears in it
-        where = args.logdir or " or ".join(roots)
+        where = given or " or ".join(roots)
         print(f"warning: no TensorBoard logs under {where} yet (a run writes them to <run directory>/tb/); "
               "pass the directory of your runs, or -p PROJECT", file=sys.stderr)
     extra = list(getattr(args, "passthrough", []))

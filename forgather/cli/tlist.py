@@ -1,8 +1,8 @@
 """`forgather tlist`: every template on the project's search path, as the reference Forgather's `tlist`.
 
 Each name a config can extend or include, with the file (and, for a section of a split file, the line) it
-comes from; a name that an earlier search-path directory also has is listed once, from where it resolves.
-`--format files` prints each file once. A YAML file that cannot be read as a template (not UTF-8, a
+comes from (`--format names`); a name that an earlier search-path directory also has is listed once, from where
+it resolves. By default (`--format files`, as the reference's) each file is printed once, a path a line. A YAML file that cannot be read as a template (not UTF-8, a
 sub-template named twice) is left out with a warning naming its line; a stray binary file, silently.
 """
 
@@ -19,9 +19,10 @@ from forgather.template import TemplateEnvironment
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("names", "files", "md"), default="names",
-                        help="names: each template name with its file (default); files: each template file once; "
-                             "md: the names as a Markdown list linking their files")
+    # files is the default, as in the reference: its guide pipes it, `forgather tlist | xargs grep PATTERN`.
+    parser.add_argument("--format", choices=("names", "files", "md"), default="files",
+                        help="files: each template file once, a path a line (default); names: each template name "
+                             "with its file; md: the names as a Markdown list linking their files")
 
 
 def _is_template(name: str) -> bool:

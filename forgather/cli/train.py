@@ -39,4 +39,12 @@ def run_arguments(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from forgather.run import main
 
+    argv = getattr(args, "argv", [])
+    if "--" in argv and any(word.startswith("-") for word in argv[argv.index("--") + 1:]):
+        from forgather.errors import UserError
+
+        # The reference Forgather passed these to torchrun; overrides (`key=value`) after `--` are taken as usual.
+        raise UserError("forgather train -- ARGS: there is no torchrun to pass them to (Lightning starts the processes); "
+                        "choose GPUs with -d 0,1 or ++trainer.devices=N, nodes with ++trainer.num_nodes=N")
+
     return main(run_arguments(args))

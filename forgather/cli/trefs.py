@@ -16,10 +16,10 @@ from forgather.cli.common import load
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("files", "tree", "md", "dot"), default="files",
+    parser.add_argument("--format", choices=("files", "tree", "md", "dot", "svg"), default="files",
                         help="files: each template file once (default); tree: the reference tree, with file and "
                              "line; md: the tree as a Markdown list linking the files; dot: the references as a "
-                             "Graphviz graph (`| dot -Tsvg > trefs.svg`)")
+                             "Graphviz graph; svg: that graph drawn by Graphviz's dot (-o trefs.svg)")
 
 
 def template_tree(loaded) -> tuple[list[tuple[int, str]], list[str]]:
@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "dot":
         print(_dot(loaded, [name for _, name in tree], dynamic, where))
         return 0
+    if args.format == "svg":
+        print(_svg(_dot(loaded, [name for _, name in tree], dynamic, where)), end="")
+        return 0
     for depth, name in tree:
         print(f"{'  ' * depth}{name}  ({where(name)})")
     if dynamic:
@@ -85,3 +88,20 @@ def _dot(loaded, names: list[str], dynamic: list[str], where) -> str:
         lines += [f"  {json.dumps(name)} -> {json.dumps(child)};"
                   for child in dict.fromkeys(loaded.templates.references(name)) if child in used]
     return "\n".join([*lines, "}"])
+
+
+def _svg(dot: str) -> str:
+    """`dot` drawn as SVG by Graphviz's `dot` program, as the reference's --format svg does."""
+    import shutil
+    import subprocess
+
+    from forgather.errors import UserError
+
+    program = shutil.which("dot")
+    if program is None:
+        raise UserError("trefs --format svg: Graphviz's `dot` program is not installed; install Graphviz, or print "
+                        "the graph with --format dot")
+    drawn = subprocess.run([program, "-Tsvg"], input=dot, capture_output=True, text=True)
+    if drawn.returncode != 0:
+        raise UserError(f"trefs --format svg: dot failed: {drawn.stderr.strip()}")
+    return drawn.stdout
