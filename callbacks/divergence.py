@@ -15,7 +15,8 @@ the exported model is NaN. Here:
   the weights are checked then, so a diverged run stops within a logging interval. A non-finite loss with
   finite weights (a step skipped by fp16's gradient scaler) goes on.
 
-The error names the step, the first weight that is not finite, and the newest checkpoint. Works in plain
+The error names the step, the first weight that is not finite, the newest checkpoint, and how to resume from
+it or roll back to an earlier one (`--resume RUN_DIR --checkpoint STEP`, with the steps kept). Works in plain
 Lightning code (the checkpoint check; the early check needs a module with `deferred_metrics`).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -91,20 +93,29 @@ class StopOnDivergence(pl.Callback):
         if not trainer.strategy.reduce_boolean_decision(name is not None, all=False):
             return
         step = trainer.global_step
-        newest = _newest_checkpoint(trainer)
+        newest, steps = _newest_checkpoint(trainer)
         what = f"{name} holds NaN or inf" if name else "another rank's weights hold NaN or inf"
+        run_dir = Path(newest).parent.parent if newest and Path(newest).parent.name == "checkpoints" else "RUN_DIR"
+        earlier = (f"; to go back further (its optimizer state may already be harmed), roll back to an earlier one: "
+                   f"--resume {run_dir} --checkpoint STEP lr=... (steps kept: {steps})" if steps else "")
         kept = (f"the newest checkpoint, {newest}, holds the last finite weights: resume from it with a lower "
-                f"learning rate or a longer warmup (python -m forgather.run --resume RUN_DIR lr=...)" if newest else
-                "no checkpoint was saved before it: start over with a lower learning rate or a longer warmup")
+                f"learning rate or a longer warmup (python -m forgather.run --resume {run_dir} lr=...){earlier}" if newest
+                else "no checkpoint was saved before it: start over with a lower learning rate or a longer warmup")
         raise TrainingDiverged(f"training diverged by step {step}: {what}{seen}, so nothing of it is saved ; {kept}",
                                step, newest, trainer.global_rank)
 
 
-def _newest_checkpoint(trainer: pl.Trainer) -> str | None:
+def _newest_checkpoint(trainer: pl.Trainer) -> tuple[str | None, str]:
     """The newest checkpoint of the trainer's checkpoint callbacks (their directories are read: the paths
-    they record already name the checkpoint being refused)."""
-    from forgather.run import checkpoints_newest_first  # the runner's rule for what a checkpoint is
+    they record already name the checkpoint being refused), and the steps of those before it ("" if none)."""
+    from forgather.run import steps_list, checkpoints_newest_first, readable_step  # the runner's rules
 
-    newest = [found[0] for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)
-              if (found := checkpoints_newest_first(callback.dirpath))]
-    return str(max(newest, key=lambda p: p.stat().st_mtime_ns)) if newest else None
+    found = [checkpoints_newest_first(callback.dirpath) for callback in trainer.checkpoint_callbacks
+             if getattr(callback, "dirpath", None)]
+    newest = [paths[0] for paths in found if paths]
+    if not newest:
+        return None, ""
+    chosen = max(newest, key=lambda p: p.stat().st_mtime_ns)
+    newest_step = readable_step(chosen)
+    steps = {step for paths in found for path in paths if (step := readable_step(path)) is not None and step != newest_step}
+    return str(chosen), steps_list(sorted(steps)) if steps else ""

@@ -4,6 +4,7 @@
     python -m forgather.run -m +experiment=tiny_llama lr=1e-3,3e-4 optimizer=adamw,adafactor
     python -m forgather.run --from-snapshot outputs/tiny_llama/2026-11-24_10-00-00     (rerun exactly)
     python -m forgather.run --resume outputs/tiny_llama/2026-11-24_10-00-00            (continue)
+    python -m forgather.run --resume outputs/tiny_llama/2026-11-24_10-00-00 --checkpoint 600 lr=1e-4   (roll back)
     python -m forgather.run --resume multirun/2026-11-24_10-00-00      (a sweep: run the points not finished)
     python -m forgather.run +experiment=tiny_llama --cfg all --resolve    (print config and settings; --info: choices)
 
@@ -28,6 +29,13 @@ directory when it starts and when it ends; staging left in its directory by kill
 forgather.lightning.model_checkpoint) in the run's own directory, appending to its metric history
 (forgather.lightning.csv_logger). A run already at its max_steps is left unchanged, unless its export did
 not complete: then only the export is redone.
+
+`--resume RUN_DIR --checkpoint NAME_OR_STEP` (or `--resume RUN_DIR/checkpoints/NAME.ckpt`) rolls the run back:
+it continues from that checkpoint instead of the newest. Nothing is deleted: the checkpoints that rank newer
+(a later step, or one that does not read placed after it) are moved into `checkpoints/abandoned-<time>/`, with
+a copy of `csv/metrics.csv` as it was, so that a later `--resume` does not take them and they can be moved back.
+The metric history then goes on as every resume's does: the CSV rows from the checkpoint's step on are
+replaced by the new ones; TensorBoard's event files only grow, so its plots show both branches past that step.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ RUN_DIR_ENV = "FORGATHER_RUN_DIR"
 TEMPLATE_DIRS = ("base", "configs")
 METRICS_FILE = "metrics.yaml"
 CHECKPOINTS_DIR = "checkpoints"
+ABANDONED_PREFIX = "abandoned-"  # checkpoints/abandoned-<time>/: a rollback's newer checkpoints, kept
 
 
 # What `--cfg` prints, as Hydra names them: the job's config, the runner's own settings, or both.
@@ -98,11 +107,12 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--strict",), dict(action="store_true", help="warnings about likely mistakes (a block no template extends, a repeated YAML key) are errors (FORGATHER_STRICT=1)")),
     (("-d", "--devices"), dict(help="GPU indices to train on, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")),
     (("--outputs",), dict(default=".", help="where outputs/ and multirun/ go (default: the current directory; for forgather train, the project)")),
+    (("--checkpoint",), dict(metavar="NAME_OR_STEP", help="with --resume: roll back, continuing from this checkpoint (a file name in RUN_DIR/checkpoints/, or a step) instead of the newest; the newer ones are moved, kept, to checkpoints/abandoned-<time>/")),
 )
 # Mutually exclusive: where the config comes from when not from the templates.
 SOURCE_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--from-snapshot",), dict(metavar="RUN_DIR", help="rerun the config recorded in RUN_DIR's snapshot")),
-    (("--resume",), dict(metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")),
+    (("--resume",), dict(metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint (or from RUN_DIR/checkpoints/NAME.ckpt given instead, as --checkpoint does); keep_checkpoints=N lowered here removes the oldest step checkpoints beyond N at once")),
     (("--auto-resume",), dict(action="store_true", help="with output_dir=DIR: continue the run in DIR if it has a checkpoint, else start it there (job scripts a scheduler may run again)")),
 )
 
@@ -177,6 +187,84 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of a run: a run killed between writing a step checkpoint and updating last.ckpt
     resumes from the step checkpoint."""
     return next(iter(checkpoints_newest_first(run_dir / CHECKPOINTS_DIR)), None)
+
+
+def resume_arguments(resume: str, checkpoint: str | None) -> tuple[str, str | None]:
+    """(run directory, checkpoint) of `--resume X [--checkpoint C]`: X may name a checkpoint of a run itself
+    (RUN_DIR/checkpoints/NAME.ckpt), which is then the one to continue from."""
+    path = Path(resume)
+    if path.suffix != ".ckpt":
+        return resume, checkpoint
+    if checkpoint is not None:
+        raise UserError(f"--resume {resume} names a checkpoint and --checkpoint {checkpoint} another: give one "
+                        f"(--resume RUN_DIR --checkpoint NAME_OR_STEP)")
+    if path.parent.name != CHECKPOINTS_DIR:
+        raise UserError(f"--resume {resume}: not a checkpoint in a run's {CHECKPOINTS_DIR}/; give the run: "
+                        f"--resume RUN_DIR --checkpoint NAME_OR_STEP")
+    return str(path.parent.parent), path.name
+
+
+def chosen_checkpoint(run_dir: Path, wanted: str) -> Path:
+    """The checkpoint `--checkpoint wanted` names in the run's checkpoints/: a file name (`.ckpt` may be left
+    out), or a step (the newest checkpoint of that step, by checkpoints_newest_first's rule)."""
+    directory = run_dir / CHECKPOINTS_DIR
+    found = checkpoints_newest_first(directory) if directory.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{directory} holds no checkpoint: nothing to resume (use --from-snapshot to start over)")
+    by_name = {path.name: path for path in found}
+    name = Path(wanted).name
+    if name != wanted and Path(wanted).resolve().parent != directory.resolve():
+        raise UserError(f"--checkpoint {wanted}: not in {directory}; a resume continues from one of the run's own checkpoints")
+    if name in by_name or f"{name}.ckpt" in by_name:
+        return by_name.get(name) or by_name[f"{name}.ckpt"]
+    steps = {path: readable_step(path) for path in found}
+    available = steps_list(sorted({step for step in steps.values() if step is not None}))
+    if wanted.isdigit():
+        at_step = [path for path in found if steps[path] == int(wanted)]
+        if at_step:
+            return at_step[0]
+        raise UserError(f"--checkpoint {wanted}: {run_dir} has no checkpoint at step {wanted}; its checkpoints are at "
+                        f"steps {available}")
+    hint = did_you_mean(name, by_name)
+    raise UserError(f"--checkpoint {wanted}: no such checkpoint in {directory}" + (f"; {hint}" if hint else "")
+                    + f" ; give a file name there or a step: {available}")
+
+
+def steps_list(steps: list[int], most: int = 12) -> str:
+    """`4, 8, 12`; a long list with its middle left out (the first three and the last ones)."""
+    shown = [str(s) for s in steps] if len(steps) <= most else [*map(str, steps[:3]), "...", *map(str, steps[3 - most:])]
+    return ", ".join(shown) or "none that reads"
+
+
+def newer_than(run_dir: Path, ckpt_path: Path) -> list[Path]:
+    """The checkpoints a later `--resume` would take before `ckpt_path` (checkpoints_newest_first), less those of
+    its own step (the same state: last.ckpt saved with the step checkpoint of its step)."""
+    found = checkpoints_newest_first(run_dir / CHECKPOINTS_DIR)
+    step = readable_step(ckpt_path)
+    ahead = found[:found.index(ckpt_path)] if ckpt_path in found else []
+    return [path for path in ahead if step is None or readable_step(path) != step]
+
+
+def set_aside(run_dir: Path, checkpoints: list[Path]) -> Path | None:
+    """Move `checkpoints` (a rollback's newer ones) into a new checkpoints/abandoned-<time>/ of the run, with a copy
+    of the metric history as it was; nothing is deleted. Says in one line what went where; returns the directory."""
+    import shutil
+
+    if not checkpoints:
+        return None
+    aside = _fresh_dir(run_dir / CHECKPOINTS_DIR / f"{ABANDONED_PREFIX}{_timestamp()}")
+    for path in checkpoints:
+        os.replace(path, aside / path.name)  # the same file system: a rename, nothing copied
+    history = run_dir / "csv" / "metrics.csv"
+    if history.is_file():
+        shutil.copy2(history, aside / history.name)
+    steps = sorted(s for p in checkpoints if (s := readable_step(aside / p.name)) is not None)
+    span = f", steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f", step {steps[0]}" if steps else ""
+    kept = f" and a copy of {history.relative_to(run_dir)}" if history.is_file() else ""
+    print(f"rolling back: moved {len(checkpoints)} newer checkpoint{'s' * (len(checkpoints) > 1)} "
+          f"({', '.join(p.name for p in checkpoints)}{span}){kept} to {aside}; a later --resume does not take them, "
+          f"move them back to return to them", flush=True)
+    return aside
 
 
 def _timestamp() -> str:
@@ -800,8 +888,9 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
     ovr.apply(config, points[0])
     experiment = str(meta.get("experiment", "run"))
     ckpt_path = None
+    rollback = getattr(args, "checkpoint", None) if resume else None
     if resume:
-        ckpt_path = latest_checkpoint(run_dir)
+        ckpt_path = chosen_checkpoint(run_dir, rollback) if rollback else latest_checkpoint(run_dir)
         if ckpt_path is None:
             raise FileNotFoundError(f"{run_dir / CHECKPOINTS_DIR} holds no checkpoint: nothing to resume (use --from-snapshot to start over)")
         step = resume_step(run_dir, ckpt_path)
@@ -825,7 +914,10 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
 
     def construct_again() -> dict[str, Any]:
         with tracking_from_project(meta.get("from_project")):  # other projects' configs: still as recorded?
-            return construct(config, base_dir=base_dir)
+            built = construct(config, base_dir=base_dir)
+        if rollback and run_lock.first_rank():  # under the run's lock, once the config has built
+            set_aside(run_dir, newer_than(run_dir, ckpt_path))
+        return built
 
     with _run_dir_env(target):
         train(
@@ -1081,6 +1173,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     command = [sys.executable, "-m", "forgather.run", *argv]
     try:
+        if args.checkpoint is not None and not args.resume:
+            raise UserError("--checkpoint NAME_OR_STEP goes with --resume RUN_DIR: it names the checkpoint of that "
+                            "run to continue from")
+        if args.resume:
+            args.resume, args.checkpoint = resume_arguments(args.resume, args.checkpoint)
         if args.resolve and not args.cfg:
             raise ValueError("--resolve resolves what --cfg prints: add --cfg (or --cfg all)")
         if os.path.exists(args.outputs) and not os.path.isdir(args.outputs):
@@ -1100,6 +1197,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"CUDA_VISIBLE_DEVICES={args.devices} {launch}" if args.devices else launch)
             return 0
         if args.resume and _is_multirun(Path(args.resume)):
+            if args.checkpoint is not None:
+                raise UserError(f"--checkpoint with a sweep ({args.resume}): it rolls back one run, a sweep's points "
+                                f"have checkpoints of their own")
             return _resume_multirun(args, command, Path(args.resume).resolve())
         if args.resume or args.from_snapshot:
             return _from_run_dir(args, command, Path(args.resume or args.from_snapshot).resolve(), resume=bool(args.resume))

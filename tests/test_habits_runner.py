@@ -84,7 +84,7 @@ def test_info_shows_the_option_of_each_group_the_experiment_uses(capsys):
 # -- forgather train takes what python -m forgather.run takes ---------------------------------------------
 
 # A value for each runner option that takes one.
-VALUES = {"cfg": "all", "devices": "0,1", "outputs": "/somewhere", "from_snapshot": "/a/run", "resume": "/a/run", "project": PROJECT, "template_path": "/templates"}
+VALUES = {"cfg": "all", "devices": "0,1", "outputs": "/somewhere", "from_snapshot": "/a/run", "resume": "/a/run", "checkpoint": "600", "project": PROJECT, "template_path": "/templates"}
 
 
 def _runner_options() -> list[argparse.Action]:

@@ -23,6 +23,13 @@ step checkpoints saved before the move, and `last.ckpt`, taken for another run's
 `last-v1.ckpt`. A recorded file the new directory lacks is forgotten, so a resumed copy never removes a file of
 the run it was copied from.
 
+A `save_top_k` (`keep_checkpoints`) lowered on a resume takes effect at once: Lightning removes a checkpoint
+only as it saves one while its list holds exactly k, so a list that came back longer from the checkpoint was
+never cut down. Here `on_train_start` removes the worst (for `monitor=step`, the oldest) of the recorded step
+checkpoints beyond k and says which in one line. Never removed: the checkpoint the fit resumed from, `last.ckpt`,
+and files outside `dirpath` (where needed to get down to k they are only no longer counted, and stay on disk);
+files in the directory this callback never recorded (copies of a user's own) are not its to remove.
+
 Epoch-end and validation-end saving are Lightning's, unchanged. Everything else, arguments included, is
 `pytorch_lightning.callbacks.ModelCheckpoint`.
 """
@@ -51,6 +58,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._first_batch = True
+        self._keep_only_top_k(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
@@ -84,6 +92,42 @@ class ModelCheckpoint(LightningModelCheckpoint):
                 if isinstance(logger, CSVLogger):
                     logger.log_step_before_checkpoint(trainer, current)
         super()._save_checkpoint(trainer, filepath)
+
+    def _keep_only_top_k(self, trainer: pl.Trainer) -> None:
+        """Bring the recorded step checkpoints down to `save_top_k` (a resume that lowered it), worst first."""
+        k = self.save_top_k
+        if k < 0 or len(self.best_k_models) <= k:
+            return
+        last = self.last_model_path or ""
+
+        def kept(path: str) -> bool:  # the resumed one, last.ckpt, another directory's: never removed
+            return path == last or not self._should_remove_checkpoint(trainer, path, last)
+
+        better_first = sorted(self.best_k_models, key=lambda path: float(self.best_k_models[path]), reverse=self.mode == "max")
+        removed, uncounted = [], []
+        for path in sorted(reversed(better_first), key=kept):  # the worst first, those never removed last
+            if len(self.best_k_models) <= k:
+                break
+            del self.best_k_models[path]
+            if kept(path):
+                uncounted.append(path)
+            elif os.path.exists(path):
+                self._remove_checkpoint(trainer, path)
+                removed.append(path)
+        worst, best = (max, min) if self.mode == "min" else (min, max)
+        if self.best_k_models:
+            self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+            self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
+            self.best_model_score = self.best_k_models[self.best_model_path]
+        else:
+            self.kth_best_model_path, self.best_model_path, self.best_model_score = "", "", None
+        if trainer.is_global_zero and (removed or uncounted):
+            names = lambda paths: ", ".join(os.path.basename(path) for path in paths)
+            kept_too = f"; {names(uncounted)} kept on disk, no longer counted" if uncounted else ""
+            print(f"keep_checkpoints={k} (save_top_k): removed {len(removed)} step checkpoint"
+                  f"{'s' * (len(removed) != 1)} beyond the {k} kept ({names(removed) or 'none'}) from {self.dirpath}"
+                  f"{kept_too}", flush=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         recorded = state_dict.get("dirpath")
