@@ -19,6 +19,10 @@ Hooks implemented:
 - checkpoints are sharded (torch.distributed.checkpoint, a directory: each rank writes its stages, the tied
   head once, its optimizer states keyed by parameter name: `optimizer_state`), written beside the target and
   renamed into place; `forgather.strategies.load_sharded_checkpoint` loads one into a single-device model.
+  meta.pt carries a format key: another strategy's sharded directory is refused as ckpt_path (`load_checkpoint`).
+  Staging that a killed save left (`.NAME.tmp-PID`) goes when the next fit starts (`_remove_stale_staging`).
+- a rank whose stages are all frozen runs the schedule with an optimizer over nothing (CausalLMModule's);
+  frozen everywhere, a fit is refused (`_check_something_trains`).
 
 From a plain Lightning script (Lightning starts the other processes by running the script again, hence the
 `__main__` guard; tests/helpers/plain_lightning_train.py is a whole one):
@@ -33,6 +37,7 @@ From a plain Lightning script (Lightning starts the other processes by running t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from datetime import timedelta
@@ -51,10 +56,16 @@ from torch import nn
 from torch.distributed import checkpoint as dcp
 from torch.optim import Optimizer
 
+from forgather.errors import UserError
+from forgather.lightning.checkpoint_io import remove_staging
 from forgather.optim.in_backward import OptimizerInBackward
 
-from .checkpoint import load_sharded, optimizer_state, swap_into_place
+from .checkpoint import FORMAT, FORMAT_KEY, foreign_checkpoint, load_sharded, optimizer_state, swap_into_place
 from .pipeline_runtime import PipelineRuntime, pipeline_mesh, schedule_class_for
+
+
+# A sharded save's staging directory: `.NAME.tmp-PID` (`.NAME.tmp` from before the pid was in the name)
+_SHARDED_STAGING = re.compile(r"^\.(?P<target>.+)\.tmp(?:-\d+)?$")
 
 
 class PipelineParallelStrategy(ModelParallelStrategy):
@@ -142,11 +153,22 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         self.model_to_device()
         self._clip_across_stages()
         if trainer.state.fn == TrainerFn.FITTING:
+            self._remove_stale_staging(trainer)
             self.setup_optimizers(trainer)
             _check_optimizers(self.optimizers)
+            self._check_something_trains()
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _check_something_trains(self) -> None:
+        """A rank of frozen stages only trains on with an optimizer over nothing (CausalLMModule); frozen on every
+        rank, nothing would train at all: refused on every rank (a collective), in one line."""
+        trained = torch.tensor(float(sum(p.requires_grad for p in self.runtime.parameters())), device=self.root_device)
+        torch.distributed.all_reduce(trained)
+        if not trained:
+            raise UserError("every parameter of the model is frozen (requires_grad=False) on every pipeline stage, "
+                            "so there is nothing to train; unfreeze some (requires_grad_(True)) before fit")
 
     def _build_runtime(self) -> PipelineRuntime:
         """Cut the module's model into this rank's stages (pruning the rest) and set up the schedule."""
@@ -185,7 +207,8 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} writes sharded checkpoints itself; storage_options is unsupported")
         path = Path(self.broadcast(os.fspath(filepath)))
-        staging = path.with_name(f".{path.name}.tmp")
+        # The saving rank's pid in the name: remove_staging (`_remove_stale_staging`) keeps a live process's.
+        staging = path.with_name(f".{path.name}.tmp-{self.broadcast(os.getpid())}")
         if self.is_global_zero:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -194,9 +217,24 @@ class PipelineParallelStrategy(ModelParallelStrategy):
         state = {"state_dict": checkpoint.pop("state_dict"), **{f"optimizer_{i}": s for i, s in enumerate(optimizers)}}
         dcp.save(state, checkpoint_id=staging)
         if self.is_global_zero:
-            torch.save(checkpoint, staging / METADATA_FILENAME)
+            torch.save({**checkpoint, FORMAT_KEY: FORMAT}, staging / METADATA_FILENAME)
             swap_into_place(staging, path)
         self.barrier()
+
+    def _remove_stale_staging(self, trainer: pl.Trainer) -> None:
+        """On the saving rank, delete what sharded saves killed mid-write left beside the checkpoints of this
+        fit's ModelCheckpoint callbacks (`.NAME.tmp-PID`; `.NAME.tmp` before the pid was in the name), by the rule
+        of forgather.lightning.checkpoint_io.remove_staging: a live process's stays, an `.old` aside goes back."""
+        if not self.is_global_zero:
+            return
+        for directory in {callback.dirpath for callback in trainer.checkpoint_callbacks if callback.dirpath}:
+            directory = Path(directory)
+            if not directory.is_dir():
+                continue
+            for entry in directory.iterdir():
+                staged = _SHARDED_STAGING.match(entry.name)
+                if staged is not None and entry.is_dir():
+                    remove_staging(directory, staged["target"])
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         # Flat, keyed by parameter name (checkpoint.optimizer_state): ranks hold different parameters.
@@ -218,8 +256,17 @@ class PipelineParallelStrategy(ModelParallelStrategy):
                 f"ckpt_path {path} is not a sharded checkpoint directory written by {type(self).__name__} (no "
                 f"{METADATA_FILENAME}); to start from {weights} and fit without ckpt_path"
             )
+        meta = torch.load(path / METADATA_FILENAME, weights_only=weights_only)
+        if (other := foreign_checkpoint(path, meta)) is not None:
+            raise ValueError(
+                f"ckpt_path {path} is {other}, not one written by {type(self).__name__}; resume it with the "
+                "strategy that wrote it, or consolidate it into one file (python -m "
+                "pytorch_lightning.utilities.consolidate_checkpoint DIR), load its state_dict into the module "
+                "before fit and fit without ckpt_path"
+            )
         load_sharded(path, self.lightning_module, self.optimizers, strict=self.lightning_module.strict_loading)
-        return torch.load(path / METADATA_FILENAME, weights_only=weights_only)
+        meta.pop(FORMAT_KEY, None)
+        return meta
 
     # Steps
 

@@ -6,8 +6,8 @@ and renames it over the target (os.replace is atomic on POSIX). Readers see the 
 
 Every atomic writer of a run stages beside its target under a hidden name: `.<name>.tmp-<pid>` (this
 plugin, the model export, the snapshot), `.<name>.old-<pid>` (the export's previous package while it is
-swapped), `.<name>.partial` (job control's checkpoints), `.<name>.tmp` (the pipeline strategy's sharded
-checkpoints), `.<name>.<random>.tmp` (forgather.data.cache). A writer killed mid-write leaves its staging
+swapped), `.<name>.partial` (job control's checkpoints), `.<name>.tmp-<pid of rank 0>` (the pipeline
+strategy's sharded checkpoints; `.<name>.tmp` before it named them), `.<name>.<random>.tmp` (forgather.data.cache). A writer killed mid-write leaves its staging
 behind; `remove_staging` deletes it at the next start, but for an `.old` one whose `<name>` is gone (an export
 killed between its renames): that is the only copy of what it replaced, and it is moved back
 (forgather.convert.output.restore_replaced, which every writer that swaps a model directory shares). An `.old`

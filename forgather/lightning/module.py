@@ -185,7 +185,9 @@ class CausalLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         trained = [p for p in self.parameters() if p.requires_grad]
-        if self.no_decay_1d:
+        if not trained:
+            trained = self._nothing_to_train()
+        elif self.no_decay_1d:
             decayed, kept = [p for p in trained if p.dim() >= 2], [p for p in trained if p.dim() < 2]
             trained = [group for group in ({"params": decayed}, {"params": kept, "weight_decay": 0.0}) if group["params"]]
         optimizer = self.optimizer_factory(trained)
@@ -196,6 +198,17 @@ class CausalLMModule(pl.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         schedule = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def _nothing_to_train(self) -> list[dict[str, list]]:
+        """No parameter of this module is trained. Where a strategy splits the model (pipeline stages), this rank
+        may hold frozen stages only (frozen embeddings, a frozen bottom half): it still runs the schedule, with
+        an optimizer of one empty param group, which steps nothing but keeps its learning rate and scheduler in
+        step with the other ranks' (train/lr). Holding the whole model, there is nothing to train: refused in one
+        line (torch would only say that the optimizer got an empty parameter list)."""
+        if self._trainer is not None and self._ranks_per_batch() > 1:
+            return [{"params": []}]
+        raise UserError(f"every parameter of the model ({type(self.model).__name__}) is frozen (requires_grad=False), "
+                        "so there is nothing to train; unfreeze some (requires_grad_(True)) before fit")
 
     # Training and validation
 
