@@ -137,3 +137,13 @@ def test_a_fresh_partial_pickles_and_its_copy_still_builds_per_call():
     copy = pickle.loads(pickle.dumps(model))
     first, second = copy(), copy()
     assert first.kwargs["layers"] is not second.kwargs["layers"] and first.kwargs["head"] is second.kwargs["head"]
+
+
+def test_a_fresh_partial_pickles_with_the_singletons_it_names_only():
+    # A DataLoader worker or saved hyperparameters would otherwise carry all that the config built.
+    import pickle
+
+    text = _MODEL + "big: !call:builtins:bytes@big [2000000]\n"  # named: its construction remembers it
+    config = to_config(load_graph(text)).config
+    built = construct(config, ["model", "big"])
+    assert len(pickle.dumps(built["big"])) > 2_000_000 and len(pickle.dumps(built["model"])) < 20_000

@@ -23,7 +23,7 @@ import functools
 import inspect
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError, MissingMandatoryValue
@@ -179,6 +179,28 @@ class FreshPartial(functools.partial):
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         tail, keywords = self.fresh_arguments()
         return self.func(*self.args, *tail, *args, **{**keywords, **kwargs})
+
+    def __reduce__(self) -> Any:
+        # Pickled with the singletons its arguments name only, not all that its construction built (a dataset, a
+        # tokenizer): a DataLoader worker or saved hyperparameters would carry them all.
+        kind, arguments, (func, args, keywords, attributes) = super().__reduce__()
+        configs = [config for config, _ in (*self.tail, *self.fresh.values())] + ([self.latent[0]] if self.latent else [])
+        needed = set(_ids_in(configs))
+        builder = _Builder(self.builder.base_dir)
+        builder.memo = {key: value for key, value in self.builder.memo.items() if key in needed}
+        return kind, arguments, (func, args, keywords, {**(attributes or {}), "builder": builder})
+
+
+def _ids_in(value: Any) -> Iterator[Any]:
+    """The `_id_`s of the nodes in a config subtree."""
+    if isinstance(value, Mapping):
+        if "_id_" in value:
+            yield value["_id_"]
+        for item in value.values():
+            yield from _ids_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _ids_in(item)
 
 
 def _user_frame(error: BaseException) -> str | None:
