@@ -296,7 +296,7 @@ def fit_after_lr_finder(out: Path) -> None:
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
             held.append(len(list(module.parameters())))
 
-    finder = LearningRateFinder(num_training_steps=3, update_attr=False)  # CausalLMModule has no `lr` attribute
+    finder = LearningRateFinder(num_training_steps=3, update_attr=False)
     trainer = _trainer(2, PipelineParallelStrategy("1F1B", 4), max_steps=2, enable_checkpointing=False,
                        default_root_dir=out, callbacks=[Held(), finder])
     module = _module(causal_lm(), scheduled=False)  # no scheduler of its own: the finder's adds `initial_lr`

@@ -181,3 +181,34 @@ def test_the_step_after_a_validation_has_its_throughput(tmp_path):
     rows = dict(recorder.training_rows())
     assert sorted(rows) == [0, 1, 2, 3, 4, 5]  # Lightning's 0-based steps of optimizer steps 1..6
     assert [step for step, metrics in rows.items() if "train/tokens_per_s" not in metrics] == [0]
+
+
+def test_the_lr_finder_sets_the_rate_the_next_fit_trains_with(tmp_path):
+    # Tuner.lr_find (update_attr=True by default) looks for `lr` or `learning_rate` on the module: it found neither
+    # and stopped with an AttributeError; now its suggestion is the base rate of the next fit's optimizer.
+    from pytorch_lightning.tuner import Tuner
+
+    trainer, model = make_trainer(tmp_path, max_steps=2), module()
+    finder = Tuner(trainer).lr_find(model, train_dataloaders=toy_loader(30), num_training=30, min_lr=1e-5, max_lr=1e-1,
+                                    early_stop_threshold=None)
+    assert model.lr is not None and model.lr == finder.suggestion()
+    trainer.fit(model, toy_loader(2))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == model.lr
+
+
+def test_a_module_rate_replaces_the_optimizer_factorys_and_one_the_optimizer_cannot_take_is_one_line(tmp_path):
+    import functools
+
+    import pytest
+
+    from forgather.errors import UserError
+
+    model = CausalLMModule(tiny_model(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), lr=3e-4)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(model, toy_loader(1))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 3e-4
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.1)
+
+    with pytest.raises(UserError, match="lr=0.01: the optimizer factory sgd takes no lr"):
+        CausalLMModule(tiny_model(), optimizer=sgd, lr=1e-2).configure_optimizers()

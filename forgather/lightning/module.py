@@ -34,6 +34,7 @@ of the device on every step.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from time import perf_counter
@@ -72,6 +73,8 @@ class CausalLMModule(pl.LightningModule):
         optimizer: `optimizer(params) -> torch.optim.Optimizer`, e.g. `partial(torch.optim.AdamW, lr=3e-4)`;
             default AdamW at lr 1e-3.
         lr_scheduler: `lr_scheduler(optimizer) -> scheduler`, or None for a constant learning rate.
+        lr: a base learning rate passed to `optimizer` as `lr=`, over the factory's own; None (the default) keeps
+            the factory's. Lightning's LR finder (`Tuner(trainer).lr_find(module)`) sets it to its suggestion.
         lr_scheduler_interval: "step" or "epoch", when Lightning steps the scheduler.
         compile: `torch.compile` the model's forward (up to the hidden states; the loss outside stays free
             to be a fused kernel), with the scope `compile_scope`.
@@ -102,6 +105,7 @@ class CausalLMModule(pl.LightningModule):
         compile_mode: str | None = None,
         compile_options: dict[str, Any] | None = None,
         no_decay_1d: bool = False,
+        lr: float | None = None,
     ) -> None:
         super().__init__()
         if compile_scope not in ("layers", "model"):
@@ -141,6 +145,11 @@ class CausalLMModule(pl.LightningModule):
         if not isinstance(no_decay_1d, bool):
             raise TypeError(f"CausalLMModule(no_decay_1d={no_decay_1d!r}): give true or false")
         self.no_decay_1d = no_decay_1d
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+            raise ValueError(f"CausalLMModule(lr={lr!r}): give a positive learning rate, or None for the optimizer's own")
+        # The attribute Lightning's LR finder (Tuner.lr_find) reads and sets: when set, it replaces the rate the
+        # optimizer factory gives (configure_optimizers passes it as lr=).
+        self.lr = lr
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.compile = compile
@@ -190,7 +199,7 @@ class CausalLMModule(pl.LightningModule):
         elif self.no_decay_1d:
             decayed, kept = [p for p in trained if p.dim() >= 2], [p for p in trained if p.dim() < 2]
             trained = [group for group in ({"params": decayed}, {"params": kept, "weight_decay": 0.0}) if group["params"]]
-        optimizer = self.optimizer_factory(trained)
+        optimizer = self.optimizer_factory(trained, **self._rate())
         if isinstance(optimizer, OptimizerInBackward) and self._trainer is not None:
             _check_steps_in_backward(self._trainer)
         if self.lr_scheduler_factory is None:
@@ -198,6 +207,21 @@ class CausalLMModule(pl.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         schedule = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def _rate(self) -> dict[str, float]:
+        """`{"lr": self.lr}` for the optimizer factory, when a rate is set (the LR finder's suggestion, the user's)."""
+        if self.lr is None:
+            return {}
+        try:
+            parameters = inspect.signature(self.optimizer_factory).parameters
+        except (TypeError, ValueError):  # a callable whose signature Python cannot read: left to the call
+            parameters = None
+        if parameters is not None and "lr" not in parameters and not any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            name = getattr(self.optimizer_factory, "__name__", None) or type(self.optimizer_factory).__name__
+            raise UserError(f"CausalLMModule lr={self.lr}: the optimizer factory {name} takes no lr; set the rate in the "
+                            f"factory (functools.partial(torch.optim.AdamW, lr=...)), or give one that takes lr=")
+        return {"lr": float(self.lr)}
 
     def _nothing_to_train(self) -> list[dict[str, list]]:
         """No parameter of this module is trained. Where a strategy splits the model (pipeline stages), this rank
