@@ -8,7 +8,9 @@
                       value, or the value an interpolation there resolves to)
     +a.b=v            add a key that does not exist yet
     ++a.b=v           set a key either way
-    ~a.b              delete a key
+    ~a.b              delete a key (`~a.b=v`: only where it holds v)
+A mapping value merges into the mapping there, as in Hydra (`d={a:5}` keeps d's other keys); an interpolation
+value (`lr=${base_lr}`) is set as written.
 Sweeps (`-m`): `a=1,2`, `a=range(1,4)`, `a=choice(x,y)`, `group=glob(ada*)` expand into the cartesian
 product of single runs, in command-line order.
 
@@ -140,14 +142,17 @@ def parse_hydra(arguments: list[str]) -> list[Any]:
 
 def _parse_failure(parser: Any, arguments: list[str], error: Exception) -> str:
     """The one-line report of overrides Hydra's grammar refused: the first override that fails alone, and the
-    grammar's complaint about it (its first line; the rest is a link)."""
+    grammar's complaint about it (its lines that say what is wrong: not the heading that repeats the override,
+    a caret, or the link)."""
     from hydra.errors import HydraException
 
     for argument in arguments:
         try:
             parser.parse_overrides([argument])
         except HydraException as own:
-            reason = str(own).splitlines()[0]
+            lines = [line.strip() for line in str(own).splitlines()]
+            said = [line for line in lines if line.strip("^ ") and not line.startswith(("Error parsing override", "See https:"))]
+            reason = " ".join(said) or lines[0]
             return (f"{argument}: cannot parse this override ({reason}) ; write key=value, a sweep's values "
                     f"separated by commas (lr=1e-3,3e-3), and quote a value holding commas, brackets or "
                     f"spaces ('key=\"a, b\"')")
@@ -176,9 +181,12 @@ def parse(arguments: list[str], groups: dict[str, list[str]], multirun: bool) ->
 
 def sweep_values(item, options: list[str] | None) -> list[tuple[Any, str]]:
     """(value, its text in the override grammar) of every point of a sweep."""
-    from hydra.core.override_parser.types import Glob
+    from hydra.core.override_parser.types import Glob, IntervalSweep
 
     value = item.value()
+    if isinstance(value, IntervalSweep):
+        raise OverrideError(f"{item.input_line}: interval() describes a search space, which sweeper=optuna searches "
+                            f"and no grid enumerates: add sweeper=optuna, or list values (key=a,b,c)")
     if isinstance(value, Glob):
         if options is None:
             raise OverrideError(f"{item.input_line}: glob() selects options of a group, and {item.key_or_group!r} is none")
@@ -187,13 +195,17 @@ def sweep_values(item, options: list[str] | None) -> list[tuple[Any, str]]:
             raise OverrideError(f"{item.input_line} matches no option of group {item.key_or_group!r}: {', '.join(options)}")
         return [(option, option) for option in chosen]
     try:
-        points = list(zip(item.sweep_iterator(), item.sweep_string_iterator(), strict=True))
+        texts = list(item.sweep_string_iterator())
     except ValueError as error:  # range(1,10,0): Python's range refuses a zero step
         raise OverrideError(f"{item.input_line}: {error}") from error
-    if not points:
+    if not texts:
         raise OverrideError(f"{item.input_line} gives no values to sweep: a range(start,stop[,step]) stops before "
                             f"`stop` and counts down only with a negative step (range(5,1,-1))")
-    return points
+    # Hydra's sweeper hands each job its point as the text `key=value`, which the job parses again; the value
+    # comes from that text too, so a quoted 'b c' is the string b c (not the parser's QuotedString), a
+    # str(choice(1,2)) point is the int 1 as in Hydra, and a shuffle() is drawn once for values and texts.
+    key = item.get_key_element()
+    return [(point.value(), text) for point, text in zip(parse_hydra([f"{key}={text}" for text in texts]), texts)]
 
 
 def split_choices(overrides: list[Override], groups: dict[str, list[str]]) -> tuple[dict[str, str], list[Override]]:
@@ -278,6 +290,8 @@ def _locate(config: DictConfig, key: str) -> tuple[Any, str | int] | None:
     parts = key.split(".")
     for depth, part in enumerate(parts):
         index: str | int = int(part) if isinstance(node, ListConfig) and part.lstrip("-").isdigit() else part
+        if not isinstance(node, (DictConfig, ListConfig)):  # `lr.x` where lr is a number: nothing below it
+            return None
         if isinstance(node, ListConfig):
             if not isinstance(index, int) or not -len(node) <= index < len(node):
                 return None
@@ -538,16 +552,53 @@ def apply(config: DictConfig, overrides: list[Override],
             _refuse_adding_beside_a_named_node(config, override)
         if override.kind == "delete":
             parent, last = found
+            _check_deleted_value(config, override)
             del parent[last]
             deleted.append(override)
             continue
         _check_args(override)
-        if override.kind == "change":
+        if override.kind == "change" and not _is_interpolation(override.value):  # (checked where it resolves)
             parent, last = found
             if not _check_signature(override, parent, last, config):
                 _check_type(override, _current_value(parent, last))
-        OmegaConf.update(config, key, override.value, merge=False, force_add=True)
+        _update(config, override)
     _refuse_dangling_references(config, deleted)
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _check_deleted_value(config: DictConfig, override: Override) -> None:
+    """`~key=value` deletes only where key holds that value (Hydra's rule; `~key` deletes whatever it holds)."""
+    if override.value is None:
+        return
+    try:
+        current = OmegaConf.select(config, override.key, throw_on_missing=False)
+    except Exception:  # an interpolation that does not resolve: what it says
+        parent, last = _locate(config, override.key)
+        current = parent._get_node(last)._value()
+    if current is None or current != override.value:
+        shown = OmegaConf.to_container(current, resolve=False) if OmegaConf.is_config(current) else current
+        raise OverrideError(f"{override.text}: {override.key} is {shown!r}, not {override.value!r}; "
+                            f"write ~{override.key} to delete it whatever it holds")
+
+
+def _update(config: DictConfig, override: Override) -> None:
+    """Set the value as Hydra does: a mapping merges into the mapping there (`d={a:5}` keeps d's other keys;
+    `~d +d={a:5}` replaces d whole). Unlike Hydra, which refuses a key new to d there unless `++d={c:1}`, the
+    mapping may add keys (`launcher.additional_parameters={account: ml}` over the default `{}`)."""
+    from omegaconf.errors import ConfigIndexError, OmegaConfBaseException
+
+    try:
+        OmegaConf.update(config, override.key, override.value, merge=True, force_add=True)
+    except ConfigIndexError as error:
+        parent, _, index = override.key.rpartition(".")
+        raise OverrideError(f"{override.text}: {parent} has no element {index} and a list does not grow by index; "
+                            f"give the whole list ({parent}=[...])") from error
+    except OmegaConfBaseException as error:  # a mapping merged into a list (`list={a:1}`)
+        raise OverrideError(f"{override.text}: {str(error).splitlines()[0]}; write ~{override.key} "
+                            f"+{override.text.lstrip('+')} to replace {override.key} whole") from error
 
 
 def _refuse_dangling_references(config: DictConfig, deleted: list[Override]) -> None:
