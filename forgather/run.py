@@ -910,7 +910,8 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
         return 0
     if ckpt_path is not None and not _announce_resume(config, run_dir, ckpt_path, step, export["out_dir"]):
         return 0
-    from forgather.graph import construct
+    from forgather.callbacks.snapshot import recorded_threads
+    from forgather.graph import construct, generate_code
 
     def construct_again() -> dict[str, Any]:
         with tracking_from_project(meta.get("from_project")):  # other projects' configs: still as recorded?
@@ -919,20 +920,35 @@ def _from_run_dir(args: argparse.Namespace, command: list[str], run_dir: Path, r
             set_aside(run_dir, newer_than(run_dir, ckpt_path))
         return built
 
-    with _run_dir_env(target):
+    snapshot = {
+        "overrides": list(args.overrides),
+        "meta": {**meta, "from_run": str(run_dir), "export_dir": str(export["out_dir"])},
+        "command": command,
+    }
+    if not resume:  # a resume keeps its snapshot; a replay's records what it ran, so that it replays as well
+        snapshot["sources"] = {path.name: path for path in sorted((run_dir / "snapshot" / "sources").glob("*"))}
+        snapshot["model_code"] = generate_code(config, "model", base_dir=base_dir) if "model" in config else None
+    with _run_dir_env(target), (contextlib.nullcontext() if resume else recorded_threads(run_dir)):
+        if not resume:
+            _warn_about_replay_differences(run_dir, config)
         train(
             config,
             target,
             construct=construct_again,
-            snapshot={
-                "overrides": list(args.overrides),
-                "meta": {**meta, "from_run": str(run_dir), "export_dir": str(export["out_dir"])},
-                "command": command,
-            },
+            snapshot=snapshot,
             export=export,
             ckpt_path=str(ckpt_path) if ckpt_path else None,
         )
     return 0
+
+
+def _warn_about_replay_differences(run_dir: Path, config: DictConfig) -> None:
+    """--from-snapshot: one line for each thing that makes this replay differ from the recorded run (its snapshot
+    edited or cut, other package versions, Forgather's code, environment variables, data)."""
+    from forgather.callbacks.snapshot import replay_differences
+
+    for line in replay_differences(run_dir, config):
+        print(f"warning: --from-snapshot {run_dir}: {line}", file=sys.stderr, flush=True)
 
 
 def _export_dir_of_moved_run(recorded: Path, recorded_run_dir: Any, run_dir: Path) -> Path:
