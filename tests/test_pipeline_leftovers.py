@@ -24,23 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from pipeline_models import causal_lm, packed_batch  # noqa: E402
-from ranks import start, start_ranks, wait_all  # noqa: E402
-
-
-def _failures(processes) -> list[str]:
-    """Every process's output, once each has failed."""
-    outputs = []
-    try:
-        for process in processes:
-            assert process.wait(timeout=300) != 0
-            process.output.seek(0)
-            outputs.append(process.output.read().decode(errors="replace"))
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-            process.output.close()
-    return outputs
+from ranks import failed_outputs, start, start_ranks, wait_all  # noqa: E402
 
 
 # A rank with nothing to train
@@ -80,7 +64,7 @@ def test_every_parameter_frozen_on_one_process_is_refused_in_one_line():
 
 @pytest.mark.slow  # a two-process fit that fails at setup
 def test_a_pipelined_model_frozen_on_every_rank_is_refused_in_one_line(tmp_path):
-    for output in _failures(start_ranks([__file__, str(tmp_path), "--frozen", "all"], 2)):  # both ranks
+    for output in failed_outputs(start_ranks([__file__, str(tmp_path), "--frozen", "all"], 2)):  # both ranks
         assert ("every parameter of the model is frozen (requires_grad=False) on every pipeline stage, so there is "
                 "nothing to train") in output
 

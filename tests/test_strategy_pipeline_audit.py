@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from pipeline_models import causal_lm, packed_batch, sequential_model  # noqa: E402
-from ranks import start, start_ranks, wait_all  # noqa: E402
+from ranks import failed_outputs, start, start_ranks, wait_all  # noqa: E402
 
 TRAIN = Path(__file__).parent / "helpers" / "pipeline_train.py"
 
@@ -159,19 +159,7 @@ def test_pipeline_ranks_reading_different_batches_are_refused(tmp_path):
     # Before: the first stage embedded one batch and the last scored another's labels, silently.
     out = tmp_path / "differing"
     out.mkdir()
-    processes = start_ranks([__file__, str(out), "--differing"], 2)
-    try:
-        outputs = []
-        for process in processes:
-            assert process.wait(timeout=300) != 0
-            process.output.seek(0)
-            outputs.append(process.output.read().decode(errors="replace"))
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-            process.output.close()
-    for output in outputs:  # both ranks, so neither waits for the other
+    for output in failed_outputs(start_ranks([__file__, str(out), "--differing"], 2)):  # both ranks, so neither waits for the other
         assert "ValueError: the ranks of a pipeline read different training batches" in output
         assert "keep Lightning's distributed sampler (use_distributed_sampler=True)" in output
 

@@ -57,6 +57,22 @@ def wait_all(processes: list[subprocess.Popen], timeout: float = 300) -> None:
             process.output.close()
 
 
+def failed_outputs(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    """Every process's output, once each has failed (a test of an error every rank raises)."""
+    outputs = []
+    try:
+        for process in processes:
+            assert process.wait(timeout=timeout) != 0
+            process.output.seek(0)
+            outputs.append(process.output.read().decode(errors="replace"))
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+            process.output.close()
+    return outputs
+
+
 def _report(process: subprocess.Popen, why: str) -> str:
     process.output.seek(0)
     return f"{' '.join(process.args)} {why}:\n{process.output.read().decode(errors='replace')}"
