@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import re
@@ -648,10 +649,18 @@ def requested_run_dir(values: list[ovr.Override], create: bool = True) -> Path |
 
 def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint (a file, or a sharded directory's meta.pt) was saved at; tensors are
-    memory-mapped, not read."""
+    memory-mapped, not read. Each version of a file is read once: a resume asks for the same checkpoints' steps
+    several times (to rank them, to name the one chosen, to set a rollback's newer ones aside)."""
+    file = Path(path) / "meta.pt" if Path(path).is_dir() else Path(path)
+    stat = file.stat()
+    return _saved_step(str(file), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _saved_step(file: str, inode: int, size: int, mtime_ns: int) -> int:  # (the file's identity: the cache key)
     import torch
 
-    state = torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False, mmap=True)
+    state = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
     return int(state["global_step"])
 
 
