@@ -74,10 +74,7 @@ LOSES = {
 def recorded_resumes(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The resumes of a run, oldest first, as its `snapshot/resumes.yaml` records them: [] when there is none or it
     does not read."""
-    try:
-        resumes = yaml.safe_load((Path(run_dir) / SNAPSHOT_DIR / RESUMES_FILE).read_text())
-    except (OSError, yaml.YAMLError):
-        return []
+    resumes = _read_yaml(Path(run_dir) / SNAPSHOT_DIR / RESUMES_FILE)
     return [entry for entry in resumes if isinstance(entry, dict)] if isinstance(resumes, list) else []
 
 
@@ -403,21 +400,15 @@ class Snapshot(pl.Callback):
 
     def record_resume(self, checkpoint: str, step: int) -> None:
         """Add a resume to `resumes.yaml` (rewritten atomically); one that does not read as a list is left as it is."""
+        from forgather.data.cache import atomic_write
+
         path = self.path / RESUMES_FILE
-        try:
-            resumes = yaml.safe_load(path.read_text()) if path.is_file() else []
-        except (OSError, yaml.YAMLError):
-            return
+        resumes = _read_yaml(path) if path.is_file() else []
         if not isinstance(resumes, list):
             return
         resumes.append({"started": datetime.datetime.now().isoformat(timespec="seconds"), "checkpoint": checkpoint,
                         "step": step, "overrides": self.overrides, "command": shlex.join(self.command)})
-        staging = path.with_name(f".{RESUMES_FILE}.tmp-{os.getpid()}")
-        try:
-            staging.write_text(yaml.safe_dump(resumes, sort_keys=False))
-            os.replace(staging, path)
-        finally:
-            staging.unlink(missing_ok=True)
+        atomic_write(path, lambda staging: staging.write_text(yaml.safe_dump(resumes, sort_keys=False)))
 
     def write(self) -> Path:
         """Write the snapshot now (atomically) and return its directory."""
