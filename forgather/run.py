@@ -766,6 +766,7 @@ def _fit(config: DictConfig, run_dir: Path, built: dict[str, Any], snapshot: dic
     from forgather.callbacks.model_export import ExportModel
     from forgather.callbacks.snapshot import Snapshot
     from forgather.lightning.checkpoint_io import remove_staging
+    from forgather.lightning.process_group import destroy_gloo_group_at_exit
 
     missing = [name for name in ("trainer", "module", "datamodule") if name not in built]
     if missing:
@@ -781,6 +782,7 @@ def _fit(config: DictConfig, run_dir: Path, built: dict[str, Any], snapshot: dic
     if exporting:
         trainer.callbacks.append(ExportModel(model_config=config.model, run_dir=run_dir, **export))
     trainer.callbacks.extend(callbacks or [])
+    destroy_gloo_group_at_exit()  # Lightning's DDP and FSDP on CPU use gloo too
     try:
         with warnings.catch_warnings():
             if ckpt_path is not None:  # a resumed run's checkpoint directory holds its own checkpoints

@@ -58,6 +58,7 @@ from torch.optim import Optimizer
 
 from forgather.errors import UserError
 from forgather.lightning.checkpoint_io import remove_staging
+from forgather.lightning.process_group import destroy_gloo_group_at_exit
 from forgather.optim.in_backward import OptimizerInBackward
 
 from .checkpoint import FORMAT, FORMAT_KEY, foreign_checkpoint, load_sharded, optimizer_state, swap_into_place
@@ -122,6 +123,7 @@ class PipelineParallelStrategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         self._setup_distributed()
+        destroy_gloo_group_at_exit()
         pp_size = self.world_size if self.pipeline_parallel_size == "auto" else self.pipeline_parallel_size
         if self.world_size % pp_size:
             raise ValueError(
