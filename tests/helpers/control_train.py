@@ -83,6 +83,8 @@ def main() -> int:
         outcome, code = f"stopped: {stopped.checkpoint}", stopped.exit_code
     result = {"step": trainer.global_step, "outcome": outcome}
     Path(args.run_dir, f"result-rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # before exit: gloo's threads otherwise abort now and then
     return code
 
 

@@ -63,6 +63,8 @@ def main() -> int:
     except TrainingDiverged as error:
         outcome, code = "diverged", report(error)
     Path(args.run_dir, f"result-rank{trainer.global_rank}.json").write_text(json.dumps({"step": trainer.global_step, "outcome": outcome}))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # before exit: gloo's threads otherwise abort now and then
     return code
 
 
