@@ -729,6 +729,38 @@ def _checkpoint_mismatch(error: BaseException) -> str | None:
             parts.append(f"{what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
     return "; ".join(parts) or text.splitlines()[0]
 
+
+def _model_changes(config: DictConfig, run_dir: Path) -> str:
+    """The settings of the config's `model` that differ from those the run started with (its snapshot's resolved
+    config), as one clause naming the first three ("" when none is found or either side cannot be read): what
+    made a resumed model's parameters differ from its checkpoint's, an override or an edited template."""
+    try:
+        recorded = OmegaConf.load(run_dir / "snapshot" / "config_resolved.yaml")
+        then = OmegaConf.to_container(recorded.model) if OmegaConf.is_dict(recorded) and "model" in recorded else None
+        now = OmegaConf.to_container(config.model, resolve=True) if "model" in config else None
+    except Exception:  # noqa: BLE001 (a clause of an error message: missing records leave it out)
+        return ""
+    if then is None or now is None:
+        return ""
+
+    def leaves(node: Any, path: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {key: value for name, child in node.items() for key, value in leaves(child, f"{path}.{name}").items()}
+        if isinstance(node, list):
+            return {key: value for index, child in enumerate(node) for key, value in leaves(child, f"{path}.{index}").items()}
+        return {path: node}
+
+    before, after = leaves(then, "model"), leaves(now, "model")
+    changed = [f"{key} was {before.get(key, 'unset')}, is {after.get(key, 'unset')}"
+               for key in sorted(before.keys() | after.keys()) if before.get(key, _UNSET) != after.get(key, _UNSET)]
+    if not changed:
+        return ""
+    return ", ".join(changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
+
+
+_UNSET = object()
+
+
 def train(
     config: DictConfig,
     run_dir: Path,
@@ -798,6 +830,9 @@ def _fit(config: DictConfig, run_dir: Path, built: dict[str, Any], snapshot: dic
         if mismatch is not None:
             from forgather.errors import UserError
 
+            changes = _model_changes(config, run_dir)
+            if changes:
+                mismatch += f"; since the run started, {changes}"
             raise UserError(f"{ckpt_path}: the checkpoint does not fit this config's model: {mismatch} ; to go on "
                             f"with this run, resume without changing its model; to train the changed model, start a "
                             f"new run: python -m forgather.run --from-snapshot {run_dir} OVERRIDES") from error

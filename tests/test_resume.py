@@ -546,10 +546,12 @@ def test_resuming_with_another_model_shape_is_one_line_naming_the_first_differen
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "the checkpoint does not fit this config's model: model.embed.weight is [" in line
     assert "32] in the checkpoint and [" in line and "64] here (and " in line
+    assert "; since the run started, model.hidden_size was 32, is 64, " in line  # what changed it
     assert line.endswith(f"--from-snapshot {run_dir} OVERRIDES")
     assert main(["--resume", str(run_dir), "num_layers=3", "max_steps=4"]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert "this model has parameters the checkpoint lacks: model.layers.2." in line
+    assert "; since the run started, model.num_layers was 2, is 3 ; to go on" in line
 
 
 def test_a_group_choice_on_a_recorded_run_says_to_start_a_new_run(tmp_path, capsys):
