@@ -26,3 +26,19 @@ def _strict_mode_kept():
         os.environ.pop("FORGATHER_STRICT", None)
     else:
         os.environ["FORGATHER_STRICT"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_as_in_a_terminal():
+    """The tests of Ctrl-C (an interrupted sweep, a second SIGINT to a job) need SIGINT to raise
+    KeyboardInterrupt here and in the processes started. A shell without job control starts a background
+    command (`pytest ... &`, a CI script's) with SIGINT ignored, which Python and every child then keep:
+    those tests failed there, every time. Handled here, children start with SIGINT's default again."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

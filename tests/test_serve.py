@@ -682,8 +682,13 @@ def test_a_queued_request_whose_client_left_never_starts(slow_server):
             httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": max_tokens}, timeout=after)
 
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(give_up, CONTEXT - 16, 1.5)
-        time.sleep(0.3)
+        running = pool.submit(give_up, CONTEXT - 16, 3.0)  # of a >5 s generation
+        # The first one generates before the second is sent (a fixed sleep let a loaded machine send the second
+        # first), and still generates when the second leaves.
+        end = time.monotonic() + 2.0  # a second before the first one gives up
+        while not samples:
+            assert time.monotonic() < end and not running.done(), "the first request did not start generating"
+            time.sleep(0.01)
         queued = pool.submit(give_up, CONTEXT - 17, 0.3)  # leaves while the first one still generates
         running.result(), queued.result()
     settled(samples)

@@ -270,19 +270,27 @@ def test_sigterm_ends_the_servers_open_streams_and_the_process_exits(tmp_path, t
             [sys.executable, "-m", "forgather.cli.inf", "server", "-m", str(directory), "--port", str(port),
              "--engine", "on", "--max-num-seqs", "1", "--max-model-len", "4096", "--log-level", "warning"],
             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=output, stderr=subprocess.STDOUT)
-    url, events = f"http://127.0.0.1:{port}", {}
+    url, events, opened, streaming = f"http://127.0.0.1:{port}", {}, [], threading.Event()
 
     def stream(index: int) -> None:
         body = {"model": "tiny", "prompt": "once upon", "max_tokens": 4000, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
-            events[index] = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+            opened.append(index)  # its response has begun: the engine holds the request
+            lines = []
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line.removeprefix("data: "))
+                    streaming.set()
+            events[index] = lines
 
     try:
         wait_for_server(url, lambda: process.poll() is None, log.read_text)
         clients = [threading.Thread(target=stream, args=(index,)) for index in range(2)]
         for client in clients:
             client.start()
-        time.sleep(1.0)
+        # Both requests in the server (one runs, one waits) and the running one streaming: not a fixed sleep,
+        # which a loaded machine can outlast before the requests arrive (a SIGTERM before them is no test).
+        wait_for(lambda: len(opened) == 2 and streaming.is_set(), timeout=120)
         assert not events, "a stream ended before the signal"
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
