@@ -1269,8 +1269,9 @@ def main(argv: list[str] | None = None) -> int:
             return code
         runner = Runner.create(args, command)
         if os.environ.get(SWEEP_POINT_ENV):  # a point of a sweep, started by its launcher (forgather.launch)
-            from forgather.launch.point import run_recorded
+            from forgather.launch.point import end_with_launcher, run_recorded
 
+            end_with_launcher()
             point_dir = Path(os.environ[SWEEP_POINT_ENV])
             point = ovr.parse(args.overrides, runner.groups, multirun=False)[0]
             return run_recorded(point_dir, lambda callbacks: runner.run_point(point, point_dir, callbacks))

@@ -17,7 +17,7 @@ import pytest
 from forgather.launch.base import Job, Status
 from forgather.launch.local import LocalLauncher
 from forgather.run import main
-from helpers.kill import kill_when
+from helpers.kill import alive, kill_when
 
 PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "runner_project")
 POINTS = ("+experiment=micro", "max_steps=2", "lr=1e-3,3e-3")
@@ -132,6 +132,36 @@ def test_a_killed_sweep_resumes_only_its_unfinished_points(tmp_path, capsys):
     assert len(json.loads((root / "results.json").read_text())["points"]) == 3
     assert main(["--resume", str(root), "lr=1"]) == 2
     assert "only launcher and sweeper settings may change" in capsys.readouterr().err
+
+
+def test_a_point_whose_sweep_is_killed_alone_checkpoints_and_stops(tmp_path):
+    # Before: a sweep killed outright (the OOM killer, submitit's SIGKILL after a Ctrl-C) left its running point
+    # training on, an orphan holding its GPUs and its run directory's lock.
+    command = [sys.executable, "-m", "forgather.run", "-p", PROJECT, "--outputs", str(tmp_path), "-m", "+experiment=micro",
+               "scheduler=constant", "max_steps=300", "lr=1e-3,2e-3"]
+    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    points = kill_when(sweep, lambda: any(tmp_path.glob("multirun/*/0/checkpoints/epoch=*.ckpt")), 240,
+                       "the sweep ended before its first point checkpointed")
+    assert len(points) == 1 and alive(points, within=60) == [], "the point outlived its sweep"
+    root = sweep_root(tmp_path)
+    stopped = int((root / "0" / "output.log").read_text().split("stopped: SIGTERM at step ")[1].split(":")[0])
+    assert 0 < stopped < 300 and (root / "0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (root / "1").exists()  # the sweep died before it
+
+
+def test_a_point_started_after_its_launcher_died_stops_and_one_behind_a_wrapper_runs():
+    from forgather.launch.base import LAUNCHER_PID_ENV
+
+    code = "from forgather.launch.point import end_with_launcher; end_with_launcher(); print('ran')"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = subprocess.run([sys.executable, "-c", code], env={**os.environ, LAUNCHER_PID_ENV: str(gone.pid)},
+                            capture_output=True, text=True, timeout=60)
+    assert orphan.returncode == -signal.SIGTERM and orphan.stdout == ""
+    # The launcher alive but not the parent (a wrapper between them): the point runs
+    wrapped = subprocess.run([sys.executable, "-c", code], env={**os.environ, LAUNCHER_PID_ENV: str(os.getppid())},
+                             capture_output=True, text=True, timeout=60)
+    assert wrapped.returncode == 0 and wrapped.stdout == "ran\n"
 
 
 def fake_job(tmp_path: Path, number: int, code: str) -> Job:

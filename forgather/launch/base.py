@@ -82,11 +82,14 @@ def read_outcome(job: Job, returncode: int | None = None) -> Outcome:
     return Outcome(job.number, job.label, job.overrides, "failed", error=error, report=f"error: {error}")
 
 
+LAUNCHER_PID_ENV = "FORGATHER_LAUNCHER_PID"  # the process that started a point: it ends with it (see point.py)
+
+
 def start_job(job: Job, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `job`'s command, its output appended to its log, in `env` (default: this environment and the
-    job's)."""
+    job's), told which process started it (the point ends when that process dies: `end_with_launcher`)."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    env = env if env is not None else {**os.environ, **job.env}
+    env = {**(env if env is not None else {**os.environ, **job.env}), LAUNCHER_PID_ENV: str(os.getpid())}
     with open(job.run_dir / LOG_FILE, "ab") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

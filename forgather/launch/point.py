@@ -20,11 +20,44 @@ from pathlib import Path
 from typing import Any, Callable
 
 from forgather.errors import causes, did_you_mean, report
-from forgather.launch.base import write_outcome
+from forgather.launch.base import LAUNCHER_PID_ENV, write_outcome
 from forgather.run_lock import first_rank
 
 TRIAL_ENV = "FORGATHER_TRIAL"
 SWEEP_POINT_ENV = "FORGATHER_SWEEP_POINT"  # set by the launcher: the point's run directory
+
+
+def end_with_launcher(poll_s: float = 0.5) -> None:
+    """SIGTERM this point, once, when the process that started it dies: a launcher killed outright (the OOM
+    killer, submitit's SIGKILL a second after the Ctrl-C it passes on) otherwise left its points training on,
+    orphans holding their GPUs and their run directories' locks. The point's job control turns the SIGTERM into
+    a checkpoint and an exit, and the sweep's --resume continues it. Only in a process a Forgather launcher
+    started (LAUNCHER_PID_ENV), and in the ranks that process starts.
+
+    A thread that watches the parent's pid, not Linux's parent-death signal (prctl): that one came twice (once
+    a thread of the point's), and job control takes a second SIGTERM for "stop at once, nothing saved"."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if not launcher.isdigit():
+        return
+    import signal
+    import threading
+
+    parent = os.getppid()
+    if parent != int(launcher):  # a wrapper between them, or the launcher already gone
+        try:
+            os.kill(int(launcher), 0)
+        except ProcessLookupError:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        except PermissionError:  # another user's process: the pid is taken, so alive
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="forgather-end-with-launcher", daemon=True).start()
 
 
 def misnamed_metric(metric: str, logged) -> str:
