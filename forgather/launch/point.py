@@ -34,8 +34,8 @@ def end_with_launcher(poll_s: float = 0.5) -> None:
     a checkpoint and an exit, and the sweep's --resume continues it. Only in a process a Forgather launcher
     started (LAUNCHER_PID_ENV), and in the ranks that process starts.
 
-    A thread that watches the parent's pid, not Linux's parent-death signal (prctl): that one came twice (once
-    a thread of the point's), and job control takes a second SIGTERM for "stop at once, nothing saved"."""
+    A thread that watches the parent's pid, not Linux's parent-death signal (prctl): strace showed that one
+    delivered twice, and job control takes a second SIGTERM for "stop at once, nothing saved"."""
     launcher = os.environ.get(LAUNCHER_PID_ENV, "")
     if not launcher.isdigit():
         return
