@@ -84,9 +84,19 @@ def describe(error: BaseException) -> str | None:
         return f"{where}: {found.strerror} ; {hint}" if where else f"{found.strerror} ; {hint}"
     if not isinstance(error, (UserError, *_PLAIN_MISTAKES)):
         return None
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    text = _raised_in_worker(error, str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error))
     first, *chain = text.split("\n")  # a template error's `  from FILE:LINE` lines stay below
     return "\n".join([" ; ".join([first, *getattr(error, "__notes__", ())]), *chain])
+
+
+def _raised_in_worker(error: BaseException, text: str) -> str:
+    """The message a mistake raised in a DataLoader worker process had there (a damaged data file), not torch's
+    re-raised "Caught UserError in DataLoader worker process 0." followed by the worker's whole traceback."""
+    kind = type(error)
+    marker = f"\n{kind.__module__}.{kind.__qualname__}: " if kind.__module__ != "builtins" else f"\n{kind.__qualname__}: "
+    if text.startswith(f"Caught {kind.__name__} in DataLoader worker process ") and marker in text:
+        return text.rsplit(marker, 1)[1].rstrip("\n")
+    return text
 
 
 def report(error: BaseException, stream: TextIO | None = None) -> int:

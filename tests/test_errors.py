@@ -262,3 +262,17 @@ def test_every_rendered_line_maps_back_to_the_line_that_wrote_it(tmp_path):
         "head: 1": (base, 2), "    a: 1": (base, 4), "b: 2": (base, 7),
         "    c: 3": (child, 4), "x: 4": (child, 5), "tail: 3": (base, 10),
     }
+
+
+
+def test_a_mistake_raised_in_a_dataloader_worker_is_reported_as_raised_there():
+    # torch re-raises it as "Caught ValueError in DataLoader worker process 0." and the worker's traceback
+    from torch.utils.data import DataLoader
+
+    from forgather.errors import describe
+    from helpers.damaged_data import DamagedData
+
+    with pytest.raises(ValueError) as raised:
+        list(DataLoader(DamagedData(), num_workers=1))
+    assert str(raised.value).startswith("Caught ValueError in DataLoader worker process 0.")
+    assert describe(raised.value) == "/data/part-0.jsonl: line 3 is not JSON; fix or remove it"

@@ -7,9 +7,12 @@ start (flex attention's document mask reads them), `labels` = input_ids with the
 block set to -100. Blocks never span two shards, so the shard order can change every epoch without
 re-packing. A block is sliced out of its memory-mapped shard (`datasets.Dataset.from_file`); a process keeps
 at most `open_shards` (8, the sampler's `mix`) shards mapped, so resident memory stays flat however large
-the corpus. A shard the manifest lists but the directory lacks is an error when the dataset opens.
+the corpus. A shard the manifest lists but the directory lacks is an error when the dataset opens, and so is one
+cut short (its file does not end with Arrow's end-of-stream marker); other damage is found when the shard is read,
+one line naming it (from a DataLoader worker too: `forgather.errors.describe`).
 
-`ShardOrderSampler` orders the blocks of an epoch: shards in a permutation drawn from (seed, epoch), cut into
+`ShardOrderSampler` orders the blocks of an epoch (a negative seed is read modulo 2^64, as numpy seeds only from
+non-negative integers): shards in a permutation drawn from (seed, epoch), cut into
 groups of `mix` (8) shards, the blocks of each group in a permutation drawn from (seed, epoch, group); it holds
 one group's permutation at a time. Mixing several shards matters: a corpus stored in order (the stdlib
 corpus: topics, then modules by name; a crawl by site) would otherwise feed one region of it at a time. It is a `DistributedSampler`, so Lightning keeps it under DDP instead of wrapping it (its wrapper would
@@ -44,6 +47,22 @@ from forgather.data.prepare import read_manifest, require_datasets
 from forgather.errors import UserError
 
 
+# What an Arrow IPC stream ends with (a continuation marker and a zero length), as the writer of a shard closes it.
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def _ends_whole(path: Path) -> bool:
+    """Whether the shard file at `path` ends with the end-of-stream marker (8 bytes read, not the shard)."""
+    try:
+        with open(path, "rb") as file:
+            if file.seek(0, 2) < len(_END_OF_STREAM):
+                return False
+            file.seek(-len(_END_OF_STREAM), 2)
+            return file.read() == _END_OF_STREAM
+    except OSError:
+        return True  # unreadable: reading the shard names the problem in the OS's words
+
+
 class PackedShards(Dataset):
     """Blocks of `block_size` tokens from the shards of one split of a prepared directory."""
 
@@ -59,6 +78,13 @@ class PackedShards(Dataset):
             raise UserError(f"{self.path / missing[0]}: no such shard, though the manifest lists it ({len(missing)} of "
                             f"the {len(self.shards)} {split} shards are missing): a copy that left files out; copy "
                             f"them too, or prepare the corpus again, into a new directory or after deleting {self.path}")
+        # A copy cut short too (a shard's file ends with Arrow's end-of-stream marker): found when the order
+        # reached it, it stopped a run hours in, and under data parallelism on one rank only (the others blocked in
+        # a collective).
+        cut = next((shard["file"] for shard in self.shards if not _ends_whole(self.path / shard["file"])), None)
+        if cut is not None:
+            raise self._damaged(str(self.path / cut), "it ends before the end-of-stream marker its writer puts last: "
+                                                      "cut short")
         self.pad_id = manifest["pad_id"]
         self.block_size = block_size
         self.open_shards = open_shards
@@ -149,6 +175,9 @@ class ShardOrderSampler(DistributedSampler):
         self.shard_blocks = np.asarray(shard_blocks, dtype=np.int64)
         self.first_block = np.concatenate([[0], np.cumsum(self.shard_blocks)])
         self.seed, self.epoch, self.mix = seed, 0, mix
+        # numpy seeds only from non-negative integers; a negative seed (which the in-memory path takes) is read
+        # modulo 2^64, so every seed gives an order and each non-negative one keeps the order it always had.
+        self._entropy = seed % 2**64 if seed < 0 else seed
         self.num_replicas, self.rank = num_replicas, rank
         self.num_samples = int(self.first_block[-1]) // num_replicas
         self.skip = 0
@@ -157,7 +186,7 @@ class ShardOrderSampler(DistributedSampler):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shard_blocks))
+        order = np.random.default_rng([self._entropy, self.epoch]).permutation(len(self.shard_blocks))
         begin = self.rank * self.num_samples + self.skip
         end = (self.rank + 1) * self.num_samples
         position = 0
@@ -166,7 +195,7 @@ class ShardOrderSampler(DistributedSampler):
             count = int(self.shard_blocks[shards].sum())
             if position + count > begin and position < end:
                 blocks = np.concatenate([np.arange(self.first_block[s], self.first_block[s + 1]) for s in shards])
-                mixed = blocks[np.random.default_rng([self.seed, self.epoch, group]).permutation(count)]
+                mixed = blocks[np.random.default_rng([self._entropy, self.epoch, group]).permutation(count)]
                 yield from mixed[max(begin - position, 0) : end - position].tolist()
             position += count
             if position >= end:
@@ -195,11 +224,21 @@ class BlockLoader(DataLoader):
         return self._batches(super().__iter__())
 
     def _batches(self, rows: Iterator[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in rows:
-            tensor = torch.from_numpy(batch)
-            if self.pin_memory:
-                tensor = tensor.pin_memory()
-            yield dict(zip(BLOCK_FIELDS, tensor.unbind(0), strict=True))
+        try:
+            for batch in rows:
+                tensor = torch.from_numpy(batch)
+                if self.pin_memory:
+                    tensor = tensor.pin_memory()
+                yield dict(zip(BLOCK_FIELDS, tensor.unbind(0), strict=True))
+        except UserError:
+            # The pass ends here: its workers end now. Left to the garbage collector, the iterator (in a cycle with
+            # the error's traceback) is finalized after its queues, and each worker then waits 5 s for a message.
+            shutdown = getattr(rows, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+                if getattr(self, "_iterator", None) is rows:  # persistent workers: the next pass starts new ones
+                    self._iterator = None
+            raise
 
 
 class StreamingLoader(ResumableDataLoader, BlockLoader):
