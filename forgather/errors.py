@@ -83,10 +83,30 @@ def describe(error: BaseException) -> str | None:
                     "written aside and renamed into place) ; a run's keep_checkpoints=N keeps only its newest N step checkpoints")
         return f"{where}: {found.strerror} ; {hint}" if where else f"{found.strerror} ; {hint}"
     if not isinstance(error, (UserError, *_PLAIN_MISTAKES)):
-        return None
+        return _dataloader_worker_died(error)
     text = _raised_in_worker(error, str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error))
     first, *chain = text.split("\n")  # a template error's `  from FILE:LINE` lines stay below
     return "\n".join([" ; ".join([first, *getattr(error, "__notes__", ())]), *chain])
+
+
+def _dataloader_worker_died(error: BaseException) -> str | None:
+    """torch's "DataLoader worker (pid(s) N) exited unexpectedly" (and the signal that ended it, which its own
+    cause names) as what to do: a worker killed outright is most often the out-of-memory killer's doing, a bus
+    error a full /dev/shm (a container's default is 64 MB); None for any other error."""
+    texts = [str(e) for e in causes(error) if isinstance(e, RuntimeError)]
+    if not any(text.startswith("DataLoader worker (pid") for text in texts):
+        return None
+    died = next((t for t in texts if "killed by signal" in t or "exited unexpectedly with exit code" in t), texts[0])
+    died = died.split(". ")[0].rstrip(". ")
+    if "signal: Killed" in died:
+        why = ("most often the kernel's out-of-memory killer (`dmesg` says): lower the DataLoader's num_workers "
+               "(+datamodule.num_workers=N) or the batch size")
+    elif "signal: Bus error" in died:
+        why = ("its shared memory ran out (/dev/shm; a container's is 64 MB by default): give it more (docker "
+               "--shm-size=8g) or set num_workers=0 (+datamodule.num_workers=0)")
+    else:
+        why = "rerun with num_workers=0 (+datamodule.num_workers=0) to see the error in this process"
+    return f"{died}: {why}"
 
 
 def _raised_in_worker(error: BaseException, text: str) -> str:

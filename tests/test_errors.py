@@ -276,3 +276,20 @@ def test_a_mistake_raised_in_a_dataloader_worker_is_reported_as_raised_there():
         list(DataLoader(DamagedData(), num_workers=1))
     assert str(raised.value).startswith("Caught ValueError in DataLoader worker process 0.")
     assert describe(raised.value) == "/data/part-0.jsonl: line 3 is not JSON; fix or remove it"
+
+
+@pytest.mark.parametrize("signal_name, hint", [("SIGKILL", "out-of-memory killer"), ("SIGBUS", "/dev/shm"),
+                                               ("SIGTERM", "rerun with num_workers=0")])
+def test_a_dataloader_worker_that_dies_is_one_line_saying_what_to_do(signal_name, hint):
+    # Before: torch's "DataLoader worker (pid(s) N) exited unexpectedly" and a traceback, no word of what to change
+    import signal
+
+    from torch.utils.data import DataLoader
+
+    from forgather.errors import describe
+    from helpers.damaged_data import DyingWorker
+
+    with pytest.raises(RuntimeError) as raised:
+        list(DataLoader(DyingWorker(getattr(signal, signal_name)), num_workers=1))
+    line = describe(raised.value)
+    assert line.startswith("DataLoader worker (pid") and hint in line and "\n" not in line, line
