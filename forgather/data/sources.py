@@ -19,6 +19,8 @@ from typing import Literal
 # A documents source: the texts themselves, or a zero-argument callable returning them (read lazily).
 Documents = Iterable[str] | Callable[[], Iterable[str]]
 
+# A byte order mark some editors (Windows Notepad) write at the start of a UTF-8 file: not part of the text.
+_BOM = "\ufeff"
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")
 
 
@@ -39,7 +41,7 @@ def text_documents(
     documents = []
     for path in _text_files(paths, pattern):
         try:
-            text = path.read_text(encoding=encoding).replace("\r\n", "\n")
+            text = path.read_text(encoding=encoding).replace("\r\n", "\n").removeprefix(_BOM)
         except UnicodeDecodeError as error:
             raise ValueError(f"{path}: not {encoding} text ({error.reason} at byte {error.start}); convert it, or "
                              f"leave it out (data_pattern=)") from error
@@ -52,6 +54,17 @@ def _paragraphs(text: str) -> list[str]:
 
 
 def _text_files(paths: str | Path | Iterable[str | Path], pattern: str) -> list[Path]:
+    files = _listed_files(paths, pattern)
+    named: dict[Path, Path] = {}
+    for file in files:  # a file read twice would be two documents, one of them possibly in validation
+        first = named.setdefault(file.resolve(), file)
+        if first is not file:
+            raise ValueError(f"{file}: named twice in data_paths (also as {first}); each file is read once: "
+                             f"leave it out of the list, or narrow data_pattern")
+    return files
+
+
+def _listed_files(paths: str | Path | Iterable[str | Path], pattern: str) -> list[Path]:
     files = []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         path = Path(path)
@@ -64,6 +77,10 @@ def _text_files(paths: str | Path | Iterable[str | Path], pattern: str) -> list[
         elif path.is_file():
             files.append(path)
         else:
+            if any(char in path.name for char in "*?["):  # a glob, as `forgather data prepare --source` takes
+                raise FileNotFoundError(f"{path}: no such file or directory (data_paths takes no globs); give the "
+                                        f"directory and the pattern: data_paths={path.parent} "
+                                        f"data_pattern='{path.name}'")
             raise FileNotFoundError(f"{path}: no such file or directory; check data_paths")
     return files
 
@@ -81,10 +98,15 @@ def jsonl_documents(path: str | Path, field: str = "text", encoding: str = "utf-
                 continue
             try:
                 line = line.decode(encoding)
+                if number == 1:
+                    line = line.removeprefix(_BOM)
             except UnicodeDecodeError as error:
                 raise ValueError(f"{path}:{number}: not {encoding} text ({error.reason} at byte {error.start} of the "
                                  f"line); fix the line") from error
             text, problem = record_text(line, field)
+            if problem is None and (surrogate := lone_surrogate(text)) is not None:
+                problem = (f"{surrogate} of field {field!r}, which is no text (JSON allows it, UTF-8 and the "
+                           f"tokenizer do not)")
             if problem is None:
                 documents.append(text)
             elif problem.startswith(("no field", "field")):  # the line is JSON: the field is the thing to set
@@ -92,6 +114,15 @@ def jsonl_documents(path: str | Path, field: str = "text", encoding: str = "utf-
             else:
                 raise ValueError(f"{path}:{number}: {problem}; fix the line")
     return _non_empty(documents)
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Where `text` holds half of a UTF-16 surrogate pair (a JSON escape such as \\ud800 gives one), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"a lone surrogate {text[error.start]!r} at character {error.start}"
+    return None
 
 
 def record_text(line: str | bytes, field: str) -> tuple[str | None, str | None]:

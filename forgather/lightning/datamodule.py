@@ -41,6 +41,7 @@ split and key the shards.
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from forgather.data.cache import atomic_write, cache_dir, documents_fingerprint,
 from forgather.data.loader import EpochShuffleSampler, EvenShareSampler, LoaderPosition, ResumableDataLoader
 from forgather.data.packing import PackedDataset, load_datasets, pack_documents, save_datasets, tokenize_documents
 from forgather.data.prepare import PreparedCorpus
-from forgather.data.sources import Documents, resolve_documents
+from forgather.data.sources import Documents, lone_surrogate, resolve_documents
 from forgather.data.split import split_documents
 from forgather.data.tokenizer import tokenizer_fingerprint
 from forgather.errors import UserError
@@ -108,6 +109,8 @@ class TextDataModule(pl.LightningDataModule):
         drop_last: bool = False,
     ):
         super().__init__()
+        _check_settings(block_size=block_size, batch_size=batch_size, num_workers=num_workers,
+                        max_documents=max_documents, max_tokens=max_tokens, val_fraction=val_fraction)
         self.save_hyperparameters(ignore=["tokenizer", "documents"])
         self._tokenizer = tokenizer
         self.documents = documents
@@ -277,7 +280,20 @@ class TextDataModule(pl.LightningDataModule):
             from forgather.data.corpus import stdlib_documents
 
             return stdlib_documents(self.max_documents)
-        return list(itertools.islice(resolve_documents(self.documents), self.max_documents))
+        texts = resolve_documents(self.documents)
+        if isinstance(texts, (str, bytes, Path)):  # else each character would be a document of its own
+            raise ValueError(f"documents: one {type(texts).__name__} ({_preview(texts)}), not a list of texts; give "
+                             f"a list of documents, or read files with data=text_files data_paths=... or data=jsonl "
+                             f"data_path=...")
+        documents = list(itertools.islice(texts, self.max_documents))
+        for index, text in enumerate(documents):
+            if not isinstance(text, str):
+                raise ValueError(f"documents: document {index} is {type(text).__name__} {_preview(text)}, not text; "
+                                 f"give a list of strings (leave out or convert what is not text)")
+            if (surrogate := lone_surrogate(text)) is not None:
+                raise ValueError(f"documents: document {index} holds {surrogate}, which is no text (UTF-8 and the "
+                                 f"tokenizer refuse it); fix or leave out that document")
+        return documents
 
     def _key(self, documents: list[str]) -> str:
         """What the packed blocks and their order depend on."""
@@ -309,3 +325,36 @@ class TextDataModule(pl.LightningDataModule):
             pack_documents(tokenized.select(part), self.block_size, pad_id) for part in (train, val)
         )
         return PackedDataset(train_blocks), PackedDataset(val_blocks)
+
+
+# The command-line spelling of each setting that a user may get wrong (conf/base/causal_lm.yaml).
+_SETTING_SPELLING = {
+    "block_size": "block_size=", "batch_size": "batch_size=", "val_fraction": "val_fraction=",
+    "num_workers": "+datamodule.num_workers=", "max_documents": "+datamodule.max_documents=",
+    "max_tokens": "+datamodule.max_tokens=",
+}
+
+
+def _check_settings(**settings: Any) -> None:
+    """One line naming a setting that cannot work, before any document is read or tokenized."""
+    def whole(value: Any) -> bool:  # numpy's integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    for name, value in settings.items():
+        if name in ("block_size", "batch_size"):
+            problem = None if whole(value) and value >= 1 else "must be a whole number of 1 or more"
+        elif name == "num_workers":
+            problem = None if whole(value) and value >= 0 else "must be a whole number of 0 (no workers) or more"
+        elif name in ("max_documents", "max_tokens"):
+            valid = value is None or whole(value) and value >= 0
+            problem = None if valid else "must be a whole number of 0 or more, or none (all)"
+        else:  # val_fraction
+            fraction = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            problem = None if fraction and 0 <= value < 1 else "must be a fraction in [0, 1)"
+        if problem:
+            raise ValueError(f"{name}={value!r}: {problem}; set it ({_SETTING_SPELLING[name]} on the command line)")
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
