@@ -15,8 +15,8 @@ from forgather.data import cache
 from forgather.data.packing import IGNORE_INDEX, TokenizedDocuments, pack_documents, tokenize_documents
 from forgather.data.sources import jsonl_documents, text_documents
 from forgather.data.tokenizer import build_bpe_tokenizer
-from forgather.errors import describe
 from forgather.lightning.datamodule import TextDataModule
+from test_data_mistakes import reported
 
 TEXTS = [f"Entry {i}: {'alpha ' * (i % 6)}{'béta ' * (i % 4)}stop {i * 7}." for i in range(40)]
 
@@ -29,12 +29,6 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_bpe_tokenizer(TEXTS, vocab_size=300)
-
-
-def reported(error: BaseException) -> str:
-    line = describe(error)
-    assert line is not None and "\n" not in line, f"not a one-line mistake: {error!r}"
-    return line
 
 
 def module_on(tokenizer, share: dict, workers: int, **settings) -> TextDataModule:
