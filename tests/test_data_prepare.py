@@ -141,6 +141,19 @@ def test_a_malformed_line_is_named_by_file_and_line_or_skipped_and_counted(token
     assert len(shard_documents(tmp_path / "out", "train")) == 28
 
 
+def test_a_lone_surrogate_is_a_bad_line_named_or_skipped_like_the_others(tokenizer, tmp_path):
+    # Before: valid JSON, so the line was taken, and the tokenizer failed on it without naming it
+    source = write_jsonl(tmp_path / "a.jsonl", TEXTS[:10])
+    lines = source.read_text().splitlines()
+    lines[4] = '{"text": "half a pair \\ud800 here"}'
+    source.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=rf"^{source}:5: a lone surrogate '\\ud800' at character 12 of field 'text', "
+                                        rf"which is no text .*; fix the line, or skip bad lines"):
+        prep.prepare([source], tokenizer, tmp_path / "out", num_workers=1, progress=False)
+    manifest = prep.prepare([source], tokenizer, tmp_path / "out", on_bad_line="skip", val_fraction=0, progress=False)
+    assert manifest["skipped_lines"] == 1 and len(shard_documents(tmp_path / "out", "train")) == 9
+
+
 def test_the_bad_line_reported_is_the_earliest_units_whichever_worker_finds_one_first(monkeypatch):
     """Units run in parallel: the second unit's bad line may be found before the first unit's (it was, by
     timing, in a CI run). The error reported is the first unit's. Workers are threads here, so that the

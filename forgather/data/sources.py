@@ -104,9 +104,6 @@ def jsonl_documents(path: str | Path, field: str = "text", encoding: str = "utf-
                 raise ValueError(f"{path}:{number}: not {encoding} text ({error.reason} at byte {error.start} of the "
                                  f"line); fix the line") from error
             text, problem = record_text(line, field)
-            if problem is None and (surrogate := lone_surrogate(text)) is not None:
-                problem = (f"{surrogate} of field {field!r}, which is no text (JSON allows it, UTF-8 and the "
-                           f"tokenizer do not)")
             if problem is None:
                 documents.append(text)
             elif problem.startswith(("no field", "field")):  # the line is JSON: the field is the thing to set
@@ -143,6 +140,8 @@ def record_text(line: str | bytes, field: str) -> tuple[str | None, str | None]:
         value = repr(record[field])
         value = value if len(value) <= 40 else value[:37] + "..."
         return None, f"field {field!r} is not text but {type(record[field]).__name__} {value}"
+    if (surrogate := lone_surrogate(record[field])) is not None:
+        return None, f"{surrogate} of field {field!r}, which is no text (JSON allows it, UTF-8 and the tokenizer do not)"
     return record[field], None
 
 
