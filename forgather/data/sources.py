@@ -122,6 +122,12 @@ def lone_surrogate(text: str) -> str | None:
     return None
 
 
+def preview(value: object) -> str:
+    """`repr(value)`, cut to 40 characters: a value that is not text, shown in an error."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def record_text(line: str | bytes, field: str) -> tuple[str | None, str | None]:
     """(the text in `field` of one jsonl line, None), or (None, what is wrong with the line, worded to follow
     "path:line: "). One wording for both jsonl readers: `jsonl_documents` and `forgather data prepare`'s."""
@@ -137,9 +143,7 @@ def record_text(line: str | bytes, field: str) -> tuple[str | None, str | None]:
     if field not in record:
         return None, f"no field {field!r} in this record (its fields: {', '.join(map(str, record)) or 'none'})"
     if not isinstance(record[field], str):
-        value = repr(record[field])
-        value = value if len(value) <= 40 else value[:37] + "..."
-        return None, f"field {field!r} is not text but {type(record[field]).__name__} {value}"
+        return None, f"field {field!r} is not text but {type(record[field]).__name__} {preview(record[field])}"
     if (surrogate := lone_surrogate(record[field])) is not None:
         return None, f"{surrogate} of field {field!r}, which is no text (JSON allows it, UTF-8 and the tokenizer do not)"
     return record[field], None

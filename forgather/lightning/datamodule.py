@@ -55,7 +55,7 @@ from forgather.data.cache import atomic_write, cache_dir, documents_fingerprint,
 from forgather.data.loader import EpochShuffleSampler, EvenShareSampler, LoaderPosition, ResumableDataLoader
 from forgather.data.packing import PackedDataset, load_datasets, pack_documents, save_datasets, tokenize_documents
 from forgather.data.prepare import PreparedCorpus
-from forgather.data.sources import Documents, lone_surrogate, resolve_documents
+from forgather.data.sources import Documents, lone_surrogate, preview, resolve_documents
 from forgather.data.split import split_documents
 from forgather.data.tokenizer import tokenizer_fingerprint
 from forgather.errors import UserError
@@ -282,13 +282,13 @@ class TextDataModule(pl.LightningDataModule):
             return stdlib_documents(self.max_documents)
         texts = resolve_documents(self.documents)
         if isinstance(texts, (str, bytes, Path)):  # else each character would be a document of its own
-            raise ValueError(f"documents: one {type(texts).__name__} ({_preview(texts)}), not a list of texts; give "
+            raise ValueError(f"documents: one {type(texts).__name__} ({preview(texts)}), not a list of texts; give "
                              f"a list of documents, or read files with data=text_files data_paths=... or data=jsonl "
                              f"data_path=...")
         documents = list(itertools.islice(texts, self.max_documents))
         for index, text in enumerate(documents):
             if not isinstance(text, str):
-                raise ValueError(f"documents: document {index} is {type(text).__name__} {_preview(text)}, not text; "
+                raise ValueError(f"documents: document {index} is {type(text).__name__} {preview(text)}, not text; "
                                  f"give a list of strings (leave out or convert what is not text)")
             if (surrogate := lone_surrogate(text)) is not None:
                 raise ValueError(f"documents: document {index} holds {surrogate}, which is no text (UTF-8 and the "
@@ -353,8 +353,3 @@ def _check_settings(**settings: Any) -> None:
             problem = None if fraction and 0 <= value < 1 else "must be a fraction in [0, 1)"
         if problem:
             raise ValueError(f"{name}={value!r}: {problem}; set it ({_SETTING_SPELLING[name]} on the command line)")
-
-
-def _preview(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
